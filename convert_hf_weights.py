@@ -1,0 +1,58 @@
+#!/usr/bin/env python
+"""Convert GPT-2 weights between Hugging Face and minigpt checkpoint folders.
+
+  HF -> minigpt:  python convert_hf_weights.py distilbert/distilgpt2 --out checkpoints/distilgpt2
+  minigpt -> HF:  python convert_hf_weights.py --to-hf checkpoints/eli5 --out exported/
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Sequence
+
+from minigpt.cli import run
+from minigpt.errors import MinigptError
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "source", nargs="?",
+        help="what to convert into a minigpt checkpoint: a Hub id (e.g. distilbert/distilgpt2, "
+        "downloaded once into the Hugging Face cache) or a local HF GPT-2 folder",
+    )
+    p.add_argument(
+        "--to-hf", metavar="CHECKPOINT",
+        help="export this minigpt checkpoint folder as a transformers GPT2LMHeadModel folder instead",
+    )
+    p.add_argument("--out", required=True, help="output folder (written only if everything succeeds)")
+    p.add_argument("--force", action="store_true", help="replace --out if it already holds files")
+    args = p.parse_args(argv)
+    if (args.source is None) == (args.to_hf is None):
+        p.error("give either SOURCE (HF -> minigpt) or --to-hf CHECKPOINT (minigpt -> HF)")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    out = Path(args.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.force:
+        raise MinigptError(f"{out}: already exists and is not empty (pass --force to replace it)")
+
+    from minigpt.hf import convert_to_minigpt, export_hf, load_model  # heavy imports after parsing
+
+    if args.to_hf:
+        model, tokenizer = load_model(args.to_hf)
+        export_hf(model, tokenizer, out)
+        print(f"wrote a transformers GPT2LMHeadModel folder to {out}")
+    else:
+        convert_to_minigpt(args.source, out)
+        print(f"wrote a minigpt checkpoint to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    run(main)

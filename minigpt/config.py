@@ -1,0 +1,136 @@
+"""GPTConfig: the numbers that define a GPT-2-family model, and their mapping to HF's config.json.
+
+gpt2, gpt2-medium, distilgpt2 and their fine-tunes share one architecture and differ only in these
+numbers, so one dataclass describes them all. The defaults are distilgpt2's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import MinigptError
+
+# A sanity bound checked before anything is allocated, so a hostile or mistyped config.json
+# (n_layer = 10**6, say) is refused instead of exhausting memory. gpt2-xl has 1.6 B parameters.
+MAX_PARAMETERS = 20_000_000_000
+
+ATTENTION_IMPLS = ("sdpa", "reference")
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 50257  # GPT-2's byte-level BPE vocabulary (50,000 merges + 256 bytes + EOS)
+    block_size: int = 1024  # context window: the number of learned position embeddings
+    n_layer: int = 6  # distilgpt2 keeps 6 of GPT-2's 12 blocks
+    n_head: int = 12
+    n_embd: int = 768
+    dropout: float = 0.1  # on embeddings, attention probabilities and residual outputs
+    layer_norm_eps: float = 1e-5
+    attn_impl: str = "sdpa"  # "sdpa": fused kernels; "reference": softmax(QK^T/sqrt(d))V written out
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise MinigptError(f"config: {name} must be a positive integer, got {value!r}")
+        if self.n_embd % self.n_head:
+            raise MinigptError(
+                f"config: n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})"
+            )
+        if not 0.0 <= float(self.dropout) < 1.0:
+            raise MinigptError(f"config: dropout must be in [0, 1), got {self.dropout!r}")
+        if not float(self.layer_norm_eps) > 0:
+            raise MinigptError(f"config: layer_norm_eps must be > 0, got {self.layer_norm_eps!r}")
+        if self.attn_impl not in ATTENTION_IMPLS:
+            raise MinigptError(
+                f"config: attn_impl must be one of {ATTENTION_IMPLS}, got {self.attn_impl!r}"
+            )
+        if self.num_parameters() > MAX_PARAMETERS:
+            raise MinigptError(
+                f"config: {self.num_parameters():,} parameters (n_layer={self.n_layer}, "
+                f"n_embd={self.n_embd}) is beyond any GPT-2 model; refusing to allocate it"
+            )
+
+    def num_parameters(self) -> int:
+        """Parameter count implied by the numbers (the LM head is tied, so counted once)."""
+        d = self.n_embd
+        embeddings = (self.vocab_size + self.block_size) * d
+        block = 4 * d + (3 * d * d + 3 * d) + (d * d + d) + (4 * d * d + 4 * d) + (4 * d * d + d)
+        return embeddings + self.n_layer * block + 2 * d
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "GPTConfig":
+        """Build from minigpt's own config.json; unknown keys are an error, not silently dropped."""
+        if not isinstance(d, dict):
+            raise MinigptError("config: expected a JSON object")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise MinigptError(f"config: unknown field {unknown[0]!r}")
+        return cls(**d)
+
+    # --- Hugging Face GPT2Config <-> GPTConfig ------------------------------------------------
+
+    @classmethod
+    def from_hf(cls, hf: dict[str, Any]) -> "GPTConfig":
+        """Map an HF GPT-2 `config.json` to a GPTConfig, refusing anything we cannot compute exactly."""
+        if hf.get("model_type") != "gpt2":
+            raise MinigptError(f"config: model_type {hf.get('model_type')!r} is not 'gpt2'")
+        activation = hf.get("activation_function", "gelu_new")
+        if activation not in ("gelu_new", "gelu_pytorch_tanh"):
+            raise MinigptError(
+                f"config: activation_function {activation!r} is not GPT-2's tanh GELU (gelu_new)"
+            )
+        # Flags whose non-default value changes the mathematics of GPT-2's attention.
+        for field, supported in (
+            ("scale_attn_weights", True),
+            ("scale_attn_by_inverse_layer_idx", False),
+            ("reorder_and_upcast_attn", False),
+            ("add_cross_attention", False),
+        ):
+            if hf.get(field, supported) != supported:
+                raise MinigptError(f"config: {field}={hf[field]!r} is not supported")
+        n_embd = hf.get("n_embd", 768)
+        if hf.get("n_inner") not in (None, 4 * n_embd):
+            raise MinigptError(f"config: n_inner={hf['n_inner']!r} is not 4 * n_embd")
+        return cls(
+            vocab_size=hf.get("vocab_size", 50257),
+            block_size=hf.get("n_positions", 1024),
+            n_layer=hf.get("n_layer", 12),
+            n_head=hf.get("n_head", 12),
+            n_embd=n_embd,
+            dropout=hf.get("resid_pdrop", 0.1),
+            layer_norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+        )
+
+    def to_hf(self, eos_token_id: int = 50256) -> dict[str, Any]:
+        """An HF `config.json` for GPT2LMHeadModel with these numbers."""
+        return {
+            "architectures": ["GPT2LMHeadModel"],
+            "model_type": "gpt2",
+            "vocab_size": self.vocab_size,
+            "n_positions": self.block_size,
+            "n_ctx": self.block_size,
+            "n_layer": self.n_layer,
+            "n_head": self.n_head,
+            "n_embd": self.n_embd,
+            "n_inner": None,
+            "activation_function": "gelu_new",
+            "resid_pdrop": self.dropout,
+            "embd_pdrop": self.dropout,
+            "attn_pdrop": self.dropout,
+            "layer_norm_epsilon": self.layer_norm_eps,
+            "initializer_range": 0.02,
+            "scale_attn_weights": True,
+            "scale_attn_by_inverse_layer_idx": False,
+            "reorder_and_upcast_attn": False,
+            "tie_word_embeddings": True,
+            "bos_token_id": eos_token_id,
+            "eos_token_id": eos_token_id,
+            "use_cache": True,
+        }

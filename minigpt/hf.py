@@ -1,0 +1,212 @@
+"""Hugging Face interoperability: the Hub, HF's GPT-2 checkpoint layout, and conversion both ways.
+
+This is the only module that knows HF's tensor names and layout. An HF GPT-2 checkpoint differs from
+a minigpt one in three ways:
+  1. keys may or may not carry the `transformer.` prefix (the original gpt2 upload has none);
+  2. attention layers may hold non-parameter mask buffers (`h.N.attn.bias`, `h.N.attn.masked_bias`);
+  3. c_attn, c_proj and c_fc are `Conv1D` modules that store weights as (in, out), the transpose of
+     `nn.Linear`'s (out, in).
+`resolve_model` is the single answer to "where does this model come from" for every CLI.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from .checkpoint import (
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    atomic_folder,
+    check_complete,
+    check_tensors,
+    expected_shapes,
+    is_minigpt_checkpoint,
+    load_checkpoint,
+    load_safetensors,
+    match_names,
+    model_from_state,
+    model_state_for_saving,
+    read_json,
+    save_checkpoint,
+)
+from .config import GPTConfig
+from .errors import MinigptError
+from .model import GPT
+from .tokenizer import Tokenizer
+
+# Weights stored (in, out) by HF's Conv1D; every other tensor has the same layout in both.
+CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+# Causal-mask buffers older transformers saved inside each attention layer; not weights.
+MASK_BUFFER = re.compile(r"^(transformer\.)?h\.\d+\.attn\.(bias|masked_bias)$")
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+HUB_FILES = {
+    "model": ["config.json", "model.safetensors", "model.safetensors.index.json", "model-*.safetensors"],
+    "tokenizer": ["tokenizer.json", "vocab.json", "merges.txt"],
+}
+
+
+def hf_to_minigpt_name(name: str) -> str | None:
+    """The HF <-> minigpt key map: an HF GPT-2 tensor name -> its minigpt name (None: not a weight).
+
+    minigpt's module tree mirrors HF's, so the map is the identity up to the `transformer.` prefix.
+    Mask buffers are skipped, and so is `lm_head.weight` when saved: it is wte's tied copy.
+    Export needs no inverse: minigpt's names are exactly HF's `GPT2LMHeadModel` names.
+    """
+    if MASK_BUFFER.match(name) or name == "lm_head.weight":
+        return None
+    return name if name.startswith("transformer.") else "transformer." + name
+
+
+def is_conv1d_weight(name: str) -> bool:
+    return name.endswith(CONV1D_WEIGHTS)
+
+
+# --- HF -> minigpt --------------------------------------------------------------------------
+
+
+def _hf_expected(config: GPTConfig) -> dict[str, tuple[int, ...]]:
+    """minigpt names with the shapes HF stores them in (Conv1D weights transposed)."""
+    return {
+        name: tuple(reversed(shape)) if is_conv1d_weight(name) else shape
+        for name, shape in expected_shapes(config).items()
+    }
+
+
+def _hf_weight_files(folder: Path) -> list[Path]:
+    """The safetensors file(s) of an HF folder: one file, or shards listed in an index."""
+    single = folder / WEIGHTS_FILE
+    if single.is_file():
+        return [single]
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = read_json(index).get("weight_map", {})
+        return [folder / f for f in sorted(set(weight_map.values()))]
+    return []
+
+
+def _load_legacy_bin(path: Path, expected: dict) -> dict[str, torch.Tensor]:
+    """Read a legacy `pytorch_model.bin` with `weights_only=True`: tensors only, never code."""
+    try:
+        raw = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # UnpicklingError for forbidden globals, RuntimeError for bad zips, ...
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise MinigptError(f"{path}: refused to load ({reason})") from None
+    if not isinstance(raw, dict) or not all(isinstance(v, torch.Tensor) for v in raw.values()):
+        raise MinigptError(f"{path}: not a state dict of tensors")
+    shapes = {k: tuple(v.shape) for k, v in raw.items()}
+    mapping = match_names(path, shapes, expected, hf_to_minigpt_name)
+    tensors = {target: raw[name] for name, target in mapping.items()}
+    check_tensors(path, tensors)
+    return tensors
+
+
+def load_hf_checkpoint(
+    folder: str | os.PathLike,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> tuple[GPT, Tokenizer]:
+    """Load an HF GPT-2 folder (config.json + safetensors, or a legacy .bin) as a minigpt model."""
+    folder = Path(folder)
+    config_path = folder / CONFIG_FILE
+    try:
+        config = GPTConfig.from_hf(read_json(config_path))
+    except (MinigptError, TypeError) as e:
+        raise MinigptError(f"{config_path}: {e}") from None
+    expected = _hf_expected(config)
+    files = _hf_weight_files(folder)
+    state: dict[str, torch.Tensor] = {}
+    if files:
+        for path in files:
+            state.update(load_safetensors(path, expected, hf_to_minigpt_name))
+    elif (folder / "pytorch_model.bin").is_file():
+        files = [folder / "pytorch_model.bin"]
+        state = _load_legacy_bin(files[0], expected)
+    else:
+        raise MinigptError(f"{folder}: no model.safetensors (or pytorch_model.bin) in this folder")
+    check_complete(files[0], state, expected)
+    state = {k: v.t() if is_conv1d_weight(k) else v for k, v in state.items()}
+    return model_from_state(config, state, device, dtype), Tokenizer.from_dir(folder)
+
+
+# --- minigpt -> HF --------------------------------------------------------------------------
+
+
+def export_hf(model: GPT, tokenizer: Tokenizer, out: str | os.PathLike) -> Path:
+    """Write an HF `GPT2LMHeadModel` folder (config, safetensors, tokenizer files), atomically."""
+    state = {
+        name: t.t().contiguous() if is_conv1d_weight(name) else t
+        for name, t in model_state_for_saving(model).items()
+    }
+    with atomic_folder(out) as tmp:
+        hf_config = model.config.to_hf(eos_token_id=tokenizer.eos_id)
+        (tmp / CONFIG_FILE).write_text(json.dumps(hf_config, indent=2) + "\n")
+        save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        tokenizer.to_hf_files(tmp)
+    return Path(out)
+
+
+# --- where a model comes from ---------------------------------------------------------------
+
+
+def download_from_hub(repo_id: str, kind: str = "model") -> Path:
+    """Fetch a Hub repo's model or tokenizer files into the huggingface_hub cache; return the folder."""
+    from huggingface_hub import snapshot_download
+
+    patterns = HUB_FILES["tokenizer"] + (HUB_FILES["model"] if kind == "model" else [])
+    try:
+        folder = Path(snapshot_download(repo_id, allow_patterns=patterns))
+        if kind == "model" and not _hf_weight_files(folder):  # an old repo with only a .bin
+            folder = Path(snapshot_download(repo_id, allow_patterns=patterns + ["pytorch_model.bin"]))
+    except Exception as e:  # offline, unknown repo, gated repo, ...
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise MinigptError(
+            f"{repo_id}: no such local folder, and the Hugging Face Hub could not provide it "
+            f"({reason}). Pass a local checkpoint folder instead."
+        ) from None
+    return folder
+
+
+def resolve_model(source: str | os.PathLike) -> tuple[Path, str]:
+    """Find where `source` lives: returns (folder, "minigpt" | "hf").
+
+    `source` may be a minigpt checkpoint folder, an HF GPT-2 folder (e.g. from `save_pretrained`) or
+    a Hub id such as `distilbert/distilgpt2`, downloaded once into the huggingface_hub cache.
+    """
+    text = str(source).strip()
+    if not text:
+        raise MinigptError("model: empty model path")
+    path = Path(text).expanduser()
+    if path.exists() or not HUB_ID.match(text) or text.startswith((".", "/", "~")):
+        if not path.exists():
+            raise MinigptError(f"{path}: no such file or folder")
+        if not path.is_dir():
+            raise MinigptError(f"{path}: not a checkpoint folder (expected a folder with config.json)")
+        if not (path / CONFIG_FILE).is_file():
+            raise MinigptError(f"{path}: not a checkpoint (no config.json in this folder)")
+    else:
+        path = download_from_hub(text)
+    return path, ("minigpt" if is_minigpt_checkpoint(path) else "hf")
+
+
+def load_model(
+    source: str | os.PathLike,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> tuple[GPT, Tokenizer]:
+    """Load a model and its tokenizer from any source `resolve_model` accepts (eval mode)."""
+    folder, kind = resolve_model(source)
+    if kind == "minigpt":
+        return load_checkpoint(folder, device, dtype)
+    return load_hf_checkpoint(folder, device, dtype)
+
+
+def convert_to_minigpt(source: str | os.PathLike, out: str | os.PathLike) -> Path:
+    """Write any model source as a minigpt checkpoint folder at `out` (atomically)."""
+    model, tokenizer = load_model(source)
+    return save_checkpoint(out, model, tokenizer)

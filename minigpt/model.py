@@ -1,0 +1,243 @@
+"""GPT-2, as a reader meets it.
+
+The model is a stack of identical pre-LayerNorm Transformer blocks between a token + position
+embedding and a final LayerNorm, read out by an LM head that shares its weight with the token
+embedding:
+
+    x = wte[idx] + wpe[pos]                       # (B, T, C)
+    for block in h:  x = x + attn(ln_1(x))        # tokens exchange information
+                     x = x + mlp(ln_2(x))         # each token thinks on its own
+    logits = ln_f(x) @ wte.T                      # (B, T, vocab)
+
+Module names mirror the Hugging Face checkpoint keys (`transformer.wte`, `transformer.h.0.attn.c_attn`,
+`mlp.c_fc`, ...), so converting weights is a key-for-key copy; only HF's Conv1D layers store their
+weight transposed (see `minigpt/hf.py`). This file knows nothing about files, training or sampling.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import GPTConfig
+
+
+class KVCache:
+    """Keys and values of the positions seen so far, so decoding does not recompute them.
+
+    Preallocated for `max_len` positions: each step writes its new keys/values in place and
+    attention reads the filled prefix, which avoids re-allocating (and copying) the cache per token.
+    """
+
+    def __init__(
+        self,
+        config: GPTConfig,
+        batch_size: int,
+        max_len: int,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        if max_len > config.block_size:
+            raise ValueError(f"max_len {max_len} exceeds the context window {config.block_size}")
+        hs = config.n_embd // config.n_head
+        shape = (batch_size, config.n_head, max_len, hs)
+        self.k = [torch.empty(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        self.v = [torch.empty(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        self.max_len = max_len
+        self.length = 0  # number of positions already stored
+
+    def update(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store this step's (B, nh, T, hs) keys/values for `layer`; return all keys/values so far."""
+        start, end = self.length, self.length + k.size(2)
+        if end > self.max_len:
+            raise ValueError(f"KV cache full: {end} positions > max_len {self.max_len}")
+        self.k[layer][:, :, start:end] = k
+        self.v[layer][:, :, start:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+
+def causal_mask(t_new: int, t_past: int, device: torch.device) -> torch.Tensor:
+    """(t_new, t_past + t_new) boolean mask: new token i may attend to every position <= t_past + i."""
+    return torch.ones(t_new, t_past + t_new, dtype=torch.bool, device=device).tril(diagonal=t_past)
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head self-attention in which each position attends only to itself and the past."""
+
+    def __init__(self, config: GPTConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.n_head = config.n_head
+        self.layer_idx = layer_idx  # which slot of the KV cache is ours
+        self.dropout = config.dropout
+        self.attn_impl = config.attn_impl
+        # One matmul produces queries, keys and values for all heads at once.
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        # Split the channels into heads: (B, T, C) -> (B, nh, T, hs).
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        t_past = 0
+        if kv_cache is not None:
+            t_past = kv_cache.length
+            k, v = kv_cache.update(self.layer_idx, k, v)  # (B, nh, t_past + T, hs)
+
+        dropout_p = self.dropout if self.training else 0.0
+        if self.attn_impl == "sdpa":
+            if t_past == 0:  # a whole sequence: the fused kernels' built-in causal mask applies
+                y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=T > 1)
+            else:  # new tokens after cached ones: each sees all the past and its own prefix
+                mask = None if T == 1 else causal_mask(T, t_past, x.device)
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+        else:
+            y = self._reference_attention(q, k, v, t_past, dropout_p)  # (B, nh, T, hs)
+
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble the heads side by side
+        return self.resid_dropout(self.c_proj(y))
+
+    @staticmethod
+    def _reference_attention(
+        q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, t_past: int, dropout_p: float
+    ) -> torch.Tensor:
+        """softmax(Q K^T / sqrt(hs) + causal mask) V, written out: the definition SDPA must equal."""
+        T = q.size(2)
+        att = (q @ k.transpose(-2, -1)) / math.sqrt(k.size(-1))  # (B, nh, T, t_past + T)
+        att = att.masked_fill(~causal_mask(T, t_past, q.device), float("-inf"))
+        att = F.dropout(F.softmax(att, dim=-1), p=dropout_p)
+        return att @ v  # (B, nh, T, hs)
+
+
+class MLP(nn.Module):
+    """Position-wise feed-forward: widen 4x, GELU, project back.
+
+    GPT-2 uses the tanh approximation of GELU,
+        gelu(x) = 0.5 * x * (1 + tanh(sqrt(2 / pi) * (x + 0.044715 * x^3))),
+    not the exact erf form; the two differ by ~1e-3, enough to break parity with the trained weights.
+    """
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.gelu(self.c_fc(x), approximate="tanh")
+        return self.dropout(self.c_proj(x))
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm Transformer block: normalise, transform, add back to the residual stream."""
+
+    def __init__(self, config: GPTConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps)
+        self.attn = CausalSelfAttention(config, layer_idx)
+        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), kv_cache)
+        x = x + self.mlp(self.ln_2(x))
+        return x
+
+
+class GPT(nn.Module):
+    """GPT-2 language model: token ids in, next-token logits (and optionally the loss) out."""
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(
+            dict(
+                wte=nn.Embedding(config.vocab_size, config.n_embd),  # token embeddings
+                wpe=nn.Embedding(config.block_size, config.n_embd),  # learned position embeddings
+                drop=nn.Dropout(config.dropout),
+                h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
+                ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps),
+            )
+        )
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.tie_weights()
+        self.apply(self._init_weights)
+
+    def tie_weights(self) -> None:
+        """Share one matrix between reading tokens in (wte) and writing logits out (lm_head).
+
+        Call again after replacing parameters (e.g. `load_state_dict(..., assign=True)`).
+        """
+        self.lm_head.weight = self.transformer.wte.weight
+
+    def _init_weights(self, module: nn.Module) -> None:
+        """GPT-2's initialisation, for training from scratch (loading weights overwrites it)."""
+        if isinstance(module, nn.Linear):
+            if module is not self.lm_head:  # the LM head is wte, initialised as an embedding
+                nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+        elif isinstance(module, (MLP, CausalSelfAttention)):
+            # The projections back into the residual stream are scaled by 1/sqrt(2 * n_layer):
+            # each block adds two of them, and the stream's variance should not grow with depth.
+            # (`apply` visits children first, so this overrides the plain Linear init above.)
+            nn.init.normal_(module.c_proj.weight, mean=0.0, std=0.02 / math.sqrt(2 * self.config.n_layer))
+
+    def num_parameters(self) -> int:
+        """Distinct parameters (the tied LM head counted once)."""
+        return sum(p.numel() for p in self.parameters())
+
+    def forward(
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        *,
+        kv_cache: KVCache | None = None,
+        last_only: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits for `idx` (B, T), plus the loss when `targets` are given.
+
+        targets: labels aligned with `idx` (usually `idx` itself); the model shifts them so position
+            t is scored on predicting token t + 1, and -100 marks positions to ignore.
+        kv_cache: keys/values of earlier positions; `idx` then continues after them.
+        last_only: compute the LM head for the last position only (decoding needs nothing else, and
+            the head is the single largest matmul).
+        """
+        B, T = idx.shape
+        t_past = kv_cache.length if kv_cache is not None else 0
+        if t_past + T > self.config.block_size:
+            raise ValueError(
+                f"sequence of {t_past + T} tokens exceeds the context window {self.config.block_size}"
+            )
+        pos = torch.arange(t_past, t_past + T, device=idx.device)  # (T,)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
+        for block in self.transformer.h:
+            x = block(x, kv_cache)
+        if kv_cache is not None:
+            kv_cache.length += T
+        x = self.transformer.ln_f(x)
+
+        if last_only:
+            return self.lm_head(x[:, -1:, :]), None  # (B, 1, vocab)
+        logits = self.lm_head(x)  # (B, T, vocab)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.size(-1)),
+                targets[:, 1:].reshape(-1),
+                ignore_index=-100,
+            )
+        return logits, loss

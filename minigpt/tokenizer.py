@@ -1,0 +1,139 @@
+"""GPT-2's byte-level BPE tokenizer, on the `tokenizers` library.
+
+GPT-2 first maps every byte of UTF-8 text to one of 256 printable characters (so any string,
+emoji or broken bytes included, is representable), splits it into word-like pieces with a regex,
+and then applies 50,000 learned merges. `<|endoftext|>` (id 50256) separates documents and is
+the only special token.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from pathlib import Path
+
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders, models, pre_tokenizers, processors
+
+from .errors import MinigptError
+
+EOS_TOKEN = "<|endoftext|>"
+TOKENIZER_FILE = "tokenizer.json"
+
+
+class Tokenizer:
+    """Text <-> GPT-2 token ids. Build it with one of the `from_*` constructors."""
+
+    def __init__(self, backend: HFTokenizer) -> None:
+        self.backend = backend
+        eos_id = backend.token_to_id(EOS_TOKEN)
+        if eos_id is None:
+            raise MinigptError(f"tokenizer: no {EOS_TOKEN} token in the vocabulary")
+        self.eos_id: int = eos_id
+
+    # --- constructors ------------------------------------------------------------------------
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike) -> "Tokenizer":
+        """Load a `tokenizer.json` (the fast-tokenizer format every minigpt checkpoint carries)."""
+        path = Path(path)
+        if not path.is_file():
+            raise MinigptError(f"{path}: tokenizer file not found")
+        try:
+            backend = HFTokenizer.from_file(str(path))
+        except Exception as e:  # the Rust side raises plain Exceptions with multi-line text
+            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise MinigptError(f"{path}: not a valid tokenizer.json ({reason})") from None
+        return cls(backend)
+
+    @classmethod
+    def from_vocab_merges(cls, vocab: str | os.PathLike, merges: str | os.PathLike) -> "Tokenizer":
+        """Build GPT-2's tokenizer from `vocab.json` (a.k.a. encoder.json) + `merges.txt` (vocab.bpe)."""
+        for path in (vocab, merges):
+            if not Path(path).is_file():
+                raise MinigptError(f"{path}: tokenizer file not found")
+        try:
+            backend = HFTokenizer(models.BPE.from_file(str(vocab), str(merges)))
+        except Exception as e:
+            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise MinigptError(f"{vocab}: not a GPT-2 vocabulary + merges pair ({reason})") from None
+        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        backend.decoder = decoders.ByteLevel()
+        backend.post_processor = processors.ByteLevel(trim_offsets=False)
+        backend.add_special_tokens([EOS_TOKEN])  # matched whole in text, never split into pieces
+        return cls(backend)
+
+    @classmethod
+    def from_dir(cls, folder: str | os.PathLike) -> "Tokenizer":
+        """Load from a checkpoint folder: `tokenizer.json`, else `vocab.json` + `merges.txt`."""
+        folder = Path(folder)
+        if (folder / TOKENIZER_FILE).is_file():
+            return cls.from_file(folder / TOKENIZER_FILE)
+        if (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
+            return cls.from_vocab_merges(folder / "vocab.json", folder / "merges.txt")
+        raise MinigptError(f"{folder}: no tokenizer.json (or vocab.json + merges.txt)")
+
+    @classmethod
+    def from_hub(cls, repo_id: str) -> "Tokenizer":
+        """Download a model's tokenizer files from the Hugging Face Hub (cached by huggingface_hub)."""
+        from .hf import download_from_hub
+
+        return cls.from_dir(download_from_hub(repo_id, kind="tokenizer"))
+
+    # --- use ---------------------------------------------------------------------------------
+
+    @property
+    def vocab_size(self) -> int:
+        return self.backend.get_vocab_size()
+
+    def encode(self, text: str) -> list[int]:
+        return self.backend.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        """Encode many texts at once; the Rust side spreads the work over all CPU cores."""
+        return [e.ids for e in self.backend.encode_batch(texts, add_special_tokens=False)]
+
+    def decode(self, ids: list[int]) -> str:
+        return self.backend.decode(list(ids), skip_special_tokens=False)
+
+    def decode_bytes(self, ids: list[int]) -> bytes:
+        """The raw UTF-8 bytes of `ids`; one token can hold half a character, so streaming output
+        should decode bytes incrementally rather than token by token."""
+        byte_decoder = _byte_decoder()
+        return bytes(byte_decoder[c] for t in ids for c in self.backend.id_to_token(t) or "")
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write `tokenizer.json`."""
+        self.backend.save(str(path))
+
+    def to_hf_files(self, folder: str | os.PathLike) -> None:
+        """Write the files `transformers.AutoTokenizer` expects beside an exported model."""
+        folder = Path(folder)
+        self.save(folder / TOKENIZER_FILE)
+        special = {"bos_token": EOS_TOKEN, "eos_token": EOS_TOKEN, "unk_token": EOS_TOKEN}
+        (folder / "special_tokens_map.json").write_text(json.dumps(special, indent=2))
+        config = {
+            "tokenizer_class": "GPT2Tokenizer",
+            "model_max_length": 1024,
+            "add_prefix_space": False,
+            **special,
+        }
+        (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+
+
+@functools.lru_cache(maxsize=1)
+def _byte_decoder() -> dict[str, int]:
+    """GPT-2's printable-character -> byte table (the inverse of its bytes_to_unicode)."""
+    printable = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
+    chars, n = list(printable), 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            chars.append(256 + n)
+            n += 1
+    return {chr(c): b for b, c in zip(printable, chars)}
