@@ -1,0 +1,113 @@
+"""convert_hf_weights.py end to end: both directions, and every bad input is one line + exit 2."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from conftest import call_cli, run_cli
+from minigpt.hf import load_model
+
+
+def assert_one_line_error(result, *needles):
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert "Traceback" not in result.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+def test_hf_to_minigpt_and_back(tiny_hf_dir, tmp_path):
+    from transformers import GPT2LMHeadModel
+
+    out = tmp_path / "mine"
+    r = run_cli("convert_hf_weights.py", str(tiny_hf_dir), "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "tokenizer.json"]
+    exported = tmp_path / "exported"
+    r = run_cli("convert_hf_weights.py", "--to-hf", str(out), "--out", str(exported))
+    assert r.returncode == 0, r.stderr
+    idx = torch.randint(0, 50257, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a = GPT2LMHeadModel.from_pretrained(tiny_hf_dir).eval()(idx).logits
+        b = GPT2LMHeadModel.from_pretrained(exported).eval()(idx).logits
+        c = load_model(out)[0](idx)[0]
+    assert (a - b).abs().max() < 1e-5 and (a - c).abs().max() < 1e-4
+    # a second conversion onto a non-empty folder needs --force
+    r = run_cli("convert_hf_weights.py", str(tiny_hf_dir), "--out", str(out))
+    assert_one_line_error(r, str(out), "--force")
+
+
+def broken_copy(src, dst, edit_state=None, edit_config=None, raw_weights=None):
+    """Copy an HF folder, then damage its weights or config."""
+    shutil.copytree(src, dst)
+    if edit_state:
+        state = load_file(dst / "model.safetensors")
+        edit_state(state)
+        save_file(state, str(dst / "model.safetensors"))
+    if edit_config:
+        config = json.loads((dst / "config.json").read_text())
+        edit_config(config)
+        (dst / "config.json").write_text(json.dumps(config))
+    if raw_weights:
+        (dst / "model.safetensors").write_bytes(raw_weights((dst / "model.safetensors").read_bytes()))
+    return dst
+
+
+CASES = {
+    "truncated": (dict(raw_weights=lambda b: b[: len(b) // 2]), ["model.safetensors"]),
+    "corrupt": (dict(raw_weights=lambda b: b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all" + b[24:]),
+                ["model.safetensors"]),
+    "missing_tensor": (dict(edit_state=lambda s: s.pop("transformer.h.1.mlp.c_fc.bias")),
+                       ["transformer.h.1.mlp.c_fc.bias", "missing"]),
+    "wrong_shape": (dict(edit_state=lambda s: s.update({"transformer.h.0.attn.c_proj.weight": torch.zeros(64, 65)})),
+                    ["transformer.h.0.attn.c_proj.weight", "shape"]),
+    "unknown_tensor": (dict(edit_state=lambda s: s.update({"transformer.h.0.attn.rotary": torch.zeros(3)})),
+                       ["transformer.h.0.attn.rotary"]),
+    "unsupported_config": (dict(edit_config=lambda c: c.update(reorder_and_upcast_attn=True)),
+                           ["config.json", "reorder_and_upcast_attn"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_bad_weights_are_refused_and_nothing_is_written(case, tiny_hf_dir, tmp_path):
+    kwargs, needles = CASES[case]
+    src = broken_copy(tiny_hf_dir, tmp_path / "src", **kwargs)
+    out = tmp_path / "out"
+    r = call_cli("convert_hf_weights.py", str(src), "--out", str(out))
+    assert_one_line_error(r, *needles)
+    assert not out.exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp leftovers
+
+
+def test_missing_path_and_not_a_checkpoint(tmp_path):
+    r = run_cli("convert_hf_weights.py", str(tmp_path / "nope"), "--out", str(tmp_path / "out"))
+    assert_one_line_error(r, "nope")
+    (tmp_path / "empty").mkdir()
+    r = run_cli("convert_hf_weights.py", str(tmp_path / "empty"), "--out", str(tmp_path / "out"))
+    assert_one_line_error(r, "empty", "config.json")
+    r = run_cli("convert_hf_weights.py", "--to-hf", str(tmp_path / "empty"), "--out", str(tmp_path / "out"))
+    assert_one_line_error(r, "config.json")
+    assert not (tmp_path / "out").exists()
+
+
+def test_failed_conversion_leaves_previous_output_intact(tiny_hf_dir, tmp_path):
+    out = tmp_path / "out"
+    assert call_cli("convert_hf_weights.py", str(tiny_hf_dir), "--out", str(out)).returncode == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    src = broken_copy(tiny_hf_dir, tmp_path / "src", raw_weights=lambda b: b[:100])
+    r = call_cli("convert_hf_weights.py", str(src), "--out", str(out), "--force")
+    assert_one_line_error(r, "model.safetensors")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_usage_errors_exit_2(tmp_path):
+    r = call_cli("convert_hf_weights.py", "--out", str(tmp_path / "o"))
+    assert r.returncode == 2 and "either SOURCE" in r.stderr
+    r = call_cli("convert_hf_weights.py", "--help")
+    assert r.returncode == 0 and "--to-hf" in r.stdout

@@ -1,0 +1,119 @@
+"""HF <-> minigpt weights: key variants, Conv1D transposes, legacy .bin, export, config mapping."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from minigpt.checkpoint import load_checkpoint
+from minigpt.config import GPTConfig
+from minigpt.errors import MinigptError
+from minigpt.hf import export_hf, hf_to_minigpt_name, load_model, resolve_model
+
+
+def hf_logits(folder, idx):
+    from transformers import GPT2LMHeadModel
+
+    with torch.no_grad():
+        return GPT2LMHeadModel.from_pretrained(folder).eval()(idx).logits
+
+
+IDX = torch.randint(0, 50257, (2, 17), generator=torch.Generator().manual_seed(5))
+
+
+def test_key_map():
+    assert hf_to_minigpt_name("h.3.mlp.c_fc.weight") == "transformer.h.3.mlp.c_fc.weight"
+    assert hf_to_minigpt_name("transformer.wte.weight") == "transformer.wte.weight"
+    assert hf_to_minigpt_name("h.0.attn.bias") is None  # causal-mask buffer, not a weight
+    assert hf_to_minigpt_name("transformer.h.0.attn.masked_bias") is None
+    assert hf_to_minigpt_name("h.0.attn.c_attn.bias") == "transformer.h.0.attn.c_attn.bias"  # a weight!
+    assert hf_to_minigpt_name("lm_head.weight") is None  # tied to wte
+
+
+def test_unprefixed_keys_mask_buffers_and_lm_head(tiny_hf_dir, tmp_path):
+    """The original gpt2 upload: no `transformer.` prefix, mask buffers saved, lm_head present."""
+    state = load_file(tiny_hf_dir / "model.safetensors")
+    legacy = {k.removeprefix("transformer."): v for k, v in state.items()}
+    legacy["h.0.attn.bias"] = torch.tril(torch.ones(1, 1, 256, 256))
+    legacy["h.1.attn.masked_bias"] = torch.tensor(-1e4)
+    legacy["lm_head.weight"] = state["transformer.wte.weight"].clone()
+    save_file(legacy, str(tmp_path / "model.safetensors"))
+    for name in ("config.json", "vocab.json", "merges.txt"):
+        (tmp_path / name).write_bytes((tiny_hf_dir / name).read_bytes())
+    model, _ = load_model(tmp_path)
+    with torch.no_grad():
+        assert (model(IDX)[0] - hf_logits(tiny_hf_dir, IDX)).abs().max() < 1e-4
+
+
+def test_legacy_pytorch_model_bin(tiny_hf_dir, tmp_path):
+    state = load_file(tiny_hf_dir / "model.safetensors")
+    torch.save(state, tmp_path / "pytorch_model.bin")
+    for name in ("config.json", "vocab.json", "merges.txt"):
+        (tmp_path / name).write_bytes((tiny_hf_dir / name).read_bytes())
+    model, _ = load_model(tmp_path)
+    with torch.no_grad():
+        assert (model(IDX)[0] - hf_logits(tiny_hf_dir, IDX)).abs().max() < 1e-4
+
+
+def test_conv1d_weights_are_transposed(tiny_hf_dir):
+    """c_proj is square, so only the values (not the shape) show a missed transpose."""
+    state = load_file(tiny_hf_dir / "model.safetensors")
+    model, _ = load_model(tiny_hf_dir)
+    for name in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"):
+        key = f"transformer.h.1.{name}.weight"
+        assert torch.equal(model.state_dict()[key], state[key].t())
+
+
+def test_minigpt_checkpoint_layout(tiny_minigpt_dir, tiny_hf_dir):
+    assert sorted(p.name for p in tiny_minigpt_dir.iterdir()) == [
+        "config.json", "model.safetensors", "tokenizer.json"]
+    config = json.loads((tiny_minigpt_dir / "config.json").read_text())
+    assert config["n_layer"] == 2 and config["n_embd"] == 64 and "model_type" not in config
+    assert resolve_model(tiny_minigpt_dir)[1] == "minigpt"
+    assert resolve_model(tiny_hf_dir)[1] == "hf"
+    model, tokenizer = load_checkpoint(tiny_minigpt_dir)
+    assert tokenizer.eos_id == 50256
+    with torch.no_grad():
+        assert (model(IDX)[0] - hf_logits(tiny_hf_dir, IDX)).abs().max() < 1e-4
+
+
+def test_export_round_trip_and_pipeline(tiny_minigpt_dir, tiny_hf_dir, tmp_path):
+    from transformers import pipeline
+
+    model, tokenizer = load_model(tiny_minigpt_dir)
+    out = export_hf(model, tokenizer, tmp_path / "exported")
+    with torch.no_grad():
+        assert (hf_logits(out, IDX) - hf_logits(tiny_hf_dir, IDX)).abs().max() < 1e-5
+    generator = pipeline("text-generation", model=str(out))
+    result = generator("The immune system", max_new_tokens=5, do_sample=False)
+    assert result[0]["generated_text"].startswith("The immune system")
+    # and the exported folder loads back into minigpt unchanged
+    back, _ = load_model(out)
+    for k, v in model.state_dict().items():
+        assert torch.equal(back.state_dict()[k], v)
+
+
+def test_config_mapping_round_trip():
+    cfg = GPTConfig(n_layer=24, n_head=16, n_embd=1024)  # gpt2-medium's numbers
+    assert GPTConfig.from_hf(cfg.to_hf()) == cfg
+
+
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("model_type", "llama"),
+        ("activation_function", "relu"),
+        ("scale_attn_by_inverse_layer_idx", True),
+        ("reorder_and_upcast_attn", True),
+        ("add_cross_attention", True),
+        ("n_inner", 1000),
+    ],
+)
+def test_unsupported_hf_config_names_the_field(field, value):
+    hf = GPTConfig().to_hf()
+    hf[field] = value
+    with pytest.raises(MinigptError, match=field):
+        GPTConfig.from_hf(hf)

@@ -1,0 +1,120 @@
+"""The model on its own: parity with transformers, both attention paths, the KV cache, init, loss."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from minigpt.config import GPTConfig
+from minigpt.hf import load_model
+from minigpt.model import GPT, KVCache
+
+
+def with_attention(model: GPT, impl: str) -> GPT:
+    """The same weights behind the other attention implementation."""
+    other = GPT(dataclasses.replace(model.config, attn_impl=impl)).eval()
+    other.load_state_dict(model.state_dict())
+    return other
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "reference"])
+@pytest.mark.parametrize("shape", ["tiny", "distil"])
+def test_logits_equal_transformers(shape, impl, tiny_hf_dir, distil_hf_dir):
+    from transformers import GPT2LMHeadModel
+
+    folder = tiny_hf_dir if shape == "tiny" else distil_hf_dir
+    hf = GPT2LMHeadModel.from_pretrained(folder).eval()
+    ours = with_attention(load_model(folder)[0], impl)
+    idx = torch.randint(0, 50257, (2, 33), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = hf(idx).logits
+        logits, _ = ours(idx)
+    assert logits.shape == expected.shape == (2, 33, 50257)
+    assert (logits - expected).abs().max().item() < 1e-4
+    assert torch.equal(logits[:, -1].argmax(-1), expected[:, -1].argmax(-1))
+
+
+def test_loss_equals_transformers(tiny_hf_dir):
+    from transformers import GPT2LMHeadModel
+
+    hf = GPT2LMHeadModel.from_pretrained(tiny_hf_dir).eval()
+    ours, _ = load_model(tiny_hf_dir)
+    idx = torch.randint(0, 50257, (3, 40), generator=torch.Generator().manual_seed(2))
+    labels = idx.clone()
+    labels[0, 10:20] = -100  # ignored positions
+    with torch.no_grad():
+        expected = hf(idx, labels=labels).loss
+        _, loss = ours(idx, targets=labels)
+    assert abs(loss.item() - expected.item()) < 1e-5
+    # and it is the textbook definition: mean next-token cross-entropy over non-ignored targets
+    logits, _ = ours(idx)
+    manual = F.cross_entropy(logits[:, :-1].reshape(-1, 50257), labels[:, 1:].reshape(-1), ignore_index=-100)
+    assert abs(loss.item() - manual.item()) < 1e-6
+
+
+def test_sdpa_equals_reference_with_dropout_off_and_cache():
+    torch.manual_seed(0)
+    cfg = GPTConfig(vocab_size=300, block_size=64, n_layer=2, n_head=4, n_embd=32, dropout=0.0)
+    sdpa = GPT(cfg).eval()
+    ref = with_attention(sdpa, "reference")
+    idx = torch.randint(0, 300, (2, 20))
+    with torch.no_grad():
+        assert torch.allclose(sdpa(idx)[0], ref(idx)[0], atol=1e-5)
+        # a chunk of several new tokens after a cached prefix needs an offset causal mask
+        for model in (sdpa, ref):
+            cache = KVCache(cfg, 2, 20)
+            model(idx[:, :12], kv_cache=cache)
+            chunk, _ = model(idx[:, 12:], kv_cache=cache)
+            assert torch.allclose(chunk, ref(idx)[0][:, 12:], atol=1e-5)
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "reference"])
+def test_kv_cache_matches_full_forward_every_step(impl, tiny_hf_dir):
+    model = with_attention(load_model(tiny_hf_dir)[0], impl)
+    idx = torch.randint(0, 50257, (2, 24), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        full, _ = model(idx)
+        cache = KVCache(model.config, batch_size=2, max_len=24)
+        step_logits, _ = model(idx[:, :8], kv_cache=cache, last_only=True)  # prefill
+        assert step_logits.shape == (2, 1, 50257)
+        assert (step_logits[:, 0] - full[:, 7]).abs().max().item() < 1e-5
+        for t in range(8, 24):  # then one token at a time, positions offset by the cache
+            step_logits, _ = model(idx[:, t : t + 1], kv_cache=cache, last_only=True)
+            assert (step_logits[:, 0] - full[:, t]).abs().max().item() < 1e-5
+        assert cache.length == 24
+
+
+def test_context_window_is_enforced():
+    model = GPT(GPTConfig(vocab_size=50, block_size=8, n_layer=1, n_head=2, n_embd=8))
+    with pytest.raises(ValueError, match="context window"):
+        model(torch.zeros(1, 9, dtype=torch.long))
+    with pytest.raises(ValueError, match="exceeds"):
+        KVCache(model.config, 1, 9)
+
+
+def test_gpt2_init_statistics_and_tying():
+    torch.manual_seed(0)
+    cfg = GPTConfig(n_layer=4, n_head=4, n_embd=256, vocab_size=5000, block_size=128)
+    model = GPT(cfg)
+    assert model.lm_head.weight is model.transformer.wte.weight
+    assert model.num_parameters() == cfg.num_parameters()
+    blk = model.transformer.h[0]
+    assert abs(blk.mlp.c_fc.weight.std().item() - 0.02) < 1e-3
+    scaled = 0.02 / (2 * cfg.n_layer) ** 0.5
+    assert abs(blk.attn.c_proj.weight.std().item() - scaled) < 1e-3
+    assert abs(blk.mlp.c_proj.weight.std().item() - scaled) < 1e-3
+    assert blk.attn.c_attn.bias.abs().sum() == 0 and torch.all(blk.ln_1.weight == 1)
+    # a fresh model predicts nearly uniformly: loss ~ ln(vocab)
+    idx = torch.randint(0, 5000, (2, 64))
+    _, loss = model.eval()(idx, targets=idx)
+    assert abs(loss.item() - torch.log(torch.tensor(5000.0)).item()) < 0.1
+
+
+def test_distilgpt2_defaults():
+    cfg = GPTConfig()
+    assert (cfg.vocab_size, cfg.block_size, cfg.n_layer, cfg.n_head, cfg.n_embd) == (50257, 1024, 6, 12, 768)
+    assert cfg.dropout == 0.1 and cfg.layer_norm_eps == 1e-5
+    assert cfg.num_parameters() == 81_912_576  # distilgpt2's 82 M
