@@ -10,9 +10,11 @@ Training runs add their own files beside these (see `minigpt/trainer.py`).
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import shutil
+import struct
 import tempfile
 import warnings
 from pathlib import Path
@@ -41,6 +43,8 @@ def read_json(path: Path) -> dict:
         raise MinigptError(f"{path}: file not found") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise MinigptError(f"{path}: not valid JSON ({e})") from None
+    except RecursionError:  # `[[[[...` nested deeper than the parser's stack
+        raise MinigptError(f"{path}: not valid JSON (nested too deeply)") from None
     if not isinstance(data, dict):
         raise MinigptError(f"{path}: expected a JSON object")
     return data
@@ -111,6 +115,23 @@ def check_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
         warnings.warn(f"{path}: tensor {bad[0]!r} holds NaN or inf values", stacklevel=3)
 
 
+def refuse_duplicate_names(path: Path) -> None:
+    """Refuse a safetensors header that names a tensor twice.
+
+    The safetensors parser silently keeps the last of two entries with one name, so such a file
+    would load whichever copy its author chose to put last. Call this only on a file `safe_open`
+    has accepted: its header size and JSON are then known to be sane.
+    """
+    with open(path, "rb") as f:
+        (size,) = struct.unpack("<Q", f.read(8))  # the header: 8-byte little-endian length + JSON
+        entries = json.loads(f.read(size), object_pairs_hook=lambda pairs: pairs)
+    seen = set()
+    for name, _ in entries:
+        if name in seen:
+            raise MinigptError(f"{path}: tensor {name!r} is listed twice in the header")
+        seen.add(name)
+
+
 def load_safetensors(
     path: Path,
     expected: dict[str, tuple[int, ...]],
@@ -123,6 +144,7 @@ def load_safetensors(
     """
     try:
         with safe_open(str(path), framework="pt") as f:
+            refuse_duplicate_names(path)
             shapes = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
             mapping = match_names(path, shapes, expected, rename)
             tensors = {target: f.get_tensor(name) for name, target in mapping.items()}
@@ -130,6 +152,8 @@ def load_safetensors(
         raise MinigptError(f"{path}: not a valid safetensors file ({e})") from None
     except FileNotFoundError:
         raise MinigptError(f"{path}: file not found") from None
+    except OSError as e:  # a folder, a device, an unreadable file
+        raise MinigptError(f"{path}: cannot read it ({e})") from None
     check_tensors(path, tensors)
     return tensors
 
@@ -140,6 +164,15 @@ def check_complete(
     missing = [name for name in expected if name not in tensors]
     if missing:
         raise MinigptError(f"{path}: missing tensor {missing[0]!r}")
+
+
+def check_vocabulary(folder: Path, config: GPTConfig, tokenizer: Tokenizer) -> None:
+    """Every token id the tokenizer can produce must have a row in the model's embedding."""
+    if tokenizer.vocab_size > config.vocab_size:
+        raise MinigptError(
+            f"{folder}: tokenizer has {tokenizer.vocab_size} tokens but the model only "
+            f"{config.vocab_size}"
+        )
 
 
 def model_from_state(
@@ -170,11 +203,7 @@ def load_checkpoint(
     tensors = load_safetensors(weights, expected)
     check_complete(weights, tensors, expected)
     tokenizer = Tokenizer.from_dir(folder)
-    if tokenizer.vocab_size > config.vocab_size:
-        raise MinigptError(
-            f"{folder}: tokenizer has {tokenizer.vocab_size} tokens but the model only "
-            f"{config.vocab_size}"
-        )
+    check_vocabulary(folder, config, tokenizer)
     return model_from_state(config, tensors, device, dtype), tokenizer
 
 
@@ -194,19 +223,40 @@ def write_checkpoint(folder: Path, model: GPT, tokenizer: Tokenizer) -> None:
     tokenizer.save(folder / "tokenizer.json")
 
 
+def clear_interrupted_saves(out: Path) -> None:
+    """Tidy up after a save of `out` that was killed midway (SIGKILL, power loss).
+
+    A kill while writing leaves a `.NAME.tmp-*` folder: deleted. A kill between the two renames in
+    `atomic_folder` leaves the previous `out` only as `.NAME.old-*/NAME`: moved back first.
+    """
+    for stale in sorted(out.parent.glob(f".{glob.escape(out.name)}.old-*")):
+        if not out.exists() and (stale / out.name).is_dir():
+            os.replace(stale / out.name, out)
+        shutil.rmtree(stale, ignore_errors=True)
+    for stale in out.parent.glob(f".{glob.escape(out.name)}.tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def atomic_folder(out: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary folder beside `out`; when the block succeeds it becomes `out`.
 
     If the block raises, the temporary folder is deleted and `out` is untouched. An existing `out`
     is replaced only after the new folder is complete: it is moved aside, the new one renamed in,
-    and the old one deleted, so at every moment one complete folder exists under a known name.
+    and the old one deleted, so at every moment one complete folder exists under a known name
+    (after a kill between the two renames, the next save moves it back: `clear_interrupted_saves`).
+    A write that fails (a full disk, a read-only folder) becomes a one-line MinigptError that says
+    whether the previous `out` survived.
     """
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise MinigptError(f"{out}: exists and is not a folder")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        clear_interrupted_saves(out)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    except OSError as e:
+        raise MinigptError(f"{out}: cannot create a folder here ({e.strerror or e})") from None
     try:
         yield tmp
         if out.exists():
@@ -216,6 +266,11 @@ def atomic_folder(out: str | os.PathLike) -> Iterator[Path]:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, out)
+    except (OSError, SafetensorError) as e:  # safetensors reports a failed write as its own error
+        shutil.rmtree(tmp, ignore_errors=True)
+        kept = "the previous version is untouched" if out.is_dir() else "nothing was written"
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise MinigptError(f"{out}: saving failed ({reason}); {kept}") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

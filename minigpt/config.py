@@ -15,6 +15,9 @@ from .errors import MinigptError
 # A sanity bound checked before anything is allocated, so a hostile or mistyped config.json
 # (n_layer = 10**6, say) is refused instead of exhausting memory. gpt2-xl has 1.6 B parameters.
 MAX_PARAMETERS = 20_000_000_000
+# Depth is bounded on its own: even a model that is small in parameters takes seconds per hundred
+# layers to lay out, and the deepest GPT-2 (gpt2-xl) has 48.
+MAX_LAYERS = 256
 
 ATTENTION_IMPLS = ("sdpa", "reference")
 
@@ -35,13 +38,21 @@ class GPTConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise MinigptError(f"config: {name} must be a positive integer, got {value!r}")
+        for name in ("dropout", "layer_norm_eps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise MinigptError(f"config: {name} must be a number, got {value!r}")
+        if self.n_layer > MAX_LAYERS:
+            raise MinigptError(
+                f"config: n_layer={self.n_layer} is beyond any GPT-2 model (at most {MAX_LAYERS})"
+            )
         if self.n_embd % self.n_head:
             raise MinigptError(
                 f"config: n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})"
             )
-        if not 0.0 <= float(self.dropout) < 1.0:
+        if not 0.0 <= self.dropout < 1.0:
             raise MinigptError(f"config: dropout must be in [0, 1), got {self.dropout!r}")
-        if not float(self.layer_norm_eps) > 0:
+        if not 0 < self.layer_norm_eps < float("inf"):
             raise MinigptError(f"config: layer_norm_eps must be > 0, got {self.layer_norm_eps!r}")
         if self.attn_impl not in ATTENTION_IMPLS:
             raise MinigptError(

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -25,6 +27,7 @@ from .checkpoint import (
     atomic_folder,
     check_complete,
     check_tensors,
+    check_vocabulary,
     expected_shapes,
     is_minigpt_checkpoint,
     load_checkpoint,
@@ -85,18 +88,33 @@ def _hf_weight_files(folder: Path) -> list[Path]:
         return [single]
     index = folder / "model.safetensors.index.json"
     if index.is_file():
-        weight_map = read_json(index).get("weight_map", {})
-        return [folder / f for f in sorted(set(weight_map.values()))]
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise MinigptError(f"{index}: no weight_map of tensor names to shard files")
+        shards = sorted(set(weight_map.values()))
+        for shard in shards:  # plain names only: an index must not point outside its folder
+            if not isinstance(shard, str) or Path(shard).name != shard or shard in ("", ".", ".."):
+                raise MinigptError(f"{index}: {shard!r} is not a file name in this folder")
+        return [folder / shard for shard in shards]
     return []
 
 
 def _load_legacy_bin(path: Path, expected: dict) -> dict[str, torch.Tensor]:
     """Read a legacy `pytorch_model.bin` with `weights_only=True`: tensors only, never code."""
     try:
-        raw = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # UnpicklingError for forbidden globals, RuntimeError for bad zips, ...
+        with warnings.catch_warnings():  # torch's notes on pickle protocols; failures are reported below
+            warnings.simplefilter("ignore")
+            raw = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:  # the pickle asks for something other than tensors
+        culprit = re.search(r"GLOBAL (\S+)", str(e))
+        wants = f" (it asks for {culprit.group(1)})" if culprit else ""
+        raise MinigptError(
+            f"{path}: refused to load: not a plain tensor file{wants}; minigpt never unpickles "
+            "anything else, as that can run code. Use a model.safetensors instead"
+        ) from None
+    except Exception as e:  # RuntimeError for a damaged zip, EOFError for a truncated file, ...
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise MinigptError(f"{path}: refused to load ({reason})") from None
+        raise MinigptError(f"{path}: not a PyTorch weights file ({reason})") from None
     if not isinstance(raw, dict) or not all(isinstance(v, torch.Tensor) for v in raw.values()):
         raise MinigptError(f"{path}: not a state dict of tensors")
     shapes = {k: tuple(v.shape) for k, v in raw.items()}
@@ -130,8 +148,10 @@ def load_hf_checkpoint(
     else:
         raise MinigptError(f"{folder}: no model.safetensors (or pytorch_model.bin) in this folder")
     check_complete(files[0], state, expected)
+    tokenizer = Tokenizer.from_dir(folder)
+    check_vocabulary(folder, config, tokenizer)
     state = {k: v.t() if is_conv1d_weight(k) else v for k, v in state.items()}
-    return model_from_state(config, state, device, dtype), Tokenizer.from_dir(folder)
+    return model_from_state(config, state, device, dtype), tokenizer
 
 
 # --- minigpt -> HF --------------------------------------------------------------------------

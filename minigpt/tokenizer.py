@@ -25,11 +25,12 @@ TOKENIZER_FILE = "tokenizer.json"
 class Tokenizer:
     """Text <-> GPT-2 token ids. Build it with one of the `from_*` constructors."""
 
-    def __init__(self, backend: HFTokenizer) -> None:
+    def __init__(self, backend: HFTokenizer, source: str | os.PathLike = "tokenizer") -> None:
+        """`source` names where `backend` came from, for error messages."""
         self.backend = backend
         eos_id = backend.token_to_id(EOS_TOKEN)
         if eos_id is None:
-            raise MinigptError(f"tokenizer: no {EOS_TOKEN} token in the vocabulary")
+            raise MinigptError(f"{source}: no {EOS_TOKEN} token in the vocabulary")
         self.eos_id: int = eos_id
 
     # --- constructors ------------------------------------------------------------------------
@@ -45,7 +46,7 @@ class Tokenizer:
         except Exception as e:  # the Rust side raises plain Exceptions with multi-line text
             reason = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise MinigptError(f"{path}: not a valid tokenizer.json ({reason})") from None
-        return cls(backend)
+        return cls(backend, source=path)
 
     @classmethod
     def from_vocab_merges(cls, vocab: str | os.PathLike, merges: str | os.PathLike) -> "Tokenizer":
@@ -62,7 +63,7 @@ class Tokenizer:
         backend.decoder = decoders.ByteLevel()
         backend.post_processor = processors.ByteLevel(trim_offsets=False)
         backend.add_special_tokens([EOS_TOKEN])  # matched whole in text, never split into pieces
-        return cls(backend)
+        return cls(backend, source=vocab)
 
     @classmethod
     def from_dir(cls, folder: str | os.PathLike) -> "Tokenizer":
@@ -88,7 +89,22 @@ class Tokenizer:
         return self.backend.get_vocab_size()
 
     def encode(self, text: str) -> list[int]:
-        return self.backend.encode(text, add_special_tokens=False).ids
+        """Token ids of `text`; a MinigptError if it holds bytes that were not UTF-8.
+
+        Python passes such bytes on as lone surrogates (PEP 383: in sys.argv, and in sys.stdin
+        under the C locale), which are not Unicode and which the Rust side cannot take.
+        """
+        try:
+            return self.backend.encode(text, add_special_tokens=False).ids
+        except TypeError:
+            if not isinstance(text, str):
+                raise
+            surrogate = next((i for i, c in enumerate(text) if "\ud800" <= c <= "\udfff"), None)
+            if surrogate is None:
+                raise
+            raise MinigptError(
+                f"text is not valid UTF-8 (character {surrogate} stands for an undecodable byte)"
+            ) from None
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         """Encode many texts at once; the Rust side spreads the work over all CPU cores."""
@@ -105,7 +121,10 @@ class Tokenizer:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write `tokenizer.json`."""
-        self.backend.save(str(path))
+        try:
+            self.backend.save(str(path))
+        except Exception as e:  # the Rust side reports a failed write (a full disk) as a plain Exception
+            raise OSError(f"{path}: {e}") from None
 
     def to_hf_files(self, folder: str | os.PathLike) -> None:
         """Write the files `transformers.AutoTokenizer` expects beside an exported model."""

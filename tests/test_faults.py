@@ -1,0 +1,934 @@
+"""Fault injection and hostile input: minigpt keeps working, loses no data, and runs no code from a
+weights file.
+
+Users point minigpt at files downloaded from anywhere, kill jobs midway and fill disks. Every case
+here feeds one such fault to a CLI (or the library function behind it) and checks the promise:
+a correct result, or one clear `error: ...` line and exit status 2 — never a traceback, never a
+half-written output folder, never a damaged previous one.
+
+Run this suite alone with `python -m pytest -m faults`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import io
+import json
+import os
+import pickle
+import re
+import resource
+import shutil
+import signal
+import struct
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from conftest import ROOT, call_cli, run_cli, save_hf_model
+from minigpt.checkpoint import atomic_folder, clear_interrupted_saves, load_checkpoint
+from minigpt.config import GPTConfig
+from minigpt.errors import MinigptError
+from minigpt.hf import load_model
+
+pytestmark = pytest.mark.faults
+
+WEIGHTS = "model.safetensors"
+WPE = "transformer.wpe.weight"  # same name and shape in HF and minigpt folders: a handy victim
+
+
+# --- helpers ----------------------------------------------------------------------------------
+
+
+def assert_one_line_error(result, *needles: str) -> None:
+    """Exit status 2 and exactly one `error: ...` line on stderr, naming each of `needles`."""
+    assert result.returncode == 2, (result.returncode, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    """Every file of `folder` (recursively) with its bytes, to prove a folder was left untouched."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def leftovers(parent: Path) -> list[str]:
+    """Hidden temporary folders an interrupted or failed save could leave beside its output."""
+    return sorted(p.name for p in parent.iterdir() if p.name.startswith("."))
+
+
+def read_safetensors(path: Path) -> tuple[dict, bytes]:
+    """A .safetensors file's raw parts: the JSON header (8-byte little-endian length first) and data."""
+    blob = path.read_bytes()
+    (size,) = struct.unpack("<Q", blob[:8])
+    return json.loads(blob[8 : 8 + size]), blob[8 + size :]
+
+
+def write_safetensors(path: Path, header: bytes, data: bytes, declared: int | None = None) -> None:
+    """Write raw safetensors bytes; `declared` overrides the header length written in front."""
+    path.write_bytes(struct.pack("<Q", len(header) if declared is None else declared) + header + data)
+
+
+def convert(*args: str):
+    return call_cli("convert_hf_weights.py", *args)
+
+
+# --- hostile .safetensors files, both directions -----------------------------------------------
+
+
+def huge_header(path: Path) -> None:
+    header, data = read_safetensors(path)
+    write_safetensors(path, json.dumps(header).encode(), data, declared=2**62)
+
+
+def header_not_json(path: Path) -> None:
+    _, data = read_safetensors(path)
+    write_safetensors(path, b"<html>Rate limit exceeded</html>" + b" " * 64, data)
+
+
+def truncated(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def empty_file(path: Path) -> None:
+    path.write_bytes(b"")
+
+
+def offsets_past_end(path: Path) -> None:
+    header, data = read_safetensors(path)
+    header[WPE]["data_offsets"] = [len(data) + 4096, len(data) + 4096 + 256 * 64 * 4]
+    write_safetensors(path, json.dumps(header).encode(), data)
+
+
+def int64_tensor(path: Path) -> None:
+    state = load_file(path)
+    state[WPE] = torch.zeros(state[WPE].shape, dtype=torch.int64)
+    save_file(state, str(path))
+
+
+def transposed_shape(path: Path) -> None:
+    header, data = read_safetensors(path)
+    header[WPE]["shape"] = header[WPE]["shape"][::-1]  # same byte count, wrong layout
+    write_safetensors(path, json.dumps(header).encode(), data)
+
+
+def duplicate_name(path: Path) -> None:
+    """Name one tensor twice (JSON allows it; the safetensors parser silently keeps the last)."""
+    header, data = read_safetensors(path)
+    text = json.dumps(header)
+    twin = json.dumps({WPE: header[WPE]})[1:-1]
+    write_safetensors(path, (text[:-1] + ", " + twin + "}").encode(), data)
+
+
+HOSTILE_WEIGHTS = {
+    "huge_header": (huge_header, ["header too large"]),
+    "header_not_json": (header_not_json, ["not a valid safetensors file"]),
+    "truncated": (truncated, ["not a valid safetensors file"]),
+    "empty_file": (empty_file, ["not a valid safetensors file"]),
+    "offsets_past_end": (offsets_past_end, ["not a valid safetensors file"]),
+    "int64_tensor": (int64_tensor, [WPE, "int64"]),
+    "transposed_shape": (transposed_shape, [WPE, "shape [64, 256]"]),
+    "duplicate_name": (duplicate_name, [WPE, "twice"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE_WEIGHTS))
+def test_hostile_safetensors_hf_to_minigpt(case, tiny_hf_dir, tmp_path):
+    """HF -> minigpt: the file is refused in one line naming it, and --out is never created."""
+    damage, needles = HOSTILE_WEIGHTS[case]
+    src = Path(shutil.copytree(tiny_hf_dir, tmp_path / "src"))
+    damage(src / WEIGHTS)
+    out = tmp_path / "out"
+    assert_one_line_error(convert(str(src), "--out", str(out)), str(src / WEIGHTS), *needles)
+    assert not out.exists() and leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE_WEIGHTS))
+def test_hostile_safetensors_minigpt_to_hf(case, tiny_minigpt_dir, tmp_path):
+    """minigpt -> HF over an existing export (--force): refused, and the old export is untouched."""
+    damage, needles = HOSTILE_WEIGHTS[case]
+    src = Path(shutil.copytree(tiny_minigpt_dir, tmp_path / "src"))
+    damage(src / WEIGHTS)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "previous.txt").write_text("an earlier export")
+    result = convert("--to-hf", str(src), "--out", str(out), "--force")
+    assert_one_line_error(result, str(src / WEIGHTS), *needles)
+    assert snapshot(out) == {"previous.txt": b"an earlier export"} and leftovers(tmp_path) == []
+
+
+def test_weights_that_are_a_folder_are_refused(tiny_minigpt_dir, tmp_path):
+    src = Path(shutil.copytree(tiny_minigpt_dir, tmp_path / "src"))
+    (src / WEIGHTS).unlink()
+    (src / WEIGHTS).mkdir()
+    result = convert("--to-hf", str(src), "--out", str(tmp_path / "out"))
+    assert_one_line_error(result, str(src / WEIGHTS), "cannot read")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "weight_map,needle",
+    [
+        ({"transformer.wpe.weight": "../outside.safetensors"}, "'../outside.safetensors'"),
+        ({"transformer.wpe.weight": "/etc/passwd"}, "'/etc/passwd'"),
+        ({"transformer.wpe.weight": 7}, "7 is not a file name"),
+        (["model-00001.safetensors"], "no weight_map"),
+    ],
+)
+def test_shard_index_cannot_point_outside_its_folder(weight_map, needle, tiny_hf_dir, tmp_path):
+    src = Path(shutil.copytree(tiny_hf_dir, tmp_path / "src"))
+    shutil.copy(src / WEIGHTS, tmp_path / "outside.safetensors")  # real weights, in the wrong place
+    (src / WEIGHTS).unlink()
+    index = src / "model.safetensors.index.json"
+    index.write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    assert_one_line_error(convert(str(src), "--out", str(tmp_path / "out")), str(index), needle)
+    assert not (tmp_path / "out").exists()
+
+
+def test_nan_and_inf_weights_load_with_a_warning(tiny_hf_dir, tmp_path):
+    """Broken values are not a broken file: they load (a user may want to inspect them), loudly."""
+    src = Path(shutil.copytree(tiny_hf_dir, tmp_path / "src"))
+    state = load_file(src / WEIGHTS)
+    state["transformer.h.1.ln_2.weight"][3] = float("nan")
+    state["transformer.h.0.mlp.c_fc.bias"][0] = float("-inf")
+    save_file(state, str(src / WEIGHTS), metadata={"format": "pt"})
+    with pytest.warns(UserWarning, match=r"model\.safetensors: tensor .* holds NaN or inf"):
+        model, _ = load_model(src)
+    weight = model.transformer.h[1].ln_2.weight
+    assert torch.isnan(weight[3]) and torch.isfinite(weight[:3]).all()
+    assert model.transformer.h[0].mlp.c_fc.bias[0] == float("-inf")
+    out = tmp_path / "out"
+    with pytest.warns(UserWarning, match="NaN or inf"):
+        assert convert(str(src), "--out", str(out)).returncode == 0
+    assert torch.isnan(load_file(out / WEIGHTS)["transformer.h.1.ln_2.weight"][3])
+
+
+# --- a pickle that would run code --------------------------------------------------------------
+
+
+class WritesMarker:
+    """Unpickling this calls exec(...): the classic payload of a malicious pytorch_model.bin."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (exec, (f"open({str(self.marker)!r}, 'w').write('code ran')",))
+
+
+def test_pickle_that_runs_code_is_refused_and_never_run(tiny_hf_dir, tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("config.json", "vocab.json", "merges.txt"):
+        shutil.copy(tiny_hf_dir / name, src / name)
+    marker = tmp_path / "PWNED"
+    state = dict(load_file(tiny_hf_dir / WEIGHTS))
+    state["transformer.wte.weight"] = WritesMarker(marker)  # hidden among real tensors
+    torch.save(state, src / "pytorch_model.bin")
+
+    out = tmp_path / "out"
+    result = run_cli("convert_hf_weights.py", str(src), "--out", str(out))
+    assert_one_line_error(result, str(src / "pytorch_model.bin"), "refused", "asks for", "exec")
+    assert not marker.exists() and not out.exists()
+    # The payload is real: an unsafe load (which minigpt never does) runs it.
+    torch.load(src / "pytorch_model.bin", weights_only=False)
+    assert marker.read_text() == "code ran"
+
+
+def torch_saved(obj) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
+BROKEN_BINS = {
+    "floats_not_tensors": (torch_saved({WPE: 1.5}), "not a state dict of tensors"),
+    "a_list": (torch_saved([torch.zeros(2)]), "not a state dict of tensors"),
+    "plain_pickle": (pickle.dumps({WPE: [0.0] * 4}, protocol=4), "refused to load"),
+    "not_a_zip": (b"PK\x03\x04 not really a zip", "not a PyTorch weights file"),
+    "empty": (b"", "not a PyTorch weights file"),
+    "truncated": (torch_saved({WPE: torch.zeros(256, 64)})[:5000], "not a PyTorch weights file"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BROKEN_BINS))
+def test_broken_pytorch_model_bin(case, tiny_hf_dir, tmp_path):
+    content, needle = BROKEN_BINS[case]
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("config.json", "vocab.json", "merges.txt"):
+        shutil.copy(tiny_hf_dir / name, src / name)
+    (src / "pytorch_model.bin").write_bytes(content)
+    result = convert(str(src), "--out", str(tmp_path / "out"))
+    assert_one_line_error(result, str(src / "pytorch_model.bin"), needle)
+    assert not (tmp_path / "out").exists()
+
+
+# --- hostile config.json -----------------------------------------------------------------------
+
+
+def limit_memory() -> None:
+    """In the child: 2 GiB of address space (torch needs ~1), so a real allocation would fail."""
+    resource.setrlimit(resource.RLIMIT_AS, (2 * 2**30, 2 * 2**30))
+
+
+def test_absurd_config_is_refused_before_allocating(tiny_hf_dir, tmp_path):
+    """n_layer = 10**6 is refused from the numbers alone, in a process that could not allocate it."""
+    src = Path(shutil.copytree(tiny_hf_dir, tmp_path / "src"))
+    config = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**config, "n_layer": 10**6}))
+    out = tmp_path / "out"
+    result = run_cli(
+        "convert_hf_weights.py", str(src), "--out", str(out), timeout=60,
+        preexec_fn=limit_memory,
+    )
+    assert_one_line_error(result, str(src / "config.json"), "n_layer=1000000")
+    assert not out.exists()
+
+
+BAD_CONFIGS = {
+    # name: (the config.json bytes, or a function of the good config dict; words the error names)
+    "empty": (b"", ["not valid JSON"]),
+    "binary": (b"\xff\xfe\x00\x89PNG\r\n", ["not valid JSON"]),
+    "a_list": (b"[1, 2, 3]", ["expected a JSON object"]),
+    "nested_deep": (b"[" * 100_000 + b"]" * 100_000, ["nested too deeply"]),
+    "deep_but_small": (lambda c: {**c, "n_layer": 5000, "n_embd": 8, "n_head": 1}, ["n_layer=5000"]),
+    "wide": (lambda c: {**c, "n_embd": 10**6, "n_head": 1}, ["parameters", "refusing"]),
+    "vocab_10e12": (lambda c: {**c, "vocab_size": 10**12}, ["parameters", "refusing"]),
+    "zero_heads": (lambda c: {**c, "n_head": 0}, ["n_head must be a positive integer"]),
+    "negative_layers": (lambda c: {**c, "n_layer": -2}, ["n_layer must be a positive integer"]),
+    "float_width": (lambda c: {**c, "n_embd": 64.0}, ["n_embd must be a positive integer"]),
+    "string_width": (lambda c: {**c, "n_embd": "64"}, ["n_embd must be a positive integer"]),
+    "bool_layers": (lambda c: {**c, "n_layer": True}, ["n_layer must be a positive integer"]),
+    "heads_not_dividing": (lambda c: {**c, "n_head": 5}, ["divisible by n_head (5)"]),
+    "nan_dropout": (lambda c: {**c, "resid_pdrop": float("nan"), "dropout": float("nan")},
+                    ["dropout must be in [0, 1)"]),
+    "string_dropout": (lambda c: {**c, "resid_pdrop": "0.1", "dropout": "0.1"},
+                       ["dropout must be a number"]),
+    "string_eps": (lambda c: {**c, "layer_norm_epsilon": "1e-5", "layer_norm_eps": "1e-5"},
+                   ["layer_norm_eps must be a number"]),
+}
+
+
+def write_bad_config(folder: Path, case: str, hf: bool) -> None:
+    """Damage `folder`'s config.json as BAD_CONFIGS[case] says, in HF's or minigpt's format.
+
+    The cases set a field under both formats' names (HF: resid_pdrop, minigpt: dropout); only the
+    names of `folder`'s own format are kept.
+    """
+    content, _ = BAD_CONFIGS[case]
+    if callable(content):
+        edited = content(json.loads((folder / "config.json").read_text()))
+        if hf:
+            edited = {k: v for k, v in edited.items() if k not in ("dropout", "layer_norm_eps")}
+        else:
+            edited = {k: v for k, v in edited.items() if k in {f.name for f in dataclasses.fields(GPTConfig)}}
+        content = json.dumps(edited).encode()
+    (folder / "config.json").write_bytes(content)
+
+
+@pytest.mark.parametrize("case", sorted(BAD_CONFIGS))
+def test_bad_config_hf_to_minigpt(case, tiny_hf_dir, tmp_path):
+    src = Path(shutil.copytree(tiny_hf_dir, tmp_path / "src"))
+    write_bad_config(src, case, hf=True)
+    result = convert(str(src), "--out", str(tmp_path / "out"))
+    assert_one_line_error(result, str(src / "config.json"), *BAD_CONFIGS[case][1])
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("case", sorted(set(BAD_CONFIGS) - {"empty", "binary", "a_list", "nested_deep"}))
+def test_bad_config_minigpt_to_hf(case, tiny_minigpt_dir, tmp_path):
+    src = Path(shutil.copytree(tiny_minigpt_dir, tmp_path / "src"))
+    write_bad_config(src, case, hf=False)
+    result = convert("--to-hf", str(src), "--out", str(tmp_path / "out"))
+    assert_one_line_error(result, str(src / "config.json"), *BAD_CONFIGS[case][1])
+    assert not (tmp_path / "out").exists()
+
+
+def test_hf_config_of_another_architecture(tiny_hf_dir, tmp_path):
+    src = Path(shutil.copytree(tiny_hf_dir, tmp_path / "src"))
+    (src / "config.json").write_text(json.dumps({"model_type": "bert", "hidden_size": 768}))
+    assert_one_line_error(convert(str(src), "--out", str(tmp_path / "out")), "model_type 'bert'")
+
+
+# --- hostile tokenizer files -------------------------------------------------------------------
+
+
+def word_level_tokenizer_json() -> str:
+    """A genuine tokenizer.json, but not GPT-2's: no <|endoftext|>."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import models
+
+    return HFTokenizer(models.WordLevel({"hello": 0, "[UNK]": 1}, unk_token="[UNK]")).to_str()
+
+
+@pytest.mark.parametrize(
+    "content,needle",
+    [
+        (b"", "not a valid tokenizer.json"),
+        (b'{"hello": "world"}', "not a valid tokenizer.json"),
+        (b"\x00\x01garbage\xff", "not a valid tokenizer.json"),
+        ("WORD_LEVEL", "no <|endoftext|> token"),
+    ],
+)
+def test_tokenizer_file_that_is_not_a_tokenizer(content, needle, tiny_minigpt_dir, tmp_path):
+    src = Path(shutil.copytree(tiny_minigpt_dir, tmp_path / "src"))
+    if content == "WORD_LEVEL":
+        content = word_level_tokenizer_json().encode()
+    (src / "tokenizer.json").write_bytes(content)
+    out = tmp_path / "out"
+    assert_one_line_error(convert("--to-hf", str(src), "--out", str(out)), str(src / "tokenizer.json"), needle)
+    assert not out.exists()
+
+
+def test_vocab_json_that_is_not_a_vocabulary(tiny_hf_dir, tmp_path):
+    src = Path(shutil.copytree(tiny_hf_dir, tmp_path / "src"))
+    (src / "vocab.json").write_text('["not", "a", "vocabulary"]')
+    assert_one_line_error(convert(str(src), "--out", str(tmp_path / "out")), str(src / "vocab.json"))
+
+
+def test_tokenizer_larger_than_the_model_vocabulary(tmp_path):
+    """Token ids past the embedding table would crash sampling later; refuse at load time."""
+    src = save_hf_model(tmp_path / "src", n_layer=1, n_head=2, n_embd=8, n_positions=16, vocab_size=1000)
+    assert_one_line_error(
+        convert(str(src), "--out", str(tmp_path / "out")), str(src), "50257 tokens", "only 1000"
+    )
+
+
+# --- convert_hf_weights.py flags and output folders --------------------------------------------
+
+
+def test_convert_usage_errors(tiny_hf_dir, tiny_minigpt_dir, tmp_path):
+    """Wrong or missing flags: argparse's usage + one error line, exit 2, nothing written."""
+    out = str(tmp_path / "out")
+    for args in [
+        [],
+        ["--out", out],
+        [str(tiny_hf_dir)],
+        [str(tiny_hf_dir), "--to-hf", str(tiny_minigpt_dir), "--out", out],
+        [str(tiny_hf_dir), "--out", out, "--dtype", "fp8"],
+    ]:
+        result = convert(*args)
+        assert result.returncode == 2 and "Traceback" not in result.stderr, (args, result.stderr)
+        assert ": error: " in result.stderr.strip().splitlines()[-1], (args, result.stderr)
+    assert not (tmp_path / "out").exists()
+
+
+def test_convert_bad_sources_and_outputs(tiny_hf_dir, tmp_path):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("not a folder")
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "keep.txt").write_text("mine")
+    out = str(tmp_path / "out")
+    for args, needles in [
+        (["", "--out", out], ["empty model path"]),
+        ([str(a_file), "--out", out], [str(a_file), "not a checkpoint folder"]),
+        (["./no/such/folder", "--out", out], ["no such file or folder"]),
+        (["nobody-xyz/no-such-model", "--out", out], ["nobody-xyz/no-such-model", "Hub could not provide"]),
+        ([str(tiny_hf_dir), "--out", str(a_file)], [str(a_file), "--force"]),
+        ([str(tiny_hf_dir), "--out", str(a_file), "--force"], [str(a_file), "not a folder"]),
+        ([str(tiny_hf_dir), "--out", str(busy)], [str(busy), "--force"]),
+        ([str(tiny_hf_dir), "--out", str(a_file / "sub")], [str(a_file / "sub"), "cannot create"]),
+    ]:
+        assert_one_line_error(convert(*args), *needles)
+    assert a_file.read_text() == "not a folder" and snapshot(busy) == {"keep.txt": b"mine"}
+    assert not (tmp_path / "out").exists()
+
+
+# --- a disk that fills up during a save --------------------------------------------------------
+
+
+def small_file_size_limit() -> None:
+    """In the child: files may not grow past 1 MB (like a full disk); writes fail with EFBIG
+    instead of the default SIGXFSZ kill, exactly as a write to a full disk fails with ENOSPC."""
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (2**20, 2**20))
+
+
+def test_disk_full_during_conversion_keeps_the_previous_output(tiny_hf_dir, tiny_minigpt_dir, tmp_path):
+    out = Path(shutil.copytree(tiny_minigpt_dir, tmp_path / "out"))
+    before = snapshot(out)
+    result = run_cli(
+        "convert_hf_weights.py", str(tiny_hf_dir), "--out", str(out), "--force",
+        preexec_fn=small_file_size_limit,
+    )
+    assert_one_line_error(result, str(out), "saving failed", "File too large", "previous version is untouched")
+    assert snapshot(out) == before and leftovers(tmp_path) == []
+    load_checkpoint(out)
+
+
+def test_disk_full_during_export(tiny_minigpt_dir, tmp_path, monkeypatch):
+    """--to-hf when the disk fills while the weights are half written: nothing is left behind."""
+    import minigpt.hf
+
+    def save_half_then_fail(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"\0" * 1000)
+        raise OSError(28, "No space left on device", filename)
+
+    monkeypatch.setattr(minigpt.hf, "save_file", save_half_then_fail)
+    out = tmp_path / "exported"
+    result = convert("--to-hf", str(tiny_minigpt_dir), "--out", str(out))
+    assert_one_line_error(result, str(out), "No space left on device", "nothing was written")
+    assert not out.exists() and leftovers(tmp_path) == []
+
+
+def test_save_killed_between_renames_is_recovered(tiny_minigpt_dir, tmp_path, monkeypatch):
+    """A kill in the instant after the old folder moved aside and before the new one moved in
+    leaves the old one under a temporary name; the next save (or the recovery step) restores it."""
+    import os
+
+    out = Path(shutil.copytree(tiny_minigpt_dir, tmp_path / "ckpt"))
+    before = snapshot(out)
+    real_replace, calls = os.replace, []
+
+    def die_after_first_rename(src, dst):
+        calls.append(src)
+        real_replace(src, dst)
+        if len(calls) == 1:
+            raise SystemExit("killed")  # stands in for SIGKILL: no cleanup code of ours may help
+
+    monkeypatch.setattr(os, "replace", die_after_first_rename)
+    with pytest.raises(SystemExit), atomic_folder(out) as tmp:
+        (tmp / "new.txt").write_text("new")
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert not out.exists()  # the dangerous moment: the checkpoint is only under .ckpt.old-*
+    clear_interrupted_saves(out)
+    assert snapshot(out) == before and leftovers(tmp_path) == []
+    load_checkpoint(out)
+
+
+def test_leftovers_of_killed_saves_are_cleared(tiny_minigpt_dir, tmp_path):
+    out = Path(shutil.copytree(tiny_minigpt_dir, tmp_path / "ckpt"))
+    (tmp_path / ".ckpt.tmp-dead1").mkdir()
+    (tmp_path / ".ckpt.tmp-dead1" / WEIGHTS).write_bytes(b"half a file")
+    (tmp_path / ".other.tmp-keep").mkdir()  # belongs to another folder: not ours to delete
+    with atomic_folder(out) as tmp:
+        (tmp / "x.txt").write_text("x")
+    assert snapshot(out) == {"x.txt": b"x"}
+    assert leftovers(tmp_path) == [".other.tmp-keep"]
+
+
+def test_atomic_folder_converts_only_write_failures(tmp_path):
+    """A bug inside the block keeps its own exception (and traceback); only I/O becomes one line."""
+    with pytest.raises(KeyError), atomic_folder(tmp_path / "out"):
+        {}["a bug"]
+    with pytest.raises(MinigptError, match="saving failed"), atomic_folder(tmp_path / "out") as tmp:
+        (tmp / "sub" / "x").write_text("parent folder missing")
+    assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
+
+
+# --- hostile data files (minigpt.data, behind train.py --data) ---------------------------------
+
+
+def load_data(tmp_path: Path, tokenizer, source: Path, **kw):
+    from minigpt.data import DataConfig, load_blocks
+
+    kw.setdefault("block_size", 8)
+    cfg = DataConfig(source=str(source), cache_dir=str(tmp_path / "cache"), **kw)
+    return load_blocks(cfg, tokenizer, progress=False)
+
+
+ELI5_RECORDS = [{"title": f"Why {i}?", "answers": {"text": [f"Because of reason {i}."], "score": [1]}}
+                for i in range(40)]
+
+BAD_DATA = {
+    # file name: (its bytes, words the error names)
+    "empty.json": (b"", ["no records"]),
+    "empty.jsonl": (b"", ["no records"]),
+    "empty.csv": (b"", ["no records"]),
+    "empty.txt": (b"", ["no records"]),
+    "blank.json": (b" \n\n\t ", ["no records"]),
+    "empty.json.gz": (b"", ["no records"]),
+    "empty.parquet": (b"", ["not a readable parquet file"]),
+    "truncated.json.gz": (gzip.compress(json.dumps(ELI5_RECORDS).encode())[:150], ["cannot read"]),
+    "not_gzip.json.gz": (b"[plain text, not gzip]", ["cannot read", "gzip"]),
+    "bad_utf8.json": (b'[{"answers": {"text": ["caf\xe9 \xff"]}}]', ["cannot read", "utf-8"]),
+    "bad_utf8.txt": (b"first paragraph\n\nsecond \xc3\x28 broken", ["cannot read", "utf-8"]),
+    "answers_a_string.json": (json.dumps([{"answers": "forty-two"}]).encode(), ["record 1", "answers.text"]),
+    "answers_numbers.jsonl": (b'{"answers": {"text": [4, 2]}}\n', ["record 1", "answers.text"]),
+    "records_not_objects.json": (b'[null, 1, "x"]', ["record 1 is not a JSON object"]),
+    "csv_other_columns.csv": (b"question,reply\nWhy?,Because.\n", ["record 1", "answers.text"]),
+    "nested_deep.json": (b"[" * 100_000 + b"]" * 100_000, ["not valid JSON"]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_DATA))
+def test_bad_data_file_is_one_clear_error(name, tmp_path, gpt2_tokenizer):
+    content, needles = BAD_DATA[name]
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(MinigptError) as error:
+        load_data(tmp_path, gpt2_tokenizer, path)
+    message = str(error.value)
+    assert message.startswith(str(path)) and "\n" not in message, message
+    for needle in needles:
+        assert needle in message, (needle, message)
+    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())
+
+
+def test_100k_tiny_records_give_exactly_their_tokens(tmp_path, gpt2_tokenizer):
+    """100,000 two-token records: every token lands in a block, none lost or reordered within a record."""
+    digits = [gpt2_tokenizer.encode(str(d))[0] for d in range(10)]
+    (a,) = gpt2_tokenizer.encode("a")
+    path = tmp_path / "tiny.jsonl"
+    path.write_text("".join(json.dumps({"answers": {"text": [f"a{i % 10}"]}}) + "\n" for i in range(100_000)))
+    train, val = load_data(tmp_path, gpt2_tokenizer, path)
+    assert (len(train), len(val)) == (20_000, 5_000)  # 80,000 and 20,000 records of 2 tokens, blocks of 8
+    for blocks in (train, val):
+        pairs = np.asarray(blocks.blocks).reshape(-1, 2)
+        assert (pairs[:, 0] == a).all() and np.isin(pairs[:, 1], digits).all()
+    counts = np.bincount(np.concatenate([np.asarray(b.blocks).reshape(-1, 2)[:, 1] for b in (train, val)]))
+    assert sorted(counts[digits]) == [10_000] * 10
+
+
+def test_control_characters_in_text_survive_tokenization(tmp_path, gpt2_tokenizer):
+    text = "bell\a tab\t esc\x1b[31m nul\x00 del\x7f \u202e rtl \ufeff bom"
+    path = tmp_path / "ctrl.txt"
+    path.write_text("\n\n".join([text] * 20), encoding="utf-8")
+    train, _ = load_data(tmp_path, gpt2_tokenizer, path, val_fraction=0.0)
+    ids = np.asarray(train.blocks).reshape(-1).tolist()
+    doc = gpt2_tokenizer.encode(text) + [gpt2_tokenizer.eos_id]
+    assert ids == (doc * 20)[: len(ids)] and len(ids) == len(doc) * 20 // 8 * 8
+
+
+# --- sample.py: prompts and flags --------------------------------------------------------------
+
+
+def sample(*args: str, stdin: bytes | None = None, monkeypatch=None, errors: str = "strict"):
+    """sample.py in this process; `stdin` bytes stand in for a pipe, decoded as sys.stdin would
+    (`errors="surrogateescape"`: as Python sets up stdin under the C locale)."""
+    if stdin is not None:
+        wrapper = io.TextIOWrapper(io.BytesIO(stdin), encoding="utf-8", errors=errors)
+        monkeypatch.setattr(sys, "stdin", wrapper)
+    return call_cli("sample.py", *args)
+
+
+def greedy_continuation(model_dir: Path, prompt: str, n: int) -> str:
+    """What sample.py --greedy must print after `prompt`, computed with the library directly."""
+    from minigpt.inference import prepare_for_inference
+    from minigpt.sampling import SamplingConfig, generate_ids
+
+    model, tokenizer = load_model(model_dir)
+    ids = tokenizer.encode(prompt)
+    config = SamplingConfig(max_new_tokens=n, greedy=True, eos_id=tokenizer.eos_id)
+    new = generate_ids(prepare_for_inference(model), ids, config)[0]
+    return tokenizer.decode([t for t in new if t != tokenizer.eos_id])
+
+
+@pytest.mark.parametrize(
+    "prompt",
+    ["", "bell\a tab\t esc\x1b[2J nul\x00 del\x7f cr\r bidi\u202e bom\ufeff", "<|endoftext|>"],
+    ids=["empty", "control_characters", "eos_text"],
+)
+def test_odd_prompts_are_continued_exactly(prompt, tiny_minigpt_dir):
+    result = sample("--model", str(tiny_minigpt_dir), "--greedy", "--max-new-tokens", "6", prompt)
+    assert result.returncode == 0 and result.stderr == "", result.stderr
+    assert result.stdout == prompt + greedy_continuation(tiny_minigpt_dir, prompt, 6) + "\n"
+
+
+def test_one_megabyte_prompt_keeps_its_last_window(tiny_minigpt_dir, tmp_path):
+    """A prompt far beyond the context window: a warning, then the continuation of its last 256 tokens."""
+    prompt = " ".join(f"w{i % 997}" for i in range(200_000))[: 2**20]
+    (tmp_path / "big.txt").write_text(prompt + "\n", encoding="utf-8")
+    result = sample("--model", str(tiny_minigpt_dir), "--greedy", "--max-new-tokens", "4",
+                    "--file", str(tmp_path / "big.txt"))
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.count("\n") == 1 and "only its last 256 tokens are used" in result.stderr
+    _, tokenizer = load_model(tiny_minigpt_dir)
+    tail = tokenizer.decode(tokenizer.encode(prompt)[-256:])
+    assert result.stdout == prompt + greedy_continuation(tiny_minigpt_dir, tail, 4) + "\n"
+
+
+def test_empty_prompt_file_and_stdin_give_no_output(tiny_minigpt_dir, tmp_path, monkeypatch):
+    (tmp_path / "empty.txt").write_bytes(b"")
+    for args, stdin in [(["--file", str(tmp_path / "empty.txt")], None), (["-"], b""), (["-"], b"\n \n\t\n")]:
+        result = sample("--model", str(tiny_minigpt_dir), *args, stdin=stdin, monkeypatch=monkeypatch)
+        assert (result.returncode, result.stdout, result.stderr) == (0, "", "")
+
+
+def test_invalid_utf8_prompts_are_one_clear_error(tiny_minigpt_dir, tmp_path, monkeypatch):
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9\n".encode("latin-1"))
+    result = sample("--model", str(tiny_minigpt_dir), "--file", str(tmp_path / "latin1.txt"))
+    assert_one_line_error(result, str(tmp_path / "latin1.txt"), "not UTF-8", "byte 3")
+    result = sample("--model", str(tiny_minigpt_dir), "-", stdin=b"ok line\n\xff\xfe\n", monkeypatch=monkeypatch)
+    assert_one_line_error(result, "stdin", "not UTF-8", "byte 8")
+
+
+def test_invalid_utf8_prompt_on_the_command_line_and_interactive(tiny_minigpt_dir, monkeypatch):
+    """A non-UTF-8 byte in argv (or in stdin under the C locale) reaches Python as a lone surrogate
+    (PEP 383): one line, no traceback."""
+    prompt = os.fsdecode(b"caf\xe9")  # what `python sample.py $'caf\xe9'` puts in sys.argv
+    result = sample("--model", str(tiny_minigpt_dir), "--max-new-tokens", "2", prompt)
+    assert_one_line_error(result, "not valid UTF-8", "character 3")
+    result = sample("--model", str(tiny_minigpt_dir), "--max-new-tokens", "2", "--interactive",
+                    stdin=b"why?\n\xff\xfe?\n", monkeypatch=monkeypatch, errors="surrogateescape")
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert "error: text is not valid UTF-8" in result.stderr.strip().splitlines()[-1], result.stderr
+    assert result.stdout.count("\n") == 1  # the first question was answered
+
+
+def test_sample_flags_out_of_range(tiny_minigpt_dir):
+    model = ["--model", str(tiny_minigpt_dir)]
+    for flag, value in [
+        ("--max-new-tokens", "0"), ("--max-new-tokens", "-3"), ("--max-new-tokens", "1.5"),
+        ("--temperature", "-1"), ("--temperature", "nan"), ("--temperature", "inf"),
+        ("--top-k", "-1"), ("--top-k", "ten"), ("--top-p", "0"), ("--top-p", "1.01"), ("--top-p", "nan"),
+        ("--repetition-penalty", "0"), ("--repetition-penalty", "-1"), ("--repetition-penalty", "inf"),
+        ("--num-samples", "0"), ("--seed", "x"), ("--dtype", "int4"), ("--quantize", "int4"),
+    ]:
+        result = sample(*model, flag, value, "hi")
+        assert result.returncode == 2 and "Traceback" not in result.stderr, (flag, value, result.stderr)
+        assert f"error: argument {flag}: " in result.stderr.strip().splitlines()[-1], (flag, value, result.stderr)
+    for args, needles in [
+        (["--device", "tpu"], ["--device", "tpu"]),
+        (["--dtype", "fp16", "--device", "cpu"], ["--dtype fp16", "CPU"]),
+        (["--model", "/no/such/model"], ["/no/such/model"]),
+    ]:
+        assert_one_line_error(sample(*model, *args, "hi"), *needles)
+    if not torch.cuda.is_available():
+        assert_one_line_error(sample(*model, "--device", "cuda", "hi"), "--device cuda", "not available")
+
+
+@pytest.mark.parametrize(
+    "flag,value",
+    [("--temperature", "1e-45"), ("--temperature", "1e30"), ("--top-k", "100000000"), ("--top-p", "1e-12"),
+     ("--repetition-penalty", "1e-30"), ("--repetition-penalty", "1e30"), ("--seed", "99999999999999999999999")],
+)
+def test_extreme_but_legal_sampling_values_work(flag, value, tiny_minigpt_dir):
+    """Values the flags accept must sample (a tiny temperature or top-p is greedy), never crash."""
+    result = sample("--model", str(tiny_minigpt_dir), "--max-new-tokens", "3", "--seed", "1", flag, value, "Why")
+    assert result.returncode in (0, 2) and "Traceback" not in result.stderr, result.stderr
+    if result.returncode == 2:  # refusing the value is fine too, in one line
+        assert_one_line_error(result, flag)
+    elif flag in ("--temperature", "--top-p") and float(value) < 1e-6:
+        assert result.stdout == "Why" + greedy_continuation(tiny_minigpt_dir, "Why", 3) + "\n"
+
+
+# --- train.py: flags, data, kills, a full disk, Ctrl-C -------------------------------------------
+
+# A model small enough that a run of 12 steps takes a second: the faults, not the training, cost time.
+TINY_RUN = ["--preset", "tiny", "--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--block-size", "32",
+            "--batch-size", "8", "--max-steps", "12", "--save-every", "3", "--log-every", "1", "--no-progress"]
+
+# Runs train.py with one fault injected at a chosen moment (MINIGPT_FAULT="kind:n"):
+#   kill_in_step:n       SIGKILL inside the n-th optimizer step (gradients made, weights not yet updated)
+#   kill_in_save:n       SIGKILL inside the n-th checkpoint save, its files half written
+#   disk_full_in_save:n  the n-th save's write fails with ENOSPC after writing half a file
+#   sigint_after_step:n  Ctrl-C (SIGINT) right after the n-th optimizer step
+FAULTY_TRAIN = '''
+import errno, os, runpy, signal, sys
+
+import minigpt.optim
+import minigpt.trainer
+
+kind, n = os.environ["MINIGPT_FAULT"].split(":")
+calls = []
+
+
+def now():
+    calls.append(1)
+    return len(calls) == int(n)
+
+
+real_step, real_save = minigpt.optim.AdamW.step, minigpt.trainer.save_file
+
+
+def step(self):
+    if kind == "kill_in_step" and now():
+        os.kill(os.getpid(), signal.SIGKILL)
+    real_step(self)
+    if kind == "sigint_after_step" and now():
+        os.kill(os.getpid(), signal.SIGINT)
+
+
+def save_file(tensors, filename, *args, **kwargs):
+    if kind in ("kill_in_save", "disk_full_in_save") and now():
+        with open(filename, "wb") as f:
+            f.write(b"half a file")
+        if kind == "kill_in_save":
+            os.kill(os.getpid(), signal.SIGKILL)
+        raise OSError(errno.ENOSPC, "No space left on device", filename)
+    real_save(tensors, filename, *args, **kwargs)
+
+
+minigpt.optim.AdamW.step, minigpt.trainer.save_file = step, save_file
+sys.argv = ["train.py", *sys.argv[1:]]
+runpy.run_path(os.path.join(os.environ["MINIGPT_ROOT"], "train.py"), run_name="__main__")
+'''
+
+
+def start_training(tmp_path: Path, *args: str, fault: str = "none:0"):
+    """train.py in a child process (with `fault` injected), its data cache under tmp_path."""
+    import subprocess
+
+    script = tmp_path / "faulty_train.py"
+    script.write_text(FAULTY_TRAIN)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "MINIGPT_ROOT": str(ROOT), "MINIGPT_FAULT": fault,
+           "MINIGPT_CACHE": str(tmp_path / "cache")}
+    return subprocess.Popen([sys.executable, str(script), *args], env=env, cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def train(tmp_path: Path, *args: str, fault: str = "none:0"):
+    import subprocess
+
+    child = start_training(tmp_path, *args, fault=fault)
+    stdout, stderr = child.communicate(timeout=120)
+    return subprocess.CompletedProcess(child.args, child.returncode, stdout, stderr)
+
+
+def checkpoint_step(out: Path) -> int:
+    """The step of the checkpoint `out` holds now; it must load as a model (sample.py's view of it)."""
+    load_model(out)
+    return json.loads((out / "training_state.json").read_text())["step"]
+
+
+def learning_curve(out: Path) -> list[dict]:
+    """metrics.jsonl without its timings: the numbers an exact resume must reproduce."""
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in row.items() if k != "tokens_per_sec"} for row in rows]
+
+
+def test_killed_and_interrupted_training_resumes_to_the_uninterrupted_result(tmp_path):
+    """SIGKILL inside a step, inside a save, at a random instant, and Ctrl-C, one after another on one
+    run: each time the last complete checkpoint survives, and --resume ends bit-for-bit where a run
+    that was never interrupted ends. The moments are drawn from a seeded RNG, so a failure reproduces."""
+    import random
+    import time
+
+    rng = random.Random(7)
+    reference = tmp_path / "reference"
+    result = train(tmp_path, *TINY_RUN, "--out", str(reference))
+    assert result.returncode == 0, result.stderr
+    out = tmp_path / "run"
+    run = [*TINY_RUN, "--out", str(out)]
+
+    n = rng.randint(4, 8)  # SIGKILL inside step n: steps 1..n-1 are done, saves every 3 steps
+    assert train(tmp_path, *run, fault=f"kill_in_step:{n}").returncode == -signal.SIGKILL
+    saved = (n - 1) // 3 * 3
+    assert checkpoint_step(out) == saved
+
+    # SIGKILL inside this process's first save: the half-written folder is not the checkpoint.
+    assert train(tmp_path, *run, "--resume", fault="kill_in_save:1").returncode == -signal.SIGKILL
+    assert checkpoint_step(out) == saved
+
+    # Ctrl-C after a few steps: a checkpoint of exactly that step, exit status 130, no traceback.
+    n = rng.randint(1, 2)
+    result = train(tmp_path, *run, "--resume", fault=f"sigint_after_step:{n}")
+    assert result.returncode == 130 and "Traceback" not in result.stderr, result.stderr
+    saved += n
+    assert checkpoint_step(out) == saved
+
+    # SIGKILL at a random instant once training is under way (wherever it lands).
+    child = start_training(tmp_path, *run, "--resume")
+    rows = len((out / "metrics.jsonl").read_text().splitlines())
+    deadline = time.monotonic() + 60
+    while child.poll() is None and len((out / "metrics.jsonl").read_text().splitlines()) <= rows:
+        assert time.monotonic() < deadline, "the resumed run never took a step"
+        time.sleep(0.01)
+    time.sleep(rng.uniform(0, 0.3))
+    child.kill()
+    child.communicate()
+    assert checkpoint_step(out) >= saved
+
+    result = train(tmp_path, *run, "--resume")
+    assert result.returncode == 0, result.stderr
+    final, expected = load_file(out / WEIGHTS), load_file(reference / WEIGHTS)
+    assert final.keys() == expected.keys()
+    assert all(torch.equal(final[k], expected[k]) for k in expected)
+    assert learning_curve(out) == learning_curve(reference)
+
+
+def test_disk_full_during_a_training_save_keeps_the_last_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    result = train(tmp_path, *TINY_RUN, "--out", str(out), fault="disk_full_in_save:2")
+    assert_one_line_error(result, "No space left on device")
+    assert re.search(r"step 3 .*(untouched|intact|kept)|(untouched|intact|kept).* step 3", result.stderr), result.stderr
+    assert checkpoint_step(out) == 3  # the first save (step 3) is intact and loadable
+    assert [p.name for p in (out / ".ckpt").iterdir() if p.name.startswith("step-")] == [
+        (out / ".ckpt" / "current").resolve().name]  # the failed save left nothing behind
+    result = train(tmp_path, *TINY_RUN, "--out", str(out), "--resume")
+    assert result.returncode == 0 and checkpoint_step(out) == 12, result.stderr
+
+
+def test_train_flags_out_of_range(tmp_path, tiny_minigpt_dir, monkeypatch):
+    monkeypatch.setenv("MINIGPT_CACHE", str(tmp_path / "cache"))
+    out = ["--out", str(tmp_path / "out")]
+    for flag, value in [
+        ("--batch-size", "0"), ("--grad-accum", "0"), ("--lr", "0"), ("--lr", "nan"), ("--lr", "-1e-3"),
+        ("--weight-decay", "-1"), ("--warmup-steps", "-1"), ("--epochs", "0"), ("--max-steps", "0"),
+        ("--max-grad-norm", "inf"), ("--seed", "-1"), ("--dropout", "1"), ("--val-fraction", "1"),
+        ("--block-size", "0"), ("--max-records", "0"), ("--log-every", "0"), ("--save-every", "-1"),
+        ("--eval-every", "x"), ("--n-layer", "0"), ("--format", "poem"), ("--preset", "huge"),
+    ]:
+        result = call_cli("train.py", *TINY_RUN, *out, flag, value)
+        assert result.returncode == 2 and "Traceback" not in result.stderr, (flag, value, result.stderr)
+        assert f"error: argument {flag}: " in result.stderr.strip().splitlines()[-1], (flag, value, result.stderr)
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    for args, needles in [
+        (["--device", "tpu"], ["--device", "tpu"]),
+        (["--n-embd", "33"], ["n_embd (33)", "n_head (2)"]),
+        (["--n-layer", "1000000"], ["n_layer=1000000"]),
+        (["--block-size", "100000"], ["fewer than one block", "--block-size"]),
+        (["--resume"], ["--resume", "no checkpoint"]),
+        (["--out", str(a_file)], [str(a_file), "not a folder"]),
+        (["--out", str(a_file / "sub")], [str(a_file / "sub")]),
+        (["--init", str(tiny_minigpt_dir), "--n-layer", "3"], ["--n-layer needs --init scratch"]),
+        (["--seed", str(10**25)], ["--seed"]),
+    ]:
+        argv = [a for a in TINY_RUN if a != "--n-layer" or "--init" not in args]
+        if "--init" in args:  # a loaded model keeps its shape: drop the preset's shape flags
+            argv = ["--max-steps", "1", "--no-progress"]
+        result = call_cli("train.py", *argv, *out, *args)
+        assert result.returncode == 2 and "Traceback" not in result.stderr, (args, result.stderr)
+        last = result.stderr.strip().splitlines()[-1]
+        assert "error: " in last and all(n in last for n in needles), (args, result.stderr)
+
+
+@pytest.mark.parametrize(
+    "name,content,needle",
+    [
+        ("empty.jsonl", b"", "no records"),
+        ("truncated.json.gz", gzip.compress(json.dumps(ELI5_RECORDS).encode())[:150], "cannot read"),
+        ("wrong_schema.jsonl", b'{"question": "Why?", "reply": "Because."}\n', "answers.text"),
+    ],
+)
+@pytest.mark.parametrize("tokenizer", ["gpt2", "preset"])
+def test_train_on_bad_data_is_one_clear_error(name, content, needle, tokenizer, tmp_path, tiny_minigpt_dir, monkeypatch):
+    """Through train.py: with a GPT-2 tokenizer, and with --preset tiny, which learns its own vocabulary
+    from --data first."""
+    monkeypatch.setenv("MINIGPT_CACHE", str(tmp_path / "cache"))
+    (tmp_path / name).write_bytes(content)
+    if tokenizer == "gpt2":
+        setup = ["--init", "scratch", "--tokenizer", str(tiny_minigpt_dir), "--n-layer", "1", "--n-head", "2",
+                 "--n-embd", "8", "--block-size", "8", "--max-steps", "1", "--no-progress"]
+    else:
+        setup = TINY_RUN
+    result = call_cli("train.py", *setup, "--data", str(tmp_path / name), "--out", str(tmp_path / "out"))
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: {tmp_path / name}") and needle in last, result.stderr
+    assert not (tmp_path / "out" / ".ckpt").exists()
+
+
+def test_train_on_100k_tiny_records(tmp_path, tiny_minigpt_dir, monkeypatch):
+    monkeypatch.setenv("MINIGPT_CACHE", str(tmp_path / "cache"))
+    path = tmp_path / "tiny.jsonl"
+    path.write_text("".join(json.dumps({"answers": {"text": [f"a{i % 10}"]}}) + "\n" for i in range(100_000)))
+    result = call_cli(
+        "train.py", "--init", "scratch", "--tokenizer", str(tiny_minigpt_dir), "--n-layer", "1", "--n-head", "2",
+        "--n-embd", "8", "--block-size", "8", "--batch-size", "64", "--max-steps", "2", "--no-progress",
+        "--val-fraction", "0", "--data", str(path), "--out", str(tmp_path / "out"),
+    )
+    assert result.returncode == 0, result.stderr
+    assert "data: 25,000 training and 0 validation blocks of 8 tokens" in result.stdout
+    assert checkpoint_step(tmp_path / "out") == 2
