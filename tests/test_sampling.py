@@ -1,0 +1,326 @@
+"""The logit filters against transformers' own processors, the decoding loop against
+transformers' generate(), and the inference layouts against the reference model."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from transformers.generation.logits_process import (
+    RepetitionPenaltyLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+
+from minigpt.config import GPTConfig
+from minigpt.errors import MinigptError
+from minigpt.hf import load_model
+from minigpt.inference import Int8Linear, prepare_for_inference
+from minigpt.model import GPT
+from minigpt.sampling import (
+    SamplingConfig,
+    TextStream,
+    apply_repetition_penalty,
+    apply_temperature,
+    candidates,
+    generate,
+    generate_ids,
+    top_k_filter,
+    top_p_filter,
+)
+
+VOCAB = 1000
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from a second thread, and on a busy 2-core machine lose a lot."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def random_logits(seed: int, rows: int = 4, vocab: int = VOCAB) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(rows, vocab, generator=g) * 3
+
+
+def tied_logits(seed: int) -> torch.Tensor:
+    """Logits with many exact ties, as bf16 logits have: rounded to a coarse grid."""
+    return (random_logits(seed) * 2).round() / 2
+
+
+# --- filters vs transformers' processors ------------------------------------------------------
+
+
+@pytest.mark.parametrize("make", [random_logits, tied_logits])
+@pytest.mark.parametrize("k", [1, 2, 5, 50, VOCAB, VOCAB + 7])
+def test_top_k_equals_hf(make, k):
+    for seed in range(3):
+        logits = make(seed)
+        expected = TopKLogitsWarper(top_k=k)(None, logits.clone())
+        assert torch.equal(top_k_filter(logits, k), expected)
+
+
+def test_top_k_keeps_ties_at_the_kth_value():
+    logits = torch.tensor([[3.0, 1.0, 2.0, 2.0, 2.0, 0.0]])
+    kept = top_k_filter(logits, 2).isfinite()
+    assert kept.tolist() == [[True, False, True, True, True, False]]
+    assert torch.equal(top_k_filter(logits, 2), TopKLogitsWarper(top_k=2)(None, logits.clone()))
+
+
+@pytest.mark.parametrize("make", [random_logits, tied_logits])
+@pytest.mark.parametrize("p", [0.01, 0.3, 0.5, 0.9, 0.95, 0.999, 1.0])
+def test_top_p_equals_hf(make, p):
+    for seed in range(3):
+        logits = make(seed)
+        expected = TopPLogitsWarper(top_p=p)(None, logits.clone())
+        assert torch.equal(top_p_filter(logits, p), expected)
+
+
+@pytest.mark.parametrize("p, n_kept", [(0.75, 3), (0.5, 2), (0.25, 1), (0.2, 1), (0.3, 2)])
+def test_top_p_exact_thresholds(p, n_kept):
+    """Four equal logits: probabilities exactly 0.25 each, cumulative mass exactly 0.25, 0.5, ...
+    A cumulative mass that equals 1 - p exactly is dropped; the token that crosses it is kept."""
+    logits = torch.zeros(1, 4)
+    out = top_p_filter(logits, p)
+    assert int(out.isfinite().sum()) == n_kept
+    assert torch.equal(out, TopPLogitsWarper(top_p=p)(None, logits.clone()))
+
+
+def test_top_p_always_keeps_the_most_likely_token():
+    logits = torch.tensor([[10.0, 0.0, -1.0, 2.0]])
+    out = top_p_filter(logits, 1e-6)
+    assert out.isfinite().tolist() == [[True, False, False, False]]
+    assert torch.equal(out, TopPLogitsWarper(top_p=1e-6)(None, logits.clone()))
+
+
+@pytest.mark.parametrize("penalty", [0.5, 1.0, 1.3, 2.0])
+def test_repetition_penalty_equals_hf(penalty):
+    logits = random_logits(0)
+    g = torch.Generator().manual_seed(1)
+    tokens = torch.randint(0, VOCAB, (4, 30), generator=g)
+    tokens[:, 5] = tokens[:, 0]  # repeated ids are penalised once, not twice
+    expected = RepetitionPenaltyLogitsProcessor(penalty)(tokens, logits.clone())
+    assert torch.equal(apply_repetition_penalty(logits, tokens, penalty), expected)
+
+
+def test_repetition_penalty_sign_rule():
+    logits = torch.tensor([[2.0, -2.0, 1.0]])
+    out = apply_repetition_penalty(logits, torch.tensor([[0, 1, 0]]), 2.0)
+    assert out.tolist() == [[1.0, -4.0, 1.0]]
+
+
+@pytest.mark.parametrize("t", [0.1, 0.7, 1.0, 1.5])
+def test_temperature_equals_hf(t):
+    logits = random_logits(0)
+    assert torch.equal(apply_temperature(logits, t), TemperatureLogitsWarper(t)(None, logits.clone()))
+
+
+def test_the_full_chain_equals_hf_in_hf_order():
+    logits, tokens = random_logits(3), torch.randint(0, VOCAB, (4, 12))
+    expected = logits.clone()
+    for processor in (
+        RepetitionPenaltyLogitsProcessor(1.2),
+        TemperatureLogitsWarper(0.8),
+        TopKLogitsWarper(40),
+        TopPLogitsWarper(0.9),
+    ):
+        expected = processor(tokens, expected)
+    ours = top_p_filter(top_k_filter(apply_temperature(apply_repetition_penalty(logits, tokens, 1.2), 0.8), 40), 0.9)
+    assert torch.equal(ours, expected)
+
+
+@pytest.mark.parametrize("make", [random_logits, tied_logits])
+def test_candidates_are_the_top_k_survivors(make):
+    """The sampling loop's shortcut keeps exactly the tokens (and scores) top_k_filter keeps."""
+    for seed in range(5):
+        logits = make(seed)
+        values, ids = candidates(logits, 20)
+        full = torch.full_like(logits, float("-inf")).scatter(1, ids, values)
+        assert torch.equal(full, top_k_filter(logits, 20))
+        # then top-p over the survivors gives HF's distribution over the whole vocabulary
+        hf = TopPLogitsWarper(0.9)(None, TopKLogitsWarper(20)(None, logits.clone()))
+        ours = torch.full_like(logits, float("-inf")).scatter(1, ids, top_p_filter(values, 0.9))
+        if make is random_logits:  # with ties, which tied token crosses the line is sort order
+            assert torch.equal(ours.isfinite(), hf.isfinite())
+            torch.testing.assert_close(ours.softmax(-1), hf.softmax(-1))
+
+
+def test_sampling_config_rejects_bad_values():
+    for bad in (
+        dict(max_new_tokens=0), dict(temperature=-1.0), dict(top_k=-1),
+        dict(top_p=0.0), dict(top_p=1.5), dict(repetition_penalty=0.0),
+    ):
+        with pytest.raises(MinigptError):
+            SamplingConfig(**bad)
+
+
+def test_text_stream_never_splits_a_character(gpt2_tokenizer):
+    text = "naïve café 😀 日本語 ok"
+    ids = gpt2_tokenizer.encode(text)
+    stream = TextStream(gpt2_tokenizer)
+    pieces = [stream.push(t) for t in ids] + [stream.flush()]
+    assert "".join(pieces) == text
+    assert all("\ufffd" not in piece for piece in pieces)
+    assert "" in pieces  # some token ended mid-character and was held back
+
+
+# --- the decoding loop -----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_hf_dir):
+    model, tokenizer = load_model(tiny_hf_dir)
+    return model, tokenizer
+
+
+@pytest.fixture(scope="module")
+def hf_tiny(tiny_hf_dir):
+    from transformers import GPT2LMHeadModel
+
+    return GPT2LMHeadModel.from_pretrained(tiny_hf_dir).eval()
+
+
+def hf_greedy(hf_model, prompt: list[int], n: int, **kwargs) -> list[int]:
+    with torch.no_grad():
+        out = hf_model.generate(
+            torch.tensor([prompt]), max_new_tokens=n, do_sample=False, pad_token_id=50256,
+            attention_mask=torch.ones(1, len(prompt), dtype=torch.long), **kwargs,
+        )
+    return out[0, len(prompt):].tolist()
+
+
+@pytest.mark.parametrize("penalty", [1.0, 1.3])
+def test_greedy_equals_hf_generate(tiny, hf_tiny, gpt2_tokenizer, penalty):
+    model, _ = tiny
+    prompt = gpt2_tokenizer.encode("The quick brown fox jumps over the lazy dog because")
+    config = SamplingConfig(max_new_tokens=40, greedy=True, repetition_penalty=penalty)
+    expected = hf_greedy(hf_tiny, prompt, 40, repetition_penalty=penalty)
+    assert generate_ids(model, prompt, config) == [expected]
+    # the inference layout (fp32 on the CPU) decodes the same tokens
+    fast = prepare_for_inference(copy.deepcopy(model))
+    assert generate_ids(fast, prompt, config) == [expected]
+    # several samples are one batch; greedy makes them identical
+    assert generate_ids(fast, prompt, config, num_samples=3) == [expected] * 3
+
+
+def test_temperature_zero_is_greedy(tiny):
+    model, _ = tiny
+    greedy = generate_ids(model, [464, 2068], SamplingConfig(max_new_tokens=10, greedy=True))
+    assert generate_ids(model, [464, 2068], SamplingConfig(max_new_tokens=10, temperature=0.0)) == greedy
+
+
+def test_empty_prompt_starts_from_eos(tiny, hf_tiny):
+    model, _ = tiny
+    expected = hf_greedy(hf_tiny, [50256], 8)
+    assert generate_ids(model, [], SamplingConfig(max_new_tokens=8, greedy=True)) == [expected]
+
+
+def test_seeded_sampling_is_reproducible(tiny):
+    model, _ = tiny
+    config = SamplingConfig(max_new_tokens=20)
+
+    def run(seed):
+        return generate_ids(model, [464, 2068], config, 3, torch.Generator().manual_seed(seed))
+
+    first = run(0)
+    assert run(0) == first
+    assert run(1) != first
+    assert len({tuple(row) for row in first}) == 3  # the batched samples differ from each other
+    assert all(len(row) == 20 for row in first)
+
+
+def test_sampling_only_picks_top_k_tokens(tiny):
+    """With top_k=1 sampling has one candidate per step: it must equal greedy decoding."""
+    model, _ = tiny
+    greedy = generate_ids(model, [464], SamplingConfig(max_new_tokens=15, greedy=True))
+    sampled = generate_ids(model, [464], SamplingConfig(max_new_tokens=15, top_k=1), 2, torch.Generator().manual_seed(0))
+    assert sampled == greedy * 2
+
+
+def test_stops_at_eos(tiny):
+    model, _ = tiny
+    free = generate_ids(model, [464, 2068], SamplingConfig(max_new_tokens=12, greedy=True, eos_id=None))[0]
+    stop = next(t for i, t in enumerate(free) if i >= 2 and t not in free[:i])
+    config = SamplingConfig(max_new_tokens=12, greedy=True, eos_id=stop)
+    steps = list(generate(model, [464, 2068], config))
+    assert len(steps) == free.index(stop) + 1  # the loop ended at the stop token
+    assert generate_ids(model, [464, 2068], config)[0] == free[: free.index(stop) + 1]
+
+
+def test_generation_slides_past_the_context_window(tiny):
+    """A full window is rebuilt from its last half and decoding goes on; the tokens after the slide
+    are what the model predicts from that half."""
+    model, _ = tiny
+    window = model.config.block_size  # 256
+    prompt = torch.randint(0, 50000, (window,), generator=torch.Generator().manual_seed(0)).tolist()
+    new = generate_ids(model, prompt, SamplingConfig(max_new_tokens=3, greedy=True, eos_id=None))[0]
+    with torch.no_grad():
+        full, _ = model(torch.tensor([prompt]))
+        assert new[0] == int(full[0, -1].argmax())
+        seq = prompt + new
+        # the slide re-reads the last window // 2 tokens, the first new token included
+        after_slide, _ = model(torch.tensor([seq[window + 1 - window // 2 : window + 2]]))
+    assert new[1] == int(after_slide[0, -2].argmax())
+    assert new[2] == int(after_slide[0, -1].argmax())  # the next step decodes from that cache
+    # a prompt longer than the window keeps its last `window` tokens
+    long = list(range(1000, 1000 + window + 50))
+    config = SamplingConfig(max_new_tokens=2, greedy=True, eos_id=None)
+    assert generate_ids(model, long, config) == generate_ids(model, long[-window:], config)
+
+
+# --- inference layouts -----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def small_model():
+    torch.manual_seed(0)
+    return GPT(GPTConfig(n_layer=2, n_head=4, n_embd=64, block_size=64, vocab_size=512, dropout=0.0)).eval()
+
+
+@pytest.mark.parametrize("dtype, quantize, tol", [
+    (torch.float32, None, 1e-5), (torch.bfloat16, None, 0.03),
+    (torch.float32, "int8", 0.03), (torch.bfloat16, "int8", 0.05),
+])
+def test_inference_layouts_match_the_reference(small_model, dtype, quantize, tol):
+    idx = torch.randint(0, 512, (3, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected, _ = small_model(idx)
+        fast = prepare_for_inference(copy.deepcopy(small_model).to(dtype), quantize)
+        got, _ = fast(idx)  # several rows
+        one, _ = fast(idx[:1, -1:])  # one row: the decoding kernels
+        ref_one, _ = small_model(idx[:1, -1:])
+    scale = expected.abs().max()
+    assert (got.float() - expected).abs().max() <= tol * scale
+    assert (one.float() - ref_one).abs().max() <= tol * scale
+    assert not any(isinstance(m, torch.nn.Linear) for m in fast.modules())
+
+
+def test_int8_quantization_is_per_output_channel():
+    w = torch.randn(16, 32) * torch.logspace(-3, 1, 16).unsqueeze(1)  # rows of very different size
+    layer = Int8Linear(w, None)
+    assert layer.qweight.dtype == torch.int8 and layer.qweight.abs().max() == 127
+    dequantized = layer.qweight.float() * layer.scale.float().unsqueeze(1)
+    # each row's error is at most half a step of its own scale
+    assert ((dequantized - w).abs() <= layer.scale.float().unsqueeze(1) / 2 + 1e-7).all()
+    x = torch.randn(2, 32)
+    torch.testing.assert_close(layer(x), x @ dequantized.t(), rtol=0.02, atol=0.02 * (x @ w.t()).abs().max().item())
+
+
+def test_int8_refuses_widths_the_kernel_cannot_take():
+    with pytest.raises(MinigptError, match="multiple of 8"):
+        Int8Linear(torch.randn(8, 12), None)
+
+
+@pytest.mark.parametrize("dtype, quantize", [(torch.bfloat16, None), (torch.float32, "int8"), (torch.bfloat16, "int8")])
+def test_decoding_runs_in_every_layout(tiny, dtype, quantize):
+    """The KV cache follows the activation dtype, and a batch takes the several-rows kernels."""
+    model, _ = tiny
+    fast = prepare_for_inference(copy.deepcopy(model).to(dtype), quantize)
+    out = generate_ids(fast, [464, 2068], SamplingConfig(max_new_tokens=6, eos_id=None), 2, torch.Generator().manual_seed(0))
+    assert [len(row) for row in out] == [6, 6]
+    assert all(0 <= t < 50257 for row in out for t in row)

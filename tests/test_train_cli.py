@@ -1,0 +1,208 @@
+"""train.py end to end: the tiny preset, SIGKILL + --resume, Ctrl-C, and one-line refusals."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import ROOT, run_cli
+from minigpt.errors import MinigptError
+
+# Fast and reproducible settings on top of the tiny preset: short runs, no progress bars.
+QUICK = ("--preset", "tiny", "--no-progress", "--log-every", "1")
+
+
+@pytest.fixture(autouse=True)
+def environment(tmp_path_factory, monkeypatch):
+    """One token cache for the whole module, and one thread per process (the runs are tiny, and
+    a second thread only waits when the machine is busy)."""
+    monkeypatch.setenv("MINIGPT_CACHE", str(tmp_path_factory.getbasetemp() / "train-cli-cache"))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+
+
+def start(out: Path, *args: str) -> subprocess.Popen:
+    """train.py in the background, in its own process group (so a signal reaches only it)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.Popen(
+        [sys.executable, str(ROOT / "train.py"), *QUICK, "--out", str(out), *args],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT, start_new_session=True,
+    )
+
+
+def checkpoint_step(out: Path) -> int | None:
+    try:
+        return json.loads((out / "training_state.json").read_text())["step"]
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def without_speed(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if k != "tokens_per_sec"} for r in rows]
+
+
+def test_tiny_preset_trains_then_samples_and_exports(tmp_path):
+    out = tmp_path / "tiny"
+    started = time.monotonic()
+    result = run_cli("train.py", "--preset", "tiny", "--no-progress", "--out", str(out), timeout=240)
+    assert result.returncode == 0, result.stderr
+    assert time.monotonic() - started < 120  # ~20 s on an idle 2-core CPU
+    for line in ("parameters", "tokens per step", "steps per epoch", "device: cpu, precision fp32"):
+        assert line in result.stdout
+    val = [r["val_loss"] for r in metrics(out) if "val_loss" in r]
+    assert len(val) >= 10 and val[-1] < val[0] - 0.5
+    assert (out / "loss.png").is_file()
+
+    sampled = run_cli("sample.py", "--model", str(out), "--max-new-tokens", "12", "--seed", "0", "Why is the sky blue?")
+    assert sampled.returncode == 0, sampled.stderr
+    assert sampled.stdout.startswith("Why is the sky blue?") and len(sampled.stdout) > len("Why is the sky blue?") + 5
+
+    exported = run_cli("convert_hf_weights.py", "--to-hf", str(out), "--out", str(tmp_path / "hf"))
+    assert exported.returncode == 0, exported.stderr
+    from transformers import GPT2LMHeadModel
+
+    from minigpt.hf import load_model
+
+    hf = GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()
+    ours, tokenizer = load_model(out)
+    idx = torch.tensor([tokenizer.encode("Why do cats purr?")])
+    with torch.no_grad():
+        assert (hf(idx).logits - ours(idx)[0]).abs().max().item() < 1e-4
+
+
+def test_sigkill_then_resume_is_bitwise_the_uninterrupted_run(tmp_path):
+    flags = ("--max-steps", "30", "--save-every", "5", "--dropout", "0.1")
+    whole = run_cli("train.py", *QUICK, "--out", str(tmp_path / "whole"), *flags, timeout=240)
+    assert whole.returncode == 0, whole.stderr
+
+    out = tmp_path / "killed"
+    proc = start(out, *flags)
+    try:
+        deadline = time.monotonic() + 120
+        while (checkpoint_step(out) or 0) < 5 and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        os.killpg(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+    killed_at = checkpoint_step(out)
+    assert proc.returncode == -signal.SIGKILL and killed_at is not None and killed_at < 30
+
+    # the run's checkpoint is neither overwritten nor continued with other settings
+    again = run_cli("train.py", *QUICK, "--out", str(out), *flags)
+    assert again.returncode == 2 and again.stderr.strip().splitlines() == [
+        f"error: --out {out}: already holds a training run (checkpoint at step {killed_at}); pass --resume "
+        "to continue it, or choose another --out"
+    ]
+    other = run_cli("train.py", *QUICK, "--out", str(out), *flags, "--lr", "0.1", "--resume")
+    assert other.returncode == 2
+    assert other.stderr.startswith(f"error: --resume: the run in {out} was made with --lr 0.002, not 0.1")
+    assert checkpoint_step(out) == killed_at
+
+    resumed = run_cli("train.py", *QUICK, "--out", str(out), *flags, "--resume", timeout=240)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resumed from {out} at step {killed_at}" in resumed.stdout
+
+    a, b = load_file(str(tmp_path / "whole" / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    a = load_file(str(tmp_path / "whole" / "training_state.safetensors"))
+    b = load_file(str(out / "training_state.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)  # optimizer moments and RNG states too
+    rows = metrics(out)
+    assert [r["step"] for r in rows if "loss" in r] == list(range(1, 31))  # one row per step
+    assert without_speed(rows) == without_speed(metrics(tmp_path / "whole"))
+
+
+def test_ctrl_c_saves_a_checkpoint_and_exits_130(tmp_path):
+    out = tmp_path / "run"
+    proc = start(out, "--max-steps", "100000")
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "metrics.jsonl").is_file() or not (out / "metrics.jsonl").read_text():
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGINT)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, stderr
+    assert "interrupted" in stderr and "Traceback" not in stderr
+    step = checkpoint_step(out)
+    assert step is not None and step == max(r["step"] for r in metrics(out))
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (("--device", "tpu"), "--device: unknown device 'tpu'"),
+        (("--dtype", "fp16", "--device", "cpu"), "--dtype fp16: half precision is not supported on the CPU"),
+        (("--dtype", "fp8"), "--dtype: unknown precision 'fp8'"),
+        (("--resume",), "holds no checkpoint to resume from"),
+        (("--data", "no/such/file.jsonl"), "no/such/file.jsonl: no such file or folder (--data)"),
+    ],
+)
+def test_bad_settings_are_refused_before_anything_is_written(tmp_path, args, message):
+    import train
+
+    with pytest.raises(MinigptError) as e:
+        train.main([*QUICK, "--out", str(tmp_path / "out"), *args])
+    assert message in str(e.value) and "\n" not in str(e.value)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_cuda_where_there_is_none_is_one_line_and_exit_2(tmp_path):
+    result = run_cli("train.py", *QUICK, "--out", str(tmp_path / "out"), "--device", "cuda")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "error: --device cuda: CUDA is not available on this machine (try --device cpu)"
+    ]
+
+
+@pytest.mark.parametrize(
+    "args, complaint",
+    [
+        (("--lr", "0"), "argument --lr: '0' is not a positive number"),
+        (("--batch-size", "-1"), "argument --batch-size: '-1' is not a positive integer"),
+        (("--dropout", "1.5"), "argument --dropout: '1.5' is not a number in [0, 1)"),
+        (("--init", "gpt2", "--n-layer", "2"), "--n-layer needs --init scratch"),
+    ],
+)
+def test_bad_flags_exit_2(tmp_path, args, complaint, capsys):
+    import train
+
+    with pytest.raises(SystemExit) as e:
+        train.parse_args(["--out", str(tmp_path / "out"), *args])
+    assert e.value.code == 2 and complaint in capsys.readouterr().err.splitlines()[-1]
+
+
+def test_an_out_folder_of_something_else_is_refused(tmp_path):
+    import train
+
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    with pytest.raises(MinigptError, match="holds 'notes.txt', which is not from a minigpt training run"):
+        train.main([*QUICK, "--out", str(out)])
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+
+
+def test_help_explains_every_flag():
+    result = run_cli("train.py", "--help")
+    assert result.returncode == 0
+    for flag in ("--init", "--data", "--val-data", "--format", "--max-records", "--block-size", "--batch-size",
+                 "--grad-accum", "--lr", "--weight-decay", "--warmup-steps", "--epochs", "--max-steps",
+                 "--max-grad-norm", "--dropout", "--seed", "--device", "--dtype", "--compile", "--out",
+                 "--log-every", "--eval-every", "--save-every", "--resume", "--preset"):
+        assert flag in result.stdout

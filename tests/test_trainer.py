@@ -1,0 +1,310 @@
+"""The training loop in-process: parity with transformers, accumulation, checkpoints, resume, stops."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from conftest import TINY_HF, save_hf_model
+from minigpt.checkpoint import model_state_for_saving, write_checkpoint
+from minigpt.config import GPTConfig
+from minigpt.data import BatchIterator, TokenBlocks
+from minigpt.errors import MinigptError
+from minigpt.hf import load_model
+from minigpt.model import GPT
+from minigpt.optim import AdamW, linear_schedule, param_groups
+from minigpt.trainer import (
+    CKPT_DIR,
+    CURRENT,
+    METRICS_FILE,
+    STATE_JSON,
+    STATE_TENSORS,
+    Trainer,
+    TrainConfig,
+    check_out_folder,
+    current_checkpoint,
+    write_run_checkpoint,
+)
+
+
+def lm_loss(model, batch):
+    return model(batch, targets=batch)[1]
+
+
+def random_blocks(n: int, block_size: int, vocab: int, seed: int) -> TokenBlocks:
+    blocks = np.random.default_rng(seed).integers(0, vocab, (n, block_size), dtype=np.uint16)
+    return TokenBlocks(blocks, {"source": "random"})
+
+
+def counting_blocks(n: int, block_size: int, vocab: int, seed: int) -> TokenBlocks:
+    """Blocks that count up from a random start (mod vocab): something a model can learn fast."""
+    starts = np.random.default_rng(seed).integers(0, vocab, (n, 1))
+    return TokenBlocks(((starts + np.arange(block_size)) % vocab).astype(np.uint16), {"source": "counting"})
+
+
+def micro_model(dropout: float = 0.0, seed: int = 0) -> GPT:
+    torch.manual_seed(seed)
+    return GPT(GPTConfig(vocab_size=300, block_size=16, n_layer=2, n_head=2, n_embd=32, dropout=dropout))
+
+
+def save_weights(model: GPT):
+    """A save_model for models without a tokenizer: config.json + model.safetensors."""
+
+    def save(folder: Path) -> None:
+        (folder / "config.json").write_text(json.dumps(model.config.to_dict()))
+        save_file(model_state_for_saving(model), str(folder / "model.safetensors"))
+
+    return save
+
+
+def make_trainer(out, model, train, val=None, *, batch=4, max_steps=10, loss_fn=lm_loss, save_model=None, **cfg):
+    optimizer = AdamW(param_groups(model, 0.01), lr=3e-3)
+    cfg = {"log_every": 1, "progress": False, **cfg}
+    return Trainer(
+        model, loss_fn, optimizer, lambda step: linear_schedule(step, max_steps, 2),
+        BatchIterator(train, batch, seed=7), BatchIterator(val, batch, shuffle=False) if val else None,
+        TrainConfig(max_steps=max_steps, **cfg), out, save_model or save_weights(model),
+        run_config={"--lr": 3e-3},
+    )
+
+
+def rows(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / METRICS_FILE).read_text().splitlines()]
+
+
+# --- acceptance 1: the same mathematics as transformers + torch.optim.AdamW ------------------------
+
+
+def test_twenty_steps_match_transformers(tmp_path):
+    from transformers import GPT2LMHeadModel, get_linear_schedule_with_warmup
+
+    folder = save_hf_model(tmp_path / "hf", seed=3, **TINY_HF, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    hf = GPT2LMHeadModel.from_pretrained(folder).train()
+    ours, tokenizer = load_model(folder)
+    train, val = random_blocks(35, 32, 50257, seed=1), random_blocks(9, 32, 50257, seed=2)
+    steps, lr, warmup = 20, 1e-3, 4
+
+    optimizer = AdamW(param_groups(ours, 0.01), lr=lr, betas=(0.9, 0.999), eps=1e-8)
+    trainer = Trainer(
+        ours, lm_loss, optimizer, lambda s: linear_schedule(s, steps, warmup),
+        BatchIterator(train, 4, seed=42), BatchIterator(val, 4, shuffle=False),
+        TrainConfig(max_steps=steps, max_grad_norm=1.0, log_every=1, progress=False),
+        tmp_path / "out", lambda f: write_checkpoint(f, ours, tokenizer),
+    )
+    trainer.fit()
+    logged = [r for r in rows(tmp_path / "out") if "loss" in r]
+    assert [r["step"] for r in logged] == list(range(1, steps + 1))
+
+    hf_opt = torch.optim.AdamW(param_groups(hf, 0.01), lr=lr, betas=(0.9, 0.999), eps=1e-8)
+    sched = get_linear_schedule_with_warmup(hf_opt, warmup, steps)
+    batches = BatchIterator(train, 4, seed=42)
+    hf_losses = []
+    while len(hf_losses) < steps:
+        for batch in batches:
+            loss = hf(batch, labels=batch).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(hf.parameters(), 1.0)
+            hf_opt.step()
+            sched.step()
+            hf_opt.zero_grad()
+            hf_losses.append(loss.item())
+            if len(hf_losses) == steps:
+                break
+    for r, expected in zip(logged, hf_losses):
+        assert abs(r["loss"] - expected) <= 1e-5 * abs(expected)
+    assert 0 < logged[-1]["lr"] < lr and logged[warmup - 1]["lr"] == pytest.approx(lr * (warmup - 1) / warmup)
+
+    hf_state = hf.state_dict()
+    for name, t in ours.state_dict().items():
+        theirs = hf_state[name].t() if name.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight")) else hf_state[name]
+        assert (t - theirs).abs().max().item() <= 1e-5, name
+
+    # validation loss: the mean over all validation examples, as HF's Trainer reports it
+    hf.eval()
+    with torch.no_grad():
+        val_losses = [hf(b, labels=b).loss.item() * len(b) for b in BatchIterator(val, 4, shuffle=False)]
+    val_row = [r for r in rows(tmp_path / "out") if "val_loss" in r][-1]
+    assert val_row["step"] == steps
+    assert val_row["val_loss"] == pytest.approx(sum(val_losses) / len(val), rel=1e-5)
+    assert val_row["val_ppl"] == pytest.approx(math.exp(val_row["val_loss"]))
+    assert "loss" not in val_row
+    # the output folder is a checkpoint that load_model takes as it is
+    reloaded, _ = load_model(tmp_path / "out")
+    assert all(torch.equal(a, b) for a, b in zip(reloaded.state_dict().values(), ours.state_dict().values()))
+
+
+# --- the loop's own rules ----------------------------------------------------------------------
+
+
+def test_accumulation_equals_one_big_batch(tmp_path):
+    """2 micro-batches of 4 = 1 batch of 8, also on the short last batch of an epoch (22 = 8+8+6)."""
+    train = random_blocks(22, 16, 300, seed=3)
+    big, small = micro_model(), micro_model()
+    make_trainer(tmp_path / "a", big, train, batch=8, max_steps=6).fit()
+    make_trainer(tmp_path / "b", small, train, batch=4, max_steps=6, grad_accum=2).fit()
+    for a, b in zip(big.parameters(), small.parameters()):
+        assert (a - b).abs().max().item() < 1e-5  # (Adam turns float rounding into ~1e-6 moves)
+    assert [r["epoch"] for r in rows(tmp_path / "b")][:3] == [0.3333, 0.6667, 1.0]  # 3 steps an epoch
+    assert [round(r["loss"], 5) for r in rows(tmp_path / "a")] == [round(r["loss"], 5) for r in rows(tmp_path / "b")]
+
+
+def test_metrics_rows_and_evaluation_schedule(tmp_path):
+    train, val = counting_blocks(20, 16, 300, seed=4), counting_blocks(6, 16, 300, seed=5)
+    make_trainer(tmp_path, micro_model(), train, val, batch=4, max_steps=12, log_every=2, eval_every=4).fit()
+    all_rows = rows(tmp_path)
+    train_rows = [r for r in all_rows if "loss" in r]
+    val_rows = [r for r in all_rows if "val_loss" in r]
+    assert [r["step"] for r in train_rows] == [2, 4, 6, 8, 10, 12]
+    assert set(train_rows[0]) == {"step", "epoch", "loss", "lr", "grad_norm", "tokens_per_sec"}
+    # every 4 steps, plus each epoch's end (5 steps an epoch), never twice at one step
+    assert [r["step"] for r in val_rows] == [4, 5, 8, 10, 12]
+    assert all(set(r) == {"step", "epoch", "val_loss", "val_ppl"} for r in val_rows)
+    assert val_rows[-1]["val_loss"] < val_rows[0]["val_loss"]
+    assert (tmp_path / "loss.png").is_file()
+
+
+def test_checkpoint_folder_layout(tmp_path, gpt2_tokenizer):
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=16, n_layer=1, n_head=2, n_embd=16, dropout=0.0))
+    out = tmp_path / "run"
+    trainer = make_trainer(
+        out, model, random_blocks(12, 16, 50257, seed=6), batch=4, max_steps=5, save_every=2,
+        save_model=lambda f: write_checkpoint(f, model, gpt2_tokenizer),
+    )
+    trainer.fit()
+    ckpt = out / CKPT_DIR
+    assert sorted(p.name for p in ckpt.iterdir())[0] == CURRENT
+    assert len(list(ckpt.iterdir())) == 2  # `current` and the one step folder it names
+    assert os.readlink(ckpt / CURRENT).startswith("step-000000005-")
+    for name in ("config.json", "model.safetensors", "tokenizer.json", STATE_JSON, STATE_TENSORS):
+        assert os.readlink(out / name) == f"{CKPT_DIR}/{CURRENT}/{name}"
+    state = json.loads((out / STATE_JSON).read_text())
+    assert state["step"] == 5 and state["data"]["epoch"] == 1 and state["data"]["position"] == 2
+    assert state["optimizer"]["step"] == 5 and state["run"] == {"--lr": 3e-3}
+    tensors = load_file(str(out / STATE_TENSORS))
+    assert tensors["rng.cpu.0"].dtype == torch.uint8
+    assert sum(k.startswith("optimizer.exp_avg.") for k in tensors) == len(list(model.parameters()))
+    reloaded, tokenizer = load_model(out)
+    assert torch.equal(reloaded.transformer.wte.weight, model.transformer.wte.weight)
+    assert tokenizer.vocab_size == 50257
+
+
+def test_resume_continues_bitwise(tmp_path):
+    """A run that dies after its step-4 checkpoint and is resumed ends where the uninterrupted run
+    ends, to the bit, dropout included, with one metrics row per step."""
+    train, val = random_blocks(26, 16, 300, seed=7), random_blocks(5, 16, 300, seed=8)
+    whole = micro_model(dropout=0.1)
+    make_trainer(tmp_path / "whole", whole, train, val, max_steps=12, save_every=4).fit()
+
+    calls = {"n": 0}
+
+    def dies_in_step_7(model, batch):
+        calls["n"] += 1
+        if calls["n"] == 7:
+            raise RuntimeError("killed")
+        return lm_loss(model, batch)
+
+    broken = micro_model(dropout=0.1)
+    with pytest.raises(RuntimeError, match="killed"):
+        make_trainer(tmp_path / "run", broken, train, val, max_steps=12, save_every=4, loss_fn=dies_in_step_7).fit()
+    assert [r["step"] for r in rows(tmp_path / "run")][-1] == 6  # rows after the checkpoint exist...
+
+    folder = check_out_folder(tmp_path / "run", resume=True)
+    resumed, _ = load_model_weights(folder)
+    trainer = make_trainer(tmp_path / "run", resumed, train, val, max_steps=12, save_every=4)
+    trainer.resume(folder)
+    assert trainer.step == 4
+    trainer.fit()
+    for a, b in zip(whole.state_dict().values(), resumed.state_dict().values()):
+        assert torch.equal(a, b)
+    strip = lambda rs: [{k: v for k, v in r.items() if k != "tokens_per_sec"} for r in rs]  # noqa: E731
+    assert strip(rows(tmp_path / "run")) == strip(rows(tmp_path / "whole"))  # ...and were replaced
+
+
+def load_model_weights(folder: Path) -> tuple[GPT, None]:
+    config = GPTConfig.from_dict(json.loads((folder / "config.json").read_text()))
+    model = GPT(config)
+    state = load_file(str(folder / "model.safetensors"))
+    model.load_state_dict(state, strict=False)
+    return model, None
+
+
+def test_resume_refuses_other_settings(tmp_path):
+    train = random_blocks(12, 16, 300, seed=9)
+    make_trainer(tmp_path, micro_model(), train, max_steps=2).fit()
+    trainer = make_trainer(tmp_path, micro_model(), train, max_steps=2)
+    trainer.run_config = {"--lr": 1e-3}
+    with pytest.raises(MinigptError, match="made with --lr 0.003, not 0.001"):
+        trainer.resume(current_checkpoint(tmp_path))
+
+
+def test_non_finite_loss_stops_and_keeps_the_checkpoint(tmp_path):
+    train = random_blocks(40, 16, 300, seed=10)
+    model = micro_model()
+    calls = {"n": 0}
+
+    def nan_at_step_5(model, batch):
+        calls["n"] += 1
+        loss = lm_loss(model, batch)
+        return loss * float("nan") if calls["n"] == 5 else loss
+
+    with pytest.raises(MinigptError, match=r"step 5: the training loss is nan; stopping.*\(step 4\) is untouched"):
+        make_trainer(tmp_path, model, train, max_steps=10, save_every=2, loss_fn=nan_at_step_5).fit()
+    assert json.loads((tmp_path / STATE_JSON).read_text())["step"] == 4
+    saved = load_file(str(tmp_path / "model.safetensors"))
+    assert all(torch.isfinite(t).all() for t in saved.values())
+
+
+def test_out_folder_rules(tmp_path):
+    assert check_out_folder(tmp_path / "new", resume=False) is None
+    with pytest.raises(MinigptError, match="holds no checkpoint to resume from"):
+        check_out_folder(tmp_path / "new", resume=True)
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "config.json").write_text("{}")
+    with pytest.raises(MinigptError, match="holds 'config.json', which is not from a minigpt training run"):
+        check_out_folder(foreign, resume=False)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(MinigptError, match="is not a folder"):
+        check_out_folder(tmp_path / "file", resume=False)
+    run = tmp_path / "run"
+    make_trainer(run, micro_model(), random_blocks(8, 16, 300, seed=11), max_steps=1).fit()
+    with pytest.raises(MinigptError, match=r"already holds a training run \(checkpoint at step 1\); pass --resume"):
+        check_out_folder(run, resume=False)
+    assert check_out_folder(run, resume=True) == current_checkpoint(run)
+
+
+def test_a_failed_save_leaves_the_previous_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    write_run_checkpoint(out, 1, lambda f: (f / "a.txt").write_text("one"))
+
+    def half_written(folder: Path) -> None:
+        (folder / "a.txt").write_text("tw")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError):
+        write_run_checkpoint(out, 2, half_written)
+    assert (out / "a.txt").read_text() == "one"
+    # a save killed midway leaves a partial folder and a temporary link: the next save removes them
+    (out / CKPT_DIR / "step-000000003-dead").mkdir()
+    (out / CKPT_DIR / "step-000000003-dead" / "a.txt").write_text("partial")
+    os.symlink("step-000000003-dead", out / CKPT_DIR / ".current-dead")
+    write_run_checkpoint(out, 4, lambda f: (f / "a.txt").write_text("four"))
+    assert (out / "a.txt").read_text() == "four"
+    assert len(list((out / CKPT_DIR).iterdir())) == 2
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models gain nothing from a second thread and lose much when the machine is busy."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -1,0 +1,255 @@
+#!/usr/bin/env python
+"""Fine-tune a GPT-2 model on ELI5 answers (or train a small one from scratch).
+
+The defaults are the published recipe: distilgpt2, ELI5-Category answers, 128-token blocks, batch 8,
+AdamW (lr 2e-5, weight decay 0.01), linear decay, gradient clipping at 1.0, 3 epochs, seed 42:
+
+  python train.py --device cuda                        # the recipe, into checkpoints/eli5/
+  python train.py --preset tiny                        # a small model on a bundled sample, ~1 min on a CPU
+  python train.py --data eli5-category-train.json.gz   # local data instead of the Hub
+  python train.py --resume                             # continue the run in --out where it stopped
+  torchrun --nproc_per_node=4 train.py --device cuda   # data-parallel on 4 GPUs (see README)
+
+The output folder is a checkpoint that sample.py and convert_hf_weights.py --to-hf read as it is;
+metrics.jsonl (and loss.png, with matplotlib) sit beside it. Ctrl-C saves a checkpoint and stops.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from minigpt.cli import fraction, non_negative_float, non_negative_int, positive_float, positive_int, run
+from minigpt.errors import MinigptError
+
+RECIPE_MODEL = "distilbert/distilgpt2"
+DEFAULT_OUT = "checkpoints/eli5"  # where sample.py looks first
+# --preset tiny: a model small enough to train on 2 CPU cores in well under a minute, on the ELI5
+# sample shipped inside the package, with a BPE vocabulary learned from that sample (no download).
+TINY_PRESET = dict(
+    init="scratch", n_layer=2, n_head=4, n_embd=128, block_size=64, batch_size=16, lr=2e-3,
+    warmup_steps=20, epochs=12, dropout=0.0, out="checkpoints/tiny", log_every=5, save_every=50,
+)
+TINY_VOCAB = 2048
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=["tiny"], help="tiny: a 2-layer model trained from scratch on the "
+                   "bundled 50-question sample; change any setting with the flags below")
+    g = p.add_argument_group("model")
+    g.add_argument("--init", default=RECIPE_MODEL, metavar="SOURCE",
+                   help="start from: a Hub id, an HF or minigpt checkpoint folder, or `scratch` for a new "
+                   f"model of --n-layer/--n-head/--n-embd (default: {RECIPE_MODEL})")
+    g.add_argument("--n-layer", type=positive_int, help="(--init scratch) Transformer blocks (default: 6)")
+    g.add_argument("--n-head", type=positive_int, help="(--init scratch) attention heads (default: 12)")
+    g.add_argument("--n-embd", type=positive_int, help="(--init scratch) model width (default: 768)")
+    g.add_argument("--tokenizer", default=RECIPE_MODEL, metavar="SOURCE",
+                   help="(--init scratch) the tokenizer: a Hub id or a folder with tokenizer.json "
+                   f"(default: {RECIPE_MODEL}'s GPT-2 tokenizer)")
+    g.add_argument("--dropout", type=fraction, help="dropout probability (default: the model's own, 0.1 for distilgpt2)")
+    g = p.add_argument_group("data")
+    g.add_argument("--data", metavar="PATH", help="training data: an ELI5 .json[.gz]/.jsonl/.parquet/.csv file, "
+                   "a .txt file or a folder of .txt files (default: ELI5-Category's train split from the Hub)")
+    g.add_argument("--val-data", metavar="PATH", help="validation data (default: --val-fraction of --data's records)")
+    g.add_argument("--val-fraction", type=fraction, default=0.2, help="share of the records held out for validation (default: 0.2)")
+    g.add_argument("--format", default="answers", choices=["answers", "qa"],
+                   help="answers: a record's answers joined (the recipe); qa: 'Question: ...\\nAnswer: ...' (default: answers)")
+    g.add_argument("--max-records", type=positive_int, help="use only the first N records (default: 5000 from the Hub, all of a local file)")
+    g.add_argument("--block-size", type=positive_int, default=128, help="tokens per training example (default: 128)")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--batch-size", type=positive_int, default=8, help="examples per micro-batch per process (default: 8)")
+    g.add_argument("--grad-accum", type=positive_int, default=1, help="micro-batches per optimizer step (default: 1)")
+    g.add_argument("--lr", type=positive_float, default=2e-5, help="peak learning rate (default: 2e-5)")
+    g.add_argument("--weight-decay", type=non_negative_float, default=0.01, help="AdamW weight decay, not on biases/LayerNorm (default: 0.01)")
+    g.add_argument("--warmup-steps", type=non_negative_int, default=0, help="linear warm-up steps before the linear decay (default: 0)")
+    g.add_argument("--epochs", type=positive_int, default=3, help="passes over the training data (default: 3)")
+    g.add_argument("--max-steps", type=positive_int, help="stop after N optimizer steps; overrides --epochs and sets the schedule's length")
+    g.add_argument("--max-grad-norm", type=non_negative_float, default=1.0, help="clip the gradient norm to this; 0: no clipping (default: 1.0)")
+    g.add_argument("--seed", type=non_negative_int, default=42, help="seed for the initialisation, data order and dropout (default: 42)")
+    g = p.add_argument_group("hardware")
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default: auto: cuda, then mps, then cpu)")
+    g.add_argument("--dtype", default="auto", help="fp32, bf16 or fp16 (CUDA only, with loss scaling) compute precision; weights "
+                   "stay fp32 (default: auto: bf16 on a GPU that has it, else fp32)")
+    g.add_argument("--compile", action="store_true", help="compile the model with torch.compile (slow to start, faster steps)")
+    g = p.add_argument_group("output")
+    g.add_argument("--out", default=DEFAULT_OUT, help=f"output folder: the checkpoint, metrics.jsonl, loss.png (default: {DEFAULT_OUT})")
+    g.add_argument("--log-every", type=positive_int, default=10, help="write a metrics row every N steps (default: 10)")
+    g.add_argument("--eval-every", type=non_negative_int, default=0, help="also evaluate every N steps; 0: at each epoch's end only (default: 0)")
+    g.add_argument("--save-every", type=non_negative_int, default=0, help="checkpoint every N steps; 0: at the end only (default: 0)")
+    g.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint (same settings)")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    preset, _ = p.parse_known_args(argv)
+    if preset.preset == "tiny":  # the preset changes defaults; flags given explicitly still win
+        from minigpt.data import tiny_preset_path
+
+        p.set_defaults(**TINY_PRESET, data=str(tiny_preset_path()))
+    args = p.parse_args(argv)
+    scratch_flags = [f for f in ("n_layer", "n_head", "n_embd") if getattr(args, f) is not None]
+    if args.init != "scratch" and scratch_flags:
+        p.error(f"--{scratch_flags[0].replace('_', '-')} needs --init scratch (a loaded model keeps its shape)")
+    return args
+
+
+def run_config(args: argparse.Namespace, world_size: int, dtype_name: str, max_steps: int) -> dict[str, Any]:
+    """The settings that decide the run's numbers, by flag: a resume must use the same ones."""
+    def where(source: str | None) -> str | None:  # the same file however it was spelled
+        return str(Path(source).resolve()) if source and Path(source).exists() else source
+
+    return {
+        "--init": where(args.init), "--n-layer": args.n_layer, "--n-head": args.n_head, "--n-embd": args.n_embd,
+        "--dropout": args.dropout, "--data": where(args.data), "--val-data": where(args.val_data),
+        "--val-fraction": args.val_fraction, "--format": args.format, "--max-records": args.max_records,
+        "--block-size": args.block_size, "--batch-size x processes": args.batch_size * world_size,
+        "--grad-accum": args.grad_accum, "--lr": args.lr, "--weight-decay": args.weight_decay,
+        "--warmup-steps": args.warmup_steps, "steps (--epochs / --max-steps)": max_steps,
+        "--max-grad-norm": args.max_grad_norm, "--seed": args.seed, "--dtype": dtype_name,
+    }
+
+
+def preset_tokenizer():
+    """A byte-level BPE vocabulary of TINY_VOCAB tokens learned from the answers of the bundled ELI5
+    sample: small, so the tiny model's embedding and LM head are small too, and made offline."""
+    from tokenizers import Tokenizer as Backend
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    from minigpt.data import tiny_preset_path
+    from minigpt.formats import answers_text
+    from minigpt.tokenizer import EOS_TOKEN, Tokenizer
+
+    lines = tiny_preset_path().read_text(encoding="utf-8").splitlines()
+    texts = [answers_text(json.loads(line)["answers"]["text"]) for line in lines if line.strip()]
+    backend = Backend(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=TINY_VOCAB, special_tokens=[EOS_TOKEN], show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    backend.train_from_iterator(texts, trainer)
+    return Tokenizer(backend)
+
+
+def load_tokenizer(source: str):
+    from minigpt.tokenizer import Tokenizer
+
+    path = Path(source).expanduser()
+    if path.is_file():
+        return Tokenizer.from_file(path)
+    return Tokenizer.from_dir(path) if path.is_dir() else Tokenizer.from_hub(source)
+
+
+def build_model(args: argparse.Namespace, resume_from: Path | None):
+    """(model on the CPU in fp32, tokenizer): from the checkpoint to resume, `--init`, or new."""
+    import torch
+
+    from minigpt.checkpoint import model_from_state, model_state_for_saving
+    from minigpt.config import GPTConfig
+    from minigpt.hf import load_model
+    from minigpt.model import GPT
+
+    if resume_from is not None:
+        return load_model(resume_from)
+    if args.init == "scratch":
+        tokenizer = preset_tokenizer() if args.preset == "tiny" else load_tokenizer(args.tokenizer)
+        config = GPTConfig(
+            vocab_size=tokenizer.vocab_size, block_size=args.block_size, n_layer=args.n_layer or 6,
+            n_head=args.n_head or 12, n_embd=args.n_embd or 768,
+            dropout=0.1 if args.dropout is None else args.dropout,
+        )
+        torch.manual_seed(args.seed)
+        return GPT(config), tokenizer
+    model, tokenizer = load_model(args.init)
+    if args.block_size > model.config.block_size:
+        raise MinigptError(f"--block-size {args.block_size}: {args.init} sees at most {model.config.block_size} tokens")
+    if args.dropout is not None and args.dropout != model.config.dropout:
+        config = dataclasses.replace(model.config, dropout=args.dropout)
+        model = model_from_state(config, model_state_for_saving(model))
+    return model, tokenizer
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    import torch  # heavy imports after parsing, so --help and flag errors are instant
+
+    from minigpt.checkpoint import write_checkpoint
+    from minigpt.data import BatchIterator, DataConfig, load_blocks
+    from minigpt.optim import AdamW, linear_schedule, param_groups
+    from minigpt.runtime import setup_device
+    from minigpt.trainer import Trainer, TrainConfig, check_out_folder, distributed
+
+    device, dtype = setup_device(args.device, args.dtype)
+    dtype_name = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+    resume_from = check_out_folder(args.out, args.resume)
+    with distributed(device) as (ranks, device):
+        say = print if ranks.is_main else (lambda *a, **k: None)
+        model, tokenizer = build_model(args, resume_from)
+        model = model.to(device).train()
+
+        data_cfg = DataConfig(
+            source=args.data, val_source=args.val_data, format=args.format, block_size=args.block_size,
+            max_records=args.max_records, val_fraction=args.val_fraction, seed=args.seed,
+        )
+        if not ranks.is_main:  # rank 0 builds the token cache; the others then read it
+            torch.distributed.barrier()
+        train_blocks, val_blocks = load_blocks(data_cfg, tokenizer, progress=ranks.is_main)
+        if ranks.is_main and ranks.enabled:
+            torch.distributed.barrier()
+        global_micro = args.batch_size * ranks.world_size
+        shard = dict(rank=ranks.rank, world_size=ranks.world_size)
+        train_batches = BatchIterator(train_blocks, global_micro, seed=args.seed, **shard)
+        val_batches = BatchIterator(val_blocks, global_micro, shuffle=False, **shard) if len(val_blocks) else None
+        steps_per_epoch = math.ceil(len(train_batches) / args.grad_accum)
+        max_steps = args.max_steps or args.epochs * steps_per_epoch
+
+        optimizer = AdamW(param_groups(model, args.weight_decay), lr=args.lr, betas=(0.9, 0.999), eps=1e-8)
+        config = TrainConfig(
+            max_steps=max_steps, grad_accum=args.grad_accum, max_grad_norm=args.max_grad_norm, dtype=dtype,
+            compile=args.compile, log_every=args.log_every, eval_every=args.eval_every,
+            save_every=args.save_every, progress=not args.no_progress,
+        )
+        trainer = Trainer(
+            model, lm_loss, optimizer, lambda step: linear_schedule(step, max_steps, args.warmup_steps),
+            train_batches, val_batches, config, args.out,
+            save_model=lambda folder: write_checkpoint(folder, model, tokenizer),
+            device=device, ranks=ranks, run_config=run_config(args, ranks.world_size, dtype_name, max_steps),
+        )
+        if resume_from is not None:
+            trainer.resume(resume_from)
+
+        c = model.config
+        source = f"resumed from {args.out} at step {trainer.step}" if resume_from else (
+            "new (random init)" if args.init == "scratch" else f"from {args.init}")
+        epochs = f"{max_steps / steps_per_epoch:g} epochs" if args.max_steps else f"{args.epochs} epochs"
+        say(f"model: {model.num_parameters():,} parameters ({c.n_layer} layers, {c.n_head} heads, "
+            f"{c.n_embd} wide, vocabulary {c.vocab_size:,}), {source}")
+        say(f"data: {len(train_blocks):,} training and {len(val_blocks):,} validation blocks of {args.block_size} tokens")
+        say(f"batch: {args.batch_size} x {args.block_size} tokens x {args.grad_accum} accumulation x "
+            f"{ranks.world_size} process(es) = {global_micro * args.grad_accum} examples, "
+            f"{global_micro * args.grad_accum * args.block_size:,} tokens per step")
+        say(f"schedule: {steps_per_epoch:,} steps per epoch, {max_steps:,} steps ({epochs}); lr {args.lr:g}, "
+            f"{args.warmup_steps} warm-up steps, then linear decay to 0")
+        say(f"device: {device}, precision {dtype_name}{' (autocast)' if dtype != torch.float32 else ''}"
+            f"{', compiled' if args.compile else ''}")
+        say(f"out: {args.out}", flush=True)
+
+        result = trainer.fit()
+        val = result.get("val_loss")
+        summary = f"done: step {result['step']}" + (f", validation loss {val:.4f} (perplexity {math.exp(val):.1f})" if val is not None else "")
+        say(f"{summary}\nsample from it: python sample.py --model {args.out}")
+    return 0
+
+
+def lm_loss(model, batch):
+    """Next-token cross-entropy of a batch of blocks (the model shifts the targets itself)."""
+    return model(batch, targets=batch)[1]
+
+
+if __name__ == "__main__":
+    run(main)
