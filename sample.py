@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Sequence
 
 from minigpt.cli import non_negative_float, non_negative_int, positive_float, positive_int, run
-from minigpt.cli import unit_interval
+from minigpt.cli import seed, unit_interval
 from minigpt.errors import MinigptError
 
 DEFAULT_CHECKPOINT = Path("checkpoints/eli5")  # where `python train.py` writes by default
@@ -62,7 +62,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="always take the most likely token (deterministic; ignores T, K and P)")
     g.add_argument("--num-samples", type=positive_int, default=1, metavar="N",
                    help="continue each prompt N times, decoded together as one batch (default: 1)")
-    g.add_argument("--seed", type=int, help="random seed, for reproducible samples")
+    g.add_argument("--seed", type=seed, help="random seed, for reproducible samples")
     g = p.add_argument_group("speed")
     g.add_argument("--device", default="auto",
                    help="auto (CUDA, then Apple MPS, then CPU), cpu, cuda or mps (default: auto)")

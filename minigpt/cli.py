@@ -41,3 +41,4 @@ positive_float = _number(float, lambda v: 0 < v < float("inf"), "a positive numb
 non_negative_float = _number(float, lambda v: 0 <= v < float("inf"), "a number >= 0")
 unit_interval = _number(float, lambda v: 0 < v <= 1, "a number in (0, 1]")
 fraction = _number(float, lambda v: 0 <= v < 1, "a number in [0, 1)")
+seed = _number(int, lambda v: 0 <= v < 2**63, "a seed in [0, 2**63)")  # torch's generator range

@@ -147,7 +147,9 @@ def next_token(
     if config.is_greedy:
         return scores.argmax(dim=-1)
     if config.temperature != 1.0:
-        scores = apply_temperature(scores, config.temperature)
+        # Shifting each row by its maximum changes no probability, but keeps a tiny temperature
+        # from overflowing the scores to inf (and the softmax to NaN).
+        scores = apply_temperature(scores - scores.amax(dim=-1, keepdim=True), config.temperature)
     ids = None
     if config.top_k > 0:
         scores, ids = candidates(scores, config.top_k)
