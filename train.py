@@ -40,38 +40,40 @@ TINY_VOCAB = 2048
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", choices=["tiny"], help="tiny: a 2-layer model trained from scratch on the "
-                   "bundled 50-question sample; change any setting with the flags below")
+    p.add_argument("--preset", choices=["tiny"], help="tiny: a 2-layer, 128-wide model trained from scratch "
+                   "on the 50-question ELI5 sample bundled with minigpt, with a 2,048-token vocabulary learned "
+                   "from it (block 64, batch 16, lr 2e-3, 20 warm-up steps, 12 epochs, out checkpoints/tiny); "
+                   "flags given as well still apply")
     g = p.add_argument_group("model")
     g.add_argument("--init", default=RECIPE_MODEL, metavar="SOURCE",
                    help="start from: a Hub id, an HF or minigpt checkpoint folder, or `scratch` for a new "
                    f"model of --n-layer/--n-head/--n-embd (default: {RECIPE_MODEL})")
-    g.add_argument("--n-layer", type=positive_int, help="(--init scratch) Transformer blocks (default: 6)")
-    g.add_argument("--n-head", type=positive_int, help="(--init scratch) attention heads (default: 12)")
-    g.add_argument("--n-embd", type=positive_int, help="(--init scratch) model width (default: 768)")
+    g.add_argument("--n-layer", metavar="N", type=positive_int, help="(--init scratch) Transformer blocks (default: 6)")
+    g.add_argument("--n-head", metavar="N", type=positive_int, help="(--init scratch) attention heads (default: 12)")
+    g.add_argument("--n-embd", metavar="N", type=positive_int, help="(--init scratch) model width (default: 768)")
     g.add_argument("--tokenizer", default=RECIPE_MODEL, metavar="SOURCE",
                    help="(--init scratch) the tokenizer: a Hub id or a folder with tokenizer.json "
                    f"(default: {RECIPE_MODEL}'s GPT-2 tokenizer)")
-    g.add_argument("--dropout", type=fraction, help="dropout probability (default: the model's own, 0.1 for distilgpt2)")
+    g.add_argument("--dropout", metavar="X", type=fraction, help="dropout probability (default: the model's own, 0.1 for distilgpt2)")
     g = p.add_argument_group("data")
     g.add_argument("--data", metavar="PATH", help="training data: an ELI5 .json[.gz]/.jsonl/.parquet/.csv file, "
                    "a .txt file or a folder of .txt files (default: ELI5-Category's train split from the Hub)")
     g.add_argument("--val-data", metavar="PATH", help="validation data (default: --val-fraction of --data's records)")
-    g.add_argument("--val-fraction", type=fraction, default=0.2, help="share of the records held out for validation (default: 0.2)")
+    g.add_argument("--val-fraction", metavar="X", type=fraction, default=0.2, help="share of the records held out for validation (default: 0.2)")
     g.add_argument("--format", default="answers", choices=["answers", "qa"],
                    help="answers: a record's answers joined (the recipe); qa: 'Question: ...\\nAnswer: ...' (default: answers)")
-    g.add_argument("--max-records", type=positive_int, help="use only the first N records (default: 5000 from the Hub, all of a local file)")
-    g.add_argument("--block-size", type=positive_int, default=128, help="tokens per training example (default: 128)")
+    g.add_argument("--max-records", metavar="N", type=positive_int, help="use only the first N records (default: 5000 from the Hub, all of a local file)")
+    g.add_argument("--block-size", metavar="N", type=positive_int, default=128, help="tokens per training example (default: 128)")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--batch-size", type=positive_int, default=8, help="examples per micro-batch per process (default: 8)")
-    g.add_argument("--grad-accum", type=positive_int, default=1, help="micro-batches per optimizer step (default: 1)")
-    g.add_argument("--lr", type=positive_float, default=2e-5, help="peak learning rate (default: 2e-5)")
-    g.add_argument("--weight-decay", type=non_negative_float, default=0.01, help="AdamW weight decay, not on biases/LayerNorm (default: 0.01)")
-    g.add_argument("--warmup-steps", type=non_negative_int, default=0, help="linear warm-up steps before the linear decay (default: 0)")
-    g.add_argument("--epochs", type=positive_int, default=3, help="passes over the training data (default: 3)")
-    g.add_argument("--max-steps", type=positive_int, help="stop after N optimizer steps; overrides --epochs and sets the schedule's length")
-    g.add_argument("--max-grad-norm", type=non_negative_float, default=1.0, help="clip the gradient norm to this; 0: no clipping (default: 1.0)")
-    g.add_argument("--seed", type=non_negative_int, default=42, help="seed for the initialisation, data order and dropout (default: 42)")
+    g.add_argument("--batch-size", metavar="N", type=positive_int, default=8, help="examples per micro-batch per process (default: 8)")
+    g.add_argument("--grad-accum", metavar="N", type=positive_int, default=1, help="micro-batches per optimizer step (default: 1)")
+    g.add_argument("--lr", metavar="X", type=positive_float, default=2e-5, help="peak learning rate (default: 2e-5)")
+    g.add_argument("--weight-decay", metavar="X", type=non_negative_float, default=0.01, help="AdamW weight decay, not on biases/LayerNorm (default: 0.01)")
+    g.add_argument("--warmup-steps", metavar="N", type=non_negative_int, default=0, help="linear warm-up steps before the linear decay (default: 0)")
+    g.add_argument("--epochs", metavar="N", type=positive_int, default=3, help="passes over the training data (default: 3)")
+    g.add_argument("--max-steps", metavar="N", type=positive_int, help="stop after N optimizer steps; overrides --epochs and sets the schedule's length")
+    g.add_argument("--max-grad-norm", metavar="X", type=non_negative_float, default=1.0, help="clip the gradient norm to this; 0: no clipping (default: 1.0)")
+    g.add_argument("--seed", metavar="N", type=non_negative_int, default=42, help="seed for the initialisation, data order and dropout (default: 42)")
     g = p.add_argument_group("hardware")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default: auto: cuda, then mps, then cpu)")
     g.add_argument("--dtype", default="auto", help="fp32, bf16 or fp16 (CUDA only, with loss scaling) compute precision; weights "
@@ -79,9 +81,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     g.add_argument("--compile", action="store_true", help="compile the model with torch.compile (slow to start, faster steps)")
     g = p.add_argument_group("output")
     g.add_argument("--out", default=DEFAULT_OUT, help=f"output folder: the checkpoint, metrics.jsonl, loss.png (default: {DEFAULT_OUT})")
-    g.add_argument("--log-every", type=positive_int, default=10, help="write a metrics row every N steps (default: 10)")
-    g.add_argument("--eval-every", type=non_negative_int, default=0, help="also evaluate every N steps; 0: at each epoch's end only (default: 0)")
-    g.add_argument("--save-every", type=non_negative_int, default=0, help="checkpoint every N steps; 0: at the end only (default: 0)")
+    g.add_argument("--log-every", metavar="N", type=positive_int, default=10, help="write a metrics row every N steps (default: 10)")
+    g.add_argument("--eval-every", metavar="N", type=non_negative_int, default=0, help="also evaluate every N steps; 0: at each epoch's end only (default: 0)")
+    g.add_argument("--save-every", metavar="N", type=non_negative_int, default=0, help="checkpoint every N steps; 0: at the end only (default: 0)")
     g.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint (same settings)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -91,6 +93,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
         p.set_defaults(**TINY_PRESET, data=str(tiny_preset_path()))
     args = p.parse_args(argv)
+    if args.seed >= 2**63:  # torch's generators take a 64-bit seed
+        p.error(f"argument --seed: {args.seed} is too large (at most {2**63 - 1})")
     scratch_flags = [f for f in ("n_layer", "n_head", "n_embd") if getattr(args, f) is not None]
     if args.init != "scratch" and scratch_flags:
         p.error(f"--{scratch_flags[0].replace('_', '-')} needs --init scratch (a loaded model keeps its shape)")
@@ -198,7 +202,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         if not ranks.is_main:  # rank 0 builds the token cache; the others then read it
             torch.distributed.barrier()
-        train_blocks, val_blocks = load_blocks(data_cfg, tokenizer, progress=ranks.is_main)
+        train_blocks, val_blocks = load_blocks(data_cfg, tokenizer, progress=ranks.is_main and not args.no_progress)
         if ranks.is_main and ranks.enabled:
             torch.distributed.barrier()
         global_micro = args.batch_size * ranks.world_size

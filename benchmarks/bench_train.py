@@ -9,8 +9,9 @@ shape (dropout 0.1, train mode), from the same weights:
                   implementation for the device) + get_linear_schedule_with_warmup + clip_grad_norm_
 
     speed     in ONE process, steps alternate between the two sides (so a noisy neighbour slows both
-              alike); median step time over --steps steps after warm-up; tokens/s and the ratio to
-              transformers fp32
+              alike); best and median step time over --steps steps after warm-up; tokens/s and the
+              ratio to transformers fp32 from the best (on a shared machine the least disturbed step
+              is the most repeatable figure)
     memory    a fresh process per side and precision: the peak resident (CPU) or allocated (CUDA)
               memory of 3 steps, above what the process held after importing torch and transformers
     MFU       model FLOPs per step (6 x matmul parameters + 12 x layers x T x width, per token)
@@ -228,8 +229,8 @@ def benchmark_batch(folder: Path, args, device):
     return [batch], "random tokens"
 
 
-def time_steps(sides: list, batch, args, device) -> dict[str, float]:
-    """Median seconds per step of each side, the sides taking turns step by step."""
+def time_steps(sides: list, batch, args, device) -> dict[str, list[float]]:
+    """Seconds per step of each side, the sides taking turns step by step."""
     times: dict[str, list[float]] = {s.name: [] for s in sides}
     for i in range(args.warmup + args.steps):
         for side in sides if i % 2 == 0 else sides[::-1]:
@@ -239,7 +240,7 @@ def time_steps(sides: list, batch, args, device) -> dict[str, float]:
             sync(device)
             if i >= args.warmup:
                 times[side.name].append(time.perf_counter() - start)
-    return {name: statistics.median(ts) for name, ts in times.items()}
+    return times
 
 
 def memory_child(spec: str) -> None:
@@ -349,24 +350,26 @@ def main(argv=None) -> None:
                   f"instructions), ~{step_s:,.0f} s a step; --dtype bf16 runs it anyway")
         print(f"model: {config.num_parameters():,} parameters ({config.n_layer} layers, {config.n_embd} wide), "
               f"batch {args.batch_size} x {args.block_size} ({data}), dropout {config.dropout}, "
-              f"{flops / 1e9:,.0f} GFLOP a step; median of {args.steps} steps after {args.warmup} warm-up")
+              f"{flops / 1e9:,.0f} GFLOP a step; {args.steps} steps per side after {args.warmup} warm-up, "
+              "alternating; tokens/s, ratio and MFU from the best step (the least disturbed by other jobs)")
         print()
-        print("| precision | side | step (s) | tokens/s | vs transformers fp32 | MFU | peak memory (MB) |")
+        print("| precision | side | step (s), best / median | tokens/s | vs transformers fp32 | MFU | peak memory (MB) |")
         print("|---|---|---:|---:|---:|---:|---:|")
         baseline = None
         for dtype_name in dtypes:
             dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype_name]
             sides = [Transformers(folder, device, dtype), Ours(folder, device, dtype)]
-            medians = time_steps(sides, batches[0], args, device)
+            times = time_steps(sides, batches[0], args, device)
             del sides
             gc.collect()
             if dtype_name == "fp32":
-                baseline = medians["transformers"]
+                baseline = min(times["transformers"])
             for name in ("transformers", "ours"):
-                seconds = medians[name]
+                seconds = min(times[name])
                 memory = peak_memory(name, dtype_name, folder, device, args)
                 print(
-                    f"| {dtype_name} | {name} | {seconds:.3f} | {tokens / seconds:,.0f} | "
+                    f"| {dtype_name} | {name} | {seconds:.2f} / {statistics.median(times[name]):.2f} | "
+                    f"{tokens / seconds:,.0f} | "
                     f"{baseline / seconds if baseline else float('nan'):.2f}x | "
                     f"{flops / seconds / peaks[dtype_name]:.1%} | "
                     f"{memory / 2**20 if memory is not None else float('nan'):,.0f} |",

@@ -14,12 +14,12 @@ gradient g, at step t = 1, 2, ... with learning rate lr:
 corrections folded into scalars (see `_update`).
 
 Speed. On the distilgpt2 shape the optimizer touches 82 M parameters and as many entries of g, m
-and v; each line above is a full pass over them, and on a CPU those passes are bound by memory
-bandwidth, not arithmetic. So the update runs bucket by bucket: every tensor is cut into slices of
-`CPU_BUCKET` entries and all the lines above run on one bucket while it is still in cache, then on the
-next. Within a bucket, `torch._foreach_*` ops update many tensors per call (biases and LayerNorm
-weights are tiny), all in place, with one preallocated scratch buffer for the denominator, so a step
-allocates no memory.
+and v; each line above is a full pass over them, bound by memory bandwidth, not arithmetic. So the
+update makes as few passes as it can (7; torch.optim.AdamW makes 8), all in place, and allocates
+nothing: the denominator goes to one preallocated scratch buffer, which is why tensors are cut into
+buckets of at most `BUCKET` entries. Within a bucket, `torch._foreach_*` ops update many tensors per
+call (biases and LayerNorm weights are tiny). Measured on 2 CPU cores: ~0.16 s a step against ~0.4 s
+for torch.optim.AdamW's default CPU implementation.
 """
 
 from __future__ import annotations
@@ -32,12 +32,11 @@ import torch.nn as nn
 
 from .errors import MinigptError
 
-# Entries per bucket. On a CPU, p, g, m, v and the scratch denominator of one bucket (5 x 4 MiB in
-# fp32) stay in the L3 cache while all the update's lines run over them; much smaller buckets would
-# fit L2 but pay a thread fork/join per op and slice. A GPU has no such cache to keep; there large
-# buckets just keep the number of kernel launches small.
-CPU_BUCKET = 1 << 20
-GPU_BUCKET = 1 << 24
+# Entries per bucket: the scratch denominator holds one bucket (64 MiB in fp32). Each op on each
+# slice is one parallel region (CPU threads fork and join) or kernel launch (GPU); measured on a
+# shared 2-core CPU, cache-sized buckets (1 MiB) gained nothing when the machine was quiet and lost
+# much when it was busy, since every region then waits for a preempted thread.
+BUCKET = 1 << 24
 HYPER_PARAMETERS = ("lr", "betas", "eps", "weight_decay")
 
 
@@ -89,8 +88,7 @@ class AdamW:
         if len({(p.device, p.dtype) for p in params}) > 1:
             raise ValueError("AdamW: all parameters must share one device and dtype")
         first = params[0] if params else torch.empty(0)
-        self.bucket = CPU_BUCKET if first.device.type == "cpu" else GPU_BUCKET
-        self._scratch = first.new_empty(max(1, min(sum(p.numel() for p in params), self.bucket)))
+        self._scratch = first.new_empty(max(1, min(sum(p.numel() for p in params), BUCKET)))
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Drop the gradients. None (the default) lets backward write fresh gradients instead of
@@ -112,7 +110,7 @@ class AdamW:
                 for p, m, v in zip(group["params"], exp_avgs, exp_avg_sqs)
                 if p.grad is not None
             ]
-            for bucket in _buckets(todo, self.bucket):
+            for bucket in _buckets(todo, BUCKET):
                 self._update(group, *bucket)
 
     def _update(

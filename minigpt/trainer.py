@@ -173,6 +173,10 @@ def check_out_folder(out: str | os.PathLike, resume: bool) -> Path | None:
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise MinigptError(f"--out {out}: exists and is not a folder")
+    if not out.exists():  # it will be made: its nearest existing ancestor must be a writable folder
+        ancestor = next(p for p in out.absolute().parents if p.exists())
+        if not ancestor.is_dir() or not os.access(ancestor, os.W_OK | os.X_OK):
+            raise MinigptError(f"--out {out}: cannot create it, {ancestor} is not a writable folder")
     ckpt = current_checkpoint(out)
     if out.is_dir():
         for entry in sorted(out.iterdir()):
@@ -480,7 +484,15 @@ class Trainer:
                 save_file({k: t.detach().cpu().contiguous() for k, t in tensors.items()}, str(folder / STATE_TENSORS))
                 (folder / STATE_JSON).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
 
-            write_run_checkpoint(self.out, self.step, write_files)
+            try:
+                write_run_checkpoint(self.out, self.step, write_files)
+            except OSError as e:  # a full disk, a folder made read-only under us, ...
+                kept = "no checkpoint was written"
+                if self.last_save_step >= 0:
+                    kept = f"the checkpoint of step {self.last_save_step} is untouched"
+                raise MinigptError(
+                    f"{self.out}: saving the step-{self.step} checkpoint failed ({e.strerror or e}); {kept}"
+                ) from None
         if self.ranks.enabled:
             dist.barrier()
         self.last_save_step = self.step

@@ -25,7 +25,7 @@ def set_grads(model: nn.Module, step: int) -> None:
 @pytest.mark.parametrize("bucket", [None, 7])  # 7 entries: every tensor is cut into many slices
 def test_adamw_equals_torch_adamw(bucket, monkeypatch):
     if bucket:
-        monkeypatch.setattr(optim, "CPU_BUCKET", bucket)
+        monkeypatch.setattr(optim, "BUCKET", bucket)
     ours_model, torch_model = small_model(), small_model()
     lrs = [3e-3, 1e-3, 2e-4, 5e-4, 1e-4, 0.0]
     ours = AdamW(param_groups(ours_model, 0.1), lr=lrs[0], betas=(0.8, 0.99), eps=1e-6)

@@ -53,6 +53,7 @@ def without_speed(rows: list[dict]) -> list[dict]:
     return [{k: v for k, v in r.items() if k != "tokens_per_sec"} for r in rows]
 
 
+@pytest.mark.slow
 def test_tiny_preset_trains_then_samples_and_exports(tmp_path):
     out = tmp_path / "tiny"
     started = time.monotonic()
@@ -82,6 +83,7 @@ def test_tiny_preset_trains_then_samples_and_exports(tmp_path):
         assert (hf(idx).logits - ours(idx)[0]).abs().max().item() < 1e-4
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_is_bitwise_the_uninterrupted_run(tmp_path):
     flags = ("--max-steps", "30", "--save-every", "5", "--dropout", "0.1")
     whole = run_cli("train.py", *QUICK, "--out", str(tmp_path / "whole"), *flags, timeout=240)

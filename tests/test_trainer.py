@@ -143,6 +143,30 @@ def test_twenty_steps_match_transformers(tmp_path):
 # --- the loop's own rules ----------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_next_token_loss_equals_cross_entropy_in_value_and_gradient(dtype):
+    """The model's memory-saving cross-entropy (its gradient made in place) is F.cross_entropy."""
+    import torch.nn.functional as F
+
+    from minigpt.model import next_token_loss
+
+    g = torch.Generator().manual_seed(0)
+    logits = (torch.randn(37, 1000, generator=g) * 4).to(dtype)
+    targets = torch.randint(0, 1000, (37,), generator=g)
+    targets[[0, 5, 36]] = -100
+    ours_in, ref_in = logits.clone().requires_grad_(), logits.float().requires_grad_()
+    ours = next_token_loss(ours_in * 1, targets)  # (a non-leaf input, as the LM head's output is)
+    ref = F.cross_entropy(ref_in * 1, targets, ignore_index=-100)
+    (ours * 3).backward()
+    (ref * 3).backward()
+    assert ours.dtype == torch.float32 and ours.item() == pytest.approx(ref.item(), rel=1e-6)
+    assert ours_in.grad.dtype == dtype
+    tolerance = 1e-7 if dtype == torch.float32 else 1e-3
+    assert (ours_in.grad.float() - ref_in.grad).abs().max().item() < tolerance
+    assert not ours_in.grad[[0, 5, 36]].any()  # ignored positions get no gradient
+
+
+
 def test_accumulation_equals_one_big_batch(tmp_path):
     """2 micro-batches of 4 = 1 batch of 8, also on the short last batch of an epoch (22 = 8+8+6)."""
     train = random_blocks(22, 16, 300, seed=3)

@@ -1,0 +1,154 @@
+"""Data-parallel training with torchrun on the CPU (gloo): the same run as one process, and resumable."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file
+
+from conftest import ROOT, run_cli
+
+pytestmark = [
+    pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="no gloo"),
+    pytest.mark.slow,
+]
+
+# dropout 0: one process and two see the same examples, so they must compute the same numbers.
+# 110 training blocks = 13 batches of 8 and one of 6 (3 per rank): 20 steps cross an epoch end.
+FLAGS = ("--preset", "tiny", "--no-progress", "--log-every", "1", "--max-steps", "20", "--eval-every", "5")
+
+
+@pytest.fixture(autouse=True)
+def environment(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("MINIGPT_CACHE", str(tmp_path_factory.getbasetemp() / "ddp-cache"))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+
+
+def torchrun(out: Path, *args: str, nproc: int = 2, background: bool = False):
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+        str(ROOT / "train.py"), *FLAGS, "--out", str(out), *args,
+    ]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    if background:  # its own process group, so that killing it kills every rank
+        return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env=env, cwd=ROOT, start_new_session=True)
+    return subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+
+
+def metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def weights(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(out / "model.safetensors"))
+
+
+def checkpoint_step(out: Path) -> int | None:
+    try:
+        return json.loads((out / "training_state.json").read_text())["step"]
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def children(pid: int) -> list[int]:
+    """Processes whose parent is `pid` (torchrun starts each rank in a session of its own, so
+    killing torchrun's process group would not reach them)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def kill_after_checkpoint(proc: subprocess.Popen, out: Path, step: int) -> int:
+    """SIGKILL every rank and torchrun as soon as a checkpoint of at least `step` exists."""
+    try:
+        deadline = time.monotonic() + 240
+        while (checkpoint_step(out) or 0) < step and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        for pid in children(proc.pid):
+            os.kill(pid, signal.SIGKILL)
+        os.killpg(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+    time.sleep(0.5)  # let the killed ranks be reaped
+    killed_at = checkpoint_step(out)
+    assert killed_at is not None and step <= killed_at < 20
+    return killed_at
+
+
+def assert_same_run(a: Path, b: Path, rel: float = 1e-5) -> None:
+    ra, rb = metrics(a), metrics(b)
+    assert [r["step"] for r in ra] == [r["step"] for r in rb]
+    for x, y in zip(ra, rb):
+        key = "loss" if "loss" in x else "val_loss"
+        assert x[key] == pytest.approx(y[key], rel=rel, abs=0), (x, y)
+    wa, wb = weights(a), weights(b)
+    assert all((wa[k] - wb[k]).abs().max().item() <= 1e-5 for k in wa)
+
+
+@pytest.fixture(scope="module")
+def one_process_of_8(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("one") / "run"
+    env = {"MINIGPT_CACHE": str(tmp_path_factory.getbasetemp() / "ddp-cache"), "OMP_NUM_THREADS": "1"}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        result = run_cli("train.py", *FLAGS, "--out", str(out), "--batch-size", "8", "--dropout", "0")
+    finally:
+        for k, v in old.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+def test_two_ranks_of_4_equal_one_process_of_8(tmp_path, one_process_of_8):
+    ddp = torchrun(tmp_path / "ddp", "--batch-size", "4", "--dropout", "0")
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    assert "4 x 64 tokens x 1 accumulation x 2 process(es) = 8 examples" in ddp.stdout
+    assert ddp.stdout.count("model: ") == 1  # only rank 0 talks
+    assert_same_run(tmp_path / "ddp", one_process_of_8)
+    # validation: the mean over all examples, whichever rank held them
+    val = lambda out: [r["val_loss"] for r in metrics(out) if "val_loss" in r]  # noqa: E731
+    assert val(tmp_path / "ddp") == pytest.approx(val(one_process_of_8), rel=1e-6, abs=0)
+
+
+def test_killed_ddp_run_resumes_to_the_uninterrupted_run(tmp_path):
+    flags = ("--batch-size", "4", "--dropout", "0.1", "--save-every", "4")
+    whole = torchrun(tmp_path / "whole", *flags)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    out = tmp_path / "killed"
+    killed_at = kill_after_checkpoint(torchrun(out, *flags, background=True), out, 4)
+    resumed = torchrun(out, *flags, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"at step {killed_at}" in resumed.stdout
+    wa, wb = weights(tmp_path / "whole"), weights(out)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)  # dropout too: each rank's RNG state restored
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "tokens_per_sec"} for r in rows]  # noqa: E731
+    assert strip(metrics(out)) == strip(metrics(tmp_path / "whole"))
+
+
+def test_resume_on_one_process_with_the_same_global_batch(tmp_path, one_process_of_8):
+    out = tmp_path / "moved"
+    ddp = torchrun(out, "--batch-size", "4", "--dropout", "0", "--save-every", "4", background=True)
+    kill_after_checkpoint(ddp, out, 4)
+    other = run_cli("train.py", *FLAGS, "--out", str(out), "--batch-size", "4", "--dropout", "0", "--resume")
+    assert other.returncode == 2
+    assert "was made with --batch-size x processes 8, not 4" in other.stderr
+    resumed = run_cli("train.py", *FLAGS, "--out", str(out), "--batch-size", "8", "--dropout", "0", "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert_same_run(out, one_process_of_8)
