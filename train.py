@@ -118,35 +118,14 @@ def run_config(args: argparse.Namespace, world_size: int, dtype_name: str, max_s
 
 
 def preset_tokenizer():
-    """A byte-level BPE vocabulary of TINY_VOCAB tokens learned from the answers of the bundled ELI5
-    sample: small, so the tiny model's embedding and LM head are small too, and made offline."""
-    from tokenizers import Tokenizer as Backend
-    from tokenizers import decoders, models, pre_tokenizers, trainers
-
+    """A TINY_VOCAB-token BPE vocabulary learned from the answers of the bundled ELI5 sample."""
     from minigpt.data import tiny_preset_path
     from minigpt.formats import answers_text
-    from minigpt.tokenizer import EOS_TOKEN, Tokenizer
+    from minigpt.tokenizer import Tokenizer
 
     lines = tiny_preset_path().read_text(encoding="utf-8").splitlines()
     texts = [answers_text(json.loads(line)["answers"]["text"]) for line in lines if line.strip()]
-    backend = Backend(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=TINY_VOCAB, special_tokens=[EOS_TOKEN], show_progress=False,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    backend.train_from_iterator(texts, trainer)
-    return Tokenizer(backend)
-
-
-def load_tokenizer(source: str):
-    from minigpt.tokenizer import Tokenizer
-
-    path = Path(source).expanduser()
-    if path.is_file():
-        return Tokenizer.from_file(path)
-    return Tokenizer.from_dir(path) if path.is_dir() else Tokenizer.from_hub(source)
+    return Tokenizer.train_bpe(texts, TINY_VOCAB)
 
 
 def build_model(args: argparse.Namespace, resume_from: Path | None):
@@ -157,11 +136,12 @@ def build_model(args: argparse.Namespace, resume_from: Path | None):
     from minigpt.config import GPTConfig
     from minigpt.hf import load_model
     from minigpt.model import GPT
+    from minigpt.tokenizer import Tokenizer
 
     if resume_from is not None:
         return load_model(resume_from)
     if args.init == "scratch":
-        tokenizer = preset_tokenizer() if args.preset == "tiny" else load_tokenizer(args.tokenizer)
+        tokenizer = preset_tokenizer() if args.preset == "tiny" else Tokenizer.from_source(args.tokenizer)
         config = GPTConfig(
             vocab_size=tokenizer.vocab_size, block_size=args.block_size, n_layer=args.n_layer or 6,
             n_head=args.n_head or 12, n_embd=args.n_embd or 768,
