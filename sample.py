@@ -132,7 +132,7 @@ def load(args: argparse.Namespace):
                 f"no --model given, no checkpoint in {DEFAULT_CHECKPOINT}/, and {DEFAULT_HUB_MODEL} "
                 f"could not be fetched (the Hugging Face Hub is unreachable or offline): pass "
                 f"--model FOLDER (a minigpt or HF GPT-2 folder), or train one with "
-                f"`python train.py --preset tiny`"
+                f"`python train.py --preset tiny` and pass --model checkpoints/tiny"
             ) from None
     return prepare_for_inference(model, args.quantize), tokenizer
 
