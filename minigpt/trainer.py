@@ -38,7 +38,6 @@ and every file read through it is from the same step. Readers need no recovery s
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import math
 import os
