@@ -25,7 +25,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .config import GPTConfig
-from .errors import MinigptError
+from .errors import MinigptError, reason
 from .model import GPT
 from .tokenizer import Tokenizer
 
@@ -269,8 +269,7 @@ def atomic_folder(out: str | os.PathLike) -> Iterator[Path]:
     except (OSError, SafetensorError) as e:  # safetensors reports a failed write as its own error
         shutil.rmtree(tmp, ignore_errors=True)
         kept = "the previous version is untouched" if out.is_dir() else "nothing was written"
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise MinigptError(f"{out}: saving failed ({reason}); {kept}") from None
+        raise MinigptError(f"{out}: saving failed ({reason(e)}); {kept}") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

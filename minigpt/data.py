@@ -59,7 +59,7 @@ import torch
 from tqdm import tqdm
 
 from .checkpoint import atomic_folder, read_json
-from .errors import MinigptError
+from .errors import MinigptError, reason
 from .formats import FORMATS, answers_text, qa_text
 from .tokenizer import Tokenizer
 
@@ -427,9 +427,8 @@ def _read_hub(limit: int) -> list[dict]:
     try:
         ds = load_dataset("json", data_files=HUB_TRAIN_FILE, split="train")
     except Exception as e:  # offline, Hub down, file moved: the user can always pass local files
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise MinigptError(
-            f"{HUB_TRAIN_FILE}: cannot load ELI5 from the Hugging Face Hub ({reason}); if offline, "
+            f"{HUB_TRAIN_FILE}: cannot load ELI5 from the Hugging Face Hub ({reason(e)}); if offline, "
             "pass local files instead: --data eli5-category-train.json.gz (or .jsonl/.parquet/.csv/.txt)"
         ) from None
     return ds.select(range(min(limit, len(ds)))).to_list()
@@ -471,7 +470,7 @@ def _read_parquet(path: Path) -> list[dict]:
         wanted = [c for c in ("q_id", "title", "selftext", "answers") if c in names]
         return pq.read_table(path, columns=wanted).to_pylist()
     except Exception as e:  # pyarrow's errors have many types; all mean "not a usable parquet file"
-        raise MinigptError(f"{path}: not a readable parquet file ({str(e).splitlines()[0]})") from None
+        raise MinigptError(f"{path}: not a readable parquet file ({reason(e)})") from None
 
 
 def _read_csv(path: Path) -> list[dict]:

@@ -8,3 +8,10 @@ its traceback.
 
 class MinigptError(Exception):
     """A user-facing error: bad input, a missing file, an unsupported setting."""
+
+
+def reason(e: BaseException) -> str:
+    """The first line of an exception's message (its type's name when empty): wrapped libraries
+    raise multi-line errors, and a user error must stay one line."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__

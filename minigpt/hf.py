@@ -39,7 +39,7 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .config import GPTConfig
-from .errors import MinigptError
+from .errors import MinigptError, reason
 from .model import GPT
 from .tokenizer import Tokenizer
 
@@ -113,8 +113,7 @@ def _load_legacy_bin(path: Path, expected: dict) -> dict[str, torch.Tensor]:
             "anything else, as that can run code. Use a model.safetensors instead"
         ) from None
     except Exception as e:  # RuntimeError for a damaged zip, EOFError for a truncated file, ...
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise MinigptError(f"{path}: not a PyTorch weights file ({reason})") from None
+        raise MinigptError(f"{path}: not a PyTorch weights file ({reason(e)})") from None
     if not isinstance(raw, dict) or not all(isinstance(v, torch.Tensor) for v in raw.values()):
         raise MinigptError(f"{path}: not a state dict of tensors")
     shapes = {k: tuple(v.shape) for k, v in raw.items()}
@@ -184,10 +183,9 @@ def download_from_hub(repo_id: str, kind: str = "model") -> Path:
         if kind == "model" and not _hf_weight_files(folder):  # an old repo with only a .bin
             folder = Path(snapshot_download(repo_id, allow_patterns=patterns + ["pytorch_model.bin"]))
     except Exception as e:  # offline, unknown repo, gated repo, ...
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise MinigptError(
             f"{repo_id}: no such local folder, and the Hugging Face Hub could not provide it "
-            f"({reason}). Pass a local checkpoint folder instead."
+            f"({reason(e)}). Pass a local checkpoint folder instead."
         ) from None
     return folder
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, processors
 
-from .errors import MinigptError
+from .errors import MinigptError, reason
 
 EOS_TOKEN = "<|endoftext|>"
 TOKENIZER_FILE = "tokenizer.json"
@@ -44,8 +44,7 @@ class Tokenizer:
         try:
             backend = HFTokenizer.from_file(str(path))
         except Exception as e:  # the Rust side raises plain Exceptions with multi-line text
-            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise MinigptError(f"{path}: not a valid tokenizer.json ({reason})") from None
+            raise MinigptError(f"{path}: not a valid tokenizer.json ({reason(e)})") from None
         return cls(backend, source=path)
 
     @classmethod
@@ -57,8 +56,7 @@ class Tokenizer:
         try:
             backend = HFTokenizer(models.BPE.from_file(str(vocab), str(merges)))
         except Exception as e:
-            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise MinigptError(f"{vocab}: not a GPT-2 vocabulary + merges pair ({reason})") from None
+            raise MinigptError(f"{vocab}: not a GPT-2 vocabulary + merges pair ({reason(e)})") from None
         backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         backend.decoder = decoders.ByteLevel()
         backend.post_processor = processors.ByteLevel(trim_offsets=False)
