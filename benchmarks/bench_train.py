@@ -9,13 +9,14 @@ shape (dropout 0.1, train mode), from the same weights:
                   implementation for the device) + get_linear_schedule_with_warmup + clip_grad_norm_
 
     speed     in ONE process, steps alternate between the two sides (so a noisy neighbour slows both
-              alike); best and median step time over --steps steps after warm-up; tokens/s and the
-              ratio to transformers fp32 from the best (on a shared machine the least disturbed step
-              is the most repeatable figure)
+              alike); best and median step time over --steps steps after warm-up; tokens/s from the
+              best (on a shared machine the least disturbed step is the most repeatable figure), the
+              ratio to transformers fp32 from the best and from the median
     memory    a fresh process per side and precision: the peak resident (CPU) or allocated (CUDA)
               memory of 3 steps, above what the process held after importing torch and transformers
     MFU       model FLOPs per step (6 x matmul parameters + 12 x layers x T x width, per token)
-              over the step time, against this machine's matmul peak measured here
+              over the best step time, against this machine's matmul peak: the best of the model's
+              MLP matmul, timed before and after the steps
     loss      with --loss-steps N: our loop trained N steps in fp32 and in bf16 autocast from the
               same weights on the same real batches: the last step's losses (bf16 should be within 1%)
 
@@ -351,30 +352,34 @@ def main(argv=None) -> None:
         print(f"model: {config.num_parameters():,} parameters ({config.n_layer} layers, {config.n_embd} wide), "
               f"batch {args.batch_size} x {args.block_size} ({data}), dropout {config.dropout}, "
               f"{flops / 1e9:,.0f} GFLOP a step; {args.steps} steps per side after {args.warmup} warm-up, "
-              "alternating; tokens/s, ratio and MFU from the best step (the least disturbed by other jobs)")
-        print()
-        print("| precision | side | step (s), best / median | tokens/s | vs transformers fp32 | MFU | peak memory (MB) |")
-        print("|---|---|---:|---:|---:|---:|---:|")
-        baseline = None
+              "alternating; tokens/s and MFU from the best step (the least disturbed by other jobs)")
+        results = []
         for dtype_name in dtypes:
             dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype_name]
             sides = [Transformers(folder, device, dtype), Ours(folder, device, dtype)]
             times = time_steps(sides, batches[0], args, device)
             del sides
             gc.collect()
-            if dtype_name == "fp32":
-                baseline = min(times["transformers"])
-            for name in ("transformers", "ours"):
-                seconds = min(times[name])
-                memory = peak_memory(name, dtype_name, folder, device, args)
-                print(
-                    f"| {dtype_name} | {name} | {seconds:.2f} / {statistics.median(times[name]):.2f} | "
-                    f"{tokens / seconds:,.0f} | "
-                    f"{baseline / seconds if baseline else float('nan'):.2f}x | "
-                    f"{flops / seconds / peaks[dtype_name]:.1%} | "
-                    f"{memory / 2**20 if memory is not None else float('nan'):,.0f} |",
-                    flush=True,
-                )
+            results += [(dtype_name, name, times[name]) for name in ("transformers", "ours")]
+        for d in dtypes:  # the peak again, after the steps: the machine may have been busier before
+            peaks[d] = max(peaks[d], matmul_peak(device, {"fp32": torch.float32, "bf16": torch.bfloat16,
+                                                          "fp16": torch.float16}[d]))
+        print("matmul peak, best of before and after: " + ", ".join(f"{k} {v / 1e9:,.1f} GFLOP/s" for k, v in peaks.items()))
+        print()
+        print("| precision | side | step (s), best / median | tokens/s | vs transformers fp32, best / median "
+              "| MFU | peak memory (MB) |")
+        print("|---|---|---:|---:|---:|---:|---:|")
+        base = {r[1]: r[2] for r in results if r[0] == "fp32"}.get("transformers")
+        for dtype_name, name, times in results:
+            best, median = min(times), statistics.median(times)
+            ratio = f"{min(base) / best:.2f}x / {statistics.median(base) / median:.2f}x" if base else "n/a"
+            memory = peak_memory(name, dtype_name, folder, device, args)
+            print(
+                f"| {dtype_name} | {name} | {best:.2f} / {median:.2f} | {tokens / best:,.0f} | {ratio} | "
+                f"{flops / best / peaks[dtype_name]:.1%} | "
+                f"{memory / 2**20 if memory is not None else float('nan'):,.0f} |",
+                flush=True,
+            )
         if args.loss_steps:
             losses = loss_comparison(folder, batches, device, args.loss_steps)
             diff = abs(losses["bf16"] - losses["fp32"]) / losses["fp32"]

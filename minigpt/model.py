@@ -82,7 +82,7 @@ class Dropout(nn.Module):
             return x
         if x.device.type != "cpu" or torch.compiler.is_compiling():
             return F.dropout(x, self.p, training=True)
-        dropped = round(self.p * 2**16)  # of the 2^16 values 16 random bits can take
+        dropped = min(round(self.p * 2**16), 2**16 - 1)  # of the 2^16 values 16 random bits can take
         bits = torch.randint(-(2**63), 2**63 - 1, ((x.numel() + 3) // 4,), dtype=torch.int64)
         keep = bits.view(torch.int16)[: x.numel()].view(x.shape) >= dropped - 2**15  # (int16 is signed)
         return x.mul(keep).mul_(2**16 / (2**16 - dropped))
