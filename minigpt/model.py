@@ -331,11 +331,13 @@ class _CrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         # fp32 even under autocast, as F.cross_entropy does: a softmax over 50k entries needs it
-        logprobs = torch.empty(logits.shape, dtype=torch.float32, device=logits.device)  # (N, vocab)
-        # log_softmax needs contiguous rows, and would first copy padded logits (see LMHead) whole:
-        # 32 rows at a time, each copy is small enough to stay in cache.
-        for rows, out in zip(logits.split(32), logprobs.split(32)):
-            torch.log_softmax(rows, dim=-1, dtype=torch.float32, out=out)
+        if logits.is_contiguous():
+            logprobs = torch.log_softmax(logits, dim=-1, dtype=torch.float32)  # (N, vocab)
+        else:  # padded rows (see LMHead): log_softmax would first copy them whole; 32 rows at a
+            # time, each copy is small enough to stay in cache
+            logprobs = torch.empty(logits.shape, dtype=torch.float32, device=logits.device)
+            for rows, out in zip(logits.split(32), logprobs.split(32)):
+                torch.log_softmax(rows, dim=-1, dtype=torch.float32, out=out)
         scored = targets != -100
         safe = targets.masked_fill(~scored, 0)  # any valid index; those rows are zeroed
         picked = logprobs.gather(1, safe[:, None]).squeeze(1).masked_fill_(~scored, 0.0)
