@@ -313,7 +313,7 @@ def main(argv=None) -> None:
     import torch
 
     from minigpt.config import GPTConfig
-    from minigpt.runtime import resolve_device
+    from minigpt.runtime import DTYPES, resolve_device
 
     device = resolve_device(args.device)
     peaks = {"fp32": matmul_peak(device, torch.float32)}
@@ -355,15 +355,14 @@ def main(argv=None) -> None:
               "alternating; tokens/s and MFU from the best step (the least disturbed by other jobs)")
         results = []
         for dtype_name in dtypes:
-            dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype_name]
+            dtype = DTYPES[dtype_name]
             sides = [Transformers(folder, device, dtype), Ours(folder, device, dtype)]
             times = time_steps(sides, batches[0], args, device)
             del sides
             gc.collect()
             results += [(dtype_name, name, times[name]) for name in ("transformers", "ours")]
         for d in dtypes:  # the peak again, after the steps: the machine may have been busier before
-            peaks[d] = max(peaks[d], matmul_peak(device, {"fp32": torch.float32, "bf16": torch.bfloat16,
-                                                          "fp16": torch.float16}[d]))
+            peaks[d] = max(peaks[d], matmul_peak(device, DTYPES[d]))
         print("matmul peak, best of before and after: " + ", ".join(f"{k} {v / 1e9:,.1f} GFLOP/s" for k, v in peaks.items()))
         print()
         print("| precision | side | step (s), best / median | tokens/s | vs transformers fp32, best / median "

@@ -103,7 +103,6 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         self.n_head = config.n_head
         self.layer_idx = layer_idx  # which slot of the KV cache is ours
-        self.dropout = config.dropout
         self.attn_impl = config.attn_impl
         # One matmul produces queries, keys and values for all heads at once.
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)
@@ -123,7 +122,7 @@ class CausalSelfAttention(nn.Module):
             t_past = kv_cache.length
             k, v = kv_cache.update(self.layer_idx, k, v)  # (B, nh, t_past + T, hs)
 
-        dropout_p = self.dropout if self.training else 0.0
+        dropout_p = self.attn_dropout.p if self.training else 0.0
         # On the CPU no fused kernel supports dropout: SDPA would fall back to the reference math
         # itself, with torch's slower dropout mask.
         if self.attn_impl == "sdpa" and not (dropout_p > 0 and x.device.type == "cpu"):
