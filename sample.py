@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Generate text with a GPT-2 model, streamed to stdout as it is decoded.
+"""Generate text with a GPT-2 model, streamed to stdout as it is decoded; or see what it thinks of a text.
 
   python sample.py "Somatic hypermutation allows the immune system to"
   python sample.py --interactive                      # ask questions, answers stream back
@@ -7,6 +7,9 @@
   python sample.py --num-samples 3 --seed 0 "Once upon a time"
   python sample.py --quantize int8 --stats "Why is the sky blue?"
   python sample.py --file prompts.txt                 # one prompt per line ("-" reads stdin)
+  python sample.py --show-probs "Why is the sky blue?"          # tokens coloured by probability
+  python sample.py --trace trace.jsonl --top-alternatives 3 "Why"  # each token's numbers, JSON lines
+  python sample.py --score "The sky is blue because of Rayleigh scattering."  # surprisal, perplexity
 
 stdout carries only text (each prompt followed by its continuation), so it pipes cleanly; warnings
 and --stats go to stderr. Sampling settings default to the distilgpt2 model card's
@@ -17,52 +20,50 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 from typing import Sequence
 
-from minigpt.cli import non_negative_float, non_negative_int, positive_float, positive_int, run
-from minigpt.cli import seed, unit_interval
+from minigpt.cli import add_config_flags, config_from_flags, positive_int, run, seed
 from minigpt.errors import MinigptError
+from minigpt.sampling_config import SamplingConfig
 
 DEFAULT_CHECKPOINT = Path("checkpoints/eli5")  # where `python train.py` writes by default
 DEFAULT_HUB_MODEL = "distilbert/distilgpt2"
 
 
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # a usage error is one line (and exit 2), like every other error
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    p.add_argument(
-        "prompts", nargs="*", metavar="PROMPT",
-        help='text to continue; several prompts are answered one after another; "-" reads one '
-        'prompt per line from stdin; "" starts from <|endoftext|>',
-    )
+    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("prompts", nargs="*", metavar="PROMPT",
+                   help='text to continue; several prompts are answered one after another; "-" '
+                   'reads one prompt per line from stdin; "" starts from <|endoftext|>')
     p.add_argument("--file", metavar="PATH", help='read one prompt per line from a UTF-8 file ("-": stdin)')
-    p.add_argument(
-        "--model",
-        help=f"a minigpt checkpoint folder, a Hugging Face GPT-2 folder or a Hub id (default: "
-        f"{DEFAULT_CHECKPOINT}/ if train.py has written it, else {DEFAULT_HUB_MODEL})",
-    )
+    p.add_argument("--model", help=f"a minigpt checkpoint folder, a Hugging Face GPT-2 folder or "
+                   f"a Hub id (default: {DEFAULT_CHECKPOINT}/ if train.py has written it, else {DEFAULT_HUB_MODEL})")
     g = p.add_argument_group("sampling")
-    g.add_argument("--max-new-tokens", type=positive_int, default=100, metavar="N",
-                   help="stop after N new tokens (or earlier, at <|endoftext|>) (default: 100)")
-    g.add_argument("--temperature", type=non_negative_float, default=1.0, metavar="T",
-                   help="divide the logits by T: < 1 is more focused, > 1 more random, "
-                   "0 is greedy (default: 1.0)")
-    g.add_argument("--top-k", type=non_negative_int, default=50, metavar="K",
-                   help="sample only among the K most likely tokens; 0 turns it off (default: 50)")
-    g.add_argument("--top-p", type=unit_interval, default=0.95, metavar="P",
-                   help="sample only among the fewest most likely tokens whose probabilities add "
-                   "up to P; 1 turns it off (default: 0.95)")
-    g.add_argument("--repetition-penalty", type=positive_float, default=1.0, metavar="R",
-                   help="make tokens already in the text R times less likely; 1 turns it off, "
-                   "1.2 is a common choice (default: 1.0)")
-    g.add_argument("--greedy", action="store_true",
-                   help="always take the most likely token (deterministic; ignores T, K and P)")
+    add_config_flags(g, SamplingConfig)
     g.add_argument("--num-samples", type=positive_int, default=1, metavar="N",
                    help="continue each prompt N times, decoded together as one batch (default: 1)")
     g.add_argument("--seed", type=seed, help="random seed, for reproducible samples")
+    g = p.add_argument_group("see the model think")
+    g.add_argument("--show-probs", action="store_true",
+                   help="colour each new token by the probability the model gave it (legend on "
+                   "stderr); only when stdout is a terminal, so piped text stays plain")
+    g.add_argument("--trace", metavar="FILE",
+                   help='a JSON line per new token and sample ("-": stderr): its id, text and '
+                   "probability, the likeliest alternatives, whether temperature/top-k/top-p kept "
+                   "each, the candidate set's size and mass. Probabilities: the softmax of the "
+                   "logits before temperature/top-k/top-p, after the repetition penalty if set")
+    g.add_argument("--top-alternatives", type=positive_int, default=5, metavar="K",
+                   help="alternatives per --trace row (default: 5)")
+    g.add_argument("--score", metavar="TEXT",
+                   help="generate nothing: each token of TEXT with its probability after the ones "
+                   "before it, the most surprising tokens, mean loss, perplexity (--trace: rows)")
+    g.add_argument("--score-file", metavar="PATH", help='--score the text of a UTF-8 file ("-": stdin)')
     g = p.add_argument_group("speed")
     g.add_argument("--device", default="auto",
                    help="auto (CUDA, then Apple MPS, then CPU), cpu, cuda or mps (default: auto)")
@@ -79,10 +80,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="question/answer loop: type a question, the answer streams back "
                    "(prompted as 'Question: ...\\nAnswer:'); Ctrl-D exits")
     args = p.parse_args(argv)
+    args.scoring = args.score is not None or args.score_file is not None
+    if args.scoring and (args.prompts or args.file or args.interactive or (args.score_file and args.score)):
+        p.error("--score / --score-file read one text and generate nothing; give no PROMPT, "
+                "--file, --interactive or second text")
     if args.interactive and (args.prompts or args.file):
         p.error("--interactive reads questions as you type them; give no PROMPT or --file")
-    if not args.interactive and not args.prompts and args.file is None:
-        p.error("give a PROMPT (or --file PATH, or --interactive)")
+    if not args.interactive and not args.scoring and not args.prompts and args.file is None:
+        p.error("give a PROMPT (or --file PATH, --interactive or --score TEXT)")
     return args
 
 
@@ -98,23 +103,25 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
 
 def read_lines(path: str) -> list[str]:
     """Non-blank lines of a UTF-8 text file, or of stdin for "-"."""
+    return [line for line in read_text(path).splitlines() if line.strip()]
+
+
+def read_text(path: str, what: str = "prompt file") -> str:
+    """A UTF-8 text file's text, or stdin's for "-"."""
     try:
         if path == "-":
-            text = sys.stdin.buffer.read().decode("utf-8")
-        else:
-            text = Path(path).read_text(encoding="utf-8")
+            return sys.stdin.buffer.read().decode("utf-8")
+        return Path(path).read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise MinigptError(f"{path}: prompt file not found") from None
+        raise MinigptError(f"{path}: {what} not found") from None
     except IsADirectoryError:
-        raise MinigptError(f"{path}: is a folder, not a prompt file") from None
+        raise MinigptError(f"{path}: is a folder, not a {what}") from None
     except UnicodeDecodeError as e:
         raise MinigptError(f"{'stdin' if path == '-' else path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    return [line for line in text.splitlines() if line.strip()]
 
 
 def load(args: argparse.Namespace):
-    """The model (in its inference layout) and tokenizer that --model, --device, --dtype and
-    --quantize ask for."""
+    """The model (in its inference layout) and tokenizer that --model/--device/--dtype/--quantize ask for."""
     from minigpt.hf import load_model
     from minigpt.inference import prepare_for_inference
     from minigpt.runtime import setup_device
@@ -139,101 +146,50 @@ def load(args: argparse.Namespace):
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    prompts = [] if args.interactive else read_prompts(args)
+    text = args.score if args.score is not None else read_text(args.score_file, "text file") if args.scoring else None
+    if text == "":
+        raise MinigptError(f"{args.score_file or '--score'}: the text to score is empty")
+    prompts = [] if args.interactive or args.scoring else read_prompts(args)
 
-    import torch  # heavy imports after parsing, so --help and usage errors are instant
-
+    # heavy imports (torch) after parsing, so --help and usage errors are instant
     from minigpt.formats import qa_prompt
-    from minigpt.sampling import SamplingConfig
+    from minigpt.sampling import seeded_generator
+    from minigpt.streaming import check_trace_path, complete, questions, trace_output
+    from minigpt.trace import format_score, legend, score, write_rows
 
+    check_trace_path(args.trace)
     model, tokenizer = load(args)
-    config = SamplingConfig(
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        repetition_penalty=args.repetition_penalty,
-        greedy=args.greedy,
-        eos_id=tokenizer.eos_id,
-    )
-    generator = torch.Generator(device=model.transformer.wpe.weight.device)
-    if args.seed is not None:
-        generator.manual_seed(args.seed)
-    else:
-        generator.seed()
+    config = config_from_flags(SamplingConfig, args, eos_id=tokenizer.eos_id)
+    coloured = args.show_probs and sys.stdout.isatty()
+    if args.show_probs:  # the legend, or why there are no colours
+        print(legend(sys.stderr.isatty()) if coloured else "--show-probs: stdout is not a terminal, "
+              "so the text stays plain (--trace FILE writes the numbers)", file=sys.stderr)
+    if args.scoring:
+        result = score(model, tokenizer, text, config, args.top_alternatives)
+        sys.stdout.write(format_score(result, tokenizer, coloured))
+        with trace_output(args.trace) as trace:
+            write_rows(trace, result.rows, prompt=0, sample=0)
+        return 0
 
-    if args.interactive:
-        while True:
-            sys.stderr.write("question> ")
-            sys.stderr.flush()
-            question = sys.stdin.readline()
-            if not question:  # Ctrl-D
-                sys.stderr.write("\n")
-                return 0
-            if question.strip():
-                complete(model, tokenizer, qa_prompt(question), "", config, args, generator)
-    for i, prompt in enumerate(prompts):
-        if i:
-            sys.stdout.write("\n")  # a blank line between outputs
-        complete(model, tokenizer, prompt, prompt, config, args, generator)
+    generator = seeded_generator(model, args.seed)
+
+    def answer(prompt: str, shown: str, index: int) -> None:
+        done = complete(model, tokenizer, prompt, config, shown=shown, num_samples=args.num_samples,
+                        generator=generator, coloured=coloured, trace=trace,
+                        top_alternatives=args.top_alternatives, prompt_index=index)
+        if args.stats:
+            print(f"prompt tokens {done.prompt_tokens} | time to first token {done.time_to_first_token:.3f} s "
+                  f"| new tokens {done.new_tokens} | decode {done.decode_rate:.1f} tokens/s", file=sys.stderr)
+
+    with trace_output(args.trace) as trace:
+        if args.interactive:
+            for index, question in enumerate(questions()):
+                answer(qa_prompt(question), "", index)
+        for index, prompt in enumerate(prompts):
+            if index:
+                sys.stdout.write("\n")  # a blank line between outputs
+            answer(prompt, prompt, index)
     return 0
-
-
-def complete(model, tokenizer, prompt: str, shown: str, config, args, generator) -> None:
-    """Continue `prompt`, writing `shown` and then the continuation to stdout.
-
-    One sample streams token by token; several are decoded as one batch and written when done.
-    """
-    from minigpt.sampling import TextStream, generate
-
-    ids = tokenizer.encode(prompt)
-    window = model.config.block_size
-    if len(ids) > window:
-        print(
-            f"warning: the prompt is {len(ids)} tokens, longer than the model's {window}-token "
-            f"context window; only its last {window} tokens are used",
-            file=sys.stderr,
-        )
-    streams = [TextStream(tokenizer) for _ in range(args.num_samples)]
-    texts = [shown] * args.num_samples
-    counts = [0] * args.num_samples  # new tokens per sample, its EOS included
-    finished = [False] * args.num_samples
-    live = args.num_samples == 1
-    if live:
-        sys.stdout.write(shown)
-        sys.stdout.flush()
-
-    start = time.perf_counter()
-    first = last = start
-    for new in generate(model, ids, config, args.num_samples, generator):
-        last = time.perf_counter()
-        if first == start:
-            first = last  # the first token ends the prefill
-        for row, token in enumerate(new.tolist()):
-            if finished[row]:
-                continue
-            counts[row] += 1
-            finished[row] = token == config.eos_id
-            piece = "" if finished[row] else streams[row].push(token)
-            texts[row] += piece
-            if live and piece:
-                sys.stdout.write(piece)
-                sys.stdout.flush()
-    tails = [stream.flush() for stream in streams]  # a character cut off by the last token
-    if live:
-        sys.stdout.write(tails[0] + "\n")
-    else:
-        sys.stdout.write("\n".join(text + tail + "\n" for text, tail in zip(texts, tails)))
-    sys.stdout.flush()
-
-    if args.stats:
-        decoded = sum(counts) - args.num_samples  # the first token of each sample ends the prefill
-        rate = decoded / (last - first) if last > first else 0.0
-        print(
-            f"prompt tokens {min(len(ids), window) or 1} | time to first token "
-            f"{first - start:.3f} s | new tokens {sum(counts)} | decode {rate:.1f} tokens/s",
-            file=sys.stderr,
-        )
 
 
 if __name__ == "__main__":

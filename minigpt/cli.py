@@ -1,10 +1,12 @@
-"""What the three CLIs share: argument types that reject bad values, and the error boundary."""
+"""What the three CLIs share: argument types that reject bad values, flags built from config
+dataclasses (each defined once), and the error boundary."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 from .errors import MinigptError
 
@@ -42,3 +44,32 @@ non_negative_float = _number(float, lambda v: 0 <= v < float("inf"), "a number >
 unit_interval = _number(float, lambda v: 0 < v <= 1, "a number in (0, 1]")
 fraction = _number(float, lambda v: 0 <= v < 1, "a number in [0, 1)")
 seed = _number(int, lambda v: 0 <= v < 2**63, "a seed in [0, 2**63)")  # torch's generator range
+
+
+# --- flags defined once, on the config dataclass they fill ------------------------------------
+
+
+def flag(help: str, parse: Callable[[str], Any] | None = None, metavar: str | None = None) -> dict:
+    """A dataclass field's metadata making it a command-line flag: `--field-name`, parsed with
+    `parse` (None: a boolean switch), its default the field's. Use as `field(metadata=flag(...))`."""
+    return {"flag": (help, parse, metavar)}
+
+
+def add_config_flags(group: argparse._ActionsContainer, config_class: type) -> None:
+    """Add one flag per field of `config_class` that carries `flag` metadata, in field order."""
+    for f in dataclasses.fields(config_class):
+        if "flag" not in f.metadata:
+            continue
+        help, parse, metavar = f.metadata["flag"]
+        name = "--" + f.name.replace("_", "-")
+        if parse is None:
+            group.add_argument(name, dest=f.name, action="store_true", help=help)
+        else:
+            group.add_argument(name, dest=f.name, type=parse, default=f.default, metavar=metavar,
+                               help=f"{help} (default: {f.default})")
+
+
+def config_from_flags(config_class: type, args: argparse.Namespace, **more: Any) -> Any:
+    """`config_class` filled from the parsed flags `add_config_flags` added (plus `more`)."""
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(config_class) if "flag" in f.metadata}
+    return config_class(**values, **more)

@@ -1,36 +1,40 @@
 """Text generation: the decoding loop on the KV cache, and the logit filters that shape each step.
 
-One step of sampling turns the model's next-token logits into a token, in Hugging Face's order:
+One step of sampling (`next_token`) turns the model's next-token logits into a token, in Hugging
+Face's order:
 
-    scores = repetition_penalty(logits, tokens so far)   # make repeats less (or more) likely
-    scores = scores / temperature                        # < 1 sharpens, > 1 flattens
-    scores = top_k_filter(scores, k)                     # keep the k most likely (and ties)
-    scores = top_p_filter(scores, p)                     # keep the smallest set holding mass p
-    token  = multinomial(softmax(scores))
+    scores = penalized_scores(logits, tokens so far, config)  # fp32; apply_repetition_penalty
+    values, ids = candidate_scores(scores, config)            # the candidate set:
+        #   apply_temperature(scores, t)                           < 1 sharpens, > 1 flattens
+        #   candidates(scores, k)                                  top-k: the k most likely (and ties)
+        #   top_p_filter(values, p)                                the fewest holding mass p
+    token = draw(values, ids, generator)                     # multinomial(softmax(values))
 
-Greedy decoding keeps the penalty (as HF does), skips the rest and takes the argmax. Each filter is a small pure function
-equal, number for number, to its transformers counterpart (RepetitionPenaltyLogitsProcessor,
-TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper with min_tokens_to_keep=1), so a
-setting means here what it means on the model card.
+Greedy decoding keeps the penalty (as HF does), skips the rest and takes the argmax. Each filter is
+a small pure function equal, number for number, to its transformers counterpart
+(RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper with
+min_tokens_to_keep=1), so a setting means here what it means on the model card. `candidates` is
+`top_k_filter` restricted to its survivors (the same set, sorted, without the full-vocabulary row);
+`top_k_filter` itself is the one-line definition it is tested against.
 
 The loop (`generate`) feeds the prompt through the model once (prefill), then one token per step,
-asking the model for the LM-head logits of the last position only.
+asking the model for the LM-head logits of the last position only. It takes the step function as a
+parameter (`pick`, `next_token` by default), so `minigpt.trace` can watch each step's numbers
+without a second forward pass and without any cost when nobody watches.
 """
 
 from __future__ import annotations
 
 import codecs
-from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 
 from .errors import MinigptError
 from .model import GPT, KVCache
+from .sampling_config import SamplingConfig
 from .tokenizer import Tokenizer
-
-EOS_ID = 50256  # GPT-2's <|endoftext|>
 
 
 # --- the logit filters ------------------------------------------------------------------------
@@ -80,40 +84,6 @@ def top_p_filter(scores: torch.Tensor, p: float) -> torch.Tensor:
 # --- one decoding step ------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class SamplingConfig:
-    """How to pick each next token. The defaults are the distilgpt2 model card's.
-
-    temperature 0 (or greedy=True) means greedy decoding: always the most likely token. top_k 0 and
-    top_p 1.0 switch those filters off; repetition_penalty 1.0 switches the penalty off.
-    eos_id: stop a sample once it emits this token; None never stops early (for benchmarks).
-    """
-
-    max_new_tokens: int = 100
-    temperature: float = 1.0
-    top_k: int = 50
-    top_p: float = 0.95
-    repetition_penalty: float = 1.0
-    greedy: bool = False
-    eos_id: int | None = EOS_ID
-
-    def __post_init__(self) -> None:
-        if self.max_new_tokens < 1:
-            raise MinigptError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if not 0 <= self.temperature < float("inf"):
-            raise MinigptError(f"temperature must be >= 0, got {self.temperature}")
-        if self.top_k < 0:
-            raise MinigptError(f"top_k must be >= 0, got {self.top_k}")
-        if not 0 < self.top_p <= 1:
-            raise MinigptError(f"top_p must be in (0, 1], got {self.top_p}")
-        if not 0 < self.repetition_penalty < float("inf"):
-            raise MinigptError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
-
-    @property
-    def is_greedy(self) -> bool:
-        return self.greedy or self.temperature == 0
-
-
 def candidates(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """`top_k_filter` restricted to the survivors: their scores (sorted, descending) and token ids.
 
@@ -134,18 +104,27 @@ def candidates(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor
     return values, ids
 
 
-def next_token(
-    logits: torch.Tensor,
-    tokens: torch.Tensor,
-    config: SamplingConfig,
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    """Pick the next token of each row from its logits (B, vocab), given the tokens so far (B, L)."""
+def penalized_scores(logits: torch.Tensor, tokens: torch.Tensor, config: SamplingConfig) -> torch.Tensor:
+    """The logits (B, vocab) in fp32, with the repetition penalty applied when one is set: the
+    scores whose softmax is the model's distribution over the next token, as sampling sees it."""
     scores = logits.float()  # filter and sample in fp32 whatever the model computes in, as HF does
     if config.repetition_penalty != 1.0:  # HF applies it to greedy decoding too
         scores = apply_repetition_penalty(scores, tokens, config.repetition_penalty)
+    return scores
+
+
+def candidate_scores(
+    scores: torch.Tensor, config: SamplingConfig
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The candidate set the sampler draws from: temperature, then top-k, then top-p (HF's order).
+
+    Returns (values, ids): the scores of the candidates after the temperature, -inf for those top-p
+    dropped, and their token ids, (B, n) each; `ids` is None when top-k is off and `values` then
+    covers the whole vocabulary in its own order. Greedy decoding's candidate set is its argmax.
+    """
     if config.is_greedy:
-        return scores.argmax(dim=-1)
+        values, ids = scores.max(dim=-1, keepdim=True)
+        return values, ids
     if config.temperature != 1.0:
         # Shifting each row by its maximum changes no probability, but keeps a tiny temperature
         # from overflowing the scores to inf (and the softmax to NaN).
@@ -155,8 +134,31 @@ def next_token(
         scores, ids = candidates(scores, config.top_k)
     if config.top_p < 1.0:
         scores = top_p_filter(scores, config.top_p)
-    choice = torch.multinomial(F.softmax(scores, dim=-1), 1, generator=generator)  # (B, 1)
+    return scores, ids
+
+
+def draw(
+    values: torch.Tensor, ids: torch.Tensor | None, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Sample one token per row (B,) from the softmax of the candidates' `values`."""
+    choice = torch.multinomial(F.softmax(values, dim=-1), 1, generator=generator)  # (B, 1)
     return (choice if ids is None else ids.gather(1, choice)).squeeze(1)
+
+
+def next_token(
+    logits: torch.Tensor,
+    tokens: torch.Tensor,
+    config: SamplingConfig,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Pick the next token of each row from its logits (B, vocab), given the tokens so far (B, L)."""
+    scores = penalized_scores(logits, tokens, config)
+    if config.is_greedy:
+        return scores.argmax(dim=-1)
+    return draw(*candidate_scores(scores, config), generator)
+
+
+Pick = Callable[[torch.Tensor, torch.Tensor, SamplingConfig, "torch.Generator | None"], torch.Tensor]
 
 
 # --- the decoding loop ------------------------------------------------------------------------
@@ -169,6 +171,7 @@ def generate(
     config: SamplingConfig,
     num_samples: int = 1,
     generator: torch.Generator | None = None,
+    pick: Pick = next_token,
 ) -> Iterator[torch.Tensor]:
     """Continue `prompt` (token ids) `num_samples` times at once; yield each step's new tokens (B,).
 
@@ -176,15 +179,20 @@ def generate(
     is finished: from then on its slot in each step's tokens holds eos_id again (as HF pads), and the
     loop ends when all samples are finished or after `config.max_new_tokens` steps.
 
-    An empty prompt starts from EOS, as HF does. The model sees at most `block_size` tokens: a longer
+    pick(logits (B, vocab), tokens so far (B, L), config, generator) chooses each step's tokens;
+    `minigpt.trace.StepRecorder` is a `next_token` that also keeps the step's probabilities.
+
+    An empty prompt starts from `config.eos_id`, as HF does. The model sees at most `block_size` tokens: a longer
     prompt keeps its last `block_size` tokens, and when generation fills the window the cache is
     rebuilt from the last `block_size // 2` tokens (one prefill) so decoding can continue.
     """
     if num_samples < 1:
         raise MinigptError(f"num_samples must be >= 1, got {num_samples}")
+    if not prompt and config.eos_id is None:
+        raise MinigptError("an empty prompt starts from eos_id, and the config has none")
     window = model.config.block_size
-    device = model.transformer.wpe.weight.device
-    prompt = list(prompt[-window:]) or [config.eos_id if config.eos_id is not None else EOS_ID]
+    device = model_device(model)
+    prompt = list(prompt[-window:]) or [config.eos_id]
     n_prompt = len(prompt)
 
     # All tokens so far, for the repetition penalty and for rebuilding the window.
@@ -196,7 +204,7 @@ def generate(
         num_samples,
         min(window, n_prompt + config.max_new_tokens),
         device=device,
-        dtype=_activation_dtype(model),
+        dtype=activation_dtype(model),
     )
     finished = torch.zeros(num_samples, dtype=torch.bool, device=device)
     model_input = tokens[:, :n_prompt]  # first step: the whole prompt (prefill)
@@ -206,7 +214,7 @@ def generate(
             cache.length = 0
             model_input = tokens[:, length - max(1, window // 2) : length]
         logits, _ = model(model_input, kv_cache=cache, last_only=True)  # (B, 1, vocab)
-        new = next_token(logits[:, -1], tokens[:, :length], config, generator)  # (B,)
+        new = pick(logits[:, -1], tokens[:, :length], config, generator)  # (B,)
         if config.eos_id is not None:
             new = new.masked_fill(finished, config.eos_id)
             finished |= new == config.eos_id
@@ -218,7 +226,23 @@ def generate(
         model_input = tokens[:, length - 1 : length]
 
 
-def _activation_dtype(model: GPT) -> torch.dtype:
+def model_device(model: GPT) -> torch.device:
+    """Where the model computes (the device of its position embeddings, which every inference
+    layout keeps as they are)."""
+    return model.transformer.wpe.weight.device
+
+
+def seeded_generator(model: GPT, seed: int | None = None) -> torch.Generator:
+    """A random generator on the model's device, seeded with `seed` (None: a fresh random seed)."""
+    generator = torch.Generator(device=model_device(model))
+    if seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(seed)
+    return generator
+
+
+def activation_dtype(model: GPT) -> torch.dtype:
     """The dtype the residual stream (and so the KV cache) is computed in: that of the LayerNorms,
     which every inference layout keeps in the model's precision."""
     return model.transformer.ln_f.weight.dtype

@@ -1,0 +1,57 @@
+"""SamplingConfig: how `minigpt.sampling` picks each next token, and `sample.py`'s flags for it.
+
+A module of its own, free of torch, so the CLI can build its flags and answer `--help` at once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .cli import flag, non_negative_float, non_negative_int, positive_float, positive_int, unit_interval
+from .errors import MinigptError
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """How to pick each next token. The defaults are the distilgpt2 model card's.
+
+    temperature 0 (or greedy=True) means greedy decoding: always the most likely token. top_k 0 and
+    top_p 1.0 switch those filters off; repetition_penalty 1.0 switches the penalty off.
+    eos_id: stop a sample once it emits this token; None never stops early (for benchmarks). The
+    default is the id GPT-2's vocabulary gives <|endoftext|>; the tokenizer is the authority
+    (`Tokenizer.eos_id`), and `minigpt.streaming.complete` always takes it from there.
+    Each field's `flag` metadata is its sample.py option (`minigpt.cli.add_config_flags`).
+    """
+
+    max_new_tokens: int = field(default=100, metadata=flag(
+        "stop after N new tokens (or earlier, at <|endoftext|>)", positive_int, "N"))
+    temperature: float = field(default=1.0, metadata=flag(
+        "divide the logits by T: < 1 is more focused, > 1 more random, 0 is greedy",
+        non_negative_float, "T"))
+    top_k: int = field(default=50, metadata=flag(
+        "sample only among the K most likely tokens; 0 turns it off", non_negative_int, "K"))
+    top_p: float = field(default=0.95, metadata=flag(
+        "sample only among the fewest most likely tokens whose probabilities add up to P; "
+        "1 turns it off", unit_interval, "P"))
+    repetition_penalty: float = field(default=1.0, metadata=flag(
+        "make tokens already in the text R times less likely; 1 turns it off, 1.2 is a common "
+        "choice", positive_float, "R"))
+    greedy: bool = field(default=False, metadata=flag(
+        "always take the most likely token (deterministic; ignores T, K and P)"))
+    eos_id: int | None = 50256
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise MinigptError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if not 0 <= self.temperature < float("inf"):
+            raise MinigptError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise MinigptError(f"top_k must be >= 0, got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise MinigptError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not 0 < self.repetition_penalty < float("inf"):
+            raise MinigptError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.greedy or self.temperature == 0

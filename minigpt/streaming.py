@@ -1,0 +1,187 @@
+"""Continue a prompt and write the text as it is decoded: what `sample.py` does for each prompt.
+
+One sample streams token by token, whole UTF-8 characters at a time (`sampling.TextStream`);
+several samples are decoded as one batch and written when all are done. Optionally each token is
+coloured by its probability (for a terminal) and every token's numbers are written as JSON lines
+(`minigpt.trace`); both read the sampler's own logits, and neither costs anything when off.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, TextIO
+
+import torch
+
+from .errors import MinigptError
+from .model import GPT
+from .sampling import SamplingConfig, TextStream, generate
+from .tokenizer import Tokenizer
+from .trace import StepRecorder, colour, write_rows
+
+
+@dataclass
+class Completion:
+    """What `complete` produced, and how fast.
+
+    texts: each sample's continuation (without the prompt); prompt_tokens: the tokens the model read
+    (at most its context window); new_tokens: over all samples, each one's <|endoftext|> included;
+    time_to_first_token: seconds until the prefill's token; decode_rate: new tokens per second
+    after that first step, all samples together (0.0 when only one step ran).
+    """
+
+    texts: list[str]
+    prompt_tokens: int
+    new_tokens: int
+    time_to_first_token: float
+    decode_rate: float
+
+
+def complete(
+    model: GPT,
+    tokenizer: Tokenizer,
+    prompt: str,
+    config: SamplingConfig,
+    *,
+    shown: str | None = None,
+    num_samples: int = 1,
+    generator: torch.Generator | None = None,
+    out: TextIO | None = None,
+    coloured: bool = False,
+    trace: TextIO | None = None,
+    top_alternatives: int = 5,
+    prompt_index: int = 0,
+) -> Completion:
+    """Continue `prompt` `num_samples` times, writing `shown` (default: the prompt) and then each
+    continuation to `out` (default: stdout), followed by a newline.
+
+    The samples stop at the tokenizer's <|endoftext|> (`config.eos_id` is taken from it). A prompt
+    longer than the context window keeps its last tokens, with a warning on stderr.
+    coloured: wrap each token's text in the ANSI colour of its probability (`trace.PROB_BANDS`).
+    trace: write one JSON line per generated token and sample: {"prompt": prompt_index, "sample",
+        "step", **StepProbs.row} with `top_alternatives` alternatives.
+    """
+    out = sys.stdout if out is None else out
+    config = dataclasses.replace(config, eos_id=tokenizer.eos_id)  # the tokenizer is the authority
+    shown = prompt if shown is None else shown
+    ids = tokenizer.encode(prompt)
+    window = model.config.block_size
+    if len(ids) > window:
+        print(
+            f"warning: the prompt is {len(ids)} tokens, longer than the model's {window}-token "
+            f"context window; only its last {window} tokens are used",
+            file=sys.stderr,
+        )
+    recorder = StepRecorder(top_alternatives) if coloured or trace is not None else None
+    streams = [TextStream(tokenizer) for _ in range(num_samples)]
+    texts = [""] * num_samples  # the continuations, plain
+    written = [shown] * num_samples  # what is written, coloured when asked
+    counts = [0] * num_samples  # new tokens per sample, its EOS included
+    finished = [False] * num_samples
+    live = num_samples == 1
+    if live:
+        out.write(shown)
+        out.flush()
+
+    start = time.perf_counter()
+    first = last = start
+    steps = generate(model, ids, config, num_samples, generator, **({"pick": recorder} if recorder else {}))
+    for step, new in enumerate(steps):
+        last = time.perf_counter()
+        if first == start:
+            first = last  # the first token ends the prefill
+        for row, token in enumerate(new.tolist()):
+            if finished[row]:
+                continue
+            counts[row] += 1
+            finished[row] = token == config.eos_id
+            numbers = recorder.last.row(row, tokenizer) if recorder else None
+            if trace is not None:
+                write_rows(trace, [{"step": step, **numbers}], prompt=prompt_index, sample=row)
+            piece = "" if finished[row] else streams[row].push(token)
+            texts[row] += piece
+            if coloured and piece:
+                piece = colour(piece, numbers["prob"])
+            written[row] += piece
+            if live and piece:
+                out.write(piece)
+                out.flush()
+        if trace is not None:
+            trace.flush()
+    tails = [stream.flush() for stream in streams]  # a character cut off by the last token
+    if live:
+        out.write(tails[0] + "\n")
+    else:
+        out.write("\n".join(text + tail + "\n" for text, tail in zip(written, tails)))
+    out.flush()
+
+    decoded = sum(counts) - num_samples  # the first token of each sample ends the prefill
+    return Completion(
+        texts=[text + tail for text, tail in zip(texts, tails)],
+        prompt_tokens=min(len(ids), window) or 1,
+        new_tokens=sum(counts),
+        time_to_first_token=first - start,
+        decode_rate=decoded / (last - first) if last > first else 0.0,
+    )
+
+
+def questions(ask: str = "question> ") -> Iterator[str]:
+    """Questions typed on stdin, each asked for with `ask` on stderr, until Ctrl-D (end of input);
+    a blank line asks again."""
+    while True:
+        sys.stderr.write(ask)
+        sys.stderr.flush()
+        question = sys.stdin.readline()
+        if not question:
+            sys.stderr.write("\n")
+            return
+        if question.strip():
+            yield question
+
+
+def check_trace_path(path: str | None) -> None:
+    """Refuse, before any work, a trace file that could not be written ("-" is stderr)."""
+    if path is None or path == "-":
+        return
+    target = Path(path)
+    if target.is_dir():
+        raise MinigptError(f"--trace {path}: is a folder, not a file")
+    if not target.parent.is_dir():
+        raise MinigptError(f"--trace {path}: folder {target.parent} does not exist")
+
+
+@contextlib.contextmanager
+def trace_output(path: str | None) -> Iterator[TextIO | None]:
+    """The stream to write trace lines to: None for no trace, stderr for "-", else a temporary file
+    beside `path` that replaces it when the block ends (also on Ctrl-C, keeping the lines written so
+    far); on an error the temporary file is removed and an earlier file at `path` stays as it was."""
+    if path is None or path == "-":
+        yield None if path is None else sys.stderr
+        return
+    check_trace_path(path)
+    target = Path(path)
+    temporary = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    try:
+        f = open(temporary, "x", encoding="utf-8")
+    except OSError as e:
+        raise MinigptError(f"--trace {path}: cannot write there ({e.strerror or e})") from None
+    keep = False
+    try:
+        with f:
+            try:
+                yield f
+            except KeyboardInterrupt:
+                keep = True
+                raise
+        keep = True
+    finally:
+        if keep:
+            os.replace(temporary, target)
+        else:
+            temporary.unlink(missing_ok=True)
