@@ -278,8 +278,8 @@ def format_score(result: Score, tokenizer: Tokenizer, coloured: bool = False, n_
     surprising = ", ".join(f"{json.dumps(row['text'], ensure_ascii=False)} ({_bits(row['prob']):.1f} bits)"
                            for row in result.most_surprising(n_surprising))
     lines.append(f"most surprising: {surprising}")
-    lines.append(f"{len(result.rows)} tokens scored | mean loss {result.loss:.4f} nats/token | "
-                 f"perplexity {result.perplexity:.2f}")
+    lines.append(f"{len(result.rows)} tokens scored | mean loss {result.loss:.6g} nats/token | "
+                 f"perplexity {result.perplexity:.6g}")
     return "\n".join(lines) + "\n"
 
 
