@@ -146,9 +146,11 @@ def load(args: argparse.Namespace):
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    text = args.score if args.score is not None else read_text(args.score_file, "text file") if args.scoring else None
-    if text == "":
-        raise MinigptError(f"{args.score_file or '--score'}: the text to score is empty")
+    text = None
+    if args.scoring:
+        text = args.score if args.score is not None else read_text(args.score_file, "text file")
+        if not text:
+            raise MinigptError(f"{args.score_file or '--score'}: the text to score is empty")
     prompts = [] if args.interactive or args.scoring else read_prompts(args)
 
     # heavy imports (torch) after parsing, so --help and usage errors are instant
@@ -173,7 +175,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     generator = seeded_generator(model, args.seed)
 
-    def answer(prompt: str, shown: str, index: int) -> None:
+    def answer(prompt: str, shown: str, index: int, trace) -> None:
         done = complete(model, tokenizer, prompt, config, shown=shown, num_samples=args.num_samples,
                         generator=generator, coloured=coloured, trace=trace,
                         top_alternatives=args.top_alternatives, prompt_index=index)
@@ -184,11 +186,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     with trace_output(args.trace) as trace:
         if args.interactive:
             for index, question in enumerate(questions()):
-                answer(qa_prompt(question), "", index)
+                answer(qa_prompt(question), "", index, trace)
         for index, prompt in enumerate(prompts):
             if index:
                 sys.stdout.write("\n")  # a blank line between outputs
-            answer(prompt, prompt, index)
+            answer(prompt, prompt, index, trace)
     return 0
 
 

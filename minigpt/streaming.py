@@ -21,7 +21,7 @@ import torch
 
 from .errors import MinigptError
 from .model import GPT
-from .sampling import SamplingConfig, TextStream, generate
+from .sampling import SamplingConfig, TextStream, generate, next_token
 from .tokenizer import Tokenizer
 from .trace import StepRecorder, colour, write_rows
 
@@ -91,7 +91,7 @@ def complete(
 
     start = time.perf_counter()
     first = last = start
-    steps = generate(model, ids, config, num_samples, generator, **({"pick": recorder} if recorder else {}))
+    steps = generate(model, ids, config, num_samples, generator, pick=recorder or next_token)
     for step, new in enumerate(steps):
         last = time.perf_counter()
         if first == start:
