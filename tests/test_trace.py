@@ -226,13 +226,15 @@ def test_piped_show_probs_is_plain_and_changes_nothing(hf_dir, extra):
     assert sum(line.startswith("{") for line in shown.stderr.splitlines()) >= 12 * (2 if "--num-samples" in extra else 1) - 2
 
 
-def test_interactive_with_trace_and_show_probs_when_piped(hf_dir, tmp_path):
+def test_interactive_with_trace_and_show_probs_when_piped(hf_dir, tmp_path, monkeypatch):
     trace = tmp_path / "qa.jsonl"
-    r = run_cli("sample.py", "--model", str(hf_dir), "--interactive", "--greedy", "--show-probs",
-                "--trace", str(trace), "--max-new-tokens", "5", input="What is DNA?\n\nWhy?\n")
-    plain = run_cli("sample.py", "--model", str(hf_dir), "--interactive", "--greedy", "--max-new-tokens", "5",
-                    input="What is DNA?\n\nWhy?\n")
+    args = ["--model", str(hf_dir), "--interactive", "--greedy", "--max-new-tokens", "5"]
+    monkeypatch.setattr(sys, "stdin", io.StringIO("What is DNA?\n\nWhy?\n"))
+    plain = call_cli("sample.py", *args)
+    monkeypatch.setattr(sys, "stdin", io.StringIO("What is DNA?\n\nWhy?\n"))
+    r = call_cli("sample.py", *args, "--show-probs", "--trace", str(trace))
     assert r.returncode == 0 and r.stdout == plain.stdout and "\x1b" not in r.stdout, r.stderr
+    assert r.stdout.count("\n") == 2  # two answers
     rows = read_rows(trace)
     assert {row["prompt"] for row in rows} == {0, 1}  # one index per question
 
@@ -263,7 +265,7 @@ def test_terminal_output_is_coloured_by_probability(hf_dir, tmp_path):
     trace = tmp_path / "t.jsonl"
     args = ["--model", str(hf_dir), "--greedy", "--max-new-tokens", "12", PROMPT]
     screen, stderr = run_on_terminal("--show-probs", "--trace", str(trace), *args)
-    plain = run_cli("sample.py", *args).stdout
+    plain = call_cli("sample.py", *args).stdout
     assert ESCAPE.sub(r"\2", screen) == plain  # the same text once the colours are taken out
     rows = [row for row in read_rows(trace) if row["text"]]
     assert [(code, text) for code, text in ESCAPE.findall(screen)] == [(band(row["prob"]), row["text"]) for row in rows]
