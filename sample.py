@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from minigpt.cli import add_config_flags, config_from_flags, positive_int, run, seed
+from minigpt.cli import add_flags, from_flags, positive_int, run, seed
 from minigpt.errors import MinigptError
 from minigpt.sampling_config import SamplingConfig
 
@@ -45,7 +45,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--model", help=f"a minigpt checkpoint folder, a Hugging Face GPT-2 folder or "
                    f"a Hub id (default: {DEFAULT_CHECKPOINT}/ if train.py has written it, else {DEFAULT_HUB_MODEL})")
     g = p.add_argument_group("sampling")
-    add_config_flags(g, SamplingConfig)
+    add_flags(g, SamplingConfig)
     g.add_argument("--num-samples", type=positive_int, default=1, metavar="N",
                    help="continue each prompt N times, decoded together as one batch (default: 1)")
     g.add_argument("--seed", type=seed, help="random seed, for reproducible samples")
@@ -161,7 +161,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     check_trace_path(args.trace)
     model, tokenizer = load(args)
-    config = config_from_flags(SamplingConfig, args, eos_id=tokenizer.eos_id)
+    config = from_flags(SamplingConfig, args, eos_id=tokenizer.eos_id)
     coloured = args.show_probs and sys.stdout.isatty()
     if args.show_probs:  # the legend, or why there are no colours
         print(legend(sys.stderr.isatty()) if coloured else "--show-probs: stdout is not a terminal, "

@@ -1,11 +1,11 @@
-"""What the three CLIs share: argument types that reject bad values, flags built from config
-dataclasses (each defined once), and the error boundary."""
+"""What the three CLIs share: argument types that reject bad values, the error boundary, and flags
+defined once, as dataclass fields from which argparse is built."""
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
+from dataclasses import field, fields
 from typing import Any, Callable, Sequence
 
 from .errors import MinigptError
@@ -46,30 +46,29 @@ fraction = _number(float, lambda v: 0 <= v < 1, "a number in [0, 1)")
 seed = _number(int, lambda v: 0 <= v < 2**63, "a seed in [0, 2**63)")  # torch's generator range
 
 
-# --- flags defined once, on the config dataclass they fill ------------------------------------
+# --- flags defined once --------------------------------------------------------------------------
 
 
-def flag(help: str, parse: Callable[[str], Any] | None = None, metavar: str | None = None) -> dict:
-    """A dataclass field's metadata making it a command-line flag: `--field-name`, parsed with
-    `parse` (None: a boolean switch), its default the field's. Use as `field(metadata=flag(...))`."""
-    return {"flag": (help, parse, metavar)}
+def flag(default: Any = None, help: str = "", *, group: str = "", run: bool = False, **argparse_kwargs: Any) -> Any:
+    """A dataclass field that is also a command-line flag: `--name-with-dashes`, with its default,
+    help text, argparse group and any other `add_argument` keyword (type, metavar, choices, action).
+    `run=True` marks a flag that decides a training run's numbers (a resume must repeat it)."""
+    return field(default=default, metadata={"help": help, "group": group, "run": run, "argparse": argparse_kwargs})
 
 
-def add_config_flags(group: argparse._ActionsContainer, config_class: type) -> None:
-    """Add one flag per field of `config_class` that carries `flag` metadata, in field order."""
-    for f in dataclasses.fields(config_class):
-        if "flag" not in f.metadata:
+def add_flags(parser: argparse._ActionsContainer, options: type) -> None:
+    """Add to `parser` (or one of its groups) a flag for each `flag` field of the dataclass
+    `options`, in field order; fields without `flag` are not flags."""
+    for f in fields(options):
+        if "argparse" not in f.metadata:
             continue
-        help, parse, metavar = f.metadata["flag"]
-        name = "--" + f.name.replace("_", "-")
-        if parse is None:
-            group.add_argument(name, dest=f.name, action="store_true", help=help)
-        else:
-            group.add_argument(name, dest=f.name, type=parse, default=f.default, metavar=metavar,
-                               help=f"{help} (default: {f.default})")
+        kwargs = dict(f.metadata["argparse"])
+        if kwargs.get("action") != "store_true":
+            kwargs["default"] = f.default
+        help_text = f.metadata["help"] + (f" (default: {f.default})" if f.default not in (None, False) else "")
+        parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, help=help_text, **kwargs)
 
 
-def config_from_flags(config_class: type, args: argparse.Namespace, **more: Any) -> Any:
-    """`config_class` filled from the parsed flags `add_config_flags` added (plus `more`)."""
-    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(config_class) if "flag" in f.metadata}
-    return config_class(**values, **more)
+def from_flags(options: type, args: argparse.Namespace, **more: Any) -> Any:
+    """The dataclass `options` filled from parsed flags that `add_flags` added, plus `more`."""
+    return options(**{f.name: getattr(args, f.name) for f in fields(options) if "argparse" in f.metadata}, **more)

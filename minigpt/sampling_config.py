@@ -5,7 +5,7 @@ A module of its own, free of torch, so the CLI can build its flags and answer `-
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from .cli import flag, non_negative_float, non_negative_int, positive_float, positive_int, unit_interval
 from .errors import MinigptError
@@ -20,24 +20,21 @@ class SamplingConfig:
     eos_id: stop a sample once it emits this token; None never stops early (for benchmarks). The
     default is the id GPT-2's vocabulary gives <|endoftext|>; the tokenizer is the authority
     (`Tokenizer.eos_id`), and `minigpt.streaming.complete` always takes it from there.
-    Each field's `flag` metadata is its sample.py option (`minigpt.cli.add_config_flags`).
+    Each `flag` field is also a sample.py option (`minigpt.cli.add_flags`).
     """
 
-    max_new_tokens: int = field(default=100, metadata=flag(
-        "stop after N new tokens (or earlier, at <|endoftext|>)", positive_int, "N"))
-    temperature: float = field(default=1.0, metadata=flag(
-        "divide the logits by T: < 1 is more focused, > 1 more random, 0 is greedy",
-        non_negative_float, "T"))
-    top_k: int = field(default=50, metadata=flag(
-        "sample only among the K most likely tokens; 0 turns it off", non_negative_int, "K"))
-    top_p: float = field(default=0.95, metadata=flag(
-        "sample only among the fewest most likely tokens whose probabilities add up to P; "
-        "1 turns it off", unit_interval, "P"))
-    repetition_penalty: float = field(default=1.0, metadata=flag(
-        "make tokens already in the text R times less likely; 1 turns it off, 1.2 is a common "
-        "choice", positive_float, "R"))
-    greedy: bool = field(default=False, metadata=flag(
-        "always take the most likely token (deterministic; ignores T, K and P)"))
+    max_new_tokens: int = flag(100, "stop after N new tokens (or earlier, at <|endoftext|>)", group="sampling",
+                               type=positive_int, metavar="N")
+    temperature: float = flag(1.0, "divide the logits by T: < 1 is more focused, > 1 more random, 0 is greedy",
+                              group="sampling", type=non_negative_float, metavar="T")
+    top_k: int = flag(50, "sample only among the K most likely tokens; 0 turns it off", group="sampling",
+                      type=non_negative_int, metavar="K")
+    top_p: float = flag(0.95, "sample only among the fewest most likely tokens whose probabilities add up to P; "
+                        "1 turns it off", group="sampling", type=unit_interval, metavar="P")
+    repetition_penalty: float = flag(1.0, "make tokens already in the text R times less likely; 1 turns it off, "
+                                     "1.2 is a common choice", group="sampling", type=positive_float, metavar="R")
+    greedy: bool = flag(False, "always take the most likely token (deterministic; ignores T, K and P)",
+                        group="sampling", action="store_true")
     eos_id: int | None = 50256
 
     def __post_init__(self) -> None:
