@@ -21,7 +21,8 @@ import torch
 
 from .errors import MinigptError
 from .model import GPT
-from .sampling import SamplingConfig, TextStream, generate, next_token
+from .sampling import TextStream, generate, next_token
+from .sampling_config import SamplingConfig
 from .tokenizer import Tokenizer
 from .trace import StepRecorder, colour, write_rows
 

@@ -35,7 +35,8 @@ import torch
 
 from .errors import MinigptError
 from .model import GPT
-from .sampling import SamplingConfig, candidate_scores, draw, model_device, penalized_scores
+from .sampling import candidate_scores, draw, model_device, penalized_scores
+from .sampling_config import SamplingConfig
 from .tokenizer import Tokenizer
 
 SCORE_CHUNK = 256  # positions whose (chunk, vocab) probabilities are held at once while scoring
@@ -182,7 +183,8 @@ def score_ids(
     config: SamplingConfig | None = None,
     top_alternatives: int = 5,
 ) -> Score:
-    """Score every token of `ids` after the first, from one forward pass over the text.
+    """Score every token of `ids` after the first: one forward pass over a text that fits the
+    context window, and no sampling.
 
     `config` decides only `kept` / `candidates` (which tokens its temperature, top-k and top-p would
     have left); the probabilities are the model's own, so a repetition penalty is refused. A text
@@ -200,6 +202,8 @@ def score_ids(
         raise MinigptError(f"the text is {len(ids)} token{'s' * (len(ids) != 1)}; scoring needs "
                            f"at least 2 (the first is context for the rest)")
     window = model.config.block_size
+    if window < 2:
+        raise MinigptError(f"a {window}-token context window has no room to predict a token from another")
     device = model_device(model)
     rows: list[dict] = []
     total = 0.0
