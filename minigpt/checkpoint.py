@@ -181,10 +181,15 @@ def model_from_state(
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
 ) -> GPT:
-    """Build a GPT around already-loaded tensors, without a random init or an extra copy."""
+    """Build a GPT around already-loaded tensors, without a random init or an extra copy.
+
+    Every parameter is made contiguous (a copy only of views such as HF's transposed Conv1D
+    weights): a transposed view keeps its strides through `.to()`, so its matmuls would take other
+    kernels, and round otherwise, than the same weights read back from a checkpoint.
+    """
     with torch.device("meta"):
         model = GPT(config)
-    state = {k: v.to(device=device, dtype=dtype) for k, v in state.items()}
+    state = {k: v.to(device=device, dtype=dtype).contiguous() for k, v in state.items()}
     model.load_state_dict(state, strict=False, assign=True)
     model.tie_weights()
     return model.eval()

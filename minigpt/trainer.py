@@ -18,21 +18,10 @@ A micro-batch's weight is its number of examples over the step's total (all rank
 step's gradient is that of the mean loss over all its examples, however they are split into
 micro-batches and ranks; a short last batch of an epoch counts each example once, as in one batch.
 
-The output folder (`out/`) is itself a checkpoint that `minigpt.hf.load_model` reads, with the run's
-records beside it:
-
-    out/.ckpt/step-000000120-x1y2/   one complete checkpoint: the model's files, training_state.json
-                                     (step, data position, optimizer hyper-parameters, RNG states'
-                                     names, ...) and training_state.safetensors (optimizer moments,
-                                     RNG states). Nothing is pickled.
-    out/.ckpt/current                a symlink to the checkpoint in force
-    out/config.json, ...             fixed symlinks `.ckpt/current/<file>`, one per file
-    out/metrics.jsonl                one JSON object per logged step and per evaluation
-    out/loss.png                     train and validation loss against step (with matplotlib)
-
-A save writes a new step folder completely, then swaps `current` to it with one atomic rename, then
-deletes the older folders: whenever the process is killed, `current` names one complete checkpoint
-and every file read through it is from the same step. Readers need no recovery step.
+The output folder is described in `minigpt/run_folder.py`: a checkpoint (with the run's model card
+and training state) that `minigpt.hf.load_model` reads, metrics.jsonl and loss.png beside it. A
+checkpoint holds everything an exact continuation needs, RNG states included, so a run killed and
+resumed ends bitwise where the uninterrupted run ends.
 """
 
 from __future__ import annotations
@@ -41,33 +30,76 @@ import contextlib
 import json
 import math
 import os
-import shutil
+import random
 import signal
 import sys
-import tempfile
 import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
 from .checkpoint import read_json
+from .ddp import Ranks, all_reduce_sum
 from .errors import MinigptError
+from .metrics import MetricsLog, perplexity, plot_metrics
 from .optim import AdamW, clip_grad_norm
+from .run_folder import (
+    CARD_FILE,
+    METRICS_FILE,
+    PLOT_FILE,
+    STATE_JSON,
+    STATE_TENSORS,
+    write_run_checkpoint,
+)
 
-CKPT_DIR = ".ckpt"
-CURRENT = "current"
-STATE_JSON = "training_state.json"
-STATE_TENSORS = "training_state.safetensors"
-METRICS_FILE = "metrics.jsonl"
-PLOT_FILE = "loss.png"
 STATE_FORMAT = "minigpt-training-state"
 STATE_VERSION = 1
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    loss_fn: Callable[[nn.Module, torch.Tensor], torch.Tensor],
+    batches,
+    device: torch.device,
+    autocast: contextlib.AbstractContextManager | None = None,
+    ranks: Ranks = Ranks(),
+) -> float:
+    """The mean of `loss_fn` per example over all `batches` (all ranks' shards together), in eval mode.
+
+    Each batch's mean is weighted by its number of examples and summed in float64, so the result is
+    the mean over every example, however the examples fall into batches and ranks. For blocks of one
+    length with every token scored, that is the mean over all scored tokens: transformers' Trainer
+    `eval_loss` on the same blocks. NaN when there are no examples.
+    """
+    model.eval()
+    sums = torch.zeros(2, device=device, dtype=torch.float64)  # (loss x examples, examples)
+    for batch in batches:
+        if len(batch):
+            with autocast or contextlib.nullcontext():
+                loss = loss_fn(model, batch.to(device, non_blocking=True))
+            sums[0] += loss.double() * len(batch)
+            sums[1] += len(batch)
+    all_reduce_sum(sums, ranks)
+    return (sums[0] / sums[1]).item() if sums[1] > 0 else float("nan")
+
+
+def seed_everything(seed: int) -> None:
+    """Seed every generator a run draws from, at its start: Python's `random`, NumPy's global
+    generator, and torch's on the CPU and on every CUDA device (initialisation, dropout masks).
+
+    The data split and the batch order draw from generators of their own, made from the same seed
+    (`minigpt.data`), so with one seed the whole run is one deterministic function of its inputs.
+    """
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)  # CPU and every CUDA device
 
 
 @dataclass
@@ -93,210 +125,6 @@ class TrainConfig:
                 raise MinigptError(f"--{name.replace('_', '-')}: must be >= 0, got {getattr(self, name)}")
 
 
-# --- distributed data parallel ------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Distributed:
-    """Where this process stands in a torchrun job (a plain run is rank 0 of 1)."""
-
-    rank: int = 0
-    local_rank: int = 0
-    world_size: int = 1
-
-    @property
-    def enabled(self) -> bool:
-        return dist.is_available() and dist.is_initialized()
-
-    @property
-    def is_main(self) -> bool:
-        """Rank 0 alone writes checkpoints, metrics, progress bars and logs."""
-        return self.rank == 0
-
-
-@contextlib.contextmanager
-def distributed(device: torch.device) -> Iterator[tuple[Distributed, torch.device]]:
-    """Join the torchrun job this process was started in, if any; yields (ranks, this rank's device).
-
-    torchrun sets RANK, WORLD_SIZE and LOCAL_RANK. Each process then drives one device (CUDA: GPU
-    LOCAL_RANK, over NCCL) or the CPU (over gloo). Without those variables this does nothing. The
-    process group is destroyed on the way out, on errors and Ctrl-C too, so no rank is left waiting.
-    """
-    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-        yield Distributed(), device
-        return
-    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if device.type == "cuda":
-        if local_rank >= torch.cuda.device_count():
-            raise MinigptError(
-                f"torchrun: local rank {local_rank} has no GPU ({torch.cuda.device_count()} visible); "
-                "start at most one process per GPU (--nproc_per_node)"
-            )
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-        backend = "nccl"
-    elif device.type == "cpu":
-        backend = "gloo"
-    else:
-        raise MinigptError(f"--device {device.type}: distributed training runs on cuda or cpu")
-    dist.init_process_group(backend, rank=rank, world_size=world_size)
-    try:
-        yield Distributed(rank, local_rank, world_size), device
-    finally:
-        dist.destroy_process_group()
-
-
-def _all_reduce_sum(t: torch.Tensor, ranks: Distributed) -> torch.Tensor:
-    if ranks.enabled:
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t
-
-
-# --- the run folder ------------------------------------------------------------------------------
-
-
-def current_checkpoint(out: str | os.PathLike) -> Path | None:
-    """The step folder `out/.ckpt/current` points to (resolved once, so that the model files and the
-    training state read from it are of one step), or None when `out` holds no checkpoint."""
-    link = Path(out) / CKPT_DIR / CURRENT
-    return link.resolve() if link.is_symlink() and link.resolve().is_dir() else None
-
-
-def check_out_folder(out: str | os.PathLike, resume: bool) -> Path | None:
-    """Refuse an output folder we must not write into; return the checkpoint to resume from.
-
-    An `--out` may be new or empty, or hold a training run of ours: with `--resume` it must have a
-    checkpoint, without `--resume` it must not (a run's checkpoint is never overwritten).
-    """
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise MinigptError(f"--out {out}: exists and is not a folder")
-    if not out.exists():  # it will be made: its nearest existing ancestor must be a writable folder
-        ancestor = next(p for p in out.absolute().parents if p.exists())
-        if not ancestor.is_dir() or not os.access(ancestor, os.W_OK | os.X_OK):
-            raise MinigptError(f"--out {out}: cannot create it, {ancestor} is not a writable folder")
-    ckpt = current_checkpoint(out)
-    if out.is_dir():
-        for entry in sorted(out.iterdir()):
-            if not _belongs_to_run(entry):
-                raise MinigptError(
-                    f"--out {out}: holds {entry.name!r}, which is not from a minigpt training run; "
-                    "choose another --out"
-                )
-    if resume and ckpt is None:
-        raise MinigptError(f"--resume: {out} holds no checkpoint to resume from")
-    if not resume and ckpt is not None:
-        step = read_json(ckpt / STATE_JSON).get("step")
-        raise MinigptError(
-            f"--out {out}: already holds a training run (checkpoint at step {step}); pass --resume "
-            "to continue it, or choose another --out"
-        )
-    return ckpt
-
-
-def _belongs_to_run(entry: Path) -> bool:
-    """Our own files: .ckpt/, metrics.jsonl, loss.png, and the links into .ckpt/current/."""
-    if entry.name in (CKPT_DIR, METRICS_FILE, PLOT_FILE):
-        return True
-    return entry.is_symlink() and os.readlink(entry) == f"{CKPT_DIR}/{CURRENT}/{entry.name}"
-
-
-def _fsync(path: Path) -> None:
-    """Flush a file's (or a folder's entries') bytes to the disk, so a checkpoint survives power loss."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_run_checkpoint(
-    out: Path, step: int, write_files: Callable[[Path], None], tag: str | None = None
-) -> Path:
-    """Write a checkpoint folder with `write_files(folder)`, then make it current in one rename.
-
-    The new folder is complete (and on disk) before `.ckpt/current` is swapped to it; older step
-    folders, and any left half-written by a killed save, are deleted only afterwards.
-    """
-    ckpt_dir = out / CKPT_DIR
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
-    folder = Path(tempfile.mkdtemp(prefix=f"step-{step:09d}-", dir=ckpt_dir))
-    try:
-        folder.chmod(0o755)
-        write_files(folder)
-        for f in folder.iterdir():
-            _fsync(f)
-        _fsync(folder)
-        for f in folder.iterdir():  # out/<file> -> .ckpt/current/<file>, made once per file name
-            link = out / f.name
-            if not link.is_symlink():
-                os.symlink(f"{CKPT_DIR}/{CURRENT}/{f.name}", link)
-        tmp_link = ckpt_dir / f".{CURRENT}-{uuid.uuid4().hex}"
-        os.symlink(folder.name, tmp_link)
-        os.replace(tmp_link, ckpt_dir / CURRENT)  # the one atomic step: the new checkpoint is in force
-        _fsync(ckpt_dir)
-    except BaseException:
-        shutil.rmtree(folder, ignore_errors=True)
-        raise
-    for old in ckpt_dir.iterdir():
-        if old.name not in (CURRENT, folder.name):
-            if old.is_dir() and not old.is_symlink():
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                old.unlink(missing_ok=True)
-    return folder
-
-
-class MetricsLog:
-    """`metrics.jsonl`: one JSON object per line, flushed as written, so a killed run keeps its rows."""
-
-    def __init__(self, path: Path, keep_rows: int | None = None) -> None:
-        """Open for appending; `keep_rows` (a resume) first cuts the file back to that many rows, the
-        rows written before the checkpoint; None starts an empty file."""
-        self.path = path
-        lines = path.read_text(encoding="utf-8").splitlines(keepends=True) if keep_rows and path.exists() else []
-        lines = lines[: keep_rows or 0]
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text("".join(lines), encoding="utf-8")
-        os.replace(tmp, path)
-        self.rows = len(lines)
-        self._file = open(path, "a", encoding="utf-8")
-
-    def write(self, row: dict[str, Any]) -> None:
-        self._file.write(json.dumps(row) + "\n")
-        self._file.flush()
-        self.rows += 1
-
-    def close(self) -> None:
-        self._file.close()
-
-
-def plot_metrics(metrics: Path, png: Path) -> bool:
-    """Draw train and validation loss against step into `png`; False when matplotlib is missing."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
-    rows = [json.loads(line) for line in metrics.read_text(encoding="utf-8").splitlines() if line.strip()]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for key, label in (("loss", "train"), ("val_loss", "validation")):
-        points = [(r["step"], r[key]) for r in rows if key in r]
-        if points:
-            ax.plot(*zip(*points), marker="o" if key == "val_loss" else None, label=label)
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(png, dpi=100)
-    plt.close(fig)
-    return True
-
-
 # --- the loop --------------------------------------------------------------------------------------
 
 
@@ -305,6 +133,8 @@ class Trainer:
 
     run_config: the settings that define the run's mathematics (by flag name); stored in every
         checkpoint, and a resume with different ones is refused.
+    card: `card(metrics rows, step) -> text`, the model card saved as README.md in every checkpoint
+        (the checkpoint of `step`, given every metrics row written so far); None: no card.
     """
 
     def __init__(
@@ -320,7 +150,8 @@ class Trainer:
         save_model: Callable[[Path], None],
         *,
         device: torch.device | str = "cpu",
-        ranks: Distributed = Distributed(),
+        ranks: Ranks = Ranks(),
+        card: Callable[[list[dict[str, Any]], int], str] | None = None,
         run_config: dict[str, Any] | None = None,
     ) -> None:
         self.model, self.loss_fn, self.optimizer, self.schedule = model, loss_fn, optimizer, schedule
@@ -328,6 +159,7 @@ class Trainer:
         self.config, self.out, self.save_model = config, Path(out), save_model
         self.device, self.ranks = torch.device(device), ranks
         self.run_config = run_config or {}
+        self.card = card
         self.base_lrs = [g["lr"] for g in optimizer.param_groups]
         self.autocast = torch.autocast(
             self.device.type, dtype=config.dtype, enabled=config.dtype != torch.float32
@@ -338,7 +170,7 @@ class Trainer:
         # Training runs through `forward_model` (DDP and/or compiled); evaluation through the plain
         # model, which no rank has to wait for.
         self.forward_model: nn.Module = model
-        if ranks.enabled:
+        if ranks.in_process_group:
             from torch.nn.parallel import DistributedDataParallel
 
             ids = [self.device.index] if self.device.type == "cuda" else None
@@ -352,6 +184,7 @@ class Trainer:
         self.last_save_step = -1
         self.metrics: MetricsLog | None = None
         self.resumed_metrics_rows: int | None = None  # rows the checkpoint had seen (a resume)
+        self.rows_at_save = -1  # metrics rows written when the last checkpoint was saved
         self._stop_requested = False
 
     # --- one step ------------------------------------------------------------------------
@@ -374,15 +207,15 @@ class Trainer:
         """One optimizer step over `micro_batches`; returns the step's loss, lr and grad norm."""
         self.model.train()
         total = sum(len(b) for b in micro_batches)  # examples in the step, all ranks together
-        if self.ranks.enabled:
-            total = _all_reduce_sum(torch.tensor([total], device=self.device), self.ranks).item()
+        if self.ranks.in_process_group:
+            total = all_reduce_sum(torch.tensor([total], device=self.device), self.ranks).item()
         step_loss = torch.zeros((), device=self.device)
         for i, batch in enumerate(micro_batches):
             last = i == len(micro_batches) - 1
-            sync = contextlib.nullcontext() if last or not self.ranks.enabled else self._no_sync()
+            sync = contextlib.nullcontext() if last or not self.ranks.in_process_group else self._no_sync()
             with sync:
                 step_loss += self._micro_loss(batch, len(batch) / total)
-        loss = _all_reduce_sum(step_loss, self.ranks).item()
+        loss = all_reduce_sum(step_loss, self.ranks).item()
         if not math.isfinite(loss):
             self._stop_non_finite("the training loss", loss)
         if self.scaler:
@@ -418,20 +251,11 @@ class Trainer:
         module = getattr(self.forward_model, "_orig_mod", self.forward_model)  # under torch.compile
         return module.no_sync()
 
-    @torch.no_grad()
     def evaluate(self) -> float:
         """Mean loss per example over all of `val_batches` (all ranks' shards together)."""
-        self.model.eval()
-        sums = torch.zeros(2, device=self.device, dtype=torch.float64)  # (loss x examples, examples)
-        for batch in self.val_batches:
-            if len(batch):
-                with self.autocast:
-                    loss = self.loss_fn(self.model, batch.to(self.device, non_blocking=True))
-                sums[0] += loss.double() * len(batch)
-                sums[1] += len(batch)
-        _all_reduce_sum(sums, self.ranks)
+        loss = evaluate(self.model, self.loss_fn, self.val_batches, self.device, self.autocast, self.ranks)
         self.model.train()
-        return (sums[0] / sums[1]).item() if sums[1] > 0 else float("nan")
+        return loss
 
     # --- checkpoints ---------------------------------------------------------------------
 
@@ -447,7 +271,7 @@ class Trainer:
             "max_steps": self.config.max_steps,
             "skipped_steps": self.skipped_steps,
             "last_eval_step": self.last_eval_step,
-            "metrics_rows": self.metrics.rows if self.metrics else 0,
+            "metrics_rows": len(self.metrics.rows) if self.metrics else 0,
             "world_size": self.ranks.world_size,
             "run": self.run_config,
             "optimizer": optim,
@@ -463,7 +287,7 @@ class Trainer:
             states["cuda"] = torch.cuda.get_rng_state(self.device)
         out = {}
         for kind, state in states.items():
-            if self.ranks.enabled:
+            if self.ranks.in_process_group:
                 comm = self.device if self.device.type == "cuda" else torch.device("cpu")
                 gathered = [torch.empty_like(state, device=comm) for _ in range(self.ranks.world_size)]
                 dist.all_gather(gathered, state.to(comm))
@@ -480,6 +304,9 @@ class Trainer:
 
             def write_files(folder: Path) -> None:
                 self.save_model(folder)
+                if self.card is not None:
+                    rows = self.metrics.rows if self.metrics else []
+                    (folder / CARD_FILE).write_text(self.card(rows, self.step), encoding="utf-8")
                 save_file({k: t.detach().cpu().contiguous() for k, t in tensors.items()}, str(folder / STATE_TENSORS))
                 (folder / STATE_JSON).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
 
@@ -492,9 +319,10 @@ class Trainer:
                 raise MinigptError(
                     f"{self.out}: saving the step-{self.step} checkpoint failed ({e.strerror or e}); {kept}"
                 ) from None
-        if self.ranks.enabled:
+        if self.ranks.in_process_group:
             dist.barrier()
         self.last_save_step = self.step
+        self.rows_at_save = len(self.metrics.rows) if self.metrics else 0
 
     def resume(self, folder: Path) -> None:
         """Continue from checkpoint `folder` (the model's weights must already be loaded from it)."""
@@ -519,7 +347,7 @@ class Trainer:
             self.scaler.load_state_dict(info["grad_scaler"])
         self.step, self.skipped_steps = int(info["step"]), int(info["skipped_steps"])
         self.last_save_step, self.last_eval_step = self.step, int(info["last_eval_step"])
-        self.resumed_metrics_rows = int(info["metrics_rows"])
+        self.resumed_metrics_rows = self.rows_at_save = int(info["metrics_rows"])
         # Dropout masks continue from the same RNG states. With another number of ranks the
         # examples fall on other ranks anyway, so there is no exact continuation to restore.
         if info["world_size"] == self.ranks.world_size:
@@ -556,8 +384,8 @@ class Trainer:
                     raise KeyboardInterrupt
             if self.val_batches is not None and self.last_eval_step != self.step:
                 self._evaluate_and_log()
-            if self.last_save_step != self.step:
-                self.save()
+            if self.last_save_step != self.step or self._rows_since_save():
+                self.save()  # the last checkpoint, its card with every row
         finally:
             if self._bar is not None:
                 self._bar.close()
@@ -613,24 +441,32 @@ class Trainer:
                 row["skipped_steps"] = self.skipped_steps
             self._log(row)
             interval.update(loss=0.0, steps=0, tokens=0, seconds=0.0)
-        if cfg.eval_every and self.step % cfg.eval_every == 0 and self.val_batches is not None:
+        # The last step is evaluated before it is saved, so that its checkpoint's card holds its loss.
+        due = (cfg.eval_every and self.step % cfg.eval_every == 0) or self.step == cfg.max_steps
+        if due and self.val_batches is not None and self.last_eval_step != self.step:
             self._evaluate_and_log()
         if cfg.save_every and self.step % cfg.save_every == 0:
             self.save()
 
+    def _rows_since_save(self) -> bool:
+        """Whether metrics rows were written after the last checkpoint (rank 0 knows; all ranks agree)."""
+        flag = torch.tensor([float(self.metrics is not None and len(self.metrics.rows) != self.rows_at_save)],
+                            device=self.device)
+        return all_reduce_sum(flag, self.ranks).item() > 0
+
     def _should_stop(self) -> bool:
         """Whether a stop was asked for (Ctrl-C, SIGTERM); under DDP, asked of any rank, so that all
         ranks stop at the same step."""
-        if self.ranks.enabled:
+        if self.ranks.in_process_group:
             flag = torch.tensor([float(self._stop_requested)], device=self.device)
-            self._stop_requested = _all_reduce_sum(flag, self.ranks).item() > 0
+            self._stop_requested = all_reduce_sum(flag, self.ranks).item() > 0
         return self._stop_requested
 
     def _evaluate_and_log(self) -> None:
         val_loss = self.evaluate()
         self.last_eval_step = self.step
         self._last["val_loss"] = val_loss
-        self._log({"step": self.step, "epoch": self._epoch(), "val_loss": val_loss, "val_ppl": _perplexity(val_loss)})
+        self._log({"step": self.step, "epoch": self._epoch(), "val_loss": val_loss, "val_ppl": perplexity(val_loss)})
 
     def _epoch(self) -> float:
         """Epochs done so far, as a fraction (for the metrics rows)."""
@@ -668,18 +504,4 @@ class Trainer:
                 signal.signal(sig, handler)
 
 
-def _perplexity(loss: float) -> float:
-    return math.exp(loss) if loss < 700 else float("inf")
-
-
-__all__ = [
-    "Distributed",
-    "MetricsLog",
-    "TrainConfig",
-    "Trainer",
-    "check_out_folder",
-    "current_checkpoint",
-    "distributed",
-    "plot_metrics",
-    "write_run_checkpoint",
-]
+__all__ = ["TrainConfig", "Trainer", "evaluate", "seed_everything"]

@@ -274,20 +274,45 @@ def test_broken_pytorch_model_bin(case, tiny_hf_dir, tmp_path):
 # --- hostile config.json -----------------------------------------------------------------------
 
 
-def limit_memory() -> None:
-    """In the child: 2 GiB of address space (torch needs ~1), so a real allocation would fail."""
-    resource.setrlimit(resource.RLIMIT_AS, (2 * 2**30, 2 * 2**30))
+# Runs a CLI with its address space capped a little above what it has mapped once torch and minigpt
+# are imported, however large that torch build is (a CUDA build maps GBs of libraries): the cap
+# leaves HEADROOM for the work, so a real allocation of an absurd model would fail. It first proves
+# the cap bites (an allocation of twice the headroom must fail), then runs the CLI in this process.
+LIMITED_CLI = """
+import re, resource, runpy, sys
+
+import torch
+import minigpt.hf  # everything the conversion imports, mapped before the cap
+
+headroom = int(sys.argv[1])
+status = open("/proc/self/status").read()
+mapped = int(re.search(r"VmSize:\\s+(\\d+) kB", status).group(1)) * 1024
+resource.setrlimit(resource.RLIMIT_AS, (mapped + headroom, mapped + headroom))
+try:
+    torch.empty(2 * headroom, dtype=torch.uint8)
+except (MemoryError, RuntimeError):
+    pass
+else:
+    sys.exit("the memory cap does not bite")
+sys.argv = sys.argv[2:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
 
 
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="needs Linux's /proc")
 def test_absurd_config_is_refused_before_allocating(tiny_hf_dir, tmp_path):
-    """n_layer = 10**6 is refused from the numbers alone, in a process that could not allocate it."""
+    """n_layer = 10**6 (~200 GB of weights) is refused from the numbers alone, in a process that could
+    not allocate even 1 GiB more than it holds once its imports are done."""
+    import subprocess
+
     src = Path(shutil.copytree(tiny_hf_dir, tmp_path / "src"))
     config = json.loads((src / "config.json").read_text())
     (src / "config.json").write_text(json.dumps({**config, "n_layer": 10**6}))
     out = tmp_path / "out"
-    result = run_cli(
-        "convert_hf_weights.py", str(src), "--out", str(out), timeout=60,
-        preexec_fn=limit_memory,
+    result = subprocess.run(
+        [sys.executable, "-c", LIMITED_CLI, str(2**30), str(ROOT / "convert_hf_weights.py"), str(src),
+         "--out", str(out)],
+        capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=ROOT,
     )
     assert_one_line_error(result, str(src / "config.json"), "n_layer=1000000")
     assert not out.exists()
@@ -845,6 +870,31 @@ def test_killed_and_interrupted_training_resumes_to_the_uninterrupted_result(tmp
     assert final.keys() == expected.keys()
     assert all(torch.equal(final[k], expected[k]) for k in expected)
     assert learning_curve(out) == learning_curve(reference)
+
+
+def test_killed_fine_tune_with_dropout_resumes_bitwise(tmp_path, tiny_hf_dir):
+    """A fine-tune from an HF folder with dropout 0.1, SIGKILLed inside a step after a checkpoint and
+    --resumed, ends bitwise equal to the uninterrupted run: the dropout masks continue from the saved
+    RNG states, and the HF Conv1D weights (loaded as transposed views) are made contiguous, so the
+    resumed run multiplies exactly as the uninterrupted one did."""
+    run = ["--init", str(tiny_hf_dir), "--data", str(ROOT / "minigpt" / "assets" / "eli5_tiny.jsonl"),
+           "--val-fraction", "0.1", "--block-size", "32", "--batch-size", "4", "--max-steps", "6",
+           "--save-every", "2", "--eval-every", "3", "--log-every", "1", "--dropout", "0.1", "--seed", "7",
+           "--no-progress"]
+    reference = tmp_path / "reference"
+    result = train(tmp_path, *run, "--out", str(reference))
+    assert result.returncode == 0, result.stderr
+    out = tmp_path / "run"
+    killed = train(tmp_path, *run, "--out", str(out), fault="kill_in_step:5")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr  # it really died by SIGKILL, in step 5
+    assert checkpoint_step(out) == 4
+    result = train(tmp_path, *run, "--out", str(out), "--resume")
+    assert result.returncode == 0, result.stderr
+    final, expected = load_file(out / WEIGHTS), load_file(reference / WEIGHTS)
+    assert final.keys() == expected.keys()
+    assert all(torch.equal(final[k], expected[k]) for k in expected)
+    assert learning_curve(out) == learning_curve(reference)
+    assert [r["step"] for r in learning_curve(out) if "val_loss" in r] == [3, 6]
 
 
 def test_disk_full_during_a_training_save_keeps_the_last_checkpoint(tmp_path):

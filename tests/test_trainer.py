@@ -20,18 +20,17 @@ from minigpt.errors import MinigptError
 from minigpt.hf import load_model
 from minigpt.model import GPT
 from minigpt.optim import AdamW, linear_schedule, param_groups
-from minigpt.trainer import (
+from minigpt.run_folder import (
     CKPT_DIR,
     CURRENT,
     METRICS_FILE,
     STATE_JSON,
     STATE_TENSORS,
-    Trainer,
-    TrainConfig,
     check_out_folder,
     current_checkpoint,
     write_run_checkpoint,
 )
+from minigpt.trainer import Trainer, TrainConfig
 
 
 def lm_loss(model, batch):

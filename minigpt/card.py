@@ -1,0 +1,160 @@
+"""The model card: the `README.md` a run folder carries, as transformers' Trainer writes one.
+
+YAML metadata that `huggingface_hub.ModelCard.load` parses (license, base model, datasets, tags,
+language, metrics, library, pipeline tag, and a `model-index` with the measured validation loss and
+perplexity), then the body: what the model is and what it was trained on, the hyperparameters, one
+results row per evaluation, the framework versions, and how to use it.
+
+A card states only what was measured: the `model-index` and the "results" lines carry a validation
+loss only when the weights the card sits beside were evaluated (an evaluation at the checkpoint's
+own step); otherwise they say when the last evaluation was, or that there was none.
+
+`render_card(facts, rows, step)` is a pure function of the run's facts and `metrics.jsonl` rows;
+`export_card(text)` rewrites a card for a transformers export (`library_name: transformers`).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from importlib import metadata
+from typing import Any
+
+from .metrics import perplexity
+
+LICENSE = "apache-2.0"  # minigpt's licence, and distilgpt2's
+
+
+@dataclass(frozen=True)
+class RunFacts:
+    """What a run knows about itself, written into its card (train.py fills it in)."""
+
+    name: str  # the model's name: its folder's name
+    out: str  # the folder, as the usage examples should spell it
+    base_model: str | None  # --init (a Hub id or a folder), None for a model trained from scratch
+    base_on_hub: bool  # whether base_model is a Hub id (then linked)
+    datasets: list[str]  # Hub dataset ids, or the local files' names
+    model: str  # one line: the architecture and its size
+    data: list[str]  # lines: format, records, blocks
+    hyperparameters: list[tuple[str, Any]]  # (name, value), in the order to show
+    max_steps: int
+    language: str = "en"
+    tags: list[str] = field(default_factory=lambda: ["minigpt", "gpt2", "text-generation"])
+
+
+def results_table(rows: list[dict[str, Any]]) -> list[tuple[float | None, float, int, float]]:
+    """One (training loss, epoch, step, validation loss) per evaluation row, in order.
+
+    The training loss is the mean over the steps the training rows since the previous evaluation
+    cover (each row's `loss` is already the mean over its `log_every` steps, so rows are weighted by
+    the steps they cover); None ("No log") when no training row was written since.
+    """
+    table, loss_sum, steps, last_train_step = [], 0.0, 0, 0
+    for row in rows:
+        if "loss" in row:
+            covered = row["step"] - last_train_step
+            loss_sum, steps, last_train_step = loss_sum + row["loss"] * covered, steps + covered, row["step"]
+        if "val_loss" in row:
+            table.append((loss_sum / steps if steps else None, row["epoch"], row["step"], row["val_loss"]))
+            loss_sum, steps = 0.0, 0
+    return table
+
+
+def _yaml(value: Any) -> str:
+    """A scalar as YAML: JSON's strings and numbers are valid YAML flow scalars."""
+    return json.dumps(value)
+
+
+def _versions() -> list[str]:
+    import torch
+
+    def version(dist: str) -> str:
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            return "not installed"
+
+    from . import __version__
+
+    return [f"minigpt {__version__}", f"PyTorch {torch.__version__}", f"Tokenizers {version('tokenizers')}",
+            f"Datasets {version('datasets')}"]
+
+
+def render_card(facts: RunFacts, rows: list[dict[str, Any]], step: int) -> str:
+    """The card of the checkpoint at `step`, given every `metrics.jsonl` row written so far."""
+    evals = [r for r in rows if "val_loss" in r]
+    measured = evals[-1] if evals and evals[-1]["step"] == step else None  # the weights' own loss
+    finished = step >= facts.max_steps
+
+    meta = [f"license: {LICENSE}"]
+    if facts.base_model is not None:
+        meta.append(f"base_model: {_yaml(facts.base_model)}")
+    meta += ["datasets:", *(f"- {_yaml(d)}" for d in facts.datasets)]
+    meta += ["tags:", *(f"- {_yaml(t)}" for t in facts.tags)]
+    meta += [f"language:\n- {facts.language}", "metrics:\n- perplexity", "library_name: minigpt",
+             "pipeline_tag: text-generation", "model-index:", f"- name: {_yaml(facts.name)}"]
+    if measured is None:
+        meta.append("  results: []")
+    else:
+        meta += [
+            "  results:", "  - task:", "      type: text-generation", "      name: Causal Language Modeling",
+            "    dataset:", f"      name: {_yaml(facts.datasets[0])}", f"      type: {_yaml(facts.datasets[0])}",
+            "      split: validation", "    metrics:",
+            "    - type: loss", f"      value: {round(measured['val_loss'], 4)}", "      name: Validation loss",
+            "    - type: perplexity", f"      value: {round(perplexity(measured['val_loss']), 4)}",
+            "      name: Perplexity",
+        ]
+
+    if facts.base_model is None:
+        origin = "was trained from scratch"
+    elif facts.base_on_hub:
+        origin = f"is a fine-tuned version of [{facts.base_model}](https://huggingface.co/{facts.base_model})"
+    else:
+        origin = f"is a fine-tuned version of `{facts.base_model}`"
+    body = [f"# {facts.name}", "", f"This model {origin} on {', '.join(facts.datasets)}, with minigpt.",
+            f"These are its weights after step {step:,} of {facts.max_steps:,}"
+            + ("." if finished else " (the run is not finished)."), ""]
+    if measured is not None:
+        body += ["It achieves the following results on the evaluation set:",
+                 f"- Loss: {measured['val_loss']:.4f}", f"- Perplexity: {perplexity(measured['val_loss']):.4f}"]
+    elif evals:
+        body.append(f"These weights were not evaluated; the last evaluation was at step {evals[-1]['step']:,}.")
+    else:
+        body.append("These weights were not evaluated (no evaluation has run), so no loss is reported.")
+    body += ["", "## Model description", "", facts.model, "",
+             "## Training and evaluation data", "", *(f"- {line}" for line in facts.data), "",
+             "## Training procedure", "", "### Training hyperparameters", "",
+             "The following hyperparameters were used during training:",
+             *(f"- {name}: {value}" for name, value in facts.hyperparameters), "",
+             "### Training results", ""]
+    table = results_table(rows)
+    if table:
+        body += ["| Training Loss | Epoch | Step | Validation Loss |", "|:-------------:|:-----:|:----:|:---------------:|"]
+        body += [f"| {'No log' if t is None else f'{t:.4f}'} | {e:g} | {s} | {v:.4f} |" for t, e, s, v in table]
+    else:
+        body.append("No evaluation has run.")
+    if measured is not None:
+        body += ["", f"Validation loss at step {step:,}: {measured['val_loss']:.4f} "
+                 f"(perplexity {perplexity(measured['val_loss']):.4f})."]
+    body += ["", "### Framework versions", "", *(f"- {v}" for v in _versions()), "",
+             "## How to use", "", "With minigpt:", "", "```bash",
+             f"python sample.py --model {facts.out} \"Why is the sky blue?\"", "```", "",
+             "With transformers, after exporting it (`python convert_hf_weights.py --to-hf "
+             f"{facts.out} --out exported/`):", "", "```python", "from transformers import pipeline", "",
+             'generator = pipeline("text-generation", model="exported/")',
+             'print(generator("Why is the sky blue?", max_new_tokens=50)[0]["generated_text"])', "```", ""]
+    return "---\n" + "\n".join(meta) + "\n---\n\n" + "\n".join(body)
+
+
+def export_card(text: str) -> str:
+    """The card for a transformers export: the same text, with `library_name: transformers`."""
+    head = re.match(r"---\n(.*?\n)---\n", text, re.DOTALL)
+    if head is None:  # no metadata block: give it one
+        return f"---\nlibrary_name: transformers\n---\n\n{text}"
+    meta = head.group(1)
+    if re.search(r"^library_name:.*$", meta, re.MULTILINE):
+        meta = re.sub(r"^library_name:.*$", "library_name: transformers", meta, flags=re.MULTILINE)
+    else:
+        meta += "library_name: transformers\n"
+    return f"---\n{meta}---\n{text[head.end():]}"

@@ -1,0 +1,82 @@
+"""Data-parallel set-up: where this process stands in a torchrun job, and the one collective it sums.
+
+torchrun starts one process per device and tells each its place through the environment (RANK,
+WORLD_SIZE, LOCAL_RANK). `torchrun_process_group(device)` joins that job's process group and yields
+a `Ranks`; a plain run is rank 0 of 1 and joins nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+import torch.distributed as dist
+
+from .errors import MinigptError
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """Where this process stands in a torchrun job (a plain run is rank 0 of 1)."""
+
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    @property
+    def in_process_group(self) -> bool:
+        """Whether collectives (all-reduce, barriers) have other processes to talk to."""
+        return dist.is_available() and dist.is_initialized()
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0 alone writes checkpoints, metrics, progress bars and logs, and holds the run's lock."""
+        return self.rank == 0
+
+
+def launched_rank() -> int:
+    """This process's rank as torchrun announced it (0 outside torchrun), before any group is joined."""
+    return int(os.environ.get("RANK", 0))
+
+
+@contextlib.contextmanager
+def torchrun_process_group(device: torch.device) -> Iterator[tuple[Ranks, torch.device]]:
+    """Join the torchrun job this process was started in, if any; yields (ranks, this rank's device).
+
+    Each process then drives one device (CUDA: GPU LOCAL_RANK, over NCCL) or the CPU (over gloo).
+    Without torchrun's variables this does nothing. The process group is destroyed on the way out,
+    on errors and Ctrl-C too, so no rank is left waiting.
+    """
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        yield Ranks(), device
+        return
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if device.type == "cuda":
+        if local_rank >= torch.cuda.device_count():
+            raise MinigptError(
+                f"torchrun: local rank {local_rank} has no GPU ({torch.cuda.device_count()} visible); "
+                "start at most one process per GPU (--nproc_per_node)"
+            )
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        backend = "nccl"
+    elif device.type == "cpu":
+        backend = "gloo"
+    else:
+        raise MinigptError(f"--device {device.type}: distributed training runs on cuda or cpu")
+    dist.init_process_group(backend, rank=rank, world_size=world_size)
+    try:
+        yield Ranks(rank, local_rank, world_size), device
+    finally:
+        dist.destroy_process_group()
+
+
+def all_reduce_sum(t: torch.Tensor, ranks: Ranks) -> torch.Tensor:
+    """Sum `t` in place over all ranks (nothing to do in a plain run); returns `t`."""
+    if ranks.in_process_group:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t

@@ -1,0 +1,215 @@
+"""A training run's output folder: what may be written into it, its checkpoints, and its lock.
+
+The output folder (`out/`) is itself a checkpoint that `minigpt.hf.load_model` reads, with the run's
+records beside it:
+
+    out/.ckpt/step-000000120-x1y2/   one complete checkpoint: the model's files, the model card
+                                     README.md, training_state.json (step, data position, optimizer
+                                     hyper-parameters, ...) and training_state.safetensors
+                                     (optimizer moments, RNG states). Nothing is pickled.
+    out/.ckpt/current                a symlink to the checkpoint in force
+    out/config.json, ...             fixed symlinks `.ckpt/current/<file>`, one per file
+    out/metrics.jsonl                one JSON object per logged step and per evaluation
+    out/loss.png                     train and validation loss against step (with matplotlib)
+    out/.lock                        the run's lock: one run per folder at a time
+
+A save writes a new step folder completely, then swaps `current` to it with one atomic rename, then
+deletes the older folders: whenever the process is killed, `current` names one complete checkpoint
+and every file read through it is from the same step. Readers need no recovery step.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Callable
+
+from .checkpoint import read_json
+from .errors import MinigptError
+
+CKPT_DIR = ".ckpt"
+CURRENT = "current"
+STATE_JSON = "training_state.json"
+STATE_TENSORS = "training_state.safetensors"
+METRICS_FILE = "metrics.jsonl"
+PLOT_FILE = "loss.png"
+CARD_FILE = "README.md"
+LOCK_FILE = ".lock"
+
+
+def current_checkpoint(out: str | os.PathLike) -> Path | None:
+    """The step folder `out/.ckpt/current` points to (resolved once, so that the model files and the
+    training state read from it are of one step), or None when `out` holds no checkpoint."""
+    link = Path(out) / CKPT_DIR / CURRENT
+    return link.resolve() if link.is_symlink() and link.resolve().is_dir() else None
+
+
+def check_out_folder(out: str | os.PathLike, resume: bool) -> Path | None:
+    """Refuse an output folder we must not write into; return the checkpoint to resume from.
+
+    An `--out` may be new or empty, or hold a training run of ours: with `--resume` it must have a
+    checkpoint, without `--resume` it must not (a run's checkpoint is never overwritten).
+    """
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise MinigptError(f"--out {out}: exists and is not a folder")
+    if not out.exists():  # it will be made: its nearest existing ancestor must be a writable folder
+        ancestor = next(p for p in out.absolute().parents if p.exists())
+        if not ancestor.is_dir() or not os.access(ancestor, os.W_OK | os.X_OK):
+            raise MinigptError(f"--out {out}: cannot create it, {ancestor} is not a writable folder")
+    ckpt = current_checkpoint(out)
+    if out.is_dir():
+        for entry in sorted(out.iterdir()):
+            if not _belongs_to_run(entry):
+                raise MinigptError(
+                    f"--out {out}: holds {entry.name!r}, which is not from a minigpt training run; "
+                    "choose another --out"
+                )
+    if resume and ckpt is None:
+        raise MinigptError(f"--resume: {out} holds no checkpoint to resume from")
+    if not resume and ckpt is not None:
+        step = read_json(ckpt / STATE_JSON).get("step")
+        raise MinigptError(
+            f"--out {out}: already holds a training run (checkpoint at step {step}); pass --resume "
+            "to continue it, or choose another --out"
+        )
+    return ckpt
+
+
+def _belongs_to_run(entry: Path) -> bool:
+    """Our own files: .ckpt/, metrics.jsonl, loss.png (and their temporary copies), .lock, and the links
+    into .ckpt/current/."""
+    if entry.name in (CKPT_DIR, METRICS_FILE, PLOT_FILE, LOCK_FILE, f".{METRICS_FILE}.tmp", f".{PLOT_FILE}.tmp"):
+        return True
+    return entry.is_symlink() and os.readlink(entry) == f"{CKPT_DIR}/{CURRENT}/{entry.name}"
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file's (or a folder's entries') bytes to the disk, so a checkpoint survives power loss."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_run_checkpoint(out: Path, step: int, write_files: Callable[[Path], None]) -> Path:
+    """Write a checkpoint folder with `write_files(folder)`, then make it current in one rename.
+
+    The new folder is complete (and on disk) before `.ckpt/current` is swapped to it; older step
+    folders, and any left half-written by a killed save, are deleted only afterwards.
+    """
+    ckpt_dir = out / CKPT_DIR
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    folder = Path(tempfile.mkdtemp(prefix=f"step-{step:09d}-", dir=ckpt_dir))
+    try:
+        folder.chmod(0o755)
+        write_files(folder)
+        for f in folder.iterdir():
+            _fsync(f)
+        _fsync(folder)
+        for f in folder.iterdir():  # out/<file> -> .ckpt/current/<file>, made once per file name
+            link = out / f.name
+            if not link.is_symlink():
+                os.symlink(f"{CKPT_DIR}/{CURRENT}/{f.name}", link)
+        tmp_link = ckpt_dir / f".{CURRENT}-{uuid.uuid4().hex}"
+        os.symlink(folder.name, tmp_link)
+        os.replace(tmp_link, ckpt_dir / CURRENT)  # the one atomic step: the new checkpoint is in force
+        _fsync(ckpt_dir)
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+    for old in ckpt_dir.iterdir():
+        if old.name not in (CURRENT, folder.name):
+            if old.is_dir() and not old.is_symlink():
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                old.unlink(missing_ok=True)
+    return folder
+
+
+class RunLock:
+    """One run per output folder: an exclusive `flock` on `out/.lock`, held for the run's life.
+
+    The operating system drops the lock when the process ends, however it ends (a SIGKILL, a power
+    loss), so there is never a stale lock to clean up: the next `--resume` starts at once. The file
+    holds the holder's process id, which a refused run names. Under torchrun only rank 0 locks.
+
+        with RunLock(out):      # refuses (MinigptError) while another process holds `out`
+            ...train...
+
+    A run that fails before writing anything (bad data, say) leaves no trace: when this lock made
+    `out`, and `out` holds nothing but the lock file on the way out, both are removed again.
+    """
+
+    def __init__(self, out: str | os.PathLike) -> None:
+        self.out = Path(out)
+        self.path = self.out / LOCK_FILE
+        self._fd: int | None = None
+        self._made_folder = False
+
+    def __enter__(self) -> RunLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+    def acquire(self) -> None:
+        """Take the lock, or raise a one-line MinigptError naming the process that holds it."""
+        try:
+            self._made_folder = not self.out.exists()
+            self.out.mkdir(parents=True, exist_ok=True)
+            while True:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    holder = _holder(fd)
+                    os.close(fd)
+                    raise MinigptError(
+                        f"--out {self.out}: another training run ({holder}) is using this folder; wait "
+                        "for it to end, or choose another --out"
+                    ) from None
+                # A run that gave up may have removed the file between our open and our lock: then
+                # we hold a lock on a file nobody else can find, and must lock the new one instead.
+                try:
+                    if os.fstat(fd).st_ino == os.stat(self.path).st_ino:
+                        break
+                except FileNotFoundError:
+                    pass
+                os.close(fd)
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
+        except OSError as e:
+            raise MinigptError(f"--out {self.out}: cannot lock it ({e.strerror or e})") from None
+        self._fd = fd
+
+    def release(self) -> None:
+        """Drop the lock; remove the lock file and `out` too when this run made `out` and left it
+        otherwise empty (the file is removed before the lock is dropped, see `acquire`)."""
+        if self._fd is None:
+            return
+        try:
+            if self._made_folder and [p.name for p in self.out.iterdir()] == [LOCK_FILE]:
+                self.path.unlink()
+                self.out.rmdir()
+        except OSError:
+            pass  # something else appeared in `out` meanwhile: leave it all
+        os.close(self._fd)
+        self._fd = None
+
+
+def _holder(fd: int) -> str:
+    """'process N' for the process id in a lock file, which its holder writes right after locking."""
+    for _ in range(50):  # the holder may have locked but not yet written: wait up to ~1 s
+        text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+        if text.isdigit():
+            return f"process {text}"
+        time.sleep(0.02)
+    return "another process"
