@@ -45,8 +45,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     from minigpt.hf import convert_to_minigpt, export_hf, load_model  # heavy imports after parsing
 
     if args.to_hf:
+        from minigpt.card import export_card
+
         model, tokenizer = load_model(args.to_hf)
-        export_hf(model, tokenizer, out)
+        card = Path(args.to_hf) / "README.md"  # a training run's model card travels with the export
+        export_hf(model, tokenizer, out, export_card(card.read_text(encoding="utf-8")) if card.is_file() else None)
         print(f"wrote a transformers GPT2LMHeadModel folder to {out}")
     else:
         convert_to_minigpt(args.source, out)

@@ -212,9 +212,12 @@ def run_facts(args, model, train_blocks, val_blocks, world_size: int, dtype_name
 
 def eval_only(args: argparse.Namespace) -> int:
     """--eval-only: the validation loss of --init on the validation blocks training would use."""
+    import tempfile
+
+    import numpy as np
     import torch
 
-    from minigpt.data import BatchIterator, load_blocks
+    from minigpt.data import BatchIterator, TokenBlocks, load_blocks
     from minigpt.ddp import torchrun_process_group
     from minigpt.hf import load_model
     from minigpt.metrics import perplexity
@@ -227,7 +230,10 @@ def eval_only(args: argparse.Namespace) -> int:
         model, tokenizer = load_model(args.init)
         if args.block_size > model.config.block_size:
             raise MinigptError(f"--block-size {args.block_size}: {args.init} sees at most {model.config.block_size} tokens")
-        _, val_blocks = load_blocks(data_config(args), tokenizer, progress=ranks.is_main and not args.no_progress)
+        with tempfile.TemporaryDirectory(prefix="minigpt-eval-") as cache:  # write nothing, not even a cache
+            cfg = dataclasses.replace(data_config(args), cache_dir=cache)
+            _, val_blocks = load_blocks(cfg, tokenizer, progress=ranks.is_main and not args.no_progress)
+            val_blocks = TokenBlocks(np.array(val_blocks.blocks), val_blocks.manifest)  # out of the cache
         if len(val_blocks) == 0:
             raise MinigptError("--eval-only: no validation data (give --val-data, or a --val-fraction above 0)")
         batches = BatchIterator(val_blocks, args.batch_size * ranks.world_size, shuffle=False,

@@ -156,8 +156,9 @@ def load_hf_checkpoint(
 # --- minigpt -> HF --------------------------------------------------------------------------
 
 
-def export_hf(model: GPT, tokenizer: Tokenizer, out: str | os.PathLike) -> Path:
-    """Write an HF `GPT2LMHeadModel` folder (config, safetensors, tokenizer files), atomically."""
+def export_hf(model: GPT, tokenizer: Tokenizer, out: str | os.PathLike, card: str | None = None) -> Path:
+    """Write an HF `GPT2LMHeadModel` folder (config, safetensors, tokenizer files, and the model card
+    `card` as README.md when given), atomically."""
     state = {
         name: t.t().contiguous() if is_conv1d_weight(name) else t
         for name, t in model_state_for_saving(model).items()
@@ -167,6 +168,8 @@ def export_hf(model: GPT, tokenizer: Tokenizer, out: str | os.PathLike) -> Path:
         (tmp / CONFIG_FILE).write_text(json.dumps(hf_config, indent=2) + "\n")
         save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         tokenizer.to_hf_files(tmp)
+        if card is not None:
+            (tmp / "README.md").write_text(card, encoding="utf-8")
     return Path(out)
 
 

@@ -1,0 +1,101 @@
+"""train.py --eval-only: transformers' loss on the same validation blocks, and nothing written."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import ROOT, call_cli
+
+DATA = str(ROOT / "tests" / "data" / "eli5_small.jsonl")
+# batch 3 does not divide the validation blocks: the last batch is short, and must weigh less
+FLAGS = ("--eval-only", "--data", DATA, "--block-size", "32", "--batch-size", "3", "--seed", "5", "--no-progress")
+
+
+@pytest.fixture(autouse=True)
+def environment(tmp_path, monkeypatch):
+    monkeypatch.setenv("MINIGPT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)  # where train.py's default --out would be made
+
+
+def reported(stdout: str) -> tuple[float, float]:
+    match = re.search(r"^validation loss (\d+\.\d{4,}) \(perplexity (\d+\.\d+)\)$", stdout, re.MULTILINE)
+    assert match, stdout
+    return float(match.group(1)), float(match.group(2))
+
+
+def transformers_loss(hf_folder: Path, tokenizer_source: Path, cache: Path) -> tuple[float, int]:
+    """transformers' mean loss over every scored token of the validation blocks training would use."""
+    from transformers import GPT2LMHeadModel
+
+    from minigpt.data import DataConfig, load_blocks
+    from minigpt.tokenizer import Tokenizer
+
+    cfg = DataConfig(source=DATA, block_size=32, seed=5, cache_dir=str(cache))
+    _, val = load_blocks(cfg, Tokenizer.from_dir(tokenizer_source), progress=False)
+    blocks = torch.from_numpy(val.blocks[:].astype("int64"))
+    model = GPT2LMHeadModel.from_pretrained(hf_folder).eval()
+    with torch.no_grad():  # all blocks in one batch: the loss is the mean over all their scored tokens
+        return model(input_ids=blocks, labels=blocks).loss.item(), len(blocks)
+
+
+def test_eval_only_equals_transformers_and_writes_nothing(tmp_path, tiny_hf_dir, tiny_minigpt_dir):
+    before = sorted(p.name for p in tmp_path.iterdir())
+    result = call_cli("train.py", *FLAGS, "--init", str(tiny_hf_dir), "--out", str(tmp_path / "out"))
+    assert result.returncode == 0, result.stderr
+    loss, ppl = reported(result.stdout)
+    expected, n_blocks = transformers_loss(tiny_hf_dir, tiny_hf_dir, tmp_path.with_name(tmp_path.name + "-oracle"))
+    assert n_blocks % 3 != 0
+    assert loss == pytest.approx(expected, rel=1e-4)
+    assert ppl == pytest.approx(torch.tensor(loss).exp().item(), rel=1e-3)
+    assert f"{n_blocks:,} validation blocks of 32 tokens" in result.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # no --out, no default out, nothing
+    # the same weights as a minigpt folder give the same number
+    same = call_cli("train.py", *FLAGS, "--init", str(tiny_minigpt_dir))
+    assert same.returncode == 0, same.stderr
+    assert reported(same.stdout)[0] == pytest.approx(loss, abs=1e-4)
+    assert not (tmp_path / "checkpoints").exists()
+
+
+@pytest.mark.slow
+def test_eval_only_of_a_run_folder(tmp_path, tiny_hf_dir):
+    from minigpt.hf import export_hf, load_model
+
+    run = tmp_path / "run"
+    trained = call_cli("train.py", "--init", str(tiny_hf_dir), "--data", DATA, "--block-size", "32", "--batch-size",
+                       "4", "--max-steps", "2", "--lr", "1e-3", "--val-fraction", "0", "--no-progress", "--out", str(run))
+    assert trained.returncode == 0, trained.stderr
+    rows = (run / "metrics.jsonl").read_text()
+    result = call_cli("train.py", *FLAGS, "--init", str(run))
+    assert result.returncode == 0, result.stderr
+    assert (run / "metrics.jsonl").read_text() == rows  # the run folder is only read
+    model, tokenizer = load_model(run)
+    export_hf(model, tokenizer, tmp_path / "exported")
+    expected, _ = transformers_loss(tmp_path / "exported", tmp_path / "exported", tmp_path / "oracle")
+    untrained, _ = transformers_loss(tiny_hf_dir, tiny_hf_dir, tmp_path / "oracle")
+    assert reported(result.stdout)[0] == pytest.approx(expected, rel=1e-4)
+    assert abs(expected - untrained) > 1e-3  # the run's own weights were evaluated, not --init's
+
+
+@pytest.mark.parametrize(
+    "args, complaint",
+    [
+        (("--init", "scratch"), "--eval-only evaluates a trained model"),
+        (("--resume",), "--eval-only evaluates a trained model"),
+    ],
+)
+def test_eval_only_usage_errors(args, complaint, tiny_hf_dir):
+    result = call_cli("train.py", *FLAGS, "--init", str(tiny_hf_dir), *args)
+    assert result.returncode == 2 and complaint in result.stderr.strip().splitlines()[-1]
+
+
+def test_eval_only_without_validation_data_is_one_line(tmp_path, tiny_hf_dir):
+    result = call_cli("train.py", *FLAGS, "--init", str(tiny_hf_dir), "--val-fraction", "0")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "error: --eval-only: no validation data (give --val-data, or a --val-fraction above 0)"
+    ]
+    assert list(tmp_path.iterdir()) == []
