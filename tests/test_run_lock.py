@@ -1,0 +1,106 @@
+"""One run per output folder: the lock, two runs started at once, and a resume after SIGKILL."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, call_cli
+from minigpt.errors import MinigptError
+from minigpt.run_folder import LOCK_FILE, RunLock
+
+# A model small enough that the runs cost little next to starting Python and torch.
+TINY = ("--preset", "tiny", "--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--block-size", "32",
+        "--max-steps", "6", "--save-every", "2", "--log-every", "1", "--no-progress")
+
+
+@pytest.fixture(autouse=True)
+def environment(tmp_path, monkeypatch):
+    monkeypatch.setenv("MINIGPT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+
+
+def start(*args: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, str(ROOT / "train.py"), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=ROOT,
+    )
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    """Every file under `folder` (links followed) with its bytes."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_a_second_lock_is_refused_naming_the_holder(tmp_path):
+    out = tmp_path / "run"
+    with RunLock(out):
+        assert (out / LOCK_FILE).read_text() == f"{os.getpid()}\n"
+        with pytest.raises(MinigptError) as e:
+            RunLock(out).acquire()
+        assert str(e.value) == (f"--out {out}: another training run (process {os.getpid()}) is using this "
+                                "folder; wait for it to end, or choose another --out")
+    assert not out.exists()  # made by the lock, left empty: removed with it
+    with RunLock(out):  # free again
+        pass
+
+
+def test_two_runs_started_at_once_on_one_out(tmp_path):
+    out = tmp_path / "run"
+    runs = [start(*TINY, "--out", str(out)) for _ in range(2)]
+    results = [(p, *p.communicate(timeout=300)) for p in runs]
+    codes = sorted(p.returncode for p, _, _ in results)
+    assert codes == [0, 2], [(p.returncode, err[-2000:]) for p, _, err in results]
+    (winner, _, _), = [r for r in results if r[0].returncode == 0]
+    (_, out_text, err_text), = [r for r in results if r[0].returncode == 2]
+    assert err_text.strip().splitlines() == [
+        f"error: --out {out}: another training run (process {winner.pid}) is using this folder; wait for it "
+        "to end, or choose another --out"
+    ]
+    assert out_text == ""
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4, 5, 6]  # one run's rows, each once
+    assert json.loads((out / "training_state.json").read_text())["step"] == 6
+
+
+def test_resume_while_the_run_lives_is_refused_and_touches_nothing(tmp_path):
+    out = tmp_path / "run"
+    assert call_cli("train.py", *TINY, "--out", str(out)).returncode == 0
+    before = snapshot(out)
+    with RunLock(out):  # as if the run were still going
+        result = call_cli("train.py", *TINY, "--out", str(out), "--resume", "--max-steps", "8")
+        assert result.returncode == 2
+        assert result.stderr.strip().splitlines() == [
+            f"error: --out {out}: another training run (process {os.getpid()}) is using this folder; wait for "
+            "it to end, or choose another --out"
+        ]
+        assert snapshot(out) == before
+
+
+def test_after_a_sigkill_resume_starts_at_once(tmp_path):
+    out = tmp_path / "run"
+    flags = (*TINY, "--max-steps", "40", "--save-every", "5", "--log-every", "10", "--out", str(out))
+    proc = start(*flags)
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "training_state.json").exists():
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.01)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.communicate()
+    assert proc.returncode == -signal.SIGKILL
+    step = json.loads((out / "training_state.json").read_text())["step"]
+    assert step < 40
+    assert (out / LOCK_FILE).read_text() == f"{proc.pid}\n"  # the file stays; the lock died with the process
+    result = call_cli("train.py", *flags, "--resume")
+    assert result.returncode == 0, result.stderr
+    assert f"resumed from {out} at step {step}" in result.stdout
+    assert json.loads((out / "training_state.json").read_text())["step"] == 40
