@@ -220,9 +220,9 @@ def eval_only(args: argparse.Namespace) -> int:
     from minigpt.data import BatchIterator, TokenBlocks, load_blocks
     from minigpt.ddp import torchrun_process_group
     from minigpt.hf import load_model
-    from minigpt.metrics import perplexity
+    from minigpt.metrics import evaluate, perplexity
     from minigpt.runtime import setup_device
-    from minigpt.trainer import evaluate, seed_everything
+    from minigpt.trainer import seed_everything
 
     device, dtype = setup_device(args.device, args.dtype)
     seed_everything(args.seed)
@@ -307,8 +307,9 @@ def train(args, device, dtype, dtype_name: str, ranks, resume_from: Path | None)
     )
     facts = run_facts(args, model, train_blocks, val_blocks, ranks.world_size, dtype_name, max_steps)
     trainer = Trainer(
-        model, lm_loss, optimizer, lambda step: linear_schedule(step, max_steps, args.warmup_steps),
-        train_batches, val_batches, config, args.out,
+        model=model, loss_fn=lm_loss, optimizer=optimizer,
+        schedule=lambda step: linear_schedule(step, max_steps, args.warmup_steps),
+        train_batches=train_batches, val_batches=val_batches, config=config, out=args.out,
         save_model=lambda folder: write_checkpoint(folder, model, tokenizer),
         device=device, ranks=ranks, run_config=run_config(args, ranks.world_size, dtype_name, max_steps),
         card=lambda rows, step: render_card(facts, rows, step),

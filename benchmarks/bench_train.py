@@ -119,9 +119,9 @@ class Ours:
         self.model.train()
         optimizer = AdamW(param_groups(self.model, 0.01), lr=2e-5)
         self.trainer = Trainer(
-            self.model, lambda m, b: m(b, targets=b)[1], optimizer,
-            lambda step: linear_schedule(step, 10_000), None, None,
-            TrainConfig(max_steps=10_000, dtype=dtype, progress=False), tempfile.gettempdir(),
+            model=self.model, loss_fn=lambda m, b: m(b, targets=b)[1], optimizer=optimizer,
+            schedule=lambda step: linear_schedule(step, 10_000), train_batches=None, val_batches=None,
+            config=TrainConfig(max_steps=10_000, dtype=dtype, progress=False), out=tempfile.gettempdir(),
             save_model=lambda folder: None, device=device,
         )
 

@@ -80,3 +80,34 @@ def all_reduce_sum(t: torch.Tensor, ranks: Ranks) -> torch.Tensor:
     if ranks.in_process_group:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
+
+
+def gather_rng_states(device: torch.device, ranks: Ranks) -> dict[str, torch.Tensor]:
+    """Every rank's torch RNG states (dropout draws from them), gathered to all ranks, as
+    {"rng.cpu.<rank>": ..., "rng.cuda.<rank>": ...}."""
+    states = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        states["cuda"] = torch.cuda.get_rng_state(device)
+    out = {}
+    for kind, state in states.items():
+        if ranks.in_process_group:
+            comm = device if device.type == "cuda" else torch.device("cpu")
+            gathered = [torch.empty_like(state, device=comm) for _ in range(ranks.world_size)]
+            dist.all_gather(gathered, state.to(comm))
+        else:
+            gathered = [state]
+        out |= {f"rng.{kind}.{r}": s.cpu() for r, s in enumerate(gathered)}
+    return out
+
+
+def restore_rng_states(tensors: dict[str, torch.Tensor], saved_world_size: int, step: int, device: torch.device,
+                       ranks: Ranks) -> None:
+    """Continue this rank's dropout draws from `gather_rng_states`' saved states. With another number
+    of ranks the examples fall on other ranks anyway, so there is no exact continuation to restore:
+    each rank is then seeded from the step and its rank."""
+    if saved_world_size == ranks.world_size:
+        torch.set_rng_state(tensors[f"rng.cpu.{ranks.rank}"])
+        if device.type == "cuda" and f"rng.cuda.{ranks.rank}" in tensors:
+            torch.cuda.set_rng_state(tensors[f"rng.cuda.{ranks.rank}"], device)
+    else:
+        torch.manual_seed(step * 1000 + ranks.rank)

@@ -1,4 +1,4 @@
-"""A run's numbers: `metrics.jsonl` rows as they are written, and the loss plot drawn from them.
+"""A run's numbers: the validation loss, `metrics.jsonl` rows as they are written, and the loss plot.
 
 Two kinds of rows, one JSON object per line:
     {"step", "epoch", "loss", "lr", "grad_norm", "tokens_per_sec"[, "skipped_steps"]}
@@ -9,16 +9,50 @@ Two kinds of rows, one JSON object per line:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+
+from .ddp import Ranks, all_reduce_sum
 
 
 def perplexity(loss: float) -> float:
     """exp(loss), the perplexity of a mean next-token cross-entropy (inf where exp overflows)."""
     return math.exp(loss) if loss < 700 else float("inf")
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    loss_fn: Callable[[nn.Module, torch.Tensor], torch.Tensor],
+    batches,
+    device: torch.device,
+    autocast: contextlib.AbstractContextManager | None = None,
+    ranks: Ranks = Ranks(),
+) -> float:
+    """The mean of `loss_fn` per example over all `batches` (all ranks' shards together), in eval mode.
+
+    Each batch's mean is weighted by its number of examples and summed in float64, so the result is
+    the mean over every example, however the examples fall into batches and ranks. For blocks of one
+    length with every token scored, that is the mean over all scored tokens: transformers' Trainer
+    `eval_loss` on the same blocks. NaN when there are no examples.
+    """
+    model.eval()
+    sums = torch.zeros(2, device=device, dtype=torch.float64)  # (loss x examples, examples)
+    for batch in batches:
+        if len(batch):
+            with autocast or contextlib.nullcontext():
+                loss = loss_fn(model, batch.to(device, non_blocking=True))
+            sums[0] += loss.double() * len(batch)
+            sums[1] += len(batch)
+    all_reduce_sum(sums, ranks)
+    return (sums[0] / sums[1]).item() if sums[1] > 0 else float("nan")
 
 
 class MetricsLog:

@@ -21,13 +21,17 @@ and every file read through it is from the same step. Readers need no recovery s
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import shutil
 import tempfile
 import time
 import uuid
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
+
+import torch
+from safetensors.torch import load_file, save_file
 
 from .checkpoint import read_json
 from .errors import MinigptError
@@ -40,6 +44,8 @@ METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "loss.png"
 CARD_FILE = "README.md"
 LOCK_FILE = ".lock"
+STATE_FORMAT = "minigpt-training-state"
+STATE_VERSION = 1
 
 
 def current_checkpoint(out: str | os.PathLike) -> Path | None:
@@ -131,6 +137,38 @@ def write_run_checkpoint(out: Path, step: int, write_files: Callable[[Path], Non
             else:
                 old.unlink(missing_ok=True)
     return folder
+
+
+# --- the training state of a checkpoint -----------------------------------------------------------
+
+
+def write_training_state(folder: Path, info: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+    """A checkpoint's training state, pickle-free: the tensors (optimizer moments, RNG states) in
+    training_state.safetensors, everything else (step, data position, settings, ...) as JSON."""
+    save_file({k: t.detach().cpu().contiguous() for k, t in tensors.items()}, str(folder / STATE_TENSORS))
+    info = {"format": STATE_FORMAT, "version": STATE_VERSION, **info}
+    (folder / STATE_JSON).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+
+
+def read_training_state(folder: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """(info, tensors) of checkpoint `folder`, as `write_training_state` wrote them."""
+    info = read_json(folder / STATE_JSON)
+    if info.get("format") != STATE_FORMAT or info.get("version") != STATE_VERSION:
+        raise MinigptError(f"{folder / STATE_JSON}: not a minigpt training state (version {STATE_VERSION})")
+    return info, load_file(str(folder / STATE_TENSORS))
+
+
+def check_same_run(out: Path, saved: dict[str, Any], current: dict[str, Any]) -> None:
+    """Refuse to resume the run in `out` with settings (by flag name) other than those it was made with."""
+    for key in sorted(set(saved) | set(current)):
+        if saved.get(key) != current.get(key):
+            raise MinigptError(
+                f"--resume: the run in {out} was made with {key} {saved.get(key)!r}, not "
+                f"{current.get(key)!r}; resume with the same settings, or choose another --out"
+            )
+
+
+# --- one run per folder ----------------------------------------------------------------------------
 
 
 class RunLock:

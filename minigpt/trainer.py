@@ -27,7 +27,6 @@ resumed ends bitwise where the uninterrupted run ends.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import random
@@ -42,52 +41,20 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from safetensors.torch import load_file, save_file
 
-from .checkpoint import read_json
-from .ddp import Ranks, all_reduce_sum
+from .ddp import Ranks, all_reduce_sum, gather_rng_states, restore_rng_states
 from .errors import MinigptError
-from .metrics import MetricsLog, perplexity, plot_metrics
+from .metrics import MetricsLog, evaluate, perplexity, plot_metrics
 from .optim import AdamW, clip_grad_norm
 from .run_folder import (
     CARD_FILE,
     METRICS_FILE,
     PLOT_FILE,
-    STATE_JSON,
-    STATE_TENSORS,
+    check_same_run,
+    read_training_state,
     write_run_checkpoint,
+    write_training_state,
 )
-
-STATE_FORMAT = "minigpt-training-state"
-STATE_VERSION = 1
-
-
-@torch.no_grad()
-def evaluate(
-    model: nn.Module,
-    loss_fn: Callable[[nn.Module, torch.Tensor], torch.Tensor],
-    batches,
-    device: torch.device,
-    autocast: contextlib.AbstractContextManager | None = None,
-    ranks: Ranks = Ranks(),
-) -> float:
-    """The mean of `loss_fn` per example over all `batches` (all ranks' shards together), in eval mode.
-
-    Each batch's mean is weighted by its number of examples and summed in float64, so the result is
-    the mean over every example, however the examples fall into batches and ranks. For blocks of one
-    length with every token scored, that is the mean over all scored tokens: transformers' Trainer
-    `eval_loss` on the same blocks. NaN when there are no examples.
-    """
-    model.eval()
-    sums = torch.zeros(2, device=device, dtype=torch.float64)  # (loss x examples, examples)
-    for batch in batches:
-        if len(batch):
-            with autocast or contextlib.nullcontext():
-                loss = loss_fn(model, batch.to(device, non_blocking=True))
-            sums[0] += loss.double() * len(batch)
-            sums[1] += len(batch)
-    all_reduce_sum(sums, ranks)
-    return (sums[0] / sums[1]).item() if sums[1] > 0 else float("nan")
 
 
 def seed_everything(seed: int) -> None:
@@ -131,6 +98,12 @@ class TrainConfig:
 class Trainer:
     """Runs `config.max_steps` optimizer steps over `train_batches`, evaluating, logging and saving.
 
+    model, loss_fn: `loss_fn(model, batch)` is the mean loss over the batch's examples.
+    optimizer, schedule: `schedule(step)` multiplies each parameter group's learning rate.
+    train_batches, val_batches: iterators with `minigpt.data.BatchIterator`'s contract (val: or None).
+    config: how the loop runs. out, save_model: the run folder; `save_model(folder)` writes the
+        model's files into a checkpoint folder.
+    device, ranks: where this process computes, and its place in a torchrun job.
     run_config: the settings that define the run's mathematics (by flag name); stored in every
         checkpoint, and a resume with different ones is refused.
     card: `card(metrics rows, step) -> text`, the model card saved as README.md in every checkpoint
@@ -139,6 +112,7 @@ class Trainer:
 
     def __init__(
         self,
+        *,
         model: nn.Module,
         loss_fn: Callable[[nn.Module, torch.Tensor], torch.Tensor],
         optimizer: AdamW,
@@ -148,7 +122,6 @@ class Trainer:
         config: TrainConfig,
         out: str | os.PathLike,
         save_model: Callable[[Path], None],
-        *,
         device: torch.device | str = "cpu",
         ranks: Ranks = Ranks(),
         card: Callable[[list[dict[str, Any]], int], str] | None = None,
@@ -185,7 +158,10 @@ class Trainer:
         self.metrics: MetricsLog | None = None
         self.resumed_metrics_rows: int | None = None  # rows the checkpoint had seen (a resume)
         self.rows_at_save = -1  # metrics rows written when the last checkpoint was saved
-        self._stop_requested = False
+        self.stop_requested = False  # Ctrl-C / SIGTERM: stop after the step in progress
+        self.bar = None  # the tqdm progress bar, while fit() runs on rank 0
+        self.interval = {"loss": 0.0, "steps": 0, "tokens": 0, "seconds": 0.0}  # since the last metrics row
+        self.last: dict[str, float] = {}  # the last step's numbers and validation loss
 
     # --- one step ------------------------------------------------------------------------
 
@@ -260,13 +236,13 @@ class Trainer:
     # --- checkpoints ---------------------------------------------------------------------
 
     def state(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-        """This rank's training state after `self.step` steps, as (JSON-able dict, tensors)."""
+        """The training state after `self.step` steps, as (JSON-able dict, tensors): this rank's
+        optimizer and data position, and every rank's RNG states."""
         optim = self.optimizer.state_dict()
         tensors = {f"optimizer.exp_avg.{i}": t for i, t in enumerate(optim.pop("exp_avg"))}
         tensors |= {f"optimizer.exp_avg_sq.{i}": t for i, t in enumerate(optim.pop("exp_avg_sq"))}
+        tensors |= gather_rng_states(self.device, self.ranks)
         info = {
-            "format": STATE_FORMAT,
-            "version": STATE_VERSION,
             "step": self.step,
             "max_steps": self.config.max_steps,
             "skipped_steps": self.skipped_steps,
@@ -280,26 +256,9 @@ class Trainer:
         }
         return info, tensors
 
-    def _rng_states(self) -> dict[str, torch.Tensor]:
-        """Every rank's torch RNG states (dropout draws from them), gathered to all ranks."""
-        states = {"cpu": torch.get_rng_state()}
-        if self.device.type == "cuda":
-            states["cuda"] = torch.cuda.get_rng_state(self.device)
-        out = {}
-        for kind, state in states.items():
-            if self.ranks.in_process_group:
-                comm = self.device if self.device.type == "cuda" else torch.device("cpu")
-                gathered = [torch.empty_like(state, device=comm) for _ in range(self.ranks.world_size)]
-                dist.all_gather(gathered, state.to(comm))
-            else:
-                gathered = [state]
-            out |= {f"rng.{kind}.{r}": s.cpu() for r, s in enumerate(gathered)}
-        return out
-
     def save(self) -> None:
-        """Checkpoint the model and the training state after `self.step` steps (rank 0 writes)."""
+        """Checkpoint the model, its card and the training state after `self.step` steps (rank 0 writes)."""
         info, tensors = self.state()
-        tensors |= self._rng_states()
         if self.ranks.is_main:
 
             def write_files(folder: Path) -> None:
@@ -307,8 +266,7 @@ class Trainer:
                 if self.card is not None:
                     rows = self.metrics.rows if self.metrics else []
                     (folder / CARD_FILE).write_text(self.card(rows, self.step), encoding="utf-8")
-                save_file({k: t.detach().cpu().contiguous() for k, t in tensors.items()}, str(folder / STATE_TENSORS))
-                (folder / STATE_JSON).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+                write_training_state(folder, info, tensors)
 
             try:
                 write_run_checkpoint(self.out, self.step, write_files)
@@ -326,17 +284,8 @@ class Trainer:
 
     def resume(self, folder: Path) -> None:
         """Continue from checkpoint `folder` (the model's weights must already be loaded from it)."""
-        info = read_json(folder / STATE_JSON)
-        if info.get("format") != STATE_FORMAT or info.get("version") != STATE_VERSION:
-            raise MinigptError(f"{folder / STATE_JSON}: not a minigpt training state (version {STATE_VERSION})")
-        saved_run = info.get("run", {})
-        for key in sorted(set(saved_run) | set(self.run_config)):
-            if saved_run.get(key) != self.run_config.get(key):
-                raise MinigptError(
-                    f"--resume: the run in {self.out} was made with {key} {saved_run.get(key)!r}, "
-                    f"not {self.run_config.get(key)!r}; resume with the same settings, or choose another --out"
-                )
-        tensors = load_file(str(folder / STATE_TENSORS))
+        info, tensors = read_training_state(folder)
+        check_same_run(self.out, info.get("run", {}), self.run_config)
         optim = dict(info["optimizer"])
         n = len([k for k in tensors if k.startswith("optimizer.exp_avg.")])
         optim["exp_avg"] = [tensors[f"optimizer.exp_avg.{i}"] for i in range(n)]
@@ -348,14 +297,7 @@ class Trainer:
         self.step, self.skipped_steps = int(info["step"]), int(info["skipped_steps"])
         self.last_save_step, self.last_eval_step = self.step, int(info["last_eval_step"])
         self.resumed_metrics_rows = self.rows_at_save = int(info["metrics_rows"])
-        # Dropout masks continue from the same RNG states. With another number of ranks the
-        # examples fall on other ranks anyway, so there is no exact continuation to restore.
-        if info["world_size"] == self.ranks.world_size:
-            torch.set_rng_state(tensors[f"rng.cpu.{self.ranks.rank}"])
-            if self.device.type == "cuda" and f"rng.cuda.{self.ranks.rank}" in tensors:
-                torch.cuda.set_rng_state(tensors[f"rng.cuda.{self.ranks.rank}"], self.device)
-        else:
-            torch.manual_seed(int(info["step"]) * 1000 + self.ranks.rank)
+        restore_rng_states(tensors, info["world_size"], self.step, self.device, self.ranks)
 
     # --- the run -------------------------------------------------------------------------
 
@@ -365,21 +307,18 @@ class Trainer:
         if self.ranks.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             self.metrics = MetricsLog(self.out / METRICS_FILE, self.resumed_metrics_rows)
-        self._bar = None
         if cfg.progress and self.ranks.is_main:
             from tqdm import tqdm
 
-            self._bar = tqdm(
+            self.bar = tqdm(
                 total=cfg.max_steps, initial=self.step, desc="training", unit="step",
                 file=sys.stderr, dynamic_ncols=True,
             )
-        self._interval = {"loss": 0.0, "steps": 0, "tokens": 0, "seconds": 0.0}
-        self._last: dict[str, float] = {}
         try:
             with self._signals_stop_after_the_step():
                 while self.step < cfg.max_steps and not self._should_stop():
                     self._run_epoch()
-                if self._stop_requested:
+                if self.stop_requested:
                     self.save()
                     raise KeyboardInterrupt
             if self.val_batches is not None and self.last_eval_step != self.step:
@@ -387,13 +326,13 @@ class Trainer:
             if self.last_save_step != self.step or self._rows_since_save():
                 self.save()  # the last checkpoint, its card with every row
         finally:
-            if self._bar is not None:
-                self._bar.close()
+            if self.bar is not None:
+                self.bar.close()
             if self.metrics is not None:
                 self.metrics.close()
         if self.ranks.is_main:
             plot_metrics(self.out / METRICS_FILE, self.out / PLOT_FILE)
-        return {"step": self.step, **self._last}
+        return {"step": self.step, **self.last}
 
     def _run_epoch(self) -> None:
         """The rest of the current epoch (or up to max_steps / a stop), then its evaluation."""
@@ -412,7 +351,7 @@ class Trainer:
 
     def _run_step(self, micro: list[torch.Tensor]) -> None:
         """One step plus what follows it: progress, logging, evaluation, saving."""
-        cfg, interval = self.config, self._interval
+        cfg, interval = self.config, self.interval
         start = time.perf_counter()
         numbers = self.train_step(micro)
         if self.device.type == "cuda":
@@ -421,10 +360,10 @@ class Trainer:
         interval["tokens"] += sum(b.numel() for b in micro) * self.ranks.world_size
         interval["loss"] += numbers["loss"]
         interval["steps"] += 1
-        self._last = numbers
-        if self._bar is not None:
-            self._bar.update(1)
-            self._bar.set_postfix(
+        self.last = numbers
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(
                 loss=f"{numbers['loss']:.4f}", lr=f"{numbers['lr']:.2e}",
                 tok_s=f"{interval['tokens'] / interval['seconds']:.0f}", refresh=False,
             )
@@ -458,14 +397,14 @@ class Trainer:
         """Whether a stop was asked for (Ctrl-C, SIGTERM); under DDP, asked of any rank, so that all
         ranks stop at the same step."""
         if self.ranks.in_process_group:
-            flag = torch.tensor([float(self._stop_requested)], device=self.device)
-            self._stop_requested = all_reduce_sum(flag, self.ranks).item() > 0
-        return self._stop_requested
+            flag = torch.tensor([float(self.stop_requested)], device=self.device)
+            self.stop_requested = all_reduce_sum(flag, self.ranks).item() > 0
+        return self.stop_requested
 
     def _evaluate_and_log(self) -> None:
         val_loss = self.evaluate()
         self.last_eval_step = self.step
-        self._last["val_loss"] = val_loss
+        self.last["val_loss"] = val_loss
         self._log({"step": self.step, "epoch": self._epoch(), "val_loss": val_loss, "val_ppl": perplexity(val_loss)})
 
     def _epoch(self) -> float:
@@ -490,7 +429,7 @@ class Trainer:
         previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
 
         def request_stop(signum, frame) -> None:
-            self._stop_requested = True
+            self.stop_requested = True
             signal.signal(signal.SIGINT, previous[signal.SIGINT])
             if self.ranks.is_main:
                 print("\nstopping after this step (Ctrl-C again to quit at once)", file=sys.stderr)
@@ -504,4 +443,4 @@ class Trainer:
                 signal.signal(sig, handler)
 
 
-__all__ = ["TrainConfig", "Trainer", "evaluate", "seed_everything"]
+__all__ = ["TrainConfig", "Trainer", "seed_everything"]

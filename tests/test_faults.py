@@ -752,7 +752,7 @@ FAULTY_TRAIN = '''
 import errno, os, runpy, signal, sys
 
 import minigpt.optim
-import minigpt.trainer
+import minigpt.run_folder
 
 kind, n = os.environ["MINIGPT_FAULT"].split(":")
 calls = []
@@ -763,7 +763,7 @@ def now():
     return len(calls) == int(n)
 
 
-real_step, real_save = minigpt.optim.AdamW.step, minigpt.trainer.save_file
+real_step, real_save = minigpt.optim.AdamW.step, minigpt.run_folder.save_file
 
 
 def step(self):
@@ -784,7 +784,7 @@ def save_file(tensors, filename, *args, **kwargs):
     real_save(tensors, filename, *args, **kwargs)
 
 
-minigpt.optim.AdamW.step, minigpt.trainer.save_file = step, save_file
+minigpt.optim.AdamW.step, minigpt.run_folder.save_file = step, save_file
 sys.argv = ["train.py", *sys.argv[1:]]
 runpy.run_path(os.path.join(os.environ["MINIGPT_ROOT"], "train.py"), run_name="__main__")
 '''

@@ -67,9 +67,10 @@ def make_trainer(out, model, train, val=None, *, batch=4, max_steps=10, loss_fn=
     optimizer = AdamW(param_groups(model, 0.01), lr=3e-3)
     cfg = {"log_every": 1, "progress": False, **cfg}
     return Trainer(
-        model, loss_fn, optimizer, lambda step: linear_schedule(step, max_steps, 2),
-        BatchIterator(train, batch, seed=7), BatchIterator(val, batch, shuffle=False) if val else None,
-        TrainConfig(max_steps=max_steps, **cfg), out, save_model or save_weights(model),
+        model=model, loss_fn=loss_fn, optimizer=optimizer, schedule=lambda step: linear_schedule(step, max_steps, 2),
+        train_batches=BatchIterator(train, batch, seed=7),
+        val_batches=BatchIterator(val, batch, shuffle=False) if val else None,
+        config=TrainConfig(max_steps=max_steps, **cfg), out=out, save_model=save_model or save_weights(model),
         run_config={"--lr": 3e-3},
     )
 
@@ -92,11 +93,12 @@ def test_twenty_steps_match_transformers(tmp_path):
 
     optimizer = AdamW(param_groups(ours, 0.01), lr=lr, betas=(0.9, 0.999), eps=1e-8)
     trainer = Trainer(
-        ours, lm_loss, optimizer, lambda s: linear_schedule(s, steps, warmup),
-        BatchIterator(train, 4, seed=42), BatchIterator(val, 4, shuffle=False),
-        TrainConfig(max_steps=steps, max_grad_norm=1.0, log_every=1, progress=False),
-        tmp_path / "out", lambda f: write_checkpoint(f, ours, tokenizer),
+        model=ours, loss_fn=lm_loss, optimizer=optimizer, schedule=lambda s: linear_schedule(s, steps, warmup),
+        train_batches=BatchIterator(train, 4, seed=42), val_batches=BatchIterator(val, 4, shuffle=False),
+        config=TrainConfig(max_steps=steps, max_grad_norm=1.0, log_every=1, progress=False),
+        out=tmp_path / "out", save_model=lambda f: write_checkpoint(f, ours, tokenizer),
     )
+    before = {name: t.detach().clone().double() for name, t in ours.state_dict().items()}
     trainer.fit()
     logged = [r for r in rows(tmp_path / "out") if "loss" in r]
     assert [r["step"] for r in logged] == list(range(1, steps + 1))
@@ -120,10 +122,17 @@ def test_twenty_steps_match_transformers(tmp_path):
         assert abs(r["loss"] - expected) <= 1e-5 * abs(expected)
     assert 0 < logged[-1]["lr"] < lr and logged[warmup - 1]["lr"] == pytest.approx(lr * (warmup - 1) / warmup)
 
+    # Weights after Adam steps: the distance between the two relative to how far they moved. Float
+    # rounding (~1e-7 of each gradient) shifts almost every update by that relative amount; only the
+    # rare entries whose gradient is at rounding level can step the other way (see tests/test_ddp.py's
+    # MOVED_REL), so 1e-3 of the movement bounds it, far below any real difference in the maths.
     hf_state = hf.state_dict()
+    apart = moved = 0.0
     for name, t in ours.state_dict().items():
         theirs = hf_state[name].t() if name.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight")) else hf_state[name]
-        assert (t - theirs).abs().max().item() <= 1e-5, name
+        apart += ((t.double() - theirs.double()) ** 2).sum().item()
+        moved += ((t.double() - before[name]) ** 2).sum().item()
+    assert 0 < apart ** 0.5 <= 1e-3 * moved ** 0.5 or apart == 0, (apart ** 0.5, moved ** 0.5)
 
     # validation loss: the mean over all validation examples, as HF's Trainer reports it
     hf.eval()
