@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import field, fields
+from dataclasses import Field, field, fields
 from typing import Any, Callable, Sequence
 
 from .errors import MinigptError
@@ -56,19 +56,42 @@ def flag(default: Any = None, help: str = "", *, group: str = "", run: bool = Fa
     return field(default=default, metadata={"help": help, "group": group, "run": run, "argparse": argparse_kwargs})
 
 
+def _add_flag(parser: argparse._ActionsContainer, f: Field) -> None:
+    kwargs = dict(f.metadata["argparse"])
+    if kwargs.get("action") != "store_true":
+        kwargs["default"] = f.default
+    help_text = f.metadata["help"] + (f" (default: {f.default})" if f.default not in (None, False) else "")
+    parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, help=help_text, **kwargs)
+
+
 def add_flags(parser: argparse._ActionsContainer, options: type) -> None:
     """Add to `parser` (or one of its groups) a flag for each `flag` field of the dataclass
     `options`, in field order; fields without `flag` are not flags."""
     for f in fields(options):
-        if "argparse" not in f.metadata:
-            continue
-        kwargs = dict(f.metadata["argparse"])
-        if kwargs.get("action") != "store_true":
-            kwargs["default"] = f.default
-        help_text = f.metadata["help"] + (f" (default: {f.default})" if f.default not in (None, False) else "")
-        parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, help=help_text, **kwargs)
+        if "argparse" in f.metadata:
+            _add_flag(parser, f)
 
 
 def from_flags(options: type, args: argparse.Namespace, **more: Any) -> Any:
     """The dataclass `options` filled from parsed flags that `add_flags` added, plus `more`."""
     return options(**{f.name: getattr(args, f.name) for f in fields(options) if "argparse" in f.metadata}, **more)
+
+
+def parser_from(options: type, description: str) -> argparse.ArgumentParser:
+    """An ArgumentParser with one flag per `flag` field of the dataclass `options`, in order, grouped
+    by their `group`; parse into the dataclass with `from_flags(options, parser.parse_args())`."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    groups: dict[str, argparse._ActionsContainer] = {"": parser}
+    for f in fields(options):
+        if "argparse" not in f.metadata:
+            continue
+        if f.metadata["group"] not in groups:
+            groups[f.metadata["group"]] = parser.add_argument_group(f.metadata["group"])
+        _add_flag(groups[f.metadata["group"]], f)
+    return parser
+
+
+def run_flags(options: Any) -> dict[str, Any]:
+    """The values of `options`' flags marked `run=True`, by flag name."""
+    return {"--" + f.name.replace("_", "-"): getattr(options, f.name) for f in fields(options)
+            if f.metadata.get("run")}

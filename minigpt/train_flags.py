@@ -1,0 +1,186 @@
+"""train.py's flags, each defined once: its default, type and help live in `TrainFlags`' fields, and
+argparse, the data and loop configurations and the settings a resume must repeat are built from them.
+
+The defaults are the published recipe: distilgpt2, ELI5-Category answers, 128-token blocks, batch 8,
+AdamW (lr 2e-5, weight decay 0.01), linear decay, gradient clipping at 1.0, 3 epochs, seed 42.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Sequence
+
+from .cli import flag, fraction, non_negative_float, non_negative_int, parser_from, positive_float, positive_int
+from .cli import from_flags, run_flags
+
+RECIPE_MODEL = "distilbert/distilgpt2"
+DEFAULT_OUT = "checkpoints/eli5"  # where sample.py looks first
+# --preset tiny: a model small enough to train on 2 CPU cores in well under a minute, on the ELI5
+# sample shipped inside the package, with a BPE vocabulary learned from that sample (no download).
+TINY_PRESET = dict(
+    init="scratch", n_layer=2, n_head=4, n_embd=128, block_size=64, batch_size=16, lr=2e-3,
+    warmup_steps=20, epochs=12, dropout=0.0, out="checkpoints/tiny", log_every=5, save_every=50,
+)
+TINY_VOCAB = 2048
+_INT, _X = dict(metavar="N", type=positive_int), dict(metavar="X")
+
+
+@dataclasses.dataclass
+class TrainFlags:
+    """Every train.py flag (`--n-layer` is the field n_layer); `run=True`: a resume must repeat it."""
+
+    preset: str | None = flag(None, "tiny: a 2-layer, 128-wide model trained from scratch on the 50-question ELI5 "
+                              "sample bundled with minigpt, with a 2,048-token vocabulary learned from it (block 64, "
+                              "batch 16, lr 2e-3, 20 warm-up steps, 12 epochs, out checkpoints/tiny); flags given "
+                              "as well still apply", choices=["tiny"])
+    init: str = flag(RECIPE_MODEL, "start from: a Hub id, an HF or minigpt checkpoint folder, or `scratch` for a new "
+                     "model of --n-layer/--n-head/--n-embd", group="model", metavar="SOURCE")
+    n_layer: int | None = flag(None, "(--init scratch) Transformer blocks (default: 6)", group="model", run=True, **_INT)
+    n_head: int | None = flag(None, "(--init scratch) attention heads (default: 12)", group="model", run=True, **_INT)
+    n_embd: int | None = flag(None, "(--init scratch) model width (default: 768)", group="model", run=True, **_INT)
+    tokenizer: str = flag(RECIPE_MODEL, "(--init scratch) the tokenizer: a Hub id or a folder with tokenizer.json",
+                          group="model", metavar="SOURCE")
+    dropout: float | None = flag(None, "dropout probability (default: the model's own, 0.1 for distilgpt2)",
+                                 group="model", run=True, type=fraction, **_X)
+    data: str | None = flag(None, "training data: an ELI5 .json[.gz]/.jsonl/.parquet/.csv file, a .txt file or a "
+                            "folder of .txt files (default: ELI5-Category's train split from the Hub)", group="data",
+                            metavar="PATH")
+    val_data: str | None = flag(None, "validation data (default: --val-fraction of --data's records)", group="data",
+                                metavar="PATH")
+    val_fraction: float = flag(0.2, "share of the records held out for validation", group="data", run=True,
+                               type=fraction, **_X)
+    format: str = flag("answers", "answers: a record's answers joined (the recipe); qa: 'Question: ...\\nAnswer: ...'",
+                       group="data", run=True, choices=["answers", "qa"])
+    max_records: int | None = flag(None, "use only the first N records (default: 5000 from the Hub, all of a local "
+                                   "file)", group="data", run=True, **_INT)
+    block_size: int = flag(128, "tokens per training example", group="data", run=True, **_INT)
+    batch_size: int = flag(8, "examples per micro-batch per process", group="optimisation", **_INT)
+    grad_accum: int = flag(1, "micro-batches per optimizer step", group="optimisation", run=True, **_INT)
+    lr: float = flag(2e-5, "peak learning rate", group="optimisation", run=True, type=positive_float, **_X)
+    weight_decay: float = flag(0.01, "AdamW weight decay, not on biases/LayerNorm", group="optimisation", run=True,
+                               type=non_negative_float, **_X)
+    warmup_steps: int = flag(0, "linear warm-up steps before the linear decay", group="optimisation", run=True,
+                             metavar="N", type=non_negative_int)
+    epochs: int = flag(3, "passes over the training data", group="optimisation", **_INT)
+    max_steps: int | None = flag(None, "stop after N optimizer steps; overrides --epochs and sets the schedule's "
+                                 "length", group="optimisation", **_INT)
+    max_grad_norm: float = flag(1.0, "clip the gradient norm to this; 0: no clipping", group="optimisation", run=True,
+                                type=non_negative_float, **_X)
+    seed: int = flag(42, "seeds every generator the run draws from: initialisation, data split and order, dropout",
+                     group="optimisation", run=True, metavar="N", type=non_negative_int)
+    device: str = flag("auto", "auto, cpu, cuda or mps (auto: cuda, then mps, then cpu)", group="hardware")
+    dtype: str = flag("auto", "fp32, bf16 or fp16 (CUDA only, with loss scaling) compute precision; weights stay "
+                      "fp32 (auto: bf16 on a GPU that has it, else fp32)", group="hardware")
+    compile: bool = flag(False, "compile the model with torch.compile (slow to start, faster steps)",
+                         group="hardware", action="store_true")
+    out: str = flag(DEFAULT_OUT, "output folder: the checkpoint, its model card, metrics.jsonl, loss.png",
+                    group="output")
+    log_every: int = flag(10, "write a metrics row every N steps", group="output", **_INT)
+    eval_every: int = flag(0, "also evaluate every N steps; 0: at each epoch's end only", group="output",
+                           metavar="N", type=non_negative_int)
+    save_every: int = flag(0, "checkpoint every N steps; 0: at the end only", group="output", metavar="N",
+                           type=non_negative_int)
+    resume: bool = flag(False, "continue the run in --out from its last checkpoint (same settings)", group="output",
+                        action="store_true")
+    no_progress: bool = flag(False, "no progress bar", group="output", action="store_true")
+    eval_only: bool = flag(False, "only print the validation loss and perplexity of --init on the validation data "
+                           "training would use (--val-data, or the --val-fraction split of --data with --seed), at "
+                           "--batch-size; trains and writes nothing", group="output", action="store_true")
+
+    def data_config(self, cache_dir: str | None = None):
+        """The data flags as a DataConfig: training and --eval-only build their blocks from the same one."""
+        from .data import DataConfig
+
+        return DataConfig(
+            source=self.data, val_source=self.val_data, format=self.format, block_size=self.block_size,
+            max_records=self.max_records, val_fraction=self.val_fraction, seed=self.seed, cache_dir=cache_dir,
+        )
+
+    def train_config(self, max_steps: int, dtype):
+        """The loop flags as a TrainConfig, for `max_steps` steps in all at precision `dtype`."""
+        from .trainer import TrainConfig
+
+        return TrainConfig(
+            max_steps=max_steps, grad_accum=self.grad_accum, max_grad_norm=self.max_grad_norm, dtype=dtype,
+            compile=self.compile, log_every=self.log_every, eval_every=self.eval_every,
+            save_every=self.save_every, progress=not self.no_progress,
+        )
+
+    def run_config(self, world_size: int, dtype_name: str, max_steps: int) -> dict[str, Any]:
+        """The settings that decide the run's numbers, by flag: a resume must use the same ones."""
+        def where(source: str | None) -> str | None:  # the same file however it was spelled
+            return str(Path(source).resolve()) if source and Path(source).exists() else source
+
+        return {
+            **run_flags(self), "--init": where(self.init), "--data": where(self.data),
+            "--val-data": where(self.val_data), "--batch-size x processes": self.batch_size * world_size,
+            "steps (--epochs / --max-steps)": max_steps, "--dtype": dtype_name,
+        }
+
+
+    def preset_tokenizer(self):
+        """--preset tiny's tokenizer: a TINY_VOCAB-token BPE vocabulary learned from the answers of the
+        bundled ELI5 sample."""
+        import json
+
+        from .data import tiny_preset_path
+        from .formats import answers_text
+        from .tokenizer import Tokenizer
+
+        lines = tiny_preset_path().read_text(encoding="utf-8").splitlines()
+        texts = [answers_text(json.loads(line)["answers"]["text"]) for line in lines if line.strip()]
+        return Tokenizer.train_bpe(texts, TINY_VOCAB)
+
+    def card_facts(self, model, train_blocks, val_blocks, world_size: int, dtype_name: str, max_steps: int):
+        """What the model card says about a run of these flags (minigpt.card.RunFacts)."""
+        from .card import RunFacts
+
+        c, scratch = model.config, self.init == "scratch"
+        datasets = ["rexarski/eli5_category"] if self.data is None else [Path(self.data).name]
+        datasets += [Path(self.val_data).name] if self.val_data is not None else []
+        split = (f"from --val-data {self.val_data}" if self.val_data else
+                 f"the --val-fraction {self.val_fraction:g} split of the records, seed {self.seed}")
+        data = [f"source: {train_blocks.manifest.get('source')}, format `{self.format}`"]
+        for role, blocks, how in (("training", train_blocks, ""), ("validation", val_blocks, f" ({split})")):
+            m = blocks.manifest
+            data.append(f"{role}: {m.get('records', 0):,} records, {m.get('tokens', 0):,} tokens, "
+                        f"{len(blocks):,} blocks of {self.block_size} tokens{how}")
+        hyper = [
+            ("learning_rate", f"{self.lr:g}"), ("train_batch_size", self.batch_size),
+            ("eval_batch_size", self.batch_size), ("seed", self.seed), ("gradient_accumulation_steps", self.grad_accum),
+            ("num_processes", world_size), ("total_train_batch_size", self.batch_size * self.grad_accum * world_size),
+            ("optimizer", f"AdamW (minigpt.optim) with betas=(0.9,0.999) and epsilon=1e-08, weight decay "
+                          f"{self.weight_decay:g} (not on biases and LayerNorm weights)"),
+            ("lr_scheduler_type", "linear"), ("lr_scheduler_warmup_steps", self.warmup_steps),
+            ("training_steps", max_steps) if self.max_steps else ("num_epochs", self.epochs),
+            ("max_grad_norm", f"{self.max_grad_norm:g}"), ("dropout", f"{c.dropout:g}"),
+            ("precision", "fp32" if dtype_name == "fp32" else f"{dtype_name} autocast, fp32 weights"),
+        ]
+        return RunFacts(
+            name=Path(self.out).resolve().name, out=self.out, base_model=None if scratch else self.init,
+            base_on_hub=not scratch and not Path(self.init).exists(), datasets=datasets,
+            model=f"A GPT-2 language model of {model.num_parameters():,} parameters: {c.n_layer} layers, "
+                  f"{c.n_head} heads, {c.n_embd} wide, a {c.block_size}-token context, a vocabulary of "
+                  f"{c.vocab_size:,}; trained with minigpt, a from-scratch PyTorch GPT-2.",
+            data=data, hyperparameters=hyper, max_steps=max_steps,
+        )
+
+
+def parse_train_flags(argv: Sequence[str] | None, description: str) -> TrainFlags:
+    """train.py's command line as TrainFlags; a mistake is argparse's usage error (exit 2)."""
+    p = parser_from(TrainFlags, description)
+    preset, _ = p.parse_known_args(argv)
+    if preset.preset == "tiny":  # the preset changes defaults; flags given explicitly still win
+        from .data import tiny_preset_path
+
+        p.set_defaults(**TINY_PRESET, data=str(tiny_preset_path()))
+    args = from_flags(TrainFlags, p.parse_args(argv))
+    if args.seed >= 2**63:  # torch's generators take a 64-bit seed
+        p.error(f"argument --seed: {args.seed} is too large (at most {2**63 - 1})")
+    scratch_flags = [f for f in ("n_layer", "n_head", "n_embd") if getattr(args, f) is not None]
+    if args.init != "scratch" and scratch_flags:
+        p.error(f"--{scratch_flags[0].replace('_', '-')} needs --init scratch (a loaded model keeps its shape)")
+    if args.eval_only and (args.init == "scratch" or args.resume):
+        p.error("--eval-only evaluates a trained model: give --init SOURCE, without --resume or --init scratch")
+    return args
