@@ -92,7 +92,7 @@ def eval_only(args: TrainFlags) -> int:
         if ranks.is_main:
             print(f"{args.init}: {len(val_blocks):,} validation blocks of {args.block_size} tokens "
                   f"({val_blocks.num_tokens:,} tokens, each scored but the first of its block)")
-            print(f"validation loss {loss:.4f} (perplexity {perplexity(loss):.4f})")
+            print(f"validation loss {loss:.6f} (perplexity {perplexity(loss):.4f})")
     return 0
 
 
