@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, run_cli
+from conftest import ROOT, call_cli
 from minigpt.card import RunFacts, export_card, render_card, results_table
 
 FACTS = RunFacts(
@@ -81,7 +81,7 @@ def test_a_run_folder_card_matches_its_metrics_and_travels_with_the_export(tmp_p
     out = tmp_path / "run"
     monkeypatch.setenv("MINIGPT_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    result = run_cli(
+    result = call_cli(
         "train.py", "--init", str(tiny_hf_dir), "--data", str(ROOT / "minigpt" / "assets" / "eli5_tiny.jsonl"),
         "--val-fraction", "0.1", "--block-size", "32", "--batch-size", "4", "--max-steps", "5", "--eval-every", "2",
         "--log-every", "1", "--lr", "3e-4", "--seed", "11", "--no-progress", "--out", str(out),
@@ -99,7 +99,7 @@ def test_a_run_folder_card_matches_its_metrics_and_travels_with_the_export(tmp_p
     assert "- learning_rate: 0.0003" in card.text and "- seed: 11" in card.text
     assert f"PyTorch {torch.__version__}" in card.text
 
-    exported = run_cli("convert_hf_weights.py", "--to-hf", str(out), "--out", str(tmp_path / "hf"))
+    exported = call_cli("convert_hf_weights.py", "--to-hf", str(out), "--out", str(tmp_path / "hf"))
     assert exported.returncode == 0, exported.stderr
     copy = ModelCard.load(tmp_path / "hf" / "README.md")
     assert copy.data.library_name == "transformers" and copy.text == card.text
@@ -107,7 +107,7 @@ def test_a_run_folder_card_matches_its_metrics_and_travels_with_the_export(tmp_p
 
 
 def test_export_of_a_folder_without_a_card_writes_none(tmp_path, tiny_minigpt_dir):
-    exported = run_cli("convert_hf_weights.py", "--to-hf", str(tiny_minigpt_dir), "--out", str(tmp_path / "hf"))
+    exported = call_cli("convert_hf_weights.py", "--to-hf", str(tiny_minigpt_dir), "--out", str(tmp_path / "hf"))
     assert exported.returncode == 0, exported.stderr
     assert not (tmp_path / "hf" / "README.md").exists()
     assert Path(tmp_path / "hf" / "model.safetensors").is_file()

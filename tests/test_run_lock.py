@@ -54,7 +54,7 @@ def test_a_second_lock_is_refused_naming_the_holder(tmp_path):
 
 def test_two_runs_started_at_once_on_one_out(tmp_path):
     out = tmp_path / "run"
-    runs = [start(*TINY, "--out", str(out)) for _ in range(2)]
+    runs = [start(*TINY, "--max-steps", "30", "--save-every", "10", "--out", str(out)) for _ in range(2)]
     results = [(p, *p.communicate(timeout=300)) for p in runs]
     codes = sorted(p.returncode for p, _, _ in results)
     assert codes == [0, 2], [(p.returncode, err[-2000:]) for p, _, err in results]
@@ -66,8 +66,8 @@ def test_two_runs_started_at_once_on_one_out(tmp_path):
     ]
     assert out_text == ""
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4, 5, 6]  # one run's rows, each once
-    assert json.loads((out / "training_state.json").read_text())["step"] == 6
+    assert [r["step"] for r in rows if "loss" in r] == list(range(1, 31))  # one run's rows, each once
+    assert json.loads((out / "training_state.json").read_text())["step"] == 30
 
 
 def test_resume_while_the_run_lives_is_refused_and_touches_nothing(tmp_path):
@@ -84,9 +84,19 @@ def test_resume_while_the_run_lives_is_refused_and_touches_nothing(tmp_path):
         assert snapshot(out) == before
 
 
+def read_until(proc: subprocess.Popen, needle: str) -> str:
+    """The child's stdout up to the first line holding `needle` (it must appear within 120 s)."""
+    seen, deadline = "", time.monotonic() + 120
+    while needle not in seen:
+        line = proc.stdout.readline()
+        assert line and time.monotonic() < deadline, (seen, proc.stderr.read() if proc.poll() is not None else "")
+        seen += line
+    return seen
+
+
 def test_after_a_sigkill_resume_starts_at_once(tmp_path):
     out = tmp_path / "run"
-    flags = (*TINY, "--max-steps", "40", "--save-every", "5", "--log-every", "10", "--out", str(out))
+    flags = (*TINY, "--max-steps", "100000", "--save-every", "3", "--log-every", "100", "--out", str(out))
     proc = start(*flags)
     try:
         deadline = time.monotonic() + 120
@@ -97,10 +107,15 @@ def test_after_a_sigkill_resume_starts_at_once(tmp_path):
     finally:
         proc.communicate()
     assert proc.returncode == -signal.SIGKILL
-    step = json.loads((out / "training_state.json").read_text())["step"]
-    assert step < 40
     assert (out / LOCK_FILE).read_text() == f"{proc.pid}\n"  # the file stays; the lock died with the process
-    result = call_cli("train.py", *flags, "--resume")
-    assert result.returncode == 0, result.stderr
-    assert f"resumed from {out} at step {step}" in result.stdout
-    assert json.loads((out / "training_state.json").read_text())["step"] == 40
+    step = json.loads((out / "training_state.json").read_text())["step"]
+    resumed = start(*flags, "--resume")  # not refused: the lock went with the killed process
+    try:
+        assert f"resumed from {out} at step {step}" in read_until(resumed, "out: ")
+        assert (out / LOCK_FILE).read_text() == f"{resumed.pid}\n"
+        resumed.send_signal(signal.SIGINT)  # Ctrl-C: save and stop
+        _, stderr = resumed.communicate(timeout=120)
+    finally:
+        resumed.kill()
+    assert resumed.returncode == 130, stderr
+    assert json.loads((out / "training_state.json").read_text())["step"] >= step
