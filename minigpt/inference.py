@@ -1,24 +1,44 @@
-"""Inference-time weight layouts: the same model, its matrices stored the way fast decoding reads them.
+"""Inference-time weight layouts and kernels, chosen by measuring on the machine at hand.
 
 Decoding one sequence multiplies a single activation row by every weight matrix of the model, once
-per token. That is bound by how fast the weights stream from memory, not by arithmetic, so the layout
-and number format of the weights decide the speed. On the CPU, measured on distilgpt2's shapes:
+per token. That is bound by how fast the weights stream from memory, not by arithmetic, so the
+layout, the number format and the kernel that reads them decide the speed. Which kernel is fastest
+depends on the CPU, and the differences are large (50,257 x 768 LM head, one activation row):
 
-  fp32   `F.linear` on one row reads an (out, in) matrix slower than `addmm` reads the same matrix
-         stored transposed, (in, out); `TransposedLinear` keeps that copy (for the 50,257 x 768 LM
-         head the difference is the largest).
-  bf16   half the bytes, but bf16 `F.linear` is slow on CPUs without native bf16 matmul, while
-         `torch.mv` on (out, in) bf16 weights is a fast matrix-vector kernel: `MatVecLinear`.
-  int8   weight-only quantization with one scale per output channel, w ~= q * s with q in
-         [-127, 127]: a quarter of fp32's bytes, multiplied by `torch._weight_int8pack_mm`, a
-         kernel made for exactly this (it takes bf16 activations): `Int8Linear`.
+  AMD EPYC, AVX2 only          fp32 `addmm` on a transposed copy beats `F.linear`; bf16 `torch.mv`
+                               is fast while bf16 `F.linear` is not (no bf16 instructions)
+  AMD EPYC, AVX-512 BF16       fp32 `F.linear` 13.4 ms, MKL-prepacked 9.0 ms; bf16 `F.linear`
+                               6.9 ms, oneDNN-prepacked 4.5 ms; `torch.mv` slower than fp32
+  Intel Xeon with AMX          bf16 matmuls several times fp32; oneDNN-prepacked bf16 reads the
+                               head for 8 rows in ~2.5 ms against ~15-30 ms for fp32 (2 cores)
 
-`prepare_for_inference` swaps a loaded model's Linear layers (and the LM head, which shares its
-matrix with the token embedding) for these, in place. `model.py` stays the readable definition and
-knows nothing of this; the swapped model computes the same function up to rounding.
+So no one choice is right everywhere. For each precision there are candidate `Kernel`s that compute
+the same `y = x W^T + b`:
+
+  fp32   addmm-t   W stored transposed (in, out), `addmm`          (`TransposedLinear`)
+         linear    W as it is (out, in), `F.linear`                (`DenseLinear`)
+         mkl       W prepacked by MKL, `torch.ops.mkl._mkl_linear` (`MklLinear`; holds W as well)
+  bf16   mv        bf16 (out, in), `torch.mv` for one row, `F.linear` for several
+         linear    bf16 (out, in), `F.linear`
+         upcast    bf16 (out, in) read in chunks converted to fp32, fp32 matmuls: the fast path on
+                   CPUs without bf16 instructions when several rows make the product compute-bound
+         onednn    W prepacked by oneDNN, `torch.ops.mkldnn._linear_pointwise` (`OneDnnLinear`)
+  int8   int8mm    weight-only int8, one scale per output channel, `torch._weight_int8pack_mm`
+         upcast    the same int8 weights converted to fp32 in chunks (exactly: q * s fits fp32)
+
+`prepare_for_inference` times the candidates available in this torch build on the model's real
+shapes (each group of same-shaped layers streamed in turn, as decoding streams them, for the rows
+one decoding step feeds: the batch size), keeps the fastest and drops the rest. Timing takes tens
+of milliseconds and is cached per process and shape. `kernel_summary` names the choice. `model.py`
+stays the readable definition and knows nothing of this; every candidate computes the same function
+up to rounding (tests/test_kernels.py forces each one).
 """
 
 from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -30,22 +50,25 @@ from .model import GPT
 QUANTIZATIONS = ("int8",)
 UPCAST_CHUNK = 2048  # output rows converted to fp32 at a time: a few MB, so the copy stays in cache
 QUANTIZE_CHUNK = 4096  # rows quantized at a time, so quantizing the LM head needs no big temporaries
+TIMING_ROUNDS = 5  # timed passes per candidate: the best of them is the least disturbed one
+EXTRA_MEMORY_MARGIN = 0.9  # a kernel holding a second copy of W must be >= 10% faster to be chosen
+
+
+# --- the layouts ----------------------------------------------------------------------------------
 
 
 class TransposedLinear(nn.Module):
     """fp32 `y = x W^T + b`, with W stored as (in, out) so one activation row streams it in order."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, kernel: str = "addmm-t") -> None:
         super().__init__()
-        self.register_buffer("weight_t", weight.detach().t().contiguous())  # (in, out)
-        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+        self.kernel = kernel
+        self.register_buffer("weight_t", weight.detach().float().t().contiguous())  # (in, out)
+        self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, x.size(-1))
-        if self.bias is None:
-            y = rows @ self.weight_t
-        else:
-            y = torch.addmm(self.bias, rows, self.weight_t)
+        y = rows @ self.weight_t if self.bias is None else torch.addmm(self.bias, rows, self.weight_t)
         return y.view(*x.shape[:-1], -1)
 
     def embed(self, idx: torch.Tensor) -> torch.Tensor:
@@ -53,53 +76,99 @@ class TransposedLinear(nn.Module):
         return self.weight_t[:, idx].movedim(0, -1)  # (in, *idx.shape) -> (*idx.shape, in)
 
 
-class MatVecLinear(nn.Module):
-    """bf16 `y = x W^T + b`, W stored (out, in): `torch.mv` for one row, fp32 matmuls for several.
+class DenseLinear(nn.Module):
+    """`y = x W^T + b` with W (out, in) in `dtype`, by kernel "linear" (`F.linear`) or "mv-upcast"
+    (`torch.mv` for one row, fp32 matmuls on chunks of W converted on the fly for several)."""
 
-    Several rows (a prompt, or a batch of samples) make the product compute-bound, where CPUs without
-    bf16 instructions are slow; there each chunk of W is converted to fp32 on the fly instead.
-    """
-
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype, kernel: str) -> None:
         super().__init__()
-        self.register_buffer("weight", weight.detach().to(torch.bfloat16).contiguous())
-        self.register_buffer("bias", None if bias is None else bias.detach().to(torch.bfloat16))
+        self.kernel = kernel
+        self.register_buffer("weight", weight.detach().to(dtype).contiguous())
+        self.register_buffer("bias", None if bias is None else bias.detach().to(dtype).clone())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, x.size(-1)).to(torch.bfloat16)
-        if rows.size(0) == 1:
+        rows = x.reshape(-1, x.size(-1)).to(self.weight.dtype)
+        if self.kernel == "mv-upcast" and rows.size(0) == 1:
             y = torch.mv(self.weight, rows[0]).unsqueeze(0)
-            if self.bias is not None:
-                y = y + self.bias
-        else:
+            y = y if self.bias is None else y + self.bias
+        elif self.kernel == "mv-upcast":
             fp32_rows = rows.float()
-            y = torch.cat(
-                [fp32_rows @ w.float().t() for w in self.weight.split(UPCAST_CHUNK)], dim=1
-            )
-            if self.bias is not None:
-                y = y + self.bias.float()
+            y = torch.cat([fp32_rows @ w.float().t() for w in self.weight.split(UPCAST_CHUNK)], dim=1)
+            y = y if self.bias is None else y + self.bias.float()
+        else:
+            y = F.linear(rows, self.weight, self.bias)
         return y.to(x.dtype).view(*x.shape[:-1], -1)
 
     def embed(self, idx: torch.Tensor) -> torch.Tensor:
         return F.embedding(idx, self.weight)
 
 
+class MklLinear(nn.Module):
+    """fp32 `y = x W^T + b` through MKL's prepacked GEMM. The packed copy is made for `rows` rows a
+    call; MKL's op falls back to `F.linear` on the plain W (which it therefore also keeps) for other
+    row counts, such as a prompt."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, rows: int, kernel: str = "mkl") -> None:
+        super().__init__()
+        self.kernel = kernel
+        self.rows = rows
+        self.register_buffer("weight", weight.detach().float().contiguous())
+        self.register_buffer("packed", torch.ops.mkl._mkl_reorder_linear_weight(self.weight, rows))
+        self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, x.size(-1)).float()
+        y = torch.ops.mkl._mkl_linear(rows, self.packed, self.weight, self.bias, self.rows)
+        return y.to(x.dtype).view(*x.shape[:-1], -1)
+
+    def embed(self, idx: torch.Tensor) -> torch.Tensor:
+        return F.embedding(idx, self.weight)
+
+
+class OneDnnLinear(nn.Module):
+    """bf16 `y = x W^T + b` through oneDNN with W reordered once into its preferred blocked layout
+    (for `rows` rows a call; any row count works). The packed W cannot be read by rows, so as the
+    tied LM head (`keep_rows`) it also keeps the plain bf16 W for the token embedding."""
+
+    def __init__(
+        self, weight: torch.Tensor, bias: torch.Tensor | None, rows: int, keep_rows: bool, kernel: str = "onednn"
+    ) -> None:
+        super().__init__()
+        self.kernel = kernel
+        plain = weight.detach().to(torch.bfloat16).contiguous()
+        self.register_buffer("packed", torch.ops.mkldnn._reorder_linear_weight(plain, rows))
+        self.register_buffer("bias", None if bias is None else bias.detach().to(torch.bfloat16).clone())
+        self.register_buffer("rows_weight", plain if keep_rows else None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, x.size(-1)).to(torch.bfloat16)
+        y = torch.ops.mkldnn._linear_pointwise(rows, self.packed, self.bias, "none", [], "")
+        return y.to(x.dtype).view(*x.shape[:-1], -1)
+
+    def embed(self, idx: torch.Tensor) -> torch.Tensor:
+        return F.embedding(idx, self.rows_weight)
+
+
 class Int8Linear(nn.Module):
     """Weight-only int8 `y = x W^T + b`: W ~= q * s, q int8 (out, in), one scale s per output channel.
 
     Each row of W is scaled so its largest |value| maps to 127. The scales are kept exactly as the
-    bf16 numbers the kernel multiplies by, so rounding q is the only error. Activations enter the
-    kernel in bf16 and the result returns in the caller's dtype, so the residual stream, LayerNorms
-    and attention keep the model's precision.
+    bf16 numbers the kernel multiplies by, so rounding q is the only error. kernel "int8mm":
+    `torch._weight_int8pack_mm`, activations in bf16; "upcast": chunks of q * s in fp32 (exact),
+    fp32 matmuls. The result returns in the caller's dtype, so the residual stream, LayerNorms and
+    attention keep the model's precision.
     """
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, kernel: str = "int8mm") -> None:
         super().__init__()
+        self.kernel = kernel
         out_features, in_features = weight.shape
-        if in_features % 8:  # the kernel reads 8 inputs at a time
+        if in_features % 8:
             raise MinigptError(
                 f"--quantize int8: layer input width {in_features} is not a multiple of 8"
             )
+        if kernel == "int8mm" and in_features % 16:  # (torch 2.13's CPU kernel returns garbage)
+            raise MinigptError(f"int8mm: layer input width {in_features} is not a multiple of 16")
         q = torch.empty(out_features, in_features, dtype=torch.int8, device=weight.device)
         scale = torch.empty(out_features, dtype=torch.bfloat16, device=weight.device)
         for rows in range(0, out_features, QUANTIZE_CHUNK):  # in chunks: no full-size temporaries
@@ -113,8 +182,15 @@ class Int8Linear(nn.Module):
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, x.size(-1)).to(torch.bfloat16)
-        y = torch._weight_int8pack_mm(rows, self.qweight, self.scale).to(x.dtype)
+        rows = x.reshape(-1, x.size(-1))
+        if self.kernel == "upcast":
+            fp32_rows = rows.float()
+            y = torch.cat([
+                fp32_rows @ (q.float() * s.float().unsqueeze(1)).t()
+                for q, s in zip(self.qweight.split(UPCAST_CHUNK), self.scale.split(UPCAST_CHUNK))
+            ], dim=1).to(x.dtype)
+        else:
+            y = torch._weight_int8pack_mm(rows.to(torch.bfloat16), self.qweight, self.scale).to(x.dtype)
         if self.bias is not None:
             y = y + self.bias.to(x.dtype)
         return y.view(*x.shape[:-1], -1)
@@ -136,43 +212,169 @@ class SharedEmbedding(nn.Module):
         return self.head.embed(idx).to(self.out_dtype)
 
 
-def prepare_for_inference(model: GPT, quantize: str | None = None) -> GPT:
-    """Swap `model`'s Linear layers and tied LM head for fast decoding layouts, in place; returns it.
+# --- the candidates -------------------------------------------------------------------------------
 
-    On the CPU the layout follows the model's dtype (fp32: `TransposedLinear`, bf16: `MatVecLinear`);
-    `quantize="int8"` gives `Int8Linear` whatever the dtype. On a GPU only quantization changes
-    anything: its matmul libraries handle the standard layout well. The model is for inference
-    afterwards (no gradients, not savable as a checkpoint).
+
+@dataclass(frozen=True)
+class Layout:
+    """A weight layout and the kernels that read it (switched by setting the layer's `kernel`).
+    build(weight, bias, rows, tied, kernel) makes a layer: `rows` is the row count a decoding step
+    feeds it, `tied` whether it is the LM head (whose rows also embed the tokens)."""
+
+    kernels: tuple[str, ...]
+    build: Callable[[torch.Tensor, torch.Tensor | None, int, bool, str], nn.Module]
+    available: Callable[[torch.device], bool] = lambda device: True
+    extra_memory: bool = False  # holds a second copy of W: must win by EXTRA_MEMORY_MARGIN
+    fits: Callable[[str, int], bool] = lambda kernel, in_features: True  # takes this input width
+
+
+def _has_op(namespace: str, name: str) -> bool:
+    return hasattr(getattr(torch.ops, namespace), name)
+
+
+def _mkl_ok(device: torch.device) -> bool:
+    return device.type == "cpu" and torch.backends.mkl.is_available() and _has_op("mkl", "_mkl_linear")
+
+
+def _onednn_ok(device: torch.device) -> bool:
+    return (device.type == "cpu" and _has_op("mkldnn", "_linear_pointwise")
+            and torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def _has_int8mm(device: torch.device) -> bool:
+    return torch._C._dispatch_has_kernel_for_dispatch_key("aten::_weight_int8pack_mm", device.type.upper())
+
+
+LAYOUTS: dict[str, tuple[Layout, ...]] = {  # the candidates per precision ("int8": --quantize int8)
+    "fp32": (
+        Layout(("addmm-t",), lambda w, b, rows, tied, k: TransposedLinear(w, b, k)),
+        Layout(("linear",), lambda w, b, rows, tied, k: DenseLinear(w, b, torch.float32, k)),
+        Layout(("mkl",), lambda w, b, rows, tied, k: MklLinear(w, b, rows, k), _mkl_ok, extra_memory=True),
+    ),
+    "bf16": (
+        Layout(("mv-upcast", "linear"), lambda w, b, rows, tied, k: DenseLinear(w, b, torch.bfloat16, k)),
+        Layout(("onednn",), lambda w, b, rows, tied, k: OneDnnLinear(w, b, rows, tied, k), _onednn_ok),
+    ),
+    "int8": (Layout(("int8mm", "upcast"), lambda w, b, rows, tied, k: Int8Linear(w, b, k),
+                    fits=lambda kernel, in_features: kernel != "int8mm" or in_features % 16 == 0),),
+}
+TIME_LAYERS = 2  # layers of a group the candidates are timed on (the rest is built with the winner)
+
+# (precision, kernel names, shape, rows, threads, device) -> the chosen kernel's name, per process
+_CHOICES: dict[tuple, str] = {}
+
+
+def available_kernels(precision: str, device: torch.device | str = "cpu") -> list[str]:
+    """Names of the `precision`'s candidate kernels that this torch build offers on `device`."""
+    device = torch.device(device)
+    return [k for layout in LAYOUTS[precision] if layout.available(device) for k in layout.kernels]
+
+
+def _time_pass(layers: list[nn.Module], x: torch.Tensor) -> float:
+    """Seconds for one pass of `x` through each of `layers` in turn (as a decoding step does)."""
+    if x.device.type == "cuda":
+        torch.cuda.synchronize(x.device)
+    start = time.perf_counter()
+    for layer in layers:
+        layer(x)
+    if x.device.type == "cuda":
+        torch.cuda.synchronize(x.device)
+    return time.perf_counter() - start
+
+
+def _choose(
+    candidates: list[tuple[Layout, str]], key: tuple, weights: list[tuple[torch.Tensor, torch.Tensor | None]],
+    rows: int, dtype: torch.dtype, tied: bool,
+) -> list[nn.Module]:
+    """This group of same-shaped layers, built with the fastest of `candidates` ((layout, kernel)).
+
+    The candidates' layouts are built for the group's first TIME_LAYERS layers and timed in
+    interleaved rounds (a noisy neighbour slows them alike); each keeps its best pass, the least
+    disturbed one. The choice is cached under `key`."""
+    candidates = [(lay, k) for lay, k in candidates if lay.fits(k, weights[0][0].size(1))]
+    if not candidates:
+        raise MinigptError(f"no {key[0]} kernel takes a layer of input width {weights[0][0].size(1)}")
+    if len(candidates) == 1:
+        _CHOICES[key] = candidates[0][1]
+    if key not in _CHOICES:
+        sample = weights[:TIME_LAYERS]
+        built = {id(layout): [layout.build(w, b, rows, tied, layout.kernels[0]) for w, b in sample]
+                 for layout in {id(lay): lay for lay, _ in candidates}.values()}
+        x = torch.randn(rows, weights[0][0].size(1), device=weights[0][0].device).to(dtype)
+        best = {kernel: float("inf") for _, kernel in candidates}
+        racing = list(candidates)
+        with torch.inference_mode():
+            for round_ in range(TIMING_ROUNDS + 1):  # round 0: warm-up (first-call set-up)
+                for layout, kernel in racing:
+                    layers = built[id(layout)]
+                    for layer in layers:
+                        layer.kernel = kernel
+                    seconds = _time_pass(layers, x)
+                    best[kernel] = min(best[kernel], seconds) if round_ else best[kernel]
+                if round_ == 1:  # a candidate at over twice the best time is out of the race
+                    racing = [c for c in racing if best[c[1]] <= 2 * min(best.values())]
+        lean = [c for c in candidates if not c[0].extra_memory] or candidates
+        winner = min(lean, key=lambda c: best[c[1]])
+        heavy = [c for c in candidates if c[0].extra_memory and best[c[1]] < EXTRA_MEMORY_MARGIN * best[winner[1]]]
+        _CHOICES[key] = min(heavy, key=lambda c: best[c[1]])[1] if heavy else winner[1]
+        del built
+    layout = next(layout for layout, kernel in candidates if kernel == _CHOICES[key])
+    return [layout.build(w, b, rows, tied, _CHOICES[key]) for w, b in weights]
+
+
+def prepare_for_inference(
+    model: GPT, quantize: str | None = None, batch_size: int = 1, kernel: str | None = None
+) -> GPT:
+    """Swap `model`'s Linear layers and tied LM head for the fastest layouts measured here, in place.
+
+    The candidates are those of the model's dtype (fp32 or bf16), or of `quantize="int8"` whatever
+    the dtype. `batch_size`: the sequences decoded together, i.e. the rows each decoding step feeds
+    a layer, which the kernels are timed on. `kernel`: use this candidate for every layer instead of
+    measuring (tests, benchmarks). On a GPU only quantization changes anything: its matmul libraries
+    handle the standard layout well. The model is for inference afterwards (no gradients, not
+    savable as a checkpoint); `kernel_summary(model)` names the kernels chosen.
     """
     if quantize is not None and quantize not in QUANTIZATIONS:
         raise MinigptError(f"--quantize: unknown scheme {quantize!r} (choose from {QUANTIZATIONS})")
     device = model.transformer.wpe.weight.device
     dtype = model.transformer.ln_f.weight.dtype
     if quantize == "int8":
-        if not torch._C._dispatch_has_kernel_for_dispatch_key(
-            "aten::_weight_int8pack_mm", device.type.upper()
-        ):
+        if not _has_int8mm(device):
             raise MinigptError(
                 f"--quantize int8: this PyTorch build has no int8 weight-only kernel for "
                 f"{device.type} (try --device cpu)"
             )
-        layout = Int8Linear
-    elif device.type != "cpu":
-        return model
-    elif dtype == torch.float32:
-        layout = TransposedLinear
-    elif dtype == torch.bfloat16:
-        layout = MatVecLinear
+        precision = "int8"
+    elif device.type != "cpu" or dtype not in (torch.float32, torch.bfloat16):
+        return model  # (fp16 is refused on the CPU by runtime.setup_device)
     else:
-        return model  # fp16 is refused on the CPU by runtime.setup_device
+        precision = "fp32" if dtype == torch.float32 else "bf16"
+    candidates = [(lay, k) for lay in LAYOUTS[precision] if lay.available(device) for k in lay.kernels]
+    if kernel is not None:
+        candidates = [(lay, k) for lay, k in candidates if k == kernel]
+        if not candidates:
+            raise MinigptError(
+                f"kernel {kernel!r}: not among this build's {precision} kernels "
+                f"({', '.join(available_kernels(precision, device))})"
+            )
 
+    # Groups of same-shaped layers in the same role; each group gets one kernel.
+    groups: dict[str, list[tuple[nn.Module, str]]] = {}
     for block in model.transformer.h:
-        for parent in (block.attn, block.mlp):
+        for role, parent in (("attn", block.attn), ("mlp", block.mlp)):
             for name in ("c_attn", "c_fc", "c_proj"):
-                linear = getattr(parent, name, None)
-                if isinstance(linear, nn.Linear):
-                    setattr(parent, name, layout(linear.weight, linear.bias))
-    head = layout(model.lm_head.weight, None)
+                if isinstance(getattr(parent, name, None), nn.Linear):
+                    groups.setdefault(f"{role}.{name}", []).append((parent, name))
+    names = tuple(k for _, k in candidates)
+    threads = torch.get_num_threads()
+    with torch.no_grad():
+        for members in groups.values():
+            weights = [(getattr(p, n).weight, getattr(p, n).bias) for p, n in members]
+            key = (precision, names, tuple(weights[0][0].shape), batch_size, threads, device.type, False)
+            for (parent, name), layer in zip(members, _choose(candidates, key, weights, batch_size, dtype, False)):
+                setattr(parent, name, layer)
+        key = (precision, names, tuple(model.lm_head.weight.shape), batch_size, threads, device.type, True)
+        (head,) = _choose(candidates, key, [(model.lm_head.weight, None)], batch_size, dtype, True)
     model.lm_head = head
     model.transformer.wte = SharedEmbedding(head, dtype)
     # The loader maps the safetensors file rather than copying it. The big matrices now have their
@@ -181,3 +383,15 @@ def prepare_for_inference(model: GPT, quantize: str | None = None) -> GPT:
     for p in model.parameters():
         p.data = p.data.clone()
     return model
+
+
+def kernel_summary(model: nn.Module) -> str:
+    """One line naming the kernel of each group of layers, e.g. "kernels: lm_head onednn,
+    attn.c_attn onednn, ..." (empty when the model kept its standard layout)."""
+    chosen: dict[str, str] = {}
+    head = getattr(model, "lm_head", None)
+    for name, module in model.named_modules():
+        if hasattr(module, "kernel") and hasattr(module, "embed"):
+            role = "lm_head" if module is head else ".".join(name.split(".")[-2:])
+            chosen.setdefault(role, module.kernel)
+    return ("kernels: " + ", ".join(f"{role} {k}" for role, k in chosen.items())) if chosen else ""

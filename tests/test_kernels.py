@@ -1,0 +1,159 @@
+"""The inference kernels (minigpt/inference.py): every candidate computes the same function, the
+measured choice is cached and named, and the rule for memory-hungry kernels holds."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from minigpt import inference
+from minigpt.config import GPTConfig
+from minigpt.errors import MinigptError
+from minigpt.inference import LAYOUTS, UPCAST_CHUNK, available_kernels, kernel_summary, prepare_for_inference
+from minigpt.model import GPT
+
+# Every declared (precision, kernel) pair, whether or not this torch build offers it (skipped then).
+ALL = [(p, k) for p, layouts in LAYOUTS.items() for layout in layouts for k in layout.kernels]
+U32 = 2.0**-24  # unit roundoff of fp32 (24-bit significand)
+U16 = 2.0**-8  # unit roundoff of bf16 (8-bit significand)
+
+
+def build(precision: str, kernel: str, weight, bias, rows: int):
+    if kernel not in available_kernels(precision):
+        pytest.skip(f"this torch build has no {precision} kernel {kernel!r}")
+    layout = next(lay for lay in LAYOUTS[precision] if kernel in lay.kernels)
+    return layout.build(weight, bias, rows, True, kernel)
+
+
+def bf16_exact(*shape, scale=1.0, seed=0):
+    """Random numbers that bf16 represents exactly, so rounding the inputs to bf16 costs nothing and
+    every kernel's error is its own arithmetic's."""
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(*shape, generator=g) * scale).bfloat16().float()
+
+
+@pytest.mark.parametrize("precision, kernel", ALL)
+@pytest.mark.parametrize("rows, call_rows", [(1, 1), (1, 5), (4, 4)])
+def test_each_kernel_computes_x_wt_plus_b(precision, kernel, rows, call_rows):
+    """Error bounds from the arithmetic, not from one CPU's rounding: with inputs exact in bf16, a
+    dot product of K terms accumulated in fp32 is off by at most gamma = (K + 1) u32 / (1 - (K + 1) u32)
+    times sum |x_i w_i| + |b| (the +1: the bias), in any summation order or blocking; a kernel whose
+    output is bf16 rounds at most twice more (the product, then the bias added in bf16), each by
+    u16 relative. An int8 kernel computes with the dequantized weights q * s (exact in fp32)."""
+    out_features, in_features = UPCAST_CHUNK + 52, 80  # crosses the chunked kernels' boundary
+    weight, bias = bf16_exact(out_features, in_features), bf16_exact(out_features, seed=1)
+    x = bf16_exact(2, call_rows, in_features, seed=2)[:1]  # (1, call_rows, in): a 3-D activation
+    layer = build(precision, kernel, weight, bias, rows)
+    with torch.no_grad():
+        y = layer(x.to(torch.bfloat16 if precision == "bf16" else torch.float32)).double()
+    w = weight.double()
+    if precision == "int8":
+        w = layer.qweight.double() * layer.scale.double().unsqueeze(1)
+        assert (w - weight.double()).abs().max() <= layer.scale.double().max() / 2  # half a step
+    expected = x.double() @ w.t() + bias.double()
+    magnitude = x.double().abs() @ w.abs().t() + bias.double().abs()
+    k = in_features + 1
+    bound = (k * U32 / (1 - k * U32) + {"fp32": 0, "bf16": 2 * U16, "int8": 2 * U16}[precision]) * magnitude
+    assert y.shape == expected.shape
+    assert ((y - expected).abs() <= bound + 1e-30).all(), (y - expected).abs().max()
+
+
+@pytest.mark.parametrize("precision, kernel", ALL)
+def test_each_kernel_embeds_the_tied_rows(precision, kernel):
+    weight = bf16_exact(64, 32)
+    layer = build(precision, kernel, weight, None, 1)
+    idx = torch.tensor([[3, 0], [63, 3]])
+    rows = layer.embed(idx).float()
+    expected = weight[idx]
+    if precision == "int8":  # the dequantized rows
+        expected = (layer.qweight.float() * layer.scale.float().unsqueeze(1))[idx]
+    assert torch.equal(rows, expected)
+
+
+@pytest.fixture(scope="module")
+def small_model():
+    torch.manual_seed(0)
+    return GPT(GPTConfig(n_layer=2, n_head=4, n_embd=64, block_size=64, vocab_size=2100, dropout=0.0)).eval()
+
+
+@pytest.mark.parametrize("precision, kernel", ALL)
+def test_a_model_on_each_forced_kernel_matches_the_reference(small_model, precision, kernel):
+    """The whole model, every layer on one kernel, against the plain model in the same precision.
+    Tolerances relative to the largest logit. Measured worst cases over the kernels (Xeon with AMX,
+    torch 2.13): fp32 1.8e-7, bf16 2.4e-4, int8 9.1e-3 (the quantization of every weight, which no
+    kernel choice changes). fp32 keeps 50x room; bf16 allows a few bf16 roundings (2^-8 = 3.9e-3
+    each) to differ per layer, as bf16 kernels on other CPUs round at other points; int8 5x."""
+    if kernel not in available_kernels(precision):
+        pytest.skip(f"this torch build has no {precision} kernel {kernel!r}")
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    reference = copy.deepcopy(small_model).to(dtype)
+    fast = prepare_for_inference(copy.deepcopy(reference), "int8" if precision == "int8" else None, kernel=kernel)
+    assert kernel_summary(fast).count(f" {kernel}") == 5  # 4 groups of block layers + the head
+    idx = torch.randint(0, 2100, (3, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected, _ = reference(idx)
+        got, _ = fast(idx)  # several rows
+        one, _ = fast(idx[:1, -1:])  # one row: the decoding kernels
+        expected_one, _ = reference(idx[:1, -1:])
+    tol = {"fp32": 1e-5, "bf16": 0.03, "int8": 0.05}[precision] * expected.float().abs().max()
+    assert (got.float() - expected.float()).abs().max() <= tol
+    assert (one.float() - expected_one.float()).abs().max() <= tol
+
+
+def test_the_measured_choice_is_named_and_cached(small_model, monkeypatch):
+    monkeypatch.setattr(inference, "_CHOICES", {})
+    first = prepare_for_inference(copy.deepcopy(small_model))
+    summary = kernel_summary(first)
+    roles = [part.rsplit(" ", 1) for part in summary.removeprefix("kernels: ").split(", ")]
+    assert [r for r, _ in roles] == ["lm_head", "attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"]
+    assert all(k in available_kernels("fp32") for _, k in roles)
+    assert len(inference._CHOICES) == 5
+
+    def no_timing(*args):
+        raise AssertionError("timed again despite the cache")
+
+    monkeypatch.setattr(inference, "_time_pass", no_timing)
+    again = prepare_for_inference(copy.deepcopy(small_model))
+    assert kernel_summary(again) == summary
+    idx = torch.tensor([[1, 2, 3]])
+    with torch.no_grad():
+        assert torch.equal(first(idx)[0], again(idx)[0])
+    assert kernel_summary(small_model) == ""  # an unprepared model names nothing
+
+
+@pytest.mark.parametrize("mkl_speedup, chosen", [(1.05, "addmm-t"), (1.25, "mkl")])
+def test_a_kernel_holding_a_second_copy_must_win_clearly(small_model, monkeypatch, mkl_speedup, chosen):
+    """MKL's packed weights come on top of the plain ones: chosen only when >= 10% faster."""
+    if "mkl" not in available_kernels("fp32"):
+        pytest.skip("this torch build has no MKL prepacked linear")
+    seconds = {"addmm-t": 1.0, "linear": 1.5, "mkl": 1.0 / mkl_speedup}
+    monkeypatch.setattr(inference, "_CHOICES", {})
+    monkeypatch.setattr(inference, "_time_pass", lambda layers, x: seconds[layers[0].kernel])
+    fast = prepare_for_inference(copy.deepcopy(small_model))
+    assert set(kernel_summary(fast).removeprefix("kernels: ").split(", ")) == {
+        f"{role} {chosen}" for role in ("lm_head", "attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+    }
+
+
+def test_an_unknown_forced_kernel_is_one_clear_error(small_model):
+    with pytest.raises(MinigptError, match="kernel 'onednn': not among this build's fp32 kernels"):
+        prepare_for_inference(copy.deepcopy(small_model), kernel="onednn")
+
+
+
+def test_int8mm_is_kept_off_widths_it_computes_wrongly():
+    """torch 2.13's CPU `_weight_int8pack_mm` returns garbage (or crashes) unless the input width is
+    a multiple of 16; layers of width 72 take the upcast kernel instead, and forcing it is refused."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=1, n_head=4, n_embd=72, block_size=16, vocab_size=256, dropout=0.0)).eval()
+    fast = prepare_for_inference(copy.deepcopy(model), "int8")
+    chosen = dict(part.rsplit(" ", 1) for part in kernel_summary(fast).removeprefix("kernels: ").split(", "))
+    assert chosen["lm_head"] == chosen["attn.c_attn"] == chosen["mlp.c_fc"] == "upcast"  # width 72
+    idx = torch.randint(0, 256, (2, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected, got = model(idx)[0], fast(idx)[0]
+    assert (got - expected).abs().max() <= 0.05 * expected.abs().max()  # quantization, as above
+    with pytest.raises(MinigptError, match="no int8 kernel takes a layer of input width 72"):
+        prepare_for_inference(copy.deepcopy(model), "int8", kernel="int8mm")
