@@ -141,7 +141,7 @@ def load(args: argparse.Namespace):
                 f"--model FOLDER (a minigpt or HF GPT-2 folder), or train one with "
                 f"`python train.py --preset tiny` and pass --model checkpoints/tiny"
             ) from None
-    return prepare_for_inference(model, args.quantize), tokenizer
+    return prepare_for_inference(model, args.quantize, batch_size=args.num_samples), tokenizer
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -180,6 +180,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         generator=generator, coloured=coloured, trace=trace,
                         top_alternatives=args.top_alternatives, prompt_index=index)
         if args.stats:
+            from minigpt.inference import kernel_summary
+
+            print(kernel_summary(model) or "kernels: the standard layout", file=sys.stderr)
             print(f"prompt tokens {done.prompt_tokens} | time to first token {done.time_to_first_token:.3f} s "
                   f"| new tokens {done.new_tokens} | decode {done.decode_rate:.1f} tokens/s", file=sys.stderr)
 
