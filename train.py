@@ -176,6 +176,11 @@ def train(args, device, dtype, dtype_name: str, ranks, resume_from: Path | None)
     say(f"device: {device}, precision {dtype_name}{' (autocast)' if dtype != torch.float32 else ''}"
         f"{', compiled' if args.compile else ''}; seed {args.seed}")
     say(f"out: {args.out}", flush=True)
+    from minigpt.runtime import emulated_bf16_warning  # one line where bf16 is only emulated (issue 13)
+    if warning := emulated_bf16_warning(device, dtype):
+        import sys
+
+        say(warning, file=sys.stderr, flush=True)
 
     result = trainer.fit()
     val = result.get("val_loss")

@@ -71,7 +71,9 @@ class TrainFlags:
                      group="optimisation", run=True, metavar="N", type=non_negative_int)
     device: str = flag("auto", "auto, cpu, cuda or mps (auto: cuda, then mps, then cpu)", group="hardware")
     dtype: str = flag("auto", "fp32, bf16 or fp16 (CUDA only, with loss scaling) compute precision; weights stay "
-                      "fp32 (auto: bf16 on a GPU that has it, else fp32)", group="hardware")
+                      "fp32 (auto: bf16 on a GPU that has it, else fp32; on CPUs auto stays fp32 because most CPUs "
+                      "only emulate bf16, ~100x slower (bf16 warns then): ask for bf16 on one with AVX-512 BF16 or "
+                      "AMX)", group="hardware")
     compile: bool = flag(False, "compile the model with torch.compile (slow to start, faster steps)",
                          group="hardware", action="store_true")
     out: str = flag(DEFAULT_OUT, "output folder: the checkpoint, its model card, metrics.jsonl, loss.png",

@@ -157,3 +157,41 @@ def test_int8mm_is_kept_off_widths_it_computes_wrongly():
     assert (got - expected).abs().max() <= 0.05 * expected.abs().max()  # quantization, as above
     with pytest.raises(MinigptError, match="no int8 kernel takes a layer of input width 72"):
         prepare_for_inference(copy.deepcopy(model), "int8", kernel="int8mm")
+
+
+# --- native bf16 (minigpt/runtime.py) -------------------------------------------------------------
+
+
+def test_bf16_training_warns_in_one_line_only_where_bf16_is_emulated(monkeypatch):
+    from minigpt import runtime
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(runtime, "cpu_bf16_speedup", lambda: 0.01)  # an AVX2 CPU: ~100x slower
+    warning = runtime.emulated_bf16_warning(cpu, torch.bfloat16)
+    assert warning.startswith("warning: --dtype bf16: this CPU has no native bf16 matmul (measured 100x")
+    assert "\n" not in warning
+    assert runtime.emulated_bf16_warning(cpu, torch.float32) is None
+    assert runtime.emulated_bf16_warning(torch.device("cuda"), torch.bfloat16) is None
+    monkeypatch.setattr(runtime, "cpu_bf16_speedup", lambda: 2.7)  # AVX-512 BF16
+    assert runtime.emulated_bf16_warning(cpu, torch.bfloat16) is None
+
+
+def test_bf16_speedup_is_measured_once_per_process():
+    from minigpt import runtime
+
+    first = runtime.cpu_bf16_speedup()
+    assert first > 0 and runtime.cpu_bf16_speedup() == first  # cached: the same number
+
+
+def test_train_cli_prints_the_warning_once(tmp_path, monkeypatch):
+    from conftest import call_cli
+
+    from minigpt import runtime
+
+    monkeypatch.setenv("MINIGPT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(runtime, "cpu_bf16_speedup", lambda: 0.01)
+    result = call_cli("train.py", "--preset", "tiny", "--no-progress", "--n-layer", "1", "--max-steps", "1",
+                      "--dtype", "bf16", "--device", "cpu", "--out", str(tmp_path / "out"))
+    assert result.returncode == 0, result.stderr
+    assert [line for line in result.stderr.splitlines() if "bf16" in line] == [
+        runtime.emulated_bf16_warning(torch.device("cpu"), torch.bfloat16)]
