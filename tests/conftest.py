@@ -106,3 +106,23 @@ def call_cli(script: str, *args: str):
         except SystemExit as e:
             code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     return subprocess.CompletedProcess([script, *args], code, out.getvalue(), err.getvalue())
+
+
+# --- CPU tests stay on the CPU; `cuda`-marked tests run only where CUDA is (issue 13) ---------------
+
+
+@pytest.fixture(autouse=True)
+def _cpu_unless_marked_cuda(request, monkeypatch):
+    """On a GPU machine `--device auto` would pick CUDA (in bf16), and the CPU tests' exact
+    expectations (fp32 numbers, CPU kernels, 2-process DDP) would not hold: tests not marked `cuda`
+    see no GPU, in this process (auto resolves to the CPU) and in the CLIs they start
+    (CUDA_VISIBLE_DEVICES is empty). `cuda`-marked tests are skipped where CUDA is unavailable."""
+    if request.node.get_closest_marker("cuda"):
+        if not torch.cuda.is_available():
+            pytest.skip("needs CUDA")
+        return
+    from minigpt import runtime
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    resolve = runtime.resolve_device
+    monkeypatch.setattr(runtime, "resolve_device", lambda name="auto": resolve("cpu" if name == "auto" else name))

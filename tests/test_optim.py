@@ -22,13 +22,22 @@ def set_grads(model: nn.Module, step: int) -> None:
         p.grad = torch.randn(p.shape, generator=g) * (0.1 + step)  # varied scales, as real gradients
 
 
+def has_fused(device: str = "cpu") -> bool:
+    return torch._C._dispatch_has_kernel_for_dispatch_key("aten::_fused_adamw_", device.upper())
+
+
+FUSED = [False, pytest.param(True, marks=pytest.mark.skipif(not has_fused(), reason="no fused AdamW on the CPU"))]
+
+
+@pytest.mark.parametrize("fused", FUSED)
 @pytest.mark.parametrize("bucket", [None, 7])  # 7 entries: every tensor is cut into many slices
-def test_adamw_equals_torch_adamw(bucket, monkeypatch):
+def test_adamw_equals_torch_adamw(bucket, fused, monkeypatch):
     if bucket:
         monkeypatch.setattr(optim, "BUCKET", bucket)
     ours_model, torch_model = small_model(), small_model()
     lrs = [3e-3, 1e-3, 2e-4, 5e-4, 1e-4, 0.0]
-    ours = AdamW(param_groups(ours_model, 0.1), lr=lrs[0], betas=(0.8, 0.99), eps=1e-6)
+    ours = AdamW(param_groups(ours_model, 0.1), lr=lrs[0], betas=(0.8, 0.99), eps=1e-6, fused=fused)
+    assert ours.fused == fused
     theirs = torch.optim.AdamW(param_groups(torch_model, 0.1), lr=lrs[0], betas=(0.8, 0.99), eps=1e-6)
     for step, lr in enumerate(lrs):  # per-step learning rates, as a schedule sets them
         for group in ours.param_groups + theirs.param_groups:
@@ -44,6 +53,61 @@ def test_adamw_equals_torch_adamw(bucket, monkeypatch):
     for m, v, s in zip(ours.state_dict()["exp_avg"], ours.state_dict()["exp_avg_sq"], theirs_state):
         assert torch.allclose(m, s["exp_avg"], rtol=0, atol=1e-7)
         assert torch.allclose(v, s["exp_avg_sq"], rtol=1e-6, atol=0)
+
+
+def run_steps(model: nn.Module, opt: AdamW, steps: range) -> None:
+    for step in steps:
+        for group in opt.param_groups:
+            group["lr"] = 1e-2 / (1 + step)
+        set_grads(model, step)
+        opt.step()
+
+
+@pytest.mark.skipif(not has_fused(), reason="no fused AdamW on the CPU")
+def test_fused_adamw_is_the_written_out_update_and_shares_its_state():
+    """Same formula, same state: a parameter stored transposed (as HF's Conv1D weights convert) and
+    a state handed from one implementation to the other mid-run. Both round in fp32 in another
+    order: updates of ~1e-2 agree to a few fp32 ulps of the weights (~1e-7)."""
+    def model() -> nn.Module:
+        m = small_model()
+        m[2].weight = nn.Parameter(m[2].weight.detach().t().contiguous().t())  # (40, 16), column-major
+        return m
+
+    written, fused = model(), model()
+    opt_w = AdamW(param_groups(written, 0.1), lr=1e-2, fused=False)
+    opt_f = AdamW(param_groups(fused, 0.1), lr=1e-2, fused=True)
+    run_steps(written, opt_w, range(4))
+    run_steps(fused, opt_f, range(4))
+    handed = AdamW(param_groups(fused, 0.1), lr=1e-2, fused=False)  # continue fused's run, written out
+    handed.load_state_dict(opt_f.state_dict())
+    run_steps(written, opt_w, range(4, 6))
+    run_steps(fused, handed, range(4, 6))
+    for a, b in zip(written.parameters(), fused.parameters()):
+        assert (a - b).abs().max().item() <= 1e-6
+    for m_w, m_f in zip(opt_w.state_dict()["exp_avg_sq"], handed.state_dict()["exp_avg_sq"]):
+        assert torch.allclose(m_w, m_f, rtol=1e-6, atol=0)
+
+
+def test_fused_is_refused_where_the_build_has_none():
+    p = nn.Parameter(torch.ones(4, dtype=torch.float64))  # no fused kernel for fp64 parameters here
+    with pytest.raises(MinigptError, match="no fused AdamW"):
+        AdamW([p], fused=True)
+    assert not AdamW([p]).fused  # auto: the written-out update
+
+
+@pytest.mark.cuda
+def test_fused_adamw_on_cuda_equals_the_cpu_update():
+    cpu, gpu = small_model(), small_model().cuda()
+    opt_cpu, opt_gpu = AdamW(param_groups(cpu, 0.1), lr=1e-2), AdamW(param_groups(gpu, 0.1), lr=1e-2)
+    assert opt_gpu.fused and not opt_cpu.fused  # auto: fused on CUDA
+    for step in range(4):
+        set_grads(cpu, step)
+        for p, q in zip(cpu.parameters(), gpu.parameters()):
+            q.grad = p.grad.cuda()
+        opt_cpu.step()
+        opt_gpu.step()
+    for a, b in zip(cpu.parameters(), gpu.parameters()):
+        assert (a - b.cpu()).abs().max().item() <= 1e-6
 
 
 def test_adamw_first_step_by_hand():
