@@ -1,0 +1,82 @@
+"""The CUDA paths, run only on a GPU machine (`pytest -m cuda`; skipped elsewhere, see conftest.py):
+the model in fp32 (TF32) / bf16 against the CPU, decoding with the KV cache, int8, and short
+training runs in fp32, bf16 and fp16 with loss scaling whose metrics are valid JSON."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from conftest import call_cli
+
+pytestmark = pytest.mark.cuda
+
+
+def reject_constant(name: str):
+    raise ValueError(f"metrics.jsonl holds {name}, which is not JSON")
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 0.01), (torch.bfloat16, 0.05)])
+def test_logits_on_cuda_match_the_cpu(tiny_minigpt_dir, dtype, tol):
+    """TF32 matmuls keep 10 mantissa bits (relative 2^-11 a product), bf16 8 bits (2^-9): the
+    tolerances, relative to the largest logit, allow the errors of a 2-layer model to add up."""
+    from minigpt.hf import load_model
+    from minigpt.runtime import setup_device
+
+    device, _ = setup_device("cuda", "fp32")  # TF32 on, as the CLIs set it
+    cpu, _ = load_model(tiny_minigpt_dir, "cpu")
+    gpu, _ = load_model(tiny_minigpt_dir, device, dtype)
+    idx = torch.randint(0, 50257, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected, got = cpu(idx)[0], gpu(idx.to(device))[0].float().cpu()
+    assert (got - expected).abs().max() <= tol * expected.abs().max()
+
+
+def test_decoding_with_the_cache_on_cuda_is_the_full_forward(tiny_minigpt_dir):
+    from minigpt.hf import load_model
+    from minigpt.inference import prepare_for_inference
+    from minigpt.sampling import SamplingConfig, generate_ids
+
+    model, _ = load_model(tiny_minigpt_dir, "cuda")
+    model = prepare_for_inference(model)
+    prompt = [464, 2068, 7586]
+    new = generate_ids(model, prompt, SamplingConfig(max_new_tokens=8, greedy=True, eos_id=None))[0]
+    ids = torch.tensor([prompt + new], device="cuda")
+    with torch.no_grad():
+        logits, _ = model(ids)
+    assert logits[0, len(prompt) - 1 : -1].argmax(-1).tolist() == new  # greedy = argmax of the full pass
+
+
+def test_int8_on_cuda_computes_the_model_or_says_why_not(tiny_minigpt_dir):
+    from minigpt.errors import MinigptError
+    from minigpt.hf import load_model
+    from minigpt.inference import prepare_for_inference
+
+    model, _ = load_model(tiny_minigpt_dir, "cuda")
+    reference, _ = load_model(tiny_minigpt_dir, "cuda")
+    try:
+        prepare_for_inference(model, "int8")
+    except MinigptError as e:
+        assert "no int8 weight-only kernel for cuda" in str(e)
+        return
+    idx = torch.randint(0, 50257, (1, 16), generator=torch.Generator().manual_seed(0)).cuda()
+    with torch.no_grad():
+        expected, got = reference(idx)[0], model(idx)[0]
+    assert (got - expected).abs().max() <= 0.05 * expected.abs().max()  # quantization, as on the CPU
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16", "fp16"])
+def test_training_on_cuda_runs_and_logs_valid_json(tmp_path, monkeypatch, dtype):
+    monkeypatch.setenv("MINIGPT_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "out"
+    result = call_cli("train.py", "--preset", "tiny", "--no-progress", "--max-steps", "6", "--log-every", "1",
+                      "--device", "cuda", "--dtype", dtype, "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    rows = [json.loads(line, parse_constant=reject_constant)
+            for line in (out / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in rows if "loss" in r]
+    assert len(losses) == 6 and all(math.isfinite(x) for x in losses)
+    assert losses[-1] < losses[0]  # lr 2e-3 on a tiny model: 6 steps lower the loss
