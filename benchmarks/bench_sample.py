@@ -13,10 +13,18 @@ for exactly --tokens new tokens (EOS does not stop either side), from the same w
     end to end   wall time of `python sample.py PROMPT --max-new-tokens 100` vs the model card's
                  `pipeline("text-generation")` script, start-up and loading included
     int8 loss    with --eval-checkpoint and --eval-data: validation loss in fp32, bf16 and int8
+    llama.cpp    with --llama-bench PATH: llama.cpp's llama-bench at batch 1 on the same weights,
+                 converted by llama.cpp's own convert_hf_to_gguf.py to F32, BF16 and Q8_0, beside
+                 ours fp32 / bf16 / int8 at batch 1, with the ratios (README: building llama-bench)
+
+Ours are prepared for each batch size (prepare_for_inference times its kernel candidates on that
+many rows); the kernels chosen are listed under the table. The machine's matmul peaks and memory
+bandwidth come first (benchmarks/hardware.py).
 
     python benchmarks/bench_sample.py                   # random-init distilgpt2 shape
     python benchmarks/bench_sample.py --quick           # fewer tokens and runs, no batch-8 memory
     python benchmarks/bench_sample.py --model distilbert/distilgpt2
+    python benchmarks/bench_sample.py --batches 1 --skip memory e2e --llama-bench PATH/llama-bench
     python benchmarks/bench_sample.py --eval-checkpoint checkpoints/eli5 \\
         --eval-data minigpt/assets/eli5_tiny.jsonl
 
@@ -29,7 +37,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -39,7 +46,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
+import hardware  # noqa: E402  (benchmarks/hardware.py, beside this file)
 from minigpt.cli import positive_int  # noqa: E402  (after the path set-up above)
 from minigpt.tokenizer import Tokenizer  # noqa: E402
 
@@ -51,6 +60,8 @@ VARIANTS = {  # name: (side, dtype, quantize)
     "ours int8": ("ours", "fp32", "int8"),
 }
 CARD = dict(do_sample=True, top_k=50, top_p=0.95)
+LLAMA_TYPES = {"fp32": "f32", "bf16": "bf16", "int8": "q8_0"}  # ours -> llama.cpp's converter --outtype
+LLAMA_TARGETS = {"fp32": 0.8, "bf16": 0.6, "int8": 0.6}  # issue 13: ours / llama.cpp at batch 1
 
 PIPELINE_SCRIPT = """
 import sys
@@ -94,7 +105,8 @@ def gpt2_tokenizer() -> Tokenizer:
     return Tokenizer.from_vocab_merges(data / "encoder.json", data / "vocab.bpe")
 
 
-def load_variant(name: str, hf_dir: Path, mg_dir: Path):
+def load_variant(name: str, hf_dir: Path, mg_dir: Path, batch: int = 1):
+    """One variant's model; ours prepared for `batch` rows a step (the kernels timed on them)."""
     import torch
 
     side, dtype, quantize = VARIANTS[name]
@@ -111,7 +123,7 @@ def load_variant(name: str, hf_dir: Path, mg_dir: Path):
 
     device, dt = setup_device("cpu", dtype)
     model, _ = load_model(mg_dir, device, dt)
-    return prepare_for_inference(model, quantize)
+    return prepare_for_inference(model, quantize, batch_size=batch)
 
 
 # --- one timed generation ---------------------------------------------------------------------
@@ -168,10 +180,15 @@ def timed(name, model, prompt, batch, tokens):
 
 
 def throughput(args, hf_dir: Path, mg_dir: Path, prompt: list[int]) -> dict:
-    """{(variant, batch): (median ttft, median tokens/s)}, runs interleaved in this process."""
-    models = {name: load_variant(name, hf_dir, mg_dir) for name in VARIANTS}
-    results = {}
+    """{(variant, batch): (median ttft, median tokens/s)}, runs interleaved in this process; and
+    {(variant, batch): kernel_summary} under "kernels"."""
+    from minigpt.inference import kernel_summary
+
+    results = {"kernels": {}}
     for batch in args.batches:
+        models = {name: load_variant(name, hf_dir, mg_dir, batch) for name in VARIANTS}
+        for name, model in models.items():
+            results["kernels"][name, batch] = kernel_summary(model)
         for name, model in models.items():  # warm-up: first-call allocations, lazy inits
             timed(name, model, prompt, batch, 3)
         runs = {name: [] for name in models}
@@ -182,6 +199,7 @@ def throughput(args, hf_dir: Path, mg_dir: Path, prompt: list[int]) -> dict:
                       f"{runs[name][-1][1]:.1f} tokens/s", file=sys.stderr)
         for name, r in runs.items():
             results[name, batch] = (statistics.median(t for t, _ in r), statistics.median(s for _, s in r))
+        del models
     return results
 
 
@@ -257,26 +275,46 @@ def eval_losses(checkpoint: str, data: str) -> dict:
     return losses
 
 
+def llama_cpp(args, hf_dir: Path, work: Path) -> dict[str, tuple[str, float]]:
+    """{precision: (llama.cpp type, decode tokens/s at batch 1)} from llama.cpp's own `llama-bench`
+    on GGUF files that llama.cpp's own converter makes from the same HF weights."""
+    bench = Path(args.llama_bench).resolve()
+    converter = Path(args.llama_convert or bench.parents[2] / "convert_hf_to_gguf.py").resolve()
+    for path, what in ((bench, "--llama-bench"), (converter, "--llama-convert")):
+        if not path.is_file():
+            sys.exit(f"error: {what}: {path} is not a file (see README: building llama-bench)")
+    source = work / "hf-for-gguf"  # the same files; config.json with the n_ctx the converter wants
+    source.mkdir()
+    for f in hf_dir.iterdir():
+        (source / f.name).symlink_to(f.resolve())
+    config = json.loads((hf_dir / "config.json").read_text())
+    (source / "config.json").unlink()
+    (source / "config.json").write_text(json.dumps({**config, "n_ctx": config.get("n_positions", 1024)}))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(converter.parent / "gguf-py"),
+                                                                        os.environ.get("PYTHONPATH")]))}
+    files = {}
+    for precision, outtype in LLAMA_TYPES.items():
+        print(f"llama.cpp: converting to {outtype.upper()} ...", file=sys.stderr)
+        files[precision] = work / f"model-{outtype}.gguf"
+        r = subprocess.run([sys.executable, str(converter), str(source), "--outtype", outtype,
+                            "--outfile", str(files[precision])], env=env, capture_output=True, text=True)
+        if r.returncode != 0:
+            sys.exit(f"error: llama.cpp's converter failed for {outtype}: {r.stderr.strip().splitlines()[-1:]}")
+    print(f"llama.cpp: llama-bench -t {args.threads} -n {args.llama_tokens} ...", file=sys.stderr)
+    command = [str(bench), *[x for f in files.values() for x in ("-m", str(f))], "-t", str(args.threads),
+               "-n", str(args.llama_tokens), "-p", "0", "-r", str(args.reps), "-o", "json"]
+    r = subprocess.run(command, capture_output=True, text=True)
+    if r.returncode != 0:
+        sys.exit(f"error: llama-bench failed: {r.stderr.strip().splitlines()[-1:]}")
+    rates = {Path(row["model_filename"]).name: row["avg_ts"] for row in json.loads(r.stdout) if row["n_gen"] > 0}
+    return {p: (LLAMA_TYPES[p].upper(), rates[f.name]) for p, f in files.items()}
+
+
 # --- the report -------------------------------------------------------------------------------
 
 
-def machine() -> str:
-    import torch
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return (f"{cpu}, {os.cpu_count()} CPUs, torch {torch.__version__} with {torch.get_num_threads()} "
-            f"threads ({torch.backends.cpu.get_cpu_capability()}), Python {platform.python_version()}")
-
-
-def report(args, speed, memory, e2e, losses) -> str:
-    lines = [f"Machine: {machine()}", ""]
+def report(args, speed, memory, e2e, losses, llama) -> str:
+    lines = [hardware.hardware_line(args.hardware), ""]
     if speed:
         lines += [f"Decode: {args.tokens} new tokens after a {args.prompt_tokens}-token prompt, top-k 50, "
                   f"top-p 0.95; medians of {args.reps} interleaved runs.", ""]
@@ -289,6 +327,18 @@ def report(args, speed, memory, e2e, losses) -> str:
                 mem = memory.get(batch, {}).get(name)
                 lines.append(f"| {batch} | {name} | {rate:.1f} | {rate / base:.2f}x | {ttft * 1000:.0f} ms | "
                              + (f"{mem:.0f} MB |" if mem else "- |"))
+        lines.append("")
+        lines += [f"- batch {b}, {name}: {speed['kernels'][name, b]}" for b in args.batches for name in VARIANTS
+                  if speed["kernels"].get((name, b))] + [""]
+    if llama and speed and 1 in args.batches:
+        lines += [f"llama.cpp: `llama-bench -t {args.threads} -n {args.llama_tokens} -p 0` on GGUF files made by "
+                  "its own convert_hf_to_gguf.py from the same weights; ours: batch 1 above.", "",
+                  "| precision | ours, tokens/s | llama.cpp | llama.cpp, tokens/s | ours / llama.cpp | target |",
+                  "|---|---:|---|---:|---:|---:|"]
+        for precision, (kind, rate) in llama.items():
+            ours = speed[f"ours {precision}", 1][1]
+            lines.append(f"| {precision} | {ours:.1f} | {kind} | {rate:.1f} | {ours / rate:.2f}x | "
+                         f"{LLAMA_TARGETS[precision]}x |")
         lines.append("")
     if e2e:
         lines += ["| end to end (start-up + load + 100 tokens) | wall time |", "|---|---:|"]
@@ -305,7 +355,7 @@ def report(args, speed, memory, e2e, losses) -> str:
 def worker(args) -> None:
     """--worker: load one variant, generate, print this process's peak memory as JSON."""
     prompt = Tokenizer.from_dir(args.mg_dir).encode(PROMPT)
-    model = load_variant(args.worker, Path(args.hf_dir), Path(args.mg_dir))
+    model = load_variant(args.worker, Path(args.hf_dir), Path(args.mg_dir), args.batch)
     timed(args.worker, model, prompt, args.batch, args.tokens)
     print(json.dumps({"peak_rss_mb": vm_hwm_mb()}))
 
@@ -322,6 +372,11 @@ def main() -> None:
     p.add_argument("--skip", nargs="*", default=[], choices=["speed", "memory", "e2e"], help="parts to leave out")
     p.add_argument("--eval-checkpoint", help="a trained checkpoint: compare its validation loss in fp32/bf16/int8")
     p.add_argument("--eval-data", help="the data file for --eval-checkpoint (e.g. minigpt/assets/eli5_tiny.jsonl)")
+    p.add_argument("--llama-bench", metavar="PATH", help="llama.cpp's llama-bench binary: also time llama.cpp "
+                   "at batch 1 on the same weights converted to F32/BF16/Q8_0 (README: building llama-bench)")
+    p.add_argument("--llama-convert", metavar="PATH", help="llama.cpp's convert_hf_to_gguf.py (default: the one "
+                   "in the llama.cpp tree that holds --llama-bench, ../../convert_hf_to_gguf.py from build/bin)")
+    p.add_argument("--llama-tokens", type=positive_int, default=128, help="llama-bench -n (default: 128)")
     p.add_argument("--worker", choices=list(VARIANTS), help=argparse.SUPPRESS)
     p.add_argument("--hf-dir", help=argparse.SUPPRESS)
     p.add_argument("--mg-dir", help=argparse.SUPPRESS)
@@ -341,8 +396,10 @@ def main() -> None:
     if args.quick:
         args.tokens, args.reps, args.e2e_reps = 30, 1, 1
 
-    speed, memory, e2e = {}, {}, {}
-    if len(set(args.skip)) < 3:
+    args.hardware = hardware.describe(torch.device("cpu"))
+    print(hardware.hardware_line(args.hardware), file=sys.stderr, flush=True)
+    speed, memory, e2e, llama = {}, {}, {}, {}
+    if len(set(args.skip)) < 3 or args.llama_bench:
         with tempfile.TemporaryDirectory(prefix="bench_sample-") as tmp:
             work = Path(tmp)
             print("preparing weights ...", file=sys.stderr)
@@ -358,8 +415,10 @@ def main() -> None:
             if "e2e" not in args.skip:
                 print("end to end ...", file=sys.stderr)
                 e2e = end_to_end(args, hf_dir, mg_dir, work)
+            if args.llama_bench:
+                llama = llama_cpp(args, hf_dir, work)
     losses = eval_losses(args.eval_checkpoint, args.eval_data) if args.eval_checkpoint else {}
-    print(report(args, speed, memory, e2e, losses))
+    print(report(args, speed, memory, e2e, losses, llama))
 
 
 if __name__ == "__main__":

@@ -15,19 +15,24 @@ shape (dropout 0.1, train mode), from the same weights:
     memory    a fresh process per side and precision: the peak resident (CPU) or allocated (CUDA)
               memory of 3 steps, above what the process held after importing torch and transformers
     MFU       model FLOPs per step (6 x matmul parameters + 12 x layers x T x width, per token)
-              over the best step time, against this machine's matmul peak: the best of the model's
-              MLP matmul, timed before and after the steps
+              over the best step time, against this machine's matmul peak in that precision: a large
+              square matmul (benchmarks/hardware.py), timed before and after the steps; fp32 runs as
+              train.py runs it (TF32 matmuls on CUDA), and so is its peak
+    profile   with --profile: torch.profiler over 3 more steps of each side: operator time in
+              matmuls vs the rest, and the top operators (README's step breakdowns come from it)
     loss      with --loss-steps N: our loop trained N steps in fp32 and in bf16 autocast from the
               same weights on the same real batches: the last step's losses (bf16 should be within 1%)
 
     python benchmarks/bench_train.py                 # fp32 (and bf16 where bf16 matmuls are fast)
     python benchmarks/bench_train.py --quick         # 3 timed steps, fewer repetitions
     python benchmarks/bench_train.py --dtype bf16    # insist on bf16, however slow
+    python benchmarks/bench_train.py --quick --profile  # where the step's time goes
     python benchmarks/bench_train.py --device cuda --dtype fp32,bf16,fp16 --loss-steps 50
 
 On a CPU without bf16 matrix instructions (no AVX-512 BF16 / AMX) bf16 matmuls run 100x slower than
 fp32, so bf16 is skipped there unless asked for, with the measured peak printed as the reason.
-The result is a Markdown table for the README.
+The machine's matmul peaks and memory bandwidth are printed first. The result is a Markdown table
+for the README.
 """
 
 from __future__ import annotations
@@ -37,7 +42,6 @@ import ctypes
 import gc
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -48,7 +52,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
+import hardware  # noqa: E402  (benchmarks/hardware.py, beside this file)
 from minigpt.cli import positive_int  # noqa: E402  (after the path set-up above)
 
 SHARED = ROOT.parent / "shared" / "data"
@@ -70,6 +76,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--loss-steps", type=int, default=0, help="also train N steps in fp32 and bf16 and "
                    "compare the losses (default: 0, off)")
     p.add_argument("--quick", action="store_true", help="3 timed steps after 1 warm-up")
+    p.add_argument("--profile", action="store_true", help="also profile 3 steps of each side per precision "
+                   "and print where the step's time goes: matmuls vs the rest, and the top operators")
     p.add_argument("--memory-child", help=argparse.SUPPRESS)  # internal: one memory measurement
     args = p.parse_args(argv)
     if args.quick:
@@ -181,28 +189,8 @@ def sync(device) -> None:
 
 
 def matmul_peak(device, dtype) -> float:
-    """Best FLOP/s of the model's MLP matmul, (B*T, C) @ (C, 4C), in `dtype` on `device`."""
-    import torch
-
-    a = torch.randn(1024, 768, device=device, dtype=dtype)
-    b = torch.randn(768, 3072, device=device, dtype=dtype)
-    flops = 2 * 1024 * 768 * 3072
-    a @ b  # warm-up (and a first estimate: bf16 on some CPUs takes seconds)
-    sync(device)
-    start = time.perf_counter()
-    a @ b
-    sync(device)
-    once = time.perf_counter() - start
-    repeats = max(1, min(50, int(0.5 / max(once, 1e-6))))
-    best = once
-    for _ in range(3 if once < 1 else 0):
-        sync(device)
-        start = time.perf_counter()
-        for _ in range(repeats):
-            a @ b
-        sync(device)
-        best = min(best, (time.perf_counter() - start) / repeats)
-    return flops / best
+    """Best FLOP/s of a large square matmul in `dtype` on `device` (see benchmarks/hardware.py)."""
+    return hardware.matmul_peak(device, dtype)[0]
 
 
 def step_flops(config, tokens: int, block_size: int) -> float:
@@ -242,6 +230,36 @@ def time_steps(sides: list, batch, args, device) -> dict[str, list[float]]:
             if i >= args.warmup:
                 times[side.name].append(time.perf_counter() - start)
     return times
+
+
+MATMUL_OPS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::mv", "aten::addmv", "aten::dot",
+              "mkldnn::_linear_pointwise", "mkl::_mkl_linear"}
+
+
+def profile_steps(side, batch, device, steps: int = 3) -> str:
+    """Where one side's step time goes, from torch.profiler over `steps` steps: the operators' own
+    (self) time, matmuls against the rest, and the top operators; a few lines for the report."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    side.step(batch)
+    sync(device)
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            side.step(batch)
+        sync(device)
+    events = [e for e in prof.key_averages() if e.key.startswith(("aten::", "mkldnn::", "mkl::"))]
+    attr = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    times = {e.key: getattr(e, attr) / 1e6 / steps for e in events}  # seconds per step
+    total = sum(times.values())
+    matmul = sum(t for k, t in times.items() if k in MATMUL_OPS)
+    top = sorted(times.items(), key=lambda kv: -kv[1])[:8]
+    where = "GPU kernel" if device.type == "cuda" else "operator self"
+    return (f"  {side.name}: {total:.3f} s of {where} time a step, matmuls {matmul:.3f} s ({matmul / total:.0%}), "
+            f"the rest {total - matmul:.3f} s\n    top: "
+            + ", ".join(f"{k.split('::')[1]} {t:.3f} s" for k, t in top) + "\n"
+            ) if total else f"  {side.name}: no operator time recorded\n"
 
 
 def memory_child(spec: str) -> None:
@@ -313,20 +331,18 @@ def main(argv=None) -> None:
     import torch
 
     from minigpt.config import GPTConfig
-    from minigpt.runtime import DTYPES, resolve_device
+    from minigpt.runtime import DTYPES, setup_device
 
-    device = resolve_device(args.device)
-    peaks = {"fp32": matmul_peak(device, torch.float32)}
-    if device.type == "cuda" or args.dtype and "bf16" in args.dtype:
-        peaks["bf16"] = matmul_peak(device, torch.bfloat16)
+    device, _ = setup_device(args.device, "fp32")  # as train.py: TF32 matmuls for fp32 on CUDA
+    info = hardware.describe(device)
+    print(hardware.hardware_line(info), flush=True)
+    peaks = {"fp32": info["fp32"], "bf16": info["bf16"]}
     if args.dtype:
         dtypes = [d.strip() for d in args.dtype.split(",")]
         unknown = [d for d in dtypes if d not in DTYPE_NAMES]
         if unknown:
             sys.exit(f"error: --dtype: unknown precision {unknown[0]!r} (choose from {', '.join(DTYPE_NAMES)})")
     else:
-        if "bf16" not in peaks:
-            peaks["bf16"] = matmul_peak(device, torch.bfloat16)
         dtypes = ["fp32"] + (["bf16"] if peaks["bf16"] >= peaks["fp32"] / 3 else [])
     if "fp16" in dtypes:
         peaks["fp16"] = matmul_peak(device, torch.float16)
@@ -337,13 +353,8 @@ def main(argv=None) -> None:
         batches, data = benchmark_batch(folder, args, device)
         tokens = args.batch_size * args.block_size
         flops = step_flops(config, tokens, args.block_size)
-        cpu = platform.processor() or platform.machine()
         if device.type == "cuda":
-            where = torch.cuda.get_device_name(device)
-        else:
-            where = f"{_cpu_name() or cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
-        print(f"machine: {where}; torch {torch.__version__}")
-        print("matmul peak (1024x768 @ 768x3072): " + ", ".join(f"{k} {v / 1e9:,.1f} GFLOP/s" for k, v in peaks.items()))
+            print("fp32 runs with TF32 matmuls (allow_tf32, as train.py sets it)")
         skipped = [d for d in ("bf16",) if d not in dtypes and d in peaks]
         for d in skipped:
             step_s = flops / peaks[d]
@@ -358,6 +369,9 @@ def main(argv=None) -> None:
             dtype = DTYPES[dtype_name]
             sides = [Transformers(folder, device, dtype), Ours(folder, device, dtype)]
             times = time_steps(sides, batches[0], args, device)
+            if args.profile:
+                print(f"profile, {dtype_name} ({torch.get_num_threads()} threads):\n"
+                      + "".join(profile_steps(side, batches[0], device) for side in sides), end="", flush=True)
             del sides
             gc.collect()
             results += [(dtype_name, name, times[name]) for name in ("transformers", "ours")]
@@ -384,16 +398,6 @@ def main(argv=None) -> None:
             diff = abs(losses["bf16"] - losses["fp32"]) / losses["fp32"]
             print(f"\nloss after {args.loss_steps} steps of our loop: fp32 {losses['fp32']:.4f}, "
                   f"bf16 {losses['bf16']:.4f} ({diff:.2%} apart)")
-
-
-def _cpu_name() -> str | None:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return None
 
 
 if __name__ == "__main__":
