@@ -118,10 +118,12 @@ class Ours:
 
     name = "ours"
 
-    def __init__(self, folder: Path, device, dtype) -> None:
+    def __init__(self, folder: Path, device, dtype, compile: bool = False) -> None:
         from minigpt.hf import load_model
         from minigpt.optim import AdamW, linear_schedule, param_groups
         from minigpt.trainer import Trainer, TrainConfig
+
+        self.name = "ours, compiled" if compile else "ours"
 
         self.model, self.tokenizer = load_model(folder, device)
         self.model.train()
@@ -129,7 +131,8 @@ class Ours:
         self.trainer = Trainer(
             model=self.model, loss_fn=lambda m, b: m(b, targets=b)[1], optimizer=optimizer,
             schedule=lambda step: linear_schedule(step, 10_000), train_batches=None, val_batches=None,
-            config=TrainConfig(max_steps=10_000, dtype=dtype, progress=False), out=tempfile.gettempdir(),
+            config=TrainConfig(max_steps=10_000, dtype=dtype, compile=compile, progress=False),
+            out=tempfile.gettempdir(),
             save_model=lambda folder: None, device=device,
         )
 
