@@ -93,13 +93,15 @@ def test_fused_is_refused_where_the_build_has_none():
     with pytest.raises(MinigptError, match="no fused AdamW"):
         AdamW([p], fused=True)
     assert not AdamW([p]).fused  # auto: the written-out update
+    assert AdamW([nn.Parameter(torch.ones(4))]).fused == has_fused()  # auto: fused where it exists
 
 
 @pytest.mark.cuda
 def test_fused_adamw_on_cuda_equals_the_cpu_update():
     cpu, gpu = small_model(), small_model().cuda()
-    opt_cpu, opt_gpu = AdamW(param_groups(cpu, 0.1), lr=1e-2), AdamW(param_groups(gpu, 0.1), lr=1e-2)
-    assert opt_gpu.fused and not opt_cpu.fused  # auto: fused on CUDA
+    opt_cpu = AdamW(param_groups(cpu, 0.1), lr=1e-2, fused=False)  # the written-out definition
+    opt_gpu = AdamW(param_groups(gpu, 0.1), lr=1e-2)
+    assert opt_gpu.fused  # auto: fused where the build has it
     for step in range(4):
         set_grads(cpu, step)
         for p, q in zip(cpu.parameters(), gpu.parameters()):
