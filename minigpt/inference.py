@@ -27,11 +27,12 @@ the same `y = x W^T + b`:
          upcast    the same int8 weights converted to fp32 in chunks (exactly: q * s fits fp32)
 
 `prepare_for_inference` times the candidates available in this torch build on the model's real
-shapes (each group of same-shaped layers streamed in turn, as decoding streams them, for the rows
-one decoding step feeds: the batch size), keeps the fastest and drops the rest. Timing takes tens
-of milliseconds and is cached per process and shape. `kernel_summary` names the choice. `model.py`
-stays the readable definition and knows nothing of this; every candidate computes the same function
-up to rounding (tests/test_kernels.py forces each one).
+shapes (the first layers of each group of same-shaped layers, streamed in turn as decoding streams
+them, for the rows one decoding step feeds: the batch size), keeps the fastest and drops the rest.
+The timing takes tens of milliseconds; building the candidate layouts takes longer (up to a second
+or so for MKL's packing of the LM head on 2 cores). The choice is cached per process and shape, and
+`kernel_summary` names it. `model.py` stays the readable definition and knows nothing of this;
+every candidate computes the same function up to rounding (tests/test_kernels.py forces each one).
 """
 
 from __future__ import annotations
@@ -296,6 +297,7 @@ def _choose(
         raise MinigptError(f"no {key[0]} kernel takes a layer of input width {weights[0][0].size(1)}")
     if len(candidates) == 1:
         _CHOICES[key] = candidates[0][1]
+    timed: list[nn.Module] = []  # the winner's layers built for timing are kept, not built again
     if key not in _CHOICES:
         sample = weights[:TIME_LAYERS]
         built = {id(layout): [layout.build(w, b, rows, tied, layout.kernels[0]) for w, b in sample]
@@ -317,9 +319,13 @@ def _choose(
         winner = min(lean, key=lambda c: best[c[1]])
         heavy = [c for c in candidates if c[0].extra_memory and best[c[1]] < EXTRA_MEMORY_MARGIN * best[winner[1]]]
         _CHOICES[key] = min(heavy, key=lambda c: best[c[1]])[1] if heavy else winner[1]
+        timed = built[id(next(lay for lay, k in candidates if k == _CHOICES[key]))]
         del built
     layout = next(layout for layout, kernel in candidates if kernel == _CHOICES[key])
-    return [layout.build(w, b, rows, tied, _CHOICES[key]) for w, b in weights]
+    layers = timed + [layout.build(w, b, rows, tied, _CHOICES[key]) for w, b in weights[len(timed):]]
+    for layer in layers:
+        layer.kernel = _CHOICES[key]
+    return layers
 
 
 def prepare_for_inference(
