@@ -159,6 +159,18 @@ def test_int8mm_is_kept_off_widths_it_computes_wrongly():
         prepare_for_inference(copy.deepcopy(model), "int8", kernel="int8mm")
 
 
+
+def test_sample_stats_names_the_kernels(tiny_minigpt_dir):
+    from conftest import call_cli
+
+    result = call_cli("sample.py", "--model", str(tiny_minigpt_dir), "--greedy", "--max-new-tokens", "2",
+                      "--stats", "--num-samples", "2", "Hello")
+    assert result.returncode == 0, result.stderr
+    line = next(x for x in result.stderr.splitlines() if x.startswith("kernels: "))
+    chosen = dict(part.rsplit(" ", 1) for part in line.removeprefix("kernels: ").split(", "))
+    assert list(chosen) == ["lm_head", "attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"]
+    assert set(chosen.values()) <= set(available_kernels("fp32"))
+
 # --- native bf16 (minigpt/runtime.py) -------------------------------------------------------------
 
 
