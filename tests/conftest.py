@@ -32,12 +32,36 @@ def gpt2_vocab_files() -> tuple[Path, Path]:
     return data / "encoder.json", data / "vocab.bpe"
 
 
+# Reference models are not fresh inits. A fresh GPT-2 has every LayerNorm at ones/zeros and every
+# bias at zero, so a loader that swapped ln_1 with ln_2, dropped a bias or mis-mapped a LayerNorm
+# would still give the right logits. Every such tensor is drawn at random here instead, and the
+# weights use a wider init than GPT-2's 0.02 so the logits spread over a few units (a peaked
+# distribution, like a trained model's, rather than a nearly uniform one).
+REFERENCE_INIT_RANGE = 0.08
+
+
+def perturb_every_parameter(model, seed: int) -> None:
+    """Give each LayerNorm weight (around 1), LayerNorm bias and linear bias its own random values,
+    in place, so any mis-mapped, transposed, dropped or swapped tensor changes the logits."""
+    generator = torch.Generator().manual_seed(10_000 + seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=generator)
+            if ".ln_" in name or "ln_f" in name:
+                p.copy_(1 + 0.3 * noise if name.endswith("weight") else 0.2 * noise)
+            elif name.endswith("bias"):
+                p.copy_(0.1 * noise)
+
+
 def save_hf_model(folder: Path, seed: int = 0, **shape) -> Path:
-    """Save a random-init transformers GPT2LMHeadModel + GPT-2 tokenizer files to `folder`."""
+    """Save a random transformers GPT2LMHeadModel (every parameter perturbed, see above) and the
+    GPT-2 tokenizer files to `folder`."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(seed)
+    shape.setdefault("initializer_range", REFERENCE_INIT_RANGE)
     model = GPT2LMHeadModel(GPT2Config(**shape)).eval()
+    perturb_every_parameter(model, seed)
     model.save_pretrained(folder)
     vocab, merges = gpt2_vocab_files()
     shutil.copy(vocab, folder / "vocab.json")

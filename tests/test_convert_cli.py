@@ -37,7 +37,8 @@ def test_hf_to_minigpt_and_back(tiny_hf_dir, tmp_path):
         a = GPT2LMHeadModel.from_pretrained(tiny_hf_dir).eval()(idx).logits
         b = GPT2LMHeadModel.from_pretrained(exported).eval()(idx).logits
         c = load_model(out)[0](idx)[0]
-    assert (a - b).abs().max() < 1e-5 and (a - c).abs().max() < 1e-4
+    # HF -> minigpt -> HF moves no bit (measured 0); minigpt vs transformers: measured 1.2e-6 (fp32 rounding)
+    assert (a - b).abs().max() == 0 and (a - c).abs().max() < 5e-6
     # a second conversion onto a non-empty folder needs --force
     r = run_cli("convert_hf_weights.py", str(tiny_hf_dir), "--out", str(out))
     assert_one_line_error(r, str(out), "--force")

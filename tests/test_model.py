@@ -33,7 +33,10 @@ def test_logits_equal_transformers(shape, impl, tiny_hf_dir, distil_hf_dir):
         expected = hf(idx).logits
         logits, _ = ours(idx)
     assert logits.shape == expected.shape == (2, 33, 50257)
-    assert (logits - expected).abs().max().item() < 1e-4
+    # Measured 1.4e-6 (tiny, logits up to 3.5) and 1.5e-6 x 10 (distilgpt2 shape, logits up to 12.5):
+    # fp32 rounding of 64- and 768-long sums. The tanh -> erf GELU mistake moves them by 8e-4 / 4e-3.
+    tolerance = 5e-6 if shape == "tiny" else 5e-5
+    assert (logits - expected).abs().max().item() < tolerance
     assert torch.equal(logits[:, -1].argmax(-1), expected[:, -1].argmax(-1))
 
 
@@ -48,7 +51,7 @@ def test_loss_equals_transformers(tiny_hf_dir):
     with torch.no_grad():
         expected = hf(idx, labels=labels).loss
         _, loss = ours(idx, targets=labels)
-    assert abs(loss.item() - expected.item()) < 1e-5
+    assert abs(loss.item() - expected.item()) < 5e-6  # measured 1e-6 on a loss of 11.09
     # and it is the textbook definition: mean next-token cross-entropy over non-ignored targets
     logits, _ = ours(idx)
     manual = F.cross_entropy(logits[:, :-1].reshape(-1, 50257), labels[:, 1:].reshape(-1), ignore_index=-100)
