@@ -76,16 +76,31 @@ def test_seeded_sampling_reproducible_and_batched(tiny_minigpt_dir, capsys):
     assert len(set(samples)) == 3
 
 
-def test_stdin_file_empty_prompt_and_int8(tiny_minigpt_dir, tmp_path, capsys, monkeypatch):
+def test_stdin_file_empty_prompt_and_int8(tiny_minigpt_dir, tiny_hf_dir, gpt2_tokenizer, tmp_path, capsys, monkeypatch):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("first prompt\n\nsecond prompt\n", encoding="utf-8")
     monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"from stdin\n")))
     sample.main(["--model", str(tiny_minigpt_dir), "--greedy", "--max-new-tokens", "3",
                  "--quantize", "int8", "-", "", "--file", str(prompts)])
     outputs = capsys.readouterr().out.split("\n\n")
-    assert len(outputs) == 4  # stdin's line, the empty prompt, then the file's two non-blank lines
-    assert outputs[0].startswith("from stdin") and not outputs[1].startswith(("from", "first"))
-    assert outputs[2].startswith("first prompt") and outputs[3].startswith("second prompt")
+    # stdin's line, the empty prompt, then the file's two non-blank lines, each continued as the
+    # library's int8 layout continues it
+    expected = [p + int8_greedy_text(tiny_minigpt_dir, p, 3) for p in ("from stdin", "", "first prompt", "second prompt")]
+    assert outputs == [*expected[:3], expected[3] + "\n"]
+    # and where fp32's top two logits are far apart (smallest gap 0.31, int8 moves logits by <= 0.08),
+    # int8 must pick transformers' fp32 tokens
+    assert outputs[2] == "first prompt" + hf_greedy_text(tiny_hf_dir, gpt2_tokenizer, "first prompt", 3)
+
+
+def int8_greedy_text(model_dir, prompt: str, n: int) -> str:
+    from minigpt.hf import load_model
+    from minigpt.inference import prepare_for_inference
+    from minigpt.sampling import SamplingConfig, generate_ids
+
+    model, tokenizer = load_model(model_dir)
+    config = SamplingConfig(max_new_tokens=n, greedy=True, eos_id=tokenizer.eos_id)
+    new = generate_ids(prepare_for_inference(model, "int8"), tokenizer.encode(prompt), config)[0]
+    return tokenizer.decode([t for t in new if t != tokenizer.eos_id])
 
 
 def test_long_prompt_is_truncated_with_a_warning(tiny_minigpt_dir, capsys):
