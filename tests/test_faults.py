@@ -505,29 +505,65 @@ def test_disk_full_during_export(tiny_minigpt_dir, tmp_path, monkeypatch):
     assert not out.exists() and leftovers(tmp_path) == []
 
 
-def test_save_killed_between_renames_is_recovered(tiny_minigpt_dir, tmp_path, monkeypatch):
+# A child process that saves `out` with atomic_folder and is killed (SIGKILL, from itself) right
+# after the first of the save's two renames: no `finally`, no `except`, no atexit of ours runs.
+KILLED_BETWEEN_RENAMES = """
+import importlib, os, signal, sys
+from pathlib import Path
+
+atomic_folder = getattr(importlib.import_module(sys.argv[1]), "atomic_folder")
+real_replace, renames = os.replace, []
+
+
+def replace(src, dst):
+    real_replace(src, dst)
+    renames.append((str(src), str(dst)))
+    if len(renames) == 1:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+os.replace = replace
+with atomic_folder(Path(sys.argv[2])) as tmp:
+    (tmp / "new.txt").write_text("new")
+"""
+
+
+def test_save_killed_between_renames_is_recovered(tiny_minigpt_dir, tmp_path):
     """A kill in the instant after the old folder moved aside and before the new one moved in
-    leaves the old one under a temporary name; the next save (or the recovery step) restores it."""
-    import os
+    leaves the old one under a temporary name; the recovery step (run by the next save) restores it."""
+    import subprocess
 
     out = Path(shutil.copytree(tiny_minigpt_dir, tmp_path / "ckpt"))
     before = snapshot(out)
-    real_replace, calls = os.replace, []
-
-    def die_after_first_rename(src, dst):
-        calls.append(src)
-        real_replace(src, dst)
-        if len(calls) == 1:
-            raise SystemExit("killed")  # stands in for SIGKILL: no cleanup code of ours may help
-
-    monkeypatch.setattr(os, "replace", die_after_first_rename)
-    with pytest.raises(SystemExit), atomic_folder(out) as tmp:
-        (tmp / "new.txt").write_text("new")
-    monkeypatch.setattr(os, "replace", real_replace)
-    assert not out.exists()  # the dangerous moment: the checkpoint is only under .ckpt.old-*
+    child = subprocess.run(
+        [sys.executable, "-c", KILLED_BETWEEN_RENAMES, atomic_folder.__module__, str(out)],
+        env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=120,
+    )
+    assert child.returncode == -signal.SIGKILL, child.stderr  # it really died there
+    # The dangerous moment, as the kill left it: no `ckpt`, the old one moved aside whole, the new
+    # one complete in its temporary folder.
+    assert not out.exists()
+    (old,) = [p for p in tmp_path.iterdir() if p.name.startswith(".ckpt.old-")]
+    (new,) = [p for p in tmp_path.iterdir() if p.name.startswith(".ckpt.tmp-")]
+    assert snapshot(old / "ckpt") == before and snapshot(new) == {"new.txt": b"new"}
     clear_interrupted_saves(out)
     assert snapshot(out) == before and leftovers(tmp_path) == []
     load_checkpoint(out)
+
+
+def test_next_save_after_a_kill_between_renames_is_complete(tiny_minigpt_dir, tmp_path):
+    """The same leftover state, then an ordinary save: the new folder is in place, nothing else."""
+    import subprocess
+
+    out = Path(shutil.copytree(tiny_minigpt_dir, tmp_path / "ckpt"))
+    child = subprocess.run(
+        [sys.executable, "-c", KILLED_BETWEEN_RENAMES, atomic_folder.__module__, str(out)],
+        env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=120,
+    )
+    assert child.returncode == -signal.SIGKILL and not out.exists(), child.stderr
+    with atomic_folder(out) as tmp:
+        (tmp / "x.txt").write_text("x")
+    assert snapshot(out) == {"x.txt": b"x"} and leftovers(tmp_path) == []
 
 
 def test_leftovers_of_killed_saves_are_cleared(tiny_minigpt_dir, tmp_path):
@@ -636,16 +672,28 @@ def sample(*args: str, stdin: bytes | None = None, monkeypatch=None, errors: str
     return call_cli("sample.py", *args)
 
 
-def greedy_continuation(model_dir: Path, prompt: str, n: int) -> str:
-    """What sample.py --greedy must print after `prompt`, computed with the library directly."""
-    from minigpt.inference import prepare_for_inference
-    from minigpt.sampling import SamplingConfig, generate_ids
+def hf_continuation(hf_dir: Path, prompt: str | list[int], n: int, seed: int | None = None, **settings) -> str:
+    """What sample.py must print after `prompt`, computed by transformers' generate() on the HF
+    model the minigpt checkpoint was converted from: greedy, or (with `seed`) sampled from the
+    global generator seeded as sample.py seeds its own."""
+    from transformers import GPT2LMHeadModel
 
-    model, tokenizer = load_model(model_dir)
-    ids = tokenizer.encode(prompt)
-    config = SamplingConfig(max_new_tokens=n, greedy=True, eos_id=tokenizer.eos_id)
-    new = generate_ids(prepare_for_inference(model), ids, config)[0]
-    return tokenizer.decode([t for t in new if t != tokenizer.eos_id])
+    from minigpt.tokenizer import Tokenizer
+
+    model = GPT2LMHeadModel.from_pretrained(hf_dir).eval()
+    tokenizer = Tokenizer.from_vocab_merges(hf_dir / "vocab.json", hf_dir / "merges.txt")
+    ids = (tokenizer.encode(prompt) if isinstance(prompt, str) else prompt) or [tokenizer.eos_id]
+    if seed is not None:
+        torch.manual_seed(seed)
+    with torch.no_grad():
+        out = model.generate(
+            torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long), max_new_tokens=n,
+            do_sample=seed is not None, pad_token_id=tokenizer.eos_id, **settings,
+        )
+    new = out[0, len(ids):].tolist()
+    if tokenizer.eos_id in new:
+        new = new[: new.index(tokenizer.eos_id)]
+    return tokenizer.decode(new)
 
 
 @pytest.mark.parametrize(
@@ -653,23 +701,24 @@ def greedy_continuation(model_dir: Path, prompt: str, n: int) -> str:
     ["", "bell\a tab\t esc\x1b[2J nul\x00 del\x7f cr\r bidi\u202e bom\ufeff", "<|endoftext|>"],
     ids=["empty", "control_characters", "eos_text"],
 )
-def test_odd_prompts_are_continued_exactly(prompt, tiny_minigpt_dir):
+def test_odd_prompts_are_continued_exactly(prompt, tiny_minigpt_dir, tiny_hf_dir):
     result = sample("--model", str(tiny_minigpt_dir), "--greedy", "--max-new-tokens", "6", prompt)
     assert result.returncode == 0 and result.stderr == "", result.stderr
-    assert result.stdout == prompt + greedy_continuation(tiny_minigpt_dir, prompt, 6) + "\n"
+    assert result.stdout == prompt + hf_continuation(tiny_hf_dir, prompt, 6) + "\n"
 
 
-def test_one_megabyte_prompt_keeps_its_last_window(tiny_minigpt_dir, tmp_path):
-    """A prompt far beyond the context window: a warning, then the continuation of its last 256 tokens."""
+def test_one_megabyte_prompt_keeps_its_last_window(tiny_minigpt_dir, tiny_hf_dir, tmp_path):
+    """A prompt far beyond the context window: a warning, then the continuation of its last 256
+    tokens (the first new token: transformers cannot read past its 256 positions to check more)."""
     prompt = " ".join(f"w{i % 997}" for i in range(200_000))[: 2**20]
     (tmp_path / "big.txt").write_text(prompt + "\n", encoding="utf-8")
-    result = sample("--model", str(tiny_minigpt_dir), "--greedy", "--max-new-tokens", "4",
+    result = sample("--model", str(tiny_minigpt_dir), "--greedy", "--max-new-tokens", "1",
                     "--file", str(tmp_path / "big.txt"))
     assert result.returncode == 0, result.stderr
     assert result.stderr.count("\n") == 1 and "only its last 256 tokens are used" in result.stderr
     _, tokenizer = load_model(tiny_minigpt_dir)
-    tail = tokenizer.decode(tokenizer.encode(prompt)[-256:])
-    assert result.stdout == prompt + greedy_continuation(tiny_minigpt_dir, tail, 4) + "\n"
+    tail = tokenizer.encode(prompt)[-256:]
+    assert result.stdout == prompt + hf_continuation(tiny_hf_dir, tail, 1) + "\n"
 
 
 def test_empty_prompt_file_and_stdin_give_no_output(tiny_minigpt_dir, tmp_path, monkeypatch):
@@ -707,7 +756,8 @@ def test_sample_flags_out_of_range(tiny_minigpt_dir):
         ("--temperature", "-1"), ("--temperature", "nan"), ("--temperature", "inf"),
         ("--top-k", "-1"), ("--top-k", "ten"), ("--top-p", "0"), ("--top-p", "1.01"), ("--top-p", "nan"),
         ("--repetition-penalty", "0"), ("--repetition-penalty", "-1"), ("--repetition-penalty", "inf"),
-        ("--num-samples", "0"), ("--seed", "x"), ("--dtype", "int4"), ("--quantize", "int4"),
+        ("--num-samples", "0"), ("--seed", "x"), ("--seed", "-1"), ("--seed", str(2**63)),
+        ("--seed", "99999999999999999999999"), ("--dtype", "int4"), ("--quantize", "int4"),
     ]:
         result = sample(*model, flag, value, "hi")
         assert result.returncode == 2 and "Traceback" not in result.stderr, (flag, value, result.stderr)
@@ -722,19 +772,38 @@ def test_sample_flags_out_of_range(tiny_minigpt_dir):
         assert_one_line_error(sample(*model, "--device", "cuda", "hi"), "--device cuda", "not available")
 
 
-@pytest.mark.parametrize(
-    "flag,value",
-    [("--temperature", "1e-45"), ("--temperature", "1e30"), ("--top-k", "100000000"), ("--top-p", "1e-12"),
-     ("--repetition-penalty", "1e-30"), ("--repetition-penalty", "1e30"), ("--seed", "99999999999999999999999")],
-)
-def test_extreme_but_legal_sampling_values_work(flag, value, tiny_minigpt_dir):
-    """Values the flags accept must sample (a tiny temperature or top-p is greedy), never crash."""
-    result = sample("--model", str(tiny_minigpt_dir), "--max-new-tokens", "3", "--seed", "1", flag, value, "Why")
-    assert result.returncode in (0, 2) and "Traceback" not in result.stderr, result.stderr
-    if result.returncode == 2:  # refusing the value is fine too, as argparse refuses a bad flag
-        assert f"error: argument {flag}: " in result.stderr.strip().splitlines()[-1], result.stderr
-    elif flag in ("--temperature", "--top-p") and float(value) < 1e-6:
-        assert result.stdout == "Why" + greedy_continuation(tiny_minigpt_dir, "Why", 3) + "\n"
+SEED = 2**63 - 1  # the largest seed torch's generators take (--seed 2**63 is refused above)
+
+# Extreme values the flags accept, each with the transformers settings that must give the same text
+# (seed None: greedy). A vanishing temperature or top-p leaves only the most likely token: greedy.
+# Sampling cases turn top-k off (--top-k 0): then minigpt samples over the whole vocabulary with
+# the same generator state as transformers, so the draws are the same.
+LEGAL_EXTREMES = {
+    "temperature_1e-45": (["--temperature", "1e-45"], None, {}),
+    "top_p_1e-12": (["--top-p", "1e-12"], None, {}),
+    "penalty_1e-30": (["--greedy", "--repetition-penalty", "1e-30"], None, {"repetition_penalty": 1e-30}),
+    "penalty_1e30": (["--greedy", "--repetition-penalty", "1e30"], None, {"repetition_penalty": 1e30}),
+    "temperature_1e30": (["--top-k", "0", "--temperature", "1e30", "--seed", "1"], 1,
+                         {"temperature": 1e30, "top_k": 0, "top_p": 0.95}),
+    "largest_seed": (["--top-k", "0", "--seed", str(SEED)], SEED, {"top_k": 0, "top_p": 0.95}),
+}
+
+
+@pytest.mark.parametrize("case", sorted(LEGAL_EXTREMES))
+def test_extreme_but_legal_sampling_values_work(case, tiny_minigpt_dir, tiny_hf_dir):
+    """Values the flags accept must sample what transformers samples with them, never crash or refuse."""
+    args, seed, settings = LEGAL_EXTREMES[case]
+    result = sample("--model", str(tiny_minigpt_dir), "--max-new-tokens", "6", *args, "Why")
+    assert result.returncode == 0 and result.stderr == "", result.stderr
+    assert result.stdout == "Why" + hf_continuation(tiny_hf_dir, "Why", 6, seed, **settings) + "\n"
+
+
+def test_top_k_beyond_the_vocabulary_is_the_whole_vocabulary(tiny_minigpt_dir):
+    """--top-k 100000000 is legal and means what --top-k 50257 (every token) means: same draws."""
+    common = ["--model", str(tiny_minigpt_dir), "--max-new-tokens", "8", "--seed", "3", "Why"]
+    huge, whole = sample(*common[:-1], "--top-k", "100000000", "Why"), sample(*common[:-1], "--top-k", "50257", "Why")
+    assert huge.returncode == 0 and huge.stderr == "", huge.stderr
+    assert huge.stdout == whole.stdout and len(huge.stdout) > len("Why\n")
 
 
 # --- train.py: flags, data, kills, a full disk, Ctrl-C -------------------------------------------
