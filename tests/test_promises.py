@@ -1,0 +1,192 @@
+"""Promises README makes about failures that no other test exercised: a non-finite gradient norm
+stops the run, fp16 steps with inf/NaN gradients are skipped and counted, and under torchrun
+Ctrl-C stops every rank after the same step while a failing rank brings the whole job down."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file
+
+from conftest import ROOT
+from minigpt.checkpoint import model_state_for_saving
+from minigpt.config import GPTConfig
+from minigpt.data import BatchIterator, TokenBlocks
+from minigpt.errors import MinigptError
+from minigpt.model import GPT
+from minigpt.optim import AdamW, param_groups
+from minigpt.trainer import Trainer, TrainConfig
+
+
+def micro_model() -> GPT:
+    torch.manual_seed(0)
+    return GPT(GPTConfig(vocab_size=300, block_size=16, n_layer=1, n_head=2, n_embd=32, dropout=0.0))
+
+
+def poisoned_loss(bad_step: int):
+    """The LM loss, whose gradient is made infinite (a finite loss, inf/NaN gradients) in call
+    `bad_step`: what an fp16 overflow in the backward pass, or a bad batch, does."""
+    calls = {"n": 0}
+
+    def loss_fn(model, batch):
+        calls["n"] += 1
+        loss = model(batch, targets=batch)[1]
+        if calls["n"] == bad_step:
+            loss.register_hook(lambda grad: grad * float("inf"))
+        return loss
+
+    return loss_fn
+
+
+def make_trainer(out: Path, model: GPT, loss_fn, **cfg) -> Trainer:
+    blocks = np.random.default_rng(0).integers(0, 300, (40, 16), dtype=np.uint16)
+    optimizer = AdamW(param_groups(model, 0.01), lr=3e-3)
+
+    def save(folder: Path) -> None:
+        from safetensors.torch import save_file
+
+        (folder / "config.json").write_text(json.dumps(model.config.to_dict()))
+        save_file(model_state_for_saving(model), str(folder / "model.safetensors"))
+
+    return Trainer(
+        model, loss_fn, optimizer, lambda step: 1.0, BatchIterator(TokenBlocks(blocks, {}), 4, seed=1), None,
+        TrainConfig(log_every=1, progress=False, **cfg), out, save,
+    )
+
+
+def test_a_non_finite_gradient_norm_stops_before_the_step(tmp_path):
+    """The loss is finite, its gradients are not: the run stops at that step with one message, and
+    neither the weights nor the last checkpoint take the step."""
+    model = micro_model()
+    trainer = make_trainer(tmp_path, model, poisoned_loss(bad_step=5), max_steps=10, save_every=2)
+    with pytest.raises(MinigptError, match=r"step 5: the gradient norm is (inf|nan); stopping.*\(step 4\) is untouched"):
+        trainer.fit()
+    assert trainer.step == 4
+    assert json.loads((tmp_path / "training_state.json").read_text())["step"] == 4
+    saved = load_file(str(tmp_path / "model.safetensors"))
+    for name, tensor in model_state_for_saving(model).items():
+        assert torch.equal(saved[name], tensor), name  # the weights in memory did not move either
+
+
+def test_fp16_steps_with_inf_gradients_are_skipped_and_counted(tmp_path):
+    """fp16 with GradScaler (autocast and the scaler both run on the CPU): the bad step leaves the
+    weights alone, halves the scale, counts in skipped_steps, and training goes on."""
+    model = micro_model()
+    trainer = make_trainer(tmp_path, model, poisoned_loss(bad_step=3), max_steps=5, dtype=torch.float16)
+    trainer.train_step([next(iter(trainer.train_batches))])  # step 1, set up the row below
+    batches = iter(trainer.train_batches)
+    trainer.train_step([next(batches)])  # step 2
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    scale = trainer.scaler.get_scale()
+    numbers = trainer.train_step([next(batches)])  # step 3: inf gradients
+    assert not np.isfinite(numbers["grad_norm"])
+    assert trainer.step == 3 and trainer.skipped_steps == 1 and trainer.scaler.get_scale() == scale / 2
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    trainer.train_step([next(batches)])  # step 4 is an ordinary one again
+    assert trainer.skipped_steps == 1
+    assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_fp16_skipped_steps_reach_metrics(tmp_path):
+    model = micro_model()
+    make_trainer(tmp_path, model, poisoned_loss(bad_step=3), max_steps=5, dtype=torch.float16).fit()
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["skipped_steps"]) for r in rows if "loss" in r] == [(1, 0), (2, 0), (3, 1), (4, 1), (5, 1)]
+
+
+# --- under torchrun (CPU processes over gloo) ----------------------------------------------------
+
+ddp = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="no gloo")
+FLAGS = ("--preset", "tiny", "--no-progress", "--log-every", "1", "--batch-size", "4", "--dropout", "0")
+
+# train.py with one rank made to fail: rank 1 raises inside its 3rd optimizer step.
+FAILING_RANK = """
+import os, runpy, sys
+
+import minigpt.optim
+
+real_step, calls = minigpt.optim.AdamW.step, []
+
+
+def step(self):
+    calls.append(1)
+    if os.environ["RANK"] == "1" and len(calls) == 3:
+        raise RuntimeError("rank 1 broke down in step 3")
+    real_step(self)
+
+
+minigpt.optim.AdamW.step = step
+sys.argv = ["train.py", *sys.argv[1:]]
+runpy.run_path(os.path.join(os.environ["MINIGPT_ROOT"], "train.py"), run_name="__main__")
+"""
+
+
+def torchrun(tmp_path: Path, script: Path, *args: str) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "MINIGPT_ROOT": str(ROOT), "OMP_NUM_THREADS": "1",
+           "MINIGPT_CACHE": str(tmp_path / "cache")}
+    return subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
+         *FLAGS, *args],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path, start_new_session=True,
+    )
+
+
+def metrics_steps(out: Path) -> list[int]:
+    try:
+        return [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    except (OSError, ValueError):
+        return []
+
+
+@ddp
+@pytest.mark.slow
+def test_a_failing_rank_brings_the_whole_job_down_with_its_message(tmp_path):
+    script = tmp_path / "failing_rank.py"
+    script.write_text(FAILING_RANK)
+    job = torchrun(tmp_path, script, "--max-steps", "20", "--out", str(tmp_path / "run"))
+    try:
+        stdout, stderr = job.communicate(timeout=300)  # a rank left waiting would hang here
+    finally:
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
+    assert job.returncode != 0
+    assert "rank 1 broke down in step 3" in stderr, stderr[-3000:]
+    assert metrics_steps(tmp_path / "run")[-1:] == [2]  # rank 0 went no further than rank 1
+
+
+@ddp
+@pytest.mark.slow
+def test_ctrl_c_under_torchrun_stops_every_rank_after_the_same_step(tmp_path):
+    """Ctrl-C reaches torchrun, which passes SIGTERM on to the ranks: they agree on a step, rank 0
+    saves it (a collective every rank must join), and --resume finishes the run."""
+    out = tmp_path / "run"
+    job = torchrun(tmp_path, ROOT / "train.py", "--max-steps", "200", "--out", str(out))
+    try:
+        while len(metrics_steps(out)) < 3 and job.poll() is None:
+            try:
+                job.wait(timeout=0.05)
+            except subprocess.TimeoutExpired:
+                pass
+        assert job.poll() is None, job.communicate()[1][-3000:]
+        os.kill(job.pid, signal.SIGINT)  # what Ctrl-C in the terminal sends torchrun
+        _, stderr = job.communicate(timeout=300)
+    finally:
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
+    assert "Traceback" not in stderr.split("torch.distributed.elastic")[0], stderr[-3000:]
+    state = json.loads((out / "training_state.json").read_text())
+    assert 3 <= state["step"] < 200 and state["world_size"] == 2
+    assert metrics_steps(out)[-1] == state["step"]  # the checkpoint is the last step taken
+    resumed = torchrun(tmp_path, ROOT / "train.py", "--max-steps", str(state["step"] + 2), "--out", str(out), "--resume")
+    _, stderr = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, stderr[-3000:]
+    assert json.loads((out / "training_state.json").read_text())["step"] == state["step"] + 2
