@@ -160,7 +160,9 @@ def test_a_failing_rank_brings_the_whole_job_down_with_its_message(tmp_path):
             os.killpg(job.pid, signal.SIGKILL)
     assert job.returncode != 0
     assert "rank 1 broke down in step 3" in stderr, stderr[-3000:]
-    assert metrics_steps(tmp_path / "run")[-1:] == [2]  # rank 0 went no further than rank 1
+    # rank 0 finished step 3 (its gradients were already averaged) and went no further: it did not
+    # wait forever in step 4's all-reduce for a rank that is gone
+    assert metrics_steps(tmp_path / "run")[-1] in (2, 3)
 
 
 @ddp

@@ -1,0 +1,270 @@
+"""Break the implementation on purpose and check that the tests written for each property notice.
+
+    python -m tests.mutations                 # every break
+    python -m tests.mutations erf_gelu ...    # only these
+    python -m tests.mutations --list          # names and what each break does
+
+Each break is a list of (regular expression, replacement) edits. The expressions are searched in
+every `minigpt/**/*.py` file (not at a file and line), so the breaks keep working while code moves
+between modules; an expression that matches nowhere is reported as "pattern not found", its own
+failure, so the list is easy to update. For each break a fresh copy of the repository is made in a
+temporary folder, the edits are applied there (the working tree is never touched), and the test
+nodes named for that property are run in the copy. A break is caught when at least one of them
+fails; the script prints, per break, the tests that failed, and exits 1 if any break is not caught
+(or not applied). Before the breaks, the same test nodes run once on the unmodified copy: they must
+all pass, or a "caught" break would mean nothing (exit 2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import py_compile
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+IGNORE = shutil.ignore_patterns(".git", "__pycache__", "*.egg-info", ".benchmarks", ".pytest_cache", "checkpoints")
+
+
+@dataclass(frozen=True)
+class Break:
+    name: str
+    what: str
+    edits: tuple[tuple[str, str], ...]  # (regex, replacement), re.MULTILINE; each must match somewhere
+    tests: tuple[str, ...]  # pytest node ids (a test without [params] selects all its cases)
+
+
+BREAKS = (
+    # --- loading HF weights ---------------------------------------------------------------------
+    Break(
+        "ln_swap", "the HF name map swaps ln_1 and ln_2",
+        ((r"(def hf_to_minigpt_name\([^)]*\)[^:]*:\n)",
+          r'\1    name = name.replace(".ln_1.", ".ln_@.").replace(".ln_2.", ".ln_1.").replace(".ln_@.", ".ln_2.")\n'),),
+        ("tests/test_model.py::test_logits_equal_transformers[tiny-sdpa]", "tests/test_hf.py::test_minigpt_checkpoint_layout",
+         "tests/test_hf.py::test_unprefixed_keys_mask_buffers_and_lm_head", "tests/test_convert_cli.py::test_hf_to_minigpt_and_back"),
+    ),
+    Break(
+        "zero_biases", "every bias is zeroed when a model is built from loaded tensors",
+        ((r"^(\s*)model\.load_state_dict\((\w+),",
+          r'\1\2 = {k: v * 0 if k.endswith(".bias") else v for k, v in \2.items()}\n\1model.load_state_dict(\2,'),),
+        ("tests/test_model.py::test_logits_equal_transformers[tiny-sdpa]", "tests/test_hf.py::test_minigpt_checkpoint_layout",
+         "tests/test_hf.py::test_legacy_pytorch_model_bin", "tests/test_convert_cli.py::test_hf_to_minigpt_and_back"),
+    ),
+    Break(
+        "square_conv1d_untransposed", "attn.c_proj (square, so no shape check notices) loses its Conv1D transpose",
+        ((r'"attn\.c_proj\.weight",\s*', ""),),
+        ("tests/test_hf.py::test_conv1d_weights_are_transposed", "tests/test_model.py::test_logits_equal_transformers[tiny-sdpa]"),
+    ),
+    # --- the model --------------------------------------------------------------------------------
+    Break(
+        "erf_gelu", "the exact (erf) GELU instead of GPT-2's tanh approximation",
+        ((r'approximate="tanh"', 'approximate="none"'),),
+        ("tests/test_model.py::test_logits_equal_transformers[tiny-sdpa]", "tests/test_model.py::test_loss_equals_transformers",
+         "tests/test_hf.py::test_minigpt_checkpoint_layout"),
+    ),
+    Break(
+        "causal_mask_off_by_one", "the written-out attention lets each token see one token ahead",
+        ((r"tril\(diagonal=t_past\)", "tril(diagonal=t_past + 1)"),),
+        ("tests/test_model.py::test_logits_equal_transformers[tiny-reference]",
+         "tests/test_model.py::test_sdpa_equals_reference_with_dropout_off_and_cache"),
+    ),
+    Break(
+        "sdpa_not_causal", "scaled_dot_product_attention without the causal mask",
+        ((r"is_causal=[^,)]+", "is_causal=False"),),
+        ("tests/test_model.py::test_logits_equal_transformers[tiny-sdpa]", "tests/test_model.py::test_loss_equals_transformers"),
+    ),
+    Break(
+        "kv_positions_restart", "with a KV cache, position embeddings restart at 0 each step",
+        ((r"torch\.arange\(t_past, t_past \+ T", "torch.arange(0, T"),),
+        ("tests/test_model.py::test_kv_cache_matches_full_forward_every_step",
+         "tests/test_sampling.py::test_greedy_equals_hf_generate"),
+    ),
+    # --- sampling ---------------------------------------------------------------------------------
+    Break(
+        "temperature_after_filters", "next_token divides by the temperature after top-k / top-p",
+        ((r"^(\s*)scores = apply_temperature\(.*\)$", r"\1pass"),
+         (r"torch\.multinomial\(F\.softmax\(scores,", "torch.multinomial(F.softmax(apply_temperature(scores, config.temperature),")),
+        ("tests/test_decoding_vs_hf.py::test_next_token_samples_from_hf_chain",
+         "tests/test_decoding_vs_hf.py::test_sampled_loop_equals_hf_generate_with_the_same_seed"),
+    ),
+    Break(
+        "no_top_p_guard", "top-p may drop the most likely token too",
+        ((r"^(\s*)\w+\[\.\.\., -1:\] = False.*$", r"\1pass"),),
+        ("tests/test_decoding_vs_hf.py::test_a_tiny_top_p_keeps_only_the_most_likely_token",),
+    ),
+    Break(
+        "top_k_drops_ties", "the sampling shortcut keeps exactly k tokens, dropping ties at the k-th score",
+        ((r"if survivors > \w+:", "if False:"),),
+        ("tests/test_decoding_vs_hf.py::test_ties_at_the_top_k_line_are_all_kept",
+         "tests/test_sampling.py::test_candidates_are_the_top_k_survivors"),
+    ),
+    Break(
+        "penalty_sign_swapped", "the repetition penalty multiplies positive scores and divides negative ones",
+        ((r"torch\.where\((\w+) < 0, \1 \* penalty, \1 / penalty\)", r"torch.where(\1 < 0, \1 / penalty, \1 * penalty)"),),
+        ("tests/test_sampling.py::test_repetition_penalty_equals_hf",
+         "tests/test_decoding_vs_hf.py::test_next_token_samples_from_hf_chain"),
+    ),
+    # --- the optimizer ----------------------------------------------------------------------------
+    Break(
+        "decay_on_biases", "weight decay on biases and LayerNorm weights too",
+        ((r'("weight_decay":\s*)0\.0', r"\1weight_decay"),),
+        ("tests/test_optim.py::test_param_groups_are_hf_trainers",),
+    ),
+    Break(
+        "no_bias_correction", "AdamW without bias correction of the moments",
+        ((r"c = math\.sqrt\(1 - beta2\s*\*\*\s*t\)", "c = 1.0"), (r"\s*/\s*\(1 - beta1\s*\*\*\s*t\)", "")),
+        ("tests/test_optim.py::test_adamw_equals_torch_adamw", "tests/test_optim.py::test_adamw_first_step_by_hand"),
+    ),
+    Break(
+        "no_clipping", "gradients are measured but never clipped",
+        ((r"if max_norm > 0:", "if False:"),),
+        ("tests/test_optim.py::test_clip_grad_norm_equals_torch",),
+    ),
+    Break(
+        "moments_not_restored", "loading an optimizer state leaves the moments at zero",
+        ((r"^(\s*)(\w+)\.copy_\((\w+)_saved\)", r"\1\2.zero_()"),),
+        ("tests/test_optim.py::test_state_dict_round_trip_continues_identically",
+         "tests/test_trainer.py::test_resume_continues_bitwise"),
+    ),
+    # --- checkpoints and resume -------------------------------------------------------------------
+    Break(
+        "no_rng_restore", "--resume does not restore the RNG state (dropout masks differ)",
+        ((r"torch\.set_rng_state\(", "(lambda *state: None)("),),
+        ("tests/test_trainer.py::test_resume_continues_bitwise",),
+    ),
+    Break(
+        "non_atomic_save", "a save deletes the previous folder before the new one is in place",
+        ((r"os\.replace\((\w+), (\w+) / \1\.name\)", r"shutil.rmtree(\1)"),),
+        ("tests/test_faults.py::test_save_killed_between_renames_is_recovered",),
+    ),
+    Break(
+        "no_recovery_after_kill", "after a kill between a save's renames the previous folder is not moved back",
+        ((r"os\.replace\((\w+) / (\w+)\.name, \2\)", "None"),),
+        ("tests/test_faults.py::test_save_killed_between_renames_is_recovered",),
+    ),
+    Break(
+        "unsafe_torch_load", "pytorch_model.bin is unpickled with weights_only=False",
+        ((r"weights_only=True", "weights_only=False"),),
+        ("tests/test_faults.py::test_pickle_that_runs_code_is_refused_and_never_run",),
+    ),
+    Break(
+        "grad_norm_not_checked", "a non-finite gradient norm does not stop the run",
+        ((r"^(\s*)self\._stop_non_finite\(\"the gradient norm\", (\w+)\)", r"\1pass"),),
+        ("tests/test_promises.py::test_a_non_finite_gradient_norm_stops_before_the_step",),
+    ),
+)
+
+
+def apply(brk: Break, copy: Path) -> list[str]:
+    """Apply `brk`'s edits to the copy's minigpt/; returns the problems (empty: applied)."""
+    files = sorted((copy / "minigpt").rglob("*.py"))
+    texts = {f: f.read_text() for f in files}
+    problems = []
+    for pattern, replacement in brk.edits:
+        hits = 0
+        for f in files:
+            texts[f], n = re.subn(pattern, replacement, texts[f], flags=re.MULTILINE)
+            hits += n
+        if hits == 0:
+            problems.append(f"pattern not found in minigpt/: {pattern!r}")
+    for f in files:
+        if texts[f] != f.read_text():
+            f.write_text(texts[f])
+            try:
+                py_compile.compile(str(f), doraise=True)
+            except py_compile.PyCompileError as e:
+                problems.append(f"the edit breaks the syntax of {f.relative_to(copy)}: {e.msg.strip()}")
+    return problems
+
+
+def run_tests(copy: Path, nodes: list[str], tmp: Path) -> tuple[list[str], list[str], str]:
+    """Run `nodes` in `copy`; returns (failed node ids, errored node ids, pytest's summary line)."""
+    env = {**os.environ, "PYTHONPATH": str(copy), "PYTHONDONTWRITEBYTECODE": "1", "MINIGPT_CACHE": str(tmp / "cache")}
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--tb=no", "-rfE",
+         "--basetemp", str(tmp / "pytest"), *nodes],
+        cwd=copy, env=env, capture_output=True, text=True, timeout=1800,
+    )
+    lines = result.stdout.splitlines()
+    failed = [line.split()[1] for line in lines if line.startswith("FAILED ")]
+    errored = [line.split()[1] for line in lines if line.startswith("ERROR ")]
+    summary = next((line for line in reversed(lines) if line.strip()), result.stderr.strip()[-300:])
+    if result.returncode not in (0, 1):  # 2-5: interrupted, internal or usage error, nothing collected
+        errored.append(f"pytest exit status {result.returncode}: {summary}")
+    return failed, errored, summary.strip("= ")
+
+
+def fresh_copy(parent: Path) -> Path:
+    copy = parent / "repo"
+    shutil.rmtree(copy, ignore_errors=True)
+    shutil.copytree(ROOT, copy, ignore=IGNORE)
+    return copy
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tests.mutations", description=__doc__.split("\n\n")[0])
+    parser.add_argument("names", nargs="*", help="run only these breaks (default: all)")
+    parser.add_argument("--list", action="store_true", help="list the breaks and exit")
+    args = parser.parse_args(argv)
+    known = {b.name: b for b in BREAKS}
+    if args.list:
+        for b in BREAKS:
+            print(f"{b.name:28} {b.what}")
+        return 0
+    unknown = [n for n in args.names if n not in known]
+    if unknown:
+        parser.error(f"unknown break(s): {', '.join(unknown)} (see --list)")
+    breaks = [known[n] for n in args.names] if args.names else list(BREAKS)
+
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="minigpt-mutations-") as tmp_name:
+        tmp = Path(tmp_name)
+        copy = fresh_copy(tmp)
+        check = subprocess.run([sys.executable, "-c", "import minigpt; print(minigpt.__file__)"], cwd=copy,
+                               env={**os.environ, "PYTHONPATH": str(copy)}, capture_output=True, text=True)
+        if not check.stdout.strip().startswith(str(copy)):
+            print(f"error: the copy's minigpt is not the one imported ({check.stdout.strip() or check.stderr.strip()})")
+            return 2
+        nodes = sorted({node for b in breaks for node in b.tests})
+        failed, errored, summary = run_tests(copy, nodes, tmp)
+        print(f"unmodified copy: {len(nodes)} targeted test nodes: {summary}")
+        if failed or errored:
+            print("error: the targeted tests must pass on the unmodified code first:")
+            for node in failed + errored:
+                print(f"    {node}")
+            return 2
+
+        not_caught = []
+        for b in breaks:
+            copy = fresh_copy(tmp)
+            problems = apply(b, copy)
+            if problems:
+                print(f"[NOT APPLIED] {b.name}: {b.what}")
+                for p in problems:
+                    print(f"    {p}")
+                not_caught.append(b.name)
+                continue
+            failed, errored, summary = run_tests(copy, list(b.tests), tmp)
+            status = "caught" if failed else "NOT CAUGHT"
+            print(f"[{status}] {b.name}: {b.what}  ({summary})")
+            for node in failed:
+                print(f"    failed: {node}")
+            for node in errored:
+                print(f"    error (does not count as caught): {node}")
+            if not failed:
+                not_caught.append(b.name)
+    minutes = (time.monotonic() - started) / 60
+    print(f"{len(breaks) - len(not_caught)} of {len(breaks)} breaks caught ({minutes:.1f} min)"
+          + (f"; not caught or not applied: {', '.join(not_caught)}" if not_caught else ""))
+    return 1 if not_caught else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
