@@ -18,6 +18,7 @@ all pass, or a "caught" break would mean nothing (exit 2).
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import py_compile
 import re
@@ -30,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+print = functools.partial(print, flush=True)  # noqa: A001  (progress shows as it happens, also in a pipe)
 IGNORE = shutil.ignore_patterns(".git", "__pycache__", "*.egg-info", ".benchmarks", ".pytest_cache", "checkpoints")
 
 

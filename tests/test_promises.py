@@ -168,10 +168,10 @@ def test_a_failing_rank_brings_the_whole_job_down_with_its_message(tmp_path):
 @ddp
 @pytest.mark.slow
 def test_ctrl_c_under_torchrun_stops_every_rank_after_the_same_step(tmp_path):
-    """Ctrl-C reaches torchrun, which passes SIGTERM on to the ranks: they agree on a step, rank 0
+    """Ctrl-C reaches torchrun, which passes it on to the ranks: they agree on a step, rank 0
     saves it (a collective every rank must join), and --resume finishes the run."""
     out = tmp_path / "run"
-    job = torchrun(tmp_path, ROOT / "train.py", "--max-steps", "200", "--out", str(out))
+    job = torchrun(tmp_path, ROOT / "train.py", "--max-steps", "60", "--out", str(out))
     try:
         while len(metrics_steps(out)) < 3 and job.poll() is None:
             try:
@@ -184,11 +184,14 @@ def test_ctrl_c_under_torchrun_stops_every_rank_after_the_same_step(tmp_path):
     finally:
         if job.poll() is None:
             os.killpg(job.pid, signal.SIGKILL)
-    assert "Traceback" not in stderr.split("torch.distributed.elastic")[0], stderr[-3000:]
+    # torchrun itself ends with a traceback of its SignalException; no rank may print one
+    ours = [line for line in stderr.splitlines() if line.lstrip().startswith('File "')
+            and ("minigpt" in line or "train.py" in line)]
+    assert ours == [] and "stopping after this step" in stderr, stderr[-3000:]
     state = json.loads((out / "training_state.json").read_text())
-    assert 3 <= state["step"] < 200 and state["world_size"] == 2
+    assert 3 <= state["step"] < 60 and state["world_size"] == 2
     assert metrics_steps(out)[-1] == state["step"]  # the checkpoint is the last step taken
-    resumed = torchrun(tmp_path, ROOT / "train.py", "--max-steps", str(state["step"] + 2), "--out", str(out), "--resume")
+    resumed = torchrun(tmp_path, ROOT / "train.py", "--max-steps", "60", "--out", str(out), "--resume")
     _, stderr = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, stderr[-3000:]
-    assert json.loads((out / "training_state.json").read_text())["step"] == state["step"] + 2
+    assert json.loads((out / "training_state.json").read_text())["step"] == 60

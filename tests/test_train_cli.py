@@ -56,10 +56,8 @@ def without_speed(rows: list[dict]) -> list[dict]:
 @pytest.mark.slow
 def test_tiny_preset_trains_then_samples_and_exports(tmp_path):
     out = tmp_path / "tiny"
-    started = time.monotonic()
     result = run_cli("train.py", "--preset", "tiny", "--no-progress", "--out", str(out), timeout=240)
     assert result.returncode == 0, result.stderr
-    assert time.monotonic() - started < 120  # ~20 s on an idle 2-core CPU
     for line in ("parameters", "tokens per step", "steps per epoch", "device: cpu, precision fp32"):
         assert line in result.stdout
     val = [r["val_loss"] for r in metrics(out) if "val_loss" in r]
@@ -80,7 +78,8 @@ def test_tiny_preset_trains_then_samples_and_exports(tmp_path):
     ours, tokenizer = load_model(out)
     idx = torch.tensor([tokenizer.encode("Why do cats purr?")])
     with torch.no_grad():
-        assert (hf(idx).logits - ours(idx)[0]).abs().max().item() < 1e-4
+        # measured 1.7e-6 (logits up to 7.3): fp32 rounding; a wrong tensor or GELU moves them far more
+        assert (hf(idx).logits - ours(idx)[0]).abs().max().item() < 1e-5
 
 
 @pytest.mark.slow
