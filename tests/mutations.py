@@ -78,6 +78,12 @@ BREAKS = (
          "tests/test_model.py::test_sdpa_equals_reference_with_dropout_off_and_cache"),
     ),
     Break(
+        "attention_scale", "the written-out attention divides the scores by hs instead of sqrt(hs)",
+        ((r"/ math\.sqrt\((\w+)\.size\(-1\)\)", r"/ \1.size(-1)"),),
+        ("tests/test_model.py::test_logits_equal_transformers[tiny-reference]",
+         "tests/test_model.py::test_sdpa_equals_reference_with_dropout_off_and_cache"),
+    ),
+    Break(
         "sdpa_not_causal", "scaled_dot_product_attention without the causal mask",
         ((r"is_causal=[^,)]+", "is_causal=False"),),
         ("tests/test_model.py::test_logits_equal_transformers[tiny-sdpa]", "tests/test_model.py::test_loss_equals_transformers"),
@@ -108,6 +114,17 @@ BREAKS = (
          "tests/test_sampling.py::test_candidates_are_the_top_k_survivors"),
     ),
     Break(
+        "generator_ignored", "sampling draws from the global RNG instead of the generator it is given",
+        ((r"(torch\.multinomial\(.*)generator=generator\)", r"\1generator=None)"),),
+        ("tests/test_sampling.py::test_seeded_sampling_is_reproducible",
+         "tests/test_decoding_vs_hf.py::test_a_draw_with_the_same_generator_is_hfs_draw"),
+    ),
+    Break(
+        "finished_rows_not_padded", "a sample that emitted EOS keeps drawing tokens while the others go on",
+        ((r"^(\s*)new = new\.masked_fill\(finished, config\.eos_id\)", r"\1pass"),),
+        ("tests/test_decoding_vs_hf.py::test_a_finished_sample_is_padded_while_the_others_go_on",),
+    ),
+    Break(
         "penalty_sign_swapped", "the repetition penalty multiplies positive scores and divides negative ones",
         ((r"torch\.where\((\w+) < 0, \1 \* penalty, \1 / penalty\)", r"torch.where(\1 < 0, \1 / penalty, \1 * penalty)"),),
         ("tests/test_sampling.py::test_repetition_penalty_equals_hf",
@@ -125,6 +142,16 @@ BREAKS = (
         ("tests/test_optim.py::test_adamw_equals_torch_adamw", "tests/test_optim.py::test_adamw_first_step_by_hand"),
     ),
     Break(
+        "coupled_weight_decay", "L2 regularisation (decay added to the gradient) instead of AdamW's decoupled decay",
+        ((r"torch\._foreach_mul_\((\w+), 1 - lr \* wd\)", r"torch._foreach_add_(grads, \1, alpha=wd)"),),
+        ("tests/test_optim.py::test_adamw_equals_torch_adamw", "tests/test_optim.py::test_adamw_first_step_by_hand"),
+    ),
+    Break(
+        "eps_not_bias_corrected", "eps added to sqrt(v) instead of sqrt(v^) (the bias correction skips eps)",
+        ((r"torch\._foreach_add_\((\w+), eps \* c\)", r"torch._foreach_add_(\1, eps)"),),
+        ("tests/test_optim.py::test_adamw_equals_torch_adamw", "tests/test_promises.py::test_adamw_equals_torch_where_eps_matters"),
+    ),
+    Break(
         "no_clipping", "gradients are measured but never clipped",
         ((r"if max_norm > 0:", "if False:"),),
         ("tests/test_optim.py::test_clip_grad_norm_equals_torch",),
@@ -139,6 +166,11 @@ BREAKS = (
     Break(
         "no_rng_restore", "--resume does not restore the RNG state (dropout masks differ)",
         ((r"torch\.set_rng_state\(", "(lambda *state: None)("),),
+        ("tests/test_trainer.py::test_resume_continues_bitwise",),
+    ),
+    Break(
+        "data_order_not_restored", "--resume starts the data order from the epoch's beginning",
+        ((r"self\.train_batches\.load_state_dict\(", "(lambda *state: None)("),),
         ("tests/test_trainer.py::test_resume_continues_bitwise",),
     ),
     Break(
@@ -203,6 +235,17 @@ def run_tests(copy: Path, nodes: list[str], tmp: Path) -> tuple[list[str], list[
     return failed, errored, summary.strip("= ")
 
 
+def grouped(nodes: list[str]) -> dict[str, list[str]]:
+    """Node ids by test function: {"tests/x.py::test_y": ["case1", "case2"]} ([] when not parametrized)."""
+    out: dict[str, list[str]] = {}
+    for node in nodes:
+        test, _, case = node.partition("[")
+        out.setdefault(test, [])
+        if case:
+            out[test].append(case.rstrip("]"))
+    return out
+
+
 def fresh_copy(parent: Path) -> Path:
     copy = parent / "repo"
     shutil.rmtree(copy, ignore_errors=True)
@@ -256,8 +299,8 @@ def main(argv: list[str] | None = None) -> int:
             failed, errored, summary = run_tests(copy, list(b.tests), tmp)
             status = "caught" if failed else "NOT CAUGHT"
             print(f"[{status}] {b.name}: {b.what}  ({summary})")
-            for node in failed:
-                print(f"    failed: {node}")
+            for test, cases in grouped(failed).items():
+                print(f"    failed: {test}" + (f"  [{', '.join(cases)}]" if cases else ""))
             for node in errored:
                 print(f"    error (does not count as caught): {node}")
             if not failed:

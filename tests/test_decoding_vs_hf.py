@@ -22,7 +22,7 @@ from transformers.generation.logits_process import (
 )
 
 from minigpt.hf import load_model
-from minigpt.sampling import SamplingConfig, generate_ids, next_token
+from minigpt.sampling import SamplingConfig, generate, generate_ids, next_token
 
 VOCAB = 1000
 
@@ -180,3 +180,27 @@ def test_sampled_loop_equals_hf_generate_with_the_same_seed(models, gpt2_tokeniz
         got = generate_ids(ours, prompt, config, num_samples=2)
         assert got == expected
         assert got[0] != got[1]  # two real samples, not one greedy path
+
+
+def test_a_finished_sample_is_padded_while_the_others_go_on(models, gpt2_tokenizer):
+    """Two samples, one of which emits the stop token early: from then on its slot holds that token
+    (transformers pads finished rows with pad_token_id; set to the same token here), while the
+    other sample keeps drawing exactly as transformers' does."""
+    ours, hf = models
+    prompt = gpt2_tokenizer.encode("The quick brown fox jumps over the lazy dog because")
+    settings = dict(temperature=0.7, top_k=0, top_p=0.9, repetition_penalty=1.3)
+    torch.manual_seed(0)
+    free = generate_ids(ours, prompt, SamplingConfig(max_new_tokens=30, eos_id=None, **settings), num_samples=2)
+    stop = next(t for i, t in enumerate(free[0]) if i >= 2 and t not in free[0][:i] and t not in free[1])
+    torch.manual_seed(0)
+    with torch.no_grad():
+        out = hf.generate(
+            torch.tensor([prompt] * 2), attention_mask=torch.ones(2, len(prompt), dtype=torch.long),
+            max_new_tokens=30, do_sample=True, eos_token_id=stop, pad_token_id=stop, **settings,
+        )
+    expected = out[:, len(prompt):]
+    torch.manual_seed(0)
+    steps = torch.stack(list(generate(ours, prompt, SamplingConfig(max_new_tokens=30, eos_id=stop, **settings), 2)), 1)
+    assert torch.equal(steps, expected)
+    cut = free[0].index(stop)
+    assert (steps[0, cut:] == stop).all() and steps[0, :cut].tolist() == free[0][:cut] and steps[1].tolist() == free[1]
