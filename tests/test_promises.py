@@ -58,8 +58,9 @@ def make_trainer(out: Path, model: GPT, loss_fn, **cfg) -> Trainer:
         save_file(model_state_for_saving(model), str(folder / "model.safetensors"))
 
     return Trainer(
-        model, loss_fn, optimizer, lambda step: 1.0, BatchIterator(TokenBlocks(blocks, {}), 4, seed=1), None,
-        TrainConfig(log_every=1, progress=False, **cfg), out, save,
+        model=model, loss_fn=loss_fn, optimizer=optimizer, schedule=lambda step: 1.0,
+        train_batches=BatchIterator(TokenBlocks(blocks, {}), 4, seed=1), val_batches=None,
+        config=TrainConfig(log_every=1, progress=False, **cfg), out=out, save_model=save,
     )
 
 
