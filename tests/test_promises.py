@@ -104,16 +104,20 @@ def test_fp16_skipped_steps_reach_metrics(tmp_path):
     assert [(r["step"], r["skipped_steps"]) for r in rows if "loss" in r] == [(1, 0), (2, 0), (3, 1), (4, 1), (5, 1)]
 
 
-def test_adamw_equals_torch_where_eps_matters():
+@pytest.mark.parametrize("fused", [False, True], ids=["written_out", "fused"])
+def test_adamw_equals_torch_where_eps_matters(fused):
     """README: the hand-written AdamW is torch.optim.AdamW's mathematics. With gradients as small as
     eps, where the bias-corrected denominator sqrt(v^) + eps is decided by where eps goes (eps is
     added after the bias correction, in torch and transformers alike)."""
     from minigpt.optim import AdamW as Ours
 
+    if fused and not torch._C._dispatch_has_kernel_for_dispatch_key("aten::_fused_adamw_", "CPU"):
+        pytest.skip("this PyTorch build has no fused AdamW on the CPU")
+
     g = torch.Generator().manual_seed(0)
     start = torch.randn(4, 64, generator=g) * 1e-3
     ours_p, torch_p = torch.nn.Parameter(start.clone()), torch.nn.Parameter(start.clone())
-    ours = Ours([{"params": [ours_p], "weight_decay": 0.0}], lr=1e-2, betas=(0.9, 0.999), eps=1e-6)
+    ours = Ours([{"params": [ours_p], "weight_decay": 0.0}], lr=1e-2, betas=(0.9, 0.999), eps=1e-6, fused=fused)
     theirs = torch.optim.AdamW([{"params": [torch_p], "weight_decay": 0.0}], lr=1e-2, betas=(0.9, 0.999), eps=1e-6)
     for _ in range(5):
         grad = torch.randn(4, 64, generator=g) * 1e-6  # the size of eps
