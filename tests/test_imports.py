@@ -74,6 +74,17 @@ def test_the_model_imports_only_its_config():
     assert imports_of("model")[1] <= {"__future__", "math", "torch"}
 
 
+def test_the_model_is_the_plain_definition():
+    """No speed code in model.py: no autograd Functions, no device-type or compile branches."""
+    source = (PACKAGE / "model.py").read_text(encoding="utf-8")
+    assert len(source.splitlines()) <= 330
+    tree = ast.parse(source)
+    bases = {ast.unparse(base) for node in ast.walk(tree) if isinstance(node, ast.ClassDef) for base in node.bases}
+    assert bases <= {"nn.Module"}, bases
+    attributes = {node.attr for node in ast.walk(tree) if isinstance(node, ast.Attribute)}
+    assert not attributes & {"type", "is_compiling", "is_autocast_enabled", "Function"}
+
+
 def test_data_modules_know_the_tokenizer_and_files_never_the_model():
     for module in ("data", "sources"):
         deps = reachable(module)
