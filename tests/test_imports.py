@@ -85,6 +85,11 @@ def test_the_model_is_the_plain_definition():
     assert not attributes & {"type", "is_compiling", "is_autocast_enabled", "Function"}
 
 
+def test_no_module_is_over_450_lines():
+    for module in MODULES:
+        assert len((PACKAGE / f"{module}.py").read_text(encoding="utf-8").splitlines()) <= 450, module
+
+
 def test_data_modules_know_the_tokenizer_and_files_never_the_model():
     for module in ("data", "sources"):
         deps = reachable(module)
