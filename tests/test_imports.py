@@ -10,8 +10,13 @@ from pathlib import Path
 import minigpt
 
 PACKAGE = Path(minigpt.__file__).resolve().parent
-MODULES = sorted(p.stem for p in PACKAGE.glob("*.py") if p.stem != "__init__")
+MODULES = sorted(p.stem for p in PACKAGE.glob("*.py"))  # "__init__" is the package itself
 IO_LIBRARIES = ("safetensors", "huggingface_hub", "datasets", "tokenizers", "transformers")
+
+
+def _module_or_package(name: str) -> str:
+    """`from . import name`: a module of the package, or else a name defined in its __init__."""
+    return name if (PACKAGE / f"{name}.py").is_file() else "__init__"
 
 
 def imports_of(module: str) -> tuple[set[str], set[str]]:
@@ -24,7 +29,7 @@ def imports_of(module: str) -> tuple[set[str], set[str]]:
             if node.module:
                 ours.add(node.module.split(".")[0])
             else:
-                ours.update(alias.name for alias in node.names)
+                ours.update(_module_or_package(alias.name) for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
             parts = node.module.split(".")
             if parts[0] != "minigpt":
@@ -32,7 +37,7 @@ def imports_of(module: str) -> tuple[set[str], set[str]]:
             elif len(parts) > 1:  # from minigpt.x import y
                 ours.add(parts[1])
             else:  # from minigpt import x
-                ours.update(alias.name for alias in node.names)
+                ours.update(_module_or_package(alias.name) for alias in node.names)
         elif isinstance(node, ast.Import):
             for alias in node.names:
                 parts = alias.name.split(".")
