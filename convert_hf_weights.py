@@ -42,7 +42,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.force:
         raise MinigptError(f"{out}: already exists and is not empty (pass --force to replace it)")
 
-    from minigpt.hf import convert_to_minigpt, export_hf, load_model  # heavy imports after parsing
+    from minigpt.hf import export_hf  # heavy imports after parsing
+    from minigpt.loading import convert_to_minigpt, load_model
 
     if args.to_hf:
         from minigpt.card import export_card

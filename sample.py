@@ -122,7 +122,7 @@ def read_text(path: str, what: str = "prompt file") -> str:
 
 def load(args: argparse.Namespace):
     """The model (in its inference layout) and tokenizer that --model/--device/--dtype/--quantize ask for."""
-    from minigpt.hf import load_model
+    from minigpt.loading import load_model
     from minigpt.inference import prepare_for_inference
     from minigpt.runtime import setup_device
 

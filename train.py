@@ -37,14 +37,13 @@ def build_model(args: TrainFlags, resume_from: Path | None):
     """(model on the CPU in fp32, tokenizer): from the checkpoint to resume, `--init`, or new."""
     from minigpt.checkpoint import model_from_state, model_state_for_saving
     from minigpt.config import GPTConfig
-    from minigpt.hf import load_model
+    from minigpt.loading import load_model, load_tokenizer
     from minigpt.model import GPT
-    from minigpt.tokenizer import Tokenizer
 
     if resume_from is not None:
         return load_model(resume_from)
     if args.init == "scratch":
-        tokenizer = args.preset_tokenizer() if args.preset == "tiny" else Tokenizer.from_source(args.tokenizer)
+        tokenizer = args.preset_tokenizer() if args.preset == "tiny" else load_tokenizer(args.tokenizer)
         config = GPTConfig(
             vocab_size=tokenizer.vocab_size, block_size=args.block_size, n_layer=args.n_layer or 6,
             n_head=args.n_head or 12, n_embd=args.n_embd or 768,
@@ -69,7 +68,7 @@ def eval_only(args: TrainFlags) -> int:
 
     from minigpt.data import BatchIterator, TokenBlocks, load_blocks
     from minigpt.ddp import torchrun_process_group
-    from minigpt.hf import load_model
+    from minigpt.loading import load_model
     from minigpt.metrics import evaluate, perplexity
     from minigpt.runtime import setup_device
     from minigpt.trainer import seed_everything
@@ -125,14 +124,15 @@ def train(args, device, dtype, dtype_name: str, ranks, resume_from: Path | None)
     import torch
 
     from minigpt.card import render_card
-    from minigpt.checkpoint import write_checkpoint
+    from minigpt.checkpoint import write_checkpoint_files
     from minigpt.data import BatchIterator, load_blocks
     from minigpt.optim import AdamW, linear_schedule, param_groups
     from minigpt.trainer import Trainer
+    from minigpt.training_speed import prepare_for_training
 
     say = print if ranks.is_main else (lambda *a, **k: None)
     model, tokenizer = build_model(args, resume_from)
-    model = model.to(device).train()
+    model = prepare_for_training(model.to(device).train())
     if ranks.world_size > 1:  # each rank draws its own dropout masks (one seed would repeat rank 0's)
         torch.manual_seed(args.seed + ranks.rank)
 
@@ -154,7 +154,7 @@ def train(args, device, dtype, dtype_name: str, ranks, resume_from: Path | None)
         model=model, loss_fn=lm_loss, optimizer=optimizer,
         schedule=lambda step: linear_schedule(step, max_steps, args.warmup_steps),
         train_batches=train_batches, val_batches=val_batches, config=args.train_config(max_steps, dtype), out=args.out,
-        save_model=lambda folder: write_checkpoint(folder, model, tokenizer),
+        save_model=lambda folder: write_checkpoint_files(folder, model, tokenizer),
         device=device, ranks=ranks, run_config=args.run_config(ranks.world_size, dtype_name, max_steps),
         card=lambda rows, step: render_card(facts, rows, step),
     )

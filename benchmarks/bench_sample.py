@@ -79,7 +79,8 @@ print(out[0]["generated_text"])
 def prepare_weights(model: str | None, work: Path) -> tuple[Path, Path]:
     """(HF folder, minigpt folder) holding the same weights: `model` if given, else a random-init
     transformers GPT2LMHeadModel of distilgpt2's shape."""
-    from minigpt.hf import convert_to_minigpt, export_hf, load_model
+    from minigpt.hf import export_hf
+    from minigpt.loading import convert_to_minigpt, load_model
 
     hf_dir = work / "hf"
     if model is None:
@@ -117,7 +118,7 @@ def load_variant(name: str, hf_dir: Path, mg_dir: Path, batch: int = 1):
         model.generation_config.eos_token_id = None  # decode exactly --tokens tokens
         model.generation_config.pad_token_id = 50256
         return model
-    from minigpt.hf import load_model
+    from minigpt.loading import load_model
     from minigpt.inference import prepare_for_inference
     from minigpt.runtime import setup_device
 
@@ -254,7 +255,7 @@ def eval_losses(checkpoint: str, data: str) -> dict:
     import torch
 
     from minigpt.data import DataConfig, load_blocks
-    from minigpt.hf import load_model
+    from minigpt.loading import load_model
     from minigpt.inference import prepare_for_inference
 
     losses = {}

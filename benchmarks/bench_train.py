@@ -91,7 +91,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def model_folder(args: argparse.Namespace, tmp: Path) -> Path:
     """An HF GPT-2 folder both sides load: --model, or a random-init distilgpt2 shape (seed 0)."""
     if args.model:
-        from minigpt.hf import resolve_model
+        from minigpt.loading import resolve_model
 
         return resolve_model(args.model)[0]
     import torch
@@ -119,14 +119,15 @@ class Ours:
     name = "ours"
 
     def __init__(self, folder: Path, device, dtype, compile: bool = False) -> None:
-        from minigpt.hf import load_model
+        from minigpt.loading import load_model
         from minigpt.optim import AdamW, linear_schedule, param_groups
         from minigpt.trainer import Trainer, TrainConfig
+        from minigpt.training_speed import prepare_for_training
 
         self.name = "ours, compiled" if compile else "ours"
 
         self.model, self.tokenizer = load_model(folder, device)
-        self.model.train()
+        prepare_for_training(self.model.train())  # as train.py does
         optimizer = AdamW(param_groups(self.model, 0.01), lr=2e-5)
         self.trainer = Trainer(
             model=self.model, loss_fn=lambda m, b: m(b, targets=b)[1], optimizer=optimizer,

@@ -151,7 +151,7 @@ def main(argv=None) -> int:
                                  f"{b * t / seconds:,.0f}", f"{base / seconds:.2f}x" if base else "",
                                  f"{flops / seconds / info['bf16']:.1%}"))
                     print(" | ".join(rows[-1]), flush=True)
-        from minigpt.hf import convert_to_minigpt, load_model
+        from minigpt.loading import convert_to_minigpt, load_model
 
         mg_dir = convert_to_minigpt(folder, Path(tmp) / "minigpt")
         for dtype_name in ("fp32", "bf16"):

@@ -9,16 +9,12 @@ Training runs add their own files beside these (see `minigpt/trainer.py`).
 
 from __future__ import annotations
 
-import contextlib
-import glob
 import json
 import os
-import shutil
 import struct
-import tempfile
 import warnings
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -26,28 +22,14 @@ from safetensors.torch import save_file
 
 from .config import GPTConfig
 from .errors import MinigptError, reason
+from .files import atomic_folder, read_json
 from .model import GPT
-from .tokenizer import Tokenizer
+from .tokenizer import TOKENIZER_FILE, Tokenizer
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 # The LM head shares wte's tensor; safetensors stores one copy and loading re-ties them.
 TIED_KEYS = ("lm_head.weight",)
-
-
-def read_json(path: Path) -> dict:
-    """Parse a JSON object from `path`, or raise a MinigptError naming the file."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise MinigptError(f"{path}: file not found") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise MinigptError(f"{path}: not valid JSON ({e})") from None
-    except RecursionError:  # `[[[[...` nested deeper than the parser's stack
-        raise MinigptError(f"{path}: not valid JSON (nested too deeply)") from None
-    if not isinstance(data, dict):
-        raise MinigptError(f"{path}: expected a JSON object")
-    return data
 
 
 def is_minigpt_checkpoint(folder: Path) -> bool:
@@ -221,67 +203,27 @@ def model_state_for_saving(model: GPT) -> dict[str, torch.Tensor]:
     }
 
 
-def write_checkpoint(folder: Path, model: GPT, tokenizer: Tokenizer) -> None:
-    """Write config.json, model.safetensors and tokenizer.json into an existing `folder`."""
+def save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict | None = None) -> None:
+    """Write a .safetensors file; a failed write (a full disk) is an OSError, as for any other file."""
+    try:
+        save_file(tensors, str(path), metadata=metadata)
+    except SafetensorError as e:
+        raise OSError(reason(e)) from None
+
+
+def write_checkpoint_files(folder: Path, model: GPT, tokenizer: Tokenizer) -> None:
+    """Write config.json, model.safetensors and tokenizer.json into `folder`, which must exist.
+
+    Not atomic by itself: `save_checkpoint_folder` (or a training run's own checkpointing) calls it
+    on a temporary folder that becomes the checkpoint once complete.
+    """
     (folder / CONFIG_FILE).write_text(json.dumps(model.config.to_dict(), indent=2) + "\n")
-    save_file(model_state_for_saving(model), str(folder / WEIGHTS_FILE))
-    tokenizer.save(folder / "tokenizer.json")
+    save_tensors(model_state_for_saving(model), folder / WEIGHTS_FILE)
+    tokenizer.save(folder / TOKENIZER_FILE)
 
 
-def clear_interrupted_saves(out: Path) -> None:
-    """Tidy up after a save of `out` that was killed midway (SIGKILL, power loss).
-
-    A kill while writing leaves a `.NAME.tmp-*` folder: deleted. A kill between the two renames in
-    `atomic_folder` leaves the previous `out` only as `.NAME.old-*/NAME`: moved back first.
-    """
-    for stale in sorted(out.parent.glob(f".{glob.escape(out.name)}.old-*")):
-        if not out.exists() and (stale / out.name).is_dir():
-            os.replace(stale / out.name, out)
-        shutil.rmtree(stale, ignore_errors=True)
-    for stale in out.parent.glob(f".{glob.escape(out.name)}.tmp-*"):
-        shutil.rmtree(stale, ignore_errors=True)
-
-
-@contextlib.contextmanager
-def atomic_folder(out: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary folder beside `out`; when the block succeeds it becomes `out`.
-
-    If the block raises, the temporary folder is deleted and `out` is untouched. An existing `out`
-    is replaced only after the new folder is complete: it is moved aside, the new one renamed in,
-    and the old one deleted, so at every moment one complete folder exists under a known name
-    (after a kill between the two renames, the next save moves it back: `clear_interrupted_saves`).
-    A write that fails (a full disk, a read-only folder) becomes a one-line MinigptError that says
-    whether the previous `out` survived.
-    """
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise MinigptError(f"{out}: exists and is not a folder")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        clear_interrupted_saves(out)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    except OSError as e:
-        raise MinigptError(f"{out}: cannot create a folder here ({e.strerror or e})") from None
-    try:
-        yield tmp
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, old / out.name)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except (OSError, SafetensorError) as e:  # safetensors reports a failed write as its own error
-        shutil.rmtree(tmp, ignore_errors=True)
-        kept = "the previous version is untouched" if out.is_dir() else "nothing was written"
-        raise MinigptError(f"{out}: saving failed ({reason(e)}); {kept}") from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def save_checkpoint(out: str | os.PathLike, model: GPT, tokenizer: Tokenizer) -> Path:
-    """Write a complete minigpt checkpoint folder at `out`, atomically."""
+def save_checkpoint_folder(out: str | os.PathLike, model: GPT, tokenizer: Tokenizer) -> Path:
+    """Create (or replace) the whole checkpoint folder `out`, atomically (see `files.atomic_folder`)."""
     with atomic_folder(out) as tmp:
-        write_checkpoint(tmp, model, tokenizer)
+        write_checkpoint_files(tmp, model, tokenizer)
     return Path(out)

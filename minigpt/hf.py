@@ -1,12 +1,11 @@
-"""Hugging Face interoperability: the Hub, HF's GPT-2 checkpoint layout, and conversion both ways.
+"""Hugging Face's GPT-2 checkpoint layout, and conversion both ways.
 
-This is the only module that knows HF's tensor names and layout. An HF GPT-2 checkpoint differs from
-a minigpt one in three ways:
+This is the only module that knows HF's file and tensor names and layout (fetching from the Hub is
+`minigpt/loading.py`'s job). An HF GPT-2 checkpoint differs from a minigpt one in three ways:
   1. keys may or may not carry the `transformer.` prefix (the original gpt2 upload has none);
   2. attention layers may hold non-parameter mask buffers (`h.N.attn.bias`, `h.N.attn.masked_bias`);
   3. c_attn, c_proj and c_fc are `Conv1D` modules that store weights as (in, out), the transpose of
      `nn.Linear`'s (out, in).
-`resolve_model` is the single answer to "where does this model come from" for every CLI.
 """
 
 from __future__ import annotations
@@ -19,27 +18,23 @@ import warnings
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from .checkpoint import (
     CONFIG_FILE,
     WEIGHTS_FILE,
-    atomic_folder,
     check_complete,
     check_tensors,
     check_vocabulary,
     expected_shapes,
-    is_minigpt_checkpoint,
-    load_checkpoint,
     load_safetensors,
     match_names,
     model_from_state,
     model_state_for_saving,
-    read_json,
-    save_checkpoint,
+    save_tensors,
 )
 from .config import GPTConfig
 from .errors import MinigptError, reason
+from .files import atomic_folder, read_json
 from .model import GPT
 from .tokenizer import Tokenizer
 
@@ -47,11 +42,10 @@ from .tokenizer import Tokenizer
 CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 # Causal-mask buffers older transformers saved inside each attention layer; not weights.
 MASK_BUFFER = re.compile(r"^(transformer\.)?h\.\d+\.attn\.(bias|masked_bias)$")
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
-HUB_FILES = {
-    "model": ["config.json", "model.safetensors", "model.safetensors.index.json", "model-*.safetensors"],
-    "tokenizer": ["tokenizer.json", "vocab.json", "merges.txt"],
-}
+# The files of an HF model folder, as glob patterns (what a Hub download fetches).
+MODEL_FILES = ["config.json", "model.safetensors", "model.safetensors.index.json", "model-*.safetensors"]
+LEGACY_WEIGHTS_FILE = "pytorch_model.bin"
+TOKENIZER_FILES = ["tokenizer.json", "vocab.json", "merges.txt"]
 
 
 def hf_to_minigpt_name(name: str) -> str | None:
@@ -81,7 +75,7 @@ def _hf_expected(config: GPTConfig) -> dict[str, tuple[int, ...]]:
     }
 
 
-def _hf_weight_files(folder: Path) -> list[Path]:
+def hf_weight_files(folder: Path) -> list[Path]:
     """The safetensors file(s) of an HF folder: one file, or shards listed in an index."""
     single = folder / WEIGHTS_FILE
     if single.is_file():
@@ -136,13 +130,13 @@ def load_hf_checkpoint(
     except (MinigptError, TypeError) as e:
         raise MinigptError(f"{config_path}: {e}") from None
     expected = _hf_expected(config)
-    files = _hf_weight_files(folder)
+    files = hf_weight_files(folder)
     state: dict[str, torch.Tensor] = {}
     if files:
         for path in files:
             state.update(load_safetensors(path, expected, hf_to_minigpt_name))
-    elif (folder / "pytorch_model.bin").is_file():
-        files = [folder / "pytorch_model.bin"]
+    elif (folder / LEGACY_WEIGHTS_FILE).is_file():
+        files = [folder / LEGACY_WEIGHTS_FILE]
         state = _load_legacy_bin(files[0], expected)
     else:
         raise MinigptError(f"{folder}: no model.safetensors (or pytorch_model.bin) in this folder")
@@ -166,68 +160,8 @@ def export_hf(model: GPT, tokenizer: Tokenizer, out: str | os.PathLike, card: st
     with atomic_folder(out) as tmp:
         hf_config = model.config.to_hf(eos_token_id=tokenizer.eos_id)
         (tmp / CONFIG_FILE).write_text(json.dumps(hf_config, indent=2) + "\n")
-        save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        save_tensors(state, tmp / WEIGHTS_FILE, metadata={"format": "pt"})
         tokenizer.to_hf_files(tmp)
         if card is not None:
             (tmp / "README.md").write_text(card, encoding="utf-8")
     return Path(out)
-
-
-# --- where a model comes from ---------------------------------------------------------------
-
-
-def download_from_hub(repo_id: str, kind: str = "model") -> Path:
-    """Fetch a Hub repo's model or tokenizer files into the huggingface_hub cache; return the folder."""
-    from huggingface_hub import snapshot_download
-
-    patterns = HUB_FILES["tokenizer"] + (HUB_FILES["model"] if kind == "model" else [])
-    try:
-        folder = Path(snapshot_download(repo_id, allow_patterns=patterns))
-        if kind == "model" and not _hf_weight_files(folder):  # an old repo with only a .bin
-            folder = Path(snapshot_download(repo_id, allow_patterns=patterns + ["pytorch_model.bin"]))
-    except Exception as e:  # offline, unknown repo, gated repo, ...
-        raise MinigptError(
-            f"{repo_id}: no such local folder, and the Hugging Face Hub could not provide it "
-            f"({reason(e)}). Pass a local checkpoint folder instead."
-        ) from None
-    return folder
-
-
-def resolve_model(source: str | os.PathLike) -> tuple[Path, str]:
-    """Find where `source` lives: returns (folder, "minigpt" | "hf").
-
-    `source` may be a minigpt checkpoint folder, an HF GPT-2 folder (e.g. from `save_pretrained`) or
-    a Hub id such as `distilbert/distilgpt2`, downloaded once into the huggingface_hub cache.
-    """
-    text = str(source).strip()
-    if not text:
-        raise MinigptError("model: empty model path")
-    path = Path(text).expanduser()
-    if path.exists() or not HUB_ID.match(text) or text.startswith((".", "/", "~")):
-        if not path.exists():
-            raise MinigptError(f"{path}: no such file or folder")
-        if not path.is_dir():
-            raise MinigptError(f"{path}: not a checkpoint folder (expected a folder with config.json)")
-        if not (path / CONFIG_FILE).is_file():
-            raise MinigptError(f"{path}: not a checkpoint (no config.json in this folder)")
-    else:
-        path = download_from_hub(text)
-    return path, ("minigpt" if is_minigpt_checkpoint(path) else "hf")
-
-
-def load_model(
-    source: str | os.PathLike,
-    device: torch.device | str = "cpu",
-    dtype: torch.dtype = torch.float32,
-) -> tuple[GPT, Tokenizer]:
-    """Load a model and its tokenizer from any source `resolve_model` accepts (eval mode)."""
-    folder, kind = resolve_model(source)
-    if kind == "minigpt":
-        return load_checkpoint(folder, device, dtype)
-    return load_hf_checkpoint(folder, device, dtype)
-
-
-def convert_to_minigpt(source: str | os.PathLike, out: str | os.PathLike) -> Path:
-    """Write any model source as a minigpt checkpoint folder at `out` (atomically)."""
-    model, tokenizer = load_model(source)
-    return save_checkpoint(out, model, tokenizer)

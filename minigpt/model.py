@@ -11,7 +11,9 @@ embedding:
 
 Module names mirror the Hugging Face checkpoint keys (`transformer.wte`, `transformer.h.0.attn.c_attn`,
 `mlp.c_fc`, ...), so converting weights is a key-for-key copy; only HF's Conv1D layers store their
-weight transposed (see `minigpt/hf.py`). This file knows nothing about files, training or sampling.
+weight transposed (see `minigpt/hf.py`). This file knows nothing about files, training or sampling,
+and uses stock PyTorch ops only: the CPU speed-ups for training are swapped in from beside it by
+`minigpt/training_speed.py`, the decoding layouts by `minigpt/inference.py`.
 """
 
 from __future__ import annotations
@@ -61,36 +63,6 @@ class KVCache:
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
 
-class Dropout(nn.Module):
-    """Zero each entry with probability p and scale the rest by 1 / (1 - p) (identity in eval mode).
-
-    The same as nn.Dropout, with a cheaper random mask on the CPU. torch draws one random number per
-    entry there (bernoulli_, ~9 ns an entry on one core: ~0.2 s of a distilgpt2 training step); 16
-    random bits an entry are plenty, so here one 64-bit draw masks 4 entries: an entry is dropped when
-    its 16 bits, read as a number in [0, 2^16), fall below p * 2^16. p is thereby rounded to a multiple
-    of 2^-16 (0.1 -> 0.1000061) and the kept entries are scaled by the rounded keep probability, so the
-    output's expectation is still exactly the input. On GPUs and under torch.compile, whose kernels
-    draw masks fast, this is F.dropout.
-    """
-
-    def __init__(self, p: float) -> None:
-        super().__init__()
-        self.p = p
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.p == 0.0:
-            return x
-        if x.device.type != "cpu" or torch.compiler.is_compiling():
-            return F.dropout(x, self.p, training=True)
-        dropped = min(round(self.p * 2**16), 2**16 - 1)  # of the 2^16 values 16 random bits can take
-        bits = torch.randint(-(2**63), 2**63 - 1, ((x.numel() + 3) // 4,), dtype=torch.int64)
-        keep = bits.view(torch.int16)[: x.numel()].view(x.shape) >= dropped - 2**15  # (int16 is signed)
-        return x.mul(keep).mul_(2**16 / (2**16 - dropped))
-
-    def extra_repr(self) -> str:
-        return f"p={self.p}"
-
-
 def causal_mask(t_new: int, t_past: int, device: torch.device) -> torch.Tensor:
     """(t_new, t_past + t_new) boolean mask: new token i may attend to every position <= t_past + i."""
     return torch.ones(t_new, t_past + t_new, dtype=torch.bool, device=device).tril(diagonal=t_past)
@@ -107,8 +79,8 @@ class CausalSelfAttention(nn.Module):
         # One matmul produces queries, keys and values for all heads at once.
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd)
-        self.attn_dropout = Dropout(config.dropout)  # on the attention probabilities
-        self.resid_dropout = Dropout(config.dropout)
+        self.attn_dropout = nn.Dropout(config.dropout)  # on the attention probabilities
+        self.resid_dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
         B, T, C = x.shape
@@ -122,22 +94,23 @@ class CausalSelfAttention(nn.Module):
             t_past = kv_cache.length
             k, v = kv_cache.update(self.layer_idx, k, v)  # (B, nh, t_past + T, hs)
 
-        dropout_p = self.attn_dropout.p if self.training else 0.0
-        # On the CPU no fused kernel supports dropout: SDPA would fall back to the reference math
-        # itself, with torch's slower dropout mask.
-        if self.attn_impl == "sdpa" and not (dropout_p > 0 and x.device.type == "cpu"):
-            if t_past == 0:  # a whole sequence: the fused kernels' built-in causal mask applies
-                y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=T > 1)
-            else:  # new tokens after cached ones: each sees all the past and its own prefix
-                mask = None if T == 1 else causal_mask(T, t_past, x.device)
-                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
-        else:
-            y = self._reference_attention(q, k, v, t_past)  # (B, nh, T, hs)
-
+        y = self.attend(q, k, v, t_past)  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble the heads side by side
         return self.resid_dropout(self.c_proj(y))
 
-    def _reference_attention(
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, t_past: int) -> torch.Tensor:
+        """Each new query's weighted mix of the values it may see, by `config.attn_impl`."""
+        if self.attn_impl == "reference":
+            return self.reference_attention(q, k, v, t_past)
+        T = q.size(2)
+        dropout_p = self.attn_dropout.p if self.training else 0.0
+        if t_past == 0:  # a whole sequence: the fused kernels' built-in causal mask applies
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=T > 1)
+        # new tokens after cached ones: each sees all the past and its own prefix
+        mask = None if T == 1 else causal_mask(T, t_past, q.device)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+
+    def reference_attention(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, t_past: int
     ) -> torch.Tensor:
         """softmax(Q K^T / sqrt(hs) + causal mask) V, written out: the definition SDPA must equal."""
@@ -160,52 +133,11 @@ class MLP(nn.Module):
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd)
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
-        self.dropout = Dropout(config.dropout)
+        self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.gelu(self.c_fc(x), approximate="tanh")
         return self.dropout(self.c_proj(x))
-
-
-class LMHead(nn.Linear):
-    """The read-out to vocabulary logits: x @ weight.T with no bias (the weight is wte's, tied).
-
-    An nn.Linear, except for where it writes its output on the CPU: rows padded to a multiple of 16
-    entries (64 bytes). With GPT-2's odd vocabulary of 50,257 an unpadded (B, T, 50257) output starts
-    most rows off a 64-byte boundary, and the CPU's matmul writes such rows ~30% slower (measured on 2
-    cores for 8 x 128 tokens: 0.84 s unpadded, 0.60 s padded; the head is the model's largest
-    matmul). The logits returned are a view that leaves the padding out, so they are not contiguous.
-    """
-
-    def __init__(self, n_embd: int, vocab_size: int) -> None:
-        super().__init__(n_embd, vocab_size, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type != "cpu" or torch.is_autocast_enabled("cpu") or torch.compiler.is_compiling():
-            return super().forward(x)
-        return _PaddedRowsMatmul.apply(x, self.weight)
-
-
-class _PaddedRowsMatmul(torch.autograd.Function):
-    """x @ weight.T into an output whose rows are padded to 16 entries (see `LMHead`)."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(x, weight)
-        x2 = x.reshape(-1, x.size(-1))  # (N, C)
-        n_out = weight.size(0)
-        padded = x2.new_empty(x2.size(0), (n_out + 15) // 16 * 16)  # (N, n_out rounded up)
-        out = padded[:, :n_out]
-        torch.mm(x2, weight.t(), out=out)
-        return out.view(*x.shape[:-1], n_out)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        x, weight = ctx.saved_tensors
-        grad2 = grad.reshape(-1, grad.size(-1))  # (N, n_out)
-        grad_x = (grad2 @ weight).view(x.shape) if ctx.needs_input_grad[0] else None
-        grad_w = grad2.t() @ x.reshape(-1, x.size(-1)) if ctx.needs_input_grad[1] else None
-        return grad_x, grad_w
 
 
 class Block(nn.Module):
@@ -234,12 +166,16 @@ class GPT(nn.Module):
             dict(
                 wte=nn.Embedding(config.vocab_size, config.n_embd),  # token embeddings
                 wpe=nn.Embedding(config.block_size, config.n_embd),  # learned position embeddings
-                drop=Dropout(config.dropout),
+                drop=nn.Dropout(config.dropout),
                 h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
                 ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps),
             )
         )
-        self.lm_head = LMHead(config.n_embd, config.vocab_size)
+        # The read-out to vocabulary logits, x @ wte.T: its weight is wte's (tied, see below).
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        # A module rather than a call to F.cross_entropy, so that it can be swapped for a leaner
+        # one that computes the same numbers (minigpt/training_speed.py). -100 marks ignored targets.
+        self.cross_entropy = nn.CrossEntropyLoss(ignore_index=-100)
         self.tie_weights()
         self.apply(self._init_weights)
 
@@ -284,7 +220,7 @@ class GPT(nn.Module):
 
         targets: labels aligned with `idx` (usually `idx` itself); the model shifts them so position
             t is scored on predicting token t + 1, and -100 marks positions to ignore. The loss is
-            the mean cross-entropy over the scored positions (see `next_token_loss`).
+            the mean cross-entropy over the scored positions.
         kv_cache: keys/values of earlier positions; `idx` then continues after them.
         last_only: compute the LM head for the last position only (decoding needs nothing else, and
             the head is the single largest matmul).
@@ -311,49 +247,4 @@ class GPT(nn.Module):
         # Position t is scored on token t + 1; the last position has nothing to predict. Shifting
         # the targets (not the logits) avoids copying the (B, T - 1, vocab) slice of the logits.
         shifted = F.pad(targets[:, 1:], (0, 1), value=-100)
-        return logits, next_token_loss(logits.view(B * T, -1), shifted.reshape(-1))
-
-
-class _CrossEntropy(torch.autograd.Function):
-    """Mean cross-entropy of (N, vocab) logits against (N,) targets, -100 ignored.
-
-    The same numbers as F.cross_entropy, in less memory and time: for 8 x 128 tokens over GPT-2's
-    vocabulary every (N, vocab) tensor is 206 MB. Both keep log_softmax(logits) for the backward
-    pass, but F.cross_entropy's backward then allocates two more such tensors (a zero-filled one
-    for the picked entries, and the gradient). Here the backward computes the gradient,
-
-        d loss / d logits = (softmax(logits) - onehot(target)) / n_scored,
-
-    in place in the saved log-probabilities, which nothing else holds.
-    """
-
-    @staticmethod
-    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        # fp32 even under autocast, as F.cross_entropy does: a softmax over 50k entries needs it
-        if logits.is_contiguous():
-            logprobs = torch.log_softmax(logits, dim=-1, dtype=torch.float32)  # (N, vocab)
-        else:  # padded rows (see LMHead): log_softmax would first copy them whole; 32 rows at a
-            # time, each copy is small enough to stay in cache
-            logprobs = torch.empty(logits.shape, dtype=torch.float32, device=logits.device)
-            for rows, out in zip(logits.split(32), logprobs.split(32)):
-                torch.log_softmax(rows, dim=-1, dtype=torch.float32, out=out)
-        scored = targets != -100
-        safe = targets.masked_fill(~scored, 0)  # any valid index; those rows are zeroed
-        picked = logprobs.gather(1, safe[:, None]).squeeze(1).masked_fill_(~scored, 0.0)
-        n = scored.sum()
-        ctx.save_for_backward(logprobs, safe, scored, n)
-        ctx.logits_dtype = logits.dtype
-        return -picked.sum() / n
-
-    @staticmethod
-    def backward(ctx, grad_loss: torch.Tensor) -> tuple[torch.Tensor, None]:
-        logprobs, safe, scored, n = ctx.saved_tensors
-        grad = logprobs.exp_()  # softmax, in place
-        grad.scatter_add_(1, safe[:, None], -torch.ones_like(grad[:, :1]))  # - onehot(target)
-        grad.mul_((scored * (grad_loss / n))[:, None])  # mean over scored rows; ignored rows -> 0
-        return grad.to(ctx.logits_dtype), None
-
-
-def next_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """F.cross_entropy(logits, targets, ignore_index=-100), in less memory (see `_CrossEntropy`)."""
-    return _CrossEntropy.apply(logits, targets)
+        return logits, self.cross_entropy(logits.view(B * T, -1), shifted.reshape(-1))

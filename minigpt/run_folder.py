@@ -1,6 +1,6 @@
 """A training run's output folder: what may be written into it, its checkpoints, and its lock.
 
-The output folder (`out/`) is itself a checkpoint that `minigpt.hf.load_model` reads, with the run's
+The output folder (`out/`) is itself a checkpoint that `minigpt.loading.load_model` reads, with the run's
 records beside it:
 
     out/.ckpt/step-000000120-x1y2/   one complete checkpoint: the model's files, the model card
@@ -33,7 +33,7 @@ from typing import Any, Callable
 import torch
 from safetensors.torch import load_file, save_file
 
-from .checkpoint import read_json
+from .files import fsync, fsync_tree, read_json
 from .errors import MinigptError
 
 CKPT_DIR = ".ckpt"
@@ -95,15 +95,6 @@ def _belongs_to_run(entry: Path) -> bool:
     return entry.is_symlink() and os.readlink(entry) == f"{CKPT_DIR}/{CURRENT}/{entry.name}"
 
 
-def _fsync(path: Path) -> None:
-    """Flush a file's (or a folder's entries') bytes to the disk, so a checkpoint survives power loss."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_run_checkpoint(out: Path, step: int, write_files: Callable[[Path], None]) -> Path:
     """Write a checkpoint folder with `write_files(folder)`, then make it current in one rename.
 
@@ -116,9 +107,7 @@ def write_run_checkpoint(out: Path, step: int, write_files: Callable[[Path], Non
     try:
         folder.chmod(0o755)
         write_files(folder)
-        for f in folder.iterdir():
-            _fsync(f)
-        _fsync(folder)
+        fsync_tree(folder)  # the files on disk before the checkpoint is made current
         for f in folder.iterdir():  # out/<file> -> .ckpt/current/<file>, made once per file name
             link = out / f.name
             if not link.is_symlink():
@@ -126,7 +115,7 @@ def write_run_checkpoint(out: Path, step: int, write_files: Callable[[Path], Non
         tmp_link = ckpt_dir / f".{CURRENT}-{uuid.uuid4().hex}"
         os.symlink(folder.name, tmp_link)
         os.replace(tmp_link, ckpt_dir / CURRENT)  # the one atomic step: the new checkpoint is in force
-        _fsync(ckpt_dir)
+        fsync(ckpt_dir)
     except BaseException:
         shutil.rmtree(folder, ignore_errors=True)
         raise

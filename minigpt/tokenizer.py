@@ -23,7 +23,8 @@ TOKENIZER_FILE = "tokenizer.json"
 
 
 class Tokenizer:
-    """Text <-> GPT-2 token ids. Build it with one of the `from_*` constructors."""
+    """Text <-> GPT-2 token ids. Build it with one of the `from_*` constructors (or, from a file, a
+    folder or a Hub id, with `minigpt.loading.load_tokenizer`)."""
 
     def __init__(self, backend: HFTokenizer, source: str | os.PathLike = "tokenizer") -> None:
         """`source` names where `backend` came from, for error messages."""
@@ -72,21 +73,6 @@ class Tokenizer:
         if (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
             return cls.from_vocab_merges(folder / "vocab.json", folder / "merges.txt")
         raise MinigptError(f"{folder}: no tokenizer.json (or vocab.json + merges.txt)")
-
-    @classmethod
-    def from_hub(cls, repo_id: str) -> "Tokenizer":
-        """Download a model's tokenizer files from the Hugging Face Hub (cached by huggingface_hub)."""
-        from .hf import download_from_hub
-
-        return cls.from_dir(download_from_hub(repo_id, kind="tokenizer"))
-
-    @classmethod
-    def from_source(cls, source: str | os.PathLike) -> "Tokenizer":
-        """A `tokenizer.json` file, a folder holding tokenizer files, or a Hub id."""
-        path = Path(source).expanduser()
-        if path.is_file():
-            return cls.from_file(path)
-        return cls.from_dir(path) if path.is_dir() else cls.from_hub(str(source))
 
     @classmethod
     def train_bpe(cls, texts: list[str], vocab_size: int) -> "Tokenizer":

@@ -19,7 +19,7 @@ step's gradient is that of the mean loss over all its examples, however they are
 micro-batches and ranks; a short last batch of an epoch counts each example once, as in one batch.
 
 The output folder is described in `minigpt/run_folder.py`: a checkpoint (with the run's model card
-and training state) that `minigpt.hf.load_model` reads, metrics.jsonl and loss.png beside it. A
+and training state) that `minigpt.loading.load_model` reads, metrics.jsonl and loss.png beside it. A
 checkpoint holds everything an exact continuation needs, RNG states included, so a run killed and
 resumed ends bitwise where the uninterrupted run ends.
 """

@@ -92,7 +92,7 @@ def distil_hf_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_minigpt_dir(tiny_hf_dir, tmp_path_factory) -> Path:
     """The tiny HF model converted to a minigpt checkpoint folder."""
-    from minigpt.hf import convert_to_minigpt
+    from minigpt.loading import convert_to_minigpt
 
     return convert_to_minigpt(tiny_hf_dir, tmp_path_factory.mktemp("tiny_mg") / "ckpt")
 

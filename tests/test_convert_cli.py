@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import call_cli, run_cli
-from minigpt.hf import load_model
+from minigpt.loading import load_model
 
 
 def assert_one_line_error(result, *needles):

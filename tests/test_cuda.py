@@ -23,7 +23,7 @@ def reject_constant(name: str):
 def test_logits_on_cuda_match_the_cpu(tiny_minigpt_dir, dtype, tol):
     """TF32 matmuls keep 10 mantissa bits (relative 2^-11 a product), bf16 8 bits (2^-9): the
     tolerances, relative to the largest logit, allow the errors of a 2-layer model to add up."""
-    from minigpt.hf import load_model
+    from minigpt.loading import load_model
     from minigpt.runtime import setup_device
 
     device, _ = setup_device("cuda", "fp32")  # TF32 on, as the CLIs set it
@@ -36,7 +36,7 @@ def test_logits_on_cuda_match_the_cpu(tiny_minigpt_dir, dtype, tol):
 
 
 def test_decoding_with_the_cache_on_cuda_is_the_full_forward(tiny_minigpt_dir):
-    from minigpt.hf import load_model
+    from minigpt.loading import load_model
     from minigpt.inference import prepare_for_inference
     from minigpt.sampling import SamplingConfig, generate_ids
 
@@ -52,7 +52,7 @@ def test_decoding_with_the_cache_on_cuda_is_the_full_forward(tiny_minigpt_dir):
 
 def test_int8_on_cuda_computes_the_model_or_says_why_not(tiny_minigpt_dir):
     from minigpt.errors import MinigptError
-    from minigpt.hf import load_model
+    from minigpt.loading import load_model
     from minigpt.inference import prepare_for_inference
 
     model, _ = load_model(tiny_minigpt_dir, "cuda")

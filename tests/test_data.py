@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from minigpt import data
+from minigpt import data, sources
 from minigpt.data import BatchIterator, DataConfig, TokenBlocks, load_blocks, tiny_preset_path
 from minigpt.errors import MinigptError
 from minigpt.formats import qa_text
@@ -166,7 +166,7 @@ def test_tiny_preset_ships_a_valid_sample(tmp_path, gpt2_tokenizer):
 def test_second_load_is_a_cache_hit_without_tokenizing(tmp_path, gpt2_tokenizer, monkeypatch):
     first = load(tmp_path, gpt2_tokenizer, source=str(DATA / "eli5_small.json"))
     monkeypatch.setattr(data, "tokenize", lambda *a, **k: pytest.fail("tokenized again"))
-    monkeypatch.setattr(data, "_read_json", lambda *a, **k: pytest.fail("parsed again"))
+    monkeypatch.setattr(sources, "_read_json", lambda *a, **k: pytest.fail("parsed again"))
     second = load(tmp_path, gpt2_tokenizer, source=str(DATA / "eli5_small.json"))
     for a, b in zip(first, second):
         np.testing.assert_array_equal(a.blocks, b.blocks)
@@ -325,9 +325,9 @@ def test_qa_needs_one_score_per_answer(tmp_path, gpt2_tokenizer):
 
 
 def test_hub_source_defaults_to_the_recipes_first_5000_records():
-    assert data._Source.resolve(None, "--data", None).limit == 5000
-    assert data._Source.resolve(None, "--data", 300).limit == 300
-    assert data._Source.resolve(str(DATA / "eli5_small.json"), "--data", None).limit is None
+    assert sources.Source.resolve(None, "--data", None).limit == 5000
+    assert sources.Source.resolve(None, "--data", 300).limit == 300
+    assert sources.Source.resolve(str(DATA / "eli5_small.json"), "--data", None).limit is None
 
 
 def test_hub_source_offline_says_how_to_pass_local_files(tmp_path, gpt2_tokenizer, monkeypatch):
@@ -337,7 +337,7 @@ def test_hub_source_offline_says_how_to_pass_local_files(tmp_path, gpt2_tokenize
     with pytest.raises(MinigptError) as err:
         load(tmp_path, gpt2_tokenizer, source=None)
     message = str(err.value)
-    assert message.startswith(data.HUB_TRAIN_FILE) and "\n" not in message
+    assert message.startswith(sources.HUB_TRAIN_FILE) and "\n" not in message
     assert "offline" in message and "--data" in message
 
 

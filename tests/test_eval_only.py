@@ -62,7 +62,8 @@ def test_eval_only_equals_transformers_and_writes_nothing(tmp_path, tiny_hf_dir,
 
 @pytest.mark.slow
 def test_eval_only_of_a_run_folder(tmp_path, tiny_hf_dir):
-    from minigpt.hf import export_hf, load_model
+    from minigpt.hf import export_hf
+    from minigpt.loading import load_model
 
     run = tmp_path / "run"
     trained = call_cli("train.py", "--init", str(tiny_hf_dir), "--data", DATA, "--block-size", "32", "--batch-size",

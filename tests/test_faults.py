@@ -31,10 +31,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import ROOT, call_cli, run_cli, save_hf_model
-from minigpt.checkpoint import atomic_folder, clear_interrupted_saves, load_checkpoint
+from minigpt.checkpoint import load_checkpoint
 from minigpt.config import GPTConfig
 from minigpt.errors import MinigptError
-from minigpt.hf import load_model
+from minigpt.files import atomic_folder, clear_interrupted_saves
+from minigpt.loading import load_model
 
 pytestmark = pytest.mark.faults
 
@@ -492,13 +493,13 @@ def test_disk_full_during_conversion_keeps_the_previous_output(tiny_hf_dir, tiny
 
 def test_disk_full_during_export(tiny_minigpt_dir, tmp_path, monkeypatch):
     """--to-hf when the disk fills while the weights are half written: nothing is left behind."""
-    import minigpt.hf
+    import minigpt.checkpoint
 
     def save_half_then_fail(tensors, filename, metadata=None):
         Path(filename).write_bytes(b"\0" * 1000)
         raise OSError(28, "No space left on device", filename)
 
-    monkeypatch.setattr(minigpt.hf, "save_file", save_half_then_fail)
+    monkeypatch.setattr(minigpt.checkpoint, "save_file", save_half_then_fail)
     out = tmp_path / "exported"
     result = convert("--to-hf", str(tiny_minigpt_dir), "--out", str(out))
     assert_one_line_error(result, str(out), "No space left on device", "nothing was written")

@@ -11,7 +11,8 @@ from safetensors.torch import load_file, save_file
 from minigpt.checkpoint import load_checkpoint
 from minigpt.config import GPTConfig
 from minigpt.errors import MinigptError
-from minigpt.hf import export_hf, hf_to_minigpt_name, load_model, resolve_model
+from minigpt.hf import export_hf, hf_to_minigpt_name
+from minigpt.loading import load_model, resolve_model
 
 
 def hf_logits(folder, idx):

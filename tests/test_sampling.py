@@ -16,7 +16,7 @@ from transformers.generation.logits_process import (
 
 from minigpt.config import GPTConfig
 from minigpt.errors import MinigptError
-from minigpt.hf import load_model
+from minigpt.loading import load_model
 from minigpt.inference import Int8Linear, prepare_for_inference
 from minigpt.model import GPT
 from minigpt.sampling import (

@@ -25,7 +25,7 @@ from transformers.generation.logits_process import (
 )
 
 from conftest import ROOT, TINY_HF, call_cli, run_cli, save_hf_model
-from minigpt.hf import load_model
+from minigpt.loading import load_model
 from minigpt.sampling import SamplingConfig, generate, next_token
 from minigpt.streaming import complete
 from minigpt.trace import PROB_BANDS, StepRecorder, format_score, score, score_ids, token_text

@@ -72,7 +72,7 @@ def test_tiny_preset_trains_then_samples_and_exports(tmp_path):
     assert exported.returncode == 0, exported.stderr
     from transformers import GPT2LMHeadModel
 
-    from minigpt.hf import load_model
+    from minigpt.loading import load_model
 
     hf = GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()
     ours, tokenizer = load_model(out)

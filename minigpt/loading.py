@@ -1,0 +1,92 @@
+"""Where a model or tokenizer comes from: the one answer for every CLI, and the only Hub downloader.
+
+A model source is one of
+    a minigpt checkpoint folder    config.json is a GPTConfig        (`minigpt/checkpoint.py` reads it)
+    an HF GPT-2 folder             config.json has a `model_type`    (`minigpt/hf.py` reads it)
+    a Hub id                       e.g. `distilbert/distilgpt2`: its files are downloaded once into
+                                   the huggingface_hub cache, then read as an HF folder
+A tokenizer source is a `tokenizer.json`, a folder holding tokenizer files, or a Hub id.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import torch
+
+from .checkpoint import CONFIG_FILE, is_minigpt_checkpoint, load_checkpoint, save_checkpoint_folder
+from .errors import MinigptError, reason
+from .hf import LEGACY_WEIGHTS_FILE, MODEL_FILES, TOKENIZER_FILES, hf_weight_files, load_hf_checkpoint
+from .model import GPT
+from .tokenizer import Tokenizer
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def download_from_hub(repo_id: str, kind: str = "model") -> Path:
+    """Fetch a Hub repo's model or tokenizer files into the huggingface_hub cache; return the folder."""
+    from huggingface_hub import snapshot_download  # only when asked: the Hub is never needed offline
+
+    patterns = TOKENIZER_FILES + (MODEL_FILES if kind == "model" else [])
+    try:
+        folder = Path(snapshot_download(repo_id, allow_patterns=patterns))
+        if kind == "model" and not hf_weight_files(folder):  # an old repo with only a .bin
+            folder = Path(snapshot_download(repo_id, allow_patterns=patterns + [LEGACY_WEIGHTS_FILE]))
+    except Exception as e:  # offline, unknown repo, gated repo, ...
+        raise MinigptError(
+            f"{repo_id}: no such local folder, and the Hugging Face Hub could not provide it "
+            f"({reason(e)}). Pass a local checkpoint folder instead."
+        ) from None
+    return folder
+
+
+def resolve_model(source: str | os.PathLike) -> tuple[Path, str]:
+    """Find where `source` lives: returns (folder, "minigpt" | "hf").
+
+    `source` may be a minigpt checkpoint folder, an HF GPT-2 folder (e.g. from `save_pretrained`) or
+    a Hub id such as `distilbert/distilgpt2`, downloaded once into the huggingface_hub cache.
+    """
+    text = str(source).strip()
+    if not text:
+        raise MinigptError("model: empty model path")
+    path = Path(text).expanduser()
+    if path.exists() or not HUB_ID.match(text) or text.startswith((".", "/", "~")):
+        if not path.exists():
+            raise MinigptError(f"{path}: no such file or folder")
+        if not path.is_dir():
+            raise MinigptError(f"{path}: not a checkpoint folder (expected a folder with config.json)")
+        if not (path / CONFIG_FILE).is_file():
+            raise MinigptError(f"{path}: not a checkpoint (no config.json in this folder)")
+    else:
+        path = download_from_hub(text)
+    return path, ("minigpt" if is_minigpt_checkpoint(path) else "hf")
+
+
+def load_model(
+    source: str | os.PathLike,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> tuple[GPT, Tokenizer]:
+    """Load a model and its tokenizer from any source `resolve_model` accepts (eval mode)."""
+    folder, kind = resolve_model(source)
+    if kind == "minigpt":
+        return load_checkpoint(folder, device, dtype)
+    return load_hf_checkpoint(folder, device, dtype)
+
+
+def load_tokenizer(source: str | os.PathLike) -> Tokenizer:
+    """A tokenizer from a `tokenizer.json` file, a folder holding tokenizer files, or a Hub id."""
+    path = Path(source).expanduser()
+    if path.is_file():
+        return Tokenizer.from_file(path)
+    if path.is_dir():
+        return Tokenizer.from_dir(path)
+    return Tokenizer.from_dir(download_from_hub(str(source), kind="tokenizer"))
+
+
+def convert_to_minigpt(source: str | os.PathLike, out: str | os.PathLike) -> Path:
+    """Write any model source as a minigpt checkpoint folder at `out` (atomically)."""
+    model, tokenizer = load_model(source)
+    return save_checkpoint_folder(out, model, tokenizer)

@@ -1,0 +1,258 @@
+"""Where training text comes from: sources, their readers, and records rendered as text.
+
+Sources (`Source.resolve`)
+    None          the Hub's ELI5-Category training file (first 5,000 records, the published recipe)
+    .json[.gz]    a JSON array of eli5_category records (JSON lines are accepted too)
+    .jsonl        one eli5_category record per line
+    .parquet      eli5_category columns; `answers` is a struct of lists
+    .csv          columns `title`, `selftext`, `answers.text`, `answers.score` (the names
+                  `datasets`' flatten() gives); the two `answers.*` cells hold JSON arrays
+    .txt          plain text: every blank-line-separated paragraph is one document
+    a folder      plain text: every .txt file under it (sorted by path) is one document
+
+Formats (ELI5 records, `render`; the templates are `minigpt.formats`)
+    answers   the recipe: a record's answers joined with one space, no special tokens.
+    qa        `Question: <title>\\nAnswer: <highest-scored answer>`, so a model learns the template
+              `sample.py --interactive` prompts with. Only the title is the question: the selftext
+              (empty in ~40% of records, often a long aside) is left out so that training prompts look
+              like what a user types.
+Plain-text documents are taken as they are; `qa` needs questions and answers, so it refuses plain
+text. What happens to the texts next (tokens, blocks, the cache) is `minigpt/data.py`'s part.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import hashlib
+import io
+import json
+import re
+import sys
+from pathlib import Path
+
+from .errors import MinigptError, reason
+from .formats import answers_text, qa_text
+
+HUB_TRAIN_FILE = "hf://datasets/rexarski/eli5_category/eli5-category-train.json.gz"
+HUB_MAX_RECORDS = 5000  # the published recipe fine-tunes on the first 5,000 training questions
+TEXT_SUFFIXES = (".json", ".json.gz", ".jsonl", ".parquet", ".csv", ".txt")
+
+
+class Source:
+    """One place data comes from: the Hub's ELI5 file, a local file, or a folder of .txt files.
+
+    `limit` is the number of records used (None: all); the Hub source defaults to the recipe's 5,000.
+    """
+
+    def __init__(self, name: str, kind: str, path: Path | None, limit: int | None) -> None:
+        self.name, self.kind, self.path, self.limit = name, kind, path, limit
+        self._records: list | None = None
+
+    @property
+    def hub(self) -> bool:
+        return self.kind == "hub"
+
+    @property
+    def plain_text(self) -> bool:
+        return self.kind in ("txt", "txt-folder")
+
+    @classmethod
+    def resolve(cls, source: str | None, flag: str, limit: int | None) -> Source:
+        if source is None:
+            return cls(HUB_TRAIN_FILE, "hub", None, HUB_MAX_RECORDS if limit is None else limit)
+        path = Path(source).expanduser()
+        if not path.exists():
+            raise MinigptError(f"{path}: no such file or folder ({flag})")
+        if path.is_dir():
+            return cls(str(path), "txt-folder", path, limit)
+        suffix = next((s for s in TEXT_SUFFIXES if path.name.lower().endswith(s)), None)
+        if suffix is None:
+            raise MinigptError(
+                f"{path}: unknown data file type ({flag} takes "
+                f"{', '.join(TEXT_SUFFIXES)} or a folder of .txt files)"
+            )
+        return cls(str(path), suffix.lstrip(".").removesuffix(".gz"), path, limit)
+
+    def identity(self) -> dict:
+        """What the cache key needs to know about the source: its kind, limit and a content hash.
+
+        Local sources hash their bytes, so a cache hit costs no parsing; the Hub's file is hashed by
+        the records actually used, which needs reading them first.
+        """
+        h = hashlib.sha256()
+        if self.hub:
+            h.update(json.dumps(self.records(), sort_keys=True).encode())
+        elif self.kind == "txt-folder":
+            for file in _text_files(self.path):  # names too: moving text between files changes documents
+                h.update(file.relative_to(self.path).as_posix().encode() + b"\0")
+                h.update(hashlib.sha256(file.read_bytes()).digest())
+        else:
+            with open(self.path, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    h.update(chunk)
+        return {"source_kind": self.kind, "source_sha256": h.hexdigest(), "max_records": self.limit}
+
+    def records(self) -> list:
+        """The records used: dicts for ELI5 sources, strings (documents) for plain text."""
+        if self._records is None:
+            self._records = self._read()[: self.limit]
+            if not self._records:
+                raise MinigptError(f"{self.name}: no records in this source")
+        return self._records
+
+    def _read(self) -> list:
+        if self.hub:
+            return _read_hub(self.limit)
+        try:
+            if self.kind == "txt-folder":
+                files = _text_files(self.path)
+                if not files:
+                    raise MinigptError(f"{self.path}: folder holds no .txt files")
+                return [text for f in files if (text := f.read_text(encoding="utf-8").strip())]
+            if self.kind == "txt":
+                text = self.path.read_text(encoding="utf-8")
+                return [p.strip() for p in re.split(r"\n\s*\n", text) if p.strip()]
+            if self.kind == "parquet":
+                return _read_parquet(self.path)
+            if self.kind == "csv":
+                return _read_csv(self.path)
+            return _read_json(self.path, lines=self.kind == "jsonl")
+        except (UnicodeDecodeError, OSError, EOFError) as e:
+            raise MinigptError(f"{self.path}: cannot read ({e})") from None
+
+
+def _text_files(folder: Path) -> list[Path]:
+    files = (p for p in folder.rglob("*.txt") if p.is_file())
+    return sorted(files, key=lambda p: p.relative_to(folder).parts)
+
+
+def _read_hub(limit: int) -> list[dict]:
+    """The first `limit` records of the Hub's ELI5 training file (downloaded once by `datasets`)."""
+    from datasets import load_dataset
+
+    try:
+        ds = load_dataset("json", data_files=HUB_TRAIN_FILE, split="train")
+    except Exception as e:  # offline, Hub down, file moved: the user can always pass local files
+        raise MinigptError(
+            f"{HUB_TRAIN_FILE}: cannot load ELI5 from the Hugging Face Hub ({reason(e)}); if offline, "
+            "pass local files instead: --data eli5-category-train.json.gz (or .jsonl/.parquet/.csv/.txt)"
+        ) from None
+    return ds.select(range(min(limit, len(ds)))).to_list()
+
+
+def _read_json(path: Path, lines: bool) -> list[dict]:
+    """A JSON array (`.json`, `.json.gz`) or JSON lines (`.jsonl`, or a `.json` that is not an array)."""
+    opener = gzip.open if path.name.lower().endswith(".gz") else open
+    with opener(path, "rt", encoding="utf-8") as f:
+        text = f.read()
+    if not lines and text.lstrip().startswith("["):
+        records = _parse_json(text, path, "")
+    else:
+        records = [
+            _parse_json(line, path, f"line {n} ")
+            for n, line in enumerate(io.StringIO(text), 1)
+            if line.strip()
+        ]
+    bad = next((i for i, r in enumerate(records) if not isinstance(r, dict)), None)
+    if bad is not None:
+        raise MinigptError(f"{path}: record {bad + 1} is not a JSON object")
+    return records
+
+
+def _parse_json(text: str, path: Path, where: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise MinigptError(f"{path}: {where or 'file '}is not valid JSON ({e})") from None
+    except RecursionError:  # hostile input: arrays nested thousands deep
+        raise MinigptError(f"{path}: {where or 'file '}is not valid JSON (nested too deeply)") from None
+
+
+def _read_parquet(path: Path) -> list[dict]:
+    import pyarrow.parquet as pq
+
+    try:
+        names = pq.read_schema(path).names
+        wanted = [c for c in ("q_id", "title", "selftext", "answers") if c in names]
+        return pq.read_table(path, columns=wanted).to_pylist()
+    except Exception as e:  # pyarrow's errors have many types; all mean "not a usable parquet file"
+        raise MinigptError(f"{path}: not a readable parquet file ({reason(e)})") from None
+
+
+def _read_csv(path: Path) -> list[dict]:
+    """Rows with `title`, `selftext`, and JSON arrays in `answers.text` / `answers.score`."""
+    csv.field_size_limit(sys.maxsize)  # an ELI5 answer cell can exceed csv's 128 KiB default
+    records = []
+    with open(path, newline="", encoding="utf-8") as f:
+        for i, row in enumerate(csv.DictReader(f)):
+            record: dict = {k: v for k, v in row.items() if k and not k.startswith("answers.")}
+            answers = {}
+            for field in ("text", "score"):
+                cell = row.get(f"answers.{field}")
+                if cell:
+                    try:
+                        answers[field] = json.loads(cell)
+                    except json.JSONDecodeError:
+                        raise MinigptError(
+                            f"{path}: {_which(record, i)}: 'answers.{field}' is not a JSON array"
+                        ) from None
+            record["answers"] = answers
+            records.append(record)
+    return records
+
+
+# --- records -> texts ---------------------------------------------------------------------------
+
+
+def render(src: Source, fmt: str) -> list[str | None]:
+    """Each of the source's records as text in format `fmt`; None for a record whose answers are all
+    empty (it is skipped; in the recipe it would add no tokens). Plain-text documents pass as they are."""
+    if src.plain_text:
+        if fmt == "qa":
+            raise MinigptError(
+                f"{src.name}: --format qa needs ELI5 records (title + answers), not plain text"
+            )
+        return list(src.records())
+    texts: list[str | None] = []
+    for i, record in enumerate(src.records()):
+        answers = _answers(record, i, src)
+        if not any(a.strip() for a in answers):
+            texts.append(None)
+        elif fmt == "answers":
+            texts.append(answers_text(answers))
+        else:
+            title = record.get("title")
+            if not isinstance(title, str):
+                raise MinigptError(
+                    f"{src.name}: {_which(record, i)} has no 'title' text (needed by --format qa)"
+                )
+            texts.append(qa_text(title, _best_answer(record, answers, i, src)))
+    return texts
+
+
+def _which(record: dict, i: int) -> str:
+    q_id = record.get("q_id") if isinstance(record, dict) else None
+    return f"record {i + 1}" + (f" (q_id {q_id!r})" if q_id else "")
+
+
+def _answers(record: dict, i: int, src: Source) -> list[str]:
+    answers = record.get("answers") if isinstance(record, dict) else None
+    texts = answers.get("text") if isinstance(answers, dict) else None
+    if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
+        raise MinigptError(f"{src.name}: {_which(record, i)} has no 'answers.text' list of strings")
+    return texts
+
+
+def _best_answer(record: dict, answers: list[str], i: int, src: Source) -> str:
+    """The highest-scored non-empty answer; the first one on a tie or when there are no scores."""
+    scores = record["answers"].get("score")
+    if scores is None:
+        scores = [0] * len(answers)
+    numbers = isinstance(scores, list) and all(isinstance(s, (int, float)) for s in scores)
+    if not numbers or len(scores) != len(answers):
+        raise MinigptError(
+            f"{src.name}: {_which(record, i)} has 'answers.score' not one number per 'answers.text'"
+        )
+    candidates = [(s, -j) for j, (s, a) in enumerate(zip(scores, answers)) if a.strip()]
+    return answers[-max(candidates)[1]]

@@ -1,0 +1,176 @@
+"""The CPU training speed-ups: the swapped model computes the plain model's function."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from minigpt.config import GPTConfig
+from minigpt.model import GPT, CausalSelfAttention
+from minigpt.training_speed import (
+    CPUTrainingAttention,
+    FastMaskDropout,
+    InPlaceCrossEntropy,
+    PaddedRowsLMHead,
+    prepare_for_training,
+)
+
+# An odd vocabulary, as GPT-2's 50,257: the LM head's rows really are padded (301 -> 304).
+CONFIG = GPTConfig(vocab_size=301, block_size=32, n_layer=2, n_head=2, n_embd=32, dropout=0.1)
+
+
+def plain_and_swapped(config: GPTConfig = CONFIG) -> tuple[GPT, GPT]:
+    torch.manual_seed(0)
+    plain = GPT(config)
+    swapped = copy.deepcopy(plain)  # (deepcopy keeps the tie: one wte/lm_head tensor)
+    assert prepare_for_training(swapped) is swapped
+    return plain, swapped
+
+
+def test_every_trick_is_swapped_in_and_the_weights_stay_as_they_were():
+    plain, swapped = plain_and_swapped()
+    assert type(swapped.lm_head) is PaddedRowsLMHead and type(swapped.cross_entropy) is InPlaceCrossEntropy
+    assert type(swapped.transformer.drop) is FastMaskDropout
+    block = swapped.transformer.h[1]
+    assert type(block.attn) is CPUTrainingAttention
+    assert [type(m) for m in (block.attn.attn_dropout, block.attn.resid_dropout, block.mlp.dropout)] == [
+        FastMaskDropout] * 3
+    assert type(block.attn.c_attn) is nn.Linear and type(block.mlp.c_fc) is nn.Linear  # the rest: stock
+    assert swapped.lm_head.weight is swapped.transformer.wte.weight  # still tied
+    ours, theirs = swapped.state_dict(), plain.state_dict()
+    assert list(ours) == list(theirs) and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    assert "FastMaskDropout(p=0.1 (as 6554/65536), 16-bit mask on the CPU)" in repr(swapped)
+    assert "rows padded to 16 on the CPU" in repr(swapped.lm_head)
+    prepare_for_training(swapped)  # a second call changes nothing
+    assert type(swapped.transformer.h[0].attn) is CPUTrainingAttention
+
+
+def test_a_model_off_the_cpu_keeps_stock_ops():
+    with torch.device("meta"):
+        model = GPT(CONFIG)
+    prepare_for_training(model)
+    assert type(model.lm_head) is nn.Linear and type(model.transformer.drop) is nn.Dropout
+    assert type(model.transformer.h[0].attn) is CausalSelfAttention
+    assert type(model.cross_entropy) is nn.CrossEntropyLoss
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "reference"])
+@pytest.mark.parametrize("mode", ["eval", "train without dropout"])
+def test_same_logits_loss_and_gradients_as_the_plain_model(mode, impl):
+    config = GPTConfig(**{**CONFIG.to_dict(), "attn_impl": impl, "dropout": 0.1 if mode == "eval" else 0.0})
+    plain, swapped = plain_and_swapped(config)
+    idx = torch.randint(0, 301, (3, 32), generator=torch.Generator().manual_seed(1))
+    targets = idx.clone()
+    targets[0, 5:9] = -100
+    results = []
+    for model in (plain, swapped):
+        model.train(mode != "eval")
+        logits, loss = model(idx, targets=targets)
+        loss.backward()
+        results.append((logits, loss, {n: p.grad for n, p in model.named_parameters()}))
+    (logits_a, loss_a, grads_a), (logits_b, loss_b, grads_b) = results
+    assert logits_b.stride()[-2] == 304  # the padded head really ran
+    # The same arithmetic in fp32, up to the order of a few sums: relative differences ~1e-7.
+    assert (logits_a - logits_b).abs().max().item() <= 1e-5 * logits_a.abs().max().item()
+    assert loss_b.item() == pytest.approx(loss_a.item(), rel=1e-6)
+    assert loss_a.item() == pytest.approx(5.7, abs=0.2)  # ~ln(301) = 5.71 for a fresh model
+    for name, grad in grads_a.items():
+        assert (grads_b[name] - grad).abs().max().item() <= 1e-5 * grad.abs().max().item() + 1e-9, name
+
+
+def test_attention_with_dropout_takes_the_reference_path_only_in_training(monkeypatch):
+    _, swapped = plain_and_swapped()
+    idx = torch.randint(0, 301, (2, 32), generator=torch.Generator().manual_seed(2))
+    expected, _ = swapped.eval()(idx)  # eval: SDPA, as the plain model
+    calls = []
+    real_sdpa = F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda *a, **k: calls.append(1) or real_sdpa(*a, **k))
+    assert torch.equal(swapped(idx)[0], expected) and len(calls) == CONFIG.n_layer
+    swapped.train()(idx)
+    assert len(calls) == CONFIG.n_layer  # training with dropout: SDPA not called again
+
+
+def test_attention_with_dropout_is_unbiased():
+    """Dropout's expectation is the identity: averaged over many masks, one attention layer in
+    training gives its eval output (it is linear in the dropped probabilities and outputs)."""
+    torch.manual_seed(0)
+    config = GPTConfig(**{**CONFIG.to_dict(), "dropout": 0.3})
+    attn = CausalSelfAttention(config, 0)
+    attn.__class__ = CPUTrainingAttention
+    for name in ("attn_dropout", "resid_dropout"):
+        getattr(attn, name).__class__ = FastMaskDropout
+    x = torch.randn(1, 8, 32)
+    with torch.no_grad():
+        expected = attn.eval()(x)[0]
+        draws = attn.train()(x.expand(4000, 8, 32))  # each copy gets masks of its own
+    # Each draw's error is about the output's scale; the mean of 4,000 has 1/63 of it: 5 sigma.
+    sigma = draws.std(0) / 4000**0.5
+    assert ((draws.mean(0) - expected).abs() <= 5 * sigma + 1e-6).float().mean().item() > 0.99
+    assert not torch.equal(draws[0], draws[1])  # the masks differ from call to call
+
+
+def test_fast_dropout_statistics_scaling_and_gradient():
+    drop = FastMaskDropout(0.1).train()
+    torch.manual_seed(0)
+    x = torch.full((2_000_000,), 2.0, requires_grad=True)
+    y = drop(x)
+    dropped = (y == 0).float().mean().item()
+    assert abs(dropped - 0.1) < 1e-3  # 2M Bernoulli(0.1) draws: std 2e-4
+    kept = y[y != 0]
+    assert torch.allclose(kept, torch.full_like(kept, 2.0 * 65536 / (65536 - 6554)))  # p rounded to 6554/2^16
+    y.sum().backward()
+    assert torch.equal(x.grad, y.detach() / 2.0)  # the gradient goes through the same mask and scale
+    torch.manual_seed(0)
+    assert torch.equal(drop(x.detach()), y.detach())  # masks come from torch's RNG: reproducible
+    assert torch.equal(drop.eval()(x), x)  # eval mode: the identity
+    assert torch.equal(FastMaskDropout(0.0).train()(x), x)
+    # the mask's 16-bit draws are independent of position: no stripe of 4 (one 64-bit draw) is biased
+    ones = torch.ones(400_000, 4)
+    frac = (FastMaskDropout(0.5).train()(ones) == 0).float().mean(0)
+    assert (frac - 0.5).abs().max().item() < 5e-3
+
+
+def test_lm_head_pads_rows_and_equals_a_plain_linear():
+    torch.manual_seed(0)
+    head = nn.Linear(24, 301, bias=False)
+    head.__class__ = PaddedRowsLMHead
+    x = torch.randn(3, 5, 24, requires_grad=True)
+    logits = head(x)
+    assert logits.shape == (3, 5, 301) and logits.stride() == (5 * 304, 304, 1)  # rows padded to 16
+    expected = F.linear(x, head.weight)
+    assert torch.allclose(logits, expected, atol=1e-6)
+    g = torch.randn(3, 5, 301)
+    gx, gw = torch.autograd.grad(logits, (x, head.weight), g)
+    ex, ew = torch.autograd.grad(expected, (x, head.weight), g)
+    assert torch.allclose(gx, ex, atol=1e-5) and torch.allclose(gw, ew, atol=1e-5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # under autocast: a plain bf16 linear
+        assert head(x).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_in_place_cross_entropy_equals_cross_entropy_in_value_and_gradient(dtype, padded):
+    """The memory-saving cross-entropy (its gradient made in place) is F.cross_entropy, also on
+    logits whose rows are padded (not contiguous), as the padded LM head writes them."""
+    g = torch.Generator().manual_seed(0)
+    logits = (torch.randn(37, 1000, generator=g) * 4).to(dtype)
+    targets = torch.randint(0, 1000, (37,), generator=g)
+    targets[[0, 5, 36]] = -100
+    ours_in, ref_in = logits.clone().requires_grad_(), logits.float().requires_grad_()
+    ours_logits = ours_in * 1  # (a non-leaf input, as the LM head's output is)
+    if padded:
+        ours_logits = torch.cat([ours_logits, torch.full((37, 8), 1e4, dtype=dtype)], dim=1)[:, :1000]
+        assert not ours_logits.is_contiguous()
+    ours = InPlaceCrossEntropy(ignore_index=-100)(ours_logits, targets)
+    ref = F.cross_entropy(ref_in * 1, targets, ignore_index=-100)
+    (ours * 3).backward()
+    (ref * 3).backward()
+    assert ours.dtype == torch.float32 and ours.item() == pytest.approx(ref.item(), rel=1e-6)
+    assert ours_in.grad.dtype == dtype
+    tolerance = 1e-7 if dtype == torch.float32 else 1e-3
+    assert (ours_in.grad.float() - ref_in.grad).abs().max().item() < tolerance
+    assert not ours_in.grad[[0, 5, 36]].any()  # ignored positions get no gradient
