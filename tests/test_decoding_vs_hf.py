@@ -21,7 +21,7 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from minigpt.hf import load_model
+from minigpt.loading import load_model
 from minigpt.sampling import SamplingConfig, generate, generate_ids, next_token
 
 VOCAB = 1000

@@ -93,7 +93,7 @@ def test_stdin_file_empty_prompt_and_int8(tiny_minigpt_dir, tiny_hf_dir, gpt2_to
 
 
 def int8_greedy_text(model_dir, prompt: str, n: int) -> str:
-    from minigpt.hf import load_model
+    from minigpt.loading import load_model
     from minigpt.inference import prepare_for_inference
     from minigpt.sampling import SamplingConfig, generate_ids
 
