@@ -3,6 +3,10 @@
 torchrun starts one process per device and tells each its place through the environment (RANK,
 WORLD_SIZE, LOCAL_RANK). `torchrun_process_group(device)` joins that job's process group and yields
 a `Ranks`; a plain run is rank 0 of 1 and joins nothing.
+
+Collectives time out after MINIGPT_DDP_TIMEOUT_MINUTES (default 60; torch's own default is 10): the
+other ranks wait in a barrier while rank 0 tokenizes the data into the cache, which on a large data
+set takes longer than 10 minutes. A rank that really hangs is then reported after that long.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Iterator
 
 import torch
@@ -35,6 +40,24 @@ class Ranks:
     def is_main(self) -> bool:
         """Rank 0 alone writes checkpoints, metrics, progress bars and logs, and holds the run's lock."""
         return self.rank == 0
+
+
+DEFAULT_TIMEOUT_MINUTES = 60.0
+
+
+def collective_timeout() -> timedelta:
+    """How long a collective (a barrier, an all-reduce) waits for the other ranks before failing:
+    MINIGPT_DDP_TIMEOUT_MINUTES from the environment, else DEFAULT_TIMEOUT_MINUTES."""
+    text = os.environ.get("MINIGPT_DDP_TIMEOUT_MINUTES", "").strip()
+    if not text:
+        return timedelta(minutes=DEFAULT_TIMEOUT_MINUTES)
+    try:
+        minutes = float(text)
+    except ValueError:
+        minutes = float("nan")
+    if not 0 < minutes < 10**6:  # (NaN fails too)
+        raise MinigptError(f"MINIGPT_DDP_TIMEOUT_MINUTES={text!r}: give a number of minutes above 0")
+    return timedelta(minutes=minutes)
 
 
 def launched_rank() -> int:
@@ -68,7 +91,7 @@ def torchrun_process_group(device: torch.device) -> Iterator[tuple[Ranks, torch.
         backend = "gloo"
     else:
         raise MinigptError(f"--device {device.type}: distributed training runs on cuda or cpu")
-    dist.init_process_group(backend, rank=rank, world_size=world_size)
+    dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=collective_timeout())
     try:
         yield Ranks(rank, local_rank, world_size), device
     finally:
