@@ -111,8 +111,8 @@ class TrainFlags:
 
         return TrainConfig(
             max_steps=max_steps, grad_accum=self.grad_accum, max_grad_norm=self.max_grad_norm, dtype=dtype,
-            compile=self.compile, compile_mode=self.compile_mode or "default", log_every=self.log_every, eval_every=self.eval_every,
-            save_every=self.save_every, progress=not self.no_progress,
+            compile=self.compile, compile_mode=self.compile_mode or "default", log_every=self.log_every,
+            eval_every=self.eval_every, save_every=self.save_every, progress=not self.no_progress,
         )
 
     def run_config(self, world_size: int, dtype_name: str, max_steps: int) -> dict[str, Any]:

@@ -18,13 +18,10 @@ A micro-batch's weight is its number of examples over the step's total (all rank
 step's gradient is that of the mean loss over all its examples, however they are split into
 micro-batches and ranks; a short last batch of an epoch counts each example once, as in one batch.
 
-A step reads nothing back from the device: its loss and gradient norm stay GPU tensors until the
-next logging step, evaluation or save reads them all at once (`minigpt.metrics.StepNumbers`), so the
-host queues step after step while the GPU computes. A non-finite loss or gradient norm therefore
-stops the run at that next read, not before its own optimizer step: the steps in between ran on
-broken weights, but none of them reaches a checkpoint (every save reads first), so the last
-checkpoint is untouched and the error names the first bad step. Under DDP the ranks agree on a stop
-asked for by a signal every STOP_CHECK_EVERY steps (one all-reduce), not every step.
+A step reads nothing back from the device (`minigpt.metrics.StepNumbers`): the next logging step,
+evaluation or save reads the steps' numbers at once, so the host queues steps while the GPU computes.
+A non-finite loss or gradient norm thus stops the run at that read, naming the first bad step; the
+steps since ran on broken weights, but every save reads first, so the last checkpoint is untouched.
 
 The output folder is described in `minigpt/run_folder.py`: a checkpoint (with the run's model card
 and training state) that `minigpt.loading.load_model` reads, metrics.jsonl and loss.png beside it. A
@@ -38,33 +35,23 @@ import contextlib
 import math
 import os
 import random
-import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from .ddp import Ranks, all_reduce_sum, gather_rng_states, restore_rng_states
+from .ddp import Ranks, StopRequest, all_reduce_sum, gather_rng_states, restore_rng_states
 from .errors import MinigptError
 from .metrics import MetricsLog, StepNumbers, evaluate, perplexity, plot_metrics
 from .optim import AdamW, clip_grad_norm
+from .run_folder import CARD_FILE, METRICS_FILE, PLOT_FILE, check_same_run, read_training_state
+from .run_folder import write_run_checkpoint, write_training_state
 from .train_flags import COMPILE_MODES
-from .run_folder import (
-    CARD_FILE,
-    METRICS_FILE,
-    PLOT_FILE,
-    check_same_run,
-    read_training_state,
-    write_run_checkpoint,
-    write_training_state,
-)
-
-STOP_CHECK_EVERY = 10  # under DDP, the ranks agree on a Ctrl-C / SIGTERM stop every this many steps
 
 
 def seed_everything(seed: int) -> None:
@@ -174,7 +161,7 @@ class Trainer:
         self.metrics: MetricsLog | None = None
         self.resumed_metrics_rows: int | None = None  # rows the checkpoint had seen (a resume)
         self.rows_at_save = -1  # metrics rows written when the last checkpoint was saved
-        self.stop_requested = False  # Ctrl-C / SIGTERM: stop after the step in progress
+        self.stop = StopRequest()  # Ctrl-C / SIGTERM: stop after the step in progress
         self.bar = None  # the tqdm progress bar, while fit() runs on rank 0
         self.pending = StepNumbers(self.device)  # the steps' numbers, still on the device
         self.interval = {"losses": [], "tokens": 0, "seconds": 0.0}  # read back since the last metrics row
@@ -234,8 +221,7 @@ class Trainer:
         self.step += 1
         return {"loss": step_loss, "lr": self.base_lrs[0] * lr_scale, "grad_norm": grad_norm}
 
-    def _full(self, n: int) -> torch.Tensor:
-        """`n` as a 0-dim fp64 tensor made on the device (a fill, not a copy from the host)."""
+    def _full(self, n: int) -> torch.Tensor:  # n as a 0-dim fp64 device tensor: a fill, not a host copy
         return torch.full((), float(n), dtype=torch.float64, device=self.device)
 
     def _read_numbers(self) -> None:
@@ -248,12 +234,13 @@ class Trainer:
                 self._stop_non_finite(step, "the training loss", loss)
             if not math.isfinite(grad_norm) and not self.scaler:  # (fp16: the scaler skipped the step)
                 self._stop_non_finite(step, "the gradient norm", grad_norm)
+        if not losses:
+            return
         self.skipped_steps += sum(not math.isfinite(g) for g in grad_norms)  # (0 without fp16)
-        if losses:
-            self.interval["losses"] += losses
-            self.interval["seconds"] += seconds
-            self.last.update(loss=losses[-1], grad_norm=grad_norms[-1])
-        if self.bar is not None and losses:
+        self.interval["losses"] += losses
+        self.interval["seconds"] += seconds
+        self.last.update(loss=losses[-1], grad_norm=grad_norms[-1])
+        if self.bar is not None:
             self.bar.set_postfix(
                 loss=f"{losses[-1]:.4f}", lr=f"{self.last['lr']:.2e}",
                 tok_s=f"{self.interval['tokens'] / max(self.interval['seconds'], 1e-9):.0f}", refresh=False,
@@ -361,7 +348,7 @@ class Trainer:
                 file=sys.stderr, dynamic_ncols=True,
             )
         try:
-            with self._signals_stop_after_the_step():
+            with self.stop.catch_signals(self.ranks.is_main):
                 while self.step < cfg.max_steps and not self._should_stop():
                     self._run_epoch()
                 if self._should_stop(agree_now=True):  # (every rank: a signal may have come in the last step)
@@ -434,15 +421,8 @@ class Trainer:
         return all_reduce_sum(flag, self.ranks).item() > 0
 
     def _should_stop(self, agree_now: bool = False) -> bool:
-        """Whether a stop was asked for (Ctrl-C, SIGTERM). Under DDP: asked of any rank, so that all
-        ranks stop at the same step; they agree (one all-reduce, a wait for the device) every
-        STOP_CHECK_EVERY steps, or now if `agree_now` (every rank must then ask), else answer False."""
-        if self.ranks.in_process_group:
-            if not agree_now and self.step % STOP_CHECK_EVERY:
-                return False
-            flag = torch.tensor([float(self.stop_requested)], device=self.device)
-            self.stop_requested = all_reduce_sum(flag, self.ranks).item() > 0
-        return self.stop_requested
+        """Whether to stop after this step (Ctrl-C, SIGTERM; all ranks agree, see `StopRequest`)."""
+        return self.stop.agreed(self.step, self.device, self.ranks, now=agree_now)
 
     def _evaluate_and_log(self) -> None:
         self._read_numbers()  # (stops, before evaluating broken weights, if a step was not finite)
@@ -459,32 +439,6 @@ class Trainer:
     def _log(self, row: dict[str, Any]) -> None:
         if self.metrics is not None:
             self.metrics.write(row)
-
-    @contextlib.contextmanager
-    def _signals_stop_after_the_step(self) -> Iterator[None]:
-        """Ctrl-C (SIGINT) or SIGTERM (a scheduler's preemption, torchrun shutting down) asks to stop
-        after the step in progress, which is then saved; a second Ctrl-C interrupts at once. Only the
-        main thread receives signals; elsewhere this does nothing."""
-        import threading
-
-        if threading.current_thread() is not threading.main_thread():
-            yield
-            return
-        previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-
-        def request_stop(signum, frame) -> None:
-            self.stop_requested = True
-            signal.signal(signal.SIGINT, previous[signal.SIGINT])
-            if self.ranks.is_main:
-                print("\nstopping after this step (Ctrl-C again to quit at once)", file=sys.stderr)
-
-        for sig in previous:
-            signal.signal(sig, request_stop)
-        try:
-            yield
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
 
 
 __all__ = ["TrainConfig", "Trainer", "seed_everything"]

@@ -199,22 +199,20 @@ def test_collectives_wait_an_hour_or_what_the_environment_says(monkeypatch):
     assert joined == {"backend": "gloo", "rank": 1, "world_size": 2, "timeout": timedelta(minutes=120)}
 
 
-def test_ranks_agree_on_a_stop_only_every_few_steps(tmp_path, monkeypatch):
-    """Under DDP `_should_stop` all-reduces (and waits for the device) only every STOP_CHECK_EVERY
-    steps, or when asked to agree now, and otherwise answers False even on the rank that got the
-    signal, so that no rank stops alone."""
-    from minigpt import ddp, trainer as trainer_module
+def test_ranks_agree_on_a_stop_only_every_few_steps(monkeypatch):
+    """Under DDP a stop is agreed (an all-reduce, a wait for the device) only every `every` steps or
+    when asked to agree now; in between the rank that got the signal answers False too, so that no
+    rank stops alone. A plain run stops at once."""
+    from minigpt import ddp
 
-    trainer = make_trainer(tmp_path, micro_model(), random_blocks(8, 16, 300, seed=6), max_steps=1)
+    stop = ddp.StopRequest(every=4)
+    stop.requested = True
+    assert stop.agreed(3, torch.device("cpu"), ddp.Ranks())  # no process group: this very step
     reduced = []
     monkeypatch.setattr(ddp.Ranks, "in_process_group", property(lambda self: True))
-    monkeypatch.setattr(trainer_module, "all_reduce_sum", lambda t, ranks: reduced.append(trainer.step) or t)
-    trainer.stop_requested = True
-    answers = []
-    for step in range(1, 2 * trainer_module.STOP_CHECK_EVERY + 1):
-        trainer.step = step
-        answers.append(trainer._should_stop())
-    every = trainer_module.STOP_CHECK_EVERY
-    assert reduced == [every, 2 * every] and [i + 1 for i, a in enumerate(answers) if a] == reduced
-    trainer.step = 3
-    assert trainer._should_stop(agree_now=True) and reduced[-1] == 3
+    monkeypatch.setattr(ddp, "all_reduce_sum", lambda t, ranks: reduced.append(t.clone()) or t.add_(1))
+    stop.requested = False  # this rank got no signal; another rank did (the fake all-reduce adds 1)
+    answers = [stop.agreed(step, torch.device("cpu"), ddp.Ranks(0, 0, 2)) for step in range(1, 9)]
+    assert answers == [False, False, False, True, False, False, False, True]  # agreed at steps 4 and 8 only
+    assert [t.tolist() for t in reduced] == [[0.0], [1.0]]
+    assert ddp.StopRequest(every=4).agreed(3, torch.device("cpu"), ddp.Ranks(0, 0, 2), now=True)
