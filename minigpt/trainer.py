@@ -155,7 +155,7 @@ class Trainer:
         self.cuda_graphs = config.compile and config.compile_mode == "reduce-overhead"
 
         self.step = 0  # optimizer steps done (fp16 steps skipped by the scaler included)
-        self.skipped_steps = 0
+        self.skipped_steps = 0  # (a property: counted on the device)
         self.last_eval_step = -1
         self.last_save_step = -1
         self.metrics: MetricsLog | None = None
@@ -212,14 +212,24 @@ class Trainer:
             group["lr"] = base_lr * lr_scale
         if self.scaler:
             # Skipped when a gradient holds inf/NaN, which is exactly when their norm is not finite:
-            # `_read_numbers` counts the skipped steps from the norms, without asking the scaler.
+            # counted from the norm on the device, without asking the scaler (get_scale() waits).
             self.scaler.step(self.optimizer)
             self.scaler.update()
+            self._skipped += ~torch.isfinite(grad_norm)
         else:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         return {"loss": step_loss, "lr": self.base_lrs[0] * lr_scale, "grad_norm": grad_norm}
+
+    @property
+    def skipped_steps(self) -> int:
+        """fp16 steps the loss scaler skipped (reading it waits for the device)."""
+        return int(self._skipped)
+
+    @skipped_steps.setter
+    def skipped_steps(self, n: int) -> None:
+        self._skipped = torch.full((), n, dtype=torch.int64, device=self.device)
 
     def _full(self, n: int) -> torch.Tensor:  # n as a 0-dim fp64 device tensor: a fill, not a host copy
         return torch.full((), float(n), dtype=torch.float64, device=self.device)
@@ -231,12 +241,11 @@ class Trainer:
         first = self.step - len(losses) + 1
         for step, loss, grad_norm in zip(range(first, self.step + 1), losses, grad_norms):
             if not math.isfinite(loss):
-                self._stop_non_finite(step, "the training loss", loss)
+                self._stop_non_finite("the training loss", loss, step)
             if not math.isfinite(grad_norm) and not self.scaler:  # (fp16: the scaler skipped the step)
-                self._stop_non_finite(step, "the gradient norm", grad_norm)
+                self._stop_non_finite("the gradient norm", grad_norm, step)
         if not losses:
             return
-        self.skipped_steps += sum(not math.isfinite(g) for g in grad_norms)  # (0 without fp16)
         self.interval["losses"] += losses
         self.interval["seconds"] += seconds
         self.last.update(loss=losses[-1], grad_norm=grad_norms[-1])
@@ -246,7 +255,7 @@ class Trainer:
                 tok_s=f"{self.interval['tokens'] / max(self.interval['seconds'], 1e-9):.0f}", refresh=False,
             )
 
-    def _stop_non_finite(self, step: int, what: str, value: float) -> None:
+    def _stop_non_finite(self, what: str, value: float, step: int) -> None:
         """Stop: nothing after the last checkpoint is saved, so it stays as it was."""
         saved = f"step {self.last_save_step}" if self.last_save_step >= 0 else "none yet"
         raise MinigptError(
