@@ -2,14 +2,23 @@
 
 torchrun starts one process per device and tells each its place through the environment (RANK,
 WORLD_SIZE, LOCAL_RANK). `torchrun_process_group(device)` joins that job's process group and yields
-a `Ranks`; a plain run is rank 0 of 1 and joins nothing.
+a `Ranks`; a plain run is rank 0 of 1 and joins nothing. `StopRequest` turns a signal to any rank
+into a stop all ranks make at the same step.
+
+Collectives time out after MINIGPT_DDP_TIMEOUT_MINUTES (default 60; torch's own default is 10): the
+other ranks wait in a barrier while rank 0 tokenizes the data into the cache, which on a large data
+set takes longer than 10 minutes. A rank that really hangs is then reported after that long.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import signal
+import sys
+import threading
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Iterator
 
 import torch
@@ -35,6 +44,24 @@ class Ranks:
     def is_main(self) -> bool:
         """Rank 0 alone writes checkpoints, metrics, progress bars and logs, and holds the run's lock."""
         return self.rank == 0
+
+
+DEFAULT_TIMEOUT_MINUTES = 60.0
+
+
+def collective_timeout() -> timedelta:
+    """How long a collective (a barrier, an all-reduce) waits for the other ranks before failing:
+    MINIGPT_DDP_TIMEOUT_MINUTES from the environment, else DEFAULT_TIMEOUT_MINUTES."""
+    text = os.environ.get("MINIGPT_DDP_TIMEOUT_MINUTES", "").strip()
+    if not text:
+        return timedelta(minutes=DEFAULT_TIMEOUT_MINUTES)
+    try:
+        minutes = float(text)
+    except ValueError:
+        minutes = float("nan")
+    if not 0 < minutes < 10**6:  # (NaN fails too)
+        raise MinigptError(f"MINIGPT_DDP_TIMEOUT_MINUTES={text!r}: give a number of minutes above 0")
+    return timedelta(minutes=minutes)
 
 
 def launched_rank() -> int:
@@ -68,7 +95,7 @@ def torchrun_process_group(device: torch.device) -> Iterator[tuple[Ranks, torch.
         backend = "gloo"
     else:
         raise MinigptError(f"--device {device.type}: distributed training runs on cuda or cpu")
-    dist.init_process_group(backend, rank=rank, world_size=world_size)
+    dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=collective_timeout())
     try:
         yield Ranks(rank, local_rank, world_size), device
     finally:
@@ -80,6 +107,53 @@ def all_reduce_sum(t: torch.Tensor, ranks: Ranks) -> torch.Tensor:
     if ranks.in_process_group:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
+
+
+class StopRequest:
+    """A stop asked for by Ctrl-C (SIGINT) or SIGTERM (a scheduler's preemption, torchrun shutting
+    down): the loop stops after the step in progress and saves it; a second Ctrl-C interrupts at once.
+
+    Under DDP a signal may reach one rank only, and all must stop at the same step. Agreeing costs an
+    all-reduce and a wait for the device, so the ranks agree every `every` steps (and when the loop
+    asks them all to agree now), not every step; in between `agreed` answers False on every rank. A
+    plain run stops after the very step the signal came in.
+    """
+
+    def __init__(self, every: int = 10) -> None:
+        self.every = every
+        self.requested = False  # this process got a signal (or, after agreeing, some rank did)
+
+    def agreed(self, step: int, device: torch.device, ranks: Ranks, now: bool = False) -> bool:
+        """Whether to stop after `step`; under DDP every rank must call it at the same steps."""
+        if ranks.in_process_group:
+            if not now and step % self.every:
+                return False
+            flag = torch.tensor([float(self.requested)], device=device)
+            self.requested = all_reduce_sum(flag, ranks).item() > 0
+        return self.requested
+
+    @contextlib.contextmanager
+    def catch_signals(self, announce: bool) -> Iterator[None]:
+        """While inside, SIGINT and SIGTERM set `requested` (`announce`: say so on stderr). Only the
+        main thread receives signals; elsewhere this does nothing."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+        def request_stop(signum, frame) -> None:
+            self.requested = True
+            signal.signal(signal.SIGINT, previous[signal.SIGINT])
+            if announce:
+                print("\nstopping after this step (Ctrl-C again to quit at once)", file=sys.stderr)
+
+        for sig in previous:
+            signal.signal(sig, request_stop)
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
 
 def gather_rng_states(device: torch.device, ranks: Ranks) -> dict[str, torch.Tensor]:

@@ -5,6 +5,11 @@ Two kinds of rows, one JSON object per line:
         a training row every `log_every` steps; `loss` is the mean over the steps since the last row
     {"step", "epoch", "val_loss", "val_ppl"}
         an evaluation: the mean loss over all validation examples, and its exponential
+Every row is strict JSON: a number that is not finite (an fp16 step skipped for an infinite gradient
+norm, a perplexity that overflows) is written as null, never as `NaN` / `Infinity`.
+
+`StepNumbers` keeps each step's loss and gradient norm on the device and reads them back in one go,
+so that the training loop waits for the GPU only when it logs, not in every step.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import contextlib
 import json
 import math
 import os
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -55,6 +61,70 @@ def evaluate(
     return (sums[0] / sums[1]).item() if sums[1] > 0 else float("nan")
 
 
+class StepNumbers:
+    """The loss and gradient norm of each step since the last `read()`, and the time the steps took.
+
+    Reading a number from a GPU (`.item()`) waits until every kernel queued before it has run, so
+    a loop that reads its loss every step never lets the GPU run ahead. Here each step's numbers
+    stay device tensors until `read()`, which fetches them all with one transfer (and, under DDP,
+    sums the ranks' losses with one all-reduce). The steps are timed with CUDA events on a GPU (the
+    GPU's own clock, read back with the numbers) and with the host's clock on a CPU, where every
+    kernel has finished when the call that runs it returns.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.losses: list[torch.Tensor] = []
+        self.grad_norms: list[torch.Tensor] = []
+        self.events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+        self.seconds = 0.0
+        self._started: Any = None
+
+    def start(self) -> None:
+        """Call when a step begins."""
+        if self.cuda:
+            self._started = torch.cuda.Event(enable_timing=True)
+            self._started.record()
+        else:
+            self._started = time.perf_counter()
+
+    def stop(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
+        """Call when the step has been issued: its (this rank's) loss and its gradient norm, 0-dim tensors."""
+        if self.cuda:
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+            self.events.append((self._started, end))
+        else:
+            self.seconds += time.perf_counter() - self._started
+        self.losses.append(loss.detach().float().reshape(()))
+        self.grad_norms.append(grad_norm.detach().float().reshape(()))
+
+    def __len__(self) -> int:
+        return len(self.losses)
+
+    def read(self, ranks: Ranks = Ranks()) -> tuple[list[float], list[float], float]:
+        """(each step's loss summed over the ranks, each step's gradient norm, seconds) since the
+        last read, as Python numbers; then starts afresh. Every rank must call it at the same step."""
+        if not self.losses:
+            return [], [], 0.0
+        losses = all_reduce_sum(torch.stack(self.losses), ranks)
+        numbers = torch.cat([losses, torch.stack(self.grad_norms)]).tolist()  # the one wait for the device
+        n = len(self.losses)
+        if self.cuda:
+            self.events[-1][1].synchronize()
+            self.seconds = sum(start.elapsed_time(end) for start, end in self.events) / 1000
+        seconds = self.seconds
+        self.losses, self.grad_norms, self.events, self.seconds = [], [], [], 0.0
+        return numbers[:n], numbers[n:], seconds
+
+
+def strict_json(row: dict[str, Any]) -> str:
+    """`row` as one line of strict JSON: floats that are not finite become null (JSON has no NaN or
+    Infinity); anything else json cannot write is an error, not a silently broken file."""
+    clean = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()}
+    return json.dumps(clean, allow_nan=False)
+
+
 class MetricsLog:
     """`metrics.jsonl`: one JSON object per line, flushed as written, so a killed run keeps its rows.
 
@@ -74,9 +144,11 @@ class MetricsLog:
         self._file = open(path, "a", encoding="utf-8")
 
     def write(self, row: dict[str, Any]) -> None:
-        self._file.write(json.dumps(row) + "\n")
+        """Append `row` (non-finite numbers become null, in the file and in `rows` alike)."""
+        line = strict_json(row)
+        self._file.write(line + "\n")
         self._file.flush()
-        self.rows.append(row)
+        self.rows.append(json.loads(line))
 
     def close(self) -> None:
         self._file.close()
@@ -94,7 +166,7 @@ def plot_metrics(metrics: Path, png: Path) -> bool:
     rows = [json.loads(line) for line in metrics.read_text(encoding="utf-8").splitlines() if line.strip()]
     fig, ax = plt.subplots(figsize=(7, 4))
     for key, label in (("loss", "train"), ("val_loss", "validation")):
-        points = [(r["step"], r[key]) for r in rows if key in r]
+        points = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
         if points:
             ax.plot(*zip(*points), marker="o" if key == "val_loss" else None, label=label)
     ax.set_xlabel("step")

@@ -24,6 +24,7 @@ TINY_PRESET = dict(
 )
 TINY_VOCAB = 2048
 _INT, _X = dict(metavar="N", type=positive_int), dict(metavar="X")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")  # torch.compile's modes (--compile-mode)
 
 
 @dataclasses.dataclass
@@ -76,6 +77,11 @@ class TrainFlags:
                       "AMX)", group="hardware")
     compile: bool = flag(False, "compile the model with torch.compile (slow to start, faster steps)",
                          group="hardware", action="store_true")
+    compile_mode: str | None = flag(None, "(--compile) torch.compile's mode: default; reduce-overhead (CUDA graphs, "
+                                    "for small launch-bound steps such as the recipe's 8 x 128 on a large GPU; the "
+                                    "batch dimension is marked dynamic); max-autotune (longer start, tuned kernels) "
+                                    "(default: default)", group="hardware",
+                                    choices=COMPILE_MODES)
     out: str = flag(DEFAULT_OUT, "output folder: the checkpoint, its model card, metrics.jsonl, loss.png",
                     group="output")
     log_every: int = flag(10, "write a metrics row every N steps", group="output", **_INT)
@@ -105,8 +111,8 @@ class TrainFlags:
 
         return TrainConfig(
             max_steps=max_steps, grad_accum=self.grad_accum, max_grad_norm=self.max_grad_norm, dtype=dtype,
-            compile=self.compile, log_every=self.log_every, eval_every=self.eval_every,
-            save_every=self.save_every, progress=not self.no_progress,
+            compile=self.compile, compile_mode=self.compile_mode or "default", log_every=self.log_every,
+            eval_every=self.eval_every, save_every=self.save_every, progress=not self.no_progress,
         )
 
     def run_config(self, world_size: int, dtype_name: str, max_steps: int) -> dict[str, Any]:
@@ -183,6 +189,8 @@ def parse_train_flags(argv: Sequence[str] | None, description: str) -> TrainFlag
     scratch_flags = [f for f in ("n_layer", "n_head", "n_embd") if getattr(args, f) is not None]
     if args.init != "scratch" and scratch_flags:
         p.error(f"--{scratch_flags[0].replace('_', '-')} needs --init scratch (a loaded model keeps its shape)")
+    if args.compile_mode is not None and not args.compile:
+        p.error(f"--compile-mode {args.compile_mode} needs --compile")
     if args.eval_only and (args.init == "scratch" or args.resume):
         p.error("--eval-only evaluates a trained model: give --init SOURCE, without --resume or --init scratch")
     return args

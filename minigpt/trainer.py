@@ -18,6 +18,11 @@ A micro-batch's weight is its number of examples over the step's total (all rank
 step's gradient is that of the mean loss over all its examples, however they are split into
 micro-batches and ranks; a short last batch of an epoch counts each example once, as in one batch.
 
+A step reads nothing back from the device (`minigpt.metrics.StepNumbers`): the next logging step,
+evaluation or save reads the steps' numbers at once, so the host queues steps while the GPU computes.
+A non-finite loss or gradient norm thus stops the run at that read, naming the first bad step; the
+steps since ran on broken weights, but every save reads first, so the last checkpoint is untouched.
+
 The output folder is described in `minigpt/run_folder.py`: a checkpoint (with the run's model card
 and training state) that `minigpt.loading.load_model` reads, metrics.jsonl and loss.png beside it. A
 checkpoint holds everything an exact continuation needs, RNG states included, so a run killed and
@@ -30,31 +35,22 @@ import contextlib
 import math
 import os
 import random
-import signal
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from .ddp import Ranks, all_reduce_sum, gather_rng_states, restore_rng_states
+from .ddp import Ranks, StopRequest, all_reduce_sum, gather_rng_states, restore_rng_states
 from .errors import MinigptError
-from .metrics import MetricsLog, evaluate, perplexity, plot_metrics
+from .metrics import MetricsLog, StepNumbers, evaluate, perplexity, plot_metrics
 from .optim import AdamW, clip_grad_norm
-from .run_folder import (
-    CARD_FILE,
-    METRICS_FILE,
-    PLOT_FILE,
-    check_same_run,
-    read_training_state,
-    write_run_checkpoint,
-    write_training_state,
-)
+from .run_folder import CARD_FILE, METRICS_FILE, PLOT_FILE, check_same_run, read_training_state
+from .run_folder import write_run_checkpoint, write_training_state
 
 
 def seed_everything(seed: int) -> None:
@@ -78,6 +74,7 @@ class TrainConfig:
     max_grad_norm: float = 1.0  # clip the gradients' global L2 norm to this; 0: no clipping
     dtype: torch.dtype = torch.float32  # compute precision: bf16 / fp16 run under autocast [--dtype]
     compile: bool = False  # torch.compile the model [--compile]
+    compile_mode: str = "default"  # torch.compile's: default, reduce-overhead, max-autotune [--compile-mode]
     log_every: int = 10  # write a metrics row every this many steps [--log-every]
     eval_every: int = 0  # evaluate every this many steps (0: only at epoch ends) [--eval-every]
     save_every: int = 0  # checkpoint every this many steps (0: only at the end) [--save-every]
@@ -149,76 +146,117 @@ class Trainer:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.forward_model = DistributedDataParallel(model, device_ids=ids)
         if config.compile:
-            self.forward_model = torch.compile(self.forward_model)
+            self.forward_model = torch.compile(self.forward_model, mode=config.compile_mode)
+        # reduce-overhead replays CUDA graphs, recorded per input shape: the batch dimension is marked
+        # dynamic so that an epoch's short last batch does not record (and compile) a second graph.
+        self.cuda_graphs = config.compile and config.compile_mode == "reduce-overhead"
 
         self.step = 0  # optimizer steps done (fp16 steps skipped by the scaler included)
-        self.skipped_steps = 0
+        self.skipped_steps = 0  # (a property, counted on the device)
         self.last_eval_step = -1
         self.last_save_step = -1
         self.metrics: MetricsLog | None = None
         self.resumed_metrics_rows: int | None = None  # rows the checkpoint had seen (a resume)
         self.rows_at_save = -1  # metrics rows written when the last checkpoint was saved
-        self.stop_requested = False  # Ctrl-C / SIGTERM: stop after the step in progress
+        self.stop = StopRequest()  # Ctrl-C / SIGTERM: stop after the step in progress
         self.bar = None  # the tqdm progress bar, while fit() runs on rank 0
-        self.interval = {"loss": 0.0, "steps": 0, "tokens": 0, "seconds": 0.0}  # since the last metrics row
+        self.pending = StepNumbers(self.device)  # the steps' numbers, still on the device
+        self.interval = {"losses": [], "tokens": 0, "seconds": 0.0}  # read back since the last metrics row
         self.last: dict[str, float] = {}  # the last step's numbers and validation loss
 
     # --- one step ------------------------------------------------------------------------
 
-    def _micro_loss(self, batch: torch.Tensor, weight: float) -> torch.Tensor:
+    def _micro_loss(self, batch: torch.Tensor, weight: float | torch.Tensor) -> torch.Tensor:
         """Forward and backward on one micro-batch; returns its weighted loss (detached)."""
         if len(batch) == 0:
             # A rank whose share of a short last batch is empty must still join DDP's gradient
             # all-reduce: it runs a dummy example with weight 0, which adds zero gradients.
             batch, weight = torch.zeros((1, *batch.shape[1:]), dtype=batch.dtype), 0.0
+        batch = batch.to(self.device, non_blocking=True)
+        if self.cuda_graphs:
+            torch._dynamo.maybe_mark_dynamic(batch, 0)
+            torch.compiler.cudagraph_mark_step_begin()  # each micro-batch's forward and backward is new work
         with self.autocast:
-            loss = self.loss_fn(self.forward_model, batch.to(self.device, non_blocking=True)) * weight
+            loss = self.loss_fn(self.forward_model, batch) * weight
         # DDP averages gradients over ranks; each rank's weight is its share of the whole step,
         # so scale by the world size to make that average a sum.
         scaled = loss * self.ranks.world_size if self.ranks.world_size > 1 else loss
         (self.scaler.scale(scaled) if self.scaler else scaled).backward()
         return loss.detach()
 
-    def train_step(self, micro_batches: list[torch.Tensor]) -> dict[str, float]:
-        """One optimizer step over `micro_batches`; returns the step's loss, lr and grad norm."""
+    def train_step(self, micro_batches: list[torch.Tensor]) -> dict[str, Any]:
+        """One optimizer step over `micro_batches`; returns the step's lr (a float), and its loss
+        (this rank's share; summed over ranks it is the step's) and gradient norm as 0-dim device
+        tensors, which this does not wait for (`float()` of one waits for the device)."""
         self.model.train()
         total = sum(len(b) for b in micro_batches)  # examples in the step, all ranks together
-        if self.ranks.in_process_group:
-            total = all_reduce_sum(torch.tensor([total], device=self.device), self.ranks).item()
+        if self.ranks.in_process_group:  # summed on the device, never read back by the host
+            total = all_reduce_sum(self._full(total), self.ranks)
         step_loss = torch.zeros((), device=self.device)
         for i, batch in enumerate(micro_batches):
             last = i == len(micro_batches) - 1
             sync = contextlib.nullcontext() if last or not self.ranks.in_process_group else self._no_sync()
+            # (a device weight: fp64 division, then rounded to fp32 as a Python float would be)
+            weight = (self._full(len(batch)) / total).float() if torch.is_tensor(total) else len(batch) / total
             with sync:
-                step_loss += self._micro_loss(batch, len(batch) / total)
-        loss = all_reduce_sum(step_loss, self.ranks).item()
-        if not math.isfinite(loss):
-            self._stop_non_finite("the training loss", loss)
+                step_loss += self._micro_loss(batch, weight)
         if self.scaler:
             self.scaler.unscale_(self.optimizer)  # clip the true gradients, not the scaled ones
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        grad_norm = clip_grad_norm(params, self.config.max_grad_norm).item()
-        if not math.isfinite(grad_norm) and not self.scaler:  # (fp16: the scaler skips the step)
-            self._stop_non_finite("the gradient norm", grad_norm)
+        grad_norm = clip_grad_norm(params, self.config.max_grad_norm)
         lr_scale = self.schedule(self.step)
         for group, base_lr in zip(self.optimizer.param_groups, self.base_lrs):
             group["lr"] = base_lr * lr_scale
         if self.scaler:
-            scale = self.scaler.get_scale()
-            self.scaler.step(self.optimizer)  # skipped when the gradients hold inf/NaN
+            # Skipped when a gradient holds inf/NaN, which is exactly when their norm is not finite:
+            # counted from the norm on the device, without asking the scaler (get_scale() waits).
+            self.scaler.step(self.optimizer)
             self.scaler.update()
-            self.skipped_steps += self.scaler.get_scale() < scale
+            self._skipped += ~torch.isfinite(grad_norm)
         else:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        return {"loss": loss, "lr": self.base_lrs[0] * lr_scale, "grad_norm": grad_norm}
+        return {"loss": step_loss, "lr": self.base_lrs[0] * lr_scale, "grad_norm": grad_norm}
 
-    def _stop_non_finite(self, what: str, value: float) -> None:
-        """Stop before the optimizer step: the weights, and the last checkpoint, stay as they were."""
+    @property
+    def skipped_steps(self) -> int:
+        """fp16 steps the loss scaler skipped (reading it waits for the device)."""
+        return int(self._skipped)
+
+    @skipped_steps.setter
+    def skipped_steps(self, n: int) -> None:
+        self._skipped = torch.full((), n, dtype=torch.int64, device=self.device)
+
+    def _full(self, n: int) -> torch.Tensor:  # n as a 0-dim fp64 device tensor: a fill, not a host copy
+        return torch.full((), float(n), dtype=torch.float64, device=self.device)
+
+    def _read_numbers(self) -> None:
+        """Bring the steps' numbers since the last read to the host (all ranks at the same step):
+        stop on the first non-finite one, count fp16's skipped steps, update the progress bar."""
+        losses, grad_norms, seconds = self.pending.read(self.ranks)
+        first = self.step - len(losses) + 1
+        for step, loss, grad_norm in zip(range(first, self.step + 1), losses, grad_norms):
+            if not math.isfinite(loss):
+                self._stop_non_finite("the training loss", loss, step)
+            if not math.isfinite(grad_norm) and not self.scaler:  # (fp16: the scaler skipped the step)
+                self._stop_non_finite("the gradient norm", grad_norm, step)
+        if not losses:
+            return
+        self.interval["losses"] += losses
+        self.interval["seconds"] += seconds
+        self.last.update(loss=losses[-1], grad_norm=grad_norms[-1])
+        if self.bar is not None:
+            self.bar.set_postfix(
+                loss=f"{losses[-1]:.4f}", lr=f"{self.last['lr']:.2e}",
+                tok_s=f"{self.interval['tokens'] / max(self.interval['seconds'], 1e-9):.0f}", refresh=False,
+            )
+
+    def _stop_non_finite(self, what: str, value: float, step: int) -> None:
+        """Stop: nothing after the last checkpoint is saved, so it stays as it was."""
         saved = f"step {self.last_save_step}" if self.last_save_step >= 0 else "none yet"
         raise MinigptError(
-            f"step {self.step + 1}: {what} is {value}; stopping. The last checkpoint in {self.out} "
+            f"step {step}: {what} is {value}; stopping. The last checkpoint in {self.out} "
             f"({saved}) is untouched; try a lower --lr or another --dtype"
         )
 
@@ -258,6 +296,7 @@ class Trainer:
 
     def save(self) -> None:
         """Checkpoint the model, its card and the training state after `self.step` steps (rank 0 writes)."""
+        self._read_numbers()  # (stops, saving nothing, if a step since the last read was not finite)
         info, tensors = self.state()
         if self.ranks.is_main:
 
@@ -315,10 +354,10 @@ class Trainer:
                 file=sys.stderr, dynamic_ncols=True,
             )
         try:
-            with self._signals_stop_after_the_step():
+            with self.stop.catch_signals(self.ranks.is_main):
                 while self.step < cfg.max_steps and not self._should_stop():
                     self._run_epoch()
-                if self.stop_requested:
+                if self._should_stop(agree_now=True):  # (every rank: a signal may have come in the last step)
                     self.save()
                     raise KeyboardInterrupt
             if self.val_batches is not None and self.last_eval_step != self.step:
@@ -352,34 +391,28 @@ class Trainer:
     def _run_step(self, micro: list[torch.Tensor]) -> None:
         """One step plus what follows it: progress, logging, evaluation, saving."""
         cfg, interval = self.config, self.interval
-        start = time.perf_counter()
+        self.pending.start()
         numbers = self.train_step(micro)
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        interval["seconds"] += time.perf_counter() - start
+        self.pending.stop(numbers["loss"], numbers["grad_norm"])
         interval["tokens"] += sum(b.numel() for b in micro) * self.ranks.world_size
-        interval["loss"] += numbers["loss"]
-        interval["steps"] += 1
-        self.last = numbers
+        self.last["lr"] = numbers["lr"]
         if self.bar is not None:
             self.bar.update(1)
-            self.bar.set_postfix(
-                loss=f"{numbers['loss']:.4f}", lr=f"{numbers['lr']:.2e}",
-                tok_s=f"{interval['tokens'] / interval['seconds']:.0f}", refresh=False,
-            )
         if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
+            self._read_numbers()
+            losses = interval["losses"]
             row = {
                 "step": self.step,
                 "epoch": self._epoch(),
-                "loss": interval["loss"] / interval["steps"],  # the mean since the last row
+                "loss": sum(losses) / len(losses),  # the mean since the last row
                 "lr": numbers["lr"],
-                "grad_norm": numbers["grad_norm"],
+                "grad_norm": self.last["grad_norm"],  # null for an fp16 step skipped for inf/NaN
                 "tokens_per_sec": interval["tokens"] / interval["seconds"],
             }
             if self.scaler:
                 row["skipped_steps"] = self.skipped_steps
             self._log(row)
-            interval.update(loss=0.0, steps=0, tokens=0, seconds=0.0)
+            interval.update(losses=[], tokens=0, seconds=0.0)
         # The last step is evaluated before it is saved, so that its checkpoint's card holds its loss.
         due = (cfg.eval_every and self.step % cfg.eval_every == 0) or self.step == cfg.max_steps
         if due and self.val_batches is not None and self.last_eval_step != self.step:
@@ -393,15 +426,12 @@ class Trainer:
                             device=self.device)
         return all_reduce_sum(flag, self.ranks).item() > 0
 
-    def _should_stop(self) -> bool:
-        """Whether a stop was asked for (Ctrl-C, SIGTERM); under DDP, asked of any rank, so that all
-        ranks stop at the same step."""
-        if self.ranks.in_process_group:
-            flag = torch.tensor([float(self.stop_requested)], device=self.device)
-            self.stop_requested = all_reduce_sum(flag, self.ranks).item() > 0
-        return self.stop_requested
+    def _should_stop(self, agree_now: bool = False) -> bool:
+        """Whether to stop after this step (Ctrl-C, SIGTERM; all ranks agree, see `StopRequest`)."""
+        return self.stop.agreed(self.step, self.device, self.ranks, now=agree_now)
 
     def _evaluate_and_log(self) -> None:
+        self._read_numbers()  # (stops, before evaluating broken weights, if a step was not finite)
         val_loss = self.evaluate()
         self.last_eval_step = self.step
         self.last["val_loss"] = val_loss
@@ -415,32 +445,6 @@ class Trainer:
     def _log(self, row: dict[str, Any]) -> None:
         if self.metrics is not None:
             self.metrics.write(row)
-
-    @contextlib.contextmanager
-    def _signals_stop_after_the_step(self) -> Iterator[None]:
-        """Ctrl-C (SIGINT) or SIGTERM (a scheduler's preemption, torchrun shutting down) asks to stop
-        after the step in progress, which is then saved; a second Ctrl-C interrupts at once. Only the
-        main thread receives signals; elsewhere this does nothing."""
-        import threading
-
-        if threading.current_thread() is not threading.main_thread():
-            yield
-            return
-        previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-
-        def request_stop(signum, frame) -> None:
-            self.stop_requested = True
-            signal.signal(signal.SIGINT, previous[signal.SIGINT])
-            if self.ranks.is_main:
-                print("\nstopping after this step (Ctrl-C again to quit at once)", file=sys.stderr)
-
-        for sig in previous:
-            signal.signal(sig, request_stop)
-        try:
-            yield
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
 
 
 __all__ = ["TrainConfig", "Trainer", "seed_everything"]

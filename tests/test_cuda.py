@@ -1,6 +1,7 @@
 """The CUDA paths, run only on a GPU machine (`pytest -m cuda`; skipped elsewhere, see conftest.py):
 the model in fp32 (TF32) / bf16 against the CPU, decoding with the KV cache, int8, and short
-training runs in fp32, bf16 and fp16 with loss scaling whose metrics are valid JSON."""
+training runs in fp32, bf16 and fp16 with loss scaling whose metrics are valid JSON, the step timing
+by CUDA events, and --compile-mode reduce-overhead (CUDA graphs) without a recompile for a short batch."""
 
 from __future__ import annotations
 
@@ -80,3 +81,46 @@ def test_training_on_cuda_runs_and_logs_valid_json(tmp_path, monkeypatch, dtype)
     losses = [r["loss"] for r in rows if "loss" in r]
     assert len(losses) == 6 and all(math.isfinite(x) for x in losses)
     assert losses[-1] < losses[0]  # lr 2e-3 on a tiny model: 6 steps lower the loss
+
+
+def test_step_numbers_time_with_cuda_events_and_read_back_once():
+    from minigpt.metrics import StepNumbers
+
+    numbers = StepNumbers(torch.device("cuda"))
+    a = torch.randn(2048, 2048, device="cuda")
+    for _ in range(3):
+        numbers.start()
+        loss = (a @ a).mean()
+        numbers.stop(loss, a.norm())
+    expected = [(a @ a).mean().item()] * 3
+    losses, norms, seconds = numbers.read()
+    assert losses == pytest.approx(expected, rel=1e-5) and norms == pytest.approx([a.norm().item()] * 3, rel=1e-5)
+    assert seconds > 0 and len(numbers) == 0
+
+
+def test_reduce_overhead_compiles_once_for_the_short_last_batch(tmp_path, monkeypatch):
+    """--compile-mode reduce-overhead (CUDA graphs): batches of 4, 4 and a short last one of 2 train
+    with one compiled graph (a recompile is an error here), and the loss matches the eager run."""
+    from test_trainer import make_trainer, micro_model, random_blocks
+
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)  # fp32 matmuls on both sides
+    train = random_blocks(10, 16, 300, seed=5)
+    make_trainer(tmp_path / "eager", micro_model().cuda(), train, max_steps=6, device="cuda").fit()
+    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
+    make_trainer(tmp_path / "graphs", micro_model().cuda(), train, max_steps=6, device="cuda", compile=True,
+                 compile_mode="reduce-overhead").fit()
+    rows = lambda out: [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
+    got, expected = [r["loss"] for r in rows(tmp_path / "graphs")], [r["loss"] for r in rows(tmp_path / "eager")]
+    assert got == pytest.approx(expected, rel=1e-3)  # fused kernels only round differently
+
+
+def test_training_with_reduce_overhead_through_the_cli(tmp_path, monkeypatch):
+    monkeypatch.setenv("MINIGPT_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "out"
+    result = call_cli("train.py", "--preset", "tiny", "--no-progress", "--max-steps", "8", "--log-every", "1",
+                      "--device", "cuda", "--compile", "--compile-mode", "reduce-overhead", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    rows = [json.loads(line, parse_constant=reject_constant)
+            for line in (out / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in rows if "loss" in r]
+    assert len(losses) == 8 and all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]

@@ -65,17 +65,23 @@ def make_trainer(out: Path, model: GPT, loss_fn, **cfg) -> Trainer:
 
 
 def test_a_non_finite_gradient_norm_stops_before_the_step(tmp_path):
-    """The loss is finite, its gradients are not: the run stops at that step with one message, and
-    neither the weights nor the last checkpoint take the step."""
+    """The loss is finite, its gradients are not: the run stops with one message naming that step,
+    and the last checkpoint does not take it. (The loop reads its numbers back only when it logs, here
+    every step, so the step itself has run in memory: it stops before the next one, issue 13.)"""
     model = micro_model()
     trainer = make_trainer(tmp_path, model, poisoned_loss(bad_step=5), max_steps=10, save_every=2)
+    before = {name: t.clone() for name, t in model_state_for_saving(model).items()}
     with pytest.raises(MinigptError, match=r"step 5: the gradient norm is (inf|nan); stopping.*\(step 4\) is untouched"):
         trainer.fit()
-    assert trainer.step == 4
+    assert trainer.step == 5
     assert json.loads((tmp_path / "training_state.json").read_text())["step"] == 4
     saved = load_file(str(tmp_path / "model.safetensors"))
-    for name, tensor in model_state_for_saving(model).items():
-        assert torch.equal(saved[name], tensor), name  # the weights in memory did not move either
+    assert all(torch.isfinite(t).all() for t in saved.values())
+    assert not all(torch.isfinite(t).all() for t in model_state_for_saving(model).values())  # step 5 ran
+    trainer_at_4 = make_trainer(tmp_path / "again", micro_model(), poisoned_loss(bad_step=99), max_steps=4)
+    trainer_at_4.fit()  # the same 4 steps, unpoisoned: the checkpoint holds exactly their weights
+    assert all(torch.equal(saved[name], t) for name, t in model_state_for_saving(trainer_at_4.model).items())
+    assert any(not torch.equal(before[name], saved[name]) for name in before)
 
 
 def test_fp16_steps_with_inf_gradients_are_skipped_and_counted(tmp_path):
@@ -89,7 +95,7 @@ def test_fp16_steps_with_inf_gradients_are_skipped_and_counted(tmp_path):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     scale = trainer.scaler.get_scale()
     numbers = trainer.train_step([next(batches)])  # step 3: inf gradients
-    assert not np.isfinite(numbers["grad_norm"])
+    assert not torch.isfinite(numbers["grad_norm"])  # (a device tensor: train_step waits for nothing)
     assert trainer.step == 3 and trainer.skipped_steps == 1 and trainer.scaler.get_scale() == scale / 2
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     trainer.train_step([next(batches)])  # step 4 is an ordinary one again

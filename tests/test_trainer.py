@@ -64,7 +64,8 @@ def save_weights(model: GPT):
     return save
 
 
-def make_trainer(out, model, train, val=None, *, batch=4, max_steps=10, loss_fn=lm_loss, save_model=None, **cfg):
+def make_trainer(out, model, train, val=None, *, batch=4, max_steps=10, loss_fn=lm_loss, save_model=None, device="cpu",
+                 **cfg):
     optimizer = AdamW(param_groups(model, 0.01), lr=3e-3)
     cfg = {"log_every": 1, "progress": False, **cfg}
     return Trainer(
@@ -72,7 +73,7 @@ def make_trainer(out, model, train, val=None, *, batch=4, max_steps=10, loss_fn=
         train_batches=BatchIterator(train, batch, seed=7),
         val_batches=BatchIterator(val, batch, shuffle=False) if val else None,
         config=TrainConfig(max_steps=max_steps, **cfg), out=out, save_model=save_model or save_weights(model),
-        run_config={"--lr": 3e-3},
+        run_config={"--lr": 3e-3}, device=device,
     )
 
 

@@ -1,0 +1,215 @@
+"""The training loop waits for the device only when it logs (issue 13): which steps read numbers
+back, that the rows are the same numbers as when every step is read, the non-finite stop at the next
+read, fp16's skipped steps as strict JSON, --compile-mode and the collectives' timeout."""
+
+from __future__ import annotations
+
+import json
+import math
+from datetime import timedelta
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from minigpt.errors import MinigptError
+from minigpt.metrics import MetricsLog, StepNumbers, strict_json
+from minigpt.run_folder import STATE_JSON
+from test_trainer import lm_loss, make_trainer, micro_model, random_blocks, rows
+
+HOST_READS = ("item", "tolist", "__float__", "__int__", "__bool__")  # each waits for a GPU's queue
+
+
+def test_numbers_are_read_back_only_at_logging_steps(tmp_path, monkeypatch):
+    trainer = make_trainer(tmp_path, micro_model(), random_blocks(40, 16, 300, seed=1), max_steps=10, log_every=5)
+    read_at = []
+    for name in HOST_READS:
+        real = getattr(torch.Tensor, name)
+
+        def reading(self, *args, _real=real, **kwargs):
+            read_at.append(trainer.step)
+            return _real(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, reading)
+    trainer.fit()
+    monkeypatch.undo()
+    assert set(read_at) == {5, 10}  # steps 1-4 and 6-9 never wait for the device
+    assert [r["step"] for r in rows(tmp_path)] == [5, 10]
+
+
+def test_rows_are_the_means_of_the_steps_read_one_by_one(tmp_path):
+    """Reading five steps at once gives the same numbers as reading each: the loss of a row is the
+    mean of its steps' losses, summed in the same order, so equal to the last bit."""
+    train = random_blocks(30, 16, 300, seed=2)
+    make_trainer(tmp_path / "each", micro_model(), train, max_steps=10, log_every=1).fit()
+    make_trainer(tmp_path / "five", micro_model(), train, max_steps=10, log_every=5).fit()
+    each, five = rows(tmp_path / "each"), rows(tmp_path / "five")
+    for row, steps in zip(five, (each[0:5], each[5:10])):
+        assert row["loss"] == sum(r["loss"] for r in steps) / 5
+        assert (row["step"], row["lr"], row["grad_norm"], row["epoch"]) == tuple(
+            steps[-1][k] for k in ("step", "lr", "grad_norm", "epoch"))
+        assert row["tokens_per_sec"] > 0
+
+
+def nan_at_call(n: int, make_nan):
+    calls = {"n": 0}
+
+    def loss_fn(model, batch):
+        calls["n"] += 1
+        loss = lm_loss(model, batch)
+        return make_nan(loss) if calls["n"] == n else loss
+
+    return loss_fn
+
+
+class InfiniteGradient(torch.autograd.Function):
+    """The identity forward; backward makes every gradient infinite (what an fp16 overflow does)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("inf")
+
+
+@pytest.mark.parametrize("what, make_nan", [
+    ("the training loss is nan", lambda loss: loss * float("nan")),
+    ("the gradient norm is (inf|nan)", InfiniteGradient.apply),
+])
+def test_a_non_finite_step_stops_at_the_next_read_and_saves_nothing(tmp_path, what, make_nan):
+    """log_every 5, save_every 2: step 3 goes bad; the save of step 4 reads first and stops the run,
+    naming step 3, with the checkpoint of step 2 untouched."""
+    loss_fn = nan_at_call(3, make_nan)
+    trainer = make_trainer(tmp_path, micro_model(), random_blocks(40, 16, 300, seed=3), max_steps=10,
+                           log_every=5, save_every=2, loss_fn=loss_fn)
+    with pytest.raises(MinigptError, match=rf"^step 3: {what}; stopping.*\(step 2\) is untouched"):
+        trainer.fit()
+    assert trainer.step == 4
+    assert json.loads((tmp_path / STATE_JSON).read_text())["step"] == 2
+    assert all(torch.isfinite(t).all() for t in load_file(str(tmp_path / "model.safetensors")).values())
+
+
+def test_fp16_skipped_step_is_null_in_strict_json(tmp_path):
+    """fp16 with loss scaling (on the CPU here): the step whose gradients overflow is skipped, its
+    grad_norm written as null (not `Infinity`), skipped_steps counts it, and the weights stay as
+    they were through that step."""
+    model = micro_model()
+    trainer = make_trainer(tmp_path, model, random_blocks(40, 16, 300, seed=4), max_steps=4, log_every=1,
+                           dtype=torch.float16, loss_fn=nan_at_call(2, InfiniteGradient.apply))
+    trainer.fit()
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+
+    def refuse(name):
+        raise AssertionError(f"metrics.jsonl holds {name}")
+
+    written = [json.loads(line, parse_constant=refuse) for line in lines]
+    assert [r["grad_norm"] is None for r in written] == [False, True, False, False]
+    assert [r["skipped_steps"] for r in written] == [0, 1, 1, 1]
+    assert all(math.isfinite(r["loss"]) and r["grad_norm"] is None or r["grad_norm"] > 0 for r in written)
+    assert trainer.skipped_steps == 1 and json.loads((tmp_path / STATE_JSON).read_text())["skipped_steps"] == 1
+
+
+def test_strict_json_writes_null_for_non_finite_numbers_and_refuses_nested_ones(tmp_path):
+    assert strict_json({"a": float("inf"), "b": float("nan"), "c": -float("inf"), "d": 1.5, "e": None}) == \
+        '{"a": null, "b": null, "c": null, "d": 1.5, "e": null}'
+    with pytest.raises(ValueError):
+        strict_json({"a": [float("nan")]})
+    log = MetricsLog(tmp_path / "m.jsonl")
+    log.write({"step": 1, "val_loss": 800.0, "val_ppl": float("inf")})
+    log.close()
+    assert log.rows == [{"step": 1, "val_loss": 800.0, "val_ppl": None}]  # the rows are what the file says
+    assert json.loads((tmp_path / "m.jsonl").read_text()) == log.rows[0]
+
+
+def test_step_numbers_read_all_steps_at_once():
+    numbers = StepNumbers(torch.device("cpu"))
+    assert numbers.read() == ([], [], 0.0)
+    for loss, norm in ((2.5, 0.5), (float("nan"), float("inf"))):
+        numbers.start()
+        numbers.stop(torch.tensor(loss), torch.tensor([norm]))
+    losses, norms, seconds = numbers.read()
+    assert losses[0] == 2.5 and math.isnan(losses[1]) and norms == [0.5, float("inf")] and seconds > 0
+    assert len(numbers) == 0
+
+
+# --- --compile-mode --------------------------------------------------------------------------------
+
+
+def test_compile_mode_reaches_torch_compile_and_reduce_overhead_marks_the_batch_dynamic(tmp_path, monkeypatch):
+    """(torch.compile itself is replaced: compiling is the CUDA test's job; here, what is asked of it.)"""
+    asked, marked, steps_begun = [], [], []
+    monkeypatch.setattr(torch, "compile", lambda module, mode: asked.append(mode) or module)
+    monkeypatch.setattr(torch._dynamo, "maybe_mark_dynamic", lambda t, dim: marked.append((tuple(t.shape), dim)))
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: steps_begun.append(1))
+    train = random_blocks(10, 16, 300, seed=5)  # batches of 4: 4, 4, then the short last one of 2
+    make_trainer(tmp_path / "a", micro_model(), train, max_steps=3, compile=True, compile_mode="reduce-overhead").fit()
+    assert asked == ["reduce-overhead"]
+    assert marked == [((4, 16), 0), ((4, 16), 0), ((2, 16), 0)] and len(steps_begun) == 3
+    marked.clear()
+    make_trainer(tmp_path / "b", micro_model(), train, max_steps=3, compile=True, compile_mode="max-autotune").fit()
+    assert asked[-1] == "max-autotune" and marked == []
+
+
+def test_compile_mode_flag_errors_are_one_line(tmp_path):
+    from conftest import call_cli
+
+    for args, needle in ((["--compile-mode", "reduce-overhead"], "--compile-mode reduce-overhead needs --compile"),
+                         (["--compile", "--compile-mode", "fast"], "argument --compile-mode: invalid choice: 'fast'")):
+        result = call_cli("train.py", *args, "--out", str(tmp_path / "out"))
+        assert result.returncode == 2 and needle in result.stderr.strip().splitlines()[-1]
+        assert "Traceback" not in result.stderr and not (tmp_path / "out").exists()
+
+
+def test_train_flags_carry_the_compile_mode():
+    from minigpt.train_flags import parse_train_flags
+
+    assert parse_train_flags(["--compile"], "").train_config(5, torch.float32).compile_mode == "default"
+    config = parse_train_flags(["--compile", "--compile-mode", "reduce-overhead"], "").train_config(5, torch.float32)
+    assert config.compile and config.compile_mode == "reduce-overhead"
+
+
+# --- DDP ------------------------------------------------------------------------------------------
+
+
+def test_collectives_wait_an_hour_or_what_the_environment_says(monkeypatch):
+    from minigpt import ddp
+
+    monkeypatch.delenv("MINIGPT_DDP_TIMEOUT_MINUTES", raising=False)
+    assert ddp.collective_timeout() == timedelta(minutes=60)
+    monkeypatch.setenv("MINIGPT_DDP_TIMEOUT_MINUTES", "90.5")
+    assert ddp.collective_timeout() == timedelta(minutes=90.5)
+    for bad in ("0", "-3", "soon", "nan"):
+        monkeypatch.setenv("MINIGPT_DDP_TIMEOUT_MINUTES", bad)
+        with pytest.raises(MinigptError, match=f"MINIGPT_DDP_TIMEOUT_MINUTES='{bad}': give a number of minutes"):
+            ddp.collective_timeout()
+
+    joined = {}
+    monkeypatch.setenv("MINIGPT_DDP_TIMEOUT_MINUTES", "120")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(ddp.dist, "init_process_group", lambda backend, **kw: joined.update(backend=backend, **kw))
+    monkeypatch.setattr(ddp.dist, "destroy_process_group", lambda: None)
+    with ddp.torchrun_process_group(torch.device("cpu")) as (ranks, device):
+        assert (ranks.rank, ranks.world_size, device.type) == (1, 2, "cpu")
+    assert joined == {"backend": "gloo", "rank": 1, "world_size": 2, "timeout": timedelta(minutes=120)}
+
+
+def test_ranks_agree_on_a_stop_only_every_few_steps(monkeypatch):
+    """Under DDP a stop is agreed (an all-reduce, a wait for the device) only every `every` steps or
+    when asked to agree now; in between the rank that got the signal answers False too, so that no
+    rank stops alone. A plain run stops at once."""
+    from minigpt import ddp
+
+    stop = ddp.StopRequest(every=4)
+    stop.requested = True
+    assert stop.agreed(3, torch.device("cpu"), ddp.Ranks())  # no process group: this very step
+    reduced = []
+    monkeypatch.setattr(ddp.Ranks, "in_process_group", property(lambda self: True))
+    monkeypatch.setattr(ddp, "all_reduce_sum", lambda t, ranks: reduced.append(t.clone()) or t.add_(1))
+    stop.requested = False  # this rank got no signal; another rank did (the fake all-reduce adds 1)
+    answers = [stop.agreed(step, torch.device("cpu"), ddp.Ranks(0, 0, 2)) for step in range(1, 9)]
+    assert answers == [False, False, False, True, False, False, False, True]  # agreed at steps 4 and 8 only
+    assert [t.tolist() for t in reduced] == [[0.0], [1.0]]
+    assert ddp.StopRequest(every=4).agreed(3, torch.device("cpu"), ddp.Ranks(0, 0, 2), now=True)
