@@ -64,7 +64,7 @@ def make_trainer(out: Path, model: GPT, loss_fn, **cfg) -> Trainer:
     )
 
 
-def test_a_non_finite_gradient_norm_stops_before_the_step(tmp_path):
+def test_a_non_finite_gradient_norm_stops_the_run_and_spares_the_checkpoint(tmp_path):
     """The loss is finite, its gradients are not: the run stops with one message naming that step,
     and the last checkpoint does not take it. (The loop reads its numbers back only when it logs, here
     every step, so the step itself has run in memory: it stops before the next one, issue 13.)"""
