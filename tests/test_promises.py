@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -222,6 +223,16 @@ def test_ctrl_c_under_torchrun_stops_every_rank_after_the_same_step(tmp_path):
     state = json.loads((out / "training_state.json").read_text())
     assert 3 <= state["step"] < 60 and state["world_size"] == 2
     assert metrics_steps(out)[-1] == state["step"]  # the checkpoint is the last step taken
+    # torchrun can return while its ranks still wind down; rank 0 holds the run folder's lock until it
+    # exits, so a resume started before then would be refused. Wait for the whole process group.
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            os.killpg(job.pid, 0)
+        except ProcessLookupError:
+            break
+        assert time.monotonic() < deadline, "the first job's ranks did not exit"
+        time.sleep(0.05)
     resumed = torchrun(tmp_path, ROOT / "train.py", "--max-steps", "60", "--out", str(out), "--resume")
     _, stderr = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, stderr[-3000:]
