@@ -97,6 +97,16 @@ def tiny_minigpt_dir(tiny_hf_dir, tmp_path_factory) -> Path:
     return convert_to_minigpt(tiny_hf_dir, tmp_path_factory.mktemp("tiny_mg") / "ckpt")
 
 
+@pytest.fixture
+def one_thread(monkeypatch):
+    """Tiny models gain nothing from a second thread, and on a busy 2-core machine lose a lot."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # for the sample.py subprocesses
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def run_cli(script: str, *args: str, timeout: float = 300, **kwargs):
     """Run one of the repo's CLIs in a subprocess; returns the CompletedProcess (text mode)."""
     import subprocess

@@ -20,14 +20,7 @@ STATS = re.compile(
 )
 
 
-@pytest.fixture(autouse=True)
-def one_thread(monkeypatch):
-    """Tiny models gain nothing from a second thread, and on a busy 2-core machine lose a lot."""
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # for the sample.py subprocesses
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def hf_greedy_text(hf_dir, tokenizer, prompt: str, n: int) -> str:

@@ -37,14 +37,7 @@ ESCAPE = re.compile(r"\x1b\[(\d+)m(.*?)\x1b\[0m", re.S)
 PROB_TOL = 1e-4
 
 
-@pytest.fixture(autouse=True)
-def one_thread(monkeypatch):
-    """Tiny models gain nothing from a second thread, and on a busy 2-core machine lose a lot."""
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # for the sample.py subprocesses
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
