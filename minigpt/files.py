@@ -1,9 +1,13 @@
-"""File helpers every part of minigpt shares: read a JSON file, write a folder atomically.
+"""File helpers every part of minigpt shares: read a JSON file; write a file, a folder or a link atomically.
 
-Data cache entries, checkpoint folders and exported HF folders are all written the same way: into a
-temporary folder beside the destination, flushed to the disk, then renamed into place. A reader
-therefore finds either the previous complete folder or the new complete one, never half of one,
-even after a crash or a power cut. This module knows nothing of models, tokenizers or data.
+This module is the only place that writes by "temporary copy, fsync, rename": data cache entries,
+checkpoint folders, exported HF folders and a run's step folders (`atomic_folder`), a run's
+metrics.jsonl and loss plot and sample.py's trace file (`atomic_file`), and a run's `current`
+checkpoint pointer (`atomic_symlink`). Each is written in full beside its destination under a
+temporary name `.NAME.tmp-XXXX`, flushed to the disk, then renamed into place, and the rename itself
+is flushed. A reader therefore finds either the previous complete version or the new complete one,
+never half of one, even after a crash or a power cut; a kill leaves at most a temporary copy, which
+`clear_interrupted_saves` deletes. This module knows nothing of models, tokenizers or data.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import json
 import os
 import shutil
 import tempfile
+import uuid
 from pathlib import Path
 from typing import Iterator
 
@@ -55,8 +60,8 @@ def fsync_tree(folder: Path) -> None:
 def clear_interrupted_saves(out: Path) -> None:
     """Tidy up after a save of `out` that was killed midway (SIGKILL, power loss).
 
-    A kill while writing leaves a `.NAME.tmp-*` folder: deleted. A kill between the two renames in
-    `atomic_folder` leaves the previous `out` only as `.NAME.old-*/NAME`: moved back first.
+    A kill while writing leaves a `.NAME.tmp-*` folder or file: deleted. A kill between the two
+    renames in `atomic_folder` leaves the previous `out` only as `.NAME.old-*/NAME`: moved back first.
     """
     out = Path(out)
     for stale in sorted(out.parent.glob(f".{glob.escape(out.name)}.old-*")):
@@ -64,7 +69,23 @@ def clear_interrupted_saves(out: Path) -> None:
             os.replace(stale / out.name, out)
         shutil.rmtree(stale, ignore_errors=True)
     for stale in out.parent.glob(f".{glob.escape(out.name)}.tmp-*"):
-        shutil.rmtree(stale, ignore_errors=True)
+        if stale.is_dir() and not stale.is_symlink():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            stale.unlink(missing_ok=True)
+
+
+def is_temporary_copy(name: str, of: str) -> bool:
+    """Whether the file name `name` is a temporary copy of `of` that these helpers write (and that a
+    killed save may leave behind)."""
+    return name.startswith(f".{of}.tmp-")
+
+
+def _temporary_path(path: Path) -> Path:
+    """A fresh name beside `path` for a temporary file or link. Random, so that concurrent writers
+    never collide; the writer creates the file itself (so it gets the usual permissions, where
+    `tempfile.mkstemp` would make it readable by its owner only)."""
+    return path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:12]}")
 
 
 @contextlib.contextmanager
@@ -107,3 +128,52 @@ def atomic_folder(out: str | os.PathLike) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     fsync(out.parent)  # the renames themselves
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside `path` to write a file to; when the block succeeds it becomes `path`.
+
+        with atomic_file(out / "loss.png") as tmp:
+            fig.savefig(tmp)
+
+    When the block returns, the file is fsynced, renamed over `path` in one step, and the rename is
+    fsynced: a reader sees the old file or the new one, never a part. If the block raises, the
+    temporary file is deleted and `path` is untouched. As in `atomic_folder`, an OSError (a full
+    disk, a read-only folder) becomes a one-line MinigptError that says whether the previous `path`
+    survived; other exceptions pass through unchanged. A temporary file left by a killed write is not
+    cleared here, as a concurrent writer's looks the same: a destination with one writer at a time
+    clears it with `clear_interrupted_saves`.
+    """
+    path = Path(path)
+    tmp = _temporary_path(path)
+    try:
+        yield tmp
+        fsync(tmp)
+        os.replace(tmp, path)
+        fsync(path.parent)  # the rename itself
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        kept = "the previous version is untouched" if path.exists() else "nothing was written"
+        raise MinigptError(f"{path}: saving failed ({reason(e)}); {kept}") from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def atomic_symlink(target: str, link: str | os.PathLike) -> None:
+    """Make `link` a symlink to `target` in one step: the pointer swap.
+
+    A new link is made beside `link` under a temporary name and renamed over it, so `link` names
+    the old target or the new one at every moment, never nothing; then the rename is fsynced.
+    An OSError becomes a one-line MinigptError; `link` is then as it was.
+    """
+    link = Path(link)
+    tmp = _temporary_path(link)
+    try:
+        os.symlink(target, tmp)
+        os.replace(tmp, link)
+        fsync(link.parent)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise MinigptError(f"{link}: cannot point it to {target} ({reason(e)})") from None

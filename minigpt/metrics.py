@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -26,6 +25,7 @@ import torch
 import torch.nn as nn
 
 from .ddp import Ranks, all_reduce_sum
+from .files import atomic_file, clear_interrupted_saves
 
 
 def perplexity(loss: float) -> float:
@@ -137,9 +137,9 @@ class MetricsLog:
         self.path = path
         lines = path.read_text(encoding="utf-8").splitlines(keepends=True) if keep_rows and path.exists() else []
         lines = lines[: keep_rows or 0]
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text("".join(lines), encoding="utf-8")
-        os.replace(tmp, path)
+        clear_interrupted_saves(path)  # (the run's lock makes this the one writer)
+        with atomic_file(path) as tmp:
+            tmp.write_text("".join(lines), encoding="utf-8")
         self.rows: list[dict[str, Any]] = [json.loads(line) for line in lines]
         self._file = open(path, "a", encoding="utf-8")
 
@@ -174,8 +174,10 @@ def plot_metrics(metrics: Path, png: Path) -> bool:
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    tmp = png.with_name(f".{png.name}.tmp")
-    fig.savefig(tmp, dpi=100, format="png")
-    plt.close(fig)
-    os.replace(tmp, png)  # a reader never sees half a picture
+    clear_interrupted_saves(png)
+    try:
+        with atomic_file(png) as tmp:  # a reader never sees half a picture
+            fig.savefig(tmp, dpi=100, format="png")
+    finally:
+        plt.close(fig)
     return True

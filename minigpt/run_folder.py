@@ -13,9 +13,12 @@ records beside it:
     out/loss.png                     train and validation loss against step (with matplotlib)
     out/.lock                        the run's lock: one run per folder at a time
 
-A save writes a new step folder completely, then swaps `current` to it with one atomic rename, then
-deletes the older folders: whenever the process is killed, `current` names one complete checkpoint
-and every file read through it is from the same step. Readers need no recovery step.
+A save is a pointer swap, built from `minigpt.files`' helpers: the new step folder is written
+whole with `atomic_folder` (a temporary folder, fsynced, renamed to `step-...`), then `current` is
+swapped to it with `atomic_symlink` (one atomic rename), and only then are the older folders
+deleted. Whenever the process is killed, `current` names one complete checkpoint and every file read
+through it is from the same step; readers need no recovery step, and the next save deletes whatever
+a killed one left in `.ckpt`. metrics.jsonl and loss.png are replaced whole with `atomic_file`.
 """
 
 from __future__ import annotations
@@ -24,7 +27,6 @@ import fcntl
 import json
 import os
 import shutil
-import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -33,7 +35,7 @@ from typing import Any, Callable
 import torch
 from safetensors.torch import load_file, save_file
 
-from .files import fsync, fsync_tree, read_json
+from .files import atomic_folder, atomic_symlink, is_temporary_copy, read_json
 from .errors import MinigptError
 
 CKPT_DIR = ".ckpt"
@@ -88,9 +90,11 @@ def check_out_folder(out: str | os.PathLike, resume: bool) -> Path | None:
 
 
 def _belongs_to_run(entry: Path) -> bool:
-    """Our own files: .ckpt/, metrics.jsonl, loss.png (and their temporary copies), .lock, and the links
-    into .ckpt/current/."""
-    if entry.name in (CKPT_DIR, METRICS_FILE, PLOT_FILE, LOCK_FILE, f".{METRICS_FILE}.tmp", f".{PLOT_FILE}.tmp"):
+    """Our own files: .ckpt/, metrics.jsonl, loss.png (and temporary copies of those two that a killed
+    run may leave), .lock, and the links into .ckpt/current/."""
+    if entry.name in (CKPT_DIR, METRICS_FILE, PLOT_FILE, LOCK_FILE):
+        return True
+    if is_temporary_copy(entry.name, METRICS_FILE) or is_temporary_copy(entry.name, PLOT_FILE):
         return True
     return entry.is_symlink() and os.readlink(entry) == f"{CKPT_DIR}/{CURRENT}/{entry.name}"
 
@@ -99,23 +103,22 @@ def write_run_checkpoint(out: Path, step: int, write_files: Callable[[Path], Non
     """Write a checkpoint folder with `write_files(folder)`, then make it current in one rename.
 
     The new folder is complete (and on disk) before `.ckpt/current` is swapped to it; older step
-    folders, and any left half-written by a killed save, are deleted only afterwards.
+    folders, and anything a killed save left in `.ckpt`, are deleted only afterwards. The folder's
+    name is unique, not just its step: a resumed run may save a step again while `current` still
+    names the folder of that step it resumed from. A failed write (a full disk) is a one-line
+    MinigptError, and the checkpoint in force stays as it was.
     """
     ckpt_dir = out / CKPT_DIR
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
-    folder = Path(tempfile.mkdtemp(prefix=f"step-{step:09d}-", dir=ckpt_dir))
-    try:
-        folder.chmod(0o755)
-        write_files(folder)
-        fsync_tree(folder)  # the files on disk before the checkpoint is made current
-        for f in folder.iterdir():  # out/<file> -> .ckpt/current/<file>, made once per file name
+    folder = ckpt_dir / f"step-{step:09d}-{uuid.uuid4().hex[:8]}"
+    with atomic_folder(folder) as tmp:
+        tmp.chmod(0o755)  # mkdtemp makes it its owner's only; a checkpoint reads like the rest of out/
+        write_files(tmp)
+        for f in tmp.iterdir():  # out/<file> -> .ckpt/current/<file>, made once per file name
             link = out / f.name
             if not link.is_symlink():
                 os.symlink(f"{CKPT_DIR}/{CURRENT}/{f.name}", link)
-        tmp_link = ckpt_dir / f".{CURRENT}-{uuid.uuid4().hex}"
-        os.symlink(folder.name, tmp_link)
-        os.replace(tmp_link, ckpt_dir / CURRENT)  # the one atomic step: the new checkpoint is in force
-        fsync(ckpt_dir)
+    try:
+        atomic_symlink(folder.name, ckpt_dir / CURRENT)  # the one atomic step: the new checkpoint is in force
     except BaseException:
         shutil.rmtree(folder, ignore_errors=True)
         raise

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ from typing import Iterator, TextIO
 import torch
 
 from .errors import MinigptError
+from .files import atomic_file
 from .model import GPT
 from .sampling import TextStream, generate, next_token
 from .sampling_config import SamplingConfig
@@ -160,29 +160,23 @@ def check_trace_path(path: str | None) -> None:
 @contextlib.contextmanager
 def trace_output(path: str | None) -> Iterator[TextIO | None]:
     """The stream to write trace lines to: None for no trace, stderr for "-", else a temporary file
-    beside `path` that replaces it when the block ends (also on Ctrl-C, keeping the lines written so
-    far); on an error the temporary file is removed and an earlier file at `path` stays as it was."""
+    beside `path` (`files.atomic_file`) that replaces it when the block ends, also on Ctrl-C, keeping
+    the lines written so far; on an error the temporary file is removed and an earlier file at
+    `path` stays as it was."""
     if path is None or path == "-":
         yield None if path is None else sys.stderr
         return
     check_trace_path(path)
-    target = Path(path)
-    temporary = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    try:
-        f = open(temporary, "x", encoding="utf-8")
-    except OSError as e:
-        raise MinigptError(f"--trace {path}: cannot write there ({e.strerror or e})") from None
-    keep = False
-    try:
+    interrupted: KeyboardInterrupt | None = None
+    with atomic_file(path) as temporary:
+        try:
+            f = open(temporary, "x", encoding="utf-8")
+        except OSError as e:
+            raise MinigptError(f"--trace {path}: cannot write there ({e.strerror or e})") from None
         with f:
             try:
                 yield f
-            except KeyboardInterrupt:
-                keep = True
-                raise
-        keep = True
-    finally:
-        if keep:
-            os.replace(temporary, target)
-        else:
-            temporary.unlink(missing_ok=True)
+            except KeyboardInterrupt as e:  # the file keeps what was written; the interrupt goes on
+                interrupted = e
+    if interrupted is not None:
+        raise interrupted

@@ -309,13 +309,10 @@ class Trainer:
 
             try:
                 write_run_checkpoint(self.out, self.step, write_files)
-            except OSError as e:  # a full disk, a folder made read-only under us, ...
-                kept = "no checkpoint was written"
-                if self.last_save_step >= 0:
-                    kept = f"the checkpoint of step {self.last_save_step} is untouched"
-                raise MinigptError(
-                    f"{self.out}: saving the step-{self.step} checkpoint failed ({e.strerror or e}); {kept}"
-                ) from None
+            except MinigptError as e:  # a full disk, a folder made read-only under us, ...
+                if self.last_save_step < 0:
+                    raise
+                raise MinigptError(f"{e}; the checkpoint of step {self.last_save_step} is untouched") from None
         if self.ranks.in_process_group:
             dist.barrier()
         self.last_save_step = self.step

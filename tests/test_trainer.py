@@ -24,6 +24,7 @@ from minigpt.run_folder import (
     CKPT_DIR,
     CURRENT,
     METRICS_FILE,
+    PLOT_FILE,
     STATE_JSON,
     STATE_TENSORS,
     check_out_folder,
@@ -307,6 +308,13 @@ def test_out_folder_rules(tmp_path):
     with pytest.raises(MinigptError, match=r"already holds a training run \(checkpoint at step 1\); pass --resume"):
         check_out_folder(run, resume=False)
     assert check_out_folder(run, resume=True) == current_checkpoint(run)
+    # a run killed while replacing metrics.jsonl or loss.png leaves a temporary copy: still its own
+    (run / f".{METRICS_FILE}.tmp-0123abcd4567").write_text("half")
+    (run / f".{PLOT_FILE}.tmp-89ab").write_bytes(b"half")
+    assert check_out_folder(run, resume=True) == current_checkpoint(run)
+    (run / ".notes.txt.tmp-0123").write_text("not a run's")
+    with pytest.raises(MinigptError, match="holds '.notes.txt.tmp-0123', which is not from a minigpt"):
+        check_out_folder(run, resume=True)
 
 
 def test_a_failed_save_leaves_the_previous_checkpoint(tmp_path):
@@ -317,16 +325,22 @@ def test_a_failed_save_leaves_the_previous_checkpoint(tmp_path):
         (folder / "a.txt").write_text("tw")
         raise OSError("disk full")
 
-    with pytest.raises(OSError):
+    with pytest.raises(MinigptError, match=r"\.ckpt/step-000000002-\w+: saving failed \(disk full\); nothing was written"):
         write_run_checkpoint(out, 2, half_written)
     assert (out / "a.txt").read_text() == "one"
+    assert [p.name for p in (out / CKPT_DIR).iterdir() if p.name != CURRENT] == [os.readlink(out / CKPT_DIR / CURRENT)]
     # a save killed midway leaves a partial folder and a temporary link: the next save removes them
-    (out / CKPT_DIR / "step-000000003-dead").mkdir()
-    (out / CKPT_DIR / "step-000000003-dead" / "a.txt").write_text("partial")
-    os.symlink("step-000000003-dead", out / CKPT_DIR / ".current-dead")
+    (out / CKPT_DIR / ".step-000000003-dead.tmp-1234").mkdir()
+    (out / CKPT_DIR / ".step-000000003-dead.tmp-1234" / "a.txt").write_text("partial")
+    os.symlink("step-000000001-dead", out / CKPT_DIR / f".{CURRENT}.tmp-5678")
     write_run_checkpoint(out, 4, lambda f: (f / "a.txt").write_text("four"))
     assert (out / "a.txt").read_text() == "four"
     assert len(list((out / CKPT_DIR).iterdir())) == 2
+    # a resumed run may save the step it resumed from again: a new folder, then the old one goes
+    before = current_checkpoint(out)
+    write_run_checkpoint(out, 4, lambda f: (f / "a.txt").write_text("four again"))
+    assert current_checkpoint(out) != before and not before.exists()
+    assert (out / "a.txt").read_text() == "four again"
 
 
 @pytest.fixture(autouse=True)

@@ -1,0 +1,109 @@
+"""minigpt.files' atomic writes of one file and of one link: all or nothing, nothing left behind.
+
+(`atomic_folder` under kills and full disks: tests/test_faults.py.)
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+import pytest
+
+from minigpt.errors import MinigptError
+from minigpt.files import atomic_file, atomic_symlink, clear_interrupted_saves, is_temporary_copy
+
+
+def names(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir())
+
+
+def test_atomic_file_replaces_the_file_whole(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("old\n")
+    with atomic_file(path) as tmp:
+        assert tmp.parent == tmp_path and is_temporary_copy(tmp.name, "metrics.jsonl")
+        tmp.write_text("new\n")
+        assert path.read_text() == "old\n"  # nothing shows before the block ends
+    assert path.read_text() == "new\n" and names(tmp_path) == ["metrics.jsonl"]
+
+
+def test_atomic_file_gets_the_usual_permissions(tmp_path):
+    with atomic_file(tmp_path / "a.txt") as tmp:
+        tmp.write_text("a")
+    plain = tmp_path / "plain.txt"
+    plain.write_text("a")
+    assert (tmp_path / "a.txt").stat().st_mode == plain.stat().st_mode
+
+
+@pytest.mark.parametrize("error", [KeyError("a bug"), KeyboardInterrupt()])
+def test_a_raise_inside_atomic_file_keeps_the_old_file_and_no_temporary(tmp_path, error):
+    path = tmp_path / "loss.png"
+    path.write_bytes(b"old picture")
+    with pytest.raises(type(error)), atomic_file(path) as tmp:
+        tmp.write_bytes(b"half a pic")
+        raise error
+    assert path.read_bytes() == b"old picture" and names(tmp_path) == ["loss.png"]
+
+
+def test_atomic_file_turns_a_write_failure_into_one_line(tmp_path):
+    path = tmp_path / "trace.jsonl"
+    with pytest.raises(MinigptError) as err, atomic_file(path) as tmp:
+        tmp.write_text("half")
+        raise OSError(28, "No space left on device")
+    assert str(err.value) == f"{path}: saving failed ([Errno 28] No space left on device); nothing was written"
+    path.write_text("old")
+    with pytest.raises(MinigptError, match=r"saving failed \(.*No such file.*\); the previous version is untouched$"), \
+            atomic_file(path) as tmp:
+        (tmp.parent / "missing" / "x").write_text("a folder that is not there")
+    assert path.read_text() == "old" and names(tmp_path) == ["trace.jsonl"]
+
+
+def test_concurrent_atomic_files_never_collide(tmp_path):
+    path = tmp_path / "out.txt"
+    inside = threading.Barrier(2)
+    temporaries = []
+
+    def write(text: str) -> None:
+        with atomic_file(path) as tmp:
+            temporaries.append(tmp)
+            tmp.write_text(text)
+            inside.wait(timeout=10)  # both writers hold a temporary file at once
+
+    threads = [threading.Thread(target=write, args=(text,)) for text in ("a" * 1000, "b" * 1000)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert temporaries[0] != temporaries[1]
+    assert path.read_text() in ("a" * 1000, "b" * 1000) and names(tmp_path) == ["out.txt"]
+
+
+def test_atomic_symlink_swaps_the_pointer(tmp_path):
+    link = tmp_path / "current"
+    atomic_symlink("step-1", link)
+    assert os.readlink(link) == "step-1"
+    atomic_symlink("step-2", link)  # over an existing link: replaced, never removed first
+    assert os.readlink(link) == "step-2" and names(tmp_path) == ["current"]
+
+
+def test_atomic_symlink_failure_is_one_line_and_keeps_the_link(tmp_path):
+    link = tmp_path / "current"
+    atomic_symlink("step-1", link)
+    (tmp_path / "blocked").mkdir()
+    (tmp_path / "blocked" / "x").write_text("a folder cannot be replaced by a link")
+    with pytest.raises(MinigptError) as err:
+        atomic_symlink("step-2", tmp_path / "blocked")
+    assert str(err.value).startswith(f"{tmp_path / 'blocked'}: cannot point it to step-2 (")
+    assert "\n" not in str(err.value)
+    assert os.readlink(link) == "step-1" and names(tmp_path) == ["blocked", "current"]
+
+
+def test_leftover_temporary_files_are_cleared(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    (tmp_path / ".metrics.jsonl.tmp-dead").write_text("half")
+    os.symlink("nowhere", tmp_path / ".metrics.jsonl.tmp-link")
+    (tmp_path / ".other.tmp-keep").write_text("not ours")
+    clear_interrupted_saves(path)
+    assert names(tmp_path) == [".other.tmp-keep"]
