@@ -161,7 +161,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     check_trace_path(args.trace)
     model, tokenizer = load(args)
-    config = from_flags(SamplingConfig, args, eos_id=tokenizer.eos_id)
+    config = from_flags(SamplingConfig, args)
     coloured = args.show_probs and sys.stdout.isatty()
     if args.show_probs:  # the legend, or why there are no colours
         print(legend(sys.stderr.isatty()) if coloured else "--show-probs: stdout is not a terminal, "

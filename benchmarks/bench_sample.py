@@ -165,10 +165,10 @@ def run_ours(model, prompt: list[int], batch: int, tokens: int) -> tuple[float, 
 
     from minigpt.sampling import SamplingConfig, generate
 
-    config = SamplingConfig(max_new_tokens=tokens, top_k=50, top_p=0.95, eos_id=None)
+    config = SamplingConfig(max_new_tokens=tokens, top_k=50, top_p=0.95)
     generator = torch.Generator().manual_seed(0)
     start = time.perf_counter()
-    times = [time.perf_counter() for _ in generate(model, prompt, config, batch, generator)]
+    times = [time.perf_counter() for _ in generate(model, prompt, config, batch, generator, eos_id=None)]  # every token
     assert len(times) == tokens
     return times[0] - start, (tokens - 1) * batch / (times[-1] - times[0])
 

@@ -82,9 +82,10 @@ def decode_rate(model, hf: bool, batch: int, tokens: int) -> float:
         return (tokens - 1) * batch / (total - first)
     from minigpt.sampling import SamplingConfig, generate
 
-    config = SamplingConfig(max_new_tokens=tokens, top_k=50, top_p=0.95, eos_id=None)
-    list(generate(model, PROMPT, config, batch, torch.Generator().manual_seed(0)))  # warm-up
-    times = [time.perf_counter() for _ in generate(model, PROMPT, config, batch, torch.Generator().manual_seed(0))]
+    config = SamplingConfig(max_new_tokens=tokens, top_k=50, top_p=0.95)
+    list(generate(model, PROMPT, config, batch, torch.Generator().manual_seed(0), eos_id=None))  # warm-up
+    times = [time.perf_counter() for _ in generate(model, PROMPT, config, batch, torch.Generator().manual_seed(0),
+                                                    eos_id=None)]  # no early stop: every step timed
     return (tokens - 1) * batch / (times[-1] - times[0])
 
 

@@ -119,8 +119,9 @@ class GPTConfig:
             layer_norm_eps=hf.get("layer_norm_epsilon", 1e-5),
         )
 
-    def to_hf(self, eos_token_id: int = 50256) -> dict[str, Any]:
-        """An HF `config.json` for GPT2LMHeadModel with these numbers."""
+    def to_hf(self, eos_token_id: int) -> dict[str, Any]:
+        """An HF `config.json` for GPT2LMHeadModel with these numbers; `eos_token_id` (also its
+        `bos_token_id`) is the tokenizer's."""
         return {
             "architectures": ["GPT2LMHeadModel"],
             "model_type": "gpt2",

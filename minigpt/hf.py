@@ -1,7 +1,8 @@
 """Hugging Face's GPT-2 checkpoint layout, and conversion both ways.
 
-This is the only module that knows HF's file and tensor names and layout (fetching from the Hub is
-`minigpt/loading.py`'s job). An HF GPT-2 checkpoint differs from a minigpt one in three ways:
+This is the only module that knows HF's file and tensor names and layout (fetching the files from
+the Hub is `minigpt/hub.py`'s job, asked by `minigpt/loading.py`). An HF GPT-2 checkpoint differs
+from a minigpt one in three ways:
   1. keys may or may not carry the `transformer.` prefix (the original gpt2 upload has none);
   2. attention layers may hold non-parameter mask buffers (`h.N.attn.bias`, `h.N.attn.masked_bias`);
   3. c_attn, c_proj and c_fc are `Conv1D` modules that store weights as (in, out), the transpose of

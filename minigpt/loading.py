@@ -1,4 +1,4 @@
-"""Where a model or tokenizer comes from: the one answer for every CLI, and the only Hub downloader.
+"""Where a model or tokenizer comes from: the one answer for every CLI.
 
 A model source is one of
     a minigpt checkpoint folder    config.json is a GPTConfig        (`minigpt/checkpoint.py` reads it)
@@ -6,6 +6,8 @@ A model source is one of
     a Hub id                       e.g. `distilbert/distilgpt2`: its files are downloaded once into
                                    the huggingface_hub cache, then read as an HF folder
 A tokenizer source is a `tokenizer.json`, a folder holding tokenizer files, or a Hub id.
+Which files to fetch is HF's layout (`minigpt/hf.py`); the download itself is `minigpt/hub.py`'s,
+as is every download from the Hub.
 """
 
 from __future__ import annotations
@@ -17,28 +19,21 @@ from pathlib import Path
 import torch
 
 from .checkpoint import CONFIG_FILE, is_minigpt_checkpoint, load_checkpoint, save_checkpoint_folder
-from .errors import MinigptError, reason
+from .errors import MinigptError
 from .hf import LEGACY_WEIGHTS_FILE, MODEL_FILES, TOKENIZER_FILES, hf_weight_files, load_hf_checkpoint
+from .hub import download_repo_files
 from .model import GPT
 from .tokenizer import Tokenizer
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
-def download_from_hub(repo_id: str, kind: str = "model") -> Path:
-    """Fetch a Hub repo's model or tokenizer files into the huggingface_hub cache; return the folder."""
-    from huggingface_hub import snapshot_download  # only when asked: the Hub is never needed offline
-
-    patterns = TOKENIZER_FILES + (MODEL_FILES if kind == "model" else [])
-    try:
-        folder = Path(snapshot_download(repo_id, allow_patterns=patterns))
-        if kind == "model" and not hf_weight_files(folder):  # an old repo with only a .bin
-            folder = Path(snapshot_download(repo_id, allow_patterns=patterns + [LEGACY_WEIGHTS_FILE]))
-    except Exception as e:  # offline, unknown repo, gated repo, ...
-        raise MinigptError(
-            f"{repo_id}: no such local folder, and the Hugging Face Hub could not provide it "
-            f"({reason(e)}). Pass a local checkpoint folder instead."
-        ) from None
+def _download_model(repo_id: str) -> Path:
+    """Fetch a Hub repo's model and tokenizer files (`minigpt.hub`); return the folder."""
+    patterns = TOKENIZER_FILES + MODEL_FILES
+    folder = download_repo_files(repo_id, patterns)
+    if not hf_weight_files(folder):  # an old repo with only a .bin
+        folder = download_repo_files(repo_id, patterns + [LEGACY_WEIGHTS_FILE])
     return folder
 
 
@@ -60,7 +55,7 @@ def resolve_model(source: str | os.PathLike) -> tuple[Path, str]:
         if not (path / CONFIG_FILE).is_file():
             raise MinigptError(f"{path}: not a checkpoint (no config.json in this folder)")
     else:
-        path = download_from_hub(text)
+        path = _download_model(text)
     return path, ("minigpt" if is_minigpt_checkpoint(path) else "hf")
 
 
@@ -83,7 +78,7 @@ def load_tokenizer(source: str | os.PathLike) -> Tokenizer:
         return Tokenizer.from_file(path)
     if path.is_dir():
         return Tokenizer.from_dir(path)
-    return Tokenizer.from_dir(download_from_hub(str(source), kind="tokenizer"))
+    return Tokenizer.from_dir(download_repo_files(str(source), TOKENIZER_FILES))
 
 
 def convert_to_minigpt(source: str | os.PathLike, out: str | os.PathLike) -> Path:

@@ -172,27 +172,30 @@ def generate(
     num_samples: int = 1,
     generator: torch.Generator | None = None,
     pick: Pick = next_token,
+    *,
+    eos_id: int | None,
 ) -> Iterator[torch.Tensor]:
     """Continue `prompt` (token ids) `num_samples` times at once; yield each step's new tokens (B,).
 
-    The samples share one batched forward pass per step. A sample that has emitted `config.eos_id`
-    is finished: from then on its slot in each step's tokens holds eos_id again (as HF pads), and the
-    loop ends when all samples are finished or after `config.max_new_tokens` steps.
+    The samples share one batched forward pass per step. A sample that has emitted `eos_id` (the
+    tokenizer's, `tokenizer.eos_id`) is finished: from then on its slot in each step's tokens holds
+    eos_id again (as HF pads), and the loop ends when all samples are finished or after
+    `config.max_new_tokens` steps. eos_id=None never stops early (what a benchmark asks for).
 
     pick(logits (B, vocab), tokens so far (B, L), config, generator) chooses each step's tokens;
     `minigpt.trace.StepRecorder` is a `next_token` that also keeps the step's probabilities.
 
-    An empty prompt starts from `config.eos_id`, as HF does. The model sees at most `block_size` tokens: a longer
-    prompt keeps its last `block_size` tokens, and when generation fills the window the cache is
-    rebuilt from the last `block_size // 2` tokens (one prefill) so decoding can continue.
+    An empty prompt starts from `eos_id`, as HF does. The model sees at most `block_size` tokens: a
+    longer prompt keeps its last `block_size` tokens, and when generation fills the window the cache
+    is rebuilt from the last `block_size // 2` tokens (one prefill) so decoding can continue.
     """
     if num_samples < 1:
         raise MinigptError(f"num_samples must be >= 1, got {num_samples}")
-    if not prompt and config.eos_id is None:
-        raise MinigptError("an empty prompt starts from eos_id, and the config has none")
+    if not prompt and eos_id is None:
+        raise MinigptError("an empty prompt starts from eos_id, and none was given")
     window = model.config.block_size
     device = model_device(model)
-    prompt = list(prompt[-window:]) or [config.eos_id]
+    prompt = list(prompt[-window:]) or [eos_id]
     n_prompt = len(prompt)
 
     # All tokens so far, for the repetition penalty and for rebuilding the window.
@@ -215,9 +218,9 @@ def generate(
             model_input = tokens[:, length - max(1, window // 2) : length]
         logits, _ = model(model_input, kv_cache=cache, last_only=True)  # (B, 1, vocab)
         new = pick(logits[:, -1], tokens[:, :length], config, generator)  # (B,)
-        if config.eos_id is not None:
-            new = new.masked_fill(finished, config.eos_id)
-            finished |= new == config.eos_id
+        if eos_id is not None:
+            new = new.masked_fill(finished, eos_id)
+            finished |= new == eos_id
         tokens[:, length] = new
         length += 1
         yield new
@@ -254,14 +257,16 @@ def generate_ids(
     config: SamplingConfig,
     num_samples: int = 1,
     generator: torch.Generator | None = None,
+    *,
+    eos_id: int | None,
 ) -> list[list[int]]:
-    """All new token ids of each sample, up to and including its EOS."""
-    steps = [t.tolist() for t in generate(model, prompt, config, num_samples, generator)]
+    """All new token ids of each sample, up to and including its EOS (`generate`'s `eos_id`)."""
+    steps = [t.tolist() for t in generate(model, prompt, config, num_samples, generator, eos_id=eos_id)]
     out = []
     for row in zip(*steps):
         row = list(row)
-        if config.eos_id is not None and config.eos_id in row:
-            row = row[: row.index(config.eos_id) + 1]
+        if eos_id is not None and eos_id in row:
+            row = row[: row.index(eos_id) + 1]
         out.append(row)
     return out
 

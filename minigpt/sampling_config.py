@@ -16,10 +16,8 @@ class SamplingConfig:
     """How to pick each next token. The defaults are the distilgpt2 model card's.
 
     temperature 0 (or greedy=True) means greedy decoding: always the most likely token. top_k 0 and
-    top_p 1.0 switch those filters off; repetition_penalty 1.0 switches the penalty off.
-    eos_id: stop a sample once it emits this token; None never stops early (for benchmarks). The
-    default is the id GPT-2's vocabulary gives <|endoftext|>; the tokenizer is the authority
-    (`Tokenizer.eos_id`), and `minigpt.streaming.complete` always takes it from there.
+    top_p 1.0 switch those filters off; repetition_penalty 1.0 switches the penalty off. Where a
+    sample stops early is not a setting but the tokenizer's: `generate` is given its `eos_id`.
     Each `flag` field is also a sample.py option (`minigpt.cli.add_flags`).
     """
 
@@ -35,7 +33,6 @@ class SamplingConfig:
                                      "1.2 is a common choice", group="sampling", type=positive_float, metavar="R")
     greedy: bool = flag(False, "always take the most likely token (deterministic; ignores T, K and P)",
                         group="sampling", action="store_true")
-    eos_id: int | None = 50256
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:

@@ -1,7 +1,8 @@
 """Where training text comes from: sources, their readers, and records rendered as text.
 
 Sources (`Source.resolve`)
-    None          the Hub's ELI5-Category training file (first 5,000 records, the published recipe)
+    None          the Hub's ELI5-Category training file (first 5,000 records, the published recipe),
+                  downloaded once by `minigpt.hub`
     .json[.gz]    a JSON array of eli5_category records (JSON lines are accepted too)
     .jsonl        one eli5_category record per line
     .parquet      eli5_category columns; `answers` is a struct of lists
@@ -33,6 +34,7 @@ from pathlib import Path
 
 from .errors import MinigptError, reason
 from .formats import answers_text, qa_text
+from .hub import load_eli5_records
 
 HUB_TRAIN_FILE = "hf://datasets/rexarski/eli5_category/eli5-category-train.json.gz"
 HUB_MAX_RECORDS = 5000  # the published recipe fine-tunes on the first 5,000 training questions
@@ -103,7 +105,7 @@ class Source:
 
     def _read(self) -> list:
         if self.hub:
-            return _read_hub(self.limit)
+            return load_eli5_records(HUB_TRAIN_FILE, self.limit)
         try:
             if self.kind == "txt-folder":
                 files = _text_files(self.path)
@@ -125,20 +127,6 @@ class Source:
 def _text_files(folder: Path) -> list[Path]:
     files = (p for p in folder.rglob("*.txt") if p.is_file())
     return sorted(files, key=lambda p: p.relative_to(folder).parts)
-
-
-def _read_hub(limit: int) -> list[dict]:
-    """The first `limit` records of the Hub's ELI5 training file (downloaded once by `datasets`)."""
-    from datasets import load_dataset
-
-    try:
-        ds = load_dataset("json", data_files=HUB_TRAIN_FILE, split="train")
-    except Exception as e:  # offline, Hub down, file moved: the user can always pass local files
-        raise MinigptError(
-            f"{HUB_TRAIN_FILE}: cannot load ELI5 from the Hugging Face Hub ({reason(e)}); if offline, "
-            "pass local files instead: --data eli5-category-train.json.gz (or .jsonl/.parquet/.csv/.txt)"
-        ) from None
-    return ds.select(range(min(limit, len(ds)))).to_list()
 
 
 def _read_json(path: Path, lines: bool) -> list[dict]:

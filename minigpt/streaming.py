@@ -9,7 +9,6 @@ coloured by its probability (for a terminal) and every token's numbers are writt
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import sys
 import time
 from dataclasses import dataclass
@@ -62,14 +61,13 @@ def complete(
     """Continue `prompt` `num_samples` times, writing `shown` (default: the prompt) and then each
     continuation to `out` (default: stdout), followed by a newline.
 
-    The samples stop at the tokenizer's <|endoftext|> (`config.eos_id` is taken from it). A prompt
-    longer than the context window keeps its last tokens, with a warning on stderr.
+    The samples stop at the tokenizer's <|endoftext|> (`tokenizer.eos_id`). A prompt longer than the
+    context window keeps its last tokens, with a warning on stderr.
     coloured: wrap each token's text in the ANSI colour of its probability (`trace.PROB_BANDS`).
     trace: write one JSON line per generated token and sample: {"prompt": prompt_index, "sample",
         "step", **StepProbs.row} with `top_alternatives` alternatives.
     """
     out = sys.stdout if out is None else out
-    config = dataclasses.replace(config, eos_id=tokenizer.eos_id)  # the tokenizer is the authority
     shown = prompt if shown is None else shown
     ids = tokenizer.encode(prompt)
     window = model.config.block_size
@@ -92,7 +90,8 @@ def complete(
 
     start = time.perf_counter()
     first = last = start
-    steps = generate(model, ids, config, num_samples, generator, pick=recorder or next_token)
+    steps = generate(model, ids, config, num_samples, generator, pick=recorder or next_token,
+                     eos_id=tokenizer.eos_id)
     for step, new in enumerate(steps):
         last = time.perf_counter()
         if first == start:
@@ -101,7 +100,7 @@ def complete(
             if finished[row]:
                 continue
             counts[row] += 1
-            finished[row] = token == config.eos_id
+            finished[row] = token == tokenizer.eos_id
             numbers = recorder.last.row(row, tokenizer) if recorder else None
             if trace is not None:
                 write_rows(trace, [{"step": step, **numbers}], prompt=prompt_index, sample=row)

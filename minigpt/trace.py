@@ -16,7 +16,7 @@ every token's probability after the tokens before it, and the text's mean loss a
 A notebook can call these directly:
 
     recorder = StepRecorder(top_alternatives=3)
-    for step, new in enumerate(generate(model, tokenizer.encode("Why"), config, pick=recorder)):
+    for new in generate(model, tokenizer.encode("Why"), config, pick=recorder, eos_id=tokenizer.eos_id):
         print(recorder.last.row(0, tokenizer))     # {"id": ..., "text": ..., "prob": ..., ...}
     result = score(model, tokenizer, "The sky is blue because")
     print(result.loss, result.perplexity, result.most_surprising(3))

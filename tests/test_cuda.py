@@ -44,7 +44,7 @@ def test_decoding_with_the_cache_on_cuda_is_the_full_forward(tiny_minigpt_dir):
     model, _ = load_model(tiny_minigpt_dir, "cuda")
     model = prepare_for_inference(model)
     prompt = [464, 2068, 7586]
-    new = generate_ids(model, prompt, SamplingConfig(max_new_tokens=8, greedy=True, eos_id=None))[0]
+    new = generate_ids(model, prompt, SamplingConfig(max_new_tokens=8, greedy=True), eos_id=None)[0]
     ids = torch.tensor([prompt + new], device="cuda")
     with torch.no_grad():
         logits, _ = model(ids)

@@ -167,7 +167,7 @@ def test_sampled_loop_equals_hf_generate_with_the_same_seed(models, gpt2_tokeniz
     ours, hf = models
     prompt = gpt2_tokenizer.encode("The quick brown fox jumps over the lazy dog because")
     settings = dict(temperature=0.7, top_k=0, top_p=0.9, repetition_penalty=1.3)
-    config = SamplingConfig(max_new_tokens=30, eos_id=None, **settings)
+    config = SamplingConfig(max_new_tokens=30, **settings)
     for seed in (0, 1):
         torch.manual_seed(seed)
         with torch.no_grad():
@@ -177,7 +177,7 @@ def test_sampled_loop_equals_hf_generate_with_the_same_seed(models, gpt2_tokeniz
             )
         expected = out[:, len(prompt):].tolist()
         torch.manual_seed(seed)
-        got = generate_ids(ours, prompt, config, num_samples=2)
+        got = generate_ids(ours, prompt, config, num_samples=2, eos_id=None)
         assert got == expected
         assert got[0] != got[1]  # two real samples, not one greedy path
 
@@ -190,7 +190,8 @@ def test_a_finished_sample_is_padded_while_the_others_go_on(models, gpt2_tokeniz
     prompt = gpt2_tokenizer.encode("The quick brown fox jumps over the lazy dog because")
     settings = dict(temperature=0.7, top_k=0, top_p=0.9, repetition_penalty=1.3)
     torch.manual_seed(0)
-    free = generate_ids(ours, prompt, SamplingConfig(max_new_tokens=30, eos_id=None, **settings), num_samples=2)
+    config = SamplingConfig(max_new_tokens=30, **settings)
+    free = generate_ids(ours, prompt, config, num_samples=2, eos_id=None)
     stop = next(t for i, t in enumerate(free[0]) if i >= 2 and t not in free[0][:i] and t not in free[1])
     torch.manual_seed(0)
     with torch.no_grad():
@@ -200,7 +201,7 @@ def test_a_finished_sample_is_padded_while_the_others_go_on(models, gpt2_tokeniz
         )
     expected = out[:, len(prompt):]
     torch.manual_seed(0)
-    steps = torch.stack(list(generate(ours, prompt, SamplingConfig(max_new_tokens=30, eos_id=stop, **settings), 2)), 1)
+    steps = torch.stack(list(generate(ours, prompt, config, 2, eos_id=stop)), 1)
     assert torch.equal(steps, expected)
     cut = free[0].index(stop)
     assert (steps[0, cut:] == stop).all() and steps[0, :cut].tolist() == free[0][:cut] and steps[1].tolist() == free[1]

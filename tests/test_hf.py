@@ -95,7 +95,8 @@ def test_export_round_trip_and_pipeline(tiny_minigpt_dir, tiny_hf_dir, tmp_path)
     result = generator("The immune system", max_new_tokens=5, do_sample=False)
     from minigpt.sampling import SamplingConfig, generate_ids
 
-    greedy = generate_ids(model, tokenizer.encode("The immune system"), SamplingConfig(max_new_tokens=5, greedy=True))
+    config = SamplingConfig(max_new_tokens=5, greedy=True)
+    greedy = generate_ids(model, tokenizer.encode("The immune system"), config, eos_id=tokenizer.eos_id)
     assert result[0]["generated_text"] == "The immune system" + tokenizer.decode(greedy[0])
     # and the exported folder loads back into minigpt unchanged
     back, _ = load_model(out)
@@ -105,7 +106,7 @@ def test_export_round_trip_and_pipeline(tiny_minigpt_dir, tiny_hf_dir, tmp_path)
 
 def test_config_mapping_round_trip():
     cfg = GPTConfig(n_layer=24, n_head=16, n_embd=1024)  # gpt2-medium's numbers
-    assert GPTConfig.from_hf(cfg.to_hf()) == cfg
+    assert GPTConfig.from_hf(cfg.to_hf(eos_token_id=50256)) == cfg
 
 
 @pytest.mark.parametrize(
@@ -120,7 +121,7 @@ def test_config_mapping_round_trip():
     ],
 )
 def test_unsupported_hf_config_names_the_field(field, value):
-    hf = GPTConfig().to_hf()
+    hf = GPTConfig().to_hf(eos_token_id=50256)
     hf[field] = value
     with pytest.raises(MinigptError, match=field):
         GPTConfig.from_hf(hf)

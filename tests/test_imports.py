@@ -62,10 +62,10 @@ def reachable(start: str) -> set[str]:
 
 
 def test_the_parser_sees_imports_inside_functions():
-    # loading.py imports huggingface_hub inside a function only, never at the top
-    assert "huggingface_hub" in imports_of("loading")[1]
-    assert {"model", "checkpoint", "hf"} <= GRAPH["loading"]
-    assert set(GRAPH) >= {"model", "files", "data", "sources", "loading", "training_speed"}
+    # hub.py imports huggingface_hub and datasets inside functions only, never at the top
+    assert {"huggingface_hub", "datasets"} <= imports_of("hub")[1]
+    assert {"model", "checkpoint", "hf", "hub"} <= GRAPH["loading"]
+    assert set(GRAPH) >= {"model", "files", "data", "sources", "loading", "hub", "training_speed"}
 
 
 def test_the_import_graph_has_no_cycle():
@@ -96,16 +96,55 @@ def test_no_module_is_over_450_lines():
 
 
 def test_data_modules_know_the_tokenizer_and_files_never_the_model():
-    for module in ("data", "sources"):
+    for module in ("data", "sources", "formats"):
         deps = reachable(module)
         assert not deps & {"model", "checkpoint", "hf", "loading", "training_speed", "inference"}, module
     assert "tokenizer" in reachable("data") and "files" in reachable("data")
+    assert "hub" in GRAPH["sources"]  # the Hub's ELI5 file comes through the one downloader
 
 
-def test_the_file_helpers_and_the_tokenizer_know_no_model_and_no_hub():
+def test_the_file_helpers_the_hub_and_the_tokenizer_know_no_model():
     assert reachable("files") <= {"errors"}
+    assert reachable("hub") <= {"errors"}
     assert reachable("tokenizer") <= {"errors"}
     assert "huggingface_hub" not in imports_of("tokenizer")[1]
+
+
+def test_only_hub_downloads_from_the_hub():
+    for module in MODULES:
+        text = (PACKAGE / f"{module}.py").read_text(encoding="utf-8")
+        named = [call for call in ("snapshot_download", "hf_hub_download", "load_dataset") if call in text]
+        assert named == (["snapshot_download", "load_dataset"] if module == "hub" else []), module
+
+
+def calls_in(module: str) -> set[str]:
+    """Every (dotted) name `module`'s code uses, `os.replace` say, and every name it imports."""
+    names = set()
+    for node in ast.walk(ast.parse((PACKAGE / f"{module}.py").read_text(encoding="utf-8"))):
+        if isinstance(node, (ast.Name, ast.Attribute)):
+            names.add(ast.unparse(node))
+        elif isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            names.update(alias.name for alias in node.names)
+            names.add(node.module or "")
+    return names
+
+
+def test_only_files_writes_by_temporary_copy_and_rename():
+    """One atomic-write scheme: nothing but files.py renames into place, fsyncs or makes temporaries."""
+    writes = {"os.replace", "os.rename", "os.fsync", "tempfile", "fsync", "fsync_tree"}
+    assert {"os.replace", "os.fsync", "tempfile", "fsync"} <= calls_in("files")
+    for module in MODULES:
+        if module != "files":
+            assert not calls_in(module) & writes, module
+
+
+def test_the_tokenizer_alone_knows_the_eos_id():
+    """`<|endoftext|>`'s id comes from the tokenizer, never from a number written into the code."""
+    for module in MODULES:
+        if module != "tokenizer":
+            assert "50256" not in (PACKAGE / f"{module}.py").read_text(encoding="utf-8"), module
 
 
 def test_nothing_in_the_package_imports_transformers():

@@ -196,36 +196,39 @@ def hf_greedy(hf_model, prompt: list[int], n: int, **kwargs) -> list[int]:
 
 @pytest.mark.parametrize("penalty", [1.0, 1.3])
 def test_greedy_equals_hf_generate(tiny, hf_tiny, gpt2_tokenizer, penalty):
-    model, _ = tiny
+    model, tokenizer = tiny
     prompt = gpt2_tokenizer.encode("The quick brown fox jumps over the lazy dog because")
     config = SamplingConfig(max_new_tokens=40, greedy=True, repetition_penalty=penalty)
     expected = hf_greedy(hf_tiny, prompt, 40, repetition_penalty=penalty)
-    assert generate_ids(model, prompt, config) == [expected]
+    assert generate_ids(model, prompt, config, eos_id=tokenizer.eos_id) == [expected]
     # the inference layout (fp32 on the CPU) decodes the same tokens
     fast = prepare_for_inference(copy.deepcopy(model))
-    assert generate_ids(fast, prompt, config) == [expected]
+    assert generate_ids(fast, prompt, config, eos_id=tokenizer.eos_id) == [expected]
     # several samples are one batch; greedy makes them identical
-    assert generate_ids(fast, prompt, config, num_samples=3) == [expected] * 3
+    assert generate_ids(fast, prompt, config, num_samples=3, eos_id=tokenizer.eos_id) == [expected] * 3
 
 
 def test_temperature_zero_is_greedy(tiny):
-    model, _ = tiny
-    greedy = generate_ids(model, [464, 2068], SamplingConfig(max_new_tokens=10, greedy=True))
-    assert generate_ids(model, [464, 2068], SamplingConfig(max_new_tokens=10, temperature=0.0)) == greedy
+    model, tokenizer = tiny
+    greedy = generate_ids(model, [464, 2068], SamplingConfig(max_new_tokens=10, greedy=True), eos_id=tokenizer.eos_id)
+    zero = generate_ids(model, [464, 2068], SamplingConfig(max_new_tokens=10, temperature=0.0), eos_id=tokenizer.eos_id)
+    assert zero == greedy
 
 
 def test_empty_prompt_starts_from_eos(tiny, hf_tiny):
-    model, _ = tiny
-    expected = hf_greedy(hf_tiny, [50256], 8)
-    assert generate_ids(model, [], SamplingConfig(max_new_tokens=8, greedy=True)) == [expected]
+    model, tokenizer = tiny
+    expected = hf_greedy(hf_tiny, [tokenizer.eos_id], 8)
+    assert generate_ids(model, [], SamplingConfig(max_new_tokens=8, greedy=True), eos_id=tokenizer.eos_id) == [expected]
+    with pytest.raises(MinigptError, match="an empty prompt starts from eos_id, and none was given"):
+        generate_ids(model, [], SamplingConfig(max_new_tokens=8, greedy=True), eos_id=None)
 
 
 def test_seeded_sampling_is_reproducible(tiny):
-    model, _ = tiny
+    model, tokenizer = tiny
     config = SamplingConfig(max_new_tokens=20)
 
     def run(seed):
-        return generate_ids(model, [464, 2068], config, 3, torch.Generator().manual_seed(seed))
+        return generate_ids(model, [464, 2068], config, 3, torch.Generator().manual_seed(seed), eos_id=tokenizer.eos_id)
 
     first = run(0)
     assert run(0) == first
@@ -236,21 +239,22 @@ def test_seeded_sampling_is_reproducible(tiny):
 
 def test_sampling_only_picks_top_k_tokens(tiny):
     """With top_k=1 sampling has one candidate per step: it must equal greedy decoding."""
-    model, _ = tiny
-    greedy = generate_ids(model, [464], SamplingConfig(max_new_tokens=15, greedy=True))
-    sampled = generate_ids(model, [464], SamplingConfig(max_new_tokens=15, top_k=1), 2, torch.Generator().manual_seed(0))
+    model, tokenizer = tiny
+    greedy = generate_ids(model, [464], SamplingConfig(max_new_tokens=15, greedy=True), eos_id=tokenizer.eos_id)
+    sampled = generate_ids(model, [464], SamplingConfig(max_new_tokens=15, top_k=1), 2, torch.Generator().manual_seed(0),
+                           eos_id=tokenizer.eos_id)
     assert sampled == greedy * 2
 
 
 def test_stops_at_eos(tiny):
     """(The penalty keeps the random model from repeating one token, so a later first occurrence exists.)"""
     model, _ = tiny
-    free = generate_ids(model, [464, 2068], SamplingConfig(max_new_tokens=12, greedy=True, repetition_penalty=1.5, eos_id=None))[0]
+    config = SamplingConfig(max_new_tokens=12, greedy=True, repetition_penalty=1.5)
+    free = generate_ids(model, [464, 2068], config, eos_id=None)[0]
     stop = next(t for i, t in enumerate(free) if i >= 2 and t not in free[:i])
-    config = SamplingConfig(max_new_tokens=12, greedy=True, repetition_penalty=1.5, eos_id=stop)
-    steps = list(generate(model, [464, 2068], config))
+    steps = list(generate(model, [464, 2068], config, eos_id=stop))
     assert len(steps) == free.index(stop) + 1  # the loop ended at the stop token
-    assert generate_ids(model, [464, 2068], config)[0] == free[: free.index(stop) + 1]
+    assert generate_ids(model, [464, 2068], config, eos_id=stop)[0] == free[: free.index(stop) + 1]
 
 
 def test_generation_slides_past_the_context_window(tiny):
@@ -259,7 +263,7 @@ def test_generation_slides_past_the_context_window(tiny):
     model, _ = tiny
     window = model.config.block_size  # 256
     prompt = torch.randint(0, 50000, (window,), generator=torch.Generator().manual_seed(0)).tolist()
-    new = generate_ids(model, prompt, SamplingConfig(max_new_tokens=3, greedy=True, eos_id=None))[0]
+    new = generate_ids(model, prompt, SamplingConfig(max_new_tokens=3, greedy=True), eos_id=None)[0]
     with torch.no_grad():
         full, _ = model(torch.tensor([prompt]))
         assert new[0] == int(full[0, -1].argmax())
@@ -270,8 +274,8 @@ def test_generation_slides_past_the_context_window(tiny):
     assert new[2] == int(after_slide[0, -1].argmax())  # the next step decodes from that cache
     # a prompt longer than the window keeps its last `window` tokens
     long = list(range(1000, 1000 + window + 50))
-    config = SamplingConfig(max_new_tokens=2, greedy=True, eos_id=None)
-    assert generate_ids(model, long, config) == generate_ids(model, long[-window:], config)
+    config = SamplingConfig(max_new_tokens=2, greedy=True)
+    assert generate_ids(model, long, config, eos_id=None) == generate_ids(model, long[-window:], config, eos_id=None)
 
 
 # --- inference layouts -----------------------------------------------------------------------
@@ -327,8 +331,8 @@ def test_decoding_in_every_layout_gives_the_fp32_tokens(tiny, gpt2_tokenizer, dt
     so the tokens must be equal, not just equally long."""
     model, _ = tiny
     prompt = gpt2_tokenizer.encode("first prompt")
-    config = SamplingConfig(max_new_tokens=8, greedy=True, eos_id=None)
-    expected = generate_ids(model, prompt, config)[0]
+    config = SamplingConfig(max_new_tokens=8, greedy=True)
+    expected = generate_ids(model, prompt, config, eos_id=None)[0]
     fast = prepare_for_inference(copy.deepcopy(model).to(dtype), quantize)
     with torch.no_grad():
         sequence = torch.tensor([prompt + expected])
@@ -337,4 +341,4 @@ def test_decoding_in_every_layout_gives_the_fp32_tokens(tiny, gpt2_tokenizer, dt
     assert error <= 0.03 * reference.abs().max()  # measured 1.3% (bf16), 2.1% (int8) on this flat model
     top2 = reference.topk(2).values
     assert (top2[:, 0] - top2[:, 1] > 2 * error).all()  # measured: smallest gap 0.31, error <= 0.08
-    assert generate_ids(fast, prompt, config, num_samples=2) == [expected, expected]
+    assert generate_ids(fast, prompt, config, num_samples=2, eos_id=None) == [expected, expected]

@@ -383,9 +383,10 @@ def test_a_failed_run_leaves_an_earlier_trace_alone(hf_dir, tmp_path):
 def test_generate_without_a_recorder_is_unchanged(hf_dir, tokenizer):
     """A seeded run draws the same tokens with and without the recorder watching."""
     model = load_model(hf_dir)[0]
-    config = SamplingConfig(max_new_tokens=10, eos_id=None)
+    config = SamplingConfig(max_new_tokens=10)
     prompt = tokenizer.encode(PROMPT)
-    plain = [t.tolist() for t in generate(model, prompt, config, 2, torch.Generator().manual_seed(4))]
+    plain = [t.tolist() for t in generate(model, prompt, config, 2, torch.Generator().manual_seed(4), eos_id=None)]
     recorder = StepRecorder(2)
-    watched = [t.tolist() for t in generate(model, prompt, config, 2, torch.Generator().manual_seed(4), pick=recorder)]
+    watched = [t.tolist() for t in generate(model, prompt, config, 2, torch.Generator().manual_seed(4), pick=recorder,
+                                            eos_id=None)]
     assert watched == plain and recorder.last.token.tolist() == plain[-1]
