@@ -27,7 +27,7 @@ from transformers.generation.logits_process import (
 from conftest import ROOT, TINY_HF, call_cli, run_cli, save_hf_model
 from minigpt.loading import load_model
 from minigpt.sampling import SamplingConfig, generate, next_token
-from minigpt.streaming import complete
+from minigpt.streaming import complete, trace_output
 from minigpt.trace import PROB_BANDS, StepRecorder, format_score, score, score_ids, token_text
 
 PROMPT = "The quick brown fox jumps over the lazy dog because"
@@ -378,6 +378,19 @@ def test_a_failed_run_leaves_an_earlier_trace_alone(hf_dir, tmp_path):
     r = call_cli("sample.py", "--model", str(hf_dir), "--greedy", "--max-new-tokens", "2", "--trace", str(trace), "hi")
     assert r.returncode == 0 and len(read_rows(trace)) == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["t.jsonl"]  # no temporary file left
+
+
+def test_trace_output_is_replaced_whole_kept_on_ctrl_c_and_untouched_on_an_error(tmp_path):
+    trace = tmp_path / "t.jsonl"
+    trace.write_text("earlier\n")
+    with pytest.raises(ValueError), trace_output(str(trace)) as f:
+        f.write("half\n")
+        raise ValueError("a bug")
+    assert trace.read_text() == "earlier\n" and sorted(p.name for p in tmp_path.iterdir()) == ["t.jsonl"]
+    with pytest.raises(KeyboardInterrupt), trace_output(str(trace)) as f:
+        f.write("so far\n")
+        raise KeyboardInterrupt  # Ctrl-C: the lines written so far replace the earlier file
+    assert trace.read_text() == "so far\n" and sorted(p.name for p in tmp_path.iterdir()) == ["t.jsonl"]
 
 
 def test_generate_without_a_recorder_is_unchanged(hf_dir, tokenizer):
