@@ -111,7 +111,7 @@ def write_run_checkpoint(out: Path, step: int, write_files: Callable[[Path], Non
     ckpt_dir = out / CKPT_DIR
     folder = ckpt_dir / f"step-{step:09d}-{uuid.uuid4().hex[:8]}"
     with atomic_folder(folder) as tmp:
-        tmp.chmod(0o755)  # mkdtemp makes it its owner's only; a checkpoint reads like the rest of out/
+        tmp.chmod(0o755)  # a temporary folder is its owner's only; a checkpoint reads like the rest of out/
         write_files(tmp)
         for f in tmp.iterdir():  # out/<file> -> .ckpt/current/<file>, made once per file name
             link = out / f.name

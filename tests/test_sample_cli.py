@@ -92,7 +92,8 @@ def int8_greedy_text(model_dir, prompt: str, n: int) -> str:
 
     model, tokenizer = load_model(model_dir)
     config = SamplingConfig(max_new_tokens=n, greedy=True)
-    new = generate_ids(prepare_for_inference(model, "int8"), tokenizer.encode(prompt), config, eos_id=tokenizer.eos_id)[0]
+    fast = prepare_for_inference(model, "int8")
+    new = generate_ids(fast, tokenizer.encode(prompt), config, eos_id=tokenizer.eos_id)[0]
     return tokenizer.decode([t for t in new if t != tokenizer.eos_id])
 
 

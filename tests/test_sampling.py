@@ -241,8 +241,8 @@ def test_sampling_only_picks_top_k_tokens(tiny):
     """With top_k=1 sampling has one candidate per step: it must equal greedy decoding."""
     model, tokenizer = tiny
     greedy = generate_ids(model, [464], SamplingConfig(max_new_tokens=15, greedy=True), eos_id=tokenizer.eos_id)
-    sampled = generate_ids(model, [464], SamplingConfig(max_new_tokens=15, top_k=1), 2, torch.Generator().manual_seed(0),
-                           eos_id=tokenizer.eos_id)
+    config = SamplingConfig(max_new_tokens=15, top_k=1)
+    sampled = generate_ids(model, [464], config, 2, torch.Generator().manual_seed(0), eos_id=tokenizer.eos_id)
     assert sampled == greedy * 2
 
 

@@ -325,7 +325,8 @@ def test_a_failed_save_leaves_the_previous_checkpoint(tmp_path):
         (folder / "a.txt").write_text("tw")
         raise OSError("disk full")
 
-    with pytest.raises(MinigptError, match=r"\.ckpt/step-000000002-\w+: saving failed \(disk full\); nothing was written"):
+    failed = r"\.ckpt/step-000000002-\w+: saving failed \(disk full\); nothing was written"
+    with pytest.raises(MinigptError, match=failed):
         write_run_checkpoint(out, 2, half_written)
     assert (out / "a.txt").read_text() == "one"
     assert [p.name for p in (out / CKPT_DIR).iterdir() if p.name != CURRENT] == [os.readlink(out / CKPT_DIR / CURRENT)]
