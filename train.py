@@ -110,7 +110,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     device, dtype = setup_device(args.device, args.dtype)
     dtype_name = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
-    check_out_folder(args.out, args.resume)  # refuse a wrong --out before locking it
+    check_out_folder(args.out, args.resume, locked=False)  # refuse a wrong --out before locking (making) it
     # One run per folder: rank 0 holds the lock for the run's life (a second run is refused here).
     with RunLock(args.out) if launched_rank() == 0 else contextlib.nullcontext():
         resume_from = check_out_folder(args.out, args.resume)  # again, now that no other run can change it

@@ -57,11 +57,14 @@ def current_checkpoint(out: str | os.PathLike) -> Path | None:
     return link.resolve() if link.is_symlink() and link.resolve().is_dir() else None
 
 
-def check_out_folder(out: str | os.PathLike, resume: bool) -> Path | None:
+def check_out_folder(out: str | os.PathLike, resume: bool, *, locked: bool = True) -> Path | None:
     """Refuse an output folder we must not write into; return the checkpoint to resume from.
 
     An `--out` may be new or empty, or hold a training run of ours: with `--resume` it must have a
-    checkpoint, without `--resume` it must not (a run's checkpoint is never overwritten).
+    checkpoint, without `--resume` it must not (a run's checkpoint is never overwritten). Called
+    with `locked=False` before the run lock is taken, it checks only what no other run can change
+    (a file, an unwritable parent, foreign files), so that a folder a live run is writing is refused
+    by the lock, which names that run, not by the checkpoint the run has just saved.
     """
     out = Path(out)
     if out.exists() and not out.is_dir():
@@ -78,6 +81,8 @@ def check_out_folder(out: str | os.PathLike, resume: bool) -> Path | None:
                     f"--out {out}: holds {entry.name!r}, which is not from a minigpt training run; "
                     "choose another --out"
                 )
+    if not locked:
+        return None
     if resume and ckpt is None:
         raise MinigptError(f"--resume: {out} holds no checkpoint to resume from")
     if not resume and ckpt is not None:
