@@ -17,6 +17,7 @@ the same `y = x W^T + b`:
 
   fp32   addmm-t   W stored transposed (in, out), `addmm`          (`TransposedLinear`)
          linear    W as it is (out, in), `F.linear`                (`DenseLinear`)
+         bmm-split W in column slices, one per thread, `torch.bmm` (`SplitLinear`)
          mkl       W prepacked by MKL, `torch.ops.mkl._mkl_linear` (`MklLinear`; holds W as well)
   bf16   mv        bf16 (out, in), `torch.mv` for one row, `F.linear` for several
          linear    bf16 (out, in), `F.linear`
@@ -75,6 +76,42 @@ class TransposedLinear(nn.Module):
     def embed(self, idx: torch.Tensor) -> torch.Tensor:
         """Rows `idx` of W (for the token embedding that shares the LM head's matrix)."""
         return self.weight_t[:, idx].movedim(0, -1)  # (in, *idx.shape) -> (*idx.shape, in)
+
+
+class SplitLinear(nn.Module):
+    """fp32 `y = x W^T + b` with W's output columns cut into `parts` slices, stored (parts, in, out /
+    parts) and multiplied by one batched matmul.
+
+    Why: for a single activation row, MKL computes `x W^T` as one matrix-vector product on one
+    thread, however many the process has, so one core streams all of W. `torch.bmm` gives the
+    slices to the threads, and every core streams its share. Measured on the AMD EPYC with AVX2
+    (2 threads), the 50,257 x 768 LM head for one row: `addmm` on W^T 9.4 ms, split in two 6.1 ms;
+    the 24 block layers of distilgpt2 12.2 -> 10.6 ms. W is padded with zero columns to a multiple
+    of `parts`; the padding is cut off the result.
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, parts: int, kernel: str = "bmm-split") -> None:
+        super().__init__()
+        self.kernel = kernel
+        out_features, in_features = weight.shape
+        self.out_features = out_features
+        width = -(-out_features // parts)  # columns per slice
+        padded = weight.new_zeros(parts * width, in_features, dtype=torch.float32)
+        padded[:out_features] = weight.detach()
+        self.register_buffer("weight_parts", padded.view(parts, width, in_features).transpose(1, 2).contiguous())
+        self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, x.size(-1))
+        parts = self.weight_parts.size(0)
+        y = torch.bmm(rows.expand(parts, -1, -1), self.weight_parts)  # (parts, rows, width)
+        y = y.transpose(0, 1).reshape(rows.size(0), -1)[:, : self.out_features]  # (rows, out)
+        y = y if self.bias is None else y + self.bias
+        return y.view(*x.shape[:-1], -1)
+
+    def embed(self, idx: torch.Tensor) -> torch.Tensor:
+        width = self.weight_parts.size(2)
+        return self.weight_parts[idx // width, :, idx % width]  # (*idx.shape, in)
 
 
 class DenseLinear(nn.Module):
@@ -250,6 +287,7 @@ LAYOUTS: dict[str, tuple[Layout, ...]] = {  # the candidates per precision ("int
     "fp32": (
         Layout(("addmm-t",), lambda w, b, rows, tied, k: TransposedLinear(w, b, k)),
         Layout(("linear",), lambda w, b, rows, tied, k: DenseLinear(w, b, torch.float32, k)),
+        Layout(("bmm-split",), lambda w, b, rows, tied, k: SplitLinear(w, b, max(2, torch.get_num_threads()), k)),
         Layout(("mkl",), lambda w, b, rows, tied, k: MklLinear(w, b, rows, k), _mkl_ok, extra_memory=True),
     ),
     "bf16": (
