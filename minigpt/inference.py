@@ -421,11 +421,6 @@ def prepare_for_inference(
         (head,) = _choose(candidates, key, [(model.lm_head.weight, None)], batch_size, dtype, True)
     model.lm_head = head
     model.transformer.wte = SharedEmbedding(head, dtype)
-    # The loader maps the safetensors file rather than copying it. The big matrices now have their
-    # own copies; copying the few small tensors that still point into the file (LayerNorms, position
-    # embeddings) lets the mapping go, so the old layout does not stay resident beside the new one.
-    for p in model.parameters():
-        p.data = p.data.clone()
     return model
 
 
