@@ -96,9 +96,10 @@ class SplitLinear(nn.Module):
         out_features, in_features = weight.shape
         self.out_features = out_features
         width = -(-out_features // parts)  # columns per slice
-        padded = weight.new_zeros(parts * width, in_features, dtype=torch.float32)
-        padded[:out_features] = weight.detach()
-        self.register_buffer("weight_parts", padded.view(parts, width, in_features).transpose(1, 2).contiguous())
+        weight_parts = weight.new_zeros(parts, in_features, width, dtype=torch.float32)
+        for i, rows in enumerate(weight.detach().split(width)):  # slice by slice: no full-size temporary
+            weight_parts[i, :, : rows.size(0)] = rows.t()
+        self.register_buffer("weight_parts", weight_parts)  # (parts, in, width)
         self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -298,6 +299,10 @@ LAYOUTS: dict[str, tuple[Layout, ...]] = {  # the candidates per precision ("int
                     fits=lambda kernel, in_features: kernel != "int8mm" or in_features % 16 == 0),),
 }
 TIME_LAYERS = 2  # layers of a group the candidates are timed on (the rest is built with the winner)
+# A matrix with more output rows (the LM head) is timed on its first TIME_ROWS rows: 50 MB in fp32,
+# beyond any CPU cache here, so the timing still streams from memory, while the candidates do not
+# each hold a full copy at once (that made `sample.py`'s peak memory ~250 MB higher).
+TIME_ROWS = 16_384
 
 # (precision, kernel names, shape, rows, threads, device) -> the chosen kernel's name, per process
 _CHOICES: dict[tuple, str] = {}
@@ -327,9 +332,9 @@ def _choose(
 ) -> list[nn.Module]:
     """This group of same-shaped layers, built with the fastest of `candidates` ((layout, kernel)).
 
-    The candidates' layouts are built for the group's first TIME_LAYERS layers and timed in
-    interleaved rounds (a noisy neighbour slows them alike); each keeps its best pass, the least
-    disturbed one. The choice is cached under `key`."""
+    The candidates' layouts are built for the group's first TIME_LAYERS layers (their first
+    TIME_ROWS output rows) and timed in interleaved rounds (a noisy neighbour slows them alike);
+    each keeps its best pass, the least disturbed one. The choice is cached under `key`."""
     candidates = [(lay, k) for lay, k in candidates if lay.fits(k, weights[0][0].size(1))]
     if not candidates:
         raise MinigptError(f"no {key[0]} kernel takes a layer of input width {weights[0][0].size(1)}")
@@ -337,7 +342,7 @@ def _choose(
         _CHOICES[key] = candidates[0][1]
     timed: list[nn.Module] = []  # the winner's layers built for timing are kept, not built again
     if key not in _CHOICES:
-        sample = weights[:TIME_LAYERS]
+        sample = [(w[:TIME_ROWS], None if b is None else b[:TIME_ROWS]) for w, b in weights[:TIME_LAYERS]]
         built = {id(layout): [layout.build(w, b, rows, tied, layout.kernels[0]) for w, b in sample]
                  for layout in {id(lay): lay for lay, _ in candidates}.values()}
         x = torch.randn(rows, weights[0][0].size(1), device=weights[0][0].device).to(dtype)
@@ -357,7 +362,8 @@ def _choose(
         winner = min(lean, key=lambda c: best[c[1]])
         heavy = [c for c in candidates if c[0].extra_memory and best[c[1]] < EXTRA_MEMORY_MARGIN * best[winner[1]]]
         _CHOICES[key] = min(heavy, key=lambda c: best[c[1]])[1] if heavy else winner[1]
-        timed = built[id(next(lay for lay, k in candidates if k == _CHOICES[key]))]
+        if weights[0][0].size(0) <= TIME_ROWS:  # built whole: keep them
+            timed = built[id(next(lay for lay, k in candidates if k == _CHOICES[key]))]
         del built
     layout = next(layout for layout, kernel in candidates if kernel == _CHOICES[key])
     layers = timed + [layout.build(w, b, rows, tied, _CHOICES[key]) for w, b in weights[len(timed):]]

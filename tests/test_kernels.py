@@ -123,6 +123,27 @@ def test_the_measured_choice_is_named_and_cached(small_model, monkeypatch):
     assert kernel_summary(small_model) == ""  # an unprepared model names nothing
 
 
+def test_a_matrix_timed_on_its_first_rows_is_built_whole(small_model, monkeypatch):
+    """The LM head is timed on its first TIME_ROWS rows; the winner is then built for all of them."""
+    monkeypatch.setattr(inference, "_CHOICES", {})
+    monkeypatch.setattr(inference, "TIME_ROWS", 1000)  # the small model's head has 2,100 rows
+    timed_rows = []
+    time_pass = inference._time_pass
+
+    def noting_rows(layers, x):
+        timed_rows.append(layers[0](x).size(-1))
+        return time_pass(layers, x)
+
+    monkeypatch.setattr(inference, "_time_pass", noting_rows)
+    fast = prepare_for_inference(copy.deepcopy(small_model))
+    assert 1000 in timed_rows and 2100 not in timed_rows  # the head, timed on a slice
+    idx = torch.tensor([[1, 2, 3]])
+    with torch.no_grad():
+        expected, got = small_model(idx)[0], fast(idx)[0]
+    assert got.shape == expected.shape
+    assert (got - expected).abs().max() <= 1e-5 * expected.abs().max()
+
+
 @pytest.mark.parametrize("mkl_speedup, chosen", [(1.05, "addmm-t"), (1.25, "mkl")])
 def test_a_kernel_holding_a_second_copy_must_win_clearly(small_model, monkeypatch, mkl_speedup, chosen):
     """MKL's packed weights come on top of the plain ones: chosen only when >= 10% faster."""
