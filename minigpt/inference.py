@@ -5,8 +5,10 @@ per token. That is bound by how fast the weights stream from memory, not by arit
 layout, the number format and the kernel that reads them decide the speed. Which kernel is fastest
 depends on the CPU, and the differences are large (50,257 x 768 LM head, one activation row):
 
-  AMD EPYC, AVX2 only          fp32 `addmm` on a transposed copy beats `F.linear`; bf16 `torch.mv`
-                               is fast while bf16 `F.linear` is not (no bf16 instructions)
+  AMD EPYC, AVX2 only          fp32 `addmm` on a transposed copy beats `F.linear`, and W cut in
+                               one slice per thread (`torch.bmm`) beats both: MKL multiplies a
+                               single row on one thread; bf16 `torch.mv` is fast while bf16
+                               `F.linear` is not (no bf16 instructions)
   AMD EPYC, AVX-512 BF16       fp32 `F.linear` 13.4 ms, MKL-prepacked 9.0 ms; bf16 `F.linear`
                                6.9 ms, oneDNN-prepacked 4.5 ms; `torch.mv` slower than fp32
   Intel Xeon with AMX          bf16 matmuls several times fp32; oneDNN-prepacked bf16 reads the
