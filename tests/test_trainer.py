@@ -308,6 +308,13 @@ def test_out_folder_rules(tmp_path):
     with pytest.raises(MinigptError, match=r"already holds a training run \(checkpoint at step 1\); pass --resume"):
         check_out_folder(run, resume=False)
     assert check_out_folder(run, resume=True) == current_checkpoint(run)
+    # before the run lock (train.py): only what no other run can change; the lock decides the rest
+    assert check_out_folder(run, resume=False, locked=False) is None
+    with pytest.raises(MinigptError, match="holds no checkpoint"):
+        check_out_folder(tmp_path / "new", resume=True)
+    assert check_out_folder(tmp_path / "new", resume=True, locked=False) is None
+    with pytest.raises(MinigptError, match="which is not from a minigpt training run"):
+        check_out_folder(foreign, resume=False, locked=False)
     # a run killed while replacing metrics.jsonl or loss.png leaves a temporary copy: still its own
     (run / f".{METRICS_FILE}.tmp-0123abcd4567").write_text("half")
     (run / f".{PLOT_FILE}.tmp-89ab").write_bytes(b"half")
