@@ -88,6 +88,38 @@ def test_fused_adamw_is_the_written_out_update_and_shares_its_state():
         assert torch.allclose(m_w, m_f, rtol=1e-6, atol=0)
 
 
+@pytest.mark.parametrize("fused", FUSED)
+def test_grad_scaler_skips_an_overflowed_step_on_the_device(fused, monkeypatch):
+    """fp16's loss scaler hands AdamW the overflow flag as a tensor: a finite step equals the same
+    step without the scaler, an overflowed one changes nothing (weights, moments, t), and with the
+    fused kernel the scaler's step reads nothing back to the host (on a GPU, each read is a wait)."""
+    scaled, plain = small_model(), small_model()
+    opt_s = AdamW(param_groups(scaled, 0.1), lr=1e-2, eps=0.5, fused=fused)  # a large eps: the scale matters
+    opt_p = AdamW(param_groups(plain, 0.1), lr=1e-2, eps=0.5, fused=fused)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    reads = []
+    for step, overflow, unscale in ((0, False, True), (1, True, True), (2, False, False), (3, False, True)):
+        set_grads(plain, step)
+        for p, q in zip(scaled.parameters(), plain.parameters()):
+            p.grad = scaler.scale(q.grad) * (float("inf") if overflow else 1.0)  # as backward gives them
+        before = [p.detach().clone() for p in scaled.parameters()] + [m.clone() for m in opt_s.state_dict()["exp_avg"]]
+        if unscale:
+            scaler.unscale_(opt_s)  # (else the scaler passes its scale and AdamW divides by it)
+        with monkeypatch.context() as m:
+            m.setattr(torch.Tensor, "item", lambda t: reads.append(step) or float(t.tolist()))
+            scaler.step(opt_s)
+        scaler.update()
+        if overflow:
+            after = [p.detach() for p in scaled.parameters()] + opt_s.state_dict()["exp_avg"]
+            assert all(torch.equal(a, b) for a, b in zip(before, after)) and opt_s.step_count == 1
+            continue
+        opt_p.step()
+        for a, b in zip(scaled.parameters(), plain.parameters()):
+            assert (a - b).abs().max().item() <= 1e-6
+    assert opt_s.step_count == opt_p.step_count == 3
+    assert set(reads) == (set() if fused else {0, 1, 2, 3})  # written out, the host needs t: it reads
+
+
 def test_fused_is_refused_where_the_build_has_none():
     p = nn.Parameter(torch.ones(4, dtype=torch.float64))  # no fused kernel for fp64 parameters here
     with pytest.raises(MinigptError, match="no fused AdamW"):

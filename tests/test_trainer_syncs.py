@@ -20,8 +20,10 @@ from test_trainer import lm_loss, make_trainer, micro_model, random_blocks, rows
 HOST_READS = ("item", "tolist", "__float__", "__int__", "__bool__")  # each waits for a GPU's queue
 
 
-def test_numbers_are_read_back_only_at_logging_steps(tmp_path, monkeypatch):
-    trainer = make_trainer(tmp_path, micro_model(), random_blocks(40, 16, 300, seed=1), max_steps=10, log_every=5)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])  # fp16: GradScaler's steps too
+def test_numbers_are_read_back_only_at_logging_steps(tmp_path, monkeypatch, dtype):
+    trainer = make_trainer(tmp_path, micro_model(), random_blocks(40, 16, 300, seed=1), max_steps=10, log_every=5,
+                           dtype=dtype)
     read_at = []
     for name in HOST_READS:
         real = getattr(torch.Tensor, name)
