@@ -79,7 +79,7 @@ class TrainFlags:
                          group="hardware", action="store_true")
     compile_mode: str | None = flag(None, "(--compile) torch.compile's mode: default; reduce-overhead (CUDA graphs, "
                                     "for small launch-bound steps such as the recipe's 8 x 128 on a large GPU; the "
-                                    "batch dimension is marked dynamic); max-autotune (longer start, tuned kernels) "
+                                    "batch dimension is marked dynamic; --grad-accum 1 only); max-autotune (longer start, tuned kernels) "
                                     "(default: default)", group="hardware",
                                     choices=COMPILE_MODES)
     out: str = flag(DEFAULT_OUT, "output folder: the checkpoint, its model card, metrics.jsonl, loss.png",
@@ -191,6 +191,11 @@ def parse_train_flags(argv: Sequence[str] | None, description: str) -> TrainFlag
         p.error(f"--{scratch_flags[0].replace('_', '-')} needs --init scratch (a loaded model keeps its shape)")
     if args.compile_mode is not None and not args.compile:
         p.error(f"--compile-mode {args.compile_mode} needs --compile")
+    if args.compile_mode == "reduce-overhead" and args.grad_accum > 1:
+        # a CUDA graph's replay reuses its output memory, where the last micro-batch's gradients
+        # still wait to be added to (pytorch/pytorch#169545)
+        p.error("--compile-mode reduce-overhead takes --grad-accum 1: CUDA graphs would overwrite the "
+                "gradients being accumulated")
     if args.eval_only and (args.init == "scratch" or args.resume):
         p.error("--eval-only evaluates a trained model: give --init SOURCE, without --resume or --init scratch")
     return args

@@ -147,8 +147,8 @@ class Trainer:
             self.forward_model = DistributedDataParallel(model, device_ids=ids)
         if config.compile:
             self.forward_model = torch.compile(self.forward_model, mode=config.compile_mode)
-        # reduce-overhead replays CUDA graphs, recorded per input shape: the batch dimension is marked
-        # dynamic so that an epoch's short last batch does not record (and compile) a second graph.
+        # reduce-overhead replays CUDA graphs: the batch dimension is marked dynamic so that an epoch's
+        # short last batch reuses the compiled code (a graph is still recorded per batch size).
         self.cuda_graphs = config.compile and config.compile_mode == "reduce-overhead"
 
         self.step = 0  # optimizer steps done (fp16 steps skipped by the scaler included)

@@ -140,7 +140,9 @@ def before() -> dict[str, torch.Tensor]:
 @pytest.fixture(scope="module")
 def one_process_of_8(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("one") / "run"
-    env = {"MINIGPT_CACHE": str(tmp_path_factory.getbasetemp() / "ddp-cache"), "OMP_NUM_THREADS": "1"}
+    # (a module fixture is set up before conftest's per-test CPU pinning: pin this run itself)
+    env = {"MINIGPT_CACHE": str(tmp_path_factory.getbasetemp() / "ddp-cache"), "OMP_NUM_THREADS": "1",
+           "CUDA_VISIBLE_DEVICES": ""}
     old = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:

@@ -158,7 +158,9 @@ def test_compile_mode_flag_errors_are_one_line(tmp_path):
     from conftest import call_cli
 
     for args, needle in ((["--compile-mode", "reduce-overhead"], "--compile-mode reduce-overhead needs --compile"),
-                         (["--compile", "--compile-mode", "fast"], "argument --compile-mode: invalid choice: 'fast'")):
+                         (["--compile", "--compile-mode", "fast"], "argument --compile-mode: invalid choice: 'fast'"),
+                         (["--compile", "--compile-mode", "reduce-overhead", "--grad-accum", "2"],
+                          "--compile-mode reduce-overhead takes --grad-accum 1")):
         result = call_cli("train.py", *args, "--out", str(tmp_path / "out"))
         assert result.returncode == 2 and needle in result.stderr.strip().splitlines()[-1]
         assert "Traceback" not in result.stderr and not (tmp_path / "out").exists()
