@@ -118,13 +118,14 @@ class Ours:
 
     name = "ours"
 
-    def __init__(self, folder: Path, device, dtype, compile: bool = False) -> None:
+    def __init__(self, folder: Path, device, dtype, compile: bool = False, compile_mode: str = "default") -> None:
         from minigpt.loading import load_model
         from minigpt.optim import AdamW, linear_schedule, param_groups
         from minigpt.trainer import Trainer, TrainConfig
         from minigpt.training_speed import prepare_for_training
 
-        self.name = "ours, compiled" if compile else "ours"
+        self.name = (f"ours, compiled ({compile_mode})" if compile_mode != "default" else "ours, compiled") \
+            if compile else "ours"
 
         self.model, self.tokenizer = load_model(folder, device)
         prepare_for_training(self.model.train())  # as train.py does
@@ -132,7 +133,8 @@ class Ours:
         self.trainer = Trainer(
             model=self.model, loss_fn=lambda m, b: m(b, targets=b)[1], optimizer=optimizer,
             schedule=lambda step: linear_schedule(step, 10_000), train_batches=None, val_batches=None,
-            config=TrainConfig(max_steps=10_000, dtype=dtype, compile=compile, progress=False),
+            config=TrainConfig(max_steps=10_000, dtype=dtype, compile=compile, compile_mode=compile_mode,
+                               progress=False),
             out=tempfile.gettempdir(),
             save_model=lambda folder: None, device=device,
         )

@@ -1,17 +1,19 @@
 """The timing half of benchmarks/gpu_check.sh: training steps and decoding on one CUDA GPU, ours
 against transformers + torch.optim.AdamW / transformers' generate(), same weights, same run.
 
-    training   one optimizer step (bench_train.py's two sides) at the recipe's 8 x 128 and at a
-               GPU-sized batch (default 64 x 1024) in fp32 (TF32 matmuls, as train.py), bf16
-               autocast and fp16 autocast + GradScaler; ours also compiled (--compile shapes);
-               median step time over --steps steps after warm-up, tokens/s, and MFU against the
-               GPU's measured bf16 matmul peak (an 8192^3 matmul)
     decode     batch 1 and 8, 100 new tokens (top-k 50, top-p 0.95), ours vs generate(), fp32
                and bf16: decode tokens/s after the first token
+    training   one optimizer step (bench_train.py's two sides) at the recipe's 8 x 128 and at a
+               GPU-sized batch (default 64 x 1024) in fp32 (TF32 matmuls, as train.py), bf16
+               autocast and fp16 autocast + GradScaler; median step time over --steps steps after
+               warm-up, tokens/s, and MFU against the GPU's measured bf16 matmul peak (an 8192^3
+               matmul); then ours compiled (--compile-mode, default reduce-overhead: CUDA graphs,
+               for the launch-bound 8 x 128) at --compile-shapes
 
-A time budget (--budget seconds) keeps the whole check under its limit: cells left when it runs
-out are reported as skipped. Ends with one table. Run through gpu_check.sh (which runs the CUDA
-tests first); without CUDA it stops with one line.
+The cheap cells come first and compiling last, so a time budget (--budget seconds) that runs out
+skips the costly ones: a skipped cell says so, a cell that fails says why, and the table is printed
+whatever happens (an interrupt, as `timeout -s INT` sends, included). Run through gpu_check.sh
+(which runs the CUDA tests first); without CUDA it stops with one line.
 """
 
 from __future__ import annotations
@@ -37,11 +39,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--shapes", nargs="+", default=["8x128", "64x1024"], help="batch x block shapes to train at")
     p.add_argument("--dtypes", nargs="+", default=["fp32", "bf16", "fp16"], help="training precisions")
     p.add_argument("--compile-shapes", nargs="*", default=["8x128"], help="shapes at which ours is also "
-                   "timed compiled, in every precision (default: 8x128; compiling takes ~30 s each)")
+                   "timed compiled, in every precision (default: 8x128; compiling takes ~30-60 s each)")
+    p.add_argument("--compile-mode", default="reduce-overhead", choices=("default", "reduce-overhead", "max-autotune"),
+                   help="torch.compile's mode for those cells (default: reduce-overhead)")
     p.add_argument("--steps", type=int, default=10, help="timed steps per cell (default: 10)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (default: 3)")
     p.add_argument("--tokens", type=int, default=100, help="new tokens per decode run (default: 100)")
-    p.add_argument("--budget", type=float, default=330, help="seconds for all timings (default: 330)")
+    p.add_argument("--budget", type=float, default=280, help="seconds for all timings (default: 280)")
     return p.parse_args(argv)
 
 
@@ -65,7 +69,7 @@ def decode_rate(model, hf: bool, batch: int, tokens: int) -> float:
     import torch
 
     if hf:
-        ids = torch.tensor([PROMPT] * batch, device="cuda")
+        ids = torch.tensor([PROMPT] * batch, device=model.device)
         kwargs = dict(attention_mask=torch.ones_like(ids), do_sample=True, top_k=50, top_p=0.95, pad_token_id=50256)
         with torch.inference_mode():
             model.generate(ids, max_new_tokens=1, **kwargs)  # the first token (prefill), timed apart
@@ -80,12 +84,15 @@ def decode_rate(model, hf: bool, batch: int, tokens: int) -> float:
             total = time.perf_counter() - start
         assert out.shape[1] == len(PROMPT) + tokens
         return (tokens - 1) * batch / (total - first)
-    from minigpt.sampling import SamplingConfig, generate
+    from minigpt.sampling import SamplingConfig, generate, seeded_generator
 
     config = SamplingConfig(max_new_tokens=tokens, top_k=50, top_p=0.95)
-    list(generate(model, PROMPT, config, batch, torch.Generator().manual_seed(0), eos_id=None))  # warm-up
-    times = [time.perf_counter() for _ in generate(model, PROMPT, config, batch, torch.Generator().manual_seed(0),
-                                                    eos_id=None)]  # no early stop: every step timed
+    list(generate(model, PROMPT, config, batch, seeded_generator(model, 0), eos_id=None))  # warm-up
+    times = []
+    for _ in generate(model, PROMPT, config, batch, seeded_generator(model, 0), eos_id=None):  # no early stop
+        times.append(time.perf_counter())
+    torch.cuda.synchronize()  # the last step's work done
+    times[-1] = time.perf_counter()
     return (tokens - 1) * batch / (times[-1] - times[0])
 
 
@@ -96,96 +103,110 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         print("gpu_check: no CUDA device here (torch.cuda.is_available() is False); nothing was timed", file=sys.stderr)
         return 1
+    try:
+        import transformers  # noqa: F401  (the other side of every row)
+    except ImportError:
+        print("gpu_check: transformers is not installed (pip install -e \".[test]\"); nothing was timed", file=sys.stderr)
+        return 1
     import hardware
     from bench_train import Ours, Transformers, model_folder, step_flops
 
     from minigpt.config import GPTConfig
+    from minigpt.loading import convert_to_minigpt, load_model
     from minigpt.runtime import DTYPES, setup_device
 
     started = time.monotonic()
     device, _ = setup_device("cuda", "fp32")  # TF32 for fp32, as train.py
     info = hardware.describe(device)
     print(hardware.hardware_line(info), flush=True)
-    try:
-        import transformers  # noqa: F401  (the oracle side; optional here)
-
-        have_hf = True
-    except ImportError:
-        have_hf = False
-        print("transformers is not installed here: ours only", flush=True)
     rows: list[tuple[str, ...]] = []
 
     def left() -> float:
         return args.budget - (time.monotonic() - started)
 
-    with tempfile.TemporaryDirectory() as tmp:
-        folder = model_folder(argparse.Namespace(model=None), Path(tmp))
+    def cell(what: str, shape: str, precision: str, side: str, needs: float, run) -> None:
+        """One row: run() gives the row's last four columns; skipped when less than `needs` seconds
+        of the budget are left, and a failure is written in the row, so the others still run."""
+        if left() < needs:
+            rows.append((what, shape, precision, side, "(skipped: time budget)", "", "", ""))
+        else:
+            try:
+                rows.append((what, shape, precision, side, *run()))
+            except torch.cuda.OutOfMemoryError:
+                rows.append((what, shape, precision, side, "out of memory", "", "", ""))
+            except Exception as e:  # noqa: BLE001  (a benchmark row, not a crash: the table goes on)
+                rows.append((what, shape, precision, side, f"error: {type(e).__name__}: {str(e).splitlines()[0][:120]}",
+                             "", "", ""))
+            finally:
+                gc.collect()
+                torch.cuda.empty_cache()
+        print(" | ".join(rows[-1]), flush=True)
+
+    base: dict[tuple[str, str], float] = {}  # (shape, precision) -> transformers' step seconds
+
+    def train_cell(folder: Path, shape: str, dtype_name: str, side: str, make, needs: float = 20) -> None:
+        b, t = (int(x) for x in shape.split("x"))
         config = GPTConfig.from_hf(json.loads((folder / "config.json").read_text()))
-        for shape in args.shapes:
-            b, t = (int(x) for x in shape.split("x"))
+
+        def run():
             batch = torch.randint(0, 50257, (b, t), generator=torch.Generator().manual_seed(0)).to(device)
-            flops = step_flops(config, b * t, t)
-            for dtype_name in args.dtypes:
+            seconds = median_step(make(), batch, args)
+            if side == "transformers":
+                base[(shape, dtype_name)] = seconds
+            ref = base.get((shape, dtype_name))
+            return (f"{seconds * 1000:.1f} ms", f"{b * t / seconds:,.0f}", f"{ref / seconds:.2f}x" if ref else "",
+                    f"{step_flops(config, b * t, t) / seconds / info['bf16']:.1%}")
+
+        cell("train", shape, dtype_name, side, needs, run)
+
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = model_folder(argparse.Namespace(model=None), Path(tmp))
+            mg_dir = convert_to_minigpt(folder, Path(tmp) / "minigpt")
+            from transformers import GPT2LMHeadModel
+
+            for dtype_name in ("fp32", "bf16"):  # decode first: cheap, and never starved by compiling
                 dtype = DTYPES[dtype_name]
-                makers = ([lambda: Transformers(folder, device, dtype)] if have_hf else []) + \
-                    [lambda: Ours(folder, device, dtype)] + \
-                    ([lambda: Ours(folder, device, dtype, compile=True)] if shape in args.compile_shapes else [])
-                base = None
-                for make in makers:
-                    if left() < 20:
-                        rows.append(("train", shape, dtype_name, "(skipped: time budget)", "", "", "", ""))
-                        continue
-                    side, name = None, "?"
-                    try:
-                        side = make()
-                        name = side.name
-                        seconds = median_step(side, batch, args)
-                    except torch.cuda.OutOfMemoryError:
-                        rows.append(("train", shape, dtype_name, name, "out of memory", "", "", ""))
-                        continue
-                    finally:
-                        del side
-                        gc.collect()
-                        torch.cuda.empty_cache()
-                    base = base or (seconds if name == "transformers" else None)
-                    rows.append(("train", shape, dtype_name, name, f"{seconds * 1000:.1f} ms",
-                                 f"{b * t / seconds:,.0f}", f"{base / seconds:.2f}x" if base else "",
-                                 f"{flops / seconds / info['bf16']:.1%}"))
-                    print(" | ".join(rows[-1]), flush=True)
-        from minigpt.loading import convert_to_minigpt, load_model
+                models = {}
 
-        mg_dir = convert_to_minigpt(folder, Path(tmp) / "minigpt")
-        for dtype_name in ("fp32", "bf16"):
-            dtype = DTYPES[dtype_name]
-            ours, _ = load_model(mg_dir, device, dtype)
-            hf_model = None
-            if have_hf:
-                from transformers import GPT2LMHeadModel
+                def load(dtype=dtype):
+                    models["ours"] = load_model(mg_dir, device, dtype)[0]
+                    models["hf"] = GPT2LMHeadModel.from_pretrained(folder, dtype=dtype).to(device).eval()
+                    models["hf"].generation_config.eos_token_id = None
 
-                hf_model = GPT2LMHeadModel.from_pretrained(folder, dtype=dtype).to(device).eval()
-                hf_model.generation_config.eos_token_id = None
-            for batch in (1, 8):
-                if left() < 10:
-                    rows.append(("decode", f"batch {batch}", dtype_name, "(skipped: time budget)", "", "", "", ""))
-                    continue
-                base = decode_rate(hf_model, True, batch, args.tokens) if hf_model is not None else None
-                rate = decode_rate(ours, False, batch, args.tokens)
-                if base:
-                    rows.append(("decode", f"batch {batch}", dtype_name, "transformers generate()", "",
-                                 f"{base:,.1f}", "1.00x", ""))
-                rows.append(("decode", f"batch {batch}", dtype_name, "ours", "", f"{rate:,.1f}",
-                             f"{rate / base:.2f}x" if base else "", ""))
-                print(" | ".join(rows[-1]), flush=True)
-            del ours, hf_model
-            gc.collect()
-            torch.cuda.empty_cache()
+                for batch in (1, 8):
+                    rates = {}
 
-    print(f"\n{info['name']}; bf16 matmul peak {info['bf16'] / 1e12:,.1f} TFLOP/s (MFU is against it); "
-          f"{time.monotonic() - started:.0f} s\n")
-    print("| what | shape | precision | side | step | tokens/s | vs transformers | MFU |")
-    print("|---|---|---|---|---:|---:|---:|---:|")
-    for row in rows:
-        print("| " + " | ".join(row) + " |")
+                    def run_side(side, batch=batch):
+                        if not models:
+                            load()
+                        rates[side] = decode_rate(models[side], side == "hf", batch, args.tokens)
+                        ref = rates.get("hf")
+                        return ("", f"{rates[side]:,.1f}", f"{rates[side] / ref:.2f}x" if ref else "", "")
+
+                    cell("decode", f"batch {batch}", dtype_name, "transformers generate()", 10, lambda: run_side("hf"))
+                    cell("decode", f"batch {batch}", dtype_name, "ours", 10, lambda: run_side("ours"))
+                models.clear()
+
+            for shape in args.shapes:
+                for dtype_name in args.dtypes:
+                    dtype = DTYPES[dtype_name]
+                    train_cell(folder, shape, dtype_name, "transformers", lambda: Transformers(folder, device, dtype))
+                    train_cell(folder, shape, dtype_name, "ours", lambda: Ours(folder, device, dtype))
+            for shape in args.compile_shapes:  # compiling last: the costly cells (~30-60 s each)
+                for dtype_name in args.dtypes:
+                    dtype = DTYPES[dtype_name]
+                    train_cell(folder, shape, dtype_name, f"ours, compiled ({args.compile_mode})",
+                               lambda: Ours(folder, device, dtype, compile=True, compile_mode=args.compile_mode), 90)
+    except KeyboardInterrupt:  # timeout -s INT: what was timed is still reported
+        rows.append(("(interrupted)", "", "", "", "", "", "", ""))
+    finally:
+        print(f"\n{info['name']}; bf16 matmul peak {info['bf16'] / 1e12:,.1f} TFLOP/s (MFU is against it); "
+              f"{time.monotonic() - started:.0f} s\n")
+        print("| what | shape | precision | side | step | tokens/s | vs transformers | MFU |")
+        print("|---|---|---|---|---:|---:|---:|---:|")
+        for row in rows:
+            print("| " + " | ".join(row) + " |")
     return 0
 
 
