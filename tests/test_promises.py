@@ -1,6 +1,7 @@
 """Promises README makes about failures that no other test exercised: a non-finite gradient norm
 stops the run, fp16 steps with inf/NaN gradients are skipped and counted, and under torchrun
-Ctrl-C stops every rank after the same step while a failing rank brings the whole job down."""
+Ctrl-C stops every rank after the same step while a failing rank brings the whole job down; the
+prepared GPU check stops in one line where there is no GPU."""
 
 from __future__ import annotations
 
@@ -238,3 +239,11 @@ def test_ctrl_c_under_torchrun_stops_every_rank_after_the_same_step(tmp_path):
     _, stderr = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, stderr[-3000:]
     assert json.loads((out / "training_state.json").read_text())["step"] == 60
+
+
+@pytest.mark.parametrize("command", [["bash", "benchmarks/gpu_check.sh"], [sys.executable, "benchmarks/gpu_check.py"]])
+def test_the_gpu_check_stops_in_one_line_without_cuda(command):
+    """(conftest hides any GPU from the tests that are not marked cuda: this runs as on a CPU machine)"""
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120, env=os.environ)
+    assert result.returncode == 1 and result.stdout == ""
+    assert result.stderr.splitlines() == [result.stderr.strip()] and "no CUDA device here" in result.stderr
