@@ -106,7 +106,8 @@ def main(argv=None) -> int:
     try:
         import transformers  # noqa: F401  (the other side of every row)
     except ImportError:
-        print("gpu_check: transformers is not installed (pip install -e \".[test]\"); nothing was timed", file=sys.stderr)
+        print("gpu_check: transformers is not installed (pip install -e \".[test]\"); nothing was timed",
+              file=sys.stderr)
         return 1
     import hardware
     from bench_train import Ours, Transformers, model_folder, step_flops

@@ -79,8 +79,8 @@ class TrainFlags:
                          group="hardware", action="store_true")
     compile_mode: str | None = flag(None, "(--compile) torch.compile's mode: default; reduce-overhead (CUDA graphs, "
                                     "for small launch-bound steps such as the recipe's 8 x 128 on a large GPU; the "
-                                    "batch dimension is marked dynamic; --grad-accum 1 only); max-autotune (longer start, tuned kernels) "
-                                    "(default: default)", group="hardware",
+                                    "batch dimension is marked dynamic; --grad-accum 1 only); max-autotune (longer "
+                                    "start, tuned kernels) (default: default)", group="hardware",
                                     choices=COMPILE_MODES)
     out: str = flag(DEFAULT_OUT, "output folder: the checkpoint, its model card, metrics.jsonl, loss.png",
                     group="output")
