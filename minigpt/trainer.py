@@ -172,6 +172,8 @@ class Trainer:
             # A rank whose share of a short last batch is empty must still join DDP's gradient
             # all-reduce: it runs a dummy example with weight 0, which adds zero gradients.
             batch, weight = torch.zeros((1, *batch.shape[1:]), dtype=batch.dtype), 0.0
+        if self.device.type == "cuda":  # from page-locked memory the copy is queued, not waited for
+            batch = batch.pin_memory()
         batch = batch.to(self.device, non_blocking=True)
         if self.cuda_graphs:
             torch._dynamo.maybe_mark_dynamic(batch, 0)
