@@ -124,8 +124,8 @@ class Ours:
         from minigpt.trainer import Trainer, TrainConfig
         from minigpt.training_speed import prepare_for_training
 
-        self.name = (f"ours, compiled ({compile_mode})" if compile_mode != "default" else "ours, compiled") \
-            if compile else "ours"
+        mode = "" if compile_mode == "default" else f" ({compile_mode})"
+        self.name = f"ours, compiled{mode}" if compile else "ours"
 
         self.model, self.tokenizer = load_model(folder, device)
         prepare_for_training(self.model.train())  # as train.py does
