@@ -145,6 +145,7 @@ class AdamW:
                 return
             found_inf = None
         self._step_tensor += 1 if found_inf is None else 1 - found_inf
+        t = None if self.fused else self.step_count  # the written-out update needs t on the host
         for group, exp_avgs, exp_avg_sqs in zip(self.param_groups, self.exp_avg, self.exp_avg_sq):
             todo = [
                 (p, p.grad, m, v)
@@ -152,7 +153,7 @@ class AdamW:
                 if p.grad is not None
             ]
             for bucket in _buckets(todo, BUCKET):
-                self._update(group, *bucket, grad_scale=grad_scale, found_inf=found_inf)
+                self._update(group, *bucket, t=t, grad_scale=grad_scale, found_inf=found_inf)
 
     def _update(
         self,
@@ -161,11 +162,13 @@ class AdamW:
         grads: list[torch.Tensor],
         exp_avgs: list[torch.Tensor],
         exp_avg_sqs: list[torch.Tensor],
+        t: int | None = None,
         grad_scale: torch.Tensor | None = None,
         found_inf: torch.Tensor | None = None,
     ) -> None:
         """The formula of the module docstring on one bucket of (slices of) tensors, in place.
-        grad_scale: the gradients are still multiplied by it (GradScaler without unscale_)."""
+        t: the step (the fused kernel reads it from the device instead); grad_scale: the gradients
+        are still multiplied by it (GradScaler without unscale_)."""
         lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
         if self.fused:  # the same formula, one kernel (see the module docstring)
             torch._fused_adamw_(
@@ -176,7 +179,6 @@ class AdamW:
             return
         if grad_scale is not None:
             grads = torch._foreach_div(grads, grad_scale)
-        t = self.step_count
         if wd != 0:
             torch._foreach_mul_(params, 1 - lr * wd)
         torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)  # m + (1 - beta1)(g - m)
