@@ -50,6 +50,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import hardware  # noqa: E402  (benchmarks/hardware.py, beside this file)
 from minigpt.cli import positive_int  # noqa: E402  (after the path set-up above)
+from minigpt.errors import MinigptError  # noqa: E402
 from minigpt.tokenizer import Tokenizer  # noqa: E402
 
 PROMPT = "Somatic hypermutation allows the immune system to"
@@ -251,18 +252,24 @@ def end_to_end(args, hf_dir: Path, mg_dir: Path, work: Path) -> dict:
 
 def eval_losses(checkpoint: str, data: str) -> dict:
     """Validation loss of `checkpoint` on `data` (its validation split, as train.py makes it) in
-    fp32, bf16 and int8."""
+    fp32, bf16 and int8, the last once per int8 kernel this torch build has (they round differently:
+    `fbgemm` also rounds activations to 14 bits)."""
     import torch
 
     from minigpt.data import DataConfig, load_blocks
     from minigpt.loading import load_model
-    from minigpt.inference import prepare_for_inference
+    from minigpt.inference import available_kernels, prepare_for_inference
 
     losses = {}
-    for label, dtype, quantize in (("fp32", torch.float32, None), ("bf16", torch.bfloat16, None),
-                                   ("int8", torch.float32, "int8")):
+    variants = [("fp32", torch.float32, None, None), ("bf16", torch.bfloat16, None, None)]
+    variants += [(f"int8 ({k})", torch.float32, "int8", k) for k in available_kernels("int8")]
+    for label, dtype, quantize, kernel in variants:
         model, tokenizer = load_model(checkpoint, "cpu", dtype)
-        model = prepare_for_inference(model, quantize)
+        try:
+            model = prepare_for_inference(model, quantize, kernel=kernel)
+        except MinigptError as e:  # (int8mm takes only input widths that are multiples of 16)
+            print(f"{label}: {e}", file=sys.stderr)
+            continue
         block = min(128, model.config.block_size)
         train, val = load_blocks(DataConfig(source=data, block_size=block), tokenizer, progress=False)
         blocks = torch.from_numpy(val.blocks[:].astype("int64")) if len(val) else torch.from_numpy(

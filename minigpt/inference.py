@@ -28,6 +28,8 @@ the same `y = x W^T + b`:
          onednn    W prepacked by oneDNN, `torch.ops.mkldnn._linear_pointwise` (`OneDnnLinear`)
   int8   int8mm    weight-only int8, one scale per output channel, `torch._weight_int8pack_mm`
          upcast    the same int8 weights converted to fp32 in chunks (exactly: q * s fits fp32)
+         fbgemm    int8 W prepacked by FBGEMM, integer products; activations rounded to 14 bits
+                   and split into two small integer digits (`FbgemmInt8Linear`)
 
 `prepare_for_inference` times the candidates available in this torch build on the model's real
 shapes (the first layers of each group of same-shaped layers, streamed in turn as decoding streams
@@ -41,6 +43,7 @@ every candidate computes the same function up to rounding (tests/test_kernels.py
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Callable
 
@@ -190,6 +193,21 @@ class OneDnnLinear(nn.Module):
         return F.embedding(idx, self.rows_weight)
 
 
+def quantize_int8(weight: torch.Tensor, scale_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """W ~= q * s: q int8 (out, in), one scale s per output channel (in `scale_dtype`, the numbers
+    the kernel multiplies by), chosen so each row's largest |value| maps to 127."""
+    out_features, in_features = weight.shape
+    q = torch.empty(out_features, in_features, dtype=torch.int8, device=weight.device)
+    scale = torch.empty(out_features, dtype=scale_dtype, device=weight.device)
+    for rows in range(0, out_features, QUANTIZE_CHUNK):  # in chunks: no full-size temporaries
+        w = weight[rows : rows + QUANTIZE_CHUNK].detach().float()
+        s = (w.abs().amax(dim=1).clamp(min=1e-12) / 127).to(scale_dtype)
+        # rounding s to bf16 can push the largest |w| / s a hair past 127: clamp
+        q[rows : rows + QUANTIZE_CHUNK] = (w / s.float().unsqueeze(1)).round_().clamp_(-127, 127)
+        scale[rows : rows + QUANTIZE_CHUNK] = s
+    return q, scale
+
+
 class Int8Linear(nn.Module):
     """Weight-only int8 `y = x W^T + b`: W ~= q * s, q int8 (out, in), one scale s per output channel.
 
@@ -210,14 +228,7 @@ class Int8Linear(nn.Module):
             )
         if kernel == "int8mm" and in_features % 16:  # (torch 2.13's CPU kernel returns garbage)
             raise MinigptError(f"int8mm: layer input width {in_features} is not a multiple of 16")
-        q = torch.empty(out_features, in_features, dtype=torch.int8, device=weight.device)
-        scale = torch.empty(out_features, dtype=torch.bfloat16, device=weight.device)
-        for rows in range(0, out_features, QUANTIZE_CHUNK):  # in chunks: no full-size temporaries
-            w = weight[rows : rows + QUANTIZE_CHUNK].detach().float()
-            s = (w.abs().amax(dim=1).clamp(min=1e-12) / 127).to(torch.bfloat16)
-            # rounding s to bf16 can push the largest |w| / s a hair past 127: clamp
-            q[rows : rows + QUANTIZE_CHUNK] = (w / s.float().unsqueeze(1)).round_().clamp_(-127, 127)
-            scale[rows : rows + QUANTIZE_CHUNK] = s
+        q, scale = quantize_int8(weight, torch.bfloat16)
         self.register_buffer("qweight", q)  # (out, in)
         self.register_buffer("scale", scale)  # (out,)
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
@@ -238,6 +249,58 @@ class Int8Linear(nn.Module):
 
     def embed(self, idx: torch.Tensor) -> torch.Tensor:
         return self.qweight[idx].float() * self.scale[idx].float().unsqueeze(-1)
+
+
+class FbgemmInt8Linear(nn.Module):
+    """int8 `y = x W^T + b` on integer dot products (FBGEMM's int8 GEMM), activations kept to 14 bits.
+
+    Why: on a CPU without bf16 instructions (the AMD EPYC with AVX2 only), `_weight_int8pack_mm`
+    converts every weight to a float before multiplying, about one weight per cycle per core, while
+    FBGEMM multiplies 8-bit integers, 32 pairs an instruction, and reads W about as fast as memory
+    delivers it: the 50,257 x 768 LM head for one row in 2.1-2.4 ms against 4.9-6.7 ms there.
+    Integer products need integer activations, and rounding x to 8 bits costs a few % of the output
+    when one channel is far larger than the rest, as in GPT-2's LayerNorm outputs. So each row is
+    rounded to 14 bits, x ~= s * x_q with s = max|x| / 8127 and |x_q| <= 8127, and x_q is written as
+    two digits, x_q = 128 * hi + lo with hi = round(x_q / 128) in [-63, 63] and lo in [-64, 64]: two
+    integer rows that one pass over W multiplies, W x_q = 128 (W hi) + W lo (exact in int32). Small
+    digits, not 8 bits: without VNNI instructions the kernel adds pairs of 8-bit products in 16
+    bits, which 2 * 255 * 127 overflows and 2 * 128 * 127 does not.
+    W is int8 with one scale per output channel, as for the other int8 kernels; the activation's
+    rounding adds at most s / 2 per element. FBGEMM's packed W cannot be read by rows, so as the
+    tied LM head (`keep_rows`) the layer also keeps q for the token embedding. (FBGEMM's weights are
+    built through torch's quantized tensors, deprecated: when a torch release drops them, this
+    candidate is simply unavailable.)
+    """
+
+    LEVELS = 8127  # the largest |x_q|: hi = round(x_q / 128) stays in [-63, 63]
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, keep_rows: bool, kernel: str = "fbgemm") -> None:
+        super().__init__()
+        self.kernel = kernel
+        q, scale = quantize_int8(weight, torch.float32)
+        with warnings.catch_warnings():  # the quantized tensor is only FBGEMM's input format
+            warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*deprecated")
+            qw = torch._make_per_channel_quantized_tensor(q, scale.double(), torch.zeros_like(scale, dtype=torch.long), 0)
+        self.packed = torch.ops.quantized.linear_prepack(qw, None)  # (not a tensor: an attribute)
+        self.register_buffer("qweight", q if keep_rows else None)  # (out, in)
+        self.register_buffer("scale", scale)  # (out,)
+        self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, x.size(-1)).float()
+        n = rows.size(0)
+        step = torch.linalg.vector_norm(rows, float("inf"), dim=1, keepdim=True).clamp_(min=1e-30) / self.LEVELS
+        scaled = rows / step  # x / s: x_q before rounding, (n, in)
+        hi = (scaled * (1 / 128)).round_()
+        digits = torch.cat([hi, torch.add(scaled, hi, alpha=-128)])  # (2n, in): hi, then lo (rounded by the kernel)
+        # The kernel rounds each digit d, reads it as the 8-bit integer d + 64 (zero point 64), returns s_W W d.
+        w_digits = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(digits, 1.0, 64, self.packed)
+        y = torch.add(w_digits[n:], w_digits[:n], alpha=128)  # W x_q, (n, out)
+        y = y.mul_(step) if self.bias is None else torch.addcmul(self.bias, y, step)
+        return y.to(x.dtype).view(*x.shape[:-1], -1)
+
+    def embed(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.qweight[idx].float() * self.scale[idx].unsqueeze(-1)
 
 
 class SharedEmbedding(nn.Module):
@@ -282,6 +345,11 @@ def _onednn_ok(device: torch.device) -> bool:
             and torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
+def _fbgemm_ok(device: torch.device) -> bool:
+    return (device.type == "cpu" and _has_op("quantized", "linear_with_input_q_dq_qweight_dq_output_fp32")
+            and torch.backends.quantized.engine in ("x86", "fbgemm"))
+
+
 def _has_int8mm(device: torch.device) -> bool:
     return torch._C._dispatch_has_kernel_for_dispatch_key("aten::_weight_int8pack_mm", device.type.upper())
 
@@ -297,8 +365,11 @@ LAYOUTS: dict[str, tuple[Layout, ...]] = {  # the candidates per precision ("int
         Layout(("mv-upcast", "linear"), lambda w, b, rows, tied, k: DenseLinear(w, b, torch.bfloat16, k)),
         Layout(("onednn",), lambda w, b, rows, tied, k: OneDnnLinear(w, b, rows, tied, k), _onednn_ok),
     ),
-    "int8": (Layout(("int8mm", "upcast"), lambda w, b, rows, tied, k: Int8Linear(w, b, k),
-                    fits=lambda kernel, in_features: kernel != "int8mm" or in_features % 16 == 0),),
+    "int8": (
+        Layout(("int8mm", "upcast"), lambda w, b, rows, tied, k: Int8Linear(w, b, k),
+               fits=lambda kernel, in_features: kernel != "int8mm" or in_features % 16 == 0),
+        Layout(("fbgemm",), lambda w, b, rows, tied, k: FbgemmInt8Linear(w, b, tied, k), _fbgemm_ok),
+    ),
 }
 TIME_LAYERS = 2  # layers of a group the candidates are timed on (the rest is built with the winner)
 # A matrix with more output rows (the LM head) is timed on its first TIME_ROWS rows: 50 MB in fp32,
@@ -345,8 +416,11 @@ def _choose(
     timed: list[nn.Module] = []  # the winner's layers built for timing are kept, not built again
     if key not in _CHOICES:
         sample = [(w[:TIME_ROWS], None if b is None else b[:TIME_ROWS]) for w, b in weights[:TIME_LAYERS]]
-        built = {id(layout): [layout.build(w, b, rows, tied, layout.kernels[0]) for w, b in sample]
-                 for layout in {id(lay): lay for lay, _ in candidates}.values()}
+        first: dict[int, tuple[Layout, str]] = {}  # each layout is built for its first fitting kernel
+        for layout, kernel in candidates:
+            first.setdefault(id(layout), (layout, kernel))
+        built = {id(layout): [layout.build(w, b, rows, tied, kernel) for w, b in sample]
+                 for layout, kernel in first.values()}
         x = torch.randn(rows, weights[0][0].size(1), device=weights[0][0].device).to(dtype)
         best = {kernel: float("inf") for _, kernel in candidates}
         racing = list(candidates)
