@@ -6,7 +6,7 @@ for exactly --tokens new tokens (EOS does not stop either side), from the same w
     throughput   in ONE process, runs alternate between the variants (so a noisy neighbour hurts
                  all of them alike); per run: time to first token (prefill + first sample) and the
                  decode rate in new tokens/s after the first token. Medians over --reps runs.
-                 variants: transformers fp32 | ours fp32 | ours bf16 | ours int8 (weight-only),
+                 variants: transformers fp32 | ours fp32 | ours bf16 | ours int8,
                  at batch 1 and batch 8 (8 samples of one prompt, one batched decode on both sides)
     memory       peak resident memory (VmHWM) of a fresh process per variant that loads the model
                  and generates (python, torch and the weights included)
