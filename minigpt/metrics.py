@@ -155,16 +155,17 @@ class MetricsLog:
 
 
 def plot_metrics(metrics: Path, png: Path) -> bool:
-    """Draw train and validation loss against step into `png`; False when matplotlib is missing."""
-    try:
-        import matplotlib
+    """Draw train and validation loss against step into `png`; False when matplotlib is missing.
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+    A bare `Figure` (no pyplot): it draws off-screen without touching the process's matplotlib
+    backend (a notebook that trains keeps its own) and skips importing pyplot."""
+    try:
+        from matplotlib.figure import Figure
     except ImportError:
         return False
     rows = [json.loads(line) for line in metrics.read_text(encoding="utf-8").splitlines() if line.strip()]
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig = Figure(figsize=(7, 4))
+    ax = fig.add_subplot()
     for key, label in (("loss", "train"), ("val_loss", "validation")):
         points = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
         if points:
@@ -175,9 +176,6 @@ def plot_metrics(metrics: Path, png: Path) -> bool:
     ax.grid(alpha=0.3)
     fig.tight_layout()
     clear_interrupted_saves(png)
-    try:
-        with atomic_file(png) as tmp:  # a reader never sees half a picture
-            fig.savefig(tmp, dpi=100, format="png")
-    finally:
-        plt.close(fig)
+    with atomic_file(png) as tmp:  # a reader never sees half a picture
+        fig.savefig(tmp, dpi=100, format="png")
     return True

@@ -185,8 +185,16 @@ def test_accumulation_equals_one_big_batch(tmp_path):
 
 
 def test_metrics_rows_and_evaluation_schedule(tmp_path):
-    train, val = counting_blocks(20, 16, 300, seed=4), counting_blocks(6, 16, 300, seed=5)
-    make_trainer(tmp_path, micro_model(), train, val, batch=4, max_steps=12, log_every=2, eval_every=4).fit()
+    import matplotlib
+
+    backend = matplotlib.get_backend()
+    matplotlib.use("svg")  # the caller's backend, other than the Agg that draws loss.png
+    try:
+        train, val = counting_blocks(20, 16, 300, seed=4), counting_blocks(6, 16, 300, seed=5)
+        make_trainer(tmp_path, micro_model(), train, val, batch=4, max_steps=12, log_every=2, eval_every=4).fit()
+        assert matplotlib.get_backend() == "svg"  # drawing loss.png left the process's backend alone
+    finally:
+        matplotlib.use(backend)
     all_rows = rows(tmp_path)
     train_rows = [r for r in all_rows if "loss" in r]
     val_rows = [r for r in all_rows if "val_loss" in r]
@@ -196,7 +204,9 @@ def test_metrics_rows_and_evaluation_schedule(tmp_path):
     assert [r["step"] for r in val_rows] == [4, 5, 8, 10, 12]
     assert all(set(r) == {"step", "epoch", "val_loss", "val_ppl"} for r in val_rows)
     assert val_rows[-1]["val_loss"] < val_rows[0]["val_loss"]
-    assert (tmp_path / "loss.png").is_file()
+    png = (tmp_path / "loss.png").read_bytes()  # a PNG of 7 x 4 inches at 100 dpi
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and png[12:16] == b"IHDR"
+    assert (int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")) == (700, 400)
 
 
 def test_checkpoint_folder_layout(tmp_path, gpt2_tokenizer):
