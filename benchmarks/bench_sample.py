@@ -14,7 +14,8 @@ for exactly --tokens new tokens (EOS does not stop either side), from the same w
                  `pipeline("text-generation")` script, start-up and loading included
     int8 loss    with --eval-checkpoint and --eval-data: validation loss in fp32, bf16 and int8
     llama.cpp    with --llama-bench PATH: llama.cpp's llama-bench at batch 1 on the same weights,
-                 converted by llama.cpp's own convert_hf_to_gguf.py to F32, BF16 and Q8_0, beside
+                 converted by llama.cpp's own convert_hf_to_gguf.py to F32, BF16 and Q8_0, one
+                 repetition after each round of ours at batch 1 (interleaved, as ours are), beside
                  ours fp32 / bf16 / int8 at batch 1, with the ratios (README: building llama-bench)
 
 Ours are prepared for each batch size (prepare_for_inference times its kernel candidates on that
@@ -181,12 +182,15 @@ def timed(name, model, prompt, batch, tokens):
 # --- the measurements -------------------------------------------------------------------------
 
 
-def throughput(args, hf_dir: Path, mg_dir: Path, prompt: list[int]) -> dict:
-    """{(variant, batch): (median ttft, median tokens/s)}, runs interleaved in this process; and
-    {(variant, batch): kernel_summary} under "kernels"."""
+def throughput(args, hf_dir: Path, mg_dir: Path, prompt: list[int], llama_files: dict[str, Path]) -> dict:
+    """{(variant, batch): (median ttft, median tokens/s)}, runs interleaved in this process;
+    {(variant, batch): kernel_summary} under "kernels"; with `llama_files`, {precision: median
+    tokens/s} under "llama.cpp", from one llama-bench repetition after each round at batch 1 (so a
+    machine whose speed drifts during the run, as a shared VM's does, slows both sides alike)."""
     from minigpt.inference import kernel_summary
 
     results = {"kernels": {}}
+    llama_runs = []
     for batch in args.batches:
         models = {name: load_variant(name, hf_dir, mg_dir, batch) for name in VARIANTS}
         for name, model in models.items():
@@ -199,9 +203,16 @@ def throughput(args, hf_dir: Path, mg_dir: Path, prompt: list[int]) -> dict:
                 runs[name].append(timed(name, model, prompt, batch, args.tokens))
                 print(f"  batch {batch} run {rep + 1}: {name:18s} ttft {runs[name][-1][0]:.3f} s, "
                       f"{runs[name][-1][1]:.1f} tokens/s", file=sys.stderr)
+            if batch == 1 and llama_files:
+                llama_runs.append(llama_cpp_rates(args, llama_files, 1))
+                print(f"  batch 1 run {rep + 1}: llama.cpp " + ", ".join(
+                    f"{LLAMA_TYPES[p].upper()} {rate:.1f}" for p, rate in llama_runs[-1].items()) + " tokens/s",
+                    file=sys.stderr)
         for name, r in runs.items():
             results[name, batch] = (statistics.median(t for t, _ in r), statistics.median(s for _, s in r))
         del models
+    if llama_runs:
+        results["llama.cpp"] = {p: statistics.median(run[p] for run in llama_runs) for p in llama_files}
     return results
 
 
@@ -283,9 +294,8 @@ def eval_losses(checkpoint: str, data: str) -> dict:
     return losses
 
 
-def llama_cpp(args, hf_dir: Path, work: Path) -> dict[str, tuple[str, float]]:
-    """{precision: (llama.cpp type, decode tokens/s at batch 1)} from llama.cpp's own `llama-bench`
-    on GGUF files that llama.cpp's own converter makes from the same HF weights."""
+def llama_cpp_files(args, hf_dir: Path, work: Path) -> dict[str, Path]:
+    """{precision: GGUF file} that llama.cpp's own converter makes from the same HF weights."""
     bench = Path(args.llama_bench).resolve()
     converter = Path(args.llama_convert or bench.parents[2] / "convert_hf_to_gguf.py").resolve()
     for path, what in ((bench, "--llama-bench"), (converter, "--llama-convert")):
@@ -308,14 +318,18 @@ def llama_cpp(args, hf_dir: Path, work: Path) -> dict[str, tuple[str, float]]:
                             "--outfile", str(files[precision])], env=env, capture_output=True, text=True)
         if r.returncode != 0:
             sys.exit(f"error: llama.cpp's converter failed for {outtype}: {r.stderr.strip().splitlines()[-1:]}")
-    print(f"llama.cpp: llama-bench -t {args.threads} -n {args.llama_tokens} ...", file=sys.stderr)
-    command = [str(bench), *[x for f in files.values() for x in ("-m", str(f))], "-t", str(args.threads),
-               "-n", str(args.llama_tokens), "-p", "0", "-r", str(args.reps), "-o", "json"]
+    return files
+
+
+def llama_cpp_rates(args, files: dict[str, Path], reps: int) -> dict[str, float]:
+    """{precision: decode tokens/s at batch 1}: one `llama-bench` run of `reps` repetitions a file."""
+    command = [str(Path(args.llama_bench).resolve()), *[x for f in files.values() for x in ("-m", str(f))],
+               "-t", str(args.threads), "-n", str(args.llama_tokens), "-p", "0", "-r", str(reps), "-o", "json"]
     r = subprocess.run(command, capture_output=True, text=True)
     if r.returncode != 0:
         sys.exit(f"error: llama-bench failed: {r.stderr.strip().splitlines()[-1:]}")
     rates = {Path(row["model_filename"]).name: row["avg_ts"] for row in json.loads(r.stdout) if row["n_gen"] > 0}
-    return {p: (LLAMA_TYPES[p].upper(), rates[f.name]) for p, f in files.items()}
+    return {p: rates[f.name] for p, f in files.items()}
 
 
 # --- the report -------------------------------------------------------------------------------
@@ -339,13 +353,14 @@ def report(args, speed, memory, e2e, losses, llama) -> str:
         lines += [f"- batch {b}, {name}: {speed['kernels'][name, b]}" for b in args.batches for name in VARIANTS
                   if speed["kernels"].get((name, b))] + [""]
     if llama and speed and 1 in args.batches:
-        lines += [f"llama.cpp: `llama-bench -t {args.threads} -n {args.llama_tokens} -p 0` on GGUF files made by "
-                  "its own convert_hf_to_gguf.py from the same weights; ours: batch 1 above.", "",
+        lines += [f"llama.cpp: `llama-bench -t {args.threads} -n {args.llama_tokens} -p 0 -r 1` on GGUF files made "
+                  "by its own convert_hf_to_gguf.py from the same weights, once after each round of ours at "
+                  f"batch 1; medians of {args.reps}. Ours: batch 1 above.", "",
                   "| precision | ours, tokens/s | llama.cpp | llama.cpp, tokens/s | ours / llama.cpp | target |",
                   "|---|---:|---|---:|---:|---:|"]
-        for precision, (kind, rate) in llama.items():
+        for precision, rate in llama.items():
             ours = speed[f"ours {precision}", 1][1]
-            lines.append(f"| {precision} | {ours:.1f} | {kind} | {rate:.1f} | {ours / rate:.2f}x | "
+            lines.append(f"| {precision} | {ours:.1f} | {LLAMA_TYPES[precision].upper()} | {rate:.1f} | {ours / rate:.2f}x | "
                          f"{LLAMA_TARGETS[precision]}x |")
         lines.append("")
     if e2e:
@@ -414,8 +429,10 @@ def main() -> None:
             hf_dir, mg_dir = prepare_weights(args.model, work)
             prompt = Tokenizer.from_dir(mg_dir).encode(PROMPT)
             args.prompt_tokens = len(prompt)
+            llama_files = llama_cpp_files(args, hf_dir, work) if args.llama_bench else {}
             if "speed" not in args.skip:
-                speed = throughput(args, hf_dir, mg_dir, prompt)
+                speed = throughput(args, hf_dir, mg_dir, prompt, llama_files)
+                llama = speed.pop("llama.cpp", {})
             if "memory" not in args.skip:
                 for batch in args.batches[:1] if args.quick else args.batches:
                     print(f"peak memory, batch {batch} ...", file=sys.stderr)
@@ -423,8 +440,9 @@ def main() -> None:
             if "e2e" not in args.skip:
                 print("end to end ...", file=sys.stderr)
                 e2e = end_to_end(args, hf_dir, mg_dir, work)
-            if args.llama_bench:
-                llama = llama_cpp(args, hf_dir, work)
+            if llama_files and not llama:  # no batch-1 runs of ours to interleave with
+                print(f"llama.cpp: llama-bench -t {args.threads} -n {args.llama_tokens} ...", file=sys.stderr)
+                llama = llama_cpp_rates(args, llama_files, args.reps)
     losses = eval_losses(args.eval_checkpoint, args.eval_data) if args.eval_checkpoint else {}
     print(report(args, speed, memory, e2e, losses, llama))
 

@@ -11,7 +11,8 @@ import torch
 from minigpt import inference
 from minigpt.config import GPTConfig
 from minigpt.errors import MinigptError
-from minigpt.inference import LAYOUTS, UPCAST_CHUNK, available_kernels, kernel_summary, prepare_for_inference
+from minigpt.inference import LAYOUTS, available_kernels, kernel_summary, prepare_for_inference
+from minigpt.layouts import UPCAST_CHUNK
 from minigpt.model import GPT
 
 # Every declared (precision, kernel) pair, whether or not this torch build offers it (skipped then).

@@ -17,7 +17,8 @@ from transformers.generation.logits_process import (
 from minigpt.config import GPTConfig
 from minigpt.errors import MinigptError
 from minigpt.loading import load_model
-from minigpt.inference import Int8Linear, prepare_for_inference
+from minigpt.inference import prepare_for_inference
+from minigpt.layouts import Int8Linear
 from minigpt.model import GPT
 from minigpt.sampling import (
     SamplingConfig,

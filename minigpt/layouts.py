@@ -1,0 +1,274 @@
+"""The weight layouts that `minigpt.inference` chooses among: modules computing `y = x W^T + b`.
+
+Each holds one Linear layer's weights in the form its kernel reads fastest (transposed, sliced per
+thread, prepacked by MKL / oneDNN / FBGEMM, int8), and names the kernel it runs in `kernel` (a
+layout with several kernels switches by that attribute). The LM head's layout also has `embed`,
+which returns rows of W for the token embedding that GPT-2 ties to it. Why each exists, and what
+it measured against the others, is in its docstring; which one a model gets is decided by timing
+(`minigpt/inference.py`).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .errors import MinigptError
+
+UPCAST_CHUNK = 2048  # output rows converted to fp32 at a time: a few MB, so the copy stays in cache
+QUANTIZE_CHUNK = 4096  # rows quantized at a time, so quantizing the LM head needs no big temporaries
+
+
+class TransposedLinear(nn.Module):
+    """fp32 `y = x W^T + b`, with W stored as (in, out) so one activation row streams it in order."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, kernel: str = "addmm-t") -> None:
+        super().__init__()
+        self.kernel = kernel
+        self.register_buffer("weight_t", weight.detach().float().t().contiguous())  # (in, out)
+        self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, x.size(-1))
+        y = rows @ self.weight_t if self.bias is None else torch.addmm(self.bias, rows, self.weight_t)
+        return y.view(*x.shape[:-1], -1)
+
+    def embed(self, idx: torch.Tensor) -> torch.Tensor:
+        """Rows `idx` of W (for the token embedding that shares the LM head's matrix)."""
+        return self.weight_t[:, idx].movedim(0, -1)  # (in, *idx.shape) -> (*idx.shape, in)
+
+
+class SplitLinear(nn.Module):
+    """fp32 `y = x W^T + b` with W's output columns cut into `parts` slices, stored (parts, in, out /
+    parts) and multiplied by one batched matmul.
+
+    Why: for a single activation row, MKL computes `x W^T` as one matrix-vector product on one
+    thread, however many the process has, so one core streams all of W. `torch.bmm` gives the
+    slices to the threads, and every core streams its share. Measured on the AMD EPYC with AVX2
+    (2 threads), the 50,257 x 768 LM head for one row: `addmm` on W^T 9.4 ms, split in two 6.1 ms;
+    the 24 block layers of distilgpt2 12.2 -> 10.6 ms. W is padded with zero columns to a multiple
+    of `parts`; the padding is cut off the result.
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, parts: int, kernel: str = "bmm-split") -> None:
+        super().__init__()
+        self.kernel = kernel
+        out_features, in_features = weight.shape
+        self.out_features = out_features
+        width = -(-out_features // parts)  # columns per slice
+        weight_parts = weight.new_zeros(parts, in_features, width, dtype=torch.float32)
+        for i, rows in enumerate(weight.detach().split(width)):  # slice by slice: no full-size temporary
+            weight_parts[i, :, : rows.size(0)] = rows.t()
+        self.register_buffer("weight_parts", weight_parts)  # (parts, in, width)
+        self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, x.size(-1))
+        parts = self.weight_parts.size(0)
+        y = torch.bmm(rows.expand(parts, -1, -1), self.weight_parts)  # (parts, rows, width)
+        y = y.transpose(0, 1).reshape(rows.size(0), -1)[:, : self.out_features]  # (rows, out)
+        y = y if self.bias is None else y + self.bias
+        return y.view(*x.shape[:-1], -1)
+
+    def embed(self, idx: torch.Tensor) -> torch.Tensor:
+        width = self.weight_parts.size(2)
+        return self.weight_parts[idx // width, :, idx % width]  # (*idx.shape, in)
+
+
+class DenseLinear(nn.Module):
+    """`y = x W^T + b` with W (out, in) in `dtype`, by kernel "linear" (`F.linear`) or "mv-upcast"
+    (`torch.mv` for one row, fp32 matmuls on chunks of W converted on the fly for several)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype, kernel: str) -> None:
+        super().__init__()
+        self.kernel = kernel
+        self.register_buffer("weight", weight.detach().to(dtype).contiguous())
+        self.register_buffer("bias", None if bias is None else bias.detach().to(dtype).clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, x.size(-1)).to(self.weight.dtype)
+        if self.kernel == "mv-upcast" and rows.size(0) == 1:
+            y = torch.mv(self.weight, rows[0]).unsqueeze(0)
+            y = y if self.bias is None else y + self.bias
+        elif self.kernel == "mv-upcast":
+            fp32_rows = rows.float()
+            y = torch.cat([fp32_rows @ w.float().t() for w in self.weight.split(UPCAST_CHUNK)], dim=1)
+            y = y if self.bias is None else y + self.bias.float()
+        else:
+            y = F.linear(rows, self.weight, self.bias)
+        return y.to(x.dtype).view(*x.shape[:-1], -1)
+
+    def embed(self, idx: torch.Tensor) -> torch.Tensor:
+        return F.embedding(idx, self.weight)
+
+
+class MklLinear(nn.Module):
+    """fp32 `y = x W^T + b` through MKL's prepacked GEMM. The packed copy is made for `rows` rows a
+    call; MKL's op falls back to `F.linear` on the plain W (which it therefore also keeps) for other
+    row counts, such as a prompt."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, rows: int, kernel: str = "mkl") -> None:
+        super().__init__()
+        self.kernel = kernel
+        self.rows = rows
+        self.register_buffer("weight", weight.detach().float().contiguous())
+        self.register_buffer("packed", torch.ops.mkl._mkl_reorder_linear_weight(self.weight, rows))
+        self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, x.size(-1)).float()
+        y = torch.ops.mkl._mkl_linear(rows, self.packed, self.weight, self.bias, self.rows)
+        return y.to(x.dtype).view(*x.shape[:-1], -1)
+
+    def embed(self, idx: torch.Tensor) -> torch.Tensor:
+        return F.embedding(idx, self.weight)
+
+
+class OneDnnLinear(nn.Module):
+    """bf16 `y = x W^T + b` through oneDNN with W reordered once into its preferred blocked layout
+    (for `rows` rows a call; any row count works). The packed W cannot be read by rows, so as the
+    tied LM head (`keep_rows`) it also keeps the plain bf16 W for the token embedding."""
+
+    def __init__(
+        self, weight: torch.Tensor, bias: torch.Tensor | None, rows: int, keep_rows: bool, kernel: str = "onednn"
+    ) -> None:
+        super().__init__()
+        self.kernel = kernel
+        plain = weight.detach().to(torch.bfloat16).contiguous()
+        self.register_buffer("packed", torch.ops.mkldnn._reorder_linear_weight(plain, rows))
+        self.register_buffer("bias", None if bias is None else bias.detach().to(torch.bfloat16).clone())
+        self.register_buffer("rows_weight", plain if keep_rows else None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, x.size(-1)).to(torch.bfloat16)
+        y = torch.ops.mkldnn._linear_pointwise(rows, self.packed, self.bias, "none", [], "")
+        return y.to(x.dtype).view(*x.shape[:-1], -1)
+
+    def embed(self, idx: torch.Tensor) -> torch.Tensor:
+        return F.embedding(idx, self.rows_weight)
+
+
+def quantize_int8(weight: torch.Tensor, scale_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """W ~= q * s: q int8 (out, in), one scale s per output channel (in `scale_dtype`, the numbers
+    the kernel multiplies by), chosen so each row's largest |value| maps to 127."""
+    out_features, in_features = weight.shape
+    q = torch.empty(out_features, in_features, dtype=torch.int8, device=weight.device)
+    scale = torch.empty(out_features, dtype=scale_dtype, device=weight.device)
+    for rows in range(0, out_features, QUANTIZE_CHUNK):  # in chunks: no full-size temporaries
+        w = weight[rows : rows + QUANTIZE_CHUNK].detach().float()
+        s = (w.abs().amax(dim=1).clamp(min=1e-12) / 127).to(scale_dtype)
+        # rounding s to bf16 can push the largest |w| / s a hair past 127: clamp
+        q[rows : rows + QUANTIZE_CHUNK] = (w / s.float().unsqueeze(1)).round_().clamp_(-127, 127)
+        scale[rows : rows + QUANTIZE_CHUNK] = s
+    return q, scale
+
+
+class Int8Linear(nn.Module):
+    """Weight-only int8 `y = x W^T + b`: W ~= q * s, q int8 (out, in), one scale s per output channel.
+
+    Each row of W is scaled so its largest |value| maps to 127. The scales are kept exactly as the
+    bf16 numbers the kernel multiplies by, so rounding q is the only error. kernel "int8mm":
+    `torch._weight_int8pack_mm`, activations in bf16; "upcast": chunks of q * s in fp32 (exact),
+    fp32 matmuls. The result returns in the caller's dtype, so the residual stream, LayerNorms and
+    attention keep the model's precision.
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, kernel: str = "int8mm") -> None:
+        super().__init__()
+        self.kernel = kernel
+        out_features, in_features = weight.shape
+        if in_features % 8:
+            raise MinigptError(
+                f"--quantize int8: layer input width {in_features} is not a multiple of 8"
+            )
+        if kernel == "int8mm" and in_features % 16:  # (torch 2.13's CPU kernel returns garbage)
+            raise MinigptError(f"int8mm: layer input width {in_features} is not a multiple of 16")
+        q, scale = quantize_int8(weight, torch.bfloat16)
+        self.register_buffer("qweight", q)  # (out, in)
+        self.register_buffer("scale", scale)  # (out,)
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, x.size(-1))
+        if self.kernel == "upcast":
+            fp32_rows = rows.float()
+            y = torch.cat([
+                fp32_rows @ (q.float() * s.float().unsqueeze(1)).t()
+                for q, s in zip(self.qweight.split(UPCAST_CHUNK), self.scale.split(UPCAST_CHUNK))
+            ], dim=1).to(x.dtype)
+        else:
+            y = torch._weight_int8pack_mm(rows.to(torch.bfloat16), self.qweight, self.scale).to(x.dtype)
+        if self.bias is not None:
+            y = y + self.bias.to(x.dtype)
+        return y.view(*x.shape[:-1], -1)
+
+    def embed(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.qweight[idx].float() * self.scale[idx].float().unsqueeze(-1)
+
+
+class FbgemmInt8Linear(nn.Module):
+    """int8 `y = x W^T + b` on integer dot products (FBGEMM's int8 GEMM), activations kept to 14 bits.
+
+    Why: on a CPU without bf16 instructions (the AMD EPYC with AVX2 only), `_weight_int8pack_mm`
+    converts every weight to a float before multiplying, about one weight per cycle per core, while
+    FBGEMM multiplies 8-bit integers, 32 pairs an instruction, and reads W about as fast as memory
+    delivers it: the 50,257 x 768 LM head for one row in 2.1-2.4 ms against 4.9-6.7 ms there.
+    Integer products need integer activations, and rounding x to 8 bits costs a few % of the output
+    when one channel is far larger than the rest, as in GPT-2's LayerNorm outputs. So each row is
+    rounded to 14 bits, x ~= s * x_q with s = max|x| / 8127 and |x_q| <= 8127, and x_q is written as
+    two digits, x_q = 128 * hi + lo with hi = round(x_q / 128) in [-63, 63] and lo in [-64, 64]: two
+    integer rows that one pass over W multiplies, W x_q = 128 (W hi) + W lo (exact in int32). Small
+    digits, not 8 bits: without VNNI instructions the kernel adds pairs of 8-bit products in 16
+    bits, which 2 * 255 * 127 overflows and 2 * 128 * 127 does not.
+    W is int8 with one scale per output channel, as for the other int8 kernels; the activation's
+    rounding adds at most s / 2 per element. FBGEMM's packed W cannot be read by rows, so as the
+    tied LM head (`keep_rows`) the layer also keeps q for the token embedding. (FBGEMM's weights are
+    built through torch's quantized tensors, deprecated: when a torch release drops them, this
+    candidate is simply unavailable.)
+    """
+
+    LEVELS = 8127  # the largest |x_q|: hi = round(x_q / 128) stays in [-63, 63]
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, keep_rows: bool, kernel: str = "fbgemm") -> None:
+        super().__init__()
+        self.kernel = kernel
+        q, scale = quantize_int8(weight, torch.float32)
+        with warnings.catch_warnings():  # the quantized tensor is only FBGEMM's input format
+            warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*deprecated")
+            qw = torch._make_per_channel_quantized_tensor(q, scale.double(), torch.zeros_like(scale, dtype=torch.long), 0)
+        self.packed = torch.ops.quantized.linear_prepack(qw, None)  # (not a tensor: an attribute)
+        self.register_buffer("qweight", q if keep_rows else None)  # (out, in)
+        self.register_buffer("scale", scale)  # (out,)
+        self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, x.size(-1)).float()
+        n = rows.size(0)
+        step = torch.linalg.vector_norm(rows, float("inf"), dim=1, keepdim=True).clamp_(min=1e-30) / self.LEVELS
+        scaled = rows / step  # x / s: x_q before rounding, (n, in)
+        hi = (scaled * (1 / 128)).round_()
+        digits = torch.cat([hi, torch.add(scaled, hi, alpha=-128)])  # (2n, in): hi, then lo (rounded by the kernel)
+        # The kernel rounds each digit d, reads it as the 8-bit integer d + 64 (zero point 64), returns s_W W d.
+        w_digits = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(digits, 1.0, 64, self.packed)
+        y = torch.add(w_digits[n:], w_digits[:n], alpha=128)  # W x_q, (n, out)
+        y = y.mul_(step) if self.bias is None else torch.addcmul(self.bias, y, step)
+        return y.to(x.dtype).view(*x.shape[:-1], -1)
+
+    def embed(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.qweight[idx].float() * self.scale[idx].unsqueeze(-1)
+
+
+class SharedEmbedding(nn.Module):
+    """The token embedding, reading its rows from the LM head's matrix (GPT-2 ties the two), so the
+    inference layout holds that largest matrix once."""
+
+    def __init__(self, head: nn.Module, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.head = head
+        self.out_dtype = dtype  # the residual stream's dtype
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.head.embed(idx).to(self.out_dtype)
