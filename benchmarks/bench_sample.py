@@ -352,6 +352,10 @@ def report(args, speed, memory, e2e, losses, llama) -> str:
         lines.append("")
         lines += [f"- batch {b}, {name}: {speed['kernels'][name, b]}" for b in args.batches for name in VARIANTS
                   if speed["kernels"].get((name, b))] + [""]
+    if memory and not speed:
+        lines += ["| batch | variant | peak memory |", "|---:|---|---:|"]
+        lines += [f"| {batch} | {name} | {mem:.0f} MB |" for batch, peaks in memory.items() for name, mem in peaks.items()]
+        lines.append("")
     if llama and speed and 1 in args.batches:
         lines += [f"llama.cpp: `llama-bench -t {args.threads} -n {args.llama_tokens} -p 0 -r 1` on GGUF files made "
                   "by its own convert_hf_to_gguf.py from the same weights, once after each round of ours at "
