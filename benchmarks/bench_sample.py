@@ -354,18 +354,21 @@ def report(args, speed, memory, e2e, losses, llama) -> str:
                   if speed["kernels"].get((name, b))] + [""]
     if memory and not speed:
         lines += ["| batch | variant | peak memory |", "|---:|---|---:|"]
-        lines += [f"| {batch} | {name} | {mem:.0f} MB |" for batch, peaks in memory.items() for name, mem in peaks.items()]
+        lines += [f"| {batch} | {name} | {mem:.0f} MB |"
+                  for batch, peaks in memory.items() for name, mem in peaks.items()]
         lines.append("")
-    if llama and speed and 1 in args.batches:
-        lines += [f"llama.cpp: `llama-bench -t {args.threads} -n {args.llama_tokens} -p 0 -r 1` on GGUF files made "
-                  "by its own convert_hf_to_gguf.py from the same weights, once after each round of ours at "
-                  f"batch 1; medians of {args.reps}. Ours: batch 1 above.", "",
+    if llama:
+        interleaved = ("ours fp32", 1) in speed
+        when = (f"once after each round of ours at batch 1; medians of {args.reps}. Ours: batch 1 above"
+                if interleaved else f"-r {args.reps}, alone (ours not run at batch 1)")
+        lines += [f"llama.cpp: `llama-bench -t {args.threads} -n {args.llama_tokens} -p 0` on GGUF files made by "
+                  f"its own convert_hf_to_gguf.py from the same weights, {when}.", "",
                   "| precision | ours, tokens/s | llama.cpp | llama.cpp, tokens/s | ours / llama.cpp | target |",
                   "|---|---:|---|---:|---:|---:|"]
         for precision, rate in llama.items():
-            ours = speed[f"ours {precision}", 1][1]
-            lines.append(f"| {precision} | {ours:.1f} | {LLAMA_TYPES[precision].upper()} | {rate:.1f} | {ours / rate:.2f}x | "
-                         f"{LLAMA_TARGETS[precision]}x |")
+            ours = speed[f"ours {precision}", 1][1] if interleaved else None
+            lines.append(f"| {precision} | {f'{ours:.1f}' if ours else '-'} | {LLAMA_TYPES[precision].upper()} | "
+                         f"{rate:.1f} | {f'{ours / rate:.2f}x' if ours else '-'} | {LLAMA_TARGETS[precision]}x |")
         lines.append("")
     if e2e:
         lines += ["| end to end (start-up + load + 100 tokens) | wall time |", "|---|---:|"]

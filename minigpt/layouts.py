@@ -233,13 +233,16 @@ class FbgemmInt8Linear(nn.Module):
 
     LEVELS = 8127  # the largest |x_q|: hi = round(x_q / 128) stays in [-63, 63]
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, keep_rows: bool, kernel: str = "fbgemm") -> None:
+    def __init__(
+        self, weight: torch.Tensor, bias: torch.Tensor | None, keep_rows: bool, kernel: str = "fbgemm"
+    ) -> None:
         super().__init__()
         self.kernel = kernel
         q, scale = quantize_int8(weight, torch.float32)
         with warnings.catch_warnings():  # the quantized tensor is only FBGEMM's input format
             warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*deprecated")
-            qw = torch._make_per_channel_quantized_tensor(q, scale.double(), torch.zeros_like(scale, dtype=torch.long), 0)
+            zero_points = torch.zeros_like(scale, dtype=torch.long)
+            qw = torch._make_per_channel_quantized_tensor(q, scale.double(), zero_points, 0)
         self.packed = torch.ops.quantized.linear_prepack(qw, None)  # (not a tensor: an attribute)
         self.register_buffer("qweight", q if keep_rows else None)  # (out, in)
         self.register_buffer("scale", scale)  # (out,)
@@ -248,10 +251,11 @@ class FbgemmInt8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, x.size(-1)).float()
         n = rows.size(0)
-        step = torch.linalg.vector_norm(rows, float("inf"), dim=1, keepdim=True).clamp_(min=1e-30) / self.LEVELS
+        largest = torch.linalg.vector_norm(rows, float("inf"), dim=1, keepdim=True)  # max |x|, (n, 1)
+        step = largest.clamp_(min=1e-30) / self.LEVELS  # s
         scaled = rows / step  # x / s: x_q before rounding, (n, in)
         hi = (scaled * (1 / 128)).round_()
-        digits = torch.cat([hi, torch.add(scaled, hi, alpha=-128)])  # (2n, in): hi, then lo (rounded by the kernel)
+        digits = torch.cat([hi, torch.add(scaled, hi, alpha=-128)])  # (2n, in): hi, then lo (the kernel rounds it)
         # The kernel rounds each digit d, reads it as the 8-bit integer d + 64 (zero point 64), returns s_W W d.
         w_digits = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(digits, 1.0, 64, self.packed)
         y = torch.add(w_digits[n:], w_digits[:n], alpha=128)  # W x_q, (n, out)
