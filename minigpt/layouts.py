@@ -166,6 +166,11 @@ def quantize_int8(weight: torch.Tensor, scale_dtype: torch.dtype) -> tuple[torch
     return q, scale
 
 
+def dequantized_rows(q: torch.Tensor, scale: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Rows `idx` of W = q * s in fp32 (exact: an int8 times a bf16 or fp32 scale fits fp32)."""
+    return q[idx].float() * scale[idx].float().unsqueeze(-1)
+
+
 class Int8Linear(nn.Module):
     """Weight-only int8 `y = x W^T + b`: W ~= q * s, q int8 (out, in), one scale s per output channel.
 
@@ -206,7 +211,7 @@ class Int8Linear(nn.Module):
         return y.view(*x.shape[:-1], -1)
 
     def embed(self, idx: torch.Tensor) -> torch.Tensor:
-        return self.qweight[idx].float() * self.scale[idx].float().unsqueeze(-1)
+        return dequantized_rows(self.qweight, self.scale, idx)
 
 
 class FbgemmInt8Linear(nn.Module):
@@ -263,7 +268,7 @@ class FbgemmInt8Linear(nn.Module):
         return y.to(x.dtype).view(*x.shape[:-1], -1)
 
     def embed(self, idx: torch.Tensor) -> torch.Tensor:
-        return self.qweight[idx].float() * self.scale[idx].unsqueeze(-1)
+        return dequantized_rows(self.qweight, self.scale, idx)
 
 
 class SharedEmbedding(nn.Module):
