@@ -20,9 +20,12 @@ the same `y = x W^T + b`:
   fp32   addmm-t   W stored transposed (in, out), `addmm`          (`TransposedLinear`)
          linear    W as it is (out, in), `F.linear`                (`DenseLinear`)
          bmm-split W in column slices, one per thread, `torch.bmm` (`SplitLinear`)
+         bmm-rows  W in blocks of rows, one per thread, `torch.baddbmm` (`RowSplitLinear`): faster than
+                   column slices for the projections back to the residual stream
          mkl       W prepacked by MKL, `torch.ops.mkl._mkl_linear` (`MklLinear`; holds W as well)
   bf16   mv        bf16 (out, in), `torch.mv` for one row, `F.linear` for several
          linear    bf16 (out, in), `F.linear`
+         bmm-rows  bf16 blocks of rows, one per thread, `torch.baddbmm` (oneDNN's bf16 matmul)
          upcast    bf16 (out, in) read in chunks converted to fp32, fp32 matmuls: the fast path on
                    CPUs without bf16 instructions when several rows make the product compute-bound
          onednn    W prepacked by oneDNN, `torch.ops.mkldnn._linear_pointwise` (`OneDnnLinear`)
@@ -51,8 +54,8 @@ import torch
 import torch.nn as nn
 
 from .errors import MinigptError
-from .layouts import (DenseLinear, FbgemmInt8Linear, Int8Linear, MklLinear, OneDnnLinear, SharedEmbedding,
-                      SplitLinear, TransposedLinear)
+from .layouts import (DenseLinear, FbgemmInt8Linear, Int8Linear, MklLinear, OneDnnLinear, RowSplitLinear,
+                      SharedEmbedding, SplitLinear, TransposedLinear)
 from .model import GPT
 
 QUANTIZATIONS = ("int8",)
@@ -103,10 +106,13 @@ LAYOUTS: dict[str, tuple[Layout, ...]] = {  # the candidates per precision ("int
         Layout(("addmm-t",), lambda w, b, rows, tied, k: TransposedLinear(w, b, k)),
         Layout(("linear",), lambda w, b, rows, tied, k: DenseLinear(w, b, torch.float32, k)),
         Layout(("bmm-split",), lambda w, b, rows, tied, k: SplitLinear(w, b, max(2, torch.get_num_threads()), k)),
+        Layout(("bmm-rows",), lambda w, b, rows, tied, k: RowSplitLinear(w, b, max(2, torch.get_num_threads()), kernel=k)),
         Layout(("mkl",), lambda w, b, rows, tied, k: MklLinear(w, b, rows, k), _mkl_ok, extra_memory=True),
     ),
     "bf16": (
         Layout(("mv-upcast", "linear"), lambda w, b, rows, tied, k: DenseLinear(w, b, torch.bfloat16, k)),
+        Layout(("bmm-rows",), lambda w, b, rows, tied, k: RowSplitLinear(w, b, max(2, torch.get_num_threads()),
+                                                                          torch.bfloat16, k)),
         Layout(("onednn",), lambda w, b, rows, tied, k: OneDnnLinear(w, b, rows, tied, k), _onednn_ok),
     ),
     "int8": (

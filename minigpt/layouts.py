@@ -78,6 +78,54 @@ class SplitLinear(nn.Module):
         return self.weight_parts[idx // width, :, idx % width]  # (*idx.shape, in)
 
 
+class RowSplitLinear(nn.Module):
+    """`y = x W^T + b` with W (in `dtype`) cut into `parts` blocks of output rows, stored (parts,
+    out / parts, in) and multiplied by one batched matmul with the activations as columns: each
+    output is the dot product of one contiguous row of W with x, and each thread takes a block.
+
+    Why, beside `SplitLinear`'s column slices: which of the two reads W faster depends on its shape.
+    Measured in fp32 on the AMD EPYC with AVX2 (2 threads, 12 distinct layers streamed in turn, one
+    row): 768 x 768 in 2.5 ms against 3.5 for column slices and `addmm` on W^T, 3.8 for `F.linear`;
+    768 x 3072 (the MLP's projection back) 9.4 ms against 14.4, 16.8 and 12.0; for the wide layers
+    (2304 or 3072 x 768, the LM head) column slices are as fast or faster. Decoding distilgpt2 with
+    both projections on this layout: 43.1 tokens/s against 37.7 (medians of 7, one process). In
+    bf16 the batched matmul is oneDNN's, a candidate where the CPU has bf16 instructions. The bias
+    is added by the same call (`baddbmm`); W is padded with zero rows to a multiple of `parts`.
+    """
+
+    def __init__(
+        self, weight: torch.Tensor, bias: torch.Tensor | None, parts: int, dtype: torch.dtype = torch.float32,
+        kernel: str = "bmm-rows",
+    ) -> None:
+        super().__init__()
+        self.kernel = kernel
+        out_features, in_features = weight.shape
+        self.out_features = out_features
+        height = -(-out_features // parts)  # rows per block
+        weight_rows = weight.new_zeros(parts * height, in_features, dtype=dtype)
+        weight_rows[:out_features] = weight.detach()
+        self.register_buffer("weight_rows", weight_rows.view(parts, height, in_features))
+        bias_rows = None
+        if bias is not None:
+            bias_rows = weight.new_zeros(parts * height, 1, dtype=dtype)
+            bias_rows[:out_features, 0] = bias.detach()
+            bias_rows = bias_rows.view(parts, height, 1)
+        self.register_buffer("bias_rows", bias_rows)  # (parts, height, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        columns = x.reshape(-1, x.size(-1)).to(self.weight_rows.dtype).t()  # (in, rows)
+        columns = columns.expand(self.weight_rows.size(0), -1, -1)  # (parts, in, rows), no copy
+        if self.bias_rows is None:
+            y = torch.bmm(self.weight_rows, columns)  # (parts, height, rows)
+        else:
+            y = torch.baddbmm(self.bias_rows, self.weight_rows, columns)
+        y = y.view(-1, y.size(2))[: self.out_features].t()  # (rows, out)
+        return y.to(x.dtype).reshape(*x.shape[:-1], -1)
+
+    def embed(self, idx: torch.Tensor) -> torch.Tensor:
+        return F.embedding(idx, self.weight_rows.view(-1, self.weight_rows.size(2)))
+
+
 class DenseLinear(nn.Module):
     """`y = x W^T + b` with W (out, in) in `dtype`, by kernel "linear" (`F.linear`) or "mv-upcast"
     (`torch.mv` for one row, fp32 matmuls on chunks of W converted on the fly for several)."""
