@@ -95,13 +95,16 @@ def candidates(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor
     sort order of equal values, which no definition of top-p fixes.)
     """
     k = min(max(k, 1), scores.size(-1))
-    values, ids = torch.topk(scores, k)
-    kth_largest = values[:, -1:]
+    # One more than k: when the (k+1)-th largest is below the k-th in every row, nothing outside
+    # the k ties the k-th value, and no pass over the whole vocabulary is needed to know it.
+    values, ids = torch.topk(scores, min(k + 1, scores.size(-1)))
+    kth_largest = values[:, k - 1 : k]
+    if values.size(1) == k or not bool((values[:, k:] == kth_largest).any()):
+        return values[:, :k], ids[:, :k]
+    # ties at the k-th value: all of them are kept, as top_k_filter does
     survivors = int((scores >= kth_largest).sum(dim=-1).max())
-    if survivors > k:  # ties at the k-th value: all of them are kept, as top_k_filter does
-        values, ids = torch.topk(scores, survivors)
-        values = values.masked_fill(values < kth_largest, float("-inf"))
-    return values, ids
+    values, ids = torch.topk(scores, survivors)
+    return values.masked_fill(values < kth_largest, float("-inf")), ids
 
 
 def penalized_scores(logits: torch.Tensor, tokens: torch.Tensor, config: SamplingConfig) -> torch.Tensor:

@@ -151,6 +151,17 @@ def test_candidates_are_the_top_k_survivors(make):
             torch.testing.assert_close(ours.softmax(-1), hf.softmax(-1))
 
 
+def test_candidates_keep_a_tie_at_the_kth_value_in_any_one_row():
+    """Ties right at the k-th value (in one row only, at both ends of k's range) are all kept."""
+    logits = random_logits(7, rows=3, vocab=10)
+    logits[1] = torch.tensor([5.0, 4.0, 3.0, 3.0, 3.0, 1.0, 0.0, -1.0, -2.0, -2.0])
+    for k in (1, 3, 4, 5, 8, 9, 10):
+        values, ids = candidates(logits, k)
+        full = torch.full_like(logits, float("-inf")).scatter(1, ids, values)
+        assert torch.equal(full, top_k_filter(logits, k)), k
+    assert candidates(logits, 3)[0].size(1) == 5 and candidates(logits, 9)[0].size(1) == 10
+
+
 def test_sampling_config_rejects_bad_values():
     for bad in (
         dict(max_new_tokens=0), dict(temperature=-1.0), dict(top_k=-1),
