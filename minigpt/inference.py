@@ -25,7 +25,7 @@ the same `y = x W^T + b`:
          mkl       W prepacked by MKL, `torch.ops.mkl._mkl_linear` (`MklLinear`; holds W as well)
   bf16   mv        bf16 (out, in), `torch.mv` for one row, `F.linear` for several
          linear    bf16 (out, in), `F.linear`
-         bmm-rows  bf16 blocks of rows, one per thread, `torch.baddbmm` (oneDNN's bf16 matmul)
+         bmm-rows  bf16 blocks of rows, one per thread, `torch.baddbmm` (oneDNN's where bf16 is native)
          upcast    bf16 (out, in) read in chunks converted to fp32, fp32 matmuls: the fast path on
                    CPUs without bf16 instructions when several rows make the product compute-bound
          onednn    W prepacked by oneDNN, `torch.ops.mkldnn._linear_pointwise` (`OneDnnLinear`)
@@ -97,6 +97,11 @@ def _fbgemm_ok(device: torch.device) -> bool:
             and torch.backends.quantized.engine in ("x86", "fbgemm"))
 
 
+def _thread_parts() -> int:
+    """Slices of W for the split layouts: one per thread (at least two)."""
+    return max(2, torch.get_num_threads())
+
+
 def _has_int8mm(device: torch.device) -> bool:
     return torch._C._dispatch_has_kernel_for_dispatch_key("aten::_weight_int8pack_mm", device.type.upper())
 
@@ -105,14 +110,13 @@ LAYOUTS: dict[str, tuple[Layout, ...]] = {  # the candidates per precision ("int
     "fp32": (
         Layout(("addmm-t",), lambda w, b, rows, tied, k: TransposedLinear(w, b, k)),
         Layout(("linear",), lambda w, b, rows, tied, k: DenseLinear(w, b, torch.float32, k)),
-        Layout(("bmm-split",), lambda w, b, rows, tied, k: SplitLinear(w, b, max(2, torch.get_num_threads()), k)),
-        Layout(("bmm-rows",), lambda w, b, rows, tied, k: RowSplitLinear(w, b, max(2, torch.get_num_threads()), kernel=k)),
+        Layout(("bmm-split",), lambda w, b, rows, tied, k: SplitLinear(w, b, _thread_parts(), k)),
+        Layout(("bmm-rows",), lambda w, b, rows, tied, k: RowSplitLinear(w, b, _thread_parts(), kernel=k)),
         Layout(("mkl",), lambda w, b, rows, tied, k: MklLinear(w, b, rows, k), _mkl_ok, extra_memory=True),
     ),
     "bf16": (
         Layout(("mv-upcast", "linear"), lambda w, b, rows, tied, k: DenseLinear(w, b, torch.bfloat16, k)),
-        Layout(("bmm-rows",), lambda w, b, rows, tied, k: RowSplitLinear(w, b, max(2, torch.get_num_threads()),
-                                                                          torch.bfloat16, k)),
+        Layout(("bmm-rows",), lambda w, b, rows, tied, k: RowSplitLinear(w, b, _thread_parts(), torch.bfloat16, k)),
         Layout(("onednn",), lambda w, b, rows, tied, k: OneDnnLinear(w, b, rows, tied, k), _onednn_ok),
     ),
     "int8": (

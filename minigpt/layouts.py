@@ -89,8 +89,8 @@ class RowSplitLinear(nn.Module):
     768 x 3072 (the MLP's projection back) 9.4 ms against 14.4, 16.8 and 12.0; for the wide layers
     (2304 or 3072 x 768, the LM head) column slices are as fast or faster. Decoding distilgpt2 with
     both projections on this layout: 43.1 tokens/s against 37.7 (medians of 7, one process). In
-    bf16 the batched matmul is oneDNN's, a candidate where the CPU has bf16 instructions. The bias
-    is added by the same call (`baddbmm`); W is padded with zero rows to a multiple of `parts`.
+    bf16, torch hands the batched matmul to oneDNN where the CPU has bf16 instructions. The bias is
+    added by the same call (`baddbmm`); W is padded with zero rows to a multiple of `parts`.
     """
 
     def __init__(
