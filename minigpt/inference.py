@@ -29,6 +29,8 @@ the same `y = x W^T + b`:
          upcast    bf16 (out, in) read in chunks converted to fp32, fp32 matmuls: the fast path on
                    CPUs without bf16 instructions when several rows make the product compute-bound
          onednn    W prepacked by oneDNN, `torch.ops.mkldnn._linear_pointwise` (`OneDnnLinear`)
+         fbgemm-fp16  W as fp16 (exact for bf16 weights in fp16's range) prepacked by FBGEMM, fp32
+                   activations and sums (`Fp16Linear`): streams W fastest for one row on AVX-512 BF16
   int8   int8mm    weight-only int8, one scale per output channel, `torch._weight_int8pack_mm`
          upcast    the same int8 weights converted to fp32 in chunks (exactly: q * s fits fp32)
          fbgemm    int8 W prepacked by FBGEMM, integer products; activations rounded to 14 bits
@@ -54,8 +56,8 @@ import torch
 import torch.nn as nn
 
 from .errors import MinigptError
-from .layouts import (DenseLinear, FbgemmInt8Linear, Int8Linear, MklLinear, OneDnnLinear, RowSplitLinear,
-                      SharedEmbedding, SplitLinear, TransposedLinear)
+from .layouts import (DenseLinear, FbgemmInt8Linear, Fp16Linear, Int8Linear, MklLinear, OneDnnLinear,
+                      RowSplitLinear, SharedEmbedding, SplitLinear, TransposedLinear, fp16_refuses)
 from .model import GPT
 
 QUANTIZATIONS = ("int8",)
@@ -76,7 +78,7 @@ class Layout:
     build: Callable[[torch.Tensor, torch.Tensor | None, int, bool, str], nn.Module]
     available: Callable[[torch.device], bool] = lambda device: True
     extra_memory: bool = False  # holds a second copy of W: must win by EXTRA_MEMORY_MARGIN
-    fits: Callable[[str, int], bool] = lambda kernel, in_features: True  # takes this input width
+    refuses: Callable[[str, torch.Tensor], str | None] = lambda kernel, weight: None  # why not this W, or None
 
 
 def _has_op(namespace: str, name: str) -> bool:
@@ -106,6 +108,17 @@ def _has_int8mm(device: torch.device) -> bool:
     return torch._C._dispatch_has_kernel_for_dispatch_key("aten::_weight_int8pack_mm", device.type.upper())
 
 
+def _int8mm_refuses(kernel: str, weight: torch.Tensor) -> str | None:
+    if kernel == "int8mm" and weight.size(1) % 16:  # (torch 2.13's CPU kernel computes others wrongly)
+        return f"int8mm needs an input width that is a multiple of 16, not {weight.size(1)}"
+    return None
+
+
+def _fp16_ok(device: torch.device) -> bool:
+    return (device.type == "cpu" and _has_op("quantized", "linear_dynamic_fp16")
+            and torch.backends.quantized.engine in ("x86", "fbgemm"))
+
+
 LAYOUTS: dict[str, tuple[Layout, ...]] = {  # the candidates per precision ("int8": --quantize int8)
     "fp32": (
         Layout(("addmm-t",), lambda w, b, rows, tied, k: TransposedLinear(w, b, k)),
@@ -118,10 +131,12 @@ LAYOUTS: dict[str, tuple[Layout, ...]] = {  # the candidates per precision ("int
         Layout(("mv-upcast", "linear"), lambda w, b, rows, tied, k: DenseLinear(w, b, torch.bfloat16, k)),
         Layout(("bmm-rows",), lambda w, b, rows, tied, k: RowSplitLinear(w, b, _thread_parts(), torch.bfloat16, k)),
         Layout(("onednn",), lambda w, b, rows, tied, k: OneDnnLinear(w, b, rows, tied, k), _onednn_ok),
+        Layout(("fbgemm-fp16",), lambda w, b, rows, tied, k: Fp16Linear(w, b, tied, k), _fp16_ok,
+               refuses=lambda kernel, weight: fp16_refuses(weight)),
     ),
     "int8": (
         Layout(("int8mm", "upcast"), lambda w, b, rows, tied, k: Int8Linear(w, b, k),
-               fits=lambda kernel, in_features: kernel != "int8mm" or in_features % 16 == 0),
+               refuses=_int8mm_refuses),
         Layout(("fbgemm",), lambda w, b, rows, tied, k: FbgemmInt8Linear(w, b, tied, k), _fbgemm_ok),
     ),
 }
@@ -162,11 +177,15 @@ def _choose(
     The candidates' layouts are built for the group's first TIME_LAYERS layers (their first
     TIME_ROWS output rows) and timed in interleaved rounds (a noisy neighbour slows them alike);
     each keeps its best pass, the least disturbed one. The choice is cached under `key`."""
-    candidates = [(lay, k) for lay, k in candidates if lay.fits(k, weights[0][0].size(1))]
+    refusals = {k: next(filter(None, (lay.refuses(k, w) for w, _ in weights)), None) for lay, k in candidates}
+    candidates = [(lay, k) for lay, k in candidates if refusals[k] is None]
     if not candidates:
-        raise MinigptError(f"no {key[0]} kernel takes a layer of input width {weights[0][0].size(1)}")
+        shape = "x".join(map(str, weights[0][0].shape))
+        raise MinigptError(f"no {key[0]} kernel takes these {shape} layers: " + "; ".join(refusals.values()))
     if len(candidates) == 1:
         _CHOICES[key] = candidates[0][1]
+    elif _CHOICES.get(key) not in [k for _, k in candidates]:  # chosen before for weights these refuse
+        _CHOICES.pop(key, None)
     timed: list[nn.Module] = []  # the winner's layers built for timing are kept, not built again
     if key not in _CHOICES:
         sample = [(w[:TIME_ROWS], None if b is None else b[:TIME_ROWS]) for w, b in weights[:TIME_LAYERS]]

@@ -184,9 +184,34 @@ def test_int8mm_is_kept_off_widths_it_computes_wrongly():
     with torch.no_grad():
         expected, got = model(idx)[0], fast(idx)[0]
     assert (got - expected).abs().max() <= 0.05 * expected.abs().max()  # quantization, as above
-    with pytest.raises(MinigptError, match="no int8 kernel takes a layer of input width 72"):
+    with pytest.raises(MinigptError, match="no int8 kernel takes these 216x72 layers: int8mm needs an input width that is a multiple of 16, not 72"):
         prepare_for_inference(copy.deepcopy(model), "int8", kernel="int8mm")
 
+
+
+def test_fp16_is_refused_for_weights_beyond_its_range(small_model, monkeypatch):
+    """A bf16 weight beyond 65504 has no fp16 twin: that group takes another bf16 kernel, even where
+    fbgemm-fp16 was timed fastest (and cached) for a model that fits; forcing it is one clear error."""
+    if "fbgemm-fp16" not in available_kernels("bf16"):
+        pytest.skip("this torch build has no FBGEMM fp16 linear")
+    fast_fp16 = lambda layers, x: 0.1 if layers[0].kernel == "fbgemm-fp16" else 1.0
+    monkeypatch.setattr(inference, "_CHOICES", {})
+    monkeypatch.setattr(inference, "_time_pass", fast_fp16)
+    fits = prepare_for_inference(copy.deepcopy(small_model).to(torch.bfloat16))
+    assert kernel_summary(fits).count(" fbgemm-fp16") == 5
+    wide = copy.deepcopy(small_model).to(torch.bfloat16)
+    with torch.no_grad():
+        wide.transformer.h[1].mlp.c_fc.weight[3, 5] = 2.0**17  # one weight beyond fp16 (exact in bf16)
+    reference = copy.deepcopy(wide)
+    fast = prepare_for_inference(wide)
+    chosen = dict(part.rsplit(" ", 1) for part in kernel_summary(fast).removeprefix("kernels: ").split(", "))
+    assert chosen["mlp.c_fc"] != "fbgemm-fp16" and chosen["mlp.c_proj"] == "fbgemm-fp16"
+    idx = torch.tensor([[1, 2, 3]])
+    with torch.no_grad():
+        expected, got = reference(idx)[0].float(), fast(idx)[0].float()
+    assert torch.isfinite(got).all() and (got - expected).abs().max() <= 0.03 * expected.abs().max()
+    with pytest.raises(MinigptError, match="no bf16 kernel takes these 256x64 layers: a weight of 1.311e"):
+        prepare_for_inference(copy.deepcopy(reference), kernel="fbgemm-fp16")
 
 
 def test_sample_stats_names_the_kernels(tiny_minigpt_dir):
