@@ -10,7 +10,8 @@ depends on the CPU, and the differences are large (50,257 x 768 LM head, one act
                                single row on one thread; bf16 `torch.mv` is fast while bf16
                                `F.linear` is not (no bf16 instructions)
   AMD EPYC, AVX-512 BF16       fp32 `F.linear` 13.4 ms, MKL-prepacked 9.0 ms; bf16 `F.linear`
-                               6.9 ms, oneDNN-prepacked 4.5 ms; `torch.mv` slower than fp32
+                               6.9 ms, oneDNN-prepacked 4.4 ms, the same weights as fp16 in
+                               FBGEMM's fp16 GEMM 3.0 ms; `torch.mv` slower than fp32
   Intel Xeon with AMX          bf16 matmuls several times fp32; oneDNN-prepacked bf16 reads the
                                head for 8 rows in ~2.5 ms against ~15-30 ms for fp32 (2 cores)
 
