@@ -184,7 +184,9 @@ def test_int8mm_is_kept_off_widths_it_computes_wrongly():
     with torch.no_grad():
         expected, got = model(idx)[0], fast(idx)[0]
     assert (got - expected).abs().max() <= 0.05 * expected.abs().max()  # quantization, as above
-    with pytest.raises(MinigptError, match="no int8 kernel takes these 216x72 layers: int8mm needs an input width that is a multiple of 16, not 72"):
+    refusal = ("no int8 kernel takes these 216x72 layers: "
+               "int8mm needs an input width that is a multiple of 16, not 72")
+    with pytest.raises(MinigptError, match=refusal):
         prepare_for_inference(copy.deepcopy(model), "int8", kernel="int8mm")
 
 
@@ -194,7 +196,9 @@ def test_fp16_is_refused_for_weights_beyond_its_range(small_model, monkeypatch):
     fbgemm-fp16 was timed fastest (and cached) for a model that fits; forcing it is one clear error."""
     if "fbgemm-fp16" not in available_kernels("bf16"):
         pytest.skip("this torch build has no FBGEMM fp16 linear")
-    fast_fp16 = lambda layers, x: 0.1 if layers[0].kernel == "fbgemm-fp16" else 1.0
+    def fast_fp16(layers, x):
+        return 0.1 if layers[0].kernel == "fbgemm-fp16" else 1.0
+
     monkeypatch.setattr(inference, "_CHOICES", {})
     monkeypatch.setattr(inference, "_time_pass", fast_fp16)
     fits = prepare_for_inference(copy.deepcopy(small_model).to(torch.bfloat16))
@@ -212,6 +216,28 @@ def test_fp16_is_refused_for_weights_beyond_its_range(small_model, monkeypatch):
     assert torch.isfinite(got).all() and (got - expected).abs().max() <= 0.03 * expected.abs().max()
     with pytest.raises(MinigptError, match="no bf16 kernel takes these 256x64 layers: a weight of 1.311e"):
         prepare_for_inference(copy.deepcopy(reference), kernel="fbgemm-fp16")
+
+
+def test_fp16_holds_every_bf16_weight_in_its_range():
+    """fbgemm-fp16 multiplies the bf16 weights themselves: with fp32 activations its only errors are
+    fp32 accumulation and, for weights below fp16's normal range (2^-14), at most 2^-25 each. Weights
+    from 60,000 down to 1e-7, all exact in bf16."""
+    if "fbgemm-fp16" not in available_kernels("bf16"):
+        pytest.skip("this torch build has no FBGEMM fp16 linear")
+    g = torch.Generator().manual_seed(0)
+    magnitudes = 10.0 ** torch.randint(-7, 5, (96, 1), generator=g).float()  # one per row: tight bounds
+    weight = (torch.randn(96, 64, generator=g) * magnitudes).clamp(-60000, 60000).bfloat16().float()
+    bias = bf16_exact(96, seed=1)
+    x = bf16_exact(3, 64, seed=2)
+    layer = build("bf16", "fbgemm-fp16", weight, bias, 1)
+    with torch.no_grad():
+        y = layer(x).double()  # fp32 in, fp32 out: no bf16 rounding of the result
+    w, k = weight.double(), 64 + 1
+    expected = x.double() @ w.t() + bias.double()
+    magnitude = x.double().abs() @ w.abs().t() + bias.double().abs()
+    subnormal = (w.abs() < 2.0**-14).double()
+    bound = k * U32 / (1 - k * U32) * magnitude + 2.0**-25 * (x.double().abs() @ subnormal.t())
+    assert ((y - expected).abs() <= bound).all(), ((y - expected).abs() / bound).max()
 
 
 def test_sample_stats_names_the_kernels(tiny_minigpt_dir):
