@@ -177,7 +177,8 @@ def _choose(
 
     The candidates' layouts are built for the group's first TIME_LAYERS layers (their first
     TIME_ROWS output rows) and timed in interleaved rounds (a noisy neighbour slows them alike);
-    each keeps its best pass, the least disturbed one. The choice is cached under `key`."""
+    each keeps its best pass, the least disturbed one. The choice is cached under `key`. A candidate
+    that refuses one of the group's weights (`Layout.refuses`, e.g. fp16's range) is left out."""
     refusals = {k: next(filter(None, (lay.refuses(k, w) for w, _ in weights)), None) for lay, k in candidates}
     candidates = [(lay, k) for lay, k in candidates if refusals[k] is None]
     if not candidates:

@@ -212,7 +212,8 @@ class Fp16Linear(nn.Module):
     threads, distinct layers streamed in turn, one row): 25-29 GB/s against oneDNN's bf16 17-23 GB/s,
     the LM head 3.0 ms against 4.4; with 8 rows oneDNN is as fast or faster (the timing decides).
     FBGEMM's packed W cannot be read by rows, so as the tied LM head (`keep_rows`) the layer also
-    keeps the plain bf16 W for the token embedding.
+    keeps the plain bf16 W for the token embedding. Packing is slow, on one thread: ~0.6 s for the
+    LM head, ~1 s for all of distilgpt2 (oneDNN's packing: ~0.15 s), paid once per `sample.py` run.
     """
 
     def __init__(
