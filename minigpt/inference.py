@@ -95,9 +95,10 @@ def _onednn_ok(device: torch.device) -> bool:
             and torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
-def _fbgemm_ok(device: torch.device) -> bool:
-    return (device.type == "cpu" and _has_op("quantized", "linear_with_input_q_dq_qweight_dq_output_fp32")
-            and torch.backends.quantized.engine in ("x86", "fbgemm"))
+def _fbgemm_ok(op: str) -> Callable[[torch.device], bool]:
+    """Whether FBGEMM runs the quantized op `op` on a device (this build has it, FBGEMM is the engine)."""
+    return lambda device: (device.type == "cpu" and _has_op("quantized", op)
+                           and torch.backends.quantized.engine in ("x86", "fbgemm"))
 
 
 def _thread_parts() -> int:
@@ -115,11 +116,6 @@ def _int8mm_refuses(kernel: str, weight: torch.Tensor) -> str | None:
     return None
 
 
-def _fp16_ok(device: torch.device) -> bool:
-    return (device.type == "cpu" and _has_op("quantized", "linear_dynamic_fp16")
-            and torch.backends.quantized.engine in ("x86", "fbgemm"))
-
-
 LAYOUTS: dict[str, tuple[Layout, ...]] = {  # the candidates per precision ("int8": --quantize int8)
     "fp32": (
         Layout(("addmm-t",), lambda w, b, rows, tied, k: TransposedLinear(w, b, k)),
@@ -132,13 +128,15 @@ LAYOUTS: dict[str, tuple[Layout, ...]] = {  # the candidates per precision ("int
         Layout(("mv-upcast", "linear"), lambda w, b, rows, tied, k: DenseLinear(w, b, torch.bfloat16, k)),
         Layout(("bmm-rows",), lambda w, b, rows, tied, k: RowSplitLinear(w, b, _thread_parts(), torch.bfloat16, k)),
         Layout(("onednn",), lambda w, b, rows, tied, k: OneDnnLinear(w, b, rows, tied, k), _onednn_ok),
-        Layout(("fbgemm-fp16",), lambda w, b, rows, tied, k: Fp16Linear(w, b, tied, k), _fp16_ok,
+        Layout(("fbgemm-fp16",), lambda w, b, rows, tied, k: Fp16Linear(w, b, tied, k),
+               _fbgemm_ok("linear_dynamic_fp16"),
                refuses=lambda kernel, weight: fp16_refuses(weight)),
     ),
     "int8": (
         Layout(("int8mm", "upcast"), lambda w, b, rows, tied, k: Int8Linear(w, b, k),
                refuses=_int8mm_refuses),
-        Layout(("fbgemm",), lambda w, b, rows, tied, k: FbgemmInt8Linear(w, b, tied, k), _fbgemm_ok),
+        Layout(("fbgemm",), lambda w, b, rows, tied, k: FbgemmInt8Linear(w, b, tied, k),
+               _fbgemm_ok("linear_with_input_q_dq_qweight_dq_output_fp32")),
     ),
 }
 TIME_LAYERS = 2  # layers of a group the candidates are timed on (the rest is built with the winner)
