@@ -266,8 +266,7 @@ class Int8Linear(nn.Module):
     Each row of W is scaled so its largest |value| maps to 127. The scales are kept exactly as the
     bf16 numbers the kernel multiplies by, so rounding q is the only error. kernel "int8mm":
     `torch._weight_int8pack_mm`, activations in bf16; "upcast": chunks of q * s in fp32 (exact),
-    fp32 matmuls. The result returns in the caller's dtype, so the residual stream, LayerNorms and
-    attention keep the model's precision.
+    fp32 matmuls. The result returns in the caller's dtype, the residual stream's.
     """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, kernel: str = "int8mm") -> None:

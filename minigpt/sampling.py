@@ -249,8 +249,8 @@ def seeded_generator(model: GPT, seed: int | None = None) -> torch.Generator:
 
 
 def activation_dtype(model: GPT) -> torch.dtype:
-    """The dtype the residual stream (and so the KV cache) is computed in: that of the LayerNorms,
-    which every inference layout keeps in the model's precision."""
+    """The dtype the residual stream (and so the KV cache) is computed in: that of the LayerNorms
+    (the model's precision, or fp32 once `prepare_for_inference` has set it up for the CPU)."""
     return model.transformer.ln_f.weight.dtype
 
 

@@ -240,6 +240,34 @@ def test_fp16_holds_every_bf16_weight_in_its_range():
     assert ((y - expected).abs() <= bound).all(), ((y - expected).abs() / bound).max()
 
 
+@pytest.mark.parametrize("quantize", [None, "int8"])
+def test_only_the_weights_keep_the_models_precision(small_model, quantize):
+    """A prepared bf16 model runs its residual stream, attention and KV cache in fp32 (as llama.cpp's
+    BF16 models do). With fbgemm-fp16 (fp32 activations, the bf16 weights exact) its logits are the
+    fp32 model's with the bf16-rounded weights, to fp32 accuracy, in one pass and when decoding with
+    the KV cache; the plain bf16 model, rounding every activation, is far from them."""
+    from minigpt.sampling import SamplingConfig, activation_dtype, generate_ids
+
+    bf16 = copy.deepcopy(small_model).to(torch.bfloat16)
+    fast = prepare_for_inference(copy.deepcopy(bf16), quantize)
+    assert activation_dtype(fast) == torch.float32 and fast.transformer.wpe.weight.dtype == torch.float32
+    if quantize is not None:
+        return
+    if "fbgemm-fp16" not in available_kernels("bf16"):
+        pytest.skip("this torch build has no FBGEMM fp16 linear")
+    fast = prepare_for_inference(copy.deepcopy(bf16), kernel="fbgemm-fp16")
+    reference = copy.deepcopy(bf16).float()  # bf16 weights, fp32 arithmetic
+    idx = torch.randint(0, 2100, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected, got, plain = reference(idx)[0], fast(idx)[0], bf16(idx)[0].float()
+    scale = expected.abs().max()
+    assert got.dtype == torch.float32
+    assert (got - expected).abs().max() <= 1e-5 * scale  # measured 3.3e-7
+    assert (plain - expected).abs().max() > 1e-3 * scale  # measured 3.4e-3: bf16 activations
+    config = SamplingConfig(max_new_tokens=12, greedy=True)
+    assert generate_ids(fast, [5, 6, 7], config, eos_id=None) == generate_ids(reference, [5, 6, 7], config, eos_id=None)
+
+
 def test_sample_stats_names_the_kernels(tiny_minigpt_dir):
     from conftest import call_cli
 
