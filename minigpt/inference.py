@@ -40,9 +40,10 @@ the same `y = x W^T + b`:
 The layouts themselves are in `minigpt/layouts.py`. `prepare_for_inference` times the candidates
 available in this torch build on the model's real shapes (the first layers of each group of
 same-shaped layers, streamed in turn as decoding streams them, for the rows one decoding step
-feeds: the batch size), keeps the fastest and drops the rest. The timing takes tens of
-milliseconds; building the candidate layouts takes longer (up to a second or so for MKL's packing
-of the LM head on 2 cores). The choice is cached per process and shape, and `kernel_summary`
+feeds: the batch size, each pass starting with the weights out of the cache as in decoding),
+keeps the fastest and drops the rest. The timing takes a few hundred milliseconds; building the
+candidate layouts about as long or longer (up to a second or so for MKL's or FBGEMM's packing of
+the LM head on 2 cores). The choice is cached per process and shape, and `kernel_summary`
 names it. `model.py` stays the readable definition and knows nothing of this;
 every candidate computes the same function up to rounding (tests/test_kernels.py forces each one).
 """
@@ -51,6 +52,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -155,8 +157,29 @@ def available_kernels(precision: str, device: torch.device | str = "cpu") -> lis
     return [k for layout in LAYOUTS[precision] if layout.available(device) for k in layout.kernels]
 
 
-def _time_pass(layers: list[nn.Module], x: torch.Tensor) -> float:
-    """Seconds for one pass of `x` through each of `layers` in turn (as a decoding step does)."""
+def _cache_bytes(sysfs: Path = Path("/sys/devices/system/cpu/cpu0/cache")) -> int:
+    """The CPU's largest cache, in bytes (from Linux's sysfs), or 32 MiB where it cannot be read."""
+    units = {"K": 2**10, "M": 2**20, "G": 2**30}
+    sizes = []
+    for entry in sysfs.glob("index*/size"):
+        text = entry.read_text().strip()
+        if text[:-1].isdigit() and text[-1] in units:
+            sizes.append(int(text[:-1]) * units[text[-1]])
+    return max(sizes, default=32 * 2**20)
+
+
+def _time_pass(layers: list[nn.Module], x: torch.Tensor, flush: torch.Tensor | None = None) -> float:
+    """Seconds for one pass of `x` through each of `layers` in turn (as a decoding step does).
+
+    `flush`: a buffer twice the CPU's cache, read first, so that the layers' weights come from
+    memory, as in decoding, where the model is larger than the cache and each layer's weights were
+    evicted since its last use. Timed from the cache instead, the kernels rank differently: on the
+    AMD EPYC with AVX-512 BF16 (32 MiB L3), for the 768 x 3072 bf16 projection bf16 `F.linear` won
+    6 of 8 timings on two layers (9 MB) while it streams at 300 us a layer against fbgemm-fp16's 178;
+    with the flush fbgemm-fp16 won 5 of 5. The flush costs ~2 ms a pass, ~0.3 s a distilgpt2 prepare.
+    """
+    if flush is not None:
+        flush.sum()
     if x.device.type == "cuda":
         torch.cuda.synchronize(x.device)
     start = time.perf_counter()
@@ -194,7 +217,9 @@ def _choose(
             first.setdefault(id(layout), (layout, kernel))
         built = {id(layout): [layout.build(w, b, rows, tied, kernel) for w, b in sample]
                  for layout, kernel in first.values()}
-        x = torch.randn(rows, weights[0][0].size(1), device=weights[0][0].device).to(dtype)
+        x = torch.randn(rows, weights[0][0].size(1), device=weights[0][0].device).to(dtype)  # the residual stream's
+        # (written, not just allocated: untouched pages all read as one shared zero page)
+        flush = torch.ones(2 * _cache_bytes() // 4) if x.device.type == "cpu" else None
         best = {kernel: float("inf") for _, kernel in candidates}
         racing = list(candidates)
         with torch.inference_mode():
@@ -203,7 +228,7 @@ def _choose(
                     layers = built[id(layout)]
                     for layer in layers:
                         layer.kernel = kernel
-                    seconds = _time_pass(layers, x)
+                    seconds = _time_pass(layers, x, flush)
                     best[kernel] = min(best[kernel], seconds) if round_ else best[kernel]
                 if round_ == 1:  # a candidate at over twice the best time is out of the race
                     racing = [c for c in racing if best[c[1]] <= 2 * min(best.values())]
@@ -213,7 +238,7 @@ def _choose(
         _CHOICES[key] = min(heavy, key=lambda c: best[c[1]])[1] if heavy else winner[1]
         if weights[0][0].size(0) <= TIME_ROWS:  # built whole: keep them
             timed = built[id(next(lay for lay, k in candidates if k == _CHOICES[key]))]
-        del built
+        del built, flush
     layout = next(layout for layout, kernel in candidates if kernel == _CHOICES[key])
     layers = timed + [layout.build(w, b, rows, tied, _CHOICES[key]) for w, b in weights[len(timed):]]
     for layer in layers:
@@ -266,27 +291,29 @@ def prepare_for_inference(
             for name in ("c_attn", "c_fc", "c_proj"):
                 if isinstance(getattr(parent, name, None), nn.Linear):
                     groups.setdefault(f"{role}.{name}", []).append((parent, name))
+    # On the CPU only the matmul weights keep the model's precision; the residual stream (embeddings,
+    # LayerNorms, attention, KV cache) runs in fp32, as llama.cpp's BF16 and Q8_0 models do. Each
+    # layout takes and returns any dtype, so this spares the conversions around every bf16 layer, and
+    # fp32 attention is the faster one on the CPU: decoding distilgpt2 in bf16 (fbgemm-fp16, one
+    # process, medians of 7) went from 181.5 to 207.0 tokens/s, at 8 rows (oneDNN) from 606 to 637.
+    stream_dtype = torch.float32 if device.type == "cpu" else dtype
     names = tuple(k for _, k in candidates)
     threads = torch.get_num_threads()
     with torch.no_grad():
         for members in groups.values():
             weights = [(getattr(p, n).weight, getattr(p, n).bias) for p, n in members]
             key = (precision, names, tuple(weights[0][0].shape), batch_size, threads, device.type, False)
-            for (parent, name), layer in zip(members, _choose(candidates, key, weights, batch_size, dtype, False)):
+            layers = _choose(candidates, key, weights, batch_size, stream_dtype, False)
+            for (parent, name), layer in zip(members, layers):
                 setattr(parent, name, layer)
         key = (precision, names, tuple(model.lm_head.weight.shape), batch_size, threads, device.type, True)
-        (head,) = _choose(candidates, key, [(model.lm_head.weight, None)], batch_size, dtype, True)
+        (head,) = _choose(candidates, key, [(model.lm_head.weight, None)], batch_size, stream_dtype, True)
     model.lm_head = head
-    # Only the matmul weights keep the model's precision; the residual stream (embeddings, LayerNorms,
-    # attention, KV cache) runs in fp32, as llama.cpp's BF16 and Q8_0 models do. Each layout already
-    # takes and returns any dtype, so this only spares the conversions around every bf16 layer, and
-    # fp32 attention is the faster one on the CPU: decoding distilgpt2 in bf16 (fbgemm-fp16, one
-    # process, medians of 7) went from 181.5 to 207.0 tokens/s, at 8 rows (oneDNN) from 606 to 637.
-    model.transformer.wte = SharedEmbedding(head, torch.float32)
-    model.transformer.wpe.float()
+    model.transformer.wte = SharedEmbedding(head, stream_dtype)
+    model.transformer.wpe.to(stream_dtype)
     for module in model.modules():
         if isinstance(module, nn.LayerNorm):
-            module.float()
+            module.to(stream_dtype)
     return model
 
 

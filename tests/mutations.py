@@ -225,6 +225,21 @@ BREAKS = (
         ("tests/test_kernels.py::test_each_kernel_computes_x_wt_plus_b",
          "tests/test_kernels.py::test_a_model_on_each_forced_kernel_matches_the_reference"),
     ),
+    Break(
+        "stream_in_weight_dtype", "a prepared bf16 model keeps its residual stream and KV cache in bf16",
+        ((r"stream_dtype = torch\.float32 if device\.type == \"cpu\" else dtype", "stream_dtype = dtype"),),
+        ("tests/test_kernels.py::test_only_the_weights_keep_the_models_precision",),
+    ),
+    Break(
+        "timing_from_cache", "the kernels are timed without first reading the flush buffer",
+        ((r"^(\s+)flush\.sum\(\)", r"\1pass"),),
+        ("tests/test_kernels.py::test_each_timed_pass_starts_from_memory",),
+    ),
+    Break(
+        "flush_zero_pages", "the flush buffer is allocated but never written (reads one shared zero page)",
+        ((r"flush = torch\.ones\(", "flush = torch.empty("),),
+        ("tests/test_kernels.py::test_each_timed_pass_starts_from_memory",),
+    ),
 )
 
 

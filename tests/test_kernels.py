@@ -137,9 +137,9 @@ def test_a_matrix_timed_on_its_first_rows_is_built_whole(small_model, monkeypatc
     timed_rows = []
     time_pass = inference._time_pass
 
-    def noting_rows(layers, x):
+    def noting_rows(layers, x, flush=None):
         timed_rows.append(layers[0](x).size(-1))
-        return time_pass(layers, x)
+        return time_pass(layers, x, flush)
 
     monkeypatch.setattr(inference, "_time_pass", noting_rows)
     fast = prepare_for_inference(copy.deepcopy(small_model))
@@ -151,6 +151,42 @@ def test_a_matrix_timed_on_its_first_rows_is_built_whole(small_model, monkeypatc
     assert (got - expected).abs().max() <= 1e-5 * expected.abs().max()
 
 
+def test_each_timed_pass_starts_from_memory(small_model, monkeypatch, tmp_path):
+    """Decoding streams every layer's weights from memory (the model is larger than the cache), so
+    each timed pass first reads a buffer of twice the CPU's largest cache, written so that it holds
+    real pages; the cache size comes from sysfs, 32 MiB where it cannot be read."""
+    for index, size in (("index0", "32K"), ("index2", "1024K"), ("index3", "3M")):
+        (tmp_path / index).mkdir()
+        (tmp_path / index / "size").write_text(size + "\n")
+    assert inference._cache_bytes(tmp_path) == 3 * 2**20
+    assert inference._cache_bytes(tmp_path / "absent") == 32 * 2**20
+    monkeypatch.setattr(inference, "_cache_bytes", lambda: 2**20)
+    monkeypatch.setattr(inference, "_CHOICES", {})
+    flushes = []
+    time_pass = inference._time_pass
+
+    def noting_flush(layers, x, flush):
+        flushes.append(flush)
+        return time_pass(layers, x, flush)
+
+    monkeypatch.setattr(inference, "_time_pass", noting_flush)
+    prepare_for_inference(copy.deepcopy(small_model))
+    assert flushes and all(f.numel() * f.element_size() == 2 * 2**20 and bool((f == 1).all()) for f in flushes)
+
+    order = []
+
+    class Layer:
+        def __call__(self, x):
+            order.append("layer")
+
+    class Flush:
+        def sum(self):
+            order.append("flush")
+
+    time_pass([Layer(), Layer()], torch.zeros(1), Flush())
+    assert order == ["flush", "layer", "layer"]
+
+
 @pytest.mark.parametrize("mkl_speedup, chosen", [(1.05, "addmm-t"), (1.25, "mkl")])
 def test_a_kernel_holding_a_second_copy_must_win_clearly(small_model, monkeypatch, mkl_speedup, chosen):
     """MKL's packed weights come on top of the plain ones: chosen only when >= 10% faster."""
@@ -158,7 +194,7 @@ def test_a_kernel_holding_a_second_copy_must_win_clearly(small_model, monkeypatc
         pytest.skip("this torch build has no MKL prepacked linear")
     seconds = {"addmm-t": 1.0, "linear": 1.5, "bmm-split": 1.2, "bmm-rows": 1.3, "mkl": 1.0 / mkl_speedup}
     monkeypatch.setattr(inference, "_CHOICES", {})
-    monkeypatch.setattr(inference, "_time_pass", lambda layers, x: seconds[layers[0].kernel])
+    monkeypatch.setattr(inference, "_time_pass", lambda layers, x, flush: seconds[layers[0].kernel])
     fast = prepare_for_inference(copy.deepcopy(small_model))
     assert set(kernel_summary(fast).removeprefix("kernels: ").split(", ")) == {
         f"{role} {chosen}" for role in ("lm_head", "attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
@@ -196,7 +232,7 @@ def test_fp16_is_refused_for_weights_beyond_its_range(small_model, monkeypatch):
     fbgemm-fp16 was timed fastest (and cached) for a model that fits; forcing it is one clear error."""
     if "fbgemm-fp16" not in available_kernels("bf16"):
         pytest.skip("this torch build has no FBGEMM fp16 linear")
-    def fast_fp16(layers, x):
+    def fast_fp16(layers, x, flush):
         return 0.1 if layers[0].kernel == "fbgemm-fp16" else 1.0
 
     monkeypatch.setattr(inference, "_CHOICES", {})
