@@ -282,7 +282,7 @@ class Int8Linear(nn.Module):
         q, scale = quantize_int8(weight, torch.bfloat16)
         self.register_buffer("qweight", q)  # (out, in)
         self.register_buffer("scale", scale)  # (out,)
-        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+        self.register_buffer("bias", None if bias is None else bias.detach().float())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, x.size(-1))
@@ -291,12 +291,12 @@ class Int8Linear(nn.Module):
             y = torch.cat([
                 fp32_rows @ (q.float() * s.float().unsqueeze(1)).t()
                 for q, s in zip(self.qweight.split(UPCAST_CHUNK), self.scale.split(UPCAST_CHUNK))
-            ], dim=1).to(x.dtype)
+            ], dim=1)
         else:
-            y = torch._weight_int8pack_mm(rows.to(torch.bfloat16), self.qweight, self.scale).to(x.dtype)
+            y = torch._weight_int8pack_mm(rows.to(torch.bfloat16), self.qweight, self.scale)  # bf16
         if self.bias is not None:
-            y = y + self.bias.to(x.dtype)
-        return y.view(*x.shape[:-1], -1)
+            y = torch.add(self.bias, y)  # in fp32: the sum and the conversion in one op
+        return y.to(x.dtype).view(*x.shape[:-1], -1)
 
     def embed(self, idx: torch.Tensor) -> torch.Tensor:
         return dequantized_rows(self.qweight, self.scale, idx)
