@@ -64,6 +64,7 @@ from .layouts import (DenseLinear, FbgemmInt8Linear, Fp16Linear, Int8Linear, Mkl
 from .model import GPT
 
 QUANTIZATIONS = ("int8",)
+WEIGHT_BYTES = {"fp32": 4, "bf16": 2, "int8": 1}  # bytes a weight takes in each precision
 TIMING_ROUNDS = 5  # timed passes per candidate: the best of them is the least disturbed one
 EXTRA_MEMORY_MARGIN = 0.9  # a kernel holding a second copy of W must be >= 10% faster to be chosen
 
@@ -176,7 +177,8 @@ def _time_pass(layers: list[nn.Module], x: torch.Tensor, flush: torch.Tensor | N
     evicted since its last use. Timed from the cache instead, the kernels rank differently: on the
     AMD EPYC with AVX-512 BF16 (32 MiB L3), for the 768 x 3072 bf16 projection bf16 `F.linear` won
     6 of 8 timings on two layers (9 MB) while it streams at 300 us a layer against fbgemm-fp16's 178;
-    with the flush fbgemm-fp16 won 5 of 5. The flush costs ~2 ms a pass, ~0.3 s a distilgpt2 prepare.
+    with the flush fbgemm-fp16 won 5 of 5. The flush costs ~2 ms a pass, 0.3-0.5 s a distilgpt2
+    prepare. (A model whose weights all fit in the cache is timed without it: so it decodes.)
     """
     if flush is not None:
         flush.sum()
@@ -192,13 +194,14 @@ def _time_pass(layers: list[nn.Module], x: torch.Tensor, flush: torch.Tensor | N
 
 def _choose(
     candidates: list[tuple[Layout, str]], key: tuple, weights: list[tuple[torch.Tensor, torch.Tensor | None]],
-    rows: int, dtype: torch.dtype, tied: bool,
+    rows: int, dtype: torch.dtype, tied: bool, from_memory: bool,
 ) -> list[nn.Module]:
     """This group of same-shaped layers, built with the fastest of `candidates` ((layout, kernel)).
 
     The candidates' layouts are built for the group's first TIME_LAYERS layers (their first
     TIME_ROWS output rows) and timed in interleaved rounds (a noisy neighbour slows them alike);
-    each keeps its best pass, the least disturbed one. The choice is cached under `key`. A candidate
+    each keeps its best pass, the least disturbed one; `from_memory`: each pass first evicts the
+    weights from the cache (`_time_pass`). The choice is cached under `key`. A candidate
     that refuses one of the group's weights (`Layout.refuses`, e.g. fp16's range) is left out."""
     refusals = {k: next(filter(None, (lay.refuses(k, w) for w, _ in weights)), None) for lay, k in candidates}
     candidates = [(lay, k) for lay, k in candidates if refusals[k] is None]
@@ -219,7 +222,7 @@ def _choose(
                  for layout, kernel in first.values()}
         x = torch.randn(rows, weights[0][0].size(1), device=weights[0][0].device).to(dtype)  # the residual stream's
         # (written, not just allocated: untouched pages all read as one shared zero page)
-        flush = torch.ones(2 * _cache_bytes() // 4) if x.device.type == "cpu" else None
+        flush = torch.ones(2 * _cache_bytes() // 4) if from_memory else None
         best = {kernel: float("inf") for _, kernel in candidates}
         racing = list(candidates)
         with torch.inference_mode():
@@ -297,17 +300,21 @@ def prepare_for_inference(
     # fp32 attention is the faster one on the CPU: decoding distilgpt2 in bf16 (fbgemm-fp16, one
     # process, medians of 7) went from 181.5 to 207.0 tokens/s, at 8 rows (oneDNN) from 606 to 637.
     stream_dtype = torch.float32 if device.type == "cpu" else dtype
+    weight_count = model.lm_head.weight.numel() + sum(
+        getattr(p, n).weight.numel() for members in groups.values() for p, n in members)
+    from_memory = device.type == "cpu" and weight_count * WEIGHT_BYTES[precision] > _cache_bytes()
     names = tuple(k for _, k in candidates)
     threads = torch.get_num_threads()
     with torch.no_grad():
         for members in groups.values():
             weights = [(getattr(p, n).weight, getattr(p, n).bias) for p, n in members]
             key = (precision, names, tuple(weights[0][0].shape), batch_size, threads, device.type, False)
-            layers = _choose(candidates, key, weights, batch_size, stream_dtype, False)
+            layers = _choose(candidates, key, weights, batch_size, stream_dtype, False, from_memory)
             for (parent, name), layer in zip(members, layers):
                 setattr(parent, name, layer)
         key = (precision, names, tuple(model.lm_head.weight.shape), batch_size, threads, device.type, True)
-        (head,) = _choose(candidates, key, [(model.lm_head.weight, None)], batch_size, stream_dtype, True)
+        (head,) = _choose(candidates, key, [(model.lm_head.weight, None)], batch_size, stream_dtype, True,
+                          from_memory)
     model.lm_head = head
     model.transformer.wte = SharedEmbedding(head, stream_dtype)
     model.transformer.wpe.to(stream_dtype)

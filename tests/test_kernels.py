@@ -152,16 +152,14 @@ def test_a_matrix_timed_on_its_first_rows_is_built_whole(small_model, monkeypatc
 
 
 def test_each_timed_pass_starts_from_memory(small_model, monkeypatch, tmp_path):
-    """Decoding streams every layer's weights from memory (the model is larger than the cache), so
-    each timed pass first reads a buffer of twice the CPU's largest cache, written so that it holds
-    real pages; the cache size comes from sysfs, 32 MiB where it cannot be read."""
+    """Decoding streams every layer's weights from memory when the model is larger than the cache,
+    so each timed pass then first reads a buffer of twice the CPU's largest cache, written so that it
+    holds real pages; the cache size comes from sysfs, 32 MiB where it cannot be read."""
     for index, size in (("index0", "32K"), ("index2", "1024K"), ("index3", "3M")):
         (tmp_path / index).mkdir()
         (tmp_path / index / "size").write_text(size + "\n")
     assert inference._cache_bytes(tmp_path) == 3 * 2**20
     assert inference._cache_bytes(tmp_path / "absent") == 32 * 2**20
-    monkeypatch.setattr(inference, "_cache_bytes", lambda: 2**20)
-    monkeypatch.setattr(inference, "_CHOICES", {})
     flushes = []
     time_pass = inference._time_pass
 
@@ -170,8 +168,18 @@ def test_each_timed_pass_starts_from_memory(small_model, monkeypatch, tmp_path):
         return time_pass(layers, x, flush)
 
     monkeypatch.setattr(inference, "_time_pass", noting_flush)
-    prepare_for_inference(copy.deepcopy(small_model))
-    assert flushes and all(f.numel() * f.element_size() == 2 * 2**20 and bool((f == 1).all()) for f in flushes)
+    weight_bytes = 4 * sum(p.numel() for n, p in small_model.named_parameters() if n.endswith("weight")
+                           and p.dim() == 2 and "wpe" not in n)  # the matmul weights (the head: wte)
+    for cache in (weight_bytes // 4, 2 * weight_bytes):
+        monkeypatch.setattr(inference, "_cache_bytes", lambda: cache)
+        monkeypatch.setattr(inference, "_CHOICES", {})
+        flushes.clear()
+        prepare_for_inference(copy.deepcopy(small_model))
+        if cache < weight_bytes:  # decoding reads the weights from memory: so does the timing
+            assert flushes and all(f.numel() * f.element_size() == 2 * cache and bool((f == 1).all())
+                                   for f in flushes)
+        else:  # the whole model fits in the cache: timed from it, as it decodes
+            assert flushes and all(f is None for f in flushes)
 
     order = []
 
