@@ -68,7 +68,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     g.add_argument("--device", default="auto",
                    help="auto (CUDA, then Apple MPS, then CPU), cpu, cuda or mps (default: auto)")
     g.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
-                   help="number format of the weights and activations; auto is bf16 on a GPU that "
+                   help="number format of the weights, and on a GPU of the activations too (on the "
+                   "CPU they stay fp32: faster there, and closer to fp32); auto is bf16 on a GPU that "
                    "supports it, else fp32 (default: auto)")
     g.add_argument("--quantize", choices=["int8"],
                    help="int8: int8 weights for the Linear layers and LM head (one scale per output "
