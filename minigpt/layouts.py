@@ -210,7 +210,8 @@ class Fp16Linear(nn.Module):
     Layers holding a weight beyond 65504 are refused (`fp16_refuses`). Why FBGEMM: the weights stream
     at the memory's speed for one activation row. Measured on the AMD EPYC with AVX-512 BF16 (2
     threads, distinct layers streamed in turn, one row): 21-29 GB/s against oneDNN's bf16 15-23 GB/s,
-    the LM head 3.0 ms against 4.4; with 8 rows oneDNN is as fast or faster (the timing decides).
+    the LM head 3.0 ms against 4.4; with 8 rows oneDNN is about as fast layer by layer (the timing
+    decides; decoding at 8 rows with this kernel everywhere was 9% faster than with oneDNN's).
     FBGEMM's packed W cannot be read by rows, so as the tied LM head (`keep_rows`) the layer also
     keeps the plain bf16 W for the token embedding. Packing is slow, on one thread: ~0.6 s for the
     LM head, ~1 s for all of distilgpt2 (oneDNN's packing: ~0.15 s), paid once per `sample.py` run.
