@@ -177,11 +177,18 @@ def _time_pass(layers: list[nn.Module], x: torch.Tensor, flush: torch.Tensor | N
     evicted since its last use. Timed from the cache instead, the kernels rank differently: on the
     AMD EPYC with AVX-512 BF16 (32 MiB L3), for the 768 x 3072 bf16 projection bf16 `F.linear` won
     6 of 8 timings on two layers (9 MB) while it streams at 300 us a layer against fbgemm-fp16's 178;
-    with the flush fbgemm-fp16 won 5 of 5. The flush costs ~2 ms a pass, 0.3-0.5 s a distilgpt2
-    prepare. (A model whose weights all fit in the cache is timed without it: so it decodes.)
+    with the flush fbgemm-fp16 won 5 of 5. The flush evicts everything else too, unlike decoding,
+    which keeps the code, the activation and the kernels' own buffers warm, so the first layer only
+    warms those up and the rest are timed (2304 x 768 int8 after a flush, medians: FBGEMM's kernel
+    402 us a layer over both layers, 265 for the second alone; int8mm 246 and 210). The flush costs
+    ~2 ms a pass, 0.3-0.5 s a distilgpt2 prepare. (A model whose weights all fit in the cache is
+    timed without it: so it decodes.)
     """
     if flush is not None:
         flush.sum()
+        if len(layers) > 1:  # warm what every layer shares (code, buffers, x); time the cold rest
+            layers[0](x)
+            layers = layers[1:]
     if x.device.type == "cuda":
         torch.cuda.synchronize(x.device)
     start = time.perf_counter()
@@ -215,6 +222,9 @@ def _choose(
     timed: list[nn.Module] = []  # the winner's layers built for timing are kept, not built again
     if key not in _CHOICES:
         sample = [(w[:TIME_ROWS], None if b is None else b[:TIME_ROWS]) for w, b in weights[:TIME_LAYERS]]
+        if from_memory and len(sample) == 1:  # one matrix: its first rows warm up, the next are timed
+            (w, b), half = sample[0], sample[0][0].size(0) // 2
+            sample = [(w[:half], None if b is None else b[:half]), (w[half:], None if b is None else b[half:])]
         first: dict[int, tuple[Layout, str]] = {}  # each layout is built for its first fitting kernel
         for layout, kernel in candidates:
             first.setdefault(id(layout), (layout, kernel))
@@ -239,7 +249,7 @@ def _choose(
         winner = min(lean, key=lambda c: best[c[1]])
         heavy = [c for c in candidates if c[0].extra_memory and best[c[1]] < EXTRA_MEMORY_MARGIN * best[winner[1]]]
         _CHOICES[key] = min(heavy, key=lambda c: best[c[1]])[1] if heavy else winner[1]
-        if weights[0][0].size(0) <= TIME_ROWS:  # built whole: keep them
+        if all(sw.shape == w.shape for (sw, _), (w, _) in zip(sample, weights)):  # built whole: keep them
             timed = built[id(next(lay for lay, k in candidates if k == _CHOICES[key]))]
         del built, flush
     layout = next(layout for layout, kernel in candidates if kernel == _CHOICES[key])

@@ -4,6 +4,7 @@ measured choice is cached and named, and the rule for memory-hungry kernels hold
 from __future__ import annotations
 
 import copy
+import types
 
 import pytest
 import torch
@@ -165,34 +166,52 @@ def test_each_timed_pass_starts_from_memory(small_model, monkeypatch, tmp_path):
 
     def noting_flush(layers, x, flush):
         flushes.append(flush)
+        widths.append([layer(x).size(-1) for layer in layers])
         return time_pass(layers, x, flush)
 
     monkeypatch.setattr(inference, "_time_pass", noting_flush)
     weight_bytes = 4 * sum(p.numel() for n, p in small_model.named_parameters() if n.endswith("weight")
                            and p.dim() == 2 and "wpe" not in n)  # the matmul weights (the head: wte)
+    widths = []
+    idx = torch.tensor([[1, 2, 3]])
     for cache in (weight_bytes // 4, 2 * weight_bytes):
         monkeypatch.setattr(inference, "_cache_bytes", lambda: cache)
         monkeypatch.setattr(inference, "_CHOICES", {})
         flushes.clear()
-        prepare_for_inference(copy.deepcopy(small_model))
+        widths.clear()
+        fast = prepare_for_inference(copy.deepcopy(small_model))
         if cache < weight_bytes:  # decoding reads the weights from memory: so does the timing
             assert flushes and all(f.numel() * f.element_size() == 2 * cache and bool((f == 1).all())
                                    for f in flushes)
+            assert [1050, 1050] in widths  # the head (2,100 rows) in two halves: one warms, one is timed
         else:  # the whole model fits in the cache: timed from it, as it decodes
             assert flushes and all(f is None for f in flushes)
+            assert [2100] in widths
+        with torch.no_grad():
+            expected, got = small_model(idx)[0], fast(idx)[0]
+        assert got.shape == expected.shape and (got - expected).abs().max() <= 1e-5 * expected.abs().max()
 
     order = []
 
     class Layer:
+        def __init__(self, name):
+            self.name = name
+
         def __call__(self, x):
-            order.append("layer")
+            order.append(self.name)
 
     class Flush:
         def sum(self):
             order.append("flush")
 
-    time_pass([Layer(), Layer()], torch.zeros(1), Flush())
-    assert order == ["flush", "layer", "layer"]
+    # the flush evicts the code and buffers too, which decoding keeps warm: the first layer warms
+    # them up, the others are timed; a single matrix (then split in two by _choose) is timed cold
+    monkeypatch.setattr(inference, "time", types.SimpleNamespace(perf_counter=lambda: order.append("clock") or 0.0))
+    time_pass([Layer("warm"), Layer("timed")], torch.zeros(1), Flush())
+    assert order == ["flush", "warm", "clock", "timed", "clock"]
+    order.clear()
+    time_pass([Layer("only")], torch.zeros(1), Flush())
+    assert order == ["flush", "clock", "only", "clock"]
 
 
 @pytest.mark.parametrize("mkl_speedup, chosen", [(1.05, "addmm-t"), (1.25, "mkl")])
