@@ -201,14 +201,14 @@ def _time_pass(layers: list[nn.Module], x: torch.Tensor, flush: torch.Tensor | N
 
 def _choose(
     candidates: list[tuple[Layout, str]], key: tuple, weights: list[tuple[torch.Tensor, torch.Tensor | None]],
-    rows: int, dtype: torch.dtype, tied: bool, from_memory: bool,
+    rows: int, dtype: torch.dtype, tied: bool, flush_bytes: int,
 ) -> list[nn.Module]:
     """This group of same-shaped layers, built with the fastest of `candidates` ((layout, kernel)).
 
     The candidates' layouts are built for the group's first TIME_LAYERS layers (their first
     TIME_ROWS output rows) and timed in interleaved rounds (a noisy neighbour slows them alike);
-    each keeps its best pass, the least disturbed one; `from_memory`: each pass first evicts the
-    weights from the cache (`_time_pass`). The choice is cached under `key`. A candidate
+    each keeps its best pass, the least disturbed one; `flush_bytes` > 0: each pass first reads a
+    buffer that large, evicting the weights from the cache (`_time_pass`). The choice is cached under `key`. A candidate
     that refuses one of the group's weights (`Layout.refuses`, e.g. fp16's range) is left out."""
     refusals = {k: next(filter(None, (lay.refuses(k, w) for w, _ in weights)), None) for lay, k in candidates}
     candidates = [(lay, k) for lay, k in candidates if refusals[k] is None]
@@ -222,7 +222,7 @@ def _choose(
     timed: list[nn.Module] = []  # the winner's layers built for timing are kept, not built again
     if key not in _CHOICES:
         sample = [(w[:TIME_ROWS], None if b is None else b[:TIME_ROWS]) for w, b in weights[:TIME_LAYERS]]
-        if from_memory and len(sample) == 1:  # one matrix: its first rows warm up, the next are timed
+        if flush_bytes and len(sample) == 1:  # one matrix: its first rows warm up, the next are timed
             (w, b), half = sample[0], sample[0][0].size(0) // 2
             sample = [(w[:half], None if b is None else b[:half]), (w[half:], None if b is None else b[half:])]
         first: dict[int, tuple[Layout, str]] = {}  # each layout is built for its first fitting kernel
@@ -232,7 +232,7 @@ def _choose(
                  for layout, kernel in first.values()}
         x = torch.randn(rows, weights[0][0].size(1), device=weights[0][0].device).to(dtype)  # the residual stream's
         # (written, not just allocated: untouched pages all read as one shared zero page)
-        flush = torch.ones(2 * _cache_bytes() // 4) if from_memory else None
+        flush = torch.ones(flush_bytes // 4) if flush_bytes else None
         best = {kernel: float("inf") for _, kernel in candidates}
         racing = list(candidates)
         with torch.inference_mode():
@@ -312,19 +312,21 @@ def prepare_for_inference(
     stream_dtype = torch.float32 if device.type == "cpu" else dtype
     weight_count = model.lm_head.weight.numel() + sum(
         getattr(p, n).weight.numel() for members in groups.values() for p, n in members)
-    from_memory = device.type == "cpu" and weight_count * WEIGHT_BYTES[precision] > _cache_bytes()
+    cache = _cache_bytes()  # timed from memory (a flush of twice the cache) if the weights do not fit
+    from_memory = device.type == "cpu" and weight_count * WEIGHT_BYTES[precision] > cache
+    flush_bytes = 2 * cache if from_memory else 0
     names = tuple(k for _, k in candidates)
     threads = torch.get_num_threads()
     with torch.no_grad():
         for members in groups.values():
             weights = [(getattr(p, n).weight, getattr(p, n).bias) for p, n in members]
             key = (precision, names, tuple(weights[0][0].shape), batch_size, threads, device.type, False)
-            layers = _choose(candidates, key, weights, batch_size, stream_dtype, False, from_memory)
+            layers = _choose(candidates, key, weights, batch_size, stream_dtype, False, flush_bytes)
             for (parent, name), layer in zip(members, layers):
                 setattr(parent, name, layer)
         key = (precision, names, tuple(model.lm_head.weight.shape), batch_size, threads, device.type, True)
         (head,) = _choose(candidates, key, [(model.lm_head.weight, None)], batch_size, stream_dtype, True,
-                          from_memory)
+                          flush_bytes)
     model.lm_head = head
     model.transformer.wte = SharedEmbedding(head, stream_dtype)
     model.transformer.wpe.to(stream_dtype)

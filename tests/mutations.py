@@ -247,7 +247,7 @@ BREAKS = (
     ),
     Break(
         "head_not_halved", "a single matrix (the LM head) is timed whole after the flush, with cold code",
-        ((r"if from_memory and len\(sample\) == 1:", "if False:"),),
+        ((r"if flush_bytes and len\(sample\) == 1:", "if False:"),),
         ("tests/test_kernels.py::test_each_timed_pass_starts_from_memory",),
     ),
     Break(
