@@ -17,6 +17,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Iterator
@@ -25,6 +26,10 @@ import torch
 import torch.distributed as dist
 
 from .errors import MinigptError
+
+# After its last collective, a rank gives gloo's worker threads this long to let go of the tensors
+# they held, before the interpreter shuts down (see `torchrun_process_group`).
+GLOO_DRAIN_SECONDS = 0.05
 
 
 @dataclass(frozen=True)
@@ -76,6 +81,15 @@ def torchrun_process_group(device: torch.device) -> Iterator[tuple[Ranks, torch.
     Each process then drives one device (CUDA: GPU LOCAL_RANK, over NCCL) or the CPU (over gloo).
     Without torchrun's variables this does nothing. The process group is destroyed on the way out,
     on errors and Ctrl-C too, so no rank is left waiting.
+
+    Then, over gloo, the rank sleeps GLOO_DRAIN_SECONDS. Why: torch (2.13, 2.14) keeps gloo's group
+    and its two worker threads alive after `destroy_process_group` (they still run at exit). A
+    worker that finishes a collective drops its tensors afterwards, and a tensor that Python has
+    already let go of needs the GIL for that. If the main thread has meanwhile run to the end of
+    the program, the worker waits for a GIL that is never handed over again: Python ends the thread
+    mid-C++, and the process aborts ("terminate called without an active exception", the worker's
+    stack in `ProcessGroupGloo::runLoop` -> `decref_pyobject` -> `PyEval_AcquireThread`). Seen in 3
+    of 140 two-rank tiny runs here; with the sleep, which hands the GIL over, in none of 100.
     """
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         yield Ranks(), device
@@ -100,6 +114,8 @@ def torchrun_process_group(device: torch.device) -> Iterator[tuple[Ranks, torch.
         yield Ranks(rank, local_rank, world_size), device
     finally:
         dist.destroy_process_group()
+        if backend == "gloo":
+            time.sleep(GLOO_DRAIN_SECONDS)
 
 
 def all_reduce_sum(t: torch.Tensor, ranks: Ranks) -> torch.Tensor:
