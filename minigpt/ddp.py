@@ -89,7 +89,7 @@ def torchrun_process_group(device: torch.device) -> Iterator[tuple[Ranks, torch.
     the program, the worker waits for a GIL that is never handed over again: Python ends the thread
     mid-C++, and the process aborts ("terminate called without an active exception", the worker's
     stack in `ProcessGroupGloo::runLoop` -> `decref_pyobject` -> `PyEval_AcquireThread`). Seen in 3
-    of 140 two-rank tiny runs here; with the sleep, which hands the GIL over, in none of 100.
+    of 140 two-rank tiny runs here; with the sleep, which hands the GIL over, in none of 200.
     """
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         yield Ranks(), device

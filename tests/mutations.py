@@ -231,6 +231,11 @@ BREAKS = (
         ("tests/test_kernels.py::test_only_the_weights_keep_the_models_precision",),
     ),
     Break(
+        "gloo_no_drain", "a gloo rank exits right after leaving the process group (gloo's workers may still need the GIL)",
+        ((r"^(\s+)time\.sleep\(GLOO_DRAIN_SECONDS\)", r"\1pass"),),
+        ("tests/test_trainer_syncs.py::test_a_gloo_rank_hands_its_workers_the_gil_after_leaving_the_group",),
+    ),
+    Break(
         "timing_from_cache", "the kernels are timed without first reading the flush buffer",
         ((r"^(\s+)flush\.sum\(\)", r"\1pass"),),
         ("tests/test_kernels.py::test_each_timed_pass_starts_from_memory",),

@@ -200,6 +200,29 @@ def test_collectives_wait_an_hour_or_what_the_environment_says(monkeypatch):
     assert joined == {"backend": "gloo", "rank": 1, "world_size": 2, "timeout": timedelta(minutes=120)}
 
 
+def test_a_gloo_rank_hands_its_workers_the_gil_after_leaving_the_group(monkeypatch):
+    """torch keeps gloo's worker threads alive after destroy_process_group; one still dropping the
+    last collective's tensors needs the GIL, and aborts the process if the interpreter has shut down
+    first (3 in 140 two-rank runs). So a gloo rank sleeps (giving up the GIL) after leaving the group,
+    on every way out, errors included."""
+    from minigpt import ddp
+
+    events = []
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(ddp.dist, "init_process_group", lambda backend, **kw: events.append(("join", backend)))
+    monkeypatch.setattr(ddp.dist, "destroy_process_group", lambda: events.append(("leave",)))
+    monkeypatch.setattr(ddp.time, "sleep", lambda seconds: events.append(("sleep", seconds)))
+    with ddp.torchrun_process_group(torch.device("cpu")):
+        events.append(("train",))
+    assert events == [("join", "gloo"), ("train",), ("leave",), ("sleep", ddp.GLOO_DRAIN_SECONDS)]
+    assert ddp.GLOO_DRAIN_SECONDS >= 0.01
+    events.clear()
+    with pytest.raises(MinigptError), ddp.torchrun_process_group(torch.device("cpu")):
+        raise MinigptError("a rank fails")
+    assert events[-2:] == [("leave",), ("sleep", ddp.GLOO_DRAIN_SECONDS)]
+
+
 def test_ranks_agree_on_a_stop_only_every_few_steps(monkeypatch):
     """Under DDP a stop is agreed (an all-reduce, a wait for the device) only every `every` steps or
     when asked to agree now; in between the rank that got the signal answers False too, so that no
