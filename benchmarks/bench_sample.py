@@ -186,11 +186,12 @@ def throughput(args, hf_dir: Path, mg_dir: Path, prompt: list[int], llama_files:
     """{(variant, batch): (median ttft, median tokens/s)}, runs interleaved in this process;
     {(variant, batch): kernel_summary} under "kernels"; with `llama_files`, {precision: median
     tokens/s} under "llama.cpp", from one llama-bench repetition after each round at batch 1 (so a
-    machine whose speed drifts during the run, as a shared VM's does, slows both sides alike)."""
+    machine whose speed drifts during the run, as a shared VM's does, slows both sides alike), and
+    {precision: [ours / llama.cpp, one per round]} under "rounds"."""
     from minigpt.inference import kernel_summary
 
     results = {"kernels": {}}
-    llama_runs = []
+    llama_runs, ours_b1 = [], {}  # (ours at batch 1: each round, for the per-round ratios)
     for batch in args.batches:
         models = {name: load_variant(name, hf_dir, mg_dir, batch) for name in VARIANTS}
         for name, model in models.items():
@@ -210,9 +211,13 @@ def throughput(args, hf_dir: Path, mg_dir: Path, prompt: list[int], llama_files:
                     file=sys.stderr)
         for name, r in runs.items():
             results[name, batch] = (statistics.median(t for t, _ in r), statistics.median(s for _, s in r))
+        if batch == 1:
+            ours_b1 = runs
         del models
     if llama_runs:
         results["llama.cpp"] = {p: statistics.median(run[p] for run in llama_runs) for p in llama_files}
+        results["rounds"] = {p: [ours[1] / run[p] for ours, run in zip(ours_b1[f"ours {p}"], llama_runs)]
+                             for p in llama_files}
     return results
 
 
@@ -363,12 +368,13 @@ def report(args, speed, memory, e2e, losses, llama) -> str:
                 if interleaved else f"-r {args.reps}, alone (ours not run at batch 1)")
         lines += [f"llama.cpp: `llama-bench -t {args.threads} -n {args.llama_tokens} -p 0` on GGUF files made by "
                   f"its own convert_hf_to_gguf.py from the same weights, {when}.", "",
-                  "| precision | ours, tokens/s | llama.cpp | llama.cpp, tokens/s | ours / llama.cpp | target |",
-                  "|---|---:|---|---:|---:|---:|"]
+                  "| precision | ours, tokens/s | llama.cpp | llama.cpp, tokens/s | ours / llama.cpp | target | each round |",
+                  "|---|---:|---|---:|---:|---:|---|"]
         for precision, rate in llama.items():
             ours = speed[f"ours {precision}", 1][1] if interleaved else None
+            rounds = ", ".join(f"{r:.2f}x" for r in getattr(args, "rounds", {}).get(precision, [])) or "-"
             lines.append(f"| {precision} | {f'{ours:.1f}' if ours else '-'} | {LLAMA_TYPES[precision].upper()} | "
-                         f"{rate:.1f} | {f'{ours / rate:.2f}x' if ours else '-'} | {LLAMA_TARGETS[precision]}x |")
+                         f"{rate:.1f} | {f'{ours / rate:.2f}x' if ours else '-'} | {LLAMA_TARGETS[precision]}x | {rounds} |")
         lines.append("")
     if e2e:
         lines += ["| end to end (start-up + load + 100 tokens) | wall time |", "|---|---:|"]
@@ -440,6 +446,7 @@ def main() -> None:
             if "speed" not in args.skip:
                 speed = throughput(args, hf_dir, mg_dir, prompt, llama_files)
                 llama = speed.pop("llama.cpp", {})
+                args.rounds = speed.pop("rounds", {})
             if "memory" not in args.skip:
                 for batch in args.batches[:1] if args.quick else args.batches:
                     print(f"peak memory, batch {batch} ...", file=sys.stderr)
