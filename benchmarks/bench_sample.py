@@ -372,7 +372,8 @@ def report(args, speed, memory, e2e, losses, llama) -> str:
                   "|---|---:|---|---:|---:|---:|---|"]
         for precision, rate in llama.items():
             ours = speed[f"ours {precision}", 1][1] if interleaved else None
-            rounds = ", ".join(f"{r:.2f}x" for r in getattr(args, "rounds", {}).get(precision, [])) or "-"
+            ratios = getattr(args, "rounds", {}).get(precision, [])  # paired: ours and llama.cpp of one round
+            rounds = (", ".join(f"{r:.2f}x" for r in ratios) + f" (median {statistics.median(ratios):.2f}x)") if ratios else "-"
             lines.append(f"| {precision} | {f'{ours:.1f}' if ours else '-'} | {LLAMA_TYPES[precision].upper()} | "
                          f"{rate:.1f} | {f'{ours / rate:.2f}x' if ours else '-'} | {LLAMA_TARGETS[precision]}x | {rounds} |")
         lines.append("")
