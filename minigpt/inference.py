@@ -208,8 +208,9 @@ def _choose(
     The candidates' layouts are built for the group's first TIME_LAYERS layers (their first
     TIME_ROWS output rows) and timed in interleaved rounds (a noisy neighbour slows them alike);
     each keeps its best pass, the least disturbed one; `flush_bytes` > 0: each pass first reads a
-    buffer that large, evicting the weights from the cache (`_time_pass`). The choice is cached under `key`. A candidate
-    that refuses one of the group's weights (`Layout.refuses`, e.g. fp16's range) is left out."""
+    buffer that large, evicting the weights from the cache (`_time_pass`). The choice is cached
+    under `key`. A candidate that refuses one of the group's weights (`Layout.refuses`, e.g. fp16's
+    range) is left out."""
     refusals = {k: next(filter(None, (lay.refuses(k, w) for w, _ in weights)), None) for lay, k in candidates}
     candidates = [(lay, k) for lay, k in candidates if refusals[k] is None]
     if not candidates:
@@ -221,10 +222,13 @@ def _choose(
         _CHOICES.pop(key, None)
     timed: list[nn.Module] = []  # the winner's layers built for timing are kept, not built again
     if key not in _CHOICES:
-        sample = [(w[:TIME_ROWS], None if b is None else b[:TIME_ROWS]) for w, b in weights[:TIME_LAYERS]]
+        def rows_of(w: torch.Tensor, b: torch.Tensor | None, rows: slice):  # (W, bias) cut to output rows
+            return w[rows], None if b is None else b[rows]
+
+        sample = [rows_of(w, b, slice(TIME_ROWS)) for w, b in weights[:TIME_LAYERS]]
         if flush_bytes and len(sample) == 1:  # one matrix: its first rows warm up, the next are timed
-            (w, b), half = sample[0], sample[0][0].size(0) // 2
-            sample = [(w[:half], None if b is None else b[:half]), (w[half:], None if b is None else b[half:])]
+            half = sample[0][0].size(0) // 2
+            sample = [rows_of(*sample[0], slice(half)), rows_of(*sample[0], slice(half, None))]
         first: dict[int, tuple[Layout, str]] = {}  # each layout is built for its first fitting kernel
         for layout, kernel in candidates:
             first.setdefault(id(layout), (layout, kernel))
