@@ -16,7 +16,8 @@ for exactly --tokens new tokens (EOS does not stop either side), from the same w
     llama.cpp    with --llama-bench PATH: llama.cpp's llama-bench at batch 1 on the same weights,
                  converted by llama.cpp's own convert_hf_to_gguf.py to F32, BF16 and Q8_0, one
                  repetition after each round of ours at batch 1 (interleaved, as ours are), beside
-                 ours fp32 / bf16 / int8 at batch 1, with the ratios (README: building llama-bench)
+                 ours fp32 / bf16 / int8 at batch 1 decoding greedily in the same rounds (llama-bench
+                 samples nothing), with the ratios (README: building llama-bench)
 
 Ours are prepared for each batch size (prepare_for_inference times its kernel candidates on that
 many rows); the kernels chosen are listed under the table. The machine's matmul peaks and memory

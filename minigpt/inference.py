@@ -226,7 +226,7 @@ def _choose(
             return w[rows], None if b is None else b[rows]
 
         sample = [rows_of(w, b, slice(TIME_ROWS)) for w, b in weights[:TIME_LAYERS]]
-        if flush_bytes and len(sample) == 1:  # one matrix: its first rows warm up, the next are timed
+        if flush_bytes and len(sample) == 1 and len(sample[0][0]) > 1:  # one matrix: half warms, half is timed
             half = sample[0][0].size(0) // 2
             sample = [rows_of(*sample[0], slice(half)), rows_of(*sample[0], slice(half, None))]
         first: dict[int, tuple[Layout, str]] = {}  # each layout is built for its first fitting kernel

@@ -378,3 +378,21 @@ def test_train_cli_prints_the_warning_once(tmp_path, monkeypatch):
     assert result.returncode == 0, result.stderr
     assert [line for line in result.stderr.splitlines() if "bf16" in line] == [
         runtime.emulated_bf16_warning(torch.device("cpu"), torch.bfloat16)]
+
+
+@pytest.mark.parametrize("dtype, quantize", [(torch.float32, None), (torch.bfloat16, None), (torch.float32, "int8")])
+def test_a_one_row_head_timed_from_memory_is_not_split_into_an_empty_half(monkeypatch, dtype, quantize):
+    """Timed from memory, a group of one matrix is split in two (half warms the code, half is
+    timed); a matrix of one row (a one-token vocabulary) is timed whole: an empty half is no layer
+    (oneDNN cannot pack one)."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=1, n_head=1, n_embd=16, block_size=8, vocab_size=1, dropout=0.0)).eval()
+    monkeypatch.setattr(inference, "_cache_bytes", lambda: 16)  # every model is larger: a flush
+    monkeypatch.setattr(inference, "_CHOICES", {})
+    fast = prepare_for_inference(copy.deepcopy(model).to(dtype), quantize)
+    idx = torch.zeros(1, 3, dtype=torch.long)
+    with torch.no_grad():
+        expected, got = model(idx)[0], fast(idx)[0]
+    assert got.shape == (1, 3, 1)
+    tolerance = 1e-5 if dtype == torch.float32 and quantize is None else 0.05  # bf16, int8: their rounding
+    assert (got.float() - expected).abs().max() <= tolerance * expected.abs().max() + 1e-6
