@@ -215,7 +215,7 @@ def throughput(args, hf_dir: Path, mg_dir: Path, prompt: list[int], llama_files:
                     greedy_runs[p].append(run_ours(models[f"ours {p}"], prompt, 1, args.tokens, greedy=True)[1])
                 llama_runs.append(llama_cpp_rates(args, llama_files, 1))
                 print(f"  batch 1 run {rep + 1}: ours greedy " + ", ".join(
-                    f"{p} {runs[-1]:.1f}" for p, runs in greedy_runs.items()) + " tokens/s", file=sys.stderr)
+                    f"{p} {rates[-1]:.1f}" for p, rates in greedy_runs.items()) + " tokens/s", file=sys.stderr)
                 print(f"  batch 1 run {rep + 1}: llama.cpp " + ", ".join(
                     f"{LLAMA_TYPES[p].upper()} {rate:.1f}" for p, rate in llama_runs[-1].items()) + " tokens/s",
                     file=sys.stderr)
@@ -341,7 +341,7 @@ def llama_cpp_rates(args, files: dict[str, Path], reps: int) -> dict[str, float]
     llama-bench's generation test times the model alone: each step decodes one token and its next
     token is `rand() % n_vocab`, with no sampling (tools/llama-bench/llama-bench.cpp, test_gen). So
     ours is compared decoding greedily: the argmax, the cheapest real choice of a token, where the
-    card's top-k and top-p cost ~0.3-0.5 ms a token on 2 cores."""
+    card's top-k and top-p cost ~0.3-0.4 ms a token on 2 cores."""
     command = [str(Path(args.llama_bench).resolve()), *[x for f in files.values() for x in ("-m", str(f))],
                "-t", str(args.threads), "-n", str(args.llama_tokens), "-p", "0", "-r", str(reps), "-o", "json"]
     r = subprocess.run(command, capture_output=True, text=True)
@@ -390,7 +390,7 @@ def report(args, speed, memory, e2e, losses, llama) -> str:
         for precision, rate in llama.items():
             ours = speed["greedy"][precision] if interleaved else None
             sampled = f"{speed[f'ours {precision}', 1][1]:.1f}" if interleaved else "-"
-            ratios = getattr(args, "rounds", {}).get(precision, [])  # paired: ours and llama.cpp of one round
+            ratios = speed.get("rounds", {}).get(precision, [])  # paired: ours and llama.cpp of one round
             rounds = (", ".join(f"{r:.2f}x" for r in ratios) + f" (median {statistics.median(ratios):.2f}x)") if ratios else "-"
             lines.append(f"| {precision} | {f'{ours:.1f}' if ours else '-'} | {sampled} | {LLAMA_TYPES[precision].upper()} | "
                          f"{rate:.1f} | {f'{ours / rate:.2f}x' if ours else '-'} | {LLAMA_TARGETS[precision]}x | {rounds} |")
@@ -465,7 +465,6 @@ def main() -> None:
             if "speed" not in args.skip:
                 speed = throughput(args, hf_dir, mg_dir, prompt, llama_files)
                 llama = speed.pop("llama.cpp", {})
-                args.rounds = speed.pop("rounds", {})
             if "memory" not in args.skip:
                 for batch in args.batches[:1] if args.quick else args.batches:
                     print(f"peak memory, batch {batch} ...", file=sys.stderr)

@@ -1,7 +1,7 @@
 """Promises README makes about failures that no other test exercised: a non-finite gradient norm
 stops the run, fp16 steps with inf/NaN gradients are skipped and counted, and under torchrun
 Ctrl-C stops every rank after the same step while a failing rank brings the whole job down; the
-prepared GPU check stops in one line where there is no GPU."""
+prepared GPU check stops in one line where there is no GPU; the llama.cpp comparison is like for like."""
 
 from __future__ import annotations
 
@@ -247,3 +247,24 @@ def test_the_gpu_check_stops_in_one_line_without_cuda(command):
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120, env=os.environ)
     assert result.returncode == 1 and result.stdout == ""
     assert result.stderr.splitlines() == [result.stderr.strip()] and "no CUDA device here" in result.stderr
+
+
+def test_the_llama_cpp_table_compares_our_greedy_decoding_round_by_round(monkeypatch):
+    """llama-bench times decoding without sampling, so bench_sample.py's llama.cpp table sets our
+    greedy rate against it (the top-k / top-p rate beside it), with each round's ratio and their median."""
+    import argparse
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import bench_sample
+
+    args = argparse.Namespace(tokens=100, prompt_tokens=10, reps=2, batches=[1], threads=2, llama_tokens=128,
+                              hardware=None)
+    speed = {"kernels": {}, ("transformers fp32", 1): (0.05, 30.0), ("ours fp32", 1): (0.04, 70.0),
+             ("ours bf16", 1): (0.01, 110.0), ("ours int8", 1): (0.01, 120.0),
+             "greedy": {"fp32": 76.0, "bf16": 144.0, "int8": 150.0},
+             "rounds": {"fp32": [0.9, 1.0], "bf16": [0.8, 0.7], "int8": [0.5, 0.56]}}
+    llama = {"fp32": 80.0, "bf16": 180.0, "int8": 300.0}
+    monkeypatch.setattr(bench_sample.hardware, "hardware_line", lambda hardware: "machine: test")
+    table = bench_sample.report(args, speed, {}, {}, {}, llama)
+    assert "| int8 | 150.0 | 120.0 | Q8_0 | 300.0 | 0.50x | 0.6x | 0.50x, 0.56x (median 0.53x) |" in table
+    assert "| fp32 | 76.0 | 70.0 | F32 | 80.0 | 0.95x | 0.8x | 0.90x, 1.00x (median 0.95x) |" in table
