@@ -222,12 +222,12 @@ def _choose(
         _CHOICES.pop(key, None)
     timed: list[nn.Module] = []  # the winner's layers built for timing are kept, not built again
     if key not in _CHOICES:
-        def rows_of(w: torch.Tensor, b: torch.Tensor | None, rows: slice):  # (W, bias) cut to output rows
-            return w[rows], None if b is None else b[rows]
+        def rows_of(w: torch.Tensor, b: torch.Tensor | None, part: slice):  # (W, bias) cut to output rows
+            return w[part], None if b is None else b[part]
 
         sample = [rows_of(w, b, slice(TIME_ROWS)) for w, b in weights[:TIME_LAYERS]]
         if flush_bytes and len(sample) == 1 and len(sample[0][0]) > 1:  # one matrix: half warms, half is timed
-            half = sample[0][0].size(0) // 2
+            half = len(sample[0][0]) // 2
             sample = [rows_of(*sample[0], slice(half)), rows_of(*sample[0], slice(half, None))]
         first: dict[int, tuple[Layout, str]] = {}  # each layout is built for its first fitting kernel
         for layout, kernel in candidates:
