@@ -37,6 +37,10 @@ the same `y = x W^T + b`:
          fbgemm    int8 W prepacked by FBGEMM, integer products; activations rounded to 14 bits
                    and split into two small integer digits (`FbgemmInt8Linear`)
 
+Each kernel chosen is then also timed on fewer threads (half, one): a small layer on many cores
+can cost more in handing out work than it saves, and runs on fewer where that is >= 10% faster
+(`OnThreads`; named in `kernel_summary` as "on N threads").
+
 The layouts themselves are in `minigpt/layouts.py`. `prepare_for_inference` times the candidates
 available in this torch build on the model's real shapes (the first layers of each group of
 same-shaped layers, streamed in turn as decoding streams them, for the rows one decoding step
@@ -60,13 +64,16 @@ import torch.nn as nn
 
 from .errors import MinigptError
 from .layouts import (DenseLinear, FbgemmInt8Linear, Fp16Linear, Int8Linear, MklLinear, OneDnnLinear,
-                      RowSplitLinear, SharedEmbedding, SplitLinear, TransposedLinear, fp16_refuses)
+                      OnThreads, RowSplitLinear, SharedEmbedding, SplitLinear, TransposedLinear, fp16_refuses)
 from .model import GPT
 
 QUANTIZATIONS = ("int8",)
 WEIGHT_BYTES = {"fp32": 4, "bf16": 2, "int8": 1}  # bytes a weight takes in each precision
 TIMING_ROUNDS = 5  # timed passes per candidate: the best of them is the least disturbed one
 EXTRA_MEMORY_MARGIN = 0.9  # a kernel holding a second copy of W must be >= 10% faster to be chosen
+# Fewer threads must be >= 10% faster too: between layers on different counts torch's pool resizes
+# and idle threads may fall asleep, which timing a group of layers alone does not see.
+FEWER_THREADS_MARGIN = 0.9
 
 
 # --- the candidates -------------------------------------------------------------------------------
@@ -109,6 +116,12 @@ def _thread_parts() -> int:
     return max(2, torch.get_num_threads())
 
 
+def _thread_counts() -> list[int]:
+    """The thread counts each kernel is timed on, most first: all the process has, half, one."""
+    every = torch.get_num_threads()
+    return sorted({every, max(1, every // 2), 1}, reverse=True)
+
+
 def _has_int8mm(device: torch.device) -> bool:
     return torch._C._dispatch_has_kernel_for_dispatch_key("aten::_weight_int8pack_mm", device.type.upper())
 
@@ -148,8 +161,9 @@ TIME_LAYERS = 2  # layers of a group the candidates are timed on (the rest is bu
 # each hold a full copy at once (that made `sample.py`'s peak memory ~250 MB higher).
 TIME_ROWS = 16_384
 
-# (precision, kernel names, shape, rows, threads, device) -> the chosen kernel's name, per process
-_CHOICES: dict[tuple, str] = {}
+# (precision, kernel names, shape, rows, threads, device, tied) -> (the chosen kernel's name, its
+# thread count), per process
+_CHOICES: dict[tuple, tuple[str, int]] = {}
 
 
 def available_kernels(precision: str, device: torch.device | str = "cpu") -> list[str]:
@@ -199,26 +213,51 @@ def _time_pass(layers: list[nn.Module], x: torch.Tensor, flush: torch.Tensor | N
     return time.perf_counter() - start
 
 
+def _race(
+    runs: list[tuple[str, list[nn.Module], int]], x: torch.Tensor, flush: torch.Tensor | None
+) -> dict[tuple[str, int], float]:
+    """{(kernel, threads): best seconds} for runs of (kernel, the layers built for it, threads).
+
+    The runs are timed in interleaved rounds (a noisy neighbour slows them alike), each keeping its
+    best pass, the least disturbed one; after the first round a run at over twice the best time is
+    out of the race. Threads fewer than the process has: the layers run in `OnThreads`."""
+    every = torch.get_num_threads()
+    best = {(kernel, n): float("inf") for kernel, _, n in runs}
+    racing = list(runs)
+    with torch.inference_mode():
+        for round_ in range(TIMING_ROUNDS + 1):  # round 0: warm-up (first-call set-up)
+            for kernel, layers, n in racing:
+                for layer in layers:
+                    layer.kernel = kernel
+                seconds = _time_pass(layers if n == every else [OnThreads(lay, n) for lay in layers], x, flush)
+                best[kernel, n] = min(best[kernel, n], seconds) if round_ else best[kernel, n]
+            if round_ == 1:
+                racing = [r for r in racing if best[r[0], r[2]] <= 2 * min(best.values())]
+    return best
+
+
 def _choose(
     candidates: list[tuple[Layout, str]], key: tuple, weights: list[tuple[torch.Tensor, torch.Tensor | None]],
-    rows: int, dtype: torch.dtype, tied: bool, flush_bytes: int,
+    rows: int, dtype: torch.dtype, tied: bool, flush_bytes: int, thread_counts: list[int],
 ) -> list[nn.Module]:
-    """This group of same-shaped layers, built with the fastest of `candidates` ((layout, kernel)).
+    """This group of same-shaped layers, built with the fastest of `candidates` ((layout, kernel)),
+    run on the fastest of `thread_counts` (fewer than the process has: in `OnThreads`).
 
     The candidates' layouts are built for the group's first TIME_LAYERS layers (their first
-    TIME_ROWS output rows) and timed in interleaved rounds (a noisy neighbour slows them alike);
-    each keeps its best pass, the least disturbed one; `flush_bytes` > 0: each pass first reads a
-    buffer that large, evicting the weights from the cache (`_time_pass`). The choice is cached
-    under `key`. A candidate that refuses one of the group's weights (`Layout.refuses`, e.g. fp16's
-    range) is left out."""
+    TIME_ROWS output rows) and raced on all threads (`_race`); then the winner alone is raced on
+    each thread count, and fewer threads must win by FEWER_THREADS_MARGIN. `flush_bytes` > 0: each
+    pass first reads a buffer that large, evicting the weights from the cache (`_time_pass`). The
+    choice is cached under `key`. A candidate that refuses one of the group's weights
+    (`Layout.refuses`, e.g. fp16's range) is left out; a single one is used on all threads, untimed."""
     refusals = {k: next(filter(None, (lay.refuses(k, w) for w, _ in weights)), None) for lay, k in candidates}
     candidates = [(lay, k) for lay, k in candidates if refusals[k] is None]
     if not candidates:
         shape = "x".join(map(str, weights[0][0].shape))
         raise MinigptError(f"no {key[0]} kernel takes these {shape} layers: " + "; ".join(refusals.values()))
+    every = torch.get_num_threads()
     if len(candidates) == 1:
-        _CHOICES[key] = candidates[0][1]
-    elif _CHOICES.get(key) not in [k for _, k in candidates]:  # chosen before for weights these refuse
+        _CHOICES[key] = (candidates[0][1], every)
+    elif _CHOICES.get(key, ("",))[0] not in [k for _, k in candidates]:  # chosen before for weights these refuse
         _CHOICES.pop(key, None)
     timed: list[nn.Module] = []  # the winner's layers built for timing are kept, not built again
     if key not in _CHOICES:
@@ -237,30 +276,27 @@ def _choose(
         x = torch.randn(rows, weights[0][0].size(1), device=weights[0][0].device).to(dtype)  # the residual stream's
         # (written, not just allocated: untouched pages all read as one shared zero page)
         flush = torch.ones(flush_bytes // 4) if flush_bytes else None
-        best = {kernel: float("inf") for _, kernel in candidates}
-        racing = list(candidates)
-        with torch.inference_mode():
-            for round_ in range(TIMING_ROUNDS + 1):  # round 0: warm-up (first-call set-up)
-                for layout, kernel in racing:
-                    layers = built[id(layout)]
-                    for layer in layers:
-                        layer.kernel = kernel
-                    seconds = _time_pass(layers, x, flush)
-                    best[kernel] = min(best[kernel], seconds) if round_ else best[kernel]
-                if round_ == 1:  # a candidate at over twice the best time is out of the race
-                    racing = [c for c in racing if best[c[1]] <= 2 * min(best.values())]
+        best = _race([(kernel, built[id(layout)], every) for layout, kernel in candidates], x, flush)
         lean = [c for c in candidates if not c[0].extra_memory] or candidates
-        winner = min(lean, key=lambda c: best[c[1]])
-        heavy = [c for c in candidates if c[0].extra_memory and best[c[1]] < EXTRA_MEMORY_MARGIN * best[winner[1]]]
-        _CHOICES[key] = min(heavy, key=lambda c: best[c[1]])[1] if heavy else winner[1]
+        winner = min(lean, key=lambda c: best[c[1], every])
+        heavy = [c for c in candidates
+                 if c[0].extra_memory and best[c[1], every] < EXTRA_MEMORY_MARGIN * best[winner[1], every]]
+        layout, kernel = min(heavy, key=lambda c: best[c[1], every]) if heavy else winner
+        threads = every
+        if len(thread_counts) > 1:  # the winner on fewer threads (thread_counts[0] is all of them)
+            on = _race([(kernel, built[id(layout)], n) for n in thread_counts], x, flush)
+            fewer = min(thread_counts[1:], key=lambda n: on[kernel, n])
+            threads = fewer if on[kernel, fewer] < FEWER_THREADS_MARGIN * on[kernel, every] else every
+        _CHOICES[key] = (kernel, threads)
         if all(sw.shape == w.shape for (sw, _), (w, _) in zip(sample, weights)):  # built whole: keep them
-            timed = built[id(next(lay for lay, k in candidates if k == _CHOICES[key]))]
+            timed = built[id(layout)]
         del built, flush
-    layout = next(layout for layout, kernel in candidates if kernel == _CHOICES[key])
-    layers = timed + [layout.build(w, b, rows, tied, _CHOICES[key]) for w, b in weights[len(timed):]]
+    kernel, threads = _CHOICES[key]
+    layout = next(lay for lay, k in candidates if k == kernel)
+    layers = timed + [layout.build(w, b, rows, tied, kernel) for w, b in weights[len(timed):]]
     for layer in layers:
-        layer.kernel = _CHOICES[key]
-    return layers
+        layer.kernel = kernel
+    return layers if threads == every else [OnThreads(layer, threads) for layer in layers]
 
 
 def prepare_for_inference(
@@ -321,16 +357,17 @@ def prepare_for_inference(
     flush_bytes = 2 * cache if from_memory else 0
     names = tuple(k for _, k in candidates)
     threads = torch.get_num_threads()
+    thread_counts = _thread_counts() if device.type == "cpu" else [threads]
     with torch.no_grad():
         for members in groups.values():
             weights = [(getattr(p, n).weight, getattr(p, n).bias) for p, n in members]
             key = (precision, names, tuple(weights[0][0].shape), batch_size, threads, device.type, False)
-            layers = _choose(candidates, key, weights, batch_size, stream_dtype, False, flush_bytes)
+            layers = _choose(candidates, key, weights, batch_size, stream_dtype, False, flush_bytes, thread_counts)
             for (parent, name), layer in zip(members, layers):
                 setattr(parent, name, layer)
         key = (precision, names, tuple(model.lm_head.weight.shape), batch_size, threads, device.type, True)
         (head,) = _choose(candidates, key, [(model.lm_head.weight, None)], batch_size, stream_dtype, True,
-                          flush_bytes)
+                          flush_bytes, thread_counts)
     model.lm_head = head
     model.transformer.wte = SharedEmbedding(head, stream_dtype)
     model.transformer.wpe.to(stream_dtype)
@@ -342,11 +379,14 @@ def prepare_for_inference(
 
 def kernel_summary(model: nn.Module) -> str:
     """One line naming the kernel of each group of layers, e.g. "kernels: lm_head onednn,
-    attn.c_attn onednn, ..." (empty when the model kept its standard layout)."""
+    attn.c_attn onednn, attn.c_proj int8mm on 1 thread, ..." (a thread count only where it is fewer
+    than all; empty when the model kept its standard layout)."""
     chosen: dict[str, str] = {}
     head = getattr(model, "lm_head", None)
+    wrapped = {id(m.layer) for m in model.modules() if isinstance(m, OnThreads)}
     for name, module in model.named_modules():
-        if hasattr(module, "kernel") and hasattr(module, "embed"):
+        if hasattr(module, "kernel") and hasattr(module, "embed") and id(module) not in wrapped:
             role = "lm_head" if module is head else ".".join(name.split(".")[-2:])
-            chosen.setdefault(role, module.kernel)
+            on = f" on {module.threads} thread{'s' * (module.threads > 1)}" if isinstance(module, OnThreads) else ""
+            chosen.setdefault(role, module.kernel + on)
     return ("kernels: " + ", ".join(f"{role} {k}" for role, k in chosen.items())) if chosen else ""

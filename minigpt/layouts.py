@@ -360,6 +360,42 @@ class FbgemmInt8Linear(nn.Module):
         return dequantized_rows(self.qweight, self.scale, idx)
 
 
+class OnThreads(nn.Module):
+    """Another layout's layer, run on `threads` of the process's threads (fewer than all of them).
+
+    Why: each kernel call hands its work to every thread of torch's pool and waits for the last one;
+    for a small layer on many cores that hand-off can cost more than the work it shares out, and a
+    few threads may already draw all the memory bandwidth there is. `minigpt.inference` times each
+    kernel on fewer threads too and wraps a layer in this only where that was >= 10% faster. On the
+    2-core AMD EPYC with AVX-512 BF16 one thread was slower for every distilgpt2 layer and kernel
+    timed (one row, from memory: int8 `int8mm` 2304 x 768 330 against 179 us, FBGEMM's int8 185
+    against 177, fp32 `bmm-rows` 345 against 243), so there nothing is wrapped; with torch set to
+    4 threads on those 2 cores, timing ran the int8 block layers on 2, but decoding was no faster
+    (83.5 against 83.7 tokens/s: the rest of the model still runs on 4). Setting the count costs
+    ~1.3 us a call.
+    """
+
+    def __init__(self, layer: nn.Module, threads: int) -> None:
+        super().__init__()
+        self.layer = layer
+        self.threads = threads
+
+    @property
+    def kernel(self) -> str:
+        return self.layer.kernel
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        every = torch.get_num_threads()
+        torch.set_num_threads(self.threads)
+        try:
+            return self.layer(x)
+        finally:  # the rest of the model runs on all threads again, even after an error
+            torch.set_num_threads(every)
+
+    def embed(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.layer.embed(idx)
+
+
 class SharedEmbedding(nn.Module):
     """The token embedding, reading its rows from the LM head's matrix (GPT-2 ties the two), so the
     inference layout holds that largest matrix once."""

@@ -265,6 +265,17 @@ BREAKS = (
         ((r"flush = torch\.ones\(", "flush = torch.empty("),),
         ("tests/test_kernels.py::test_each_timed_pass_starts_from_memory",),
     ),
+    Break(
+        "threads_kept_fewer", "a layer run on fewer threads leaves the whole process on that many",
+        ((r"^(\s+)torch\.set_num_threads\(every\)$", r"\1pass"),),
+        ("tests/test_kernels.py::test_a_kernel_faster_on_fewer_threads_runs_on_them",
+         "tests/test_kernels.py::test_a_layer_on_fewer_threads_gives_them_back_even_after_an_error"),
+    ),
+    Break(
+        "fewer_threads_by_a_hair", "fewer threads are chosen when they win by any margin, not by 10%",
+        ((r"on\[kernel, fewer\] < FEWER_THREADS_MARGIN \* on", "on[kernel, fewer] < on"),),
+        ("tests/test_kernels.py::test_a_kernel_faster_on_fewer_threads_runs_on_them",),
+    ),
 )
 
 

@@ -4,6 +4,7 @@ measured choice is cached and named, and the rule for memory-hungry kernels hold
 from __future__ import annotations
 
 import copy
+import re
 import types
 
 import pytest
@@ -13,7 +14,7 @@ from minigpt import inference
 from minigpt.config import GPTConfig
 from minigpt.errors import MinigptError
 from minigpt.inference import LAYOUTS, available_kernels, kernel_summary, prepare_for_inference
-from minigpt.layouts import UPCAST_CHUNK
+from minigpt.layouts import UPCAST_CHUNK, OnThreads
 from minigpt.model import GPT
 
 # Every declared (precision, kernel) pair, whether or not this torch build offers it (skipped then).
@@ -27,6 +28,12 @@ def build(precision: str, kernel: str, weight, bias, rows: int):
         pytest.skip(f"this torch build has no {precision} kernel {kernel!r}")
     layout = next(lay for lay in LAYOUTS[precision] if kernel in lay.kernels)
     return layout.build(weight, bias, rows, True, kernel)
+
+
+def kernels_named(summary: str) -> dict[str, str]:
+    """{role: kernel} from a `kernel_summary` line, each thread count ("on 1 thread") set aside."""
+    parts = summary.removeprefix("kernels: ").split(", ")
+    return dict(re.sub(r" on \d+ threads?$", "", part).rsplit(" ", 1) for part in parts)
 
 
 def bf16_exact(*shape, scale=1.0, seed=0):
@@ -114,9 +121,9 @@ def test_the_measured_choice_is_named_and_cached(small_model, monkeypatch):
     monkeypatch.setattr(inference, "_CHOICES", {})
     first = prepare_for_inference(copy.deepcopy(small_model))
     summary = kernel_summary(first)
-    roles = [part.rsplit(" ", 1) for part in summary.removeprefix("kernels: ").split(", ")]
-    assert [r for r, _ in roles] == ["lm_head", "attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"]
-    assert all(k in available_kernels("fp32") for _, k in roles)
+    chosen = kernels_named(summary)
+    assert list(chosen) == ["lm_head", "attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"]
+    assert set(chosen.values()) <= set(available_kernels("fp32"))
     assert len(inference._CHOICES) == 5
 
     def no_timing(*args):
@@ -228,6 +235,67 @@ def test_a_kernel_holding_a_second_copy_must_win_clearly(small_model, monkeypatc
     }
 
 
+def test_a_kernel_faster_on_fewer_threads_runs_on_them(small_model, monkeypatch):
+    """The chosen kernel is also timed on fewer threads; where that wins by 10%, the layers run on
+    that many (and only they: the count is back to all of them after each call), `--stats` says so."""
+    every = torch.get_num_threads()
+    torch.set_num_threads(4)  # the process's count while the model is prepared and run
+    try:
+        monkeypatch.setattr(inference, "_CHOICES", {})
+        seconds = {4: 1.0, 2: 0.85, 1: 0.95}  # two threads fastest, for every kernel
+
+        def by_threads(layers, x, flush):
+            threads = layers[0].threads if isinstance(layers[0], OnThreads) else torch.get_num_threads()
+            return seconds[threads] + (0.0 if layers[0].kernel == "addmm-t" else 0.5)
+
+        monkeypatch.setattr(inference, "_time_pass", by_threads)
+        fast = prepare_for_inference(copy.deepcopy(small_model))
+        roles = ("lm_head", "attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+        assert kernel_summary(fast) == "kernels: " + ", ".join(f"{role} addmm-t on 2 threads" for role in roles)
+        assert set(inference._CHOICES.values()) == {("addmm-t", 2)}
+        seen = []
+        layer = fast.transformer.h[0].attn.c_attn.layer
+        noting = lambda x, inner=layer.forward: seen.append(torch.get_num_threads()) or inner(x)  # noqa: E731
+        monkeypatch.setattr(layer, "forward", noting)
+        idx = torch.tensor([[1, 2, 3]])
+        with torch.no_grad():
+            expected, got = small_model(idx)[0], fast(idx)[0]
+        assert seen == [2] and torch.get_num_threads() == 4
+        assert (got - expected).abs().max() <= 1e-5 * expected.abs().max()
+        for seconds[2] in (1.2, 0.95):  # slower; faster, but by less than 10%: nothing is wrapped
+            monkeypatch.setattr(inference, "_CHOICES", {})
+            fast = prepare_for_inference(copy.deepcopy(small_model))
+            assert kernel_summary(fast) == "kernels: " + ", ".join(f"{role} addmm-t" for role in roles)
+            assert not any(isinstance(m, OnThreads) for m in fast.modules())
+    finally:
+        torch.set_num_threads(every)
+
+
+def test_a_layer_on_fewer_threads_gives_them_back_even_after_an_error():
+    every = torch.get_num_threads()
+
+    class Failing(torch.nn.Module):
+        kernel = "failing"
+
+        def forward(self, x):
+            assert torch.get_num_threads() == 1
+            raise RuntimeError("kernel failed")
+
+    with pytest.raises(RuntimeError, match="kernel failed"):
+        OnThreads(Failing(), 1)(torch.zeros(1, 4))
+    assert torch.get_num_threads() == every
+
+
+def test_the_thread_counts_timed_are_all_half_and_one():
+    every = torch.get_num_threads()
+    try:
+        for threads, counts in ((8, [8, 4, 1]), (3, [3, 1]), (2, [2, 1]), (1, [1])):
+            torch.set_num_threads(threads)
+            assert inference._thread_counts() == counts
+    finally:
+        torch.set_num_threads(every)
+
+
 def test_an_unknown_forced_kernel_is_one_clear_error(small_model):
     with pytest.raises(MinigptError, match="kernel 'onednn': not among this build's fp32 kernels"):
         prepare_for_inference(copy.deepcopy(small_model), kernel="onednn")
@@ -240,7 +308,7 @@ def test_int8mm_is_kept_off_widths_it_computes_wrongly():
     torch.manual_seed(0)
     model = GPT(GPTConfig(n_layer=1, n_head=4, n_embd=72, block_size=16, vocab_size=256, dropout=0.0)).eval()
     fast = prepare_for_inference(copy.deepcopy(model), "int8")
-    chosen = dict(part.rsplit(" ", 1) for part in kernel_summary(fast).removeprefix("kernels: ").split(", "))
+    chosen = kernels_named(kernel_summary(fast))
     for role in ("lm_head", "attn.c_attn", "mlp.c_fc"):  # width 72
         assert chosen[role] in set(available_kernels("int8")) - {"int8mm"}
     idx = torch.randint(0, 256, (2, 8), generator=torch.Generator().manual_seed(0))
@@ -271,7 +339,7 @@ def test_fp16_is_refused_for_weights_beyond_its_range(small_model, monkeypatch):
         wide.transformer.h[1].mlp.c_fc.weight[3, 5] = 2.0**17  # one weight beyond fp16 (exact in bf16)
     reference = copy.deepcopy(wide)
     fast = prepare_for_inference(wide)
-    chosen = dict(part.rsplit(" ", 1) for part in kernel_summary(fast).removeprefix("kernels: ").split(", "))
+    chosen = kernels_named(kernel_summary(fast))
     assert chosen["mlp.c_fc"] != "fbgemm-fp16" and chosen["mlp.c_proj"] == "fbgemm-fp16"
     idx = torch.tensor([[1, 2, 3]])
     with torch.no_grad():
@@ -338,7 +406,7 @@ def test_sample_stats_names_the_kernels(tiny_minigpt_dir):
                       "--stats", "--num-samples", "2", "Hello")
     assert result.returncode == 0, result.stderr
     line = next(x for x in result.stderr.splitlines() if x.startswith("kernels: "))
-    chosen = dict(part.rsplit(" ", 1) for part in line.removeprefix("kernels: ").split(", "))
+    chosen = kernels_named(line)
     assert list(chosen) == ["lm_head", "attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"]
     assert set(chosen.values()) <= set(available_kernels("fp32"))
 
