@@ -236,6 +236,23 @@ def _race(
     return best
 
 
+def _thread_count(
+    kernel: str, layers: list[nn.Module], thread_counts: list[int], x: torch.Tensor, flush: torch.Tensor | None
+) -> int:
+    """The threads to run `kernel`'s layers on: all of them (thread_counts[0]) unless fewer win by
+    FEWER_THREADS_MARGIN in two races in a row. Why two: on a shared VM a neighbour that takes one
+    core for a while slows every run that needs all cores, however the runs are interleaved, and
+    one race then crowned a single thread that was 1.25-1.5x slower in a quiet minute (FBGEMM's
+    int8 at 8 rows on the AVX-512 BF16 EPYC, once in the 10 prepares of a benchmark run)."""
+    every = thread_counts[0]
+    for _ in range(2):
+        on = _race([(kernel, layers, n) for n in thread_counts], x, flush)
+        fewer = min(thread_counts[1:], key=lambda n: on[kernel, n])
+        if on[kernel, fewer] >= FEWER_THREADS_MARGIN * on[kernel, every]:
+            return every
+    return fewer
+
+
 def _choose(
     candidates: list[tuple[Layout, str]], key: tuple, weights: list[tuple[torch.Tensor, torch.Tensor | None]],
     rows: int, dtype: torch.dtype, tied: bool, flush_bytes: int, thread_counts: list[int],
@@ -245,10 +262,10 @@ def _choose(
 
     The candidates' layouts are built for the group's first TIME_LAYERS layers (their first
     TIME_ROWS output rows) and raced on all threads (`_race`); then the winner alone is raced on
-    each thread count, and fewer threads must win by FEWER_THREADS_MARGIN. `flush_bytes` > 0: each
-    pass first reads a buffer that large, evicting the weights from the cache (`_time_pass`). The
-    choice is cached under `key`. A candidate that refuses one of the group's weights
-    (`Layout.refuses`, e.g. fp16's range) is left out; a single one is used on all threads, untimed."""
+    each thread count (`_thread_count`). `flush_bytes` > 0: each pass first reads a buffer that
+    large, evicting the weights from the cache (`_time_pass`). The choice is cached under `key`. A
+    candidate that refuses one of the group's weights (`Layout.refuses`, e.g. fp16's range) is left
+    out; a single one is used on all threads, untimed."""
     refusals = {k: next(filter(None, (lay.refuses(k, w) for w, _ in weights)), None) for lay, k in candidates}
     candidates = [(lay, k) for lay, k in candidates if refusals[k] is None]
     if not candidates:
@@ -282,11 +299,7 @@ def _choose(
         heavy = [c for c in candidates
                  if c[0].extra_memory and best[c[1], every] < EXTRA_MEMORY_MARGIN * best[winner[1], every]]
         layout, kernel = min(heavy, key=lambda c: best[c[1], every]) if heavy else winner
-        threads = every
-        if len(thread_counts) > 1:  # the winner on fewer threads (thread_counts[0] is all of them)
-            on = _race([(kernel, built[id(layout)], n) for n in thread_counts], x, flush)
-            fewer = min(thread_counts[1:], key=lambda n: on[kernel, n])
-            threads = fewer if on[kernel, fewer] < FEWER_THREADS_MARGIN * on[kernel, every] else every
+        threads = _thread_count(kernel, built[id(layout)], thread_counts, x, flush) if len(thread_counts) > 1 else every
         _CHOICES[key] = (kernel, threads)
         if all(sw.shape == w.shape for (sw, _), (w, _) in zip(sample, weights)):  # built whole: keep them
             timed = built[id(layout)]

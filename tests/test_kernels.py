@@ -271,6 +271,38 @@ def test_a_kernel_faster_on_fewer_threads_runs_on_them(small_model, monkeypatch)
         torch.set_num_threads(every)
 
 
+def test_fewer_threads_must_win_two_races_in_a_row(small_model, monkeypatch):
+    """A neighbour that takes a core for a while slows the all-threads runs of one race: fewer
+    threads that win one race and lose the next are not chosen; winning both, they are."""
+    every = torch.get_num_threads()
+    races = []
+
+    def scripted(runs, x, flush):  # kernels race alike; a group's thread races as `verdicts` say
+        counts = [n for _, _, n in runs]
+        if len(set(counts)) == 1:  # a group's kernel race: its thread races follow
+            group_races.clear()
+            return {(k, n): 1.0 for k, _, n in runs}
+        races.append(counts)
+        group_races.append(counts)
+        fewer_wins = verdicts[len(group_races) - 1]
+        return {(k, n): 1.0 if n == counts[0] else (0.5 if fewer_wins else 1.5) for k, _, n in runs}
+
+    group_races = []
+
+    monkeypatch.setattr(inference, "_race", scripted)
+    torch.set_num_threads(4)
+    try:
+        for verdicts, wrapped in (((True, False), False), ((True, True), True), ((False, True), False)):
+            monkeypatch.setattr(inference, "_CHOICES", {})
+            races.clear()
+            fast = prepare_for_inference(copy.deepcopy(small_model))
+            assert any(isinstance(m, OnThreads) for m in fast.modules()) == wrapped
+            assert all(counts == [4, 2, 1] for counts in races)
+            assert len(races) == (10 if verdicts[0] else 5)  # 5 groups: a second race only after a win
+    finally:
+        torch.set_num_threads(every)
+
+
 def test_a_layer_on_fewer_threads_gives_them_back_even_after_an_error():
     every = torch.get_num_threads()
 
