@@ -245,6 +245,8 @@ def _thread_count(
     one race then crowned a single thread that was 1.25-1.5x slower in a quiet minute (FBGEMM's
     int8 at 8 rows on the AVX-512 BF16 EPYC, once in the 10 prepares of a benchmark run)."""
     every = thread_counts[0]
+    if len(thread_counts) == 1:
+        return every
     for _ in range(2):
         on = _race([(kernel, layers, n) for n in thread_counts], x, flush)
         fewer = min(thread_counts[1:], key=lambda n: on[kernel, n])
@@ -299,8 +301,7 @@ def _choose(
         heavy = [c for c in candidates
                  if c[0].extra_memory and best[c[1], every] < EXTRA_MEMORY_MARGIN * best[winner[1], every]]
         layout, kernel = min(heavy, key=lambda c: best[c[1], every]) if heavy else winner
-        threads = _thread_count(kernel, built[id(layout)], thread_counts, x, flush) if len(thread_counts) > 1 else every
-        _CHOICES[key] = (kernel, threads)
+        _CHOICES[key] = (kernel, _thread_count(kernel, built[id(layout)], thread_counts, x, flush))
         if all(sw.shape == w.shape for (sw, _), (w, _) in zip(sample, weights)):  # built whole: keep them
             timed = built[id(layout)]
         del built, flush
