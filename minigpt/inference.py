@@ -38,8 +38,8 @@ the same `y = x W^T + b`:
                    and split into two small integer digits (`FbgemmInt8Linear`)
 
 Each kernel chosen is then also timed on fewer threads (half, one): a small layer on many cores
-can cost more in handing out work than it saves, and runs on fewer where that is >= 10% faster
-(`OnThreads`; named in `kernel_summary` as "on N threads").
+can cost more in handing out work than it saves, and runs on fewer where that is >= 10% faster in
+two races in a row (`OnThreads`; named in `kernel_summary` as "on N threads").
 
 The layouts themselves are in `minigpt/layouts.py`. `prepare_for_inference` times the candidates
 available in this torch build on the model's real shapes (the first layers of each group of
