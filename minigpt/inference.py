@@ -116,10 +116,11 @@ def _thread_parts() -> int:
     return max(2, torch.get_num_threads())
 
 
-def _thread_counts() -> list[int]:
-    """The thread counts each kernel is timed on, most first: all the process has, half, one."""
+def _thread_counts(device: torch.device) -> list[int]:
+    """The thread counts a kernel is timed on, most first: all the process has, half, one (off the
+    CPU all only: torch's thread count governs CPU work)."""
     every = torch.get_num_threads()
-    return sorted({every, max(1, every // 2), 1}, reverse=True)
+    return sorted({every, max(1, every // 2), 1}, reverse=True) if device.type == "cpu" else [every]
 
 
 def _has_int8mm(device: torch.device) -> bool:
@@ -236,14 +237,13 @@ def _race(
     return best
 
 
-def _thread_count(
-    kernel: str, layers: list[nn.Module], thread_counts: list[int], x: torch.Tensor, flush: torch.Tensor | None
-) -> int:
-    """The threads to run `kernel`'s layers on: all of them (thread_counts[0]) unless fewer win by
+def _thread_count(kernel: str, layers: list[nn.Module], x: torch.Tensor, flush: torch.Tensor | None) -> int:
+    """The threads to run `kernel`'s layers on: all of them unless fewer (`_thread_counts`) win by
     FEWER_THREADS_MARGIN in two races in a row. Why two: on a shared VM a neighbour that takes one
     core for a while slows every run that needs all cores, however the runs are interleaved, and
     one race then crowned a single thread that was 1.25-1.5x slower in a quiet minute (FBGEMM's
     int8 at 8 rows on the AVX-512 BF16 EPYC, once in the 10 prepares of a benchmark run)."""
+    thread_counts = _thread_counts(x.device)
     every = thread_counts[0]
     if len(thread_counts) == 1:
         return every
@@ -257,10 +257,10 @@ def _thread_count(
 
 def _choose(
     candidates: list[tuple[Layout, str]], key: tuple, weights: list[tuple[torch.Tensor, torch.Tensor | None]],
-    rows: int, dtype: torch.dtype, tied: bool, flush_bytes: int, thread_counts: list[int],
+    rows: int, dtype: torch.dtype, tied: bool, flush_bytes: int,
 ) -> list[nn.Module]:
     """This group of same-shaped layers, built with the fastest of `candidates` ((layout, kernel)),
-    run on the fastest of `thread_counts` (fewer than the process has: in `OnThreads`).
+    run on the fastest thread count (fewer than the process has: in `OnThreads`).
 
     The candidates' layouts are built for the group's first TIME_LAYERS layers (their first
     TIME_ROWS output rows) and raced on all threads (`_race`); then the winner alone is raced on
@@ -301,7 +301,7 @@ def _choose(
         heavy = [c for c in candidates
                  if c[0].extra_memory and best[c[1], every] < EXTRA_MEMORY_MARGIN * best[winner[1], every]]
         layout, kernel = min(heavy, key=lambda c: best[c[1], every]) if heavy else winner
-        _CHOICES[key] = (kernel, _thread_count(kernel, built[id(layout)], thread_counts, x, flush))
+        _CHOICES[key] = (kernel, _thread_count(kernel, built[id(layout)], x, flush))
         if all(sw.shape == w.shape for (sw, _), (w, _) in zip(sample, weights)):  # built whole: keep them
             timed = built[id(layout)]
         del built, flush
@@ -371,17 +371,16 @@ def prepare_for_inference(
     flush_bytes = 2 * cache if from_memory else 0
     names = tuple(k for _, k in candidates)
     threads = torch.get_num_threads()
-    thread_counts = _thread_counts() if device.type == "cpu" else [threads]
     with torch.no_grad():
         for members in groups.values():
             weights = [(getattr(p, n).weight, getattr(p, n).bias) for p, n in members]
             key = (precision, names, tuple(weights[0][0].shape), batch_size, threads, device.type, False)
-            layers = _choose(candidates, key, weights, batch_size, stream_dtype, False, flush_bytes, thread_counts)
+            layers = _choose(candidates, key, weights, batch_size, stream_dtype, False, flush_bytes)
             for (parent, name), layer in zip(members, layers):
                 setattr(parent, name, layer)
         key = (precision, names, tuple(model.lm_head.weight.shape), batch_size, threads, device.type, True)
         (head,) = _choose(candidates, key, [(model.lm_head.weight, None)], batch_size, stream_dtype, True,
-                          flush_bytes, thread_counts)
+                          flush_bytes)
     model.lm_head = head
     model.transformer.wte = SharedEmbedding(head, stream_dtype)
     model.transformer.wpe.to(stream_dtype)

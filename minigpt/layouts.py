@@ -366,10 +366,11 @@ class OnThreads(nn.Module):
     Why: each kernel call hands its work to every thread of torch's pool and waits for the last one;
     for a small layer on many cores that hand-off can cost more than the work it shares out, and a
     few threads may already draw all the memory bandwidth there is. `minigpt.inference` times each
-    kernel on fewer threads too and wraps a layer in this only where that was >= 10% faster. On the
-    2-core AMD EPYC with AVX-512 BF16 one thread was slower for every distilgpt2 layer and kernel
-    timed (one row, from memory: int8 `int8mm` 2304 x 768 330 against 179 us, FBGEMM's int8 185
-    against 177, fp32 `bmm-rows` 345 against 243), so there nothing is wrapped. Where torch has
+    kernel on fewer threads too and wraps a layer in this only where that was >= 10% faster in two
+    races in a row. On the 2-core AMD EPYC with AVX-512 BF16 one thread was slower for every
+    distilgpt2 layer and kernel timed (one row, from memory: int8 `int8mm` 2304 x 768 330 against
+    179 us, FBGEMM's int8 185 against 177, fp32 `bmm-rows` 345 against 243), so there nothing is
+    wrapped. Where torch has
     more threads than the cores it may use (a container whose CPU quota torch does not see), it
     pays: torch set to 16 threads on those 2 cores, timing put most layers on one thread, and
     greedy decoding went from 65.4 to 74.0 tokens/s in int8 and from 72.0 to 84.3 in bf16 (one

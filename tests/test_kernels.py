@@ -323,7 +323,7 @@ def test_the_thread_counts_timed_are_all_half_and_one():
     try:
         for threads, counts in ((8, [8, 4, 1]), (3, [3, 1]), (2, [2, 1]), (1, [1])):
             torch.set_num_threads(threads)
-            assert inference._thread_counts() == counts
+            assert inference._thread_counts(torch.device("cpu")) == counts
     finally:
         torch.set_num_threads(every)
 
