@@ -236,6 +236,11 @@ BREAKS = (
         ("tests/test_trainer_syncs.py::test_a_gloo_rank_hands_its_workers_the_gil_after_leaving_the_group",),
     ),
     Break(
+        "race_pruned_after_one_pass", "a kernel over twice the best after its first timed pass is out of the race",
+        ((r"^(\s+)if round_ == 2:", r"\1if round_ == 1:"),),
+        ("tests/test_kernels.py::test_one_disturbed_pass_does_not_drop_the_fastest_kernel",),
+    ),
+    Break(
         "timing_from_cache", "the kernels are timed without first reading the flush buffer",
         ((r"^(\s+)flush\.sum\(\)", r"\1pass"),),
         ("tests/test_kernels.py::test_each_timed_pass_starts_from_memory",),

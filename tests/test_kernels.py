@@ -3,6 +3,7 @@ measured choice is cached and named, and the rule for memory-hungry kernels hold
 
 from __future__ import annotations
 
+import collections
 import copy
 import re
 import types
@@ -233,6 +234,33 @@ def test_a_kernel_holding_a_second_copy_must_win_clearly(small_model, monkeypatc
     assert set(kernel_summary(fast).removeprefix("kernels: ").split(", ")) == {
         f"{role} {chosen}" for role in ("lm_head", "attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
     }
+
+
+def test_one_disturbed_pass_does_not_drop_the_fastest_kernel(small_model, monkeypatch):
+    """A neighbour can slow any single pass: the fastest kernel, slowed 10x in its first timed pass
+    only, still wins; a kernel over twice the best in its first two timed passes is dropped then
+    (a warm-up pass and two timed ones), and the rest run all their rounds."""
+    passes = collections.Counter()
+    alive = []  # the layers timed, kept so that no two share an id
+
+    def scripted(layers, x, flush):
+        if isinstance(layers[0], OnThreads):  # the winner's thread race: all threads win
+            return 100.0
+        kernel = layers[0].kernel
+        alive.append(layers[0])
+        passes[id(layers[0]), kernel] += 1
+        if kernel == "bmm-rows":  # pass 1 is the warm-up, pass 2 the first timed one
+            return 10.0 if passes[id(layers[0]), kernel] == 2 else 0.5
+        return {"linear": 3.0}.get(kernel, 1.0)
+
+    monkeypatch.setattr(inference, "_CHOICES", {})
+    monkeypatch.setattr(inference, "_time_pass", scripted)
+    fast = prepare_for_inference(copy.deepcopy(small_model))
+    roles = ("lm_head", "attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+    assert kernel_summary(fast) == "kernels: " + ", ".join(f"{role} bmm-rows" for role in roles)
+    linear = [n for (_, kernel), n in passes.items() if kernel == "linear"]
+    assert linear == [3] * 5  # one race per group, out after its second timed pass
+    assert all(n == 1 + inference.TIMING_ROUNDS for (_, kernel), n in passes.items() if kernel == "addmm-t")
 
 
 def test_a_kernel_faster_on_fewer_threads_runs_on_them(small_model, monkeypatch):
