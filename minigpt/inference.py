@@ -223,9 +223,9 @@ def _race(
     best pass, the least disturbed one; after the second round a run whose best is over twice the
     best time is out of the race. Not after the first: one disturbed pass then dropped the fastest
     kernel for good (FBGEMM's int8 LM head, timed at 1.9-3.5 ms against `int8mm`'s 0.6 in 2 of 12
-    prepares on the AMD EPYC with AVX-512 BF16, where it is 0.4-0.8 of `int8mm`'s time otherwise
-    and decodes the head in 1.6 ms against 3.5). Threads fewer than the process has: the layers run
-    in `OnThreads`."""
+    prepares on the AMD EPYC with AVX-512 BF16, where it takes 0.4-0.96 of `int8mm`'s time
+    otherwise and decodes the head in 1.6 ms against 3.5). Threads fewer than the process has: the
+    layers run in `OnThreads`."""
     every = torch.get_num_threads()
     best = {(kernel, n): float("inf") for kernel, _, n in runs}
     racing = list(runs)
