@@ -27,10 +27,17 @@ def environment(tmp_path, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
 
 
+def ctrl_c_as_in_a_terminal() -> None:
+    """A shell starts its background jobs with SIGINT ignored, and children inherit that, so under
+    `bash .ci/run &` a run would ignore a Ctrl-C sent before its training loop takes the signal
+    over. The runs here start with SIGINT's default, as a run started in a terminal does."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start(*args: str) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, str(ROOT / "train.py"), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=ROOT,
+        text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=ROOT, preexec_fn=ctrl_c_as_in_a_terminal,
     )
 
 
