@@ -370,12 +370,11 @@ class OnThreads(nn.Module):
     races in a row. On the 2-core AMD EPYC with AVX-512 BF16 one thread was slower for every
     distilgpt2 layer and kernel timed (one row, from memory: int8 `int8mm` 2304 x 768 330 against
     179 us, FBGEMM's int8 185 against 177, fp32 `bmm-rows` 345 against 243), so there nothing is
-    wrapped. Where torch has
-    more threads than the cores it may use (a container whose CPU quota torch does not see), it
-    pays: torch set to 16 threads on those 2 cores, timing put most layers on one thread, and
-    greedy decoding went from 65.4 to 74.0 tokens/s in int8 and from 72.0 to 84.3 in bf16 (one
-    process, medians of 6; fp32 kept all threads, 45.0 against 43.9; with 4 threads, int8 83.5
-    against 83.7). Setting the count costs ~1.3 us a call.
+    wrapped. Where torch has more threads than the cores it may use (a container whose CPU quota
+    torch does not see), it pays: torch set to 16 threads on those 2 cores, timing put most layers
+    on one thread, and greedy decoding went from 65.4 to 74.0 tokens/s in int8 and from 72.0 to
+    84.3 in bf16 (one process, medians of 6; fp32 kept all threads, 45.0 against 43.9; with 4
+    threads, int8 83.5 against 83.7). Setting the count costs ~1.3 us a call.
     """
 
     def __init__(self, layer: nn.Module, threads: int) -> None:
