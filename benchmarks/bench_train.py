@@ -361,7 +361,8 @@ def main(argv=None) -> None:
         flops = step_flops(config, tokens, args.block_size)
         if device.type == "cuda":
             print("fp32 runs with TF32 matmuls (allow_tf32, as train.py sets it)")
-        skipped = [d for d in ("bf16",) if d not in dtypes and d in peaks]
+        # the reason bf16 is left out, only when the peaks left it out (not when --dtype did)
+        skipped = [] if args.dtype else [d for d in ("bf16",) if d not in dtypes]
         for d in skipped:
             step_s = flops / peaks[d]
             print(f"bf16 skipped: its matmuls run at {peaks[d] / 1e9:.1f} GFLOP/s here (no bf16 matrix "
