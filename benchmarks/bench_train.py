@@ -361,12 +361,9 @@ def main(argv=None) -> None:
         flops = step_flops(config, tokens, args.block_size)
         if device.type == "cuda":
             print("fp32 runs with TF32 matmuls (allow_tf32, as train.py sets it)")
-        # the reason bf16 is left out, only when the peaks left it out (not when --dtype did)
-        skipped = [] if args.dtype else [d for d in ("bf16",) if d not in dtypes]
-        for d in skipped:
-            step_s = flops / peaks[d]
-            print(f"bf16 skipped: its matmuls run at {peaks[d] / 1e9:.1f} GFLOP/s here (no bf16 matrix "
-                  f"instructions), ~{step_s:,.0f} s a step; --dtype bf16 runs it anyway")
+        if not args.dtype and "bf16" not in dtypes:  # the measured peak left bf16 out: say why
+            print(f"bf16 skipped: its matmuls run at {peaks['bf16'] / 1e9:.1f} GFLOP/s here (no bf16 matrix "
+                  f"instructions), ~{flops / peaks['bf16']:,.0f} s a step; --dtype bf16 runs it anyway")
         print(f"model: {config.num_parameters():,} parameters ({config.n_layer} layers, {config.n_embd} wide), "
               f"batch {args.batch_size} x {args.block_size} ({data}), dropout {config.dropout}, "
               f"{flops / 1e9:,.0f} GFLOP a step; {args.steps} steps per side after {args.warmup} warm-up, "
