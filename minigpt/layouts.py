@@ -10,7 +10,10 @@ it measured against the others, is in its docstring; which one a model gets is d
 
 from __future__ import annotations
 
+import itertools
 import warnings
+import weakref
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -21,6 +24,36 @@ from .errors import MinigptError
 UPCAST_CHUNK = 2048  # output rows converted to fp32 at a time: a few MB, so the copy stays in cache
 FP16_MAX = 65504.0  # the largest finite fp16 number
 QUANTIZE_CHUNK = 4096  # rows quantized at a time, so quantizing the LM head needs no big temporaries
+
+
+# --- opaque products inside a compiled graph ------------------------------------------------------
+# torch.compile cannot look into a weight packed by FBGEMM (a C++ object), and for some layouts its
+# own code is slower than the eager kernel. Such a product is registered here and, inside a compiled
+# graph, called through one opaque op, so the graph around it (FBGEMM's activation digits, the rest
+# of the model) is still compiled whole (`minigpt/compiled_decoding.py`).
+_OPAQUE_PRODUCTS: dict[int, tuple[Callable[[torch.Tensor], torch.Tensor], int]] = {}
+_OPAQUE_KEYS = itertools.count()
+
+
+def register_opaque_product(owner: object, product: Callable[[torch.Tensor], torch.Tensor], out_features: int) -> int:
+    """Register `product` (x (..., in) -> (..., out_features), same dtype) under a key that
+    `opaque_product` takes; the entry goes when `owner` is garbage-collected (so `product` must not
+    hold a strong reference to `owner`)."""
+    key = next(_OPAQUE_KEYS)
+    _OPAQUE_PRODUCTS[key] = (product, out_features)
+    weakref.finalize(owner, _OPAQUE_PRODUCTS.pop, key, None)
+    return key
+
+
+@torch.library.custom_op("minigpt::opaque_product", mutates_args=())
+def opaque_product(x: torch.Tensor, key: int) -> torch.Tensor:
+    """The registered product `key` of `x` (..., in), as one op torch.compile does not trace into."""
+    return _OPAQUE_PRODUCTS[key][0](x)
+
+
+@opaque_product.register_fake
+def _opaque_product_shape(x: torch.Tensor, key: int) -> torch.Tensor:
+    return x.new_empty(*x.shape[:-1], _OPAQUE_PRODUCTS[key][1])
 
 
 class TransposedLinear(nn.Module):
@@ -338,6 +371,8 @@ class FbgemmInt8Linear(nn.Module):
             zero_points = torch.zeros_like(scale, dtype=torch.long)
             qw = torch._make_per_channel_quantized_tensor(q, scale.double(), zero_points, 0)
         self.packed = torch.ops.quantized.linear_prepack(qw, None)  # (not a tensor: an attribute)
+        self.product = self._digit_product(self.packed)
+        self.key = register_opaque_product(self, self.product, weight.size(0))
         self.register_buffer("qweight", q if keep_rows else None)  # (out, in)
         self.register_buffer("scale", scale)  # (out,)
         self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
@@ -350,11 +385,15 @@ class FbgemmInt8Linear(nn.Module):
         scaled = rows / step  # x / s: x_q before rounding, (n, in)
         hi = (scaled * (1 / 128)).round_()
         digits = torch.cat([hi, torch.add(scaled, hi, alpha=-128)])  # (2n, in): hi, then lo (the kernel rounds it)
-        # The kernel rounds each digit d, reads it as the 8-bit integer d + 64 (zero point 64), returns s_W W d.
-        w_digits = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(digits, 1.0, 64, self.packed)
+        w_digits = opaque_product(digits, self.key) if torch.compiler.is_compiling() else self.product(digits)
         y = torch.add(w_digits[n:], w_digits[:n], alpha=128)  # W x_q, (n, out)
         y = y.mul_(step) if self.bias is None else torch.addcmul(self.bias, y, step)
         return y.to(x.dtype).view(*x.shape[:-1], -1)
+
+    @staticmethod
+    def _digit_product(packed: object) -> Callable[[torch.Tensor], torch.Tensor]:
+        # The kernel rounds each digit d, reads it as the 8-bit integer d + 64 (zero point 64), returns s_W W d.
+        return lambda digits: torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(digits, 1.0, 64, packed)
 
     def embed(self, idx: torch.Tensor) -> torch.Tensor:
         return dequantized_rows(self.qweight, self.scale, idx)

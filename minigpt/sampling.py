@@ -20,7 +20,9 @@ min_tokens_to_keep=1), so a setting means here what it means on the model card. 
 The loop (`generate`) feeds the prompt through the model once (prefill), then one token per step,
 asking the model for the LM-head logits of the last position only. It takes the step function as a
 parameter (`pick`, `next_token` by default), so `minigpt.trace` can watch each step's numbers
-without a second forward pass and without any cost when nobody watches.
+without a second forward pass and without any cost when nobody watches. Given `compiled`
+(`minigpt.compiled_decoding.CompiledDecoding`), the steps after the prompt run through the model's
+compiled one-token step instead.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import MinigptError
+from .compiled_decoding import CompiledDecoding
 from .model import GPT, KVCache
 from .sampling_config import SamplingConfig
 from .tokenizer import Tokenizer
@@ -177,6 +180,7 @@ def generate(
     pick: Pick = next_token,
     *,
     eos_id: int | None,
+    compiled: CompiledDecoding | None = None,
 ) -> Iterator[torch.Tensor]:
     """Continue `prompt` (token ids) `num_samples` times at once; yield each step's new tokens (B,).
 
@@ -191,6 +195,7 @@ def generate(
     An empty prompt starts from `eos_id`, as HF does. The model sees at most `block_size` tokens: a
     longer prompt keeps its last `block_size` tokens, and when generation fills the window the cache
     is rebuilt from the last `block_size // 2` tokens (one prefill) so decoding can continue.
+    compiled: `model`'s compiled decoding step, for every step after a prefill.
     """
     if num_samples < 1:
         raise MinigptError(f"num_samples must be >= 1, got {num_samples}")
@@ -205,13 +210,11 @@ def generate(
     tokens = torch.empty(num_samples, n_prompt + config.max_new_tokens, dtype=torch.long, device=device)
     tokens[:, :n_prompt] = torch.tensor(prompt, device=device)
     length = n_prompt
-    cache = KVCache(
-        model.config,
-        num_samples,
-        min(window, n_prompt + config.max_new_tokens),
-        device=device,
-        dtype=activation_dtype(model),
-    )
+    needed = min(window, n_prompt + config.max_new_tokens)
+    if compiled is None:
+        cache = KVCache(model.config, num_samples, needed, device=device, dtype=activation_dtype(model))
+    else:
+        cache = compiled.new_cache(num_samples, needed, device, activation_dtype(model))
     finished = torch.zeros(num_samples, dtype=torch.bool, device=device)
     model_input = tokens[:, :n_prompt]  # first step: the whole prompt (prefill)
 
@@ -219,8 +222,11 @@ def generate(
         if cache.length + model_input.size(1) > cache.max_len:  # the window is full: slide it
             cache.length = 0
             model_input = tokens[:, length - max(1, window // 2) : length]
-        logits, _ = model(model_input, kv_cache=cache, last_only=True)  # (B, 1, vocab)
-        new = pick(logits[:, -1], tokens[:, :length], config, generator)  # (B,)
+        if compiled is not None and model_input.size(1) == 1:
+            logits = compiled(model_input, cache)  # (B, vocab)
+        else:
+            logits = model(model_input, kv_cache=cache, last_only=True)[0][:, -1]  # (B, vocab)
+        new = pick(logits, tokens[:, :length], config, generator)  # (B,)
         if eos_id is not None:
             new = new.masked_fill(finished, eos_id)
             finished |= new == eos_id

@@ -19,6 +19,7 @@ import torch
 
 from .errors import MinigptError
 from .files import atomic_file
+from .compiled_decoding import CompiledDecoding
 from .model import GPT
 from .sampling import TextStream, generate, next_token
 from .sampling_config import SamplingConfig
@@ -57,6 +58,7 @@ def complete(
     trace: TextIO | None = None,
     top_alternatives: int = 5,
     prompt_index: int = 0,
+    compiled: CompiledDecoding | None = None,
 ) -> Completion:
     """Continue `prompt` `num_samples` times, writing `shown` (default: the prompt) and then each
     continuation to `out` (default: stdout), followed by a newline.
@@ -66,6 +68,7 @@ def complete(
     coloured: wrap each token's text in the ANSI colour of its probability (`trace.PROB_BANDS`).
     trace: write one JSON line per generated token and sample: {"prompt": prompt_index, "sample",
         "step", **StepProbs.row} with `top_alternatives` alternatives.
+    compiled: decode through `model`'s compiled step (`minigpt.compiled_decoding`).
     """
     out = sys.stdout if out is None else out
     shown = prompt if shown is None else shown
@@ -91,7 +94,7 @@ def complete(
     start = time.perf_counter()
     first = last = start
     steps = generate(model, ids, config, num_samples, generator, pick=recorder or next_token,
-                     eos_id=tokenizer.eos_id)
+                     eos_id=tokenizer.eos_id, compiled=compiled)
     for step, new in enumerate(steps):
         last = time.perf_counter()
         if first == start:

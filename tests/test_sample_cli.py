@@ -4,7 +4,9 @@ stdin, --stats, --interactive, and one-line errors for bad input."""
 from __future__ import annotations
 
 import io
+import os
 import re
+import shutil
 import sys
 
 import pytest
@@ -83,6 +85,19 @@ def test_stdin_file_empty_prompt_and_int8(tiny_minigpt_dir, tiny_hf_dir, gpt2_to
     # and where fp32's top two logits are far apart (smallest gap 0.31, int8 moves logits by <= 0.08),
     # int8 must pick transformers' fp32 tokens
     assert outputs[2] == "first prompt" + hf_greedy_text(tiny_hf_dir, gpt2_tokenizer, "first prompt", 3)
+
+
+@pytest.mark.skipif(shutil.which(os.environ.get("CXX", "g++")) is None, reason="--compile needs a C++ compiler")
+def test_compile_decodes_the_greedy_text_of_transformers(tiny_hf_dir, gpt2_tokenizer):
+    """--compile: the step compiles before the first prompt (one stderr line), and the text is the
+    eager one, which is transformers' (two prompts, one compiled step for both)."""
+    r = run_cli("sample.py", "--model", str(tiny_hf_dir), "--greedy", "--max-new-tokens", "12", "--compile",
+                "--stats", PROMPT, "Why")
+    assert r.returncode == 0, r.stderr
+    expected = [p + hf_greedy_text(tiny_hf_dir, gpt2_tokenizer, p, 12) + "\n" for p in (PROMPT, "Why")]
+    assert r.stdout == "\n".join(expected)
+    assert re.search(r"^--compile: compiling the decoding step \.\.\. \d+\.\d s ", r.stderr, re.M), r.stderr
+    assert len([line for line in r.stderr.splitlines() if STATS.match(line)]) == 2
 
 
 def int8_greedy_text(model_dir, prompt: str, n: int) -> str:
@@ -167,6 +182,6 @@ def test_help_explains_every_option():
     r = run_cli("sample.py", "--help")
     assert r.returncode == 0
     for flag in ("--model", "--max-new-tokens", "--temperature", "--top-k", "--top-p", "--repetition-penalty",
-                 "--greedy", "--num-samples", "--seed", "--device", "--dtype", "--quantize", "--stats",
+                 "--greedy", "--num-samples", "--seed", "--device", "--dtype", "--quantize", "--compile", "--stats",
                  "--interactive", "--file"):
         assert flag in r.stdout

@@ -1,0 +1,119 @@
+"""Compiled decoding (minigpt/compiled_decoding.py): the compiled one-token step gives the eager
+model's tokens and logits, through the cache's window sliding and in batches; which layers are
+compiled through and which are called opaquely; the opaque registry forgets dead layers."""
+
+from __future__ import annotations
+
+import gc
+import os
+import shutil
+
+import pytest
+import torch
+
+from minigpt import layouts
+from minigpt.compiled_decoding import CompiledDecoding, OpaqueLayer, cache_length, compilable
+from minigpt.config import GPTConfig
+from minigpt.errors import MinigptError
+from minigpt.inference import available_kernels, prepare_for_inference
+from minigpt.model import GPT
+from minigpt.sampling import generate, next_token, seeded_generator
+from minigpt.sampling_config import SamplingConfig
+
+needs_compiler = pytest.mark.skipif(shutil.which(os.environ.get("CXX", "g++")) is None,
+                                    reason="torch.compile on the CPU needs a C++ compiler")
+CONFIG = GPTConfig(n_layer=2, n_head=4, n_embd=64, block_size=64, vocab_size=2100, dropout=0.0)
+PROMPT = [5, 17, 300, 42, 7, 1999, 64, 3, 12, 900]
+
+
+def small_model() -> GPT:
+    torch.manual_seed(0)
+    return GPT(CONFIG).eval()
+
+
+def tokens(model, config: SamplingConfig, compiled=None, num_samples: int = 1) -> list[list[int]]:
+    steps = generate(model, PROMPT, config, num_samples, seeded_generator(model, 7), eos_id=None, compiled=compiled)
+    return torch.stack(list(steps), dim=1).tolist()
+
+
+def test_cache_lengths_are_powers_of_two_within_the_window():
+    assert [cache_length(n, 1024) for n in (1, 64, 65, 110, 600, 1024)] == [64, 64, 128, 128, 1024, 1024]
+    assert cache_length(100, 96) == 96  # never beyond the context window
+
+
+@needs_compiler
+@pytest.mark.parametrize("kernel", ["fbgemm", "int8mm"])
+def test_compiled_int8_decodes_the_eager_tokens_through_a_sliding_window(kernel):
+    """int8 layers are compiled through (their activation digits / conversions fuse into the graph).
+    80 new tokens after 10 overrun the 64-token window: the cache slides, the eager prefill rebuilds
+    it, and the compiled steps go on from there."""
+    if kernel not in available_kernels("int8"):
+        pytest.skip(f"this torch build has no int8 kernel {kernel!r}")
+    model = prepare_for_inference(small_model(), "int8", kernel=kernel)
+    compiled = CompiledDecoding(model)
+    assert not any(isinstance(m, OpaqueLayer) for m in compiled.step._orig_mod.layers.modules())
+    greedy = SamplingConfig(max_new_tokens=80, greedy=True, repetition_penalty=2.0)  # (varied tokens)
+    eager = tokens(model, greedy)
+    assert tokens(model, greedy, compiled) == eager
+    assert len(set(eager[0])) > 5  # (a real sequence, not one token repeated)
+
+    # one step's logits, against the eager model at the same position
+    cache = compiled.new_cache(1, 20, torch.device("cpu"), torch.float32)
+    prompt = torch.tensor([PROMPT])
+    with torch.inference_mode():
+        model(prompt, kv_cache=cache)
+        got = compiled(torch.tensor([[77]]), cache)
+        want = model(torch.cat([prompt, torch.tensor([[77]])], dim=1))[0][:, -1]
+    assert cache.length == len(PROMPT) + 1
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-4 * want.abs().max().item())
+
+
+@needs_compiler
+def test_compiled_fp32_decodes_a_batch_with_the_eager_logits():
+    """fp32 layers are opaque calls of their eager kernels (inductor's own code for one row was
+    slower); 3 samples at once, each step's logits within rounding of the eager model's."""
+    model = prepare_for_inference(small_model(), None)
+    compiled = CompiledDecoding(model)
+    layers = list(compiled.step._orig_mod.layers.modules())
+    assert sum(isinstance(m, OpaqueLayer) for m in layers) == 4 * CONFIG.n_layer
+    config = SamplingConfig(max_new_tokens=30, greedy=True, repetition_penalty=2.0)
+    seen = {"eager": [], "compiled": []}
+
+    def recording(into):
+        def pick(logits, tokens_so_far, config, generator):
+            into.append(logits.clone())
+            return next_token(logits, tokens_so_far, config, generator)
+        return pick
+
+    for name, c in (("eager", None), ("compiled", compiled)):
+        list(generate(model, PROMPT, config, 3, pick=recording(seen[name]), eos_id=None, compiled=c))
+    assert len(seen["compiled"]) == 30 and seen["compiled"][5].shape == (3, CONFIG.vocab_size)
+    for got, want in zip(seen["compiled"], seen["eager"]):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-5 * want.abs().max().item())
+
+
+def test_layers_on_fewer_threads_compile_through_on_all_of_them_or_stay_opaque():
+    model = prepare_for_inference(small_model(), "int8", kernel="int8mm")
+    layer = model.transformer.h[0].attn.c_attn
+    assert compilable(layouts.OnThreads(layer, 1), 3 * CONFIG.n_embd) is layer
+    fp32 = prepare_for_inference(small_model(), None).transformer.h[0].attn.c_attn
+    assert isinstance(compilable(layouts.OnThreads(fp32, 1), 3 * CONFIG.n_embd), OpaqueLayer)
+
+
+def test_the_opaque_registry_forgets_a_layer_once_it_is_gone():
+    layer = torch.nn.Linear(8, 4)
+    opaque = OpaqueLayer(layer, 4)
+    x = torch.randn(2, 8)
+    torch.testing.assert_close(opaque(x), layer(x))
+    assert opaque.key in layouts._OPAQUE_PRODUCTS
+    del layer
+    gc.collect()
+    assert opaque.key not in layouts._OPAQUE_PRODUCTS
+
+
+def test_a_model_in_training_mode_or_a_cpu_without_a_compiler_is_refused(monkeypatch):
+    with pytest.raises(MinigptError, match="eval mode"):
+        CompiledDecoding(GPT(CONFIG))
+    monkeypatch.setenv("CXX", "no-such-compiler")
+    with pytest.raises(MinigptError, match=r"needs a C\+\+ compiler \(no-such-compiler not found\)"):
+        CompiledDecoding(small_model())
