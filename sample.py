@@ -148,7 +148,7 @@ def load(args: argparse.Namespace):
                 f"--model FOLDER (a minigpt or HF GPT-2 folder), or train one with "
                 f"`python train.py --preset tiny` and pass --model checkpoints/tiny"
             ) from None
-    return prepare_for_inference(model, args.quantize, batch_size=args.num_samples), tokenizer
+    return prepare_for_inference(model, args.quantize, batch_size=args.num_samples, compiled=args.compile), tokenizer
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -27,6 +27,7 @@ bandwidth come first (benchmarks/hardware.py).
     python benchmarks/bench_sample.py --quick           # fewer tokens and runs, no batch-8 memory
     python benchmarks/bench_sample.py --model distilbert/distilgpt2
     python benchmarks/bench_sample.py --batches 1 --skip memory e2e --llama-bench PATH/llama-bench
+    python benchmarks/bench_sample.py --batches 1 --skip memory e2e --compile --llama-bench PATH/llama-bench
     python benchmarks/bench_sample.py --eval-checkpoint checkpoints/eli5 \\
         --eval-data minigpt/assets/eli5_tiny.jsonl
 
@@ -109,8 +110,9 @@ def gpt2_tokenizer() -> Tokenizer:
     return Tokenizer.from_vocab_merges(data / "encoder.json", data / "vocab.bpe")
 
 
-def load_variant(name: str, hf_dir: Path, mg_dir: Path, batch: int = 1):
-    """One variant's model; ours prepared for `batch` rows a step (the kernels timed on them)."""
+def load_variant(name: str, hf_dir: Path, mg_dir: Path, batch: int = 1, compiled: bool = False):
+    """One variant's model; ours prepared for `batch` rows a step (the kernels timed on them), and
+    for compiled decoding if `compiled`."""
     import torch
 
     side, dtype, quantize = VARIANTS[name]
@@ -127,7 +129,7 @@ def load_variant(name: str, hf_dir: Path, mg_dir: Path, batch: int = 1):
 
     device, dt = setup_device("cpu", dtype)
     model, _ = load_model(mg_dir, device, dt)
-    return prepare_for_inference(model, quantize, batch_size=batch)
+    return prepare_for_inference(model, quantize, batch_size=batch, compiled=compiled)
 
 
 # --- one timed generation ---------------------------------------------------------------------
@@ -162,9 +164,11 @@ def run_hf(model, prompt: list[int], batch: int, tokens: int) -> tuple[float, fl
     return first - start, (tokens - 1) * batch / (last - first)
 
 
-def run_ours(model, prompt: list[int], batch: int, tokens: int, greedy: bool = False) -> tuple[float, float]:
+def run_ours(model, prompt: list[int], batch: int, tokens: int, greedy: bool = False,
+             compiled=None) -> tuple[float, float]:
     """(time to first token, decode tokens/s) of minigpt.sampling.generate: with the card's top-k and
-    top-p, or `greedy` (the argmax: what llama-bench's timing compares with, see llama_cpp_rates)."""
+    top-p, or `greedy` (the argmax: what llama-bench's timing compares with, see llama_cpp_rates);
+    through `compiled` (a CompiledDecoding of `model`) when given."""
     import torch
 
     from minigpt.sampling import SamplingConfig, generate
@@ -173,16 +177,30 @@ def run_ours(model, prompt: list[int], batch: int, tokens: int, greedy: bool = F
               else SamplingConfig(max_new_tokens=tokens, top_k=50, top_p=0.95))
     generator = torch.Generator().manual_seed(0)
     start = time.perf_counter()
-    times = [time.perf_counter() for _ in generate(model, prompt, config, batch, generator, eos_id=None)]  # every token
+    steps = generate(model, prompt, config, batch, generator, eos_id=None, compiled=compiled)
+    times = [time.perf_counter() for _ in steps]  # every token
     assert len(times) == tokens
     return times[0] - start, (tokens - 1) * batch / (times[-1] - times[0])
 
 
-def timed(name, model, prompt, batch, tokens):
-    return (run_hf if VARIANTS[name][0] == "hf" else run_ours)(model, prompt, batch, tokens)
+def timed(name, model, prompt, batch, tokens, compiled=None):
+    if VARIANTS[name][0] == "hf":
+        return run_hf(model, prompt, batch, tokens)
+    return run_ours(model, prompt, batch, tokens, compiled=compiled)
 
 
 # --- the measurements -------------------------------------------------------------------------
+
+
+def compile_decoding(model, batch: int, needed: int):
+    """`model`'s CompiledDecoding, compiled now for `batch` rows and `needed` cache positions."""
+    from minigpt.compiled_decoding import CompiledDecoding
+    from minigpt.sampling import activation_dtype
+
+    compiled = CompiledDecoding(model)
+    seconds = compiled.warm_up(batch, needed, activation_dtype(model))
+    print(f"  compiled a decoding step in {seconds:.1f} s", file=sys.stderr)
+    return compiled
 
 
 def throughput(args, hf_dir: Path, mg_dir: Path, prompt: list[int], llama_files: dict[str, Path]) -> dict:
@@ -197,22 +215,25 @@ def throughput(args, hf_dir: Path, mg_dir: Path, prompt: list[int], llama_files:
     results = {"kernels": {}}
     llama_runs, greedy_runs = [], {p: [] for p in llama_files}  # batch 1, one per round
     for batch in args.batches:
-        models = {name: load_variant(name, hf_dir, mg_dir, batch) for name in VARIANTS}
+        models = {name: load_variant(name, hf_dir, mg_dir, batch, args.compile) for name in VARIANTS}
+        compiled = {name: compile_decoding(model, batch, len(prompt) + args.tokens)
+                    for name, model in models.items() if args.compile and VARIANTS[name][0] == "ours"}
         for name, model in models.items():
-            results["kernels"][name, batch] = kernel_summary(model)
+            results["kernels"][name, batch] = kernel_summary(model) + ("; decoding compiled" if name in compiled else "")
         for name, model in models.items():  # warm-up: first-call allocations, lazy inits
-            timed(name, model, prompt, batch, 3)
+            timed(name, model, prompt, batch, 3, compiled.get(name))
             if batch == 1 and llama_files and VARIANTS[name][0] == "ours":
-                run_ours(model, prompt, batch, 3, greedy=True)
+                run_ours(model, prompt, batch, 3, greedy=True, compiled=compiled.get(name))
         runs = {name: [] for name in models}
         for rep in range(args.reps):
             for name, model in models.items():
-                runs[name].append(timed(name, model, prompt, batch, args.tokens))
+                runs[name].append(timed(name, model, prompt, batch, args.tokens, compiled.get(name)))
                 print(f"  batch {batch} run {rep + 1}: {name:18s} ttft {runs[name][-1][0]:.3f} s, "
                       f"{runs[name][-1][1]:.1f} tokens/s", file=sys.stderr)
             if batch == 1 and llama_files:
                 for p in llama_files:  # llama-bench samples nothing: ours the same way, by the argmax
-                    greedy_runs[p].append(run_ours(models[f"ours {p}"], prompt, 1, args.tokens, greedy=True)[1])
+                    greedy_runs[p].append(run_ours(models[f"ours {p}"], prompt, 1, args.tokens, greedy=True,
+                                                   compiled=compiled.get(f"ours {p}"))[1])
                 llama_runs.append(llama_cpp_rates(args, llama_files, 1))
                 print(f"  batch 1 run {rep + 1}: ours greedy " + ", ".join(
                     f"{p} {rates[-1]:.1f}" for p, rates in greedy_runs.items()) + " tokens/s", file=sys.stderr)
@@ -221,7 +242,7 @@ def throughput(args, hf_dir: Path, mg_dir: Path, prompt: list[int], llama_files:
                     file=sys.stderr)
         for name, r in runs.items():
             results[name, batch] = (statistics.median(t for t, _ in r), statistics.median(s for _, s in r))
-        del models
+        del models, compiled
     if llama_runs:
         results["llama.cpp"] = {p: statistics.median(run[p] for run in llama_runs) for p in llama_files}
         results["greedy"] = {p: statistics.median(rates) for p, rates in greedy_runs.items()}
@@ -358,7 +379,8 @@ def report(args, speed, memory, e2e, losses, llama) -> str:
     lines = [hardware.hardware_line(args.hardware), ""]
     if speed:
         lines += [f"Decode: {args.tokens} new tokens after a {args.prompt_tokens}-token prompt, top-k 50, "
-                  f"top-p 0.95; medians of {args.reps} interleaved runs.", ""]
+                  f"top-p 0.95; medians of {args.reps} interleaved runs"
+                  + ("; ours decode through compiled steps (--compile)." if args.compile else "."), ""]
         lines += ["| batch | variant | tokens/s | vs transformers fp32 | time to first token | peak memory |",
                   "|---:|---|---:|---:|---:|---:|"]
         for batch in args.batches:
@@ -432,6 +454,8 @@ def main() -> None:
     p.add_argument("--llama-convert", metavar="PATH", help="llama.cpp's convert_hf_to_gguf.py (default: the one "
                    "in the llama.cpp tree that holds --llama-bench, ../../convert_hf_to_gguf.py from build/bin)")
     p.add_argument("--llama-tokens", type=positive_int, default=128, help="llama-bench -n (default: 128)")
+    p.add_argument("--compile", action="store_true", help="ours decode through a compiled step a token, as "
+                   "sample.py --compile (compiled before the timed runs, ~10-30 s a variant and batch size)")
     p.add_argument("--worker", choices=list(VARIANTS), help=argparse.SUPPRESS)
     p.add_argument("--hf-dir", help=argparse.SUPPRESS)
     p.add_argument("--mg-dir", help=argparse.SUPPRESS)

@@ -32,15 +32,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .errors import MinigptError
-from .layouts import FbgemmInt8Linear, Int8Linear, OnThreads, opaque_product, register_opaque_product
+from .layouts import FUSIBLE_KERNELS, OnThreads
+from .opaque import opaque_product, register_opaque_product
 from .model import GPT, KVCache
 
 SMALLEST_BUCKET = 64  # the shortest cache length compiled for
-# Layouts compiled through: the ops around their product (FBGEMM's activation digits, int8mm's
-# conversions) fuse. Every other layer is one opaque call of its eager forward: inductor's own code
-# for one row of fp32 or bf16 was slower than the kernel timing chose (fp32 decoding 26.8 against
-# 67.6 tokens/s when traced through, bf16 equal).
-TRACED_LAYOUTS = (FbgemmInt8Linear, Int8Linear)
 
 
 def cache_length(needed: int, block_size: int) -> int:
@@ -65,9 +61,12 @@ class OpaqueLayer(nn.Module):
 
 
 def compilable(layer: nn.Module, out_features: int) -> nn.Module:
-    """`layer` itself where compiling through it pays (TRACED_LAYOUTS; on all threads), else opaque."""
+    """`layer` itself where compiling through it pays (`layouts.FUSIBLE_KERNELS`: the ops around its
+    product, such as FBGEMM's activation digits, fuse; run on all threads), else one opaque call of
+    its eager forward: inductor's own code for one row of fp32 or bf16 was slower than the kernels
+    timing chose (fp32 decoding 26.8 against 67.6 tokens/s when traced through; bf16 even)."""
     inner = layer.layer if isinstance(layer, OnThreads) else layer
-    return inner if isinstance(inner, TRACED_LAYOUTS) else OpaqueLayer(layer, out_features)
+    return inner if getattr(inner, "kernel", None) in FUSIBLE_KERNELS else OpaqueLayer(layer, out_features)
 
 
 class DecodeStep(nn.Module):

@@ -63,7 +63,7 @@ import torch
 import torch.nn as nn
 
 from .errors import MinigptError
-from .layouts import (DenseLinear, FbgemmInt8Linear, Fp16Linear, Int8Linear, MklLinear, OneDnnLinear,
+from .layouts import (FUSIBLE_KERNELS, DenseLinear, FbgemmInt8Linear, Fp16Linear, Int8Linear, MklLinear, OneDnnLinear,
                       OnThreads, RowSplitLinear, SharedEmbedding, SplitLinear, TransposedLinear, fp16_refuses)
 from .model import GPT
 
@@ -184,8 +184,16 @@ def _cache_bytes(sysfs: Path = Path("/sys/devices/system/cpu/cpu0/cache")) -> in
     return max(sizes, default=32 * 2**20)
 
 
-def _time_pass(layers: list[nn.Module], x: torch.Tensor, flush: torch.Tensor | None = None) -> float:
+def _time_pass(
+    layers: list[nn.Module], x: torch.Tensor, flush: torch.Tensor | None = None, core_only: bool = False
+) -> float:
     """Seconds for one pass of `x` through each of `layers` in turn (as a decoding step does).
+
+    `core_only`: time a layer with a fusible kernel (`layouts.FUSIBLE_KERNELS`) by its product
+    alone, as a compiled decoding step runs it (the ops around it fused into the graph). Eager,
+    FBGEMM's int8 layers spend ~10 small ops a call on their activation digits and lose the race
+    for 4 of 5 groups; compiled, they win it (distilgpt2 int8 decoding, compiled: FBGEMM everywhere
+    154.2 tokens/s, the eager choice 127.1, `int8mm` everywhere 104.9, eager 114.1).
 
     `flush`: a buffer twice the CPU's cache, read first, so that the layers' weights come from
     memory, as in decoding, where the model is larger than the cache and each layer's weights were
@@ -204,18 +212,21 @@ def _time_pass(layers: list[nn.Module], x: torch.Tensor, flush: torch.Tensor | N
         if len(layers) > 1:  # warm what every layer shares (code, buffers, x); time the cold rest
             layers[0](x)
             layers = layers[1:]
+    calls = [(layer.core, layer.core_input(x)) if core_only and layer.kernel in FUSIBLE_KERNELS else (layer, x)
+             for layer in layers]
     if x.device.type == "cuda":
         torch.cuda.synchronize(x.device)
     start = time.perf_counter()
-    for layer in layers:
-        layer(x)
+    for call, arg in calls:
+        call(arg)
     if x.device.type == "cuda":
         torch.cuda.synchronize(x.device)
     return time.perf_counter() - start
 
 
 def _race(
-    runs: list[tuple[str, list[nn.Module], int]], x: torch.Tensor, flush: torch.Tensor | None
+    runs: list[tuple[str, list[nn.Module], int]], x: torch.Tensor, flush: torch.Tensor | None,
+    core_only: bool = False,
 ) -> dict[tuple[str, int], float]:
     """{(kernel, threads): best seconds} for runs of (kernel, the layers built for it, threads).
 
@@ -225,7 +236,7 @@ def _race(
     kernel for good (FBGEMM's int8 LM head, timed at 1.9-3.5 ms against `int8mm`'s 0.6 in 2 of 12
     prepares on the AMD EPYC with AVX-512 BF16, where it takes 0.4-0.96 of `int8mm`'s time
     otherwise and decodes the head in 1.6 ms against 3.5). Threads fewer than the process has: the
-    layers run in `OnThreads`."""
+    layers run in `OnThreads`. `core_only`: see `_time_pass`."""
     every = torch.get_num_threads()
     best = {(kernel, n): float("inf") for kernel, _, n in runs}
     racing = list(runs)
@@ -234,7 +245,8 @@ def _race(
             for kernel, layers, n in racing:
                 for layer in layers:
                     layer.kernel = kernel
-                seconds = _time_pass(layers if n == every else [OnThreads(lay, n) for lay in layers], x, flush)
+                on_n = layers if n == every else [OnThreads(lay, n) for lay in layers]
+                seconds = _time_pass(on_n, x, flush, core_only)
                 best[kernel, n] = min(best[kernel, n], seconds) if round_ else best[kernel, n]
             if round_ == 2:
                 racing = [r for r in racing if best[r[0], r[2]] <= 2 * min(best.values())]
@@ -261,7 +273,7 @@ def _thread_count(kernel: str, layers: list[nn.Module], x: torch.Tensor, flush: 
 
 def _choose(
     candidates: list[tuple[Layout, str]], key: tuple, weights: list[tuple[torch.Tensor, torch.Tensor | None]],
-    rows: int, dtype: torch.dtype, tied: bool, flush_bytes: int,
+    rows: int, dtype: torch.dtype, tied: bool, flush_bytes: int, compiled: bool = False,
 ) -> list[nn.Module]:
     """This group of same-shaped layers, built with the fastest of `candidates` ((layout, kernel)),
     run on the fastest thread count (fewer than the process has: in `OnThreads`).
@@ -271,7 +283,8 @@ def _choose(
     each thread count (`_thread_count`). `flush_bytes` > 0: each pass first reads a buffer that
     large, evicting the weights from the cache (`_time_pass`). The choice is cached under `key`. A
     candidate that refuses one of the group's weights (`Layout.refuses`, e.g. fp16's range) is left
-    out; a single one is used on all threads, untimed."""
+    out; a single one is used on all threads, untimed. `compiled`: timed as a compiled decoding
+    step runs the layers (`_time_pass`'s core_only), and a fusible kernel runs on all threads there."""
     refusals = {k: next(filter(None, (lay.refuses(k, w) for w, _ in weights)), None) for lay, k in candidates}
     candidates = [(lay, k) for lay, k in candidates if refusals[k] is None]
     if not candidates:
@@ -299,13 +312,14 @@ def _choose(
         x = torch.randn(rows, weights[0][0].size(1), device=weights[0][0].device).to(dtype)  # the residual stream's
         # (written, not just allocated: untouched pages all read as one shared zero page)
         flush = torch.ones(flush_bytes // 4) if flush_bytes else None
-        best = _race([(kernel, built[id(layout)], every) for layout, kernel in candidates], x, flush)
+        best = _race([(kernel, built[id(layout)], every) for layout, kernel in candidates], x, flush, compiled)
         lean = [c for c in candidates if not c[0].extra_memory] or candidates
         winner = min(lean, key=lambda c: best[c[1], every])
         heavy = [c for c in candidates
                  if c[0].extra_memory and best[c[1], every] < EXTRA_MEMORY_MARGIN * best[winner[1], every]]
         layout, kernel = min(heavy, key=lambda c: best[c[1], every]) if heavy else winner
-        _CHOICES[key] = (kernel, _thread_count(kernel, built[id(layout)], x, flush))
+        fused = compiled and kernel in FUSIBLE_KERNELS
+        _CHOICES[key] = (kernel, every if fused else _thread_count(kernel, built[id(layout)], x, flush))
         if all(sw.shape == w.shape for (sw, _), (w, _) in zip(sample, weights)):  # built whole: keep them
             timed = built[id(layout)]
         del built, flush
@@ -318,14 +332,17 @@ def _choose(
 
 
 def prepare_for_inference(
-    model: GPT, quantize: str | None = None, batch_size: int = 1, kernel: str | None = None
+    model: GPT, quantize: str | None = None, batch_size: int = 1, kernel: str | None = None,
+    compiled: bool = False,
 ) -> GPT:
     """Swap `model`'s Linear layers and tied LM head for the fastest layouts measured here, in place.
 
     The candidates are those of the model's dtype (fp32 or bf16), or of `quantize="int8"` whatever
     the dtype. `batch_size`: the sequences decoded together, i.e. the rows each decoding step feeds
     a layer, which the kernels are timed on. `kernel`: use this candidate for every layer instead of
-    measuring (tests, benchmarks). On a GPU only quantization changes anything: its matmul libraries
+    measuring (tests, benchmarks). `compiled`: time the candidates as a compiled decoding step
+    (`minigpt.compiled_decoding`) runs them, where the ops around FBGEMM's and int8mm's products
+    fuse (`_time_pass`). On a GPU only quantization changes anything: its matmul libraries
     handle the standard layout well. On the CPU the rest of the model (embeddings, LayerNorms, so
     attention and the KV cache) is put in fp32: only the matmul weights stay bf16 or int8. The
     model is for inference afterwards (no gradients, not savable as a checkpoint);
@@ -378,13 +395,13 @@ def prepare_for_inference(
     with torch.no_grad():
         for members in groups.values():
             weights = [(getattr(p, n).weight, getattr(p, n).bias) for p, n in members]
-            key = (precision, names, tuple(weights[0][0].shape), batch_size, threads, device.type, False)
-            layers = _choose(candidates, key, weights, batch_size, stream_dtype, False, flush_bytes)
+            key = (precision, names, tuple(weights[0][0].shape), batch_size, threads, device.type, False, compiled)
+            layers = _choose(candidates, key, weights, batch_size, stream_dtype, False, flush_bytes, compiled)
             for (parent, name), layer in zip(members, layers):
                 setattr(parent, name, layer)
-        key = (precision, names, tuple(model.lm_head.weight.shape), batch_size, threads, device.type, True)
+        key = (precision, names, tuple(model.lm_head.weight.shape), batch_size, threads, device.type, True, compiled)
         (head,) = _choose(candidates, key, [(model.lm_head.weight, None)], batch_size, stream_dtype, True,
-                          flush_bytes)
+                          flush_bytes, compiled)
     model.lm_head = head
     model.transformer.wte = SharedEmbedding(head, stream_dtype)
     model.transformer.wpe.to(stream_dtype)

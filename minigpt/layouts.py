@@ -10,9 +10,7 @@ it measured against the others, is in its docstring; which one a model gets is d
 
 from __future__ import annotations
 
-import itertools
 import warnings
-import weakref
 from typing import Callable
 
 import torch
@@ -20,40 +18,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .errors import MinigptError
+from .opaque import opaque_product, register_opaque_product
 
+# Kernels whose layers a compiled graph traces through, keeping only `core` (the product) as a call:
+# the ops around it fuse (`minigpt/compiled_decoding.py`); their layouts have `core_input` and `core`.
+FUSIBLE_KERNELS = ("fbgemm", "int8mm")
 UPCAST_CHUNK = 2048  # output rows converted to fp32 at a time: a few MB, so the copy stays in cache
 FP16_MAX = 65504.0  # the largest finite fp16 number
 QUANTIZE_CHUNK = 4096  # rows quantized at a time, so quantizing the LM head needs no big temporaries
-
-
-# --- opaque products inside a compiled graph ------------------------------------------------------
-# torch.compile cannot look into a weight packed by FBGEMM (a C++ object), and for some layouts its
-# own code is slower than the eager kernel. Such a product is registered here and, inside a compiled
-# graph, called through one opaque op, so the graph around it (FBGEMM's activation digits, the rest
-# of the model) is still compiled whole (`minigpt/compiled_decoding.py`).
-_OPAQUE_PRODUCTS: dict[int, tuple[Callable[[torch.Tensor], torch.Tensor], int]] = {}
-_OPAQUE_KEYS = itertools.count()
-
-
-def register_opaque_product(owner: object, product: Callable[[torch.Tensor], torch.Tensor], out_features: int) -> int:
-    """Register `product` (x (..., in) -> (..., out_features), same dtype) under a key that
-    `opaque_product` takes; the entry goes when `owner` is garbage-collected (so `product` must not
-    hold a strong reference to `owner`)."""
-    key = next(_OPAQUE_KEYS)
-    _OPAQUE_PRODUCTS[key] = (product, out_features)
-    weakref.finalize(owner, _OPAQUE_PRODUCTS.pop, key, None)
-    return key
-
-
-@torch.library.custom_op("minigpt::opaque_product", mutates_args=())
-def opaque_product(x: torch.Tensor, key: int) -> torch.Tensor:
-    """The registered product `key` of `x` (..., in), as one op torch.compile does not trace into."""
-    return _OPAQUE_PRODUCTS[key][0](x)
-
-
-@opaque_product.register_fake
-def _opaque_product_shape(x: torch.Tensor, key: int) -> torch.Tensor:
-    return x.new_empty(*x.shape[:-1], _OPAQUE_PRODUCTS[key][1])
 
 
 class TransposedLinear(nn.Module):
@@ -327,10 +299,18 @@ class Int8Linear(nn.Module):
                 for q, s in zip(self.qweight.split(UPCAST_CHUNK), self.scale.split(UPCAST_CHUNK))
             ], dim=1)
         else:
-            y = torch._weight_int8pack_mm(rows.to(torch.bfloat16), self.qweight, self.scale)  # bf16
+            y = self.core(self.core_input(x))  # bf16
         if self.bias is not None:
             y = torch.add(self.bias, y)  # in fp32: the sum and the conversion in one op
         return y.to(x.dtype).view(*x.shape[:-1], -1)
+
+    def core_input(self, x: torch.Tensor) -> torch.Tensor:
+        """int8mm's input: the rows in bf16 (in a compiled graph this conversion fuses with the ops before)."""
+        return x.reshape(-1, x.size(-1)).to(torch.bfloat16)
+
+    def core(self, rows: torch.Tensor) -> torch.Tensor:
+        """int8mm's product alone, (n, in) bf16 -> (n, out) bf16: what a compiled graph still runs as a call."""
+        return torch._weight_int8pack_mm(rows, self.qweight, self.scale)
 
     def embed(self, idx: torch.Tensor) -> torch.Tensor:
         return dequantized_rows(self.qweight, self.scale, idx)
@@ -380,15 +360,27 @@ class FbgemmInt8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, x.size(-1)).float()
         n = rows.size(0)
+        digits, step = self._digits(rows)
+        w_digits = self.core(digits)  # (2n, out): s_W W hi, then s_W W lo
+        y = torch.add(w_digits[n:], w_digits[:n], alpha=128)  # W x_q, (n, out)
+        y = y.mul_(step) if self.bias is None else torch.addcmul(self.bias, y, step)
+        return y.to(x.dtype).view(*x.shape[:-1], -1)
+
+    def _digits(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """((2n, in) digits: hi, then lo (the kernel rounds lo), (n, 1) step s) of fp32 rows (n, in)."""
         largest = torch.linalg.vector_norm(rows, float("inf"), dim=1, keepdim=True)  # max |x|, (n, 1)
         step = largest.clamp_(min=1e-30) / self.LEVELS  # s
         scaled = rows / step  # x / s: x_q before rounding, (n, in)
         hi = (scaled * (1 / 128)).round_()
-        digits = torch.cat([hi, torch.add(scaled, hi, alpha=-128)])  # (2n, in): hi, then lo (the kernel rounds it)
-        w_digits = opaque_product(digits, self.key) if torch.compiler.is_compiling() else self.product(digits)
-        y = torch.add(w_digits[n:], w_digits[:n], alpha=128)  # W x_q, (n, out)
-        y = y.mul_(step) if self.bias is None else torch.addcmul(self.bias, y, step)
-        return y.to(x.dtype).view(*x.shape[:-1], -1)
+        return torch.cat([hi, torch.add(scaled, hi, alpha=-128)]), step
+
+    def core_input(self, x: torch.Tensor) -> torch.Tensor:
+        """FBGEMM's input: the activation digits (in a compiled graph they fuse with the ops before)."""
+        return self._digits(x.reshape(-1, x.size(-1)).float())[0]
+
+    def core(self, digits: torch.Tensor) -> torch.Tensor:
+        """FBGEMM's product alone: what a compiled graph still runs as a call (an opaque op there)."""
+        return opaque_product(digits, self.key) if torch.compiler.is_compiling() else self.product(digits)
 
     @staticmethod
     def _digit_product(packed: object) -> Callable[[torch.Tensor], torch.Tensor]:

@@ -11,7 +11,7 @@ import shutil
 import pytest
 import torch
 
-from minigpt import layouts
+from minigpt import layouts, opaque
 from minigpt.compiled_decoding import CompiledDecoding, OpaqueLayer, cache_length, compilable
 from minigpt.config import GPTConfig
 from minigpt.errors import MinigptError
@@ -102,13 +102,13 @@ def test_layers_on_fewer_threads_compile_through_on_all_of_them_or_stay_opaque()
 
 def test_the_opaque_registry_forgets_a_layer_once_it_is_gone():
     layer = torch.nn.Linear(8, 4)
-    opaque = OpaqueLayer(layer, 4)
+    wrapped = OpaqueLayer(layer, 4)
     x = torch.randn(2, 8)
-    torch.testing.assert_close(opaque(x), layer(x))
-    assert opaque.key in layouts._OPAQUE_PRODUCTS
+    torch.testing.assert_close(wrapped(x), layer(x))
+    assert wrapped.key in opaque._OPAQUE_PRODUCTS
     del layer
     gc.collect()
-    assert opaque.key not in layouts._OPAQUE_PRODUCTS
+    assert wrapped.key not in opaque._OPAQUE_PRODUCTS
 
 
 def test_a_model_in_training_mode_or_a_cpu_without_a_compiler_is_refused(monkeypatch):

@@ -146,9 +146,9 @@ def test_a_matrix_timed_on_its_first_rows_is_built_whole(small_model, monkeypatc
     timed_rows = []
     time_pass = inference._time_pass
 
-    def noting_rows(layers, x, flush=None):
+    def noting_rows(layers, x, flush=None, core_only=False):
         timed_rows.append(layers[0](x).size(-1))
-        return time_pass(layers, x, flush)
+        return time_pass(layers, x, flush, core_only)
 
     monkeypatch.setattr(inference, "_time_pass", noting_rows)
     fast = prepare_for_inference(copy.deepcopy(small_model))
@@ -172,7 +172,7 @@ def test_each_timed_pass_starts_from_memory(small_model, monkeypatch, tmp_path):
     flushes = []
     time_pass = inference._time_pass
 
-    def noting_flush(layers, x, flush):
+    def noting_flush(layers, x, flush, core_only=False):
         flushes.append(flush)
         widths.append([layer(x).size(-1) for layer in layers])
         return time_pass(layers, x, flush)
@@ -229,7 +229,7 @@ def test_a_kernel_holding_a_second_copy_must_win_clearly(small_model, monkeypatc
         pytest.skip("this torch build has no MKL prepacked linear")
     seconds = {"addmm-t": 1.0, "linear": 1.5, "bmm-split": 1.2, "bmm-rows": 1.3, "mkl": 1.0 / mkl_speedup}
     monkeypatch.setattr(inference, "_CHOICES", {})
-    monkeypatch.setattr(inference, "_time_pass", lambda layers, x, flush: seconds[layers[0].kernel])
+    monkeypatch.setattr(inference, "_time_pass", lambda layers, x, flush, core_only: seconds[layers[0].kernel])
     fast = prepare_for_inference(copy.deepcopy(small_model))
     assert set(kernel_summary(fast).removeprefix("kernels: ").split(", ")) == {
         f"{role} {chosen}" for role in ("lm_head", "attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
@@ -243,7 +243,7 @@ def test_one_disturbed_pass_does_not_drop_the_fastest_kernel(small_model, monkey
     passes = collections.Counter()
     alive = []  # the layers timed, kept so that no two share an id
 
-    def scripted(layers, x, flush):
+    def scripted(layers, x, flush, core_only):
         if isinstance(layers[0], OnThreads):  # the winner's thread race: all threads win
             return 100.0
         kernel = layers[0].kernel
@@ -272,7 +272,7 @@ def test_a_kernel_faster_on_fewer_threads_runs_on_them(small_model, monkeypatch)
         monkeypatch.setattr(inference, "_CHOICES", {})
         seconds = {4: 1.0, 2: 0.85, 1: 0.95}  # two threads fastest, for every kernel
 
-        def by_threads(layers, x, flush):
+        def by_threads(layers, x, flush, core_only):
             threads = layers[0].threads if isinstance(layers[0], OnThreads) else torch.get_num_threads()
             return seconds[threads] + (0.0 if layers[0].kernel == "addmm-t" else 0.5)
 
@@ -305,7 +305,7 @@ def test_fewer_threads_must_win_two_races_in_a_row(small_model, monkeypatch):
     every = torch.get_num_threads()
     races = []
 
-    def scripted(runs, x, flush):  # kernels race alike; a group's thread races as `verdicts` say
+    def scripted(runs, x, flush, core_only=False):  # kernels race alike; a group's thread races as `verdicts` say
         counts = [n for _, _, n in runs]
         if len(set(counts)) == 1:  # a group's kernel race: its thread races follow
             group_races.clear()
@@ -387,7 +387,7 @@ def test_fp16_is_refused_for_weights_beyond_its_range(small_model, monkeypatch):
     fbgemm-fp16 was timed fastest (and cached) for a model that fits; forcing it is one clear error."""
     if "fbgemm-fp16" not in available_kernels("bf16"):
         pytest.skip("this torch build has no FBGEMM fp16 linear")
-    def fast_fp16(layers, x, flush):
+    def fast_fp16(layers, x, flush, core_only):
         return 0.1 if layers[0].kernel == "fbgemm-fp16" else 1.0
 
     monkeypatch.setattr(inference, "_CHOICES", {})
@@ -524,3 +524,40 @@ def test_a_one_row_head_timed_from_memory_is_not_split_into_an_empty_half(monkey
     assert got.shape == (1, 3, 1)
     tolerance = 1e-5 if dtype == torch.float32 and quantize is None else 0.05  # bf16, int8: their rounding
     assert (got.float() - expected).abs().max() <= tolerance * expected.abs().max() + 1e-6
+
+
+def test_for_compiled_decoding_fusible_kernels_are_timed_by_their_product_alone():
+    """A compiled step fuses the ops around FBGEMM's and int8mm's products (`core`), so timing for
+    it runs `core` on `core_input` and never the whole layer; other kernels run whole either way."""
+    weight, bias = bf16_exact(48, 64), bf16_exact(48, seed=1)
+    x = bf16_exact(1, 1, 64, seed=2)
+    for kernel in ("fbgemm", "int8mm"):
+        layer = build("int8", kernel, weight, bias, 1)
+        assert layer.core(layer.core_input(x)).shape == (1 if kernel == "int8mm" else 2, 48)  # (2: the digits)
+
+        def whole(_x):
+            raise AssertionError("the whole layer was timed")
+
+        layer.forward = whole
+        assert inference._time_pass([layer], x, None, core_only=True) >= 0
+        with pytest.raises(AssertionError, match="whole layer"):
+            inference._time_pass([layer], x, None)
+    fp32 = build("fp32", "addmm-t", weight, bias, 1)
+    fp32.forward = whole
+    with pytest.raises(AssertionError, match="whole layer"):
+        inference._time_pass([fp32], x, None, core_only=True)
+
+
+def test_prepared_for_compiled_decoding_the_race_sees_the_fused_costs(small_model, monkeypatch):
+    if not {"fbgemm", "int8mm"} <= set(available_kernels("int8")):
+        pytest.skip("this torch build lacks one of the two int8 kernels")
+    # eager, FBGEMM's digits make its layers slower; compiled, its product alone is the faster
+    seconds = {("fbgemm", False): 2.0, ("fbgemm", True): 0.5, ("int8mm", False): 1.0, ("int8mm", True): 1.0}
+    monkeypatch.setattr(inference, "_time_pass",
+                        lambda layers, x, flush, core_only: seconds.get((layers[0].kernel, core_only), 9.0))
+    monkeypatch.setattr(inference, "_CHOICES", {})
+    eager = prepare_for_inference(copy.deepcopy(small_model), "int8")
+    compiled = prepare_for_inference(copy.deepcopy(small_model), "int8", compiled=True)
+    assert set(kernels_named(kernel_summary(eager)).values()) == {"int8mm"}
+    assert set(kernels_named(kernel_summary(compiled)).values()) == {"fbgemm"}
+    assert " on " not in kernel_summary(compiled)  # (a fused layer runs on all threads: no thread race)
