@@ -241,6 +241,17 @@ BREAKS = (
         ("tests/test_kernels.py::test_one_disturbed_pass_does_not_drop_the_fastest_kernel",),
     ),
     Break(
+        "compiled_step_misses_its_own_token", "the compiled decoding step's mask hides the new token's own position",
+        ((r"<= pos\)\.view\(1, 1, 1, -1\)", r"< pos).view(1, 1, 1, -1)"),),
+        ("tests/test_compiled_decoding.py::test_compiled_int8_decodes_the_eager_tokens_through_a_sliding_window",
+         "tests/test_compiled_decoding.py::test_compiled_fp32_decodes_a_batch_with_the_eager_logits"),
+    ),
+    Break(
+        "compiled_timing_times_whole_layers", "timing for compiled decoding runs FBGEMM's and int8mm's whole layers",
+        ((r"if core_only and layer\.kernel in FUSIBLE_KERNELS", r"if False and layer.kernel in FUSIBLE_KERNELS"),),
+        ("tests/test_kernels.py::test_for_compiled_decoding_fusible_kernels_are_timed_by_their_product_alone",),
+    ),
+    Break(
         "timing_from_cache", "the kernels are timed without first reading the flush buffer",
         ((r"^(\s+)flush\.sum\(\)", r"\1pass"),),
         ("tests/test_kernels.py::test_each_timed_pass_starts_from_memory",),

@@ -257,7 +257,7 @@ def test_the_llama_cpp_table_compares_our_greedy_decoding_round_by_round(monkeyp
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
     import bench_sample
 
-    args = argparse.Namespace(tokens=100, prompt_tokens=10, reps=2, batches=[1], threads=2, llama_tokens=128,
+    args = argparse.Namespace(tokens=100, prompt_tokens=10, reps=2, batches=[1], threads=2, llama_tokens=128, compile=False,
                               hardware=None)
     speed = {"kernels": {}, ("transformers fp32", 1): (0.05, 30.0), ("ours fp32", 1): (0.04, 70.0),
              ("ours bf16", 1): (0.01, 110.0), ("ours int8", 1): (0.01, 120.0),
