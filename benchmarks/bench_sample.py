@@ -219,7 +219,8 @@ def throughput(args, hf_dir: Path, mg_dir: Path, prompt: list[int], llama_files:
         compiled = {name: compile_decoding(model, batch, len(prompt) + args.tokens)
                     for name, model in models.items() if args.compile and VARIANTS[name][0] == "ours"}
         for name, model in models.items():
-            results["kernels"][name, batch] = kernel_summary(model) + ("; decoding compiled" if name in compiled else "")
+            compiled_note = "; decoding compiled" if name in compiled else ""
+            results["kernels"][name, batch] = kernel_summary(model) + compiled_note
         for name, model in models.items():  # warm-up: first-call allocations, lazy inits
             timed(name, model, prompt, batch, 3, compiled.get(name))
             if batch == 1 and llama_files and VARIANTS[name][0] == "ours":

@@ -6,9 +6,10 @@ than its arithmetic, ~13 us in place against 2-4 us hot, because its code and da
 memory after every layer's weights have streamed through the caches. Compiled, the step is one
 graph: inductor fuses those ops into a few C++ loops around the matmuls. Measured on the 2-core AMD
 EPYC with AVX-512 BF16 (greedy, 100 tokens, one process, interleaved runs, the same tokens as
-eager): int8 147.4 against 101.6 tokens/s eager (the timed kernels; llama.cpp's Q8_0 203.6 in the
-same rounds: 0.72x against 0.50x), and 165.8 against 132.1 in another run. Compiling takes ~10-30 s
-on 2 cores (inductor caches it on disk, so a second process starts faster).
+eager): int8 142.3 against 118.4 tokens/s and 149.6 against 125.8 in two runs; with FBGEMM on every
+layer 154.2 against 112.0 (llama.cpp's Q8_0: 0.59x with `benchmarks/bench_sample.py --compile`,
+against 0.50-0.53x eager that day); fp32 and bf16 even. Compiling takes ~10-30 s on 2 cores
+(inductor caches it on disk, so a second process starts faster).
 
 How: `DecodeStep` is the model's forward pass for one token per sequence (`GPT.forward` with
 `T == 1`, calling the same modules), written so the graph is the same every step: the position is
@@ -16,8 +17,9 @@ a tensor, keys and values go into the cache with `index_copy_`, and attention re
 cache with a mask of the filled positions (the cache is zeroed first: a masked-out entry must not
 be NaN, which `0 * NaN` would spread). The cache length is rounded up to a power of two, so a
 process compiles once per batch size and length bucket. The prompt itself (prefill) runs eager.
-Layers whose weights torch.compile cannot read (FBGEMM's packed ones) are called through one opaque
-op (`minigpt.layouts.packed_product`); layers on fewer threads (`OnThreads`) run on all of them.
+Only the layers whose kernels fuse with the ops around them (FBGEMM's and int8mm's, see
+`compilable`) are compiled through, on all threads; every other layer is one opaque op
+(`minigpt/opaque.py`) running its eager forward, thread count included.
 """
 
 from __future__ import annotations

@@ -63,8 +63,8 @@ import torch
 import torch.nn as nn
 
 from .errors import MinigptError
-from .layouts import (FUSIBLE_KERNELS, DenseLinear, FbgemmInt8Linear, Fp16Linear, Int8Linear, MklLinear, OneDnnLinear,
-                      OnThreads, RowSplitLinear, SharedEmbedding, SplitLinear, TransposedLinear, fp16_refuses)
+from .layouts import (FUSIBLE_KERNELS, DenseLinear, FbgemmInt8Linear, Fp16Linear, Int8Linear, MklLinear,
+                      OneDnnLinear, OnThreads, RowSplitLinear, SharedEmbedding, SplitLinear, TransposedLinear, fp16_refuses)
 from .model import GPT
 
 QUANTIZATIONS = ("int8",)
@@ -399,7 +399,8 @@ def prepare_for_inference(
             layers = _choose(candidates, key, weights, batch_size, stream_dtype, False, flush_bytes, compiled)
             for (parent, name), layer in zip(members, layers):
                 setattr(parent, name, layer)
-        key = (precision, names, tuple(model.lm_head.weight.shape), batch_size, threads, device.type, True, compiled)
+        key = (precision, names, tuple(model.lm_head.weight.shape), batch_size, threads, device.type, True,
+               compiled)
         (head,) = _choose(candidates, key, [(model.lm_head.weight, None)], batch_size, stream_dtype, True,
                           flush_bytes, compiled)
     model.lm_head = head
