@@ -64,7 +64,8 @@ import torch.nn as nn
 
 from .errors import MinigptError
 from .layouts import (FUSIBLE_KERNELS, DenseLinear, FbgemmInt8Linear, Fp16Linear, Int8Linear, MklLinear,
-                      OneDnnLinear, OnThreads, RowSplitLinear, SharedEmbedding, SplitLinear, TransposedLinear, fp16_refuses)
+                      OneDnnLinear, OnThreads, RowSplitLinear, SharedEmbedding, SplitLinear, TransposedLinear,
+                      fp16_refuses)
 from .model import GPT
 
 QUANTIZATIONS = ("int8",)
