@@ -124,3 +124,20 @@ def test_training_with_reduce_overhead_through_the_cli(tmp_path, monkeypatch):
             for line in (out / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in rows if "loss" in r]
     assert len(losses) == 8 and all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
+
+
+def test_compiled_decoding_on_cuda_decodes_the_eager_tokens(tiny_minigpt_dir):
+    """sample.py --compile on a GPU: the compiled one-token step (inductor's Triton kernels there)
+    gives the eager model's greedy tokens, fp32 (TF32) and bf16."""
+    from minigpt.compiled_decoding import CompiledDecoding
+    from minigpt.loading import load_model
+    from minigpt.runtime import setup_device
+    from minigpt.sampling import SamplingConfig, generate
+
+    device, _ = setup_device("cuda", "fp32")
+    config = SamplingConfig(max_new_tokens=40, greedy=True, repetition_penalty=2.0)
+    for dtype in (torch.float32, torch.bfloat16):
+        model, _ = load_model(tiny_minigpt_dir, device, dtype)
+        eager = [t.tolist() for t in generate(model, [464, 2068, 7586], config, eos_id=None)]
+        steps = generate(model, [464, 2068, 7586], config, eos_id=None, compiled=CompiledDecoding(model))
+        assert [t.tolist() for t in steps] == eager
