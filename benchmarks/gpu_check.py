@@ -1,8 +1,8 @@
 """The timing half of benchmarks/gpu_check.sh: training steps and decoding on one CUDA GPU, ours
 against transformers + torch.optim.AdamW / transformers' generate(), same weights, same run.
 
-    decode     batch 1 and 8, 100 new tokens (top-k 50, top-p 0.95), ours vs generate(), fp32
-               and bf16: decode tokens/s after the first token
+    decode     batch 1 and 8, 100 new tokens (top-k 50, top-p 0.95), ours (eager, then compiled as
+               sample.py --compile) vs generate(), fp32 and bf16: decode tokens/s after the first token
     training   one optimizer step (bench_train.py's two sides) at the recipe's 8 x 128 and at a
                GPU-sized batch (default 64 x 1024) in fp32 (TF32 matmuls, as train.py), bf16
                autocast and fp16 autocast + GradScaler; median step time over --steps steps after
@@ -64,8 +64,9 @@ def median_step(side, batch, args) -> float:
     return statistics.median(times)
 
 
-def decode_rate(model, hf: bool, batch: int, tokens: int) -> float:
-    """Decode tokens/s after the first token, ours (minigpt.sampling.generate) or transformers'."""
+def decode_rate(model, hf: bool, batch: int, tokens: int, compiled=None) -> float:
+    """Decode tokens/s after the first token, ours (minigpt.sampling.generate, through `compiled`, a
+    CompiledDecoding, when given) or transformers'."""
     import torch
 
     if hf:
@@ -87,9 +88,10 @@ def decode_rate(model, hf: bool, batch: int, tokens: int) -> float:
     from minigpt.sampling import SamplingConfig, generate, seeded_generator
 
     config = SamplingConfig(max_new_tokens=tokens, top_k=50, top_p=0.95)
-    list(generate(model, PROMPT, config, batch, seeded_generator(model, 0), eos_id=None))  # warm-up
+    list(generate(model, PROMPT, config, batch, seeded_generator(model, 0), eos_id=None, compiled=compiled))  # warm-up
     times = []
-    for _ in generate(model, PROMPT, config, batch, seeded_generator(model, 0), eos_id=None):  # no early stop
+    for _ in generate(model, PROMPT, config, batch, seeded_generator(model, 0), eos_id=None,
+                      compiled=compiled):  # no early stop
         times.append(time.perf_counter())
     torch.cuda.synchronize()  # the last step's work done
     times[-1] = time.perf_counter()
@@ -112,6 +114,7 @@ def main(argv=None) -> int:
     import hardware
     from bench_train import Ours, Transformers, model_folder, step_flops
 
+    from minigpt.compiled_decoding import CompiledDecoding
     from minigpt.config import GPTConfig
     from minigpt.loading import convert_to_minigpt, load_model
     from minigpt.runtime import DTYPES, setup_device
@@ -172,6 +175,7 @@ def main(argv=None) -> int:
 
                 def load(dtype=dtype):
                     models["ours"] = load_model(mg_dir, device, dtype)[0]
+                    models["ours, compiled"] = CompiledDecoding(models["ours"])  # (compiles at its warm-up run)
                     models["hf"] = GPT2LMHeadModel.from_pretrained(folder, dtype=dtype).to(device).eval()
                     models["hf"].generation_config.eos_token_id = None
 
@@ -181,12 +185,17 @@ def main(argv=None) -> int:
                     def run_side(side, batch=batch):
                         if not models:
                             load()
-                        rates[side] = decode_rate(models[side], side == "hf", batch, args.tokens)
+                        if side == "ours, compiled":
+                            rates[side] = decode_rate(models["ours"], False, batch, args.tokens, models[side])
+                        else:
+                            rates[side] = decode_rate(models[side], side == "hf", batch, args.tokens)
                         ref = rates.get("hf")
                         return ("", f"{rates[side]:,.1f}", f"{rates[side] / ref:.2f}x" if ref else "", "")
 
                     cell("decode", f"batch {batch}", dtype_name, "transformers generate()", 10, lambda: run_side("hf"))
                     cell("decode", f"batch {batch}", dtype_name, "ours", 10, lambda: run_side("ours"))
+                    cell("decode", f"batch {batch}", dtype_name, "ours, compiled", 40,
+                         lambda: run_side("ours, compiled"))
                 models.clear()
 
             for shape in args.shapes:
