@@ -31,8 +31,10 @@ def register_opaque_product(owner: object, product: Callable[[torch.Tensor], tor
 
 @torch.library.custom_op("minigpt::opaque_product", mutates_args=())
 def opaque_product(x: torch.Tensor, key: int) -> torch.Tensor:
-    """The registered product `key` of `x` (..., in), as one op torch.compile does not trace into."""
-    return _OPAQUE_PRODUCTS[key][0](x)
+    """The registered product `key` of `x` (..., in), as one op torch.compile does not trace into.
+    The result is made contiguous, as the graph expects (a layout may return a strided view, e.g.
+    the LM head's rows padded for speed)."""
+    return _OPAQUE_PRODUCTS[key][0](x).contiguous()
 
 
 @opaque_product.register_fake

@@ -111,6 +111,21 @@ def test_the_opaque_registry_forgets_a_layer_once_it_is_gone():
     assert wrapped.key not in opaque._OPAQUE_PRODUCTS
 
 
+@needs_compiler
+def test_an_opaque_layer_may_return_a_strided_result():
+    """The compiled graph expects a contiguous result; a layout may return a strided one (the fp32
+    LM head at 8 rows returned rows padded to 50,258 for the vocabulary's 50,257)."""
+    class Strided(torch.nn.Module):
+        def forward(self, x):
+            return torch.cat([x, x[..., :1]], dim=-1)[..., :-1]  # x's values, rows one element apart
+
+    layer = Strided()
+    wrapped = OpaqueLayer(layer, 8)
+    twice = torch.compile(lambda x: wrapped(x) * 2, fullgraph=True, dynamic=False)
+    x = torch.randn(3, 8)
+    torch.testing.assert_close(twice(x), 2 * x)
+
+
 def test_a_model_in_training_mode_or_a_cpu_without_a_compiler_is_refused(monkeypatch):
     with pytest.raises(MinigptError, match="eval mode"):
         CompiledDecoding(GPT(CONFIG))
