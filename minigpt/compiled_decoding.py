@@ -39,6 +39,10 @@ from .opaque import opaque_product, register_opaque_product
 from .model import GPT, KVCache
 
 SMALLEST_BUCKET = 64  # the shortest cache length compiled for
+# Graphs of `DecodeStep.forward` a process may hold: one per model, batch size and cache bucket, all
+# compiled from the same code, where dynamo keeps 8 by default (with fullgraph=True the 9th is an
+# error: a benchmark preparing 3 precisions at 2 batch sizes hit it).
+GRAPHS_KEPT = 64
 
 
 def cache_length(needed: int, block_size: int) -> int:
@@ -125,6 +129,7 @@ class CompiledDecoding:
                                "torch.compile writes and builds C++ there")
         self.model = model
         self.step = torch.compile(DecodeStep(model), fullgraph=True, dynamic=False)
+        self.graphs_kept = torch._dynamo.config.patch(recompile_limit=GRAPHS_KEPT)  # (~5 us a call)
 
     def new_cache(self, batch_size: int, needed: int, device: torch.device, dtype: torch.dtype) -> KVCache:
         """A zeroed cache for `needed` positions, its length rounded up to a compiled bucket."""
@@ -148,6 +153,7 @@ class CompiledDecoding:
         """Logits (B, vocab) for idx (B, 1) at position `cache.length`, which then grows by one."""
         pos = torch.tensor([cache.length], device=idx.device)
         # (a slice of the tokens so far has their row stride: a fresh (B, 1) keeps one graph for all)
-        logits = self.step(idx.clone(memory_format=torch.contiguous_format), pos, cache.k, cache.v)
+        with self.graphs_kept:
+            logits = self.step(idx.clone(memory_format=torch.contiguous_format), pos, cache.k, cache.v)
         cache.length += 1
         return logits

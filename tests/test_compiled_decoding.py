@@ -132,3 +132,16 @@ def test_a_model_in_training_mode_or_a_cpu_without_a_compiler_is_refused(monkeyp
     monkeypatch.setenv("CXX", "no-such-compiler")
     with pytest.raises(MinigptError, match=r"needs a C\+\+ compiler \(no-such-compiler not found\)"):
         CompiledDecoding(small_model())
+
+
+@needs_compiler
+def test_many_models_and_batch_sizes_each_keep_their_compiled_step():
+    """One graph per model, batch size and cache bucket, all of the same code: more than the 8 that
+    dynamo keeps by default (a 9th was an error), here 5 models x 2 batch sizes."""
+    config = SamplingConfig(max_new_tokens=3, greedy=True)
+    for seed in range(5):
+        torch.manual_seed(seed)
+        model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=64, vocab_size=2100)).eval()
+        compiled = CompiledDecoding(model)
+        for batch in (1, 2):
+            assert tokens(model, config, compiled, num_samples=batch) == tokens(model, config, num_samples=batch)
