@@ -78,7 +78,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     g.add_argument("--compile", action="store_true",
                    help="decode through one torch.compile graph per token (the prompt runs as usual): "
                    "it pays on the CPU for --quantize int8 (measured ~1.2-1.45x there; fp32 and "
-                   "bf16 about even); compiling takes ~10-30 s on the CPU the first time, and needs "
+                   "bf16 about even); compiling takes ~30-35 s on 2 CPU cores the first time, and needs "
                    "a C++ compiler")
     g.add_argument("--stats", action="store_true",
                    help="print a line per prompt on stderr: prompt tokens, time to first token, "

@@ -456,7 +456,7 @@ def main() -> None:
                    "in the llama.cpp tree that holds --llama-bench, ../../convert_hf_to_gguf.py from build/bin)")
     p.add_argument("--llama-tokens", type=positive_int, default=128, help="llama-bench -n (default: 128)")
     p.add_argument("--compile", action="store_true", help="ours decode through a compiled step a token, as "
-                   "sample.py --compile (compiled before the timed runs, ~10-30 s a variant and batch size)")
+                   "sample.py --compile (compiled before the timed runs, ~10-35 s a variant and batch size)")
     p.add_argument("--worker", choices=list(VARIANTS), help=argparse.SUPPRESS)
     p.add_argument("--hf-dir", help=argparse.SUPPRESS)
     p.add_argument("--mg-dir", help=argparse.SUPPRESS)

@@ -7,9 +7,12 @@ memory after every layer's weights have streamed through the caches. Compiled, t
 graph: inductor fuses those ops into a few C++ loops around the matmuls. Measured on the 2-core AMD
 EPYC with AVX-512 BF16 (greedy, 100 tokens, one process, interleaved runs, the same tokens as
 eager): int8 142.3 against 118.4 tokens/s and 149.6 against 125.8 in two runs; with FBGEMM on every
-layer 154.2 against 112.0 (llama.cpp's Q8_0: 0.59x with `benchmarks/bench_sample.py --compile`,
-against 0.50-0.53x eager that day); fp32 and bf16 even. Compiling takes ~10-30 s on 2 cores
-(inductor caches it on disk, so a second process starts faster).
+layer 154.2 against 112.0; fp32 and bf16 even. Two more changes each gave ~3-6% (interleaved, the
+same tokens): attention written out instead of SDPA, and on the CPU a C++ wrapper for the graph
+(`cpp_wrapper`); with both int8 decoded at 162.6 against 151.1 (178.4 against 161.4 in a second
+run), and `benchmarks/bench_sample.py --compile` put int8 at 0.72x and 0.60x of llama.cpp's Q8_0 in
+two runs (0.59-0.61x before them, 0.50-0.53x eager). Compiling takes ~35 s on 2 cores the first
+time (~28 s without the C++ wrapper); inductor caches it on disk, so later processes take 1-6 s.
 
 How: `DecodeStep` is the model's forward pass for one token per sequence (`GPT.forward` with
 `T == 1`, calling the same modules), written so the graph is the same every step: the position is
