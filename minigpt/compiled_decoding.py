@@ -11,8 +11,9 @@ layer 154.2 against 112.0; fp32 and bf16 even. Two more changes each gave ~3-6% 
 same tokens): attention written out instead of SDPA, and on the CPU a C++ wrapper for the graph
 (`cpp_wrapper`); with both int8 decoded at 162.6 against 151.1 (178.4 against 161.4 in a second
 run), and `benchmarks/bench_sample.py --compile` put int8 at 0.72x, 0.60x and 0.68x of llama.cpp's
-Q8_0 in three runs (0.59-0.61x before them, 0.50-0.53x eager). Compiling takes ~35 s on 2 cores the first
-time (~28 s without the C++ wrapper); inductor caches it on disk, so later processes take 1-6 s.
+Q8_0 in three runs (0.59-0.61x before them, 0.50-0.53x eager). Compiling takes ~35 s on 2 cores
+the first time (~28 s without the C++ wrapper); inductor caches it on disk, so later processes
+take 1-6 s.
 
 How: `DecodeStep` is the model's forward pass for one token per sequence (`GPT.forward` with
 `T == 1`, calling the same modules), written so the graph is the same every step: the position is
@@ -130,14 +131,15 @@ class CompiledDecoding:
     def __init__(self, model: GPT) -> None:
         if model.training:
             raise MinigptError("compiled decoding needs the model in eval mode (model.eval())")
+        on_cpu = next(model.parameters()).device.type == "cpu"
         compiler = os.environ.get("CXX", "g++")
-        if next(model.parameters()).device.type == "cpu" and shutil.which(compiler) is None:
+        if on_cpu and shutil.which(compiler) is None:
             raise MinigptError(f"compiled decoding on the CPU needs a C++ compiler ({compiler} not found): "
                                "torch.compile writes and builds C++ there")
         self.model = model
         # On the CPU the graph's wrapper is C++ too (`cpp_wrapper`): it calls each kernel without
         # Python's per-call cost, which runs from cold caches between layers
-        options = {"cpp_wrapper": True} if next(model.parameters()).device.type == "cpu" else None
+        options = {"cpp_wrapper": True} if on_cpu else None
         self.step = torch.compile(DecodeStep(model), fullgraph=True, dynamic=False, options=options)
         self.graphs_kept = torch._dynamo.config.patch(recompile_limit=GRAPHS_KEPT)  # (~5 us a call)
 
