@@ -79,7 +79,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="decode through one torch.compile graph per token (the prompt runs as usual): "
                    "it pays on the CPU for --quantize int8 (measured ~1.2-1.45x there; fp32 and "
                    "bf16 about even); compiling takes ~30-35 s on 2 CPU cores the first time, and needs "
-                   "a C++ compiler")
+                   "a C++ compiler and Python's C headers (python3-dev)")
     g.add_argument("--stats", action="store_true",
                    help="print a line per prompt on stderr: prompt tokens, time to first token, "
                    "new tokens and the decode rate (prefill excluded)")
@@ -184,7 +184,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     compiled = None
     if args.compile:
         from minigpt.compiled_decoding import CompiledDecoding
-
         from minigpt.sampling import activation_dtype
 
         compiled = CompiledDecoding(model)

@@ -31,8 +31,10 @@ from __future__ import annotations
 import math
 import os
 import shutil
+import sysconfig
 import time
 import weakref
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -136,6 +138,10 @@ class CompiledDecoding:
         if on_cpu and shutil.which(compiler) is None:
             raise MinigptError(f"compiled decoding on the CPU needs a C++ compiler ({compiler} not found): "
                                "torch.compile writes and builds C++ there")
+        headers = Path(sysconfig.get_path("include"), "Python.h")
+        if on_cpu and not headers.exists():  # (inductor builds its kernels as Python extension modules)
+            raise MinigptError(f"compiled decoding on the CPU needs Python's C headers ({headers} not found; "
+                               "on Debian or Ubuntu: apt install python3-dev)")
         self.model = model
         # On the CPU the graph's wrapper is C++ too (`cpp_wrapper`): it calls each kernel without
         # Python's per-call cost, which runs from cold caches between layers

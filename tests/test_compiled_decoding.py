@@ -7,11 +7,12 @@ from __future__ import annotations
 import gc
 import os
 import shutil
+import sys
 
 import pytest
 import torch
 
-from minigpt import layouts, opaque
+from minigpt import compiled_decoding, layouts, opaque
 from minigpt.compiled_decoding import CompiledDecoding, OpaqueLayer, cache_length, compilable
 from minigpt.config import GPTConfig
 from minigpt.errors import MinigptError
@@ -131,6 +132,10 @@ def test_a_model_in_training_mode_or_a_cpu_without_a_compiler_is_refused(monkeyp
         CompiledDecoding(GPT(CONFIG))
     monkeypatch.setenv("CXX", "no-such-compiler")
     with pytest.raises(MinigptError, match=r"needs a C\+\+ compiler \(no-such-compiler not found\)"):
+        CompiledDecoding(small_model())
+    monkeypatch.setenv("CXX", sys.executable)  # (a program that exists passes the compiler check)
+    monkeypatch.setattr(compiled_decoding.sysconfig, "get_path", lambda name: "/no/such/include")
+    with pytest.raises(MinigptError, match=r"needs Python's C headers \(/no/such/include/Python.h not found"):
         CompiledDecoding(small_model())
 
 
