@@ -127,7 +127,7 @@ def test_an_opaque_layer_may_return_a_strided_result():
     torch.testing.assert_close(twice(x), 2 * x)
 
 
-def test_a_model_in_training_mode_or_a_cpu_without_a_compiler_is_refused(monkeypatch):
+def test_a_model_in_training_mode_or_a_cpu_without_a_compiler_or_python_headers_is_refused(monkeypatch):
     with pytest.raises(MinigptError, match="eval mode"):
         CompiledDecoding(GPT(CONFIG))
     monkeypatch.setenv("CXX", "no-such-compiler")
