@@ -49,7 +49,7 @@ def test_compiled_int8_decodes_the_eager_tokens_through_a_sliding_window(kernel)
     80 new tokens after 10 overrun the 64-token window: the cache slides, the eager prefill rebuilds
     it, and the compiled steps go on from there."""
     if kernel not in available_kernels("int8"):
-        pytest.skip(f"this torch build has no int8 kernel {kernel!r}")
+        pytest.skip(f"this torch build and CPU offer no int8 kernel {kernel!r}")
     model = prepare_for_inference(small_model(), "int8", kernel=kernel)
     compiled = CompiledDecoding(model)
     assert not any(isinstance(m, OpaqueLayer) for m in compiled.step._orig_mod.layers.modules())

@@ -26,7 +26,7 @@ U16 = 2.0**-8  # unit roundoff of bf16 (8-bit significand)
 
 def build(precision: str, kernel: str, weight, bias, rows: int):
     if kernel not in available_kernels(precision):
-        pytest.skip(f"this torch build has no {precision} kernel {kernel!r}")
+        pytest.skip(f"this torch build and CPU offer no {precision} kernel {kernel!r}")
     layout = next(lay for lay in LAYOUTS[precision] if kernel in lay.kernels)
     return layout.build(weight, bias, rows, True, kernel)
 
@@ -102,7 +102,7 @@ def test_a_model_on_each_forced_kernel_matches_the_reference(small_model, precis
     kernel choice changes). fp32 keeps 50x room; bf16 allows a few bf16 roundings (2^-8 = 3.9e-3
     each) to differ per layer, as bf16 kernels on other CPUs round at other points; int8 5x."""
     if kernel not in available_kernels(precision):
-        pytest.skip(f"this torch build has no {precision} kernel {kernel!r}")
+        pytest.skip(f"this torch build and CPU offer no {precision} kernel {kernel!r}")
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     reference = copy.deepcopy(small_model).to(dtype)
     fast = prepare_for_inference(copy.deepcopy(reference), "int8" if precision == "int8" else None, kernel=kernel)
