@@ -7,6 +7,8 @@ gpu_check.py; `python benchmarks/hardware.py [--device cuda]` prints the line al
                   overstates MFU); the size grows until one takes >= 20 ms or reaches 4096
                   (8192 on a GPU). Where bf16 is emulated (~1 GFLOP/s) the size stays small.
     memory read   sum over a 1 GiB fp32 buffer (far beyond any cache), best of 3: bytes read / s
+    machine       the CPU's name and matmul-relevant flags, the instruction set torch's kernels run,
+                  and the variables capping it where set (ISA_CAPS: an older CPU emulated)
 """
 
 from __future__ import annotations
@@ -84,6 +86,19 @@ def cpu_flags() -> str:
     return " ".join(f for f in wanted if f in have) or "none of avx2/avx512/amx"
 
 
+# Variables that cap the instruction set of torch's kernels and its libraries below what the CPU has:
+# set together (e.g. all to AVX2), they make a newer CPU run the code an older one would.
+ISA_CAPS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "FBGEMM_ENABLE_INSTRUCTIONS")
+
+
+def cpu_kernels() -> str:
+    """The instruction set torch's own CPU kernels run (e.g. "AVX512"), and any ISA_CAPS set."""
+    import torch
+
+    caps = " ".join(f"{name}={os.environ[name]}" for name in ISA_CAPS if os.environ.get(name))
+    return f"torch kernels {torch.backends.cpu.get_cpu_capability()}" + (f", capped: {caps}" if caps else "")
+
+
 def describe(device) -> dict:
     """The machine line's numbers: name, peaks (FLOP/s), sizes, bandwidth (bytes/s)."""
     import torch
@@ -93,7 +108,8 @@ def describe(device) -> dict:
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
     else:
-        name = f"{cpu_name()} [{cpu_flags()}], {os.cpu_count()} CPUs, {torch.get_num_threads()} threads"
+        name = (f"{cpu_name()} [{cpu_flags()}; {cpu_kernels()}], {os.cpu_count()} CPUs, "
+                f"{torch.get_num_threads()} threads")
     return {"name": f"{name}; torch {torch.__version__}", "fp32": fp32, "fp32_n": n32, "bf16": bf16,
             "bf16_n": n16, "read": memory_read_bandwidth(device)}
 

@@ -268,3 +268,19 @@ def test_the_llama_cpp_table_compares_our_greedy_decoding_round_by_round(monkeyp
     table = bench_sample.report(args, speed, {}, {}, {}, llama)
     assert "| int8 | 150.0 | 120.0 | Q8_0 | 300.0 | 0.50x | 0.6x | 0.50x, 0.56x (median 0.53x) |" in table
     assert "| fp32 | 76.0 | 70.0 | F32 | 80.0 | 0.95x | 0.8x | 0.90x, 1.00x (median 0.95x) |" in table
+
+
+def test_the_machine_line_names_the_instruction_set_torch_runs_and_any_cap(monkeypatch):
+    """An older CPU emulated on a newer one (torch's and its libraries' instruction sets capped, as
+    README's AVX2 runs on the AVX-512 machine) says so in every benchmark's machine line."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import hardware
+
+    for name in hardware.ISA_CAPS:
+        monkeypatch.delenv(name, raising=False)
+    running = torch.backends.cpu.get_cpu_capability()
+    assert hardware.cpu_kernels() == f"torch kernels {running}"
+    monkeypatch.setenv("FBGEMM_ENABLE_INSTRUCTIONS", "AVX2")
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    capped = "capped: ONEDNN_MAX_CPU_ISA=AVX2 FBGEMM_ENABLE_INSTRUCTIONS=AVX2"
+    assert hardware.cpu_kernels() == f"torch kernels {running}, {capped}"
