@@ -50,6 +50,9 @@ SMALLEST_BUCKET = 64  # the shortest cache length compiled for
 # compiled from the same code, where dynamo keeps 8 by default (with fullgraph=True the 9th is an
 # error: a benchmark preparing 3 precisions at 2 batch sizes hit it).
 GRAPHS_KEPT = 64
+# How far a compiled step's logits may be from the eager model's, as a fraction of the largest: measured
+# within 1e-4 for int8 (fused activation digits round an odd value to the next level), 2e-6 for fp32 and bf16.
+AGREEMENT = 1e-2
 
 
 def cache_length(needed: int, block_size: int) -> int:
@@ -160,12 +163,23 @@ class CompiledDecoding:
     @torch.inference_mode()  # (as `generate` runs: a graph compiled under another grad mode would not be reused)
     def warm_up(self, batch_size: int, needed: int, dtype: torch.dtype) -> float:
         """Compile the step for `batch_size` sequences and caches of `needed` positions now, not
-        at the first token; returns the seconds it took."""
+        at the first token, and check it once against the eager model (a first token's logits);
+        returns the seconds compiling took. Why check: a wrong compiled kernel decodes garbage
+        without an error; inductor's disk cache, written under another instruction set (which its
+        key leaves out), gave NaN logits on the AMD EPYC capped to AVX2."""
         start = time.perf_counter()
         device = next(self.model.parameters()).device
-        cache = self.new_cache(batch_size, needed, device, dtype)
-        self(torch.zeros(batch_size, 1, dtype=torch.long, device=device), cache)
-        return time.perf_counter() - start
+        idx = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
+        got = self(idx, self.new_cache(batch_size, needed, device, dtype)).float()
+        seconds = time.perf_counter() - start
+        want = self.model(idx)[0][:, -1].float()  # (B, vocab)
+        gap, largest = (got - want).abs().max().item(), want.abs().max().item()
+        if not gap <= AGREEMENT * largest:  # (NaN fails too)
+            raise MinigptError(
+                f"compiled decoding: the compiled step's logits differ from the model's by {gap:.3g} (largest "
+                f"{largest:.3g}): a miscompiled kernel, or inductor's cache written under another instruction "
+                "set (try TORCHINDUCTOR_CACHE_DIR=$(mktemp -d)); or decode eagerly, without compiling")
+        return seconds
 
     def __call__(self, idx: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """Logits (B, vocab) for idx (B, 1) at position `cache.length`, which then grows by one."""

@@ -153,3 +153,19 @@ def test_many_models_and_batch_sizes_each_keep_their_compiled_step(monkeypatch):
         compiled = CompiledDecoding(model)
         for batch in (1, 2):
             assert tokens(model, config, compiled, num_samples=batch) == tokens(model, config, num_samples=batch)
+
+
+@needs_compiler
+def test_warm_up_refuses_a_compiled_step_that_disagrees_with_the_eager_model(monkeypatch):
+    """A wrong compiled step (NaN logits here, as inductor's cache written under another instruction
+    set gave) is one clear error when it is compiled, not garbage text later."""
+    model = prepare_for_inference(small_model(), None)
+
+    def compile_as(scale: float):  # torch.compile replaced: the step runs eager, its logits scaled
+        return lambda step, **options: lambda *args: step(*args) * scale
+
+    monkeypatch.setattr(compiled_decoding.torch, "compile", compile_as(float("nan")))
+    with pytest.raises(MinigptError, match=r"logits differ from the model's by nan .*TORCHINDUCTOR_CACHE_DIR"):
+        CompiledDecoding(model).warm_up(2, 10, torch.float32)
+    monkeypatch.setattr(compiled_decoding.torch, "compile", compile_as(1.001))
+    assert CompiledDecoding(model).warm_up(2, 10, torch.float32) >= 0  # (rounding-sized gaps pass)
