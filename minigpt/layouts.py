@@ -28,6 +28,19 @@ FP16_MAX = 65504.0  # the largest finite fp16 number
 QUANTIZE_CHUNK = 4096  # rows quantized at a time, so quantizing the LM head needs no big temporaries
 
 
+def call_packed(op: Callable[..., torch.Tensor], *args: object) -> torch.Tensor:
+    """`op(*args)` where one argument is a weight packed by FBGEMM (a C++ object, not a tensor).
+
+    Why torch functions are switched off for the call: torch asks every argument of an op called
+    from Python for a `__torch_function__` override, and on the packed object that lookup fails
+    through a C++ exception, ~10 us a call, as long as a small layer's product. Measured on the AMD
+    EPYC with AVX-512 BF16 (FBGEMM int8, two rows, hot): 16 x 64 16.0 -> 6.7 us, 2304 x 768 36.8 ->
+    26.8 us. The arguments are plain tensors, so no override is skipped.
+    """
+    with torch._C.DisableTorchFunction():
+        return op(*args)
+
+
 class TransposedLinear(nn.Module):
     """fp32 `y = x W^T + b`, with W stored as (in, out) so one activation row streams it in order."""
 
@@ -233,7 +246,7 @@ class Fp16Linear(nn.Module):
         self.register_buffer("rows_weight", plain.contiguous() if keep_rows else None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch.ops.quantized.linear_dynamic_fp16(x.float(), self.packed)
+        y = call_packed(torch.ops.quantized.linear_dynamic_fp16, x.float(), self.packed)
         return y.to(x.dtype)
 
     def embed(self, idx: torch.Tensor) -> torch.Tensor:
@@ -385,7 +398,8 @@ class FbgemmInt8Linear(nn.Module):
     @staticmethod
     def _digit_product(packed: object) -> Callable[[torch.Tensor], torch.Tensor]:
         # The kernel rounds each digit d, reads it as the 8-bit integer d + 64 (zero point 64), returns s_W W d.
-        return lambda digits: torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(digits, 1.0, 64, packed)
+        op = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32
+        return lambda digits: call_packed(op, digits, 1.0, 64, packed)
 
     def embed(self, idx: torch.Tensor) -> torch.Tensor:
         return dequantized_rows(self.qweight, self.scale, idx)
