@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .errors import MinigptError
-from .opaque import opaque_product, register_opaque_product
+from .opaque import call_packed, opaque_product, register_opaque_product
 
 # Kernels whose layers a compiled graph traces through, keeping only `core` (the product) as a call:
 # the ops around it fuse (`minigpt/compiled_decoding.py`); their layouts have `core_input` and `core`.
@@ -27,18 +27,6 @@ UPCAST_CHUNK = 2048  # output rows converted to fp32 at a time: a few MB, so the
 FP16_MAX = 65504.0  # the largest finite fp16 number
 QUANTIZE_CHUNK = 4096  # rows quantized at a time, so quantizing the LM head needs no big temporaries
 
-
-def call_packed(op: Callable[..., torch.Tensor], *args: object) -> torch.Tensor:
-    """`op(*args)` where one argument is a weight packed by FBGEMM (a C++ object, not a tensor).
-
-    Why torch functions are switched off for the call: torch asks every argument of an op called
-    from Python for a `__torch_function__` override, and on the packed object that lookup fails
-    through a C++ exception, ~10 us a call, as long as a small layer's product. Measured on the AMD
-    EPYC with AVX-512 BF16 (FBGEMM int8, two rows, hot): 16 x 64 16.0 -> 6.7 us, 2304 x 768 36.8 ->
-    26.8 us. The arguments are plain tensors, so no override is skipped.
-    """
-    with torch._C.DisableTorchFunction():
-        return op(*args)
 
 
 class TransposedLinear(nn.Module):
