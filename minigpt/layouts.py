@@ -28,7 +28,6 @@ FP16_MAX = 65504.0  # the largest finite fp16 number
 QUANTIZE_CHUNK = 4096  # rows quantized at a time, so quantizing the LM head needs no big temporaries
 
 
-
 class TransposedLinear(nn.Module):
     """fp32 `y = x W^T + b`, with W stored as (in, out) so one activation row streams it in order."""
 

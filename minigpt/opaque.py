@@ -8,8 +8,9 @@ around it (FBGEMM's activation digits, the rest of the model) is still compiled 
 are called through `call_packed`, which spares them torch's override check on the packed object.
 
 The op is defined with `torch.library.Library` and a plain Python kernel rather than the
-`torch.library.custom_op` decorator, whose wrapper adds ~3 us a call (hot; a decoding step makes
-25 such calls): measured on the AMD EPYC with AVX-512 BF16, 6-7 against 3.6-3.8 us.
+`torch.library.custom_op` decorator, whose wrapper adds ~3 us a call (hot; a decoding step of
+distilgpt2 makes up to 25 such calls): measured on the AMD EPYC with AVX-512 BF16, 6-7 against
+3.6-3.8 us a call, and compiled int8 decoding 5.76 against 5.59 ms a token (interleaved runs).
 """
 
 from __future__ import annotations
