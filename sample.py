@@ -188,9 +188,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         compiled = CompiledDecoding(model)
         print("--compile: compiling the decoding step ...", file=sys.stderr, flush=True)  # (torch may log meanwhile)
-        seconds = compiled.warm_up(args.num_samples, config.max_new_tokens + 1, activation_dtype(model))
-        print(f"--compile: compiled in {seconds:.1f} s (a prompt that needs a longer cache compiles once more)",
-              file=sys.stderr)
+        seconds = compiled.warm_up(args.num_samples, activation_dtype(model))
+        print(f"--compile: compiled in {seconds:.1f} s", file=sys.stderr)
 
     def answer(prompt: str, shown: str, index: int, trace) -> None:
         done = complete(model, tokenizer, prompt, config, shown=shown, num_samples=args.num_samples,

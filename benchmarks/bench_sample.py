@@ -192,13 +192,13 @@ def timed(name, model, prompt, batch, tokens, compiled=None):
 # --- the measurements -------------------------------------------------------------------------
 
 
-def compile_decoding(model, batch: int, needed: int):
-    """`model`'s CompiledDecoding, compiled now for `batch` rows and `needed` cache positions."""
+def compile_decoding(model, batch: int):
+    """`model`'s CompiledDecoding, compiled now for `batch` rows."""
     from minigpt.compiled_decoding import CompiledDecoding
     from minigpt.sampling import activation_dtype
 
     compiled = CompiledDecoding(model)
-    seconds = compiled.warm_up(batch, needed, activation_dtype(model))
+    seconds = compiled.warm_up(batch, activation_dtype(model))
     print(f"  compiled a decoding step in {seconds:.1f} s", file=sys.stderr)
     return compiled
 
@@ -216,7 +216,7 @@ def throughput(args, hf_dir: Path, mg_dir: Path, prompt: list[int], llama_files:
     llama_runs, greedy_runs = [], {p: [] for p in llama_files}  # batch 1, one per round
     for batch in args.batches:
         models = {name: load_variant(name, hf_dir, mg_dir, batch, args.compile) for name in VARIANTS}
-        compiled = {name: compile_decoding(model, batch, len(prompt) + args.tokens)
+        compiled = {name: compile_decoding(model, batch)
                     for name, model in models.items() if args.compile and VARIANTS[name][0] == "ours"}
         for name, model in models.items():
             compiled_note = "; decoding compiled" if name in compiled else ""

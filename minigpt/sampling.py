@@ -211,10 +211,7 @@ def generate(
     tokens[:, :n_prompt] = torch.tensor(prompt, device=device)
     length = n_prompt
     needed = min(window, n_prompt + config.max_new_tokens)
-    if compiled is None:
-        cache = KVCache(model.config, num_samples, needed, device=device, dtype=activation_dtype(model))
-    else:
-        cache = compiled.new_cache(num_samples, needed, device, activation_dtype(model))
+    cache = KVCache(model.config, num_samples, needed, device=device, dtype=activation_dtype(model))
     finished = torch.zeros(num_samples, dtype=torch.bool, device=device)
     model_input = tokens[:, :n_prompt]  # first step: the whole prompt (prefill)
 

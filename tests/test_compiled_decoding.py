@@ -13,11 +13,11 @@ import pytest
 import torch
 
 from minigpt import compiled_decoding, layouts, opaque
-from minigpt.compiled_decoding import CompiledDecoding, OpaqueLayer, cache_length, compilable
+from minigpt.compiled_decoding import CompiledDecoding, OpaqueLayer, compilable
 from minigpt.config import GPTConfig
 from minigpt.errors import MinigptError
 from minigpt.inference import available_kernels, prepare_for_inference
-from minigpt.model import GPT
+from minigpt.model import GPT, KVCache
 from minigpt.sampling import generate, next_token, seeded_generator
 from minigpt.sampling_config import SamplingConfig
 
@@ -37,11 +37,6 @@ def tokens(model, config: SamplingConfig, compiled=None, num_samples: int = 1) -
     return torch.stack(list(steps), dim=1).tolist()
 
 
-def test_cache_lengths_are_powers_of_two_within_the_window():
-    assert [cache_length(n, 1024) for n in (1, 64, 65, 110, 600, 1024)] == [64, 64, 128, 128, 1024, 1024]
-    assert cache_length(100, 96) == 96  # never beyond the context window
-
-
 @needs_compiler
 @pytest.mark.parametrize("kernel", ["fbgemm", "int8mm"])
 def test_compiled_int8_decodes_the_eager_tokens_through_a_sliding_window(kernel):
@@ -59,7 +54,7 @@ def test_compiled_int8_decodes_the_eager_tokens_through_a_sliding_window(kernel)
     assert len(set(eager[0])) > 5  # (a real sequence, not one token repeated)
 
     # one step's logits, against the eager model at the same position
-    cache = compiled.new_cache(1, 20, torch.device("cpu"), torch.float32)
+    cache = KVCache(CONFIG, 1, 20)
     prompt = torch.tensor([PROMPT])
     with torch.inference_mode():
         model(prompt, kv_cache=cache)
@@ -91,6 +86,29 @@ def test_compiled_fp32_decodes_a_batch_with_the_eager_logits():
     assert len(seen["compiled"]) == 30 and seen["compiled"][5].shape == (3, CONFIG.vocab_size)
     for got, want in zip(seen["compiled"], seen["eager"]):
         torch.testing.assert_close(got, want, rtol=0, atol=1e-5 * want.abs().max().item())
+
+
+@needs_compiler
+def test_one_compiled_graph_serves_every_prompt_and_cache_length():
+    """Attention reads the cache's filled positions, their count a dynamic dimension: after the
+    warm-up, prompts and runs of other lengths, a one-token prompt and the window sliding included,
+    compile nothing more and decode the eager tokens."""
+    model = prepare_for_inference(small_model(), None)
+    compiled = CompiledDecoding(model)
+    compiled.warm_up(1, torch.float32)
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    step, calls = compiled.step, []
+    compiled.step = lambda *args: calls.append(args[2][0].size(2)) or step(*args)  # (the lengths read)
+    # (the last run overruns the 64-token window: 43 steps, one eager at the full window, a prefill, 24)
+    for prompt, new, compiled_steps in ((PROMPT, 5, 4), (PROMPT[:1], 8, 7), (PROMPT[:3], 30, 29), (PROMPT * 2, 70, 67)):
+        config = SamplingConfig(max_new_tokens=new, greedy=True, repetition_penalty=2.0)
+        run = [generate(model, prompt, config, 1, seeded_generator(model, 7), eos_id=None, compiled=c)
+               for c in (compiled, None)]
+        got, want = ([int(t) for t in steps] for steps in run)
+        assert got == want and len(got) == new
+        assert len(calls) == compiled_steps and calls[0] == len(prompt) + 1  # (the filled positions, no more)
+        calls.clear()
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
 
 
 def test_layers_on_fewer_threads_compile_through_on_all_of_them_or_stay_opaque():
@@ -141,7 +159,7 @@ def test_a_model_in_training_mode_or_a_cpu_without_a_compiler_or_python_headers_
 
 @needs_compiler
 def test_many_models_and_batch_sizes_each_keep_their_compiled_step(monkeypatch):
-    """One graph per model, batch size and cache bucket, all of the same code: more than the 8 that
+    """One graph per model and batch size, all of the same code: more than the 8 that
     dynamo keeps by default (a 9th was an error), here 5 models x 2 batch sizes. (Compiled without
     the C++ wrapper, beside the point here: it adds ~6 s to each of the 10 first compiles.)"""
     compile_ = torch.compile
@@ -166,6 +184,6 @@ def test_warm_up_refuses_a_compiled_step_that_disagrees_with_the_eager_model(mon
 
     monkeypatch.setattr(torch, "compile", compile_as(float("nan")))
     with pytest.raises(MinigptError, match=r"logits differ from the model's by nan .*TORCHINDUCTOR_CACHE_DIR"):
-        CompiledDecoding(model).warm_up(2, 10, torch.float32)
+        CompiledDecoding(model).warm_up(2, torch.float32)
     monkeypatch.setattr(torch, "compile", compile_as(1.001))
-    assert CompiledDecoding(model).warm_up(2, 10, torch.float32) >= 0  # (rounding-sized gaps pass)
+    assert CompiledDecoding(model).warm_up(2, torch.float32) >= 0  # (rounding-sized gaps pass)
