@@ -22,10 +22,12 @@ views of its filled positions, the new one included, whose length dynamo is told
 (`torch._dynamo.mark_dynamic`): inductor then writes the attention loops for any length, so a
 process compiles once per batch size, whatever the prompt and the number of new tokens, and
 attention reads only the positions filled. (Before, the cache length was rounded up to a power of
-two and attention read the whole bucket under a mask: a graph per bucket, each compiled on first
-use, and up to twice the reads. Measured against that, interleaved, 30 runs of 128 greedy tokens
-on the AVX-512 BF16 EPYC, the bucket 256: bf16 6.09 against 6.46 ms a token, int8 4.17 against
-4.36 and 4.47 against 4.71, fp32 even, 9.28 against 9.31.) The prompt itself (prefill) runs eager.
+two and attention read the whole bucket under a mask: a graph per bucket, so a prompt or a token
+count that needed a longer cache compiled again, ~30 s on 2 cores. The reads saved and the dynamic
+graph's own costs about cancel for short runs: ms a token, new against before, one process,
+interleaved rounds, greedy after a 10-token prompt, AVX-512 BF16 EPYC: 100 tokens, bucket 128,
+1.01x bf16, 1.00x fp32, 1.02-1.03x int8; 128 tokens, bucket 256, 0.98x int8, 1.00x bf16; 300
+tokens, bucket 512, 0.94x int8, 0.97x fp32.) The prompt itself (prefill) runs eager.
 Only the layers whose kernels fuse with the ops around them (FBGEMM's and int8mm's, see
 `compilable`) are compiled through, on all threads; every other layer is one opaque op
 (`minigpt/opaque.py`) running its eager forward, thread count included.
