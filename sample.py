@@ -190,6 +190,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("--compile: compiling the decoding step ...", file=sys.stderr, flush=True)  # (torch may log meanwhile)
         seconds = compiled.warm_up(args.num_samples, activation_dtype(model))
         print(f"--compile: compiled in {seconds:.1f} s", file=sys.stderr)
+        print(f"--compile: {compiled.describe()}", file=sys.stderr)
 
     def answer(prompt: str, shown: str, index: int, trace) -> None:
         done = complete(model, tokenizer, prompt, config, shown=shown, num_samples=args.num_samples,

@@ -219,7 +219,7 @@ def throughput(args, hf_dir: Path, mg_dir: Path, prompt: list[int], llama_files:
         compiled = {name: compile_decoding(model, batch)
                     for name, model in models.items() if args.compile and VARIANTS[name][0] == "ours"}
         for name, model in models.items():
-            compiled_note = "; decoding compiled" if name in compiled else ""
+            compiled_note = "; " + compiled[name].describe() if name in compiled else ""
             results["kernels"][name, batch] = kernel_summary(model) + compiled_note
         for name, model in models.items():  # warm-up: first-call allocations, lazy inits
             timed(name, model, prompt, batch, 3, compiled.get(name))

@@ -46,6 +46,10 @@ class TransposedLinear(nn.Module):
         """Rows `idx` of W (for the token embedding that shares the LM head's matrix)."""
         return self.weight_t[:, idx].movedim(0, -1)  # (in, *idx.shape) -> (*idx.shape, in)
 
+    def dense(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(W (out, in), b) as plain tensors, for a graph that computes `F.linear` on them."""
+        return self.weight_t.t(), self.bias  # (a view)
+
 
 class SplitLinear(nn.Module):
     """fp32 `y = x W^T + b` with W's output columns cut into `parts` slices, stored (parts, in, out /
@@ -82,6 +86,11 @@ class SplitLinear(nn.Module):
     def embed(self, idx: torch.Tensor) -> torch.Tensor:
         width = self.weight_parts.size(2)
         return self.weight_parts[idx // width, :, idx % width]  # (*idx.shape, in)
+
+    def dense(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(W (out, in), b) as plain tensors, for a graph that computes `F.linear` on them."""
+        weight_t = self.weight_parts.transpose(0, 1).reshape(self.weight_parts.size(1), -1)  # (in, out padded)
+        return weight_t[:, : self.out_features].t().contiguous(), self.bias  # (a copy)
 
 
 class RowSplitLinear(nn.Module):
@@ -131,6 +140,11 @@ class RowSplitLinear(nn.Module):
     def embed(self, idx: torch.Tensor) -> torch.Tensor:
         return F.embedding(idx, self.weight_rows.view(-1, self.weight_rows.size(2)))
 
+    def dense(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(W (out, in), b) as plain tensors, for a graph that computes `F.linear` on them."""
+        weight = self.weight_rows.view(-1, self.weight_rows.size(2))[: self.out_features]  # (views)
+        return weight, None if self.bias_rows is None else self.bias_rows.view(-1)[: self.out_features]
+
 
 class DenseLinear(nn.Module):
     """`y = x W^T + b` with W (out, in) in `dtype`, by kernel "linear" (`F.linear`) or "mv-upcast"
@@ -158,6 +172,10 @@ class DenseLinear(nn.Module):
     def embed(self, idx: torch.Tensor) -> torch.Tensor:
         return F.embedding(idx, self.weight)
 
+    def dense(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(W (out, in), b) as plain tensors, for a graph that computes `F.linear` on them."""
+        return self.weight, self.bias
+
 
 class MklLinear(nn.Module):
     """fp32 `y = x W^T + b` through MKL's prepacked GEMM. The packed copy is made for `rows` rows a
@@ -179,6 +197,10 @@ class MklLinear(nn.Module):
 
     def embed(self, idx: torch.Tensor) -> torch.Tensor:
         return F.embedding(idx, self.weight)
+
+    def dense(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(W (out, in), b) as plain tensors, for a graph that computes `F.linear` on them."""
+        return self.weight, self.bias
 
 
 class OneDnnLinear(nn.Module):

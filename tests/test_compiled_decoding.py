@@ -91,11 +91,16 @@ def test_compiled_fp32_decodes_a_batch_with_the_eager_logits():
 @needs_compiler
 def test_one_compiled_graph_serves_every_prompt_and_cache_length():
     """Attention reads the cache's filled positions, their count a dynamic dimension: after the
-    warm-up, prompts and runs of other lengths, a one-token prompt and the window sliding included,
+    warm-up (which races the two fp32 steps and keeps one), prompts and runs of other lengths, a one-token prompt and the window sliding included,
     compile nothing more and decode the eager tokens."""
     model = prepare_for_inference(small_model(), None)
     compiled = CompiledDecoding(model)
     compiled.warm_up(1, torch.float32)
+    # fp32 on the CPU: warm_up compiled both steps, timed them, and decodes with the faster
+    timed = compiled.seconds_per_token
+    assert set(timed) == {"kernels", "inductor"} and all(0 < t < 1 for t in timed.values())
+    assert compiled.chosen == min(timed, key=timed.get)
+    assert compiled.describe().startswith("decoding compiled, products by ") and " ms a token; " in compiled.describe()
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     step, calls = compiled.step, []
     compiled.step = lambda *args: calls.append(args[2][0].size(2)) or step(*args)  # (the lengths read)
@@ -187,3 +192,52 @@ def test_warm_up_refuses_a_compiled_step_that_disagrees_with_the_eager_model(mon
         CompiledDecoding(model).warm_up(2, torch.float32)
     monkeypatch.setattr(torch, "compile", compile_as(1.001))
     assert CompiledDecoding(model).warm_up(2, torch.float32) >= 0  # (rounding-sized gaps pass)
+
+
+@pytest.mark.parametrize("kernel", available_kernels("fp32"))
+def test_every_fp32_layout_gives_back_its_exact_weight_and_bias(kernel):
+    """What the step with frozen GEMMs multiplies by (`dense()`) is the model's W and b, bit for bit."""
+    model = small_model()
+    want = [(m.weight.detach().clone(), m.bias.detach().clone()) for m in (model.transformer.h[0].attn.c_attn,
+                                                                           model.transformer.h[1].mlp.c_proj)]
+    head = model.lm_head.weight.detach().clone()
+    prepared = prepare_for_inference(model, None, kernel=kernel)
+    for layer, (weight, bias) in zip((prepared.transformer.h[0].attn.c_attn, prepared.transformer.h[1].mlp.c_proj), want):
+        got_weight, got_bias = compiled_decoding._dense(layer)
+        assert torch.equal(got_weight, weight) and torch.equal(got_bias, bias)
+    got_head, no_bias = compiled_decoding._dense(prepared.lm_head)
+    assert torch.equal(got_head, head) and no_bias is None
+
+
+@needs_compiler
+def test_inductor_gemms_decode_the_eager_tokens_with_no_opaque_call():
+    """gemms="inductor": every product is inductor's own, the weights frozen into the graph; the
+    tokens are the eager model's and one step's logits are within fp32 rounding of its."""
+    model = prepare_for_inference(small_model(), None)
+    compiled = CompiledDecoding(model, gemms="inductor")
+    assert list(compiled.steps) == ["inductor"] and compiled.chosen == "inductor"
+    layers = list(compiled.step._orig_mod.modules())
+    assert not any(isinstance(m, OpaqueLayer) for m in layers)
+    assert sum(isinstance(m, compiled_decoding.FrozenGemm) for m in layers) == 4 * CONFIG.n_layer + 1
+    greedy = SamplingConfig(max_new_tokens=20, greedy=True, repetition_penalty=2.0)
+    eager = tokens(model, greedy)
+    assert tokens(model, greedy, compiled) == eager and len(set(eager[0])) > 5
+    cache = KVCache(CONFIG, 1, 20)
+    prompt = torch.tensor([PROMPT])
+    with torch.inference_mode():
+        model(prompt, kv_cache=cache)
+        got = compiled(torch.tensor([[77]]), cache)
+        want = model(torch.cat([prompt, torch.tensor([[77]])], dim=1))[0][:, -1]
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5 * want.abs().max().item())
+    assert compiled.describe() == "decoding compiled, products by inductor's GEMMs"
+
+
+def test_only_fp32_on_the_cpu_offers_inductor_gemms():
+    int8 = prepare_for_inference(small_model(), "int8", kernel="int8mm")
+    assert list(CompiledDecoding(int8).steps) == ["kernels"]  # ("measure" has nothing to race)
+    with pytest.raises(MinigptError, match=r"gemms='inductor' needs an fp32 model on the CPU"):
+        CompiledDecoding(int8, gemms="inductor")
+    with pytest.raises(MinigptError, match=r"gemms must be one of \('measure', 'kernels', 'inductor'\), not 'fast'"):
+        CompiledDecoding(small_model(), gemms="fast")
+    fp32 = prepare_for_inference(small_model(), None)
+    assert list(CompiledDecoding(fp32, gemms="kernels").steps) == ["kernels"]
