@@ -64,7 +64,7 @@ import torch.nn as nn
 
 from .errors import MinigptError
 from .layouts import (FUSIBLE_KERNELS, DenseLinear, FbgemmInt8Linear, Fp16Linear, Int8Linear, MklLinear,
-                      OneDnnLinear, OnThreads, RowSplitLinear, SharedEmbedding, SplitLinear, TransposedLinear,
+                      OneDnnLinear, OnThreads, RowSplitLinear, SplitLinear, TransposedLinear,
                       fp16_refuses)
 from .model import GPT
 
@@ -75,6 +75,19 @@ EXTRA_MEMORY_MARGIN = 0.9  # a kernel holding a second copy of W must be >= 10% 
 # Fewer threads must be >= 10% faster too: between layers on different counts torch's pool resizes
 # and idle threads may fall asleep, which timing a group of layers alone does not see.
 FEWER_THREADS_MARGIN = 0.9
+
+
+class SharedEmbedding(nn.Module):
+    """The token embedding, reading its rows from the LM head's matrix (GPT-2 ties the two), so the
+    inference layout holds that largest matrix once."""
+
+    def __init__(self, head: nn.Module, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.head = head
+        self.out_dtype = dtype  # the residual stream's dtype
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.head.embed(idx).to(self.out_dtype)
 
 
 # --- the candidates -------------------------------------------------------------------------------

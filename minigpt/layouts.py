@@ -3,9 +3,10 @@
 Each holds one Linear layer's weights in the form its kernel reads fastest (transposed, sliced per
 thread, prepacked by MKL / oneDNN / FBGEMM, int8), and names the kernel it runs in `kernel` (a
 layout with several kernels switches by that attribute). The LM head's layout also has `embed`,
-which returns rows of W for the token embedding that GPT-2 ties to it. Why each exists, and what
-it measured against the others, is in its docstring; which one a model gets is decided by timing
-(`minigpt/inference.py`).
+which returns rows of W for the token embedding that GPT-2 ties to it; the fp32 layouts have
+`dense()`, W (out, in) and b as plain tensors, for a compiled step that multiplies them itself
+(`compiled_decoding.FrozenGemm`). Why each exists, and what it measured against the others, is in
+its docstring; which one a model gets is decided by timing (`minigpt/inference.py`).
 """
 
 from __future__ import annotations
@@ -47,7 +48,6 @@ class TransposedLinear(nn.Module):
         return self.weight_t[:, idx].movedim(0, -1)  # (in, *idx.shape) -> (*idx.shape, in)
 
     def dense(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(W (out, in), b) as plain tensors, for a graph that computes `F.linear` on them."""
         return self.weight_t.t(), self.bias  # (a view)
 
 
@@ -88,7 +88,6 @@ class SplitLinear(nn.Module):
         return self.weight_parts[idx // width, :, idx % width]  # (*idx.shape, in)
 
     def dense(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(W (out, in), b) as plain tensors, for a graph that computes `F.linear` on them."""
         weight_t = self.weight_parts.transpose(0, 1).reshape(self.weight_parts.size(1), -1)  # (in, out padded)
         return weight_t[:, : self.out_features].t().contiguous(), self.bias  # (a copy)
 
@@ -141,7 +140,6 @@ class RowSplitLinear(nn.Module):
         return F.embedding(idx, self.weight_rows.view(-1, self.weight_rows.size(2)))
 
     def dense(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(W (out, in), b) as plain tensors, for a graph that computes `F.linear` on them."""
         weight = self.weight_rows.view(-1, self.weight_rows.size(2))[: self.out_features]  # (views)
         return weight, None if self.bias_rows is None else self.bias_rows.view(-1)[: self.out_features]
 
@@ -173,7 +171,6 @@ class DenseLinear(nn.Module):
         return F.embedding(idx, self.weight)
 
     def dense(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(W (out, in), b) as plain tensors, for a graph that computes `F.linear` on them."""
         return self.weight, self.bias
 
 
@@ -199,7 +196,6 @@ class MklLinear(nn.Module):
         return F.embedding(idx, self.weight)
 
     def dense(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(W (out, in), b) as plain tensors, for a graph that computes `F.linear` on them."""
         return self.weight, self.bias
 
 
@@ -451,15 +447,3 @@ class OnThreads(nn.Module):
     def embed(self, idx: torch.Tensor) -> torch.Tensor:
         return self.layer.embed(idx)
 
-
-class SharedEmbedding(nn.Module):
-    """The token embedding, reading its rows from the LM head's matrix (GPT-2 ties the two), so the
-    inference layout holds that largest matrix once."""
-
-    def __init__(self, head: nn.Module, dtype: torch.dtype) -> None:
-        super().__init__()
-        self.head = head
-        self.out_dtype = dtype  # the residual stream's dtype
-
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        return self.head.embed(idx).to(self.out_dtype)
