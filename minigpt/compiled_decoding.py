@@ -110,7 +110,8 @@ def _dense(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
 
 def _has_fp32_dense(layer: nn.Module) -> bool:
     inner = layer.layer if isinstance(layer, OnThreads) else layer
-    return hasattr(inner, "dense") and inner.dense()[0].dtype == torch.float32
+    # (each layout's first buffer is its W, in whatever form; dense() may copy)
+    return hasattr(inner, "dense") and next(inner.buffers()).dtype == torch.float32
 
 
 class DecodeStep(nn.Module):
@@ -169,8 +170,9 @@ class CompiledDecoding:
     every product traced as plain `F.linear` with the weights frozen into the graph
     (`FrozenGemm`), so inductor times its C++ GEMM against ATen's for each shape and writes the one
     it keeps; the graph then has no opaque calls at all. "measure" (the default): `warm_up` compiles
-    both and keeps the faster over a few timed steps (`chosen` names it); elsewhere (bf16, int8, a
-    GPU) there is only "kernels". Measured on the 2-core AMD EPYC Zen 5 (AVX-512 BF16), distilgpt2
+    both and keeps the faster over a few timed steps (`chosen` names it; without `warm_up` the
+    kernels' step decodes and the other is never compiled); elsewhere (bf16, int8, a GPU) there is
+    only "kernels". Measured on the 2-core AMD EPYC Zen 5 (AVX-512 BF16), distilgpt2
     fp32, greedy, 128 tokens, interleaved runs in one process, the same tokens: 198.4 against 146.2
     tokens/s (1.36x): its GEMM for one row streamed the 50,257 x 768 head at ~80 GB/s against ~65
     for `bmm-rows`, and ~25 opaque calls a token are gone. The cost: compiling takes longer (~27 s

@@ -32,6 +32,15 @@ def small_model() -> GPT:
     return GPT(CONFIG).eval()
 
 
+def with_biases(model: GPT) -> GPT:
+    """`model` with random biases (GPT-2 initialises them to zero, which would hide a bias left out)."""
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.Linear) and module.bias is not None:
+                module.bias.normal_(0, 0.5, generator=torch.Generator().manual_seed(module.bias.numel()))
+    return model
+
+
 def tokens(model, config: SamplingConfig, compiled=None, num_samples: int = 1) -> list[list[int]]:
     steps = generate(model, PROMPT, config, num_samples, seeded_generator(model, 7), eos_id=None, compiled=compiled)
     return torch.stack(list(steps), dim=1).tolist()
@@ -113,7 +122,8 @@ def test_one_compiled_graph_serves_every_prompt_and_cache_length():
         assert got == want and len(got) == new
         assert len(calls) == compiled_steps and calls[0] == len(prompt) + 1  # (the filled positions, no more)
         calls.clear()
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
+        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs  # (each run: a graph per
+        # length would fail here fast, not after ~100 compiles)
 
 
 def test_layers_on_fewer_threads_compile_through_on_all_of_them_or_stay_opaque():
@@ -197,7 +207,7 @@ def test_warm_up_refuses_a_compiled_step_that_disagrees_with_the_eager_model(mon
 @pytest.mark.parametrize("kernel", available_kernels("fp32"))
 def test_every_fp32_layout_gives_back_its_exact_weight_and_bias(kernel):
     """What the step with frozen GEMMs multiplies by (`dense()`) is the model's W and b, bit for bit."""
-    model = small_model()
+    model = with_biases(small_model())
     want = [(m.weight.detach().clone(), m.bias.detach().clone()) for m in (model.transformer.h[0].attn.c_attn,
                                                                            model.transformer.h[1].mlp.c_proj)]
     head = model.lm_head.weight.detach().clone()
@@ -213,7 +223,7 @@ def test_every_fp32_layout_gives_back_its_exact_weight_and_bias(kernel):
 def test_inductor_gemms_decode_the_eager_tokens_with_no_opaque_call():
     """gemms="inductor": every product is inductor's own, the weights frozen into the graph; the
     tokens are the eager model's and one step's logits are within fp32 rounding of its."""
-    model = prepare_for_inference(small_model(), None)
+    model = prepare_for_inference(with_biases(small_model()), None)
     compiled = CompiledDecoding(model, gemms="inductor")
     assert list(compiled.steps) == ["inductor"] and compiled.chosen == "inductor"
     layers = list(compiled.step._orig_mod.modules())
@@ -233,6 +243,7 @@ def test_inductor_gemms_decode_the_eager_tokens_with_no_opaque_call():
 
 
 def test_only_fp32_on_the_cpu_offers_inductor_gemms():
+    """The step with inductor's GEMMs needs fp32 layouts that give back W (`dense()`): not int8's."""
     int8 = prepare_for_inference(small_model(), "int8", kernel="int8mm")
     assert list(CompiledDecoding(int8).steps) == ["kernels"]  # ("measure" has nothing to race)
     with pytest.raises(MinigptError, match=r"gemms='inductor' needs an fp32 model on the CPU"):
@@ -241,3 +252,4 @@ def test_only_fp32_on_the_cpu_offers_inductor_gemms():
         CompiledDecoding(small_model(), gemms="fast")
     fp32 = prepare_for_inference(small_model(), None)
     assert list(CompiledDecoding(fp32, gemms="kernels").steps) == ["kernels"]
+    assert list(CompiledDecoding(small_model()).steps) == ["kernels"]  # (not prepared: plain nn.Linear layers)
