@@ -41,6 +41,7 @@ import os
 import shutil
 import sysconfig
 import time
+import warnings
 import weakref
 from pathlib import Path
 
@@ -61,8 +62,10 @@ GRAPHS_KEPT = 64
 # within 1e-4 for int8 (fused activation digits round an odd value to the next level), 2e-6 for fp32 and bf16.
 AGREEMENT = 1e-2
 # inductor's options for the step with frozen weights: it times its own C++ GEMM against ATen's for
-# each product (max-autotune) and keeps the faster (freezing, which lets it pack W, is set per call)
-GEMM_OPTIONS = {"max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN"}
+# each product (max-autotune) and keeps the faster (freezing, which lets it pack W, is set per call),
+# without printing its timing tables on stderr
+GEMM_OPTIONS = {"max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN",
+                "autotune_num_choices_displayed": 0, "max_autotune_report_choices_stats": False}
 TIMING_ROUNDS, TIMING_TOKENS = 3, 16  # warm_up's race between two compiled steps: ~0.5 s for distilgpt2
 
 
@@ -256,7 +259,9 @@ class CompiledDecoding:
             cache = KVCache(self.model.config, batch_size, 3, device=device, dtype=dtype)
             self.model(idx, kv_cache=cache)  # the first token, eager (as a prompt is)
             start = time.perf_counter()
-            got = self(idx, cache).float()
+            with warnings.catch_warnings():  # (inductor's autotuning uses an API torch itself deprecates)
+                warnings.filterwarnings("ignore", message="TypedStorage is deprecated")
+                got = self(idx, cache).float()
             seconds += time.perf_counter() - start
             want = self.model(torch.cat([idx, idx], dim=1))[0][:, -1].float()  # (B, vocab)
             gap, largest = (got - want).abs().max().item(), want.abs().max().item()
