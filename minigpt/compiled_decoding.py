@@ -86,7 +86,7 @@ def compilable(layer: nn.Module, out_features: int) -> nn.Module:
     product, such as FBGEMM's activation digits, fuse; run on all threads), else one opaque call of
     its eager forward: inductor's own code for one row of fp32 or bf16 was slower than the kernels
     timing chose (fp32 decoding 26.8 against 67.6 tokens/s when traced through; bf16 even)."""
-    inner = layer.layer if isinstance(layer, OnThreads) else layer
+    inner = _unwrapped(layer)
     return inner if getattr(inner, "kernel", None) in FUSIBLE_KERNELS else OpaqueLayer(layer, out_features)
 
 
@@ -106,13 +106,17 @@ class FrozenGemm(nn.Module):
         return F.linear(x, self.weight, self.bias)
 
 
+def _unwrapped(layer: nn.Module) -> nn.Module:
+    """The layout itself, out of its `OnThreads` (a compiled graph runs it on all threads)."""
+    return layer.layer if isinstance(layer, OnThreads) else layer
+
+
 def _dense(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
-    inner = layer.layer if isinstance(layer, OnThreads) else layer
-    return inner.dense()
+    return _unwrapped(layer).dense()
 
 
 def _has_fp32_dense(layer: nn.Module) -> bool:
-    inner = layer.layer if isinstance(layer, OnThreads) else layer
+    inner = _unwrapped(layer)
     # (each layout's first buffer is its W, in whatever form; dense() may copy)
     return hasattr(inner, "dense") and next(inner.buffers()).dtype == torch.float32
 

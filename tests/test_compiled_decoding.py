@@ -32,6 +32,19 @@ def small_model() -> GPT:
     return GPT(CONFIG).eval()
 
 
+def assert_one_step_is_eager(model: GPT, compiled: CompiledDecoding, within: float) -> None:
+    """One compiled step's logits, after the prompt, against the eager model's at the same position:
+    within `within` of the largest; the cache one position longer."""
+    cache = KVCache(CONFIG, 1, 20)
+    prompt = torch.tensor([PROMPT])
+    with torch.inference_mode():
+        model(prompt, kv_cache=cache)
+        got = compiled(torch.tensor([[77]]), cache)
+        want = model(torch.cat([prompt, torch.tensor([[77]])], dim=1))[0][:, -1]
+    assert cache.length == len(PROMPT) + 1
+    torch.testing.assert_close(got, want, rtol=0, atol=within * want.abs().max().item())
+
+
 def with_biases(model: GPT) -> GPT:
     """`model` with random biases (GPT-2 initialises them to zero, which would hide a bias left out)."""
     with torch.no_grad():
@@ -62,15 +75,7 @@ def test_compiled_int8_decodes_the_eager_tokens_through_a_sliding_window(kernel)
     assert tokens(model, greedy, compiled) == eager
     assert len(set(eager[0])) > 5  # (a real sequence, not one token repeated)
 
-    # one step's logits, against the eager model at the same position
-    cache = KVCache(CONFIG, 1, 20)
-    prompt = torch.tensor([PROMPT])
-    with torch.inference_mode():
-        model(prompt, kv_cache=cache)
-        got = compiled(torch.tensor([[77]]), cache)
-        want = model(torch.cat([prompt, torch.tensor([[77]])], dim=1))[0][:, -1]
-    assert cache.length == len(PROMPT) + 1
-    torch.testing.assert_close(got, want, rtol=0, atol=1e-4 * want.abs().max().item())
+    assert_one_step_is_eager(model, compiled, 1e-4)
 
 
 @needs_compiler
@@ -232,13 +237,7 @@ def test_inductor_gemms_decode_the_eager_tokens_with_no_opaque_call():
     greedy = SamplingConfig(max_new_tokens=20, greedy=True, repetition_penalty=2.0)
     eager = tokens(model, greedy)
     assert tokens(model, greedy, compiled) == eager and len(set(eager[0])) > 5
-    cache = KVCache(CONFIG, 1, 20)
-    prompt = torch.tensor([PROMPT])
-    with torch.inference_mode():
-        model(prompt, kv_cache=cache)
-        got = compiled(torch.tensor([[77]]), cache)
-        want = model(torch.cat([prompt, torch.tensor([[77]])], dim=1))[0][:, -1]
-    torch.testing.assert_close(got, want, rtol=0, atol=1e-5 * want.abs().max().item())
+    assert_one_step_is_eager(model, compiled, 1e-5)
     assert compiled.describe() == "decoding compiled, products by inductor's GEMMs"
 
 
