@@ -186,6 +186,13 @@ class CompiledDecoding:
     the first time on 2 cores, ~18 s later, with autotuning), and the frozen graph holds its own
     packed copy of the weights beside the model's, which the eager prompt still uses, whichever step
     wins (distilgpt2 fp32, resident: 1,041 MB against 704 with "kernels" alone).
+
+    One choice per instance, as `prepare_for_inference` makes one per model: the race is run for
+    the batch size given to `warm_up`, and its winner decodes every batch size after it (a second
+    `warm_up` races again, and its winner then decodes all). For each batch size decoded at its
+    best, prepare a model and make a `CompiledDecoding` per batch size, as the benchmarks do. The
+    context managers entered around each call (the graph limit; freezing, for the inductor step)
+    cost ~6 us each, against 3-8 ms a token (Zen 5).
     """
 
     GEMMS = ("measure", "kernels", "inductor")
