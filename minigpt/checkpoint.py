@@ -17,8 +17,10 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+import torch.nn as nn
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
+from torch.overrides import TorchFunctionMode
 
 from .config import GPTConfig
 from .errors import MinigptError, reason
@@ -49,13 +51,35 @@ def read_config(folder: Path) -> GPTConfig:
         raise MinigptError(f"{path}: {e}") from None
 
 
+class _NoRandomInit(TorchFunctionMode):
+    """Inside it, `torch.nn.init`'s random fills leave their tensor as it is."""
+
+    FILLS = (nn.init.normal_, nn.init.uniform_, nn.init.kaiming_uniform_, nn.init.trunc_normal_)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in self.FILLS:
+            return args[0] if args else kwargs["tensor"]
+        return func(*args, **kwargs)
+
+
+def empty_model(config: GPTConfig) -> GPT:
+    """A GPT whose tensors are on the meta device: shapes and dtypes, no memory, no numbers.
+
+    The random initialisation is skipped too (`_NoRandomInit`): on the meta device it draws
+    nothing, but the first `normal_` there imports torch's compiler (the meta kernel is written in
+    Python behind a dynamo guard), ~0.9 s of every process that loads a model on 2 CPU cores.
+    """
+    with torch.device("meta"), _NoRandomInit():
+        return GPT(config)
+
+
 def expected_shapes(config: GPTConfig) -> dict[str, tuple[int, ...]]:
     """Every tensor a minigpt checkpoint of `config` must hold, by name, with its shape.
 
     Computed on the meta device: no memory is allocated, however large the config claims to be.
     """
-    with torch.device("meta"):
-        model = GPT(config)
+    model = empty_model(config)
     return {
         name: tuple(t.shape) for name, t in model.state_dict().items() if name not in TIED_KEYS
     }
@@ -206,8 +230,7 @@ def model_from_state(
     same weights read back from a checkpoint. (`state` must not view a memory-mapped file, which
     the model would then keep resident: `load_safetensors` gives copies.)
     """
-    with torch.device("meta"):
-        model = GPT(config)
+    model = empty_model(config)
     owned = {}
     for name in list(state):
         owned[name] = state.pop(name).to(device=device, dtype=dtype).contiguous()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import gc
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -152,3 +154,22 @@ def test_loading_holds_the_weights_once_not_twice(distil_hf_dir, tmp_path):
         assert 300 < weights_mb < 320  # (MiB; the tied head counted once)
         assert resident_mb("VmHWM") - resident_mb("VmRSS") < 0.2 * weights_mb, folder
         del model
+
+
+def test_loading_draws_no_random_numbers_and_imports_no_compiler(tiny_minigpt_dir, tiny_hf_dir):
+    """A model to load is built on the meta device without its random initialisation: drawing there
+    costs nothing, but the first `normal_` on the meta device imports torch's compiler (~0.9 s of
+    `sample.py`'s ~4 s on 2 cores). In a fresh process, loading either kind of folder leaves
+    torch._dynamo unimported, and the loaded weights are the file's."""
+    script = (
+        "import sys, torch\n"
+        "from minigpt.loading import load_model\n"
+        f"models = [load_model({str(tiny_minigpt_dir)!r})[0], load_model({str(tiny_hf_dir)!r})[0]]\n"
+        "print('torch._dynamo' in sys.modules, [m.transformer.h[0].mlp.c_fc.weight.detach().sum().item() for m in models])\n"
+    )
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    dynamo, sums = r.stdout.split(" ", 1)
+    assert dynamo == "False"
+    want = load_model(tiny_minigpt_dir)[0].transformer.h[0].mlp.c_fc.weight.detach().sum().item()
+    assert json.loads(sums) == pytest.approx([want, want], rel=1e-6) and want != 0
