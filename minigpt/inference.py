@@ -171,10 +171,14 @@ LAYOUTS: dict[str, tuple[Layout, ...]] = {  # the candidates per precision ("int
     ),
 }
 TIME_LAYERS = 2  # layers of a group the candidates are timed on (the rest is built with the winner)
-# A matrix with more output rows (the LM head) is timed on its first TIME_ROWS rows: 50 MB in fp32,
-# beyond any CPU cache here, so the timing still streams from memory, while the candidates do not
-# each hold a full copy at once (that made `sample.py`'s peak memory ~250 MB higher).
-TIME_ROWS = 16_384
+# A matrix with more output rows (the LM head) is timed on its first rows, TIME_BYTES of them in the
+# precision at hand (16,384 rows of 768 in fp32; in int8 the whole 50,257-row head): beyond any CPU
+# cache here, so the timing streams from memory, while the candidates do not each hold a full copy
+# at once (that made `sample.py`'s peak memory ~250 MB higher). A fixed count of rows was less in
+# int8: 16,384 of them (12.6 MB, within a 32 MB L3) timed FBGEMM's head and int8mm's about even, and
+# int8mm won 3 of 4 prepares on torch 2.15 (1 of 4 with the whole head), while decoding with FBGEMM's
+# head was 1.20x faster (Zen 5, compiled, 9 interleaved rounds of 128 tokens).
+TIME_BYTES = 48 * 2**20
 
 # (precision, kernel names, shape, rows, threads, device, tied) -> (the chosen kernel's name, its
 # thread count), per process
@@ -293,7 +297,7 @@ def _choose(
     run on the fastest thread count (fewer than the process has: in `OnThreads`).
 
     The candidates' layouts are built for the group's first TIME_LAYERS layers (their first
-    TIME_ROWS output rows) and raced on all threads (`_race`); then the winner alone is raced on
+    TIME_BYTES of output rows) and raced on all threads (`_race`); then the winner alone is raced on
     each thread count (`_thread_count`). `flush_bytes` > 0: each pass first reads a buffer that
     large, evicting the weights from the cache (`_time_pass`). The choice is cached under `key`. A
     candidate that refuses one of the group's weights (`Layout.refuses`, e.g. fp16's range) is left
@@ -314,7 +318,8 @@ def _choose(
         def rows_of(w: torch.Tensor, b: torch.Tensor | None, part: slice):  # (W, bias) cut to output rows
             return w[part], None if b is None else b[part]
 
-        sample = [rows_of(w, b, slice(TIME_ROWS)) for w, b in weights[:TIME_LAYERS]]
+        time_rows = max(1, TIME_BYTES // (weights[0][0].size(1) * WEIGHT_BYTES[key[0]]))  # (key[0]: the precision)
+        sample = [rows_of(w, b, slice(time_rows)) for w, b in weights[:TIME_LAYERS]]
         if flush_bytes and len(sample) == 1 and len(sample[0][0]) > 1:  # one matrix: half warms, half is timed
             half = len(sample[0][0]) // 2
             sample = [rows_of(*sample[0], slice(half)), rows_of(*sample[0], slice(half, None))]

@@ -140,9 +140,10 @@ def test_the_measured_choice_is_named_and_cached(small_model, monkeypatch):
 
 
 def test_a_matrix_timed_on_its_first_rows_is_built_whole(small_model, monkeypatch):
-    """The LM head is timed on its first TIME_ROWS rows; the winner is then built for all of them."""
+    """The LM head is timed on its first TIME_BYTES of rows; the winner is then built for all of them."""
     monkeypatch.setattr(inference, "_CHOICES", {})
-    monkeypatch.setattr(inference, "TIME_ROWS", 1000)  # the small model's head has 2,100 rows
+    # (1,000 fp32 rows; the small model's head has 2,100)
+    monkeypatch.setattr(inference, "TIME_BYTES", 1000 * small_model.config.n_embd * 4)
     timed_rows = []
     time_pass = inference._time_pass
 
