@@ -50,7 +50,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .errors import MinigptError
-from .layouts import FUSIBLE_KERNELS, OnThreads
+from .inference import available_kernels
+from .layouts import FUSIBLE_KERNELS, FbgemmInt8Linear, OnThreads
 from .opaque import opaque_product, register_opaque_product
 from .model import GPT, KVCache
 
@@ -115,6 +116,13 @@ def _dense(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
     return _unwrapped(layer).dense()
 
 
+def fbgemm_twin(layer: nn.Module, keep_rows: bool) -> FbgemmInt8Linear:
+    """An `int8mm` layer's int8 weights in FBGEMM's kernel: the same q and scales (quantizing q * s
+    again gives them back exactly, each row's largest |q| being 127), the same bias."""
+    inner = _unwrapped(layer)
+    return FbgemmInt8Linear(inner.qweight.float() * inner.scale.float().unsqueeze(1), inner.bias, keep_rows)
+
+
 def _has_fp32_dense(layer: nn.Module) -> bool:
     inner = _unwrapped(layer)
     # (each layout's first buffer is its W, in whatever form; dense() may copy)
@@ -130,13 +138,14 @@ class DecodeStep(nn.Module):
     token, on the same modules.
     """
 
-    def __init__(self, model: GPT, frozen_gemms: bool = False) -> None:
+    def __init__(self, model: GPT, frozen_gemms: bool = False, twins: dict | None = None) -> None:
         super().__init__()
         self.model = model
         C, V = model.config.n_embd, model.config.vocab_size
+        twins = twins or {}  # a layer of the model -> the layer that computes its product here
 
         def layer(module: nn.Module, out_features: int) -> nn.Module:
-            return FrozenGemm(module) if frozen_gemms else compilable(module, out_features)
+            return FrozenGemm(module) if frozen_gemms else compilable(twins.get(module, module), out_features)
 
         self.layers = nn.ModuleList(
             nn.ModuleList([layer(b.attn.c_attn, 3 * C), layer(b.attn.c_proj, C),
@@ -172,14 +181,27 @@ class CompiledDecoding:
     `minigpt.sampling.generate(..., compiled=CompiledDecoding(model))` runs the prompt eager and
     every further token through the compiled step, on a plain `KVCache`.
 
-    `gemms`: who computes the products of an fp32 model on the CPU. "kernels": the layers'
-    own kernels, chosen by `prepare_for_inference`, each an opaque call in the graph. "inductor":
-    every product traced as plain `F.linear` with the weights frozen into the graph
-    (`FrozenGemm`), so inductor times its C++ GEMM against ATen's for each shape and writes the one
-    it keeps; the graph then has no opaque calls at all. "measure" (the default): `warm_up` compiles
-    both and keeps the faster over a few timed steps (`chosen` names it; without `warm_up` the
-    kernels' step decodes and the other is never compiled); elsewhere (bf16, int8, a GPU) there is
-    only "kernels". Measured on the 2-core AMD EPYC Zen 5 (AVX-512 BF16), distilgpt2
+    `gemms`: who computes the products of an fp32 or int8 model on the CPU. "kernels": the
+    layers' own kernels, chosen by `prepare_for_inference`, each an opaque call in the graph (int8
+    ones compiled through). "inductor" (fp32): every product traced as plain `F.linear` with the
+    weights frozen into the graph (`FrozenGemm`), so inductor times its C++ GEMM against ATen's for
+    each shape and writes the one it keeps; the graph then has no opaque calls at all. "fbgemm"
+    (int8, where some layers got `int8mm`): every layer in FBGEMM's kernel, the same weights
+    (`fbgemm_twin`), held beside the model's. "measure" (the default): `warm_up` compiles the
+    kernels' step and the other one and keeps the faster over a few timed steps (`chosen` names
+    it); without `warm_up` the kernels' step decodes and the other is never compiled; bf16 and a
+    GPU have only "kernels". The prompt runs eagerly on the model's own layers whichever step
+    wins: with "fbgemm", on int8mm's bf16 activations where the steps round them to 14-bit digits,
+    the same int8 weights, so a greedy token can differ from the eager model's only where its two
+    best logits lie within that rounding (~1e-4 of the largest).
+
+    Why race whole steps: timing the layers' products one by one, as `prepare_for_inference`
+    does, rates FBGEMM's and int8mm's int8 kernels about even for distilgpt2's layers on torch
+    2.15 (Zen 5; 293-310 against 296-319 us for the 6 `attn.c_attn` layers), and picks int8mm for
+    most of them, while the step with FBGEMM everywhere decoded 349.0 against 272.6 tokens/s
+    (greedy, compiled, 7 interleaved rounds in one process; torch 2.13's race chose FBGEMM
+    everywhere, 301.8 against 299.6). The products timed alone do not see what separates the two
+    inside the step. For fp32, measured on the 2-core AMD EPYC Zen 5 (AVX-512 BF16), distilgpt2
     fp32, greedy, 128 tokens, interleaved runs in one process, the same tokens: 198.4 against 146.2
     tokens/s (1.36x): its GEMM for one row streamed the 50,257 x 768 head at ~80 GB/s against ~65
     for `bmm-rows`, and ~25 opaque calls a token are gone. The cost: compiling takes longer (~27 s
@@ -195,7 +217,7 @@ class CompiledDecoding:
     cost ~6 us each, against 3-8 ms a token (Zen 5).
     """
 
-    GEMMS = ("measure", "kernels", "inductor")
+    GEMMS = ("measure", "kernels", "inductor", "fbgemm")
 
     def __init__(self, model: GPT, gemms: str = "measure") -> None:
         if model.training:
@@ -216,15 +238,23 @@ class CompiledDecoding:
         # Python's per-call cost, which runs from cold caches between layers
         options = {"cpp_wrapper": True} if on_cpu else None
         self.steps = {}
-        if gemms != "inductor":
+        if gemms in ("measure", "kernels"):
             self.steps["kernels"] = torch.compile(DecodeStep(model), fullgraph=True, dynamic=False, options=options)
         layers = [model.lm_head] + [m for b in model.transformer.h
                                     for m in (b.attn.c_attn, b.attn.c_proj, b.mlp.c_fc, b.mlp.c_proj)]
-        if gemms != "kernels" and on_cpu and all(_has_fp32_dense(m) for m in layers):
+        int8mm = [m for m in layers if getattr(_unwrapped(m), "kernel", None) == "int8mm"]
+        if gemms in ("measure", "inductor") and on_cpu and all(_has_fp32_dense(m) for m in layers):
             self.steps["inductor"] = torch.compile(DecodeStep(model, frozen_gemms=True), fullgraph=True, dynamic=False,
                                                    options={**options, **GEMM_OPTIONS})
+        elif gemms in ("measure", "fbgemm") and on_cpu and int8mm and "fbgemm" in available_kernels("int8"):
+            twins = {m: fbgemm_twin(m, keep_rows=False) for m in int8mm}
+            self.steps["fbgemm"] = torch.compile(DecodeStep(model, twins=twins), fullgraph=True, dynamic=False,
+                                                 options=options)
         elif gemms == "inductor":
             raise MinigptError("compiled decoding: gemms='inductor' needs an fp32 model on the CPU")
+        elif gemms == "fbgemm":
+            raise MinigptError("compiled decoding: gemms='fbgemm' needs an int8 model on the CPU with int8mm layers "
+                               "and a torch build with FBGEMM")
         self.chosen = next(iter(self.steps))  # the step __call__ runs; warm_up may choose another
         self.seconds_per_token: dict[str, float] = {}  # what warm_up measured, per step
         self.graphs_kept = torch._dynamo.config.patch(recompile_limit=GRAPHS_KEPT)  # (~5 us a call)
@@ -245,7 +275,7 @@ class CompiledDecoding:
     def describe(self) -> str:
         """One line: what computes the products, and what warm_up measured, e.g. "decoding compiled,
         products by inductor's GEMMs (4.50 ms a token; the chosen kernels 5.91)"."""
-        names = {"kernels": "the chosen kernels", "inductor": "inductor's GEMMs"}
+        names = {"kernels": "the chosen kernels", "inductor": "inductor's GEMMs", "fbgemm": "FBGEMM on every layer"}
         timed = self.seconds_per_token
         if len(timed) < 2:
             return f"decoding compiled, products by {names[self.chosen]}"

@@ -244,11 +244,51 @@ def test_inductor_gemms_decode_the_eager_tokens_with_no_opaque_call():
 def test_only_fp32_on_the_cpu_offers_inductor_gemms():
     """The step with inductor's GEMMs needs fp32 layouts that give back W (`dense()`): not int8's."""
     int8 = prepare_for_inference(small_model(), "int8", kernel="int8mm")
-    assert list(CompiledDecoding(int8).steps) == ["kernels"]  # ("measure" has nothing to race)
+    assert "inductor" not in CompiledDecoding(int8).steps
     with pytest.raises(MinigptError, match=r"gemms='inductor' needs an fp32 model on the CPU"):
         CompiledDecoding(int8, gemms="inductor")
-    with pytest.raises(MinigptError, match=r"gemms must be one of \('measure', 'kernels', 'inductor'\), not 'fast'"):
+    with pytest.raises(MinigptError, match=r"gemms='fbgemm' needs an int8 model on the CPU with int8mm layers"):
+        CompiledDecoding(small_model(), gemms="fbgemm")
+    with pytest.raises(MinigptError,
+                       match=r"gemms must be one of \('measure', 'kernels', 'inductor', 'fbgemm'\), not 'fast'"):
         CompiledDecoding(small_model(), gemms="fast")
     fp32 = prepare_for_inference(small_model(), None)
     assert list(CompiledDecoding(fp32, gemms="kernels").steps) == ["kernels"]
     assert list(CompiledDecoding(small_model()).steps) == ["kernels"]  # (not prepared: plain nn.Linear layers)
+
+
+@needs_compiler
+def test_int8mm_layers_race_a_step_with_fbgemm_on_every_layer():
+    """An int8 model with int8mm layers gets a second step with FBGEMM's kernel on every layer, on
+    the same int8 weights (`fbgemm_twin`: the same q, scales and bias); warm_up keeps the faster.
+    Each of the FBGEMM step's logits lies within the activations' rounding of the eager model's on
+    the same tokens: int8mm rounds them to bf16 (2e-3 an element), FBGEMM to 14-bit digits (1.2e-4
+    of the row's largest); measured 3.9e-3 of the largest logit over 40 tokens. (A twin without its
+    scales or its bias is off by far more.)"""
+    if "fbgemm" not in available_kernels("int8"):
+        pytest.skip("this torch build and CPU offer no FBGEMM int8 kernel")
+    model = prepare_for_inference(with_biases(small_model()), "int8", kernel="int8mm")
+    layer = model.transformer.h[1].mlp.c_fc
+    twin = compiled_decoding.fbgemm_twin(layer, keep_rows=True)
+    assert torch.equal(twin.qweight, layer.qweight) and torch.equal(twin.scale, layer.scale.float())
+    assert torch.equal(twin.bias, layer.bias)
+    compiled = CompiledDecoding(model)
+    assert list(compiled.steps) == ["kernels", "fbgemm"]
+    step = compiled.steps["fbgemm"]._orig_mod  # (its `model` keeps the int8mm layers the prompt runs on)
+    assert {m.kernel for m in [*step.layers.modules(), step.lm_head] if hasattr(m, "kernel")} == {"fbgemm"}
+    compiled.warm_up(1, torch.float32)
+    timed = compiled.seconds_per_token
+    assert set(timed) == {"kernels", "fbgemm"} and compiled.chosen == min(timed, key=timed.get)
+    compiled.chosen = "fbgemm"  # (whichever won: the FBGEMM step, compiled by warm_up)
+    seen = []
+
+    def recording(logits, tokens_so_far, config, generator):
+        seen.append(logits.clone())
+        return next_token(logits, tokens_so_far, config, generator)
+
+    greedy = SamplingConfig(max_new_tokens=40, greedy=True, repetition_penalty=2.0)
+    new = [int(t) for t in generate(model, PROMPT, greedy, pick=recording, eos_id=None, compiled=compiled)]
+    with torch.inference_mode():  # the eager model's logits on the same tokens, at each new token
+        want = model(torch.tensor([PROMPT + new]))[0][0, len(PROMPT) - 1 : -1]
+    gap = max((got[0] - w).abs().max() / w.abs().max() for got, w in zip(seen, want))
+    assert len(seen) == 40 and len(set(new)) > 5 and gap <= 1e-2
