@@ -116,11 +116,11 @@ def _dense(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
     return _unwrapped(layer).dense()
 
 
-def fbgemm_twin(layer: nn.Module, keep_rows: bool) -> FbgemmInt8Linear:
+def fbgemm_twin(layer: nn.Module) -> FbgemmInt8Linear:
     """An `int8mm` layer's int8 weights in FBGEMM's kernel: the same q and scales (quantizing q * s
     again gives them back exactly, each row's largest |q| being 127), the same bias."""
     inner = _unwrapped(layer)
-    return FbgemmInt8Linear(inner.qweight.float() * inner.scale.float().unsqueeze(1), inner.bias, keep_rows)
+    return FbgemmInt8Linear(inner.qweight.float() * inner.scale.float().unsqueeze(1), inner.bias, keep_rows=False)
 
 
 def _has_fp32_dense(layer: nn.Module) -> bool:
@@ -249,7 +249,7 @@ class CompiledDecoding:
             self.steps["inductor"] = torch.compile(DecodeStep(model, frozen_gemms=True), fullgraph=True, dynamic=False,
                                                    options={**options, **GEMM_OPTIONS})
         elif gemms in ("measure", "fbgemm") and on_cpu and int8mm and "fbgemm" in available_kernels("int8"):
-            twins = {m: fbgemm_twin(m, keep_rows=False) for m in int8mm}
+            twins = {m: fbgemm_twin(m) for m in int8mm}
             self.steps["fbgemm"] = torch.compile(DecodeStep(model, twins=twins), fullgraph=True, dynamic=False,
                                                  options=options)
         elif gemms == "inductor":
