@@ -77,7 +77,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    "int8 kernel here is measured; one (fbgemm) also rounds activations to 14 bits")
     g.add_argument("--compile", action="store_true",
                    help="decode through one torch.compile graph per token (the prompt runs as usual): "
-                   "it pays on the CPU for --quantize int8 (measured ~1.2-1.45x there) and for fp32, "
+                   "it pays on the CPU for --quantize int8 (measured ~1.2-1.45x there; where timing gave "
+                   "some layers int8mm, a step with FBGEMM on every layer is raced too) and for fp32, "
                    "where inductor's own GEMMs are raced against the chosen kernels and the faster kept "
                    "(1.36x on an AMD Zen 5; ~20 s more to compile, ~330 MB more memory); bf16 about "
                    "even. Compiling takes ~30-35 s on 2 CPU cores the first time, and needs a C++ "

@@ -189,8 +189,10 @@ def read_tensor(path: Path, name: str) -> torch.Tensor:
         if not shape or 0 in shape:  # (nothing to slice)
             return f.get_tensor(name).clone()
         first_row = part[:1]
-        out = torch.empty(shape, dtype=first_row.dtype)
         rows = max(1, READ_BYTES // (first_row.numel() * first_row.element_size()))
+        if rows >= shape[0]:  # (one slice: this mapping reads it)
+            return part[:].clone()
+        out = torch.empty(shape, dtype=first_row.dtype)
         del first_row
     for start in range(0, shape[0], rows):
         with safe_open(str(path), framework="pt") as f:
