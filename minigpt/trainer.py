@@ -172,8 +172,8 @@ class Trainer:
             # A rank whose share of a short last batch is empty must still join DDP's gradient
             # all-reduce: it runs a dummy example with weight 0, which adds zero gradients.
             batch, weight = torch.zeros((1, *batch.shape[1:]), dtype=batch.dtype), 0.0
-        if self.device.type == "cuda":  # from page-locked memory the copy is queued, not waited for
-            batch = batch.pin_memory()
+        if self.device.type == "cuda" and batch.device.type == "cpu":  # from page-locked memory the
+            batch = batch.pin_memory()  # copy is queued, not waited for (a batch on the GPU needs none)
         batch = batch.to(self.device, non_blocking=True)
         if self.cuda_graphs:
             torch._dynamo.maybe_mark_dynamic(batch, 0)

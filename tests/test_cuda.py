@@ -141,3 +141,17 @@ def test_compiled_decoding_on_cuda_decodes_the_eager_tokens(tiny_minigpt_dir):
         eager = [t.tolist() for t in generate(model, [464, 2068, 7586], config, eos_id=None)]
         steps = generate(model, [464, 2068, 7586], config, eos_id=None, compiled=CompiledDecoding(model))
         assert [t.tolist() for t in steps] == eager
+
+
+def test_a_training_step_takes_a_batch_already_on_the_gpu(tmp_path):
+    """train_step pins a CPU batch for an asynchronous copy; a batch already on the GPU (as the
+    benchmarks hand it) is used as it is, and the step is the one a CPU batch gives."""
+    from test_trainer import counting_blocks, make_trainer, micro_model
+
+    losses = []
+    for on_gpu in (False, True):
+        model = micro_model().cuda()
+        trainer = make_trainer(tmp_path / str(on_gpu), model, counting_blocks(8, 16, 300, seed=0), device="cuda")
+        batch = torch.randint(0, 300, (4, 16), generator=torch.Generator().manual_seed(1))
+        losses.append(float(trainer.train_step([batch.cuda() if on_gpu else batch])["loss"]))
+    assert losses[0] == pytest.approx(losses[1], rel=1e-6) and math.isfinite(losses[0])
