@@ -124,6 +124,7 @@ def main(argv=None) -> int:
     info = hardware.describe(device)
     print(hardware.hardware_line(info), flush=True)
     rows: list[tuple[str, ...]] = []
+    notes: list[str] = []  # what each compiled decoding chose
 
     def left() -> float:
         return args.budget - (time.monotonic() - started)
@@ -175,7 +176,6 @@ def main(argv=None) -> int:
 
                 def load(dtype=dtype):
                     models["ours"] = load_model(mg_dir, device, dtype)[0]
-                    models["ours, compiled"] = CompiledDecoding(models["ours"])  # (compiles at its warm-up run)
                     models["hf"] = GPT2LMHeadModel.from_pretrained(folder, dtype=dtype).to(device).eval()
                     models["hf"].generation_config.eos_token_id = None
 
@@ -185,8 +185,12 @@ def main(argv=None) -> int:
                     def run_side(side, batch=batch):
                         if not models:
                             load()
-                        if side == "ours, compiled":
-                            rates[side] = decode_rate(models["ours"], False, batch, args.tokens, models[side])
+                        if side == "ours, compiled":  # as sample.py --compile: warm_up races the steps
+                            compiled = CompiledDecoding(models["ours"])
+                            compiled.warm_up(batch, dtype)
+                            notes.append(f"decode batch {batch} {dtype_name}, ours compiled: {compiled.describe()}")
+                            print(notes[-1], flush=True)
+                            rates[side] = decode_rate(models["ours"], False, batch, args.tokens, compiled)
                         else:
                             rates[side] = decode_rate(models[side], side == "hf", batch, args.tokens)
                         ref = rates.get("hf")
@@ -217,6 +221,7 @@ def main(argv=None) -> int:
         print("|---|---|---|---|---:|---:|---:|---:|")
         for row in rows:
             print("| " + " | ".join(row) + " |")
+        print("\n".join(["", *notes]))
     failed = [row for row in rows if row[4].startswith(("error", "out of memory"))]
     if failed:
         print(f"gpu_check: {len(failed)} of {len(rows)} rows failed (see the table)", file=sys.stderr)

@@ -54,6 +54,7 @@ from .inference import available_kernels
 from .layouts import FUSIBLE_KERNELS, FbgemmInt8Linear, OnThreads
 from .opaque import opaque_product, register_opaque_product
 from .model import GPT, KVCache
+from .runtime import wait_for
 
 # Graphs of `DecodeStep.forward` a process may hold: one per model and batch size, all compiled from
 # the same code, where dynamo keeps 8 by default (with fullgraph=True the 9th is an error: a
@@ -189,8 +190,11 @@ class CompiledDecoding:
     (int8, where some layers got `int8mm`): every layer in FBGEMM's kernel, the same weights
     (`fbgemm_twin`), held beside the model's. "measure" (the default): `warm_up` compiles the
     kernels' step and the other one and keeps the faster over a few timed steps (`chosen` names
-    it); without `warm_up` the kernels' step decodes and the other is never compiled; bf16 and a
-    GPU have only "kernels". The prompt runs eagerly on the model's own layers whichever step
+    it); without `warm_up` the kernels' step decodes and the other is never compiled; bf16 has
+    only "kernels". On a GPU "measure" races the compiled step against the same step uncompiled
+    ("eager") and keeps the faster: inductor's step without CUDA graphs decoded no faster than eager
+    on an H200 (distilgpt2, batch 1, fp32: 242-300 against 296-330 tokens/s; bf16: 201-297 against
+    258-344), where a token is ~100 small kernel launches either way. The prompt runs eagerly on the model's own layers whichever step
     wins: with "fbgemm", on int8mm's bf16 activations where the steps round them to 14-bit digits,
     the same int8 weights, so a greedy token can differ from the eager model's only where its two
     best logits lie within that rounding (3.9e-3 of the largest logit, measured on a small model).
@@ -252,6 +256,8 @@ class CompiledDecoding:
             twins = {m: fbgemm_twin(m) for m in int8mm}
             self.steps["fbgemm"] = torch.compile(DecodeStep(model, twins=twins), fullgraph=True, dynamic=False,
                                                  options=options)
+        elif gemms == "measure" and not on_cpu:
+            self.steps["eager"] = DecodeStep(model)
         elif gemms == "inductor":
             raise MinigptError("compiled decoding: gemms='inductor' needs an fp32 model on the CPU")
         elif gemms == "fbgemm":
@@ -277,8 +283,12 @@ class CompiledDecoding:
     def describe(self) -> str:
         """One line: what computes the products, and what warm_up measured, e.g. "decoding compiled,
         products by inductor's GEMMs (4.50 ms a token; the chosen kernels 5.91)"."""
-        names = {"kernels": "the chosen kernels", "inductor": "inductor's GEMMs", "fbgemm": "FBGEMM on every layer"}
+        names = {"kernels": "the chosen kernels", "inductor": "inductor's GEMMs", "fbgemm": "FBGEMM on every layer",
+                 "eager": "the uncompiled step"}
         timed = self.seconds_per_token
+        if self.chosen == "eager":
+            return (f"decoding eager: the compiled step was slower ({timed['kernels'] * 1e3:.2f} ms a token "
+                    f"against {timed['eager'] * 1e3:.2f})")
         if len(timed) < 2:
             return f"decoding compiled, products by {names[self.chosen]}"
         other = next(k for k in timed if k != self.chosen)
@@ -328,9 +338,11 @@ class CompiledDecoding:
                 cache = KVCache(self.model.config, idx.size(0), TIMING_TOKENS + 3, device=idx.device, dtype=dtype)
                 self.model(idx, kv_cache=cache)
                 self(idx, cache)  # (the caches and code warm)
+                wait_for(idx.device)
                 start = time.perf_counter()
                 for _ in range(TIMING_TOKENS):
                     self(idx, cache)
+                wait_for(idx.device)  # (a GPU runs behind the host: wait for the last token)
                 best[name] = min(best[name], (time.perf_counter() - start) / TIMING_TOKENS)
         return best
 

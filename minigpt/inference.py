@@ -67,6 +67,7 @@ from .layouts import (FUSIBLE_KERNELS, DenseLinear, FbgemmInt8Linear, Fp16Linear
                       OneDnnLinear, OnThreads, RowSplitLinear, SplitLinear, TransposedLinear,
                       fp16_refuses)
 from .model import GPT
+from .runtime import wait_for
 
 QUANTIZATIONS = ("int8",)
 WEIGHT_BYTES = {"fp32": 4, "bf16": 2, "int8": 1}  # bytes a weight takes in each precision
@@ -232,13 +233,11 @@ def _time_pass(
             layers = layers[1:]
     calls = [(layer.core, layer.core_input(x)) if core_only and layer.kernel in FUSIBLE_KERNELS else (layer, x)
              for layer in layers]
-    if x.device.type == "cuda":
-        torch.cuda.synchronize(x.device)
+    wait_for(x.device)
     start = time.perf_counter()
     for call, arg in calls:
         call(arg)
-    if x.device.type == "cuda":
-        torch.cuda.synchronize(x.device)
+    wait_for(x.device)
     return time.perf_counter() - start
 
 

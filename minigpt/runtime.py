@@ -80,6 +80,13 @@ def emulated_bf16_warning(device: torch.device, dtype: torch.dtype) -> str | Non
             f"slower than fp32), so bf16 is emulated and training is much slower; fp32 is faster here")
 
 
+def wait_for(device: torch.device) -> None:
+    """Wait until `device` has run all the work queued on it, before reading a clock: a GPU runs
+    behind the host, which only queues its kernels. Nothing to wait for on the CPU."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def setup_device(device: str = "auto", dtype: str = "auto") -> tuple[torch.device, torch.dtype]:
     """Resolve `--device` and `--dtype` together, and enable TF32 matmuls on CUDA (fp32 runs)."""
     dev = resolve_device(device)

@@ -241,6 +241,23 @@ def test_inductor_gemms_decode_the_eager_tokens_with_no_opaque_call():
     assert compiled.describe() == "decoding compiled, products by inductor's GEMMs"
 
 
+@needs_compiler
+def test_an_uncompiled_step_that_wins_the_race_decodes_and_says_so(monkeypatch):
+    """On a GPU warm_up also races the step uncompiled ("eager"), which decoded faster there: here,
+    with that step added by hand and its timing won, it decodes the eager model's tokens and
+    describe() says that decoding is eager, and why."""
+    model = small_model()
+    compiled = CompiledDecoding(model, gemms="kernels")
+    compiled.steps["eager"] = compiled_decoding.DecodeStep(model)
+    monkeypatch.setattr(compiled, "_time_steps", lambda idx, dtype: {"kernels": 2e-3, "eager": 1.5e-3})
+    compiled.warm_up(1, torch.float32)
+    assert compiled.chosen == "eager"
+    assert compiled.describe() == "decoding eager: the compiled step was slower (2.00 ms a token against 1.50)"
+    greedy = SamplingConfig(max_new_tokens=20, greedy=True, repetition_penalty=2.0)
+    assert tokens(model, greedy, compiled) == tokens(model, greedy)
+    assert_one_step_is_eager(model, compiled, 1e-6)
+
+
 def test_only_fp32_on_the_cpu_offers_inductor_gemms():
     """The step with inductor's GEMMs needs fp32 layouts that give back W (`dense()`): not int8's."""
     int8 = prepare_for_inference(small_model(), "int8", kernel="int8mm")

@@ -128,7 +128,8 @@ def test_training_with_reduce_overhead_through_the_cli(tmp_path, monkeypatch):
 
 def test_compiled_decoding_on_cuda_decodes_the_eager_tokens(tiny_minigpt_dir):
     """sample.py --compile on a GPU: the compiled one-token step (inductor's Triton kernels there)
-    gives the eager model's greedy tokens, fp32 (TF32) and bf16."""
+    gives the eager model's greedy tokens, fp32 (TF32) and bf16; warm_up races it against the
+    uncompiled step, keeps the faster, and still decodes the eager tokens."""
     from minigpt.compiled_decoding import CompiledDecoding
     from minigpt.loading import load_model
     from minigpt.runtime import setup_device
@@ -139,8 +140,15 @@ def test_compiled_decoding_on_cuda_decodes_the_eager_tokens(tiny_minigpt_dir):
     for dtype in (torch.float32, torch.bfloat16):
         model, _ = load_model(tiny_minigpt_dir, device, dtype)
         eager = [t.tolist() for t in generate(model, [464, 2068, 7586], config, eos_id=None)]
-        steps = generate(model, [464, 2068, 7586], config, eos_id=None, compiled=CompiledDecoding(model))
+        compiled = CompiledDecoding(model)
+        assert list(compiled.steps) == ["kernels", "eager"] and compiled.chosen == "kernels"
+        steps = generate(model, [464, 2068, 7586], config, eos_id=None, compiled=compiled)
         assert [t.tolist() for t in steps] == eager
+        compiled.warm_up(1, dtype)
+        timed = compiled.seconds_per_token
+        assert set(timed) == {"kernels", "eager"} and compiled.chosen == min(timed, key=timed.get)
+        steps = generate(model, [464, 2068, 7586], config, eos_id=None, compiled=compiled)
+        assert [t.tolist() for t in steps] == eager, compiled.describe()
 
 
 def test_a_training_step_takes_a_batch_already_on_the_gpu(tmp_path):
