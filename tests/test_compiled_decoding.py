@@ -194,19 +194,34 @@ def test_many_models_and_batch_sizes_each_keep_their_compiled_step(monkeypatch):
 
 
 @needs_compiler
+def compile_as(scale: float):
+    """A stand-in for torch.compile: the step runs eager, its logits scaled by `scale`."""
+    return lambda step, **options: lambda *args: step(*args) * scale
+
+
 def test_warm_up_refuses_a_compiled_step_that_disagrees_with_the_eager_model(monkeypatch):
     """A wrong compiled step (NaN logits here, as inductor's cache written under another instruction
     set gave) is one clear error when it is compiled, not garbage text later."""
     model = prepare_for_inference(small_model(), None)
-
-    def compile_as(scale: float):  # torch.compile replaced: the step runs eager, its logits scaled
-        return lambda step, **options: lambda *args: step(*args) * scale
-
     monkeypatch.setattr(torch, "compile", compile_as(float("nan")))
     with pytest.raises(MinigptError, match=r"logits differ from the model's by nan .*TORCHINDUCTOR_CACHE_DIR"):
         CompiledDecoding(model).warm_up(2, torch.float32)
     monkeypatch.setattr(torch, "compile", compile_as(1.001))
     assert CompiledDecoding(model).warm_up(2, torch.float32) >= 0  # (rounding-sized gaps pass)
+
+
+def test_warm_up_allows_16_bit_rounding_and_no_more(monkeypatch):
+    """With bf16 or fp16 activations (a GPU's) the eager model and the step each round every op to 8
+    or 11 bits, and differently: warm_up's check allows 5e-2 of the largest logit there (measured up
+    to 9.4e-3, distilgpt2's shape in bf16), 1e-2 in fp32; a larger gap is still refused."""
+    bf16 = small_model().to(torch.bfloat16)
+    monkeypatch.setattr(torch, "compile", compile_as(1.03))
+    assert CompiledDecoding(bf16).warm_up(1, torch.bfloat16) >= 0
+    with pytest.raises(MinigptError, match=r"logits differ from the model's"):
+        CompiledDecoding(small_model()).warm_up(1, torch.float32)
+    monkeypatch.setattr(torch, "compile", compile_as(1.2))
+    with pytest.raises(MinigptError, match=r"logits differ from the model's"):
+        CompiledDecoding(bf16).warm_up(1, torch.bfloat16)
 
 
 @pytest.mark.parametrize("kernel", available_kernels("fp32"))
