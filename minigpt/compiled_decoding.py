@@ -195,14 +195,15 @@ class CompiledDecoding:
     kernels' step and the other one and keeps the faster over a few timed steps (`chosen` names
     it); without `warm_up` the kernels' step decodes and the other is never compiled; bf16 has
     only "kernels". On a GPU "measure" races the compiled step against the same step uncompiled
-    ("eager") and keeps the faster: inductor's step without CUDA graphs decoded no faster than eager
-    on an H200 (distilgpt2, batch 1, fp32: 242-300 against 296-330 tokens/s; bf16: 201-297 against
-    258-344), where a token is ~100 small kernel launches either way. The prompt runs eagerly on the model's own layers whichever step
-    wins: with "fbgemm", on int8mm's bf16 activations where the steps round them to 14-bit digits,
-    the same int8 weights, so a greedy token can differ from the eager model's only where its two
-    best logits lie within that rounding (3.9e-3 of the largest logit, measured on a small model).
-    The twins stay beside the model's layers, whichever step wins (distilgpt2, int8mm everywhere,
-    resident after warm_up: 1,002 MB against 860 with "kernels" alone, torch 2.15).
+    ("eager") and keeps the faster: inductor's step without CUDA graphs decoded no faster than the
+    eager model on an H200 (distilgpt2, batch 1, fp32: 242-300 against 296-330 tokens/s; bf16:
+    201-297 against 258-344), where a token is ~100 small kernel launches either way. The prompt
+    runs eagerly on the model's own layers whichever step wins: with "fbgemm", on int8mm's bf16
+    activations where the steps round them to 14-bit digits, the same int8 weights, so a greedy
+    token can differ from the eager model's only where its two best logits lie within that rounding
+    (3.9e-3 of the largest logit, measured on a small model). The twins stay beside the model's
+    layers, whichever step wins (distilgpt2, int8mm everywhere, resident after warm_up: 1,002 MB
+    against 860 with "kernels" alone, torch 2.15).
 
     Why race whole steps: timing the layers' products one by one, as `prepare_for_inference`
     does, rates FBGEMM's and int8mm's int8 kernels about even for distilgpt2's layers on torch
