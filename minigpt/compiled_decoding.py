@@ -290,9 +290,11 @@ class CompiledDecoding:
         names = {"kernels": "the chosen kernels", "inductor": "inductor's GEMMs", "fbgemm": "FBGEMM on every layer",
                  "eager": "the uncompiled step"}
         timed = self.seconds_per_token
-        if self.chosen == "eager":
+        if self.chosen == "eager" and len(timed) == 2:
             return (f"decoding eager: the compiled step was slower ({timed['kernels'] * 1e3:.2f} ms a token "
                     f"against {timed['eager'] * 1e3:.2f})")
+        if self.chosen == "eager":
+            return "decoding eager, the step uncompiled"
         if len(timed) < 2:
             return f"decoding compiled, products by {names[self.chosen]}"
         other = next(k for k in timed if k != self.chosen)

@@ -264,6 +264,8 @@ def test_an_uncompiled_step_that_wins_the_race_decodes_and_says_so(monkeypatch):
     model = small_model()
     compiled = CompiledDecoding(model, gemms="kernels")
     compiled.steps["eager"] = compiled_decoding.DecodeStep(model)
+    compiled.chosen = "eager"  # (before any race: says so without timings)
+    assert compiled.describe() == "decoding eager, the step uncompiled"
     monkeypatch.setattr(compiled, "_time_steps", lambda idx, dtype: {"kernels": 2e-3, "eager": 1.5e-3})
     compiled.warm_up(1, torch.float32)
     assert compiled.chosen == "eager"
