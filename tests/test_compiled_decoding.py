@@ -257,19 +257,24 @@ def test_inductor_gemms_decode_the_eager_tokens_with_no_opaque_call():
 
 
 @needs_compiler
-def test_an_uncompiled_step_that_wins_the_race_decodes_and_says_so(monkeypatch):
-    """On a GPU warm_up also races the step uncompiled ("eager"), which decoded faster there: here,
-    with that step added by hand and its timing won, it decodes the eager model's tokens and
-    describe() says that decoding is eager, and why."""
+def test_the_eager_model_that_wins_the_race_decodes_and_says_so(monkeypatch):
+    """On a GPU warm_up also races the model's own forward ("eager", as decoding without compiling
+    runs), which decoded faster there: here, with that entry added by hand and its timing won, every
+    token goes through the model's forward, never the compiled step, and describe() says so."""
     model = small_model()
     compiled = CompiledDecoding(model, gemms="kernels")
-    compiled.steps["eager"] = compiled_decoding.DecodeStep(model)
+    compiled.steps["eager"] = None
     compiled.chosen = "eager"  # (before any race: says so without timings)
-    assert compiled.describe() == "decoding eager, the step uncompiled"
+    assert compiled.describe() == "decoding eager, through the model's own forward"
     monkeypatch.setattr(compiled, "_time_steps", lambda idx, dtype: {"kernels": 2e-3, "eager": 1.5e-3})
     compiled.warm_up(1, torch.float32)
     assert compiled.chosen == "eager"
     assert compiled.describe() == "decoding eager: the compiled step was slower (2.00 ms a token against 1.50)"
+
+    def refuse(*args):
+        raise AssertionError("the compiled step ran")
+
+    compiled.steps["kernels"] = refuse
     greedy = SamplingConfig(max_new_tokens=20, greedy=True, repetition_penalty=2.0)
     assert tokens(model, greedy, compiled) == tokens(model, greedy)
     assert_one_step_is_eager(model, compiled, 1e-6)
