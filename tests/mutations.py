@@ -245,6 +245,11 @@ BREAKS = (
         ("tests/test_compiled_decoding.py::test_int8mm_layers_race_a_step_with_fbgemm_on_every_layer",),
     ),
     Break(
+        "eager_choice_ignored", "compiled decoding keeps running its compiled step when the eager model won the race",
+        ((r' or self\.chosen == "eager":', ":"),),
+        ("tests/test_compiled_decoding.py::test_the_eager_model_that_wins_the_race_decodes_and_says_so",),
+    ),
+    Break(
         "compiled_race_keeps_the_slower", "warm_up decodes with the slower of the two compiled fp32 steps",
         ((r"self\.chosen = min\(self\.seconds_per_token", "self.chosen = max(self.seconds_per_token"),),
         ("tests/test_compiled_decoding.py::test_one_compiled_graph_serves_every_prompt_and_cache_length",),
