@@ -88,11 +88,14 @@ class OpaqueLayer(nn.Module):
 
 def compilable(layer: nn.Module, out_features: int) -> nn.Module:
     """`layer` itself where compiling through it pays (`layouts.FUSIBLE_KERNELS`: the ops around its
-    product, such as FBGEMM's activation digits, fuse; run on all threads), else one opaque call of
-    its eager forward: inductor's own code for one row of fp32 or bf16 was slower than the kernels
-    timing chose (fp32 decoding 26.8 against 67.6 tokens/s when traced through; bf16 even)."""
+    product, such as FBGEMM's activation digits, fuse; run on all threads; or a plain `nn.Linear` on
+    a GPU, whose product is cuBLAS's either way, its bias and the ops around it then fused), else
+    one opaque call of its eager forward: on the CPU inductor's own code for one row of fp32 or bf16
+    was slower than the kernels timing chose (fp32 decoding 26.8 against 67.6 tokens/s when traced
+    through; bf16 even)."""
     inner = _unwrapped(layer)
-    return inner if getattr(inner, "kernel", None) in FUSIBLE_KERNELS else OpaqueLayer(layer, out_features)
+    on_gpu = type(inner) is nn.Linear and inner.weight.device.type != "cpu"
+    return inner if on_gpu or getattr(inner, "kernel", None) in FUSIBLE_KERNELS else OpaqueLayer(layer, out_features)
 
 
 class FrozenGemm(nn.Module):
@@ -138,13 +141,17 @@ class DecodeStep(nn.Module):
 
     forward(idx (B, 1), pos (1,), keys, values) -> logits (B, vocab): `pos` is the new token's
     position, keys / values the cache's per-layer (B, nh, pos + 1, hs) views of the positions up to
-    and including it (those before it filled). The same computation as `GPT.forward` for one
-    token, on the same modules.
+    and including it (those before it filled); with `whole_cache`, the whole (B, nh, max_len, hs)
+    cache, attention masking the positions after `pos`, so that every token has the same shapes
+    (what a CUDA graph replays). The same computation as `GPT.forward` for one token, on the same
+    modules.
     """
 
-    def __init__(self, model: GPT, frozen_gemms: bool = False, twins: dict | None = None) -> None:
+    def __init__(self, model: GPT, frozen_gemms: bool = False, twins: dict | None = None,
+                 whole_cache: bool = False) -> None:
         super().__init__()
         self.model = model
+        self.whole_cache = whole_cache
         C, V = model.config.n_embd, model.config.vocab_size
         twins = twins or {}  # a layer of the model -> the layer that computes its product here
 
@@ -172,7 +179,9 @@ class DecodeStep(nn.Module):
             # softmax(q K^T / sqrt(hs)) V over the positions so far (no mask: all are visible), written
             # out (SDPA's kernel for one query cost ~70 us a layer in place on a CPU; inductor fuses this
             # into its loops)
-            att = (q @ k_cache.transpose(-2, -1)) / math.sqrt(C // nh)  # (B, nh, 1, pos + 1)
+            att = (q @ k_cache.transpose(-2, -1)) / math.sqrt(C // nh)  # (B, nh, 1, pos + 1 or max_len)
+            if self.whole_cache:  # (the positions after pos hold nothing yet, or an earlier run's keys)
+                att = att.masked_fill(torch.arange(k_cache.size(2), device=pos.device) > pos, float("-inf"))
             y = att.softmax(dim=-1) @ v_cache  # (B, nh, 1, hs)
             x = x + block.attn.resid_dropout(c_proj(y.transpose(1, 2).reshape(B, 1, C)))
             x = x + block.mlp.dropout(mlp_proj(F.gelu(c_fc(block.ln_2(x)), approximate="tanh")))
@@ -183,7 +192,7 @@ class CompiledDecoding:
     """A model's decoding step, compiled once per process and reused by every `generate` call.
 
     `minigpt.sampling.generate(..., compiled=CompiledDecoding(model))` runs the prompt eager and
-    every further token through the compiled step, on a plain `KVCache`.
+    every further token through the compiled step, on a KV cache from `new_cache`.
 
     `gemms`: who computes the products of an fp32 or int8 model on the CPU. "kernels": the
     layers' own kernels, chosen by `prepare_for_inference`, each an opaque call in the graph (int8
@@ -194,12 +203,17 @@ class CompiledDecoding:
     (`fbgemm_twin`), held beside the model's. "measure" (the default): `warm_up` compiles the
     kernels' step and the other one and keeps the faster over a few timed steps (`chosen` names
     it); without `warm_up` the kernels' step decodes and the other is never compiled; bf16 has
-    only "kernels". On a GPU "measure" races the compiled step against the model's own forward pass
-    ("eager", as decoding without compiling runs) and keeps the faster: inductor's step without
-    CUDA graphs decoded no faster than the eager model on an H200 (distilgpt2, batch 1, fp32:
-    242-300 against 296-330 tokens/s; bf16: 201-297 against 258-344), where a token is ~100 small
-    kernel launches either way (the step uncompiled, which writes attention out, was slower still:
-    4.69 ms a token against the compiled 4.10, while the model's forward took ~3.8). The prompt
+    only "kernels".
+
+    On a GPU a token is ~100 small kernel launches, and the host's time to launch them, not the
+    GPU's to run them, is what a token costs (distilgpt2, batch 1, an H200: ~3.8 ms a token through
+    the model's forward). Compiling alone did not change that (inductor's step decoded 242-300
+    tokens/s in fp32 against the eager model's 296-330; bf16 201-297 against 258-344). "cudagraphs"
+    records the step once as a CUDA graph and replays it, one launch a token (torch.compile's
+    mode="reduce-overhead"); a graph replays fixed shapes at fixed addresses, so this step reads the
+    whole window's cache, the positions after the new token masked (`DecodeStep`'s `whole_cache`),
+    kept in the same tensors for every run (`new_cache`). There "measure" races it against the
+    model's own forward ("eager", as decoding without compiling runs) and keeps the faster. The prompt
     runs eagerly on the model's own layers whichever step wins: with "fbgemm", on int8mm's bf16
     activations where the steps round them to 14-bit digits, the same int8 weights, so a greedy
     token can differ from the eager model's only where its two best logits lie within that rounding
@@ -229,7 +243,7 @@ class CompiledDecoding:
     cost ~6 us each, against 3-8 ms a token (Zen 5).
     """
 
-    GEMMS = ("measure", "kernels", "inductor", "fbgemm")
+    GEMMS = ("measure", "kernels", "inductor", "fbgemm", "cudagraphs")
 
     def __init__(self, model: GPT, gemms: str = "measure") -> None:
         if model.training:
@@ -250,7 +264,7 @@ class CompiledDecoding:
         # Python's per-call cost, which runs from cold caches between layers
         options = {"cpp_wrapper": True} if on_cpu else None
         self.steps = {}
-        if gemms in ("measure", "kernels"):
+        if gemms == "kernels" or (gemms == "measure" and on_cpu):
             self.steps["kernels"] = torch.compile(DecodeStep(model), fullgraph=True, dynamic=False, options=options)
         layers = [model.lm_head] + [m for b in model.transformer.h
                                     for m in (b.attn.c_attn, b.attn.c_proj, b.mlp.c_fc, b.mlp.c_proj)]
@@ -262,8 +276,15 @@ class CompiledDecoding:
             twins = {m: fbgemm_twin(m) for m in int8mm}
             self.steps["fbgemm"] = torch.compile(DecodeStep(model, twins=twins), fullgraph=True, dynamic=False,
                                                  options=options)
-        elif gemms == "measure" and not on_cpu:
-            self.steps["eager"] = None  # (no step: the model's own forward decodes, see __call__)
+        elif gemms in ("measure", "cudagraphs") and not on_cpu:
+            # A token replayed as one CUDA graph (mode="reduce-overhead"), which needs the same shapes
+            # and addresses at every token: the whole-window cache of `new_cache`
+            self.steps["cudagraphs"] = torch.compile(DecodeStep(model, whole_cache=True), fullgraph=True,
+                                                     dynamic=False, mode="reduce-overhead")
+            if gemms == "measure":
+                self.steps["eager"] = None  # (no step: the model's own forward decodes, see __call__)
+        elif gemms == "cudagraphs":
+            raise MinigptError("compiled decoding: gemms='cudagraphs' needs a GPU (CUDA graphs)")
         elif gemms == "inductor":
             raise MinigptError("compiled decoding: gemms='inductor' needs an fp32 model on the CPU")
         elif gemms == "fbgemm":
@@ -276,6 +297,7 @@ class CompiledDecoding:
         # and only then: it would also fold the weights that the other step's fused int8 layers trace
         self.frozen = torch._inductor.config.patch(freezing=True)
         self.dynamic_for: set[tuple[str, int]] = set()  # (step, batch size) compiled for any cache length
+        self.whole_caches: dict[tuple[int, torch.dtype], KVCache] = {}  # (batch size, dtype) -> new_cache's
 
     @property
     def step(self):
@@ -288,19 +310,21 @@ class CompiledDecoding:
 
     def describe(self) -> str:
         """One line: what computes the products, and what warm_up measured, e.g. "decoding compiled,
-        products by inductor's GEMMs (4.50 ms a token; the chosen kernels 5.91)"."""
-        names = {"kernels": "the chosen kernels", "inductor": "inductor's GEMMs", "fbgemm": "FBGEMM on every layer",
+        products by inductor's GEMMs (4.50 ms a token; products by the chosen kernels 5.91)"."""
+        names = {"kernels": "products by the chosen kernels", "inductor": "products by inductor's GEMMs",
+                 "fbgemm": "products by FBGEMM on every layer", "cudagraphs": "one CUDA graph a token",
                  "eager": "the model's own forward"}
         timed = self.seconds_per_token
         if self.chosen == "eager":
             if len(timed) < 2:
                 return "decoding eager, through the model's own forward"
-            return (f"decoding eager: the compiled step was slower ({timed['kernels'] * 1e3:.2f} ms a token "
-                    f"against {timed['eager'] * 1e3:.2f})")
+            step = next(k for k in timed if k != "eager")
+            return (f"decoding eager: the compiled step ({names[step]}) was slower ({timed[step] * 1e3:.2f} ms a "
+                    f"token against {timed['eager'] * 1e3:.2f})")
         if len(timed) < 2:
-            return f"decoding compiled, products by {names[self.chosen]}"
+            return f"decoding compiled, {names[self.chosen]}"
         other = next(k for k in timed if k != self.chosen)
-        return (f"decoding compiled, products by {names[self.chosen]} ({timed[self.chosen] * 1e3:.2f} ms a token; "
+        return (f"decoding compiled, {names[self.chosen]} ({timed[self.chosen] * 1e3:.2f} ms a token; "
                 f"{names[other]} {timed[other] * 1e3:.2f})")
 
     @torch.inference_mode()  # (as `generate` runs: a graph compiled under another grad mode would not be reused)
@@ -317,7 +341,7 @@ class CompiledDecoding:
         for name in self.steps:
             self.chosen = name
             # (room for one position more than the step reads: a step that reads the whole cache runs eager)
-            cache = KVCache(self.model.config, batch_size, 3, device=device, dtype=dtype)
+            cache = self.new_cache(batch_size, 3, dtype)
             self.model(idx, kv_cache=cache)  # the first token, eager (as a prompt is)
             start = time.perf_counter()
             with warnings.catch_warnings():  # (inductor's autotuning uses an API torch itself deprecates)
@@ -343,7 +367,7 @@ class CompiledDecoding:
         for _ in range(TIMING_ROUNDS):
             for name in self.steps:
                 self.chosen = name
-                cache = KVCache(self.model.config, idx.size(0), TIMING_TOKENS + 3, device=idx.device, dtype=dtype)
+                cache = self.new_cache(idx.size(0), TIMING_TOKENS + 3, dtype)
                 self.model(idx, kv_cache=cache)
                 self(idx, cache)  # (the caches and code warm)
                 wait_for(idx.device)
@@ -354,8 +378,32 @@ class CompiledDecoding:
                 best[name] = min(best[name], (time.perf_counter() - start) / TIMING_TOKENS)
         return best
 
+    def new_cache(self, batch_size: int, max_len: int, dtype: torch.dtype) -> KVCache:
+        """An empty KV cache for `max_len` positions, to decode into (`generate` asks for one per run).
+
+        With the CUDA-graph step it is a view of a whole-window cache kept per batch size and dtype:
+        a graph replays the memory addresses it was recorded at, so every run must keep its keys
+        and values in the same tensors (marked static for torch.compile, which then neither copies
+        them in nor refuses their in-place writes). They start zeroed: the step masks the positions
+        not yet filled, and a masked NaN would still make 0 * NaN = NaN."""
+        config, device = self.model.config, next(self.model.parameters()).device
+        if "cudagraphs" not in self.steps:
+            return KVCache(config, batch_size, max_len, device=device, dtype=dtype)
+        whole = self.whole_caches.get((batch_size, dtype))
+        if whole is None:
+            whole = self.whole_caches[(batch_size, dtype)] = KVCache(
+                config, batch_size, config.block_size, device=device, dtype=dtype)
+            for tensor in whole.k + whole.v:
+                tensor.zero_()
+                torch._dynamo.mark_static_address(tensor)
+        cache = KVCache(config, batch_size, 0, device=device, dtype=dtype)  # (its own tensors: empty)
+        cache.k, cache.v = [k[:, :, :max_len] for k in whole.k], [v[:, :, :max_len] for v in whole.v]
+        cache.max_len = max_len
+        return cache
+
     def __call__(self, idx: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """Logits (B, vocab) for idx (B, 1) at position `cache.length`, which then grows by one."""
+        """Logits (B, vocab) for idx (B, 1) at position `cache.length`, which then grows by one.
+        `cache`: one from `new_cache`, its first positions filled by the model (the prompt)."""
         n = cache.length + 1  # the positions attention reads: those so far and the new one
         # The first call for a batch size compiles its graph: with the length marked dynamic it serves
         # every later length (marking costs ~0.1 ms a tensor, so only then). Two views it would not
@@ -366,13 +414,22 @@ class CompiledDecoding:
         if n == 1 or n == cache.max_len or self.chosen == "eager":
             return self.model(idx, kv_cache=cache, last_only=True)[0][:, -1]
         pos = torch.tensor([cache.length], device=idx.device)
-        keys, values = [k[:, :, :n] for k in cache.k], [v[:, :, :n] for v in cache.v]
-        if (self.chosen, idx.size(0)) not in self.dynamic_for:
-            self.dynamic_for.add((self.chosen, idx.size(0)))
-            for view in keys + values:
-                torch._dynamo.mark_dynamic(view, 2)
+        graphed = self.chosen == "cudagraphs"
+        if graphed:  # the whole cache, the same tensors at every token (see new_cache)
+            whole = self.whole_caches.get((idx.size(0), cache.k[0].dtype))
+            if whole is None or cache.k[0].data_ptr() != whole.k[0].data_ptr():
+                raise MinigptError("compiled decoding: the CUDA-graph step decodes into a cache from new_cache()")
+            keys, values = whole.k, whole.v
+            torch.compiler.cudagraph_mark_step_begin()  # (a new token, not a step of the same one)
+        else:
+            keys, values = [k[:, :, :n] for k in cache.k], [v[:, :, :n] for v in cache.v]
+            if (self.chosen, idx.size(0)) not in self.dynamic_for:
+                self.dynamic_for.add((self.chosen, idx.size(0)))
+                for view in keys + values:
+                    torch._dynamo.mark_dynamic(view, 2)
         # (a slice of the tokens so far has their row stride: a fresh (B, 1) keeps one graph for all)
         with self.graphs_kept, self.frozen if self.chosen == "inductor" else contextlib.nullcontext():
             logits = self.step(idx.clone(memory_format=torch.contiguous_format), pos, keys, values)
         cache.length += 1
-        return logits
+        # (a graph's output lives in its memory pool, which the next token's replay writes over)
+        return logits.clone() if graphed else logits

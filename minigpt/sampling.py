@@ -211,7 +211,10 @@ def generate(
     tokens[:, :n_prompt] = torch.tensor(prompt, device=device)
     length = n_prompt
     needed = min(window, n_prompt + config.max_new_tokens)
-    cache = KVCache(model.config, num_samples, needed, device=device, dtype=activation_dtype(model))
+    if compiled is not None:  # (its step may need the cache in tensors of its own)
+        cache = compiled.new_cache(num_samples, needed, activation_dtype(model))
+    else:
+        cache = KVCache(model.config, num_samples, needed, device=device, dtype=activation_dtype(model))
     finished = torch.zeros(num_samples, dtype=torch.bool, device=device)
     model_input = tokens[:, :n_prompt]  # first step: the whole prompt (prefill)
 
@@ -230,7 +233,7 @@ def generate(
         tokens[:, length] = new
         length += 1
         yield new
-        if bool(finished.all()):
+        if eos_id is not None and bool(finished.all()):  # (reading it waits for a GPU: only when it can be true)
             return
         model_input = tokens[:, length - 1 : length]
 

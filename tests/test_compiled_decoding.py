@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from minigpt import compiled_decoding, layouts, opaque
-from minigpt.compiled_decoding import CompiledDecoding, OpaqueLayer, compilable
+from minigpt.compiled_decoding import CompiledDecoding, DecodeStep, OpaqueLayer, compilable
 from minigpt.config import GPTConfig
 from minigpt.errors import MinigptError
 from minigpt.inference import available_kernels, prepare_for_inference
@@ -35,7 +35,7 @@ def small_model() -> GPT:
 def assert_one_step_is_eager(model: GPT, compiled: CompiledDecoding, within: float) -> None:
     """One compiled step's logits, after the prompt, against the eager model's at the same position:
     within `within` of the largest; the cache one position longer."""
-    cache = KVCache(CONFIG, 1, 20)
+    cache = compiled.new_cache(1, 20, torch.float32)
     prompt = torch.tensor([PROMPT])
     with torch.inference_mode():
         model(prompt, kv_cache=cache)
@@ -269,7 +269,8 @@ def test_the_eager_model_that_wins_the_race_decodes_and_says_so(monkeypatch):
     monkeypatch.setattr(compiled, "_time_steps", lambda idx, dtype: {"kernels": 2e-3, "eager": 1.5e-3})
     compiled.warm_up(1, torch.float32)
     assert compiled.chosen == "eager"
-    assert compiled.describe() == "decoding eager: the compiled step was slower (2.00 ms a token against 1.50)"
+    assert compiled.describe() == ("decoding eager: the compiled step (products by the chosen kernels) was slower "
+                                   "(2.00 ms a token against 1.50)")
 
     def refuse(*args):
         raise AssertionError("the compiled step ran")
@@ -280,6 +281,36 @@ def test_the_eager_model_that_wins_the_race_decodes_and_says_so(monkeypatch):
     assert_one_step_is_eager(model, compiled, 1e-6)
 
 
+def test_the_whole_cache_step_decodes_the_eager_tokens_in_the_same_tensors_every_run():
+    """The CUDA-graph step (gemms="cudagraphs", a GPU's) reads the whole window's cache at every
+    token, the positions after the new one masked, in tensors kept for every run (a graph replays
+    fixed addresses). Here that step runs uncompiled on the CPU through CompiledDecoding: the eager
+    model's tokens, in batches and through the window sliding, and in a short run after a long one
+    whose keys are still in the cache beyond the new positions."""
+    model = with_biases(small_model())
+    compiled = CompiledDecoding(model, gemms="kernels")  # (then given the whole-cache step by hand)
+    step, lengths = DecodeStep(model, whole_cache=True), []
+    compiled.steps = {"cudagraphs": lambda idx, pos, keys, values: lengths.append(keys[0].size(2)) or step(
+        idx, pos, keys, values)}
+    compiled.chosen = "cudagraphs"
+    long = SamplingConfig(max_new_tokens=80, greedy=True, repetition_penalty=2.0)  # (10 + 80 > 64: slides)
+    for batch in (1, 3):
+        assert tokens(model, long, compiled, batch) == tokens(model, long, None, batch)
+    assert set(lengths) == {CONFIG.block_size} and len(lengths) > 100
+    keys = compiled.whole_caches[(1, torch.float32)].k[0]
+    assert keys[0, 0, 40:].abs().sum() > 0  # (the long run's keys, which the short one must not see)
+    short = SamplingConfig(max_new_tokens=6, greedy=True, repetition_penalty=2.0)
+    assert tokens(model, short, compiled) == tokens(model, short)
+    assert compiled.whole_caches[(1, torch.float32)].k[0] is keys and set(compiled.whole_caches) == {
+        (1, torch.float32), (3, torch.float32)}
+    assert_one_step_is_eager(model, compiled, 1e-5)
+    with pytest.raises(MinigptError, match=r"decodes into a cache from new_cache\(\)"):
+        with torch.inference_mode():
+            plain = KVCache(CONFIG, 1, 20)
+            model(torch.tensor([PROMPT]), kv_cache=plain)
+            compiled(torch.tensor([[77]]), plain)
+
+
 def test_only_fp32_on_the_cpu_offers_inductor_gemms():
     """The step with inductor's GEMMs needs fp32 layouts that give back W (`dense()`): not int8's."""
     int8 = prepare_for_inference(small_model(), "int8", kernel="int8mm")
@@ -288,9 +319,11 @@ def test_only_fp32_on_the_cpu_offers_inductor_gemms():
         CompiledDecoding(int8, gemms="inductor")
     with pytest.raises(MinigptError, match=r"gemms='fbgemm' needs an int8 model on the CPU with int8mm layers"):
         CompiledDecoding(small_model(), gemms="fbgemm")
-    with pytest.raises(MinigptError,
-                       match=r"gemms must be one of \('measure', 'kernels', 'inductor', 'fbgemm'\), not 'fast'"):
+    with pytest.raises(MinigptError, match=r"gemms must be one of \('measure', 'kernels', 'inductor', "
+                       r"'fbgemm', 'cudagraphs'\), not 'fast'"):
         CompiledDecoding(small_model(), gemms="fast")
+    with pytest.raises(MinigptError, match=r"gemms='cudagraphs' needs a GPU"):
+        CompiledDecoding(small_model(), gemms="cudagraphs")
     fp32 = prepare_for_inference(small_model(), None)
     assert list(CompiledDecoding(fp32, gemms="kernels").steps) == ["kernels"]
     assert list(CompiledDecoding(small_model()).steps) == ["kernels"]  # (not prepared: plain nn.Linear layers)
