@@ -191,7 +191,9 @@ def main(argv=None) -> int:
                         if side == "ours, compiled":  # as sample.py --compile: warm_up races the steps
                             compiled = CompiledDecoding(models["ours"])
                             compiled.warm_up(batch, dtype)
-                            notes.append(f"decode batch {batch} {dtype_name}, ours compiled: {compiled.describe()}")
+                            skips = torch._dynamo.utils.counters["inductor"]["cudagraph_skips"]  # (so far)
+                            notes.append(f"decode batch {batch} {dtype_name}, ours compiled: {compiled.describe()}"
+                                         f" (CUDA graphs skipped so far: {skips})")
                             print(notes[-1], flush=True)
                             rates[side] = decode_rate(models["ours"], False, batch, args.tokens, compiled)
                         else:
