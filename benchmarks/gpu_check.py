@@ -3,7 +3,7 @@ against transformers + torch.optim.AdamW / transformers' generate(), same weight
 
     decode     batch 1 and 8, 100 new tokens (top-k 50, top-p 0.95), ours (eager, then compiled as
                sample.py --compile) vs generate(), fp32 and bf16: decode tokens/s after the first token,
-               each side after a whole untimed run
+               each side after a whole untimed run; ours with int8 weights (--quantize int8) too
     training   one optimizer step (bench_train.py's two sides) at the recipe's 8 x 128 and at a
                GPU-sized batch (default 64 x 1024) in fp32 (TF32 matmuls, as train.py), bf16
                autocast and fp16 autocast + GradScaler; median step time over --steps steps after
@@ -119,6 +119,8 @@ def main(argv=None) -> int:
 
     from minigpt.compiled_decoding import CompiledDecoding
     from minigpt.config import GPTConfig
+    from minigpt.errors import MinigptError
+    from minigpt.inference import prepare_for_inference
     from minigpt.loading import convert_to_minigpt, load_model
     from minigpt.runtime import DTYPES, setup_device
 
@@ -151,6 +153,15 @@ def main(argv=None) -> int:
         print(" | ".join(rows[-1]), flush=True)
 
     base: dict[tuple[str, str], float] = {}  # (shape, precision) -> transformers' step seconds
+
+    def int8_rate(ref: float | None, batch: int) -> tuple[str, ...]:
+        """Ours with int8 weights (from fp32), against transformers' fp32 rate `ref`."""
+        try:
+            model = prepare_for_inference(load_model(mg_dir, device, torch.float32)[0], "int8", batch_size=batch)
+        except MinigptError as e:  # (a build without an int8 kernel for CUDA says so: not a failure)
+            return (f"not offered: {e}", "", "", "")
+        rate = decode_rate(model, False, batch, args.tokens)
+        return ("", f"{rate:,.1f}", f"{rate / ref:.2f}x" if ref else "", "")
 
     def train_cell(folder: Path, shape: str, dtype_name: str, side: str, make, needs: float = 20) -> None:
         b, t = (int(x) for x in shape.split("x"))
@@ -205,6 +216,9 @@ def main(argv=None) -> int:
                     cell("decode", f"batch {batch}", dtype_name, "ours", 10, lambda: run_side("ours"))
                     cell("decode", f"batch {batch}", dtype_name, "ours, compiled", 40,
                          lambda: run_side("ours, compiled"))
+                    if dtype_name == "fp32":  # sample.py --quantize int8, where this build has a kernel for it
+                        cell("decode", f"batch {batch}", "int8", "ours", 10, lambda rates=rates, batch=batch: int8_rate(
+                            rates.get("hf"), batch))
                 models.clear()
 
             for shape in args.shapes:

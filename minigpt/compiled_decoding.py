@@ -413,7 +413,7 @@ class CompiledDecoding:
         # for which its matmuls take another path. ("eager" won the race: every token runs so.)
         if n == 1 or n == cache.max_len or self.chosen == "eager":
             return self.model(idx, kv_cache=cache, last_only=True)[0][:, -1]
-        pos = torch.tensor([cache.length], device=idx.device)
+        pos = torch.full((1,), cache.length, device=idx.device)  # (a fill: no copy from the host to wait on)
         graphed = self.chosen == "cudagraphs"
         if graphed:  # the whole cache, the same tensors at every token (see new_cache)
             whole = self.whole_caches.get((idx.size(0), cache.k[0].dtype))

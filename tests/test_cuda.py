@@ -168,3 +168,25 @@ def test_a_training_step_takes_a_batch_already_on_the_gpu(tmp_path):
         batch = torch.randint(0, 300, (4, 16), generator=torch.Generator().manual_seed(1))
         losses.append(float(trainer.train_step([batch.cuda() if on_gpu else batch])["loss"]))
     assert losses[0] == pytest.approx(losses[1], rel=1e-6) and math.isfinite(losses[0])
+
+
+def test_torchrun_on_a_gpu_trains_over_nccl_as_a_plain_run(tmp_path, monkeypatch):
+    """DDP on a GPU: under torchrun each process joins an NCCL process group (one GPU here, so one
+    process, whose gradients still go through NCCL's all-reduce) and trains the plain run's steps:
+    the same losses, the same weights."""
+    from test_ddp import FLAGS, metrics, torchrun, weights
+
+    monkeypatch.setenv("MINIGPT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("NCCL_DEBUG", "VERSION")  # (NCCL prints its version when a group starts)
+    plain = call_cli("train.py", *FLAGS, "--device", "cuda", "--dropout", "0", "--out", str(tmp_path / "plain"))
+    assert plain.returncode == 0, plain.stderr
+    ddp = torchrun(tmp_path / "ddp", "--device", "cuda", "--dropout", "0", nproc=1)
+    assert ddp.returncode == 0, ddp.stderr[-2000:]
+    assert "NCCL version" in ddp.stdout + ddp.stderr
+    a, b = metrics(tmp_path / "plain"), metrics(tmp_path / "ddp")
+    assert [r["step"] for r in a] == [r["step"] for r in b] and len(a) >= 20
+    for x, y in zip(a, b):
+        key = "loss" if "loss" in x else "val_loss"
+        assert x[key] == pytest.approx(y[key], rel=1e-4), (x, y)
+    wa, wb = weights(tmp_path / "plain"), weights(tmp_path / "ddp")
+    assert all(torch.allclose(wa[k], wb[k], rtol=0, atol=1e-4) for k in wa)
