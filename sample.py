@@ -74,7 +74,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     g.add_argument("--quantize", choices=["int8"],
                    help="int8: int8 weights for the Linear layers and LM head (one scale per output "
                    "channel); a quarter of fp32's memory traffic, for fast CPU chat. The fastest "
-                   "int8 kernel here is measured; one (fbgemm) also rounds activations to 14 bits")
+                   "int8 kernel here is measured; one (fbgemm) also rounds activations to 14 bits. On a GPU "
+                   "it decodes slower than fp32 (0.47x on an H200)")
     g.add_argument("--compile", action="store_true",
                    help="decode through one torch.compile graph per token (the prompt runs as usual): "
                    "it pays on the CPU for --quantize int8 (measured ~1.2-1.45x there; where timing gave "
