@@ -55,11 +55,16 @@ def test_adamw_equals_torch_adamw(bucket, fused, monkeypatch):
         assert torch.allclose(v, s["exp_avg_sq"], rtol=1e-6, atol=0)
 
 
-def run_steps(model: nn.Module, opt: AdamW, steps: range) -> None:
+def run_steps(model: nn.Module, opt: AdamW, steps: range, own_layout: bool = False) -> None:
+    """`opt`'s steps on set_grads' gradients (contiguous), or with `own_layout` each gradient given its
+    parameter's strides first (as autograd gives them)."""
     for step in steps:
         for group in opt.param_groups:
             group["lr"] = 1e-2 / (1 + step)
         set_grads(model, step)
+        if own_layout:
+            for p in model.parameters():
+                p.grad = torch.empty_like(p).copy_(p.grad)
         opt.step()
 
 
@@ -77,7 +82,11 @@ def test_fused_adamw_is_the_written_out_update_and_shares_its_state():
     opt_w = AdamW(param_groups(written, 0.1), lr=1e-2, fused=False)
     opt_f = AdamW(param_groups(fused, 0.1), lr=1e-2, fused=True)
     run_steps(written, opt_w, range(4))
-    run_steps(fused, opt_f, range(4))
+    # (the fused kernel takes whole tensors: a transposed weight's gradient with its strides, then
+    # contiguous ones, copied to the weight's strides first)
+    assert fused[2].weight.stride() == (1, 40)
+    run_steps(fused, opt_f, range(2), own_layout=True)
+    run_steps(fused, opt_f, range(2, 4))
     handed = AdamW(param_groups(fused, 0.1), lr=1e-2, fused=False)  # continue fused's run, written out
     handed.load_state_dict(opt_f.state_dict())
     run_steps(written, opt_w, range(4, 6))
@@ -130,7 +139,15 @@ def test_fused_is_refused_where_the_build_has_none():
 
 @pytest.mark.cuda
 def test_fused_adamw_on_cuda_equals_the_cpu_update():
-    cpu, gpu = small_model(), small_model().cuda()
+    """The fused kernel on whole tensors, two weights stored transposed (as HF's Conv1D weights
+    convert): one's gradient has its strides, the other's is contiguous (copied to them first)."""
+    def model() -> nn.Module:
+        m = small_model()
+        for i in (2, 4):
+            m[i].weight = nn.Parameter(m[i].weight.detach().t().contiguous().t())
+        return m
+
+    cpu, gpu = model(), model().cuda()
     opt_cpu = AdamW(param_groups(cpu, 0.1), lr=1e-2, fused=False)  # the written-out definition
     opt_gpu = AdamW(param_groups(gpu, 0.1), lr=1e-2)
     assert opt_gpu.fused  # auto: fused where the build has it
@@ -138,6 +155,8 @@ def test_fused_adamw_on_cuda_equals_the_cpu_update():
         set_grads(cpu, step)
         for p, q in zip(cpu.parameters(), gpu.parameters()):
             q.grad = p.grad.cuda()
+        gpu[2].weight.grad = torch.empty_like(gpu[2].weight).copy_(gpu[2].weight.grad)
+        assert gpu[2].weight.grad.stride() == gpu[2].weight.stride() != gpu[4].weight.grad.stride()
         opt_cpu.step()
         opt_gpu.step()
     for a, b in zip(cpu.parameters(), gpu.parameters()):
