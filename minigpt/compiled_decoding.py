@@ -388,8 +388,9 @@ class CompiledDecoding:
         With the CUDA-graph step it is a view of a whole-window cache kept per batch size and dtype:
         a graph replays the memory addresses it was recorded at, so every run must keep its keys
         and values in the same tensors (marked static for torch.compile, which then neither copies
-        them in nor refuses their in-place writes). They start zeroed: the step masks the positions
-        not yet filled, and a masked NaN would still make 0 * NaN = NaN."""
+        them in nor refuses their in-place writes; it keeps such tensors alive until
+        `torch._dynamo.reset()`: ~38 MB for distilgpt2 in fp32 at batch 1). They start zeroed: the
+        step masks the positions not yet filled, and a masked NaN would still make 0 * NaN = NaN."""
         config, device = self.model.config, next(self.model.parameters()).device
         if "cudagraphs" not in self.steps:
             return KVCache(config, batch_size, max_len, device=device, dtype=dtype)
