@@ -154,7 +154,7 @@ def main(argv=None) -> int:
 
     base: dict[tuple[str, str], float] = {}  # (shape, precision) -> transformers' step seconds
 
-    def int8_rate(ref: float | None, batch: int) -> tuple[str, ...]:
+    def int8_rate(mg_dir: Path, ref: float | None, batch: int) -> tuple[str, ...]:
         """Ours with int8 weights (from fp32), against transformers' fp32 rate `ref`."""
         try:
             model = prepare_for_inference(load_model(mg_dir, device, torch.float32)[0], "int8", batch_size=batch)
@@ -218,7 +218,7 @@ def main(argv=None) -> int:
                          lambda: run_side("ours, compiled"))
                     if dtype_name == "fp32":  # sample.py --quantize int8, where this build has a kernel for it
                         cell("decode", f"batch {batch}", "int8", "ours", 10, lambda rates=rates, batch=batch: int8_rate(
-                            rates.get("hf"), batch))
+                            mg_dir, rates.get("hf"), batch))
                 models.clear()
 
             for shape in args.shapes:

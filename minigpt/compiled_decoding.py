@@ -171,6 +171,8 @@ class DecodeStep(nn.Module):
         t = self.model.transformer
         B, C, nh = idx.size(0), self.model.config.n_embd, self.model.config.n_head
         x = t.drop(t.wte(idx) + t.wpe(pos))  # (B, 1, C)
+        # (the whole cache: the positions after pos hold nothing yet, or an earlier run's keys)
+        unfilled = torch.arange(keys[0].size(2), device=pos.device) > pos if self.whole_cache else None
         for block, (c_attn, c_proj, c_fc, mlp_proj), k_cache, v_cache in zip(t.h, self.layers, keys, values):
             q, k, v = c_attn(block.ln_1(x)).split(C, dim=2)
             q, k, v = (z.view(B, 1, nh, C // nh).transpose(1, 2) for z in (q, k, v))  # (B, nh, 1, hs)
@@ -180,8 +182,8 @@ class DecodeStep(nn.Module):
             # are visible), written out (SDPA's kernel for one query cost ~70 us a layer in place on a CPU; inductor fuses this
             # into its loops)
             att = (q @ k_cache.transpose(-2, -1)) / math.sqrt(C // nh)  # (B, nh, 1, pos + 1 or max_len)
-            if self.whole_cache:  # (the positions after pos hold nothing yet, or an earlier run's keys)
-                att = att.masked_fill(torch.arange(k_cache.size(2), device=pos.device) > pos, float("-inf"))
+            if unfilled is not None:
+                att = att.masked_fill(unfilled, float("-inf"))
             y = att.softmax(dim=-1) @ v_cache  # (B, nh, 1, hs)
             x = x + block.attn.resid_dropout(c_proj(y.transpose(1, 2).reshape(B, 1, C)))
             x = x + block.mlp.dropout(mlp_proj(F.gelu(c_fc(block.ln_2(x)), approximate="tanh")))

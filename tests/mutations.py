@@ -251,7 +251,7 @@ BREAKS = (
     ),
     Break(
         "whole_cache_unmasked", "the CUDA-graph step's attention also reads the cache's positions after the new token",
-        ((r"            if self\.whole_cache:  # \(the positions after pos", "            if False:  # (the positions after pos"),),
+        ((r"            if unfilled is not None:", "            if False:"),),
         ("tests/test_compiled_decoding.py::test_the_whole_cache_step_decodes_the_eager_tokens_in_the_same_tensors_every_run",),
     ),
     Break(
