@@ -102,6 +102,13 @@ class AdamW:
         params = [p for g in self.param_groups for p in g["params"]]
         if len({(p.device, p.dtype) for p in params}) > 1:
             raise ValueError("AdamW: all parameters must share one device and dtype")
+        for i, p in enumerate(params):  # both updates write p through its flat form: it must be a view
+            if p.numel() and _flat(p.detach(), p).data_ptr() != p.data_ptr():
+                raise MinigptError(
+                    f"AdamW: parameter {i} (shape {list(p.shape)}, strides {list(p.stride())}) has gaps or "
+                    f"overlaps in memory (a slice or expand of a larger tensor), so it cannot be updated in "
+                    f"place; give it memory of its own, e.g. nn.Parameter(t.clone())"
+                )
         first = params[0] if params else torch.empty(0)
         has_fused = torch._C._dispatch_has_kernel_for_dispatch_key(
             "aten::_fused_adamw_", first.device.type.upper()

@@ -181,6 +181,29 @@ def test_parameters_without_gradients_are_left_alone():
     assert not torch.equal(a.detach(), torch.ones(3))
 
 
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("make", [lambda: torch.randn(4, 8)[:, :4], lambda: torch.randn(4, 1).expand(4, 4)],
+                         ids=["slice", "expand"])
+def test_a_parameter_that_is_no_dense_block_of_memory_is_refused(make, fused):
+    # Updated through a flat copy instead of a view, such a parameter would silently never change.
+    with pytest.raises(MinigptError, match=r"parameter 1 \(shape \[4, 4\].*memory of its own"):
+        AdamW([nn.Parameter(torch.ones(3)), nn.Parameter(make())], fused=fused)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_a_transposed_parameter_is_updated_in_place_as_torch_does(fused):
+    torch.manual_seed(0)
+    ours, theirs = (nn.Parameter(torch.randn(8, 4).t()) for _ in range(2))
+    theirs.data.copy_(ours.detach())
+    mine, ref = AdamW([ours], lr=0.1, fused=fused), torch.optim.AdamW([theirs], lr=0.1, weight_decay=0.01)
+    for step in range(3):
+        ours.grad = theirs.grad = torch.randn(4, 8)
+        mine.step()
+        ref.step()
+    assert ours.stride() == (1, 4)
+    torch.testing.assert_close(ours.detach(), theirs.detach(), rtol=0, atol=1e-6)
+
+
 def test_state_dict_round_trip_continues_identically():
     model_a, model_b = small_model(), small_model()
     opt_a = AdamW(param_groups(model_a, 0.01), lr=1e-2)
