@@ -417,6 +417,9 @@ def report(args, speed, memory, e2e, losses, llama) -> str:
             rounds = (", ".join(f"{r:.2f}x" for r in ratios) + f" (median {statistics.median(ratios):.2f}x)") if ratios else "-"
             lines.append(f"| {precision} | {f'{ours:.1f}' if ours else '-'} | {sampled} | {LLAMA_TYPES[precision].upper()} | "
                          f"{rate:.1f} | {f'{ours / rate:.2f}x' if ours else '-'} | {LLAMA_TARGETS[precision]}x | {rounds} |")
+        if interleaved and not args.compile:
+            lines.append("Ours decoded eager here. llama.cpp runs each token as one compiled graph; ours does so "
+                         "with --compile (as `sample.py --compile`), which README's figures and targets use.")
         lines.append("")
     if e2e:
         lines += ["| end to end (start-up + load + 100 tokens) | wall time |", "|---|---:|"]

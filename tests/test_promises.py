@@ -268,6 +268,9 @@ def test_the_llama_cpp_table_compares_our_greedy_decoding_round_by_round(monkeyp
     table = bench_sample.report(args, speed, {}, {}, {}, llama)
     assert "| int8 | 150.0 | 120.0 | Q8_0 | 300.0 | 0.50x | 0.6x | 0.50x, 0.56x (median 0.53x) |" in table
     assert "| fp32 | 76.0 | 70.0 | F32 | 80.0 | 0.95x | 0.8x | 0.90x, 1.00x (median 0.95x) |" in table
+    assert "Ours decoded eager here" in table  # (README's targets are for the compiled step)
+    assert "Ours decoded eager here" not in bench_sample.report(
+        argparse.Namespace(**{**vars(args), "compile": True}), speed, {}, {}, {}, llama)
 
 
 def test_the_machine_line_names_the_instruction_set_torch_runs_and_any_cap(monkeypatch):
