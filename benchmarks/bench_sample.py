@@ -26,8 +26,8 @@ bandwidth come first (benchmarks/hardware.py).
     python benchmarks/bench_sample.py                   # random-init distilgpt2 shape
     python benchmarks/bench_sample.py --quick           # fewer tokens and runs, no batch-8 memory
     python benchmarks/bench_sample.py --model distilbert/distilgpt2
-    python benchmarks/bench_sample.py --batches 1 --skip memory e2e --llama-bench PATH/llama-bench
-    python benchmarks/bench_sample.py --batches 1 --skip memory e2e --compile --llama-bench PATH/llama-bench
+    python benchmarks/bench_sample.py --batches 1 --skip memory e2e --llama-bench PATH/llama-bench  # ours compiled
+    python benchmarks/bench_sample.py --batches 1 --skip memory e2e --no-compile --llama-bench PATH/llama-bench
     python benchmarks/bench_sample.py --eval-checkpoint checkpoints/eli5 \\
         --eval-data minigpt/assets/eli5_tiny.jsonl
 
@@ -418,8 +418,8 @@ def report(args, speed, memory, e2e, losses, llama) -> str:
             lines.append(f"| {precision} | {f'{ours:.1f}' if ours else '-'} | {sampled} | {LLAMA_TYPES[precision].upper()} | "
                          f"{rate:.1f} | {f'{ours / rate:.2f}x' if ours else '-'} | {LLAMA_TARGETS[precision]}x | {rounds} |")
         if interleaved and not args.compile:
-            lines.append("Ours decoded eager here. llama.cpp runs each token as one compiled graph; ours does so "
-                         "with --compile (as `sample.py --compile`), which README's figures and targets use.")
+            lines.append("Ours decoded eager here (--no-compile). llama.cpp runs each token as one compiled graph; "
+                         "ours does so with --compile (as `sample.py --compile`), which README's figures and targets use.")
         lines.append("")
     if e2e:
         lines += ["| end to end (start-up + load + 100 tokens) | wall time |", "|---|---:|"]
@@ -441,7 +441,7 @@ def worker(args) -> None:
     print(json.dumps({"peak_rss_mb": vm_hwm_mb()}))
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="weights to use (any sample.py --model); default: random-init distilgpt2 shape")
     p.add_argument("--tokens", type=positive_int, default=100, help="new tokens per timed run (default: 100)")
@@ -458,15 +458,24 @@ def main() -> None:
     p.add_argument("--llama-convert", metavar="PATH", help="llama.cpp's convert_hf_to_gguf.py (default: the one "
                    "in the llama.cpp tree that holds --llama-bench, ../../convert_hf_to_gguf.py from build/bin)")
     p.add_argument("--llama-tokens", type=positive_int, default=128, help="llama-bench -n (default: 128)")
-    p.add_argument("--compile", action="store_true", help="ours decode through a compiled step a token, as "
-                   "sample.py --compile (compiled before the timed runs, ~10-35 s a variant and batch size)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, help="ours decode through a compiled "
+                   "step a token, as sample.py --compile (compiled before the timed runs, ~10-35 s a variant and "
+                   "batch size); default: on with --llama-bench, whose llama.cpp runs each token as one compiled "
+                   "graph, off otherwise (--no-compile: eager there too)")
     p.add_argument("--worker", choices=list(VARIANTS), help=argparse.SUPPRESS)
     p.add_argument("--hf-dir", help=argparse.SUPPRESS)
     p.add_argument("--mg-dir", help=argparse.SUPPRESS)
     p.add_argument("--batch", type=positive_int, default=1, help=argparse.SUPPRESS)
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if (args.eval_checkpoint is None) != (args.eval_data is None):
         p.error("--eval-checkpoint and --eval-data go together")
+    if args.compile is None:  # (best against best: llama.cpp is a compiled engine)
+        args.compile = bool(args.llama_bench)
+    return args
+
+
+def main() -> None:
+    args = parse_args()
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
     import torch

@@ -271,6 +271,11 @@ def test_the_llama_cpp_table_compares_our_greedy_decoding_round_by_round(monkeyp
     assert "Ours decoded eager here" in table  # (README's targets are for the compiled step)
     assert "Ours decoded eager here" not in bench_sample.report(
         argparse.Namespace(**{**vars(args), "compile": True}), speed, {}, {}, {}, llama)
+    # against llama.cpp, a compiled engine, ours decode compiled unless told not to
+    assert bench_sample.parse_args(["--llama-bench", "llama-bench"]).compile is True
+    assert bench_sample.parse_args(["--llama-bench", "llama-bench", "--no-compile"]).compile is False
+    assert bench_sample.parse_args([]).compile is False
+    assert bench_sample.parse_args(["--compile"]).compile is True
 
 
 def test_the_machine_line_names_the_instruction_set_torch_runs_and_any_cap(monkeypatch):
