@@ -29,7 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from minigpt.cli import positive_int  # (after the sys.path set-up above)
+from minigpt.cli import positive_int, run  # (after the sys.path set-up above)
 
 SHARED = ROOT.parent / "shared" / "data"
 MAP_BATCH = 1000  # datasets.map's default batch size, which decides where group_texts drops tokens
@@ -103,8 +103,11 @@ def main(argv=None) -> int:
 
     from minigpt.tokenizer import Tokenizer
 
+    from minigpt.sources import Source, render
+
     datasets.disable_progress_bars()
     tokenizer = Tokenizer.from_file(args.tokenizer)  # like the recipe's, loaded outside the timing
+    render(Source.resolve(str(args.data), "--data", None), "answers")  # a file outside the schema: one line, now
 
     recipe_times, recipe_stages, our_times, hit_times = [], [], [], []
     for _ in range(args.rounds):
@@ -155,4 +158,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run(main)

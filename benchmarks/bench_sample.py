@@ -52,7 +52,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import hardware  # noqa: E402  (benchmarks/hardware.py, beside this file)
-from minigpt.cli import positive_int  # noqa: E402  (after the path set-up above)
+from minigpt.cli import positive_int, run  # noqa: E402  (after the path set-up above)
 from minigpt.errors import MinigptError  # noqa: E402
 from minigpt.tokenizer import Tokenizer  # noqa: E402
 
@@ -332,11 +332,7 @@ def eval_losses(checkpoint: str, data: str) -> dict:
 
 def llama_cpp_files(args, hf_dir: Path, work: Path) -> dict[str, Path]:
     """{precision: GGUF file} that llama.cpp's own converter makes from the same HF weights."""
-    bench = Path(args.llama_bench).resolve()
-    converter = Path(args.llama_convert or bench.parents[2] / "convert_hf_to_gguf.py").resolve()
-    for path, what in ((bench, "--llama-bench"), (converter, "--llama-convert")):
-        if not path.is_file():
-            sys.exit(f"error: {what}: {path} is not a file (see README: building llama-bench)")
+    converter = Path(args.llama_convert)  # (both checked by parse_args)
     source = work / "hf-for-gguf"  # the same files; config.json with the n_ctx the converter wants
     source.mkdir()
     for f in hf_dir.iterdir():
@@ -469,13 +465,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if (args.eval_checkpoint is None) != (args.eval_data is None):
         p.error("--eval-checkpoint and --eval-data go together")
+    if args.llama_bench:  # checked now, not after minutes of preparing weights
+        bench = Path(args.llama_bench).resolve()
+        if not (bench.is_file() and os.access(bench, os.X_OK)):
+            p.error(f"--llama-bench: {bench} is not an executable file (README: building llama-bench)")
+        if args.llama_convert is None and len(bench.parents) > 2:  # (build/bin/ in llama.cpp's tree)
+            args.llama_convert = str(bench.parents[2] / "convert_hf_to_gguf.py")
+        if args.llama_convert is None or not Path(args.llama_convert).is_file():
+            p.error(f"--llama-convert: {args.llama_convert or 'not given'} is not a file (llama.cpp's "
+                    "convert_hf_to_gguf.py; by default the one in the tree whose build/bin holds --llama-bench)")
+        args.llama_convert = str(Path(args.llama_convert).resolve())
     if args.compile is None:  # (best against best: llama.cpp is a compiled engine)
         args.compile = bool(args.llama_bench)
     return args
 
 
-def main() -> None:
-    args = parse_args()
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
     import torch
@@ -517,4 +523,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

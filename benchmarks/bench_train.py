@@ -55,7 +55,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import hardware  # noqa: E402  (benchmarks/hardware.py, beside this file)
-from minigpt.cli import positive_int  # noqa: E402  (after the path set-up above)
+from minigpt.cli import positive_int, run  # noqa: E402  (after the path set-up above)
 
 SHARED = ROOT.parent / "shared" / "data"
 DISTILGPT2 = dict(n_layer=6, n_head=12, n_embd=768, n_positions=1024, vocab_size=50257)
@@ -80,6 +80,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "and print where the step's time goes: matmuls vs the rest, and the top operators")
     p.add_argument("--memory-child", help=argparse.SUPPRESS)  # internal: one memory measurement
     args = p.parse_args(argv)
+    if args.dtype:
+        args.dtypes = [d.strip() for d in args.dtype.split(",")]
+        unknown = [d for d in args.dtypes if d not in DTYPE_NAMES]
+        if unknown:
+            p.error(f"--dtype: unknown precision {unknown[0]!r} (choose from {', '.join(DTYPE_NAMES)})")
     if args.quick:
         args.steps, args.warmup = 3, 1
     return args
@@ -337,17 +342,16 @@ def main(argv=None) -> None:
     import torch
 
     from minigpt.config import GPTConfig
-    from minigpt.runtime import DTYPES, setup_device
+    from minigpt.runtime import DTYPES, resolve_dtype, setup_device
 
     device, _ = setup_device(args.device, "fp32")  # as train.py: TF32 matmuls for fp32 on CUDA
+    for name in args.dtypes if args.dtype else []:
+        resolve_dtype(name, device)  # (fp16 on a CPU, bf16 on a GPU without it: one line, before any timing)
     info = hardware.describe(device)
     print(hardware.hardware_line(info), flush=True)
     peaks = {"fp32": info["fp32"], "bf16": info["bf16"]}
     if args.dtype:
-        dtypes = [d.strip() for d in args.dtype.split(",")]
-        unknown = [d for d in dtypes if d not in DTYPE_NAMES]
-        if unknown:
-            sys.exit(f"error: --dtype: unknown precision {unknown[0]!r} (choose from {', '.join(DTYPE_NAMES)})")
+        dtypes = args.dtypes
     else:
         dtypes = ["fp32"] + (["bf16"] if peaks["bf16"] >= peaks["fp32"] / 3 else [])
     if "fp16" in dtypes:
@@ -405,4 +409,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -271,11 +271,53 @@ def test_the_llama_cpp_table_compares_our_greedy_decoding_round_by_round(monkeyp
     assert "Ours decoded eager here" in table  # (README's targets are for the compiled step)
     assert "Ours decoded eager here" not in bench_sample.report(
         argparse.Namespace(**{**vars(args), "compile": True}), speed, {}, {}, {}, llama)
-    # against llama.cpp, a compiled engine, ours decode compiled unless told not to
-    assert bench_sample.parse_args(["--llama-bench", "llama-bench"]).compile is True
-    assert bench_sample.parse_args(["--llama-bench", "llama-bench", "--no-compile"]).compile is False
     assert bench_sample.parse_args([]).compile is False
     assert bench_sample.parse_args(["--compile"]).compile is True
+
+
+def test_bench_sample_checks_the_llama_cpp_paths_before_it_starts(tmp_path, monkeypatch, capsys):
+    """A wrong llama-bench or converter path is a one-line error (exit 2) at once, not a traceback
+    after minutes of preparing weights; llama-bench in a tree's build/bin finds the tree's converter."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import bench_sample
+
+    tree = tmp_path / "llama.cpp"
+    (tree / "build" / "bin").mkdir(parents=True)
+    bench = tree / "build" / "bin" / "llama-bench"
+    bench.write_text("#!/bin/sh\n")
+    def refused(path: Path) -> str:
+        with pytest.raises(SystemExit) as stop:
+            bench_sample.parse_args(["--llama-bench", str(path)])
+        assert stop.value.code == 2
+        return capsys.readouterr().err.strip().splitlines()[-1]
+
+    assert "--llama-bench: " in refused(tmp_path / "nothing")
+    assert "--llama-bench: " in refused(tmp_path)  # a folder
+    assert "is not an executable file" in refused(bench)
+    bench.chmod(0o755)
+    assert "--llama-convert: " in refused(bench)  # no convert_hf_to_gguf.py in the tree
+    (tree / "convert_hf_to_gguf.py").write_text("")
+    args = bench_sample.parse_args(["--llama-bench", str(bench)])
+    assert args.llama_convert == str((tree / "convert_hf_to_gguf.py").resolve())
+    # against llama.cpp, a compiled engine, ours decode compiled unless told not to
+    assert args.compile is True
+    assert bench_sample.parse_args(["--llama-bench", str(bench), "--no-compile"]).compile is False
+
+
+@pytest.mark.parametrize("command, error", [
+    (["bench_train.py", "--dtype", "fp32,fp16"], "error: --dtype fp16: half precision is not supported on the CPU"),
+    (["bench_train.py", "--dtype", "fp8"], "error: --dtype: unknown precision 'fp8'"),
+    (["bench_data.py", "--data", "{bad}"], "record 1 has no 'answers.text' list of strings"),
+    (["bench_sample.py", "--model", "{missing}", "--skip", "memory", "e2e"], "no such file or folder"),
+], ids=["fp16-on-cpu", "unknown-dtype", "data-outside-the-schema", "missing-model"])
+def test_the_benchmarks_refuse_bad_input_in_one_line(tmp_path, command, error):
+    """Exit 2 and a one-line error, no traceback (conftest hides any GPU: fp16 meets a CPU)."""
+    (tmp_path / "bad.jsonl").write_text('{"title": "t"}\n')
+    argv = [a.format(bad=tmp_path / "bad.jsonl", missing=tmp_path / "missing") for a in command]
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / argv[0]), *argv[1:]], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=120, env=os.environ)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert error in result.stderr.strip().splitlines()[-1] and "Traceback" not in result.stderr
 
 
 def test_the_machine_line_names_the_instruction_set_torch_runs_and_any_cap(monkeypatch):
