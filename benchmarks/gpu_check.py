@@ -32,21 +32,35 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from minigpt.cli import non_negative_int, positive_float, positive_int  # noqa: E402  (after the path set-up)
+
 PROMPT = [464, 2068, 7586, 21831, 18045, 625, 262, 16931, 3290, 13]  # "The quick brown fox ..." ids
+
+
+def shape(text: str) -> str:
+    """A training shape, BATCHxBLOCK (e.g. 8x128), checked when the arguments are read, not in a cell
+    minutes into the run."""
+    batch, _, block = text.partition("x")
+    if not (batch.isdigit() and block.isdigit() and int(batch) > 0 and int(block) > 0):
+        raise argparse.ArgumentTypeError(f"{text!r} is not BATCHxBLOCK, e.g. 8x128")
+    return text
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shapes", nargs="+", default=["8x128", "64x1024"], help="batch x block shapes to train at")
-    p.add_argument("--dtypes", nargs="+", default=["fp32", "bf16", "fp16"], help="training precisions")
-    p.add_argument("--compile-shapes", nargs="*", default=["8x128"], help="shapes at which ours is also "
+    p.add_argument("--shapes", nargs="+", type=shape, default=["8x128", "64x1024"],
+                   help="batch x block shapes to train at")
+    p.add_argument("--dtypes", nargs="+", choices=("fp32", "bf16", "fp16"), default=["fp32", "bf16", "fp16"],
+                   help="training precisions")
+    p.add_argument("--compile-shapes", nargs="*", type=shape, default=["8x128"], help="shapes at which ours is also "
                    "timed compiled, in every precision (default: 8x128; compiling takes ~30-60 s each)")
     p.add_argument("--compile-mode", default="reduce-overhead", choices=("default", "reduce-overhead", "max-autotune"),
                    help="torch.compile's mode for those cells (default: reduce-overhead)")
-    p.add_argument("--steps", type=int, default=10, help="timed steps per cell (default: 10)")
-    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (default: 3)")
-    p.add_argument("--tokens", type=int, default=100, help="new tokens per decode run (default: 100)")
-    p.add_argument("--budget", type=float, default=280, help="seconds for all timings (default: 280)")
+    p.add_argument("--steps", type=positive_int, default=10, help="timed steps per cell (default: 10)")
+    p.add_argument("--warmup", type=non_negative_int, default=3, help="untimed steps first (default: 3)")
+    p.add_argument("--tokens", type=positive_int, default=100, help="new tokens per decode run (default: 100)")
+    p.add_argument("--budget", type=positive_float, default=280, help="seconds for all timings (default: 280)")
+    p.add_argument("--check-options", action="store_true", help=argparse.SUPPRESS)  # gpu_check.sh: before the tests
     return p.parse_args(argv)
 
 
@@ -103,6 +117,8 @@ def decode_rate(model, hf: bool, batch: int, tokens: int, compiled=None) -> floa
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.check_options:
+        return 0
     import torch
 
     if not torch.cuda.is_available():

