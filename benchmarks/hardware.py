@@ -121,8 +121,19 @@ def hardware_line(info: dict) -> str:
             f"memory read {info['read'] / 1e9:,.1f} GB/s")
 
 
-if __name__ == "__main__":
-    import torch
+def main(argv=None) -> None:
+    import argparse
 
-    device = torch.device("cuda" if "--device" in sys.argv and "cuda" in sys.argv else "cpu")
+    from minigpt.runtime import resolve_device
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cpu", help="cpu, cuda or auto (default: cpu)")
+    device = resolve_device(p.parse_args(argv).device)
     print(hardware_line(describe(device)))
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from minigpt.cli import run
+
+    run(main)
