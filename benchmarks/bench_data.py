@@ -101,9 +101,8 @@ def main(argv=None) -> int:
     import datasets
     import numpy as np
 
-    from minigpt.tokenizer import Tokenizer
-
     from minigpt.sources import Source, render
+    from minigpt.tokenizer import Tokenizer
 
     datasets.disable_progress_bars()
     tokenizer = Tokenizer.from_file(args.tokenizer)  # like the recipe's, loaded outside the timing

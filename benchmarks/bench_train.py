@@ -80,11 +80,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "and print where the step's time goes: matmuls vs the rest, and the top operators")
     p.add_argument("--memory-child", help=argparse.SUPPRESS)  # internal: one memory measurement
     args = p.parse_args(argv)
-    if args.dtype:
-        args.dtypes = [d.strip() for d in args.dtype.split(",")]
-        unknown = [d for d in args.dtypes if d not in DTYPE_NAMES]
-        if unknown:
-            p.error(f"--dtype: unknown precision {unknown[0]!r} (choose from {', '.join(DTYPE_NAMES)})")
+    args.dtypes = [d.strip() for d in args.dtype.split(",")] if args.dtype else None  # (None: chosen by measuring)
+    unknown = [d for d in args.dtypes or [] if d not in DTYPE_NAMES]
+    if unknown:
+        p.error(f"--dtype: unknown precision {unknown[0]!r} (choose from {', '.join(DTYPE_NAMES)})")
     if args.quick:
         args.steps, args.warmup = 3, 1
     return args
@@ -345,15 +344,12 @@ def main(argv=None) -> None:
     from minigpt.runtime import DTYPES, resolve_dtype, setup_device
 
     device, _ = setup_device(args.device, "fp32")  # as train.py: TF32 matmuls for fp32 on CUDA
-    for name in args.dtypes if args.dtype else []:
+    for name in args.dtypes or []:
         resolve_dtype(name, device)  # (fp16 on a CPU, bf16 on a GPU without it: one line, before any timing)
     info = hardware.describe(device)
     print(hardware.hardware_line(info), flush=True)
     peaks = {"fp32": info["fp32"], "bf16": info["bf16"]}
-    if args.dtype:
-        dtypes = args.dtypes
-    else:
-        dtypes = ["fp32"] + (["bf16"] if peaks["bf16"] >= peaks["fp32"] / 3 else [])
+    dtypes = args.dtypes or ["fp32"] + (["bf16"] if peaks["bf16"] >= peaks["fp32"] / 3 else [])
     if "fp16" in dtypes:
         peaks["fp16"] = matmul_peak(device, torch.float16)
 
