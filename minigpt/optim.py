@@ -102,8 +102,9 @@ class AdamW:
         params = [p for g in self.param_groups for p in g["params"]]
         if len({(p.device, p.dtype) for p in params}) > 1:
             raise ValueError("AdamW: all parameters must share one device and dtype")
-        for i, p in enumerate(params):  # both updates write p through its flat form: it must be a view
-            if p.numel() and _flat(p.detach(), p).data_ptr() != p.data_ptr():
+        flat_params = [_flat(p.detach(), p) for p in params]
+        for i, (p, flat) in enumerate(zip(params, flat_params)):  # both updates write p through it: a view
+            if p.numel() and flat.data_ptr() != p.data_ptr():
                 raise MinigptError(
                     f"AdamW: parameter {i} (shape {list(p.shape)}, strides {list(p.stride())}) has gaps or "
                     f"overlaps in memory (a slice or expand of a larger tensor), so it cannot be updated in "
@@ -127,7 +128,7 @@ class AdamW:
         # small tensor ops of host time, the most of ours in the launch-bound 8 x 128 step on an H200
         # (torch.profiler: 304 permutes and 332 slices a step).
         ms, vs = (m for ms in self.exp_avg for m in ms), (v for vs in self.exp_avg_sq for v in vs)
-        self._flats = {p: (_flat(p.detach(), p), _flat(m, p), _flat(v, p)) for p, m, v in zip(params, ms, vs)
+        self._flats = {p: (flat, _flat(m, p), _flat(v, p)) for p, flat, m, v in zip(params, flat_params, ms, vs)
                        } if self.fused else {}
 
     def zero_grad(self, set_to_none: bool = True) -> None:
