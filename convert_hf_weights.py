@@ -11,14 +11,12 @@ import argparse
 from pathlib import Path
 from typing import Sequence
 
-from minigpt.cli import run
+from minigpt.cli import Parser, run
 from minigpt.errors import MinigptError
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument(
         "source", nargs="?",
         help="what to convert into a minigpt checkpoint: a Hub id (e.g. distilbert/distilgpt2, "

@@ -23,17 +23,12 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from minigpt.cli import add_flags, from_flags, positive_int, run, seed
+from minigpt.cli import Parser, add_flags, from_flags, positive_int, run, seed
 from minigpt.errors import MinigptError
 from minigpt.sampling_config import SamplingConfig
 
 DEFAULT_CHECKPOINT = Path("checkpoints/eli5")  # where `python train.py` writes by default
 DEFAULT_HUB_MODEL = "distilbert/distilgpt2"
-
-
-class Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # a usage error is one line (and exit 2), like every other error
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

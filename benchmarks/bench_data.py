@@ -29,7 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from minigpt.cli import positive_int, run  # (after the sys.path set-up above)
+from minigpt.cli import Parser, positive_int, run  # (after the sys.path set-up above)
 
 SHARED = ROOT.parent / "shared" / "data"
 MAP_BATCH = 1000  # datasets.map's default batch size, which decides where group_texts drops tokens
@@ -83,7 +83,7 @@ def ours(path: Path, tokenizer, block_size: int, cache_dir: str):
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = Parser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=Path, default=SHARED / "eli5_category" / "eli5-category-test.json.gz",
                         help="an eli5_category .json/.json.gz/.jsonl file (default: the shared test split)")
     parser.add_argument("--tokenizer", type=Path, default=SHARED / "gpt2" / "tokenizer.json",

@@ -52,7 +52,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import hardware  # noqa: E402  (benchmarks/hardware.py, beside this file)
-from minigpt.cli import positive_int, run  # noqa: E402  (after the path set-up above)
+from minigpt.cli import Parser, positive_int, run  # noqa: E402  (after the path set-up above)
 from minigpt.errors import MinigptError  # noqa: E402
 from minigpt.tokenizer import Tokenizer  # noqa: E402
 
@@ -438,7 +438,7 @@ def worker(args) -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="weights to use (any sample.py --model); default: random-init distilgpt2 shape")
     p.add_argument("--tokens", type=positive_int, default=100, help="new tokens per timed run (default: 100)")
     p.add_argument("--reps", type=positive_int, default=3, help="timed runs per variant (default: 3)")

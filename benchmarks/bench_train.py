@@ -55,7 +55,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import hardware  # noqa: E402  (benchmarks/hardware.py, beside this file)
-from minigpt.cli import positive_int, run  # noqa: E402  (after the path set-up above)
+from minigpt.cli import Parser, positive_int, run  # noqa: E402  (after the path set-up above)
 
 SHARED = ROOT.parent / "shared" / "data"
 DISTILGPT2 = dict(n_layer=6, n_head=12, n_embd=768, n_positions=1024, vocab_size=50257)
@@ -63,7 +63,7 @@ DTYPE_NAMES = ("fp32", "bf16", "fp16")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="an HF GPT-2 folder or Hub id to start from (default: a random-init "
                    "distilgpt2-shaped model)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")

@@ -122,11 +122,10 @@ def hardware_line(info: dict) -> str:
 
 
 def main(argv=None) -> None:
-    import argparse
-
+    from minigpt.cli import Parser
     from minigpt.runtime import resolve_device
 
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = Parser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cpu", help="cpu, cuda or auto (default: cpu)")
     device = resolve_device(p.parse_args(argv).device)
     print(hardware_line(describe(device)))

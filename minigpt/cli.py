@@ -4,6 +4,7 @@ defined once, as dataclass fields from which argparse is built."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from dataclasses import Field, field, fields
 from typing import Any, Callable, Sequence
@@ -12,7 +13,8 @@ from .errors import MinigptError
 
 
 def run(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None) -> None:
-    """Run a CLI's `main`: a MinigptError becomes one line on stderr and exit 2; Ctrl-C exits 130."""
+    """Run a CLI's `main`: a MinigptError becomes one line on stderr and exit 2; Ctrl-C exits 130;
+    a reader that closed our stdout (`... | head`) ends the run quietly, as it does `cat`'s (141)."""
     try:
         code = main(argv)
     except MinigptError as e:
@@ -21,7 +23,20 @@ def run(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] 
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+    except BrokenPipeError:
+        # Python flushes stdout once more at exit, which would fail again and print a warning:
+        # point the descriptor at /dev/null first.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(141)  # 128 + SIGPIPE, what the shell reports for a program that SIGPIPE ended
     sys.exit(code or 0)
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, except that a usage error is one line (and exit 2), like every other error: the
+    full usage text would bury the one line that says what was wrong."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def _number(kind: type, test: Callable[[float], bool], what: str) -> Callable[[str], float]:
@@ -80,7 +95,7 @@ def from_flags(options: type, args: argparse.Namespace, **more: Any) -> Any:
 def parser_from(options: type, description: str) -> argparse.ArgumentParser:
     """An ArgumentParser with one flag per `flag` field of the dataclass `options`, in order, grouped
     by their `group`; parse into the dataclass with `from_flags(options, parser.parse_args())`."""
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     groups: dict[str, argparse._ActionsContainer] = {"": parser}
     for f in fields(options):
         if "argparse" not in f.metadata:

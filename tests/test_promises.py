@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file
 
-from conftest import ROOT
+from conftest import ROOT, call_cli
 from minigpt.checkpoint import model_state_for_saving
 from minigpt.config import GPTConfig
 from minigpt.data import BatchIterator, TokenBlocks
@@ -330,6 +330,25 @@ def test_the_benchmarks_refuse_bad_input_in_one_line(tmp_path, command, error):
                             capture_output=True, text=True, timeout=120, env=os.environ)
     assert result.returncode == 2, result.stderr[-2000:]
     assert error in result.stderr.strip().splitlines()[-1] and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("command, error", [
+    (["train.py", "--batch-size", "0"], "argument --batch-size: '0' is not a positive integer"),
+    (["sample.py", "--top-p", "2", "hi"], "argument --top-p: '2' is not a number in (0, 1]"),
+    (["convert_hf_weights.py", "gpt2"], "the following arguments are required: --out"),
+    (["benchmarks/bench_train.py", "--steps", "x"], "argument --steps: 'x' is not a positive integer"),
+    (["benchmarks/bench_sample.py", "--batches"], "argument --batches: expected at least one argument"),
+    (["benchmarks/bench_data.py", "--rounds", "0"], "argument --rounds: '0' is not a positive integer"),
+    (["benchmarks/gpu_check.py", "--bogus"], "unrecognized arguments: --bogus"),
+    (["benchmarks/hardware.py", "--bogus"], "unrecognized arguments: --bogus"),
+], ids=lambda v: v[0] if isinstance(v, list) else "")
+def test_every_command_states_a_usage_error_in_one_line(command, error):
+    """argparse would print the whole usage text above the error; ours is the one line that says
+    what was wrong (and where to look), exit 2, as every other error of theirs."""
+    result = call_cli(*command)  # (in this process the program's name is pytest's)
+    assert result.returncode == 2
+    [line] = result.stderr.splitlines()
+    assert line.split(": error: ", 1)[1] == f"{error} (see --help)"
 
 
 def test_the_machine_line_names_the_instruction_set_torch_runs_and_any_cap(monkeypatch):

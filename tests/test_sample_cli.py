@@ -167,6 +167,24 @@ def test_errors_are_one_line_without_traceback(tmp_path):
     assert r.stderr.startswith("error: ") and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
 
 
+def test_a_reader_that_stops_early_ends_the_run_quietly(tiny_minigpt_dir):
+    """`sample.py ... | head -c 10`: once the reader has gone, writing fails (EPIPE); the run ends
+    as `cat`'s would (141 = 128 + SIGPIPE), with nothing on stderr, on the first prompt or a later one."""
+    import subprocess
+
+    env = {**os.environ, "PYTHONPATH": str(sample.Path(sample.__file__).parent)}
+    job = subprocess.Popen(
+        [sys.executable, sample.__file__, "--model", str(tiny_minigpt_dir), "--seed", "0",
+         "--max-new-tokens", "40", "one", "two", "three"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+    )
+    assert len(job.stdout.read(5)) == 5
+    job.stdout.close()  # the reader goes away
+    stderr = job.stderr.read().decode()
+    assert job.wait(timeout=120) == 141
+    assert stderr == ""
+
+
 def test_offline_without_a_local_model_says_what_to_do(tmp_path, monkeypatch):
     """No --model, no checkpoints/eli5 here, and no Hub: one line on how to get a model."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
