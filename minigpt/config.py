@@ -97,12 +97,14 @@ class GPTConfig:
             raise MinigptError(
                 f"config: activation_function {activation!r} is not GPT-2's tanh GELU (gelu_new)"
             )
-        # Flags whose non-default value changes the mathematics of GPT-2's attention.
+        # Flags whose non-default value changes the mathematics of GPT-2's attention, or of its
+        # output: untied, the LM head is a matrix of its own, where ours reads the token embedding.
         for field, supported in (
             ("scale_attn_weights", True),
             ("scale_attn_by_inverse_layer_idx", False),
             ("reorder_and_upcast_attn", False),
             ("add_cross_attention", False),
+            ("tie_word_embeddings", True),
         ):
             if hf.get(field, supported) != supported:
                 raise MinigptError(f"config: {field}={hf[field]!r} is not supported")

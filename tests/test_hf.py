@@ -121,6 +121,7 @@ def test_config_mapping_round_trip():
         ("scale_attn_by_inverse_layer_idx", True),
         ("reorder_and_upcast_attn", True),
         ("add_cross_attention", True),
+        ("tie_word_embeddings", False),
         ("n_inner", 1000),
     ],
 )
@@ -129,6 +130,19 @@ def test_unsupported_hf_config_names_the_field(field, value):
     hf[field] = value
     with pytest.raises(MinigptError, match=field):
         GPTConfig.from_hf(hf)
+
+
+def test_an_untied_lm_head_is_refused_not_dropped(tmp_path):
+    """A GPT-2 whose LM head is a matrix of its own (`tie_word_embeddings: false`) computes other
+    logits than ours, which reads the token embedding: loading it used to drop the head in silence
+    and decode other tokens than transformers. It is refused, naming the field."""
+    from conftest import save_hf_model
+
+    folder = save_hf_model(tmp_path / "untied", n_layer=1, n_head=2, n_embd=32, n_positions=64,
+                           tie_word_embeddings=False)
+    assert load_file(str(folder / "model.safetensors"))["lm_head.weight"].shape == (50257, 32)
+    with pytest.raises(MinigptError, match=r"config: tie_word_embeddings=False is not supported"):
+        load_model(folder)
 
 
 def resident_mb(key: str) -> float:
