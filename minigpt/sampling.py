@@ -226,6 +226,9 @@ def generate(
             logits = compiled(model_input, cache)  # (B, vocab)
         else:
             logits = model(model_input, kv_cache=cache, last_only=True)[0][:, -1]  # (B, vocab)
+        if length == n_prompt and not bool(logits.isfinite().all()):  # (once a prompt: a GPU waits)
+            raise MinigptError("the model's logits are not finite (inf or NaN): its weights are "
+                               "broken, as a diverged training run leaves them")
         new = pick(logits, tokens[:, :length], config, generator)  # (B,)
         if eos_id is not None:
             new = new.masked_fill(finished, eos_id)

@@ -354,3 +354,19 @@ def test_decoding_in_every_layout_gives_the_fp32_tokens(tiny, gpt2_tokenizer, dt
     top2 = reference.topk(2).values
     assert (top2[:, 0] - top2[:, 1] > 2 * error).all()  # measured: smallest gap 0.31, error <= 0.08
     assert generate_ids(fast, prompt, config, num_samples=2, eos_id=None) == [expected, expected]
+
+
+@pytest.mark.parametrize("config", [SamplingConfig(max_new_tokens=5, greedy=True), SamplingConfig(max_new_tokens=5)],
+                         ids=["greedy", "top-k-top-p"])
+def test_weights_that_make_no_finite_logits_are_named_not_decoded(tiny, config):
+    """Weights a diverged run left huge are finite, but their logits are not: sampling used to
+    crash in torch.multinomial with a traceback, greedy decoding to print token 0 ("!") over and
+    over. Both stop with one line before the first token."""
+    model, tokenizer = tiny
+    broken = copy.deepcopy(model)
+    with torch.no_grad():
+        broken.transformer.h[0].attn.c_attn.weight.fill_(1e30)  # finite; q . k overflows to inf, softmax to NaN
+    with pytest.raises(MinigptError, match=r"the model's logits are not finite \(inf or NaN\)"):
+        generate_ids(broken, [464, 2068], config, eos_id=tokenizer.eos_id)
+    # the intact model decodes as before
+    assert len(generate_ids(model, [464, 2068], config, eos_id=tokenizer.eos_id)[0]) == 5
