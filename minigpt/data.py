@@ -147,7 +147,7 @@ def load_blocks(
         val_key = {**common, **val_src.identity()}
         blocks = []
         for role, key, src in (("train", train_key, train_src), ("validation", val_key, val_src)):
-            cached = _cached(root, role, key)
+            cached = _cached(root, role, key, tokenizer.vocab_size)
             if cached is None:
                 cached = _build(root, role, key, src, render(src, cfg.format), cfg, tokenizer, progress)
             blocks.append(cached)
@@ -155,7 +155,8 @@ def load_blocks(
 
     split = {"val_fraction": cfg.val_fraction, "seed": cfg.seed}
     train_key = val_key = {**train_key, **split}
-    train, val = _cached(root, "train", train_key), _cached(root, "validation", val_key)
+    train = _cached(root, "train", train_key, tokenizer.vocab_size)
+    val = _cached(root, "validation", val_key, tokenizer.vocab_size)
     if train is None or val is None:
         # Rendering is per record, so rendering before splitting equals splitting the records first.
         train_docs, val_docs = split_records(render(train_src, cfg.format), cfg.val_fraction, cfg.seed)
@@ -178,14 +179,20 @@ def _entry(root: Path, role: str, key: dict) -> Path:
     return root / f"{role}-{digest[:24]}"
 
 
-def _cached(root: Path, role: str, key: dict) -> TokenBlocks | None:
+def _cached(root: Path, role: str, key: dict, vocab_size: int) -> TokenBlocks | None:
+    """The cache entry for `key`, or None if there is none or it is damaged (then it is rebuilt).
+    Its ids are checked against the vocabulary too (one pass over the file, ~1 ms for 2 M tokens):
+    an id out of range would otherwise stop training at the embedding with an IndexError."""
     folder = _entry(root, role, key)
     if not folder.is_dir():
         return None
     try:
-        return TokenBlocks.load(folder)
+        blocks = TokenBlocks.load(folder)
     except (OSError, ValueError, MinigptError):  # damaged by hand: rebuild it
         return None
+    if blocks.num_tokens and int(blocks.blocks.max()) >= vocab_size:
+        return None
+    return blocks
 
 
 def _build(

@@ -244,6 +244,12 @@ def test_a_damaged_entry_is_rebuilt(tmp_path, gpt2_tokenizer):
     (folder / "blocks.npy").write_bytes(b"garbage")
     again, _ = load(tmp_path, gpt2_tokenizer, source=str(DATA / "eli5_small.json"))
     np.testing.assert_array_equal(again.blocks, expected)
+    # a well-formed file whose ids lie outside the vocabulary (the embedding would fail on them)
+    tampered = expected.copy()
+    tampered[3, 5] = gpt2_tokenizer.vocab_size  # one past the last id
+    np.save(folder / "blocks.npy", tampered)
+    again, _ = load(tmp_path, gpt2_tokenizer, source=str(DATA / "eli5_small.json"))
+    np.testing.assert_array_equal(again.blocks, expected)
 
 
 # --- bad input ------------------------------------------------------------------------------------
