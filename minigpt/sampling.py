@@ -164,6 +164,14 @@ def next_token(
     return draw(*candidate_scores(scores, config), generator)
 
 
+def check_finite(logits: torch.Tensor) -> None:
+    """Refuse logits that hold inf or NaN: no probability follows from them (torch.multinomial
+    fails on them, argmax picks token 0). Finite weights can give them, as a diverged run leaves."""
+    if not bool(logits.isfinite().all()):
+        raise MinigptError("the model's logits are not finite (inf or NaN): its weights are "
+                           "broken, as a diverged training run leaves them")
+
+
 Pick = Callable[[torch.Tensor, torch.Tensor, SamplingConfig, "torch.Generator | None"], torch.Tensor]
 
 
@@ -226,9 +234,8 @@ def generate(
             logits = compiled(model_input, cache)  # (B, vocab)
         else:
             logits = model(model_input, kv_cache=cache, last_only=True)[0][:, -1]  # (B, vocab)
-        if length == n_prompt and not bool(logits.isfinite().all()):  # (once a prompt: a GPU waits)
-            raise MinigptError("the model's logits are not finite (inf or NaN): its weights are "
-                               "broken, as a diverged training run leaves them")
+        if length == n_prompt:  # (once a prompt: reading it waits for a GPU)
+            check_finite(logits)
         new = pick(logits, tokens[:, :length], config, generator)  # (B,)
         if eos_id is not None:
             new = new.masked_fill(finished, eos_id)

@@ -35,7 +35,7 @@ import torch
 
 from .errors import MinigptError
 from .model import GPT
-from .sampling import candidate_scores, draw, model_device, penalized_scores
+from .sampling import candidate_scores, check_finite, draw, model_device, penalized_scores
 from .sampling_config import SamplingConfig
 from .tokenizer import Tokenizer
 
@@ -213,6 +213,7 @@ def score_ids(
         logits, _ = model(torch.tensor([ids[begin:end]], device=device))
         # position p predicts token p + 1: targets [target, end) come from positions [target - 1, end - 1)
         logits = logits[0, target - 1 - begin : end - 1 - begin]
+        check_finite(logits)
         for start in range(0, logits.size(0), SCORE_CHUNK):
             scores = logits[start : start + SCORE_CHUNK].float()
             first = target + start

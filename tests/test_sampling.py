@@ -20,6 +20,7 @@ from minigpt.loading import load_model
 from minigpt.inference import prepare_for_inference
 from minigpt.layouts import Int8Linear
 from minigpt.model import GPT
+from minigpt.trace import score_ids
 from minigpt.sampling import (
     SamplingConfig,
     TextStream,
@@ -368,5 +369,7 @@ def test_weights_that_make_no_finite_logits_are_named_not_decoded(tiny, config):
         broken.transformer.h[0].attn.c_attn.weight.fill_(1e30)  # finite; q . k overflows to inf, softmax to NaN
     with pytest.raises(MinigptError, match=r"the model's logits are not finite \(inf or NaN\)"):
         generate_ids(broken, [464, 2068], config, eos_id=tokenizer.eos_id)
+    with pytest.raises(MinigptError, match=r"the model's logits are not finite"):  # --score: no NaN table
+        score_ids(broken, tokenizer, [464, 2068, 7586], config)
     # the intact model decodes as before
     assert len(generate_ids(model, [464, 2068], config, eos_id=tokenizer.eos_id)[0]) == 5
