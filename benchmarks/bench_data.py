@@ -33,6 +33,7 @@ from minigpt.cli import Parser, positive_int, run  # (after the sys.path set-up 
 
 SHARED = ROOT.parent / "shared" / "data"
 MAP_BATCH = 1000  # datasets.map's default batch size, which decides where group_texts drops tokens
+JSON_SUFFIXES = (".json", ".json.gz", ".jsonl")  # what the recipe's load_dataset("json") reads (minigpt reads more)
 
 
 def recipe(path: Path, tokenizer_file: Path, block_size: int, cache_dir: str):
@@ -85,13 +86,16 @@ def ours(path: Path, tokenizer, block_size: int, cache_dir: str):
 def main(argv=None) -> int:
     parser = Parser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=Path, default=SHARED / "eli5_category" / "eli5-category-test.json.gz",
-                        help="an eli5_category .json/.json.gz/.jsonl file (default: the shared test split)")
+                        help=f"an eli5_category {'/'.join(JSON_SUFFIXES)} file (default: the shared test split)")
     parser.add_argument("--tokenizer", type=Path, default=SHARED / "gpt2" / "tokenizer.json",
                         help="GPT-2's tokenizer.json, used by both pipelines")
     parser.add_argument("--block-size", type=positive_int, default=128, help="tokens per block (default 128)")
     parser.add_argument("--rounds", type=positive_int, default=1,
                         help="run both pipelines this many times, alternating; report the median (default 1)")
     args = parser.parse_args(argv)
+    if not args.data.name.lower().endswith(JSON_SUFFIXES):  # (matched as minigpt.sources matches suffixes)
+        parser.error(f"{args.data}: --data takes {'/'.join(JSON_SUFFIXES)} files "
+                     "(the recipe reads them with load_dataset(\"json\"))")
     for path in (args.data, args.tokenizer):
         if not path.is_file():
             parser.error(f"{path}: file not found")

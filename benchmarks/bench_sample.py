@@ -494,6 +494,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.quick:
         args.tokens, args.reps, args.e2e_reps = 30, 1, 1
 
+    if args.model is not None:  # (a wrong --model: one line before the hardware is timed)
+        from minigpt.loading import resolve_model
+
+        resolve_model(args.model)
     args.hardware = hardware.describe(torch.device("cpu"))
     print(hardware.hardware_line(args.hardware), file=sys.stderr, flush=True)
     speed, memory, e2e, llama = {}, {}, {}, {}

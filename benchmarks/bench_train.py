@@ -55,7 +55,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import hardware  # noqa: E402  (benchmarks/hardware.py, beside this file)
-from minigpt.cli import Parser, positive_int, run  # noqa: E402  (after the path set-up above)
+from minigpt.cli import Parser, non_negative_int, positive_int, run  # noqa: E402  (after the path set-up above)
+from minigpt.errors import MinigptError  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "data"
 DISTILGPT2 = dict(n_layer=6, n_head=12, n_embd=768, n_positions=1024, vocab_size=50257)
@@ -73,8 +74,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--block-size", type=positive_int, default=128)
     p.add_argument("--steps", type=positive_int, default=10, help="timed steps per side (default: 10)")
     p.add_argument("--warmup", type=positive_int, default=2, help="untimed steps per side first (default: 2)")
-    p.add_argument("--loss-steps", type=int, default=0, help="also train N steps in fp32 and bf16 and "
-                   "compare the losses (default: 0, off)")
+    p.add_argument("--loss-steps", type=non_negative_int, default=0, help="also train N steps in fp32 and "
+                   "bf16 and compare the losses (default: 0, off)")
     p.add_argument("--quick", action="store_true", help="3 timed steps after 1 warm-up")
     p.add_argument("--profile", action="store_true", help="also profile 3 steps of each side per precision "
                    "and print where the step's time goes: matmuls vs the rest, and the top operators")
@@ -90,6 +91,18 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 # --- the two sides -------------------------------------------------------------------------------
+
+
+def model_config(args: argparse.Namespace):
+    """The shape both sides train (a GPTConfig), known before any weights are written: --model's
+    config.json, or the distilgpt2 shape of the random-init default."""
+    from minigpt.config import GPTConfig
+
+    if args.model:
+        from minigpt.loading import resolve_model
+
+        return GPTConfig.from_hf(json.loads((resolve_model(args.model)[0] / "config.json").read_text()))
+    return GPTConfig.from_hf({"model_type": "gpt2", **DISTILGPT2})
 
 
 def model_folder(args: argparse.Namespace, tmp: Path) -> Path:
@@ -340,12 +353,15 @@ def main(argv=None) -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     import torch
 
-    from minigpt.config import GPTConfig
     from minigpt.runtime import DTYPES, resolve_dtype, setup_device
 
     device, _ = setup_device(args.device, "fp32")  # as train.py: TF32 matmuls for fp32 on CUDA
     for name in args.dtypes or []:
         resolve_dtype(name, device)  # (fp16 on a CPU, bf16 on a GPU without it: one line, before any timing)
+    config = model_config(args)
+    if args.block_size > config.block_size:  # as train.py refuses it, before any weights or timing
+        raise MinigptError(f"--block-size {args.block_size}: {args.model or 'distilgpt2'} sees at most "
+                           f"{config.block_size} tokens")
     info = hardware.describe(device)
     print(hardware.hardware_line(info), flush=True)
     peaks = {"fp32": info["fp32"], "bf16": info["bf16"]}
@@ -355,7 +371,6 @@ def main(argv=None) -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = model_folder(args, Path(tmp))
-        config = GPTConfig.from_hf(json.loads((folder / "config.json").read_text()))
         batches, data = benchmark_batch(folder, args, device)
         tokens = args.batch_size * args.block_size
         flops = step_flops(config, tokens, args.block_size)

@@ -257,7 +257,7 @@ def test_the_gpu_check_refuses_a_wrong_option_before_it_runs_anything(tmp_path):
     result = subprocess.run(["bash", "benchmarks/gpu_check.sh", "--shapes", "8by128"], cwd=ROOT, capture_output=True,
                             text=True, timeout=120, env=env)
     assert result.returncode == 2
-    assert result.stderr.strip().splitlines()[-1].endswith("'8by128' is not BATCHxBLOCK, e.g. 8x128")
+    assert result.stderr.strip().splitlines()[-1].endswith("'8by128' is not BATCHxBLOCK, e.g. 8x128 (see --help)")
     assert "CUDA tests" not in result.stdout and "installing" not in result.stdout
 
 
@@ -316,20 +316,46 @@ def test_bench_sample_checks_the_llama_cpp_paths_before_it_starts(tmp_path, monk
     assert bench_sample.parse_args(["--llama-bench", str(bench), "--no-compile"]).compile is False
 
 
+def run_benchmark(tmp_path, command):
+    """Run benchmarks/<command[0]> in a subprocess (in `tmp_path`), its arguments' {tmp} and {data}
+    being `tmp_path` and tests/data."""
+    argv = [a.format(tmp=tmp_path, data=ROOT / "tests" / "data") for a in command]
+    return subprocess.run([sys.executable, str(ROOT / "benchmarks" / argv[0]), *argv[1:]], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120, env=os.environ)
+
+
 @pytest.mark.parametrize("command, error", [
-    (["bench_train.py", "--dtype", "fp32,fp16"], "error: --dtype fp16: half precision is not supported on the CPU"),
-    (["bench_train.py", "--dtype", "fp8"], "error: --dtype: unknown precision 'fp8'"),
-    (["bench_data.py", "--data", "{bad}"], "record 1 has no 'answers.text' list of strings"),
-    (["bench_sample.py", "--model", "{missing}", "--skip", "memory", "e2e"], "no such file or folder"),
-], ids=["fp16-on-cpu", "unknown-dtype", "data-outside-the-schema", "missing-model"])
+    (["bench_train.py", "--dtype", "fp32,fp16"],
+     "error: --dtype fp16: half precision is not supported on the CPU (use bf16 or fp32)"),
+    (["bench_train.py", "--dtype", "fp8"],
+     "bench_train.py: error: --dtype: unknown precision 'fp8' (choose from fp32, bf16, fp16) (see --help)"),
+    (["bench_train.py", "--block-size", "5000", "--quick"],
+     "error: --block-size 5000: distilgpt2 sees at most 1024 tokens"),
+    (["bench_train.py", "--model", "{tmp}/small", "--block-size", "65"],
+     "error: --block-size 65: {tmp}/small sees at most 64 tokens"),
+    (["bench_train.py", "--loss-steps", "-1"],
+     "bench_train.py: error: argument --loss-steps: '-1' is not an integer >= 0 (see --help)"),
+    (["bench_data.py", "--data", "{tmp}/bad.jsonl"],
+     "error: {tmp}/bad.jsonl: record 1 has no 'answers.text' list of strings"),
+    (["bench_data.py", "--data", "{data}/docs.txt"],
+     "bench_data.py: error: {data}/docs.txt: --data takes .json/.json.gz/.jsonl files "
+     "(the recipe reads them with load_dataset(\"json\")) (see --help)"),
+    (["bench_data.py", "--data", "{data}/eli5_small.csv"],
+     "bench_data.py: error: {data}/eli5_small.csv: --data takes .json/.json.gz/.jsonl files "
+     "(the recipe reads them with load_dataset(\"json\")) (see --help)"),
+    (["bench_sample.py", "--model", "{tmp}/missing", "--skip", "memory", "e2e"],
+     "error: {tmp}/missing: no such file or folder"),
+], ids=["fp16-on-cpu", "unknown-dtype", "block-size-above-distilgpt2", "block-size-above-the-model",
+        "negative-loss-steps", "data-outside-the-schema", "plain-text-data", "csv-data", "missing-model"])
 def test_the_benchmarks_refuse_bad_input_in_one_line(tmp_path, command, error):
-    """Exit 2 and a one-line error, no traceback (conftest hides any GPU: fp16 meets a CPU)."""
+    """Exit 2 and a one-line error, before any model is built or anything timed (conftest hides
+    any GPU: fp16 meets a CPU; a 64-position config stands for any --model)."""
     (tmp_path / "bad.jsonl").write_text('{"title": "t"}\n')
-    argv = [a.format(bad=tmp_path / "bad.jsonl", missing=tmp_path / "missing") for a in command]
-    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / argv[0]), *argv[1:]], cwd=tmp_path,
-                            capture_output=True, text=True, timeout=120, env=os.environ)
+    (tmp_path / "small").mkdir()
+    (tmp_path / "small" / "config.json").write_text('{"model_type": "gpt2", "n_positions": 64}')
+    result = run_benchmark(tmp_path, command)
     assert result.returncode == 2, result.stderr[-2000:]
-    assert error in result.stderr.strip().splitlines()[-1] and "Traceback" not in result.stderr
+    assert result.stderr.splitlines() == [error.format(tmp=tmp_path, data=ROOT / "tests" / "data")]
 
 
 @pytest.mark.parametrize("command, error", [
