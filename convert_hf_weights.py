@@ -13,6 +13,7 @@ from typing import Sequence
 
 from minigpt.cli import Parser, run
 from minigpt.errors import MinigptError
+from minigpt.files import folder_destination
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -36,23 +37,25 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    out = Path(args.out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.force:
-        raise MinigptError(f"{out}: already exists and is not empty (pass --force to replace it)")
+    out = folder_destination(args.out)  # a file, a path under one, the current folder: refused at once
+    if out.is_dir() and any(out.iterdir()) and not args.force:
+        raise MinigptError(f"{args.out}: already exists and is not empty (pass --force to replace it)")
 
     from minigpt.hf import export_hf  # heavy imports after parsing
     from minigpt.loading import convert_to_minigpt, load_model
+    from minigpt.run_folder import keep_runs_out
 
-    if args.to_hf:
-        from minigpt.card import export_card
+    with keep_runs_out(out):  # --force never replaces the folder of a live training run
+        if args.to_hf:
+            from minigpt.card import export_card
 
-        model, tokenizer = load_model(args.to_hf)
-        card = Path(args.to_hf) / "README.md"  # a training run's model card travels with the export
-        export_hf(model, tokenizer, out, export_card(card.read_text(encoding="utf-8")) if card.is_file() else None)
-        print(f"wrote a transformers GPT2LMHeadModel folder to {out}")
-    else:
-        convert_to_minigpt(args.source, out)
-        print(f"wrote a minigpt checkpoint to {out}")
+            model, tokenizer = load_model(args.to_hf)
+            card = Path(args.to_hf) / "README.md"  # a training run's model card travels with the export
+            export_hf(model, tokenizer, out, export_card(card.read_text(encoding="utf-8")) if card.is_file() else None)
+            print(f"wrote a transformers GPT2LMHeadModel folder to {args.out}")
+        else:
+            convert_to_minigpt(args.source, out)
+            print(f"wrote a minigpt checkpoint to {args.out}")
     return 0
 
 

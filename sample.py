@@ -106,9 +106,6 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
         prompts += read_lines("-") if prompt == "-" else [prompt]
     if args.file is not None:
         prompts += read_lines(args.file)
-    if not prompts:  # (only "-" and --file can give none: a PROMPT given, even "", is one)
-        sources = {"stdin" if path == "-" else path for path in [*args.prompts, args.file] if path is not None}
-        raise MinigptError(f"{' and '.join(sorted(sources))}: no prompt, only blank lines or nothing")
     return prompts
 
 

@@ -82,10 +82,38 @@ def is_temporary_copy(name: str, of: str) -> bool:
 
 
 def _temporary_path(path: Path) -> Path:
-    """A fresh name beside `path` for a temporary file or link. Random, so that concurrent writers
-    never collide; the writer creates the file itself (so it gets the usual permissions, where
-    `tempfile.mkstemp` would make it readable by its owner only)."""
+    """A fresh name beside `path` for a temporary file, folder or link. Random, so that concurrent
+    writers never collide; the writer creates it itself (so it gets the usual permissions, where
+    `tempfile.mkstemp` and `mkdtemp` would make it its owner's only)."""
     return path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:12]}")
+
+
+def folder_destination(out: str | os.PathLike) -> Path:
+    """`out` as `atomic_folder` writes it, after refusing (one-line MinigptError) a path it cannot use.
+
+    Refused: a file (`is a file, not a folder`), a path under a file, and the folder the process
+    runs in or one above it (`.`, `..`): replacing it would move the working folder away from under
+    the process and the shell that started it (and `.` itself cannot be renamed at all). A path
+    such as `a/..` has no name of its own that a rename could replace, so it becomes the real path
+    of the folder it names. CLIs call this before any slow work, so that a bad `--out` is refused
+    at once; `atomic_folder` calls it again.
+    """
+    given = Path(out)
+    out = Path(os.path.realpath(given)) if given.name in ("", "..") else given
+    if out.exists() and not out.is_dir():
+        raise MinigptError(f"{given}: is a file, not a folder")
+    if not out.exists():
+        ancestor = next(p for p in out.parents if p.exists())  # "." or "/" at the latest
+        if not ancestor.is_dir():
+            raise MinigptError(f"{given}: {ancestor} is not a folder")
+    if out.is_dir():  # it would be moved aside: not where we stand
+        moved = Path(os.path.realpath(out.parent)) / out.name  # a link itself, not what it names
+        here = Path.cwd()
+        if moved == here or moved in here.parents:
+            raise MinigptError(
+                f"{given}: is the current folder (or one above it); run from outside it, or choose another folder"
+            )
+    return out
 
 
 @contextlib.contextmanager
@@ -98,28 +126,23 @@ def atomic_folder(out: str | os.PathLike) -> Iterator[Path]:
     moved aside, the new one renamed in, and the old one deleted, so at every moment one complete
     folder exists under a known name (after a kill between the two renames, the next save moves it
     back: `clear_interrupted_saves`). A write that fails with an OSError (a full disk, a read-only
-    folder) becomes a one-line MinigptError that says whether the previous `out` survived; writers
-    of other libraries' files turn those libraries' write errors into OSErrors.
+    folder) becomes a one-line MinigptError that says whether the previous `out` survived, and
+    leaves nothing of the attempt behind; writers of other libraries' files turn those libraries'
+    write errors into OSErrors. The folder gets the permissions a plain `mkdir` gives (`0o777` less
+    the umask): `tempfile.mkdtemp`'s owner-only ones would lock other users out of a checkpoint.
     """
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise MinigptError(f"{out}: exists and is not a folder")
+    out = folder_destination(out)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         clear_interrupted_saves(out)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+        tmp = _temporary_path(out)
+        tmp.mkdir()
     except OSError as e:
         raise MinigptError(f"{out}: cannot create a folder here ({e.strerror or e})") from None
     try:
         yield tmp
         fsync_tree(tmp)
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, old / out.name)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        _rename_into_place(tmp, out)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         kept = "the previous version is untouched" if out.is_dir() else "nothing was written"
@@ -128,6 +151,28 @@ def atomic_folder(out: str | os.PathLike) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     fsync(out.parent)  # the renames themselves
+
+
+def _rename_into_place(tmp: Path, out: Path) -> None:
+    """Rename the complete folder `tmp` to `out`. An existing `out` is first moved into a folder
+    `.NAME.old-XXXX` beside it and deleted once the new one is in place; if a rename fails, the
+    previous `out` is put back and the `.old` folder removed, so a failure leaves `out` as it was."""
+    if not out.exists():
+        os.replace(tmp, out)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+    try:
+        os.replace(out, old / out.name)
+    except OSError:
+        old.rmdir()
+        raise
+    try:
+        os.replace(tmp, out)
+    except OSError:
+        os.replace(old / out.name, out)
+        old.rmdir()
+        raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 @contextlib.contextmanager

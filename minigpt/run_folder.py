@@ -23,6 +23,7 @@ a killed one left in `.ckpt`. metrics.jsonl and loss.png are replaced whole with
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -30,13 +31,14 @@ import shutil
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator, NoReturn
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .files import atomic_folder, atomic_symlink, is_temporary_copy, read_json
-from .errors import MinigptError
+from .errors import MinigptError, reason
 
 CKPT_DIR = ".ckpt"
 CURRENT = "current"
@@ -116,7 +118,6 @@ def write_run_checkpoint(out: Path, step: int, write_files: Callable[[Path], Non
     ckpt_dir = out / CKPT_DIR
     folder = ckpt_dir / f"step-{step:09d}-{uuid.uuid4().hex[:8]}"
     with atomic_folder(folder) as tmp:
-        tmp.chmod(0o755)  # a temporary folder is its owner's only; a checkpoint reads like the rest of out/
         write_files(tmp)
         for f in tmp.iterdir():  # out/<file> -> .ckpt/current/<file>, made once per file name
             link = out / f.name
@@ -148,11 +149,38 @@ def write_training_state(folder: Path, info: dict[str, Any], tensors: dict[str, 
 
 
 def read_training_state(folder: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """(info, tensors) of checkpoint `folder`, as `write_training_state` wrote them."""
+    """(info, tensors) of checkpoint `folder`, as `write_training_state` wrote them.
+
+    A damaged file (truncated, not safetensors, missing) is a one-line MinigptError naming it, and
+    so is a tensor the resume asks for that the file lacks (`StateTensors`): which tensors a state
+    must hold is the trainer's business, so they are checked as they are read.
+    """
     info = read_json(folder / STATE_JSON)
     if info.get("format") != STATE_FORMAT or info.get("version") != STATE_VERSION:
         raise MinigptError(f"{folder / STATE_JSON}: not a minigpt training state (version {STATE_VERSION})")
-    return info, load_file(str(folder / STATE_TENSORS))
+    path = folder / STATE_TENSORS
+    try:
+        tensors = load_file(str(path))
+    except SafetensorError as e:
+        raise MinigptError(f"{path}: not a valid safetensors file ({reason(e)})") from None
+    except FileNotFoundError:
+        raise MinigptError(f"{path}: file not found") from None
+    except OSError as e:  # a folder, an unreadable file
+        raise MinigptError(f"{path}: cannot read it ({reason(e)})") from None
+    return info, StateTensors(path, tensors)
+
+
+class StateTensors(dict):
+    """The tensors of a training_state.safetensors file, by name; asking for one the file lacks is
+    a one-line MinigptError naming the file and the tensor, not a KeyError: a damaged checkpoint is
+    the user's to fix, not a bug (`in` and `.get` work as for any dict)."""
+
+    def __init__(self, path: Path, tensors: dict[str, torch.Tensor]) -> None:
+        super().__init__(tensors)
+        self.path = path
+
+    def __missing__(self, name: str) -> NoReturn:
+        raise MinigptError(f"{self.path}: missing tensor {name!r}")
 
 
 def check_same_run(out: Path, saved: dict[str, Any], current: dict[str, Any]) -> None:
@@ -202,15 +230,7 @@ class RunLock:
             self.out.mkdir(parents=True, exist_ok=True)
             while True:
                 fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:
-                    holder = _holder(fd)
-                    os.close(fd)
-                    raise MinigptError(
-                        f"--out {self.out}: another training run ({holder}) is using this folder; wait "
-                        "for it to end, or choose another --out"
-                    ) from None
+                _lock_or_refuse(fd, self.out)
                 # A run that gave up may have removed the file between our open and our lock: then
                 # we hold a lock on a file nobody else can find, and must lock the new one instead.
                 try:
@@ -219,8 +239,7 @@ class RunLock:
                 except FileNotFoundError:
                     pass
                 os.close(fd)
-            os.ftruncate(fd, 0)
-            os.write(fd, f"{os.getpid()}\n".encode())
+            _write_holder(fd)
         except OSError as e:
             raise MinigptError(f"--out {self.out}: cannot lock it ({e.strerror or e})") from None
         self._fd = fd
@@ -238,6 +257,55 @@ class RunLock:
             pass  # something else appeared in `out` meanwhile: leave it all
         os.close(self._fd)
         self._fd = None
+
+
+@contextlib.contextmanager
+def keep_runs_out(out: str | os.PathLike) -> Iterator[None]:
+    """Keep training runs out of folder `out` while the block replaces it whole
+    (`convert_hf_weights.py --force`).
+
+    While a live run holds `out`'s lock this refuses, in the one line a second `train.py` gets:
+    replacing the folder would delete the run's checkpoints under it, and the run would save its
+    next one into a folder that is no longer its own. Otherwise it takes the lock (writing its
+    process id, as a run does) and holds it to the end of the block, so that no run starts in a
+    folder about to be replaced. A folder without a lock file has never held a run: nothing to
+    hold. The lock file is opened, never made, so a failed replacement adds nothing to `out`.
+    """
+    try:
+        fd = os.open(Path(out) / LOCK_FILE, os.O_RDWR)
+    except (FileNotFoundError, NotADirectoryError):
+        fd = None
+    except OSError as e:
+        raise MinigptError(f"--out {out}: cannot lock it ({e.strerror or e})") from None
+    if fd is None:
+        yield
+        return
+    _lock_or_refuse(fd, out)
+    try:
+        _write_holder(fd)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _lock_or_refuse(fd: int, out: str | os.PathLike) -> None:
+    """flock `fd`, an open lock file of folder `out`, exclusively; if a live run holds it, close `fd`
+    and raise a one-line MinigptError naming that run's process."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = _holder(fd)
+        os.close(fd)
+        raise MinigptError(
+            f"--out {out}: another training run ({holder}) is using this folder; wait for it to end, "
+            "or choose another --out"
+        ) from None
+
+
+def _write_holder(fd: int) -> None:
+    """Write this process's id into the lock file `fd` it holds, for `_holder` to name."""
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
 
 
 def _holder(fd: int) -> str:

@@ -32,6 +32,8 @@ def test_hf_to_minigpt_and_back(tiny_hf_dir, tmp_path):
     exported = tmp_path / "exported"
     r = run_cli("convert_hf_weights.py", "--to-hf", str(out), "--out", str(exported))
     assert r.returncode == 0, r.stderr
+    (tmp_path / "plain").mkdir()  # both folders get the permissions a plain mkdir gives, not 0700
+    assert out.stat().st_mode == exported.stat().st_mode == (tmp_path / "plain").stat().st_mode
     idx = torch.randint(0, 50257, (1, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         a = GPT2LMHeadModel.from_pretrained(tiny_hf_dir).eval()(idx).logits
@@ -105,6 +107,18 @@ def test_failed_conversion_leaves_previous_output_intact(tiny_hf_dir, tmp_path):
     r = call_cli("convert_hf_weights.py", str(src), "--out", str(out), "--force")
     assert_one_line_error(r, "model.safetensors")
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+@pytest.mark.parametrize("where", [".", ".."])
+def test_the_current_folder_is_refused_and_left_as_it_was(where, tiny_hf_dir, tmp_path, monkeypatch):
+    here = tmp_path / "here"
+    here.mkdir()
+    (here / "keep.txt").write_text("mine")
+    monkeypatch.chdir(here)
+    r = call_cli("convert_hf_weights.py", str(tiny_hf_dir), "--out", where, "--force")
+    assert_one_line_error(r, f"{where}: is the current folder (or one above it)")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["here"]  # no temporary folder anywhere
+    assert [p.name for p in here.iterdir()] == ["keep.txt"] and (here / "keep.txt").read_text() == "mine"
 
 
 def test_usage_errors_exit_2(tmp_path):

@@ -459,12 +459,15 @@ def test_convert_bad_sources_and_outputs(tiny_hf_dir, tmp_path):
         ([str(a_file), "--out", out], [str(a_file), "not a checkpoint folder"]),
         (["./no/such/folder", "--out", out], ["no such file or folder"]),
         (["nobody-xyz/no-such-model", "--out", out], ["nobody-xyz/no-such-model", "Hub could not provide"]),
-        ([str(tiny_hf_dir), "--out", str(a_file)], [str(a_file), "--force"]),
-        ([str(tiny_hf_dir), "--out", str(a_file), "--force"], [str(a_file), "not a folder"]),
+        ([str(tiny_hf_dir), "--out", str(a_file)], [f"{a_file}: is a file, not a folder"]),
+        ([str(tiny_hf_dir), "--out", str(a_file), "--force"], [f"{a_file}: is a file, not a folder"]),
         ([str(tiny_hf_dir), "--out", str(busy)], [str(busy), "--force"]),
-        ([str(tiny_hf_dir), "--out", str(a_file / "sub")], [str(a_file / "sub"), "cannot create"]),
+        ([str(tiny_hf_dir), "--out", str(a_file / "sub")], [f"{a_file / 'sub'}: {a_file} is not a folder"]),
     ]:
-        assert_one_line_error(convert(*args), *needles)
+        result = convert(*args)
+        assert_one_line_error(result, *needles)
+        if "--force" not in needles:  # where --force would not help, it is not suggested
+            assert "--force" not in result.stderr, (args, result.stderr)
     assert a_file.read_text() == "not a folder" and snapshot(busy) == {"keep.txt": b"mine"}
     assert not (tmp_path / "out").exists()
 
@@ -977,6 +980,41 @@ def test_disk_full_during_a_training_save_keeps_the_last_checkpoint(tmp_path):
         (out / ".ckpt" / "current").resolve().name]  # the failed save left nothing behind
     result = train(tmp_path, *TINY_RUN, "--out", str(out), "--resume")
     assert result.returncode == 0 and checkpoint_step(out) == 12, result.stderr
+
+
+def drop_tensor(name: str):
+    """A damage that rewrites a safetensors file without tensor `name`."""
+
+    def damage(path: Path) -> None:
+        state = load_file(path)
+        del state[name]
+        save_file(state, str(path))
+    return damage
+
+
+DAMAGED_STATES = {  # what is done to training_state.safetensors, and what the error must then say
+    "truncated": (lambda path: os.truncate(path, 100), "not a valid safetensors file"),
+    "missing": (lambda path: path.unlink(), "file not found"),
+    "no_first_moment": (drop_tensor("optimizer.exp_avg.0"), "missing tensor 'optimizer.exp_avg.0'"),
+    "no_rng_state": (drop_tensor("rng.cpu.0"), "missing tensor 'rng.cpu.0'"),
+}
+
+
+def test_a_damaged_training_state_is_one_line_on_resume(tmp_path, monkeypatch):
+    """A resume from a checkpoint whose training_state.safetensors is damaged names that file and
+    the damage (as a damaged model.safetensors or training_state.json does) and changes nothing."""
+    monkeypatch.setenv("MINIGPT_CACHE", str(tmp_path / "cache"))
+    run = [*TINY_RUN, "--max-steps", "3"]
+    trained = tmp_path / "trained"
+    assert call_cli("train.py", *run, "--out", str(trained)).returncode == 0
+    for case, (damage, needle) in DAMAGED_STATES.items():
+        out = Path(shutil.copytree(trained, tmp_path / case, symlinks=True))
+        state = (out / ".ckpt" / "current").resolve() / "training_state.safetensors"
+        damage(state)
+        before = snapshot(out)
+        result = call_cli("train.py", *run, "--out", str(out), "--resume")
+        assert_one_line_error(result, f"{state}: {needle}")
+        assert snapshot(out) == before, case
 
 
 def test_train_flags_out_of_range(tmp_path, tiny_minigpt_dir, monkeypatch):

@@ -1,10 +1,12 @@
-"""minigpt.files' atomic writes of one file and of one link: all or nothing, nothing left behind.
+"""minigpt.files' atomic writes of one file, one link and one folder: all or nothing, nothing left
+behind, with the permissions a plain write would give.
 
 (`atomic_folder` under kills and full disks: tests/test_faults.py.)
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import threading
 from pathlib import Path
@@ -12,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from minigpt.errors import MinigptError
-from minigpt.files import atomic_file, atomic_symlink, clear_interrupted_saves, is_temporary_copy
+from minigpt.files import atomic_file, atomic_folder, atomic_symlink, clear_interrupted_saves, is_temporary_copy
 
 
 def names(folder: Path) -> list[str]:
@@ -107,3 +109,74 @@ def test_leftover_temporary_files_are_cleared(tmp_path):
     (tmp_path / ".other.tmp-keep").write_text("not ours")
     clear_interrupted_saves(path)
     assert names(tmp_path) == [".other.tmp-keep"]
+
+
+@pytest.fixture
+def umask_027():
+    """A umask other than the usual 022, so that a fixed chmod cannot pass for "what mkdir gives"."""
+    old = os.umask(0o027)
+    yield
+    os.umask(old)
+
+
+def test_atomic_folders_get_the_permissions_of_a_plain_mkdir(tmp_path, umask_027):
+    from minigpt.run_folder import write_run_checkpoint
+
+    with atomic_folder(tmp_path / "ckpt") as tmp:
+        (tmp / "config.json").write_text("{}")
+    step = write_run_checkpoint(tmp_path / "run", 1, lambda folder: (folder / "x.txt").write_text("x"))
+    (tmp_path / "plain").mkdir()
+    mode = (tmp_path / "plain").stat().st_mode
+    assert oct(mode & 0o777) == oct(0o750)
+    assert (tmp_path / "ckpt").stat().st_mode == mode and step.stat().st_mode == mode
+
+
+@pytest.mark.parametrize("failing", [1, 2], ids=["moving-the-old-aside", "moving-the-new-in"])
+def test_a_failed_rename_keeps_the_previous_folder_and_leaves_nothing(tmp_path, monkeypatch, failing):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    real_replace, calls = os.replace, []
+
+    def replace(src, dst):
+        calls.append((src, dst))
+        if len(calls) == failing:
+            raise OSError(errno.EBUSY, "Device or resource busy")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(MinigptError) as err, atomic_folder(out) as tmp:
+        (tmp / "new.txt").write_text("new")
+    assert str(err.value) == (
+        f"{out}: saving failed ([Errno 16] Device or resource busy); the previous version is untouched"
+    )
+    assert names(tmp_path) == ["out"] and (out / "old.txt").read_text() == "old" and names(out) == ["old.txt"]
+
+
+def test_atomic_folder_refuses_the_current_folder_and_what_is_not_a_folder(tmp_path, monkeypatch):
+    here, a_file = tmp_path / "here", tmp_path / "a_file"
+    (here / "sub").mkdir(parents=True)
+    a_file.write_text("mine")
+    monkeypatch.chdir(here)
+    current = "is the current folder (or one above it); run from outside it, or choose another folder"
+    for out, message in [
+        (".", f".: {current}"),
+        ("..", f"..: {current}"),
+        ("sub/..", f"sub/..: {current}"),
+        (here, f"{here}: {current}"),
+        (a_file, f"{a_file}: is a file, not a folder"),
+        (a_file / "sub", f"{a_file / 'sub'}: {a_file} is not a folder"),
+    ]:
+        with pytest.raises(MinigptError) as err, atomic_folder(out) as tmp:
+            (tmp / "new.txt").write_text("new")
+        assert str(err.value) == message
+    assert names(tmp_path) == ["a_file", "here"] and names(here) == ["sub"] and names(here / "sub") == []
+    assert a_file.read_text() == "mine"
+
+
+def test_a_path_ending_in_dot_dot_replaces_the_folder_it_names(tmp_path):
+    base = tmp_path / "base"
+    (base / "sub").mkdir(parents=True)
+    with atomic_folder(base / "sub" / "..") as tmp:
+        (tmp / "new.txt").write_text("new")
+    assert names(tmp_path) == ["base"] and names(base) == ["new.txt"]

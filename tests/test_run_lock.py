@@ -109,6 +109,31 @@ def test_resume_while_the_run_lives_is_refused_and_touches_nothing(tmp_path):
         assert snapshot(out) == before
 
 
+def test_convert_force_never_replaces_the_folder_of_a_live_run(tmp_path, tiny_hf_dir):
+    """`convert_hf_weights.py --force` would delete a live run's checkpoints under it: refused, in the
+    line a second run gets. While a conversion replaces a folder, no run can start in it; once the
+    run has ended, the folder is replaced by the conversion alone (no .ckpt, .lock or records of the
+    run left in it)."""
+    from minigpt.run_folder import keep_runs_out
+
+    out = tmp_path / "run"
+    assert call_cli("train.py", *TINY, "--out", str(out)).returncode == 0
+    before = snapshot(out)
+    with RunLock(out):  # as if the run were still going
+        result = call_cli("convert_hf_weights.py", str(tiny_hf_dir), "--out", str(out), "--force")
+        assert result.returncode == 2
+        assert result.stderr.strip().splitlines() == [
+            f"error: --out {out}: another training run (process {os.getpid()}) is using this folder; wait for "
+            "it to end, or choose another --out"
+        ]
+        assert snapshot(out) == before and sorted(p.name for p in tmp_path.iterdir()) == ["cache", "run"]
+    with keep_runs_out(out), pytest.raises(MinigptError, match="another training run"):
+        RunLock(out).acquire()
+    result = call_cli("convert_hf_weights.py", str(tiny_hf_dir), "--out", str(out), "--force")
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "tokenizer.json"]
+
+
 def read_until(proc: subprocess.Popen, needle: str) -> str:
     """The child's stdout up to the first line holding `needle` (it must appear within 120 s)."""
     seen, deadline = "", time.monotonic() + 120

@@ -87,22 +87,6 @@ def test_stdin_file_empty_prompt_and_int8(tiny_minigpt_dir, tiny_hf_dir, gpt2_to
     assert outputs[2] == "first prompt" + hf_greedy_text(tiny_hf_dir, gpt2_tokenizer, "first prompt", 3)
 
 
-def test_no_prompt_from_stdin_or_a_file_is_an_error(tiny_minigpt_dir, tmp_path, monkeypatch):
-    """An empty (or blank) --file or stdin used to end the run with no output and status 0, as if
-    every prompt had been answered; giving no PROMPT at all is an error, so this is one too."""
-    blank = tmp_path / "blank.txt"
-    blank.write_text("\n  \n", encoding="utf-8")
-    model = ["--model", str(tiny_minigpt_dir), "--max-new-tokens", "2"]
-    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"")))
-    with pytest.raises(MinigptError, match=r"^stdin: no prompt, only blank lines or nothing$"):
-        sample.main([*model, "-"])
-    with pytest.raises(MinigptError, match=rf"^{re.escape(str(blank))}: no prompt"):
-        sample.main([*model, "--file", str(blank)])
-    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"")))
-    with pytest.raises(MinigptError, match=r"^stdin: no prompt"):
-        sample.main([*model, "-", "--file", "-"])
-
-
 @pytest.mark.skipif(shutil.which(os.environ.get("CXX", "g++")) is None, reason="--compile needs a C++ compiler")
 def test_compile_decodes_the_greedy_text_of_transformers(tiny_hf_dir, gpt2_tokenizer):
     """--compile: the step compiles before the first prompt (a stderr line says how long), and the text is the
