@@ -25,7 +25,7 @@ from typing import Iterator
 import torch
 import torch.distributed as dist
 
-from .errors import MinigptError
+from .errors import MinigptError, reason
 
 # After its last collective, a rank gives gloo's worker threads this long to let go of the tensors
 # they held, before the interpreter shuts down (see `torchrun_process_group`).
@@ -196,8 +196,11 @@ def restore_rng_states(tensors: dict[str, torch.Tensor], saved_world_size: int, 
     of ranks the examples fall on other ranks anyway, so there is no exact continuation to restore:
     each rank is then seeded from the step and its rank."""
     if saved_world_size == ranks.world_size:
-        torch.set_rng_state(tensors[f"rng.cpu.{ranks.rank}"])
-        if device.type == "cuda" and f"rng.cuda.{ranks.rank}" in tensors:
-            torch.cuda.set_rng_state(tensors[f"rng.cuda.{ranks.rank}"], device)
+        try:  # (torch refuses a tensor that is no generator's state: a damaged file, one line)
+            torch.set_rng_state(tensors[f"rng.cpu.{ranks.rank}"])
+            if device.type == "cuda" and f"rng.cuda.{ranks.rank}" in tensors:
+                torch.cuda.set_rng_state(tensors[f"rng.cuda.{ranks.rank}"], device)
+        except (TypeError, RuntimeError) as e:
+            raise MinigptError(f"training state: rank {ranks.rank}'s RNG state is not one ({reason(e)})") from None
     else:
         torch.manual_seed(step * 1000 + ranks.rank)
