@@ -19,12 +19,11 @@ from typing import Callable
 import torch
 import torch.nn as nn
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch.overrides import TorchFunctionMode
 
 from .config import GPTConfig
 from .errors import MinigptError, reason
-from .files import atomic_folder, read_json
+from .files import atomic_folder, read_json, save_tensors
 from .model import GPT
 from .tokenizer import TOKENIZER_FILE, Tokenizer
 
@@ -265,14 +264,6 @@ def model_state_for_saving(model: GPT) -> dict[str, torch.Tensor]:
         for name, t in model.state_dict().items()
         if name not in TIED_KEYS
     }
-
-
-def save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict | None = None) -> None:
-    """Write a .safetensors file; a failed write (a full disk) is an OSError, as for any other file."""
-    try:
-        save_file(tensors, str(path), metadata=metadata)
-    except SafetensorError as e:
-        raise OSError(reason(e)) from None
 
 
 def write_checkpoint_files(folder: Path, model: GPT, tokenizer: Tokenizer) -> None:

@@ -7,7 +7,8 @@ checkpoint pointer (`atomic_symlink`). Each is written in full beside its destin
 temporary name `.NAME.tmp-XXXX`, flushed to the disk, then renamed into place, and the rename itself
 is flushed. A reader therefore finds either the previous complete version or the new complete one,
 never half of one, even after a crash or a power cut; a kill leaves at most a temporary copy, which
-`clear_interrupted_saves` deletes. This module knows nothing of models, tokenizers or data.
+`clear_interrupted_saves` deletes. It also writes .safetensors files (`save_tensors`), so that they
+fail and get permissions as other files do. It knows nothing of models, tokenizers or data.
 """
 
 from __future__ import annotations
@@ -20,9 +21,12 @@ import shutil
 import tempfile
 import uuid
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 from .errors import MinigptError, reason
+
+if TYPE_CHECKING:
+    import torch
 
 
 def read_json(path: Path) -> dict:
@@ -38,6 +42,22 @@ def read_json(path: Path) -> dict:
     if not isinstance(data, dict):
         raise MinigptError(f"{path}: expected a JSON object")
     return data
+
+
+def save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict | None = None) -> None:
+    """Write a .safetensors file with the permissions any new file gets (0o666 less the umask:
+    safetensors itself makes its files its owner's only), and a failed write (a full disk) as an
+    OSError, as for any other file, so that `atomic_folder` reports it in one line."""
+    from safetensors import SafetensorError  # (here: the CLIs import this module before parsing)
+    from safetensors.torch import save_file
+
+    try:
+        save_file(tensors, str(path), metadata=metadata)
+    except SafetensorError as e:
+        raise OSError(reason(e)) from None
+    umask = os.umask(0)  # (reading the umask means setting it: put it straight back)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
 
 
 def fsync(path: Path) -> None:

@@ -31,11 +31,10 @@ from .checkpoint import (
     match_names,
     model_from_state,
     model_state_for_saving,
-    save_tensors,
 )
 from .config import GPTConfig
 from .errors import MinigptError, reason
-from .files import atomic_folder, read_json
+from .files import atomic_folder, read_json, save_tensors
 from .model import GPT
 from .tokenizer import Tokenizer
 

@@ -35,9 +35,9 @@ from typing import Any, Callable, Iterator, NoReturn
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from .files import atomic_folder, atomic_symlink, is_temporary_copy, read_json
+from .files import atomic_folder, atomic_symlink, is_temporary_copy, read_json, save_tensors
 from .errors import MinigptError, reason
 
 CKPT_DIR = ".ckpt"
@@ -143,7 +143,7 @@ def write_run_checkpoint(out: Path, step: int, write_files: Callable[[Path], Non
 def write_training_state(folder: Path, info: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
     """A checkpoint's training state, pickle-free: the tensors (optimizer moments, RNG states) in
     training_state.safetensors, everything else (step, data position, settings, ...) as JSON."""
-    save_file({k: t.detach().cpu().contiguous() for k, t in tensors.items()}, str(folder / STATE_TENSORS))
+    save_tensors({k: t.detach().cpu().contiguous() for k, t in tensors.items()}, folder / STATE_TENSORS)
     info = {"format": STATE_FORMAT, "version": STATE_VERSION, **info}
     (folder / STATE_JSON).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
 

@@ -496,13 +496,13 @@ def test_disk_full_during_conversion_keeps_the_previous_output(tiny_hf_dir, tiny
 
 def test_disk_full_during_export(tiny_minigpt_dir, tmp_path, monkeypatch):
     """--to-hf when the disk fills while the weights are half written: nothing is left behind."""
-    import minigpt.checkpoint
+    import minigpt.hf
 
     def save_half_then_fail(tensors, filename, metadata=None):
         Path(filename).write_bytes(b"\0" * 1000)
         raise OSError(28, "No space left on device", filename)
 
-    monkeypatch.setattr(minigpt.checkpoint, "save_file", save_half_then_fail)
+    monkeypatch.setattr(minigpt.hf, "save_tensors", save_half_then_fail)
     out = tmp_path / "exported"
     result = convert("--to-hf", str(tiny_minigpt_dir), "--out", str(out))
     assert_one_line_error(result, str(out), "No space left on device", "nothing was written")
@@ -836,7 +836,7 @@ def now():
     return len(calls) == int(n)
 
 
-real_step, real_save = minigpt.optim.AdamW.step, minigpt.run_folder.save_file
+real_step, real_save = minigpt.optim.AdamW.step, minigpt.run_folder.save_tensors
 
 
 def step(self):
@@ -847,7 +847,7 @@ def step(self):
         os.kill(os.getpid(), signal.SIGINT)
 
 
-def save_file(tensors, filename, *args, **kwargs):
+def save_tensors(tensors, filename, *args, **kwargs):
     if kind in ("kill_in_save", "disk_full_in_save") and now():
         with open(filename, "wb") as f:
             f.write(b"half a file")
@@ -857,7 +857,7 @@ def save_file(tensors, filename, *args, **kwargs):
     real_save(tensors, filename, *args, **kwargs)
 
 
-minigpt.optim.AdamW.step, minigpt.run_folder.save_file = step, save_file
+minigpt.optim.AdamW.step, minigpt.run_folder.save_tensors = step, save_tensors
 sys.argv = ["train.py", *sys.argv[1:]]
 runpy.run_path(os.path.join(os.environ["MINIGPT_ROOT"], "train.py"), run_name="__main__")
 '''

@@ -131,6 +131,19 @@ def test_atomic_folders_get_the_permissions_of_a_plain_mkdir(tmp_path, umask_027
     assert (tmp_path / "ckpt").stat().st_mode == mode and step.stat().st_mode == mode
 
 
+def test_safetensors_files_get_the_permissions_of_any_new_file(tmp_path, umask_027):
+    """safetensors makes its files its owner's only (0o600, whatever the umask), so a shared
+    checkpoint's weights were unreadable to the group that could list its folder."""
+    import torch
+
+    from minigpt.files import save_tensors
+
+    save_tensors({"w": torch.zeros(2)}, tmp_path / "w.safetensors")
+    (tmp_path / "plain.txt").write_text("x")
+    assert oct((tmp_path / "w.safetensors").stat().st_mode & 0o777) == oct(0o640)
+    assert (tmp_path / "w.safetensors").stat().st_mode == (tmp_path / "plain.txt").stat().st_mode
+
+
 @pytest.mark.parametrize("failing", [1, 2], ids=["moving-the-old-aside", "moving-the-new-in"])
 def test_a_failed_rename_keeps_the_previous_folder_and_leaves_nothing(tmp_path, monkeypatch, failing):
     out = tmp_path / "out"
