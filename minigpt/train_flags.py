@@ -23,6 +23,7 @@ TINY_PRESET = dict(
     warmup_steps=20, epochs=12, dropout=0.0, out="checkpoints/tiny", log_every=5, save_every=50,
 )
 TINY_VOCAB = 2048
+SHAPE_FLAGS = ("n_layer", "n_head", "n_embd")  # a new model's shape (--init scratch)
 _INT, _X = dict(metavar="N", type=positive_int), dict(metavar="X")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")  # torch.compile's modes (--compile-mode)
 
@@ -178,15 +179,20 @@ class TrainFlags:
 def parse_train_flags(argv: Sequence[str] | None, description: str) -> TrainFlags:
     """train.py's command line as TrainFlags; a mistake is argparse's usage error (exit 2)."""
     p = parser_from(TrainFlags, description)
-    preset, _ = p.parse_known_args(argv)
-    if preset.preset == "tiny":  # the preset changes defaults; flags given explicitly still win
+    p.set_defaults(init=None)  # (for a moment: to see whether --init was given)
+    given, _ = p.parse_known_args(argv)
+    p.set_defaults(init=RECIPE_MODEL)
+    if given.preset == "tiny":  # the preset changes defaults; flags given explicitly still win
         from .data import tiny_preset_path
 
-        p.set_defaults(**TINY_PRESET, data=str(tiny_preset_path()))
+        preset = {**TINY_PRESET, "data": str(tiny_preset_path())}
+        if given.init not in (None, "scratch"):  # a loaded model keeps its shape: the preset's is a new one's
+            preset = {k: v for k, v in preset.items() if k not in SHAPE_FLAGS}
+        p.set_defaults(**preset)
     args = from_flags(TrainFlags, p.parse_args(argv))
     if args.seed >= 2**63:  # torch's generators take a 64-bit seed
         p.error(f"argument --seed: {args.seed} is too large (at most {2**63 - 1})")
-    scratch_flags = [f for f in ("n_layer", "n_head", "n_embd") if getattr(args, f) is not None]
+    scratch_flags = [f for f in SHAPE_FLAGS if getattr(args, f) is not None]
     if args.init != "scratch" and scratch_flags:
         p.error(f"--{scratch_flags[0].replace('_', '-')} needs --init scratch (a loaded model keeps its shape)")
     if args.compile_mode is not None and not args.compile:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import os
 import signal
 import subprocess
@@ -80,6 +81,33 @@ def test_tiny_preset_trains_then_samples_and_exports(tmp_path):
     with torch.no_grad():
         # measured 1.7e-6 (logits up to 7.3): fp32 rounding; a wrong tensor or GELU moves them far more
         assert (hf(idx).logits - ours(idx)[0]).abs().max().item() < 1e-5
+
+
+def test_the_tiny_preset_continues_from_a_loaded_model(tmp_path, monkeypatch, capsys):
+    """--preset tiny --init RUN: the preset's shape (--n-layer ...) is a new model's, so a loaded one
+    keeps its own, while the preset's data, block size and other settings still apply. (The preset's
+    shape used to count as given, and the run was refused: "--n-layer needs --init scratch".)"""
+    import train
+    from minigpt.train_flags import parse_train_flags
+
+    flags = parse_train_flags(["--preset", "tiny", "--init", "some/run"], "")
+    assert (flags.init, flags.n_layer, flags.n_head, flags.n_embd) == ("some/run", None, None, None)
+    assert (flags.block_size, flags.lr, flags.out) == (64, 2e-3, "checkpoints/tiny")
+    assert parse_train_flags(["--preset", "tiny"], "").n_layer == 2
+    with pytest.raises(SystemExit):  # a shape given by hand for a loaded model is still refused
+        parse_train_flags(["--preset", "tiny", "--init", "some/run", "--n-layer", "3"], "")
+    assert "--n-layer needs --init scratch" in capsys.readouterr().err
+
+    monkeypatch.setenv("MINIGPT_CACHE", str(tmp_path / "cache"))
+    first, more = tmp_path / "first", tmp_path / "more"
+    train.main([*QUICK, "--max-steps", "3", "--out", str(first)])
+    train.main([*QUICK, "--init", str(first), "--max-steps", "2", "--out", str(more)])
+    assert [r["step"] for r in metrics(more) if "loss" in r] == [1, 2]
+    capsys.readouterr()
+    train.main([*QUICK, "--init", str(more), "--eval-only"])  # the preset's split, the run's last numbers
+    evaluated = re.findall(r"validation loss ([0-9.]+)", capsys.readouterr().out)
+    assert [float(v) for v in evaluated] == [pytest.approx(
+        [r["val_loss"] for r in metrics(more) if "val_loss" in r][-1], abs=1e-4)]
 
 
 @pytest.mark.slow
