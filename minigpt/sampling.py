@@ -200,8 +200,9 @@ def generate(
     pick(logits (B, vocab), tokens so far (B, L), config, generator) chooses each step's tokens;
     `minigpt.trace.StepRecorder` is a `next_token` that also keeps the step's probabilities.
 
-    An empty prompt starts from `eos_id`, as HF does. The model sees at most `block_size` tokens: a
-    longer prompt keeps its last `block_size` tokens, and when generation fills the window the cache
+    An empty prompt starts from `eos_id`, as HF does. The model sees at most `block_size` tokens: of
+    a longer prompt it reads the last `block_size` (the repetition penalty still counts every token
+    of it, as it does the generated tokens that slide out), and when generation fills the window the cache
     is rebuilt from the last `block_size // 2` tokens (one prefill) so decoding can continue.
     compiled: `model`'s compiled decoding step, for every step after a prefill.
     """
@@ -211,10 +212,11 @@ def generate(
         raise MinigptError("an empty prompt starts from eos_id, and none was given")
     window = model.config.block_size
     device = model_device(model)
-    prompt = list(prompt[-window:]) or [eos_id]
+    prompt = list(prompt) or [eos_id]
     n_prompt = len(prompt)
 
-    # All tokens so far, for the repetition penalty and for rebuilding the window.
+    # All tokens so far, the whole prompt included: the repetition penalty counts every token of
+    # the text, and the window is rebuilt from them.
     tokens = torch.empty(num_samples, n_prompt + config.max_new_tokens, dtype=torch.long, device=device)
     tokens[:, :n_prompt] = torch.tensor(prompt, device=device)
     length = n_prompt
@@ -224,7 +226,7 @@ def generate(
     else:
         cache = KVCache(model.config, num_samples, needed, device=device, dtype=activation_dtype(model))
     finished = torch.zeros(num_samples, dtype=torch.bool, device=device)
-    model_input = tokens[:, :n_prompt]  # first step: the whole prompt (prefill)
+    model_input = tokens[:, max(0, n_prompt - window) : n_prompt]  # first step: the prompt (prefill)
 
     for _ in range(config.max_new_tokens):
         if cache.length + model_input.size(1) > cache.max_len:  # the window is full: slide it

@@ -373,3 +373,19 @@ def test_weights_that_make_no_finite_logits_are_named_not_decoded(tiny, config):
         score_ids(broken, tokenizer, [464, 2068, 7586], config)
     # the intact model decodes as before
     assert len(generate_ids(model, [464, 2068], config, eos_id=tokenizer.eos_id)[0]) == 5
+
+
+def test_the_repetition_penalty_counts_prompt_tokens_beyond_the_window():
+    """The penalty is on every token already in the text; the model reads only a long prompt's
+    last block_size tokens, but the tokens before them are still text (they used to be forgotten)."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=300, block_size=16, n_layer=1, n_head=2, n_embd=32, dropout=0.0)).eval()
+    config = SamplingConfig(max_new_tokens=1, greedy=True, repetition_penalty=50.0)
+    prompt = list(range(100, 116))  # exactly one window
+    [[first]] = generate_ids(model, prompt, config, eos_id=None)
+    assert first not in prompt
+    [[again]] = generate_ids(model, [first] * 3 + prompt, config, eos_id=None)  # the same window, `first` before it
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt]))[0][0, -1]
+    expected = apply_repetition_penalty(logits[None], torch.tensor([[first, *prompt]]), 50.0).argmax()
+    assert again != first and again == expected.item()
