@@ -136,14 +136,21 @@ def complete(
 
 def questions(ask: str = "question> ") -> Iterator[str]:
     """Questions typed on stdin, each asked for with `ask` on stderr, until Ctrl-D (end of input);
-    a blank line asks again."""
+    a blank line asks again. A line that is not UTF-8 is a MinigptError naming its first bad byte:
+    Python hands such bytes on as lone surrogates (PEP 383), which no tokenizer can take."""
+    line = 0
     while True:
         sys.stderr.write(ask)
         sys.stderr.flush()
         question = sys.stdin.readline()
+        line += 1
         if not question:
             sys.stderr.write("\n")
             return
+        bad = next((i for i, c in enumerate(question) if "\ud800" <= c <= "\udfff"), None)
+        if bad is not None:
+            byte = len(question[:bad].encode("utf-8", "surrogateescape"))
+            raise MinigptError(f"stdin: line {line} is not UTF-8 text (byte {byte})")
         if question.strip():
             yield question
 

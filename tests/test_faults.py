@@ -747,9 +747,10 @@ def test_invalid_utf8_prompt_on_the_command_line_and_interactive(tiny_minigpt_di
     result = sample("--model", str(tiny_minigpt_dir), "--max-new-tokens", "2", prompt)
     assert_one_line_error(result, "not valid UTF-8", "character 3")
     result = sample("--model", str(tiny_minigpt_dir), "--max-new-tokens", "2", "--interactive",
-                    stdin=b"why?\n\xff\xfe?\n", monkeypatch=monkeypatch, errors="surrogateescape")
+                    stdin=b"why?\ncaf\xc3\xa9 \xff\xfe?\n", monkeypatch=monkeypatch, errors="surrogateescape")
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
-    assert "error: text is not valid UTF-8" in result.stderr.strip().splitlines()[-1], result.stderr
+    # the bytes as typed: "café " is 6 of them (é is two); not a position in the prompt template
+    assert result.stderr.strip().splitlines()[-1].endswith("error: stdin: line 2 is not UTF-8 text (byte 6)")
     assert result.stdout.count("\n") == 1  # the first question was answered
 
 
