@@ -189,8 +189,8 @@ def score_ids(
     `config` decides only `kept` / `candidates` (which tokens its temperature, top-k and top-p would
     have left); the probabilities are the model's own, so a repetition penalty is refused. A text
     longer than the context window W is read in windows that slide by W // 2 (transformers'
-    "strided perplexity"): the first window scores its tokens as usual, and every later token is
-    predicted from at least W // 2 tokens before it.
+    "strided perplexity" with that stride): the first window scores its tokens as usual, and every
+    later token is predicted from at least the W - W // 2 tokens before it.
     """
     config = config or SamplingConfig()
     if config.repetition_penalty != 1.0:
@@ -223,7 +223,7 @@ def score_ids(
             probs = step_probs(scores, tokens, values, cand_ids, top_alternatives)
             rows += [{"step": first + i, **probs.row(i, tokenizer)} for i in range(scores.size(0))]
         target = end
-        begin = end - window // 2
+        begin = end - (window - window // 2)  # the next window ends W // 2 tokens further on
     return Score(ids=list(ids), rows=rows, loss=total / (len(ids) - 1))
 
 

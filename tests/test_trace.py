@@ -323,6 +323,27 @@ def test_score_slides_over_texts_longer_than_the_window(hf_dir, hf_model, tokeni
     assert max(abs(row["prob"] - math.exp(-n)) for row, n in zip(result.rows, nll)) <= PROB_TOL
 
 
+@pytest.mark.parametrize("window", [33, 3])
+def test_score_with_an_odd_window_is_transformers_strided_perplexity(tmp_path, tokenizer, window):
+    """transformers' strided perplexity with stride W // 2: windows start at 0, s, 2s, ...; each
+    scores the tokens the one before it did not reach. With an odd window the slide used to be
+    W - W // 2, one more than the stride, and the losses differed (33: 11.00673 against 10.98976)."""
+    folder = save_hf_model(tmp_path / "odd", seed=2, **{**TINY_HF, "n_positions": window})
+    hf = GPT2LMHeadModel.from_pretrained(folder).eval()
+    ids = torch.randint(0, 50000, (3 * window + 5,), generator=torch.Generator().manual_seed(1)).tolist()
+    nll, reached, stride = [], 1, window // 2  # (the loop of transformers' perplexity guide)
+    for begin in range(0, len(ids), stride):
+        end = min(begin + window, len(ids))
+        logp = hf_logits(hf, ids[begin:end]).log_softmax(-1)
+        nll += [-logp[t - 1 - begin, ids[t]].item() for t in range(reached, end)]
+        reached = end
+        if end == len(ids):
+            break
+    result = score_ids(load_model(folder)[0], tokenizer, ids)
+    assert len(result.rows) == len(nll) == len(ids) - 1
+    assert result.loss == pytest.approx(sum(nll) / len(nll), rel=1e-5)
+
+
 def test_score_report_and_colours(hf_dir, tokenizer):
     model = load_model(hf_dir)[0]
     result = score(model, tokenizer, "Why is the sky blue?", SamplingConfig(top_k=5, top_p=1.0))
