@@ -137,7 +137,10 @@ def train(args, device, dtype, dtype_name: str, ranks, resume_from: Path | None)
         torch.manual_seed(args.seed + ranks.rank)
 
     if not ranks.is_main:  # rank 0 builds the token cache; the others then read it
-        torch.distributed.barrier()
+        try:
+            torch.distributed.barrier()
+        except RuntimeError:  # rank 0 left the job: its own line says why
+            raise MinigptError(f"rank {ranks.rank}: rank 0 stopped while preparing the data") from None
     train_blocks, val_blocks = load_blocks(args.data_config(), tokenizer, progress=ranks.is_main and not args.no_progress)
     if ranks.is_main and ranks.in_process_group:
         torch.distributed.barrier()

@@ -21,7 +21,8 @@ def run(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] 
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # (torchrun signals every rank: one line for the job)
+            print("interrupted", file=sys.stderr)
         sys.exit(130)
     except BrokenPipeError:
         # Python flushes stdout once more at exit, which would fail again and print a warning:

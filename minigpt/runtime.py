@@ -48,24 +48,33 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 @functools.cache
 def cpu_bf16_speedup() -> float:
     """How many times faster this CPU multiplies bf16 matrices than fp32 ones, measured once per
-    process on a 256 x 256 x 256 matmul (best of 3, a few ms; ~50 ms where bf16 is emulated).
+    process on a 256 x 256 x 256 matmul on one thread (best of 5 each, interleaved; a few ms, ~0.3 s
+    where bf16 is emulated).
 
     CPUs with bf16 instructions (AVX-512 BF16, AMX, Arm BF16) run bf16 matmuls as fast as fp32 or
     several times faster (~2.7x on an AVX-512 BF16 EPYC, more with AMX); without them PyTorch emulates
     bf16 and it runs ~100x slower than fp32. Measuring rather than reading CPU flags also sees
-    whether this torch build uses the instructions."""
+    whether this torch build uses the instructions. One thread, because a kernel on all of them
+    waits for the slowest: with another busy thread on a 2-core machine (a tokenizer's pool), the
+    bf16 kernel lost a whole scheduler slice, 8 ms against fp32's 0.2, in ~40% of runs."""
     a, b = torch.randn(256, 256), torch.randn(256, 256)
+    a16, b16 = a.bfloat16(), b.bfloat16()
 
-    def best(x: torch.Tensor, y: torch.Tensor) -> float:
-        x @ y  # warm-up: first-call set-up
-        times = []
-        for _ in range(3):
-            start = time.perf_counter()
-            x @ y
-            times.append(time.perf_counter() - start)
-        return min(times)
+    def seconds(x: torch.Tensor, y: torch.Tensor) -> float:
+        start = time.perf_counter()
+        x @ y
+        return time.perf_counter() - start
 
-    return best(a, b) / best(a.bfloat16(), b.bfloat16())
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        seconds(a, b), seconds(a16, b16)  # warm-up: first-call set-up
+        fp32 = bf16 = float("inf")
+        for _ in range(5):
+            fp32, bf16 = min(fp32, seconds(a, b)), min(bf16, seconds(a16, b16))
+    finally:
+        torch.set_num_threads(threads)
+    return fp32 / bf16
 
 
 def emulated_bf16_warning(device: torch.device, dtype: torch.dtype) -> str | None:

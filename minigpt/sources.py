@@ -10,6 +10,7 @@ Sources (`Source.resolve`)
                   `datasets`' flatten() gives); the two `answers.*` cells hold JSON arrays
     .txt          plain text: every blank-line-separated paragraph is one document
     a folder      plain text: every .txt file under it (sorted by path) is one document
+Files are UTF-8; a byte-order mark at the start is dropped.
 
 Formats (ELI5 records, `render`; the templates are `minigpt.formats`)
     answers   the recipe: a record's answers joined with one space, no special tokens.
@@ -39,6 +40,8 @@ from .hub import load_eli5_records
 HUB_TRAIN_FILE = "hf://datasets/rexarski/eli5_category/eli5-category-train.json.gz"
 HUB_MAX_RECORDS = 5000  # the published recipe fine-tunes on the first 5,000 training questions
 TEXT_SUFFIXES = (".json", ".json.gz", ".jsonl", ".parquet", ".csv", ".txt")
+TEXT_ENCODING = "utf-8-sig"  # UTF-8, less a leading byte-order mark (Excel's "CSV UTF-8" and Notepad write one)
+LONE_SURROGATE = re.compile("[\ud800-\udfff]")  # what a JSON escape such as "\ud800" decodes to without its pair
 
 
 class Source:
@@ -111,9 +114,9 @@ class Source:
                 files = _text_files(self.path)
                 if not files:
                     raise MinigptError(f"{self.path}: folder holds no .txt files")
-                return [text for f in files if (text := f.read_text(encoding="utf-8").strip())]
+                return [text for f in files if (text := f.read_text(encoding=TEXT_ENCODING).strip())]
             if self.kind == "txt":
-                text = self.path.read_text(encoding="utf-8")
+                text = self.path.read_text(encoding=TEXT_ENCODING)
                 return [p.strip() for p in re.split(r"\n\s*\n", text) if p.strip()]
             if self.kind == "parquet":
                 return _read_parquet(self.path)
@@ -125,14 +128,15 @@ class Source:
 
 
 def _text_files(folder: Path) -> list[Path]:
-    files = (p for p in folder.rglob("*.txt") if p.is_file())
+    """Every file under `folder` whose name ends in .txt, in any case (as a single file's does)."""
+    files = (p for p in folder.rglob("*") if p.suffix.lower() == ".txt" and p.is_file())
     return sorted(files, key=lambda p: p.relative_to(folder).parts)
 
 
 def _read_json(path: Path, lines: bool) -> list[dict]:
     """A JSON array (`.json`, `.json.gz`) or JSON lines (`.jsonl`, or a `.json` that is not an array)."""
     opener = gzip.open if path.name.lower().endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8") as f:
+    with opener(path, "rt", encoding=TEXT_ENCODING) as f:
         text = f.read()
     if not lines and text.lstrip().startswith("["):
         records = _parse_json(text, path, "")
@@ -172,7 +176,7 @@ def _read_csv(path: Path) -> list[dict]:
     """Rows with `title`, `selftext`, and JSON arrays in `answers.text` / `answers.score`."""
     csv.field_size_limit(sys.maxsize)  # an ELI5 answer cell can exceed csv's 128 KiB default
     records = []
-    with open(path, newline="", encoding="utf-8") as f:
+    with open(path, newline="", encoding=TEXT_ENCODING) as f:
         for i, row in enumerate(csv.DictReader(f)):
             record: dict = {k: v for k, v in row.items() if k and not k.startswith("answers.")}
             answers = {}
@@ -182,9 +186,11 @@ def _read_csv(path: Path) -> list[dict]:
                     try:
                         answers[field] = json.loads(cell)
                     except json.JSONDecodeError:
-                        raise MinigptError(
-                            f"{path}: {_which(record, i)}: 'answers.{field}' is not a JSON array"
-                        ) from None
+                        if field == "text":  # (scores count only for --format qa, which checks them)
+                            raise MinigptError(
+                                f"{path}: {_which(record, i)}: 'answers.text' is not a JSON array"
+                            ) from None
+                        answers[field] = cell
             record["answers"] = answers
             records.append(record)
     return records
@@ -216,6 +222,9 @@ def render(src: Source, fmt: str) -> list[str | None]:
                     f"{src.name}: {_which(record, i)} has no 'title' text (needed by --format qa)"
                 )
             texts.append(qa_text(title, _best_answer(record, answers, i, src)))
+        if texts[-1] is not None and LONE_SURROGATE.search(texts[-1]):
+            raise MinigptError(f"{src.name}: {_which(record, i)} holds a lone surrogate (a JSON escape such "
+                               f"as \\ud800 with no pair): not Unicode text, which no tokenizer takes")
     return texts
 
 

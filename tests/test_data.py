@@ -437,3 +437,65 @@ def test_iterator_rejects_bad_arguments():
         BatchIterator(numbered_blocks(4), 0)
     with pytest.raises(MinigptError, match="rank 2"):
         BatchIterator(numbered_blocks(4), 2, rank=2, world_size=2)
+
+
+# --- what editors and exports put in files ------------------------------------------------------
+
+
+def test_a_byte_order_mark_is_dropped_in_every_text_format(tmp_path, gpt2_tokenizer):
+    """Excel's "CSV UTF-8" and Notepad start a file with a UTF-8 byte-order mark: plain text used to
+    keep it as ~3 tokens, a CSV header became '\\ufeffanswers.text' (no such column), JSON failed."""
+    bom = b"\xef\xbb\xbf"
+    cases = [("eli5_small.json", "marked.json"), ("eli5_small.jsonl", "marked.jsonl"), ("eli5_small.csv", "marked.csv")]
+    for name, marked in cases:
+        (tmp_path / marked).write_bytes(bom + (DATA / name).read_bytes())
+        expected, _ = load(tmp_path / "plain", gpt2_tokenizer, source=str(DATA / name), format="qa")
+        train, _ = load(tmp_path, gpt2_tokenizer, source=str(tmp_path / marked), format="qa")
+        np.testing.assert_array_equal(train.blocks, expected.blocks, err_msg=marked)
+    text = "One paragraph of plain text, long enough for a few blocks of sixteen tokens each.\n" * 4
+    (tmp_path / "plain.txt").write_text(text, encoding="utf-8")
+    (tmp_path / "marked.txt").write_bytes(bom + text.encode())
+    plain, _ = load(tmp_path, gpt2_tokenizer, source=str(tmp_path / "plain.txt"), val_fraction=0)
+    marked, _ = load(tmp_path, gpt2_tokenizer, source=str(tmp_path / "marked.txt"), val_fraction=0)
+    assert plain.manifest["tokens"] == marked.manifest["tokens"]
+    np.testing.assert_array_equal(marked.blocks, plain.blocks)
+
+
+def test_a_folder_reads_txt_files_whatever_the_case_of_their_suffix(tmp_path, gpt2_tokenizer):
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "A.TXT").write_text("upper case suffix " * 20, encoding="utf-8")
+    (tmp_path / "docs" / "b.txt").write_text("lower case suffix " * 20, encoding="utf-8")
+    (tmp_path / "docs" / "c.md").write_text("not a text file here " * 20, encoding="utf-8")
+    src = sources.Source.resolve(str(tmp_path / "docs"), "--data", None)
+    assert [doc.split()[0] for doc in src.records()] == ["upper", "lower"]
+
+
+def test_csv_scores_are_read_only_where_the_format_needs_them(tmp_path, gpt2_tokenizer):
+    """pandas writes a numpy array cell as '[41 12]', not JSON: `answers` training never reads the
+    scores, so such a cell must not stop it; `qa` picks the best answer by them and says so."""
+    import csv
+
+    rows = list(csv.DictReader((DATA / "eli5_small.csv").open(encoding="utf-8", newline="")))
+    for row in rows:
+        row["answers.score"] = "[" + " ".join(str(s) for s in json.loads(row["answers.score"])) + "]"
+    with (tmp_path / "pandas.csv").open("w", encoding="utf-8", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    expected, _ = load(tmp_path / "json", gpt2_tokenizer, source=str(DATA / "eli5_small.json"))
+    train, _ = load(tmp_path, gpt2_tokenizer, source=str(tmp_path / "pandas.csv"))
+    np.testing.assert_array_equal(train.blocks, expected.blocks)
+    with pytest.raises(MinigptError, match=r"pandas\.csv: record 1 \(q_id 't01'\) has 'answers\.score' not one number"):
+        load(tmp_path, gpt2_tokenizer, source=str(tmp_path / "pandas.csv"), format="qa")
+
+
+@pytest.mark.parametrize("fmt", ["answers", "qa"])
+def test_a_lone_surrogate_in_json_text_is_named_in_one_line(tmp_path, gpt2_tokenizer, fmt):
+    """JSON may escape half a UTF-16 pair ("\\ud800"); Python decodes it to a lone surrogate, which is
+    no Unicode text: the tokenizer used to fail with a TypeError traceback."""
+    rows = records()
+    rows[3]["answers"]["text"][0] = "half a pair: \ud800 here"
+    rows[3]["title"] = "also \udc00 here"
+    (tmp_path / "bad.json").write_text(json.dumps(rows), encoding="utf-8")  # (json.dumps escapes them)
+    with pytest.raises(MinigptError, match=r"bad\.json: record 4 \(q_id 't04'\) holds a lone surrogate"):
+        load(tmp_path, gpt2_tokenizer, source=str(tmp_path / "bad.json"), format=fmt)

@@ -5,6 +5,7 @@ prepared GPU check stops in one line where there is no GPU; the llama.cpp compar
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
@@ -178,6 +179,42 @@ def metrics_steps(out: Path) -> list[int]:
         return [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     except (OSError, ValueError):
         return []
+
+
+@ddp
+def test_a_data_error_under_torchrun_is_lines_not_tracebacks(tmp_path):
+    """Rank 0 tokenizes while the others wait in a barrier; when it stops on bad data, the barrier
+    fails in the others, which used to print torch's traceback. Now: rank 0's line, then theirs."""
+    (tmp_path / "bad.jsonl").write_text('{"title": "t"}\n' * 3)
+    job = torchrun(tmp_path, ROOT / "train.py", "--data", str(tmp_path / "bad.jsonl"), "--out", str(tmp_path / "run"))
+    try:
+        _, stderr = job.communicate(timeout=300)
+    finally:
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
+    assert job.returncode != 0
+    assert "error: " + str(tmp_path / "bad.jsonl") + ": record 1 has no 'answers.text' list of strings" in stderr
+    assert "error: rank 1: rank 0 stopped while preparing the data" in stderr, stderr[-3000:]
+    ours = [line for line in stderr.splitlines() if line.lstrip().startswith(f'File "{ROOT}')]
+    assert ours == [] and "[rank1]: Traceback" not in stderr, stderr[-3000:]
+
+
+def test_ctrl_c_is_one_line_for_a_torchrun_job():
+    """torchrun passes Ctrl-C to every rank; only rank 0 says "interrupted" (they used to print it
+    all at once: "interruptedinterrupted")."""
+    from minigpt.cli import run
+
+    def interrupted(argv):
+        raise KeyboardInterrupt
+
+    for rank, said in (("0", "interrupted\n"), ("1", "")):
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("RANK", rank)
+            err = io.StringIO()
+            mp.setattr(sys, "stderr", err)
+            with pytest.raises(SystemExit) as stop:
+                run(interrupted, [])
+        assert stop.value.code == 130 and err.getvalue() == said
 
 
 @ddp
