@@ -388,6 +388,26 @@ BREAKS = (
         ((r"if blocks\.num_tokens and int\(blocks\.blocks\.max\(\)\) >= vocab_size:", "if False:"),),
         ("tests/test_data.py::test_a_damaged_entry_is_rebuilt",),
     ),
+    Break(
+        "bom_kept", "a byte-order mark at the start of a data file is read as text",
+        ((r'TEXT_ENCODING = "utf-8-sig"', 'TEXT_ENCODING = "utf-8"'),),
+        ("tests/test_data.py::test_a_byte_order_mark_is_dropped_in_every_text_format",),
+    ),
+    Break(
+        "lone_surrogate_passed", "a record holding a lone surrogate goes on to the tokenizer",
+        ((r"if texts\[-1\] is not None and LONE_SURROGATE\.search\(texts\[-1\]\):", "if False:"),),
+        ("tests/test_data.py::test_a_lone_surrogate_in_json_text_is_named_in_one_line",),
+    ),
+    Break(
+        "preset_shapes_a_loaded_model", "--preset tiny's shape applies to a model loaded with --init",
+        ((r'if given\.init not in \(None, "scratch"\):', "if False:"),),
+        ("tests/test_train_cli.py::test_the_tiny_preset_continues_from_a_loaded_model",),
+    ),
+    Break(
+        "penalty_forgets_the_prompt_beyond_the_window", "the repetition penalty sees only the window's prompt tokens",
+        ((r"prompt = list\(prompt\) or \[eos_id\]", "prompt = list(prompt[-window:]) or [eos_id]"),),
+        ("tests/test_sampling.py::test_the_repetition_penalty_counts_prompt_tokens_beyond_the_window",),
+    ),
 )
 
 
