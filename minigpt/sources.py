@@ -36,12 +36,12 @@ from pathlib import Path
 from .errors import MinigptError, reason
 from .formats import answers_text, qa_text
 from .hub import load_eli5_records
+from .tokenizer import lone_surrogate
 
 HUB_TRAIN_FILE = "hf://datasets/rexarski/eli5_category/eli5-category-train.json.gz"
 HUB_MAX_RECORDS = 5000  # the published recipe fine-tunes on the first 5,000 training questions
 TEXT_SUFFIXES = (".json", ".json.gz", ".jsonl", ".parquet", ".csv", ".txt")
 TEXT_ENCODING = "utf-8-sig"  # UTF-8, less a leading byte-order mark (Excel's "CSV UTF-8" and Notepad write one)
-LONE_SURROGATE = re.compile("[\ud800-\udfff]")  # what a JSON escape such as "\ud800" decodes to without its pair
 
 
 class Source:
@@ -222,7 +222,7 @@ def render(src: Source, fmt: str) -> list[str | None]:
                     f"{src.name}: {_which(record, i)} has no 'title' text (needed by --format qa)"
                 )
             texts.append(qa_text(title, _best_answer(record, answers, i, src)))
-        if texts[-1] is not None and LONE_SURROGATE.search(texts[-1]):
+        if texts[-1] is not None and lone_surrogate(texts[-1]) is not None:
             raise MinigptError(f"{src.name}: {_which(record, i)} holds a lone surrogate (a JSON escape such "
                                f"as \\ud800 with no pair): not Unicode text, which no tokenizer takes")
     return texts

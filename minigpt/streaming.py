@@ -23,7 +23,7 @@ from .compiled_decoding import CompiledDecoding
 from .model import GPT
 from .sampling import TextStream, generate, next_token
 from .sampling_config import SamplingConfig
-from .tokenizer import Tokenizer
+from .tokenizer import Tokenizer, lone_surrogate
 from .trace import StepRecorder, colour, write_rows
 
 
@@ -136,8 +136,7 @@ def complete(
 
 def questions(ask: str = "question> ") -> Iterator[str]:
     """Questions typed on stdin, each asked for with `ask` on stderr, until Ctrl-D (end of input);
-    a blank line asks again. A line that is not UTF-8 is a MinigptError naming its first bad byte:
-    Python hands such bytes on as lone surrogates (PEP 383), which no tokenizer can take."""
+    a blank line asks again. A line that is not UTF-8 is a MinigptError naming its first bad byte."""
     line = 0
     while True:
         sys.stderr.write(ask)
@@ -147,7 +146,7 @@ def questions(ask: str = "question> ") -> Iterator[str]:
         if not question:
             sys.stderr.write("\n")
             return
-        bad = next((i for i, c in enumerate(question) if "\ud800" <= c <= "\udfff"), None)
+        bad = lone_surrogate(question)
         if bad is not None:
             byte = len(question[:bad].encode("utf-8", "surrogateescape"))
             raise MinigptError(f"stdin: line {line} is not UTF-8 text (byte {byte})")

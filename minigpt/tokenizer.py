@@ -11,12 +11,23 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 from pathlib import Path
 
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, processors
 
 from .errors import MinigptError, reason
+
+LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def lone_surrogate(text: str) -> int | None:
+    """The position of `text`'s first lone surrogate, or None. Bytes that are not UTF-8 reach
+    Python as such (PEP 383: in sys.argv, and in sys.stdin under the C locale), and so does a JSON
+    escape of half a UTF-16 pair ("\\ud800"); they are not Unicode, and no tokenizer takes them."""
+    match = LONE_SURROGATE.search(text)
+    return match.start() if match else None
 
 EOS_TOKEN = "<|endoftext|>"
 TOKENIZER_FILE = "tokenizer.json"
@@ -100,17 +111,14 @@ class Tokenizer:
         return self.backend.get_vocab_size()
 
     def encode(self, text: str) -> list[int]:
-        """Token ids of `text`; a MinigptError if it holds bytes that were not UTF-8.
-
-        Python passes such bytes on as lone surrogates (PEP 383: in sys.argv, and in sys.stdin
-        under the C locale), which are not Unicode and which the Rust side cannot take.
-        """
+        """Token ids of `text`; a MinigptError if it holds bytes that were not UTF-8 (as lone
+        surrogates, `lone_surrogate`), which the Rust side cannot take."""
         try:
             return self.backend.encode(text, add_special_tokens=False).ids
         except TypeError:
             if not isinstance(text, str):
                 raise
-            surrogate = next((i for i, c in enumerate(text) if "\ud800" <= c <= "\udfff"), None)
+            surrogate = lone_surrogate(text)
             if surrogate is None:
                 raise
             raise MinigptError(
