@@ -99,9 +99,14 @@ def model_config(args: argparse.Namespace):
     from minigpt.config import GPTConfig
 
     if args.model:
+        from minigpt.files import read_json
         from minigpt.loading import resolve_model
 
-        return GPTConfig.from_hf(json.loads((resolve_model(args.model)[0] / "config.json").read_text()))
+        folder, kind = resolve_model(args.model)
+        if kind != "hf":  # (transformers, the other side, reads HF folders only)
+            raise MinigptError(f"--model {args.model}: a minigpt checkpoint; give an HF GPT-2 folder "
+                               "(convert_hf_weights.py --to-hf makes one) or a Hub id")
+        return GPTConfig.from_hf(read_json(folder / "config.json"))
     return GPTConfig.from_hf({"model_type": "gpt2", **DISTILGPT2})
 
 

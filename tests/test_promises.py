@@ -370,6 +370,9 @@ def run_benchmark(tmp_path, command):
      "error: --block-size 5000: distilgpt2 sees at most 1024 tokens"),
     (["bench_train.py", "--model", "{tmp}/small", "--block-size", "65"],
      "error: --block-size 65: {tmp}/small sees at most 64 tokens"),
+    (["bench_train.py", "--model", "{tmp}/minigpt"],
+     "error: --model {tmp}/minigpt: a minigpt checkpoint; give an HF GPT-2 folder "
+     "(convert_hf_weights.py --to-hf makes one) or a Hub id"),
     (["bench_train.py", "--loss-steps", "-1"],
      "bench_train.py: error: argument --loss-steps: '-1' is not an integer >= 0 (see --help)"),
     (["bench_data.py", "--data", "{tmp}/bad.jsonl"],
@@ -383,13 +386,15 @@ def run_benchmark(tmp_path, command):
     (["bench_sample.py", "--model", "{tmp}/missing", "--skip", "memory", "e2e"],
      "error: {tmp}/missing: no such file or folder"),
 ], ids=["fp16-on-cpu", "unknown-dtype", "block-size-above-distilgpt2", "block-size-above-the-model",
-        "negative-loss-steps", "data-outside-the-schema", "plain-text-data", "csv-data", "missing-model"])
+        "minigpt-checkpoint", "negative-loss-steps", "data-outside-the-schema", "plain-text-data", "csv-data", "missing-model"])
 def test_the_benchmarks_refuse_bad_input_in_one_line(tmp_path, command, error):
     """Exit 2 and a one-line error, before any model is built or anything timed (conftest hides
     any GPU: fp16 meets a CPU; a 64-position config stands for any --model)."""
     (tmp_path / "bad.jsonl").write_text('{"title": "t"}\n')
     (tmp_path / "small").mkdir()
     (tmp_path / "small" / "config.json").write_text('{"model_type": "gpt2", "n_positions": 64}')
+    (tmp_path / "minigpt").mkdir()
+    (tmp_path / "minigpt" / "config.json").write_text('{"n_layer": 2}')  # (a GPTConfig: no model_type)
     result = run_benchmark(tmp_path, command)
     assert result.returncode == 2, result.stderr[-2000:]
     assert result.stderr.splitlines() == [error.format(tmp=tmp_path, data=ROOT / "tests" / "data")]
