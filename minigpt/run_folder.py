@@ -152,10 +152,10 @@ def read_training_state(folder: Path) -> tuple[dict[str, Any], dict[str, torch.T
     """(info, tensors) of checkpoint `folder`, as `write_training_state` wrote them.
 
     A damaged file (truncated, not safetensors, missing) is a one-line MinigptError naming it, and
-    so is a tensor the resume asks for that the file lacks (`StateTensors`): which tensors a state
+    so is a field or tensor the resume asks for that the file lacks (`StateRecord`): which tensors a state
     must hold is the trainer's business, so they are checked as they are read.
     """
-    info = read_json(folder / STATE_JSON)
+    info = StateRecord(folder / STATE_JSON, "field", read_json(folder / STATE_JSON))
     if info.get("format") != STATE_FORMAT or info.get("version") != STATE_VERSION:
         raise MinigptError(f"{folder / STATE_JSON}: not a minigpt training state (version {STATE_VERSION})")
     path = folder / STATE_TENSORS
@@ -167,20 +167,23 @@ def read_training_state(folder: Path) -> tuple[dict[str, Any], dict[str, torch.T
         raise MinigptError(f"{path}: file not found") from None
     except OSError as e:  # a folder, an unreadable file
         raise MinigptError(f"{path}: cannot read it ({reason(e)})") from None
-    return info, StateTensors(path, tensors)
+    return info, StateRecord(path, "tensor", tensors)
 
 
-class StateTensors(dict):
-    """The tensors of a training_state.safetensors file, by name; asking for one the file lacks is
-    a one-line MinigptError naming the file and the tensor, not a KeyError: a damaged checkpoint is
-    the user's to fix, not a bug (`in` and `.get` work as for any dict)."""
+class StateRecord(dict):
+    """The fields of training_state.json or the tensors of training_state.safetensors, by name.
 
-    def __init__(self, path: Path, tensors: dict[str, torch.Tensor]) -> None:
-        super().__init__(tensors)
-        self.path = path
+    Asking for one the file lacks is a one-line MinigptError naming the file and the entry, not a
+    KeyError: a damaged checkpoint is the user's to fix, not a bug (`in` and `.get` work as for any
+    dict). `path` names the file in the trainer's own errors about what it read from it.
+    """
+
+    def __init__(self, path: Path, kind: str, entries: dict[str, Any]) -> None:
+        super().__init__(entries)
+        self.path, self.kind = path, kind
 
     def __missing__(self, name: str) -> NoReturn:
-        raise MinigptError(f"{self.path}: missing tensor {name!r}")
+        raise MinigptError(f"{self.path}: missing {self.kind} {name!r}")
 
 
 def check_same_run(out: Path, saved: dict[str, Any], current: dict[str, Any]) -> None:
@@ -201,7 +204,8 @@ class RunLock:
 
     The operating system drops the lock when the process ends, however it ends (a SIGKILL, a power
     loss), so there is never a stale lock to clean up: the next `--resume` starts at once. The file
-    holds the holder's process id, which a refused run names. Under torchrun only rank 0 locks.
+    holds the holder's process id and what it is doing ("training"), which a refused run names.
+    Under torchrun only rank 0 locks.
 
         with RunLock(out):      # refuses (MinigptError) while another process holds `out`
             ...train...
@@ -239,7 +243,7 @@ class RunLock:
                 except FileNotFoundError:
                     pass
                 os.close(fd)
-            _write_holder(fd)
+            _write_holder(fd, TRAINING)
         except OSError as e:
             raise MinigptError(f"--out {self.out}: cannot lock it ({e.strerror or e})") from None
         self._fd = fd
@@ -267,7 +271,7 @@ def keep_runs_out(out: str | os.PathLike) -> Iterator[None]:
     While a live run holds `out`'s lock this refuses, in the one line a second `train.py` gets:
     replacing the folder would delete the run's checkpoints under it, and the run would save its
     next one into a folder that is no longer its own. Otherwise it takes the lock (writing its
-    process id, as a run does) and holds it to the end of the block, so that no run starts in a
+    process id and "conversion", which a refused run names) and holds it to the end of the block, so that no run starts in a
     folder about to be replaced. A folder without a lock file has never held a run: nothing to
     hold. The lock file is opened, never made, so a failed replacement adds nothing to `out`.
     """
@@ -282,7 +286,7 @@ def keep_runs_out(out: str | os.PathLike) -> Iterator[None]:
         return
     _lock_or_refuse(fd, out)
     try:
-        _write_holder(fd)
+        _write_holder(fd, CONVERSION)
         yield
     finally:
         os.close(fd)
@@ -297,22 +301,26 @@ def _lock_or_refuse(fd: int, out: str | os.PathLike) -> None:
         holder = _holder(fd)
         os.close(fd)
         raise MinigptError(
-            f"--out {out}: another training run ({holder}) is using this folder; wait for it to end, "
-            "or choose another --out"
+            f"--out {out}: {holder} is using this folder; wait for it to end, or choose another --out"
         ) from None
 
 
-def _write_holder(fd: int) -> None:
-    """Write this process's id into the lock file `fd` it holds, for `_holder` to name."""
+TRAINING, CONVERSION = "training", "conversion"  # what a lock's holder is doing, as its file says
+_HOLDERS = {TRAINING: "another training run", CONVERSION: "a weight conversion"}
+
+
+def _write_holder(fd: int, role: str) -> None:
+    """Write "<process id> <role>" into the lock file `fd` this process holds, for `_holder` to name."""
     os.ftruncate(fd, 0)
-    os.write(fd, f"{os.getpid()}\n".encode())
+    os.write(fd, f"{os.getpid()} {role}\n".encode())
 
 
 def _holder(fd: int) -> str:
-    """'process N' for the process id in a lock file, which its holder writes right after locking."""
+    """Who holds a lock file, from what its holder writes right after locking: "another training
+    run (process N)" or "a weight conversion (process N)"."""
     for _ in range(50):  # the holder may have locked but not yet written: wait up to ~1 s
-        text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
-        if text.isdigit():
-            return f"process {text}"
+        pid, _, role = os.pread(fd, 64, 0).decode("ascii", "replace").strip().partition(" ")
+        if pid.isdigit() and role in _HOLDERS:
+            return f"{_HOLDERS[role]} (process {pid})"
         time.sleep(0.02)
     return "another process"

@@ -328,7 +328,10 @@ class Trainer:
         n = len([k for k in tensors if k.startswith("optimizer.exp_avg.")])
         optim["exp_avg"] = [tensors[f"optimizer.exp_avg.{i}"] for i in range(n)]
         optim["exp_avg_sq"] = [tensors[f"optimizer.exp_avg_sq.{i}"] for i in range(n)]
-        self.optimizer.load_state_dict(optim)
+        try:
+            self.optimizer.load_state_dict(optim)
+        except MinigptError as e:  # moments of another model's shapes: name the file they came from
+            raise MinigptError(f"{tensors.path}: {e}") from None
         self.train_batches.load_state_dict(info["data"])
         if self.scaler and info.get("grad_scaler"):
             self.scaler.load_state_dict(info["grad_scaler"])

@@ -1000,12 +1000,38 @@ def float_rng_state(path: Path) -> None:
     save_file(state, str(path))
 
 
+def reshape_moment(path: Path) -> None:
+    """A damage that gives the first moment another model's shape."""
+    state = load_file(path)
+    state["optimizer.exp_avg.0"] = torch.zeros(3)
+    save_file(state, str(path))
+
+
+def drop_last_moments(path: Path) -> None:
+    """A damage that drops the last parameter's two moments, so that fewer moments than parameters remain."""
+    state = load_file(path)
+    last = max(int(k.rsplit(".", 1)[1]) for k in state if k.startswith("optimizer.exp_avg."))
+    del state[f"optimizer.exp_avg.{last}"], state[f"optimizer.exp_avg_sq.{last}"]
+    save_file(state, str(path))
+
+
+def drop_json_field(path: Path) -> None:
+    """A damage to training_state.json beside `path`: its "data" field (the data position) is gone."""
+    info_path = path.with_suffix(".json")
+    info = json.loads(info_path.read_text())
+    del info["data"]
+    info_path.write_text(json.dumps(info))
+
+
 DAMAGED_STATES = {  # what is done to training_state.safetensors, and what the error must then say
     "truncated": (lambda path: os.truncate(path, 100), "not a valid safetensors file"),
     "missing": (lambda path: path.unlink(), "file not found"),
     "no_first_moment": (drop_tensor("optimizer.exp_avg.0"), "missing tensor 'optimizer.exp_avg.0'"),
     "no_rng_state": (drop_tensor("rng.cpu.0"), "missing tensor 'rng.cpu.0'"),
     "float_rng_state": (float_rng_state, "training state: rank 0's RNG state is not one"),
+    "reshaped_moment": (reshape_moment, "optimizer state: moment 0 has shape [3], expected"),
+    "fewer_moments": (drop_last_moments, "optimizer state: moments for"),
+    "no_data_field": (drop_json_field, "training_state.json: missing field 'data'"),
 }
 
 
@@ -1022,7 +1048,7 @@ def test_a_damaged_training_state_is_one_line_on_resume(tmp_path, monkeypatch):
         damage(state)
         before = snapshot(out)
         result = call_cli("train.py", *run, "--out", str(out), "--resume")
-        assert_one_line_error(result, needle if needle.startswith("training state") else f"{state}: {needle}")
+        assert_one_line_error(result, needle if needle.startswith("training") else f"{state}: {needle}")
         assert snapshot(out) == before, case
 
 

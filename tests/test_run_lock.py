@@ -49,7 +49,7 @@ def snapshot(folder: Path) -> dict[str, bytes]:
 def test_a_second_lock_is_refused_naming_the_holder(tmp_path):
     out = tmp_path / "run"
     with RunLock(out):
-        assert (out / LOCK_FILE).read_text() == f"{os.getpid()}\n"
+        assert (out / LOCK_FILE).read_text() == f"{os.getpid()} training\n"
         with pytest.raises(MinigptError) as e:
             RunLock(out).acquire()
         assert str(e.value) == (f"--out {out}: another training run (process {os.getpid()}) is using this "
@@ -127,8 +127,10 @@ def test_convert_force_never_replaces_the_folder_of_a_live_run(tmp_path, tiny_hf
             "it to end, or choose another --out"
         ]
         assert snapshot(out) == before and sorted(p.name for p in tmp_path.iterdir()) == ["cache", "run"]
-    with keep_runs_out(out), pytest.raises(MinigptError, match="another training run"):
+    with keep_runs_out(out), pytest.raises(MinigptError) as refused:
         RunLock(out).acquire()
+    assert str(refused.value) == (f"--out {out}: a weight conversion (process {os.getpid()}) is using this "
+                                  "folder; wait for it to end, or choose another --out")
     result = call_cli("convert_hf_weights.py", str(tiny_hf_dir), "--out", str(out), "--force")
     assert result.returncode == 0, result.stderr
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "tokenizer.json"]
@@ -157,12 +159,12 @@ def test_after_a_sigkill_resume_starts_at_once(tmp_path):
     finally:
         proc.communicate()
     assert proc.returncode == -signal.SIGKILL
-    assert (out / LOCK_FILE).read_text() == f"{proc.pid}\n"  # the file stays; the lock died with the process
+    assert (out / LOCK_FILE).read_text() == f"{proc.pid} training\n"  # the file stays; the lock died with the process
     step = json.loads((out / "training_state.json").read_text())["step"]
     resumed = start(*flags, "--resume")  # not refused: the lock went with the killed process
     try:
         assert f"resumed from {out} at step {step}" in read_until(resumed, "out: ")
-        assert (out / LOCK_FILE).read_text() == f"{resumed.pid}\n"
+        assert (out / LOCK_FILE).read_text() == f"{resumed.pid} training\n"
         resumed.send_signal(signal.SIGINT)  # Ctrl-C: save and stop
         _, stderr = resumed.communicate(timeout=120)
     finally:
