@@ -324,12 +324,10 @@ class Trainer:
         """Continue from checkpoint `folder` (the model's weights must already be loaded from it)."""
         info, tensors = read_training_state(folder)
         check_same_run(self.out, info.get("run", {}), self.run_config)
-        optim = dict(info["optimizer"])
         n = len([k for k in tensors if k.startswith("optimizer.exp_avg.")])
-        optim["exp_avg"] = [tensors[f"optimizer.exp_avg.{i}"] for i in range(n)]
-        optim["exp_avg_sq"] = [tensors[f"optimizer.exp_avg_sq.{i}"] for i in range(n)]
+        moments = {key: [tensors[f"optimizer.{key}.{i}"] for i in range(n)] for key in ("exp_avg", "exp_avg_sq")}
         try:
-            self.optimizer.load_state_dict(optim)
+            self.optimizer.load_state_dict({**info["optimizer"], **moments})
         except MinigptError as e:  # moments of another model's shapes: name the file they came from
             raise MinigptError(f"{tensors.path}: {e}") from None
         self.train_batches.load_state_dict(info["data"])
