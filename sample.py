@@ -82,8 +82,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    "CUDA graph (1.8x decoding without it at batch 1 on an H200); it is raced against "
                    "decoding without it there and the faster is kept")
     g.add_argument("--stats", action="store_true",
-                   help="print a line per prompt on stderr: prompt tokens, time to first token, "
-                   "new tokens and the decode rate (prefill excluded)")
+                   help="print two lines per prompt on stderr: the kernels chosen for each layer, then "
+                   "prompt tokens, time to first token, new tokens and the decode rate (prefill excluded)")
     p.add_argument("--interactive", action="store_true",
                    help="question/answer loop: type a question, the answer streams back "
                    "(prompted as 'Question: ...\\nAnswer:'); Ctrl-D exits")

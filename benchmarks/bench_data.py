@@ -9,7 +9,8 @@ Both start from the same ELI5 file and the same GPT-2 tokenizer file, and end wi
 
 Block counts differ by design: `group_texts` drops a remainder in every 1,000-record map batch, we
 drop one remainder at the end, so we have between 0 and (number of map batches - 1) blocks more.
-The blocks before the recipe's first drop are compared token for token.
+The blocks before the recipe's first drop are compared token for token. The machine line
+(benchmarks/hardware.py) comes first, as in every benchmark.
 
     python benchmarks/bench_data.py                       # the shared test split, 5,411 records
     python benchmarks/bench_data.py --data FILE --rounds 3
@@ -30,6 +31,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from minigpt.cli import Parser, positive_int, run  # (after the sys.path set-up above)
+
+import hardware  # noqa: E402  (benchmarks/hardware.py, beside this file)
 
 SHARED = ROOT.parent / "shared" / "data"
 MAP_BATCH = 1000  # datasets.map's default batch size, which decides where group_texts drops tokens
@@ -104,6 +107,7 @@ def main(argv=None) -> int:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     import datasets
     import numpy as np
+    import torch
 
     from minigpt.sources import Source, render
     from minigpt.tokenizer import Tokenizer
@@ -111,6 +115,7 @@ def main(argv=None) -> int:
     datasets.disable_progress_bars()
     tokenizer = Tokenizer.from_file(args.tokenizer)  # like the recipe's, loaded outside the timing
     render(Source.resolve(str(args.data), "--data", None), "answers")  # a file outside the schema: one line, now
+    print(hardware.hardware_line(hardware.describe(torch.device("cpu"))), flush=True)  # the figures' machine
 
     recipe_times, recipe_stages, our_times, hit_times = [], [], [], []
     for _ in range(args.rounds):

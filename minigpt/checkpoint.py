@@ -4,7 +4,7 @@ A checkpoint is a folder holding
     config.json         the GPTConfig, as JSON
     model.safetensors   the weights under minigpt's names, nn.Linear layout (out, in)
     tokenizer.json      the tokenizer, so the folder is self-contained
-Training runs add their own files beside these (see `minigpt/trainer.py`).
+Training runs add their own files beside these (see `minigpt/run_folder.py`).
 """
 
 from __future__ import annotations

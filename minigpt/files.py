@@ -1,8 +1,8 @@
 """File helpers every part of minigpt shares: read a JSON file; write a file, a folder or a link atomically.
 
 This module is the only place that writes by "temporary copy, fsync, rename": data cache entries,
-checkpoint folders, exported HF folders and a run's step folders (`atomic_folder`), a run's
-metrics.jsonl and loss plot and sample.py's trace file (`atomic_file`), and a run's `current`
+checkpoint folders, exported HF folders and a run's step folders (`atomic_folder`), a run's loss
+plot, the start of its metrics.jsonl and sample.py's trace file (`atomic_file`), and a run's `current`
 checkpoint pointer (`atomic_symlink`). Each is written in full beside its destination under a
 temporary name `.NAME.tmp-XXXX`, flushed to the disk, then renamed into place, and the rename itself
 is flushed. A reader therefore finds either the previous complete version or the new complete one,

@@ -1,7 +1,8 @@
 """How an ELI5 record becomes text, and how a question becomes a prompt.
 
-Shared by `data.py` (building training text) and `sampling.py` (`sample.py --interactive`), so a
-model fine-tuned on the `qa` format is prompted exactly the way it was trained.
+Shared by `sources.py` (an ELI5 record's training text) and `sample.py --interactive` (a question's
+prompt, `qa_prompt`), so a model fine-tuned on the `qa` format is prompted exactly the way it was
+trained.
 """
 
 from __future__ import annotations

@@ -24,11 +24,11 @@ the same `y = x W^T + b`:
          bmm-rows  W in blocks of rows, one per thread, `torch.baddbmm` (`RowSplitLinear`): faster than
                    column slices for the projections back to the residual stream
          mkl       W prepacked by MKL, `torch.ops.mkl._mkl_linear` (`MklLinear`; holds W as well)
-  bf16   mv        bf16 (out, in), `torch.mv` for one row, `F.linear` for several
-         linear    bf16 (out, in), `F.linear`
+  bf16   mv-upcast bf16 (out, in); `torch.mv` for one row; for several, W read in chunks converted
+                   to fp32, fp32 matmuls: the fast path on CPUs without bf16 instructions when
+                   several rows make the product compute-bound (`DenseLinear`)
+         linear    bf16 (out, in), `F.linear` (`DenseLinear`)
          bmm-rows  bf16 blocks of rows, one per thread, `torch.baddbmm` (oneDNN's where bf16 is native)
-         upcast    bf16 (out, in) read in chunks converted to fp32, fp32 matmuls: the fast path on
-                   CPUs without bf16 instructions when several rows make the product compute-bound
          onednn    W prepacked by oneDNN, `torch.ops.mkldnn._linear_pointwise` (`OneDnnLinear`)
          fbgemm-fp16  W as fp16 (exact for bf16 weights in fp16's range) prepacked by FBGEMM, fp32
                    activations and sums (`Fp16Linear`): streams W fastest for one row on AVX-512 BF16
@@ -181,8 +181,8 @@ TIME_LAYERS = 2  # layers of a group the candidates are timed on (the rest is bu
 # head was 1.20x faster (Zen 5, compiled, 9 interleaved rounds of 128 tokens).
 TIME_BYTES = 48 * 2**20
 
-# (precision, kernel names, shape, rows, threads, device, tied) -> (the chosen kernel's name, its
-# thread count), per process
+# (precision, kernel names, shape, rows, threads, device, tied, compiled) -> (the chosen kernel's
+# name, its thread count), per process
 _CHOICES: dict[tuple, tuple[str, int]] = {}
 
 

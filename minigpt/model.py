@@ -223,7 +223,7 @@ class GPT(nn.Module):
             the mean cross-entropy over the scored positions.
         kv_cache: keys/values of earlier positions; `idx` then continues after them.
         last_only: compute the LM head for the last position only (decoding needs nothing else, and
-            the head is the single largest matmul).
+            the head is the single largest matmul); no loss then, whatever `targets` holds.
         """
         B, T = idx.shape
         t_past = kv_cache.length if kv_cache is not None else 0

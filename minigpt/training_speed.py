@@ -30,10 +30,10 @@ jobs), with the figures of the 2-core AMD EPYC development VM (two threads, torc
 Each swapped module subclasses the stock module it replaces and adds no state, so the swap changes
 the module's class in place: its parameters, their names (the checkpoint keys) and the tied LM head
 stay exactly as they were, and a swapped model saves and loads like a plain one. Each also falls
-back to the stock op where the trick does not pay off or does not apply: off the CPU, under
-`torch.compile` (whose kernels draw masks and fuse the loss well), and for the LM head under
-autocast. GPUs therefore run stock ops, and `prepare_for_training` leaves a model that is not on
-the CPU as it is.
+back to the stock op where the trick does not pay off or does not apply: under `torch.compile`
+(whose kernels draw masks and fuse the loss well), for the LM head under autocast, and, for those
+that check the device, off the CPU. `prepare_for_training` leaves a model that is not on the CPU
+as it is, so GPUs run stock ops; prepare a model after moving it, not before.
 """
 
 from __future__ import annotations
