@@ -55,7 +55,7 @@ from .inference import available_kernels
 from .layouts import FUSIBLE_KERNELS, FbgemmInt8Linear, OnThreads
 from .opaque import opaque_product, register_opaque_product
 from .model import GPT, KVCache
-from .runtime import wait_for
+from .runtime import compile_cache_per_instruction_set, wait_for
 
 # Graphs of `DecodeStep.forward` a process may hold: one per model and batch size, all compiled from
 # the same code, where dynamo keeps 8 by default (with fullgraph=True the 9th is an error: a
@@ -267,6 +267,7 @@ class CompiledDecoding:
             raise MinigptError(f"compiled decoding on the CPU needs Python's C headers ({headers} not found; "
                                "on Debian or Ubuntu: apt install python3-dev)")
         self.model = model
+        compile_cache_per_instruction_set()  # (inductor's cache does not tell instruction sets apart)
         # On the CPU the graph's wrapper is C++ too (`cpp_wrapper`): it calls each kernel without
         # Python's per-call cost, which runs from cold caches between layers
         options = {"cpp_wrapper": True} if on_cpu else None

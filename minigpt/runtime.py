@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import functools
+import hashlib
+import os
 import time
+from pathlib import Path
 
 import torch
 
@@ -94,6 +97,33 @@ def wait_for(device: torch.device) -> None:
     behind the host, which only queues its kernels. Nothing to wait for on the CPU."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+# Environment variables that cap the instruction sets of torch's kernels and libraries (README:
+# "AVX2, emulated on the AVX-512 machine")
+ISA_CAPS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "FBGEMM_ENABLE_INSTRUCTIONS")
+
+
+def compile_cache_per_instruction_set() -> Path:
+    """Point inductor's disk cache (TORCHINDUCTOR_CACHE_DIR, default /tmp/torchinductor_$USER) at a
+    subfolder of it for the instruction sets torch's kernels use in this process; return the folder.
+
+    Inductor keys a compiled graph by the graph and its settings, not by the instruction set it wrote
+    the code for, nor the one oneDNN packed the frozen weights for. A decoding step compiled with the
+    instruction sets capped to AVX2 and then loaded uncapped from the same cache corrupted the heap
+    (glibc aborted 3 runs in 4, before any check could see the logits); the other way round it gave
+    NaN logits. One subfolder per instruction set keeps such steps apart.
+    """
+    from torch._inductor.cpu_vec_isa import pick_vec_isa
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    base = Path(os.environ.get("TORCHINDUCTOR_CACHE_DIR") or default_cache_dir())
+    base = base.parent if base.name.startswith("isa-") else base  # (set by an earlier call)
+    capability = torch.backends.cpu.get_cpu_capability()
+    key = "|".join([capability, str(pick_vec_isa())] + [f"{v}={os.environ.get(v, '')}" for v in ISA_CAPS])
+    folder = base / f"isa-{capability.lower()}-{hashlib.sha256(key.encode()).hexdigest()[:8]}"
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(folder)
+    return folder
 
 
 def setup_device(device: str = "auto", dtype: str = "auto") -> tuple[torch.device, torch.dtype]:

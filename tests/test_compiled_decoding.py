@@ -370,3 +370,23 @@ def test_int8mm_layers_race_a_step_with_fbgemm_on_every_layer():
         want = model(torch.tensor([PROMPT + new]))[0][0, len(PROMPT) - 1 : -1]
     gap = max((got[0] - w).abs().max() / w.abs().max() for got, w in zip(seen, want))
     assert len(seen) == 40 and len(set(new)) > 5 and gap <= 1e-2
+
+
+def test_steps_compiled_for_other_instruction_sets_keep_to_their_own_cache(monkeypatch, tmp_path):
+    """Inductor's disk cache does not tell instruction sets apart: a step compiled with torch's
+    kernels capped to AVX2 and loaded uncapped corrupted the heap (glibc aborted 3 runs in 4). So
+    compiled decoding points the cache at one subfolder of it per instruction set, the caps included."""
+    from minigpt.runtime import ISA_CAPS, compile_cache_per_instruction_set
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    for variable in ISA_CAPS:
+        monkeypatch.delenv(variable, raising=False)
+    CompiledDecoding(small_model().eval())  # (compiles nothing yet)
+    native = os.environ["TORCHINDUCTOR_CACHE_DIR"]
+    assert os.path.dirname(native) == str(tmp_path)
+    assert os.path.basename(native).startswith(f"isa-{torch.backends.cpu.get_cpu_capability().lower()}-")
+    assert str(compile_cache_per_instruction_set()) == native  # a second model: the same folder, not one below
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    capped = compile_cache_per_instruction_set()
+    assert capped.parent == tmp_path and str(capped) != native
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(capped)
