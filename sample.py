@@ -71,6 +71,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    "channel); a quarter of fp32's memory traffic, for fast CPU chat. The fastest "
                    "int8 kernel here is measured; one (fbgemm) also rounds activations to 14 bits. On a GPU "
                    "it decodes slower than fp32 (0.47x on an H200)")
+    g.add_argument("--kernel", metavar="NAME",
+                   help="compute every layer with this kernel instead of timing the candidates and keeping the "
+                   "fastest (--stats names the kernels chosen; fp32: addmm-t, linear, bmm-split, bmm-rows, mkl; "
+                   "bf16: mv-upcast, linear, bmm-rows, onednn, fbgemm-fp16; int8: int8mm, upcast, fbgemm). "
+                   "Timing may choose other kernels in another run, and bf16's and int8's round differently, "
+                   "so a sampled text is reproduced exactly by --seed only with the kernels pinned; with "
+                   "--compile it also keeps them (no race against other steps)")
     g.add_argument("--compile", action="store_true",
                    help="decode through one torch.compile graph per token (the prompt runs as usual): "
                    "it pays on the CPU for --quantize int8 (measured ~1.2-1.45x there; where timing gave "
@@ -149,7 +156,9 @@ def load(args: argparse.Namespace):
                 f"--model FOLDER (a minigpt or HF GPT-2 folder), or train one with "
                 f"`python train.py --preset tiny` and pass --model checkpoints/tiny"
             ) from None
-    return prepare_for_inference(model, args.quantize, batch_size=args.num_samples, compiled=args.compile), tokenizer
+    model = prepare_for_inference(model, args.quantize, batch_size=args.num_samples, kernel=args.kernel,
+                                  compiled=args.compile)
+    return model, tokenizer
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -187,7 +196,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from minigpt.compiled_decoding import CompiledDecoding
         from minigpt.sampling import activation_dtype
 
-        compiled = CompiledDecoding(model)
+        compiled = CompiledDecoding(model, gemms="kernels" if args.kernel else "measure")
         print("--compile: compiling the decoding step ...", file=sys.stderr, flush=True)  # (torch may log meanwhile)
         seconds = compiled.warm_up(args.num_samples, activation_dtype(model))
         print(f"--compile: compiled in {seconds:.1f} s", file=sys.stderr)

@@ -100,6 +100,36 @@ def test_compile_decodes_the_greedy_text_of_transformers(tiny_hf_dir, gpt2_token
     assert len([line for line in r.stderr.splitlines() if STATS.match(line)]) == 2
 
 
+@pytest.mark.parametrize("precision, kernel", [([], "linear"), (["--dtype", "bf16"], "mv-upcast"),
+                                               (["--quantize", "int8"], "upcast")])
+def test_kernel_pins_every_layer_and_gives_the_librarys_text(tiny_minigpt_dir, capsys, precision, kernel):
+    """--kernel NAME computes every layer with NAME (what --stats names), so that --seed reproduces a
+    sampled text whatever timing would have chosen in another run: the text is the library's with
+    that kernel forced."""
+    from minigpt.inference import prepare_for_inference
+    from minigpt.loading import load_model
+    from minigpt.sampling import SamplingConfig, generate_ids, seeded_generator
+
+    assert sample.main(["--model", str(tiny_minigpt_dir), "--seed", "3", "--max-new-tokens", "8", "--stats",
+                        "--kernel", kernel, *precision, PROMPT]) == 0
+    out, err = capsys.readouterr()
+    (line,) = [line for line in err.splitlines() if line.startswith("kernels: ")]
+    roles = line.removeprefix("kernels: ").split(", ")
+    assert len(roles) == 5 and all(role.split(" ")[1] == kernel for role in roles), line
+    model, tokenizer = load_model(tiny_minigpt_dir, "cpu", torch.bfloat16 if "bf16" in precision else torch.float32)
+    model = prepare_for_inference(model, "int8" if "int8" in precision else None, kernel=kernel)
+    ids = generate_ids(model, tokenizer.encode(PROMPT), SamplingConfig(max_new_tokens=8),
+                       generator=seeded_generator(model, 3), eos_id=tokenizer.eos_id)[0]
+    assert out == PROMPT + tokenizer.decode([t for t in ids if t != tokenizer.eos_id]) + "\n"
+
+
+def test_an_unknown_kernel_is_one_line(tiny_minigpt_dir):
+    r = run_cli("sample.py", "--model", str(tiny_minigpt_dir), "--quantize", "int8", "--kernel", "mkl", PROMPT)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.strip().splitlines() == [
+        "error: kernel 'mkl': not among this build's int8 kernels (int8mm, upcast, fbgemm)"], r.stderr
+
+
 def int8_greedy_text(model_dir, prompt: str, n: int) -> str:
     from minigpt.loading import load_model
     from minigpt.inference import prepare_for_inference
