@@ -43,7 +43,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     add_flags(g, SamplingConfig)
     g.add_argument("--num-samples", type=positive_int, default=1, metavar="N",
                    help="continue each prompt N times, decoded together as one batch (default: 1)")
-    g.add_argument("--seed", type=seed, help="random seed, for reproducible samples")
+    g.add_argument("--seed", type=seed, help="random seed, for reproducible samples (in bf16 and int8 with "
+                   "the kernels pinned too: see --kernel)")
     g = p.add_argument_group("see the model think")
     g.add_argument("--show-probs", action="store_true",
                    help="colour each new token by the probability the model gave it (legend on "
@@ -65,7 +66,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     g.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                    help="number format of the weights, and on a GPU of the activations too (on the "
                    "CPU they stay fp32: faster there, and closer to fp32); auto is bf16 on a GPU that "
-                   "supports it, else fp32 (default: auto)")
+                   "supports it, else fp32: on a CPU, auto stays fp32 because most CPUs only emulate bf16 "
+                   "(ask for bf16 on one with AVX-512 BF16 or AMX; --stats shows the kernels) (default: auto)")
     g.add_argument("--quantize", choices=["int8"],
                    help="int8: int8 weights for the Linear layers and LM head (one scale per output "
                    "channel); a quarter of fp32's memory traffic, for fast CPU chat. The fastest "

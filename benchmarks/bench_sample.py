@@ -494,10 +494,14 @@ def main(argv: list[str] | None = None) -> None:
     if args.quick:
         args.tokens, args.reps, args.e2e_reps = 30, 1, 1
 
-    if args.model is not None:  # (a wrong --model: one line before the hardware is timed)
-        from minigpt.loading import resolve_model
+    from minigpt.loading import resolve_model
+    from minigpt.sources import Source, render
 
+    if args.model is not None:  # (a wrong --model: one line before the hardware is timed)
         resolve_model(args.model)
+    if args.eval_checkpoint is not None:  # (likewise the int8 loss's checkpoint and data)
+        resolve_model(args.eval_checkpoint)
+        render(Source.resolve(args.eval_data, "--eval-data", None), "answers")
     args.hardware = hardware.describe(torch.device("cpu"))
     print(hardware.hardware_line(args.hardware), file=sys.stderr, flush=True)
     speed, memory, e2e, llama = {}, {}, {}, {}

@@ -13,7 +13,7 @@
 #      what it timed)
 # Each step starts with a line "== [N s] ..." (seconds since the start), so a run cut off by an outer
 # time limit shows where it stood. Ends with a Markdown table. Without CUDA it stops at once with
-# one line (exit 1).
+# one line (exit 1); --help and a wrong option (exit 2) are answered first, on any machine.
 #   [PYTHON=...] [GPU_CHECK_WHEELS=DIR] bash benchmarks/gpu_check.sh [gpu_check.py options, e.g. --budget 200]
 set -u
 cd "$(dirname "$0")/.."
@@ -27,12 +27,14 @@ for candidate in ${PYTHON:-} python3 python; do  # an image's `python` may be a 
     PY=$(command -v "$candidate"); break
   fi
 done
+# --help, and a wrong option (one line, exit 2), answered on any machine, before anything runs
+for arg in "$@"; do case "$arg" in -h|--help) exec "${PY:-python3}" benchmarks/gpu_check.py --help;; esac; done
+"${PY:-python3}" benchmarks/gpu_check.py --check-options "$@" || exit 2
 if [ -z "$PY" ] || ! timeout 120 "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
   echo "gpu_check: no CUDA device here (torch.cuda.is_available() is False); nothing was run" >&2
   exit 1
 fi
 step "python: $PY"
-"$PY" benchmarks/gpu_check.py --check-options "$@" || exit 2  # a wrong option: now, not after the tests
 if [ -n "${GPU_CHECK_WHEELS:-}" ]; then
   step "installing the wheels in $GPU_CHECK_WHEELS"
   site=$(mktemp -d)
