@@ -210,23 +210,23 @@ class CompiledDecoding:
 
     On a GPU a token is ~100 small kernel launches, and the host's time to launch them, not the
     GPU's to run them, is what a token costs (distilgpt2, batch 1, an H200: ~1.4 ms a token through
-    the model's forward, 0.26-0.47 ms as one CUDA graph). Compiling alone did not change that (inductor's step decoded 242-300
-    tokens/s in fp32 against the eager model's 296-330; bf16 201-297 against 258-344). "cudagraphs"
-    records the step once as a CUDA graph and replays it, one launch a token (torch.compile's
-    mode="reduce-overhead"); a graph replays fixed shapes at fixed addresses, so this step reads the
-    whole window's cache, the positions after the new token masked (`DecodeStep`'s `whole_cache`),
-    kept in the same tensors for every run (`new_cache`). There "measure" races it against the
-    model's own forward ("eager", as decoding without compiling runs) and keeps the faster. Measured
-    on two H200s (distilgpt2, torch 2.11): the race 0.25-0.47 ms a token against 0.76-2.32 for the
-    forward, and decoding (top-k / top-p, 100 tokens) at batch 1 fp32 896.5 and 756.9 tokens/s
-    against the eager model's 498.9 and 406.6 (1.8x), batch 8 5,626 and 4,103 against 2,189 and
-    2,217. The rest of a token is sampling's small ops, which run eager. The prompt
-    runs eagerly on the model's own layers whichever step wins: with "fbgemm", on int8mm's bf16
-    activations where the steps round them to 14-bit digits, the same int8 weights, so a greedy
-    token can differ from the eager model's only where its two best logits lie within that rounding
-    (3.9e-3 of the largest logit, measured on a small model). The twins stay beside the model's
-    layers, whichever step wins (distilgpt2, int8mm everywhere, resident after warm_up: 1,002 MB
-    against 860 with "kernels" alone, torch 2.15).
+    the model's forward, 0.26-0.47 ms as one CUDA graph). Compiling alone did not change that
+    (inductor's step decoded 242-300 tokens/s in fp32 against the eager model's 296-330; bf16
+    201-297 against 258-344). "cudagraphs" records the step once as a CUDA graph and replays it, one
+    launch a token (torch.compile's mode="reduce-overhead"); a graph replays fixed shapes at fixed
+    addresses, so this step reads the whole window's cache, the positions after the new token masked
+    (`DecodeStep`'s `whole_cache`), kept in the same tensors for every run (`new_cache`). There
+    "measure" races it against the model's own forward ("eager", as decoding without compiling runs)
+    and keeps the faster. Measured on two H200s (distilgpt2, torch 2.11): the race 0.25-0.47 ms a
+    token against 0.76-2.32 for the forward, and decoding (top-k / top-p, 100 tokens) at batch 1
+    fp32 896.5 and 756.9 tokens/s against the eager model's 498.9 and 406.6 (1.8x), batch 8 5,626
+    and 4,103 against 2,189 and 2,217. The rest of a token is sampling's small ops, which run eager.
+    The prompt runs eagerly on the model's own layers whichever step wins: with "fbgemm", on
+    int8mm's bf16 activations where the steps round them to 14-bit digits, the same int8 weights, so
+    a greedy token can differ from the eager model's only where its two best logits lie within that
+    rounding (3.9e-3 of the largest logit, measured on a small model). The twins stay beside the
+    model's layers, whichever step wins (distilgpt2, int8mm everywhere, resident after warm_up:
+    1,002 MB against 860 with "kernels" alone, torch 2.15).
 
     Why race whole steps: timing the layers' products one by one, as `prepare_for_inference`
     does, rates FBGEMM's and int8mm's int8 kernels about even for distilgpt2's layers on torch

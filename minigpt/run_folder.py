@@ -154,8 +154,8 @@ def read_training_state(folder: Path) -> tuple[dict[str, Any], dict[str, torch.T
     """(info, tensors) of checkpoint `folder`, as `write_training_state` wrote them.
 
     A damaged file (truncated, not safetensors, missing) is a one-line MinigptError naming it, and
-    so is a field or tensor the resume asks for that the file lacks (`StateRecord`): which tensors a state
-    must hold is the trainer's business, so they are checked as they are read.
+    so is a field or tensor the resume asks for that the file lacks (`StateRecord`): which ones a
+    state must hold is the trainer's business, so they are checked as they are read.
     """
     info = StateRecord(folder / STATE_JSON, "field", read_json(folder / STATE_JSON))
     if info.get("format") != STATE_FORMAT or info.get("version") != STATE_VERSION:
@@ -273,8 +273,8 @@ def keep_runs_out(out: str | os.PathLike) -> Iterator[None]:
     While a live run holds `out`'s lock this refuses, in the one line a second `train.py` gets:
     replacing the folder would delete the run's checkpoints under it, and the run would save its
     next one into a folder that is no longer its own. Otherwise it takes the lock (writing its
-    process id and "conversion", which a refused run names) and holds it to the end of the block, so that no run starts in a
-    folder about to be replaced. A folder without a lock file has never held a run: nothing to
+    process id and "conversion", which a refused run names) and holds it to the end of the block,
+    so that no run starts in a folder about to be replaced. A folder without a lock file has never held a run: nothing to
     hold. The lock file is opened, never made, so a failed replacement adds nothing to `out`.
     """
     try:
