@@ -267,7 +267,8 @@ class CompiledDecoding:
             raise MinigptError(f"compiled decoding on the CPU needs Python's C headers ({headers} not found; "
                                "on Debian or Ubuntu: apt install python3-dev)")
         self.model = model
-        compile_cache_per_instruction_set()  # (inductor's cache does not tell instruction sets apart)
+        if on_cpu:  # (inductor keys a CPU step without its instruction set; a GPU's, with its device)
+            compile_cache_per_instruction_set()
         # On the CPU the graph's wrapper is C++ too (`cpp_wrapper`): it calls each kernel without
         # Python's per-call cost, which runs from cold caches between layers
         options = {"cpp_wrapper": True} if on_cpu else None
