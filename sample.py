@@ -43,8 +43,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     add_flags(g, SamplingConfig)
     g.add_argument("--num-samples", type=positive_int, default=1, metavar="N",
                    help="continue each prompt N times, decoded together as one batch (default: 1)")
-    g.add_argument("--seed", type=seed, help="random seed, for reproducible samples (in bf16 and int8 with "
-                   "the kernels pinned too: see --kernel)")
+    g.add_argument("--seed", type=seed, help="random seed, for reproducible samples: the same seed gives the "
+                   "same text with the same kernels (see --kernel)")
     g = p.add_argument_group("see the model think")
     g.add_argument("--show-probs", action="store_true",
                    help="colour each new token by the probability the model gave it (legend on "
@@ -79,7 +79,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    "bf16: mv-upcast, linear, bmm-rows, onednn, fbgemm-fp16; int8: int8mm, upcast, fbgemm). "
                    "Timing may choose other kernels in another run, and bf16's and int8's round differently, "
                    "so a sampled text is reproduced exactly by --seed only with the kernels pinned; with "
-                   "--compile it also keeps them (no race against other steps)")
+                   "--compile on the CPU it also keeps them (no race against other steps)")
     g.add_argument("--compile", action="store_true",
                    help="decode through one torch.compile graph per token (the prompt runs as usual): "
                    "it pays on the CPU for --quantize int8 (measured ~1.2-1.45x there; where timing gave "
@@ -198,7 +198,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from minigpt.compiled_decoding import CompiledDecoding
         from minigpt.sampling import activation_dtype
 
-        compiled = CompiledDecoding(model, gemms="kernels" if args.kernel else "measure")
+        pinned = args.kernel is not None and next(model.parameters()).device.type == "cpu"  # (see --kernel)
+        compiled = CompiledDecoding(model, gemms="kernels" if pinned else "measure")
         print("--compile: compiling the decoding step ...", file=sys.stderr, flush=True)  # (torch may log meanwhile)
         seconds = compiled.warm_up(args.num_samples, activation_dtype(model))
         print(f"--compile: compiled in {seconds:.1f} s", file=sys.stderr)

@@ -379,7 +379,8 @@ def prepare_for_inference(
         precision = "int8"
     elif device.type != "cpu" or dtype not in (torch.float32, torch.bfloat16):
         if kernel is not None:
-            raise MinigptError(f"kernel {kernel!r}: only the CPU, and --quantize int8, have kernels to choose from")
+            raise MinigptError(f"kernel {kernel!r}: only fp32 and bf16 models on the CPU, and --quantize int8, "
+                               "have kernels to choose from")
         return model  # (fp16 is refused on the CPU by runtime.setup_device)
     else:
         precision = "fp32" if dtype == torch.float32 else "bf16"

@@ -157,7 +157,7 @@ def read_training_state(folder: Path) -> tuple[dict[str, Any], dict[str, torch.T
     so is a field or tensor the resume asks for that the file lacks (`StateRecord`): which ones a
     state must hold is the trainer's business, so they are checked as they are read.
     """
-    info = StateRecord(folder / STATE_JSON, "field", read_json(folder / STATE_JSON))
+    info = _fields(folder / STATE_JSON, read_json(folder / STATE_JSON))
     if info.get("format") != STATE_FORMAT or info.get("version") != STATE_VERSION:
         raise MinigptError(f"{folder / STATE_JSON}: not a minigpt training state (version {STATE_VERSION})")
     path = folder / STATE_TENSORS
@@ -170,6 +170,13 @@ def read_training_state(folder: Path) -> tuple[dict[str, Any], dict[str, torch.T
     except OSError as e:  # a folder, an unreadable file
         raise MinigptError(f"{path}: cannot read it ({reason(e)})") from None
     return info, StateRecord(path, "tensor", tensors)
+
+
+def _fields(path: Path, value: Any) -> Any:
+    """`value`, read from JSON file `path`, with each object in it (nested ones too) a StateRecord."""
+    if isinstance(value, dict):
+        return StateRecord(path, "field", {k: _fields(path, v) for k, v in value.items()})
+    return [_fields(path, v) for v in value] if isinstance(value, list) else value
 
 
 class StateRecord(dict):
@@ -261,7 +268,7 @@ class RunLock:
                 self.out.rmdir()
         except OSError:
             pass  # something else appeared in `out` meanwhile: leave it all
-        os.close(self._fd)
+        _let_go(self._fd)
         self._fd = None
 
 
@@ -291,7 +298,7 @@ def keep_runs_out(out: str | os.PathLike) -> Iterator[None]:
         _write_holder(fd, CONVERSION)
         yield
     finally:
-        os.close(fd)
+        _let_go(fd)
 
 
 def _lock_or_refuse(fd: int, out: str | os.PathLike) -> None:
@@ -317,12 +324,22 @@ def _write_holder(fd: int, role: str) -> None:
     os.write(fd, f"{os.getpid()} {role}\n".encode())
 
 
+def _let_go(fd: int) -> None:
+    """Empty the lock file `fd` this process holds, then close it (dropping the lock): the next
+    holder's line is then the only one a refused process can read, never this one's."""
+    try:
+        os.ftruncate(fd, 0)
+    except OSError:
+        pass  # (a file removed with its folder, or on a read-only disk: closing still drops the lock)
+    os.close(fd)
+
+
 def _holder(fd: int) -> str:
     """Who holds a lock file, from what its holder writes right after locking: "another training
     run (process N)" or "a weight conversion (process N)"."""
     for _ in range(50):  # the holder may have locked but not yet written: wait up to ~1 s
         pid, _, role = os.pread(fd, 64, 0).decode("ascii", "replace").strip().partition(" ")
-        if pid.isdigit() and role in _HOLDERS:
-            return f"{_HOLDERS[role]} (process {pid})"
+        if pid.isdigit() and (role in _HOLDERS or not role):  # (no role: written by a minigpt before roles)
+            return f"{_HOLDERS.get(role, 'another training run')} (process {pid})"
         time.sleep(0.02)
     return "another process"

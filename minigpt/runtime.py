@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
+import re
 import time
 from pathlib import Path
 
@@ -119,9 +120,10 @@ def compile_cache_per_instruction_set() -> Path:
 
     base = Path(os.environ.get("TORCHINDUCTOR_CACHE_DIR") or default_cache_dir())
     base = base.parent if base.name.startswith("isa-") else base  # (set by an earlier call)
-    capability = torch.backends.cpu.get_cpu_capability()
+    capability = torch.backends.cpu.get_cpu_capability()  # "AVX2", "AVX512", ..., "Z VECTOR", "NO AVX"
     key = "|".join([capability, str(pick_vec_isa())] + [f"{v}={os.environ.get(v, '')}" for v in ISA_CAPS])
-    folder = base / f"isa-{capability.lower()}-{hashlib.sha256(key.encode()).hexdigest()[:8]}"
+    name = re.sub(r"[^a-z0-9]+", "-", capability.lower())  # (inductor's build commands split paths at spaces)
+    folder = base / f"isa-{name}-{hashlib.sha256(key.encode()).hexdigest()[:8]}"
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(folder)
     return folder
 

@@ -317,19 +317,19 @@ class Trainer:
                 raise MinigptError(f"{e}; the checkpoint of step {self.last_save_step} is untouched") from None
         if self.ranks.in_process_group:
             dist.barrier()
-        self.last_save_step = self.step
-        self.rows_at_save = len(self.metrics.rows) if self.metrics else 0
+        self.last_save_step, self.rows_at_save = self.step, len(self.metrics.rows) if self.metrics else 0
 
     def resume(self, folder: Path) -> None:
         """Continue from checkpoint `folder` (the model's weights must already be loaded from it)."""
         info, tensors = read_training_state(folder)
         check_same_run(self.out, info.get("run", {}), self.run_config)
         n = len([k for k in tensors if k.startswith("optimizer.exp_avg.")])
-        moments = {key: [tensors[f"optimizer.{key}.{i}"] for i in range(n)] for key in ("exp_avg", "exp_avg_sq")}
+        optim = info["optimizer"]  # (a StateRecord, as `info`: a field missing in it is named, not a KeyError)
+        optim.update({key: [tensors[f"optimizer.{key}.{i}"] for i in range(n)] for key in ("exp_avg", "exp_avg_sq")})
         try:
-            self.optimizer.load_state_dict({**info["optimizer"], **moments})
-        except MinigptError as e:  # moments of another model's shapes: name the file they came from
-            raise MinigptError(f"{tensors.path}: {e}") from None
+            self.optimizer.load_state_dict(optim)
+        except MinigptError as e:  # another model's groups or moments: name the checkpoint they came from
+            raise MinigptError(f"{folder}: {e}") from None
         self.train_batches.load_state_dict(info["data"])
         if self.scaler and info.get("grad_scaler"):
             self.scaler.load_state_dict(info["grad_scaler"])

@@ -421,7 +421,7 @@ BREAKS = (
     ),
     Break(
         "resume_moments_unnamed", "an optimizer state of other shapes is refused without naming its file",
-        ((r'raise MinigptError\(f"\{tensors\.path\}: \{e\}"\) from None', "raise"),),
+        ((r'raise MinigptError\(f"\{folder\}: \{e\}"\) from None', "raise"),),
         ("tests/test_faults.py::test_a_damaged_training_state_is_one_line_on_resume",),
     ),
 )

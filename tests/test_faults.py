@@ -1015,12 +1015,18 @@ def drop_last_moments(path: Path) -> None:
     save_file(state, str(path))
 
 
-def drop_json_field(path: Path) -> None:
-    """A damage to training_state.json beside `path`: its "data" field (the data position) is gone."""
-    info_path = path.with_suffix(".json")
-    info = json.loads(info_path.read_text())
-    del info["data"]
-    info_path.write_text(json.dumps(info))
+def drop_json_field(*keys: str):
+    """A damage to training_state.json beside the state's tensors: the field at `keys` is gone."""
+
+    def damage(path: Path) -> None:
+        info_path = path.with_suffix(".json")
+        info = json.loads(info_path.read_text())
+        parent = info
+        for key in keys[:-1]:
+            parent = parent[key]
+        del parent[keys[-1]]
+        info_path.write_text(json.dumps(info))
+    return damage
 
 
 DAMAGED_STATES = {  # what is done to training_state.safetensors, and what the error must then say
@@ -1031,7 +1037,9 @@ DAMAGED_STATES = {  # what is done to training_state.safetensors, and what the e
     "float_rng_state": (float_rng_state, "training state: rank 0's RNG state is not one"),
     "reshaped_moment": (reshape_moment, "optimizer state: moment 0 has shape [3], expected"),
     "fewer_moments": (drop_last_moments, "optimizer state: moments for"),
-    "no_data_field": (drop_json_field, "training_state.json: missing field 'data'"),
+    "no_data_field": (drop_json_field("data"), "training_state.json: missing field 'data'"),
+    "no_optimizer_step": (drop_json_field("optimizer", "step"), "training_state.json: missing field 'step'"),
+    "no_group_lr": (drop_json_field("optimizer", "param_groups", 0, "lr"), "training_state.json: missing field 'lr'"),
 }
 
 
@@ -1048,7 +1056,9 @@ def test_a_damaged_training_state_is_one_line_on_resume(tmp_path, monkeypatch):
         damage(state)
         before = snapshot(out)
         result = call_cli("train.py", *run, "--out", str(out), "--resume")
-        assert_one_line_error(result, needle if needle.startswith("training") else f"{state}: {needle}")
+        if needle.startswith("optimizer state"):  # (of the JSON file's groups or the tensors' moments)
+            needle = f"{state.parent}: {needle}"
+        assert_one_line_error(result, needle if needle.startswith(("training", str(state.parent))) else f"{state}: {needle}")
         assert snapshot(out) == before, case
 
 

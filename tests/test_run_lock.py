@@ -98,8 +98,8 @@ def test_two_runs_started_at_once_on_one_out(tmp_path):
 def test_resume_while_the_run_lives_is_refused_and_touches_nothing(tmp_path):
     out = tmp_path / "run"
     assert call_cli("train.py", *TINY, "--out", str(out)).returncode == 0
-    before = snapshot(out)
     with RunLock(out):  # as if the run were still going
+        before = snapshot(out)  # (the lock file now names this process)
         result = call_cli("train.py", *TINY, "--out", str(out), "--resume", "--max-steps", "8")
         assert result.returncode == 2
         assert result.stderr.strip().splitlines() == [
@@ -118,8 +118,8 @@ def test_convert_force_never_replaces_the_folder_of_a_live_run(tmp_path, tiny_hf
 
     out = tmp_path / "run"
     assert call_cli("train.py", *TINY, "--out", str(out)).returncode == 0
-    before = snapshot(out)
     with RunLock(out):  # as if the run were still going
+        before = snapshot(out)  # (the lock file now names this process)
         result = call_cli("convert_hf_weights.py", str(tiny_hf_dir), "--out", str(out), "--force")
         assert result.returncode == 2
         assert result.stderr.strip().splitlines() == [
@@ -171,3 +171,24 @@ def test_after_a_sigkill_resume_starts_at_once(tmp_path):
         resumed.kill()
     assert resumed.returncode == 130, stderr
     assert json.loads((out / "training_state.json").read_text())["step"] >= step
+
+
+def test_the_holder_is_named_from_what_its_lock_file_says(tmp_path):
+    """A lock file written before holders said what they do ("PID" alone) still names the process;
+    a holder that let go leaves its file empty, so a leftover line never names a later holder."""
+    import fcntl
+
+    out = tmp_path / "run"
+    with RunLock(out):
+        pass
+    out.mkdir()
+    (out / LOCK_FILE).write_text("4242\n")  # as an older minigpt wrote it
+    with open(out / LOCK_FILE) as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(MinigptError, match=r"another training run \(process 4242\) is using this folder"):
+            RunLock(out).acquire()
+    from minigpt.run_folder import keep_runs_out
+
+    with keep_runs_out(out):
+        assert (out / LOCK_FILE).read_text() == f"{os.getpid()} conversion\n"
+    assert (out / LOCK_FILE).read_text() == ""  # let go: nothing left for the next holder's refusals to read
