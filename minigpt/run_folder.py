@@ -184,7 +184,7 @@ class StateRecord(dict):
 
     Asking for one the file lacks is a one-line MinigptError naming the file and the entry, not a
     KeyError: a damaged checkpoint is the user's to fix, not a bug (`in` and `.get` work as for any
-    dict). `path` names the file in the trainer's own errors about what it read from it.
+    dict).
     """
 
     def __init__(self, path: Path, kind: str, entries: dict[str, Any]) -> None:
