@@ -248,6 +248,7 @@ class AdamW:
             v.copy_(v_saved)
         for group, saved in zip(self.param_groups, state["param_groups"]):
             group.update({k: tuple(saved[k]) if k == "betas" else saved[k] for k in HYPER_PARAMETERS})
+            _check_hyper_parameters(group)  # (a hand-edited state's negative eps is refused, not trained with)
         self._step_tensor.fill_(int(state["step"]))
 
 

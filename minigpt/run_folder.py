@@ -150,12 +150,16 @@ def write_training_state(folder: Path, info: dict[str, Any], tensors: dict[str, 
     (folder / STATE_JSON).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
 
 
-def read_training_state(folder: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """(info, tensors) of checkpoint `folder`, as `write_training_state` wrote them.
+@contextlib.contextmanager
+def read_training_state(folder: Path) -> Iterator[tuple[dict[str, Any], dict[str, torch.Tensor]]]:
+    """(info, tensors) of checkpoint `folder`, as `write_training_state` wrote them, for the body of
+    a `with` that restores them.
 
     A damaged file (truncated, not safetensors, missing) is a one-line MinigptError naming it, and
-    so is a field or tensor the resume asks for that the file lacks (`StateRecord`): which ones a
-    state must hold is the trainer's business, so they are checked as they are read.
+    so is a field or tensor the resume asks for that the file lacks (`StateRecord`), or a field of
+    the wrong type that the body trips on (a string where it reads a number, a number where it
+    reads a list or a record: the error it raises): which fields a state must hold, and of
+    what type, is the trainer's business, so they are checked as they are read.
     """
     info = _fields(folder / STATE_JSON, read_json(folder / STATE_JSON))
     if info.get("format") != STATE_FORMAT or info.get("version") != STATE_VERSION:
@@ -169,7 +173,10 @@ def read_training_state(folder: Path) -> tuple[dict[str, Any], dict[str, torch.T
         raise MinigptError(f"{path}: file not found") from None
     except OSError as e:  # a folder, an unreadable file
         raise MinigptError(f"{path}: cannot read it ({reason(e)})") from None
-    return info, StateRecord(path, "tensor", tensors)
+    try:
+        yield info, StateRecord(path, "tensor", tensors)
+    except (TypeError, ValueError, AttributeError) as e:  # (AttributeError: a number where a record belongs)
+        raise MinigptError(f"{folder / STATE_JSON}: a field of the wrong type ({reason(e)})") from None
 
 
 def _fields(path: Path, value: Any) -> Any:

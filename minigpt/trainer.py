@@ -321,22 +321,22 @@ class Trainer:
 
     def resume(self, folder: Path) -> None:
         """Continue from checkpoint `folder` (the model's weights must already be loaded from it)."""
-        info, tensors = read_training_state(folder)
-        check_same_run(self.out, info.get("run", {}), self.run_config)
-        n = len([k for k in tensors if k.startswith("optimizer.exp_avg.")])
-        optim = info["optimizer"]  # (a StateRecord, as `info`: a field missing in it is named, not a KeyError)
-        optim.update({key: [tensors[f"optimizer.{key}.{i}"] for i in range(n)] for key in ("exp_avg", "exp_avg_sq")})
-        try:
-            self.optimizer.load_state_dict(optim)
-        except MinigptError as e:  # another model's groups or moments: name the checkpoint they came from
-            raise MinigptError(f"{folder}: {e}") from None
-        self.train_batches.load_state_dict(info["data"])
-        if self.scaler and info.get("grad_scaler"):
-            self.scaler.load_state_dict(info["grad_scaler"])
-        self.step, self.skipped_steps = int(info["step"]), int(info["skipped_steps"])
-        self.last_save_step, self.last_eval_step = self.step, int(info["last_eval_step"])
-        self.resumed_metrics_rows = self.rows_at_save = int(info["metrics_rows"])
-        restore_rng_states(tensors, info["world_size"], self.step, self.device, self.ranks)
+        with read_training_state(folder) as (info, tensors):  # (a field missing or of the wrong type: one line)
+            check_same_run(self.out, info.get("run", {}), self.run_config)
+            n = len([k for k in tensors if k.startswith("optimizer.exp_avg.")])
+            optim = info["optimizer"]  # (a StateRecord, as `info`: a field missing in it is named, not a KeyError)
+            optim.update({key: [tensors[f"optimizer.{key}.{i}"] for i in range(n)] for key in ("exp_avg", "exp_avg_sq")})
+            try:
+                self.optimizer.load_state_dict(optim)
+            except MinigptError as e:  # another model's groups or moments: name the checkpoint they came from
+                raise MinigptError(f"{folder}: {e}") from None
+            self.train_batches.load_state_dict(info["data"])
+            if self.scaler and info.get("grad_scaler"):
+                self.scaler.load_state_dict(info["grad_scaler"])
+            self.step, self.skipped_steps = int(info["step"]), int(info["skipped_steps"])
+            self.last_save_step, self.last_eval_step = self.step, int(info["last_eval_step"])
+            self.resumed_metrics_rows = self.rows_at_save = int(info["metrics_rows"])
+            restore_rng_states(tensors, info["world_size"], self.step, self.device, self.ranks)
 
     # --- the run -------------------------------------------------------------------------
 

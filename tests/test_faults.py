@@ -1015,8 +1015,12 @@ def drop_last_moments(path: Path) -> None:
     save_file(state, str(path))
 
 
-def drop_json_field(*keys: str):
-    """A damage to training_state.json beside the state's tensors: the field at `keys` is gone."""
+GONE = object()
+
+
+def edit_json_field(*keys: str | int, value=GONE):
+    """A damage to training_state.json beside the state's tensors: the field at `keys` is gone, or
+    holds `value` instead."""
 
     def damage(path: Path) -> None:
         info_path = path.with_suffix(".json")
@@ -1024,11 +1028,15 @@ def drop_json_field(*keys: str):
         parent = info
         for key in keys[:-1]:
             parent = parent[key]
-        del parent[keys[-1]]
+        if value is GONE:
+            del parent[keys[-1]]
+        else:
+            parent[keys[-1]] = value
         info_path.write_text(json.dumps(info))
     return damage
 
 
+WRONG_TYPE = "training_state.json: a field of the wrong type"
 DAMAGED_STATES = {  # what is done to training_state.safetensors, and what the error must then say
     "truncated": (lambda path: os.truncate(path, 100), "not a valid safetensors file"),
     "missing": (lambda path: path.unlink(), "file not found"),
@@ -1037,9 +1045,16 @@ DAMAGED_STATES = {  # what is done to training_state.safetensors, and what the e
     "float_rng_state": (float_rng_state, "training state: rank 0's RNG state is not one"),
     "reshaped_moment": (reshape_moment, "optimizer state: moment 0 has shape [3], expected"),
     "fewer_moments": (drop_last_moments, "optimizer state: moments for"),
-    "no_data_field": (drop_json_field("data"), "training_state.json: missing field 'data'"),
-    "no_optimizer_step": (drop_json_field("optimizer", "step"), "training_state.json: missing field 'step'"),
-    "no_group_lr": (drop_json_field("optimizer", "param_groups", 0, "lr"), "training_state.json: missing field 'lr'"),
+    "no_data_field": (edit_json_field("data"), "training_state.json: missing field 'data'"),
+    "no_optimizer_step": (edit_json_field("optimizer", "step"), "training_state.json: missing field 'step'"),
+    "no_group_lr": (edit_json_field("optimizer", "param_groups", 0, "lr"), "training_state.json: missing field 'lr'"),
+    "word_for_step": (edit_json_field("step", value="three"), f"{WRONG_TYPE} (invalid literal for int()"),
+    "null_position": (edit_json_field("data", "position", value=None), f"{WRONG_TYPE} (int() argument must be"),
+    "number_for_groups": (edit_json_field("optimizer", "param_groups", value=5), f"{WRONG_TYPE} (object of type 'int'"),
+    "number_for_optimizer": (edit_json_field("optimizer", value=5), f"{WRONG_TYPE} ('int' object has no attribute"),
+    "word_for_eps": (edit_json_field("optimizer", "param_groups", 0, "eps", value="tiny"), f"{WRONG_TYPE} ("),
+    "negative_eps": (edit_json_field("optimizer", "param_groups", 0, "eps", value=-1.0), "optimizer: eps must be > 0"),
+    "list_for_state": (lambda path: path.with_suffix(".json").write_text("[1, 2]"), "training_state.json: expected a JSON object"),
 }
 
 
@@ -1056,7 +1071,7 @@ def test_a_damaged_training_state_is_one_line_on_resume(tmp_path, monkeypatch):
         damage(state)
         before = snapshot(out)
         result = call_cli("train.py", *run, "--out", str(out), "--resume")
-        if needle.startswith("optimizer state"):  # (of the JSON file's groups or the tensors' moments)
+        if needle.startswith("optimizer"):  # (of the JSON file's groups or the tensors' moments)
             needle = f"{state.parent}: {needle}"
         assert_one_line_error(result, needle if needle.startswith(("training", str(state.parent))) else f"{state}: {needle}")
         assert snapshot(out) == before, case
