@@ -51,6 +51,7 @@ from .metrics import MetricsLog, StepNumbers, evaluate, perplexity, plot_metrics
 from .optim import AdamW, clip_grad_norm
 from .run_folder import CARD_FILE, METRICS_FILE, PLOT_FILE, check_same_run, read_training_state
 from .run_folder import write_run_checkpoint, write_training_state
+from .runtime import compile_cache_per_instruction_set
 
 
 def seed_everything(seed: int) -> None:
@@ -128,12 +129,9 @@ class Trainer:
         self.train_batches, self.val_batches = train_batches, val_batches
         self.config, self.out, self.save_model = config, Path(out), save_model
         self.device, self.ranks = torch.device(device), ranks
-        self.run_config = run_config or {}
-        self.card = card
+        self.run_config, self.card = run_config or {}, card
         self.base_lrs = [g["lr"] for g in optimizer.param_groups]
-        self.autocast = torch.autocast(
-            self.device.type, dtype=config.dtype, enabled=config.dtype != torch.float32
-        )
+        self.autocast = torch.autocast(self.device.type, dtype=config.dtype, enabled=config.dtype != torch.float32)
         # fp16 gradients underflow without loss scaling; bf16 has fp32's range and needs none.
         self.scaler = torch.amp.GradScaler(self.device.type) if config.dtype == torch.float16 else None
 
@@ -146,6 +144,8 @@ class Trainer:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.forward_model = DistributedDataParallel(model, device_ids=ids)
         if config.compile:
+            if self.device.type == "cpu":
+                compile_cache_per_instruction_set()  # (inductor's C++ is for this process's instruction sets)
             self.forward_model = torch.compile(self.forward_model, mode=config.compile_mode)
         # reduce-overhead replays CUDA graphs: the batch dimension is marked dynamic so that an epoch's
         # short last batch reuses the compiled code (a graph is still recorded per batch size).
@@ -153,8 +153,7 @@ class Trainer:
 
         self.step = 0  # optimizer steps done (fp16 steps skipped by the scaler included)
         self.skipped_steps = 0  # (a property, counted on the device)
-        self.last_eval_step = -1
-        self.last_save_step = -1
+        self.last_eval_step = self.last_save_step = -1
         self.metrics: MetricsLog | None = None
         self.resumed_metrics_rows: int | None = None  # rows the checkpoint had seen (a resume)
         self.rows_at_save = -1  # metrics rows written when the last checkpoint was saved

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
 import torch
@@ -152,6 +154,30 @@ def test_compile_mode_reaches_torch_compile_and_reduce_overhead_marks_the_batch_
     marked.clear()
     make_trainer(tmp_path / "b", micro_model(), train, max_steps=3, compile=True, compile_mode="max-autotune").fit()
     assert asked[-1] == "max-autotune" and marked == []
+
+
+def test_compiled_training_on_the_cpu_keeps_to_its_instruction_sets_cache(tmp_path, monkeypatch):
+    """Inductor's disk cache does not tell instruction sets apart (`runtime.compile_cache_per_instruction_set`):
+    a training step compiled on the CPU, as compiled decoding, uses the cache's folder for the
+    instruction sets torch's kernels use in this process, the caps included; without --compile the
+    cache is left where it was."""
+    from minigpt.runtime import ISA_CAPS
+
+    monkeypatch.setattr(torch, "compile", lambda module, mode: module)
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "cache"))
+    for variable in ISA_CAPS:
+        monkeypatch.delenv(variable, raising=False)
+    train = random_blocks(10, 16, 300, seed=5)
+    make_trainer(tmp_path / "plain", micro_model(), train, max_steps=1)
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "cache")
+    make_trainer(tmp_path / "a", micro_model(), train, max_steps=1, compile=True)
+    native = Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
+    capability = torch.backends.cpu.get_cpu_capability().lower()
+    assert native.parent == tmp_path / "cache" and native.name.startswith(f"isa-{capability}-")
+    monkeypatch.setenv("MKL_ENABLE_INSTRUCTIONS", "AVX2")
+    make_trainer(tmp_path / "b", micro_model(), train, max_steps=1, compile=True)
+    capped = Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
+    assert capped.parent == tmp_path / "cache" and capped != native
 
 
 def test_compile_mode_flag_errors_are_one_line(tmp_path):
