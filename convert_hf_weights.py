@@ -13,7 +13,7 @@ from typing import Sequence
 
 from minigpt.cli import Parser, run
 from minigpt.errors import MinigptError
-from minigpt.files import folder_destination
+from minigpt.files import check_source_outside, folder_destination
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -32,12 +32,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if (args.source is None) == (args.to_hf is None):
         p.error("give either SOURCE (HF -> minigpt) or --to-hf CHECKPOINT (minigpt -> HF)")
+    for name, value in (("SOURCE", args.source), ("--to-hf", args.to_hf), ("--out", args.out)):
+        if value == "":  # (Path("") is the current folder: never what was meant)
+            p.error(f"{name}: empty path")
     return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     out = folder_destination(args.out)  # a file, a path under one, the current folder: refused at once
+    check_source_outside(out, args.to_hf or args.source, "--to-hf" if args.to_hf else "SOURCE")
     if out.is_dir() and any(out.iterdir()) and not args.force:
         raise MinigptError(f"{args.out}: already exists and is not empty (pass --force to replace it)")
 

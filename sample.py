@@ -124,11 +124,15 @@ def read_lines(path: str) -> list[str]:
 
 
 def read_text(path: str, what: str = "prompt file") -> str:
-    """A UTF-8 text file's text, or stdin's for "-"."""
+    """A UTF-8 text file's text, or stdin's for "-", less a leading byte-order mark (as for data files)."""
+    from minigpt.sources import TEXT_ENCODING
+
+    if not path:
+        raise MinigptError(f"{what}: empty path")
     try:
         if path == "-":
-            return sys.stdin.buffer.read().decode("utf-8")
-        return Path(path).read_text(encoding="utf-8")
+            return sys.stdin.buffer.read().decode(TEXT_ENCODING)
+        return Path(path).read_text(encoding=TEXT_ENCODING)
     except FileNotFoundError:
         raise MinigptError(f"{path}: {what} not found") from None
     except IsADirectoryError:

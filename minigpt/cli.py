@@ -9,14 +9,16 @@ import sys
 from dataclasses import Field, field, fields
 from typing import Any, Callable, Sequence
 
-from .errors import MinigptError
+from .errors import MinigptError, reason
 
 
 def run(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None) -> None:
     """Run a CLI's `main`: a MinigptError becomes one line on stderr and exit 2; Ctrl-C exits 130;
-    a reader that closed our stdout (`... | head`) ends the run quietly, as it does `cat`'s (141)."""
+    a reader that closed our stdout (`... | head`) ends the run quietly, as it does `cat`'s (141);
+    stdout that cannot be written (a full disk) is one line and exit 2."""
     try:
         code = main(argv)
+        sys.stdout.flush()  # (here a full disk behind stdout is reported, not in a warning at exit)
     except MinigptError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -27,9 +29,19 @@ def run(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] 
     except BrokenPipeError:
         # Python flushes stdout once more at exit, which would fail again and print a warning:
         # point the descriptor at /dev/null first.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        _drop_stdout()
         sys.exit(141)  # 128 + SIGPIPE, what the shell reports for a program that SIGPIPE ended
+    except OSError as e:  # one no library call turned into a MinigptError: most often stdout's (a full disk)
+        what = e.filename if e.filename is not None else "writing the output"
+        print(f"error: {what}: {e.strerror or reason(e)}", file=sys.stderr)
+        _drop_stdout()
+        sys.exit(2)
     sys.exit(code or 0)
+
+
+def _drop_stdout() -> None:
+    """Point stdout's descriptor at /dev/null, so that Python's last flush at exit cannot fail again."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 class Parser(argparse.ArgumentParser):

@@ -136,6 +136,21 @@ def folder_destination(out: str | os.PathLike) -> Path:
     return out
 
 
+def check_source_outside(out: Path, source: str | os.PathLike, flag: str) -> None:
+    """Refuse (one-line MinigptError) an output folder `out` that is the local folder `source` read
+    from, or one that holds it: replacing `out` would delete the source (`convert_hf_weights.py
+    DIR --out DIR --force`). `out` is where `atomic_folder` renames to: a symlink there is replaced,
+    not what it names, so a source reached through it is safe. A `source` that is no local path (a
+    Hub id) is not checked."""
+    if not os.path.exists(source):
+        return
+    read = Path(os.path.realpath(source))
+    replaced = Path(os.path.realpath(out.parent)) / out.name
+    if replaced == read or replaced in read.parents:
+        raise MinigptError(f"--out {out}: is the folder of {flag} ({source}) or holds it, and replacing it would "
+                           "delete what is converted; choose another --out")
+
+
 @contextlib.contextmanager
 def atomic_folder(out: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary folder beside `out`; when the block succeeds it becomes `out`.

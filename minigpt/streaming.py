@@ -143,6 +143,8 @@ def questions(ask: str = "question> ") -> Iterator[str]:
         sys.stderr.flush()
         question = sys.stdin.readline()
         line += 1
+        if line == 1:  # (a file piped in may start with a byte-order mark: not part of the question)
+            question = question.removeprefix("\ufeff")
         if not question:
             sys.stderr.write("\n")
             return
@@ -158,6 +160,8 @@ def check_trace_path(path: str | None) -> None:
     """Refuse, before any work, a trace file that could not be written ("-" is stderr)."""
     if path is None or path == "-":
         return
+    if not path:
+        raise MinigptError("--trace: empty path (give a file name, or - for stderr)")
     target = Path(path)
     if target.is_dir():
         raise MinigptError(f"--trace {path}: is a folder, not a file")
@@ -170,21 +174,31 @@ def trace_output(path: str | None) -> Iterator[TextIO | None]:
     """The stream to write trace lines to: None for no trace, stderr for "-", else a temporary file
     beside `path` (`files.atomic_file`) that replaces it when the block ends, also on Ctrl-C, keeping
     the lines written so far; on an error the temporary file is removed and an earlier file at
-    `path` stays as it was."""
+    `path` stays as it was. A `path` that exists and is not a plain file (a device such as
+    /dev/null or /dev/stderr, a pipe, a symlink) is written through instead: a rename would put a
+    file in the place of the device or the link."""
     if path is None or path == "-":
         yield None if path is None else sys.stderr
         return
     check_trace_path(path)
+    target = Path(path)
+    if target.is_symlink() or (target.exists() and not target.is_file()):
+        with _open_trace(target, "w", path) as f:
+            yield f
+        return
     interrupted: KeyboardInterrupt | None = None
     with atomic_file(path) as temporary:
-        try:
-            f = open(temporary, "x", encoding="utf-8")
-        except OSError as e:
-            raise MinigptError(f"--trace {path}: cannot write there ({e.strerror or e})") from None
-        with f:
+        with _open_trace(temporary, "x", path) as f:
             try:
                 yield f
             except KeyboardInterrupt as e:  # the file keeps what was written; the interrupt goes on
                 interrupted = e
     if interrupted is not None:
         raise interrupted
+
+
+def _open_trace(file: Path, mode: str, path: str) -> TextIO:
+    try:
+        return open(file, mode, encoding="utf-8")
+    except OSError as e:
+        raise MinigptError(f"--trace {path}: cannot write there ({e.strerror or e})") from None

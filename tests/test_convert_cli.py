@@ -121,8 +121,33 @@ def test_the_current_folder_is_refused_and_left_as_it_was(where, tiny_hf_dir, tm
     assert [p.name for p in here.iterdir()] == ["keep.txt"] and (here / "keep.txt").read_text() == "mine"
 
 
+def test_force_never_replaces_the_folder_it_reads(tiny_hf_dir, tmp_path):
+    """`--out` that is the source or holds it is refused, in both directions, and the source stays;
+    a symlink --out whose target holds the source is replaced itself (the link), so it converts."""
+    src = tmp_path / "runs" / "src"
+    shutil.copytree(tiny_hf_dir, src)
+    before = {p.name: p.read_bytes() for p in src.iterdir()}
+    mine = tmp_path / "mine"
+    assert call_cli("convert_hf_weights.py", str(src), "--out", str(mine)).returncode == 0
+    for args in ([str(src), "--out", str(src)], [str(src), "--out", str(tmp_path / "runs")],
+                 [str(src) + "/", "--out", str(src / ".." / "src")], ["--to-hf", str(mine), "--out", str(mine)],
+                 ["--to-hf", str(mine), "--out", str(tmp_path)]):
+        r = call_cli("convert_hf_weights.py", *args, "--force")
+        assert_one_line_error(r, "--out ", "replacing it would delete what is converted")
+    assert {p.name: p.read_bytes() for p in src.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine", "runs"]
+    link = tmp_path / "link"
+    link.symlink_to("runs")
+    assert call_cli("convert_hf_weights.py", str(link / "src"), "--out", str(link), "--force").returncode == 0
+    assert not link.is_symlink() and (link / "model.safetensors").is_file()
+    assert {p.name: p.read_bytes() for p in src.iterdir()} == before
+
+
 def test_usage_errors_exit_2(tmp_path):
     r = call_cli("convert_hf_weights.py", "--out", str(tmp_path / "o"))
     assert r.returncode == 2 and "either SOURCE" in r.stderr
+    for args in (["", "--out", str(tmp_path / "o")], ["--to-hf", "", "--out", str(tmp_path / "o")], ["x", "--out", ""]):
+        r = call_cli("convert_hf_weights.py", *args)
+        assert r.returncode == 2 and "empty path" in r.stderr and not (tmp_path / "o").exists()
     r = call_cli("convert_hf_weights.py", "--help")
     assert r.returncode == 0 and "--to-hf" in r.stdout

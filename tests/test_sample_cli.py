@@ -87,6 +87,25 @@ def test_stdin_file_empty_prompt_and_int8(tiny_minigpt_dir, tiny_hf_dir, gpt2_to
     assert outputs[2] == "first prompt" + hf_greedy_text(tiny_hf_dir, gpt2_tokenizer, "first prompt", 3)
 
 
+def test_a_byte_order_mark_is_not_part_of_the_text(tiny_minigpt_dir, tmp_path, capsys, monkeypatch):
+    """Notepad and Excel start UTF-8 files with a byte-order mark: a prompt file, stdin and a
+    --score-file give what they give without it (as data files do); an empty path is one line."""
+    plain, marked = tmp_path / "plain.txt", tmp_path / "marked.txt"
+    plain.write_text("first prompt\n", encoding="utf-8")
+    marked.write_bytes(b"\xef\xbb\xbf" + plain.read_bytes())
+    outputs = []
+    for args in (["--file", str(plain)], ["--file", str(marked)], ["-"], ["--score-file", str(plain)],
+                 ["--score-file", str(marked)], ["--score-file", "-"]):
+        monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(marked.read_bytes())))
+        sample.main(["--model", str(tiny_minigpt_dir), "--greedy", "--max-new-tokens", "3", *args])
+        outputs.append(capsys.readouterr().out)
+    assert outputs[0].startswith("first prompt") and outputs[1] == outputs[2] == outputs[0]
+    assert '"first"' in outputs[3] and outputs[5] == outputs[4] == outputs[3]
+    for flag, what in (("--file", "prompt file"), ("--score-file", "text file")):
+        with pytest.raises(MinigptError, match=f"^{what}: empty path$"):
+            sample.main(["--model", str(tiny_minigpt_dir), flag, ""])
+
+
 @pytest.mark.skipif(shutil.which(os.environ.get("CXX", "g++")) is None, reason="--compile needs a C++ compiler")
 def test_compile_decodes_the_greedy_text_of_transformers(tiny_hf_dir, gpt2_tokenizer):
     """--compile: the step compiles before the first prompt (a stderr line says how long), and the text is the
@@ -213,6 +232,20 @@ def test_a_reader_that_stops_early_ends_the_run_quietly(tiny_minigpt_dir):
     stderr = job.stderr.read().decode()
     assert job.wait(timeout=120) == 141
     assert stderr == ""
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs Linux's /dev/full (a disk that is always full)")
+def test_a_full_disk_behind_stdout_is_one_line(tiny_minigpt_dir):
+    """`sample.py ... > file` on a full disk: writing stdout fails (ENOSPC), and that is one line
+    and exit 2, not a traceback; so for the other CLIs, which share `cli.run`."""
+    import subprocess
+
+    env = {**os.environ, "PYTHONPATH": str(sample.Path(sample.__file__).parent)}
+    with open("/dev/full", "w") as full:
+        job = subprocess.run([sys.executable, sample.__file__, "--model", str(tiny_minigpt_dir), "--seed", "0",
+                              "--max-new-tokens", "5", "hi"], stdout=full, stderr=subprocess.PIPE, text=True,
+                             env=env, timeout=120)
+    assert job.returncode == 2 and job.stderr == "error: writing the output: No space left on device\n", job.stderr
 
 
 def test_offline_without_a_local_model_says_what_to_do(tmp_path, monkeypatch):

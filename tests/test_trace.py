@@ -13,6 +13,7 @@ import pty
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -25,6 +26,7 @@ from transformers.generation.logits_process import (
 )
 
 from conftest import ROOT, TINY_HF, call_cli, run_cli, save_hf_model
+from minigpt.errors import MinigptError
 from minigpt.loading import load_model
 from minigpt.sampling import SamplingConfig, generate, next_token
 from minigpt.streaming import complete, trace_output
@@ -412,6 +414,30 @@ def test_trace_output_is_replaced_whole_kept_on_ctrl_c_and_untouched_on_an_error
         f.write("so far\n")
         raise KeyboardInterrupt  # Ctrl-C: the lines written so far replace the earlier file
     assert trace.read_text() == "so far\n" and sorted(p.name for p in tmp_path.iterdir()) == ["t.jsonl"]
+
+
+def test_a_trace_path_that_is_no_plain_file_is_written_through_not_replaced(tmp_path):
+    """A symlink keeps pointing where it did and its target gets the lines; a device (here a
+    second /dev/null) stays a device: a rename over either would have put a plain file there."""
+    import stat
+
+    (tmp_path / "real.jsonl").write_text("earlier\n")
+    link = tmp_path / "link.jsonl"
+    link.symlink_to("real.jsonl")
+    with trace_output(str(link)) as f:
+        f.write("new\n")
+    assert link.is_symlink() and os.readlink(link) == "real.jsonl" and (tmp_path / "real.jsonl").read_text() == "new\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link.jsonl", "real.jsonl"]
+    device = tmp_path / "null"
+    try:
+        os.mknod(device, 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+    except PermissionError:  # (not root: /dev/null itself is then safe to try, a rename there would fail)
+        device = Path("/dev/null")
+    with trace_output(str(device)) as f:
+        f.write("gone\n")
+    assert stat.S_ISCHR(device.stat().st_mode)
+    with pytest.raises(MinigptError, match="--trace: empty path"), trace_output(""):
+        pass
 
 
 def test_generate_without_a_recorder_is_unchanged(hf_dir, tokenizer):
