@@ -32,16 +32,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if (args.source is None) == (args.to_hf is None):
         p.error("give either SOURCE (HF -> minigpt) or --to-hf CHECKPOINT (minigpt -> HF)")
-    for name, value in (("SOURCE", args.source), ("--to-hf", args.to_hf), ("--out", args.out)):
-        if value == "":  # (Path("") is the current folder: never what was meant)
-            p.error(f"{name}: empty path")
+    if not args.out:  # (Path("") is the current folder: never what was meant)
+        p.error("--out: empty path")
     return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     out = folder_destination(args.out)  # a file, a path under one, the current folder: refused at once
-    check_source_outside(out, args.to_hf or args.source, "--to-hf" if args.to_hf else "SOURCE")
+    to_hf = args.to_hf is not None  # (an empty --to-hf is still the export: load_model names the empty path)
+    check_source_outside(out, args.to_hf if to_hf else args.source, "--to-hf" if to_hf else "SOURCE")
     if out.is_dir() and any(out.iterdir()) and not args.force:
         raise MinigptError(f"{args.out}: already exists and is not empty (pass --force to replace it)")
 
@@ -50,7 +50,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from minigpt.run_folder import keep_runs_out
 
     with keep_runs_out(out):  # --force never replaces the folder of a live training run
-        if args.to_hf:
+        if to_hf:
             from minigpt.card import export_card
 
             model, tokenizer = load_model(args.to_hf)

@@ -43,7 +43,11 @@ def build_model(args: TrainFlags, resume_from: Path | None):
     if resume_from is not None:
         return load_model(resume_from)
     if args.init == "scratch":
-        tokenizer = args.preset_tokenizer() if args.preset == "tiny" else load_tokenizer(args.tokenizer)
+        # --preset tiny learns its own vocabulary, unless --tokenizer is given (a flag given still applies)
+        if args.preset == "tiny" and args.tokenizer is None:
+            tokenizer = args.preset_tokenizer()
+        else:
+            tokenizer = load_tokenizer(args.tokenizer_source())
         config = GPTConfig(
             vocab_size=tokenizer.vocab_size, block_size=args.block_size, n_layer=args.n_layer or 6,
             n_head=args.n_head or 12, n_embd=args.n_embd or 768,
@@ -66,7 +70,7 @@ def eval_only(args: TrainFlags) -> int:
     import numpy as np
     import torch
 
-    from minigpt.data import BatchIterator, TokenBlocks, load_blocks
+    from minigpt.data import BatchIterator, TokenBlocks, load_validation_blocks
     from minigpt.ddp import torchrun_process_group
     from minigpt.loading import load_model
     from minigpt.metrics import evaluate, perplexity
@@ -80,7 +84,9 @@ def eval_only(args: TrainFlags) -> int:
         if args.block_size > model.config.block_size:
             raise MinigptError(f"--block-size {args.block_size}: {args.init} sees at most {model.config.block_size} tokens")
         with tempfile.TemporaryDirectory(prefix="minigpt-eval-") as cache:  # write nothing, not even a cache
-            _, val_blocks = load_blocks(args.data_config(cache_dir=cache), tokenizer, progress=ranks.is_main and not args.no_progress)
+            # with --val-data only that file is read: the training data (the Hub's, by default) is not needed
+            val_blocks = load_validation_blocks(args.data_config(cache_dir=cache), tokenizer,
+                                                progress=ranks.is_main and not args.no_progress)
             val_blocks = TokenBlocks(np.array(val_blocks.blocks), val_blocks.manifest)  # out of the cache
         if len(val_blocks) == 0:
             raise MinigptError("--eval-only: no validation data (give --val-data, or a --val-fraction above 0)")

@@ -129,30 +129,14 @@ def load_blocks(
 
     With `val_source` unset and `val_fraction` 0 the validation blocks are empty.
     """
-    cfg.check()
-    if tokenizer.vocab_size > 2**16:
-        raise MinigptError(f"tokenizer: {tokenizer.vocab_size} tokens do not fit the uint16 block cache")
-    root = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir()
-    common = {
-        "version": CACHE_VERSION,
-        "tokenizer_sha256": hashlib.sha256(tokenizer.backend.to_str().encode()).hexdigest(),
-        "format": cfg.format,
-        "block_size": cfg.block_size,
-    }
+    root, common = _cache_root_and_key(cfg, tokenizer)
     train_src = Source.resolve(cfg.source, "--data", cfg.max_records)
-    train_key = {**common, **train_src.identity()}
-
     if cfg.val_source is not None:
         val_src = Source.resolve(cfg.val_source, "--val-data", None)
-        val_key = {**common, **val_src.identity()}
-        blocks = []
-        for role, key, src in (("train", train_key, train_src), ("validation", val_key, val_src)):
-            cached = _cached(root, role, key, tokenizer.vocab_size)
-            if cached is None:
-                cached = _build(root, role, key, src, render(src, cfg.format), cfg, tokenizer, progress)
-            blocks.append(cached)
-        return blocks[0], blocks[1]
+        return (_source_blocks(root, common, "train", train_src, cfg, tokenizer, progress),
+                _source_blocks(root, common, "validation", val_src, cfg, tokenizer, progress))
 
+    train_key = {**common, **train_src.identity()}
     split = {"val_fraction": cfg.val_fraction, "seed": cfg.seed}
     train_key = val_key = {**train_key, **split}
     train = _cached(root, "train", train_key, tokenizer.vocab_size)
@@ -163,6 +147,40 @@ def load_blocks(
         train = _build(root, "train", train_key, train_src, train_docs, cfg, tokenizer, progress)
         val = _build(root, "validation", val_key, train_src, val_docs, cfg, tokenizer, progress)
     return train, val
+
+
+def load_validation_blocks(cfg: DataConfig, tokenizer: Tokenizer, progress: bool = True) -> TokenBlocks:
+    """The validation blocks of `load_blocks(cfg, ...)`, alone: with `val_source` set, the training
+    source is never read (`train.py --eval-only --val-data` needs neither it nor the Hub)."""
+    if cfg.val_source is None:  # a split of the training records: those must be read
+        return load_blocks(cfg, tokenizer, progress)[1]
+    root, common = _cache_root_and_key(cfg, tokenizer)
+    val_src = Source.resolve(cfg.val_source, "--val-data", None)
+    return _source_blocks(root, common, "validation", val_src, cfg, tokenizer, progress)
+
+
+def _cache_root_and_key(cfg: DataConfig, tokenizer: Tokenizer) -> tuple[Path, dict]:
+    """(the cache folder, the part of every entry's key that is not the source's), after checking `cfg`."""
+    cfg.check()
+    if tokenizer.vocab_size > 2**16:
+        raise MinigptError(f"tokenizer: {tokenizer.vocab_size} tokens do not fit the uint16 block cache")
+    root = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir()
+    common = {
+        "version": CACHE_VERSION,
+        "tokenizer_sha256": hashlib.sha256(tokenizer.backend.to_str().encode()).hexdigest(),
+        "format": cfg.format,
+        "block_size": cfg.block_size,
+    }
+    return root, common
+
+
+def _source_blocks(root: Path, common: dict, role: str, src: Source, cfg: DataConfig, tokenizer: Tokenizer,
+                   progress: bool) -> TokenBlocks:
+    """All of one source's records as `role` blocks (no split), from the cache or built into it."""
+    key = {**common, **src.identity()}
+    cached = _cached(root, role, key, tokenizer.vocab_size)
+    return cached if cached is not None else _build(root, role, key, src, render(src, cfg.format), cfg,
+                                                    tokenizer, progress)
 
 
 def split_records(records: list, val_fraction: float, seed: int) -> tuple[list, list]:

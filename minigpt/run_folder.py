@@ -70,6 +70,8 @@ def check_out_folder(out: str | os.PathLike, resume: bool, *, locked: bool = Tru
     (a file, an unwritable parent, foreign files), so that a folder a live run is writing is refused
     by the lock, which names that run, not by the checkpoint the run has just saved.
     """
+    if not str(out):  # Path("") is ".": the run would write into the current folder
+        raise MinigptError("--out: empty path")
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise MinigptError(f"--out {out}: exists and is not a folder")
@@ -205,10 +207,15 @@ class StateRecord(dict):
 def check_same_run(out: Path, saved: dict[str, Any], current: dict[str, Any]) -> None:
     """Refuse to resume the run in `out` with settings (by flag name) other than those it was made with."""
     for key in sorted(set(saved) | set(current)):
-        if saved.get(key) != current.get(key):
+        was, now = saved.get(key), current.get(key)
+        if was != now:  # None: a flag not given (or a setting an older run did not record)
+            if was is None:
+                change = f"without {key}, not with {key} {now}"
+            else:
+                change = f"with {key} {was}, not " + ("without it" if now is None else f"{now}")
             raise MinigptError(
-                f"--resume: the run in {out} was made with {key} {saved.get(key)!r}, not "
-                f"{current.get(key)!r}; resume with the same settings, or choose another --out"
+                f"--resume: the run in {out} was made {change}; resume with the same settings, or "
+                "choose another --out"
             )
 
 
@@ -227,14 +234,15 @@ class RunLock:
             ...train...
 
     A run that fails before writing anything (bad data, say) leaves no trace: when this lock made
-    `out`, and `out` holds nothing but the lock file on the way out, both are removed again.
+    `out`, and `out` holds nothing but the lock file on the way out, both are removed again, and so
+    are the parent folders the lock made for it (`checkpoints/` of `checkpoints/eli5`) if still empty.
     """
 
     def __init__(self, out: str | os.PathLike) -> None:
         self.out = Path(out)
         self.path = self.out / LOCK_FILE
         self._fd: int | None = None
-        self._made_folder = False
+        self._made: list[Path] = []  # the folders acquire made, `out` first, then its new parents
 
     def __enter__(self) -> RunLock:
         self.acquire()
@@ -246,7 +254,7 @@ class RunLock:
     def acquire(self) -> None:
         """Take the lock, or raise a one-line MinigptError naming the process that holds it."""
         try:
-            self._made_folder = not self.out.exists()
+            self._made = [p for p in (self.out, *self.out.absolute().parents) if not p.exists()]
             self.out.mkdir(parents=True, exist_ok=True)
             while True:
                 fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -266,15 +274,17 @@ class RunLock:
 
     def release(self) -> None:
         """Drop the lock; remove the lock file and `out` too when this run made `out` and left it
-        otherwise empty (the file is removed before the lock is dropped, see `acquire`)."""
+        otherwise empty (the file is removed before the lock is dropped, see `acquire`), then the
+        parents it made, deepest first, while they are empty."""
         if self._fd is None:
             return
         try:
-            if self._made_folder and [p.name for p in self.out.iterdir()] == [LOCK_FILE]:
+            if self._made and [p.name for p in self.out.iterdir()] == [LOCK_FILE]:
                 self.path.unlink()
-                self.out.rmdir()
+                for folder in self._made:  # only folders this run made; rmdir refuses a non-empty one
+                    folder.rmdir()
         except OSError:
-            pass  # something else appeared in `out` meanwhile: leave it all
+            pass  # something else appeared in `out` or a parent meanwhile: leave it and those above
         _let_go(self._fd)
         self._fd = None
 

@@ -66,6 +66,8 @@ class Source:
     def resolve(cls, source: str | None, flag: str, limit: int | None) -> Source:
         if source is None:
             return cls(HUB_TRAIN_FILE, "hub", None, HUB_MAX_RECORDS if limit is None else limit)
+        if not source:  # Path("") is ".": the current folder's .txt files would be read, silently
+            raise MinigptError(f"{flag}: empty path")
         path = Path(source).expanduser()
         if not path.exists():
             raise MinigptError(f"{path}: no such file or folder ({flag})")
@@ -91,11 +93,9 @@ class Source:
         elif self.kind == "txt-folder":
             for file in _text_files(self.path):  # names too: moving text between files changes documents
                 h.update(file.relative_to(self.path).as_posix().encode() + b"\0")
-                h.update(hashlib.sha256(file.read_bytes()).digest())
+                h.update(_sha256(file).digest())
         else:
-            with open(self.path, "rb") as f:
-                for chunk in iter(lambda: f.read(1 << 20), b""):
-                    h.update(chunk)
+            h = _sha256(self.path)
         return {"source_kind": self.kind, "source_sha256": h.hexdigest(), "max_records": self.limit}
 
     def records(self) -> list:
@@ -114,7 +114,7 @@ class Source:
                 files = _text_files(self.path)
                 if not files:
                     raise MinigptError(f"{self.path}: folder holds no .txt files")
-                return [text for f in files if (text := f.read_text(encoding=TEXT_ENCODING).strip())]
+                return [text for f in files if (text := _read_text_file(f).strip())]
             if self.kind == "txt":
                 text = self.path.read_text(encoding=TEXT_ENCODING)
                 return [p.strip() for p in re.split(r"\n\s*\n", text) if p.strip()]
@@ -125,6 +125,26 @@ class Source:
             return _read_json(self.path, lines=self.kind == "jsonl")
         except (UnicodeDecodeError, OSError, EOFError) as e:
             raise MinigptError(f"{self.path}: cannot read ({e})") from None
+
+
+def _sha256(file: Path):
+    """The hash of one file's bytes; an unreadable file is a one-line error naming it."""
+    h = hashlib.sha256()
+    try:
+        with open(file, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    except OSError as e:
+        raise MinigptError(f"{file}: cannot read ({e.strerror or e})") from None
+    return h
+
+
+def _read_text_file(file: Path) -> str:
+    """One .txt file of a folder source; an error names that file, not just the folder."""
+    try:
+        return file.read_text(encoding=TEXT_ENCODING)
+    except (UnicodeDecodeError, OSError) as e:
+        raise MinigptError(f"{file}: cannot read ({e})") from None
 
 
 def _text_files(folder: Path) -> list[Path]:

@@ -7,6 +7,7 @@ AdamW (lr 2e-5, weight decay 0.01), linear decay, gradient clipping at 1.0, 3 ep
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 from pathlib import Path
 from typing import Any, Sequence
@@ -24,7 +25,18 @@ TINY_PRESET = dict(
 )
 TINY_VOCAB = 2048
 SHAPE_FLAGS = ("n_layer", "n_head", "n_embd")  # a new model's shape (--init scratch)
+SCRATCH_FLAGS = (*SHAPE_FLAGS, "tokenizer")  # a new model's only: refused with a loaded one
+
+
+def path_text(text: str) -> str:
+    """A path flag's value; an empty one is refused: Path("") is ".", the current folder."""
+    if not text:
+        raise argparse.ArgumentTypeError("empty path")
+    return text
+
+
 _INT, _X = dict(metavar="N", type=positive_int), dict(metavar="X")
+_PATH = dict(metavar="PATH", type=path_text)
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")  # torch.compile's modes (--compile-mode)
 
 
@@ -37,19 +49,21 @@ class TrainFlags:
                               "batch 16, lr 2e-3, 20 warm-up steps, 12 epochs, out checkpoints/tiny); flags given "
                               "as well still apply", choices=["tiny"])
     init: str = flag(RECIPE_MODEL, "start from: a Hub id, an HF or minigpt checkpoint folder, or `scratch` for a new "
-                     "model of --n-layer/--n-head/--n-embd", group="model", metavar="SOURCE")
+                     "model of --n-layer/--n-head/--n-embd", group="model", metavar="SOURCE", type=path_text)
     n_layer: int | None = flag(None, "(--init scratch) Transformer blocks (default: 6)", group="model", run=True, **_INT)
     n_head: int | None = flag(None, "(--init scratch) attention heads (default: 12)", group="model", run=True, **_INT)
     n_embd: int | None = flag(None, "(--init scratch) model width (default: 768)", group="model", run=True, **_INT)
-    tokenizer: str = flag(RECIPE_MODEL, "(--init scratch) the tokenizer: a Hub id or a folder with tokenizer.json",
-                          group="model", metavar="SOURCE")
+    # (None, not RECIPE_MODEL, when not given: a loaded model refuses it only when given; see tokenizer_source)
+    tokenizer: str | None = flag(None, f"(--init scratch) the tokenizer: a Hub id or a folder with tokenizer.json "
+                                 f"(default: {RECIPE_MODEL}; with --preset tiny, a vocabulary learned from its data)",
+                                 group="model", metavar="SOURCE", type=path_text)
     dropout: float | None = flag(None, "dropout probability (default: the model's own, 0.1 for distilgpt2)",
                                  group="model", run=True, type=fraction, **_X)
     data: str | None = flag(None, "training data: an ELI5 .json[.gz]/.jsonl/.parquet/.csv file, a .txt file or a "
                             "folder of .txt files (default: ELI5-Category's train split from the Hub)", group="data",
-                            metavar="PATH")
+                            **_PATH)
     val_data: str | None = flag(None, "validation data (default: --val-fraction of --data's records)", group="data",
-                                metavar="PATH")
+                                **_PATH)
     val_fraction: float = flag(0.2, "share of the records held out for validation", group="data", run=True,
                                type=fraction, **_X)
     format: str = flag("answers", "answers: a record's answers joined (the recipe); qa: 'Question: ...\\nAnswer: ...'",
@@ -84,7 +98,7 @@ class TrainFlags:
                                     "start, tuned kernels) (default: default)", group="hardware",
                                     choices=COMPILE_MODES)
     out: str = flag(DEFAULT_OUT, "output folder: the checkpoint, its model card, metrics.jsonl, loss.png",
-                    group="output")
+                    group="output", **_PATH)
     log_every: int = flag(10, "write a metrics row every N steps", group="output", **_INT)
     eval_every: int = flag(0, "also evaluate every N steps; 0: at each epoch's end only", group="output",
                            metavar="N", type=non_negative_int)
@@ -127,6 +141,9 @@ class TrainFlags:
             "steps (--epochs / --max-steps)": max_steps, "--dtype": dtype_name,
         }
 
+    def tokenizer_source(self) -> str:
+        """Where a new model's tokenizer comes from: --tokenizer, else the recipe's."""
+        return self.tokenizer or RECIPE_MODEL
 
     def preset_tokenizer(self):
         """--preset tiny's tokenizer: a TINY_VOCAB-token BPE vocabulary learned from the answers of the
@@ -192,9 +209,10 @@ def parse_train_flags(argv: Sequence[str] | None, description: str) -> TrainFlag
     args = from_flags(TrainFlags, p.parse_args(argv))
     if args.seed >= 2**63:  # torch's generators take a 64-bit seed
         p.error(f"argument --seed: {args.seed} is too large (at most {2**63 - 1})")
-    scratch_flags = [f for f in SHAPE_FLAGS if getattr(args, f) is not None]
+    scratch_flags = [f for f in SCRATCH_FLAGS if getattr(args, f) is not None]  # (None: not given)
     if args.init != "scratch" and scratch_flags:
-        p.error(f"--{scratch_flags[0].replace('_', '-')} needs --init scratch (a loaded model keeps its shape)")
+        kept = "tokenizer" if scratch_flags[0] == "tokenizer" else "shape"
+        p.error(f"--{scratch_flags[0].replace('_', '-')} needs --init scratch (a loaded model keeps its {kept})")
     if args.compile_mode is not None and not args.compile:
         p.error(f"--compile-mode {args.compile_mode} needs --compile")
     if args.compile_mode == "reduce-overhead" and args.grad_accum > 1:

@@ -146,8 +146,10 @@ def test_force_never_replaces_the_folder_it_reads(tiny_hf_dir, tmp_path):
 def test_usage_errors_exit_2(tmp_path):
     r = call_cli("convert_hf_weights.py", "--out", str(tmp_path / "o"))
     assert r.returncode == 2 and "either SOURCE" in r.stderr
-    for args in (["", "--out", str(tmp_path / "o")], ["--to-hf", "", "--out", str(tmp_path / "o")], ["x", "--out", ""]):
+    for args, needle in ((["", "--out", str(tmp_path / "o")], "error: model: empty model path"),
+                         (["--to-hf", "", "--out", str(tmp_path / "o")], "error: model: empty model path"),
+                         (["x", "--out", ""], "error: --out: empty path")):
         r = call_cli("convert_hf_weights.py", *args)
-        assert r.returncode == 2 and "empty path" in r.stderr and not (tmp_path / "o").exists()
+        assert r.returncode == 2 and needle in r.stderr and not (tmp_path / "o").exists(), r.stderr
     r = call_cli("convert_hf_weights.py", "--help")
     assert r.returncode == 0 and "--to-hf" in r.stdout

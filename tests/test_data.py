@@ -499,3 +499,41 @@ def test_a_lone_surrogate_in_json_text_is_named_in_one_line(tmp_path, gpt2_token
     (tmp_path / "bad.json").write_text(json.dumps(rows), encoding="utf-8")  # (json.dumps escapes them)
     with pytest.raises(MinigptError, match=r"bad\.json: record 4 \(q_id 't04'\) holds a lone surrogate"):
         load(tmp_path, gpt2_tokenizer, source=str(tmp_path / "bad.json"), format=fmt)
+
+
+def test_an_undecodable_file_in_a_text_folder_is_named(tmp_path, gpt2_tokenizer):
+    """A folder source's bad file is named, not just its folder: which of many files to fix?"""
+    folder = tmp_path / "txtdir"
+    folder.mkdir()
+    (folder / "a.txt").write_text("good text " * 20, encoding="utf-8")
+    (folder / "b.txt").write_bytes(b"bad \xff byte")
+    with pytest.raises(MinigptError) as e:
+        load(tmp_path, gpt2_tokenizer, source=str(folder))
+    assert str(e.value).startswith(f"{folder / 'b.txt'}: cannot read ('utf-8' codec can't decode byte 0xff")
+
+
+def test_an_empty_path_is_refused_not_read_as_the_current_folder(tmp_path, gpt2_tokenizer, monkeypatch):
+    """Path("") is ".": an empty --data or --val-data used to read the current folder's .txt files."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "notes.txt").write_text("not training data " * 20, encoding="utf-8")
+    with pytest.raises(MinigptError, match=r"^--data: empty path$"):
+        load(tmp_path, gpt2_tokenizer, source="")
+    with pytest.raises(MinigptError, match=r"^--val-data: empty path$"):
+        load(tmp_path, gpt2_tokenizer, source=str(DATA / "eli5_small.json"), val_source="")
+
+
+def test_validation_blocks_alone_never_read_the_training_source(tmp_path, gpt2_tokenizer, monkeypatch):
+    """With an explicit validation source, `load_validation_blocks` reads only it (train.py
+    --eval-only --val-data needs no training data, not even the Hub's), and its blocks are the
+    validation blocks `load_blocks` gives; without one it is `load_blocks`' split."""
+    from minigpt.data import load_validation_blocks
+
+    val_source = str(DATA / "eli5_small.jsonl")
+    monkeypatch.setattr(sources, "load_eli5_records", lambda *a: pytest.fail("the Hub's training file was read"))
+    alone = load_validation_blocks(DataConfig(val_source=val_source, block_size=16, cache_dir=str(tmp_path / "a")),
+                                   gpt2_tokenizer, progress=False)
+    _, val = load(tmp_path, gpt2_tokenizer, source=str(DATA / "docs.txt"), val_source=val_source)
+    np.testing.assert_array_equal(alone.blocks, val.blocks)
+    split = load_validation_blocks(DataConfig(source=val_source, block_size=16, cache_dir=str(tmp_path / "b")),
+                                   gpt2_tokenizer, progress=False)
+    np.testing.assert_array_equal(split.blocks, load(tmp_path, gpt2_tokenizer, source=val_source)[1].blocks)

@@ -1150,3 +1150,18 @@ def test_train_on_100k_tiny_records(tmp_path, tiny_minigpt_dir, monkeypatch):
     assert result.returncode == 0, result.stderr
     assert "data: 25,000 training and 0 validation blocks of 8 tokens" in result.stdout
     assert checkpoint_step(tmp_path / "out") == 2
+
+
+def test_a_failed_run_leaves_no_folder_it_made(tmp_path, monkeypatch):
+    """A run that fails before its first checkpoint removes the folders it made for --out, parents
+    too (`checkpoints/` of the preset's `checkpoints/tiny`), while they are empty; a folder that was
+    there before stays, even an empty one."""
+    monkeypatch.setenv("MINIGPT_CACHE", str(tmp_path.with_name(tmp_path.name + "-cache")))
+    monkeypatch.chdir(tmp_path)
+    no_data = ["--data", str(tmp_path / "no_such.jsonl")]
+    for out in ([], ["--out", "x1/x2/x3"]):  # the preset's default --out, and a deep new one
+        assert_one_line_error(call_cli("train.py", *TINY_RUN, *no_data, *out), "no_such.jsonl: no such file")
+        assert sorted(tmp_path.iterdir()) == [], out
+    (tmp_path / "mine" / "empty").mkdir(parents=True)
+    assert_one_line_error(call_cli("train.py", *TINY_RUN, *no_data, "--out", "mine/empty/new/run"), "no such file")
+    assert [p.relative_to(tmp_path).as_posix() for p in sorted(tmp_path.rglob("*"))] == ["mine", "mine/empty"]

@@ -256,6 +256,16 @@ def test_cuda_where_there_is_none_is_one_line_and_exit_2(tmp_path):
         (("--batch-size", "-1"), "argument --batch-size: '-1' is not a positive integer"),
         (("--dropout", "1.5"), "argument --dropout: '1.5' is not a number in [0, 1)"),
         (("--init", "gpt2", "--n-layer", "2"), "--n-layer needs --init scratch"),
+        # --tokenizer is a new model's too: a loaded model used to ignore it in silence
+        (("--init", "gpt2", "--tokenizer", "gpt2"), "--tokenizer needs --init scratch (a loaded model keeps its tokenizer)"),
+        (("--preset", "tiny", "--init", "some/run", "--tokenizer", "gpt2"), "--tokenizer needs --init scratch"),
+        (("--init", "gpt2", "--eval-only", "--tokenizer", "gpt2"), "--tokenizer needs --init scratch"),
+        # an empty path is "." to pathlib: the current folder would be read from or written into
+        (("--data", ""), "argument --data: empty path"),
+        (("--val-data", ""), "argument --val-data: empty path"),
+        (("--out", ""), "argument --out: empty path"),
+        (("--init", ""), "argument --init: empty path"),
+        (("--tokenizer", ""), "argument --tokenizer: empty path"),
     ],
 )
 def test_bad_flags_exit_2(tmp_path, args, complaint, capsys):
@@ -285,3 +295,63 @@ def test_help_explains_every_flag():
                  "--max-grad-norm", "--dropout", "--seed", "--device", "--dtype", "--compile", "--out",
                  "--log-every", "--eval-every", "--save-every", "--resume", "--preset"):
         assert flag in result.stdout
+
+
+def test_tokenizer_applies_to_a_new_model_even_with_the_preset(tiny_minigpt_dir):
+    """--tokenizer given is used (the preset's own vocabulary only stands in when it is not), and its
+    default is the recipe's for a new model without the preset."""
+    import train
+    from minigpt.train_flags import RECIPE_MODEL
+
+    model, tokenizer = train.build_model(train.parse_args([*QUICK, "--tokenizer", str(tiny_minigpt_dir)]), None)
+    assert tokenizer.vocab_size == model.config.vocab_size == 50257  # GPT-2's, not the preset's 2,048
+    assert train.build_model(train.parse_args(list(QUICK)), None)[1].vocab_size == 2048
+    assert train.parse_args(["--init", "scratch"]).tokenizer_source() == RECIPE_MODEL
+
+
+def test_eval_only_with_val_data_reads_only_that_file(tmp_path, tiny_minigpt_dir, monkeypatch):
+    """--eval-only --val-data scores --init on that file's blocks alone: the training data (by default
+    the Hub's, unreachable offline) is never read. The loss is that of those blocks, all of them."""
+    from minigpt import sources
+    from minigpt.data import DataConfig, load_blocks
+    from minigpt.loading import load_model
+
+    data = str(ROOT / "tests" / "data" / "eli5_small.jsonl")
+    monkeypatch.setattr(sources, "load_eli5_records", lambda *a: pytest.fail("the training data was read"))
+    monkeypatch.chdir(tmp_path)
+    result = call_cli("train.py", "--eval-only", "--init", str(tiny_minigpt_dir), "--val-data", data,
+                      "--block-size", "8", "--batch-size", "64", "--no-progress")
+    assert result.returncode == 0, result.stderr
+    loss = float(re.search(r"^validation loss (\d+\.\d+) ", result.stdout, re.MULTILINE).group(1))
+    model, tokenizer = load_model(tiny_minigpt_dir)
+    cfg = DataConfig(source=data, val_source=data, block_size=8, cache_dir=str(tmp_path / "oracle"))
+    blocks = torch.from_numpy(load_blocks(cfg, tokenizer, progress=False)[1].blocks[:].astype("int64"))
+    with torch.no_grad():  # one batch: the mean over every scored token
+        expected = float(model.eval()(blocks, blocks)[1])
+    assert f"{len(blocks):,} validation blocks of 8 tokens" in result.stdout
+    assert loss == pytest.approx(expected, rel=1e-5)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["oracle"]  # eval-only wrote nothing
+
+
+def test_a_resume_with_other_settings_names_them_readably(tmp_path):
+    """A flag the run was made without is "without --max-records", not Python's "None"; strings are
+    not quoted as Python writes them."""
+    from minigpt.run_folder import check_same_run
+
+    def refusal(saved, current):
+        with pytest.raises(MinigptError) as e:
+            check_same_run(tmp_path, saved, current)
+        return str(e.value).removeprefix(f"--resume: the run in {tmp_path} was made ").split(";")[0]
+
+    assert refusal({"--max-records": None}, {"--max-records": 30}) == "without --max-records, not with --max-records 30"
+    assert refusal({"--max-records": 30}, {"--max-records": None}) == "with --max-records 30, not without it"
+    assert refusal({"--format": "answers"}, {"--format": "qa"}) == "with --format answers, not qa"
+    assert refusal({"--lr": 0.002}, {"--lr": 0.1}) == "with --lr 0.002, not 0.1"
+    assert refusal({}, {"--val-data": "/v.jsonl"}) == "without --val-data, not with --val-data /v.jsonl"
+
+    out = tmp_path / "run"
+    assert call_cli("train.py", *QUICK, "--max-steps", "1", "--out", str(out)).returncode == 0
+    again = call_cli("train.py", *QUICK, "--max-steps", "1", "--out", str(out), "--resume", "--max-records", "30")
+    assert again.returncode == 2 and again.stderr.splitlines() == [
+        f"error: --resume: the run in {out} was made without --max-records, not with --max-records 30; "
+        "resume with the same settings, or choose another --out"]
