@@ -79,6 +79,7 @@ def check_out_folder(out: str | os.PathLike, resume: bool, *, locked: bool = Tru
         ancestor = next(p for p in out.absolute().parents if p.exists())
         if not ancestor.is_dir() or not os.access(ancestor, os.W_OK | os.X_OK):
             raise MinigptError(f"--out {out}: cannot create it, {ancestor} is not a writable folder")
+    check_outside_runs(out)
     ckpt = current_checkpoint(out)
     if out.is_dir():
         for entry in sorted(out.iterdir()):
@@ -98,6 +99,17 @@ def check_out_folder(out: str | os.PathLike, resume: bool, *, locked: bool = Tru
             "to continue it, or choose another --out"
         )
     return ckpt
+
+
+def check_outside_runs(out: str | os.PathLike) -> None:
+    """Refuse (one-line MinigptError) an output folder inside the folder of a training run: a run's
+    folder holds only the run's own files, and one more (an export in `run/exp`) makes every later
+    `--resume` of that run refuse it. A run's folder is one with a `.ckpt/` folder in it."""
+    parent = Path(os.path.realpath(Path(out).absolute().parent))
+    for folder in (parent, *parent.parents):
+        if (folder / CKPT_DIR).is_dir():
+            raise MinigptError(f"--out {out}: is inside the training run in {folder}, whose folder holds only the "
+                               "run's own files; choose a folder outside it")
 
 
 def _belongs_to_run(entry: Path) -> bool:
@@ -299,8 +311,10 @@ def keep_runs_out(out: str | os.PathLike) -> Iterator[None]:
     next one into a folder that is no longer its own. Otherwise it takes the lock (writing its
     process id and "conversion", which a refused run names) and holds it to the end of the block,
     so that no run starts in a folder about to be replaced. A folder without a lock file has never held a run: nothing to
-    hold. The lock file is opened, never made, so a failed replacement adds nothing to `out`.
+    hold. The lock file is opened, never made, so a failed replacement adds nothing to `out`. An
+    `out` inside a run's folder is refused (`check_outside_runs`).
     """
+    check_outside_runs(out)
     try:
         fd = os.open(Path(out) / LOCK_FILE, os.O_RDWR)
     except (FileNotFoundError, NotADirectoryError):

@@ -136,6 +136,28 @@ def test_convert_force_never_replaces_the_folder_of_a_live_run(tmp_path, tiny_hf
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "tokenizer.json"]
 
 
+def test_nothing_is_written_inside_a_runs_folder(tmp_path, tiny_hf_dir):
+    """A run's folder holds only the run's files, and one more would make every later --resume of it
+    refuse: a conversion, an export or another run with --out inside it (or inside its .ckpt/,
+    or reached through a link) is refused in one line, and the run still resumes."""
+    out = tmp_path / "run"
+    assert call_cli("train.py", *TINY, "--out", str(out)).returncode == 0
+    (tmp_path / "link").symlink_to("run")
+    before = snapshot(out)
+    for script, *args, inside in (
+        ("convert_hf_weights.py", str(tiny_hf_dir), out / "hf"),
+        ("convert_hf_weights.py", "--to-hf", str(out), out / "exported" / "deeper"),
+        ("convert_hf_weights.py", "--to-hf", str(out), tmp_path / "link" / "exported"),
+        ("train.py", *TINY, out / ".ckpt" / "another"),
+    ):
+        result = call_cli(script, *args, "--out", str(inside))
+        assert result.returncode == 2 and result.stderr.strip().splitlines() == [
+            f"error: --out {inside}: is inside the training run in {out}, whose folder holds only the run's own "
+            "files; choose a folder outside it"], result.stderr
+    assert snapshot(out) == before and sorted(p.name for p in tmp_path.iterdir()) == ["cache", "link", "run"]
+    assert call_cli("train.py", *TINY, "--out", str(out), "--resume").returncode == 0  # (finished: nothing to do)
+
+
 def read_until(proc: subprocess.Popen, needle: str) -> str:
     """The child's stdout up to the first line holding `needle` (it must appear within 120 s)."""
     seen, deadline = "", time.monotonic() + 120
