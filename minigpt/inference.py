@@ -67,7 +67,7 @@ from .layouts import (FUSIBLE_KERNELS, DenseLinear, FbgemmInt8Linear, Fp16Linear
                       OneDnnLinear, OnThreads, RowSplitLinear, SplitLinear, TransposedLinear,
                       fp16_refuses)
 from .model import GPT
-from .runtime import wait_for
+from .runtime import allocate, wait_for
 
 QUANTIZATIONS = ("int8",)
 WEIGHT_BYTES = {"fp32": 4, "bf16": 2, "int8": 1}  # bytes a weight takes in each precision
@@ -327,7 +327,9 @@ def _choose(
             first.setdefault(id(layout), (layout, kernel))
         built = {id(layout): [layout.build(w, b, rows, tied, kernel) for w, b in sample]
                  for layout, kernel in first.values()}
-        x = torch.randn(rows, weights[0][0].size(1), device=weights[0][0].device).to(dtype)  # the residual stream's
+        width, device = weights[0][0].size(1), weights[0][0].device
+        x = allocate(lambda: torch.randn(rows, width, device=device).to(dtype), rows * width * 4,  # the residual stream's
+                     f"--num-samples {rows}", "a batch of activations", f"{rows} rows x {width}")
         # (written, not just allocated: untouched pages all read as one shared zero page)
         flush = torch.ones(flush_bytes // 4) if flush_bytes else None
         best = _race([(kernel, built[id(layout)], every) for layout, kernel in candidates], x, flush, compiled)

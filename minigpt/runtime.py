@@ -8,6 +8,7 @@ import os
 import re
 import time
 from pathlib import Path
+from typing import Callable, TypeVar
 
 import torch
 
@@ -136,3 +137,21 @@ def setup_device(device: str = "auto", dtype: str = "auto") -> tuple[torch.devic
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     return dev, dt
+
+
+_T = TypeVar("_T")
+
+
+def allocate(make: Callable[[], _T], nbytes: int, flags: str, what: str, detail: str) -> _T:
+    """`make()`, which allocates `nbytes`; a MinigptError "{flags}: {what} ({detail}, N GB) does not
+    fit in memory" when they exceed int64 (torch cannot even be asked for them) or the allocator
+    cannot give them. No limit of its own: whatever the allocator gives is used."""
+    refusal = MinigptError(f"{flags}: {what} ({detail}, {nbytes / 1e9:,.1f} GB) does not fit in memory")
+    if nbytes > torch.iinfo(torch.int64).max:
+        raise refusal
+    try:
+        return make()
+    except RuntimeError as e:  # the CPU allocator's "can't allocate memory", CUDA's OutOfMemoryError
+        if isinstance(e, torch.OutOfMemoryError) or "allocate" in str(e):
+            raise refusal from None
+        raise

@@ -28,6 +28,7 @@ compiled one-token step instead.
 from __future__ import annotations
 
 import codecs
+from functools import partial
 from typing import Callable, Iterator
 
 import torch
@@ -36,6 +37,7 @@ import torch.nn.functional as F
 from .errors import MinigptError
 from .compiled_decoding import CompiledDecoding
 from .model import GPT, KVCache
+from .runtime import allocate
 from .sampling_config import SamplingConfig
 from .tokenizer import Tokenizer
 
@@ -52,13 +54,22 @@ def apply_repetition_penalty(
     a seen token always becomes less likely (CTRL, Keskar et al. 2019).
     """
     seen = torch.gather(scores, 1, tokens)  # (B, L): the scores of the tokens seen so far
-    seen = torch.where(seen < 0, seen * penalty, seen / penalty)
-    return scores.scatter(1, tokens, seen)  # repeats write the same value, so "once" holds
+    penalized = torch.where(seen < 0, seen * penalty, seen / penalty)
+    if penalty < 1:
+        # A penalty so small that score / penalty overflows (inf - inf is NaN later) or rounds to 0 means its
+        # limit, all mass on the largest positive seen score: so does the smallest one that keeps the row finite.
+        finfo = torch.finfo(scores.dtype)
+        smallest = (scores.amax(dim=1, keepdim=True) / (finfo.max / 2)).clamp(min=max(penalty, finfo.tiny))
+        limit = torch.where(seen < 0, seen * max(penalty, finfo.tiny), seen / smallest)
+        penalized = torch.where(smallest > penalty, limit, penalized)  # (only where the penalty was too small)
+    return scores.scatter(1, tokens, penalized)  # repeats write the same value, so "once" holds
 
 
 def apply_temperature(scores: torch.Tensor, temperature: float) -> torch.Tensor:
     """Divide the logits by `temperature`: below 1 the distribution sharpens, above 1 it flattens."""
-    return scores / temperature
+    # Below the smallest normal float a temperature rounds to 0 (or its reciprocal to inf: 0 * inf = NaN);
+    # the smallest normal one already gives the limit on scores shifted to a maximum of 0: all mass on it.
+    return scores / max(temperature, torch.finfo(scores.dtype).tiny)
 
 
 def top_k_filter(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -205,6 +216,9 @@ def generate(
     of it, as it does the generated tokens that slide out), and when generation fills the window the cache
     is rebuilt from the last `block_size // 2` tokens (one prefill) so decoding can continue.
     compiled: `model`'s compiled decoding step, for every step after a prefill.
+
+    The arguments are checked and the buffers allocated when `generate` is called, before the first
+    step: an output or KV cache that does not fit in memory is a MinigptError naming its size then.
     """
     if num_samples < 1:
         raise MinigptError(f"num_samples must be >= 1, got {num_samples}")
@@ -217,15 +231,44 @@ def generate(
 
     # All tokens so far, the whole prompt included: the repetition penalty counts every token of
     # the text, and the window is rebuilt from them.
-    tokens = torch.empty(num_samples, n_prompt + config.max_new_tokens, dtype=torch.long, device=device)
+    count = num_samples * (n_prompt + config.max_new_tokens)
+    flags = f"--max-new-tokens {config.max_new_tokens} x --num-samples {num_samples}"
+    tokens = allocate(
+        lambda: torch.empty(num_samples, n_prompt + config.max_new_tokens, dtype=torch.long, device=device),
+        count * 8, flags, "the output", f"{count} token ids with the prompt",
+    )
     tokens[:, :n_prompt] = torch.tensor(prompt, device=device)
-    length = n_prompt
     needed = min(window, n_prompt + config.max_new_tokens)
+    dtype, c = activation_dtype(model), model.config
     if compiled is not None:  # (its step may need the cache in tensors of its own)
-        cache = compiled.new_cache(num_samples, needed, activation_dtype(model))
+        new_cache = partial(compiled.new_cache, num_samples, needed, dtype)
     else:
-        cache = KVCache(model.config, num_samples, needed, device=device, dtype=activation_dtype(model))
-    finished = torch.zeros(num_samples, dtype=torch.bool, device=device)
+        new_cache = partial(KVCache, c, num_samples, needed, device=device, dtype=dtype)
+    cache = allocate(
+        new_cache, 2 * c.n_layer * num_samples * needed * c.n_head * (c.n_embd // c.n_head) * dtype.itemsize,
+        f"--num-samples {num_samples}", "the KV cache",
+        f"{num_samples} x {needed} positions x {c.n_layer} layers",
+    )
+    return _steps(model, tokens, n_prompt, cache, config, generator, pick, eos_id, compiled)
+
+
+@torch.inference_mode()
+def _steps(
+    model: GPT,
+    tokens: torch.Tensor,
+    n_prompt: int,
+    cache: KVCache,
+    config: SamplingConfig,
+    generator: torch.Generator | None,
+    pick: Pick,
+    eos_id: int | None,
+    compiled: CompiledDecoding | None,
+) -> Iterator[torch.Tensor]:
+    """`generate`'s loop, writing into its buffers: `tokens` (B, prompt + max new tokens) holds the
+    prompt in its first `n_prompt` columns, `cache` is empty."""
+    window = model.config.block_size
+    length = n_prompt
+    finished = torch.zeros(tokens.size(0), dtype=torch.bool, device=tokens.device)
     model_input = tokens[:, max(0, n_prompt - window) : n_prompt]  # first step: the prompt (prefill)
 
     for _ in range(config.max_new_tokens):

@@ -81,6 +81,11 @@ def complete(
             file=sys.stderr,
         )
     recorder = StepRecorder(top_alternatives) if coloured or trace is not None else None
+    start = time.perf_counter()
+    first = last = start
+    # (generate allocates its buffers at once: an output too large for memory stops before anything is written)
+    steps = generate(model, ids, config, num_samples, generator, pick=recorder or next_token,
+                     eos_id=tokenizer.eos_id, compiled=compiled)
     streams = [TextStream(tokenizer) for _ in range(num_samples)]
     texts = [""] * num_samples  # the continuations, plain
     written = [shown] * num_samples  # what is written, coloured when asked
@@ -91,10 +96,6 @@ def complete(
         out.write(shown)
         out.flush()
 
-    start = time.perf_counter()
-    first = last = start
-    steps = generate(model, ids, config, num_samples, generator, pick=recorder or next_token,
-                     eos_id=tokenizer.eos_id, compiled=compiled)
     for step, new in enumerate(steps):
         last = time.perf_counter()
         if first == start:

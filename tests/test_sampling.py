@@ -4,6 +4,7 @@ transformers' generate(), and the inference layouts against the reference model.
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
+from conftest import call_cli
 from minigpt.config import GPTConfig
 from minigpt.errors import MinigptError
 from minigpt.loading import load_model
@@ -26,9 +28,11 @@ from minigpt.sampling import (
     TextStream,
     apply_repetition_penalty,
     apply_temperature,
+    candidate_scores,
     candidates,
     generate,
     generate_ids,
+    next_token,
     top_k_filter,
     top_p_filter,
 )
@@ -389,3 +393,155 @@ def test_the_repetition_penalty_counts_prompt_tokens_beyond_the_window():
         logits = model(torch.tensor([prompt]))[0][0, -1]
     expected = apply_repetition_penalty(logits[None], torch.tensor([[first, *prompt]]), 50.0).argmax()
     assert again != first and again == expected.item()
+
+
+# --- extreme but legal values: a vanishing temperature or penalty, an output too large to hold ---
+
+# Positive in float64 but 0 in float32 (1e-46, 7e-46, 1e-320), or below its smallest normal value
+# (1e-39), where logits / temperature gave 0 / 0 = NaN and torch.multinomial refused the row.
+VANISHING = [1e-46, 7e-46, 1e-320, 1e-45, 1e-39]
+
+
+@pytest.mark.parametrize("t", VANISHING)
+@pytest.mark.parametrize("filters", [dict(), dict(top_k=0, top_p=1.0)], ids=["top-k-top-p", "no-filters"])
+def test_a_vanishing_temperature_is_its_limit_all_mass_on_the_maximum(t, filters):
+    logits = random_logits(0)
+    config = SamplingConfig(temperature=t, **filters)
+    values, ids = candidate_scores(logits, config)
+    assert not values.isnan().any()
+    probs = torch.softmax(values, dim=-1)
+    if ids is None:  # no top-k: the whole vocabulary, in its order
+        assert torch.equal(probs.argmax(dim=-1), logits.argmax(dim=-1))
+    else:  # top-p after the temperature keeps one candidate a row: the maximum
+        assert torch.equal(ids[values.isfinite()], logits.argmax(dim=-1))
+    assert torch.equal(probs.amax(dim=-1), torch.ones(4))
+    tokens = torch.zeros(4, 1, dtype=torch.long)
+    for seed in range(3):
+        assert torch.equal(next_token(logits, tokens, config, torch.Generator().manual_seed(seed)), logits.argmax(-1))
+
+
+@pytest.mark.parametrize("t", VANISHING)
+def test_sampling_at_a_vanishing_temperature_decodes_greedy_tokens(tiny, t):
+    model, tokenizer = tiny
+    greedy = generate_ids(model, [464, 2068], SamplingConfig(max_new_tokens=8, greedy=True), eos_id=tokenizer.eos_id)
+    config = SamplingConfig(max_new_tokens=8, temperature=t)
+    sampled = generate_ids(model, [464, 2068], config, 2, torch.Generator().manual_seed(0), eos_id=tokenizer.eos_id)
+    assert sampled == greedy * 2
+
+
+@pytest.mark.parametrize("t", [1e-320, 1e-30])
+def test_a_vanishing_temperature_keeps_one_candidate_in_the_trace(tiny, t):
+    """`--score --trace` at 1e-320 wrote "candidates": 0 and the top token "kept": false (NaN scores)."""
+    model, tokenizer = tiny
+    rows = score_ids(model, tokenizer, [31373, 612, 318, 257], SamplingConfig(temperature=t)).rows
+    for row in rows:
+        top = row["alternatives"][0]
+        assert row["candidates"] == 1 and top["kept"] and row["candidate_mass"] == top["prob"] > 0, row
+
+
+def test_the_cli_samples_greedy_text_at_a_vanishing_temperature(tiny_minigpt_dir, tmp_path):
+    model = ["--model", str(tiny_minigpt_dir), "--max-new-tokens", "5"]
+    greedy = call_cli("sample.py", *model, "--greedy", "Why")
+    assert greedy.returncode == 0 and greedy.stdout.startswith("Why"), greedy.stderr
+    tiny = call_cli("sample.py", *model, "--temperature", "1e-46", "--seed", "3", "Why")
+    assert (tiny.returncode, tiny.stdout, tiny.stderr) == (0, greedy.stdout, "")
+    trace = tmp_path / "trace.jsonl"
+    scored = call_cli("sample.py", *model, "--score", "hello there", "--trace", str(trace), "--temperature", "1e-320")
+    assert scored.returncode == 0, scored.stderr
+    rows = [json.loads(line) for line in trace.read_text().splitlines()]
+    assert rows and all(row["candidates"] == 1 and row["alternatives"][0]["kept"] for row in rows)
+
+
+@pytest.mark.parametrize("penalty", [1e-39, 1e-46, 1e-320, 1e-38, 1e-30])
+def test_a_vanishing_repetition_penalty_is_its_limit(penalty):
+    """As the penalty goes to 0, a positive seen score / penalty goes to +inf (the largest of them
+    fastest) and a negative seen score * penalty to 0: all mass on the largest positive seen score.
+    Below ~1e-38 the division overflowed to inf (1e-46 and less: the penalty is 0 in fp32) and the
+    softmax, or the temperature's shift, made NaN of inf - inf."""
+    logits = random_logits(0)
+    tokens = torch.randint(0, VOCAB, (4, 30), generator=torch.Generator().manual_seed(1))
+    out = apply_repetition_penalty(logits, tokens, penalty)
+    assert out.isfinite().all()
+    seen = logits.gather(1, tokens)
+    largest_seen = tokens.gather(1, seen.argmax(dim=1, keepdim=True)).squeeze(1)
+    assert (seen.amax(dim=1) > 0).all() and torch.equal(out.argmax(dim=-1), largest_seen)
+    assert torch.equal(torch.softmax(out, dim=-1).amax(dim=-1), torch.ones(4))
+    after = out.gather(1, tokens)
+    assert ((seen < 0) <= ((after <= 0) & (after >= seen))).all()  # negative ones: towards 0, never past it
+    unseen = torch.ones_like(logits, dtype=torch.bool).scatter(1, tokens, False)
+    assert torch.equal(out[unseen], logits[unseen])
+    if penalty == 1e-30:  # no overflow: transformers' numbers exactly
+        assert torch.equal(out, RepetitionPenaltyLogitsProcessor(penalty)(tokens, logits.clone()))
+    for config in (SamplingConfig(repetition_penalty=penalty), SamplingConfig(repetition_penalty=penalty, greedy=True),
+                   SamplingConfig(repetition_penalty=penalty, temperature=0.5, top_k=0, top_p=1.0)):
+        assert torch.equal(next_token(logits, tokens, config, torch.Generator().manual_seed(0)), largest_seen)
+
+
+def test_a_vanishing_repetition_penalty_stays_finite_without_positive_seen_scores():
+    logits = torch.tensor([[-1.0, -2.0, 0.0, 3.0], [-1.0, -2.0, -3.0, -0.5]])
+    tokens = torch.tensor([[0, 1, 2], [0, 1, 2]])
+    out = apply_repetition_penalty(logits, tokens, 1e-46)
+    assert out.isfinite().all() and (out[:, :3] <= 0).all() and (out[:, :3] > -1e-37).all()
+    assert out[:, 3].tolist() == [3.0, -0.5]
+    assert out[1].argmax() == 0  # the order of the penalised negatives holds: -1 * penalty is the largest
+    config = SamplingConfig(repetition_penalty=1e-46, top_k=0, top_p=1.0)
+    assert next_token(logits, tokens, config, torch.Generator().manual_seed(0))[0] == 3
+
+
+@pytest.mark.parametrize("penalty", [1e-39, 1e-46, 1e-320])
+def test_decoding_with_a_vanishing_repetition_penalty_is_decoding_at_its_limit(tiny, penalty):
+    """Sampled or greedy, the text is the one a penalty of 1e-30 (no overflow) gives."""
+    model, tokenizer = tiny
+    for greedy in (True, False):
+        limit, vanishing = (
+            generate_ids(model, [464, 2068], SamplingConfig(max_new_tokens=8, greedy=greedy, repetition_penalty=r),
+                         2, torch.Generator().manual_seed(0), eos_id=tokenizer.eos_id)
+            for r in (1e-30, penalty)
+        )
+        assert vanishing == limit and len(limit[0]) == 8
+
+
+def test_an_output_that_cannot_be_allocated_is_refused_when_generate_is_called(tiny):
+    """The token buffer is sized prompt + max_new_tokens for every sample up front: a size beyond
+    int64 was a TypeError with C++ frames, one beyond memory the allocator's RuntimeError, both
+    after the prompt was shown. (2**58 bytes is beyond any machine's address space.)"""
+    model, tokenizer = tiny
+    cases = [
+        (10**20, 1, "--max-new-tokens 100000000000000000000 x --num-samples 1: the output "
+                    "(100000000000000000002 token ids with the prompt, 800,000,000,000.0 GB) does not fit in memory"),
+        (2**55 - 2, 1, "--max-new-tokens 36028797018963966 x --num-samples 1: the output "
+                       "(36028797018963968 token ids with the prompt, 288,230,376.2 GB) does not fit in memory"),
+        (3, 2**53 - 1, f"--max-new-tokens 3 x --num-samples {2**53 - 1}: the output "
+                       f"({5 * (2**53 - 1)} token ids with the prompt, 360,287,970.2 GB) does not fit in memory"),
+    ]
+    for max_new_tokens, num_samples, message in cases:
+        config = SamplingConfig(max_new_tokens=max_new_tokens)
+        with pytest.raises(MinigptError) as refused:
+            generate(model, [464, 2068], config, num_samples, eos_id=tokenizer.eos_id)  # (not iterated)
+        assert str(refused.value) == message
+    # beyond the context window is fine: the window slides (and the buffer holds the prompt + 100 ids)
+    assert len(generate_ids(model, [464], SamplingConfig(max_new_tokens=100, greedy=True), eos_id=None)[0]) == 100
+
+
+def test_a_kv_cache_that_cannot_be_allocated_is_refused(tiny, monkeypatch):
+    model, tokenizer = tiny
+
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory")
+
+    monkeypatch.setattr("minigpt.sampling.KVCache", out_of_memory)
+    c = model.config
+    with pytest.raises(MinigptError) as refused:
+        generate(model, [464, 2068], SamplingConfig(max_new_tokens=3), 1000, eos_id=tokenizer.eos_id)
+    gigabytes = 2 * c.n_layer * 1000 * 5 * c.n_embd * 4 / 1e9
+    assert str(refused.value) == (f"--num-samples 1000: the KV cache (1000 x 5 positions x {c.n_layer} layers, "
+                                  f"{gigabytes:,.1f} GB) does not fit in memory")
+
+
+def test_the_cli_refuses_an_output_too_large_in_one_line(tiny_minigpt_dir):
+    result = call_cli("sample.py", "--model", str(tiny_minigpt_dir), "--max-new-tokens", "99999999999999999999", "hi")
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.splitlines() == [
+        "error: --max-new-tokens 99999999999999999999 x --num-samples 1: the output "
+        "(100000000000000000000 token ids with the prompt, 800,000,000,000.0 GB) does not fit in memory"
+    ]
