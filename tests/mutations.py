@@ -467,6 +467,26 @@ BREAKS = (
         ("tests/test_train_cli.py::test_bad_flags_exit_2",),
     ),
     Break(
+        "vanishing_temperature_is_nan", "a temperature too small for a float32 divides the logits by zero",
+        ((r"return scores / max\(temperature, torch\.finfo\(scores\.dtype\)\.tiny\)", "return scores / temperature"),),
+        ("tests/test_sampling.py::test_a_vanishing_temperature_is_its_limit_all_mass_on_the_maximum",
+         "tests/test_sampling.py::test_sampling_at_a_vanishing_temperature_decodes_greedy_tokens"),
+    ),
+    Break(
+        "vanishing_penalty_overflows", "a repetition penalty too small for a float32 overflows the seen logits",
+        ((r"        penalized = torch\.where\(smallest > penalty, limit, penalized\)", "        pass"),),
+        ("tests/test_sampling.py::test_a_vanishing_repetition_penalty_is_its_limit",
+         "tests/test_sampling.py::test_decoding_with_a_vanishing_repetition_penalty_is_decoding_at_its_limit"),
+    ),
+    Break(
+        "an_impossible_output_is_a_traceback", "an output buffer too large for memory ends in the allocator's traceback",
+        ((r"if isinstance\(e, torch\.OutOfMemoryError\) or \"allocate\" in str\(e\):", "if False:"),
+         (r"if nbytes > torch\.iinfo\(torch\.int64\)\.max:", "if False:")),
+        ("tests/test_sampling.py::test_an_output_that_cannot_be_allocated_is_refused_when_generate_is_called",
+         "tests/test_sampling.py::test_a_kv_cache_that_cannot_be_allocated_is_refused",
+         "tests/test_sampling.py::test_the_cli_refuses_an_output_too_large_in_one_line"),
+    ),
+    Break(
         "state_field_type_unchecked", "a training state's field of the wrong type is a traceback on resume",
         ((r"except \(TypeError, ValueError, AttributeError\) as e:", "except ZeroDivisionError as e:"),),
         ("tests/test_faults.py::test_a_damaged_training_state_is_one_line_on_resume",),
