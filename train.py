@@ -132,6 +132,7 @@ def train(args, device, dtype, dtype_name: str, ranks, resume_from: Path | None)
     from minigpt.card import render_card
     from minigpt.checkpoint import write_checkpoint_files
     from minigpt.data import BatchIterator, load_blocks
+    from minigpt.metrics import perplexity
     from minigpt.optim import AdamW, linear_schedule, param_groups
     from minigpt.trainer import Trainer
     from minigpt.training_speed import prepare_for_training
@@ -193,7 +194,7 @@ def train(args, device, dtype, dtype_name: str, ranks, resume_from: Path | None)
 
     result = trainer.fit()
     val = result.get("val_loss")
-    summary = f"done: step {result['step']}" + (f", validation loss {val:.4f} (perplexity {math.exp(val):.1f})" if val is not None else "")
+    summary = f"done: step {result['step']}" + (f", validation loss {val:.4f} (perplexity {perplexity(val):.1f})" if val is not None else "")
     say(f"{summary}\nsample from it: python sample.py --model {args.out}")
     return 0
 

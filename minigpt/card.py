@@ -66,6 +66,12 @@ def _yaml(value: Any) -> str:
     return json.dumps(value)
 
 
+def _yaml_number(x: float) -> str:
+    """A metric as YAML: rounded to 4 decimals; a diverged run's infinite perplexity as YAML's `.inf`
+    (`inf` would be read back as a string)."""
+    return ".inf" if x == float("inf") else str(round(x, 4))
+
+
 def _versions() -> list[str]:
     import torch
 
@@ -101,8 +107,8 @@ def render_card(facts: RunFacts, rows: list[dict[str, Any]], step: int) -> str:
             "  results:", "  - task:", "      type: text-generation", "      name: Causal Language Modeling",
             "    dataset:", f"      name: {_yaml(facts.datasets[0])}", f"      type: {_yaml(facts.datasets[0])}",
             "      split: validation", "    metrics:",
-            "    - type: loss", f"      value: {round(measured['val_loss'], 4)}", "      name: Validation loss",
-            "    - type: perplexity", f"      value: {round(perplexity(measured['val_loss']), 4)}",
+            "    - type: loss", f"      value: {_yaml_number(measured['val_loss'])}", "      name: Validation loss",
+            "    - type: perplexity", f"      value: {_yaml_number(perplexity(measured['val_loss']))}",
             "      name: Perplexity",
         ]
 

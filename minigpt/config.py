@@ -7,6 +7,7 @@ numbers, so one dataclass describes them all. The defaults are distilgpt2's.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -111,6 +112,11 @@ class GPTConfig:
         n_embd = hf.get("n_embd", 768)
         if hf.get("n_inner") not in (None, 4 * n_embd):
             raise MinigptError(f"config: n_inner={hf['n_inner']!r} is not 4 * n_embd")
+        dropouts = {name: hf.get(name, 0.1) for name in ("resid_pdrop", "embd_pdrop", "attn_pdrop")}
+        if len(set(dropouts.values())) > 1:  # (only training sees it: inference is exact either way)
+            warnings.warn(f"config: {', '.join(f'{k} {v}' for k, v in dropouts.items())} differ; minigpt has one "
+                          f"dropout and trains with resid_pdrop's for all three (train.py --dropout sets it)",
+                          stacklevel=2)
         return cls(
             vocab_size=hf.get("vocab_size", 50257),
             block_size=hf.get("n_positions", 1024),

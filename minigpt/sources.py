@@ -237,7 +237,7 @@ def render(src: Source, fmt: str) -> list[str | None]:
             texts.append(answers_text(answers))
         else:
             title = record.get("title")
-            if not isinstance(title, str):
+            if not isinstance(title, str) or not title.strip():  # (a blank question teaches nothing)
                 raise MinigptError(
                     f"{src.name}: {_which(record, i)} has no 'title' text (needed by --format qa)"
                 )

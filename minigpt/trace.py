@@ -34,6 +34,7 @@ from typing import TextIO
 import torch
 
 from .errors import MinigptError
+from .metrics import perplexity
 from .model import GPT
 from .sampling import candidate_scores, check_finite, draw, model_device, penalized_scores
 from .sampling_config import SamplingConfig
@@ -168,7 +169,7 @@ class Score:
 
     @property
     def perplexity(self) -> float:
-        return math.exp(self.loss)
+        return perplexity(self.loss)  # (inf where exp overflows: a model that diverged)
 
     def most_surprising(self, n: int = 5) -> list[dict]:
         """The `n` rows whose token the model found least likely, least likely first."""

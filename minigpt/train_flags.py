@@ -138,7 +138,7 @@ class TrainFlags:
         return {
             **run_flags(self), "--init": where(self.init), "--data": where(self.data),
             "--val-data": where(self.val_data), "--batch-size x processes": self.batch_size * world_size,
-            "steps (--epochs / --max-steps)": max_steps, "--dtype": dtype_name,
+            "steps (--epochs / --max-steps)": max_steps, "--dtype": dtype_name, "--tokenizer": where(self.tokenizer),
         }
 
     def tokenizer_source(self) -> str:

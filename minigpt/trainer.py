@@ -432,8 +432,9 @@ class Trainer:
     def _evaluate_and_log(self) -> None:
         self._read_numbers()  # (stops, before evaluating broken weights, if a step was not finite)
         val_loss = self.evaluate()
-        self.last_eval_step = self.step
-        self.last["val_loss"] = val_loss
+        if not math.isfinite(val_loss):  # (a step broke the weights after computing a finite loss)
+            self._stop_non_finite("the validation loss", val_loss, self.step)
+        self.last_eval_step, self.last["val_loss"] = self.step, val_loss
         self._log({"step": self.step, "epoch": self._epoch(), "val_loss": val_loss, "val_ppl": perplexity(val_loss)})
 
     def _epoch(self) -> float:

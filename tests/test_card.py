@@ -53,6 +53,14 @@ def test_card_of_an_evaluated_checkpoint():
     assert 'pipeline("text-generation"' in card.text and "python sample.py --model checkpoints/eli5" in card.text
 
 
+def test_a_diverged_runs_card_holds_yamls_infinity():
+    """A validation loss of 800 nats: perplexity overflows to inf, which the card must write as YAML's
+    `.inf` (a number when read back), not `inf` (a string)."""
+    card = load(render_card(FACTS, [*ROWS[:-1], {"step": 8, "epoch": 1.0, "val_loss": 800.0}], step=8))
+    assert {r.metric_type: r.metric_value for r in card.data.eval_results} == {"loss": 800.0, "perplexity": math.inf}
+    assert "- Perplexity: inf" in card.text
+
+
 def test_a_card_claims_no_loss_it_did_not_measure():
     # a checkpoint at step 6: its weights were not evaluated (the last evaluation was at step 3)
     card = load(render_card(FACTS, ROWS[:4], step=6))

@@ -1165,3 +1165,31 @@ def test_a_failed_run_leaves_no_folder_it_made(tmp_path, monkeypatch):
     (tmp_path / "mine" / "empty").mkdir(parents=True)
     assert_one_line_error(call_cli("train.py", *TINY_RUN, *no_data, "--out", "mine/empty/new/run"), "no such file")
     assert [p.relative_to(tmp_path).as_posix() for p in sorted(tmp_path.rglob("*"))] == ["mine", "mine/empty"]
+
+
+def test_a_diverged_run_ends_cleanly(tmp_path, monkeypatch):
+    """lr 10 for one step: the validation loss is finite but its exp overflows, so the summary, the
+    card and --score say perplexity inf (the run succeeds); lr 1e30: the second step's update makes the
+    weights non-finite while its own loss was finite, and the evaluation stops the run in one line,
+    saving nothing."""
+    monkeypatch.setenv("MINIGPT_CACHE", str(tmp_path / "cache"))
+    run = [a for a in TINY_RUN if a not in ("--save-every", "3")]
+    result = call_cli("train.py", *run, "--warmup-steps", "0", "--max-steps", "1", "--lr", "10",
+                      "--out", str(tmp_path / "big"))
+    assert result.returncode == 0, result.stderr
+    assert re.search(r"done: step 1, validation loss \d{3,}\.\d{4} \(perplexity inf\)", result.stdout), result.stdout
+    assert "      value: .inf" in (tmp_path / "big" / "README.md").read_text()
+    scored = call_cli("sample.py", "--model", str(tmp_path / "big"), "--score", "Why is the sky blue?")
+    assert scored.returncode == 0 and "| perplexity inf" in scored.stdout, scored.stderr
+    result = call_cli("train.py", *run, "--lr", "1e30", "--max-steps", "2", "--out", str(tmp_path / "nan"))
+    assert_one_line_error(result, "step 2: the validation loss is nan; stopping", "(none yet) is untouched")
+    assert not (tmp_path / "nan" / ".ckpt").exists()
+
+
+def test_a_blank_title_is_refused_by_the_qa_format(tmp_path, monkeypatch):
+    monkeypatch.setenv("MINIGPT_CACHE", str(tmp_path / "cache"))
+    data = tmp_path / "blank.jsonl"
+    data.write_text(json.dumps({"title": "  ", "answers": {"text": ["An answer."], "score": [1]}}) + "\n")
+    result = call_cli("train.py", *TINY_RUN, "--format", "qa", "--data", str(data), "--out", str(tmp_path / "o"))
+    assert_one_line_error(result, "blank.jsonl: record 1 has no 'title' text (needed by --format qa)")
+

@@ -113,6 +113,19 @@ def test_config_mapping_round_trip():
     assert GPTConfig.from_hf(cfg.to_hf(eos_token_id=50256)) == cfg
 
 
+def test_dropouts_that_differ_are_named_in_a_warning():
+    """minigpt has one dropout (resid_pdrop's): a config whose three differ loads (inference does not
+    use them), with a warning naming all three; equal ones load silently."""
+    import warnings
+
+    hf = {**GPTConfig().to_hf(eos_token_id=50256), "attn_pdrop": 0.0, "embd_pdrop": 0.0, "resid_pdrop": 0.3}
+    with pytest.warns(UserWarning, match=r"resid_pdrop 0\.3, embd_pdrop 0\.0, attn_pdrop 0\.0 differ"):
+        assert GPTConfig.from_hf(hf).dropout == 0.3
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert GPTConfig.from_hf({**hf, "resid_pdrop": 0.0}).dropout == 0.0
+
+
 @pytest.mark.parametrize(
     "field,value",
     [

@@ -355,3 +355,8 @@ def test_a_resume_with_other_settings_names_them_readably(tmp_path):
     assert again.returncode == 2 and again.stderr.splitlines() == [
         f"error: --resume: the run in {out} was made without --max-records, not with --max-records 30; "
         "resume with the same settings, or choose another --out"]
+    # a resume loads the checkpoint's tokenizer: another --tokenizer would be ignored, so it is refused
+    again = call_cli("train.py", *QUICK, "--max-steps", "1", "--out", str(out), "--resume", "--tokenizer", "gpt2")
+    assert again.returncode == 2 and again.stderr.splitlines() == [
+        f"error: --resume: the run in {out} was made without --tokenizer, not with --tokenizer gpt2; "
+        "resume with the same settings, or choose another --out"]
