@@ -112,12 +112,7 @@ class GPTConfig:
         n_embd = hf.get("n_embd", 768)
         if hf.get("n_inner") not in (None, 4 * n_embd):
             raise MinigptError(f"config: n_inner={hf['n_inner']!r} is not 4 * n_embd")
-        dropouts = {name: hf.get(name, 0.1) for name in ("resid_pdrop", "embd_pdrop", "attn_pdrop")}
-        if len(set(dropouts.values())) > 1:  # (only training sees it: inference is exact either way)
-            warnings.warn(f"config: {', '.join(f'{k} {v}' for k, v in dropouts.items())} differ; minigpt has one "
-                          f"dropout and trains with resid_pdrop's for all three (train.py --dropout sets it)",
-                          stacklevel=2)
-        return cls(
+        config = cls(
             vocab_size=hf.get("vocab_size", 50257),
             block_size=hf.get("n_positions", 1024),
             n_layer=hf.get("n_layer", 12),
@@ -126,6 +121,12 @@ class GPTConfig:
             dropout=hf.get("resid_pdrop", 0.1),
             layer_norm_eps=hf.get("layer_norm_epsilon", 1e-5),
         )
+        dropouts = {name: hf.get(name, 0.1) for name in ("resid_pdrop", "embd_pdrop", "attn_pdrop")}
+        if any(p != config.dropout for p in dropouts.values()):  # (only training sees it: inference is exact)
+            warnings.warn(f"config: {', '.join(f'{k} {v!r}' for k, v in dropouts.items())} differ; minigpt has one "
+                          f"dropout and trains with resid_pdrop's for all three (train.py --dropout sets it)",
+                          stacklevel=2)
+        return config
 
     def to_hf(self, eos_token_id: int) -> dict[str, Any]:
         """An HF `config.json` for GPT2LMHeadModel with these numbers; `eos_token_id` (also its
