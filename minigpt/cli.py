@@ -49,6 +49,8 @@ class Parser(argparse.ArgumentParser):
     full usage text would bury the one line that says what was wrong."""
 
     def error(self, message: str):
+        if os.environ.get("RANK", "0") != "0":  # (under torchrun every rank parses the same flags: one line)
+            self.exit(2)
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 

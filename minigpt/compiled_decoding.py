@@ -39,7 +39,6 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import shutil
 import sysconfig
 import time
 import warnings
@@ -55,7 +54,7 @@ from .inference import available_kernels
 from .layouts import FUSIBLE_KERNELS, FbgemmInt8Linear, OnThreads
 from .opaque import opaque_product, register_opaque_product
 from .model import GPT, KVCache
-from .runtime import compile_cache_per_instruction_set, wait_for
+from .runtime import compile_cache_per_instruction_set, program_runs, wait_for
 
 # Graphs of `DecodeStep.forward` a process may hold: one per model and batch size, all compiled from
 # the same code, where dynamo keeps 8 by default (with fullgraph=True the 9th is an error: a
@@ -259,9 +258,9 @@ class CompiledDecoding:
             raise MinigptError(f"compiled decoding: gemms must be one of {self.GEMMS}, not {gemms!r}")
         on_cpu = next(model.parameters()).device.type == "cpu"
         compiler = os.environ.get("CXX", "g++")
-        if on_cpu and shutil.which(compiler) is None:
-            raise MinigptError(f"compiled decoding on the CPU needs a C++ compiler ({compiler} not found): "
-                               "torch.compile writes and builds C++ there")
+        if on_cpu and not program_runs(compiler):
+            raise MinigptError(f"compiled decoding on the CPU needs a C++ compiler ({compiler} not found, or it "
+                               "fails to run): torch.compile writes and builds C++ there")
         headers = Path(sysconfig.get_path("include"), "Python.h")
         if on_cpu and not headers.exists():  # (inductor builds its kernels as Python extension modules)
             raise MinigptError(f"compiled decoding on the CPU needs Python's C headers ({headers} not found; "

@@ -102,7 +102,8 @@ class TokenBlocks:
     def load(cls, folder: Path) -> TokenBlocks:
         blocks = np.load(folder / BLOCKS_FILE, mmap_mode="r", allow_pickle=False)
         manifest = read_json(folder / MANIFEST_FILE)
-        if blocks.dtype != np.uint16 or blocks.ndim != 2 or len(blocks) != manifest.get("blocks"):
+        if (blocks.dtype != np.uint16 or blocks.ndim != 2 or len(blocks) != manifest.get("blocks")
+                or blocks.shape[1] != manifest.get("block_size")):
             raise MinigptError(f"{folder}: cache entry does not match its manifest")
         return cls(blocks, manifest)
 
@@ -206,7 +207,7 @@ def _cached(root: Path, role: str, key: dict, vocab_size: int) -> TokenBlocks | 
         return None
     try:
         blocks = TokenBlocks.load(folder)
-    except (OSError, ValueError, MinigptError):  # damaged by hand: rebuild it
+    except (OSError, ValueError, EOFError, MinigptError):  # damaged (an empty file: EOFError): rebuild it
         return None
     if blocks.num_tokens and int(blocks.blocks.max()) >= vocab_size:
         return None

@@ -85,14 +85,35 @@ def clear_interrupted_saves(out: Path) -> None:
     """
     out = Path(out)
     for stale in sorted(out.parent.glob(f".{glob.escape(out.name)}.old-*")):
+        if _writer_lives(stale):
+            continue
         if not out.exists() and (stale / out.name).is_dir():
             os.replace(stale / out.name, out)
         shutil.rmtree(stale, ignore_errors=True)
     for stale in out.parent.glob(f".{glob.escape(out.name)}.tmp-*"):
+        if _writer_lives(stale):
+            continue
         if stale.is_dir() and not stale.is_symlink():
             shutil.rmtree(stale, ignore_errors=True)
         else:
             stale.unlink(missing_ok=True)
+
+
+def _writer_lives(temporary: Path) -> bool:
+    """Whether the process that made `temporary` (`.NAME.tmp-PID-...` or `.NAME.old-PID-...`) still
+    runs: then it is a concurrent writer's work in progress (two runs building one data cache entry),
+    not a killed save's leftover. Our own PID is an earlier process's that had it (after a restart)."""
+    parts = temporary.name.rpartition(".")[2].split("-")  # "tmp-PID-xxxx"; no PID: an older minigpt's
+    if len(parts) != 3 or not parts[1].isdigit() or int(parts[1]) == os.getpid():
+        return False
+    pid = parts[1]
+    try:
+        os.kill(int(pid), 0)  # (signal 0: sends nothing, only asks whether the process exists)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
 
 
 def is_temporary_copy(name: str, of: str) -> bool:
@@ -102,10 +123,10 @@ def is_temporary_copy(name: str, of: str) -> bool:
 
 
 def _temporary_path(path: Path) -> Path:
-    """A fresh name beside `path` for a temporary file, folder or link. Random, so that concurrent
-    writers never collide; the writer creates it itself (so it gets the usual permissions, where
+    """A fresh name beside `path` for a temporary file, folder or link: the writer's PID (see
+    `_writer_lives`), then random, so that concurrent writers never collide; the writer creates it itself (so it gets the usual permissions, where
     `tempfile.mkstemp` and `mkdtemp` would make it its owner's only)."""
-    return path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:12]}")
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:12]}")
 
 
 def folder_destination(out: str | os.PathLike) -> Path:
@@ -195,7 +216,7 @@ def _rename_into_place(tmp: Path, out: Path) -> None:
     if not out.exists():
         os.replace(tmp, out)
         return
-    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-{os.getpid()}-", dir=out.parent))
     try:
         os.replace(out, old / out.name)
     except OSError:

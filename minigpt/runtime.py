@@ -6,6 +6,7 @@ import functools
 import hashlib
 import os
 import re
+import subprocess
 import time
 from pathlib import Path
 from typing import Callable, TypeVar
@@ -127,6 +128,15 @@ def compile_cache_per_instruction_set() -> Path:
     folder = base / f"isa-{name}-{hashlib.sha256(key.encode()).hexdigest()[:8]}"
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(folder)
     return folder
+
+
+def program_runs(program: str) -> bool:
+    """Whether `program --version` runs and succeeds: a C++ compiler that is found may still compile
+    nothing (CXX=false), and torch.compile would fail deep inside inductor."""
+    try:
+        return subprocess.run([program, "--version"], capture_output=True, timeout=60).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):  # (not found, not executable, hung)
+        return False
 
 
 def setup_device(device: str = "auto", dtype: str = "auto") -> tuple[torch.device, torch.dtype]:

@@ -169,7 +169,10 @@ def test_a_model_in_training_mode_or_a_cpu_without_a_compiler_or_python_headers_
     with pytest.raises(MinigptError, match="eval mode"):
         CompiledDecoding(GPT(CONFIG))
     monkeypatch.setenv("CXX", "no-such-compiler")
-    with pytest.raises(MinigptError, match=r"needs a C\+\+ compiler \(no-such-compiler not found\)"):
+    with pytest.raises(MinigptError, match=r"needs a C\+\+ compiler \(no-such-compiler not found, or it fails"):
+        CompiledDecoding(small_model())
+    monkeypatch.setenv("CXX", "false")  # (found, but exits 1: it would fail deep inside inductor)
+    with pytest.raises(MinigptError, match=r"needs a C\+\+ compiler \(false not found, or it fails to run\)"):
         CompiledDecoding(small_model())
     monkeypatch.setenv("CXX", sys.executable)  # (a program that exists passes the compiler check)
     monkeypatch.setattr(compiled_decoding.sysconfig, "get_path", lambda name: "/no/such/include")

@@ -250,6 +250,15 @@ def test_a_damaged_entry_is_rebuilt(tmp_path, gpt2_tokenizer):
     np.save(folder / "blocks.npy", tampered)
     again, _ = load(tmp_path, gpt2_tokenizer, source=str(DATA / "eli5_small.json"))
     np.testing.assert_array_equal(again.blocks, expected)
+    # an empty file (np.load: EOFError), and the same tokens cut into blocks of another width with
+    # the manifest's count of blocks (a run would train on blocks of the wrong size)
+    (folder / "blocks.npy").write_bytes(b"")
+    again, _ = load(tmp_path, gpt2_tokenizer, source=str(DATA / "eli5_small.json"))
+    np.testing.assert_array_equal(again.blocks, expected)
+    n, width = expected.shape
+    np.save(folder / "blocks.npy", np.resize(expected, (n, width // 2)))
+    again, _ = load(tmp_path, gpt2_tokenizer, source=str(DATA / "eli5_small.json"))
+    np.testing.assert_array_equal(again.blocks, expected)
 
 
 # --- bad input ------------------------------------------------------------------------------------

@@ -111,6 +111,38 @@ def test_leftover_temporary_files_are_cleared(tmp_path):
     assert names(tmp_path) == [".other.tmp-keep"]
 
 
+def test_a_live_writers_temporary_folder_is_left_alone(tmp_path):
+    """Two runs building one data cache entry at once: the second's clearing must not delete the
+    first's folder in progress (its PID is in the name and that process lives), and a save of the
+    same entry meanwhile completes beside it; a dead process's leftovers, ours included (a PID
+    reused after a restart), are cleared, and so is an older minigpt's (no PID in the name)."""
+    import subprocess
+    import sys
+
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    try:
+        out = tmp_path / "train-abc"
+        busy = tmp_path / f".train-abc.tmp-{live.pid}-0123456789ab"
+        busy.mkdir()
+        (busy / "blocks.npy").write_bytes(b"being written")
+        aside = tmp_path / f".train-abc.old-{live.pid}-x1"  # between its two renames
+        (aside / "train-abc").mkdir(parents=True)
+        for leftover in (f".train-abc.tmp-{dead.pid}-0123456789ab", f".train-abc.tmp-{os.getpid()}-0123456789ab",
+                         ".train-abc.tmp-0123456789ab"):
+            (tmp_path / leftover).mkdir()
+        with atomic_folder(out) as tmp:
+            (tmp / "blocks.npy").write_bytes(b"ours")
+        assert names(tmp_path) == sorted([aside.name, busy.name, "train-abc"])
+        assert (busy / "blocks.npy").read_bytes() == b"being written" and (out / "blocks.npy").read_bytes() == b"ours"
+    finally:
+        live.kill()
+        live.wait()
+    clear_interrupted_saves(out)  # (its writer gone: now a leftover)
+    assert names(tmp_path) == ["train-abc"]
+
+
 @pytest.fixture
 def umask_027():
     """A umask other than the usual 022, so that a fixed chmod cannot pass for "what mkdir gives"."""

@@ -194,6 +194,16 @@ def test_bad_numbers_are_usage_errors(flag, value, capsys):
     assert flag in capsys.readouterr().err
 
 
+def test_under_torchrun_only_rank_0_prints_a_usage_error(capsys, monkeypatch):
+    """Every rank parses the same flags: the job's usage error is one line, rank 0's; all exit 2."""
+    for rank, printed in (("1", ""), ("0", "error: argument --top-p")):
+        monkeypatch.setenv("RANK", rank)
+        with pytest.raises(SystemExit) as e:
+            sample.main(["--top-p", "0", "hi"])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and printed in err and (err == "") == (rank == "1"), (rank, err)
+
+
 def test_library_errors_name_the_fault(tiny_minigpt_dir, tmp_path):
     bad = tmp_path / "latin1.txt"
     bad.write_bytes("caf\xe9\n".encode("latin-1"))
