@@ -502,6 +502,27 @@ BREAKS = (
         ("tests/test_card.py::test_a_diverged_runs_card_holds_yamls_infinity",),
     ),
     Break(
+        "concurrent_builds_clear_each_other", "a build clears a live writer's temporary folder of the same entry",
+        ((r"        if _writer_lives\(stale\):\n            continue\n        if stale\.is_dir\(\)", "        if stale.is_dir()"),),
+        ("tests/test_files.py::test_a_live_writers_temporary_folder_is_left_alone",),
+    ),
+    Break(
+        "cache_width_unchecked", "cached blocks of another width are used, not rebuilt",
+        ((r"\n                or blocks\.shape\[1\] != manifest\.get\(\"block_size\"\)\)", ")"),),
+        ("tests/test_data.py::test_a_damaged_entry_is_rebuilt",),
+    ),
+    Break(
+        "a_failing_compiler_passes", "a C++ compiler that is found but does not run passes compiled decoding's check",
+        ((r"return subprocess\.run\(\[program, \"--version\"\], capture_output=True, timeout=60\)\.returncode == 0",
+          "return shutil.which(program) is not None"), (r"import subprocess\n", "import shutil\nimport subprocess\n")),
+        ("tests/test_compiled_decoding.py::test_a_model_in_training_mode_or_a_cpu_without_a_compiler_or_python_headers_is_refused",),
+    ),
+    Break(
+        "every_rank_prints_usage", "under torchrun every rank prints the same usage error",
+        ((r'if os\.environ\.get\("RANK", "0"\) != "0":  # \(under torchrun every rank parses', 'if False:  # ('),),
+        ("tests/test_sample_cli.py::test_under_torchrun_only_rank_0_prints_a_usage_error",),
+    ),
+    Break(
         "state_field_type_unchecked", "a training state's field of the wrong type is a traceback on resume",
         ((r"except \(TypeError, ValueError, AttributeError\) as e:", "except ZeroDivisionError as e:"),),
         ("tests/test_faults.py::test_a_damaged_training_state_is_one_line_on_resume",),
