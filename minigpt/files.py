@@ -106,13 +106,12 @@ def _writer_lives(temporary: Path) -> bool:
     parts = temporary.name.rpartition(".")[2].split("-")  # "tmp-PID-xxxx"; no PID: an older minigpt's
     if len(parts) != 3 or not parts[1].isdigit() or int(parts[1]) == os.getpid():
         return False
-    pid = parts[1]
     try:
-        os.kill(int(pid), 0)  # (signal 0: sends nothing, only asks whether the process exists)
+        os.kill(int(parts[1]), 0)  # (signal 0: sends nothing, only asks whether the process exists)
     except ProcessLookupError:
         return False
-    except PermissionError:  # another user's live process
-        return True
+    except PermissionError:  # (another user's process: it lives)
+        pass
     return True
 
 
@@ -124,8 +123,9 @@ def is_temporary_copy(name: str, of: str) -> bool:
 
 def _temporary_path(path: Path) -> Path:
     """A fresh name beside `path` for a temporary file, folder or link: the writer's PID (see
-    `_writer_lives`), then random, so that concurrent writers never collide; the writer creates it itself (so it gets the usual permissions, where
-    `tempfile.mkstemp` and `mkdtemp` would make it its owner's only)."""
+    `_writer_lives`), then random, so that concurrent writers never collide. The writer creates it
+    itself (so it gets the usual permissions, where `tempfile.mkstemp` and `mkdtemp` would make it
+    its owner's only)."""
     return path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:12]}")
 
 
