@@ -129,6 +129,12 @@ def _temporary_path(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:12]}")
 
 
+def renamed_path(out: Path) -> Path:
+    """Where a rename onto `out` lands, as a real path: its folder's links resolved, but not `out`
+    itself (a symlink there is replaced, not what it names)."""
+    return Path(os.path.realpath(out.parent)) / out.name
+
+
 def folder_destination(out: str | os.PathLike) -> Path:
     """`out` as `atomic_folder` writes it, after refusing (one-line MinigptError) a path it cannot use.
 
@@ -148,7 +154,7 @@ def folder_destination(out: str | os.PathLike) -> Path:
         if not ancestor.is_dir():
             raise MinigptError(f"{given}: {ancestor} is not a folder")
     if out.is_dir():  # it would be moved aside: not where we stand
-        moved = Path(os.path.realpath(out.parent)) / out.name  # a link itself, not what it names
+        moved = renamed_path(out)
         here = Path.cwd()
         if moved == here or moved in here.parents:
             raise MinigptError(
@@ -165,8 +171,7 @@ def check_source_outside(out: Path, source: str | os.PathLike, flag: str) -> Non
     Hub id) is not checked."""
     if not os.path.exists(source):
         return
-    read = Path(os.path.realpath(source))
-    replaced = Path(os.path.realpath(out.parent)) / out.name
+    read, replaced = Path(os.path.realpath(source)), renamed_path(out)
     if replaced == read or replaced in read.parents:
         raise MinigptError(f"--out {out}: is the folder of {flag} ({source}) or holds it, and replacing it would "
                            "delete what is converted; choose another --out")

@@ -39,7 +39,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from .files import atomic_folder, atomic_symlink, is_temporary_copy, read_json, save_tensors
+from .files import atomic_folder, atomic_symlink, is_temporary_copy, read_json, renamed_path, save_tensors
 from .errors import MinigptError, reason
 
 CKPT_DIR = ".ckpt"
@@ -105,7 +105,7 @@ def check_outside_runs(out: str | os.PathLike) -> None:
     """Refuse (one-line MinigptError) an output folder inside the folder of a training run: a run's
     folder holds only the run's own files, and one more (an export in `run/exp`) makes every later
     `--resume` of that run refuse it. A run's folder is one with a `.ckpt/` folder in it."""
-    parent = Path(os.path.realpath(Path(out).absolute().parent))
+    parent = renamed_path(Path(out).absolute()).parent
     for folder in (parent, *parent.parents):
         if (folder / CKPT_DIR).is_dir():
             raise MinigptError(f"--out {out}: is inside the training run in {folder}, whose folder holds only the "

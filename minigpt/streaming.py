@@ -188,12 +188,11 @@ def trace_output(path: str | None) -> Iterator[TextIO | None]:
             yield f
         return
     interrupted: KeyboardInterrupt | None = None
-    with atomic_file(path) as temporary:
-        with _open_trace(temporary, "x", path) as f:
-            try:
-                yield f
-            except KeyboardInterrupt as e:  # the file keeps what was written; the interrupt goes on
-                interrupted = e
+    with atomic_file(path) as temporary, _open_trace(temporary, "x", path) as f:
+        try:
+            yield f
+        except KeyboardInterrupt as e:  # the file keeps what was written; the interrupt goes on
+            interrupted = e
     if interrupted is not None:
         raise interrupted
 
