@@ -11,7 +11,7 @@ import argparse
 from pathlib import Path
 from typing import Sequence
 
-from minigpt.cli import Parser, run
+from minigpt.cli import Parser, path_text, run
 from minigpt.errors import MinigptError
 from minigpt.files import check_source_outside, folder_destination
 
@@ -27,13 +27,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--to-hf", metavar="CHECKPOINT",
         help="export this minigpt checkpoint folder as a transformers GPT2LMHeadModel folder instead",
     )
-    p.add_argument("--out", required=True, help="output folder (written only if everything succeeds)")
+    p.add_argument("--out", required=True, type=path_text, help="output folder (written only if everything succeeds)")
     p.add_argument("--force", action="store_true", help="replace --out if it already holds files")
     args = p.parse_args(argv)
     if (args.source is None) == (args.to_hf is None):
         p.error("give either SOURCE (HF -> minigpt) or --to-hf CHECKPOINT (minigpt -> HF)")
-    if not args.out:  # (Path("") is the current folder: never what was meant)
-        p.error("--out: empty path")
     return args
 
 

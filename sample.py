@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from minigpt.cli import Parser, add_flags, from_flags, positive_int, run, seed
+from minigpt.cli import Parser, add_flags, from_flags, path_text, positive_int, run, seed
 from minigpt.errors import MinigptError
 from minigpt.sampling_config import SamplingConfig
 
@@ -36,7 +36,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("prompts", nargs="*", metavar="PROMPT",
                    help='text to continue; several prompts are answered one after another; "-" '
                    'reads one prompt per line from stdin; "" starts from <|endoftext|>')
-    p.add_argument("--file", metavar="PATH", help='read one prompt per line from a UTF-8 file ("-": stdin)')
+    p.add_argument("--file", metavar="PATH", type=path_text, help='read one prompt per line from a UTF-8 file ("-": stdin)')
     p.add_argument("--model", help=f"a minigpt checkpoint folder, a Hugging Face GPT-2 folder or "
                    f"a Hub id (default: {DEFAULT_CHECKPOINT}/ if train.py has written it, else {DEFAULT_HUB_MODEL})")
     g = p.add_argument_group("sampling")
@@ -49,7 +49,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     g.add_argument("--show-probs", action="store_true",
                    help="colour each new token by the probability the model gave it (legend on "
                    "stderr); only when stdout is a terminal, so piped text stays plain")
-    g.add_argument("--trace", metavar="FILE",
+    g.add_argument("--trace", metavar="FILE", type=path_text,
                    help='a JSON line per new token and sample ("-": stderr): its id, text and '
                    "probability, the likeliest alternatives, whether temperature/top-k/top-p kept "
                    "each, the candidate set's size and mass. Probabilities: the softmax of the "
@@ -59,7 +59,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     g.add_argument("--score", metavar="TEXT",
                    help="generate nothing: each token of TEXT with its probability after the ones "
                    "before it, the most surprising tokens, mean loss, perplexity (--trace: rows)")
-    g.add_argument("--score-file", metavar="PATH", help='--score the text of a UTF-8 file ("-": stdin)')
+    g.add_argument("--score-file", metavar="PATH", type=path_text, help='--score the text of a UTF-8 file ("-": stdin)')
     g = p.add_argument_group("speed")
     g.add_argument("--device", default="auto",
                    help="auto (CUDA, then Apple MPS, then CPU), cpu, cuda or mps (default: auto)")
@@ -127,8 +127,6 @@ def read_text(path: str, what: str = "prompt file") -> str:
     """A UTF-8 text file's text, or stdin's for "-", less a leading byte-order mark (as for data files)."""
     from minigpt.sources import TEXT_ENCODING
 
-    if not path:
-        raise MinigptError(f"{what}: empty path")
     try:
         if path == "-":
             return sys.stdin.buffer.read().decode(TEXT_ENCODING)

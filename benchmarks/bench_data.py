@@ -18,7 +18,6 @@ The blocks before the recipe's first drop are compared token for token. The mach
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import statistics

@@ -267,7 +267,6 @@ MATMUL_OPS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::mv
 def profile_steps(side, batch, device, steps: int = 3) -> str:
     """Where one side's step time goes, from torch.profiler over `steps` steps: the operators' own
     (self) time, matmuls against the rest, and the top operators; a few lines for the report."""
-    import torch
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])

@@ -22,7 +22,7 @@ from safetensors import SafetensorError, safe_open
 from torch.overrides import TorchFunctionMode
 
 from .config import GPTConfig
-from .errors import MinigptError, reason
+from .errors import MinigptError
 from .files import atomic_folder, read_json, save_tensors
 from .model import GPT
 from .tokenizer import TOKENIZER_FILE, Tokenizer

@@ -76,6 +76,14 @@ fraction = _number(float, lambda v: 0 <= v < 1, "a number in [0, 1)")
 seed = _number(int, lambda v: 0 <= v < 2**63, "a seed in [0, 2**63)")  # torch's generator range
 
 
+def path_text(text: str) -> str:
+    """A path flag's value; an empty one is refused: Path("") is ".", the current folder, which a
+    flag left empty by a shell variable (`--out "$DIR"`) never means."""
+    if not text:
+        raise argparse.ArgumentTypeError("empty path")
+    return text
+
+
 # --- flags defined once --------------------------------------------------------------------------
 
 

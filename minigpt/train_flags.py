@@ -7,13 +7,12 @@ AdamW (lr 2e-5, weight decay 0.01), linear decay, gradient clipping at 1.0, 3 ep
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 from pathlib import Path
 from typing import Any, Sequence
 
 from .cli import flag, fraction, non_negative_float, non_negative_int, parser_from, positive_float, positive_int
-from .cli import from_flags, run_flags
+from .cli import from_flags, path_text, run_flags
 
 RECIPE_MODEL = "distilbert/distilgpt2"
 DEFAULT_OUT = "checkpoints/eli5"  # where sample.py looks first
@@ -26,13 +25,6 @@ TINY_PRESET = dict(
 TINY_VOCAB = 2048
 SHAPE_FLAGS = ("n_layer", "n_head", "n_embd")  # a new model's shape (--init scratch)
 SCRATCH_FLAGS = (*SHAPE_FLAGS, "tokenizer")  # a new model's only: refused with a loaded one
-
-
-def path_text(text: str) -> str:
-    """A path flag's value; an empty one is refused: Path("") is ".", the current folder."""
-    if not text:
-        raise argparse.ArgumentTypeError("empty path")
-    return text
 
 
 _INT, _X = dict(metavar="N", type=positive_int), dict(metavar="X")

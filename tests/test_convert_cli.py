@@ -148,7 +148,7 @@ def test_usage_errors_exit_2(tmp_path):
     assert r.returncode == 2 and "either SOURCE" in r.stderr
     for args, needle in ((["", "--out", str(tmp_path / "o")], "error: model: empty model path"),
                          (["--to-hf", "", "--out", str(tmp_path / "o")], "error: model: empty model path"),
-                         (["x", "--out", ""], "error: --out: empty path")):
+                         (["x", "--out", ""], "error: argument --out: empty path")):
         r = call_cli("convert_hf_weights.py", *args)
         assert r.returncode == 2 and needle in r.stderr and not (tmp_path / "o").exists(), r.stderr
     r = call_cli("convert_hf_weights.py", "--help")

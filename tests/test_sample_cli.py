@@ -101,9 +101,10 @@ def test_a_byte_order_mark_is_not_part_of_the_text(tiny_minigpt_dir, tmp_path, c
         outputs.append(capsys.readouterr().out)
     assert outputs[0].startswith("first prompt") and outputs[1] == outputs[2] == outputs[0]
     assert '"first"' in outputs[3] and outputs[5] == outputs[4] == outputs[3]
-    for flag, what in (("--file", "prompt file"), ("--score-file", "text file")):
-        with pytest.raises(MinigptError, match=f"^{what}: empty path$"):
-            sample.main(["--model", str(tiny_minigpt_dir), flag, ""])
+    for flag in ("--file", "--score-file", "--trace"):
+        with pytest.raises(SystemExit) as stop:
+            sample.main(["--model", str(tiny_minigpt_dir), flag, "", *(["x"] if flag == "--trace" else [])])
+        assert stop.value.code == 2 and f"error: argument {flag}: empty path" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(shutil.which(os.environ.get("CXX", "g++")) is None, reason="--compile needs a C++ compiler")
