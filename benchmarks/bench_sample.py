@@ -307,7 +307,7 @@ def eval_losses(checkpoint: str, data: str) -> dict:
     from minigpt.loading import load_model
     from minigpt.inference import available_kernels, prepare_for_inference
 
-    losses = {}
+    losses, blocks = {}, None
     variants = [("fp32", torch.float32, None, None), ("bf16", torch.bfloat16, None, None)]
     variants += [(f"int8 ({k})", torch.float32, "int8", k) for k in available_kernels("int8")]
     for label, dtype, quantize, kernel in variants:
@@ -317,10 +317,10 @@ def eval_losses(checkpoint: str, data: str) -> dict:
         except MinigptError as e:  # (int8mm takes only input widths that are multiples of 16)
             print(f"{label}: {e}", file=sys.stderr)
             continue
-        block = min(128, model.config.block_size)
-        train, val = load_blocks(DataConfig(source=data, block_size=block), tokenizer, progress=False)
-        blocks = torch.from_numpy(val.blocks[:].astype("int64")) if len(val) else torch.from_numpy(
-            train.blocks[:].astype("int64"))
+        if blocks is None:  # (tokenized once: every variant reads the same blocks)
+            block = min(128, model.config.block_size)
+            train, val = load_blocks(DataConfig(source=data, block_size=block), tokenizer, progress=False)
+            blocks = torch.from_numpy((val if len(val) else train).blocks[:].astype("int64"))
         total = 0.0
         with torch.inference_mode():
             for chunk in blocks.split(8):
