@@ -382,6 +382,21 @@ def test_int8mm_is_kept_off_widths_it_computes_wrongly():
         prepare_for_inference(copy.deepcopy(model), "int8", kernel="int8mm")
 
 
+def test_int8_takes_a_width_that_is_no_multiple_of_8():
+    """A model 100 wide: the race passes over int8mm for its 100-wide inputs (mlp.c_proj's 400 may take it) and
+    the other int8 kernels take them, each close to fp32."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=1, n_head=4, n_embd=100, block_size=16, vocab_size=256, dropout=0.0)).eval()
+    idx = torch.randint(0, 256, (2, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = model(idx)[0]
+        for kernel in [None, *(set(available_kernels("int8")) - {"int8mm"})]:
+            fast = prepare_for_inference(copy.deepcopy(model), "int8", kernel=kernel)
+            chosen = kernels_named(kernel_summary(fast))
+            assert all(chosen[role] != "int8mm" for role in ("lm_head", "attn.c_attn", "attn.c_proj", "mlp.c_fc"))
+            assert (fast(idx)[0] - expected).abs().max() <= 0.05 * expected.abs().max(), kernel
+
+
 
 def test_fp16_is_refused_for_weights_beyond_its_range(small_model, monkeypatch):
     """A bf16 weight beyond 65504 has no fp16 twin: that group takes another bf16 kernel, even where

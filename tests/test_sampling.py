@@ -335,9 +335,13 @@ def test_int8_quantization_is_per_output_channel():
     torch.testing.assert_close(layer(x), x @ dequantized.t(), rtol=0.02, atol=0.02 * (x @ w.t()).abs().max().item())
 
 
-def test_int8_refuses_widths_the_kernel_cannot_take():
-    with pytest.raises(MinigptError, match="multiple of 8"):
-        Int8Linear(torch.randn(8, 12), None)
+def test_int8_refuses_widths_the_kernel_cannot_take_and_upcast_takes_any():
+    """int8mm needs input widths that are multiples of 16; `upcast` is fp32 products of q * s: any width."""
+    w, x = torch.randn(8, 12), torch.randn(3, 12)
+    with pytest.raises(MinigptError, match="multiple of 16"):
+        Int8Linear(w, None)
+    layer = Int8Linear(w, None, kernel="upcast")
+    torch.testing.assert_close(layer(x), x @ (layer.qweight.float() * layer.scale.float().unsqueeze(1)).t())
 
 
 @pytest.mark.parametrize("dtype, quantize", [(torch.bfloat16, None), (torch.float32, "int8"), (torch.bfloat16, "int8")])
