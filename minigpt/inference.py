@@ -56,7 +56,6 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
 import torch
@@ -67,7 +66,7 @@ from .layouts import (FUSIBLE_KERNELS, DenseLinear, FbgemmInt8Linear, Fp16Linear
                       OneDnnLinear, OnThreads, RowSplitLinear, SplitLinear, TransposedLinear,
                       fp16_refuses)
 from .model import GPT
-from .runtime import allocate, wait_for
+from .runtime import allocate, cpu_cache_bytes, wait_for
 
 QUANTIZATIONS = ("int8",)
 WEIGHT_BYTES = {"fp32": 4, "bf16": 2, "int8": 1}  # bytes a weight takes in each precision
@@ -103,6 +102,7 @@ class Layout:
     kernels: tuple[str, ...]
     build: Callable[[torch.Tensor, torch.Tensor | None, int, bool, str], nn.Module]
     available: Callable[[torch.device], bool] = lambda device: True
+    needs: str = ""  # what `available` looks for, for the refusal of a kernel asked for where it is missing
     extra_memory: bool = False  # holds a second copy of W: must win by EXTRA_MEMORY_MARGIN
     refuses: Callable[[str, torch.Tensor], str | None] = lambda kernel, weight: None  # why not this W, or None
 
@@ -154,21 +154,23 @@ LAYOUTS: dict[str, tuple[Layout, ...]] = {  # the candidates per precision ("int
         Layout(("linear",), lambda w, b, rows, tied, k: DenseLinear(w, b, torch.float32, k)),
         Layout(("bmm-split",), lambda w, b, rows, tied, k: SplitLinear(w, b, _thread_parts(), k)),
         Layout(("bmm-rows",), lambda w, b, rows, tied, k: RowSplitLinear(w, b, _thread_parts(), kernel=k)),
-        Layout(("mkl",), lambda w, b, rows, tied, k: MklLinear(w, b, rows, k), _mkl_ok, extra_memory=True),
+        Layout(("mkl",), lambda w, b, rows, tied, k: MklLinear(w, b, rows, k), _mkl_ok, "MKL", extra_memory=True),
     ),
     "bf16": (
         Layout(("mv-upcast", "linear"), lambda w, b, rows, tied, k: DenseLinear(w, b, torch.bfloat16, k)),
         Layout(("bmm-rows",), lambda w, b, rows, tied, k: RowSplitLinear(w, b, _thread_parts(), torch.bfloat16, k)),
-        Layout(("onednn",), lambda w, b, rows, tied, k: OneDnnLinear(w, b, rows, tied, k), _onednn_ok),
+        Layout(("onednn",), lambda w, b, rows, tied, k: OneDnnLinear(w, b, rows, tied, k), _onednn_ok,
+               "a CPU with native bf16 (AVX-512 BF16 or AMX)"),
         Layout(("fbgemm-fp16",), lambda w, b, rows, tied, k: Fp16Linear(w, b, tied, k),
-               _fbgemm_ok("linear_dynamic_fp16"),
+               _fbgemm_ok("linear_dynamic_fp16"), "FBGEMM, torch's quantized engine on x86 CPUs",
                refuses=lambda kernel, weight: fp16_refuses(weight)),
     ),
     "int8": (
         Layout(("int8mm", "upcast"), lambda w, b, rows, tied, k: Int8Linear(w, b, k),
                refuses=_int8mm_refuses),
         Layout(("fbgemm",), lambda w, b, rows, tied, k: FbgemmInt8Linear(w, b, tied, k),
-               _fbgemm_ok("linear_with_input_q_dq_qweight_dq_output_fp32")),
+               _fbgemm_ok("linear_with_input_q_dq_qweight_dq_output_fp32"),
+               "FBGEMM, torch's quantized engine on x86 CPUs"),
     ),
 }
 TIME_LAYERS = 2  # layers of a group the candidates are timed on (the rest is built with the winner)
@@ -192,15 +194,16 @@ def available_kernels(precision: str, device: torch.device | str = "cpu") -> lis
     return [k for layout in LAYOUTS[precision] if layout.available(device) for k in layout.kernels]
 
 
-def _cache_bytes(sysfs: Path = Path("/sys/devices/system/cpu/cpu0/cache")) -> int:
-    """The CPU's largest cache, in bytes (from Linux's sysfs), or 32 MiB where it cannot be read."""
-    units = {"K": 2**10, "M": 2**20, "G": 2**30}
-    sizes = []
-    for entry in sysfs.glob("index*/size"):
-        text = entry.read_text().strip()
-        if text[:-1].isdigit() and text[-1] in units:
-            sizes.append(int(text[:-1]) * units[text[-1]])
-    return max(sizes, default=32 * 2**20)
+def _kernel_refusal(kernel: str, precision: str, device: torch.device) -> str:
+    """Why `kernel` cannot run `precision` here: missing on this machine, another precision's, or unknown."""
+    here = f"the {precision} kernels here: {', '.join(available_kernels(precision, device))}"
+    missing = [lay.needs for lay in LAYOUTS[precision] if kernel in lay.kernels]
+    if missing:  # (a layout that can be missing says what it needs)
+        return f"kernel {kernel!r} needs {missing[0]}, which is not here ({here})"
+    other = [p for p, layouts in LAYOUTS.items() if any(kernel in lay.kernels for lay in layouts)]
+    if other:
+        return f"kernel {kernel!r} is for {'/'.join(other)}, not {precision} ({here})"
+    return f"kernel {kernel!r}: no {precision} kernel has that name ({here})"
 
 
 def _time_pass(
@@ -390,10 +393,7 @@ def prepare_for_inference(
     if kernel is not None:
         candidates = [(lay, k) for lay, k in candidates if k == kernel]
         if not candidates:
-            raise MinigptError(
-                f"kernel {kernel!r}: not among this build's {precision} kernels "
-                f"({', '.join(available_kernels(precision, device))})"
-            )
+            raise MinigptError(_kernel_refusal(kernel, precision, device))
 
     # Groups of same-shaped layers in the same role; each group gets one kernel.
     groups: dict[str, list[tuple[nn.Module, str]]] = {}
@@ -410,7 +410,7 @@ def prepare_for_inference(
     stream_dtype = torch.float32 if device.type == "cpu" else dtype
     weight_count = model.lm_head.weight.numel() + sum(
         getattr(p, n).weight.numel() for members in groups.values() for p, n in members)
-    cache = _cache_bytes()  # timed from memory (a flush of twice the cache) if the weights do not fit
+    cache = cpu_cache_bytes()  # timed from memory (a flush of twice the cache) if the weights do not fit
     from_memory = device.type == "cpu" and weight_count * WEIGHT_BYTES[precision] > cache
     flush_bytes = 2 * cache if from_memory else 0
     names = tuple(k for _, k in candidates)

@@ -45,7 +45,8 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name not in DTYPES:
         raise MinigptError(f"--dtype: unknown precision {name!r} (choose from auto, {', '.join(DTYPES)})")
     if name == "fp16" and device.type == "cpu":
-        raise MinigptError("--dtype fp16: half precision is not supported on the CPU (use bf16 or fp32)")
+        raise MinigptError("--dtype fp16: half precision is not supported on the CPU (use fp32, or bf16: "
+                           "training in bf16 is fast only on CPUs with AVX-512 BF16 or AMX)")
     if name == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise MinigptError("--dtype bf16: this GPU does not support bfloat16 (use fp16 or fp32)")
     return DTYPES[name]
@@ -81,6 +82,17 @@ def cpu_bf16_speedup() -> float:
     finally:
         torch.set_num_threads(threads)
     return fp32 / bf16
+
+
+def cpu_cache_bytes(sysfs: Path = Path("/sys/devices/system/cpu/cpu0/cache")) -> int:
+    """The CPU's largest cache, in bytes (from Linux's sysfs), or 32 MiB where it cannot be read."""
+    units = {"K": 2**10, "M": 2**20, "G": 2**30}
+    sizes = []
+    for entry in sysfs.glob("index*/size"):
+        text = entry.read_text().strip()
+        if text[:-1].isdigit() and text[-1] in units:
+            sizes.append(int(text[:-1]) * units[text[-1]])
+    return max(sizes, default=32 * 2**20)
 
 
 def emulated_bf16_warning(device: torch.device, dtype: torch.dtype) -> str | None:

@@ -11,7 +11,7 @@ import types
 import pytest
 import torch
 
-from minigpt import inference
+from minigpt import inference, runtime
 from minigpt.config import GPTConfig
 from minigpt.errors import MinigptError
 from minigpt.inference import LAYOUTS, available_kernels, kernel_summary, prepare_for_inference
@@ -168,8 +168,8 @@ def test_each_timed_pass_starts_from_memory(small_model, monkeypatch, tmp_path):
     for index, size in (("index0", "32K"), ("index2", "1024K"), ("index3", "3M")):
         (tmp_path / index).mkdir()
         (tmp_path / index / "size").write_text(size + "\n")
-    assert inference._cache_bytes(tmp_path) == 3 * 2**20
-    assert inference._cache_bytes(tmp_path / "absent") == 32 * 2**20
+    assert runtime.cpu_cache_bytes(tmp_path) == 3 * 2**20
+    assert runtime.cpu_cache_bytes(tmp_path / "absent") == 32 * 2**20
     flushes = []
     time_pass = inference._time_pass
 
@@ -184,7 +184,7 @@ def test_each_timed_pass_starts_from_memory(small_model, monkeypatch, tmp_path):
     widths = []
     idx = torch.tensor([[1, 2, 3]])
     for cache in (weight_bytes // 4, 2 * weight_bytes):
-        monkeypatch.setattr(inference, "_cache_bytes", lambda: cache)
+        monkeypatch.setattr(inference, "cpu_cache_bytes", lambda: cache)
         monkeypatch.setattr(inference, "_CHOICES", {})
         flushes.clear()
         widths.clear()
@@ -357,9 +357,18 @@ def test_the_thread_counts_timed_are_all_half_and_one():
         torch.set_num_threads(every)
 
 
-def test_an_unknown_forced_kernel_is_one_clear_error(small_model):
-    with pytest.raises(MinigptError, match="kernel 'onednn': not among this build's fp32 kernels"):
+def test_a_forced_kernel_that_cannot_run_says_why(small_model, monkeypatch):
+    """Another precision's kernel, an unknown name, and one this machine lacks: each says which, and what is here."""
+    here = f"(the fp32 kernels here: {', '.join(available_kernels('fp32'))})"
+    with pytest.raises(MinigptError, match=re.escape(f"kernel 'onednn' is for bf16, not fp32 {here}")):
         prepare_for_inference(copy.deepcopy(small_model), kernel="onednn")
+    with pytest.raises(MinigptError, match=re.escape(f"kernel 'int8': no fp32 kernel has that name {here}")):
+        prepare_for_inference(copy.deepcopy(small_model), kernel="int8")
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)  # (a CPU without bf16)
+    assert "onednn" not in available_kernels("bf16")
+    with pytest.raises(MinigptError, match=re.escape(
+            "kernel 'onednn' needs a CPU with native bf16 (AVX-512 BF16 or AMX), which is not here (the bf16 kernels")):
+        prepare_for_inference(copy.deepcopy(small_model).to(torch.bfloat16), kernel="onednn")
 
 
 
@@ -538,7 +547,7 @@ def test_a_one_row_head_timed_from_memory_is_not_split_into_an_empty_half(monkey
     (oneDNN cannot pack one)."""
     torch.manual_seed(0)
     model = GPT(GPTConfig(n_layer=1, n_head=1, n_embd=16, block_size=8, vocab_size=1, dropout=0.0)).eval()
-    monkeypatch.setattr(inference, "_cache_bytes", lambda: 16)  # every model is larger: a flush
+    monkeypatch.setattr(inference, "cpu_cache_bytes", lambda: 16)  # every model is larger: a flush
     monkeypatch.setattr(inference, "_CHOICES", {})
     fast = prepare_for_inference(copy.deepcopy(model).to(dtype), quantize)
     idx = torch.zeros(1, 3, dtype=torch.long)

@@ -147,7 +147,7 @@ def test_an_unknown_kernel_is_one_line(tiny_minigpt_dir):
     r = run_cli("sample.py", "--model", str(tiny_minigpt_dir), "--quantize", "int8", "--kernel", "mkl", PROMPT)
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     assert r.stderr.strip().splitlines() == [
-        "error: kernel 'mkl': not among this build's int8 kernels (int8mm, upcast, fbgemm)"], r.stderr
+        "error: kernel 'mkl' is for fp32, not int8 (the int8 kernels here: int8mm, upcast, fbgemm)"], r.stderr
 
 
 def int8_greedy_text(model_dir, prompt: str, n: int) -> str:
