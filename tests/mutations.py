@@ -527,6 +527,18 @@ BREAKS = (
         ((r"except \(TypeError, ValueError, AttributeError\) as e:", "except ZeroDivisionError as e:"),),
         ("tests/test_faults.py::test_a_damaged_training_state_is_one_line_on_resume",),
     ),
+    Break(
+        "int8_width_of_8", "--quantize int8 refuses a layer width that is no multiple of 8, which upcast and fbgemm take",
+        ((r'^(\s*)if kernel == "int8mm" and in_features % 16:',
+          r'\1if in_features % 8:\n\1    raise MinigptError("--quantize int8: not a multiple of 8")\n\g<0>'),),
+        ("tests/test_kernels.py::test_int8_takes_a_width_that_is_no_multiple_of_8",
+         "tests/test_sampling.py::test_int8_refuses_widths_the_kernel_cannot_take_and_upcast_takes_any"),
+    ),
+    Break(
+        "missing_kernel_unexplained", "a kernel this machine lacks is refused as another precision's, not by what it needs",
+        ((r"if missing:  # \(a layout", "if False:  # (a layout"),),
+        ("tests/test_kernels.py::test_a_forced_kernel_that_cannot_run_says_why",),
+    ),
 )
 
 
