@@ -92,7 +92,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    "decoding without it there and the faster is kept")
     g.add_argument("--stats", action="store_true",
                    help="print two lines per prompt on stderr: the kernels chosen for each layer, then "
-                   "prompt tokens, time to first token, new tokens and the decode rate (prefill excluded)")
+                   "prompt tokens, time to first token, new tokens and the decode rate (prefill excluded); "
+                   "with --score, the kernels line")
     p.add_argument("--interactive", action="store_true",
                    help="question/answer loop: type a question, the answer streams back "
                    "(prompted as 'Question: ...\\nAnswer:'); Ctrl-D exits")
@@ -187,7 +188,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.show_probs:  # the legend, or why there are no colours
         print(legend(sys.stderr.isatty()) if coloured else "--show-probs: stdout is not a terminal, "
               "so the text stays plain (--trace FILE writes the numbers)", file=sys.stderr)
+    def print_kernels() -> None:
+        from minigpt.inference import kernel_summary
+
+        print(kernel_summary(model) or "kernels: the standard layout", file=sys.stderr)
+
     if args.scoring:
+        if args.stats:
+            print_kernels()
         result = score(model, tokenizer, text, config, args.top_alternatives)
         sys.stdout.write(format_score(result, tokenizer, coloured))
         with trace_output(args.trace) as trace:
@@ -212,9 +220,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         generator=generator, coloured=coloured, trace=trace, compiled=compiled,
                         top_alternatives=args.top_alternatives, prompt_index=index)
         if args.stats:
-            from minigpt.inference import kernel_summary
-
-            print(kernel_summary(model) or "kernels: the standard layout", file=sys.stderr)
+            print_kernels()
             print(f"prompt tokens {done.prompt_tokens} | time to first token {done.time_to_first_token:.3f} s "
                   f"| new tokens {done.new_tokens} | decode {done.decode_rate:.1f} tokens/s", file=sys.stderr)
 

@@ -285,8 +285,10 @@ def test_complete_colours_every_sample(hf_dir, tmp_path):
 def test_score_equals_transformers_loss(hf_dir, hf_model, tokenizer, tmp_path):
     text = "The sky is blue because of Rayleigh scattering: short wavelengths scatter more."
     trace = tmp_path / "score.jsonl"
-    r = call_cli("sample.py", "--model", str(hf_dir), "--score", text, "--trace", str(trace), "--top-alternatives", "3")
+    r = call_cli("sample.py", "--model", str(hf_dir), "--score", text, "--trace", str(trace), "--top-alternatives", "3",
+                 "--stats")
     assert r.returncode == 0, r.stderr
+    assert any(line.startswith("kernels: lm_head ") for line in r.stderr.splitlines()), r.stderr  # --stats
     ids = tokenizer.encode(text)
     with torch.no_grad():
         expected = hf_model(torch.tensor([ids]), labels=torch.tensor([ids])).loss.item()
