@@ -27,7 +27,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--to-hf", metavar="CHECKPOINT",
         help="export this minigpt checkpoint folder as a transformers GPT2LMHeadModel folder instead",
     )
-    p.add_argument("--out", required=True, type=path_text, help="output folder (written only if everything succeeds)")
+    p.add_argument("--out", required=True, type=path_text,
+                   help="output folder (written only if everything succeeds)")
     p.add_argument("--force", action="store_true", help="replace --out if it already holds files")
     args = p.parse_args(argv)
     if (args.source is None) == (args.to_hf is None):

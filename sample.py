@@ -36,7 +36,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("prompts", nargs="*", metavar="PROMPT",
                    help='text to continue; several prompts are answered one after another; "-" '
                    'reads one prompt per line from stdin; "" starts from <|endoftext|>')
-    p.add_argument("--file", metavar="PATH", type=path_text, help='read one prompt per line from a UTF-8 file ("-": stdin)')
+    p.add_argument("--file", metavar="PATH", type=path_text,
+                   help='read one prompt per line from a UTF-8 file ("-": stdin)')
     p.add_argument("--model", help=f"a minigpt checkpoint folder, a Hugging Face GPT-2 folder or "
                    f"a Hub id (default: {DEFAULT_CHECKPOINT}/ if train.py has written it, else {DEFAULT_HUB_MODEL})")
     g = p.add_argument_group("sampling")
@@ -59,7 +60,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     g.add_argument("--score", metavar="TEXT",
                    help="generate nothing: each token of TEXT with its probability after the ones "
                    "before it, the most surprising tokens, mean loss, perplexity (--trace: rows)")
-    g.add_argument("--score-file", metavar="PATH", type=path_text, help='--score the text of a UTF-8 file ("-": stdin)')
+    g.add_argument("--score-file", metavar="PATH", type=path_text,
+                   help='--score the text of a UTF-8 file ("-": stdin)')
     g = p.add_argument_group("speed")
     g.add_argument("--device", default="auto",
                    help="auto (CUDA, then Apple MPS, then CPU), cpu, cuda or mps (default: auto)")
@@ -188,6 +190,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.show_probs:  # the legend, or why there are no colours
         print(legend(sys.stderr.isatty()) if coloured else "--show-probs: stdout is not a terminal, "
               "so the text stays plain (--trace FILE writes the numbers)", file=sys.stderr)
+
     def print_kernels() -> None:
         from minigpt.inference import kernel_summary
 
