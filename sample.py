@@ -93,7 +93,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    "CUDA graph (1.8x decoding without it at batch 1 on an H200); it is raced against "
                    "decoding without it there and the faster is kept")
     g.add_argument("--stats", action="store_true",
-                   help="print two lines per prompt on stderr: the kernels chosen for each layer, then "
+                   help="print two lines per prompt on stderr: the kernels chosen for each layer (with --compile, "
+                   "also what decodes where it is not them), then "
                    "prompt tokens, time to first token, new tokens and the decode rate (prefill excluded); "
                    "with --score, the kernels line")
     p.add_argument("--interactive", action="store_true",
@@ -191,10 +192,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(legend(sys.stderr.isatty()) if coloured else "--show-probs: stdout is not a terminal, "
               "so the text stays plain (--trace FILE writes the numbers)", file=sys.stderr)
 
-    def print_kernels() -> None:
+    def print_kernels(compiled=None) -> None:
         from minigpt.inference import kernel_summary
 
-        print(kernel_summary(model) or "kernels: the standard layout", file=sys.stderr)
+        note = compiled.stats_note() if compiled is not None else ""
+        print((kernel_summary(model) or "kernels: the standard layout") + note, file=sys.stderr)
 
     if args.scoring:
         if args.stats:
@@ -223,7 +225,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         generator=generator, coloured=coloured, trace=trace, compiled=compiled,
                         top_alternatives=args.top_alternatives, prompt_index=index)
         if args.stats:
-            print_kernels()
+            print_kernels(compiled)
             print(f"prompt tokens {done.prompt_tokens} | time to first token {done.time_to_first_token:.3f} s "
                   f"| new tokens {done.new_tokens} | decode {done.decode_rate:.1f} tokens/s", file=sys.stderr)
 

@@ -257,6 +257,7 @@ def test_inductor_gemms_decode_the_eager_tokens_with_no_opaque_call():
     assert tokens(model, greedy, compiled) == eager and len(set(eager[0])) > 5
     assert_one_step_is_eager(model, compiled, 1e-5)
     assert compiled.describe() == "decoding compiled, products by inductor's GEMMs"
+    assert compiled.stats_note() == " (the prompt); decoding compiled, products by inductor's GEMMs"  # (--stats)
 
 
 @needs_compiler
@@ -271,7 +272,7 @@ def test_the_eager_model_that_wins_the_race_decodes_and_says_so(monkeypatch):
     assert compiled.describe() == "decoding eager, through the model's own forward"
     monkeypatch.setattr(compiled, "_time_steps", lambda idx, dtype: {"kernels": 2e-3, "eager": 1.5e-3})
     compiled.warm_up(1, torch.float32)
-    assert compiled.chosen == "eager"
+    assert compiled.chosen == "eager" and compiled.stats_note() == ""  # (the kernels line is all there is)
     assert compiled.describe() == ("decoding eager: the compiled step (products by the chosen kernels) was slower "
                                    "(2.00 ms a token against 1.50)")
 

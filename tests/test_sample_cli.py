@@ -118,6 +118,12 @@ def test_compile_decodes_the_greedy_text_of_transformers(tiny_hf_dir, gpt2_token
     assert r.stdout == "\n".join(expected)
     assert re.search(r"^--compile: compiled in \d+\.\d s$", r.stderr, re.M), r.stderr
     assert len([line for line in r.stderr.splitlines() if STATS.match(line)]) == 2
+    # --stats' kernels line names what decodes where warm_up's race chose other products than the kernels'
+    chosen = re.search(r"^--compile: decoding compiled, (products by [^(]*?)(?: \(|$)", r.stderr, re.M)
+    kernels = [line for line in r.stderr.splitlines() if line.startswith("kernels: ")]
+    assert chosen and len(kernels) == 2, r.stderr
+    note = "" if chosen[1] == "products by the chosen kernels" else f" (the prompt); decoding compiled, {chosen[1]}"
+    assert all(line.endswith(note) and line.count("decoding") == (note != "") for line in kernels), r.stderr
 
 
 @pytest.mark.parametrize("precision, kernel", [([], "linear"), (["--dtype", "bf16"], "mv-upcast"),
