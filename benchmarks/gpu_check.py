@@ -27,6 +27,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -37,22 +38,32 @@ from minigpt.cli import Parser, non_negative_int, positive_float, positive_int  
 PROMPT = [464, 2068, 7586, 21831, 18045, 625, 262, 16931, 3290, 13]  # "The quick brown fox ..." ids
 
 
-def shape(text: str) -> str:
-    """A training shape, BATCHxBLOCK (e.g. 8x128), checked when the arguments are read, not in a cell
-    minutes into the run."""
+class Shape(NamedTuple):
+    """A training shape: `batch` sequences of `block` tokens, printed as BATCHxBLOCK."""
+
+    batch: int
+    block: int
+
+    def __str__(self) -> str:
+        return f"{self.batch}x{self.block}"
+
+
+def shape(text: str) -> Shape:
+    """A training shape from BATCHxBLOCK (e.g. 8x128), checked when the arguments are read, not in a
+    cell minutes into the run."""
     batch, _, block = text.partition("x")
     if not (batch.isdigit() and block.isdigit() and int(batch) > 0 and int(block) > 0):
         raise argparse.ArgumentTypeError(f"{text!r} is not BATCHxBLOCK, e.g. 8x128")
-    return text
+    return Shape(int(batch), int(block))
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shapes", nargs="+", type=shape, default=["8x128", "64x1024"],
+    p.add_argument("--shapes", nargs="+", type=shape, default=[Shape(8, 128), Shape(64, 1024)],
                    help="batch x block shapes to train at")
     p.add_argument("--dtypes", nargs="+", choices=("fp32", "bf16", "fp16"), default=["fp32", "bf16", "fp16"],
                    help="training precisions")
-    p.add_argument("--compile-shapes", nargs="*", type=shape, default=["8x128"], help="shapes at which ours is also "
+    p.add_argument("--compile-shapes", nargs="*", type=shape, default=[Shape(8, 128)], help="shapes at which ours is also "
                    "timed compiled, in every precision (default: 8x128; compiling takes ~30-60 s each)")
     p.add_argument("--compile-mode", default="reduce-overhead", choices=("default", "reduce-overhead", "max-autotune"),
                    help="torch.compile's mode for those cells (default: reduce-overhead)")
@@ -168,7 +179,7 @@ def main(argv=None) -> int:
                 torch.cuda.empty_cache()
         print(" | ".join(rows[-1]), flush=True)
 
-    base: dict[tuple[str, str], float] = {}  # (shape, precision) -> transformers' step seconds
+    base: dict[tuple[Shape, str], float] = {}  # (shape, precision) -> transformers' step seconds
 
     def int8_rate(mg_dir: Path, ref: float | None, batch: int) -> tuple[str, ...]:
         """Ours with int8 weights (from fp32), against transformers' fp32 rate `ref`."""
@@ -179,8 +190,8 @@ def main(argv=None) -> int:
         rate = decode_rate(model, False, batch, args.tokens)
         return ("", f"{rate:,.1f}", f"{rate / ref:.2f}x" if ref else "", "")
 
-    def train_cell(folder: Path, shape: str, dtype_name: str, side: str, make, needs: float = 20) -> None:
-        b, t = (int(x) for x in shape.split("x"))
+    def train_cell(folder: Path, shape: Shape, dtype_name: str, side: str, make, needs: float = 20) -> None:
+        b, t = shape
         config = GPTConfig.from_hf(json.loads((folder / "config.json").read_text()))
 
         def run():
@@ -192,7 +203,7 @@ def main(argv=None) -> int:
             return (f"{seconds * 1000:.1f} ms", f"{b * t / seconds:,.0f}", f"{ref / seconds:.2f}x" if ref else "",
                     f"{step_flops(config, b * t, t) / seconds / info['bf16']:.1%}")
 
-        cell("train", shape, dtype_name, side, needs, run)
+        cell("train", str(shape), dtype_name, side, needs, run)
 
     try:
         with tempfile.TemporaryDirectory() as tmp:
