@@ -71,10 +71,9 @@ AGREEMENT = {torch.float32: 1e-2, torch.bfloat16: 5e-2, torch.float16: 5e-2}
 # without printing its timing tables on stderr
 GEMM_OPTIONS = {"max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN",
                 "autotune_num_choices_displayed": 0, "max_autotune_report_choices_stats": False}
-# What computes a decoded token, per step (the names `describe` and `stats_note` print)
 STEP_NAMES = {"kernels": "products by the chosen kernels", "inductor": "products by inductor's GEMMs",
               "fbgemm": "products by FBGEMM on every layer", "cudagraphs": "one CUDA graph a token",
-              "eager": "the model's own forward"}
+              "eager": "the model's own forward"}  # what decodes a token, per step (describe, stats_note)
 TIMING_ROUNDS, TIMING_TOKENS = 3, 16  # warm_up's race between two compiled steps: ~0.5 s for distilgpt2
 
 
@@ -323,23 +322,24 @@ class CompiledDecoding:
     def describe(self) -> str:
         """One line: what computes the products, and what warm_up measured, e.g. "decoding compiled,
         products by inductor's GEMMs (4.50 ms a token; products by the chosen kernels 5.91)"."""
-        names, timed = STEP_NAMES, self.seconds_per_token
+        timed = self.seconds_per_token
         if self.chosen == "eager":
             if len(timed) < 2:
                 return "decoding eager, through the model's own forward"
             step = next(k for k in timed if k != "eager")
-            return (f"decoding eager: the compiled step ({names[step]}) was slower ({timed[step] * 1e3:.2f} ms a "
+            return (f"decoding eager: the compiled step ({STEP_NAMES[step]}) was slower ({timed[step] * 1e3:.2f} ms a "
                     f"token against {timed['eager'] * 1e3:.2f})")
         if len(timed) < 2:
-            return f"decoding compiled, {names[self.chosen]}"
+            return f"decoding compiled, {STEP_NAMES[self.chosen]}"
         other = next(k for k in timed if k != self.chosen)
-        return (f"decoding compiled, {names[self.chosen]} ({timed[self.chosen] * 1e3:.2f} ms a token; "
-                f"{names[other]} {timed[other] * 1e3:.2f})")
+        return (f"decoding compiled, {STEP_NAMES[self.chosen]} ({timed[self.chosen] * 1e3:.2f} ms a token; "
+                f"{STEP_NAMES[other]} {timed[other] * 1e3:.2f})")
 
     def stats_note(self) -> str:
-        """What `--stats` adds to the kernels line: "" where decoding runs on the layers' kernels (they
-        compute the prompt, which is eager, in every case), else "(the prompt); decoding compiled, ..."."""
-        return "" if self.chosen in ("kernels", "eager") else f" (the prompt); decoding compiled, {STEP_NAMES[self.chosen]}"
+        """What `--stats` adds to the kernels line (the prompt's, eager): what decodes, where not those kernels."""
+        if self.chosen in ("kernels", "eager"):
+            return ""
+        return f" (the prompt); decoding compiled, {STEP_NAMES[self.chosen]}"
 
     @torch.inference_mode()  # (as `generate` runs: a graph compiled under another grad mode would not be reused)
     def warm_up(self, batch_size: int, dtype: torch.dtype) -> float:
