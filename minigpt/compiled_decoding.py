@@ -37,6 +37,7 @@ included. The "inductor" step (`FrozenGemm`) has no opaque layers: inductor writ
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import os
 import sysconfig
@@ -54,7 +55,7 @@ from .inference import available_kernels
 from .layouts import FUSIBLE_KERNELS, FbgemmInt8Linear, OnThreads
 from .opaque import opaque_product, register_opaque_product
 from .model import GPT, KVCache
-from .runtime import compile_cache_per_instruction_set, program_runs, wait_for
+from .runtime import prepare_cpu_compile, program_runs, wait_for
 
 # Graphs of `DecodeStep.forward` a process may hold: one per model and batch size, all compiled from
 # the same code, where dynamo keeps 8 by default (with fullgraph=True the 9th is an error: a
@@ -270,7 +271,7 @@ class CompiledDecoding:
                                "on Debian or Ubuntu: apt install python3-dev)")
         self.model = model
         if on_cpu:  # (inductor keys a CPU step without its instruction set; a GPU's, with its device)
-            compile_cache_per_instruction_set()
+            prepare_cpu_compile()
         # On the CPU the graph's wrapper is C++ too (`cpp_wrapper`): it calls each kernel without
         # Python's per-call cost, which runs from cold caches between layers
         options = {"cpp_wrapper": True} if on_cpu else None
@@ -411,9 +412,8 @@ class CompiledDecoding:
             for tensor in whole.k + whole.v:
                 tensor.zero_()
                 torch._dynamo.mark_static_address(tensor)
-        cache = KVCache(config, batch_size, 0, device=device, dtype=dtype)  # (its own tensors: empty)
-        cache.k, cache.v = [k[:, :, :max_len] for k in whole.k], [v[:, :, :max_len] for v in whole.v]
-        cache.max_len = max_len
+        cache = copy.copy(whole)  # (its own length and lists, of views of the first max_len positions)
+        cache.k, cache.v, cache.max_len = [k[:, :, :max_len] for k in whole.k], [v[:, :, :max_len] for v in whole.v], max_len
         return cache
 
     def __call__(self, idx: torch.Tensor, cache: KVCache) -> torch.Tensor:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import logging
 import os
 import re
 import subprocess
@@ -119,16 +120,28 @@ def wait_for(device: torch.device) -> None:
 ISA_CAPS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "FBGEMM_ENABLE_INSTRUCTIONS")
 
 
-def compile_cache_per_instruction_set() -> Path:
-    """Point inductor's disk cache (TORCHINDUCTOR_CACHE_DIR, default /tmp/torchinductor_$USER) at a
-    subfolder of it for the instruction sets torch's kernels use in this process; return the folder.
+def prepare_cpu_compile() -> Path:
+    """Ready torch.compile to build C++ for the CPU; return the folder of inductor's disk cache.
 
+    One cache folder per instruction set: TORCHINDUCTOR_CACHE_DIR (default /tmp/torchinductor_$USER)
+    is pointed at a subfolder of it for the instruction sets torch's kernels use in this process.
     Inductor keys a compiled graph by the graph and its settings, not by the instruction set it wrote
     the code for, nor the one oneDNN packed the frozen weights for. A decoding step compiled with the
     instruction sets capped to AVX2 and then loaded uncapped from the same cache corrupted the heap
     (glibc aborted 3 runs in 4, before any check could see the logits); the other way round it gave
     NaN logits. One subfolder per instruction set keeps such steps apart.
+
+    Inductor's C++ builder imports `torch.utils.cpp_extension`, which on a machine with a CUDA
+    toolkit (nvcc) but no GPU logs "No CUDA runtime is found, using CUDA_HOME=..." as it loads: a
+    line about CUDA in a run on the CPU. It is imported here, with that logger quiet.
     """
+    logger = logging.getLogger("torch.utils.cpp_extension")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        import torch.utils.cpp_extension  # noqa: F401
+    finally:
+        logger.setLevel(level)
     from torch._inductor.cpu_vec_isa import pick_vec_isa
     from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 

@@ -51,7 +51,7 @@ from .metrics import MetricsLog, StepNumbers, evaluate, perplexity, plot_metrics
 from .optim import AdamW, clip_grad_norm
 from .run_folder import CARD_FILE, METRICS_FILE, PLOT_FILE, check_same_run, read_training_state
 from .run_folder import write_run_checkpoint, write_training_state
-from .runtime import compile_cache_per_instruction_set
+from .runtime import prepare_cpu_compile
 
 
 def seed_everything(seed: int) -> None:
@@ -145,7 +145,7 @@ class Trainer:
             self.forward_model = DistributedDataParallel(model, device_ids=ids)
         if config.compile:
             if self.device.type == "cpu":
-                compile_cache_per_instruction_set()  # (inductor's C++ is for this process's instruction sets)
+                prepare_cpu_compile()  # (inductor's C++ is for this process's instruction sets)
             self.forward_model = torch.compile(self.forward_model, mode=config.compile_mode)
         # reduce-overhead replays CUDA graphs: the batch dimension is marked dynamic so that an epoch's
         # short last batch reuses the compiled code (a graph is still recorded per batch size).

@@ -7,6 +7,7 @@ from __future__ import annotations
 import gc
 import os
 import shutil
+import subprocess
 import sys
 
 import pytest
@@ -315,6 +316,23 @@ def test_the_whole_cache_step_decodes_the_eager_tokens_in_the_same_tensors_every
             compiled(torch.tensor([[77]]), plain)
 
 
+def test_a_cuda_toolkit_without_a_gpu_adds_no_line_about_cuda(tmp_path):
+    """Inductor's C++ builder imports torch.utils.cpp_extension, which on a machine with a CUDA
+    toolkit but no GPU logs "No CUDA runtime is found" as it loads (torch's CUDA builds): the CPU's
+    compile preparation imports it with that logger quiet."""
+    env = {**os.environ, "CUDA_HOME": str(tmp_path), "CUDA_VISIBLE_DEVICES": "",
+           "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "cache")}
+
+    def stderr(prepare: bool) -> str:
+        code = f"from minigpt.runtime import prepare_cpu_compile; {'prepare_cpu_compile();' * prepare} " \
+               "import torch.utils.cpp_extension"
+        return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stderr
+
+    if torch.version.cuda:  # (a CUDA build: the line this prevents)
+        assert "No CUDA runtime is found" in stderr(prepare=False)
+    assert stderr(prepare=True) == ""
+
+
 def test_only_fp32_on_the_cpu_offers_inductor_gemms():
     """The step with inductor's GEMMs needs fp32 layouts that give back W (`dense()`): not int8's."""
     int8 = prepare_for_inference(small_model(), "int8", kernel="int8mm")
@@ -380,7 +398,7 @@ def test_steps_compiled_for_other_instruction_sets_keep_to_their_own_cache(monke
     """Inductor's disk cache does not tell instruction sets apart: a step compiled with torch's
     kernels capped to AVX2 and loaded uncapped corrupted the heap (glibc aborted 3 runs in 4). So
     compiled decoding points the cache at one subfolder of it per instruction set, the caps included."""
-    from minigpt.runtime import ISA_CAPS, compile_cache_per_instruction_set
+    from minigpt.runtime import ISA_CAPS, prepare_cpu_compile
 
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
     for variable in ISA_CAPS:
@@ -389,8 +407,8 @@ def test_steps_compiled_for_other_instruction_sets_keep_to_their_own_cache(monke
     native = os.environ["TORCHINDUCTOR_CACHE_DIR"]
     assert os.path.dirname(native) == str(tmp_path)
     assert os.path.basename(native).startswith(f"isa-{torch.backends.cpu.get_cpu_capability().lower()}-")
-    assert str(compile_cache_per_instruction_set()) == native  # a second model: the same folder, not one below
+    assert str(prepare_cpu_compile()) == native  # a second model: the same folder, not one below
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
-    capped = compile_cache_per_instruction_set()
+    capped = prepare_cpu_compile()
     assert capped.parent == tmp_path and str(capped) != native
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(capped)

@@ -157,7 +157,7 @@ def test_compile_mode_reaches_torch_compile_and_reduce_overhead_marks_the_batch_
 
 
 def test_compiled_training_on_the_cpu_keeps_to_its_instruction_sets_cache(tmp_path, monkeypatch):
-    """Inductor's disk cache does not tell instruction sets apart (`runtime.compile_cache_per_instruction_set`):
+    """Inductor's disk cache does not tell instruction sets apart (`runtime.prepare_cpu_compile`):
     a training step compiled on the CPU, as compiled decoding, uses the cache's folder for the
     instruction sets torch's kernels use in this process, the caps included; without --compile the
     cache is left where it was."""
