@@ -184,7 +184,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from minigpt.streaming import check_trace_path, complete, questions, trace_output
     from minigpt.trace import format_score, legend, score, write_rows
 
-    check_trace_path(args.trace)
+    check_trace_path(args.trace, reads=[args.file, args.score_file, args.model or DEFAULT_CHECKPOINT])
     model, tokenizer = load(args)
     config = from_flags(SamplingConfig, args)
     coloured = args.show_probs and sys.stdout.isatty()

@@ -9,11 +9,12 @@ coloured by its probability (for a terminal) and every token's numbers are writt
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, TextIO
+from typing import Iterator, Sequence, TextIO
 
 import torch
 
@@ -157,8 +158,14 @@ def questions(ask: str = "question> ") -> Iterator[str]:
             yield question
 
 
-def check_trace_path(path: str | None) -> None:
-    """Refuse, before any work, a trace file that could not be written ("-" is stderr)."""
+def check_trace_path(path: str | None, reads: Sequence[str | None] = ()) -> None:
+    """Refuse, before any work, a trace file that could not be written ("-" is stderr), or one that
+    would replace what is not ours to replace.
+
+    `reads`: the local files and folders the run reads (its prompt file, its model's folder). The
+    trace may be none of them, nor lie inside one, nor sit in any model's folder (one that holds
+    model.safetensors, as a training run's does): it would replace the weights, the prompts or a
+    run's metrics, or leave a file there that `train.py --resume` refuses as foreign."""
     if path is None or path == "-":
         return
     if not path:
@@ -168,6 +175,15 @@ def check_trace_path(path: str | None) -> None:
         raise MinigptError(f"--trace {path}: is a folder, not a file")
     if not target.parent.is_dir():
         raise MinigptError(f"--trace {path}: folder {target.parent} does not exist")
+    written = Path(os.path.realpath(target))  # (through a symlink: the file written is the one it names)
+    for read in reads:
+        if read is not None and read != "-" and os.path.exists(read):
+            source = Path(os.path.realpath(read))
+            if written == source or source in written.parents:
+                raise MinigptError(f"--trace {path}: would write over {read}, which this run reads; choose another file")
+    if (written.parent / "model.safetensors").exists():
+        raise MinigptError(f"--trace {path}: {target.parent} holds a model (model.safetensors); write the trace "
+                           "elsewhere, not among a model's or a training run's files")
 
 
 @contextlib.contextmanager

@@ -405,6 +405,37 @@ def test_a_failed_run_leaves_an_earlier_trace_alone(hf_dir, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["t.jsonl"]  # no temporary file left
 
 
+def test_a_trace_never_writes_over_what_the_run_reads_or_a_models_files(hf_dir, tmp_path):
+    """The weights sampled from, the prompt or score file, any file inside the model's folder or in
+    another model's (a training run's metrics): each refused in one line before any work, and left
+    as it was, also through a symlink."""
+    import shutil
+
+    model, other = shutil.copytree(hf_dir, tmp_path / "model"), shutil.copytree(hf_dir, tmp_path / "run")
+    (model / "notes").mkdir()
+    (other / "metrics.jsonl").write_text("{}\n")
+    prompts, text = tmp_path / "prompts.txt", tmp_path / "text.txt"
+    prompts.write_text("hi\n")
+    text.write_text("a b c\n")
+    (tmp_path / "link.jsonl").symlink_to(model / "model.safetensors")
+    before = {p: p.read_bytes() for p in (model / "model.safetensors", other / "metrics.jsonl", prompts, text)}
+    cases = [
+        (["--trace", str(model / "model.safetensors"), "hi"], "which this run reads"),
+        (["--trace", str(tmp_path / "link.jsonl"), "hi"], "which this run reads"),
+        (["--trace", str(model / "notes" / "t.jsonl"), "hi"], "which this run reads"),
+        (["--trace", str(prompts), "--file", str(prompts)], "which this run reads"),
+        (["--trace", str(text), "--score-file", str(text)], "which this run reads"),
+        (["--trace", str(other / "metrics.jsonl"), "hi"], "holds a model (model.safetensors)"),
+    ]
+    for args, needle in cases:
+        assert_one_line(call_cli("sample.py", "--model", str(model), "--max-new-tokens", "2", *args), needle)
+    assert {p: p.read_bytes() for p in before} == before
+    assert sorted(p.name for p in (model / "notes").iterdir()) == []
+    r = call_cli("sample.py", "--model", str(model), "--greedy", "--max-new-tokens", "2", "--file", str(prompts),
+                 "--trace", str(tmp_path / "t.jsonl"))
+    assert r.returncode == 0 and len(read_rows(tmp_path / "t.jsonl")) == 2
+
+
 def test_trace_output_is_replaced_whole_kept_on_ctrl_c_and_untouched_on_an_error(tmp_path):
     trace = tmp_path / "t.jsonl"
     trace.write_text("earlier\n")
