@@ -332,7 +332,7 @@ def _choose(
                  for layout, kernel in first.values()}
         width, device = weights[0][0].size(1), weights[0][0].device
         x = allocate(lambda: torch.randn(rows, width, device=device).to(dtype), rows * width * 4,  # the residual stream's
-                     f"--num-samples {rows}", "a batch of activations", f"{rows} rows x {width}")
+                     device, f"--num-samples {rows}", "a batch of activations", f"{rows} rows x {width}")
         # (written, not just allocated: untouched pages all read as one shared zero page)
         flush = torch.ones(flush_bytes // 4) if flush_bytes else None
         best = _race([(kernel, built[id(layout)], every) for layout, kernel in candidates], x, flush, compiled)

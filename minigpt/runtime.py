@@ -177,12 +177,28 @@ def setup_device(device: str = "auto", dtype: str = "auto") -> tuple[torch.devic
 _T = TypeVar("_T")
 
 
-def allocate(make: Callable[[], _T], nbytes: int, flags: str, what: str, detail: str) -> _T:
-    """`make()`, which allocates `nbytes`; a MinigptError "{flags}: {what} ({detail}, N GB) does not
-    fit in memory" when they exceed int64 (torch cannot even be asked for them) or the allocator
-    cannot give them. No limit of its own: whatever the allocator gives is used."""
+def available_memory(device: torch.device, meminfo: Path = Path("/proc/meminfo")) -> int | None:
+    """Bytes the CPU can still give without swapping: Linux's MemAvailable (free memory plus the
+    caches it can drop). None on other devices, whose allocators refuse what they cannot give, and
+    where Linux does not say. (A container's cgroup limit is not read: its usage counts page cache
+    that would be dropped, so limit minus usage would refuse what fits.)"""
+    if device.type != "cpu":
+        return None
+    try:
+        fields = dict(line.split(":", 1) for line in meminfo.read_text().splitlines() if ":" in line)
+        return int(fields["MemAvailable"].split()[0]) * 1024  # (kB)
+    except (OSError, KeyError, ValueError, IndexError):
+        return None
+
+
+def allocate(make: Callable[[], _T], nbytes: int, device: torch.device, flags: str, what: str, detail: str) -> _T:
+    """`make()`, which allocates `nbytes` on `device`; a MinigptError "{flags}: {what} ({detail}, N GB)
+    does not fit in memory" when they exceed int64 (torch cannot even be asked for them), the memory
+    available (on the CPU: Linux overcommits, so an allocation larger than the memory succeeds, and
+    the process is killed, or swaps, later, as it writes into it), or what the allocator gives."""
     refusal = MinigptError(f"{flags}: {what} ({detail}, {nbytes / 1e9:,.1f} GB) does not fit in memory")
-    if nbytes > torch.iinfo(torch.int64).max:
+    available = available_memory(device)
+    if nbytes > torch.iinfo(torch.int64).max or (available is not None and nbytes > available):
         raise refusal
     try:
         return make()

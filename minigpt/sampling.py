@@ -235,7 +235,7 @@ def generate(
     flags = f"--max-new-tokens {config.max_new_tokens} x --num-samples {num_samples}"
     tokens = allocate(
         lambda: torch.empty(num_samples, n_prompt + config.max_new_tokens, dtype=torch.long, device=device),
-        count * 8, flags, "the output", f"{count} token ids with the prompt",
+        count * 8, device, flags, "the output", f"{count} token ids with the prompt",
     )
     tokens[:, :n_prompt] = torch.tensor(prompt, device=device)
     needed = min(window, n_prompt + config.max_new_tokens)
@@ -246,7 +246,7 @@ def generate(
         new_cache = partial(KVCache, c, num_samples, needed, device=device, dtype=dtype)
     cache = allocate(
         new_cache, 2 * c.n_layer * num_samples * needed * c.n_head * (c.n_embd // c.n_head) * dtype.itemsize,
-        f"--num-samples {num_samples}", "the KV cache",
+        device, f"--num-samples {num_samples}", "the KV cache",
         f"{num_samples} x {needed} positions x {c.n_layer} layers",
     )
     return _steps(model, tokens, n_prompt, cache, config, generator, pick, eos_id, compiled)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 
 import pytest
 import torch
@@ -540,6 +541,33 @@ def test_a_kv_cache_that_cannot_be_allocated_is_refused(tiny, monkeypatch):
     gigabytes = 2 * c.n_layer * 1000 * 5 * c.n_embd * 4 / 1e9
     assert str(refused.value) == (f"--num-samples 1000: the KV cache (1000 x 5 positions x {c.n_layer} layers, "
                                   f"{gigabytes:,.1f} GB) does not fit in memory")
+
+
+def test_a_kv_cache_beyond_the_memory_available_is_refused_before_it_is_allocated(tiny):
+    """Linux overcommits: a KV cache larger than the memory succeeds as an allocation, and decoding
+    into it then gets the process killed (or swapping). So the CPU's MemAvailable is checked first."""
+    from minigpt.runtime import available_memory
+
+    model, tokenizer = tiny
+    c = model.config
+    available = available_memory(torch.device("cpu"))
+    assert 0 < available <= os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    per_sample = 2 * c.n_layer * 5 * c.n_embd * 4  # (prompt 2 + 3 new tokens, fp32 keys and values)
+    samples = 2 * available // per_sample  # (twice the memory: Linux still gives each layer's tensors)
+    with pytest.raises(MinigptError, match=rf"^--num-samples {samples}: the KV cache .* does not fit in memory$"):
+        generate(model, [464, 2068], SamplingConfig(max_new_tokens=3), samples, eos_id=tokenizer.eos_id)
+
+
+def test_available_memory_is_linuxs_memavailable(tmp_path):
+    from minigpt.runtime import available_memory
+
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:       24576000 kB\nMemFree:  100 kB\nMemAvailable:   12345 kB\n")
+    assert available_memory(torch.device("cpu"), meminfo) == 12345 * 1024
+    meminfo.write_text("MemTotal:       24576000 kB\n")  # (a kernel before 3.14: not said)
+    assert available_memory(torch.device("cpu"), meminfo) is None
+    assert available_memory(torch.device("cpu"), tmp_path / "missing") is None
+    assert available_memory(torch.device("meta"), meminfo) is None  # (a GPU's allocator refuses by itself)
 
 
 def test_the_cli_refuses_an_output_too_large_in_one_line(tiny_minigpt_dir):
