@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 from pathlib import Path
 from typing import Sequence
 
@@ -188,11 +189,15 @@ def train(args, device, dtype, dtype_name: str, ranks, resume_from: Path | None)
     say(f"out: {args.out}", flush=True)
     from minigpt.runtime import emulated_bf16_warning  # one line where bf16 is only emulated (issue 13)
     if warning := emulated_bf16_warning(device, dtype):
-        import sys
-
         say(warning, file=sys.stderr, flush=True)
 
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the trainer saved the step it stopped at (unless a second one came)
+        if trainer.last_save_step == trainer.step:
+            say(f"stopped at step {trainer.step}: checkpoint saved in {args.out}; to continue, run the same "
+                "command with --resume", file=sys.stderr, flush=True)
+        raise
     val = result.get("val_loss")
     summary = f"done: step {result['step']}" + (f", validation loss {val:.4f} (perplexity {perplexity(val):.1f})" if val is not None else "")
     say(f"{summary}\nsample from it: python sample.py --model {args.out}")

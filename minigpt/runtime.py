@@ -47,7 +47,7 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
         raise MinigptError(f"--dtype: unknown precision {name!r} (choose from auto, {', '.join(DTYPES)})")
     if name == "fp16" and device.type == "cpu":
         raise MinigptError("--dtype fp16: half precision is not supported on the CPU (use fp32, or bf16: "
-                           "training in bf16 is fast only on CPUs with AVX-512 BF16 or AMX)")
+                           "bf16 is fast only on CPUs with AVX-512 BF16 or AMX)")
     if name == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise MinigptError("--dtype bf16: this GPU does not support bfloat16 (use fp16 or fp32)")
     return DTYPES[name]

@@ -371,7 +371,7 @@ def run_benchmark(tmp_path, command):
 @pytest.mark.parametrize("command, error", [
     (["bench_train.py", "--dtype", "fp32,fp16"],
      "error: --dtype fp16: half precision is not supported on the CPU (use fp32, or bf16: "
-     "training in bf16 is fast only on CPUs with AVX-512 BF16 or AMX)"),
+     "bf16 is fast only on CPUs with AVX-512 BF16 or AMX)"),
     (["bench_train.py", "--dtype", "fp8"],
      "bench_train.py: error: --dtype: unknown precision 'fp8' (choose from fp32, bf16, fp16) (see --help)"),
     (["bench_train.py", "--block-size", "5000", "--quick"],
