@@ -132,7 +132,7 @@ def train(args, device, dtype, dtype_name: str, ranks, resume_from: Path | None)
 
     from minigpt.card import render_card
     from minigpt.checkpoint import write_checkpoint_files
-    from minigpt.data import BatchIterator, load_blocks
+    from minigpt.data import BatchIterator, count, load_blocks
     from minigpt.metrics import perplexity
     from minigpt.optim import AdamW, linear_schedule, param_groups
     from minigpt.trainer import Trainer
@@ -175,14 +175,16 @@ def train(args, device, dtype, dtype_name: str, ranks, resume_from: Path | None)
     c = model.config
     source = f"resumed from {args.out} at step {trainer.step}" if resume_from else (
         "new (random init)" if args.init == "scratch" else f"from {args.init}")
-    epochs = f"{max_steps / steps_per_epoch:g} epochs" if args.max_steps else f"{args.epochs} epochs"
+    epochs = max_steps / steps_per_epoch if args.max_steps else args.epochs
+    epochs = f"{epochs:g} epoch{'' if epochs == 1 else 's'}"
     say(f"model: {model.num_parameters():,} parameters ({c.n_layer} layers, {c.n_head} heads, "
         f"{c.n_embd} wide, vocabulary {c.vocab_size:,}), {source}")
-    say(f"data: {len(train_blocks):,} training and {len(val_blocks):,} validation blocks of {args.block_size} tokens")
+    say(f"data: {len(train_blocks):,} training and {count(len(val_blocks), 'validation block')} "
+        f"of {args.block_size} tokens")
     say(f"batch: {args.batch_size} x {args.block_size} tokens x {args.grad_accum} accumulation x "
         f"{ranks.world_size} process(es) = {global_micro * args.grad_accum} examples, "
         f"{global_micro * args.grad_accum * args.block_size:,} tokens per step")
-    say(f"schedule: {steps_per_epoch:,} steps per epoch, {max_steps:,} steps ({epochs}); lr {args.lr:g}, "
+    say(f"schedule: {count(steps_per_epoch, 'step')} per epoch, {count(max_steps, 'step')} ({epochs}); lr {args.lr:g}, "
         f"{args.warmup_steps} warm-up steps, then linear decay to 0")
     say(f"device: {device}, precision {dtype_name}{' (autocast)' if dtype != torch.float32 else ''}"
         f"{', compiled' if args.compile else ''}; seed {args.seed}")

@@ -4,10 +4,12 @@ defined once, as dataclass fields from which argparse is built."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
+import warnings
 from dataclasses import Field, field, fields
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from .errors import MinigptError, reason
 
@@ -15,15 +17,17 @@ from .errors import MinigptError, reason
 def run(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None) -> None:
     """Run a CLI's `main`: a MinigptError becomes one line on stderr and exit 2; Ctrl-C exits 130;
     a reader that closed our stdout (`... | head`) ends the run quietly, as it does `cat`'s (141);
-    stdout that cannot be written (a full disk) is one line and exit 2."""
+    stdout that cannot be written (a full disk) is one line and exit 2. Python warnings (minigpt's,
+    torch's) are one `warning: ...` line each, as the CLIs' own warnings are."""
     try:
-        code = main(argv)
+        with one_line_warnings():
+            code = main(argv)
         sys.stdout.flush()  # (here a full disk behind stdout is reported, not in a warning at exit)
     except MinigptError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
-        if os.environ.get("RANK", "0") == "0":  # (torchrun signals every rank: one line for the job)
+        if not _other_rank():  # (torchrun signals every rank: one line for the job)
             print("interrupted", file=sys.stderr)
         sys.exit(130)
     except BrokenPipeError:
@@ -39,6 +43,39 @@ def run(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] 
     sys.exit(code or 0)
 
 
+@contextlib.contextmanager
+def one_line_warnings() -> Iterator[None]:
+    """While inside, Python warnings print as `warning: <message>`: Python's own format starts with
+    the source file and line that called `warnings.warn` and repeats that line of code, which tell
+    the user of a CLI nothing. Only the format changes: which warnings show (each once per place, by
+    default) is still up to the warning filters, and pytest still records them."""
+    previous = warnings.formatwarning
+    warnings.formatwarning = _one_line_warning
+    try:
+        yield
+    finally:
+        warnings.formatwarning = previous
+
+
+def _one_line_warning(message: Warning, category: type[Warning], filename: str, lineno: int,
+                      line: str | None = None) -> str:
+    """`warnings.formatwarning` for a CLI: the message's first line (torch's warnings can run to
+    several), and the category where it is not the plain UserWarning (a FutureWarning, say). The
+    file, line number and code line are left out."""
+    kind = "" if category is UserWarning else f" ({category.__name__})"
+    return f"warning: {reason(message)}{kind}\n"
+
+
+def _other_rank() -> bool:
+    """Whether torchrun started this process as a rank other than 0, which stays quiet where every
+    rank would print the same line. (RANK itself is checked by minigpt.ddp, which imports torch, too
+    slow for a usage error; one that is no integer counts here as rank 0, so that its error is seen.)"""
+    try:
+        return int(os.environ.get("RANK", "0")) != 0
+    except ValueError:
+        return False
+
+
 def _drop_stdout() -> None:
     """Point stdout's descriptor at /dev/null, so that Python's last flush at exit cannot fail again."""
     os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
@@ -49,7 +86,7 @@ class Parser(argparse.ArgumentParser):
     full usage text would bury the one line that says what was wrong."""
 
     def error(self, message: str):
-        if os.environ.get("RANK", "0") != "0":  # (under torchrun every rank parses the same flags: one line)
+        if _other_rank():  # (under torchrun every rank parses the same flags: one line)
             self.exit(2)
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 

@@ -49,6 +49,9 @@ CACHE_VERSION = 2  # (2: byte-order marks dropped) bump when the way blocks are 
 BLOCKS_FILE = "blocks.npy"
 MANIFEST_FILE = "manifest.json"
 ENCODE_CHUNK = 1024  # texts per encode_batch call: large enough to keep every core busy
+# How to give a plain-text source more records (`Source._read` decides what one is).
+MORE_RECORDS = {"txt": "more paragraphs (a .txt file's records are its paragraphs, separated by blank lines)",
+                "txt-folder": "more .txt files (each file of a folder is one record)"}
 
 
 @dataclass
@@ -75,6 +78,11 @@ class DataConfig:
             raise MinigptError(f"--val-fraction: must be in [0, 1), got {self.val_fraction}")
         if self.seed < 0:
             raise MinigptError(f"--seed: must be >= 0, got {self.seed}")
+
+
+def count(n: int, noun: str) -> str:
+    """`n` and `noun` as a message says them: "1 record", "0 records", "2,048 records"."""
+    return f"{n:,} {noun}{'' if n == 1 else 's'}"
 
 
 def default_cache_dir() -> Path:
@@ -120,7 +128,8 @@ class TokenBlocks:
         return self.blocks.size
 
     def __repr__(self) -> str:
-        return f"TokenBlocks({len(self)} blocks of {self.block_size} tokens, {self.manifest.get('source')})"
+        size = f"{count(len(self), 'block')} of {count(self.block_size, 'token')}"
+        return f"TokenBlocks({size}, {self.manifest.get('source')})"
 
 
 def load_blocks(
@@ -145,6 +154,14 @@ def load_blocks(
     if train is None or val is None:
         # Rendering is per record, so rendering before splitting equals splitting the records first.
         train_docs, val_docs = split_records(render(train_src, cfg.format), cfg.val_fraction, cfg.seed)
+        if val_docs and not train_docs:  # (else _build would blame the block size for an empty train split)
+            n = len(val_docs)
+            raise MinigptError(
+                f"{train_src.name}: only {count(n, 'record')}, and the validation split (--val-fraction "
+                f"{cfg.val_fraction}, rounded up) takes {'it' if n == 1 else 'all of them'}, leaving none to "
+                f"train on; pass --val-fraction 0, a separate --val-data, or "
+                f"{MORE_RECORDS.get(train_src.kind, 'more records')}"
+            )
         train = _build(root, "train", train_key, train_src, train_docs, cfg, tokenizer, progress)
         val = _build(root, "validation", val_key, train_src, val_docs, cfg, tokenizer, progress)
     return train, val
@@ -231,8 +248,8 @@ def _build(
     n_blocks = len(stream) // cfg.block_size
     if n_blocks == 0 and (docs or role == "train"):  # (no validation records: --val-fraction 0)
         raise MinigptError(
-            f"{src.name}: the {role} data ({len(docs)} records) has {len(stream)} tokens, fewer "
-            f"than one block of {cfg.block_size} (--block-size); give more data or a smaller --block-size"
+            f"{src.name}: the {role} data ({count(len(docs), 'record')}) has {count(len(stream), 'token')}, "
+            f"fewer than one block of {cfg.block_size} (--block-size); give more data or a smaller --block-size"
         )
     blocks = stream[: n_blocks * cfg.block_size].reshape(n_blocks, cfg.block_size)
     manifest = {

@@ -1,8 +1,9 @@
 """Data-parallel set-up: where this process stands in a torchrun job, and the one collective it sums.
 
 torchrun starts one process per device and tells each its place through the environment (RANK,
-WORLD_SIZE, LOCAL_RANK). `torchrun_process_group(device)` joins that job's process group and yields
-a `Ranks`; a plain run is rank 0 of 1 and joins nothing. `StopRequest` turns a signal to any rank
+WORLD_SIZE, LOCAL_RANK), and where to meet the others (MASTER_ADDR, MASTER_PORT). `launched_ranks()`
+reads and checks the first three; `torchrun_process_group(device)` joins that job's process group and
+yields a `Ranks`; a plain run is rank 0 of 1 and joins nothing. `StopRequest` turns a signal to any rank
 into a stop all ranks make at the same step.
 
 Collectives time out after MINIGPT_DDP_TIMEOUT_MINUTES (default 60; torch's own default is 10): the
@@ -69,9 +70,46 @@ def collective_timeout() -> timedelta:
     return timedelta(minutes=minutes)
 
 
+# What the one line for a bad launch variable goes on to say: they are torchrun's to set.
+SET_BY_TORCHRUN = ("start data-parallel runs with torchrun, which sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR "
+                   "and MASTER_PORT; a plain run sets none of them")
+
+
+def launched_ranks() -> Ranks | None:
+    """This process's place in the torchrun job that started it, from the variables torchrun sets:
+    RANK (this process among all), WORLD_SIZE (how many there are) and LOCAL_RANK (among those on
+    this machine: the GPU it drives; 0 if unset). None without RANK and WORLD_SIZE: a plain run.
+
+    Set by hand they can be anything, so they are read and checked here, in one place: a bad one is
+    one line naming it, not int()'s traceback or a rank 2 of 2 waiting an hour for a group it is not in;
+    and the rank that decides, before any group is joined, who holds the run's lock is the rank that
+    joins it. (MASTER_ADDR and MASTER_PORT torch reads itself: see `torchrun_process_group`.)"""
+    text = {name: os.environ.get(name, "").strip() for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    if not text["RANK"] and not text["WORLD_SIZE"]:
+        return None
+    for name in ("RANK", "WORLD_SIZE"):  # (half a torchrun environment is no plain run either)
+        if not text[name]:
+            raise MinigptError(f"{name} is not set: {SET_BY_TORCHRUN}")
+    value = {}
+    for name, given in text.items():
+        try:
+            value[name] = int(given or 0)  # (LOCAL_RANK alone may be left out: 0)
+        except ValueError:
+            raise MinigptError(f"{name}={given!r} is not an integer: {SET_BY_TORCHRUN}") from None
+    rank, world_size, local_rank = value["RANK"], value["WORLD_SIZE"], value["LOCAL_RANK"]
+    if world_size < 1:
+        raise MinigptError(f"WORLD_SIZE={world_size}: a job has at least 1 process; {SET_BY_TORCHRUN}")
+    for name, number in (("RANK", rank), ("LOCAL_RANK", local_rank)):
+        if not 0 <= number < world_size:
+            raise MinigptError(f"{name}={number} with WORLD_SIZE={world_size}: ranks run from 0 to "
+                               f"{world_size - 1}; {SET_BY_TORCHRUN}")
+    return Ranks(rank, local_rank, world_size)
+
+
 def launched_rank() -> int:
     """This process's rank as torchrun announced it (0 outside torchrun), before any group is joined."""
-    return int(os.environ.get("RANK", 0))
+    ranks = launched_ranks()
+    return ranks.rank if ranks else 0
 
 
 @contextlib.contextmanager
@@ -91,31 +129,47 @@ def torchrun_process_group(device: torch.device) -> Iterator[tuple[Ranks, torch.
     stack in `ProcessGroupGloo::runLoop` -> `decref_pyobject` -> `PyEval_AcquireThread`). Seen in 3
     of 140 two-rank tiny runs here; with the sleep, which hands the GIL over, in none of 200.
     """
-    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+    ranks = launched_ranks()
+    if ranks is None:
         yield Ranks(), device
         return
-    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if device.type == "cuda":
-        if local_rank >= torch.cuda.device_count():
+        if ranks.local_rank >= torch.cuda.device_count():
             raise MinigptError(
-                f"torchrun: local rank {local_rank} has no GPU ({torch.cuda.device_count()} visible); "
+                f"torchrun: local rank {ranks.local_rank} has no GPU ({torch.cuda.device_count()} visible); "
                 "start at most one process per GPU (--nproc_per_node)"
             )
-        device = torch.device("cuda", local_rank)
+        device = torch.device("cuda", ranks.local_rank)
         torch.cuda.set_device(device)
         backend = "nccl"
     elif device.type == "cpu":
         backend = "gloo"
     else:
         raise MinigptError(f"--device {device.type}: distributed training runs on cuda or cpu")
-    dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=collective_timeout())
+    timeout = collective_timeout()
     try:
-        yield Ranks(rank, local_rank, world_size), device
+        dist.init_process_group(backend, rank=ranks.rank, world_size=ranks.world_size, timeout=timeout)
+    except ValueError as e:  # (torch's env:// rendezvous found MASTER_ADDR or MASTER_PORT missing or malformed)
+        raise MinigptError(_rendezvous_fault(e)) from None
+    try:
+        yield ranks, device
     finally:
         dist.destroy_process_group()
         if backend == "gloo":
             time.sleep(GLOO_DRAIN_SECONDS)
+
+
+def _rendezvous_fault(e: ValueError) -> str:
+    """One line for torch's refusal of MASTER_ADDR / MASTER_PORT, naming the variable at fault. torch
+    reads them itself (they say where rank 0 listens for the others), so they are checked where it
+    does; its own message ("... using env:// rendezvous: environment variable MASTER_ADDR expected,
+    but not set") says nothing of torchrun."""
+    address, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
+    if not address:
+        return f"MASTER_ADDR is not set: {SET_BY_TORCHRUN}"
+    if not port:
+        return f"MASTER_PORT is not set: {SET_BY_TORCHRUN}"
+    return f"MASTER_ADDR={address!r}, MASTER_PORT={port!r}: {reason(e)}"
 
 
 def all_reduce_sum(t: torch.Tensor, ranks: Ranks) -> torch.Tensor:

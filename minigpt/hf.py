@@ -7,6 +7,8 @@ from a minigpt one in three ways:
   2. attention layers may hold non-parameter mask buffers (`h.N.attn.bias`, `h.N.attn.masked_bias`);
   3. c_attn, c_proj and c_fc are `Conv1D` modules that store weights as (in, out), the transpose of
      `nn.Linear`'s (out, in).
+It may also hold `lm_head.weight`: minigpt's LM head IS the token embedding (`GPT.tie_weights`), so
+such a tensor is never loaded, only checked to be an exact copy of wte (`_check_head_is_wte`).
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ MASK_BUFFER = re.compile(r"^(transformer\.)?h\.\d+\.attn\.(bias|masked_bias)$")
 # The files of an HF model folder, as glob patterns (what a Hub download fetches).
 MODEL_FILES = ["config.json", "model.safetensors", "model.safetensors.index.json", "model-*.safetensors"]
 LEGACY_WEIGHTS_FILE = "pytorch_model.bin"
+HEAD, EMBEDDING = "lm_head.weight", "transformer.wte.weight"  # (the same names in both layouts)
 TOKENIZER_FILES = ["tokenizer.json", "vocab.json", "merges.txt"]
 
 
@@ -52,12 +55,13 @@ def hf_to_minigpt_name(name: str) -> str | None:
     """The HF <-> minigpt key map: an HF GPT-2 tensor name -> its minigpt name (None: not a weight).
 
     minigpt's module tree mirrors HF's, so the map is the identity up to the `transformer.` prefix.
-    Mask buffers are skipped, and so is `lm_head.weight` when saved: it is wte's tied copy.
+    Mask buffers are skipped. `lm_head.weight` keeps its name: the loader checks that it is a copy
+    of wte (`_check_head_is_wte`) rather than trusting it to be one.
     Export needs no inverse: minigpt's names are exactly HF's `GPT2LMHeadModel` names.
     """
-    if MASK_BUFFER.match(name) or name == "lm_head.weight":
+    if MASK_BUFFER.match(name):
         return None
-    return name if name.startswith("transformer.") else "transformer." + name
+    return name if name.startswith("transformer.") or name == HEAD else "transformer." + name
 
 
 def is_conv1d_weight(name: str) -> bool:
@@ -68,11 +72,29 @@ def is_conv1d_weight(name: str) -> bool:
 
 
 def _hf_expected(config: GPTConfig) -> dict[str, tuple[int, ...]]:
-    """minigpt names with the shapes HF stores them in (Conv1D weights transposed)."""
-    return {
+    """minigpt names with the shapes HF stores them in (Conv1D weights transposed), and the
+    optional LM head (wte's shape), which `expected_shapes` leaves out as minigpt never saves it."""
+    shapes = {
         name: tuple(reversed(shape)) if is_conv1d_weight(name) else shape
         for name, shape in expected_shapes(config).items()
     }
+    return {**shapes, HEAD: shapes[EMBEDDING]}
+
+
+def _check_head_is_wte(folder: Path, head: torch.Tensor | None, wte: torch.Tensor, untied: bool) -> None:
+    """Refuse a checkpoint whose LM head is not the token embedding: minigpt's head is wte itself.
+
+    `save_pretrained` may write the tied head as a copy of wte; that loads. Other values are a head
+    of its own, which transformers uses (untied, with a warning, even when config.json asks to tie)
+    and which minigpt would replace by wte: other logits. A config that declares the head untied
+    (`tie_word_embeddings: false`) must hold it, or transformers draws a random one.
+    """
+    if head is None and untied:
+        raise MinigptError(f"{folder}: config.json sets tie_word_embeddings false, but the weights hold no "
+                           f"{HEAD} (transformers would draw a random LM head)")
+    if head is not None and not torch.equal(head, wte):
+        raise MinigptError(f"{folder}: {HEAD} differs from {EMBEDDING}: an LM head of its own, which minigpt "
+                           "cannot load (its head is the token embedding, tied as in GPT-2)")
 
 
 def hf_weight_files(folder: Path) -> list[Path]:
@@ -125,8 +147,12 @@ def load_hf_checkpoint(
     """Load an HF GPT-2 folder (config.json + safetensors, or a legacy .bin) as a minigpt model."""
     folder = Path(folder)
     config_path = folder / CONFIG_FILE
+    hf_config = read_json(config_path)
+    # `tie_word_embeddings: false` alone is not refused, as GPTConfig.from_hf would: an untied head
+    # may still be an exact copy of wte. The weights decide, in `_check_head_is_wte`.
+    untied = hf_config.get("tie_word_embeddings") is False
     try:
-        config = GPTConfig.from_hf(read_json(config_path))
+        config = GPTConfig.from_hf({**hf_config, "tie_word_embeddings": True} if untied else hf_config)
     except (MinigptError, TypeError) as e:
         raise MinigptError(f"{config_path}: {e}") from None
     expected = _hf_expected(config)
@@ -140,7 +166,9 @@ def load_hf_checkpoint(
         state = _load_legacy_bin(files[0], expected)
     else:
         raise MinigptError(f"{folder}: no model.safetensors (or pytorch_model.bin) in this folder")
+    del expected[HEAD]  # (the one tensor a complete file may lack)
     check_complete(files[0], state, expected)
+    _check_head_is_wte(folder, state.pop(HEAD, None), state[EMBEDDING], untied)  # (popped: freed once checked)
     tokenizer = Tokenizer.from_dir(folder)
     check_vocabulary(folder, config, tokenizer)
     state = {k: v.t() if is_conv1d_weight(k) else v for k, v in state.items()}

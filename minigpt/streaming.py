@@ -138,7 +138,8 @@ def complete(
 
 def questions(ask: str = "question> ") -> Iterator[str]:
     """Questions typed on stdin, each asked for with `ask` on stderr, until Ctrl-D (end of input);
-    a blank line asks again. A line that is not UTF-8 is a MinigptError naming its first bad byte."""
+    a blank line asks again. A line that is not UTF-8 names its first bad byte: typed at a terminal,
+    in an error line, and the question is asked again; piped in, in a MinigptError (as a prompt file's)."""
     line = 0
     while True:
         sys.stderr.write(ask)
@@ -153,7 +154,11 @@ def questions(ask: str = "question> ") -> Iterator[str]:
         bad = lone_surrogate(question)
         if bad is not None:
             byte = len(question[:bad].encode("utf-8", "surrogateescape"))
-            raise MinigptError(f"stdin: line {line} is not UTF-8 text (byte {byte})")
+            message = f"stdin: line {line} is not UTF-8 text (byte {byte})"
+            if not sys.stdin.isatty():
+                raise MinigptError(message)
+            sys.stderr.write(f"error: {message}; ask again\n")
+            continue
         if question.strip():
             yield question
 

@@ -74,6 +74,9 @@ CASES = {
                        ["transformer.h.0.attn.rotary"]),
     "unsupported_config": (dict(edit_config=lambda c: c.update(reorder_and_upcast_attn=True)),
                            ["config.json", "reorder_and_upcast_attn"]),
+    # an LM head of its own (transformers uses it; minigpt's head is wte): it used to be dropped in silence
+    "head_not_wte": (dict(edit_state=lambda s: s.update({"lm_head.weight": -s["transformer.wte.weight"]})),
+                     ["src: lm_head.weight differs from transformer.wte.weight"]),
 }
 
 

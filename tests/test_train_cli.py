@@ -276,6 +276,46 @@ def test_bad_flags_exit_2(tmp_path, args, complaint, capsys):
     assert e.value.code == 2 and complaint in capsys.readouterr().err.splitlines()[-1]
 
 
+def test_init_from_an_hf_model_with_a_head_of_its_own_is_refused(tmp_path, tiny_hf_dir):
+    """--init reads an HF folder through the same loader as sample.py and convert_hf_weights.py: an
+    lm_head.weight other than wte (which minigpt's head is) is refused in one line, before any output;
+    it used to be dropped in silence, and another model than the file's fine-tuned."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    folder = shutil.copytree(tiny_hf_dir, tmp_path / "hf")
+    state = load_file(str(folder / "model.safetensors"))
+    save_file({**state, "lm_head.weight": -state["transformer.wte.weight"]}, str(folder / "model.safetensors"))
+    result = call_cli("train.py", *QUICK, "--init", str(folder), "--out", str(tmp_path / "out"))
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"error: {folder}: lm_head.weight differs from transformer.wte.weight: an LM head of its own, which "
+        "minigpt cannot load (its head is the token embedding, tied as in GPT-2)"
+    ]
+    assert not (tmp_path / "out").exists()
+
+
+def test_one_paragraph_of_data_names_the_split_that_took_it(tmp_path):
+    """--data of a single paragraph is one record, and --val-fraction's split (rounded up) takes it:
+    the one-line error says so and what works, and the first remedy it names trains. (It used to be
+    "the train data (0 records) has 0 tokens, fewer than one block of 64 (--block-size)".)"""
+    data = tmp_path / "ok.txt"
+    data.write_text(" ".join(f"word{i}" for i in range(200)) + "\n")
+    result = call_cli("train.py", *QUICK, "--data", str(data), "--max-steps", "2", "--out", str(tmp_path / "out"))
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"error: {data}: only 1 record, and the validation split (--val-fraction 0.2, rounded up) takes it, leaving "
+        "none to train on; pass --val-fraction 0, a separate --val-data, or more paragraphs (a .txt file's records "
+        "are its paragraphs, separated by blank lines)"
+    ]
+    assert not (tmp_path / "out").exists()
+    result = call_cli("train.py", *QUICK, "--data", str(data), "--val-fraction", "0", "--max-steps", "2",
+                      "--out", str(tmp_path / "out"))
+    assert result.returncode == 0, result.stderr
+    assert [row["step"] for row in metrics(tmp_path / "out") if "loss" in row] == [1, 2]
+
+
 def test_an_out_folder_of_something_else_is_refused(tmp_path):
     import train
 
