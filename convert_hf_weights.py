@@ -29,7 +29,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--out", required=True, type=path_text,
                    help="output folder (written only if everything succeeds)")
-    p.add_argument("--force", action="store_true", help="replace --out if it already holds files")
+    p.add_argument("--force", action="store_true", help="replace --out if it already holds a model (a minigpt "
+                   "or HF folder, or a training run's); a folder holding other files is never replaced")
     args = p.parse_args(argv)
     if (args.source is None) == (args.to_hf is None):
         p.error("give either SOURCE (HF -> minigpt) or --to-hf CHECKPOINT (minigpt -> HF)")
@@ -46,7 +47,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from minigpt.hf import export_hf  # heavy imports after parsing
     from minigpt.loading import convert_to_minigpt, load_model
-    from minigpt.run_folder import keep_runs_out
+    from minigpt.run_folder import check_replaceable, keep_runs_out
+
+    if out.is_dir() and not out.is_symlink():  # (a symlink is replaced itself, not what it names)
+        check_replaceable(out)
 
     with keep_runs_out(out):  # --force never replaces the folder of a live training run
         if to_hf:

@@ -301,6 +301,26 @@ class RunLock:
         self._fd = None
 
 
+# What else a model's folder holds, beside the HF weights and tokenizer files: a tokenizer's and
+# generation's settings as transformers saves them, and the model card.
+MODEL_FOLDER_EXTRAS = ["tokenizer_config.json", "special_tokens_map.json", "generation_config.json", "README.md"]
+
+
+def check_replaceable(out: Path) -> None:
+    """Refuse (one-line MinigptError) to replace a folder that holds anything but a model's files
+    (minigpt's, or an HF folder's) or a training run's: `--force` is there to redo a conversion, and a
+    mistyped `--out` must not delete a folder of someone's own work along with it."""
+    from fnmatch import fnmatch
+
+    from .hf import LEGACY_WEIGHTS_FILE, MODEL_FILES, TOKENIZER_FILES
+
+    patterns = [*MODEL_FILES, LEGACY_WEIGHTS_FILE, *TOKENIZER_FILES, *MODEL_FOLDER_EXTRAS]
+    for entry in sorted(out.iterdir()):
+        if not _belongs_to_run(entry) and not any(fnmatch(entry.name, pattern) for pattern in patterns):
+            raise MinigptError(f"--out {out}: holds {entry.name!r}, which is no model's or training run's file, and "
+                               "--force replaces only such a folder; choose another --out")
+
+
 @contextlib.contextmanager
 def keep_runs_out(out: str | os.PathLike) -> Iterator[None]:
     """Keep training runs out of folder `out` while the block replaces it whole

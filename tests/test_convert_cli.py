@@ -146,6 +146,27 @@ def test_force_never_replaces_the_folder_it_reads(tiny_hf_dir, tmp_path):
     assert {p.name: p.read_bytes() for p in src.iterdir()} == before
 
 
+def test_force_replaces_only_a_models_folder(tiny_hf_dir, tmp_path):
+    """--force redoes a conversion: it replaces a model's folder (an HF one, with its model card and
+    transformers' settings files; minigpt's), never one that holds anything else, which stays as it was."""
+    precious = tmp_path / "precious"
+    (precious / "sub").mkdir(parents=True)
+    (precious / "thesis.tex").write_text("mine")
+    (precious / "sub" / "data.csv").write_text("1,2\n")
+    r = call_cli("convert_hf_weights.py", str(tiny_hf_dir), "--out", str(precious), "--force")
+    assert_one_line_error(r, f"--out {precious}: holds 'sub', which is no model's or training run's file")
+    assert sorted(str(p.relative_to(precious)) for p in precious.rglob("*")) == ["sub", "sub/data.csv", "thesis.tex"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["precious"]  # (no temporary folder left either)
+    hf = tmp_path / "hf"
+    shutil.copytree(tiny_hf_dir, hf)
+    for name in ("README.md", "generation_config.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (hf / name).write_text("{}")
+    for args in ([str(tiny_hf_dir), "--out", str(hf)], [str(tiny_hf_dir), "--out", str(hf)],
+                 ["--to-hf", str(hf), "--out", str(tmp_path / "minigpt")]):
+        assert call_cli("convert_hf_weights.py", *args, "--force").returncode == 0
+    assert call_cli("convert_hf_weights.py", "--to-hf", str(hf), "--out", str(hf / ".." / "minigpt"), "--force").returncode == 0
+
+
 def test_usage_errors_exit_2(tmp_path):
     r = call_cli("convert_hf_weights.py", "--out", str(tmp_path / "o"))
     assert r.returncode == 2 and "either SOURCE" in r.stderr

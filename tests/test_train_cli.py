@@ -219,6 +219,7 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_130(tmp_path):
     assert "interrupted" in stderr and "Traceback" not in stderr
     step = checkpoint_step(out)
     assert step is not None and step == max(r["step"] for r in metrics(out))
+    assert f"stopped at step {step}: checkpoint saved in {out}; to continue, run the same command with --resume" in stderr
 
 
 @pytest.mark.parametrize(
