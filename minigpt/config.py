@@ -21,6 +21,7 @@ MAX_PARAMETERS = 20_000_000_000
 MAX_LAYERS = 256
 
 ATTENTION_IMPLS = ("sdpa", "reference")
+SHAPE_FIELDS = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd")  # the numbers the weights' shapes follow
 
 
 @dataclass
@@ -35,7 +36,7 @@ class GPTConfig:
     attn_impl: str = "sdpa"  # "sdpa": fused kernels; "reference": softmax(QK^T/sqrt(d))V written out
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
+        for name in SHAPE_FIELDS:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise MinigptError(f"config: {name} must be a positive integer, got {value!r}")
@@ -77,13 +78,19 @@ class GPTConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "GPTConfig":
-        """Build from minigpt's own config.json; unknown keys are an error, not silently dropped."""
+        """Build from minigpt's own config.json; unknown keys are an error, not silently dropped, and
+        so is a missing shape (the weights' shapes follow from it: distilgpt2's default would only
+        fail later, blaming the weights or another field)."""
         if not isinstance(d, dict):
             raise MinigptError("config: expected a JSON object")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
-            raise MinigptError(f"config: unknown field {unknown[0]!r}")
+            hf = " (an HF GPT-2 config.json? it names its model_type, \"gpt2\")" if "n_positions" in d else ""
+            raise MinigptError(f"config: unknown field {unknown[0]!r}{hf}")
+        missing = [name for name in SHAPE_FIELDS if name not in d]
+        if missing:
+            raise MinigptError(f"config: missing field {missing[0]!r}")
         return cls(**d)
 
     # --- Hugging Face GPT2Config <-> GPTConfig ------------------------------------------------

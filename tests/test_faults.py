@@ -426,6 +426,25 @@ def test_hf_config_of_another_architecture(tiny_hf_dir, tmp_path):
     assert_one_line_error(convert(str(src), "--out", str(tmp_path / "out")), "model_type 'bert'")
 
 
+def test_a_minigpt_config_missing_a_shape_names_it_and_an_hf_one_without_model_type_says_so(
+        tiny_minigpt_dir, tiny_hf_dir, tmp_path):
+    """A shape left out of minigpt's config.json is not filled with distilgpt2's default (which would
+    fail later, blaming the weights or another field); an HF config.json that lost its model_type
+    reads as minigpt's and is told apart by its HF fields."""
+    for name in ("n_head", "vocab_size", "n_layer", "block_size", "n_embd"):
+        src = Path(shutil.copytree(tiny_minigpt_dir, tmp_path / name))
+        config = json.loads((src / "config.json").read_text())
+        (src / "config.json").write_text(json.dumps({k: v for k, v in config.items() if k != name}))
+        result = convert("--to-hf", str(src), "--out", str(tmp_path / "out"))
+        assert_one_line_error(result, f"{src / 'config.json'}: config: missing field {name!r}")
+    src = Path(shutil.copytree(tiny_hf_dir, tmp_path / "hf"))
+    config = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({k: v for k, v in config.items() if k != "model_type"}))
+    assert_one_line_error(convert(str(src), "--out", str(tmp_path / "out")), "unknown field",
+                          'an HF GPT-2 config.json? it names its model_type, "gpt2"')
+    assert not (tmp_path / "out").exists()
+
+
 # --- hostile tokenizer files -------------------------------------------------------------------
 
 
