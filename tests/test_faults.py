@@ -160,10 +160,10 @@ def test_hostile_safetensors_minigpt_to_hf(case, tiny_minigpt_dir, tmp_path):
     damage(src / WEIGHTS)
     out = tmp_path / "out"
     out.mkdir()
-    (out / "previous.txt").write_text("an earlier export")
+    (out / "README.md").write_text("an earlier export")
     result = convert("--to-hf", str(src), "--out", str(out), "--force")
     assert_one_line_error(result, str(src / WEIGHTS), *needles)
-    assert snapshot(out) == {"previous.txt": b"an earlier export"} and leftovers(tmp_path) == []
+    assert snapshot(out) == {"README.md": b"an earlier export"} and leftovers(tmp_path) == []
 
 
 def test_weights_that_are_a_folder_are_refused(tiny_minigpt_dir, tmp_path):
