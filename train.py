@@ -135,10 +135,15 @@ def train(args, device, dtype, dtype_name: str, ranks, resume_from: Path | None)
     from minigpt.data import BatchIterator, count, load_blocks
     from minigpt.metrics import perplexity
     from minigpt.optim import AdamW, linear_schedule, param_groups
+    from minigpt.run_folder import check_same_run, saved_run_settings
     from minigpt.trainer import Trainer
     from minigpt.training_speed import prepare_for_training
 
     say = print if ranks.is_main else (lambda *a, **k: None)
+    if resume_from is not None:  # the settings the data does not decide, before any is read (the Hub's, by default)
+        settings = args.run_config(ranks.world_size, dtype_name, max_steps=None)
+        saved = saved_run_settings(resume_from)
+        check_same_run(args.out, {k: v for k, v in saved.items() if k in settings}, settings)
     model, tokenizer = build_model(args, resume_from)
     model = prepare_for_training(model.to(device).train())
     if ranks.world_size > 1:  # each rank draws its own dropout masks (one seed would repeat rank 0's)

@@ -216,6 +216,12 @@ class StateRecord(dict):
         raise MinigptError(f"{self.path}: missing {self.kind} {name!r}")
 
 
+def saved_run_settings(folder: Path) -> dict[str, Any]:
+    """The settings (by flag name) that the run whose checkpoint is `folder` was made with."""
+    settings = read_json(folder / STATE_JSON).get("run", {})
+    return settings if isinstance(settings, dict) else {}
+
+
 def check_same_run(out: Path, saved: dict[str, Any], current: dict[str, Any]) -> None:
     """Refuse to resume the run in `out` with settings (by flag name) other than those it was made with."""
     for key in sorted(set(saved) | set(current)):

@@ -122,16 +122,18 @@ class TrainFlags:
             eval_every=self.eval_every, save_every=self.save_every, progress=not self.no_progress,
         )
 
-    def run_config(self, world_size: int, dtype_name: str, max_steps: int) -> dict[str, Any]:
-        """The settings that decide the run's numbers, by flag: a resume must use the same ones."""
+    def run_config(self, world_size: int, dtype_name: str, max_steps: int | None) -> dict[str, Any]:
+        """The settings that decide the run's numbers, by flag: a resume must use the same ones.
+        `max_steps` None: all but the steps, which with --epochs wait for the data to be counted."""
         def where(source: str | None) -> str | None:  # the same file however it was spelled
             return str(Path(source).resolve()) if source and Path(source).exists() else source
 
-        return {
+        settings = {
             **run_flags(self), "--init": where(self.init), "--data": where(self.data),
             "--val-data": where(self.val_data), "--batch-size x processes": self.batch_size * world_size,
-            "steps (--epochs / --max-steps)": max_steps, "--dtype": dtype_name, "--tokenizer": where(self.tokenizer),
+            "--dtype": dtype_name, "--tokenizer": where(self.tokenizer),
         }
+        return settings if max_steps is None else {**settings, "steps (--epochs / --max-steps)": max_steps}
 
     def tokenizer_source(self) -> str:
         """Where a new model's tokenizer comes from: --tokenizer, else the recipe's."""

@@ -401,3 +401,13 @@ def test_a_resume_with_other_settings_names_them_readably(tmp_path):
     assert again.returncode == 2 and again.stderr.splitlines() == [
         f"error: --resume: the run in {out} was made without --tokenizer, not with --tokenizer gpt2; "
         "resume with the same settings, or choose another --out"]
+    # settings the data does not decide are compared before any data is read: a --resume without the
+    # run's data flags is told so, not sent to the (here unreachable) Hub for the recipe's data
+    bare = call_cli("train.py", "--out", str(out), "--resume", "--no-progress")
+    assert bare.returncode == 2 and bare.stderr.splitlines() == [
+        f"error: --resume: the run in {out} was made with --batch-size x processes 16, not 8; "
+        "resume with the same settings, or choose another --out"], bare.stderr
+    other_data = call_cli("train.py", *QUICK, "--max-steps", "1", "--out", str(out), "--resume", "--data", "eli5_category")
+    assert other_data.returncode == 2 and len(other_data.stderr.splitlines()) == 1, other_data.stderr
+    assert re.match(rf"error: --resume: the run in {re.escape(str(out))} was made (with --data .+|without --data), "
+                    r"not (with --data )?eli5_category; ", other_data.stderr), other_data.stderr
