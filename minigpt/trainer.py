@@ -258,7 +258,7 @@ class Trainer:
         saved = f"step {self.last_save_step}" if self.last_save_step >= 0 else "none yet"
         raise MinigptError(
             f"step {step}: {what} is {value}; stopping. The last checkpoint in {self.out} "
-            f"({saved}) is untouched; try a lower --lr or another --dtype"
+            f"({saved}) is untouched; try a lower --lr or another --dtype in a new run (--resume keeps the settings)"
         )
 
     def _no_sync(self):
