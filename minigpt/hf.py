@@ -121,12 +121,13 @@ def _load_legacy_bin(path: Path, expected: dict) -> dict[str, torch.Tensor]:
         with warnings.catch_warnings():  # torch's notes on pickle protocols; failures are reported below
             warnings.simplefilter("ignore")
             raw = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:  # the pickle asks for something other than tensors
+    except pickle.UnpicklingError as e:  # a pickle that asks for something other than tensors, or no pickle
         culprit = re.search(r"GLOBAL (\S+)", str(e))
-        wants = f" (it asks for {culprit.group(1)})" if culprit else ""
+        if culprit is None:  # (bytes the tensor-only unpickler cannot read: a damaged or foreign file)
+            raise MinigptError(f"{path}: not a PyTorch weights file (no pickle of plain tensors)") from None
         raise MinigptError(
-            f"{path}: refused to load: not a plain tensor file{wants}; minigpt never unpickles "
-            "anything else, as that can run code. Use a model.safetensors instead"
+            f"{path}: refused to load: not a plain tensor file (it asks for {culprit.group(1)}); minigpt never "
+            "unpickles anything else, as that can run code. Use a model.safetensors instead"
         ) from None
     except Exception as e:  # RuntimeError for a damaged zip, EOFError for a truncated file, ...
         raise MinigptError(f"{path}: not a PyTorch weights file ({reason(e)})") from None

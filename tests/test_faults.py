@@ -294,7 +294,9 @@ def torch_saved(obj) -> bytes:
 BROKEN_BINS = {
     "floats_not_tensors": (torch_saved({WPE: 1.5}), "not a state dict of tensors"),
     "a_list": (torch_saved([torch.zeros(2)]), "not a state dict of tensors"),
-    "plain_pickle": (pickle.dumps({WPE: [0.0] * 4}, protocol=4), "refused to load"),
+    "plain_pickle": (pickle.dumps({WPE: [0.0] * 4}, protocol=4), "not a PyTorch weights file (no pickle of plain tensors)"),
+    "garbage": (b"hello, no pickle at all", "not a PyTorch weights file"),
+    "no_pickle_opcode": (b"xyz", "not a PyTorch weights file"),
     "not_a_zip": (b"PK\x03\x04 not really a zip", "not a PyTorch weights file"),
     "empty": (b"", "not a PyTorch weights file"),
     "truncated": (torch_saved({WPE: torch.zeros(256, 64)})[:5000], "not a PyTorch weights file"),
