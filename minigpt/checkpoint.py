@@ -169,7 +169,8 @@ def load_safetensors(
     except FileNotFoundError:
         raise MinigptError(f"{path}: file not found") from None
     except OSError as e:  # a folder, a device, an unreadable file
-        raise MinigptError(f"{path}: cannot read it ({e})") from None
+        detail = "a folder, not a file" if Path(path).is_dir() else e  # (safetensors says "No such device" of a folder)
+        raise MinigptError(f"{path}: cannot read it ({detail})") from None
     check_tensors(path, tensors)
     return tensors
 

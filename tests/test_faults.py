@@ -171,7 +171,7 @@ def test_weights_that_are_a_folder_are_refused(tiny_minigpt_dir, tmp_path):
     (src / WEIGHTS).unlink()
     (src / WEIGHTS).mkdir()
     result = convert("--to-hf", str(src), "--out", str(tmp_path / "out"))
-    assert_one_line_error(result, str(src / WEIGHTS), "cannot read")
+    assert_one_line_error(result, str(src / WEIGHTS), "cannot read it (a folder, not a file)")
     assert not (tmp_path / "out").exists()
 
 
