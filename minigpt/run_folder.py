@@ -77,7 +77,9 @@ def check_out_folder(out: str | os.PathLike, resume: bool, *, locked: bool = Tru
         raise MinigptError(f"--out {out}: exists and is not a folder")
     if not out.exists():  # it will be made: its nearest existing ancestor must be a writable folder
         ancestor = next(p for p in out.absolute().parents if p.exists())
-        if not ancestor.is_dir() or not os.access(ancestor, os.W_OK | os.X_OK):
+        if not ancestor.is_dir():
+            raise MinigptError(f"--out {out}: cannot create it, {ancestor} is a file, not a folder")
+        if not os.access(ancestor, os.W_OK | os.X_OK):
             raise MinigptError(f"--out {out}: cannot create it, {ancestor} is not a writable folder")
     check_outside_runs(out)
     ckpt = current_checkpoint(out)

@@ -1175,7 +1175,7 @@ def test_train_flags_out_of_range(tmp_path, tiny_minigpt_dir, monkeypatch):
         (["--block-size", "100000"], ["fewer than one block", "--block-size"]),
         (["--resume"], ["--resume", "no checkpoint"]),
         (["--out", str(a_file)], [str(a_file), "not a folder"]),
-        (["--out", str(a_file / "sub")], [str(a_file / "sub")]),
+        (["--out", str(a_file / "sub")], [str(a_file / "sub"), f"{a_file} is a file, not a folder"]),
         (["--init", str(tiny_minigpt_dir), "--n-layer", "3"], ["--n-layer needs --init scratch"]),
         (["--seed", str(10**25)], ["--seed"]),
     ]:
