@@ -217,8 +217,10 @@ def atomic_folder(out: str | os.PathLike) -> Iterator[Path]:
 def _rename_into_place(tmp: Path, out: Path) -> None:
     """Rename the complete folder `tmp` to `out`. An existing `out` is first moved into a folder
     `.NAME.old-XXXX` beside it and deleted once the new one is in place; if a rename fails, the
-    previous `out` is put back and the `.old` folder removed, so a failure leaves `out` as it was."""
-    if not out.exists():
+    previous `out` is put back and the `.old` folder removed, so a failure leaves `out` as it was.
+    A symlink `out` is replaced as `out` is, also one that names nothing (a folder cannot be renamed
+    onto a link)."""
+    if not out.exists() and not out.is_symlink():
         os.replace(tmp, out)
         return
     old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-{os.getpid()}-", dir=out.parent))

@@ -75,6 +75,9 @@ def check_out_folder(out: str | os.PathLike, resume: bool, *, locked: bool = Tru
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise MinigptError(f"--out {out}: exists and is not a folder")
+    if out.is_symlink() and not out.exists():  # (the run would write through it, into nothing)
+        raise MinigptError(f"--out {out}: a symlink to {os.readlink(out)}, which does not exist; create that "
+                           "folder, or choose another --out")
     if not out.exists():  # it will be made: its nearest existing ancestor must be a writable folder
         ancestor = next(p for p in out.absolute().parents if p.exists())
         if not ancestor.is_dir():

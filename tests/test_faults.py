@@ -1166,8 +1166,9 @@ def test_train_flags_out_of_range(tmp_path, tiny_minigpt_dir, monkeypatch):
         result = call_cli("train.py", *TINY_RUN, *out, flag, value)
         assert result.returncode == 2 and "Traceback" not in result.stderr, (flag, value, result.stderr)
         assert f"error: argument {flag}: " in result.stderr.strip().splitlines()[-1], (flag, value, result.stderr)
-    a_file = tmp_path / "a_file"
+    a_file, dangling = tmp_path / "a_file", tmp_path / "dangling"
     a_file.write_text("x")
+    dangling.symlink_to(tmp_path / "nowhere")
     for args, needles in [
         (["--device", "tpu"], ["--device", "tpu"]),
         (["--n-embd", "33"], ["n_embd (33)", "n_head (2)"]),
@@ -1176,6 +1177,7 @@ def test_train_flags_out_of_range(tmp_path, tiny_minigpt_dir, monkeypatch):
         (["--resume"], ["--resume", "no checkpoint"]),
         (["--out", str(a_file)], [str(a_file), "not a folder"]),
         (["--out", str(a_file / "sub")], [str(a_file / "sub"), f"{a_file} is a file, not a folder"]),
+        (["--out", str(dangling)], [f"--out {dangling}: a symlink to {tmp_path / 'nowhere'}, which does not exist"]),
         (["--init", str(tiny_minigpt_dir), "--n-layer", "3"], ["--n-layer needs --init scratch"]),
         (["--seed", str(10**25)], ["--seed"]),
     ]:

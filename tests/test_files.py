@@ -82,6 +82,20 @@ def test_concurrent_atomic_files_never_collide(tmp_path):
     assert path.read_text() in ("a" * 1000, "b" * 1000) and names(tmp_path) == ["out.txt"]
 
 
+def test_atomic_folder_replaces_a_symlink_out_also_one_that_names_nothing(tmp_path):
+    """A symlink at `out` is replaced by the folder, the folder it names left alone; a link that names
+    nothing is replaced the same way (a rename of a folder onto it failed: "Not a directory")."""
+    (tmp_path / "target").mkdir()
+    (tmp_path / "target" / "keep.txt").write_text("mine")
+    for name, points_to in (("link", "target"), ("dangling", "nowhere")):
+        (tmp_path / name).symlink_to(points_to)
+        with atomic_folder(tmp_path / name) as tmp:
+            (tmp / "new.txt").write_text(name)
+        assert not (tmp_path / name).is_symlink() and (tmp_path / name / "new.txt").read_text() == name
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dangling", "link", "target"]
+    assert [p.name for p in (tmp_path / "target").iterdir()] == ["keep.txt"] and not (tmp_path / "nowhere").exists()
+
+
 def test_atomic_symlink_swaps_the_pointer(tmp_path):
     link = tmp_path / "current"
     atomic_symlink("step-1", link)
