@@ -144,13 +144,12 @@ class Trainer:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.forward_model = DistributedDataParallel(model, device_ids=ids)
         if config.compile:
-            if self.device.type == "cpu":
-                prepare_cpu_compile()  # (inductor's C++ is for this process's instruction sets)
+            if self.device.type == "cpu":  # (inductor's C++ is for this process's instruction sets)
+                prepare_cpu_compile()
             self.forward_model = torch.compile(self.forward_model, mode=config.compile_mode)
         # reduce-overhead replays CUDA graphs: the batch dimension is marked dynamic so that an epoch's
         # short last batch reuses the compiled code (a graph is still recorded per batch size).
         self.cuda_graphs = config.compile and config.compile_mode == "reduce-overhead"
-
         self.step = 0  # optimizer steps done (fp16 steps skipped by the scaler included)
         self.skipped_steps = 0  # (a property, counted on the device)
         self.last_eval_step = self.last_save_step = -1
@@ -356,20 +355,21 @@ class Trainer:
             with self.stop.catch_signals(self.ranks.is_main):
                 while self.step < cfg.max_steps and not self._should_stop():
                     self._run_epoch()
-                if self._should_stop(agree_now=True):  # (every rank: a signal may have come in the last step)
+                if stopped := self._should_stop(agree_now=True):  # (every rank: a signal may come in the last step)
                     self.save()
-                    raise KeyboardInterrupt
-            if self.val_batches is not None and self.last_eval_step != self.step:
+            if not stopped and self.val_batches is not None and self.last_eval_step != self.step:
                 self._evaluate_and_log()
-            if self.last_save_step != self.step or self._rows_since_save():
+            if not stopped and (self.last_save_step != self.step or self._rows_since_save()):
                 self.save()  # the last checkpoint, its card with every row
         finally:
             if self.bar is not None:
                 self.bar.close()
             if self.metrics is not None:
                 self.metrics.close()
-        if self.ranks.is_main:
+        if self.ranks.is_main:  # (a stopped run's curve too)
             plot_metrics(self.out / METRICS_FILE, self.out / PLOT_FILE)
+        if stopped:
+            raise KeyboardInterrupt  # (the CLI exits 130)
         return {"step": self.step, **self.last}
 
     def _run_epoch(self) -> None:

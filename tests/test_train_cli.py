@@ -220,6 +220,7 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_130(tmp_path):
     step = checkpoint_step(out)
     assert step is not None and step == max(r["step"] for r in metrics(out))
     assert f"stopped at step {step}: checkpoint saved in {out}; to continue, run the same command with --resume" in stderr
+    assert (out / "loss.png").is_file()  # (the curve so far, as a finished run draws it)
 
 
 @pytest.mark.parametrize(
