@@ -33,6 +33,7 @@ DEFAULT_HUB_MODEL = "distilbert/distilgpt2"
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.dash_hint = 'a PROMPT that starts with "-" goes after --, as in: sample.py -- "-text"'
     p.add_argument("prompts", nargs="*", metavar="PROMPT",
                    help='text to continue; several prompts are answered one after another; "-" '
                    'reads one prompt per line from stdin; "" starts from <|endoftext|>')

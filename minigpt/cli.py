@@ -83,12 +83,17 @@ def _drop_stdout() -> None:
 
 class Parser(argparse.ArgumentParser):
     """argparse, except that a usage error is one line (and exit 2), like every other error: the
-    full usage text would bury the one line that says what was wrong."""
+    full usage text would bury the one line that says what was wrong. `dash_hint`: what to add when
+    an argument that starts with "-" was taken for a flag (a positional text such as a prompt)."""
+
+    dash_hint: str | None = None
 
     def error(self, message: str):
         if _other_rank():  # (under torchrun every rank parses the same flags: one line)
             self.exit(2)
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+        taken_for_a_flag = "unrecognized arguments: -" in message or "ignored explicit argument" in message
+        hint = f"; {self.dash_hint}" if self.dash_hint and taken_for_a_flag else ""
+        self.exit(2, f"{self.prog}: error: {message}{hint} (see --help)\n")
 
 
 def _number(kind: type, test: Callable[[float], bool], what: str) -> Callable[[str], float]:

@@ -201,6 +201,24 @@ def test_bad_numbers_are_usage_errors(flag, value, capsys):
     assert flag in capsys.readouterr().err
 
 
+def test_a_prompt_taken_for_a_flag_is_told_about_double_dash(tiny_minigpt_dir, capsys):
+    """ "-hello" parses as -h with "ello" attached: the usage error says how to pass such a prompt,
+    and that way works; a mistyped flag of train.py gets no such hint."""
+    hint = 'a PROMPT that starts with "-" goes after --, as in: sample.py -- "-text" (see --help)\n'
+    for argv in (["-hello"], ["-x", "hi"]):
+        with pytest.raises(SystemExit) as e:
+            sample.main(argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.endswith(hint) and err.count("\n") == 1, err
+    sample.main(["--model", str(tiny_minigpt_dir), "--greedy", "--max-new-tokens", "2", "--", "-hello"])
+    assert capsys.readouterr().out.startswith("-hello")
+    import train
+
+    with pytest.raises(SystemExit):
+        train.main(["--lrr", "3"])
+    assert capsys.readouterr().err.endswith(": error: unrecognized arguments: --lrr 3 (see --help)\n")
+
+
 def test_under_torchrun_only_rank_0_prints_a_usage_error(capsys, monkeypatch):
     """Every rank parses the same flags: the job's usage error is one line, rank 0's; all exit 2."""
     for rank, printed in (("1", ""), ("0", "error: argument --top-p")):
