@@ -93,10 +93,31 @@ def prepare_weights(model: str | None, work: Path) -> tuple[Path, Path]:
 
         torch.manual_seed(0)
         GPT2LMHeadModel(GPT2Config(n_layer=6, n_head=12, n_embd=768)).save_pretrained(hf_dir)
-        gpt2_tokenizer().to_hf_files(hf_dir)
+        gpt2_tokenizer().to_hf_files(hf_dir, 1024)
     else:
         export_hf(*load_model(model), hf_dir)
     return hf_dir, convert_to_minigpt(hf_dir, work / "minigpt")
+
+
+def check_window(args) -> None:
+    """Refuse (one line) new tokens that, after the prompt, overflow the model's context window:
+    transformers' generate() does not slide the window as ours does, and fails with an IndexError."""
+    from minigpt.config import GPTConfig
+    from minigpt.files import read_json
+    from minigpt.loading import resolve_model
+
+    window = 1024  # (the random distilgpt2-shaped model, without --model)
+    if args.model is not None:
+        folder, kind = resolve_model(args.model)
+        config = read_json(folder / "config.json")
+        window = (GPTConfig.from_hf(config) if kind == "hf" else GPTConfig.from_dict(config)).block_size
+    n_prompt = len(gpt2_tokenizer().encode(PROMPT))  # (GPT-2's vocabulary, as every model benchmarked here)
+    asks = [("--tokens", args.tokens)] if {"speed", "memory"} - set(args.skip) else []
+    asks += [("the end-to-end run (--skip e2e leaves it out)", 100)] if "e2e" not in args.skip else []
+    for what, tokens in asks:
+        if n_prompt + tokens > window:
+            raise MinigptError(f"{what}: {tokens} new tokens after the {n_prompt}-token prompt exceed the model's "
+                               f"context window of {window} positions, which transformers' generate() does not slide")
 
 
 def gpt2_tokenizer() -> Tokenizer:
@@ -440,12 +461,13 @@ def worker(args) -> None:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="weights to use (any sample.py --model); default: random-init distilgpt2 shape")
-    p.add_argument("--tokens", type=positive_int, default=100, help="new tokens per timed run (default: 100)")
-    p.add_argument("--reps", type=positive_int, default=3, help="timed runs per variant (default: 3)")
+    p.add_argument("--tokens", type=positive_int, help="new tokens per timed run (default: 100; --quick: 30)")
+    p.add_argument("--reps", type=positive_int, help="timed runs per variant (default: 3; --quick: 1)")
     p.add_argument("--batches", type=positive_int, nargs="+", default=[1, 8], help="batch sizes (default: 1 8)")
     p.add_argument("--threads", type=positive_int, help="torch threads (default: torch's choice)")
-    p.add_argument("--e2e-reps", type=positive_int, default=3, help="end-to-end runs per command (default: 3)")
-    p.add_argument("--quick", action="store_true", help="30 tokens, 1 run, memory at batch 1 only")
+    p.add_argument("--e2e-reps", type=positive_int, help="end-to-end runs per command (default: 3; --quick: 1)")
+    p.add_argument("--quick", action="store_true", help="30 tokens, 1 run, memory at batch 1 only (where --tokens, "
+                   "--reps and --e2e-reps are not given)")
     p.add_argument("--skip", nargs="*", default=[], choices=["speed", "memory", "e2e"], help="parts to leave out")
     p.add_argument("--eval-checkpoint", help="a trained checkpoint: compare its validation loss in fp32/bf16/int8")
     p.add_argument("--eval-data", help="the data file for --eval-checkpoint (e.g. minigpt/assets/eli5_tiny.jsonl)")
@@ -463,8 +485,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--mg-dir", help=argparse.SUPPRESS)
     p.add_argument("--batch", type=positive_int, default=1, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    args.tokens = args.tokens or (30 if args.quick else 100)
+    args.reps = args.reps or (1 if args.quick else 3)
+    args.e2e_reps = args.e2e_reps or (1 if args.quick else 3)
     if (args.eval_checkpoint is None) != (args.eval_data is None):
         p.error("--eval-checkpoint and --eval-data go together")
+    if args.llama_convert is not None and not args.llama_bench:
+        p.error("--llama-convert goes with --llama-bench (it converts the weights llama-bench times)")
+    if set(args.skip) >= {"speed", "memory", "e2e"} and not args.llama_bench and args.eval_checkpoint is None:
+        p.error("--skip speed memory e2e leaves nothing to run (add --llama-bench PATH or --eval-checkpoint)")
     if args.llama_bench:  # checked now, not after minutes of preparing weights
         bench = Path(args.llama_bench).resolve()
         if not (bench.is_file() and os.access(bench, os.X_OK)):
@@ -491,14 +520,11 @@ def main(argv: list[str] | None = None) -> None:
     args.threads = torch.get_num_threads()
     if args.worker:
         return worker(args)
-    if args.quick:
-        args.tokens, args.reps, args.e2e_reps = 30, 1, 1
 
     from minigpt.loading import resolve_model
     from minigpt.sources import Source, render
 
-    if args.model is not None:  # (a wrong --model: one line before the hardware is timed)
-        resolve_model(args.model)
+    check_window(args)  # (a wrong --model, too: one line before the hardware is timed)
     if args.eval_checkpoint is not None:  # (likewise the int8 loss's checkpoint and data)
         resolve_model(args.eval_checkpoint)
         render(Source.resolve(args.eval_data, "--eval-data", None), "answers")

@@ -40,6 +40,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import gc
+import itertools
 import json
 import os
 import shutil
@@ -55,7 +56,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import hardware  # noqa: E402  (benchmarks/hardware.py, beside this file)
-from minigpt.cli import Parser, non_negative_int, positive_int, run  # noqa: E402  (after the path set-up above)
+from minigpt.cli import Parser, non_negative_int, path_text, positive_int, run  # noqa: E402  (after the path set-up above)
 from minigpt.errors import MinigptError  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "data"
@@ -65,28 +66,30 @@ DTYPE_NAMES = ("fp32", "bf16", "fp16")
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", help="an HF GPT-2 folder or Hub id to start from (default: a random-init "
+    p.add_argument("--model", type=path_text, help="an HF GPT-2 folder or Hub id to start from (default: a random-init "
                    "distilgpt2-shaped model)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
     p.add_argument("--dtype", help="comma-separated precisions to time, from fp32,bf16,fp16 (default: "
                    "fp32, plus bf16 where bf16 matmuls are at least a third as fast as fp32)")
     p.add_argument("--batch-size", type=positive_int, default=8)
     p.add_argument("--block-size", type=positive_int, default=128)
-    p.add_argument("--steps", type=positive_int, default=10, help="timed steps per side (default: 10)")
-    p.add_argument("--warmup", type=positive_int, default=2, help="untimed steps per side first (default: 2)")
+    p.add_argument("--steps", type=positive_int, help="timed steps per side (default: 10; --quick: 3)")
+    p.add_argument("--warmup", type=positive_int, help="untimed steps per side first (default: 2; --quick: 1)")
     p.add_argument("--loss-steps", type=non_negative_int, default=0, help="also train N steps in fp32 and "
                    "bf16 and compare the losses (default: 0, off)")
-    p.add_argument("--quick", action="store_true", help="3 timed steps after 1 warm-up")
+    p.add_argument("--quick", action="store_true", help="3 timed steps after 1 warm-up (where --steps and --warmup "
+                   "are not given)")
     p.add_argument("--profile", action="store_true", help="also profile 3 steps of each side per precision "
                    "and print where the step's time goes: matmuls vs the rest, and the top operators")
     p.add_argument("--memory-child", help=argparse.SUPPRESS)  # internal: one memory measurement
     args = p.parse_args(argv)
-    args.dtypes = [d.strip() for d in args.dtype.split(",")] if args.dtype else None  # (None: chosen by measuring)
+    # (None: chosen by measuring; a precision given twice is timed once)
+    args.dtypes = list(dict.fromkeys(d.strip() for d in args.dtype.split(","))) if args.dtype is not None else None
     unknown = [d for d in args.dtypes or [] if d not in DTYPE_NAMES]
     if unknown:
         p.error(f"--dtype: unknown precision {unknown[0]!r} (choose from {', '.join(DTYPE_NAMES)})")
-    if args.quick:
-        args.steps, args.warmup = 3, 1
+    args.steps = args.steps or (3 if args.quick else 10)
+    args.warmup = args.warmup or (1 if args.quick else 2)
     return args
 
 
@@ -237,10 +240,18 @@ def benchmark_batch(folder: Path, args, device):
         from minigpt.data import BatchIterator, DataConfig, load_blocks
         from minigpt.tokenizer import Tokenizer
 
-        cfg = DataConfig(source=str(source), block_size=args.block_size, max_records=400, val_fraction=0.0)
-        blocks, _ = load_blocks(cfg, Tokenizer.from_dir(folder), progress=False)
-        batches = iter(BatchIterator(blocks, args.batch_size, seed=0))
-        return [next(batches).to(device) for _ in range(max(1, args.loss_steps))], "ELI5 text"
+        steps = max(1, args.loss_steps)
+        for records in (400, None):  # (400 records serve the usual shapes; the whole file, larger ones)
+            cfg = DataConfig(source=str(source), block_size=args.block_size, max_records=records, val_fraction=0.0)
+            blocks, _ = load_blocks(cfg, Tokenizer.from_dir(folder), progress=False)
+            if len(blocks) >= args.batch_size * steps:
+                break
+        if len(blocks) < args.batch_size:  # (a short batch would be timed as a full one)
+            raise MinigptError(f"--batch-size {args.batch_size} x --block-size {args.block_size}: the ELI5 text here "
+                               f"makes only {len(blocks)} blocks of {args.block_size} tokens")
+        batches = BatchIterator(blocks, args.batch_size, seed=0, drop_last=True)  # (full batches only)
+        epochs = itertools.chain.from_iterable(itertools.repeat(batches))  # (each pass a new epoch, reshuffled)
+        return [batch.to(device) for batch in itertools.islice(epochs, steps)], "ELI5 text"
     g = torch.Generator().manual_seed(0)
     batch = torch.randint(0, 50257, (args.batch_size, args.block_size), generator=g).to(device)
     return [batch], "random tokens"

@@ -36,6 +36,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from minigpt.cli import Parser, non_negative_int, positive_float, positive_int  # noqa: E402  (after the path set-up)
 
 PROMPT = [464, 2068, 7586, 21831, 18045, 625, 262, 16931, 3290, 13]  # "The quick brown fox ..." ids
+WINDOW = 1024  # the positions of the distilgpt2-shaped model timed (bench_train.model_folder)
 
 
 class Shape(NamedTuple):
@@ -72,7 +73,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tokens", type=positive_int, default=100, help="new tokens per decode run (default: 100)")
     p.add_argument("--budget", type=positive_float, default=280, help="seconds for all timings (default: 280)")
     p.add_argument("--check-options", action="store_true", help=argparse.SUPPRESS)  # gpu_check.sh: before the tests
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    # (refused here, before the CUDA tests spend minutes: on a GPU a position past the window is a
+    # device-side assert, which breaks every later cell of the run)
+    for flag, shapes in (("--shapes", args.shapes), ("--compile-shapes", args.compile_shapes)):
+        for s in shapes:
+            if s.block > WINDOW:
+                p.error(f"{flag} {s}: distilgpt2 sees at most {WINDOW} tokens")
+    if len(PROMPT) + args.tokens > WINDOW:
+        p.error(f"--tokens {args.tokens}: after the {len(PROMPT)}-token prompt, beyond distilgpt2's {WINDOW} positions")
+    return args
 
 
 def median_step(side, batch, args) -> float:

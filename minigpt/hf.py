@@ -190,7 +190,7 @@ def export_hf(model: GPT, tokenizer: Tokenizer, out: str | os.PathLike, card: st
         hf_config = model.config.to_hf(eos_token_id=tokenizer.eos_id)
         (tmp / CONFIG_FILE).write_text(json.dumps(hf_config, indent=2) + "\n")
         save_tensors(state, tmp / WEIGHTS_FILE, metadata={"format": "pt"})
-        tokenizer.to_hf_files(tmp)
+        tokenizer.to_hf_files(tmp, model.config.block_size)
         if card is not None:
             (tmp / "README.md").write_text(card, encoding="utf-8")
     return Path(out)

@@ -146,15 +146,16 @@ class Tokenizer:
         except Exception as e:  # the Rust side reports a failed write (a full disk) as a plain Exception
             raise OSError(f"{path}: {e}") from None
 
-    def to_hf_files(self, folder: str | os.PathLike) -> None:
-        """Write the files `transformers.AutoTokenizer` expects beside an exported model."""
+    def to_hf_files(self, folder: str | os.PathLike, model_max_length: int) -> None:
+        """Write the files `transformers.AutoTokenizer` expects beside an exported model, whose
+        context window is `model_max_length` tokens (what transformers truncates a pipeline's input to)."""
         folder = Path(folder)
         self.save(folder / TOKENIZER_FILE)
         special = {"bos_token": EOS_TOKEN, "eos_token": EOS_TOKEN, "unk_token": EOS_TOKEN}
         (folder / "special_tokens_map.json").write_text(json.dumps(special, indent=2))
         config = {
             "tokenizer_class": "GPT2Tokenizer",
-            "model_max_length": 1024,
+            "model_max_length": model_max_length,
             "add_prefix_space": False,
             **special,
         }

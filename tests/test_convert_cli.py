@@ -41,6 +41,9 @@ def test_hf_to_minigpt_and_back(tiny_hf_dir, tmp_path):
         c = load_model(out)[0](idx)[0]
     # HF -> minigpt -> HF moves no bit (measured 0); minigpt vs transformers: measured 1.2e-6 (fp32 rounding)
     assert (a - b).abs().max() == 0 and (a - c).abs().max() < 5e-6
+    from transformers import AutoTokenizer  # the tokenizer knows the model's window (256), not GPT-2's 1024
+
+    assert AutoTokenizer.from_pretrained(exported).model_max_length == 256
     # a second conversion onto a non-empty folder needs --force
     r = run_cli("convert_hf_weights.py", str(tiny_hf_dir), "--out", str(out))
     assert_one_line_error(r, str(out), "--force")

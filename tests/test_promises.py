@@ -396,9 +396,20 @@ def run_benchmark(tmp_path, command):
     (["bench_sample.py", "--eval-checkpoint", "{tmp}/small", "--eval-data", "{tmp}/missing.jsonl", "--skip", "speed",
       "memory", "e2e"],
      "error: {tmp}/missing.jsonl: no such file or folder (--eval-data)"),
+    (["bench_sample.py", "--model", "{tmp}/small", "--skip", "memory", "e2e"],
+     "error: --tokens: 100 new tokens after the 10-token prompt exceed the model's context window of 64 positions, "
+     "which transformers' generate() does not slide"),
+    (["bench_sample.py", "--model", "{tmp}/small", "--tokens", "54", "--skip", "speed", "memory"],
+     "error: the end-to-end run (--skip e2e leaves it out): 100 new tokens after the 10-token prompt exceed the model's "
+     "context window of 64 positions, which transformers' generate() does not slide"),
+    (["gpu_check.py", "--shapes", "8x128", "8x2048", "--check-options"],
+     "gpu_check.py: error: --shapes 8x2048: distilgpt2 sees at most 1024 tokens (see --help)"),
+    (["gpu_check.py", "--tokens", "1015", "--check-options"],
+     "gpu_check.py: error: --tokens 1015: after the 10-token prompt, beyond distilgpt2's 1024 positions (see --help)"),
 ], ids=["fp16-on-cpu", "unknown-dtype", "block-size-above-distilgpt2", "block-size-above-the-model",
         "minigpt-checkpoint", "negative-loss-steps", "data-outside-the-schema", "plain-text-data", "csv-data", "missing-model",
-        "missing-eval-data"])
+        "missing-eval-data", "decode-beyond-the-window", "e2e-beyond-the-window", "gpu-shape-beyond-the-window",
+        "gpu-decode-beyond-the-window"])
 def test_the_benchmarks_refuse_bad_input_in_one_line(tmp_path, command, error):
     """Exit 2 and a one-line error, before any model is built or anything timed (conftest hides
     any GPU: fp16 meets a CPU; a 64-position config stands for any --model)."""
