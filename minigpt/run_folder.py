@@ -32,6 +32,7 @@ import os
 import shutil
 import time
 import uuid
+from fnmatch import fnmatch
 from pathlib import Path
 from typing import Any, Callable, Iterator, NoReturn
 
@@ -41,6 +42,7 @@ from safetensors.torch import load_file
 
 from .files import atomic_folder, atomic_symlink, is_temporary_copy, read_json, renamed_path, save_tensors
 from .errors import MinigptError, reason
+from .hf import LEGACY_WEIGHTS_FILE, MODEL_FILES, TOKENIZER_FILES
 
 CKPT_DIR = ".ckpt"
 CURRENT = "current"
@@ -321,10 +323,6 @@ def check_replaceable(out: Path) -> None:
     """Refuse (one-line MinigptError) to replace a folder that holds anything but a model's files
     (minigpt's, or an HF folder's) or a training run's: `--force` is there to redo a conversion, and a
     mistyped `--out` must not delete a folder of someone's own work along with it."""
-    from fnmatch import fnmatch
-
-    from .hf import LEGACY_WEIGHTS_FILE, MODEL_FILES, TOKENIZER_FILES
-
     patterns = [*MODEL_FILES, LEGACY_WEIGHTS_FILE, *TOKENIZER_FILES, *MODEL_FOLDER_EXTRAS]
     for entry in sorted(out.iterdir()):
         if not _belongs_to_run(entry) and not any(fnmatch(entry.name, pattern) for pattern in patterns):

@@ -18,6 +18,7 @@ from typing import Iterator, Sequence, TextIO
 
 import torch
 
+from .checkpoint import WEIGHTS_FILE
 from .errors import MinigptError
 from .files import atomic_file
 from .compiled_decoding import CompiledDecoding
@@ -186,8 +187,8 @@ def check_trace_path(path: str | None, reads: Sequence[str | None] = ()) -> None
             source = Path(os.path.realpath(read))
             if written == source or source in written.parents:
                 raise MinigptError(f"--trace {path}: would write over {read}, which this run reads; choose another file")
-    if (written.parent / "model.safetensors").exists():
-        raise MinigptError(f"--trace {path}: {target.parent} holds a model (model.safetensors); write the trace "
+    if (written.parent / WEIGHTS_FILE).exists():
+        raise MinigptError(f"--trace {path}: {target.parent} holds a model ({WEIGHTS_FILE}); write the trace "
                            "elsewhere, not among a model's or a training run's files")
 
 

@@ -443,7 +443,7 @@ BREAKS = (
     ),
     Break(
         "trace_among_a_models_files", "--trace may write into another model's (a training run's) folder",
-        ((r'if \(written\.parent / "model\.safetensors"\)\.exists\(\):', "if False:"),),
+        ((r"if \(written\.parent / WEIGHTS_FILE\)\.exists\(\):", "if False:"),),
         ("tests/test_trace.py::test_a_trace_never_writes_over_what_the_run_reads_or_a_models_files",),
     ),
     Break(
