@@ -95,6 +95,31 @@ class Parser(argparse.ArgumentParser):
         hint = f"; {self.dash_hint}" if self.dash_hint and taken_for_a_flag else ""
         self.exit(2, f"{self.prog}: error: {message}{hint} (see --help)\n")
 
+    def given(self, argv: Sequence[str] | None) -> set[str]:
+        """The destinations (`top_k` for --top-k) of the arguments present on the command line,
+        whatever their values, a flag repeated at its default value included: `argv` parsed again
+        with every default suppressed, so that only what was given lands in the namespace. (Comparing
+        values with defaults cannot tell `--seed 42` from no --seed; scanning `argv` for "--flag"
+        would miss the abbreviations argparse accepts, "--num 3" for --num-samples.)"""
+        actions, defaults = [(a, a.default) for a in self._actions], self._defaults
+        self._defaults = {}
+        try:
+            for action, _ in actions:
+                action.default = argparse.SUPPRESS
+            namespace, _ = self.parse_known_args(argv)
+        finally:
+            self._defaults = defaults
+            for action, default in actions:
+                action.default = default
+        return set(vars(namespace))
+
+    def refuse(self, given: set[str], dests: Sequence[str], why: str) -> None:
+        """A usage error for the first of `dests` in `given` (see `given`): a flag that would change
+        nothing in the mode asked for is refused in one line saying `why`, not silently dropped."""
+        for dest in dests:
+            if dest in given:
+                self.error(f"--{dest.replace('_', '-')} {why}")
+
 
 def _number(kind: type, test: Callable[[float], bool], what: str) -> Callable[[str], float]:
     def parse(text: str):

@@ -25,6 +25,10 @@ TINY_PRESET = dict(
 TINY_VOCAB = 2048
 SHAPE_FLAGS = ("n_layer", "n_head", "n_embd")  # a new model's shape (--init scratch)
 SCRATCH_FLAGS = (*SHAPE_FLAGS, "tokenizer")  # a new model's only: refused with a loaded one
+TRAINING_FLAGS = (  # what only a training run uses: refused with --eval-only, which trains nothing
+    "grad_accum", "lr", "weight_decay", "warmup_steps", "epochs", "max_steps", "max_grad_norm", "dropout",
+    "compile", "compile_mode", "log_every", "eval_every", "save_every",
+)
 
 
 _INT, _X = dict(metavar="N", type=positive_int), dict(metavar="X")
@@ -190,14 +194,13 @@ class TrainFlags:
 def parse_train_flags(argv: Sequence[str] | None, description: str) -> TrainFlags:
     """train.py's command line as TrainFlags; a mistake is argparse's usage error (exit 2)."""
     p = parser_from(TrainFlags, description)
-    p.set_defaults(init=None)  # (for a moment: to see whether --init was given)
-    given, _ = p.parse_known_args(argv)
-    p.set_defaults(init=RECIPE_MODEL)
-    if given.preset == "tiny":  # the preset changes defaults; flags given explicitly still win
+    given = p.given(argv)  # the flags on the command line, whatever their values
+    first, _ = p.parse_known_args(argv)  # (--preset and --init, before the preset's defaults)
+    if first.preset == "tiny":  # the preset changes defaults; flags given explicitly still win
         from .data import tiny_preset_path
 
         preset = {**TINY_PRESET, "data": str(tiny_preset_path())}
-        if given.init not in (None, "scratch"):  # a loaded model keeps its shape: the preset's is a new one's
+        if "init" in given and first.init != "scratch":  # a loaded model keeps its shape: the preset's is new
             preset = {k: v for k, v in preset.items() if k not in SHAPE_FLAGS}
         p.set_defaults(**preset)
     args = from_flags(TrainFlags, p.parse_args(argv))
@@ -216,4 +219,10 @@ def parse_train_flags(argv: Sequence[str] | None, description: str) -> TrainFlag
                 "gradients being accumulated")
     if args.eval_only and (args.init == "scratch" or args.resume):
         p.error("--eval-only evaluates a trained model: give --init SOURCE, without --resume or --init scratch")
+    if args.eval_only:  # a flag that would change nothing here is refused, not ignored
+        p.refuse(given, ("out",), "has no effect with --eval-only, which writes nothing (to evaluate a run's "
+                 "checkpoint, give its folder as --init)")
+        p.refuse(given, TRAINING_FLAGS, "has no effect with --eval-only, which trains nothing")
+    if args.val_data is not None:
+        p.refuse(given, ("val_fraction",), "splits --data's records; with --val-data none are split (give one of them)")
     return args

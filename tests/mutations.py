@@ -627,6 +627,12 @@ BREAKS = (
         ((r'if self\.chosen in \("kernels", "eager"\):\n(\s*)return ""', r'if True:\n\1return ""'),),
         ("tests/test_compiled_decoding.py::test_inductor_gemms_decode_the_eager_tokens_with_no_opaque_call",),
     ),
+    Break(
+        "flags_without_effect_ignored", "a flag that changes nothing in the mode asked for is dropped in silence",
+        ((r"if dest in given:\n(\s*)self\.error\(", r"if False:\n\1self.error("),),
+        ("tests/test_sample_cli.py::test_a_flag_that_would_change_nothing_is_refused",
+         "tests/test_train_cli.py::test_a_flag_that_would_change_nothing_is_refused"),
+    ),
 )
 
 

@@ -44,7 +44,7 @@ def transformers_loss(hf_folder: Path, tokenizer_source: Path, cache: Path) -> t
 
 def test_eval_only_equals_transformers_and_writes_nothing(tmp_path, tiny_hf_dir, tiny_minigpt_dir):
     before = sorted(p.name for p in tmp_path.iterdir())
-    result = call_cli("train.py", *FLAGS, "--init", str(tiny_hf_dir), "--out", str(tmp_path / "out"))
+    result = call_cli("train.py", *FLAGS, "--init", str(tiny_hf_dir))  # (an --out is refused: test_train_cli)
     assert result.returncode == 0, result.stderr
     loss, ppl = reported(result.stdout)
     expected, n_blocks = transformers_loss(tiny_hf_dir, tiny_hf_dir, tmp_path.with_name(tmp_path.name + "-oracle"))
@@ -52,7 +52,7 @@ def test_eval_only_equals_transformers_and_writes_nothing(tmp_path, tiny_hf_dir,
     assert loss == pytest.approx(expected, rel=1e-4)
     assert ppl == pytest.approx(torch.tensor(loss).exp().item(), rel=1e-3)
     assert f"{n_blocks:,} validation blocks of 32 tokens" in result.stdout
-    assert sorted(p.name for p in tmp_path.iterdir()) == before  # no --out, no default out, nothing
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # no default out, no cache, nothing
     # the same weights as a minigpt folder give the same number
     same = call_cli("train.py", *FLAGS, "--init", str(tiny_minigpt_dir))
     assert same.returncode == 0, same.stderr

@@ -97,7 +97,8 @@ def test_a_byte_order_mark_is_not_part_of_the_text(tiny_minigpt_dir, tmp_path, c
     for args in (["--file", str(plain)], ["--file", str(marked)], ["-"], ["--score-file", str(plain)],
                  ["--score-file", str(marked)], ["--score-file", "-"]):
         monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(marked.read_bytes())))
-        sample.main(["--model", str(tiny_minigpt_dir), "--greedy", "--max-new-tokens", "3", *args])
+        generating = [] if "--score-file" in args else ["--greedy", "--max-new-tokens", "3"]
+        sample.main(["--model", str(tiny_minigpt_dir), *generating, *args])
         outputs.append(capsys.readouterr().out)
     assert outputs[0].startswith("first prompt") and outputs[1] == outputs[2] == outputs[0]
     assert '"first"' in outputs[3] and outputs[5] == outputs[4] == outputs[3]
@@ -199,6 +200,54 @@ def test_bad_numbers_are_usage_errors(flag, value, capsys):
         sample.main([flag, value, "hi"])
     assert e.value.code == 2
     assert flag in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args, complaint", [
+    (("--score", "a b", "--num-samples", "2"), "--num-samples has no effect with --score, which generates nothing"),
+    (("--score", "a b", "--num", "2"), "--num-samples has no effect"),  # an abbreviation is the flag
+    (("--score", "a b", "--max-new-tokens", "100"), "--max-new-tokens has no effect"),  # at its default too
+    (("--score", "a b", "--seed", "1"), "--seed has no effect"),
+    (("--score-file", "t.txt", "--compile"), "--compile has no effect"),
+    (("--score", "a b", "--repetition-penalty", "1.2"), "--repetition-penalty does not apply to --score"),
+    (("--score", "a b", "--temperature", "0.5"), "--temperature changes nothing --score prints"),
+    (("--score", "a b", "--top-k", "3"), "--top-k changes nothing --score prints"),
+    (("--score", "a b", "--greedy"), "(give --trace FILE)"),
+    (("--top-alternatives", "3", "hi"), "--top-alternatives sets how many alternatives each --trace row lists"),
+    (("--score", "a b", "--top-alternatives", "3"), "--top-alternatives sets how many"),
+])
+def test_a_flag_that_would_change_nothing_is_refused(args, complaint, capsys):
+    """A flag that has no effect in the mode asked for is a usage error naming it (it used to be
+    dropped in silence: `--score TEXT --temperature 0.5` printed the model's own perplexity)."""
+    with pytest.raises(SystemExit) as e:
+        sample.main(list(args))
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and complaint in err, err
+
+
+def test_flags_that_apply_are_accepted_in_each_mode():
+    """The other side of the refusals above: what does apply is parsed as given."""
+    args = sample.parse_args(["--score", "a b", "--trace", "t.jsonl", "--top-k", "3", "--greedy",
+                              "--top-alternatives", "2", "--stats", "--kernel", "linear"])
+    assert (args.top_k, args.greedy, args.top_alternatives) == (3, True, 2)
+    args = sample.parse_args(["--seed", "1", "--num-samples", "2", "--repetition-penalty", "1.2", "hi"])
+    assert (args.seed, args.num_samples, args.repetition_penalty) == (1, 2, 1.2)
+
+
+def test_given_names_what_the_command_line_holds():
+    """Parser.given: the flags present, at their default value or not, abbreviated or not; never a
+    default of set_defaults; and the parser's defaults unchanged afterwards."""
+    from minigpt.cli import Parser
+
+    p = Parser()
+    p.add_argument("words", nargs="*")
+    p.add_argument("--num-samples", type=int, default=1)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(seed=7, extra="x")
+    assert p.given(["--num", "1", "w"]) == {"num_samples", "words"}
+    assert p.given(["--quiet", "--seed=7"]) == {"quiet", "seed"}
+    assert p.given([]) == set()
+    assert vars(p.parse_args([])) == {"words": [], "num_samples": 1, "seed": 7, "quiet": False, "extra": "x"}
 
 
 def test_a_prompt_taken_for_a_flag_is_told_about_double_dash(tiny_minigpt_dir, capsys):

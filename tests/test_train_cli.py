@@ -133,7 +133,7 @@ def test_the_tiny_preset_continues_from_a_loaded_model(tmp_path, monkeypatch, ca
     train.main([*QUICK, "--init", str(first), "--max-steps", "2", "--out", str(more)])
     assert [r["step"] for r in metrics(more) if "loss" in r] == [1, 2]
     capsys.readouterr()
-    train.main([*QUICK, "--init", str(more), "--eval-only"])  # the preset's split, the run's last numbers
+    train.main(["--preset", "tiny", "--no-progress", "--init", str(more), "--eval-only"])  # the preset's split
     evaluated = re.findall(r"validation loss ([0-9.]+)", capsys.readouterr().out)
     assert [float(v) for v in evaluated] == [pytest.approx(
         [r["val_loss"] for r in metrics(more) if "val_loss" in r][-1], abs=1e-4)]
@@ -276,6 +276,44 @@ def test_bad_flags_exit_2(tmp_path, args, complaint, capsys):
     with pytest.raises(SystemExit) as e:
         train.parse_args(["--out", str(tmp_path / "out"), *args])
     assert e.value.code == 2 and complaint in capsys.readouterr().err.splitlines()[-1]
+
+
+@pytest.mark.parametrize(
+    "args, complaint",
+    [
+        (("--init", "gpt2", "--eval-only", "--out", "run"), "--out has no effect with --eval-only, which writes "
+         "nothing (to evaluate a run's checkpoint, give its folder as --init)"),
+        (("--init", "gpt2", "--eval-only", "--lr", "1e-4"), "--lr has no effect with --eval-only, which trains nothing"),
+        (("--init", "gpt2", "--eval-only", "--max-steps", "5"), "--max-steps has no effect with --eval-only"),
+        (("--init", "gpt2", "--eval-only", "--compile"), "--compile has no effect with --eval-only"),
+        (("--init", "gpt2", "--eval-only", "--dropout", "0"), "--dropout has no effect with --eval-only"),
+        (("--preset", "tiny", "--init", "run", "--eval-only", "--log-every", "5"), "--log-every has no effect"),
+        (("--init", "gpt2", "--eval-only", "--save-every", "0"), "--save-every has no effect"),  # at its default too
+        (("--val-data", "v.json", "--val-fraction", "0.1"), "--val-fraction splits --data's records; with "
+         "--val-data none are split (give one of them)"),
+    ],
+)
+def test_a_flag_that_would_change_nothing_is_refused(args, complaint, capsys):
+    """A flag that has no effect in the mode asked for is a usage error naming it: `--eval-only --out
+    RUN` evaluated distilgpt2 and `--lr` was dropped in silence."""
+    from minigpt.train_flags import parse_train_flags
+
+    with pytest.raises(SystemExit) as e:
+        parse_train_flags(list(args), "")
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and complaint in err, err
+
+
+def test_eval_only_keeps_the_flags_that_decide_its_blocks():
+    """--eval-only takes the flags that decide the validation blocks and how they are read; a
+    preset's defaults (its --out, --lr, ...) are not flags given, so they are no reason to refuse."""
+    from minigpt.train_flags import parse_train_flags
+
+    flags = parse_train_flags(["--preset", "tiny", "--init", "run", "--eval-only", "--val-fraction", "0.3",
+                               "--seed", "5", "--batch-size", "3", "--block-size", "32", "--max-records", "9",
+                               "--format", "qa", "--device", "cpu", "--dtype", "fp32", "--no-progress"], "")
+    assert (flags.val_fraction, flags.seed, flags.batch_size, flags.block_size, flags.lr) == (0.3, 5, 3, 32, 2e-3)
+    assert parse_train_flags(["--val-data", "v.json"], "").val_fraction == 0.2
 
 
 def test_init_from_an_hf_model_with_a_head_of_its_own_is_refused(tmp_path, tiny_hf_dir):
