@@ -41,7 +41,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     out = folder_destination(args.out)  # a file, a path under one, the current folder: refused at once
     to_hf = args.to_hf is not None  # (an empty --to-hf is still the export: load_model names the empty path)
-    check_source_outside(out, args.to_hf if to_hf else args.source, "--to-hf" if to_hf else "SOURCE")
+    check_source_outside(out, args.to_hf if to_hf else args.source, "--to-hf" if to_hf else "SOURCE", "--out")
     if out.is_dir() and any(out.iterdir()) and not args.force:
         raise MinigptError(f"{args.out}: already exists and is not empty (pass --force to replace it)")
 
@@ -58,10 +58,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             model, tokenizer = load_model(args.to_hf)
             card = Path(args.to_hf) / "README.md"  # a training run's model card travels with the export
-            export_hf(model, tokenizer, out, export_card(card.read_text(encoding="utf-8")) if card.is_file() else None)
+            export_hf(model, tokenizer, out, export_card(card.read_text(encoding="utf-8")) if card.is_file() else None,
+                      overwrite=True)  # (--force, and check_replaceable, decided above)
             print(f"wrote a transformers GPT2LMHeadModel folder to {args.out}")
         else:
-            convert_to_minigpt(args.source, out)
+            convert_to_minigpt(args.source, out, overwrite=True)
             print(f"wrote a minigpt checkpoint to {args.out}")
     return 0
 

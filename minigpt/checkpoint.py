@@ -259,12 +259,14 @@ def load_checkpoint(
 
 
 def model_state_for_saving(model: GPT) -> dict[str, torch.Tensor]:
-    """The model's tensors as safetensors wants them: contiguous, CPU, tied copies dropped."""
-    return {
-        name: t.detach().to("cpu").contiguous()
-        for name, t in model.state_dict().items()
-        if name not in TIED_KEYS
-    }
+    """The model's tensors as safetensors wants them: contiguous, CPU, tied copies dropped. Refused
+    (one-line MinigptError): a model whose tensors are not those of a GPT of its config, such as one
+    `prepare_for_inference` gave its decoding layouts; no loader would read the file back."""
+    state = {name: t for name, t in model.state_dict().items() if name not in TIED_KEYS}
+    if {name: tuple(t.shape) for name, t in state.items()} != expected_shapes(model.config):
+        raise MinigptError("this model's tensors are not a GPT's own (prepare_for_inference swaps its layers for "
+                           "decoding layouts, which cannot be saved): save the model before preparing it")
+    return {name: t.detach().to("cpu").contiguous() for name, t in state.items()}
 
 
 def write_checkpoint_files(folder: Path, model: GPT, tokenizer: Tokenizer) -> None:
@@ -278,8 +280,11 @@ def write_checkpoint_files(folder: Path, model: GPT, tokenizer: Tokenizer) -> No
     tokenizer.save(folder / TOKENIZER_FILE)
 
 
-def save_checkpoint_folder(out: str | os.PathLike, model: GPT, tokenizer: Tokenizer) -> Path:
-    """Create (or replace) the whole checkpoint folder `out`, atomically (see `files.atomic_folder`)."""
-    with atomic_folder(out) as tmp:
+def save_checkpoint_folder(out: str | os.PathLike, model: GPT, tokenizer: Tokenizer, overwrite: bool = False) -> Path:
+    """Create the checkpoint folder `out` atomically (see `files.atomic_folder`); `overwrite=True`
+    replaces a folder that holds anything, whole (nothing else in it survives). A model and
+    tokenizer that `load_checkpoint` would refuse together are refused before anything is written."""
+    check_vocabulary(Path(out), model.config, tokenizer)
+    with atomic_folder(out, overwrite) as tmp:
         write_checkpoint_files(tmp, model, tokenizer)
-    return Path(out)
+    return Path(out).expanduser()

@@ -145,7 +145,7 @@ def folder_destination(out: str | os.PathLike) -> Path:
     of the folder it names. CLIs call this before any slow work, so that a bad `--out` is refused
     at once; `atomic_folder` calls it again.
     """
-    given = Path(out)
+    given = Path(out).expanduser()  # ("~/run" is the home folder's, as load_model reads it, not a folder "~")
     out = Path(os.path.realpath(given)) if given.name in ("", "..") else given
     if out.exists() and not out.is_dir():
         raise MinigptError(f"{given}: is a file, not a folder")
@@ -163,22 +163,23 @@ def folder_destination(out: str | os.PathLike) -> Path:
     return out
 
 
-def check_source_outside(out: Path, source: str | os.PathLike, flag: str) -> None:
-    """Refuse (one-line MinigptError) an output folder `out` that is the local folder `source` read
-    from, or one that holds it: replacing `out` would delete the source (`convert_hf_weights.py
-    DIR --out DIR --force`). `out` is where `atomic_folder` renames to: a symlink there is replaced,
+def check_source_outside(out: Path, source: str | os.PathLike, what: str, name: str = "out") -> None:
+    """Refuse (one-line MinigptError naming `out` as `name`, e.g. the flag "--out") an output folder
+    `out` that is the local folder `source` (`what`: "the source", "--to-hf") read from, or one that
+    holds it: replacing `out` would delete the source (`convert_hf_weights.py DIR --out DIR --force`). `out` is where `atomic_folder` renames to: a symlink there is replaced,
     not what it names, so a source reached through it is safe. A `source` that is no local path (a
     Hub id) is not checked."""
+    source = os.path.expanduser(source)
     if not os.path.exists(source):
         return
     read, replaced = Path(os.path.realpath(source)), renamed_path(out)
     if replaced == read or replaced in read.parents:
-        raise MinigptError(f"--out {out}: is the folder of {flag} ({source}) or holds it, and replacing it would "
-                           "delete what is converted; choose another --out")
+        raise MinigptError(f"{name} {out}: is the folder of {what} ({source}) or holds it, and replacing it would "
+                           f"delete what is converted; choose another {name}")
 
 
 @contextlib.contextmanager
-def atomic_folder(out: str | os.PathLike) -> Iterator[Path]:
+def atomic_folder(out: str | os.PathLike, overwrite: bool = True) -> Iterator[Path]:
     """Yield a temporary folder beside `out`; when the block succeeds it becomes `out`.
 
     When the block returns, everything in the temporary folder is fsynced, then it is renamed to
@@ -191,8 +192,14 @@ def atomic_folder(out: str | os.PathLike) -> Iterator[Path]:
     leaves nothing of the attempt behind; writers of other libraries' files turn those libraries'
     write errors into OSErrors. The folder gets the permissions a plain `mkdir` gives (`0o777` less
     the umask): `tempfile.mkdtemp`'s owner-only ones would lock other users out of a checkpoint.
+    `overwrite=False` refuses, before anything is written, an `out` that is a folder with anything in
+    it: replacing a folder deletes all it holds (the public savers, such as `save_checkpoint_folder`,
+    ask for it to be said).
     """
     out = folder_destination(out)
+    if not overwrite and out.is_dir() and not out.is_symlink() and any(out.iterdir()):
+        raise MinigptError(f"{out}: already exists and is not empty; pass overwrite=True to replace it whole "
+                           "(everything in it is deleted), or choose another folder")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         clear_interrupted_saves(out)

@@ -179,18 +179,21 @@ def load_hf_checkpoint(
 # --- minigpt -> HF --------------------------------------------------------------------------
 
 
-def export_hf(model: GPT, tokenizer: Tokenizer, out: str | os.PathLike, card: str | None = None) -> Path:
+def export_hf(model: GPT, tokenizer: Tokenizer, out: str | os.PathLike, card: str | None = None,
+              overwrite: bool = False) -> Path:
     """Write an HF `GPT2LMHeadModel` folder (config, safetensors, tokenizer files, and the model card
-    `card` as README.md when given), atomically."""
+    `card` as README.md when given), atomically; `overwrite=True` replaces a folder that holds
+    anything, whole (as `save_checkpoint_folder`)."""
+    check_vocabulary(Path(out), model.config, tokenizer)
     state = {
         name: t.t().contiguous() if is_conv1d_weight(name) else t
         for name, t in model_state_for_saving(model).items()
     }
-    with atomic_folder(out) as tmp:
+    with atomic_folder(out, overwrite) as tmp:
         hf_config = model.config.to_hf(eos_token_id=tokenizer.eos_id)
         (tmp / CONFIG_FILE).write_text(json.dumps(hf_config, indent=2) + "\n")
         save_tensors(state, tmp / WEIGHTS_FILE, metadata={"format": "pt"})
         tokenizer.to_hf_files(tmp, model.config.block_size)
         if card is not None:
             (tmp / "README.md").write_text(card, encoding="utf-8")
-    return Path(out)
+    return Path(out).expanduser()

@@ -20,6 +20,7 @@ import torch
 
 from .checkpoint import CONFIG_FILE, is_minigpt_checkpoint, load_checkpoint, save_checkpoint_folder
 from .errors import MinigptError
+from .files import check_source_outside, folder_destination
 from .hf import LEGACY_WEIGHTS_FILE, MODEL_FILES, TOKENIZER_FILES, hf_weight_files, load_hf_checkpoint
 from .hub import download_repo_files
 from .model import GPT
@@ -81,7 +82,9 @@ def load_tokenizer(source: str | os.PathLike) -> Tokenizer:
     return Tokenizer.from_dir(download_repo_files(str(source), TOKENIZER_FILES))
 
 
-def convert_to_minigpt(source: str | os.PathLike, out: str | os.PathLike) -> Path:
-    """Write any model source as a minigpt checkpoint folder at `out` (atomically)."""
+def convert_to_minigpt(source: str | os.PathLike, out: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Write any model source as a minigpt checkpoint folder at `out` (atomically); `overwrite=True`
+    replaces a folder that holds anything, whole, but never one that is or holds `source` itself."""
+    check_source_outside(folder_destination(out), source, "the source")
     model, tokenizer = load_model(source)
-    return save_checkpoint_folder(out, model, tokenizer)
+    return save_checkpoint_folder(out, model, tokenizer, overwrite)

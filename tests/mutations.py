@@ -628,6 +628,27 @@ BREAKS = (
         ("tests/test_compiled_decoding.py::test_inductor_gemms_decode_the_eager_tokens_with_no_opaque_call",),
     ),
     Break(
+        "save_replaces_any_folder", "the Python savers replace a folder that holds other files without overwrite=True",
+        ((r"if not overwrite and out\.is_dir\(\)", "if False and out.is_dir()"),),
+        ("tests/test_hf.py::test_saving_never_deletes_other_files_unless_told",),
+    ),
+    Break(
+        "convert_deletes_its_source", "convert_to_minigpt(overwrite=True) replaces a folder that holds its source",
+        ((r"^(\s*)check_source_outside\(folder_destination\(out\), source, \"the source\"\)", r"\1pass"),),
+        ("tests/test_hf.py::test_saving_never_deletes_other_files_unless_told",),
+    ),
+    Break(
+        "save_to_a_folder_named_tilde", "a save to \"~/x\" writes a folder named \"~\" in the current folder",
+        ((r"given = Path\(out\)\.expanduser\(\)", "given = Path(out)"),),
+        ("tests/test_hf.py::test_saving_expands_home_as_loading_does",),
+    ),
+    Break(
+        "unloadable_model_saved", "a model no loader reads back (a prepared one, a tokenizer too large) is saved",
+        ((r"^(\s*)check_vocabulary\(Path\(out\), model\.config, tokenizer\)\n", r"\1pass\n"),
+         (r"!= expected_shapes\(model\.config\):", "!= expected_shapes(model.config) and False:")),
+        ("tests/test_hf.py::test_a_model_no_loader_could_read_back_is_not_saved",),
+    ),
+    Break(
         "flags_without_effect_ignored", "a flag that changes nothing in the mode asked for is dropped in silence",
         ((r"if dest in given:\n(\s*)self\.error\(", r"if False:\n\1self.error("),),
         ("tests/test_sample_cli.py::test_a_flag_that_would_change_nothing_is_refused",

@@ -248,3 +248,70 @@ def test_loading_draws_no_random_numbers_and_imports_no_compiler(tiny_minigpt_di
     assert dynamo == "False"
     want = load_model(tiny_minigpt_dir)[0].transformer.h[0].mlp.c_fc.weight.detach().sum().item()
     assert json.loads(sums) == pytest.approx([want, want], rel=1e-6) and want != 0
+
+
+# --- saving from Python: what the CLIs check, the library checks too ------------------------------
+
+
+def test_saving_never_deletes_other_files_unless_told(tiny_minigpt_dir, tmp_path):
+    """save_checkpoint_folder, export_hf and convert_to_minigpt replace their folder whole: one that
+    holds anything is refused unless overwrite=True (they used to delete a thesis.tex beside them in
+    silence), and convert_to_minigpt never replaces the folder of its own source, even then."""
+    from minigpt.checkpoint import save_checkpoint_folder
+    from minigpt.loading import convert_to_minigpt
+
+    model, tokenizer = load_model(tiny_minigpt_dir)
+    folder = tmp_path / "thesis"
+    folder.mkdir()
+    (folder / "thesis.tex").write_text("months of work")
+    for save in (lambda **kw: save_checkpoint_folder(folder, model, tokenizer, **kw),
+                 lambda **kw: export_hf(model, tokenizer, folder, **kw),
+                 lambda **kw: convert_to_minigpt(tiny_minigpt_dir, folder, **kw)):
+        with pytest.raises(MinigptError, match="thesis: already exists and is not empty; pass overwrite=True"):
+            save()
+        assert [p.name for p in folder.iterdir()] == ["thesis.tex"]
+    assert save(overwrite=True) == folder  # said: replaced whole
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors", "tokenizer.json"]
+    assert save_checkpoint_folder(tmp_path / "empty", model, tokenizer) == tmp_path / "empty"  # new: no need to say
+
+    models = tmp_path / "models"
+    source = models / "a"
+    convert_to_minigpt(tiny_minigpt_dir, source)
+    before = {p.name: p.read_bytes() for p in source.iterdir()}
+    for out in (models, source):
+        with pytest.raises(MinigptError, match=r"is the folder of the source \(.*\) or holds it"):
+            convert_to_minigpt(source, out, overwrite=True)
+    assert {p.name: p.read_bytes() for p in source.iterdir()} == before
+
+
+def test_saving_expands_home_as_loading_does(tiny_minigpt_dir, tmp_path, monkeypatch):
+    """"~/ckpt" is the home folder's ckpt for the savers, as it is for load_model (it used to become
+    a folder named "~" in the current folder)."""
+    from minigpt.checkpoint import save_checkpoint_folder
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    model, tokenizer = load_model(tiny_minigpt_dir)
+    assert save_checkpoint_folder("~/ckpt", model, tokenizer) == tmp_path / "home" / "ckpt"
+    assert export_hf(model, tokenizer, "~/hf") == tmp_path / "home" / "hf"
+    assert not (tmp_path / "~").exists()
+    assert torch.equal(load_model("~/hf")[0].lm_head.weight, model.lm_head.weight)
+
+
+def test_a_model_no_loader_could_read_back_is_not_saved(tiny_minigpt_dir, tmp_path, gpt2_tokenizer):
+    """Refused before anything is written: a tokenizer with more tokens than the model has rows (the
+    load would refuse it), and a model prepared for inference, whose decoding layouts are no GPT's
+    tensors (safetensors' three-line error about shared memory, before)."""
+    from minigpt.checkpoint import save_checkpoint_folder
+    from minigpt.inference import prepare_for_inference
+    from minigpt.model import GPT
+
+    small = GPT(GPTConfig(vocab_size=100, block_size=16, n_layer=1, n_head=1, n_embd=8))
+    for save in (save_checkpoint_folder, lambda out, m, t: export_hf(m, t, out)):
+        with pytest.raises(MinigptError, match="tokenizer has 50257 tokens but the model only 100"):
+            save(tmp_path / "small", small, gpt2_tokenizer)
+        model, tokenizer = load_model(tiny_minigpt_dir)
+        prepared = prepare_for_inference(model, kernel="linear")
+        with pytest.raises(MinigptError, match="not a GPT's own .* save the model before preparing it"):
+            save(tmp_path / "prepared", prepared, tokenizer)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
