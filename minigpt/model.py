@@ -225,6 +225,9 @@ class GPT(nn.Module):
         last_only: compute the LM head for the last position only (decoding needs nothing else, and
             the head is the single largest matmul); no loss then, whatever `targets` holds.
         """
+        if idx.dim() != 2 or (targets is not None and targets.shape != idx.shape):  # (a transposed one would run)
+            got = f"idx {tuple(idx.shape)}" + ("" if targets is None else f", targets {tuple(targets.shape)}")
+            raise ValueError(f"expected idx of shape (B, T) and targets of the same shape; got {got}")
         B, T = idx.shape
         t_past = kv_cache.length if kv_cache is not None else 0
         if t_past + T > self.config.block_size:

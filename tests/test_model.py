@@ -98,6 +98,18 @@ def test_context_window_is_enforced():
         KVCache(model.config, 1, 9)
 
 
+def test_inputs_of_the_wrong_shape_are_named():
+    """idx must be (B, T) and targets its shape: a 1-D idx failed as "not enough values to unpack",
+    and targets (T, B) for an idx (B, T) gave a loss, of the wrong pairs, without a word."""
+    model = GPT(GPTConfig(vocab_size=50, block_size=8, n_layer=1, n_head=2, n_embd=8))
+    idx = torch.randint(0, 50, (2, 4), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match=r"expected idx of shape \(B, T\) .*; got idx \(4,\)$"):
+        model(idx[0])
+    with pytest.raises(ValueError, match=r"; got idx \(2, 4\), targets \(4, 2\)$"):
+        model(idx, idx.T.contiguous())
+    assert model(idx, idx)[1] is not None
+
+
 def test_gpt2_init_statistics_and_tying():
     torch.manual_seed(0)
     cfg = GPTConfig(n_layer=4, n_head=4, n_embd=256, vocab_size=5000, block_size=128)
