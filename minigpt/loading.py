@@ -44,20 +44,32 @@ def resolve_model(source: str | os.PathLike) -> tuple[Path, str]:
     `source` may be a minigpt checkpoint folder, an HF GPT-2 folder (e.g. from `save_pretrained`) or
     a Hub id such as `distilbert/distilgpt2`, downloaded once into the huggingface_hub cache.
     """
-    text = str(source).strip()
-    if not text:
-        raise MinigptError("model: empty model path")
-    path = Path(text).expanduser()
-    if path.exists() or not HUB_ID.match(text) or text.startswith((".", "/", "~")):
-        if not path.exists():
-            raise MinigptError(f"{path}: no such file or folder")
+    path = _local_path(source, "model")
+    if path is not None:
         if not path.is_dir():
             raise MinigptError(f"{path}: not a checkpoint folder (expected a folder with config.json)")
         if not (path / CONFIG_FILE).is_file():
             raise MinigptError(f"{path}: not a checkpoint (no config.json in this folder)")
     else:
-        path = _download_model(text)
+        path = _download_model(str(source).strip())
     return path, ("minigpt" if is_minigpt_checkpoint(path) else "hf")
+
+
+def _local_path(source: str | os.PathLike, what: str) -> Path | None:
+    """`source` as a local path, or None where it names a Hub repo (`owner/name`, nothing on disk by
+    that name). A path that exists nowhere (one that starts with ".", "/" or "~", or that no Hub id
+    could be) is refused here, rather than sent to the Hub."""
+    if not isinstance(source, (str, os.PathLike)):
+        raise TypeError(f"{what}: a folder path or a Hub id, got {type(source).__name__}")
+    text = str(source).strip()
+    if not text:
+        raise MinigptError(f"{what}: empty {what} path")
+    path = Path(text).expanduser()
+    if path.exists() or not HUB_ID.match(text) or text.startswith((".", "/", "~")):
+        if not path.exists():
+            raise MinigptError(f"{path}: no such file or folder")
+        return path
+    return None
 
 
 def load_model(
@@ -65,7 +77,10 @@ def load_model(
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
 ) -> tuple[GPT, Tokenizer]:
-    """Load a model and its tokenizer from any source `resolve_model` accepts (eval mode)."""
+    """Load a model and its tokenizer from any source `resolve_model` accepts (eval mode), its
+    weights in `dtype` (torch.float32, bfloat16 or float16) on `device`."""
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise MinigptError(f"dtype: torch.float32, torch.bfloat16 or torch.float16, got {dtype!r}")
     folder, kind = resolve_model(source)
     if kind == "minigpt":
         return load_checkpoint(folder, device, dtype)
@@ -74,12 +89,10 @@ def load_model(
 
 def load_tokenizer(source: str | os.PathLike) -> Tokenizer:
     """A tokenizer from a `tokenizer.json` file, a folder holding tokenizer files, or a Hub id."""
-    path = Path(source).expanduser()
-    if path.is_file():
-        return Tokenizer.from_file(path)
-    if path.is_dir():
-        return Tokenizer.from_dir(path)
-    return Tokenizer.from_dir(download_repo_files(str(source), TOKENIZER_FILES))
+    path = _local_path(source, "tokenizer")
+    if path is None:
+        return Tokenizer.from_dir(download_repo_files(str(source).strip(), TOKENIZER_FILES))
+    return Tokenizer.from_file(path) if path.is_file() else Tokenizer.from_dir(path)
 
 
 def convert_to_minigpt(source: str | os.PathLike, out: str | os.PathLike, overwrite: bool = False) -> Path:

@@ -655,6 +655,12 @@ BREAKS = (
         ("tests/test_model.py::test_inputs_of_the_wrong_shape_are_named",),
     ),
     Break(
+        "load_inputs_unchecked", "load_model takes any dtype and any object as its source (None: the Hub id 'None')",
+        ((r"if dtype not in \(torch\.float32, torch\.bfloat16, torch\.float16\):", "if False:"),
+         (r"if not isinstance\(source, \(str, os\.PathLike\)\):", "if False:")),
+        ("tests/test_hf.py::test_a_source_or_dtype_of_the_wrong_kind_is_named",),
+    ),
+    Break(
         "flags_without_effect_ignored", "a flag that changes nothing in the mode asked for is dropped in silence",
         ((r"if dest in given:\n(\s*)self\.error\(", r"if False:\n\1self.error("),),
         ("tests/test_sample_cli.py::test_a_flag_that_would_change_nothing_is_refused",

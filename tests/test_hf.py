@@ -315,3 +315,25 @@ def test_a_model_no_loader_could_read_back_is_not_saved(tiny_minigpt_dir, tmp_pa
         with pytest.raises(MinigptError, match="not a GPT's own .* save the model before preparing it"):
             save(tmp_path / "prepared", prepared, tokenizer)
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_a_source_or_dtype_of_the_wrong_kind_is_named(tiny_minigpt_dir, tmp_path, monkeypatch):
+    """load_model(None) was read as the Hub id "None", load_model(..., dtype=torch.int64) gave 29 lines
+    of load_state_dict, and load_tokenizer("/no/such") asked the Hub for a repo of that name."""
+    from minigpt.loading import load_tokenizer
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(TypeError, match="^model: a folder path or a Hub id, got NoneType$"):
+        load_model(None)
+    with pytest.raises(TypeError, match="^tokenizer: a folder path or a Hub id, got bytes$"):
+        load_tokenizer(str(tiny_minigpt_dir).encode())
+    for dtype in (torch.int64, "bfloat16"):
+        with pytest.raises(MinigptError, match="^dtype: torch.float32, torch.bfloat16 or torch.float16, got"):
+            load_model(tiny_minigpt_dir, dtype=dtype)
+    assert load_model(tiny_minigpt_dir, dtype=torch.bfloat16)[0].lm_head.weight.dtype == torch.bfloat16
+    with pytest.raises(MinigptError, match="^tokenizer: empty tokenizer path$"):
+        load_tokenizer(" ")
+    with pytest.raises(MinigptError, match=f"^{tmp_path / 'missing'}: no such file or folder$"):
+        load_tokenizer(tmp_path / "missing")
+    monkeypatch.setenv("HOME", str(tiny_minigpt_dir.parent))
+    assert load_tokenizer("~/ckpt").encode("Hello") == load_tokenizer(tiny_minigpt_dir / "tokenizer.json").encode("Hello")
