@@ -33,6 +33,7 @@ import os
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
+from numbers import Integral, Real
 from pathlib import Path
 
 import numpy as np
@@ -67,7 +68,13 @@ class DataConfig:
     seed: int = 42  # [--seed] the split's seed (the batch order has its own)
     cache_dir: str | None = None  # None: $MINIGPT_CACHE/data, else ~/.cache/minigpt/data
 
-    def check(self) -> None:
+    def __post_init__(self) -> None:
+        for name, kind in (("block_size", Integral), ("max_records", Integral), ("seed", Integral),
+                           ("val_fraction", Real)):  # (64.0 passed the checks below, to fail in numpy)
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, kind)):
+                raise MinigptError(f"--{name.replace('_', '-')}: must be {'an integer' if kind is Integral else 'a number'}"
+                                   f", got {value!r}")
         if self.format not in FORMATS:
             raise MinigptError(f"--format: unknown format {self.format!r} (choose from {', '.join(FORMATS)})")
         if self.block_size < 1:
@@ -178,8 +185,7 @@ def load_validation_blocks(cfg: DataConfig, tokenizer: Tokenizer, progress: bool
 
 
 def _cache_root_and_key(cfg: DataConfig, tokenizer: Tokenizer) -> tuple[Path, dict]:
-    """(the cache folder, the part of every entry's key that is not the source's), after checking `cfg`."""
-    cfg.check()
+    """(the cache folder, the part of every entry's key that is not the source's)."""
     if tokenizer.vocab_size > 2**16:
         raise MinigptError(f"tokenizer: {tokenizer.vocab_size} tokens do not fit the uint16 block cache")
     root = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir()

@@ -368,25 +368,27 @@ def prepare_for_inference(
     fuse (`_time_pass`). On a GPU only quantization changes anything: its matmul libraries
     handle the standard layout well. On the CPU the rest of the model (embeddings, LayerNorms, so
     attention and the KV cache) is put in fp32: only the matmul weights stay bf16 or int8. The
-    model is for inference afterwards (no gradients, not savable as a checkpoint);
-    `kernel_summary(model)` names the kernels chosen.
+    model is for inference afterwards, in eval mode (no dropout, no gradients, not savable as a
+    checkpoint); `kernel_summary(model)` names the kernels chosen. Prepared once: a second call
+    (a notebook cell run again) is refused, since the layers it would swap are gone.
     """
+    if isinstance(model.transformer.wte, SharedEmbedding):
+        raise MinigptError("the model is already prepared for inference: use it as it is, or load it again to redo it")
     if quantize is not None and quantize not in QUANTIZATIONS:
         raise MinigptError(f"--quantize: unknown scheme {quantize!r} (choose from {QUANTIZATIONS})")
-    device = model.transformer.wpe.weight.device
-    dtype = model.transformer.ln_f.weight.dtype
+    if batch_size < 1:
+        raise MinigptError(f"batch_size must be >= 1, got {batch_size}")
+    device, dtype = model.transformer.wpe.weight.device, model.transformer.ln_f.weight.dtype
     if quantize == "int8":
         if not _has_int8mm(device):
-            raise MinigptError(
-                f"--quantize int8: this PyTorch build has no int8 weight-only kernel for "
-                f"{device.type} (try --device cpu)"
-            )
+            raise MinigptError(f"--quantize int8: this PyTorch build has no int8 weight-only kernel for "
+                               f"{device.type} (try --device cpu)")
         precision = "int8"
     elif device.type != "cpu" or dtype not in (torch.float32, torch.bfloat16):
         if kernel is not None:
             raise MinigptError(f"kernel {kernel!r}: only fp32 and bf16 models on the CPU, and --quantize int8, "
                                "have kernels to choose from")
-        return model  # (fp16 is refused on the CPU by runtime.setup_device)
+        return model.eval()  # (fp16 is refused on the CPU by runtime.setup_device)
     else:
         precision = "fp32" if dtype == torch.float32 else "bf16"
     candidates = [(lay, k) for lay in LAYOUTS[precision] if lay.available(device) for k in lay.kernels]
@@ -413,8 +415,7 @@ def prepare_for_inference(
     cache = cpu_cache_bytes()  # timed from memory (a flush of twice the cache) if the weights do not fit
     from_memory = device.type == "cpu" and weight_count * WEIGHT_BYTES[precision] > cache
     flush_bytes = 2 * cache if from_memory else 0
-    names = tuple(k for _, k in candidates)
-    threads = torch.get_num_threads()
+    names, threads = tuple(k for _, k in candidates), torch.get_num_threads()
     with torch.no_grad():
         for members in groups.values():
             weights = [(getattr(p, n).weight, getattr(p, n).bias) for p, n in members]
@@ -422,8 +423,7 @@ def prepare_for_inference(
             layers = _choose(candidates, key, weights, batch_size, stream_dtype, False, flush_bytes, compiled)
             for (parent, name), layer in zip(members, layers):
                 setattr(parent, name, layer)
-        key = (precision, names, tuple(model.lm_head.weight.shape), batch_size, threads, device.type, True,
-               compiled)
+        key = (precision, names, tuple(model.lm_head.weight.shape), batch_size, threads, device.type, True, compiled)
         (head,) = _choose(candidates, key, [(model.lm_head.weight, None)], batch_size, stream_dtype, True,
                           flush_bytes, compiled)
     model.lm_head = head
@@ -432,7 +432,7 @@ def prepare_for_inference(
     for module in model.modules():
         if isinstance(module, nn.LayerNorm):
             module.to(stream_dtype)
-    return model
+    return model.eval()
 
 
 def kernel_summary(model: nn.Module) -> str:

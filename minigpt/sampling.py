@@ -23,13 +23,19 @@ parameter (`pick`, `next_token` by default), so `minigpt.trace` can watch each s
 without a second forward pass and without any cost when nobody watches. Given `compiled`
 (`minigpt.compiled_decoding.CompiledDecoding`), the steps after the prompt run through the model's
 compiled one-token step instead.
+
+The prompt may be a list of ints or a 1-D integer tensor (what a Hugging Face user holds);
+`token_ids` is the one place a prompt (or the ids `minigpt.trace.score_ids` reads) is checked. A
+model in training mode with dropout on is refused (`check_eval_mode`): its dropout would make every
+output random, greedy decoding and scoring included.
 """
 
 from __future__ import annotations
 
 import codecs
+import operator
 from functools import partial
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -183,6 +189,56 @@ def check_finite(logits: torch.Tensor) -> None:
                            "broken, as a diverged training run leaves them")
 
 
+def token_ids(ids: Sequence[int] | torch.Tensor, vocab_size: int, name: str = "prompt") -> list[int]:
+    """`ids` as a list of Python ints, each a token of a `vocab_size`-token vocabulary.
+
+    Taken: a list or tuple of ints, or a 1-D integer tensor (a Hugging Face tokenizer's
+    `input_ids[0]`). Anything else is a TypeError naming `name` and what was given: a str is text,
+    not ids; a float is no token id (truncating 1.5 to 1 would pick a token nobody chose); a 2-D
+    tensor is a batch, and `generate` makes its batch from one prompt (`num_samples`). An id outside
+    [0, vocab_size) is a MinigptError (`check_in_vocabulary`).
+    """
+    expected = f"{name}: a list of token ids or a 1-D integer tensor"
+    if isinstance(ids, torch.Tensor):
+        if ids.dim() != 1 or ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+            batch = "; for one row of a batch pass ids[0]" if ids.dim() == 2 else ""
+            raise TypeError(f"{expected}, got a {ids.dim()}-D {ids.dtype} tensor{batch}")
+        ids = ids.tolist()
+    elif isinstance(ids, (list, tuple)):
+        ints = []
+        for i, t in enumerate(ids):
+            try:
+                ints.append(operator.index(t))  # an int, or a numpy or 0-D tensor integer
+            except TypeError:
+                raise TypeError(f"{expected}, got a {type(ids).__name__} whose item {i} is "
+                                f"{type(t).__name__}") from None
+        ids = ints
+    else:
+        cls = type(ids)
+        kind = cls.__name__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__name__}"  # numpy.ndarray
+        text = "; encode text with tokenizer.encode" if isinstance(ids, str) else ""
+        raise TypeError(f"{expected}, got {kind}{text}")
+    check_in_vocabulary(ids, vocab_size, name)
+    return ids
+
+
+def check_in_vocabulary(ids: list[int], vocab_size: int, name: str) -> None:
+    """Refuse an id outside [0, vocab_size), naming the first: the embedding would fail on it with
+    a bare IndexError (and a negative one would count from the end in Python's indexing)."""
+    bad = next((t for t in ids if not 0 <= t < vocab_size), None)
+    if bad is not None:
+        raise MinigptError(f"{name}: token id {bad} is outside the model's vocabulary of {vocab_size} tokens "
+                           f"(ids 0 to {vocab_size - 1})")
+
+
+def check_eval_mode(model: GPT, what: str) -> None:
+    """Refuse a model in training mode (as `Trainer.fit` or `.train()` leaves it) whose dropout is on:
+    its outputs would be random, greedy tokens and scores included. `what`: the task, for the message."""
+    if model.training and model.config.dropout > 0:
+        raise MinigptError(f"{what} needs the model in eval mode (model.eval()): in training mode its dropout "
+                           f"({model.config.dropout}) makes every output random")
+
+
 Pick = Callable[[torch.Tensor, torch.Tensor, SamplingConfig, "torch.Generator | None"], torch.Tensor]
 
 
@@ -192,7 +248,7 @@ Pick = Callable[[torch.Tensor, torch.Tensor, SamplingConfig, "torch.Generator | 
 @torch.inference_mode()
 def generate(
     model: GPT,
-    prompt: list[int],
+    prompt: Sequence[int] | torch.Tensor,
     config: SamplingConfig,
     num_samples: int = 1,
     generator: torch.Generator | None = None,
@@ -211,18 +267,24 @@ def generate(
     pick(logits (B, vocab), tokens so far (B, L), config, generator) chooses each step's tokens;
     `minigpt.trace.StepRecorder` is a `next_token` that also keeps the step's probabilities.
 
+    `prompt`: a list of ints or a 1-D integer tensor (`token_ids`, which names what else was given).
     An empty prompt starts from `eos_id`, as HF does. The model sees at most `block_size` tokens: of
     a longer prompt it reads the last `block_size` (the repetition penalty still counts every token
     of it, as it does the generated tokens that slide out), and when generation fills the window the cache
     is rebuilt from the last `block_size // 2` tokens (one prefill) so decoding can continue.
     compiled: `model`'s compiled decoding step, for every step after a prefill.
 
-    The arguments are checked and the buffers allocated when `generate` is called, before the first
-    step: an output or KV cache that does not fit in memory is a MinigptError naming its size then.
+    The arguments (and the model's mode, `check_eval_mode`) are checked and the buffers allocated
+    when `generate` is called, before the first step: an output or KV cache that does not fit in
+    memory is a MinigptError naming its size then.
     """
+    check_eval_mode(model, "generation")
     if num_samples < 1:
         raise MinigptError(f"num_samples must be >= 1, got {num_samples}")
-    if not prompt and eos_id is None:
+    prompt = token_ids(prompt, model.config.vocab_size)
+    if eos_id is not None:
+        check_in_vocabulary([eos_id], model.config.vocab_size, "eos_id")
+    elif not prompt:
         raise MinigptError("an empty prompt starts from eos_id, and none was given")
     window = model.config.block_size
     device = model_device(model)
@@ -317,7 +379,7 @@ def activation_dtype(model: GPT) -> torch.dtype:
 
 def generate_ids(
     model: GPT,
-    prompt: list[int],
+    prompt: Sequence[int] | torch.Tensor,
     config: SamplingConfig,
     num_samples: int = 1,
     generator: torch.Generator | None = None,

@@ -6,6 +6,7 @@ A module of its own, free of torch, so the CLI can build its flags and answer `-
 from __future__ import annotations
 
 from dataclasses import dataclass
+from numbers import Integral, Real
 
 from .cli import flag, non_negative_float, non_negative_int, positive_float, positive_int, unit_interval
 from .errors import MinigptError
@@ -35,6 +36,12 @@ class SamplingConfig:
                         group="sampling", action="store_true")
 
     def __post_init__(self) -> None:
+        for name, kind, what in (("max_new_tokens", Integral, "an integer"), ("top_k", Integral, "an integer"),
+                                 ("temperature", Real, "a number"), ("top_p", Real, "a number"),
+                                 ("repetition_penalty", Real, "a number"), ("greedy", bool, "True or False")):
+            value = getattr(self, name)  # ("3" or 3.0 would fail deep in torch; greedy="False" is truthy)
+            if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
+                raise MinigptError(f"{name} must be {what}, got {value!r}")
         if self.max_new_tokens < 1:
             raise MinigptError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if not 0 <= self.temperature < float("inf"):

@@ -31,6 +31,7 @@ def lone_surrogate(text: str) -> int | None:
 
 EOS_TOKEN = "<|endoftext|>"
 TOKENIZER_FILE = "tokenizer.json"
+MIN_BPE_VOCAB = 256 + 1  # byte-level BPE: one token per byte, plus EOS_TOKEN
 
 
 class Tokenizer:
@@ -90,9 +91,18 @@ class Tokenizer:
         """Learn a GPT-2-style byte-level BPE vocabulary of `vocab_size` tokens from `texts`.
 
         For small from-scratch models: a small vocabulary keeps the embedding and LM head small,
-        and it needs nothing from the Hub.
+        and it needs nothing from the Hub. `texts` is an iterable of texts: a str alone would be
+        read one character at a time, as texts of one character each, so it is refused. The
+        vocabulary starts from the 256 bytes and `<|endoftext|>`, and each merge adds one token:
+        `vocab_size` is at least MIN_BPE_VOCAB (257), which learns no merge at all.
         """
         from tokenizers import trainers
+
+        if isinstance(texts, str):
+            raise TypeError("texts: a list of strings (an iterable of texts), got str; pass [text] for one text")
+        if vocab_size < MIN_BPE_VOCAB:
+            raise MinigptError(f"vocab_size {vocab_size} is below the {MIN_BPE_VOCAB} tokens byte-level BPE "
+                               f"needs (256 bytes + {EOS_TOKEN})")
 
         backend = HFTokenizer(models.BPE())
         backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -116,28 +126,40 @@ class Tokenizer:
         try:
             return self.backend.encode(text, add_special_tokens=False).ids
         except TypeError:
-            if not isinstance(text, str):
-                raise
-            surrogate = lone_surrogate(text)
-            if surrogate is None:
-                raise
-            raise MinigptError(
-                f"text is not valid UTF-8 (character {surrogate} stands for an undecodable byte)"
-            ) from None
+            _refuse_not_utf8([text], "text")
+            raise
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        """Encode many texts at once; the Rust side spreads the work over all CPU cores."""
+        """Encode many texts at once; the Rust side spreads the work over all CPU cores. A text
+        that is not valid UTF-8 is a MinigptError naming it, as in `encode`."""
+        if isinstance(texts, str):
+            raise TypeError("texts: a list of strings, got str; encode one text with encode")
         # The `_fast` variant skips computing character offsets, which we never use.
-        return [e.ids for e in self.backend.encode_batch_fast(texts, add_special_tokens=False)]
+        try:
+            return [e.ids for e in self.backend.encode_batch_fast(texts, add_special_tokens=False)]
+        except TypeError:
+            _refuse_not_utf8(texts, "text {}")
+            raise
 
     def decode(self, ids: list[int]) -> str:
-        return self.backend.decode(list(ids), skip_special_tokens=False)
+        """The text of `ids`; an id at or beyond `vocab_size` decodes to "" (as transformers'
+        decoding does), a negative one is a MinigptError."""
+        return self.backend.decode(self._non_negative(ids), skip_special_tokens=False)
 
     def decode_bytes(self, ids: list[int]) -> bytes:
-        """The raw UTF-8 bytes of `ids`; one token can hold half a character, so streaming output
-        should decode bytes incrementally rather than token by token."""
+        """The raw UTF-8 bytes of `ids` (ids as `decode` takes them); one token can hold half a
+        character, so streaming output should decode bytes incrementally rather than token by token."""
         byte_decoder = _byte_decoder()
-        return bytes(byte_decoder[c] for t in ids for c in self.backend.id_to_token(t) or "")
+        return bytes(byte_decoder[c] for t in self._non_negative(ids) for c in self.backend.id_to_token(t) or "")
+
+    def _non_negative(self, ids: list[int]) -> list[int]:
+        """`ids` as a list, refusing a negative id (the Rust side takes ids as unsigned integers and
+        raises an OverflowError on one)."""
+        ids = list(ids)
+        bad = next((t for t in ids if t < 0), None)
+        if bad is not None:
+            raise MinigptError(f"token id {bad} is negative (token ids run from 0 to {self.vocab_size - 1})")
+        return ids
 
     def save(self, path: str | os.PathLike) -> None:
         """Write `tokenizer.json`."""
@@ -160,6 +182,16 @@ class Tokenizer:
             **special,
         }
         (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+
+
+def _refuse_not_utf8(texts: list[str], name: str) -> None:
+    """Raise the MinigptError for the first of `texts` holding a lone surrogate (`lone_surrogate`),
+    named by `name` formatted with its index; return if none does (the caller's error stands then)."""
+    for i, text in enumerate(texts):
+        surrogate = lone_surrogate(text) if isinstance(text, str) else None
+        if surrogate is not None:
+            raise MinigptError(f"{name.format(i)} is not valid UTF-8 (character {surrogate} stands for an "
+                               f"undecodable byte)") from None
 
 
 @functools.lru_cache(maxsize=1)

@@ -29,14 +29,15 @@ import json
 import math
 from dataclasses import dataclass
 from functools import cached_property
-from typing import TextIO
+from typing import Sequence, TextIO
 
 import torch
 
 from .errors import MinigptError
 from .metrics import perplexity
 from .model import GPT
-from .sampling import candidate_scores, check_finite, draw, model_device, penalized_scores
+from .sampling import (candidate_scores, check_eval_mode, check_finite, draw, model_device, penalized_scores,
+                       token_ids)
 from .sampling_config import SamplingConfig
 from .tokenizer import Tokenizer
 
@@ -180,12 +181,12 @@ class Score:
 def score_ids(
     model: GPT,
     tokenizer: Tokenizer,
-    ids: list[int],
+    ids: Sequence[int] | torch.Tensor,
     config: SamplingConfig | None = None,
     top_alternatives: int = 5,
 ) -> Score:
-    """Score every token of `ids` after the first: one forward pass over a text that fits the
-    context window, and no sampling.
+    """Score every token of `ids` (a list of ints or a 1-D integer tensor, `sampling.token_ids`)
+    after the first: one forward pass over a text that fits the context window, and no sampling.
 
     `config` decides only `kept` / `candidates` (which tokens its temperature, top-k and top-p would
     have left); the probabilities are the model's own, so a repetition penalty is refused. A text
@@ -193,6 +194,8 @@ def score_ids(
     "strided perplexity" with that stride): the first window scores its tokens as usual, and every
     later token is predicted from at least the W - W // 2 tokens before it.
     """
+    check_eval_mode(model, "scoring")
+    ids = token_ids(ids, model.config.vocab_size, "ids")
     config = config or SamplingConfig()
     if config.repetition_penalty != 1.0:
         raise MinigptError("scoring reads the model's own probabilities; a repetition penalty "
@@ -225,7 +228,7 @@ def score_ids(
             rows += [{"step": first + i, **probs.row(i, tokenizer)} for i in range(scores.size(0))]
         target = end
         begin = end - (window - window // 2)  # the next window ends W // 2 tokens further on
-    return Score(ids=list(ids), rows=rows, loss=total / (len(ids) - 1))
+    return Score(ids=ids, rows=rows, loss=total / (len(ids) - 1))
 
 
 def score(

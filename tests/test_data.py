@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -356,6 +357,19 @@ def test_bad_settings_name_their_flag(tmp_path, gpt2_tokenizer):
                          ({"max_records": 0}, "--max-records"), ({"val_fraction": 1.0}, "--val-fraction")]:
         with pytest.raises(MinigptError, match=flag):
             load(tmp_path, gpt2_tokenizer, source=source, **change)
+
+
+def test_a_data_config_of_the_wrong_kind_is_refused_when_made():
+    """DataConfig checks its values where it is built, not first in load_blocks; block_size=64.0
+    passed those checks and failed in numpy."""
+    for kw, message in ((dict(block_size=64.0), "--block-size: must be an integer, got 64.0"),
+                        (dict(block_size=0), "--block-size: must be at least 1, got 0"),
+                        (dict(max_records=True), "--max-records: must be an integer, got True"),
+                        (dict(val_fraction="0.1"), "--val-fraction: must be a number, got '0.1'"),
+                        (dict(format="chat"), "--format: unknown format 'chat'")):
+        with pytest.raises(MinigptError, match=f"^{re.escape(message)}"):
+            DataConfig(**kw)
+    assert DataConfig(block_size=np.int64(16), max_records=None).block_size == 16
 
 
 def test_qa_needs_one_score_per_answer(tmp_path, gpt2_tokenizer):

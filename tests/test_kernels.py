@@ -372,6 +372,37 @@ def test_a_forced_kernel_that_cannot_run_says_why(small_model, monkeypatch):
 
 
 
+def test_a_prepared_model_is_in_eval_mode():
+    """A model left in training mode (as `Trainer.fit` leaves it) comes back in eval mode, every module
+    swapped in included, and decodes the tokens of the plain model in eval mode."""
+    from minigpt.sampling import SamplingConfig, generate_ids
+
+    torch.manual_seed(0)
+    training = GPT(GPTConfig(n_layer=2, n_head=4, n_embd=64, block_size=64, vocab_size=2100, dropout=0.1))
+    reference = copy.deepcopy(training).eval()
+    prepared = prepare_for_inference(training, kernel="linear")
+    assert not any(module.training for module in prepared.modules())
+    config = SamplingConfig(max_new_tokens=10, greedy=True)
+    expected = generate_ids(reference, [5, 17, 300], config, eos_id=None)
+    assert generate_ids(prepared, [5, 17, 300], config, eos_id=None) == expected and len(expected[0]) == 10
+
+
+def test_preparing_a_prepared_model_or_for_no_rows_is_refused_in_one_line(small_model):
+    """Run twice (a notebook cell run again) it was "'SplitLinear' object has no attribute 'weight'";
+    batch_size 0 failed deep in the layouts, with oneMKL's lines printed."""
+    prepared = prepare_for_inference(copy.deepcopy(small_model), kernel="linear")
+    summary = kernel_summary(prepared)
+    with pytest.raises(MinigptError) as error:
+        prepare_for_inference(prepared)
+    assert str(error.value) == ("the model is already prepared for inference: use it as it is, or load it again "
+                                "to redo it")
+    assert kernel_summary(prepared) == summary  # left as it was
+    for batch_size in (0, -3):
+        with pytest.raises(MinigptError) as error:
+            prepare_for_inference(copy.deepcopy(small_model), batch_size=batch_size)
+        assert str(error.value) == f"batch_size must be >= 1, got {batch_size}"
+
+
 def test_int8mm_is_kept_off_widths_it_computes_wrongly():
     """torch 2.13's CPU `_weight_int8pack_mm` returns garbage (or crashes) unless the input width is
     a multiple of 16; layers of width 72 take another int8 kernel instead, and forcing it is refused."""

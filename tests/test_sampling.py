@@ -7,6 +7,7 @@ import copy
 import json
 import os
 
+import numpy as np
 import pytest
 import torch
 from transformers.generation.logits_process import (
@@ -175,6 +176,20 @@ def test_sampling_config_rejects_bad_values():
     ):
         with pytest.raises(MinigptError):
             SamplingConfig(**bad)
+
+
+def test_sampling_config_names_a_value_of_the_wrong_type():
+    """From Python, "0.5" or 3.0 failed deep in torch and greedy="False" (a non-empty str) meant greedy."""
+    import numpy as np
+
+    for field, value, what in (("max_new_tokens", 3.0, "an integer"), ("top_k", "5", "an integer"),
+                               ("temperature", "0.5", "a number"), ("top_p", None, "a number"),
+                               ("repetition_penalty", True, "a number"), ("greedy", "False", "True or False"),
+                               ("max_new_tokens", True, "an integer")):
+        with pytest.raises(MinigptError, match=f"^{field} must be {what}, got {value!r}$".replace("(", r"\(")):
+            SamplingConfig(**{field: value})
+    config = SamplingConfig(max_new_tokens=np.int64(3), top_k=np.int32(2), temperature=1, top_p=np.float32(0.5))
+    assert (config.max_new_tokens, config.top_k, config.temperature) == (3, 2, 1)
 
 
 def test_text_stream_never_splits_a_character(gpt2_tokenizer):
@@ -577,3 +592,67 @@ def test_the_cli_refuses_an_output_too_large_in_one_line(tiny_minigpt_dir):
         "error: --max-new-tokens 99999999999999999999 x --num-samples 1: the output "
         "(100000000000000000000 token ids with the prompt, 800,000,000,000.0 GB) does not fit in memory"
     ]
+
+
+# --- what generate takes, from a notebook ------------------------------------------------------
+
+
+def test_a_prompt_is_a_list_a_tuple_or_a_1d_integer_tensor(tiny):
+    """One check (`sampling.token_ids`) for every prompt: a tensor was "Boolean value of Tensor with
+    more than one value is ambiguous", and float ids were truncated to other tokens in silence."""
+    model, tokenizer = tiny
+    config = SamplingConfig(max_new_tokens=6, greedy=True)
+    ids = [464, 2068, 7586]
+    expected = generate_ids(model, ids, config, eos_id=tokenizer.eos_id)
+    assert len(expected[0]) == 6
+    for same in (tuple(ids), torch.tensor(ids), torch.tensor(ids, dtype=torch.int32), [torch.tensor(t) for t in ids]):
+        assert generate_ids(model, same, config, eos_id=tokenizer.eos_id) == expected
+    assert [t.tolist() for t in generate(model, torch.tensor(ids), config, eos_id=None)] == [[t] for t in expected[0]]
+    expected_kind = "prompt: a list of token ids or a 1-D integer tensor, got "
+    refused = [
+        ("The quick", "str; encode text with tokenizer.encode"),
+        (np.array(ids), "numpy.ndarray"),
+        ([ids], "a list whose item 0 is list"),
+        ([464, 1.5, 2.7], "a list whose item 1 is float"),
+        (torch.tensor([ids]), "a 2-D torch.int64 tensor; for one row of a batch pass ids[0]"),
+        (torch.tensor([464.0, 2068.0]), "a 1-D torch.float32 tensor"),
+        (None, "NoneType"),
+    ]
+    for prompt, got in refused:
+        with pytest.raises(TypeError) as error:
+            generate_ids(model, prompt, config, eos_id=tokenizer.eos_id)
+        assert str(error.value) == expected_kind + got
+
+
+def test_ids_outside_the_vocabulary_are_named_with_its_size(tiny):
+    """Out-of-range ids (and an out-of-range eos_id) were torch's bare "index out of range in self"."""
+    model, tokenizer = tiny
+    config = SamplingConfig(max_new_tokens=2, greedy=True)
+    vocabulary = "is outside the model's vocabulary of 50257 tokens (ids 0 to 50256)"
+    for prompt, name, bad, eos_id in [([464, 50257, 99999], "prompt", 50257, tokenizer.eos_id),
+                                      (torch.tensor([5, -2]), "prompt", -2, tokenizer.eos_id),
+                                      ([464], "eos_id", 50257, 50257), ([], "eos_id", -1, -1)]:
+        with pytest.raises(MinigptError) as error:
+            generate_ids(model, prompt, config, eos_id=eos_id)
+        assert str(error.value) == f"{name}: token id {bad} {vocabulary}"
+    assert len(generate_ids(model, [0, 50256], config, eos_id=0)[0]) >= 1  # both ends of the range are ids
+
+
+def test_generation_refuses_a_model_in_training_mode_with_dropout(tiny):
+    """`Trainer.fit` leaves its model in training mode: greedy decoding with dropout on gave a different
+    text each run. Refused in one line; with dropout 0 training mode computes what eval mode does."""
+    model, tokenizer = tiny
+    config = SamplingConfig(max_new_tokens=8, greedy=True)
+    expected = generate_ids(model, [464, 2068], config, eos_id=tokenizer.eos_id)
+    training = copy.deepcopy(model).train()
+    message = ("generation needs the model in eval mode (model.eval()): in training mode its dropout (0.1) "
+               "makes every output random")
+    for call in (generate_ids, generate):
+        with pytest.raises(MinigptError) as error:
+            call(training, [464, 2068], config, eos_id=tokenizer.eos_id)
+        assert str(error.value) == message
+    assert generate_ids(training.eval(), [464, 2068], config, eos_id=tokenizer.eos_id) == expected
+    no_dropout = GPT(GPTConfig(vocab_size=300, block_size=16, n_layer=1, n_head=2, n_embd=32, dropout=0.0))
+    assert no_dropout.training
+    in_eval = generate_ids(copy.deepcopy(no_dropout).eval(), [5, 6], config, eos_id=None)
+    assert generate_ids(no_dropout, [5, 6], config, eos_id=None) == in_eval

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from conftest import gpt2_vocab_files
+from minigpt.errors import MinigptError
 from minigpt.tokenizer import Tokenizer
 
 TEXTS = [
@@ -61,3 +62,44 @@ def test_half_characters_are_bytes(gpt2_tokenizer):
     partial = gpt2_tokenizer.decode_bytes(ids[:1])
     with pytest.raises(UnicodeDecodeError):
         partial.decode("utf-8")
+
+
+def test_a_negative_id_is_refused_and_one_beyond_the_vocabulary_decodes_to_nothing(gpt2_tokenizer):
+    """A negative id was the Rust side's OverflowError; an id >= the vocabulary size is "" (as transformers)."""
+    hello = gpt2_tokenizer.encode("Hello")
+    for decode in (gpt2_tokenizer.decode, gpt2_tokenizer.decode_bytes):
+        for ids in ([-1], hello + [-7]):
+            with pytest.raises(MinigptError) as error:
+                decode(ids)
+            assert str(error.value) == f"token id {ids[-1]} is negative (token ids run from 0 to 50256)"
+    assert gpt2_tokenizer.decode(hello + [50257, 10**6]) == "Hello"
+    assert gpt2_tokenizer.decode_bytes([50257] + hello) == b"Hello"
+
+
+def test_encode_batch_names_a_text_that_is_not_utf8_as_encode_does(gpt2_tokenizer):
+    """A lone surrogate (a byte that was not UTF-8) was an opaque TypeError from the batch."""
+    with pytest.raises(MinigptError) as error:
+        gpt2_tokenizer.encode("a\ud800")
+    assert str(error.value) == "text is not valid UTF-8 (character 1 stands for an undecodable byte)"
+    with pytest.raises(MinigptError) as error:
+        gpt2_tokenizer.encode_batch(["ok", "ab\udc80"])
+    assert str(error.value) == "text 1 is not valid UTF-8 (character 2 stands for an undecodable byte)"
+    with pytest.raises(TypeError) as error:
+        gpt2_tokenizer.encode_batch("ok")
+    assert str(error.value) == "texts: a list of strings, got str; encode one text with encode"
+    assert gpt2_tokenizer.encode_batch(["ok", "Hello world"]) == [gpt2_tokenizer.encode("ok"), [15496, 995]]
+
+
+def test_train_bpe_refuses_a_str_and_a_vocabulary_below_the_bytes_and_eos():
+    """A str was trained on one character at a time; a vocabulary below 257 was accepted in silence."""
+    with pytest.raises(TypeError) as error:
+        Tokenizer.train_bpe("hello world", 300)
+    assert str(error.value) == "texts: a list of strings (an iterable of texts), got str; pass [text] for one text"
+    with pytest.raises(MinigptError) as error:
+        Tokenizer.train_bpe(["hello world"], 256)
+    assert str(error.value) == "vocab_size 256 is below the 257 tokens byte-level BPE needs (256 bytes + <|endoftext|>)"
+    smallest = Tokenizer.train_bpe(["hello world"], 257)  # the bytes and EOS, no merge
+    assert smallest.vocab_size == 257 and [smallest.decode([i]) for i in smallest.encode("hello")] == list("hello")
+    merged = Tokenizer.train_bpe(["hello hello hello"], 260)
+    ids = merged.encode("hello")
+    assert merged.vocab_size == 260 and len(ids) < 5 and merged.decode(ids) == "hello"

@@ -484,3 +484,41 @@ def test_generate_without_a_recorder_is_unchanged(hf_dir, tokenizer):
     watched = [t.tolist() for t in generate(model, prompt, config, 2, torch.Generator().manual_seed(4), pick=recorder,
                                             eos_id=None)]
     assert watched == plain and recorder.last.token.tolist() == plain[-1]
+
+
+# --- score_ids and score from a notebook -------------------------------------------------------
+
+
+def test_score_ids_takes_a_1d_tensor_and_refuses_a_batch_or_bad_ids(hf_dir, tokenizer):
+    """The ids go through `sampling.token_ids`, as generate's prompt does: a (1, T) tensor was
+    "the text is 1 token", an id beyond the vocabulary torch's bare IndexError."""
+    model = load_model(hf_dir)[0]
+    ids = tokenizer.encode(PROMPT)
+    expected = score_ids(model, tokenizer, ids)
+    from_tensor = score_ids(model, tokenizer, torch.tensor(ids))
+    assert from_tensor.ids == ids and from_tensor.rows == expected.rows and from_tensor.loss == expected.loss
+    with pytest.raises(TypeError) as error:
+        score_ids(model, tokenizer, torch.tensor([ids]))
+    assert str(error.value) == ("ids: a list of token ids or a 1-D integer tensor, got a 2-D torch.int64 tensor; "
+                                "for one row of a batch pass ids[0]")
+    with pytest.raises(TypeError) as error:
+        score_ids(model, tokenizer, PROMPT)
+    assert str(error.value) == ("ids: a list of token ids or a 1-D integer tensor, got str; "
+                                "encode text with tokenizer.encode")
+    with pytest.raises(MinigptError) as error:
+        score_ids(model, tokenizer, [464, 70000, 2068])
+    assert str(error.value) == "ids: token id 70000 is outside the model's vocabulary of 50257 tokens (ids 0 to 50256)"
+
+
+def test_scoring_refuses_a_model_in_training_mode_with_dropout(hf_dir, tokenizer):
+    """With dropout on, each score of the same text gave another loss."""
+    model = load_model(hf_dir)[0]
+    text = "The sky is blue because of Rayleigh scattering."
+    expected = score(model, tokenizer, text).loss
+    model.train()
+    for call in (lambda: score(model, tokenizer, text), lambda: score_ids(model, tokenizer, tokenizer.encode(text))):
+        with pytest.raises(MinigptError) as error:
+            call()
+        assert str(error.value) == ("scoring needs the model in eval mode (model.eval()): in training mode its "
+                                    "dropout (0.1) makes every output random")
+    assert score(model.eval(), tokenizer, text).loss == expected
