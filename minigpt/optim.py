@@ -38,6 +38,7 @@ device too (a skipped step does not count, as in torch's own fused AdamW).
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any, Iterable
 
 import torch
@@ -71,8 +72,9 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
 class AdamW:
     """AdamW over parameter groups, each with its own lr / betas / eps / weight_decay.
 
-    params: an iterable of tensors (one group), or of dicts {"params": [...], **hyper-parameters}
-        whose missing hyper-parameters take the defaults given here.
+    params: as torch.optim's: an iterable of tensors or of (name, tensor) pairs (one group; e.g.
+        `model.named_parameters()`), or of dicts {"params": those or one tensor, **hyper-parameters}
+        whose missing hyper-parameters take the defaults given here. Each parameter appears once.
     fused: use `torch._fused_adamw_` (None: wherever the build has it for these parameters;
         True: the same, else an error; False: never, the written-out update).
     """
@@ -86,20 +88,31 @@ class AdamW:
         weight_decay: float = 0.01,
         fused: bool | None = None,
     ) -> None:
+        if isinstance(params, torch.Tensor):  # (list(t) would be its rows, views no gradient reaches)
+            raise TypeError("AdamW: params must be an iterable of tensors or of dicts, not one tensor; pass [tensor]")
         groups = list(params)
-        if groups and isinstance(groups[0], torch.Tensor):
+        if groups and not isinstance(groups[0], dict):
             groups = [{"params": groups}]
-        defaults = {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay}
+        defaults = {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay}
         self.param_groups: list[dict[str, Any]] = []
-        for group in groups:
-            group = {**defaults, **group, "params": list(group["params"])}
-            group["betas"] = tuple(group["betas"])
+        for i, group in enumerate(groups):
+            if not isinstance(group, dict) or "params" not in group:
+                what = "a dict without 'params'" if isinstance(group, dict) else f"a {type(group).__name__}"
+                raise TypeError(f"AdamW: parameter group {i} is {what}; give every group as {{'params': [...], ...}}")
+            group = {**defaults, **group, **_group_params(group["params"])}
             _check_hyper_parameters(group)
             self.param_groups.append(group)
+        params = [p for g in self.param_groups for p in g["params"]]
+        if len({id(p) for p in params}) < len(params):  # (a step would update such a parameter twice)
+            i, j = next((i, j) for i, p in enumerate(params) for j in range(i) if params[j] is p)
+            raise ValueError(
+                f"AdamW: some parameters appear more than once, in one group or in several: parameter {i} (shape "
+                f"{list(params[i].shape)}, counting through all groups) is parameter {j}; list each once (GPT-2's "
+                "lm_head.weight is its transformer.wte.weight, tied: model.parameters() and param_groups hold it once)"
+            )
         # The moments, one per parameter, allocated once (zeros, as the formula starts them).
         self.exp_avg = [[torch.zeros_like(p) for p in g["params"]] for g in self.param_groups]
         self.exp_avg_sq = [[torch.zeros_like(p) for p in g["params"]] for g in self.param_groups]
-        params = [p for g in self.param_groups for p in g["params"]]
         if len({(p.device, p.dtype) for p in params}) > 1:
             raise ValueError("AdamW: all parameters must share one device and dtype")
         flat_params = [_flat(p.detach(), p) for p in params]
@@ -247,13 +260,35 @@ class AdamW:
             m.copy_(m_saved)
             v.copy_(v_saved)
         for group, saved in zip(self.param_groups, state["param_groups"]):
-            group.update({k: tuple(saved[k]) if k == "betas" else saved[k] for k in HYPER_PARAMETERS})
+            group.update({k: saved[k] for k in HYPER_PARAMETERS})
             _check_hyper_parameters(group)  # (a hand-edited state's negative eps is refused, not trained with)
         self._step_tensor.fill_(int(state["step"]))
 
 
+def _group_params(params: torch.Tensor | Iterable[torch.Tensor | tuple[str, torch.Tensor]]) -> dict[str, list]:
+    """A group's "params" as torch.optim takes them: one tensor, or tensors, or (name, tensor) pairs
+    in a fixed order (not a set). Returns {"params": tensors}, with {"param_names": names} for pairs."""
+    if isinstance(params, set):  # (its order changes from run to run: a resume would swap the moments)
+        raise TypeError("AdamW: parameters in a set have no fixed order; give them as a list")
+    items = [params] if isinstance(params, torch.Tensor) else list(params)
+    named = [isinstance(item, tuple) for item in items]
+    if any(named) and not all(named):
+        raise ValueError("AdamW: give every parameter of a group a name, as (name, tensor), or none")
+    tensors = [item[1] if is_named else item for item, is_named in zip(items, named)]
+    for i, t in enumerate(tensors):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"AdamW: parameter {i} is a {type(t).__name__}; give tensors, (name, tensor) pairs or "
+                            "{'params': ...} dicts")
+    return {"params": tensors, **({"param_names": [item[0] for item in items]} if items and all(named) else {})}
+
+
 def _check_hyper_parameters(group: dict[str, Any]) -> None:
-    beta1, beta2 = group["betas"]
+    """Refuse a value AdamW's formula breaks on, in one line; makes `betas` a tuple of floats."""
+    betas = group["betas"]
+    if not (isinstance(betas, (tuple, list)) and len(betas) == 2
+            and all(isinstance(b, numbers.Real) and not isinstance(b, bool) for b in betas)):
+        raise TypeError(f"optimizer: betas must be a pair of numbers (beta1, beta2), e.g. (0.9, 0.999), got {betas!r}")
+    beta1, beta2 = group["betas"] = (float(betas[0]), float(betas[1]))
     if not group["lr"] >= 0:
         raise MinigptError(f"optimizer: lr must be >= 0, got {group['lr']}")
     if not (0 <= beta1 < 1 and 0 <= beta2 < 1):
@@ -310,6 +345,10 @@ def linear_schedule(step: int, total_steps: int, warmup_steps: int = 0) -> float
     The same numbers as `transformers.get_linear_schedule_with_warmup`: step k of a run uses
     base_lr * linear_schedule(k, ...), where the Trainer's LambdaLR has stepped k times.
     """
+    # (a negative step would give a negative multiplier; a negative warm-up, a decay that starts below 1)
+    for name, value in (("step", step), ("warmup_steps", warmup_steps)):
+        if value < 0:
+            raise MinigptError(f"linear_schedule: {name} must be >= 0, got {value}")
     if step < warmup_steps:
         return step / max(1, warmup_steps)
     return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))

@@ -82,12 +82,17 @@ class TrainConfig:
     progress: bool = True  # show a tqdm bar (on stderr)
 
     def __post_init__(self) -> None:
-        for name in ("max_steps", "grad_accum", "log_every"):
-            if getattr(self, name) < 1:
-                raise MinigptError(f"--{name.replace('_', '-')}: must be at least 1, got {getattr(self, name)}")
-        for name in ("eval_every", "save_every", "max_grad_norm"):
-            if getattr(self, name) < 0:
-                raise MinigptError(f"--{name.replace('_', '-')}: must be >= 0, got {getattr(self, name)}")
+        """Refuse, in one line, what the loop would misread (a grad_accum of 1.5, a dtype given by name)."""
+        for name in ("max_steps", "grad_accum", "log_every", "eval_every", "save_every"):
+            value, least = getattr(self, name), 0 if name in ("eval_every", "save_every") else 1  # (0: off)
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise MinigptError(f"TrainConfig: {name} must be an integer >= {least}, got {value!r}")
+        norm = self.max_grad_norm  # (NaN would turn the clipping off, silently)
+        if isinstance(norm, bool) or not isinstance(norm, (int, float)) or not norm >= 0:
+            raise MinigptError(f"TrainConfig: max_grad_norm must be a number >= 0 (0: no clipping), got {norm!r}")
+        if self.dtype not in (torch.float32, torch.bfloat16, torch.float16):  # (a name would turn autocast off)
+            raise MinigptError(f"TrainConfig: dtype must be torch.float32, torch.bfloat16 or torch.float16, "
+                               f"got {self.dtype!r}")
 
 
 # --- the loop --------------------------------------------------------------------------------------
@@ -128,8 +133,7 @@ class Trainer:
         self.model, self.loss_fn, self.optimizer, self.schedule = model, loss_fn, optimizer, schedule
         self.train_batches, self.val_batches = train_batches, val_batches
         self.config, self.out, self.save_model = config, Path(out), save_model
-        self.device, self.ranks = torch.device(device), ranks
-        self.run_config, self.card = run_config or {}, card
+        self.device, self.ranks, self.run_config, self.card = torch.device(device), ranks, run_config or {}, card
         self.base_lrs = [g["lr"] for g in optimizer.param_groups]
         self.autocast = torch.autocast(self.device.type, dtype=config.dtype, enabled=config.dtype != torch.float32)
         # fp16 gradients underflow without loss scaling; bf16 has fp32's range and needs none.
@@ -139,10 +143,8 @@ class Trainer:
         # model, which no rank has to wait for.
         self.forward_model: nn.Module = model
         if ranks.in_process_group:
-            from torch.nn.parallel import DistributedDataParallel
-
             ids = [self.device.index] if self.device.type == "cuda" else None
-            self.forward_model = DistributedDataParallel(model, device_ids=ids)
+            self.forward_model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
         if config.compile:
             if self.device.type == "cpu":  # (inductor's C++ is for this process's instruction sets)
                 prepare_cpu_compile()
@@ -247,18 +249,15 @@ class Trainer:
         self.interval["seconds"] += seconds
         self.last.update(loss=losses[-1], grad_norm=grad_norms[-1])
         if self.bar is not None:
-            self.bar.set_postfix(
-                loss=f"{losses[-1]:.4f}", lr=f"{self.last['lr']:.2e}",
-                tok_s=f"{self.interval['tokens'] / max(self.interval['seconds'], 1e-9):.0f}", refresh=False,
-            )
+            tok_s = self.interval["tokens"] / max(self.interval["seconds"], 1e-9)
+            self.bar.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{self.last['lr']:.2e}", tok_s=f"{tok_s:.0f}",
+                                 refresh=False)
 
     def _stop_non_finite(self, what: str, value: float, step: int) -> None:
         """Stop: nothing after the last checkpoint is saved, so it stays as it was."""
         saved = f"step {self.last_save_step}" if self.last_save_step >= 0 else "none yet"
-        raise MinigptError(
-            f"step {step}: {what} is {value}; stopping. The last checkpoint in {self.out} "
-            f"({saved}) is untouched; try a lower --lr or another --dtype in a new run (--resume keeps the settings)"
-        )
+        raise MinigptError(f"step {step}: {what} is {value}; stopping. The last checkpoint in {self.out} ({saved}) is "
+                           "untouched; try a lower --lr or another --dtype in a new run (--resume keeps the settings)")
 
     def _no_sync(self):
         """DDP's no_sync(): keep gradients local until the step's last micro-batch."""
@@ -277,8 +276,7 @@ class Trainer:
         """The training state after `self.step` steps, as (JSON-able dict, tensors): this rank's
         optimizer and data position, and every rank's RNG states."""
         optim = self.optimizer.state_dict()
-        tensors = {f"optimizer.exp_avg.{i}": t for i, t in enumerate(optim.pop("exp_avg"))}
-        tensors |= {f"optimizer.exp_avg_sq.{i}": t for i, t in enumerate(optim.pop("exp_avg_sq"))}
+        tensors = {f"optimizer.{key}.{i}": t for key in ("exp_avg", "exp_avg_sq") for i, t in enumerate(optim.pop(key))}
         tensors |= gather_rng_states(self.device, self.ranks)
         info = {
             "step": self.step,
@@ -347,10 +345,8 @@ class Trainer:
         if cfg.progress and self.ranks.is_main:
             from tqdm import tqdm
 
-            self.bar = tqdm(
-                total=cfg.max_steps, initial=self.step, desc="training", unit="step",
-                file=sys.stderr, dynamic_ncols=True,
-            )
+            self.bar = tqdm(total=cfg.max_steps, initial=self.step, desc="training", unit="step", file=sys.stderr,
+                            dynamic_ncols=True)
         try:
             with self.stop.catch_signals(self.ranks.is_main):
                 while self.step < cfg.max_steps and not self._should_stop():
@@ -375,6 +371,7 @@ class Trainer:
     def _run_epoch(self) -> None:
         """The rest of the current epoch (or up to max_steps / a stop), then its evaluation."""
         micro: list[torch.Tensor] = []
+        whole, step = self.train_batches.position == 0, self.step  # (a resumed epoch may have no batch left)
         for batch in self.train_batches:
             micro.append(batch)
             if len(micro) == self.config.grad_accum:
@@ -382,8 +379,11 @@ class Trainer:
                 micro = []
                 if self.step >= self.config.max_steps or self._should_stop():
                     return
-        if micro:  # the epoch's last, shorter accumulation
+        if micro:  # the epoch's last, shorter accumulation: an epoch with any batch makes a step
             self._run_step(micro)
+        if whole and self.step == step:  # (fit() would start one empty epoch after another, forever)
+            raise MinigptError("train_batches: the batches are empty, a whole epoch yielded none (fewer blocks than "
+                               "one batch, with drop_last?); give the loop at least one batch")
         if self.val_batches is not None and self.last_eval_step != self.step:
             self._evaluate_and_log()
 

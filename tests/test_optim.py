@@ -7,7 +7,9 @@ import torch
 import torch.nn as nn
 
 import minigpt.optim as optim
+from minigpt.config import GPTConfig
 from minigpt.errors import MinigptError
+from minigpt.model import GPT
 from minigpt.optim import AdamW, clip_grad_norm, linear_schedule, param_groups
 
 
@@ -287,3 +289,81 @@ def test_linear_schedule_equals_transformers(total, warmup):
 def test_linear_schedule_values():
     assert [linear_schedule(s, 4) for s in range(5)] == [1.0, 0.75, 0.5, 0.25, 0.0]
     assert [linear_schedule(s, 6, 2) for s in range(4)] == [0.0, 0.5, 1.0, 0.75]
+
+
+@pytest.mark.parametrize("args,message", [((-1, 10), "step must be >= 0, got -1"),  # (it gave 1.1)
+                                          ((-3, 10, 2), "step must be >= 0, got -3"),  # (it gave -1.5)
+                                          ((0, 10, -2), "warmup_steps must be >= 0, got -2")],  # (it gave 10 / 12)
+                         ids=["step", "step-in-warmup", "warmup"])
+def test_linear_schedule_refuses_negative_steps(args, message):
+    with pytest.raises(MinigptError) as e:
+        linear_schedule(*args)
+    assert str(e.value) == f"linear_schedule: {message}"
+
+
+# --- misuse: the error torch.optim.AdamW gives (or a clearer one), never a silently wrong step ------
+
+
+@pytest.mark.parametrize("fused", FUSED)
+def test_a_parameter_given_twice_is_refused_as_torch_does(fused):
+    """GPT-2's head is its token embedding (tied): a group of the transformer's parameters and one of
+    the head's hold that matrix twice, and every step would update it twice. torch refuses it too."""
+    model = GPT(GPTConfig(vocab_size=50, block_size=8, n_layer=1, n_head=1, n_embd=8))
+    assert model.lm_head.weight is model.transformer.wte.weight
+    def groups() -> list[dict]:
+        return [{"params": model.transformer.parameters()}, {"params": model.lm_head.parameters(), "lr": 1e-3}]
+
+    with pytest.raises(ValueError, match="some parameters appear in more than one parameter group"):
+        torch.optim.AdamW(groups())
+    with pytest.raises(ValueError) as e:
+        AdamW(groups(), fused=fused)
+    assert str(e.value) == (
+        "AdamW: some parameters appear more than once, in one group or in several: parameter 16 (shape [50, 8], "
+        "counting through all groups) is parameter 0; list each once (GPT-2's lm_head.weight is its "
+        "transformer.wte.weight, tied: model.parameters() and param_groups hold it once)"
+    )
+    a, b = nn.Parameter(torch.ones(3)), nn.Parameter(torch.ones(2))  # twice within one group
+    with pytest.raises(ValueError, match=r"parameter 2 \(shape \[3\], counting through all groups\) is parameter 0;"):
+        AdamW([a, b, a], fused=fused)
+
+
+@pytest.mark.parametrize("fused", FUSED)
+def test_params_are_taken_as_torch_takes_them(fused):
+    """A group's "params" may be one tensor (the tensor, not its rows, which would train nothing),
+    and the parameters may come named, as model.named_parameters() gives them: the steps then equal
+    torch.optim.AdamW's given the same. A bare tensor as `params` is refused, as torch refuses it."""
+    torch.manual_seed(0)
+    ours, theirs = nn.Parameter(torch.randn(4, 3)), nn.Parameter(torch.zeros(4, 3))
+    theirs.data.copy_(ours.detach())
+    before = ours.detach().clone()
+    mine, ref = AdamW([{"params": ours}], lr=0.1, fused=fused), torch.optim.AdamW([{"params": theirs}], lr=0.1)
+    ours.grad = theirs.grad = torch.randn(4, 3)
+    mine.step()
+    ref.step()
+    assert (ours - theirs).abs().max().item() <= 1e-6
+    assert (ours - before).abs().min().item() > 0.09  # a first step moves every entry by about lr
+    named_ours, named_theirs = small_model(), small_model()
+    mine = AdamW(named_ours.named_parameters(), lr=1e-2, fused=fused)
+    ref = torch.optim.AdamW(named_theirs.named_parameters(), lr=1e-2)
+    names = ["0.weight", "1.weight", "1.bias", "2.weight", "2.bias", "4.weight", "4.bias"]
+    assert mine.param_groups[0]["param_names"] == ref.param_groups[0]["param_names"] == names
+    for step in range(2):
+        set_grads(named_ours, step)
+        set_grads(named_theirs, step)
+        mine.step()
+        ref.step()
+    for a, b in zip(named_ours.parameters(), named_theirs.parameters()):
+        assert (a - b).abs().max().item() <= 1e-6
+    with pytest.raises(TypeError, match="should be an iterable of Tensors or dicts"):
+        torch.optim.AdamW(ours)
+    with pytest.raises(TypeError) as e:
+        AdamW(ours)
+    assert str(e.value) == "AdamW: params must be an iterable of tensors or of dicts, not one tensor; pass [tensor]"
+
+
+@pytest.mark.parametrize("betas", [0.9, (0.9,), (0.9, 0.99, 0.999), ("0.9", "0.999"), (True, 0.9)])
+def test_betas_that_are_not_a_pair_of_numbers_are_refused(betas):
+    with pytest.raises(TypeError) as e:
+        AdamW(small_model().parameters(), betas=betas)
+    assert str(e.value) == f"optimizer: betas must be a pair of numbers (beta1, beta2), e.g. (0.9, 0.999), got {betas}"
+    assert AdamW(small_model().parameters(), betas=[0.8, 0.99]).param_groups[0]["betas"] == (0.8, 0.99)

@@ -184,6 +184,67 @@ def test_accumulation_equals_one_big_batch(tmp_path):
     assert [round(r["loss"], 5) for r in rows(tmp_path / "a")] == [round(r["loss"], 5) for r in rows(tmp_path / "b")]
 
 
+def test_an_epoch_shorter_than_grad_accum_is_one_step(tmp_path):
+    """grad_accum 5 over epochs of 3 batches (4 + 4 + 2 blocks): each epoch is one step over its 10
+    blocks, as one batch of 10 is, and the loop goes on to the next epoch (an epoch with a batch steps)."""
+    train = random_blocks(10, 16, 300, seed=13)
+    big, small = micro_model(), micro_model()
+    make_trainer(tmp_path / "a", big, train, batch=10, max_steps=3).fit()
+    assert make_trainer(tmp_path / "b", small, train, batch=4, max_steps=3, grad_accum=5).fit()["step"] == 3
+    for a, b in zip(big.parameters(), small.parameters()):
+        assert (a - b).abs().max().item() < 1e-5
+    assert [r["epoch"] for r in rows(tmp_path / "b")] == [1.0, 2.0, 3.0]
+
+
+class EpochLimit(BatchIterator):
+    """A BatchIterator that fails its test when a 4th epoch starts, so a loop stuck making no steps fails
+    instead of hanging."""
+
+    epochs = 0
+
+    def __iter__(self):
+        self.epochs += 1
+        assert self.epochs <= 3, "a 4th epoch began: the loop makes no progress"
+        return super().__iter__()
+
+
+def test_batches_that_yield_nothing_are_refused_not_looped_over(tmp_path):
+    """drop_last with fewer blocks than one batch: no batch at all. fit() refused nothing and started
+    one empty epoch after another, forever; now the first empty epoch stops it, in one line."""
+    model = micro_model()
+    batches = EpochLimit(random_blocks(5, 16, 300, seed=12), 100, drop_last=True)
+    assert len(batches) == 0
+    trainer = Trainer(
+        model=model, loss_fn=lm_loss, optimizer=AdamW(model.parameters()), schedule=lambda step: 1.0,
+        train_batches=batches, val_batches=None, config=TrainConfig(max_steps=3, progress=False), out=tmp_path,
+        save_model=save_weights(model),
+    )
+    with pytest.raises(MinigptError) as e:
+        trainer.fit()
+    assert str(e.value) == ("train_batches: the batches are empty, a whole epoch yielded none (fewer blocks than one "
+                            "batch, with drop_last?); give the loop at least one batch")
+    assert batches.epochs == 1 and trainer.step == 0
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("grad_accum", 1.5, "grad_accum must be an integer >= 1, got 1.5"),  # (each epoch was one step)
+    ("max_steps", 0, "max_steps must be an integer >= 1, got 0"),
+    ("log_every", True, "log_every must be an integer >= 1, got True"),
+    ("eval_every", -1, "eval_every must be an integer >= 0, got -1"),
+    ("save_every", "5", "save_every must be an integer >= 0, got '5'"),
+    ("max_grad_norm", float("nan"), "max_grad_norm must be a number >= 0 (0: no clipping), got nan"),  # (unclipped)
+    ("dtype", "bf16", "dtype must be torch.float32, torch.bfloat16 or torch.float16, got 'bf16'"),  # (fp32, a warning)
+    ("dtype", torch.float64, "dtype must be torch.float32, torch.bfloat16 or torch.float16, got torch.float64"),
+], ids=["grad_accum", "max_steps", "log_every", "eval_every", "save_every", "max_grad_norm", "dtype-name",
+        "dtype-fp64"])
+def test_train_config_refuses_what_the_loop_would_misread(field, value, message):
+    with pytest.raises(MinigptError) as e:
+        TrainConfig(**{"max_steps": 3, field: value})
+    assert str(e.value) == f"TrainConfig: {message}"
+    config = TrainConfig(max_steps=1, max_grad_norm=0, dtype=torch.bfloat16, eval_every=0, save_every=0)
+    assert (config.grad_accum, config.max_grad_norm, config.dtype) == (1, 0, torch.bfloat16)
+
+
 def test_metrics_rows_and_evaluation_schedule(tmp_path):
     import matplotlib
 
@@ -265,6 +326,33 @@ def test_resume_continues_bitwise(tmp_path):
         assert torch.equal(a, b)
     strip = lambda rs: [{k: v for k, v in r.items() if k != "tokens_per_sec"} for r in rs]  # noqa: E731
     assert strip(rows(tmp_path / "run")) == strip(rows(tmp_path / "whole"))  # ...and were replaced
+
+
+def test_a_run_resumed_at_the_end_of_an_epoch_goes_on(tmp_path):
+    """A checkpoint saved after an epoch's last batch resumes with no batch left in that epoch: an
+    epoch without a step that is not an empty run's, so the loop goes on to the next epoch."""
+    train = random_blocks(12, 16, 300, seed=14)  # 3 batches an epoch
+    whole = micro_model()
+    make_trainer(tmp_path / "whole", whole, train, max_steps=6, save_every=3).fit()
+
+    calls = {"n": 0}
+
+    def dies_in_step_4(model, batch):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise RuntimeError("killed")
+        return lm_loss(model, batch)
+
+    with pytest.raises(RuntimeError, match="killed"):
+        make_trainer(tmp_path / "run", micro_model(), train, max_steps=6, save_every=3, loss_fn=dies_in_step_4).fit()
+    folder = check_out_folder(tmp_path / "run", resume=True)
+    resumed, _ = load_model_weights(folder)
+    trainer = make_trainer(tmp_path / "run", resumed, train, max_steps=6, save_every=3)
+    trainer.resume(folder)
+    assert (trainer.step, trainer.train_batches.epoch, trainer.train_batches.position) == (3, 0, 3)
+    assert trainer.fit()["step"] == 6
+    for a, b in zip(whole.state_dict().values(), resumed.state_dict().values()):
+        assert torch.equal(a, b)
 
 
 def load_model_weights(folder: Path) -> tuple[GPT, None]:
