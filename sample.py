@@ -113,15 +113,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     given = p.given(argv)  # a flag that would change nothing here is refused, not ignored
     if args.scoring:
         p.refuse(given, ("num_samples", "max_new_tokens", "seed", "compile"),
-                 "has no effect with --score, which generates nothing")
+                 "has no effect with --score/--score-file, which generate nothing")
         p.refuse(given, ("repetition_penalty",), "does not apply to --score: scoring reads the model's own "
                  "probabilities; a repetition penalty applies only when generating")
         if args.trace is None:
-            p.refuse(given, ("temperature", "top_k", "top_p", "greedy"), "changes nothing --score prints: "
-                     "it only marks which tokens it would keep, in --trace rows (give --trace FILE)")
+            p.refuse(given, ("temperature", "top_k", "top_p", "greedy"), "changes nothing --score prints "
+                     "without --trace: the sampling settings only mark, in --trace rows, which tokens they would "
+                     "keep; give --trace FILE")
     if args.trace is None:
-        p.refuse(given, ("top_alternatives",), "sets how many alternatives each --trace row lists "
-                 "(give --trace FILE)")
+        p.refuse(given, ("top_alternatives",), "has no effect without --trace: it sets how many alternatives "
+                 "each --trace row lists; give --trace FILE")
     return args
 
 

@@ -23,7 +23,7 @@ from torch.overrides import TorchFunctionMode
 
 from .config import GPTConfig
 from .errors import MinigptError
-from .files import atomic_folder, read_json, save_tensors
+from .files import atomic_folder, folder_destination, read_json, save_tensors
 from .model import GPT
 from .tokenizer import TOKENIZER_FILE, Tokenizer
 
@@ -258,15 +258,24 @@ def load_checkpoint(
     return model_from_state(config, tensors, device, dtype), tokenizer
 
 
+def check_savable(model: GPT, tokenizer: Tokenizer | None = None, out: str | os.PathLike = "") -> None:
+    """Refuse (one-line MinigptError) to save what no loader would read back: tensors that are not
+    those of a plain GPT of the model's config (such as the decoding layouts `prepare_for_inference`
+    swaps in), or a `tokenizer` with more tokens than the model has rows (`check_vocabulary`)."""
+    state = {name: tuple(t.shape) for name, t in model.state_dict().items() if name not in TIED_KEYS}
+    if state != expected_shapes(model.config):
+        raise MinigptError("this model's tensors are not a plain GPT's (e.g. one prepared for inference, whose "
+                           "decoding layouts cannot be saved): save the model before preparing it")
+    if tokenizer is not None:
+        check_vocabulary(Path(out), model.config, tokenizer)
+
+
 def model_state_for_saving(model: GPT) -> dict[str, torch.Tensor]:
-    """The model's tensors as safetensors wants them: contiguous, CPU, tied copies dropped. Refused
-    (one-line MinigptError): a model whose tensors are not those of a GPT of its config, such as one
-    `prepare_for_inference` gave its decoding layouts; no loader would read the file back."""
-    state = {name: t for name, t in model.state_dict().items() if name not in TIED_KEYS}
-    if {name: tuple(t.shape) for name, t in state.items()} != expected_shapes(model.config):
-        raise MinigptError("this model's tensors are not a GPT's own (prepare_for_inference swaps its layers for "
-                           "decoding layouts, which cannot be saved): save the model before preparing it")
-    return {name: t.detach().to("cpu").contiguous() for name, t in state.items()}
+    """The model's tensors as safetensors wants them: contiguous, CPU, tied copies dropped (after
+    `check_savable`)."""
+    check_savable(model)
+    return {name: t.detach().to("cpu").contiguous() for name, t in model.state_dict().items()
+            if name not in TIED_KEYS}
 
 
 def write_checkpoint_files(folder: Path, model: GPT, tokenizer: Tokenizer) -> None:
@@ -284,7 +293,8 @@ def save_checkpoint_folder(out: str | os.PathLike, model: GPT, tokenizer: Tokeni
     """Create the checkpoint folder `out` atomically (see `files.atomic_folder`); `overwrite=True`
     replaces a folder that holds anything, whole (nothing else in it survives). A model and
     tokenizer that `load_checkpoint` would refuse together are refused before anything is written."""
-    check_vocabulary(Path(out), model.config, tokenizer)
+    out = folder_destination(out)
+    check_savable(model, tokenizer, out)  # (before atomic_folder makes any folder)
     with atomic_folder(out, overwrite) as tmp:
         write_checkpoint_files(tmp, model, tokenizer)
-    return Path(out).expanduser()
+    return out

@@ -73,8 +73,8 @@ class DataConfig:
                            ("val_fraction", Real)):  # (64.0 passed the checks below, to fail in numpy)
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, kind)):
-                raise MinigptError(f"--{name.replace('_', '-')}: must be {'an integer' if kind is Integral else 'a number'}"
-                                   f", got {value!r}")
+                what = "an integer" if kind is Integral else "a number"
+                raise MinigptError(f"--{name.replace('_', '-')}: must be {what}, got {value!r}")
         if self.format not in FORMATS:
             raise MinigptError(f"--format: unknown format {self.format!r} (choose from {', '.join(FORMATS)})")
         if self.block_size < 1:

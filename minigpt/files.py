@@ -166,16 +166,16 @@ def folder_destination(out: str | os.PathLike) -> Path:
 def check_source_outside(out: Path, source: str | os.PathLike, what: str, name: str = "out") -> None:
     """Refuse (one-line MinigptError naming `out` as `name`, e.g. the flag "--out") an output folder
     `out` that is the local folder `source` (`what`: "the source", "--to-hf") read from, or one that
-    holds it: replacing `out` would delete the source (`convert_hf_weights.py DIR --out DIR --force`). `out` is where `atomic_folder` renames to: a symlink there is replaced,
-    not what it names, so a source reached through it is safe. A `source` that is no local path (a
-    Hub id) is not checked."""
+    holds it: replacing `out` would delete the source (`convert_hf_weights.py DIR --out DIR --force`).
+    `out` is where `atomic_folder` renames to: a symlink there is replaced, not what it names, so a
+    source reached through it is safe. A `source` that is no local path (a Hub id) is not checked."""
     source = os.path.expanduser(source)
     if not os.path.exists(source):
         return
     read, replaced = Path(os.path.realpath(source)), renamed_path(out)
     if replaced == read or replaced in read.parents:
         raise MinigptError(f"{name} {out}: is the folder of {what} ({source}) or holds it, and replacing it would "
-                           f"delete what is converted; choose another {name}")
+                           "delete what is converted; choose another folder")
 
 
 @contextlib.contextmanager

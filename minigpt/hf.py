@@ -26,6 +26,7 @@ from .checkpoint import (
     CONFIG_FILE,
     WEIGHTS_FILE,
     check_complete,
+    check_savable,
     check_tensors,
     check_vocabulary,
     expected_shapes,
@@ -36,7 +37,7 @@ from .checkpoint import (
 )
 from .config import GPTConfig
 from .errors import MinigptError, reason
-from .files import atomic_folder, read_json, save_tensors
+from .files import atomic_folder, folder_destination, read_json, save_tensors
 from .model import GPT
 from .tokenizer import Tokenizer
 
@@ -184,7 +185,8 @@ def export_hf(model: GPT, tokenizer: Tokenizer, out: str | os.PathLike, card: st
     """Write an HF `GPT2LMHeadModel` folder (config, safetensors, tokenizer files, and the model card
     `card` as README.md when given), atomically; `overwrite=True` replaces a folder that holds
     anything, whole (as `save_checkpoint_folder`)."""
-    check_vocabulary(Path(out), model.config, tokenizer)
+    out = folder_destination(out)
+    check_savable(model, tokenizer, out)  # (before atomic_folder makes any folder)
     state = {
         name: t.t().contiguous() if is_conv1d_weight(name) else t
         for name, t in model_state_for_saving(model).items()
@@ -196,4 +198,4 @@ def export_hf(model: GPT, tokenizer: Tokenizer, out: str | os.PathLike, card: st
         tokenizer.to_hf_files(tmp, model.config.block_size)
         if card is not None:
             (tmp / "README.md").write_text(card, encoding="utf-8")
-    return Path(out).expanduser()
+    return out

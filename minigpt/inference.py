@@ -369,8 +369,8 @@ def prepare_for_inference(
     handle the standard layout well. On the CPU the rest of the model (embeddings, LayerNorms, so
     attention and the KV cache) is put in fp32: only the matmul weights stay bf16 or int8. The
     model is for inference afterwards, in eval mode (no dropout, no gradients, not savable as a
-    checkpoint); `kernel_summary(model)` names the kernels chosen. Prepared once: a second call
-    (a notebook cell run again) is refused, since the layers it would swap are gone.
+    checkpoint); `kernel_summary(model)` names the kernels chosen. Where it swapped the layers (on
+    the CPU, or with int8) a second call (a notebook cell run again) is refused: they are gone.
     """
     if isinstance(model.transformer.wte, SharedEmbedding):
         raise MinigptError("the model is already prepared for inference: use it as it is, or load it again to redo it")

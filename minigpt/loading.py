@@ -24,6 +24,7 @@ from .files import check_source_outside, folder_destination
 from .hf import LEGACY_WEIGHTS_FILE, MODEL_FILES, TOKENIZER_FILES, hf_weight_files, load_hf_checkpoint
 from .hub import download_repo_files
 from .model import GPT
+from .runtime import DTYPES
 from .tokenizer import Tokenizer
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
@@ -79,8 +80,8 @@ def load_model(
 ) -> tuple[GPT, Tokenizer]:
     """Load a model and its tokenizer from any source `resolve_model` accepts (eval mode), its
     weights in `dtype` (torch.float32, bfloat16 or float16) on `device`."""
-    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        raise MinigptError(f"dtype: torch.float32, torch.bfloat16 or torch.float16, got {dtype!r}")
+    if dtype not in DTYPES.values():
+        raise MinigptError(f"dtype must be torch.float32, torch.bfloat16 or torch.float16, got {dtype!r}")
     folder, kind = resolve_model(source)
     if kind == "minigpt":
         return load_checkpoint(folder, device, dtype)

@@ -218,16 +218,18 @@ class GPT(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits for `idx` (B, T), plus the loss when `targets` are given.
 
-        targets: labels aligned with `idx` (usually `idx` itself); the model shifts them so position
-            t is scored on predicting token t + 1, and -100 marks positions to ignore. The loss is
-            the mean cross-entropy over the scored positions.
+        targets: (B, T) labels aligned with `idx` (usually `idx` itself); the model shifts them so
+            position t is scored on predicting token t + 1, and -100 marks positions to ignore. The
+            loss is the mean cross-entropy over the scored positions.
         kv_cache: keys/values of earlier positions; `idx` then continues after them.
         last_only: compute the LM head for the last position only (decoding needs nothing else, and
-            the head is the single largest matmul); no loss then, whatever `targets` holds.
+            the head is the single largest matmul); no loss then (targets, if given, still (B, T)).
         """
-        if idx.dim() != 2 or (targets is not None and targets.shape != idx.shape):  # (a transposed one would run)
-            got = f"idx {tuple(idx.shape)}" + ("" if targets is None else f", targets {tuple(targets.shape)}")
-            raise ValueError(f"expected idx of shape (B, T) and targets of the same shape; got {got}")
+        if idx.dim() != 2:
+            raise ValueError(f"idx must be (B, T), got shape {tuple(idx.shape)}")
+        # Transposed (T, B) targets would still flatten to B * T labels: the loss of the wrong pairs.
+        if targets is not None and targets.shape != idx.shape:
+            raise ValueError(f"targets must have idx's shape {tuple(idx.shape)}, got {tuple(targets.shape)}")
         B, T = idx.shape
         t_past = kv_cache.length if kv_cache is not None else 0
         if t_past + T > self.config.block_size:

@@ -220,9 +220,10 @@ def parse_train_flags(argv: Sequence[str] | None, description: str) -> TrainFlag
     if args.eval_only and (args.init == "scratch" or args.resume):
         p.error("--eval-only evaluates a trained model: give --init SOURCE, without --resume or --init scratch")
     if args.eval_only:  # a flag that would change nothing here is refused, not ignored
-        p.refuse(given, ("out",), "has no effect with --eval-only, which writes nothing (to evaluate a run's "
-                 "checkpoint, give its folder as --init)")
+        p.refuse(given, ("out",), "has no effect with --eval-only, which writes nothing; to evaluate a run's "
+                 "checkpoint, give its folder as --init")
         p.refuse(given, TRAINING_FLAGS, "has no effect with --eval-only, which trains nothing")
-    if args.val_data is not None:
-        p.refuse(given, ("val_fraction",), "splits --data's records; with --val-data none are split (give one of them)")
+    if args.val_data is not None and not args.resume:  # (a run made before this refusal may need it to resume)
+        p.refuse(given, ("val_fraction",), "has no effect with --val-data: it splits --data's records, and with "
+                 "--val-data none are split; give one of them")
     return args

@@ -51,7 +51,7 @@ from .metrics import MetricsLog, StepNumbers, evaluate, perplexity, plot_metrics
 from .optim import AdamW, clip_grad_norm
 from .run_folder import CARD_FILE, METRICS_FILE, PLOT_FILE, check_same_run, read_training_state
 from .run_folder import write_run_checkpoint, write_training_state
-from .runtime import prepare_cpu_compile
+from .runtime import DTYPES, prepare_cpu_compile
 
 
 def seed_everything(seed: int) -> None:
@@ -85,12 +85,12 @@ class TrainConfig:
         """Refuse, in one line, what the loop would misread (a grad_accum of 1.5, a dtype given by name)."""
         for name in ("max_steps", "grad_accum", "log_every", "eval_every", "save_every"):
             value, least = getattr(self, name), 0 if name in ("eval_every", "save_every") else 1  # (0: off)
-            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < least:
                 raise MinigptError(f"TrainConfig: {name} must be an integer >= {least}, got {value!r}")
         norm = self.max_grad_norm  # (NaN would turn the clipping off, silently)
         if isinstance(norm, bool) or not isinstance(norm, (int, float)) or not norm >= 0:
             raise MinigptError(f"TrainConfig: max_grad_norm must be a number >= 0 (0: no clipping), got {norm!r}")
-        if self.dtype not in (torch.float32, torch.bfloat16, torch.float16):  # (a name would turn autocast off)
+        if self.dtype not in DTYPES.values():  # (a name such as "bf16" would turn autocast off)
             raise MinigptError(f"TrainConfig: dtype must be torch.float32, torch.bfloat16 or torch.float16, "
                                f"got {self.dtype!r}")
 
@@ -337,7 +337,7 @@ class Trainer:
     # --- the run -------------------------------------------------------------------------
 
     def fit(self) -> dict[str, Any]:
-        """Train until `config.max_steps`; returns the last step's numbers and validation loss."""
+        """Train until `config.max_steps` (empty batches: an error); returns the last numbers and validation loss."""
         cfg = self.config
         if self.ranks.is_main:
             self.out.mkdir(parents=True, exist_ok=True)

@@ -301,7 +301,7 @@ def test_saving_expands_home_as_loading_does(tiny_minigpt_dir, tmp_path, monkeyp
 def test_a_model_no_loader_could_read_back_is_not_saved(tiny_minigpt_dir, tmp_path, gpt2_tokenizer):
     """Refused before anything is written: a tokenizer with more tokens than the model has rows (the
     load would refuse it), and a model prepared for inference, whose decoding layouts are no GPT's
-    tensors (safetensors' three-line error about shared memory, before)."""
+    tensors (safetensors' three-line error about shared memory, before), nor the folders above."""
     from minigpt.checkpoint import save_checkpoint_folder
     from minigpt.inference import prepare_for_inference
     from minigpt.model import GPT
@@ -309,12 +309,12 @@ def test_a_model_no_loader_could_read_back_is_not_saved(tiny_minigpt_dir, tmp_pa
     small = GPT(GPTConfig(vocab_size=100, block_size=16, n_layer=1, n_head=1, n_embd=8))
     for save in (save_checkpoint_folder, lambda out, m, t: export_hf(m, t, out)):
         with pytest.raises(MinigptError, match="tokenizer has 50257 tokens but the model only 100"):
-            save(tmp_path / "small", small, gpt2_tokenizer)
+            save(tmp_path / "new" / "small", small, gpt2_tokenizer)
         model, tokenizer = load_model(tiny_minigpt_dir)
         prepared = prepare_for_inference(model, kernel="linear")
-        with pytest.raises(MinigptError, match="not a GPT's own .* save the model before preparing it"):
-            save(tmp_path / "prepared", prepared, tokenizer)
-    assert sorted(p.name for p in tmp_path.iterdir()) == []
+        with pytest.raises(MinigptError, match="not a plain GPT's .* save the model before preparing it"):
+            save(tmp_path / "new" / "prepared", prepared, tokenizer)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # not even the parent folder "new"
 
 
 def test_a_source_or_dtype_of_the_wrong_kind_is_named(tiny_minigpt_dir, tmp_path, monkeypatch):
@@ -328,7 +328,7 @@ def test_a_source_or_dtype_of_the_wrong_kind_is_named(tiny_minigpt_dir, tmp_path
     with pytest.raises(TypeError, match="^tokenizer: a folder path or a Hub id, got bytes$"):
         load_tokenizer(str(tiny_minigpt_dir).encode())
     for dtype in (torch.int64, "bfloat16"):
-        with pytest.raises(MinigptError, match="^dtype: torch.float32, torch.bfloat16 or torch.float16, got"):
+        with pytest.raises(MinigptError, match="^dtype must be torch.float32, torch.bfloat16 or torch.float16, got"):
             load_model(tiny_minigpt_dir, dtype=dtype)
     assert load_model(tiny_minigpt_dir, dtype=torch.bfloat16)[0].lm_head.weight.dtype == torch.bfloat16
     with pytest.raises(MinigptError, match="^tokenizer: empty tokenizer path$"):
@@ -336,4 +336,5 @@ def test_a_source_or_dtype_of_the_wrong_kind_is_named(tiny_minigpt_dir, tmp_path
     with pytest.raises(MinigptError, match=f"^{tmp_path / 'missing'}: no such file or folder$"):
         load_tokenizer(tmp_path / "missing")
     monkeypatch.setenv("HOME", str(tiny_minigpt_dir.parent))
-    assert load_tokenizer("~/ckpt").encode("Hello") == load_tokenizer(tiny_minigpt_dir / "tokenizer.json").encode("Hello")
+    from_home = load_tokenizer("~/ckpt").encode("Hello")
+    assert from_home == load_tokenizer(tiny_minigpt_dir / "tokenizer.json").encode("Hello")

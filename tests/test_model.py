@@ -103,9 +103,9 @@ def test_inputs_of_the_wrong_shape_are_named():
     and targets (T, B) for an idx (B, T) gave a loss, of the wrong pairs, without a word."""
     model = GPT(GPTConfig(vocab_size=50, block_size=8, n_layer=1, n_head=2, n_embd=8))
     idx = torch.randint(0, 50, (2, 4), generator=torch.Generator().manual_seed(0))
-    with pytest.raises(ValueError, match=r"expected idx of shape \(B, T\) .*; got idx \(4,\)$"):
+    with pytest.raises(ValueError, match=r"^idx must be \(B, T\), got shape \(4,\)$"):
         model(idx[0])
-    with pytest.raises(ValueError, match=r"; got idx \(2, 4\), targets \(4, 2\)$"):
+    with pytest.raises(ValueError, match=r"^targets must have idx's shape \(2, 4\), got \(4, 2\)$"):
         model(idx, idx.T.contiguous())
     assert model(idx, idx)[1] is not None
 

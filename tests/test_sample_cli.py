@@ -203,17 +203,19 @@ def test_bad_numbers_are_usage_errors(flag, value, capsys):
 
 
 @pytest.mark.parametrize("args, complaint", [
-    (("--score", "a b", "--num-samples", "2"), "--num-samples has no effect with --score, which generates nothing"),
+    (("--score", "a b", "--num-samples", "2"),
+     "--num-samples has no effect with --score/--score-file, which generate nothing"),
     (("--score", "a b", "--num", "2"), "--num-samples has no effect"),  # an abbreviation is the flag
     (("--score", "a b", "--max-new-tokens", "100"), "--max-new-tokens has no effect"),  # at its default too
     (("--score", "a b", "--seed", "1"), "--seed has no effect"),
     (("--score-file", "t.txt", "--compile"), "--compile has no effect"),
     (("--score", "a b", "--repetition-penalty", "1.2"), "--repetition-penalty does not apply to --score"),
-    (("--score", "a b", "--temperature", "0.5"), "--temperature changes nothing --score prints"),
+    (("--score", "a b", "--temperature", "0.5"), "--temperature changes nothing --score prints without --trace"),
     (("--score", "a b", "--top-k", "3"), "--top-k changes nothing --score prints"),
-    (("--score", "a b", "--greedy"), "(give --trace FILE)"),
-    (("--top-alternatives", "3", "hi"), "--top-alternatives sets how many alternatives each --trace row lists"),
-    (("--score", "a b", "--top-alternatives", "3"), "--top-alternatives sets how many"),
+    (("--score", "a b", "--greedy"), "; give --trace FILE (see --help)"),
+    (("--top-alternatives", "3", "hi"),
+     "--top-alternatives has no effect without --trace: it sets how many alternatives each --trace row lists"),
+    (("--score", "a b", "--top-alternatives", "3"), "--top-alternatives has no effect without --trace"),
 ])
 def test_a_flag_that_would_change_nothing_is_refused(args, complaint, capsys):
     """A flag that has no effect in the mode asked for is a usage error naming it (it used to be

@@ -282,15 +282,15 @@ def test_bad_flags_exit_2(tmp_path, args, complaint, capsys):
     "args, complaint",
     [
         (("--init", "gpt2", "--eval-only", "--out", "run"), "--out has no effect with --eval-only, which writes "
-         "nothing (to evaluate a run's checkpoint, give its folder as --init)"),
+         "nothing; to evaluate a run's checkpoint, give its folder as --init"),
         (("--init", "gpt2", "--eval-only", "--lr", "1e-4"), "--lr has no effect with --eval-only, which trains nothing"),
         (("--init", "gpt2", "--eval-only", "--max-steps", "5"), "--max-steps has no effect with --eval-only"),
         (("--init", "gpt2", "--eval-only", "--compile"), "--compile has no effect with --eval-only"),
         (("--init", "gpt2", "--eval-only", "--dropout", "0"), "--dropout has no effect with --eval-only"),
         (("--preset", "tiny", "--init", "run", "--eval-only", "--log-every", "5"), "--log-every has no effect"),
         (("--init", "gpt2", "--eval-only", "--save-every", "0"), "--save-every has no effect"),  # at its default too
-        (("--val-data", "v.json", "--val-fraction", "0.1"), "--val-fraction splits --data's records; with "
-         "--val-data none are split (give one of them)"),
+        (("--val-data", "v.json", "--val-fraction", "0.1"), "--val-fraction has no effect with --val-data: it "
+         "splits --data's records, and with --val-data none are split; give one of them"),
     ],
 )
 def test_a_flag_that_would_change_nothing_is_refused(args, complaint, capsys):
@@ -314,6 +314,8 @@ def test_eval_only_keeps_the_flags_that_decide_its_blocks():
                                "--format", "qa", "--device", "cpu", "--dtype", "fp32", "--no-progress"], "")
     assert (flags.val_fraction, flags.seed, flags.batch_size, flags.block_size, flags.lr) == (0.3, 5, 3, 32, 2e-3)
     assert parse_train_flags(["--val-data", "v.json"], "").val_fraction == 0.2
+    # a run made with both before they were refused together still resumes with its settings
+    assert parse_train_flags(["--val-data", "v.json", "--val-fraction", "0.1", "--resume"], "").val_fraction == 0.1
 
 
 def test_init_from_an_hf_model_with_a_head_of_its_own_is_refused(tmp_path, tiny_hf_dir):
