@@ -154,8 +154,10 @@ def render_card(facts: RunFacts, rows: list[dict[str, Any]], step: int) -> str:
 
 
 def export_card(text: str) -> str:
-    """The card for a transformers export: the same text, with `library_name: transformers`."""
-    head = re.match(r"---\n(.*?\n)---\n", text, re.DOTALL)
+    """The card for a transformers export: the same text, with `library_name: transformers` (its
+    lines ending in LF: a card saved with Windows' CRLF keeps its metadata block, which the Hub reads)."""
+    text = text.replace("\r\n", "\n")
+    head = re.match(r"---\n((?:.*?\n)?)---\n", text, re.DOTALL)  # (an empty block too)
     if head is None:  # no metadata block: give it one
         return f"---\nlibrary_name: transformers\n---\n\n{text}"
     meta = head.group(1)

@@ -21,13 +21,8 @@ a tensor, keys and values go into the cache with `index_copy_`, and the cache is
 views of its filled positions, the new one included, whose length dynamo is told is dynamic
 (`torch._dynamo.mark_dynamic`): inductor then writes the attention loops for any length, so a
 process compiles once per batch size, whatever the prompt and the number of new tokens, and
-attention reads only the positions filled. (Before, the cache length was rounded up to a power of
-two and attention read the whole bucket under a mask: a graph per bucket, so a prompt or a token
-count that needed a longer cache compiled again, ~30 s on 2 cores. The reads saved and the dynamic
-graph's own costs about cancel for short runs: ms a token, new against before, one process,
-interleaved rounds, greedy after a 10-token prompt, AVX-512 BF16 EPYC: 100 tokens, bucket 128,
-1.01x bf16, 1.00x fp32, 1.02-1.03x int8; 128 tokens, bucket 256, 0.98x int8, 1.00x bf16; 300
-tokens, bucket 512, 0.94x int8, 0.97x fp32.) The prompt itself (prefill) runs eager.
+attention reads only the positions filled (not a cache bucketed to powers of two, a graph per
+bucket: benchmarks/HISTORY.md, "Tried and not kept"). The prompt itself (prefill) runs eager.
 In the kernels' step, only the layers whose kernels fuse with the ops around them (FBGEMM's and
 int8mm's; on a GPU, plain `nn.Linear`s: see `compilable`) are compiled through, on all threads;
 every other layer is one opaque op (`minigpt/opaque.py`) running its eager forward, thread count
@@ -110,7 +105,7 @@ class FrozenGemm(nn.Module):
 
     def __init__(self, layer: nn.Module) -> None:
         super().__init__()
-        weight, bias = _dense(layer)
+        weight, bias = _unwrapped(layer).dense()
         self.register_buffer("weight", weight)
         self.register_buffer("bias", bias)
 
@@ -123,8 +118,10 @@ def _unwrapped(layer: nn.Module) -> nn.Module:
     return layer.layer if isinstance(layer, OnThreads) else layer
 
 
-def _dense(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
-    return _unwrapped(layer).dense()
+def _layers(model: GPT) -> list[nn.Module]:
+    """The model's product layers: the LM head, then each block's four."""
+    return [model.lm_head] + [m for b in model.transformer.h for m in (b.attn.c_attn, b.attn.c_proj, b.mlp.c_fc,
+                                                                      b.mlp.c_proj)]
 
 
 def fbgemm_twin(layer: nn.Module) -> FbgemmInt8Linear:
@@ -182,9 +179,8 @@ class DecodeStep(nn.Module):
             q, k, v = (z.view(B, 1, nh, C // nh).transpose(1, 2) for z in (q, k, v))  # (B, nh, 1, hs)
             k_cache.index_copy_(2, pos, k.to(k_cache.dtype))
             v_cache.index_copy_(2, pos, v.to(v_cache.dtype))
-            # softmax(q K^T / sqrt(hs)) V over the positions so far (a view of them needs no mask: all
-            # are visible), written out (SDPA's kernel for one query cost ~70 us a layer in place on a CPU; inductor fuses this
-            # into its loops)
+            # softmax(q K^T / sqrt(hs)) V over the positions so far (a view of them needs no mask), written
+            # out: SDPA's kernel for one query cost ~70 us a layer in place on a CPU; inductor fuses this
             att = (q @ k_cache.transpose(-2, -1)) / math.sqrt(C // nh)  # (B, nh, 1, pos + 1 or max_len)
             if unfilled is not None:
                 att = att.masked_fill(unfilled, float("-inf"))
@@ -220,10 +216,9 @@ class CompiledDecoding:
     addresses, so this step reads the whole window's cache, the positions after the new token masked
     (`DecodeStep`'s `whole_cache`), kept in the same tensors for every run (`new_cache`). There
     "measure" races it against the model's own forward ("eager", as decoding without compiling runs)
-    and keeps the faster. Measured on two H200s (distilgpt2, torch 2.11): the race 0.25-0.47 ms a
-    token against 0.76-2.32 for the forward, and decoding (top-k / top-p, 100 tokens) at batch 1
-    fp32 896.5 and 756.9 tokens/s against the eager model's 498.9 and 406.6 (1.8x), batch 8 5,626
-    and 4,103 against 2,189 and 2,217. The rest of a token is sampling's small ops, which run eager.
+    and keeps the faster. Measured on two H200s (distilgpt2, torch 2.11): 0.25-0.47 ms a token
+    against 0.76-2.32 for the forward; decoding at batch 1 fp32 1.8x the eager model's (README's "On
+    a GPU" has the figures). The rest of a token is sampling's small ops, which run eager.
     The prompt runs eagerly on the model's own layers whichever step wins: with "fbgemm", on
     int8mm's bf16 activations where the steps round them to 14-bit digits, the same int8 weights, so
     a greedy token can differ from the eager model's only where its two best logits lie within that
@@ -278,8 +273,8 @@ class CompiledDecoding:
         self.steps = {}
         if gemms == "kernels" or (gemms == "measure" and on_cpu):
             self.steps["kernels"] = torch.compile(DecodeStep(model), fullgraph=True, dynamic=False, options=options)
-        layers = [model.lm_head] + [m for b in model.transformer.h
-                                    for m in (b.attn.c_attn, b.attn.c_proj, b.mlp.c_fc, b.mlp.c_proj)]
+        layers = _layers(model)
+        self.layer_ids = [id(m) for m in layers]  # (the steps' graphs call these layers: check_model)
         int8mm = [m for m in layers if getattr(_unwrapped(m), "kernel", None) == "int8mm"]
         if gemms in ("measure", "inductor") and on_cpu and all(_has_fp32_dense(m) for m in layers):
             self.steps["inductor"] = torch.compile(DecodeStep(model, frozen_gemms=True), fullgraph=True, dynamic=False,
@@ -338,9 +333,15 @@ class CompiledDecoding:
 
     def stats_note(self) -> str:
         """What `--stats` adds to the kernels line (the prompt's, eager): what decodes, where not those kernels."""
-        if self.chosen in ("kernels", "eager"):
-            return ""
-        return f" (the prompt); decoding compiled, {STEP_NAMES[self.chosen]}"
+        chosen = self.chosen
+        return "" if chosen in ("kernels", "eager") else f" (the prompt); decoding compiled, {STEP_NAMES[chosen]}"
+
+    def check_model(self, model: GPT) -> None:
+        """Refuse a model other than this step's, or one whose layers were swapped since it was made
+        (`prepare_for_inference` after it): the compiled graphs call the layers they saw."""
+        if model is not self.model or [id(m) for m in _layers(model)] != self.layer_ids:
+            raise MinigptError("compiled decoding: this CompiledDecoding was made for another model, or before the "
+                               "model's layers were swapped (prepare_for_inference): make one of the model as it is")
 
     @torch.inference_mode()  # (as `generate` runs: a graph compiled under another grad mode would not be reused)
     def warm_up(self, batch_size: int, dtype: torch.dtype) -> float:
@@ -350,8 +351,7 @@ class CompiledDecoding:
         compiling took. Why check: a wrong compiled kernel decodes garbage without an error;
         inductor's disk cache, written under another instruction set (which its key leaves out),
         gave NaN logits on the AMD EPYC capped to AVX2."""
-        device = next(self.model.parameters()).device
-        idx = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
+        idx = torch.zeros(batch_size, 1, dtype=torch.long, device=next(self.model.parameters()).device)
         seconds = 0.0
         for name in self.steps:
             self.chosen = name
@@ -407,8 +407,8 @@ class CompiledDecoding:
             return KVCache(config, batch_size, max_len, device=device, dtype=dtype)
         whole = self.whole_caches.get((batch_size, dtype))
         if whole is None:
-            whole = self.whole_caches[(batch_size, dtype)] = KVCache(
-                config, batch_size, config.block_size, device=device, dtype=dtype)
+            whole = KVCache(config, batch_size, config.block_size, device, dtype)
+            self.whole_caches[(batch_size, dtype)] = whole
             for tensor in whole.k + whole.v:
                 tensor.zero_()
                 torch._dynamo.mark_static_address(tensor)

@@ -382,5 +382,9 @@ class BatchIterator:
                     f"batch iterator state: saved {name} {state.get(name)} differs from this run's {ours}; "
                     "resume with the same data, --batch-size and --seed"
                 )
-        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        epoch, position = state.get("epoch"), state.get("position")
+        if not (isinstance(epoch, int) and epoch >= 0 and isinstance(position, int) and 0 <= position <= len(self)):
+            raise MinigptError(f"batch iterator state: epoch {epoch!r} and position {position!r} are no place in "
+                               f"this data (an epoch >= 0, a position from 0 to {len(self)} batches)")
+        self.epoch, self.position = epoch, position
 

@@ -11,7 +11,11 @@ FORMATS = ("answers", "qa")
 
 
 def answers_text(answers: list[str]) -> str:
-    """The published recipe: all of a record's answers joined with one space."""
+    """The published recipe: all of a record's answers joined with one space. A str or a dict (the
+    record's whole "answers" field, not its "text" list) is refused: joined, it would be its letters
+    or its keys."""
+    if isinstance(answers, (str, dict)):
+        raise TypeError(f"answers: a list of answer texts (a record's answers['text']), got {type(answers).__name__}")
     return " ".join(answers)
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -29,7 +30,9 @@ from .files import atomic_file, clear_interrupted_saves
 
 
 def perplexity(loss: float) -> float:
-    """exp(loss), the perplexity of a mean next-token cross-entropy (inf where exp overflows)."""
+    """exp(loss), the perplexity of a mean next-token cross-entropy (inf where exp overflows; NaN for NaN)."""
+    if math.isnan(loss):  # (no examples: no perplexity either, not an infinite one)
+        return math.nan
     return math.exp(loss) if loss < 700 else float("inf")
 
 
@@ -47,16 +50,21 @@ def evaluate(
     Each batch's mean is weighted by its number of examples and summed in float64, so the result is
     the mean over every example, however the examples fall into batches and ranks. For blocks of one
     length with every token scored, that is the mean over all scored tokens: transformers' Trainer
-    `eval_loss` on the same blocks. NaN when there are no examples.
+    `eval_loss` on the same blocks. NaN when there are no examples. The model is left in the mode it
+    came in (a loop of one's own that evaluates mid-training goes on training with its dropout).
     """
+    training = model.training
     model.eval()
     sums = torch.zeros(2, device=device, dtype=torch.float64)  # (loss x examples, examples)
-    for batch in batches:
-        if len(batch):
-            with autocast or contextlib.nullcontext():
-                loss = loss_fn(model, batch.to(device, non_blocking=True))
-            sums[0] += loss.double() * len(batch)
-            sums[1] += len(batch)
+    try:
+        for batch in batches:
+            if len(batch):
+                with autocast or contextlib.nullcontext():
+                    loss = loss_fn(model, batch.to(device, non_blocking=True))
+                sums[0] += loss.double() * len(batch)
+                sums[1] += len(batch)
+    finally:
+        model.train(training)
     all_reduce_sum(sums, ranks)
     return (sums[0] / sums[1]).item() if sums[1] > 0 else float("nan")
 
@@ -154,7 +162,7 @@ class MetricsLog:
         self._file.close()
 
 
-def plot_metrics(metrics: Path, png: Path) -> bool:
+def plot_metrics(metrics: str | os.PathLike, png: str | os.PathLike) -> bool:
     """Draw train and validation loss against step into `png`; False when matplotlib is missing.
 
     A bare `Figure` (no pyplot): it draws off-screen without touching the process's matplotlib
@@ -163,6 +171,7 @@ def plot_metrics(metrics: Path, png: Path) -> bool:
         from matplotlib.figure import Figure
     except ImportError:
         return False
+    metrics, png = Path(metrics), Path(png)
     rows = [json.loads(line) for line in metrics.read_text(encoding="utf-8").splitlines() if line.strip()]
     fig = Figure(figsize=(7, 4))
     ax = fig.add_subplot()

@@ -44,6 +44,8 @@ class KVCache:
     ) -> None:
         if max_len > config.block_size:
             raise ValueError(f"max_len {max_len} exceeds the context window {config.block_size}")
+        if batch_size < 1 or max_len < 1:
+            raise ValueError(f"a KV cache holds at least one sequence of one position, got {batch_size} x {max_len}")
         hs = config.n_embd // config.n_head
         shape = (batch_size, config.n_head, max_len, hs)
         self.k = [torch.empty(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]

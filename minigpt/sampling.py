@@ -303,6 +303,7 @@ def generate(
     needed = min(window, n_prompt + config.max_new_tokens)
     dtype, c = activation_dtype(model), model.config
     if compiled is not None:  # (its step may need the cache in tensors of its own)
+        compiled.check_model(model)
         new_cache = partial(compiled.new_cache, num_samples, needed, dtype)
     else:
         new_cache = partial(KVCache, c, num_samples, needed, device=device, dtype=dtype)

@@ -34,7 +34,7 @@ import sys
 from pathlib import Path
 
 from .errors import MinigptError, reason
-from .formats import answers_text, qa_text
+from .formats import FORMATS, answers_text, qa_text
 from .hub import load_eli5_records
 from .tokenizer import lone_surrogate
 
@@ -222,6 +222,8 @@ def _read_csv(path: Path) -> list[dict]:
 def render(src: Source, fmt: str) -> list[str | None]:
     """Each of the source's records as text in format `fmt`; None for a record whose answers are all
     empty (it is skipped; in the recipe it would add no tokens). Plain-text documents pass as they are."""
+    if fmt not in FORMATS:
+        raise MinigptError(f"--format: unknown format {fmt!r} (choose from {', '.join(FORMATS)})")
     if src.plain_text:
         if fmt == "qa":
             raise MinigptError(

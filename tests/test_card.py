@@ -82,6 +82,16 @@ def test_export_card_says_transformers():
     assert load(export_card("# bare\n")).data.library_name == "transformers"
 
 
+def test_export_card_keeps_a_windows_or_an_empty_metadata_block():
+    """A card saved with CRLF line ends, or with an empty metadata block, got a second block put in
+    front of it, and the Hub, which reads the first, lost its license and results."""
+    text = render_card(FACTS, ROWS, step=8)
+    exported = load(export_card(text.replace("\n", "\r\n")))
+    assert exported.data.library_name == "transformers" and exported.data.to_dict() == {
+        **load(text).data.to_dict(), "library_name": "transformers"}
+    assert export_card("---\n---\n# hi\n") == "---\nlibrary_name: transformers\n---\n# hi\n"
+
+
 @pytest.mark.slow
 def test_a_run_folder_card_matches_its_metrics_and_travels_with_the_export(tmp_path, tiny_hf_dir, monkeypatch):
     from huggingface_hub import ModelCard

@@ -412,3 +412,19 @@ def test_steps_compiled_for_other_instruction_sets_keep_to_their_own_cache(monke
     capped = prepare_cpu_compile()
     assert capped.parent == tmp_path and str(capped) != native
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(capped)
+
+
+@needs_compiler
+def test_a_compiled_step_of_another_model_or_of_swapped_layers_is_refused():
+    """generate(model, compiled=...) ran the prompt on `model` and every later token on the other
+    model's compiled step, in silence; one made before prepare_for_inference swapped the layers
+    failed in a 53-frame dynamo traceback. Both are refused before anything runs."""
+    model, other = small_model(), small_model()
+    compiled = CompiledDecoding(other, gemms="kernels")
+    config = SamplingConfig(max_new_tokens=3, greedy=True)
+    with pytest.raises(MinigptError, match="made for another model, or before the model's layers were swapped"):
+        list(generate(model, PROMPT, config, eos_id=None, compiled=compiled))
+    compiled = CompiledDecoding(model, gemms="kernels")
+    prepare_for_inference(model, kernel="linear")
+    with pytest.raises(MinigptError, match="make one of the model as it is"):
+        list(generate(model, PROMPT, config, eos_id=None, compiled=compiled))

@@ -461,6 +461,34 @@ def test_load_state_dict_refuses_a_different_run():
             other.load_state_dict(state)
 
 
+def test_load_state_dict_refuses_a_place_that_is_not_in_the_data():
+    """A position beyond the epoch's batches (it silently skipped the epoch) or below 0 (an empty first
+    batch), a fractional or negative epoch, a state without them: one line, the iterator unchanged."""
+    batches = BatchIterator(numbered_blocks(26), 4, seed=3)  # 7 batches an epoch
+    good = batches.state_dict()
+    for bad in ({"position": 8}, {"position": -1}, {"epoch": 1.7}, {"epoch": -3}, {"epoch": None}):
+        with pytest.raises(MinigptError, match="are no place in this data .*from 0 to 7 batches"):
+            batches.load_state_dict({**good, **bad})
+    assert batches.state_dict() == good
+    batches.load_state_dict({**good, "epoch": 2, "position": 7})  # the end of an epoch is a place
+    assert (batches.epoch, batches.position) == (2, 7)
+
+
+def test_a_format_or_answers_of_the_wrong_kind_are_named(tmp_path):
+    """sources.render took any format but "answers" as qa, and answers_text joined a str's letters
+    or a dict's keys."""
+    from minigpt.formats import answers_text
+
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps({"title": "Why?", "answers": {"text": ["Because."], "score": [1]}}) + "\n")
+    with pytest.raises(MinigptError, match="--format: unknown format 'Answers'"):
+        sources.render(sources.Source.resolve(str(path), "--data", None), "Answers")
+    for bad in ("Hello world", {"text": ["a"]}):
+        with pytest.raises(TypeError, match="answers: a list of answer texts"):
+            answers_text(bad)
+    assert answers_text(["a", "b"]) == "a b"
+
+
 @pytest.mark.parametrize("world_size", [1, 2, 3, 4, 7])
 def test_rank_shards_cover_every_block_exactly_once(world_size):
     blocks, batch_size = numbered_blocks(23), 6

@@ -96,6 +96,9 @@ def test_context_window_is_enforced():
         model(torch.zeros(1, 9, dtype=torch.long))
     with pytest.raises(ValueError, match="exceeds"):
         KVCache(model.config, 1, 9)
+    for batch, length in ((0, 4), (1, 0), (1, -1)):  # (a batch of 0 gave other logits, in silence)
+        with pytest.raises(ValueError, match=f"at least one sequence of one position, got {batch} x {length}"):
+            KVCache(model.config, batch, length)
 
 
 def test_inputs_of_the_wrong_shape_are_named():

@@ -245,6 +245,31 @@ def test_train_config_refuses_what_the_loop_would_misread(field, value, message)
     assert (config.grad_accum, config.max_grad_norm, config.dtype) == (1, 0, torch.bfloat16)
 
 
+def test_evaluate_leaves_the_mode_as_it_found_it_and_no_examples_is_nan():
+    """metrics.evaluate left a model in training mode in eval mode (a loop of one's own went on without
+    its dropout); no examples is NaN, and its perplexity NaN too, not an infinite one."""
+    from minigpt.metrics import evaluate, perplexity
+
+    model = GPT(GPTConfig(vocab_size=50, block_size=8, n_layer=1, n_head=1, n_embd=8))
+    blocks = TokenBlocks(np.arange(40, dtype=np.uint16).reshape(5, 8) % 50, {})
+    loss_fn = lambda m, b: m(b, targets=b)[1]  # noqa: E731
+    for training in (True, False):
+        model.train(training)
+        loss = evaluate(model, loss_fn, BatchIterator(blocks, 2, shuffle=False), torch.device("cpu"))
+        assert model.training is training and math.isfinite(loss)
+    assert math.isnan(evaluate(model, loss_fn, [], torch.device("cpu")))
+    assert math.isnan(perplexity(float("nan"))) and perplexity(1e9) == math.inf and perplexity(0.0) == 1.0
+
+
+def test_plot_metrics_takes_paths_as_str(tmp_path):
+    """From a notebook, plot_metrics("run/metrics.jsonl", "loss.png") failed: a str has no read_text."""
+    from minigpt.metrics import plot_metrics
+
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 2.5}\n{"step": 2, "loss": 2.0, "val_loss": 2.2}\n')
+    assert plot_metrics(str(tmp_path / "metrics.jsonl"), str(tmp_path / "loss.png"))
+    assert (tmp_path / "loss.png").read_bytes().startswith(b"\x89PNG")
+
+
 def test_metrics_rows_and_evaluation_schedule(tmp_path):
     import matplotlib
 
