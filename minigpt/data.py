@@ -384,7 +384,8 @@ class BatchIterator:
                 )
         epoch, position = state.get("epoch"), state.get("position")
         if not (isinstance(epoch, int) and epoch >= 0 and isinstance(position, int) and 0 <= position <= len(self)):
-            raise MinigptError(f"batch iterator state: epoch {epoch!r} and position {position!r} are no place in "
-                               f"this data (an epoch >= 0, a position from 0 to {len(self)} batches)")
+            # (a ValueError, as for a value of the wrong type: a resume names training_state.json then)
+            raise ValueError(f"batch iterator state: epoch {epoch!r} and position {position!r} are no place in "
+                             f"this data (an epoch >= 0, a position from 0 to {len(self)} batches)")
         self.epoch, self.position = epoch, position
 

@@ -237,9 +237,9 @@ def test_every_fp32_layout_gives_back_its_exact_weight_and_bias(kernel):
     head = model.lm_head.weight.detach().clone()
     prepared = prepare_for_inference(model, None, kernel=kernel)
     for layer, (weight, bias) in zip((prepared.transformer.h[0].attn.c_attn, prepared.transformer.h[1].mlp.c_proj), want):
-        got_weight, got_bias = compiled_decoding._dense(layer)
+        got_weight, got_bias = compiled_decoding._unwrapped(layer).dense()
         assert torch.equal(got_weight, weight) and torch.equal(got_bias, bias)
-    got_head, no_bias = compiled_decoding._dense(prepared.lm_head)
+    got_head, no_bias = compiled_decoding._unwrapped(prepared.lm_head).dense()
     assert torch.equal(got_head, head) and no_bias is None
 
 

@@ -467,7 +467,7 @@ def test_load_state_dict_refuses_a_place_that_is_not_in_the_data():
     batches = BatchIterator(numbered_blocks(26), 4, seed=3)  # 7 batches an epoch
     good = batches.state_dict()
     for bad in ({"position": 8}, {"position": -1}, {"epoch": 1.7}, {"epoch": -3}, {"epoch": None}):
-        with pytest.raises(MinigptError, match="are no place in this data .*from 0 to 7 batches"):
+        with pytest.raises(ValueError, match="are no place in this data .*from 0 to 7 batches"):
             batches.load_state_dict({**good, **bad})
     assert batches.state_dict() == good
     batches.load_state_dict({**good, "epoch": 2, "position": 7})  # the end of an epoch is a place

@@ -1125,7 +1125,8 @@ DAMAGED_STATES = {  # what is done to training_state.safetensors, and what the e
     "no_optimizer_step": (edit_json_field("optimizer", "step"), "training_state.json: missing field 'step'"),
     "no_group_lr": (edit_json_field("optimizer", "param_groups", 0, "lr"), "training_state.json: missing field 'lr'"),
     "word_for_step": (edit_json_field("step", value="three"), f"{WRONG_TYPE} (invalid literal for int()"),
-    "null_position": (edit_json_field("data", "position", value=None), f"{WRONG_TYPE} (int() argument must be"),
+    "null_position": (edit_json_field("data", "position", value=None), f"{WRONG_TYPE} (batch iterator state: "
+                      "epoch 0 and position None are no place in this data"),
     "number_for_groups": (edit_json_field("optimizer", "param_groups", value=5), f"{WRONG_TYPE} (object of type 'int'"),
     "number_for_optimizer": (edit_json_field("optimizer", value=5), f"{WRONG_TYPE} ('int' object has no attribute"),
     "word_for_eps": (edit_json_field("optimizer", "param_groups", 0, "eps", value="tiny"), f"{WRONG_TYPE} ("),
