@@ -258,22 +258,20 @@ def load_checkpoint(
     return model_from_state(config, tensors, device, dtype), tokenizer
 
 
-def check_savable(model: GPT, tokenizer: Tokenizer | None = None, out: str | os.PathLike = "") -> None:
-    """Refuse (one-line MinigptError) to save what no loader would read back: tensors that are not
-    those of a plain GPT of the model's config (such as the decoding layouts `prepare_for_inference`
-    swaps in), or a `tokenizer` with more tokens than the model has rows (`check_vocabulary`)."""
+def check_savable(model: GPT, tokenizer: Tokenizer, out: Path) -> None:
+    """Refuse (one-line MinigptError naming `out`) to save what no loader would read back: tensors
+    that are not those of a plain GPT of the model's config (such as the decoding layouts
+    `prepare_for_inference` swaps in), or a `tokenizer` with more tokens than the model has rows
+    (`check_vocabulary`). The public savers call it once, before making any folder."""
     state = {name: tuple(t.shape) for name, t in model.state_dict().items() if name not in TIED_KEYS}
     if state != expected_shapes(model.config):
         raise MinigptError("this model's tensors are not a plain GPT's (e.g. one prepared for inference, whose "
                            "decoding layouts cannot be saved): save the model before preparing it")
-    if tokenizer is not None:
-        check_vocabulary(Path(out), model.config, tokenizer)
+    check_vocabulary(out, model.config, tokenizer)
 
 
 def model_state_for_saving(model: GPT) -> dict[str, torch.Tensor]:
-    """The model's tensors as safetensors wants them: contiguous, CPU, tied copies dropped (after
-    `check_savable`)."""
-    check_savable(model)
+    """The model's tensors as safetensors wants them: contiguous, CPU, tied copies dropped."""
     return {name: t.detach().to("cpu").contiguous() for name, t in model.state_dict().items()
             if name not in TIED_KEYS}
 
