@@ -65,7 +65,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help='--score the text of a UTF-8 file ("-": stdin)')
     g = p.add_argument_group("speed")
     g.add_argument("--device", default="auto",
-                   help="auto (CUDA, then Apple MPS, then CPU), cpu, cuda or mps (default: auto)")
+                   help="auto (CUDA, then Apple MPS, then CPU), cpu, cuda, cuda:N (one GPU of several) or mps "
+                   "(default: auto)")
     g.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                    help="number format of the weights, and on a GPU of the activations too (on the "
                    "CPU they stay fp32: faster there, and closer to fp32); auto is bf16 on a GPU that "

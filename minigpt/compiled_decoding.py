@@ -38,7 +38,6 @@ import os
 import sysconfig
 import time
 import warnings
-import weakref
 from pathlib import Path
 
 import torch
@@ -48,7 +47,7 @@ import torch.nn.functional as F
 from .errors import MinigptError
 from .inference import available_kernels
 from .layouts import FUSIBLE_KERNELS, FbgemmInt8Linear, OnThreads
-from .opaque import opaque_product, register_opaque_product
+from .opaque import OpaqueLayer
 from .model import GPT, KVCache
 from .runtime import prepare_cpu_compile, program_runs, wait_for
 
@@ -71,18 +70,6 @@ STEP_NAMES = {"kernels": "products by the chosen kernels", "inductor": "products
               "fbgemm": "products by FBGEMM on every layer", "cudagraphs": "one CUDA graph a token",
               "eager": "the model's own forward"}  # what decodes a token, per step (describe, stats_note)
 TIMING_ROUNDS, TIMING_TOKENS = 3, 16  # warm_up's race between two compiled steps: ~0.5 s for distilgpt2
-
-
-class OpaqueLayer(nn.Module):
-    """`layer` (x (..., in) -> (..., out_features)) called as one opaque op in a compiled graph."""
-
-    def __init__(self, layer: nn.Module, out_features: int) -> None:
-        super().__init__()
-        ref = weakref.ref(layer)  # (the registry must not keep the layer alive)
-        self.key = register_opaque_product(layer, lambda x: ref()(x), out_features)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return opaque_product(x, self.key)
 
 
 def compilable(layer: nn.Module, out_features: int) -> nn.Module:
@@ -351,6 +338,10 @@ class CompiledDecoding:
         compiling took. Why check: a wrong compiled kernel decodes garbage without an error;
         inductor's disk cache, written under another instruction set (which its key leaves out),
         gave NaN logits on the AMD EPYC capped to AVX2."""
+        activations = self.model.transformer.ln_f.weight.dtype  # (what the KV cache holds: sampling.activation_dtype)
+        if isinstance(batch_size, bool) or not (isinstance(batch_size, int) and batch_size >= 1) or dtype != activations:
+            raise MinigptError(f"compiled decoding: warm_up needs a batch size of at least 1 and the model's activation "
+                               f"dtype ({activations}), not {batch_size!r} and {dtype}")
         idx = torch.zeros(batch_size, 1, dtype=torch.long, device=next(self.model.parameters()).device)
         seconds = 0.0
         for name in self.steps:

@@ -134,6 +134,8 @@ def torchrun_process_group(device: torch.device) -> Iterator[tuple[Ranks, torch.
         yield Ranks(), device
         return
     if device.type == "cuda":
+        if device.index is not None:  # (it would be replaced by GPU LOCAL_RANK, in silence)
+            raise MinigptError(f"--device {device}: under torchrun each process drives GPU LOCAL_RANK; use --device cuda")
         if ranks.local_rank >= torch.cuda.device_count():
             raise MinigptError(
                 f"torchrun: local rank {ranks.local_rank} has no GPU ({torch.cuda.device_count()} visible); "

@@ -57,6 +57,11 @@ class KVCache:
         self, layer: int, k: torch.Tensor, v: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Store this step's (B, nh, T, hs) keys/values for `layer`; return all keys/values so far."""
+        cache = self.k[layer]
+        # (a step of another batch would broadcast into the cache, or fail later in a torch error)
+        if (k.size(0), k.dtype, k.device) != (cache.size(0), cache.dtype, cache.device):
+            raise ValueError(f"KV cache made for batch {cache.size(0)}, {cache.dtype} on {cache.device}; this "
+                             f"step is batch {k.size(0)}, {k.dtype} on {k.device}")
         start, end = self.length, self.length + k.size(2)
         if end > self.max_len:
             raise ValueError(f"KV cache full: {end} positions > max_len {self.max_len}")

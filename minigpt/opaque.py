@@ -20,6 +20,7 @@ import weakref
 from typing import Callable
 
 import torch
+import torch.nn as nn
 
 _OPAQUE_PRODUCTS: dict[int, tuple[Callable[[torch.Tensor], torch.Tensor], int]] = {}
 _OPAQUE_KEYS = itertools.count()
@@ -67,3 +68,16 @@ torch.library.register_fake("minigpt::opaque_product", _product_shape, lib=_LIBR
 opaque_product: Callable[[torch.Tensor, int], torch.Tensor] = torch.ops.minigpt.opaque_product.default
 """opaque_product(x, key): the registered product `key` of `x` (..., in), as one op that
 torch.compile does not trace into."""
+
+
+class OpaqueLayer(nn.Module):
+    """`layer` (x (..., in) -> (..., out_features)) called as one `opaque_product` in a compiled
+    graph, so torch.compile does not trace into it."""
+
+    def __init__(self, layer: nn.Module, out_features: int) -> None:
+        super().__init__()
+        ref = weakref.ref(layer)  # (the registry must not keep the layer alive)
+        self.key = register_opaque_product(layer, lambda x: ref()(x), out_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return opaque_product(x, self.key)

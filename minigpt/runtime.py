@@ -20,19 +20,25 @@ DEVICES = ("auto", "cpu", "cuda", "mps")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def resolve_device(name: str = "auto") -> torch.device:
-    """`auto` picks CUDA, then Apple's MPS, then the CPU; an explicit choice must be available."""
+def resolve_device(name: str | torch.device = "auto") -> torch.device:
+    """`auto` picks CUDA, then Apple's MPS, then the CPU; an explicit choice must be available. A
+    GPU of several is named as torch names it, "cuda:1" (or given as a `torch.device`)."""
+    name = str(name) if isinstance(name, torch.device) else name
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
         if torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
-    if name not in DEVICES:
-        raise MinigptError(f"--device: unknown device {name!r} (choose from {', '.join(DEVICES)})")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise MinigptError("--device cuda: CUDA is not available on this machine (try --device cpu)")
-    if name == "mps" and not torch.backends.mps.is_available():
+    kind, colon, index = name.partition(":") if isinstance(name, str) else (name, "", "")
+    if kind not in DEVICES or kind == "auto" or (colon and not (kind == "cuda" and index.isdecimal())):
+        raise MinigptError(f"--device: unknown device {name!r} (choose from {', '.join(DEVICES)}, or cuda:N)")
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise MinigptError(f"--device {name}: CUDA is not available on this machine (try --device cpu)")
+    if colon and int(index) >= torch.cuda.device_count():
+        raise MinigptError(f"--device {name}: this machine has {torch.cuda.device_count()} GPU(s), "
+                           f"numbered from 0 (those CUDA_VISIBLE_DEVICES lets it see)")
+    if kind == "mps" and not torch.backends.mps.is_available():
         raise MinigptError("--device mps: Apple MPS is not available on this machine (try --device cpu)")
     return torch.device(name)
 
@@ -165,8 +171,12 @@ def program_runs(program: str) -> bool:
 
 
 def setup_device(device: str = "auto", dtype: str = "auto") -> tuple[torch.device, torch.dtype]:
-    """Resolve `--device` and `--dtype` together, and enable TF32 matmuls on CUDA (fp32 runs)."""
+    """Resolve `--device` and `--dtype` together, and enable TF32 matmuls on CUDA (fp32 runs). A
+    numbered GPU ("cuda:1") becomes the current one, where torch puts what a device is not given for
+    (CUDA graphs' memory pools, bf16 support queried)."""
     dev = resolve_device(device)
+    if dev.type == "cuda" and dev.index is not None:
+        torch.cuda.set_device(dev)
     dt = resolve_dtype(dtype, dev)
     if dev.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True

@@ -81,7 +81,8 @@ class TrainFlags:
                                 type=non_negative_float, **_X)
     seed: int = flag(42, "seeds every generator the run draws from: initialisation, data split and order, dropout",
                      group="optimisation", run=True, metavar="N", type=non_negative_int)
-    device: str = flag("auto", "auto, cpu, cuda or mps (auto: cuda, then mps, then cpu)", group="hardware")
+    device: str = flag("auto", "auto, cpu, cuda, cuda:N (one GPU of several; not under torchrun) or mps "
+                        "(auto: cuda, then mps, then cpu)", group="hardware")
     dtype: str = flag("auto", "fp32, bf16 or fp16 (a GPU's, with loss scaling) compute precision; weights stay "
                       "fp32 (auto: bf16 on a GPU that has it, else fp32; on CPUs auto stays fp32 because most CPUs "
                       "only emulate bf16, ~100x slower (bf16 warns then): ask for bf16 on one with AVX-512 BF16 or "

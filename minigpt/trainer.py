@@ -49,8 +49,8 @@ from .ddp import Ranks, StopRequest, all_reduce_sum, gather_rng_states, restore_
 from .errors import MinigptError
 from .metrics import MetricsLog, StepNumbers, evaluate, perplexity, plot_metrics
 from .optim import AdamW, clip_grad_norm
-from .run_folder import CARD_FILE, METRICS_FILE, PLOT_FILE, check_same_run, read_training_state
-from .run_folder import write_run_checkpoint, write_training_state
+from .run_folder import CARD_FILE, METRICS_FILE, PLOT_FILE, check_out_folder, check_same_run
+from .run_folder import read_training_state, write_run_checkpoint, write_training_state
 from .runtime import DTYPES, prepare_cpu_compile
 
 
@@ -104,8 +104,8 @@ class Trainer:
     model, loss_fn: `loss_fn(model, batch)` is the mean loss over the batch's examples.
     optimizer, schedule: `schedule(step)` multiplies each parameter group's learning rate.
     train_batches, val_batches: iterators with `minigpt.data.BatchIterator`'s contract (val: or None).
-    config: how the loop runs. out, save_model: the run folder; `save_model(folder)` writes the
-        model's files into a checkpoint folder.
+    config: how the loop runs. out, save_model: the run folder (a new run's holds no other run or
+        files: `fit` refuses it); `save_model(folder)` writes the model's files into a checkpoint folder.
     device, ranks: where this process computes, and its place in a torchrun job.
     run_config: the settings that define the run's mathematics (by flag name); stored in every
         checkpoint, and a resume with different ones is refused.
@@ -156,8 +156,7 @@ class Trainer:
         self.skipped_steps = 0  # (a property, counted on the device)
         self.last_eval_step = self.last_save_step = -1
         self.metrics: MetricsLog | None = None
-        self.resumed_metrics_rows: int | None = None  # rows the checkpoint had seen (a resume)
-        self.rows_at_save = -1  # metrics rows written when the last checkpoint was saved
+        self.rows_at_save = -1  # metrics rows written when the last checkpoint was saved (or resumed from)
         self.stop = StopRequest()  # Ctrl-C / SIGTERM: stop after the step in progress
         self.bar = None  # the tqdm progress bar, while fit() runs on rank 0
         self.pending = StepNumbers(self.device)  # the steps' numbers, still on the device
@@ -279,9 +278,7 @@ class Trainer:
         tensors = {f"optimizer.{key}.{i}": t for key in ("exp_avg", "exp_avg_sq") for i, t in enumerate(optim.pop(key))}
         tensors |= gather_rng_states(self.device, self.ranks)
         info = {
-            "step": self.step,
-            "max_steps": self.config.max_steps,
-            "skipped_steps": self.skipped_steps,
+            "step": self.step, "max_steps": self.config.max_steps, "skipped_steps": self.skipped_steps,
             "last_eval_step": self.last_eval_step,
             "metrics_rows": len(self.metrics.rows) if self.metrics else 0,
             "world_size": self.ranks.world_size,
@@ -331,7 +328,7 @@ class Trainer:
                 self.scaler.load_state_dict(info["grad_scaler"])
             self.step, self.skipped_steps = int(info["step"]), int(info["skipped_steps"])
             self.last_save_step, self.last_eval_step = self.step, int(info["last_eval_step"])
-            self.resumed_metrics_rows = self.rows_at_save = int(info["metrics_rows"])
+            self.rows_at_save = int(info["metrics_rows"])
             restore_rng_states(tensors, info["world_size"], self.step, self.device, self.ranks)
 
     # --- the run -------------------------------------------------------------------------
@@ -340,8 +337,11 @@ class Trainer:
         """Train until `config.max_steps` (empty batches: an error); returns the last numbers and validation loss."""
         cfg = self.config
         if self.ranks.is_main:
+            saved = self.last_save_step >= 0  # resumed, or fit before: the run goes on from its checkpoint
+            if not saved:  # a new run, not over another one (nor into a folder of other files)
+                check_out_folder(self.out, resume=False)
             self.out.mkdir(parents=True, exist_ok=True)
-            self.metrics = MetricsLog(self.out / METRICS_FILE, self.resumed_metrics_rows)
+            self.metrics = MetricsLog(self.out / METRICS_FILE, self.rows_at_save if saved else None)
         if cfg.progress and self.ranks.is_main:
             from tqdm import tqdm
 

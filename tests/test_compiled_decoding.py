@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from minigpt import compiled_decoding, layouts, opaque
-from minigpt.compiled_decoding import CompiledDecoding, DecodeStep, OpaqueLayer, compilable
+from minigpt.compiled_decoding import CompiledDecoding, DecodeStep, compilable
 from minigpt.config import GPTConfig
 from minigpt.errors import MinigptError
 from minigpt.inference import available_kernels, prepare_for_inference
@@ -70,7 +70,7 @@ def test_compiled_int8_decodes_the_eager_tokens_through_a_sliding_window(kernel)
         pytest.skip(f"this torch build and CPU offer no int8 kernel {kernel!r}")
     model = prepare_for_inference(small_model(), "int8", kernel=kernel)
     compiled = CompiledDecoding(model)
-    assert not any(isinstance(m, OpaqueLayer) for m in compiled.step._orig_mod.layers.modules())
+    assert not any(isinstance(m, opaque.OpaqueLayer) for m in compiled.step._orig_mod.layers.modules())
     greedy = SamplingConfig(max_new_tokens=80, greedy=True, repetition_penalty=2.0)  # (varied tokens)
     eager = tokens(model, greedy)
     assert tokens(model, greedy, compiled) == eager
@@ -86,7 +86,7 @@ def test_compiled_fp32_decodes_a_batch_with_the_eager_logits():
     model = prepare_for_inference(small_model(), None)
     compiled = CompiledDecoding(model)
     layers = list(compiled.step._orig_mod.layers.modules())
-    assert sum(isinstance(m, OpaqueLayer) for m in layers) == 4 * CONFIG.n_layer
+    assert sum(isinstance(m, opaque.OpaqueLayer) for m in layers) == 4 * CONFIG.n_layer
     config = SamplingConfig(max_new_tokens=30, greedy=True, repetition_penalty=2.0)
     seen = {"eager": [], "compiled": []}
 
@@ -137,12 +137,12 @@ def test_layers_on_fewer_threads_compile_through_on_all_of_them_or_stay_opaque()
     layer = model.transformer.h[0].attn.c_attn
     assert compilable(layouts.OnThreads(layer, 1), 3 * CONFIG.n_embd) is layer
     fp32 = prepare_for_inference(small_model(), None).transformer.h[0].attn.c_attn
-    assert isinstance(compilable(layouts.OnThreads(fp32, 1), 3 * CONFIG.n_embd), OpaqueLayer)
+    assert isinstance(compilable(layouts.OnThreads(fp32, 1), 3 * CONFIG.n_embd), opaque.OpaqueLayer)
 
 
 def test_the_opaque_registry_forgets_a_layer_once_it_is_gone():
     layer = torch.nn.Linear(8, 4)
-    wrapped = OpaqueLayer(layer, 4)
+    wrapped = opaque.OpaqueLayer(layer, 4)
     x = torch.randn(2, 8)
     torch.testing.assert_close(wrapped(x), layer(x))
     assert wrapped.key in opaque._OPAQUE_PRODUCTS
@@ -160,7 +160,7 @@ def test_an_opaque_layer_may_return_a_strided_result():
             return torch.cat([x, x[..., :1]], dim=-1)[..., :-1]  # x's values, rows one element apart
 
     layer = Strided()
-    wrapped = OpaqueLayer(layer, 8)
+    wrapped = opaque.OpaqueLayer(layer, 8)
     twice = torch.compile(lambda x: wrapped(x) * 2, fullgraph=True, dynamic=False)
     x = torch.randn(3, 8)
     torch.testing.assert_close(twice(x), 2 * x)
@@ -214,6 +214,19 @@ def test_warm_up_refuses_a_compiled_step_that_disagrees_with_the_eager_model(mon
     assert CompiledDecoding(model).warm_up(2, torch.float32) >= 0  # (rounding-sized gaps pass)
 
 
+def test_warm_up_refuses_a_batch_or_dtype_it_cannot_decode(monkeypatch):
+    """A batch of 0 or 2.0, or a dtype other than the activations' (bf16 for an fp32 model, or a name
+    such as "fp32"), failed in torch's own words (or a KeyError); one line now names what it takes."""
+    monkeypatch.setattr(torch, "compile", compile_as(1.0))
+    compiled = CompiledDecoding(small_model())
+    for batch_size, dtype in ((0, torch.float32), (2.0, torch.float32), (1, torch.bfloat16), (1, "fp32"),
+                              (True, torch.float32)):
+        with pytest.raises(MinigptError, match=r"warm_up needs a batch size of at least 1 and the model's activation "
+                                               rf"dtype \(torch.float32\), not {batch_size!r} and {dtype}"):
+            compiled.warm_up(batch_size, dtype)
+    assert compiled.warm_up(2, torch.float32) >= 0
+
+
 def test_warm_up_allows_16_bit_rounding_and_no_more(monkeypatch):
     """With bf16 or fp16 activations (a GPU's) the eager model and the step each round every op to 8
     or 11 bits, and differently: warm_up's check allows 5e-2 of the largest logit there (measured up
@@ -251,7 +264,7 @@ def test_inductor_gemms_decode_the_eager_tokens_with_no_opaque_call():
     compiled = CompiledDecoding(model, gemms="inductor")
     assert list(compiled.steps) == ["inductor"] and compiled.chosen == "inductor"
     layers = list(compiled.step._orig_mod.modules())
-    assert not any(isinstance(m, OpaqueLayer) for m in layers)
+    assert not any(isinstance(m, opaque.OpaqueLayer) for m in layers)
     assert sum(isinstance(m, compiled_decoding.FrozenGemm) for m in layers) == 4 * CONFIG.n_layer + 1
     greedy = SamplingConfig(max_new_tokens=20, greedy=True, repetition_penalty=2.0)
     eager = tokens(model, greedy)

@@ -101,6 +101,28 @@ def test_context_window_is_enforced():
             KVCache(model.config, batch, length)
 
 
+def test_a_kv_cache_of_another_batch_dtype_or_device_is_named_and_left_unwritten():
+    """A batch-1 step into a batch-2 cache broadcast its keys into both rows before torch failed on a
+    reshape; a cache of another dtype or device failed inside SDPA, naming neither the cache nor why."""
+    model = GPT(GPTConfig(vocab_size=50, block_size=8, n_layer=2, n_head=2, n_embd=8)).eval()
+    idx = torch.zeros(1, 3, dtype=torch.long)
+    for cache, made in (
+        (KVCache(model.config, 2, 8), "batch 2, torch.float32 on cpu"),
+        (KVCache(model.config, 1, 8, dtype=torch.bfloat16), "batch 1, torch.bfloat16 on cpu"),
+        (KVCache(model.config, 1, 8, device="meta"), "batch 1, torch.float32 on meta"),
+    ):
+        if cache.k[0].device.type == "cpu":
+            for t in cache.k + cache.v:
+                t.fill_(7)
+        with pytest.raises(ValueError, match=f"KV cache made for {made}; this step is batch 1, torch.float32 on cpu"):
+            model(idx, kv_cache=cache)
+        assert cache.length == 0
+        if cache.k[0].device.type == "cpu":
+            assert all(bool((t == 7).all()) for t in cache.k + cache.v)
+    cache = KVCache(model.config, 1, 8)
+    assert model(idx, kv_cache=cache)[0].shape == (1, 3, 50) and cache.length == 3
+
+
 def test_inputs_of_the_wrong_shape_are_named():
     """idx must be (B, T) and targets its shape: a 1-D idx failed as "not enough values to unpack",
     and targets (T, B) for an idx (B, T) gave a loss, of the wrong pairs, without a word."""

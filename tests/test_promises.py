@@ -72,13 +72,13 @@ def test_a_non_finite_gradient_norm_stops_the_run_and_spares_the_checkpoint(tmp_
     and the last checkpoint does not take it. (The loop reads its numbers back only when it logs, here
     every step, so the step itself has run in memory: it stops before the next one, issue 13.)"""
     model = micro_model()
-    trainer = make_trainer(tmp_path, model, poisoned_loss(bad_step=5), max_steps=10, save_every=2)
+    trainer = make_trainer(tmp_path / "run", model, poisoned_loss(bad_step=5), max_steps=10, save_every=2)
     before = {name: t.clone() for name, t in model_state_for_saving(model).items()}
     with pytest.raises(MinigptError, match=r"step 5: the gradient norm is (inf|nan); stopping.*\(step 4\) is untouched"):
         trainer.fit()
     assert trainer.step == 5
-    assert json.loads((tmp_path / "training_state.json").read_text())["step"] == 4
-    saved = load_file(str(tmp_path / "model.safetensors"))
+    assert json.loads((tmp_path / "run" / "training_state.json").read_text())["step"] == 4
+    saved = load_file(str(tmp_path / "run" / "model.safetensors"))
     assert all(torch.isfinite(t).all() for t in saved.values())
     assert not all(torch.isfinite(t).all() for t in model_state_for_saving(model).values())  # step 5 ran
     trainer_at_4 = make_trainer(tmp_path / "again", micro_model(), poisoned_loss(bad_step=99), max_steps=4)

@@ -242,6 +242,34 @@ def test_bad_settings_are_refused_before_anything_is_written(tmp_path, args, mes
     assert not (tmp_path / "out").exists()
 
 
+def test_a_device_is_named_as_torch_names_it(monkeypatch):
+    """`setup_device` takes a torch.device, and "cuda:N" for a GPU of several, checked against the GPUs
+    there are (and made the current one); under torchrun a numbered GPU is refused: each rank drives
+    GPU LOCAL_RANK, and the number would be replaced in silence."""
+    from minigpt import ddp, runtime
+
+    assert runtime.setup_device(torch.device("cpu"), "fp32") == (torch.device("cpu"), torch.float32)
+    current = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", current.append)
+    assert runtime.resolve_device(torch.device("cuda", 0)) == torch.device("cuda", 0)
+    assert runtime.setup_device("cuda:1", "fp32") == (torch.device("cuda", 1), torch.float32)
+    assert current == [torch.device("cuda", 1)]
+    with pytest.raises(MinigptError, match=r"^--device cuda:2: this machine has 2 GPU\(s\), numbered from 0"):
+        runtime.resolve_device("cuda:2")
+    for bad in ("cuda:x", "cuda:", "cuda:-1", "cpu:0", "auto:1", "gpu", 3):
+        with pytest.raises(MinigptError, match=re.escape(f"--device: unknown device {bad!r} (choose from ")):
+            runtime.resolve_device(bad)
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(ddp.dist, "init_process_group", lambda *args, **kw: pytest.fail("joined a group"))
+    with pytest.raises(MinigptError, match="^--device cuda:1: under torchrun each process drives GPU LOCAL_RANK; "
+                                          "use --device cuda$"):
+        with ddp.torchrun_process_group(torch.device("cuda", 1)):
+            pass
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
 def test_cuda_where_there_is_none_is_one_line_and_exit_2(tmp_path):
     result = run_cli("train.py", *QUICK, "--out", str(tmp_path / "out"), "--device", "cuda")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -206,6 +207,32 @@ class EpochLimit(BatchIterator):
         self.epochs += 1
         assert self.epochs <= 3, "a 4th epoch began: the loop makes no progress"
         return super().__iter__()
+
+
+def test_a_new_run_is_refused_a_folder_that_holds_another_run_or_other_files(tmp_path):
+    """As train.py without --resume: `fit` of a new Trainer into another run's folder wrote over its
+    metrics and checkpoints; now it is refused, nothing touched. Resumed, or fit again, it goes on."""
+    train = random_blocks(16, 16, 300, seed=1)
+    first = make_trainer(tmp_path / "run", micro_model(), train, max_steps=1)
+    first.fit()
+    first.config = dataclasses.replace(first.config, max_steps=2)
+    first.fit()  # (fit again: it goes on, its rows kept)
+    assert [r["step"] for r in rows(tmp_path / "run")] == [1, 2]
+    kept = {p.relative_to(tmp_path): p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()}
+    with pytest.raises(MinigptError, match=r"already holds a training run \(checkpoint at step 2\); pass --resume"):
+        make_trainer(tmp_path / "run", micro_model(seed=1), train, max_steps=4).fit()
+    assert {p.relative_to(tmp_path): p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()} == kept
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("mine")
+    with pytest.raises(MinigptError, match=r"holds 'todo.txt', which is not from a minigpt training run"):
+        make_trainer(tmp_path / "notes", micro_model(), train, max_steps=2).fit()
+    assert sorted(p.name for p in (tmp_path / "notes").iterdir()) == ["todo.txt"]
+    folder = check_out_folder(tmp_path / "run", resume=True)
+    resumed = make_trainer(tmp_path / "run", load_model_weights(folder)[0], train, max_steps=4)
+    resumed.resume(folder)
+    resumed.fit()
+    resumed.config = dataclasses.replace(resumed.config, max_steps=5)
+    assert resumed.fit()["step"] == 5 and [r["step"] for r in rows(tmp_path / "run")] == [1, 2, 3, 4, 5]
 
 
 def test_batches_that_yield_nothing_are_refused_not_looped_over(tmp_path):
