@@ -81,7 +81,7 @@ class StepNumbers:
     """
 
     def __init__(self, device: torch.device) -> None:
-        self.cuda = device.type == "cuda"
+        self.device, self.cuda = device, device.type == "cuda"
         self.losses: list[torch.Tensor] = []
         self.grad_norms: list[torch.Tensor] = []
         self.events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
@@ -92,7 +92,7 @@ class StepNumbers:
         """Call when a step begins."""
         if self.cuda:
             self._started = torch.cuda.Event(enable_timing=True)
-            self._started.record()
+            self._started.record(torch.cuda.current_stream(self.device))  # (the device's: it may not be the current one)
         else:
             self._started = time.perf_counter()
 
@@ -100,7 +100,7 @@ class StepNumbers:
         """Call when the step has been issued: its (this rank's) loss and its gradient norm, 0-dim tensors."""
         if self.cuda:
             end = torch.cuda.Event(enable_timing=True)
-            end.record()
+            end.record(torch.cuda.current_stream(self.device))
             self.events.append((self._started, end))
         else:
             self.seconds += time.perf_counter() - self._started

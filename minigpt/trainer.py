@@ -406,7 +406,7 @@ class Trainer:
                 "loss": sum(losses) / len(losses),  # the mean since the last row
                 "lr": numbers["lr"],
                 "grad_norm": self.last["grad_norm"],  # null for an fp16 step skipped for inf/NaN
-                "tokens_per_sec": interval["tokens"] / interval["seconds"],
+                "tokens_per_sec": interval["tokens"] / max(interval["seconds"], 1e-9),
             }
             if self.scaler:
                 row["skipped_steps"] = self.skipped_steps

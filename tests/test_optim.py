@@ -273,6 +273,17 @@ def test_clip_grad_norm_zero_means_measure_only():
     assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), before))
 
 
+def test_clip_grad_norm_without_gradients_is_a_zero_on_the_parameters_device():
+    """No gradient at all (every parameter frozen): the norm is 0 on the parameters' device, not the
+    CPU, since the training loop stacks it with the losses there (a GPU run failed on the mix); a
+    generator of parameters is read once."""
+    on_meta = [torch.zeros(3, device="meta", requires_grad=True)]
+    assert clip_grad_norm(iter(on_meta), 1.0).device.type == "meta"
+    norm = clip_grad_norm((p for p in [torch.ones(2, requires_grad=True)]), 1.0)
+    assert norm.device.type == "cpu" and norm.item() == 0.0
+    assert clip_grad_norm([], 1.0).item() == 0.0
+
+
 @pytest.mark.parametrize("total,warmup", [(10, 0), (10, 3), (7, 7), (1, 0), (5, 9)])
 def test_linear_schedule_equals_transformers(total, warmup):
     from transformers import get_linear_schedule_with_warmup

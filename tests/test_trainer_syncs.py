@@ -138,6 +138,33 @@ def test_step_numbers_read_all_steps_at_once():
     assert len(numbers) == 0
 
 
+def test_step_times_are_recorded_on_the_training_gpus_stream(monkeypatch):
+    """CUDA events record on the current device's stream unless given one: a Trainer on "cuda:1",
+    made from Python while GPU 0 is current, timed an idle GPU. Faked here: the streams asked for."""
+    recorded = []
+
+    class Event:
+        def __init__(self, enable_timing: bool) -> None:
+            assert enable_timing
+
+        def record(self, stream=None) -> None:
+            recorded.append(stream)
+
+        def synchronize(self) -> None:
+            pass
+
+        def elapsed_time(self, end) -> float:
+            return 250.0  # (ms)
+
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: ("stream of", device))
+    numbers = StepNumbers(torch.device("cuda", 1))
+    numbers.start()
+    numbers.stop(torch.tensor(2.0), torch.tensor(0.5))
+    assert recorded == [("stream of", torch.device("cuda", 1))] * 2
+    assert numbers.read() == ([2.0], [0.5], 0.25)
+
+
 # --- --compile-mode --------------------------------------------------------------------------------
 
 
