@@ -336,10 +336,10 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         """Train until `config.max_steps` (empty batches: an error); returns the last numbers and validation loss."""
         cfg = self.config
+        saved = self.last_save_step >= 0  # resumed, or fit before: the run goes on from its checkpoint
+        if not saved:  # a new run, not over another one (nor into a folder of other files): every rank
+            check_out_folder(self.out, resume=False)  # refuses, none is left waiting in a collective
         if self.ranks.is_main:
-            saved = self.last_save_step >= 0  # resumed, or fit before: the run goes on from its checkpoint
-            if not saved:  # a new run, not over another one (nor into a folder of other files)
-                check_out_folder(self.out, resume=False)
             self.out.mkdir(parents=True, exist_ok=True)
             self.metrics = MetricsLog(self.out / METRICS_FILE, self.rows_at_save if saved else None)
         if cfg.progress and self.ranks.is_main:

@@ -17,6 +17,7 @@ from conftest import TINY_HF, save_hf_model
 from minigpt.checkpoint import model_state_for_saving, write_checkpoint_files
 from minigpt.config import GPTConfig
 from minigpt.data import BatchIterator, TokenBlocks
+from minigpt.ddp import Ranks
 from minigpt.errors import MinigptError
 from minigpt.loading import load_model
 from minigpt.model import GPT
@@ -219,8 +220,11 @@ def test_a_new_run_is_refused_a_folder_that_holds_another_run_or_other_files(tmp
     first.fit()  # (fit again: it goes on, its rows kept)
     assert [r["step"] for r in rows(tmp_path / "run")] == [1, 2]
     kept = {p.relative_to(tmp_path): p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()}
-    with pytest.raises(MinigptError, match=r"already holds a training run \(checkpoint at step 2\); pass --resume"):
-        make_trainer(tmp_path / "run", micro_model(seed=1), train, max_steps=4).fit()
+    for rank in (0, 1):  # (rank 1 too: it would wait in the first all-reduce for a rank 0 that stopped)
+        other = make_trainer(tmp_path / "run", micro_model(seed=1), train, max_steps=4)
+        other.ranks = Ranks(rank=rank, world_size=2)
+        with pytest.raises(MinigptError, match=r"already holds a training run \(checkpoint at step 2\); pass --resume"):
+            other.fit()
     assert {p.relative_to(tmp_path): p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()} == kept
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "todo.txt").write_text("mine")
