@@ -81,7 +81,7 @@ class StepNumbers:
     """
 
     def __init__(self, device: torch.device) -> None:
-        self.device, self.cuda = device, device.type == "cuda"
+        self.device = device
         self.losses: list[torch.Tensor] = []
         self.grad_norms: list[torch.Tensor] = []
         self.events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
@@ -90,7 +90,7 @@ class StepNumbers:
 
     def start(self) -> None:
         """Call when a step begins."""
-        if self.cuda:
+        if self.device.type == "cuda":
             self._started = torch.cuda.Event(enable_timing=True)
             self._started.record(torch.cuda.current_stream(self.device))  # (the device's: it may not be the current one)
         else:
@@ -98,7 +98,7 @@ class StepNumbers:
 
     def stop(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
         """Call when the step has been issued: its (this rank's) loss and its gradient norm, 0-dim tensors."""
-        if self.cuda:
+        if self.device.type == "cuda":
             end = torch.cuda.Event(enable_timing=True)
             end.record(torch.cuda.current_stream(self.device))
             self.events.append((self._started, end))
@@ -118,7 +118,7 @@ class StepNumbers:
         losses = all_reduce_sum(torch.stack(self.losses), ranks)
         numbers = torch.cat([losses, torch.stack(self.grad_norms)]).tolist()  # the one wait for the device
         n = len(self.losses)
-        if self.cuda:
+        if self.device.type == "cuda":
             self.events[-1][1].synchronize()
             self.seconds = sum(start.elapsed_time(end) for start, end in self.events) / 1000
         seconds = self.seconds
