@@ -13,8 +13,9 @@ import json
 import os
 import struct
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Collection, Iterator
 
 import torch
 import torch.nn as nn
@@ -148,6 +149,36 @@ def refuse_duplicate_names(path: Path) -> None:
         seen.add(name)
 
 
+@contextmanager
+def _reading(path: Path) -> Iterator[None]:
+    """Turn the errors of reading a .safetensors file into one line naming it."""
+    try:
+        yield
+    except SafetensorError as e:
+        raise MinigptError(f"{path}: not a valid safetensors file ({e})") from None
+    except FileNotFoundError:
+        raise MinigptError(f"{path}: file not found") from None
+    except OSError as e:  # a folder, a device, an unreadable file
+        detail = "a folder, not a file" if Path(path).is_dir() else e  # (safetensors says "No such device" of a folder)
+        raise MinigptError(f"{path}: cannot read it ({detail})") from None
+
+
+def safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """The tensor names and shapes a .safetensors file's header declares; no tensor is read."""
+    with _reading(path), safe_open(str(path), framework="pt") as f:
+        refuse_duplicate_names(path)
+        return {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+
+
+def read_tensors(path: Path, mapping: dict[str, str]) -> dict[str, torch.Tensor]:
+    """The tensors of a .safetensors file that `mapping` ({name in the file: our name}, from
+    `match_names`) selects, under our names: copies in memory of their own (`read_tensor`)."""
+    with _reading(path):
+        tensors = {target: read_tensor(path, name) for name, target in mapping.items()}
+    check_tensors(path, tensors)
+    return tensors
+
+
 def load_safetensors(
     path: Path,
     expected: dict[str, tuple[int, ...]],
@@ -156,23 +187,11 @@ def load_safetensors(
     """Load a .safetensors file's tensors under our names, after checking them against `expected`.
 
     The header is checked before any tensor is read, so a file declaring the wrong tensors costs
-    nothing to refuse. The tensors are copies in memory of their own (`read_tensor`).
+    nothing to refuse; so is completeness (every name of `expected` present).
     """
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            refuse_duplicate_names(path)
-            shapes = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
-            mapping = match_names(path, shapes, expected, rename)
-        tensors = {target: read_tensor(path, name) for name, target in mapping.items()}
-    except SafetensorError as e:
-        raise MinigptError(f"{path}: not a valid safetensors file ({e})") from None
-    except FileNotFoundError:
-        raise MinigptError(f"{path}: file not found") from None
-    except OSError as e:  # a folder, a device, an unreadable file
-        detail = "a folder, not a file" if Path(path).is_dir() else e  # (safetensors says "No such device" of a folder)
-        raise MinigptError(f"{path}: cannot read it ({detail})") from None
-    check_tensors(path, tensors)
-    return tensors
+    mapping = match_names(path, safetensors_shapes(path), expected, rename)
+    check_complete(path, mapping.values(), expected)
+    return read_tensors(path, mapping)
 
 
 def read_tensor(path: Path, name: str) -> torch.Tensor:
@@ -200,10 +219,10 @@ def read_tensor(path: Path, name: str) -> torch.Tensor:
     return out
 
 
-def check_complete(
-    path: Path, tensors: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]]
-) -> None:
-    missing = [name for name in expected if name not in tensors]
+def check_complete(path: Path, names: Collection[str], expected: dict[str, tuple[int, ...]]) -> None:
+    """Refuse (naming `path`) a set of tensor `names` that lacks one of `expected`."""
+    names = set(names)
+    missing = [name for name in expected if name not in names]
     if missing:
         raise MinigptError(f"{path}: missing tensor {missing[0]!r}")
 
@@ -252,7 +271,6 @@ def load_checkpoint(
     expected = expected_shapes(config)
     weights = folder / WEIGHTS_FILE
     tensors = load_safetensors(weights, expected)
-    check_complete(weights, tensors, expected)
     tokenizer = Tokenizer.from_dir(folder)
     check_vocabulary(folder, config, tokenizer)
     return model_from_state(config, tensors, device, dtype), tokenizer

@@ -18,6 +18,7 @@ import os
 import pickle
 import re
 import warnings
+import zipfile
 from pathlib import Path
 
 import torch
@@ -30,10 +31,11 @@ from .checkpoint import (
     check_tensors,
     check_vocabulary,
     expected_shapes,
-    load_safetensors,
     match_names,
     model_from_state,
     model_state_for_saving,
+    read_tensors,
+    safetensors_shapes,
 )
 from .config import GPTConfig
 from .errors import MinigptError, reason
@@ -46,7 +48,8 @@ CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight",
 # Causal-mask buffers older transformers saved inside each attention layer; not weights.
 MASK_BUFFER = re.compile(r"^(transformer\.)?h\.\d+\.attn\.(bias|masked_bias)$")
 # The files of an HF model folder, as glob patterns (what a Hub download fetches).
-MODEL_FILES = ["config.json", "model.safetensors", "model.safetensors.index.json", "model-*.safetensors"]
+INDEX_FILE = "model.safetensors.index.json"  # which shard file holds which tensor
+MODEL_FILES = ["config.json", "model.safetensors", INDEX_FILE, "model-*.safetensors"]
 LEGACY_WEIGHTS_FILE = "pytorch_model.bin"
 HEAD, EMBEDDING = "lm_head.weight", "transformer.wte.weight"  # (the same names in both layouts)
 TOKENIZER_FILES = ["tokenizer.json", "vocab.json", "merges.txt"]
@@ -103,25 +106,29 @@ def hf_weight_files(folder: Path) -> list[Path]:
     single = folder / WEIGHTS_FILE
     if single.is_file():
         return [single]
-    index = folder / "model.safetensors.index.json"
+    index = folder / INDEX_FILE
     if index.is_file():
         weight_map = read_json(index).get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise MinigptError(f"{index}: no weight_map of tensor names to shard files")
-        shards = sorted(set(weight_map.values()))
-        for shard in shards:  # plain names only: an index must not point outside its folder
+        for shard in weight_map.values():  # plain names only: an index must not point outside its folder
             if not isinstance(shard, str) or Path(shard).name != shard or shard in ("", ".", ".."):
                 raise MinigptError(f"{index}: {shard!r} is not a file name in this folder")
-        return [folder / shard for shard in shards]
+        return [folder / shard for shard in sorted(set(weight_map.values()))]
     return []
 
 
-def _load_legacy_bin(path: Path, expected: dict) -> dict[str, torch.Tensor]:
-    """Read a legacy `pytorch_model.bin` with `weights_only=True`: tensors only, never code."""
+def _load_legacy_bin(path: Path, mmap: bool = False) -> dict[str, torch.Tensor]:
+    """Read a legacy `pytorch_model.bin` with `weights_only=True`: tensors only, never code.
+
+    mmap=True maps a zip-format file (torch >= 1.6) instead of reading it, so its names and shapes
+    cost nothing to check; tensors that view the file must not outlive the check (`model_from_state`).
+    """
     try:
         with warnings.catch_warnings():  # torch's notes on pickle protocols; failures are reported below
             warnings.simplefilter("ignore")
-            raw = torch.load(path, map_location="cpu", weights_only=True)
+            mmap = mmap and zipfile.is_zipfile(path)
+            raw = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:  # a pickle that asks for something other than tensors, or no pickle
         culprit = re.search(r"GLOBAL (\S+)", str(e))
         if culprit is None:  # (bytes the tensor-only unpickler cannot read: a damaged or foreign file)
@@ -132,13 +139,51 @@ def _load_legacy_bin(path: Path, expected: dict) -> dict[str, torch.Tensor]:
         ) from None
     except Exception as e:  # RuntimeError for a damaged zip, EOFError for a truncated file, ...
         raise MinigptError(f"{path}: not a PyTorch weights file ({reason(e)})") from None
-    if not isinstance(raw, dict) or not all(isinstance(v, torch.Tensor) for v in raw.values()):
-        raise MinigptError(f"{path}: not a state dict of tensors")
-    shapes = {k: tuple(v.shape) for k, v in raw.items()}
-    mapping = match_names(path, shapes, expected, hf_to_minigpt_name)
-    tensors = {target: raw[name] for name, target in mapping.items()}
-    check_tensors(path, tensors)
-    return tensors
+    if not isinstance(raw, dict) or not all(_is_plain(t) for t in raw.values()):
+        raise MinigptError(f"{path}: not a state dict of tensors (plain ones: not sparse, not on the meta device)")
+    return raw
+
+
+def _is_plain(t: object) -> bool:
+    """A tensor of numbers in memory: not sparse, not on the meta device (shapes without values)."""
+    return isinstance(t, torch.Tensor) and t.layout == torch.strided and t.device.type == "cpu"
+
+
+def _hf_tensors(folder: Path, expected: dict[str, tuple[int, ...]], untied: bool) -> dict[str, torch.Tensor]:
+    """The weights of an HF folder under minigpt's names, in HF's layout (Conv1D weights (in, out)),
+    with `HEAD` beside them when the folder holds one.
+
+    Every file's names and shapes are checked, and the set is checked complete, before any weight
+    is read. A tied checkpoint may store its embedding only as `lm_head.weight` (transformers ties
+    it back): that copy is then the embedding.
+    """
+    files = hf_weight_files(folder)
+    if files:
+        mappings = {path: match_names(path, safetensors_shapes(path), expected, hf_to_minigpt_name) for path in files}
+    elif (folder / LEGACY_WEIGHTS_FILE).is_file():
+        files = [folder / LEGACY_WEIGHTS_FILE]
+        shapes = {name: tuple(t.shape) for name, t in _load_legacy_bin(files[0], mmap=True).items()}
+        mappings = {files[0]: match_names(files[0], shapes, expected, hf_to_minigpt_name)}
+    else:
+        raise MinigptError(f"{folder}: no model.safetensors (or pytorch_model.bin) in this folder")
+    found: dict[str, Path] = {}  # our name -> the file holding it
+    for path, mapping in mappings.items():
+        for target in mapping.values():
+            if target in found:  # (across shards; within one file, match_names refuses it)
+                raise MinigptError(f"{folder}: tensor {target!r} is in both {found[target].name} and {path.name}")
+            found[target] = path
+    if EMBEDDING not in found and HEAD in found and not untied:
+        mapping = mappings[found[HEAD]]
+        mapping.update({name: EMBEDDING for name, target in mapping.items() if target == HEAD})
+        found[EMBEDDING] = found.pop(HEAD)
+    required = {name: shape for name, shape in expected.items() if name != HEAD}
+    check_complete(files[0] if len(files) == 1 else folder / INDEX_FILE, found, required)
+    if files[0].name == LEGACY_WEIGHTS_FILE:
+        raw = _load_legacy_bin(files[0])  # (read now: the weights in memory once, not viewing the file)
+        tensors = {target: raw[name] for name, target in mappings[files[0]].items()}
+        check_tensors(files[0], tensors)
+        return tensors
+    return {name: t for path, mapping in mappings.items() for name, t in read_tensors(path, mapping).items()}
 
 
 def load_hf_checkpoint(
@@ -157,19 +202,7 @@ def load_hf_checkpoint(
         config = GPTConfig.from_hf({**hf_config, "tie_word_embeddings": True} if untied else hf_config)
     except (MinigptError, TypeError) as e:
         raise MinigptError(f"{config_path}: {e}") from None
-    expected = _hf_expected(config)
-    files = hf_weight_files(folder)
-    state: dict[str, torch.Tensor] = {}
-    if files:
-        for path in files:
-            state.update(load_safetensors(path, expected, hf_to_minigpt_name))
-    elif (folder / LEGACY_WEIGHTS_FILE).is_file():
-        files = [folder / LEGACY_WEIGHTS_FILE]
-        state = _load_legacy_bin(files[0], expected)
-    else:
-        raise MinigptError(f"{folder}: no model.safetensors (or pytorch_model.bin) in this folder")
-    del expected[HEAD]  # (the one tensor a complete file may lack)
-    check_complete(files[0], state, expected)
+    state = _hf_tensors(folder, _hf_expected(config), untied)
     _check_head_is_wte(folder, state.pop(HEAD, None), state[EMBEDDING], untied)  # (popped: freed once checked)
     tokenizer = Tokenizer.from_dir(folder)
     check_vocabulary(folder, config, tokenizer)

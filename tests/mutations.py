@@ -806,6 +806,31 @@ BREAKS = (
         ("tests/test_sample_cli.py::test_a_flag_that_would_change_nothing_is_refused",
          "tests/test_train_cli.py::test_a_flag_that_would_change_nothing_is_refused"),
     ),
+    # --- sharded and legacy HF weights --------------------------------------------------------------
+    Break("index_sorted_before_checked", "a shard index's file names are sorted before they are checked (a list is a TypeError)",
+          ((r"for shard in weight_map\.values\(\):  # plain names", "for shard in sorted(set(weight_map.values())):  # plain names"),),
+          ("tests/test_faults.py::test_shard_index_cannot_point_outside_its_folder",)),
+    Break("shards_merged_silently", "a tensor in two shards loads from whichever is read last",
+          ((r"if target in found:  # \(across shards", "if False:  # (across shards"),),
+          ("tests/test_hf.py::test_shards_load_and_are_checked_as_one_file",)),
+    Break("missing_blames_the_first_shard", "a tensor missing from every shard is blamed on the first shard file",
+          ((r"files\[0\] if len\(files\) == 1 else folder / INDEX_FILE", "files[0]"),),
+          ("tests/test_hf.py::test_shards_load_and_are_checked_as_one_file",)),
+    Break("shard_read_before_the_next_header", "each shard's tensors are read before the next shard's header is checked",
+          ((r"mappings = \{path: match_names\(path, safetensors_shapes\(path\), expected, hf_to_minigpt_name\) for path in files\}",
+            "mappings = {path: m for path in files for m in [match_names(path, safetensors_shapes(path), expected, "
+            "hf_to_minigpt_name)] if read_tensors(path, m) is not None}"),),
+          ("tests/test_hf.py::test_shards_load_and_are_checked_as_one_file",)),
+    Break("legacy_bin_read_before_checked", "a pytorch_model.bin is read whole before its names are checked",
+          ((r"mmap = mmap and zipfile\.is_zipfile\(path\)", "mmap = False"),),
+          ("tests/test_hf.py::test_a_legacy_bin_is_checked_before_its_weights_are_read",)),
+    Break("sparse_bin_tensors", "a pytorch_model.bin's sparse or meta tensors pass as weights (then fail in a traceback)",
+          ((r'return isinstance\(t, torch\.Tensor\) and t\.layout == torch\.strided and t\.device\.type == "cpu"',
+            "return isinstance(t, torch.Tensor)"),),
+          ("tests/test_faults.py::test_broken_pytorch_model_bin",)),
+    Break("head_only_refused", "a tied checkpoint that stores its embedding only as lm_head.weight is refused",
+          ((r"if EMBEDDING not in found and HEAD in found and not untied:", "if False:"),),
+          ("tests/test_hf.py::test_an_lm_head_loads_only_as_a_copy_of_wte", "tests/test_hf.py::test_a_legacy_bin_with_a_head_of_its_own_is_refused")),
 )
 
 

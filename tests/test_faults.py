@@ -181,6 +181,8 @@ def test_weights_that_are_a_folder_are_refused(tiny_minigpt_dir, tmp_path):
         ({"transformer.wpe.weight": "../outside.safetensors"}, "'../outside.safetensors'"),
         ({"transformer.wpe.weight": "/etc/passwd"}, "'/etc/passwd'"),
         ({"transformer.wpe.weight": 7}, "7 is not a file name"),
+        ({"transformer.wpe.weight": ["model.safetensors"]}, "['model.safetensors'] is not a file name"),
+        ({"transformer.wpe.weight": 1, "transformer.wte.weight": "model.safetensors"}, "1 is not a file name"),
         (["model-00001.safetensors"], "no weight_map"),
     ],
 )
@@ -294,6 +296,8 @@ def torch_saved(obj) -> bytes:
 BROKEN_BINS = {
     "floats_not_tensors": (torch_saved({WPE: 1.5}), "not a state dict of tensors"),
     "a_list": (torch_saved([torch.zeros(2)]), "not a state dict of tensors"),
+    "sparse": (torch_saved({WPE: torch.eye(4).to_sparse()}), "not a state dict of tensors (plain ones: not sparse"),
+    "meta": (torch_saved({WPE: torch.empty(4, device="meta")}), "not a state dict of tensors (plain ones: not sparse"),
     "plain_pickle": (pickle.dumps({WPE: [0.0] * 4}, protocol=4), "not a PyTorch weights file (no pickle of plain tensors)"),
     "garbage": (b"hello, no pickle at all", "not a PyTorch weights file"),
     "no_pickle_opcode": (b"xyz", "not a PyTorch weights file"),

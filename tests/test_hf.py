@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -159,8 +160,8 @@ def test_an_untied_lm_head_is_refused_not_dropped(tmp_path):
 
 def hf_folder_with_head(folder: Path, head: str, legacy: bool = False, **config) -> Path:
     """A tiny HF folder (save_pretrained's, with `config`) whose weights hold `lm_head.weight` as
-    "other" (values of its own), "copy" (an exact copy of wte) or "none" (no such tensor);
-    `legacy`: in a pytorch_model.bin instead of a model.safetensors."""
+    "other" (values of its own), "copy" (an exact copy of wte), "only" (wte's values, wte itself
+    left out) or "none" (no such tensor); `legacy`: in a pytorch_model.bin, not a model.safetensors."""
     from conftest import save_hf_model
 
     save_hf_model(folder, n_layer=1, n_head=2, n_embd=32, n_positions=64, **config)
@@ -168,7 +169,9 @@ def hf_folder_with_head(folder: Path, head: str, legacy: bool = False, **config)
     wte = state["transformer.wte.weight"]
     state.pop("lm_head.weight", None)  # (save_pretrained writes one only when untied)
     if head != "none":
-        state["lm_head.weight"] = wte.clone() if head == "copy" else torch.randn(wte.shape) * wte.std()
+        state["lm_head.weight"] = torch.randn(wte.shape) * wte.std() if head == "other" else wte.clone()
+    if head == "only":
+        del state["transformer.wte.weight"]
     if legacy:
         (folder / "model.safetensors").unlink()
         torch.save(state, folder / "pytorch_model.bin")
@@ -178,16 +181,19 @@ def hf_folder_with_head(folder: Path, head: str, legacy: bool = False, **config)
 
 
 @pytest.mark.parametrize("tie_word_embeddings", [True, False])
-@pytest.mark.parametrize("head", ["other", "copy", "none"])
+@pytest.mark.parametrize("head", ["other", "copy", "none", "only"])
 def test_an_lm_head_loads_only_as_a_copy_of_wte(head, tie_word_embeddings, tmp_path):
     """minigpt's head is wte. A file's lm_head.weight of other values is what transformers uses
     (untied: even when config.json asks to tie, with a warning), so it is refused in one line naming
     it; it used to be dropped in silence. A copy of wte loads whatever the config says (transformers
-    then computes the same logits), and no head loads when tied (transformers ties it to wte)."""
+    then computes the same logits), and no head loads when tied (transformers ties it to wte). A
+    head without wte, tied, is the embedding (transformers ties wte to it); untied, wte is missing
+    (transformers would draw a random one)."""
     folder = hf_folder_with_head(tmp_path / "hf", head, tie_word_embeddings=tie_word_embeddings)
     refusal = {"other": r"hf: lm_head\.weight differs from transformer\.wte\.weight: an LM head of its own",
-               "none": r"hf: config\.json sets tie_word_embeddings false, but the weights hold no lm_head\.weight"}
-    if head == "other" or (head == "none" and not tie_word_embeddings):
+               "none": r"hf: config\.json sets tie_word_embeddings false, but the weights hold no lm_head\.weight",
+               "only": r"model\.safetensors: missing tensor 'transformer\.wte\.weight'"}
+    if head == "other" or (head in ("none", "only") and not tie_word_embeddings):
         with pytest.raises(MinigptError, match=refusal[head]) as error:
             load_model(folder)
         assert "\n" not in str(error.value)
@@ -203,6 +209,102 @@ def test_a_legacy_bin_with_a_head_of_its_own_is_refused(tmp_path):
         load_model(hf_folder_with_head(tmp_path / "hf", "other", legacy=True))
     model, _ = load_model(hf_folder_with_head(tmp_path / "copy", "copy", legacy=True))
     assert model.lm_head.weight is model.transformer.wte.weight
+    folder = hf_folder_with_head(tmp_path / "only", "only", legacy=True)
+    model, _ = load_model(folder)
+    with torch.no_grad():
+        assert (model(IDX)[0] - hf_logits(folder, IDX)).abs().max() < FP32_TOL
+
+
+def sharded_hf_folder(folder: Path) -> tuple[Path, dict[str, str]]:
+    """A tiny HF folder whose weights are shards listed in model.safetensors.index.json, as
+    `save_pretrained(max_shard_size=...)` writes them; returns it and the index's weight map."""
+    from transformers import GPT2LMHeadModel
+
+    from conftest import save_hf_model
+
+    save_hf_model(folder, n_layer=2, n_head=2, n_embd=32, n_positions=64)
+    GPT2LMHeadModel.from_pretrained(folder).save_pretrained(folder, max_shard_size="1MB")
+    (folder / "model.safetensors").unlink(missing_ok=True)
+    weight_map = json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"]
+    assert len(set(weight_map.values())) >= 2  # (else the cases below test nothing)
+    return folder, weight_map
+
+
+def rewrite_shard(folder: Path, shard: str, change) -> None:
+    state = load_file(folder / shard)
+    change(state)
+    save_file(state, str(folder / shard), metadata={"format": "pt"})
+
+
+def test_shards_load_and_are_checked_as_one_file(tmp_path, monkeypatch):
+    """Sharded weights load as transformers reads them. Across shards the checks hold as in one
+    file: a tensor missing from every shard names the index, a tensor in two shards names both
+    (one file naming a tensor twice is refused too), and every shard's header is checked before
+    any tensor of any shard is read."""
+    import minigpt.checkpoint
+
+    folder, weight_map = sharded_hf_folder(tmp_path / "ok")
+    model, _ = load_model(folder)
+    with torch.no_grad():
+        assert (model(IDX)[0] - hf_logits(folder, IDX)).abs().max() < FP32_TOL
+
+    folder, weight_map = sharded_hf_folder(tmp_path / "missing")
+    rewrite_shard(folder, weight_map["transformer.wpe.weight"], lambda state: state.pop("transformer.wpe.weight"))
+    with pytest.raises(MinigptError, match=r"missing/model\.safetensors\.index\.json: missing tensor 'transformer\.wpe"):
+        load_model(folder)
+
+    folder, weight_map = sharded_hf_folder(tmp_path / "twice")
+    first, last = sorted(set(weight_map.values()))[0], sorted(set(weight_map.values()))[-1]
+    name = next(n for n, shard in weight_map.items() if shard == first)
+    copy = load_file(folder / first)[name]
+    rewrite_shard(folder, last, lambda state: state.update({name: torch.zeros_like(copy)}))
+    with pytest.raises(MinigptError, match=rf"tensor '{re.escape(name)}' is in both {first} and {last}"):
+        load_model(folder)
+
+    folder, weight_map = sharded_hf_folder(tmp_path / "junk")
+    rewrite_shard(folder, last, lambda state: state.update({"junk": torch.zeros(3)}))
+
+    def no_reading(*args):
+        raise AssertionError("a tensor was read before every shard's header was checked")
+
+    monkeypatch.setattr(minigpt.checkpoint, "read_tensor", no_reading)
+    with pytest.raises(MinigptError, match=rf"{last}: unexpected tensor 'junk'"):
+        load_model(folder)
+
+
+# A fresh process: the peak memory of refusing a pytorch_model.bin that holds one tensor too many.
+# (Through /proc: a child's ru_maxrss starts at its parent's size, pytest's, whatever it does.)
+REFUSAL_PEAK = """
+import sys
+from pathlib import Path
+from minigpt.errors import MinigptError
+from minigpt.loading import load_model
+status = lambda key: int(next(l for l in Path("/proc/self/status").read_text().splitlines()
+                              if l.startswith(key + ":")).split()[1]) / 1024  # (MB; the file gives kB)
+Path("/proc/self/clear_refs").write_text("5")  # (the peak restarts from the memory resident now)
+before = status("VmRSS")
+try:
+    load_model(sys.argv[1])
+except MinigptError as e:
+    print(str(e).replace(" ", "_"), status("VmHWM") - before)
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="resets the peak through Linux's /proc")
+def test_a_legacy_bin_is_checked_before_its_weights_are_read(tiny_hf_dir, tmp_path):
+    """A pytorch_model.bin naming a tensor no GPT-2 has, of 400 MB, is refused by its names alone:
+    the file is memory-mapped for the check, not read (reading it first peaked 384 MB higher)."""
+    state = load_file(tiny_hf_dir / "model.safetensors")
+    state["junk"] = torch.zeros(100_000_000)
+    src = tmp_path / "src"
+    src.mkdir()
+    torch.save(state, src / "pytorch_model.bin")
+    for name in ("config.json", "vocab.json", "merges.txt"):
+        (src / name).write_bytes((tiny_hf_dir / name).read_bytes())
+    r = subprocess.run([sys.executable, "-c", REFUSAL_PEAK, str(src)], capture_output=True, text=True, timeout=120)
+    message, peak_mb = r.stdout.split()
+    assert message.endswith("unexpected_tensor_'junk'"), r.stdout + r.stderr
+    assert float(peak_mb) < 40, peak_mb
 
 
 # A fresh process loads the model: in the suite's own process, memory that earlier tests freed could
