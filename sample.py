@@ -19,6 +19,7 @@ and --stats go to stderr. Sampling settings default to the distilgpt2 model card
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -138,8 +139,9 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
 
 
 def read_lines(path: str) -> list[str]:
-    """Non-blank lines of a UTF-8 text file, or of stdin for "-"."""
-    return [line for line in read_text(path).splitlines() if line.strip()]
+    """Non-blank lines of a UTF-8 text file, or of stdin for "-". A line ends at \\n, \\r\\n or \\r only,
+    as `--interactive` reads it (`str.splitlines` would also split at form feeds and U+2028)."""
+    return [line for line in re.split(r"\r\n|\r|\n", read_text(path)) if line.strip()]
 
 
 def read_text(path: str, what: str = "prompt file") -> str:

@@ -149,9 +149,12 @@ def candidate_scores(
         values, ids = scores.max(dim=-1, keepdim=True)
         return values, ids
     if config.temperature != 1.0:
-        # Shifting each row by its maximum changes no probability, but keeps a tiny temperature
-        # from overflowing the scores to inf (and the softmax to NaN).
-        scores = apply_temperature(scores - scores.amax(dim=-1, keepdim=True), config.temperature)
+        scaled = apply_temperature(scores, config.temperature)  # HF's numbers, bit for bit
+        # A tiny temperature can overflow a row's maximum to inf (and the softmax to NaN). Such rows
+        # are shifted to a maximum of 0 first, which changes no probability. Only those rows: the
+        # shift rounds, and two close scores made equal could swap places at the top-p line.
+        shifted = apply_temperature(scores - scores.amax(dim=-1, keepdim=True), config.temperature)
+        scores = torch.where(scaled.amax(dim=-1, keepdim=True).isfinite(), scaled, shifted)
     ids = None
     if config.top_k > 0:
         scores, ids = candidates(scores, config.top_k)

@@ -87,6 +87,18 @@ def test_stdin_file_empty_prompt_and_int8(tiny_minigpt_dir, tiny_hf_dir, gpt2_to
     assert outputs[2] == "first prompt" + hf_greedy_text(tiny_hf_dir, gpt2_tokenizer, "first prompt", 3)
 
 
+def test_a_prompt_line_ends_only_at_a_line_break(tmp_path, monkeypatch):
+    """One prompt per line, where `--interactive` would end the line: at \\n, \\r\\n or \\r. A form feed,
+    U+2028 or U+0085 inside a line is part of its prompt (`str.splitlines` split the line there)."""
+    content = "first\u2028half\x0cand \x85more\r\nsecond\rthird\n\n"
+    expected = ["first\u2028half\x0cand \x85more", "second", "third"]
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_bytes(content.encode("utf-8"))
+    assert sample.read_lines(str(prompts)) == expected
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(content.encode("utf-8"))))
+    assert sample.read_lines("-") == expected
+
+
 def test_a_byte_order_mark_is_not_part_of_the_text(tiny_minigpt_dir, tmp_path, capsys, monkeypatch):
     """Notepad and Excel start UTF-8 files with a byte-order mark: a prompt file, stdin and a
     --score-file give what they give without it (as data files do); an empty path is one line."""

@@ -142,6 +142,24 @@ def test_the_full_chain_equals_hf_in_hf_order():
     assert torch.equal(ours, expected)
 
 
+@pytest.mark.parametrize("t", [1.3, 0.7, 1e30])
+def test_the_candidates_after_a_temperature_are_hfs_numbers(t):
+    """With a temperature, the sampler's candidates are transformers' scores bit for bit, with top-k
+    and without. Shifting every row to a maximum of 0 before dividing (kept now only for a row a
+    tiny temperature overflows) rounded two close logits of this row (0.66976517 and 0.66976553,
+    tokens 15761 and 45232) to one value, and top-p at 0.95 then kept the smaller and dropped the
+    larger: not the most likely tokens."""
+    logits = torch.randn(1, 50257, generator=torch.Generator().manual_seed(1748)) * 2.5
+    hf = TopPLogitsWarper(0.95)(None, TemperatureLogitsWarper(t)(None, logits.clone()))
+    values, ids = candidate_scores(logits, SamplingConfig(temperature=t, top_k=0, top_p=0.95))
+    assert ids is None and torch.equal(values, hf)
+    if t == 1.3:
+        assert hf[0, 45232].isfinite() and not hf[0, 15761].isfinite()
+    hf = TopPLogitsWarper(0.95)(None, TopKLogitsWarper(500)(None, TemperatureLogitsWarper(t)(None, logits.clone())))
+    values, ids = candidate_scores(logits, SamplingConfig(temperature=t, top_k=500, top_p=0.95))
+    assert torch.equal(torch.full_like(logits, float("-inf")).scatter(1, ids, values), hf)
+
+
 @pytest.mark.parametrize("make", [random_logits, tied_logits])
 def test_candidates_are_the_top_k_survivors(make):
     """The sampling loop's shortcut keeps exactly the tokens (and scores) top_k_filter keeps."""
