@@ -232,6 +232,8 @@ def _cached(root: Path, role: str, key: dict, vocab_size: int) -> TokenBlocks | 
         blocks = TokenBlocks.load(folder)
     except (OSError, ValueError, EOFError, MinigptError):  # damaged (an empty file: EOFError): rebuild it
         return None
+    if any(blocks.manifest.get(name) != value for name, value in json.loads(json.dumps(key)).items()):
+        return None  # (a manifest, and blocks to match, written for other settings: another block size)
     if blocks.num_tokens and int(blocks.blocks.max()) >= vocab_size:
         return None
     return blocks

@@ -26,6 +26,7 @@ import torch
 import torch.nn as nn
 
 from .ddp import Ranks, all_reduce_sum
+from .errors import MinigptError
 from .files import atomic_file, clear_interrupted_saves
 
 
@@ -133,6 +134,17 @@ def strict_json(row: dict[str, Any]) -> str:
     return json.dumps(clean, allow_nan=False)
 
 
+def _row(path: Path, number: int, line: str) -> dict[str, Any]:
+    """Line `number` of a metrics file, a JSON object; a damaged one is a one-line MinigptError."""
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise MinigptError(f"{path}: line {number} is not JSON ({e.msg}); the file is left as it is") from None
+    if not isinstance(row, dict):
+        raise MinigptError(f"{path}: line {number} is not a JSON object; the file is left as it is")
+    return row
+
+
 class MetricsLog:
     """`metrics.jsonl`: one JSON object per line, flushed as written, so a killed run keeps its rows.
 
@@ -145,10 +157,10 @@ class MetricsLog:
         self.path = path
         lines = path.read_text(encoding="utf-8").splitlines(keepends=True) if keep_rows and path.exists() else []
         lines = lines[: keep_rows or 0]
+        self.rows: list[dict[str, Any]] = [_row(path, number, line) for number, line in enumerate(lines, 1)]
         clear_interrupted_saves(path)  # (the run's lock makes this the one writer)
         with atomic_file(path) as tmp:
             tmp.write_text("".join(lines), encoding="utf-8")
-        self.rows: list[dict[str, Any]] = [json.loads(line) for line in lines]
         self._file = open(path, "a", encoding="utf-8")
 
     def write(self, row: dict[str, Any]) -> None:

@@ -53,7 +53,7 @@ PLOT_FILE = "loss.png"
 CARD_FILE = "README.md"
 LOCK_FILE = ".lock"
 STATE_FORMAT = "minigpt-training-state"
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: the losses since the last metrics row (`losses_since_row`)
 
 
 def current_checkpoint(out: str | os.PathLike) -> Path | None:
@@ -183,8 +183,11 @@ def read_training_state(folder: Path) -> Iterator[tuple[dict[str, Any], dict[str
     what type, is the trainer's business, so they are checked as they are read.
     """
     info = _fields(folder / STATE_JSON, read_json(folder / STATE_JSON))
-    if info.get("format") != STATE_FORMAT or info.get("version") != STATE_VERSION:
+    if info.get("format") != STATE_FORMAT:
         raise MinigptError(f"{folder / STATE_JSON}: not a minigpt training state (version {STATE_VERSION})")
+    if info.get("version") != STATE_VERSION:
+        raise MinigptError(f"{folder / STATE_JSON}: a training state of version {info.get('version')!r}; this minigpt "
+                           f"resumes version {STATE_VERSION} (start a new run from its model with --init {folder})")
     path = folder / STATE_TENSORS
     try:
         tensors = load_file(str(path))

@@ -279,8 +279,8 @@ class Trainer:
         tensors |= gather_rng_states(self.device, self.ranks)
         info = {
             "step": self.step, "max_steps": self.config.max_steps, "skipped_steps": self.skipped_steps,
-            "last_eval_step": self.last_eval_step,
-            "metrics_rows": len(self.metrics.rows) if self.metrics else 0,
+            "last_eval_step": self.last_eval_step, "metrics_rows": len(self.metrics.rows) if self.metrics else 0,
+            "losses_since_row": self.interval["losses"],
             "world_size": self.ranks.world_size,
             "run": self.run_config,
             "optimizer": optim,
@@ -294,7 +294,6 @@ class Trainer:
         self._read_numbers()  # (stops, saving nothing, if a step since the last read was not finite)
         info, tensors = self.state()
         if self.ranks.is_main:
-
             def write_files(folder: Path) -> None:
                 self.save_model(folder)
                 if self.card is not None:
@@ -329,6 +328,7 @@ class Trainer:
             self.step, self.skipped_steps = int(info["step"]), int(info["skipped_steps"])
             self.last_save_step, self.last_eval_step = self.step, int(info["last_eval_step"])
             self.rows_at_save = int(info["metrics_rows"])
+            self.interval["losses"] = [float(x) for x in info["losses_since_row"]]  # (the next row averages them)
             restore_rng_states(tensors, info["world_size"], self.step, self.device, self.ranks)
 
     # --- the run -------------------------------------------------------------------------

@@ -260,6 +260,12 @@ def test_a_damaged_entry_is_rebuilt(tmp_path, gpt2_tokenizer):
     np.save(folder / "blocks.npy", np.resize(expected, (n, width // 2)))
     again, _ = load(tmp_path, gpt2_tokenizer, source=str(DATA / "eli5_small.json"))
     np.testing.assert_array_equal(again.blocks, expected)
+    # ... and with a manifest rewritten to match them (its entry's settings say another width)
+    np.save(folder / "blocks.npy", np.resize(expected, (2 * n, width // 2)))
+    manifest = json.loads((folder / "manifest.json").read_text())
+    (folder / "manifest.json").write_text(json.dumps({**manifest, "block_size": width // 2, "blocks": 2 * n}))
+    again, _ = load(tmp_path, gpt2_tokenizer, source=str(DATA / "eli5_small.json"))
+    np.testing.assert_array_equal(again.blocks, expected)
 
 
 # --- bad input ------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -352,12 +353,15 @@ def test_checkpoint_folder_layout(tmp_path, gpt2_tokenizer):
     assert tokenizer.vocab_size == 50257
 
 
-def test_resume_continues_bitwise(tmp_path):
+@pytest.mark.parametrize("log_every", [1, 3])
+def test_resume_continues_bitwise(tmp_path, log_every):
     """A run that dies after its step-4 checkpoint and is resumed ends where the uninterrupted run
-    ends, to the bit, dropout included, with one metrics row per step."""
+    ends, to the bit, dropout included, with the same metrics rows: a row every step, or every 3
+    steps, where the row of step 6 averages the losses of steps 4-6 in both runs (the resumed one
+    averaged only 5 and 6: the loss of step 4 was not in the checkpoint)."""
     train, val = random_blocks(26, 16, 300, seed=7), random_blocks(5, 16, 300, seed=8)
     whole = micro_model(dropout=0.1)
-    make_trainer(tmp_path / "whole", whole, train, val, max_steps=12, save_every=4).fit()
+    make_trainer(tmp_path / "whole", whole, train, val, max_steps=12, save_every=4, log_every=log_every).fit()
 
     calls = {"n": 0}
 
@@ -369,12 +373,13 @@ def test_resume_continues_bitwise(tmp_path):
 
     broken = micro_model(dropout=0.1)
     with pytest.raises(RuntimeError, match="killed"):
-        make_trainer(tmp_path / "run", broken, train, val, max_steps=12, save_every=4, loss_fn=dies_in_step_7).fit()
+        make_trainer(tmp_path / "run", broken, train, val, max_steps=12, save_every=4, loss_fn=dies_in_step_7,
+                     log_every=log_every).fit()
     assert [r["step"] for r in rows(tmp_path / "run")][-1] == 6  # rows after the checkpoint exist...
 
     folder = check_out_folder(tmp_path / "run", resume=True)
     resumed, _ = load_model_weights(folder)
-    trainer = make_trainer(tmp_path / "run", resumed, train, val, max_steps=12, save_every=4)
+    trainer = make_trainer(tmp_path / "run", resumed, train, val, max_steps=12, save_every=4, log_every=log_every)
     trainer.resume(folder)
     assert trainer.step == 4
     trainer.fit()
@@ -382,6 +387,45 @@ def test_resume_continues_bitwise(tmp_path):
         assert torch.equal(a, b)
     strip = lambda rs: [{k: v for k, v in r.items() if k != "tokens_per_sec"} for r in rs]  # noqa: E731
     assert strip(rows(tmp_path / "run")) == strip(rows(tmp_path / "whole"))  # ...and were replaced
+    assert [r["step"] for r in rows(tmp_path / "whole") if "loss" in r] == list(range(log_every, 13, log_every))
+
+
+def test_a_training_state_of_another_version_is_refused_in_one_line(tmp_path):
+    """Version 2 keeps the losses since the last metrics row; a version-1 state (without them) is
+    refused in one line that says how to go on, and a file of another format as not a state."""
+    from minigpt.run_folder import STATE_JSON
+
+    train = random_blocks(12, 16, 300, seed=9)
+    make_trainer(tmp_path, micro_model(), train, max_steps=2).fit()
+    folder = current_checkpoint(tmp_path)
+    state = json.loads((folder / STATE_JSON).read_text())
+    assert state["version"] == 2 and isinstance(state["losses_since_row"], list)
+    for change, message in (({"version": 1}, f"a training state of version 1; this minigpt resumes version 2 "
+                                             f"(start a new run from its model with --init {folder})"),
+                            ({"format": "other"}, "not a minigpt training state (version 2)")):
+        (folder / STATE_JSON).write_text(json.dumps({**state, **change}))
+        with pytest.raises(MinigptError, match=re.escape(message)):
+            make_trainer(tmp_path, micro_model(), train, max_steps=2).resume(folder)
+
+
+def test_a_damaged_metrics_file_stops_a_resume_in_one_line_and_is_kept(tmp_path):
+    """A metrics.jsonl line that is not a JSON object (a hand edit, a disk fault) stops the resumed
+    fit in one line naming the file and line, before anything is written: it was a JSONDecodeError
+    traceback, after the file had been cut back to the checkpoint's rows."""
+    train = random_blocks(12, 16, 300, seed=9)
+    make_trainer(tmp_path, micro_model(), train, max_steps=4, save_every=2).fit()
+    metrics = tmp_path / METRICS_FILE
+    for damage, message in (('{"step": 1, "loss"', "line 1 is not JSON"), ("[1, 2]", "line 1 is not a JSON object")):
+        lines = metrics.read_text().splitlines(keepends=True)
+        metrics.write_text(damage + "\n" + "".join(lines[1:]))
+        before = metrics.read_bytes()
+        folder = check_out_folder(tmp_path, resume=True)
+        model, _ = load_model_weights(folder)
+        trainer = make_trainer(tmp_path, model, train, max_steps=6, save_every=2)
+        trainer.resume(folder)
+        with pytest.raises(MinigptError, match=rf"{METRICS_FILE}: {re.escape(message)}.*left as it is$"):
+            trainer.fit()
+        assert metrics.read_bytes() == before and current_checkpoint(tmp_path) == folder
 
 
 def test_a_run_resumed_at_the_end_of_an_epoch_goes_on(tmp_path):
