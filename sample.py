@@ -149,9 +149,10 @@ def read_text(path: str, what: str = "prompt file") -> str:
     from minigpt.sources import TEXT_ENCODING
 
     try:
-        if path == "-":
-            return sys.stdin.buffer.read().decode(TEXT_ENCODING)
-        return Path(path).read_text(encoding=TEXT_ENCODING)
+        # bytes, decoded as they are: a file's \r\n stays \r\n, as it does from stdin (Path.read_text would
+        # make it \n, and --score-file would score another text than --score-file - < the same file)
+        data = sys.stdin.buffer.read() if path == "-" else Path(path).read_bytes()
+        return data.decode(TEXT_ENCODING)
     except FileNotFoundError:
         raise MinigptError(f"{path}: {what} not found") from None
     except IsADirectoryError:

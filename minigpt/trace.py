@@ -167,14 +167,20 @@ class Score:
     ids: list[int]
     rows: list[dict]
     loss: float
+    nats: list[float]  # each row's surprisal -ln p, from the log-softmax: finite where p underflows to 0
 
     @property
     def perplexity(self) -> float:
         return perplexity(self.loss)  # (inf where exp overflows: a model that diverged)
 
+    def bits(self, j: int) -> float:
+        """Row `j`'s surprisal in bits, -log2 p: how many bits its token cost."""
+        return self.nats[j] / math.log(2)
+
     def most_surprising(self, n: int = 5) -> list[dict]:
         """The `n` rows whose token the model found least likely, least likely first."""
-        return sorted(self.rows, key=lambda row: row["prob"])[:n]
+        order = sorted(range(len(self.rows)), key=lambda j: -self.nats[j])
+        return [self.rows[j] for j in order[:n]]
 
 
 @torch.inference_mode()
@@ -210,7 +216,7 @@ def score_ids(
         raise MinigptError(f"a {window}-token context window has no room to predict a token from another")
     device = model_device(model)
     rows: list[dict] = []
-    total = 0.0
+    nats: list[float] = []
     begin, target = 0, 1  # the window's first token; the first token this window scores
     while target < len(ids):
         end = min(begin + window, len(ids))
@@ -222,13 +228,13 @@ def score_ids(
             scores = logits[start : start + SCORE_CHUNK].float()
             first = target + start
             tokens = torch.tensor(ids[first : first + scores.size(0)], device=device)
-            total += -float(torch.log_softmax(scores, dim=-1).gather(1, tokens.unsqueeze(1)).double().sum())
+            nats += (-torch.log_softmax(scores, dim=-1).gather(1, tokens.unsqueeze(1)).squeeze(1).double()).tolist()
             values, cand_ids = candidate_scores(scores, config)
             probs = step_probs(scores, tokens, values, cand_ids, top_alternatives)
             rows += [{"step": first + i, **probs.row(i, tokenizer)} for i in range(scores.size(0))]
         target = end
         begin = end - (window - window // 2)  # the next window ends W // 2 tokens further on
-    return Score(ids=ids, rows=rows, loss=total / (len(ids) - 1))
+    return Score(ids=ids, rows=rows, loss=math.fsum(nats) / (len(ids) - 1), nats=nats)
 
 
 def score(
@@ -274,24 +280,24 @@ def format_score(result: Score, tokenizer: Tokenizer, coloured: bool = False, n_
     text itself, each token coloured by its probability."""
     first = token_text(tokenizer, result.ids[0])
     lines = []
-    if coloured:
-        lines += [first + "".join(colour(row["text"], row["prob"]) for row in result.rows), ""]
+    if coloured:  # the text's own characters: one split across tokens goes with the token that ends it
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        text = decoder.decode(tokenizer.decode_bytes([result.ids[0]]))
+        for row in result.rows:
+            text += colour(decoder.decode(tokenizer.decode_bytes([row["id"]])), row["prob"])
+        lines += [text + decoder.decode(b"", final=True), ""]
     lines.append(f"the first token, {json.dumps(first, ensure_ascii=False)}, is context only")
     lines.append(f"{'pos':>5}  {'prob':>9}  {'bits':>5}  {'token':<20}  the model's top guess")
-    for row in result.rows:
+    for j, row in enumerate(result.rows):
         guess = row["alternatives"][0]
         shown = "(this token)" if guess["id"] == row["id"] else \
             f"{json.dumps(guess['text'], ensure_ascii=False)} {guess['prob']:.4g}"
-        lines.append(f"{row['step']:>5}  {row['prob']:>9.4g}  {_bits(row['prob']):>5.1f}  "
+        lines.append(f"{row['step']:>5}  {row['prob']:>9.4g}  {result.bits(j):>5.1f}  "
                      f"{json.dumps(row['text'], ensure_ascii=False):<20}  {shown}")
-    surprising = ", ".join(f"{json.dumps(row['text'], ensure_ascii=False)} ({_bits(row['prob']):.1f} bits)"
+    surprising = ", ".join(f"{json.dumps(row['text'], ensure_ascii=False)} ({result.bits(row['step'] - 1):.1f} bits)"
                            for row in result.most_surprising(n_surprising))
     lines.append(f"most surprising: {surprising}")
     lines.append(f"{len(result.rows)} tokens scored | mean loss {result.loss:.6g} nats/token | "
                  f"perplexity {result.perplexity:.6g}")
     return "\n".join(lines) + "\n"
 
-
-def _bits(prob: float) -> float:
-    """Surprisal -log2 p: how many bits the token cost (inf for a probability of 0)."""
-    return -math.log2(prob) if prob > 0 else math.inf

@@ -359,6 +359,53 @@ def test_score_report_and_colours(hf_dir, tokenizer):
     assert all(row["candidates"] == 5 for row in result.rows)  # top-k 5, no ties in fp32 logits
 
 
+def test_the_coloured_text_keeps_characters_split_across_tokens(hf_dir, tokenizer):
+    """日 and 本 each span two GPT-2 tokens: the coloured line shows them (each with the token that
+    ends it) where joining each token's own text gave U+FFFD."""
+    model = load_model(hf_dir)[0]
+    result = score(model, tokenizer, "I love 日本 café 🙂")
+    first_line = format_score(result, tokenizer, coloured=True).splitlines()[0]
+    assert ESCAPE.sub(r"\2", first_line) == "I love 日本 café 🙂"
+
+
+def test_surprisal_stays_finite_where_a_probability_underflows(hf_dir, tokenizer):
+    """A model sure enough that a token's probability is below fp32's smallest (p = 0 in the row):
+    its surprisal is still -log2 p, from the log-softmax (it printed "inf bits"), and the most
+    surprising tokens are ordered by it, not by the rounded probability."""
+    model = load_model(hf_dir)[0]
+    with torch.no_grad():
+        model.transformer.ln_f.weight.mul_(40)
+        model.transformer.ln_f.bias.mul_(40)
+    result = score(model, tokenizer, "The sky is blue because the air")
+    with torch.no_grad():
+        logits = model(torch.tensor([result.ids]))[0][0, :-1].double()
+    nats = -torch.log_softmax(logits, dim=-1).gather(1, torch.tensor(result.ids[1:]).unsqueeze(1)).squeeze(1)
+    assert any(row["prob"] == 0 for row in result.rows)  # (else this tests nothing)
+    bits = [result.bits(j) for j in range(len(result.rows))]
+    assert all(math.isfinite(b) and b > 0 for b in bits)
+    torch.testing.assert_close(torch.tensor(bits, dtype=torch.float64), nats / math.log(2), rtol=1e-5, atol=1e-3)
+    order = sorted(range(len(bits)), key=lambda j: -bits[j])
+    assert [row["step"] for row in result.most_surprising(3)] == [j + 1 for j in order[:3]]
+    report = format_score(result, tokenizer)
+    assert "inf bits" not in report and f"({bits[order[0]]:.1f} bits)" in report.splitlines()[-2].split(", ")[0]
+    assert result.loss == pytest.approx(float(nats.mean()), rel=1e-6)
+
+
+def test_a_score_file_is_scored_as_its_bytes_say(hf_dir, tmp_path, monkeypatch):
+    """A file with \\r\\n or \\r line ends scores the same text from its path as from stdin (the
+    path's text had them made \\n: another text, another loss)."""
+    text = tmp_path / "crlf.txt"
+    text.write_bytes(b"Line one\r\nLine two\rLine three\r\n")
+    model = ["--model", str(hf_dir)]
+    from_path = call_cli("sample.py", *model, "--score-file", str(text))
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(text.read_bytes())))
+    from_stdin = call_cli("sample.py", *model, "--score-file", "-")
+    inline = call_cli("sample.py", *model, "--score", "Line one\r\nLine two\rLine three\r\n")
+    assert from_path.returncode == 0, from_path.stderr
+    assert from_path.stdout == from_stdin.stdout == inline.stdout
+    assert '"\\r\\n"' in from_path.stdout or '"\\r"' in from_path.stdout
+
+
 def test_token_text_decodes_as_far_as_the_bytes_go(tokenizer):
     """GPT-2 splits 🙂 (f0 9f 99 82) into f0 9f + 99 82 and 日 (e6 97 a5) into e6 97 + a5."""
     assert [tokenizer.decode_bytes([t]) for t in tokenizer.encode("🙂日")] == [b"\xf0\x9f", b"\x99\x82", b"\xe6\x97", b"\xa5"]
