@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Sequence
 
 from minigpt.cli import run
-from minigpt.errors import MinigptError
+from minigpt.errors import MinigptError, alike_on_every_rank
 from minigpt.train_flags import TrainFlags, parse_train_flags
 
 
@@ -78,12 +78,15 @@ def eval_only(args: TrainFlags) -> int:
     from minigpt.runtime import setup_device
     from minigpt.trainer import seed_everything
 
-    device, dtype = setup_device(args.device, args.dtype)
+    with alike_on_every_rank():  # (under torchrun: one line for the job, not one a rank)
+        device, dtype = setup_device(args.device, args.dtype)
     seed_everything(args.seed)
     with torchrun_process_group(device) as (ranks, device):
-        model, tokenizer = load_model(args.init)
-        if args.block_size > model.config.block_size:
-            raise MinigptError(f"--block-size {args.block_size}: {args.init} sees at most {model.config.block_size} tokens")
+        with alike_on_every_rank():
+            model, tokenizer = load_model(args.init)
+            if args.block_size > model.config.block_size:
+                raise MinigptError(f"--block-size {args.block_size}: {args.init} sees at most "
+                                   f"{model.config.block_size} tokens")
         with tempfile.TemporaryDirectory(prefix="minigpt-eval-") as cache:  # write nothing, not even a cache
             # with --val-data only that file is read: the training data (the Hub's, by default) is not needed
             val_blocks = load_validation_blocks(args.data_config(cache_dir=cache), tokenizer,
@@ -111,18 +114,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     import torch  # heavy imports after parsing, so --help and flag errors are instant
 
     from minigpt.ddp import launched_rank, torchrun_process_group
-    from minigpt.run_folder import RunLock, check_out_folder
+    from minigpt.run_folder import RunLock, check_out_folder, current_checkpoint
     from minigpt.runtime import setup_device
     from minigpt.trainer import seed_everything
 
-    device, dtype = setup_device(args.device, args.dtype)
+    with alike_on_every_rank():  # (under torchrun: one line for the job, not one a rank)
+        device, dtype = setup_device(args.device, args.dtype)
+        check_out_folder(args.out, args.resume, locked=False)  # refuse a wrong --out before locking (making) it
     dtype_name = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
-    check_out_folder(args.out, args.resume, locked=False)  # refuse a wrong --out before locking (making) it
-    # One run per folder: rank 0 holds the lock for the run's life (a second run is refused here).
-    with RunLock(args.out) if launched_rank() == 0 else contextlib.nullcontext():
-        resume_from = check_out_folder(args.out, args.resume)  # again, now that no other run can change it
+    # One run per folder: rank 0 holds the lock for the run's life (a second run is refused here) and
+    # checks --out under it; the other ranks take its verdict once it has joined them.
+    main_rank = launched_rank() == 0
+    with RunLock(args.out) if main_rank else contextlib.nullcontext():
+        resume_from = check_out_folder(args.out, args.resume) if main_rank else None
         seed_everything(args.seed)  # every path: initialisation, dropout (a resume restores its RNG states)
         with torchrun_process_group(device) as (ranks, device):
+            if ranks.in_process_group:
+                torch.distributed.barrier()  # (rank 0 is here only once it holds the lock and --out is right)
+            if not main_rank and args.resume:
+                resume_from = current_checkpoint(args.out)
             return train(args, device, dtype, dtype_name, ranks, resume_from)
 
 
@@ -140,11 +150,12 @@ def train(args, device, dtype, dtype_name: str, ranks, resume_from: Path | None)
     from minigpt.training_speed import prepare_for_training
 
     say = print if ranks.is_main else (lambda *a, **k: None)
-    if resume_from is not None:  # the settings the data does not decide, before any is read (the Hub's, by default)
-        settings = args.run_config(ranks.world_size, dtype_name, max_steps=None)
-        saved = saved_run_settings(resume_from)
-        check_same_run(args.out, {k: v for k, v in saved.items() if k in settings}, settings)
-    model, tokenizer = build_model(args, resume_from)
+    with alike_on_every_rank():  # (every rank reads the same flags and files)
+        if resume_from is not None:  # the settings the data does not decide, before any is read (the Hub's, by default)
+            settings = args.run_config(ranks.world_size, dtype_name, max_steps=None)
+            saved = saved_run_settings(resume_from)
+            check_same_run(args.out, {k: v for k, v in saved.items() if k in settings}, settings)
+        model, tokenizer = build_model(args, resume_from)
     model = prepare_for_training(model.to(device).train())
     if ranks.world_size > 1:  # each rank draws its own dropout masks (one seed would repeat rank 0's)
         torch.manual_seed(args.seed + ranks.rank)

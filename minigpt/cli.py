@@ -24,7 +24,8 @@ def run(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] 
             code = main(argv)
         sys.stdout.flush()  # (here a full disk behind stdout is reported, not in a warning at exit)
     except MinigptError as e:
-        print(f"error: {e}", file=sys.stderr)
+        if not (e.every_rank and _other_rank("LOCAL_RANK")):  # (one line a machine, not one a rank)
+            print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         if not _other_rank():  # (torchrun signals every rank: one line for the job)
@@ -66,12 +67,13 @@ def _one_line_warning(message: Warning, category: type[Warning], filename: str, 
     return f"warning: {reason(message)}{kind}\n"
 
 
-def _other_rank() -> bool:
-    """Whether torchrun started this process as a rank other than 0, which stays quiet where every
-    rank would print the same line. (RANK itself is checked by minigpt.ddp, which imports torch, too
-    slow for a usage error; one that is no integer counts here as rank 0, so that its error is seen.)"""
+def _other_rank(variable: str = "RANK") -> bool:
+    """Whether torchrun started this process as a rank (`LOCAL_RANK`: a rank on its machine) other
+    than 0, which stays quiet where every rank would print the same line. (RANK itself is checked by
+    minigpt.ddp, which imports torch, too slow for a usage error; one that is no integer counts here
+    as rank 0, so that its error is seen.)"""
     try:
-        return int(os.environ.get("RANK", "0")) != 0
+        return int(os.environ.get(variable, "0")) != 0
     except ValueError:
         return False
 

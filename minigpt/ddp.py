@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import sys
 import threading
@@ -26,7 +27,7 @@ from typing import Iterator
 import torch
 import torch.distributed as dist
 
-from .errors import MinigptError, reason
+from .errors import MinigptError, alike_on_every_rank, reason
 
 # After its last collective, a rank gives gloo's worker threads this long to let go of the tensors
 # they held, before the interpreter shuts down (see `torchrun_process_group`).
@@ -53,6 +54,8 @@ class Ranks:
 
 
 DEFAULT_TIMEOUT_MINUTES = 60.0
+# How gloo's collectives fail when another rank's process is gone (NCCL's raise a dist.DistError).
+LOST_RANK = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "Socket closed")
 
 
 def collective_timeout() -> timedelta:
@@ -133,9 +136,13 @@ def torchrun_process_group(device: torch.device) -> Iterator[tuple[Ranks, torch.
     if ranks is None:
         yield Ranks(), device
         return
-    if device.type == "cuda":
-        if device.index is not None:  # (it would be replaced by GPU LOCAL_RANK, in silence)
+    with alike_on_every_rank():
+        if device.index is not None and device.type == "cuda":  # (it would be replaced by GPU LOCAL_RANK, in silence)
             raise MinigptError(f"--device {device}: under torchrun each process drives GPU LOCAL_RANK; use --device cuda")
+        if device.type not in ("cuda", "cpu"):
+            raise MinigptError(f"--device {device.type}: distributed training runs on cuda or cpu")
+        timeout = collective_timeout()
+    if device.type == "cuda":
         if ranks.local_rank >= torch.cuda.device_count():
             raise MinigptError(
                 f"torchrun: local rank {ranks.local_rank} has no GPU ({torch.cuda.device_count()} visible); "
@@ -143,22 +150,28 @@ def torchrun_process_group(device: torch.device) -> Iterator[tuple[Ranks, torch.
             )
         device = torch.device("cuda", ranks.local_rank)
         torch.cuda.set_device(device)
-        backend = "nccl"
-    elif device.type == "cpu":
-        backend = "gloo"
-    else:
-        raise MinigptError(f"--device {device.type}: distributed training runs on cuda or cpu")
-    timeout = collective_timeout()
+    backend = "nccl" if device.type == "cuda" else "gloo"
     try:
         dist.init_process_group(backend, rank=ranks.rank, world_size=ranks.world_size, timeout=timeout)
     except ValueError as e:  # (torch's env:// rendezvous found MASTER_ADDR or MASTER_PORT missing or malformed)
-        raise MinigptError(_rendezvous_fault(e)) from None
+        with alike_on_every_rank():
+            raise MinigptError(_rendezvous_fault(e)) from None
     try:
         yield ranks, device
+    except RuntimeError as e:  # a collective that failed as another rank died: one line, not a traceback
+        if not (isinstance(e, dist.DistError) or any(cause in str(e) for cause in LOST_RANK)):
+            raise
+        raise MinigptError(f"rank {ranks.rank}: a collective with the other ranks failed ({_first_sentence(e)}); "
+                           "another rank stopped: see its lines above") from None
     finally:
         dist.destroy_process_group()
         if backend == "gloo":
             time.sleep(GLOO_DRAIN_SECONDS)
+
+
+def _first_sentence(e: BaseException) -> str:
+    """The first sentence of a collective's error, less gloo's source file and line."""
+    return re.sub(r"^\[[^\]]*\] ", "", reason(e)).split(". ")[0].rstrip(".")
 
 
 def _rendezvous_fault(e: ValueError) -> str:

@@ -5,9 +5,29 @@ fault. The CLIs catch it, print the message and exit with status 2; anything els
 its traceback.
 """
 
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
 
 class MinigptError(Exception):
     """A user-facing error: bad input, a missing file, an unsupported setting."""
+
+    every_rank = False  # met alike by every process of a torchrun job (see `alike_on_every_rank`)
+
+
+@contextlib.contextmanager
+def alike_on_every_rank() -> Iterator[None]:
+    """Mark the MinigptErrors raised inside as ones every process of a torchrun job meets alike: the
+    same flags, environment and files give each the same error (a device that is missing, an --out
+    that is a file). The CLIs then print such an error once a machine (from local rank 0), not once
+    a rank; an error of one rank's own (its GPU, a lost connection) is printed by that rank."""
+    try:
+        yield
+    except MinigptError as e:
+        e.every_rank = True
+        raise
 
 
 def reason(e: BaseException) -> str:

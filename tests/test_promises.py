@@ -235,6 +235,104 @@ def test_a_failing_rank_brings_the_whole_job_down_with_its_message(tmp_path):
     assert metrics_steps(tmp_path / "run")[-1] in (2, 3)
 
 
+# Two processes of a job set up by hand (no torchrun, whose SIGTERM could end the survivor first):
+# rank 1 is SIGKILLed after 5 all-reduces; rank 0 goes on asking for more through the CLI boundary.
+KILLED_RANK = """
+import os, signal, sys
+import torch
+from minigpt.cli import run
+from minigpt.ddp import all_reduce_sum, torchrun_process_group
+
+def main(argv):
+    with torchrun_process_group(torch.device("cpu")) as (ranks, device):
+        for step in range(10_000):
+            if ranks.rank == 1 and step == 5:
+                os.kill(os.getpid(), signal.SIGKILL)
+            all_reduce_sum(torch.ones(4), ranks)
+
+run(main)
+"""
+
+
+@ddp
+def test_a_rank_killed_mid_run_leaves_the_others_one_line_not_a_traceback(tmp_path):
+    """gloo's failed all-reduce in the surviving rank was a 30-line traceback ending "Connection
+    reset by peer"; now it is one line that says another rank stopped."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    script = tmp_path / "killed_rank.py"
+    script.write_text(KILLED_RANK)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "WORLD_SIZE": "2",
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "MINIGPT_DDP_TIMEOUT_MINUTES": "1"}
+    jobs = [subprocess.Popen([sys.executable, str(script)], env={**env, "RANK": r, "LOCAL_RANK": r},
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in ("0", "1")]
+    try:
+        _, stderr = jobs[0].communicate(timeout=120)
+        jobs[1].wait(timeout=60)
+    finally:
+        for job in jobs:
+            if job.poll() is None:
+                job.kill()
+    assert jobs[1].returncode == -signal.SIGKILL
+    assert jobs[0].returncode == 2, stderr
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: rank 0: a collective with the other ranks failed ("), stderr
+    assert lines[0].endswith("another rank stopped: see its lines above"), stderr
+
+
+def test_an_error_every_rank_meets_is_printed_once_a_machine():
+    """Under torchrun every rank checks the same flags, environment and files: an error they all
+    meet (a missing device, an --out that is a file, a bad MINIGPT_DDP_TIMEOUT_MINUTES) is printed
+    by local rank 0 alone (it was once a rank); an error of one rank's own, by that rank."""
+    from minigpt.cli import run
+    from minigpt.errors import MinigptError, alike_on_every_rank
+
+    def alike(argv):
+        with alike_on_every_rank():
+            raise MinigptError("--device cuda: CUDA is not available")
+
+    def its_own(argv):
+        raise MinigptError("rank 1: its own")
+
+    for local_rank, main, said in (("0", alike, "error: --device cuda: CUDA is not available\n"), ("1", alike, ""),
+                                   ("1", its_own, "error: rank 1: its own\n")):
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("RANK", local_rank)
+            mp.setenv("LOCAL_RANK", local_rank)
+            err = io.StringIO()
+            mp.setattr(sys, "stderr", err)
+            with pytest.raises(SystemExit) as stop:
+                run(main, [])
+        assert (stop.value.code, err.getvalue()) == (2, said)
+
+
+@ddp
+def test_torchrun_says_a_wrong_out_or_a_live_run_once(tmp_path):
+    """Two ranks on an --out that is a file: one error line for the job (it was one a rank). On the
+    folder of a live run: rank 0's line naming the run; rank 1 used to add a wrong one of its own
+    ("already holds a training run; pass --resume"), having looked at --out without the lock."""
+    from minigpt.run_folder import RunLock
+
+    (tmp_path / "a_file").write_text("x")
+    job = torchrun(tmp_path, ROOT / "train.py", "--out", str(tmp_path / "a_file"))
+    _, stderr = job.communicate(timeout=300)
+    assert [line for line in stderr.splitlines() if "error:" in line] == \
+        [f"error: --out {tmp_path / 'a_file'}: exists and is not a folder"], stderr[-3000:]
+
+    live = tmp_path / "live"  # a run's folder with a checkpoint, as a live run has after its first save
+    (live / ".ckpt" / "step-000000002").mkdir(parents=True)
+    (live / ".ckpt" / "step-000000002" / "training_state.json").write_text('{"step": 2}')
+    (live / ".ckpt" / "current").symlink_to("step-000000002")
+    with RunLock(live):  # (this process holds it, as a live run would)
+        job = torchrun(tmp_path, ROOT / "train.py", "--out", str(live))
+        _, stderr = job.communicate(timeout=300)
+    errors = [line for line in stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "another training run" in errors[0], stderr[-3000:]
+
+
 @ddp
 @pytest.mark.slow
 def test_ctrl_c_under_torchrun_stops_every_rank_after_the_same_step(tmp_path):
