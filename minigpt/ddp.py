@@ -137,7 +137,7 @@ def torchrun_process_group(device: torch.device) -> Iterator[tuple[Ranks, torch.
         yield Ranks(), device
         return
     with alike_on_every_rank():
-        if device.index is not None and device.type == "cuda":  # (it would be replaced by GPU LOCAL_RANK, in silence)
+        if device.type == "cuda" and device.index is not None:  # (replaced by GPU LOCAL_RANK, in silence)
             raise MinigptError(f"--device {device}: under torchrun each process drives GPU LOCAL_RANK; use --device cuda")
         if device.type not in ("cuda", "cpu"):
             raise MinigptError(f"--device {device.type}: distributed training runs on cuda or cpu")

@@ -157,11 +157,11 @@ def _hf_tensors(folder: Path, expected: dict[str, tuple[int, ...]], untied: bool
     is read. A tied checkpoint may store its embedding only as `lm_head.weight` (transformers ties
     it back): that copy is then the embedding.
     """
-    files = hf_weight_files(folder)
+    files, legacy = hf_weight_files(folder), False
     if files:
         mappings = {path: match_names(path, safetensors_shapes(path), expected, hf_to_minigpt_name) for path in files}
     elif (folder / LEGACY_WEIGHTS_FILE).is_file():
-        files = [folder / LEGACY_WEIGHTS_FILE]
+        files, legacy = [folder / LEGACY_WEIGHTS_FILE], True
         shapes = {name: tuple(t.shape) for name, t in _load_legacy_bin(files[0], mmap=True).items()}
         mappings = {files[0]: match_names(files[0], shapes, expected, hf_to_minigpt_name)}
     else:
@@ -178,7 +178,7 @@ def _hf_tensors(folder: Path, expected: dict[str, tuple[int, ...]], untied: bool
         found[EMBEDDING] = found.pop(HEAD)
     required = {name: shape for name, shape in expected.items() if name != HEAD}
     check_complete(files[0] if len(files) == 1 else folder / INDEX_FILE, found, required)
-    if files[0].name == LEGACY_WEIGHTS_FILE:
+    if legacy:
         raw = _load_legacy_bin(files[0])  # (read now: the weights in memory once, not viewing the file)
         tensors = {target: raw[name] for name, target in mappings[files[0]].items()}
         check_tensors(files[0], tensors)
