@@ -173,9 +173,10 @@ class Score:
     def perplexity(self) -> float:
         return perplexity(self.loss)  # (inf where exp overflows: a model that diverged)
 
-    def bits(self, j: int) -> float:
-        """Row `j`'s surprisal in bits, -log2 p: how many bits its token cost."""
-        return self.nats[j] / math.log(2)
+    def bits(self, row: dict) -> float:
+        """A row's surprisal in bits, -log2 p: how many bits its token cost (`rows[j]`, of step j + 1,
+        has its -ln p in `nats[j]`)."""
+        return self.nats[row["step"] - 1] / math.log(2)
 
     def most_surprising(self, n: int = 5) -> list[dict]:
         """The `n` rows whose token the model found least likely, least likely first."""
@@ -288,13 +289,13 @@ def format_score(result: Score, tokenizer: Tokenizer, coloured: bool = False, n_
         lines += [text + decoder.decode(b"", final=True), ""]
     lines.append(f"the first token, {json.dumps(first, ensure_ascii=False)}, is context only")
     lines.append(f"{'pos':>5}  {'prob':>9}  {'bits':>5}  {'token':<20}  the model's top guess")
-    for j, row in enumerate(result.rows):
+    for row in result.rows:
         guess = row["alternatives"][0]
         shown = "(this token)" if guess["id"] == row["id"] else \
             f"{json.dumps(guess['text'], ensure_ascii=False)} {guess['prob']:.4g}"
-        lines.append(f"{row['step']:>5}  {row['prob']:>9.4g}  {result.bits(j):>5.1f}  "
+        lines.append(f"{row['step']:>5}  {row['prob']:>9.4g}  {result.bits(row):>5.1f}  "
                      f"{json.dumps(row['text'], ensure_ascii=False):<20}  {shown}")
-    surprising = ", ".join(f"{json.dumps(row['text'], ensure_ascii=False)} ({result.bits(row['step'] - 1):.1f} bits)"
+    surprising = ", ".join(f"{json.dumps(row['text'], ensure_ascii=False)} ({result.bits(row):.1f} bits)"
                            for row in result.most_surprising(n_surprising))
     lines.append(f"most surprising: {surprising}")
     lines.append(f"{len(result.rows)} tokens scored | mean loss {result.loss:.6g} nats/token | "

@@ -845,7 +845,7 @@ BREAKS = (
           ((r"if any\(blocks\.manifest\.get\(name\) != value", "if False and any(blocks.manifest.get(name) != value"),),
           ("tests/test_data.py::test_a_damaged_entry_is_rebuilt",)),
     Break("surprisal_from_the_rounded_prob", "surprisal is -log2 of the rounded fp32 probability (inf where it underflows)",
-          ((r"return self\.nats\[j\] / math\.log\(2\)", 'return -math.log2(self.rows[j]["prob"]) if self.rows[j]["prob"] > 0 else math.inf'),),
+          ((r'return self\.nats\[row\["step"\] - 1\] / math\.log\(2\)', 'return -math.log2(row["prob"]) if row["prob"] > 0 else math.inf'),),
           ("tests/test_trace.py::test_surprisal_stays_finite_where_a_probability_underflows",)),
     Break("coloured_text_of_token_texts", "the coloured --score line joins each token's own text (a split character is U+FFFD)",
           ((r'text \+= colour\(decoder\.decode\(tokenizer\.decode_bytes\(\[row\["id"\]\]\)\), row\["prob"\]\)',

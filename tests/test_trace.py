@@ -381,7 +381,7 @@ def test_surprisal_stays_finite_where_a_probability_underflows(hf_dir, tokenizer
         logits = model(torch.tensor([result.ids]))[0][0, :-1].double()
     nats = -torch.log_softmax(logits, dim=-1).gather(1, torch.tensor(result.ids[1:]).unsqueeze(1)).squeeze(1)
     assert any(row["prob"] == 0 for row in result.rows)  # (else this tests nothing)
-    bits = [result.bits(j) for j in range(len(result.rows))]
+    bits = [result.bits(row) for row in result.rows]
     assert all(math.isfinite(b) and b > 0 for b in bits)
     torch.testing.assert_close(torch.tensor(bits, dtype=torch.float64), nats / math.log(2), rtol=1e-5, atol=1e-3)
     order = sorted(range(len(bits)), key=lambda j: -bits[j])
