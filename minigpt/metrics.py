@@ -9,7 +9,8 @@ Every row is strict JSON: a number that is not finite (an fp16 step skipped for 
 norm, a perplexity that overflows) is written as null, never as `NaN` / `Infinity`.
 
 `StepNumbers` keeps each step's loss and gradient norm on the device and reads them back in one go,
-so that the training loop waits for the GPU only when it logs, not in every step.
+so that the training loop waits for the GPU only when it logs, not in every step; under DDP that
+read also sums the ranks' tokens, which differ on a last batch that does not split evenly.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import torch
 import torch.nn as nn
@@ -70,8 +71,17 @@ def evaluate(
     return (sums[0] / sums[1]).item() if sums[1] > 0 else float("nan")
 
 
+class StepReadout(NamedTuple):
+    """What `StepNumbers.read()` brings back: Python numbers, the ranks' summed where they differ."""
+
+    losses: list[float]  # each step's loss, summed over the ranks (each rank's is its weighted share)
+    grad_norms: list[float]  # each step's gradient norm (the same on every rank)
+    tokens: int  # the steps' tokens, all ranks together
+    seconds: float  # the time the steps took (this rank's)
+
+
 class StepNumbers:
-    """The loss and gradient norm of each step since the last `read()`, and the time the steps took.
+    """The loss and gradient norm of each step since the last `read()`, its tokens, and the time the steps took.
 
     Reading a number from a GPU (`.item()`) waits until every kernel queued before it has run, so
     a loop that reads its loss every step never lets the GPU run ahead. Here each step's numbers
@@ -86,6 +96,7 @@ class StepNumbers:
         self.losses: list[torch.Tensor] = []
         self.grad_norms: list[torch.Tensor] = []
         self.events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+        self.tokens = 0
         self.seconds = 0.0
         self._started: Any = None
 
@@ -97,8 +108,9 @@ class StepNumbers:
         else:
             self._started = time.perf_counter()
 
-    def stop(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
-        """Call when the step has been issued: its (this rank's) loss and its gradient norm, 0-dim tensors."""
+    def stop(self, loss: torch.Tensor, grad_norm: torch.Tensor, tokens: int) -> None:
+        """Call when the step has been issued: its (this rank's) loss and its gradient norm, 0-dim
+        tensors, and the tokens this rank trained on in it."""
         if self.device.type == "cuda":
             end = torch.cuda.Event(enable_timing=True)
             end.record(torch.cuda.current_stream(self.device))
@@ -107,24 +119,27 @@ class StepNumbers:
             self.seconds += time.perf_counter() - self._started
         self.losses.append(loss.detach().float().reshape(()))
         self.grad_norms.append(grad_norm.detach().float().reshape(()))
+        self.tokens += tokens
 
     def __len__(self) -> int:
         return len(self.losses)
 
-    def read(self, ranks: Ranks = Ranks()) -> tuple[list[float], list[float], float]:
-        """(each step's loss summed over the ranks, each step's gradient norm, seconds) since the
-        last read, as Python numbers; then starts afresh. Every rank must call it at the same step."""
+    def read(self, ranks: Ranks = Ranks()) -> StepReadout:
+        """The numbers since the last read (see `StepReadout`); then starts afresh. Every rank must
+        call it at the same step."""
         if not self.losses:
-            return [], [], 0.0
-        losses = all_reduce_sum(torch.stack(self.losses), ranks)
-        numbers = torch.cat([losses, torch.stack(self.grad_norms)]).tolist()  # the one wait for the device
+            return StepReadout([], [], 0, 0.0)
         n = len(self.losses)
+        # (the tokens ride in the losses' one all-reduce, as fp32: exact up to 2**24 tokens a read)
+        own = self.losses[0].new_full((1,), float(self.tokens))  # (a fill beside the losses, not a host copy)
+        summed = all_reduce_sum(torch.cat([torch.stack(self.losses), own]), ranks)
+        numbers = torch.cat([summed, torch.stack(self.grad_norms)]).tolist()  # the one wait for the device
         if self.device.type == "cuda":
             self.events[-1][1].synchronize()
             self.seconds = sum(start.elapsed_time(end) for start, end in self.events) / 1000
-        seconds = self.seconds
-        self.losses, self.grad_norms, self.events, self.seconds = [], [], [], 0.0
-        return numbers[:n], numbers[n:], seconds
+        readout = StepReadout(numbers[:n], numbers[n + 1 :], round(numbers[n]), self.seconds)
+        self.losses, self.grad_norms, self.events, self.tokens, self.seconds = [], [], [], 0, 0.0
+        return readout
 
 
 def strict_json(row: dict[str, Any]) -> str:

@@ -235,7 +235,7 @@ class Trainer:
     def _read_numbers(self) -> None:
         """Bring the steps' numbers since the last read to the host (all ranks at the same step):
         stop on the first non-finite one, count fp16's skipped steps, update the progress bar."""
-        losses, grad_norms, seconds = self.pending.read(self.ranks)
+        losses, grad_norms, tokens, seconds = self.pending.read(self.ranks)
         first = self.step - len(losses) + 1
         for step, loss, grad_norm in zip(range(first, self.step + 1), losses, grad_norms):
             if not math.isfinite(loss):
@@ -245,6 +245,7 @@ class Trainer:
         if not losses:
             return
         self.interval["losses"] += losses
+        self.interval["tokens"] += tokens
         self.interval["seconds"] += seconds
         self.last.update(loss=losses[-1], grad_norm=grad_norms[-1])
         if self.bar is not None:
@@ -392,8 +393,7 @@ class Trainer:
         cfg, interval = self.config, self.interval
         self.pending.start()
         numbers = self.train_step(micro)
-        self.pending.stop(numbers["loss"], numbers["grad_norm"])
-        interval["tokens"] += sum(b.numel() for b in micro) * self.ranks.world_size
+        self.pending.stop(numbers["loss"], numbers["grad_norm"], tokens=sum(b.numel() for b in micro))
         self.last["lr"] = numbers["lr"]
         if self.bar is not None:
             self.bar.update(1)

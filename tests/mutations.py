@@ -860,6 +860,14 @@ BREAKS = (
     Break("head_only_refused", "a tied checkpoint that stores its embedding only as lm_head.weight is refused",
           ((r"if EMBEDDING not in found and HEAD in found and not untied:", "if False:"),),
           ("tests/test_hf.py::test_an_lm_head_loads_only_as_a_copy_of_wte", "tests/test_hf.py::test_a_legacy_bin_with_a_head_of_its_own_is_refused")),
+    Break("tokens_of_rank_0_times_world", "tokens_per_sec counts rank 0's tokens times the world size, not each rank's",
+          ((r"summed = all_reduce_sum\(torch\.cat\(\[torch\.stack\(self\.losses\), own\]\), ranks\)",
+            "summed = torch.cat([all_reduce_sum(torch.stack(self.losses), ranks), own * ranks.world_size])"),),
+          ("tests/test_ddp.py::test_a_read_counts_every_ranks_tokens_when_the_batch_splits_unevenly",)),
+    Break("tokens_of_the_first_step", "tokens_per_sec counts only the first step's tokens of a row",
+          ((r"^(\s*)self\.tokens \+= tokens$", r"\1self.tokens = self.tokens or tokens"),),
+          ("tests/test_trainer_syncs.py::test_tokens_per_sec_counts_each_steps_tokens_over_its_time",
+           "tests/test_trainer_syncs.py::test_step_numbers_read_all_steps_at_once")),
 )
 
 

@@ -91,11 +91,11 @@ def test_step_numbers_time_with_cuda_events_and_read_back_once():
     for _ in range(3):
         numbers.start()
         loss = (a @ a).mean()
-        numbers.stop(loss, a.norm())
+        numbers.stop(loss, a.norm(), tokens=2048)
     expected = [(a @ a).mean().item()] * 3
-    losses, norms, seconds = numbers.read()
+    losses, norms, tokens, seconds = numbers.read()
     assert losses == pytest.approx(expected, rel=1e-5) and norms == pytest.approx([a.norm().item()] * 3, rel=1e-5)
-    assert seconds > 0 and len(numbers) == 0
+    assert tokens == 3 * 2048 and seconds > 0 and len(numbers) == 0
 
 
 def test_reduce_overhead_compiles_once_for_the_short_last_batch(tmp_path, monkeypatch):

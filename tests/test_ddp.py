@@ -190,3 +190,33 @@ def test_resume_on_one_process_with_the_same_global_batch(tmp_path, one_process_
     resumed = run_cli("train.py", *FLAGS, "--out", str(out), "--batch-size", "8", "--dropout", "0", "--resume")
     assert resumed.returncode == 0, resumed.stderr
     assert_same_run(out, one_process_of_8, before)
+
+
+STEP_TOKENS = """
+import sys, torch, torch.distributed as dist
+from pathlib import Path
+from minigpt.ddp import launched_ranks
+from minigpt.metrics import StepNumbers
+ranks = launched_ranks()
+dist.init_process_group("gloo", rank=ranks.rank, world_size=ranks.world_size)
+numbers = StepNumbers(torch.device("cpu"))
+for tokens in ((3 * 128, 2 * 128), (0, 1 * 128))[ranks.rank]:  # a global batch of 5, then one of 1
+    numbers.start()
+    numbers.stop(torch.tensor(1.0 + ranks.rank), torch.tensor(0.5), tokens=tokens)
+readout = numbers.read(ranks)
+Path(sys.argv[1], f"rank{ranks.rank}").write_text(f"{readout.tokens} {readout.losses}")
+dist.destroy_process_group()
+"""
+
+
+def test_a_read_counts_every_ranks_tokens_when_the_batch_splits_unevenly(tmp_path):
+    """tokens_per_sec's tokens: a global batch of 5 splits 3 + 2, one of 1 splits 1 + 0 (rank 0's
+    share times the world size counted 8 and 2)."""
+    script = tmp_path / "step_tokens.py"
+    script.write_text(STEP_TOKENS)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
+               str(tmp_path)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [(tmp_path / f"rank{r}").read_text() for r in (0, 1)] == ["768 [3.0, 3.0]"] * 2

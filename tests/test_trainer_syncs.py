@@ -9,11 +9,13 @@ import math
 import os
 from datetime import timedelta
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+import minigpt.metrics as metrics_module
 from minigpt.errors import MinigptError
 from minigpt.metrics import MetricsLog, StepNumbers, strict_json
 from minigpt.run_folder import STATE_JSON
@@ -53,6 +55,15 @@ def test_rows_are_the_means_of_the_steps_read_one_by_one(tmp_path):
         assert (row["step"], row["lr"], row["grad_norm"], row["epoch"]) == tuple(
             steps[-1][k] for k in ("step", "lr", "grad_norm", "epoch"))
         assert row["tokens_per_sec"] > 0
+
+
+def test_tokens_per_sec_counts_each_steps_tokens_over_its_time(tmp_path, monkeypatch):
+    """30 blocks of 16 tokens in batches of 4: steps of 64 tokens, and 32 for the epoch's last;
+    the clock is faked to 0.25 s a step, so each row's rate is exact."""
+    clock = iter(0.25 * i for i in range(1000))  # start() and stop() each read it once a step
+    monkeypatch.setattr(metrics_module, "time", SimpleNamespace(perf_counter=lambda: next(clock)))
+    make_trainer(tmp_path, micro_model(), random_blocks(30, 16, 300, seed=2), max_steps=9, log_every=4).fit()
+    assert [(r["step"], r["tokens_per_sec"]) for r in rows(tmp_path)] == [(4, 256.0), (8, 224.0), (9, 256.0)]
 
 
 def nan_at_call(n: int, make_nan):
@@ -129,13 +140,14 @@ def test_strict_json_writes_null_for_non_finite_numbers_and_refuses_nested_ones(
 
 def test_step_numbers_read_all_steps_at_once():
     numbers = StepNumbers(torch.device("cpu"))
-    assert numbers.read() == ([], [], 0.0)
-    for loss, norm in ((2.5, 0.5), (float("nan"), float("inf"))):
+    assert numbers.read() == ([], [], 0, 0.0)
+    for loss, norm, tokens in ((2.5, 0.5, 1024), (float("nan"), float("inf"), 384)):
         numbers.start()
-        numbers.stop(torch.tensor(loss), torch.tensor([norm]))
-    losses, norms, seconds = numbers.read()
+        numbers.stop(torch.tensor(loss), torch.tensor([norm]), tokens=tokens)
+    losses, norms, tokens, seconds = numbers.read()
     assert losses[0] == 2.5 and math.isnan(losses[1]) and norms == [0.5, float("inf")] and seconds > 0
-    assert len(numbers) == 0
+    assert tokens == 1408 and len(numbers) == 0
+    assert numbers.read() == ([], [], 0, 0.0)  # (read afresh: nothing is counted twice)
 
 
 def test_step_times_are_recorded_on_the_training_gpus_stream(monkeypatch):
@@ -160,9 +172,9 @@ def test_step_times_are_recorded_on_the_training_gpus_stream(monkeypatch):
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: ("stream of", device))
     numbers = StepNumbers(torch.device("cuda", 1))
     numbers.start()
-    numbers.stop(torch.tensor(2.0), torch.tensor(0.5))
+    numbers.stop(torch.tensor(2.0), torch.tensor(0.5), tokens=64)
     assert recorded == [("stream of", torch.device("cuda", 1))] * 2
-    assert numbers.read() == ([2.0], [0.5], 0.25)
+    assert numbers.read() == ([2.0], [0.5], 64, 0.25)
 
 
 # --- --compile-mode --------------------------------------------------------------------------------
