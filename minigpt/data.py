@@ -25,6 +25,7 @@ place when complete, so a crash never leaves one that looks finished.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import json
@@ -227,6 +228,9 @@ def _cached(root: Path, role: str, key: dict, vocab_size: int) -> TokenBlocks | 
     an id out of range would otherwise stop training at the embedding with an IndexError."""
     folder = _entry(root, role, key)
     if not folder.is_dir():
+        if folder.is_symlink() or folder.exists():  # a stray file, or a link to nothing, where the entry's
+            with contextlib.suppress(OSError):  # folder belongs (the cache is ours): made way for the rebuild
+                folder.unlink()
         return None
     try:
         blocks = TokenBlocks.load(folder)

@@ -868,6 +868,9 @@ BREAKS = (
           ((r"^(\s*)self\.tokens \+= tokens$", r"\1self.tokens = self.tokens or tokens"),),
           ("tests/test_trainer_syncs.py::test_tokens_per_sec_counts_each_steps_tokens_over_its_time",
            "tests/test_trainer_syncs.py::test_step_numbers_read_all_steps_at_once")),
+    Break("cache_stray_file_kept", "a plain file where a cache entry's folder belongs stops the run instead of being rebuilt",
+          ((r"if folder\.is_symlink\(\) or folder\.exists\(\):", "if False:"),),
+          ("tests/test_data.py::test_a_damaged_entry_is_rebuilt",)),
 )
 
 

@@ -266,6 +266,13 @@ def test_a_damaged_entry_is_rebuilt(tmp_path, gpt2_tokenizer):
     (folder / "manifest.json").write_text(json.dumps({**manifest, "block_size": width // 2, "blocks": 2 * n}))
     again, _ = load(tmp_path, gpt2_tokenizer, source=str(DATA / "eli5_small.json"))
     np.testing.assert_array_equal(again.blocks, expected)
+    # a plain file, or a link to nothing, where the entry's folder belongs
+    for stray in ("file", "dangling link"):
+        shutil.rmtree(folder)
+        folder.write_text("x") if stray == "file" else folder.symlink_to(tmp_path / "nowhere")
+        again, _ = load(tmp_path, gpt2_tokenizer, source=str(DATA / "eli5_small.json"))
+        np.testing.assert_array_equal(again.blocks, expected)
+        assert folder.is_dir() and not folder.is_symlink()
 
 
 # --- bad input ------------------------------------------------------------------------------------
