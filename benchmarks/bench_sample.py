@@ -370,7 +370,7 @@ def llama_cpp_files(args, hf_dir: Path, work: Path) -> dict[str, Path]:
         r = subprocess.run([sys.executable, str(converter), str(source), "--outtype", outtype,
                             "--outfile", str(files[precision])], env=env, capture_output=True, text=True)
         if r.returncode != 0:
-            sys.exit(f"error: llama.cpp's converter failed for {outtype}: {r.stderr.strip().splitlines()[-1:]}")
+            raise MinigptError(f"llama.cpp's converter failed for {outtype}: {_last_line(r)}")
     return files
 
 
@@ -385,9 +385,19 @@ def llama_cpp_rates(args, files: dict[str, Path], reps: int) -> dict[str, float]
                "-t", str(args.threads), "-n", str(args.llama_tokens), "-p", "0", "-r", str(reps), "-o", "json"]
     r = subprocess.run(command, capture_output=True, text=True)
     if r.returncode != 0:
-        sys.exit(f"error: llama-bench failed: {r.stderr.strip().splitlines()[-1:]}")
-    rates = {Path(row["model_filename"]).name: row["avg_ts"] for row in json.loads(r.stdout) if row["n_gen"] > 0}
-    return {p: rates[f.name] for p, f in files.items()}
+        raise MinigptError(f"llama-bench failed: {_last_line(r)}")
+    try:
+        rates = {Path(row["model_filename"]).name: row["avg_ts"] for row in json.loads(r.stdout) if row["n_gen"] > 0}
+        return {p: float(rates[f.name]) for p, f in files.items()}
+    except (ValueError, TypeError, KeyError, AttributeError):
+        raise MinigptError(f"{command[0]}: its output is not llama-bench's JSON with a generation test of each "
+                           f"model (starts {r.stdout[:60]!r}); is --llama-bench llama.cpp's llama-bench?") from None
+
+
+def _last_line(r: subprocess.CompletedProcess) -> str:
+    """The last line a failed tool wrote to stderr, or its exit code where it wrote none."""
+    lines = r.stderr.strip().splitlines()
+    return lines[-1] if lines else f"exit code {r.returncode}, no message"
 
 
 # --- the report -------------------------------------------------------------------------------
@@ -475,7 +485,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "at batch 1 on the same weights converted to F32/BF16/Q8_0 (README: building llama-bench)")
     p.add_argument("--llama-convert", metavar="PATH", help="llama.cpp's convert_hf_to_gguf.py (default: the one "
                    "in the llama.cpp tree that holds --llama-bench, ../../convert_hf_to_gguf.py from build/bin)")
-    p.add_argument("--llama-tokens", type=positive_int, default=128, help="llama-bench -n (default: 128)")
+    p.add_argument("--llama-tokens", type=positive_int, help="llama-bench -n (default: --tokens, as many as ours "
+                   "decodes)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, help="ours decode through a compiled "
                    "step a token, as sample.py --compile (compiled before the timed runs, ~10-35 s a variant and "
                    "batch size); default: on with --llama-bench, whose llama.cpp runs each token as one compiled "
@@ -486,6 +497,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch", type=positive_int, default=1, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.tokens = args.tokens or (30 if args.quick else 100)
+    if args.tokens < 2:  # (a decode rate is timed from the first new token to the last)
+        p.error(f"--tokens: at least 2 new tokens are timed, got {args.tokens}")
+    args.llama_tokens = args.llama_tokens or args.tokens
     args.reps = args.reps or (1 if args.quick else 3)
     args.e2e_reps = args.e2e_reps or (1 if args.quick else 3)
     if (args.eval_checkpoint is None) != (args.eval_data is None):

@@ -5,8 +5,9 @@ gradients, at --batch-size x --block-size tokens (default 8 x 128, the recipe) o
 shape (dropout 0.1, train mode), from the same weights:
 
     ours          minigpt's GPT + minigpt.optim.AdamW, through `Trainer.train_step`, the loop train.py runs
-    transformers  GPT2LMHeadModel(labels=...) + torch.optim.AdamW (same parameter groups, the default
-                  implementation for the device) + get_linear_schedule_with_warmup + clip_grad_norm_
+    transformers  GPT2LMHeadModel(labels=...) + torch.optim.AdamW (same parameter groups; fused=True,
+                  as HF's Trainer asks for it by default, `adamw_torch_fused`, since torch 2.8) +
+                  get_linear_schedule_with_warmup + clip_grad_norm_
 
     speed     in ONE process, steps alternate between the two sides (so a noisy neighbour slows both
               alike); best and median step time over --steps steps after warm-up; tokens/s from the
@@ -180,7 +181,7 @@ class Transformers:
         from minigpt.optim import param_groups
 
         self.model = GPT2LMHeadModel.from_pretrained(folder).to(device).train()
-        self.optimizer = torch.optim.AdamW(param_groups(self.model, 0.01), lr=2e-5)
+        self.optimizer = torch.optim.AdamW(param_groups(self.model, 0.01), lr=2e-5, fused=True)
         self.schedule = get_linear_schedule_with_warmup(self.optimizer, 0, 10_000)
         self.device, self.dtype = device, dtype
         self.scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None

@@ -80,6 +80,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         for s in shapes:
             if s.block > WINDOW:
                 p.error(f"{flag} {s}: distilgpt2 sees at most {WINDOW} tokens")
+    if args.tokens < 2:  # (a decode rate is timed from the first new token to the last)
+        p.error(f"--tokens: at least 2 new tokens are timed, got {args.tokens}")
     if len(PROMPT) + args.tokens > WINDOW:
         p.error(f"--tokens {args.tokens}: after the {len(PROMPT)}-token prompt, beyond distilgpt2's {WINDOW} positions")
     return args

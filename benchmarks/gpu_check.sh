@@ -13,7 +13,7 @@
 #      what it timed)
 # Each step starts with a line "== [N s] ..." (seconds since the start), so a run cut off by an outer
 # time limit shows where it stood. Ends with a Markdown table. Without CUDA it stops at once with
-# one line (exit 1); --help and a wrong option (exit 2) are answered first, on any machine.
+# one line (exit 1); --help and a wrong option (exit 2) are answered first, on any machine with torch.
 #   [PYTHON=...] [GPU_CHECK_WHEELS=DIR] bash benchmarks/gpu_check.sh [gpu_check.py options, e.g. --budget 200]
 set -u
 cd "$(dirname "$0")/.."
@@ -31,7 +31,11 @@ if [ -n "$PY" ]; then  # --help, and a wrong option (one line, exit 2): answered
   for arg in "$@"; do case "$arg" in -h|--help) exec "$PY" benchmarks/gpu_check.py --help;; esac; done
   "$PY" benchmarks/gpu_check.py --check-options "$@" || exit 2
 fi
-if [ -z "$PY" ] || ! timeout 120 "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+if [ -z "$PY" ]; then
+  echo "gpu_check: no Python with torch here (tried ${PYTHON:+$PYTHON, }python3 and python; set PYTHON=...); nothing was run" >&2
+  exit 1
+fi
+if ! timeout 120 "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
   echo "gpu_check: no CUDA device here (torch.cuda.is_available() is False); nothing was run" >&2
   exit 1
 fi

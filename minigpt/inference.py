@@ -41,15 +41,13 @@ Each kernel chosen is then also timed on fewer threads (half, one): a small laye
 can cost more in handing out work than it saves, and runs on fewer where that is >= 10% faster in
 two races in a row (`OnThreads`; named in `kernel_summary` as "on N threads").
 
-The layouts themselves are in `minigpt/layouts.py`. `prepare_for_inference` times the candidates
-available in this torch build on the model's real shapes (the first layers of each group of
-same-shaped layers, streamed in turn as decoding streams them, for the rows one decoding step
-feeds: the batch size, each pass starting with the weights out of the cache as in decoding),
-keeps the fastest and drops the rest. The timing takes a few hundred milliseconds; building the
-candidate layouts about as long or longer (up to a second or so for MKL's or FBGEMM's packing of
-the LM head on 2 cores). The choice is cached per process and shape, and `kernel_summary`
-names it. `model.py` stays the readable definition and knows nothing of this;
-every candidate computes the same function up to rounding (tests/test_kernels.py forces each one).
+The layouts are in `minigpt/layouts.py`. `prepare_for_inference` times the candidates this torch
+build has on the model's real shapes (the first layers of each group of same-shaped layers, for
+the rows one decoding step feeds, each pass starting with the weights out of the cache as in
+decoding), keeps the fastest and drops the rest: a few hundred milliseconds, and building the
+candidates about as long or longer (MKL's or FBGEMM's packing of the LM head: up to a second on 2
+cores). The choice is cached per process and shape; `kernel_summary` names it. `model.py` knows
+nothing of this; every candidate computes the same function up to rounding (tests/test_kernels.py).
 """
 
 from __future__ import annotations
@@ -66,7 +64,7 @@ from .layouts import (FUSIBLE_KERNELS, DenseLinear, FbgemmInt8Linear, Fp16Linear
                       OneDnnLinear, OnThreads, RowSplitLinear, SplitLinear, TransposedLinear,
                       fp16_refuses)
 from .model import GPT
-from .runtime import allocate, cpu_cache_bytes, wait_for
+from .runtime import check_fits, cpu_cache_bytes, wait_for
 
 QUANTIZATIONS = ("int8",)
 WEIGHT_BYTES = {"fp32": 4, "bf16": 2, "int8": 1}  # bytes a weight takes in each precision
@@ -107,7 +105,7 @@ class Layout:
     refuses: Callable[[str, torch.Tensor], str | None] = lambda kernel, weight: None  # why not this W, or None
 
 
-def _has_op(namespace: str, name: str) -> bool:
+def _has_op(namespace: str, name: str) -> bool:  # (an op this torch build has)
     return hasattr(getattr(torch.ops, namespace), name)
 
 
@@ -126,8 +124,7 @@ def _fbgemm_ok(op: str) -> Callable[[torch.device], bool]:
                            and torch.backends.quantized.engine in ("x86", "fbgemm"))
 
 
-def _thread_parts() -> int:
-    """Slices of W for the split layouts: one per thread (at least two)."""
+def _thread_parts() -> int:  # slices of W for the split layouts: one per thread (at least two)
     return max(2, torch.get_num_threads())
 
 
@@ -143,9 +140,8 @@ def _has_int8mm(device: torch.device) -> bool:
 
 
 def _int8mm_refuses(kernel: str, weight: torch.Tensor) -> str | None:
-    if kernel == "int8mm" and weight.size(1) % 16:  # (torch 2.13's CPU kernel computes others wrongly)
-        return f"int8mm needs an input width that is a multiple of 16, not {weight.size(1)}"
-    return None
+    bad = kernel == "int8mm" and weight.size(1) % 16  # (torch 2.13's CPU kernel computes others wrongly)
+    return f"int8mm needs an input width that is a multiple of 16, not {weight.size(1)}" if bad else None
 
 
 LAYOUTS: dict[str, tuple[Layout, ...]] = {  # the candidates per precision ("int8": --quantize int8)
@@ -183,8 +179,8 @@ TIME_LAYERS = 2  # layers of a group the candidates are timed on (the rest is bu
 # head was 1.20x faster (Zen 5, compiled, 9 interleaved rounds of 128 tokens).
 TIME_BYTES = 48 * 2**20
 
-# (precision, kernel names, shape, rows, threads, device, tied, compiled) -> (the chosen kernel's
-# name, its thread count), per process
+# (precision, the kernel names the weights allow, shape, rows, threads, device, tied, compiled) ->
+# (the chosen kernel's name, its thread count), per process
 _CHOICES: dict[tuple, tuple[str, int]] = {}
 
 
@@ -291,37 +287,47 @@ def _thread_count(kernel: str, layers: list[nn.Module], x: torch.Tensor, flush: 
     return fewer
 
 
+def _time_rows(precision: str, w: torch.Tensor) -> int:  # the output rows of `w` a timing pass computes
+    return min(len(w), max(1, TIME_BYTES // (w.size(1) * WEIGHT_BYTES[precision])))
+
+
+def _settle(candidates: list[tuple[Layout, str]], precision: str,
+            weights: list[tuple[torch.Tensor, torch.Tensor | None]], rows: int) -> list[tuple[Layout, str]]:
+    """The candidates that take all `weights` (`Layout.refuses`), if their race fits in memory: else a MinigptError."""
+    refusals = {k: next(filter(None, (lay.refuses(k, w) for w, _ in weights)), None) for lay, k in candidates}
+    if all(refusals.values()):
+        shape = "x".join(map(str, weights[0][0].shape))
+        raise MinigptError(f"no {precision} kernel takes these {shape} layers: " + "; ".join(refusals.values()))
+    settled = [(lay, k) for lay, k in candidates if refusals[k] is None]
+    width, out = weights[0][0].size(1), _time_rows(precision, weights[0][0])
+    if len(settled) > 1:  # (one is used untimed)
+        check_fits(rows * (width + out) * 4, weights[0][0].device, f"--num-samples {rows}",
+                   "the kernels' timing passes", f"{rows} rows x {width} activations and {out} outputs")
+    return settled
+
+
 def _choose(
     candidates: list[tuple[Layout, str]], key: tuple, weights: list[tuple[torch.Tensor, torch.Tensor | None]],
     rows: int, dtype: torch.dtype, tied: bool, flush_bytes: int, compiled: bool = False,
 ) -> list[nn.Module]:
-    """This group of same-shaped layers, built with the fastest of `candidates` ((layout, kernel)),
-    run on the fastest thread count (fewer than the process has: in `OnThreads`).
+    """This group of same-shaped layers, built with the fastest of `candidates` ((layout, kernel),
+    those `_settle` left), run on the fastest thread count (fewer than the process has: in `OnThreads`).
 
     The candidates' layouts are built for the group's first TIME_LAYERS layers (their first
     TIME_BYTES of output rows) and raced on all threads (`_race`); then the winner alone is raced on
     each thread count (`_thread_count`). `flush_bytes` > 0: each pass first reads a buffer that
-    large, evicting the weights from the cache (`_time_pass`). The choice is cached under `key`. A
-    candidate that refuses one of the group's weights (`Layout.refuses`, e.g. fp16's range) is left
-    out; a single one is used on all threads, untimed. `compiled`: timed as a compiled decoding
-    step runs the layers (`_time_pass`'s core_only), and a fusible kernel runs on all threads there."""
-    refusals = {k: next(filter(None, (lay.refuses(k, w) for w, _ in weights)), None) for lay, k in candidates}
-    candidates = [(lay, k) for lay, k in candidates if refusals[k] is None]
-    if not candidates:
-        shape = "x".join(map(str, weights[0][0].shape))
-        raise MinigptError(f"no {key[0]} kernel takes these {shape} layers: " + "; ".join(refusals.values()))
+    large, evicting the weights from the cache (`_time_pass`). The choice is cached under `key`, which
+    names the candidates; a single one is used on all threads, untimed. `compiled`: timed as a compiled
+    decoding step runs the layers (`_time_pass`'s core_only), and a fusible kernel runs on all threads."""
     every = torch.get_num_threads()
     if len(candidates) == 1:
         _CHOICES[key] = (candidates[0][1], every)
-    elif _CHOICES.get(key, ("",))[0] not in [k for _, k in candidates]:  # chosen before for weights these refuse
-        _CHOICES.pop(key, None)
     timed: list[nn.Module] = []  # the winner's layers built for timing are kept, not built again
     if key not in _CHOICES:
         def rows_of(w: torch.Tensor, b: torch.Tensor | None, part: slice):  # (W, bias) cut to output rows
             return w[part], None if b is None else b[part]
 
-        time_rows = max(1, TIME_BYTES // (weights[0][0].size(1) * WEIGHT_BYTES[key[0]]))  # (key[0]: the precision)
-        sample = [rows_of(w, b, slice(time_rows)) for w, b in weights[:TIME_LAYERS]]
+        sample = [rows_of(w, b, slice(_time_rows(key[0], w))) for w, b in weights[:TIME_LAYERS]]  # (key[0]: precision)
         if flush_bytes and len(sample) == 1 and len(sample[0][0]) > 1:  # one matrix: half warms, half is timed
             half = len(sample[0][0]) // 2
             sample = [rows_of(*sample[0], slice(half)), rows_of(*sample[0], slice(half, None))]
@@ -330,10 +336,7 @@ def _choose(
             first.setdefault(id(layout), (layout, kernel))
         built = {id(layout): [layout.build(w, b, rows, tied, kernel) for w, b in sample]
                  for layout, kernel in first.values()}
-        width, device = weights[0][0].size(1), weights[0][0].device
-        x = allocate(lambda: torch.randn(rows, width, device=device).to(dtype), rows * width * 4,  # the residual stream's
-                     device, f"--num-samples {rows}", "a batch of activations", f"{rows} rows x {width}")
-        # (written, not just allocated: untouched pages all read as one shared zero page)
+        x = torch.randn(rows, weights[0][0].size(1), device=weights[0][0].device).to(dtype)  # (pages written)
         flush = torch.ones(flush_bytes // 4) if flush_bytes else None
         best = _race([(kernel, built[id(layout)], every) for layout, kernel in candidates], x, flush, compiled)
         lean = [c for c in candidates if not c[0].extra_memory] or candidates
@@ -410,24 +413,21 @@ def prepare_for_inference(
     # fp32 attention is the faster one on the CPU: decoding distilgpt2 in bf16 (fbgemm-fp16, one
     # process, medians of 7) went from 181.5 to 207.0 tokens/s, at 8 rows (oneDNN) from 606 to 637.
     stream_dtype = torch.float32 if device.type == "cpu" else dtype
-    weight_count = model.lm_head.weight.numel() + sum(
-        getattr(p, n).weight.numel() for members in groups.values() for p, n in members)
+    groups["lm_head"] = [(model, "lm_head")]  # (the tied head last: the embedding follows it)
+    weights = {role: [(getattr(p, n).weight, getattr(p, n).bias) for p, n in m] for role, m in groups.items()}
+    weight_count = sum(w.numel() for group in weights.values() for w, _ in group)
     cache = cpu_cache_bytes()  # timed from memory (a flush of twice the cache) if the weights do not fit
     from_memory = device.type == "cpu" and weight_count * WEIGHT_BYTES[precision] > cache
     flush_bytes = 2 * cache if from_memory else 0
-    names, threads = tuple(k for _, k in candidates), torch.get_num_threads()
-    with torch.no_grad():
-        for members in groups.values():
-            weights = [(getattr(p, n).weight, getattr(p, n).bias) for p, n in members]
-            key = (precision, names, tuple(weights[0][0].shape), batch_size, threads, device.type, False, compiled)
-            layers = _choose(candidates, key, weights, batch_size, stream_dtype, False, flush_bytes, compiled)
-            for (parent, name), layer in zip(members, layers):
+    settled = {role: _settle(candidates, precision, w, batch_size) for role, w in weights.items()}  # before any
+    with torch.no_grad():  # swap: a refusal leaves the model as it was
+        for role, ws in weights.items():
+            tied, names = role == "lm_head", tuple(k for _, k in settled[role])
+            key = (precision, names, ws[0][0].shape, batch_size, torch.get_num_threads(), device.type, tied, compiled)
+            layers = _choose(settled[role], key, ws, batch_size, stream_dtype, tied, flush_bytes, compiled)
+            for (parent, name), layer in zip(groups[role], layers):
                 setattr(parent, name, layer)
-        key = (precision, names, tuple(model.lm_head.weight.shape), batch_size, threads, device.type, True, compiled)
-        (head,) = _choose(candidates, key, [(model.lm_head.weight, None)], batch_size, stream_dtype, True,
-                          flush_bytes, compiled)
-    model.lm_head = head
-    model.transformer.wte = SharedEmbedding(head, stream_dtype)
+    model.transformer.wte = SharedEmbedding(model.lm_head, stream_dtype)
     model.transformer.wpe.to(stream_dtype)
     for module in model.modules():
         if isinstance(module, nn.LayerNorm):

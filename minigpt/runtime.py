@@ -202,17 +202,26 @@ def available_memory(device: torch.device, meminfo: Path = Path("/proc/meminfo")
 
 
 def allocate(make: Callable[[], _T], nbytes: int, device: torch.device, flags: str, what: str, detail: str) -> _T:
-    """`make()`, which allocates `nbytes` on `device`; a MinigptError "{flags}: {what} ({detail}, N GB)
-    does not fit in memory" when they exceed int64 (torch cannot even be asked for them), the memory
-    available (on the CPU: Linux overcommits, so an allocation larger than the memory succeeds, and
-    the process is killed, or swaps, later, as it writes into it), or what the allocator gives."""
-    refusal = MinigptError(f"{flags}: {what} ({detail}, {nbytes / 1e9:,.1f} GB) does not fit in memory")
-    available = available_memory(device)
-    if nbytes > torch.iinfo(torch.int64).max or (available is not None and nbytes > available):
-        raise refusal
+    """`make()`, which allocates `nbytes` on `device`, after `check_fits`; an allocator's refusal
+    becomes the same MinigptError."""
+    check_fits(nbytes, device, flags, what, detail)
     try:
         return make()
     except RuntimeError as e:  # the CPU allocator's "can't allocate memory", CUDA's OutOfMemoryError
         if isinstance(e, torch.OutOfMemoryError) or "allocate" in str(e):
-            raise refusal from None
+            raise _too_large(nbytes, flags, what, detail) from None
         raise
+
+
+def check_fits(nbytes: int, device: torch.device, flags: str, what: str, detail: str) -> None:
+    """A MinigptError "{flags}: {what} ({detail}, N GB) does not fit in memory" when `nbytes` exceed
+    int64 (torch cannot even be asked for them) or the memory available (on the CPU: Linux
+    overcommits, so an allocation larger than the memory succeeds, and the process is killed, or
+    swaps, later, as it writes into it)."""
+    available = available_memory(device)
+    if nbytes > torch.iinfo(torch.int64).max or (available is not None and nbytes > available):
+        raise _too_large(nbytes, flags, what, detail)
+
+
+def _too_large(nbytes: int, flags: str, what: str, detail: str) -> MinigptError:
+    return MinigptError(f"{flags}: {what} ({detail}, {nbytes / 1e9:,.1f} GB) does not fit in memory")

@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from .errors import MinigptError
 from .compiled_decoding import CompiledDecoding
 from .model import GPT, KVCache
-from .runtime import allocate
+from .runtime import allocate, check_fits
 from .sampling_config import SamplingConfig
 from .tokenizer import Tokenizer
 
@@ -310,11 +310,15 @@ def generate(
         new_cache = partial(compiled.new_cache, num_samples, needed, dtype)
     else:
         new_cache = partial(KVCache, c, num_samples, needed, device=device, dtype=dtype)
-    cache = allocate(
-        new_cache, 2 * c.n_layer * num_samples * needed * c.n_head * (c.n_embd // c.n_head) * dtype.itemsize,
-        device, f"--num-samples {num_samples}", "the KV cache",
-        f"{num_samples} x {needed} positions x {c.n_layer} layers",
-    )
+    cache_bytes = 2 * c.n_layer * num_samples * needed * c.n_head * (c.n_embd // c.n_head) * dtype.itemsize
+    cache = allocate(new_cache, cache_bytes, device, f"--num-samples {num_samples}", "the KV cache",
+                     f"{num_samples} x {needed} positions x {c.n_layer} layers")
+    # Besides the cache (allocated, not yet written: no memory counts it used), a step's own tensors:
+    # the logits and the sampler's sorted copies of them, ~12 bytes a row per vocabulary entry, and
+    # the prompt pass's activations, ~10 floats a row per position and channel (both measured).
+    step_bytes = num_samples * (c.vocab_size * 12 + min(window, n_prompt) * c.n_embd * 40)
+    check_fits(cache_bytes + step_bytes, device, f"--num-samples {num_samples}", "a decoding step with its KV cache",
+               f"{num_samples} rows of {c.vocab_size:,} logits")
     return _steps(model, tokens, n_prompt, cache, config, generator, pick, eos_id, compiled)
 
 

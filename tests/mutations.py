@@ -871,6 +871,23 @@ BREAKS = (
     Break("cache_stray_file_kept", "a plain file where a cache entry's folder belongs stops the run instead of being rebuilt",
           ((r"if folder\.is_symlink\(\) or folder\.exists\(\):", "if False:"),),
           ("tests/test_data.py::test_a_damaged_entry_is_rebuilt",)),
+    Break("kernel_key_names_refused_ones", "a kernel choice is cached under every candidate's name, so one made without a "
+          "kernel the weights refused is reused where it is allowed",
+          ((r'tied, names = role == "lm_head", tuple\(k for _, k in settled\[role\]\)',
+            'tied, names = role == "lm_head", tuple(k for _, k in candidates)'),),
+          ("tests/test_kernels.py::test_fp16_is_refused_for_weights_beyond_its_range",)),
+    Break("kernels_settled_group_by_group", "each group's kernels are settled as it is swapped: a refusal leaves the "
+          "groups before it swapped",
+          ((r"settled = \{role: _settle\(candidates, precision, w, batch_size\) for role, w in weights\.items\(\)\}",
+            'settled = type("Lazy", (dict,), {"__missing__": lambda d, role: _settle(candidates, precision, '
+            'weights[role], batch_size)})()'),),
+          ("tests/test_kernels.py::test_a_refusal_leaves_the_model_as_it_was",)),
+    Break("race_memory_unchecked", "the kernels' timing passes are not checked against the memory available",
+          ((r"if len\(settled\) > 1:  # \(one is used untimed\)", "if False:"),),
+          ("tests/test_kernels.py::test_timing_passes_beyond_the_memory_available_are_refused_before_any_swap",)),
+    Break("step_memory_unchecked", "a decoding step's logits are not counted against the memory available, only its KV cache",
+          ((r"check_fits\(cache_bytes \+ step_bytes,", "check_fits(cache_bytes,"),),
+          ("tests/test_sampling.py::test_a_decoding_step_beyond_the_memory_available_is_refused_before_it_runs",)),
 )
 
 

@@ -463,6 +463,40 @@ def test_fp16_is_refused_for_weights_beyond_its_range(small_model, monkeypatch):
     assert torch.isfinite(got).all() and (got - expected).abs().max() <= 0.03 * expected.abs().max()
     with pytest.raises(MinigptError, match="no bf16 kernel takes these 256x64 layers: a weight of 1.311e"):
         prepare_for_inference(copy.deepcopy(reference), kernel="fbgemm-fp16")
+    # The other way round: a choice made without fbgemm-fp16 (refused for `wide`) is not reused for a
+    # model that allows it (the cache's key named every kernel, refused or not).
+    again = prepare_for_inference(copy.deepcopy(small_model).to(torch.bfloat16))
+    assert kernel_summary(again).count(" fbgemm-fp16") == 5
+
+
+def test_a_refusal_leaves_the_model_as_it_was(small_model):
+    """Layers were swapped group by group: a refusal in the fourth group left the first three in
+    fbgemm-fp16, and a second call with another kernel then kept them (a mixed, unasked model)."""
+    if "fbgemm-fp16" not in available_kernels("bf16"):
+        pytest.skip("this torch build has no FBGEMM fp16 linear")
+    model = copy.deepcopy(small_model).to(torch.bfloat16)
+    with torch.no_grad():
+        model.transformer.h[1].mlp.c_proj.weight[3, 5] = 2.0**17  # (the last group of the blocks)
+    with pytest.raises(MinigptError, match="no bf16 kernel takes these 64x256 layers"):
+        prepare_for_inference(model, kernel="fbgemm-fp16")
+    layers = [m for b in model.transformer.h for m in (b.attn.c_attn, b.attn.c_proj, b.mlp.c_fc, b.mlp.c_proj)]
+    assert all(type(m) is torch.nn.Linear for m in [*layers, model.lm_head]) and not kernel_summary(model)
+    chosen = kernels_named(kernel_summary(prepare_for_inference(model, kernel="linear")))
+    assert set(chosen.values()) == {"linear"} and len(chosen) == 5
+
+
+def test_timing_passes_beyond_the_memory_available_are_refused_before_any_swap(small_model, monkeypatch):
+    """--num-samples 200000 made the race's outputs (rows x the head's timed rows) 40 GB: the
+    allocator's traceback. Checked against the memory available before anything is built."""
+    monkeypatch.setattr("minigpt.runtime.available_memory", lambda device: 2**30)
+    model = copy.deepcopy(small_model)
+    width, vocab = model.config.n_embd, model.config.vocab_size
+    rows = 2**30 // ((width + vocab) * 4) + 1  # (the head: its widest output; every row of it timed)
+    with pytest.raises(MinigptError) as refused:
+        prepare_for_inference(model, batch_size=rows)
+    assert re.fullmatch(rf"--num-samples {rows}: the kernels' timing passes \({rows} rows x {width} activations "
+                        rf"and {vocab} outputs, 1\.1 GB\) does not fit in memory", str(refused.value)), refused.value
+    assert not kernel_summary(model)
 
 
 def test_fp16_holds_every_bf16_weight_in_its_range():

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -589,6 +590,22 @@ def test_a_kv_cache_beyond_the_memory_available_is_refused_before_it_is_allocate
     samples = 2 * available // per_sample  # (twice the memory: Linux still gives each layer's tensors)
     with pytest.raises(MinigptError, match=rf"^--num-samples {samples}: the KV cache .* does not fit in memory$"):
         generate(model, [464, 2068], SamplingConfig(max_new_tokens=3), samples, eos_id=tokenizer.eos_id)
+
+
+def test_a_decoding_step_beyond_the_memory_available_is_refused_before_it_runs(tiny, monkeypatch):
+    """Few new tokens for many samples: the output and the KV cache are small, while each step's
+    logits (and the sampler's sorted copies) take ~12 bytes a sample per vocabulary entry:
+    200,000 samples asked the allocator for 40 GB, a traceback."""
+    model, tokenizer = tiny
+    monkeypatch.setattr("minigpt.runtime.available_memory", lambda device: 2**30)
+    vocab = model.config.vocab_size
+    samples = 2**30 // (vocab * 12) + 1
+    with pytest.raises(MinigptError) as refused:
+        generate(model, [464, 2068], SamplingConfig(max_new_tokens=1), samples, eos_id=tokenizer.eos_id)
+    assert re.fullmatch(rf"--num-samples {samples}: a decoding step with its KV cache \({samples} rows of "
+                        rf"{vocab:,} logits, 1\.1 GB\) does not fit in memory", str(refused.value)), refused.value
+    assert len(list(generate(model, [464, 2068], SamplingConfig(max_new_tokens=1), samples // 4,
+                             eos_id=tokenizer.eos_id))) == 1  # (a quarter fits)
 
 
 def test_available_memory_is_linuxs_memavailable(tmp_path):
