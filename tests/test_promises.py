@@ -379,9 +379,22 @@ def test_ctrl_c_under_torchrun_stops_every_rank_after_the_same_step(tmp_path):
 @pytest.mark.parametrize("command", [["bash", "benchmarks/gpu_check.sh"], [sys.executable, "benchmarks/gpu_check.py"]])
 def test_the_gpu_check_stops_in_one_line_without_cuda(command):
     """(conftest hides any GPU from the tests that are not marked cuda: this runs as on a CPU machine)"""
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120, env=os.environ)
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "PYTHON": sys.executable})
     assert result.returncode == 1 and result.stdout == ""
     assert result.stderr.splitlines() == [result.stderr.strip()] and "no CUDA device here" in result.stderr
+
+
+def test_the_gpu_check_says_when_no_python_has_torch(tmp_path):
+    """It said "no CUDA device here (torch.cuda.is_available() is False)" where torch was missing."""
+    for name in ("python3", "python"):  # (Pythons without torch)
+        (tmp_path / name).write_text("#!/bin/sh\nexit 1\n")
+        (tmp_path / name).chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHON"} | {"PATH": f"{tmp_path}:/usr/bin:/bin"}
+    result = subprocess.run(["bash", "benchmarks/gpu_check.sh"], cwd=ROOT, capture_output=True, text=True,
+                            timeout=120, env=env)
+    assert result.returncode == 1 and result.stderr.splitlines() == [
+        "gpu_check: no Python with torch here (tried python3 and python; set PYTHON=...); nothing was run"]
 
 
 @pytest.mark.parametrize("gpu", [True, False], ids=["faked-gpu", "cpu"])
@@ -456,6 +469,38 @@ def test_bench_sample_checks_the_llama_cpp_paths_before_it_starts(tmp_path, monk
     # against llama.cpp, a compiled engine, ours decode compiled unless told not to
     assert args.compile is True
     assert bench_sample.parse_args(["--llama-bench", str(bench), "--no-compile"]).compile is False
+    # llama.cpp decodes as many tokens as ours (it decoded 128 whatever --tokens said)
+    assert (args.tokens, args.llama_tokens) == (100, 100)
+    assert bench_sample.parse_args(["--llama-bench", str(bench), "--quick"]).llama_tokens == 30
+    assert bench_sample.parse_args(["--llama-bench", str(bench), "--llama-tokens", "64"]).llama_tokens == 64
+
+
+def test_bench_sample_reads_llama_bench_or_says_what_it_got(tmp_path, monkeypatch):
+    """A binary that is not llama-bench (its output no JSON, or no row of a model) was a JSONDecodeError
+    or KeyError traceback; a failure without a message printed "[]"."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import argparse
+
+    import bench_sample
+
+    files = {"fp32": tmp_path / "model-f32.gguf", "int8": tmp_path / "model-q8_0.gguf"}
+    rows = [{"model_filename": str(f), "n_gen": 16, "avg_ts": 50.0 + i} for i, f in enumerate(files.values())]
+    outputs = {"good": json.dumps(rows), "not-json": "usage: echo", "one-model": json.dumps(rows[:1])}
+    for name, out in outputs.items():
+        fake = tmp_path / name
+        fake.write_text(f"#!/bin/sh\ncat <<'EOF'\n{out}\nEOF\n")
+        fake.chmod(0o755)
+    fail = tmp_path / "fails"
+    fail.write_text("#!/bin/sh\nexit 3\n")
+    fail.chmod(0o755)
+    args = lambda bench: argparse.Namespace(llama_bench=str(bench), threads=2, llama_tokens=16)  # noqa: E731
+    assert bench_sample.llama_cpp_rates(args(tmp_path / "good"), files, 1) == {"fp32": 50.0, "int8": 51.0}
+    for name in ("not-json", "one-model"):
+        with pytest.raises(MinigptError, match=rf"{name}: its output is not llama-bench's JSON .*; is --llama-bench "
+                                               "llama.cpp's llama-bench\\?$"):
+            bench_sample.llama_cpp_rates(args(tmp_path / name), files, 1)
+    with pytest.raises(MinigptError, match=r"^llama-bench failed: exit code 3, no message$"):
+        bench_sample.llama_cpp_rates(args(fail), files, 1)
 
 
 def run_benchmark(tmp_path, command):
@@ -502,12 +547,16 @@ def run_benchmark(tmp_path, command):
      "context window of 64 positions, which transformers' generate() does not slide"),
     (["gpu_check.py", "--shapes", "8x128", "8x2048", "--check-options"],
      "gpu_check.py: error: --shapes 8x2048: distilgpt2 sees at most 1024 tokens (see --help)"),
+    (["bench_sample.py", "--tokens", "1", "--skip", "memory", "e2e"],
+     "bench_sample.py: error: --tokens: at least 2 new tokens are timed, got 1 (see --help)"),
+    (["gpu_check.py", "--tokens", "1", "--check-options"],
+     "gpu_check.py: error: --tokens: at least 2 new tokens are timed, got 1 (see --help)"),
     (["gpu_check.py", "--tokens", "1015", "--check-options"],
      "gpu_check.py: error: --tokens 1015: after the 10-token prompt, beyond distilgpt2's 1024 positions (see --help)"),
 ], ids=["fp16-on-cpu", "unknown-dtype", "block-size-above-distilgpt2", "block-size-above-the-model",
         "minigpt-checkpoint", "negative-loss-steps", "data-outside-the-schema", "plain-text-data", "csv-data", "missing-model",
         "missing-eval-data", "decode-beyond-the-window", "e2e-beyond-the-window", "gpu-shape-beyond-the-window",
-        "gpu-decode-beyond-the-window"])
+        "one-token", "gpu-one-token", "gpu-decode-beyond-the-window"])
 def test_the_benchmarks_refuse_bad_input_in_one_line(tmp_path, command, error):
     """Exit 2 and a one-line error, before any model is built or anything timed (conftest hides
     any GPU: fp16 meets a CPU; a 64-position config stands for any --model)."""
