@@ -135,17 +135,30 @@ def renamed_path(out: Path) -> Path:
     return Path(os.path.realpath(out.parent)) / out.name
 
 
+def check_utf8(path: Path) -> None:
+    """Refuse (one-line MinigptError) an output path that is not UTF-8: the `safetensors` and
+    `tokenizers` libraries take no other. (Python decodes a file name's undecodable bytes to lone
+    surrogates, which no UTF-8 text holds.)"""
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:
+        raise MinigptError(f"{path}: the path is not UTF-8 (safetensors and tokenizers write and read only UTF-8 "
+                           "paths); choose a name in UTF-8") from None
+
+
 def folder_destination(out: str | os.PathLike) -> Path:
     """`out` as `atomic_folder` writes it, after refusing (one-line MinigptError) a path it cannot use.
 
-    Refused: a file (`is a file, not a folder`), a path under a file, and the folder the process
-    runs in or one above it (`.`, `..`): replacing it would move the working folder away from under
-    the process and the shell that started it (and `.` itself cannot be renamed at all). A path
+    Refused: a path that is not UTF-8 (the `safetensors` and `tokenizers` libraries take no other),
+    a file (`is a file, not a folder`), a path under a file, and the folder the process runs in or
+    one above it (`.`, `..`): replacing it would move the working folder away from under the
+    process and the shell that started it (and `.` itself cannot be renamed at all). A path
     such as `a/..` has no name of its own that a rename could replace, so it becomes the real path
     of the folder it names. CLIs call this before any slow work, so that a bad `--out` is refused
     at once; `atomic_folder` calls it again.
     """
     given = Path(out).expanduser()  # ("~/run" is the home folder's, as load_model reads it, not a folder "~")
+    check_utf8(given)
     out = Path(os.path.realpath(given)) if given.name in ("", "..") else given
     if out.exists() and not out.is_dir():
         raise MinigptError(f"{given}: is a file, not a folder")

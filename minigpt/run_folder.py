@@ -40,7 +40,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from .files import atomic_folder, atomic_symlink, is_temporary_copy, read_json, renamed_path, save_tensors
+from .files import (atomic_folder, atomic_symlink, check_utf8, is_temporary_copy, read_json, renamed_path,
+                    save_tensors)
 from .errors import MinigptError, reason
 from .hf import LEGACY_WEIGHTS_FILE, MODEL_FILES, TOKENIZER_FILES
 
@@ -75,6 +76,7 @@ def check_out_folder(out: str | os.PathLike, resume: bool, *, locked: bool = Tru
     if not str(out):  # Path("") is ".": the run would write into the current folder
         raise MinigptError("--out: empty path")
     out = Path(out)
+    check_utf8(out)
     if out.exists() and not out.is_dir():
         raise MinigptError(f"--out {out}: exists and is not a folder")
     if out.is_symlink() and not out.exists():  # (the run would write through it, into nothing)

@@ -79,7 +79,9 @@ class Source:
                 f"{path}: unknown data file type ({flag} takes "
                 f"{', '.join(TEXT_SUFFIXES)} or a folder of .txt files)"
             )
-        return cls(str(path), suffix.lstrip(".").removesuffix(".gz"), path, limit)
+        # (the kind keeps .gz: the cache keys a file by its bytes and kind, and the same bytes named
+        # .json.gz are read through gzip, so a plain file misnamed .gz is refused, cached or not)
+        return cls(str(path), suffix.lstrip("."), path, limit)
 
     def identity(self) -> dict:
         """What the cache key needs to know about the source: its kind, limit and a content hash.

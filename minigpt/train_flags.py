@@ -97,8 +97,8 @@ class TrainFlags:
     out: str = flag(DEFAULT_OUT, "output folder: the checkpoint, its model card, metrics.jsonl, loss.png",
                     group="output", **_PATH)
     log_every: int = flag(10, "write a metrics row every N steps", group="output", **_INT)
-    eval_every: int = flag(0, "also evaluate every N steps; 0: at each epoch's end only", group="output",
-                           metavar="N", type=non_negative_int)
+    eval_every: int = flag(0, "also evaluate every N steps; 0: at each epoch's end and the run's end only",
+                           group="output", metavar="N", type=non_negative_int)
     save_every: int = flag(0, "checkpoint every N steps; 0: at the end only", group="output", metavar="N",
                            type=non_negative_int)
     resume: bool = flag(False, "continue the run in --out from its last checkpoint (same settings)", group="output",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import pytest
@@ -44,6 +45,15 @@ def test_hf_to_minigpt_and_back(tiny_hf_dir, tmp_path):
     from transformers import AutoTokenizer  # the tokenizer knows the model's window (256), not GPT-2's 1024
 
     assert AutoTokenizer.from_pretrained(exported).model_max_length == 256
+    # a POSIX path may be any bytes; safetensors and tokenizers take only UTF-8 ones: refused before any
+    # work (it was "saving failed ... surrogates not allowed" at the end; train.py left a folder behind)
+    for script, args in (("convert_hf_weights.py", [str(tiny_hf_dir)]), ("train.py", ["--preset", "tiny"])):
+        odd = tmp_path / os.fsdecode(b"o\xff")
+        r = run_cli(script, *args, "--out", str(odd), errors="surrogateescape")
+        assert r.returncode == 2 and r.stderr.splitlines() == [
+            f"error: {tmp_path}/o\\udcff: the path is not UTF-8 (safetensors and tokenizers write and read only "
+            "UTF-8 paths); choose a name in UTF-8"], r.stderr
+        assert not odd.exists()
     # a second conversion onto a non-empty folder needs --force
     r = run_cli("convert_hf_weights.py", str(tiny_hf_dir), "--out", str(out))
     assert_one_line_error(r, str(out), "--force")

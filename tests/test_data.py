@@ -362,6 +362,11 @@ def test_malformed_files(tmp_path, gpt2_tokenizer):
         f.write(b"[]")
     with pytest.raises(MinigptError, match=r"e\.json\.gz: no records"):
         load(tmp_path, gpt2_tokenizer, source=str(tmp_path / "e.json.gz"))
+    # a plain file misnamed .gz is refused even where the cache holds its bytes (it trained then)
+    load(tmp_path, gpt2_tokenizer, source=str(DATA / "eli5_small.json"))
+    shutil.copy(DATA / "eli5_small.json", tmp_path / "f.json.gz")
+    with pytest.raises(MinigptError, match=r"f\.json\.gz: cannot read \(Not a gzipped file"):
+        load(tmp_path, gpt2_tokenizer, source=str(tmp_path / "f.json.gz"))
 
 
 def test_bad_settings_name_their_flag(tmp_path, gpt2_tokenizer):
