@@ -336,7 +336,7 @@ def _choose(
             first.setdefault(id(layout), (layout, kernel))
         built = {id(layout): [layout.build(w, b, rows, tied, kernel) for w, b in sample]
                  for layout, kernel in first.values()}
-        x = torch.randn(rows, weights[0][0].size(1), device=weights[0][0].device).to(dtype)  # (pages written)
+        x = torch.randn(rows, weights[0][0].size(1), device=weights[0][0].device).to(dtype)  # (randn: pages written)
         flush = torch.ones(flush_bytes // 4) if flush_bytes else None
         best = _race([(kernel, built[id(layout)], every) for layout, kernel in candidates], x, flush, compiled)
         lean = [c for c in candidates if not c[0].extra_memory] or candidates
