@@ -175,12 +175,10 @@ def load(args: argparse.Namespace):
     else:
         try:
             model, tokenizer = load_model(DEFAULT_HUB_MODEL, device, dtype)
-        except MinigptError:
+        except MinigptError as e:  # (its own words: the Hub unreachable, or a cached copy that is broken)
             raise MinigptError(
-                f"no --model given, no checkpoint in {DEFAULT_CHECKPOINT}/, and {DEFAULT_HUB_MODEL} "
-                f"could not be fetched (the Hugging Face Hub is unreachable or offline): pass "
-                f"--model FOLDER (a minigpt or HF GPT-2 folder), or train one with "
-                f"`python train.py --preset tiny` and pass --model checkpoints/tiny"
+                f"no --model given and no checkpoint in {DEFAULT_CHECKPOINT}/; {e} (--model takes a minigpt or "
+                f"HF GPT-2 folder; `python train.py --preset tiny` makes one in checkpoints/tiny)"
             ) from None
     model = prepare_for_inference(model, args.quantize, batch_size=args.num_samples, kernel=args.kernel,
                                   compiled=args.compile)

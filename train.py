@@ -48,7 +48,12 @@ def build_model(args: TrainFlags, resume_from: Path | None):
         if args.preset == "tiny" and args.tokenizer is None:
             tokenizer = args.preset_tokenizer()
         else:
-            tokenizer = load_tokenizer(args.tokenizer_source())
+            try:
+                tokenizer = load_tokenizer(args.tokenizer_source())
+            except MinigptError as e:  # (the default is a Hub id the user never typed: name its flag)
+                if args.tokenizer is not None:
+                    raise
+                raise MinigptError(f"--tokenizer, by default {e}") from None
         config = GPTConfig(
             vocab_size=tokenizer.vocab_size, block_size=args.block_size, n_layer=args.n_layer or 6,
             n_head=args.n_head or 12, n_embd=args.n_embd or 768,

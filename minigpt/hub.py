@@ -17,18 +17,36 @@ from pathlib import Path
 from .errors import MinigptError, reason
 
 
-def download_repo_files(repo_id: str, patterns: list[str]) -> Path:
+def download_repo_files(repo_id: str, patterns: list[str], instead: str = "a local checkpoint folder") -> Path:
     """Fetch the files of Hub repo `repo_id` that match the glob `patterns` into the huggingface_hub
-    cache (once; later calls find them there); return the folder that holds them."""
+    cache (once; later calls find them there); return the folder that holds them. A failure says
+    to pass `instead`."""
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(repo_id, allow_patterns=patterns))
+        folder = Path(snapshot_download(repo_id, allow_patterns=patterns))
     except Exception as e:  # offline, unknown repo, gated repo, ...
         raise MinigptError(
             f"{repo_id}: no such local folder, and the Hugging Face Hub could not provide it "
-            f"({reason(e)}). Pass a local checkpoint folder instead."
+            f"({_hub_reason(e)}). Pass {instead} instead."
         ) from None
+    if not folder.is_dir():  # (a repo none of whose files matched: the snapshot folder is never made)
+        raise MinigptError(f"{repo_id}: the Hub repository holds none of {', '.join(patterns)} at its root")
+    return folder
+
+
+def _hub_reason(e: Exception) -> str:
+    """Why huggingface_hub failed, in a few words: its HTTP errors put the useful part (repository
+    not found, gated) on the lines after "404 Client Error.", which one line would cut off."""
+    from huggingface_hub.utils import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    if isinstance(e, GatedRepoError):  # (a RepositoryNotFoundError too)
+        return "a gated repository: accept its conditions on its Hub page, then log in (`hf auth login`, or HF_TOKEN)"
+    if isinstance(e, RepositoryNotFoundError):
+        return "no such repository, or a private one: log in (`hf auth login`, or HF_TOKEN) if it is yours"
+    if isinstance(e, LocalEntryNotFoundError):
+        return "not in the local cache, and the Hub is unreachable or HF_HUB_OFFLINE is set"
+    return reason(e)
 
 
 def load_eli5_records(data_file: str, limit: int) -> list[dict]:

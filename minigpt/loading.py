@@ -92,7 +92,8 @@ def load_tokenizer(source: str | os.PathLike) -> Tokenizer:
     """A tokenizer from a `tokenizer.json` file, a folder holding tokenizer files, or a Hub id."""
     path = _local_path(source, "tokenizer")
     if path is None:
-        return Tokenizer.from_dir(download_repo_files(str(source).strip(), TOKENIZER_FILES))
+        return Tokenizer.from_dir(download_repo_files(str(source).strip(), TOKENIZER_FILES,
+                                                      instead="a local tokenizer.json (or a folder holding one)"))
     return Tokenizer.from_file(path) if path.is_file() else Tokenizer.from_dir(path)
 
 

@@ -895,6 +895,12 @@ BREAKS = (
     Break("non_utf8_out_taken", "an --out path that is not UTF-8 is taken, and fails at the first save",
           ((r"^(\s*)str\(path\)\.encode\(\"utf-8\"\)$", r"\1str(path).encode('utf-8', 'surrogateescape')"),),
           ("tests/test_convert_cli.py::test_hf_to_minigpt_and_back",)),
+    Break("hub_error_first_line", "a Hub error is cut to its first line (\"404 Client Error.\", the cause dropped)",
+          ((r"\(\{_hub_reason\(e\)\}\)", "({reason(e)})"),),
+          ("tests/test_hub.py::test_the_hubs_errors_say_what_went_wrong",)),
+    Break("hub_snapshot_unchecked", "a Hub repo none of whose files matched is taken as a folder that does not exist",
+          ((r"if not folder\.is_dir\(\):  # \(a repo none", "if False:  # (a repo none"),),
+          ("tests/test_hub.py::test_the_hubs_errors_say_what_went_wrong",)),
 )
 
 

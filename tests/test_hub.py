@@ -33,10 +33,10 @@ class FakeHub:
         self.calls.append((repo_id, list(allow_patterns)))
         if repo_id not in self.repos:
             raise RuntimeError(f"Repository Not Found for url: https://huggingface.co/{repo_id}\nmore lines")
-        folder = self.tmp_path / f"snapshot-{len(self.calls)}"
-        folder.mkdir()
+        folder = self.tmp_path / f"snapshot-{len(self.calls)}"  # (made only when a file matches, as the real one)
         for f in self.repos[repo_id].iterdir():
-            if any(fnmatch.fnmatch(f.name, p) for p in allow_patterns):
+            if f.is_file() and any(fnmatch.fnmatch(f.name, p) for p in allow_patterns):
+                folder.mkdir(exist_ok=True)
                 shutil.copy(f, folder / f.name)
         return str(folder)
 
@@ -80,13 +80,69 @@ def test_a_tokenizer_hub_id_downloads_only_the_tokenizer_files(fake_hub, gpt2_to
 
 
 def test_a_failed_download_is_one_line(fake_hub):
-    for call in (lambda: load_model("org/missing"), lambda: load_tokenizer("org/missing")):
+    for call, instead in ((lambda: load_model("org/missing"), "a local checkpoint folder"),
+                          (lambda: load_tokenizer("org/missing"), "a local tokenizer.json (or a folder holding one)")):
         with pytest.raises(MinigptError) as err:
             call()
         assert str(err.value) == (
             "org/missing: no such local folder, and the Hugging Face Hub could not provide it (Repository "
-            "Not Found for url: https://huggingface.co/org/missing). Pass a local checkpoint folder instead."
+            f"Not Found for url: https://huggingface.co/org/missing). Pass {instead} instead."
         )
+
+
+def test_train_names_the_flag_whose_default_tokenizer_failed(fake_hub, tmp_path, monkeypatch):
+    """Offline, `--init scratch` without --tokenizer failed naming distilbert/distilgpt2, an id the
+    user never typed, and told them to pass a checkpoint folder."""
+    from conftest import ROOT, call_cli
+
+    monkeypatch.setenv("MINIGPT_CACHE", str(tmp_path / "cache-data"))
+    data = str(ROOT / "tests" / "data" / "eli5_small.json")
+    result = call_cli("train.py", "--init", "scratch", "--data", data, "--out", str(tmp_path / "run"), "--no-progress")
+    assert result.returncode == 2 and result.stderr.splitlines() == [
+        "error: --tokenizer, by default distilbert/distilgpt2: no such local folder, and the Hugging Face Hub could "
+        "not provide it (Repository Not Found for url: https://huggingface.co/distilbert/distilgpt2). Pass a "
+        "local tokenizer.json (or a folder holding one) instead."]
+    result = call_cli("train.py", "--init", "scratch", "--tokenizer", "org/missing", "--data", data,
+                      "--out", str(tmp_path / "run"), "--no-progress")
+    assert result.returncode == 2 and result.stderr.startswith("error: org/missing: no such local folder")
+
+
+def test_the_hubs_errors_say_what_went_wrong(fake_hub, monkeypatch, tmp_path):
+    """huggingface_hub's HTTP errors put the cause on the lines after "404 Client Error.", which the
+    one line kept cut off; a repo whose files all sit in a subfolder gave "config.json: file not
+    found" in a folder that does not exist."""
+    import huggingface_hub
+    from huggingface_hub.utils import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    nested = tmp_path / "nested-repo"
+    shutil.copytree(fake_hub.repos["org/tiny"], nested / "model")
+    fake_hub.repos["org/nested"] = nested
+    with pytest.raises(MinigptError) as err:
+        load_model("org/nested")
+    assert str(err.value) == ("org/nested: the Hub repository holds none of " + ", ".join(TOKENIZER_FILES + MODEL_FILES)
+                              + " at its root")
+    def made(cls, message):  # (the HTTP errors' constructors want a response object, which differs by version)
+        error = cls.__new__(cls)
+        Exception.__init__(error, message)
+        return error
+
+    because = {
+        made(GatedRepoError, "403 Client Error. (Request ID: x)\n\nCannot access gated repo"):
+            "a gated repository: accept its conditions on its Hub page, then log in (`hf auth login`, or HF_TOKEN)",
+        made(RepositoryNotFoundError, "404 Client Error. (Request ID: x)\n\nRepository Not Found for url"):
+            "no such repository, or a private one: log in (`hf auth login`, or HF_TOKEN) if it is yours",
+        made(LocalEntryNotFoundError, "Cannot find an appropriate cached snapshot folder\nmore"):
+            "not in the local cache, and the Hub is unreachable or HF_HUB_OFFLINE is set",
+    }
+    for error, text in because.items():
+        def failing(repo_id, allow_patterns, _error=error):
+            raise _error
+
+        monkeypatch.setattr(huggingface_hub, "snapshot_download", failing)
+        with pytest.raises(MinigptError) as err:
+            load_model("org/gone")
+        assert str(err.value) == (f"org/gone: no such local folder, and the Hugging Face Hub could not provide it "
+                                  f"({text}). Pass a local checkpoint folder instead.")
 
 
 def test_the_default_data_is_the_hubs_eli5_file(monkeypatch):

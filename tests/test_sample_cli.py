@@ -58,6 +58,28 @@ def test_in_process_greedy_matches_too(tiny_minigpt_dir, tiny_hf_dir, gpt2_token
     assert out == "\n".join(expected)  # a blank line between the outputs of two prompts
 
 
+def test_without_a_model_the_hubs_distilgpt2_fails_in_its_own_words(tmp_path, monkeypatch, tiny_hf_dir):
+    """Every failure of the default model was "could not be fetched (the Hugging Face Hub is
+    unreachable or offline)", a cached copy without its tokenizer too."""
+    from conftest import call_cli
+
+    monkeypatch.chdir(tmp_path)  # (no checkpoints/eli5 here)
+    broken = tmp_path / "snapshot"
+    shutil.copytree(tiny_hf_dir, broken, ignore=shutil.ignore_patterns("tokenizer.json", "vocab.json", "merges.txt"))
+
+    def offline(repo_id, patterns):
+        raise MinigptError(f"{repo_id}: no such local folder, and the Hugging Face Hub could not provide it (offline)")
+
+    for download, cause in ((offline, "no such local folder, and the Hugging Face Hub could not provide it (offline)"),
+                            (lambda repo_id, patterns: broken, f"{broken}: no tokenizer.json")):
+        monkeypatch.setattr("minigpt.loading.download_repo_files", download)
+        result = call_cli("sample.py", "hi")
+        assert result.returncode == 2
+        [line] = result.stderr.splitlines()
+        assert line.startswith(f"error: no --model given and no checkpoint in checkpoints/eli5/; ")
+        assert cause in line and line.endswith("`python train.py --preset tiny` makes one in checkpoints/tiny)")
+
+
 def test_seeded_sampling_reproducible_and_batched(tiny_minigpt_dir, capsys):
     args = ["--model", str(tiny_minigpt_dir), "--max-new-tokens", "15", "--num-samples", "3"]
     sample.main(args + ["--seed", "7", "Hello"])
