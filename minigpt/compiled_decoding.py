@@ -367,21 +367,22 @@ class CompiledDecoding:
         return seconds
 
     def _time_steps(self, idx: torch.Tensor, dtype: torch.dtype) -> dict[str, float]:
-        """{step: best seconds a token} over TIMING_TOKENS tokens, the steps in interleaved rounds
-        (a noisy neighbour slows them alike)."""
+        """{step: best seconds a token} over TIMING_TOKENS tokens (fewer in a window too small for
+        them), the steps in interleaved rounds (a noisy neighbour slows them alike)."""
         best = dict.fromkeys(self.steps, float("inf"))
+        tokens = max(1, min(TIMING_TOKENS, self.model.config.block_size - 3))
         for _ in range(TIMING_ROUNDS):
             for name in self.steps:
                 self.chosen = name
-                cache = self.new_cache(idx.size(0), TIMING_TOKENS + 3, dtype)
+                cache = self.new_cache(idx.size(0), min(tokens + 3, self.model.config.block_size), dtype)
                 self.model(idx, kv_cache=cache)
                 self(idx, cache)  # (the caches and code warm)
                 wait_for(idx.device)
                 start = time.perf_counter()
-                for _ in range(TIMING_TOKENS):
+                for _ in range(tokens):
                     self(idx, cache)
                 wait_for(idx.device)  # (a GPU runs behind the host: wait for the last token)
-                best[name] = min(best[name], (time.perf_counter() - start) / TIMING_TOKENS)
+                best[name] = min(best[name], (time.perf_counter() - start) / tokens)
         return best
 
     def new_cache(self, batch_size: int, max_len: int, dtype: torch.dtype) -> KVCache:

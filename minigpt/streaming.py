@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -139,29 +140,36 @@ def complete(
 
 def questions(ask: str = "question> ") -> Iterator[str]:
     """Questions typed on stdin, each asked for with `ask` on stderr, until Ctrl-D (end of input);
-    a blank line asks again. A line that is not UTF-8 names its first bad byte: typed at a terminal,
-    in an error line, and the question is asked again; piped in, in a MinigptError (as a prompt file's)."""
+    a blank line asks again. A line ends at \\n, \\r\\n or \\r, as a prompt file's (`sample.py -`). A
+    line that is not UTF-8 names its first bad byte: typed at a terminal, in an error line, and the
+    question is asked again; piped in, in a MinigptError (as a prompt file's)."""
     line = 0
     while True:
         sys.stderr.write(ask)
         sys.stderr.flush()
-        question = sys.stdin.readline()
+        typed = _read_line()
         line += 1
         if line == 1:  # (a file piped in may start with a byte-order mark: not part of the question)
-            question = question.removeprefix("\ufeff")
-        if not question:
+            typed = typed.removeprefix("\ufeff")
+        if not typed:
             sys.stderr.write("\n")
             return
-        bad = lone_surrogate(question)
+        bad = lone_surrogate(typed)
         if bad is not None:
-            byte = len(question[:bad].encode("utf-8", "surrogateescape"))
+            byte = len(typed[:bad].encode("utf-8", "surrogateescape"))
             message = f"stdin: line {line} is not UTF-8 text (byte {byte})"
             if not sys.stdin.isatty():
                 raise MinigptError(message)
             sys.stderr.write(f"error: {message}; ask again\n")
             continue
-        if question.strip():
-            yield question
+        yield from (question for question in re.split(r"\r\n|\r|\n", typed) if question.strip())
+
+
+def _read_line() -> str:
+    """One line of stdin, its bytes that are not UTF-8 decoded to lone surrogates whatever the locale:
+    stdin's own decoding is strict under a UTF-8 locale, and would raise on them."""
+    buffer = getattr(sys.stdin, "buffer", None)  # (None: a text stream, as tests give)
+    return buffer.readline().decode("utf-8", "surrogateescape") if buffer is not None else sys.stdin.readline()
 
 
 def check_trace_path(path: str | None, reads: Sequence[str | None] = ()) -> None:

@@ -299,6 +299,27 @@ def test_the_eager_model_that_wins_the_race_decodes_and_says_so(monkeypatch):
     assert_one_step_is_eager(model, compiled, 1e-6)
 
 
+def test_the_race_between_steps_fits_a_small_window(monkeypatch):
+    """It timed 16 tokens in a cache of 19 positions whatever the model's window: "max_len 19 exceeds
+    the context window 8" for `--compile` on an 8-position model. (The steps are stand-ins here.)"""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=50, dropout=0.0)).eval()
+    compiled = CompiledDecoding(model, gemms="kernels")
+    compiled.steps = {"a": None, "b": None}
+    lengths = []
+
+    def step(self, idx, cache):
+        assert cache.length + 1 <= cache.max_len <= model.config.block_size
+        cache.length += 1
+        lengths.append(cache.length)
+        return torch.zeros(idx.size(0), 50)
+
+    monkeypatch.setattr(CompiledDecoding, "__call__", step)
+    idx = torch.zeros(1, 1, dtype=torch.long)
+    assert set(compiled._time_steps(idx, torch.float32)) == {"a", "b"}
+    assert max(lengths) == 7  # 1 eager, 1 to warm, 5 timed: 8 positions less the one a whole-cache step would need
+
+
 def test_the_whole_cache_step_decodes_the_eager_tokens_in_the_same_tensors_every_run():
     """The CUDA-graph step (gemms="cudagraphs", a GPU's) reads the whole window's cache at every
     token, the positions after the new one masked, in tensors kept for every run (a graph replays

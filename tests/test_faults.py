@@ -830,8 +830,23 @@ def test_a_line_typed_at_a_terminal_that_is_not_utf8_is_asked_again(monkeypatch,
             return True
 
     monkeypatch.setattr(sys, "stdin", Terminal("why?\ncaf\u00e9 \udcff?\nhow?\n"))
-    assert list(questions()) == ["why?\n", "how?\n"]
+    assert list(questions()) == ["why?", "how?"]
     assert "error: stdin: line 2 is not UTF-8 text (byte 6); ask again\n" in capsys.readouterr().err
+
+
+def test_interactive_reads_bytes_whatever_the_locale(tiny_minigpt_dir, tmp_path):
+    """Under a UTF-8 locale (not C, where this suite runs) Python decodes stdin strictly: a line that
+    is not UTF-8 was a UnicodeDecodeError traceback. And a lone \\r ends a question, as it ends a line
+    of `sample.py -`: "why\\rhow" was one question."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONIOENCODING": "utf-8:strict"}  # (as a UTF-8 locale decodes)
+    run = lambda stdin: subprocess.run(  # noqa: E731
+        [sys.executable, str(ROOT / "sample.py"), "--model", str(tiny_minigpt_dir), "--max-new-tokens", "2",
+         "--greedy", "--interactive"], input=stdin, capture_output=True, env=env, timeout=120)
+    bad = run(b"why?\ncaf\xc3\xa9 \xff\xfe?\n")
+    assert bad.returncode == 2 and b"Traceback" not in bad.stderr, bad.stderr
+    assert bad.stderr.strip().splitlines()[-1].endswith(b"error: stdin: line 2 is not UTF-8 text (byte 6)")
+    split, whole = run(b"why?\rhow?\n"), run(b"why?\nhow?\n")
+    assert split.returncode == whole.returncode == 0 and split.stdout == whole.stdout and split.stdout.count(b"\n") == 2
 
 
 def test_sample_flags_out_of_range(tiny_minigpt_dir):
