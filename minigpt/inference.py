@@ -299,8 +299,8 @@ def _settle(candidates: list[tuple[Layout, str]], precision: str,
         shape = "x".join(map(str, weights[0][0].shape))
         raise MinigptError(f"no {precision} kernel takes these {shape} layers: " + "; ".join(refusals.values()))
     settled = [(lay, k) for lay, k in candidates if refusals[k] is None]
-    width, out = weights[0][0].size(1), _time_rows(precision, weights[0][0])
     if len(settled) > 1:  # (one is used untimed)
+        width, out = weights[0][0].size(1), _time_rows(precision, weights[0][0])
         check_fits(rows * (width + out) * 4, weights[0][0].device, f"--num-samples {rows}",
                    "the kernels' timing passes", f"{rows} rows x {width} activations and {out} outputs")
     return settled
