@@ -52,7 +52,8 @@ INDEX_FILE = "model.safetensors.index.json"  # which shard file holds which tens
 MODEL_FILES = ["config.json", "model.safetensors", INDEX_FILE, "model-*.safetensors"]
 LEGACY_WEIGHTS_FILE = "pytorch_model.bin"
 HEAD, EMBEDDING = "lm_head.weight", "transformer.wte.weight"  # (the same names in both layouts)
-TOKENIZER_FILES = ["tokenizer.json", "vocab.json", "merges.txt"]
+VOCAB_MERGES = ["vocab.json", "merges.txt"]  # a tokenizer as older repos hold it, without tokenizer.json
+TOKENIZER_FILES = ["tokenizer.json", *VOCAB_MERGES]
 
 
 def hf_to_minigpt_name(name: str) -> str | None:

@@ -19,20 +19,18 @@ from .errors import MinigptError, reason
 
 def download_repo_files(repo_id: str, patterns: list[str], instead: str = "a local checkpoint folder") -> Path:
     """Fetch the files of Hub repo `repo_id` that match the glob `patterns` into the huggingface_hub
-    cache (once; later calls find them there); return the folder that holds them. A failure says
-    to pass `instead`."""
+    cache (once; later calls find them there); return the folder that holds them, the repo's
+    snapshot, where calls with other patterns add their files. Where no file matched, the folder is
+    not made: the caller, which knows what it needs, says so. A failure says to pass `instead`."""
     from huggingface_hub import snapshot_download
 
     try:
-        folder = Path(snapshot_download(repo_id, allow_patterns=patterns))
+        return Path(snapshot_download(repo_id, allow_patterns=patterns))
     except Exception as e:  # offline, unknown repo, gated repo, ...
         raise MinigptError(
             f"{repo_id}: no such local folder, and the Hugging Face Hub could not provide it "
             f"({_hub_reason(e)}). Pass {instead} instead."
         ) from None
-    if not folder.is_dir():  # (a repo none of whose files matched: the snapshot folder is never made)
-        raise MinigptError(f"{repo_id}: the Hub repository holds none of {', '.join(patterns)} at its root")
-    return folder
 
 
 def _hub_reason(e: Exception) -> str:

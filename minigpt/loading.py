@@ -12,30 +12,50 @@ as is every download from the Hub.
 
 from __future__ import annotations
 
+import glob
 import os
 import re
 from pathlib import Path
 
 import torch
 
-from .checkpoint import CONFIG_FILE, is_minigpt_checkpoint, load_checkpoint, save_checkpoint_folder
+from .checkpoint import CONFIG_FILE, WEIGHTS_FILE, is_minigpt_checkpoint, load_checkpoint, save_checkpoint_folder
 from .errors import MinigptError
 from .files import check_source_outside, folder_destination
-from .hf import LEGACY_WEIGHTS_FILE, MODEL_FILES, TOKENIZER_FILES, hf_weight_files, load_hf_checkpoint
+from .hf import INDEX_FILE, LEGACY_WEIGHTS_FILE, VOCAB_MERGES, hf_weight_files, load_hf_checkpoint
 from .hub import download_repo_files
 from .model import GPT
 from .runtime import DTYPES
-from .tokenizer import Tokenizer
+from .tokenizer import TOKENIZER_FILE, Tokenizer
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
 def _download_model(repo_id: str) -> Path:
-    """Fetch a Hub repo's model and tokenizer files (`minigpt.hub`); return the folder."""
-    patterns = TOKENIZER_FILES + MODEL_FILES
-    folder = download_repo_files(repo_id, patterns)
-    if not hf_weight_files(folder):  # an old repo with only a .bin
-        folder = download_repo_files(repo_id, patterns + [LEGACY_WEIGHTS_FILE])
+    """Fetch what loading a Hub repo's model needs (`minigpt.hub`), and nothing else: config.json,
+    the weights in the first form the repo holds them (model.safetensors; else the shards its index
+    names; else an old pytorch_model.bin) and the tokenizer (`_download_with_tokenizer`). A later
+    form costs one more request, and only where the first is missing; fetching every form at once
+    would download a repo's weights twice where it holds them both whole and sharded. Return the
+    folder."""
+    folder = _download_with_tokenizer(repo_id, [CONFIG_FILE, WEIGHTS_FILE, INDEX_FILE])
+    if not (folder / CONFIG_FILE).is_file():
+        raise MinigptError(f"{repo_id}: the Hub repository holds no {CONFIG_FILE} at its root (not a model's repository)")
+    if not (folder / WEIGHTS_FILE).is_file():
+        shards = [glob.escape(path.name) for path in hf_weight_files(folder)]  # (escaped: names, not patterns)
+        folder = download_repo_files(repo_id, shards or [LEGACY_WEIGHTS_FILE])
+    return folder
+
+
+def _download_with_tokenizer(repo_id: str, patterns: list[str],
+                             instead: str = "a local checkpoint folder") -> Path:
+    """Fetch the files of Hub repo `repo_id` matching `patterns`, with its tokenizer: tokenizer.json,
+    or where the repo has none, vocab.json + merges.txt. Asking for all three at once would make an
+    offline cache holding only tokenizer.json (all a model needs) count as incomplete. Return the
+    folder (one that may not exist, where nothing matched)."""
+    folder = download_repo_files(repo_id, patterns + [TOKENIZER_FILE], instead)
+    if not (folder / TOKENIZER_FILE).is_file():
+        folder = download_repo_files(repo_id, VOCAB_MERGES, instead)
     return folder
 
 
@@ -92,8 +112,12 @@ def load_tokenizer(source: str | os.PathLike) -> Tokenizer:
     """A tokenizer from a `tokenizer.json` file, a folder holding tokenizer files, or a Hub id."""
     path = _local_path(source, "tokenizer")
     if path is None:
-        return Tokenizer.from_dir(download_repo_files(str(source).strip(), TOKENIZER_FILES,
-                                                      instead="a local tokenizer.json (or a folder holding one)"))
+        repo_id = str(source).strip()
+        folder = _download_with_tokenizer(repo_id, [], instead="a local tokenizer.json (or a folder holding one)")
+        if not folder.is_dir():
+            raise MinigptError(f"{repo_id}: the Hub repository holds no {TOKENIZER_FILE} (nor "
+                               f"{' + '.join(VOCAB_MERGES)}) at its root")
+        return Tokenizer.from_dir(folder)
     return Tokenizer.from_file(path) if path.is_file() else Tokenizer.from_dir(path)
 
 

@@ -898,9 +898,21 @@ BREAKS = (
     Break("hub_error_first_line", "a Hub error is cut to its first line (\"404 Client Error.\", the cause dropped)",
           ((r"\(\{_hub_reason\(e\)\}\)", "({reason(e)})"),),
           ("tests/test_hub.py::test_the_hubs_errors_say_what_went_wrong",)),
-    Break("hub_snapshot_unchecked", "a Hub repo none of whose files matched is taken as a folder that does not exist",
-          ((r"if not folder\.is_dir\(\):  # \(a repo none", "if False:  # (a repo none"),),
+    Break("hub_snapshot_unchecked", "a Hub repo with no config.json at its root is taken as a model folder",
+          ((r"if not \(folder / CONFIG_FILE\)\.is_file\(\):", "if False:"),),
           ("tests/test_hub.py::test_the_hubs_errors_say_what_went_wrong",)),
+    Break("tokenizer_forms_fetched_together", "a Hub download asks for vocab.json + merges.txt beside tokenizer.json (an "
+          "offline cache holding tokenizer.json alone is refused as incomplete)",
+          ((r"patterns \+ \[TOKENIZER_FILE\], instead\)", "patterns + [TOKENIZER_FILE, *VOCAB_MERGES], instead)"),),
+          ("tests/test_hub.py::test_an_offline_cache_with_tokenizer_json_alone_loads",)),
+    Break("weight_forms_fetched_together", "a Hub download asks for the shards beside model.safetensors (a repo holding "
+          "both is downloaded twice)",
+          ((r"\[CONFIG_FILE, WEIGHTS_FILE, INDEX_FILE\]", '[CONFIG_FILE, WEIGHTS_FILE, INDEX_FILE, "model-*.safetensors"]'),),
+          ("tests/test_hub.py::test_only_one_form_of_the_weights_and_of_the_tokenizer_is_downloaded",)),
+    Break("shard_names_as_patterns", "the shards an index names are asked for as glob patterns (a name with [ ] "
+          "matches nothing)",
+          ((r"\[glob\.escape\(path\.name\) for path", "[path.name for path"),),
+          ("tests/test_hub.py::test_only_one_form_of_the_weights_and_of_the_tokenizer_is_downloaded",)),
     Break("interactive_reads_text_stdin", "--interactive reads stdin as text: strict under a UTF-8 locale (a traceback on a "
           "byte that is not UTF-8), and a lone \\r does not end a question",
           ((r"return buffer\.readline\(\)\.decode\(\"utf-8\", \"surrogateescape\"\) if buffer is not None else "

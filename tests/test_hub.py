@@ -9,6 +9,7 @@ right arguments, and that a failed download is one line that says what to pass i
 from __future__ import annotations
 
 import fnmatch
+import glob
 import shutil
 from pathlib import Path
 
@@ -16,26 +17,35 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import gpt2_vocab_files
 from minigpt import sources
 from minigpt.errors import MinigptError
-from minigpt.hf import LEGACY_WEIGHTS_FILE, MODEL_FILES, TOKENIZER_FILES
+from minigpt.hf import INDEX_FILE, LEGACY_WEIGHTS_FILE, VOCAB_MERGES
 from minigpt.loading import load_model, load_tokenizer, resolve_model
+from minigpt.tokenizer import Tokenizer
 
 
 class FakeHub:
     """`snapshot_download` over local folders: copies the repo's files matching `allow_patterns`
-    into a fresh folder (as the real one fills its cache) and returns it."""
+    into the repo's snapshot folder (made once a file matches, as the real one fills its cache, and
+    the same folder for every call) and returns it. With `offline` set, it copies nothing and, as
+    the real one with HF_HUB_OFFLINE=1, refuses a call that asks for a file the repo holds and the
+    snapshot lacks."""
 
     def __init__(self, tmp_path: Path, repos: dict[str, Path]) -> None:
-        self.tmp_path, self.repos, self.calls = tmp_path, repos, []
+        self.tmp_path, self.repos, self.calls, self.offline = tmp_path, repos, [], False
 
     def __call__(self, repo_id: str, allow_patterns: list[str]) -> str:
+        from huggingface_hub.utils import LocalEntryNotFoundError
+
         self.calls.append((repo_id, list(allow_patterns)))
         if repo_id not in self.repos:
             raise RuntimeError(f"Repository Not Found for url: https://huggingface.co/{repo_id}\nmore lines")
-        folder = self.tmp_path / f"snapshot-{len(self.calls)}"  # (made only when a file matches, as the real one)
+        folder = self.tmp_path / repo_id.replace("/", "--")
         for f in self.repos[repo_id].iterdir():
             if f.is_file() and any(fnmatch.fnmatch(f.name, p) for p in allow_patterns):
+                if self.offline and not (folder / f.name).is_file():
+                    raise LocalEntryNotFoundError(f"The cached snapshot for '{repo_id}' is incomplete: {f.name}")
                 folder.mkdir(exist_ok=True)
                 shutil.copy(f, folder / f.name)
         return str(folder)
@@ -45,38 +55,108 @@ class FakeHub:
 def fake_hub(tmp_path, tiny_hf_dir, monkeypatch):
     import huggingface_hub
 
-    legacy = tmp_path / "legacy-repo"  # an old upload: its weights only as pytorch_model.bin
+    tiny = shutil.copytree(tiny_hf_dir, tmp_path / "tiny-repo")  # as distilgpt2's: both forms of the tokenizer
+    Tokenizer.from_dir(tiny).save(tiny / "tokenizer.json")
+    legacy = tmp_path / "legacy-repo"  # an old upload: its weights only as pytorch_model.bin, no tokenizer.json
     shutil.copytree(tiny_hf_dir, legacy, ignore=shutil.ignore_patterns("model*.safetensors*"))
     torch.save(load_file(tiny_hf_dir / "model.safetensors"), legacy / LEGACY_WEIGHTS_FILE)
-    hub = FakeHub(tmp_path / "cache", {"org/tiny": tiny_hf_dir, "org/legacy": legacy})
+    hub = FakeHub(tmp_path / "cache", {"org/tiny": tiny, "org/legacy": legacy})
     (tmp_path / "cache").mkdir()
     monkeypatch.setattr(huggingface_hub, "snapshot_download", hub)
     return hub
 
 
+FIRST = ["config.json", "model.safetensors", INDEX_FILE, "tokenizer.json"]  # what every model download asks first
+
+
+def same_weights(a, b) -> bool:
+    return all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
+
+
 def test_a_hub_id_downloads_the_model_and_tokenizer_files(fake_hub, tiny_hf_dir):
     folder, kind = resolve_model("org/tiny")
-    assert kind == "hf" and fake_hub.calls == [("org/tiny", TOKENIZER_FILES + MODEL_FILES)]
+    assert kind == "hf" and fake_hub.calls == [("org/tiny", FIRST)]
+    assert sorted(f.name for f in folder.iterdir()) == ["config.json", "model.safetensors", "tokenizer.json"]
     model, tokenizer = load_model("org/tiny")
-    expected = load_model(tiny_hf_dir)[0]
-    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), expected.state_dict().values()))
+    assert same_weights(model, load_model(tiny_hf_dir)[0])
     assert tokenizer.eos_id == tokenizer.encode("<|endoftext|>")[0]
 
 
 def test_an_old_repo_with_only_a_bin_is_downloaded_again_with_it(fake_hub, tiny_hf_dir):
     folder, kind = resolve_model("org/legacy")
-    assert fake_hub.calls == [("org/legacy", TOKENIZER_FILES + MODEL_FILES),
-                              ("org/legacy", TOKENIZER_FILES + MODEL_FILES + [LEGACY_WEIGHTS_FILE])]
+    assert fake_hub.calls == [("org/legacy", FIRST), ("org/legacy", VOCAB_MERGES), ("org/legacy", [LEGACY_WEIGHTS_FILE])]
     assert (folder / LEGACY_WEIGHTS_FILE).is_file()
-    model = load_model("org/legacy")[0]
-    expected = load_model(tiny_hf_dir)[0]
-    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), expected.state_dict().values()))
+    assert same_weights(load_model("org/legacy")[0], load_model(tiny_hf_dir)[0])
 
 
-def test_a_tokenizer_hub_id_downloads_only_the_tokenizer_files(fake_hub, gpt2_tokenizer):
+def test_only_one_form_of_the_weights_and_of_the_tokenizer_is_downloaded(fake_hub, tmp_path, tiny_hf_dir):
+    """The weights came whole and sharded where a repo held both (twice the download), and
+    vocab.json + merges.txt came beside tokenizer.json. Shards are fetched by the names their index
+    gives, as an old repo's tokenizer files are, only where the first form is missing."""
+    from transformers import GPT2LMHeadModel
+
+    hf = GPT2LMHeadModel.from_pretrained(tiny_hf_dir)
+    both, sharded = tmp_path / "both", tmp_path / "sharded"
+    hf.save_pretrained(sharded, max_shard_size="200KB")
+    hf.save_pretrained(both)
+    shards = sorted(f.name for f in sharded.glob("model-*.safetensors"))
+    assert len(shards) > 1
+    (sharded / shards[0]).rename(sharded / "model-[odd]-1.safetensors")  # (a name that is a glob pattern)
+    index = sharded / INDEX_FILE
+    index.write_text(index.read_text().replace(shards[0], "model-[odd]-1.safetensors"))
+    shards[0] = "model-[odd]-1.safetensors"
+    for f in (*sharded.glob("model-*"), index):
+        shutil.copy(f, both / f.name)
+    for folder in (both, sharded):
+        shutil.copy(fake_hub.repos["org/tiny"] / "tokenizer.json", folder / "tokenizer.json")
+    fake_hub.repos |= {"org/both": both, "org/sharded": sharded}
+
+    folder, _ = resolve_model("org/both")
+    assert fake_hub.calls == [("org/both", FIRST)]
+    assert not any(folder.glob("model-*.safetensors"))
+    folder, _ = resolve_model("org/sharded")
+    assert fake_hub.calls[1:] == [("org/sharded", FIRST), ("org/sharded", sorted(glob.escape(s) for s in shards))]
+    assert sorted(f.name for f in folder.glob("model-*.safetensors")) == sorted(shards)
+    for repo in ("org/both", "org/sharded"):
+        assert same_weights(load_model(repo)[0], load_model(tiny_hf_dir)[0])
+
+
+def test_a_tokenizer_hub_id_downloads_only_the_tokenizer_files(fake_hub, gpt2_tokenizer, tmp_path):
     tokenizer = load_tokenizer("org/tiny")
-    assert fake_hub.calls == [("org/tiny", TOKENIZER_FILES)]
+    assert fake_hub.calls == [("org/tiny", ["tokenizer.json"])]
     assert tokenizer.encode("Why is the sky blue?") == gpt2_tokenizer.encode("Why is the sky blue?")
+    old = tmp_path / "old-tokenizer"  # a repo with vocab.json + merges.txt and no tokenizer.json
+    old.mkdir()
+    for name, path in zip(VOCAB_MERGES, gpt2_vocab_files()):
+        shutil.copy(path, old / name)
+    fake_hub.repos["org/old"] = old
+    tokenizer = load_tokenizer("org/old")
+    assert fake_hub.calls[1:] == [("org/old", ["tokenizer.json"]), ("org/old", VOCAB_MERGES)]
+    assert tokenizer.encode("Why is the sky blue?") == gpt2_tokenizer.encode("Why is the sky blue?")
+    fake_hub.repos["org/empty"] = tmp_path / "empty"
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(MinigptError) as err:
+        load_tokenizer("org/empty")
+    assert str(err.value) == "org/empty: the Hub repository holds no tokenizer.json (nor vocab.json + merges.txt) at its root"
+
+
+def test_an_offline_cache_with_tokenizer_json_alone_loads(fake_hub, tiny_hf_dir):
+    """A cache filled with config.json, model.safetensors and tokenizer.json (all a model needs, all
+    transformers reads) was refused offline as incomplete: minigpt asked for vocab.json and
+    merges.txt too, which the repo holds."""
+    repo = fake_hub.repos["org/tiny"]
+    assert all((repo / name).is_file() for name in VOCAB_MERGES)
+    cached = fake_hub.tmp_path / "org--tiny"
+    cached.mkdir()
+    for name in ("config.json", "model.safetensors", "tokenizer.json"):
+        shutil.copy(repo / name, cached / name)
+    fake_hub.offline = True
+    model, tokenizer = load_model("org/tiny")
+    assert same_weights(model, load_model(tiny_hf_dir)[0])
+    assert load_tokenizer("org/tiny").encode("Hello there") == tokenizer.encode("Hello there")
+    (cached / "tokenizer.json").unlink()  # (now the cache lacks a tokenizer the repo holds: refused, in one line)
+    with pytest.raises(MinigptError, match=r"^org/tiny: no such local folder, .*\(not in the local cache"):
+        load_model("org/tiny")
 
 
 def test_a_failed_download_is_one_line(fake_hub):
@@ -119,8 +199,7 @@ def test_the_hubs_errors_say_what_went_wrong(fake_hub, monkeypatch, tmp_path):
     fake_hub.repos["org/nested"] = nested
     with pytest.raises(MinigptError) as err:
         load_model("org/nested")
-    assert str(err.value) == ("org/nested: the Hub repository holds none of " + ", ".join(TOKENIZER_FILES + MODEL_FILES)
-                              + " at its root")
+    assert str(err.value) == "org/nested: the Hub repository holds no config.json at its root (not a model's repository)"
     def made(cls, message):  # (the HTTP errors' constructors want a response object, which differs by version)
         error = cls.__new__(cls)
         Exception.__init__(error, message)

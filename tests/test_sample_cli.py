@@ -67,11 +67,11 @@ def test_without_a_model_the_hubs_distilgpt2_fails_in_its_own_words(tmp_path, mo
     broken = tmp_path / "snapshot"
     shutil.copytree(tiny_hf_dir, broken, ignore=shutil.ignore_patterns("tokenizer.json", "vocab.json", "merges.txt"))
 
-    def offline(repo_id, patterns):
+    def offline(repo_id, patterns, instead=None):
         raise MinigptError(f"{repo_id}: no such local folder, and the Hugging Face Hub could not provide it (offline)")
 
     for download, cause in ((offline, "no such local folder, and the Hugging Face Hub could not provide it (offline)"),
-                            (lambda repo_id, patterns: broken, f"{broken}: no tokenizer.json")):
+                            (lambda repo_id, patterns, instead=None: broken, f"{broken}: no tokenizer.json")):
         monkeypatch.setattr("minigpt.loading.download_repo_files", download)
         result = call_cli("sample.py", "hi")
         assert result.returncode == 2
