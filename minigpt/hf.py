@@ -50,7 +50,7 @@ MASK_BUFFER = re.compile(r"^(transformer\.)?h\.\d+\.attn\.(bias|masked_bias)$")
 # The files of an HF model folder, as glob patterns (what a Hub download fetches).
 INDEX_FILE = "model.safetensors.index.json"  # which shard file holds which tensor
 MODEL_FILES = ["config.json", "model.safetensors", INDEX_FILE, "model-*.safetensors"]
-LEGACY_WEIGHTS_FILE = "pytorch_model.bin"
+LEGACY_WEIGHTS_FILE, LEGACY_INDEX_FILE = "pytorch_model.bin", "pytorch_model.bin.index.json"  # (pickles: read tensors only)
 HEAD, EMBEDDING = "lm_head.weight", "transformer.wte.weight"  # (the same names in both layouts)
 VOCAB_MERGES = ["vocab.json", "merges.txt"]  # a tokenizer as older repos hold it, without tokenizer.json
 TOKENIZER_FILES = ["tokenizer.json", *VOCAB_MERGES]
@@ -103,19 +103,20 @@ def _check_head_is_wte(folder: Path, head: torch.Tensor | None, wte: torch.Tenso
 
 
 def hf_weight_files(folder: Path) -> list[Path]:
-    """The safetensors file(s) of an HF folder: one file, or shards listed in an index."""
-    single = folder / WEIGHTS_FILE
-    if single.is_file():
-        return [single]
-    index = folder / INDEX_FILE
-    if index.is_file():
-        weight_map = read_json(index).get("weight_map")
-        if not isinstance(weight_map, dict) or not weight_map:
-            raise MinigptError(f"{index}: no weight_map of tensor names to shard files")
-        for shard in weight_map.values():  # plain names only: an index must not point outside its folder
-            if not isinstance(shard, str) or Path(shard).name != shard or shard in ("", ".", ".."):
-                raise MinigptError(f"{index}: {shard!r} is not a file name in this folder")
-        return [folder / shard for shard in sorted(set(weight_map.values()))]
+    """The weight file(s) of an HF folder, in transformers' order of preference: model.safetensors,
+    else the safetensors shards its index lists, else pytorch_model.bin, else the .bin shards its
+    index lists. (The shards are named whether or not they are there yet: a download fetches them.)"""
+    for single, index in ((WEIGHTS_FILE, INDEX_FILE), (LEGACY_WEIGHTS_FILE, LEGACY_INDEX_FILE)):
+        if (folder / single).is_file():
+            return [folder / single]
+        if (folder / index).is_file():
+            weight_map = read_json(folder / index).get("weight_map")
+            if not isinstance(weight_map, dict) or not weight_map:
+                raise MinigptError(f"{folder / index}: no weight_map of tensor names to shard files")
+            for shard in weight_map.values():  # plain names only: an index must not point outside its folder
+                if not isinstance(shard, str) or Path(shard).name != shard or shard in ("", ".", ".."):
+                    raise MinigptError(f"{folder / index}: {shard!r} is not a file name in this folder")
+            return [folder / shard for shard in sorted(set(weight_map.values()))]
     return []
 
 
@@ -158,15 +159,18 @@ def _hf_tensors(folder: Path, expected: dict[str, tuple[int, ...]], untied: bool
     is read. A tied checkpoint may store its embedding only as `lm_head.weight` (transformers ties
     it back): that copy is then the embedding.
     """
-    files, legacy = hf_weight_files(folder), False
-    if files:
-        mappings = {path: match_names(path, safetensors_shapes(path), expected, hf_to_minigpt_name) for path in files}
-    elif (folder / LEGACY_WEIGHTS_FILE).is_file():
-        files, legacy = [folder / LEGACY_WEIGHTS_FILE], True
-        shapes = {name: tuple(t.shape) for name, t in _load_legacy_bin(files[0], mmap=True).items()}
-        mappings = {files[0]: match_names(files[0], shapes, expected, hf_to_minigpt_name)}
-    else:
+    files = hf_weight_files(folder)
+    if not files:
         raise MinigptError(f"{folder}: no model.safetensors (or pytorch_model.bin) in this folder")
+    legacy = files[0].suffix == ".bin"
+    for path in files:
+        if not path.is_file():
+            raise MinigptError(f"{path}: file not found (a shard its index names)")
+    if legacy:  # (memory-mapped: names and shapes cost nothing to check)
+        shapes = {path: {name: tuple(t.shape) for name, t in _load_legacy_bin(path, mmap=True).items()} for path in files}
+    else:
+        shapes = {path: safetensors_shapes(path) for path in files}
+    mappings = {path: match_names(path, shapes[path], expected, hf_to_minigpt_name) for path in files}
     found: dict[str, Path] = {}  # our name -> the file holding it
     for path, mapping in mappings.items():
         for target in mapping.values():
@@ -178,13 +182,16 @@ def _hf_tensors(folder: Path, expected: dict[str, tuple[int, ...]], untied: bool
         mapping.update({name: EMBEDDING for name, target in mapping.items() if target == HEAD})
         found[EMBEDDING] = found.pop(HEAD)
     required = {name: shape for name, shape in expected.items() if name != HEAD}
-    check_complete(files[0] if len(files) == 1 else folder / INDEX_FILE, found, required)
-    if legacy:
-        raw = _load_legacy_bin(files[0])  # (read now: the weights in memory once, not viewing the file)
-        tensors = {target: raw[name] for name, target in mappings[files[0]].items()}
-        check_tensors(files[0], tensors)
-        return tensors
-    return {name: t for path, mapping in mappings.items() for name, t in read_tensors(path, mapping).items()}
+    check_complete(files[0] if len(files) == 1 else folder / (LEGACY_INDEX_FILE if legacy else INDEX_FILE), found, required)
+    if not legacy:
+        return {name: t for path, mapping in mappings.items() for name, t in read_tensors(path, mapping).items()}
+    tensors = {}
+    for path, mapping in mappings.items():  # (each read now: the weights in memory once, not viewing the file)
+        raw = _load_legacy_bin(path)
+        part = {target: raw[name] for name, target in mapping.items()}
+        check_tensors(path, part)
+        tensors |= part
+    return tensors
 
 
 def load_hf_checkpoint(

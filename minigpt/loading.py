@@ -22,7 +22,7 @@ import torch
 from .checkpoint import CONFIG_FILE, WEIGHTS_FILE, is_minigpt_checkpoint, load_checkpoint, save_checkpoint_folder
 from .errors import MinigptError
 from .files import check_source_outside, folder_destination
-from .hf import INDEX_FILE, LEGACY_WEIGHTS_FILE, VOCAB_MERGES, hf_weight_files, load_hf_checkpoint
+from .hf import INDEX_FILE, LEGACY_INDEX_FILE, LEGACY_WEIGHTS_FILE, VOCAB_MERGES, hf_weight_files, load_hf_checkpoint
 from .hub import download_repo_files
 from .model import GPT
 from .runtime import DTYPES
@@ -33,17 +33,19 @@ HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 def _download_model(repo_id: str) -> Path:
     """Fetch what loading a Hub repo's model needs (`minigpt.hub`), and nothing else: config.json,
-    the weights in the first form the repo holds them (model.safetensors; else the shards its index
-    names; else an old pytorch_model.bin) and the tokenizer (`_download_with_tokenizer`). A later
-    form costs one more request, and only where the first is missing; fetching every form at once
-    would download a repo's weights twice where it holds them both whole and sharded. Return the
-    folder."""
+    the weights in the first form the repo holds them (`hf_weight_files`: model.safetensors; else
+    the shards its index names; else an old pytorch_model.bin, whole or sharded) and the tokenizer
+    (`_download_with_tokenizer`). A later form costs one more request, and only where the first is
+    missing; fetching every form at once would download a repo's weights twice where it holds them
+    both whole and sharded. Return the folder."""
     folder = _download_with_tokenizer(repo_id, [CONFIG_FILE, WEIGHTS_FILE, INDEX_FILE])
     if not (folder / CONFIG_FILE).is_file():
         raise MinigptError(f"{repo_id}: the Hub repository holds no {CONFIG_FILE} at its root (not a model's repository)")
-    if not (folder / WEIGHTS_FILE).is_file():
-        shards = [glob.escape(path.name) for path in hf_weight_files(folder)]  # (escaped: names, not patterns)
-        folder = download_repo_files(repo_id, shards or [LEGACY_WEIGHTS_FILE])
+    if not (folder / WEIGHTS_FILE).is_file() and not (folder / INDEX_FILE).is_file():
+        folder = download_repo_files(repo_id, [LEGACY_WEIGHTS_FILE, LEGACY_INDEX_FILE])
+    missing = [glob.escape(path.name) for path in hf_weight_files(folder) if not path.is_file()]  # (names, not patterns)
+    if missing:  # the shards an index names
+        folder = download_repo_files(repo_id, missing)
     return folder
 
 

@@ -69,6 +69,26 @@ def save_hf_model(folder: Path, seed: int = 0, **shape) -> Path:
     return folder
 
 
+def as_bin_shards(sharded: Path, out: Path) -> Path:
+    """A copy of HF folder `sharded` (safetensors shards and their index) as an older transformers
+    saved it: pytorch_model-*.bin shards (torch.save pickles) listed in pytorch_model.bin.index.json."""
+    import json
+
+    from safetensors.torch import load_file
+
+    out.mkdir(parents=True)
+    for f in sharded.iterdir():
+        if not f.name.startswith("model"):
+            shutil.copy(f, out / f.name)
+    weight_map = json.loads((sharded / "model.safetensors.index.json").read_text())["weight_map"]
+    renamed = {shard: shard.replace("model-", "pytorch_model-").replace(".safetensors", ".bin") for shard in weight_map.values()}
+    for shard, name in renamed.items():
+        torch.save(load_file(sharded / shard), out / name)
+    index = {"metadata": {}, "weight_map": {tensor: renamed[shard] for tensor, shard in weight_map.items()}}
+    (out / "pytorch_model.bin.index.json").write_text(json.dumps(index))
+    return out
+
+
 @pytest.fixture(scope="session")
 def gpt2_tokenizer():
     """minigpt's Tokenizer built from the real GPT-2 vocab.json + merges.txt."""

@@ -913,6 +913,10 @@ BREAKS = (
           "matches nothing)",
           ((r"\[glob\.escape\(path\.name\) for path", "[path.name for path"),),
           ("tests/test_hub.py::test_only_one_form_of_the_weights_and_of_the_tokenizer_is_downloaded",)),
+    Break("bin_shards_unread", "the pytorch_model-*.bin shards a pytorch_model.bin.index.json lists are not read",
+          ((r"\(LEGACY_WEIGHTS_FILE, LEGACY_INDEX_FILE\)\):", '(LEGACY_WEIGHTS_FILE, "")):'),),
+          ("tests/test_hf.py::test_sharded_pytorch_model_bins_load_and_are_checked_as_one_file",
+           "tests/test_hub.py::test_only_one_form_of_the_weights_and_of_the_tokenizer_is_downloaded")),
     Break("interactive_reads_text_stdin", "--interactive reads stdin as text: strict under a UTF-8 locale (a traceback on a "
           "byte that is not UTF-8), and a lone \\r does not end a question",
           ((r"return buffer\.readline\(\)\.decode\(\"utf-8\", \"surrogateescape\"\) if buffer is not None else "

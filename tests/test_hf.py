@@ -291,6 +291,29 @@ except MinigptError as e:
 
 
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="resets the peak through Linux's /proc")
+def test_sharded_pytorch_model_bins_load_and_are_checked_as_one_file(tmp_path):
+    """Shards saved as pytorch_model-*.bin (transformers' default before safetensors, for a model over
+    its shard size: gpt2-xl in fp32 from 4.30 on) were not read: "no model.safetensors (or
+    pytorch_model.bin)". They load as the safetensors shards do, with the same checks."""
+    from conftest import as_bin_shards
+
+    sharded, weight_map = sharded_hf_folder(tmp_path / "st")
+    folder = as_bin_shards(sharded, tmp_path / "bin")
+    model, _ = load_model(folder)
+    with torch.no_grad():
+        assert (model(IDX)[0] - hf_logits(sharded, IDX)).abs().max() < FP32_TOL
+    index = json.loads((folder / "pytorch_model.bin.index.json").read_text())["weight_map"]
+    shard = folder / index["transformer.wpe.weight"]
+    state = torch.load(shard, weights_only=True)
+    del state["transformer.wpe.weight"]
+    torch.save(state, shard)
+    with pytest.raises(MinigptError, match=r"bin/pytorch_model\.bin\.index\.json: missing tensor 'transformer\.wpe"):
+        load_model(folder)
+    shard.unlink()
+    with pytest.raises(MinigptError, match=rf"^{re.escape(str(shard))}: file not found \(a shard its index names\)$"):
+        load_model(folder)
+
+
 def test_a_legacy_bin_is_checked_before_its_weights_are_read(tiny_hf_dir, tmp_path):
     """A pytorch_model.bin naming a tensor no GPT-2 has, of 400 MB, is refused by its names alone:
     the file is memory-mapped for the check, not read (reading it first peaked 384 MB higher)."""

@@ -17,10 +17,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import gpt2_vocab_files
+from conftest import as_bin_shards, gpt2_vocab_files
 from minigpt import sources
 from minigpt.errors import MinigptError
-from minigpt.hf import INDEX_FILE, LEGACY_WEIGHTS_FILE, VOCAB_MERGES
+from minigpt.hf import INDEX_FILE, LEGACY_INDEX_FILE, LEGACY_WEIGHTS_FILE, VOCAB_MERGES
 from minigpt.loading import load_model, load_tokenizer, resolve_model
 from minigpt.tokenizer import Tokenizer
 
@@ -84,7 +84,8 @@ def test_a_hub_id_downloads_the_model_and_tokenizer_files(fake_hub, tiny_hf_dir)
 
 def test_an_old_repo_with_only_a_bin_is_downloaded_again_with_it(fake_hub, tiny_hf_dir):
     folder, kind = resolve_model("org/legacy")
-    assert fake_hub.calls == [("org/legacy", FIRST), ("org/legacy", VOCAB_MERGES), ("org/legacy", [LEGACY_WEIGHTS_FILE])]
+    assert fake_hub.calls == [("org/legacy", FIRST), ("org/legacy", VOCAB_MERGES),
+                              ("org/legacy", [LEGACY_WEIGHTS_FILE, LEGACY_INDEX_FILE])]
     assert (folder / LEGACY_WEIGHTS_FILE).is_file()
     assert same_weights(load_model("org/legacy")[0], load_model(tiny_hf_dir)[0])
 
@@ -119,6 +120,15 @@ def test_only_one_form_of_the_weights_and_of_the_tokenizer_is_downloaded(fake_hu
     assert sorted(f.name for f in folder.glob("model-*.safetensors")) == sorted(shards)
     for repo in ("org/both", "org/sharded"):
         assert same_weights(load_model(repo)[0], load_model(tiny_hf_dir)[0])
+
+    old = as_bin_shards(sharded, tmp_path / "old-sharded")  # an older upload: .bin shards and their index
+    fake_hub.repos["org/old-sharded"] = old
+    del fake_hub.calls[:]
+    folder, _ = resolve_model("org/old-sharded")
+    bins = sorted(f.name for f in old.glob("pytorch_model-*.bin"))
+    assert fake_hub.calls == [("org/old-sharded", FIRST), ("org/old-sharded", [LEGACY_WEIGHTS_FILE, LEGACY_INDEX_FILE]),
+                              ("org/old-sharded", sorted(glob.escape(b) for b in bins))]
+    assert same_weights(load_model("org/old-sharded")[0], load_model(tiny_hf_dir)[0])
 
 
 def test_a_tokenizer_hub_id_downloads_only_the_tokenizer_files(fake_hub, gpt2_tokenizer, tmp_path):
