@@ -20,6 +20,7 @@ import json
 import math
 import os
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
 
@@ -150,10 +151,12 @@ def strict_json(row: dict[str, Any]) -> str:
     return json.dumps(clean, allow_nan=False)
 
 
-def _row(path: Path, number: int, line: str) -> dict[str, Any]:
+def _row(path: Path, number: int, line: bytes) -> dict[str, Any]:
     """Line `number` of a metrics file, a JSON object; a damaged one is a one-line MinigptError."""
     try:
-        row = json.loads(line)
+        row = json.loads(line.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise MinigptError(f"{path}: line {number} is not UTF-8 text ({e.reason}); the file is left as it is") from None
     except json.JSONDecodeError as e:
         raise MinigptError(f"{path}: line {number} is not JSON ({e.msg}); the file is left as it is") from None
     if not isinstance(row, dict):
@@ -171,9 +174,12 @@ class MetricsLog:
         """Open for appending; `keep_rows` (a resume) first cuts the file back to that many rows, the
         rows written before the checkpoint; None starts an empty file."""
         self.path = path
-        lines = path.read_text(encoding="utf-8").splitlines(keepends=True) if keep_rows and path.exists() else []
-        lines = lines[: keep_rows or 0]
+        lines = path.read_bytes().splitlines(keepends=True)[:keep_rows] if keep_rows and path.exists() else []
+        if keep_rows and len(lines) < keep_rows:  # (rows flushed, not yet on disk, when the machine went down)
+            warnings.warn(f"{path}: holds {len(lines)} rows where the checkpoint counts {keep_rows} (lost in a crash, or "
+                          "cut by hand?); the run goes on, and the rows missing stay missing", stacklevel=2)
         self.rows: list[dict[str, Any]] = [_row(path, number, line) for number, line in enumerate(lines, 1)]
+        lines = [line.decode("utf-8") for line in lines]  # (each checked by _row)
         clear_interrupted_saves(path)  # (the run's lock makes this the one writer)
         with atomic_file(path) as tmp:
             tmp.write_text("".join(lines), encoding="utf-8")

@@ -349,15 +349,15 @@ class Trainer:
             self.bar = tqdm(total=cfg.max_steps, initial=self.step, desc="training", unit="step", file=sys.stderr,
                             dynamic_ncols=True)
         try:
-            with self.stop.catch_signals(self.ranks.is_main):
+            with self.stop.catch_signals(self.ranks.is_main):  # (to the last save: a signal in it must not lose the run)
                 while self.step < cfg.max_steps and not self._should_stop():
                     self._run_epoch()
                 if stopped := self._should_stop(agree_now=True):  # (every rank: a signal may come in the last step)
                     self.save()
-            if not stopped and self.val_batches is not None and self.last_eval_step != self.step:
-                self._evaluate_and_log()
-            if not stopped and (self.last_save_step != self.step or self._rows_since_save()):
-                self.save()  # the last checkpoint, its card with every row
+                if not stopped and self.val_batches is not None and self.last_eval_step != self.step:
+                    self._evaluate_and_log()
+                if not stopped and (self.last_save_step != self.step or self._rows_since_save()):
+                    self.save()  # the last checkpoint, its card with every row
         finally:
             if self.bar is not None:
                 self.bar.close()
@@ -380,15 +380,15 @@ class Trainer:
                 micro = []
                 if self.step >= self.config.max_steps or self._should_stop():
                     return
-        if micro:  # the epoch's last, shorter accumulation: an epoch with any batch makes a step
-            self._run_step(micro)
+        if micro:  # the epoch's last, shorter accumulation (an epoch with any batch makes a step), run when the
+            self._run_step(micro, epoch_end=True)  # batches have moved on: evaluated before it may be saved
         if whole and self.step == step:  # (fit() would start one empty epoch after another, forever)
             raise MinigptError("train_batches: the batches are empty, a whole epoch yielded none (fewer blocks than "
                                "one batch, with drop_last?); give the loop at least one batch")
         if self.val_batches is not None and self.last_eval_step != self.step:
             self._evaluate_and_log()
 
-    def _run_step(self, micro: list[torch.Tensor]) -> None:
+    def _run_step(self, micro: list[torch.Tensor], epoch_end: bool = False) -> None:
         """One step plus what follows it: progress, logging, evaluation, saving."""
         cfg, interval = self.config, self.interval
         self.pending.start()
@@ -413,7 +413,7 @@ class Trainer:
             self._log(row)
             interval.update(losses=[], tokens=0, seconds=0.0)
         # The last step is evaluated before it is saved, so that its checkpoint's card holds its loss.
-        due = (cfg.eval_every and self.step % cfg.eval_every == 0) or self.step == cfg.max_steps
+        due = (cfg.eval_every and self.step % cfg.eval_every == 0) or self.step == cfg.max_steps or epoch_end
         if due and self.val_batches is not None and self.last_eval_step != self.step:
             self._evaluate_and_log()
         if cfg.save_every and self.step % cfg.save_every == 0:

@@ -443,7 +443,7 @@ def test_eval_only_with_val_data_reads_only_that_file(tmp_path, tiny_minigpt_dir
     assert sorted(p.name for p in tmp_path.iterdir()) == ["oracle"]  # eval-only wrote nothing
 
 
-def test_a_resume_with_other_settings_names_them_readably(tmp_path):
+def test_a_resume_with_other_settings_names_them_readably(tmp_path, monkeypatch):
     """A flag the run was made without is "without --max-records", not Python's "None"; strings are
     not quoted as Python writes them."""
     from minigpt.run_folder import check_same_run
@@ -476,6 +476,16 @@ def test_a_resume_with_other_settings_names_them_readably(tmp_path):
     assert bare.returncode == 2 and bare.stderr.splitlines() == [
         f"error: --resume: the run in {out} was made with --batch-size x processes 16, not 8; "
         "resume with the same settings, or choose another --out"], bare.stderr
+    # another --max-steps too (it does not wait for the data to count the steps): no token cache is made
+    fresh = tmp_path / "fresh-cache"
+    shared = os.environ["MINIGPT_CACHE"]
+    monkeypatch.setenv("MINIGPT_CACHE", str(fresh))
+    steps = call_cli("train.py", *QUICK, "--max-steps", "2", "--out", str(out), "--resume")
+    monkeypatch.setenv("MINIGPT_CACHE", shared)
+    assert steps.returncode == 2 and steps.stderr.splitlines() == [
+        f"error: --resume: the run in {out} was made with steps (--epochs / --max-steps) 1, not 2; "
+        "resume with the same settings, or choose another --out"], steps.stderr
+    assert not fresh.exists()
     other_data = call_cli("train.py", *QUICK, "--max-steps", "1", "--out", str(out), "--resume", "--data", "eli5_category")
     assert other_data.returncode == 2 and len(other_data.stderr.splitlines()) == 1, other_data.stderr
     assert re.match(rf"error: --resume: the run in {re.escape(str(out))} was made (with --data .+|without --data), "

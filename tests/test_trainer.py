@@ -428,6 +428,31 @@ def test_a_damaged_metrics_file_stops_a_resume_in_one_line_and_is_kept(tmp_path)
         assert metrics.read_bytes() == before and current_checkpoint(tmp_path) == folder
 
 
+def test_a_metrics_file_not_utf8_or_short_of_rows(tmp_path):
+    """A metrics.jsonl line that is not UTF-8 was a UnicodeDecodeError traceback on --resume; one
+    with fewer rows than its checkpoint counts (flushed rows a crash kept off the disk) was cut
+    back without a word, and its rows were silently missing for good."""
+    train = random_blocks(12, 16, 300, seed=9)
+    make_trainer(tmp_path, micro_model(), train, max_steps=4, save_every=2).fit()
+    metrics = tmp_path / METRICS_FILE
+    good = metrics.read_bytes()
+    metrics.write_bytes(b'{"step": 1, "loss": "\xff"}\n' + good.split(b"\n", 1)[1])
+    folder = check_out_folder(tmp_path, resume=True)
+    for damaged in (True, False):
+        trainer = make_trainer(tmp_path, load_model_weights(folder)[0], train, max_steps=6, save_every=2)
+        trainer.resume(folder)
+        if damaged:
+            before = metrics.read_bytes()
+            with pytest.raises(MinigptError, match=rf"{METRICS_FILE}: line 1 is not UTF-8 text \(.*left as it is$"):
+                trainer.fit()
+            assert metrics.read_bytes() == before
+            metrics.write_bytes(good.split(b"\n", 1)[0] + b"\n")  # (now the first of the checkpoint's 4 rows alone)
+        else:
+            with pytest.warns(UserWarning, match=r"holds 1 rows where the checkpoint counts 4 \(lost in a crash"):
+                trainer.fit()
+            assert [r["step"] for r in rows(tmp_path)] == [1, 5, 6]
+
+
 def test_a_run_resumed_at_the_end_of_an_epoch_goes_on(tmp_path):
     """A checkpoint saved after an epoch's last batch resumes with no batch left in that epoch: an
     epoch without a step that is not an empty run's, so the loop goes on to the next epoch."""
@@ -453,6 +478,68 @@ def test_a_run_resumed_at_the_end_of_an_epoch_goes_on(tmp_path):
     assert trainer.fit()["step"] == 6
     for a, b in zip(whole.state_dict().values(), resumed.state_dict().values()):
         assert torch.equal(a, b)
+
+
+def test_a_resume_after_an_epochs_short_last_step_keeps_its_evaluation(tmp_path):
+    """An epoch whose batches do not fill its last accumulation ends in a shorter step, taken once
+    the batches have moved on to the next epoch. Its checkpoint was saved before the epoch's
+    evaluation, so a run killed after that save and resumed never evaluated the epoch: its
+    metrics.jsonl lacked the row of step 3 that the uninterrupted run has."""
+    train, val = random_blocks(32, 16, 300, seed=21), random_blocks(5, 16, 300, seed=22)  # 8 batches: 3 + 3 + 2
+    settings = dict(max_steps=6, save_every=3, grad_accum=3)
+    whole = micro_model(dropout=0.1)
+    make_trainer(tmp_path / "whole", whole, train, val, **settings).fit()
+    assert [r["step"] for r in rows(tmp_path / "whole") if "val_loss" in r] == [3, 6]
+
+    trainer = make_trainer(tmp_path / "run", micro_model(dropout=0.1), train, val, **settings)
+    steps, real = {"n": 0}, trainer.optimizer.step
+
+    def dies_in_step_4(*args, **kwargs):
+        steps["n"] += 1
+        if steps["n"] == 4:
+            raise RuntimeError("killed")
+        return real(*args, **kwargs)
+
+    trainer.optimizer.step = dies_in_step_4
+    with pytest.raises(RuntimeError, match="killed"):
+        trainer.fit()
+    folder = check_out_folder(tmp_path / "run", resume=True)
+    resumed, _ = load_model_weights(folder)
+    trainer = make_trainer(tmp_path / "run", resumed, train, val, **settings)
+    trainer.resume(folder)
+    assert trainer.step == 3
+    trainer.fit()
+    for a, b in zip(whole.state_dict().values(), resumed.state_dict().values()):
+        assert torch.equal(a, b)
+    strip = lambda rs: [{k: v for k, v in r.items() if k != "tokens_per_sec"} for r in rs]  # noqa: E731
+    assert strip(rows(tmp_path / "run")) == strip(rows(tmp_path / "whole"))
+
+
+def test_a_signal_in_the_last_save_waits_for_it(tmp_path, monkeypatch):
+    """Ctrl-C or SIGTERM during the run's last evaluation or save (a run without --save-every has
+    no other checkpoint) interrupted the save and lost every step: the signal handlers were put
+    back before it. Now the save completes, as the one after a stop does. (The handler outside
+    raises, so a save it interrupts fails this test instead of pytest's run.)"""
+    import signal
+
+    import minigpt.trainer
+
+    def write_then_interrupted(folder, info, tensors):
+        os.kill(os.getpid(), signal.SIGINT)
+        real(folder, info, tensors)
+
+    def outside(signum, frame):
+        raise RuntimeError("the signal interrupted the save")
+
+    real = minigpt.trainer.write_training_state
+    monkeypatch.setattr(minigpt.trainer, "write_training_state", write_then_interrupted)
+    previous = signal.signal(signal.SIGINT, outside)
+    try:
+        trainer = make_trainer(tmp_path, micro_model(), random_blocks(12, 16, 300, seed=23), max_steps=4)
+        assert trainer.fit()["step"] == 4
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert current_checkpoint(tmp_path).name.startswith("step-000000004")
 
 
 def load_model_weights(folder: Path) -> tuple[GPT, None]:
