@@ -22,6 +22,9 @@ MAX_LAYERS = 256
 
 ATTENTION_IMPLS = ("sdpa", "reference")
 SHAPE_FIELDS = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd")  # the numbers the weights' shapes follow
+# GPT2Config's other names for four of its fields (its `attribute_map`): a config.json may use either.
+HF_ALIASES = {"n_embd": "hidden_size", "n_positions": "max_position_embeddings", "n_head": "num_attention_heads",
+              "n_layer": "num_hidden_layers"}
 
 
 @dataclass
@@ -98,6 +101,12 @@ class GPTConfig:
     @classmethod
     def from_hf(cls, hf: dict[str, Any]) -> "GPTConfig":
         """Map an HF GPT-2 `config.json` to a GPTConfig, refusing anything we cannot compute exactly."""
+        hf = dict(hf)
+        for name, alias in HF_ALIASES.items():  # (transformers reads either name)
+            if alias in hf:
+                value = hf.pop(alias)
+                if hf.setdefault(name, value) != value:
+                    raise MinigptError(f"config: {name} {hf[name]!r} and {alias} {value!r} (another name for it) differ")
         if hf.get("model_type") != "gpt2":
             raise MinigptError(f"config: model_type {hf.get('model_type')!r} is not 'gpt2'")
         activation = hf.get("activation_function", "gelu_new")
@@ -116,18 +125,17 @@ class GPTConfig:
         ):
             if hf.get(field, supported) != supported:
                 raise MinigptError(f"config: {field}={hf[field]!r} is not supported")
-        n_embd = hf.get("n_embd", 768)
-        if hf.get("n_inner") not in (None, 4 * n_embd):
-            raise MinigptError(f"config: n_inner={hf['n_inner']!r} is not 4 * n_embd")
         config = cls(
             vocab_size=hf.get("vocab_size", 50257),
             block_size=hf.get("n_positions", 1024),
             n_layer=hf.get("n_layer", 12),
             n_head=hf.get("n_head", 12),
-            n_embd=n_embd,
+            n_embd=hf.get("n_embd", 768),
             dropout=hf.get("resid_pdrop", 0.1),
             layer_norm_eps=hf.get("layer_norm_epsilon", 1e-5),
         )
+        if hf.get("n_inner") not in (None, 4 * config.n_embd):  # (after cls checked n_embd is a number)
+            raise MinigptError(f"config: n_inner={hf['n_inner']!r} is not 4 * n_embd")
         dropouts = {name: hf.get(name, 0.1) for name in ("resid_pdrop", "embd_pdrop", "attn_pdrop")}
         if any(p != config.dropout for p in dropouts.values()):  # (only training sees it: inference is exact)
             warnings.warn(f"config: {', '.join(f'{k} {v!r}' for k, v in dropouts.items())} differ; minigpt has one "

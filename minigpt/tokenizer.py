@@ -170,17 +170,17 @@ class Tokenizer:
 
     def to_hf_files(self, folder: str | os.PathLike, model_max_length: int) -> None:
         """Write the files `transformers.AutoTokenizer` expects beside an exported model, whose
-        context window is `model_max_length` tokens (what transformers truncates a pipeline's input to)."""
+        context window is `model_max_length` tokens (what transformers truncates a pipeline's input to).
+
+        The class named is the generic fast tokenizer, which runs tokenizer.json as it is. Named
+        `GPT2Tokenizer`, transformers rebuilt GPT-2's own pipeline around the vocabulary, dropping
+        any other setting the file holds: a tokenizer that adds a prefix space, or lowercases,
+        gave other ids in transformers than the ones the model was trained on."""
         folder = Path(folder)
         self.save(folder / TOKENIZER_FILE)
         special = {"bos_token": EOS_TOKEN, "eos_token": EOS_TOKEN, "unk_token": EOS_TOKEN}
         (folder / "special_tokens_map.json").write_text(json.dumps(special, indent=2))
-        config = {
-            "tokenizer_class": "GPT2Tokenizer",
-            "model_max_length": model_max_length,
-            "add_prefix_space": False,
-            **special,
-        }
+        config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": model_max_length, **special}
         (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
 
 

@@ -380,6 +380,7 @@ BAD_CONFIGS = {
     "negative_layers": (lambda c: {**c, "n_layer": -2}, ["n_layer must be a positive integer"]),
     "float_width": (lambda c: {**c, "n_embd": 64.0}, ["n_embd must be a positive integer"]),
     "string_width": (lambda c: {**c, "n_embd": "64"}, ["n_embd must be a positive integer"]),
+    "null_width": (lambda c: {**c, "n_embd": None}, ["n_embd must be a positive integer"]),
     "bool_layers": (lambda c: {**c, "n_layer": True}, ["n_layer must be a positive integer"]),
     "heads_not_dividing": (lambda c: {**c, "n_head": 5}, ["divisible by n_head (5)"]),
     "nan_dropout": (lambda c: {**c, "resid_pdrop": float("nan"), "dropout": float("nan")},

@@ -66,6 +66,26 @@ def test_legacy_pytorch_model_bin(tiny_hf_dir, tmp_path):
         assert (model(IDX)[0] - hf_logits(tiny_hf_dir, IDX)).abs().max() < FP32_TOL
 
 
+def test_gpt2configs_other_names_for_its_fields_are_read(tmp_path):
+    """transformers reads hidden_size, max_position_embeddings, num_attention_heads and
+    num_hidden_layers as n_embd, n_positions, n_head and n_layer. minigpt read only the latter, and
+    took its defaults instead: 12 heads where the config said 4, logits 0.59 apart without a word
+    (the widths' defaults were refused, blaming the weights' shapes). Both names differing is refused."""
+    from conftest import save_hf_model
+    from minigpt.config import HF_ALIASES
+
+    folder = save_hf_model(tmp_path / "aliases", n_layer=2, n_head=4, n_embd=96, n_positions=64)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, **{alias: config.pop(name) for name, alias in HF_ALIASES.items()}}))
+    model, _ = load_model(folder)
+    assert (model.config.n_head, model.config.n_embd, model.config.n_layer, model.config.block_size) == (4, 96, 2, 64)
+    with torch.no_grad():
+        assert (model(IDX)[0] - hf_logits(folder, IDX)).abs().max() < FP32_TOL
+    (folder / "config.json").write_text(json.dumps({**config, "num_attention_heads": 4, "n_head": 2}))
+    with pytest.raises(MinigptError, match=r"config\.json: config: n_head 2 and num_attention_heads 4 \(another name for it\) differ"):
+        load_model(folder)
+
+
 def test_conv1d_weights_are_transposed(tiny_hf_dir):
     """c_proj is square, so only the values (not the shape) show a missed transpose."""
     state = load_file(tiny_hf_dir / "model.safetensors")

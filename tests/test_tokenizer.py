@@ -103,3 +103,31 @@ def test_train_bpe_refuses_a_str_and_a_vocabulary_below_the_bytes_and_eos():
     merged = Tokenizer.train_bpe(["hello hello hello"], 260)
     ids = merged.encode("hello")
     assert merged.vocab_size == 260 and len(ids) < 5 and merged.decode(ids) == "hello"
+
+
+def test_an_exported_tokenizer_gives_transformers_the_same_ids(gpt2_tokenizer, tmp_path):
+    """The export named `GPT2Tokenizer`, and transformers rebuilt GPT-2's pipeline around the
+    vocabulary: a tokenizer.json that adds a prefix space (as some GPT-2 fine-tunes' do) or
+    lowercases gave other ids in transformers ("Hello World": [15496, 2159] against the model's
+    [18435, 2159]). The stock tokenizer, one of each kind, and one learned from scratch all agree."""
+    import json
+
+    from transformers import AutoTokenizer
+
+    gpt2_tokenizer.save(tmp_path / "stock.json")
+    stock = json.loads((tmp_path / "stock.json").read_text())
+    kinds = {"stock": gpt2_tokenizer, "learned": Tokenizer.train_bpe(TEXTS * 3, 400)}
+    for name, edit in (("prefix", lambda tj: tj["pre_tokenizer"].update(add_prefix_space=True)),
+                       ("lowercase", lambda tj: tj.update(normalizer={"type": "Lowercase"}))):
+        changed = json.loads(json.dumps(stock))
+        edit(changed)
+        (tmp_path / f"{name}.json").write_text(json.dumps(changed))
+        kinds[name] = Tokenizer.from_file(tmp_path / f"{name}.json")
+    assert kinds["prefix"].encode("Hello World") == [18435, 2159] and kinds["lowercase"].encode("Hello") == [31373]
+    for name, tokenizer in kinds.items():
+        (tmp_path / name).mkdir()
+        tokenizer.to_hf_files(tmp_path / name, model_max_length=64)
+        theirs = AutoTokenizer.from_pretrained(tmp_path / name)
+        assert (theirs.eos_token_id, theirs.model_max_length) == (tokenizer.eos_id, 64)
+        for text in TEXTS:
+            assert theirs(text)["input_ids"] == tokenizer.encode(text), (name, text)
