@@ -18,7 +18,11 @@ def run(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] 
     """Run a CLI's `main`: a MinigptError becomes one line on stderr and exit 2; Ctrl-C exits 130;
     a reader that closed our stdout (`... | head`) ends the run quietly, as it does `cat`'s (141);
     stdout that cannot be written (a full disk) is one line and exit 2. Python warnings (minigpt's,
-    torch's) are one `warning: ...` line each, as the CLIs' own warnings are."""
+    torch's) are one `warning: ...` line each, as the CLIs' own warnings are. A character that the
+    terminal's encoding cannot show (PYTHONIOENCODING=latin-1, a model's Japanese) prints on stdout
+    as "?", not as a UnicodeEncodeError (stderr writes it as `\\u65e5`, as Python sets it up)."""
+    if getattr(sys.stdout, "errors", None) == "strict" and hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(errors="replace")
     try:
         with one_line_warnings():
             code = main(argv)

@@ -945,6 +945,9 @@ BREAKS = (
           "GPT-2's pipeline and drops a prefix space or a normalizer the tokenizer.json holds",
           ((r'"tokenizer_class": "PreTrainedTokenizerFast"', '"tokenizer_class": "GPT2Tokenizer"'),),
           ("tests/test_tokenizer.py::test_an_exported_tokenizer_gives_transformers_the_same_ids",)),
+    Break("stdout_encoding_strict", "a character stdout's encoding cannot write is a UnicodeEncodeError traceback",
+          ((r'if getattr\(sys\.stdout, "errors", None\) == "strict"', "if False"),),
+          ("tests/test_faults.py::test_text_the_terminal_cannot_encode_prints_as_question_marks",)),
     Break("interactive_reads_text_stdin", "--interactive reads stdin as text: strict under a UTF-8 locale (a traceback on a "
           "byte that is not UTF-8), and a lone \\r does not end a question",
           ((r"return buffer\.readline\(\)\.decode\(\"utf-8\", \"surrogateescape\"\) if buffer is not None else "

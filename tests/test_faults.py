@@ -850,6 +850,20 @@ def test_interactive_reads_bytes_whatever_the_locale(tiny_minigpt_dir, tmp_path)
     assert split.returncode == whole.returncode == 0 and split.stdout == whole.stdout and split.stdout.count(b"\n") == 2
 
 
+def test_text_the_terminal_cannot_encode_prints_as_question_marks(tiny_minigpt_dir, tmp_path):
+    """Under PYTHONIOENCODING=latin-1 (or any terminal encoding short of the text) a prompt or
+    sample outside it was a UnicodeEncodeError traceback, at the first such character."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONIOENCODING": "latin-1"}
+    result = subprocess.run([sys.executable, str(ROOT / "sample.py"), "--model", str(tiny_minigpt_dir), "--greedy",
+                             "--max-new-tokens", "3", "café 日本"], capture_output=True, env=env, timeout=120)
+    assert result.returncode == 0 and b"Traceback" not in result.stderr, result.stderr
+    assert result.stdout.startswith("café ??".encode("latin-1")), result.stdout
+    bad = subprocess.run([sys.executable, str(ROOT / "sample.py"), "--model", str(tmp_path / "日本"), "hi"],
+                         capture_output=True, env=env, timeout=120)
+    assert bad.returncode == 2 and bad.stderr.decode().splitlines() == [
+        f"error: {tmp_path}/\\u65e5\\u672c: no such file or folder"]  # (stderr: Python's backslashreplace)
+
+
 def test_sample_flags_out_of_range(tiny_minigpt_dir):
     model = ["--model", str(tiny_minigpt_dir)]
     for flag, value in [
