@@ -44,7 +44,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .errors import MinigptError
+from .errors import MinigptError, reason
 from .inference import available_kernels
 from .layouts import FUSIBLE_KERNELS, FbgemmInt8Linear, OnThreads
 from .opaque import OpaqueLayer
@@ -352,7 +352,11 @@ class CompiledDecoding:
             start = time.perf_counter()
             with warnings.catch_warnings():  # (inductor's autotuning uses an API torch itself deprecates)
                 warnings.filterwarnings("ignore", message="TypedStorage is deprecated")
-                got = self(idx, cache).float()
+                try:
+                    got = self(idx, cache).float()
+                except Exception as e:  # (a compiler that answers --version and builds nothing: CppCompileError)
+                    raise MinigptError(f"compiled decoding: torch.compile could not build the step ({reason(e)}); "
+                                       "decode eagerly, without compiling") from None
             seconds += time.perf_counter() - start
             want = self.model(torch.cat([idx, idx], dim=1))[0][:, -1].float()  # (B, vocab)
             gap, largest = (got - want).abs().max().item(), want.abs().max().item()

@@ -948,6 +948,10 @@ BREAKS = (
     Break("stdout_encoding_strict", "a character stdout's encoding cannot write is a UnicodeEncodeError traceback",
           ((r'if getattr\(sys\.stdout, "errors", None\) == "strict"', "if False"),),
           ("tests/test_faults.py::test_text_the_terminal_cannot_encode_prints_as_question_marks",)),
+    Break("compile_failure_traceback", "a compiler that answers --version but builds nothing is an InductorError "
+          "traceback at the first compiled step",
+          ((r"except Exception as e:  # \(a compiler that answers --version", "except ZeroDivisionError as e:  # ("),),
+          ("tests/test_compiled_decoding.py::test_warm_up_names_a_compiler_that_builds_nothing",)),
     Break("interactive_reads_text_stdin", "--interactive reads stdin as text: strict under a UTF-8 locale (a traceback on a "
           "byte that is not UTF-8), and a lone \\r does not end a question",
           ((r"return buffer\.readline\(\)\.decode\(\"utf-8\", \"surrogateescape\"\) if buffer is not None else "

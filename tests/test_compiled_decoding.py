@@ -214,6 +214,20 @@ def test_warm_up_refuses_a_compiled_step_that_disagrees_with_the_eager_model(mon
     assert CompiledDecoding(model).warm_up(2, torch.float32) >= 0  # (rounding-sized gaps pass)
 
 
+def test_warm_up_names_a_compiler_that_builds_nothing(monkeypatch):
+    """A compiler that answers --version (so passes the check) but builds nothing (CXX a wrapper
+    that fails, a broken toolchain) was a 40-line InductorError traceback at the first step."""
+    def compiler_fails(step, **options):
+        def run(*args):
+            raise RuntimeError("CppCompileError: C++ compile error\n\nCommand:\ng++ ... -o header.i\n\nOutput: ...")
+        return run
+
+    monkeypatch.setattr(torch, "compile", compiler_fails)
+    with pytest.raises(MinigptError, match=r"^compiled decoding: torch\.compile could not build the step \(CppCompileError: "
+                                           r"C\+\+ compile error\); decode eagerly, without compiling$"):
+        CompiledDecoding(prepare_for_inference(small_model(), None)).warm_up(1, torch.float32)
+
+
 def test_warm_up_refuses_a_batch_or_dtype_it_cannot_decode(monkeypatch):
     """A batch of 0 or 2.0, or a dtype other than the activations' (bf16 for an fp32 model, or a name
     such as "fp32"), failed in torch's own words (or a KeyError); one line now names what it takes."""
