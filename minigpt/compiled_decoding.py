@@ -34,11 +34,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
-import os
-import sysconfig
 import time
 import warnings
-from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -49,7 +46,7 @@ from .inference import available_kernels
 from .layouts import FUSIBLE_KERNELS, FbgemmInt8Linear, OnThreads
 from .opaque import OpaqueLayer
 from .model import GPT, KVCache
-from .runtime import prepare_cpu_compile, program_runs, wait_for
+from .runtime import prepare_cpu_compile, wait_for
 
 # Graphs of `DecodeStep.forward` a process may hold: one per model and batch size, all compiled from
 # the same code, where dynamo keeps 8 by default (with fullgraph=True the 9th is an error: a
@@ -243,17 +240,9 @@ class CompiledDecoding:
         if gemms not in self.GEMMS:
             raise MinigptError(f"compiled decoding: gemms must be one of {self.GEMMS}, not {gemms!r}")
         on_cpu = next(model.parameters()).device.type == "cpu"
-        compiler = os.environ.get("CXX", "g++")
-        if on_cpu and not program_runs(compiler):
-            raise MinigptError(f"compiled decoding on the CPU needs a C++ compiler ({compiler} not found, or it "
-                               "fails to run): torch.compile writes and builds C++ there")
-        headers = Path(sysconfig.get_path("include"), "Python.h")
-        if on_cpu and not headers.exists():  # (inductor builds its kernels as Python extension modules)
-            raise MinigptError(f"compiled decoding on the CPU needs Python's C headers ({headers} not found; "
-                               "on Debian or Ubuntu: apt install python3-dev)")
-        self.model = model
-        if on_cpu:  # (inductor keys a CPU step without its instruction set; a GPU's, with its device)
+        if on_cpu:  # (a compiler and headers are checked; inductor's cache is kept per instruction set)
             prepare_cpu_compile()
+        self.model = model
         # On the CPU the graph's wrapper is C++ too (`cpp_wrapper`): it calls each kernel without
         # Python's per-call cost, which runs from cold caches between layers
         options = {"cpp_wrapper": True} if on_cpu else None

@@ -8,6 +8,7 @@ import logging
 import os
 import re
 import subprocess
+import sysconfig
 import time
 from pathlib import Path
 from typing import Callable, TypeVar
@@ -129,6 +130,10 @@ ISA_CAPS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTION
 def prepare_cpu_compile() -> Path:
     """Ready torch.compile to build C++ for the CPU; return the folder of inductor's disk cache.
 
+    A C++ compiler (CXX, else g++) that runs and Python's C headers (inductor builds its kernels as
+    Python extension modules) are checked first: without them, torch.compile fails deep inside
+    inductor, at the first step.
+
     One cache folder per instruction set: TORCHINDUCTOR_CACHE_DIR (default /tmp/torchinductor_$USER)
     is pointed at a subfolder of it for the instruction sets torch's kernels use in this process.
     Inductor keys a compiled graph by the graph and its settings, not by the instruction set it wrote
@@ -141,6 +146,14 @@ def prepare_cpu_compile() -> Path:
     toolkit (nvcc) but no GPU logs "No CUDA runtime is found, using CUDA_HOME=..." as it loads: a
     line about CUDA in a run on the CPU. It is imported here, with that logger quiet.
     """
+    compiler = os.environ.get("CXX", "g++")
+    if not program_runs(compiler):
+        raise MinigptError(f"torch.compile on the CPU needs a C++ compiler ({compiler} not found, or it fails to run): "
+                           "it writes and builds C++ there")
+    headers = Path(sysconfig.get_path("include"), "Python.h")
+    if not headers.exists():
+        raise MinigptError(f"torch.compile on the CPU needs Python's C headers ({headers} not found; on Debian or "
+                           "Ubuntu: apt install python3-dev)")
     logger = logging.getLogger("torch.utils.cpp_extension")
     level = logger.level
     logger.setLevel(logging.ERROR)

@@ -13,7 +13,7 @@ import sys
 import pytest
 import torch
 
-from minigpt import compiled_decoding, layouts, opaque
+from minigpt import compiled_decoding, layouts, opaque, runtime
 from minigpt.compiled_decoding import CompiledDecoding, DecodeStep, compilable
 from minigpt.config import GPTConfig
 from minigpt.errors import MinigptError
@@ -176,7 +176,7 @@ def test_a_model_in_training_mode_or_a_cpu_without_a_compiler_or_python_headers_
     with pytest.raises(MinigptError, match=r"needs a C\+\+ compiler \(false not found, or it fails to run\)"):
         CompiledDecoding(small_model())
     monkeypatch.setenv("CXX", sys.executable)  # (a program that exists passes the compiler check)
-    monkeypatch.setattr(compiled_decoding.sysconfig, "get_path", lambda name: "/no/such/include")
+    monkeypatch.setattr(runtime.sysconfig, "get_path", lambda name: "/no/such/include")
     with pytest.raises(MinigptError, match=r"needs Python's C headers \(/no/such/include/Python.h not found"):
         CompiledDecoding(small_model())
 

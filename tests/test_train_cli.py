@@ -490,3 +490,14 @@ def test_a_resume_with_other_settings_names_them_readably(tmp_path, monkeypatch)
     assert other_data.returncode == 2 and len(other_data.stderr.splitlines()) == 1, other_data.stderr
     assert re.match(rf"error: --resume: the run in {re.escape(str(out))} was made (with --data .+|without --data), "
                     r"not (with --data )?eli5_category; ", other_data.stderr), other_data.stderr
+
+
+def test_compile_without_a_working_compiler_is_one_line(tmp_path, monkeypatch):
+    """Training with --compile on the CPU checked for no C++ compiler: without one it was an
+    inductor traceback at the first step, after the run's folder was made."""
+    monkeypatch.setenv("CXX", "no-such-compiler")
+    result = call_cli("train.py", *QUICK, "--max-steps", "1", "--compile", "--out", str(tmp_path / "run"))
+    assert result.returncode == 2 and result.stderr.splitlines() == [
+        "error: torch.compile on the CPU needs a C++ compiler (no-such-compiler not found, or it fails to run): it "
+        "writes and builds C++ there"], result.stderr
+    assert not (tmp_path / "run").exists()

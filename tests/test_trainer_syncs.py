@@ -19,6 +19,7 @@ import minigpt.metrics as metrics_module
 from minigpt.errors import MinigptError
 from minigpt.metrics import MetricsLog, StepNumbers, strict_json
 from minigpt.run_folder import STATE_JSON
+from minigpt.runtime import program_runs
 from test_trainer import lm_loss, make_trainer, micro_model, random_blocks, rows
 
 HOST_READS = ("item", "tolist", "__float__", "__int__", "__bool__")  # each waits for a GPU's queue
@@ -195,6 +196,7 @@ def test_compile_mode_reaches_torch_compile_and_reduce_overhead_marks_the_batch_
     assert asked[-1] == "max-autotune" and marked == []
 
 
+@pytest.mark.skipif(not program_runs(os.environ.get("CXX", "g++")), reason="compiling on the CPU needs a C++ compiler")
 def test_compiled_training_on_the_cpu_keeps_to_its_instruction_sets_cache(tmp_path, monkeypatch):
     """Inductor's disk cache does not tell instruction sets apart (`runtime.prepare_cpu_compile`):
     a training step compiled on the CPU, as compiled decoding, uses the cache's folder for the
