@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import shlex
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -223,7 +224,7 @@ def train(args, device, dtype, dtype_name: str, ranks, resume_from: Path | None)
         raise
     val = result.get("val_loss")
     summary = f"done: step {result['step']}" + (f", validation loss {val:.4f} (perplexity {perplexity(val):.1f})" if val is not None else "")
-    say(f"{summary}\nsample from it: python sample.py --model {args.out}")
+    say(f"{summary}\nsample from it: python sample.py --model {shlex.quote(str(args.out))}")
     return 0
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 from dataclasses import dataclass, field
 from importlib import metadata
 from typing import Any
@@ -33,8 +34,10 @@ class RunFacts:
     name: str  # the model's name: its folder's name
     out: str  # the folder, as the usage examples should spell it
     base_model: str | None  # --init (a Hub id or a folder), None for a model trained from scratch
-    base_on_hub: bool  # whether base_model is a Hub id (then linked)
-    datasets: list[str]  # Hub dataset ids, or the local files' names
+    base_on_hub: bool  # whether base_model is a Hub id: then linked, and in the metadata (the Hub
+    # refuses a card whose base_model is no repo id, such as a local folder's path)
+    datasets: list[str]  # Hub dataset ids, or the local files' names: the training data's, then any other
+    evaluated_on: tuple[str, str]  # (dataset, split) the validation loss was measured on
     model: str  # one line: the architecture and its size
     data: list[str]  # lines: format, records, blocks
     hyperparameters: list[tuple[str, Any]]  # (name, value), in the order to show
@@ -94,7 +97,7 @@ def render_card(facts: RunFacts, rows: list[dict[str, Any]], step: int) -> str:
     finished = step >= facts.max_steps
 
     meta = [f"license: {LICENSE}"]
-    if facts.base_model is not None:
+    if facts.base_on_hub:
         meta.append(f"base_model: {_yaml(facts.base_model)}")
     meta += ["datasets:", *(f"- {_yaml(d)}" for d in facts.datasets)]
     meta += ["tags:", *(f"- {_yaml(t)}" for t in facts.tags)]
@@ -105,8 +108,8 @@ def render_card(facts: RunFacts, rows: list[dict[str, Any]], step: int) -> str:
     else:
         meta += [
             "  results:", "  - task:", "      type: text-generation", "      name: Causal Language Modeling",
-            "    dataset:", f"      name: {_yaml(facts.datasets[0])}", f"      type: {_yaml(facts.datasets[0])}",
-            "      split: validation", "    metrics:",
+            "    dataset:", f"      name: {_yaml(facts.evaluated_on[0])}", f"      type: {_yaml(facts.evaluated_on[0])}",
+            f"      split: {_yaml(facts.evaluated_on[1])}", "    metrics:",
             "    - type: loss", f"      value: {_yaml_number(measured['val_loss'])}", "      name: Validation loss",
             "    - type: perplexity", f"      value: {_yaml_number(perplexity(measured['val_loss']))}",
             "      name: Perplexity",
@@ -118,7 +121,8 @@ def render_card(facts: RunFacts, rows: list[dict[str, Any]], step: int) -> str:
         origin = f"is a fine-tuned version of [{facts.base_model}](https://huggingface.co/{facts.base_model})"
     else:
         origin = f"is a fine-tuned version of `{facts.base_model}`"
-    body = [f"# {facts.name}", "", f"This model {origin} on {', '.join(facts.datasets)}, with minigpt.",
+    evaluated = "" if facts.evaluated_on[0] == facts.datasets[0] else f" (evaluated on {facts.evaluated_on[0]})"
+    body = [f"# {facts.name}", "", f"This model {origin} on {facts.datasets[0]}{evaluated}, with minigpt.",
             f"These are its weights after step {step:,} of {facts.max_steps:,}"
             + ("." if finished else " (the run is not finished)."), ""]
     if measured is not None:
@@ -145,9 +149,9 @@ def render_card(facts: RunFacts, rows: list[dict[str, Any]], step: int) -> str:
                  f"(perplexity {perplexity(measured['val_loss']):.4f})."]
     body += ["", "### Framework versions", "", *(f"- {v}" for v in _versions()), "",
              "## How to use", "", "With minigpt:", "", "```bash",
-             f"python sample.py --model {facts.out} \"Why is the sky blue?\"", "```", "",
+             f"python sample.py --model {shlex.quote(facts.out)} \"Why is the sky blue?\"", "```", "",
              "With transformers, after exporting it (`python convert_hf_weights.py --to-hf "
-             f"{facts.out} --out exported/`):", "", "```python", "from transformers import pipeline", "",
+             f"{shlex.quote(facts.out)} --out exported/`):", "", "```python", "from transformers import pipeline", "",
              'generator = pipeline("text-generation", model="exported/")',
              'print(generator("Why is the sky blue?", max_new_tokens=50)[0]["generated_text"])', "```", ""]
     return "---\n" + "\n".join(meta) + "\n---\n\n" + "\n".join(body)

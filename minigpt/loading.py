@@ -78,6 +78,11 @@ def resolve_model(source: str | os.PathLike) -> tuple[Path, str]:
     return path, ("minigpt" if is_minigpt_checkpoint(path) else "hf")
 
 
+def is_hub_id(source: str | os.PathLike) -> bool:
+    """Whether `source` names a Hub repo, which `resolve_model` downloads, rather than a local path."""
+    return _local_path(source, "model") is None
+
+
 def _local_path(source: str | os.PathLike, what: str) -> Path | None:
     """`source` as a local path, or None where it names a Hub repo (`owner/name`, nothing on disk by
     that name). A path that exists nowhere (one that starts with ".", "/" or "~", or that no Hub id

@@ -160,10 +160,14 @@ class TrainFlags:
     def card_facts(self, model, train_blocks, val_blocks, world_size: int, dtype_name: str, max_steps: int):
         """What the model card says about a run of these flags (minigpt.card.RunFacts)."""
         from .card import RunFacts
+        from .loading import is_hub_id
 
         c, scratch = model.config, self.init == "scratch"
-        datasets = ["rexarski/eli5_category"] if self.data is None else [Path(self.data).name]
-        datasets += [Path(self.val_data).name] if self.val_data is not None else []
+        shown = lambda path: Path(path).expanduser().resolve().name  # noqa: E731  (a file's or folder's own name)
+        datasets = ["rexarski/eli5_category"] if self.data is None else [shown(self.data)]
+        datasets += [shown(self.val_data)] if self.val_data is not None else []
+        # (without --val-data, validation is a held-out share of the training records: their split)
+        evaluated_on = (datasets[-1], "validation") if self.val_data is not None else (datasets[0], "train")
         split = (f"from --val-data {self.val_data}" if self.val_data else
                  f"the --val-fraction {self.val_fraction:g} split of the records, seed {self.seed}")
         data = [f"source: {train_blocks.manifest.get('source')}, format `{self.format}`"]
@@ -184,7 +188,7 @@ class TrainFlags:
         ]
         return RunFacts(
             name=Path(self.out).resolve().name, out=self.out, base_model=None if scratch else self.init,
-            base_on_hub=not scratch and not Path(self.init).exists(), datasets=datasets,
+            base_on_hub=not scratch and is_hub_id(self.init), datasets=datasets, evaluated_on=evaluated_on,
             model=f"A GPT-2 language model of {model.num_parameters():,} parameters: {c.n_layer} layers, "
                   f"{c.n_head} heads, {c.n_embd} wide, a {c.block_size}-token context, a vocabulary of "
                   f"{c.vocab_size:,}; trained with minigpt, a from-scratch PyTorch GPT-2.",

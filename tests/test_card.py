@@ -6,6 +6,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -14,7 +15,8 @@ from minigpt.card import RunFacts, export_card, render_card, results_table
 
 FACTS = RunFacts(
     name="eli5", out="checkpoints/eli5", base_model="distilbert/distilgpt2", base_on_hub=True,
-    datasets=["rexarski/eli5_category"], model="A GPT-2.", data=["training: 4 blocks"],
+    datasets=["rexarski/eli5_category"], evaluated_on=("rexarski/eli5_category", "train"), model="A GPT-2.",
+    data=["training: 4 blocks"],
     hyperparameters=[("learning_rate", "2e-05"), ("seed", 42)], max_steps=8,
 )
 ROWS = [
@@ -44,6 +46,7 @@ def test_card_of_an_evaluated_checkpoint():
     assert meta["pipeline_tag"] == "text-generation" and meta["license"] == "apache-2.0"
     assert meta["base_model"] == "distilbert/distilgpt2" and meta["library_name"] == "minigpt"
     assert meta["metrics"] == ["perplexity"] and meta["datasets"] == ["rexarski/eli5_category"]
+    assert {(r.dataset_name, r.dataset_split) for r in card.data.eval_results} == {("rexarski/eli5_category", "train")}
     results = {r.metric_type: r.metric_value for r in card.data.eval_results}
     assert results == {"loss": 2.1235, "perplexity": pytest.approx(math.exp(2.12345), abs=1e-4)}
     assert "| 4.0000 | 0.375 | 3 | 3.9123 |" in card.text
@@ -72,6 +75,43 @@ def test_a_card_claims_no_loss_it_did_not_measure():
     card = load(render_card(scratch, ROWS[:1], step=2))
     assert "base_model" not in card.data.to_dict() and card.data.eval_results in (None, [])
     assert "No evaluation has run." in card.text and "trained from scratch" in card.text
+
+
+def test_what_the_hub_would_refuse_or_misread_stays_out_of_the_card(tmp_path, monkeypatch):
+    """base_model was --init whatever it was: a local folder's path, which the Hub refuses as no repo
+    id (`--init=~/model` even linked as huggingface.co/~/model); `--data .` named the dataset "";
+    with --val-data the results were credited to the training file; and the usage commands split
+    a folder with a space or a '#' in its name."""
+    from huggingface_hub import ModelCard
+
+    from minigpt.config import GPTConfig
+    from minigpt.data import TokenBlocks
+    from minigpt.model import GPT
+    from minigpt.train_flags import parse_train_flags
+
+    home = tmp_path / "home"
+    (home / "model").mkdir(parents=True)
+    (tmp_path / "texts").mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(tmp_path / "texts")
+    blocks = TokenBlocks(np.zeros((4, 8), dtype=np.uint16), {"source": "x", "records": 2, "tokens": 32})
+    model = GPT(GPTConfig(vocab_size=300, block_size=8, n_layer=1, n_head=1, n_embd=8))
+
+    def card(*argv: str) -> ModelCard:
+        flags = parse_train_flags(["--max-steps", "2", *argv], "train")
+        return ModelCard(render_card(flags.card_facts(model, blocks, blocks, 1, "fp32", 2), ROWS[:2], step=3))
+
+    local = card("--init=~/model", "--data", ".", "--out", str(tmp_path / "my run #1"))
+    meta = local.data.to_dict()
+    assert "base_model" not in meta and meta["datasets"] == ["texts"]
+    assert "is a fine-tuned version of `~/model` on texts, with minigpt." in local.text
+    assert f"python sample.py --model '{tmp_path}/my run #1' " in local.text
+    assert {(r.dataset_name, r.dataset_split) for r in local.data.eval_results} == {("texts", "train")}
+    hub = card("--init", "org/base", "--data", "train.json", "--val-data", "held-out.csv")
+    meta = hub.data.to_dict()
+    assert meta["base_model"] == "org/base" and meta["datasets"] == ["train.json", "held-out.csv"]
+    assert {(r.dataset_name, r.dataset_split) for r in hub.data.eval_results} == {("held-out.csv", "validation")}
+    assert "[org/base](https://huggingface.co/org/base) on train.json (evaluated on held-out.csv)" in hub.text
 
 
 def test_export_card_says_transformers():
@@ -107,7 +147,8 @@ def test_a_run_folder_card_matches_its_metrics_and_travels_with_the_export(tmp_p
     assert result.returncode == 0, result.stderr
     card = ModelCard.load(out / "README.md")
     meta = card.data.to_dict()
-    assert meta["pipeline_tag"] == "text-generation" and meta["license"] and meta["base_model"] == str(tiny_hf_dir)
+    assert meta["pipeline_tag"] == "text-generation" and meta["license"] and "base_model" not in meta  # (a local folder)
+    assert f"is a fine-tuned version of `{tiny_hf_dir}` on eli5_tiny.jsonl, with minigpt." in card.text
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     val = [r["val_loss"] for r in rows if "val_loss" in r]
     table = [line.split("|")[4].strip() for line in card.text.splitlines() if line.startswith("| ") and "Validation" not in line]
