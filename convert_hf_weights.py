@@ -42,15 +42,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = folder_destination(args.out)  # a file, a path under one, the current folder: refused at once
     to_hf = args.to_hf is not None  # (an empty --to-hf is still the export: load_model names the empty path)
     check_source_outside(out, args.to_hf if to_hf else args.source, "--to-hf" if to_hf else "SOURCE", "--out")
-    if out.is_dir() and any(out.iterdir()) and not args.force:
-        raise MinigptError(f"{args.out}: already exists and is not empty (pass --force to replace it)")
-
     from minigpt.hf import export_hf  # heavy imports after parsing
     from minigpt.loading import convert_to_minigpt, load_model
     from minigpt.run_folder import check_replaceable, keep_runs_out
 
     if out.is_dir() and not out.is_symlink():  # (a symlink is replaced itself, not what it names)
-        check_replaceable(out)
+        check_replaceable(out)  # (first: --force is suggested only where it would replace the folder)
+    if out.is_dir() and any(out.iterdir()) and not args.force:
+        raise MinigptError(f"{args.out}: already exists and is not empty (pass --force to replace it)")
 
     with keep_runs_out(out):  # --force never replaces the folder of a live training run
         if to_hf:

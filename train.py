@@ -27,7 +27,7 @@ from typing import Sequence
 
 from minigpt.cli import run
 from minigpt.errors import MinigptError, alike_on_every_rank
-from minigpt.train_flags import TrainFlags, parse_train_flags
+from minigpt.train_flags import RECIPE_MODEL, TrainFlags, parse_train_flags
 
 
 def parse_args(argv: Sequence[str] | None) -> TrainFlags:
@@ -61,12 +61,25 @@ def build_model(args: TrainFlags, resume_from: Path | None):
             dropout=0.1 if args.dropout is None else args.dropout,
         )
         return GPT(config), tokenizer  # initialised from torch's generator, seeded by main
-    model, tokenizer = load_model(args.init)
-    if args.block_size > model.config.block_size:
-        raise MinigptError(f"--block-size {args.block_size}: {args.init} sees at most {model.config.block_size} tokens")
+    model, tokenizer = load_init(args)
     if args.dropout is not None and args.dropout != model.config.dropout:
         config = dataclasses.replace(model.config, dropout=args.dropout)
         model = model_from_state(config, model_state_for_saving(model))
+    return model, tokenizer
+
+
+def load_init(args: TrainFlags):
+    """(model, tokenizer) of --init, which must see --block-size tokens."""
+    from minigpt.loading import load_model
+
+    try:
+        model, tokenizer = load_model(args.init)
+    except MinigptError as e:  # (the default is a Hub id the user may never have typed: name its flag)
+        if args.init != RECIPE_MODEL:
+            raise
+        raise MinigptError(f"--init, by default {e}") from None
+    if args.block_size > model.config.block_size:
+        raise MinigptError(f"--block-size {args.block_size}: {args.init} sees at most {model.config.block_size} tokens")
     return model, tokenizer
 
 
@@ -79,7 +92,6 @@ def eval_only(args: TrainFlags) -> int:
 
     from minigpt.data import BatchIterator, TokenBlocks, load_validation_blocks
     from minigpt.ddp import torchrun_process_group
-    from minigpt.loading import load_model
     from minigpt.metrics import evaluate, perplexity
     from minigpt.runtime import setup_device
     from minigpt.trainer import seed_everything
@@ -89,10 +101,7 @@ def eval_only(args: TrainFlags) -> int:
     seed_everything(args.seed)
     with torchrun_process_group(device) as (ranks, device):
         with alike_on_every_rank():
-            model, tokenizer = load_model(args.init)
-            if args.block_size > model.config.block_size:
-                raise MinigptError(f"--block-size {args.block_size}: {args.init} sees at most "
-                                   f"{model.config.block_size} tokens")
+            model, tokenizer = load_init(args)
         with tempfile.TemporaryDirectory(prefix="minigpt-eval-") as cache:  # write nothing, not even a cache
             # with --val-data only that file is read: the training data (the Hub's, by default) is not needed
             val_blocks = load_validation_blocks(args.data_config(cache_dir=cache), tokenizer,

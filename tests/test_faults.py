@@ -521,6 +521,9 @@ def test_convert_bad_sources_and_outputs(tiny_hf_dir, tmp_path):
     busy = tmp_path / "busy"
     busy.mkdir()
     (busy / "keep.txt").write_text("mine")
+    old = tmp_path / "old"  # (an earlier conversion's folder: --force would replace it)
+    old.mkdir()
+    (old / "config.json").write_text("{}")
     out = str(tmp_path / "out")
     for args, needles in [
         (["", "--out", out], ["empty model path"]),
@@ -529,13 +532,14 @@ def test_convert_bad_sources_and_outputs(tiny_hf_dir, tmp_path):
         (["nobody-xyz/no-such-model", "--out", out], ["nobody-xyz/no-such-model", "Hub could not provide"]),
         ([str(tiny_hf_dir), "--out", str(a_file)], [f"{a_file}: is a file, not a folder"]),
         ([str(tiny_hf_dir), "--out", str(a_file), "--force"], [f"{a_file}: is a file, not a folder"]),
-        ([str(tiny_hf_dir), "--out", str(busy)], [str(busy), "--force"]),
+        ([str(tiny_hf_dir), "--out", str(busy)], [str(busy), "holds 'keep.txt'", "choose another --out"]),
+        ([str(tiny_hf_dir), "--out", str(old)], [str(old), "pass --force"]),
         ([str(tiny_hf_dir), "--out", str(a_file / "sub")], [f"{a_file / 'sub'}: {a_file} is not a folder"]),
     ]:
         result = convert(*args)
         assert_one_line_error(result, *needles)
-        if "--force" not in needles:  # where --force would not help, it is not suggested
-            assert "--force" not in result.stderr, (args, result.stderr)
+        if "pass --force" not in needles:  # where --force would not help, it is not suggested (it was, for busy/)
+            assert "pass --force" not in result.stderr, (args, result.stderr)
     assert a_file.read_text() == "not a folder" and snapshot(busy) == {"keep.txt": b"mine"}
     assert not (tmp_path / "out").exists()
 

@@ -197,6 +197,25 @@ def test_train_names_the_flag_whose_default_tokenizer_failed(fake_hub, tmp_path,
     assert result.returncode == 2 and result.stderr.startswith("error: org/missing: no such local folder")
 
 
+def test_train_names_the_flag_whose_default_model_failed(fake_hub, tmp_path, monkeypatch):
+    """Offline, `train.py --data FILE` (README's offline recipe without --init) failed naming
+    distilbert/distilgpt2, an id the user never typed; so did --eval-only."""
+    from conftest import ROOT, call_cli
+
+    monkeypatch.setenv("MINIGPT_CACHE", str(tmp_path / "cache-data"))
+    data = str(ROOT / "tests" / "data" / "eli5_small.json")
+    for extra in ([], ["--eval-only"]):
+        out = [] if extra else ["--out", str(tmp_path / "run")]
+        result = call_cli("train.py", "--data", data, *out, *extra, "--no-progress")
+        assert result.returncode == 2 and result.stderr.splitlines() == [
+            "error: --init, by default distilbert/distilgpt2: no such local folder, and the Hugging Face Hub could "
+            "not provide it (Repository Not Found for url: https://huggingface.co/distilbert/distilgpt2). Pass a "
+            "local checkpoint folder instead."], result.stderr
+    typed = call_cli("train.py", "--init", "org/missing", "--data", data, "--out", str(tmp_path / "run"), "--no-progress")
+    assert typed.returncode == 2 and typed.stderr.startswith("error: org/missing: no such local folder")
+    assert not (tmp_path / "run").exists()
+
+
 def test_the_hubs_errors_say_what_went_wrong(fake_hub, monkeypatch, tmp_path):
     """huggingface_hub's HTTP errors put the cause on the lines after "404 Client Error.", which the
     one line kept cut off; a repo whose files all sit in a subfolder gave "config.json: file not
