@@ -61,8 +61,7 @@ import torch.nn as nn
 
 from .errors import MinigptError
 from .layouts import (FUSIBLE_KERNELS, DenseLinear, FbgemmInt8Linear, Fp16Linear, Int8Linear, MklLinear,
-                      OneDnnLinear, OnThreads, RowSplitLinear, SplitLinear, TransposedLinear,
-                      fp16_refuses)
+                      OneDnnLinear, OnThreads, RowSplitLinear, SplitLinear, TransposedLinear, fp16_refuses)
 from .model import GPT
 from .runtime import check_fits, cpu_cache_bytes, wait_for
 
@@ -336,7 +335,8 @@ def _choose(
             first.setdefault(id(layout), (layout, kernel))
         built = {id(layout): [layout.build(w, b, rows, tied, kernel) for w, b in sample]
                  for layout, kernel in first.values()}
-        x = torch.randn(rows, weights[0][0].size(1), device=weights[0][0].device).to(dtype)  # (randn: pages written)
+        own = torch.Generator(weights[0][0].device).manual_seed(0)  # (torch's own RNG untouched: seeded runs alike)
+        x = torch.randn(rows, weights[0][0].size(1), device=own.device, generator=own).to(dtype)  # (pages written)
         flush = torch.ones(flush_bytes // 4) if flush_bytes else None
         best = _race([(kernel, built[id(layout)], every) for layout, kernel in candidates], x, flush, compiled)
         lean = [c for c in candidates if not c[0].extra_memory] or candidates

@@ -133,7 +133,7 @@ class MLP(nn.Module):
 
     GPT-2 uses the tanh approximation of GELU,
         gelu(x) = 0.5 * x * (1 + tanh(sqrt(2 / pi) * (x + 0.044715 * x^3))),
-    not the exact erf form; the two differ by ~1e-3, enough to break parity with the trained weights.
+    not the exact erf form; the two differ by up to ~5e-4, enough to break parity with the trained weights.
     """
 
     def __init__(self, config: GPTConfig) -> None:

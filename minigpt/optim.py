@@ -18,15 +18,16 @@ and v; each line above is a full pass over them, bound by memory bandwidth, not 
 update makes as few passes as it can (7; torch.optim.AdamW makes 8), all in place, and allocates
 nothing: the denominator goes to one preallocated scratch buffer, which is why tensors are cut into
 buckets of at most `BUCKET` entries. Within a bucket, `torch._foreach_*` ops update many tensors per
-call (biases and LayerNorm weights are tiny). Measured on 2 CPU cores: ~0.16 s a step against ~0.4 s
-for torch.optim.AdamW's default CPU implementation.
+call (biases and LayerNorm weights are tiny). Measured on the 2-core AVX2 EPYC (82 M parameters,
+best of 6 interleaved steps, torch 2.14.1, 2026-12-05): 0.13 s a step against 0.27 s for
+torch.optim.AdamW's default CPU implementation.
 
 Fused. Written out, the update is still 7 passes over memory (on a GPU ~120 kernel launches and
 ~18 fp32 passes per parameter). So wherever the torch build has it (CUDA, and the CPU in torch
 2.13), `AdamW` hands the tensors to `torch._fused_adamw_`, PyTorch's one-pass AdamW, which computes
 the same formula from the same state (m, v and the step count); the written-out `_update` stays
-the definition (`fused=False`), and the tests check the two agree. Measured on a shared 2-core
-Xeon (82 M parameters, best of 5 interleaved steps, machine busy): 0.39 s fused, 1.73 s written out.
+the definition (`fused=False`), and the tests check the two agree. Measured with the figures
+above: 0.04 s fused, against 0.13 s written out.
 
 fp16. `torch.amp.GradScaler` skips a step whose gradients overflowed. For an ordinary optimizer it
 decides on the host, reading its overflow flag back every step (a wait for the GPU). `AdamW` says
@@ -81,7 +82,7 @@ class AdamW:
 
     def __init__(
         self,
-        params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
+        params: Iterable[torch.Tensor] | Iterable[tuple[str, torch.Tensor]] | Iterable[dict[str, Any]],
         lr: float = 1e-3,
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,

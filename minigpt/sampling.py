@@ -57,7 +57,8 @@ def apply_repetition_penalty(
     """Penalise every token id that occurs in `tokens` (B, L), once however often it occurs.
 
     A positive score is divided by `penalty`, a negative one multiplied by it, so with penalty > 1
-    a seen token always becomes less likely (CTRL, Keskar et al. 2019).
+    every seen token's score moves down (a score of 0 stays 0, and a seen token's probability can
+    still rise where other seen tokens fall further) (CTRL, Keskar et al. 2019).
     """
     seen = torch.gather(scores, 1, tokens)  # (B, L): the scores of the tokens seen so far
     penalized = torch.where(seen < 0, seen * penalty, seen / penalty)
@@ -186,7 +187,8 @@ def next_token(
 
 def check_finite(logits: torch.Tensor) -> None:
     """Refuse logits that hold inf or NaN: no probability follows from them (torch.multinomial
-    fails on them, argmax picks token 0). Finite weights can give them, as a diverged run leaves."""
+    fails on them; argmax picks the inf or NaN entry, or token 0 from a row all NaN). Finite weights
+    can give them, as a diverged run leaves."""
     if not bool(logits.isfinite().all()):
         raise MinigptError("the model's logits are not finite (inf or NaN): its weights are "
                            "broken, as a diverged training run leaves them")
@@ -282,8 +284,10 @@ def generate(
     memory is a MinigptError naming its size then.
     """
     check_eval_mode(model, "generation")
-    if num_samples < 1:
-        raise MinigptError(f"num_samples must be >= 1, got {num_samples}")
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+        raise MinigptError(f"num_samples must be an integer >= 1, got {num_samples!r}")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator: a torch.Generator (or None), got {type(generator).__name__}")
     prompt = token_ids(prompt, model.config.vocab_size)
     if eos_id is not None:
         check_in_vocabulary([eos_id], model.config.vocab_size, "eos_id")

@@ -265,10 +265,9 @@ class Trainer:
         return module.no_sync()
 
     def evaluate(self) -> float:
-        """Mean loss per example over all of `val_batches` (all ranks' shards together)."""
-        loss = evaluate(self.model, self.loss_fn, self.val_batches, self.device, self.autocast, self.ranks)
-        self.model.train()
-        return loss
+        """Mean loss per example over all of `val_batches` (all ranks' shards together); the model is
+        left in the mode it came in (it was put in training mode, whatever it had been)."""
+        return evaluate(self.model, self.loss_fn, self.val_batches, self.device, self.autocast, self.ranks)
 
     # --- checkpoints ---------------------------------------------------------------------
 

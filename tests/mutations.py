@@ -970,6 +970,19 @@ BREAKS = (
     Break("card_usage_unquoted", "a card's usage commands leave the folder unquoted (a space or a # splits it)",
           ((r"shlex\.quote\(facts\.out\)", "facts.out"),),
           ("tests/test_card.py::test_what_the_hub_would_refuse_or_misread_stays_out_of_the_card",)),
+    Break("kernel_race_draws_torchs_rng", "the kernel race draws its input from torch's global generator (seeded text "
+          "then depends on whether the choice was cached)",
+          ((r"device=own\.device, generator=own\)", "device=own.device)"),),
+          ("tests/test_kernels.py::test_timing_the_kernels_leaves_torchs_random_generator_alone",)),
+    Break("trainer_evaluate_forces_training", "Trainer.evaluate leaves the model in training mode, whatever mode it came in",
+          ((r"return evaluate\(self\.model, self\.loss_fn, self\.val_batches, self\.device, self\.autocast, self\.ranks\)",
+            "loss = evaluate(self.model, self.loss_fn, self.val_batches, self.device, self.autocast, self.ranks); "
+            "self.model.train(); return loss"),),
+          ("tests/test_trainer.py::test_the_trainers_evaluate_leaves_the_mode_as_it_found_it",)),
+    Break("num_samples_type_unchecked", "generate takes num_samples 2.0 or \"2\" (a TypeError deep in torch)",
+          ((r"if isinstance\(num_samples, bool\) or not isinstance\(num_samples, int\) or num_samples < 1:",
+            "if num_samples < 1:"),),
+          ("tests/test_sampling.py::test_generate_checks_num_samples_and_generator_when_called",)),
     Break("interactive_reads_text_stdin", "--interactive reads stdin as text: strict under a UTF-8 locale (a traceback on a "
           "byte that is not UTF-8), and a lone \\r does not end a question",
           ((r"return buffer\.readline\(\)\.decode\(\"utf-8\", \"surrogateescape\"\) if buffer is not None else "

@@ -139,6 +139,21 @@ def test_the_measured_choice_is_named_and_cached(small_model, monkeypatch):
     assert kernel_summary(small_model) == ""  # an unprepared model names nothing
 
 
+def test_timing_the_kernels_leaves_torchs_random_generator_alone(small_model, monkeypatch):
+    """The kernel race drew its input from torch's global generator, but only when it ran (not when
+    the choice was cached): text sampled after `torch.manual_seed` differed between the first
+    prepared model in a process and the next. So did measuring the bf16 speed-up, once a process."""
+    from minigpt.runtime import cpu_bf16_speedup
+
+    monkeypatch.setattr(inference, "_CHOICES", {})
+    torch.manual_seed(0)
+    state = torch.get_rng_state()
+    prepare_for_inference(copy.deepcopy(small_model))
+    cpu_bf16_speedup.cache_clear()
+    cpu_bf16_speedup()
+    assert torch.equal(torch.get_rng_state(), state)
+
+
 def test_a_matrix_timed_on_its_first_rows_is_built_whole(small_model, monkeypatch):
     """The LM head is timed on its first TIME_BYTES of rows; the winner is then built for all of them."""
     monkeypatch.setattr(inference, "_CHOICES", {})

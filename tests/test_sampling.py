@@ -673,6 +673,19 @@ def test_ids_outside_the_vocabulary_are_named_with_its_size(tiny):
     assert len(generate_ids(model, [0, 50256], config, eos_id=0)[0]) >= 1  # both ends of the range are ids
 
 
+def test_generate_checks_num_samples_and_generator_when_called(tiny):
+    """num_samples 2.0 or True was a TypeError from torch.empty inside the output's allocation, "2" a
+    comparison error; a generator that is none was a TypeError from torch.multinomial at the first
+    step, after generate had returned."""
+    model, tokenizer = tiny
+    config = SamplingConfig(max_new_tokens=2)
+    for bad in (2.0, True, "2", 0):
+        with pytest.raises(MinigptError, match=rf"^num_samples must be an integer >= 1, got {re.escape(repr(bad))}$"):
+            generate(model, [464], config, bad, eos_id=tokenizer.eos_id)
+    with pytest.raises(TypeError, match=r"^generator: a torch\.Generator \(or None\), got int$"):
+        generate(model, [464], config, 1, 12345, eos_id=tokenizer.eos_id)
+
+
 def test_generation_refuses_a_model_in_training_mode_with_dropout(tiny):
     """`Trainer.fit` leaves its model in training mode: greedy decoding with dropout on gave a different
     text each run. Refused in one line; with dropout 0 training mode computes what eval mode does."""

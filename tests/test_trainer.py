@@ -293,6 +293,16 @@ def test_evaluate_leaves_the_mode_as_it_found_it_and_no_examples_is_nan():
     assert math.isnan(perplexity(float("nan"))) and perplexity(1e9) == math.inf and perplexity(0.0) == 1.0
 
 
+def test_the_trainers_evaluate_leaves_the_mode_as_it_found_it(tmp_path):
+    """Trainer.evaluate put a model in eval mode into training mode: generating with it afterwards was
+    refused ("generation needs the model in eval mode")."""
+    model = micro_model(dropout=0.1)
+    trainer = make_trainer(tmp_path, model, random_blocks(8, 16, 300, seed=3), random_blocks(4, 16, 300, seed=4))
+    for training in (False, True):
+        model.train(training)
+        assert math.isfinite(trainer.evaluate()) and model.training is training
+
+
 def test_plot_metrics_takes_paths_as_str(tmp_path):
     """From a notebook, plot_metrics("run/metrics.jsonl", "loss.png") failed: a str has no read_text."""
     from minigpt.metrics import plot_metrics
