@@ -387,16 +387,8 @@ def test_resume_continues_bitwise(tmp_path, log_every):
                      log_every=log_every).fit()
     assert [r["step"] for r in rows(tmp_path / "run")][-1] == 6  # rows after the checkpoint exist...
 
-    folder = check_out_folder(tmp_path / "run", resume=True)
-    resumed, _ = load_model_weights(folder)
-    trainer = make_trainer(tmp_path / "run", resumed, train, val, max_steps=12, save_every=4, log_every=log_every)
-    trainer.resume(folder)
-    assert trainer.step == 4
-    trainer.fit()
-    for a, b in zip(whole.state_dict().values(), resumed.state_dict().values()):
-        assert torch.equal(a, b)
-    strip = lambda rs: [{k: v for k, v in r.items() if k != "tokens_per_sec"} for r in rs]  # noqa: E731
-    assert strip(rows(tmp_path / "run")) == strip(rows(tmp_path / "whole"))  # ...and were replaced
+    resume_like_the_whole_run(tmp_path / "run", whole, tmp_path / "whole", 4, lambda model: make_trainer(
+        tmp_path / "run", model, train, val, max_steps=12, save_every=4, log_every=log_every))  # ...and were replaced
     assert [r["step"] for r in rows(tmp_path / "whole") if "loss" in r] == list(range(log_every, 13, log_every))
 
 
@@ -513,16 +505,8 @@ def test_a_resume_after_an_epochs_short_last_step_keeps_its_evaluation(tmp_path)
     trainer.optimizer.step = dies_in_step_4
     with pytest.raises(RuntimeError, match="killed"):
         trainer.fit()
-    folder = check_out_folder(tmp_path / "run", resume=True)
-    resumed, _ = load_model_weights(folder)
-    trainer = make_trainer(tmp_path / "run", resumed, train, val, **settings)
-    trainer.resume(folder)
-    assert trainer.step == 3
-    trainer.fit()
-    for a, b in zip(whole.state_dict().values(), resumed.state_dict().values()):
-        assert torch.equal(a, b)
-    strip = lambda rs: [{k: v for k, v in r.items() if k != "tokens_per_sec"} for r in rs]  # noqa: E731
-    assert strip(rows(tmp_path / "run")) == strip(rows(tmp_path / "whole"))
+    resume_like_the_whole_run(tmp_path / "run", whole, tmp_path / "whole", 3,
+                              lambda model: make_trainer(tmp_path / "run", model, train, val, **settings))
 
 
 def test_a_signal_in_the_last_save_waits_for_it(tmp_path, monkeypatch):
@@ -550,6 +534,22 @@ def test_a_signal_in_the_last_save_waits_for_it(tmp_path, monkeypatch):
     finally:
         signal.signal(signal.SIGINT, previous)
     assert current_checkpoint(tmp_path).name.startswith("step-000000004")
+
+
+def resume_like_the_whole_run(run: Path, whole: GPT, whole_out: Path, step: int, make) -> None:
+    """Resume `run` from its checkpoint, which must be at `step`, with the trainer `make(model)`
+    builds: it must end as the uninterrupted run (`whole`, in `whole_out`) did, with the same
+    weights to the bit and the same metrics rows (but for their speed)."""
+    folder = check_out_folder(run, resume=True)
+    resumed, _ = load_model_weights(folder)
+    trainer = make(resumed)
+    trainer.resume(folder)
+    assert trainer.step == step
+    trainer.fit()
+    for a, b in zip(whole.state_dict().values(), resumed.state_dict().values()):
+        assert torch.equal(a, b)
+    strip = lambda rs: [{k: v for k, v in r.items() if k != "tokens_per_sec"} for r in rs]  # noqa: E731
+    assert strip(rows(run)) == strip(rows(whole_out))
 
 
 def load_model_weights(folder: Path) -> tuple[GPT, None]:
