@@ -816,12 +816,12 @@ BREAKS = (
           ((r"if target in found:  # \(across shards", "if False:  # (across shards"),),
           ("tests/test_hf.py::test_shards_load_and_are_checked_as_one_file",)),
     Break("missing_blames_the_first_shard", "a tensor missing from every shard is blamed on the first shard file",
-          ((r"files\[0\] if len\(files\) == 1 else folder / INDEX_FILE", "files[0]"),),
+          ((r"files\[0\] if len\(files\) == 1 else folder / \(LEGACY_INDEX_FILE if legacy else INDEX_FILE\)", "files[0]"),),
           ("tests/test_hf.py::test_shards_load_and_are_checked_as_one_file",)),
     Break("shard_read_before_the_next_header", "each shard's tensors are read before the next shard's header is checked",
-          ((r"mappings = \{path: match_names\(path, safetensors_shapes\(path\), expected, hf_to_minigpt_name\) for path in files\}",
-            "mappings = {path: m for path in files for m in [match_names(path, safetensors_shapes(path), expected, "
-            "hf_to_minigpt_name)] if read_tensors(path, m) is not None}"),),
+          ((r"mappings = \{path: match_names\(path, shapes\[path\], expected, hf_to_minigpt_name\) for path in files\}",
+            "mappings = {path: m for path in files for m in [match_names(path, shapes[path], expected, "
+            "hf_to_minigpt_name)] if legacy or read_tensors(path, m) is not None}"),),
           ("tests/test_hf.py::test_shards_load_and_are_checked_as_one_file",)),
     Break("legacy_bin_read_before_checked", "a pytorch_model.bin is read whole before its names are checked",
           ((r"mmap = mmap and zipfile\.is_zipfile\(path\)", "mmap = False"),),
