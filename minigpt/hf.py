@@ -50,7 +50,7 @@ MASK_BUFFER = re.compile(r"^(transformer\.)?h\.\d+\.attn\.(bias|masked_bias)$")
 # The files of an HF model folder, as glob patterns (what a Hub download fetches).
 INDEX_FILE = "model.safetensors.index.json"  # which shard file holds which tensor
 MODEL_FILES = ["config.json", "model.safetensors", INDEX_FILE, "model-*.safetensors"]
-LEGACY_WEIGHTS_FILE, LEGACY_INDEX_FILE = "pytorch_model.bin", "pytorch_model.bin.index.json"  # (pickles: read tensors only)
+LEGACY_WEIGHTS_FILE, LEGACY_INDEX_FILE = "pytorch_model.bin", "pytorch_model.bin.index.json"  # (tensors only read)
 HEAD, EMBEDDING = "lm_head.weight", "transformer.wte.weight"  # (the same names in both layouts)
 VOCAB_MERGES = ["vocab.json", "merges.txt"]  # a tokenizer as older repos hold it, without tokenizer.json
 TOKENIZER_FILES = ["tokenizer.json", *VOCAB_MERGES]
@@ -182,7 +182,8 @@ def _hf_tensors(folder: Path, expected: dict[str, tuple[int, ...]], untied: bool
         mapping.update({name: EMBEDDING for name, target in mapping.items() if target == HEAD})
         found[EMBEDDING] = found.pop(HEAD)
     required = {name: shape for name, shape in expected.items() if name != HEAD}
-    check_complete(files[0] if len(files) == 1 else folder / (LEGACY_INDEX_FILE if legacy else INDEX_FILE), found, required)
+    index = folder / (LEGACY_INDEX_FILE if legacy else INDEX_FILE)
+    check_complete(files[0] if len(files) == 1 else index, found, required)
     if not legacy:
         return {name: t for path, mapping in mappings.items() for name, t in read_tensors(path, mapping).items()}
     tensors = {}

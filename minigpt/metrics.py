@@ -54,8 +54,8 @@ def evaluate(
     the mean over every example, however the examples fall into batches and ranks. For blocks of one
     length with every token scored, that is the mean over all scored tokens: the `eval_loss` of
     transformers' Trainer when the published recipe ran (5.x weights a short last batch as a full
-    one). NaN when there are no examples. The model is left in the mode it
-    came in (a loop of one's own that evaluates mid-training goes on training with its dropout).
+    one). NaN when there are no examples. The model is left in the mode it came in (a loop of one's
+    own that evaluates mid-training goes on training with its dropout).
     """
     training = model.training
     model.eval()
@@ -179,10 +179,9 @@ class MetricsLog:
             warnings.warn(f"{path}: holds {len(lines)} rows where the checkpoint counts {keep_rows} (lost in a crash, or "
                           "cut by hand?); the run goes on, and the rows missing stay missing", stacklevel=2)
         self.rows: list[dict[str, Any]] = [_row(path, number, line) for number, line in enumerate(lines, 1)]
-        lines = [line.decode("utf-8") for line in lines]  # (each checked by _row)
         clear_interrupted_saves(path)  # (the run's lock makes this the one writer)
         with atomic_file(path) as tmp:
-            tmp.write_text("".join(lines), encoding="utf-8")
+            tmp.write_bytes(b"".join(lines))
         self._file = open(path, "a", encoding="utf-8")
 
     def write(self, row: dict[str, Any]) -> None:

@@ -31,7 +31,8 @@ class SamplingConfig:
     top_p: float = flag(0.95, "sample only among the fewest most likely tokens whose probabilities add up to P; "
                         "1 turns it off", group="sampling", type=unit_interval, metavar="P")
     repetition_penalty: float = flag(1.0, "push down tokens already in the text: a positive logit divided by R, a "
-                                     "negative one multiplied by it; 1 turns it off, 1.2 is a common choice", group="sampling", type=positive_float, metavar="R")
+                                     "negative one multiplied by it; 1 turns it off, 1.2 is a common choice",
+                                     group="sampling", type=positive_float, metavar="R")
     greedy: bool = flag(False, "always take the most likely token (deterministic; ignores T, K and P)",
                         group="sampling", action="store_true")
 

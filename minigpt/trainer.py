@@ -266,7 +266,7 @@ class Trainer:
 
     def evaluate(self) -> float:
         """Mean loss per example over all of `val_batches` (all ranks' shards together); the model is
-        left in the mode it came in (it was put in training mode, whatever it had been)."""
+        left in the mode it came in."""
         return evaluate(self.model, self.loss_fn, self.val_batches, self.device, self.autocast, self.ranks)
 
     # --- checkpoints ---------------------------------------------------------------------
