@@ -290,6 +290,10 @@ def generate(
         raise TypeError(f"generator: a torch.Generator (or None), got {type(generator).__name__}")
     prompt = token_ids(prompt, model.config.vocab_size)
     if eos_id is not None:
+        try:
+            eos_id = operator.index(eos_id)  # an int, or a numpy or 0-D tensor integer
+        except TypeError:
+            raise TypeError(f"eos_id: a token id (an int) or None, got {type(eos_id).__name__}") from None
         check_in_vocabulary([eos_id], model.config.vocab_size, "eos_id")
     elif not prompt:
         raise MinigptError("an empty prompt starts from eos_id, and none was given")

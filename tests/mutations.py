@@ -982,7 +982,10 @@ BREAKS = (
     Break("num_samples_type_unchecked", "generate takes num_samples 2.0 or \"2\" (a TypeError deep in torch)",
           ((r"if isinstance\(num_samples, bool\) or not isinstance\(num_samples, int\) or num_samples < 1:",
             "if num_samples < 1:"),),
-          ("tests/test_sampling.py::test_generate_checks_num_samples_and_generator_when_called",)),
+          ("tests/test_sampling.py::test_generate_checks_num_samples_generator_and_eos_id_when_called",)),
+    Break("eos_id_type_unchecked", "generate takes eos_id \"x\" (a TypeError from a comparison)",
+          ((r"eos_id = operator\.index\(eos_id\)", "eos_id = eos_id"),),
+          ("tests/test_sampling.py::test_generate_checks_num_samples_generator_and_eos_id_when_called",)),
     Break("interactive_reads_text_stdin", "--interactive reads stdin as text: strict under a UTF-8 locale (a traceback on a "
           "byte that is not UTF-8), and a lone \\r does not end a question",
           ((r"return buffer\.readline\(\)\.decode\(\"utf-8\", \"surrogateescape\"\) if buffer is not None else "

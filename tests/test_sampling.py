@@ -673,10 +673,10 @@ def test_ids_outside_the_vocabulary_are_named_with_its_size(tiny):
     assert len(generate_ids(model, [0, 50256], config, eos_id=0)[0]) >= 1  # both ends of the range are ids
 
 
-def test_generate_checks_num_samples_and_generator_when_called(tiny):
+def test_generate_checks_num_samples_generator_and_eos_id_when_called(tiny):
     """num_samples 2.0 or True was a TypeError from torch.empty inside the output's allocation, "2" a
     comparison error; a generator that is none was a TypeError from torch.multinomial at the first
-    step, after generate had returned."""
+    step, after generate had returned; eos_id "x" a TypeError from a comparison."""
     model, tokenizer = tiny
     config = SamplingConfig(max_new_tokens=2)
     for bad in (2.0, True, "2", 0):
@@ -684,6 +684,12 @@ def test_generate_checks_num_samples_and_generator_when_called(tiny):
             generate(model, [464], config, bad, eos_id=tokenizer.eos_id)
     with pytest.raises(TypeError, match=r"^generator: a torch\.Generator \(or None\), got int$"):
         generate(model, [464], config, 1, 12345, eos_id=tokenizer.eos_id)
+    for bad in ("x", 1.0):  # "x" was a TypeError from comparing a str with an int
+        with pytest.raises(TypeError, match=rf"^eos_id: a token id \(an int\) or None, got {type(bad).__name__}$"):
+            generate(model, [464], config, eos_id=bad)
+    eos = torch.tensor(tokenizer.eos_id)  # a 0-D tensor integer is an id
+    greedy = SamplingConfig(max_new_tokens=2, greedy=True)
+    assert generate_ids(model, [464], greedy, eos_id=eos) == generate_ids(model, [464], greedy, eos_id=tokenizer.eos_id)
 
 
 def test_generation_refuses_a_model_in_training_mode_with_dropout(tiny):
