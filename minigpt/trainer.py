@@ -342,6 +342,8 @@ class Trainer:
         if self.ranks.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             self.metrics = MetricsLog(self.out / METRICS_FILE, self.rows_at_save if saved else None)
+            if saved and (evaluated := [r["val_loss"] for r in self.metrics.rows if "val_loss" in r]):
+                self.last["val_loss"] = evaluated[-1]  # (resumed: a run already done still reports its loss)
         if cfg.progress and self.ranks.is_main:
             from tqdm import tqdm
 
@@ -420,9 +422,8 @@ class Trainer:
 
     def _rows_since_save(self) -> bool:
         """Whether metrics rows were written after the last checkpoint (rank 0 knows; all ranks agree)."""
-        flag = torch.tensor([float(self.metrics is not None and len(self.metrics.rows) != self.rows_at_save)],
-                            device=self.device)
-        return all_reduce_sum(flag, self.ranks).item() > 0
+        written = self.metrics is not None and len(self.metrics.rows) != self.rows_at_save
+        return all_reduce_sum(torch.tensor([float(written)], device=self.device), self.ranks).item() > 0
 
     def _should_stop(self, agree_now: bool = False) -> bool:
         """Whether to stop after this step (Ctrl-C, SIGTERM; all ranks agree, see `StopRequest`)."""

@@ -986,6 +986,9 @@ BREAKS = (
     Break("eos_id_type_unchecked", "generate takes eos_id \"x\" (a TypeError from a comparison)",
           ((r"eos_id = operator\.index\(eos_id\)", "eos_id = eos_id"),),
           ("tests/test_sampling.py::test_generate_checks_num_samples_generator_and_eos_id_when_called",)),
+    Break("resumed_done_run_without_loss", "a resumed run that was already done reports no validation loss",
+          ((r"if saved and \(evaluated := ", "if False and (evaluated := "),),
+          ("tests/test_trainer.py::test_a_finished_run_resumed_reports_its_last_validation_loss",)),
     Break("interactive_reads_text_stdin", "--interactive reads stdin as text: strict under a UTF-8 locale (a traceback on a "
           "byte that is not UTF-8), and a lone \\r does not end a question",
           ((r"return buffer\.readline\(\)\.decode\(\"utf-8\", \"surrogateescape\"\) if buffer is not None else "

@@ -560,6 +560,19 @@ def load_model_weights(folder: Path) -> tuple[GPT, None]:
     return model, None
 
 
+def test_a_finished_run_resumed_reports_its_last_validation_loss(tmp_path):
+    """--resume of a run already done evaluates nothing new: its summary ("done: step N, validation
+    loss L") lacked the loss, the result having none."""
+    train, val = random_blocks(12, 16, 300, seed=9), random_blocks(4, 16, 300, seed=10)
+    done = make_trainer(tmp_path, micro_model(), train, val, max_steps=3).fit()
+    folder = check_out_folder(tmp_path, resume=True)
+    trainer = make_trainer(tmp_path, load_model_weights(folder)[0], train, val, max_steps=3)
+    trainer.resume(folder)
+    again = trainer.fit()
+    evaluated = [r["val_loss"] for r in rows(tmp_path) if "val_loss" in r]
+    assert again["step"] == 3 and len(evaluated) == 1 and again["val_loss"] == done["val_loss"] == evaluated[0]
+
+
 def test_resume_refuses_other_settings(tmp_path):
     train = random_blocks(12, 16, 300, seed=9)
     make_trainer(tmp_path, micro_model(), train, max_steps=2).fit()
