@@ -11,10 +11,11 @@ against transformers + torch.optim.AdamW / transformers' generate(), same weight
                matmul); then ours compiled (--compile-mode, default reduce-overhead: CUDA graphs,
                for the launch-bound 8 x 128) at --compile-shapes
 
-The cheap cells come first and compiling last, so a time budget (--budget seconds) that runs out
-skips the costly ones: a skipped cell says so, a cell that fails says why, and the table is printed
-whatever happens (an interrupt, as `timeout -s INT` sends, included). Run through gpu_check.sh
-(which runs the CUDA tests first); without CUDA it stops with one line.
+The cheap cells come first, each training shape's compiled cells after its eager ones, so a time
+budget (--budget seconds) that runs out skips the costly ones: a skipped cell says so, a cell that
+fails says why, and the table is printed whatever happens (an interrupt, as `timeout -s INT` sends,
+included). Run through gpu_check.sh (which runs the CUDA tests first); without CUDA it stops with
+one line.
 """
 
 from __future__ import annotations
@@ -260,16 +261,24 @@ def main(argv=None) -> int:
                             mg_dir, rates.get("hf"), batch))
                 models.clear()
 
+            def compiled_cells(shape: Shape) -> None:  # (~10-20 s each on an H200)
+                for dtype_name in args.dtypes:
+                    dtype = DTYPES[dtype_name]
+                    train_cell(folder, shape, dtype_name, f"ours, compiled ({args.compile_mode})",
+                               lambda: Ours(folder, device, dtype, compile=True, compile_mode=args.compile_mode), 45)
+
+            # Each shape's compiled cells right after its eager ones: the recipe's 8x128, launch-bound,
+            # is what CUDA graphs are for, and must not be starved by the large shape's eager cells.
             for shape in args.shapes:
                 for dtype_name in args.dtypes:
                     dtype = DTYPES[dtype_name]
                     train_cell(folder, shape, dtype_name, "transformers", lambda: Transformers(folder, device, dtype))
                     train_cell(folder, shape, dtype_name, "ours", lambda: Ours(folder, device, dtype))
-            for shape in args.compile_shapes:  # compiling last: the costly cells (~10-20 s each on an H200)
-                for dtype_name in args.dtypes:
-                    dtype = DTYPES[dtype_name]
-                    train_cell(folder, shape, dtype_name, f"ours, compiled ({args.compile_mode})",
-                               lambda: Ours(folder, device, dtype, compile=True, compile_mode=args.compile_mode), 45)
+                if shape in args.compile_shapes:
+                    compiled_cells(shape)
+            for shape in args.compile_shapes:
+                if shape not in args.shapes:
+                    compiled_cells(shape)
     except KeyboardInterrupt:  # timeout -s INT: what was timed is still reported
         rows.append(("(interrupted)", "", "", "", "", "", "", ""))
     finally:
@@ -280,7 +289,10 @@ def main(argv=None) -> int:
         for row in rows:
             print("| " + " | ".join(row) + " |")
         print("\n".join(["", *notes]))
-    failed = [row for row in rows if row[4].startswith(("error", "out of memory"))]
+    # transformers running out of memory (its fp32 64x1024 step holds ~80 GB on an 80 GB card) is a
+    # row without a reference, not a failure of ours
+    failed = [row for row in rows
+              if row[4].startswith("error") or (row[4] == "out of memory" and row[3] != "transformers")]
     if failed:
         print(f"gpu_check: {len(failed)} of {len(rows)} rows failed (see the table)", file=sys.stderr)
     return 1 if failed else 0

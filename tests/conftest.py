@@ -19,9 +19,19 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+# Asked once, before any test hides the GPU (`_cpu_unless_marked_cuda`): CUDA reads
+# CUDA_VISIBLE_DEVICES when it starts in a process, so a CPU test's empty value seen first (torch.optim
+# asks `torch.cuda.is_available()`) would hide the GPU from every later `cuda` test of the run.
+CUDA = torch.cuda.is_available()
+
 # A tiny GPT-2 shape that keeps the real 50,257-token vocabulary (so the real tokenizer applies).
 TINY_HF = dict(n_layer=2, n_head=4, n_embd=64, n_positions=256, vocab_size=50257)
 DISTILGPT2_HF = dict(n_layer=6, n_head=12, n_embd=768, n_positions=1024, vocab_size=50257)
+
+
+def python_path(first: Path = ROOT) -> str:
+    """PYTHONPATH for a child process: `first`, then this one's (where gpu_check.sh puts its wheels)."""
+    return os.pathsep.join([str(first), *filter(None, [os.environ.get("PYTHONPATH")])])
 
 
 def gpt2_vocab_files() -> tuple[Path, Path]:
@@ -131,7 +141,7 @@ def run_cli(script: str, *args: str, timeout: float = 300, **kwargs):
     """Run one of the repo's CLIs in a subprocess; returns the CompletedProcess (text mode)."""
     import subprocess
 
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": python_path()}
     return subprocess.run(
         [sys.executable, str(ROOT / script), *args],
         capture_output=True, text=True, timeout=timeout, env=env, cwd=kwargs.pop("cwd", ROOT), **kwargs,
@@ -172,7 +182,7 @@ def _cpu_unless_marked_cuda(request, monkeypatch):
     see no GPU, in this process (auto resolves to the CPU) and in the CLIs they start
     (CUDA_VISIBLE_DEVICES is empty). `cuda`-marked tests are skipped where CUDA is unavailable."""
     if request.node.get_closest_marker("cuda"):
-        if not torch.cuda.is_available():
+        if not CUDA:
             pytest.skip("needs CUDA")
         return
     from minigpt import runtime

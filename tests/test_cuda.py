@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,6 +15,13 @@ import torch
 from conftest import call_cli
 
 pytestmark = pytest.mark.cuda
+
+
+@pytest.fixture
+def shared_cache(tmp_path_factory) -> Path:
+    """One cache for every run of the tiny preset here: its vocabulary is learned once, not per test
+    (seconds each, in gpu_check.sh's time box)."""
+    return tmp_path_factory.getbasetemp() / "tiny-preset-cache"
 
 
 def reject_constant(name: str):
@@ -70,8 +78,8 @@ def test_int8_on_cuda_computes_the_model_or_says_why_not(tiny_minigpt_dir):
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16", "fp16"])
-def test_training_on_cuda_runs_and_logs_valid_json(tmp_path, monkeypatch, dtype):
-    monkeypatch.setenv("MINIGPT_CACHE", str(tmp_path / "cache"))
+def test_training_on_cuda_runs_and_logs_valid_json(tmp_path, monkeypatch, shared_cache, dtype):
+    monkeypatch.setenv("MINIGPT_CACHE", str(shared_cache))
     out = tmp_path / "out"
     result = call_cli("train.py", "--preset", "tiny", "--no-progress", "--max-steps", "6", "--log-every", "1",
                       "--device", "cuda", "--dtype", dtype, "--out", str(out))
@@ -114,8 +122,8 @@ def test_reduce_overhead_compiles_once_for_the_short_last_batch(tmp_path, monkey
     assert got == pytest.approx(expected, rel=1e-3)  # fused kernels only round differently
 
 
-def test_training_with_reduce_overhead_through_the_cli(tmp_path, monkeypatch):
-    monkeypatch.setenv("MINIGPT_CACHE", str(tmp_path / "cache"))
+def test_training_with_reduce_overhead_through_the_cli(tmp_path, monkeypatch, shared_cache):
+    monkeypatch.setenv("MINIGPT_CACHE", str(shared_cache))
     out = tmp_path / "out"
     result = call_cli("train.py", "--preset", "tiny", "--no-progress", "--max-steps", "8", "--log-every", "1",
                       "--device", "cuda", "--compile", "--compile-mode", "reduce-overhead", "--out", str(out))
@@ -128,13 +136,14 @@ def test_training_with_reduce_overhead_through_the_cli(tmp_path, monkeypatch):
 
 def test_compiled_decoding_on_cuda_decodes_the_eager_tokens(tiny_minigpt_dir):
     """sample.py --compile on a GPU: the step replayed as one CUDA graph a token, over the whole
-    window's cache, gives the eager model's greedy tokens, fp32 (TF32) and bf16, for one sample
-    and for three, in runs of several lengths (the cache's tensors kept between them); warm_up races
-    it against the model's own forward, keeps the faster, and still decodes the eager tokens."""
+    window's cache, gives the eager model's greedy tokens, in fp32 (TF32) exactly and in bf16 up to
+    rounding (`greedy_up_to_rounding`), for one sample and for three, in runs of several lengths (the
+    cache's tensors kept between them); warm_up races it against the model's own forward, keeps the
+    faster, and still decodes the eager tokens."""
     from minigpt.compiled_decoding import CompiledDecoding
     from minigpt.loading import load_model
     from minigpt.runtime import setup_device
-    from minigpt.sampling import SamplingConfig, generate
+    from minigpt.sampling import SamplingConfig, generate, penalized_scores
 
     device, _ = setup_device("cuda", "fp32")
     prompt = [464, 2068, 7586]
@@ -143,16 +152,39 @@ def test_compiled_decoding_on_cuda_decodes_the_eager_tokens(tiny_minigpt_dir):
         config = SamplingConfig(max_new_tokens=new, greedy=True, repetition_penalty=2.0)
         return [t.tolist() for t in generate(model, prompt, config, samples, eos_id=None, compiled=compiled)]
 
+    def greedy_up_to_rounding(model, steps, samples):
+        """Whether each sample's tokens are, step by step, the eager model's greedy choice (its full
+        forward over them, penalised) or within four bf16 steps (2^-6) of the largest score of it:
+        compiled code fuses and rounds otherwise, and the tiny model's bf16 logits hold exact ties."""
+        config = SamplingConfig(max_new_tokens=len(steps), greedy=True, repetition_penalty=2.0)
+        for row in zip(*steps):
+            ids = torch.tensor([prompt + list(row)], device=device)
+            with torch.no_grad():
+                logits = model(ids)[0][0].float()
+            for i, token in enumerate(row):
+                n = len(prompt) + i
+                scores = penalized_scores(logits[n - 1 : n], ids[:, :n], config)[0]
+                if scores[token] < scores.max() - 2**-6 * scores.abs().max():
+                    return False
+        return len(steps) > 0 and all(len(step) == samples for step in steps)
+
     for dtype in (torch.float32, torch.bfloat16):
         model, _ = load_model(tiny_minigpt_dir, device, dtype)
         compiled = CompiledDecoding(model)
         assert list(compiled.steps) == ["cudagraphs", "eager"] and compiled.chosen == "cudagraphs"
+
+        def same_as_eager(new, samples):  # fp32 (TF32): the eager tokens exactly
+            got = run(model, new, samples, compiled)
+            if dtype == torch.float32:
+                return got == run(model, new, samples)
+            return len(got) == new and greedy_up_to_rounding(model, got, samples)
+
         for new, samples in ((40, 1), (12, 1), (20, 3)):
-            assert run(model, new, samples, compiled) == run(model, new, samples), (dtype, new, samples)
+            assert same_as_eager(new, samples), (dtype, new, samples)
         compiled.warm_up(1, dtype)  # (checks one step's logits against the model's: see AGREEMENT)
         timed = compiled.seconds_per_token
         assert set(timed) == {"cudagraphs", "eager"} and compiled.chosen == min(timed, key=timed.get)
-        assert run(model, 40, 1, compiled) == run(model, 40), compiled.describe()
+        assert same_as_eager(40, 1), compiled.describe()
         print(dtype, compiled.describe())
 
 
@@ -170,13 +202,13 @@ def test_a_training_step_takes_a_batch_already_on_the_gpu(tmp_path):
     assert losses[0] == pytest.approx(losses[1], rel=1e-6) and math.isfinite(losses[0])
 
 
-def test_torchrun_on_a_gpu_trains_over_nccl_as_a_plain_run(tmp_path, monkeypatch):
+def test_torchrun_on_a_gpu_trains_over_nccl_as_a_plain_run(tmp_path, monkeypatch, shared_cache):
     """DDP on a GPU: under torchrun each process joins an NCCL process group (one GPU here, so one
     process, whose gradients still go through NCCL's all-reduce) and trains the plain run's steps:
     the same losses, the same weights."""
     from test_ddp import FLAGS, metrics, torchrun, weights
 
-    monkeypatch.setenv("MINIGPT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("MINIGPT_CACHE", str(shared_cache))
     monkeypatch.setenv("NCCL_DEBUG", "VERSION")  # (NCCL prints its version when a group starts)
     plain = call_cli("train.py", *FLAGS, "--device", "cuda", "--dropout", "0", "--out", str(tmp_path / "plain"))
     assert plain.returncode == 0, plain.stderr

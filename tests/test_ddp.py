@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file
 
-from conftest import ROOT, run_cli
+from conftest import ROOT, python_path, run_cli
 
 pytestmark = [
     pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="no gloo"),
@@ -38,7 +38,7 @@ def torchrun(out: Path, *args: str, nproc: int = 2, background: bool = False):
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
         str(ROOT / "train.py"), *FLAGS, "--out", str(out), *args,
     ]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": python_path()}
     if background:  # its own process group, so that killing it kills every rank
         return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                 env=env, cwd=ROOT, start_new_session=True)
@@ -217,6 +217,6 @@ def test_a_read_counts_every_ranks_tokens_when_the_batch_splits_unevenly(tmp_pat
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
                str(tmp_path)]
     result = subprocess.run(command, capture_output=True, text=True, timeout=120,
-                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+                            env={**os.environ, "PYTHONPATH": python_path()})
     assert result.returncode == 0, result.stderr[-3000:]
     assert [(tmp_path / f"rank{r}").read_text() for r in (0, 1)] == ["768 [3.0, 3.0]"] * 2

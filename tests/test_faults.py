@@ -31,7 +31,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import ROOT, call_cli, run_cli, save_hf_model
+from conftest import ROOT, call_cli, python_path, run_cli, save_hf_model
 from minigpt.checkpoint import load_checkpoint
 from minigpt.config import GPTConfig
 from minigpt.errors import MinigptError
@@ -249,7 +249,7 @@ def test_other_libraries_warnings_are_one_line_too_and_name_their_category():
         "    print(warnings.formatwarning is warnings._formatwarning_orig, file=sys.stderr)\n"
     )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
-                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+                            env={**os.environ, "PYTHONPATH": python_path()})
     assert result.returncode == 0, result.stderr
     assert result.stderr.splitlines() == ["warning: an API goes away (FutureWarning)", "warning: a plain warning",
                                           "True"]
@@ -361,7 +361,7 @@ def test_absurd_config_is_refused_before_allocating(tiny_hf_dir, tmp_path):
     result = subprocess.run(
         [sys.executable, "-c", LIMITED_CLI, str(2**30), str(ROOT / "convert_hf_weights.py"), str(src),
          "--out", str(out)],
-        capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=ROOT,
+        capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": python_path()}, cwd=ROOT,
     )
     assert_one_line_error(result, str(src / "config.json"), "n_layer=1000000")
     assert not out.exists()
@@ -613,7 +613,7 @@ def test_save_killed_between_renames_is_recovered(tiny_minigpt_dir, tmp_path):
     before = snapshot(out)
     child = subprocess.run(
         [sys.executable, "-c", KILLED_BETWEEN_RENAMES, atomic_folder.__module__, str(out)],
-        env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=120,
+        env={**os.environ, "PYTHONPATH": python_path()}, capture_output=True, text=True, timeout=120,
     )
     assert child.returncode == -signal.SIGKILL, child.stderr  # it really died there
     # The dangerous moment, as the kill left it: no `ckpt`, the old one moved aside whole, the new
@@ -634,7 +634,7 @@ def test_next_save_after_a_kill_between_renames_is_complete(tiny_minigpt_dir, tm
     out = Path(shutil.copytree(tiny_minigpt_dir, tmp_path / "ckpt"))
     child = subprocess.run(
         [sys.executable, "-c", KILLED_BETWEEN_RENAMES, atomic_folder.__module__, str(out)],
-        env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=120,
+        env={**os.environ, "PYTHONPATH": python_path()}, capture_output=True, text=True, timeout=120,
     )
     assert child.returncode == -signal.SIGKILL and not out.exists(), child.stderr
     with atomic_folder(out) as tmp:
@@ -843,7 +843,7 @@ def test_interactive_reads_bytes_whatever_the_locale(tiny_minigpt_dir, tmp_path)
     """Under a UTF-8 locale (not C, where this suite runs) Python decodes stdin strictly: a line that
     is not UTF-8 was a UnicodeDecodeError traceback. And a lone \\r ends a question, as it ends a line
     of `sample.py -`: "why\\rhow" was one question."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONIOENCODING": "utf-8:strict"}  # (as a UTF-8 locale decodes)
+    env = {**os.environ, "PYTHONPATH": python_path(), "PYTHONIOENCODING": "utf-8:strict"}  # (as a UTF-8 locale decodes)
     run = lambda stdin: subprocess.run(  # noqa: E731
         [sys.executable, str(ROOT / "sample.py"), "--model", str(tiny_minigpt_dir), "--max-new-tokens", "2",
          "--greedy", "--interactive"], input=stdin, capture_output=True, env=env, timeout=120)
@@ -857,7 +857,7 @@ def test_interactive_reads_bytes_whatever_the_locale(tiny_minigpt_dir, tmp_path)
 def test_text_the_terminal_cannot_encode_prints_as_question_marks(tiny_minigpt_dir, tmp_path):
     """Under PYTHONIOENCODING=latin-1 (or any terminal encoding short of the text) a prompt or
     sample outside it was a UnicodeEncodeError traceback, at the first such character."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONIOENCODING": "latin-1"}
+    env = {**os.environ, "PYTHONPATH": python_path(), "PYTHONIOENCODING": "latin-1"}
     result = subprocess.run([sys.executable, str(ROOT / "sample.py"), "--model", str(tiny_minigpt_dir), "--greedy",
                              "--max-new-tokens", "3", "café 日本"], capture_output=True, env=env, timeout=120)
     assert result.returncode == 0 and b"Traceback" not in result.stderr, result.stderr
@@ -984,7 +984,7 @@ def start_training(tmp_path: Path, *args: str, fault: str = "none:0"):
 
     script = tmp_path / "faulty_train.py"
     script.write_text(FAULTY_TRAIN)
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "MINIGPT_ROOT": str(ROOT), "MINIGPT_FAULT": fault,
+    env = {**os.environ, "PYTHONPATH": python_path(), "MINIGPT_ROOT": str(ROOT), "MINIGPT_FAULT": fault,
            "MINIGPT_CACHE": str(tmp_path / "cache")}
     return subprocess.Popen([sys.executable, str(script), *args], env=env, cwd=tmp_path,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file
 
-from conftest import ROOT, call_cli
+from conftest import ROOT, call_cli, python_path
 from minigpt.checkpoint import model_state_for_saving
 from minigpt.config import GPTConfig
 from minigpt.data import BatchIterator, TokenBlocks
@@ -165,7 +165,7 @@ runpy.run_path(os.path.join(os.environ["MINIGPT_ROOT"], "train.py"), run_name="_
 
 
 def torchrun(tmp_path: Path, script: Path, *args: str) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "MINIGPT_ROOT": str(ROOT), "OMP_NUM_THREADS": "1",
+    env = {**os.environ, "PYTHONPATH": python_path(), "MINIGPT_ROOT": str(ROOT), "OMP_NUM_THREADS": "1",
            "MINIGPT_CACHE": str(tmp_path / "cache")}
     return subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
@@ -265,7 +265,7 @@ def test_a_rank_killed_mid_run_leaves_the_others_one_line_not_a_traceback(tmp_pa
         port = s.getsockname()[1]
     script = tmp_path / "killed_rank.py"
     script.write_text(KILLED_RANK)
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "WORLD_SIZE": "2",
+    env = {**os.environ, "PYTHONPATH": python_path(), "OMP_NUM_THREADS": "1", "WORLD_SIZE": "2",
            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "MINIGPT_DDP_TIMEOUT_MINUTES": "1"}
     jobs = [subprocess.Popen([sys.executable, str(script)], env={**env, "RANK": r, "LOCAL_RANK": r},
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in ("0", "1")]
@@ -414,6 +414,23 @@ def test_the_gpu_check_refuses_a_wrong_option_before_it_runs_anything(tmp_path, 
     helped = subprocess.run(["bash", "benchmarks/gpu_check.sh", "--budget", "60", "--help"], cwd=ROOT,
                             capture_output=True, text=True, timeout=120, env=env)
     assert helped.returncode == 0 and helped.stdout.startswith("usage: gpu_check.py") and "--shapes" in helped.stdout
+
+
+def test_the_gpu_check_takes_a_python_path_relative_to_where_it_is_started(tmp_path):
+    """The script changes to the repository first: PYTHON=venv/bin/python, relative to where it was
+    started, then named nothing and it fell through to "no Python with torch here"."""
+    for name in ("python3", "python"):  # (Pythons without torch)
+        (tmp_path / name).write_text("#!/bin/sh\nexit 1\n")
+        (tmp_path / name).chmod(0o755)
+    started = tmp_path / "elsewhere"
+    (started / "venv").mkdir(parents=True)
+    (started / "venv" / "python").write_text(f'#!/bin/sh\nexec "{os.path.abspath(sys.executable)}" "$@"\n')
+    (started / "venv" / "python").chmod(0o755)
+    env = {**os.environ, "PYTHON": "venv/python", "PATH": f"{tmp_path}:/usr/bin:/bin"}
+    result = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--shapes", "8by128"], cwd=started,
+                            capture_output=True, text=True, timeout=120, env=env)
+    assert result.returncode == 2, result.stderr
+    assert "'8by128' is not BATCHxBLOCK" in result.stderr  # (its gpu_check.py answered)
 
 
 def test_the_llama_cpp_table_compares_our_greedy_decoding_round_by_round(monkeypatch):

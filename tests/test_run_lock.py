@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, call_cli
+from conftest import ROOT, call_cli, python_path
 from minigpt.errors import MinigptError
 from minigpt.run_folder import LOCK_FILE, RunLock
 
@@ -37,7 +37,7 @@ def ctrl_c_as_in_a_terminal() -> None:
 def start(*args: str) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, str(ROOT / "train.py"), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=ROOT, preexec_fn=ctrl_c_as_in_a_terminal,
+        text=True, env={**os.environ, "PYTHONPATH": python_path()}, cwd=ROOT, preexec_fn=ctrl_c_as_in_a_terminal,
     )
 
 

@@ -25,7 +25,7 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from conftest import ROOT, TINY_HF, call_cli, run_cli, save_hf_model
+from conftest import ROOT, TINY_HF, call_cli, python_path, run_cli, save_hf_model
 from minigpt.errors import MinigptError
 from minigpt.loading import load_model
 from minigpt.sampling import SamplingConfig, generate, next_token
@@ -237,7 +237,7 @@ def test_interactive_with_trace_and_show_probs_when_piped(hf_dir, tmp_path, monk
 def run_on_terminal(*args: str) -> tuple[str, str]:
     """sample.py with stdout on a pseudo-terminal (stderr piped): (terminal output, stderr)."""
     leader, follower = pty.openpty()
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": python_path(), "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, str(ROOT / "sample.py"), *args], stdout=follower,
                             stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, env=env, cwd=ROOT)
     os.close(follower)

@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, call_cli, run_cli
+from conftest import ROOT, call_cli, python_path, run_cli
 from minigpt.errors import MinigptError
 
 # Fast and reproducible settings on top of the tiny preset: short runs, no progress bars.
@@ -32,7 +32,7 @@ def environment(tmp_path_factory, monkeypatch):
 
 def start(out: Path, *args: str) -> subprocess.Popen:
     """train.py in the background, in its own process group (so a signal reaches only it)."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": python_path()}
     return subprocess.Popen(
         [sys.executable, str(ROOT / "train.py"), *QUICK, "--out", str(out), *args],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT, start_new_session=True,
