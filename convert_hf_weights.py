@@ -48,7 +48,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if out.is_dir() and not out.is_symlink():  # (a symlink is replaced itself, not what it names)
         check_replaceable(out)  # (first: --force is suggested only where it would replace the folder)
-    if out.is_dir() and any(out.iterdir()) and not args.force:
+    replacing = out.is_dir() and any(out.iterdir())  # (a folder filled after this is never replaced)
+    if replacing and not args.force:
         raise MinigptError(f"{args.out}: already exists and is not empty (pass --force to replace it)")
 
     with keep_runs_out(out):  # --force never replaces the folder of a live training run
@@ -58,10 +59,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             model, tokenizer = load_model(args.to_hf)
             card = Path(args.to_hf) / "README.md"  # a training run's model card travels with the export
             export_hf(model, tokenizer, out, export_card(card.read_text(encoding="utf-8")) if card.is_file() else None,
-                      overwrite=True)  # (--force, and check_replaceable, decided above)
+                      overwrite=replacing)  # (--force, and check_replaceable, decided above)
             print(f"wrote a transformers GPT2LMHeadModel folder to {args.out}")
         else:
-            convert_to_minigpt(args.source, out, overwrite=True)
+            convert_to_minigpt(args.source, out, overwrite=replacing)
             print(f"wrote a minigpt checkpoint to {args.out}")
     return 0
 

@@ -14,6 +14,7 @@ fail and get permissions as other files do. It knows nothing of models, tokenize
 from __future__ import annotations
 
 import contextlib
+import errno
 import glob
 import json
 import os
@@ -207,7 +208,8 @@ def atomic_folder(out: str | os.PathLike, overwrite: bool = True) -> Iterator[Pa
     the umask): `tempfile.mkdtemp`'s owner-only ones would lock other users out of a checkpoint.
     `overwrite=False` refuses, before anything is written, an `out` that is a folder with anything in
     it: replacing a folder deletes all it holds (the public savers, such as `save_checkpoint_folder`,
-    ask for it to be said).
+    ask for it to be said); and if another process fills such a folder meanwhile (a training run
+    started there), the finished folder is not renamed over it either.
     """
     out = folder_destination(out)
     if not overwrite and out.is_dir() and not out.is_symlink() and any(out.iterdir()):
@@ -223,9 +225,15 @@ def atomic_folder(out: str | os.PathLike, overwrite: bool = True) -> Iterator[Pa
     try:
         yield tmp
         fsync_tree(tmp)
-        _rename_into_place(tmp, out)
+        if overwrite or out.is_symlink():
+            _rename_into_place(tmp, out)
+        else:  # onto nothing or an empty folder; one filled meanwhile refuses it (ENOTEMPTY / EEXIST)
+            os.rename(tmp, out)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if not overwrite and e.errno in (errno.ENOTEMPTY, errno.EEXIST):
+            raise MinigptError(f"{out}: another process wrote into it meanwhile; it was left as it is and "
+                               "nothing was written (choose another folder)") from None
         kept = "the previous version is untouched" if out.is_dir() else "nothing was written"
         raise MinigptError(f"{out}: saving failed ({reason(e)}); {kept}") from None
     except BaseException:

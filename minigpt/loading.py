@@ -25,6 +25,7 @@ from .files import check_source_outside, folder_destination
 from .hf import INDEX_FILE, LEGACY_INDEX_FILE, LEGACY_WEIGHTS_FILE, VOCAB_MERGES, hf_weight_files, load_hf_checkpoint
 from .hub import download_repo_files
 from .model import GPT
+from .run_folder import current_checkpoint
 from .runtime import DTYPES
 from .tokenizer import TOKENIZER_FILE, Tokenizer
 
@@ -110,8 +111,8 @@ def load_model(
     if dtype not in DTYPES.values():
         raise MinigptError(f"dtype must be torch.float32, torch.bfloat16 or torch.float16, got {dtype!r}")
     folder, kind = resolve_model(source)
-    if kind == "minigpt":
-        return load_checkpoint(folder, device, dtype)
+    if kind == "minigpt":  # a training run's folder: its checkpoint in force, resolved once, so that a save
+        return load_checkpoint(current_checkpoint(folder) or folder, device, dtype)  # meanwhile mixes no steps
     return load_hf_checkpoint(folder, device, dtype)
 
 

@@ -92,13 +92,18 @@ def check_out_folder(out: str | os.PathLike, resume: bool, *, locked: bool = Tru
     ckpt = current_checkpoint(out)
     if out.is_dir():
         for entry in sorted(out.iterdir()):
-            if not _belongs_to_run(entry):
+            if (name := _foreign_name(entry)) is not None:
                 raise MinigptError(
-                    f"--out {out}: holds {entry.name!r}, which is not from a minigpt training run; "
+                    f"--out {out}: holds {name!r}, which is not from a minigpt training run; "
                     "choose another --out"
                 )
     if not locked:
         return None
+    if ckpt is None and (out / CKPT_DIR).is_dir() and any((out / CKPT_DIR).glob("step-*")):
+        # (a kill between a first save's folder and its pointer, a `current` damaged by hand: the
+        # next save would delete those folders)
+        raise MinigptError(f"--out {out}: its {CKPT_DIR}/ holds checkpoint folders but no valid {CKPT_DIR}/{CURRENT} "
+                           "link to one; choose another --out (or point the link at the folder to resume)")
     if resume and ckpt is None:
         raise MinigptError(f"--resume: {out} holds no checkpoint to resume from")
     if not resume and ckpt is not None:
@@ -121,14 +126,25 @@ def check_outside_runs(out: str | os.PathLike) -> None:
                                "run's own files; choose a folder outside it")
 
 
-def _belongs_to_run(entry: Path) -> bool:
-    """Our own files: .ckpt/, metrics.jsonl, loss.png (and temporary copies of those two that a killed
-    run may leave), .lock, and the links into .ckpt/current/."""
-    if entry.name in (CKPT_DIR, METRICS_FILE, PLOT_FILE, LOCK_FILE):
-        return True
-    if is_temporary_copy(entry.name, METRICS_FILE) or is_temporary_copy(entry.name, PLOT_FILE):
-        return True
-    return entry.is_symlink() and os.readlink(entry) == f"{CKPT_DIR}/{CURRENT}/{entry.name}"
+def _foreign_name(entry: Path) -> str | None:
+    """None for an entry of a run's folder that a run writes, each of its kind: .ckpt/ a folder
+    holding only `current` (a link), step folders and temporary copies of both; metrics.jsonl,
+    loss.png (and their temporary copies) and .lock plain files; the links into .ckpt/current/.
+    Otherwise the entry's name (`.ckpt/NAME` for one inside .ckpt/): a save deletes what .ckpt/
+    holds besides the checkpoint in force, and the lock file is emptied, so a link there or a
+    folder of someone else's files must not pass for ours."""
+    real = not entry.is_symlink()
+    if entry.name == CKPT_DIR:
+        if not (real and entry.is_dir()):
+            return entry.name
+        inside = (e for e in sorted(entry.iterdir()) if not (
+            (e.name == CURRENT and e.is_symlink()) or is_temporary_copy(e.name, CURRENT)
+            or (e.name.startswith(("step-", ".step-")) and e.is_dir() and not e.is_symlink())))
+        return next((f"{CKPT_DIR}/{e.name}" for e in inside), None)
+    if entry.name in (METRICS_FILE, PLOT_FILE, LOCK_FILE) or any(
+            is_temporary_copy(entry.name, f) for f in (METRICS_FILE, PLOT_FILE)):
+        return None if real and entry.is_file() else entry.name
+    return None if not real and os.readlink(entry) == f"{CKPT_DIR}/{CURRENT}/{entry.name}" else entry.name
 
 
 def write_run_checkpoint(out: Path, step: int, write_files: Callable[[Path], None]) -> Path:
@@ -150,8 +166,9 @@ def write_run_checkpoint(out: Path, step: int, write_files: Callable[[Path], Non
                 os.symlink(f"{CKPT_DIR}/{CURRENT}/{f.name}", link)
     try:
         atomic_symlink(folder.name, ckpt_dir / CURRENT)  # the one atomic step: the new checkpoint is in force
-    except BaseException:
-        shutil.rmtree(folder, ignore_errors=True)
+    except BaseException:  # (after the rename itself, its fsync failing or a second Ctrl-C: then it is current)
+        if current_checkpoint(out) != folder.resolve():
+            shutil.rmtree(folder, ignore_errors=True)
         raise
     for old in ckpt_dir.iterdir():
         if old.name not in (CURRENT, folder.name):
@@ -287,7 +304,7 @@ class RunLock:
             self._made = [p for p in (self.out, *self.out.absolute().parents) if not p.exists()]
             self.out.mkdir(parents=True, exist_ok=True)
             while True:
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)  # (a link: ELOOP)
                 _lock_or_refuse(fd, self.out)
                 # A run that gave up may have removed the file between our open and our lock: then
                 # we hold a lock on a file nobody else can find, and must lock the new one instead.
@@ -330,8 +347,10 @@ def check_replaceable(out: Path) -> None:
     mistyped `--out` must not delete a folder of someone's own work along with it."""
     patterns = [*MODEL_FILES, LEGACY_WEIGHTS_FILE, *TOKENIZER_FILES, *MODEL_FOLDER_EXTRAS]
     for entry in sorted(out.iterdir()):
-        if not _belongs_to_run(entry) and not any(fnmatch(entry.name, pattern) for pattern in patterns):
-            raise MinigptError(f"--out {out}: holds {entry.name!r}, which is no model's or training run's file, and "
+        model_file = any(fnmatch(entry.name, pattern) for pattern in patterns) and (
+            entry.is_symlink() or entry.is_file())  # (a folder named model-x.safetensors is not one)
+        if not model_file and (name := _foreign_name(entry)) is not None:
+            raise MinigptError(f"--out {out}: holds {name!r}, which is no model's or training run's file, and "
                                "--force replaces only such a folder; choose another --out")
 
 
@@ -344,15 +363,22 @@ def keep_runs_out(out: str | os.PathLike) -> Iterator[None]:
     replacing the folder would delete the run's checkpoints under it, and the run would save its
     next one into a folder that is no longer its own. Otherwise it takes the lock (writing its
     process id and "conversion", which a refused run names) and holds it to the end of the block,
-    so that no run starts in a folder about to be replaced. A folder without a lock file has never held a run: nothing to
-    hold. The lock file is opened, never made, so a failed replacement adds nothing to `out`. An
-    `out` inside a run's folder is refused (`check_outside_runs`).
+    so that no run starts in a folder about to be replaced. In a folder without a lock file it makes
+    one for the block and removes it after, so a failed replacement adds nothing to `out` (a
+    replaced folder takes it along). An `out` that is no folder yet, an empty one or a symlink
+    (replaced itself, not what it names) holds no run to keep out: a run that writes into `out`
+    meanwhile is not replaced (`atomic_folder` with overwrite=False). An `out` inside a run's folder
+    is refused (`check_outside_runs`).
     """
     check_outside_runs(out)
+    path, made = Path(out) / LOCK_FILE, False
     try:
-        fd = os.open(Path(out) / LOCK_FILE, os.O_RDWR)
-    except (FileNotFoundError, NotADirectoryError):
-        fd = None
+        if Path(out).is_symlink() or not Path(out).is_dir() or not any(Path(out).iterdir()):
+            fd = None
+        elif made := not os.path.lexists(path):
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+        else:
+            fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW)  # (a link there: ELOOP, refused, nothing emptied)
     except OSError as e:
         raise MinigptError(f"--out {out}: cannot lock it ({e.strerror or e})") from None
     if fd is None:
@@ -363,6 +389,9 @@ def keep_runs_out(out: str | os.PathLike) -> Iterator[None]:
         _write_holder(fd, CONVERSION)
         yield
     finally:
+        with contextlib.suppress(OSError):  # (ours, not a lock file a run made in the folder put in its place)
+            if made and os.stat(path).st_ino == os.fstat(fd).st_ino:
+                path.unlink()
         _let_go(fd)
 
 

@@ -239,3 +239,21 @@ def test_a_path_ending_in_dot_dot_replaces_the_folder_it_names(tmp_path):
     with atomic_folder(base / "sub" / "..") as tmp:
         (tmp / "new.txt").write_text("new")
     assert names(tmp_path) == ["base"] and names(base) == ["new.txt"]
+
+
+def test_a_folder_filled_while_a_new_one_is_written_is_not_replaced(tmp_path):
+    """overwrite=False checked the folder only before writing: a training run started in it meanwhile
+    (`convert_hf_weights.py --out RUN` with RUN new) had its checkpoint replaced by the conversion."""
+    out = tmp_path / "out"
+    with pytest.raises(MinigptError, match=r"another process wrote into it meanwhile; it was left as it is and "
+                                           r"nothing was written"):
+        with atomic_folder(out, overwrite=False) as tmp:
+            (tmp / "a.txt").write_text("new")
+            out.mkdir()
+            (out / ".lock").write_text("a run's")
+    assert [p.name for p in out.iterdir()] == [".lock"] and list(tmp_path.iterdir()) == [out]
+    empty = tmp_path / "empty"
+    with atomic_folder(empty, overwrite=False) as tmp:  # (made empty meanwhile: nothing to lose, replaced)
+        (tmp / "a.txt").write_text("new")
+        empty.mkdir()
+    assert (empty / "a.txt").read_text() == "new"

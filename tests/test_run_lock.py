@@ -136,6 +136,70 @@ def test_convert_force_never_replaces_the_folder_of_a_live_run(tmp_path, tiny_hf
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "tokenizer.json"]
 
 
+def test_a_lock_file_that_is_a_link_is_refused_and_what_it_names_is_kept(tmp_path, tiny_hf_dir):
+    """The lock file was opened through a link and emptied: `out/.lock -> ~/notes.txt` lost the
+    notes to a training run, or to a conversion with --force."""
+    victim = tmp_path / "notes.txt"
+    victim.write_text("precious")
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / LOCK_FILE).symlink_to(victim)
+    result = call_cli("train.py", *TINY, "--out", str(out))
+    assert result.returncode == 2 and result.stderr.strip().splitlines() == [
+        f"error: --out {out}: holds '.lock', which is not from a minigpt training run; choose another --out"]
+    with pytest.raises(MinigptError, match=r"cannot lock it \(Too many levels of symbolic links\)"):
+        RunLock(out).acquire()
+    model = tmp_path / "model"
+    assert call_cli("convert_hf_weights.py", str(tiny_hf_dir), "--out", str(model)).returncode == 0
+    (model / LOCK_FILE).symlink_to(victim)
+    result = call_cli("convert_hf_weights.py", str(tiny_hf_dir), "--out", str(model), "--force")
+    assert result.returncode == 2 and "holds '.lock', which is no model's or training run's file" in result.stderr
+    assert victim.read_text() == "precious"
+
+
+def test_a_conversion_keeps_runs_out_of_a_folder_it_replaces_and_out_of_one_it_makes(tmp_path, tiny_hf_dir,
+                                                                                    monkeypatch):
+    """A folder that never held a run had no lock file, so nothing kept a run from starting in it while
+    `--force` replaced it; and a run started in a new --out while the conversion wrote was replaced
+    by it (its checkpoint deleted, the run then told "the checkpoint of step 1 is untouched")."""
+    import minigpt.checkpoint as checkpoint
+    from minigpt.run_folder import keep_runs_out
+
+    model = tmp_path / "model"
+    assert call_cli("convert_hf_weights.py", str(tiny_hf_dir), "--out", str(model)).returncode == 0
+    with keep_runs_out(model), pytest.raises(MinigptError, match="a weight conversion .* is using this folder"):
+        RunLock(model).acquire()
+    assert not (model / LOCK_FILE).exists()  # (made for the block, removed after it)
+    write = checkpoint.write_checkpoint_files
+
+    def a_run_starts_meanwhile(*args, **kwargs):
+        (tmp_path / "new").mkdir()
+        (tmp_path / "new" / "metrics.jsonl").write_text("a run's\n")
+        return write(*args, **kwargs)
+
+    monkeypatch.setattr(checkpoint, "write_checkpoint_files", a_run_starts_meanwhile)
+    result = call_cli("convert_hf_weights.py", str(tiny_hf_dir), "--out", str(tmp_path / "new"))
+    assert result.returncode == 2 and "another process wrote into it meanwhile" in result.stderr
+    assert [p.name for p in (tmp_path / "new").iterdir()] == ["metrics.jsonl"]
+
+
+def test_force_replaces_only_a_models_files_by_name_and_kind(tmp_path, tiny_hf_dir):
+    """--force judged entries by name alone, and not inside .ckpt/: a folder named
+    model-archive.safetensors, or .ckpt/ holding someone's files, was deleted with the folder."""
+    for name, make in {"model-archive.safetensors": lambda out: (out / "model-archive.safetensors").mkdir(),
+                       ".ckpt/mine": lambda out: (out / ".ckpt" / "mine").mkdir(parents=True)}.items():
+        out = tmp_path / name.replace("/", "_")
+        out.mkdir()
+        (out / "config.json").write_text("{}")
+        make(out)
+        result = call_cli("convert_hf_weights.py", str(tiny_hf_dir), "--out", str(out), "--force")
+        assert result.returncode == 2, result.stderr
+        assert result.stderr.strip().splitlines() == [f"error: --out {out}: holds {name!r}, which is no model's or "
+                                                      "training run's file, and --force replaces only such a folder; "
+                                                      "choose another --out"]
+        assert (out / name).is_dir()
+
+
 def test_nothing_is_written_inside_a_runs_folder(tmp_path, tiny_hf_dir):
     """A run's folder holds only the run's files, and one more would make every later --resume of it
     refuse: a conversion, an export or another run with --out inside it (or inside its .ckpt/,

@@ -659,6 +659,88 @@ def test_a_failed_save_leaves_the_previous_checkpoint(tmp_path):
     assert (out / "a.txt").read_text() == "four again"
 
 
+def test_a_run_folder_whose_checkpoint_store_holds_what_a_save_would_delete_is_refused(tmp_path):
+    """A save deletes everything in .ckpt/ but the checkpoint in force. A .ckpt that was a link to
+    another folder, or held someone's files, had them deleted by a new run's first save; a .ckpt
+    that was a file let a run train to its end, then fail to save; step folders left without a
+    valid `current` (a kill between a first save's folder and its link, a link damaged by hand)
+    were deleted by the next run's first save."""
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "notes.txt").write_text("precious")
+    cases = {"link": lambda ckpt: ckpt.symlink_to(victim), "file": lambda ckpt: ckpt.write_text("x"),
+             "foreign": lambda ckpt: (ckpt.mkdir(), (ckpt / "epoch=3.ckpt").write_text("another tool's"))}
+    for name, make in cases.items():
+        out = tmp_path / name
+        out.mkdir()
+        make(out / CKPT_DIR)
+        shown = f"{CKPT_DIR}/epoch=3.ckpt" if name == "foreign" else CKPT_DIR
+        for locked in (False, True):
+            with pytest.raises(MinigptError, match=rf"holds '{re.escape(shown)}', which is not from a minigpt training"):
+                check_out_folder(out, resume=False, locked=locked)
+    assert (victim / "notes.txt").read_text() == "precious"
+    run = tmp_path / "run"
+    make_trainer(run, micro_model(), random_blocks(8, 16, 300, seed=11), max_steps=1).fit()
+    step = current_checkpoint(run)
+    (run / CKPT_DIR / CURRENT).unlink()
+    (run / CKPT_DIR / CURRENT).symlink_to("step-gone")
+    with pytest.raises(MinigptError, match=r"holds checkpoint folders but no valid \.ckpt/current link"):
+        check_out_folder(run, resume=False)
+    assert check_out_folder(run, resume=False, locked=False) is None  # (a first save may be under way)
+    (run / CKPT_DIR / CURRENT).unlink()
+    (run / CKPT_DIR / CURRENT).write_text(step.name)  # (a file: not the link a run makes)
+    with pytest.raises(MinigptError, match=r"holds '\.ckpt/current', which is not from a minigpt training run"):
+        check_out_folder(run, resume=False, locked=False)
+    assert step.is_dir()
+
+
+def test_a_failure_after_the_pointer_swap_keeps_the_checkpoint_it_points_to(tmp_path, monkeypatch):
+    """The swap's fsync failing (EIO) or a second Ctrl-C just after its rename: the save deleted the
+    new step folder that `current` already named, leaving it dangling and the run unresumable."""
+    import minigpt.run_folder as run_folder
+
+    out = tmp_path / "run"
+    write_run_checkpoint(out, 1, lambda f: (f / "a.txt").write_text("one"))
+    swap = run_folder.atomic_symlink
+
+    def swapped_then_interrupted(target, link):
+        swap(target, link)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(run_folder, "atomic_symlink", swapped_then_interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        write_run_checkpoint(out, 2, lambda f: (f / "a.txt").write_text("two"))
+    assert current_checkpoint(out) is not None and (out / "a.txt").read_text() == "two"
+
+
+def test_loading_a_run_folder_never_mixes_two_checkpoints(tmp_path, tiny_minigpt_dir, monkeypatch):
+    """`sample.py --model RUN` on a live run read each file, and each slice of the weights, through
+    RUN's links into `.ckpt/current`: a save in between gave a model of two steps' tensors, silently.
+    The checkpoint in force is resolved once: a save that swaps and deletes it meanwhile is an error."""
+    import shutil
+
+    import minigpt.checkpoint as checkpoint
+    from minigpt.loading import load_model
+
+    out = tmp_path / "run"
+    copy = lambda folder: [shutil.copy(f, folder / f.name) for f in tiny_minigpt_dir.iterdir()]  # noqa: E731
+    write_run_checkpoint(out, 1, copy)
+    later = {k: v + 1 for k, v in load_file(tiny_minigpt_dir / "model.safetensors").items()}
+    read_config = checkpoint.read_config
+
+    def a_save_meanwhile(folder):
+        config = read_config(folder)
+        monkeypatch.setattr(checkpoint, "read_config", read_config)
+        write_run_checkpoint(out, 2, lambda f: (copy(f), save_file(later, str(f / "model.safetensors"))))
+        return config
+
+    monkeypatch.setattr(checkpoint, "read_config", a_save_meanwhile)
+    with pytest.raises(MinigptError, match=r"step-000000001-\w+/model\.safetensors: file not found"):
+        load_model(out)
+    model, _ = load_model(out)  # (no save under way)
+    assert torch.equal(model.transformer.wte.weight, later["transformer.wte.weight"])
+
+
 @pytest.fixture(autouse=True)
 def one_thread():
     """Tiny models gain nothing from a second thread and lose much when the machine is busy."""
