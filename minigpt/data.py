@@ -276,10 +276,16 @@ def _build(
         "dropped_tokens": len(stream) - blocks.size,
         "dtype": "uint16",
     }
-    with atomic_folder(_entry(root, role, key)) as tmp:
-        np.save(tmp / BLOCKS_FILE, blocks)
-        (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
-    return TokenBlocks.load(_entry(root, role, key))
+    entry = _entry(root, role, key)
+    try:  # (a damaged entry is replaced; a new one is never renamed over another process's, see below)
+        with atomic_folder(entry, overwrite=entry.is_dir()) as tmp:
+            np.save(tmp / BLOCKS_FILE, blocks)
+            (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
+    except MinigptError:  # another run built the same entry at the same moment and renamed it first: it
+        if (built := _cached(root, role, key, tokenizer.vocab_size)) is None:  # holds the same blocks
+            raise
+        return built
+    return TokenBlocks.load(entry)
 
 
 # --- texts -> tokens ----------------------------------------------------------------------------

