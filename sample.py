@@ -112,6 +112,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         p.error("--interactive reads questions as you type them; give no PROMPT or --file")
     if not args.interactive and not args.scoring and not args.prompts and args.file is None:
         p.error("give a PROMPT (or --file PATH, --interactive or --score TEXT)")
+    if [*args.prompts, args.file, args.score_file].count("-") > 1:
+        p.error("stdin (-) is read once: give it as one PROMPT, --file or --score-file, not several")
     given = p.given(argv)  # a flag that would change nothing here is refused, not ignored
     if args.scoring:
         p.refuse(given, ("num_samples", "max_new_tokens", "seed", "compile"),
@@ -129,9 +131,17 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def read_prompts(args: argparse.Namespace) -> list[str]:
-    """The prompts in order: positional ones, "-" expanded to stdin's lines, then --file's lines."""
+    """The prompts in order: positional ones, "-" expanded to stdin's lines, then --file's lines. A
+    PROMPT that is not UTF-8 is refused before any is answered, as a file's is. (A file or stdin of
+    blank lines only is no prompt, and nothing is printed: `grep ... | sample.py -` that matched
+    nothing.)"""
     prompts: list[str] = []
-    for prompt in args.prompts:
+    for number, prompt in enumerate(args.prompts, 1):
+        if prompt != "-":
+            try:  # (bytes that are not UTF-8 reach sys.argv as lone surrogates, PEP 383)
+                prompt.encode("utf-8", "surrogateescape").decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise MinigptError(f"PROMPT {number}: not UTF-8 text ({e.reason} at byte {e.start})") from None
         prompts += read_lines("-") if prompt == "-" else [prompt]
     if args.file is not None:
         prompts += read_lines(args.file)
@@ -180,6 +190,10 @@ def load(args: argparse.Namespace):
                 f"no --model given and no checkpoint in {DEFAULT_CHECKPOINT}/; {e} (--model takes a minigpt or "
                 f"HF GPT-2 folder; `python train.py --preset tiny` makes one in checkpoints/tiny)"
             ) from None
+    if not args.scoring:  # (the kernels' race and --compile's warm-up run on as many rows as a step)
+        from minigpt.sampling import check_decoding_fits
+
+        check_decoding_fits(model, args.num_samples, 1, args.max_new_tokens)
     model = prepare_for_inference(model, args.quantize, batch_size=args.num_samples, kernel=args.kernel,
                                   compiled=args.compile)
     return model, tokenizer

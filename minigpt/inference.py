@@ -298,10 +298,10 @@ def _settle(candidates: list[tuple[Layout, str]], precision: str,
         shape = "x".join(map(str, weights[0][0].shape))
         raise MinigptError(f"no {precision} kernel takes these {shape} layers: " + "; ".join(refusals.values()))
     settled = [(lay, k) for lay, k in candidates if refusals[k] is None]
-    if len(settled) > 1:  # (one is used untimed)
+    if len(settled) > 1:  # (one is used untimed; bmm-split makes its output twice, in slices and joined)
         width, out = weights[0][0].size(1), _time_rows(precision, weights[0][0])
-        check_fits(rows * (width + out) * 4, weights[0][0].device, f"--num-samples {rows}",
-                   "the kernels' timing passes", f"{rows} rows x {width} activations and {out} outputs")
+        check_fits(rows * (width + 2 * out) * 4, weights[0][0].device, f"--num-samples {rows}",
+                   "the kernels' timing passes", f"{rows} rows x {width} activations and 2 x {out} outputs")
     return settled
 
 

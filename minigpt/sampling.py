@@ -318,16 +318,30 @@ def generate(
         new_cache = partial(compiled.new_cache, num_samples, needed, dtype)
     else:
         new_cache = partial(KVCache, c, num_samples, needed, device=device, dtype=dtype)
-    cache_bytes = 2 * c.n_layer * num_samples * needed * c.n_head * (c.n_embd // c.n_head) * dtype.itemsize
-    cache = allocate(new_cache, cache_bytes, device, f"--num-samples {num_samples}", "the KV cache",
+    cache = allocate(new_cache, decoding_bytes(model, num_samples, n_prompt, config.max_new_tokens)[0], device, f"--num-samples {num_samples}", "the KV cache",
                      f"{num_samples} x {needed} positions x {c.n_layer} layers")
-    # Besides the cache (allocated, not yet written: no memory counts it used), a step's own tensors:
-    # the logits and the sampler's sorted copies of them, ~12 bytes a row per vocabulary entry, and
-    # the prompt pass's activations, ~10 floats a row per position and channel (both measured).
-    step_bytes = num_samples * (c.vocab_size * 12 + min(window, n_prompt) * c.n_embd * 40)
-    check_fits(cache_bytes + step_bytes, device, f"--num-samples {num_samples}", "a decoding step with its KV cache",
-               f"{num_samples} rows of {c.vocab_size:,} logits")
+    check_decoding_fits(model, num_samples, n_prompt, config.max_new_tokens)  # (the cache allocated, not yet used)
     return _steps(model, tokens, n_prompt, cache, config, generator, pick, eos_id, compiled)
+
+
+def decoding_bytes(model: GPT, num_samples: int, n_prompt: int, max_new_tokens: int) -> tuple[int, int]:
+    """(KV cache, a step's own tensors) in bytes, for decoding `num_samples` rows of `model`: a
+    step's tensors are the logits and the sampler's sorted copies of them, ~12 bytes a row per
+    vocabulary entry, and the prompt pass's activations, ~10 floats a row per position and channel
+    (both measured)."""
+    c, itemsize = model.config, activation_dtype(model).itemsize
+    positions = min(c.block_size, n_prompt + max_new_tokens)
+    cache = 2 * c.n_layer * num_samples * positions * c.n_head * (c.n_embd // c.n_head) * itemsize
+    return cache, num_samples * (c.vocab_size * 12 + min(c.block_size, n_prompt) * c.n_embd * 40)
+
+
+def check_decoding_fits(model: GPT, num_samples: int, n_prompt: int, max_new_tokens: int) -> None:
+    """A one-line MinigptError when a decoding step with its KV cache (`decoding_bytes`) exceeds the
+    memory available. `generate` checks it; sample.py also checks it, for a one-token prompt, before
+    the kernels are timed or the step compiled on `num_samples` rows (each as large as a step)."""
+    cache, step = decoding_bytes(model, num_samples, n_prompt, max_new_tokens)
+    check_fits(cache + step, model_device(model), f"--num-samples {num_samples}", "a decoding step with its KV cache",
+               f"{num_samples} rows of {model.config.vocab_size:,} logits")
 
 
 @torch.inference_mode()

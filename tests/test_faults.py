@@ -817,7 +817,7 @@ def test_invalid_utf8_prompt_on_the_command_line_and_interactive(tiny_minigpt_di
     (PEP 383): one line, no traceback."""
     prompt = os.fsdecode(b"caf\xe9")  # what `python sample.py $'caf\xe9'` puts in sys.argv
     result = sample("--model", str(tiny_minigpt_dir), "--max-new-tokens", "2", prompt)
-    assert_one_line_error(result, "not valid UTF-8", "character 3")
+    assert_one_line_error(result, "PROMPT 1: not UTF-8 text", "byte 3")
     result = sample("--model", str(tiny_minigpt_dir), "--max-new-tokens", "2", "--interactive",
                     stdin=b"why?\ncaf\xc3\xa9 \xff\xfe?\n", monkeypatch=monkeypatch, errors="surrogateescape")
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr

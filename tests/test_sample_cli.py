@@ -109,6 +109,34 @@ def test_stdin_file_empty_prompt_and_int8(tiny_minigpt_dir, tiny_hf_dir, gpt2_to
     assert outputs[2] == "first prompt" + hf_greedy_text(tiny_hf_dir, gpt2_tokenizer, "first prompt", 3)
 
 
+def test_a_decoding_step_beyond_the_memory_is_refused_before_the_kernels_race(tiny_minigpt_dir, monkeypatch):
+    """The kernels' race (and --compile's warm-up) run on --num-samples rows before generate checks
+    its step: --num-samples 60000 was killed for memory after minutes of timing, and --kernel mkl
+    with 2**63 samples a RuntimeError traceback from MKL's packing."""
+    import minigpt.inference
+
+    monkeypatch.setattr("minigpt.runtime.available_memory", lambda device: 2**30)
+    monkeypatch.setattr(minigpt.inference, "prepare_for_inference", lambda *a, **k: pytest.fail("kernels raced first"))
+    rows = 2**30 // (50257 * 12) + 1  # (a step's logits and the sampler's copies: 12 bytes a row per token)
+    for flags in (["--num-samples", str(rows)], ["--kernel", "mkl", "--num-samples", str(2**63)]):
+        with pytest.raises(MinigptError, match=rf"^--num-samples {flags[-1]}: a decoding step with its KV cache "
+                                               r"\(.*\) does not fit in memory$"):
+            sample.main(["--model", str(tiny_minigpt_dir), "--max-new-tokens", "2", *flags, "hi"])
+
+
+def test_a_prompt_not_utf8_is_refused_before_any_answer_and_stdin_read_once(tiny_minigpt_dir, capsys):
+    """A PROMPT of bytes that are not UTF-8 was refused only when its turn came, after the prompts
+    before it were answered (and a blank line printed), in words that named no prompt; "- --file -"
+    read stdin twice, the second time nothing."""
+    model = ["--model", str(tiny_minigpt_dir), "--greedy", "--max-new-tokens", "2"]
+    with pytest.raises(MinigptError, match=r"^PROMPT 2: not UTF-8 text \(invalid start byte at byte 2\)$"):
+        sample.main([*model, "ok", "ab\udcffcd"])  # (b"ab\xffcd" as sys.argv holds it)
+    assert capsys.readouterr().out == ""
+    with pytest.raises(SystemExit) as usage:
+        sample.main([*model, "-", "--file", "-"])
+    assert usage.value.code == 2 and "stdin (-) is read once" in capsys.readouterr().err
+
+
 def test_a_prompt_line_ends_only_at_a_line_break(tmp_path, monkeypatch):
     """One prompt per line, where `--interactive` would end the line: at \\n, \\r\\n or \\r. A form feed,
     U+2028 or U+0085 inside a line is part of its prompt (`str.splitlines` split the line there)."""
