@@ -151,7 +151,10 @@ def refuse_duplicate_names(path: Path) -> None:
 
 @contextmanager
 def _reading(path: Path) -> Iterator[None]:
-    """Turn the errors of reading a .safetensors file into one line naming it."""
+    """Turn the errors of reading a .safetensors file into one line naming it (and refuse a FIFO or
+    a device, whose reading would wait for a writer forever)."""
+    if os.path.exists(path) and not os.path.isfile(path) and not os.path.isdir(path):
+        raise MinigptError(f"{path}: cannot read it (not a regular file)")
     try:
         yield
     except SafetensorError as e:

@@ -6,7 +6,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import signal
 import sys
+import threading
 import warnings
 from dataclasses import Field, field, fields
 from typing import Any, Callable, Iterator, Sequence
@@ -15,7 +17,10 @@ from .errors import MinigptError, reason
 
 
 def run(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None) -> None:
-    """Run a CLI's `main`: a MinigptError becomes one line on stderr and exit 2; Ctrl-C exits 130;
+    """Run a CLI's `main`: a MinigptError becomes one line on stderr and exit 2; Ctrl-C exits 130, and
+    so does SIGTERM (`kill`, `timeout`), which is raised as a KeyboardInterrupt too, so that a save it
+    interrupts removes its temporary files as after Ctrl-C (killed outright, a conversion left a
+    model-sized temporary folder);
     a reader that closed our stdout (`... | head`) ends the run quietly, as it does `cat`'s (141);
     stdout that cannot be written (a full disk) is one line and exit 2. Python warnings (minigpt's,
     torch's) are one `warning: ...` line each, as the CLIs' own warnings are. A character that the
@@ -24,7 +29,7 @@ def run(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] 
     if getattr(sys.stdout, "errors", None) == "strict" and hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(errors="replace")
     try:
-        with one_line_warnings():
+        with one_line_warnings(), _sigterm_as_interrupt():
             code = main(argv)
         sys.stdout.flush()  # (here a full disk behind stdout is reported, not in a warning at exit)
     except MinigptError as e:
@@ -46,6 +51,24 @@ def run(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] 
         _drop_stdout()
         sys.exit(2)
     sys.exit(code or 0)
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """While inside, SIGTERM raises KeyboardInterrupt (where nothing else handles it, in the main
+    thread); the trainer's own handler takes over during training (it saves first)."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 @contextlib.contextmanager

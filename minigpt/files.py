@@ -244,8 +244,9 @@ def atomic_folder(out: str | os.PathLike, overwrite: bool = True) -> Iterator[Pa
 
 def _rename_into_place(tmp: Path, out: Path) -> None:
     """Rename the complete folder `tmp` to `out`. An existing `out` is first moved into a folder
-    `.NAME.old-XXXX` beside it and deleted once the new one is in place; if a rename fails, the
-    previous `out` is put back and the `.old` folder removed, so a failure leaves `out` as it was.
+    `.NAME.old-XXXX` beside it and deleted once the new one is in place; if a rename fails (or a
+    Ctrl-C comes between them), the previous `out` is put back and the `.old` folder removed, so a
+    failure leaves `out` as it was.
     A symlink `out` is replaced as `out` is, also one that names nothing (a folder cannot be renamed
     onto a link)."""
     if not out.exists() and not out.is_symlink():
@@ -254,14 +255,11 @@ def _rename_into_place(tmp: Path, out: Path) -> None:
     old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-{os.getpid()}-", dir=out.parent))
     try:
         os.replace(out, old / out.name)
-    except OSError:
-        old.rmdir()
-        raise
-    try:
         os.replace(tmp, out)
-    except OSError:
-        os.replace(old / out.name, out)
-        old.rmdir()
+    except BaseException:  # (an OSError, or a Ctrl-C between the two renames: `out` is never left missing)
+        if not os.path.lexists(out) and os.path.lexists(old / out.name):
+            os.replace(old / out.name, out)
+        shutil.rmtree(old, ignore_errors=True)
         raise
     shutil.rmtree(old, ignore_errors=True)
 

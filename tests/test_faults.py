@@ -166,6 +166,17 @@ def test_hostile_safetensors_minigpt_to_hf(case, tiny_minigpt_dir, tmp_path):
     assert snapshot(out) == {"README.md": b"an earlier export"} and leftovers(tmp_path) == []
 
 
+def test_weights_that_are_a_fifo_are_refused_not_waited_on(tiny_minigpt_dir, tmp_path):
+    """A minigpt folder whose model.safetensors is a FIFO (a named pipe): reading it waited for a
+    writer forever (in a child process here, so that a wait fails the test instead of hanging it)."""
+    src = Path(shutil.copytree(tiny_minigpt_dir, tmp_path / "src"))
+    (src / WEIGHTS).unlink()
+    os.mkfifo(src / WEIGHTS)
+    result = subprocess.run([sys.executable, str(ROOT / "sample.py"), "--model", str(src), "hi"], capture_output=True,
+                            text=True, timeout=30, env={**os.environ, "PYTHONPATH": python_path()}, cwd=ROOT)
+    assert_one_line_error(result, str(src / WEIGHTS), "cannot read it (not a regular file)")
+
+
 def test_weights_that_are_a_folder_are_refused(tiny_minigpt_dir, tmp_path):
     src = Path(shutil.copytree(tiny_minigpt_dir, tmp_path / "src"))
     (src / WEIGHTS).unlink()
@@ -579,6 +590,37 @@ def test_disk_full_during_export(tiny_minigpt_dir, tmp_path, monkeypatch):
     result = convert("--to-hf", str(tiny_minigpt_dir), "--out", str(out))
     assert_one_line_error(result, str(out), "No space left on device", "nothing was written")
     assert not out.exists() and leftovers(tmp_path) == []
+
+
+# A CLI (through minigpt.cli.run) that gets SIGTERM while it saves `out`.
+TERMINATED_WHILE_SAVING = """
+import os, signal, sys, time
+from pathlib import Path
+
+from minigpt.cli import run
+from minigpt.files import atomic_folder
+
+
+def main(argv):
+    with atomic_folder(Path(sys.argv[1])) as tmp:
+        (tmp / "model.safetensors").write_bytes(bytes(10_000))
+        os.kill(os.getpid(), signal.SIGTERM)  # (as `kill PID` or `timeout` sends it)
+        time.sleep(30)
+
+
+run(main, [])
+"""
+
+
+def test_sigterm_while_a_cli_saves_leaves_no_temporary_folder(tmp_path):
+    """`kill` or `timeout` (SIGTERM) ended convert_hf_weights.py outright: a model-sized `.out.tmp-*`
+    folder stayed beside --out until the next save to it. It is a KeyboardInterrupt now, as Ctrl-C:
+    "interrupted", exit 130, the temporary folder removed."""
+    out = tmp_path / "out"
+    result = subprocess.run([sys.executable, "-c", TERMINATED_WHILE_SAVING, str(out)], capture_output=True,
+                            text=True, timeout=120, env={**os.environ, "PYTHONPATH": python_path()}, cwd=ROOT)
+    assert (result.returncode, result.stderr) == (130, "interrupted\n")
+    assert list(tmp_path.iterdir()) == []
 
 
 # A child process that saves `out` with atomic_folder and is killed (SIGKILL, from itself) right

@@ -212,6 +212,25 @@ def test_a_failed_rename_keeps_the_previous_folder_and_leaves_nothing(tmp_path, 
     assert names(tmp_path) == ["out"] and (out / "old.txt").read_text() == "old" and names(out) == ["old.txt"]
 
 
+def test_a_ctrl_c_between_the_two_renames_puts_the_previous_folder_back(tmp_path, monkeypatch):
+    """A KeyboardInterrupt after the previous `out` was moved aside left `out` missing (the model
+    gone for `sample.py --model out`) until the next save to that very path."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    real_replace = os.replace
+
+    def moved_aside_then_interrupted(src, dst):
+        real_replace(src, dst)
+        if Path(src) == out:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "replace", moved_aside_then_interrupted)
+    with pytest.raises(KeyboardInterrupt), atomic_folder(out) as tmp:
+        (tmp / "new.txt").write_text("new")
+    assert names(tmp_path) == ["out"] and names(out) == ["old.txt"]
+
+
 def test_atomic_folder_refuses_the_current_folder_and_what_is_not_a_folder(tmp_path, monkeypatch):
     here, a_file = tmp_path / "here", tmp_path / "a_file"
     (here / "sub").mkdir(parents=True)
