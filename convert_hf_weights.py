@@ -44,7 +44,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     check_source_outside(out, args.to_hf if to_hf else args.source, "--to-hf" if to_hf else "SOURCE", "--out")
     from minigpt.hf import export_hf  # heavy imports after parsing
     from minigpt.loading import convert_to_minigpt, load_model
-    from minigpt.run_folder import check_replaceable, keep_runs_out
+    from minigpt.run_folder import check_replaceable, current_checkpoint, keep_runs_out
 
     if out.is_dir() and not out.is_symlink():  # (a symlink is replaced itself, not what it names)
         check_replaceable(out)  # (first: --force is suggested only where it would replace the folder)
@@ -57,7 +57,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             from minigpt.card import export_card
 
             model, tokenizer = load_model(args.to_hf)
-            card = Path(args.to_hf) / "README.md"  # a training run's model card travels with the export
+            # a training run's model card travels with the export, from the step whose weights were read
+            card = (current_checkpoint(args.to_hf) or Path(args.to_hf)) / "README.md"
             export_hf(model, tokenizer, out, export_card(card.read_text(encoding="utf-8")) if card.is_file() else None,
                       overwrite=replacing)  # (--force, and check_replaceable, decided above)
             print(f"wrote a transformers GPT2LMHeadModel folder to {args.out}")
@@ -68,4 +69,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    run(main)
+    run(main, sigterm_interrupts=True)

@@ -69,11 +69,11 @@ if missing:
 PYCHECK
 # The tests get 2/5 of the time left (~175 s; 74 s measured on an H200), the timings the rest; both
 # are interrupted with SIGINT, so that pytest still prints its summary and gpu_check.py its table.
-limit=$(( (DEADLINE - SECONDS) * 2 / 5 ))
+limit=$(( (DEADLINE - SECONDS) * 2 / 5 )); [ "$limit" -lt 30 ] && limit=30  # (a slow set-up: still a try)
 step "CUDA tests: pytest -m cuda (<= $limit s)"
 timeout -s INT -k 10 "$limit" "$PY" -m pytest -m cuda -q -s -rs --durations=5 -p no:cacheprovider tests/
 tests=$?
-limit=$(( DEADLINE - SECONDS - 10 ))
+limit=$(( DEADLINE - SECONDS - 10 )); [ "$limit" -lt 60 ] && limit=60
 step "timings: benchmarks/gpu_check.py (<= $limit s)"
 timeout -s INT -k 10 "$limit" "$PY" benchmarks/gpu_check.py --budget $(( limit > 80 ? limit - 40 : 40 )) "$@"
 timings=$?

@@ -16,11 +16,13 @@ from typing import Any, Callable, Iterator, Sequence
 from .errors import MinigptError, reason
 
 
-def run(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None) -> None:
+def run(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None, *,
+        sigterm_interrupts: bool = False) -> None:
     """Run a CLI's `main`: a MinigptError becomes one line on stderr and exit 2; Ctrl-C exits 130, and
-    so does SIGTERM (`kill`, `timeout`), which is raised as a KeyboardInterrupt too, so that a save it
-    interrupts removes its temporary files as after Ctrl-C (killed outright, a conversion left a
-    model-sized temporary folder);
+    with `sigterm_interrupts` so does SIGTERM (`kill`, `timeout`), raised as a KeyboardInterrupt, so
+    that a save it interrupts removes its temporary files as after Ctrl-C (killed outright, a
+    conversion left a model-sized temporary folder; training has its own handler, which saves, and
+    a rank waiting in C code, in a rendezvous, must not outlive torchrun's SIGTERM);
     a reader that closed our stdout (`... | head`) ends the run quietly, as it does `cat`'s (141);
     stdout that cannot be written (a full disk) is one line and exit 2. Python warnings (minigpt's,
     torch's) are one `warning: ...` line each, as the CLIs' own warnings are. A character that the
@@ -29,7 +31,7 @@ def run(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] 
     if getattr(sys.stdout, "errors", None) == "strict" and hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(errors="replace")
     try:
-        with one_line_warnings(), _sigterm_as_interrupt():
+        with one_line_warnings(), _sigterm_as_interrupt() if sigterm_interrupts else contextlib.nullcontext():
             code = main(argv)
         sys.stdout.flush()  # (here a full disk behind stdout is reported, not in a warning at exit)
     except MinigptError as e:
@@ -56,7 +58,7 @@ def run(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] 
 @contextlib.contextmanager
 def _sigterm_as_interrupt() -> Iterator[None]:
     """While inside, SIGTERM raises KeyboardInterrupt (where nothing else handles it, in the main
-    thread); the trainer's own handler takes over during training (it saves first)."""
+    thread)."""
     if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
         yield
         return

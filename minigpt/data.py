@@ -47,7 +47,8 @@ from .formats import FORMATS
 from .sources import Source, render
 from .tokenizer import Tokenizer
 
-CACHE_VERSION = 2  # (2: byte-order marks dropped) bump when the way blocks are made changes, so old entries are not reused
+CACHE_VERSION = 3  # (2: byte-order marks dropped; 3: whitespace-only answers tokenized) bump when the way blocks
+# are made changes, so old entries are not reused
 BLOCKS_FILE = "blocks.npy"
 MANIFEST_FILE = "manifest.json"
 ENCODE_CHUNK = 1024  # texts per encode_batch call: large enough to keep every core busy

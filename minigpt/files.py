@@ -257,9 +257,11 @@ def _rename_into_place(tmp: Path, out: Path) -> None:
         os.replace(out, old / out.name)
         os.replace(tmp, out)
     except BaseException:  # (an OSError, or a Ctrl-C between the two renames: `out` is never left missing)
-        if not os.path.lexists(out) and os.path.lexists(old / out.name):
-            os.replace(old / out.name, out)
-        shutil.rmtree(old, ignore_errors=True)
+        if os.path.lexists(old / out.name):  # back, unless something took its place meanwhile (a run's
+            with contextlib.suppress(OSError):  # folder, or the new one: a rename over a folder with files fails)
+                os.replace(old / out.name, out)
+        with contextlib.suppress(OSError):  # (left while it holds the previous `out`: clear_interrupted_saves
+            old.rmdir()  # puts it back or removes it at the next save)
         raise
     shutil.rmtree(old, ignore_errors=True)
 

@@ -18,9 +18,10 @@ whole with `atomic_folder` (a temporary folder, fsynced, renamed to `step-...`),
 swapped to it with `atomic_symlink` (one atomic rename), and only then are the older folders
 deleted. Whenever the process is killed, `current` names one complete checkpoint and every file read
 through it is from the same step; readers need no recovery step, and the next save deletes whatever
-a killed one left in `.ckpt`. loss.png is replaced whole with `atomic_file`; metrics.jsonl is
-started (or, on a resume, cut back to the checkpoint's rows) with `atomic_file` and then appended to,
-a line at a time.
+a killed one left in `.ckpt` (a run killed in its first save, before `current` existed, leaves a
+step folder that a new run refuses rather than deletes: `check_out_folder`). loss.png is replaced
+whole with `atomic_file`; metrics.jsonl is started (or, on a resume, cut back to the checkpoint's
+rows) with `atomic_file` and then appended to, a line at a time.
 """
 
 from __future__ import annotations

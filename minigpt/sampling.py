@@ -318,7 +318,8 @@ def generate(
         new_cache = partial(compiled.new_cache, num_samples, needed, dtype)
     else:
         new_cache = partial(KVCache, c, num_samples, needed, device=device, dtype=dtype)
-    cache = allocate(new_cache, decoding_bytes(model, num_samples, n_prompt, config.max_new_tokens)[0], device, f"--num-samples {num_samples}", "the KV cache",
+    cache_bytes = decoding_bytes(model, num_samples, n_prompt, config.max_new_tokens)[0]
+    cache = allocate(new_cache, cache_bytes, device, f"--num-samples {num_samples}", "the KV cache",
                      f"{num_samples} x {needed} positions x {c.n_layer} layers")
     check_decoding_fits(model, num_samples, n_prompt, config.max_new_tokens)  # (the cache allocated, not yet used)
     return _steps(model, tokens, n_prompt, cache, config, generator, pick, eos_id, compiled)

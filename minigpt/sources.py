@@ -244,7 +244,7 @@ def render(src: Source, fmt: str) -> list[str | None]:
     texts: list[str | None] = []
     for i, record in enumerate(src.records()):
         answers = _answers(record, i, src)
-        if not "".join(answers) or (fmt == "qa" and not any(a.strip() for a in answers)):
+        if not answers_text(answers) or (fmt == "qa" and not any(a.strip() for a in answers)):
             texts.append(None)  # (the recipe's join of them is "", no tokens; qa needs an answer with text)
         elif fmt == "answers":
             texts.append(answers_text(answers))
@@ -279,7 +279,8 @@ def _best_answer(record: dict, answers: list[str], i: int, src: Source) -> str:
     scores = record["answers"].get("score")
     if scores is None:
         scores = [0] * len(answers)
-    numbers = isinstance(scores, list) and all(isinstance(s, (int, float)) and math.isfinite(s) for s in scores)
+    numbers = isinstance(scores, list) and all(  # (an int of any size; NaN and inf are no score)
+        isinstance(s, int) or (isinstance(s, float) and math.isfinite(s)) for s in scores)
     if not numbers or len(scores) != len(answers):  # (NaN: max() would keep whichever came first)
         raise MinigptError(
             f"{src.name}: {_which(record, i)} has 'answers.score' not one finite number per 'answers.text'"

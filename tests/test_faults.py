@@ -608,19 +608,25 @@ def main(argv):
         time.sleep(30)
 
 
-run(main, [])
+run(main, [], sigterm_interrupts=sys.argv[2] == "convert")
 """
 
 
 def test_sigterm_while_a_cli_saves_leaves_no_temporary_folder(tmp_path):
     """`kill` or `timeout` (SIGTERM) ended convert_hf_weights.py outright: a model-sized `.out.tmp-*`
-    folder stayed beside --out until the next save to it. It is a KeyboardInterrupt now, as Ctrl-C:
-    "interrupted", exit 130, the temporary folder removed."""
-    out = tmp_path / "out"
-    result = subprocess.run([sys.executable, "-c", TERMINATED_WHILE_SAVING, str(out)], capture_output=True,
-                            text=True, timeout=120, env={**os.environ, "PYTHONPATH": python_path()}, cwd=ROOT)
+    folder stayed beside --out until the next save to it. There it is a KeyboardInterrupt now, as
+    Ctrl-C: "interrupted", exit 130, the temporary folder removed."""
+    def terminated(cli: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-c", TERMINATED_WHILE_SAVING, str(tmp_path / "out"), cli],
+                              capture_output=True, text=True, timeout=120, cwd=ROOT,
+                              env={**os.environ, "PYTHONPATH": python_path()})
+
+    result = terminated("convert")
     assert (result.returncode, result.stderr) == (130, "interrupted\n")
     assert list(tmp_path.iterdir()) == []
+    # (not the others: training has its own handler, and a rank waiting in a rendezvous, in C, would
+    # not see a KeyboardInterrupt before torchrun's SIGKILL, 30 s later)
+    assert terminated("train").returncode == -signal.SIGTERM
 
 
 # A child process that saves `out` with atomic_folder and is killed (SIGKILL, from itself) right

@@ -276,3 +276,25 @@ def test_a_folder_filled_while_a_new_one_is_written_is_not_replaced(tmp_path):
         (tmp / "a.txt").write_text("new")
         empty.mkdir()
     assert (empty / "a.txt").read_text() == "new"
+
+
+def test_a_folder_made_in_the_saves_place_between_its_renames_keeps_the_previous_one(tmp_path, monkeypatch):
+    """A folder made at `out` between the two renames (a run's lock) makes the new one's rename fail:
+    the previous `out` cannot go back, and was deleted with the `.old` folder that held it."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    real_replace = os.replace
+
+    def a_run_takes_the_place(src, dst):
+        real_replace(src, dst)
+        if Path(src) == out:
+            out.mkdir()
+            (out / ".lock").write_text("a run's")
+
+    monkeypatch.setattr(os, "replace", a_run_takes_the_place)
+    with pytest.raises(MinigptError, match="saving failed"), atomic_folder(out) as tmp:
+        (tmp / "new.txt").write_text("new")
+    assert names(out) == [".lock"]
+    kept = [p for p in tmp_path.glob(".out.old-*/out/old.txt")]
+    assert [p.read_text() for p in kept] == ["old"]  # (clear_interrupted_saves puts it back once `out` is free)

@@ -131,6 +131,8 @@ def test_a_prompt_not_utf8_is_refused_before_any_answer_and_stdin_read_once(tiny
     model = ["--model", str(tiny_minigpt_dir), "--greedy", "--max-new-tokens", "2"]
     with pytest.raises(MinigptError, match=r"^PROMPT 2: not UTF-8 text \(invalid start byte at byte 2\)$"):
         sample.main([*model, "ok", "ab\udcffcd"])  # (b"ab\xffcd" as sys.argv holds it)
+    with pytest.raises(MinigptError, match=r"^PROMPT 1: not UTF-8 text \(a lone surrogate at character 1\)$"):
+        sample.main([*model, "x\ud800"])  # (a surrogate no byte makes: from Python, sample.main([...]))
     assert capsys.readouterr().out == ""
     with pytest.raises(SystemExit) as usage:
         sample.main([*model, "-", "--file", "-"])
