@@ -35,12 +35,16 @@ def parse_args(argv: Sequence[str] | None) -> TrainFlags:
     return parse_train_flags(argv, __doc__)
 
 
-def build_model(args: TrainFlags, resume_from: Path | None):
-    """(model on the CPU in fp32, tokenizer): from the checkpoint to resume, `--init`, or new."""
+def build_model(args: TrainFlags, resume_from: Path | None, device: str = "cpu"):
+    """(model on the CPU in fp32, tokenizer): from the checkpoint to resume, `--init`, or new (whose
+    training must fit in `device`'s memory: a one-line error, not the allocator's traceback)."""
+    import torch
+
     from minigpt.checkpoint import model_from_state, model_state_for_saving
     from minigpt.config import GPTConfig
     from minigpt.loading import load_model, load_tokenizer
     from minigpt.model import GPT
+    from minigpt.runtime import check_fits
 
     if resume_from is not None:
         return load_model(resume_from)
@@ -60,6 +64,9 @@ def build_model(args: TrainFlags, resume_from: Path | None):
             n_head=args.n_head or 12, n_embd=args.n_embd or 768,
             dropout=0.1 if args.dropout is None else args.dropout,
         )
+        n = config.num_parameters()  # (weights, gradients and AdamW's two moments: 16 bytes each, in fp32)
+        check_fits(16 * n, torch.device(device), f"--n-layer {config.n_layer} --n-embd {config.n_embd} --block-size "
+                   f"{config.block_size}", "the new model with its gradients and AdamW's moments", f"{n:,} parameters")
         return GPT(config), tokenizer  # initialised from torch's generator, seeded by main
     model, tokenizer = load_init(args)
     if args.dropout is not None and args.dropout != model.config.dropout:
@@ -91,13 +98,16 @@ def eval_only(args: TrainFlags) -> int:
     import torch
 
     from minigpt.data import BatchIterator, TokenBlocks, load_validation_blocks
-    from minigpt.ddp import torchrun_process_group
+    from minigpt.ddp import launched_rank, torchrun_process_group
     from minigpt.metrics import evaluate, perplexity
     from minigpt.runtime import setup_device
     from minigpt.trainer import seed_everything
 
     with alike_on_every_rank():  # (under torchrun: one line for the job, not one a rank)
         device, dtype = setup_device(args.device, args.dtype)
+    from minigpt.runtime import emulated_bf16_warning  # (evaluation is as slow as training in emulated bf16)
+    if (warning := emulated_bf16_warning(device, dtype)) and launched_rank() == 0:
+        print(warning, file=sys.stderr, flush=True)
     seed_everything(args.seed)
     with torchrun_process_group(device) as (ranks, device):
         with alike_on_every_rank():
@@ -170,7 +180,7 @@ def train(args, device, dtype, dtype_name: str, ranks, resume_from: Path | None)
             settings = args.run_config(ranks.world_size, dtype_name, max_steps=args.max_steps)  # (--epochs: None)
             saved = saved_run_settings(resume_from)
             check_same_run(args.out, {k: v for k, v in saved.items() if k in settings}, settings)
-        model, tokenizer = build_model(args, resume_from)
+        model, tokenizer = build_model(args, resume_from, device)
     model = prepare_for_training(model.to(device).train())
     if ranks.world_size > 1:  # each rank draws its own dropout masks (one seed would repeat rank 0's)
         torch.manual_seed(args.seed + ranks.rank)
@@ -212,11 +222,16 @@ def train(args, device, dtype, dtype_name: str, ranks, resume_from: Path | None)
         f"{c.n_embd} wide, vocabulary {c.vocab_size:,}), {source}")
     say(f"data: {len(train_blocks):,} training and {count(len(val_blocks), 'validation block')} "
         f"of {args.block_size} tokens")
+    examples = min(global_micro * args.grad_accum, len(train_blocks))  # (a batch beyond the data: all of it)
+    whole = " (the whole training set)" if examples < global_micro * args.grad_accum else ""
     say(f"batch: {args.batch_size} x {args.block_size} tokens x {args.grad_accum} accumulation x "
-        f"{ranks.world_size} process(es) = {global_micro * args.grad_accum} examples, "
-        f"{global_micro * args.grad_accum * args.block_size:,} tokens per step")
+        f"{ranks.world_size} process(es) = {examples} examples{whole}, {examples * args.block_size:,} tokens per step")
     say(f"schedule: {count(steps_per_epoch, 'step')} per epoch, {count(max_steps, 'step')} ({epochs}); lr {args.lr:g}, "
         f"{args.warmup_steps} warm-up steps, then linear decay to 0")
+    if args.warmup_steps >= max_steps:  # (the schedule is HF's: it only warms up, and never reaches --lr)
+        say(f"warning: --warmup-steps {args.warmup_steps} is not fewer than the run's {count(max_steps, 'step')}: the "
+            f"learning rate only rises, to {args.lr * (max_steps - 1) / args.warmup_steps:.3g} at the last step, "
+            f"never to --lr {args.lr:g}", file=sys.stderr)
     say(f"device: {device}, precision {dtype_name}{' (autocast)' if dtype != torch.float32 else ''}"
         f"{', compiled' if args.compile else ''}; seed {args.seed}")
     say(f"out: {args.out}", flush=True)

@@ -42,8 +42,9 @@ class TrainFlags:
 
     preset: str | None = flag(None, "tiny: a 2-layer, 128-wide model trained from scratch on the 50-question ELI5 "
                               "sample bundled with minigpt, with a 2,048-token vocabulary learned from it (block 64, "
-                              "batch 16, lr 2e-3, 20 warm-up steps, 12 epochs, out checkpoints/tiny); flags given "
-                              "as well still apply", choices=["tiny"])
+                              "batch 16, lr 2e-3, 20 warm-up steps, 12 epochs, dropout 0, --log-every 5, --save-every "
+                              "50, out checkpoints/tiny); flags given as well still apply, and a model loaded "
+                              "with --init keeps its shape and dropout", choices=["tiny"])
     init: str = flag(RECIPE_MODEL, "start from: a Hub id, an HF or minigpt checkpoint folder, or `scratch` for a new "
                      "model of --n-layer/--n-head/--n-embd", group="model", metavar="SOURCE", type=path_text)
     n_layer: int | None = flag(None, "(--init scratch) Transformer blocks (default: 6)", group="model", run=True, **_INT)
@@ -205,8 +206,8 @@ def parse_train_flags(argv: Sequence[str] | None, description: str) -> TrainFlag
         from .data import tiny_preset_path
 
         preset = {**TINY_PRESET, "data": str(tiny_preset_path())}
-        if "init" in given and first.init != "scratch":  # a loaded model keeps its shape: the preset's is new
-            preset = {k: v for k, v in preset.items() if k not in SHAPE_FLAGS}
+        if "init" in given and first.init != "scratch":  # a loaded model keeps its shape and dropout: the
+            preset = {k: v for k, v in preset.items() if k not in (*SHAPE_FLAGS, "dropout")}  # preset's are new
         p.set_defaults(**preset)
     args = from_flags(TrainFlags, p.parse_args(argv))
     if args.seed >= 2**63:  # torch's generators take a 64-bit seed
@@ -231,4 +232,10 @@ def parse_train_flags(argv: Sequence[str] | None, description: str) -> TrainFlag
     if args.val_data is not None and not args.resume:  # (a run made before this refusal may need it to resume)
         p.refuse(given, ("val_fraction",), "has no effect with --val-data: it splits --data's records, and with "
                  "--val-data none are split; give one of them")
+    if args.eval_only and args.val_data is not None:
+        p.refuse(given, ("data", "max_records", "seed"), "has no effect with --eval-only --val-data, which "
+                 "reads only --val-data (whole, in order)")
+    if args.val_data is None and args.val_fraction == 0 and not args.resume:
+        p.refuse(given, ("eval_every",), "has no effect with --val-fraction 0 and no --val-data: there is no "
+                 "validation data to evaluate")
     return args

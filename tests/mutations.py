@@ -1053,6 +1053,15 @@ BREAKS = (
     Break("previous_deleted_when_place_taken", "a folder made in a save's place between its renames gets the "
           "previous one deleted", ((r"old\.rmdir\(\)  # puts it back", "shutil.rmtree(old)  # puts it back"),),
           ("tests/test_files.py::test_a_folder_made_in_the_saves_place_between_its_renames_keeps_the_previous_one",)),
+    Break("eval_only_val_data_flags_ignored", "--eval-only --val-data takes --data, --max-records and --seed (unread)",
+          ((r"if args\.eval_only and args\.val_data is not None:", "if False:"),),
+          ("tests/test_eval_only.py::test_eval_only_with_val_data_refuses_what_it_does_not_read",)),
+    Break("eval_every_without_validation", "--eval-every is taken where there is no validation data",
+          ((r"if args\.val_data is None and args\.val_fraction == 0 and not args\.resume:", "if False:"),),
+          ("tests/test_train_cli.py::test_flags_that_would_change_nothing_in_training_are_refused",)),
+    Break("preset_sets_loaded_dropout", "--preset tiny sets the dropout of a model loaded with --init to 0",
+          ((r"k not in \(\*SHAPE_FLAGS, \"dropout\"\)", "k not in SHAPE_FLAGS"),),
+          ("tests/test_train_cli.py::test_flags_that_would_change_nothing_in_training_are_refused",)),
     Break("interactive_reads_text_stdin", "--interactive reads stdin as text: strict under a UTF-8 locale (a traceback on a "
           "byte that is not UTF-8), and a lone \\r does not end a question",
           ((r"return buffer\.readline\(\)\.decode\(\"utf-8\", \"surrogateescape\"\) if buffer is not None else "

@@ -100,3 +100,24 @@ def test_eval_only_without_validation_data_is_one_line(tmp_path, tiny_hf_dir):
         "error: --eval-only: no validation data (give --val-data, or a --val-fraction above 0)"
     ]
     assert list(tmp_path.iterdir()) == []
+
+
+def test_eval_only_with_val_data_refuses_what_it_does_not_read(tiny_hf_dir):
+    """With --val-data only that file is read, whole and in order: --data (even one that does not
+    exist), --max-records and --seed were accepted and changed nothing."""
+    for flag, value in (("--data", "/nowhere.jsonl"), ("--max-records", "3"), ("--seed", "9")):
+        result = call_cli("train.py", "--eval-only", "--init", str(tiny_hf_dir), "--val-data", DATA, "--block-size",
+                          "32", flag, value)
+        assert result.returncode == 2 and result.stderr.strip().splitlines()[-1].endswith(
+            f"error: {flag} has no effect with --eval-only --val-data, which reads only --val-data "
+            "(whole, in order) (see --help)")
+
+
+def test_eval_only_in_emulated_bf16_warns_as_training_does(tiny_hf_dir, monkeypatch):
+    """Training warns in one line that bf16 is emulated (much slower) on this CPU; --eval-only said nothing."""
+    import minigpt.runtime
+
+    monkeypatch.setattr(minigpt.runtime, "emulated_bf16_warning",
+                        lambda device, dtype: "warning: bf16 emulated" if dtype == torch.bfloat16 else None)
+    result = call_cli("train.py", *FLAGS, "--init", str(tiny_hf_dir), "--dtype", "bf16")
+    assert result.returncode == 0 and result.stderr.splitlines().count("warning: bf16 emulated") == 1, result.stderr

@@ -501,3 +501,37 @@ def test_compile_without_a_working_compiler_is_one_line(tmp_path, monkeypatch):
         "error: torch.compile on the CPU needs a C++ compiler (no-such-compiler not found, or it fails to run): it "
         "writes and builds C++ there"], result.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_a_new_model_beyond_the_memory_is_one_line(tmp_path, monkeypatch):
+    """A shape under the parameter cap but beyond the memory (--block-size 100000000: 12.8 billion
+    parameters) was the allocator's 22-line traceback."""
+    monkeypatch.setattr("minigpt.runtime.available_memory", lambda device: 2**30)
+    out = tmp_path / "out"
+    result = call_cli("train.py", *QUICK, "--block-size", str(2**20), "--out", str(out))
+    assert result.returncode == 2 and result.stderr.strip().splitlines() == [
+        f"error: --n-layer 2 --n-embd 128 --block-size {2**20}: the new model with its gradients and AdamW's moments "
+        "(134,876,672 parameters, 2.2 GB) does not fit in memory"]
+    assert not out.exists()
+
+
+def test_the_summary_says_what_a_step_takes_and_warns_of_a_warm_up_longer_than_the_run(tmp_path):
+    """A batch beyond the training set was announced as "1000 examples, 64,000 tokens per step" (a step
+    takes the 110 blocks there are); a warm-up longer than the run, where the learning rate never
+    reaches --lr, was announced as "20 warm-up steps, then linear decay to 0"."""
+    result = call_cli("train.py", *QUICK, "--batch-size", "1000", "--max-steps", "2", "--out", str(tmp_path / "out"))
+    assert result.returncode == 0, result.stderr
+    assert "= 110 examples (the whole training set), 7,040 tokens per step" in result.stdout
+    assert ("warning: --warmup-steps 20 is not fewer than the run's 2 steps: the learning rate only rises, to 0.0001 "
+            "at the last step, never to --lr 0.002") in result.stderr.splitlines()
+
+
+def test_flags_that_would_change_nothing_in_training_are_refused(tiny_hf_dir):
+    """--eval-every without validation data evaluated nothing; --preset tiny set a loaded model's dropout
+    to 0 (its card and config said so), where --dropout's default is the model's own."""
+    import train
+
+    with pytest.raises(SystemExit):
+        train.parse_args([*QUICK, "--val-fraction", "0", "--eval-every", "2"])
+    assert train.parse_args([*QUICK, "--init", str(tiny_hf_dir)]).dropout is None
+    assert train.parse_args(list(QUICK)).dropout == 0.0
