@@ -977,7 +977,8 @@ def test_top_k_beyond_the_vocabulary_is_the_whole_vocabulary(tiny_minigpt_dir):
 
 # A model small enough that a run of 12 steps takes a second: the faults, not the training, cost time.
 TINY_RUN = ["--preset", "tiny", "--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--block-size", "32",
-            "--batch-size", "8", "--max-steps", "12", "--save-every", "3", "--log-every", "1", "--no-progress"]
+            "--batch-size", "8", "--max-steps", "12", "--warmup-steps", "2", "--save-every", "3", "--log-every", "1",
+            "--no-progress"]  # (a warm-up shorter than the run: one the run never leaves is warned of)
 
 # Runs train.py with one fault injected at a chosen moment (MINIGPT_FAULT="kind:n"):
 #   kill_in_step:n       SIGKILL inside the n-th optimizer step (gradients made, weights not yet updated)
@@ -1398,7 +1399,8 @@ def test_a_diverged_run_ends_cleanly(tmp_path, monkeypatch):
     assert "      value: .inf" in (tmp_path / "big" / "README.md").read_text()
     scored = call_cli("sample.py", "--model", str(tmp_path / "big"), "--score", "Why is the sky blue?")
     assert scored.returncode == 0 and "| perplexity inf" in scored.stdout, scored.stderr
-    result = call_cli("train.py", *run, "--lr", "1e30", "--max-steps", "2", "--out", str(tmp_path / "nan"))
+    result = call_cli("train.py", *run, "--lr", "1e30", "--warmup-steps", "1", "--max-steps", "2",  # (lr 0, then 1e30)
+                      "--out", str(tmp_path / "nan"))
     assert_one_line_error(result, "step 2: the validation loss is nan; stopping", "(none yet) is untouched")
     assert not (tmp_path / "nan" / ".ckpt").exists()
 
