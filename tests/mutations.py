@@ -1042,7 +1042,7 @@ BREAKS = (
           ("tests/test_kernels.py::test_timing_passes_beyond_the_memory_available_are_refused_before_any_swap",)),
     Break("ctrl_c_between_renames_loses_out", "a Ctrl-C between a save's two renames leaves the folder missing",
           ((r"except BaseException:  # \(an OSError, or a Ctrl-C between the two renames", "except OSError:  # ("),),
-          ("tests/test_files.py::test_a_ctrl_c_between_the_two_renames_puts_the_previous_folder_back",)),
+          ("tests/test_files.py::test_what_comes_between_a_saves_two_renames_keeps_the_previous_folder",)),
     Break("sigterm_kills_clis", "SIGTERM ends convert_hf_weights.py outright (a save's temporary folder stays)",
           ((r"signal\.signal\(signal\.SIGTERM, interrupt\)", "pass"),),
           ("tests/test_faults.py::test_sigterm_while_a_cli_saves_leaves_no_temporary_folder",)),
@@ -1052,7 +1052,7 @@ BREAKS = (
           ("tests/test_faults.py::test_weights_that_are_a_fifo_are_refused_not_waited_on",)),
     Break("previous_deleted_when_place_taken", "a folder made in a save's place between its renames gets the "
           "previous one deleted", ((r"old\.rmdir\(\)  # puts it back", "shutil.rmtree(old)  # puts it back"),),
-          ("tests/test_files.py::test_a_folder_made_in_the_saves_place_between_its_renames_keeps_the_previous_one",)),
+          ("tests/test_files.py::test_what_comes_between_a_saves_two_renames_keeps_the_previous_folder",)),
     Break("eval_only_val_data_flags_ignored", "--eval-only --val-data takes --data, --max-records and --seed (unread)",
           ((r"if args\.eval_only and args\.val_data is not None:", "if False:"),),
           ("tests/test_eval_only.py::test_eval_only_with_val_data_refuses_what_it_does_not_read",)),

@@ -212,25 +212,6 @@ def test_a_failed_rename_keeps_the_previous_folder_and_leaves_nothing(tmp_path, 
     assert names(tmp_path) == ["out"] and (out / "old.txt").read_text() == "old" and names(out) == ["old.txt"]
 
 
-def test_a_ctrl_c_between_the_two_renames_puts_the_previous_folder_back(tmp_path, monkeypatch):
-    """A KeyboardInterrupt after the previous `out` was moved aside left `out` missing (the model
-    gone for `sample.py --model out`) until the next save to that very path."""
-    out = tmp_path / "out"
-    out.mkdir()
-    (out / "old.txt").write_text("old")
-    real_replace = os.replace
-
-    def moved_aside_then_interrupted(src, dst):
-        real_replace(src, dst)
-        if Path(src) == out:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(os, "replace", moved_aside_then_interrupted)
-    with pytest.raises(KeyboardInterrupt), atomic_folder(out) as tmp:
-        (tmp / "new.txt").write_text("new")
-    assert names(tmp_path) == ["out"] and names(out) == ["old.txt"]
-
-
 def test_atomic_folder_refuses_the_current_folder_and_what_is_not_a_folder(tmp_path, monkeypatch):
     here, a_file = tmp_path / "here", tmp_path / "a_file"
     (here / "sub").mkdir(parents=True)
@@ -278,23 +259,30 @@ def test_a_folder_filled_while_a_new_one_is_written_is_not_replaced(tmp_path):
     assert (empty / "a.txt").read_text() == "new"
 
 
-def test_a_folder_made_in_the_saves_place_between_its_renames_keeps_the_previous_one(tmp_path, monkeypatch):
-    """A folder made at `out` between the two renames (a run's lock) makes the new one's rename fail:
-    the previous `out` cannot go back, and was deleted with the `.old` folder that held it."""
+@pytest.mark.parametrize("between", ["ctrl-c", "a-run-takes-the-place"])
+def test_what_comes_between_a_saves_two_renames_keeps_the_previous_folder(tmp_path, monkeypatch, between):
+    """Between moving the previous `out` aside and renaming the new one in: a KeyboardInterrupt left
+    `out` missing (the model gone for `sample.py --model out`) until the next save to that path; a
+    folder made at `out` meanwhile (a run's lock) made the new one's rename fail, and the previous
+    one, which could not go back, was deleted with the `.old` folder that held it."""
     out = tmp_path / "out"
     out.mkdir()
     (out / "old.txt").write_text("old")
     real_replace = os.replace
 
-    def a_run_takes_the_place(src, dst):
+    def moved_aside_then(src, dst):
         real_replace(src, dst)
+        if Path(src) == out and between == "ctrl-c":
+            raise KeyboardInterrupt
         if Path(src) == out:
             out.mkdir()
             (out / ".lock").write_text("a run's")
 
-    monkeypatch.setattr(os, "replace", a_run_takes_the_place)
-    with pytest.raises(MinigptError, match="saving failed"), atomic_folder(out) as tmp:
+    monkeypatch.setattr(os, "replace", moved_aside_then)
+    expected = pytest.raises(KeyboardInterrupt) if between == "ctrl-c" else pytest.raises(MinigptError, match="saving")
+    with expected, atomic_folder(out) as tmp:
         (tmp / "new.txt").write_text("new")
-    assert names(out) == [".lock"]
-    kept = [p for p in tmp_path.glob(".out.old-*/out/old.txt")]
-    assert [p.read_text() for p in kept] == ["old"]  # (clear_interrupted_saves puts it back once `out` is free)
+    if between == "ctrl-c":
+        assert names(tmp_path) == ["out"] and names(out) == ["old.txt"]
+    else:  # (clear_interrupted_saves puts it back once `out` is free)
+        assert names(out) == [".lock"] and [p.read_text() for p in tmp_path.glob(".out.old-*/out/old.txt")] == ["old"]
