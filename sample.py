@@ -143,7 +143,8 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
             except UnicodeDecodeError as e:
                 raise MinigptError(f"PROMPT {number}: not UTF-8 text ({e.reason} at byte {e.start})") from None
             except UnicodeEncodeError as e:  # (a surrogate no byte made: "\ud800" passed from Python)
-                raise MinigptError(f"PROMPT {number}: not UTF-8 text (a lone surrogate at character {e.start})") from None
+                raise MinigptError(f"PROMPT {number}: not UTF-8 text (a lone surrogate at character "
+                                   f"{e.start})") from None
         prompts += read_lines("-") if prompt == "-" else [prompt]
     if args.file is not None:
         prompts += read_lines(args.file)

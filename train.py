@@ -100,12 +100,12 @@ def eval_only(args: TrainFlags) -> int:
     from minigpt.data import BatchIterator, TokenBlocks, load_validation_blocks
     from minigpt.ddp import launched_rank, torchrun_process_group
     from minigpt.metrics import evaluate, perplexity
-    from minigpt.runtime import setup_device
+    from minigpt.runtime import emulated_bf16_warning, setup_device
     from minigpt.trainer import seed_everything
 
     with alike_on_every_rank():  # (under torchrun: one line for the job, not one a rank)
         device, dtype = setup_device(args.device, args.dtype)
-    from minigpt.runtime import emulated_bf16_warning  # (evaluation is as slow as training in emulated bf16)
+    # (evaluation in emulated bf16 is as slow as training: the same one-line warning)
     if (warning := emulated_bf16_warning(device, dtype)) and launched_rank() == 0:
         print(warning, file=sys.stderr, flush=True)
     seed_everything(args.seed)

@@ -31,7 +31,7 @@ def run(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] 
     if getattr(sys.stdout, "errors", None) == "strict" and hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(errors="replace")
     try:
-        with one_line_warnings(), _sigterm_as_interrupt() if sigterm_interrupts else contextlib.nullcontext():
+        with one_line_warnings(), _sigterm_as_interrupt(sigterm_interrupts):
             code = main(argv)
         sys.stdout.flush()  # (here a full disk behind stdout is reported, not in a warning at exit)
     except MinigptError as e:
@@ -56,10 +56,11 @@ def run(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] 
 
 
 @contextlib.contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
-    """While inside, SIGTERM raises KeyboardInterrupt (where nothing else handles it, in the main
-    thread)."""
-    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+def _sigterm_as_interrupt(enabled: bool) -> Iterator[None]:
+    """While inside, if `enabled`, SIGTERM raises KeyboardInterrupt (where nothing else handles it,
+    in the main thread)."""
+    in_main = threading.current_thread() is threading.main_thread()
+    if not (enabled and in_main and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL):
         yield
         return
 
