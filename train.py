@@ -238,6 +238,9 @@ def train(args, device, dtype, dtype_name: str, ranks, resume_from: Path | None)
     from minigpt.runtime import emulated_bf16_warning  # one line where bf16 is only emulated (issue 13)
     if warning := emulated_bf16_warning(device, dtype):
         say(warning, file=sys.stderr, flush=True)
+    if args.compile_mode == "reduce-overhead" and device.type != "cuda":  # (torch.compile itself says nothing)
+        say(f"note: --compile-mode reduce-overhead replays CUDA graphs, which only a GPU has: on {device.type} it "
+            "brings nothing over the default mode", file=sys.stderr, flush=True)
 
     try:
         result = trainer.fit()

@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 
 from conftest import ROOT, call_cli, python_path, run_cli
 from minigpt.errors import MinigptError
+from minigpt.runtime import program_runs
 
 # Fast and reproducible settings on top of the tiny preset: short runs, no progress bars.
 QUICK = ("--preset", "tiny", "--no-progress", "--log-every", "1")
@@ -501,6 +502,19 @@ def test_compile_without_a_working_compiler_is_one_line(tmp_path, monkeypatch):
         "error: torch.compile on the CPU needs a C++ compiler (no-such-compiler not found, or it fails to run): it "
         "writes and builds C++ there"], result.stderr
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.skipif(not program_runs(os.environ.get("CXX", "g++")), reason="compiling on the CPU needs a C++ compiler")
+def test_cuda_graphs_asked_for_on_the_cpu_are_noted(tmp_path, monkeypatch):
+    """--compile-mode reduce-overhead on the CPU ran without a word, though CUDA graphs are a GPU's
+    (torch.compile itself is replaced: what is asked and said is checked, not the compiling)."""
+    asked = []
+    monkeypatch.setattr(torch, "compile", lambda module, mode: asked.append(mode) or module)
+    result = call_cli("train.py", *QUICK, "--max-steps", "1", "--compile", "--compile-mode", "reduce-overhead",
+                      "--device", "cpu", "--out", str(tmp_path / "run"))
+    assert result.returncode == 0 and asked == ["reduce-overhead"], result.stderr
+    assert ("note: --compile-mode reduce-overhead replays CUDA graphs, which only a GPU has: on cpu it brings nothing "
+            "over the default mode") in result.stderr.splitlines()
 
 
 def test_a_new_model_beyond_the_memory_is_one_line(tmp_path, monkeypatch):
