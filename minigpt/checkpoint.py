@@ -26,6 +26,7 @@ from .config import GPTConfig
 from .errors import MinigptError
 from .files import atomic_folder, folder_destination, read_json, save_tensors
 from .model import GPT
+from .runtime import resolve_device
 from .tokenizer import TOKENIZER_FILE, Tokenizer
 
 CONFIG_FILE = "config.json"
@@ -268,8 +269,9 @@ def load_checkpoint(
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
 ) -> tuple[GPT, Tokenizer]:
-    """Load a minigpt checkpoint folder: the model (eval mode) and its tokenizer."""
-    folder = Path(folder)
+    """Load a minigpt checkpoint folder: the model (eval mode) and its tokenizer; `device` as
+    `resolve_device` takes it, checked before any file is read."""
+    device, folder = resolve_device(device), Path(folder)
     config = read_config(folder)
     expected = expected_shapes(config)
     weights = folder / WEIGHTS_FILE
@@ -282,12 +284,16 @@ def load_checkpoint(
 def check_savable(model: GPT, tokenizer: Tokenizer, out: Path) -> None:
     """Refuse (one-line MinigptError naming `out`) to save what no loader would read back: tensors
     that are not those of a plain GPT of the model's config (such as the decoding layouts
-    `prepare_for_inference` swaps in), or a `tokenizer` with more tokens than the model has rows
-    (`check_vocabulary`). The public savers call it once, before making any folder."""
+    `prepare_for_inference` swaps in), an LM head untied from wte, or a `tokenizer` with more tokens
+    than the model has rows (`check_vocabulary`). The public savers call it once, before making any folder."""
     state = {name: tuple(t.shape) for name, t in model.state_dict().items() if name not in TIED_KEYS}
     if state != expected_shapes(model.config):
         raise MinigptError("this model's tensors are not a plain GPT's (e.g. one prepared for inference, whose "
                            "decoding layouts cannot be saved): save the model before preparing it")
+    # The files hold wte alone, and a loaded model reads its head from it: an untied head is not saved.
+    if model.lm_head.weight is not model.transformer.wte.weight:
+        raise MinigptError("this model's LM head is no longer tied to its token embeddings (wte), and only wte "
+                           "is saved (e.g. after load_state_dict(..., assign=True)): call model.tie_weights() first")
     check_vocabulary(out, model.config, tokenizer)
 
 

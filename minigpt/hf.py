@@ -41,6 +41,7 @@ from .config import GPTConfig
 from .errors import MinigptError, reason
 from .files import atomic_folder, folder_destination, read_json, save_tensors
 from .model import GPT
+from .runtime import resolve_device
 from .tokenizer import Tokenizer
 
 # Weights stored (in, out) by HF's Conv1D; every other tensor has the same layout in both.
@@ -200,8 +201,9 @@ def load_hf_checkpoint(
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
 ) -> tuple[GPT, Tokenizer]:
-    """Load an HF GPT-2 folder (config.json + safetensors, or a legacy .bin) as a minigpt model."""
-    folder = Path(folder)
+    """Load an HF GPT-2 folder (config.json + safetensors, or a legacy .bin) as a minigpt model;
+    `device` as `resolve_device` takes it, checked before any file is read."""
+    device, folder = resolve_device(device), Path(folder)
     config_path = folder / CONFIG_FILE
     hf_config = read_json(config_path)
     # `tie_word_embeddings: false` alone is not refused, as GPTConfig.from_hf would: an untied head

@@ -37,17 +37,16 @@ the same `y = x W^T + b`:
          fbgemm    int8 W prepacked by FBGEMM, integer products; activations rounded to 14 bits
                    and split into two small integer digits (`FbgemmInt8Linear`)
 
-Each kernel chosen is then also timed on fewer threads (half, one): a small layer on many cores
-can cost more in handing out work than it saves, and runs on fewer where that is >= 10% faster in
-two races in a row (`OnThreads`; named in `kernel_summary` as "on N threads").
+Each kernel chosen is also timed on fewer threads (half, one): a small layer on many cores can cost more in
+handing out work than it saves; it runs on fewer where that is >= 10% faster twice in a row (`OnThreads`).
 
 The layouts are in `minigpt/layouts.py`. `prepare_for_inference` times the candidates this torch
 build has on the model's real shapes (the first layers of each group of same-shaped layers, for
 the rows one decoding step feeds, each pass starting with the weights out of the cache as in
 decoding), keeps the fastest and drops the rest: a few hundred milliseconds, and building the
 candidates about as long or longer (MKL's or FBGEMM's packing of the LM head: up to a second on 2
-cores). The choice is cached per process and shape; `kernel_summary` names it. `model.py` knows
-nothing of this; every candidate computes the same function up to rounding (tests/test_kernels.py).
+cores). The choice is cached per process and shape; `kernel_summary` names it (and "on N threads").
+`model.py` knows nothing of this; every candidate computes the same function up to rounding.
 """
 
 from __future__ import annotations
@@ -379,8 +378,8 @@ def prepare_for_inference(
         raise MinigptError("the model is already prepared for inference: use it as it is, or load it again to redo it")
     if quantize is not None and quantize not in QUANTIZATIONS:
         raise MinigptError(f"--quantize: unknown scheme {quantize!r} (choose from {QUANTIZATIONS})")
-    if batch_size < 1:
-        raise MinigptError(f"batch_size must be >= 1, got {batch_size}")
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        raise MinigptError(f"batch_size must be an integer >= 1, got {batch_size!r}")
     device, dtype = model.transformer.wpe.weight.device, model.transformer.ln_f.weight.dtype
     if quantize == "int8":
         if not _has_int8mm(device):
@@ -391,7 +390,7 @@ def prepare_for_inference(
         if kernel is not None:
             raise MinigptError(f"kernel {kernel!r}: only fp32 and bf16 models on the CPU, and --quantize int8, "
                                "have kernels to choose from")
-        return model.eval()  # (fp16 is refused on the CPU by runtime.setup_device)
+        return model.eval().requires_grad_(False)  # (fp16 is refused on the CPU by runtime.setup_device)
     else:
         precision = "fp32" if dtype == torch.float32 else "bf16"
     candidates = [(lay, k) for lay in LAYOUTS[precision] if lay.available(device) for k in lay.kernels]
@@ -432,7 +431,8 @@ def prepare_for_inference(
     for module in model.modules():
         if isinstance(module, nn.LayerNorm):
             module.to(stream_dtype)
-    return model.eval()
+    # No gradients: a step would train only wpe and the LayerNorms, and out= kernels refuse autograd
+    return model.eval().requires_grad_(False)
 
 
 def kernel_summary(model: nn.Module) -> str:

@@ -26,7 +26,7 @@ from .hf import INDEX_FILE, LEGACY_INDEX_FILE, LEGACY_WEIGHTS_FILE, VOCAB_MERGES
 from .hub import download_repo_files
 from .model import GPT
 from .run_folder import current_checkpoint
-from .runtime import DTYPES
+from .runtime import DTYPES, resolve_device
 from .tokenizer import TOKENIZER_FILE, Tokenizer
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
@@ -107,9 +107,11 @@ def load_model(
     dtype: torch.dtype = torch.float32,
 ) -> tuple[GPT, Tokenizer]:
     """Load a model and its tokenizer from any source `resolve_model` accepts (eval mode), its
-    weights in `dtype` (torch.float32, bfloat16 or float16) on `device`."""
+    weights in `dtype` (torch.float32, bfloat16 or float16) on `device` (as `resolve_device` takes it:
+    "auto", "cpu", "cuda", "cuda:N", "mps"; checked before any file is read)."""
     if dtype not in DTYPES.values():
         raise MinigptError(f"dtype must be torch.float32, torch.bfloat16 or torch.float16, got {dtype!r}")
+    device = resolve_device(device)
     folder, kind = resolve_model(source)
     if kind == "minigpt":  # a training run's folder: its checkpoint in force, resolved once, so that a save
         return load_checkpoint(current_checkpoint(folder) or folder, device, dtype)  # meanwhile mixes no steps

@@ -212,7 +212,8 @@ class GPT(nn.Module):
             nn.init.normal_(module.c_proj.weight, mean=0.0, std=0.02 / math.sqrt(2 * self.config.n_layer))
 
     def num_parameters(self) -> int:
-        """Distinct parameters (the tied LM head counted once)."""
+        """Distinct parameters (the tied LM head counted once). A model prepared for inference
+        keeps its matmul weights in its layouts' buffers: `config.num_parameters()` counts them."""
         return sum(p.numel() for p in self.parameters())
 
     def forward(
@@ -258,5 +259,7 @@ class GPT(nn.Module):
             return logits, None
         # Position t is scored on token t + 1; the last position has nothing to predict. Shifting
         # the targets (not the logits) avoids copying the (B, T - 1, vocab) slice of the logits.
-        shifted = F.pad(targets[:, 1:], (0, 1), value=-100)
-        return logits, self.cross_entropy(logits.view(B * T, -1), shifted.reshape(-1))
+        shifted = F.pad(targets[:, 1:], (0, 1), value=-100).long()
+        # The loss in fp32 whatever the logits' dtype, as HF computes it: a log-softmax over 50k
+        # entries in bf16 is off by ~0.3%. (fp32 logits: .float() is the tensor itself, no copy.)
+        return logits, self.cross_entropy(logits.float().view(B * T, -1), shifted.reshape(-1))

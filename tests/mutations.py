@@ -1073,6 +1073,28 @@ BREAKS = (
           ((r"tokens = max\(1, min\(TIMING_TOKENS, self\.model\.config\.block_size - 3\)\)", "tokens = TIMING_TOKENS"),
            (r"min\(tokens \+ 3, self\.model\.config\.block_size\)", "tokens + 3")),
           ("tests/test_compiled_decoding.py::test_the_race_between_steps_fits_a_small_window",)),
+    Break("prepared_model_trainable", "a prepared model keeps wpe and the LayerNorms trainable (its logits carry a graph)",
+          ((r"return model\.eval\(\)\.requires_grad_\(False\)$", "return model.eval()"),),
+          ("tests/test_kernels.py::test_a_prepared_model_has_no_gradients_to_train",)),
+    Break("prepare_takes_any_batch_size", "prepare_for_inference takes a batch_size that is no integer (2.0: MKL's error)",
+          ((r"if not isinstance\(batch_size, int\) or isinstance\(batch_size, bool\) or batch_size < 1:",
+            "if batch_size < 1:"),),
+          ("tests/test_kernels.py::test_preparing_a_prepared_model_or_for_no_rows_is_refused_in_one_line",)),
+    Break("untied_head_saved", "a model whose LM head was untied from wte saves wte alone (another model reads back)",
+          ((r"if model\.lm_head\.weight is not model\.transformer\.wte\.weight:", "if False:"),),
+          ("tests/test_faults.py::test_a_model_whose_head_was_untied_is_not_saved_without_it",)),
+    Break("device_checked_after_reading", "loading reads every weight before torch refuses the device (\"gpu\", or "
+          "\"meta\": a model without values)",
+          ((r"device, folder = resolve_device\(device\), Path\(folder\)", "folder = Path(folder)"),
+           (r"^    device = resolve_device\(device\)\n", "")),
+          ("tests/test_faults.py::test_a_device_no_model_can_load_onto_is_refused_before_reading",)),
+    Break("bf16_loss", "a bf16 model's loss takes the log-softmax in bf16 (0.3% off); int32 targets refused",
+          ((r"self\.cross_entropy\(logits\.float\(\)\.view", "self.cross_entropy(logits.view"),
+           (r"value=-100\)\.long\(\)", "value=-100)")),
+          ("tests/test_training_speed.py::test_a_bf16_models_loss_is_computed_in_fp32",)),
+    Break("decode_takes_a_batch", "Tokenizer.decode passes a batch or a 0-d tensor on (the Rust side's TypeError)",
+          ((r"if isinstance\(ids, int\) or not all\(isinstance\(t, int\) for t in ids\):", "if False:"),),
+          ("tests/test_tokenizer.py::test_decode_takes_one_sequence_of_ids_and_says_so_of_anything_else",)),
 )
 
 

@@ -507,6 +507,48 @@ def test_tokenizer_larger_than_the_model_vocabulary(tmp_path):
     )
 
 
+def test_a_model_whose_head_was_untied_is_not_saved_without_it(tiny_minigpt_dir, tmp_path):
+    """`load_state_dict(..., assign=True)` gives wte and lm_head a Parameter each; the files hold wte
+    alone, so the save succeeded and the folder read back another model (logits off by 1.27)."""
+    from minigpt.checkpoint import save_checkpoint_folder
+    from minigpt.hf import export_hf
+
+    model, tokenizer = load_model(tiny_minigpt_dir)
+    state = {name: t.clone() for name, t in model.state_dict().items()}
+    model.load_state_dict(state, assign=True)
+    assert model.lm_head.weight is not model.transformer.wte.weight
+    message = ("this model's LM head is no longer tied to its token embeddings (wte), and only wte is saved (e.g. "
+               "after load_state_dict(..., assign=True)): call model.tie_weights() first")
+    with pytest.raises(MinigptError, match=re.escape(message)):
+        save_checkpoint_folder(tmp_path / "minigpt", model, tokenizer)
+    with pytest.raises(MinigptError, match=re.escape(message)):
+        export_hf(model, tokenizer, tmp_path / "hf")
+    assert not (tmp_path / "minigpt").exists() and not (tmp_path / "hf").exists()
+    model.tie_weights()
+    save_checkpoint_folder(tmp_path / "tied", model, tokenizer)
+    assert torch.equal(load_model(tmp_path / "tied")[0].lm_head.weight, state["lm_head.weight"])
+
+
+@pytest.mark.parametrize("device, needle", [("gpu", "--device: unknown device 'gpu'"),
+                                            ("meta", "--device: unknown device 'meta'")])
+def test_a_device_no_model_can_load_onto_is_refused_before_reading(device, needle, tiny_minigpt_dir, tiny_hf_dir,
+                                                                   monkeypatch):
+    """`device="gpu"` read every weight, then failed in torch ("Expected one of cpu, cuda, ... at
+    start of device string"); "meta" returned a model without values, whose logits are meta tensors."""
+    from minigpt import checkpoint
+    from minigpt.hf import load_hf_checkpoint
+
+    monkeypatch.setattr(checkpoint, "load_safetensors", lambda *a: pytest.fail("weights read"))
+    monkeypatch.setattr("minigpt.hf._hf_tensors", lambda *a: pytest.fail("weights read"))
+    for source in (tiny_minigpt_dir, tiny_hf_dir):
+        with pytest.raises(MinigptError, match=re.escape(needle)):
+            load_model(source, device=device)
+    with pytest.raises(MinigptError, match=re.escape(needle)):
+        load_checkpoint(tiny_minigpt_dir, device=device)
+    with pytest.raises(MinigptError, match=re.escape(needle)):
+        load_hf_checkpoint(tiny_hf_dir, device=device)
+
+
 # --- convert_hf_weights.py flags and output folders --------------------------------------------
 
 

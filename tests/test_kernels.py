@@ -412,10 +412,26 @@ def test_preparing_a_prepared_model_or_for_no_rows_is_refused_in_one_line(small_
     assert str(error.value) == ("the model is already prepared for inference: use it as it is, or load it again "
                                 "to redo it")
     assert kernel_summary(prepared) == summary  # left as it was
-    for batch_size in (0, -3):
+    for batch_size in (0, -3, 2.0, True, "8"):  # (2.0 failed inside MKL's packing: "Expected a value of type 'int'")
         with pytest.raises(MinigptError) as error:
             prepare_for_inference(copy.deepcopy(small_model), batch_size=batch_size)
-        assert str(error.value) == f"batch_size must be >= 1, got {batch_size}"
+        assert str(error.value) == f"batch_size must be an integer >= 1, got {batch_size!r}"
+
+
+@pytest.mark.parametrize("precision, kernel", ALL)
+def test_a_prepared_model_has_no_gradients_to_train(small_model, precision, kernel):
+    """A prepared model kept wpe and the LayerNorms trainable: its logits carried a graph, an
+    optimizer over its parameters trained those 11 tensors alone while the logits moved, and the
+    kernels that write into their own buffers (mkl: "functions with out=... arguments don't support
+    automatic differentiation") failed outside torch.no_grad()."""
+    if kernel not in available_kernels(precision):
+        pytest.skip(f"this torch build and CPU offer no {precision} kernel {kernel!r}")
+    model = copy.deepcopy(small_model)
+    model = model.to(torch.bfloat16) if precision == "bf16" else model
+    prepared = prepare_for_inference(model.train(), "int8" if precision == "int8" else None, kernel=kernel)
+    assert not any(p.requires_grad for p in prepared.parameters())
+    logits = prepared(torch.tensor([[5, 17, 300]]))[0]  # (not under no_grad)
+    assert not logits.requires_grad and logits.shape == (1, 3, 2100)
 
 
 def test_int8mm_is_kept_off_widths_it_computes_wrongly():

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
+import torch
 
 from conftest import gpt2_vocab_files
 from minigpt.errors import MinigptError
@@ -74,6 +76,22 @@ def test_a_negative_id_is_refused_and_one_beyond_the_vocabulary_decodes_to_nothi
             assert str(error.value) == f"token id {ids[-1]} is negative (token ids run from 0 to 50256)"
     assert gpt2_tokenizer.decode(hello + [50257, 10**6]) == "Hello"
     assert gpt2_tokenizer.decode_bytes([50257] + hello) == b"Hello"
+
+
+def test_decode_takes_one_sequence_of_ids_and_says_so_of_anything_else(gpt2_tokenizer):
+    """A batch ([[1, 2], [3]]) was the Rust side's "'<' not supported between instances of 'list'
+    and 'int'", a 0-d tensor "iteration over a 0-d tensor"; a 1-D tensor or array of ids is one sequence."""
+    hello = gpt2_tokenizer.encode("Hello world")
+    for ids in (hello, torch.tensor(hello), np.array(hello), tuple(hello), iter(hello)):
+        assert gpt2_tokenizer.decode(ids) == "Hello world"
+    assert gpt2_tokenizer.decode_bytes(torch.tensor(hello)) == b"Hello world"
+    for bad, shown in (([hello, [3]], str([hello, [3]])), (torch.tensor(5), "5"), (5, "5"), ([1.0], "[1.0]"),
+                       (torch.tensor([hello]), str([hello]))):
+        for decode in (gpt2_tokenizer.decode, gpt2_tokenizer.decode_bytes):
+            with pytest.raises(TypeError) as error:
+                decode(bad)
+            assert str(error.value) == ("decode takes one sequence of token ids (a list of ints or a 1-D tensor), "
+                                        f"got {shown:.80}")
 
 
 def test_encode_batch_names_a_text_that_is_not_utf8_as_encode_does(gpt2_tokenizer):

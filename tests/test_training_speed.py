@@ -174,3 +174,21 @@ def test_in_place_cross_entropy_equals_cross_entropy_in_value_and_gradient(dtype
     tolerance = 1e-7 if dtype == torch.float32 else 1e-3
     assert (ours_in.grad.float() - ref_in.grad).abs().max().item() < tolerance
     assert not ours_in.grad[[0, 5, 36]].any()  # ignored positions get no gradient
+
+
+def test_a_bf16_models_loss_is_computed_in_fp32():
+    """A model cast to bf16 (no autocast: `load_model(dtype=torch.bfloat16)` evaluated by hand) took
+    the log-softmax over the vocabulary in bf16: 10.8125 against 10.8443 from the same logits in fp32.
+    int32 targets, which the model's embedding takes, were refused by the loss ("expected target dtype
+    to be Long")."""
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=64, block_size=32, vocab_size=50257)).eval()
+    model.load_state_dict({k: v.bfloat16().float() for k, v in model.state_dict().items()})  # (bf16-exact)
+    model = model.to(torch.bfloat16)
+    idx = torch.randint(0, 50257, (2, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits, loss = model(idx, idx)
+        _, loss_int32 = model(idx.int(), idx.int())
+    expected = F.cross_entropy(logits.float()[:, :-1].reshape(-1, 50257), idx[:, 1:].reshape(-1))
+    assert loss.dtype == torch.float32 and loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    assert loss_int32.item() == loss.item()
+    assert abs(F.cross_entropy(logits[:, :-1].reshape(-1, 50257), idx[:, 1:].reshape(-1)).item() - loss.item()) > 1e-3
