@@ -5,7 +5,7 @@ The defaults are the published recipe: distilgpt2, ELI5-Category answers, 128-to
 AdamW (lr 2e-5, weight decay 0.01), linear decay, gradient clipping at 1.0, 3 epochs, seed 42:
 
   python train.py --device cuda                        # the recipe, into checkpoints/eli5/
-  python train.py --preset tiny                        # a small model on a bundled sample, ~1 min on a CPU
+  python train.py --preset tiny                        # a small model on a bundled sample, ~10 s on a CPU
   python train.py --data eli5-category-train.json.gz   # local data instead of the Hub
   python train.py --resume                             # continue the run in --out where it stopped
   python train.py --eval-only --init checkpoints/eli5  # validation loss and perplexity; writes nothing
@@ -55,10 +55,8 @@ def build_model(args: TrainFlags, resume_from: Path | None, device: str = "cpu")
         else:
             try:
                 tokenizer = load_tokenizer(args.tokenizer_source())
-            except MinigptError as e:  # (the default is a Hub id the user never typed: name its flag)
-                if args.tokenizer is not None:
-                    raise
-                raise MinigptError(f"--tokenizer, by default {e}") from None
+            except MinigptError as e:  # (name the flag: there are several paths, and the default was never typed)
+                raise MinigptError(f"--tokenizer{'' if args.tokenizer is not None else ', by default'} {e}") from None
         config = GPTConfig(
             vocab_size=tokenizer.vocab_size, block_size=args.block_size, n_layer=args.n_layer or 6,
             n_head=args.n_head or 12, n_embd=args.n_embd or 768,
@@ -81,10 +79,8 @@ def load_init(args: TrainFlags):
 
     try:
         model, tokenizer = load_model(args.init)
-    except MinigptError as e:  # (the default is a Hub id the user may never have typed: name its flag)
-        if args.init != RECIPE_MODEL:
-            raise
-        raise MinigptError(f"--init, by default {e}") from None
+    except MinigptError as e:  # (name the flag: there are several paths, and the default may never have been typed)
+        raise MinigptError(f"--init{', by default' if args.init == RECIPE_MODEL else ''} {e}") from None
     if args.block_size > model.config.block_size:
         raise MinigptError(f"--block-size {args.block_size}: {args.init} sees at most {model.config.block_size} tokens")
     return model, tokenizer

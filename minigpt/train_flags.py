@@ -132,7 +132,12 @@ class TrainFlags:
         """The settings that decide the run's numbers, by flag: a resume must use the same ones.
         `max_steps` None: all but the steps, which with --epochs wait for the data to be counted."""
         def where(source: str | None) -> str | None:  # the same file however it was spelled
-            return str(Path(source).resolve()) if source and Path(source).exists() else source
+            if not source or not Path(source).exists():
+                return source
+            path, package = Path(source).resolve(), Path(__file__).resolve().parent
+            # a file inside the package (--preset tiny's sample) by its place there: the same after
+            # the clone moves or the package is installed elsewhere
+            return f"<minigpt>/{path.relative_to(package).as_posix()}" if path.is_relative_to(package) else str(path)
 
         settings = {
             **run_flags(self), "--init": where(self.init), "--data": where(self.data),

@@ -151,6 +151,7 @@ def test_dropouts_that_differ_are_named_in_a_warning():
     [
         ("model_type", "llama"),
         ("activation_function", "relu"),
+        ("scale_attn_weights", False),  # scores not divided by sqrt(head size): other attention weights
         ("scale_attn_by_inverse_layer_idx", True),
         ("reorder_and_upcast_attn", True),
         ("add_cross_attention", True),
@@ -163,6 +164,41 @@ def test_unsupported_hf_config_names_the_field(field, value):
     hf[field] = value
     with pytest.raises(MinigptError, match=field):
         GPTConfig.from_hf(hf)
+
+
+def test_gelu_pytorch_tanh_is_gpt2s_gelu_and_loads(tmp_path):
+    """activation_function "gelu_pytorch_tanh" is the tanh GELU GPT-2 computes (torch's kernel of it, which
+    newer uploads name): such a config loads, not refused as "relu" is, and gives transformers' logits
+    (measured: the same bits)."""
+    from conftest import save_hf_model
+
+    folder = save_hf_model(tmp_path / "tanh", n_layer=1, n_head=2, n_embd=32, n_positions=64,
+                           activation_function="gelu_pytorch_tanh")
+    assert json.loads((folder / "config.json").read_text())["activation_function"] == "gelu_pytorch_tanh"
+    model, _ = load_model(folder)
+    with torch.no_grad():
+        assert (model(IDX)[0] - hf_logits(folder, IDX)).abs().max() < FP32_TOL
+
+
+def test_a_layer_norm_epsilon_other_than_gpt2s_is_kept_both_ways(tmp_path):
+    """layer_norm_epsilon 1e-2 (GPT-2's is 1e-5) reaches every LayerNorm of the loaded model, whose
+    logits are then transformers' (measured 2.4e-7 apart, logits up to 2.4); with the file's epsilon
+    ignored (1e-5) they are 0.68 apart. Saved back, config.json says 1e-2 again, and transformers computes
+    the same logits from it."""
+    from conftest import save_hf_model
+
+    folder = save_hf_model(tmp_path / "eps", n_layer=1, n_head=2, n_embd=32, n_positions=64, layer_norm_epsilon=1e-2)
+    model, tokenizer = load_model(folder)
+    assert model.config.layer_norm_eps == 1e-2
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.LayerNorm)]
+    assert len(norms) == 3 and all(m.eps == 1e-2 for m in norms)  # ln_1, ln_2 and ln_f
+    expected = hf_logits(folder, IDX)
+    with torch.no_grad():
+        assert (model(IDX)[0] - expected).abs().max() < FP32_TOL
+    assert GPTConfig(layer_norm_eps=1e-2).to_hf(eos_token_id=50256)["layer_norm_epsilon"] == 1e-2
+    out = export_hf(model, tokenizer, tmp_path / "exported")
+    assert json.loads((out / "config.json").read_text())["layer_norm_epsilon"] == 1e-2
+    assert (hf_logits(out, IDX) - expected).abs().max() < FP32_TOL
 
 
 def test_an_untied_lm_head_is_refused_not_dropped(tmp_path):
@@ -189,7 +225,8 @@ def hf_folder_with_head(folder: Path, head: str, legacy: bool = False, **config)
     wte = state["transformer.wte.weight"]
     state.pop("lm_head.weight", None)  # (save_pretrained writes one only when untied)
     if head != "none":
-        state["lm_head.weight"] = torch.randn(wte.shape) * wte.std() if head == "other" else wte.clone()
+        other = torch.randn(wte.shape, generator=torch.Generator().manual_seed(6)) * wte.std()
+        state["lm_head.weight"] = other if head == "other" else wte.clone()
     if head == "only":
         del state["transformer.wte.weight"]
     if legacy:

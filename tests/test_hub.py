@@ -194,7 +194,7 @@ def test_train_names_the_flag_whose_default_tokenizer_failed(fake_hub, tmp_path,
         "local tokenizer.json (or a folder holding one) instead."]
     result = call_cli("train.py", "--init", "scratch", "--tokenizer", "org/missing", "--data", data,
                       "--out", str(tmp_path / "run"), "--no-progress")
-    assert result.returncode == 2 and result.stderr.startswith("error: org/missing: no such local folder")
+    assert result.returncode == 2 and result.stderr.startswith("error: --tokenizer org/missing: no such local folder")
 
 
 def test_train_names_the_flag_whose_default_model_failed(fake_hub, tmp_path, monkeypatch):
@@ -212,7 +212,7 @@ def test_train_names_the_flag_whose_default_model_failed(fake_hub, tmp_path, mon
             "not provide it (Repository Not Found for url: https://huggingface.co/distilbert/distilgpt2). Pass a "
             "local checkpoint folder instead."], result.stderr
     typed = call_cli("train.py", "--init", "org/missing", "--data", data, "--out", str(tmp_path / "run"), "--no-progress")
-    assert typed.returncode == 2 and typed.stderr.startswith("error: org/missing: no such local folder")
+    assert typed.returncode == 2 and typed.stderr.startswith("error: --init org/missing: no such local folder")
     assert not (tmp_path / "run").exists()
 
 

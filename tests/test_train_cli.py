@@ -232,6 +232,10 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_130(tmp_path):
         (("--dtype", "fp8"), "--dtype: unknown precision 'fp8'"),
         (("--resume",), "holds no checkpoint to resume from"),
         (("--data", "no/such/file.jsonl"), "no/such/file.jsonl: no such file or folder (--data)"),
+        # a path flag's error names the flag, as --data's does (it read "error: no/such/model: no such file or folder")
+        (("--init", "./no/such/model"), "--init no/such/model: no such file or folder"),
+        (("--init", "scratch", "--tokenizer", "./no/such/tokenizer.json"),
+         "--tokenizer no/such/tokenizer.json: no such file or folder"),
     ],
 )
 def test_bad_settings_are_refused_before_anything_is_written(tmp_path, args, message):
@@ -361,7 +365,7 @@ def test_init_from_an_hf_model_with_a_head_of_its_own_is_refused(tmp_path, tiny_
     result = call_cli("train.py", *QUICK, "--init", str(folder), "--out", str(tmp_path / "out"))
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
-        f"error: {folder}: lm_head.weight differs from transformer.wte.weight: an LM head of its own, which "
+        f"error: --init {folder}: lm_head.weight differs from transformer.wte.weight: an LM head of its own, which "
         "minigpt cannot load (its head is the token embedding, tied as in GPT-2)"
     ]
     assert not (tmp_path / "out").exists()
@@ -493,6 +497,29 @@ def test_a_resume_with_other_settings_names_them_readably(tmp_path, monkeypatch)
                     r"not (with --data )?eli5_category; ", other_data.stderr), other_data.stderr
 
 
+def test_a_preset_run_resumes_after_the_clone_moves(tmp_path):
+    """--preset tiny's data was recorded by its absolute path inside the package, so a run could not be
+    resumed once the clone moved (or the package was installed elsewhere): "made with --data
+    /old/clone/minigpt/assets/eli5_tiny.jsonl, not /new/clone/...". It is recorded by its place in the
+    package; the same run resumed from a copy of the code elsewhere goes on."""
+    import shutil
+
+    out = tmp_path / "run"
+    assert call_cli("train.py", *QUICK, "--max-steps", "2", "--save-every", "1", "--out", str(out)).returncode == 0
+    state = json.loads(next((out / ".ckpt").glob("step-*/training_state.json")).read_text())
+    assert state["run"]["--data"] == "<minigpt>/assets/eli5_tiny.jsonl"
+    moved = tmp_path / "moved"
+    shutil.copytree(ROOT / "minigpt", moved / "minigpt", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT / "train.py", moved)
+    env = {**os.environ, "PYTHONPATH": str(moved)}
+    again = subprocess.run([sys.executable, str(moved / "train.py"), *QUICK, "--max-steps", "3", "--out", str(out),
+                            "--resume"], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert again.returncode == 2 and "with steps (--epochs / --max-steps) 2, not 3" in again.stderr  # (the code moved)
+    again = subprocess.run([sys.executable, str(moved / "train.py"), *QUICK, "--max-steps", "2", "--out", str(out),
+                            "--resume"], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert again.returncode == 0 and "done: step 2" in again.stdout, again.stderr
+
+
 def test_compile_without_a_working_compiler_is_one_line(tmp_path, monkeypatch):
     """Training with --compile on the CPU checked for no C++ compiler: without one it was an
     inductor traceback at the first step, after the run's folder was made."""
@@ -538,6 +565,37 @@ def test_the_summary_says_what_a_step_takes_and_warns_of_a_warm_up_longer_than_t
     assert "= 110 examples (the whole training set), 7,040 tokens per step" in result.stdout
     assert ("warning: --warmup-steps 20 is not fewer than the run's 2 steps: the learning rate only rises, to 0.0001 "
             "at the last step, never to --lr 0.002") in result.stderr.splitlines()
+
+
+def test_weight_decay_and_max_grad_norm_reach_the_optimizer_and_the_clipping(tmp_path, monkeypatch):
+    """--weight-decay and --max-grad-norm are what each step uses: by default the recipe's (weight decay 0.01
+    on the matrices and embeddings, 0 on biases and LayerNorm weights; gradients clipped at 1.0), and the
+    values given otherwise. Spied on where the step uses them: the optimizer's groups, as each step finds
+    them, and the max_norm handed to the clipping."""
+    import minigpt.optim
+    import minigpt.trainer
+
+    seen = {"groups": [], "max_norm": []}
+    step, clip = minigpt.optim.AdamW.step, minigpt.trainer.clip_grad_norm
+
+    def spy_step(self, *args, **kwargs):
+        seen["groups"].append([(g["weight_decay"], {p.dim() >= 2 for p in g["params"]}) for g in self.param_groups])
+        return step(self, *args, **kwargs)
+
+    def spy_clip(params, max_norm, *args, **kwargs):
+        seen["max_norm"].append(max_norm)
+        return clip(params, max_norm, *args, **kwargs)
+
+    monkeypatch.setattr(minigpt.optim.AdamW, "step", spy_step)
+    monkeypatch.setattr(minigpt.trainer, "clip_grad_norm", spy_clip)
+    for run, flags, decay, max_norm in (("defaults", (), 0.01, 1.0),
+                                        ("given", ("--weight-decay", "0.1", "--max-grad-norm", "0.5"), 0.1, 0.5)):
+        seen.update(groups=[], max_norm=[])
+        result = call_cli("train.py", *QUICK, "--max-steps", "2", *flags, "--out", str(tmp_path / run))
+        assert result.returncode == 0, result.stderr
+        # (matrices and embeddings decayed; biases and LayerNorm weights not)
+        assert seen["groups"] == [[(decay, {True}), (0.0, {False})]] * 2, run
+        assert seen["max_norm"] == [max_norm] * 2, run
 
 
 def test_flags_that_would_change_nothing_in_training_are_refused(tiny_hf_dir):
