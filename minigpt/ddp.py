@@ -6,9 +6,10 @@ reads and checks the first three; `torchrun_process_group(device)` joins that jo
 yields a `Ranks`; a plain run is rank 0 of 1 and joins nothing. `StopRequest` turns a signal to any rank
 into a stop all ranks make at the same step.
 
-Collectives time out after MINIGPT_DDP_TIMEOUT_MINUTES (default 60; torch's own default is 10): the
-other ranks wait in a barrier while rank 0 tokenizes the data into the cache, which on a large data
-set takes longer than 10 minutes. A rank that really hangs is then reported after that long.
+Collectives time out after MINIGPT_DDP_TIMEOUT_MINUTES (default 60; torch's own default is 10
+minutes over NCCL, 30 over gloo): the other ranks wait in a barrier while rank 0 tokenizes the data
+into the cache, which on a large data set takes longer than that. A rank that really hangs is then
+reported after that long.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """Hugging Face's GPT-2 checkpoint layout, and conversion both ways.
 
-This is the only module that knows HF's file and tensor names and layout (fetching the files from
-the Hub is `minigpt/hub.py`'s job, asked by `minigpt/loading.py`). An HF GPT-2 checkpoint differs
+This is the only module that knows HF's weight files, tensor names and tensor layout (HF's
+config.json keys are `minigpt/config.py`'s, its tokenizer files `minigpt/tokenizer.py`'s; fetching
+the files from the Hub is `minigpt/hub.py`'s job, asked by `minigpt/loading.py`). An HF GPT-2 checkpoint differs
 from a minigpt one in three ways:
   1. keys may or may not carry the `transformer.` prefix (the original gpt2 upload has none);
   2. attention layers may hold non-parameter mask buffers (`h.N.attn.bias`, `h.N.attn.masked_bias`);
@@ -48,7 +49,8 @@ from .tokenizer import Tokenizer
 CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 # Causal-mask buffers older transformers saved inside each attention layer; not weights.
 MASK_BUFFER = re.compile(r"^(transformer\.)?h\.\d+\.attn\.(bias|masked_bias)$")
-# The files of an HF model folder, as glob patterns (what a Hub download fetches).
+# The files of an HF model folder, as glob patterns (what `--force` may replace as a model's: a Hub
+# download fetches one form only, `loading._download_model`).
 INDEX_FILE = "model.safetensors.index.json"  # which shard file holds which tensor
 MODEL_FILES = ["config.json", "model.safetensors", INDEX_FILE, "model-*.safetensors"]
 LEGACY_WEIGHTS_FILE, LEGACY_INDEX_FILE = "pytorch_model.bin", "pytorch_model.bin.index.json"  # (tensors only read)

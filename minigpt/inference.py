@@ -15,8 +15,8 @@ depends on the CPU, and the differences are large (50,257 x 768 LM head, one act
   Intel Xeon with AMX          bf16 matmuls several times fp32; oneDNN-prepacked bf16 reads the
                                head for 8 rows in ~2.5 ms against ~15-30 ms for fp32 (2 cores)
 
-So no one choice is right everywhere. For each precision there are candidate `Kernel`s that compute
-the same `y = x W^T + b`:
+So no one choice is right everywhere. For each precision there are candidate kernels (grouped in
+`Layout`s: a weight layout and the kernels that read it) that compute the same `y = x W^T + b`:
 
   fp32   addmm-t   W stored transposed (in, out), `addmm`          (`TransposedLinear`)
          linear    W as it is (out, in), `F.linear`                (`DenseLinear`)

@@ -322,10 +322,11 @@ def _buckets(
 
 
 def _flat(t: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
-    """`t` as one dimension, in the memory order of `param` (which may be a transposed view, as
-    weights converted from HF's Conv1D layout are). The elementwise update does not care about
-    the order as long as p, g, m and v share it: p, m and v have the same strides, so their flat
-    forms are views; a gradient with other strides is copied, which is fine as it is only read."""
+    """`t` as one dimension, in the memory order of `param` (which may be a transposed view, one a
+    caller assigned from `W.t()`, say: minigpt's loaders make every weight contiguous). The
+    elementwise update does not care about the order as long as p, g, m and v share it: p, m and v
+    have the same strides, so their flat forms are views; a gradient with other strides is copied,
+    which is fine as it is only read."""
     order = sorted(range(param.dim()), key=lambda d: -param.stride(d))
     return t.permute(order).reshape(-1)
 

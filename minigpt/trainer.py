@@ -77,7 +77,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model [--compile]
     compile_mode: str = "default"  # torch.compile's: default, reduce-overhead, max-autotune [--compile-mode]
     log_every: int = 10  # write a metrics row every this many steps [--log-every]
-    eval_every: int = 0  # evaluate every this many steps (0: only at epoch ends) [--eval-every]
+    eval_every: int = 0  # evaluate every this many steps (0: at epoch ends and the run's end only) [--eval-every]
     save_every: int = 0  # checkpoint every this many steps (0: only at the end) [--save-every]
     progress: bool = True  # show a tqdm bar (on stderr)
 
