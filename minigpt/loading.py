@@ -86,17 +86,20 @@ def is_hub_id(source: str | os.PathLike) -> bool:
 
 def _local_path(source: str | os.PathLike, what: str) -> Path | None:
     """`source` as a local path, or None where it names a Hub repo (`owner/name`, nothing on disk by
-    that name). A path that exists nowhere (one that starts with ".", "/" or "~", or that no Hub id
-    could be) is refused here, rather than sent to the Hub."""
+    that name). A path that exists nowhere (one that starts with ".", "/" or "~", that no Hub id
+    could be, or whose first part is a folder here, as in a mistyped `checkpoints/eli55`) is refused
+    here, rather than sent to the Hub."""
     if not isinstance(source, (str, os.PathLike)):
         raise TypeError(f"{what}: a folder path or a Hub id, got {type(source).__name__}")
     text = str(source).strip()
     if not text:
         raise MinigptError(f"{what}: empty {what} path")
-    path = Path(text).expanduser()
-    if path.exists() or not HUB_ID.match(text) or text.startswith((".", "/", "~")):
+    path, owner = Path(text).expanduser(), text.partition("/")[0]
+    in_a_local_folder = "/" in text and Path(owner).is_dir()
+    if path.exists() or not HUB_ID.match(text) or text.startswith((".", "/", "~")) or in_a_local_folder:
         if not path.exists():
-            raise MinigptError(f"{path}: no such file or folder")
+            hint = f" (read as a local path: {owner}/ is a folder here)" if in_a_local_folder else ""
+            raise MinigptError(f"{path}: no such file or folder{hint}")
         return path
     return None
 

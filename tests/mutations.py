@@ -1130,6 +1130,10 @@ BREAKS = (
           ((r'return f"<minigpt>/\{path\.relative_to\(package\)\.as_posix\(\)\}" if path\.is_relative_to\(package\) '
             r'else str\(path\)', "return str(path)"),),
           ("tests/test_train_cli.py::test_a_preset_run_resumes_after_the_clone_moves",)),
+    Break("mistyped_local_path_to_hub", "a missing checkpoints/eli55 (its checkpoints/ a folder here) is asked of the "
+          "Hub as a repository",
+          ((r'in_a_local_folder = "/" in text and Path\(owner\)\.is_dir\(\)', "in_a_local_folder = False"),),
+          ("tests/test_hub.py::test_a_mistyped_path_in_a_local_folder_is_not_sent_to_the_hub",)),
     Break("decode_takes_a_batch", "Tokenizer.decode passes a batch or a 0-d tensor on (the Rust side's TypeError)",
           ((r"if isinstance\(ids, int\) or not all\(isinstance\(t, int\) for t in ids\):", "if False:"),),
           ("tests/test_tokenizer.py::test_decode_takes_one_sequence_of_ids_and_says_so_of_anything_else",)),

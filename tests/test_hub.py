@@ -169,6 +169,23 @@ def test_an_offline_cache_with_tokenizer_json_alone_loads(fake_hub, tiny_hf_dir)
         load_model("org/tiny")
 
 
+def test_a_mistyped_path_in_a_local_folder_is_not_sent_to_the_hub(fake_hub, tmp_path, monkeypatch):
+    """`sample.py --model checkpoints/tinyy` (a typo) was asked of the Hub as the repository
+    "checkpoints/tinyy": offline "no such local folder, and the Hugging Face Hub could not provide
+    it", online a request. Its first part is a folder here, so it is a local path that does not exist;
+    an id whose first part is no folder here still goes to the Hub."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "checkpoints").mkdir()
+    for call in (lambda: load_model("checkpoints/tinyy"), lambda: load_tokenizer("checkpoints/tinyy")):
+        with pytest.raises(MinigptError) as err:
+            call()
+        assert str(err.value) == ("checkpoints/tinyy: no such file or folder (read as a local path: checkpoints/ is "
+                                  "a folder here)")
+    assert fake_hub.calls == []
+    assert same_weights(load_model("org/tiny")[0], load_model(fake_hub.repos["org/tiny"])[0])
+    assert [repo for repo, _ in fake_hub.calls][:1] == ["org/tiny"]
+
+
 def test_a_failed_download_is_one_line(fake_hub):
     for call, instead in ((lambda: load_model("org/missing"), "a local checkpoint folder"),
                           (lambda: load_tokenizer("org/missing"), "a local tokenizer.json (or a folder holding one)")):
