@@ -147,6 +147,20 @@ class MLP(nn.Module):
         return self.dropout(self.c_proj(x))
 
 
+class CrossEntropy(nn.Module):
+    """Mean cross-entropy of (N, vocab) logits against (N,) next tokens; -100 marks ignored targets.
+
+    Computed in fp32 whatever the logits' dtype, as HF computes it: a log-softmax over 50k entries
+    in bf16 is off by ~0.3%. (A module rather than a call to F.cross_entropy, so that it can be
+    swapped for a leaner one that computes the same numbers: minigpt/training_speed.py.)
+    """
+
+    ignore_index = -100
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits.float(), targets, ignore_index=self.ignore_index)
+
+
 class Block(nn.Module):
     """Pre-LayerNorm Transformer block: normalise, transform, add back to the residual stream."""
 
@@ -180,9 +194,7 @@ class GPT(nn.Module):
         )
         # The read-out to vocabulary logits, x @ wte.T: its weight is wte's (tied, see below).
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        # A module rather than a call to F.cross_entropy, so that it can be swapped for a leaner
-        # one that computes the same numbers (minigpt/training_speed.py). -100 marks ignored targets.
-        self.cross_entropy = nn.CrossEntropyLoss(ignore_index=-100)
+        self.cross_entropy = CrossEntropy()
         self.tie_weights()
         self.apply(self._init_weights)
 
@@ -260,6 +272,4 @@ class GPT(nn.Module):
         # Position t is scored on token t + 1; the last position has nothing to predict. Shifting
         # the targets (not the logits) avoids copying the (B, T - 1, vocab) slice of the logits.
         shifted = F.pad(targets[:, 1:], (0, 1), value=-100).long()
-        # The loss in fp32 whatever the logits' dtype, as HF computes it: a log-softmax over 50k
-        # entries in bf16 is off by ~0.3%. (fp32 logits: .float() is the tensor itself, no copy.)
-        return logits, self.cross_entropy(logits.float().view(B * T, -1), shifted.reshape(-1))
+        return logits, self.cross_entropy(logits.view(B * T, -1), shifted.reshape(-1))

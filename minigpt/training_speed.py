@@ -41,7 +41,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .model import GPT, CausalSelfAttention
+from .model import GPT, CausalSelfAttention, CrossEntropy
 
 MASK_LEVELS = 2**16  # the values 16 random bits can take
 PAD_TO = 16  # floats: logits rows padded to 64 bytes
@@ -122,7 +122,7 @@ class _PaddedRowsMatmul(torch.autograd.Function):
         return grad_x, grad_w
 
 
-class InPlaceCrossEntropy(nn.CrossEntropyLoss):
+class InPlaceCrossEntropy(CrossEntropy):
     """Mean cross-entropy of (N, vocab) logits against (N,) targets: F.cross_entropy's numbers in
     less memory and time.
 
@@ -134,7 +134,8 @@ class InPlaceCrossEntropy(nn.CrossEntropyLoss):
 
     in place in the saved log-probabilities, which nothing else holds. (Fresh tensors that large
     are expensive on the CPU: glibc returns each freed block over 32 MB to the OS, so every new one
-    is page-faulted in again.) Under torch.compile it is `nn.CrossEntropyLoss`.
+    is page-faulted in again.) bf16 logits are not first copied to fp32, as `CrossEntropy` copies
+    them: the log-softmax reads them as they are. Under torch.compile it is `CrossEntropy`.
     """
 
     def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -192,7 +193,7 @@ class CPUTrainingAttention(CausalSelfAttention):
 SWAPS: dict[type[nn.Module], type[nn.Module]] = {
     nn.Dropout: FastMaskDropout,
     CausalSelfAttention: CPUTrainingAttention,
-    nn.CrossEntropyLoss: InPlaceCrossEntropy,
+    CrossEntropy: InPlaceCrossEntropy,
 }
 
 

@@ -1089,7 +1089,7 @@ BREAKS = (
            (r"^    device = resolve_device\(device\)\n", "")),
           ("tests/test_faults.py::test_a_device_no_model_can_load_onto_is_refused_before_reading",)),
     Break("bf16_loss", "a bf16 model's loss takes the log-softmax in bf16 (0.3% off); int32 targets refused",
-          ((r"self\.cross_entropy\(logits\.float\(\)\.view", "self.cross_entropy(logits.view"),
+          ((r"F\.cross_entropy\(logits\.float\(\), targets", "F.cross_entropy(logits, targets"),
            (r"value=-100\)\.long\(\)", "value=-100)")),
           ("tests/test_training_speed.py::test_a_bf16_models_loss_is_computed_in_fp32",)),
     Break("scale_attn_weights_accepted", "an HF config with scale_attn_weights false (unscaled attention scores) loads",

@@ -10,7 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from minigpt.config import GPTConfig
-from minigpt.model import GPT, CausalSelfAttention
+from minigpt.model import GPT, CausalSelfAttention, CrossEntropy
 from minigpt.training_speed import (
     CPUTrainingAttention,
     FastMaskDropout,
@@ -55,7 +55,7 @@ def test_a_model_off_the_cpu_keeps_stock_ops():
     prepare_for_training(model)
     assert type(model.lm_head) is nn.Linear and type(model.transformer.drop) is nn.Dropout
     assert type(model.transformer.h[0].attn) is CausalSelfAttention
-    assert type(model.cross_entropy) is nn.CrossEntropyLoss
+    assert type(model.cross_entropy) is CrossEntropy
 
 
 @pytest.mark.parametrize("impl", ["sdpa", "reference"])
@@ -165,7 +165,7 @@ def test_in_place_cross_entropy_equals_cross_entropy_in_value_and_gradient(dtype
     if padded:
         ours_logits = torch.cat([ours_logits, torch.full((37, 8), 1e4, dtype=dtype)], dim=1)[:, :1000]
         assert not ours_logits.is_contiguous()
-    ours = InPlaceCrossEntropy(ignore_index=-100)(ours_logits, targets)
+    ours = InPlaceCrossEntropy()(ours_logits, targets)  # (-100: ignored)
     ref = F.cross_entropy(ref_in * 1, targets, ignore_index=-100)
     (ours * 3).backward()
     (ref * 3).backward()
