@@ -240,13 +240,13 @@ class GPT(nn.Module):
 
         targets: (B, T) labels aligned with `idx` (usually `idx` itself); the model shifts them so
             position t is scored on predicting token t + 1, and -100 marks positions to ignore. The
-            loss is the mean cross-entropy over the scored positions.
+            loss is the mean cross-entropy over the scored positions (NaN where none is: T = 1).
         kv_cache: keys/values of earlier positions; `idx` then continues after them.
         last_only: compute the LM head for the last position only (decoding needs nothing else, and
             the head is the single largest matmul); no loss then (targets, if given, still (B, T)).
         """
-        if idx.dim() != 2:
-            raise ValueError(f"idx must be (B, T), got shape {tuple(idx.shape)}")
+        if idx.dim() != 2 or idx.size(1) == 0:
+            raise ValueError(f"idx must be (B, T) with T >= 1, got shape {tuple(idx.shape)}")
         # Transposed (T, B) targets would still flatten to B * T labels: the loss of the wrong pairs.
         if targets is not None and targets.shape != idx.shape:
             raise ValueError(f"targets must have idx's shape {tuple(idx.shape)}, got {tuple(targets.shape)}")

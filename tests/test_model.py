@@ -125,11 +125,15 @@ def test_a_kv_cache_of_another_batch_dtype_or_device_is_named_and_left_unwritten
 
 def test_inputs_of_the_wrong_shape_are_named():
     """idx must be (B, T) and targets its shape: a 1-D idx failed as "not enough values to unpack",
-    and targets (T, B) for an idx (B, T) gave a loss, of the wrong pairs, without a word."""
+    and targets (T, B) for an idx (B, T) gave a loss, of the wrong pairs, without a word; T = 0
+    (nothing to compute) is refused too."""
     model = GPT(GPTConfig(vocab_size=50, block_size=8, n_layer=1, n_head=2, n_embd=8))
     idx = torch.randint(0, 50, (2, 4), generator=torch.Generator().manual_seed(0))
-    with pytest.raises(ValueError, match=r"^idx must be \(B, T\), got shape \(4,\)$"):
+    with pytest.raises(ValueError, match=r"^idx must be \(B, T\) with T >= 1, got shape \(4,\)$"):
         model(idx[0])
+    for targets in (None, idx[:, :0]):  # (no tokens: with targets, torch's "cannot reshape tensor of 0 elements")
+        with pytest.raises(ValueError, match=r"^idx must be \(B, T\) with T >= 1, got shape \(2, 0\)$"):
+            model(idx[:, :0], targets)
     with pytest.raises(ValueError, match=r"^targets must have idx's shape \(2, 4\), got \(4, 2\)$"):
         model(idx, idx.T.contiguous())
     assert model(idx, idx)[1] is not None
