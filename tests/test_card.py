@@ -52,6 +52,10 @@ def test_card_of_an_evaluated_checkpoint():
     assert "| 4.0000 | 0.375 | 3 | 3.9123 |" in card.text
     assert "| No log | 0.375 | 3 | 3.5000 |" in card.text
     assert "| 2.3333 | 1 | 8 | 2.1235 |" in card.text
+    # the body's figures: perplexity is exp of the loss in nats, exp(2.12345) = 8.3599
+    lines = card.text.splitlines()
+    assert "- Loss: 2.1235" in lines and "- Perplexity: 8.3599" in lines
+    assert "Validation loss at step 8: 2.1235 (perplexity 8.3599)." in lines
     assert f"PyTorch {torch.__version__}" in card.text and "- learning_rate: 2e-05" in card.text
     assert 'pipeline("text-generation"' in card.text and "python sample.py --model checkpoints/eli5" in card.text
 
@@ -112,6 +116,36 @@ def test_what_the_hub_would_refuse_or_misread_stays_out_of_the_card(tmp_path, mo
     assert meta["base_model"] == "org/base" and meta["datasets"] == ["train.json", "held-out.csv"]
     assert {(r.dataset_name, r.dataset_split) for r in hub.data.eval_results} == {("held-out.csv", "validation")}
     assert "[org/base](https://huggingface.co/org/base) on train.json (evaluated on held-out.csv)" in hub.text
+
+
+def test_card_facts_state_the_runs_own_numbers():
+    """The card's data lines, parameter count and batch sizes are the run's: training and validation
+    blocks each under their own name, every parameter counted (the tied LM head once), and the total
+    batch over all processes (2 here, each 4 examples x 3 micro-batches)."""
+    from minigpt.config import GPTConfig
+    from minigpt.data import TokenBlocks
+    from minigpt.model import GPT
+    from minigpt.train_flags import parse_train_flags
+
+    train = TokenBlocks(np.zeros((5, 8), dtype=np.uint16), {"source": "eli5.json", "records": 12, "tokens": 45})
+    val = TokenBlocks(np.zeros((2, 8), dtype=np.uint16), {"source": "eli5.json", "records": 3, "tokens": 17})
+    model = GPT(GPTConfig(vocab_size=300, block_size=8, n_layer=1, n_head=1, n_embd=8))
+    # GPT-2's count: token and position embeddings, per block 12 E^2 + 13 E, the final LayerNorm
+    assert model.num_parameters() == 300 * 8 + 8 * 8 + (12 * 8 * 8 + 13 * 8) + 2 * 8 == 3352
+    flags = parse_train_flags(["--max-steps", "2", "--block-size", "8", "--batch-size", "4", "--grad-accum", "3"], "")
+    facts = flags.card_facts(model, train, val, 2, "fp32", 2)
+    assert facts.data == [
+        "source: eli5.json, format `answers`",
+        "training: 12 records, 45 tokens, 5 blocks of 8 tokens",
+        "validation: 3 records, 17 tokens, 2 blocks of 8 tokens (the --val-fraction 0.2 split of the records, seed 42)",
+    ]
+    assert facts.model.startswith("A GPT-2 language model of 3,352 parameters: 1 layers, 1 heads, 8 wide, ")
+    hyper = dict(facts.hyperparameters)
+    assert (hyper["train_batch_size"], hyper["gradient_accumulation_steps"], hyper["num_processes"]) == (4, 3, 2)
+    assert hyper["total_train_batch_size"] == 24
+    lines = render_card(facts, ROWS, step=2).splitlines()
+    assert "- training: 12 records, 45 tokens, 5 blocks of 8 tokens" in lines
+    assert "- total_train_batch_size: 24" in lines
 
 
 def test_export_card_says_transformers():

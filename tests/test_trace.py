@@ -359,6 +359,35 @@ def test_score_report_and_colours(hf_dir, tokenizer):
     assert all(row["candidates"] == 5 for row in result.rows)  # top-k 5, no ties in fp32 logits
 
 
+def test_score_report_columns_and_totals_are_the_scores_numbers(hf_dir, tokenizer):
+    """Each report row: its probability, its surprisal in bits (-log2 p, not nats), and the model's
+    top guess (alternatives[0]; "(this token)" when the token is it); the last line: the mean loss and
+    its perplexity exp(loss). The text ends with the model's own argmax, so both kinds of guess show."""
+    model = load_model(hf_dir)[0]
+    ids = tokenizer.encode("Why is the sky blue?")
+    with torch.no_grad():
+        ids.append(int(model(torch.tensor([ids]))[0][0, -1].argmax()))
+    result = score_ids(model, tokenizer, ids)
+    report = format_score(result, tokenizer).splitlines()
+    table = [re.fullmatch(r" *(\d+)  +(\S+)  +(\S+)  (\".*?\") +  (.*)", line) for line in report[2:-2]]
+    assert len(table) == len(result.rows) == len(ids) - 1 and all(table)
+    guesses = []
+    for row, line in zip(result.rows, table):
+        step, prob, bits, text, guess = line.groups()
+        assert (int(step), float(prob), json.loads(text)) == (row["step"], float(f"{row['prob']:.4g}"), row["text"])
+        assert abs(float(bits) - -math.log2(row["prob"])) <= 0.05 + 1e-6, (line.group(0), row["prob"])
+        best = row["alternatives"][0]
+        assert best["prob"] == max(a["prob"] for a in row["alternatives"])
+        assert guess == ("(this token)" if best["id"] == row["id"] else f"{json.dumps(best['text'])} {best['prob']:.4g}")
+        guesses.append(guess == "(this token)")
+    assert guesses[-1] and not all(guesses)  # (both kinds of row are shown)
+    assert max(float(line.group(3)) for line in table) > 5  # (bits and nats differ by more than the rounding)
+    totals = re.fullmatch(r"(\d+) tokens scored \| mean loss (\S+) nats/token \| perplexity (\S+)", report[-1])
+    assert totals and int(totals.group(1)) == len(result.rows)
+    assert float(totals.group(2)) == pytest.approx(result.loss, rel=1e-5)
+    assert float(totals.group(3)) == pytest.approx(math.exp(result.loss), rel=1e-5)
+
+
 def test_the_coloured_text_keeps_characters_split_across_tokens(hf_dir, tokenizer):
     """日 and 本 each span two GPT-2 tokens: the coloured line shows them (each with the token that
     ends it) where joining each token's own text gave U+FFFD."""
