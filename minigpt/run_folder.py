@@ -252,10 +252,20 @@ def saved_run_settings(folder: Path) -> dict[str, Any]:
     return settings if isinstance(settings, dict) else {}
 
 
+def recorded_path(source: str | None) -> str | None:
+    """A path setting as a run records it: resolved (the same file however it was spelled), and a
+    file inside the package (--preset tiny's sample) by its place there, the same after the clone moves."""
+    if not source or not Path(source).exists():
+        return source
+    path, package = Path(source).resolve(), Path(__file__).resolve().parent
+    return f"<minigpt>/{path.relative_to(package).as_posix()}" if path.is_relative_to(package) else str(path)
+
+
 def check_same_run(out: Path, saved: dict[str, Any], current: dict[str, Any]) -> None:
-    """Refuse to resume the run in `out` with settings (by flag name) other than those it was made with."""
+    """Refuse to resume the run in `out` with settings (by flag name) other than it was made with."""
     for key in sorted(set(saved) | set(current)):
         was, now = saved.get(key), current.get(key)
+        was = recorded_path(was) if isinstance(was, str) and os.path.isabs(was) else was  # (as recorded now)
         if was != now:  # None: a flag not given (or a setting an older run did not record)
             if was is None:
                 change = f"without {key}, not with {key} {now}"

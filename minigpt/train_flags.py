@@ -131,13 +131,7 @@ class TrainFlags:
     def run_config(self, world_size: int, dtype_name: str, max_steps: int | None) -> dict[str, Any]:
         """The settings that decide the run's numbers, by flag: a resume must use the same ones.
         `max_steps` None: all but the steps, which with --epochs wait for the data to be counted."""
-        def where(source: str | None) -> str | None:  # the same file however it was spelled
-            if not source or not Path(source).exists():
-                return source
-            path, package = Path(source).resolve(), Path(__file__).resolve().parent
-            # a file inside the package (--preset tiny's sample) by its place there: the same after
-            # the clone moves or the package is installed elsewhere
-            return f"<minigpt>/{path.relative_to(package).as_posix()}" if path.is_relative_to(package) else str(path)
+        from .run_folder import recorded_path as where
 
         settings = {
             **run_flags(self), "--init": where(self.init), "--data": where(self.data),

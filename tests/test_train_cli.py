@@ -506,7 +506,8 @@ def test_a_preset_run_resumes_after_the_clone_moves(tmp_path):
 
     out = tmp_path / "run"
     assert call_cli("train.py", *QUICK, "--max-steps", "2", "--save-every", "1", "--out", str(out)).returncode == 0
-    state = json.loads(next((out / ".ckpt").glob("step-*/training_state.json")).read_text())
+    state_files = sorted((out / ".ckpt").glob("step-*/training_state.json"))
+    state = json.loads(state_files[-1].read_text())
     assert state["run"]["--data"] == "<minigpt>/assets/eli5_tiny.jsonl"
     moved = tmp_path / "moved"
     shutil.copytree(ROOT / "minigpt", moved / "minigpt", ignore=shutil.ignore_patterns("__pycache__"))
@@ -518,6 +519,12 @@ def test_a_preset_run_resumes_after_the_clone_moves(tmp_path):
     again = subprocess.run([sys.executable, str(moved / "train.py"), *QUICK, "--max-steps", "2", "--out", str(out),
                             "--resume"], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
     assert again.returncode == 0 and "done: step 2" in again.stdout, again.stderr
+    # a run recorded by older versions (by the absolute path) resumes where the package still is
+    for file in state_files:
+        old = json.loads(file.read_text())
+        old["run"]["--data"] = str(ROOT / "minigpt" / "assets" / "eli5_tiny.jsonl")
+        file.write_text(json.dumps(old))
+    assert call_cli("train.py", *QUICK, "--max-steps", "2", "--out", str(out), "--resume").returncode == 0
 
 
 def test_compile_without_a_working_compiler_is_one_line(tmp_path, monkeypatch):
