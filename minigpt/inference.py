@@ -370,9 +370,9 @@ def prepare_for_inference(
     fuse (`_time_pass`). On a GPU only quantization changes anything: its matmul libraries
     handle the standard layout well. On the CPU the rest of the model (embeddings, LayerNorms, so
     attention and the KV cache) is put in fp32: only the matmul weights stay bf16 or int8. The
-    model is for inference afterwards, in eval mode (no dropout, no gradients, not savable as a
-    checkpoint); `kernel_summary(model)` names the kernels chosen. Where it swapped the layers (on
-    the CPU, or with int8) a second call (a notebook cell run again) is refused: they are gone.
+    model comes back in eval mode (no dropout); `kernel_summary(model)` names the kernels chosen.
+    Where it swapped the layers (on the CPU, or with int8) it is for inference only: no gradients,
+    not savable as a checkpoint, and a second call (a notebook cell run again) is refused.
     """
     if isinstance(model.transformer.wte, SharedEmbedding):
         raise MinigptError("the model is already prepared for inference: use it as it is, or load it again to redo it")
@@ -390,7 +390,7 @@ def prepare_for_inference(
         if kernel is not None:
             raise MinigptError(f"kernel {kernel!r}: only fp32 and bf16 models on the CPU, and --quantize int8, "
                                "have kernels to choose from")
-        return model.eval().requires_grad_(False)  # (fp16 is refused on the CPU by runtime.setup_device)
+        return model.eval()  # (nothing swapped: still the plain model; fp16 is refused on the CPU by setup_device)
     else:
         precision = "fp32" if dtype == torch.float32 else "bf16"
     candidates = [(lay, k) for lay in LAYOUTS[precision] if lay.available(device) for k in lay.kernels]

@@ -95,7 +95,7 @@ def _local_path(source: str | os.PathLike, what: str) -> Path | None:
     if not text:
         raise MinigptError(f"{what}: empty {what} path")
     path, owner = Path(text).expanduser(), text.partition("/")[0]
-    in_a_local_folder = "/" in text and Path(owner).is_dir()
+    in_a_local_folder = bool(HUB_ID.match(text)) and "/" in text and Path(owner).is_dir()  # (a Hub id's form)
     if path.exists() or not HUB_ID.match(text) or text.startswith((".", "/", "~")) or in_a_local_folder:
         if not path.exists():
             hint = f" (read as a local path: {owner}/ is a folder here)" if in_a_local_folder else ""

@@ -21,9 +21,11 @@ DEVICES = ("auto", "cpu", "cuda", "mps")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def resolve_device(name: str | torch.device = "auto") -> torch.device:
+def resolve_device(name: str | torch.device | int = "auto") -> torch.device:
     """`auto` picks CUDA, then Apple's MPS, then the CPU; an explicit choice must be available. A
-    GPU of several is named as torch names it, "cuda:1" (or given as a `torch.device`)."""
+    GPU of several is named as torch names it, "cuda:1" (or given as a `torch.device`, or as torch's
+    bare index 1); "cpu:0" and "mps:0", which a tensor's `.device` may read, are the CPU and MPS."""
+    name = f"cuda:{name}" if isinstance(name, int) and not isinstance(name, bool) else name
     name = str(name) if isinstance(name, torch.device) else name
     if name == "auto":
         if torch.cuda.is_available():
@@ -32,11 +34,12 @@ def resolve_device(name: str | torch.device = "auto") -> torch.device:
             return torch.device("mps")
         return torch.device("cpu")
     kind, colon, index = name.partition(":") if isinstance(name, str) else (name, "", "")
-    if kind not in DEVICES or kind == "auto" or (colon and not (kind == "cuda" and index.isdecimal())):
+    numbered = index.isdecimal() and (kind == "cuda" or index == "0")  # (one CPU, one MPS device: index 0)
+    if kind not in DEVICES or kind == "auto" or (colon and not numbered):
         raise MinigptError(f"--device: unknown device {name!r} (choose from {', '.join(DEVICES)}, or cuda:N)")
     if kind == "cuda" and not torch.cuda.is_available():
         raise MinigptError(f"--device {name}: CUDA is not available on this machine (try --device cpu)")
-    if colon and int(index) >= torch.cuda.device_count():
+    if kind == "cuda" and colon and int(index) >= torch.cuda.device_count():
         raise MinigptError(f"--device {name}: this machine has {torch.cuda.device_count()} GPU(s), "
                            f"numbered from 0 (those CUDA_VISIBLE_DEVICES lets it see)")
     if kind == "mps" and not torch.backends.mps.is_available():

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import json
+import operator
 import os
 import re
 from pathlib import Path
@@ -157,9 +158,10 @@ class Tokenizer:
         raises an OverflowError on one) and anything but one sequence of integers (a batch of them,
         a single int: a TypeError that says so, not the Rust side's "'<' not supported")."""
         ids = ids.tolist() if hasattr(ids, "tolist") else ids  # (a tensor or NumPy array of ids)
-        ids = ids if isinstance(ids, int) else list(ids)
-        if isinstance(ids, int) or not all(isinstance(t, int) for t in ids):
-            raise TypeError(f"decode takes one sequence of token ids (a list of ints or a 1-D tensor), got {ids!r:.80}")
+        try:  # (operator.index: any integer, NumPy's and 0-d tensors' too; not a float, nor a list)
+            ids = [operator.index(t) for t in ids]
+        except TypeError:
+            raise TypeError(f"decode takes one sequence of token ids (a list of ints or a 1-D tensor), got {ids!r:.80}") from None
         bad = next((t for t in ids if t < 0), None)
         if bad is not None:
             raise MinigptError(f"token id {bad} is negative (token ids run from 0 to {self.vocab_size - 1})")

@@ -434,6 +434,15 @@ def test_a_prepared_model_has_no_gradients_to_train(small_model, precision, kern
     assert not logits.requires_grad and logits.shape == (1, 3, 2100)
 
 
+def test_a_model_with_nothing_to_swap_keeps_its_gradients(small_model):
+    """Where nothing is swapped (an fp16 model; any but int8 on a GPU) the model comes back as it
+    was, in eval mode: it was made untrainable, in place, and a notebook that sampled then trained
+    failed at backward()."""
+    model = copy.deepcopy(small_model).half().train()
+    assert prepare_for_inference(model) is model and not model.training
+    assert all(p.requires_grad for p in model.parameters())
+
+
 def test_int8mm_is_kept_off_widths_it_computes_wrongly():
     """torch 2.13's CPU `_weight_int8pack_mm` returns garbage (or crashes) unless the input width is
     a multiple of 16; layers of width 72 take another int8 kernel instead, and forcing it is refused."""

@@ -80,13 +80,15 @@ def test_a_negative_id_is_refused_and_one_beyond_the_vocabulary_decodes_to_nothi
 
 def test_decode_takes_one_sequence_of_ids_and_says_so_of_anything_else(gpt2_tokenizer):
     """A batch ([[1, 2], [3]]) was the Rust side's "'<' not supported between instances of 'list'
-    and 'int'", a 0-d tensor "iteration over a 0-d tensor"; a 1-D tensor or array of ids is one sequence."""
+    and 'int'", a 0-d tensor "iteration over a 0-d tensor"; a 1-D tensor or array of ids is one sequence,
+    as is a list of NumPy integers or of 0-d integer tensors."""
     hello = gpt2_tokenizer.encode("Hello world")
-    for ids in (hello, torch.tensor(hello), np.array(hello), tuple(hello), iter(hello)):
+    for ids in (hello, torch.tensor(hello), np.array(hello), tuple(hello), iter(hello), [np.int64(t) for t in hello],
+                list(torch.tensor(hello)), list(np.array(hello, dtype=np.uint32))):  # (any integers: operator.index)
         assert gpt2_tokenizer.decode(ids) == "Hello world"
     assert gpt2_tokenizer.decode_bytes(torch.tensor(hello)) == b"Hello world"
     for bad, shown in (([hello, [3]], str([hello, [3]])), (torch.tensor(5), "5"), (5, "5"), ([1.0], "[1.0]"),
-                       (torch.tensor([hello]), str([hello]))):
+                       (torch.tensor([hello]), str([hello])), ([torch.tensor(5.0)], "[tensor(5.)]")):
         for decode in (gpt2_tokenizer.decode, gpt2_tokenizer.decode_bytes):
             with pytest.raises(TypeError) as error:
                 decode(bad)

@@ -248,9 +248,9 @@ def test_bad_settings_are_refused_before_anything_is_written(tmp_path, args, mes
 
 
 def test_a_device_is_named_as_torch_names_it(monkeypatch):
-    """`setup_device` takes a torch.device, and "cuda:N" for a GPU of several, checked against the GPUs
-    there are (and made the current one); under torchrun a numbered GPU is refused: each rank drives
-    GPU LOCAL_RANK, and the number would be replaced in silence."""
+    """`setup_device` takes a torch.device, and "cuda:N" (or torch's bare N) for a GPU of several,
+    checked against the GPUs there are (and made the current one); under torchrun a numbered GPU is
+    refused: each rank drives GPU LOCAL_RANK, and the number would be replaced in silence."""
     from minigpt import ddp, runtime
 
     assert runtime.setup_device(torch.device("cpu"), "fp32") == (torch.device("cpu"), torch.float32)
@@ -263,9 +263,12 @@ def test_a_device_is_named_as_torch_names_it(monkeypatch):
     assert current == [torch.device("cuda", 1)]
     with pytest.raises(MinigptError, match=r"^--device cuda:2: this machine has 2 GPU\(s\), numbered from 0"):
         runtime.resolve_device("cuda:2")
-    for bad in ("cuda:x", "cuda:", "cuda:-1", "cpu:0", "auto:1", "gpu", 3):
+    for bad in ("cuda:x", "cuda:", "cuda:-1", "cpu:1", "mps:1", "auto:1", "gpu", "meta", True):
         with pytest.raises(MinigptError, match=re.escape(f"--device: unknown device {bad!r} (choose from ")):
             runtime.resolve_device(bad)
+    # what torch also names these: a bare index is a GPU's; a CPU tensor's device may read "cpu:0"
+    assert runtime.resolve_device(1) == torch.device("cuda", 1)
+    assert runtime.resolve_device("cpu:0") == runtime.resolve_device(torch.device("cpu", 0)) == torch.device("cpu", 0)
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setattr(ddp.dist, "init_process_group", lambda *args, **kw: pytest.fail("joined a group"))
