@@ -10,11 +10,15 @@ for exactly --tokens new tokens (EOS does not stop either side), from the same w
                  at batch 1 and batch 8 (8 samples of one prompt, one batched decode on both sides)
     memory       peak resident memory (VmHWM) of a fresh process per variant that loads the model
                  and generates (python, torch and the weights included)
-    end to end   wall time of `python sample.py PROMPT --max-new-tokens 100` vs the model card's
-                 `pipeline("text-generation")` script, start-up and loading included
+    end to end   wall time of `python sample.py PROMPT --max-new-tokens 100 --device cpu --dtype fp32`
+                 vs the model card's `pipeline("text-generation")` script (given device cpu and
+                 fp32 too, so both run where the machine line says), start-up and loading
+                 included; both stop at <|endoftext|> (with different seeds), so the new tokens
+                 each made are listed beside the times
     int8 loss    with --eval-checkpoint and --eval-data: validation loss in fp32, bf16 and int8
     llama.cpp    with --llama-bench PATH: llama.cpp's llama-bench at batch 1 on the same weights,
-                 converted by llama.cpp's own convert_hf_to_gguf.py to F32, BF16 and Q8_0, one
+                 converted by llama.cpp's own convert_hf_to_gguf.py to F32, BF16 and Q8_0, on the
+                 CPU (-ngl 0: llama-bench's default offloads the layers to a GPU where built for one), one
                  repetition after each round of ours at batch 1 (interleaved, as ours are), beside
                  ours fp32 / bf16 / int8 at batch 1 decoding greedily in the same rounds (llama-bench
                  samples nothing), with the ratios (README: building llama-bench)
@@ -40,6 +44,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -52,6 +57,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import hardware  # noqa: E402  (benchmarks/hardware.py, beside this file)
+from bench_train import hf_dtype, hf_dtype_keyword, require_transformers  # noqa: E402  (likewise)
 from minigpt.cli import Parser, positive_int, run  # noqa: E402  (after the path set-up above)
 from minigpt.errors import MinigptError  # noqa: E402
 from minigpt.tokenizer import Tokenizer  # noqa: E402
@@ -67,12 +73,23 @@ CARD = dict(do_sample=True, top_k=50, top_p=0.95)
 LLAMA_TYPES = {"fp32": "f32", "bf16": "bf16", "int8": "q8_0"}  # ours -> llama.cpp's converter --outtype
 LLAMA_TARGETS = {"fp32": 0.8, "bf16": 0.6, "int8": 0.6}  # issue 13: ours / llama.cpp at batch 1
 
+# The model card's script, on the CPU in fp32 as sample.py is run beside it (argv[3]: this transformers'
+# keyword for the dtype), with a streamer that counts the new tokens (generate() hands it the prompt,
+# then each new token) and says on stderr how many, and where they ran.
 PIPELINE_SCRIPT = """
 import sys
+import torch
 from transformers import pipeline, set_seed
-generator = pipeline("text-generation", model=sys.argv[1])
+from transformers.generation.streamers import BaseStreamer
+class NewTokens(BaseStreamer):
+    n = -1
+    def put(self, value):
+        self.n += 1
+    def end(self):
+        print(f"new tokens {self.n} ({generator.model.device}, {generator.model.dtype})", file=sys.stderr)
+generator = pipeline("text-generation", model=sys.argv[1], device="cpu", **{sys.argv[3]: torch.float32})
 set_seed(42)
-out = generator(sys.argv[2], max_new_tokens=100, do_sample=True, top_k=50, top_p=0.95)
+out = generator(sys.argv[2], max_new_tokens=100, do_sample=True, top_k=50, top_p=0.95, streamer=NewTokens())
 print(out[0]["generated_text"])
 """
 
@@ -140,7 +157,7 @@ def load_variant(name: str, hf_dir: Path, mg_dir: Path, batch: int = 1, compiled
     if side == "hf":
         from transformers import GPT2LMHeadModel
 
-        model = GPT2LMHeadModel.from_pretrained(hf_dir, dtype=torch.float32).eval()
+        model = GPT2LMHeadModel.from_pretrained(hf_dir, **hf_dtype(torch.float32)).eval()
         model.generation_config.eos_token_id = None  # decode exactly --tokens tokens
         model.generation_config.pad_token_id = 50256
         return model
@@ -280,42 +297,71 @@ def peak_memory(args, hf_dir: Path, mg_dir: Path, batch: int) -> dict:
         r = subprocess.run(
             [sys.executable, __file__, "--worker", name, "--hf-dir", str(hf_dir), "--mg-dir", str(mg_dir),
              "--batch", str(batch), "--tokens", "20", "--threads", str(args.threads)],
-            capture_output=True, text=True, check=True,
+            capture_output=True, text=True,
         )
+        if r.returncode != 0:
+            raise MinigptError(f"peak memory of {name}, batch {batch}: its process failed: {_last_line(r)}")
         peaks[name] = json.loads(r.stdout.strip().splitlines()[-1])["peak_rss_mb"]
     return peaks
 
 
-def vm_hwm_mb() -> float:
-    """This process's peak resident memory (Linux), in MB."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+def vm_hwm_mb() -> float | None:
+    """This process's peak resident memory in MB: VmHWM on Linux, else getrusage's ru_maxrss (bytes
+    on macOS, KiB elsewhere); None where neither exists (Windows: the table says n/a)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    try:
+        import resource
+    except ImportError:
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024
+
+
+def e2e_commands(hf_dir: Path, mg_dir: Path, script: Path) -> dict[str, list[str]]:
+    """{label: command line} of the end-to-end rows: both sides on the CPU in fp32 (sample.py's
+    default, auto, is a GPU in bf16 where there is one; the pipeline's, a GPU in fp32), and each
+    saying on stderr how many new tokens it made (sample.py through --stats)."""
+    sample = [sys.executable, str(ROOT / "sample.py"), PROMPT, "--max-new-tokens", "100", "--device", "cpu",
+              "--dtype", "fp32", "--model", str(mg_dir), "--seed", "0", "--stats"]
+    return {
+        "python sample.py PROMPT --max-new-tokens 100 --device cpu --dtype fp32": sample,
+        "python sample.py PROMPT --max-new-tokens 100 --device cpu --dtype fp32 --quantize int8":
+            [*sample, "--quantize", "int8"],
+        'model card: pipeline("text-generation"), device cpu, fp32': [
+            sys.executable, str(script), str(hf_dir), PROMPT, hf_dtype_keyword()],
+    }
 
 
 def end_to_end(args, hf_dir: Path, mg_dir: Path, work: Path) -> dict:
-    """{command: median wall seconds}: sample.py vs the model card's pipeline script."""
+    """{command: (median wall seconds, [new tokens of each run])}: sample.py vs the model card's
+    pipeline script."""
     script = work / "model_card_pipeline.py"
     script.write_text(PIPELINE_SCRIPT)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(args.threads),
            "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_OFFLINE": "1"}
-    commands = {
-        "python sample.py PROMPT --max-new-tokens 100": [
-            sys.executable, str(ROOT / "sample.py"), PROMPT, "--max-new-tokens", "100",
-            "--model", str(mg_dir), "--seed", "0"],
-        "python sample.py PROMPT --max-new-tokens 100 --quantize int8": [
-            sys.executable, str(ROOT / "sample.py"), PROMPT, "--max-new-tokens", "100",
-            "--model", str(mg_dir), "--seed", "0", "--quantize", "int8"],
-        'model card: pipeline("text-generation")': [sys.executable, str(script), str(hf_dir), PROMPT],
-    }
-    walls = {name: [] for name in commands}
+    commands = e2e_commands(hf_dir, mg_dir, script)
+    walls, tokens = {name: [] for name in commands}, {name: [] for name in commands}
     for _ in range(args.e2e_reps):
         for name, command in commands.items():
             start = time.perf_counter()
-            subprocess.run(command, env=env, capture_output=True, check=True)
+            r = subprocess.run(command, env=env, capture_output=True, text=True)
             walls[name].append(time.perf_counter() - start)
-    return {name: statistics.median(w) for name, w in walls.items()}
+            if r.returncode != 0:
+                raise MinigptError(f"end to end, {name}: failed: {_last_line(r)}")
+            tokens[name].append(new_tokens(r.stderr))
+    return {name: (statistics.median(w), tokens[name]) for name, w in walls.items()}
+
+
+def new_tokens(stderr: str) -> int | None:
+    """The new tokens an end-to-end command made, from its "new tokens N" on stderr (sample.py --stats
+    and the pipeline script both write it)."""
+    counts = re.findall(r"new tokens (\d+)", stderr)
+    return int(counts[-1]) if counts else None
 
 
 def eval_losses(checkpoint: str, data: str) -> dict:
@@ -382,16 +428,24 @@ def llama_cpp_rates(args, files: dict[str, Path], reps: int) -> dict[str, float]
     ours is compared decoding greedily: the argmax, the cheapest real choice of a token, where the
     card's top-k and top-p cost ~0.3-0.4 ms a token on 2 cores."""
     command = [str(Path(args.llama_bench).resolve()), *[x for f in files.values() for x in ("-m", str(f))],
-               "-t", str(args.threads), "-n", str(args.llama_tokens), "-p", "0", "-r", str(reps), "-o", "json"]
+               "-t", str(args.threads), "-n", str(args.llama_tokens), "-p", "0", "-r", str(reps), "-ngl", "0",
+               "-o", "json"]  # -ngl 0: on the CPU, as ours (its default offloads 99 layers to a GPU, Metal included)
     r = subprocess.run(command, capture_output=True, text=True)
     if r.returncode != 0:
         raise MinigptError(f"llama-bench failed: {_last_line(r)}")
     try:
-        rates = {Path(row["model_filename"]).name: row["avg_ts"] for row in json.loads(r.stdout) if row["n_gen"] > 0}
-        return {p: float(rates[f.name]) for p, f in files.items()}
+        rows = [row for row in json.loads(r.stdout) if row["n_gen"] > 0]
+        rates = {Path(row["model_filename"]).name: row["avg_ts"] for row in rows}
+        gpu = {Path(row["model_filename"]).name: row["n_gpu_layers"] for row in rows if row["n_gpu_layers"] != 0}
+        result = {p: float(rates[f.name]) for p, f in files.items()}
     except (ValueError, TypeError, KeyError, AttributeError):
         raise MinigptError(f"{command[0]}: its output is not llama-bench's JSON with a generation test of each "
                            f"model (starts {r.stdout[:60]!r}); is --llama-bench llama.cpp's llama-bench?") from None
+    if gpu:
+        name, layers = next(iter(gpu.items()))
+        raise MinigptError(f"llama-bench ran {name} with {layers} layers on a GPU (n_gpu_layers {layers}) though "
+                           "asked for -ngl 0; ours runs on the CPU, so its rate is no comparison")
+    return result
 
 
 def _last_line(r: subprocess.CompletedProcess) -> str:
@@ -408,23 +462,25 @@ def report(args, speed, memory, e2e, losses, llama) -> str:
     if speed:
         lines += [f"Decode: {args.tokens} new tokens after a {args.prompt_tokens}-token prompt, top-k 50, "
                   f"top-p 0.95; medians of {args.reps} interleaved runs"
-                  + ("; ours decode through compiled steps (--compile)." if args.compile else "."), ""]
-        lines += ["| batch | variant | tokens/s | vs transformers fp32 | time to first token | peak memory |",
+                  + ("; ours decode through compiled steps (--compile), transformers eager: the ratios are ours "
+                     "compiled vs transformers eager." if args.compile else "."), ""]
+        vs = "ours compiled vs transformers eager fp32" if args.compile else "vs transformers fp32"
+        lines += [f"| batch | variant | tokens/s | {vs} | time to first token | peak memory |",
                   "|---:|---|---:|---:|---:|---:|"]
         for batch in args.batches:
             base = speed["transformers fp32", batch][1]
             for name in VARIANTS:
                 ttft, rate = speed[name, batch]
-                mem = memory.get(batch, {}).get(name)
-                lines.append(f"| {batch} | {name} | {rate:.1f} | {rate / base:.2f}x | {ttft * 1000:.0f} ms | "
-                             + (f"{mem:.0f} MB |" if mem else "- |"))
+                label = name + ((", compiled" if VARIANTS[name][0] == "ours" else ", eager") if args.compile else "")
+                lines.append(f"| {batch} | {label} | {rate:.1f} | {rate / base:.2f}x | {ttft * 1000:.0f} ms | "
+                             f"{memory_cell(memory.get(batch, {}), name)} |")
         lines.append("")
         lines += [f"- batch {b}, {name}: {speed['kernels'][name, b]}" for b in args.batches for name in VARIANTS
                   if speed["kernels"].get((name, b))] + [""]
     if memory and not speed:
         lines += ["| batch | variant | peak memory |", "|---:|---|---:|"]
-        lines += [f"| {batch} | {name} | {mem:.0f} MB |"
-                  for batch, peaks in memory.items() for name, mem in peaks.items()]
+        lines += [f"| {batch} | {name} | {memory_cell(peaks, name)} |"
+                  for batch, peaks in memory.items() for name in peaks]
         lines.append("")
     if llama:
         interleaved = "greedy" in speed
@@ -432,8 +488,8 @@ def report(args, speed, memory, e2e, losses, llama) -> str:
                 "model alone (its next token is random, nothing is sampled), so ours here decodes greedily "
                 "(the argmax), in each round beside the top-k / top-p run above"
                 if interleaved else f"-r {args.reps}, alone (ours not run at batch 1)")
-        lines += [f"llama.cpp: `llama-bench -t {args.threads} -n {args.llama_tokens} -p 0` on GGUF files made by "
-                  f"its own convert_hf_to_gguf.py from the same weights, {when}.", "",
+        lines += [f"llama.cpp: `llama-bench -t {args.threads} -n {args.llama_tokens} -p 0 -ngl 0` (on the CPU) on "
+                  f"GGUF files made by its own convert_hf_to_gguf.py from the same weights, {when}.", "",
                   "| precision | ours greedy, tokens/s | ours top-k / top-p | llama.cpp | llama.cpp, tokens/s "
                   "| ours greedy / llama.cpp | target | each round |",
                   "|---|---:|---:|---|---:|---:|---:|---|"]
@@ -449,8 +505,12 @@ def report(args, speed, memory, e2e, losses, llama) -> str:
                          "ours does so with --compile (as `sample.py --compile`), which README's figures and targets use.")
         lines.append("")
     if e2e:
-        lines += ["| end to end (start-up + load + 100 tokens) | wall time |", "|---|---:|"]
-        lines += [f"| {name} | {wall:.2f} s |" for name, wall in e2e.items()]
+        lines += ["End to end on the CPU in fp32, both sides (start-up + load + up to 100 new tokens: each stops at "
+                  "<|endoftext|>, sampling with its own seed, so the new tokens made differ).", "",
+                  "| end to end | wall time | new tokens |", "|---|---:|---:|"]
+        for name, (wall, counts) in e2e.items():
+            made = dict.fromkeys("?" if n is None else str(n) for n in counts)  # (each count once, in run order)
+            lines.append(f"| {name} | {wall:.2f} s | {', '.join(made)} |")
         lines.append("")
     if losses:
         lines += ["| precision | validation loss | vs fp32 |", "|---|---:|---:|"]
@@ -458,6 +518,13 @@ def report(args, speed, memory, e2e, losses, llama) -> str:
                   for name, loss in losses.items()]
         lines.append("")
     return "\n".join(lines)
+
+
+def memory_cell(peaks: dict, name: str) -> str:
+    """A peak memory in the table: "-" where not measured, "n/a" where the platform cannot tell."""
+    if name not in peaks:
+        return "-"
+    return "n/a" if peaks[name] is None else f"{peaks[name]:.0f} MB"
 
 
 def worker(args) -> None:
@@ -525,6 +592,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.worker or {"speed", "memory", "e2e"} - set(args.skip) or (args.llama_bench and args.model is None):
+        require_transformers()  # (the other side; and what makes the random-init weights)
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
     import torch
@@ -564,7 +633,7 @@ def main(argv: list[str] | None = None) -> None:
                 print("end to end ...", file=sys.stderr)
                 e2e = end_to_end(args, hf_dir, mg_dir, work)
             if llama_files and not llama:  # no batch-1 runs of ours to interleave with
-                print(f"llama.cpp: llama-bench -t {args.threads} -n {args.llama_tokens} ...", file=sys.stderr)
+                print(f"llama.cpp: llama-bench -t {args.threads} -n {args.llama_tokens} -ngl 0 ...", file=sys.stderr)
                 llama = llama_cpp_rates(args, llama_files, args.reps)
     losses = eval_losses(args.eval_checkpoint, args.eval_data) if args.eval_checkpoint else {}
     print(report(args, speed, memory, e2e, losses, llama))

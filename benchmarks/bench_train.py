@@ -14,7 +14,9 @@ shape (dropout 0.1, train mode), from the same weights:
               best (on a shared machine the least disturbed step is the most repeatable figure), the
               ratio to transformers fp32 from the best and from the median
     memory    a fresh process per side and precision: the peak resident (CPU) or allocated (CUDA)
-              memory of 3 steps, above what the process held after importing torch and transformers
+              memory of 3 steps, above what the process held after importing both sides' code
+              (torch, transformers' GPT-2, minigpt's trainer); on a CPU other than Linux's, the
+              growth of getrusage's peak instead, "n/a" where there is none (Windows)
     MFU       model FLOPs per step (6 x matmul parameters + 12 x layers x T x width, per token)
               over the best step time, against this machine's matmul peak in that precision: a large
               square matmul (benchmarks/hardware.py), timed before and after the steps; fp32 runs as
@@ -180,7 +182,8 @@ class Transformers:
 
         from minigpt.optim import param_groups
 
-        self.model = GPT2LMHeadModel.from_pretrained(folder).to(device).train()
+        # fp32 weights whatever the folder holds (a bf16 folder would train in bf16): autocast does the rest
+        self.model = GPT2LMHeadModel.from_pretrained(folder, **hf_dtype(torch.float32)).to(device).train()
         self.optimizer = torch.optim.AdamW(param_groups(self.model, 0.01), lr=2e-5, fused=True)
         self.schedule = get_linear_schedule_with_warmup(self.optimizer, 0, 10_000)
         self.device, self.dtype = device, dtype
@@ -208,6 +211,27 @@ class Transformers:
 
 
 SIDES = {"ours": Ours, "transformers": Transformers}
+
+
+def hf_dtype_keyword() -> str:
+    """from_pretrained's and pipeline()'s keyword for the weights' dtype: `dtype` since transformers
+    4.56, `torch_dtype` before it (pyproject allows >= 4.40)."""
+    import transformers
+
+    return "dtype" if tuple(int(x) for x in transformers.__version__.split(".")[:2]) >= (4, 56) else "torch_dtype"
+
+
+def hf_dtype(dtype) -> dict:
+    """{keyword: dtype} for from_pretrained (see hf_dtype_keyword)."""
+    return {hf_dtype_keyword(): dtype}
+
+
+def require_transformers() -> None:
+    """One line (exit 2) before anything is timed where transformers, the other side, is missing."""
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        raise MinigptError('transformers is not installed (pip install -e ".[test]"); nothing was timed') from None
 
 
 # --- measurements --------------------------------------------------------------------------------
@@ -302,11 +326,19 @@ def profile_steps(side, batch, device, steps: int = 3) -> str:
 
 
 def memory_child(spec: str) -> None:
-    """(In a fresh process) 3 steps of one side; print the peak memory above the imports' in bytes."""
+    """(In a fresh process) 3 steps of one side; print the peak memory above the imports' in bytes
+    (null where this platform cannot tell)."""
     import torch
-    import transformers  # noqa: F401  (both sides import the same libraries before the baseline)
 
+    # Both sides' libraries are imported before the baseline, whichever side runs: transformers
+    # imports GPT-2 and its schedule lazily, ~170 MB that would count as its training memory.
+    from transformers import GPT2LMHeadModel, get_linear_schedule_with_warmup  # noqa: F401
+
+    from minigpt.loading import load_model  # noqa: F401
+    from minigpt.optim import AdamW, linear_schedule, param_groups  # noqa: F401
     from minigpt.runtime import setup_device
+    from minigpt.trainer import Trainer, TrainConfig  # noqa: F401
+    from minigpt.training_speed import prepare_for_training  # noqa: F401
 
     side, dtype_name, folder, device_name, batch_size, block_size = spec.split("|")
     device, dtype = setup_device(device_name, dtype_name)
@@ -316,23 +348,48 @@ def memory_child(spec: str) -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         before = torch.cuda.memory_allocated(device)
-    else:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-        Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM, the peak resident set, to now
+    elif _reset_peak_rss():  # Linux: from what the process holds now
         before = _status_kb("VmRSS") * 1024
+    else:  # elsewhere the peak cannot be reset: from the peak so far (the imports')
+        before = _peak_rss_bytes()
     runner = SIDES[side](Path(folder), device, dtype)
     for _ in range(3):
         runner.step(batch)
     sync(device)
-    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else _status_kb("VmHWM") * 1024
-    print(json.dumps({"peak_bytes": peak - before}))
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else _peak_rss_bytes()
+    print(json.dumps({"peak_bytes": None if peak is None or before is None else peak - before}))
+
+
+def _reset_peak_rss() -> bool:
+    """Hand freed heap back (glibc) and reset VmHWM, the peak resident set, to now: Linux only."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except (OSError, AttributeError):  # (no glibc, no /proc, or /proc refusing the write)
+        return False
+
+
+def _peak_rss_bytes() -> int | None:
+    """This process's peak resident memory: VmHWM on Linux, else getrusage's ru_maxrss (bytes on
+    macOS, KiB elsewhere); None where neither exists (Windows)."""
+    try:
+        return _status_kb("VmHWM") * 1024
+    except OSError:
+        pass
+    try:
+        import resource
+    except ImportError:
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
 
 
 def _status_kb(field: str) -> int:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(field + ":"):
             return int(line.split()[1])
-    raise RuntimeError(f"no {field} in /proc/self/status")
+    raise OSError(f"no {field} in /proc/self/status")
 
 
 def peak_memory(side: str, dtype_name: str, folder: Path, device, args) -> float | None:
@@ -342,7 +399,9 @@ def peak_memory(side: str, dtype_name: str, folder: Path, device, args) -> float
         [sys.executable, __file__, "--memory-child", spec], capture_output=True, text=True, env=env
     )
     if result.returncode != 0:
-        print(f"memory measurement of {side} {dtype_name} failed:\n{result.stderr[-2000:]}", file=sys.stderr)
+        lines = result.stderr.strip().splitlines()
+        print(f"memory measurement of {side} {dtype_name} failed: "
+              f"{lines[-1] if lines else f'exit code {result.returncode}'}", file=sys.stderr)
         return None
     return json.loads(result.stdout.strip().splitlines()[-1])["peak_bytes"]
 
@@ -364,6 +423,7 @@ def loss_comparison(folder: Path, batches: list, device, steps: int) -> dict[str
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    require_transformers()
     if args.memory_child:
         return memory_child(args.memory_child)
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -425,7 +485,7 @@ def main(argv=None) -> None:
             print(
                 f"| {dtype_name} | {name} | {best:.2f} / {median:.2f} | {tokens / best:,.0f} | {ratio} | "
                 f"{flops / best / peaks[dtype_name]:.1%} | "
-                f"{memory / 2**20 if memory is not None else float('nan'):,.0f} |",
+                f"{f'{memory / 2**20:,.0f}' if memory is not None else 'n/a'} |",
                 flush=True,
             )
         if args.loss_steps:

@@ -7,9 +7,11 @@ against transformers + torch.optim.AdamW / transformers' generate(), same weight
     training   one optimizer step (bench_train.py's two sides) at the recipe's 8 x 128 and at a
                GPU-sized batch (default 64 x 1024) in fp32 (TF32 matmuls, as train.py), bf16
                autocast and fp16 autocast + GradScaler; median step time over --steps steps after
-               warm-up, tokens/s, and MFU against the GPU's measured bf16 matmul peak (an 8192^3
-               matmul); then ours compiled (--compile-mode, default reduce-overhead: CUDA graphs,
-               for the launch-bound 8 x 128) at --compile-shapes
+               warm-up, tokens/s, and MFU against the GPU's measured matmul peak in the row's own
+               precision (an 8192^3 matmul: fp32 against the TF32 peak, as it runs; bf16 against
+               bf16's; fp16 against fp16's, or bf16's where fp16 is not timed); then ours compiled
+               (--compile-mode, default reduce-overhead: CUDA graphs, for the launch-bound 8 x 128)
+               at --compile-shapes
 
 The cheap cells come first, each training shape's compiled cells after its eager ones, so a time
 budget (--budget seconds) that runs out skips the costly ones: a skipped cell says so, a cell that
@@ -38,6 +40,20 @@ from minigpt.cli import Parser, non_negative_int, positive_float, positive_int  
 
 PROMPT = [464, 2068, 7586, 21831, 18045, 625, 262, 16931, 3290, 13]  # "The quick brown fox ..." ids
 WINDOW = 1024  # the positions of the distilgpt2-shaped model timed (bench_train.model_folder)
+
+
+def matmul_peak_for(precision: str, peaks: dict[str, float]) -> tuple[float, str]:
+    """(FLOP/s, its name) of the measured matmul peak a training precision's MFU is against: its own
+    (fp32's is TF32's, as train.py runs fp32 on a GPU and hardware.describe measured it), fp16 falling
+    back to bf16's (the same tensor-core rate on NVIDIA's GPUs) where fp16's was not measured."""
+    if precision in peaks:
+        return peaks[precision], "TF32" if precision == "fp32" else precision
+    return peaks["bf16"], "bf16"
+
+
+def mfu(flops: float, seconds: float, precision: str, peaks: dict[str, float]) -> float:
+    """Model FLOPs utilisation of a step of `flops` taking `seconds`, in `precision`."""
+    return flops / seconds / matmul_peak_for(precision, peaks)[0]
 
 
 class Shape(NamedTuple):
@@ -155,7 +171,7 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return 1
     import hardware
-    from bench_train import Ours, Transformers, model_folder, step_flops
+    from bench_train import Ours, Transformers, hf_dtype, model_folder, step_flops
 
     from minigpt.compiled_decoding import CompiledDecoding
     from minigpt.config import GPTConfig
@@ -168,6 +184,9 @@ def main(argv=None) -> int:
     device, _ = setup_device("cuda", "fp32")  # TF32 for fp32, as train.py
     info = hardware.describe(device)
     print(hardware.hardware_line(info), flush=True)
+    peaks = {"fp32": info["fp32"], "bf16": info["bf16"]}  # fp32: TF32 matmuls (setup_device above)
+    if "fp16" in args.dtypes:
+        peaks["fp16"] = hardware.matmul_peak(device, torch.float16)[0]
     rows: list[tuple[str, ...]] = []
     notes: list[str] = []  # what each compiled decoding chose
 
@@ -214,7 +233,7 @@ def main(argv=None) -> int:
                 base[(shape, dtype_name)] = seconds
             ref = base.get((shape, dtype_name))
             return (f"{seconds * 1000:.1f} ms", f"{b * t / seconds:,.0f}", f"{ref / seconds:.2f}x" if ref else "",
-                    f"{step_flops(config, b * t, t) / seconds / info['bf16']:.1%}")
+                    f"{mfu(step_flops(config, b * t, t), seconds, dtype_name, peaks):.1%}")
 
         cell("train", str(shape), dtype_name, side, needs, run)
 
@@ -230,7 +249,7 @@ def main(argv=None) -> int:
 
                 def load(dtype=dtype):
                     models["ours"] = load_model(mg_dir, device, dtype)[0]
-                    models["hf"] = GPT2LMHeadModel.from_pretrained(folder, dtype=dtype).to(device).eval()
+                    models["hf"] = GPT2LMHeadModel.from_pretrained(folder, **hf_dtype(dtype)).to(device).eval()
                     models["hf"].generation_config.eos_token_id = None
 
                 for batch in (1, 8):
@@ -282,7 +301,9 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:  # timeout -s INT: what was timed is still reported
         rows.append(("(interrupted)", "", "", "", "", "", "", ""))
     finally:
-        print(f"\n{info['name']}; bf16 matmul peak {info['bf16'] / 1e12:,.1f} TFLOP/s (MFU is against it); "
+        against = ", ".join(f"{p} against {name} {rate / 1e12:,.1f}" for p in args.dtypes
+                            for rate, name in [matmul_peak_for(p, peaks)])
+        print(f"\n{info['name']}; MFU against each precision's measured matmul peak, TFLOP/s: {against}; "
               f"{time.monotonic() - started:.0f} s\n")
         print("| what | shape | precision | side | step | tokens/s | vs transformers | MFU |")
         print("|---|---|---|---|---:|---:|---:|---:|")

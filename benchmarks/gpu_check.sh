@@ -9,8 +9,8 @@
 #      one CUDA graph a token, int8); training steps at
 #      8x128 and 64x1024 in fp32 (TF32) / bf16 / fp16 + GradScaler, ours eager, then compiled
 #      (reduce-overhead) at 8x128, against transformers + torch AdamW, with MFU against the
-#      measured bf16 matmul peak (the rest of the time; on the time limit it is interrupted and still
-#      prints what it timed)
+#      measured matmul peak of each row's precision (fp32: TF32's) (the rest of the time; on the
+#      time limit it is interrupted and still prints what it timed)
 # Each step starts with a line "== [N s] ..." (seconds since the start), so a run cut off by an outer
 # time limit shows where it stood. Ends with a Markdown table. Without CUDA it stops at once with
 # one line (exit 1); --help and a wrong option (exit 2) are answered first, on any machine with torch.

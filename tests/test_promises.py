@@ -453,8 +453,12 @@ def test_the_llama_cpp_table_compares_our_greedy_decoding_round_by_round(monkeyp
     assert "| int8 | 150.0 | 120.0 | Q8_0 | 300.0 | 0.50x | 0.6x | 0.50x, 0.56x (median 0.53x) |" in table
     assert "| fp32 | 76.0 | 70.0 | F32 | 80.0 | 0.95x | 0.8x | 0.90x, 1.00x (median 0.95x) |" in table
     assert "Ours decoded eager here" in table  # (README's targets are for the compiled step)
-    assert "Ours decoded eager here" not in bench_sample.report(
-        argparse.Namespace(**{**vars(args), "compile": True}), speed, {}, {}, {}, llama)
+    compiled = bench_sample.report(argparse.Namespace(**{**vars(args), "compile": True}), speed, {}, {}, {}, llama)
+    assert "Ours decoded eager here" not in compiled
+    # the decode table's ratios then set ours compiled against transformers eager, and say so
+    assert "| batch | variant | tokens/s | ours compiled vs transformers eager fp32 |" in compiled
+    assert "| 1 | ours fp32, compiled | 70.0 | 2.33x |" in compiled and "| 1 | transformers fp32, eager |" in compiled
+    assert "| 1 | ours fp32 | 70.0 | 2.33x |" in table and "compiled" not in table.split("llama.cpp:")[0]
     assert bench_sample.parse_args([]).compile is False
     assert bench_sample.parse_args(["--compile"]).compile is True
 
@@ -501,17 +505,25 @@ def test_bench_sample_reads_llama_bench_or_says_what_it_got(tmp_path, monkeypatc
     import bench_sample
 
     files = {"fp32": tmp_path / "model-f32.gguf", "int8": tmp_path / "model-q8_0.gguf"}
-    rows = [{"model_filename": str(f), "n_gen": 16, "avg_ts": 50.0 + i} for i, f in enumerate(files.values())]
-    outputs = {"good": json.dumps(rows), "not-json": "usage: echo", "one-model": json.dumps(rows[:1])}
+    rows = [{"model_filename": str(f), "n_gen": 16, "avg_ts": 50.0 + i, "n_gpu_layers": 0}
+            for i, f in enumerate(files.values())]
+    on_gpu = [rows[0], {**rows[1], "n_gpu_layers": 99}]  # (what its default, -ngl 99, gives on a GPU build)
+    outputs = {"good": json.dumps(rows), "not-json": "usage: echo", "one-model": json.dumps(rows[:1]),
+               "on-gpu": json.dumps(on_gpu)}
     for name, out in outputs.items():
         fake = tmp_path / name
-        fake.write_text(f"#!/bin/sh\ncat <<'EOF'\n{out}\nEOF\n")
+        fake.write_text(f'#!/bin/sh\necho "$@" > "{tmp_path}/{name}.args"\ncat <<\'EOF\'\n{out}\nEOF\n')
         fake.chmod(0o755)
     fail = tmp_path / "fails"
     fail.write_text("#!/bin/sh\nexit 3\n")
     fail.chmod(0o755)
     args = lambda bench: argparse.Namespace(llama_bench=str(bench), threads=2, llama_tokens=16)  # noqa: E731
     assert bench_sample.llama_cpp_rates(args(tmp_path / "good"), files, 1) == {"fp32": 50.0, "int8": 51.0}
+    # on the CPU, as ours: llama-bench's default (-ngl 99) puts every layer on a GPU (Metal, CUDA, Vulkan)
+    assert " -ngl 0 " in f" {(tmp_path / 'good.args').read_text().strip()} "
+    with pytest.raises(MinigptError, match=r"^llama-bench ran model-q8_0.gguf with 99 layers on a GPU \(n_gpu_layers "
+                                           r"99\) though asked for -ngl 0; ours runs on the CPU"):
+        bench_sample.llama_cpp_rates(args(tmp_path / "on-gpu"), files, 1)
     for name in ("not-json", "one-model"):
         with pytest.raises(MinigptError, match=rf"{name}: its output is not llama-bench's JSON .*; is --llama-bench "
                                                "llama.cpp's llama-bench\\?$"):
@@ -520,12 +532,95 @@ def test_bench_sample_reads_llama_bench_or_says_what_it_got(tmp_path, monkeypatc
         bench_sample.llama_cpp_rates(args(fail), files, 1)
 
 
-def run_benchmark(tmp_path, command):
+def run_benchmark(tmp_path, command, env=None):
     """Run benchmarks/<command[0]> in a subprocess (in `tmp_path`), its arguments' {tmp} and {data}
     being `tmp_path` and tests/data."""
     argv = [a.format(tmp=tmp_path, data=ROOT / "tests" / "data") for a in command]
     return subprocess.run([sys.executable, str(ROOT / "benchmarks" / argv[0]), *argv[1:]], cwd=tmp_path,
-                          capture_output=True, text=True, timeout=120, env=os.environ)
+                          capture_output=True, text=True, timeout=120, env=env or os.environ)
+
+
+# A sitecustomize.py that makes a package look uninstalled: importing it (or a submodule) raises
+# ModuleNotFoundError, as in an environment without it.
+HIDE_PACKAGE = """
+import sys
+
+class Hide:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == {name!r}:
+            raise ModuleNotFoundError("No module named " + repr(name), name=name)
+
+sys.meta_path.insert(0, Hide())
+"""
+
+
+@pytest.mark.parametrize("command, missing", [
+    (["bench_sample.py", "--quick", "--skip", "memory", "e2e"], "transformers"),
+    (["bench_train.py", "--quick"], "transformers"),
+    (["bench_data.py", "--data", "{data}/eli5_small.json"], "datasets"),
+    (["bench_data.py", "--data", "{data}/eli5_small.json"], "transformers"),
+], ids=["bench_sample", "bench_train", "bench_data-datasets", "bench_data-transformers"])
+def test_the_benchmarks_say_in_one_line_which_package_to_install(tmp_path, command, missing):
+    """Without transformers (or datasets) a benchmark was a ModuleNotFoundError traceback, after the
+    machine's peaks had been timed; now one line saying what to install, before anything is timed."""
+    (tmp_path / "sitecustomize.py").write_text(HIDE_PACKAGE.format(name=missing))
+    result = run_benchmark(tmp_path, command, env={**os.environ, "PYTHONPATH": python_path(tmp_path)})
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr.splitlines() == [f'error: {missing} is not installed (pip install -e ".[test]"); nothing '
+                                          "was timed"]
+    assert result.stdout == ""  # (no machine line: nothing was timed)
+
+
+def test_bench_sample_runs_end_to_end_on_the_cpu_in_fp32_and_counts_the_new_tokens(tmp_path, monkeypatch):
+    """sample.py's default device and dtype are a GPU in bf16 where there is one, and the card's
+    pipeline() a GPU in fp32: both are told the CPU and fp32, where the machine line's figures are,
+    and each says how many tokens it made (both stop at <|endoftext|>, with different seeds)."""
+    import argparse
+
+    import transformers
+    from conftest import TINY_HF, save_hf_model
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import bench_sample
+
+    script = tmp_path / "pipeline.py"
+    script.write_text(bench_sample.PIPELINE_SCRIPT)
+    hf_dir = save_hf_model(tmp_path / "hf", **TINY_HF)
+    commands = bench_sample.e2e_commands(hf_dir, tmp_path / "minigpt", script)
+    sample_runs = [c for c in commands.values() if c[1].endswith("sample.py")]
+    assert len(sample_runs) == 2
+    for command in sample_runs:
+        assert "--device cpu --dtype fp32" in " ".join(command) and "--stats" in command
+    [pipeline] = [c for c in commands.values() if c[1] == str(script)]
+    new_keyword = tuple(int(x) for x in transformers.__version__.split(".")[:2]) >= (4, 56)
+    assert pipeline[-1] == ("dtype" if new_keyword else "torch_dtype")  # (pyproject allows transformers >= 4.40)
+    env = {**os.environ, "PYTHONPATH": python_path(), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
+    result = subprocess.run(pipeline, capture_output=True, text=True, timeout=120, env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.startswith(bench_sample.PROMPT)
+    assert "(cpu, torch.float32)" in result.stderr, result.stderr[-2000:]
+    assert 1 <= bench_sample.new_tokens(result.stderr) <= 100
+    stats = "prompt tokens 10 | time to first token 0.052 s | new tokens 57 | decode 80.1 tokens/s"  # sample.py --stats
+    assert bench_sample.new_tokens(f"kernels: ...\n{stats}\n") == 57 and bench_sample.new_tokens("") is None
+    monkeypatch.setattr(bench_sample.hardware, "hardware_line", lambda hardware: "machine: test")
+    e2e = {"python sample.py ...": (2.5, [57, 57]), "model card": (4.0, [100, 61])}
+    table = bench_sample.report(argparse.Namespace(hardware=None), {}, {}, e2e, {}, {})
+    assert "| python sample.py ... | 2.50 s | 57 |" in table and "| model card | 4.00 s | 100, 61 |" in table
+
+
+def test_gpu_check_measures_each_precisions_mfu_against_its_own_peak(monkeypatch):
+    """fp32 runs TF32 matmuls on a GPU and its measured peak is TF32's; every row was divided by the
+    bf16 peak. Now each precision by its own, fp16 by bf16's where fp16's was not measured."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import gpu_check
+
+    peaks = {"fp32": 400e12, "bf16": 800e12}
+    assert gpu_check.matmul_peak_for("fp32", peaks) == (400e12, "TF32")
+    assert gpu_check.mfu(100e12, 0.5, "fp32", peaks) == pytest.approx(0.5)
+    assert gpu_check.mfu(100e12, 0.5, "bf16", peaks) == pytest.approx(0.25)
+    assert gpu_check.matmul_peak_for("fp16", peaks) == (800e12, "bf16")
+    assert gpu_check.matmul_peak_for("fp16", {**peaks, "fp16": 700e12}) == (700e12, "fp16")
+    assert gpu_check.mfu(70e12, 1.0, "fp16", {**peaks, "fp16": 700e12}) == pytest.approx(0.1)
 
 
 @pytest.mark.parametrize("command, error", [
