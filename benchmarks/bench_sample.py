@@ -57,7 +57,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import hardware  # noqa: E402  (benchmarks/hardware.py, beside this file)
-from bench_train import hf_dtype, hf_dtype_keyword, require_transformers  # noqa: E402  (likewise)
+from bench_train import hf_dtype, hf_dtype_keyword, peak_rss_bytes, require_transformers  # noqa: E402  (likewise)
 from minigpt.cli import Parser, positive_int, run  # noqa: E402  (after the path set-up above)
 from minigpt.errors import MinigptError  # noqa: E402
 from minigpt.tokenizer import Tokenizer  # noqa: E402
@@ -306,20 +306,10 @@ def peak_memory(args, hf_dir: Path, mg_dir: Path, batch: int) -> dict:
 
 
 def vm_hwm_mb() -> float | None:
-    """This process's peak resident memory in MB: VmHWM on Linux, else getrusage's ru_maxrss (bytes
-    on macOS, KiB elsewhere); None where neither exists (Windows: the table says n/a)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    try:
-        import resource
-    except ImportError:
-        return None
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 2**20 if sys.platform == "darwin" else peak / 1024
+    """This process's peak resident memory in MB (`bench_train.peak_rss_bytes`); None where the
+    platform cannot tell (Windows: the table says n/a)."""
+    peak = peak_rss_bytes()
+    return None if peak is None else peak / 2**20
 
 
 def e2e_commands(hf_dir: Path, mg_dir: Path, script: Path) -> dict[str, list[str]]:

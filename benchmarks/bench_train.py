@@ -351,12 +351,12 @@ def memory_child(spec: str) -> None:
     elif _reset_peak_rss():  # Linux: from what the process holds now
         before = _status_kb("VmRSS") * 1024
     else:  # elsewhere the peak cannot be reset: from the peak so far (the imports')
-        before = _peak_rss_bytes()
+        before = peak_rss_bytes()
     runner = SIDES[side](Path(folder), device, dtype)
     for _ in range(3):
         runner.step(batch)
     sync(device)
-    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else _peak_rss_bytes()
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else peak_rss_bytes()
     print(json.dumps({"peak_bytes": None if peak is None or before is None else peak - before}))
 
 
@@ -370,7 +370,7 @@ def _reset_peak_rss() -> bool:
         return False
 
 
-def _peak_rss_bytes() -> int | None:
+def peak_rss_bytes() -> int | None:
     """This process's peak resident memory: VmHWM on Linux, else getrusage's ru_maxrss (bytes on
     macOS, KiB elsewhere); None where neither exists (Windows)."""
     try:

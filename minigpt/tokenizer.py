@@ -161,7 +161,8 @@ class Tokenizer:
         try:  # (operator.index: any integer, NumPy's and 0-d tensors' too; not a float, nor a list)
             ids = [operator.index(t) for t in ids]
         except TypeError:
-            raise TypeError(f"decode takes one sequence of token ids (a list of ints or a 1-D tensor), got {ids!r:.80}") from None
+            raise TypeError("decode takes one sequence of token ids (a list of ints or a 1-D tensor), "
+                            f"got {ids!r:.80}") from None
         bad = next((t for t in ids if t < 0), None)
         if bad is not None:
             raise MinigptError(f"token id {bad} is negative (token ids run from 0 to {self.vocab_size - 1})")

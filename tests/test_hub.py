@@ -181,7 +181,8 @@ def test_a_mistyped_path_in_a_local_folder_is_not_sent_to_the_hub(fake_hub, tmp_
             call()
         assert str(err.value) == ("checkpoints/tinyy: no such file or folder (read as a local path: checkpoints/ is "
                                   "a folder here)")
-    for path, shown in (("./nope/x", "nope/x"), ("../nope/x", "../nope/x"), (str(tmp_path / "nope"), str(tmp_path / "nope"))):
+    missing = str(tmp_path / "nope")
+    for path, shown in (("./nope/x", "nope/x"), ("../nope/x", "../nope/x"), (missing, missing)):
         with pytest.raises(MinigptError) as err:  # (no Hub id could be these: no hint; "./" is no owner)
             load_model(path)
         assert str(err.value) == f"{shown}: no such file or folder"
