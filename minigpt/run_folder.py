@@ -1,7 +1,6 @@
 """A training run's output folder: what may be written into it, its checkpoints, and its lock.
 
-The output folder (`out/`) is itself a checkpoint that `minigpt.loading.load_model` reads, with the run's
-records beside it:
+The output folder (`out/`) is a checkpoint that `minigpt.loading.load_model` reads, records beside it:
 
     out/.ckpt/step-000000120-x1y2/   one complete checkpoint: the model's files, the model card
                                      README.md, training_state.json (step, data position, optimizer
@@ -17,11 +16,10 @@ A save is a pointer swap, built from `minigpt.files`' helpers: the new step fold
 whole with `atomic_folder` (a temporary folder, fsynced, renamed to `step-...`), then `current` is
 swapped to it with `atomic_symlink` (one atomic rename), and only then are the older folders
 deleted. Whenever the process is killed, `current` names one complete checkpoint and every file read
-through it is from the same step; readers need no recovery step, and the next save deletes whatever
-a killed one left in `.ckpt` (a run killed in its first save, before `current` existed, leaves a
-step folder that a new run refuses rather than deletes: `check_out_folder`). loss.png is replaced
-whole with `atomic_file`; metrics.jsonl is started (or, on a resume, cut back to the checkpoint's
-rows) with `atomic_file` and then appended to, a line at a time.
+through it is from the same step; readers need no recovery step, and the next save deletes whatever a
+killed one left in `.ckpt` (a run killed in its first save, before `current` existed, leaves a step
+folder that a new run refuses rather than deletes: `check_out_folder`). loss.png, and metrics.jsonl's
+start (cut back to the checkpoint's rows on a resume), are written with `atomic_file`; rows are appended.
 """
 
 from __future__ import annotations
@@ -128,18 +126,20 @@ def check_outside_runs(out: str | os.PathLike) -> None:
 
 
 def _foreign_name(entry: Path) -> str | None:
-    """None for an entry of a run's folder that a run writes, each of its kind: .ckpt/ a folder
-    holding only `current` (a link), step folders and temporary copies of both; metrics.jsonl,
-    loss.png (and their temporary copies) and .lock plain files; the links into .ckpt/current/.
-    Otherwise the entry's name (`.ckpt/NAME` for one inside .ckpt/): a save deletes what .ckpt/
-    holds besides the checkpoint in force, and the lock file is emptied, so a link there or a
+    """None for an entry of a run's folder that a run writes, each of its kind (or one gone since the
+    listing): .ckpt/ a folder holding only `current` (a link), step folders and temporary copies of
+    both; metrics.jsonl, loss.png (and their temporary copies) and .lock plain files; the links into
+    .ckpt/current/. Otherwise the entry's name (`.ckpt/NAME` inside .ckpt/): a save deletes what
+    .ckpt/ holds besides the checkpoint in force, and the lock file is emptied, so a link there or a
     folder of someone else's files must not pass for ours."""
+    if not os.path.lexists(entry):  # (a live run's save renamed it: under torchrun rank 1 checks as rank 0 writes)
+        return None
     real = not entry.is_symlink()
     if entry.name == CKPT_DIR:
         if not (real and entry.is_dir()):
             return entry.name
         inside = (e for e in sorted(entry.iterdir()) if not (
-            (e.name == CURRENT and e.is_symlink()) or is_temporary_copy(e.name, CURRENT)
+            not os.path.lexists(e) or (e.name == CURRENT and e.is_symlink()) or is_temporary_copy(e.name, CURRENT)
             or (e.name.startswith(("step-", ".step-")) and e.is_dir() and not e.is_symlink())))
         return next((f"{CKPT_DIR}/{e.name}" for e in inside), None)
     if entry.name in (METRICS_FILE, PLOT_FILE, LOCK_FILE) or any(

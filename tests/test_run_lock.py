@@ -109,6 +109,24 @@ def test_resume_while_the_run_lives_is_refused_and_touches_nothing(tmp_path):
         assert snapshot(out) == before
 
 
+def test_what_a_live_runs_save_renames_away_meanwhile_is_not_taken_for_foreign(tmp_path, monkeypatch):
+    """Under torchrun rank 1 checks --out while rank 0 writes it: a temporary copy of metrics.jsonl
+    listed, then renamed into place before it was looked at, was "holds '.metrics.jsonl.tmp-...',
+    which is not from a minigpt training run" (a CI run failed so), and so was a step folder of
+    .ckpt/ deleted after a save. An entry gone since the listing is no one's."""
+    from minigpt.run_folder import check_out_folder
+
+    out = tmp_path / "run"
+    assert call_cli("train.py", *TINY, "--out", str(out)).returncode == 0
+    gone = {out / ".metrics.jsonl.tmp-123-abcdef012345", out / ".ckpt" / "step-000000001-gone"}
+    listed = Path.iterdir
+    monkeypatch.setattr(Path, "iterdir", lambda folder: iter([*listed(folder), *(g for g in gone if g.parent == folder)]))
+    assert check_out_folder(out, resume=True) is not None  # (the checkpoint in force, to resume from)
+    (out / "notes.txt").write_text("mine")  # (one that is there is still refused)
+    with pytest.raises(MinigptError, match="holds 'notes.txt', which is not from a minigpt training run"):
+        check_out_folder(out, resume=True)
+
+
 def test_convert_force_never_replaces_the_folder_of_a_live_run(tmp_path, tiny_hf_dir):
     """`convert_hf_weights.py --force` would delete a live run's checkpoints under it: refused, in the
     line a second run gets. While a conversion replaces a folder, no run can start in it; once the
