@@ -5,15 +5,13 @@ per token. That is bound by how fast the weights stream from memory, not by arit
 layout, the number format and the kernel that reads them decide the speed. Which kernel is fastest
 depends on the CPU, and the differences are large (50,257 x 768 LM head, one activation row):
 
-  AMD EPYC, AVX2 only          fp32 `addmm` on a transposed copy beats `F.linear`, and W cut in
-                               one slice per thread (`torch.bmm`) beats both: MKL multiplies a
-                               single row on one thread; bf16 `torch.mv` is fast while bf16
-                               `F.linear` is not (no bf16 instructions)
-  AMD EPYC, AVX-512 BF16       fp32 `F.linear` 13.4 ms, MKL-prepacked 9.0 ms; bf16 `F.linear`
-                               6.9 ms, oneDNN-prepacked 4.4 ms, the same weights as fp16 in
-                               FBGEMM's fp16 GEMM 3.0 ms; `torch.mv` slower than fp32
-  Intel Xeon with AMX          bf16 matmuls several times fp32; oneDNN-prepacked bf16 reads the
-                               head for 8 rows in ~2.5 ms against ~15-30 ms for fp32 (2 cores)
+  AMD EPYC, AVX2 only       fp32 W cut in one slice per thread (`torch.bmm`) beats `addmm` on a
+                            transposed copy, which beats `F.linear`; bf16 `torch.mv` is fast
+                            while bf16 `F.linear` is not (no bf16 instructions)
+  AMD EPYC, AVX-512 BF16    fp32 `F.linear` 13.4 ms, MKL-prepacked 9.0; bf16 `F.linear` 6.9,
+                            oneDNN-prepacked 4.4, as fp16 in FBGEMM's fp16 GEMM 3.0
+  Intel Xeon with AMX (VM)  fp32 `addmm` 8.0 ms; bf16 `bmm` on row blocks 7.8 (3.2 for 2/3 of
+                            the rows), fbgemm-fp16 5.1-5.5, `F.linear` 9.8
 
 So no one choice is right everywhere. For each precision there are candidate kernels (grouped in
 `Layout`s: a weight layout and the kernels that read it) that compute the same `y = x W^T + b`:
@@ -41,11 +39,12 @@ Each kernel chosen is also timed on fewer threads (half, one): a small layer on 
 handing out work than it saves; it runs on fewer where that is >= 10% faster twice in a row (`OnThreads`).
 
 The layouts are in `minigpt/layouts.py`. `prepare_for_inference` times the candidates this torch
-build has on the model's real shapes (the first layers of each group of same-shaped layers, for
-the rows one decoding step feeds, each pass starting with the weights out of the cache as in
-decoding), keeps the fastest and drops the rest: a few hundred milliseconds, and building the
-candidates about as long or longer (MKL's or FBGEMM's packing of the LM head: up to a second on 2
-cores). The choice is cached per process and shape; `kernel_summary` names it (and "on N threads").
+build has on the model's real shapes (the first layers of each group of same-shaped layers, the
+LM head's first rows and then the best two on all of it, for the rows one decoding step feeds,
+each pass after reading as many bytes as decoding reads between two uses of a layer), keeps the
+fastest and drops the rest: about a second, with building the candidates (MKL's or FBGEMM's
+packing of the LM head: up to a second on 2 cores). Cached per process and shape; `kernel_summary`
+names the choice (and "on N threads").
 `model.py` knows nothing of this; every candidate computes the same function up to rounding.
 """
 
@@ -68,9 +67,7 @@ QUANTIZATIONS = ("int8",)
 WEIGHT_BYTES = {"fp32": 4, "bf16": 2, "int8": 1}  # bytes a weight takes in each precision
 TIMING_ROUNDS = 5  # timed passes per candidate: the best of them is the least disturbed one
 EXTRA_MEMORY_MARGIN = 0.9  # a kernel holding a second copy of W must be >= 10% faster to be chosen
-# Fewer threads must be >= 10% faster too: between layers on different counts torch's pool resizes
-# and idle threads may fall asleep, which timing a group of layers alone does not see.
-FEWER_THREADS_MARGIN = 0.9
+FEWER_THREADS_MARGIN = 0.9  # and fewer threads (torch's pool resizing between layers is not timed)
 
 
 class SharedEmbedding(nn.Module):
@@ -169,12 +166,9 @@ LAYOUTS: dict[str, tuple[Layout, ...]] = {  # the candidates per precision ("int
 }
 TIME_LAYERS = 2  # layers of a group the candidates are timed on (the rest is built with the winner)
 # A matrix with more output rows (the LM head) is timed on its first rows, TIME_BYTES of them in the
-# precision at hand (16,384 rows of 768 in fp32; in int8 the whole 50,257-row head): beyond any CPU
-# cache here, so the timing streams from memory, while the candidates do not each hold a full copy
-# at once (that made `sample.py`'s peak memory ~250 MB higher). A fixed count of rows was less in
-# int8: 16,384 of them (12.6 MB, within a 32 MB L3) timed FBGEMM's head and int8mm's about even, and
-# int8mm won 3 of 4 prepares on torch 2.15 (1 of 4 with the whole head), while decoding with FBGEMM's
-# head was 1.20x faster (Zen 5, compiled, 9 interleaved rounds of 128 tokens).
+# precision at hand (the whole head in int8): the candidates do not each hold a full copy at once
+# (that made `sample.py`'s peak memory ~250 MB higher). 16,384 rows of int8 (12.6 MB, within a 32 MB
+# L3) timed FBGEMM's head about even with int8mm's, which decoded 1.20x slower (Zen 5, compiled).
 TIME_BYTES = 48 * 2**20
 
 # (precision, the kernel names the weights allow, shape, rows, threads, device, tied, compiled) ->
@@ -206,22 +200,17 @@ def _time_pass(
     """Seconds for one pass of `x` through each of `layers` in turn (as a decoding step does).
 
     `core_only`: time a layer with a fusible kernel (`layouts.FUSIBLE_KERNELS`) by its product
-    alone, as a compiled decoding step runs it (the ops around it fused into the graph). Eager,
-    FBGEMM's int8 layers spend ~10 small ops a call on their activation digits and lose the race
-    for 4 of 5 groups; compiled, they win it (distilgpt2 int8 decoding, compiled: FBGEMM everywhere
-    154.2 tokens/s, the eager choice 127.1, `int8mm` everywhere 104.9, eager 114.1).
+    alone, as a compiled decoding step runs it (the ops around it fused into the graph): FBGEMM's
+    int8 layers lose the race eager and win it so, as they win compiled decoding.
 
-    `flush`: a buffer twice the CPU's cache, read first, so that the layers' weights come from
-    memory, as in decoding, where the model is larger than the cache and each layer's weights were
-    evicted since its last use. Timed from the cache instead, the kernels rank differently: on the
-    AMD EPYC with AVX-512 BF16 (32 MiB L3), for the 768 x 3072 bf16 projection bf16 `F.linear` won
-    6 of 8 timings on two layers (9 MB) while it streams at 300 us a layer against fbgemm-fp16's 178;
-    with the flush fbgemm-fp16 won 5 of 5. The flush evicts everything else too, unlike decoding,
-    which keeps the code, the activation and the kernels' own buffers warm, so the first layer only
-    warms those up and the rest are timed (2304 x 768 int8 after a flush, medians: FBGEMM's kernel
-    402 us a layer over both layers, 265 for the second alone; int8mm 246 and 210). The flush costs
-    ~2 ms a pass, 0.3-0.5 s a distilgpt2 prepare. (A model whose weights all fit in the cache is
-    timed without it: so it decodes.)
+    `flush`: a buffer read first, as large as the model's weights (decoding reads them between two
+    uses of a layer), at most twice the CPU's largest cache: a layer then comes from memory, or
+    stays cached, as in decoding; timed from the cache, kernels rank differently. Not sysfs's cache
+    size: a VM sees its host's, shared with others (the Intel Xeon VM: 300 MiB, where distilgpt2 in
+    bf16 timed from it chose kernels that decoded slower than fp32). The flush also evicts the code,
+    the activation and the kernels' buffers, which decoding keeps warm: the first layer warms them
+    and the rest are timed. ~2 ms a pass where the cache is 32 MiB (benchmarks/HISTORY.md: "How
+    kernels are timed" has the figures).
     """
     if flush is not None:
         flush.sum()
@@ -247,10 +236,8 @@ def _race(
     The runs are timed in interleaved rounds (a noisy neighbour slows them alike), each keeping its
     best pass, the least disturbed one; after the second round a run whose best is over twice the
     best time is out of the race. Not after the first: one disturbed pass then dropped the fastest
-    kernel for good (FBGEMM's int8 LM head, timed at 1.9-3.5 ms against `int8mm`'s 0.6 in 2 of 12
-    prepares on the AMD EPYC with AVX-512 BF16, where it takes 0.4-0.96 of `int8mm`'s time
-    otherwise and decodes the head in 1.6 ms against 3.5). Threads fewer than the process has: the
-    layers run in `OnThreads`. `core_only`: see `_time_pass`."""
+    kernel for good (FBGEMM's int8 LM head in 2 of 12 prepares on the AVX-512 BF16 EPYC). Threads
+    fewer than the process has: the layers run in `OnThreads`. `core_only`: see `_time_pass`."""
     every = torch.get_num_threads()
     best = {(kernel, n): float("inf") for kernel, _, n in runs}
     racing = list(runs)
@@ -270,9 +257,8 @@ def _race(
 def _thread_count(kernel: str, layers: list[nn.Module], x: torch.Tensor, flush: torch.Tensor | None) -> int:
     """The threads to run `kernel`'s layers on: all of them unless fewer (`_thread_counts`) win by
     FEWER_THREADS_MARGIN in two races in a row. Why two: on a shared VM a neighbour that takes one
-    core for a while slows every run that needs all cores, however the runs are interleaved, and
-    one race then crowned a single thread that was 1.25-1.5x slower in a quiet minute (FBGEMM's
-    int8 at 8 rows on the AVX-512 BF16 EPYC, once in the 10 prepares of a benchmark run)."""
+    core for a while slows every run that needs all cores, however interleaved, and one race then
+    crowned a single thread 1.25-1.5x slower in a quiet minute (once in 10 prepares)."""
     thread_counts = _thread_counts(x.device)
     every = thread_counts[0]
     if len(thread_counts) == 1:
@@ -304,6 +290,17 @@ def _settle(candidates: list[tuple[Layout, str]], precision: str,
     return settled
 
 
+def _pick(candidates: list[tuple[Layout, str]], best: dict[tuple[str, int], float]) -> tuple[Layout, str]:
+    """The fastest of `candidates` on all threads (`best`: a race's); one holding a second W must win
+    by EXTRA_MEMORY_MARGIN."""
+    every = torch.get_num_threads()
+    lean = [c for c in candidates if not c[0].extra_memory] or candidates
+    winner = min(lean, key=lambda c: best[c[1], every])
+    heavy = [c for c in candidates
+             if c[0].extra_memory and best[c[1], every] < EXTRA_MEMORY_MARGIN * best[winner[1], every]]
+    return min(heavy, key=lambda c: best[c[1], every]) if heavy else winner
+
+
 def _choose(
     candidates: list[tuple[Layout, str]], key: tuple, weights: list[tuple[torch.Tensor, torch.Tensor | None]],
     rows: int, dtype: torch.dtype, tied: bool, flush_bytes: int, compiled: bool = False,
@@ -312,9 +309,12 @@ def _choose(
     those `_settle` left), run on the fastest thread count (fewer than the process has: in `OnThreads`).
 
     The candidates' layouts are built for the group's first TIME_LAYERS layers (their first
-    TIME_BYTES of output rows) and raced on all threads (`_race`); then the winner alone is raced on
-    each thread count (`_thread_count`). `flush_bytes` > 0: each pass first reads a buffer that
-    large, evicting the weights from the cache (`_time_pass`). The choice is cached under `key`, which
+    TIME_BYTES of output rows) and raced on all threads (`_race`). Where that cut a matrix (the LM
+    head), the two fastest are built whole and raced again, the final: a kernel's speed can change
+    with the shape (on the Intel Xeon VM oneDNN's bf16 `bmm` streamed 49,152 rows of 768 at 18 GB/s,
+    50,256 at 10: `bmm-rows` won the heat on the head's first rows and was 1.6x slower on all of
+    it). Then the winner alone is raced on each thread count (`_thread_count`).
+    `flush_bytes` > 0: each pass first reads a buffer that large (`_time_pass`). The choice is cached under `key`, which
     names the candidates; a single one is used on all threads, untimed. `compiled`: timed as a compiled
     decoding step runs the layers (`_time_pass`'s core_only), and a fusible kernel runs on all threads."""
     every = torch.get_num_threads()
@@ -338,15 +338,18 @@ def _choose(
         x = torch.randn(rows, weights[0][0].size(1), device=own.device, generator=own).to(dtype)  # (pages written)
         flush = torch.ones(flush_bytes // 4) if flush_bytes else None
         best = _race([(kernel, built[id(layout)], every) for layout, kernel in candidates], x, flush, compiled)
-        lean = [c for c in candidates if not c[0].extra_memory] or candidates
-        winner = min(lean, key=lambda c: best[c[1], every])
-        heavy = [c for c in candidates
-                 if c[0].extra_memory and best[c[1], every] < EXTRA_MEMORY_MARGIN * best[winner[1], every]]
-        layout, kernel = min(heavy, key=lambda c: best[c[1], every]) if heavy else winner
+        layout, kernel = _pick(candidates, best)
+        timed = built[id(layout)]
+        if any(sw.shape != w.shape for (sw, _), (w, _) in zip(sample, weights)):  # a matrix cut: the final
+            runner_up = min((c for c in candidates if c[1] != kernel), key=lambda c: best[c[1], every])
+            built.clear()  # (the heats' layers: the finalists are built whole)
+            whole = {k: [lay.build(*weights[0], rows, tied, k)] for lay, k in ((layout, kernel), runner_up)}
+            layout, kernel = _pick([(layout, kernel), runner_up], _race([(k, lays, every) for k, lays in whole.items()],
+                                                                        x, flush, compiled))
+            timed = whole.pop(kernel)
+            del whole
         fused = compiled and kernel in FUSIBLE_KERNELS
-        _CHOICES[key] = (kernel, every if fused else _thread_count(kernel, built[id(layout)], x, flush))
-        if all(sw.shape == w.shape for (sw, _), (w, _) in zip(sample, weights)):  # built whole: keep them
-            timed = built[id(layout)]
+        _CHOICES[key] = (kernel, every if fused else _thread_count(kernel, timed, x, flush))
         del built, flush
     kernel, threads = _CHOICES[key]
     layout = next(lay for lay, k in candidates if k == kernel)
@@ -367,10 +370,9 @@ def prepare_for_inference(
     a layer, which the kernels are timed on. `kernel`: use this candidate for every layer instead of
     measuring (tests, benchmarks). `compiled`: time the candidates as a compiled decoding step
     (`minigpt.compiled_decoding`) runs them, where the ops around FBGEMM's and int8mm's products
-    fuse (`_time_pass`). On a GPU only quantization changes anything: its matmul libraries
-    handle the standard layout well. On the CPU the rest of the model (embeddings, LayerNorms, so
-    attention and the KV cache) is put in fp32: only the matmul weights stay bf16 or int8. The
-    model comes back in eval mode (no dropout); `kernel_summary(model)` names the kernels chosen.
+    fuse (`_time_pass`). On a GPU only quantization changes anything: its matmul libraries handle
+    the standard layout well. On the CPU only the matmul weights stay bf16 or int8, the rest runs in
+    fp32. The model comes back in eval mode; `kernel_summary(model)` names the kernels chosen.
     Where it swapped the layers (on the CPU, or with int8) it is for inference only: no gradients,
     not savable as a checkpoint, and a second call (a notebook cell run again) is refused.
     """
@@ -407,17 +409,15 @@ def prepare_for_inference(
                 if isinstance(getattr(parent, name, None), nn.Linear):
                     groups.setdefault(f"{role}.{name}", []).append((parent, name))
     # On the CPU only the matmul weights keep the model's precision; the residual stream (embeddings,
-    # LayerNorms, attention, KV cache) runs in fp32, as llama.cpp's BF16 and Q8_0 models do. Each
-    # layout takes and returns any dtype, so this spares the conversions around every bf16 layer, and
-    # fp32 attention is the faster one on the CPU: decoding distilgpt2 in bf16 (fbgemm-fp16, one
-    # process, medians of 7) went from 181.5 to 207.0 tokens/s, at 8 rows (oneDNN) from 606 to 637.
+    # LayerNorms, attention, KV cache) runs in fp32, as in llama.cpp's BF16 and Q8_0 models: no
+    # conversions around the layers, and fp32 attention is the faster one on the CPU (distilgpt2 in
+    # bf16 decoded 207.0 against 181.5 tokens/s; at 8 rows 637 against 606)
     stream_dtype = torch.float32 if device.type == "cpu" else dtype
     groups["lm_head"] = [(model, "lm_head")]  # (the tied head last: the embedding follows it)
     weights = {role: [(getattr(p, n).weight, getattr(p, n).bias) for p, n in m] for role, m in groups.items()}
     weight_count = sum(w.numel() for group in weights.values() for w, _ in group)
-    cache = cpu_cache_bytes()  # timed from memory (a flush of twice the cache) if the weights do not fit
-    from_memory = device.type == "cpu" and weight_count * WEIGHT_BYTES[precision] > cache
-    flush_bytes = 2 * cache if from_memory else 0
+    # (decoding reads the other weights between two uses of a layer: so does a timed pass, `_time_pass`)
+    flush_bytes = min(weight_count * WEIGHT_BYTES[precision], 2 * cpu_cache_bytes()) if device.type == "cpu" else 0
     settled = {role: _settle(candidates, precision, w, batch_size) for role, w in weights.items()}  # before any
     with torch.no_grad():  # swap: a refusal leaves the model as it was
         for role, ws in weights.items():
