@@ -200,8 +200,8 @@ def _time_pass(
     """Seconds for one pass of `x` through each of `layers` in turn (as a decoding step does).
 
     `core_only`: time a layer with a fusible kernel (`layouts.FUSIBLE_KERNELS`) by its product
-    alone, as a compiled decoding step runs it (the ops around it fused into the graph): FBGEMM's
-    int8 layers lose the race eager and win it so, as they win compiled decoding.
+    alone, as a compiled decoding step runs it (the ops around it fused into the graph): timed
+    whole, FBGEMM's int8 layers lose the race to their eager ops, and they win compiled decoding.
 
     `flush`: a buffer read first, as large as the model's weights (decoding reads them between two
     uses of a layer), at most twice the CPU's largest cache: a layer then comes from memory, or
@@ -313,8 +313,8 @@ def _choose(
     head), the two fastest are built whole and raced again, the final: a kernel's speed can change
     with the shape (on the Intel Xeon VM oneDNN's bf16 `bmm` streamed 49,152 rows of 768 at 18 GB/s,
     50,256 at 10: `bmm-rows` won the heat on the head's first rows and was 1.6x slower on all of
-    it). Then the winner alone is raced on each thread count (`_thread_count`).
-    `flush_bytes` > 0: each pass first reads a buffer that large (`_time_pass`). The choice is cached under `key`, which
+    it). Then the winner alone is raced on each thread count (`_thread_count`). `flush_bytes` > 0:
+    each pass first reads a buffer that large (`_time_pass`). The choice is cached under `key`, which
     names the candidates; a single one is used on all threads, untimed. `compiled`: timed as a compiled
     decoding step runs the layers (`_time_pass`'s core_only), and a fusible kernel runs on all threads."""
     every = torch.get_num_threads()
