@@ -42,9 +42,9 @@ The layouts are in `minigpt/layouts.py`. `prepare_for_inference` times the candi
 build has on the model's real shapes (the first layers of each group of same-shaped layers, the
 LM head's first rows and then the best two on all of it, for the rows one decoding step feeds,
 each pass after reading as many bytes as decoding reads between two uses of a layer), keeps the
-fastest and drops the rest: about a second, with building the candidates (MKL's or FBGEMM's
-packing of the LM head: up to a second on 2 cores). Cached per process and shape; `kernel_summary`
-names the choice (and "on N threads").
+fastest and drops the rest: ~1 s (6-7 s on the Xeon VM), building the candidates included (MKL's
+or FBGEMM's packing of the LM head: up to a second on 2 cores). Cached per process and shape;
+`kernel_summary` names the choice (and "on N threads").
 `model.py` knows nothing of this; every candidate computes the same function up to rounding.
 """
 
