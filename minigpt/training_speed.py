@@ -175,13 +175,13 @@ class _CrossEntropy(torch.autograd.Function):
         scale = (scored * (grad_loss / n))[:, None]  # mean over scored rows; ignored rows -> 0
         # (bf16 logits: the gradient in bf16, as autograd would convert it, each row block while in cache)
         grad = logprobs if ctx.logits_dtype == logprobs.dtype else torch.empty_like(logprobs, dtype=ctx.logits_dtype)
-        for start in range(0, len(logprobs), LOG_SOFTMAX_ROWS):  # a few rows at a time: one pass over memory
-            rows = slice(start, start + LOG_SOFTMAX_ROWS)
-            block = logprobs[rows].exp_()  # softmax, in place
-            block.scatter_add_(1, safe[rows, None], -torch.ones_like(block[:, :1]))  # - onehot(target)
-            block.mul_(scale[rows])
+        blocks = (t.split(LOG_SOFTMAX_ROWS) for t in (logprobs, grad, safe, scale))  # one pass over memory
+        for block, out, target, block_scale in zip(*blocks):
+            block.exp_()  # softmax, in place
+            block.scatter_add_(1, target[:, None], -torch.ones_like(block[:, :1]))  # - onehot(target)
+            block.mul_(block_scale)
             if grad is not logprobs:
-                grad[rows] = block
+                out.copy_(block)
         return grad, None, None
 
 
