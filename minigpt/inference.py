@@ -41,8 +41,8 @@ handing out work than it saves; it runs on fewer where that is >= 10% faster twi
 The layouts are in `minigpt/layouts.py`. `prepare_for_inference` times the candidates this torch
 build has on the model's real shapes (the first layers of each group of same-shaped layers, the
 LM head's first rows and then the best two on all of it, for the rows one decoding step feeds,
-each pass after reading as many bytes as decoding reads between two uses of a layer), keeps the
-fastest and drops the rest: ~1 s (6-7 s on the Xeon VM), building the candidates included (MKL's
+each pass after reading what evicts a layer as decoding's reads between two uses do), keeps the
+fastest and drops the rest: ~1 s (2 s on an Intel Xeon VM), building the candidates included (MKL's
 or FBGEMM's packing of the LM head: up to a second on 2 cores). Cached per process and shape;
 `kernel_summary` names the choice (and "on N threads").
 `model.py` knows nothing of this; every candidate computes the same function up to rounding.
@@ -61,7 +61,7 @@ from .errors import MinigptError
 from .layouts import (FUSIBLE_KERNELS, DenseLinear, FbgemmInt8Linear, Fp16Linear, Int8Linear, MklLinear,
                       OneDnnLinear, OnThreads, RowSplitLinear, SplitLinear, TransposedLinear, fp16_refuses)
 from .model import GPT
-from .runtime import check_fits, cpu_cache_bytes, wait_for
+from .runtime import check_fits, cpu_cache_bytes, evicting_bytes, wait_for
 
 QUANTIZATIONS = ("int8",)
 WEIGHT_BYTES = {"fp32": 4, "bf16": 2, "int8": 1}  # bytes a weight takes in each precision
@@ -203,14 +203,14 @@ def _time_pass(
     alone, as a compiled decoding step runs it (the ops around it fused into the graph): timed
     whole, FBGEMM's int8 layers lose the race to their eager ops, and they win compiled decoding.
 
-    `flush`: a buffer read first, as large as the model's weights (decoding reads them between two
-    uses of a layer), at most twice the CPU's largest cache: a layer then comes from memory, or
-    stays cached, as in decoding; timed from the cache, kernels rank differently. Not sysfs's cache
-    size: a VM sees its host's, shared with others (the Intel Xeon VM: 300 MiB, where distilgpt2 in
-    bf16 timed from it chose kernels that decoded slower than fp32). The flush also evicts the code,
-    the activation and the kernels' buffers, which decoding keeps warm: the first layer warms them
-    and the rest are timed. ~2 ms a pass where the cache is 32 MiB (benchmarks/HISTORY.md: "How
-    kernels are timed" has the figures).
+    `flush`: a buffer read first, as decoding reads the model's weights between two uses of a layer:
+    as many bytes, or fewer where fewer evict all this process's cache holds (measured: sysfs names
+    a VM's host's cache, shared with others; `runtime.evicting_bytes`). A layer then comes from
+    memory, or stays cached, as in decoding; timed from the cache, kernels rank differently (bf16
+    distilgpt2 so timed on the Intel Xeon VM decoded slower than fp32). The flush also evicts the
+    code, the activation and the kernels' buffers, which decoding keeps warm: the first layer warms
+    them and the rest are timed. ~2 ms a pass where the cache is 32 MiB, ~7 ms on an Intel Xeon VM
+    (benchmarks/HISTORY.md: "How kernels are timed" has the figures).
     """
     if flush is not None:
         flush.sum()
@@ -303,7 +303,7 @@ def _pick(candidates: list[tuple[Layout, str]], best: dict[tuple[str, int], floa
 
 def _choose(
     candidates: list[tuple[Layout, str]], key: tuple, weights: list[tuple[torch.Tensor, torch.Tensor | None]],
-    rows: int, dtype: torch.dtype, tied: bool, flush_bytes: int, compiled: bool = False,
+    rows: int, dtype: torch.dtype, tied: bool, flush: torch.Tensor | None, compiled: bool = False,
 ) -> list[nn.Module]:
     """This group of same-shaped layers, built with the fastest of `candidates` ((layout, kernel),
     those `_settle` left), run on the fastest thread count (fewer than the process has: in `OnThreads`).
@@ -313,8 +313,8 @@ def _choose(
     head), the two fastest are built whole and raced again, the final: a kernel's speed can change
     with the shape (on the Intel Xeon VM oneDNN's bf16 `bmm` streamed 49,152 rows of 768 at 18 GB/s,
     50,256 at 10: `bmm-rows` won the heat on the head's first rows and was 1.6x slower on all of
-    it). Then the winner alone is raced on each thread count (`_thread_count`). `flush_bytes` > 0:
-    each pass first reads a buffer that large (`_time_pass`). The choice is cached under `key`, which
+    it). Then the winner alone is raced on each thread count (`_thread_count`). `flush`: a buffer
+    each pass first reads (`_time_pass`), or None. The choice is cached under `key`, which
     names the candidates; a single one is used on all threads, untimed. `compiled`: timed as a compiled
     decoding step runs the layers (`_time_pass`'s core_only), and a fusible kernel runs on all threads."""
     every = torch.get_num_threads()
@@ -326,7 +326,7 @@ def _choose(
             return w[part], None if b is None else b[part]
 
         sample = [rows_of(w, b, slice(_time_rows(key[0], w))) for w, b in weights[:TIME_LAYERS]]  # (key[0]: precision)
-        if flush_bytes and len(sample) == 1 and len(sample[0][0]) > 1:  # one matrix: half warms, half is timed
+        if flush is not None and len(sample) == 1 and len(sample[0][0]) > 1:  # one matrix: half warms, half is timed
             half = len(sample[0][0]) // 2
             sample = [rows_of(*sample[0], slice(half)), rows_of(*sample[0], slice(half, None))]
         first: dict[int, tuple[Layout, str]] = {}  # each layout is built for its first fitting kernel
@@ -336,7 +336,6 @@ def _choose(
                  for layout, kernel in first.values()}
         own = torch.Generator(weights[0][0].device).manual_seed(0)  # (torch's own RNG untouched: seeded runs alike)
         x = torch.randn(rows, weights[0][0].size(1), device=own.device, generator=own).to(dtype)  # (pages written)
-        flush = torch.ones(flush_bytes // 4) if flush_bytes else None
         best = _race([(kernel, built[id(layout)], every) for layout, kernel in candidates], x, flush, compiled)
         layout, kernel = _pick(candidates, best)
         timed = built[id(layout)]
@@ -350,7 +349,7 @@ def _choose(
             del whole
         fused = compiled and kernel in FUSIBLE_KERNELS
         _CHOICES[key] = (kernel, every if fused else _thread_count(kernel, timed, x, flush))
-        del built, flush
+        del built
     kernel, threads = _CHOICES[key]
     layout = next(lay for lay, k in candidates if k == kernel)
     layers = timed + [layout.build(w, b, rows, tied, kernel) for w, b in weights[len(timed):]]
@@ -415,15 +414,16 @@ def prepare_for_inference(
     stream_dtype = torch.float32 if device.type == "cpu" else dtype
     groups["lm_head"] = [(model, "lm_head")]  # (the tied head last: the embedding follows it)
     weights = {role: [(getattr(p, n).weight, getattr(p, n).bias) for p, n in m] for role, m in groups.items()}
-    weight_count = sum(w.numel() for group in weights.values() for w, _ in group)
-    # (decoding reads the other weights between two uses of a layer: so does a timed pass, `_time_pass`)
-    flush_bytes = min(weight_count * WEIGHT_BYTES[precision], 2 * cpu_cache_bytes()) if device.type == "cpu" else 0
     settled = {role: _settle(candidates, precision, w, batch_size) for role, w in weights.items()}  # before any
+    keys = {role: (precision, tuple(k for _, k in settled[role]), ws[0][0].shape, batch_size, torch.get_num_threads(),
+                   device.type, role == "lm_head", compiled) for role, ws in weights.items()}
+    weight_bytes = sum(w.numel() for group in weights.values() for w, _ in group) * WEIGHT_BYTES[precision]
+    timing = device.type == "cpu" and any(len(settled[r]) > 1 and keys[r] not in _CHOICES for r in keys)
+    # (decoding reads the other weights between two uses of a layer: so does a timed pass, `_time_pass`)
+    flush = torch.ones(evicting_bytes(min(weight_bytes, 2 * cpu_cache_bytes())) // 4) if timing else None
     with torch.no_grad():  # swap: a refusal leaves the model as it was
         for role, ws in weights.items():
-            tied, names = role == "lm_head", tuple(k for _, k in settled[role])
-            key = (precision, names, ws[0][0].shape, batch_size, torch.get_num_threads(), device.type, tied, compiled)
-            layers = _choose(settled[role], key, ws, batch_size, stream_dtype, tied, flush_bytes, compiled)
+            layers = _choose(settled[role], keys[role], ws, batch_size, stream_dtype, role == "lm_head", flush, compiled)
             for (parent, name), layer in zip(groups[role], layers):
                 setattr(parent, name, layer)
     model.transformer.wte = SharedEmbedding(model.lm_head, stream_dtype)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import itertools
 import logging
 import os
 import re
@@ -11,7 +12,7 @@ import subprocess
 import sysconfig
 import time
 from pathlib import Path
-from typing import Callable, TypeVar
+from typing import Callable, Iterator, TypeVar
 
 import torch
 
@@ -105,6 +106,50 @@ def cpu_cache_bytes(sysfs: Path = Path("/sys/devices/system/cpu/cpu0/cache")) ->
         if text[:-1].isdigit() and text[-1] in units:
             sizes.append(int(text[:-1]) * units[text[-1]])
     return max(sizes, default=32 * 2**20)
+
+
+EVICTION_FLOOR = 8 * 2**20  # the smallest read `evicting_bytes` considers: several times any core's L2
+COLD_MARGIN = 1.2  # re-read at most this much faster than from memory: the buffer was not cached
+
+
+def reread_rates(sizes: list[int]) -> Iterator[float]:
+    """Bytes a second at which this process re-reads the first `size` bytes of one buffer, just
+    read (best of 2), for each of `sizes` in turn, as asked for: a cache's speed where those bytes
+    stay cached, memory's where they do not."""
+    buffer = torch.ones(max(sizes) // 4)  # (written: real pages, not the one shared zero page)
+    for size in sizes:
+        part = buffer[: size // 4]
+        part.sum()
+        best = float("inf")
+        for _ in range(2):
+            start = time.perf_counter()
+            part.sum()
+            best = min(best, time.perf_counter() - start)
+        yield size / best
+
+
+@functools.cache
+def evicting_bytes(limit: int, rates: Callable[[list[int]], Iterator[float]] = reread_rates) -> int:
+    """How many bytes a read must cover to evict what the CPU caches for this process, at most
+    `limit`: the smallest of `limit`, `limit`/sqrt(2), `limit`/2, ... (down to EVICTION_FLOOR) that
+    this process, and every larger one, re-reads no faster than `limit` itself (by COLD_MARGIN).
+    Measured once per process and limit, larger sizes first, down to the first one found cached
+    (~0.1 s for 330 MB).
+
+    sysfs names a cache, but a VM sees its host's, shared with other tenants: 480 MiB on an Intel
+    Xeon VM that re-read 64 MiB at ~50 GB/s and 128 MiB at memory's ~23. Where all of `limit`
+    stays cached, so does every size, and the smallest is the answer: reading it leaves `limit`'s
+    bytes cached, as they were. Checking every larger size too keeps one disturbed (slow) re-read
+    of a cached size from passing for memory's speed."""
+    sizes = [limit]
+    while sizes[-1] / 2**0.5 >= EVICTION_FLOOR:
+        sizes.append(int(sizes[-1] / 2**0.5))
+    if len(sizes) == 1:
+        return limit
+    measured = rates(sizes)
+    from_memory = next(measured)
+    cold = itertools.takewhile(lambda rate: rate <= COLD_MARGIN * from_memory, measured)
+    return min((size for size, _ in zip(sizes[1:], cold)), default=limit)
 
 
 def emulated_bf16_warning(device: torch.device, dtype: torch.dtype) -> str | None:

@@ -333,16 +333,36 @@ BREAKS = (
     ),
     Break(
         "flush_trusts_sysfs_cache", "the timing reads no flush where sysfs's cache size (a VM's host's, shared) holds the model",
-        ((r"flush_bytes = min\(weight_count \* WEIGHT_BYTES\[precision\], 2 \* cpu_cache_bytes\(\)\) if device\.type == \"cpu\" else 0",
-          "flush_bytes = 2 * cpu_cache_bytes() if device.type == \"cpu\" and weight_count * WEIGHT_BYTES[precision] > "
-          "cpu_cache_bytes() else 0"),),
+        ((r"\) // 4\) if timing else None", ") // 4) if timing and weight_bytes > cpu_cache_bytes() else None"),),
         ("tests/test_kernels.py::test_each_timed_pass_first_reads_what_decoding_reads_between_two_uses_of_a_layer",),
     ),
     Break(
         "flush_beyond_the_model", "every timed pass reads twice the cache first, however small the model (evicting what decoding keeps)",
-        ((r"flush_bytes = min\(weight_count \* WEIGHT_BYTES\[precision\], 2 \* cpu_cache_bytes\(\)\)",
-          "flush_bytes = 2 * cpu_cache_bytes()"),),
-        ("tests/test_kernels.py::test_each_timed_pass_first_reads_what_decoding_reads_between_two_uses_of_a_layer",),
+        ((r"evicting_bytes\(min\(weight_bytes, 2 \* cpu_cache_bytes\(\)\)\)", "evicting_bytes(2 * cpu_cache_bytes())"),),
+        ("tests/test_kernels.py::test_each_timed_pass_first_reads_what_decoding_reads_between_two_uses_of_a_layer",
+         "tests/test_kernels.py::test_the_flush_is_made_once_per_prepare_and_only_when_something_is_timed"),
+    ),
+    Break(
+        "eviction_unmeasured", "the flush reads all the model's weights (or twice sysfs's cache), not the smallest read measured to evict",
+        ((r"torch\.ones\(evicting_bytes\((min\(weight_bytes, 2 \* cpu_cache_bytes\(\)\))\) // 4\)", r"torch.ones(\1 // 4)"),),
+        ("tests/test_kernels.py::test_the_flush_is_made_once_per_prepare_and_only_when_something_is_timed",),
+    ),
+    Break(
+        "eviction_margin_wide", "any size re-read less than 10x faster than memory counts as not cached (the flush too small)",
+        ((r"rate <= COLD_MARGIN \* from_memory", "rate <= 10 * from_memory"),),
+        ("tests/test_kernels.py::test_the_flush_is_the_smallest_read_measured_to_evict_the_cache",),
+    ),
+    Break(
+        "eviction_past_cached", "the eviction search goes on below the first cached size (a disturbed re-read passes for memory's)",
+        ((r"itertools\.takewhile\(lambda rate: rate <= COLD_MARGIN \* from_memory, measured\)",
+          "(rate <= COLD_MARGIN * from_memory for rate in measured)"),
+         (r"zip\(sizes\[1:\], cold\)", "zip(sizes[1:], cold) if _"),),
+        ("tests/test_kernels.py::test_the_flush_is_the_smallest_read_measured_to_evict_the_cache",),
+    ),
+    Break(
+        "flush_made_untimed", "a prepare whose kernels are all chosen already still measures and allocates the flush",
+        ((r"\) // 4\) if timing else None", ") // 4) if device.type == \"cpu\" else None"),),
+        ("tests/test_kernels.py::test_the_flush_is_made_once_per_prepare_and_only_when_something_is_timed",),
     ),
     Break(
         "no_final_on_cut_head", "the LM head's kernel is the winner of the race on its first rows, never raced on all of it",
@@ -371,7 +391,7 @@ BREAKS = (
     ),
     Break(
         "head_not_halved", "a single matrix (the LM head) is timed whole after the flush, with cold code",
-        ((r"if flush_bytes and len\(sample\) == 1 and len\(sample\[0\]\[0\]\) > 1:", "if False:"),),
+        ((r"if flush is not None and len\(sample\) == 1 and len\(sample\[0\]\[0\]\) > 1:", "if False:"),),
         ("tests/test_kernels.py::test_each_timed_pass_first_reads_what_decoding_reads_between_two_uses_of_a_layer",),
     ),
     Break(

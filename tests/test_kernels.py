@@ -185,7 +185,8 @@ def test_each_timed_pass_first_reads_what_decoding_reads_between_two_uses_of_a_l
     pages), capped at twice the CPU's largest cache (from sysfs, 32 MiB where it cannot be read),
     which evicts everything. sysfs's size alone does not decide: a VM sees its host's whole cache,
     shared with others (300 MiB on the Intel Xeon VM, where a bf16 distilgpt2 timed from the cache
-    chose slow kernels). The LM head is timed in two halves, one warming the code, one timed."""
+    chose slow kernels). The LM head is timed in two halves, one warming the code, one timed. (A
+    model this small reads less than `runtime.EVICTION_FLOOR`: no fewer bytes are tried.)"""
     for index, size in (("index0", "32K"), ("index2", "1024K"), ("index3", "3M")):
         (tmp_path / index).mkdir()
         (tmp_path / index / "size").write_text(size + "\n")
@@ -243,6 +244,69 @@ def test_each_timed_pass_first_reads_what_decoding_reads_between_two_uses_of_a_l
     order.clear()
     time_pass([Layer("only")], torch.zeros(1), Flush())
     assert order == ["flush", "clock", "only", "clock"]
+
+
+def test_the_flush_is_the_smallest_read_measured_to_evict_the_cache():
+    """sysfs names a VM's host's cache, shared with others (480 MiB on an Intel Xeon VM whose
+    process kept ~96 MiB cached), so the flush is measured: the smallest of limit, limit/sqrt(2),
+    ... re-read no faster than memory (the limit) while every larger one is too; sizes below the
+    first cached one are not measured; where everything stays cached, the smallest size."""
+    mib = 2**20
+    asked = []
+
+    def machine(cached_up_to, disturbed=()):
+        def rates(sizes):
+            for size in sizes:
+                asked.append(size)
+                yield 20e9 if size > cached_up_to or size in disturbed else 50e9
+        return rates
+
+    limit = 400 * mib
+    sizes = [limit]
+    while sizes[-1] / 2**0.5 >= runtime.EVICTION_FLOOR:
+        sizes.append(int(sizes[-1] / 2**0.5))
+    assert sizes[-1] >= runtime.EVICTION_FLOOR > sizes[-1] / 2**0.5
+    got = runtime.evicting_bytes(limit, machine(96 * mib))
+    assert got == min(s for s in sizes if s > 96 * mib) and got < 200 * mib
+    assert asked == [s for s in sizes if s >= got] + [max(s for s in sizes if s <= 96 * mib)]  # (stops there)
+    # a size read within COLD_MARGIN of memory's speed counts as not cached (noise), above it as cached
+    near = runtime.evicting_bytes(limit, lambda sizes: iter([20e9, 23.9e9, 24.1e9, 20e9]))
+    assert near == sizes[1]
+    # one disturbed (slow) re-read below a cached size does not count: the search stopped above it
+    assert runtime.evicting_bytes(limit, machine(96 * mib, disturbed={sizes[-2]})) == got
+    asked.clear()
+    assert runtime.evicting_bytes(limit, machine(sizes[1])) == limit  # the first smaller size cached: stop there
+    assert asked == sizes[:2]
+    # the limit itself cached: all of it stays cached between uses, so the smallest evicts "enough"
+    assert runtime.evicting_bytes(limit, lambda sizes: iter([50e9] * len(sizes))) == sizes[-1]
+    asked.clear()
+    assert runtime.evicting_bytes(10 * mib, machine(0)) == 10 * mib and not asked  # below the floor: unmeasured
+    # measured on this machine: one of the sizes
+    real = runtime.evicting_bytes(64 * mib)
+    assert real <= 64 * mib and real in [int(64 * mib / 2**(k / 2)) for k in range(7)] + [64 * mib]
+
+
+def test_the_flush_is_made_once_per_prepare_and_only_when_something_is_timed(small_model, monkeypatch):
+    """The flush buffer is the `evicting_bytes` of the lesser of the model's matmul weight bytes and
+    twice sysfs's cache, allocated once for all the groups; a prepare whose choices are all known in
+    this process neither measures nor allocates it."""
+    limits, flushes = [], set()
+    monkeypatch.setattr(inference, "_CHOICES", {})
+    monkeypatch.setattr(inference, "cpu_cache_bytes", lambda: 2**40)
+    monkeypatch.setattr(inference, "evicting_bytes", lambda limit: limits.append(limit) or limit // 2)
+    time_pass = inference._time_pass
+
+    def noting(layers, x, flush, core_only=False):
+        flushes.add((id(flush), flush.numel() * 4))
+        return time_pass(layers, x, flush, core_only)
+
+    monkeypatch.setattr(inference, "_time_pass", noting)
+    weight_bytes = 4 * sum(p.numel() for n, p in small_model.named_parameters() if n.endswith("weight")
+                           and p.dim() == 2 and "wpe" not in n)
+    prepare_for_inference(copy.deepcopy(small_model))
+    assert limits == [weight_bytes] and len(flushes) == 1 and next(iter(flushes))[1] == weight_bytes // 2 // 4 * 4
+    prepare_for_inference(copy.deepcopy(small_model))
+    assert limits == [weight_bytes] and len(flushes) == 1
 
 
 def test_the_two_fastest_on_a_matrix_cut_for_timing_race_again_on_all_of_it(small_model, monkeypatch):
