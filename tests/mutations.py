@@ -924,14 +924,13 @@ BREAKS = (
           ("tests/test_data.py::test_a_damaged_entry_is_rebuilt",)),
     Break("kernel_key_names_refused_ones", "a kernel choice is cached under every candidate's name, so one made without a "
           "kernel the weights refused is reused where it is allowed",
-          ((r'tied, names = role == "lm_head", tuple\(k for _, k in settled\[role\]\)',
-            'tied, names = role == "lm_head", tuple(k for _, k in candidates)'),),
+          ((r"tuple\(k for _, k in settled\[role\]\)", "tuple(k for _, k in candidates)"),),
           ("tests/test_kernels.py::test_fp16_is_refused_for_weights_beyond_its_range",)),
     Break("kernels_settled_group_by_group", "each group's kernels are settled as it is swapped: a refusal leaves the "
           "groups before it swapped",
           ((r"settled = \{role: _settle\(candidates, precision, w, batch_size\) for role, w in weights\.items\(\)\}",
-            'settled = type("Lazy", (dict,), {"__missing__": lambda d, role: _settle(candidates, precision, '
-            'weights[role], batch_size)})()'),),
+            "settled = {role: candidates for role in weights}"),
+           (r"layers = _choose\(settled\[role\], ", "layers = _choose(_settle(candidates, precision, ws, batch_size), ")),
           ("tests/test_kernels.py::test_a_refusal_leaves_the_model_as_it_was",)),
     Break("race_memory_unchecked", "the kernels' timing passes are not checked against the memory available",
           ((r"if len\(settled\) > 1:  # \(one is used untimed", "if False:  # ("),),
