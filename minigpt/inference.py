@@ -41,7 +41,7 @@ handing out work than it saves; it runs on fewer where that is >= 10% faster twi
 The layouts are in `minigpt/layouts.py`. `prepare_for_inference` times the candidates this torch
 build has on the model's real shapes (the first layers of each group of same-shaped layers, the
 LM head's first rows and then the best two on all of it, for the rows one decoding step feeds,
-each pass after reading what evicts a layer as decoding's reads between two uses do), keeps the
+each pass after a read that evicts the layer, as decoding's reads of the other weights do), keeps the
 fastest and drops the rest: ~1 s (2 s on an Intel Xeon VM), building the candidates included (MKL's
 or FBGEMM's packing of the LM head: up to a second on 2 cores). Cached per process and shape;
 `kernel_summary` names the choice (and "on N threads").

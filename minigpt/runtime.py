@@ -134,13 +134,13 @@ def evicting_bytes(limit: int, rates: Callable[[list[int]], Iterator[float]] = r
     `limit`: the smallest of `limit`, `limit`/sqrt(2), `limit`/2, ... (down to EVICTION_FLOOR) that
     this process, and every larger one, re-reads no faster than `limit` itself (by COLD_MARGIN).
     Measured once per process and limit, larger sizes first, down to the first one found cached
-    (~0.1 s for 330 MB).
+    (0.1-0.2 s for 330 MB, the buffer's page faults included).
 
     sysfs names a cache, but a VM sees its host's, shared with other tenants: 480 MiB on an Intel
     Xeon VM that re-read 64 MiB at ~50 GB/s and 128 MiB at memory's ~23. Where all of `limit`
     stays cached, so does every size, and the smallest is the answer: reading it leaves `limit`'s
-    bytes cached, as they were. Checking every larger size too keeps one disturbed (slow) re-read
-    of a cached size from passing for memory's speed."""
+    bytes cached, as they were. Stopping at the first size found cached keeps a disturbed (slow)
+    re-read of a smaller, cached one from passing for memory's speed."""
     sizes = [limit]
     while sizes[-1] / 2**0.5 >= EVICTION_FLOOR:
         sizes.append(int(sizes[-1] / 2**0.5))
