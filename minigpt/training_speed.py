@@ -139,10 +139,11 @@ class InPlaceCrossEntropy(CrossEntropy):
     gradient a block of rows at a time, its softmax, one-hot, scale and (bf16) cast done while the
     block is in cache: one pass over memory where whole-tensor ops made four. Measured on the Intel
     Xeon VM, bf16 logits of the recipe's 1024 x 50,257, loss and gradient: 200.5 ms against 265.8
-    (the same numbers; fp32 129.6 against 134.0). The backward's softmax is softmax's per-row kernel,
-    not `exp_`, whose bits were not always the same in a process's first step (a resumed run must end
-    where an uninterrupted one does): 7 ms more in fp32, 15 in bf16, on a Xeon VM. Under
-    torch.compile it is `CrossEntropy`.
+    (the same numbers; fp32 129.6 against 134.0), with `exp_` for the softmax. That is now softmax's
+    per-row kernel: `exp_` now and then gave other bits in a process's first step (torch 2.13: 4 of
+    100 fresh processes, the per-row kernel 0 of 150), and a resumed run must end where an
+    uninterrupted one does; 7 ms more in fp32, 15 in bf16, on another Xeon VM. Under torch.compile
+    it is `CrossEntropy`.
     """
 
     def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -180,9 +181,7 @@ class _CrossEntropy(torch.autograd.Function):
         grad = logprobs if ctx.logits_dtype == logprobs.dtype else torch.empty_like(logprobs, dtype=ctx.logits_dtype)
         blocks = (t.split(LOG_SOFTMAX_ROWS) for t in (logprobs, grad, safe, scale))  # one pass over memory
         for block, out, target, block_scale in zip(*blocks):
-            # softmax, in place (of log-probabilities: their exp), by softmax's per-row kernel: `exp_` here
-            # now and then gave other bits in a process's first step (torch 2.13: 4 of 100 fresh processes;
-            # a resumed run then drifted from its uninterrupted twin), this 0 of 150
+            # softmax, in place (of log-probabilities: their exp), row by row: not exp_ (see the docstring)
             torch.softmax(block, dim=-1, out=block)
             block.scatter_add_(1, target[:, None], -torch.ones_like(block[:, :1]))  # - onehot(target)
             block.mul_(block_scale)
