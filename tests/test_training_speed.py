@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import pickle
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ from minigpt.training_speed import (
     FastMaskDropout,
     InPlaceCrossEntropy,
     PaddedRowsLMHead,
+    Workspace,
     prepare_for_training,
 )
 
@@ -192,3 +194,75 @@ def test_a_bf16_models_loss_is_computed_in_fp32():
     assert loss.dtype == torch.float32 and loss.item() == pytest.approx(expected.item(), rel=1e-6)
     assert loss_int32.item() == loss.item()
     assert abs(F.cross_entropy(logits[:, :-1].reshape(-1, 50257), idx[:, 1:].reshape(-1)).item() - loss.item()) > 1e-3
+
+
+def test_a_workspace_hands_its_block_out_again_only_once_no_tensor_uses_it():
+    ws = Workspace()
+    cpu = torch.device("cpu")
+    a = ws.empty("out", (4, 300), torch.float32, cpu)
+    first = a.data_ptr()
+    assert a.shape == (4, 300) and a.is_contiguous() and first % 4096 == 0  # (page-aligned)
+    a.fill_(1.0)
+    view = a[1:].detach()  # an alias of its memory, and not the tensor handed out
+    del a
+    b = ws.empty("out", (4, 300), torch.float32, cpu)  # the first block is still in use: a new one
+    assert b.data_ptr() != first
+    b.fill_(2.0)
+    assert torch.equal(view, torch.ones(3, 300))
+    second = b.data_ptr()
+    del view, b
+    assert ws.empty("out", (2, 300), torch.float32, cpu).data_ptr() == second  # free again; smaller fits
+    assert ws.empty("out", (8, 300), torch.float32, cpu).data_ptr() != second  # larger: a new block
+    assert ws.empty("other", (2, 300), torch.float32, cpu).data_ptr() != ws.empty("out", (2, 300), torch.float32, cpu).data_ptr()
+
+    # held by an autograd graph only (a tensor saved for the backward pass): still in use
+    x = torch.ones(3, requires_grad=True)
+    saved = ws.empty("saved", (3,), torch.float32, cpu).copy_(torch.arange(3.0))
+    y = (x * saved).sum()
+    ptr = saved.data_ptr()
+    del saved
+    assert ws.empty("saved", (3,), torch.float32, cpu).fill_(9.0).data_ptr() != ptr
+    y.backward()
+    assert torch.equal(x.grad, torch.arange(3.0))
+
+    bf16 = ws.empty("bf16", (5, 7), torch.bfloat16, cpu)
+    assert bf16.dtype == torch.bfloat16 and bf16.shape == (5, 7)
+    assert ws.empty("none", (0, 7), torch.float32, cpu).shape == (0, 7)
+    assert ws.empty("meta", (2, 3), torch.float32, torch.device("meta")).device.type == "meta"  # off the CPU: plain
+    held = ws.empty("out", (2, 300), torch.float32, cpu)
+    for copied in (copy.deepcopy(ws), pickle.loads(pickle.dumps(ws))):  # copies start empty, and apart
+        assert copied.empty("out", (2, 300), torch.float32, cpu).data_ptr() != held.data_ptr()
+
+
+def test_training_steps_reuse_the_heads_and_the_losss_memory_and_never_what_the_caller_kept():
+    """The logits, log-probabilities and the head's weight gradient (wte's) live in workspaces:
+    step after step the same memory, unless the caller still holds a tensor in it, which then
+    stays as it was."""
+    plain, swapped = plain_and_swapped(GPTConfig(**{**CONFIG.to_dict(), "dropout": 0.0}))
+    idx = torch.randint(0, 301, (3, 32), generator=torch.Generator().manual_seed(3))
+    wte = swapped.transformer.wte.weight
+
+    def step(model):  # as train.py's loss function: the logits are dropped
+        model(idx, targets=idx)[1].backward()
+        grad = model.transformer.wte.weight.grad
+        model.zero_grad(set_to_none=True)
+        return grad
+
+    first = step(swapped)
+    ptr = first.data_ptr()
+    del first
+    assert step(swapped).data_ptr() == ptr  # the same block: no fresh memory
+    kept_grad = step(swapped)  # the caller keeps a gradient ...
+    kept_copy = kept_grad.clone()
+    logits, loss = swapped(idx, targets=idx)  # ... and the logits over the backward pass
+    logits_copy = logits.clone()
+    loss.backward()
+    assert torch.equal(kept_grad, kept_copy) and torch.equal(logits, logits_copy)
+    assert wte.grad.data_ptr() not in (kept_grad.data_ptr(), logits.data_ptr())
+    expected = step(plain)
+    assert torch.allclose(wte.grad, expected, rtol=1e-5, atol=1e-7)
+    # gradients accumulated over two backward passes (no zeroing in between): twice one pass's
+    swapped.zero_grad(set_to_none=True)
+    for _ in range(2):
+        swapped(idx, targets=idx)[1].backward()
+    assert torch.allclose(wte.grad, 2 * expected, rtol=1e-5, atol=1e-7)
