@@ -235,31 +235,38 @@ def test_a_workspace_hands_its_block_out_again_only_once_no_tensor_uses_it():
 
 
 def test_training_steps_reuse_the_heads_and_the_losss_memory_and_never_what_the_caller_kept():
-    """The logits, log-probabilities and the head's weight gradient (wte's) live in workspaces:
-    step after step the same memory, unless the caller still holds a tensor in it, which then
-    stays as it was."""
+    """The logits, the log-probabilities (the logits' gradient, later) and the head's weight gradient
+    (wte's) live in workspaces: step after step the same memory, unless the caller still holds a
+    tensor in it, which then stays as it was. (A workspace's memory is not resizable; torch's own is.)"""
     plain, swapped = plain_and_swapped(GPTConfig(**{**CONFIG.to_dict(), "dropout": 0.0}))
     idx = torch.randint(0, 301, (3, 32), generator=torch.Generator().manual_seed(3))
     wte = swapped.transformer.wte.weight
 
-    def step(model):  # as train.py's loss function: the logits are dropped
-        model(idx, targets=idx)[1].backward()
+    def step(model):  # as train.py's loss function, the logits dropped before the backward pass
+        logits, loss = model(idx, targets=idx)
+        seen = []  # the logits' gradient, as it passes
+        logits.register_hook(lambda g: seen.append((g.data_ptr(), g.untyped_storage().resizable())))
+        ptr = logits.data_ptr()
+        del logits
+        loss.backward()
         grad = model.transformer.wte.weight.grad
         model.zero_grad(set_to_none=True)
-        return grad
+        return ptr, seen, grad
 
-    first = step(swapped)
-    ptr = first.data_ptr()
-    del first
-    assert step(swapped).data_ptr() == ptr  # the same block: no fresh memory
-    kept_grad = step(swapped)  # the caller keeps a gradient ...
+    logits_at, (logits_grad,), grad = step(swapped)
+    assert grad.data_ptr() == logits_at and not grad.untyped_storage().resizable()  # in the logits' block
+    assert logits_grad[0] != logits_at and not logits_grad[1]
+    del grad
+    again = step(swapped)
+    assert again[:2] == (logits_at, [logits_grad]) and again[2].data_ptr() == logits_at  # the same memory
+    kept_grad = again[2]  # the caller keeps a gradient ...
     kept_copy = kept_grad.clone()
     logits, loss = swapped(idx, targets=idx)  # ... and the logits over the backward pass
     logits_copy = logits.clone()
     loss.backward()
     assert torch.equal(kept_grad, kept_copy) and torch.equal(logits, logits_copy)
     assert wte.grad.data_ptr() not in (kept_grad.data_ptr(), logits.data_ptr())
-    expected = step(plain)
+    expected = step(plain)[2]
     assert torch.allclose(wte.grad, expected, rtol=1e-5, atol=1e-7)
     # gradients accumulated over two backward passes (no zeroing in between): twice one pass's
     swapped.zero_grad(set_to_none=True)
