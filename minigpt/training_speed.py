@@ -50,8 +50,8 @@ from __future__ import annotations
 
 import math
 import mmap
-import sys
 import threading
+import weakref
 
 import torch
 import torch.nn as nn
@@ -77,14 +77,15 @@ class Workspace:
     workspace keeps its blocks mapped, one per name, and hands a block out again whenever it is
     free; when a tensor still uses it (the caller kept the last step's logits, or its gradient),
     it maps a new block and leaves the old one to that tensor. Whether a block is free is known
-    exactly: a tensor that `torch.frombuffer` made holds a reference to its block for as long as
-    its memory is in use, by the tensor or by any view, alias or saved copy of it, so the block's
-    reference count says whether anything still uses it. Copies and pickles of a workspace start
-    empty.
+    exactly: it is handed out through a new memoryview that only the tensor's memory holds
+    (`torch.frombuffer`'s storage), for as long as the tensor or any view, alias or saved copy of
+    it is alive; the workspace keeps a weak reference to that memoryview, which dies with the last
+    of them. Copies and pickles of a workspace start empty.
     """
 
     def __init__(self) -> None:
         self._blocks: dict[str, mmap.mmap] = {}
+        self._lent: dict[str, weakref.ref] = {}  # name -> the memoryview its block was last handed out through
         self._lock = threading.Lock()  # (the check and the handing out are one step)
 
     def empty(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -94,11 +95,12 @@ class Workspace:
         if numel == 0 or device.type != "cpu":
             return torch.empty(shape, dtype=dtype, device=device)
         with self._lock:
-            block = self._blocks.get(name)
-            # free: referenced by self._blocks, `block` and getrefcount's argument only
-            if block is None or len(block) < numel * dtype.itemsize or sys.getrefcount(block) > 3:
+            block, lent = self._blocks.get(name), self._lent.get(name)
+            if block is None or len(block) < numel * dtype.itemsize or (lent is not None and lent() is not None):
                 block = self._blocks[name] = mmap.mmap(-1, numel * dtype.itemsize)
-            flat = torch.frombuffer(block, dtype=dtype, count=numel)
+            view = memoryview(block)
+            self._lent[name] = weakref.ref(view)
+            flat = torch.frombuffer(view, dtype=dtype, count=numel)
         # one tensor on the block's memory, not a view of `flat`: autograd adds a second gradient
         # into the first in place only where no other tensor shares its storage
         return torch.empty(0, dtype=dtype).set_(flat, 0, shape)
