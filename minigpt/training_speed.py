@@ -34,7 +34,8 @@ jobs), with the figures of the 2-core AMD EPYC development VM (two threads, torc
 
 The workspaces came later, measured as whole steps (forward, backward, clipping, AdamW) on the
 2-core Intel Xeon VM (model 167), two models in one process taking turns, the medians of 12
-steps: fp32 2.09 s -> 1.91 s (1.09x), bf16 autocast 1.01 s -> 0.96 s (1.05x).
+steps, two runs: fp32 2.09 -> 1.91 s and 2.25 -> 2.04 s (1.09x, 1.11x), bf16 autocast
+1.01 -> 0.96 s and 1.07 -> 1.00 s (1.05x, 1.07x).
 
 Each swapped module subclasses the stock module it replaces and adds no parameters or buffers (the
 head's and the loss's workspaces are memory, made on first use), so the swap changes the module's
