@@ -381,13 +381,13 @@ BREAKS = (
     ),
     Break(
         "workspace_ignores_users", "a workspace hands its block out again while a tensor still uses it",
-        ((r" or \(lent is not None and lent\(\) is not None\):", ":"),),
+        ((r" or lent\(\) is not None:", ":"),),
         ("tests/test_training_speed.py::test_a_workspace_hands_its_block_out_again_only_once_no_tensor_uses_it",
          "tests/test_training_speed.py::test_training_steps_reuse_the_heads_and_the_losss_memory_and_never_what_the_caller_kept"),
     ),
     Break(
         "workspace_watches_another_view", "a workspace watches a memoryview of its own, not the one the tensor holds: a block in use looks free",
-        ((r"self\._lent\[name\] = weakref\.ref\(view\)", "self._lent[name] = weakref.ref(memoryview(block))"),),
+        ((r"self\._blocks\[name\] = \(block, weakref\.ref\(view\)\)", "self._blocks[name] = (block, weakref.ref(memoryview(block)))"),),
         ("tests/test_training_speed.py::test_a_workspace_hands_its_block_out_again_only_once_no_tensor_uses_it",
          "tests/test_training_speed.py::test_training_steps_reuse_the_heads_and_the_losss_memory_and_never_what_the_caller_kept"),
     ),
