@@ -408,9 +408,27 @@ BREAKS = (
     ),
     Break(
         "head_grad_fresh", "the LM head's weight gradient is a fresh tensor every step, not in the logits' block",
-        ((r'grad_w = ctx\.workspace\.empty\("out", weight\.shape, weight\.dtype, x\.device\)',
-          "grad_w = torch.empty(weight.shape, dtype=weight.dtype)"),),
+        ((r'grad_w = ctx\.workspace\.empty\("out", tuple\(w\.shape\), ctx\.weight_dtype, x2\.device\)',
+          "grad_w = torch.empty(w.shape, dtype=ctx.weight_dtype)"),),
         ("tests/test_training_speed.py::test_training_steps_reuse_the_heads_and_the_losss_memory_and_never_what_the_caller_kept",),
+    ),
+    Break(
+        "head_weight_cast_fresh", "under autocast the LM head casts its weight to bf16 into a fresh tensor every step",
+        ((r'w = workspace\.empty\("weight", tuple\(weight\.shape\), dtype, weight\.device\)\.copy_\(weight\)',
+          "w = weight.to(dtype)"),),
+        ("tests/test_training_speed.py::test_training_steps_reuse_the_heads_and_the_losss_memory_and_never_what_the_caller_kept",),
+    ),
+    Break(
+        "head_autocast_stock", "under autocast the LM head is a plain nn.Linear again (unpadded bf16 rows, fresh casts)",
+        ((r'        if not _cpu_eager\(x\):\n            return super\(\)\.forward\(x\)\n        dtype =',
+          '        if not _cpu_eager(x) or torch.is_autocast_enabled("cpu"):\n            return super().forward(x)\n        dtype ='),),
+        ("tests/test_training_speed.py::test_lm_head_under_autocast_pads_bf16_rows_and_equals_autocasts_linear",
+         "tests/test_training_speed.py::test_same_logits_loss_and_gradients_as_the_plain_model_under_bf16_autocast"),
+    ),
+    Break(
+        "head_grad_rows_first_block_only", "under autocast the LM head's weight gradient is made for its first block of rows only",
+        ((r"for rows in range\(0, w\.size\(0\), HEAD_GRAD_ROWS\):", "for rows in range(0, min(w.size(0), HEAD_GRAD_ROWS), HEAD_GRAD_ROWS):"),),
+        ("tests/test_training_speed.py::test_lm_head_under_autocast_pads_bf16_rows_and_equals_autocasts_linear",),
     ),
     Break(
         "logprobs_fresh", "the loss's log-probabilities are a fresh tensor every step",

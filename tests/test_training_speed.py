@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from minigpt.config import GPTConfig
 from minigpt.model import GPT, CausalSelfAttention, CrossEntropy
+from minigpt import training_speed
 from minigpt.training_speed import (
     CPUTrainingAttention,
     FastMaskDropout,
@@ -46,7 +47,7 @@ def test_every_trick_is_swapped_in_and_the_weights_stay_as_they_were():
     ours, theirs = swapped.state_dict(), plain.state_dict()
     assert list(ours) == list(theirs) and all(torch.equal(ours[k], theirs[k]) for k in ours)
     assert "FastMaskDropout(p=0.1 (as 6554/65536), 16-bit mask on the CPU)" in repr(swapped)
-    assert "rows padded to 16 on the CPU" in repr(swapped.lm_head)
+    assert "rows padded to 64 bytes on the CPU" in repr(swapped.lm_head)
     prepare_for_training(swapped)  # a second call changes nothing
     assert type(swapped.transformer.h[0].attn) is CPUTrainingAttention
 
@@ -82,6 +83,27 @@ def test_same_logits_loss_and_gradients_as_the_plain_model(mode, impl):
     assert loss_a.item() == pytest.approx(5.7, abs=0.2)  # ~ln(301) = 5.71 for a fresh model
     for name, grad in grads_a.items():
         assert (grads_b[name] - grad).abs().max().item() <= 1e-5 * grad.abs().max().item() + 1e-9, name
+
+
+def test_same_logits_loss_and_gradients_as_the_plain_model_under_bf16_autocast():
+    """As train.py --dtype bf16 runs it: the padded head and the in-place loss in bf16 give the plain
+    model's logits (the same bf16 products), its loss and, up to bf16 rounding, its gradients."""
+    plain, swapped = plain_and_swapped()
+    idx = torch.randint(0, 301, (3, 32), generator=torch.Generator().manual_seed(4))
+    results = []
+    for model in (plain, swapped):
+        model.eval()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits, loss = model(idx, targets=idx)
+        loss.backward()
+        results.append((logits, loss, {n: p.grad for n, p in model.named_parameters()}))
+    (logits_a, loss_a, grads_a), (logits_b, loss_b, grads_b) = results
+    assert logits_b.dtype == torch.bfloat16 and logits_b.stride()[-2] == 320  # the padded bf16 head ran
+    assert torch.equal(logits_a, logits_b)
+    assert loss_b.item() == pytest.approx(loss_a.item(), rel=1e-6)
+    for name, grad in grads_a.items():
+        assert grads_b[name].dtype == torch.float32, name
+        assert (grads_b[name] - grad).abs().max().item() <= 2e-2 * grad.abs().max().item(), name
 
 
 def test_attention_with_dropout_takes_the_reference_path_only_in_training(monkeypatch):
@@ -149,8 +171,31 @@ def test_lm_head_pads_rows_and_equals_a_plain_linear():
     gx, gw = torch.autograd.grad(logits, (x, head.weight), g)
     ex, ew = torch.autograd.grad(expected, (x, head.weight), g)
     assert torch.allclose(gx, ex, atol=1e-5) and torch.allclose(gw, ew, atol=1e-5)
-    with torch.autocast("cpu", dtype=torch.bfloat16):  # under autocast: a plain bf16 linear
-        assert head(x).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("grad_rows", [2048, 64])
+def test_lm_head_under_autocast_pads_bf16_rows_and_equals_autocasts_linear(monkeypatch, grad_rows):
+    """Under bf16 autocast the head multiplies in bf16, as autocast's linear does, into rows padded
+    to 64 bytes (32 bf16), and makes the weight's fp32 gradient from bf16 products a block of rows
+    at a time (64: 301 rows in 5 blocks, the last one short)."""
+    monkeypatch.setattr(training_speed, "HEAD_GRAD_ROWS", grad_rows)
+    torch.manual_seed(0)
+    head = nn.Linear(24, 301, bias=False)
+    head.__class__ = PaddedRowsLMHead
+    x = torch.randn(3, 5, 24, requires_grad=True)
+    g = torch.randn(3, 5, 301).bfloat16()
+    for step in range(2):  # the second step takes the same workspace memory again
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = head(x)
+            expected = F.linear(x, head.weight)
+        assert logits.dtype == torch.bfloat16 and logits.stride() == (5 * 320, 320, 1)  # rows padded to 32
+        assert torch.equal(logits, expected)  # the same bf16 products
+        gx, gw = torch.autograd.grad(logits, (x, head.weight), g)
+        ex, ew = torch.autograd.grad(expected, (x, head.weight), g)
+        assert gx.dtype == gw.dtype == torch.float32  # the parameters' and the input's dtype
+        assert torch.equal(gx, ex) and torch.equal(gw, ew)  # bf16 products, rounded, then cast: autocast's
+        assert gw.abs().min() > 0  # (every block of rows written)
+        del logits, gw
 
 
 @pytest.mark.parametrize("padded", [False, True])
@@ -234,34 +279,44 @@ def test_a_workspace_hands_its_block_out_again_only_once_no_tensor_uses_it():
         assert copied.empty("out", (2, 300), torch.float32, cpu).data_ptr() != held.data_ptr()
 
 
-def test_training_steps_reuse_the_heads_and_the_losss_memory_and_never_what_the_caller_kept():
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16 autocast"])
+def test_training_steps_reuse_the_heads_and_the_losss_memory_and_never_what_the_caller_kept(autocast):
     """The logits, the log-probabilities (the logits' gradient, later) and the head's weight gradient
     (wte's) live in workspaces: step after step the same memory, unless the caller still holds a
-    tensor in it, which then stays as it was. (A workspace's memory is not resizable; torch's own is.)"""
+    tensor in it, which then stays as it was. (A workspace's memory is not resizable; torch's own is.)
+    Under bf16 autocast, so do the logits' bf16 gradient and the head's bf16 copy of its weight."""
     plain, swapped = plain_and_swapped(GPTConfig(**{**CONFIG.to_dict(), "dropout": 0.0}))
     idx = torch.randint(0, 301, (3, 32), generator=torch.Generator().manual_seed(3))
     wte = swapped.transformer.wte.weight
 
     def step(model):  # as train.py's loss function, the logits dropped before the backward pass
-        logits, loss = model(idx, targets=idx)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            logits, loss = model(idx, targets=idx)
         seen = []  # the logits' gradient, as it passes
         logits.register_hook(lambda g: seen.append((g.data_ptr(), g.untyped_storage().resizable())))
         ptr = logits.data_ptr()
+        if model is swapped:  # the weight the head multiplied by: wte, or its bf16 copy
+            weight = logits.grad_fn.saved_tensors[1]
+            assert (weight.data_ptr() == wte.data_ptr()) != autocast
+            seen.append((weight.data_ptr(), weight.untyped_storage().resizable()))
+            assert seen[0][1] != autocast  # a copy in a workspace, or wte itself
+            del weight
         del logits
         loss.backward()
         grad = model.transformer.wte.weight.grad
         model.zero_grad(set_to_none=True)
         return ptr, seen, grad
 
-    logits_at, (logits_grad,), grad = step(swapped)
+    logits_at, (weight_at, logits_grad), grad = step(swapped)
     assert grad.data_ptr() == logits_at and not grad.untyped_storage().resizable()  # in the logits' block
     assert logits_grad[0] != logits_at and not logits_grad[1]
     del grad
     again = step(swapped)
-    assert again[:2] == (logits_at, [logits_grad]) and again[2].data_ptr() == logits_at  # the same memory
+    assert again[:2] == (logits_at, [weight_at, logits_grad]) and again[2].data_ptr() == logits_at  # the same memory
     kept_grad = again[2]  # the caller keeps a gradient ...
     kept_copy = kept_grad.clone()
-    logits, loss = swapped(idx, targets=idx)  # ... and the logits over the backward pass
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        logits, loss = swapped(idx, targets=idx)  # ... and the logits over the backward pass
     logits_copy = logits.clone()
     loss.backward()
     assert torch.equal(kept_grad, kept_copy) and torch.equal(logits, logits_copy)
@@ -271,5 +326,7 @@ def test_training_steps_reuse_the_heads_and_the_losss_memory_and_never_what_the_
     # gradients accumulated over two backward passes (no zeroing in between): twice one pass's
     swapped.zero_grad(set_to_none=True)
     for _ in range(2):
-        swapped(idx, targets=idx)[1].backward()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = swapped(idx, targets=idx)[1]
+        loss.backward()
     assert torch.allclose(wte.grad, 2 * expected, rtol=1e-5, atol=1e-7)
