@@ -82,6 +82,19 @@ class SharedEmbedding(nn.Module):
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         return self.head.embed(idx).to(self.out_dtype)
 
+    def _apply(self, fn: Callable, recurse: bool = True) -> nn.Module:
+        """Refuse a move or cast of the prepared model (`.to(...)`, `.half()`): its layers hold weights
+        packed for the chosen kernels, which no cast converts (errors came later, deep in a kernel).
+        Refused before anything changes: this is the model's first module (`nn.Module._apply` visits
+        children first, in order)."""
+        tensors = [*self.head.parameters(), *self.head.buffers()]
+        for dtype in {self.out_dtype, *(t.dtype for t in tensors)}:
+            probe = torch.zeros((), dtype=dtype, device=tensors[0].device)
+            if (moved := fn(probe)).dtype != dtype or moved.device != probe.device:
+                raise MinigptError(f"this model is prepared for inference and cannot become {moved.dtype} on "
+                                   f"{moved.device}: load it with the device and dtype wanted, then prepare it")
+        return super()._apply(fn, recurse)
+
 
 # --- the candidates -------------------------------------------------------------------------------
 

@@ -413,6 +413,11 @@ BREAKS = (
         ("tests/test_training_speed.py::test_training_steps_reuse_the_heads_and_the_losss_memory_and_never_what_the_caller_kept",),
     ),
     Break(
+        "prepared_model_casts", "a prepared model lets .to(torch.bfloat16) / .half() / .to(device) cast what it reaches",
+        ((r"if \(moved := fn\(probe\)\)\.dtype != dtype or moved\.device != probe\.device:", "if False:"),),
+        ("tests/test_kernels.py::test_a_prepared_model_refuses_a_move_or_cast_in_one_line_and_stays_as_it_was",),
+    ),
+    Break(
         "head_weight_cast_fresh", "under autocast the LM head casts its weight to bf16 into a fresh tensor every step",
         ((r'w = workspace\.empty\("weight", tuple\(weight\.shape\), dtype, weight\.device\)\.copy_\(weight\)',
           "w = weight.to(dtype)"),),

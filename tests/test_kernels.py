@@ -540,6 +540,31 @@ def test_a_prepared_model_has_no_gradients_to_train(small_model, precision, kern
     assert not logits.requires_grad and logits.shape == (1, 3, 2100)
 
 
+@pytest.mark.parametrize("precision, kernel", ALL)
+def test_a_prepared_model_refuses_a_move_or_cast_in_one_line_and_stays_as_it_was(small_model, precision, kernel):
+    """`prepared.to(torch.bfloat16)` cast what a cast reaches and failed later, deep in a kernel
+    ("mixed dtype (CPU): expect parameter to have scalar type of Float"; MKL's packed weights:
+    "Could not run 'aten::empty_strided' with arguments from the 'MkldnnCPU' backend"), or for
+    FBGEMM's int8 decoded on, half cast. A move or cast that changes nothing is let through."""
+    if kernel not in available_kernels(precision):
+        pytest.skip(f"this torch build and CPU offer no {precision} kernel {kernel!r}")
+    model = copy.deepcopy(small_model)
+    model = model.to(torch.bfloat16) if precision == "bf16" else model
+    prepared = prepare_for_inference(model, "int8" if precision == "int8" else None, kernel=kernel)
+    idx = torch.tensor([[5, 17, 300]])
+    expected = prepared(idx)[0]
+    casts = [lambda m: m.half(), lambda m: m.double(), lambda m: m.to("meta"),
+             lambda m: m.to(torch.float32 if precision == "bf16" else torch.bfloat16)]
+    for cast in casts:
+        with pytest.raises(MinigptError, match=r"^this model is prepared for inference and cannot become torch\.\w+ "
+                           r"on \w+: load it with the device and dtype wanted, then prepare it$"):
+            cast(prepared)
+        assert torch.equal(prepared(idx)[0], expected)  # nothing was cast
+    same = [lambda m: m.cpu(), lambda m: m.to("cpu")] + ([lambda m: m.float()] if precision == "fp32" else [])
+    for same in same:  # (bf16 rows, int8mm's bf16 scales and an fp32 stream: for them any cast changes something)
+        assert same(prepared) is prepared and torch.equal(prepared(idx)[0], expected)
+
+
 def test_a_model_with_nothing_to_swap_keeps_its_gradients(small_model):
     """Where nothing is swapped (an fp16 model; any but int8 on a GPU) the model comes back as it
     was, in eval mode: it was made untrainable, in place, and a notebook that sampled then trained
