@@ -43,9 +43,10 @@ import torch.nn.functional as F
 
 from .errors import MinigptError, reason
 from .inference import available_kernels
-from .layouts import FUSIBLE_KERNELS, FbgemmInt8Linear, OnThreads
-from .opaque import OpaqueLayer
+from .layouts import FUSIBLE_KERNELS, OnThreads
 from .model import GPT, KVCache
+from .opaque import OpaqueLayer
+from .quantized import FbgemmInt8Linear
 from .runtime import prepare_cpu_compile, wait_for
 
 # Graphs of `DecodeStep.forward` a process may hold: one per model and batch size, all compiled from

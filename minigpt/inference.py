@@ -38,7 +38,7 @@ So no one choice is right everywhere. For each precision there are candidate ker
 Each kernel chosen is also timed on fewer threads (half, one): a small layer on many cores can cost more in
 handing out work than it saves; it runs on fewer where that is >= 10% faster twice in a row (`OnThreads`).
 
-The layouts are in `minigpt/layouts.py`. `prepare_for_inference` times the candidates this torch
+The layouts are in `minigpt/layouts.py` and `minigpt/quantized.py`. `prepare_for_inference` times the candidates this torch
 build has on the model's real shapes (the first layers of each group of same-shaped layers, the
 LM head's first rows and then the best two on all of it, for the rows one decoding step feeds,
 each pass after a read that evicts the layer, as decoding's reads of the other weights do), keeps the
@@ -58,9 +58,10 @@ import torch
 import torch.nn as nn
 
 from .errors import MinigptError
-from .layouts import (FUSIBLE_KERNELS, DenseLinear, FbgemmInt8Linear, Fp16Linear, Int8Linear, MklLinear,
-                      OneDnnLinear, OnThreads, RowSplitLinear, SplitLinear, TransposedLinear, fp16_refuses)
+from .layouts import (FUSIBLE_KERNELS, DenseLinear, Fp16Linear, MklLinear, OneDnnLinear, OnThreads, RowSplitLinear,
+                      SharedEmbedding, SplitLinear, TransposedLinear, fp16_refuses)
 from .model import GPT
+from .quantized import FbgemmInt8Linear, Int8Linear
 from .runtime import check_fits, cpu_cache_bytes, evicting_bytes, wait_for
 
 QUANTIZATIONS = ("int8",)
@@ -68,32 +69,6 @@ WEIGHT_BYTES = {"fp32": 4, "bf16": 2, "int8": 1}  # bytes a weight takes in each
 TIMING_ROUNDS = 5  # timed passes per candidate: the best of them is the least disturbed one
 EXTRA_MEMORY_MARGIN = 0.9  # a kernel holding a second copy of W must be >= 10% faster to be chosen
 FEWER_THREADS_MARGIN = 0.9  # and fewer threads (torch's pool resizing between layers is not timed)
-
-
-class SharedEmbedding(nn.Module):
-    """The token embedding, reading its rows from the LM head's matrix (GPT-2 ties the two), so the
-    inference layout holds that largest matrix once."""
-
-    def __init__(self, head: nn.Module, dtype: torch.dtype) -> None:
-        super().__init__()
-        self.head = head
-        self.out_dtype = dtype  # the residual stream's dtype
-
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        return self.head.embed(idx).to(self.out_dtype)
-
-    def _apply(self, fn: Callable, recurse: bool = True) -> nn.Module:
-        """Refuse a move or cast of the prepared model (`.to(...)`, `.half()`): its layers hold weights
-        packed for the chosen kernels, which no cast converts (errors came later, deep in a kernel).
-        Refused before anything changes: this is the model's first module (`nn.Module._apply` visits
-        children first, in order)."""
-        tensors = [*self.head.parameters(), *self.head.buffers()]
-        for dtype in {self.out_dtype, *(t.dtype for t in tensors)}:
-            probe = torch.zeros((), dtype=dtype, device=tensors[0].device)
-            if (moved := fn(probe)).dtype != dtype or moved.device != probe.device:
-                raise MinigptError(f"this model is prepared for inference and cannot become {moved.dtype} on "
-                                   f"{moved.device}: load it with the device and dtype wanted, then prepare it")
-        return super()._apply(fn, recurse)
 
 
 # --- the candidates -------------------------------------------------------------------------------

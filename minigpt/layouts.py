@@ -1,17 +1,18 @@
 """The weight layouts that `minigpt.inference` chooses among: modules computing `y = x W^T + b`.
 
 Each holds one Linear layer's weights in the form its kernel reads fastest (transposed, sliced per
-thread, prepacked by MKL / oneDNN / FBGEMM, int8), and names the kernel it runs in `kernel` (a
-layout with several kernels switches by that attribute). The LM head's layout also has `embed`,
-which returns rows of W for the token embedding that GPT-2 ties to it; the fp32 layouts have
-`dense()`, W (out, in) and b as plain tensors, for a compiled step that multiplies them itself
-(`compiled_decoding.FrozenGemm`). Why each exists, and what it measured against the others, is in
-its docstring; which one a model gets is decided by timing (`minigpt/inference.py`).
+thread, prepacked by MKL / oneDNN / FBGEMM; the int8 ones are in `minigpt/quantized.py`), and names
+the kernel it runs in `kernel` (a layout with several kernels switches by that attribute). The LM
+head's layout also has `embed`, which returns rows of W for the token embedding that GPT-2 ties to
+it (`SharedEmbedding`); the fp32 layouts have `dense()`, W (out, in) and b as plain tensors, for a
+compiled step that multiplies them itself (`compiled_decoding.FrozenGemm`). Why each exists, and
+what it measured against the others, is in its docstring; which one a model gets is decided by
+timing (`minigpt/inference.py`). Packed weights that Python cannot copy are left out of a pickle or
+deep copy and packed again (`state_without`), so a prepared model copies whatever was chosen.
 """
 
 from __future__ import annotations
 
-import warnings
 from typing import Callable
 
 import torch
@@ -19,14 +20,24 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .errors import MinigptError
-from .opaque import call_packed, opaque_product, register_opaque_product
+from .opaque import call_packed
 
 # Kernels whose layers a compiled graph traces through, keeping only `core` (the product) as a call:
 # the ops around it fuse (`minigpt/compiled_decoding.py`); their layouts have `core_input` and `core`.
 FUSIBLE_KERNELS = ("fbgemm", "int8mm")
 UPCAST_CHUNK = 2048  # output rows converted to fp32 at a time: a few MB, so the copy stays in cache
 FP16_MAX = 65504.0  # the largest finite fp16 number
-QUANTIZE_CHUNK = 4096  # rows quantized at a time, so quantizing the LM head needs no big temporaries
+
+
+def state_without(module: nn.Module, *names: str) -> dict:
+    """`module`'s state to pickle (or deep-copy) without the attributes or buffers `names`: packed
+    weights that Python cannot copy (MKL's and oneDNN's tensors have no storage; FBGEMM's product is
+    a closure), which the layer's `__setstate__` packs again."""
+    state = module.__dict__.copy()
+    state["_buffers"] = {k: v for k, v in module._buffers.items() if k not in names}
+    for name in names:
+        state.pop(name, None)
+    return state
 
 
 class TransposedLinear(nn.Module):
@@ -192,6 +203,13 @@ class MklLinear(nn.Module):
         y = torch.ops.mkl._mkl_linear(rows, self.packed, self.weight, self.bias, self.rows)
         return y.to(x.dtype).view(*x.shape[:-1], -1)
 
+    def __getstate__(self) -> dict:
+        return state_without(self, "packed")
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self.register_buffer("packed", torch.ops.mkl._mkl_reorder_linear_weight(self.weight, self.rows))
+
     def embed(self, idx: torch.Tensor) -> torch.Tensor:
         return F.embedding(idx, self.weight)
 
@@ -209,6 +227,7 @@ class OneDnnLinear(nn.Module):
     ) -> None:
         super().__init__()
         self.kernel = kernel
+        self.rows = rows
         plain = weight.detach().to(torch.bfloat16).contiguous()
         self.register_buffer("packed", torch.ops.mkldnn._reorder_linear_weight(plain, rows))
         self.register_buffer("bias", None if bias is None else bias.detach().to(torch.bfloat16).clone())
@@ -218,6 +237,14 @@ class OneDnnLinear(nn.Module):
         rows = x.reshape(-1, x.size(-1)).to(torch.bfloat16)
         y = torch.ops.mkldnn._linear_pointwise(rows, self.packed, self.bias, "none", [], "")
         return y.to(x.dtype).view(*x.shape[:-1], -1)
+
+    def __getstate__(self) -> dict:
+        return {**state_without(self, "packed"), "plain": self.packed.to_dense()}  # (W, unpacked)
+
+    def __setstate__(self, state: dict) -> None:
+        plain = state.pop("plain")
+        super().__setstate__(state)
+        self.register_buffer("packed", torch.ops.mkldnn._reorder_linear_weight(plain, self.rows))
 
     def embed(self, idx: torch.Tensor) -> torch.Tensor:
         return F.embedding(idx, self.rows_weight)
@@ -264,146 +291,30 @@ def fp16_refuses(weight: torch.Tensor) -> str | None:
     return None if largest <= FP16_MAX else f"a weight of {largest:.4g} is beyond fp16's range ({FP16_MAX:g})"
 
 
-def quantize_int8(weight: torch.Tensor, scale_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """W ~= q * s: q int8 (out, in), one scale s per output channel (in `scale_dtype`, the numbers
-    the kernel multiplies by), chosen so each row's largest |value| maps to 127."""
-    out_features, in_features = weight.shape
-    q = torch.empty(out_features, in_features, dtype=torch.int8, device=weight.device)
-    scale = torch.empty(out_features, dtype=scale_dtype, device=weight.device)
-    for rows in range(0, out_features, QUANTIZE_CHUNK):  # in chunks: no full-size temporaries
-        w = weight[rows : rows + QUANTIZE_CHUNK].detach().float()
-        s = (w.abs().amax(dim=1).clamp(min=1e-12) / 127).to(scale_dtype)
-        # rounding s to bf16 can push the largest |w| / s a hair past 127: clamp
-        q[rows : rows + QUANTIZE_CHUNK] = (w / s.float().unsqueeze(1)).round_().clamp_(-127, 127)
-        scale[rows : rows + QUANTIZE_CHUNK] = s
-    return q, scale
+class SharedEmbedding(nn.Module):
+    """The token embedding, reading its rows from the LM head's matrix (GPT-2 ties the two), so the
+    inference layout holds that largest matrix once."""
 
-
-def dequantized_rows(q: torch.Tensor, scale: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """Rows `idx` of W = q * s in fp32 (exact: an int8 times a bf16 or fp32 scale fits fp32)."""
-    return q[idx].float() * scale[idx].float().unsqueeze(-1)
-
-
-class Int8Linear(nn.Module):
-    """Weight-only int8 `y = x W^T + b`: W ~= q * s, q int8 (out, in), one scale s per output channel.
-
-    Each row of W is scaled so its largest |value| maps to 127. The scales are kept exactly as the
-    bf16 numbers the kernel multiplies by, so rounding q is the only error. kernel "int8mm":
-    `torch._weight_int8pack_mm`, activations in bf16; "upcast": chunks of q * s in fp32 (exact),
-    fp32 matmuls. The result returns in the caller's dtype, the residual stream's.
-    """
-
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, kernel: str = "int8mm") -> None:
+    def __init__(self, head: nn.Module, dtype: torch.dtype) -> None:
         super().__init__()
-        self.kernel = kernel
-        in_features = weight.size(1)
-        if kernel == "int8mm" and in_features % 16:  # (torch 2.13's CPU kernel returns garbage)
-            raise MinigptError(f"int8mm: layer input width {in_features} is not a multiple of 16")
-        q, scale = quantize_int8(weight, torch.bfloat16)
-        self.register_buffer("qweight", q)  # (out, in)
-        self.register_buffer("scale", scale)  # (out,)
-        self.register_buffer("bias", None if bias is None else bias.detach().float())
+        self.head = head
+        self.out_dtype = dtype  # the residual stream's dtype
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, x.size(-1))
-        if self.kernel == "upcast":
-            fp32_rows = rows.float()
-            y = torch.cat([
-                fp32_rows @ (q.float() * s.float().unsqueeze(1)).t()
-                for q, s in zip(self.qweight.split(UPCAST_CHUNK), self.scale.split(UPCAST_CHUNK))
-            ], dim=1)
-        else:
-            y = self.core(self.core_input(x))  # bf16
-        if self.bias is not None:
-            y = torch.add(self.bias, y)  # in fp32: the sum and the conversion in one op
-        return y.to(x.dtype).view(*x.shape[:-1], -1)
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.head.embed(idx).to(self.out_dtype)
 
-    def core_input(self, x: torch.Tensor) -> torch.Tensor:
-        """int8mm's input: the rows in bf16 (in a compiled graph this conversion fuses with the ops before)."""
-        return x.reshape(-1, x.size(-1)).to(torch.bfloat16)
-
-    def core(self, rows: torch.Tensor) -> torch.Tensor:
-        """int8mm's product alone, (n, in) bf16 -> (n, out) bf16: what a compiled graph still runs as a call."""
-        return torch._weight_int8pack_mm(rows, self.qweight, self.scale)
-
-    def embed(self, idx: torch.Tensor) -> torch.Tensor:
-        return dequantized_rows(self.qweight, self.scale, idx)
-
-
-class FbgemmInt8Linear(nn.Module):
-    """int8 `y = x W^T + b` on integer dot products (FBGEMM's int8 GEMM), activations kept to 14 bits.
-
-    Why: on a CPU without bf16 instructions (the AMD EPYC with AVX2 only), `_weight_int8pack_mm`
-    converts every weight to a float before multiplying, about one weight per cycle per core, while
-    FBGEMM multiplies 8-bit integers, 32 pairs an instruction: the 50,257 x 768 LM head for one row
-    in 3.6 ms (FBGEMM's op alone 2.1-2.4 ms) against 6.6-7.8 ms there, and a decoding step with it
-    where timing picks it 19-30% faster than with `_weight_int8pack_mm` everywhere.
-    Integer products need integer activations, and rounding x to 8 bits costs a few % of the output
-    when one channel is far larger than the rest, as in GPT-2's LayerNorm outputs. So each row is
-    rounded to 14 bits, x ~= s * x_q with s = max|x| / 8127 and |x_q| <= 8127, and x_q is written as
-    two digits, x_q = 128 * hi + lo with hi = round(x_q / 128) in [-63, 63] and lo in [-64, 64]: two
-    integer rows that one pass over W multiplies, W x_q = 128 (W hi) + W lo (exact in int32). Small
-    digits, not 8 bits: without VNNI instructions the kernel adds pairs of 8-bit products in 16
-    bits, which 2 * 255 * 127 overflows and 2 * 128 * 127 does not.
-    W is int8 with one scale per output channel, as for the other int8 kernels; the activation's
-    rounding adds at most s / 2 per element. FBGEMM's packed W cannot be read by rows, so as the
-    tied LM head (`keep_rows`) the layer also keeps q for the token embedding. (FBGEMM's weights are
-    built through torch's quantized tensors, deprecated: when a torch release drops them, this
-    candidate is simply unavailable.)
-    """
-
-    LEVELS = 8127  # the largest |x_q|: hi = round(x_q / 128) stays in [-63, 63]
-
-    def __init__(
-        self, weight: torch.Tensor, bias: torch.Tensor | None, keep_rows: bool, kernel: str = "fbgemm"
-    ) -> None:
-        super().__init__()
-        self.kernel = kernel
-        q, scale = quantize_int8(weight, torch.float32)
-        with warnings.catch_warnings():  # the quantized tensor is only FBGEMM's input format
-            warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*deprecated")
-            zero_points = torch.zeros_like(scale, dtype=torch.long)
-            qw = torch._make_per_channel_quantized_tensor(q, scale.double(), zero_points, 0)
-        self.packed = torch.ops.quantized.linear_prepack(qw, None)  # (not a tensor: an attribute)
-        self.product = self._digit_product(self.packed)
-        self.key = register_opaque_product(self, self.product, weight.size(0))
-        self.register_buffer("qweight", q if keep_rows else None)  # (out, in)
-        self.register_buffer("scale", scale)  # (out,)
-        self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, x.size(-1)).float()
-        n = rows.size(0)
-        digits, step = self._digits(rows)
-        w_digits = self.core(digits)  # (2n, out): s_W W hi, then s_W W lo
-        y = torch.add(w_digits[n:], w_digits[:n], alpha=128)  # W x_q, (n, out)
-        y = y.mul_(step) if self.bias is None else torch.addcmul(self.bias, y, step)
-        return y.to(x.dtype).view(*x.shape[:-1], -1)
-
-    def _digits(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """((2n, in) digits: hi, then lo (the kernel rounds lo), (n, 1) step s) of fp32 rows (n, in)."""
-        largest = torch.linalg.vector_norm(rows, float("inf"), dim=1, keepdim=True)  # max |x|, (n, 1)
-        step = largest.clamp_(min=1e-30) / self.LEVELS  # s
-        scaled = rows / step  # x / s: x_q before rounding, (n, in)
-        hi = (scaled * (1 / 128)).round_()
-        return torch.cat([hi, torch.add(scaled, hi, alpha=-128)]), step
-
-    def core_input(self, x: torch.Tensor) -> torch.Tensor:
-        """FBGEMM's input: the activation digits (in a compiled graph they fuse with the ops before)."""
-        return self._digits(x.reshape(-1, x.size(-1)).float())[0]
-
-    def core(self, digits: torch.Tensor) -> torch.Tensor:
-        """FBGEMM's product alone: what a compiled graph still runs as a call (an opaque op there)."""
-        return opaque_product(digits, self.key) if torch.compiler.is_compiling() else self.product(digits)
-
-    @staticmethod
-    def _digit_product(packed: object) -> Callable[[torch.Tensor], torch.Tensor]:
-        # The kernel rounds each digit d, reads it as the 8-bit integer d + 64 (zero point 64), returns s_W W d.
-        op = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32
-        return lambda digits: call_packed(op, digits, 1.0, 64, packed)
-
-    def embed(self, idx: torch.Tensor) -> torch.Tensor:
-        return dequantized_rows(self.qweight, self.scale, idx)
+    def _apply(self, fn: Callable, recurse: bool = True) -> nn.Module:
+        """Refuse a move or cast of the prepared model (`.to(...)`, `.half()`): its layers hold weights
+        packed for the chosen kernels, which no cast converts (errors came later, deep in a kernel).
+        Refused before anything changes: this is the model's first module (`nn.Module._apply` visits
+        children first, in order)."""
+        tensors = [*self.head.parameters(), *self.head.buffers()]
+        for dtype in {self.out_dtype, *(t.dtype for t in tensors)}:
+            probe = torch.zeros((), dtype=dtype, device=tensors[0].device)
+            if (moved := fn(probe)).dtype != dtype or moved.device != probe.device:
+                raise MinigptError(f"this model is prepared for inference and cannot become {moved.dtype} on "
+                                   f"{moved.device}: load it with the device and dtype wanted, then prepare it")
+        return super()._apply(fn, recurse)
 
 
 class OnThreads(nn.Module):

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import collections
 import copy
+import gc
+import pickle
 import re
 import types
 
@@ -16,6 +18,7 @@ from minigpt.config import GPTConfig
 from minigpt.errors import MinigptError
 from minigpt.inference import LAYOUTS, available_kernels, kernel_summary, prepare_for_inference
 from minigpt.layouts import UPCAST_CHUNK, OnThreads
+from minigpt.opaque import opaque_product
 from minigpt.model import GPT
 
 # Every declared (precision, kernel) pair, whether or not this torch build offers it (skipped then).
@@ -563,6 +566,32 @@ def test_a_prepared_model_refuses_a_move_or_cast_in_one_line_and_stays_as_it_was
     same = [lambda m: m.cpu(), lambda m: m.to("cpu")] + ([lambda m: m.float()] if precision == "fp32" else [])
     for same in same:  # (bf16 rows, int8mm's bf16 scales and an fp32 stream: for them any cast changes something)
         assert same(prepared) is prepared and torch.equal(prepared(idx)[0], expected)
+
+
+@pytest.mark.parametrize("precision, kernel", ALL)
+def test_a_prepared_model_pickles_and_deep_copies_on_every_kernel(small_model, precision, kernel):
+    """Whether a prepared model could be pickled (a worker process) or deep-copied depended on the
+    kernel the timing chose: MKL's and oneDNN's packed weights failed ("Cannot access storage of
+    OpaqueTensorImpl"), FBGEMM's int8 product was a closure ("Can't pickle local object"). Each
+    copy packs its weights again and computes what the original did, after the original is gone
+    (FBGEMM's product registered anew for compiled graphs, `opaque_product`)."""
+    if kernel not in available_kernels(precision):
+        pytest.skip(f"this torch build and CPU offer no {precision} kernel {kernel!r}")
+    model = copy.deepcopy(small_model)
+    model = model.to(torch.bfloat16) if precision == "bf16" else model
+    original = prepare_for_inference(model, "int8" if precision == "int8" else None, kernel=kernel)
+    idx = torch.tensor([[5, 17, 300, 2099]])
+    expected, summary = original(idx)[0], kernel_summary(original)
+    copies = [pickle.loads(pickle.dumps(original)), copy.deepcopy(original)]
+    del original, model
+    gc.collect()
+    for copied in copies:
+        assert kernel_summary(copied) == summary and torch.equal(copied(idx)[0], expected)
+        for name, layer in ((n, m) for n, m in copied.named_modules() if hasattr(m, "product")):  # FBGEMM's int8
+            digits = layer.core_input(torch.randn(2, copied.config.n_embd * (4 if name.endswith("mlp.c_proj") else 1)))
+            assert torch.equal(opaque_product(digits, layer.key), layer.product(digits))
+        with pytest.raises(MinigptError, match="prepared for inference"):  # (still refuses a cast)
+            copied.half()
 
 
 def test_a_model_with_nothing_to_swap_keeps_its_gradients(small_model):

@@ -23,7 +23,7 @@ from minigpt.config import GPTConfig
 from minigpt.errors import MinigptError
 from minigpt.loading import load_model
 from minigpt.inference import prepare_for_inference
-from minigpt.layouts import Int8Linear
+from minigpt.quantized import Int8Linear
 from minigpt.model import GPT
 from minigpt.trace import score_ids
 from minigpt.sampling import (
