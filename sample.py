@@ -177,7 +177,7 @@ def read_text(path: str, what: str = "prompt file") -> str:
 def load(args: argparse.Namespace):
     """The model (in its inference layout) and tokenizer that --model/--device/--dtype/--quantize ask for."""
     from minigpt.loading import load_model
-    from minigpt.inference import prepare_for_inference
+    from minigpt.inference import prepare_for_inference, prepared_stream_dtype
     from minigpt.runtime import setup_device
 
     device, dtype = setup_device(args.device, args.dtype)
@@ -196,7 +196,8 @@ def load(args: argparse.Namespace):
     if not args.scoring:  # (the kernels' race and --compile's warm-up run on as many rows as a step)
         from minigpt.sampling import check_decoding_fits
 
-        check_decoding_fits(model, args.num_samples, 1, args.max_new_tokens)
+        cache_dtype = prepared_stream_dtype(model, args.quantize)  # (a bf16 model's KV cache: fp32 on the CPU)
+        check_decoding_fits(model, args.num_samples, 1, args.max_new_tokens, cache_dtype)
     model = prepare_for_inference(model, args.quantize, batch_size=args.num_samples, kernel=args.kernel,
                                   compiled=args.compile)
     return model, tokenizer

@@ -395,11 +395,7 @@ def prepare_for_inference(
             for name in ("c_attn", "c_fc", "c_proj"):
                 if isinstance(getattr(parent, name, None), nn.Linear):
                     groups.setdefault(f"{role}.{name}", []).append((parent, name))
-    # On the CPU only the matmul weights keep the model's precision; the residual stream (embeddings,
-    # LayerNorms, attention, KV cache) runs in fp32, as in llama.cpp's BF16 and Q8_0 models: no
-    # conversions around the layers, and fp32 attention is the faster one on the CPU (distilgpt2 in
-    # bf16 decoded 207.0 against 181.5 tokens/s; at 8 rows 637 against 606)
-    stream_dtype = torch.float32 if device.type == "cpu" else dtype
+    stream_dtype = prepared_stream_dtype(model, quantize)
     groups["lm_head"] = [(model, "lm_head")]  # (the tied head last: the embedding follows it)
     weights = {role: [(getattr(p, n).weight, getattr(p, n).bias) for p, n in m] for role, m in groups.items()}
     settled = {role: _settle(candidates, precision, w, batch_size) for role, w in weights.items()}  # before any
@@ -421,6 +417,17 @@ def prepare_for_inference(
             module.to(stream_dtype)
     # No gradients: a step would train only wpe and the LayerNorms, and out= kernels refuse autograd
     return model.eval().requires_grad_(False)
+
+
+def prepared_stream_dtype(model: GPT, quantize: str | None = None) -> torch.dtype:
+    """The dtype of the residual stream (embeddings, LayerNorms, attention, KV cache) once
+    `prepare_for_inference(model, quantize)` has run: fp32 on the CPU wherever it swaps the layers.
+    There only the matmul weights keep the model's precision, as in llama.cpp's BF16 and Q8_0 models:
+    no conversions around the layers, and fp32 attention is the faster one on the CPU (distilgpt2 in
+    bf16 decoded 207.0 against 181.5 tokens/s; at 8 rows 637 against 606)."""
+    device, dtype = model.transformer.wpe.weight.device, model.transformer.ln_f.weight.dtype
+    swapped = quantize is not None or dtype in (torch.float32, torch.bfloat16)
+    return torch.float32 if device.type == "cpu" and swapped else dtype
 
 
 def kernel_summary(model: nn.Module) -> str:

@@ -325,22 +325,24 @@ def generate(
     return _steps(model, tokens, n_prompt, cache, config, generator, pick, eos_id, compiled)
 
 
-def decoding_bytes(model: GPT, num_samples: int, n_prompt: int, max_new_tokens: int) -> tuple[int, int]:
+def decoding_bytes(model: GPT, num_samples: int, n_prompt: int, max_new_tokens: int,
+                   cache_dtype: torch.dtype | None = None) -> tuple[int, int]:
     """(KV cache, a step's own tensors) in bytes, for decoding `num_samples` rows of `model`: a
     step's tensors are the logits and the sampler's sorted copies of them, ~12 bytes a row per
     vocabulary entry, and the prompt pass's activations, ~10 floats a row per position and channel
-    (both measured)."""
-    c, itemsize = model.config, activation_dtype(model).itemsize
+    (both measured). The cache holds `cache_dtype`, else `activation_dtype(model)`."""
+    c, itemsize = model.config, (cache_dtype or activation_dtype(model)).itemsize
     positions = min(c.block_size, n_prompt + max_new_tokens)
     cache = 2 * c.n_layer * num_samples * positions * c.n_head * (c.n_embd // c.n_head) * itemsize
     return cache, num_samples * (c.vocab_size * 12 + min(c.block_size, n_prompt) * c.n_embd * 40)
 
 
-def check_decoding_fits(model: GPT, num_samples: int, n_prompt: int, max_new_tokens: int) -> None:
+def check_decoding_fits(model: GPT, num_samples: int, n_prompt: int, max_new_tokens: int,
+                        cache_dtype: torch.dtype | None = None) -> None:
     """A one-line MinigptError when a decoding step with its KV cache (`decoding_bytes`) exceeds the
-    memory available. `generate` checks it; sample.py also checks it, for a one-token prompt, before
-    the kernels are timed or the step compiled on `num_samples` rows (each as large as a step)."""
-    cache, step = decoding_bytes(model, num_samples, n_prompt, max_new_tokens)
+    memory available. `generate` checks it; sample.py also checks it, for a one-token prompt and the
+    prepared model's cache dtype, before the kernels are timed or the step compiled on as many rows."""
+    cache, step = decoding_bytes(model, num_samples, n_prompt, max_new_tokens, cache_dtype)
     check_fits(cache + step, model_device(model), f"--num-samples {num_samples}", "a decoding step with its KV cache",
                f"{num_samples} rows of {model.config.vocab_size:,} logits")
 
@@ -387,8 +389,7 @@ def _steps(
 
 
 def model_device(model: GPT) -> torch.device:
-    """Where the model computes (the device of its position embeddings, which every inference
-    layout keeps as they are)."""
+    """Where the model computes (the device of its position embeddings, which every inference layout keeps)."""
     return model.transformer.wpe.weight.device
 
 

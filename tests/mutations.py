@@ -428,6 +428,16 @@ BREAKS = (
         ("tests/test_kernels.py::test_a_prepared_model_pickles_and_deep_copies_on_every_kernel",),
     ),
     Break(
+        "cache_checked_in_the_models_dtype", "the memory check before the kernels' race counts a bf16 model's KV cache in bf16, not the fp32 it will hold",
+        ((r"\(cache_dtype or activation_dtype\(model\)\)\.itemsize", "activation_dtype(model).itemsize"),),
+        ("tests/test_sample_cli.py::test_a_bf16_models_kv_cache_is_checked_as_the_fp32_one_it_will_hold_before_the_kernels_race",),
+    ),
+    Break(
+        "stream_dtype_said_wrong", "prepared_stream_dtype says the model's own dtype (bf16) where preparing makes the stream fp32",
+        ((r'return torch\.float32 if device\.type == "cpu" and swapped else dtype', "return dtype"),),
+        ("tests/test_kernels.py::test_the_stream_dtype_said_before_preparing_is_the_prepared_models",),
+    ),
+    Break(
         "head_weight_cast_fresh", "under autocast the LM head casts its weight to bf16 into a fresh tensor every step",
         ((r'w = workspace\.empty\("weight", tuple\(weight\.shape\), dtype, weight\.device\)\.copy_\(weight\)',
           "w = weight.to(dtype)"),),

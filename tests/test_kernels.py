@@ -594,6 +594,20 @@ def test_a_prepared_model_pickles_and_deep_copies_on_every_kernel(small_model, p
             copied.half()
 
 
+@pytest.mark.parametrize("dtype, quantize", [(torch.float32, None), (torch.bfloat16, None), (torch.float32, "int8"),
+                                             (torch.bfloat16, "int8"), (torch.float16, None)])
+def test_the_stream_dtype_said_before_preparing_is_the_prepared_models(small_model, dtype, quantize):
+    """sample.py checks the KV cache's memory before the kernels are timed, in the dtype that
+    `prepared_stream_dtype` says the prepared model will hold: it must be the one it holds."""
+    from minigpt.inference import prepared_stream_dtype
+    from minigpt.sampling import activation_dtype
+
+    model = copy.deepcopy(small_model).to(dtype)
+    said = prepared_stream_dtype(model, quantize)
+    assert said == activation_dtype(prepare_for_inference(model, quantize))
+    assert said == (torch.float16 if dtype == torch.float16 else torch.float32)  # (fp16: nothing swapped)
+
+
 def test_a_model_with_nothing_to_swap_keeps_its_gradients(small_model):
     """Where nothing is swapped (an fp16 model; any but int8 on a GPU) the model comes back as it
     was, in eval mode: it was made untrainable, in place, and a notebook that sampled then trained

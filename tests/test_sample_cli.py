@@ -124,6 +124,28 @@ def test_a_decoding_step_beyond_the_memory_is_refused_before_the_kernels_race(ti
             sample.main(["--model", str(tiny_minigpt_dir), "--max-new-tokens", "2", *flags, "hi"])
 
 
+def test_a_bf16_models_kv_cache_is_checked_as_the_fp32_one_it_will_hold_before_the_kernels_race(
+    tiny_minigpt_dir, monkeypatch
+):
+    """On the CPU a bf16 model decodes with an fp32 residual stream, so its KV cache is fp32 once
+    prepared: the check before the kernels' race counted 2 bytes a value, passed a cache that then
+    did not fit, and the refusal came only after the race, from generate."""
+    import minigpt.inference
+    from minigpt.loading import load_model
+    from minigpt.sampling import decoding_bytes
+
+    model, _ = load_model(tiny_minigpt_dir, torch.device("cpu"), torch.bfloat16)
+    flags = ["--num-samples", "64", "--max-new-tokens", "4000"]  # (a whole context window each)
+    (cache, step), (fp32_cache, _) = (decoding_bytes(model, 64, 1, 4000, dtype) for dtype in (None, torch.float32))
+    assert fp32_cache == 2 * cache
+    as_bf16, as_fp32 = cache + step, fp32_cache + step
+    monkeypatch.setattr("minigpt.runtime.available_memory", lambda device: (as_bf16 + as_fp32) // 2)
+    monkeypatch.setattr(minigpt.inference, "prepare_for_inference", lambda *a, **k: pytest.fail("kernels raced first"))
+    with pytest.raises(MinigptError, match=rf"^--num-samples 64: a decoding step with its KV cache \(64 rows of "
+                                           rf"50,257 logits, {as_fp32 / 1e9:,.1f} GB\) does not fit in memory$"):
+        sample.main(["--model", str(tiny_minigpt_dir), "--dtype", "bf16", *flags, "hi"])
+
+
 def test_a_prompt_not_utf8_is_refused_before_any_answer_and_stdin_read_once(tiny_minigpt_dir, capsys):
     """A PROMPT of bytes that are not UTF-8 was refused only when its turn came, after the prompts
     before it were answered (and a blank line printed), in words that named no prompt; "- --file -"
