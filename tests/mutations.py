@@ -438,6 +438,23 @@ BREAKS = (
         ("tests/test_kernels.py::test_the_stream_dtype_said_before_preparing_is_the_prepared_models",),
     ),
     Break(
+        "embedding_grad_fresh", "the token embedding's weight gradient is fresh zeros every step, not in its workspace",
+        ((r'grad_w = ctx\.workspace\.empty\("grad", ctx\.weight_shape, grad\.dtype, grad\.device\)\.zero_\(\)',
+          "grad_w = torch.zeros(ctx.weight_shape, dtype=grad.dtype)"),),
+        ("tests/test_training_speed.py::test_the_embeddings_gradient_is_torchs_bit_for_bit_in_memory_it_takes_again",),
+    ),
+    Break(
+        "embedding_grad_not_zeroed", "the token embedding's gradient block is not zeroed again: the last step's gradient stays in it",
+        ((r'(grad_w = ctx\.workspace\.empty\("grad", ctx\.weight_shape, grad\.dtype, grad\.device\))\.zero_\(\)', r"\1"),),
+        ("tests/test_training_speed.py::test_the_embeddings_gradient_is_torchs_bit_for_bit_in_memory_it_takes_again",),
+    ),
+    Break(
+        "embedding_options_ignored", "the workspace embedding ignores padding_idx / max_norm / scale_grad_by_freq / sparse",
+        ((r"stock = self\.padding_idx is not None or self\.max_norm is not None or self\.scale_grad_by_freq or self\.sparse",
+          "stock = False"),),
+        ("tests/test_training_speed.py::test_the_embeddings_gradient_is_torchs_bit_for_bit_in_memory_it_takes_again",),
+    ),
+    Break(
         "head_weight_cast_fresh", "under autocast the LM head casts its weight to bf16 into a fresh tensor every step",
         ((r'w = workspace\.empty\("weight", tuple\(weight\.shape\), dtype, weight\.device\)\.copy_\(weight\)',
           "w = weight.to(dtype)"),),

@@ -19,6 +19,7 @@ from minigpt.training_speed import (
     InPlaceCrossEntropy,
     PaddedRowsLMHead,
     Workspace,
+    WorkspaceEmbedding,
     prepare_for_training,
 )
 
@@ -43,6 +44,7 @@ def test_every_trick_is_swapped_in_and_the_weights_stay_as_they_were():
     assert [type(m) for m in (block.attn.attn_dropout, block.attn.resid_dropout, block.mlp.dropout)] == [
         FastMaskDropout] * 3
     assert type(block.attn.c_attn) is nn.Linear and type(block.mlp.c_fc) is nn.Linear  # the rest: stock
+    assert type(swapped.transformer.wte) is WorkspaceEmbedding and type(swapped.transformer.wpe) is nn.Embedding
     assert swapped.lm_head.weight is swapped.transformer.wte.weight  # still tied
     ours, theirs = swapped.state_dict(), plain.state_dict()
     assert list(ours) == list(theirs) and all(torch.equal(ours[k], theirs[k]) for k in ours)
@@ -58,7 +60,7 @@ def test_a_model_off_the_cpu_keeps_stock_ops():
     prepare_for_training(model)
     assert type(model.lm_head) is nn.Linear and type(model.transformer.drop) is nn.Dropout
     assert type(model.transformer.h[0].attn) is CausalSelfAttention
-    assert type(model.cross_entropy) is CrossEntropy
+    assert type(model.cross_entropy) is CrossEntropy and type(model.transformer.wte) is nn.Embedding
 
 
 @pytest.mark.parametrize("impl", ["sdpa", "reference"])
@@ -196,6 +198,51 @@ def test_lm_head_under_autocast_pads_bf16_rows_and_equals_autocasts_linear(monke
         assert torch.equal(gx, ex) and torch.equal(gw, ew)  # bf16 products, rounded, then cast: autocast's
         assert gw.abs().min() > 0  # (every block of rows written)
         del logits, gw
+
+
+def test_the_embeddings_gradient_is_torchs_bit_for_bit_in_memory_it_takes_again():
+    """The token embedding's dense gradient, made in a workspace: the same numbers as nn.Embedding's
+    (repeated tokens add up, int32 ids too), the same memory step after step while the caller keeps
+    no gradient, a kept one left as it was; with padding_idx, max_norm, scale_grad_by_freq or sparse
+    it is nn.Embedding's own path."""
+    def pair(**options) -> tuple[nn.Embedding, nn.Embedding]:
+        torch.manual_seed(0)
+        plain = nn.Embedding(301, 24, **options)
+        ours = copy.deepcopy(plain)
+        ours.__class__ = WorkspaceEmbedding
+        return plain, ours
+
+    plain, ours = pair()
+    idx = torch.tensor([[3, 7, 3, 3], [300, 0, 7, 3]])
+    g = torch.randn(2, 4, 24)
+    at = []
+    for ids in (idx, idx.int(), idx):
+        out = ours(ids)
+        assert torch.equal(out, plain(idx))
+        out.backward(g)
+        plain(idx).backward(g)
+        assert torch.equal(ours.weight.grad, plain.weight.grad) and ours.weight.grad[3].abs().sum() > 0
+        assert not ours.weight.grad[1].any()  # (a token not looked up: zeros, in memory used before)
+        assert not ours.weight.grad.untyped_storage().resizable()  # (a workspace's block; torch's own is)
+        at.append(ours.weight.grad.data_ptr())
+        ours.zero_grad(set_to_none=True)
+        plain.zero_grad(set_to_none=True)
+    assert at[0] == at[1] == at[2]  # the same memory each step
+    ours(idx).backward(g)
+    kept = ours.weight.grad  # the caller keeps it: the next step's gradient is made elsewhere
+    kept_copy = kept.clone()
+    ours.weight.grad = None
+    ours(idx).backward(2 * g)
+    assert torch.equal(kept, kept_copy) and ours.weight.grad.data_ptr() != kept.data_ptr()
+    assert torch.equal(ours.weight.grad, 2 * kept)
+    assert not ours.requires_grad_(False)(idx).requires_grad  # a frozen embedding: no gradient made
+    for options in ({"padding_idx": 3}, {"scale_grad_by_freq": True}, {"sparse": True}, {"max_norm": 1.0}):
+        plain, ours = pair(**options)
+        ours(idx).backward(g)
+        plain(idx).backward(g)
+        assert torch.equal(ours.weight.grad.to_dense(), plain.weight.grad.to_dense()), options
+        assert ours.weight.grad.is_sparse == ours.sparse
+        assert ours.sparse or ours.weight.grad.untyped_storage().resizable()  # (torch's own memory)
 
 
 @pytest.mark.parametrize("padded", [False, True])
