@@ -38,12 +38,13 @@ So no one choice is right everywhere. For each precision there are candidate ker
 Each kernel chosen is also timed on fewer threads (half, one): a small layer on many cores can cost more in
 handing out work than it saves; it runs on fewer where that is >= 10% faster twice in a row (`OnThreads`).
 
-The layouts are in `minigpt/layouts.py` and `minigpt/quantized.py`. `prepare_for_inference` times the candidates this torch
-build has on the model's real shapes (the first layers of each group of same-shaped layers, the
-LM head's first rows and then the best two on all of it, for the rows one decoding step feeds,
-each pass after a read that evicts the layer, as decoding's reads of the other weights do), keeps the
-fastest and drops the rest: ~1 s (2 s on an Intel Xeon VM), building the candidates included (MKL's
-or FBGEMM's packing of the LM head: up to a second on 2 cores). Cached per process and shape;
+The layouts are in `minigpt/layouts.py` and `minigpt/quantized.py`. `prepare_for_inference` times
+the candidates this torch build has on the model's real shapes (the first layers of each group of
+same-shaped layers, the LM head's first rows and then the best two on all of it, for the rows one
+decoding step feeds, each pass after a read that evicts the layer, as decoding's reads of the other
+weights do), keeps the fastest and drops the rest: ~1 s (2-3 s on the Intel Xeon VMs, half of it
+the evicting reads), building the candidates included (MKL's or FBGEMM's packing of the LM head: up
+to a second on 2 cores). Cached per process and shape;
 `kernel_summary` names the choice (and "on N threads").
 `model.py` knows nothing of this; every candidate computes the same function up to rounding.
 """

@@ -20,9 +20,9 @@ module that computes the same numbers:
                   tensors every step, and glibc returns each freed block over 32 MB to the OS, so
                   every step page-faults them in again; the head, the loss and `WorkspaceEmbedding`
                   make them in a `Workspace`, memory they keep mapped and hand out again while no
-                  tensor still uses it. Under bf16 autocast, so are the
-                  head's bf16 copy of its weight (77 MB) and the logits' bf16 gradient (103 MB), and
-                  the head's bf16 weight gradient is cast to fp32 a block of rows at a time.
+                  tensor still uses it. Under bf16 autocast, so are the head's bf16 copy of its
+                  weight (77 MB) and the logits' bf16 gradient (103 MB), and the head's bf16
+                  weight gradient is cast to fp32 a block of rows at a time.
 
 Measured at distilgpt2's shape, batch 8 x 128, fp32, torch 2.13.0: CPU seconds on one thread, the
 median of 9 runs alternating stock and ours (an Intel Xeon with AVX-512 and AMX, shared with other
@@ -45,8 +45,8 @@ gradient instead of 2048 rows at a time: 1.09x. The token embedding's gradient i
 (before, `embedding_dense_backward`'s fresh zeros): bf16 1.041x, 1.037x and 1.031x, fp32 1.022x
 and 1.025x.
 
-Each swapped module subclasses the stock module it replaces and adds no parameters or buffers (the
-head's and the loss's workspaces are memory, made on first use), so the swap changes the module's
+Each swapped module subclasses the stock module it replaces and adds no parameters or buffers (their
+workspaces are memory, made on first use), so the swap changes the module's
 class in place: its parameters, their names (the checkpoint keys) and the tied LM head stay exactly
 as they were, and a swapped model saves and loads like a plain one. Each also falls
 back to the stock op where the trick does not pay off or does not apply: under `torch.compile`
