@@ -101,8 +101,8 @@ def test_same_logits_loss_and_gradients_as_the_plain_model_under_bf16_autocast()
         results.append((logits, loss, {n: p.grad for n, p in model.named_parameters()}))
     (logits_a, loss_a, grads_a), (logits_b, loss_b, grads_b) = results
     assert logits_b.dtype == torch.bfloat16 and logits_b.stride()[-2] == 320  # the padded bf16 head ran
-    assert torch.equal(logits_a, logits_b)
-    assert loss_b.item() == pytest.approx(loss_a.item(), rel=1e-6)
+    assert (logits_a.float() - logits_b.float()).abs().max() <= 2**-8 * logits_a.float().abs().max()  # (equal on AMX)
+    assert loss_b.item() == pytest.approx(loss_a.item(), rel=1e-4)
     for name, grad in grads_a.items():
         assert grads_b[name].dtype == torch.float32, name
         assert (grads_b[name] - grad).abs().max().item() <= 2e-2 * grad.abs().max().item(), name
@@ -191,11 +191,13 @@ def test_lm_head_under_autocast_pads_bf16_rows_and_equals_autocasts_linear(monke
             logits = head(x)
             expected = F.linear(x, head.weight)
         assert logits.dtype == torch.bfloat16 and logits.stride() == (5 * 320, 320, 1)  # rows padded to 32
-        assert torch.equal(logits, expected)  # the same bf16 products
         gx, gw = torch.autograd.grad(logits, (x, head.weight), g)
         ex, ew = torch.autograd.grad(expected, (x, head.weight), g)
         assert gx.dtype == gw.dtype == torch.float32  # the parameters' and the input's dtype
-        assert torch.equal(gx, ex) and torch.equal(gw, ew)  # bf16 products, rounded, then cast: autocast's
+        # bf16 products, rounded, then cast, as autocast's: equal on the Xeon with AMX; a CPU whose
+        # kernels sum in another order for another layout may round an entry the other way
+        for ours, stock in ((logits, expected), (gx, ex), (gw, ew)):
+            assert (ours.float() - stock.float()).abs().max() <= 2**-8 * stock.float().abs().max()
         assert gw.abs().min() > 0  # (every block of rows written)
         del logits, gw
 
@@ -369,11 +371,13 @@ def test_training_steps_reuse_the_heads_and_the_losss_memory_and_never_what_the_
     assert torch.equal(kept_grad, kept_copy) and torch.equal(logits, logits_copy)
     assert wte.grad.data_ptr() not in (kept_grad.data_ptr(), logits.data_ptr())
     expected = step(plain)[2]
-    assert torch.allclose(wte.grad, expected, rtol=1e-5, atol=1e-7)
+    # (bf16 products: another CPU's kernel may round an entry the other way)
+    rtol, atol = (2**-8, 2**-8 * expected.abs().max().item()) if autocast else (1e-5, 1e-7)
+    assert torch.allclose(wte.grad, expected, rtol=rtol, atol=atol)
     # gradients accumulated over two backward passes (no zeroing in between): twice one pass's
     swapped.zero_grad(set_to_none=True)
     for _ in range(2):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             loss = swapped(idx, targets=idx)[1]
         loss.backward()
-    assert torch.allclose(wte.grad, 2 * expected, rtol=1e-5, atol=1e-7)
+    assert torch.allclose(wte.grad, 2 * expected, rtol=rtol, atol=2 * atol)
