@@ -287,8 +287,9 @@ BREAKS = (
     ),
     Break(
         "stream_in_weight_dtype", "a prepared bf16 model keeps its residual stream and KV cache in bf16",
-        ((r"stream_dtype = torch\.float32 if device\.type == \"cpu\" else dtype", "stream_dtype = dtype"),),
-        ("tests/test_kernels.py::test_only_the_weights_keep_the_models_precision",),
+        ((r"stream_dtype = prepared_stream_dtype\(model, quantize\)", "stream_dtype = dtype"),),
+        ("tests/test_kernels.py::test_only_the_weights_keep_the_models_precision",
+         "tests/test_kernels.py::test_the_stream_dtype_said_before_preparing_is_the_prepared_models"),
     ),
     Break(
         "gloo_no_drain", "a gloo rank exits right after leaving the process group (gloo's workers may still need the GIL)",
