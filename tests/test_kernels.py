@@ -18,8 +18,8 @@ from minigpt.config import GPTConfig
 from minigpt.errors import MinigptError
 from minigpt.inference import LAYOUTS, available_kernels, kernel_summary, prepare_for_inference
 from minigpt.layouts import UPCAST_CHUNK, OnThreads
-from minigpt.opaque import opaque_product
 from minigpt.model import GPT
+from minigpt.opaque import opaque_product
 
 # Every declared (precision, kernel) pair, whether or not this torch build offers it (skipped then).
 ALL = [(p, k) for p, layouts in LAYOUTS.items() for layout in layouts for k in layout.kernels]
@@ -95,6 +95,16 @@ def test_each_kernel_embeds_the_tied_rows(precision, kernel):
 def small_model():
     torch.manual_seed(0)
     return GPT(GPTConfig(n_layer=2, n_head=4, n_embd=64, block_size=64, vocab_size=2100, dropout=0.0)).eval()
+
+
+def prepared_copy(small_model: GPT, precision: str, kernel: str, train: bool = False) -> GPT:
+    """A copy of `small_model` in `precision`'s dtype (int8: quantized), prepared with every layer on
+    `kernel`; the test is skipped where this torch build and CPU lack the kernel."""
+    if kernel not in available_kernels(precision):
+        pytest.skip(f"this torch build and CPU offer no {precision} kernel {kernel!r}")
+    model = copy.deepcopy(small_model).train(train)
+    model = model.to(torch.bfloat16) if precision == "bf16" else model
+    return prepare_for_inference(model, "int8" if precision == "int8" else None, kernel=kernel)
 
 
 @pytest.mark.parametrize("precision, kernel", ALL)
@@ -533,11 +543,7 @@ def test_a_prepared_model_has_no_gradients_to_train(small_model, precision, kern
     optimizer over its parameters trained those 11 tensors alone while the logits moved, and the
     kernels that write into their own buffers (mkl: "functions with out=... arguments don't support
     automatic differentiation") failed outside torch.no_grad()."""
-    if kernel not in available_kernels(precision):
-        pytest.skip(f"this torch build and CPU offer no {precision} kernel {kernel!r}")
-    model = copy.deepcopy(small_model)
-    model = model.to(torch.bfloat16) if precision == "bf16" else model
-    prepared = prepare_for_inference(model.train(), "int8" if precision == "int8" else None, kernel=kernel)
+    prepared = prepared_copy(small_model, precision, kernel, train=True)
     assert not any(p.requires_grad for p in prepared.parameters())
     logits = prepared(torch.tensor([[5, 17, 300]]))[0]  # (not under no_grad)
     assert not logits.requires_grad and logits.shape == (1, 3, 2100)
@@ -549,11 +555,7 @@ def test_a_prepared_model_refuses_a_move_or_cast_in_one_line_and_stays_as_it_was
     ("mixed dtype (CPU): expect parameter to have scalar type of Float"; MKL's packed weights:
     "Could not run 'aten::empty_strided' with arguments from the 'MkldnnCPU' backend"), or for
     FBGEMM's int8 decoded on, half cast. A move or cast that changes nothing is let through."""
-    if kernel not in available_kernels(precision):
-        pytest.skip(f"this torch build and CPU offer no {precision} kernel {kernel!r}")
-    model = copy.deepcopy(small_model)
-    model = model.to(torch.bfloat16) if precision == "bf16" else model
-    prepared = prepare_for_inference(model, "int8" if precision == "int8" else None, kernel=kernel)
+    prepared = prepared_copy(small_model, precision, kernel)
     idx = torch.tensor([[5, 17, 300]])
     expected = prepared(idx)[0]
     casts = [lambda m: m.half(), lambda m: m.double(), lambda m: m.to("meta"),
@@ -563,8 +565,8 @@ def test_a_prepared_model_refuses_a_move_or_cast_in_one_line_and_stays_as_it_was
                            r"on \w+: load it with the device and dtype wanted, then prepare it$"):
             cast(prepared)
         assert torch.equal(prepared(idx)[0], expected)  # nothing was cast
-    same = [lambda m: m.cpu(), lambda m: m.to("cpu")] + ([lambda m: m.float()] if precision == "fp32" else [])
-    for same in same:  # (bf16 rows, int8mm's bf16 scales and an fp32 stream: for them any cast changes something)
+    unchanged = [lambda m: m.cpu(), lambda m: m.to("cpu")] + ([lambda m: m.float()] if precision == "fp32" else [])
+    for same in unchanged:  # (bf16 rows, int8mm's bf16 scales and an fp32 stream: for them any cast changes something)
         assert same(prepared) is prepared and torch.equal(prepared(idx)[0], expected)
 
 
@@ -575,15 +577,11 @@ def test_a_prepared_model_pickles_and_deep_copies_on_every_kernel(small_model, p
     OpaqueTensorImpl"), FBGEMM's int8 product was a closure ("Can't pickle local object"). Each
     copy packs its weights again and computes what the original did, after the original is gone
     (FBGEMM's product registered anew for compiled graphs, `opaque_product`)."""
-    if kernel not in available_kernels(precision):
-        pytest.skip(f"this torch build and CPU offer no {precision} kernel {kernel!r}")
-    model = copy.deepcopy(small_model)
-    model = model.to(torch.bfloat16) if precision == "bf16" else model
-    original = prepare_for_inference(model, "int8" if precision == "int8" else None, kernel=kernel)
+    original = prepared_copy(small_model, precision, kernel)
     idx = torch.tensor([[5, 17, 300, 2099]])
     expected, summary = original(idx)[0], kernel_summary(original)
     copies = [pickle.loads(pickle.dumps(original)), copy.deepcopy(original)]
-    del original, model
+    del original
     gc.collect()
     for copied in copies:
         assert kernel_summary(copied) == summary and torch.equal(copied(idx)[0], expected)
