@@ -21,23 +21,40 @@ def download_repo_files(repo_id: str, patterns: list[str], instead: str = "a loc
     """Fetch the files of Hub repo `repo_id` that match the glob `patterns` into the huggingface_hub
     cache (once; later calls find them there); return the folder that holds them, the repo's
     snapshot, where calls with other patterns add their files. Where no file matched, the folder is
-    not made: the caller, which knows what it needs, says so. A failure says to pass `instead`."""
-    from huggingface_hub import snapshot_download
+    not made: the caller, which knows what it needs, says so. A failure says to pass `instead`.
 
+    The Hub is first asked about the repo with a time limit, HF_HUB_ETAG_TIMEOUT seconds (10 by
+    default; huggingface_hub's wait for a file's metadata): `snapshot_download`'s own first request
+    has none, and on a network that drops packets instead of refusing them `sample.py --model
+    distilgpt2` waited in silence for as long as it was let (5 minutes, measured). Without an answer
+    (or offline, or refused) the files come from the cache alone, as `snapshot_download` does offline."""
+    from huggingface_hub import constants, model_info, snapshot_download
+
+    asked = None
     try:
-        return Path(snapshot_download(repo_id, allow_patterns=patterns))
-    except Exception as e:  # offline, unknown repo, gated repo, ...
+        model_info(repo_id, timeout=constants.HF_HUB_ETAG_TIMEOUT)
+    except Exception as e:  # no answer, offline, unknown or gated repo, Hub down: the cache may hold the files
+        asked = e
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=patterns, local_files_only=asked is not None))
+    except Exception as e:
         raise MinigptError(
             f"{repo_id}: no such local folder, and the Hugging Face Hub could not provide it "
-            f"({_hub_reason(e)}). Pass {instead} instead."
+            f"({_hub_reason(asked, e, constants.HF_HUB_ETAG_TIMEOUT)}). Pass {instead} instead."
         ) from None
 
 
-def _hub_reason(e: Exception) -> str:
-    """Why huggingface_hub failed, in a few words: its HTTP errors put the useful part (repository
-    not found, gated) on the lines after "404 Client Error.", which one line would cut off."""
-    from huggingface_hub.utils import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
+def _hub_reason(asked: Exception | None, fetching: Exception, seconds: float) -> str:
+    """Why the files could not be had, in a few words: the first request's failure (`asked`) where
+    the Hub timed out or answered with an error, else the download's (`fetching`). huggingface_hub's
+    HTTP errors put the useful part (repository not found, gated) on the lines after "404 Client
+    Error.", which one line would cut off."""
+    from huggingface_hub.utils import (GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
+                                       RepositoryNotFoundError)
 
+    if asked is not None and any("Timeout" in cls.__name__ for cls in type(asked).__mro__):  # (requests', httpx's)
+        return f"no answer within {seconds} s, and not in the local cache; HF_HUB_ETAG_TIMEOUT=60 waits longer"
+    e = asked if isinstance(asked, HfHubHTTPError) else fetching
     if isinstance(e, GatedRepoError):  # (a RepositoryNotFoundError too)
         return "a gated repository: accept its conditions on its Hub page, then log in (`hf auth login`, or HF_TOKEN)"
     if isinstance(e, RepositoryNotFoundError):

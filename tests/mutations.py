@@ -1046,7 +1046,21 @@ BREAKS = (
           ((r"^(\s*)str\(path\)\.encode\(\"utf-8\"\)$", r"\1str(path).encode('utf-8', 'surrogateescape')"),),
           ("tests/test_convert_cli.py::test_hf_to_minigpt_and_back",)),
     Break("hub_error_first_line", "a Hub error is cut to its first line (\"404 Client Error.\", the cause dropped)",
-          ((r"\(\{_hub_reason\(e\)\}\)", "({reason(e)})"),),
+          ((r"\(\{_hub_reason\(asked, e, constants\.HF_HUB_ETAG_TIMEOUT\)\}\)", "({reason(e)})"),),
+          ("tests/test_hub.py::test_the_hubs_errors_say_what_went_wrong",)),
+    Break("hub_asked_without_time_limit", "the Hub's first request has no time limit (a network that drops packets "
+          "hangs sample.py in silence)",
+          ((r"model_info\(repo_id, timeout=constants\.HF_HUB_ETAG_TIMEOUT\)", "model_info(repo_id, timeout=None)"),),
+          ("tests/test_hub.py::test_the_hub_is_given_a_time_to_answer",
+           "tests/test_hub.py::test_a_hub_that_never_answers_is_one_line_in_seconds")),
+    Break("hub_cache_unused_without_answer", "where the Hub did not answer (or refused), the download is still tried "
+          "online instead of from the cache",
+          ((r"local_files_only=asked is not None", "local_files_only=False"),),
+          ("tests/test_hub.py::test_the_hubs_errors_say_what_went_wrong",
+           "tests/test_hub.py::test_an_offline_cache_with_tokenizer_json_alone_loads")),
+    Break("hub_timeout_said_as_missing", "a Hub that did not answer is reported as a repo that is not in the cache "
+          "(nothing says to wait longer)",
+          ((r"if asked is not None and any\(\"Timeout\"", "if False and any(\"Timeout\""),),
           ("tests/test_hub.py::test_the_hubs_errors_say_what_went_wrong",)),
     Break("hub_snapshot_unchecked", "a Hub repo with no config.json at its root is taken as a model folder",
           ((r"if not \(folder / CONFIG_FILE\)\.is_file\(\):", "if False:"),),

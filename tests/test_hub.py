@@ -25,29 +25,48 @@ from minigpt.loading import load_model, load_tokenizer, resolve_model
 from minigpt.tokenizer import Tokenizer
 
 
+def made(cls, message):  # (huggingface_hub's HTTP errors want a response object, which differs by version)
+    error = cls.__new__(cls)
+    Exception.__init__(error, message)
+    return error
+
+
 class FakeHub:
-    """`snapshot_download` over local folders: copies the repo's files matching `allow_patterns`
-    into the repo's snapshot folder (made once a file matches, as the real one fills its cache, and
-    the same folder for every call) and returns it. With `offline` set, it copies nothing and, as
-    the real one with HF_HUB_OFFLINE=1, refuses a call that asks for a file the repo holds and the
-    snapshot lacks."""
+    """huggingface_hub's `model_info` and `snapshot_download` over local folders. `model_info`
+    answers for a repo it holds, else raises the Hub's "404 Repository Not Found"; with `answer` set
+    (an exception: offline, a timeout, an HTTP error) it raises that for every repo.
+    `snapshot_download` copies the repo's files matching `allow_patterns` into the repo's snapshot
+    folder (made once a file matches, as the real one fills its cache, and the same folder for every
+    call) and returns it; with `local_files_only` it copies nothing and, as the real one, refuses a
+    call that asks for a file the repo holds and the snapshot lacks. Both record their arguments."""
 
     def __init__(self, tmp_path: Path, repos: dict[str, Path]) -> None:
-        self.tmp_path, self.repos, self.calls, self.offline = tmp_path, repos, [], False
+        self.tmp_path, self.repos, self.calls, self.asked, self.answer = tmp_path, repos, [], [], None
 
-    def __call__(self, repo_id: str, allow_patterns: list[str]) -> str:
+    def model_info(self, repo_id: str, timeout: float) -> None:
+        from huggingface_hub.utils import RepositoryNotFoundError
+
+        self.asked.append((repo_id, timeout))
+        if self.answer is not None:
+            raise self.answer
+        if repo_id not in self.repos:
+            raise made(RepositoryNotFoundError, f"404 Client Error.\n\nRepository Not Found for url: {repo_id}")
+
+    def __call__(self, repo_id: str, allow_patterns: list[str], local_files_only: bool = False) -> str:
         from huggingface_hub.utils import LocalEntryNotFoundError
 
         self.calls.append((repo_id, list(allow_patterns)))
-        if repo_id not in self.repos:
-            raise RuntimeError(f"Repository Not Found for url: https://huggingface.co/{repo_id}\nmore lines")
         folder = self.tmp_path / repo_id.replace("/", "--")
+        if local_files_only and not folder.is_dir():
+            raise LocalEntryNotFoundError("Cannot find an appropriate cached snapshot folder\nmore lines")
+        assert repo_id in self.repos, "snapshot_download online for a repo model_info did not find"
         for f in self.repos[repo_id].iterdir():
             if f.is_file() and any(fnmatch.fnmatch(f.name, p) for p in allow_patterns):
-                if self.offline and not (folder / f.name).is_file():
+                if local_files_only and not (folder / f.name).is_file():
                     raise LocalEntryNotFoundError(f"The cached snapshot for '{repo_id}' is incomplete: {f.name}")
-                folder.mkdir(exist_ok=True)
-                shutil.copy(f, folder / f.name)
+                if not local_files_only:
+                    folder.mkdir(exist_ok=True)
+                    shutil.copy(f, folder / f.name)
         return str(folder)
 
 
@@ -63,9 +82,11 @@ def fake_hub(tmp_path, tiny_hf_dir, monkeypatch):
     hub = FakeHub(tmp_path / "cache", {"org/tiny": tiny, "org/legacy": legacy})
     (tmp_path / "cache").mkdir()
     monkeypatch.setattr(huggingface_hub, "snapshot_download", hub)
+    monkeypatch.setattr(huggingface_hub, "model_info", hub.model_info)
     return hub
 
 
+NOT_FOUND = "no such repository, or a private one: log in (`hf auth login`, or HF_TOKEN) if it is yours"
 FIRST = ["config.json", "model.safetensors", INDEX_FILE, "tokenizer.json"]  # what every model download asks first
 
 
@@ -154,13 +175,15 @@ def test_an_offline_cache_with_tokenizer_json_alone_loads(fake_hub, tiny_hf_dir)
     """A cache filled with config.json, model.safetensors and tokenizer.json (all a model needs, all
     transformers reads) was refused offline as incomplete: minigpt asked for vocab.json and
     merges.txt too, which the repo holds."""
+    from huggingface_hub.utils import OfflineModeIsEnabled
+
     repo = fake_hub.repos["org/tiny"]
     assert all((repo / name).is_file() for name in VOCAB_MERGES)
     cached = fake_hub.tmp_path / "org--tiny"
     cached.mkdir()
     for name in ("config.json", "model.safetensors", "tokenizer.json"):
         shutil.copy(repo / name, cached / name)
-    fake_hub.offline = True
+    fake_hub.answer = made(OfflineModeIsEnabled, "Cannot reach https://huggingface.co: offline mode is enabled")
     model, tokenizer = load_model("org/tiny")
     assert same_weights(model, load_model(tiny_hf_dir)[0])
     assert load_tokenizer("org/tiny").encode("Hello there") == tokenizer.encode("Hello there")
@@ -197,8 +220,8 @@ def test_a_failed_download_is_one_line(fake_hub):
         with pytest.raises(MinigptError) as err:
             call()
         assert str(err.value) == (
-            "org/missing: no such local folder, and the Hugging Face Hub could not provide it (Repository "
-            f"Not Found for url: https://huggingface.co/org/missing). Pass {instead} instead."
+            f"org/missing: no such local folder, and the Hugging Face Hub could not provide it ({NOT_FOUND}). "
+            f"Pass {instead} instead."
         )
 
 
@@ -212,8 +235,7 @@ def test_train_names_the_flag_whose_default_tokenizer_failed(fake_hub, tmp_path,
     result = call_cli("train.py", "--init", "scratch", "--data", data, "--out", str(tmp_path / "run"), "--no-progress")
     assert result.returncode == 2 and result.stderr.splitlines() == [
         "error: --tokenizer, by default distilbert/distilgpt2: no such local folder, and the Hugging Face Hub could "
-        "not provide it (Repository Not Found for url: https://huggingface.co/distilbert/distilgpt2). Pass a "
-        "local tokenizer.json (or a folder holding one) instead."]
+        f"not provide it ({NOT_FOUND}). Pass a local tokenizer.json (or a folder holding one) instead."]
     result = call_cli("train.py", "--init", "scratch", "--tokenizer", "org/missing", "--data", data,
                       "--out", str(tmp_path / "run"), "--no-progress")
     assert result.returncode == 2 and result.stderr.startswith("error: --tokenizer org/missing: no such local folder")
@@ -231,48 +253,84 @@ def test_train_names_the_flag_whose_default_model_failed(fake_hub, tmp_path, mon
         result = call_cli("train.py", "--data", data, *out, *extra, "--no-progress")
         assert result.returncode == 2 and result.stderr.splitlines() == [
             "error: --init, by default distilbert/distilgpt2: no such local folder, and the Hugging Face Hub could "
-            "not provide it (Repository Not Found for url: https://huggingface.co/distilbert/distilgpt2). Pass a "
-            "local checkpoint folder instead."], result.stderr
+            f"not provide it ({NOT_FOUND}). Pass a local checkpoint folder instead."], result.stderr
     typed = call_cli("train.py", "--init", "org/missing", "--data", data, "--out", str(tmp_path / "run"), "--no-progress")
     assert typed.returncode == 2 and typed.stderr.startswith("error: --init org/missing: no such local folder")
     assert not (tmp_path / "run").exists()
 
 
-def test_the_hubs_errors_say_what_went_wrong(fake_hub, monkeypatch, tmp_path):
+def test_the_hubs_errors_say_what_went_wrong(fake_hub, tmp_path, monkeypatch):
     """huggingface_hub's HTTP errors put the cause on the lines after "404 Client Error.", which the
     one line kept cut off; a repo whose files all sit in a subfolder gave "config.json: file not
-    found" in a folder that does not exist."""
-    import huggingface_hub
-    from huggingface_hub.utils import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
+    found" in a folder that does not exist. Where the Hub fails, the cache still serves what it holds."""
+    from huggingface_hub import constants
+    from huggingface_hub.utils import GatedRepoError, HfHubHTTPError, OfflineModeIsEnabled, RepositoryNotFoundError
 
+    monkeypatch.setattr(constants, "HF_HUB_ETAG_TIMEOUT", 7)
     nested = tmp_path / "nested-repo"
     shutil.copytree(fake_hub.repos["org/tiny"], nested / "model")
     fake_hub.repos["org/nested"] = nested
     with pytest.raises(MinigptError) as err:
         load_model("org/nested")
     assert str(err.value) == "org/nested: the Hub repository holds no config.json at its root (not a model's repository)"
-    def made(cls, message):  # (the HTTP errors' constructors want a response object, which differs by version)
-        error = cls.__new__(cls)
-        Exception.__init__(error, message)
-        return error
+
+    class ReadTimeout(Exception):  # (named as requests' and httpx's are: their module differs by version)
+        pass
 
     because = {
         made(GatedRepoError, "403 Client Error. (Request ID: x)\n\nCannot access gated repo"):
             "a gated repository: accept its conditions on its Hub page, then log in (`hf auth login`, or HF_TOKEN)",
-        made(RepositoryNotFoundError, "404 Client Error. (Request ID: x)\n\nRepository Not Found for url"):
-            "no such repository, or a private one: log in (`hf auth login`, or HF_TOKEN) if it is yours",
-        made(LocalEntryNotFoundError, "Cannot find an appropriate cached snapshot folder\nmore"):
+        made(RepositoryNotFoundError, "404 Client Error. (Request ID: x)\n\nRepository Not Found for url"): NOT_FOUND,
+        made(HfHubHTTPError, "504 Server Error: Gateway Time-out for url\nmore"): "504 Server Error: Gateway Time-out for url",
+        made(OfflineModeIsEnabled, "Cannot reach https://huggingface.co: offline mode is enabled"):
             "not in the local cache, and the Hub is unreachable or HF_HUB_OFFLINE is set",
+        ReadTimeout("timed out"): "no answer within 7 s, and not in the local cache; HF_HUB_ETAG_TIMEOUT=60 waits longer",
     }
+    tiny = load_model("org/tiny")[0]  # (now in the cache)
     for error, text in because.items():
-        def failing(repo_id, allow_patterns, _error=error):
-            raise _error
-
-        monkeypatch.setattr(huggingface_hub, "snapshot_download", failing)
+        fake_hub.answer = error
         with pytest.raises(MinigptError) as err:
             load_model("org/gone")
         assert str(err.value) == (f"org/gone: no such local folder, and the Hugging Face Hub could not provide it "
                                   f"({text}). Pass a local checkpoint folder instead.")
+        assert same_weights(load_model("org/tiny")[0], tiny)  # from the cache, whatever the Hub's failure
+
+
+def test_the_hub_is_given_a_time_to_answer(fake_hub, monkeypatch):
+    """The first request goes with HF_HUB_ETAG_TIMEOUT's seconds (huggingface_hub's wait for
+    metadata) and the download comes after an answer only: `snapshot_download`'s own first request
+    waits forever where the network drops packets."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_ETAG_TIMEOUT", 7)
+    load_model("org/tiny")
+    assert fake_hub.asked == [("org/tiny", 7)] * len(fake_hub.calls) and fake_hub.calls[0] == ("org/tiny", FIRST)
+
+
+def test_a_hub_that_never_answers_is_one_line_in_seconds(tmp_path):
+    """sample.py against a Hub that takes the connection and never answers (a network that drops
+    packets) waited in silence until killed; now the real huggingface_hub, the real CLI in a process
+    of its own, and an error in one line after HF_HUB_ETAG_TIMEOUT's seconds."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    from conftest import ROOT, python_path
+
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(8)  # (the kernel takes the connections; nobody ever answers them)
+        env = {**os.environ, "PYTHONPATH": python_path(), "HF_HUB_OFFLINE": "0", "HF_HUB_ETAG_TIMEOUT": "1",
+               "HF_ENDPOINT": f"http://127.0.0.1:{server.getsockname()[1]}", "HF_HOME": str(tmp_path / "hf")}
+        start = time.monotonic()
+        result = subprocess.run([sys.executable, str(ROOT / "sample.py"), "--model", "org/tiny", "Hello"], env=env,
+                                capture_output=True, text=True, timeout=30)
+    assert time.monotonic() - start < 30
+    assert result.returncode == 2 and result.stdout == "" and result.stderr.splitlines() == [
+        "error: org/tiny: no such local folder, and the Hugging Face Hub could not provide it (no answer within 1 s, "
+        "and not in the local cache; HF_HUB_ETAG_TIMEOUT=60 waits longer). Pass a local checkpoint folder instead."]
 
 
 def test_the_default_data_is_the_hubs_eli5_file(monkeypatch):
