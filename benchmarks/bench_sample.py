@@ -332,7 +332,8 @@ def end_to_end(args, hf_dir: Path, mg_dir: Path, work: Path) -> dict:
     pipeline script."""
     script = work / "model_card_pipeline.py"
     script.write_text(PIPELINE_SCRIPT)
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(args.threads),
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))  # (the caller's packages kept)
+    env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": str(args.threads),
            "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_OFFLINE": "1"}
     commands = e2e_commands(hf_dir, mg_dir, script)
     walls, tokens = {name: [] for name in commands}, {name: [] for name in commands}

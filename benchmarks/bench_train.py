@@ -394,7 +394,8 @@ def _status_kb(field: str) -> int:
 
 def peak_memory(side: str, dtype_name: str, folder: Path, device, args) -> float | None:
     spec = "|".join([side, dtype_name, str(folder), str(device.type), str(args.batch_size), str(args.block_size)])
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "TRANSFORMERS_VERBOSITY": "error"}
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))  # (gpu_check.sh's wheels kept)
+    env = {**os.environ, "PYTHONPATH": path, "TRANSFORMERS_VERBOSITY": "error"}
     result = subprocess.run(
         [sys.executable, __file__, "--memory-child", spec], capture_output=True, text=True, env=env
     )

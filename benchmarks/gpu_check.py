@@ -37,6 +37,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from minigpt.cli import Parser, non_negative_int, positive_float, positive_int  # noqa: E402  (after the path set-up)
+from minigpt.train_flags import COMPILE_MODES  # noqa: E402
 
 PROMPT = [464, 2068, 7586, 21831, 18045, 625, 262, 16931, 3290, 13]  # "The quick brown fox ..." ids
 WINDOW = 1024  # the positions of the distilgpt2-shaped model timed (bench_train.model_folder)
@@ -83,7 +84,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="training precisions")
     p.add_argument("--compile-shapes", nargs="*", type=shape, default=[Shape(8, 128)], help="shapes at which ours is also "
                    "timed compiled, in every precision (default: 8x128; compiling takes ~30-60 s each)")
-    p.add_argument("--compile-mode", default="reduce-overhead", choices=("default", "reduce-overhead", "max-autotune"),
+    p.add_argument("--compile-mode", default="reduce-overhead", choices=COMPILE_MODES,
                    help="torch.compile's mode for those cells (default: reduce-overhead)")
     p.add_argument("--steps", type=positive_int, default=10, help="timed steps per cell (default: 10)")
     p.add_argument("--warmup", type=non_negative_int, default=3, help="untimed steps first (default: 3)")

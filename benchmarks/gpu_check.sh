@@ -25,6 +25,22 @@ DEADLINE=470  # seconds for the whole script, kill grace included
 # Offline from the first import on: a machine that cannot reach the Hub must not wait on it.
 export TRANSFORMERS_VERBOSITY=error HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 PYTHONUNBUFFERED=1
 step() { echo "== [$SECONDS s] $*"; }
+# Ctrl-C stops the check. `timeout` puts its command in a process group of its own, which the
+# terminal's Ctrl-C does not reach (bash went on to the next step): so the long steps run in the
+# background, and an INT is passed on to the step running (pytest and gpu_check.py still print
+# their summary and table); then the script exits 130. A short step ends first, then the script.
+interrupted=0 child=""
+trap 'interrupted=1; [ -n "$child" ] && kill -INT "$child" 2>/dev/null' INT
+in_step() {  # in_step COMMAND...: its exit status, Ctrl-C passed on to it
+  [ "$interrupted" -eq 1 ] && { echo "gpu_check: interrupted" >&2; exit 130; }
+  "$@" & child=$!
+  local status
+  wait "$child"; status=$?
+  while kill -0 "$child" 2>/dev/null; do wait "$child"; status=$?; done  # (a wait the INT cut short)
+  child=""
+  [ "$interrupted" -eq 1 ] && { echo "gpu_check: interrupted" >&2; exit 130; }
+  return "$status"
+}
 
 PY=""
 for candidate in ${PYTHON:-} python3 python; do  # an image's `python` may be a Python without torch
@@ -71,11 +87,11 @@ PYCHECK
 # are interrupted with SIGINT, so that pytest still prints its summary and gpu_check.py its table.
 limit=$(( (DEADLINE - SECONDS) * 2 / 5 )); [ "$limit" -lt 30 ] && limit=30  # (a slow set-up: still a try)
 step "CUDA tests: pytest -m cuda (<= $limit s)"
-timeout -s INT -k 10 "$limit" "$PY" -m pytest -m cuda -q -s -rs --durations=5 -p no:cacheprovider tests/
+in_step timeout -s INT -k 10 "$limit" "$PY" -m pytest -m cuda -q -s -rs --durations=5 -p no:cacheprovider tests/
 tests=$?
 limit=$(( DEADLINE - SECONDS - 10 )); [ "$limit" -lt 60 ] && limit=60
 step "timings: benchmarks/gpu_check.py (<= $limit s)"
-timeout -s INT -k 10 "$limit" "$PY" benchmarks/gpu_check.py --budget $(( limit > 80 ? limit - 40 : 40 )) "$@"
+in_step timeout -s INT -k 10 "$limit" "$PY" benchmarks/gpu_check.py --budget $(( limit > 80 ? limit - 40 : 40 )) "$@"
 timings=$?
 step "gpu_check: CUDA tests exit $tests, timings exit $timings"
 [ "$tests" -eq 0 ] && [ "$timings" -eq 0 ]

@@ -33,7 +33,7 @@ TRAINING_FLAGS = (  # what only a training run uses: refused with --eval-only, w
 
 _INT, _X = dict(metavar="N", type=positive_int), dict(metavar="X")
 _PATH = dict(metavar="PATH", type=path_text)
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")  # torch.compile's modes (--compile-mode)
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's modes
 
 
 @dataclasses.dataclass
@@ -93,7 +93,9 @@ class TrainFlags:
     compile_mode: str | None = flag(None, "(--compile) torch.compile's mode: default; reduce-overhead (CUDA graphs, "
                                     "for small launch-bound steps such as the recipe's 8 x 128 on a large GPU; the "
                                     "batch dimension is marked dynamic; --grad-accum 1 only); max-autotune (longer "
-                                    "start, tuned kernels) (default: default)", group="hardware",
+                                    "start, tuned kernels, and CUDA graphs as reduce-overhead); "
+                                    "max-autotune-no-cudagraphs (tuned kernels alone, any --grad-accum) "
+                                    "(default: default)", group="hardware",
                                     choices=COMPILE_MODES)
     out: str = flag(DEFAULT_OUT, "output folder: the checkpoint, its model card, metrics.jsonl, loss.png",
                     group="output", **_PATH)
@@ -217,11 +219,14 @@ def parse_train_flags(argv: Sequence[str] | None, description: str) -> TrainFlag
         p.error(f"--{scratch_flags[0].replace('_', '-')} needs --init scratch (a loaded model keeps its {kept})")
     if args.compile_mode is not None and not args.compile:
         p.error(f"--compile-mode {args.compile_mode} needs --compile")
-    if args.compile_mode == "reduce-overhead" and args.grad_accum > 1:
-        # a CUDA graph's replay reuses its output memory, where the last micro-batch's gradients
-        # still wait to be added to (pytorch/pytorch#169545)
-        p.error("--compile-mode reduce-overhead takes --grad-accum 1: CUDA graphs would overwrite the "
-                "gradients being accumulated")
+    if args.compile_mode is not None and args.grad_accum > 1:
+        from .trainer import CUDA_GRAPH_MODES  # (only here: it imports torch, which a usage error needs not)
+
+        if args.compile_mode in CUDA_GRAPH_MODES:
+            # a CUDA graph's replay reuses its output memory, where the last micro-batch's gradients
+            # still wait to be added to (pytorch/pytorch#169545)
+            p.error(f"--compile-mode {args.compile_mode} takes --grad-accum 1: its CUDA graphs would overwrite the "
+                    "gradients being accumulated (max-autotune-no-cudagraphs takes any)")
     if args.eval_only and (args.init == "scratch" or args.resume):
         p.error("--eval-only evaluates a trained model: give --init SOURCE, without --resume or --init scratch")
     if args.eval_only:  # a flag that would change nothing here is refused, not ignored

@@ -66,6 +66,9 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)  # CPU and every CUDA device
 
 
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # torch.compile's modes that replay CUDA graphs on a GPU
+
+
 @dataclass
 class TrainConfig:
     """How the loop runs (train.py's flags in brackets)."""
@@ -75,7 +78,7 @@ class TrainConfig:
     max_grad_norm: float = 1.0  # clip the gradients' global L2 norm to this; 0: no clipping
     dtype: torch.dtype = torch.float32  # compute precision: bf16 / fp16 run under autocast [--dtype]
     compile: bool = False  # torch.compile the model [--compile]
-    compile_mode: str = "default"  # torch.compile's: default, reduce-overhead, max-autotune [--compile-mode]
+    compile_mode: str = "default"  # torch.compile's (train_flags.COMPILE_MODES) [--compile-mode]
     log_every: int = 10  # write a metrics row every this many steps [--log-every]
     eval_every: int = 0  # evaluate every this many steps (0: at epoch ends and the run's end only) [--eval-every]
     save_every: int = 0  # checkpoint every this many steps (0: only at the end) [--save-every]
@@ -149,9 +152,10 @@ class Trainer:
             if self.device.type == "cpu":  # (inductor's C++ is for this process's instruction sets)
                 prepare_cpu_compile()
             self.forward_model = torch.compile(self.forward_model, mode=config.compile_mode)
-        # reduce-overhead replays CUDA graphs: the batch dimension is marked dynamic so that an epoch's
-        # short last batch reuses the compiled code (a graph is still recorded per batch size).
-        self.cuda_graphs = config.compile and config.compile_mode == "reduce-overhead"
+        # reduce-overhead and max-autotune replay CUDA graphs (inductor's triton.cudagraphs): the batch
+        # dimension is marked dynamic so that an epoch's short last batch reuses the compiled code (a
+        # graph is still recorded per batch size).
+        self.cuda_graphs = config.compile and config.compile_mode in CUDA_GRAPH_MODES
         self.step = 0  # optimizer steps done (fp16 steps skipped by the scaler included)
         self.skipped_steps = 0  # (a property, counted on the device)
         self.last_eval_step = self.last_save_step = -1

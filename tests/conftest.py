@@ -151,7 +151,9 @@ def run_cli(script: str, *args: str, timeout: float = 300, **kwargs):
 def call_cli(script: str, *args: str):
     """Run a CLI's `main` in this process (much faster than a subprocess): same exit code and
     stdout/stderr as the command line, returned as a CompletedProcess. An unexpected exception is
-    not caught: it fails the test, as a traceback would fail the user."""
+    not caught: it fails the test, as a traceback would fail the user. Ctrl-C (or the SIGINT of
+    gpu_check.sh's time limit) while the CLI runs is its exit 130 there: here it is raised again, so
+    that pytest stops and prints its summary instead of going on to the next test."""
     import contextlib
     import importlib.util
     import io
@@ -169,10 +171,22 @@ def call_cli(script: str, *args: str):
             code = 0
         except SystemExit as e:
             code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    if code == 130:  # (no CLI under test exits 130 but for an interrupt)
+        raise KeyboardInterrupt(f"{script} was interrupted: {err.getvalue().strip()}")
     return subprocess.CompletedProcess([script, *args], code, out.getvalue(), err.getvalue())
 
 
 # --- CPU tests stay on the CPU; `cuda`-marked tests run only where CUDA is (issue 13) ---------------
+
+
+@pytest.fixture(autouse=True)
+def _tf32_as_torch_sets_it():
+    """`setup_device` turns TF32 matmuls on for the process (train.py's fp32 on a GPU); a test that
+    ran it, or a CLI in this process, left them on for every later test, whose fp32 numbers then
+    depended on the order the tests ran in. Each test starts with torch's setting again."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 @pytest.fixture(autouse=True)

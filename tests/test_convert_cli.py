@@ -125,6 +125,21 @@ def test_failed_conversion_leaves_previous_output_intact(tiny_hf_dir, tmp_path):
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 
+def test_an_interrupted_cli_stops_the_test_run(tiny_hf_dir, tmp_path, monkeypatch):
+    """In `call_cli` a Ctrl-C (or gpu_check.sh's SIGINT at its time limit) became the CLI's exit 130,
+    one failed test, and pytest went on to the next until the time limit's SIGKILL: no summary. It
+    is raised again, and the CLI has still said "interrupted" and kept its output folder out."""
+    import minigpt.loading
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(minigpt.loading, "load_model", interrupted)
+    with pytest.raises(KeyboardInterrupt, match="convert_hf_weights.py was interrupted: interrupted$"):
+        call_cli("convert_hf_weights.py", str(tiny_hf_dir), "--out", str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("where", [".", ".."])
 def test_the_current_folder_is_refused_and_left_as_it_was(where, tiny_hf_dir, tmp_path, monkeypatch):
     here = tmp_path / "here"

@@ -56,7 +56,11 @@ def test_decoding_with_the_cache_on_cuda_is_the_full_forward(tiny_minigpt_dir):
     ids = torch.tensor([prompt + new], device="cuda")
     with torch.no_grad():
         logits, _ = model(ids)
-    assert logits[0, len(prompt) - 1 : -1].argmax(-1).tolist() == new  # greedy = argmax of the full pass
+    # greedy = argmax of the full pass, up to fp32 rounding: cuBLAS sums 1 row and 11 in other orders,
+    # and a near-tie may go either way (each token within 1e-5 of the largest logit of its row)
+    full = logits[0, len(prompt) - 1 : -1].float()  # (8, vocab)
+    picked = full.gather(1, torch.tensor(new, device="cuda")[:, None]).squeeze(1)
+    assert len(new) == 8 and bool((picked >= full.amax(-1) - 1e-5 * full.abs().amax()).all()), new
 
 
 def test_int8_on_cuda_computes_the_model_or_says_why_not(tiny_minigpt_dir):
@@ -152,10 +156,11 @@ def test_compiled_decoding_on_cuda_decodes_the_eager_tokens(tiny_minigpt_dir):
         config = SamplingConfig(max_new_tokens=new, greedy=True, repetition_penalty=2.0)
         return [t.tolist() for t in generate(model, prompt, config, samples, eos_id=None, compiled=compiled)]
 
-    def greedy_up_to_rounding(model, steps, samples):
+    def greedy_up_to_rounding(model, steps, samples, within):
         """Whether each sample's tokens are, step by step, the eager model's greedy choice (its full
-        forward over them, penalised) or within four bf16 steps (2^-6) of the largest score of it:
-        compiled code fuses and rounds otherwise, and the tiny model's bf16 logits hold exact ties."""
+        forward over them, penalised) or within `within` x its largest score of it: compiled code
+        fuses and rounds otherwise (bf16: four bf16 steps, 2^-6; the tiny model's bf16 logits hold
+        exact ties), and TF32's (2^-9) can turn a near-tie in fp32 too."""
         config = SamplingConfig(max_new_tokens=len(steps), greedy=True, repetition_penalty=2.0)
         for row in zip(*steps):
             ids = torch.tensor([prompt + list(row)], device=device)
@@ -164,7 +169,7 @@ def test_compiled_decoding_on_cuda_decodes_the_eager_tokens(tiny_minigpt_dir):
             for i, token in enumerate(row):
                 n = len(prompt) + i
                 scores = penalized_scores(logits[n - 1 : n], ids[:, :n], config)[0]
-                if scores[token] < scores.max() - 2**-6 * scores.abs().max():
+                if scores[token] < scores.max() - within * scores.abs().max():
                     return False
         return len(steps) > 0 and all(len(step) == samples for step in steps)
 
@@ -173,11 +178,12 @@ def test_compiled_decoding_on_cuda_decodes_the_eager_tokens(tiny_minigpt_dir):
         compiled = CompiledDecoding(model)
         assert list(compiled.steps) == ["cudagraphs", "eager"] and compiled.chosen == "cudagraphs"
 
-        def same_as_eager(new, samples):  # fp32 (TF32): the eager tokens exactly
+        def same_as_eager(new, samples):  # fp32 (TF32): the eager tokens, or a near-tie turned by TF32
             got = run(model, new, samples, compiled)
-            if dtype == torch.float32:
-                return got == run(model, new, samples)
-            return len(got) == new and greedy_up_to_rounding(model, got, samples)
+            if dtype == torch.float32 and got == run(model, new, samples):
+                return True
+            within = 2**-9 if dtype == torch.float32 else 2**-6
+            return len(got) == new and greedy_up_to_rounding(model, got, samples, within)
 
         for new, samples in ((40, 1), (12, 1), (20, 3)):
             assert same_as_eager(new, samples), (dtype, new, samples)

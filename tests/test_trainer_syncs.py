@@ -20,6 +20,7 @@ from minigpt.errors import MinigptError
 from minigpt.metrics import MetricsLog, StepNumbers, strict_json
 from minigpt.run_folder import STATE_JSON
 from minigpt.runtime import program_runs
+from minigpt.trainer import CUDA_GRAPH_MODES
 from test_trainer import lm_loss, make_trainer, micro_model, random_blocks, rows
 
 HOST_READS = ("item", "tolist", "__float__", "__int__", "__bool__", "cpu", "numpy")  # each waits for a GPU's queue
@@ -211,9 +212,17 @@ def test_compile_mode_reaches_torch_compile_and_reduce_overhead_marks_the_batch_
     make_trainer(tmp_path / "a", micro_model(), train, max_steps=3, compile=True, compile_mode="reduce-overhead").fit()
     assert asked == ["reduce-overhead"]
     assert marked == [((4, 16), 0), ((4, 16), 0), ((2, 16), 0)] and len(steps_begun) == 3
-    marked.clear()
+    marked.clear()  # max-autotune replays CUDA graphs too (inductor's triton.cudagraphs); the no-cudagraphs mode not
     make_trainer(tmp_path / "b", micro_model(), train, max_steps=3, compile=True, compile_mode="max-autotune").fit()
-    assert asked[-1] == "max-autotune" and marked == []
+    assert asked[-1] == "max-autotune" and marked == [((4, 16), 0), ((4, 16), 0), ((2, 16), 0)]
+    marked.clear()
+    make_trainer(tmp_path / "c", micro_model(), train, max_steps=3, compile=True,
+                 compile_mode="max-autotune-no-cudagraphs").fit()
+    assert asked[-1] == "max-autotune-no-cudagraphs" and marked == []
+    from torch._inductor import list_mode_options
+
+    for mode in ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"):  # (torch's own table)
+        assert list_mode_options(mode).get("triton.cudagraphs", False) == (mode in CUDA_GRAPH_MODES)
 
 
 @pytest.mark.skipif(not program_runs(os.environ.get("CXX", "g++")), reason="compiling on the CPU needs a C++ compiler")
@@ -247,7 +256,10 @@ def test_compile_mode_flag_errors_are_one_line(tmp_path):
     for args, needle in ((["--compile-mode", "reduce-overhead"], "--compile-mode reduce-overhead needs --compile"),
                          (["--compile", "--compile-mode", "fast"], "argument --compile-mode: invalid choice: 'fast'"),
                          (["--compile", "--compile-mode", "reduce-overhead", "--grad-accum", "2"],
-                          "--compile-mode reduce-overhead takes --grad-accum 1")):
+                          "--compile-mode reduce-overhead takes --grad-accum 1"),
+                         (["--compile", "--compile-mode", "max-autotune", "--grad-accum", "2"],
+                          "--compile-mode max-autotune takes --grad-accum 1: its CUDA graphs would overwrite the "
+                          "gradients being accumulated (max-autotune-no-cudagraphs takes any)")):
         result = call_cli("train.py", *args, "--out", str(tmp_path / "out"))
         assert result.returncode == 2 and needle in result.stderr.strip().splitlines()[-1]
         assert "Traceback" not in result.stderr and not (tmp_path / "out").exists()
@@ -259,6 +271,9 @@ def test_train_flags_carry_the_compile_mode():
     assert parse_train_flags(["--compile"], "").train_config(5, torch.float32).compile_mode == "default"
     config = parse_train_flags(["--compile", "--compile-mode", "reduce-overhead"], "").train_config(5, torch.float32)
     assert config.compile and config.compile_mode == "reduce-overhead"
+    config = parse_train_flags(["--compile", "--compile-mode", "max-autotune-no-cudagraphs", "--grad-accum", "2"],
+                               "").train_config(5, torch.float32)
+    assert config.compile_mode == "max-autotune-no-cudagraphs" and config.grad_accum == 2
 
 
 # --- DDP ------------------------------------------------------------------------------------------
