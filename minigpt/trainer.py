@@ -152,9 +152,8 @@ class Trainer:
             if self.device.type == "cpu":  # (inductor's C++ is for this process's instruction sets)
                 prepare_cpu_compile()
             self.forward_model = torch.compile(self.forward_model, mode=config.compile_mode)
-        # reduce-overhead and max-autotune replay CUDA graphs (inductor's triton.cudagraphs): the batch
-        # dimension is marked dynamic so that an epoch's short last batch reuses the compiled code (a
-        # graph is still recorded per batch size).
+        # CUDA graphs: the batch dimension is marked dynamic so that an epoch's short last batch
+        # reuses the compiled code (a graph is still recorded per batch size).
         self.cuda_graphs = config.compile and config.compile_mode in CUDA_GRAPH_MODES
         self.step = 0  # optimizer steps done (fp16 steps skipped by the scaler included)
         self.skipped_steps = 0  # (a property, counted on the device)
@@ -449,6 +448,3 @@ class Trainer:
     def _log(self, row: dict[str, Any]) -> None:
         if self.metrics is not None:
             self.metrics.write(row)
-
-
-__all__ = ["TrainConfig", "Trainer", "seed_everything"]
