@@ -65,6 +65,7 @@ import weakref
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from .model import GPT, CausalSelfAttention, CrossEntropy
 
@@ -77,6 +78,12 @@ LOG_SOFTMAX_ROWS = 32  # logits rows the loss turns into log-probabilities (or g
 def _cpu_eager(x: torch.Tensor) -> bool:
     """Whether the CPU tricks apply: a CPU tensor, outside torch.compile's tracing."""
     return x.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
+# An anonymous map is shared with a fork()ed child by default (MAP_SHARED): a child training on would
+# write the parent's logits and gradients (a multiprocessing pool forked after a step). Private:
+# each process's pages its own once written.
+_PRIVATE = {"flags": mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS} if hasattr(mmap, "MAP_PRIVATE") else {}
 
 
 class Workspace:
@@ -108,7 +115,7 @@ class Workspace:
         with self._lock:
             block, lent = self._blocks.get(name, (None, None))
             if block is None or len(block) < numel * dtype.itemsize or lent() is not None:
-                block = mmap.mmap(-1, numel * dtype.itemsize)
+                block = mmap.mmap(-1, numel * dtype.itemsize, **_PRIVATE)
             view = memoryview(block)
             self._blocks[name] = (block, weakref.ref(view))
             flat = torch.frombuffer(view, dtype=dtype, count=numel)
@@ -160,19 +167,20 @@ class PaddedRowsLMHead(nn.Linear):
     """The LM head (x @ weight.T, no bias), writing its CPU output into rows padded to 64 bytes.
 
     With an unpadded (N, 50257) output most rows start off a 64-byte boundary, and the CPU's matmul
-    writes those more slowly. The logits returned are a view that leaves the padding out, so they
-    are not contiguous (`InPlaceCrossEntropy` reads them as they are). They and the backward's
-    weight gradient take turns in one block of the head's workspace: the logits are freed once the
-    loss has read them, unless the caller keeps them. Under autocast it computes what autocast's
-    linear does (x and the weight cast to bf16, bf16 products; the weight's gradient made in bf16,
-    then cast to fp32), with the weight's cast in the workspace too. Off the CPU and under
-    torch.compile it is `nn.Linear`.
+    writes those more slowly. The logits returned leave the padding out, so they are not contiguous
+    (`InPlaceCrossEntropy` reads them as they are; `.view(N, -1)` fails, `.reshape` copies). They
+    and the backward's weight gradient take turns in one block of the head's workspace: the logits
+    are freed once the loss has read them, unless the caller keeps them. Under autocast it computes
+    what autocast's linear does (x and the weight cast to bf16, bf16 products; the weight's gradient
+    made in bf16, then cast to fp32), with the weight's cast in the workspace too. Off the CPU and
+    under torch.compile it is `nn.Linear`.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not _cpu_eager(x):
             return super().forward(x)
-        dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
+        autocast = torch.is_autocast_enabled("cpu") and x.dtype != torch.float64  # (autocast leaves fp64 as it is)
+        dtype = torch.get_autocast_dtype("cpu") if autocast else x.dtype
         return _PaddedRowsMatmul.apply(x, self.weight, dtype, _workspace(self))
 
     def extra_repr(self) -> str:
@@ -194,9 +202,13 @@ class _PaddedRowsMatmul(torch.autograd.Function):
         padded = workspace.empty("out", (x2.size(0), (n_out + pad - 1) // pad * pad), dtype, x2.device)
         out = padded[:, :n_out]
         torch.mm(x2, w.t(), out=out)
-        return out.view(*x.shape[:-1], n_out)
+        # returned as a tensor of its own on the block (not a view of `padded`): a caller may then edit
+        # the logits in place, as nn.Linear's, where autograd refuses that on a Function's view output
+        logits = out.view(*x.shape[:-1], n_out)
+        return torch.empty(0, dtype=dtype).set_(padded.untyped_storage(), 0, logits.shape, logits.stride())
 
     @staticmethod
+    @once_differentiable  # (its backward is no graph: a second derivative is refused, not wrong)
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None, None]:
         x2, w = ctx.saved_tensors
         grad2 = grad.reshape(-1, grad.size(-1))  # (N, n_out), in the output's dtype
@@ -234,7 +246,8 @@ class InPlaceCrossEntropy(CrossEntropy):
     per-row kernel: `exp_` now and then gave other bits in a process's first step (torch 2.13: 4 of
     100 fresh processes, the per-row kernel 0 of 150), and a resumed run must end where an
     uninterrupted one does; 7 ms more in fp32, 15 in bf16, on another Xeon VM. Under torch.compile
-    it is `CrossEntropy`.
+    it is `CrossEntropy`. The backward runs once: a second one through the same loss (retain_graph)
+    is refused by autograd, the saved log-probabilities being the gradient by then.
     """
 
     def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -265,9 +278,11 @@ class _CrossEntropy(torch.autograd.Function):
         return -picked.sum() / n
 
     @staticmethod
+    @once_differentiable  # (its backward is no graph: a second derivative is refused, not wrong)
     def backward(ctx, grad_loss: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
         logprobs, safe, scored, n = ctx.saved_tensors
-        scale = (scored * (grad_loss / n))[:, None]  # mean over scored rows; ignored rows -> 0
+        # mean over the scored rows; ignored rows -> 0 (and all of them ignored: zeros, not NaN, as torch's)
+        scale = (scored * (grad_loss / n.clamp(min=1)))[:, None]
         # (bf16 logits: the gradient in bf16, as autograd would convert it, each row block while in cache)
         grad = logprobs
         if ctx.logits_dtype != logprobs.dtype:
@@ -290,13 +305,13 @@ class WorkspaceEmbedding(nn.Embedding):
     gradient added into its token's row (`index_add_`, as torch's own backward does: the same
     numbers). torch makes the zeros fresh each step (154 MB at GPT-2's vocabulary); here they are
     the workspace's block, zeroed again. Autograd then adds the tied LM head's gradient into one of
-    the two in place. With `padding_idx`, `max_norm`, `scale_grad_by_freq` or `sparse`, off the CPU
-    and under torch.compile it is `nn.Embedding`.
+    the two in place. With `padding_idx`, `max_norm`, `scale_grad_by_freq` or `sparse`, weights in
+    bf16 or fp16 (torch sums those otherwise), off the CPU and under torch.compile it is `nn.Embedding`.
     """
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         stock = self.padding_idx is not None or self.max_norm is not None or self.scale_grad_by_freq or self.sparse
-        if stock or not _cpu_eager(self.weight):
+        if stock or self.weight.dtype not in (torch.float32, torch.float64) or not _cpu_eager(self.weight):
             return super().forward(idx)
         return _EmbeddingLookup.apply(idx, self.weight, _workspace(self))
 
@@ -311,6 +326,7 @@ class _EmbeddingLookup(torch.autograd.Function):
         return F.embedding(idx, weight)
 
     @staticmethod
+    @once_differentiable  # (its backward is no graph: a second derivative is refused, not wrong)
     def backward(ctx, grad: torch.Tensor) -> tuple[None, torch.Tensor | None, None]:
         if not ctx.needs_input_grad[1]:
             return None, None, None

@@ -456,6 +456,41 @@ BREAKS = (
         ("tests/test_training_speed.py::test_the_embeddings_gradient_is_torchs_bit_for_bit_in_memory_it_takes_again",),
     ),
     Break(
+        "workspace_shared_with_a_fork",
+        "a workspace's blocks are shared anonymous maps: a fork()ed child writes the parent's logits and gradients",
+        ((r"mmap\.mmap\(-1, numel \* dtype\.itemsize, \*\*_PRIVATE\)", "mmap.mmap(-1, numel * dtype.itemsize)"),),
+        ("tests/test_training_speed.py::test_a_workspace_is_not_shared_with_a_forked_child",),
+    ),
+    Break(
+        "loss_nan_when_nothing_scored", "the in-place loss's gradient is NaN where every target is ignored (torch's: zeros)",
+        ((r"grad_loss / n\.clamp\(min=1\)", "grad_loss / n"),),
+        ("tests/test_training_speed.py::test_the_swapped_model_takes_what_the_plain_one_takes",),
+    ),
+    Break(
+        "head_logits_a_view", "the padded head returns its logits as a view: editing them in place is refused by autograd",
+        ((r"return torch\.empty\(0, dtype=dtype\)\.set_\(padded\.untyped_storage\(\), 0, logits\.shape, logits\.stride\(\)\)",
+          "return logits"),),
+        ("tests/test_training_speed.py::test_the_swapped_model_takes_what_the_plain_one_takes",),
+    ),
+    Break(
+        "head_casts_fp64_under_autocast",
+        "the padded head casts an fp64 model's activations to bf16 under autocast (autocast leaves fp64)",
+        ((r'autocast = torch\.is_autocast_enabled\("cpu"\) and x\.dtype != torch\.float64', 'autocast = torch.is_autocast_enabled("cpu")'),),
+        ("tests/test_training_speed.py::test_the_swapped_model_takes_what_the_plain_one_takes",),
+    ),
+    Break(
+        "embedding_grad_in_workspace_for_bf16",
+        "the workspace embedding makes a bf16 / fp16 model's gradient too, summed otherwise than torch's",
+        ((r"if stock or self\.weight\.dtype not in \(torch\.float32, torch\.float64\) or not _cpu_eager", "if stock or not _cpu_eager"),),
+        ("tests/test_training_speed.py::test_the_embeddings_gradient_is_torchs_bit_for_bit_in_memory_it_takes_again",),
+    ),
+    Break(
+        "second_derivative_taken",
+        "the swapped Functions' backwards are taken as differentiable: a gradient penalty runs on wrong numbers or fails in a kernel",
+        ((r"    @once_differentiable  # \(its backward is no graph: a second derivative is refused, not wrong\)\n", ""),),
+        ("tests/test_training_speed.py::test_a_second_derivative_or_backward_is_refused_not_wrong",),
+    ),
+    Break(
         "head_weight_cast_fresh", "under autocast the LM head casts its weight to bf16 into a fresh tensor every step",
         ((r'w = workspace\.empty\("weight", tuple\(weight\.shape\), dtype, weight\.device\)\.copy_\(weight\)',
           "w = weight.to(dtype)"),),
@@ -463,8 +498,8 @@ BREAKS = (
     ),
     Break(
         "head_autocast_stock", "under autocast the LM head is a plain nn.Linear again (unpadded bf16 rows, fresh casts)",
-        ((r'        if not _cpu_eager\(x\):\n            return super\(\)\.forward\(x\)\n        dtype =',
-          '        if not _cpu_eager(x) or torch.is_autocast_enabled("cpu"):\n            return super().forward(x)\n        dtype ='),),
+        ((r'        if not _cpu_eager\(x\):\n            return super\(\)\.forward\(x\)\n        autocast =',
+          '        if not _cpu_eager(x) or torch.is_autocast_enabled("cpu"):\n            return super().forward(x)\n        autocast ='),),
         ("tests/test_training_speed.py::test_lm_head_under_autocast_pads_bf16_rows_and_equals_autocasts_linear",
          "tests/test_training_speed.py::test_same_logits_loss_and_gradients_as_the_plain_model_under_bf16_autocast"),
     ),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 import pickle
 
 import pytest
@@ -238,10 +239,13 @@ def test_the_embeddings_gradient_is_torchs_bit_for_bit_in_memory_it_takes_again(
     assert torch.equal(kept, kept_copy) and ours.weight.grad.data_ptr() != kept.data_ptr()
     assert torch.equal(ours.weight.grad, 2 * kept)
     assert not ours.requires_grad_(False)(idx).requires_grad  # a frozen embedding: no gradient made
-    for options in ({"padding_idx": 3}, {"scale_grad_by_freq": True}, {"sparse": True}, {"max_norm": 1.0}):
+    for options in ({"padding_idx": 3}, {"scale_grad_by_freq": True}, {"sparse": True}, {"max_norm": 1.0},
+                    {"dtype": torch.bfloat16}, {"dtype": torch.float16}):  # (torch sums bf16/fp16 otherwise)
         plain, ours = pair(**options)
-        ours(idx).backward(g)
-        plain(idx).backward(g)
+        many = torch.randint(0, 4, (64, 32), generator=torch.Generator().manual_seed(0))  # (ids repeated)
+        grad = torch.randn(64, 32, 24, dtype=plain.weight.dtype)
+        ours(many).backward(grad)
+        plain(many).backward(grad)
         assert torch.equal(ours.weight.grad.to_dense(), plain.weight.grad.to_dense()), options
         assert ours.weight.grad.is_sparse == ours.sparse
         assert ours.sparse or ours.weight.grad.untyped_storage().resizable()  # (torch's own memory)
@@ -381,3 +385,78 @@ def test_training_steps_reuse_the_heads_and_the_losss_memory_and_never_what_the_
             loss = swapped(idx, targets=idx)[1]
         loss.backward()
     assert torch.allclose(wte.grad, 2 * expected, rtol=rtol, atol=2 * atol)
+
+
+# --- what the plain model allows, the swapped one allows too (or refuses in one line) ---------------
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="fork() is POSIX's")
+def test_a_workspace_is_not_shared_with_a_forked_child():
+    """Its blocks were anonymous maps, which fork() shares: a child training on (a multiprocessing
+    pool forked after a step) wrote the parent's logits and gradients (23 of 40 of the parent's
+    steps wrong). Private maps: the child's writes are its own."""
+    ws = Workspace()
+    block = ws.empty("out", (1024,), torch.float32, torch.device("cpu")).fill_(1.0)
+    pid = os.fork()
+    if pid == 0:  # the child: writes through numpy (no torch threads in a forked child)
+        block.numpy()[:] = 2.0
+        os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    assert status == 0 and torch.equal(block, torch.ones(1024))
+
+
+def test_the_swapped_model_takes_what_the_plain_one_takes():
+    """Found by an audit: every target ignored gave NaN gradients (torch's are zeros: a micro-batch
+    with nothing to score poisoned the step); the logits could not be edited in place ("a view ...
+    created inside a custom Function"); an fp64 model under bf16 autocast got a bf16 head (autocast
+    leaves fp64 alone). (A bf16 model's embedding gradient: the embedding's test.)
+    Each now as the plain model (the gradients up to the order of a few sums, as always)."""
+    idx = torch.randint(0, 301, (3, 32), generator=torch.Generator().manual_seed(2))
+
+    def run(model, targets, edit, autocast, dtype):
+        model.eval().to(dtype).zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            h = model.transformer.wte(idx) + model.transformer.wpe.weight[:32]  # (a model without its blocks)
+            logits = model.lm_head(model.transformer.ln_f(h))
+            if edit:
+                logits[..., 0] = -1e4
+                logits.mul_(0.5)
+            loss = model.cross_entropy(logits.reshape(-1, 301), targets.reshape(-1))
+        loss.backward()
+        return logits, loss, [p.grad for p in model.parameters() if p.grad is not None]
+
+    for targets, edit, autocast, dtype in ((torch.full_like(idx, -100), False, False, torch.float32),
+                                           (idx, True, False, torch.float32), (idx, True, True, torch.float32),
+                                           (idx, False, True, torch.float64)):
+        plain, swapped = plain_and_swapped()
+        (logits_a, loss_a, grads_a), (logits_b, loss_b, grads_b) = (run(m, targets, edit, autocast, dtype)
+                                                                   for m in (plain, swapped))
+        case = (targets[0, 0].item(), edit, autocast, dtype)
+        near = 2**-8 if autocast and dtype == torch.float32 else 1e-6  # (bf16 products: one rounding, other CPUs)
+        assert logits_b.dtype == logits_a.dtype, case
+        assert (logits_b.double() - logits_a.double()).abs().max() <= near * logits_a.double().abs().max(), case
+        assert loss_b.item() == pytest.approx(loss_a.item(), rel=1e-4, nan_ok=True), case  # (nothing scored: NaN)
+        assert len(grads_b) == len(grads_a) and grads_b[0].dtype == grads_a[0].dtype, case
+        for a, b in zip(grads_a, grads_b):
+            assert b.isfinite().all() and (b - a).abs().max() <= (2e-2 if near > 1e-6 else 1e-5) * a.abs().max(), case
+        assert targets[0, 0] != -100 or not any(g.any() for g in grads_b)  # (nothing scored: zeros, as torch's)
+
+
+def test_a_second_derivative_or_backward_is_refused_not_wrong():
+    """A gradient penalty (`create_graph=True`) failed deep in a kernel in fp32 ("mm(): functions
+    with out=... arguments don't support automatic differentiation") and, under bf16 autocast, ran
+    and gave wrong gradients: the swapped Functions' backwards are no graph. Now refused by autograd
+    in one line; the plain model is the one for it. A second backward through the loss
+    (retain_graph) is refused too: the loss makes its gradient in place of what it saved."""
+    idx = torch.randint(0, 301, (2, 16), generator=torch.Generator().manual_seed(3))
+    for autocast in (False, True):
+        _, swapped = plain_and_swapped()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            _, loss = swapped.eval()(idx, targets=idx)
+        grads = torch.autograd.grad(loss, list(swapped.parameters()), create_graph=True)
+        with pytest.raises(RuntimeError, match="once_differentiable"):
+            sum(g.pow(2).sum() for g in grads).backward()
+    _, loss = swapped(idx, targets=idx)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
