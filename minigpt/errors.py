@@ -8,6 +8,7 @@ its traceback.
 from __future__ import annotations
 
 import contextlib
+import operator
 from typing import Iterator
 
 
@@ -28,6 +29,18 @@ def alike_on_every_rank() -> Iterator[None]:
     except MinigptError as e:
         e.every_rank = True
         raise
+
+
+def integer_at_least(value: object, least: int, name: str) -> int:
+    """`value` as an int, if it is an integer (Python's, NumPy's or a 0-d tensor's; not a bool, not a
+    float) >= `least`; else a one-line MinigptError naming `name`."""
+    try:
+        number = None if isinstance(value, bool) else operator.index(value)
+    except TypeError:
+        number = None
+    if number is None or number < least:
+        raise MinigptError(f"{name} must be an integer >= {least}, got {value!r}")
+    return number
 
 
 def reason(e: BaseException) -> str:

@@ -58,12 +58,12 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-from .errors import MinigptError
+from .errors import MinigptError, integer_at_least
 from .layouts import (FUSIBLE_KERNELS, DenseLinear, Fp16Linear, MklLinear, OneDnnLinear, OnThreads, RowSplitLinear,
                       SharedEmbedding, SplitLinear, TransposedLinear, fp16_refuses)
 from .model import GPT
 from .quantized import FbgemmInt8Linear, Int8Linear
-from .runtime import check_fits, cpu_cache_bytes, evicting_bytes, wait_for
+from .runtime import check_fits, computing_device, cpu_cache_bytes, evicting_bytes, wait_for
 
 QUANTIZATIONS = ("int8",)
 WEIGHT_BYTES = {"fp32": 4, "bf16": 2, "int8": 1}  # bytes a weight takes in each precision
@@ -366,11 +366,13 @@ def prepare_for_inference(
     """
     if isinstance(model.transformer.wte, SharedEmbedding):
         raise MinigptError("the model is already prepared for inference: use it as it is, or load it again to redo it")
+    if model.lm_head.weight is not model.transformer.wte.weight:  # (a prepared model embeds with the head's rows)
+        raise MinigptError("this model's LM head is not tied to its token embeddings (wte), as GPT-2's is and a "
+                           "prepared model's must be: call model.tie_weights() first")
     if quantize is not None and quantize not in QUANTIZATIONS:
         raise MinigptError(f"--quantize: unknown scheme {quantize!r} (choose from {QUANTIZATIONS})")
-    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
-        raise MinigptError(f"batch_size must be an integer >= 1, got {batch_size!r}")
-    device, dtype = model.transformer.wpe.weight.device, model.transformer.ln_f.weight.dtype
+    batch_size = integer_at_least(batch_size, 1, "batch_size")
+    device, dtype = computing_device(model.transformer.wpe.weight), model.transformer.ln_f.weight.dtype
     if quantize == "int8":
         if not _has_int8mm(device):
             raise MinigptError(f"--quantize int8: this PyTorch build has no int8 weight-only kernel for "

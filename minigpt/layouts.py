@@ -304,8 +304,9 @@ class SharedEmbedding(nn.Module):
         return self.head.embed(idx).to(self.out_dtype)
 
     def _apply(self, fn: Callable, recurse: bool = True) -> nn.Module:
-        """Refuse a move or cast of the prepared model (`.to(...)`, `.half()`): its layers hold weights
-        packed for the chosen kernels, which no cast converts (errors came later, deep in a kernel).
+        """Refuse a move or cast of the prepared model (`.to(...)`, `.half()`), or `share_memory()`: its
+        layers hold weights packed for the chosen kernels, which no cast converts (errors came later,
+        deep in a kernel) and MKL's and oneDNN's have no storage to share.
         Refused before anything changes: this is the model's first module (`nn.Module._apply` visits
         children first, in order)."""
         tensors = [*self.head.parameters(), *self.head.buffers()]
@@ -314,6 +315,9 @@ class SharedEmbedding(nn.Module):
             if (moved := fn(probe)).dtype != dtype or moved.device != probe.device:
                 raise MinigptError(f"this model is prepared for inference and cannot become {moved.dtype} on "
                                    f"{moved.device}: load it with the device and dtype wanted, then prepare it")
+            if moved.is_shared():  # (share_memory(): MKL's and oneDNN's packed weights have no storage to share)
+                raise MinigptError("a model prepared for inference cannot be shared with other processes: share "
+                                   "the plain model, and prepare it in each process")
         return super()._apply(fn, recurse)
 
 

@@ -48,6 +48,14 @@ def resolve_device(name: str | torch.device | int = "auto") -> torch.device:
     return torch.device(name)
 
 
+def computing_device(weight: torch.Tensor) -> torch.device:
+    """The device a model whose `weight` this is computes on; a model on the meta device (shapes, no
+    weights: `torch.device("meta")` while building one) is a one-line MinigptError."""
+    if weight.device.type == "meta":
+        raise MinigptError("the model is on the meta device, which holds shapes and no weights: load its weights first")
+    return weight.device
+
+
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     """`auto` is bf16 on a GPU that supports it, else fp32; fp16 and bf16 are refused where unsupported."""
     if name == "auto":

@@ -40,10 +40,10 @@ from typing import Callable, Iterator, Sequence
 import torch
 import torch.nn.functional as F
 
-from .errors import MinigptError
+from .errors import MinigptError, integer_at_least
 from .compiled_decoding import CompiledDecoding
 from .model import GPT, KVCache
-from .runtime import allocate, check_fits
+from .runtime import allocate, check_fits, computing_device
 from .sampling_config import SamplingConfig
 from .tokenizer import Tokenizer
 
@@ -51,9 +51,7 @@ from .tokenizer import Tokenizer
 # --- the logit filters ------------------------------------------------------------------------
 
 
-def apply_repetition_penalty(
-    scores: torch.Tensor, tokens: torch.Tensor, penalty: float
-) -> torch.Tensor:
+def apply_repetition_penalty(scores: torch.Tensor, tokens: torch.Tensor, penalty: float) -> torch.Tensor:
     """Penalise every token id that occurs in `tokens` (B, L), once however often it occurs.
 
     A positive score is divided by `penalty`, a negative one multiplied by it, so with penalty > 1
@@ -74,9 +72,11 @@ def apply_repetition_penalty(
 
 def apply_temperature(scores: torch.Tensor, temperature: float) -> torch.Tensor:
     """Divide the logits by `temperature`: below 1 the distribution sharpens, above 1 it flattens."""
-    # Below the smallest normal float a temperature rounds to 0 (or its reciprocal to inf: 0 * inf = NaN);
-    # the smallest normal one already gives the limit on scores shifted to a maximum of 0: all mass on it.
-    return scores / max(temperature, torch.finfo(scores.dtype).tiny)
+    # Below the smallest normal float a temperature rounds to 0 (its reciprocal to inf: 0 * inf = NaN); the
+    # smallest gives the limit on scores shifted to a maximum of 0, all mass on it. Above the largest it
+    # rounds to inf, every score to 0: a tie that top-k kept whole.
+    finfo = torch.finfo(scores.dtype)
+    return scores / min(max(temperature, finfo.tiny), finfo.max)
 
 
 def top_k_filter(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -284,8 +284,7 @@ def generate(
     memory is a MinigptError naming its size then.
     """
     check_eval_mode(model, "generation")
-    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
-        raise MinigptError(f"num_samples must be an integer >= 1, got {num_samples!r}")
+    num_samples = integer_at_least(num_samples, 1, "num_samples")
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator: a torch.Generator (or None), got {type(generator).__name__}")
     prompt = token_ids(prompt, model.config.vocab_size)
@@ -390,7 +389,7 @@ def _steps(
 
 def model_device(model: GPT) -> torch.device:
     """Where the model computes (the device of its position embeddings, which every inference layout keeps)."""
-    return model.transformer.wpe.weight.device
+    return computing_device(model.transformer.wpe.weight)
 
 
 def seeded_generator(model: GPT, seed: int | None = None) -> torch.Generator:

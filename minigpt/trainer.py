@@ -46,7 +46,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from .ddp import Ranks, StopRequest, all_reduce_sum, gather_rng_states, restore_rng_states
-from .errors import MinigptError
+from .errors import MinigptError, integer_at_least
 from .metrics import MetricsLog, StepNumbers, evaluate, perplexity, plot_metrics
 from .optim import AdamW, clip_grad_norm
 from .run_folder import CARD_FILE, METRICS_FILE, PLOT_FILE, check_out_folder, check_same_run
@@ -87,9 +87,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         """Refuse, in one line, what the loop would misread (a grad_accum of 1.5, a dtype given by name)."""
         for name in ("max_steps", "grad_accum", "log_every", "eval_every", "save_every"):
-            value, least = getattr(self, name), 0 if name in ("eval_every", "save_every") else 1  # (0: off)
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < least:
-                raise MinigptError(f"TrainConfig: {name} must be an integer >= {least}, got {value!r}")
+            least = 0 if name in ("eval_every", "save_every") else 1  # (0: off)
+            setattr(self, name, integer_at_least(getattr(self, name), least, f"TrainConfig: {name}"))
         norm = self.max_grad_norm  # (NaN would turn the clipping off, silently)
         if isinstance(norm, bool) or not isinstance(norm, (int, float)) or not norm >= 0:
             raise MinigptError(f"TrainConfig: max_grad_norm must be a number >= 0 (0: no clipping), got {norm!r}")

@@ -10,8 +10,10 @@ import pickle
 import re
 import types
 
+import numpy as np
 import pytest
 import torch
+import torch.nn as nn
 
 from minigpt import inference, runtime
 from minigpt.config import GPTConfig
@@ -20,6 +22,7 @@ from minigpt.inference import LAYOUTS, available_kernels, kernel_summary, prepar
 from minigpt.layouts import UPCAST_CHUNK, OnThreads
 from minigpt.model import GPT
 from minigpt.opaque import opaque_product
+from minigpt.sampling import SamplingConfig, generate_ids
 
 # Every declared (precision, kernel) pair, whether or not this torch build offers it (skipped then).
 ALL = [(p, k) for p, layouts in LAYOUTS.items() for layout in layouts for k in layout.kernels]
@@ -509,8 +512,6 @@ def test_a_forced_kernel_that_cannot_run_says_why(small_model, monkeypatch):
 def test_a_prepared_model_is_in_eval_mode():
     """A model left in training mode (as `Trainer.fit` leaves it) comes back in eval mode, every module
     swapped in included, and decodes the tokens of the plain model in eval mode."""
-    from minigpt.sampling import SamplingConfig, generate_ids
-
     torch.manual_seed(0)
     training = GPT(GPTConfig(n_layer=2, n_head=4, n_embd=64, block_size=64, vocab_size=2100, dropout=0.1))
     reference = copy.deepcopy(training).eval()
@@ -535,6 +536,28 @@ def test_preparing_a_prepared_model_or_for_no_rows_is_refused_in_one_line(small_
         with pytest.raises(MinigptError) as error:
             prepare_for_inference(copy.deepcopy(small_model), batch_size=batch_size)
         assert str(error.value) == f"batch_size must be an integer >= 1, got {batch_size!r}"
+    numpy_rows = prepare_for_inference(copy.deepcopy(small_model), batch_size=np.int64(2), kernel="linear")
+    assert kernel_summary(numpy_rows) == summary  # (a NumPy integer is an integer)
+
+
+def test_a_model_whose_head_is_untied_or_on_meta_is_refused_in_one_line(small_model):
+    """A prepared model embeds tokens with the LM head's rows (GPT-2 ties the two): a model whose head
+    was untied (its own weights) was prepared into other logits without a word (1.59 apart on a test
+    model). One on the meta device (shapes, no weights) failed in torch ("could not parse dispatch
+    key: META"); generating from it too (".item() cannot be called on meta tensors")."""
+    untied = copy.deepcopy(small_model)
+    untied.lm_head.weight = nn.Parameter(untied.lm_head.weight.detach() + 0.05)
+    with pytest.raises(MinigptError, match=r"^this model's LM head is not tied to its token embeddings \(wte\), as "
+                       r"GPT-2's is and a prepared model's must be: call model.tie_weights\(\) first$"):
+        prepare_for_inference(untied)
+    assert type(untied.lm_head) is nn.Linear  # left as it was
+    with torch.device("meta"):
+        meta = GPT(small_model.config).eval()
+    for call in (lambda: prepare_for_inference(meta, "int8"), lambda: prepare_for_inference(meta),
+                 lambda: generate_ids(meta, [5], SamplingConfig(max_new_tokens=2), eos_id=None)):
+        with pytest.raises(MinigptError, match="^the model is on the meta device, which holds shapes and no weights: "
+                           "load its weights first$"):
+            call()
 
 
 @pytest.mark.parametrize("precision, kernel", ALL)
@@ -590,6 +613,13 @@ def test_a_prepared_model_pickles_and_deep_copies_on_every_kernel(small_model, p
             assert torch.equal(opaque_product(digits, layer.key), layer.product(digits))
         with pytest.raises(MinigptError, match="prepared for inference"):  # (still refuses a cast)
             copied.half()
+    # share_memory() failed for MKL's and oneDNN's ("Cannot access storage of OpaqueTensorImpl", a
+    # traceback) and passed for the other kernels: refused for all, in one line, before anything is shared
+    with pytest.raises(MinigptError, match=r"^a model prepared for inference cannot be shared with other processes: "
+                       r"share the plain model, and prepare it in each process$"):
+        copies[0].share_memory()
+    assert not any(t.is_shared() for t in copies[0].state_dict().values() if t.layout == torch.strided)
+    assert torch.equal(copies[0](idx)[0], expected)
 
 
 @pytest.mark.parametrize("dtype, quantize", [(torch.float32, None), (torch.bfloat16, None), (torch.float32, "int8"),

@@ -463,6 +463,20 @@ def test_a_vanishing_temperature_is_its_limit_all_mass_on_the_maximum(t, filters
         assert torch.equal(next_token(logits, tokens, config, torch.Generator().manual_seed(seed)), logits.argmax(-1))
 
 
+@pytest.mark.parametrize("t", [1e38, 3.5e38, 1e39, 1e300, 1.7e308])
+def test_a_huge_temperature_keeps_top_k(t):
+    """Above float32's largest value a temperature rounded to inf and every score to 0: top-k's tie at
+    the k-th value kept the whole vocabulary, and tokens far outside the top 5 were drawn (HF's
+    warpers do the same). The largest finite temperature keeps the scores apart: top-k holds."""
+    logits = random_logits(0)
+    values, ids = candidate_scores(logits, SamplingConfig(temperature=t, top_k=5, top_p=1.0))
+    assert ids.shape == (4, 5) and torch.equal(ids, logits.topk(5).indices)
+    assert values.isfinite().all() and not (values == 0).all()
+    config, tokens = SamplingConfig(temperature=t, top_k=5), torch.zeros(4, 1, dtype=torch.long)
+    drawn = {int(i) for seed in range(20) for i in next_token(logits, tokens, config, torch.Generator().manual_seed(seed))}
+    assert drawn <= set(logits.topk(5).indices.flatten().tolist()) and len(drawn) > 4  # (nearly uniform among them)
+
+
 @pytest.mark.parametrize("t", VANISHING)
 def test_sampling_at_a_vanishing_temperature_decodes_greedy_tokens(tiny, t):
     model, tokenizer = tiny
@@ -686,6 +700,7 @@ def test_generate_checks_num_samples_generator_and_eos_id_when_called(tiny):
     for bad in (2.0, True, "2", 0):
         with pytest.raises(MinigptError, match=rf"^num_samples must be an integer >= 1, got {re.escape(repr(bad))}$"):
             generate(model, [464], config, bad, eos_id=tokenizer.eos_id)
+    assert len(generate_ids(model, [464], config, np.int64(2), eos_id=None)) == 2  # (a NumPy integer is one)
     with pytest.raises(TypeError, match=r"^generator: a torch\.Generator \(or None\), got int$"):
         generate(model, [464], config, 1, 12345, eos_id=tokenizer.eos_id)
     for bad in ("x", 1.0):  # "x" was a TypeError from comparing a str with an int
