@@ -41,7 +41,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .errors import MinigptError
+from .errors import MinigptError, integer_at_least
 from .files import atomic_folder, read_json
 from .formats import FORMATS
 from .sources import Source, render
@@ -77,10 +77,12 @@ class DataConfig:
             if value is not None and (isinstance(value, bool) or not isinstance(value, kind)):
                 what = "an integer" if kind is Integral else "a number"
                 raise MinigptError(f"--{name.replace('_', '-')}: must be {what}, got {value!r}")
+            if value is not None:  # (NumPy's numbers as Python's: the cache key is JSON)
+                setattr(self, name, int(value) if kind is Integral else float(value))
         if self.format not in FORMATS:
             raise MinigptError(f"--format: unknown format {self.format!r} (choose from {', '.join(FORMATS)})")
-        if self.block_size < 1:
-            raise MinigptError(f"--block-size: must be at least 1, got {self.block_size}")
+        if self.block_size < 2:  # (a block predicts its tokens after the first: one token has no target)
+            raise MinigptError(f"--block-size: must be at least 2, got {self.block_size}")
         if self.max_records is not None and self.max_records < 1:
             raise MinigptError(f"--max-records: must be at least 1, got {self.max_records}")
         if not 0 <= self.val_fraction < 1:
@@ -96,8 +98,8 @@ def count(n: int, noun: str) -> str:
 
 def default_cache_dir() -> Path:
     """`$MINIGPT_CACHE/data` when that variable is set, else `~/.cache/minigpt/data`."""
-    root = os.environ.get("MINIGPT_CACHE")
-    return (Path(root) if root else Path.home() / ".cache" / "minigpt") / "data"
+    root = os.environ.get("MINIGPT_CACHE")  # ("~/c", as a Dockerfile's ENV leaves it: the home folder's)
+    return (Path(root).expanduser() if root else Path.home() / ".cache" / "minigpt") / "data"
 
 
 def tiny_preset_path() -> Path:
@@ -345,12 +347,10 @@ class BatchIterator:
         world_size: int = 1,
         drop_last: bool = False,
     ) -> None:
-        if batch_size < 1:
-            raise MinigptError(f"--batch-size: must be at least 1, got {batch_size}")
+        batch_size = integer_at_least(batch_size, 1, "--batch-size")  # (ints: its state_dict is JSON)
+        seed = integer_at_least(seed, 0, "--seed")
         if not 0 <= rank < world_size:
             raise MinigptError(f"rank {rank} is not in [0, world size {world_size})")
-        if seed < 0:
-            raise MinigptError(f"--seed: must be >= 0, got {seed}")
         self.blocks, self.batch_size, self.seed = blocks, batch_size, seed
         self.shuffle, self.rank, self.world_size, self.drop_last = shuffle, rank, world_size, drop_last
         self.epoch = 0

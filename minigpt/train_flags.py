@@ -8,6 +8,7 @@ AdamW (lr 2e-5, weight decay 0.01), linear decay, gradient clipping at 1.0, 3 ep
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -211,6 +212,7 @@ def parse_train_flags(argv: Sequence[str] | None, description: str) -> TrainFlag
             preset = {k: v for k, v in preset.items() if k not in (*SHAPE_FLAGS, "dropout")}  # preset's are new
         p.set_defaults(**preset)
     args = from_flags(TrainFlags, p.parse_args(argv))
+    args.out = os.path.expanduser(args.out)  # (`--out=~/run`: no shell expands a ~ after "=")
     if args.seed >= 2**63:  # torch's generators take a 64-bit seed
         p.error(f"argument --seed: {args.seed} is too large (at most {2**63 - 1})")
     scratch_flags = [f for f in SCRATCH_FLAGS if getattr(args, f) is not None]  # (None: not given)

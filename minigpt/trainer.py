@@ -134,7 +134,7 @@ class Trainer:
     ) -> None:
         self.model, self.loss_fn, self.optimizer, self.schedule = model, loss_fn, optimizer, schedule
         self.train_batches, self.val_batches = train_batches, val_batches
-        self.config, self.out, self.save_model = config, Path(out), save_model
+        self.config, self.out, self.save_model = config, Path(out).expanduser(), save_model
         self.device, self.ranks, self.run_config, self.card = torch.device(device), ranks, run_config or {}, card
         self.base_lrs = [g["lr"] for g in optimizer.param_groups]
         self.autocast = torch.autocast(self.device.type, dtype=config.dtype, enabled=config.dtype != torch.float32)

@@ -438,13 +438,37 @@ def test_a_data_config_of_the_wrong_kind_is_refused_when_made():
     """DataConfig checks its values where it is built, not first in load_blocks; block_size=64.0
     passed those checks and failed in numpy."""
     for kw, message in ((dict(block_size=64.0), "--block-size: must be an integer, got 64.0"),
-                        (dict(block_size=0), "--block-size: must be at least 1, got 0"),
+                        (dict(block_size=0), "--block-size: must be at least 2, got 0"),
+                        (dict(block_size=1), "--block-size: must be at least 2, got 1"),  # (no target: loss NaN)
                         (dict(max_records=True), "--max-records: must be an integer, got True"),
                         (dict(val_fraction="0.1"), "--val-fraction: must be a number, got '0.1'"),
                         (dict(format="chat"), "--format: unknown format 'chat'")):
         with pytest.raises(MinigptError, match=f"^{re.escape(message)}"):
             DataConfig(**kw)
     assert DataConfig(block_size=np.int64(16), max_records=None).block_size == 16
+
+
+def test_numpy_numbers_and_a_tilde_in_the_cache_variable_load(tmp_path, gpt2_tokenizer, monkeypatch):
+    """DataConfig took NumPy's numbers, and load_blocks then failed on them in the cache key
+    ("Object of type int64 is not JSON serializable"), as a BatchIterator's state_dict did. A literal
+    ~ in MINIGPT_CACHE (a Dockerfile's ENV) was written to the home folder's and read from a folder
+    "~": every run failed."""
+    source = str(DATA / "eli5_small.json")
+    plain = load_blocks(DataConfig(source=source, block_size=16, cache_dir=str(tmp_path / "c")), gpt2_tokenizer)
+    config = DataConfig(source=source, block_size=np.int64(16), max_records=np.int64(1000), seed=np.int64(42),
+                        val_fraction=np.float32(0.2), cache_dir=str(tmp_path / "c"))
+    assert [type(getattr(config, n)) for n in ("block_size", "max_records", "seed", "val_fraction")] == [int] * 3 + [float]
+    numpy = load_blocks(config, gpt2_tokenizer)
+    assert all(np.array_equal(a.blocks, b.blocks) for a, b in zip(plain, numpy))
+    it = BatchIterator(plain[0], np.int64(4), seed=np.int64(3))
+    next(iter(it))
+    assert json.loads(json.dumps(it.state_dict())) == it.state_dict()
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("MINIGPT_CACHE", "~/cache")
+    for _ in range(2):  # (built, then read back)
+        home = load_blocks(DataConfig(source=source, block_size=16), gpt2_tokenizer)
+        assert all(np.array_equal(a.blocks, b.blocks) for a, b in zip(plain, home))
+    assert (tmp_path / "home" / "cache" / "data").is_dir() and not (tmp_path / "~").exists()
 
 
 def test_qa_needs_one_finite_score_per_answer(tmp_path, gpt2_tokenizer):

@@ -617,3 +617,20 @@ def test_flags_that_would_change_nothing_in_training_are_refused(tiny_hf_dir):
         train.parse_args([*QUICK, "--val-fraction", "0", "--eval-every", "2"])
     assert train.parse_args([*QUICK, "--init", str(tiny_hf_dir)]).dropout is None
     assert train.parse_args(list(QUICK)).dropout == 0.0
+
+
+def test_an_out_after_an_equals_sign_has_its_tilde_expanded(tmp_path, monkeypatch):
+    """`--out=~/run` (no shell expands a ~ after "=") trained the whole run, then failed at its first
+    save ("cannot point it to step-..."), leaving a folder "~" here and half a run in the home folder.
+    `~` is the home folder's, as everywhere else; so is a Trainer's out."""
+    from minigpt.loading import load_model
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    result = call_cli("train.py", *QUICK, "--max-steps", "2", "--out=~/run")
+    run = tmp_path / "home" / "run"
+    assert result.returncode == 0, result.stderr
+    assert f"out: {run}" in result.stdout.splitlines() and not (tmp_path / "~").exists()
+    assert json.loads((run / "training_state.json").read_text())["step"] == 2 and load_model(run)[0] is not None
+    result = call_cli("train.py", *QUICK, "--max-steps", "1", "--block-size", "1", "--out", str(tmp_path / "one"))
+    assert result.returncode == 2 and result.stderr.splitlines()[-1] == "error: --block-size: must be at least 2, got 1"
