@@ -149,9 +149,16 @@ class Tokenizer:
 
     def decode_bytes(self, ids: list[int]) -> bytes:
         """The raw UTF-8 bytes of `ids` (ids as `decode` takes them); one token can hold half a
-        character, so streaming output should decode bytes incrementally rather than token by token."""
-        byte_decoder = _byte_decoder()
-        return bytes(byte_decoder[c] for t in self._non_negative(ids) for c in self.backend.id_to_token(t) or "")
+        character, so streaming output should decode bytes incrementally rather than token by token.
+        A vocabulary token is GPT-2's printable stand-ins for bytes; an added token (such as
+        `<|endoftext|>`, or one a fine-tune added: "hello world") is its own text."""
+        byte_decoder, added = _byte_decoder(), self._added_texts
+        return b"".join(added[t].encode() if t in added else
+                        bytes(byte_decoder[c] for c in self.backend.id_to_token(t) or "") for t in self._non_negative(ids))
+
+    @functools.cached_property
+    def _added_texts(self) -> dict[int, str]:  # (an added token holds its text as it is, not byte stand-ins)
+        return {i: token.content for i, token in self.backend.get_added_tokens_decoder().items()}
 
     def _non_negative(self, ids: list[int]) -> list[int]:
         """`ids` as a list, refusing a negative id (the Rust side takes ids as unsigned integers and

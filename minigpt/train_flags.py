@@ -173,7 +173,9 @@ class TrainFlags:
         evaluated_on = (datasets[-1], "validation") if self.val_data is not None else (datasets[0], "train")
         split = (f"from --val-data {self.val_data}" if self.val_data else
                  f"the --val-fraction {self.val_fraction:g} split of the records, seed {self.seed}")
-        data = [f"source: {train_blocks.manifest.get('source')}, format `{self.format}`"]
+        # (this run's --data: the cache entry is keyed by the file's bytes, and names the path that built it)
+        source = train_blocks.manifest.get("source") if self.data is None else self.data
+        data = [f"source: {source}, format `{self.format}`"]
         for role, blocks, how in (("training", train_blocks, ""), ("validation", val_blocks, f" ({split})")):
             m = blocks.manifest
             data.append(f"{role}: {m.get('records', 0):,} records, {m.get('tokens', 0):,} tokens, "

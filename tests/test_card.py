@@ -146,6 +146,10 @@ def test_card_facts_state_the_runs_own_numbers():
     lines = render_card(facts, ROWS, step=2).splitlines()
     assert "- training: 12 records, 45 tokens, 5 blocks of 8 tokens" in lines
     assert "- total_train_batch_size: 24" in lines
+    # the cache entry names the path that built it (its key is the file's bytes): a copy of the file
+    # under another name, or a private one, is this run's --data in the card, not the first path
+    renamed = parse_train_flags(["--data", "public/eli5.json", "--block-size", "8"], "")
+    assert renamed.card_facts(model, train, val, 1, "fp32", 2).data[0] == "source: public/eli5.json, format `answers`"
 
 
 def test_export_card_says_transformers():

@@ -66,6 +66,20 @@ def test_half_characters_are_bytes(gpt2_tokenizer):
         partial.decode("utf-8")
 
 
+def test_added_tokens_decode_to_their_own_text_as_bytes(gpt2_tokenizer):
+    """A token a fine-tune added ("hello world", "€uro") holds its text as it is, not GPT-2's byte
+    stand-ins: decode_bytes (streaming, --trace, --score) raised KeyError: ' ' on it."""
+    from tokenizers import Tokenizer as Backend
+
+    for added, special in (("hello world", False), ("€uro", False), ("<|pad|>", True), ("<|ü|>", True)):
+        backend = Backend.from_str(gpt2_tokenizer.backend.to_str())
+        (backend.add_special_tokens if special else backend.add_tokens)([added])
+        tokenizer = Tokenizer(backend)
+        ids = tokenizer.encode(f"A {added} B")
+        assert ids == [32, 220, 50257, 347] and tokenizer.decode_bytes(ids) == f"A {added} B".encode()
+    assert gpt2_tokenizer.decode_bytes([50256, 32]) == b"<|endoftext|>A"
+
+
 def test_a_negative_id_is_refused_and_one_beyond_the_vocabulary_decodes_to_nothing(gpt2_tokenizer):
     """A negative id was the Rust side's OverflowError; an id >= the vocabulary size is "" (as transformers)."""
     hello = gpt2_tokenizer.encode("Hello")
