@@ -3,7 +3,8 @@
 Sources (`Source.resolve`)
     None          the Hub's ELI5-Category training file (first 5,000 records, the published recipe),
                   downloaded once by `minigpt.hub`
-    .json[.gz]    a JSON array of eli5_category records (JSON lines are accepted too)
+    .json[.gz]    a JSON array of eli5_category records (JSON lines are accepted too; so are the
+                  fields `answers.text` and `answers.score` for `answers`, as `datasets`' flatten() writes them)
     .jsonl        one eli5_category record per line
     .parquet      eli5_category columns; `answers` is a struct of lists
     .csv          columns `title`, `selftext`, `answers.text`, `answers.score` (the names
@@ -44,6 +45,7 @@ HUB_TRAIN_FILE = "hf://datasets/rexarski/eli5_category/eli5-category-train.json.
 HUB_MAX_RECORDS = 5000  # the published recipe fine-tunes on the first 5,000 training questions
 TEXT_SUFFIXES = (".json", ".json.gz", ".jsonl", ".parquet", ".csv", ".txt")
 TEXT_ENCODING = "utf-8-sig"  # UTF-8, less a leading byte-order mark (Excel's "CSV UTF-8" and Notepad write one)
+FLAT_ANSWERS = ("answers.text", "answers.score")  # `answers` as `datasets`' flatten() leaves it: two fields
 
 
 class Source:
@@ -173,6 +175,15 @@ def _read_json(path: Path, lines: bool) -> list[dict]:
     bad = next((i for i, r in enumerate(records) if not isinstance(r, dict)), None)
     if bad is not None:
         raise MinigptError(f"{path}: record {bad + 1} is not a JSON object")
+    return _fold_flat_answers(records)
+
+
+def _fold_flat_answers(records: list[dict]) -> list[dict]:
+    """Records whose `answers` is two fields, as `datasets`' flatten() writes them (`answers.text`,
+    `answers.score`: the recipe's `ds.flatten().to_json()`), with the struct folded back."""
+    for r in records:
+        if "answers" not in r and any(k in r for k in FLAT_ANSWERS):
+            r["answers"] = {k.split(".")[1]: r.pop(k) for k in FLAT_ANSWERS if k in r}
     return records
 
 
@@ -191,13 +202,9 @@ def _read_parquet(path: Path) -> list[dict]:
     try:
         names = pq.read_schema(path).names
         # `answers` as a struct, or as `datasets`' flatten() leaves it: columns answers.text, answers.score
-        flat = [] if "answers" in names else [c for c in ("answers.text", "answers.score") if c in names]
+        flat = [] if "answers" in names else [c for c in FLAT_ANSWERS if c in names]
         wanted = [c for c in ("q_id", "title", "selftext", "answers") if c in names] + flat
-        records = pq.read_table(path, columns=wanted).to_pylist()
-        if flat:
-            for r in records:
-                r["answers"] = {c.split(".")[1]: r.pop(c) for c in flat}
-        return records
+        return _fold_flat_answers(pq.read_table(path, columns=wanted).to_pylist())
     except Exception as e:  # pyarrow's errors have many types; all mean "not a usable parquet file"
         raise MinigptError(f"{path}: not a readable parquet file ({reason(e)})") from None
 

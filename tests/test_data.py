@@ -501,16 +501,21 @@ def test_damaged_or_hostile_files_are_one_line(tmp_path, gpt2_tokenizer):
             load(tmp_path, gpt2_tokenizer, source=str(tmp_path / name))
 
 
-def test_a_flattened_parquet_file_reads_as_the_struct_one(tmp_path, gpt2_tokenizer):
+def test_a_flattened_parquet_or_json_file_reads_as_the_struct_one(tmp_path, gpt2_tokenizer):
     """The recipe's own step, `eli5.flatten()`, names the column answers.text, and so does a parquet
-    file written from it: refused with "has no 'answers.text' list of strings", which CSV takes."""
+    file written from it: refused with "has no 'answers.text' list of strings", which CSV takes; so
+    was the JSON (and JSON lines) `flatten().to_json()` writes."""
     from datasets import Dataset
 
-    Dataset.from_list(records()).flatten().to_parquet(str(tmp_path / "flat.parquet"))
-    flat = load(tmp_path / "a", gpt2_tokenizer, source=str(tmp_path / "flat.parquet"), format="qa")
+    flattened = Dataset.from_list(records()).flatten()
+    flattened.to_parquet(str(tmp_path / "flat.parquet"))
+    flattened.to_json(str(tmp_path / "flat.jsonl"))
+    (tmp_path / "flat.json").write_text(json.dumps(flattened.to_list()))
     nested = load(tmp_path / "b", gpt2_tokenizer, source=str(DATA / "eli5_small.parquet"), format="qa")
-    for got, expected in zip(flat, nested):
-        np.testing.assert_array_equal(got.blocks, expected.blocks)
+    for i, name in enumerate(("flat.parquet", "flat.jsonl", "flat.json")):
+        flat = load(tmp_path / f"a{i}", gpt2_tokenizer, source=str(tmp_path / name), format="qa")
+        for got, expected in zip(flat, nested):
+            np.testing.assert_array_equal(got.blocks, expected.blocks)
 
 
 def test_hub_source_defaults_to_the_recipes_first_5000_records():
