@@ -211,7 +211,9 @@ class _PaddedRowsMatmul(torch.autograd.Function):
     @once_differentiable  # (its backward is no graph: a second derivative is refused, not wrong)
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None, None]:
         x2, w = ctx.saved_tensors
-        grad2 = grad.reshape(-1, grad.size(-1))  # (N, n_out), in the output's dtype
+        # (N, n_out), in the output's dtype; dense: autograd hands logits edited in place a gradient
+        # with their padded rows, and oneDNN's bf16 matmul reads a row's padding too (NaN there: NaN out)
+        grad2 = grad.contiguous().view(-1, grad.size(-1))
         grad_x = (grad2 @ w).to(ctx.x_dtype).view(ctx.x_shape) if ctx.needs_input_grad[0] else None
         grad_w = None
         if ctx.needs_input_grad[1]:  # in the logits' block, free by now unless the caller kept them

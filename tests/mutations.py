@@ -528,6 +528,12 @@ BREAKS = (
         ("tests/test_training_speed.py::test_a_workspace_is_not_shared_with_a_forked_child",),
     ),
     Break(
+        "head_grad_read_in_padded_rows",
+        "the head's backward reads a gradient in padded rows as it is: oneDNN's bf16 matmul reads the padding (NaN: NaN)",
+        ((r"grad2 = grad\.contiguous\(\)\.view\(-1, grad\.size\(-1\)\)", "grad2 = grad.reshape(-1, grad.size(-1))"),),
+        ("tests/test_training_speed.py::test_a_gradient_in_padded_rows_is_read_dense",),
+    ),
+    Break(
         "loss_nan_when_nothing_scored", "the in-place loss's gradient is NaN where every target is ignored (torch's: zeros)",
         ((r"grad_loss / n\.clamp\(min=1\)", "grad_loss / n"),),
         ("tests/test_training_speed.py::test_the_swapped_model_takes_what_the_plain_one_takes",),

@@ -460,3 +460,24 @@ def test_a_second_derivative_or_backward_is_refused_not_wrong():
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         loss.backward()
+
+
+def test_a_gradient_in_padded_rows_is_read_dense():
+    """Logits edited in place get, from autograd, a gradient laid out as they are, in padded rows
+    whose padding is fresh memory; oneDNN's bf16 matmul (AMX here) reads a row's padding too, and a
+    NaN there made the head's input gradient NaN (wte's, wpe's, ln_f's: 2 in 30 such steps). The
+    backward reads such a gradient dense. (Here the padding is NaN on purpose, through a hook.)"""
+    _, swapped = plain_and_swapped()
+    x = torch.randn(3, 32, 32, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = swapped.lm_head(x)
+
+    def in_padded_rows(grad):
+        padded = torch.full((96, 320), float("nan"), dtype=grad.dtype)[:, :301].view(3, 32, 301)
+        return padded.copy_(grad)
+
+    logits.register_hook(in_padded_rows)
+    logits.float().sum().backward()
+    assert x.grad.isfinite().all() and swapped.lm_head.weight.grad.isfinite().all()
+    expected = torch.ones(3, 32, 301, dtype=torch.bfloat16) @ swapped.lm_head.weight.detach().bfloat16()
+    assert torch.equal(x.grad, expected.float())
