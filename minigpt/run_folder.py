@@ -261,12 +261,21 @@ def recorded_path(source: str | None) -> str | None:
     return f"<minigpt>/{path.relative_to(package).as_posix()}" if path.is_relative_to(package) else str(path)
 
 
+def _same_place(was: Any, now: Any) -> bool:
+    """Whether two recorded path settings name one place, where one of them is recorded as given: a
+    path that does not exist (moved, deleted: a resume reads the checkpoint, not --init or
+    --tokenizer) keeps its text, and "made with --init /abs/base, not base" refused the same folder."""
+    if not (isinstance(was, str) and isinstance(now, str)):
+        return False
+    return str(Path(now).expanduser().resolve()) == was or str(Path(was).expanduser().resolve()) == now
+
+
 def check_same_run(out: Path, saved: dict[str, Any], current: dict[str, Any]) -> None:
     """Refuse to resume the run in `out` with settings (by flag name) other than it was made with."""
     for key in sorted(set(saved) | set(current)):
         was, now = saved.get(key), current.get(key)
         was = recorded_path(was) if isinstance(was, str) and os.path.isabs(was) else was  # (as recorded now)
-        if was != now:  # None: a flag not given (or a setting an older run did not record)
+        if was != now and not _same_place(was, now):  # None: a flag not given (or one an older run did not record)
             if was is None:
                 change = f"without {key}, not with {key} {now}"
             else:

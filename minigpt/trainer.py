@@ -361,13 +361,15 @@ class Trainer:
                     self._evaluate_and_log()
                 if not stopped and (self.last_save_step != self.step or self._rows_since_save()):
                     self.save()  # the last checkpoint, its card with every row
+                if self.metrics is not None:
+                    self.metrics.close()
+                if self.ranks.is_main:  # (a stopped run's curve too; a Ctrl-C while it is drawn waits for it)
+                    plot_metrics(self.out / METRICS_FILE, self.out / PLOT_FILE)
         finally:
             if self.bar is not None:
                 self.bar.close()
             if self.metrics is not None:
                 self.metrics.close()
-        if self.ranks.is_main:  # (a stopped run's curve too)
-            plot_metrics(self.out / METRICS_FILE, self.out / PLOT_FILE)
         if stopped:
             raise KeyboardInterrupt  # (the CLI exits 130)
         return {"step": self.step, **self.last}
@@ -378,8 +380,8 @@ class Trainer:
         whole, step = self.train_batches.position == 0, self.step  # (a resumed epoch may have no batch left)
         for batch in self.train_batches:
             micro.append(batch)
-            if len(micro) == self.config.grad_accum:
-                self._run_step(micro)
+            if len(micro) == self.config.grad_accum:  # (the epoch's last batch: evaluated before it is saved)
+                self._run_step(micro, epoch_end=self.train_batches.position == len(self.train_batches))
                 micro = []
                 if self.step >= self.config.max_steps or self._should_stop():
                     return

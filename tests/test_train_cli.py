@@ -466,6 +466,14 @@ def test_a_resume_with_other_settings_names_them_readably(tmp_path, monkeypatch)
     assert refusal({"--format": "answers"}, {"--format": "qa"}) == "with --format answers, not qa"
     assert refusal({"--lr": 0.002}, {"--lr": 0.1}) == "with --lr 0.002, not 0.1"
     assert refusal({}, {"--val-data": "/v.jsonl"}) == "without --val-data, not with --val-data /v.jsonl"
+    # a path moved or deleted since keeps its text (it cannot be resolved): the same place still
+    # passes, whichever side was recorded so ("made with --init /abs/base, not base" refused a resume
+    # that reads the checkpoint, not --init); another place is refused
+    monkeypatch.chdir(tmp_path)
+    gone = str(tmp_path / "base")
+    check_same_run(tmp_path, {"--init": gone}, {"--init": "base"})
+    check_same_run(tmp_path, {"--init": "base"}, {"--init": gone})
+    assert refusal({"--init": gone}, {"--init": "other"}) == f"with --init {gone}, not other"
 
     out = tmp_path / "run"
     assert call_cli("train.py", *QUICK, "--max-steps", "1", "--out", str(out)).returncode == 0

@@ -768,3 +768,47 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("grad_accum", [1, 2])
+def test_an_epochs_last_step_is_evaluated_before_it_is_saved(tmp_path, monkeypatch, grad_accum):
+    """With --save-every a multiple of the steps an epoch takes, the epoch's last step was saved and
+    then evaluated: its checkpoint's card said "these weights were not evaluated", and a resume from
+    it evaluated that step again. (A short last accumulation already was evaluated first.)"""
+    at_save = []
+    original = Trainer.save
+    monkeypatch.setattr(Trainer, "save", lambda self: at_save.append((self.step, self.last_eval_step)) or original(self))
+    train, val = random_blocks(16, 16, 300, seed=1), random_blocks(4, 16, 300, seed=2)
+    steps_per_epoch = 4 // grad_accum  # (16 blocks, batches of 4)
+    trainer = make_trainer(tmp_path / "run", micro_model(), train, val, max_steps=3 * steps_per_epoch,
+                           grad_accum=grad_accum, save_every=steps_per_epoch)
+    trainer.fit()
+    assert [step for step, _ in at_save] == [steps_per_epoch * e for e in (1, 2, 3)]
+    assert all(evaluated == step for step, evaluated in at_save), at_save
+    assert [r["step"] for r in rows(tmp_path / "run") if "val_loss" in r] == [steps_per_epoch * e for e in (1, 2, 3)]
+
+
+def test_a_ctrl_c_while_the_curve_is_drawn_waits_for_it(tmp_path, monkeypatch):
+    """After the run's last checkpoint, a Ctrl-C while loss.png was drawn (0.1-0.4 s) stopped the
+    drawing: no loss.png, and train.py said the finished run was stopped. It waits, as one during
+    the last evaluation or save does: the run ends complete, its curve drawn."""
+    import os
+    import signal
+
+    import minigpt.trainer as trainer_module
+    from minigpt.metrics import plot_metrics
+
+    drawn = []
+
+    def interrupted_while_drawing(metrics, png):
+        os.kill(os.getpid(), signal.SIGINT)
+        drawn.append(plot_metrics(metrics, png))
+
+    monkeypatch.setattr(trainer_module, "plot_metrics", interrupted_while_drawing)
+    train, val = random_blocks(16, 16, 300, seed=1), random_blocks(4, 16, 300, seed=2)
+    try:
+        result = make_trainer(tmp_path / "run", micro_model(), train, val, max_steps=2).fit()
+    except KeyboardInterrupt:  # (caught: pytest would take it as its own, and stop the whole session)
+        pytest.fail("a Ctrl-C while the curve was drawn stopped the finished run")
+    assert result["step"] == 2 and len(drawn) == 1
+    assert drawn[0] is False or (tmp_path / "run" / "loss.png").is_file()  # (False: no matplotlib here)
