@@ -231,12 +231,9 @@ def _fields(path: Path, value: Any) -> Any:
 
 
 class StateRecord(dict):
-    """The fields of training_state.json or the tensors of training_state.safetensors, by name.
-
-    Asking for one the file lacks is a one-line MinigptError naming the file and the entry, not a
-    KeyError: a damaged checkpoint is the user's to fix, not a bug (`in` and `.get` work as for any
-    dict).
-    """
+    """The fields of training_state.json or the tensors of training_state.safetensors, by name: one
+    the file lacks is a one-line MinigptError naming the file and the entry, not a KeyError (a
+    damaged checkpoint is the user's to fix, not a bug); `in` and `.get` work as for any dict."""
 
     def __init__(self, path: Path, kind: str, entries: dict[str, Any]) -> None:
         super().__init__(entries)
@@ -261,21 +258,15 @@ def recorded_path(source: str | None) -> str | None:
     return f"<minigpt>/{path.relative_to(package).as_posix()}" if path.is_relative_to(package) else str(path)
 
 
-def _same_place(was: Any, now: Any) -> bool:
-    """Whether two recorded path settings name one place, where one of them is recorded as given: a
-    path that does not exist (moved, deleted: a resume reads the checkpoint, not --init or
-    --tokenizer) keeps its text, and "made with --init /abs/base, not base" refused the same folder."""
-    if not (isinstance(was, str) and isinstance(now, str)):
-        return False
-    return str(Path(now).expanduser().resolve()) == was or str(Path(was).expanduser().resolve()) == now
-
-
 def check_same_run(out: Path, saved: dict[str, Any], current: dict[str, Any]) -> None:
-    """Refuse to resume the run in `out` with settings (by flag name) other than it was made with."""
+    """Refuse to resume the run in `out` with settings (by flag name) other than it was made with. A
+    path moved or deleted since keeps its text, the same setting where it names the same place (a resume
+    reads the checkpoint, not --init: "made with --init /abs/base, not base" refused one)."""
     for key in sorted(set(saved) | set(current)):
         was, now = saved.get(key), current.get(key)
         was = recorded_path(was) if isinstance(was, str) and os.path.isabs(was) else was  # (as recorded now)
-        if was != now and not _same_place(was, now):  # None: a flag not given (or one an older run did not record)
+        texts = isinstance(was, str) and isinstance(now, str)  # (None: a flag not given, or not recorded)
+        if was != now and not (texts and Path(was).expanduser().resolve() == Path(now).expanduser().resolve()):
             if was is None:
                 change = f"without {key}, not with {key} {now}"
             else:

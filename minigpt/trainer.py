@@ -361,9 +361,8 @@ class Trainer:
                     self._evaluate_and_log()
                 if not stopped and (self.last_save_step != self.step or self._rows_since_save()):
                     self.save()  # the last checkpoint, its card with every row
-                if self.metrics is not None:
+                if self.metrics is not None:  # (rank 0: a stopped run's curve too; a Ctrl-C while drawn waits)
                     self.metrics.close()
-                if self.ranks.is_main:  # (a stopped run's curve too; a Ctrl-C while it is drawn waits for it)
                     plot_metrics(self.out / METRICS_FILE, self.out / PLOT_FILE)
         finally:
             if self.bar is not None:
