@@ -275,4 +275,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    run(main)
+    run(main, sigterm_interrupts=True)  # (SIGTERM as Ctrl-C: a --trace file keeps its rows)

@@ -15,7 +15,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence, TextIO
+from typing import Callable, Iterable, Iterator, Sequence, TextIO
 
 import torch
 
@@ -215,16 +215,39 @@ def trace_output(path: str | None) -> Iterator[TextIO | None]:
     target = Path(path)
     if target.is_symlink() or (target.exists() and not target.is_file()):
         with _open_trace(target, "w", path) as f:
-            yield f
+            yield _TraceFile(f, path)
         return
-    interrupted: KeyboardInterrupt | None = None
+    interrupted: BaseException | None = None
     with atomic_file(path) as temporary, _open_trace(temporary, "x", path) as f:
         try:
-            yield f
-        except KeyboardInterrupt as e:  # the file keeps what was written; the interrupt goes on
-            interrupted = e
+            yield _TraceFile(f, path)
+        except (KeyboardInterrupt, OSError) as e:  # Ctrl-C, SIGTERM or stdout's error (a reader gone, `| head`;
+            interrupted = e  # a full disk: the trace's own are MinigptErrors): the file keeps what was written
     if interrupted is not None:
         raise interrupted
+
+
+class _TraceFile:
+    """The trace's file, its write errors named as the trace's: stdout's, raised in the same block,
+    were reported as the trace's ("saving failed ... Broken pipe": exit 2, not `| head`'s quiet 141)."""
+
+    def __init__(self, file: TextIO, path: str) -> None:
+        self.file, self.path = file, path
+
+    def write(self, text: str) -> int:
+        return self._named(self.file.write, text)
+
+    def writelines(self, lines: Iterable[str]) -> None:
+        self._named(self.file.writelines, lines)
+
+    def flush(self) -> None:
+        self._named(self.file.flush)
+
+    def _named(self, call: Callable, *args: object):
+        try:
+            return call(*args)
+        except OSError as e:
+            raise MinigptError(f"--trace {self.path}: writing it failed ({e.strerror or e})") from None
 
 
 def _open_trace(file: Path, mode: str, path: str) -> TextIO:

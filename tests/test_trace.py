@@ -524,6 +524,21 @@ def test_trace_output_is_replaced_whole_kept_on_ctrl_c_and_untouched_on_an_error
         f.write("so far\n")
         raise KeyboardInterrupt  # Ctrl-C: the lines written so far replace the earlier file
     assert trace.read_text() == "so far\n" and sorted(p.name for p in tmp_path.iterdir()) == ["t.jsonl"]
+    # stdout's own error in the block (`| head` closed it; a full disk) is not the trace's: it was
+    # "t.jsonl: saving failed ([Errno 32] Broken pipe)", exit 2 and the rows lost, where the CLI
+    # ends quietly (141) without --trace. It goes on as it is; the file keeps the rows written so far.
+    with pytest.raises(BrokenPipeError), trace_output(str(trace)) as f:
+        f.write("before the pipe closed\n")
+        raise BrokenPipeError(32, "Broken pipe")
+    assert trace.read_text() == "before the pipe closed\n" and sorted(p.name for p in tmp_path.iterdir()) == ["t.jsonl"]
+    # and the trace's own write error names the trace, also written through to a device (it was
+    # "writing the output", which reads as stdout)
+    full = Path("/dev/full")
+    if full.exists():
+        with pytest.raises(MinigptError, match=r"^--trace /dev/full: writing it failed \(No space left on device\)$"):
+            with trace_output(str(full)) as f:
+                f.write("x" * 100_000)
+                f.flush()
 
 
 def test_a_trace_path_that_is_no_plain_file_is_written_through_not_replaced(tmp_path):
