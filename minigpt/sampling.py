@@ -67,6 +67,12 @@ def apply_repetition_penalty(scores: torch.Tensor, tokens: torch.Tensor, penalty
         smallest = (scores.amax(dim=1, keepdim=True) / (finfo.max / 2)).clamp(min=max(penalty, finfo.tiny))
         limit = torch.where(seen < 0, seen * max(penalty, finfo.tiny), seen / smallest)
         penalized = torch.where(smallest > penalty, limit, penalized)  # (only where the penalty was too small)
+    else:
+        # One so large that a negative score * penalty overflows to -inf leaves a row whose every token was
+        # seen, each negative, without a finite score: its limit, all mass on the least negative one, is
+        # also what the largest penalty that keeps the row finite gives.
+        largest = (torch.finfo(scores.dtype).max / 2) / (-seen).amax(dim=1, keepdim=True).clamp(min=1.0)
+        penalized = torch.where((largest < penalty) & (seen < 0), seen * largest, penalized)
     return scores.scatter(1, tokens, penalized)  # repeats write the same value, so "once" holds
 
 

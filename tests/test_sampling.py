@@ -545,6 +545,29 @@ def test_a_vanishing_repetition_penalty_stays_finite_without_positive_seen_score
     assert next_token(logits, tokens, config, torch.Generator().manual_seed(0))[0] == 3
 
 
+@pytest.mark.parametrize("penalty", [1e37, 1e38, 1e39, 1e300])
+def test_a_huge_repetition_penalty_on_a_row_all_seen_and_negative_is_its_limit(penalty):
+    """Every token seen, every score negative: as the penalty grows, score * penalty goes to -inf, the least
+    negative one slowest, so all mass goes to it. Above ~1e37 the product overflowed to -inf in every entry
+    (NaN probabilities: a torch.multinomial traceback; argmax token 0)."""
+    logits = -random_logits(2, rows=3, vocab=50).abs() - 0.5
+    logits[2, :25] = 2.0 + logits[2, :25]  # a row with positive scores too: they go to 0 and win
+    tokens = torch.arange(50).repeat(3, 2)  # (3, 100): every token, twice
+    out = apply_repetition_penalty(logits, tokens, penalty)
+    assert out.isfinite().all()
+    assert torch.equal(out.argmax(dim=-1)[:2], logits.argmax(dim=-1)[:2])  # the least negative
+    assert torch.equal(torch.softmax(out[:2], dim=-1).amax(dim=-1), torch.ones(2))
+    assert (out[logits < 0] < 0).all() and (out[logits >= 0] >= 0).all()
+    for config in (SamplingConfig(repetition_penalty=penalty), SamplingConfig(repetition_penalty=penalty, greedy=True),
+                   SamplingConfig(repetition_penalty=penalty, temperature=0.01, top_k=0, top_p=1.0)):
+        picked = next_token(logits[:2], tokens[:2], config, torch.Generator().manual_seed(0))
+        assert torch.equal(picked, logits[:2].argmax(dim=-1))
+    if penalty == 1e37:  # no overflow: transformers' numbers exactly
+        assert torch.equal(out, RepetitionPenaltyLogitsProcessor(penalty)(tokens, logits.clone()))
+    unseen_too = apply_repetition_penalty(logits, tokens[:, :30], penalty)  # tokens 30-49 unseen: untouched
+    assert torch.equal(unseen_too[:, 30:], logits[:, 30:])
+
+
 @pytest.mark.parametrize("penalty", [1e-39, 1e-46, 1e-320])
 def test_decoding_with_a_vanishing_repetition_penalty_is_decoding_at_its_limit(tiny, penalty):
     """Sampled or greedy, the text is the one a penalty of 1e-30 (no overflow) gives."""
