@@ -3,8 +3,9 @@
 Sources (`Source.resolve`)
     None          the Hub's ELI5-Category training file (first 5,000 records, the published recipe),
                   downloaded once by `minigpt.hub`
-    .json[.gz]    a JSON array of eli5_category records (JSON lines are accepted too; so are the
-                  fields `answers.text` and `answers.score` for `answers`, as `datasets`' flatten() writes them)
+    .json[.gz]    a JSON array of eli5_category records (JSON lines and a single record, pretty-printed or not,
+                  are accepted too; so are the fields `answers.text` and `answers.score` for `answers`, as
+                  `datasets`' flatten() writes them)
     .jsonl        one eli5_category record per line
     .parquet      eli5_category columns; `answers` is a struct of lists
     .csv          columns `title`, `selftext`, `answers.text`, `answers.score` (the names
@@ -46,6 +47,7 @@ HUB_MAX_RECORDS = 5000  # the published recipe fine-tunes on the first 5,000 tra
 TEXT_SUFFIXES = (".json", ".json.gz", ".jsonl", ".parquet", ".csv", ".txt")
 TEXT_ENCODING = "utf-8-sig"  # UTF-8, less a leading byte-order mark (Excel's "CSV UTF-8" and Notepad write one)
 FLAT_ANSWERS = ("answers.text", "answers.score")  # `answers` as `datasets`' flatten() leaves it: two fields
+LINE_BREAKS = re.compile(r"\r\n|\r|\n")  # what csv counts as one line's end
 
 
 class Source:
@@ -57,6 +59,7 @@ class Source:
     def __init__(self, name: str, kind: str, path: Path | None, limit: int | None) -> None:
         self.name, self.kind, self.path, self.limit = name, kind, path, limit
         self._records: list | None = None
+        self._lines: list[int] | None = None  # the line each record starts on, in a JSON-lines or CSV file
 
     @property
     def hub(self) -> bool:
@@ -107,25 +110,32 @@ class Source:
     def records(self) -> list:
         """The records used: dicts for ELI5 sources, strings (documents) for plain text."""
         if self._records is None:
-            self._records = self._read()[: self.limit]
+            records, lines = self._read()
+            self._records, self._lines = records[: self.limit], lines and lines[: self.limit]
             if not self._records:
                 raise MinigptError(f"{self.name}: no records in this source")
         return self._records
 
-    def _read(self) -> list:
+    def where(self, i: int, record: dict) -> str:
+        """Record `i` (from 0) as its reader finds it: its number, the line it starts on in a JSON-lines
+        or CSV file (blank lines and a header make the two differ), its q_id."""
+        return _which(record, i, self._lines[i] if self._lines else None)
+
+    def _read(self) -> tuple[list, list[int] | None]:
+        """The records, and the line each starts on where the file is read by lines (else None)."""
         if self.hub:
-            return load_eli5_records(HUB_TRAIN_FILE, self.limit)
+            return load_eli5_records(HUB_TRAIN_FILE, self.limit), None
         try:
             if self.kind == "txt-folder":
                 files = _text_files(self.path)
                 if not files:
                     raise MinigptError(f"{self.path}: folder holds no .txt files")
-                return [text for f in files if (text := _read_text_file(f).strip())]
+                return [text for f in files if (text := _read_text_file(f).strip())], None
             if self.kind == "txt":
                 text = self.path.read_text(encoding=TEXT_ENCODING)
-                return [p.strip() for p in re.split(r"\n\s*\n", text) if p.strip()]
+                return [p.strip() for p in re.split(r"\n\s*\n", text) if p.strip()], None
             if self.kind == "parquet":
-                return _read_parquet(self.path)
+                return _read_parquet(self.path), None
             if self.kind == "csv":
                 return _read_csv(self.path)
             return _read_json(self.path, lines=self.kind == "jsonl")
@@ -159,23 +169,37 @@ def _text_files(folder: Path) -> list[Path]:
     return sorted(files, key=lambda p: p.relative_to(folder).parts)
 
 
-def _read_json(path: Path, lines: bool) -> list[dict]:
-    """A JSON array (`.json`, `.json.gz`) or JSON lines (`.jsonl`, or a `.json` that is not an array)."""
+def _read_json(path: Path, lines: bool) -> tuple[list[dict], list[int] | None]:
+    """A JSON array or a single record (`.json`, `.json.gz`), or JSON lines (`.jsonl`, or a `.json` that
+    is neither), with the line each record starts on for JSON lines."""
     opener = gzip.open if path.name.lower().endswith(".gz") else open
     with opener(path, "rt", encoding=TEXT_ENCODING) as f:
         text = f.read()
-    if not lines and text.lstrip().startswith("["):
-        records = _parse_json(text, path, "")
+    numbers = None
+    if not lines and (whole := _whole_json(text, path)) is not None:
+        records = whole if isinstance(whole, list) else [whole]
     else:
-        records = [
-            _parse_json(line, path, f"line {n} ")
-            for n, line in enumerate(io.StringIO(text), 1)
-            if line.strip()
-        ]
+        numbers = [n for n, line in enumerate(io.StringIO(text), 1) if line.strip()]
+        records = [_parse_json(line, path, f"line {n} ") for n, line in enumerate(io.StringIO(text), 1) if line.strip()]
     bad = next((i for i, r in enumerate(records) if not isinstance(r, dict)), None)
     if bad is not None:
-        raise MinigptError(f"{path}: record {bad + 1} is not a JSON object")
-    return _fold_flat_answers(records)
+        raise MinigptError(f"{path}: {f'line {numbers[bad]}' if numbers else f'record {bad + 1}'} is not a JSON object")
+    return _fold_flat_answers(records), numbers
+
+
+def _whole_json(text: str, path: Path):
+    """The file as one JSON value (an array of records, or one record however it is laid out), or None
+    where it holds more than one: JSON lines, which json reads up to the end of the first ("Extra data")."""
+    if not text.strip():
+        return None  # (no records, which is said once they are counted)
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        if e.msg == "Extra data":
+            return None
+    except RecursionError:
+        pass
+    return _parse_json(text, path, "")  # (its error, named as the whole file's)
 
 
 def _fold_flat_answers(records: list[dict]) -> list[dict]:
@@ -209,12 +233,16 @@ def _read_parquet(path: Path) -> list[dict]:
         raise MinigptError(f"{path}: not a readable parquet file ({reason(e)})") from None
 
 
-def _read_csv(path: Path) -> list[dict]:
-    """Rows with `title`, `selftext`, and JSON arrays in `answers.text` / `answers.score`."""
+def _read_csv(path: Path) -> tuple[list[dict], list[int]]:
+    """Rows with `title`, `selftext`, and JSON arrays in `answers.text` / `answers.score`, and the line
+    each starts on (a quoted cell can hold line breaks)."""
     csv.field_size_limit(sys.maxsize)  # an ELI5 answer cell can exceed csv's 128 KiB default
-    records = []
+    records, lines = [], []
     with open(path, newline="", encoding=TEXT_ENCODING) as f:
-        for i, row in enumerate(csv.DictReader(f)):
+        reader = csv.DictReader(f)
+        for i, row in enumerate(reader):
+            # the line it ends on, less the line breaks inside its quoted cells
+            line = reader.line_num - sum(len(LINE_BREAKS.findall(v)) for v in row.values() if isinstance(v, str))
             record: dict = {k: v for k, v in row.items() if k and not k.startswith("answers.")}
             answers = {}
             for field in ("text", "score"):
@@ -225,12 +253,13 @@ def _read_csv(path: Path) -> list[dict]:
                     except (ValueError, RecursionError):  # (not JSON, a 5,000-digit number, nested too deep)
                         if field == "text":  # (scores count only for --format qa, which checks them)
                             raise MinigptError(
-                                f"{path}: {_which(record, i)}: 'answers.text' is not a JSON array"
+                                f"{path}: {_which(record, i, line)}: 'answers.text' is not a JSON array"
                             ) from None
                         answers[field] = cell
             record["answers"] = answers
             records.append(record)
-    return records
+            lines.append(line)
+    return records, lines
 
 
 # --- records -> texts ---------------------------------------------------------------------------
@@ -259,25 +288,26 @@ def render(src: Source, fmt: str) -> list[str | None]:
             title = record.get("title")
             if not isinstance(title, str) or not title.strip():  # (a blank question teaches nothing)
                 raise MinigptError(
-                    f"{src.name}: {_which(record, i)} has no 'title' text (needed by --format qa)"
+                    f"{src.name}: {src.where(i, record)} has no 'title' text (needed by --format qa)"
                 )
             texts.append(qa_text(title, _best_answer(record, answers, i, src)))
         if texts[-1] is not None and lone_surrogate(texts[-1]) is not None:
-            raise MinigptError(f"{src.name}: {_which(record, i)} holds a lone surrogate (a JSON escape such "
+            raise MinigptError(f"{src.name}: {src.where(i, record)} holds a lone surrogate (a JSON escape such "
                                f"as \\ud800 with no pair): not Unicode text, which no tokenizer takes")
     return texts
 
 
-def _which(record: dict, i: int) -> str:
+def _which(record: dict, i: int, line: int | None = None) -> str:
     q_id = record.get("q_id") if isinstance(record, dict) else None
-    return f"record {i + 1}" + (f" (q_id {q_id!r})" if q_id else "")
+    details = ([f"line {line}"] if line else []) + ([f"q_id {q_id!r}"] if q_id else [])
+    return f"record {i + 1}" + (f" ({', '.join(details)})" if details else "")
 
 
 def _answers(record: dict, i: int, src: Source) -> list[str]:
     answers = record.get("answers") if isinstance(record, dict) else None
     texts = answers.get("text") if isinstance(answers, dict) else None
     if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
-        raise MinigptError(f"{src.name}: {_which(record, i)} has no 'answers.text' list of strings")
+        raise MinigptError(f"{src.name}: {src.where(i, record)} has no 'answers.text' list of strings")
     return texts
 
 
@@ -290,7 +320,7 @@ def _best_answer(record: dict, answers: list[str], i: int, src: Source) -> str:
         isinstance(s, int) or (isinstance(s, float) and math.isfinite(s)) for s in scores)
     if not numbers or len(scores) != len(answers):  # (NaN: max() would keep whichever came first)
         raise MinigptError(
-            f"{src.name}: {_which(record, i)} has 'answers.score' not one finite number per 'answers.text'"
+            f"{src.name}: {src.where(i, record)} has 'answers.score' not one finite number per 'answers.text'"
         )
     candidates = [(s, -j) for j, (s, a) in enumerate(zip(scores, answers)) if a.strip()]
     return answers[-max(candidates)[1]]

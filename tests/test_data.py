@@ -7,6 +7,7 @@ the `tokenizers` library minigpt uses, so agreement is a real check of the whole
 
 from __future__ import annotations
 
+import csv
 import gzip
 import json
 import re
@@ -334,6 +335,57 @@ def write_jsonl(path: Path, rows: list[dict]) -> str:
     return str(path)
 
 
+def test_errors_name_the_line_a_record_starts_on_where_blank_lines_or_a_header_move_it(tmp_path, gpt2_tokenizer):
+    """Records were numbered as read: in a JSON-lines file with blank lines, "record 5" sent the reader to
+    the wrong line; a CSV's header and quoted line breaks move its records' lines too."""
+    rows = records()
+    del rows[4]["answers"]["text"]
+    path = tmp_path / "gaps.jsonl"
+    path.write_text("\n\n" + "".join(json.dumps(r) + ("\n\n" if i == 1 else "\n") for i, r in enumerate(rows)))
+    with pytest.raises(MinigptError, match=r"gaps\.jsonl: record 5 \(line 8, q_id 't05'\) has no 'answers\.text'"):
+        load(tmp_path, gpt2_tokenizer, source=str(path))
+    path.write_text("\n" + json.dumps(records()[0]) + "\n\n[1, 2]\n")
+    with pytest.raises(MinigptError, match=r"gaps\.jsonl: line 4 is not a JSON object$"):
+        load(tmp_path, gpt2_tokenizer, source=str(path))
+    rows = records()[:4]
+    rows[0]["title"] = "a title\nover two lines"  # lines 2-3 (the header is line 1)
+    rows[1]["title"] = "a title\r\nover\rthree lines"  # lines 4-6; record 3 on line 7, record 4 on 8
+    with (tmp_path / "cells.csv").open("w", encoding="utf-8", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["q_id", "title", "answers.text", "answers.score"])
+        writer.writerows([r["q_id"], r["title"], json.dumps(r["answers"]["text"]) if i != 3 else "{oops",
+                          json.dumps(r["answers"]["score"])] for i, r in enumerate(rows))
+    with pytest.raises(MinigptError, match=r"cells\.csv: record 4 \(line 8, q_id 't04'\): 'answers\.text' is not"):
+        load(tmp_path, gpt2_tokenizer, source=str(tmp_path / "cells.csv"))
+    rows[3]["answers"]["text"] = ["fine"]
+    rows[1]["answers"]["score"] = ["high"]
+    with (tmp_path / "cells.csv").open("w", encoding="utf-8", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["q_id", "title", "answers.text", "answers.score"])
+        writer.writerows([r["q_id"], r["title"], json.dumps(r["answers"]["text"]), json.dumps(r["answers"]["score"])]
+                         for r in rows)
+    with pytest.raises(MinigptError, match=r"cells\.csv: record 2 \(line 4, q_id 't02'\) has 'answers\.score' not"):
+        load(tmp_path, gpt2_tokenizer, source=str(tmp_path / "cells.csv"), format="qa")
+
+
+def test_a_json_file_holding_one_record_is_read_however_it_is_laid_out(tmp_path, gpt2_tokenizer):
+    """A single pretty-printed record (`json.dump(record, f, indent=2)`) was read as JSON lines: "line 1 is
+    not valid JSON". Its error, where it has one, is the whole file's."""
+    record = records()[0]
+    (tmp_path / "one.json").write_text(json.dumps(record, indent=2))
+    (tmp_path / "line.json").write_text(json.dumps(record) + "\n")
+    (tmp_path / "array.json").write_text(json.dumps([record]))
+    blocks = [load(tmp_path / name, gpt2_tokenizer, source=str(tmp_path / f"{name}.json"), val_fraction=0)[0].blocks
+              for name in ("one", "line", "array")]
+    assert blocks[0].size > 0 and all(np.array_equal(blocks[0], b) for b in blocks[1:])
+    (tmp_path / "broken.json").write_text(json.dumps(record, indent=2)[:-3])
+    with pytest.raises(MinigptError, match=r"broken\.json: file is not valid JSON \(Expecting .* line \d+ column"):
+        load(tmp_path, gpt2_tokenizer, source=str(tmp_path / "broken.json"))
+    (tmp_path / "one.jsonl").write_text(json.dumps(record, indent=2))  # .jsonl is one record a line, always
+    with pytest.raises(MinigptError, match=r"one\.jsonl: line 1 is not valid JSON"):
+        load(tmp_path, gpt2_tokenizer, source=str(tmp_path / "one.jsonl"))
+
+
 def test_missing_file_and_unknown_extension(tmp_path, gpt2_tokenizer):
     with pytest.raises(MinigptError, match=r"nope\.json: no such file or folder \(--data\)"):
         load(tmp_path, gpt2_tokenizer, source=str(tmp_path / "nope.json"))
@@ -348,7 +400,7 @@ def test_record_without_answers_text_is_named(tmp_path, gpt2_tokenizer):
     rows = records()
     del rows[4]["answers"]["text"]
     source = write_jsonl(tmp_path / "bad.jsonl", rows)
-    with pytest.raises(MinigptError, match=r"bad\.jsonl: record 5 \(q_id 't05'\) has no 'answers\.text'"):
+    with pytest.raises(MinigptError, match=r"bad\.jsonl: record 5 \(line 5, q_id 't05'\) has no 'answers\.text'"):
         load(tmp_path, gpt2_tokenizer, source=source)
 
 
@@ -410,7 +462,7 @@ def test_malformed_files(tmp_path, gpt2_tokenizer):
     with pytest.raises(MinigptError, match=r"b\.jsonl: line 2 is not valid JSON"):
         load(tmp_path, gpt2_tokenizer, source=str(tmp_path / "b.jsonl"))
     (tmp_path / "c.csv").write_text('title,answers.text\nWhy?,not an array\n')
-    with pytest.raises(MinigptError, match=r"c\.csv: record 1: 'answers\.text' is not a JSON array"):
+    with pytest.raises(MinigptError, match=r"c\.csv: record 1 \(line 2\): 'answers\.text' is not a JSON array"):
         load(tmp_path, gpt2_tokenizer, source=str(tmp_path / "c.csv"))
     (tmp_path / "d.parquet").write_bytes(b"PAR1 not really")
     with pytest.raises(MinigptError, match=r"d\.parquet: not a readable parquet file"):
@@ -477,7 +529,7 @@ def test_qa_needs_one_finite_score_per_answer(tmp_path, gpt2_tokenizer):
     for i, bad in enumerate(([3, None, 1], [float("nan"), 2, 1], [1, float("inf"), 2])):
         rows = records()
         rows[1]["answers"]["score"] = bad
-        with pytest.raises(MinigptError, match=r"record 2 \(q_id 't02'\) has 'answers\.score' not one finite number per"):
+        with pytest.raises(MinigptError, match=r"record 2 \(line 2, q_id 't02'\) has 'answers\.score' not one finite number per"):
             load(tmp_path, gpt2_tokenizer, source=write_jsonl(tmp_path / f"s{i}.jsonl", rows), format="qa")
     rows = records()
     rows[1]["answers"]["score"] = [10**400, 1, 2]  # (an int too large for a float is still a score)
@@ -701,7 +753,7 @@ def test_csv_scores_are_read_only_where_the_format_needs_them(tmp_path, gpt2_tok
     expected, _ = load(tmp_path / "json", gpt2_tokenizer, source=str(DATA / "eli5_small.json"))
     train, _ = load(tmp_path, gpt2_tokenizer, source=str(tmp_path / "pandas.csv"))
     np.testing.assert_array_equal(train.blocks, expected.blocks)
-    with pytest.raises(MinigptError, match=r"pandas\.csv: record 1 \(q_id 't01'\) has 'answers\.score' not one finite"):
+    with pytest.raises(MinigptError, match=r"pandas\.csv: record 1 \(line 2, q_id 't01'\) has 'answers\.score' not one finite"):
         load(tmp_path, gpt2_tokenizer, source=str(tmp_path / "pandas.csv"), format="qa")
 
 

@@ -1452,5 +1452,5 @@ def test_a_blank_title_is_refused_by_the_qa_format(tmp_path, monkeypatch):
     data = tmp_path / "blank.jsonl"
     data.write_text(json.dumps({"title": "  ", "answers": {"text": ["An answer."], "score": [1]}}) + "\n")
     result = call_cli("train.py", *TINY_RUN, "--format", "qa", "--data", str(data), "--out", str(tmp_path / "o"))
-    assert_one_line_error(result, "blank.jsonl: record 1 has no 'title' text (needed by --format qa)")
+    assert_one_line_error(result, "blank.jsonl: record 1 (line 1) has no 'title' text (needed by --format qa)")
 
