@@ -60,18 +60,16 @@ def apply_repetition_penalty(scores: torch.Tensor, tokens: torch.Tensor, penalty
     """
     seen = torch.gather(scores, 1, tokens)  # (B, L): the scores of the tokens seen so far
     penalized = torch.where(seen < 0, seen * penalty, seen / penalty)
+    # A penalty so extreme that a product overflows (inf - inf is NaN later) or rounds to 0 means its limit, as
+    # does the most extreme one that keeps the row finite: below 1, all mass on the largest positive seen score;
+    # far above 1, where every token was seen and each is negative (all -inf), all mass on the least negative.
+    finfo = torch.finfo(scores.dtype)
     if penalty < 1:
-        # A penalty so small that score / penalty overflows (inf - inf is NaN later) or rounds to 0 means its
-        # limit, all mass on the largest positive seen score: so does the smallest one that keeps the row finite.
-        finfo = torch.finfo(scores.dtype)
         smallest = (scores.amax(dim=1, keepdim=True) / (finfo.max / 2)).clamp(min=max(penalty, finfo.tiny))
         limit = torch.where(seen < 0, seen * max(penalty, finfo.tiny), seen / smallest)
         penalized = torch.where(smallest > penalty, limit, penalized)  # (only where the penalty was too small)
     else:
-        # One so large that a negative score * penalty overflows to -inf leaves a row whose every token was
-        # seen, each negative, without a finite score: its limit, all mass on the least negative one, is
-        # also what the largest penalty that keeps the row finite gives.
-        largest = (torch.finfo(scores.dtype).max / 2) / (-seen).amax(dim=1, keepdim=True).clamp(min=1.0)
+        largest = (finfo.max / 2) / (-seen).amax(dim=1, keepdim=True).clamp(min=1.0)
         penalized = torch.where((largest < penalty) & (seen < 0), seen * largest, penalized)
     return scores.scatter(1, tokens, penalized)  # repeats write the same value, so "once" holds
 
@@ -278,16 +276,16 @@ def generate(
     pick(logits (B, vocab), tokens so far (B, L), config, generator) chooses each step's tokens;
     `minigpt.trace.StepRecorder` is a `next_token` that also keeps the step's probabilities.
 
-    `prompt`: a list of ints or a 1-D integer tensor (`token_ids`, which names what else was given).
-    An empty prompt starts from `eos_id`, as HF does. The model sees at most `block_size` tokens: of
-    a longer prompt it reads the last `block_size` (the repetition penalty still counts every token
-    of it, as it does the generated tokens that slide out), and when generation fills the window the cache
-    is rebuilt from the last `block_size // 2` tokens (one prefill) so decoding can continue.
-    compiled: `model`'s compiled decoding step, for every step after a prefill.
+    `prompt`: a list of ints or a 1-D integer tensor (`token_ids`, which names what else was given). An empty
+    prompt starts from `eos_id`, as HF does. The model sees at most `block_size` tokens: of a longer prompt it
+    reads the last `block_size` (the repetition penalty still counts every token of it, as it does the generated
+    tokens that slide out), and when generation fills the window the cache is rebuilt from the last
+    `block_size // 2` tokens (one prefill) so decoding can continue. compiled: `model`'s compiled decoding step,
+    for every step after a prefill.
 
-    The arguments (and the model's mode, `check_eval_mode`) are checked and the buffers allocated
-    when `generate` is called, before the first step: an output or KV cache that does not fit in
-    memory is a MinigptError naming its size then.
+    The arguments (and the model's mode, `check_eval_mode`) are checked and the buffers allocated when
+    `generate` is called, before the first step: an output or KV cache that does not fit in memory is a
+    MinigptError naming its size then.
     """
     check_eval_mode(model, "generation")
     num_samples = integer_at_least(num_samples, 1, "num_samples")
@@ -425,13 +423,8 @@ def generate_ids(
 ) -> list[list[int]]:
     """All new token ids of each sample, up to and including its EOS (`generate`'s `eos_id`)."""
     steps = [t.tolist() for t in generate(model, prompt, config, num_samples, generator, eos_id=eos_id)]
-    out = []
-    for row in zip(*steps):
-        row = list(row)
-        if eos_id is not None and eos_id in row:
-            row = row[: row.index(eos_id) + 1]
-        out.append(row)
-    return out
+    rows = [list(row) for row in zip(*steps)]
+    return [row[: row.index(eos_id) + 1] if eos_id in row else row for row in rows]  # (None is in no row)
 
 
 class TextStream:

@@ -197,7 +197,7 @@ def _whole_json(text: str, path: Path):
     except json.JSONDecodeError as e:
         if e.msg == "Extra data":
             return None
-    except RecursionError:
+    except (ValueError, RecursionError):  # (an integer of more than 4,300 digits; arrays nested too deeply)
         pass
     return _parse_json(text, path, "")  # (its error, named as the whole file's)
 
