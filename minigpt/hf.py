@@ -217,7 +217,7 @@ def load_hf_checkpoint(
         raise MinigptError(f"{config_path}: {e}") from None
     state = _hf_tensors(folder, _hf_expected(config), untied)
     _check_head_is_wte(folder, state.pop(HEAD, None), state[EMBEDDING], untied)  # (popped: freed once checked)
-    tokenizer = Tokenizer.from_dir(folder)
+    tokenizer = Tokenizer.from_hf_dir(folder)
     check_vocabulary(folder, config, tokenizer)
     state = {k: v.t() if is_conv1d_weight(k) else v for k, v in state.items()}
     return model_from_state(config, state, device, dtype), tokenizer

@@ -13,11 +13,13 @@ MinigptError that says what to pass instead. This module knows nothing else of m
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Sequence
 
 from .errors import MinigptError, reason
 
 
-def download_repo_files(repo_id: str, patterns: list[str], instead: str = "a local checkpoint folder") -> Path:
+def download_repo_files(repo_id: str, patterns: list[str], instead: str = "a local checkpoint folder",
+                        optional: Sequence[str] = ()) -> Path:
     """Fetch the files of Hub repo `repo_id` that match the glob `patterns` into the huggingface_hub
     cache (once; later calls find them there); return the folder that holds them, the repo's
     snapshot, where calls with other patterns add their files. Where no file matched, the folder is
@@ -27,7 +29,10 @@ def download_repo_files(repo_id: str, patterns: list[str], instead: str = "a loc
     default; huggingface_hub's wait for a file's metadata): `snapshot_download`'s own first request
     has none, and on a network that drops packets instead of refusing them `sample.py --model
     distilgpt2` waited in silence for as long as it was let (5 minutes, measured). Without an answer
-    (or offline, or refused) the files come from the cache alone, as `snapshot_download` does offline."""
+    (or offline, or refused) the files come from the cache alone, as `snapshot_download` does offline.
+    `optional` patterns are fetched with the rest where the Hub answers; from the cache alone they are
+    not asked for (the cache's copies, if any, are in the folder), so that a cache without them is not
+    taken for incomplete."""
     from huggingface_hub import constants, model_info, snapshot_download
 
     asked = None
@@ -36,7 +41,8 @@ def download_repo_files(repo_id: str, patterns: list[str], instead: str = "a loc
     except Exception as e:  # no answer, offline, unknown or gated repo, Hub down: the cache may hold the files
         asked = e
     try:
-        return Path(snapshot_download(repo_id, allow_patterns=patterns, local_files_only=asked is not None))
+        wanted = patterns if asked is not None else [*patterns, *optional]
+        return Path(snapshot_download(repo_id, allow_patterns=wanted, local_files_only=asked is not None))
     except Exception as e:
         raise MinigptError(
             f"{repo_id}: no such local folder, and the Hugging Face Hub could not provide it "

@@ -27,7 +27,7 @@ from .hub import download_repo_files
 from .model import GPT
 from .run_folder import current_checkpoint
 from .runtime import DTYPES, resolve_device
-from .tokenizer import TOKENIZER_FILE, Tokenizer
+from .tokenizer import HF_SETTINGS, TOKENIZER_FILE, Tokenizer
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
@@ -52,13 +52,13 @@ def _download_model(repo_id: str) -> Path:
 
 def _download_with_tokenizer(repo_id: str, patterns: list[str],
                              instead: str = "a local checkpoint folder") -> Path:
-    """Fetch the files of Hub repo `repo_id` matching `patterns`, with its tokenizer: tokenizer.json,
-    or where the repo has none, vocab.json + merges.txt. Asking for all three at once would make an
+    """Fetch the files of Hub repo `repo_id` matching `patterns`, with its tokenizer: tokenizer.json (and the
+    settings transformers reads beside it, `HF_SETTINGS`), or where the repo has none, vocab.json + merges.txt. Asking for all three at once would make an
     offline cache holding only tokenizer.json (all a model needs) count as incomplete. Return the
     folder (one that may not exist, where nothing matched)."""
-    folder = download_repo_files(repo_id, patterns + [TOKENIZER_FILE], instead)
+    folder = download_repo_files(repo_id, patterns + [TOKENIZER_FILE], instead, optional=HF_SETTINGS)
     if not (folder / TOKENIZER_FILE).is_file():
-        folder = download_repo_files(repo_id, VOCAB_MERGES, instead)
+        folder = download_repo_files(repo_id, VOCAB_MERGES, instead, optional=HF_SETTINGS)
     return folder
 
 
@@ -130,8 +130,11 @@ def load_tokenizer(source: str | os.PathLike) -> Tokenizer:
         if not folder.is_dir():
             raise MinigptError(f"{repo_id}: the Hub repository holds no {TOKENIZER_FILE} (nor "
                                f"{' + '.join(VOCAB_MERGES)}) at its root")
-        return Tokenizer.from_dir(folder)
-    return Tokenizer.from_file(path) if path.is_file() else Tokenizer.from_dir(path)
+        return Tokenizer.from_hf_dir(folder)
+    if path.is_file():
+        return Tokenizer.from_file(path)
+    hf = any((path / name).is_file() for name in HF_SETTINGS)  # (a minigpt checkpoint holds none of them)
+    return Tokenizer.from_hf_dir(path) if hf else Tokenizer.from_dir(path)
 
 
 def convert_to_minigpt(source: str | os.PathLike, out: str | os.PathLike, overwrite: bool = False) -> Path:

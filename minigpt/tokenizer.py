@@ -15,8 +15,8 @@ import os
 import re
 from pathlib import Path
 
+from tokenizers import AddedToken, decoders, models, pre_tokenizers, processors
 from tokenizers import Tokenizer as HFTokenizer
-from tokenizers import decoders, models, pre_tokenizers, processors
 
 from .errors import MinigptError, reason
 
@@ -32,6 +32,8 @@ def lone_surrogate(text: str) -> int | None:
 
 EOS_TOKEN = "<|endoftext|>"
 TOKENIZER_FILE = "tokenizer.json"
+HF_SETTINGS = ["tokenizer_config.json", "added_tokens.json"]  # how transformers reads an HF folder's tokenizer
+GPT2_CLASSES = (None, "GPT2Tokenizer", "GPT2TokenizerFast")  # tokenizer_class values that rebuild GPT-2's pipeline
 MIN_BPE_VOCAB = 256 + 1  # byte-level BPE: one token per byte, plus EOS_TOKEN
 
 
@@ -86,6 +88,48 @@ class Tokenizer:
         if (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
             return cls.from_vocab_merges(folder / "vocab.json", folder / "merges.txt")
         raise MinigptError(f"{folder}: no tokenizer.json (or vocab.json + merges.txt)")
+
+    @classmethod
+    def from_hf_dir(cls, folder: str | os.PathLike) -> "Tokenizer":
+        """Load a Hugging Face model folder's tokenizer as transformers' AutoTokenizer reads it: `from_dir`'s,
+        with the settings of `tokenizer_config.json` and `added_tokens.json` where the folder has them.
+
+        A GPT-2 tokenizer class (`tokenizer_class` GPT2Tokenizer, GPT2TokenizerFast, or none) makes transformers
+        rebuild GPT-2's pipeline: its byte-level pre-tokenizer adds a prefix space only where the config says
+        `add_prefix_space` (tokenizer.json's own setting is not read). Added tokens (`added_tokens.json`, the
+        config's `added_tokens_decoder`) are matched whole, each at the id it names: transformers appends them
+        in order whatever id they name, so an id that is not the vocabulary's next is refused, as is
+        `add_bos_token` without a tokenizer.json (transformers then starts every text with <|endoftext|>).
+        Each gave other token ids than transformers', without a word."""
+        folder = Path(folder)
+        tokenizer = cls.from_dir(folder)
+        config, added = (_json_object(folder / name) for name in HF_SETTINGS)
+        if config.get("tokenizer_class") in GPT2_CLASSES:  # (as transformers' GPT2Tokenizer builds it)
+            prefix = config.get("add_prefix_space") is True
+            tokenizer.backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=prefix)
+        if config.get("add_bos_token") is True and not (folder / TOKENIZER_FILE).is_file():
+            raise MinigptError(f"{folder / HF_SETTINGS[0]}: add_bos_token is true, which starts every text with "
+                               f"{EOS_TOKEN} in transformers and not in minigpt; remove it, or add a tokenizer.json")
+        tokens = {content: {"id": i} for content, i in added.items()}
+        decoder = config.get("added_tokens_decoder") or {}
+        tokens.update({t.get("content"): {**t, "id": i} for i, t in decoder.items() if isinstance(t, dict)})
+        for content, token in tokens.items():
+            if not isinstance(content, str) or not str(token["id"]).isdigit():
+                raise MinigptError(f"{folder}: added token {content!r} with id {token['id']!r}: not a text and an id")
+        for content, token in sorted(tokens.items(), key=lambda item: int(item[1]["id"])):
+            tokenizer._add_at(content, int(token["id"]), token, folder)
+        return tokenizer
+
+    def _add_at(self, content: str, where: int, flags: dict, folder: Path) -> None:
+        """Add token `content` with an `added_tokens_decoder` entry's `flags` at id `where`, or find it there."""
+        n = self.backend.get_vocab_size()
+        if self.backend.token_to_id(content) == where:
+            return
+        if where != n:
+            raise MinigptError(f"{folder}: added token {content!r} names id {where}, but the vocabulary's next id "
+                               f"is {n} (transformers would give it {n}): the model and tokenizer disagree")
+        keep = {k: flags[k] for k in ("special", "lstrip", "rstrip", "single_word", "normalized") if k in flags}
+        self.backend.add_tokens([AddedToken(content, **keep)])
 
     @classmethod
     def train_bpe(cls, texts: list[str], vocab_size: int) -> "Tokenizer":
@@ -196,6 +240,19 @@ class Tokenizer:
         (folder / "special_tokens_map.json").write_text(json.dumps(special, indent=2))
         config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": model_max_length, **special}
         (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+
+
+def _json_object(path: Path) -> dict:
+    """The JSON object in `path`, {} where there is no such file; anything else is a one-line MinigptError."""
+    if not path.is_file():
+        return {}
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+        raise MinigptError(f"{path}: not valid JSON ({reason(e)})") from None
+    if not isinstance(value, dict):
+        raise MinigptError(f"{path}: not a JSON object")
+    return value
 
 
 def _refuse_not_utf8(texts: list[str], name: str) -> None:

@@ -548,7 +548,7 @@ def test_damaged_or_hostile_files_are_one_line(tmp_path, gpt2_tokenizer):
     (tmp_path / "deep.csv").write_text('title,answers.text\nq,"' + "[" * 100_000 + "]" * 100_000 + '"\n')
     for name, message in (("damaged.json.gz", r"damaged\.json\.gz: cannot read \(Error -3 while decompressing"),
                           ("big.json", r"big\.json: file is not valid JSON \(Exceeds the limit"),
-                          ("deep.csv", r"deep\.csv: record 1: 'answers\.text' is not a JSON array")):
+                          ("deep.csv", r"deep\.csv: record 1 \(line 2\): 'answers\.text' is not a JSON array")):
         with pytest.raises(MinigptError, match=message):
             load(tmp_path, gpt2_tokenizer, source=str(tmp_path / name))
 

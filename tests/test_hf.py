@@ -526,3 +526,27 @@ def test_a_source_or_dtype_of_the_wrong_kind_is_named(tiny_minigpt_dir, tmp_path
     monkeypatch.setenv("HOME", str(tiny_minigpt_dir.parent))
     from_home = load_tokenizer("~/ckpt").encode("Hello")
     assert from_home == load_tokenizer(tiny_minigpt_dir / "tokenizer.json").encode("Hello")
+
+
+def test_a_fine_tune_with_added_tokens_loads_converts_and_exports_with_them(tmp_path):
+    """A folder as transformers 4's GPT2Tokenizer saved a fine-tune with two added tokens (added_tokens.json
+    beside vocab.json + merges.txt): the tokens were dropped, "question<sep>answer" was 6 pieces, and the next
+    token's logits were 1.95 from transformers'. Now the same ids and logits, through a minigpt checkpoint
+    and back to an HF folder."""
+    from conftest import TINY_HF, save_hf_model
+    from transformers import AutoTokenizer, GPT2LMHeadModel
+
+    from minigpt.loading import convert_to_minigpt
+
+    folder = save_hf_model(tmp_path / "hf", **{**TINY_HF, "vocab_size": 50259})
+    (folder / "added_tokens.json").write_text(json.dumps({"<sep>": 50257, "<pad>": 50258}))
+    ids = [25652, 50257, 41484, 220, 50258]
+    model, tokenizer = load_model(folder)
+    assert tokenizer.encode("question<sep>answer <pad>") == ids
+    with torch.no_grad():
+        theirs = GPT2LMHeadModel.from_pretrained(folder).eval()(torch.tensor([ids])).logits
+        torch.testing.assert_close(model(torch.tensor([ids]))[0], theirs, rtol=0, atol=2e-5)
+    checkpoint = convert_to_minigpt(folder, tmp_path / "mg")
+    assert load_model(checkpoint)[1].encode("question<sep>answer <pad>") == ids
+    export_hf(*load_model(checkpoint), tmp_path / "back")
+    assert AutoTokenizer.from_pretrained(tmp_path / "back").encode("question<sep>answer <pad>") == ids

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import fnmatch
 import glob
+import json
 import shutil
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from minigpt import sources
 from minigpt.errors import MinigptError
 from minigpt.hf import INDEX_FILE, LEGACY_INDEX_FILE, LEGACY_WEIGHTS_FILE, VOCAB_MERGES
 from minigpt.loading import load_model, load_tokenizer, resolve_model
-from minigpt.tokenizer import Tokenizer
+from minigpt.tokenizer import HF_SETTINGS, Tokenizer
 
 
 def made(cls, message):  # (huggingface_hub's HTTP errors want a response object, which differs by version)
@@ -87,7 +88,7 @@ def fake_hub(tmp_path, tiny_hf_dir, monkeypatch):
 
 
 NOT_FOUND = "no such repository, or a private one: log in (`hf auth login`, or HF_TOKEN) if it is yours"
-FIRST = ["config.json", "model.safetensors", INDEX_FILE, "tokenizer.json"]  # what every model download asks first
+FIRST = ["config.json", "model.safetensors", INDEX_FILE, "tokenizer.json", *HF_SETTINGS]  # every model download's first ask
 
 
 def same_weights(a, b) -> bool:
@@ -105,7 +106,7 @@ def test_a_hub_id_downloads_the_model_and_tokenizer_files(fake_hub, tiny_hf_dir)
 
 def test_an_old_repo_with_only_a_bin_is_downloaded_again_with_it(fake_hub, tiny_hf_dir):
     folder, kind = resolve_model("org/legacy")
-    assert fake_hub.calls == [("org/legacy", FIRST), ("org/legacy", VOCAB_MERGES),
+    assert fake_hub.calls == [("org/legacy", FIRST), ("org/legacy", [*VOCAB_MERGES, *HF_SETTINGS]),
                               ("org/legacy", [LEGACY_WEIGHTS_FILE, LEGACY_INDEX_FILE])]
     assert (folder / LEGACY_WEIGHTS_FILE).is_file()
     assert same_weights(load_model("org/legacy")[0], load_model(tiny_hf_dir)[0])
@@ -154,7 +155,7 @@ def test_only_one_form_of_the_weights_and_of_the_tokenizer_is_downloaded(fake_hu
 
 def test_a_tokenizer_hub_id_downloads_only_the_tokenizer_files(fake_hub, gpt2_tokenizer, tmp_path):
     tokenizer = load_tokenizer("org/tiny")
-    assert fake_hub.calls == [("org/tiny", ["tokenizer.json"])]
+    assert fake_hub.calls == [("org/tiny", ["tokenizer.json", *HF_SETTINGS])]
     assert tokenizer.encode("Why is the sky blue?") == gpt2_tokenizer.encode("Why is the sky blue?")
     old = tmp_path / "old-tokenizer"  # a repo with vocab.json + merges.txt and no tokenizer.json
     old.mkdir()
@@ -162,7 +163,7 @@ def test_a_tokenizer_hub_id_downloads_only_the_tokenizer_files(fake_hub, gpt2_to
         shutil.copy(path, old / name)
     fake_hub.repos["org/old"] = old
     tokenizer = load_tokenizer("org/old")
-    assert fake_hub.calls[1:] == [("org/old", ["tokenizer.json"]), ("org/old", VOCAB_MERGES)]
+    assert fake_hub.calls[1:] == [("org/old", ["tokenizer.json", *HF_SETTINGS]), ("org/old", [*VOCAB_MERGES, *HF_SETTINGS])]
     assert tokenizer.encode("Why is the sky blue?") == gpt2_tokenizer.encode("Why is the sky blue?")
     fake_hub.repos["org/empty"] = tmp_path / "empty"
     (tmp_path / "empty").mkdir()
@@ -362,3 +363,19 @@ def test_a_failed_eli5_download_is_one_line(monkeypatch):
         f"{sources.HUB_TRAIN_FILE}: cannot load ELI5 from the Hugging Face Hub (Couldn't reach the Hub); if "
         "offline, pass local files instead: --data eli5-category-train.json.gz (or .jsonl/.parquet/.csv/.txt)"
     )
+
+
+def test_a_repos_tokenizer_settings_are_fetched_online_and_not_required_offline(fake_hub):
+    """transformers reads a repo's tokenizer_config.json (add_prefix_space) and added_tokens.json: fetched with the
+    tokenizer where the Hub answers; a cache without them (an earlier minigpt's, or a repo that never had them) still
+    loads offline."""
+    from huggingface_hub.utils import OfflineModeIsEnabled
+
+    repo = fake_hub.repos["org/tiny"]
+    (repo / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "GPT2Tokenizer", "add_prefix_space": True}))
+    assert load_tokenizer("org/tiny").encode("Hello world") == [18435, 995]  # (without the prefix space: 15496)
+    assert load_model("org/tiny")[1].encode("Hello world") == [18435, 995]
+    (fake_hub.tmp_path / "org--tiny" / "tokenizer_config.json").unlink()
+    fake_hub.answer = made(OfflineModeIsEnabled, "Cannot reach https://huggingface.co: offline mode is enabled")
+    assert load_model("org/tiny")[1].encode("Hello world") == [15496, 995]
+    assert fake_hub.calls[-1] == ("org/tiny", FIRST[:4])

@@ -193,7 +193,7 @@ def test_a_data_error_under_torchrun_is_lines_not_tracebacks(tmp_path):
         if job.poll() is None:
             os.killpg(job.pid, signal.SIGKILL)
     assert job.returncode != 0
-    assert "error: " + str(tmp_path / "bad.jsonl") + ": record 1 has no 'answers.text' list of strings" in stderr
+    assert "error: " + str(tmp_path / "bad.jsonl") + ": record 1 (line 1) has no 'answers.text' list of strings" in stderr
     assert "error: rank 1: rank 0 stopped while preparing the data" in stderr, stderr[-3000:]
     ours = [line for line in stderr.splitlines() if line.lstrip().startswith(f'File "{ROOT}')]
     assert ours == [] and "[rank1]: Traceback" not in stderr, stderr[-3000:]
@@ -639,7 +639,7 @@ def test_gpu_check_measures_each_precisions_mfu_against_its_own_peak(monkeypatch
     (["bench_train.py", "--loss-steps", "-1"],
      "bench_train.py: error: argument --loss-steps: '-1' is not an integer >= 0 (see --help)"),
     (["bench_data.py", "--data", "{tmp}/bad.jsonl"],
-     "error: {tmp}/bad.jsonl: record 1 has no 'answers.text' list of strings"),
+     "error: {tmp}/bad.jsonl: record 1 (line 1) has no 'answers.text' list of strings"),
     (["bench_data.py", "--data", "{data}/docs.txt"],
      "bench_data.py: error: {data}/docs.txt: --data takes .json/.json.gz/.jsonl files "
      "(the recipe reads them with load_dataset(\"json\")) (see --help)"),

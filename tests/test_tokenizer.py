@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -165,3 +168,76 @@ def test_an_exported_tokenizer_gives_transformers_the_same_ids(gpt2_tokenizer, t
         assert (theirs.eos_token_id, theirs.model_max_length) == (tokenizer.eos_id, 64)
         for text in TEXTS:
             assert theirs(text)["input_ids"] == tokenizer.encode(text), (name, text)
+
+
+def hf_tokenizer_folder(folder, tokenizer_json: bool | None, **files) -> Path:
+    """A GPT-2 folder's tokenizer files: vocab.json + merges.txt, a tokenizer.json whose pre-tokenizer adds a
+    prefix space or not (None: no tokenizer.json), and JSON `files` (name without .json: content)."""
+    import json
+    import shutil
+
+    from tokenizers import pre_tokenizers
+
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    vocab, merges = gpt2_vocab_files()
+    shutil.copy(vocab, folder / "vocab.json")
+    shutil.copy(merges, folder / "merges.txt")
+    if tokenizer_json is not None:
+        tokenizer = Tokenizer.from_vocab_merges(vocab, merges)
+        tokenizer.backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=tokenizer_json)
+        tokenizer.save(folder / "tokenizer.json")
+    for name, content in files.items():
+        (folder / f"{name}.json").write_text(json.dumps(content))
+    return folder
+
+
+SEP = {"content": "<sep>", "special": False, "lstrip": False, "rstrip": False, "normalized": True, "single_word": False}
+PAD = {"content": "<pad>", "special": True, "lstrip": True, "rstrip": True, "normalized": False, "single_word": False}
+HF_FOLDERS = {  # name: (tokenizer.json's prefix space, files); transformers 5 reads each so
+    "class GPT2Tokenizer, add_prefix_space": (None, {"tokenizer_config": {"tokenizer_class": "GPT2Tokenizer",
+                                                                          "add_prefix_space": True}}),
+    "no class, add_prefix_space, over tokenizer.json's": (False, {"tokenizer_config": {"add_prefix_space": True}}),
+    "GPT2TokenizerFast without it, over tokenizer.json's": (True, {"tokenizer_config": {
+        "tokenizer_class": "GPT2TokenizerFast"}}),
+    "PreTrainedTokenizerFast: tokenizer.json's": (True, {"tokenizer_config": {
+        "tokenizer_class": "PreTrainedTokenizerFast", "add_prefix_space": False}}),
+    "add_bos_token with a tokenizer.json: not applied": (False, {"tokenizer_config": {"add_bos_token": True}}),
+    "added_tokens.json": (None, {"added_tokens": {"<sep>": 50257, "<pad>": 50258}}),
+    "added_tokens.json beside tokenizer.json": (False, {"added_tokens": {"<sep>": 50257}}),
+    "added_tokens_decoder, flags": (None, {"tokenizer_config": {"added_tokens_decoder": {"50257": SEP, "50258": PAD,
+                                                                                        "50256": {"content": "<|endoftext|>"}}}}),
+}
+
+
+@pytest.mark.parametrize("case", list(HF_FOLDERS))
+def test_an_hf_folders_tokenizer_settings_give_transformers_ids(case, tmp_path):
+    """tokenizer_config.json's add_prefix_space and the added tokens of added_tokens.json or its added_tokens_decoder
+    were not read: "Hello world" was [15496, 995] against transformers' [18435, 995]; "q<sep>a" split <sep> into
+    pieces (and the next-token logits of a fine-tune with added tokens were 1.95 apart)."""
+    from transformers import AutoTokenizer
+
+    tokenizer_json, files = HF_FOLDERS[case]
+    folder = hf_tokenizer_folder(tmp_path / "hf", tokenizer_json, **files)
+    ours, theirs = Tokenizer.from_hf_dir(folder), AutoTokenizer.from_pretrained(folder)
+    for text in ("Hello world", "question<sep>answer <pad> x", " a <sep> b<|endoftext|>c"):
+        assert ours.encode(text) == theirs.encode(text), text
+        assert ours.decode(ours.encode(text)) == theirs.decode(theirs.encode(text))
+    assert ours.vocab_size == len(theirs)
+
+
+def test_what_transformers_would_read_otherwise_is_refused_in_one_line(tmp_path):
+    """An added token whose id is not the vocabulary's next (transformers gives it the next id anyway) and
+    add_bos_token without a tokenizer.json (transformers starts every text with <|endoftext|>)."""
+    cases = {
+        "gap": ({"added_tokens": {"<sep>": 50260}}, "added token '<sep>' names id 50260, but the vocabulary's next "
+                                                    "id is 50257 (transformers would give it 50257)"),
+        "bos": ({"tokenizer_config": {"add_bos_token": True}}, "tokenizer_config.json: add_bos_token is true"),
+        "junk": ({"added_tokens": {"<sep>": "x"}}, "added token '<sep>' with id 'x': not a text and an id"),
+        "list": ({"tokenizer_config": [1]}, "tokenizer_config.json: not a JSON object"),
+    }
+    for name, (files, message) in cases.items():
+        folder = hf_tokenizer_folder(tmp_path / name, None, **files)
+        with pytest.raises(MinigptError, match=re.escape(message)):
+            Tokenizer.from_hf_dir(folder)
+    assert Tokenizer.from_dir(tmp_path / "bos").encode("Hello") == [15496]  # (a minigpt folder's reading: as it is)
