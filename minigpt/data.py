@@ -42,7 +42,7 @@ import torch
 from tqdm import tqdm
 
 from .errors import MinigptError, integer_at_least
-from .files import atomic_folder, read_json
+from .files import atomic_folder, home_expanded, read_json
 from .formats import FORMATS
 from .sources import Source, render
 from .tokenizer import Tokenizer
@@ -99,7 +99,7 @@ def count(n: int, noun: str) -> str:
 def default_cache_dir() -> Path:
     """`$MINIGPT_CACHE/data` when that variable is set, else `~/.cache/minigpt/data`."""
     root = os.environ.get("MINIGPT_CACHE")  # ("~/c", as a Dockerfile's ENV leaves it: the home folder's)
-    return (Path(root).expanduser() if root else Path.home() / ".cache" / "minigpt") / "data"
+    return (home_expanded(root) if root else Path.home() / ".cache" / "minigpt") / "data"
 
 
 def tiny_preset_path() -> Path:
@@ -192,7 +192,7 @@ def _cache_root_and_key(cfg: DataConfig, tokenizer: Tokenizer) -> tuple[Path, di
     """(the cache folder, the part of every entry's key that is not the source's)."""
     if tokenizer.vocab_size > 2**16:
         raise MinigptError(f"tokenizer: {tokenizer.vocab_size} tokens do not fit the uint16 block cache")
-    root = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir()
+    root = home_expanded(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
     common = {
         "version": CACHE_VERSION,
         "tokenizer_sha256": hashlib.sha256(tokenizer.backend.to_str().encode()).hexdigest(),

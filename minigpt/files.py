@@ -158,7 +158,7 @@ def folder_destination(out: str | os.PathLike) -> Path:
     of the folder it names. CLIs call this before any slow work, so that a bad `--out` is refused
     at once; `atomic_folder` calls it again.
     """
-    given = Path(out).expanduser()  # ("~/run" is the home folder's, as load_model reads it, not a folder "~")
+    given = home_expanded(out)  # ("~/run" is the home folder's, as load_model reads it, not a folder "~")
     check_utf8(given)
     out = Path(os.path.realpath(given)) if given.name in ("", "..") else given
     if out.exists() and not out.is_dir():
@@ -175,6 +175,17 @@ def folder_destination(out: str | os.PathLike) -> Path:
                 f"{given}: is the current folder (or one above it); run from outside it, or choose another folder"
             )
     return out
+
+
+def home_expanded(path: str | os.PathLike) -> Path:
+    """`path` with a leading `~` or `~user` as that home folder, as a shell expands it. A `~nouser` that is
+    no user's (pathlib's `expanduser` raised RuntimeError: a traceback) is taken as it is where a file or
+    folder has that name, as a shell does; else it is a one-line MinigptError, not a folder "~nouser" made."""
+    expanded = os.path.expanduser(path)
+    first = expanded.split(os.sep)[0]
+    if first.startswith("~") and not os.path.lexists(first):
+        raise MinigptError(f"{expanded}: {first} is no user's home folder here")
+    return Path(expanded)
 
 
 def check_source_outside(out: Path, source: str | os.PathLike, what: str, name: str = "out") -> None:

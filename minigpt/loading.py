@@ -21,7 +21,7 @@ import torch
 
 from .checkpoint import CONFIG_FILE, WEIGHTS_FILE, is_minigpt_checkpoint, load_checkpoint, save_checkpoint_folder
 from .errors import MinigptError
-from .files import check_source_outside, folder_destination
+from .files import check_source_outside, folder_destination, home_expanded
 from .hf import INDEX_FILE, LEGACY_INDEX_FILE, LEGACY_WEIGHTS_FILE, VOCAB_MERGES, hf_weight_files, load_hf_checkpoint
 from .hub import download_repo_files
 from .model import GPT
@@ -94,7 +94,7 @@ def _local_path(source: str | os.PathLike, what: str) -> Path | None:
     text = str(source).strip()
     if not text:
         raise MinigptError(f"{what}: empty {what} path")
-    path, owner = Path(text).expanduser(), text.partition("/")[0]
+    path, owner = home_expanded(text), text.partition("/")[0]
     in_a_local_folder = bool(HUB_ID.match(text)) and "/" in text and Path(owner).is_dir()  # (a Hub id's form)
     if path.exists() or not HUB_ID.match(text) or text.startswith((".", "/", "~")) or in_a_local_folder:
         if not path.exists():

@@ -39,8 +39,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from .files import (atomic_folder, atomic_symlink, check_utf8, is_temporary_copy, read_json, renamed_path,
-                    save_tensors)
+from .files import (atomic_folder, atomic_symlink, check_utf8, home_expanded, is_temporary_copy, read_json,
+                    renamed_path, save_tensors)
 from .errors import MinigptError, reason
 from .hf import LEGACY_WEIGHTS_FILE, MODEL_FILES, TOKENIZER_FILES
 
@@ -266,7 +266,7 @@ def check_same_run(out: Path, saved: dict[str, Any], current: dict[str, Any]) ->
         was, now = saved.get(key), current.get(key)
         was = recorded_path(was) if isinstance(was, str) and os.path.isabs(was) else was  # (as recorded now)
         texts = isinstance(was, str) and isinstance(now, str)  # (None: a flag not given, or not recorded)
-        if was != now and not (texts and Path(was).expanduser().resolve() == Path(now).expanduser().resolve()):
+        if was != now and not (texts and home_expanded(was).resolve() == home_expanded(now).resolve()):
             if was is None:
                 change = f"without {key}, not with {key} {now}"
             else:

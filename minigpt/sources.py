@@ -38,6 +38,7 @@ import zlib
 from pathlib import Path
 
 from .errors import MinigptError, reason
+from .files import home_expanded
 from .formats import FORMATS, answers_text, qa_text
 from .hub import load_eli5_records
 from .tokenizer import lone_surrogate
@@ -75,7 +76,7 @@ class Source:
             return cls(HUB_TRAIN_FILE, "hub", None, HUB_MAX_RECORDS if limit is None else limit)
         if not source:  # Path("") is ".": the current folder's .txt files would be read, silently
             raise MinigptError(f"{flag}: empty path")
-        path = Path(source).expanduser()
+        path = home_expanded(source)
         if not path.exists():
             raise MinigptError(f"{path}: no such file or folder ({flag})")
         if path.is_dir():

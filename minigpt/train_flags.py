@@ -14,6 +14,7 @@ from typing import Any, Sequence
 
 from .cli import flag, fraction, non_negative_float, non_negative_int, parser_from, positive_float, positive_int
 from .cli import from_flags, path_text, run_flags
+from .files import home_expanded
 
 RECIPE_MODEL = "distilbert/distilgpt2"
 DEFAULT_OUT = "checkpoints/eli5"  # where sample.py looks first
@@ -166,7 +167,7 @@ class TrainFlags:
         from .loading import is_hub_id
 
         c, scratch = model.config, self.init == "scratch"
-        shown = lambda path: Path(path).expanduser().resolve().name  # noqa: E731  (a file's or folder's own name)
+        shown = lambda path: home_expanded(path).resolve().name  # noqa: E731  (a file's or folder's own name)
         datasets = ["rexarski/eli5_category"] if self.data is None else [shown(self.data)]
         datasets += [shown(self.val_data)] if self.val_data is not None else []
         # (without --val-data, validation is a held-out share of the training records: their split)

@@ -18,15 +18,15 @@ A micro-batch's weight is its number of examples over the step's total (all rank
 step's gradient is that of the mean loss over all its examples, however they are split into
 micro-batches and ranks; a short last batch of an epoch counts each example once, as in one batch.
 
-A step reads nothing back from the device (`minigpt.metrics.StepNumbers`): the next logging step,
-evaluation or save reads the steps' numbers at once, so the host queues steps while the GPU computes.
-A non-finite loss or gradient norm thus stops the run at that read, naming the first bad step; the
-steps since ran on broken weights, but every save reads first, so the last checkpoint is untouched.
+A step reads nothing back from the device (`minigpt.metrics.StepNumbers`): the next logging step, evaluation
+or save reads the steps' numbers at once, so the host queues steps while the GPU computes. A non-finite loss
+or gradient norm thus stops the run at that read, naming the first bad step; the steps since ran on broken
+weights, but every save reads first, so the last checkpoint is untouched.
 
-The output folder is described in `minigpt/run_folder.py`: a checkpoint (with the run's model card
-and training state) that `minigpt.loading.load_model` reads, metrics.jsonl and loss.png beside it. A
-checkpoint holds everything an exact continuation needs, RNG states included, so a run killed and
-resumed ends bitwise where the uninterrupted run ends.
+The output folder is described in `minigpt/run_folder.py`: a checkpoint (with the run's model card and
+training state) that `minigpt.loading.load_model` reads, metrics.jsonl and loss.png beside it. A checkpoint
+holds everything an exact continuation needs, RNG states included, so a run killed and resumed ends bitwise
+where the uninterrupted run ends.
 """
 
 from __future__ import annotations
@@ -47,6 +47,7 @@ import torch.nn as nn
 
 from .ddp import Ranks, StopRequest, all_reduce_sum, gather_rng_states, restore_rng_states
 from .errors import MinigptError, integer_at_least
+from .files import home_expanded
 from .metrics import MetricsLog, StepNumbers, evaluate, perplexity, plot_metrics
 from .optim import AdamW, clip_grad_norm
 from .run_folder import CARD_FILE, METRICS_FILE, PLOT_FILE, check_out_folder, check_same_run
@@ -134,7 +135,7 @@ class Trainer:
     ) -> None:
         self.model, self.loss_fn, self.optimizer, self.schedule = model, loss_fn, optimizer, schedule
         self.train_batches, self.val_batches = train_batches, val_batches
-        self.config, self.out, self.save_model = config, Path(out).expanduser(), save_model
+        self.config, self.out, self.save_model = config, home_expanded(out), save_model
         self.device, self.ranks, self.run_config, self.card = torch.device(device), ranks, run_config or {}, card
         self.base_lrs = [g["lr"] for g in optimizer.param_groups]
         self.autocast = torch.autocast(self.device.type, dtype=config.dtype, enabled=config.dtype != torch.float32)
@@ -282,8 +283,7 @@ class Trainer:
         info = {
             "step": self.step, "max_steps": self.config.max_steps, "skipped_steps": self.skipped_steps,
             "last_eval_step": self.last_eval_step, "metrics_rows": len(self.metrics.rows) if self.metrics else 0,
-            "losses_since_row": self.interval["losses"],
-            "world_size": self.ranks.world_size,
+            "losses_since_row": self.interval["losses"], "world_size": self.ranks.world_size,
             "run": self.run_config,
             "optimizer": optim,
             "data": self.train_batches.state_dict(),

@@ -458,7 +458,7 @@ BREAKS = (
     Break(
         "cache_variable_tilde_literal",
         "a ~ in MINIGPT_CACHE is not expanded: written to the home folder's, read from a folder \"~\" (every run fails)",
-        ((r"return \(Path\(root\)\.expanduser\(\) if root", 'return (Path(root) if root'),),
+        ((r"return \(home_expanded\(root\) if root", 'return (Path(root) if root'),),
         ("tests/test_data.py::test_numpy_numbers_and_a_tilde_in_the_cache_variable_load",),
     ),
     Break(
@@ -509,7 +509,7 @@ BREAKS = (
     Break(
         "resume_path_gone_refused",
         "a resume is refused when a relative --init / --tokenizer has moved since (\"made with --init /abs/base, not base\")",
-        ((r"if was != now and not \(texts and Path\(was\)", "if was != now and not (False and Path(was)"),),
+        ((r"if was != now and not \(texts and home_expanded\(was\)", "if was != now and not (False and Path(was)"),),
         ("tests/test_train_cli.py::test_a_resume_with_other_settings_names_them_readably",),
     ),
     Break(
@@ -942,7 +942,7 @@ BREAKS = (
     ),
     Break(
         "save_to_a_folder_named_tilde", "a save to \"~/x\" writes a folder named \"~\" in the current folder",
-        ((r"given = Path\(out\)\.expanduser\(\)", "given = Path(out)"),),
+        ((r"given = home_expanded\(out\)", "given = Path(out)"),),
         ("tests/test_hf.py::test_saving_expands_home_as_loading_does",),
     ),
     Break(
@@ -1283,7 +1283,7 @@ BREAKS = (
           ((r"base_on_hub=not scratch and is_hub_id\(self\.init\)", "base_on_hub=not scratch and not Path(self.init).exists()"),),
           ("tests/test_card.py::test_what_the_hub_would_refuse_or_misread_stays_out_of_the_card",)),
     Break("card_dataset_name_unresolved", "a card names --data . as the dataset \"\"",
-          ((r"Path\(path\)\.expanduser\(\)\.resolve\(\)\.name", "Path(path).name"),),
+          ((r"home_expanded\(path\)\.resolve\(\)\.name", "Path(path).name"),),
           ("tests/test_card.py::test_what_the_hub_would_refuse_or_misread_stays_out_of_the_card",)),
     Break("card_results_on_the_training_file", "a card credits the validation loss to the training file, with --val-data too",
           ((r'evaluated_on = \(datasets\[-1\], "validation"\) if self\.val_data is not None else \(datasets\[0\], "train"\)',
@@ -1375,6 +1375,9 @@ BREAKS = (
     Break("tokenizer_settings_required_offline", "offline, a cache without tokenizer_config.json is taken for incomplete",
           ((r"wanted = patterns if asked is not None else \[\*patterns, \*optional\]", "wanted = [*patterns, *optional]"),),
           ("tests/test_hub.py::test_a_repos_tokenizer_settings_are_fetched_online_and_not_required_offline",)),
+    Break("tilde_of_no_user_made", "a ~nouser path is taken as it is: a traceback in pathlib, or a folder \"~nouser\" made",
+          ((r"if first\.startswith\(\"~\"\) and not os\.path\.lexists\(first\):", "if False:"),),
+          ("tests/test_faults.py::test_a_tilde_that_is_no_users_home_is_one_line_and_makes_nothing",)),
     Break("flattened_parquet_refused", "a parquet file of datasets' flatten() (column answers.text) is refused",
           ((r"flat = \[\] if \"answers\" in names else", "flat = [] if True else"),),
           ("tests/test_data.py::test_a_flattened_parquet_or_json_file_reads_as_the_struct_one",)),

@@ -1454,3 +1454,24 @@ def test_a_blank_title_is_refused_by_the_qa_format(tmp_path, monkeypatch):
     result = call_cli("train.py", *TINY_RUN, "--format", "qa", "--data", str(data), "--out", str(tmp_path / "o"))
     assert_one_line_error(result, "blank.jsonl: record 1 (line 1) has no 'title' text (needed by --format qa)")
 
+
+
+def test_a_tilde_that_is_no_users_home_is_one_line_and_makes_nothing(tmp_path, tiny_hf_dir, monkeypatch):
+    """`~nouser/x` (a typo for ~/x, or a user of another machine) was pathlib's "RuntimeError: Could not determine
+    home directory", a traceback, in every CLI that takes a path. A file or folder of that very name is still
+    read as it is, as a shell reads it."""
+    from minigpt.files import home_expanded
+
+    monkeypatch.chdir(tmp_path)
+    nobody = "~minigpt_no_such_user_4821"
+    for script, *args in (("sample.py", "--model", f"{nobody}/x", "hi"),
+                          ("convert_hf_weights.py", f"{nobody}/x", "--out", str(tmp_path / "o")),
+                          ("convert_hf_weights.py", str(tiny_hf_dir), "--out", f"{nobody}/x"),
+                          ("train.py", "--preset", "tiny", "--data", f"{nobody}/d.jsonl", "--out", str(tmp_path / "t"))):
+        result = call_cli(script, *args)
+        assert_one_line_error(result, f"{nobody}/")
+        assert f"{nobody} is no user's home folder here" in result.stderr or "no such file or folder" in result.stderr
+    assert sorted(os.listdir(tmp_path)) == []
+    (tmp_path / nobody).mkdir()
+    assert home_expanded(f"{nobody}/x") == Path(nobody, "x")
+    assert home_expanded("~/x") == Path.home() / "x"
