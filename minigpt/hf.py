@@ -54,6 +54,7 @@ MASK_BUFFER = re.compile(r"^(transformer\.)?h\.\d+\.attn\.(bias|masked_bias)$")
 INDEX_FILE = "model.safetensors.index.json"  # which shard file holds which tensor
 MODEL_FILES = ["config.json", "model.safetensors", INDEX_FILE, "model-*.safetensors"]
 LEGACY_WEIGHTS_FILE, LEGACY_INDEX_FILE = "pytorch_model.bin", "pytorch_model.bin.index.json"  # (tensors only read)
+LEGACY_FILES = [LEGACY_WEIGHTS_FILE, LEGACY_INDEX_FILE, "pytorch_model-*.bin"]  # (shards as save_pretrained names them)
 HEAD, EMBEDDING = "lm_head.weight", "transformer.wte.weight"  # (the same names in both layouts)
 VOCAB_MERGES = ["vocab.json", "merges.txt"]  # a tokenizer as older repos hold it, without tokenizer.json
 TOKENIZER_FILES = ["tokenizer.json", *VOCAB_MERGES]

@@ -42,7 +42,7 @@ from safetensors.torch import load_file
 from .files import (atomic_folder, atomic_symlink, check_utf8, home_expanded, is_temporary_copy, read_json,
                     renamed_path, save_tensors)
 from .errors import MinigptError, reason
-from .hf import LEGACY_WEIGHTS_FILE, MODEL_FILES, TOKENIZER_FILES
+from .hf import LEGACY_FILES, MODEL_FILES, TOKENIZER_FILES
 
 CKPT_DIR = ".ckpt"
 CURRENT = "current"
@@ -347,16 +347,16 @@ class RunLock:
         self._fd = None
 
 
-# What else a model's folder holds, beside the HF weights and tokenizer files: a tokenizer's and
-# generation's settings as transformers saves them, and the model card.
-MODEL_FOLDER_EXTRAS = ["tokenizer_config.json", "special_tokens_map.json", "generation_config.json", "README.md"]
+# A model folder's other files: tokenizer and generation settings as transformers saves them, and the card.
+MODEL_FOLDER_EXTRAS = ["tokenizer_config.json", "added_tokens.json", "special_tokens_map.json", "generation_config.json",
+                       "README.md"]
 
 
 def check_replaceable(out: Path) -> None:
     """Refuse (one-line MinigptError) to replace a folder that holds anything but a model's files
     (minigpt's, or an HF folder's) or a training run's: `--force` is there to redo a conversion, and a
     mistyped `--out` must not delete a folder of someone's own work along with it."""
-    patterns = [*MODEL_FILES, LEGACY_WEIGHTS_FILE, *TOKENIZER_FILES, *MODEL_FOLDER_EXTRAS]
+    patterns = [*MODEL_FILES, *LEGACY_FILES, *TOKENIZER_FILES, *MODEL_FOLDER_EXTRAS]
     for entry in sorted(out.iterdir()):
         model_file = any(fnmatch(entry.name, pattern) for pattern in patterns) and (
             entry.is_symlink() or entry.is_file())  # (a folder named model-x.safetensors is not one)

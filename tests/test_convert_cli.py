@@ -193,6 +193,12 @@ def test_force_replaces_only_a_models_folder(tiny_hf_dir, tmp_path):
                  ["--to-hf", str(hf), "--out", str(tmp_path / "minigpt")]):
         assert call_cli("convert_hf_weights.py", *args, "--force").returncode == 0
     assert call_cli("convert_hf_weights.py", "--to-hf", str(hf), "--out", str(hf / ".." / "minigpt"), "--force").returncode == 0
+    legacy = tmp_path / "legacy"  # an older save_pretrained's folder: .bin shards, their index, added_tokens.json
+    legacy.mkdir()
+    for name in ("pytorch_model-00001-of-00002.bin", "pytorch_model.bin.index.json", "added_tokens.json", "config.json"):
+        (legacy / name).write_text("{}")
+    assert call_cli("convert_hf_weights.py", str(tiny_hf_dir), "--out", str(legacy), "--force").returncode == 0
+    assert (legacy / "model.safetensors").is_file() and not (legacy / "added_tokens.json").exists()
 
 
 def test_usage_errors_exit_2(tmp_path):
