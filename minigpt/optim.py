@@ -11,7 +11,8 @@ gradient g, at step t = 1, 2, ... with learning rate lr:
     p   <- p - lr * m^ / (sqrt(v^) + eps)
 
 `AdamW.step` computes exactly this (it agrees with `torch.optim.AdamW` to ~1e-7), with the two bias
-corrections folded into scalars (see `_update`).
+corrections folded into scalars (see `_update`). As in torch, t counts each parameter's own updates: one
+that first gets a gradient at the optimizer's third step is corrected with t = 1 there, not 3.
 
 Speed. On the distilgpt2 shape the optimizer touches 82 M parameters and as many entries of g, m
 and v; each line above is a full pass over them, bound by memory bandwidth, not arithmetic. So the
@@ -131,9 +132,11 @@ class AdamW:
         if fused and not has_fused:
             raise MinigptError(f"AdamW: this PyTorch build has no fused AdamW for {first.device.type} {first.dtype}")
         self.fused = has_fused and fused is not False
-        # t in the formula, on the parameters' device: the fused kernel reads it there, and a step
-        # that GradScaler skips leaves it as it was without the host having to know
-        self._step_tensor = torch.zeros((), dtype=torch.float32, device=first.device)
+        # t in the formula, one per parameter (the steps it had a gradient in), on the parameters' device: the
+        # fused kernel reads them there, and a step that GradScaler skips leaves them without the host knowing
+        self._steps = torch.zeros(len(params), dtype=torch.float32, device=first.device)
+        self._step_of = dict(zip(params, self._steps.unbind()))  # (views: the kernel's per-tensor t)
+        self._index = {p: i for i, p in enumerate(params)}
         scratch = 1 if self.fused else max(1, min(sum(p.numel() for p in params), BUCKET))
         self._scratch = first.new_empty(scratch)
         # The fused kernel needs no scratch, so no buckets: it takes whole tensors, flat in p's memory
@@ -161,8 +164,8 @@ class AdamW:
 
     @property
     def step_count(self) -> int:
-        """t: the updates made so far (reading it waits for the device)."""
-        return int(self._step_tensor.item())
+        """t of the parameters updated most: the steps made so far (reading it waits for the device)."""
+        return int(self._steps.max().item()) if self._steps.numel() else 0
 
     @torch.no_grad()
     def step(self) -> None:
@@ -174,21 +177,43 @@ class AdamW:
             if found_inf.item():
                 return
             found_inf = None
-        self._step_tensor += 1 if found_inf is None else 1 - found_inf
-        t = None if self.fused else self.step_count  # the written-out update needs t on the host
-        for group, exp_avgs, exp_avg_sqs in zip(self.param_groups, self.exp_avg, self.exp_avg_sq):
-            todo = [
-                (p, p.grad, m, v)
-                for p, m, v in zip(group["params"], exp_avgs, exp_avg_sqs)
-                if p.grad is not None
-            ]
+        todos = [[(p, p.grad, m, v) for p, m, v in zip(group["params"], exp_avgs, exp_avg_sqs) if p.grad is not None]
+                 for group, exp_avgs, exp_avg_sqs in zip(self.param_groups, self.exp_avg, self.exp_avg_sq)]
+        for p, _, m, _ in (item for todo in todos for item in todo):
+            if p.shape != m.shape or p.stride() != m.stride():  # (`p.data = ...` since: the moments no longer fit)
+                raise MinigptError(f"AdamW: parameter {self._index[p]} is now {list(p.shape)}, strides "
+                                   f"{list(p.stride())}, not the {list(m.shape)}, {list(m.stride())} its moments "
+                                   f"were made for; make a new optimizer after changing a parameter's shape")
+        counted = [self._index[p] for todo in todos for p, *_ in todo]
+        increment = 1 if found_inf is None else 1 - found_inf
+        if len(counted) == len(self._steps):  # (every parameter has a gradient: the usual step)
+            self._steps += increment
+        elif counted:
+            self._steps[torch.tensor(counted, device=self._steps.device)] += increment
+        ts = None if self.fused else self._steps.tolist()  # the written-out update needs t on the host
+        for group, todo in zip(self.param_groups, todos):
             if self.fused and todo:  # one call, on the flat views made in __init__ and the new gradients
-                params, ms, vs = ([self._flats[p][i] for p, *_ in todo] for i in range(3))
+                params, ms, vs = ([self._fused_views(p)[i] for p, *_ in todo] for i in range(3))
                 grads = [_flat(g, p) for p, g, _, _ in todo]
-                self._update(group, params, grads, ms, vs, grad_scale=grad_scale, found_inf=found_inf)
-            else:
-                for bucket in _buckets(todo, BUCKET):
-                    self._update(group, *bucket, t=t, grad_scale=grad_scale, found_inf=found_inf)
+                steps = [self._step_of[p] for p, *_ in todo]
+                self._update(group, params, grads, ms, vs, steps=steps, grad_scale=grad_scale, found_inf=found_inf)
+            elif todo:
+                for t in dict.fromkeys(ts[self._index[p]] for p, *_ in todo):  # (one t, unless some skipped steps)
+                    same_t = [item for item in todo if ts[self._index[item[0]]] == t]
+                    for bucket in _buckets(same_t, BUCKET):
+                        self._update(group, *bucket, t=int(t), grad_scale=grad_scale, found_inf=found_inf)
+
+    def _fused_views(self, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """p, m and v flat, for the fused kernel: the views made in __init__, p's made again where `p.data` was
+        assigned since (the kernel wrote the old memory, and the parameter stopped changing)."""
+        flat, m, v = self._flats[p]
+        if flat.data_ptr() != p.data_ptr():
+            flat = _flat(p.detach(), p)
+            if p.numel() and flat.data_ptr() != p.data_ptr():
+                raise MinigptError(f"AdamW: parameter {self._index[p]} was given memory with gaps or overlaps "
+                                   f"(p.data = a slice); give it memory of its own")
+            self._flats[p] = flat, m, v
+        return flat, m, v
 
     def _update(
         self,
@@ -198,16 +223,17 @@ class AdamW:
         exp_avgs: list[torch.Tensor],
         exp_avg_sqs: list[torch.Tensor],
         t: int | None = None,
+        steps: list[torch.Tensor] | None = None,
         grad_scale: torch.Tensor | None = None,
         found_inf: torch.Tensor | None = None,
     ) -> None:
         """The formula of the module docstring on one bucket of (slices of) tensors, in place.
-        t: the step (the fused kernel reads it from the device instead); grad_scale: the gradients
-        are still multiplied by it (GradScaler without unscale_)."""
+        t: the bucket's step (the fused kernel reads each tensor's from the device instead, `steps`);
+        grad_scale: the gradients are still multiplied by it (GradScaler without unscale_)."""
         lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
         if self.fused:  # the same formula, one kernel (see the module docstring)
             torch._fused_adamw_(
-                params, grads, exp_avgs, exp_avg_sqs, [], [self._step_tensor] * len(params),
+                params, grads, exp_avgs, exp_avg_sqs, [], steps,
                 lr=lr, beta1=beta1, beta2=beta2, weight_decay=wd, eps=eps, amsgrad=False, maximize=False,
                 grad_scale=grad_scale, found_inf=found_inf,
             )
@@ -232,9 +258,10 @@ class AdamW:
 
     def state_dict(self) -> dict[str, Any]:
         """{"step", "param_groups" (hyper-parameters only), "exp_avg", "exp_avg_sq"}; the moments are
-        lists of tensors in parameter order (group by group)."""
+        lists of tensors in parameter order (group by group), "step" each one's t (one number where all agree)."""
+        steps = [int(t) for t in self._steps.tolist()]
         return {
-            "step": self.step_count,
+            "step": steps[0] if len(set(steps)) == 1 else steps,  # (one number, unless some parameters skipped steps)
             "param_groups": [
                 {k: list(g[k]) if k == "betas" else g[k] for k in HYPER_PARAMETERS}
                 for g in self.param_groups
@@ -263,7 +290,10 @@ class AdamW:
         for group, saved in zip(self.param_groups, state["param_groups"]):
             group.update({k: saved[k] for k in HYPER_PARAMETERS})
             _check_hyper_parameters(group)  # (a hand-edited state's negative eps is refused, not trained with)
-        self._step_tensor.fill_(int(state["step"]))
+        steps = state["step"]
+        if isinstance(steps, list) and len(steps) != len(self._steps):
+            raise MinigptError(f"optimizer state: steps for {len(steps)} tensors, expected {len(self._steps)}")
+        self._steps.copy_(torch.tensor(steps, dtype=torch.float32).expand(self._steps.shape))
 
 
 def _group_params(params: torch.Tensor | Iterable[torch.Tensor | tuple[str, torch.Tensor]]) -> dict[str, list]:

@@ -378,3 +378,48 @@ def test_betas_that_are_not_a_pair_of_numbers_are_refused(betas):
         AdamW(small_model().parameters(), betas=betas)
     assert str(e.value) == f"optimizer: betas must be a pair of numbers (beta1, beta2), e.g. (0.9, 0.999), got {betas}"
     assert AdamW(small_model().parameters(), betas=[0.8, 0.99]).param_groups[0]["betas"] == (0.8, 0.99)
+
+
+@pytest.mark.parametrize("fused", FUSED)
+def test_each_parameter_counts_its_own_steps_as_torch_does(fused):
+    """A parameter that first has a gradient at the third step was corrected with t = 3 (0.64 x lr moved instead of
+    lr; 0.056 from torch.optim.AdamW after 6 steps); t is now each parameter's own, through a state dict too."""
+    ours_p = [nn.Parameter(torch.linspace(-1, 1, 5)), nn.Parameter(torch.linspace(1, -1, 3))]
+    torch_p = [nn.Parameter(p.detach().clone()) for p in ours_p]
+    ours = AdamW(ours_p, lr=0.1, weight_decay=0.01, fused=fused)
+    reference = torch.optim.AdamW(torch_p, lr=0.1, weight_decay=0.01)
+    g = torch.Generator().manual_seed(0)
+    for step in range(6):
+        if step == 3:  # the state dict of parameters at t = 3 and t = 1 goes through a new optimizer
+            state = ours.state_dict()
+            assert state["step"] == [3, 1]
+            ours = AdamW(ours_p, lr=0.1, weight_decay=0.01, fused=fused)
+            ours.load_state_dict(state)
+        for i, (a, b) in enumerate(zip(ours_p, torch_p)):
+            grad = torch.randn(a.shape, generator=g) if i == 0 or step >= 2 else None
+            a.grad, b.grad = grad, None if grad is None else grad.clone()
+        ours.step()
+        reference.step()
+        for a, b in zip(ours_p, torch_p):
+            torch.testing.assert_close(a.detach(), b.detach(), rtol=0, atol=1e-6)
+    assert ours.state_dict()["step"] == [6, 4] and ours.step_count == 6
+
+
+@pytest.mark.parametrize("fused", FUSED)
+def test_a_parameter_given_new_data_is_updated_there_and_a_new_shape_is_refused(fused):
+    """`p.data = ...` (as `model.to(...)` and back does) left the fused kernel writing the old memory: the
+    parameter stopped changing, without a word."""
+    p, q = nn.Parameter(torch.ones(4)), nn.Parameter(torch.ones(4))
+    ours, reference = AdamW([p], lr=0.1, fused=fused), torch.optim.AdamW([q], lr=0.1)
+    for step in range(3):
+        if step == 1:
+            p.data, q.data = torch.full((4,), 2.0), torch.full((4,), 2.0)
+        p.grad, q.grad = torch.full((4,), 0.5), torch.full((4,), 0.5)
+        ours.step()
+        reference.step()
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=0, atol=1e-6)
+    assert not torch.equal(p.detach(), torch.full((4,), 2.0))
+    p.data = torch.ones(2, 2)
+    p.grad = torch.ones(2, 2)
+    with pytest.raises(MinigptError, match=r"AdamW: parameter 0 is now \[2, 2\], strides \[2, 1\], not the \[4\], \[1\]"):
+        ours.step()
