@@ -143,8 +143,12 @@ def _load_legacy_bin(path: Path, mmap: bool = False) -> dict[str, torch.Tensor]:
             f"{path}: refused to load: not a plain tensor file (it asks for {culprit.group(1)}); minigpt never "
             "unpickles anything else, as that can run code. Use a model.safetensors instead"
         ) from None
-    except Exception as e:  # RuntimeError for a damaged zip, EOFError for a truncated file, ...
-        raise MinigptError(f"{path}: not a PyTorch weights file ({reason(e)})") from None
+    except Exception as e:  # RuntimeError for a damaged zip, EOFError for an empty file, KeyError for text, ...
+        with open(path, "rb") as f:
+            head = f.read(4)
+        what = ("an empty file" if not head else f"a damaged or truncated zip archive: {reason(e).split('. ')[0]}"
+                if head == b"PK\x03\x04" else "no pickle of plain tensors")  # (a text file gave "(101)")
+        raise MinigptError(f"{path}: not a PyTorch weights file ({what})") from None
     if not isinstance(raw, dict) or not all(_is_plain(t) for t in raw.values()):
         raise MinigptError(f"{path}: not a state dict of tensors (plain ones: not sparse, not on the meta device)")
     return raw

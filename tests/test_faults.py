@@ -310,11 +310,13 @@ BROKEN_BINS = {
     "sparse": (torch_saved({WPE: torch.eye(4).to_sparse()}), "not a state dict of tensors (plain ones: not sparse"),
     "meta": (torch_saved({WPE: torch.empty(4, device="meta")}), "not a state dict of tensors (plain ones: not sparse"),
     "plain_pickle": (pickle.dumps({WPE: [0.0] * 4}, protocol=4), "not a PyTorch weights file (no pickle of plain tensors)"),
-    "garbage": (b"hello, no pickle at all", "not a PyTorch weights file"),
-    "no_pickle_opcode": (b"xyz", "not a PyTorch weights file"),
-    "not_a_zip": (b"PK\x03\x04 not really a zip", "not a PyTorch weights file"),
-    "empty": (b"", "not a PyTorch weights file"),
-    "truncated": (torch_saved({WPE: torch.zeros(256, 64)})[:5000], "not a PyTorch weights file"),
+    "garbage": (b"hello, no pickle at all", "not a PyTorch weights file (no pickle of plain tensors)"),  # (was "(101)")
+    "text": (b"some text\n", "not a PyTorch weights file (no pickle of plain tensors)"),  # (was "(pop from empty list)")
+    "no_pickle_opcode": (b"xyz", "not a PyTorch weights file (no pickle of plain tensors)"),
+    "not_a_zip": (b"PK\x03\x04 not really a zip", "not a PyTorch weights file (a damaged or truncated zip archive: "),
+    "empty": (b"", "not a PyTorch weights file (an empty file)"),
+    "truncated": (torch_saved({WPE: torch.zeros(256, 64)})[:5000],
+                  "not a PyTorch weights file (a damaged or truncated zip archive: "),
 }
 
 
