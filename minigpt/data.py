@@ -41,7 +41,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .errors import MinigptError, integer_at_least
+from .errors import MinigptError, count, integer_at_least
 from .files import atomic_folder, home_expanded, read_json
 from .formats import FORMATS
 from .sources import Source, render
@@ -89,11 +89,6 @@ class DataConfig:
             raise MinigptError(f"--val-fraction: must be in [0, 1), got {self.val_fraction}")
         if self.seed < 0:
             raise MinigptError(f"--seed: must be >= 0, got {self.seed}")
-
-
-def count(n: int, noun: str) -> str:
-    """`n` and `noun` as a message says them: "1 record", "0 records", "2,048 records"."""
-    return f"{n:,} {noun}{'' if n == 1 else 's'}"
 
 
 def default_cache_dir() -> Path:

@@ -48,3 +48,8 @@ def reason(e: BaseException) -> str:
     raise multi-line errors, and a user error must stay one line."""
     text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__
+
+
+def count(n: int, noun: str) -> str:
+    """`n` and `noun` as a message says them: "1 record", "0 records", "2,048 records"."""
+    return f"{n:,} {noun}{'' if n == 1 else 's'}"

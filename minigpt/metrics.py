@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 
 from .ddp import Ranks, all_reduce_sum
-from .errors import MinigptError
+from .errors import MinigptError, count
 from .files import atomic_file, clear_interrupted_saves
 
 
@@ -176,8 +176,8 @@ class MetricsLog:
         self.path = path
         lines = path.read_bytes().splitlines(keepends=True)[:keep_rows] if keep_rows and path.exists() else []
         if keep_rows and len(lines) < keep_rows:  # (rows flushed, not yet on disk, when the machine went down)
-            warnings.warn(f"{path}: holds {len(lines)} rows where the checkpoint counts {keep_rows} (lost in a crash, or "
-                          "cut by hand?); the run goes on, and the rows missing stay missing", stacklevel=2)
+            warnings.warn(f"{path}: holds {count(len(lines), 'row')} where the checkpoint counts {keep_rows} (lost in a "
+                          "crash, or cut by hand?); the run goes on, and the rows missing stay missing", stacklevel=2)
         self.rows: list[dict[str, Any]] = [_row(path, number, line) for number, line in enumerate(lines, 1)]
         clear_interrupted_saves(path)  # (the run's lock makes this the one writer)
         with atomic_file(path) as tmp:

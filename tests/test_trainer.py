@@ -470,7 +470,7 @@ def test_a_metrics_file_not_utf8_or_short_of_rows(tmp_path):
             assert metrics.read_bytes() == before
             metrics.write_bytes(good.split(b"\n", 1)[0] + b"\n")  # (now the first of the checkpoint's 4 rows alone)
         else:
-            with pytest.warns(UserWarning, match=r"holds 1 rows where the checkpoint counts 4 \(lost in a crash"):
+            with pytest.warns(UserWarning, match=r"holds 1 row where the checkpoint counts 4 \(lost in a crash"):
                 trainer.fit()
             assert [r["step"] for r in rows(tmp_path)] == [1, 5, 6]
 
