@@ -27,7 +27,11 @@ def run(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] 
     stdout that cannot be written (a full disk) is one line and exit 2. Python warnings (minigpt's,
     torch's) are one `warning: ...` line each, as the CLIs' own warnings are. A character that the
     terminal's encoding cannot show (PYTHONIOENCODING=latin-1, a model's Japanese) prints on stdout
-    as "?", not as a UnicodeEncodeError (stderr writes it as `\\u65e5`, as Python sets it up)."""
+    as "?", not as a UnicodeEncodeError (stderr writes it as `\\u65e5`, as Python sets it up). A stdin or
+    stdout closed before the start (`<&-`, `>&-`) is one line where it is used (`ClosedStream`)."""
+    for name in ("stdin", "stdout"):
+        if getattr(sys, name) is None:  # (what Python leaves for a closed descriptor)
+            setattr(sys, name, ClosedStream(name))
     if getattr(sys.stdout, "errors", None) == "strict" and hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(errors="replace")
     try:
@@ -53,6 +57,29 @@ def run(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] 
         _drop_stdout()
         sys.exit(2)
     sys.exit(code or 0)
+
+
+class ClosedStream:
+    """Stands for a standard stream that was closed when the process started (`sample.py - <&-`, `>&-`):
+    Python leaves sys.stdin or sys.stdout None there, and the first use was an AttributeError traceback.
+    Reading or writing is a one-line MinigptError instead; nothing written means nothing to flush."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def _refuse(self, *args: Any) -> Any:
+        stdin = self.name == "stdin"
+        raise MinigptError(f"{self.name} is closed (`{'<&-' if stdin else '>&-'}` in the shell): nothing can be "
+                           f"{'read from' if stdin else 'written to'} it")
+
+    read = readline = write = fileno = _refuse
+    buffer = property(_refuse)
+
+    def isatty(self) -> bool:
+        return False
+
+    def flush(self) -> None:
+        pass
 
 
 @contextlib.contextmanager

@@ -377,8 +377,7 @@ def _steps(
             logits = compiled(model_input, cache)  # (B, vocab)
         else:
             logits = model(model_input, kv_cache=cache, last_only=True)[0][:, -1]  # (B, vocab)
-        if length == n_prompt:  # (once a prompt: reading it waits for a GPU)
-            check_finite(logits)
+        check_finite(logits)  # (every step: weights can break at later positions only; on a GPU, a wait)
         new = pick(logits, tokens[:, :length], config, generator)  # (B,)
         if eos_id is not None:
             new = new.masked_fill(finished, eos_id)

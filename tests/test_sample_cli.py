@@ -67,11 +67,11 @@ def test_without_a_model_the_hubs_distilgpt2_fails_in_its_own_words(tmp_path, mo
     broken = tmp_path / "snapshot"
     shutil.copytree(tiny_hf_dir, broken, ignore=shutil.ignore_patterns("tokenizer.json", "vocab.json", "merges.txt"))
 
-    def offline(repo_id, patterns, instead=None):
+    def offline(repo_id, patterns, instead=None, optional=()):
         raise MinigptError(f"{repo_id}: no such local folder, and the Hugging Face Hub could not provide it (offline)")
 
     for download, cause in ((offline, "no such local folder, and the Hugging Face Hub could not provide it (offline)"),
-                            (lambda repo_id, patterns, instead=None: broken, f"{broken}: no tokenizer.json")):
+                            (lambda repo_id, patterns, instead=None, optional=(): broken, f"{broken}: no tokenizer.json")):
         monkeypatch.setattr("minigpt.loading.download_repo_files", download)
         result = call_cli("sample.py", "hi")
         assert result.returncode == 2
@@ -472,3 +472,15 @@ def test_a_trace_run_stopped_by_sigterm_or_a_closed_pipe_keeps_its_rows(tiny_min
     assert piped.stderr == "" and len(piped.stdout) == 20
     rows = [json.loads(line) for line in trace.read_text().splitlines()]
     assert len(rows) > 0 and sorted(p.name for p in tmp_path.iterdir()) == ["t.jsonl"]
+
+
+@pytest.mark.parametrize("args, closed", [(["-"], 0), (["--interactive"], 0), (["--max-new-tokens", "2", "Hi"], 1)],
+                         ids=["prompts from stdin", "interactive", "stdout"])
+def test_a_closed_stdin_or_stdout_is_one_line(tiny_minigpt_dir, args, closed):
+    """`sample.py - <&-` (and `--interactive`, `--file -`, `--score-file -`) and `sample.py Hi >&-`: Python leaves
+    sys.stdin / sys.stdout None, and the first use was an AttributeError traceback, exit 1."""
+    result = run_cli("sample.py", "--model", str(tiny_minigpt_dir), *args, preexec_fn=lambda: os.close(closed))
+    what = ("stdin is closed (`<&-` in the shell): nothing can be read from it" if closed == 0 else
+            "stdout is closed (`>&-` in the shell): nothing can be written to it")
+    assert result.returncode == 2 and result.stderr.strip().endswith(f"error: {what}"), result.stderr
+    assert "Traceback" not in result.stderr

@@ -422,6 +422,22 @@ def test_weights_that_make_no_finite_logits_are_named_not_decoded(tiny, config):
     assert len(generate_ids(model, [464, 2068], config, 1, seeded, eos_id=tokenizer.eos_id)[0]) == 5
 
 
+@pytest.mark.parametrize("greedy", [True, False])
+def test_logits_that_break_after_the_prompt_are_named_at_that_step(greedy):
+    """Weights that break only at later positions (finite, huge position embeddings from position 6): the
+    check ran on the prompt's logits alone, and then sampling crashed in torch.multinomial, greedy printed
+    token 0 over and over (exit 0). Each new token's logits are checked now; the tokens before it came out."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=300, block_size=16, n_layer=1, n_head=2, n_embd=32, dropout=0.0)).eval()
+    with torch.no_grad():
+        model.transformer.wpe.weight[6:].fill_(1e20)  # (the LayerNorm's x * x overflows: NaN from there on)
+    config = SamplingConfig(max_new_tokens=10, greedy=greedy)
+    steps = generate(model, [5, 6, 7], config, 1, torch.Generator().manual_seed(0), eos_id=None)
+    assert len([next(steps) for _ in range(4)]) == 4  # the logits read at positions 2 to 5: finite
+    with pytest.raises(MinigptError, match=r"^the model's logits are not finite \(inf or NaN\)"):
+        next(steps)
+
+
 def test_the_repetition_penalty_counts_prompt_tokens_beyond_the_window():
     """The penalty is on every token already in the text; the model reads only a long prompt's
     last block_size tokens, but the tokens before them are still text (they used to be forgotten)."""
