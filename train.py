@@ -57,11 +57,9 @@ def build_model(args: TrainFlags, resume_from: Path | None, device: str = "cpu")
                 tokenizer = load_tokenizer(args.tokenizer_source())
             except MinigptError as e:  # (name the flag: there are several paths, and the default was never typed)
                 raise MinigptError(f"--tokenizer{'' if args.tokenizer is not None else ', by default'} {e}") from None
-        config = GPTConfig(
-            vocab_size=tokenizer.vocab_size, block_size=args.block_size, n_layer=args.n_layer or 6,
-            n_head=args.n_head or 12, n_embd=args.n_embd or 768,
-            dropout=0.1 if args.dropout is None else args.dropout,
-        )
+        given = {"n_layer": args.n_layer, "n_head": args.n_head, "n_embd": args.n_embd, "dropout": args.dropout}
+        config = GPTConfig(vocab_size=tokenizer.vocab_size, block_size=args.block_size,  # the rest: GPTConfig's defaults
+                           **{k: v for k, v in given.items() if v is not None})
         n = config.num_parameters()  # (weights, gradients and AdamW's two moments: 16 bytes each, in fp32)
         check_fits(16 * n, torch.device(device), f"--n-layer {config.n_layer} --n-embd {config.n_embd} --block-size "
                    f"{config.block_size}", "the new model with its gradients and AdamW's moments", f"{n:,} parameters")
@@ -163,7 +161,8 @@ def train(args, device, dtype, dtype_name: str, ranks, resume_from: Path | None)
 
     from minigpt.card import render_card
     from minigpt.checkpoint import write_checkpoint_files
-    from minigpt.data import BatchIterator, count, load_blocks
+    from minigpt.data import BatchIterator, load_blocks
+    from minigpt.errors import count
     from minigpt.metrics import perplexity
     from minigpt.optim import AdamW, linear_schedule, param_groups
     from minigpt.run_folder import check_same_run, saved_run_settings

@@ -308,8 +308,8 @@ def tokenize(
             chunk = tokenizer.encode_batch(texts[start : start + ENCODE_CHUNK])
             if eos:
                 chunk = [ids + [tokenizer.eos_id] for ids in chunk]
-            count = sum(map(len, chunk))
-            pieces.append(np.fromiter(itertools.chain.from_iterable(chunk), dtype=np.uint16, count=count))
+            n_ids = sum(map(len, chunk))
+            pieces.append(np.fromiter(itertools.chain.from_iterable(chunk), dtype=np.uint16, count=n_ids))
             bar.update(len(chunk))
     return np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.uint16)
 

@@ -1,4 +1,4 @@
-"""Data-parallel set-up: where this process stands in a torchrun job, and the one collective it sums.
+"""Data-parallel set-up: where this process stands in a torchrun job, and its collectives (a sum, RNG states).
 
 torchrun starts one process per device and tells each its place through the environment (RANK,
 WORLD_SIZE, LOCAL_RANK), and where to meet the others (MASTER_ADDR, MASTER_PORT). `launched_ranks()`

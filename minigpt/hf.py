@@ -1,7 +1,8 @@
 """Hugging Face's GPT-2 checkpoint layout, and conversion both ways.
 
 This is the only module that knows HF's weight files, tensor names and tensor layout (HF's
-config.json keys are `minigpt/config.py`'s, its tokenizer files `minigpt/tokenizer.py`'s; fetching
+config.json keys are `minigpt/config.py`'s, its tokenizer files `minigpt/tokenizer.py`'s, `TOKENIZER_FILES` and
+`HF_SETTINGS`; fetching
 the files from the Hub is `minigpt/hub.py`'s job, asked by `minigpt/loading.py`). An HF GPT-2 checkpoint differs
 from a minigpt one in three ways:
   1. keys may or may not carry the `transformer.` prefix (the original gpt2 upload has none);
@@ -52,12 +53,10 @@ MASK_BUFFER = re.compile(r"^(transformer\.)?h\.\d+\.attn\.(bias|masked_bias)$")
 # The files of an HF model folder, as glob patterns (what `--force` may replace as a model's: a Hub
 # download fetches one form only, `loading._download_model`).
 INDEX_FILE = "model.safetensors.index.json"  # which shard file holds which tensor
-MODEL_FILES = ["config.json", "model.safetensors", INDEX_FILE, "model-*.safetensors"]
+MODEL_FILES = [CONFIG_FILE, WEIGHTS_FILE, INDEX_FILE, "model-*.safetensors"]
 LEGACY_WEIGHTS_FILE, LEGACY_INDEX_FILE = "pytorch_model.bin", "pytorch_model.bin.index.json"  # (tensors only read)
 LEGACY_FILES = [LEGACY_WEIGHTS_FILE, LEGACY_INDEX_FILE, "pytorch_model-*.bin"]  # (shards as save_pretrained names them)
 HEAD, EMBEDDING = "lm_head.weight", "transformer.wte.weight"  # (the same names in both layouts)
-VOCAB_MERGES = ["vocab.json", "merges.txt"]  # a tokenizer as older repos hold it, without tokenizer.json
-TOKENIZER_FILES = ["tokenizer.json", *VOCAB_MERGES]
 
 
 def hf_to_minigpt_name(name: str) -> str | None:

@@ -62,7 +62,7 @@ from .errors import MinigptError, integer_at_least
 from .layouts import (FUSIBLE_KERNELS, DenseLinear, Fp16Linear, MklLinear, OneDnnLinear, OnThreads, RowSplitLinear,
                       SharedEmbedding, SplitLinear, TransposedLinear, fp16_refuses)
 from .model import GPT
-from .quantized import FbgemmInt8Linear, Int8Linear
+from .quantized import FbgemmInt8Linear, Int8Linear, int8mm_refuses
 from .runtime import check_fits, computing_device, cpu_cache_bytes, evicting_bytes, wait_for
 
 QUANTIZATIONS = ("int8",)
@@ -124,8 +124,7 @@ def _has_int8mm(device: torch.device) -> bool:
 
 
 def _int8mm_refuses(kernel: str, weight: torch.Tensor) -> str | None:
-    bad = kernel == "int8mm" and weight.size(1) % 16  # (torch 2.13's CPU kernel computes others wrongly)
-    return f"int8mm needs an input width that is a multiple of 16, not {weight.size(1)}" if bad else None
+    return int8mm_refuses(kernel, weight.size(1))
 
 
 LAYOUTS: dict[str, tuple[Layout, ...]] = {  # the candidates per precision ("int8": --quantize int8)

@@ -22,12 +22,12 @@ import torch
 from .checkpoint import CONFIG_FILE, WEIGHTS_FILE, is_minigpt_checkpoint, load_checkpoint, save_checkpoint_folder
 from .errors import MinigptError
 from .files import check_source_outside, folder_destination, home_expanded
-from .hf import INDEX_FILE, LEGACY_INDEX_FILE, LEGACY_WEIGHTS_FILE, VOCAB_MERGES, hf_weight_files, load_hf_checkpoint
+from .hf import INDEX_FILE, LEGACY_INDEX_FILE, LEGACY_WEIGHTS_FILE, hf_weight_files, load_hf_checkpoint
 from .hub import download_repo_files
 from .model import GPT
 from .run_folder import current_checkpoint
 from .runtime import DTYPES, resolve_device
-from .tokenizer import HF_SETTINGS, TOKENIZER_FILE, Tokenizer
+from .tokenizer import HF_SETTINGS, TOKENIZER_FILE, VOCAB_MERGES, Tokenizer
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 

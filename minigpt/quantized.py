@@ -40,6 +40,13 @@ def dequantized_rows(q: torch.Tensor, scale: torch.Tensor, idx: torch.Tensor) ->
     return q[idx].float() * scale[idx].float().unsqueeze(-1)
 
 
+def int8mm_refuses(kernel: str, in_features: int) -> str | None:
+    """Why `kernel` cannot compute a layer `in_features` wide, or None: int8mm takes only multiples of 16
+    (torch 2.13's CPU kernel returns garbage for others); the other int8 kernels take any width."""
+    bad = kernel == "int8mm" and in_features % 16
+    return f"int8mm needs an input width that is a multiple of 16, not {in_features}" if bad else None
+
+
 class Int8Linear(nn.Module):
     """Weight-only int8 `y = x W^T + b`: W ~= q * s, q int8 (out, in), one scale s per output channel.
 
@@ -53,8 +60,8 @@ class Int8Linear(nn.Module):
         super().__init__()
         self.kernel = kernel
         in_features = weight.size(1)
-        if kernel == "int8mm" and in_features % 16:  # (torch 2.13's CPU kernel returns garbage)
-            raise MinigptError(f"int8mm: layer input width {in_features} is not a multiple of 16")
+        if kernel == "int8mm" and in_features % 16:  # (`int8mm_refuses`)
+            raise MinigptError(int8mm_refuses(kernel, in_features))
         q, scale = quantize_int8(weight, torch.bfloat16)
         self.register_buffer("qweight", q)  # (out, in)
         self.register_buffer("scale", scale)  # (out,)

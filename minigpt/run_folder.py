@@ -2,15 +2,15 @@
 
 The output folder (`out/`) is a checkpoint that `minigpt.loading.load_model` reads, records beside it:
 
-    out/.ckpt/step-000000120-x1y2/   one complete checkpoint: the model's files, the model card
-                                     README.md, training_state.json (step, data position, optimizer
-                                     hyper-parameters, ...) and training_state.safetensors
-                                     (optimizer moments, RNG states). Nothing is pickled.
-    out/.ckpt/current                a symlink to the checkpoint in force
-    out/config.json, ...             fixed symlinks `.ckpt/current/<file>`, one per file
-    out/metrics.jsonl                one JSON object per logged step and per evaluation
-    out/loss.png                     train and validation loss against step (with matplotlib)
-    out/.lock                        the run's lock: one run per folder at a time
+    out/.ckpt/step-000000120-1a2b3c4d/   one complete checkpoint (its step, 8 random hex digits): the model's
+                                         files, the card README.md, training_state.json (step, data position,
+                                         optimizer hyper-parameters, ...) and training_state.safetensors
+                                         (optimizer moments, RNG states). Nothing is pickled.
+    out/.ckpt/current                    a symlink to the checkpoint in force
+    out/config.json, ...                 fixed symlinks `.ckpt/current/<file>`, one per file
+    out/metrics.jsonl                    one JSON object per logged step and per evaluation
+    out/loss.png                         train and validation loss against step (with matplotlib)
+    out/.lock                            the run's lock: one run per folder at a time
 
 A save is a pointer swap, built from `minigpt.files`' helpers: the new step folder is written
 whole with `atomic_folder` (a temporary folder, fsynced, renamed to `step-...`), then `current` is
@@ -42,7 +42,8 @@ from safetensors.torch import load_file
 from .files import (atomic_folder, atomic_symlink, check_utf8, home_expanded, is_temporary_copy, read_json,
                     renamed_path, save_tensors)
 from .errors import MinigptError, reason
-from .hf import LEGACY_FILES, MODEL_FILES, TOKENIZER_FILES
+from .hf import LEGACY_FILES, MODEL_FILES
+from .tokenizer import HF_SETTINGS, TOKENIZER_FILES
 
 CKPT_DIR = ".ckpt"
 CURRENT = "current"
@@ -348,8 +349,7 @@ class RunLock:
 
 
 # A model folder's other files: tokenizer and generation settings as transformers saves them, and the card.
-MODEL_FOLDER_EXTRAS = ["tokenizer_config.json", "added_tokens.json", "special_tokens_map.json", "generation_config.json",
-                       "README.md"]
+MODEL_FOLDER_EXTRAS = [*HF_SETTINGS, "special_tokens_map.json", "generation_config.json", CARD_FILE]
 
 
 def check_replaceable(out: Path) -> None:

@@ -1,4 +1,5 @@
-"""Device and precision: the one place that decides where and in what number format we compute."""
+"""Device and precision: the one place that decides where and in what number format we compute; and what
+that device can hold (the memory checks before large allocations) and how the CPU compiles."""
 
 from __future__ import annotations
 

@@ -32,6 +32,8 @@ def lone_surrogate(text: str) -> int | None:
 
 EOS_TOKEN = "<|endoftext|>"
 TOKENIZER_FILE = "tokenizer.json"
+VOCAB_MERGES = ["vocab.json", "merges.txt"]  # a tokenizer as older repos hold it, without tokenizer.json
+TOKENIZER_FILES = [TOKENIZER_FILE, *VOCAB_MERGES]
 HF_SETTINGS = ["tokenizer_config.json", "added_tokens.json"]  # how transformers reads an HF folder's tokenizer
 GPT2_CLASSES = (None, "GPT2Tokenizer", "GPT2TokenizerFast")  # tokenizer_class values that rebuild GPT-2's pipeline
 MIN_BPE_VOCAB = 256 + 1  # byte-level BPE: one token per byte, plus EOS_TOKEN
@@ -85,8 +87,9 @@ class Tokenizer:
         folder = Path(folder)
         if (folder / TOKENIZER_FILE).is_file():
             return cls.from_file(folder / TOKENIZER_FILE)
-        if (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
-            return cls.from_vocab_merges(folder / "vocab.json", folder / "merges.txt")
+        vocab, merges = (folder / name for name in VOCAB_MERGES)
+        if vocab.is_file() and merges.is_file():
+            return cls.from_vocab_merges(vocab, merges)
         raise MinigptError(f"{folder}: no tokenizer.json (or vocab.json + merges.txt)")
 
     @classmethod
@@ -239,7 +242,7 @@ class Tokenizer:
         special = {"bos_token": EOS_TOKEN, "eos_token": EOS_TOKEN, "unk_token": EOS_TOKEN}
         (folder / "special_tokens_map.json").write_text(json.dumps(special, indent=2))
         config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": model_max_length, **special}
-        (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+        (folder / HF_SETTINGS[0]).write_text(json.dumps(config, indent=2))
 
 
 def _json_object(path: Path) -> dict:

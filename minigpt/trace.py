@@ -24,7 +24,6 @@ A notebook can call these directly:
 
 from __future__ import annotations
 
-import codecs
 import json
 import math
 from dataclasses import dataclass
@@ -36,8 +35,8 @@ import torch
 from .errors import MinigptError
 from .metrics import perplexity
 from .model import GPT
-from .sampling import (candidate_scores, check_eval_mode, check_finite, draw, model_device, penalized_scores,
-                       token_ids)
+from .sampling import (TextStream, candidate_scores, check_eval_mode, check_finite, draw, model_device,
+                       penalized_scores, token_ids)
 from .sampling_config import SamplingConfig
 from .tokenizer import Tokenizer
 
@@ -60,8 +59,7 @@ def token_text(tokenizer: Tokenizer, token: int) -> str:
     the end is left out (the next token completes it), and a byte continuing a character begun by an
     earlier token becomes U+FFFD. A token holding only part of a character is therefore "".
     """
-    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    return decoder.decode(tokenizer.decode_bytes([token]), final=False)
+    return TextStream(tokenizer).push(token)  # (a fresh stream: nothing before it, nothing flushed after)
 
 
 def _round(p: float) -> float:
@@ -282,11 +280,11 @@ def format_score(result: Score, tokenizer: Tokenizer, coloured: bool = False, n_
     first = token_text(tokenizer, result.ids[0])
     lines = []
     if coloured:  # the text's own characters: one split across tokens goes with the token that ends it
-        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        text = decoder.decode(tokenizer.decode_bytes([result.ids[0]]))
+        stream = TextStream(tokenizer)
+        text = stream.push(result.ids[0])
         for row in result.rows:
-            text += colour(decoder.decode(tokenizer.decode_bytes([row["id"]])), row["prob"])
-        lines += [text + decoder.decode(b"", final=True), ""]
+            text += colour(stream.push(row["id"]), row["prob"])
+        lines += [text + stream.flush(), ""]
     lines.append(f"the first token, {json.dumps(first, ensure_ascii=False)}, is context only")
     lines.append(f"{'pos':>5}  {'prob':>9}  {'bits':>5}  {'token':<20}  the model's top guess")
     for row in result.rows:

@@ -1153,7 +1153,7 @@ BREAKS = (
           ((r'return self\.nats\[row\["step"\] - 1\] / math\.log\(2\)', 'return -math.log2(row["prob"]) if row["prob"] > 0 else math.inf'),),
           ("tests/test_trace.py::test_surprisal_stays_finite_where_a_probability_underflows",)),
     Break("coloured_text_of_token_texts", "the coloured --score line joins each token's own text (a split character is U+FFFD)",
-          ((r'text \+= colour\(decoder\.decode\(tokenizer\.decode_bytes\(\[row\["id"\]\]\)\), row\["prob"\]\)',
+          ((r'text \+= colour\(stream\.push\(row\["id"\]\), row\["prob"\]\)',
             'text += colour(row["text"], row["prob"])'),),
           ("tests/test_trace.py::test_the_coloured_text_keeps_characters_split_across_tokens",)),
     Break("every_rank_prints_alike_errors", "under torchrun every rank prints an error they all meet alike (one line a rank)",

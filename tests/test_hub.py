@@ -21,9 +21,9 @@ from safetensors.torch import load_file
 from conftest import as_bin_shards, gpt2_vocab_files
 from minigpt import sources
 from minigpt.errors import MinigptError
-from minigpt.hf import INDEX_FILE, LEGACY_INDEX_FILE, LEGACY_WEIGHTS_FILE, VOCAB_MERGES
+from minigpt.hf import INDEX_FILE, LEGACY_INDEX_FILE, LEGACY_WEIGHTS_FILE
 from minigpt.loading import load_model, load_tokenizer, resolve_model
-from minigpt.tokenizer import HF_SETTINGS, Tokenizer
+from minigpt.tokenizer import HF_SETTINGS, VOCAB_MERGES, Tokenizer
 
 
 def made(cls, message):  # (huggingface_hub's HTTP errors want a response object, which differs by version)
