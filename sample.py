@@ -19,17 +19,18 @@ and --stats go to stderr. Sampling settings default to the distilgpt2 model card
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 from pathlib import Path
 from typing import Sequence
 
 from minigpt.cli import Parser, add_flags, from_flags, path_text, positive_int, run, seed
 from minigpt.errors import MinigptError
+from minigpt.files import LINE_BREAKS
 from minigpt.sampling_config import SamplingConfig
+from minigpt.train_flags import DEFAULT_OUT, RECIPE_MODEL
 
-DEFAULT_CHECKPOINT = Path("checkpoints/eli5")  # where `python train.py` writes by default
-DEFAULT_HUB_MODEL = "distilbert/distilgpt2"
+DEFAULT_CHECKPOINT = Path(DEFAULT_OUT)  # where `python train.py` writes by default
+DEFAULT_HUB_MODEL = RECIPE_MODEL
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -154,7 +155,7 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
 def read_lines(path: str) -> list[str]:
     """Non-blank lines of a UTF-8 text file, or of stdin for "-". A line ends at \\n, \\r\\n or \\r only,
     as `--interactive` reads it (`str.splitlines` would also split at form feeds and U+2028)."""
-    return [line for line in re.split(r"\r\n|\r|\n", read_text(path)) if line.strip()]
+    return [line for line in LINE_BREAKS.split(read_text(path)) if line.strip()]
 
 
 def read_text(path: str, what: str = "prompt file") -> str:

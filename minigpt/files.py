@@ -18,6 +18,7 @@ import errno
 import glob
 import json
 import os
+import re
 import shutil
 import tempfile
 import uuid
@@ -28,6 +29,9 @@ from .errors import MinigptError, reason
 
 if TYPE_CHECKING:
     import torch
+
+
+LINE_BREAKS = re.compile(r"\r\n|\r|\n")  # where a line of text ends: as csv, Notepad and old Macs end it
 
 
 def read_json(path: Path) -> dict:

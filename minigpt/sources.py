@@ -38,17 +38,17 @@ import zlib
 from pathlib import Path
 
 from .errors import MinigptError, reason
-from .files import home_expanded
+from .files import LINE_BREAKS, home_expanded
 from .formats import FORMATS, answers_text, qa_text
 from .hub import load_eli5_records
 from .tokenizer import lone_surrogate
 
-HUB_TRAIN_FILE = "hf://datasets/rexarski/eli5_category/eli5-category-train.json.gz"
+HUB_DATASET = "rexarski/eli5_category"  # the recipe's data, as the Hub names it
+HUB_TRAIN_FILE = f"hf://datasets/{HUB_DATASET}/eli5-category-train.json.gz"
 HUB_MAX_RECORDS = 5000  # the published recipe fine-tunes on the first 5,000 training questions
 TEXT_SUFFIXES = (".json", ".json.gz", ".jsonl", ".parquet", ".csv", ".txt")
 TEXT_ENCODING = "utf-8-sig"  # UTF-8, less a leading byte-order mark (Excel's "CSV UTF-8" and Notepad write one)
 FLAT_ANSWERS = ("answers.text", "answers.score")  # `answers` as `datasets`' flatten() leaves it: two fields
-LINE_BREAKS = re.compile(r"\r\n|\r|\n")  # what csv counts as one line's end
 
 
 class Source:

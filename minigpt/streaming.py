@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import sys
 import time
 from dataclasses import dataclass
@@ -21,7 +20,7 @@ import torch
 
 from .checkpoint import WEIGHTS_FILE
 from .errors import MinigptError
-from .files import atomic_file
+from .files import LINE_BREAKS, atomic_file
 from .compiled_decoding import CompiledDecoding
 from .model import GPT
 from .sampling import TextStream, generate, next_token
@@ -162,7 +161,7 @@ def questions(ask: str = "question> ") -> Iterator[str]:
                 raise MinigptError(message)
             sys.stderr.write(f"error: {message}; ask again\n")
             continue
-        yield from (question for question in re.split(r"\r\n|\r|\n", typed) if question.strip())
+        yield from (question for question in LINE_BREAKS.split(typed) if question.strip())
 
 
 def _read_line() -> str:

@@ -15,6 +15,7 @@ from typing import Any, Sequence
 from .cli import flag, fraction, non_negative_float, non_negative_int, parser_from, positive_float, positive_int
 from .cli import from_flags, path_text, run_flags
 from .files import home_expanded
+from .formats import FORMATS
 
 RECIPE_MODEL = "distilbert/distilgpt2"
 DEFAULT_OUT = "checkpoints/eli5"  # where sample.py looks first
@@ -66,7 +67,7 @@ class TrainFlags:
     val_fraction: float = flag(0.2, "share of the records held out for validation", group="data", run=True,
                                type=fraction, **_X)
     format: str = flag("answers", "answers: a record's answers joined (the recipe); qa: 'Question: ...\\nAnswer: ...'",
-                       group="data", run=True, choices=["answers", "qa"])
+                       group="data", run=True, choices=list(FORMATS))
     max_records: int | None = flag(None, "use only the first N records (default: 5000 from the Hub, all of a local "
                                    "file)", group="data", run=True, **_INT)
     block_size: int = flag(128, "tokens per training example", group="data", run=True, **_INT)
@@ -165,10 +166,11 @@ class TrainFlags:
         """What the model card says about a run of these flags (minigpt.card.RunFacts)."""
         from .card import RunFacts
         from .loading import is_hub_id
+        from .sources import HUB_DATASET
 
         c, scratch = model.config, self.init == "scratch"
         shown = lambda path: home_expanded(path).resolve().name  # noqa: E731  (a file's or folder's own name)
-        datasets = ["rexarski/eli5_category"] if self.data is None else [shown(self.data)]
+        datasets = [HUB_DATASET] if self.data is None else [shown(self.data)]
         datasets += [shown(self.val_data)] if self.val_data is not None else []
         # (without --val-data, validation is a held-out share of the training records: their split)
         evaluated_on = (datasets[-1], "validation") if self.val_data is not None else (datasets[0], "train")

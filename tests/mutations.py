@@ -1432,7 +1432,7 @@ BREAKS = (
           "byte that is not UTF-8), and a lone \\r does not end a question",
           ((r"return buffer\.readline\(\)\.decode\(\"utf-8\", \"surrogateescape\"\) if buffer is not None else "
             r"sys\.stdin\.readline\(\)", "return sys.stdin.readline()"),
-           (r"yield from \(question for question in re\.split\(r\"\\r\\n\|\\r\|\\n\", typed\) if question\.strip\(\)\)",
+           (r"yield from \(question for question in LINE_BREAKS\.split\(typed\) if question\.strip\(\)\)",
             "yield from ([typed] if typed.strip() else [])")),
           ("tests/test_faults.py::test_interactive_reads_bytes_whatever_the_locale",)),
     Break("timing_race_beyond_the_window", "compiled decoding's race times 16 tokens in 19 positions whatever the window",
