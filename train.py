@@ -6,7 +6,7 @@ AdamW (lr 2e-5, weight decay 0.01), linear decay, gradient clipping at 1.0, 3 ep
 
   python train.py --device cuda                        # the recipe, into checkpoints/eli5/
   python train.py --preset tiny                        # a small model on a bundled sample, ~10 s on a CPU
-  python train.py --data eli5-category-train.json.gz   # local data instead of the Hub
+  python train.py --data eli5-category-train.json.gz --max-records 5000   # the recipe from a local file
   python train.py --resume                             # continue the run in --out where it stopped
   python train.py --eval-only --init checkpoints/eli5  # validation loss and perplexity; writes nothing
   torchrun --nproc_per_node=4 train.py --device cuda   # data-parallel on 4 GPUs (see README)
@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Sequence
 
 from minigpt.cli import run
-from minigpt.errors import MinigptError, alike_on_every_rank
+from minigpt.errors import MinigptError, alike_on_every_rank, count
 from minigpt.train_flags import RECIPE_MODEL, TrainFlags, parse_train_flags
 
 
@@ -118,7 +118,7 @@ def eval_only(args: TrainFlags) -> int:
         autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
         loss = evaluate(model.to(device), lm_loss, batches, device, autocast, ranks)
         if ranks.is_main:
-            print(f"{args.init}: {len(val_blocks):,} validation blocks of {args.block_size} tokens "
+            print(f"{args.init}: {count(len(val_blocks), 'validation block')} of {args.block_size} tokens "
                   f"({val_blocks.num_tokens:,} tokens, each scored but the first of its block)")
             print(f"validation loss {loss:.6f} (perplexity {perplexity(loss):.4f})")
     return 0
@@ -162,7 +162,6 @@ def train(args, device, dtype, dtype_name: str, ranks, resume_from: Path | None)
     from minigpt.card import render_card
     from minigpt.checkpoint import write_checkpoint_files
     from minigpt.data import BatchIterator, load_blocks
-    from minigpt.errors import count
     from minigpt.metrics import perplexity
     from minigpt.optim import AdamW, linear_schedule, param_groups
     from minigpt.run_folder import check_same_run, saved_run_settings

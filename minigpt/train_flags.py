@@ -54,7 +54,7 @@ class TrainFlags:
     n_head: int | None = flag(None, "(--init scratch) attention heads (default: 12)", group="model", run=True, **_INT)
     n_embd: int | None = flag(None, "(--init scratch) model width (default: 768)", group="model", run=True, **_INT)
     # (None, not RECIPE_MODEL, when not given: a loaded model refuses it only when given; see tokenizer_source)
-    tokenizer: str | None = flag(None, f"(--init scratch) the tokenizer: a Hub id or a folder with tokenizer.json "
+    tokenizer: str | None = flag(None, f"(--init scratch) the tokenizer: a Hub id, a tokenizer.json file or a folder holding one "
                                  f"(default: {RECIPE_MODEL}; with --preset tiny, a vocabulary learned from its data)",
                                  group="model", metavar="SOURCE", type=path_text)
     dropout: float | None = flag(None, "dropout probability (default: the model's own, 0.1 for distilgpt2)",
@@ -227,9 +227,12 @@ def parse_train_flags(argv: Sequence[str] | None, description: str) -> TrainFlag
     if args.compile_mode is not None and not args.compile:
         p.error(f"--compile-mode {args.compile_mode} needs --compile")
     if args.compile_mode is not None and args.grad_accum > 1:
-        from .trainer import CUDA_GRAPH_MODES  # (only here: it imports torch, which a usage error needs not)
+        import torch  # (only here: a usage error needs no torch)
 
-        if args.compile_mode in CUDA_GRAPH_MODES:
+        from .trainer import CUDA_GRAPH_MODES
+
+        on_gpu = args.device.startswith("cuda") or (args.device == "auto" and torch.cuda.is_available())
+        if args.compile_mode in CUDA_GRAPH_MODES and on_gpu:
             # a CUDA graph's replay reuses its output memory, where the last micro-batch's gradients
             # still wait to be added to (pytorch/pytorch#169545)
             p.error(f"--compile-mode {args.compile_mode} takes --grad-accum 1: its CUDA graphs would overwrite the "

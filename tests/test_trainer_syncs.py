@@ -255,9 +255,9 @@ def test_compile_mode_flag_errors_are_one_line(tmp_path):
 
     for args, needle in ((["--compile-mode", "reduce-overhead"], "--compile-mode reduce-overhead needs --compile"),
                          (["--compile", "--compile-mode", "fast"], "argument --compile-mode: invalid choice: 'fast'"),
-                         (["--compile", "--compile-mode", "reduce-overhead", "--grad-accum", "2"],
+                         (["--compile", "--compile-mode", "reduce-overhead", "--grad-accum", "2", "--device", "cuda"],
                           "--compile-mode reduce-overhead takes --grad-accum 1"),
-                         (["--compile", "--compile-mode", "max-autotune", "--grad-accum", "2"],
+                         (["--compile", "--compile-mode", "max-autotune", "--grad-accum", "2", "--device", "cuda:0"],
                           "--compile-mode max-autotune takes --grad-accum 1: its CUDA graphs would overwrite the "
                           "gradients being accumulated (max-autotune-no-cudagraphs takes any)")):
         result = call_cli("train.py", *args, "--out", str(tmp_path / "out"))
@@ -267,6 +267,10 @@ def test_compile_mode_flag_errors_are_one_line(tmp_path):
 
 def test_train_flags_carry_the_compile_mode():
     from minigpt.train_flags import parse_train_flags
+
+    # CUDA graphs are a GPU's: on the CPU, the modes that replay them on a GPU accumulate gradients as any other
+    assert parse_train_flags(["--compile", "--compile-mode", "reduce-overhead", "--grad-accum", "2", "--device", "cpu"],
+                             "").train_config(5, torch.float32).compile_mode == "reduce-overhead"
 
     assert parse_train_flags(["--compile"], "").train_config(5, torch.float32).compile_mode == "default"
     config = parse_train_flags(["--compile", "--compile-mode", "reduce-overhead"], "").train_config(5, torch.float32)
