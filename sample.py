@@ -41,7 +41,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    'reads one prompt per line from stdin; "" starts from <|endoftext|>')
     p.add_argument("--file", metavar="PATH", type=path_text,
                    help='read one prompt per line from a UTF-8 file ("-": stdin)')
-    p.add_argument("--model", help=f"a minigpt checkpoint folder, a Hugging Face GPT-2 folder or "
+    p.add_argument("--model", metavar="SOURCE", help=f"a minigpt checkpoint folder, a Hugging Face GPT-2 folder or "
                    f"a Hub id (default: {DEFAULT_CHECKPOINT}/ if train.py has written it, else {DEFAULT_HUB_MODEL})")
     g = p.add_argument_group("sampling")
     add_flags(g, SamplingConfig)

@@ -78,7 +78,9 @@ def load_init(args: TrainFlags):
     try:
         model, tokenizer = load_model(args.init)
     except MinigptError as e:  # (name the flag: there are several paths, and the default may never have been typed)
-        raise MinigptError(f"--init{', by default' if args.init == RECIPE_MODEL else ''} {e}") from None
+        default = args.init == RECIPE_MODEL  # (then say how to train offline, as sample.py does)
+        hint = " Offline, `python train.py --preset tiny` trains a small model on a bundled sample." if default else ""
+        raise MinigptError(f"--init{', by default' if default else ''} {e}{hint}") from None
     if args.block_size > model.config.block_size:
         raise MinigptError(f"--block-size {args.block_size}: {args.init} sees at most {model.config.block_size} tokens")
     return model, tokenizer

@@ -254,7 +254,8 @@ def test_train_names_the_flag_whose_default_model_failed(fake_hub, tmp_path, mon
         result = call_cli("train.py", "--data", data, *out, *extra, "--no-progress")
         assert result.returncode == 2 and result.stderr.splitlines() == [
             "error: --init, by default distilbert/distilgpt2: no such local folder, and the Hugging Face Hub could "
-            f"not provide it ({NOT_FOUND}). Pass a local checkpoint folder instead."], result.stderr
+            f"not provide it ({NOT_FOUND}). Pass a local checkpoint folder instead. Offline, `python train.py "
+            "--preset tiny` trains a small model on a bundled sample."], result.stderr
     typed = call_cli("train.py", "--init", "org/missing", "--data", data, "--out", str(tmp_path / "run"), "--no-progress")
     assert typed.returncode == 2 and typed.stderr.startswith("error: --init org/missing: no such local folder")
     assert not (tmp_path / "run").exists()
