@@ -27,7 +27,7 @@ from typing import Sequence
 
 from minigpt.cli import run
 from minigpt.errors import MinigptError, alike_on_every_rank, count
-from minigpt.train_flags import RECIPE_MODEL, TrainFlags, parse_train_flags
+from minigpt.train_flags import ADAM_BETAS, ADAM_EPS, RECIPE_MODEL, TrainFlags, parse_train_flags
 
 
 def parse_args(argv: Sequence[str] | None) -> TrainFlags:
@@ -58,7 +58,7 @@ def build_model(args: TrainFlags, resume_from: Path | None, device: str = "cpu")
             except MinigptError as e:  # (name the flag: there are several paths, and the default was never typed)
                 raise MinigptError(f"--tokenizer{'' if args.tokenizer is not None else ', by default'} {e}") from None
         given = {"n_layer": args.n_layer, "n_head": args.n_head, "n_embd": args.n_embd, "dropout": args.dropout}
-        config = GPTConfig(vocab_size=tokenizer.vocab_size, block_size=args.block_size,  # the rest: GPTConfig's defaults
+        config = GPTConfig(vocab_size=tokenizer.vocab_size, block_size=args.block_size,  # the rest: GPTConfig's
                            **{k: v for k, v in given.items() if v is not None})
         n = config.num_parameters()  # (weights, gradients and AdamW's two moments: 16 bytes each, in fp32)
         check_fits(16 * n, torch.device(device), f"--n-layer {config.n_layer} --n-embd {config.n_embd} --block-size "
@@ -136,13 +136,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from minigpt.ddp import launched_rank, torchrun_process_group
     from minigpt.run_folder import RunLock, check_out_folder, current_checkpoint
-    from minigpt.runtime import setup_device
+    from minigpt.runtime import dtype_name, setup_device
     from minigpt.trainer import seed_everything
 
     with alike_on_every_rank():  # (under torchrun: one line for the job, not one a rank)
         device, dtype = setup_device(args.device, args.dtype)
         check_out_folder(args.out, args.resume, locked=False)  # refuse a wrong --out before locking (making) it
-    dtype_name = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+    precision = dtype_name(dtype)
     # One run per folder: rank 0 holds the lock for the run's life (a second run is refused here) and
     # checks --out under it; the other ranks take its verdict once it has joined them.
     main_rank = launched_rank() == 0
@@ -154,7 +154,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 torch.distributed.barrier()  # (rank 0 is here only once it holds the lock and --out is right)
             if not main_rank and args.resume:
                 resume_from = current_checkpoint(args.out)
-            return train(args, device, dtype, dtype_name, ranks, resume_from)
+            return train(args, device, dtype, precision, ranks, resume_from)
 
 
 def train(args, device, dtype, dtype_name: str, ranks, resume_from: Path | None) -> int:
@@ -196,7 +196,7 @@ def train(args, device, dtype, dtype_name: str, ranks, resume_from: Path | None)
     steps_per_epoch = math.ceil(len(train_batches) / args.grad_accum)
     max_steps = args.max_steps or args.epochs * steps_per_epoch
 
-    optimizer = AdamW(param_groups(model, args.weight_decay), lr=args.lr, betas=(0.9, 0.999), eps=1e-8)
+    optimizer = AdamW(param_groups(model, args.weight_decay), lr=args.lr, betas=ADAM_BETAS, eps=ADAM_EPS)
     facts = args.card_facts(model, train_blocks, val_blocks, ranks.world_size, dtype_name, max_steps)
     trainer = Trainer(
         model=model, loss_fn=lm_loss, optimizer=optimizer,

@@ -11,7 +11,7 @@ import sys
 import threading
 import warnings
 from dataclasses import Field, field, fields
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, NoReturn, Sequence
 
 from .errors import MinigptError, reason
 
@@ -147,7 +147,7 @@ class Parser(argparse.ArgumentParser):
 
     dash_hint: str | None = None
 
-    def error(self, message: str):
+    def error(self, message: str) -> NoReturn:
         if _other_rank():  # (under torchrun every rank parses the same flags: one line)
             self.exit(2)
         taken_for_a_flag = "unrecognized arguments: -" in message or "ignored explicit argument" in message

@@ -26,7 +26,7 @@ from .hf import INDEX_FILE, LEGACY_INDEX_FILE, LEGACY_WEIGHTS_FILE, hf_weight_fi
 from .hub import download_repo_files
 from .model import GPT
 from .run_folder import current_checkpoint
-from .runtime import DTYPES, resolve_device
+from .runtime import check_dtype, resolve_device
 from .tokenizer import HF_SETTINGS, TOKENIZER_FILE, VOCAB_MERGES, Tokenizer
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
@@ -112,8 +112,7 @@ def load_model(
     """Load a model and its tokenizer from any source `resolve_model` accepts (eval mode), its
     weights in `dtype` (torch.float32, bfloat16 or float16) on `device` (as `resolve_device` takes it:
     "auto", "cpu", "cuda", "cuda:N", "mps"; checked before any file is read)."""
-    if dtype not in DTYPES.values():
-        raise MinigptError(f"dtype must be torch.float32, torch.bfloat16 or torch.float16, got {dtype!r}")
+    check_dtype(dtype, "dtype")
     device = resolve_device(device)
     folder, kind = resolve_model(source)
     if kind == "minigpt":  # a training run's folder: its checkpoint in force, resolved once, so that a save

@@ -22,7 +22,7 @@ import os
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, Iterable, NamedTuple
 
 import torch
 import torch.nn as nn
@@ -43,7 +43,7 @@ def perplexity(loss: float) -> float:
 def evaluate(
     model: nn.Module,
     loss_fn: Callable[[nn.Module, torch.Tensor], torch.Tensor],
-    batches,
+    batches: Iterable[torch.Tensor],
     device: torch.device,
     autocast: contextlib.AbstractContextManager | None = None,
     ranks: Ranks = Ranks(),

@@ -57,6 +57,18 @@ def computing_device(weight: torch.Tensor) -> torch.device:
     return weight.device
 
 
+def check_dtype(dtype: torch.dtype, what: str) -> None:
+    """Refuse (one line, `what` naming the argument) a dtype other than the three a model computes in:
+    a name such as "bf16" would have turned autocast off, silently."""
+    if dtype not in DTYPES.values():
+        raise MinigptError(f"{what} must be torch.float32, torch.bfloat16 or torch.float16, got {dtype!r}")
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """The name `--dtype` gives `dtype`: "fp32", "bf16" or "fp16"."""
+    return next(name for name, d in DTYPES.items() if d == dtype)
+
+
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     """`auto` is bf16 on a GPU that supports it, else fp32; fp16 and bf16 are refused where unsupported."""
     if name == "auto":

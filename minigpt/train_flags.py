@@ -18,6 +18,7 @@ from .files import home_expanded
 from .formats import FORMATS
 
 RECIPE_MODEL = "distilbert/distilgpt2"
+ADAM_BETAS, ADAM_EPS = (0.9, 0.999), 1e-8  # the recipe's, and transformers' defaults (no flag sets them)
 DEFAULT_OUT = "checkpoints/eli5"  # where sample.py looks first
 # --preset tiny: a model small enough to train on 2 CPU cores in well under a minute, on the ELI5
 # sample shipped inside the package, with a BPE vocabulary learned from that sample (no download).
@@ -54,8 +55,9 @@ class TrainFlags:
     n_head: int | None = flag(None, "(--init scratch) attention heads (default: 12)", group="model", run=True, **_INT)
     n_embd: int | None = flag(None, "(--init scratch) model width (default: 768)", group="model", run=True, **_INT)
     # (None, not RECIPE_MODEL, when not given: a loaded model refuses it only when given; see tokenizer_source)
-    tokenizer: str | None = flag(None, f"(--init scratch) the tokenizer: a Hub id, a tokenizer.json file or a folder holding one "
-                                 f"(default: {RECIPE_MODEL}; with --preset tiny, a vocabulary learned from its data)",
+    tokenizer: str | None = flag(None, f"(--init scratch) the tokenizer: a Hub id, a tokenizer.json file or a "
+                                 f"folder holding one (default: {RECIPE_MODEL}; with --preset tiny, a vocabulary "
+                                 f"learned from its data)",
                                  group="model", metavar="SOURCE", type=path_text)
     dropout: float | None = flag(None, "dropout probability (default: the model's own, 0.1 for distilgpt2)",
                                  group="model", run=True, type=fraction, **_X)
@@ -187,8 +189,8 @@ class TrainFlags:
             ("learning_rate", f"{self.lr:g}"), ("train_batch_size", self.batch_size),
             ("eval_batch_size", self.batch_size), ("seed", self.seed), ("gradient_accumulation_steps", self.grad_accum),
             ("num_processes", world_size), ("total_train_batch_size", self.batch_size * self.grad_accum * world_size),
-            ("optimizer", f"AdamW (minigpt.optim) with betas=(0.9,0.999) and epsilon=1e-08, weight decay "
-                          f"{self.weight_decay:g} (not on biases and LayerNorm weights)"),
+            ("optimizer", f"AdamW (minigpt.optim) with betas=({ADAM_BETAS[0]},{ADAM_BETAS[1]}) and epsilon={ADAM_EPS}, "
+                          f"weight decay {self.weight_decay:g} (not on biases and LayerNorm weights)"),
             ("lr_scheduler_type", "linear"), ("lr_scheduler_warmup_steps", self.warmup_steps),
             ("training_steps", max_steps) if self.max_steps else ("num_epochs", self.epochs),
             ("max_grad_norm", f"{self.max_grad_norm:g}"), ("dropout", f"{c.dropout:g}"),

@@ -52,7 +52,7 @@ from .metrics import MetricsLog, StepNumbers, evaluate, perplexity, plot_metrics
 from .optim import AdamW, clip_grad_norm
 from .run_folder import CARD_FILE, METRICS_FILE, PLOT_FILE, check_out_folder, check_same_run
 from .run_folder import read_training_state, write_run_checkpoint, write_training_state
-from .runtime import DTYPES, prepare_cpu_compile
+from .runtime import check_dtype, prepare_cpu_compile
 
 
 def seed_everything(seed: int) -> None:
@@ -93,9 +93,7 @@ class TrainConfig:
         norm = self.max_grad_norm  # (NaN would turn the clipping off, silently)
         if isinstance(norm, bool) or not isinstance(norm, (int, float)) or not norm >= 0:
             raise MinigptError(f"TrainConfig: max_grad_norm must be a number >= 0 (0: no clipping), got {norm!r}")
-        if self.dtype not in DTYPES.values():  # (a name such as "bf16" would turn autocast off)
-            raise MinigptError(f"TrainConfig: dtype must be torch.float32, torch.bfloat16 or torch.float16, "
-                               f"got {self.dtype!r}")
+        check_dtype(self.dtype, "TrainConfig: dtype")
 
 
 # --- the loop --------------------------------------------------------------------------------------
