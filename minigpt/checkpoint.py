@@ -151,7 +151,7 @@ def refuse_duplicate_names(path: Path) -> None:
 
 
 @contextmanager
-def _reading(path: Path) -> Iterator[None]:
+def reading_safetensors(path: Path) -> Iterator[None]:
     """Turn the errors of reading a .safetensors file into one line naming it (and refuse a FIFO or
     a device, whose reading would wait for a writer forever)."""
     if os.path.exists(path) and not os.path.isfile(path) and not os.path.isdir(path):
@@ -169,7 +169,7 @@ def _reading(path: Path) -> Iterator[None]:
 
 def safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
     """The tensor names and shapes a .safetensors file's header declares; no tensor is read."""
-    with _reading(path), safe_open(str(path), framework="pt") as f:
+    with reading_safetensors(path), safe_open(str(path), framework="pt") as f:
         refuse_duplicate_names(path)
         return {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
 
@@ -177,7 +177,7 @@ def safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
 def read_tensors(path: Path, mapping: dict[str, str]) -> dict[str, torch.Tensor]:
     """The tensors of a .safetensors file that `mapping` ({name in the file: our name}, from
     `match_names`) selects, under our names: copies in memory of their own (`read_tensor`)."""
-    with _reading(path):
+    with reading_safetensors(path):
         tensors = {target: read_tensor(path, name) for name, target in mapping.items()}
     check_tensors(path, tensors)
     return tensors

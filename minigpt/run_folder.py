@@ -36,12 +36,12 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, NoReturn
 
 import torch
-from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from .checkpoint import reading_safetensors
+from .errors import MinigptError, reason
 from .files import (atomic_folder, atomic_symlink, check_utf8, home_expanded, is_temporary_copy, read_json,
                     renamed_path, save_tensors)
-from .errors import MinigptError, reason
 from .hf import LEGACY_FILES, MODEL_FILES
 from .tokenizer import HF_SETTINGS, TOKENIZER_FILES
 
@@ -210,14 +210,8 @@ def read_training_state(folder: Path) -> Iterator[tuple[dict[str, Any], dict[str
         raise MinigptError(f"{folder / STATE_JSON}: a training state of version {info.get('version')!r}; this minigpt "
                            f"resumes version {STATE_VERSION} (start a new run from its model with --init {folder})")
     path = folder / STATE_TENSORS
-    try:
+    with reading_safetensors(path):
         tensors = load_file(str(path))
-    except SafetensorError as e:
-        raise MinigptError(f"{path}: not a valid safetensors file ({reason(e)})") from None
-    except FileNotFoundError:
-        raise MinigptError(f"{path}: file not found") from None
-    except OSError as e:  # a folder, an unreadable file
-        raise MinigptError(f"{path}: cannot read it ({reason(e)})") from None
     try:
         yield info, StateRecord(path, "tensor", tensors)
     except (TypeError, ValueError, AttributeError) as e:  # (AttributeError: a number where a record belongs)
