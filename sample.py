@@ -246,9 +246,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     compiled = None
     if args.compile:
         from minigpt.compiled_decoding import CompiledDecoding
-        from minigpt.sampling import activation_dtype
+        from minigpt.runtime import activation_dtype, model_device
 
-        pinned = args.kernel is not None and next(model.parameters()).device.type == "cpu"  # (see --kernel)
+        pinned = args.kernel is not None and model_device(model).type == "cpu"  # (see --kernel)
         compiled = CompiledDecoding(model, gemms="kernels" if pinned else "measure")
         print("--compile: compiling the decoding step ...", file=sys.stderr, flush=True)  # (torch may log meanwhile)
         seconds = compiled.warm_up(args.num_samples, activation_dtype(model))

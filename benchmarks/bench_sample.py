@@ -233,7 +233,7 @@ def timed(name, model, prompt, batch, tokens, compiled=None):
 def compile_decoding(model, batch: int):
     """`model`'s CompiledDecoding, compiled now for `batch` rows."""
     from minigpt.compiled_decoding import CompiledDecoding
-    from minigpt.sampling import activation_dtype
+    from minigpt.runtime import activation_dtype
 
     compiled = CompiledDecoding(model)
     seconds = compiled.warm_up(batch, activation_dtype(model))

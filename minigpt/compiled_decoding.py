@@ -47,7 +47,7 @@ from .layouts import FUSIBLE_KERNELS, OnThreads
 from .model import GPT, KVCache
 from .opaque import OpaqueLayer
 from .quantized import FbgemmInt8Linear
-from .runtime import prepare_cpu_compile, wait_for
+from .runtime import activation_dtype, model_device, prepare_cpu_compile, wait_for
 
 # Graphs of `DecodeStep.forward` a process may hold: one per model and batch size, all compiled from
 # the same code, where dynamo keeps 8 by default (with fullgraph=True the 9th is an error: a
@@ -240,7 +240,7 @@ class CompiledDecoding:
             raise MinigptError("compiled decoding needs the model in eval mode (model.eval())")
         if gemms not in self.GEMMS:
             raise MinigptError(f"compiled decoding: gemms must be one of {self.GEMMS}, not {gemms!r}")
-        on_cpu = next(model.parameters()).device.type == "cpu"
+        on_cpu = model_device(model).type == "cpu"
         if on_cpu:  # (a compiler and headers are checked; inductor's cache is kept per instruction set)
             prepare_cpu_compile()
         self.model = model
@@ -328,11 +328,11 @@ class CompiledDecoding:
         compiling took. Why check: a wrong compiled kernel decodes garbage without an error;
         inductor's disk cache, written under another instruction set (which its key leaves out),
         gave NaN logits on the AMD EPYC capped to AVX2."""
-        activations = self.model.transformer.ln_f.weight.dtype  # (what the KV cache holds: sampling.activation_dtype)
+        activations = activation_dtype(self.model)  # (what the KV cache holds)
         if isinstance(batch_size, bool) or not (isinstance(batch_size, int) and batch_size >= 1) or dtype != activations:
             raise MinigptError(f"compiled decoding: warm_up needs a batch size of at least 1 and the model's activation "
                                f"dtype ({activations}), not {batch_size!r} and {dtype}")
-        idx = torch.zeros(batch_size, 1, dtype=torch.long, device=next(self.model.parameters()).device)
+        idx = torch.zeros(batch_size, 1, dtype=torch.long, device=model_device(self.model))
         seconds = 0.0
         for name in self.steps:
             self.chosen = name
@@ -388,7 +388,7 @@ class CompiledDecoding:
         them in nor refuses their in-place writes; it keeps such tensors alive until
         `torch._dynamo.reset()`: ~38 MB for distilgpt2 in fp32 at batch 1). They start zeroed: the
         step masks the positions not yet filled, and a masked NaN would still make 0 * NaN = NaN."""
-        config, device = self.model.config, next(self.model.parameters()).device
+        config, device = self.model.config, model_device(self.model)
         if "cudagraphs" not in self.steps:
             return KVCache(config, batch_size, max_len, device=device, dtype=dtype)
         whole = self.whole_caches.get((batch_size, dtype))

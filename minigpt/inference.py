@@ -63,7 +63,7 @@ from .layouts import (FUSIBLE_KERNELS, DenseLinear, Fp16Linear, MklLinear, OneDn
                       SharedEmbedding, SplitLinear, TransposedLinear, fp16_refuses)
 from .model import GPT
 from .quantized import FbgemmInt8Linear, Int8Linear, int8mm_refuses
-from .runtime import check_fits, computing_device, cpu_cache_bytes, evicting_bytes, wait_for
+from .runtime import activation_dtype, check_fits, cpu_cache_bytes, evicting_bytes, model_device, wait_for
 
 QUANTIZATIONS = ("int8",)
 WEIGHT_BYTES = {"fp32": 4, "bf16": 2, "int8": 1}  # bytes a weight takes in each precision
@@ -371,7 +371,7 @@ def prepare_for_inference(
     if quantize is not None and quantize not in QUANTIZATIONS:
         raise MinigptError(f"--quantize: unknown scheme {quantize!r} (choose from {QUANTIZATIONS})")
     batch_size = integer_at_least(batch_size, 1, "batch_size")
-    device, dtype = computing_device(model.transformer.wpe.weight), model.transformer.ln_f.weight.dtype
+    device, dtype = model_device(model), activation_dtype(model)
     if quantize == "int8":
         if not _has_int8mm(device):
             raise MinigptError(f"--quantize int8: this PyTorch build has no int8 weight-only kernel for "

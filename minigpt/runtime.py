@@ -13,11 +13,14 @@ import subprocess
 import sysconfig
 import time
 from pathlib import Path
-from typing import Callable, Iterator, TypeVar
+from typing import TYPE_CHECKING, Callable, Iterator, TypeVar
 
 import torch
 
 from .errors import MinigptError
+
+if TYPE_CHECKING:
+    from .model import GPT
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -49,12 +52,20 @@ def resolve_device(name: str | torch.device | int = "auto") -> torch.device:
     return torch.device(name)
 
 
-def computing_device(weight: torch.Tensor) -> torch.device:
-    """The device a model whose `weight` this is computes on; a model on the meta device (shapes, no
-    weights: `torch.device("meta")` while building one) is a one-line MinigptError."""
-    if weight.device.type == "meta":
+def model_device(model: GPT) -> torch.device:
+    """Where the model computes: the device of its position embeddings, which every inference layout
+    keeps. A model on the meta device (shapes, no weights: `torch.device("meta")` while building one)
+    is a one-line MinigptError."""
+    device = model.transformer.wpe.weight.device
+    if device.type == "meta":
         raise MinigptError("the model is on the meta device, which holds shapes and no weights: load its weights first")
-    return weight.device
+    return device
+
+
+def activation_dtype(model: GPT) -> torch.dtype:
+    """The dtype the residual stream (and so the KV cache) is computed in: that of the LayerNorms
+    (the model's precision, or fp32 once `prepare_for_inference` has set it up for the CPU)."""
+    return model.transformer.ln_f.weight.dtype
 
 
 def check_dtype(dtype: torch.dtype, what: str) -> None:

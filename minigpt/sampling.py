@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from .errors import MinigptError, integer_at_least
 from .compiled_decoding import CompiledDecoding
 from .model import GPT, KVCache
-from .runtime import allocate, check_fits, computing_device
+from .runtime import activation_dtype, allocate, check_fits, model_device
 from .sampling_config import SamplingConfig
 from .tokenizer import Tokenizer
 
@@ -390,11 +390,6 @@ def _steps(
         model_input = tokens[:, length - 1 : length]
 
 
-def model_device(model: GPT) -> torch.device:
-    """Where the model computes (the device of its position embeddings, which every inference layout keeps)."""
-    return computing_device(model.transformer.wpe.weight)
-
-
 def seeded_generator(model: GPT, seed: int | None = None) -> torch.Generator:
     """A random generator on the model's device, seeded with `seed` (None: a fresh random seed)."""
     generator = torch.Generator(device=model_device(model))
@@ -403,12 +398,6 @@ def seeded_generator(model: GPT, seed: int | None = None) -> torch.Generator:
     else:
         generator.manual_seed(seed)
     return generator
-
-
-def activation_dtype(model: GPT) -> torch.dtype:
-    """The dtype the residual stream (and so the KV cache) is computed in: that of the LayerNorms
-    (the model's precision, or fp32 once `prepare_for_inference` has set it up for the CPU)."""
-    return model.transformer.ln_f.weight.dtype
 
 
 def generate_ids(

@@ -35,8 +35,8 @@ import torch
 from .errors import MinigptError
 from .metrics import perplexity
 from .model import GPT
-from .sampling import (TextStream, candidate_scores, check_eval_mode, check_finite, draw, model_device,
-                       penalized_scores, token_ids)
+from .runtime import model_device
+from .sampling import TextStream, candidate_scores, check_eval_mode, check_finite, draw, penalized_scores, token_ids
 from .sampling_config import SamplingConfig
 from .tokenizer import Tokenizer
 

@@ -628,7 +628,7 @@ def test_the_stream_dtype_said_before_preparing_is_the_prepared_models(small_mod
     """sample.py checks the KV cache's memory before the kernels are timed, in the dtype that
     `prepared_stream_dtype` says the prepared model will hold: it must be the one it holds."""
     from minigpt.inference import prepared_stream_dtype
-    from minigpt.sampling import activation_dtype
+    from minigpt.runtime import activation_dtype
 
     model = copy.deepcopy(small_model).to(dtype)
     said = prepared_stream_dtype(model, quantize)
@@ -769,7 +769,8 @@ def test_only_the_weights_keep_the_models_precision(small_model, quantize):
     BF16 models do). With fbgemm-fp16 (fp32 activations, the bf16 weights exact) its logits are the
     fp32 model's with the bf16-rounded weights, to fp32 accuracy, in one pass and when decoding with
     the KV cache; the plain bf16 model, rounding every activation, is far from them."""
-    from minigpt.sampling import SamplingConfig, activation_dtype, generate_ids
+    from minigpt.runtime import activation_dtype
+    from minigpt.sampling import SamplingConfig, generate_ids
 
     bf16 = copy.deepcopy(small_model).to(torch.bfloat16)
     fast = prepare_for_inference(copy.deepcopy(bf16), quantize)
