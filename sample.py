@@ -21,13 +21,18 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence, TextIO
 
 from minigpt.cli import Parser, add_flags, from_flags, path_text, positive_int, run, seed
 from minigpt.errors import MinigptError
 from minigpt.files import LINE_BREAKS
 from minigpt.sampling_config import SamplingConfig
 from minigpt.train_flags import DEFAULT_OUT, RECIPE_MODEL
+
+if TYPE_CHECKING:  # (torch and the model are imported where used: --help stays quick)
+    from minigpt.compiled_decoding import CompiledDecoding
+    from minigpt.model import GPT
+    from minigpt.tokenizer import Tokenizer
 
 DEFAULT_CHECKPOINT = Path(DEFAULT_OUT)  # where `python train.py` writes by default
 DEFAULT_HUB_MODEL = RECIPE_MODEL
@@ -175,7 +180,7 @@ def read_text(path: str, what: str = "prompt file") -> str:
         raise MinigptError(f"{'stdin' if path == '-' else path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
 
 
-def load(args: argparse.Namespace):
+def load(args: argparse.Namespace) -> tuple[GPT, Tokenizer]:
     """The model (in its inference layout) and tokenizer that --model/--device/--dtype/--quantize ask for."""
     from minigpt.loading import load_model
     from minigpt.inference import prepare_for_inference, prepared_stream_dtype
@@ -227,7 +232,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(legend(sys.stderr.isatty()) if coloured else "--show-probs: stdout is not a terminal, "
               "so the text stays plain (--trace FILE writes the numbers)", file=sys.stderr)
 
-    def print_kernels(compiled=None) -> None:
+    def print_kernels(compiled: CompiledDecoding | None = None) -> None:
         from minigpt.inference import kernel_summary
 
         note = compiled.stats_note() if compiled is not None else ""
@@ -255,7 +260,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"--compile: compiled in {seconds:.1f} s", file=sys.stderr)
         print(f"--compile: {compiled.describe()}", file=sys.stderr)
 
-    def answer(prompt: str, shown: str, index: int, trace) -> None:
+    def answer(prompt: str, shown: str, index: int, trace: TextIO | None) -> None:
         done = complete(model, tokenizer, prompt, config, shown=shown, num_samples=args.num_samples,
                         generator=generator, coloured=coloured, trace=trace, compiled=compiled,
                         top_alternatives=args.top_alternatives, prompt_index=index)

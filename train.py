@@ -23,11 +23,18 @@ import math
 import shlex
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from minigpt.cli import run
 from minigpt.errors import MinigptError, alike_on_every_rank, count
 from minigpt.train_flags import ADAM_BETAS, ADAM_EPS, RECIPE_MODEL, TrainFlags, parse_train_flags
+
+if TYPE_CHECKING:  # (torch and the model are imported where used: --help stays quick)
+    import torch
+
+    from minigpt.ddp import Ranks
+    from minigpt.model import GPT
+    from minigpt.tokenizer import Tokenizer
 
 
 def parse_args(argv: Sequence[str] | None) -> TrainFlags:
@@ -35,7 +42,7 @@ def parse_args(argv: Sequence[str] | None) -> TrainFlags:
     return parse_train_flags(argv, __doc__)
 
 
-def build_model(args: TrainFlags, resume_from: Path | None, device: str = "cpu"):
+def build_model(args: TrainFlags, resume_from: Path | None, device: str = "cpu") -> tuple[GPT, Tokenizer]:
     """(model on the CPU in fp32, tokenizer): from the checkpoint to resume, `--init`, or new (whose
     training must fit in `device`'s memory: a one-line error, not the allocator's traceback)."""
     import torch
@@ -71,7 +78,7 @@ def build_model(args: TrainFlags, resume_from: Path | None, device: str = "cpu")
     return model, tokenizer
 
 
-def load_init(args: TrainFlags):
+def load_init(args: TrainFlags) -> tuple[GPT, Tokenizer]:
     """(model, tokenizer) of --init, which must see --block-size tokens."""
     from minigpt.loading import load_model
 
@@ -157,7 +164,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return train(args, device, dtype, precision, ranks, resume_from)
 
 
-def train(args, device, dtype, dtype_name: str, ranks, resume_from: Path | None) -> int:
+def train(args: TrainFlags, device: torch.device, dtype: torch.dtype, dtype_name: str, ranks: Ranks,
+          resume_from: Path | None) -> int:
     """The training run itself, once --out is locked and the process group joined."""
     import torch
 
@@ -251,7 +259,7 @@ def train(args, device, dtype, dtype_name: str, ranks, resume_from: Path | None)
     return 0
 
 
-def lm_loss(model, batch):
+def lm_loss(model: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
     """Next-token cross-entropy of a batch of blocks (the model shifts the targets itself)."""
     return model(batch, targets=batch)[1]
 

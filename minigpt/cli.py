@@ -181,7 +181,7 @@ class Parser(argparse.ArgumentParser):
 
 
 def _number(kind: type, test: Callable[[float], bool], what: str) -> Callable[[str], float]:
-    def parse(text: str):
+    def parse(text: str) -> float:
         try:
             value = kind(text)
         except ValueError:

@@ -1,7 +1,7 @@
 """Every download from the Hugging Face Hub, in one place.
 
 Two things come from the Hub, each into its library's own cache, so that it is downloaded once:
-    a repo's files     a model's or a tokenizer's (`download_repo_files`, huggingface_hub's
+    a repo's files     a model's or a tokenizer's (`HubRepo.files`, huggingface_hub's
                        `snapshot_download`); `minigpt.loading` names the files, from `minigpt.hf`
     ELI5's records     the training file of the published recipe (`load_eli5_records`, `datasets`'
                        `load_dataset`); `minigpt.sources` names the file
@@ -18,36 +18,52 @@ from typing import Sequence
 from .errors import MinigptError, reason
 
 
-def download_repo_files(repo_id: str, patterns: list[str], instead: str = "a local checkpoint folder",
-                        optional: Sequence[str] = ()) -> Path:
-    """Fetch the files of Hub repo `repo_id` that match the glob `patterns` into the huggingface_hub
-    cache (once; later calls find them there); return the folder that holds them, the repo's
-    snapshot, where calls with other patterns add their files. Where no file matched, the folder is
-    not made: the caller, which knows what it needs, says so. A failure says to pass `instead`.
+class HubRepo:
+    """A Hub repository whose files are fetched into the huggingface_hub cache (`files`; once: later
+    calls find them there). A failure says to pass `instead`.
 
-    The Hub is first asked about the repo with a time limit, HF_HUB_ETAG_TIMEOUT seconds (10 by
-    default; huggingface_hub's wait for a file's metadata): `snapshot_download`'s own first request
-    has none, and on a network that drops packets instead of refusing them `sample.py --model
-    distilgpt2` waited in silence for as long as it was let (5 minutes, measured). Without an answer
-    (or offline, or refused) the files come from the cache alone, as `snapshot_download` does offline.
-    `optional` patterns are fetched with the rest where the Hub answers; from the cache alone they are
-    not asked for (the cache's copies, if any, are in the folder), so that a cache without them is not
-    taken for incomplete."""
-    from huggingface_hub import constants, model_info, snapshot_download
+    The Hub is first asked about the repo, once for all of `files`' calls, with a time limit:
+    HF_HUB_ETAG_TIMEOUT seconds (10 by default; huggingface_hub's wait for a file's metadata).
+    `snapshot_download`'s own first request has none, and on a network that drops packets instead of
+    refusing them `sample.py --model distilgpt2` waited in silence for as long as it was let (5
+    minutes, measured); asked per call, a repo that needs two or three (an old upload: its weights as
+    pytorch_model.bin, vocab.json + merges.txt) waited that many times. Without an answer (or offline,
+    or refused) the files come from the cache alone, as `snapshot_download` does offline."""
 
-    asked = None
-    try:
-        model_info(repo_id, timeout=constants.HF_HUB_ETAG_TIMEOUT)
-    except Exception as e:  # no answer, offline, unknown or gated repo, Hub down: the cache may hold the files
-        asked = e
-    try:
-        wanted = patterns if asked is not None else [*patterns, *optional]
-        return Path(snapshot_download(repo_id, allow_patterns=wanted, local_files_only=asked is not None))
-    except Exception as e:
-        raise MinigptError(
-            f"{repo_id}: no such local folder, and the Hugging Face Hub could not provide it "
-            f"({_hub_reason(asked, e, constants.HF_HUB_ETAG_TIMEOUT)}). Pass {instead} instead."
-        ) from None
+    def __init__(self, repo_id: str, instead: str = "a local checkpoint folder") -> None:
+        self.repo_id, self.instead = repo_id, instead
+        self._answer: list[Exception | None] = []  # the first request's failure (None: the Hub answered), once asked
+
+    def _asked(self) -> Exception | None:
+        from huggingface_hub import constants, model_info
+
+        if not self._answer:
+            repo_id, asked = self.repo_id, None
+            try:
+                model_info(repo_id, timeout=constants.HF_HUB_ETAG_TIMEOUT)
+            except Exception as e:  # no answer, offline, unknown or gated repo, Hub down: the cache may hold the files
+                asked = e
+            self._answer.append(asked)
+        return self._answer[0]
+
+    def files(self, patterns: list[str], optional: Sequence[str] = ()) -> Path:
+        """Fetch the repo's files that match the glob `patterns`; return the folder that holds them,
+        the repo's snapshot, where calls with other patterns add their files. Where no file matched,
+        the folder is not made: the caller, which knows what it needs, says so. `optional` patterns
+        are fetched with the rest where the Hub answers; from the cache alone they are not asked for
+        (the cache's copies, if any, are in the folder), so that a cache without them is not taken
+        for incomplete."""
+        from huggingface_hub import constants, snapshot_download
+
+        repo_id, asked = self.repo_id, self._asked()
+        try:
+            wanted = patterns if asked is not None else [*patterns, *optional]
+            return Path(snapshot_download(repo_id, allow_patterns=wanted, local_files_only=asked is not None))
+        except Exception as e:
+            raise MinigptError(
+                f"{repo_id}: no such local folder, and the Hugging Face Hub could not provide it "
+                f"({_hub_reason(asked, e, constants.HF_HUB_ETAG_TIMEOUT)}). Pass {self.instead} instead."
+            ) from None
 
 
 def _hub_reason(asked: Exception | None, fetching: Exception, seconds: float) -> str:

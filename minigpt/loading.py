@@ -23,7 +23,7 @@ from .checkpoint import CONFIG_FILE, WEIGHTS_FILE, is_minigpt_checkpoint, load_c
 from .errors import MinigptError
 from .files import check_source_outside, folder_destination, home_expanded
 from .hf import INDEX_FILE, LEGACY_INDEX_FILE, LEGACY_WEIGHTS_FILE, hf_weight_files, load_hf_checkpoint
-from .hub import download_repo_files
+from .hub import HubRepo
 from .model import GPT
 from .run_folder import current_checkpoint
 from .runtime import check_dtype, resolve_device
@@ -39,26 +39,27 @@ def _download_model(repo_id: str) -> Path:
     (`_download_with_tokenizer`). A later form costs one more request, and only where the first is
     missing; fetching every form at once would download a repo's weights twice where it holds them
     both whole and sharded. Return the folder."""
-    folder = _download_with_tokenizer(repo_id, [CONFIG_FILE, WEIGHTS_FILE, INDEX_FILE])
+    repo = HubRepo(repo_id)
+    folder = _download_with_tokenizer(repo, [CONFIG_FILE, WEIGHTS_FILE, INDEX_FILE])
     if not (folder / CONFIG_FILE).is_file():
         raise MinigptError(f"{repo_id}: the Hub repository holds no {CONFIG_FILE} at its root (not a model's repository)")
     if not (folder / WEIGHTS_FILE).is_file() and not (folder / INDEX_FILE).is_file():
-        folder = download_repo_files(repo_id, [LEGACY_WEIGHTS_FILE, LEGACY_INDEX_FILE])
+        folder = repo.files([LEGACY_WEIGHTS_FILE, LEGACY_INDEX_FILE])
     missing = [glob.escape(path.name) for path in hf_weight_files(folder) if not path.is_file()]  # (names, not patterns)
     if missing:  # the shards an index names
-        folder = download_repo_files(repo_id, missing)
+        folder = repo.files(missing)
     return folder
 
 
-def _download_with_tokenizer(repo_id: str, patterns: list[str],
-                             instead: str = "a local checkpoint folder") -> Path:
-    """Fetch the files of Hub repo `repo_id` matching `patterns`, with its tokenizer: tokenizer.json (and the
-    settings transformers reads beside it, `HF_SETTINGS`), or where the repo has none, vocab.json + merges.txt. Asking for all three at once would make an
-    offline cache holding only tokenizer.json (all a model needs) count as incomplete. Return the
-    folder (one that may not exist, where nothing matched)."""
-    folder = download_repo_files(repo_id, patterns + [TOKENIZER_FILE], instead, optional=HF_SETTINGS)
+def _download_with_tokenizer(repo: HubRepo, patterns: list[str]) -> Path:
+    """Fetch the files of Hub repo `repo` matching `patterns`, with its tokenizer: tokenizer.json (and
+    the settings transformers reads beside it, `HF_SETTINGS`), or where the repo has none, vocab.json
+    + merges.txt. Asking for all three at once would make an offline cache holding only
+    tokenizer.json (all a model needs) count as incomplete. Return the folder (one that may not
+    exist, where nothing matched)."""
+    folder = repo.files(patterns + [TOKENIZER_FILE], optional=HF_SETTINGS)
     if not (folder / TOKENIZER_FILE).is_file():
-        folder = download_repo_files(repo_id, VOCAB_MERGES, instead, optional=HF_SETTINGS)
+        folder = repo.files(VOCAB_MERGES, optional=HF_SETTINGS)
     return folder
 
 
@@ -125,7 +126,7 @@ def load_tokenizer(source: str | os.PathLike) -> Tokenizer:
     path = _local_path(source, "tokenizer")
     if path is None:
         repo_id = str(source).strip()
-        folder = _download_with_tokenizer(repo_id, [], instead="a local tokenizer.json (or a folder holding one)")
+        folder = _download_with_tokenizer(HubRepo(repo_id, "a local tokenizer.json (or a folder holding one)"), [])
         if not folder.is_dir():
             raise MinigptError(f"{repo_id}: the Hub repository holds no {TOKENIZER_FILE} (nor "
                                f"{' + '.join(VOCAB_MERGES)}) at its root")

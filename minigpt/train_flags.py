@@ -10,12 +10,21 @@ from __future__ import annotations
 import dataclasses
 import os
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from .cli import flag, fraction, non_negative_float, non_negative_int, parser_from, positive_float, positive_int
 from .cli import from_flags, path_text, run_flags
 from .files import home_expanded
 from .formats import FORMATS
+
+if TYPE_CHECKING:  # (the modules themselves are imported where used: --help stays quick)
+    import torch
+
+    from .card import RunFacts
+    from .data import DataConfig, TokenBlocks
+    from .model import GPT
+    from .tokenizer import Tokenizer
+    from .trainer import TrainConfig
 
 RECIPE_MODEL = "distilbert/distilgpt2"
 ADAM_BETAS, ADAM_EPS = (0.9, 0.999), 1e-8  # the recipe's, and transformers' defaults (no flag sets them)
@@ -116,7 +125,7 @@ class TrainFlags:
                            "training would use (--val-data, or the --val-fraction split of --data with --seed), at "
                            "--batch-size; trains and writes nothing", group="output", action="store_true")
 
-    def data_config(self, cache_dir: str | None = None):
+    def data_config(self, cache_dir: str | None = None) -> DataConfig:
         """The data flags as a DataConfig: training and --eval-only build their blocks from the same one."""
         from .data import DataConfig
 
@@ -125,7 +134,7 @@ class TrainFlags:
             max_records=self.max_records, val_fraction=self.val_fraction, seed=self.seed, cache_dir=cache_dir,
         )
 
-    def train_config(self, max_steps: int, dtype):
+    def train_config(self, max_steps: int, dtype: torch.dtype) -> TrainConfig:
         """The loop flags as a TrainConfig, for `max_steps` steps in all at precision `dtype`."""
         from .trainer import TrainConfig
 
@@ -151,7 +160,7 @@ class TrainFlags:
         """Where a new model's tokenizer comes from: --tokenizer, else the recipe's."""
         return self.tokenizer or RECIPE_MODEL
 
-    def preset_tokenizer(self):
+    def preset_tokenizer(self) -> Tokenizer:
         """--preset tiny's tokenizer: a TINY_VOCAB-token BPE vocabulary learned from the answers of the
         bundled ELI5 sample."""
         import json
@@ -164,7 +173,8 @@ class TrainFlags:
         texts = [answers_text(json.loads(line)["answers"]["text"]) for line in lines if line.strip()]
         return Tokenizer.train_bpe(texts, TINY_VOCAB)
 
-    def card_facts(self, model, train_blocks, val_blocks, world_size: int, dtype_name: str, max_steps: int):
+    def card_facts(self, model: GPT, train_blocks: TokenBlocks, val_blocks: TokenBlocks, world_size: int,
+                   dtype_name: str, max_steps: int) -> RunFacts:
         """What the model card says about a run of these flags (minigpt.card.RunFacts)."""
         from .card import RunFacts
         from .loading import is_hub_id

@@ -306,7 +306,26 @@ def test_the_hub_is_given_a_time_to_answer(fake_hub, monkeypatch):
 
     monkeypatch.setattr(constants, "HF_HUB_ETAG_TIMEOUT", 7)
     load_model("org/tiny")
-    assert fake_hub.asked == [("org/tiny", 7)] * len(fake_hub.calls) and fake_hub.calls[0] == ("org/tiny", FIRST)
+    assert fake_hub.asked == [("org/tiny", 7)] and fake_hub.calls[0] == ("org/tiny", FIRST)
+
+
+def test_a_repo_is_asked_about_once_for_all_its_downloads(fake_hub, tiny_hf_dir):
+    """An old upload needs three downloads (its first ask; vocab.json + merges.txt; the .bin). The
+    Hub was asked about the repo before each: on a network that drops packets, three waits of
+    HF_HUB_ETAG_TIMEOUT seconds for a model in the cache. One ask now serves all of a repo's
+    downloads, online and from the cache; a new load asks again."""
+    class ReadTimeout(Exception):  # (as requests' and httpx's are named)
+        pass
+
+    resolve_model("org/legacy")
+    assert len(fake_hub.calls) == 3 and [repo for repo, _ in fake_hub.asked] == ["org/legacy"]
+    fake_hub.answer = ReadTimeout("timed out")  # (the Hub silent: the cache's copies)
+    del fake_hub.calls[:], fake_hub.asked[:]
+    model, _ = load_model("org/legacy")
+    assert len(fake_hub.calls) == 3 and [repo for repo, _ in fake_hub.asked] == ["org/legacy"]
+    assert same_weights(model, load_model(tiny_hf_dir)[0])
+    load_model("org/legacy")
+    assert [repo for repo, _ in fake_hub.asked] == ["org/legacy"] * 2
 
 
 def test_a_hub_that_never_answers_is_one_line_in_seconds(tmp_path):

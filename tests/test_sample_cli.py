@@ -67,12 +67,12 @@ def test_without_a_model_the_hubs_distilgpt2_fails_in_its_own_words(tmp_path, mo
     broken = tmp_path / "snapshot"
     shutil.copytree(tiny_hf_dir, broken, ignore=shutil.ignore_patterns("tokenizer.json", "vocab.json", "merges.txt"))
 
-    def offline(repo_id, patterns, instead=None, optional=()):
-        raise MinigptError(f"{repo_id}: no such local folder, and the Hugging Face Hub could not provide it (offline)")
+    def offline(repo, patterns, optional=()):
+        raise MinigptError(f"{repo.repo_id}: no such local folder, and the Hugging Face Hub could not provide it (offline)")
 
     for download, cause in ((offline, "no such local folder, and the Hugging Face Hub could not provide it (offline)"),
-                            (lambda repo_id, patterns, instead=None, optional=(): broken, f"{broken}: no tokenizer.json")):
-        monkeypatch.setattr("minigpt.loading.download_repo_files", download)
+                            (lambda repo, patterns, optional=(): broken, f"{broken}: no tokenizer.json")):
+        monkeypatch.setattr("minigpt.hub.HubRepo.files", download)
         result = call_cli("sample.py", "hi")
         assert result.returncode == 2
         [line] = result.stderr.splitlines()
