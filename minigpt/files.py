@@ -140,15 +140,15 @@ def renamed_path(out: Path) -> Path:
     return Path(os.path.realpath(out.parent)) / out.name
 
 
-def check_utf8(path: Path) -> None:
-    """Refuse (one-line MinigptError) an output path that is not UTF-8: the `safetensors` and
-    `tokenizers` libraries take no other. (Python decodes a file name's undecodable bytes to lone
-    surrogates, which no UTF-8 text holds.)"""
+def check_utf8(path: str | os.PathLike,
+               why: str = "safetensors and tokenizers write and read only UTF-8 paths") -> None:
+    """Refuse (one-line MinigptError, saying `why`) a path that is not UTF-8: by default an output
+    path, which the `safetensors` and `tokenizers` libraries take in no other form. (Python decodes
+    a file name's undecodable bytes to lone surrogates, which no UTF-8 text holds.)"""
     try:
         str(path).encode("utf-8")
     except UnicodeEncodeError:
-        raise MinigptError(f"{path}: the path is not UTF-8 (safetensors and tokenizers write and read only UTF-8 "
-                           "paths); choose a name in UTF-8") from None
+        raise MinigptError(f"{path}: the path is not UTF-8 ({why}); choose a name in UTF-8") from None
 
 
 def folder_destination(out: str | os.PathLike) -> Path:

@@ -102,7 +102,8 @@ class Source:
             h.update(json.dumps(self.records(), sort_keys=True).encode())
         elif self.kind == "txt-folder":
             for file in _text_files(self.path):  # names too: moving text between files changes documents
-                h.update(file.relative_to(self.path).as_posix().encode() + b"\0")
+                name = file.relative_to(self.path).as_posix()  # (its bytes: a name need not be UTF-8)
+                h.update(name.encode("utf-8", "surrogateescape") + b"\0")
                 h.update(_sha256(file).digest())
         else:
             h = _sha256(self.path)

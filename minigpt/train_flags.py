@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 from .cli import flag, fraction, non_negative_float, non_negative_int, parser_from, positive_float, positive_int
 from .cli import from_flags, path_text, run_flags
-from .files import home_expanded
+from .files import check_utf8, home_expanded
 from .formats import FORMATS
 
 if TYPE_CHECKING:  # (the modules themselves are imported where used: --help stays quick)
@@ -38,6 +38,7 @@ TINY_PRESET = dict(
 TINY_VOCAB = 2048
 SHAPE_FLAGS = ("n_layer", "n_head", "n_embd")  # a new model's shape (--init scratch)
 SCRATCH_FLAGS = (*SHAPE_FLAGS, "tokenizer")  # a new model's only: refused with a loaded one
+RECORDED_PATHS = ("init", "tokenizer", "data", "val_data")  # the sources a run's card and settings name
 TRAINING_FLAGS = (  # what only a training run uses: refused with --eval-only, which trains nothing
     "grad_accum", "lr", "weight_decay", "warmup_steps", "epochs", "max_steps", "max_grad_norm", "dropout",
     "compile", "compile_mode", "log_every", "eval_every", "save_every",
@@ -230,6 +231,10 @@ def parse_train_flags(argv: Sequence[str] | None, description: str) -> TrainFlag
         p.set_defaults(**preset)
     args = from_flags(TrainFlags, p.parse_args(argv))
     args.out = os.path.expanduser(args.out)  # (`--out=~/run`: no shell expands a ~ after "=")
+    for name in RECORDED_PATHS:  # (before any work: the first save would fail on it)
+        if getattr(args, name) is not None:
+            check_utf8(getattr(args, name), f"--{name.replace('_', '-')} is written into the model card and the run's "
+                       "settings, which are UTF-8 text")
     if args.seed >= 2**63:  # torch's generators take a 64-bit seed
         p.error(f"argument --seed: {args.seed} is too large (at most {2**63 - 1})")
     scratch_flags = [f for f in SCRATCH_FLAGS if getattr(args, f) is not None]  # (None: not given)

@@ -1199,6 +1199,14 @@ BREAKS = (
     Break("non_utf8_out_taken", "an --out path that is not UTF-8 is taken, and fails at the first save",
           ((r"^(\s*)str\(path\)\.encode\(\"utf-8\"\)$", r"\1str(path).encode('utf-8', 'surrogateescape')"),),
           ("tests/test_convert_cli.py::test_hf_to_minigpt_and_back",)),
+    Break("non_utf8_source_path_taken", "a --data (--val-data, --init, --tokenizer) path that is not UTF-8 is taken: "
+          "training runs, then the first save fails in a traceback writing the model card",
+          ((r"^(\s*)for name in RECORDED_PATHS:", r"\1for name in ():"),),
+          ("tests/test_train_cli.py::test_a_source_path_that_is_not_utf8_is_refused_before_any_work",)),
+    Break("non_utf8_file_name_in_key_traceback", "a text folder holding a file whose name is not UTF-8 fails in a "
+          "traceback building its cache key",
+          ((r'name\.encode\("utf-8", "surrogateescape"\) \+ b"\\0"', r'name.encode() + b"\\0"'),),
+          ("tests/test_data.py::test_a_text_folders_entry_follows_its_files_and_their_bytes",)),
     Break("hub_error_first_line", "a Hub error is cut to its first line (\"404 Client Error.\", the cause dropped)",
           ((r"\(\{_hub_reason\(asked, e, constants\.HF_HUB_ETAG_TIMEOUT\)\}\)", "({reason(e)})"),),
           ("tests/test_hub.py::test_the_hubs_errors_say_what_went_wrong",)),

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import gzip
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -271,6 +272,12 @@ def test_a_text_folders_entry_follows_its_files_and_their_bytes(tmp_path, gpt2_t
     moved = write(a=tides[:20], b=tides[20:] + bees)  # (the same bytes, in the same order, cut elsewhere)
     assert not np.array_equal(moved, edited)
     np.testing.assert_array_equal(blocks_now(), moved)
+    # a file's name need not be UTF-8 (a POSIX name is bytes): the key hashes the bytes (it was a
+    # UnicodeEncodeError traceback); another such name is another entry, the same text the same blocks
+    renamed = write(**{os.fsdecode(b"a\xe9"): tides})
+    np.testing.assert_array_equal(blocks_now(), renamed)
+    assert np.array_equal(write(**{os.fsdecode(b"a\xe8"): tides}), renamed)
+    np.testing.assert_array_equal(blocks_now(), renamed)
 
 
 def test_a_crash_while_writing_leaves_no_entry(tmp_path, gpt2_tokenizer, monkeypatch):

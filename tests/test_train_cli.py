@@ -247,6 +247,31 @@ def test_bad_settings_are_refused_before_anything_is_written(tmp_path, args, mes
     assert not (tmp_path / "out").exists()
 
 
+def test_a_source_path_that_is_not_utf8_is_refused_before_any_work(tmp_path, tiny_hf_dir):
+    """A POSIX path may be any bytes. --data with one trained (the file read well), then failed
+    with a traceback at the first save, writing the model card that names it: the work up to it
+    lost, --out left without a checkpoint. Each source the card and the run's settings name is now
+    refused in one line before any work, as --out is; one in UTF-8 beside it is taken."""
+    import shutil
+
+    import train
+
+    odd = lambda name: tmp_path / os.fsdecode(b"caf\xe9-" + name.encode())  # noqa: E731
+    data = shutil.copy(ROOT / "tests" / "data" / "eli5_small.jsonl", odd("data.jsonl"))
+    model = shutil.copytree(tiny_hf_dir, odd("model"))
+    cases = [("--data", str(data)), ("--val-data", str(data)), ("--init", str(model)), ("--tokenizer", str(model))]
+    for flag, path in cases:
+        extra = ("--init", "scratch") if flag == "--tokenizer" else ()
+        with pytest.raises(MinigptError) as e:
+            train.main([*QUICK, *extra, "--out", str(tmp_path / "out"), flag, path])
+        assert str(e.value) == (f"{path}: the path is not UTF-8 ({flag} is written into the model card and the run's "
+                                "settings, which are UTF-8 text); choose a name in UTF-8")
+        assert not (tmp_path / "out").exists()
+    result = call_cli("train.py", *QUICK, "--out", str(tmp_path / "out"), "--data", str(data))
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and "not UTF-8 (--data" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_device_is_named_as_torch_names_it(monkeypatch):
     """`setup_device` takes a torch.device, and "cuda:N" (or torch's bare N) for a GPU of several,
     checked against the GPUs there are (and made the current one); under torchrun a numbered GPU is
