@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file
 
-from conftest import ROOT, call_cli, python_path
+from conftest import ROOT, call_cli, gpt2_vocab_files, python_path
 from minigpt.checkpoint import model_state_for_saving
 from minigpt.config import GPTConfig
 from minigpt.data import BatchIterator, TokenBlocks
@@ -534,7 +534,12 @@ def test_bench_sample_reads_llama_bench_or_says_what_it_got(tmp_path, monkeypatc
 
 def run_benchmark(tmp_path, command, env=None):
     """Run benchmarks/<command[0]> in a subprocess (in `tmp_path`), its arguments' {tmp} and {data}
-    being `tmp_path` and tests/data."""
+    being `tmp_path` and tests/data; a {tmp}/tokenizer.json named is GPT-2's (bench_data.py's default
+    is ../shared's, which a user's clone has not)."""
+    if "{tmp}/tokenizer.json" in command:
+        from minigpt.tokenizer import Tokenizer
+
+        Tokenizer.from_vocab_merges(*gpt2_vocab_files()).save(tmp_path / "tokenizer.json")
     argv = [a.format(tmp=tmp_path, data=ROOT / "tests" / "data") for a in command]
     return subprocess.run([sys.executable, str(ROOT / "benchmarks" / argv[0]), *argv[1:]], cwd=tmp_path,
                           capture_output=True, text=True, timeout=120, env=env or os.environ)
@@ -557,8 +562,8 @@ sys.meta_path.insert(0, Hide())
 @pytest.mark.parametrize("command, missing", [
     (["bench_sample.py", "--quick", "--skip", "memory", "e2e"], "transformers"),
     (["bench_train.py", "--quick"], "transformers"),
-    (["bench_data.py", "--data", "{data}/eli5_small.json"], "datasets"),
-    (["bench_data.py", "--data", "{data}/eli5_small.json"], "transformers"),
+    (["bench_data.py", "--data", "{data}/eli5_small.json", "--tokenizer", "{tmp}/tokenizer.json"], "datasets"),
+    (["bench_data.py", "--data", "{data}/eli5_small.json", "--tokenizer", "{tmp}/tokenizer.json"], "transformers"),
 ], ids=["bench_sample", "bench_train", "bench_data-datasets", "bench_data-transformers"])
 def test_the_benchmarks_say_in_one_line_which_package_to_install(tmp_path, command, missing):
     """Without transformers (or datasets) a benchmark was a ModuleNotFoundError traceback, after the
@@ -638,7 +643,7 @@ def test_gpu_check_measures_each_precisions_mfu_against_its_own_peak(monkeypatch
      "(convert_hf_weights.py --to-hf makes one) or a Hub id"),
     (["bench_train.py", "--loss-steps", "-1"],
      "bench_train.py: error: argument --loss-steps: '-1' is not an integer >= 0 (see --help)"),
-    (["bench_data.py", "--data", "{tmp}/bad.jsonl"],
+    (["bench_data.py", "--data", "{tmp}/bad.jsonl", "--tokenizer", "{tmp}/tokenizer.json"],
      "error: {tmp}/bad.jsonl: record 1 (line 1) has no 'answers.text' list of strings"),
     (["bench_data.py", "--data", "{data}/docs.txt"],
      "bench_data.py: error: {data}/docs.txt: --data takes .json/.json.gz/.jsonl files "
