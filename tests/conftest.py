@@ -161,6 +161,9 @@ def call_cli(script: str, *args: str):
 
     from minigpt.cli import run
 
+    folder = str((ROOT / script).parent)  # (sys.path[0] of the script run: benchmarks/ imports hardware.py beside it)
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
     spec = importlib.util.spec_from_file_location(Path(script).stem, ROOT / script)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
