@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Sequence, TextIO
 
 from minigpt.cli import Parser, add_flags, from_flags, path_text, positive_int, run, seed
 from minigpt.errors import MinigptError
-from minigpt.files import LINE_BREAKS
+from minigpt.files import LINE_BREAKS, home_expanded
 from minigpt.sampling_config import SamplingConfig
 from minigpt.train_flags import DEFAULT_OUT, RECIPE_MODEL
 
@@ -133,6 +133,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if args.trace is None:
         p.refuse(given, ("top_alternatives",), "has no effect without --trace: it sets how many alternatives "
                  "each --trace row lists; give --trace FILE")
+    for name in ("file", "score_file", "trace"):  # (`--file=~/p.txt`: no shell expands a ~ after "=")
+        if getattr(args, name) not in (None, "-"):
+            setattr(args, name, str(home_expanded(getattr(args, name))))
     return args
 
 

@@ -126,9 +126,13 @@ def _one_line_warning(message: Warning, category: type[Warning], filename: str, 
 
 def _other_rank(variable: str = "RANK") -> bool:
     """Whether torchrun started this process as a rank (`LOCAL_RANK`: a rank on its machine) other
-    than 0, which stays quiet where every rank would print the same line. (RANK itself is checked by
-    minigpt.ddp, which imports torch, too slow for a usage error; one that is no integer counts here
-    as rank 0, so that its error is seen.)"""
+    than 0, which stays quiet where every rank would print the same line. A job is RANK and
+    WORLD_SIZE both set, as `minigpt.ddp.launched_ranks` reads them: one of them or LOCAL_RANK alone,
+    set by hand, is no job (a plain run, or one line saying what is missing), and its errors are
+    said. (RANK itself is checked by minigpt.ddp, which imports torch, too slow for a usage error;
+    one that is no integer counts here as rank 0, so that its error is seen.)"""
+    if not all(os.environ.get(name, "").strip() for name in ("RANK", "WORLD_SIZE")):
+        return False
     try:
         return int(os.environ.get(variable, "0")) != 0
     except ValueError:

@@ -92,16 +92,19 @@ def _local_path(source: str | os.PathLike, what: str) -> Path | None:
     here, rather than sent to the Hub."""
     if not isinstance(source, (str, os.PathLike)):
         raise TypeError(f"{what}: a folder path or a Hub id, got {type(source).__name__}")
-    text = str(source).strip()
+    text = str(source).strip()  # (a Hub id, as copied with spaces around it)
     if not text:
         raise MinigptError(f"{what}: empty {what} path")
+    given = home_expanded(str(source))  # (a path as given: a folder's name may end in a space)
+    if given.exists():
+        return given
     path, owner = home_expanded(text), text.partition("/")[0]
+    if path.exists():  # (not the folder asked for: loading it instead would be silent)
+        raise MinigptError(f"{str(source)!r}: no such file or folder ({text!r}, without the spaces around it, is one)")
     in_a_local_folder = bool(HUB_ID.match(text)) and "/" in text and Path(owner).is_dir()  # (a Hub id's form)
-    if path.exists() or not HUB_ID.match(text) or text.startswith((".", "/", "~")) or in_a_local_folder:
-        if not path.exists():
-            hint = f" (read as a local path: {owner}/ is a folder here)" if in_a_local_folder else ""
-            raise MinigptError(f"{path}: no such file or folder{hint}")
-        return path
+    if not HUB_ID.match(text) or text.startswith((".", "/", "~")) or in_a_local_folder:
+        hint = f" (read as a local path: {owner}/ is a folder here)" if in_a_local_folder else ""
+        raise MinigptError(f"{given}: no such file or folder{hint}")
     return None
 
 

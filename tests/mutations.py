@@ -1156,6 +1156,15 @@ BREAKS = (
           ((r'text \+= colour\(stream\.push\(row\["id"\]\), row\["prob"\]\)',
             'text += colour(row["text"], row["prob"])'),),
           ("tests/test_trace.py::test_the_coloured_text_keeps_characters_split_across_tokens",)),
+    Break("rank_without_job_silenced", "RANK or LOCAL_RANK set by hand without WORLD_SIZE (no torchrun job) "
+          "silences the CLI's errors: exit 2 and nothing said",
+          ((r'^(\s*)if not all\(os\.environ\.get\(name, ""\)\.strip\(\) for name in \("RANK", "WORLD_SIZE"\)\):',
+            r"\1if False:"),),
+          ("tests/test_sample_cli.py::test_under_torchrun_only_rank_0_prints_a_usage_error",)),
+    Break("stripped_path_loaded", "a local path is looked for without the spaces around it: `--model \"run \"` loads "
+          "the folder \"run\" in silence",
+          ((r"given = home_expanded\(str\(source\)\)", "given = home_expanded(text)"),),
+          ("tests/test_hub.py::test_a_folder_named_with_a_space_is_the_one_loaded",)),
     Break("every_rank_prints_alike_errors", "under torchrun every rank prints an error they all meet alike (one line a rank)",
           ((r'if not \(e\.every_rank and _other_rank\("LOCAL_RANK"\)\):', "if True:"),),
           ("tests/test_promises.py::test_an_error_every_rank_meets_is_printed_once_a_machine",)),

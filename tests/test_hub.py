@@ -215,6 +215,25 @@ def test_a_mistyped_path_in_a_local_folder_is_not_sent_to_the_hub(fake_hub, tmp_
     assert [repo for repo, _ in fake_hub.calls][:1] == ["org/tiny"]
 
 
+def test_a_folder_named_with_a_space_is_the_one_loaded(fake_hub, tmp_path, tiny_minigpt_dir, monkeypatch):
+    """The path was stripped before it was looked for: `--model "run "` loaded the folder "run",
+    another model, in silence (a folder whose name ends in a space could never load). The path as
+    given comes first; one that exists only without its spaces is refused, naming both; a Hub id
+    may still come with spaces around it."""
+    monkeypatch.chdir(tmp_path)
+    for name in ("run ", "run"):
+        shutil.copytree(tiny_minigpt_dir, tmp_path / name)
+    for given in ("run ", str(tmp_path / "run ")):
+        assert resolve_model(given) == (tmp_path / "run " if given.startswith("/") else Path("run "), "minigpt")
+    shutil.rmtree(tmp_path / "run ")
+    for given in ("run ", " run"):
+        with pytest.raises(MinigptError) as err:
+            resolve_model(given)
+        assert str(err.value) == f"{given!r}: no such file or folder ('run', without the spaces around it, is one)"
+    assert fake_hub.calls == []
+    assert resolve_model(" org/tiny ")[1] == "hf" and [repo for repo, _ in fake_hub.calls] == ["org/tiny"]
+
+
 def test_a_failed_download_is_one_line(fake_hub):
     for call, instead in ((lambda: load_model("org/missing"), "a local checkpoint folder"),
                           (lambda: load_tokenizer("org/missing"), "a local tokenizer.json (or a folder holding one)")):

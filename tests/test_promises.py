@@ -210,6 +210,7 @@ def test_ctrl_c_is_one_line_for_a_torchrun_job():
     for rank, said in (("0", "interrupted\n"), ("1", "")):
         with pytest.MonkeyPatch.context() as mp:
             mp.setenv("RANK", rank)
+            mp.setenv("WORLD_SIZE", "2")
             err = io.StringIO()
             mp.setattr(sys, "stderr", err)
             with pytest.raises(SystemExit) as stop:
@@ -302,6 +303,7 @@ def test_an_error_every_rank_meets_is_printed_once_a_machine():
         with pytest.MonkeyPatch.context() as mp:
             mp.setenv("RANK", local_rank)
             mp.setenv("LOCAL_RANK", local_rank)
+            mp.setenv("WORLD_SIZE", "2")
             err = io.StringIO()
             mp.setattr(sys, "stderr", err)
             with pytest.raises(SystemExit) as stop:

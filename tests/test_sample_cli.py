@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import sample
-from conftest import run_cli
+from conftest import call_cli, run_cli
 from minigpt.errors import MinigptError
 
 PROMPT = "Somatic hypermutation allows the immune system to"
@@ -357,13 +357,25 @@ def test_a_prompt_taken_for_a_flag_is_told_about_double_dash(tiny_minigpt_dir, c
 
 
 def test_under_torchrun_only_rank_0_prints_a_usage_error(capsys, monkeypatch):
-    """Every rank parses the same flags: the job's usage error is one line, rank 0's; all exit 2."""
+    """Every rank parses the same flags: the job's usage error is one line, rank 0's; all exit 2.
+    RANK or LOCAL_RANK set by hand without WORLD_SIZE is no torchrun job (minigpt.ddp runs it as a
+    plain run, or says WORLD_SIZE is missing): its errors were swallowed, exit 2 and nothing said."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
     for rank, printed in (("1", ""), ("0", "error: argument --top-p")):
         monkeypatch.setenv("RANK", rank)
         with pytest.raises(SystemExit) as e:
             sample.main(["--top-p", "0", "hi"])
         err = capsys.readouterr().err
         assert e.value.code == 2 and printed in err and (err == "") == (rank == "1"), (rank, err)
+    monkeypatch.delenv("WORLD_SIZE")
+    for variable in ("RANK", "LOCAL_RANK"):
+        monkeypatch.delenv("RANK")
+        monkeypatch.setenv(variable, "1")
+        with pytest.raises(SystemExit) as e:
+            sample.main(["--top-p", "0", "hi"])
+        assert e.value.code == 2 and "error: argument --top-p" in capsys.readouterr().err, variable
+        result = call_cli("convert_hf_weights.py", "gpt2")
+        assert result.returncode == 2 and "the following arguments are required: --out" in result.stderr, variable
 
 
 def test_library_errors_name_the_fault(tiny_minigpt_dir, tmp_path):
@@ -380,6 +392,26 @@ def test_library_errors_name_the_fault(tiny_minigpt_dir, tmp_path):
     for argv, message in cases:
         with pytest.raises(MinigptError, match=re.escape(message)):
             sample.main(argv)
+
+
+def test_file_flags_expand_a_tilde_as_the_others_do(tiny_minigpt_dir, tmp_path, monkeypatch, capsys):
+    """`--file=~/p.txt` (no shell expands a ~ after "="): "~/p.txt: prompt file not found" while the
+    file was there, and --trace made no file ("folder ~ does not exist"); --model, train.py's paths
+    and convert's --out expand it. Now --file, --score-file and --trace do too."""
+    import json
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "p.txt").write_text("Hello\n", encoding="utf-8")
+    model = ["--model", str(tiny_minigpt_dir), "--greedy", "--max-new-tokens", "2"]
+    sample.main([*model, "--file=~/p.txt", "--trace=~/t.jsonl"])
+    generated = capsys.readouterr().out
+    rows = [json.loads(line) for line in (tmp_path / "t.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert generated.startswith("Hello") and len(rows) >= 2
+    sample.main(["--model", str(tiny_minigpt_dir), "--score-file=~/p.txt"])
+    assert "perplexity" in capsys.readouterr().out
+    with pytest.raises(MinigptError, match=re.escape("~nosuchuser8/p.txt: ~nosuchuser8 is no user's home folder here")):
+        sample.main([*model, "--file=~nosuchuser8/p.txt"])
+    assert not (tmp_path / "~").exists()
 
 
 def test_errors_are_one_line_without_traceback(tmp_path):
