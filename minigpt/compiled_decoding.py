@@ -240,6 +240,10 @@ class CompiledDecoding:
             raise MinigptError("compiled decoding needs the model in eval mode (model.eval())")
         if gemms not in self.GEMMS:
             raise MinigptError(f"compiled decoding: gemms must be one of {self.GEMMS}, not {gemms!r}")
+        if model.config.block_size < 3:  # (warm_up's check reads a third position: a KVCache ValueError)
+            raise MinigptError(f"compiled decoding needs a context window of at least 3 positions, not "
+                               f"{model.config.block_size}: in a smaller one every step runs eager (see __call__); "
+                               "decode without compiling")
         on_cpu = model_device(model).type == "cpu"
         if on_cpu:  # (a compiler and headers are checked; inductor's cache is kept per instruction set)
             prepare_cpu_compile()

@@ -335,6 +335,20 @@ def test_the_eager_model_that_wins_the_race_decodes_and_says_so(monkeypatch):
     assert_one_step_is_eager(model, compiled, 1e-6)
 
 
+def test_a_window_of_fewer_than_3_positions_is_refused_in_one_line():
+    """In a 1- or 2-position window every step runs eager (an empty cache, or the whole one), and
+    warm_up's check, which reads a third position, was KVCache's "max_len 3 exceeds the context
+    window 2" in a traceback (sample.py --compile on such a checkpoint); 3 positions are taken."""
+    for block_size in (1, 2):
+        model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=block_size, vocab_size=50, dropout=0.0))
+        with pytest.raises(MinigptError) as e:
+            CompiledDecoding(model.eval())
+        assert str(e.value) == (f"compiled decoding needs a context window of at least 3 positions, not {block_size}: "
+                                "in a smaller one every step runs eager (see __call__); decode without compiling")
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=3, vocab_size=50, dropout=0.0)).eval()
+    assert CompiledDecoding(model, gemms="kernels").model is model
+
+
 @needs_compiler
 def test_the_race_between_steps_fits_a_small_window(monkeypatch):
     """It timed 16 tokens in a cache of 19 positions whatever the model's window: "max_len 19 exceeds
