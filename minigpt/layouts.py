@@ -286,9 +286,13 @@ class Fp16Linear(nn.Module):
 
 
 def fp16_refuses(weight: torch.Tensor) -> str | None:
-    """Why `Fp16Linear` cannot hold `weight` exactly enough (a weight beyond fp16's range), or None."""
+    """Why `Fp16Linear` cannot hold `weight` exactly enough (a weight beyond fp16's range, or NaN:
+    FBGEMM's packing makes a NaN a number, +-21760 in an output measured, where every other kernel
+    gives NaN logits, which decoding refuses as broken weights), or None."""
     largest = weight.detach().abs().max().item()
-    return None if largest <= FP16_MAX else f"a weight of {largest:.4g} is beyond fp16's range ({FP16_MAX:g})"
+    if largest != largest:
+        return "a weight is NaN, which FBGEMM's fp16 packing turns into a number (the weights are broken)"
+    return f"a weight of {largest:.4g} is beyond fp16's range ({FP16_MAX:g})" if largest > FP16_MAX else None
 
 
 class SharedEmbedding(nn.Module):

@@ -709,6 +709,18 @@ def test_fp16_is_refused_for_weights_beyond_its_range(small_model, monkeypatch):
     # model that allows it (the cache's key named every kernel, refused or not).
     again = prepare_for_inference(copy.deepcopy(small_model).to(torch.bfloat16))
     assert kernel_summary(again).count(" fbgemm-fp16") == 5
+    # A NaN weight: FBGEMM's fp16 packing makes it a number (finite logits from broken weights); it
+    # was refused as "a weight of nan is beyond fp16's range". Timing takes another kernel, whose NaN
+    # logits decoding refuses; forced, the error says NaN.
+    broken = copy.deepcopy(small_model).to(torch.bfloat16)
+    with torch.no_grad():
+        broken.transformer.h[1].mlp.c_fc.weight[3, 5] = float("nan")
+    with pytest.raises(MinigptError, match="no bf16 kernel takes these 256x64 layers: a weight is NaN, which FBGEMM's"):
+        prepare_for_inference(copy.deepcopy(broken), kernel="fbgemm-fp16")
+    fast = prepare_for_inference(broken)
+    assert kernels_named(kernel_summary(fast))["mlp.c_fc"] != "fbgemm-fp16"
+    with torch.no_grad():
+        assert torch.isnan(fast(idx)[0]).all()
 
 
 def test_a_refusal_leaves_the_model_as_it_was(small_model):
