@@ -537,7 +537,7 @@ def test_bench_sample_reads_llama_bench_or_says_what_it_got(tmp_path, monkeypatc
 def run_benchmark(tmp_path, command, env=None):
     """Run benchmarks/<command[0]> in a subprocess (in `tmp_path`), its arguments' {tmp} and {data}
     being `tmp_path` and tests/data; a {tmp}/tokenizer.json named is GPT-2's (bench_data.py's default
-    is ../shared's, which a user's clone has not)."""
+    lies in the folder of shared material beside the repository, which a user's clone has not)."""
     if "{tmp}/tokenizer.json" in command:
         from minigpt.tokenizer import Tokenizer
 
