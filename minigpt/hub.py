@@ -12,6 +12,7 @@ MinigptError that says what to pass instead. This module knows nothing else of m
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Sequence
 
@@ -32,19 +33,17 @@ class HubRepo:
 
     def __init__(self, repo_id: str, instead: str = "a local checkpoint folder") -> None:
         self.repo_id, self.instead = repo_id, instead
-        self._answer: list[Exception | None] = []  # the first request's failure (None: the Hub answered), once asked
 
+    @functools.cached_property
     def _asked(self) -> Exception | None:
+        """The first request's failure; None where the Hub answered. Asked once, at the first `files`."""
         from huggingface_hub import constants, model_info
 
-        if not self._answer:
-            repo_id, asked = self.repo_id, None
-            try:
-                model_info(repo_id, timeout=constants.HF_HUB_ETAG_TIMEOUT)
-            except Exception as e:  # no answer, offline, unknown or gated repo, Hub down: the cache may hold the files
-                asked = e
-            self._answer.append(asked)
-        return self._answer[0]
+        try:
+            model_info(self.repo_id, timeout=constants.HF_HUB_ETAG_TIMEOUT)
+        except Exception as e:  # no answer, offline, unknown or gated repo, Hub down: the cache may hold the files
+            return e
+        return None
 
     def files(self, patterns: list[str], optional: Sequence[str] = ()) -> Path:
         """Fetch the repo's files that match the glob `patterns`; return the folder that holds them,
@@ -55,7 +54,7 @@ class HubRepo:
         for incomplete."""
         from huggingface_hub import constants, snapshot_download
 
-        repo_id, asked = self.repo_id, self._asked()
+        repo_id, asked = self.repo_id, self._asked
         try:
             wanted = patterns if asked is not None else [*patterns, *optional]
             return Path(snapshot_download(repo_id, allow_patterns=wanted, local_files_only=asked is not None))

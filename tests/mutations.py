@@ -1236,12 +1236,12 @@ BREAKS = (
            "tests/test_trainer_syncs.py::test_compile_mode_flag_errors_are_one_line")),
     Break("hub_asked_without_time_limit", "the Hub's first request has no time limit (a network that drops packets "
           "hangs sample.py in silence)",
-          ((r"model_info\(repo_id, timeout=constants\.HF_HUB_ETAG_TIMEOUT\)", "model_info(repo_id, timeout=None)"),),
+          ((r"model_info\(self\.repo_id, timeout=constants\.HF_HUB_ETAG_TIMEOUT\)", "model_info(self.repo_id, timeout=None)"),),
           ("tests/test_hub.py::test_the_hub_is_given_a_time_to_answer",
            "tests/test_hub.py::test_a_hub_that_never_answers_is_one_line_in_seconds")),
     Break("hub_asked_per_download", "the Hub is asked about a repo before each of its downloads (an old upload: "
           "three waits on a network that drops packets)",
-          ((r"^(\s*)if not self\._answer:", r"\1if True:"), (r"return self\._answer\[0\]", "return self._answer[-1]")),
+          ((r"^(\s*)@functools\.cached_property\n(\s*)def _asked\(", r"\1@property\n\2def _asked("),),
           ("tests/test_hub.py::test_the_hub_is_given_a_time_to_answer",
            "tests/test_hub.py::test_a_repo_is_asked_about_once_for_all_its_downloads")),
     Break("hub_cache_unused_without_answer", "where the Hub did not answer (or refused), the download is still tried "
