@@ -40,7 +40,7 @@ def read_json(path: Path) -> dict:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise MinigptError(f"{path}: file not found") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except ValueError as e:  # (bad JSON, bytes that are not UTF-8, an integer of more digits than int() takes)
         raise MinigptError(f"{path}: not valid JSON ({e})") from None
     except RecursionError:  # `[[[[...` nested deeper than the parser's stack
         raise MinigptError(f"{path}: not valid JSON (nested too deeply)") from None

@@ -19,6 +19,7 @@ from tokenizers import AddedToken, decoders, models, pre_tokenizers, processors
 from tokenizers import Tokenizer as HFTokenizer
 
 from .errors import MinigptError, reason
+from .files import read_json
 
 LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
@@ -106,7 +107,7 @@ class Tokenizer:
         Each gave other token ids than transformers', without a word."""
         folder = Path(folder)
         tokenizer = cls.from_dir(folder)
-        config, added = (_json_object(folder / name) for name in HF_SETTINGS)
+        config, added = (read_json(folder / name) if (folder / name).is_file() else {} for name in HF_SETTINGS)
         if config.get("tokenizer_class") in GPT2_CLASSES:  # (as transformers' GPT2Tokenizer builds it)
             prefix = config.get("add_prefix_space") is True
             tokenizer.backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=prefix)
@@ -243,19 +244,6 @@ class Tokenizer:
         (folder / "special_tokens_map.json").write_text(json.dumps(special, indent=2))
         config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": model_max_length, **special}
         (folder / HF_SETTINGS[0]).write_text(json.dumps(config, indent=2))
-
-
-def _json_object(path: Path) -> dict:
-    """The JSON object in `path`, {} where there is no such file; anything else is a one-line MinigptError."""
-    if not path.is_file():
-        return {}
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError, RecursionError) as e:
-        raise MinigptError(f"{path}: not valid JSON ({reason(e)})") from None
-    if not isinstance(value, dict):
-        raise MinigptError(f"{path}: not a JSON object")
-    return value
 
 
 def _refuse_not_utf8(texts: list[str], name: str) -> None:

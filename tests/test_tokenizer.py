@@ -234,7 +234,7 @@ def test_what_transformers_would_read_otherwise_is_refused_in_one_line(tmp_path)
                                                     "id is 50257 (transformers would give it 50257)"),
         "bos": ({"tokenizer_config": {"add_bos_token": True}}, "tokenizer_config.json: add_bos_token is true"),
         "junk": ({"added_tokens": {"<sep>": "x"}}, "added token '<sep>' with id 'x': not a text and an id"),
-        "list": ({"tokenizer_config": [1]}, "tokenizer_config.json: not a JSON object"),
+        "list": ({"tokenizer_config": [1]}, "tokenizer_config.json: expected a JSON object"),
     }
     for name, (files, message) in cases.items():
         folder = hf_tokenizer_folder(tmp_path / name, None, **files)
