@@ -181,8 +181,9 @@ def _read_json(path: Path, lines: bool) -> tuple[list[dict], list[int] | None]:
     if not lines and (whole := _whole_json(text, path)) is not None:
         records = whole if isinstance(whole, list) else [whole]
     else:
-        numbers = [n for n, line in enumerate(io.StringIO(text), 1) if line.strip()]
-        records = [_parse_json(line, path, f"line {n} ") for n, line in enumerate(io.StringIO(text), 1) if line.strip()]
+        numbered = [(n, line) for n, line in enumerate(io.StringIO(text), 1) if line.strip()]
+        numbers = [n for n, _ in numbered]
+        records = [_parse_json(line, path, f"line {n} ") for n, line in numbered]
     bad = next((i for i, r in enumerate(records) if not isinstance(r, dict)), None)
     if bad is not None:
         raise MinigptError(f"{path}: {f'line {numbers[bad]}' if numbers else f'record {bad + 1}'} is not a JSON object")
