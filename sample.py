@@ -130,6 +130,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
             p.refuse(given, ("temperature", "top_k", "top_p", "greedy"), "changes nothing --score prints "
                      "without --trace: the sampling settings only mark, in --trace rows, which tokens they would "
                      "keep; give --trace FILE")
+    elif args.greedy or args.temperature == 0:  # (HF's generate refuses num_return_sequences > 1 there too)
+        why = "--greedy" if args.greedy else "--temperature 0"
+        p.refuse(given, ("seed",), f"has no effect with {why}: greedy decoding always takes the most likely token")
+        if args.num_samples > 1:
+            p.error(f"--num-samples {args.num_samples} with {why} would print {args.num_samples} copies of one "
+                    "text: greedy decoding always takes the most likely token; sample without it")
     if args.trace is None:
         p.refuse(given, ("top_alternatives",), "has no effect without --trace: it sets how many alternatives "
                  "each --trace row lists; give --trace FILE")

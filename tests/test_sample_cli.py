@@ -302,6 +302,14 @@ def test_bad_numbers_are_usage_errors(flag, value, capsys):
     (("--top-alternatives", "3", "hi"),
      "--top-alternatives has no effect without --trace: it sets how many alternatives each --trace row lists"),
     (("--score", "a b", "--top-alternatives", "3"), "--top-alternatives has no effect without --trace"),
+    # greedy decoding: --seed changes nothing, more samples would be copies (HF's generate refuses those too)
+    (("--greedy", "--seed", "0", "hi"),
+     "--seed has no effect with --greedy: greedy decoding always takes the most likely token"),
+    (("--temperature", "0", "--seed", "7", "hi"), "--seed has no effect with --temperature 0"),
+    (("--greedy", "--num-samples", "3", "hi"),
+     "--num-samples 3 with --greedy would print 3 copies of one text: greedy decoding always takes the most "
+     "likely token; sample without it"),
+    (("--temperature", "0", "--num-samples", "2", "--interactive"), "--num-samples 2 with --temperature 0 would"),
 ])
 def test_a_flag_that_would_change_nothing_is_refused(args, complaint, capsys):
     """A flag that has no effect in the mode asked for is a usage error naming it (it used to be
@@ -319,6 +327,10 @@ def test_flags_that_apply_are_accepted_in_each_mode():
     assert (args.top_k, args.greedy, args.top_alternatives) == (3, True, 2)
     args = sample.parse_args(["--seed", "1", "--num-samples", "2", "--repetition-penalty", "1.2", "hi"])
     assert (args.seed, args.num_samples, args.repetition_penalty) == (1, 2, 1.2)
+    args = sample.parse_args(["--greedy", "--num-samples", "1", "--trace", "t.jsonl", "--top-k", "3", "hi"])
+    assert (args.greedy, args.num_samples, args.top_k) == (True, 1, 3)  # (one sample; the trace marks top-k's)
+    args = sample.parse_args(["--temperature", "1e-3", "--seed", "1", "--num-samples", "2", "hi"])
+    assert (args.seed, args.num_samples) == (1, 2)  # (a low temperature still samples)
 
 
 def test_given_names_what_the_command_line_holds():
