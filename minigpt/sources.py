@@ -319,8 +319,9 @@ def _best_answer(record: dict, answers: list[str], i: int, src: Source) -> str:
     scores = record["answers"].get("score")
     if scores is None:
         scores = [0] * len(answers)
-    numbers = isinstance(scores, list) and all(  # (an int of any size; NaN and inf are no score)
-        isinstance(s, int) or (isinstance(s, float) and math.isfinite(s)) for s in scores)
+    numbers = isinstance(scores, list) and all(  # (an int of any size; NaN, inf and JSON's true are no score)
+        (isinstance(s, int) and not isinstance(s, bool)) or (isinstance(s, float) and math.isfinite(s))
+        for s in scores)
     if not numbers or len(scores) != len(answers):  # (NaN: max() would keep whichever came first)
         raise MinigptError(
             f"{src.name}: {src.where(i, record)} has 'answers.score' not one finite number per 'answers.text'"

@@ -532,8 +532,8 @@ def test_numpy_numbers_and_a_tilde_in_the_cache_variable_load(tmp_path, gpt2_tok
 
 def test_qa_needs_one_finite_score_per_answer(tmp_path, gpt2_tokenizer):
     """A NaN score (a CSV cell or JSON may hold one) was taken, and max() then kept the first answer
-    whatever the others' scores."""
-    for i, bad in enumerate(([3, None, 1], [float("nan"), 2, 1], [1, float("inf"), 2])):
+    whatever the others' scores; JSON's true was a score of 1 (Python's bool is an int)."""
+    for i, bad in enumerate(([3, None, 1], [float("nan"), 2, 1], [1, float("inf"), 2], [True, 0, False])):
         rows = records()
         rows[1]["answers"]["score"] = bad
         with pytest.raises(MinigptError, match=r"record 2 \(line 2, q_id 't02'\) has 'answers\.score' not one finite number per"):
