@@ -152,16 +152,22 @@ def strict_json(row: dict[str, Any]) -> str:
 
 
 def _row(path: Path, number: int, line: bytes) -> dict[str, Any]:
-    """Line `number` of a metrics file, a JSON object; a damaged one is a one-line MinigptError."""
+    """Line `number` of a metrics file, a JSON object with an integer "step"; a damaged one is a
+    one-line MinigptError (the card and the curve read every row's step)."""
     try:
-        row = json.loads(line.decode("utf-8"))
+        row = json.loads(line.decode("utf-8"), parse_constant=_not_json)
     except UnicodeDecodeError as e:
         raise MinigptError(f"{path}: line {number} is not UTF-8 text ({e.reason}); the file is left as it is") from None
-    except json.JSONDecodeError as e:
-        raise MinigptError(f"{path}: line {number} is not JSON ({e.msg}); the file is left as it is") from None
-    if not isinstance(row, dict):
-        raise MinigptError(f"{path}: line {number} is not a JSON object; the file is left as it is")
+    except ValueError as e:  # (json.JSONDecodeError, or _not_json's)
+        raise MinigptError(f"{path}: line {number} is not JSON ({getattr(e, 'msg', e)}); the file is left as it is") from None
+    if not isinstance(row, dict) or type(row.get("step")) is not int:
+        raise MinigptError(f'{path}: line {number} is not a JSON object with an integer "step"; the file is left as it is')
     return row
+
+
+def _not_json(constant: str) -> float:
+    """json.loads takes NaN, Infinity and -Infinity, which JSON has not (strict_json writes null)."""
+    raise ValueError(f"{constant}, which JSON has not")
 
 
 class MetricsLog:
@@ -180,8 +186,8 @@ class MetricsLog:
                           "crash, or cut by hand?); the run goes on, and the rows missing stay missing", stacklevel=2)
         self.rows: list[dict[str, Any]] = [_row(path, number, line) for number, line in enumerate(lines, 1)]
         clear_interrupted_saves(path)  # (the run's lock makes this the one writer)
-        with atomic_file(path) as tmp:
-            tmp.write_bytes(b"".join(lines))
+        with atomic_file(path) as tmp:  # (a last row whose newline was lost in a crash gets it back)
+            tmp.write_bytes(b"".join(line if line.endswith(b"\n") else line + b"\n" for line in lines))
         self._file = open(path, "a", encoding="utf-8")
 
     def write(self, row: dict[str, Any]) -> None:
@@ -205,7 +211,8 @@ def plot_metrics(metrics: str | os.PathLike, png: str | os.PathLike) -> bool:
     except ImportError:
         return False
     metrics, png = Path(metrics), Path(png)
-    rows = [json.loads(line) for line in metrics.read_text(encoding="utf-8").splitlines() if line.strip()]
+    lines = metrics.read_bytes().splitlines()
+    rows = [_row(metrics, number, line) for number, line in enumerate(lines, 1) if line.strip()]
     fig = Figure(figsize=(7, 4))
     ax = fig.add_subplot()
     for key, label in (("loss", "train"), ("val_loss", "validation")):

@@ -353,7 +353,8 @@ class Trainer:
             with self.stop.catch_signals(self.ranks.is_main):  # (to the last save: a signal in it must not lose the run)
                 while self.step < cfg.max_steps and not self._should_stop():
                     self._run_epoch()
-                if stopped := self._should_stop(agree_now=True):  # (every rank: a signal may come in the last step)
+                # (every rank agrees; one in the run's last step or evaluation waits: the run ends complete)
+                if stopped := self.step < cfg.max_steps and self._should_stop(agree_now=True):
                     self.save()
                 if not stopped and self.val_batches is not None and self.last_eval_step != self.step:
                     self._evaluate_and_log()

@@ -1604,6 +1604,16 @@ BREAKS = (
     Break("bool_score_counts", "JSON's true in answers.score is a score of 1 (Python's bool is an int)",
           ((r"\(isinstance\(s, int\) and not isinstance\(s, bool\)\)", "isinstance(s, int)"),),
           ("tests/test_data.py::test_qa_needs_one_finite_score_per_answer",)),
+    Break("signal_in_last_step_stops", "a Ctrl-C in the run's last step or evaluation ends the finished run as stopped "
+          "(exit 130, \"run the same command with --resume\")",
+          ((r"stopped := self\.step < cfg\.max_steps and self\._should_stop", "stopped := self._should_stop"),),
+          ("tests/test_trainer.py::test_a_signal_in_the_last_step_or_evaluation_ends_the_run_complete",)),
+    Break("metrics_newline_not_mended", "a resumed run appends its first row to a kept last row that lost its newline",
+          ((r'b""\.join\(line if line\.endswith\(b"\\n"\) else line \+ b"\\n" for line in lines\)', 'b"".join(lines)'),),
+          ("tests/test_trainer.py::test_a_last_row_without_its_newline_is_mended_on_resume",)),
+    Break("metrics_row_unchecked", "a metrics row without an integer step, or with NaN, is taken on --resume (the card fails later)",
+          ((r', parse_constant=_not_json\)', ")"), (r' or type\(row\.get\("step"\)\) is not int', "")),
+          ("tests/test_trainer.py::test_a_damaged_metrics_file_stops_a_resume_in_one_line_and_is_kept",)),
 )
 
 

@@ -433,11 +433,16 @@ def test_a_training_state_of_another_version_is_refused_in_one_line(tmp_path):
 def test_a_damaged_metrics_file_stops_a_resume_in_one_line_and_is_kept(tmp_path):
     """A metrics.jsonl line that is not a JSON object (a hand edit, a disk fault) stops the resumed
     fit in one line naming the file and line, before anything is written: it was a JSONDecodeError
-    traceback, after the file had been cut back to the checkpoint's rows."""
+    traceback, after the file had been cut back to the checkpoint's rows. A row without its step, or
+    with NaN (json.loads takes it, JSON has it not), was taken, and the first save's card failed."""
     train = random_blocks(12, 16, 300, seed=9)
     make_trainer(tmp_path, micro_model(), train, max_steps=4, save_every=2).fit()
     metrics = tmp_path / METRICS_FILE
-    for damage, message in (('{"step": 1, "loss"', "line 1 is not JSON"), ("[1, 2]", "line 1 is not a JSON object")):
+    for damage, message in (('{"step": 1, "loss"', "line 1 is not JSON"),
+                            ('{"step": 1, "loss": NaN}', "line 1 is not JSON (NaN, which JSON has not)"),
+                            ("[1, 2]", 'line 1 is not a JSON object with an integer "step"'),
+                            ('{"loss": 2.5}', 'line 1 is not a JSON object with an integer "step"'),
+                            ('{"step": "1", "loss": 2.5}', 'line 1 is not a JSON object with an integer "step"')):
         lines = metrics.read_text().splitlines(keepends=True)
         metrics.write_text(damage + "\n" + "".join(lines[1:]))
         before = metrics.read_bytes()
@@ -473,6 +478,56 @@ def test_a_metrics_file_not_utf8_or_short_of_rows(tmp_path):
             with pytest.warns(UserWarning, match=r"holds 1 row where the checkpoint counts 4 \(lost in a crash"):
                 trainer.fit()
             assert [r["step"] for r in rows(tmp_path)] == [1, 5, 6]
+
+
+def test_a_last_row_without_its_newline_is_mended_on_resume(tmp_path):
+    """Rows are flushed, not synced: a crash can keep a row and lose its newline. The resumed run
+    wrote its first row onto that line (`...}{"step": 5, ...`), trained on, then failed drawing the
+    curve with a traceback, and every later --resume was refused."""
+    train = random_blocks(12, 16, 300, seed=9)
+    make_trainer(tmp_path, micro_model(), train, max_steps=4, save_every=2).fit()
+    metrics = tmp_path / METRICS_FILE
+    metrics.write_bytes(metrics.read_bytes().rstrip(b"\n"))
+    folder = check_out_folder(tmp_path, resume=True)
+    trainer = make_trainer(tmp_path, load_model_weights(folder)[0], train, max_steps=6, save_every=2)
+    trainer.resume(folder)
+    trainer.fit()
+    assert [r["step"] for r in rows(tmp_path)] == [1, 2, 3, 4, 5, 6]
+    assert (tmp_path / "loss.png").read_bytes().startswith(b"\x89PNG")
+
+
+@pytest.mark.parametrize("when", ["last step", "last evaluation"])
+def test_a_signal_in_the_last_step_or_evaluation_ends_the_run_complete(tmp_path, monkeypatch, when):
+    """Ctrl-C or SIGTERM in the run's last step or its last evaluation: the run is complete once
+    they are done, and ends so (a result, exit 0 from train.py). It said "stopped at step 4 ... run
+    the same command with --resume" and exited 130, a failure to a scheduler, for a finished run."""
+    import signal
+
+    import minigpt.trainer
+
+    def interrupted(real):
+        def call(*args, **kwargs):
+            if trainer.step == (4 if when == "last evaluation" else 3):  # (step: the steps done)
+                os.kill(os.getpid(), signal.SIGINT)
+                sent.append(trainer.model.training)
+            return real(*args, **kwargs)
+        return call
+
+    sent = []
+    train, val = random_blocks(16, 16, 300, seed=1), random_blocks(4, 16, 300, seed=2)  # 4 steps an epoch
+    trainer = make_trainer(tmp_path / "run", micro_model(), train, val, max_steps=4)
+    if when == "last evaluation":  # (after the epoch's last step: the run's last evaluation)
+        monkeypatch.setattr(minigpt.trainer, "evaluate", interrupted(minigpt.trainer.evaluate))
+    else:
+        monkeypatch.setattr(trainer, "loss_fn", interrupted(trainer.loss_fn))
+    try:
+        result = trainer.fit()
+    except KeyboardInterrupt:  # (caught: pytest would take it as its own, and stop the whole session)
+        pytest.fail(f"a Ctrl-C in the {when} stopped the finished run")
+    assert sent and (when != "last step" or sent[0])  # (sent in the training step, not its evaluation)
+    assert result["step"] == 4 and math.isfinite(result["val_loss"])
+    assert [r["step"] for r in rows(tmp_path / "run") if "val_loss" in r] == [4]
+    assert current_checkpoint(tmp_path / "run").name.startswith("step-000000004")
 
 
 def test_a_run_resumed_at_the_end_of_an_epoch_goes_on(tmp_path):
