@@ -8,7 +8,6 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 from typing import Sequence
 
 from minigpt.cli import Parser, path_text, run
@@ -42,9 +41,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = folder_destination(args.out)  # a file, a path under one, the current folder: refused at once
     to_hf = args.to_hf is not None  # (an empty --to-hf is still the export: load_model names the empty path)
     check_source_outside(out, args.to_hf if to_hf else args.source, "--to-hf" if to_hf else "SOURCE", "--out")
-    from minigpt.hf import export_hf  # heavy imports after parsing
-    from minigpt.loading import convert_to_minigpt, load_model
-    from minigpt.run_folder import check_replaceable, current_checkpoint, keep_runs_out
+    from minigpt.loading import convert_to_minigpt, export_to_hf  # heavy imports after parsing
+    from minigpt.run_folder import check_replaceable, keep_runs_out
 
     if out.is_dir() and not out.is_symlink():  # (a symlink is replaced itself, not what it names)
         check_replaceable(out)  # (first: --force is suggested only where it would replace the folder)
@@ -53,14 +51,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise MinigptError(f"{args.out}: already exists and is not empty (pass --force to replace it)")
 
     with keep_runs_out(out):  # --force never replaces the folder of a live training run
-        if to_hf:
-            from minigpt.card import export_card
-
-            model, tokenizer = load_model(args.to_hf)
-            # a training run's model card travels with the export, from the step whose weights were read
-            card = (current_checkpoint(args.to_hf) or Path(args.to_hf)) / "README.md"
-            export_hf(model, tokenizer, out, export_card(card.read_text(encoding="utf-8")) if card.is_file() else None,
-                      overwrite=replacing)  # (--force, and check_replaceable, decided above)
+        if to_hf:  # (overwrite: --force, and check_replaceable, decided above)
+            export_to_hf(args.to_hf, out, overwrite=replacing)  # (a training run's model card travels with it)
             print(f"wrote a transformers GPT2LMHeadModel folder to {args.out}")
         else:
             convert_to_minigpt(args.source, out, overwrite=replacing)

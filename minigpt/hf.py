@@ -100,7 +100,9 @@ def _check_head_is_wte(folder: Path, head: torch.Tensor | None, wte: torch.Tenso
     if head is None and untied:
         raise MinigptError(f"{folder}: config.json sets tie_word_embeddings false, but the weights hold no "
                            f"{HEAD} (transformers would draw a random LM head)")
-    if head is not None and not torch.equal(head, wte):
+    copy = head is not None and head.shape == wte.shape and head.dtype == wte.dtype and torch.allclose(
+        head, wte, rtol=0, atol=0, equal_nan=True)  # (torch.equal: a NaN differs from itself, a copy from wte)
+    if head is not None and not copy:
         raise MinigptError(f"{folder}: {HEAD} differs from {EMBEDDING}: an LM head of its own, which minigpt "
                            "cannot load (its head is the token embedding, tied as in GPT-2)")
 
@@ -148,8 +150,9 @@ def _load_legacy_bin(path: Path, mmap: bool = False) -> dict[str, torch.Tensor]:
         what = ("an empty file" if not head else f"a damaged or truncated zip archive: {reason(e).split('. ')[0]}"
                 if head == b"PK\x03\x04" else "no pickle of plain tensors")  # (a text file gave "(101)")
         raise MinigptError(f"{path}: not a PyTorch weights file ({what})") from None
-    if not isinstance(raw, dict) or not all(_is_plain(t) for t in raw.values()):
-        raise MinigptError(f"{path}: not a state dict of tensors (plain ones: not sparse, not on the meta device)")
+    if not isinstance(raw, dict) or not all(isinstance(k, str) and _is_plain(t) for k, t in raw.items()):
+        raise MinigptError(f"{path}: not a state dict of tensors (names to plain ones: not sparse, not on the meta "
+                           "device)")
     return raw
 
 

@@ -19,10 +19,11 @@ from pathlib import Path
 
 import torch
 
+from .card import export_card
 from .checkpoint import CONFIG_FILE, WEIGHTS_FILE, is_minigpt_checkpoint, load_checkpoint, save_checkpoint_folder
 from .errors import MinigptError
 from .files import check_source_outside, folder_destination, home_expanded
-from .hf import INDEX_FILE, LEGACY_INDEX_FILE, LEGACY_WEIGHTS_FILE, hf_weight_files, load_hf_checkpoint
+from .hf import INDEX_FILE, LEGACY_INDEX_FILE, LEGACY_WEIGHTS_FILE, export_hf, hf_weight_files, load_hf_checkpoint
 from .hub import HubRepo
 from .model import GPT
 from .run_folder import current_checkpoint
@@ -146,3 +147,23 @@ def convert_to_minigpt(source: str | os.PathLike, out: str | os.PathLike, overwr
     check_source_outside(folder_destination(out), source, "the source")
     model, tokenizer = load_model(source)
     return save_checkpoint_folder(out, model, tokenizer, overwrite)
+
+
+def export_to_hf(source: str | os.PathLike, out: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Write any model source as a transformers `GPT2LMHeadModel` folder at `out` (atomically;
+    `overwrite` as in `convert_to_minigpt`). A minigpt checkpoint's model card (README.md) travels
+    with it, from the step whose weights are read (a training run's checkpoint in force, resolved
+    once: a save meanwhile mixes no steps); an HF folder's card does not (it is another model's)."""
+    check_source_outside(folder_destination(out), source, "the source")
+    folder, kind = resolve_model(source)
+    if kind == "minigpt":
+        folder = current_checkpoint(folder) or folder
+    model, tokenizer = load_model(folder)
+    card, text = folder / "README.md", None
+    if kind == "minigpt" and card.is_file():
+        try:
+            text = export_card(card.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as e:
+            raise MinigptError(f"{card}: the model card is not UTF-8 text ({e.reason} at byte {e.start}); make it "
+                               "UTF-8, or move it away, to export") from None
+    return export_hf(model, tokenizer, out, text, overwrite=overwrite)

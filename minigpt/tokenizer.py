@@ -45,11 +45,19 @@ class Tokenizer:
     folder or a Hub id, with `minigpt.loading.load_tokenizer`)."""
 
     def __init__(self, backend: HFTokenizer, source: str | os.PathLike = "tokenizer") -> None:
-        """`source` names where `backend` came from, for error messages."""
+        """`source` names where `backend` came from, for error messages. A tokenizer.json may ask to
+        truncate or pad every text: transformers turns both off unless a call asks for them, and so
+        does this; it may also add special tokens to every text (a post-processor that starts each
+        with <|endoftext|>), which transformers does and minigpt's data and prompts do not: refused."""
         self.backend = backend
+        backend.no_truncation()
+        backend.no_padding()
         eos_id = backend.token_to_id(EOS_TOKEN)
         if eos_id is None:
             raise MinigptError(f"{source}: no {EOS_TOKEN} token in the vocabulary")
+        if (added := backend.num_special_tokens_to_add(False)) > 0:  # (False: for one text, not a pair)
+            raise MinigptError(f"{source}: its post-processor adds {added} special token(s) to every text, which "
+                               "transformers would add and minigpt does not; remove it from the tokenizer.json")
         self.eos_id: int = eos_id
 
     # --- constructors ------------------------------------------------------------------------
@@ -100,7 +108,8 @@ class Tokenizer:
 
         A GPT-2 tokenizer class (`tokenizer_class` GPT2Tokenizer, GPT2TokenizerFast, or none) makes transformers
         rebuild GPT-2's pipeline: its byte-level pre-tokenizer adds a prefix space only where the config says
-        `add_prefix_space` (tokenizer.json's own setting is not read). Added tokens (`added_tokens.json`, the
+        `add_prefix_space` (tokenizer.json's own setting is not read), and tokenizer.json's normalizer (a
+        lowercasing one, say) and BPE dropout (random pieces) are dropped. Added tokens (`added_tokens.json`, the
         config's `added_tokens_decoder`) are matched whole, each at the id it names: transformers appends them
         in order whatever id they name, so an id that is not the vocabulary's next is refused, as is
         `add_bos_token` without a tokenizer.json (transformers then starts every text with <|endoftext|>).
@@ -111,6 +120,9 @@ class Tokenizer:
         if config.get("tokenizer_class") in GPT2_CLASSES:  # (as transformers' GPT2Tokenizer builds it)
             prefix = config.get("add_prefix_space") is True
             tokenizer.backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=prefix)
+            tokenizer.backend.normalizer = None
+            if isinstance(tokenizer.backend.model, models.BPE):
+                tokenizer.backend.model.dropout = None
         if config.get("add_bos_token") is True and not (folder / TOKENIZER_FILE).is_file():
             raise MinigptError(f"{folder / HF_SETTINGS[0]}: add_bos_token is true, which starts every text with "
                                f"{EOS_TOKEN} in transformers and not in minigpt; remove it, or add a tokenizer.json")

@@ -208,3 +208,52 @@ def test_export_of_a_folder_without_a_card_writes_none(tmp_path, tiny_minigpt_di
     assert exported.returncode == 0, exported.stderr
     assert not (tmp_path / "hf" / "README.md").exists()
     assert Path(tmp_path / "hf" / "model.safetensors").is_file()
+
+
+def test_only_a_minigpt_checkpoints_card_travels_and_whole(tmp_path, tiny_hf_dir, tiny_minigpt_dir):
+    """An HF folder's own card (another model's license and claims) was copied into the export; a
+    minigpt card that is not UTF-8 (saved in cp1252 by an editor) was a UnicodeDecodeError traceback."""
+    import shutil
+
+    hf = Path(shutil.copytree(tiny_hf_dir, tmp_path / "hf-src"))
+    (hf / "README.md").write_text("---\nlicense: mit\n---\n# someone else's model\n")
+    assert call_cli("convert_hf_weights.py", "--to-hf", str(hf), "--out", str(tmp_path / "a")).returncode == 0
+    assert not (tmp_path / "a" / "README.md").exists()
+    mine = Path(shutil.copytree(tiny_minigpt_dir, tmp_path / "mine"))
+    (mine / "README.md").write_bytes(b"# caf\xe9\n")
+    result = call_cli("convert_hf_weights.py", "--to-hf", str(mine), "--out", str(tmp_path / "b"))
+    assert result.returncode == 2 and result.stderr.splitlines() == [
+        f"error: {mine / 'README.md'}: the model card is not UTF-8 text (invalid continuation byte at byte 5); "
+        "make it UTF-8, or move it away, to export"]
+    assert not (tmp_path / "b").exists()
+
+
+def test_the_exported_card_is_the_step_whose_weights_were_read(tmp_path, tiny_hf_dir, monkeypatch):
+    """The card was looked up again after the weights were loaded: a live run's save in between
+    gave the weights of one step and the card (its losses) of the next."""
+    import shutil
+
+    import minigpt.loading
+    from minigpt.files import atomic_symlink
+    from minigpt.run_folder import current_checkpoint
+
+    out = tmp_path / "run"
+    monkeypatch.setenv("MINIGPT_CACHE", str(tmp_path / "cache"))
+    result = call_cli("train.py", "--init", str(tiny_hf_dir), "--data", str(ROOT / "minigpt" / "assets" / "eli5_tiny.jsonl"),
+                      "--block-size", "32", "--batch-size", "4", "--max-steps", "2", "--no-progress", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    step = current_checkpoint(out)
+    card = (step / "README.md").read_text()
+    real = minigpt.loading.load_model
+
+    def a_save_meanwhile(*args, **kwargs):
+        loaded = real(*args, **kwargs)
+        later = shutil.copytree(step, step.with_name(step.name + "-later"), symlinks=True)
+        (later / "README.md").write_text("# a later step's card\n")
+        atomic_symlink(later.name, step.parent / "current")
+        return loaded
+
+    monkeypatch.setattr(minigpt.loading, "load_model", a_save_meanwhile)
+    assert call_cli("convert_hf_weights.py", "--to-hf", str(out), "--out", str(tmp_path / "hf")).returncode == 0
+    assert current_checkpoint(out).name.endswith("-later")
+    assert (tmp_path / "hf" / "README.md").read_text() == export_card(card)

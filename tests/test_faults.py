@@ -208,17 +208,22 @@ def test_shard_index_cannot_point_outside_its_folder(weight_map, needle, tiny_hf
 
 
 def test_nan_and_inf_weights_load_with_a_warning(tiny_hf_dir, tmp_path):
-    """Broken values are not a broken file: they load (a user may want to inspect them), loudly."""
+    """Broken values are not a broken file: they load (a user may want to inspect them), loudly. A
+    tied head written as a copy of a wte holding NaN was refused as "an LM head of its own" (NaN
+    differs from itself)."""
     src = Path(shutil.copytree(tiny_hf_dir, tmp_path / "src"))
     state = load_file(src / WEIGHTS)
     state["transformer.h.1.ln_2.weight"][3] = float("nan")
     state["transformer.h.0.mlp.c_fc.bias"][0] = float("-inf")
+    state["transformer.wte.weight"][5, 2] = float("nan")
+    state["lm_head.weight"] = state["transformer.wte.weight"].clone()  # (save_pretrained may write the copy)
     save_file(state, str(src / WEIGHTS), metadata={"format": "pt"})
     with pytest.warns(UserWarning, match=r"model\.safetensors: tensor .* holds NaN or inf"):
         model, _ = load_model(src)
     weight = model.transformer.h[1].ln_2.weight
     assert torch.isnan(weight[3]) and torch.isfinite(weight[:3]).all()
     assert model.transformer.h[0].mlp.c_fc.bias[0] == float("-inf")
+    assert torch.isnan(model.transformer.wte.weight[5, 2]) and model.lm_head.weight is model.transformer.wte.weight
     out = tmp_path / "out"
     with pytest.warns(UserWarning, match="NaN or inf"):
         assert convert(str(src), "--out", str(out)).returncode == 0
@@ -307,8 +312,9 @@ def torch_saved(obj) -> bytes:
 BROKEN_BINS = {
     "floats_not_tensors": (torch_saved({WPE: 1.5}), "not a state dict of tensors"),
     "a_list": (torch_saved([torch.zeros(2)]), "not a state dict of tensors"),
-    "sparse": (torch_saved({WPE: torch.eye(4).to_sparse()}), "not a state dict of tensors (plain ones: not sparse"),
-    "meta": (torch_saved({WPE: torch.empty(4, device="meta")}), "not a state dict of tensors (plain ones: not sparse"),
+    "a_key_not_a_name": (torch_saved({WPE: torch.zeros(2), 7: torch.zeros(2)}), "not a state dict of tensors"),  # (a TypeError)
+    "sparse": (torch_saved({WPE: torch.eye(4).to_sparse()}), "not a state dict of tensors (names to plain ones: not sparse"),
+    "meta": (torch_saved({WPE: torch.empty(4, device="meta")}), "not a state dict of tensors (names to plain ones: not sparse"),
     "plain_pickle": (pickle.dumps({WPE: [0.0] * 4}, protocol=4), "not a PyTorch weights file (no pickle of plain tensors)"),
     "garbage": (b"hello, no pickle at all", "not a PyTorch weights file (no pickle of plain tensors)"),  # (was "(101)")
     "text": (b"some text\n", "not a PyTorch weights file (no pickle of plain tensors)"),  # (was "(pop from empty list)")

@@ -11,7 +11,7 @@ import torch
 
 from conftest import gpt2_vocab_files
 from minigpt.errors import MinigptError
-from minigpt.tokenizer import Tokenizer
+from minigpt.tokenizer import EOS_TOKEN, Tokenizer
 
 TEXTS = [
     "Somatic hypermutation allows the immune system to",
@@ -224,6 +224,58 @@ def test_an_hf_folders_tokenizer_settings_give_transformers_ids(case, tmp_path):
         assert ours.encode(text) == theirs.encode(text), text
         assert ours.decode(ours.encode(text)) == theirs.decode(theirs.encode(text))
     assert ours.vocab_size == len(theirs)
+
+
+TOKENIZER_JSON_EDITS = {  # a tokenizer.json setting: what transformers 5 makes of it
+    "truncation": lambda tj: tj.update(truncation={"direction": "Right", "max_length": 3, "strategy": "LongestFirst",
+                                                   "stride": 0}),  # (off unless a call asks)
+    "padding": lambda tj: tj.update(padding={"strategy": {"Fixed": 40}, "direction": "Right", "pad_to_multiple_of": None,
+                                             "pad_id": 50256, "pad_type_id": 0, "pad_token": "<|endoftext|>"}),
+    "lowercase": lambda tj: tj.update(normalizer={"type": "Lowercase"}),  # (dropped by a GPT-2 class, kept otherwise)
+    "bpe dropout": lambda tj: tj["model"].update(dropout=0.5),  # (dropped by a GPT-2 class: random pieces otherwise)
+}
+
+
+@pytest.mark.parametrize("edit, tokenizer_class", [  # (but BPE dropout in a generic class: random pieces in both)
+    (edit, cls) for edit in TOKENIZER_JSON_EDITS for cls in (None, "GPT2Tokenizer", "PreTrainedTokenizerFast")
+    if (edit, cls) != ("bpe dropout", "PreTrainedTokenizerFast")])
+def test_tokenizer_json_settings_give_transformers_ids(edit, tokenizer_class, tmp_path):
+    """A tokenizer.json that truncates (to 3 tokens: a prompt cut to its start, training records cut
+    to 3 tokens) or pads was applied by minigpt to every text, and transformers applies neither; one
+    that lowercases or drops BPE pieces at random was applied where transformers' GPT-2 classes drop it."""
+    import json
+
+    from transformers import AutoTokenizer
+
+    folder = hf_tokenizer_folder(tmp_path / "hf", False,
+                                 **({"tokenizer_config": {"tokenizer_class": tokenizer_class}} if tokenizer_class else {}))
+    changed = json.loads((folder / "tokenizer.json").read_text())
+    TOKENIZER_JSON_EDITS[edit](changed)
+    (folder / "tokenizer.json").write_text(json.dumps(changed))
+    ours, theirs = Tokenizer.from_hf_dir(folder), AutoTokenizer.from_pretrained(folder)
+    for text in ("Hello World, how are you", "Why is the SKY blue? " * 3):
+        assert ours.encode(text) == theirs(text)["input_ids"] == ours.encode_batch([text])[0], text
+    assert ours.encode("Hello World") == ([31373, 995] if (edit, tokenizer_class) == ("lowercase", "PreTrainedTokenizerFast")
+                                          else [15496, 2159])
+
+
+def test_a_post_processor_that_adds_tokens_to_every_text_is_refused(tmp_path):
+    """transformers adds a post-processor's special tokens to every text (<|endoftext|> first, as
+    transformers 5 writes for add_bos_token); minigpt encodes without them: other ids, without a word."""
+    import json
+
+    folder = hf_tokenizer_folder(tmp_path / "hf", False)
+    changed = json.loads((folder / "tokenizer.json").read_text())
+    changed["post_processor"] = {"type": "TemplateProcessing", "single": [{"SpecialToken": {"id": EOS_TOKEN, "type_id": 0}},
+                                                                          {"Sequence": {"id": "A", "type_id": 0}}],
+                                 "pair": [{"Sequence": {"id": "A", "type_id": 0}}],
+                                 "special_tokens": {EOS_TOKEN: {"id": EOS_TOKEN, "ids": [50256], "tokens": [EOS_TOKEN]}}}
+    (folder / "tokenizer.json").write_text(json.dumps(changed))
+    for load in (Tokenizer.from_hf_dir, Tokenizer.from_dir):
+        with pytest.raises(MinigptError, match=re.escape(
+                f"{folder / 'tokenizer.json'}: its post-processor adds 1 special token(s) to every text, which "
+                "transformers would add and minigpt does not; remove it from the tokenizer.json")):
+            load(folder)
 
 
 def test_what_transformers_would_read_otherwise_is_refused_in_one_line(tmp_path):
