@@ -121,16 +121,21 @@ def check_window(args) -> None:
     transformers' generate() does not slide the window as ours does, and fails with an IndexError."""
     from minigpt.config import GPTConfig
     from minigpt.files import read_json
-    from minigpt.loading import resolve_model
+    from minigpt.loading import load_tokenizer, resolve_model
+    from minigpt.run_folder import current_checkpoint
 
-    window = 1024  # (the random distilgpt2-shaped model, without --model)
-    if args.model is not None:
+    window, tokenizer = 1024, gpt2_tokenizer()  # (the random distilgpt2-shaped model, without --model)
+    if args.model is not None:  # (its own tokenizer counts the prompt: another vocabulary makes other pieces)
         folder, kind = resolve_model(args.model)
         config = read_json(folder / "config.json")
         window = (GPTConfig.from_hf(config) if kind == "hf" else GPTConfig.from_dict(config)).block_size
-    n_prompt = len(gpt2_tokenizer().encode(PROMPT))  # (GPT-2's vocabulary, as every model benchmarked here)
+        tokenizer = load_tokenizer(current_checkpoint(folder) or folder)
+    n_prompt = len(tokenizer.encode(PROMPT))
     asks = [("--tokens", args.tokens)] if {"speed", "memory"} - set(args.skip) else []
     asks += [("the end-to-end run (--skip e2e leaves it out)", 100)] if "e2e" not in args.skip else []
+    if args.llama_bench and args.llama_tokens > window:  # (llama-bench -p 0: from position 0, no prompt)
+        raise MinigptError(f"--llama-tokens {args.llama_tokens} (by default --tokens) exceed the model's context "
+                           f"window of {window} positions, which llama-bench does not slide")
     for what, tokens in asks:
         if n_prompt + tokens > window:
             raise MinigptError(f"{what}: {tokens} new tokens after the {n_prompt}-token prompt exceed the model's "
@@ -440,9 +445,11 @@ def llama_cpp_rates(args, files: dict[str, Path], reps: int) -> dict[str, float]
 
 
 def _last_line(r: subprocess.CompletedProcess) -> str:
-    """The last line a failed tool wrote to stderr, or its exit code where it wrote none."""
+    """The last line a failed tool wrote to stderr that says error or assert (a crash's backtrace
+    follows llama.cpp's GGML_ASSERT line), else its last line, else its exit code."""
     lines = r.stderr.strip().splitlines()
-    return lines[-1] if lines else f"exit code {r.returncode}, no message"
+    said = [line for line in lines if re.search(r"error|assert", line, re.IGNORECASE)]
+    return (said or lines or [f"exit code {r.returncode}, no message"])[-1]
 
 
 # --- the report -------------------------------------------------------------------------------
@@ -454,7 +461,8 @@ def report(args, speed, memory, e2e, losses, llama) -> str:
         lines += [f"Decode: {args.tokens} new tokens after a {args.prompt_tokens}-token prompt, top-k 50, "
                   f"top-p 0.95; medians of {args.reps} interleaved runs"
                   + ("; ours decode through compiled steps (--compile), transformers eager: the ratios are ours "
-                     "compiled vs transformers eager." if args.compile else "."), ""]
+                     "compiled vs transformers eager; peak memory is each variant's eager (compiling adds to it)."
+                     if args.compile else "."), ""]
         vs = "ours compiled vs transformers eager fp32" if args.compile else "vs transformers fp32"
         lines += [f"| batch | variant | tokens/s | {vs} | time to first token | peak memory |",
                   "|---:|---|---:|---:|---:|---:|"]
@@ -534,7 +542,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batches", type=positive_int, nargs="+", default=[1, 8], help="batch sizes (default: 1 8)")
     p.add_argument("--threads", type=positive_int, help="torch threads (default: torch's choice)")
     p.add_argument("--e2e-reps", type=positive_int, help="end-to-end runs per command (default: 3; --quick: 1)")
-    p.add_argument("--quick", action="store_true", help="30 tokens, 1 run, memory at batch 1 only (where --tokens, "
+    p.add_argument("--quick", action="store_true", help="30 tokens, 1 run, memory at the first --batches only (where --tokens, "
                    "--reps and --e2e-reps are not given)")
     p.add_argument("--skip", nargs="*", default=[], choices=["speed", "memory", "e2e"], help="parts to leave out")
     p.add_argument("--eval-checkpoint", help="a trained checkpoint: compare its validation loss in fp32/bf16/int8")
@@ -554,6 +562,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--mg-dir", help=argparse.SUPPRESS)
     p.add_argument("--batch", type=positive_int, default=1, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    args.batches = list(dict.fromkeys(args.batches))  # (a batch size given twice is measured once)
     args.tokens = args.tokens or (30 if args.quick else 100)
     if args.tokens < 2:  # (a decode rate is timed from the first new token to the last)
         p.error(f"--tokens: at least 2 new tokens are timed, got {args.tokens}")
@@ -583,7 +592,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    if args.worker or {"speed", "memory", "e2e"} - set(args.skip) or (args.llama_bench and args.model is None):
+    if (args.worker == "transformers fp32" or not args.worker and {"speed", "memory", "e2e"} - set(args.skip)
+            or args.llama_bench and args.model is None):  # (not in our workers: its ~20 MB would count as ours)
         require_transformers()  # (the other side; and what makes the random-init weights)
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 

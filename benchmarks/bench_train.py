@@ -79,7 +79,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=positive_int, help="timed steps per side (default: 10; --quick: 3)")
     p.add_argument("--warmup", type=positive_int, help="untimed steps per side first (default: 2; --quick: 1)")
     p.add_argument("--loss-steps", type=non_negative_int, default=0, help="also train N steps in fp32 and "
-                   "bf16 and compare the losses (default: 0, off)")
+                   "bf16 and compare the losses; where bf16 is left out as emulated (hours), only with --dtype "
+                   "fp32,bf16 (default: 0, off)")
     p.add_argument("--quick", action="store_true", help="3 timed steps after 1 warm-up (where --steps and --warmup "
                    "are not given)")
     p.add_argument("--profile", action="store_true", help="also profile 3 steps of each side per precision "
@@ -256,8 +257,9 @@ def step_flops(config, tokens: int, block_size: int) -> float:
     return tokens * (6 * matmul_params + 12 * config.n_layer * block_size * config.n_embd)
 
 
-def benchmark_batch(folder: Path, args, device):
-    """The batch every step trains on: real ELI5 text where ../shared has it, else random tokens."""
+def benchmark_batch(folder: Path, args, device, vocab_size: int):
+    """The batch every step trains on: real ELI5 text where ../shared has it, else random tokens
+    (below `vocab_size`, the model's)."""
     import torch
 
     source = SHARED / "eli5_category" / "eli5-category-test.json.gz"
@@ -278,7 +280,7 @@ def benchmark_batch(folder: Path, args, device):
         epochs = itertools.chain.from_iterable(itertools.repeat(batches))  # (each pass a new epoch, reshuffled)
         return [batch.to(device) for batch in itertools.islice(epochs, steps)], "ELI5 text"
     g = torch.Generator().manual_seed(0)
-    batch = torch.randint(0, 50257, (args.batch_size, args.block_size), generator=g).to(device)
+    batch = torch.randint(0, vocab_size, (args.batch_size, args.block_size), generator=g).to(device)
     return [batch], "random tokens"
 
 
@@ -340,9 +342,10 @@ def memory_child(spec: str) -> None:
     from minigpt.trainer import Trainer, TrainConfig  # noqa: F401
     from minigpt.training_speed import prepare_for_training  # noqa: F401
 
-    side, dtype_name, folder, device_name, batch_size, block_size = spec.split("|")
+    side, dtype_name, folder, device_name, batch_size, block_size, vocab_size = spec.split("|")
     device, dtype = setup_device(device_name, dtype_name)
-    batch = torch.randint(0, 50257, (int(batch_size), int(block_size)), generator=torch.Generator().manual_seed(0))
+    shape = (int(batch_size), int(block_size))
+    batch = torch.randint(0, int(vocab_size), shape, generator=torch.Generator().manual_seed(0))
     batch = batch.to(device)
     gc.collect()
     if device.type == "cuda":
@@ -392,8 +395,8 @@ def _status_kb(field: str) -> int:
     raise OSError(f"no {field} in /proc/self/status")
 
 
-def peak_memory(side: str, dtype_name: str, folder: Path, device, args) -> float | None:
-    spec = "|".join([side, dtype_name, str(folder), str(device.type), str(args.batch_size), str(args.block_size)])
+def peak_memory(side: str, dtype_name: str, folder: Path, device, args, vocab_size: int) -> float | None:
+    spec = "|".join(map(str, [side, dtype_name, folder, device, args.batch_size, args.block_size, vocab_size]))
     path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))  # (gpu_check.sh's wheels kept)
     env = {**os.environ, "PYTHONPATH": path, "TRANSFORMERS_VERBOSITY": "error"}
     result = subprocess.run(
@@ -448,7 +451,7 @@ def main(argv=None) -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = model_folder(args, Path(tmp))
-        batches, data = benchmark_batch(folder, args, device)
+        batches, data = benchmark_batch(folder, args, device, config.vocab_size)
         tokens = args.batch_size * args.block_size
         flops = step_flops(config, tokens, args.block_size)
         if device.type == "cuda":
@@ -482,14 +485,17 @@ def main(argv=None) -> None:
         for dtype_name, name, times in results:
             best, median = min(times), statistics.median(times)
             ratio = f"{min(base) / best:.2f}x / {statistics.median(base) / median:.2f}x" if base else "n/a"
-            memory = peak_memory(name, dtype_name, folder, device, args)
+            memory = peak_memory(name, dtype_name, folder, device, args, config.vocab_size)
             print(
                 f"| {dtype_name} | {name} | {best:.2f} / {median:.2f} | {tokens / best:,.0f} | {ratio} | "
                 f"{flops / best / peaks[dtype_name]:.1%} | "
                 f"{f'{memory / 2**20:,.0f}' if memory is not None else 'n/a'} |",
                 flush=True,
             )
-        if args.loss_steps:
+        if args.loss_steps and not args.dtype and "bf16" not in dtypes:
+            print(f"\nloss comparison skipped: bf16 was (~{flops / peaks['bf16']:,.0f} s a step); --dtype fp32,bf16 "
+                  "runs it anyway")
+        elif args.loss_steps:
             losses = loss_comparison(folder, batches, device, args.loss_steps)
             diff = abs(losses["bf16"] - losses["fp32"]) / losses["fp32"]
             print(f"\nloss after {args.loss_steps} steps of our loop: fp32 {losses['fp32']:.4f}, "

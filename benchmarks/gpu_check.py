@@ -92,6 +92,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--budget", type=positive_float, default=280, help="seconds for all timings (default: 280)")
     p.add_argument("--check-options", action="store_true", help=argparse.SUPPRESS)  # gpu_check.sh: before the tests
     args = p.parse_args(argv)
+    for name in ("shapes", "dtypes", "compile_shapes"):  # (one given twice is timed once, not printed twice)
+        setattr(args, name, list(dict.fromkeys(getattr(args, name))))
     # (refused here, before the CUDA tests spend minutes: on a GPU a position past the window is a
     # device-side assert, which breaks every later cell of the run)
     for flag, shapes in (("--shapes", args.shapes), ("--compile-shapes", args.compile_shapes)):

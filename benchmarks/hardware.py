@@ -119,13 +119,15 @@ def describe(device) -> dict:
     else:
         name = (f"{cpu_name()} [{cpu_flags()}; {cpu_kernels()}], {os.cpu_count()} CPUs, "
                 f"{torch.get_num_threads()} threads")
+    tf32 = device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32  # (setup_device: bench_train, gpu_check)
     return {"name": f"{name}; torch {torch.__version__}", "fp32": fp32, "fp32_n": n32, "bf16": bf16,
-            "bf16_n": n16, "read": memory_read_bandwidth(device)}
+            "bf16_n": n16, "read": memory_read_bandwidth(device), "fp32_label": "fp32 (TF32)" if tf32 else "fp32"}
 
 
 def hardware_line(info: dict) -> str:
     return (f"machine: {info['name']}\n"
-            f"hardware: matmul peak fp32 {info['fp32'] / 1e9:,.1f} GFLOP/s ({info['fp32_n']}^3), "
+            f"hardware: matmul peak {info['fp32_label']} {info['fp32'] / 1e9:,.1f} GFLOP/s "
+            f"({info['fp32_n']}^3), "
             f"bf16 {info['bf16'] / 1e9:,.1f} GFLOP/s ({info['bf16_n']}^3, {info['bf16'] / info['fp32']:.2f}x fp32); "
             f"memory read {info['read'] / 1e9:,.1f} GB/s")
 

@@ -498,6 +498,57 @@ def test_bench_sample_checks_the_llama_cpp_paths_before_it_starts(tmp_path, monk
     assert bench_sample.parse_args(["--llama-bench", str(bench), "--llama-tokens", "64"]).llama_tokens == 64
 
 
+def test_the_benchmarks_measure_a_batch_size_or_shape_given_twice_once(monkeypatch):
+    """`--batches 1 1` measured batch 1 twice, printed both, and kept the second."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import bench_sample
+    import gpu_check
+
+    assert bench_sample.parse_args(["--batches", "1", "8", "1"]).batches == [1, 8]
+    args = gpu_check.parse_args(["--shapes", "8x128", "8x128", "--dtypes", "bf16", "bf16", "fp32"])
+    assert ([str(s) for s in args.shapes], args.dtypes) == (["8x128"], ["bf16", "fp32"])
+
+
+def test_bench_train_draws_token_ids_of_the_models_own_vocabulary(tmp_path, monkeypatch):
+    """Random tokens (the batch without ../shared beside the clone, and every memory measurement's)
+    were drawn below 50,257 whatever the model's vocabulary: an IndexError traceback, or memory n/a."""
+    import argparse
+
+    from conftest import TINY_HF, save_hf_model
+    from minigpt.tokenizer import Tokenizer
+
+    folder = save_hf_model(tmp_path / "hf", **{**TINY_HF, "vocab_size": 300})
+    for name in ("vocab.json", "merges.txt", "tokenizer.json"):
+        (folder / name).unlink(missing_ok=True)
+    Tokenizer.train_bpe(["a model of few merges"] * 5, 300).save(folder / "tokenizer.json")
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import bench_train
+
+    monkeypatch.setattr(bench_train, "SHARED", tmp_path / "no-shared")  # (a user's clone)
+    args = argparse.Namespace(batch_size=4, block_size=64, loss_steps=0)
+    [batch], what = bench_train.benchmark_batch(folder, args, torch.device("cpu"), 300)
+    assert what == "random tokens" and batch.shape == (4, 64) and 250 < int(batch.max()) < 300
+    spec = "|".join(["ours", "fp32", str(folder), "cpu", "2", "16", "300"])
+    result = subprocess.run([sys.executable, bench_train.__file__, "--memory-child", spec], capture_output=True,
+                            text=True, timeout=120, env={**os.environ, "PYTHONPATH": python_path()})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert json.loads(result.stdout.splitlines()[-1])["peak_bytes"] > 0
+
+
+def test_a_failed_tools_message_is_its_error_line_not_the_end_of_a_backtrace(monkeypatch):
+    """llama-bench crashing on an assert prints a backtrace after it: the one line shown was
+    "360\t../csu/libc-start.c: No such file or directory."."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import bench_sample
+
+    crash = ("llama.cpp/src/llama-context.cpp:951: GGML_ASSERT(n_tokens <= n_batch) failed\n"
+             "#0  0x00007f in __GI___wait4\n360\t../csu/libc-start.c: No such file or directory.\n")
+    failed = lambda stderr, code=1: subprocess.CompletedProcess([], code, "", stderr)  # noqa: E731
+    assert bench_sample._last_line(failed(crash)).endswith("GGML_ASSERT(n_tokens <= n_batch) failed")
+    assert bench_sample._last_line(failed("loading\nno such model\n")) == "no such model"
+    assert bench_sample._last_line(failed("", 3)) == "exit code 3, no message"
+
+
 def test_bench_sample_reads_llama_bench_or_says_what_it_got(tmp_path, monkeypatch):
     """A binary that is not llama-bench (its output no JSON, or no row of a model) was a JSONDecodeError
     or KeyError traceback; a failure without a message printed "[]"."""
@@ -664,6 +715,14 @@ def test_gpu_check_measures_each_precisions_mfu_against_its_own_peak(monkeypatch
     (["bench_sample.py", "--model", "{tmp}/small", "--tokens", "54", "--skip", "speed", "memory"],
      "error: the end-to-end run (--skip e2e leaves it out): 100 new tokens after the 10-token prompt exceed the model's "
      "context window of 64 positions, which transformers' generate() does not slide"),
+    # (the model's own tokenizer counts the prompt: GPT-2's counted 10 tokens, and 10 + 40 fit)
+    (["bench_sample.py", "--model", "{tmp}/small-bpe", "--tokens", "40", "--skip", "memory", "e2e"],
+     "error: --tokens: 40 new tokens after the {bpe}-token prompt exceed the model's context window of 64 positions, "
+     "which transformers' generate() does not slide"),
+    (["bench_sample.py", "--model", "{tmp}/small", "--skip", "speed", "memory", "e2e", "--llama-bench",
+      "{tmp}/llama-bench", "--llama-convert", "{tmp}/convert.py", "--llama-tokens", "65"],
+     "error: --llama-tokens 65 (by default --tokens) exceed the model's context window of 64 positions, which "
+     "llama-bench does not slide"),
     (["gpu_check.py", "--shapes", "8x128", "8x2048", "--check-options"],
      "gpu_check.py: error: --shapes 8x2048: distilgpt2 sees at most 1024 tokens (see --help)"),
     (["bench_sample.py", "--tokens", "1", "--skip", "memory", "e2e"],
@@ -674,19 +733,34 @@ def test_gpu_check_measures_each_precisions_mfu_against_its_own_peak(monkeypatch
      "gpu_check.py: error: --tokens 1015: after the 10-token prompt, beyond distilgpt2's 1024 positions (see --help)"),
 ], ids=["fp16-on-cpu", "unknown-dtype", "block-size-above-distilgpt2", "block-size-above-the-model",
         "minigpt-checkpoint", "negative-loss-steps", "data-outside-the-schema", "plain-text-data", "csv-data", "missing-model",
-        "missing-eval-data", "decode-beyond-the-window", "e2e-beyond-the-window", "gpu-shape-beyond-the-window",
+        "missing-eval-data", "decode-beyond-the-window", "e2e-beyond-the-window", "the-models-own-tokenizer",
+        "llama-beyond-the-window", "gpu-shape-beyond-the-window",
         "one-token", "gpu-one-token", "gpu-decode-beyond-the-window"])
-def test_the_benchmarks_refuse_bad_input_in_one_line(tmp_path, command, error):
+def test_the_benchmarks_refuse_bad_input_in_one_line(tmp_path, command, error, monkeypatch):
     """Exit 2 and a one-line error, before any model is built or anything timed (conftest hides
     any GPU: fp16 meets a CPU; a 64-position config stands for any --model)."""
+    from minigpt.tokenizer import Tokenizer
+
     (tmp_path / "bad.jsonl").write_text('{"title": "t"}\n')
-    (tmp_path / "small").mkdir()
-    (tmp_path / "small" / "config.json").write_text('{"model_type": "gpt2", "n_positions": 64}')
+    tokenizers = {"small": Tokenizer.from_vocab_merges(*gpt2_vocab_files()),
+                  "small-bpe": Tokenizer.train_bpe(["a model of few merges"] * 5, 300)}
+    for name, tokenizer in tokenizers.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text('{"model_type": "gpt2", "n_positions": 64, "vocab_size": 300}')
+        tokenizer.save(tmp_path / name / "tokenizer.json")
     (tmp_path / "minigpt").mkdir()
     (tmp_path / "minigpt" / "config.json").write_text('{"n_layer": 2}')  # (a GPTConfig: no model_type)
+    (tmp_path / "llama-bench").write_text("#!/bin/sh\nexit 1\n")
+    (tmp_path / "llama-bench").chmod(0o755)
+    (tmp_path / "convert.py").write_text("")
     result = run_benchmark(tmp_path, command)
     assert result.returncode == 2, result.stderr[-2000:]
-    assert result.stderr.splitlines() == [error.format(tmp=tmp_path, data=ROOT / "tests" / "data")]
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import bench_sample
+
+    bpe = len(tokenizers["small-bpe"].encode(bench_sample.PROMPT))
+    assert bpe + 40 > 64
+    assert result.stderr.splitlines() == [error.format(tmp=tmp_path, data=ROOT / "tests" / "data", bpe=bpe)]
 
 
 @pytest.mark.parametrize("command, error", [
@@ -722,3 +796,22 @@ def test_the_machine_line_names_the_instruction_set_torch_runs_and_any_cap(monke
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
     capped = "capped: ONEDNN_MAX_CPU_ISA=AVX2 FBGEMM_ENABLE_INSTRUCTIONS=AVX2"
     assert hardware.cpu_kernels() == f"torch kernels {running}, {capped}"
+
+
+def test_the_machine_line_says_when_fp32_ran_as_tf32(monkeypatch):
+    """bench_train and gpu_check time the peak after train.py's TF32 setting, hardware.py alone
+    before it: both printed "matmul peak fp32" (a GPU's TF32 peak is several times its fp32's)."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import hardware
+
+    monkeypatch.setattr(hardware, "matmul_peak", lambda device, dtype: (1e12, 1024))
+    monkeypatch.setattr(hardware, "memory_read_bandwidth", lambda device: 1e11)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: "a GPU")
+    before = torch.backends.cuda.matmul.allow_tf32
+    try:  # (not monkeypatch: torch's flag object cannot have the attribute deleted back)
+        for tf32, label in ((False, "matmul peak fp32 1,000.0"), (True, "matmul peak fp32 (TF32) 1,000.0")):
+            torch.backends.cuda.matmul.allow_tf32 = tf32
+            assert label in hardware.hardware_line(hardware.describe(torch.device("cuda")))
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
+    assert "matmul peak fp32 1,000.0" in hardware.hardware_line(hardware.describe(torch.device("cpu")))
