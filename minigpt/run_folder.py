@@ -349,7 +349,9 @@ MODEL_FOLDER_EXTRAS = [*HF_SETTINGS, "special_tokens_map.json", "generation_conf
 def check_replaceable(out: Path) -> None:
     """Refuse (one-line MinigptError) to replace a folder that holds anything but a model's files
     (minigpt's, or an HF folder's) or a training run's: `--force` is there to redo a conversion, and a
-    mistyped `--out` must not delete a folder of someone's own work along with it."""
+    mistyped `--out` must not delete a folder of someone's own work along with it. One inside a
+    run's folder (a checkpoint's step folder) is refused as such first (`check_outside_runs`)."""
+    check_outside_runs(out)
     patterns = [*MODEL_FILES, *LEGACY_FILES, *TOKENIZER_FILES, *MODEL_FOLDER_EXTRAS]
     for entry in sorted(out.iterdir()):
         model_file = any(fnmatch(entry.name, pattern) for pattern in patterns) and (

@@ -236,6 +236,15 @@ def test_nothing_is_written_inside_a_runs_folder(tmp_path, tiny_hf_dir):
         assert result.returncode == 2 and result.stderr.strip().splitlines() == [
             f"error: --out {inside}: is inside the training run in {out}, whose folder holds only the run's own "
             "files; choose a folder outside it"], result.stderr
+    # --force onto a checkpoint's own step folder: refused as inside the run (it said the step's
+    # training_state.json was "no model's or training run's file")
+    from minigpt.run_folder import current_checkpoint
+
+    step = current_checkpoint(out)
+    result = call_cli("convert_hf_weights.py", str(tiny_hf_dir), "--out", str(step), "--force")
+    assert result.returncode == 2 and result.stderr.strip().splitlines() == [
+        f"error: --out {step}: is inside the training run in {out}, whose folder holds only the run's own files; "
+        "choose a folder outside it"], result.stderr
     assert snapshot(out) == before and sorted(p.name for p in tmp_path.iterdir()) == ["cache", "link", "run"]
     assert call_cli("train.py", *TINY, "--out", str(out), "--resume").returncode == 0  # (finished: nothing to do)
 
