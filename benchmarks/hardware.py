@@ -9,7 +9,7 @@ gpu_check.py; `python benchmarks/hardware.py [--device cuda]` prints the line al
                   emulated (~1 GFLOP/s) the size stays small.
     memory read   sum over a 1 GiB fp32 buffer (far beyond any cache), best of 3: bytes read / s
     machine       the CPU's name and matmul-relevant flags, the instruction set torch's kernels run,
-                  and the variables capping it where set (ISA_CAPS: an older CPU emulated)
+                  and the variables capping it where set (minigpt.runtime.ISA_CAPS: an older CPU emulated)
 """
 
 from __future__ import annotations
@@ -21,21 +21,16 @@ import time
 from pathlib import Path
 
 
-def _sync(device) -> None:
-    import torch
-
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _best_seconds(fn, device, repeats: int) -> float:
+    from minigpt.runtime import wait_for
+
     fn()  # warm-up
-    _sync(device)
+    wait_for(device)
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
         fn()
-        _sync(device)
+        wait_for(device)
         best = min(best, time.perf_counter() - start)
     return best
 
@@ -95,14 +90,11 @@ def cpu_flags() -> str:
     return " ".join(f for f in wanted if f in have) or "none of avx2/avx512/amx"
 
 
-# Variables that cap the instruction set of torch's kernels and its libraries below what the CPU has:
-# set together (e.g. all to AVX2), they make a newer CPU run the code an older one would.
-ISA_CAPS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "FBGEMM_ENABLE_INSTRUCTIONS")
-
-
 def cpu_kernels() -> str:
     """The instruction set torch's own CPU kernels run (e.g. "AVX512"), and any ISA_CAPS set."""
     import torch
+
+    from minigpt.runtime import ISA_CAPS
 
     caps = " ".join(f"{name}={os.environ[name]}" for name in ISA_CAPS if os.environ.get(name))
     return f"torch kernels {torch.backends.cpu.get_cpu_capability()}" + (f", capped: {caps}" if caps else "")
