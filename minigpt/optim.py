@@ -179,11 +179,12 @@ class AdamW:
             found_inf = None
         todos = [[(p, p.grad, m, v) for p, m, v in zip(group["params"], exp_avgs, exp_avg_sqs) if p.grad is not None]
                  for group, exp_avgs, exp_avg_sqs in zip(self.param_groups, self.exp_avg, self.exp_avg_sq)]
-        for p, _, m, _ in (item for todo in todos for item in todo):
-            if p.shape != m.shape or p.stride() != m.stride():  # (`p.data = ...` since: the moments no longer fit)
+        for p, _, m, _ in (item for todo in todos for item in todo):  # (`p.data = ...` since: the moments no longer fit)
+            if (p.shape, p.stride(), p.dtype, p.device) != (m.shape, m.stride(), m.dtype, m.device):
                 raise MinigptError(f"AdamW: parameter {self._index[p]} is now {list(p.shape)}, strides "
-                                   f"{list(p.stride())}, not the {list(m.shape)}, {list(m.stride())} its moments "
-                                   f"were made for; make a new optimizer after changing a parameter's shape")
+                                   f"{list(p.stride())}, {p.dtype} on {p.device}, not the {list(m.shape)}, "
+                                   f"{list(m.stride())}, {m.dtype} on {m.device} its moments were made for; make a "
+                                   "new optimizer after changing a parameter (model.to(...) after AdamW(...))")
         counted = [self._index[p] for todo in todos for p, *_ in todo]
         increment = 1 if found_inf is None else 1 - found_inf
         if len(counted) == len(self._steps):  # (every parameter has a gradient: the usual step)

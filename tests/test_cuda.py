@@ -1,7 +1,8 @@
 """The CUDA paths, run only on a GPU machine (`pytest -m cuda`; skipped elsewhere, see conftest.py):
-the model in fp32 (TF32) / bf16 against the CPU, decoding with the KV cache, int8, and short
-training runs in fp32, bf16 and fp16 with loss scaling whose metrics are valid JSON, the step timing
-by CUDA events, and --compile-mode reduce-overhead (CUDA graphs) without a recompile for a short batch."""
+the model in fp32 (TF32) / bf16 against the CPU, the fused AdamW against the written-out one,
+decoding with the KV cache, int8, and short training runs in fp32, bf16 and fp16 with loss scaling
+whose metrics are valid JSON, the step timing by CUDA events, and --compile-mode reduce-overhead
+(CUDA graphs) without a recompile for a short batch."""
 
 from __future__ import annotations
 
@@ -42,6 +43,38 @@ def test_logits_on_cuda_match_the_cpu(tiny_minigpt_dir, dtype, tol):
     with torch.no_grad():
         expected, got = cpu(idx)[0], gpu(idx.to(device))[0].float().cpu()
     assert (got - expected).abs().max() <= tol * expected.abs().max()
+
+
+def test_fused_adamw_on_cuda_equals_the_cpu_update():
+    """The fused kernel on whole tensors, two weights stored transposed (as HF's Conv1D weights
+    convert): one's gradient has its strides, the other's is contiguous (copied to them first).
+    (Early in this file, the only CUDA test of the optimizer: gpu_check.sh's time box may stop the
+    slow ones below; in test_optim.py it ran last.)"""
+    import torch.nn as nn
+    from test_optim import set_grads, small_model
+
+    from minigpt.optim import AdamW, param_groups
+
+    def model() -> nn.Module:
+        m = small_model()
+        for i in (2, 4):
+            m[i].weight = nn.Parameter(m[i].weight.detach().t().contiguous().t())
+        return m
+
+    cpu, gpu = model(), model().cuda()
+    opt_cpu = AdamW(param_groups(cpu, 0.1), lr=1e-2, fused=False)  # the written-out definition
+    opt_gpu = AdamW(param_groups(gpu, 0.1), lr=1e-2)
+    assert opt_gpu.fused  # auto: fused where the build has it
+    for step in range(4):
+        set_grads(cpu, step)
+        for p, q in zip(cpu.parameters(), gpu.parameters()):
+            q.grad = p.grad.cuda()
+        gpu[2].weight.grad = torch.empty_like(gpu[2].weight).copy_(gpu[2].weight.grad)
+        assert gpu[2].weight.grad.stride() == gpu[2].weight.stride() != gpu[4].weight.grad.stride()
+        opt_cpu.step()
+        opt_gpu.step()
+    for a, b in zip(cpu.parameters(), gpu.parameters()):
+        assert (a - b.cpu()).abs().max().item() <= 1e-6
 
 
 def test_decoding_with_the_cache_on_cuda_is_the_full_forward(tiny_minigpt_dir):
