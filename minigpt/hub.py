@@ -3,8 +3,9 @@
 Two things come from the Hub, each into its library's own cache, so that it is downloaded once:
     a repo's files     a model's or a tokenizer's (`HubRepo.files`, huggingface_hub's
                        `snapshot_download`); `minigpt.loading` names the files, from `minigpt.hf`
-    ELI5's records     the training file of the published recipe (`load_eli5_records`, `datasets`'
-                       `load_dataset`); `minigpt.sources` names the file
+    ELI5's records     the training file of the published recipe (`load_eli5_records`: the file
+                       by huggingface_hub's `hf_hub_download`, read by `datasets`' `load_dataset`);
+                       `minigpt.sources` names it
 Both libraries are imported inside the functions: only a download needs them, and nothing needs the
 Hub offline. A failed download (offline, an unknown or gated repo, the Hub down) is a one-line
 MinigptError that says what to pass instead. This module knows nothing else of minigpt.
@@ -80,21 +81,40 @@ def _hub_reason(asked: Exception | None, fetching: Exception, seconds: float) ->
         return "a gated repository: accept its conditions on its Hub page, then log in (`hf auth login`, or HF_TOKEN)"
     if isinstance(e, RepositoryNotFoundError):
         return "no such repository, or a private one: log in (`hf auth login`, or HF_TOKEN) if it is yours"
-    if isinstance(e, LocalEntryNotFoundError):
+    if isinstance(e, LocalEntryNotFoundError):  # (the cache's miss, after the Hub's own failure, if any)
+        if status := _http_status(e):  # (an answer that is an error: 500, 503, ...)
+            return f"the Hub answered HTTP {status}, and the files are not in the local cache; try again later"
         return "not in the local cache, and the Hub is unreachable or HF_HUB_OFFLINE is set"
+    if isinstance(e, HfHubHTTPError):  # ("404 Client Error." first, what was not found on the lines after)
+        return " ".join(line.strip() for line in str(e).splitlines() if line.strip())
     return reason(e)
 
 
-def load_eli5_records(data_file: str, limit: int) -> list[dict]:
-    """The first `limit` records of the ELI5 JSON file `data_file` (an `hf://datasets/...` path),
-    downloaded once into the `datasets` cache."""
-    from datasets import load_dataset
+def _http_status(e: BaseException | None) -> int | None:
+    """The HTTP status of the Hub's answer that `e` follows from (its causes looked through), if any."""
+    while e is not None:
+        if status := getattr(getattr(e, "response", None), "status_code", None):
+            return status
+        e = e.__cause__ or e.__context__
+    return None
 
+
+def load_eli5_records(repo_id: str, filename: str, limit: int) -> list[dict]:
+    """The first `limit` records of the ELI5 JSON file `filename` of the Hub dataset `repo_id`,
+    downloaded once into the huggingface_hub cache and taken from there offline or where the Hub
+    fails. (`datasets`' own `hf://` path asks the Hub's API on every run: offline, a second
+    `train.py` failed with the file on disk.)"""
+    from datasets import load_dataset
+    from huggingface_hub import constants, hf_hub_download
+
+    seconds = constants.HF_HUB_ETAG_TIMEOUT
     try:
-        ds = load_dataset("json", data_files=data_file, split="train")
+        path = hf_hub_download(repo_id, filename, repo_type="dataset", etag_timeout=seconds)
+        ds = load_dataset("json", data_files=path, split="train")
     except Exception as e:  # offline, Hub down, file moved: the user can always pass local files
         raise MinigptError(
-            f"{data_file}: cannot load ELI5 from the Hugging Face Hub ({reason(e)}); if offline, "
-            "pass local files instead: --data eli5-category-train.json.gz (or .jsonl/.parquet/.csv/.txt)"
+            f"hf://datasets/{repo_id}/{filename}: cannot load ELI5 from the Hugging Face Hub "
+            f"({_hub_reason(None, e, seconds)}); if offline, pass local files instead: --data "
+            "eli5-category-train.json.gz (or .jsonl/.parquet/.csv/.txt)"
         ) from None
     return ds.select(range(min(limit, len(ds)))).to_list()

@@ -44,7 +44,8 @@ from .hub import load_eli5_records
 from .tokenizer import lone_surrogate
 
 HUB_DATASET = "rexarski/eli5_category"  # the recipe's data, as the Hub names it
-HUB_TRAIN_FILE = f"hf://datasets/{HUB_DATASET}/eli5-category-train.json.gz"
+HUB_TRAIN_NAME = "eli5-category-train.json.gz"
+HUB_TRAIN_FILE = f"hf://datasets/{HUB_DATASET}/{HUB_TRAIN_NAME}"  # (the source's name, in messages)
 HUB_MAX_RECORDS = 5000  # the published recipe fine-tunes on the first 5,000 training questions
 TEXT_SUFFIXES = (".json", ".json.gz", ".jsonl", ".parquet", ".csv", ".txt")
 TEXT_ENCODING = "utf-8-sig"  # UTF-8, less a leading byte-order mark (Excel's "CSV UTF-8" and Notepad write one)
@@ -126,7 +127,7 @@ class Source:
     def _read(self) -> tuple[list, list[int] | None]:
         """The records, and the line each starts on where the file is read by lines (else None)."""
         if self.hub:
-            return load_eli5_records(HUB_TRAIN_FILE, self.limit), None
+            return load_eli5_records(HUB_DATASET, HUB_TRAIN_NAME, self.limit), None
         try:
             if self.kind == "txt-folder":
                 files = _text_files(self.path)

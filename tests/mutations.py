@@ -1652,6 +1652,20 @@ BREAKS = (
           ((r"\(p\.shape, p\.stride\(\), p\.dtype, p\.device\) != \(m\.shape, m\.stride\(\), m\.dtype, m\.device\)",
             "(p.shape, p.stride()) != (m.shape, m.stride())"),),
           ("tests/test_optim.py::test_a_parameter_given_new_data_is_updated_there_and_a_new_shape_is_refused",)),
+    Break("eli5_through_hf_path", "ELI5's file is read through datasets' hf:// path, which asks the Hub's API on every "
+          "run (offline, a second train.py failed with the file in the cache)",
+          ((r'path = hf_hub_download\(repo_id, filename, repo_type="dataset", etag_timeout=seconds\)',
+            'path = f"hf://datasets/{repo_id}/{filename}"'),),
+          ("tests/test_hub.py::test_the_default_data_is_the_hubs_eli5_file",
+           "tests/test_hub.py::test_the_eli5_file_downloaded_once_is_read_offline")),
+    Break("hub_error_answer_called_unreachable", "an HTTP 500 the cache cannot make up for is reported as \"the Hub is "
+          "unreachable or HF_HUB_OFFLINE is set\"",
+          ((r"if status := _http_status\(e\):", "if status := None:"),),
+          ("tests/test_hub.py::test_an_error_answer_and_a_missing_file_are_named",)),
+    Break("hub_http_error_cut", "a Hub HTTP error is cut to its first line (\"404 Client Error.\", the file named after it)",
+          ((r'return " "\.join\(line\.strip\(\) for line in str\(e\)\.splitlines\(\) if line\.strip\(\)\)', "return reason(e)"),),
+          ("tests/test_hub.py::test_an_error_answer_and_a_missing_file_are_named",
+           "tests/test_hub.py::test_the_hubs_errors_say_what_went_wrong")),
 )
 
 

@@ -302,7 +302,8 @@ def test_the_hubs_errors_say_what_went_wrong(fake_hub, tmp_path, monkeypatch):
         made(GatedRepoError, "403 Client Error. (Request ID: x)\n\nCannot access gated repo"):
             "a gated repository: accept its conditions on its Hub page, then log in (`hf auth login`, or HF_TOKEN)",
         made(RepositoryNotFoundError, "404 Client Error. (Request ID: x)\n\nRepository Not Found for url"): NOT_FOUND,
-        made(HfHubHTTPError, "504 Server Error: Gateway Time-out for url\nmore"): "504 Server Error: Gateway Time-out for url",
+        made(HfHubHTTPError, "504 Server Error: Gateway Time-out for url\n\nmore"):
+            "504 Server Error: Gateway Time-out for url more",
         made(OfflineModeIsEnabled, "Cannot reach https://huggingface.co: offline mode is enabled"):
             "not in the local cache, and the Hub is unreachable or HF_HUB_OFFLINE is set",
         ReadTimeout("timed out"): "no answer within 7 s, and not in the local cache; HF_HUB_ETAG_TIMEOUT=60 waits longer",
@@ -315,6 +316,30 @@ def test_the_hubs_errors_say_what_went_wrong(fake_hub, tmp_path, monkeypatch):
         assert str(err.value) == (f"org/gone: no such local folder, and the Hugging Face Hub could not provide it "
                                   f"({text}). Pass a local checkpoint folder instead.")
         assert same_weights(load_model("org/tiny")[0], tiny)  # from the cache, whatever the Hub's failure
+
+
+def test_an_error_answer_and_a_missing_file_are_named():
+    """An HTTP 500 that the cache could not make up for was "the Hub is unreachable or HF_HUB_OFFLINE
+    is set"; a file the repo lacks was only "(404 Client Error.)", the file named on the lines after."""
+    from types import SimpleNamespace
+
+    from huggingface_hub.utils import HfHubHTTPError, LocalEntryNotFoundError
+
+    from minigpt.hub import _hub_reason
+
+    answered = made(HfHubHTTPError, "500 Server Error: Internal Server Error for url: x")
+    answered.response = SimpleNamespace(status_code=500)
+    try:  # (as huggingface_hub raises it: the cache's miss, from the Hub's answer)
+        try:
+            raise answered
+        except HfHubHTTPError as e:
+            raise LocalEntryNotFoundError("An error happened while trying to locate the file on the Hub") from e
+    except LocalEntryNotFoundError as e:
+        missed = e
+    assert _hub_reason(None, missed, 10) == ("the Hub answered HTTP 500, and the files are not in the local cache; "
+                                             "try again later")
+    entry = made(HfHubHTTPError, "404 Client Error.\n\nEntry Not Found for url: https://hub/org/x/resolve/main/a.json.")
+    assert _hub_reason(None, entry, 10) == "404 Client Error. Entry Not Found for url: https://hub/org/x/resolve/main/a.json."
 
 
 def test_the_hub_is_given_a_time_to_answer(fake_hub, monkeypatch):
@@ -373,29 +398,59 @@ def test_a_hub_that_never_answers_is_one_line_in_seconds(tmp_path):
         "and not in the local cache; HF_HUB_ETAG_TIMEOUT=60 waits longer). Pass a local checkpoint folder instead."]
 
 
-def test_the_default_data_is_the_hubs_eli5_file(monkeypatch):
+def test_the_default_data_is_the_hubs_eli5_file(monkeypatch, tmp_path):
     import datasets
+    import huggingface_hub
 
-    calls = []
     rows = [{"q_id": f"q{i}", "title": f"t{i}", "answers": {"text": [f"a{i}"], "score": [1]}} for i in range(10)]
+    (tmp_path / "downloaded.json").write_text(json.dumps(rows))
+    calls = []
 
-    def load_dataset(*args, **kwargs):
+    def hf_hub_download(*args, **kwargs):
         calls.append((args, kwargs))
-        return datasets.Dataset.from_list(rows)
+        return str(tmp_path / "downloaded.json")
 
-    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", hf_hub_download)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "datasets")
     source = sources.Source.resolve(None, "--data", 3)
-    assert source.records() == rows[:3]
-    assert calls == [(("json",), {"data_files": sources.HUB_TRAIN_FILE, "split": "train"})]
+    assert source.records() == rows[:3] and source.name == "hf://datasets/rexarski/eli5_category/eli5-category-train.json.gz"
+    assert calls == [(("rexarski/eli5_category", "eli5-category-train.json.gz"),
+                      {"repo_type": "dataset", "etag_timeout": huggingface_hub.constants.HF_HUB_ETAG_TIMEOUT})]
+
+
+def test_the_eli5_file_downloaded_once_is_read_offline(monkeypatch, tmp_path):
+    """The file came through `datasets`' hf:// path, which asks the Hub's API on every run: offline
+    (or with the Hub down) a second `train.py` failed, the file in the cache. It is huggingface_hub's
+    cached file now, found offline as after a download (conftest sets HF_HUB_OFFLINE)."""
+    import gzip
+
+    import datasets
+    from huggingface_hub import constants
+
+    rows = [{"q_id": f"q{i}", "title": f"t{i}", "answers": {"text": [f"a{i}"], "score": [1]}} for i in range(4)]
+    repo = tmp_path / "hub" / "datasets--rexarski--eli5_category"  # (huggingface_hub's cache layout)
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    (repo / "snapshots" / commit).mkdir(parents=True)
+    (repo / "snapshots" / commit / "eli5-category-train.json.gz").write_bytes(gzip.compress(json.dumps(rows).encode()))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "datasets")
+    assert sources.Source.resolve(None, "--data", None).records() == rows
+    (repo / "refs" / "main").unlink()  # (never downloaded: one line, as before)
+    with pytest.raises(MinigptError, match=r"^hf://datasets/rexarski/eli5_category/eli5-category-train\.json\.gz: cannot "
+                       r"load ELI5 from the Hugging Face Hub \(not in the local cache, and the Hub is unreachable or "
+                       r"HF_HUB_OFFLINE is set\); if offline, pass local files instead: --data"):
+        sources.Source.resolve(None, "--data", None).records()
 
 
 def test_a_failed_eli5_download_is_one_line(monkeypatch):
-    import datasets
+    import huggingface_hub
 
-    def load_dataset(*args, **kwargs):
+    def hf_hub_download(*args, **kwargs):
         raise ConnectionError("Couldn't reach the Hub\nsecond line")
 
-    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", hf_hub_download)
     with pytest.raises(MinigptError) as err:
         sources.Source.resolve(None, "--data", None).records()
     assert str(err.value) == (
