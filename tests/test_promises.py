@@ -510,7 +510,7 @@ def test_the_benchmarks_measure_a_batch_size_or_shape_given_twice_once(monkeypat
 
 
 def test_bench_train_draws_token_ids_of_the_models_own_vocabulary(tmp_path, monkeypatch):
-    """Random tokens (the batch without ../shared beside the clone, and every memory measurement's)
+    """Random tokens (the batch in a clone without the shared data folder beside it, and every memory measurement's)
     were drawn below 50,257 whatever the model's vocabulary: an IndexError traceback, or memory n/a."""
     import argparse
 
