@@ -26,7 +26,7 @@ from .files import check_source_outside, folder_destination, home_expanded
 from .hf import INDEX_FILE, LEGACY_INDEX_FILE, LEGACY_WEIGHTS_FILE, export_hf, hf_weight_files, load_hf_checkpoint
 from .hub import HubRepo
 from .model import GPT
-from .run_folder import current_checkpoint
+from .run_folder import CARD_FILE, current_checkpoint
 from .runtime import check_dtype, resolve_device
 from .tokenizer import HF_SETTINGS, TOKENIZER_FILE, VOCAB_MERGES, Tokenizer
 
@@ -159,7 +159,7 @@ def export_to_hf(source: str | os.PathLike, out: str | os.PathLike, overwrite: b
     if kind == "minigpt":
         folder = current_checkpoint(folder) or folder
     model, tokenizer = load_model(folder)
-    card, text = folder / "README.md", None
+    card, text = folder / CARD_FILE, None
     if kind == "minigpt" and card.is_file():
         try:
             text = export_card(card.read_text(encoding="utf-8"))

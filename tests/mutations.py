@@ -1641,7 +1641,7 @@ BREAKS = (
           ("tests/test_card.py::test_only_a_minigpt_checkpoints_card_travels_and_whole",)),
     Break("card_of_another_step", "--to-hf looks the run's checkpoint up again for its card, after the weights: a save "
           "meanwhile exports one step's weights with the next one's card",
-          ((r'card, text = folder / "README\.md", None', 'card, text = (current_checkpoint(source) or folder) / "README.md", None'),),
+          ((r'card, text = folder / CARD_FILE, None', 'card, text = (current_checkpoint(source) or folder) / CARD_FILE, None'),),
           ("tests/test_card.py::test_the_exported_card_is_the_step_whose_weights_were_read",)),
     Break("step_folder_called_foreign", "--force onto a checkpoint's step folder says its training_state.json is no "
           "model's file, not that the folder is inside a run",
