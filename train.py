@@ -126,6 +126,10 @@ def eval_only(args: TrainFlags) -> int:
                                 rank=ranks.rank, world_size=ranks.world_size)
         autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
         loss = evaluate(model.to(device), lm_loss, batches, device, autocast, ranks)
+        if not math.isfinite(loss):  # (a number, not a loss: every rank holds the same one and stops)
+            overflow = " or overflow in fp16" if dtype == torch.float16 else ""
+            raise MinigptError(f"--eval-only: the validation loss of {args.init} is {loss}: its weights hold NaN "
+                               f"or inf{overflow}")
         if ranks.is_main:
             print(f"{args.init}: {count(len(val_blocks), 'validation block')} of {args.block_size} tokens "
                   f"({val_blocks.num_tokens:,} tokens, each scored but the first of its block)")

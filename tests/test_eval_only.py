@@ -121,3 +121,20 @@ def test_eval_only_in_emulated_bf16_warns_as_training_does(tiny_hf_dir, monkeypa
                         lambda device, dtype: "warning: bf16 emulated" if dtype == torch.bfloat16 else None)
     result = call_cli("train.py", *FLAGS, "--init", str(tiny_hf_dir), "--dtype", "bf16")
     assert result.returncode == 0 and result.stderr.splitlines().count("warning: bf16 emulated") == 1, result.stderr
+
+
+def test_eval_only_of_weights_holding_nan_fails_in_one_line(tmp_path, tiny_hf_dir):
+    """Weights holding NaN load with a warning; --eval-only then printed "validation loss nan" and exit 0."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_hf_dir, broken)
+    weights = load_file(broken / "model.safetensors")
+    weights["transformer.h.0.mlp.c_fc.bias"][3] = float("nan")
+    save_file(weights, broken / "model.safetensors", metadata={"format": "pt"})
+    result = call_cli("train.py", *FLAGS, "--init", str(broken))
+    assert result.returncode == 2 and "validation loss" not in result.stdout
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: --eval-only: the validation loss of {broken} is nan: its weights hold NaN or inf")
