@@ -12,7 +12,7 @@
   python sample.py --score "The sky is blue because of Rayleigh scattering."  # surprisal, perplexity
 
 stdout carries only text (each prompt followed by its continuation), so it pipes cleanly; warnings
-and --stats go to stderr. Sampling settings default to the distilgpt2 model card's
+and --stats go to stderr. Sampling settings default to the published ELI5 fine-tune's
 (top-k 50, top-p 0.95, temperature 1.0).
 """
 

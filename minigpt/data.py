@@ -17,9 +17,9 @@ tokenizing, exactly as `datasets.Dataset.train_test_split(test_size=f, seed=s)` 
 `numpy.random.default_rng(s).permutation(n)`, the first ceil(f*n) indices for validation and the rest
 for training, each part in permutation order.
 
-The cache folder holds one sub-folder per (role, key). The key hashes the source's bytes, the
-tokenizer, the format, the block size, max-records and (for a split) the fraction and seed, so any
-change to an input makes a new entry. An entry is written in a temporary folder and renamed into
+The cache folder holds one sub-folder per (role, key). The key hashes the source (a local file's
+bytes, the Hub's records), the tokenizer, the format, the block size, max-records and (for a split)
+the fraction and seed, so any change to an input makes a new entry. An entry is written in a temporary folder and renamed into
 place when complete, so a crash never leaves one that looks finished.
 """
 

@@ -14,7 +14,7 @@ from .errors import MinigptError
 
 @dataclass(frozen=True)
 class SamplingConfig:
-    """How to pick each next token. The defaults are the distilgpt2 model card's.
+    """How to pick each next token. The defaults are the published ELI5 fine-tune's.
 
     temperature 0 (or greedy=True) means greedy decoding: always the most likely token. top_k 0 and
     top_p 1.0 switch those filters off; repetition_penalty 1.0 switches the penalty off. Where a

@@ -1,8 +1,9 @@
 """GPT-2's byte-level BPE tokenizer, on the `tokenizers` library.
 
-GPT-2 first maps every byte of UTF-8 text to one of 256 printable characters (so any string,
-emoji or broken bytes included, is representable), splits it into word-like pieces with a regex,
-and then applies 50,000 learned merges. `<|endoftext|>` (id 50256) separates documents and is
+GPT-2 first splits the text into word-like pieces with a regex (a leading space stays with its
+word), then maps every byte of each piece's UTF-8 to one of 256 printable characters (so any string,
+emoji or broken bytes included, is representable), and then applies 50,000 learned merges within
+each piece. `<|endoftext|>` (id 50256) separates documents and is
 the only special token.
 """
 

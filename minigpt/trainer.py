@@ -210,8 +210,8 @@ class Trainer:
         for group, base_lr in zip(self.optimizer.param_groups, self.base_lrs):
             group["lr"] = base_lr * lr_scale
         if self.scaler:
-            # Skipped when a gradient holds inf/NaN, which is exactly when their norm is not finite:
-            # counted from the norm on the device, without asking the scaler (get_scale() waits).
+            # Skipped when a gradient holds inf/NaN, which makes their norm not finite: counted from
+            # the norm on the device, without asking the scaler (get_scale() waits).
             self.scaler.step(self.optimizer)
             self.scaler.update()
             self._skipped += ~torch.isfinite(grad_norm)
