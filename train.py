@@ -249,6 +249,10 @@ def train(args: TrainFlags, device: torch.device, dtype: torch.dtype, dtype_name
     if args.compile_mode == "reduce-overhead" and device.type != "cuda":  # (torch.compile itself says nothing)
         say(f"note: --compile-mode reduce-overhead replays CUDA graphs, which only a GPU has: on {device.type} it "
             "brings nothing over the default mode", file=sys.stderr, flush=True)
+    import importlib.util
+    if importlib.util.find_spec("matplotlib") is None:  # (the curve's numbers are in metrics.jsonl either way)
+        say('note: loss.png is not drawn: matplotlib is not installed (pip install -e ".[plot]")', file=sys.stderr,
+            flush=True)
 
     try:
         result = trainer.fit()

@@ -11,6 +11,7 @@ import os
 import re
 import subprocess
 import sysconfig
+import tempfile
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator, TypeVar
@@ -247,9 +248,15 @@ def prepare_cpu_compile() -> Path:
 
     base = Path(os.environ.get("TORCHINDUCTOR_CACHE_DIR") or default_cache_dir())
     base = base.parent if base.name.startswith("isa-") else base  # (set by an earlier call)
+    # Inductor's build commands split paths at spaces ("g++: input file '/tmp/my' ..."), its cache's
+    # and the temporary files' it precompiles headers in: say so now, not as a compiler error later.
+    for what, path in (("TMPDIR", tempfile.gettempdir()), ("TORCHINDUCTOR_CACHE_DIR", str(base))):
+        if any(c.isspace() for c in path):
+            raise MinigptError(f"torch.compile on the CPU cannot build C++ under {path!r}, a path with a space "
+                               f"(torch's build commands split it): set {what} to a folder without one")
     capability = torch.backends.cpu.get_cpu_capability()  # "AVX2", "AVX512", ..., "Z VECTOR", "NO AVX"
     key = "|".join([capability, str(pick_vec_isa())] + [f"{v}={os.environ.get(v, '')}" for v in ISA_CAPS])
-    name = re.sub(r"[^a-z0-9]+", "-", capability.lower())  # (inductor's build commands split paths at spaces)
+    name = re.sub(r"[^a-z0-9]+", "-", capability.lower())  # (no space in the folder's name, as above)
     folder = base / f"isa-{name}-{hashlib.sha256(key.encode()).hexdigest()[:8]}"
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(folder)
     return folder

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -19,10 +20,19 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from minigpt.runtime import program_runs  # noqa: E402  (this clone's minigpt, put first just above)
+
 # Asked once, before any test hides the GPU (`_cpu_unless_marked_cuda`): CUDA reads
 # CUDA_VISIBLE_DEVICES when it starts in a process, so a CPU test's empty value seen first (torch.optim
 # asks `torch.cuda.is_available()`) would hide the GPU from every later `cuda` test of the run.
 CUDA = torch.cuda.is_available()
+
+# torch.compile on the CPU builds C++: it needs a compiler that runs, and temporary and cache folders
+# without a space (`runtime.prepare_cpu_compile` refuses those, torch's build commands split them).
+needs_cpu_compiler = pytest.mark.skipif(
+    not program_runs(os.environ.get("CXX", "g++"))
+    or any(c.isspace() for c in tempfile.gettempdir() + os.environ.get("TORCHINDUCTOR_CACHE_DIR", "")),
+    reason="torch.compile on the CPU needs a C++ compiler, and TMPDIR without a space")
 
 # A tiny GPT-2 shape that keeps the real 50,257-token vocabulary (so the real tokenizer applies).
 TINY_HF = dict(n_layer=2, n_head=4, n_embd=64, n_positions=256, vocab_size=50257)

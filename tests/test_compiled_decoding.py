@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import gc
 import os
-import shutil
 import subprocess
 import sys
 
 import pytest
 import torch
 
+from conftest import needs_cpu_compiler
 from minigpt import compiled_decoding, layouts, opaque, runtime
 from minigpt.compiled_decoding import CompiledDecoding, DecodeStep, compilable
 from minigpt.config import GPTConfig
@@ -22,8 +22,6 @@ from minigpt.model import GPT, KVCache
 from minigpt.sampling import generate, next_token, seeded_generator
 from minigpt.sampling_config import SamplingConfig
 
-needs_compiler = pytest.mark.skipif(shutil.which(os.environ.get("CXX", "g++")) is None,
-                                    reason="torch.compile on the CPU needs a C++ compiler")
 CONFIG = GPTConfig(n_layer=2, n_head=4, n_embd=64, block_size=64, vocab_size=2100, dropout=0.0)
 PROMPT = [5, 17, 300, 42, 7, 1999, 64, 3, 12, 900]
 
@@ -60,7 +58,7 @@ def tokens(model, config: SamplingConfig, compiled=None, num_samples: int = 1) -
     return torch.stack(list(steps), dim=1).tolist()
 
 
-@needs_compiler
+@needs_cpu_compiler
 @pytest.mark.parametrize("kernel", ["fbgemm", "int8mm"])
 def test_compiled_int8_decodes_the_eager_tokens_through_a_sliding_window(kernel):
     """int8 layers are compiled through (their activation digits / conversions fuse into the graph).
@@ -79,7 +77,7 @@ def test_compiled_int8_decodes_the_eager_tokens_through_a_sliding_window(kernel)
     assert_one_step_is_eager(model, compiled, 1e-4)
 
 
-@needs_compiler
+@needs_cpu_compiler
 def test_compiled_fp32_decodes_a_batch_with_the_eager_logits():
     """fp32 layers are opaque calls of their eager kernels (inductor's own code for one row was
     slower); 3 samples at once, each step's logits within rounding of the eager model's."""
@@ -103,7 +101,7 @@ def test_compiled_fp32_decodes_a_batch_with_the_eager_logits():
         torch.testing.assert_close(got, want, rtol=0, atol=1e-5 * want.abs().max().item())
 
 
-@needs_compiler
+@needs_cpu_compiler
 def test_one_compiled_graph_serves_every_prompt_and_cache_length():
     """Attention reads the cache's filled positions, their count a dynamic dimension: after the
     warm-up (which races the two fp32 steps and keeps one), prompts and runs of other lengths, a one-token prompt and the window sliding included,
@@ -151,7 +149,7 @@ def test_the_opaque_registry_forgets_a_layer_once_it_is_gone():
     assert wrapped.key not in opaque._OPAQUE_PRODUCTS
 
 
-@needs_compiler
+@needs_cpu_compiler
 def test_an_opaque_layer_may_return_a_strided_result():
     """The compiled graph expects a contiguous result; a layout may return a strided one (the fp32
     LM head at 8 rows returned rows padded to 50,258 for the vocabulary's 50,257)."""
@@ -181,7 +179,7 @@ def test_a_model_in_training_mode_or_a_cpu_without_a_compiler_or_python_headers_
         CompiledDecoding(small_model())
 
 
-@needs_compiler
+@needs_cpu_compiler
 def test_many_models_and_batch_sizes_each_keep_their_compiled_step(monkeypatch):
     """One graph per model and batch size, all of the same code: more than the 8 that
     dynamo keeps by default (a 9th was an error), here 5 models x 2 batch sizes. (Compiled without
@@ -207,7 +205,7 @@ def compile_to(logits: torch.Tensor):
     return lambda step, **options: lambda *args: logits
 
 
-@needs_compiler
+@needs_cpu_compiler
 def test_warm_up_refuses_a_compiled_step_that_disagrees_with_the_eager_model(monkeypatch):
     """A wrong compiled step (NaN logits here, as inductor's cache written under another instruction
     set gave) is one clear error when it is compiled, not garbage text later."""
@@ -219,7 +217,7 @@ def test_warm_up_refuses_a_compiled_step_that_disagrees_with_the_eager_model(mon
     assert CompiledDecoding(model).warm_up(2, torch.float32) >= 0  # (rounding-sized gaps pass)
 
 
-@needs_compiler
+@needs_cpu_compiler
 def test_warm_up_names_a_compiler_that_builds_nothing(monkeypatch):
     """A compiler that answers --version (so passes the check) but builds nothing (CXX a wrapper
     that fails, a broken toolchain) was a 40-line InductorError traceback at the first step."""
@@ -234,7 +232,7 @@ def test_warm_up_names_a_compiler_that_builds_nothing(monkeypatch):
         CompiledDecoding(prepare_for_inference(small_model(), None)).warm_up(1, torch.float32)
 
 
-@needs_compiler
+@needs_cpu_compiler
 def test_warm_up_refuses_a_batch_or_dtype_it_cannot_decode(monkeypatch):
     """A batch of 0 or 2.0, or a dtype other than the activations' (bf16 for an fp32 model, or a name
     such as "fp32"), failed in torch's own words (or a KeyError); one line now names what it takes."""
@@ -248,7 +246,7 @@ def test_warm_up_refuses_a_batch_or_dtype_it_cannot_decode(monkeypatch):
     assert compiled.warm_up(2, torch.float32) >= 0
 
 
-@needs_compiler
+@needs_cpu_compiler
 def test_warm_up_allows_16_bit_rounding_and_no_more(monkeypatch):
     """With bf16 or fp16 activations (a GPU's) the eager model and the step each round every op to 8
     or 11 bits, and differently: warm_up's check allows 5e-2 of the largest logit there (measured up
@@ -292,7 +290,7 @@ def test_every_fp32_layout_gives_back_its_exact_weight_and_bias(kernel):
     assert torch.equal(got_head, head) and no_bias is None
 
 
-@needs_compiler
+@needs_cpu_compiler
 def test_inductor_gemms_decode_the_eager_tokens_with_no_opaque_call():
     """gemms="inductor": every product is inductor's own, the weights frozen into the graph; the
     tokens are the eager model's and one step's logits are within fp32 rounding of its."""
@@ -310,7 +308,7 @@ def test_inductor_gemms_decode_the_eager_tokens_with_no_opaque_call():
     assert compiled.stats_note() == " (the prompt); decoding compiled, products by inductor's GEMMs"  # (--stats)
 
 
-@needs_compiler
+@needs_cpu_compiler
 def test_the_eager_model_that_wins_the_race_decodes_and_says_so(monkeypatch):
     """On a GPU warm_up also races the model's own forward ("eager", as decoding without compiling
     runs), which decoded faster there: here, with that entry added by hand and its timing won, every
@@ -345,11 +343,15 @@ def test_a_window_of_fewer_than_3_positions_is_refused_in_one_line():
             CompiledDecoding(model.eval())
         assert str(e.value) == (f"compiled decoding needs a context window of at least 3 positions, not {block_size}: "
                                 "in a smaller one every step runs eager (see __call__); decode without compiling")
+
+
+@needs_cpu_compiler
+def test_a_window_of_3_positions_is_taken():
     model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=3, vocab_size=50, dropout=0.0)).eval()
     assert CompiledDecoding(model, gemms="kernels").model is model
 
 
-@needs_compiler
+@needs_cpu_compiler
 def test_the_race_between_steps_fits_a_small_window(monkeypatch):
     """It timed 16 tokens in a cache of 19 positions whatever the model's window: "max_len 19 exceeds
     the context window 8" for `--compile` on an 8-position model. (The steps are stand-ins here.)"""
@@ -371,7 +373,7 @@ def test_the_race_between_steps_fits_a_small_window(monkeypatch):
     assert max(lengths) == 7  # 1 eager, 1 to warm, 5 timed: 8 positions less the one a whole-cache step would need
 
 
-@needs_compiler
+@needs_cpu_compiler
 def test_the_whole_cache_step_decodes_the_eager_tokens_in_the_same_tensors_every_run():
     """The CUDA-graph step (gemms="cudagraphs", a GPU's) reads the whole window's cache at every
     token, the positions after the new one masked, in tensors kept for every run (a graph replays
@@ -402,7 +404,7 @@ def test_the_whole_cache_step_decodes_the_eager_tokens_in_the_same_tensors_every
             compiled(torch.tensor([[77]]), plain)
 
 
-@needs_compiler
+@needs_cpu_compiler
 def test_a_cuda_toolkit_without_a_gpu_adds_no_line_about_cuda(tmp_path):
     """Inductor's C++ builder imports torch.utils.cpp_extension, which on a machine with a CUDA
     toolkit but no GPU logs "No CUDA runtime is found" as it loads (torch's CUDA builds): the CPU's
@@ -420,7 +422,7 @@ def test_a_cuda_toolkit_without_a_gpu_adds_no_line_about_cuda(tmp_path):
     assert stderr(prepare=True) == ""
 
 
-@needs_compiler
+@needs_cpu_compiler
 def test_only_fp32_on_the_cpu_offers_inductor_gemms():
     """The step with inductor's GEMMs needs fp32 layouts that give back W (`dense()`): not int8's."""
     int8 = prepare_for_inference(small_model(), "int8", kernel="int8mm")
@@ -439,7 +441,7 @@ def test_only_fp32_on_the_cpu_offers_inductor_gemms():
     assert list(CompiledDecoding(small_model()).steps) == ["kernels"]  # (not prepared: plain nn.Linear layers)
 
 
-@needs_compiler
+@needs_cpu_compiler
 def test_int8mm_layers_race_a_step_with_fbgemm_on_every_layer():
     """An int8 model with int8mm layers gets a second step with FBGEMM's kernel on every layer, on
     the same int8 weights (`fbgemm_twin`: the same q, scales and bias); warm_up keeps the faster.
@@ -482,7 +484,7 @@ def test_int8mm_layers_race_a_step_with_fbgemm_on_every_layer():
     assert len(seen) == 40 and len(set(new)) > 5 and gap <= 1e-2
 
 
-@needs_compiler
+@needs_cpu_compiler
 def test_steps_compiled_for_other_instruction_sets_keep_to_their_own_cache(monkeypatch, tmp_path):
     """Inductor's disk cache does not tell instruction sets apart: a step compiled with torch's
     kernels capped to AVX2 and loaded uncapped corrupted the heap (glibc aborted 3 runs in 4). So
@@ -503,7 +505,29 @@ def test_steps_compiled_for_other_instruction_sets_keep_to_their_own_cache(monke
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(capped)
 
 
-@needs_compiler
+@needs_cpu_compiler  # (the folders here are beside pytest's, which hold no space then)
+def test_a_temporary_or_cache_folder_with_a_space_is_refused_in_one_line(monkeypatch, tmp_path):
+    """torch's C++ build commands split paths at spaces: with TMPDIR="/tmp/my temp", `sample.py
+    --compile` failed at its first step with "CppCompileError: C++ compile error"."""
+    import tempfile
+
+    from minigpt.runtime import prepare_cpu_compile
+
+    spaced = tmp_path / "my temp"
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(tempfile, "tempdir", str(spaced))
+    with pytest.raises(MinigptError, match=f"^torch.compile on the CPU cannot build C\\+\\+ under '{spaced}', a path "
+                       r"with a space \(torch's build commands split it\): set TMPDIR to a folder without one$"):
+        prepare_cpu_compile()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(spaced))
+    with pytest.raises(MinigptError, match="set TORCHINDUCTOR_CACHE_DIR to a folder without one$"):
+        prepare_cpu_compile()
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "cache"))
+    assert prepare_cpu_compile().parent == tmp_path / "cache"
+
+
+@needs_cpu_compiler
 def test_a_compiled_step_of_another_model_or_of_swapped_layers_is_refused():
     """generate(model, compiled=...) ran the prompt on `model` and every later token on the other
     model's compiled step, in silence; one made before prepare_for_inference swapped the layers

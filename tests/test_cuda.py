@@ -96,18 +96,16 @@ def test_decoding_with_the_cache_on_cuda_is_the_full_forward(tiny_minigpt_dir):
     assert len(new) == 8 and bool((picked >= full.amax(-1) - 1e-5 * full.abs().amax()).all()), new
 
 
-def test_int8_on_cuda_computes_the_model_or_says_why_not(tiny_minigpt_dir):
-    from minigpt.errors import MinigptError
+def test_int8_on_cuda_computes_the_model(tiny_minigpt_dir):
+    """int8 decodes on a GPU with torch's `int8mm` (the H200 run: 192 tokens/s at batch 1); a refusal
+    ("no int8 weight-only kernel for cuda") used to pass this test too."""
     from minigpt.loading import load_model
-    from minigpt.inference import prepare_for_inference
+    from minigpt.inference import kernel_summary, prepare_for_inference
 
     model, _ = load_model(tiny_minigpt_dir, "cuda")
     reference, _ = load_model(tiny_minigpt_dir, "cuda")
-    try:
-        prepare_for_inference(model, "int8")
-    except MinigptError as e:
-        assert "no int8 weight-only kernel for cuda" in str(e)
-        return
+    prepare_for_inference(model, "int8")
+    assert kernel_summary(model).startswith("kernels: lm_head ")  # (int8mm or upcast, whichever times faster)
     idx = torch.randint(0, 50257, (1, 16), generator=torch.Generator().manual_seed(0)).cuda()
     with torch.no_grad():
         expected, got = reference(idx)[0], model(idx)[0]

@@ -132,9 +132,11 @@ def calls_in(module: str) -> set[str]:
 
 
 def test_only_files_writes_by_temporary_copy_and_rename():
-    """One atomic-write scheme: nothing but files.py renames into place, fsyncs or makes temporaries."""
-    writes = {"os.replace", "os.rename", "os.fsync", "tempfile", "fsync", "fsync_tree"}
-    assert {"os.replace", "os.fsync", "tempfile", "fsync"} <= calls_in("files")
+    """One atomic-write scheme: nothing but files.py renames into place, fsyncs or makes temporaries
+    (runtime.py reads where temporaries go, `tempfile.gettempdir`, and makes none)."""
+    makers = ("mkstemp", "mkdtemp", "NamedTemporaryFile", "TemporaryDirectory", "TemporaryFile", "SpooledTemporaryFile")
+    writes = {"os.replace", "os.rename", "os.fsync", "fsync", "fsync_tree", *(f"tempfile.{f}" for f in makers), *makers}
+    assert {"os.replace", "os.fsync", "tempfile.mkdtemp", "fsync"} <= calls_in("files")
     for module in MODULES:
         if module != "files":
             assert not calls_in(module) & writes, module

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import os
 import re
+import shlex
 import shutil
 import sys
 
@@ -13,7 +14,7 @@ import pytest
 import torch
 
 import sample
-from conftest import call_cli, run_cli
+from conftest import call_cli, needs_cpu_compiler, run_cli
 from minigpt.errors import MinigptError
 
 PROMPT = "Somatic hypermutation allows the immune system to"
@@ -76,7 +77,7 @@ def test_without_a_model_the_hubs_distilgpt2_fails_in_its_own_words(tmp_path, mo
         result = call_cli("sample.py", "hi")
         assert result.returncode == 2
         [line] = result.stderr.splitlines()
-        assert line.startswith(f"error: no --model given and no checkpoint in checkpoints/eli5/; ")
+        assert line.startswith("error: no --model given and no checkpoint in checkpoints/eli5/; ")
         assert cause in line and line.endswith("`python train.py --preset tiny` makes one in checkpoints/tiny)")
 
 
@@ -194,7 +195,7 @@ def test_a_byte_order_mark_is_not_part_of_the_text(tiny_minigpt_dir, tmp_path, c
         assert stop.value.code == 2 and f"error: argument {flag}: empty path" in capsys.readouterr().err
 
 
-@pytest.mark.skipif(shutil.which(os.environ.get("CXX", "g++")) is None, reason="--compile needs a C++ compiler")
+@needs_cpu_compiler
 def test_compile_decodes_the_greedy_text_of_transformers(tiny_hf_dir, gpt2_tokenizer):
     """--compile: the step compiles before the first prompt (a stderr line says how long), and the text is the
     eager one, which is transformers' (two prompts, one of a single token, one compiled step for both)."""
@@ -511,7 +512,7 @@ def test_a_trace_run_stopped_by_sigterm_or_a_closed_pipe_keeps_its_rows(tiny_min
     assert len(rows) > 0 and [r["step"] for r in rows] == list(range(len(rows)))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["t.jsonl"]  # (no temporary copy left)
 
-    piped = subprocess.run(f"{' '.join(map(str, command))} | head -c 20", shell=True, capture_output=True, text=True,
+    piped = subprocess.run(f"{shlex.join(map(str, command))} | head -c 20", shell=True, capture_output=True, text=True,
                            env=env, timeout=300, executable="/bin/bash")
     assert piped.stderr == "" and len(piped.stdout) == 20
     rows = [json.loads(line) for line in trace.read_text().splitlines()]

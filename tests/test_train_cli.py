@@ -15,9 +15,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, call_cli, python_path, run_cli
+from conftest import ROOT, call_cli, needs_cpu_compiler, python_path, run_cli
 from minigpt.errors import MinigptError
-from minigpt.runtime import program_runs
 
 # Fast and reproducible settings on top of the tiny preset: short runs, no progress bars.
 QUICK = ("--preset", "tiny", "--no-progress", "--log-every", "1")
@@ -574,7 +573,7 @@ def test_compile_without_a_working_compiler_is_one_line(tmp_path, monkeypatch):
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.skipif(not program_runs(os.environ.get("CXX", "g++")), reason="compiling on the CPU needs a C++ compiler")
+@needs_cpu_compiler
 def test_cuda_graphs_asked_for_on_the_cpu_are_noted(tmp_path, monkeypatch):
     """--compile-mode reduce-overhead on the CPU ran without a word, though CUDA graphs are a GPU's
     (torch.compile itself is replaced: what is asked and said is checked, not the compiling)."""
@@ -667,3 +666,20 @@ def test_an_out_after_an_equals_sign_has_its_tilde_expanded(tmp_path, monkeypatc
     assert json.loads((run / "training_state.json").read_text())["step"] == 2 and load_model(run)[0] is not None
     result = call_cli("train.py", *QUICK, "--max-steps", "1", "--block-size", "1", "--out", str(tmp_path / "one"))
     assert result.returncode == 2 and result.stderr.splitlines()[-1] == "error: --block-size: must be at least 2, got 1"
+
+
+def test_without_matplotlib_the_missing_curve_is_noted(tmp_path, monkeypatch):
+    """Without matplotlib (no `plot` extra) loss.png was skipped without a word."""
+    import sys
+
+    out = tmp_path / "run"
+    with monkeypatch.context() as patch:
+        for name in ["matplotlib", *(m for m in sys.modules if m.startswith("matplotlib."))]:
+            patch.setitem(sys.modules, name, None)  # (an import of it fails, as when it is not installed)
+        result = call_cli("train.py", *QUICK, "--max-steps", "2", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    assert 'note: loss.png is not drawn: matplotlib is not installed (pip install -e ".[plot]")' in \
+        result.stderr.splitlines()
+    assert (out / "metrics.jsonl").is_file() and not (out / "loss.png").exists()
+    with_it = call_cli("train.py", *QUICK, "--max-steps", "2", "--out", str(tmp_path / "with"))
+    assert "loss.png" not in with_it.stderr and (tmp_path / "with" / "loss.png").is_file()

@@ -15,11 +15,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import needs_cpu_compiler
 import minigpt.metrics as metrics_module
 from minigpt.errors import MinigptError
 from minigpt.metrics import MetricsLog, StepNumbers, strict_json
 from minigpt.run_folder import STATE_JSON
-from minigpt.runtime import program_runs
 from minigpt.trainer import CUDA_GRAPH_MODES
 from test_trainer import lm_loss, make_trainer, micro_model, random_blocks, rows
 
@@ -202,6 +202,7 @@ def test_step_times_are_recorded_on_the_training_gpus_stream(monkeypatch):
 # --- --compile-mode --------------------------------------------------------------------------------
 
 
+@needs_cpu_compiler  # (runtime.prepare_cpu_compile checks for one before torch.compile is called)
 def test_compile_mode_reaches_torch_compile_and_reduce_overhead_marks_the_batch_dynamic(tmp_path, monkeypatch):
     """(torch.compile itself is replaced: compiling is the CUDA test's job; here, what is asked of it.)"""
     asked, marked, steps_begun = [], [], []
@@ -225,7 +226,7 @@ def test_compile_mode_reaches_torch_compile_and_reduce_overhead_marks_the_batch_
         assert list_mode_options(mode).get("triton.cudagraphs", False) == (mode in CUDA_GRAPH_MODES)
 
 
-@pytest.mark.skipif(not program_runs(os.environ.get("CXX", "g++")), reason="compiling on the CPU needs a C++ compiler")
+@needs_cpu_compiler
 def test_compiled_training_on_the_cpu_keeps_to_its_instruction_sets_cache(tmp_path, monkeypatch):
     """Inductor's disk cache does not tell instruction sets apart (`runtime.prepare_cpu_compile`):
     a training step compiled on the CPU, as compiled decoding, uses the cache's folder for the
