@@ -311,6 +311,12 @@ def test_bad_numbers_are_usage_errors(flag, value, capsys):
      "--num-samples 3 with --greedy would print 3 copies of one text: greedy decoding always takes the most "
      "likely token; sample without it"),
     (("--temperature", "0", "--num-samples", "2", "--interactive"), "--num-samples 2 with --temperature 0 would"),
+    # and the filters: greedy's candidate set is its one most likely token (a --trace's `kept` column too)
+    (("--greedy", "--top-k", "5", "hi"), "--top-k has no effect with --greedy: greedy decoding takes the most "
+     "likely token, whatever the temperature, top-k and top-p"),
+    (("--greedy", "--temperature", "3", "hi"), "--temperature has no effect with --greedy"),
+    (("--temperature", "0", "--top-p", "0.5", "hi"), "--top-p has no effect with --temperature 0"),
+    (("--score", "a b", "--trace", "t.jsonl", "--greedy", "--top-k", "3"), "--top-k has no effect with --greedy"),
 ])
 def test_a_flag_that_would_change_nothing_is_refused(args, complaint, capsys):
     """A flag that has no effect in the mode asked for is a usage error naming it (it used to be
@@ -323,13 +329,15 @@ def test_a_flag_that_would_change_nothing_is_refused(args, complaint, capsys):
 
 def test_flags_that_apply_are_accepted_in_each_mode():
     """The other side of the refusals above: what does apply is parsed as given."""
-    args = sample.parse_args(["--score", "a b", "--trace", "t.jsonl", "--top-k", "3", "--greedy",
+    args = sample.parse_args(["--score", "a b", "--trace", "t.jsonl", "--top-k", "3",
                               "--top-alternatives", "2", "--stats", "--kernel", "linear"])
-    assert (args.top_k, args.greedy, args.top_alternatives) == (3, True, 2)
+    assert (args.top_k, args.greedy, args.top_alternatives) == (3, False, 2)
+    assert sample.parse_args(["--score", "a b", "--trace", "t.jsonl", "--greedy"]).greedy  # (kept: the argmax)
     args = sample.parse_args(["--seed", "1", "--num-samples", "2", "--repetition-penalty", "1.2", "hi"])
     assert (args.seed, args.num_samples, args.repetition_penalty) == (1, 2, 1.2)
-    args = sample.parse_args(["--greedy", "--num-samples", "1", "--trace", "t.jsonl", "--top-k", "3", "hi"])
-    assert (args.greedy, args.num_samples, args.top_k) == (True, 1, 3)  # (one sample; the trace marks top-k's)
+    args = sample.parse_args(["--greedy", "--num-samples", "1", "--trace", "t.jsonl", "--repetition-penalty", "1.3",
+                              "hi"])
+    assert (args.greedy, args.num_samples, args.repetition_penalty) == (True, 1, 1.3)  # (the penalty moves the argmax)
     args = sample.parse_args(["--temperature", "1e-3", "--seed", "1", "--num-samples", "2", "hi"])
     assert (args.seed, args.num_samples) == (1, 2)  # (a low temperature still samples)
 
