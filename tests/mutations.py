@@ -1670,6 +1670,12 @@ BREAKS = (
           "(\"CppCompileError: C++ compile error\" at the first step)",
           ((r"if any\(c\.isspace\(\) for c in path\):", "if False:"),),
           ("tests/test_compiled_decoding.py::test_a_temporary_or_cache_folder_with_a_space_is_refused_in_one_line",)),
+    Break("auto_device_skips_gpu", "--device auto takes the CPU (or MPS) on a machine with CUDA",
+          ((r"^        if torch\.cuda\.is_available\(\):\n            return torch\.device\(\"cuda\"\)\n", ""),),
+          ("tests/test_train_cli.py::test_auto_picks_cuda_then_mps_then_the_cpu_and_bf16_where_the_gpu_has_it",)),
+    Break("auto_dtype_fp32_on_gpu", "--dtype auto is fp32 on a GPU that computes bf16",
+          ((r'if device\.type == "cuda" and torch\.cuda\.is_bf16_supported\(\):', "if False:"),),
+          ("tests/test_train_cli.py::test_auto_picks_cuda_then_mps_then_the_cpu_and_bf16_where_the_gpu_has_it",)),
 )
 
 

@@ -271,6 +271,22 @@ def test_a_source_path_that_is_not_utf8_is_refused_before_any_work(tmp_path, tin
     assert not (tmp_path / "out").exists()
 
 
+def test_auto_picks_cuda_then_mps_then_the_cpu_and_bf16_where_the_gpu_has_it(monkeypatch):
+    """README's `--device auto` and `--dtype auto`: no test reached them (the CPU tests pin auto to
+    the CPU, and the GPU tests name cuda), so "auto ignores the GPU" passed everywhere."""
+    from conftest import unpinned_resolve_device as resolve_device
+    from minigpt.runtime import resolve_dtype
+
+    for cuda, mps, expected in ((True, True, "cuda"), (False, True, "mps"), (False, False, "cpu")):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+        monkeypatch.setattr(torch.backends.mps, "is_available", lambda: mps)
+        assert resolve_device("auto") == resolve_device() == torch.device(expected)
+    for bf16, expected in ((True, torch.bfloat16), (False, torch.float32)):
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: bf16)
+        assert resolve_dtype("auto", torch.device("cuda")) == expected
+        assert resolve_dtype("auto", torch.device("cpu")) == resolve_dtype("auto", torch.device("mps")) == torch.float32
+
+
 def test_a_device_is_named_as_torch_names_it(monkeypatch):
     """`setup_device` takes a torch.device, and "cuda:N" (or torch's bare N) for a GPU of several,
     checked against the GPUs there are (and made the current one); under torchrun a numbered GPU is
