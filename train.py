@@ -25,7 +25,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
-from minigpt.cli import run
+from minigpt.cli import run, sigterm_as_interrupt
 from minigpt.errors import MinigptError, alike_on_every_rank, count
 from minigpt.train_flags import ADAM_BETAS, ADAM_EPS, RECIPE_MODEL, TrainFlags, parse_train_flags
 
@@ -94,7 +94,13 @@ def load_init(args: TrainFlags) -> tuple[GPT, Tokenizer]:
 
 
 def eval_only(args: TrainFlags) -> int:
-    """--eval-only: the validation loss of --init on the validation blocks training would use."""
+    """--eval-only: the validation loss of --init on the validation blocks training would use. A
+    SIGTERM (`timeout`, `kill`) stops it as Ctrl-C does, so its temporary blocks are removed."""
+    with sigterm_as_interrupt(True):  # (training has its own handler, which saves; this writes nothing)
+        return _eval_only(args)
+
+
+def _eval_only(args: TrainFlags) -> int:
     import tempfile
 
     import numpy as np

@@ -35,7 +35,7 @@ def run(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] 
     if getattr(sys.stdout, "errors", None) == "strict" and hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(errors="replace")
     try:
-        with one_line_warnings(), _sigterm_as_interrupt(sigterm_interrupts):
+        with one_line_warnings(), sigterm_as_interrupt(sigterm_interrupts):
             code = main(argv)
         sys.stdout.flush()  # (here a full disk behind stdout is reported, not in a warning at exit)
     except MinigptError as e:
@@ -83,7 +83,7 @@ class ClosedStream:
 
 
 @contextlib.contextmanager
-def _sigterm_as_interrupt(enabled: bool) -> Iterator[None]:
+def sigterm_as_interrupt(enabled: bool) -> Iterator[None]:
     """While inside, if `enabled`, SIGTERM raises KeyboardInterrupt (where nothing else handles it,
     in the main thread)."""
     in_main = threading.current_thread() is threading.main_thread()

@@ -160,6 +160,9 @@ def export_to_hf(source: str | os.PathLike, out: str | os.PathLike, overwrite: b
         folder = current_checkpoint(folder) or folder
     model, tokenizer = load_model(folder)
     card, text = folder / CARD_FILE, None
+    if kind == "minigpt" and card.is_symlink():  # (a folder from elsewhere: its README.md could name any file)
+        raise MinigptError(f"{card}: the model card is a symlink (to {os.readlink(card)}), not a file of the "
+                           "checkpoint's own; copy the card in, or move it away, to export")
     if kind == "minigpt" and card.is_file():
         try:
             text = export_card(card.read_text(encoding="utf-8"))

@@ -61,7 +61,10 @@ def current_checkpoint(out: str | os.PathLike) -> Path | None:
     """The step folder `out/.ckpt/current` points to (resolved once, so that the model files and the
     training state read from it are of one step), or None when `out` holds no checkpoint."""
     link = Path(out) / CKPT_DIR / CURRENT
-    return link.resolve() if link.is_symlink() and link.resolve().is_dir() else None
+    step = link.resolve() if link.is_symlink() and link.resolve().is_dir() else None
+    if step is not None and step.parent != link.parent.resolve():  # (a run's link names a step folder beside it)
+        raise MinigptError(f"{link}: points to {step}, outside {link.parent}: not a checkpoint of this run")
+    return step
 
 
 def check_out_folder(out: str | os.PathLike, resume: bool, *, locked: bool = True) -> Path | None:

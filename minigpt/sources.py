@@ -82,6 +82,9 @@ class Source:
             raise MinigptError(f"{path}: no such file or folder ({flag})")
         if path.is_dir():
             return cls(str(path), "txt-folder", path, limit)
+        if not path.is_file():  # (a FIFO hung the run: its bytes are hashed for the cache, then read)
+            raise MinigptError(f"{path}: not a regular file ({flag} takes a file or a folder of .txt files, not a pipe "
+                               "or a device)")
         suffix = next((s for s in TEXT_SUFFIXES if path.name.lower().endswith(s)), None)
         if suffix is None:
             raise MinigptError(
@@ -138,7 +141,7 @@ class Source:
                 text = self.path.read_text(encoding=TEXT_ENCODING)
                 return [p.strip() for p in re.split(r"\n\s*\n", text) if p.strip()], None
             if self.kind == "parquet":
-                return _read_parquet(self.path), None
+                return _read_parquet(self.path, self.limit), None
             if self.kind == "csv":
                 return _read_csv(self.path)
             return _read_json(self.path, lines=self.kind == "jsonl")
@@ -224,15 +227,23 @@ def _parse_json(text: str, path: Path, where: str):
         raise MinigptError(f"{path}: {where or 'file '}is not valid JSON (nested too deeply)") from None
 
 
-def _read_parquet(path: Path) -> list[dict]:
+def _read_parquet(path: Path, limit: int | None) -> list[dict]:
+    """The first `limit` rows (None: all), read a batch at a time: a small file can hold millions of
+    rows (compressed, or one value repeated), which --max-records would otherwise cut only once read."""
     import pyarrow.parquet as pq
 
     try:
-        names = pq.read_schema(path).names
+        file = pq.ParquetFile(path)
+        names = file.schema_arrow.names
         # `answers` as a struct, or as `datasets`' flatten() leaves it: columns answers.text, answers.score
         flat = [] if "answers" in names else [c for c in FLAT_ANSWERS if c in names]
         wanted = [c for c in ("q_id", "title", "selftext", "answers") if c in names] + flat
-        return _fold_flat_answers(pq.read_table(path, columns=wanted).to_pylist())
+        rows: list[dict] = []
+        for batch in file.iter_batches(batch_size=1024, columns=wanted):
+            rows += batch.to_pylist()
+            if limit is not None and len(rows) >= limit:
+                break
+        return _fold_flat_answers(rows[:limit])
     except Exception as e:  # pyarrow's errors have many types; all mean "not a usable parquet file"
         raise MinigptError(f"{path}: not a readable parquet file ({reason(e)})") from None
 

@@ -38,6 +38,7 @@ VOCAB_MERGES = ["vocab.json", "merges.txt"]  # a tokenizer as older repos hold i
 TOKENIZER_FILES = [TOKENIZER_FILE, *VOCAB_MERGES]
 HF_SETTINGS = ["tokenizer_config.json", "added_tokens.json"]  # how transformers reads an HF folder's tokenizer
 GPT2_CLASSES = (None, "GPT2Tokenizer", "GPT2TokenizerFast")  # tokenizer_class values that rebuild GPT-2's pipeline
+ADDED_TOKEN_FLAGS = ("special", "lstrip", "rstrip", "single_word", "normalized")  # (added_tokens_decoder's)
 MIN_BPE_VOCAB = 256 + 1  # byte-level BPE: one token per byte, plus EOS_TOKEN
 
 
@@ -50,7 +51,7 @@ class Tokenizer:
         truncate or pad every text: transformers turns both off unless a call asks for them, and so
         does this; it may also add special tokens to every text (a post-processor that starts each
         with <|endoftext|>), which transformers does and minigpt's data and prompts do not: refused."""
-        self.backend = backend
+        self.backend, self.source = backend, str(source)
         backend.no_truncation()
         backend.no_padding()
         eos_id = backend.token_to_id(EOS_TOKEN)
@@ -118,6 +119,9 @@ class Tokenizer:
         folder = Path(folder)
         tokenizer = cls.from_dir(folder)
         config, added = (read_json(folder / name) if (folder / name).is_file() else {} for name in HF_SETTINGS)
+        decoder = config.get("added_tokens_decoder") or {}
+        if not isinstance(decoder, dict):  # (read_json checked the files are objects; this one is inside)
+            raise MinigptError(f"{folder / HF_SETTINGS[0]}: added_tokens_decoder is not a JSON object of id -> token")
         if config.get("tokenizer_class") in GPT2_CLASSES:  # (as transformers' GPT2Tokenizer builds it)
             prefix = config.get("add_prefix_space") is True
             tokenizer.backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=prefix)
@@ -128,11 +132,13 @@ class Tokenizer:
             raise MinigptError(f"{folder / HF_SETTINGS[0]}: add_bos_token is true, which starts every text with "
                                f"{EOS_TOKEN} in transformers and not in minigpt; remove it, or add a tokenizer.json")
         tokens = {content: {"id": i} for content, i in added.items()}
-        decoder = config.get("added_tokens_decoder") or {}
         tokens.update({t.get("content"): {**t, "id": i} for i, t in decoder.items() if isinstance(t, dict)})
-        for content, token in tokens.items():
-            if not isinstance(content, str) or not str(token["id"]).isdigit():
+        for content, token in tokens.items():  # (an id of ASCII digits: "²" passes isdigit(), and int() refuses it)
+            if not isinstance(content, str) or not re.fullmatch(r"[0-9]{1,18}", str(token["id"])):
                 raise MinigptError(f"{folder}: added token {content!r} with id {token['id']!r}: not a text and an id")
+            if bad := [k for k in ADDED_TOKEN_FLAGS if k in token and not isinstance(token[k], bool)]:
+                raise MinigptError(f"{folder}: added token {content!r}: {bad[0]} is {token[bad[0]]!r}, not true or "
+                                   "false")
         for content, token in sorted(tokens.items(), key=lambda item: int(item[1]["id"])):
             tokenizer._add_at(content, int(token["id"]), token, folder)
         return tokenizer
@@ -145,7 +151,7 @@ class Tokenizer:
         if where != n:
             raise MinigptError(f"{folder}: added token {content!r} names id {where}, but the vocabulary's next id "
                                f"is {n} (transformers would give it {n}): the model and tokenizer disagree")
-        keep = {k: flags[k] for k in ("special", "lstrip", "rstrip", "single_word", "normalized") if k in flags}
+        keep = {k: flags[k] for k in ADDED_TOKEN_FLAGS if k in flags}
         self.backend.add_tokens([AddedToken(content, **keep)])
 
     @classmethod
@@ -190,6 +196,8 @@ class Tokenizer:
         except TypeError:
             _refuse_not_utf8([text], "text")
             raise
+        except BaseException as e:
+            raise self._panicked(e) from None
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         """Encode many texts at once; the Rust side spreads the work over all CPU cores. A text
@@ -202,6 +210,17 @@ class Tokenizer:
         except TypeError:
             _refuse_not_utf8(texts, "text {}")
             raise
+        except BaseException as e:
+            raise self._panicked(e) from None
+
+    def _panicked(self, e: BaseException) -> BaseException:
+        """The Rust side's panic (a BaseException, which no `except Exception` stops: a traceback) as
+        a MinigptError; e.g. the retry limit of a tokenizer.json's Split regex, on a text it fits
+        badly. Anything else (KeyboardInterrupt, say) as it was."""
+        if type(e).__name__ != "PanicException":
+            return e
+        return MinigptError(f"{self.source}: the tokenizer failed on a text ({reason(e)}): a regex of its "
+                            "tokenizer.json (a Split or Replace pattern) may not suit the text")
 
     def decode(self, ids: list[int]) -> str:
         """The text of `ids`; an id at or beyond `vocab_size` decodes to "" (as transformers'

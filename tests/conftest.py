@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from minigpt.runtime import program_runs  # noqa: E402  (this clone's minigpt, put first just above)
-from minigpt.runtime import resolve_device as unpinned_resolve_device  # noqa: E402  (`_cpu_unless_marked_cuda`)
+from minigpt.runtime import resolve_device as unpinned_resolve_device  # noqa: E402, F401  (`_cpu_unless_marked_cuda`)
 
 # Asked once, before any test hides the GPU (`_cpu_unless_marked_cuda`): CUDA reads
 # CUDA_VISIBLE_DEVICES when it starts in a process, so a CPU test's empty value seen first (torch.optim

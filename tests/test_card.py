@@ -257,3 +257,39 @@ def test_the_exported_card_is_the_step_whose_weights_were_read(tmp_path, tiny_hf
     assert call_cli("convert_hf_weights.py", "--to-hf", str(out), "--out", str(tmp_path / "hf")).returncode == 0
     assert current_checkpoint(out).name.endswith("-later")
     assert (tmp_path / "hf" / "README.md").read_text() == export_card(card)
+
+
+def test_a_card_or_a_checkpoint_link_pointing_elsewhere_is_refused(tmp_path, tiny_hf_dir, tiny_minigpt_dir, monkeypatch):
+    """A folder from elsewhere (a tarball, say) whose README.md is a symlink to one of the user's files
+    had that file exported as the model card, the folder people upload; a run folder's .ckpt/current
+    naming a folder outside the run was read as the run's checkpoint."""
+    import shutil
+
+    from minigpt.files import atomic_symlink
+
+    secret = tmp_path / "secret.txt"
+    secret.write_text("not a model card\n")
+    mine = Path(shutil.copytree(tiny_minigpt_dir, tmp_path / "mine"))
+    (mine / "README.md").unlink(missing_ok=True)
+    (mine / "README.md").symlink_to(secret)
+    result = call_cli("convert_hf_weights.py", "--to-hf", str(mine), "--out", str(tmp_path / "a"))
+    assert result.returncode == 2 and result.stderr.splitlines() == [
+        f"error: {mine / 'README.md'}: the model card is a symlink (to {secret}), not a file of the checkpoint's "
+        "own; copy the card in, or move it away, to export"]
+    assert not (tmp_path / "a").exists()
+
+    out = tmp_path / "run"
+    monkeypatch.setenv("MINIGPT_CACHE", str(tmp_path / "cache"))
+    assert call_cli("train.py", "--init", str(tiny_hf_dir), "--data", str(ROOT / "minigpt" / "assets" / "eli5_tiny.jsonl"),
+                    "--block-size", "32", "--batch-size", "4", "--max-steps", "1", "--no-progress",
+                    "--out", str(out)).returncode == 0
+    elsewhere = Path(shutil.copytree(tiny_minigpt_dir, tmp_path / "elsewhere"))
+    atomic_symlink(str(elsewhere), out / ".ckpt" / "current")
+    message = f"error: {out / '.ckpt' / 'current'}: points to {elsewhere}, outside {out / '.ckpt'}: not a checkpoint of this run"
+    for command in (("convert_hf_weights.py", "--to-hf", str(out), "--out", str(tmp_path / "b")),
+                    ("sample.py", "--model", str(out), "--max-new-tokens", "2", "hi"),
+                    ("train.py", "--init", str(tiny_hf_dir), "--data", str(ROOT / "minigpt" / "assets" / "eli5_tiny.jsonl"),
+                     "--block-size", "32", "--batch-size", "4", "--max-steps", "2", "--no-progress", "--out", str(out),
+                     "--resume")):
+        result = call_cli(*command)
+        assert result.returncode == 2 and result.stderr.splitlines()[-1] == message, (command, result.stderr)

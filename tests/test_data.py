@@ -122,6 +122,24 @@ def test_max_records_takes_the_first_records(tmp_path, gpt2_tokenizer):
     assert train.manifest["records"] == 5 and train.manifest["max_records"] == 5
 
 
+def test_max_records_of_a_parquet_file_reads_no_further(tmp_path, gpt2_tokenizer, monkeypatch):
+    """A parquet file was read whole before --max-records cut it: 228 KB of repeated rows took 4 GB."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    answers = [{"text": [f"answer {i}"], "score": [1]} for i in range(5000)]
+    pq.write_table(pa.table({"title": ["Why?"] * 5000, "answers": answers}), tmp_path / "many.parquet",
+                   row_group_size=1000)
+    batches = []
+    iter_batches = pq.ParquetFile.iter_batches
+    monkeypatch.setattr(pq.ParquetFile, "iter_batches",
+                        lambda self, **kw: (batches.append(b) or b for b in iter_batches(self, **kw)))
+    train, _ = load(tmp_path, gpt2_tokenizer, source=str(tmp_path / "many.parquet"), max_records=5, val_fraction=0.0,
+                    block_size=4)
+    assert train.manifest["records"] == 5 and len(batches) == 1
+    assert gpt2_tokenizer.decode(train.blocks.reshape(-1).tolist()) == "answer 0answer 1answer 2answer 3"  # (5th: cut)
+
+
 def test_explicit_validation_source(tmp_path, gpt2_tokenizer):
     train, val = load(tmp_path, gpt2_tokenizer, source=str(DATA / "eli5_small.json"),
                       val_source=str(DATA / "docs.txt"))
@@ -401,6 +419,11 @@ def test_missing_file_and_unknown_extension(tmp_path, gpt2_tokenizer):
     (tmp_path / "data.xlsx").write_text("x")
     with pytest.raises(MinigptError, match=r"data\.xlsx: unknown data file type"):
         load(tmp_path, gpt2_tokenizer, source=str(tmp_path / "data.xlsx"))
+    if os.path.exists(os.devnull):  # a named pipe hung the run (its bytes are hashed, then read again); a device is
+        (tmp_path / "null.jsonl").symlink_to(os.devnull)  # refused alike, and does not hang a test without the check
+        with pytest.raises(MinigptError, match=r"null\.jsonl: not a regular file \(--val-data takes a file or a folder "
+                           r"of \.txt files, not a pipe or a device\)$"):
+            load(tmp_path, gpt2_tokenizer, source=str(DATA / "eli5_small.json"), val_source=str(tmp_path / "null.jsonl"))
 
 
 def test_record_without_answers_text_is_named(tmp_path, gpt2_tokenizer):

@@ -138,3 +138,39 @@ def test_eval_only_of_weights_holding_nan_fails_in_one_line(tmp_path, tiny_hf_di
     assert result.returncode == 2 and "validation loss" not in result.stdout
     assert result.stderr.strip().splitlines()[-1] == (
         f"error: --eval-only: the validation loss of {broken} is nan: its weights hold NaN or inf")
+
+
+@pytest.mark.slow
+def test_eval_only_stopped_by_sigterm_leaves_no_temporary_blocks(tmp_path, tiny_hf_dir):
+    """--eval-only builds its blocks in a temporary folder; `timeout` or `kill` (SIGTERM) left one
+    behind per run, as training's own handler is not installed there."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import python_path
+
+    temp, data = tmp_path / "tmp", tmp_path / "many.jsonl"
+    temp.mkdir()
+    answer = "Because the air scatters blue light more than red, as Rayleigh found. " * 8
+    with data.open("w") as f:  # (~20 MB: seconds of tokenizing, in which the signal comes)
+        for i in range(40000):
+            f.write(json.dumps({"title": f"Why {i}?", "answers": {"text": [answer], "score": [1]}}) + "\n")
+    env = {**os.environ, "PYTHONPATH": python_path(), "TMPDIR": str(temp)}
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), "--eval-only", "--init", str(tiny_hf_dir),
+                             "--data", str(data), "--block-size", "32", "--no-progress"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not list(temp.glob("minigpt-eval-*")) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.1)  # (inside the folder's life: reading and tokenizing take seconds)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130 and err.strip().splitlines()[-1] == "interrupted", err
+    assert list(temp.iterdir()) == [], sorted(str(p) for p in temp.rglob("*"))

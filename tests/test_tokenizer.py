@@ -278,6 +278,26 @@ def test_a_post_processor_that_adds_tokens_to_every_text_is_refused(tmp_path):
             load(folder)
 
 
+def test_a_tokenizer_that_panics_on_a_text_is_one_line(tmp_path, gpt2_tokenizer):
+    """A tokenizer.json's Split regex that backtracks past the regex engine's retry limit made the
+    Rust side panic: a PanicException, which no `except Exception` stops (a traceback, exit 1)."""
+    import json
+
+    folder = hf_tokenizer_folder(tmp_path / "hf", False)
+    changed = json.loads((folder / "tokenizer.json").read_text())
+    changed["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": "(a|aa)+$"}, "behavior": "Isolated", "invert": False},
+        changed["pre_tokenizer"]]}
+    (folder / "tokenizer.json").write_text(json.dumps(changed))
+    tokenizer = Tokenizer.from_dir(folder)
+    assert tokenizer.encode("a" * 20 + "b") == gpt2_tokenizer.encode("a" * 20 + "b")  # (within the limit: as GPT-2's)
+    message = (re.escape(f"{folder / 'tokenizer.json'}: the tokenizer failed on a text (") + r"[^\n]*retry-limit[^\n]*"
+               + re.escape("): a regex of its tokenizer.json (a Split or Replace pattern) may not suit the text") + "$")
+    for encode in (lambda: tokenizer.encode("a" * 40 + "b"), lambda: tokenizer.encode_batch(["x", "a" * 40 + "b"])):
+        with pytest.raises(MinigptError, match=message):
+            encode()
+
+
 def test_what_transformers_would_read_otherwise_is_refused_in_one_line(tmp_path):
     """An added token whose id is not the vocabulary's next (transformers gives it the next id anyway) and
     add_bos_token without a tokenizer.json (transformers starts every text with <|endoftext|>)."""
@@ -287,6 +307,13 @@ def test_what_transformers_would_read_otherwise_is_refused_in_one_line(tmp_path)
         "bos": ({"tokenizer_config": {"add_bos_token": True}}, "tokenizer_config.json: add_bos_token is true"),
         "junk": ({"added_tokens": {"<sep>": "x"}}, "added token '<sep>' with id 'x': not a text and an id"),
         "list": ({"tokenizer_config": [1]}, "tokenizer_config.json: expected a JSON object"),
+        # tracebacks before: AttributeError, int("²") (which isdigit() passes), int() of 5,000 digits, AddedToken
+        "decoder": ({"tokenizer_config": {"added_tokens_decoder": [1, 2]}},
+                    "tokenizer_config.json: added_tokens_decoder is not a JSON object of id -> token"),
+        "superscript": ({"added_tokens": {"<sep>": "\u00b2"}}, "added token '<sep>' with id '\u00b2': not a text"),
+        "digits": ({"added_tokens": {"<sep>": "9" * 5000}}, "added token '<sep>' with id '999"),
+        "flag": ({"tokenizer_config": {"added_tokens_decoder": {"50257": {"content": "<sep>", "special": "yes"}}}},
+                 "added token '<sep>': special is 'yes', not true or false"),
     }
     for name, (files, message) in cases.items():
         folder = hf_tokenizer_folder(tmp_path / name, None, **files)
