@@ -16,6 +16,7 @@ import glob
 import os
 import re
 from pathlib import Path
+from typing import Callable, TypeVar
 
 import torch
 
@@ -31,6 +32,8 @@ from .runtime import check_dtype, resolve_device
 from .tokenizer import HF_SETTINGS, TOKENIZER_FILE, VOCAB_MERGES, Tokenizer
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+READ_TRIES = 3  # reads of a checkpoint that a writer changed meanwhile (`read_whole`) before giving up
+_T = TypeVar("_T")
 
 
 def _download_model(repo_id: str) -> Path:
@@ -120,9 +123,39 @@ def load_model(
     check_dtype(dtype, "dtype")
     device = resolve_device(device)
     folder, kind = resolve_model(source)
-    if kind == "minigpt":  # a training run's folder: its checkpoint in force, resolved once, so that a save
-        return load_checkpoint(current_checkpoint(folder) or folder, device, dtype)  # meanwhile mixes no steps
-    return load_hf_checkpoint(folder, device, dtype)
+    load = load_checkpoint if kind == "minigpt" else load_hf_checkpoint
+    return read_whole(folder, kind, lambda checkpoint: load(checkpoint, device, dtype))
+
+
+def read_whole(folder: Path, kind: str, read: Callable[[Path], _T]) -> _T:
+    """`read(checkpoint)` of the checkpoint in `folder` (a training run's: the one in force, resolved
+    once a try), tried again where a writer changed it meanwhile. Its files are read by path, one after
+    another: a run's save removes the step before last (a reader that had resolved it found files
+    gone), and `convert_hf_weights.py --force` replaces a folder whole (a reader could take the config
+    of one model and the weights of the next, shapes alike, without an error). A checkpoint folder is
+    never changed in place, only replaced or removed, so the same folder (inode) before and after the
+    read means one checkpoint was read."""
+    for _ in range(READ_TRIES):
+        checkpoint = (current_checkpoint(folder) if kind == "minigpt" else None) or folder
+        before = _inode(checkpoint)
+        try:
+            result = read(checkpoint)
+        except Exception:
+            if before is not None and _inode(checkpoint) == before:
+                raise
+            continue
+        if before is not None and _inode(checkpoint) == before:
+            return result
+    raise MinigptError(f"{folder}: changed while it was read, {READ_TRIES} times in a row; try again when the "
+                       "program writing it is done")
+
+
+def _inode(path: Path) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 def load_tokenizer(source: str | os.PathLike) -> Tokenizer:
@@ -156,17 +189,21 @@ def export_to_hf(source: str | os.PathLike, out: str | os.PathLike, overwrite: b
     once: a save meanwhile mixes no steps); an HF folder's card does not (it is another model's)."""
     check_source_outside(folder_destination(out), source, "the source")
     folder, kind = resolve_model(source)
-    if kind == "minigpt":
-        folder = current_checkpoint(folder) or folder
-    model, tokenizer = load_model(folder)
-    card, text = folder / CARD_FILE, None
-    if kind == "minigpt" and card.is_symlink():  # (a folder from elsewhere: its README.md could name any file)
+    model, tokenizer, text = read_whole(folder, kind, lambda checkpoint: (
+        *load_model(checkpoint), _card_to_export(checkpoint) if kind == "minigpt" else None))
+    return export_hf(model, tokenizer, out, text, overwrite=overwrite)
+
+
+def _card_to_export(checkpoint: Path) -> str | None:
+    """A minigpt checkpoint's model card (README.md) as an HF folder's, or None where it has none."""
+    card = checkpoint / CARD_FILE
+    if card.is_symlink():  # (a folder from elsewhere: its README.md could name any file)
         raise MinigptError(f"{card}: the model card is a symlink (to {os.readlink(card)}), not a file of the "
                            "checkpoint's own; copy the card in, or move it away, to export")
-    if kind == "minigpt" and card.is_file():
-        try:
-            text = export_card(card.read_text(encoding="utf-8"))
-        except UnicodeDecodeError as e:
-            raise MinigptError(f"{card}: the model card is not UTF-8 text ({e.reason} at byte {e.start}); make it "
-                               "UTF-8, or move it away, to export") from None
-    return export_hf(model, tokenizer, out, text, overwrite=overwrite)
+    if not card.is_file():
+        return None
+    try:
+        return export_card(card.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise MinigptError(f"{card}: the model card is not UTF-8 text ({e.reason} at byte {e.start}); make it "
+                           "UTF-8, or move it away, to export") from None
