@@ -15,17 +15,23 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import glob
+import hashlib
 import json
 import os
 import re
 import shutil
+import socket
 import tempfile
+import time
 import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
 from .errors import MinigptError, reason
+
+FOREIGN_WRITER_SECONDS = 24 * 3600  # (`_writer_lives`: another machine's temporary, unchanged this long, is a leftover)
 
 if TYPE_CHECKING:
     import torch
@@ -105,11 +111,18 @@ def clear_interrupted_saves(out: Path) -> None:
 
 
 def _writer_lives(temporary: Path) -> bool:
-    """Whether the process that made `temporary` (`.NAME.tmp-PID-...` or `.NAME.old-PID-...`) still
-    runs: then it is a concurrent writer's work in progress (two runs building one data cache entry),
-    not a killed save's leftover. Our own PID is an earlier process's that had it (after a restart)."""
-    parts = temporary.name.rpartition(".")[2].split("-")  # "tmp-PID-xxxx"; no PID: an older minigpt's
-    if len(parts) != 3 or not parts[1].isdigit() or int(parts[1]) == os.getpid():
+    """Whether the process that made `temporary` (`.NAME.tmp-PID-SPACE-...` or `.NAME.old-PID-SPACE-...`)
+    still runs: then it is a concurrent writer's work in progress (two runs building one data cache
+    entry), not a killed save's leftover. Our own PID is an earlier process's that had it (after a
+    restart). A PID of another machine or container (SPACE, `_process_space`) means nothing here: two
+    containers sharing a cache may both run as PID 1, and each deleted the other's entry mid-write.
+    Such a temporary is taken as its writer's until it has not changed for a day."""
+    parts = temporary.name.rpartition(".")[2].split("-")  # older minigpts: "tmp-PID-xxxx", "tmp-xxxx"
+    if len(parts) == 4 and parts[2] != _process_space():
+        with contextlib.suppress(FileNotFoundError):  # (gone meanwhile: its writer finished)
+            return time.time() - temporary.lstat().st_mtime < FOREIGN_WRITER_SECONDS
+        return False
+    if len(parts) not in (3, 4) or not parts[1].isdigit() or int(parts[1]) == os.getpid():
         return False
     try:
         os.kill(int(parts[1]), 0)  # (signal 0: sends nothing, only asks whether the process exists)
@@ -118,6 +131,17 @@ def _writer_lives(temporary: Path) -> bool:
     except PermissionError:  # (another user's process: it lives)
         pass
     return True
+
+
+@functools.cache
+def _process_space() -> str:
+    """Where this process's PID means something, as 8 hex digits: the machine (its host name) and, on
+    Linux, the PID namespace (a container's own)."""
+    try:
+        namespace = os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        namespace = 0
+    return hashlib.sha256(f"{socket.gethostname()}\0{namespace}".encode()).hexdigest()[:8]
 
 
 def is_temporary_copy(name: str, of: str) -> bool:
@@ -131,7 +155,7 @@ def _temporary_path(path: Path) -> Path:
     `_writer_lives`), then random, so that concurrent writers never collide. The writer creates it
     itself (so it gets the usual permissions, where `tempfile.mkstemp` and `mkdtemp` would make it
     its owner's only)."""
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:12]}")
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}-{_process_space()}-{uuid.uuid4().hex[:12]}")
 
 
 def renamed_path(out: Path) -> Path:
@@ -267,7 +291,7 @@ def _rename_into_place(tmp: Path, out: Path) -> None:
     if not out.exists() and not out.is_symlink():
         os.replace(tmp, out)
         return
-    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-{os.getpid()}-", dir=out.parent))
+    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-{os.getpid()}-{_process_space()}-", dir=out.parent))
     try:
         os.replace(out, old / out.name)
         os.replace(tmp, out)

@@ -160,6 +160,31 @@ def test_a_live_writers_temporary_folder_is_left_alone(tmp_path):
     assert names(tmp_path) == ["train-abc"]
 
 
+def test_another_machines_or_containers_temporary_is_kept_until_a_day_old(tmp_path):
+    """A cache shared by two containers (or hosts): both ran as PID 1, and each run's clearing took
+    the other's entry in progress for its own dead leftover and deleted it (the run then failed
+    saving). A PID is only compared on the machine and in the PID namespace that made it."""
+    import time
+
+    from minigpt.files import _process_space
+
+    out = tmp_path / "train-abc"
+    ours = _process_space()
+    other = "0" * 8 if ours != "0" * 8 else "1" * 8
+    busy, stale = tmp_path / f".train-abc.tmp-1-{other}-0123456789ab", tmp_path / f".train-abc.tmp-1-{other}-ba98"
+    aside = tmp_path / f".train-abc.old-1-{other}-x1y2"
+    for folder in (busy, stale, aside):
+        folder.mkdir()
+    day_ago = time.time() - 25 * 3600
+    os.utime(stale, (day_ago, day_ago))
+    dead_here = tmp_path / f".train-abc.tmp-{os.getpid()}-{ours}-0123456789ab"  # (our PID: an earlier process's)
+    dead_here.mkdir()
+    with atomic_folder(out) as tmp:
+        assert tmp.name.startswith(f".train-abc.tmp-{os.getpid()}-{ours}-")
+        (tmp / "blocks.npy").write_bytes(b"ours")
+    assert names(tmp_path) == sorted([aside.name, busy.name, "train-abc"])
+
+
 @pytest.fixture
 def umask_027():
     """A umask other than the usual 022, so that a fixed chmod cannot pass for "what mkdir gives"."""
