@@ -24,7 +24,7 @@ def run(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] 
     conversion left a model-sized temporary folder; training has its own handler, which saves, and
     a rank waiting in C code, in a rendezvous, must not outlive torchrun's SIGTERM);
     a reader that closed our stdout (`... | head`) ends the run quietly, as it does `cat`'s (141);
-    stdout that cannot be written (a full disk) is one line and exit 2. Python warnings (minigpt's,
+    stdout that cannot be written (a full disk), and a MemoryError, are one line and exit 2. Python warnings (minigpt's,
     torch's) are one `warning: ...` line each, as the CLIs' own warnings are. A character that the
     terminal's encoding cannot show (PYTHONIOENCODING=latin-1, a model's Japanese) prints on stdout
     as "?", not as a UnicodeEncodeError (stderr writes it as `\\u65e5`, as Python sets it up). A stdin or
@@ -51,6 +51,10 @@ def run(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] 
         # point the descriptor at /dev/null first.
         _drop_stdout()
         sys.exit(141)  # 128 + SIGPIPE, what the shell reports for a program that SIGPIPE ended
+    except MemoryError:  # (a huge input: a .json.gz many times its size, a record of gigabytes; under ulimit -v)
+        print("error: out of memory: what this run reads or makes does not fit in this machine's memory",
+              file=sys.stderr)
+        sys.exit(2)
     except OSError as e:  # one no library call turned into a MinigptError: most often stdout's (a full disk)
         what = e.filename if e.filename is not None else "writing the output"
         print(f"error: {what}: {e.strerror or reason(e)}", file=sys.stderr)

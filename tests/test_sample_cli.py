@@ -537,3 +537,16 @@ def test_a_closed_stdin_or_stdout_is_one_line(tiny_minigpt_dir, args, closed):
             "stdout is closed (`>&-` in the shell): nothing can be written to it")
     assert result.returncode == 2 and result.stderr.strip().endswith(f"error: {what}"), result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_running_out_of_memory_is_one_line(tiny_minigpt_dir, monkeypatch):
+    """A MemoryError (a compressed input many times its size, under `ulimit -v`) was a traceback."""
+    import minigpt.loading
+
+    def too_big(*args, **kwargs):
+        raise MemoryError
+
+    monkeypatch.setattr(minigpt.loading, "load_model", too_big)
+    result = call_cli("sample.py", "--model", str(tiny_minigpt_dir), "hi")
+    assert result.returncode == 2 and result.stderr.splitlines() == [
+        "error: out of memory: what this run reads or makes does not fit in this machine's memory"]
