@@ -42,7 +42,7 @@ import torch
 from tqdm import tqdm
 
 from .errors import MinigptError, count, integer_at_least
-from .files import atomic_folder, home_expanded, read_json
+from .files import atomic_folder, clear_leftovers_in, home_expanded, read_json
 from .formats import FORMATS
 from .sources import Source, render
 from .tokenizer import Tokenizer
@@ -275,6 +275,7 @@ def _build(
         "dtype": "uint16",
     }
     entry = _entry(root, role, key)
+    clear_leftovers_in(root)  # (of every entry: one no run asks for again, after --data changed, kept its own)
     try:  # (a damaged entry is replaced; a new one is never renamed over another process's, see below)
         with atomic_folder(entry, overwrite=entry.is_dir()) as tmp:
             np.save(tmp / BLOCKS_FILE, blocks)

@@ -110,6 +110,16 @@ def clear_interrupted_saves(out: Path) -> None:
             stale.unlink(missing_ok=True)
 
 
+def clear_leftovers_in(folder: Path) -> None:
+    """`clear_interrupted_saves` for every entry of `folder` (a cache) that a killed save left a
+    temporary of: an entry is otherwise tidied only when it is saved again, and one that no run asks
+    for again (its data or block size changed) kept its leftover, as large as the entry, for good."""
+    with contextlib.suppress(OSError):  # (nothing to tidy where nothing can be listed)
+        leftovers = {m.group(1) for p in folder.iterdir() if (m := re.match(r"\.(.+)\.(?:tmp|old)-", p.name))}
+        for name in sorted(leftovers):
+            clear_interrupted_saves(folder / name)
+
+
 def _writer_lives(temporary: Path) -> bool:
     """Whether the process that made `temporary` (`.NAME.tmp-PID-SPACE-...` or `.NAME.old-PID-SPACE-...`)
     still runs: then it is a concurrent writer's work in progress (two runs building one data cache

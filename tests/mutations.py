@@ -1711,6 +1711,10 @@ BREAKS = (
     Break("memory_error_traceback", "running out of memory (a MemoryError) is a traceback",
           ((r"    except MemoryError:  # \(a huge input", "    except ZeroDivisionError:  # (a huge input"),),
           ("tests/test_sample_cli.py::test_running_out_of_memory_is_one_line",)),
+    Break("cache_leftovers_kept", "a killed cache save's temporary is deleted only when that same entry is saved again "
+          "(one no run asks for again keeps it for good)",
+          ((r"    clear_leftovers_in\(root\)  # \(of every entry", "    pass  # (of every entry"),),
+          ("tests/test_data.py::test_a_crash_while_writing_leaves_no_entry",)),
     Break("auto_device_skips_gpu", "--device auto takes the CPU (or MPS) on a machine with CUDA",
           ((r"^        if torch\.cuda\.is_available\(\):\n            return torch\.device\(\"cuda\"\)\n", ""),),
           ("tests/test_train_cli.py::test_auto_picks_cuda_then_mps_then_the_cpu_and_bf16_where_the_gpu_has_it",)),

@@ -308,10 +308,23 @@ def test_a_crash_while_writing_leaves_no_entry(tmp_path, gpt2_tokenizer, monkeyp
     assert list((tmp_path / "cache").iterdir()) == []  # not even a temporary folder
     monkeypatch.undo()
 
-    # A half-written entry from a killed process is a dot-folder, never taken for a finished one.
-    (tmp_path / "cache" / ".train-abc.tmp-1").mkdir()
+    # A half-written entry from a killed process is a dot-folder, never taken for a finished one; it is
+    # deleted at the next entry built, even where no run asks for its entry again (its data changed).
+    import subprocess
+    import sys
+
+    from minigpt.files import _process_space
+
+    cache = tmp_path / "cache"
+    (cache / ".train-abc.tmp-1").mkdir()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (cache / f".val-old.tmp-{dead.pid}-{_process_space()}-0123456789ab").mkdir()
+    busy = cache / f".val-busy.tmp-{os.getppid()}-{_process_space()}-0123456789ab"  # (a live writer's)
+    busy.mkdir()
     train, _ = load(tmp_path, gpt2_tokenizer, source=str(DATA / "eli5_small.json"))
     assert len(train) > 0 and len(entries(tmp_path)) == 2
+    assert sorted(p.name for p in cache.iterdir() if p.name.startswith(".")) == [busy.name]
 
 
 def test_a_damaged_entry_is_rebuilt(tmp_path, gpt2_tokenizer):
