@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 
 from .ddp import Ranks, all_reduce_sum
-from .errors import MinigptError, count
+from .errors import MinigptError, count, reason
 from .files import atomic_file, clear_interrupted_saves
 
 
@@ -193,12 +193,16 @@ class MetricsLog:
     def write(self, row: dict[str, Any]) -> None:
         """Append `row` (non-finite numbers become null, in the file and in `rows` alike)."""
         line = strict_json(row)
-        self._file.write(line + "\n")
-        self._file.flush()
+        try:
+            self._file.write(line + "\n")
+            self._file.flush()
+        except OSError as e:  # (a full disk: "writing the output: No space left" named no file)
+            raise MinigptError(f"{self.path}: cannot append the metrics row ({e.strerror or reason(e)})") from None
         self.rows.append(json.loads(line))
 
     def close(self) -> None:
-        self._file.close()
+        with contextlib.suppress(OSError):  # (only a row `write` failed to flush is left: it raised already)
+            self._file.close()
 
 
 def plot_metrics(metrics: str | os.PathLike, png: str | os.PathLike) -> bool:

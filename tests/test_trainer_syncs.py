@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from datetime import timedelta
 from pathlib import Path
 from types import SimpleNamespace
@@ -158,6 +159,20 @@ def test_strict_json_writes_null_for_non_finite_numbers_and_refuses_nested_ones(
     log.close()
     assert log.rows == [{"step": 1, "val_loss": 800.0, "val_ppl": None}]  # the rows are what the file says
     assert json.loads((tmp_path / "m.jsonl").read_text()) == log.rows[0]
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs Linux's /dev/full (a disk that is always full)")
+def test_a_full_disk_under_the_metrics_names_the_file(tmp_path):
+    """A row that could not be written stopped the run with "writing the output: No space left on
+    device", naming no file; closing the log then raised again (the row still in its buffer)."""
+    log = MetricsLog(tmp_path / "m.jsonl")
+    log._file.close()
+    log._file = open("/dev/full", "w", encoding="utf-8")  # (the disk fills under the open log)
+    with pytest.raises(MinigptError, match=f"^{re.escape(str(tmp_path / 'm.jsonl'))}: cannot append the metrics row "
+                       r"\(No space left on device\)$"):
+        log.write({"step": 1, "loss": 2.5})
+    log.close()  # (no second error)
+    assert log.rows == []
 
 
 def test_step_numbers_read_all_steps_at_once():
