@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import functools
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 from .errors import MinigptError, reason
 
@@ -38,13 +38,9 @@ class HubRepo:
     @functools.cached_property
     def _asked(self) -> Exception | None:
         """The first request's failure; None where the Hub answered. Asked once, at the first `files`."""
-        from huggingface_hub import constants, model_info
+        from huggingface_hub import model_info
 
-        try:
-            model_info(self.repo_id, timeout=constants.HF_HUB_ETAG_TIMEOUT)
-        except Exception as e:  # no answer, offline, unknown or gated repo, Hub down: the cache may hold the files
-            return e
-        return None
+        return _ask(model_info, self.repo_id)
 
     def files(self, patterns: list[str], optional: Sequence[str] = ()) -> Path:
         """Fetch the repo's files that match the glob `patterns`; return the folder that holds them,
@@ -64,6 +60,19 @@ class HubRepo:
                 f"{repo_id}: no such local folder, and the Hugging Face Hub could not provide it "
                 f"({_hub_reason(asked, e, constants.HF_HUB_ETAG_TIMEOUT)}). Pass {self.instead} instead."
             ) from None
+
+
+def _ask(info: Callable[..., object], repo_id: str) -> Exception | None:
+    """Ask the Hub about a repo (`info`: huggingface_hub's model_info or dataset_info) within
+    HF_HUB_ETAG_TIMEOUT seconds: the failure (no answer, offline, an unknown or gated repo, the Hub
+    down: the cache may still hold the files), or None."""
+    from huggingface_hub import constants
+
+    try:
+        info(repo_id, timeout=constants.HF_HUB_ETAG_TIMEOUT)
+    except Exception as e:
+        return e
+    return None
 
 
 def _hub_reason(asked: Exception | None, fetching: Exception, seconds: float) -> str:
@@ -105,16 +114,17 @@ def load_eli5_records(repo_id: str, filename: str, limit: int) -> list[dict]:
     fails. (`datasets`' own `hf://` path asks the Hub's API on every run: offline, a second
     `train.py` failed with the file on disk.)"""
     from datasets import load_dataset
-    from huggingface_hub import constants, hf_hub_download
+    from huggingface_hub import constants, dataset_info, hf_hub_download
 
-    seconds = constants.HF_HUB_ETAG_TIMEOUT
-    try:
-        path = hf_hub_download(repo_id, filename, repo_type="dataset", etag_timeout=seconds)
+    seconds, asked = constants.HF_HUB_ETAG_TIMEOUT, _ask(dataset_info, repo_id)  # (without an answer: the cache
+    try:  # alone; hf_hub_download itself retried a failing network for ~25 s, printing 11 lines)
+        path = hf_hub_download(repo_id, filename, repo_type="dataset", etag_timeout=seconds,
+                               local_files_only=asked is not None)
         ds = load_dataset("json", data_files=path, split="train")
     except Exception as e:  # offline, Hub down, file moved: the user can always pass local files
         raise MinigptError(
             f"hf://datasets/{repo_id}/{filename}: cannot load ELI5 from the Hugging Face Hub "
-            f"({_hub_reason(None, e, seconds)}); if offline, pass local files instead: --data "
+            f"({_hub_reason(asked, e, seconds)}); if offline, pass local files instead: --data "
             "eli5-category-train.json.gz (or .jsonl/.parquet/.csv/.txt)"
         ) from None
     return ds.select(range(min(limit, len(ds)))).to_list()

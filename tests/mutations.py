@@ -1236,7 +1236,7 @@ BREAKS = (
            "tests/test_trainer_syncs.py::test_compile_mode_flag_errors_are_one_line")),
     Break("hub_asked_without_time_limit", "the Hub's first request has no time limit (a network that drops packets "
           "hangs sample.py in silence)",
-          ((r"model_info\(self\.repo_id, timeout=constants\.HF_HUB_ETAG_TIMEOUT\)", "model_info(self.repo_id, timeout=None)"),),
+          ((r"info\(repo_id, timeout=constants\.HF_HUB_ETAG_TIMEOUT\)", "info(repo_id, timeout=None)"),),
           ("tests/test_hub.py::test_the_hub_is_given_a_time_to_answer",
            "tests/test_hub.py::test_a_hub_that_never_answers_is_one_line_in_seconds")),
     Break("hub_asked_per_download", "the Hub is asked about a repo before each of its downloads (an old upload: "
@@ -1655,7 +1655,7 @@ BREAKS = (
           ("tests/test_optim.py::test_a_parameter_given_new_data_is_updated_there_and_a_new_shape_is_refused",)),
     Break("eli5_through_hf_path", "ELI5's file is read through datasets' hf:// path, which asks the Hub's API on every "
           "run (offline, a second train.py failed with the file in the cache)",
-          ((r'path = hf_hub_download\(repo_id, filename, repo_type="dataset", etag_timeout=seconds\)',
+          ((r'path = hf_hub_download\(repo_id, filename, repo_type="dataset", etag_timeout=seconds,\n\s*local_files_only=asked is not None\)',
             'path = f"hf://datasets/{repo_id}/{filename}"'),),
           ("tests/test_hub.py::test_the_default_data_is_the_hubs_eli5_file",
            "tests/test_hub.py::test_the_eli5_file_downloaded_once_is_read_offline")),

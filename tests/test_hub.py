@@ -410,12 +410,22 @@ def test_the_default_data_is_the_hubs_eli5_file(monkeypatch, tmp_path):
         calls.append((args, kwargs))
         return str(tmp_path / "downloaded.json")
 
+    def dataset_info(repo_id, timeout):
+        calls.append(("asked", repo_id, timeout))
+        if offline:  # (a network that fails: hf_hub_download retried it for ~25 s, printing 11 lines)
+            raise ConnectionError("Name or service not known")
+
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", hf_hub_download)
+    monkeypatch.setattr(huggingface_hub, "dataset_info", dataset_info)
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "datasets")
-    source = sources.Source.resolve(None, "--data", 3)
-    assert source.records() == rows[:3] and source.name == "hf://datasets/rexarski/eli5_category/eli5-category-train.json.gz"
-    assert calls == [(("rexarski/eli5_category", "eli5-category-train.json.gz"),
-                      {"repo_type": "dataset", "etag_timeout": huggingface_hub.constants.HF_HUB_ETAG_TIMEOUT})]
+    seconds = huggingface_hub.constants.HF_HUB_ETAG_TIMEOUT
+    for offline in (False, True):  # asked first, within the time limit; without an answer, the cache alone
+        calls.clear()
+        source = sources.Source.resolve(None, "--data", 3)
+        assert source.records() == rows[:3] and source.name == "hf://datasets/rexarski/eli5_category/eli5-category-train.json.gz"
+        assert calls == [("asked", "rexarski/eli5_category", seconds),
+                         (("rexarski/eli5_category", "eli5-category-train.json.gz"),
+                          {"repo_type": "dataset", "etag_timeout": seconds, "local_files_only": offline})]
 
 
 def test_the_eli5_file_downloaded_once_is_read_offline(monkeypatch, tmp_path):
