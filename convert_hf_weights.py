@@ -20,7 +20,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument(
         "source", nargs="?",
         help="what to convert into a minigpt checkpoint: a Hub id (e.g. distilbert/distilgpt2, "
-        "downloaded once into the Hugging Face cache) or a local HF GPT-2 folder",
+        "downloaded once into the Hugging Face cache), a local HF GPT-2 folder, or a minigpt checkpoint or run folder",
     )
     p.add_argument(
         "--to-hf", metavar="CHECKPOINT",

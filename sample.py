@@ -53,7 +53,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     g.add_argument("--num-samples", type=positive_int, default=1, metavar="N",
                    help="continue each prompt N times, decoded together as one batch (default: 1)")
     g.add_argument("--seed", type=seed, help="random seed, for reproducible samples: the same seed gives the "
-                   "same text with the same kernels (see --kernel)")
+                   "same text with the same kernels (see --kernel) (default: a random one)")
     g = p.add_argument_group("see the model think")
     g.add_argument("--show-probs", action="store_true",
                    help="colour each new token by the probability the model gave it (legend on "
@@ -90,7 +90,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    "bf16: mv-upcast, linear, bmm-rows, onednn, fbgemm-fp16; int8: int8mm, upcast, fbgemm). "
                    "Timing may choose other kernels in another run, and bf16's and int8's round differently, "
                    "so a sampled text is reproduced exactly by --seed only with the kernels pinned; with "
-                   "--compile on the CPU it also keeps them (no race against other steps)")
+                   "--compile on the CPU it also keeps them (no race against other steps) (default: timed)")
     g.add_argument("--compile", action="store_true",
                    help="decode through one torch.compile graph per token (the prompt runs as usual): "
                    "it pays on the CPU for --quantize int8 (measured ~1.2-1.45x there; where timing gave "

@@ -232,7 +232,8 @@ def _add_flag(parser: argparse._ActionsContainer, f: Field) -> None:
     kwargs = dict(f.metadata["argparse"])
     if kwargs.get("action") != "store_true":
         kwargs["default"] = f.default
-    help_text = f.metadata["help"] + (f" (default: {f.default})" if f.default not in (None, False) else "")
+    shown = f.default is not None and f.default is not False  # (`0 in (None, False)`: 0 == False hid every 0)
+    help_text = f.metadata["help"] + (f" (default: {f.default})" if shown else "")
     parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, help=help_text, **kwargs)
 
 

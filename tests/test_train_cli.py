@@ -453,6 +453,12 @@ def test_help_explains_every_flag():
                  "--max-grad-norm", "--dropout", "--seed", "--device", "--dtype", "--compile", "--out",
                  "--log-every", "--eval-every", "--save-every", "--resume", "--preset"):
         assert flag in result.stdout
+    # every default is shown, 0 too (`0 in (None, False)` is true: the zeros were hidden)
+    help_text = " ".join(result.stdout.split())
+    for shown in ("--warmup-steps N linear warm-up steps before the linear decay (default: 0)",
+                  "--save-every N checkpoint every N steps; 0: at the end only (default: 0)",
+                  "--lr X peak learning rate (default: 2e-05)"):
+        assert shown in help_text, help_text
 
 
 def test_tokenizer_applies_to_a_new_model_even_with_the_preset(tiny_minigpt_dir):
