@@ -19,8 +19,9 @@ for training, each part in permutation order.
 
 The cache folder holds one sub-folder per (role, key). The key hashes the source (a local file's
 bytes, the Hub's records), the tokenizer, the format, the block size, max-records and (for a split)
-the fraction and seed, so any change to an input makes a new entry. An entry is written in a temporary folder and renamed into
-place when complete, so a crash never leaves one that looks finished.
+the fraction and seed, so any change to an input makes a new entry. An entry is written in a
+temporary folder and renamed into place when complete, so a crash never leaves one that looks
+finished.
 """
 
 from __future__ import annotations

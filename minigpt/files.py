@@ -143,6 +143,12 @@ def _writer_lives(temporary: Path) -> bool:
     return True
 
 
+def _writer_tag() -> str:
+    """"PID-SPACE": who writes a temporary, in its name (`_temporary_path`, `atomic_folder`'s .old-),
+    as `_writer_lives` reads it back."""
+    return f"{os.getpid()}-{_process_space()}"
+
+
 @functools.cache
 def _process_space() -> str:
     """Where this process's PID means something, as 8 hex digits: the machine (its host name) and, on
@@ -165,7 +171,7 @@ def _temporary_path(path: Path) -> Path:
     `_writer_lives`), then random, so that concurrent writers never collide. The writer creates it
     itself (so it gets the usual permissions, where `tempfile.mkstemp` and `mkdtemp` would make it
     its owner's only)."""
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}-{_process_space()}-{uuid.uuid4().hex[:12]}")
+    return path.with_name(f".{path.name}.tmp-{_writer_tag()}-{uuid.uuid4().hex[:12]}")
 
 
 def renamed_path(out: Path) -> Path:
@@ -301,7 +307,7 @@ def _rename_into_place(tmp: Path, out: Path) -> None:
     if not out.exists() and not out.is_symlink():
         os.replace(tmp, out)
         return
-    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-{os.getpid()}-{_process_space()}-", dir=out.parent))
+    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-{_writer_tag()}-", dir=out.parent))
     try:
         os.replace(out, old / out.name)
         os.replace(tmp, out)

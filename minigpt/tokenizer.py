@@ -197,7 +197,8 @@ class Tokenizer:
             _refuse_not_utf8([text], "text")
             raise
         except BaseException as e:
-            raise self._panicked(e) from None
+            self._refuse_panic(e)
+            raise
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         """Encode many texts at once; the Rust side spreads the work over all CPU cores. A text
@@ -211,16 +212,16 @@ class Tokenizer:
             _refuse_not_utf8(texts, "text {}")
             raise
         except BaseException as e:
-            raise self._panicked(e) from None
+            self._refuse_panic(e)
+            raise
 
-    def _panicked(self, e: BaseException) -> BaseException:
-        """The Rust side's panic (a BaseException, which no `except Exception` stops: a traceback) as
-        a MinigptError; e.g. the retry limit of a tokenizer.json's Split regex, on a text it fits
-        badly. Anything else (KeyboardInterrupt, say) as it was."""
-        if type(e).__name__ != "PanicException":
-            return e
-        return MinigptError(f"{self.source}: the tokenizer failed on a text ({reason(e)}): a regex of its "
-                            "tokenizer.json (a Split or Replace pattern) may not suit the text")
+    def _refuse_panic(self, e: BaseException) -> None:
+        """Raise the Rust side's panic (a BaseException, which no `except Exception` stops: a
+        traceback) as a MinigptError; e.g. the retry limit of a tokenizer.json's Split regex, on a
+        text it fits badly. Anything else (KeyboardInterrupt, say) the caller raises as it was."""
+        if type(e).__name__ == "PanicException":
+            raise MinigptError(f"{self.source}: the tokenizer failed on a text ({reason(e)}): a regex of its "
+                               "tokenizer.json (a Split or Replace pattern) may not suit the text") from None
 
     def decode(self, ids: list[int]) -> str:
         """The text of `ids`; an id at or beyond `vocab_size` decodes to "" (as transformers'
