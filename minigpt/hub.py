@@ -1,8 +1,9 @@
 """Every download from the Hugging Face Hub, in one place.
 
 Two things come from the Hub, each into its library's own cache, so that it is downloaded once:
-    a repo's files     a model's or a tokenizer's (`HubRepo.files`, huggingface_hub's
-                       `snapshot_download`); `minigpt.loading` names the files, from `minigpt.hf`
+    a repo's files     a model's or a tokenizer's (`HubRepo.files`: huggingface_hub's
+                       `hf_hub_download`, file by file; its `snapshot_download` for the cache
+                       alone); `minigpt.loading` names the files, from `minigpt.hf`
     ELI5's records     the training file of the published recipe (`load_eli5_records`: the file
                        by huggingface_hub's `hf_hub_download`, read by `datasets`' `load_dataset`);
                        `minigpt.sources` names it
@@ -14,8 +15,8 @@ MinigptError that says what to pass instead. This module knows nothing else of m
 from __future__ import annotations
 
 import functools
-from pathlib import Path
-from typing import Callable, Sequence
+from pathlib import Path, PurePosixPath
+from typing import Any, Callable, Sequence
 
 from .errors import MinigptError, reason
 
@@ -25,19 +26,23 @@ class HubRepo:
     calls find them there). A failure says to pass `instead`.
 
     The Hub is first asked about the repo, once for all of `files`' calls, with a time limit:
-    HF_HUB_ETAG_TIMEOUT seconds (10 by default; huggingface_hub's wait for a file's metadata).
-    `snapshot_download`'s own first request has none, and on a network that drops packets instead of
-    refusing them `sample.py --model distilgpt2` waited in silence for as long as it was let (5
-    minutes, measured); asked per call, a repo that needs two or three (an old upload: its weights as
-    pytorch_model.bin, vocab.json + merges.txt) waited that many times. Without an answer (or offline,
-    or refused) the files come from the cache alone, as `snapshot_download` does offline."""
+    HF_HUB_ETAG_TIMEOUT seconds (10 by default; huggingface_hub's wait for a file's metadata). Its
+    answer lists the repo's files, and those wanted are downloaded one by one in this thread
+    (`hf_hub_download`, whose every request has a time limit). `snapshot_download` would do both
+    with untimed requests of its own and download in worker threads: on a network that drops
+    packets `sample.py --model distilgpt2` waited in silence for as long as it was let (5 minutes,
+    measured), and Ctrl-C was not heard until every download had ended or failed (68 s, measured
+    with a Hub that stopped sending). Without an answer (or offline, or refused) the files come
+    from the cache alone, as `snapshot_download` finds them offline."""
 
     def __init__(self, repo_id: str, instead: str = "a local checkpoint folder") -> None:
         self.repo_id, self.instead = repo_id, instead
+        self._snapshots: set[Path] = set()  # (the folders of the files downloaded: one, unless the repo changed)
 
     @functools.cached_property
-    def _asked(self) -> Exception | None:
-        """The first request's failure; None where the Hub answered. Asked once, at the first `files`."""
+    def _asked(self) -> tuple[Any, Exception | None]:
+        """The Hub's answer about the repo (huggingface_hub's ModelInfo) and the request's failure,
+        one of them None. Asked once, at the first `files`."""
         from huggingface_hub import model_info
 
         return _ask(model_info, self.repo_id)
@@ -49,30 +54,44 @@ class HubRepo:
         are fetched with the rest where the Hub answers; from the cache alone they are not asked for
         (the cache's copies, if any, are in the folder), so that a cache without them is not taken
         for incomplete."""
-        from huggingface_hub import constants, snapshot_download
+        from huggingface_hub import constants, hf_hub_download, snapshot_download
+        from huggingface_hub.file_download import repo_folder_name
+        from huggingface_hub.utils import filter_repo_objects
 
-        repo_id, asked = self.repo_id, self._asked
+        repo_id, (answer, asked) = self.repo_id, self._asked
         try:
-            wanted = patterns if asked is not None else [*patterns, *optional]
-            return Path(snapshot_download(repo_id, allow_patterns=wanted, local_files_only=asked is not None))
+            if asked is not None:
+                return Path(snapshot_download(repo_id, allow_patterns=patterns, local_files_only=True))
+            names = filter_repo_objects([f.rfilename for f in answer.siblings or ()], allow_patterns=[*patterns, *optional])
+            for name in names:
+                self._snapshots.add(_snapshot_of(hf_hub_download(repo_id, name, etag_timeout=constants.HF_HUB_ETAG_TIMEOUT), name))
         except Exception as e:
             raise MinigptError(
                 f"{repo_id}: no such local folder, and the Hugging Face Hub could not provide it "
                 f"({_hub_reason(asked, e, constants.HF_HUB_ETAG_TIMEOUT)}). Pass {self.instead} instead."
             ) from None
+        if len(self._snapshots) > 1:  # (each file is of the revision the Hub named when it was asked for it)
+            raise MinigptError(f"{repo_id}: the repository changed on the Hub during the download; run the same command again")
+        return next(iter(self._snapshots), None) or Path(
+            constants.HF_HUB_CACHE, repo_folder_name(repo_id=repo_id, repo_type="model"), "snapshots", answer.sha)
 
 
-def _ask(info: Callable[..., object], repo_id: str) -> Exception | None:
+def _snapshot_of(path: str, name: str) -> Path:
+    """The snapshot folder that holds `path`, a downloaded file that is the repo's `name` (which may
+    name a sub-folder: "onnx/model.onnx")."""
+    return Path(path).parents[len(PurePosixPath(name).parts) - 1]
+
+
+def _ask(info: Callable[..., Any], repo_id: str) -> tuple[Any, Exception | None]:
     """Ask the Hub about a repo (`info`: huggingface_hub's model_info or dataset_info) within
-    HF_HUB_ETAG_TIMEOUT seconds: the failure (no answer, offline, an unknown or gated repo, the Hub
-    down: the cache may still hold the files), or None."""
+    HF_HUB_ETAG_TIMEOUT seconds: (the answer, None), or (None, the failure: no answer, offline, an
+    unknown or gated repo, the Hub down; the cache may still hold the files)."""
     from huggingface_hub import constants
 
     try:
-        info(repo_id, timeout=constants.HF_HUB_ETAG_TIMEOUT)
+        return info(repo_id, timeout=constants.HF_HUB_ETAG_TIMEOUT), None
     except Exception as e:
-        return e
-    return None
+        return None, e
 
 
 def _hub_reason(asked: Exception | None, fetching: Exception, seconds: float) -> str:
@@ -116,7 +135,7 @@ def load_eli5_records(repo_id: str, filename: str, limit: int) -> list[dict]:
     from datasets import load_dataset
     from huggingface_hub import constants, dataset_info, hf_hub_download
 
-    seconds, asked = constants.HF_HUB_ETAG_TIMEOUT, _ask(dataset_info, repo_id)  # (without an answer: the cache
+    seconds, (_, asked) = constants.HF_HUB_ETAG_TIMEOUT, _ask(dataset_info, repo_id)  # (without an answer: the cache
     try:  # alone; hf_hub_download itself retried a failing network for ~25 s, printing 11 lines)
         path = hf_hub_download(repo_id, filename, repo_type="dataset", etag_timeout=seconds,
                                local_files_only=asked is not None)

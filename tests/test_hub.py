@@ -1,18 +1,21 @@
 """minigpt.hub, the one place that downloads from the Hugging Face Hub, with the Hub faked.
 
-The fakes stand in for the two library calls hub.py makes (huggingface_hub's `snapshot_download`,
-`datasets`' `load_dataset`) and record their arguments: the tests prove that a Hub id given to
-`load_model` / `load_tokenizer` / `--data`-less training reaches the real download call with the
-right arguments, and that a failed download is one line that says what to pass instead.
+The fakes stand in for the library calls hub.py makes (huggingface_hub's `model_info`,
+`hf_hub_download` and, for the cache alone, `snapshot_download`; `datasets`' `load_dataset`) and
+record their arguments: the tests prove that a Hub id given to `load_model` / `load_tokenizer` /
+`--data`-less training reaches the real download calls with the right arguments, that only the
+files needed are downloaded, and that a failed download is one line that says what to pass instead.
 """
 
 from __future__ import annotations
 
 import fnmatch
-import glob
+import hashlib
+import itertools
 import json
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -23,7 +26,7 @@ from minigpt import sources
 from minigpt.errors import MinigptError
 from minigpt.hf import INDEX_FILE, LEGACY_INDEX_FILE, LEGACY_WEIGHTS_FILE
 from minigpt.loading import load_model, load_tokenizer, resolve_model
-from minigpt.tokenizer import HF_SETTINGS, VOCAB_MERGES, Tokenizer
+from minigpt.tokenizer import VOCAB_MERGES, Tokenizer
 
 
 def made(cls, message):  # (huggingface_hub's HTTP errors want a response object, which differs by version)
@@ -33,18 +36,23 @@ def made(cls, message):  # (huggingface_hub's HTTP errors want a response object
 
 
 class FakeHub:
-    """huggingface_hub's `model_info` and `snapshot_download` over local folders. `model_info`
-    answers for a repo it holds, else raises the Hub's "404 Repository Not Found"; with `answer` set
-    (an exception: offline, a timeout, an HTTP error) it raises that for every repo.
-    `snapshot_download` copies the repo's files matching `allow_patterns` into the repo's snapshot
-    folder (made once a file matches, as the real one fills its cache, and the same folder for every
-    call) and returns it; with `local_files_only` it copies nothing and, as the real one, refuses a
-    call that asks for a file the repo holds and the snapshot lacks. Both record their arguments."""
+    """huggingface_hub's `model_info`, `hf_hub_download` and `snapshot_download` over local folders.
+    `model_info` answers for a repo it holds (its commit and its files, as the Hub lists them), else
+    raises the Hub's "404 Repository Not Found"; with `answer` set (an exception: offline, a
+    timeout, an HTTP error) it raises that for every repo. `hf_hub_download` copies one file into
+    the repo's snapshot folder (made at the first file, as the real one fills its cache) and returns
+    its path; `snapshot_download` serves the cache alone (`local_files_only`, as minigpt calls it)
+    and, as the real one, refuses a call that asks for a file the repo holds and the snapshot lacks.
+    They record what was asked (`asked`), downloaded (`fetched`: repo, file) and asked of the cache
+    (`calls`: repo, patterns)."""
+
+    COMMIT = "c0ffee" * 6 + "c0ff"
 
     def __init__(self, tmp_path: Path, repos: dict[str, Path]) -> None:
-        self.tmp_path, self.repos, self.calls, self.asked, self.answer = tmp_path, repos, [], [], None
+        self.tmp_path, self.repos, self.answer = tmp_path, repos, None
+        self.asked, self.fetched, self.calls = [], [], []
 
-    def model_info(self, repo_id: str, timeout: float) -> None:
+    def model_info(self, repo_id: str, timeout: float) -> SimpleNamespace:
         from huggingface_hub.utils import RepositoryNotFoundError
 
         self.asked.append((repo_id, timeout))
@@ -52,23 +60,32 @@ class FakeHub:
             raise self.answer
         if repo_id not in self.repos:
             raise made(RepositoryNotFoundError, f"404 Client Error.\n\nRepository Not Found for url: {repo_id}")
+        names = sorted(f.relative_to(self.repos[repo_id]).as_posix() for f in self.repos[repo_id].rglob("*") if f.is_file())
+        return SimpleNamespace(sha=self.COMMIT, siblings=[SimpleNamespace(rfilename=name) for name in names])
 
-    def __call__(self, repo_id: str, allow_patterns: list[str], local_files_only: bool = False) -> str:
+    def hf_hub_download(self, repo_id: str, filename: str, etag_timeout: float) -> str:
+        self.fetched.append((repo_id, filename))
+        path = self.tmp_path / repo_id.replace("/", "--") / filename
+        path.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(self.repos[repo_id] / filename, path)
+        return str(path)
+
+    def __call__(self, repo_id: str, allow_patterns: list[str], local_files_only: bool) -> str:
         from huggingface_hub.utils import LocalEntryNotFoundError
 
+        assert local_files_only, "snapshot_download online: minigpt downloads file by file"
         self.calls.append((repo_id, list(allow_patterns)))
         folder = self.tmp_path / repo_id.replace("/", "--")
-        if local_files_only and not folder.is_dir():
+        if not folder.is_dir():
             raise LocalEntryNotFoundError("Cannot find an appropriate cached snapshot folder\nmore lines")
-        assert repo_id in self.repos, "snapshot_download online for a repo model_info did not find"
-        for f in self.repos[repo_id].iterdir():
-            if f.is_file() and any(fnmatch.fnmatch(f.name, p) for p in allow_patterns):
-                if local_files_only and not (folder / f.name).is_file():
-                    raise LocalEntryNotFoundError(f"The cached snapshot for '{repo_id}' is incomplete: {f.name}")
-                if not local_files_only:
-                    folder.mkdir(exist_ok=True)
-                    shutil.copy(f, folder / f.name)
+        for f in self.repos.get(repo_id, folder).iterdir():
+            if f.is_file() and any(fnmatch.fnmatch(f.name, p) for p in allow_patterns) and not (folder / f.name).is_file():
+                raise LocalEntryNotFoundError(f"The cached snapshot for '{repo_id}' is incomplete: {f.name}")
         return str(folder)
+
+    def downloaded(self, repo_id: str) -> list[str]:
+        """The files of `repo_id` downloaded, in order."""
+        return [name for repo, name in self.fetched if repo == repo_id]
 
 
 @pytest.fixture
@@ -84,11 +101,11 @@ def fake_hub(tmp_path, tiny_hf_dir, monkeypatch):
     (tmp_path / "cache").mkdir()
     monkeypatch.setattr(huggingface_hub, "snapshot_download", hub)
     monkeypatch.setattr(huggingface_hub, "model_info", hub.model_info)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", hub.hf_hub_download)
     return hub
 
 
 NOT_FOUND = "no such repository, or a private one: log in (`hf auth login`, or HF_TOKEN) if it is yours"
-FIRST = ["config.json", "model.safetensors", INDEX_FILE, "tokenizer.json", *HF_SETTINGS]  # every model download's first ask
 
 
 def same_weights(a, b) -> bool:
@@ -97,7 +114,7 @@ def same_weights(a, b) -> bool:
 
 def test_a_hub_id_downloads_the_model_and_tokenizer_files(fake_hub, tiny_hf_dir):
     folder, kind = resolve_model("org/tiny")
-    assert kind == "hf" and fake_hub.calls == [("org/tiny", FIRST)]
+    assert kind == "hf" and fake_hub.downloaded("org/tiny") == ["config.json", "model.safetensors", "tokenizer.json"]
     assert sorted(f.name for f in folder.iterdir()) == ["config.json", "model.safetensors", "tokenizer.json"]
     model, tokenizer = load_model("org/tiny")
     assert same_weights(model, load_model(tiny_hf_dir)[0])
@@ -106,8 +123,7 @@ def test_a_hub_id_downloads_the_model_and_tokenizer_files(fake_hub, tiny_hf_dir)
 
 def test_an_old_repo_with_only_a_bin_is_downloaded_again_with_it(fake_hub, tiny_hf_dir):
     folder, kind = resolve_model("org/legacy")
-    assert fake_hub.calls == [("org/legacy", FIRST), ("org/legacy", [*VOCAB_MERGES, *HF_SETTINGS]),
-                              ("org/legacy", [LEGACY_WEIGHTS_FILE, LEGACY_INDEX_FILE])]
+    assert fake_hub.downloaded("org/legacy") == ["config.json", "merges.txt", "vocab.json", LEGACY_WEIGHTS_FILE]
     assert (folder / LEGACY_WEIGHTS_FILE).is_file()
     assert same_weights(load_model("org/legacy")[0], load_model(tiny_hf_dir)[0])
 
@@ -135,27 +151,25 @@ def test_only_one_form_of_the_weights_and_of_the_tokenizer_is_downloaded(fake_hu
     fake_hub.repos |= {"org/both": both, "org/sharded": sharded}
 
     folder, _ = resolve_model("org/both")
-    assert fake_hub.calls == [("org/both", FIRST)]
+    assert fake_hub.downloaded("org/both") == ["config.json", "model.safetensors", INDEX_FILE, "tokenizer.json"]
     assert not any(folder.glob("model-*.safetensors"))
     folder, _ = resolve_model("org/sharded")
-    assert fake_hub.calls[1:] == [("org/sharded", FIRST), ("org/sharded", sorted(glob.escape(s) for s in shards))]
+    assert fake_hub.downloaded("org/sharded") == ["config.json", INDEX_FILE, "tokenizer.json", *sorted(shards)]
     assert sorted(f.name for f in folder.glob("model-*.safetensors")) == sorted(shards)
     for repo in ("org/both", "org/sharded"):
         assert same_weights(load_model(repo)[0], load_model(tiny_hf_dir)[0])
 
     old = as_bin_shards(sharded, tmp_path / "old-sharded")  # an older upload: .bin shards and their index
     fake_hub.repos["org/old-sharded"] = old
-    del fake_hub.calls[:]
     folder, _ = resolve_model("org/old-sharded")
     bins = sorted(f.name for f in old.glob("pytorch_model-*.bin"))
-    assert fake_hub.calls == [("org/old-sharded", FIRST), ("org/old-sharded", [LEGACY_WEIGHTS_FILE, LEGACY_INDEX_FILE]),
-                              ("org/old-sharded", sorted(glob.escape(b) for b in bins))]
+    assert fake_hub.downloaded("org/old-sharded") == ["config.json", "tokenizer.json", LEGACY_INDEX_FILE, *bins]
     assert same_weights(load_model("org/old-sharded")[0], load_model(tiny_hf_dir)[0])
 
 
 def test_a_tokenizer_hub_id_downloads_only_the_tokenizer_files(fake_hub, gpt2_tokenizer, tmp_path):
     tokenizer = load_tokenizer("org/tiny")
-    assert fake_hub.calls == [("org/tiny", ["tokenizer.json", *HF_SETTINGS])]
+    assert fake_hub.downloaded("org/tiny") == ["tokenizer.json"]
     assert tokenizer.encode("Why is the sky blue?") == gpt2_tokenizer.encode("Why is the sky blue?")
     old = tmp_path / "old-tokenizer"  # a repo with vocab.json + merges.txt and no tokenizer.json
     old.mkdir()
@@ -163,7 +177,7 @@ def test_a_tokenizer_hub_id_downloads_only_the_tokenizer_files(fake_hub, gpt2_to
         shutil.copy(path, old / name)
     fake_hub.repos["org/old"] = old
     tokenizer = load_tokenizer("org/old")
-    assert fake_hub.calls[1:] == [("org/old", ["tokenizer.json", *HF_SETTINGS]), ("org/old", [*VOCAB_MERGES, *HF_SETTINGS])]
+    assert fake_hub.downloaded("org/old") == ["merges.txt", "vocab.json"]
     assert tokenizer.encode("Why is the sky blue?") == gpt2_tokenizer.encode("Why is the sky blue?")
     fake_hub.repos["org/empty"] = tmp_path / "empty"
     (tmp_path / "empty").mkdir()
@@ -210,9 +224,9 @@ def test_a_mistyped_path_in_a_local_folder_is_not_sent_to_the_hub(fake_hub, tmp_
         with pytest.raises(MinigptError) as err:  # (no Hub id could be these: no hint; "./" is no owner)
             load_model(path)
         assert str(err.value) == f"{shown}: no such file or folder"
-    assert fake_hub.calls == []
+    assert fake_hub.asked == []
     assert same_weights(load_model("org/tiny")[0], load_model(fake_hub.repos["org/tiny"])[0])
-    assert [repo for repo, _ in fake_hub.calls][:1] == ["org/tiny"]
+    assert [repo for repo, _ in fake_hub.asked] == ["org/tiny"]
 
 
 def test_a_folder_named_with_a_space_is_the_one_loaded(fake_hub, tmp_path, tiny_minigpt_dir, monkeypatch):
@@ -230,8 +244,8 @@ def test_a_folder_named_with_a_space_is_the_one_loaded(fake_hub, tmp_path, tiny_
         with pytest.raises(MinigptError) as err:
             resolve_model(given)
         assert str(err.value) == f"{given!r}: no such file or folder ('run', without the spaces around it, is one)"
-    assert fake_hub.calls == []
-    assert resolve_model(" org/tiny ")[1] == "hf" and [repo for repo, _ in fake_hub.calls] == ["org/tiny"]
+    assert fake_hub.asked == []
+    assert resolve_model(" org/tiny ")[1] == "hf" and [repo for repo, _ in fake_hub.asked] == ["org/tiny"]
 
 
 def test_a_failed_download_is_one_line(fake_hub):
@@ -345,12 +359,12 @@ def test_an_error_answer_and_a_missing_file_are_named():
 def test_the_hub_is_given_a_time_to_answer(fake_hub, monkeypatch):
     """The first request goes with HF_HUB_ETAG_TIMEOUT's seconds (huggingface_hub's wait for
     metadata) and the download comes after an answer only: `snapshot_download`'s own first request
-    waits forever where the network drops packets."""
+    waited forever where the network drops packets."""
     from huggingface_hub import constants
 
     monkeypatch.setattr(constants, "HF_HUB_ETAG_TIMEOUT", 7)
     load_model("org/tiny")
-    assert fake_hub.asked == [("org/tiny", 7)] and fake_hub.calls[0] == ("org/tiny", FIRST)
+    assert fake_hub.asked == [("org/tiny", 7)] and fake_hub.downloaded("org/tiny")[0] == "config.json"
 
 
 def test_a_repo_is_asked_about_once_for_all_its_downloads(fake_hub, tiny_hf_dir):
@@ -362,9 +376,9 @@ def test_a_repo_is_asked_about_once_for_all_its_downloads(fake_hub, tiny_hf_dir)
         pass
 
     resolve_model("org/legacy")
-    assert len(fake_hub.calls) == 3 and [repo for repo, _ in fake_hub.asked] == ["org/legacy"]
+    assert len(fake_hub.downloaded("org/legacy")) == 4 and [repo for repo, _ in fake_hub.asked] == ["org/legacy"]
     fake_hub.answer = ReadTimeout("timed out")  # (the Hub silent: the cache's copies)
-    del fake_hub.calls[:], fake_hub.asked[:]
+    del fake_hub.asked[:]
     model, _ = load_model("org/legacy")
     assert len(fake_hub.calls) == 3 and [repo for repo, _ in fake_hub.asked] == ["org/legacy"]
     assert same_weights(model, load_model(tiny_hf_dir)[0])
@@ -396,6 +410,145 @@ def test_a_hub_that_never_answers_is_one_line_in_seconds(tmp_path):
     assert result.returncode == 2 and result.stdout == "" and result.stderr.splitlines() == [
         "error: org/tiny: no such local folder, and the Hugging Face Hub could not provide it (no answer within 1 s, "
         "and not in the local cache; HF_HUB_ETAG_TIMEOUT=60 waits longer). Pass a local checkpoint folder instead."]
+
+
+class HttpHub:
+    """The Hub's HTTP API for one repo, `org/tiny` (its files: `folder`), on a local port, served by
+    a thread, for the real huggingface_hub in a process of its own: the repo's info with its file
+    list, and each file's metadata (HEAD) and bytes (GET). `commits` gives the revision named in
+    each file's metadata (one, unless the repo is being changed); with `hang` set, a file's request is taken
+    and never answered (a Hub that stops sending). `requests` counts the file requests, `sent` the
+    files sent."""
+
+    def __init__(self, folder: Path) -> None:
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.folder, self.commits, self.hang, self.requests, self.sent = folder, iter(lambda: "a" * 40, None), False, 0, 0
+        self.stop = threading.Event()
+        hub = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                if self.path.startswith("/api/models/org/tiny"):
+                    names = sorted(f.name for f in hub.folder.iterdir())
+                    return self.answer(json.dumps({"id": "org/tiny", "sha": "a" * 40,
+                                                   "siblings": [{"rfilename": n} for n in names]}).encode())
+                if not self.path.startswith("/org/tiny/resolve/"):
+                    return self.answer(b"{}", 404)
+                hub.requests += 1
+                if hub.hang:
+                    hub.stop.wait(60)
+                    return
+                data = (hub.folder / self.path.rsplit("/", 1)[1]).read_bytes()
+                self.answer(data, headers={"ETag": f'"{hashlib.sha256(data).hexdigest()}"',
+                                           "X-Repo-Commit": next(hub.commits) if self.command == "HEAD" else "a" * 40})
+
+            do_HEAD = do_GET
+
+            def answer(self, body: bytes, status: int = 200, headers: dict | None = None) -> None:
+                self.send_response(status)
+                for key, value in {"Content-Length": str(len(body)), **(headers or {})}.items():
+                    self.send_header(key, value)
+                self.end_headers()
+                if self.command == "GET":
+                    self.wfile.write(body)
+                    hub.sent += status == 200 and "ETag" in (headers or {})
+
+        ThreadingHTTPServer.daemon_threads = True
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def env(self, home: Path, **more: str) -> dict[str, str]:
+        """A child process's environment: this Hub, online, with its cache under `home`."""
+        import os
+
+        from conftest import python_path
+
+        return {**os.environ, "PYTHONPATH": python_path(), "HF_HUB_OFFLINE": "0", "HF_HOME": str(home),
+                "HF_ENDPOINT": f"http://127.0.0.1:{self.server.server_address[1]}", **more}
+
+    def close(self) -> None:
+        self.stop.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def http_hub(tiny_hf_dir, tmp_path):
+    folder = shutil.copytree(tiny_hf_dir, tmp_path / "repo")
+    hub = HttpHub(folder)
+    yield hub
+    hub.close()
+
+
+def sample_cli(env: dict[str, str], **run):
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    return subprocess.run([sys.executable, str(ROOT / "sample.py"), "--model", "org/tiny", "--greedy",
+                           "--max-new-tokens", "4", "Hello"], env=env, capture_output=True, text=True, **run)
+
+
+def test_a_hub_repo_is_downloaded_by_the_real_huggingface_hub_and_then_read_offline(http_hub, tmp_path, tiny_hf_dir):
+    """The whole path of a download, the real huggingface_hub against the Hub's HTTP API: the files
+    a model needs come into huggingface_hub's cache, once (a second run downloads none), and are
+    read from there offline; the text is that of the same weights from a local folder."""
+    from conftest import run_cli
+
+    expected = run_cli("sample.py", "--model", str(tiny_hf_dir), "--greedy", "--max-new-tokens", "4", "Hello").stdout
+    online = sample_cli(http_hub.env(tmp_path / "hf"), timeout=120)
+    assert online.returncode == 0 and online.stdout == expected, online.stderr
+    snapshot = tmp_path / "hf" / "hub" / "models--org--tiny" / "snapshots" / ("a" * 40)
+    assert sorted(f.name for f in snapshot.iterdir()) == ["config.json", "merges.txt", "model.safetensors", "vocab.json"]
+    assert http_hub.sent == 4
+    assert sample_cli(http_hub.env(tmp_path / "hf"), timeout=120).stdout == expected and http_hub.sent == 4
+    offline = sample_cli(http_hub.env(tmp_path / "hf", HF_HUB_OFFLINE="1"), timeout=120)
+    assert offline.returncode == 0 and offline.stdout == expected, offline.stderr
+
+
+def test_a_repo_changed_during_its_download_is_one_line(http_hub, tmp_path):
+    """Each file is of the revision the Hub names when it is asked for it: a repo pushed to
+    mid-download gives files of two commits, which no folder holds together."""
+    http_hub.commits = itertools.cycle(["a" * 40, "b" * 40])
+    result = sample_cli(http_hub.env(tmp_path / "hf"), timeout=120)
+    assert result.returncode == 2 and result.stdout == "" and result.stderr.splitlines()[-1] == (
+        "error: org/tiny: the repository changed on the Hub during the download; run the same command again")
+
+
+def test_ctrl_c_stops_a_download_at_once(http_hub, tmp_path):
+    """Ctrl-C while a file was downloading (`snapshot_download`'s worker threads) was heard only when
+    every download had ended: 68 s against a Hub that stopped sending, and a large download ran to
+    its end. The files come one by one in the main thread now: Ctrl-C ends sample.py at once."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import ROOT
+
+    http_hub.hang = True
+    env = http_hub.env(tmp_path / "hf", HF_HUB_ETAG_TIMEOUT="60", HF_HUB_DOWNLOAD_TIMEOUT="60")
+    process = subprocess.Popen([sys.executable, str(ROOT / "sample.py"), "--model", "org/tiny", "Hello"], env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while http_hub.requests == 0 and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.5)  # (the request in flight)
+        process.send_signal(signal.SIGINT)
+        stdout, stderr = process.communicate(timeout=10)
+    finally:
+        process.kill()
+        process.wait()
+    assert process.returncode == 130 and stdout == "" and stderr.splitlines()[-1] == "interrupted", stderr
 
 
 def test_the_default_data_is_the_hubs_eli5_file(monkeypatch, tmp_path):
@@ -482,4 +635,4 @@ def test_a_repos_tokenizer_settings_are_fetched_online_and_not_required_offline(
     (fake_hub.tmp_path / "org--tiny" / "tokenizer_config.json").unlink()
     fake_hub.answer = made(OfflineModeIsEnabled, "Cannot reach https://huggingface.co: offline mode is enabled")
     assert load_model("org/tiny")[1].encode("Hello world") == [15496, 995]
-    assert fake_hub.calls[-1] == ("org/tiny", FIRST[:4])
+    assert fake_hub.calls[-1] == ("org/tiny", ["config.json", "model.safetensors", INDEX_FILE, "tokenizer.json"])
