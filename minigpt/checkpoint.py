@@ -286,6 +286,9 @@ def check_savable(model: GPT, tokenizer: Tokenizer, out: Path) -> None:
     that are not those of a plain GPT of the model's config (such as the decoding layouts
     `prepare_for_inference` swaps in), an LM head untied from wte, or a `tokenizer` with more tokens
     than the model has rows (`check_vocabulary`). The public savers call it once, before making any folder."""
+    if hasattr(model, "_orig_mod"):  # (its tensors' names start with "_orig_mod.")
+        raise MinigptError("this is a torch.compile'd model: save the model it compiles (model._orig_mod, the same "
+                           "weights)")
     state = {name: tuple(t.shape) for name, t in model.state_dict().items() if name not in TIED_KEYS}
     if state != expected_shapes(model.config):
         raise MinigptError("this model's tensors are not a plain GPT's (e.g. one prepared for inference, whose "

@@ -27,7 +27,7 @@ HF_ALIASES = {"n_embd": "hidden_size", "n_positions": "max_position_embeddings",
               "n_layer": "num_hidden_layers"}
 
 
-@dataclass
+@dataclass(frozen=True)  # (a built model copies what it needs: a field changed later would change nothing)
 class GPTConfig:
     vocab_size: int = 50257  # GPT-2's byte-level BPE vocabulary (50,000 merges + 256 bytes + EOS)
     block_size: int = 1024  # context window: the number of learned position embeddings

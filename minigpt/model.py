@@ -236,7 +236,9 @@ class GPT(nn.Module):
         kv_cache: KVCache | None = None,
         last_only: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Logits for `idx` (B, T), plus the loss when `targets` are given.
+        """Logits for `idx` (B, T), plus the loss when `targets` are given. There is no attention
+        mask (as in nanoGPT): each row is one sequence from position 0. Rows of other lengths are
+        padded on the right, with -100 targets there (left padding would shift every position).
 
         targets: (B, T) labels aligned with `idx` (usually `idx` itself); the model shifts them so
             position t is scored on predicting token t + 1, and -100 marks positions to ignore. The

@@ -242,10 +242,11 @@ def check_in_vocabulary(ids: list[int], vocab_size: int, name: str) -> None:
 
 def check_eval_mode(model: GPT, what: str) -> None:
     """Refuse a model in training mode (as `Trainer.fit` or `.train()` leaves it) whose dropout is on:
-    its outputs would be random, greedy tokens and scores included. `what`: the task, for the message."""
-    if model.training and model.config.dropout > 0:
+    its outputs would be random, greedy tokens and scores included. `what`: the task, for the message.
+    The dropout layers are asked, not the config: theirs is the probability applied."""
+    if rates := [m.p for m in model.modules() if isinstance(m, torch.nn.Dropout) and m.training and m.p > 0]:
         raise MinigptError(f"{what} needs the model in eval mode (model.eval()): in training mode its dropout "
-                           f"({model.config.dropout}) makes every output random")
+                           f"({max(rates)}) makes every output random")
 
 
 Pick = Callable[[torch.Tensor, torch.Tensor, SamplingConfig, "torch.Generator | None"], torch.Tensor]

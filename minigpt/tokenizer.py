@@ -15,6 +15,7 @@ import operator
 import os
 import re
 from pathlib import Path
+from typing import Iterable
 
 from tokenizers import AddedToken, decoders, models, pre_tokenizers, processors
 from tokenizers import Tokenizer as HFTokenizer
@@ -155,8 +156,9 @@ class Tokenizer:
         self.backend.add_tokens([AddedToken(content, **keep)])
 
     @classmethod
-    def train_bpe(cls, texts: list[str], vocab_size: int) -> "Tokenizer":
-        """Learn a GPT-2-style byte-level BPE vocabulary of `vocab_size` tokens from `texts`.
+    def train_bpe(cls, texts: Iterable[str], vocab_size: int) -> "Tokenizer":
+        """Learn a GPT-2-style byte-level BPE vocabulary of at most `vocab_size` tokens from `texts`
+        (fewer where the texts run out of pairs to merge).
 
         For small from-scratch models: a small vocabulary keeps the embedding and LM head small,
         and it needs nothing from the Hub. `texts` is an iterable of texts: a str alone would be

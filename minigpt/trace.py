@@ -32,7 +32,7 @@ from typing import Sequence, TextIO
 
 import torch
 
-from .errors import MinigptError
+from .errors import MinigptError, integer_at_least
 from .metrics import perplexity
 from .model import GPT
 from .runtime import model_device
@@ -134,9 +134,7 @@ class StepRecorder:
     """
 
     def __init__(self, top_alternatives: int = 5) -> None:
-        if top_alternatives < 1:
-            raise MinigptError(f"top_alternatives must be >= 1, got {top_alternatives}")
-        self.top_alternatives = top_alternatives
+        self.top_alternatives = integer_at_least(top_alternatives, 1, "top_alternatives")
         self.last: StepProbs | None = None
 
     def __call__(
@@ -205,8 +203,7 @@ def score_ids(
     if config.repetition_penalty != 1.0:
         raise MinigptError("scoring reads the model's own probabilities; a repetition penalty "
                            "applies only when generating")
-    if top_alternatives < 1:
-        raise MinigptError(f"top_alternatives must be >= 1, got {top_alternatives}")
+    top_alternatives = integer_at_least(top_alternatives, 1, "top_alternatives")
     if len(ids) < 2:
         raise MinigptError(f"the text is {len(ids)} token{'s' * (len(ids) != 1)}; scoring needs "
                            f"at least 2 (the first is context for the rest)")

@@ -185,13 +185,16 @@ def call_cli(script: str, *args: str):
     spec = importlib.util.spec_from_file_location(Path(script).stem, ROOT / script)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    out, err = io.StringIO(), io.StringIO()
+    out, err, argv = io.StringIO(), io.StringIO(), sys.argv
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         try:
+            sys.argv = [str(ROOT / script), *args]  # (argparse names the program by it: "train.py: error: ...")
             run(module.main, list(args))
             code = 0
         except SystemExit as e:
             code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        finally:
+            sys.argv = argv
     if code == 130:  # (no CLI under test exits 130 but for an interrupt)
         raise KeyboardInterrupt(f"{script} was interrupted: {err.getvalue().strip()}")
     return subprocess.CompletedProcess([script, *args], code, out.getvalue(), err.getvalue())

@@ -502,6 +502,10 @@ def test_a_model_no_loader_could_read_back_is_not_saved(tiny_minigpt_dir, tmp_pa
         prepared = prepare_for_inference(model, kernel="linear")
         with pytest.raises(MinigptError, match="not a plain GPT's .* save the model before preparing it"):
             save(tmp_path / "new" / "prepared", prepared, tokenizer)
+        with pytest.raises(MinigptError) as err:  # (was "not a plain GPT's ... before preparing it": it was not prepared)
+            save(tmp_path / "new" / "compiled", torch.compile(model), tokenizer)
+        assert str(err.value) == ("this is a torch.compile'd model: save the model it compiles (model._orig_mod, the "
+                                  "same weights)")
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # not even the parent folder "new"
 
 

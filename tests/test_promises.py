@@ -585,15 +585,20 @@ def test_bench_sample_reads_llama_bench_or_says_what_it_got(tmp_path, monkeypatc
         bench_sample.llama_cpp_rates(args(fail), files, 1)
 
 
-def run_benchmark(tmp_path, command, env=None):
-    """Run benchmarks/<command[0]> in a subprocess (in `tmp_path`), its arguments' {tmp} and {data}
-    being `tmp_path` and tests/data; a {tmp}/tokenizer.json named is GPT-2's (bench_data.py's default
-    lies in the folder of shared material beside the repository, which a user's clone has not)."""
+def benchmark_argv(tmp_path, command) -> list[str]:
+    """benchmarks/<command[0]>'s command line, its arguments' {tmp} and {data} being `tmp_path` and
+    tests/data; a {tmp}/tokenizer.json named is GPT-2's (bench_data.py's default lies in the folder
+    of shared material beside the repository, which a user's clone has not)."""
     if "{tmp}/tokenizer.json" in command:
         from minigpt.tokenizer import Tokenizer
 
         Tokenizer.from_vocab_merges(*gpt2_vocab_files()).save(tmp_path / "tokenizer.json")
-    argv = [a.format(tmp=tmp_path, data=ROOT / "tests" / "data") for a in command]
+    return [a.format(tmp=tmp_path, data=ROOT / "tests" / "data") for a in command]
+
+
+def run_benchmark(tmp_path, command, env=None):
+    """Run benchmarks/<command[0]> in a subprocess, in `tmp_path` (see `benchmark_argv`)."""
+    argv = benchmark_argv(tmp_path, command)
     return subprocess.run([sys.executable, str(ROOT / "benchmarks" / argv[0]), *argv[1:]], cwd=tmp_path,
                           capture_output=True, text=True, timeout=120, env=env or os.environ)
 
@@ -753,7 +758,9 @@ def test_the_benchmarks_refuse_bad_input_in_one_line(tmp_path, command, error, m
     (tmp_path / "llama-bench").write_text("#!/bin/sh\nexit 1\n")
     (tmp_path / "llama-bench").chmod(0o755)
     (tmp_path / "convert.py").write_text("")
-    result = run_benchmark(tmp_path, command)
+    monkeypatch.chdir(tmp_path)  # (in this process, as the CLI tests run: a subprocess a case took 2-4 s, 40 s in all)
+    script, *argv = benchmark_argv(tmp_path, command)
+    result = call_cli(f"benchmarks/{script}", *argv)
     assert result.returncode == 2, result.stderr[-2000:]
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
     import bench_sample

@@ -4,6 +4,7 @@ transformers' generate(), and the inference layouts against the reference model.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 import re
@@ -768,3 +769,10 @@ def test_generation_refuses_a_model_in_training_mode_with_dropout(tiny):
     assert no_dropout.training
     in_eval = generate_ids(copy.deepcopy(no_dropout).eval(), [5, 6], config, eos_id=None)
     assert generate_ids(no_dropout, [5, 6], config, eos_id=None) == in_eval
+    # The dropout layers are asked, not the config (which a built model no longer reads, and which is frozen):
+    # a layer's own probability set by hand makes outputs random as well.
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        training.config.dropout = 0.0
+    no_dropout.transformer.h[0].mlp.dropout.p = 0.2
+    with pytest.raises(MinigptError, match=r"in training mode its dropout \(0\.2\) makes every output random"):
+        generate_ids(no_dropout, [5, 6], config, eos_id=None)

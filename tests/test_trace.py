@@ -599,6 +599,11 @@ def test_score_ids_takes_a_1d_tensor_and_refuses_a_batch_or_bad_ids(hf_dir, toke
     with pytest.raises(MinigptError) as error:
         score_ids(model, tokenizer, [464, 70000, 2068])
     assert str(error.value) == "ids: token id 70000 is outside the model's vocabulary of 50257 tokens (ids 0 to 50256)"
+    for bad in (0, 2.0, "3"):  # (2.0 was taken, then torch's topk() TypeError at the first step)
+        for call in (lambda: score_ids(model, tokenizer, ids, top_alternatives=bad), lambda: StepRecorder(bad)):
+            with pytest.raises(MinigptError) as error:
+                call()
+            assert str(error.value) == f"top_alternatives must be an integer >= 1, got {bad!r}"
 
 
 def test_scoring_refuses_a_model_in_training_mode_with_dropout(hf_dir, tokenizer):
