@@ -105,12 +105,12 @@ def test_bad_weights_are_refused_and_nothing_is_written(case, tiny_hf_dir, tmp_p
 
 
 def test_missing_path_and_not_a_checkpoint(tmp_path):
-    r = run_cli("convert_hf_weights.py", str(tmp_path / "nope"), "--out", str(tmp_path / "out"))
+    r = call_cli("convert_hf_weights.py", str(tmp_path / "nope"), "--out", str(tmp_path / "out"))
     assert_one_line_error(r, "nope")
     (tmp_path / "empty").mkdir()
-    r = run_cli("convert_hf_weights.py", str(tmp_path / "empty"), "--out", str(tmp_path / "out"))
+    r = call_cli("convert_hf_weights.py", str(tmp_path / "empty"), "--out", str(tmp_path / "out"))
     assert_one_line_error(r, "empty", "config.json")
-    r = run_cli("convert_hf_weights.py", "--to-hf", str(tmp_path / "empty"), "--out", str(tmp_path / "out"))
+    r = call_cli("convert_hf_weights.py", "--to-hf", str(tmp_path / "empty"), "--out", str(tmp_path / "out"))
     assert_one_line_error(r, "config.json")
     assert not (tmp_path / "out").exists()
 

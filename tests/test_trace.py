@@ -456,7 +456,7 @@ def assert_one_line(result, *needles: str) -> None:
 
 def test_bad_values_are_one_line_and_exit_2(hf_dir, tmp_path):
     model = ["--model", str(hf_dir)]
-    assert_one_line(run_cli("sample.py", *model, "--trace", "t.jsonl", "--top-alternatives", "0", "hi"),
+    assert_one_line(call_cli("sample.py", *model, "--trace", "t.jsonl", "--top-alternatives", "0", "hi"),
                     "--top-alternatives", "'0'")
     assert_one_line(call_cli("sample.py", *model, "--trace", str(tmp_path / "missing" / "t.jsonl"), "hi"),
                     str(tmp_path / "missing"), "does not exist")

@@ -158,12 +158,12 @@ def test_sigkill_then_resume_is_bitwise_the_uninterrupted_run(tmp_path):
     assert proc.returncode == -signal.SIGKILL and killed_at is not None and killed_at < 30
 
     # the run's checkpoint is neither overwritten nor continued with other settings
-    again = run_cli("train.py", *QUICK, "--out", str(out), *flags)
+    again = call_cli("train.py", *QUICK, "--out", str(out), *flags)
     assert again.returncode == 2 and again.stderr.strip().splitlines() == [
         f"error: --out {out}: already holds a training run (checkpoint at step {killed_at}); pass --resume "
         "to continue it, or choose another --out"
     ]
-    other = run_cli("train.py", *QUICK, "--out", str(out), *flags, "--lr", "0.1", "--resume")
+    other = call_cli("train.py", *QUICK, "--out", str(out), *flags, "--lr", "0.1", "--resume")
     assert other.returncode == 2
     assert other.stderr.startswith(f"error: --resume: the run in {out} was made with --lr 0.002, not 0.1")
     assert checkpoint_step(out) == killed_at
