@@ -133,9 +133,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     why = "--greedy" if args.greedy else "--temperature 0" if args.temperature == 0 else None
     if why and not args.scoring:  # (HF's generate refuses num_return_sequences > 1 there too)
         p.refuse(given, ("seed",), f"has no effect with {why}: greedy decoding always takes the most likely token")
-        if args.num_samples > 1:
-            p.error(f"--num-samples {args.num_samples} with {why} would print {args.num_samples} copies of one "
-                    "text: greedy decoding always takes the most likely token; sample without it")
+    copies = why or ("--top-k 1" if args.top_k == 1 else None)  # (each takes the most likely token)
+    if copies and not args.scoring and args.num_samples > 1:
+        p.error(f"--num-samples {args.num_samples} with {copies} would print {args.num_samples} copies of one "
+                "text: greedy decoding always takes the most likely token; sample without it")
     if why:  # (the candidate set, a --trace's `kept` too, is the one most likely token)
         p.refuse(given, ("temperature", "top_k", "top_p") if args.greedy else ("top_k", "top_p"),
                  f"has no effect with {why}: greedy decoding takes the most likely token, whatever the "

@@ -25,7 +25,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
-from minigpt.cli import run, sigterm_as_interrupt
+from minigpt.cli import run, sigterm_as_interrupt, under_torchrun
 from minigpt.errors import MinigptError, alike_on_every_rank, count
 from minigpt.train_flags import ADAM_BETAS, ADAM_EPS, RECIPE_MODEL, TrainFlags, parse_train_flags
 
@@ -279,4 +279,6 @@ def lm_loss(model: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
 
 
 if __name__ == "__main__":
-    run(main)
+    # SIGTERM (`kill`, `timeout`, a scheduler) stops a run as Ctrl-C does (once training, by saving); under
+    # torchrun it stays fatal: a rank waiting in C code (a barrier) would never run a Python handler.
+    run(main, sigterm_interrupts=not under_torchrun())

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import re
 import signal
 import sys
 import threading
@@ -128,6 +129,12 @@ def _one_line_warning(message: Warning, category: type[Warning], filename: str, 
     return f"warning: {reason(message)}{kind}\n"
 
 
+def under_torchrun() -> bool:
+    """Whether torchrun started this process: RANK and WORLD_SIZE both set (what minigpt.ddp reads as
+    a job; this, without importing torch)."""
+    return all(os.environ.get(name, "").strip() for name in ("RANK", "WORLD_SIZE"))
+
+
 def _other_rank(variable: str = "RANK") -> bool:
     """Whether torchrun started this process as a rank (`LOCAL_RANK`: a rank on its machine) other
     than 0, which stays quiet where every rank would print the same line. A job is RANK and
@@ -135,7 +142,7 @@ def _other_rank(variable: str = "RANK") -> bool:
     set by hand, is no job (a plain run, or one line saying what is missing), and its errors are
     said. (RANK itself is checked by minigpt.ddp, which imports torch, too slow for a usage error;
     one that is no integer counts here as rank 0, so that its error is seen.)"""
-    if not all(os.environ.get(name, "").strip() for name in ("RANK", "WORLD_SIZE")):
+    if not under_torchrun():
         return False
     try:
         return int(os.environ.get(variable, "0")) != 0
@@ -154,6 +161,12 @@ class Parser(argparse.ArgumentParser):
     an argument that starts with "-" was taken for a flag (a positional text such as a prompt)."""
 
     dash_hint: str | None = None
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # argparse reads "-1e-3" and "-inf" as flags ("--lr: expected one argument"): here they are
+        # values (no flag looks like a number), refused by the flag's own check, which says why.
+        self._negative_number_matcher = re.compile(r"^-((\d+\.?\d*|\.\d+)(e[-+]?\d+)?|inf(inity)?|nan)$", re.I)
 
     def error(self, message: str) -> NoReturn:
         if _other_rank():  # (under torchrun every rank parses the same flags: one line)

@@ -270,6 +270,8 @@ def atomic_folder(out: str | os.PathLike, overwrite: bool = True) -> Iterator[Pa
     if not overwrite and out.is_dir() and not out.is_symlink() and any(out.iterdir()):
         raise MinigptError(f"{out}: already exists and is not empty; pass overwrite=True to replace it whole "
                            "(everything in it is deleted), or choose another folder")
+    if out.is_dir() and not out.is_symlink() and not os.access(out, os.W_OK):  # (renamed over, it would go anyway)
+        raise MinigptError(f"{out}: cannot write into it (permission denied)")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         clear_interrupted_saves(out)

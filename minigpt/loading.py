@@ -97,11 +97,13 @@ def _local_path(source: str | os.PathLike, what: str) -> Path | None:
     if not isinstance(source, (str, os.PathLike)):
         raise TypeError(f"{what}: a folder path or a Hub id, got {type(source).__name__}")
     text = str(source).strip()  # (a Hub id, as copied with spaces around it)
-    if not text:
+    if not str(source):
         raise MinigptError(f"{what}: empty {what} path")
-    given = home_expanded(str(source))  # (a path as given: a folder's name may end in a space)
+    given = home_expanded(str(source))  # (a path as given: a folder's name may end in a space, or be one)
     if given.exists():
         return given
+    if not text:
+        raise MinigptError(f"{str(source)!r}: no such file or folder")
     path, owner = home_expanded(text), text.partition("/")[0]
     if path.exists():  # (not the folder asked for: loading it instead would be silent)
         raise MinigptError(f"{str(source)!r}: no such file or folder ({text!r}, without the spaces around it, is one)")

@@ -22,7 +22,8 @@ class SamplingConfig:
     Each `flag` field is also a sample.py option (`minigpt.cli.add_flags`).
     """
 
-    max_new_tokens: int = flag(100, "stop after N new tokens (or earlier, at <|endoftext|>)", group="sampling",
+    max_new_tokens: int = flag(100, "stop after N new tokens (or earlier, at <|endoftext|>); past the model's context "
+                               "window (1,024 tokens for GPT-2) it goes on from the last half of it", group="sampling",
                                type=positive_int, metavar="N")
     temperature: float = flag(1.0, "divide the logits by T: < 1 is more focused, > 1 more random, 0 is greedy",
                               group="sampling", type=non_negative_float, metavar="T")

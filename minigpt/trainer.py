@@ -440,9 +440,9 @@ class Trainer:
         self._log({"step": self.step, "epoch": self._epoch(), "val_loss": val_loss, "val_ppl": perplexity(val_loss)})
 
     def _epoch(self) -> float:
-        """Epochs done so far, as a fraction (for the metrics rows)."""
-        it = self.train_batches
-        return round(it.epoch + it.position / max(1, len(it)), 4)
+        """Epochs done so far, as a fraction of the epoch's optimizer steps (for the metrics rows)."""
+        it, accum = self.train_batches, self.config.grad_accum  # (an epoch's last step may take fewer micro-batches)
+        return round(it.epoch + math.ceil(it.position / accum) / max(1, math.ceil(len(it) / accum)), 4)
 
     def _log(self, row: dict[str, Any]) -> None:
         if self.metrics is not None:

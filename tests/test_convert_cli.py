@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -113,6 +114,22 @@ def test_missing_path_and_not_a_checkpoint(tmp_path):
     r = call_cli("convert_hf_weights.py", "--to-hf", str(tmp_path / "empty"), "--out", str(tmp_path / "out"))
     assert_one_line_error(r, "config.json")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_read_only_out_folder_is_refused_and_kept(tiny_hf_dir, tmp_path, monkeypatch):
+    """An empty `--out` folder the user cannot write into (chmod 555) was renamed over: a new,
+    writable folder in its place. Refused, as train.py refuses it, and kept. (Faked: as root every
+    folder is writable.)"""
+    import minigpt.files
+
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real = os.access
+    monkeypatch.setattr(minigpt.files.os, "access", lambda path, mode: Path(path) != locked and real(path, mode))
+    inode = locked.stat().st_ino
+    r = call_cli("convert_hf_weights.py", str(tiny_hf_dir), "--out", str(locked))
+    assert r.returncode == 2 and r.stderr == f"error: {locked}: cannot write into it (permission denied)\n"
+    assert locked.stat().st_ino == inode and not any(locked.iterdir()) and sorted(os.listdir(tmp_path)) == ["locked"]
 
 
 def test_failed_conversion_leaves_previous_output_intact(tiny_hf_dir, tmp_path):

@@ -674,9 +674,18 @@ def test_sigterm_while_a_cli_saves_leaves_no_temporary_folder(tmp_path):
     result = terminated("convert")
     assert (result.returncode, result.stderr) == (130, "interrupted\n")
     assert list(tmp_path.iterdir()) == []
-    # (not the others: training has its own handler, and a rank waiting in a rendezvous, in C, would
-    # not see a KeyboardInterrupt before torchrun's SIGKILL, 30 s later)
+    # (not a torchrun rank: one waiting in a rendezvous, in C, would not see a KeyboardInterrupt
+    # before torchrun's SIGKILL, 30 s later)
     assert terminated("train").returncode == -signal.SIGTERM
+
+
+def test_sigterm_before_training_starts_is_ctrl_c_and_leaves_no_folder(tmp_path):
+    """SIGTERM while train.py read its data (a scheduler's, `timeout`'s) ended it outright: exit 143, no
+    word, and --out left holding only its lock. As Ctrl-C there: "interrupted", exit 130, no folder."""
+    out = tmp_path / "run"
+    result = train(tmp_path, *TINY_RUN, "--out", str(out), fault="sigterm_in_data:1")
+    assert (result.returncode, result.stderr.splitlines()[-1:]) == (130, ["interrupted"]), result.stderr
+    assert not out.exists()
 
 
 # A child process that saves `out` with atomic_folder and is killed (SIGKILL, from itself) right
@@ -1035,9 +1044,11 @@ TINY_RUN = ["--preset", "tiny", "--n-layer", "1", "--n-head", "2", "--n-embd", "
 #   kill_in_save:n       SIGKILL inside the n-th checkpoint save, its files half written
 #   disk_full_in_save:n  the n-th save's write fails with ENOSPC after writing half a file
 #   sigint_after_step:n  Ctrl-C (SIGINT) right after the n-th optimizer step
+#   sigterm_in_data:1    SIGTERM (`kill`, `timeout`, a scheduler) as the data is read, before any step
 FAULTY_TRAIN = '''
 import errno, os, runpy, signal, sys
 
+import minigpt.data
 import minigpt.optim
 import minigpt.run_folder
 
@@ -1071,7 +1082,17 @@ def save_tensors(tensors, filename, *args, **kwargs):
     real_save(tensors, filename, *args, **kwargs)
 
 
+real_load_blocks = minigpt.data.load_blocks
+
+
+def load_blocks(*args, **kwargs):
+    if kind == "sigterm_in_data" and now():
+        os.kill(os.getpid(), signal.SIGTERM)
+    return real_load_blocks(*args, **kwargs)
+
+
 minigpt.optim.AdamW.step, minigpt.run_folder.save_tensors = step, save_tensors
+minigpt.data.load_blocks = load_blocks
 sys.argv = ["train.py", *sys.argv[1:]]
 runpy.run_path(os.path.join(os.environ["MINIGPT_ROOT"], "train.py"), run_name="__main__")
 '''

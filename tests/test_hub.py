@@ -246,6 +246,12 @@ def test_a_folder_named_with_a_space_is_the_one_loaded(fake_hub, tmp_path, tiny_
         assert str(err.value) == f"{given!r}: no such file or folder ('run', without the spaces around it, is one)"
     assert fake_hub.asked == []
     assert resolve_model(" org/tiny ")[1] == "hf" and [repo for repo, _ in fake_hub.asked] == ["org/tiny"]
+    # a folder whose name is a space (train.py --out ' ' makes one): loaded, not "empty model path"
+    shutil.copytree(tiny_minigpt_dir, tmp_path / " ")
+    assert resolve_model(" ") == (Path(" "), "minigpt")
+    with pytest.raises(MinigptError) as err:
+        resolve_model("  ")
+    assert str(err.value) == "'  ': no such file or folder"
 
 
 def test_a_failed_download_is_one_line(fake_hub):

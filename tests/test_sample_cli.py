@@ -311,6 +311,10 @@ def test_bad_numbers_are_usage_errors(flag, value, capsys):
      "--num-samples 3 with --greedy would print 3 copies of one text: greedy decoding always takes the most "
      "likely token; sample without it"),
     (("--temperature", "0", "--num-samples", "2", "--interactive"), "--num-samples 2 with --temperature 0 would"),
+    (("--top-k", "1", "--num-samples", "3", "hi"), "--num-samples 3 with --top-k 1 would print 3 copies of one text"),
+    # a negative value that argparse took for a flag ("expected one argument") is the flag's own refusal
+    (("--temperature", "-inf", "hi"), "argument --temperature: '-inf' is not a number >= 0"),
+    (("--top-p", "-1e-3", "hi"), "argument --top-p: '-1e-3' is not"),
     # and the filters: greedy's candidate set is its one most likely token (a --trace's `kept` column too)
     (("--greedy", "--top-k", "5", "hi"), "--top-k has no effect with --greedy: greedy decoding takes the most "
      "likely token, whatever the temperature, top-k and top-p"),
@@ -340,6 +344,7 @@ def test_flags_that_apply_are_accepted_in_each_mode():
     assert (args.greedy, args.num_samples, args.repetition_penalty) == (True, 1, 1.3)  # (the penalty moves the argmax)
     args = sample.parse_args(["--temperature", "1e-3", "--seed", "1", "--num-samples", "2", "hi"])
     assert (args.seed, args.num_samples) == (1, 2)  # (a low temperature still samples)
+    assert sample.parse_args(["--top-k", "1", "hi"]).top_k == 1 and sample.parse_args(["-1e3"]).prompts == ["-1e3"]
 
 
 def test_given_names_what_the_command_line_holds():

@@ -184,6 +184,11 @@ def test_accumulation_equals_one_big_batch(tmp_path):
     for a, b in zip(big.parameters(), small.parameters()):
         assert (a - b).abs().max().item() < 1e-5  # (Adam turns float rounding into ~1e-6 moves)
     assert [r["epoch"] for r in rows(tmp_path / "b")][:3] == [0.3333, 0.6667, 1.0]  # 3 steps an epoch
+    # 5 micro-batches an epoch (4 + 4 + 4 + 4 + 2 blocks) in 3 steps: the epoch counts steps, not micro-batches
+    # (it said 0.4 and 0.8, where transformers' Trainer says 0.3333 and 0.6667)
+    make_trainer(tmp_path / "c", micro_model(), random_blocks(18, 16, 300, seed=5), batch=4, max_steps=3,
+                 grad_accum=2).fit()
+    assert [r["epoch"] for r in rows(tmp_path / "c") if "loss" in r] == [0.3333, 0.6667, 1.0]
     assert [round(r["loss"], 5) for r in rows(tmp_path / "a")] == [round(r["loss"], 5) for r in rows(tmp_path / "b")]
 
 
