@@ -524,6 +524,8 @@ def test_a_source_or_dtype_of_the_wrong_kind_is_named(tiny_minigpt_dir, tmp_path
             load_model(tiny_minigpt_dir, dtype=dtype)
     assert load_model(tiny_minigpt_dir, dtype=torch.bfloat16)[0].lm_head.weight.dtype == torch.bfloat16
     with pytest.raises(MinigptError, match="^tokenizer: empty tokenizer path$"):
+        load_tokenizer("")
+    with pytest.raises(MinigptError, match="^' ': no such file or folder$"):  # (a folder may be named " ")
         load_tokenizer(" ")
     with pytest.raises(MinigptError, match=f"^{tmp_path / 'missing'}: no such file or folder$"):
         load_tokenizer(tmp_path / "missing")
