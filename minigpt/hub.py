@@ -64,7 +64,8 @@ class HubRepo:
                 return Path(snapshot_download(repo_id, allow_patterns=patterns, local_files_only=True))
             names = filter_repo_objects([f.rfilename for f in answer.siblings or ()], allow_patterns=[*patterns, *optional])
             for name in names:
-                self._snapshots.add(_snapshot_of(hf_hub_download(repo_id, name, etag_timeout=constants.HF_HUB_ETAG_TIMEOUT), name))
+                path = hf_hub_download(repo_id, name, etag_timeout=constants.HF_HUB_ETAG_TIMEOUT)
+                self._snapshots.add(_snapshot_of(path, name))
         except Exception as e:
             raise MinigptError(
                 f"{repo_id}: no such local folder, and the Hugging Face Hub could not provide it "
