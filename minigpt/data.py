@@ -27,6 +27,7 @@ finished.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import itertools
 import json
@@ -133,6 +134,11 @@ class TokenBlocks:
     def num_tokens(self) -> int:
         """Tokens in the blocks (the dropped remainder not included)."""
         return self.blocks.size
+
+    @functools.cached_property
+    def sha256(self) -> str:
+        """The blocks' fingerprint (hex): a checkpoint records it, so a resume notices data edited since."""
+        return hashlib.sha256(np.ascontiguousarray(self.blocks).data).hexdigest()
 
     def __repr__(self) -> str:
         size = f"{count(len(self), 'block')} of {count(self.block_size, 'token')}"
@@ -382,6 +388,7 @@ class BatchIterator:
             "seed": self.seed,
             "batch_size": self.batch_size,
             "num_blocks": len(self.blocks),
+            "blocks_sha256": self.blocks.sha256,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -392,6 +399,11 @@ class BatchIterator:
                     f"batch iterator state: saved {name} {state.get(name)} differs from this run's {ours}; "
                     "resume with the same data, --batch-size and --seed"
                 )
+        saved = state.get("blocks_sha256")  # (None: a checkpoint from before blocks were fingerprinted)
+        if saved is not None and saved != self.blocks.sha256:  # (as many blocks, other tokens)
+            raise MinigptError(f"--resume: {self.blocks.manifest.get('source', 'the data')} is not the data the run "
+                               "was saved with (as many blocks, other tokens: edited since?); resume with the same "
+                               "data, or start a new run")
         epoch, position = state.get("epoch"), state.get("position")
         if not (isinstance(epoch, int) and epoch >= 0 and isinstance(position, int) and 0 <= position <= len(self)):
             # (a ValueError, as for a value of the wrong type: a resume names training_state.json then)

@@ -13,12 +13,13 @@ import subprocess
 import sysconfig
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator, TypeVar
 
 import torch
 
-from .errors import MinigptError
+from .errors import MinigptError, count
 
 if TYPE_CHECKING:
     from .model import GPT
@@ -195,6 +196,16 @@ def emulated_bf16_warning(device: torch.device, dtype: torch.dtype) -> str | Non
         return None
     return (f"warning: --dtype bf16: this CPU has no native bf16 matmul (measured {1 / speedup:.0f}x "
             f"slower than fp32), so bf16 is emulated and training is much slower; fp32 is faster here")
+
+
+def warn_other_cpu_threads(saved: int | None, device: torch.device) -> None:
+    """Warn where a run saved under `saved` CPU threads resumes under another count: the CPU kernels
+    split their sums by thread, so the run goes on equal to an uninterrupted one only to rounding."""
+    now = torch.get_num_threads()
+    if device.type == "cpu" and saved is not None and saved != now:
+        warnings.warn(f"--resume: the run was saved with {count(saved, 'CPU thread')}, this process has {now}: it "
+                      f"goes on equal to an uninterrupted run to float rounding, not bitwise (OMP_NUM_THREADS={saved} "
+                      "for that)")
 
 
 def wait_for(device: torch.device) -> None:

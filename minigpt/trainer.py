@@ -44,6 +44,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from tqdm import tqdm
 
 from .ddp import Ranks, StopRequest, all_reduce_sum, gather_rng_states, restore_rng_states
 from .errors import MinigptError, integer_at_least
@@ -52,7 +53,7 @@ from .metrics import MetricsLog, StepNumbers, evaluate, perplexity, plot_metrics
 from .optim import AdamW, clip_grad_norm
 from .run_folder import CARD_FILE, METRICS_FILE, PLOT_FILE, check_out_folder, check_same_run
 from .run_folder import read_training_state, write_run_checkpoint, write_training_state
-from .runtime import check_dtype, prepare_cpu_compile
+from .runtime import check_dtype, prepare_cpu_compile, warn_other_cpu_threads
 
 
 def seed_everything(seed: int) -> None:
@@ -180,8 +181,7 @@ class Trainer:
             torch.compiler.cudagraph_mark_step_begin()  # each micro-batch's forward and backward is new work
         with self.autocast:
             loss = self.loss_fn(self.forward_model, batch) * weight
-        # DDP averages gradients over ranks; each rank's weight is its share of the whole step,
-        # so scale by the world size to make that average a sum.
+        # DDP averages gradients over ranks; a rank's weight is its share of the step: x world size, a sum.
         scaled = loss * self.ranks.world_size if self.ranks.world_size > 1 else loss
         (self.scaler.scale(scaled) if self.scaler else scaled).backward()
         return loss.detach()
@@ -284,7 +284,8 @@ class Trainer:
             "losses_since_row": self.interval["losses"], "world_size": self.ranks.world_size,
             "run": self.run_config,
             "optimizer": optim,
-            "data": self.train_batches.state_dict(),
+            "data": self.train_batches.state_dict(), "cpu_threads": torch.get_num_threads(),
+            "validation_data": self.val_batches.state_dict() if self.val_batches is not None else None,
             "grad_scaler": self.scaler.state_dict() if self.scaler else None,
         }
         return info, tensors
@@ -322,7 +323,10 @@ class Trainer:
                 self.optimizer.load_state_dict(optim)
             except MinigptError as e:  # another model's groups or moments: name the checkpoint they came from
                 raise MinigptError(f"{folder}: {e}") from None
-            self.train_batches.load_state_dict(info["data"])
+            self.train_batches.load_state_dict(info["data"])  # (refused: other blocks, a data file edited since)
+            if self.val_batches is not None and info.get("validation_data"):
+                self.val_batches.load_state_dict(info["validation_data"])  # (the same for the validation data)
+            warn_other_cpu_threads(info.get("cpu_threads"), self.device)
             if self.scaler and info.get("grad_scaler"):
                 self.scaler.load_state_dict(info["grad_scaler"])
             self.step, self.skipped_steps = int(info["step"]), int(info["skipped_steps"])
@@ -345,10 +349,7 @@ class Trainer:
             if saved and (evaluated := [r["val_loss"] for r in self.metrics.rows if "val_loss" in r]):
                 self.last["val_loss"] = evaluated[-1]  # (resumed: a run already done still reports its loss)
         if cfg.progress and self.ranks.is_main:
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=cfg.max_steps, initial=self.step, desc="training", unit="step", file=sys.stderr,
-                            dynamic_ncols=True)
+            self.bar = tqdm(total=cfg.max_steps, initial=self.step, desc="training", unit="step", file=sys.stderr, dynamic_ncols=True)
         try:
             with self.stop.catch_signals(self.ranks.is_main):  # (to the last save: a signal in it must not lose the run)
                 while self.step < cfg.max_steps and not self._should_stop():

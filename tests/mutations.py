@@ -1778,6 +1778,19 @@ BREAKS = (
           ((r"return all\(os\.environ\.get\(name, \"\"\)\.strip\(\) for name in \(\"RANK\", \"WORLD_SIZE\"\)\)",
             "return True"),),
           ("tests/test_faults.py::test_sigterm_before_training_starts_is_ctrl_c_and_leaves_no_folder",)),
+    Break("resume_over_edited_data", "a data file edited in place since the checkpoint (as many blocks, other tokens) "
+          "resumes silently, the run going on with the new blocks",
+          ((r"if saved is not None and saved != self\.blocks\.sha256:", "if False:"),),
+          ("tests/test_data.py::test_load_state_dict_refuses_other_blocks_of_the_same_number",
+           "tests/test_train_cli.py::test_a_data_file_edited_since_the_checkpoint_is_refused_on_resume")),
+    Break("resume_skips_validation_data", "a validation file edited since the checkpoint resumes silently (its losses no "
+          "longer comparable with the curve's)",
+          ((r"self\.val_batches\.load_state_dict\(info\[\"validation_data\"\]\)", "pass"),),
+          ("tests/test_train_cli.py::test_a_data_file_edited_since_the_checkpoint_is_refused_on_resume",)),
+    Break("resume_threads_unnoticed", "a resume under another CPU thread count goes on without a word (bitwise "
+          "equality lost)",
+          ((r'if device\.type == "cpu" and saved is not None and saved != now:', "if False:"),),
+          ("tests/test_train_cli.py::test_a_resume_under_another_cpu_thread_count_warns_in_one_line",)),
     Break("auto_device_skips_gpu", "--device auto takes the CPU (or MPS) on a machine with CUDA",
           ((r"^        if torch\.cuda\.is_available\(\):\n            return torch\.device\(\"cuda\"\)\n", ""),),
           ("tests/test_train_cli.py::test_auto_picks_cuda_then_mps_then_the_cpu_and_bf16_where_the_gpu_has_it",)),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import gzip
+import hashlib
 import json
 import os
 import re
@@ -679,7 +680,8 @@ def test_resume_from_a_saved_position_continues_exactly():
                 if len(taken) == stop:
                     break
         state = json.loads(json.dumps(it.state_dict()))
-        assert state == {"epoch": it.epoch, "position": it.position, "seed": 3, "batch_size": 5, "num_blocks": 23}
+        assert state == {"epoch": it.epoch, "position": it.position, "seed": 3, "batch_size": 5, "num_blocks": 23,
+                         "blocks_sha256": hashlib.sha256(blocks.blocks.tobytes()).hexdigest()}
         it = BatchIterator(blocks, 5, seed=3)
         it.load_state_dict(state)
     while len(taken) < len(stream):
@@ -693,6 +695,23 @@ def test_load_state_dict_refuses_a_different_run():
                   BatchIterator(numbered_blocks(22), 5, seed=3)):
         with pytest.raises(MinigptError, match="batch iterator state"):
             other.load_state_dict(state)
+
+
+def test_load_state_dict_refuses_other_blocks_of_the_same_number():
+    """A data file edited in place since a checkpoint (same path, as many blocks, other tokens) was
+    resumed silently, the run going on with the new blocks: the state records the blocks' sha256."""
+    blocks = numbered_blocks(23)
+    state = BatchIterator(blocks, 5, seed=3).state_dict()
+    edited = TokenBlocks(blocks.blocks.copy(), {"source": "/data/train.jsonl"})
+    edited.blocks[7, 2] += 1  # one token of one block
+    with pytest.raises(MinigptError) as e:
+        BatchIterator(edited, 5, seed=3).load_state_dict(state)
+    assert str(e.value) == ("--resume: /data/train.jsonl is not the data the run was saved with (as many blocks, "
+                            "other tokens: edited since?); resume with the same data, or start a new run")
+    same = BatchIterator(TokenBlocks(blocks.blocks.copy(), {}), 5, seed=3)  # equal tokens, another array: taken
+    same.load_state_dict(state)
+    del state["blocks_sha256"]  # (a checkpoint saved before blocks had a fingerprint: nothing to compare)
+    BatchIterator(edited, 5, seed=3).load_state_dict(state)
 
 
 def test_load_state_dict_refuses_a_place_that_is_not_in_the_data():

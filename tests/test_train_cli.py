@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import ROOT, call_cli, needs_cpu_compiler, python_path, run_cli
+from minigpt.data import tiny_preset_path
 from minigpt.errors import MinigptError
 
 # Fast and reproducible settings on top of the tiny preset: short runs, no progress bars.
@@ -552,6 +554,56 @@ def test_a_resume_with_other_settings_names_them_readably(tmp_path, monkeypatch)
     assert other_data.returncode == 2 and len(other_data.stderr.splitlines()) == 1, other_data.stderr
     assert re.match(rf"error: --resume: the run in {re.escape(str(out))} was made (with --data .+|without --data), "
                     r"not (with --data )?eli5_category; ", other_data.stderr), other_data.stderr
+
+
+def test_a_data_file_edited_since_the_checkpoint_is_refused_on_resume(tmp_path):
+    """A data file edited in place under the same path (as many blocks, other tokens) was resumed
+    silently, the run going on with the new blocks (README said so). Now the checkpoint keeps each
+    split's blocks' sha256 and a resume over other blocks is refused in one line, the training file's
+    and the validation file's alike; put back, the same resume runs."""
+    data, val = tmp_path / "train.jsonl", tmp_path / "val.jsonl"
+    data.write_text(tiny_preset_path().read_text(encoding="utf-8"), encoding="utf-8")
+    val.write_text((ROOT / "tests" / "data" / "eli5_small.jsonl").read_text(encoding="utf-8"), encoding="utf-8")
+    out = tmp_path / "run"
+    flags = (*QUICK, "--data", str(data), "--val-data", str(val), "--max-steps", "2", "--out", str(out))
+    assert call_cli("train.py", *flags).returncode == 0
+    for path in (data, val):
+        kept = path.read_text(encoding="utf-8")
+        first, second, *rest = kept.splitlines(keepends=True)
+        path.write_text("".join([second, first, *rest]), encoding="utf-8")  # two records swapped: same tokens
+        again = call_cli("train.py", *flags, "--resume")
+        assert again.returncode == 2 and again.stderr.splitlines() == [
+            f"error: --resume: {path} is not the data the run was saved with (as many blocks, other tokens: "
+            "edited since?); resume with the same data, or start a new run"], again.stderr
+        path.write_text(kept, encoding="utf-8")
+    again = call_cli("train.py", *flags, "--resume")
+    assert again.returncode == 0 and "warning: --resume" not in again.stderr, again.stderr
+    assert f"resumed from {out} at step 2" in again.stdout
+
+
+def test_a_resume_under_another_cpu_thread_count_warns_in_one_line(tmp_path):
+    """A run is bitwise equal to an uninterrupted one only under the same CPU thread count (README);
+    a resume under another count went on without a word. It warns in one line now, and still runs."""
+    out = tmp_path / "run"
+    flags = (*QUICK, "--max-steps", "1", "--out", str(out))
+    threads = torch.get_num_threads()
+    assert call_cli("train.py", *flags).returncode == 0
+    torch.set_num_threads(threads + 1)
+    try:
+        with warnings.catch_warnings(record=True) as caught:  # (pytest records warnings: the CLI's stderr has none)
+            warnings.simplefilter("always")
+            other = call_cli("train.py", *flags, "--resume")
+    finally:
+        torch.set_num_threads(threads)
+    assert other.returncode == 0, other.stderr
+    assert [str(w.message) for w in caught if "--resume" in str(w.message)] == [
+        f"--resume: the run was saved with {threads} CPU thread{'s' * (threads != 1)}, this process has "
+        f"{threads + 1}: it goes on equal to an uninterrupted run to float rounding, not bitwise "
+        f"(OMP_NUM_THREADS={threads} for that)"]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        same = call_cli("train.py", *flags, "--resume")
+    assert same.returncode == 0 and not [w for w in caught if "--resume" in str(w.message)], same.stderr
 
 
 def test_a_preset_run_resumes_after_the_clone_moves(tmp_path):
