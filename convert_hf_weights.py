@@ -41,8 +41,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = folder_destination(args.out)  # a file, a path under one, the current folder: refused at once
     to_hf = args.to_hf is not None  # (an empty --to-hf is still the export: load_model names the empty path)
     check_source_outside(out, args.to_hf if to_hf else args.source, "--to-hf" if to_hf else "SOURCE", "--out")
-    from minigpt.loading import convert_to_minigpt, export_to_hf  # heavy imports after parsing
-    from minigpt.run_folder import check_replaceable, keep_runs_out
+    from minigpt.loading import check_replaceable, convert_to_minigpt, export_to_hf  # heavy imports after parsing
 
     if out.is_dir() and not out.is_symlink():  # (a symlink is replaced itself, not what it names)
         check_replaceable(out)  # (first: --force is suggested only where it would replace the folder)
@@ -50,13 +49,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if replacing and not args.force:
         raise MinigptError(f"{args.out}: already exists and is not empty (pass --force to replace it)")
 
-    with keep_runs_out(out):  # --force never replaces the folder of a live training run
-        if to_hf:  # (overwrite: --force, and check_replaceable, decided above)
-            export_to_hf(args.to_hf, out, overwrite=replacing)  # (a training run's model card travels with it)
-            print(f"wrote a transformers GPT2LMHeadModel folder to {args.out}")
-        else:
-            convert_to_minigpt(args.source, out, overwrite=replacing)
-            print(f"wrote a minigpt checkpoint to {args.out}")
+    # (overwrite: --force, and check_replaceable, decided above; never the folder of a live training run)
+    if to_hf:
+        export_to_hf(args.to_hf, out, overwrite=replacing)  # (a training run's model card travels with it)
+        print(f"wrote a transformers GPT2LMHeadModel folder to {args.out}")
+    else:
+        convert_to_minigpt(args.source, out, overwrite=replacing)
+        print(f"wrote a minigpt checkpoint to {args.out}")
     return 0
 
 

@@ -13,18 +13,17 @@ import json
 import os
 import struct
 import warnings
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Collection, Iterator
+from typing import Callable, Collection
 
 import torch
 import torch.nn as nn
-from safetensors import SafetensorError, safe_open
+from safetensors import safe_open
 from torch.overrides import TorchFunctionMode
 
 from .config import GPTConfig
 from .errors import MinigptError
-from .files import atomic_folder, folder_destination, read_json, save_tensors
+from .files import atomic_folder, folder_destination, read_json, reading_safetensors, save_tensors
 from .model import GPT
 from .runtime import resolve_device
 from .tokenizer import TOKENIZER_FILE, Tokenizer
@@ -148,23 +147,6 @@ def refuse_duplicate_names(path: Path) -> None:
         if name in seen:
             raise MinigptError(f"{path}: tensor {name!r} is listed twice in the header")
         seen.add(name)
-
-
-@contextmanager
-def reading_safetensors(path: Path) -> Iterator[None]:
-    """Turn the errors of reading a .safetensors file into one line naming it (and refuse a FIFO or
-    a device, whose reading would wait for a writer forever)."""
-    if os.path.exists(path) and not os.path.isfile(path) and not os.path.isdir(path):
-        raise MinigptError(f"{path}: cannot read it (not a regular file)")
-    try:
-        yield
-    except SafetensorError as e:
-        raise MinigptError(f"{path}: not a valid safetensors file ({e})") from None
-    except FileNotFoundError:
-        raise MinigptError(f"{path}: file not found") from None
-    except OSError as e:  # a folder, a device, an unreadable file
-        detail = "a folder, not a file" if Path(path).is_dir() else e  # (safetensors says "No such device" of a folder)
-        raise MinigptError(f"{path}: cannot read it ({detail})") from None
 
 
 def safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:

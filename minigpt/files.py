@@ -71,6 +71,25 @@ def save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict | 
     os.chmod(path, 0o666 & ~umask)
 
 
+@contextlib.contextmanager
+def reading_safetensors(path: Path) -> Iterator[None]:
+    """Turn the errors of reading a .safetensors file into one line naming it (and refuse a FIFO or
+    a device, whose reading would wait for a writer forever)."""
+    from safetensors import SafetensorError
+
+    if os.path.exists(path) and not os.path.isfile(path) and not os.path.isdir(path):
+        raise MinigptError(f"{path}: cannot read it (not a regular file)")
+    try:
+        yield
+    except SafetensorError as e:
+        raise MinigptError(f"{path}: not a valid safetensors file ({e})") from None
+    except FileNotFoundError:
+        raise MinigptError(f"{path}: file not found") from None
+    except OSError as e:  # a folder, a device, an unreadable file
+        detail = "a folder, not a file" if Path(path).is_dir() else e  # (safetensors says "No such device" of a folder)
+        raise MinigptError(f"{path}: cannot read it ({detail})") from None
+
+
 def fsync(path: Path) -> None:
     """Flush a file's bytes (or a folder's list of entries) to the disk, so they survive power loss."""
     fd = os.open(path, os.O_RDONLY)

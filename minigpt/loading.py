@@ -15,6 +15,7 @@ from __future__ import annotations
 import glob
 import os
 import re
+from fnmatch import fnmatch
 from pathlib import Path
 from typing import Callable, TypeVar
 
@@ -24,12 +25,13 @@ from .card import export_card
 from .checkpoint import CONFIG_FILE, WEIGHTS_FILE, is_minigpt_checkpoint, load_checkpoint, save_checkpoint_folder
 from .errors import MinigptError
 from .files import check_source_outside, folder_destination, home_expanded
-from .hf import INDEX_FILE, LEGACY_INDEX_FILE, LEGACY_WEIGHTS_FILE, export_hf, hf_weight_files, load_hf_checkpoint
+from .hf import (INDEX_FILE, LEGACY_FILES, LEGACY_INDEX_FILE, LEGACY_WEIGHTS_FILE, MODEL_FILES, export_hf, hf_weight_files,
+                 load_hf_checkpoint)
 from .hub import HubRepo
 from .model import GPT
-from .run_folder import CARD_FILE, current_checkpoint
+from .run_folder import CARD_FILE, check_outside_runs, current_checkpoint, foreign_entry, keep_runs_out
 from .runtime import check_dtype, resolve_device
-from .tokenizer import HF_SETTINGS, TOKENIZER_FILE, VOCAB_MERGES, Tokenizer
+from .tokenizer import HF_SETTINGS, TOKENIZER_FILE, TOKENIZER_FILES, VOCAB_MERGES, Tokenizer
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 READ_TRIES = 3  # reads of a checkpoint that a writer changed meanwhile (`read_whole`) before giving up
@@ -178,10 +180,12 @@ def load_tokenizer(source: str | os.PathLike) -> Tokenizer:
 
 def convert_to_minigpt(source: str | os.PathLike, out: str | os.PathLike, overwrite: bool = False) -> Path:
     """Write any model source as a minigpt checkpoint folder at `out` (atomically); `overwrite=True`
-    replaces a folder that holds anything, whole, but never one that is or holds `source` itself."""
+    replaces a folder that holds anything, whole, but never one that is or holds `source` itself, nor
+    the folder of a live training run (`keep_runs_out`: no run starts there meanwhile either)."""
     check_source_outside(folder_destination(out), source, "the source")
-    model, tokenizer = load_model(source)
-    return save_checkpoint_folder(out, model, tokenizer, overwrite)
+    with keep_runs_out(folder_destination(out)):
+        model, tokenizer = load_model(source)
+        return save_checkpoint_folder(out, model, tokenizer, overwrite)
 
 
 def export_to_hf(source: str | os.PathLike, out: str | os.PathLike, overwrite: bool = False) -> Path:
@@ -190,10 +194,11 @@ def export_to_hf(source: str | os.PathLike, out: str | os.PathLike, overwrite: b
     with it, from the step whose weights are read (a training run's checkpoint in force, resolved
     once: a save meanwhile mixes no steps); an HF folder's card does not (it is another model's)."""
     check_source_outside(folder_destination(out), source, "the source")
-    folder, kind = resolve_model(source)
-    model, tokenizer, text = read_whole(folder, kind, lambda checkpoint: (
-        *load_model(checkpoint), _card_to_export(checkpoint) if kind == "minigpt" else None))
-    return export_hf(model, tokenizer, out, text, overwrite=overwrite)
+    with keep_runs_out(folder_destination(out)):  # (as in `convert_to_minigpt`)
+        folder, kind = resolve_model(source)
+        model, tokenizer, text = read_whole(folder, kind, lambda checkpoint: (
+            *load_model(checkpoint), _card_to_export(checkpoint) if kind == "minigpt" else None))
+        return export_hf(model, tokenizer, out, text, overwrite=overwrite)
 
 
 def _card_to_export(checkpoint: Path) -> str | None:
@@ -209,3 +214,22 @@ def _card_to_export(checkpoint: Path) -> str | None:
     except UnicodeDecodeError as e:
         raise MinigptError(f"{card}: the model card is not UTF-8 text ({e.reason} at byte {e.start}); make it "
                            "UTF-8, or move it away, to export") from None
+
+
+# A model folder's other files: tokenizer and generation settings as transformers saves them, and the card.
+MODEL_FOLDER_EXTRAS = [*HF_SETTINGS, "special_tokens_map.json", "generation_config.json", CARD_FILE]
+
+
+def check_replaceable(out: Path) -> None:
+    """Refuse (one-line MinigptError) to replace a folder that holds anything but a model's files
+    (minigpt's, or an HF folder's) or a training run's: `--force` is there to redo a conversion, and a
+    mistyped `--out` must not delete a folder of someone's own work along with it. One inside a
+    run's folder (a checkpoint's step folder) is refused as such first (`check_outside_runs`)."""
+    check_outside_runs(out)
+    patterns = [*MODEL_FILES, *LEGACY_FILES, *TOKENIZER_FILES, *MODEL_FOLDER_EXTRAS]
+    for entry in sorted(out.iterdir()):
+        model_file = any(fnmatch(entry.name, pattern) for pattern in patterns) and (
+            entry.is_symlink() or entry.is_file())  # (a folder named model-x.safetensors is not one)
+        if not model_file and (name := foreign_entry(entry)) is not None:
+            raise MinigptError(f"--out {out}: holds {name!r}, which is no model's or training run's file, and "
+                               "--force replaces only such a folder; choose another --out")

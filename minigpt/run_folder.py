@@ -31,19 +31,15 @@ import os
 import shutil
 import time
 import uuid
-from fnmatch import fnmatch
 from pathlib import Path
 from typing import Any, Callable, Iterator, NoReturn
 
 import torch
 from safetensors.torch import load_file
 
-from .checkpoint import reading_safetensors
 from .errors import MinigptError, reason
 from .files import (atomic_folder, atomic_symlink, check_utf8, home_expanded, is_temporary_copy, read_json,
-                    renamed_path, save_tensors)
-from .hf import LEGACY_FILES, MODEL_FILES
-from .tokenizer import HF_SETTINGS, TOKENIZER_FILES
+                    reading_safetensors, renamed_path, save_tensors)
 
 CKPT_DIR = ".ckpt"
 CURRENT = "current"
@@ -95,7 +91,7 @@ def check_out_folder(out: str | os.PathLike, resume: bool, *, locked: bool = Tru
     ckpt = current_checkpoint(out)
     if out.is_dir():
         for entry in sorted(out.iterdir()):
-            if (name := _foreign_name(entry)) is not None:
+            if (name := foreign_entry(entry)) is not None:
                 raise MinigptError(
                     f"--out {out}: holds {name!r}, which is not from a minigpt training run; "
                     "choose another --out"
@@ -129,7 +125,7 @@ def check_outside_runs(out: str | os.PathLike) -> None:
                                "run's own files; choose a folder outside it")
 
 
-def _foreign_name(entry: Path) -> str | None:
+def foreign_entry(entry: Path) -> str | None:
     """None for an entry of a run's folder that a run writes, each of its kind (or one gone since the
     listing): .ckpt/ a folder holding only `current` (a link), step folders and temporary copies of
     both; metrics.jsonl, loss.png (and their temporary copies) and .lock plain files; the links into
@@ -343,25 +339,6 @@ class RunLock:
             pass  # something else appeared in `out` or a parent meanwhile: leave it and those above
         _let_go(self._fd)
         self._fd = None
-
-
-# A model folder's other files: tokenizer and generation settings as transformers saves them, and the card.
-MODEL_FOLDER_EXTRAS = [*HF_SETTINGS, "special_tokens_map.json", "generation_config.json", CARD_FILE]
-
-
-def check_replaceable(out: Path) -> None:
-    """Refuse (one-line MinigptError) to replace a folder that holds anything but a model's files
-    (minigpt's, or an HF folder's) or a training run's: `--force` is there to redo a conversion, and a
-    mistyped `--out` must not delete a folder of someone's own work along with it. One inside a
-    run's folder (a checkpoint's step folder) is refused as such first (`check_outside_runs`)."""
-    check_outside_runs(out)
-    patterns = [*MODEL_FILES, *LEGACY_FILES, *TOKENIZER_FILES, *MODEL_FOLDER_EXTRAS]
-    for entry in sorted(out.iterdir()):
-        model_file = any(fnmatch(entry.name, pattern) for pattern in patterns) and (
-            entry.is_symlink() or entry.is_file())  # (a folder named model-x.safetensors is not one)
-        if not model_file and (name := _foreign_name(entry)) is not None:
-            raise MinigptError(f"--out {out}: holds {name!r}, which is no model's or training run's file, and "
-                               "--force replaces only such a folder; choose another --out")
 
 
 @contextlib.contextmanager

@@ -35,17 +35,19 @@ from __future__ import annotations
 import codecs
 import operator
 from functools import partial
-from typing import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from .errors import MinigptError, integer_at_least
-from .compiled_decoding import CompiledDecoding
 from .model import GPT, KVCache
 from .runtime import activation_dtype, allocate, check_fits, model_device
 from .sampling_config import SamplingConfig
 from .tokenizer import Tokenizer
+
+if TYPE_CHECKING:  # (a speed module: the plain decoding loop does not load it)
+    from .compiled_decoding import CompiledDecoding
 
 
 # --- the logit filters ------------------------------------------------------------------------

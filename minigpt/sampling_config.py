@@ -47,13 +47,13 @@ class SamplingConfig:
         if self.max_new_tokens < 1:
             raise MinigptError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if not 0 <= self.temperature < float("inf"):
-            raise MinigptError(f"temperature must be >= 0, got {self.temperature}")
+            raise MinigptError(f"temperature must be a finite number >= 0, got {self.temperature}")
         if self.top_k < 0:
             raise MinigptError(f"top_k must be >= 0, got {self.top_k}")
         if not 0 < self.top_p <= 1:
             raise MinigptError(f"top_p must be in (0, 1], got {self.top_p}")
         if not 0 < self.repetition_penalty < float("inf"):
-            raise MinigptError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+            raise MinigptError(f"repetition_penalty must be a finite number > 0, got {self.repetition_penalty}")
 
     @property
     def is_greedy(self) -> bool:

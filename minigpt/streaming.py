@@ -14,19 +14,21 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Sequence, TextIO
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Sequence, TextIO
 
 import torch
 
 from .checkpoint import WEIGHTS_FILE
 from .errors import MinigptError
 from .files import LINE_BREAKS, atomic_file
-from .compiled_decoding import CompiledDecoding
 from .model import GPT
 from .sampling import TextStream, generate, next_token
 from .sampling_config import SamplingConfig
 from .tokenizer import Tokenizer, lone_surrogate
 from .trace import StepRecorder, colour, write_rows
+
+if TYPE_CHECKING:  # (a speed module: the plain decoding loop does not load it)
+    from .compiled_decoding import CompiledDecoding
 
 
 @dataclass

@@ -8,12 +8,12 @@ AdamW (lr 2e-5, weight decay 0.01), linear decay, gradient clipping at 1.0, 3 ep
 from __future__ import annotations
 
 import dataclasses
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 from .cli import flag, fraction, non_negative_float, non_negative_int, parser_from, positive_float, positive_int
 from .cli import from_flags, path_text, run_flags
+from .cli import seed as seed_in_range
 from .files import check_utf8, home_expanded
 from .formats import FORMATS
 
@@ -96,7 +96,7 @@ class TrainFlags:
     max_grad_norm: float = flag(1.0, "clip the gradient norm to this; 0: no clipping", group="optimisation", run=True,
                                 type=non_negative_float, **_X)
     seed: int = flag(42, "seeds every generator the run draws from: initialisation, data split and order, dropout",
-                     group="optimisation", run=True, metavar="N", type=non_negative_int)
+                     group="optimisation", run=True, metavar="N", type=seed_in_range)
     device: str = flag("auto", "auto, cpu, cuda, cuda:N (one GPU of several; not under torchrun) or mps "
                         "(auto: cuda, then mps, then cpu)", group="hardware")
     dtype: str = flag("auto", "fp32, bf16 or fp16 (a GPU's, with loss scaling) compute precision; weights stay "
@@ -230,13 +230,11 @@ def parse_train_flags(argv: Sequence[str] | None, description: str) -> TrainFlag
             preset = {k: v for k, v in preset.items() if k not in (*SHAPE_FLAGS, "dropout")}  # preset's are new
         p.set_defaults(**preset)
     args = from_flags(TrainFlags, p.parse_args(argv))
-    args.out = os.path.expanduser(args.out)  # (`--out=~/run`: no shell expands a ~ after "=")
+    args.out = str(home_expanded(args.out))  # (`--out=~/run`: no shell expands a ~ after "="; `~nouser/run` refused)
     for name in RECORDED_PATHS:  # (before any work: the first save would fail on it)
         if getattr(args, name) is not None:
             check_utf8(getattr(args, name), f"--{name.replace('_', '-')} is written into the model card and the run's "
                        "settings, which are UTF-8 text")
-    if args.seed >= 2**63:  # torch's generators take a 64-bit seed
-        p.error(f"argument --seed: {args.seed} is too large (at most {2**63 - 1})")
     scratch_flags = [f for f in SCRATCH_FLAGS if getattr(args, f) is not None]  # (None: not given)
     if args.init != "scratch" and scratch_flags:
         kept = "tokenizer" if scratch_flags[0] == "tokenizer" else "shape"
@@ -248,7 +246,7 @@ def parse_train_flags(argv: Sequence[str] | None, description: str) -> TrainFlag
 
         from .trainer import CUDA_GRAPH_MODES
 
-        on_gpu = args.device.startswith("cuda") or (args.device == "auto" and torch.cuda.is_available())
+        on_gpu = torch.cuda.is_available() and args.device.startswith(("cuda", "auto"))  # (no CUDA: said later)
         if args.compile_mode in CUDA_GRAPH_MODES and on_gpu:
             # a CUDA graph's replay reuses its output memory, where the last micro-batch's gradients
             # still wait to be added to (pytorch/pytorch#169545)

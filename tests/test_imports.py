@@ -166,3 +166,20 @@ def test_importing_the_model_loads_no_io_library():
     loaded_io, loaded_ours = result.stdout.splitlines()
     assert loaded_io == "[]"
     assert loaded_ours == "['minigpt.config', 'minigpt.errors', 'minigpt.model', 'minigpt.training_speed']"
+
+
+def test_the_trainer_and_the_decoding_loop_load_only_what_they_need():
+    """In a fresh interpreter. The trainer knows nothing GPT-2-specific: no model, tokenizer, HF or
+    checkpoint module (the converter's folder check, in the run folder's module, brought them all).
+    The plain decoding loop loads no speed module (it imported CompiledDecoding for a type hint)."""
+    assert not reachable("trainer") & {"tokenizer", "hf", "checkpoint", "loading", "data", "sampling"}
+    code = ("import sys, minigpt.trainer\n"
+            "print(sorted(m for m in sys.modules if m.startswith('minigpt.')))\n"
+            "import minigpt.sampling, minigpt.streaming\n"
+            "print(sorted(m for m in sys.modules if m.startswith('minigpt.')))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                            cwd=PACKAGE.parent)
+    trainer, decoding = (set(line.strip("[]").replace("'", "").split(", ")) for line in result.stdout.splitlines())
+    assert trainer == {f"minigpt.{m}" for m in ("ddp", "errors", "files", "metrics", "optim", "run_folder", "runtime",
+                                                 "trainer")}
+    assert not decoding & {f"minigpt.{m}" for m in ("compiled_decoding", "inference", "layouts", "quantized", "opaque")}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -132,6 +133,7 @@ def test_convert_force_never_replaces_the_folder_of_a_live_run(tmp_path, tiny_hf
     line a second run gets. While a conversion replaces a folder, no run can start in it; once the
     run has ended, the folder is replaced by the conversion alone (no .ckpt, .lock or records of the
     run left in it)."""
+    from minigpt.loading import convert_to_minigpt, export_to_hf
     from minigpt.run_folder import keep_runs_out
 
     out = tmp_path / "run"
@@ -145,6 +147,12 @@ def test_convert_force_never_replaces_the_folder_of_a_live_run(tmp_path, tiny_hf
             "it to end, or choose another --out"
         ]
         assert snapshot(out) == before and sorted(p.name for p in tmp_path.iterdir()) == ["cache", "run"]
+        # the library's converters too: overwrite=True replaced the live run's folder (the run then failed)
+        for convert in (convert_to_minigpt, export_to_hf):
+            with pytest.raises(MinigptError, match=re.escape(f"--out {out}: another training run (process "
+                                                             f"{os.getpid()}) is using this folder")):
+                convert(tiny_hf_dir, out, overwrite=True)
+            assert snapshot(out) == before
     with keep_runs_out(out), pytest.raises(MinigptError) as refused:
         RunLock(out).acquire()
     assert str(refused.value) == (f"--out {out}: a weight conversion (process {os.getpid()}) is using this "

@@ -197,6 +197,10 @@ def test_sampling_config_rejects_bad_values():
     ):
         with pytest.raises(MinigptError):
             SamplingConfig(**bad)
+    # infinity is refused, and the message says why ("must be >= 0, got inf" contradicted itself)
+    for field, what in (("temperature", "a finite number >= 0"), ("repetition_penalty", "a finite number > 0")):
+        with pytest.raises(MinigptError, match=f"^{field} must be {what}, got inf$"):
+            SamplingConfig(**{field: float("inf")})
 
 
 def test_sampling_config_names_a_value_of_the_wrong_type():

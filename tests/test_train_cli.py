@@ -346,6 +346,8 @@ def test_cuda_where_there_is_none_is_one_line_and_exit_2(tmp_path):
         (("--out", ""), "argument --out: empty path"),
         (("--init", ""), "argument --init: empty path"),
         (("--tokenizer", ""), "argument --tokenizer: empty path"),
+        # as sample.py words it (train.py's own check said "is too large (at most 9223372036854775807)")
+        (("--seed", str(2**63)), "argument --seed: '9223372036854775808' is not a seed in [0, 2**63) (see --help)"),
     ],
 )
 def test_bad_flags_exit_2(tmp_path, args, complaint, capsys):
@@ -434,6 +436,16 @@ def test_one_paragraph_of_data_names_the_split_that_took_it(tmp_path):
                       "--out", str(tmp_path / "out"))
     assert result.returncode == 0, result.stderr
     assert [row["step"] for row in metrics(tmp_path / "out") if "loss" in row] == [1, 2]
+
+
+def test_an_out_under_no_users_home_is_refused_not_made(tmp_path, monkeypatch):
+    """`--out ~nosuchuser/run` trained into a folder named "~nosuchuser" in the current folder (the
+    converter refused the same path): one line now, as every other path flag, and nothing made."""
+    monkeypatch.chdir(tmp_path)
+    result = call_cli("train.py", *QUICK, "--max-steps", "1", "--out", "~nosuchuser49/run")
+    assert result.returncode == 2 and result.stderr.splitlines() == [
+        "error: ~nosuchuser49/run: ~nosuchuser49 is no user's home folder here"], result.stderr
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_an_out_folder_of_something_else_is_refused(tmp_path):

@@ -266,9 +266,16 @@ def test_compiled_training_on_the_cpu_keeps_to_its_instruction_sets_cache(tmp_pa
     assert capped.parent == tmp_path / "cache" and capped != native
 
 
-def test_compile_mode_flag_errors_are_one_line(tmp_path):
+def test_compile_mode_flag_errors_are_one_line(tmp_path, monkeypatch):
     from conftest import call_cli
 
+    # on a machine without CUDA, --device cuda is told that, not that its CUDA graphs take --grad-accum 1
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    result = call_cli("train.py", "--compile", "--compile-mode", "reduce-overhead", "--grad-accum", "2", "--device",
+                      "cuda", "--out", str(tmp_path / "out"))
+    assert result.returncode == 2 and result.stderr.splitlines() == [
+        "error: --device cuda: CUDA is not available on this machine (try --device cpu)"], result.stderr
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # (the flags are refused before any GPU work)
     for args, needle in ((["--compile-mode", "reduce-overhead"], "--compile-mode reduce-overhead needs --compile"),
                          (["--compile", "--compile-mode", "fast"], "argument --compile-mode: invalid choice: 'fast'"),
                          (["--compile", "--compile-mode", "reduce-overhead", "--grad-accum", "2", "--device", "cuda"],
