@@ -623,7 +623,8 @@ def test_hub_source_defaults_to_the_recipes_first_5000_records():
 def test_hub_source_offline_says_how_to_pass_local_files(tmp_path, gpt2_tokenizer, monkeypatch):
     import datasets
 
-    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)  # conftest sets HF_HUB_OFFLINE=1 too
+    # (conftest sets HF_HUB_OFFLINE=1 too; datasets < 2.21 reads only that, and has no such attribute)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True, raising=False)
     with pytest.raises(MinigptError) as err:
         load(tmp_path, gpt2_tokenizer, source=None)
     message = str(err.value)

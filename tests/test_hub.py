@@ -443,8 +443,9 @@ class HttpHub:
             def do_GET(self) -> None:
                 if self.path.startswith("/api/models/org/tiny"):
                     names = sorted(f.name for f in hub.folder.iterdir())
-                    return self.answer(json.dumps({"id": "org/tiny", "sha": "a" * 40,
-                                                   "siblings": [{"rfilename": n} for n in names]}).encode())
+                    return self.answer(json.dumps({  # (the fields every huggingface_hub >= 0.20 reads)
+                        "id": "org/tiny", "sha": "a" * 40, "private": False, "downloads": 0, "likes": 0, "tags": [],
+                        "siblings": [{"rfilename": n} for n in names]}).encode())
                 if not self.path.startswith("/org/tiny/resolve/"):
                     return self.answer(b"{}", 404)
                 hub.requests += 1
