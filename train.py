@@ -216,9 +216,11 @@ def train(args: TrainFlags, device: torch.device, dtype: torch.dtype, dtype_name
 
     optimizer = AdamW(param_groups(model, args.weight_decay), lr=args.lr, betas=ADAM_BETAS, eps=ADAM_EPS)
     facts = args.card_facts(model, train_blocks, val_blocks, ranks.world_size, dtype_name, max_steps)
+    def schedule(step: int) -> float:
+        return linear_schedule(step, max_steps, args.warmup_steps)
+
     trainer = Trainer(
-        model=model, loss_fn=lm_loss, optimizer=optimizer,
-        schedule=lambda step: linear_schedule(step, max_steps, args.warmup_steps),
+        model=model, loss_fn=lm_loss, optimizer=optimizer, schedule=schedule,
         train_batches=train_batches, val_batches=val_batches, config=args.train_config(max_steps, dtype), out=args.out,
         save_model=lambda folder: write_checkpoint_files(folder, model, tokenizer),
         device=device, ranks=ranks, run_config=args.run_config(ranks.world_size, dtype_name, max_steps),
@@ -244,8 +246,8 @@ def train(args: TrainFlags, device: torch.device, dtype: torch.dtype, dtype_name
         f"{args.warmup_steps} warm-up steps, then linear decay to 0")
     if args.warmup_steps >= max_steps:  # (the schedule is HF's: it only warms up, and never reaches --lr)
         say(f"warning: --warmup-steps {args.warmup_steps} is not fewer than the run's {count(max_steps, 'step')}: the "
-            f"learning rate only rises, to {args.lr * (max_steps - 1) / args.warmup_steps:.3g} at the last step, "
-            f"never to --lr {args.lr:g}", file=sys.stderr)
+            f"learning rate only rises, to {args.lr * schedule(max_steps - 1):.3g} at the last step, never to --lr "
+            f"{args.lr:g}", file=sys.stderr)
     say(f"device: {device}, precision {dtype_name}{' (autocast)' if dtype != torch.float32 else ''}"
         f"{', compiled' if args.compile else ''}; seed {args.seed}")
     say(f"out: {args.out}", flush=True)

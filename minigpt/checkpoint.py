@@ -42,6 +42,8 @@ def is_minigpt_checkpoint(folder: Path) -> bool:
 
 
 def read_config(folder: Path) -> GPTConfig:
+    """The GPTConfig of checkpoint `folder` (its config.json; HF's field names are taken too), or a
+    one-line MinigptError naming the file."""
     path = Path(folder) / CONFIG_FILE
     try:
         return GPTConfig.from_dict(read_json(path))
@@ -165,17 +167,14 @@ def read_tensors(path: Path, mapping: dict[str, str]) -> dict[str, torch.Tensor]
     return tensors
 
 
-def load_safetensors(
-    path: Path,
-    expected: dict[str, tuple[int, ...]],
-    rename: Callable[[str], str | None] | None = None,
-) -> dict[str, torch.Tensor]:
-    """Load a .safetensors file's tensors under our names, after checking them against `expected`.
+def load_safetensors(path: Path, expected: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
+    """Load a minigpt .safetensors file's tensors, after checking them against `expected` (HF's
+    files, whose names differ, are matched by `minigpt.hf` with `match_names`' `rename`).
 
     The header is checked before any tensor is read, so a file declaring the wrong tensors costs
     nothing to refuse; so is completeness (every name of `expected` present).
     """
-    mapping = match_names(path, safetensors_shapes(path), expected, rename)
+    mapping = match_names(path, safetensors_shapes(path), expected)
     check_complete(path, mapping.values(), expected)
     return read_tensors(path, mapping)
 

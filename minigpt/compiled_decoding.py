@@ -36,6 +36,7 @@ import copy
 import math
 import time
 import warnings
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -288,12 +289,12 @@ class CompiledDecoding:
         self.whole_caches: dict[tuple[int, torch.dtype], KVCache] = {}  # (batch size, dtype) -> new_cache's
 
     @property
-    def step(self):
+    def step(self) -> Callable[..., torch.Tensor]:
         """The compiled step that decodes (`chosen`)."""
         return self.steps[self.chosen]
 
     @step.setter
-    def step(self, value) -> None:
+    def step(self, value: Callable[..., torch.Tensor]) -> None:
         self.steps[self.chosen] = value
 
     def describe(self) -> str:

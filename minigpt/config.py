@@ -29,6 +29,11 @@ HF_ALIASES = {"n_embd": "hidden_size", "n_positions": "max_position_embeddings",
 
 @dataclass(frozen=True)  # (a built model copies what it needs: a field changed later would change nothing)
 class GPTConfig:
+    """The numbers that fix a GPT-2 model's shape and behaviour (defaults: distilgpt2's). The weights'
+    shapes follow from the first five: wte (vocab_size, n_embd), wpe (block_size, n_embd), and per
+    block c_attn (3*n_embd, n_embd), c_fc (4*n_embd, n_embd); n_embd / n_head is a head's width.
+    Checked when made, so a bad config.json is one line, not a shape error deep in torch."""
+
     vocab_size: int = 50257  # GPT-2's byte-level BPE vocabulary (50,000 merges + 256 bytes + EOS)
     block_size: int = 1024  # context window: the number of learned position embeddings
     n_layer: int = 6  # distilgpt2 keeps 6 of GPT-2's 12 blocks

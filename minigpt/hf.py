@@ -73,6 +73,7 @@ def hf_to_minigpt_name(name: str) -> str | None:
 
 
 def is_conv1d_weight(name: str) -> bool:
+    """Whether the tensor `name` (HF's or ours) is one HF stores transposed, as its Conv1D does."""
     return name.endswith(CONV1D_WEIGHTS)
 
 

@@ -18,7 +18,7 @@ swapped to it with `atomic_symlink` (one atomic rename), and only then are the o
 deleted. Whenever the process is killed, `current` names one complete checkpoint and every file read
 through it is from the same step; readers need no recovery step, and the next save deletes whatever a
 killed one left in `.ckpt` (a run killed in its first save, before `current` existed, leaves a step
-folder that a new run refuses rather than deletes: `check_out_folder`). loss.png, and metrics.jsonl's
+folder that `--resume` links and goes on from, and a new run refuses as a run's: `check_out_folder`). loss.png, and metrics.jsonl's
 start (cut back to the checkpoint's rows on a resume), are written with `atomic_file`; rows are appended.
 """
 
@@ -31,6 +31,7 @@ import os
 import shutil
 import time
 import uuid
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterator, NoReturn
 
@@ -99,10 +100,14 @@ def check_out_folder(out: str | os.PathLike, resume: bool, *, locked: bool = Tru
     if not locked:
         return None
     if ckpt is None and (out / CKPT_DIR).is_dir() and any((out / CKPT_DIR).glob("step-*")):
-        # (a kill between a first save's folder and its pointer, a `current` damaged by hand: the
-        # next save would delete those folders)
-        raise MinigptError(f"--out {out}: its {CKPT_DIR}/ holds checkpoint folders but no valid {CKPT_DIR}/{CURRENT} "
-                           "link to one; choose another --out (or point the link at the folder to resume)")
+        ckpt = _unlinked_first_save(out)
+        if ckpt is None:  # (a `current` damaged by hand, several folders: the next save would delete them)
+            raise MinigptError(f"--out {out}: its {CKPT_DIR}/ holds checkpoint folders but no valid {CKPT_DIR}/"
+                               f"{CURRENT} link to one; choose another --out (or point the link at the folder to resume)")
+        if resume:
+            atomic_symlink(ckpt.name, out / CKPT_DIR / CURRENT)
+            warnings.warn(f"--resume: {out / CKPT_DIR / CURRENT} was missing (a run stopped in its first save, between "
+                          f"writing its checkpoint and linking it): it now names that checkpoint, {ckpt.name}")
     if resume and ckpt is None:
         raise MinigptError(f"--resume: {out} holds no checkpoint to resume from")
     if not resume and ckpt is not None:
@@ -112,6 +117,16 @@ def check_out_folder(out: str | os.PathLike, resume: bool, *, locked: bool = Tru
             "to continue it, or choose another --out"
         )
     return ckpt
+
+
+def _unlinked_first_save(out: Path) -> Path | None:
+    """The step folder of a run killed in its first save after the folder was renamed into place
+    (so complete) and before `current` was made; None where `.ckpt` holds anything else: a
+    `current` link (a dangling one was damaged by hand), or other step folders."""
+    if os.path.lexists(out / CKPT_DIR / CURRENT):
+        return None
+    steps = [p for p in (out / CKPT_DIR).glob("step-*") if p.is_dir() and not p.is_symlink()]
+    return steps[0] if len(steps) == 1 and (steps[0] / STATE_JSON).is_file() else None
 
 
 def check_outside_runs(out: str | os.PathLike) -> None:

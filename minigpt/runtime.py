@@ -258,7 +258,8 @@ def prepare_cpu_compile() -> Path:
     from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 
     base = Path(os.environ.get("TORCHINDUCTOR_CACHE_DIR") or default_cache_dir())
-    base = base.parent if base.name.startswith("isa-") else base  # (set by an earlier call)
+    if re.fullmatch(r"isa-[a-z0-9-]+-[0-9a-f]{8}", base.name):  # (set by an earlier call; not a user's "isa-mine")
+        base = base.parent
     # Inductor's build commands split paths at spaces ("g++: input file '/tmp/my' ..."), its cache's
     # and the temporary files' it precompiles headers in: say so now, not as a compiler error later.
     for what, path in (("TMPDIR", tempfile.gettempdir()), ("TORCHINDUCTOR_CACHE_DIR", str(base))):

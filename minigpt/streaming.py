@@ -25,7 +25,7 @@ from .model import GPT
 from .sampling import TextStream, generate, next_token
 from .sampling_config import SamplingConfig
 from .tokenizer import Tokenizer, lone_surrogate
-from .trace import StepRecorder, colour, write_rows
+from .trace import TOP_ALTERNATIVES, StepRecorder, colour, write_rows
 
 if TYPE_CHECKING:  # (a speed module: the plain decoding loop does not load it)
     from .compiled_decoding import CompiledDecoding
@@ -60,7 +60,7 @@ def complete(
     out: TextIO | None = None,
     coloured: bool = False,
     trace: TextIO | None = None,
-    top_alternatives: int = 5,
+    top_alternatives: int = TOP_ALTERNATIVES,
     prompt_index: int = 0,
     compiled: CompiledDecoding | None = None,
 ) -> Completion:

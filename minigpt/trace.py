@@ -40,6 +40,7 @@ from .sampling import TextStream, candidate_scores, check_eval_mode, check_finit
 from .sampling_config import SamplingConfig
 from .tokenizer import Tokenizer
 
+TOP_ALTERNATIVES = 5  # alternatives a trace row lists by default (sample.py's --top-alternatives says 5 too)
 SCORE_CHUNK = 256  # positions whose (chunk, vocab) probabilities are held at once while scoring
 
 # Colour bands for `--show-probs`: (lowest probability, ANSI colour code, colour name, label).
@@ -133,7 +134,7 @@ class StepRecorder:
     draw), so a seeded run gives the same text with or without it.
     """
 
-    def __init__(self, top_alternatives: int = 5) -> None:
+    def __init__(self, top_alternatives: int = TOP_ALTERNATIVES) -> None:
         self.top_alternatives = integer_at_least(top_alternatives, 1, "top_alternatives")
         self.last: StepProbs | None = None
 
@@ -186,7 +187,7 @@ def score_ids(
     tokenizer: Tokenizer,
     ids: Sequence[int] | torch.Tensor,
     config: SamplingConfig | None = None,
-    top_alternatives: int = 5,
+    top_alternatives: int = TOP_ALTERNATIVES,
 ) -> Score:
     """Score every token of `ids` (a list of ints or a 1-D integer tensor, `sampling.token_ids`)
     after the first: one forward pass over a text that fits the context window, and no sampling.
@@ -238,7 +239,7 @@ def score(
     tokenizer: Tokenizer,
     text: str,
     config: SamplingConfig | None = None,
-    top_alternatives: int = 5,
+    top_alternatives: int = TOP_ALTERNATIVES,
 ) -> Score:
     """`score_ids` of `text`'s tokens; an empty text is a MinigptError."""
     if not text:

@@ -1816,6 +1816,18 @@ BREAKS = (
           "modules (compiled_decoding, inference, layouts, quantized) for a type hint",
           ((r"^if TYPE_CHECKING:  # \(a speed module: the plain decoding loop does not load it\)", "if True:"),),
           ("tests/test_imports.py::test_the_trainer_and_the_decoding_loop_load_only_what_they_need",)),
+    Break("isa_cache_prefix_guessed", "a TORCHINDUCTOR_CACHE_DIR of the user's named isa-mine is taken for an earlier "
+          "call's instruction-set folder: the cache goes beside it, outside the folder chosen",
+          ((r'if re\.fullmatch\(r"isa-\[a-z0-9-\]\+-\[0-9a-f\]\{8\}", base\.name\):', 'if base.name.startswith("isa-"):'),),
+          ("tests/test_trainer_syncs.py::test_compiled_training_on_the_cpu_keeps_to_its_instruction_sets_cache",)),
+    Break("unlinked_first_save_refused", "a run killed between its first step folder and its .ckpt/current link is "
+          "refused by --resume (the link had to be made by hand)",
+          ((r"ckpt = _unlinked_first_save\(out\)", "ckpt = None"),),
+          ("tests/test_train_cli.py::test_a_run_killed_between_its_first_checkpoint_and_its_link_resumes",)),
+    Break("clis_defaults_drift", "train.py's --block-size default is not DataConfig's (the recipe's numbers written in two "
+          "places, one changed)",
+          ((r'block_size: int = flag\(128, ', "block_size: int = flag(64, "),),
+          ("tests/test_train_cli.py::test_the_clis_defaults_are_the_librarys",)),
     Break("auto_device_skips_gpu", "--device auto takes the CPU (or MPS) on a machine with CUDA",
           ((r"^        if torch\.cuda\.is_available\(\):\n            return torch\.device\(\"cuda\"\)\n", ""),),
           ("tests/test_train_cli.py::test_auto_picks_cuda_then_mps_then_the_cpu_and_bf16_where_the_gpu_has_it",)),

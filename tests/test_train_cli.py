@@ -769,3 +769,52 @@ def test_without_matplotlib_the_missing_curve_is_noted(tmp_path, monkeypatch):
     assert (out / "metrics.jsonl").is_file() and not (out / "loss.png").exists()
     with_it = call_cli("train.py", *QUICK, "--max-steps", "2", "--out", str(tmp_path / "with"))
     assert "loss.png" not in with_it.stderr and (tmp_path / "with" / "loss.png").is_file()
+
+
+def test_the_clis_defaults_are_the_librarys():
+    """The CLIs write some of the library's defaults again (they must not import torch before --help):
+    train.py's data and loop flags are DataConfig's and TrainConfig's, sample.py's --top-alternatives
+    is the trace's. Checked here so that changing one place alone fails."""
+    import sample
+    from minigpt.data import DataConfig
+    from minigpt.trace import TOP_ALTERNATIVES
+    from minigpt.train_flags import parse_train_flags
+    from minigpt.trainer import TrainConfig
+
+    flags = parse_train_flags([], "")
+    assert flags.data_config() == DataConfig()
+    assert flags.train_config(7, torch.float32) == TrainConfig(max_steps=7)
+    assert sample.parse_args(["a prompt", "--trace", "t.jsonl"]).top_alternatives == TOP_ALTERNATIVES
+
+
+def test_a_run_killed_between_its_first_checkpoint_and_its_link_resumes(tmp_path, monkeypatch):
+    """A kill after a run's first step folder was renamed into place and before `.ckpt/current` was
+    made left a complete checkpoint that every command refused ("holds checkpoint folders but no
+    valid .ckpt/current link"): the link had to be made by hand. --resume makes it, says so in one
+    line, and the run ends as the uninterrupted one; a new run there is refused as over a run."""
+    from minigpt.run_folder import CKPT_DIR, CURRENT
+    from minigpt.trainer import Trainer
+
+    flags = (*QUICK, "--max-steps", "4")
+    assert call_cli("train.py", *flags, "--out", str(tmp_path / "whole")).returncode == 0
+    out = tmp_path / "run"
+    with monkeypatch.context() as m:  # stopped after step 2, saving it: the first save
+        m.setattr(Trainer, "_should_stop", lambda self, agree_now=False: self.step >= 2)
+        with pytest.raises(KeyboardInterrupt):
+            call_cli("train.py", *flags, "--out", str(out))
+    (out / CKPT_DIR / CURRENT).unlink()  # as the kill left it: the step folder, complete, not linked
+    [folder] = (out / CKPT_DIR).iterdir()
+    fresh = call_cli("train.py", *flags, "--out", str(out))
+    assert fresh.returncode == 2 and fresh.stderr.splitlines() == [
+        f"error: --out {out}: already holds a training run (checkpoint at step 2); pass --resume to continue it, "
+        "or choose another --out"], fresh.stderr
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        resumed = call_cli("train.py", *flags, "--out", str(out), "--resume")
+    assert resumed.returncode == 0 and f"resumed from {out} at step 2" in resumed.stdout, resumed.stderr
+    assert [str(w.message) for w in caught if "--resume" in str(w.message)] == [
+        f"--resume: {out / CKPT_DIR / CURRENT} was missing (a run stopped in its first save, between writing its "
+        f"checkpoint and linking it): it now names that checkpoint, {folder.name}"]
+    a, b = load_file(str(tmp_path / "whole" / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert without_speed(metrics(out)) == without_speed(metrics(tmp_path / "whole"))

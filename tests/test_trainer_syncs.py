@@ -264,6 +264,10 @@ def test_compiled_training_on_the_cpu_keeps_to_its_instruction_sets_cache(tmp_pa
     make_trainer(tmp_path / "b", micro_model(), train, max_steps=1, compile=True)
     capped = Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
     assert capped.parent == tmp_path / "cache" and capped != native
+    # a cache folder of the user's own whose name starts with "isa-" is theirs, not taken for an earlier call's
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "isa-mine"))
+    make_trainer(tmp_path / "c", micro_model(), train, max_steps=1, compile=True)
+    assert Path(os.environ["TORCHINDUCTOR_CACHE_DIR"]).parent == tmp_path / "isa-mine"
 
 
 def test_compile_mode_flag_errors_are_one_line(tmp_path, monkeypatch):
