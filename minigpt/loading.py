@@ -25,8 +25,8 @@ from .card import export_card
 from .checkpoint import CONFIG_FILE, WEIGHTS_FILE, is_minigpt_checkpoint, load_checkpoint, save_checkpoint_folder
 from .errors import MinigptError
 from .files import check_source_outside, folder_destination, home_expanded
-from .hf import (INDEX_FILE, LEGACY_FILES, LEGACY_INDEX_FILE, LEGACY_WEIGHTS_FILE, MODEL_FILES, export_hf, hf_weight_files,
-                 load_hf_checkpoint)
+from .hf import (INDEX_FILE, LEGACY_FILES, LEGACY_INDEX_FILE, LEGACY_WEIGHTS_FILE, MODEL_FILES, export_hf,
+                 hf_weight_files, load_hf_checkpoint)
 from .hub import HubRepo
 from .model import GPT
 from .run_folder import CARD_FILE, check_outside_runs, current_checkpoint, foreign_entry, keep_runs_out

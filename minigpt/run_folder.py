@@ -18,8 +18,9 @@ swapped to it with `atomic_symlink` (one atomic rename), and only then are the o
 deleted. Whenever the process is killed, `current` names one complete checkpoint and every file read
 through it is from the same step; readers need no recovery step, and the next save deletes whatever a
 killed one left in `.ckpt` (a run killed in its first save, before `current` existed, leaves a step
-folder that `--resume` links and goes on from, and a new run refuses as a run's: `check_out_folder`). loss.png, and metrics.jsonl's
-start (cut back to the checkpoint's rows on a resume), are written with `atomic_file`; rows are appended.
+folder that `--resume` links and goes on from, and a new run refuses as a run's: `check_out_folder`).
+loss.png, and metrics.jsonl's start (cut back to the checkpoint's rows on a resume), are written with
+`atomic_file`; rows are appended.
 """
 
 from __future__ import annotations
