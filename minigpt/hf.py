@@ -120,8 +120,10 @@ def hf_weight_files(folder: Path) -> list[Path]:
             if not isinstance(weight_map, dict) or not weight_map:
                 raise MinigptError(f"{folder / index}: no weight_map of tensor names to shard files")
             for shard in weight_map.values():  # plain names only: an index must not point outside its folder
-                if not isinstance(shard, str) or Path(shard).name != shard or shard in ("", ".", ".."):
-                    raise MinigptError(f"{folder / index}: {shard!r} is not a file name in this folder")
+                if (not isinstance(shard, str) or Path(shard).name != shard or shard in ("", ".", "..") or "\\" in shard
+                        or not shard.isprintable() or len(shard.encode("utf-8", "surrogatepass")) > 255):
+                    shown = repr(shard) if len(repr(shard)) <= 100 else f"{repr(shard)[:96]}...'"  # (one readable line)
+                    raise MinigptError(f"{folder / index}: {shown} is not a file name in this folder")
             return [folder / shard for shard in sorted(set(weight_map.values()))]
     return []
 

@@ -15,6 +15,8 @@ MinigptError that says what to pass instead. This module knows nothing else of m
 from __future__ import annotations
 
 import functools
+import hashlib
+import re
 from pathlib import Path, PurePosixPath
 from typing import Any, Callable, Sequence
 
@@ -58,23 +60,75 @@ class HubRepo:
         from huggingface_hub.file_download import repo_folder_name
         from huggingface_hub.utils import filter_repo_objects
 
+        from huggingface_hub.utils import EntryNotFoundError, LocalEntryNotFoundError
+
         repo_id, (answer, asked) = self.repo_id, self._asked
+        changed = f"{repo_id}: the repository changed on the Hub during the download; run the same command again"
         try:
             if asked is not None:
                 return Path(snapshot_download(repo_id, allow_patterns=patterns, local_files_only=True))
+            sha = answer.sha  # (a folder is named by it below: the Hub's word for it is checked first)
+            if not isinstance(sha, str) or not re.fullmatch(r"[0-9a-f]{40}", sha):
+                raise MinigptError(f"{repo_id}: the Hub's answer names no commit (sha {sha!r}): a proxy or mirror in "
+                                   f"the way? Pass {self.instead} instead.")
+            snapshot = Path(constants.HF_HUB_CACHE, repo_folder_name(repo_id=repo_id, repo_type="model"), "snapshots", sha)
             names = filter_repo_objects([f.rfilename for f in answer.siblings or ()], allow_patterns=[*patterns, *optional])
             for name in names:
+                cached = (snapshot / name).is_file()
                 path = hf_hub_download(repo_id, name, etag_timeout=constants.HF_HUB_ETAG_TIMEOUT)
+                if not cached:
+                    _check_download(path, f"{repo_id}/{name}")
                 self._snapshots.add(_snapshot_of(path, name))
+        except MinigptError:
+            raise
         except Exception as e:
+            if isinstance(e, EntryNotFoundError) and not isinstance(e, LocalEntryNotFoundError):
+                raise MinigptError(changed) from None  # (a file the answer listed is gone: the repo changed since)
             raise MinigptError(
                 f"{repo_id}: no such local folder, and the Hugging Face Hub could not provide it "
                 f"({_hub_reason(asked, e, constants.HF_HUB_ETAG_TIMEOUT)}). Pass {self.instead} instead."
             ) from None
         if len(self._snapshots) > 1:  # (each file is of the revision the Hub named when it was asked for it)
-            raise MinigptError(f"{repo_id}: the repository changed on the Hub during the download; run the same command again")
-        return next(iter(self._snapshots), None) or Path(
-            constants.HF_HUB_CACHE, repo_folder_name(repo_id=repo_id, repo_type="model"), "snapshots", answer.sha)
+            raise MinigptError(changed)
+        return next(iter(self._snapshots), snapshot)
+
+    def missing(self, what: str, hint: str = "") -> MinigptError:
+        """The one-line error for `what`, a file the caller needs, not in the folder `files` returned:
+        the Hub's answer did not list it (`hint` says what that means), or, without an answer, the
+        local cache lacks it (a download that stopped part-way), said with the Hub's reason."""
+        from huggingface_hub import constants
+
+        from huggingface_hub.utils import LocalEntryNotFoundError
+
+        asked = self._asked[1]
+        if asked is None:
+            return MinigptError(f"{self.repo_id}: the Hub repository holds no {what} at its root{hint}")
+        why = _hub_reason(asked, LocalEntryNotFoundError(what), constants.HF_HUB_ETAG_TIMEOUT)
+        return MinigptError(f"{self.repo_id}: no such local folder; the local cache holds part of the repository but no "
+                            f"{what} (a download that stopped part-way?), and the Hugging Face Hub could not provide "
+                            f"it ({why}). Pass {self.instead} instead.")
+
+
+def _check_download(path: str, what: str) -> None:
+    """Compare a file just downloaded with the checksum its cached copy is named by (the Hub's ETag:
+    a git-LFS file's sha256, a small file's git blob id). A file changed on the way (a proxy's error
+    page, a broken mirror) is removed: the cache would serve it to every later run, offline too."""
+    blob = Path(path).resolve()
+    if re.fullmatch(r"[0-9a-f]{64}", blob.name):
+        digest = hashlib.sha256()
+    elif re.fullmatch(r"[0-9a-f]{40}", blob.name):
+        digest = hashlib.sha1(b"blob %d\0" % blob.stat().st_size)  # (git's object id: header, then the bytes)
+    else:  # (an ETag of another kind: nothing to compare with)
+        return
+    with open(blob, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    if digest.hexdigest() != blob.name:
+        blob.unlink(missing_ok=True)
+        Path(path).unlink(missing_ok=True)
+        raise MinigptError(f"{what}: the file downloaded is not the one the Hub named (checksum {blob.name[:12]}...): "
+                           "changed on the way (a proxy, a broken mirror?); it was removed from the cache, run the same "
+                           "command again")
 
 
 def _snapshot_of(path: str, name: str) -> Path:
@@ -110,9 +164,13 @@ def _hub_reason(asked: Exception | None, fetching: Exception, seconds: float) ->
         return "a gated repository: accept its conditions on its Hub page, then log in (`hf auth login`, or HF_TOKEN)"
     if isinstance(e, RepositoryNotFoundError):
         return "no such repository, or a private one: log in (`hf auth login`, or HF_TOKEN) if it is yours"
+    status = _http_status(e)  # (an answer that is an error: 500, 503, ...; or a cache's miss after one)
+    if status and (status >= 500 or isinstance(e, LocalEntryNotFoundError)):
+        return f"the Hub answered HTTP {status}, and the files are not in the local cache; try again later"
+    if isinstance(asked, (ValueError, TypeError, KeyError, AttributeError)) or "Redirect" in type(asked).__name__:
+        return (f"the Hub's answer about the repo was not usable ({reason(asked)}): a proxy or mirror in the way?, "
+                "and the files are not in the local cache")
     if isinstance(e, LocalEntryNotFoundError):  # (the cache's miss, after the Hub's own failure, if any)
-        if status := _http_status(e):  # (an answer that is an error: 500, 503, ...)
-            return f"the Hub answered HTTP {status}, and the files are not in the local cache; try again later"
         return "not in the local cache, and the Hub is unreachable or HF_HUB_OFFLINE is set"
     if isinstance(e, HfHubHTTPError):  # ("404 Client Error." first, what was not found on the lines after)
         return " ".join(line.strip() for line in str(e).splitlines() if line.strip())

@@ -48,12 +48,18 @@ def _download_model(repo_id: str) -> Path:
     repo = HubRepo(repo_id)
     folder = _download_with_tokenizer(repo, [CONFIG_FILE, WEIGHTS_FILE, INDEX_FILE])
     if not (folder / CONFIG_FILE).is_file():
-        raise MinigptError(f"{repo_id}: the Hub repository holds no {CONFIG_FILE} at its root (not a model's repository)")
+        raise repo.missing(CONFIG_FILE, " (not a model's repository)")
+    if not _has_tokenizer(folder):
+        raise repo.missing(f"{TOKENIZER_FILE} (nor {' + '.join(VOCAB_MERGES)})")
     if not (folder / WEIGHTS_FILE).is_file() and not (folder / INDEX_FILE).is_file():
         folder = repo.files([LEGACY_WEIGHTS_FILE, LEGACY_INDEX_FILE])
+        if not hf_weight_files(folder):
+            raise repo.missing(f"{WEIGHTS_FILE} (nor {LEGACY_WEIGHTS_FILE})")
     missing = [glob.escape(path.name) for path in hf_weight_files(folder) if not path.is_file()]  # (names, not patterns)
     if missing:  # the shards an index names
         folder = repo.files(missing)
+        if shards := [path.name for path in hf_weight_files(folder) if not path.is_file()]:
+            raise repo.missing(f"{shards[0]} (a shard its index names)")
     return folder
 
 
@@ -67,6 +73,10 @@ def _download_with_tokenizer(repo: HubRepo, patterns: list[str]) -> Path:
     if not (folder / TOKENIZER_FILE).is_file():
         folder = repo.files(VOCAB_MERGES, optional=HF_SETTINGS)
     return folder
+
+
+def _has_tokenizer(folder: Path) -> bool:
+    return (folder / TOKENIZER_FILE).is_file() or all((folder / name).is_file() for name in VOCAB_MERGES)
 
 
 def resolve_model(source: str | os.PathLike) -> tuple[Path, str]:
@@ -167,10 +177,10 @@ def load_tokenizer(source: str | os.PathLike) -> Tokenizer:
     path = _local_path(source, "tokenizer")
     if path is None:
         repo_id = str(source).strip()
-        folder = _download_with_tokenizer(HubRepo(repo_id, "a local tokenizer.json (or a folder holding one)"), [])
-        if not folder.is_dir():
-            raise MinigptError(f"{repo_id}: the Hub repository holds no {TOKENIZER_FILE} (nor "
-                               f"{' + '.join(VOCAB_MERGES)}) at its root")
+        repo = HubRepo(repo_id, "a local tokenizer.json (or a folder holding one)")
+        folder = _download_with_tokenizer(repo, [])
+        if not _has_tokenizer(folder):
+            raise repo.missing(f"{TOKENIZER_FILE} (nor {' + '.join(VOCAB_MERGES)})")
         return Tokenizer.from_hf_dir(folder)
     if path.is_file():
         return Tokenizer.from_file(path)

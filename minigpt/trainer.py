@@ -326,7 +326,7 @@ class Trainer:
             self.train_batches.load_state_dict(info["data"])  # (refused: other blocks, a data file edited since)
             if self.val_batches is not None and info.get("validation_data"):
                 self.val_batches.load_state_dict(info["validation_data"])  # (the same for the validation data)
-            warn_other_cpu_threads(info.get("cpu_threads"), self.device)
+            warn_other_cpu_threads(info.get("cpu_threads") if self.ranks.is_main else None, self.device)  # (one line)
             if self.scaler and info.get("grad_scaler"):
                 self.scaler.load_state_dict(info["grad_scaler"])
             self.step, self.skipped_steps = int(info["step"]), int(info["skipped_steps"])

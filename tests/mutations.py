@@ -1671,7 +1671,7 @@ BREAKS = (
            "tests/test_hub.py::test_the_eli5_file_downloaded_once_is_read_offline")),
     Break("hub_error_answer_called_unreachable", "an HTTP 500 the cache cannot make up for is reported as \"the Hub is "
           "unreachable or HF_HUB_OFFLINE is set\"",
-          ((r"if status := _http_status\(e\):", "if status := None:"),),
+          ((r"status = _http_status\(e\)  #", "status = None  #"),),
           ("tests/test_hub.py::test_an_error_answer_and_a_missing_file_are_named",)),
     Break("hub_http_error_cut", "a Hub HTTP error is cut to its first line (\"404 Client Error.\", the file named after it)",
           ((r'return " "\.join\(line\.strip\(\) for line in str\(e\)\.splitlines\(\) if line\.strip\(\)\)', "return reason(e)"),),
@@ -1828,6 +1828,41 @@ BREAKS = (
           "places, one changed)",
           ((r'block_size: int = flag\(128, ', "block_size: int = flag(64, "),),
           ("tests/test_train_cli.py::test_the_clis_defaults_are_the_librarys",)),
+    Break("hub_sha_unchecked", "the Hub's answer names the snapshot folder read (sha \"/some/folder\" loads that "
+          "folder's model; none is a TypeError traceback)",
+          ((r'if not isinstance\(sha, str\) or not re\.fullmatch\(r"\[0-9a-f\]\{40\}", sha\):', "if False:"),),
+          ("tests/test_hub.py::test_an_answer_naming_no_commit_or_a_file_it_then_lacks_is_one_line",)),
+    Break("hub_vanished_file_unnamed", "a file the Hub's answer listed and then did not serve is the Hub's 404 text, "
+          "not \"the repository changed during the download\"",
+          ((r"if isinstance\(e, EntryNotFoundError\) and not isinstance\(e, LocalEntryNotFoundError\):", "if False:"),),
+          ("tests/test_hub.py::test_an_answer_naming_no_commit_or_a_file_it_then_lacks_is_one_line",)),
+    Break("hub_download_unverified", "a file changed on the way is kept in the cache under the true file's checksum "
+          "(every later run reads it, offline too)",
+          ((r'^                if not cached:\n                    _check_download\(path, f"\{repo_id\}/\{name\}"\)\n', ""),),
+          ("tests/test_hub.py::test_a_file_changed_on_the_way_is_refused_and_not_kept",)),
+    Break("hub_partial_cache_blamed_on_folder", "offline, a cache a stopped download left without the weights says "
+          "\"snapshots/...: no model.safetensors in this folder\", the Hub's state unsaid",
+          ((r"^        if not hf_weight_files\(folder\):\n            raise repo\.missing\(.*\n", ""),),
+          ("tests/test_hub.py::test_a_cache_that_a_download_left_part_filled_says_so_offline",)),
+    Break("hub_partial_cache_tokenizer_unnamed", "a cached snapshot without its tokenizer is blamed on the folder, "
+          "not said to be a part-filled cache with the Hub's reason",
+          ((r"^    if not _has_tokenizer\(folder\):\n        raise repo\.missing\(.*\n", ""),),
+          ("tests/test_sample_cli.py::test_without_a_model_the_hubs_distilgpt2_fails_in_its_own_words",)),
+    Break("hub_5xx_in_httpx_words", "the first request's HTTP 503 with a cold cache is httpx's two lines in one, not "
+          "\"the Hub answered HTTP 503 ...; try again later\"",
+          ((r"if status and \(status >= 500 or isinstance\(e, LocalEntryNotFoundError\)\):",
+            "if status and isinstance(e, LocalEntryNotFoundError):"),),
+          ("tests/test_hub.py::test_an_error_answer_and_a_missing_file_are_named",)),
+    Break("hub_garbled_answer_called_unreachable", "an answer that is not JSON (or a redirect loop) is reported as "
+          "\"the Hub is unreachable or HF_HUB_OFFLINE is set\"",
+          ((r'if isinstance\(asked, \(ValueError, TypeError, KeyError, AttributeError\)\) or "Redirect" in type\(asked\)\.__name__:',
+            "if False:"),),
+          ("tests/test_hub.py::test_an_error_answer_and_a_missing_file_are_named",)),
+    Break("odd_shard_names_taken", "an index's shard names with a backslash, a line break or over 255 bytes are taken "
+          "(a sub-folder's file downloaded for one; a 5,000-character error line)",
+          ((r' or "\\\\" in shard\n\s+or not shard\.isprintable\(\) or len\(shard\.encode\("utf-8", "surrogatepass"\)\) > 255\)',
+            ")"),),
+          ("tests/test_faults.py::test_shard_index_cannot_point_outside_its_folder",)),
     Break("auto_device_skips_gpu", "--device auto takes the CPU (or MPS) on a machine with CUDA",
           ((r"^        if torch\.cuda\.is_available\(\):\n            return torch\.device\(\"cuda\"\)\n", ""),),
           ("tests/test_train_cli.py::test_auto_picks_cuda_then_mps_then_the_cpu_and_bf16_where_the_gpu_has_it",)),

@@ -195,6 +195,11 @@ def test_weights_that_are_a_folder_are_refused(tiny_minigpt_dir, tmp_path):
         ({"transformer.wpe.weight": ["model.safetensors"]}, "['model.safetensors'] is not a file name"),
         ({"transformer.wpe.weight": 1, "transformer.wte.weight": "model.safetensors"}, "1 is not a file name"),
         (["model-00001.safetensors"], "no weight_map"),
+        # names no file of a Hub repo's root can have: a backslash (a sub-folder's file was downloaded for it),
+        # a line break (an "illegal header line" from the download), a name past the file system's 255 bytes
+        ({"transformer.wpe.weight": "a\\b.safetensors"}, "'a\\\\b.safetensors' is not a file name"),
+        ({"transformer.wpe.weight": "a\nb.safetensors"}, "'a\\nb.safetensors' is not a file name"),
+        ({"transformer.wpe.weight": "x" * 300 + ".safetensors"}, "is not a file name"),
     ],
 )
 def test_shard_index_cannot_point_outside_its_folder(weight_map, needle, tiny_hf_dir, tmp_path):

@@ -360,6 +360,67 @@ def test_an_error_answer_and_a_missing_file_are_named():
                                              "try again later")
     entry = made(HfHubHTTPError, "404 Client Error.\n\nEntry Not Found for url: https://hub/org/x/resolve/main/a.json.")
     assert _hub_reason(None, entry, 10) == "404 Client Error. Entry Not Found for url: https://hub/org/x/resolve/main/a.json."
+    # the first request's own 5xx, with a cold cache, in the same words (it was httpx's two lines in one)
+    unavailable = made(HfHubHTTPError, "Server error '503 Service Unavailable' for url 'x'\nFor more information ...")
+    unavailable.response = SimpleNamespace(status_code=503)
+    assert _hub_reason(unavailable, LocalEntryNotFoundError("miss"), 10) == (
+        "the Hub answered HTTP 503, and the files are not in the local cache; try again later")
+    # an answer that was no answer (not JSON, too many redirects): not "the Hub is unreachable"
+    garbled = json.JSONDecodeError("Expecting value", "<html>", 0)
+    assert _hub_reason(garbled, LocalEntryNotFoundError("miss"), 10) == (
+        "the Hub's answer about the repo was not usable (Expecting value: line 1 column 1 (char 0)): a proxy or "
+        "mirror in the way?, and the files are not in the local cache")
+
+
+def test_an_answer_naming_no_commit_or_a_file_it_then_lacks_is_one_line(fake_hub, tmp_path, tiny_hf_dir):
+    """The answer's `sha` named the snapshot folder read where no file was downloaded: an answer of
+    "/some/folder" (a hostile mirror) loaded that folder's model, and none at all was a TypeError
+    traceback. A file the answer listed and then not served (the repo changed since) was the Hub's
+    404 text."""
+    import huggingface_hub
+    from huggingface_hub.utils import EntryNotFoundError
+
+    planted = shutil.copytree(tiny_hf_dir, tmp_path / "planted")
+    for sha in (str(planted), None, "../" * 8 + "x"):
+        with pytest.MonkeyPatch.context() as m:
+            m.setattr(huggingface_hub, "model_info", lambda repo_id, timeout, sha=sha: SimpleNamespace(
+                sha=sha, siblings=fake_hub.model_info(repo_id, timeout).siblings))
+            with pytest.raises(MinigptError) as err:
+                load_model("org/tiny")
+        assert str(err.value) == (f"org/tiny: the Hub's answer names no commit (sha {sha!r}): a proxy or mirror in "
+                                  "the way? Pass a local checkpoint folder instead.")
+
+    def gone(repo_id, filename, etag_timeout):
+        if filename == "model.safetensors":
+            raise made(EntryNotFoundError, "404 Client Error.\n\nEntry Not Found for url: ...")
+        return fake_hub.hf_hub_download(repo_id, filename, etag_timeout)
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(huggingface_hub, "hf_hub_download", gone)
+        with pytest.raises(MinigptError) as err:
+            load_model("org/tiny")
+    assert str(err.value) == "org/tiny: the repository changed on the Hub during the download; run the same command again"
+
+
+def test_a_cache_that_a_download_left_part_filled_says_so_offline(fake_hub):
+    """A first download that stopped after config.json (a timeout, a 404, Ctrl-C) left a snapshot
+    folder that every later run offline, or with the Hub failing, blamed: "snapshots/...: no
+    model.safetensors (or pytorch_model.bin) in this folder", the Hub's state unsaid."""
+    from huggingface_hub.utils import OfflineModeIsEnabled
+
+    cached = fake_hub.tmp_path / "org--tiny"
+    cached.mkdir()
+    for name in ("config.json", "tokenizer.json"):
+        shutil.copy(fake_hub.repos["org/tiny"] / name, cached / name)
+    fake_hub.repos = {}  # (the cache alone: files the repo holds are not asked of it)
+    fake_hub.answer = made(OfflineModeIsEnabled, "offline mode is enabled")
+    with pytest.raises(MinigptError) as err:
+        load_model("org/tiny")
+    assert str(err.value) == (
+        "org/tiny: no such local folder; the local cache holds part of the repository but no model.safetensors (nor "
+        "pytorch_model.bin) (a download that stopped part-way?), and the Hugging Face Hub could not provide it (not "
+        "in the local cache, and the Hub is unreachable or HF_HUB_OFFLINE is set). Pass a local checkpoint folder "
+        "instead.")
 
 
 def test_the_hub_is_given_a_time_to_answer(fake_hub, monkeypatch):
@@ -423,7 +484,7 @@ class HttpHub:
     a thread, for the real huggingface_hub in a process of its own: the repo's info with its file
     list, and each file's metadata (HEAD) and bytes (GET). `commits` gives the revision named in
     each file's metadata (one, unless the repo is being changed); with `hang` set, a file's request is taken
-    and never answered (a Hub that stops sending). `requests` counts the file requests, `sent` the
+    and never answered (a Hub that stops sending); the files named in `corrupt` are sent with one bit changed. `requests` counts the file requests, `sent` the
     files sent."""
 
     def __init__(self, folder: Path) -> None:
@@ -431,6 +492,7 @@ class HttpHub:
         from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
         self.folder, self.commits, self.hang, self.requests, self.sent = folder, iter(lambda: "a" * 40, None), False, 0, 0
+        self.corrupt: set[str] = set()  # files whose bytes are changed on the way (their ETag is the true file's)
         self.stop = threading.Event()
         hub = self
 
@@ -452,8 +514,12 @@ class HttpHub:
                 if hub.hang:
                     hub.stop.wait(60)
                     return
-                data = (hub.folder / self.path.rsplit("/", 1)[1]).read_bytes()
-                self.answer(data, headers={"ETag": f'"{hashlib.sha256(data).hexdigest()}"',
+                name = self.path.rsplit("/", 1)[1]
+                data = (hub.folder / name).read_bytes()
+                etag = hashlib.sha256(data).hexdigest()
+                if name in hub.corrupt and self.command == "GET":  # (one bit changed on the way: same size, same ETag)
+                    data = data[:-1] + bytes([data[-1] ^ 1])
+                self.answer(data, headers={"ETag": f'"{etag}"',
                                            "X-Repo-Commit": next(hub.commits) if self.command == "HEAD" else "a" * 40})
 
             do_HEAD = do_GET
@@ -528,6 +594,26 @@ def test_a_repo_changed_during_its_download_is_one_line(http_hub, tmp_path):
     result = sample_cli(http_hub.env(tmp_path / "hf"), timeout=120)
     assert result.returncode == 2 and result.stdout == "" and result.stderr.splitlines()[-1] == (
         "error: org/tiny: the repository changed on the Hub during the download; run the same command again")
+
+
+def test_a_file_changed_on_the_way_is_refused_and_not_kept(http_hub, tmp_path, tiny_hf_dir):
+    """huggingface_hub checks a download's size, not its bytes: a file changed on the way (one bit
+    here; a proxy's error page, a broken mirror) was kept in the cache under the true file's
+    checksum and served to every later run, offline too. A file just downloaded is compared with
+    the checksum it is stored under: refused in one line and removed, so the next run fetches it."""
+    from conftest import run_cli
+
+    http_hub.corrupt = {"model.safetensors"}
+    result = sample_cli(http_hub.env(tmp_path / "hf"), timeout=120)
+    etag = hashlib.sha256((http_hub.folder / "model.safetensors").read_bytes()).hexdigest()
+    assert result.returncode == 2 and result.stdout == "" and result.stderr.splitlines() == [
+        f"error: org/tiny/model.safetensors: the file downloaded is not the one the Hub named (checksum {etag[:12]}...): "
+        "changed on the way (a proxy, a broken mirror?); it was removed from the cache, run the same command again"]
+    assert not (tmp_path / "hf" / "hub" / "models--org--tiny" / "blobs" / etag).exists()
+    http_hub.corrupt = set()
+    expected = run_cli("sample.py", "--model", str(tiny_hf_dir), "--greedy", "--max-new-tokens", "4", "Hello").stdout
+    again = sample_cli(http_hub.env(tmp_path / "hf"), timeout=120)
+    assert again.returncode == 0 and again.stdout == expected, again.stderr
 
 
 def test_ctrl_c_stops_a_download_at_once(http_hub, tmp_path):

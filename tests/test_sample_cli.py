@@ -72,7 +72,11 @@ def test_without_a_model_the_hubs_distilgpt2_fails_in_its_own_words(tmp_path, mo
         raise MinigptError(f"{repo.repo_id}: no such local folder, and the Hugging Face Hub could not provide it (offline)")
 
     for download, cause in ((offline, "no such local folder, and the Hugging Face Hub could not provide it (offline)"),
-                            (lambda repo, patterns, optional=(): broken, f"{broken}: no tokenizer.json")):
+                            # (a cache holding part of the repo: the Hub's reason, not the snapshot folder's lack)
+                            (lambda repo, patterns, optional=(): broken, "distilbert/distilgpt2: no such local folder; "
+                             "the local cache holds part of the repository but no tokenizer.json (nor vocab.json + "
+                             "merges.txt) (a download that stopped part-way?), and the Hugging Face Hub could not "
+                             "provide it (")):
         monkeypatch.setattr("minigpt.hub.HubRepo.files", download)
         result = call_cli("sample.py", "hi")
         assert result.returncode == 2
