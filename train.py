@@ -227,7 +227,8 @@ def train(args: TrainFlags, device: torch.device, dtype: torch.dtype, dtype_name
         card=lambda rows, step: render_card(facts, rows, step),
     )
     if resume_from is not None:
-        trainer.resume(resume_from)
+        with alike_on_every_rank():  # (the same checkpoint and data on every rank: a refusal is one line a job)
+            trainer.resume(resume_from)
 
     c = model.config
     source = f"resumed from {args.out} at step {trainer.step}" if resume_from else (

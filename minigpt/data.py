@@ -401,9 +401,9 @@ class BatchIterator:
                 )
         saved = state.get("blocks_sha256")  # (None: a checkpoint from before blocks were fingerprinted)
         if saved is not None and saved != self.blocks.sha256:  # (as many blocks, other tokens)
-            raise MinigptError(f"--resume: {self.blocks.manifest.get('source', 'the data')} is not the data the run "
-                               "was saved with (as many blocks, other tokens: edited since?); resume with the same "
-                               "data, or start a new run")
+            role = {"train": "training ", "validation": "validation "}.get(self.blocks.manifest.get("role"), "")
+            raise MinigptError(f"--resume: the {role}data is not what the run was saved with (as many blocks, other "
+                               "tokens: a data file edited since?); resume with the same data, or start a new run")
         epoch, position = state.get("epoch"), state.get("position")
         if not (isinstance(epoch, int) and epoch >= 0 and isinstance(position, int) and 0 <= position <= len(self)):
             # (a ValueError, as for a value of the wrong type: a resume names training_state.json then)

@@ -14,8 +14,10 @@ MinigptError that says what to pass instead. This module knows nothing else of m
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
+import os
 import re
 from pathlib import Path, PurePosixPath
 from typing import Any, Callable, Sequence
@@ -47,7 +49,11 @@ class HubRepo:
         one of them None. Asked once, at the first `files`."""
         from huggingface_hub import model_info
 
-        return _ask(model_info, self.repo_id)
+        answer, failure = _ask(model_info, self.repo_id)
+        sha = getattr(answer, "sha", None)  # (it names a cache folder: a path from a hostile mirror must not pass)
+        if answer is not None and not (isinstance(sha, str) and re.fullmatch(r"[0-9a-f]{40}", sha)):
+            return None, ValueError(f"no commit in it: sha {sha!r}")  # (so, as without an answer, the cache serves)
+        return answer, failure
 
     def files(self, patterns: list[str], optional: Sequence[str] = ()) -> Path:
         """Fetch the repo's files that match the glob `patterns`; return the folder that holds them,
@@ -67,11 +73,8 @@ class HubRepo:
         try:
             if asked is not None:
                 return Path(snapshot_download(repo_id, allow_patterns=patterns, local_files_only=True))
-            sha = answer.sha  # (a folder is named by it below: the Hub's word for it is checked first)
-            if not isinstance(sha, str) or not re.fullmatch(r"[0-9a-f]{40}", sha):
-                raise MinigptError(f"{repo_id}: the Hub's answer names no commit (sha {sha!r}): a proxy or mirror in "
-                                   f"the way? Pass {self.instead} instead.")
-            snapshot = Path(constants.HF_HUB_CACHE, repo_folder_name(repo_id=repo_id, repo_type="model"), "snapshots", sha)
+            snapshot = Path(constants.HF_HUB_CACHE, repo_folder_name(repo_id=repo_id, repo_type="model"), "snapshots",
+                            answer.sha)
             names = filter_repo_objects([f.rfilename for f in answer.siblings or ()], allow_patterns=[*patterns, *optional])
             for name in names:
                 cached = (snapshot / name).is_file()
@@ -112,20 +115,26 @@ class HubRepo:
 def _check_download(path: str, what: str) -> None:
     """Compare a file just downloaded with the checksum its cached copy is named by (the Hub's ETag:
     a git-LFS file's sha256, a small file's git blob id). A file changed on the way (a proxy's error
-    page, a broken mirror) is removed: the cache would serve it to every later run, offline too."""
-    blob = Path(path).resolve()
+    page, a broken mirror) is removed: the cache would serve it to every later run, offline too.
+    The name compared is the one the snapshot's link names (`blobs/<etag>`), not where that leads:
+    a Xet-stored file's blob is itself a link into huggingface_hub's shared store, named otherwise."""
+    link = Path(path)
+    if not link.is_symlink():  # (a cache without symlinks holds copies: nothing names their checksum)
+        return
+    blob = link.parent / os.readlink(link)
     if re.fullmatch(r"[0-9a-f]{64}", blob.name):
         digest = hashlib.sha256()
     elif re.fullmatch(r"[0-9a-f]{40}", blob.name):
-        digest = hashlib.sha1(b"blob %d\0" % blob.stat().st_size)  # (git's object id: header, then the bytes)
+        digest = hashlib.sha1(b"blob %d\0" % link.stat().st_size)  # (git's object id: header, then the bytes)
     else:  # (an ETag of another kind: nothing to compare with)
         return
-    with open(blob, "rb") as f:
+    with open(link, "rb") as f:
         while chunk := f.read(1 << 20):
             digest.update(chunk)
     if digest.hexdigest() != blob.name:
-        blob.unlink(missing_ok=True)
-        Path(path).unlink(missing_ok=True)
+        for entry in (blob, link):  # (the links only: a shared store's file may serve other repos)
+            with contextlib.suppress(OSError):
+                os.unlink(entry)
         raise MinigptError(f"{what}: the file downloaded is not the one the Hub named (checksum {blob.name[:12]}...): "
                            "changed on the way (a proxy, a broken mirror?); it was removed from the cache, run the same "
                            "command again")
@@ -154,7 +163,7 @@ def _hub_reason(asked: Exception | None, fetching: Exception, seconds: float) ->
     the Hub timed out or answered with an error, else the download's (`fetching`). huggingface_hub's
     HTTP errors put the useful part (repository not found, gated) on the lines after "404 Client
     Error.", which one line would cut off."""
-    from huggingface_hub.utils import (GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
+    from huggingface_hub.utils import (GatedRepoError, HFValidationError, HfHubHTTPError, LocalEntryNotFoundError,
                                        RepositoryNotFoundError)
 
     if asked is not None and any("Timeout" in cls.__name__ for cls in type(asked).__mro__):  # (requests', httpx's)
@@ -167,7 +176,8 @@ def _hub_reason(asked: Exception | None, fetching: Exception, seconds: float) ->
     status = _http_status(e)  # (an answer that is an error: 500, 503, ...; or a cache's miss after one)
     if status and (status >= 500 or isinstance(e, LocalEntryNotFoundError)):
         return f"the Hub answered HTTP {status}, and the files are not in the local cache; try again later"
-    if isinstance(asked, (ValueError, TypeError, KeyError, AttributeError)) or "Redirect" in type(asked).__name__:
+    garbled = isinstance(asked, (ValueError, TypeError, KeyError, AttributeError)) or "Redirect" in type(asked).__name__
+    if garbled and not isinstance(asked, HFValidationError):  # (an id no repo can have is not the Hub's doing)
         return (f"the Hub's answer about the repo was not usable ({reason(asked)}): a proxy or mirror in the way?, "
                 "and the files are not in the local cache")
     if isinstance(e, LocalEntryNotFoundError):  # (the cache's miss, after the Hub's own failure, if any)

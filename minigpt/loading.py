@@ -29,7 +29,7 @@ from .hf import (INDEX_FILE, LEGACY_FILES, LEGACY_INDEX_FILE, LEGACY_WEIGHTS_FIL
                  hf_weight_files, load_hf_checkpoint)
 from .hub import HubRepo
 from .model import GPT
-from .run_folder import CARD_FILE, check_outside_runs, current_checkpoint, foreign_entry, keep_runs_out
+from .run_folder import CARD_FILE, CKPT_DIR, check_outside_runs, current_checkpoint, foreign_entry, keep_runs_out
 from .runtime import check_dtype, resolve_device
 from .tokenizer import HF_SETTINGS, TOKENIZER_FILE, TOKENIZER_FILES, VOCAB_MERGES, Tokenizer
 
@@ -89,6 +89,9 @@ def resolve_model(source: str | os.PathLike) -> tuple[Path, str]:
     if path is not None:
         if not path.is_dir():
             raise MinigptError(f"{path}: not a checkpoint folder (expected a folder with config.json)")
+        if not (path / CONFIG_FILE).is_file() and (path / CKPT_DIR).is_dir():  # (its links lead nowhere yet)
+            raise MinigptError(f"{path}: a training run with no checkpoint in force (stopped in its first save?); "
+                               "`train.py --resume` with the run's flags links the one it wrote")
         if not (path / CONFIG_FILE).is_file():
             raise MinigptError(f"{path}: not a checkpoint (no config.json in this folder)")
     else:

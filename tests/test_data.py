@@ -703,12 +703,12 @@ def test_load_state_dict_refuses_other_blocks_of_the_same_number():
     resumed silently, the run going on with the new blocks: the state records the blocks' sha256."""
     blocks = numbered_blocks(23)
     state = BatchIterator(blocks, 5, seed=3).state_dict()
-    edited = TokenBlocks(blocks.blocks.copy(), {"source": "/data/train.jsonl"})
+    edited = TokenBlocks(blocks.blocks.copy(), {"role": "validation"})
     edited.blocks[7, 2] += 1  # one token of one block
     with pytest.raises(MinigptError) as e:
         BatchIterator(edited, 5, seed=3).load_state_dict(state)
-    assert str(e.value) == ("--resume: /data/train.jsonl is not the data the run was saved with (as many blocks, "
-                            "other tokens: edited since?); resume with the same data, or start a new run")
+    assert str(e.value) == ("--resume: the validation data is not what the run was saved with (as many blocks, "
+                            "other tokens: a data file edited since?); resume with the same data, or start a new run")
     same = BatchIterator(TokenBlocks(blocks.blocks.copy(), {}), 5, seed=3)  # equal tokens, another array: taken
     same.load_state_dict(state)
     del state["blocks_sha256"]  # (a checkpoint saved before blocks had a fingerprint: nothing to compare)

@@ -180,6 +180,23 @@ def test_killed_ddp_run_resumes_to_the_uninterrupted_run(tmp_path):
     assert strip(metrics(out)) == strip(metrics(tmp_path / "whole"))
 
 
+def test_a_resume_over_edited_data_is_one_line_for_the_job(tmp_path):
+    """A refusal that every rank meets alike is printed once: the edited-data one was printed by each
+    rank (the trainer's resume ran outside the CLI's every-rank mark)."""
+    from minigpt.data import tiny_preset_path
+
+    data, out = tmp_path / "data.jsonl", tmp_path / "run"
+    data.write_text(tiny_preset_path().read_text(encoding="utf-8"), encoding="utf-8")
+    assert torchrun(out, "--data", str(data), "--max-steps", "2").returncode == 0
+    first, second, *rest = data.read_text(encoding="utf-8").splitlines(keepends=True)
+    data.write_text("".join([second, first, *rest]), encoding="utf-8")  # (two records swapped: as many blocks)
+    again = torchrun(out, "--data", str(data), "--max-steps", "2", "--resume")
+    assert again.returncode != 0
+    assert [line for line in again.stderr.splitlines() if "--resume:" in line] == [
+        "error: --resume: the training data is not what the run was saved with (as many blocks, other tokens: a "
+        "data file edited since?); resume with the same data, or start a new run"], again.stderr[-3000:]
+
+
 def test_resume_on_one_process_with_the_same_global_batch(tmp_path, one_process_of_8, before):
     out = tmp_path / "moved"
     ddp = torchrun(out, "--batch-size", "4", "--dropout", "0", "--save-every", "4", background=True)

@@ -13,6 +13,7 @@ import fnmatch
 import hashlib
 import itertools
 import json
+import os
 import shutil
 from pathlib import Path
 from types import SimpleNamespace
@@ -365,6 +366,11 @@ def test_an_error_answer_and_a_missing_file_are_named():
     unavailable.response = SimpleNamespace(status_code=503)
     assert _hub_reason(unavailable, LocalEntryNotFoundError("miss"), 10) == (
         "the Hub answered HTTP 503, and the files are not in the local cache; try again later")
+    # an id no repo can have ("distilgpt2." copied with a sentence's full stop) is not blamed on a proxy
+    from huggingface_hub.utils import HFValidationError
+
+    invalid = HFValidationError("Repo id must use alphanumeric chars or '-', '_', '.'")
+    assert _hub_reason(invalid, invalid, 10) == "Repo id must use alphanumeric chars or '-', '_', '.'"
     # an answer that was no answer (not JSON, too many redirects): not "the Hub is unreachable"
     garbled = json.JSONDecodeError("Expecting value", "<html>", 0)
     assert _hub_reason(garbled, LocalEntryNotFoundError("miss"), 10) == (
@@ -375,8 +381,8 @@ def test_an_error_answer_and_a_missing_file_are_named():
 def test_an_answer_naming_no_commit_or_a_file_it_then_lacks_is_one_line(fake_hub, tmp_path, tiny_hf_dir):
     """The answer's `sha` named the snapshot folder read where no file was downloaded: an answer of
     "/some/folder" (a hostile mirror) loaded that folder's model, and none at all was a TypeError
-    traceback. A file the answer listed and then not served (the repo changed since) was the Hub's
-    404 text."""
+    traceback. Such an answer is no answer: the cache serves, as when the Hub fails. A file the
+    answer listed and then not served (the repo changed since) was the Hub's 404 text."""
     import huggingface_hub
     from huggingface_hub.utils import EntryNotFoundError
 
@@ -387,8 +393,17 @@ def test_an_answer_naming_no_commit_or_a_file_it_then_lacks_is_one_line(fake_hub
                 sha=sha, siblings=fake_hub.model_info(repo_id, timeout).siblings))
             with pytest.raises(MinigptError) as err:
                 load_model("org/tiny")
-        assert str(err.value) == (f"org/tiny: the Hub's answer names no commit (sha {sha!r}): a proxy or mirror in "
-                                  "the way? Pass a local checkpoint folder instead.")
+            assert str(err.value) == (
+                f"org/tiny: no such local folder, and the Hugging Face Hub could not provide it (the Hub's answer about "
+                f"the repo was not usable (no commit in it: sha {sha!r}): a proxy or mirror in the way?, and the files "
+                "are not in the local cache). Pass a local checkpoint folder instead.")
+            assert not fake_hub.fetched
+            if sha is None:  # with the files in the cache, they load
+                for name in ("config.json", "model.safetensors", "tokenizer.json"):
+                    fake_hub.hf_hub_download("org/tiny", name, 10)
+                assert same_weights(load_model("org/tiny")[0], load_model(tiny_hf_dir)[0])
+                shutil.rmtree(fake_hub.tmp_path / "org--tiny")
+                fake_hub.fetched.clear()
 
     def gone(repo_id, filename, etag_timeout):
         if filename == "model.safetensors":
@@ -614,6 +629,33 @@ def test_a_file_changed_on_the_way_is_refused_and_not_kept(http_hub, tmp_path, t
     expected = run_cli("sample.py", "--model", str(tiny_hf_dir), "--greedy", "--max-new-tokens", "4", "Hello").stdout
     again = sample_cli(http_hub.env(tmp_path / "hf"), timeout=120)
     assert again.returncode == 0 and again.stdout == expected, again.stderr
+
+
+def test_a_download_is_checked_by_the_name_its_snapshot_link_gives(tmp_path):
+    """A Xet-stored file's blob (`blobs/<sha256>`) is itself a link into huggingface_hub's shared
+    store, named by the Xet hash: following the links to the end compared the file with that name,
+    refused every such download and deleted the shared store's file. The snapshot link's own target
+    names the checksum; a mismatch removes the repo's links, never the shared file."""
+    from minigpt.hub import _check_download
+
+    data = b"the weights"
+    store = tmp_path / "xet" / "f783a840eee8" / ("e" * 64)
+    store.parent.mkdir(parents=True)
+    store.write_bytes(data)
+    blobs, snapshot = tmp_path / "repo" / "blobs", tmp_path / "repo" / "snapshots" / ("a" * 40)
+    blobs.mkdir(parents=True)
+    snapshot.mkdir(parents=True)
+    for etag in (hashlib.sha256(data).hexdigest(), "0" * 64):  # the true checksum, then another
+        (blobs / etag).symlink_to(store)
+        (snapshot / "model.safetensors").symlink_to(Path("..", "..", "blobs", etag))
+        if etag != "0" * 64:
+            _check_download(str(snapshot / "model.safetensors"), "org/x/model.safetensors")
+            (snapshot / "model.safetensors").unlink()
+            continue
+        with pytest.raises(MinigptError, match=r"^org/x/model\.safetensors: the file downloaded is not the one"):
+            _check_download(str(snapshot / "model.safetensors"), "org/x/model.safetensors")
+        assert not os.path.lexists(blobs / etag) and not os.path.lexists(snapshot / "model.safetensors")
+    assert store.read_bytes() == data  # (the shared store's file: another repo's blob may lead to it)
 
 
 def test_ctrl_c_stops_a_download_at_once(http_hub, tmp_path):

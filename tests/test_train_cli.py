@@ -584,9 +584,10 @@ def test_a_data_file_edited_since_the_checkpoint_is_refused_on_resume(tmp_path):
         first, second, *rest = kept.splitlines(keepends=True)
         path.write_text("".join([second, first, *rest]), encoding="utf-8")  # two records swapped: same tokens
         again = call_cli("train.py", *flags, "--resume")
+        role = "training" if path == data else "validation"  # (not the path the cache entry was first built from)
         assert again.returncode == 2 and again.stderr.splitlines() == [
-            f"error: --resume: {path} is not the data the run was saved with (as many blocks, other tokens: "
-            "edited since?); resume with the same data, or start a new run"], again.stderr
+            f"error: --resume: the {role} data is not what the run was saved with (as many blocks, other tokens: "
+            "a data file edited since?); resume with the same data, or start a new run"], again.stderr
         path.write_text(kept, encoding="utf-8")
     again = call_cli("train.py", *flags, "--resume")
     assert again.returncode == 0 and "warning: --resume" not in again.stderr, again.stderr
@@ -804,6 +805,10 @@ def test_a_run_killed_between_its_first_checkpoint_and_its_link_resumes(tmp_path
             call_cli("train.py", *flags, "--out", str(out))
     (out / CKPT_DIR / CURRENT).unlink()  # as the kill left it: the step folder, complete, not linked
     [folder] = (out / CKPT_DIR).iterdir()
+    read = call_cli("sample.py", "--model", str(out), "hi")  # (it said "no config.json", a link leading nowhere)
+    assert read.returncode == 2 and read.stderr.splitlines() == [
+        f"error: {out}: a training run with no checkpoint in force (stopped in its first save?); `train.py --resume` "
+        "with the run's flags links the one it wrote"], read.stderr
     fresh = call_cli("train.py", *flags, "--out", str(out))
     assert fresh.returncode == 2 and fresh.stderr.splitlines() == [
         f"error: --out {out}: already holds a training run (checkpoint at step 2); pass --resume to continue it, "
