@@ -100,7 +100,6 @@ class HubRepo:
         the Hub's answer did not list it (`hint` says what that means), or, without an answer, the
         local cache lacks it (a download that stopped part-way), said with the Hub's reason."""
         from huggingface_hub import constants
-
         from huggingface_hub.utils import LocalEntryNotFoundError
 
         asked = self._asked[1]

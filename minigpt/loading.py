@@ -49,8 +49,7 @@ def _download_model(repo_id: str) -> Path:
     folder = _download_with_tokenizer(repo, [CONFIG_FILE, WEIGHTS_FILE, INDEX_FILE])
     if not (folder / CONFIG_FILE).is_file():
         raise repo.missing(CONFIG_FILE, " (not a model's repository)")
-    if not _has_tokenizer(folder):
-        raise repo.missing(f"{TOKENIZER_FILE} (nor {' + '.join(VOCAB_MERGES)})")
+    _require_tokenizer(repo, folder)
     if not (folder / WEIGHTS_FILE).is_file() and not (folder / INDEX_FILE).is_file():
         folder = repo.files([LEGACY_WEIGHTS_FILE, LEGACY_INDEX_FILE])
         if not hf_weight_files(folder):
@@ -75,8 +74,10 @@ def _download_with_tokenizer(repo: HubRepo, patterns: list[str]) -> Path:
     return folder
 
 
-def _has_tokenizer(folder: Path) -> bool:
-    return (folder / TOKENIZER_FILE).is_file() or all((folder / name).is_file() for name in VOCAB_MERGES)
+def _require_tokenizer(repo: HubRepo, folder: Path) -> None:
+    """Refuse a Hub repo's folder without a tokenizer (tokenizer.json, or vocab.json + merges.txt)."""
+    if not (folder / TOKENIZER_FILE).is_file() and not all((folder / name).is_file() for name in VOCAB_MERGES):
+        raise repo.missing(f"{TOKENIZER_FILE} (nor {' + '.join(VOCAB_MERGES)})")
 
 
 def resolve_model(source: str | os.PathLike) -> tuple[Path, str]:
@@ -182,8 +183,7 @@ def load_tokenizer(source: str | os.PathLike) -> Tokenizer:
         repo_id = str(source).strip()
         repo = HubRepo(repo_id, "a local tokenizer.json (or a folder holding one)")
         folder = _download_with_tokenizer(repo, [])
-        if not _has_tokenizer(folder):
-            raise repo.missing(f"{TOKENIZER_FILE} (nor {' + '.join(VOCAB_MERGES)})")
+        _require_tokenizer(repo, folder)
         return Tokenizer.from_hf_dir(folder)
     if path.is_file():
         return Tokenizer.from_file(path)

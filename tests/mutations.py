@@ -1847,7 +1847,7 @@ BREAKS = (
           ("tests/test_hub.py::test_a_cache_that_a_download_left_part_filled_says_so_offline",)),
     Break("hub_partial_cache_tokenizer_unnamed", "a cached snapshot without its tokenizer is blamed on the folder, "
           "not said to be a part-filled cache with the Hub's reason",
-          ((r"^    if not _has_tokenizer\(folder\):\n        raise repo\.missing\(.*\n", ""),),
+          ((r"^    _require_tokenizer\(repo, folder\)\n", ""),),
           ("tests/test_sample_cli.py::test_without_a_model_the_hubs_distilgpt2_fails_in_its_own_words",)),
     Break("hub_5xx_in_httpx_words", "the first request's HTTP 503 with a cold cache is httpx's two lines in one, not "
           "\"the Hub answered HTTP 503 ...; try again later\"",
