@@ -52,12 +52,12 @@ def _download_model(repo_id: str) -> Path:
     _require_tokenizer(repo, folder)
     if not (folder / WEIGHTS_FILE).is_file() and not (folder / INDEX_FILE).is_file():
         folder = repo.files([LEGACY_WEIGHTS_FILE, LEGACY_INDEX_FILE])
-        if not hf_weight_files(folder):
-            raise repo.missing(f"{WEIGHTS_FILE} (nor {LEGACY_WEIGHTS_FILE})")
-    missing = [glob.escape(path.name) for path in hf_weight_files(folder) if not path.is_file()]  # (names, not patterns)
-    if missing:  # the shards an index names
-        folder = repo.files(missing)
-        if shards := [path.name for path in hf_weight_files(folder) if not path.is_file()]:
+    names = [path.name for path in hf_weight_files(folder)]  # (an index is read once)
+    if not names:
+        raise repo.missing(f"{WEIGHTS_FILE} (nor {LEGACY_WEIGHTS_FILE})")
+    if missing := [name for name in names if not (folder / name).is_file()]:  # the shards an index names
+        folder = repo.files([glob.escape(name) for name in missing])  # (names, not patterns)
+        if shards := [name for name in missing if not (folder / name).is_file()]:
             raise repo.missing(f"{shards[0]} (a shard its index names)")
     return folder
 
