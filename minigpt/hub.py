@@ -49,11 +49,7 @@ class HubRepo:
         one of them None. Asked once, at the first `files`."""
         from huggingface_hub import model_info
 
-        answer, failure = _ask(model_info, self.repo_id)
-        sha = getattr(answer, "sha", None)  # (it names a cache folder: a path from a hostile mirror must not pass)
-        if answer is not None and not (isinstance(sha, str) and re.fullmatch(r"[0-9a-f]{40}", sha)):
-            return None, ValueError(f"no commit in it: sha {sha!r}")  # (so, as without an answer, the cache serves)
-        return answer, failure
+        return _ask(model_info, self.repo_id)
 
     def files(self, patterns: list[str], optional: Sequence[str] = ()) -> Path:
         """Fetch the repo's files that match the glob `patterns`; return the folder that holds them,
@@ -148,13 +144,18 @@ def _snapshot_of(path: str, name: str) -> Path:
 def _ask(info: Callable[..., Any], repo_id: str) -> tuple[Any, Exception | None]:
     """Ask the Hub about a repo (`info`: huggingface_hub's model_info or dataset_info) within
     HF_HUB_ETAG_TIMEOUT seconds: (the answer, None), or (None, the failure: no answer, offline, an
-    unknown or gated repo, the Hub down; the cache may still hold the files)."""
+    unknown or gated repo, the Hub down; the cache may still hold the files). An answer without a
+    commit id (40 hex digits: the name of the cache folder the files go to) counts as none."""
     from huggingface_hub import constants
 
     try:
-        return info(repo_id, timeout=constants.HF_HUB_ETAG_TIMEOUT), None
+        answer = info(repo_id, timeout=constants.HF_HUB_ETAG_TIMEOUT)
     except Exception as e:
         return None, e
+    sha = getattr(answer, "sha", None)  # (it names a cache folder: a path from a hostile mirror must not pass)
+    if not (isinstance(sha, str) and re.fullmatch(r"[0-9a-f]{40}", sha)):
+        return None, ValueError(f"no commit in it: sha {sha!r}")  # (so, as without an answer, the cache serves)
+    return answer, None
 
 
 def _hub_reason(asked: Exception | None, fetching: Exception, seconds: float) -> str:
@@ -199,15 +200,23 @@ def load_eli5_records(repo_id: str, filename: str, limit: int) -> list[dict]:
     """The first `limit` records of the ELI5 JSON file `filename` of the Hub dataset `repo_id`,
     downloaded once into the huggingface_hub cache and taken from there offline or where the Hub
     fails. (`datasets`' own `hf://` path asks the Hub's API on every run: offline, a second
-    `train.py` failed with the file on disk.)"""
+    `train.py` failed with the file on disk.) A fresh download is checked as a model's files are."""
     from datasets import load_dataset
     from huggingface_hub import constants, dataset_info, hf_hub_download
 
-    seconds, (_, asked) = constants.HF_HUB_ETAG_TIMEOUT, _ask(dataset_info, repo_id)  # (without an answer: the cache
-    try:  # alone; hf_hub_download itself retried a failing network for ~25 s, printing 11 lines)
+    from huggingface_hub.file_download import repo_folder_name
+
+    seconds, (answer, asked) = constants.HF_HUB_ETAG_TIMEOUT, _ask(dataset_info, repo_id)  # (without an answer: the
+    try:  # cache alone; hf_hub_download itself retried a failing network for ~25 s, printing 11 lines)
+        cached = asked is not None or Path(constants.HF_HUB_CACHE, repo_folder_name(repo_id=repo_id, repo_type="dataset"),
+                                           "snapshots", answer.sha, filename).is_file()
         path = hf_hub_download(repo_id, filename, repo_type="dataset", etag_timeout=seconds,
                                local_files_only=asked is not None)
+        if not cached:
+            _check_download(path, f"hf://datasets/{repo_id}/{filename}")
         ds = load_dataset("json", data_files=path, split="train")
+    except MinigptError:
+        raise
     except Exception as e:  # offline, Hub down, file moved: the user can always pass local files
         raise MinigptError(
             f"hf://datasets/{repo_id}/{filename}: cannot load ELI5 from the Hugging Face Hub "

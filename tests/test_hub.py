@@ -495,7 +495,7 @@ def test_a_hub_that_never_answers_is_one_line_in_seconds(tmp_path):
 
 
 class HttpHub:
-    """The Hub's HTTP API for one repo, `org/tiny` (its files: `folder`), on a local port, served by
+    """The Hub's HTTP API for one repo, `org/tiny` (its files: `folder`; a model and a dataset), on a local port, served by
     a thread, for the real huggingface_hub in a process of its own: the repo's info with its file
     list, and each file's metadata (HEAD) and bytes (GET). `commits` gives the revision named in
     each file's metadata (one, unless the repo is being changed); with `hang` set, a file's request is taken
@@ -518,12 +518,12 @@ class HttpHub:
                 pass
 
             def do_GET(self) -> None:
-                if self.path.startswith("/api/models/org/tiny"):
+                if self.path.startswith(("/api/models/org/tiny", "/api/datasets/org/tiny")):
                     names = sorted(f.name for f in hub.folder.iterdir())
                     return self.answer(json.dumps({  # (the fields every huggingface_hub >= 0.20 reads)
                         "id": "org/tiny", "sha": "a" * 40, "private": False, "downloads": 0, "likes": 0, "tags": [],
                         "siblings": [{"rfilename": n} for n in names]}).encode())
-                if not self.path.startswith("/org/tiny/resolve/"):
+                if not self.path.startswith(("/org/tiny/resolve/", "/datasets/org/tiny/resolve/")):
                     return self.answer(b"{}", 404)
                 hub.requests += 1
                 if hub.hang:
@@ -702,6 +702,7 @@ def test_the_default_data_is_the_hubs_eli5_file(monkeypatch, tmp_path):
         calls.append(("asked", repo_id, timeout))
         if offline:  # (a network that fails: hf_hub_download retried it for ~25 s, printing 11 lines)
             raise ConnectionError("Name or service not known")
+        return SimpleNamespace(sha="a" * 40)
 
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", hf_hub_download)
     monkeypatch.setattr(huggingface_hub, "dataset_info", dataset_info)
@@ -740,6 +741,37 @@ def test_the_eli5_file_downloaded_once_is_read_offline(monkeypatch, tmp_path):
                        r"load ELI5 from the Hugging Face Hub \(not in the local cache, and the Hub is unreachable or "
                        r"HF_HUB_OFFLINE is set\); if offline, pass local files instead: --data"):
         sources.Source.resolve(None, "--data", None).records()
+
+
+def test_an_eli5_file_changed_on_the_way_is_refused_and_not_kept(http_hub, tmp_path):
+    """The training file, too, is compared with the checksum the Hub named: one bit changed on the
+    way was read as ELI5 (or failed as a JSON error) in every later run, offline too. Refused in
+    one line and removed from the cache, so the next run downloads it again."""
+    import gzip
+    import subprocess
+    import sys
+
+    rows = [{"q_id": f"q{i}", "title": f"t{i}", "answers": {"text": [f"a{i}"], "score": [1]}} for i in range(5)]
+    for f in http_hub.folder.iterdir():
+        f.unlink()
+    (http_hub.folder / "train.json.gz").write_bytes(gzip.compress(json.dumps(rows).encode(), mtime=0))
+    read = ("import json; from minigpt.hub import load_eli5_records; from minigpt.cli import run; "
+            "run(lambda argv: print(json.dumps(load_eli5_records('org/tiny', 'train.json.gz', 3))) or 0)")
+    env = http_hub.env(tmp_path / "hf", HF_DATASETS_CACHE=str(tmp_path / "datasets"))
+    http_hub.corrupt = {"train.json.gz"}
+    result = subprocess.run([sys.executable, "-c", read], env=env, capture_output=True, text=True, timeout=120)
+    etag = hashlib.sha256((http_hub.folder / "train.json.gz").read_bytes()).hexdigest()
+    assert result.returncode == 2 and result.stdout == "" and result.stderr.splitlines() == [
+        f"error: hf://datasets/org/tiny/train.json.gz: the file downloaded is not the one the Hub named (checksum "
+        f"{etag[:12]}...): changed on the way (a proxy, a broken mirror?); it was removed from the cache, run the same "
+        "command again"]
+    assert not (tmp_path / "hf" / "hub" / "datasets--org--tiny" / "blobs" / etag).exists()
+    http_hub.corrupt = set()
+    for online in ("0", "1"):  # downloaded again, checked; then read from the cache, offline
+        again = subprocess.run([sys.executable, "-c", read], env={**env, "HF_HUB_OFFLINE": online}, capture_output=True,
+                               text=True, timeout=120)
+        assert again.returncode == 0 and json.loads(again.stdout) == rows[:3], again.stderr
+    assert http_hub.sent == 2
 
 
 def test_a_failed_eli5_download_is_one_line(monkeypatch):
