@@ -177,7 +177,7 @@ def load_blocks(
             )
         train = _build(root, "train", train_key, train_src, train_docs, cfg, tokenizer, progress)
         val = _build(root, "validation", val_key, train_src, val_docs, cfg, tokenizer, progress)
-    return train, val
+    return named(train, train_src), named(val, train_src)
 
 
 def load_validation_blocks(cfg: DataConfig, tokenizer: Tokenizer, progress: bool = True) -> TokenBlocks:
@@ -209,8 +209,15 @@ def _source_blocks(root: Path, common: dict, role: str, src: Source, cfg: DataCo
     """All of one source's records as `role` blocks (no split), from the cache or built into it."""
     key = {**common, **src.identity()}
     cached = _cached(root, role, key, tokenizer.vocab_size)
-    return cached if cached is not None else _build(root, role, key, src, render(src, cfg.format), cfg,
-                                                    tokenizer, progress)
+    return named(cached, src) if cached is not None else _build(root, role, key, src, render(src, cfg.format), cfg,
+                                                                tokenizer, progress)
+
+
+def named(blocks: TokenBlocks, src: Source) -> TokenBlocks:
+    """`blocks` as made from `src`: a cache entry is keyed by the source's bytes, and its manifest
+    names the path that first built it, maybe another file (a colleague's copy), not this run's."""
+    blocks.manifest = {**blocks.manifest, "source": src.name}
+    return blocks
 
 
 def split_records(records: list, val_fraction: float, seed: int) -> tuple[list, list]:
@@ -392,18 +399,19 @@ class BatchIterator:
         }
 
     def load_state_dict(self, state: dict) -> None:
-        for name in ("seed", "batch_size", "num_blocks"):
-            ours = getattr(self, name) if name != "num_blocks" else len(self.blocks)
-            if state.get(name) != ours:
-                raise MinigptError(
-                    f"batch iterator state: saved {name} {state.get(name)} differs from this run's {ours}; "
-                    "resume with the same data, --batch-size and --seed"
-                )
-        saved = state.get("blocks_sha256")  # (None: a checkpoint from before blocks were fingerprinted)
-        if saved is not None and saved != self.blocks.sha256:  # (as many blocks, other tokens)
+        for name in ("seed", "batch_size"):
+            if state.get(name) != getattr(self, name):
+                raise MinigptError(f"batch iterator state: saved {name} {state.get(name)} differs from this run's "
+                                   f"{getattr(self, name)}; resume with the same --batch-size and --seed")
+        # The same settings made other blocks: the data changed (sha256 None: a checkpoint from before
+        # blocks were fingerprinted).
+        saved, sha256 = state.get("num_blocks"), state.get("blocks_sha256")
+        if saved != len(self.blocks) or sha256 not in (None, self.blocks.sha256):
             role = {"train": "training ", "validation": "validation "}.get(self.blocks.manifest.get("role"), "")
-            raise MinigptError(f"--resume: the {role}data is not what the run was saved with (as many blocks, other "
-                               "tokens: a data file edited since?); resume with the same data, or start a new run")
+            source = f" ({self.blocks.manifest['source']})" if self.blocks.manifest.get("source") else ""
+            what = "as many blocks, other tokens" if saved == len(self.blocks) else f"{saved} blocks, now {len(self.blocks)}"
+            raise MinigptError(f"--resume: the {role}data{source} is not what the run was saved with ({what}: a file "
+                               "edited since?); resume with the same data, or start a new run")
         epoch, position = state.get("epoch"), state.get("position")
         if not (isinstance(epoch, int) and epoch >= 0 and isinstance(position, int) and 0 <= position <= len(self)):
             # (a ValueError, as for a value of the wrong type: a resume names training_state.json then)

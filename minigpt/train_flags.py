@@ -264,7 +264,7 @@ def parse_train_flags(argv: Sequence[str] | None, description: str) -> TrainFlag
     if args.eval_only and args.val_data is not None:
         p.refuse(given, ("data", "max_records", "seed"), "has no effect with --eval-only --val-data, which "
                  "reads only --val-data (whole, in order)")
-    if args.val_data is None and args.val_fraction == 0 and not args.resume:
+    if args.val_data is None and args.val_fraction == 0:  # (--resume too: the run's own settings are checked equal)
         p.refuse(given, ("eval_every",), "has no effect with --val-fraction 0 and no --val-data: there is no "
                  "validation data to evaluate")
     return args

@@ -315,6 +315,9 @@ class Trainer:
     def resume(self, folder: Path) -> None:
         """Continue from checkpoint `folder` (the model's weights must already be loaded from it)."""
         with read_training_state(folder) as (info, tensors):  # (a field missing or of the wrong type: one line)
+            self.train_batches.load_state_dict(info["data"])  # (first: data edited since is named as such, not by
+            if self.val_batches is not None and info.get("validation_data"):  # the step count it changed)
+                self.val_batches.load_state_dict(info["validation_data"])
             check_same_run(self.out, info.get("run", {}), self.run_config)
             n = len([k for k in tensors if k.startswith("optimizer.exp_avg.")])
             optim = info["optimizer"]  # (a StateRecord, as `info`: a field missing in it is named, not a KeyError)
@@ -323,9 +326,6 @@ class Trainer:
                 self.optimizer.load_state_dict(optim)
             except MinigptError as e:  # another model's groups or moments: name the checkpoint they came from
                 raise MinigptError(f"{folder}: {e}") from None
-            self.train_batches.load_state_dict(info["data"])  # (refused: other blocks, a data file edited since)
-            if self.val_batches is not None and info.get("validation_data"):
-                self.val_batches.load_state_dict(info["validation_data"])  # (the same for the validation data)
             warn_other_cpu_threads(info.get("cpu_threads") if self.ranks.is_main else None, self.device)  # (one line)
             if self.scaler and info.get("grad_scaler"):
                 self.scaler.load_state_dict(info["grad_scaler"])

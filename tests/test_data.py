@@ -196,6 +196,22 @@ def test_second_load_is_a_cache_hit_without_tokenizing(tmp_path, gpt2_tokenizer,
     assert len(entries(tmp_path)) == 2
 
 
+def test_blocks_from_the_cache_name_this_runs_source(tmp_path, gpt2_tokenizer):
+    """A cache entry is keyed by the file's bytes: a copy elsewhere (a colleague's) hits the entry the
+    first file built, whose manifest names that file. The blocks a run gets name its own source, which
+    a refused resume names (the data edited since)."""
+    import shutil
+
+    copy = shutil.copy(DATA / "eli5_small.json", tmp_path / "mine.json")
+    for split in ({}, {"val_source": str(DATA / "eli5_small.jsonl")}):  # (a split of the records; a --val-data)
+        load(tmp_path, gpt2_tokenizer, source=str(DATA / "eli5_small.json"), **split)
+        entries_before = entries(tmp_path)
+        train, val = load(tmp_path, gpt2_tokenizer, source=str(copy), **split)
+        assert entries(tmp_path) == entries_before  # (cache hits)
+        assert train.manifest["source"] == str(copy)
+        assert val.manifest["source"] == (str(copy) if not split else str(DATA / "eli5_small.jsonl"))
+
+
 def test_cache_dir_defaults_to_minigpt_cache_variable(tmp_path, gpt2_tokenizer, monkeypatch):
     monkeypatch.setenv("MINIGPT_CACHE", str(tmp_path / "mc"))
     load_blocks(DataConfig(source=str(DATA / "eli5_small.json"), block_size=16), gpt2_tokenizer, progress=False)
@@ -692,10 +708,14 @@ def test_resume_from_a_saved_position_continues_exactly():
 
 def test_load_state_dict_refuses_a_different_run():
     state = BatchIterator(numbered_blocks(23), 5, seed=3).state_dict()
-    for other in (BatchIterator(numbered_blocks(23), 6, seed=3), BatchIterator(numbered_blocks(23), 5, seed=4),
-                  BatchIterator(numbered_blocks(22), 5, seed=3)):
+    for other in (BatchIterator(numbered_blocks(23), 6, seed=3), BatchIterator(numbered_blocks(23), 5, seed=4)):
         with pytest.raises(MinigptError, match="batch iterator state"):
             other.load_state_dict(state)
+    fewer = TokenBlocks(numbered_blocks(22).blocks, {"role": "train", "source": "data/answers.jsonl"})
+    with pytest.raises(MinigptError) as e:  # (the same settings: the data changed, named as such)
+        BatchIterator(fewer, 5, seed=3).load_state_dict(state)
+    assert str(e.value) == ("--resume: the training data (data/answers.jsonl) is not what the run was saved with (23 "
+                            "blocks, now 22: a file edited since?); resume with the same data, or start a new run")
 
 
 def test_load_state_dict_refuses_other_blocks_of_the_same_number():
@@ -708,7 +728,7 @@ def test_load_state_dict_refuses_other_blocks_of_the_same_number():
     with pytest.raises(MinigptError) as e:
         BatchIterator(edited, 5, seed=3).load_state_dict(state)
     assert str(e.value) == ("--resume: the validation data is not what the run was saved with (as many blocks, "
-                            "other tokens: a data file edited since?); resume with the same data, or start a new run")
+                            "other tokens: a file edited since?); resume with the same data, or start a new run")
     same = BatchIterator(TokenBlocks(blocks.blocks.copy(), {}), 5, seed=3)  # equal tokens, another array: taken
     same.load_state_dict(state)
     del state["blocks_sha256"]  # (a checkpoint saved before blocks had a fingerprint: nothing to compare)

@@ -193,8 +193,8 @@ def test_a_resume_over_edited_data_is_one_line_for_the_job(tmp_path):
     again = torchrun(out, "--data", str(data), "--max-steps", "2", "--resume")
     assert again.returncode != 0
     assert [line for line in again.stderr.splitlines() if "--resume:" in line] == [
-        "error: --resume: the training data is not what the run was saved with (as many blocks, other tokens: a "
-        "data file edited since?); resume with the same data, or start a new run"], again.stderr[-3000:]
+        f"error: --resume: the training data ({data}) is not what the run was saved with (as many blocks, other "
+        "tokens: a file edited since?); resume with the same data, or start a new run"], again.stderr[-3000:]
 
 
 def test_resume_on_one_process_with_the_same_global_batch(tmp_path, one_process_of_8, before):

@@ -584,14 +584,24 @@ def test_a_data_file_edited_since_the_checkpoint_is_refused_on_resume(tmp_path):
         first, second, *rest = kept.splitlines(keepends=True)
         path.write_text("".join([second, first, *rest]), encoding="utf-8")  # two records swapped: same tokens
         again = call_cli("train.py", *flags, "--resume")
-        role = "training" if path == data else "validation"  # (not the path the cache entry was first built from)
+        role = "training" if path == data else "validation"  # (its path, not the one that first built the cache entry)
         assert again.returncode == 2 and again.stderr.splitlines() == [
-            f"error: --resume: the {role} data is not what the run was saved with (as many blocks, other tokens: "
-            "a data file edited since?); resume with the same data, or start a new run"], again.stderr
+            f"error: --resume: the {role} data ({path}) is not what the run was saved with (as many blocks, other "
+            "tokens: a file edited since?); resume with the same data, or start a new run"], again.stderr
         path.write_text(kept, encoding="utf-8")
     again = call_cli("train.py", *flags, "--resume")
     assert again.returncode == 0 and "warning: --resume" not in again.stderr, again.stderr
     assert f"resumed from {out} at step 2" in again.stdout
+    # Grown, under --epochs: the step count the data makes changed too, but the data is named, not the steps
+    flags = (*QUICK, "--data", str(data), "--val-data", str(val), "--epochs", "1", "--out", str(tmp_path / "epochs"))
+    assert call_cli("train.py", *flags).returncode == 0
+    kept = data.read_text(encoding="utf-8")
+    data.write_text(kept + kept, encoding="utf-8")
+    again = call_cli("train.py", *flags, "--resume")
+    assert again.returncode == 2 and len(again.stderr.splitlines()) == 1, again.stderr
+    assert re.fullmatch(rf"error: --resume: the training data \({re.escape(str(data))}\) is not what the run was saved "
+                        r"with \((\d+) blocks, now (\d+): a file edited since\?\); resume with the same data, or start a "
+                        r"new run\n", again.stderr), again.stderr
 
 
 def test_a_resume_under_another_cpu_thread_count_warns_in_one_line(tmp_path):
@@ -732,8 +742,9 @@ def test_flags_that_would_change_nothing_in_training_are_refused(tiny_hf_dir):
     to 0 (its card and config said so), where --dropout's default is the model's own."""
     import train
 
-    with pytest.raises(SystemExit):
-        train.parse_args([*QUICK, "--val-fraction", "0", "--eval-every", "2"])
+    for resume in ((), ("--resume",)):  # (a resume too: the run it continues had no validation data either)
+        with pytest.raises(SystemExit):
+            train.parse_args([*QUICK, "--val-fraction", "0", "--eval-every", "2", *resume])
     assert train.parse_args([*QUICK, "--init", str(tiny_hf_dir)]).dropout is None
     assert train.parse_args(list(QUICK)).dropout == 0.0
 
