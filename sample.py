@@ -53,7 +53,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     g.add_argument("--num-samples", type=positive_int, default=1, metavar="N",
                    help="continue each prompt N times, decoded together as one batch (default: 1)")
     g.add_argument("--seed", type=seed, help="random seed, for reproducible samples: the same seed gives the "
-                   "same text with the same kernels (see --kernel) (default: a random one)")
+                   "same text with the same kernels (see --kernel); each prompt of --file (each --interactive "
+                   "question) starts from it, so its text is the one it gets alone (default: a random one)")
     g = p.add_argument_group("see the model think")
     g.add_argument("--show-probs", action="store_true",
                    help="colour each new token by the probability the model gave it (legend on "
@@ -275,6 +276,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"--compile: {compiled.describe()}", file=sys.stderr)
 
     def answer(prompt: str, shown: str, index: int, trace: TextIO | None) -> None:
+        if args.seed is not None:  # each prompt from the seed: its text is the one it gets alone
+            generator.manual_seed(args.seed)
         done = complete(model, tokenizer, prompt, config, shown=shown, num_samples=args.num_samples,
                         generator=generator, coloured=coloured, trace=trace, compiled=compiled,
                         top_alternatives=args.top_alternatives, prompt_index=index)

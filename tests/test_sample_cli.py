@@ -98,6 +98,26 @@ def test_seeded_sampling_reproducible_and_batched(tiny_minigpt_dir, capsys):
     assert len(set(samples)) == 3
 
 
+def test_each_seeded_prompt_gets_the_text_it_gets_alone(tiny_minigpt_dir, tmp_path, capsys):
+    """One generator served every prompt of a --file, so under --seed a prompt's text hung on the
+    prompts before it (how many tokens they drew): line 57's answer could not be had again alone.
+    Each prompt starts from the seed; without --seed, prompts still differ (one random generator)."""
+    args = ["--model", str(tiny_minigpt_dir), "--max-new-tokens", "12", "--num-samples", "2"]
+    alone = {}
+    for prompt in ("Hello", "A"):
+        sample.main([*args, "--seed", "7", prompt])
+        alone[prompt] = capsys.readouterr().out
+    (tmp_path / "two.txt").write_text("Hello\nA\n", encoding="utf-8")
+    sample.main([*args, "--seed", "7", "--file", str(tmp_path / "two.txt")])
+    assert capsys.readouterr().out == alone["Hello"] + "\n" + alone["A"]
+    sample.main([*args, "--seed", "7", "A", "A"])
+    assert capsys.readouterr().out == alone["A"] + "\n" + alone["A"]
+    sample.main([*args, "A", "A"])
+    out = capsys.readouterr().out  # (unseeded: one random generator, two texts)
+    half = out[: (len(out) - 1) // 2]
+    assert out.startswith("A") and out != half + "\n" + half
+
+
 def test_stdin_file_empty_prompt_and_int8(tiny_minigpt_dir, tiny_hf_dir, gpt2_tokenizer, tmp_path, capsys, monkeypatch):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("first prompt\n\nsecond prompt\n", encoding="utf-8")
