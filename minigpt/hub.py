@@ -59,7 +59,6 @@ class HubRepo:
         (the cache's copies, if any, are in the folder), so that a cache without them is not taken
         for incomplete."""
         from huggingface_hub import constants, hf_hub_download, snapshot_download
-        from huggingface_hub.file_download import repo_folder_name
         from huggingface_hub.utils import filter_repo_objects
 
         from huggingface_hub.utils import EntryNotFoundError, LocalEntryNotFoundError
@@ -69,8 +68,7 @@ class HubRepo:
         try:
             if asked is not None:
                 return Path(snapshot_download(repo_id, allow_patterns=patterns, local_files_only=True))
-            snapshot = Path(constants.HF_HUB_CACHE, repo_folder_name(repo_id=repo_id, repo_type="model"), "snapshots",
-                            answer.sha)
+            snapshot = _snapshot_folder(repo_id, "model", answer.sha)
             names = filter_repo_objects([f.rfilename for f in answer.siblings or ()], allow_patterns=[*patterns, *optional])
             for name in names:
                 cached = (snapshot / name).is_file()
@@ -133,6 +131,14 @@ def _check_download(path: str, what: str) -> None:
         raise MinigptError(f"{what}: the file downloaded is not the one the Hub named (checksum {blob.name[:12]}...): "
                            "changed on the way (a proxy, a broken mirror?); it was removed from the cache, run the same "
                            "command again")
+
+
+def _snapshot_folder(repo_id: str, repo_type: str, sha: str) -> Path:
+    """The folder of the huggingface_hub cache that holds revision `sha` of a repo's files."""
+    from huggingface_hub import constants
+    from huggingface_hub.file_download import repo_folder_name
+
+    return Path(constants.HF_HUB_CACHE, repo_folder_name(repo_id=repo_id, repo_type=repo_type), "snapshots", sha)
 
 
 def _snapshot_of(path: str, name: str) -> Path:
@@ -204,12 +210,9 @@ def load_eli5_records(repo_id: str, filename: str, limit: int) -> list[dict]:
     from datasets import load_dataset
     from huggingface_hub import constants, dataset_info, hf_hub_download
 
-    from huggingface_hub.file_download import repo_folder_name
-
     seconds, (answer, asked) = constants.HF_HUB_ETAG_TIMEOUT, _ask(dataset_info, repo_id)  # (without an answer: the
     try:  # cache alone; hf_hub_download itself retried a failing network for ~25 s, printing 11 lines)
-        cached = asked is not None or Path(constants.HF_HUB_CACHE, repo_folder_name(repo_id=repo_id, repo_type="dataset"),
-                                           "snapshots", answer.sha, filename).is_file()
+        cached = asked is not None or (_snapshot_folder(repo_id, "dataset", answer.sha) / filename).is_file()
         path = hf_hub_download(repo_id, filename, repo_type="dataset", etag_timeout=seconds,
                                local_files_only=asked is not None)
         if not cached:

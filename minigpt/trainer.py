@@ -315,8 +315,8 @@ class Trainer:
     def resume(self, folder: Path) -> None:
         """Continue from checkpoint `folder` (the model's weights must already be loaded from it)."""
         with read_training_state(folder) as (info, tensors):  # (a field missing or of the wrong type: one line)
-            self.train_batches.load_state_dict(info["data"])  # (first: data edited since is named as such, not by
-            if self.val_batches is not None and info.get("validation_data"):  # the step count it changed)
+            self.train_batches.load_state_dict(info["data"])  # (first: changed data is named, not the steps it makes)
+            if self.val_batches is not None and info.get("validation_data"):
                 self.val_batches.load_state_dict(info["validation_data"])
             check_same_run(self.out, info.get("run", {}), self.run_config)
             n = len([k for k in tensors if k.startswith("optimizer.exp_avg.")])
