@@ -60,7 +60,7 @@ import torch.nn as nn
 
 from .errors import MinigptError, integer_at_least
 from .layouts import (FUSIBLE_KERNELS, DenseLinear, Fp16Linear, MklLinear, OneDnnLinear, OnThreads, RowSplitLinear,
-                      SharedEmbedding, SplitLinear, TransposedLinear, fp16_refuses)
+                      SharedEmbedding, SplitLinear, TransposedLinear, fp16_refuses, refuse_loading)
 from .model import GPT
 from .quantized import FbgemmInt8Linear, Int8Linear, int8mm_refuses
 from .runtime import activation_dtype, check_fits, cpu_cache_bytes, evicting_bytes, model_device, wait_for
@@ -415,6 +415,7 @@ def prepare_for_inference(
     model.transformer.wte = SharedEmbedding(model.lm_head, stream_dtype)
     model.transformer.wpe.to(stream_dtype)
     for module in model.modules():
+        module.register_load_state_dict_pre_hook(refuse_loading)  # (the model's, and each part's own)
         if isinstance(module, nn.LayerNorm):
             module.to(stream_dtype)
     # No gradients: a step would train only wpe and the LayerNorms, and out= kernels refuse autograd

@@ -325,8 +325,17 @@ class SharedEmbedding(nn.Module):
         return super()._apply(fn, recurse)
 
 
+def refuse_loading(module: nn.Module, *hook_args: object) -> None:
+    """A load_state_dict pre-hook on every part of a prepared model: its layers hold the weights packed
+    for the chosen kernels, where a load does not reach (into FBGEMM's it reported success, and the
+    model computed with old and new weights mixed). The model's own hook runs first: nothing changes."""
+    raise MinigptError("this model is prepared for inference and cannot load weights into its packed layers: load "
+                       "them into the plain model, then prepare it")
+
+
 class OnThreads(nn.Module):
-    """Another layout's layer, run on `threads` of the process's threads (fewer than all of them).
+    """Another layout's layer, run on `threads` of the process's threads (fewer than all of them), or
+    on all it has when called where that is fewer (a count lowered after the timing holds).
 
     Why: each kernel call hands its work to every thread of torch's pool and waits for the last one;
     for a small layer on many cores that hand-off can cost more than the work it shares out, and a
@@ -353,6 +362,8 @@ class OnThreads(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         every = torch.get_num_threads()
+        if every <= self.threads:  # (the count lowered since the timing, torch.set_num_threads(1): never more)
+            return self.layer(x)
         torch.set_num_threads(self.threads)
         try:
             return self.layer(x)

@@ -484,6 +484,29 @@ def test_a_layer_on_fewer_threads_gives_them_back_even_after_an_error():
     assert torch.get_num_threads() == every
 
 
+def test_a_layer_on_fewer_threads_never_takes_more_than_the_process_has_now():
+    """A layer timed onto 2 of 4 threads set the count to 2 at every call: after the user lowered it
+    to 1 (README's remedy for a container's quota), the layer widened torch's pool to 2 again, twice
+    a layer a token. It runs on at most the count it is called under."""
+    every, seen = torch.get_num_threads(), []
+
+    class Recording(torch.nn.Module):
+        kernel = "recording"
+
+        def forward(self, x):
+            seen.append(torch.get_num_threads())
+            return x
+
+    try:
+        for threads in (4, 2, 1):
+            torch.set_num_threads(threads)
+            OnThreads(Recording(), 2)(torch.zeros(1, 4))
+            assert torch.get_num_threads() == threads
+    finally:
+        torch.set_num_threads(every)
+    assert seen == [2, 2, 1]
+
+
 def test_the_thread_counts_timed_are_all_half_and_one():
     every = torch.get_num_threads()
     try:
@@ -591,6 +614,31 @@ def test_a_prepared_model_refuses_a_move_or_cast_in_one_line_and_stays_as_it_was
     unchanged = [lambda m: m.cpu(), lambda m: m.to("cpu")] + ([lambda m: m.float()] if precision == "fp32" else [])
     for same in unchanged:  # (bf16 rows, int8mm's bf16 scales and an fp32 stream: for them any cast changes something)
         assert same(prepared) is prepared and torch.equal(prepared(idx)[0], expected)
+
+
+@pytest.mark.parametrize("precision, kernel", ALL)
+def test_a_prepared_model_refuses_to_load_weights_in_one_line_and_stays_as_it_was(small_model, precision, kernel):
+    """`prepared.load_state_dict(other)` reported success on FBGEMM's layers (fp16 and int8), whose
+    packed weights no load reaches: the logits were neither model's (1.07 of the largest off the
+    other's), the embedding the other's, the products the first's. Refused on every kernel, for the
+    model and for any part of it, before anything changes; a copy refuses too."""
+    prepared = prepared_copy(small_model, precision, kernel)
+    other = copy.deepcopy(small_model)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.mul_(-1)
+    other = prepared_copy(other, precision, kernel)
+    idx = torch.tensor([[5, 17, 300]])
+    expected = prepared(idx)[0]
+    message = (r"^this model is prepared for inference and cannot load weights into its packed layers: load them into "
+               r"the plain model, then prepare it$")
+    for model in (prepared, copy.deepcopy(prepared)):
+        for part, state in ((model, other.state_dict()), (model.transformer.h[0].mlp.c_fc,
+                                                          other.transformer.h[0].mlp.c_fc.state_dict())):
+            for strict in (True, False):
+                with pytest.raises(MinigptError, match=message):
+                    part.load_state_dict(state, strict=strict)
+        assert torch.equal(model(idx)[0], expected)
 
 
 @pytest.mark.parametrize("precision, kernel", ALL)
