@@ -58,7 +58,7 @@ class HubRepo:
         are fetched with the rest where the Hub answers; from the cache alone they are not asked for
         (the cache's copies, if any, are in the folder), so that a cache without them is not taken
         for incomplete."""
-        from huggingface_hub import constants, hf_hub_download, snapshot_download
+        from huggingface_hub import constants, snapshot_download
         from huggingface_hub.utils import filter_repo_objects
 
         from huggingface_hub.utils import EntryNotFoundError, LocalEntryNotFoundError
@@ -71,10 +71,7 @@ class HubRepo:
             snapshot = _snapshot_folder(repo_id, "model", answer.sha)
             names = filter_repo_objects([f.rfilename for f in answer.siblings or ()], allow_patterns=[*patterns, *optional])
             for name in names:
-                cached = (snapshot / name).is_file()
-                path = hf_hub_download(repo_id, name, etag_timeout=constants.HF_HUB_ETAG_TIMEOUT)
-                if not cached:
-                    _check_download(path, f"{repo_id}/{name}")
+                path = _downloaded(repo_id, name, snapshot, f"{repo_id}/{name}", etag_timeout=constants.HF_HUB_ETAG_TIMEOUT)
                 self._snapshots.add(_snapshot_of(path, name))
         except MinigptError:
             raise
@@ -103,6 +100,20 @@ class HubRepo:
         return MinigptError(f"{self.repo_id}: no such local folder; the local cache holds part of the repository but no "
                             f"{what} (a download that stopped part-way?), and the Hugging Face Hub could not provide "
                             f"it ({why}). Pass {self.instead} instead.")
+
+
+def _downloaded(repo_id: str, name: str, snapshot: Path | None, what: str, **download: Any) -> str:
+    """`hf_hub_download(repo_id, name, **download)`'s path, the file checked (`_check_download`) unless
+    it was in `snapshot`, the revision the Hub's answer named, before the call (None: the cache alone,
+    nothing downloaded). A file of another revision (the repo pushed to since the answer, or a
+    mirror's stale answer) may be new: it is checked too."""
+    from huggingface_hub import hf_hub_download
+
+    cached = snapshot is None or (snapshot / name).is_file()
+    path = hf_hub_download(repo_id, name, **download)
+    if not cached or (snapshot is not None and _snapshot_of(path, name) != snapshot):
+        _check_download(path, what)
+    return path
 
 
 def _check_download(path: str, what: str) -> None:
@@ -208,15 +219,13 @@ def load_eli5_records(repo_id: str, filename: str, limit: int) -> list[dict]:
     fails. (`datasets`' own `hf://` path asks the Hub's API on every run: offline, a second
     `train.py` failed with the file on disk.) A fresh download is checked as a model's files are."""
     from datasets import load_dataset
-    from huggingface_hub import constants, dataset_info, hf_hub_download
+    from huggingface_hub import constants, dataset_info
 
     seconds, (answer, asked) = constants.HF_HUB_ETAG_TIMEOUT, _ask(dataset_info, repo_id)  # (without an answer: the
     try:  # cache alone; hf_hub_download itself retried a failing network for ~25 s, printing 11 lines)
-        cached = asked is not None or (_snapshot_folder(repo_id, "dataset", answer.sha) / filename).is_file()
-        path = hf_hub_download(repo_id, filename, repo_type="dataset", etag_timeout=seconds,
-                               local_files_only=asked is not None)
-        if not cached:
-            _check_download(path, f"hf://datasets/{repo_id}/{filename}")
+        snapshot = None if asked is not None else _snapshot_folder(repo_id, "dataset", answer.sha)
+        path = _downloaded(repo_id, filename, snapshot, f"hf://datasets/{repo_id}/{filename}", repo_type="dataset",
+                           etag_timeout=seconds, local_files_only=asked is not None)
         ds = load_dataset("json", data_files=path, split="train")
     except MinigptError:
         raise

@@ -1665,7 +1665,7 @@ BREAKS = (
           ("tests/test_optim.py::test_a_parameter_given_new_data_is_updated_there_and_a_new_shape_is_refused",)),
     Break("eli5_through_hf_path", "ELI5's file is read through datasets' hf:// path, which asks the Hub's API on every "
           "run (offline, a second train.py failed with the file in the cache)",
-          ((r'path = hf_hub_download\(repo_id, filename, repo_type="dataset", etag_timeout=seconds,\n\s*local_files_only=asked is not None\)',
+          ((r'path = _downloaded\(repo_id, filename, snapshot, .*\n\s*etag_timeout=seconds, local_files_only=asked is not None\)',
             'path = f"hf://datasets/{repo_id}/{filename}"'),),
           ("tests/test_hub.py::test_the_default_data_is_the_hubs_eli5_file",
            "tests/test_hub.py::test_the_eli5_file_downloaded_once_is_read_offline")),
@@ -1839,11 +1839,16 @@ BREAKS = (
           ("tests/test_hub.py::test_an_answer_naming_no_commit_or_a_file_it_then_lacks_is_one_line",)),
     Break("hub_download_unverified", "a file changed on the way is kept in the cache under the true file's checksum "
           "(every later run reads it, offline too)",
-          ((r'^                if not cached:\n                    _check_download\(path, f"\{repo_id\}/\{name\}"\)\n', ""),),
+          ((r"_downloaded\(repo_id, name, snapshot, ", "_downloaded(repo_id, name, None, "),),
           ("tests/test_hub.py::test_a_file_changed_on_the_way_is_refused_and_not_kept",)),
     Break("eli5_download_unverified", "the ELI5 training file changed on the way is kept in the cache under the "
           "true file's checksum (every later run reads it, offline too)",
-          ((r'^        if not cached:\n            _check_download\(path, f"hf://datasets/.*\n', ""),),
+          ((r'snapshot = None if asked is not None else _snapshot_folder\(repo_id, "dataset", answer\.sha\)',
+            "snapshot = None"),),
+          ("tests/test_hub.py::test_an_eli5_file_changed_on_the_way_is_refused_and_not_kept",)),
+    Break("other_revision_download_unchecked", "a file that resolves to a newer commit than the Hub's answer named "
+          "(a push since, a mirror's stale answer) is taken for cached and not checked: changed on the way, it stays",
+          ((r"if not cached or \(snapshot is not None and _snapshot_of\(path, name\) != snapshot\):", "if not cached:"),),
           ("tests/test_hub.py::test_an_eli5_file_changed_on_the_way_is_refused_and_not_kept",)),
     Break("hub_partial_cache_blamed_on_folder", "offline, a cache a stopped download left without the weights says "
           "\"snapshots/...: no model.safetensors in this folder\", the Hub's state unsaid",

@@ -772,6 +772,16 @@ def test_an_eli5_file_changed_on_the_way_is_refused_and_not_kept(http_hub, tmp_p
                                text=True, timeout=120)
         assert again.returncode == 0 and json.loads(again.stdout) == rows[:3], again.stderr
     assert http_hub.sent == 2
+    # Pushed to since: the answer still names the cached commit ("a" * 40, a mirror's stale answer),
+    # the file resolves to the new one, and comes changed on the way: checked all the same
+    (http_hub.folder / "train.json.gz").write_bytes(gzip.compress(json.dumps(rows[::-1]).encode(), mtime=0))
+    http_hub.commits, http_hub.corrupt = iter(lambda: "c" * 40, None), {"train.json.gz"}
+    result = subprocess.run([sys.executable, "-c", read], env=env, capture_output=True, text=True, timeout=120)
+    etag = hashlib.sha256((http_hub.folder / "train.json.gz").read_bytes()).hexdigest()
+    assert result.returncode == 2 and result.stderr.splitlines() == [
+        f"error: hf://datasets/org/tiny/train.json.gz: the file downloaded is not the one the Hub named (checksum "
+        f"{etag[:12]}...): changed on the way (a proxy, a broken mirror?); it was removed from the cache, run the same "
+        "command again"] and http_hub.sent == 3
 
 
 def test_a_failed_eli5_download_is_one_line(monkeypatch):
