@@ -189,7 +189,7 @@ class TrainFlags:
         evaluated_on = (datasets[-1], "validation") if self.val_data is not None else (datasets[0], "train")
         split = (f"from --val-data {self.val_data}" if self.val_data else
                  f"the --val-fraction {self.val_fraction:g} split of the records, seed {self.seed}")
-        # (this run's --data: the cache entry is keyed by the file's bytes, and names the path that built it)
+        # (--data as it was typed; the blocks name this run's source too, the Hub's file by its hf:// name)
         source = train_blocks.manifest.get("source") if self.data is None else self.data
         data = [f"source: {source}, format `{self.format}`"]
         for role, blocks, how in (("training", train_blocks, ""), ("validation", val_blocks, f" ({split})")):
