@@ -267,6 +267,14 @@ def check_source_outside(out: Path, source: str | os.PathLike, what: str, name: 
 
 
 @contextlib.contextmanager
+def scratch_folder(prefix: str) -> Iterator[str]:
+    """A new empty folder in the system's temporary folder, removed with all it holds on the way out,
+    however it is left (what a command must not leave behind: `--eval-only`'s token cache)."""
+    with tempfile.TemporaryDirectory(prefix=prefix) as folder:
+        yield folder
+
+
+@contextlib.contextmanager
 def atomic_folder(out: str | os.PathLike, overwrite: bool = True) -> Iterator[Path]:
     """Yield a temporary folder beside `out`; when the block succeeds it becomes `out`.
 

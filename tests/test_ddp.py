@@ -96,10 +96,11 @@ def initial_weights() -> dict[str, torch.Tensor]:
     import train
     from minigpt.checkpoint import model_state_for_saving
     from minigpt.trainer import seed_everything
+    from minigpt.training_run import build_model
 
     args = train.parse_args([*FLAGS, "--dropout", "0"])
     seed_everything(args.seed)
-    model, _ = train.build_model(args, None)
+    model, _ = build_model(args, None)
     return model_state_for_saving(model)
 
 

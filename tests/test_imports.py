@@ -19,11 +19,11 @@ def _module_or_package(name: str) -> str:
     return name if (PACKAGE / f"{name}.py").is_file() else "__init__"
 
 
-def imports_of(module: str) -> tuple[set[str], set[str]]:
-    """(minigpt modules, other top-level packages) that `module` imports anywhere in its file,
-    inside functions included."""
+def imports_of(module: str, path: Path | None = None) -> tuple[set[str], set[str]]:
+    """(minigpt modules, other top-level packages) that `module` (or the file at `path`) imports
+    anywhere in its file, inside functions included."""
     ours, others = set(), set()
-    tree = ast.parse((PACKAGE / f"{module}.py").read_text(encoding="utf-8"))
+    tree = ast.parse((path or PACKAGE / f"{module}.py").read_text(encoding="utf-8"))
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom) and node.level > 0:  # from .x import y / from . import x
             if node.module:
@@ -183,3 +183,13 @@ def test_the_trainer_and_the_decoding_loop_load_only_what_they_need():
     assert trainer == {f"minigpt.{m}" for m in ("ddp", "errors", "files", "metrics", "optim", "run_folder", "runtime",
                                                  "trainer")}
     assert not decoding & {f"minigpt.{m}" for m in ("compiled_decoding", "inference", "layouts", "quantized", "opaque")}
+
+
+def test_train_py_parses_flags_and_calls_the_library():
+    """The CLI is thin: its flags live in train_flags.py and its run in training_run.py, so the script
+    defines nothing but `parse_args` and `main` and imports no other part of the library."""
+    script = PACKAGE.parent / "train.py"
+    assert imports_of("", script) == ({"cli", "train_flags", "training_run"}, {"__future__", "typing"})
+    tree = ast.parse(script.read_text(encoding="utf-8"))
+    assert [node.name for node in tree.body if isinstance(node, (ast.FunctionDef, ast.ClassDef))] == ["parse_args", "main"]
+    assert not reachable("trainer") & {"training_run", "train_flags", "cli"}  # (the trainer knows no CLI)

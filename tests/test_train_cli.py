@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import os
@@ -480,10 +481,11 @@ def test_tokenizer_applies_to_a_new_model_even_with_the_preset(tiny_minigpt_dir)
     default is the recipe's for a new model without the preset."""
     import train
     from minigpt.train_flags import RECIPE_MODEL
+    from minigpt.training_run import build_model
 
-    model, tokenizer = train.build_model(train.parse_args([*QUICK, "--tokenizer", str(tiny_minigpt_dir)]), None)
+    model, tokenizer = build_model(train.parse_args([*QUICK, "--tokenizer", str(tiny_minigpt_dir)]), None)
     assert tokenizer.vocab_size == model.config.vocab_size == 50257  # GPT-2's, not the preset's 2,048
-    assert train.build_model(train.parse_args(list(QUICK)), None)[1].vocab_size == 2048
+    assert build_model(train.parse_args(list(QUICK)), None)[1].vocab_size == 2048
     assert train.parse_args(["--init", "scratch"]).tokenizer_source() == RECIPE_MODEL
 
 
@@ -834,3 +836,19 @@ def test_a_run_killed_between_its_first_checkpoint_and_its_link_resumes(tmp_path
     a, b = load_file(str(tmp_path / "whole" / "model.safetensors")), load_file(str(out / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert without_speed(metrics(out)) == without_speed(metrics(tmp_path / "whole"))
+
+
+def test_dropout_given_with_init_is_the_models_and_keeps_its_weights(tiny_hf_dir):
+    """--dropout with --init sets the loaded model's dropout (the card and saved config say it), and
+    only that: the weights are --init's, bit for bit; without the flag the model keeps its own."""
+    import train
+    from minigpt.loading import load_model
+    from minigpt.training_run import build_model
+
+    reference, _ = load_model(tiny_hf_dir)
+    flags = ["--init", str(tiny_hf_dir), "--data", str(ROOT / "tests" / "data" / "eli5_small.jsonl")]
+    model, _ = build_model(train.parse_args([*flags, "--dropout", "0.25"]), None)
+    assert model.config.dropout == 0.25 != reference.config.dropout
+    assert model.config == dataclasses.replace(reference.config, dropout=0.25)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), reference.state_dict().values()))
+    assert build_model(train.parse_args(flags), None)[0].config == reference.config
