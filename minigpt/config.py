@@ -21,7 +21,7 @@ MAX_PARAMETERS = 20_000_000_000
 MAX_LAYERS = 256
 
 ATTENTION_IMPLS = ("sdpa", "reference")
-SHAPE_FIELDS = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd")  # the numbers the weights' shapes follow
+SHAPE_FIELDS = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd")  # the shape: required in a config.json
 # GPT2Config's other names for four of its fields (its `attribute_map`): a config.json may use either.
 HF_ALIASES = {"n_embd": "hidden_size", "n_positions": "max_position_embeddings", "n_head": "num_attention_heads",
               "n_layer": "num_hidden_layers"}
@@ -30,9 +30,11 @@ HF_ALIASES = {"n_embd": "hidden_size", "n_positions": "max_position_embeddings",
 @dataclass(frozen=True)  # (a built model copies what it needs: a field changed later would change nothing)
 class GPTConfig:
     """The numbers that fix a GPT-2 model's shape and behaviour (defaults: distilgpt2's). The weights'
-    shapes follow from the first five: wte (vocab_size, n_embd), wpe (block_size, n_embd), and per
-    block c_attn (3*n_embd, n_embd), c_fc (4*n_embd, n_embd); n_embd / n_head is a head's width.
-    Checked when made, so a bad config.json is one line, not a shape error deep in torch."""
+    shapes follow from four of the first five: wte (vocab_size, n_embd), wpe (block_size, n_embd),
+    n_layer blocks, each with c_attn (3*n_embd, n_embd) and c_fc (4*n_embd, n_embd). n_head changes
+    no shape, only how c_attn's output is split (n_embd / n_head channels a head): the weights
+    cannot check it, so it must come from the config that was trained with them. Checked when made,
+    so a bad config.json is one line, not a shape error deep in torch."""
 
     vocab_size: int = 50257  # GPT-2's byte-level BPE vocabulary (50,000 merges + 256 bytes + EOS)
     block_size: int = 1024  # context window: the number of learned position embeddings
@@ -82,13 +84,14 @@ class GPTConfig:
         return embeddings + self.n_layer * block + 2 * d
 
     def to_dict(self) -> dict[str, Any]:
+        """Every field by name: minigpt's config.json (`from_dict` reads it back)."""
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "GPTConfig":
         """Build from minigpt's own config.json; unknown keys are an error, not silently dropped, and
-        so is a missing shape (the weights' shapes follow from it: distilgpt2's default would only
-        fail later, blaming the weights or another field)."""
+        so is a missing shape field (distilgpt2's default would only fail later, blaming the weights
+        or another field; a wrong n_head would not fail at all)."""
         if not isinstance(d, dict):
             raise MinigptError("config: expected a JSON object")
         known = {f.name for f in dataclasses.fields(cls)}

@@ -9,6 +9,10 @@ embedding:
                      x = x + mlp(ln_2(x))         # each token thinks on its own
     logits = ln_f(x) @ wte.T                      # (B, T, vocab)
 
+Shapes in the comments: B sequences in a batch, T tokens each, C = n_embd channels a token; attention
+splits C into nh = n_head heads of hs = C / nh channels. The KV cache (`KVCache`, after the block)
+is for decoding: read it last.
+
 Module names mirror the Hugging Face checkpoint keys (`transformer.wte`, `transformer.h.0.attn.c_attn`,
 `mlp.c_fc`, ...), so converting weights is a key-for-key copy; only HF's Conv1D layers store their
 weight transposed (see `minigpt/hf.py`). This file knows nothing about files, training or sampling,
@@ -25,49 +29,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import GPTConfig
-
-
-class KVCache:
-    """Keys and values of the positions seen so far, so decoding does not recompute them.
-
-    Preallocated for `max_len` positions: each step writes its new keys/values in place and
-    attention reads the filled prefix, which avoids re-allocating (and copying) the cache per token.
-    """
-
-    def __init__(
-        self,
-        config: GPTConfig,
-        batch_size: int,
-        max_len: int,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype = torch.float32,
-    ) -> None:
-        if max_len > config.block_size:
-            raise ValueError(f"max_len {max_len} exceeds the context window {config.block_size}")
-        if batch_size < 1 or max_len < 1:
-            raise ValueError(f"a KV cache holds at least one sequence of one position, got {batch_size} x {max_len}")
-        hs = config.n_embd // config.n_head
-        shape = (batch_size, config.n_head, max_len, hs)
-        self.k = [torch.empty(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
-        self.v = [torch.empty(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
-        self.max_len = max_len
-        self.length = 0  # number of positions already stored
-
-    def update(
-        self, layer: int, k: torch.Tensor, v: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store this step's (B, nh, T, hs) keys/values for `layer`; return all keys/values so far."""
-        cache = self.k[layer]
-        # (a step of another batch would broadcast into the cache, or fail later in a torch error)
-        if (k.size(0), k.dtype, k.device) != (cache.size(0), cache.dtype, cache.device):
-            raise ValueError(f"KV cache made for batch {cache.size(0)}, {cache.dtype} on {cache.device}; this "
-                             f"step is batch {k.size(0)}, {k.dtype} on {k.device}")
-        start, end = self.length, self.length + k.size(2)
-        if end > self.max_len:
-            raise ValueError(f"KV cache full: {end} positions > max_len {self.max_len}")
-        self.k[layer][:, :, start:end] = k
-        self.v[layer][:, :, start:end] = v
-        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
 
 def causal_mask(t_new: int, t_past: int, device: torch.device) -> torch.Tensor:
@@ -90,6 +51,7 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
+        """(B, T, C) -> (B, T, C). With `kv_cache`, x holds the tokens after the cached ones."""
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
         # Split the channels into heads: (B, T, C) -> (B, nh, T, hs).
@@ -143,6 +105,7 @@ class MLP(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, T, C) -> (B, T, C), each position on its own."""
         x = F.gelu(self.c_fc(x), approximate="tanh")
         return self.dropout(self.c_proj(x))
 
@@ -158,6 +121,7 @@ class CrossEntropy(nn.Module):
     ignore_index = -100
 
     def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The mean over the targets that are not -100: a scalar, in fp32."""
         return F.cross_entropy(logits.float(), targets, ignore_index=self.ignore_index)
 
 
@@ -172,9 +136,56 @@ class Block(nn.Module):
         self.mlp = MLP(config)
 
     def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
+        """(B, T, C) -> (B, T, C): the residual stream, with what attention and the MLP add to it."""
         x = x + self.attn(self.ln_1(x), kv_cache)
         x = x + self.mlp(self.ln_2(x))
         return x
+
+
+class KVCache:
+    """Keys and values of the positions seen so far, so decoding does not recompute them.
+
+    Preallocated for `max_len` positions of `batch_size` sequences, in `dtype` (the model's: a bf16
+    model needs torch.bfloat16): each step writes its new keys/values in place and attention reads
+    the filled prefix, which avoids re-allocating (and copying) the cache per token. In one forward
+    pass every layer stores the same positions, from `length` on; `GPT.forward` then advances
+    `length` by the step's T, once, after the last layer (a caller driving blocks itself does too).
+    """
+
+    def __init__(
+        self,
+        config: GPTConfig,
+        batch_size: int,
+        max_len: int,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        if max_len > config.block_size:
+            raise ValueError(f"max_len {max_len} exceeds the context window {config.block_size}")
+        if batch_size < 1 or max_len < 1:
+            raise ValueError(f"a KV cache holds at least one sequence of one position, got {batch_size} x {max_len}")
+        hs = config.n_embd // config.n_head
+        shape = (batch_size, config.n_head, max_len, hs)
+        self.k = [torch.empty(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        self.v = [torch.empty(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        self.max_len = max_len
+        self.length = 0  # positions already stored (by every layer): GPT.forward advances it
+
+    def update(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store this step's (B, nh, T, hs) keys/values for `layer`; return all keys/values so far."""
+        cache = self.k[layer]
+        # (a step of another batch would broadcast into the cache, or fail later in a torch error)
+        if (k.size(0), k.dtype, k.device) != (cache.size(0), cache.dtype, cache.device):
+            raise ValueError(f"KV cache made for batch {cache.size(0)}, {cache.dtype} on {cache.device}; this "
+                             f"step is batch {k.size(0)}, {k.dtype} on {k.device}")
+        start, end = self.length, self.length + k.size(2)
+        if end > self.max_len:
+            raise ValueError(f"KV cache full: {end} positions > max_len {self.max_len}")
+        self.k[layer][:, :, start:end] = k
+        self.v[layer][:, :, start:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
 
 class GPT(nn.Module):

@@ -35,7 +35,7 @@ from __future__ import annotations
 import codecs
 import operator
 from functools import partial
-from typing import TYPE_CHECKING, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -200,7 +200,7 @@ def check_finite(logits: torch.Tensor) -> None:
                            "broken, as a diverged training run leaves them")
 
 
-def token_ids(ids: Sequence[int] | torch.Tensor, vocab_size: int, name: str = "prompt") -> list[int]:
+def token_ids(ids: list[int] | tuple[int, ...] | torch.Tensor, vocab_size: int, name: str = "prompt") -> list[int]:
     """`ids` as a list of Python ints, each a token of a `vocab_size`-token vocabulary.
 
     Taken: a list or tuple of ints, or a 1-D integer tensor (a Hugging Face tokenizer's
@@ -260,7 +260,7 @@ Pick = Callable[[torch.Tensor, torch.Tensor, SamplingConfig, "torch.Generator | 
 @torch.inference_mode()
 def generate(
     model: GPT,
-    prompt: Sequence[int] | torch.Tensor,
+    prompt: list[int] | tuple[int, ...] | torch.Tensor,
     config: SamplingConfig,
     num_samples: int = 1,
     generator: torch.Generator | None = None,
@@ -405,7 +405,7 @@ def seeded_generator(model: GPT, seed: int | None = None) -> torch.Generator:
 
 def generate_ids(
     model: GPT,
-    prompt: Sequence[int] | torch.Tensor,
+    prompt: list[int] | tuple[int, ...] | torch.Tensor,
     config: SamplingConfig,
     num_samples: int = 1,
     generator: torch.Generator | None = None,

@@ -188,6 +188,7 @@ class Tokenizer:
 
     @property
     def vocab_size(self) -> int:
+        """How many token ids there are (GPT-2's: 50,257, `<|endoftext|>` the last)."""
         return self.backend.get_vocab_size()
 
     def encode(self, text: str) -> list[int]:

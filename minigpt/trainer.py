@@ -77,14 +77,14 @@ class TrainConfig:
 
     max_steps: int  # optimizer steps in the whole run [--max-steps, or --epochs x steps per epoch]
     grad_accum: int = 1  # micro-batches per optimizer step [--grad-accum]
-    max_grad_norm: float = 1.0  # clip the gradients' global L2 norm to this; 0: no clipping
+    max_grad_norm: float = 1.0  # clip the gradients' global L2 norm to this; 0: no clipping [--max-grad-norm]
     dtype: torch.dtype = torch.float32  # compute precision: bf16 / fp16 run under autocast [--dtype]
     compile: bool = False  # torch.compile the model [--compile]
     compile_mode: str = "default"  # torch.compile's (train_flags.COMPILE_MODES) [--compile-mode]
     log_every: int = 10  # write a metrics row every this many steps [--log-every]
     eval_every: int = 0  # evaluate every this many steps (0: at epoch ends and the run's end only) [--eval-every]
     save_every: int = 0  # checkpoint every this many steps (0: only at the end) [--save-every]
-    progress: bool = True  # show a tqdm bar (on stderr)
+    progress: bool = True  # show a tqdm bar (on stderr) [not --no-progress]
 
     def __post_init__(self) -> None:
         """Refuse, in one line, what the loop would misread (a grad_accum of 1.5, a dtype given by name)."""
