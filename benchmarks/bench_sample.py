@@ -7,7 +7,9 @@ for exactly --tokens new tokens (EOS does not stop either side), from the same w
                  all of them alike); per run: time to first token (prefill + first sample) and the
                  decode rate in new tokens/s after the first token. Medians over --reps runs.
                  variants: transformers fp32 | ours fp32 | ours bf16 | ours int8,
-                 at batch 1 and batch 8 (8 samples of one prompt, one batched decode on both sides)
+                 at batch 1 and batch 8 (8 samples of one prompt, one batched decode on both sides);
+                 with --compile ours decode through a compiled step, and transformers is timed a
+                 second time compiled (a static KV cache and generate()'s own torch.compile)
     memory       peak resident memory (VmHWM) of a fresh process per variant that loads the model
                  and generates (python, torch and the weights included)
     end to end   wall time of `python sample.py PROMPT --max-new-tokens 100 --device cpu --dtype fp32`
@@ -63,8 +65,10 @@ from minigpt.errors import MinigptError  # noqa: E402
 from minigpt.tokenizer import Tokenizer  # noqa: E402
 
 PROMPT = "Somatic hypermutation allows the immune system to"
+HF_COMPILED = "transformers fp32 compiled"  # generate()'s own compiled decoding: timed beside ours compiled
 VARIANTS = {  # name: (side, dtype, quantize)
     "transformers fp32": ("hf", "fp32", None),
+    HF_COMPILED: ("hf", "fp32", None),
     "ours fp32": ("ours", "fp32", None),
     "ours bf16": ("ours", "bf16", None),
     "ours int8": ("ours", "fp32", "int8"),
@@ -165,6 +169,12 @@ def load_variant(name: str, hf_dir: Path, mg_dir: Path, batch: int = 1, compiled
         model = GPT2LMHeadModel.from_pretrained(hf_dir, **hf_dtype(torch.float32)).eval()
         model.generation_config.eos_token_id = None  # decode exactly --tokens tokens
         model.generation_config.pad_token_id = 50256
+        if name == HF_COMPILED:  # a static KV cache, each decoding step through torch.compile (what
+            from transformers import CompileConfig  # generate() does on a GPU; on a CPU only when told to)
+
+            model.generation_config.cache_implementation = "static"
+            model.generation_config.compile_config = CompileConfig(mode="default")  # (reduce-overhead: CUDA graphs)
+            model.generation_config.compile_config._compile_all_devices = True  # (transformers' switch for CPUs)
         return model
     from minigpt.loading import load_model
     from minigpt.inference import prepare_for_inference
@@ -226,6 +236,11 @@ def run_ours(model, prompt: list[int], batch: int, tokens: int, greedy: bool = F
     return times[0] - start, (tokens - 1) * batch / (times[-1] - times[0])
 
 
+def timed_variants(args) -> list[str]:
+    """The variants the speed table times: transformers compiled only where ours decode compiled."""
+    return [name for name in VARIANTS if args.compile or name != HF_COMPILED]
+
+
 def timed(name, model, prompt, batch, tokens, compiled=None):
     if VARIANTS[name][0] == "hf":
         return run_hf(model, prompt, batch, tokens)
@@ -258,14 +273,18 @@ def throughput(args, hf_dir: Path, mg_dir: Path, prompt: list[int], llama_files:
     results = {"kernels": {}}
     llama_runs, greedy_runs = [], {p: [] for p in llama_files}  # batch 1, one per round
     for batch in args.batches:
-        models = {name: load_variant(name, hf_dir, mg_dir, batch, args.compile) for name in VARIANTS}
+        models = {name: load_variant(name, hf_dir, mg_dir, batch, args.compile) for name in timed_variants(args)}
         compiled = {name: compile_decoding(model, batch)
                     for name, model in models.items() if args.compile and VARIANTS[name][0] == "ours"}
         for name, model in models.items():
             compiled_note = "; " + compiled[name].describe() if name in compiled else ""
             results["kernels"][name, batch] = kernel_summary(model) + compiled_note
-        for name, model in models.items():  # warm-up: first-call allocations, lazy inits
-            timed(name, model, prompt, batch, 3, compiled.get(name))
+        for name, model in models.items():  # warm-up: first-call allocations, lazy inits, transformers' compiling
+            warm_up = args.tokens if name == HF_COMPILED else 3  # (its static cache, so its graphs, fit a length)
+            seconds = time.perf_counter()
+            timed(name, model, prompt, batch, warm_up, compiled.get(name))
+            if name == HF_COMPILED:
+                print(f"  {name}: compiled in {time.perf_counter() - seconds:.1f} s", file=sys.stderr)
             if batch == 1 and llama_files and VARIANTS[name][0] == "ours":
                 run_ours(model, prompt, batch, 3, greedy=True, compiled=compiled.get(name))
         runs = {name: [] for name in models}
@@ -298,7 +317,7 @@ def throughput(args, hf_dir: Path, mg_dir: Path, prompt: list[int], llama_files:
 def peak_memory(args, hf_dir: Path, mg_dir: Path, batch: int) -> dict:
     """{variant: peak RSS in MB} of a fresh process per variant (load + a short generation)."""
     peaks = {}
-    for name in VARIANTS:
+    for name in (n for n in VARIANTS if n != HF_COMPILED):  # (each variant's memory eager)
         r = subprocess.run(
             [sys.executable, __file__, "--worker", name, "--hf-dir", str(hf_dir), "--mg-dir", str(mg_dir),
              "--batch", str(batch), "--tokens", "20", "--threads", str(args.threads)],
@@ -460,21 +479,24 @@ def report(args, speed, memory, e2e, losses, llama) -> str:
     if speed:
         lines += [f"Decode: {args.tokens} new tokens after a {args.prompt_tokens}-token prompt, top-k 50, "
                   f"top-p 0.95; medians of {args.reps} interleaved runs"
-                  + ("; ours decode through compiled steps (--compile), transformers eager: the ratios are ours "
-                     "compiled vs transformers eager; peak memory is each variant's eager (compiling adds to it)."
-                     if args.compile else "."), ""]
-        vs = "ours compiled vs transformers eager fp32" if args.compile else "vs transformers fp32"
-        lines += [f"| batch | variant | tokens/s | {vs} | time to first token | peak memory |",
-                  "|---:|---|---:|---:|---:|---:|"]
+                  + ("; ours decode through compiled steps (--compile), and so does transformers' second row (a "
+                     "static KV cache, generate()'s own torch.compile of each step; compiled in its warm-up). The "
+                     "ratios are to transformers eager (issue 13's targets) and to transformers compiled; peak "
+                     "memory is each variant's eager (compiling adds to it)." if args.compile else "."), ""]
+        compiled_column = " vs transformers compiled |" if args.compile else ""
+        lines += [f"| batch | variant | tokens/s | vs transformers fp32 (eager) |{compiled_column} time to first token "
+                  "| peak memory |", "|---:|---|---:|---:|" + ("---:|" if args.compile else "") + "---:|---:|"]
         for batch in args.batches:
             base = speed["transformers fp32", batch][1]
-            for name in VARIANTS:
+            for name in timed_variants(args):
                 ttft, rate = speed[name, batch]
-                label = name + ((", compiled" if VARIANTS[name][0] == "ours" else ", eager") if args.compile else "")
-                lines.append(f"| {batch} | {label} | {rate:.1f} | {rate / base:.2f}x | {ttft * 1000:.0f} ms | "
+                label = name + (", compiled" if VARIANTS[name][0] == "ours" and args.compile else "")
+                label += ", eager" if name == "transformers fp32" and args.compile else ""
+                versus = f" {rate / speed[HF_COMPILED, batch][1]:.2f}x |" if args.compile else ""
+                lines.append(f"| {batch} | {label} | {rate:.1f} | {rate / base:.2f}x |{versus} {ttft * 1000:.0f} ms | "
                              f"{memory_cell(memory.get(batch, {}), name)} |")
         lines.append("")
-        lines += [f"- batch {b}, {name}: {speed['kernels'][name, b]}" for b in args.batches for name in VARIANTS
+        lines += [f"- batch {b}, {name}: {speed['kernels'][name, b]}" for b in args.batches for name in timed_variants(args)
                   if speed["kernels"].get((name, b))] + [""]
     if memory and not speed:
         lines += ["| batch | variant | peak memory |", "|---:|---|---:|"]
@@ -555,9 +577,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "decodes)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, help="ours decode through a compiled "
                    "step a token, as sample.py --compile (compiled before the timed runs, ~10-35 s a variant and "
-                   "batch size); default: on with --llama-bench, whose llama.cpp runs each token as one compiled "
+                   "batch size), and transformers is timed compiled too (a static KV cache and generate()'s own "
+                   "torch.compile of each step), beside its eager row; default: on with --llama-bench, whose llama.cpp runs each token as one compiled "
                    "graph, off otherwise (--no-compile: eager there too)")
-    p.add_argument("--worker", choices=list(VARIANTS), help=argparse.SUPPRESS)
+    p.add_argument("--worker", choices=[n for n in VARIANTS if n != HF_COMPILED], help=argparse.SUPPRESS)
     p.add_argument("--hf-dir", help=argparse.SUPPRESS)
     p.add_argument("--mg-dir", help=argparse.SUPPRESS)
     p.add_argument("--batch", type=positive_int, default=1, help=argparse.SUPPRESS)

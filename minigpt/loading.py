@@ -187,7 +187,10 @@ def load_tokenizer(source: str | os.PathLike) -> Tokenizer:
         return Tokenizer.from_hf_dir(folder)
     if path.is_file():
         return Tokenizer.from_file(path)
-    hf = any((path / name).is_file() for name in HF_SETTINGS)  # (a minigpt checkpoint holds none of them)
+    # An HF model's folder is read as load_model reads it, as transformers would (a minigpt checkpoint
+    # holds no settings file, and its config.json no model_type); a folder of tokenizer files alone, as it is
+    hf = any((path / name).is_file() for name in HF_SETTINGS) or (
+        (path / CONFIG_FILE).is_file() and not is_minigpt_checkpoint(path))
     return Tokenizer.from_hf_dir(path) if hf else Tokenizer.from_dir(path)
 
 

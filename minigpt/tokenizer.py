@@ -115,8 +115,9 @@ class Tokenizer:
         lowercasing one, say) and BPE dropout (random pieces) are dropped. Added tokens (`added_tokens.json`, the
         config's `added_tokens_decoder`) are matched whole, each at the id it names: transformers appends them
         in order whatever id they name, so an id that is not the vocabulary's next is refused, as is
-        `add_bos_token` without a tokenizer.json (transformers then starts every text with <|endoftext|>).
-        Each gave other token ids than transformers', without a word."""
+        `add_bos_token` without a tokenizer.json (transformers then starts every text with <|endoftext|>),
+        and `split_special_tokens` (<|endoftext|> in a text read as plain characters). Each gave other
+        token ids than transformers', without a word."""
         folder = Path(folder)
         tokenizer = cls.from_dir(folder)
         config, added = (read_json(folder / name) if (folder / name).is_file() else {} for name in HF_SETTINGS)
@@ -132,6 +133,10 @@ class Tokenizer:
         if config.get("add_bos_token") is True and not (folder / TOKENIZER_FILE).is_file():
             raise MinigptError(f"{folder / HF_SETTINGS[0]}: add_bos_token is true, which starts every text with "
                                f"{EOS_TOKEN} in transformers and not in minigpt; remove it, or add a tokenizer.json")
+        if config.get("split_special_tokens") is True:  # (a checkpoint's tokenizer.json could not keep it)
+            raise MinigptError(f"{folder / HF_SETTINGS[0]}: split_special_tokens is true, which makes transformers read "
+                               f"a {EOS_TOKEN} in a text as plain characters, and minigpt reads it as the special "
+                               "token; remove it to read it as minigpt does")
         tokens = {content: {"id": i} for content, i in added.items()}
         tokens.update({t.get("content"): {**t, "id": i} for i, t in decoder.items() if isinstance(t, dict)})
         for content, token in tokens.items():  # (an id of ASCII digits: "²" passes isdigit(), and int() refuses it)
@@ -145,14 +150,17 @@ class Tokenizer:
         return tokenizer
 
     def _add_at(self, content: str, where: int, flags: dict, folder: Path) -> None:
-        """Add token `content` with an `added_tokens_decoder` entry's `flags` at id `where`, or find it there."""
+        """Add token `content` with an `added_tokens_decoder` entry's `flags` at id `where`, or find it
+        there (and give it the entry's flags: `lstrip` on <|endoftext|> changes how " <|endoftext|>" reads)."""
         n = self.backend.get_vocab_size()
+        keep = {k: flags[k] for k in ADDED_TOKEN_FLAGS if k in flags}
         if self.backend.token_to_id(content) == where:
+            if keep:  # (the token keeps its id; only the flags given change)
+                self.backend.add_tokens([AddedToken(content, **keep)])
             return
         if where != n:
             raise MinigptError(f"{folder}: added token {content!r} names id {where}, but the vocabulary's next id "
                                f"is {n} (transformers would give it {n}): the model and tokenizer disagree")
-        keep = {k: flags[k] for k in ADDED_TOKEN_FLAGS if k in flags}
         self.backend.add_tokens([AddedToken(content, **keep)])
 
     @classmethod
@@ -232,17 +240,20 @@ class Tokenizer:
         return self.backend.decode(self._non_negative(ids), skip_special_tokens=False)
 
     def decode_bytes(self, ids: list[int]) -> bytes:
-        """The raw UTF-8 bytes of `ids` (ids as `decode` takes them); one token can hold half a
-        character, so streaming output should decode bytes incrementally rather than token by token.
-        A vocabulary token is GPT-2's printable stand-ins for bytes; an added token (such as
-        `<|endoftext|>`, or one a fine-tune added: "hello world") is its own text."""
-        byte_decoder, added = _byte_decoder(), self._added_texts
-        return b"".join(added[t].encode() if t in added else
-                        bytes(byte_decoder[c] for c in self.backend.id_to_token(t) or "") for t in self._non_negative(ids))
+        """The raw UTF-8 bytes of `ids` (ids as `decode` takes them), which `decode` reads as UTF-8; one
+        token can hold half a character, so streaming output should decode bytes incrementally rather
+        than token by token. A token is GPT-2's printable stand-ins for bytes ("Ġ" for a space), each
+        read back as its byte; one with a character that stands in for no byte (an added token such as
+        "hello world") is its own text, whole: the rule of `tokenizers`' byte-level decoder, so a token
+        a fine-tune added as "é!" reads as the byte 0xE9 and "!", in transformers too."""
+        byte_decoder = _byte_decoder()
 
-    @functools.cached_property
-    def _added_texts(self) -> dict[int, str]:  # (an added token holds its text as it is, not byte stand-ins)
-        return {i: token.content for i, token in self.backend.get_added_tokens_decoder().items()}
+        def piece(token: str) -> bytes:
+            if all(c in byte_decoder for c in token):
+                return bytes(byte_decoder[c] for c in token)
+            return token.encode()
+
+        return b"".join(piece(self.backend.id_to_token(t) or "") for t in self._non_negative(ids))
 
     def _non_negative(self, ids: list[int]) -> list[int]:
         """`ids` as a list, refusing a negative id (the Rust side takes ids as unsigned integers and

@@ -71,16 +71,31 @@ def test_half_characters_are_bytes(gpt2_tokenizer):
 
 def test_added_tokens_decode_to_their_own_text_as_bytes(gpt2_tokenizer):
     """A token a fine-tune added ("hello world", "€uro") holds its text as it is, not GPT-2's byte
-    stand-ins: decode_bytes (streaming, --trace, --score) raised KeyError: ' ' on it."""
+    stand-ins: decode_bytes (streaming, --trace, --score) raised KeyError: ' ' on it. It follows the
+    byte-level decoder's rule, as `decode` and transformers do: a token whose characters all stand in
+    for bytes is those bytes (a vocabulary token listed as added, "ĠHi", printed "ĠHi" for " Hi"; an
+    added "<|ü|>" is the byte 0xFC between "<|" and "|>"), any other is its own text."""
+    import random
+
     from tokenizers import Tokenizer as Backend
 
-    for added, special in (("hello world", False), ("€uro", False), ("<|pad|>", True), ("<|ü|>", True)):
+    for added, special, text in (("hello world", False, None), ("€uro", False, None), ("<|pad|>", True, None),
+                                 ("<|ü|>", True, b"A <|\xfc|> B"), ("é!", False, b"A \xe9! B")):
         backend = Backend.from_str(gpt2_tokenizer.backend.to_str())
         (backend.add_special_tokens if special else backend.add_tokens)([added])
         tokenizer = Tokenizer(backend)
         ids = tokenizer.encode(f"A {added} B")
-        assert ids == [32, 220, 50257, 347] and tokenizer.decode_bytes(ids) == f"A {added} B".encode()
+        assert ids == [32, 220, 50257, 347] and tokenizer.decode_bytes(ids) == (text or f"A {added} B".encode())
+        assert tokenizer.decode_bytes(ids).decode("utf-8", "replace") == tokenizer.decode(ids)
     assert gpt2_tokenizer.decode_bytes([50256, 32]) == b"<|endoftext|>A"
+    backend = Backend.from_str(gpt2_tokenizer.backend.to_str())
+    backend.add_tokens(["\u0120Hi", "hello world", "\u00e9!", "\U0001f642x"])  # ("ĠHi" keeps its id, 15902)
+    tokenizer = Tokenizer(backend)
+    assert tokenizer.decode_bytes([87, 15902, 50257]) == b"x Hihello world"
+    rng = random.Random(0)
+    for _ in range(300):  # (half characters, added tokens, ids past the vocabulary: the same text both ways)
+        ids = [rng.choice([rng.randrange(50260), 15902, 50256, 50257, 50258, 50259, 50300]) for _ in range(8)]
+        assert tokenizer.decode_bytes(ids).decode("utf-8", "replace") == tokenizer.decode(ids), ids
 
 
 def test_a_negative_id_is_refused_and_one_beyond_the_vocabulary_decodes_to_nothing(gpt2_tokenizer):
@@ -207,6 +222,8 @@ HF_FOLDERS = {  # name: (tokenizer.json's prefix space, files); transformers 5 r
     "added_tokens.json beside tokenizer.json": (False, {"added_tokens": {"<sep>": 50257}}),
     "added_tokens_decoder, flags": (None, {"tokenizer_config": {"added_tokens_decoder": {"50257": SEP, "50258": PAD,
                                                                                         "50256": {"content": "<|endoftext|>"}}}}),
+    "added_tokens_decoder, flags of <|endoftext|>": (False, {"tokenizer_config": {"added_tokens_decoder": {
+        "50256": {"content": "<|endoftext|>", "special": True, "lstrip": True, "rstrip": True}}}}),
 }
 
 
@@ -220,7 +237,7 @@ def test_an_hf_folders_tokenizer_settings_give_transformers_ids(case, tmp_path):
     tokenizer_json, files = HF_FOLDERS[case]
     folder = hf_tokenizer_folder(tmp_path / "hf", tokenizer_json, **files)
     ours, theirs = Tokenizer.from_hf_dir(folder), AutoTokenizer.from_pretrained(folder)
-    for text in ("Hello world", "question<sep>answer <pad> x", " a <sep> b<|endoftext|>c"):
+    for text in ("Hello world", "question<sep>answer <pad> x", " a <sep> b<|endoftext|>c", "Hi <|endoftext|> there"):
         assert ours.encode(text) == theirs.encode(text), text
         assert ours.decode(ours.encode(text)) == theirs.decode(theirs.encode(text))
     assert ours.vocab_size == len(theirs)
@@ -314,9 +331,28 @@ def test_what_transformers_would_read_otherwise_is_refused_in_one_line(tmp_path)
         "digits": ({"added_tokens": {"<sep>": "9" * 5000}}, "added token '<sep>' with id '999"),
         "flag": ({"tokenizer_config": {"added_tokens_decoder": {"50257": {"content": "<sep>", "special": "yes"}}}},
                  "added token '<sep>': special is 'yes', not true or false"),
+        # transformers then reads "<|endoftext|>" in a text as its 7 characters' tokens, minigpt as the one token
+        "split": ({"tokenizer_config": {"split_special_tokens": True}},
+                  "tokenizer_config.json: split_special_tokens is true, which makes transformers read a <|endoftext|>"),
     }
     for name, (files, message) in cases.items():
         folder = hf_tokenizer_folder(tmp_path / name, None, **files)
         with pytest.raises(MinigptError, match=re.escape(message)):
             Tokenizer.from_hf_dir(folder)
     assert Tokenizer.from_dir(tmp_path / "bos").encode("Hello") == [15496]  # (a minigpt folder's reading: as it is)
+
+
+def test_an_hf_models_folder_gives_one_tokenizer_whichever_loader_reads_it(tmp_path):
+    """An HF model folder with a tokenizer.json and no tokenizer_config.json (README's offline download
+    makes one): train.py --tokenizer FOLDER read tokenizer.json as it is (its prefix space: "Hello
+    world" [18435, 995]), where --init FOLDER and transformers read [15496, 995]."""
+    from transformers import AutoTokenizer
+
+    from minigpt.loading import load_tokenizer
+
+    folder = hf_tokenizer_folder(tmp_path / "hf", True)  # (config.json with a model_type, no settings file)
+    expected = AutoTokenizer.from_pretrained(folder).encode("Hello world")
+    assert load_tokenizer(folder).encode("Hello world") == Tokenizer.from_hf_dir(folder).encode("Hello world") == expected
+    assert expected == [15496, 995]
+    (folder / "config.json").unlink()  # tokenizer files alone: read as they are, as transformers reads them
+    assert load_tokenizer(folder).encode("Hello world") == AutoTokenizer.from_pretrained(folder).encode("Hello world")
