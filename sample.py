@@ -97,8 +97,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    "it pays on the CPU for --quantize int8 (measured ~1.2-1.45x there; where timing gave "
                    "some layers int8mm, a step with FBGEMM on every layer is raced too) and for fp32, "
                    "where inductor's own GEMMs are raced against the chosen kernels and the faster kept "
-                   "(1.36x on an AMD Zen 5; ~20 s more to compile, ~330 MB more memory); bf16 about "
-                   "even. Compiling takes ~30-35 s on 2 CPU cores the first time, and needs a C++ "
+                   "(1.36x on an AMD Zen 5, about even on a Zen 4; ~540 MB more peak memory); bf16 about even. "
+                   "Compiling takes ~15 s (int8) to ~45 s (fp32) on 2 CPU cores the first time, and needs a C++ "
                    "compiler and Python's C headers (python3-dev). On a GPU each token replays as one "
                    "CUDA graph (1.8x decoding without it at batch 1 on an H200); it is raced against "
                    "decoding without it there and the faster is kept")

@@ -432,18 +432,24 @@ def llama_cpp_files(args, hf_dir: Path, work: Path) -> dict[str, Path]:
                             "--outfile", str(files[precision])], env=env, capture_output=True, text=True)
         if r.returncode != 0:
             raise MinigptError(f"llama.cpp's converter failed for {outtype}: {_last_line(r)}")
+        if not files[precision].is_file() or files[precision].stat().st_size == 0:
+            raise MinigptError(f"llama.cpp's converter wrote no {files[precision].name} (exit code 0): is --llama-convert "
+                               "llama.cpp's convert_hf_to_gguf.py?")
+    print("llama.cpp: a first llama-bench run (2 tokens a file) ...", file=sys.stderr)
+    llama_cpp_rates(args, files, 1, tokens=2)  # (a llama-bench that fails says so now, not after minutes of timing)
     return files
 
 
-def llama_cpp_rates(args, files: dict[str, Path], reps: int) -> dict[str, float]:
-    """{precision: decode tokens/s at batch 1}: one `llama-bench` run of `reps` repetitions a file.
+def llama_cpp_rates(args, files: dict[str, Path], reps: int, tokens: int | None = None) -> dict[str, float]:
+    """{precision: decode tokens/s at batch 1}: one `llama-bench` run of `reps` repetitions a file,
+    each of `tokens` new tokens (default: --llama-tokens).
 
     llama-bench's generation test times the model alone: each step decodes one token and its next
     token is `rand() % n_vocab`, with no sampling (tools/llama-bench/llama-bench.cpp, test_gen). So
     ours is compared decoding greedily: the argmax, the cheapest real choice of a token, where the
     card's top-k and top-p cost ~0.3-0.4 ms a token on 2 cores."""
     command = [str(Path(args.llama_bench).resolve()), *[x for f in files.values() for x in ("-m", str(f))],
-               "-t", str(args.threads), "-n", str(args.llama_tokens), "-p", "0", "-r", str(reps), "-ngl", "0",
+               "-t", str(args.threads), "-n", str(tokens or args.llama_tokens), "-p", "0", "-r", str(reps), "-ngl", "0",
                "-o", "json"]  # -ngl 0: on the CPU, as ours (its default offloads 99 layers to a GPU, Metal included)
     r = subprocess.run(command, capture_output=True, text=True)
     if r.returncode != 0:

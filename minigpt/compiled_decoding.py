@@ -11,8 +11,9 @@ layer 154.2 against 112.0; fp32 and bf16 even. Two more changes each gave ~3-6% 
 same tokens): attention written out instead of SDPA, and on the CPU a C++ wrapper for the graph
 (`cpp_wrapper`); with both int8 decoded at 162.6 against 151.1 (178.4 against 161.4 in a second
 run), and `benchmarks/bench_sample.py --compile` put int8 at 0.72x, 0.60x and 0.68x of llama.cpp's
-Q8_0 in three runs (0.59-0.61x before them, 0.50-0.53x eager). Compiling takes ~35 s on 2 cores
-the first time (~28 s without the C++ wrapper); inductor caches it on disk, so later processes
+Q8_0 in three runs (0.59-0.61x before them, 0.50-0.53x eager). Compiling int8's step took ~15 s
+on 2 Zen 4 cores with an empty inductor cache (fp32's, whose products are raced against inductor's
+GEMMs, ~45 s; benchmarks/HISTORY.md, 2026-12-07); inductor caches it on disk, so later processes
 take 1-6 s.
 
 How: `DecodeStep` is the model's forward pass for one token per sequence (`GPT.forward` with

@@ -502,6 +502,36 @@ def test_bench_sample_checks_the_llama_cpp_paths_before_it_starts(tmp_path, monk
     assert bench_sample.parse_args(["--llama-bench", str(bench), "--llama-tokens", "64"]).llama_tokens == 64
 
 
+def test_bench_sample_finds_a_failing_converter_or_llama_bench_before_any_timing(tmp_path, monkeypatch):
+    """A converter that exits 0 without writing a file, or a llama-bench that fails, was found only after
+    every timed run (minutes of compiling and decoding); now as soon as the files are made."""
+    import argparse
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import bench_sample
+
+    hf_dir = tmp_path / "hf"
+    hf_dir.mkdir()
+    (hf_dir / "config.json").write_text('{"n_positions": 64}')
+    converter, bench = tmp_path / "convert.py", tmp_path / "llama-bench"
+    bench.write_text("#!/bin/sh\necho 'llama-bench: something broke' >&2\nexit 3\n")
+    bench.chmod(0o755)
+    args = argparse.Namespace(llama_convert=str(converter), llama_bench=str(bench), threads=1, llama_tokens=100)
+    for work in "abc":
+        (tmp_path / work).mkdir()
+    converter.write_text("")  # exits 0, writes nothing
+    with pytest.raises(MinigptError, match=r"llama\.cpp's converter wrote no model-f32\.gguf \(exit code 0\)"):
+        bench_sample.llama_cpp_files(args, hf_dir, tmp_path / "a")
+    converter.write_text("import sys\nopen(sys.argv[sys.argv.index('--outfile') + 1], 'w').write('GGUF')\n")
+    with pytest.raises(MinigptError, match="llama-bench failed: llama-bench: something broke"):
+        bench_sample.llama_cpp_files(args, hf_dir, tmp_path / "b")
+    seen = tmp_path / "seen"
+    bench.write_text(f"#!/bin/sh\necho \"$@\" > {seen}\nexit 3\n")  # (the first run: 2 tokens, 1 repetition)
+    with pytest.raises(MinigptError):
+        bench_sample.llama_cpp_files(args, hf_dir, tmp_path / "c")
+    assert " -n 2 -p 0 -r 1 " in seen.read_text()
+
+
 def test_the_benchmarks_measure_a_batch_size_or_shape_given_twice_once(monkeypatch):
     """`--batches 1 1` measured batch 1 twice, printed both, and kept the second."""
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
