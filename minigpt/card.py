@@ -147,20 +147,35 @@ def render_card(facts: RunFacts, rows: list[dict[str, Any]], step: int) -> str:
     if measured is not None:
         body += ["", f"Validation loss at step {step:,}: {measured['val_loss']:.4f} "
                  f"(perplexity {perplexity(measured['val_loss']):.4f})."]
-    body += ["", "### Framework versions", "", *(f"- {v}" for v in _versions()), "",
-             "## How to use", "", "With minigpt:", "", "```bash",
-             f"python sample.py --model {shlex.quote(facts.out)} \"Why is the sky blue?\"", "```", "",
-             "With transformers, after exporting it (`python convert_hf_weights.py --to-hf "
-             f"{shlex.quote(facts.out)} --out exported/`):", "", "```python", "from transformers import pipeline", "",
-             'generator = pipeline("text-generation", model="exported/")',
-             'print(generator("Why is the sky blue?", max_new_tokens=50)[0]["generated_text"])', "```", ""]
+    body += ["", "### Framework versions", "", *(f"- {v}" for v in _versions()), "", *_how_to_use(facts.out, None)]
     return "---\n" + "\n".join(meta) + "\n---\n\n" + "\n".join(body)
 
 
-def export_card(text: str) -> str:
-    """The card for a transformers export: the same text, with `library_name: transformers` (its
-    lines ending in LF: a card saved with Windows' CRLF keeps its metadata block, which the Hub reads)."""
+def _how_to_use(run: str, exported: str | None) -> list[str]:
+    """The card's last section: sample.py on the folder, and transformers' pipeline on its export
+    (`exported`, the export's own folder; None: a folder to export it to, named in the text)."""
+    folder = run if exported is None else exported
+    lines = ["## How to use", "", "With minigpt:", "", "```bash",
+             f"python sample.py --model {shlex.quote(folder)} \"Why is the sky blue?\"", "```", ""]
+    if exported is None:
+        exported = "exported/"
+        lines.append(f"With transformers, after exporting it (`python convert_hf_weights.py --to-hf {shlex.quote(run)} "
+                     f"--out {exported}`):")
+    else:
+        lines.append("With transformers (its generation_config.json samples as sample.py does):")
+    return lines + ["", "```python", "from transformers import pipeline", "",
+                    f"generator = pipeline(\"text-generation\", model={json.dumps(exported)})",
+                    'print(generator("Why is the sky blue?", max_new_tokens=50)[0]["generated_text"])', "```", ""]
+
+
+def export_card(text: str, folder: str) -> str:
+    """The card for a transformers export into `folder`: the same text, with `library_name:
+    transformers` (its lines ending in LF: a card saved with Windows' CRLF keeps its metadata block,
+    which the Hub reads) and a "How to use" section for the export itself, not the run it came from."""
     text = text.replace("\r\n", "\n")
+    usage = text.find("\n## How to use\n")
+    if usage != -1:  # (the section minigpt wrote, and anything after it, which minigpt wrote too)
+        text = text[: usage + 1] + "\n".join(_how_to_use(folder, folder))
     head = re.match(r"---\n((?:.*?\n)?)---\n", text, re.DOTALL)  # (an empty block too)
     if head is None:  # no metadata block: give it one
         return f"---\nlibrary_name: transformers\n---\n\n{text}"

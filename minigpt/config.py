@@ -151,9 +151,10 @@ class GPTConfig:
                           stacklevel=2)
         return config
 
-    def to_hf(self, eos_token_id: int) -> dict[str, Any]:
+    def to_hf(self, eos_token_id: int, dtype: str = "float32") -> dict[str, Any]:
         """An HF `config.json` for GPT2LMHeadModel with these numbers; `eos_token_id` (also its
-        `bos_token_id`) is the tokenizer's."""
+        `bos_token_id`) is the tokenizer's, `dtype` the saved weights' ("float32", "bfloat16"), which
+        transformers' `dtype="auto"` reads."""
         return {
             "architectures": ["GPT2LMHeadModel"],
             "model_type": "gpt2",
@@ -177,4 +178,5 @@ class GPTConfig:
             "bos_token_id": eos_token_id,
             "eos_token_id": eos_token_id,
             "use_cache": True,
+            "dtype": dtype,
         }

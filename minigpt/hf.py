@@ -44,6 +44,7 @@ from .errors import MinigptError, reason
 from .files import atomic_folder, folder_destination, read_json, save_tensors
 from .model import GPT
 from .runtime import resolve_device
+from .sampling_config import SamplingConfig
 from .tokenizer import Tokenizer
 
 # Weights stored (in, out) by HF's Conv1D; every other tensor has the same layout in both.
@@ -57,6 +58,7 @@ MODEL_FILES = [CONFIG_FILE, WEIGHTS_FILE, INDEX_FILE, "model-*.safetensors"]
 LEGACY_WEIGHTS_FILE, LEGACY_INDEX_FILE = "pytorch_model.bin", "pytorch_model.bin.index.json"  # (tensors only read)
 LEGACY_FILES = [LEGACY_WEIGHTS_FILE, LEGACY_INDEX_FILE, "pytorch_model-*.bin"]  # (shards as save_pretrained names them)
 HEAD, EMBEDDING = "lm_head.weight", "transformer.wte.weight"  # (the same names in both layouts)
+GENERATION_FILE = "generation_config.json"  # transformers' sampling settings, which an export writes
 
 
 def hf_to_minigpt_name(name: str) -> str | None:
@@ -238,8 +240,9 @@ def load_hf_checkpoint(
 
 def export_hf(model: GPT, tokenizer: Tokenizer, out: str | os.PathLike, card: str | None = None,
               overwrite: bool = False) -> Path:
-    """Write an HF `GPT2LMHeadModel` folder (config, safetensors, tokenizer files, and the model card
-    `card` as README.md when given), atomically; `overwrite=True` replaces a folder that holds
+    """Write an HF `GPT2LMHeadModel` folder (config, safetensors, tokenizer files, a
+    `generation_config.json` with sample.py's sampling settings, and the model card `card` as
+    README.md when given), atomically; `overwrite=True` replaces a folder that holds
     anything, whole (as `save_checkpoint_folder`)."""
     out = folder_destination(out)
     check_savable(model, tokenizer, out)  # (before atomic_folder makes any folder)
@@ -247,9 +250,12 @@ def export_hf(model: GPT, tokenizer: Tokenizer, out: str | os.PathLike, card: st
         name: t.t().contiguous() if is_conv1d_weight(name) else t
         for name, t in model_state_for_saving(model).items()
     }
+    dtype = str(state[EMBEDDING].dtype).removeprefix("torch.")
+    generation = SamplingConfig().to_hf(tokenizer.eos_id, model.config.block_size)  # (sample.py's defaults)
     with atomic_folder(out, overwrite) as tmp:
-        hf_config = model.config.to_hf(eos_token_id=tokenizer.eos_id)
+        hf_config = model.config.to_hf(eos_token_id=tokenizer.eos_id, dtype=dtype)
         (tmp / CONFIG_FILE).write_text(json.dumps(hf_config, indent=2) + "\n")
+        (tmp / GENERATION_FILE).write_text(json.dumps(generation, indent=2) + "\n")
         save_tensors(state, tmp / WEIGHTS_FILE, metadata={"format": "pt"})
         tokenizer.to_hf_files(tmp, model.config.block_size)
         if card is not None:

@@ -25,7 +25,7 @@ from .card import export_card
 from .checkpoint import CONFIG_FILE, WEIGHTS_FILE, is_minigpt_checkpoint, load_checkpoint, save_checkpoint_folder
 from .errors import MinigptError
 from .files import check_source_outside, folder_destination, home_expanded
-from .hf import (INDEX_FILE, LEGACY_FILES, LEGACY_INDEX_FILE, LEGACY_WEIGHTS_FILE, MODEL_FILES, export_hf,
+from .hf import (GENERATION_FILE, INDEX_FILE, LEGACY_FILES, LEGACY_INDEX_FILE, LEGACY_WEIGHTS_FILE, MODEL_FILES, export_hf,
                  hf_weight_files, load_hf_checkpoint)
 from .hub import HubRepo
 from .model import GPT
@@ -213,12 +213,13 @@ def export_to_hf(source: str | os.PathLike, out: str | os.PathLike, overwrite: b
     with keep_runs_out(folder_destination(out)):  # (as in `convert_to_minigpt`)
         folder, kind = resolve_model(source)
         model, tokenizer, text = read_whole(folder, kind, lambda checkpoint: (
-            *load_model(checkpoint), _card_to_export(checkpoint) if kind == "minigpt" else None))
+            *load_model(checkpoint), _card_to_export(checkpoint, str(out)) if kind == "minigpt" else None))
         return export_hf(model, tokenizer, out, text, overwrite=overwrite)
 
 
-def _card_to_export(checkpoint: Path) -> str | None:
-    """A minigpt checkpoint's model card (README.md) as an HF folder's, or None where it has none."""
+def _card_to_export(checkpoint: Path, out: str) -> str | None:
+    """A minigpt checkpoint's model card (README.md) as the card of an HF folder at `out` (as given),
+    or None where it has none."""
     card = checkpoint / CARD_FILE
     if card.is_symlink():  # (a folder from elsewhere: its README.md could name any file)
         raise MinigptError(f"{card}: the model card is a symlink (to {os.readlink(card)}), not a file of the "
@@ -226,14 +227,14 @@ def _card_to_export(checkpoint: Path) -> str | None:
     if not card.is_file():
         return None
     try:
-        return export_card(card.read_text(encoding="utf-8"))
+        return export_card(card.read_text(encoding="utf-8"), out)
     except UnicodeDecodeError as e:
         raise MinigptError(f"{card}: the model card is not UTF-8 text ({e.reason} at byte {e.start}); make it "
                            "UTF-8, or move it away, to export") from None
 
 
 # A model folder's other files: tokenizer and generation settings as transformers saves them, and the card.
-MODEL_FOLDER_EXTRAS = [*HF_SETTINGS, "special_tokens_map.json", "generation_config.json", CARD_FILE]
+MODEL_FOLDER_EXTRAS = [*HF_SETTINGS, "special_tokens_map.json", GENERATION_FILE, CARD_FILE]
 
 
 def check_replaceable(out: Path) -> None:

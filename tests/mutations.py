@@ -1332,7 +1332,7 @@ BREAKS = (
             'evaluated_on = (datasets[0], "validation")'),),
           ("tests/test_card.py::test_what_the_hub_would_refuse_or_misread_stays_out_of_the_card",)),
     Break("card_usage_unquoted", "a card's usage commands leave the folder unquoted (a space or a # splits it)",
-          ((r"shlex\.quote\(facts\.out\)", "facts.out"),),
+          ((r"shlex\.quote\(folder\)", "folder"),),
           ("tests/test_card.py::test_what_the_hub_would_refuse_or_misread_stays_out_of_the_card",)),
     Break("kernel_race_draws_torchs_rng", "the kernel race draws its input from torch's global generator (seeded text "
           "then depends on whether the choice was cached)",
@@ -1643,7 +1643,7 @@ BREAKS = (
           ((r"isinstance\(k, str\) and _is_plain\(t\)", "_is_plain(t)"),),
           ("tests/test_faults.py::test_broken_pytorch_model_bin",)),
     Break("hf_card_exported", "--to-hf copies an HF folder's own model card (another model's) into the export",
-          ((r'_card_to_export\(checkpoint\) if kind == "minigpt" else None', "_card_to_export(checkpoint)"),),
+          ((r'_card_to_export\(checkpoint, str\(out\)\) if kind == "minigpt" else None', "_card_to_export(checkpoint, str(out))"),),
           ("tests/test_card.py::test_only_a_minigpt_checkpoints_card_travels_and_whole",)),
     Break("card_not_utf8_traceback", "--to-hf of a checkpoint whose model card is not UTF-8 is a traceback",
           ((r'except UnicodeDecodeError as e:(\s*)raise MinigptError\(f"\{card\}: the model card',
@@ -1651,8 +1651,8 @@ BREAKS = (
           ("tests/test_card.py::test_only_a_minigpt_checkpoints_card_travels_and_whole",)),
     Break("card_of_another_step", "--to-hf looks the run's checkpoint up again for its card, after the weights: a save "
           "meanwhile exports one step's weights with the next one's card",
-          ((r"\*load_model\(checkpoint\), _card_to_export\(checkpoint\)",
-            "*load_model(checkpoint), _card_to_export(current_checkpoint(folder) or checkpoint)"),),
+          ((r"\*load_model\(checkpoint\), _card_to_export\(checkpoint, ",
+            "*load_model(checkpoint), _card_to_export(current_checkpoint(folder) or checkpoint, "),),
           ("tests/test_card.py::test_the_exported_card_is_the_step_whose_weights_were_read",)),
     Break("step_folder_called_foreign", "--force onto a checkpoint's step folder says its training_state.json is no "
           "model's file, not that the folder is inside a run",

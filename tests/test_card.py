@@ -152,22 +152,27 @@ def test_card_facts_state_the_runs_own_numbers():
     assert renamed.card_facts(model, train, val, 1, "fp32", 2).data[0] == "source: public/eli5.json, format `answers`"
 
 
-def test_export_card_says_transformers():
+def test_export_card_says_transformers_and_how_to_use_the_export():
+    """The exported card's usage section named the run's folder and told the reader to export it
+    first (to an "exported/" that was not where the card lay): it names the export itself now."""
     text = render_card(FACTS, ROWS, step=8)
-    exported = load(export_card(text))
+    exported = load(export_card(text, "my export"))
     assert exported.data.library_name == "transformers"
-    assert exported.text == load(text).text
-    assert load(export_card("# bare\n")).data.library_name == "transformers"
+    before, usage = exported.text.split("## How to use")
+    assert before == load(text).text.split("## How to use")[0]
+    assert "python sample.py --model 'my export' " in usage and 'pipeline("text-generation", model="my export")' in usage
+    assert "after exporting it" not in usage and "exported/" not in usage and FACTS.out not in usage
+    assert load(export_card("# bare\n", "x")).data.library_name == "transformers"
 
 
 def test_export_card_keeps_a_windows_or_an_empty_metadata_block():
     """A card saved with CRLF line ends, or with an empty metadata block, got a second block put in
     front of it, and the Hub, which reads the first, lost its license and results."""
     text = render_card(FACTS, ROWS, step=8)
-    exported = load(export_card(text.replace("\n", "\r\n")))
+    exported = load(export_card(text.replace("\n", "\r\n"), "out"))
     assert exported.data.library_name == "transformers" and exported.data.to_dict() == {
         **load(text).data.to_dict(), "library_name": "transformers"}
-    assert export_card("---\n---\n# hi\n") == "---\nlibrary_name: transformers\n---\n# hi\n"
+    assert export_card("---\n---\n# hi\n", "out") == "---\nlibrary_name: transformers\n---\n# hi\n"
 
 
 @pytest.mark.slow
@@ -199,7 +204,9 @@ def test_a_run_folder_card_matches_its_metrics_and_travels_with_the_export(tmp_p
     exported = call_cli("convert_hf_weights.py", "--to-hf", str(out), "--out", str(tmp_path / "hf"))
     assert exported.returncode == 0, exported.stderr
     copy = ModelCard.load(tmp_path / "hf" / "README.md")
-    assert copy.data.library_name == "transformers" and copy.text == card.text
+    assert copy.data.library_name == "transformers"
+    assert copy.text.split("## How to use")[0] == card.text.split("## How to use")[0]  # (then the export's usage)
+    assert f'model="{tmp_path / "hf"}"' in copy.text and f'model="{tmp_path / "hf"}"' not in card.text
     assert copy.data.to_dict()["model-index"] == meta["model-index"]
 
 
@@ -256,7 +263,7 @@ def test_the_exported_card_is_the_step_whose_weights_were_read(tmp_path, tiny_hf
     monkeypatch.setattr(minigpt.loading, "load_model", a_save_meanwhile)
     assert call_cli("convert_hf_weights.py", "--to-hf", str(out), "--out", str(tmp_path / "hf")).returncode == 0
     assert current_checkpoint(out).name.endswith("-later")
-    assert (tmp_path / "hf" / "README.md").read_text() == export_card(card)
+    assert (tmp_path / "hf" / "README.md").read_text() == export_card(card, str(tmp_path / "hf"))
 
 
 def test_a_card_or_a_checkpoint_link_pointing_elsewhere_is_refused(tmp_path, tiny_hf_dir, tiny_minigpt_dir, monkeypatch):
