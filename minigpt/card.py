@@ -20,11 +20,12 @@ import re
 import shlex
 from dataclasses import dataclass, field
 from importlib import metadata
+from pathlib import Path
 from typing import Any
 
 from .metrics import perplexity
 
-LICENSE = "apache-2.0"  # minigpt's licence, and distilgpt2's
+LICENSE = "apache-2.0"  # minigpt's licence, and distilgpt2's: a model trained from scratch states it
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,7 @@ class RunFacts:
     data: list[str]  # lines: format, records, blocks
     hyperparameters: list[tuple[str, Any]]  # (name, value), in the order to show
     max_steps: int
+    license: str | None  # the base model's (its card's), LICENSE from scratch; None: unknown, not stated
     language: str = "en"
     tags: list[str] = field(default_factory=lambda: ["minigpt", "gpt2", "text-generation"])
 
@@ -96,7 +98,7 @@ def render_card(facts: RunFacts, rows: list[dict[str, Any]], step: int) -> str:
     measured = evals[-1] if evals and evals[-1]["step"] == step else None  # the weights' own loss
     finished = step >= facts.max_steps
 
-    meta = [f"license: {LICENSE}"]
+    meta = [f"license: {facts.license}"] if facts.license else []  # (an id: card_license checks it)
     if facts.base_on_hub:
         meta.append(f"base_model: {_yaml(facts.base_model)}")
     meta += ["datasets:", *(f"- {_yaml(d)}" for d in facts.datasets)]
@@ -166,6 +168,18 @@ def _how_to_use(run: str, exported: str | None) -> list[str]:
     return lines + ["", "```python", "from transformers import pipeline", "",
                     f"generator = pipeline(\"text-generation\", model={json.dumps(exported)})",
                     'print(generator("Why is the sky blue?", max_new_tokens=50)[0]["generated_text"])', "```", ""]
+
+
+def card_license(card: Path) -> str | None:
+    """The `license:` a model card (a README.md) states in its metadata block, or None where it has
+    no card, no such line, or a value that is no licence id ("mit", "apache-2.0", "other")."""
+    try:
+        text = card.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return None
+    head = re.match(r"---\r?\n(.*?)\r?\n---", text, re.DOTALL)
+    found = head and re.search(r"^license:[ \t]*[\"']?([A-Za-z0-9][\w.+-]*)[\"']?[ \t]*\r?$", head.group(1), re.MULTILINE)
+    return found.group(1) if found else None
 
 
 def export_card(text: str, folder: str) -> str:

@@ -41,12 +41,12 @@ _T = TypeVar("_T")
 def _download_model(repo_id: str) -> Path:
     """Fetch what loading a Hub repo's model needs (`minigpt.hub`), and nothing else: config.json,
     the weights in the first form the repo holds them (`hf_weight_files`: model.safetensors; else
-    the shards its index names; else an old pytorch_model.bin, whole or sharded) and the tokenizer
-    (`_download_with_tokenizer`). A later form costs one more request, and only where the first is
+    the shards its index names; else an old pytorch_model.bin, whole or sharded), the tokenizer
+    (`_download_with_tokenizer`), and the model card (README.md), whose licence a fine-tune's card states. A later form costs one more request, and only where the first is
     missing; fetching every form at once would download a repo's weights twice where it holds them
     both whole and sharded. Return the folder."""
     repo = HubRepo(repo_id)
-    folder = _download_with_tokenizer(repo, [CONFIG_FILE, WEIGHTS_FILE, INDEX_FILE])
+    folder = _download_with_tokenizer(repo, [CONFIG_FILE, WEIGHTS_FILE, INDEX_FILE, CARD_FILE])
     if not (folder / CONFIG_FILE).is_file():
         raise repo.missing(CONFIG_FILE, " (not a model's repository)")
     _require_tokenizer(repo, folder)

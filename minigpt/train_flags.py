@@ -175,8 +175,8 @@ class TrainFlags:
         return Tokenizer.train_bpe(texts, TINY_VOCAB)
 
     def card_facts(self, model: GPT, train_blocks: TokenBlocks, val_blocks: TokenBlocks, world_size: int,
-                   dtype_name: str, max_steps: int) -> RunFacts:
-        """What the model card says about a run of these flags (minigpt.card.RunFacts)."""
+                   dtype_name: str, max_steps: int, license: str | None) -> RunFacts:
+        """What the model card says about a run of these flags (minigpt.card.RunFacts), under `license`."""
         from .card import RunFacts
         from .loading import is_hub_id
         from .sources import HUB_DATASET
@@ -213,7 +213,7 @@ class TrainFlags:
             model=f"A GPT-2 language model of {model.num_parameters():,} parameters: {c.n_layer} layers, "
                   f"{c.n_head} heads, {c.n_embd} wide, a {c.block_size}-token context, a vocabulary of "
                   f"{c.vocab_size:,}; trained with minigpt, a from-scratch PyTorch GPT-2.",
-            data=data, hyperparameters=hyper, max_steps=max_steps,
+            data=data, hyperparameters=hyper, max_steps=max_steps, license=license,
         )
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .card import render_card
+from .card import LICENSE, card_license, render_card
 from .checkpoint import model_from_state, model_state_for_saving, write_checkpoint_files
 from .cli import sigterm_as_interrupt
 from .config import GPTConfig
@@ -27,11 +27,11 @@ from .data import BatchIterator, TokenBlocks, load_blocks, load_validation_block
 from .ddp import Ranks, launched_rank, torchrun_process_group
 from .errors import MinigptError, alike_on_every_rank, count
 from .files import scratch_folder
-from .loading import load_model, load_tokenizer
+from .loading import load_model, load_tokenizer, resolve_model
 from .metrics import evaluate, perplexity
 from .model import GPT
 from .optim import AdamW, linear_schedule, param_groups
-from .run_folder import RunLock, check_out_folder, check_same_run, current_checkpoint, saved_run_settings
+from .run_folder import CARD_FILE, RunLock, check_out_folder, check_same_run, current_checkpoint, saved_run_settings
 from .runtime import check_fits, dtype_name, emulated_bf16_warning, setup_device
 from .tokenizer import Tokenizer
 from .train_flags import ADAM_BETAS, ADAM_EPS, RECIPE_MODEL, TrainFlags
@@ -170,7 +170,8 @@ def train(args: TrainFlags, device: torch.device, dtype: torch.dtype, precision:
     max_steps = args.max_steps or args.epochs * steps_per_epoch
 
     optimizer = AdamW(param_groups(model, args.weight_decay), lr=args.lr, betas=ADAM_BETAS, eps=ADAM_EPS)
-    facts = args.card_facts(model, train_blocks, val_blocks, ranks.world_size, precision, max_steps)
+    facts = args.card_facts(model, train_blocks, val_blocks, ranks.world_size, precision, max_steps,
+                            stated_license(args, resume_from))
     def schedule(step: int) -> float:
         return linear_schedule(step, max_steps, args.warmup_steps)
 
@@ -227,6 +228,17 @@ def train(args: TrainFlags, device: torch.device, dtype: torch.dtype, precision:
     summary = f"done: step {result['step']}" + (f", validation loss {val:.4f} (perplexity {perplexity(val):.1f})" if val is not None else "")
     say(f"{summary}\nsample from it: python sample.py --model {shlex.quote(str(args.out))}")
     return 0
+
+
+def stated_license(args: TrainFlags, resume_from: Path | None) -> str | None:
+    """The licence the run's card states: on a resume, the one its card stated; for a model trained
+    from scratch, minigpt's; else the one the --init model's own card states (None where it states
+    none: a fine-tune of gpt2, MIT, is not labelled Apache-2.0)."""
+    if resume_from is not None:
+        return card_license(resume_from / CARD_FILE)
+    if args.init == "scratch":
+        return LICENSE
+    return card_license(resolve_model(args.init)[0] / CARD_FILE)  # (loaded already: nothing is downloaded)
 
 
 def lm_loss(model: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:

@@ -1273,7 +1273,8 @@ BREAKS = (
           ("tests/test_hub.py::test_an_offline_cache_with_tokenizer_json_alone_loads",)),
     Break("weight_forms_fetched_together", "a Hub download asks for the shards beside model.safetensors (a repo holding "
           "both is downloaded twice)",
-          ((r"\[CONFIG_FILE, WEIGHTS_FILE, INDEX_FILE\]", '[CONFIG_FILE, WEIGHTS_FILE, INDEX_FILE, "model-*.safetensors"]'),),
+          ((r"\[CONFIG_FILE, WEIGHTS_FILE, INDEX_FILE, CARD_FILE\]",
+            '[CONFIG_FILE, WEIGHTS_FILE, INDEX_FILE, CARD_FILE, "model-*.safetensors"]'),),
           ("tests/test_hub.py::test_only_one_form_of_the_weights_and_of_the_tokenizer_is_downloaded",)),
     Break("shard_names_as_patterns", "the shards an index names are asked for as glob patterns (a name with [ ] "
           "matches nothing)",
@@ -1938,6 +1939,23 @@ BREAKS = (
           "tokenizer.json says, where load_model and transformers rebuild GPT-2's pipeline",
           ((r"or \(\n\s*\(path / CONFIG_FILE\)\.is_file\(\) and not is_minigpt_checkpoint\(path\)\)", "or False"),),
           ("tests/test_tokenizer.py::test_an_hf_models_folder_gives_one_tokenizer_whichever_loader_reads_it",)),
+    Break("card_licence_always_minigpts", "every card states license: apache-2.0, a fine-tune of an MIT model's too",
+          ((r'meta = \[f"license: \{facts\.license\}"\] if facts\.license else \[\]', 'meta = ["license: apache-2.0"]'),),
+          ("tests/test_card.py::test_the_card_states_the_base_models_licence_not_minigpts",)),
+    Break("hub_card_not_fetched", "a Hub model is downloaded without its card, so a fine-tune of it states no licence",
+          ((r"INDEX_FILE, CARD_FILE\]\)", "INDEX_FILE])"),),
+          ("tests/test_hub.py::test_a_hub_models_card_comes_with_it_for_its_licence",)),
+    Break("export_without_generation_config", "an export has no generation_config.json: transformers samples at "
+          "temperature 0.7, generate() is greedy, a tiny model's pipeline fails past its window",
+          ((r"^        \(tmp / GENERATION_FILE\)\.write_text\(.*\n", ""),),
+          ("tests/test_hf.py::test_an_export_samples_in_transformers_as_sample_py_does",)),
+    Break("export_config_without_dtype", "an export's config.json declares no dtype (transformers' dtype=\"auto\" "
+          "guesses from the weights)",
+          ((r'^            "dtype": dtype,\n', ""),),
+          ("tests/test_hf.py::test_an_export_samples_in_transformers_as_sample_py_does",)),
+    Break("export_card_usage_of_the_run", "an exported card's usage names the training run and says to export it first",
+          ((r"if usage != -1:", "if False:"),),
+          ("tests/test_card.py::test_export_card_says_transformers_and_how_to_use_the_export",)),
     Break("auto_device_skips_gpu", "--device auto takes the CPU (or MPS) on a machine with CUDA",
           ((r"^        if torch\.cuda\.is_available\(\):\n            return torch\.device\(\"cuda\"\)\n", ""),),
           ("tests/test_train_cli.py::test_auto_picks_cuda_then_mps_then_the_cpu_and_bf16_where_the_gpu_has_it",)),

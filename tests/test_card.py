@@ -17,7 +17,7 @@ FACTS = RunFacts(
     name="eli5", out="checkpoints/eli5", base_model="distilbert/distilgpt2", base_on_hub=True,
     datasets=["rexarski/eli5_category"], evaluated_on=("rexarski/eli5_category", "train"), model="A GPT-2.",
     data=["training: 4 blocks"],
-    hyperparameters=[("learning_rate", "2e-05"), ("seed", 42)], max_steps=8,
+    hyperparameters=[("learning_rate", "2e-05"), ("seed", 42)], max_steps=8, license="apache-2.0",
 )
 ROWS = [
     {"step": 2, "epoch": 0.25, "loss": 4.0},
@@ -103,7 +103,7 @@ def test_what_the_hub_would_refuse_or_misread_stays_out_of_the_card(tmp_path, mo
 
     def card(*argv: str) -> ModelCard:
         flags = parse_train_flags(["--max-steps", "2", *argv], "train")
-        return ModelCard(render_card(flags.card_facts(model, blocks, blocks, 1, "fp32", 2), ROWS[:2], step=3))
+        return ModelCard(render_card(flags.card_facts(model, blocks, blocks, 1, "fp32", 2, "mit"), ROWS[:2], step=3))
 
     local = card("--init=~/model", "--data", ".", "--out", str(tmp_path / "my run #1"))
     meta = local.data.to_dict()
@@ -133,7 +133,7 @@ def test_card_facts_state_the_runs_own_numbers():
     # GPT-2's count: token and position embeddings, per block 12 E^2 + 13 E, the final LayerNorm
     assert model.num_parameters() == 300 * 8 + 8 * 8 + (12 * 8 * 8 + 13 * 8) + 2 * 8 == 3352
     flags = parse_train_flags(["--max-steps", "2", "--block-size", "8", "--batch-size", "4", "--grad-accum", "3"], "")
-    facts = flags.card_facts(model, train, val, 2, "fp32", 2)
+    facts = flags.card_facts(model, train, val, 2, "fp32", 2, None)
     assert facts.data == [
         "source: eli5.json, format `answers`",
         "training: 12 records, 45 tokens, 5 blocks of 8 tokens",
@@ -149,7 +149,7 @@ def test_card_facts_state_the_runs_own_numbers():
     # the cache entry names the path that built it (its key is the file's bytes): a copy of the file
     # under another name, or a private one, is this run's --data in the card, not the first path
     renamed = parse_train_flags(["--data", "public/eli5.json", "--block-size", "8"], "")
-    assert renamed.card_facts(model, train, val, 1, "fp32", 2).data[0] == "source: public/eli5.json, format `answers`"
+    assert renamed.card_facts(model, train, val, 1, "fp32", 2, None).data[0] == "source: public/eli5.json, format `answers`"
 
 
 def test_export_card_says_transformers_and_how_to_use_the_export():
@@ -190,7 +190,8 @@ def test_a_run_folder_card_matches_its_metrics_and_travels_with_the_export(tmp_p
     assert result.returncode == 0, result.stderr
     card = ModelCard.load(out / "README.md")
     meta = card.data.to_dict()
-    assert meta["pipeline_tag"] == "text-generation" and meta["license"] and "base_model" not in meta  # (a local folder)
+    assert meta["pipeline_tag"] == "text-generation" and "base_model" not in meta  # (a local folder)
+    assert "license" not in meta  # (the --init folder's own card states none: unknown, so not stated)
     assert f"is a fine-tuned version of `{tiny_hf_dir}` on eli5_tiny.jsonl, with minigpt." in card.text
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     val = [r["val_loss"] for r in rows if "val_loss" in r]
@@ -300,3 +301,36 @@ def test_a_card_or_a_checkpoint_link_pointing_elsewhere_is_refused(tmp_path, tin
                      "--resume")):
         result = call_cli(*command)
         assert result.returncode == 2 and result.stderr.splitlines()[-1] == message, (command, result.stderr)
+
+
+def test_the_card_states_the_base_models_licence_not_minigpts(tmp_path, tiny_hf_dir, monkeypatch):
+    """Every card said `license: apache-2.0`, a fine-tune of gpt2 (MIT) too. It states the --init
+    model's own card's licence (a resumed run keeps what its card stated), and minigpt's for a model
+    trained from scratch."""
+    import shutil
+
+    from huggingface_hub import ModelCard
+
+    from minigpt.card import card_license
+    from minigpt.run_folder import current_checkpoint
+    from minigpt.train_flags import parse_train_flags
+    from minigpt.training_run import stated_license
+
+    monkeypatch.setenv("MINIGPT_CACHE", str(tmp_path / "cache"))
+    base = shutil.copytree(tiny_hf_dir, tmp_path / "base")
+    (base / "README.md").write_text("---\nlanguage: en\nlicense: mit\ntags:\n- gpt2\n---\n# a base\n")
+    flags = ("--init", str(base), "--data", str(ROOT / "minigpt" / "assets" / "eli5_tiny.jsonl"), "--block-size", "32",
+             "--batch-size", "4", "--no-progress", "--out", str(tmp_path / "run"))
+    assert call_cli("train.py", *flags, "--max-steps", "1").returncode == 0
+    assert ModelCard.load(tmp_path / "run" / "README.md").data.license == "mit"
+    (base / "README.md").write_text("---\nlicense: other\n---\n")  # (changed since: the run's card decides)
+    resumed = parse_train_flags([*flags, "--max-steps", "1", "--resume"], "")
+    assert stated_license(resumed, current_checkpoint(tmp_path / "run")) == "mit"
+    assert stated_license(parse_train_flags([*flags, "--max-steps", "1"], ""), None) == "other"
+    scratch = call_cli("train.py", "--preset", "tiny", "--max-steps", "1", "--no-progress", "--out", str(tmp_path / "new"))
+    assert scratch.returncode == 0 and ModelCard.load(tmp_path / "new" / "README.md").data.license == "apache-2.0"
+    for text, expected in (("---\r\nlicense: 'bsd-3-clause'\r\n---\r\n", "bsd-3-clause"), ("# no metadata\n", None),
+                           ("---\nlicense: mit; rm -rf\n---\n", None), ("---\ntags: [license: mit]\n---\n", None)):
+        (base / "README.md").write_text(text, newline="")
+        assert card_license(base / "README.md") == expected, text
+    assert card_license(tmp_path / "none.md") is None

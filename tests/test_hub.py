@@ -812,4 +812,22 @@ def test_a_repos_tokenizer_settings_are_fetched_online_and_not_required_offline(
     (fake_hub.tmp_path / "org--tiny" / "tokenizer_config.json").unlink()
     fake_hub.answer = made(OfflineModeIsEnabled, "Cannot reach https://huggingface.co: offline mode is enabled")
     assert load_model("org/tiny")[1].encode("Hello world") == [15496, 995]
-    assert fake_hub.calls[-1] == ("org/tiny", ["config.json", "model.safetensors", INDEX_FILE, "tokenizer.json"])
+    assert fake_hub.calls[-1] == ("org/tiny", ["config.json", "model.safetensors", INDEX_FILE, "README.md", "tokenizer.json"])
+
+
+def test_a_hub_models_card_comes_with_it_for_its_licence(fake_hub):
+    """A fine-tune's card states the base model's licence, from the base's own card: fetched with the
+    model (a Hub repo's README.md), and read from the cache offline."""
+    from huggingface_hub.utils import OfflineModeIsEnabled
+
+    from minigpt.card import card_license
+    from minigpt.train_flags import parse_train_flags
+    from minigpt.training_run import stated_license
+
+    (fake_hub.repos["org/tiny"] / "README.md").write_text("---\nlicense: mit\n---\n# tiny\n")
+    folder, _ = resolve_model("org/tiny")
+    assert card_license(folder / "README.md") == "mit"
+    flags = parse_train_flags(["--init", "org/tiny", "--data", "x.jsonl"], "")
+    assert stated_license(flags, None) == "mit"
+    fake_hub.answer = made(OfflineModeIsEnabled, "Cannot reach https://huggingface.co: offline mode is enabled")
+    assert stated_license(flags, None) == "mit"
