@@ -34,7 +34,8 @@ class SamplingConfig:
     repetition_penalty: float = flag(1.0, "push down tokens already in the text: a positive logit divided by R, a "
                                      "negative one multiplied by it; 1 turns it off, 1.2 is a common choice",
                                      group="sampling", type=positive_float, metavar="R")
-    greedy: bool = flag(False, "always take the most likely token (deterministic; T, K and P change nothing then)",
+    greedy: bool = flag(False, "always take the most likely token (deterministic; --temperature, --top-k and --top-p "
+                        "are refused with it, as they would change nothing)",
                         group="sampling", action="store_true")
 
     def __post_init__(self) -> None:

@@ -125,6 +125,7 @@ class TrainFlags:
     eval_only: bool = flag(False, "only print the validation loss and perplexity of --init on the validation data "
                            "training would use (--val-data, or the --val-fraction split of --data with --seed), at "
                            "--batch-size; trains and writes nothing", group="output", action="store_true")
+    given: frozenset[str] = frozenset()  # (no flag) the flags typed on the command line, whatever their values
 
     def data_config(self, cache_dir: str | None = None) -> DataConfig:
         """The data flags as a DataConfig: training and --eval-only build their blocks from the same one."""
@@ -229,7 +230,7 @@ def parse_train_flags(argv: Sequence[str] | None, description: str) -> TrainFlag
         if "init" in given and first.init != "scratch":  # a loaded model keeps its shape and dropout: the
             preset = {k: v for k, v in preset.items() if k not in (*SHAPE_FLAGS, "dropout")}  # preset's are new
         p.set_defaults(**preset)
-    args = from_flags(TrainFlags, p.parse_args(argv))
+    args = from_flags(TrainFlags, p.parse_args(argv), given=frozenset(given))
     args.out = str(home_expanded(args.out))  # (`--out=~/run`: no shell expands a ~ after "="; `~nouser/run` refused)
     for name in RECORDED_PATHS:  # (before any work: the first save would fail on it)
         if getattr(args, name) is not None:

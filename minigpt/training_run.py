@@ -72,9 +72,9 @@ def load_init(args: TrainFlags) -> tuple[GPT, Tokenizer]:
     try:
         model, tokenizer = load_model(args.init)
     except MinigptError as e:  # (name the flag: there are several paths, and the default may never have been typed)
-        default = args.init == RECIPE_MODEL  # (then say how to train offline, as sample.py does)
-        hint = " Offline, `python train.py --preset tiny` trains a small model on a bundled sample." if default else ""
-        raise MinigptError(f"--init{', by default' if default else ''} {e}{hint}") from None
+        recipe = args.init == RECIPE_MODEL  # (then say how to train offline, as sample.py does)
+        hint = " Offline, `python train.py --preset tiny` trains a small model on a bundled sample." if recipe else ""
+        raise MinigptError(f"--init{'' if 'init' in args.given else ', by default'} {e}{hint}") from None
     if args.block_size > model.config.block_size:
         raise MinigptError(f"--block-size {args.block_size}: {args.init} sees at most {model.config.block_size} tokens")
     return model, tokenizer
@@ -95,23 +95,23 @@ def _eval_only(args: TrainFlags) -> int:
         print(warning, file=sys.stderr, flush=True)
     seed_everything(args.seed)
     with torchrun_process_group(device) as (ranks, device):
-        with alike_on_every_rank():
+        with alike_on_every_rank():  # (the same files, data and loss on every rank: a refusal is one line a job)
             model, tokenizer = load_init(args)
-        with scratch_folder("minigpt-eval-") as cache:  # write nothing, not even a cache
-            # with --val-data only that file is read: the training data (the Hub's, by default) is not needed
-            val_blocks = load_validation_blocks(args.data_config(cache_dir=cache), tokenizer,
-                                                progress=ranks.is_main and not args.no_progress)
-            val_blocks = TokenBlocks(np.array(val_blocks.blocks), val_blocks.manifest)  # out of the cache
-        if len(val_blocks) == 0:
-            raise MinigptError("--eval-only: no validation data (give --val-data, or a --val-fraction above 0)")
-        batches = BatchIterator(val_blocks, args.batch_size * ranks.world_size, shuffle=False,
-                                rank=ranks.rank, world_size=ranks.world_size)
-        autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
-        loss = evaluate(model.to(device), lm_loss, batches, device, autocast, ranks)
-        if not math.isfinite(loss):  # (a number, not a loss: every rank holds the same one and stops)
-            overflow = " or overflow in fp16" if dtype == torch.float16 else ""
-            raise MinigptError(f"--eval-only: the validation loss of {args.init} is {loss}: its weights hold NaN "
-                               f"or inf{overflow}")
+            with scratch_folder("minigpt-eval-") as cache:  # write nothing, not even a cache
+                # with --val-data only that file is read: the training data (the Hub's, by default) is not needed
+                val_blocks = load_validation_blocks(args.data_config(cache_dir=cache), tokenizer,
+                                                    progress=ranks.is_main and not args.no_progress)
+                val_blocks = TokenBlocks(np.array(val_blocks.blocks), val_blocks.manifest)  # out of the cache
+            if len(val_blocks) == 0:
+                raise MinigptError("--eval-only: no validation data (give --val-data, or a --val-fraction above 0)")
+            batches = BatchIterator(val_blocks, args.batch_size * ranks.world_size, shuffle=False,
+                                    rank=ranks.rank, world_size=ranks.world_size)
+            autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+            loss = evaluate(model.to(device), lm_loss, batches, device, autocast, ranks)
+            if not math.isfinite(loss):  # (a number, not a loss: every rank holds the same one and stops)
+                overflow = " or overflow in fp16" if dtype == torch.float16 else ""
+                raise MinigptError(f"--eval-only: the validation loss of {args.init} is {loss}: its weights hold "
+                                   f"NaN or inf{overflow}")
         if ranks.is_main:
             print(f"{args.init}: {count(len(val_blocks), 'validation block')} of {args.block_size} tokens "
                   f"({val_blocks.num_tokens:,} tokens, each scored but the first of its block)")

@@ -1956,6 +1956,15 @@ BREAKS = (
     Break("export_card_usage_of_the_run", "an exported card's usage names the training run and says to export it first",
           ((r"if usage != -1:", "if False:"),),
           ("tests/test_card.py::test_export_card_says_transformers_and_how_to_use_the_export",)),
+    Break("eval_only_refusal_every_rank", "--eval-only's refusals after loading (no validation data, a NaN loss) are "
+          "printed by every rank of a torchrun job",
+          ((r"with alike_on_every_rank\(\):  # \(the same files, data and loss on every rank",
+            "with contextlib.nullcontext():  # (the same files, data and loss on every rank"),),
+          ("tests/test_ddp.py::test_an_eval_only_refusal_under_torchrun_is_one_line_for_the_job",)),
+    Break("typed_init_called_default", "an --init typed on the command line is reported \"--init, by default ...\" when "
+          "it is the recipe's model",
+          ((r"'' if 'init' in args\.given else ', by default'", "', by default' if recipe else ''"),),
+          ("tests/test_hub.py::test_train_names_the_flag_whose_default_model_failed",)),
     Break("auto_device_skips_gpu", "--device auto takes the CPU (or MPS) on a machine with CUDA",
           ((r"^        if torch\.cuda\.is_available\(\):\n            return torch\.device\(\"cuda\"\)\n", ""),),
           ("tests/test_train_cli.py::test_auto_picks_cuda_then_mps_then_the_cpu_and_bf16_where_the_gpu_has_it",)),

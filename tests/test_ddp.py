@@ -198,6 +198,24 @@ def test_a_resume_over_edited_data_is_one_line_for_the_job(tmp_path):
         "tokens: a file edited since?); resume with the same data, or start a new run"], again.stderr[-3000:]
 
 
+def test_an_eval_only_refusal_under_torchrun_is_one_line_for_the_job(tmp_path):
+    """--eval-only's refusals after loading (no validation data, a loss that is NaN) ran outside the
+    every-rank mark: each rank printed its own line, and two ranks' lines ran into one."""
+    from minigpt.data import tiny_preset_path
+
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(ROOT / "train.py"),
+               "--eval-only", "--init", "scratch-free", "--no-progress", "--data", str(tiny_preset_path()),
+               "--val-fraction", "0", "--block-size", "64"]
+    model = tmp_path / "model"
+    assert run_cli("train.py", "--preset", "tiny", "--max-steps", "1", "--no-progress", "--out", str(model)).returncode == 0
+    command[command.index("scratch-free")] = str(model)
+    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=300,
+                            env={**os.environ, "PYTHONPATH": python_path()})
+    assert result.returncode != 0
+    assert [line for line in result.stderr.splitlines() if "--eval-only" in line] == [
+        "error: --eval-only: no validation data (give --val-data, or a --val-fraction above 0)"], result.stderr[-3000:]
+
+
 def test_resume_on_one_process_with_the_same_global_batch(tmp_path, one_process_of_8, before):
     out = tmp_path / "moved"
     ddp = torchrun(out, "--batch-size", "4", "--dropout", "0", "--save-every", "4", background=True)

@@ -298,6 +298,12 @@ def test_train_names_the_flag_whose_default_model_failed(fake_hub, tmp_path, mon
             "--preset tiny` trains a small model on a bundled sample."], result.stderr
     typed = call_cli("train.py", "--init", "org/missing", "--data", data, "--out", str(tmp_path / "run"), "--no-progress")
     assert typed.returncode == 2 and typed.stderr.startswith("error: --init org/missing: no such local folder")
+    for extra in ([], ["--eval-only"]):  # the recipe's model typed: not "by default" (still the offline hint)
+        out = [] if extra else ["--out", str(tmp_path / "run")]
+        typed = call_cli("train.py", "--init", "distilbert/distilgpt2", "--data", data, *out, *extra, "--no-progress")
+        assert typed.returncode == 2 and typed.stderr.startswith("error: --init distilbert/distilgpt2: no such local")
+        assert typed.stderr.rstrip().endswith("Offline, `python train.py --preset tiny` trains a small model on a "
+                                              "bundled sample."), typed.stderr
     assert not (tmp_path / "run").exists()
 
 
