@@ -178,7 +178,8 @@ def card_license(card: Path) -> str | None:
     except (OSError, UnicodeDecodeError):
         return None
     head = re.match(r"---\r?\n(.*?)\r?\n---", text, re.DOTALL)
-    found = head and re.search(r"^license:[ \t]*[\"']?([A-Za-z0-9][\w.+-]*)[\"']?[ \t]*\r?$", head.group(1), re.MULTILINE)
+    licence = r"^license:[ \t]*[\"']?([A-Za-z0-9][\w.+-]*)[\"']?[ \t]*\r?$"  # (a Hub licence id, quoted or not)
+    found = head and re.search(licence, head.group(1), re.MULTILINE)
     return found.group(1) if found else None
 
 

@@ -25,8 +25,8 @@ from .card import export_card
 from .checkpoint import CONFIG_FILE, WEIGHTS_FILE, is_minigpt_checkpoint, load_checkpoint, save_checkpoint_folder
 from .errors import MinigptError
 from .files import check_source_outside, folder_destination, home_expanded
-from .hf import (GENERATION_FILE, INDEX_FILE, LEGACY_FILES, LEGACY_INDEX_FILE, LEGACY_WEIGHTS_FILE, MODEL_FILES, export_hf,
-                 hf_weight_files, load_hf_checkpoint)
+from .hf import (GENERATION_FILE, INDEX_FILE, LEGACY_FILES, LEGACY_INDEX_FILE, LEGACY_WEIGHTS_FILE, MODEL_FILES,
+                 export_hf, hf_weight_files, load_hf_checkpoint)
 from .hub import HubRepo
 from .model import GPT
 from .run_folder import CARD_FILE, CKPT_DIR, check_outside_runs, current_checkpoint, foreign_entry, keep_runs_out
@@ -42,9 +42,10 @@ def _download_model(repo_id: str) -> Path:
     """Fetch what loading a Hub repo's model needs (`minigpt.hub`), and nothing else: config.json,
     the weights in the first form the repo holds them (`hf_weight_files`: model.safetensors; else
     the shards its index names; else an old pytorch_model.bin, whole or sharded), the tokenizer
-    (`_download_with_tokenizer`), and the model card (README.md), whose licence a fine-tune's card states. A later form costs one more request, and only where the first is
-    missing; fetching every form at once would download a repo's weights twice where it holds them
-    both whole and sharded. Return the folder."""
+    (`_download_with_tokenizer`), and the model card (README.md), whose licence a fine-tune's card
+    states. A later form costs one more request, and only where the first is missing; fetching
+    every form at once would download a repo's weights twice where it holds them both whole and
+    sharded. Return the folder."""
     repo = HubRepo(repo_id)
     folder = _download_with_tokenizer(repo, [CONFIG_FILE, WEIGHTS_FILE, INDEX_FILE, CARD_FILE])
     if not (folder / CONFIG_FILE).is_file():

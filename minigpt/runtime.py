@@ -105,8 +105,8 @@ def cpu_bf16_speedup() -> float:
     where bf16 is emulated).
 
     CPUs with bf16 instructions (AVX-512 BF16, AMX, Arm BF16) run bf16 matmuls as fast as fp32 or
-    several times faster (1.2-3.6x on an AVX-512 BF16 EPYC, 2.1-2.3x in quiet runs; ~5x with AMX); without them PyTorch emulates
-    bf16 and it runs ~100x slower than fp32. Measuring rather than reading CPU flags also sees
+    several times faster (1.2-3.6x on an AVX-512 BF16 EPYC, 2.1-2.3x in quiet runs; ~5x with AMX);
+    without them PyTorch emulates bf16 and it runs ~100x slower than fp32. Measuring rather than reading CPU flags also sees
     whether this torch build uses the instructions. One thread, because a kernel on all of them
     waits for the slowest: with another busy thread on a 2-core machine (a tokenizer's pool), the
     bf16 kernel lost a whole scheduler slice, 8 ms against fp32's 0.2, in ~40% of runs."""

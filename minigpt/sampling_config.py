@@ -67,4 +67,5 @@ class SamplingConfig:
         context `window` less one: transformers does not slide the window, and fails past it."""
         sampling = {} if self.is_greedy else {"temperature": self.temperature, "top_k": self.top_k, "top_p": self.top_p}
         return {"bos_token_id": eos_token_id, "eos_token_id": eos_token_id, "do_sample": not self.is_greedy, **sampling,
-                "repetition_penalty": self.repetition_penalty, "max_new_tokens": max(1, min(self.max_new_tokens, window - 1))}
+                "repetition_penalty": self.repetition_penalty,
+                "max_new_tokens": max(1, min(self.max_new_tokens, window - 1))}
