@@ -43,7 +43,8 @@ class RunFacts:
     data: list[str]  # lines: format, records, blocks
     hyperparameters: list[tuple[str, Any]]  # (name, value), in the order to show
     max_steps: int
-    license: str | None  # the base model's (its card's), LICENSE from scratch; None: unknown, not stated
+    window: int  # the model's context, in tokens: the usage example asks for no more
+    license: dict[str, str]  # the base model's (`card_license`), {"license": LICENSE} from scratch; {}: unknown
     language: str = "en"
     tags: list[str] = field(default_factory=lambda: ["minigpt", "gpt2", "text-generation"])
 
@@ -98,7 +99,7 @@ def render_card(facts: RunFacts, rows: list[dict[str, Any]], step: int) -> str:
     measured = evals[-1] if evals and evals[-1]["step"] == step else None  # the weights' own loss
     finished = step >= facts.max_steps
 
-    meta = [f"license: {facts.license}"] if facts.license else []  # (an id: card_license checks it)
+    meta = [f"{k}: {v if k == 'license' else _yaml(v)}" for k, v in facts.license.items()]  # (an id: checked)
     if facts.base_on_hub:
         meta.append(f"base_model: {_yaml(facts.base_model)}")
     meta += ["datasets:", *(f"- {_yaml(d)}" for d in facts.datasets)]
@@ -149,13 +150,14 @@ def render_card(facts: RunFacts, rows: list[dict[str, Any]], step: int) -> str:
     if measured is not None:
         body += ["", f"Validation loss at step {step:,}: {measured['val_loss']:.4f} "
                  f"(perplexity {perplexity(measured['val_loss']):.4f})."]
-    body += ["", "### Framework versions", "", *(f"- {v}" for v in _versions()), "", *_how_to_use(facts.out, None)]
+    body += ["", "### Framework versions", "", *(f"- {v}" for v in _versions()), "", *_how_to_use(facts.out, None, facts.window)]
     return "---\n" + "\n".join(meta) + "\n---\n\n" + "\n".join(body)
 
 
-def _how_to_use(run: str, exported: str | None) -> list[str]:
+def _how_to_use(run: str, exported: str | None, window: int) -> list[str]:
     """The card's last section: sample.py on the folder, and transformers' pipeline on its export
-    (`exported`, the export's own folder; None: a folder to export it to, named in the text)."""
+    (`exported`, the export's own folder; None: a folder to export it to, named in the text), asking
+    for at most half the model's context `window` (transformers fails past the window)."""
     folder = run if exported is None else exported
     lines = ["## How to use", "", "With minigpt:", "", "```bash",
              f"python sample.py --model {shlex.quote(folder)} \"Why is the sky blue?\"", "```", ""]
@@ -167,30 +169,36 @@ def _how_to_use(run: str, exported: str | None) -> list[str]:
         lines.append("With transformers (its generation_config.json samples as sample.py does):")
     return lines + ["", "```python", "from transformers import pipeline", "",
                     f"generator = pipeline(\"text-generation\", model={json.dumps(exported)})",
-                    'print(generator("Why is the sky blue?", max_new_tokens=50)[0]["generated_text"])', "```", ""]
+                    f'print(generator("Why is the sky blue?", max_new_tokens={min(50, window // 2)})[0]["generated_text"])',
+                    "```", ""]
 
 
-def card_license(card: Path) -> str | None:
-    """The `license:` a model card (a README.md) states in its metadata block, or None where it has
-    no card, no such line, or a value that is no licence id ("mit", "apache-2.0", "other")."""
+def card_license(card: Path) -> dict[str, str]:
+    """The licence a model card (a README.md) states in its metadata, as the Hub reads it (YAML):
+    {"license": id}, with `license_name` and `license_link` where the id is "other" and names them;
+    {} where there is no card, no metadata, or no licence id (a number, a list, a YAML error)."""
+    from huggingface_hub.repocard import metadata_load
+
     try:
-        text = card.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError):
-        return None
-    head = re.match(r"---\r?\n(.*?)\r?\n---", text, re.DOTALL)
-    licence = r"^license:[ \t]*[\"']?([A-Za-z0-9][\w.+-]*)[\"']?[ \t]*\r?$"  # (a Hub licence id, quoted or not)
-    found = head and re.search(licence, head.group(1), re.MULTILINE)
-    return found.group(1) if found else None
+        meta = metadata_load(card) or {}
+    except Exception:  # noqa: BLE001  (another model's card, unreadable, not UTF-8 or not YAML: none stated)
+        return {}
+    licence = meta.get("license")
+    if not isinstance(licence, str) or not re.fullmatch(r"[A-Za-z0-9][\w.+-]*", licence):
+        return {}
+    more = {k: meta[k] for k in ("license_name", "license_link") if licence == "other" and isinstance(meta.get(k), str)}
+    return {"license": licence, **more}
 
 
-def export_card(text: str, folder: str) -> str:
-    """The card for a transformers export into `folder`: the same text, with `library_name:
-    transformers` (its lines ending in LF: a card saved with Windows' CRLF keeps its metadata block,
-    which the Hub reads) and a "How to use" section for the export itself, not the run it came from."""
+def export_card(text: str, folder: str, window: int) -> str:
+    """The card for a transformers export into `folder` of a model with a `window`-token context: the
+    same text, with `library_name: transformers` (its lines ending in LF: a card saved with Windows'
+    CRLF keeps its metadata block, which the Hub reads) and a "How to use" section for the export
+    itself, not the run it came from."""
     text = text.replace("\r\n", "\n")
     usage = text.find("\n## How to use\n")
     if usage != -1:  # (the section minigpt wrote, and anything after it, which minigpt wrote too)
-        text = text[: usage + 1] + "\n".join(_how_to_use(folder, folder))
+        text = text[: usage + 1] + "\n".join(_how_to_use(folder, folder, window))
     head = re.match(r"---\n((?:.*?\n)?)---\n", text, re.DOTALL)  # (an empty block too)
     if head is None:  # no metadata block: give it one
         return f"---\nlibrary_name: transformers\n---\n\n{text}"

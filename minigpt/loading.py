@@ -213,14 +213,19 @@ def export_to_hf(source: str | os.PathLike, out: str | os.PathLike, overwrite: b
     check_source_outside(folder_destination(out), source, "the source")
     with keep_runs_out(folder_destination(out)):  # (as in `convert_to_minigpt`)
         folder, kind = resolve_model(source)
-        model, tokenizer, text = read_whole(folder, kind, lambda checkpoint: (
-            *load_model(checkpoint), _card_to_export(checkpoint, str(out)) if kind == "minigpt" else None))
+
+        def read(checkpoint: Path) -> tuple[GPT, Tokenizer, str | None]:
+            model, tokenizer = load_model(checkpoint)
+            card = _card_to_export(checkpoint, out, model.config.block_size) if kind == "minigpt" else None
+            return model, tokenizer, card
+
+        model, tokenizer, text = read_whole(folder, kind, read)
         return export_hf(model, tokenizer, out, text, overwrite=overwrite)
 
 
-def _card_to_export(checkpoint: Path, out: str) -> str | None:
-    """A minigpt checkpoint's model card (README.md) as the card of an HF folder at `out` (as given),
-    or None where it has none."""
+def _card_to_export(checkpoint: Path, out: str | os.PathLike, window: int) -> str | None:
+    """A minigpt checkpoint's model card (README.md) as the card of an HF folder at `out` (as given,
+    `~` expanded) of a model with a `window`-token context, or None where it has none."""
     card = checkpoint / CARD_FILE
     if card.is_symlink():  # (a folder from elsewhere: its README.md could name any file)
         raise MinigptError(f"{card}: the model card is a symlink (to {os.readlink(card)}), not a file of the "
@@ -228,7 +233,7 @@ def _card_to_export(checkpoint: Path, out: str) -> str | None:
     if not card.is_file():
         return None
     try:
-        return export_card(card.read_text(encoding="utf-8"), out)
+        return export_card(card.read_text(encoding="utf-8"), str(home_expanded(out)), window)
     except UnicodeDecodeError as e:
         raise MinigptError(f"{card}: the model card is not UTF-8 text ({e.reason} at byte {e.start}); make it "
                            "UTF-8, or move it away, to export") from None

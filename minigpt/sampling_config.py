@@ -63,9 +63,10 @@ class SamplingConfig:
     def to_hf(self, eos_token_id: int, window: int) -> dict:
         """transformers' `generation_config.json` for these settings, so that `generate()` and
         `pipeline` on an exported folder sample as sample.py does (without one they take
-        transformers' defaults: greedy, or a temperature of 0.7). New tokens are capped at the
-        context `window` less one: transformers does not slide the window, and fails past it."""
+        transformers' defaults: greedy, or a temperature of 0.7). Its length is the context `window`,
+        prompt and new tokens together (`max_length`): transformers does not slide the window, and
+        fails past it, so it stops there (or at <|endoftext|>) where sample.py would go on; a call
+        may still ask for `max_new_tokens`."""
         sampling = {} if self.is_greedy else {"temperature": self.temperature, "top_k": self.top_k, "top_p": self.top_p}
         return {"bos_token_id": eos_token_id, "eos_token_id": eos_token_id, "do_sample": not self.is_greedy, **sampling,
-                "repetition_penalty": self.repetition_penalty,
-                "max_new_tokens": max(1, min(self.max_new_tokens, window - 1))}
+                "repetition_penalty": self.repetition_penalty, "max_length": window}

@@ -126,6 +126,7 @@ class TrainFlags:
                            "training would use (--val-data, or the --val-fraction split of --data with --seed), at "
                            "--batch-size; trains and writes nothing", group="output", action="store_true")
     given: frozenset[str] = frozenset()  # (no flag) the flags typed on the command line, whatever their values
+    # (empty for TrainFlags made in Python: every value counts as given, except the recipe's --init)
 
     def data_config(self, cache_dir: str | None = None) -> DataConfig:
         """The data flags as a DataConfig: training and --eval-only build their blocks from the same one."""
@@ -176,7 +177,7 @@ class TrainFlags:
         return Tokenizer.train_bpe(texts, TINY_VOCAB)
 
     def card_facts(self, model: GPT, train_blocks: TokenBlocks, val_blocks: TokenBlocks, world_size: int,
-                   dtype_name: str, max_steps: int, license: str | None) -> RunFacts:
+                   dtype_name: str, max_steps: int, license: dict[str, str]) -> RunFacts:
         """What the model card says about a run of these flags (minigpt.card.RunFacts), under `license`."""
         from .card import RunFacts
         from .loading import is_hub_id
@@ -214,7 +215,7 @@ class TrainFlags:
             model=f"A GPT-2 language model of {model.num_parameters():,} parameters: {c.n_layer} layers, "
                   f"{c.n_head} heads, {c.n_embd} wide, a {c.block_size}-token context, a vocabulary of "
                   f"{c.vocab_size:,}; trained with minigpt, a from-scratch PyTorch GPT-2.",
-            data=data, hyperparameters=hyper, max_steps=max_steps, license=license,
+            data=data, hyperparameters=hyper, max_steps=max_steps, window=c.block_size, license=license,
         )
 
 

@@ -39,11 +39,13 @@ from .trainer import Trainer, seed_everything
 from .training_speed import prepare_for_training
 
 
-def build_model(args: TrainFlags, resume_from: Path | None, device: str = "cpu") -> tuple[GPT, Tokenizer]:
-    """(model on the CPU in fp32, tokenizer): from the checkpoint to resume, `--init`, or new (whose
-    training must fit in `device`'s memory: a one-line error, not the allocator's traceback)."""
+def build_model(args: TrainFlags, resume_from: Path | None,
+                device: str = "cpu") -> tuple[GPT, Tokenizer, Path | None]:
+    """(model on the CPU in fp32, tokenizer, the folder it came from): from the checkpoint to resume,
+    `--init` (a Hub id's download), or new (folder None; its training must fit in `device`'s memory:
+    a one-line error, not the allocator's traceback)."""
     if resume_from is not None:
-        return load_model(resume_from)
+        return *load_model(resume_from), resume_from
     if args.init == "scratch":
         # --preset tiny learns its own vocabulary, unless --tokenizer is given (a flag given still applies)
         if args.preset == "tiny" and args.tokenizer is None:
@@ -59,25 +61,27 @@ def build_model(args: TrainFlags, resume_from: Path | None, device: str = "cpu")
         n = config.num_parameters()  # (weights, gradients and AdamW's two moments: 16 bytes each, in fp32)
         check_fits(16 * n, torch.device(device), f"--n-layer {config.n_layer} --n-embd {config.n_embd} --block-size "
                    f"{config.block_size}", "the new model with its gradients and AdamW's moments", f"{n:,} parameters")
-        return GPT(config), tokenizer  # initialised from torch's generator, seeded by main
-    model, tokenizer = load_init(args)
+        return GPT(config), tokenizer, None  # initialised from torch's generator, seeded by main
+    model, tokenizer, folder = load_init(args)
     if args.dropout is not None and args.dropout != model.config.dropout:
         config = dataclasses.replace(model.config, dropout=args.dropout)
         model = model_from_state(config, model_state_for_saving(model))
-    return model, tokenizer
+    return model, tokenizer, folder
 
 
-def load_init(args: TrainFlags) -> tuple[GPT, Tokenizer]:
-    """(model, tokenizer) of --init, which must see --block-size tokens."""
+def load_init(args: TrainFlags) -> tuple[GPT, Tokenizer, Path]:
+    """(model, tokenizer, its folder) of --init, which must see --block-size tokens."""
     try:
-        model, tokenizer = load_model(args.init)
+        folder, _ = resolve_model(args.init)  # (once: a Hub id is asked about once)
+        model, tokenizer = load_model(folder)
     except MinigptError as e:  # (name the flag: there are several paths, and the default may never have been typed)
         recipe = args.init == RECIPE_MODEL  # (then say how to train offline, as sample.py does)
         hint = " Offline, `python train.py --preset tiny` trains a small model on a bundled sample." if recipe else ""
-        raise MinigptError(f"--init{'' if 'init' in args.given else ', by default'} {e}{hint}") from None
+        default = recipe and "init" not in args.given  # (TrainFlags made in Python: given is empty)
+        raise MinigptError(f"--init{', by default' if default else ''} {e}{hint}") from None
     if args.block_size > model.config.block_size:
         raise MinigptError(f"--block-size {args.block_size}: {args.init} sees at most {model.config.block_size} tokens")
-    return model, tokenizer
+    return model, tokenizer, folder
 
 
 def eval_only(args: TrainFlags) -> int:
@@ -96,7 +100,7 @@ def _eval_only(args: TrainFlags) -> int:
     seed_everything(args.seed)
     with torchrun_process_group(device) as (ranks, device):
         with alike_on_every_rank():  # (the same files, data and loss on every rank: a refusal is one line a job)
-            model, tokenizer = load_init(args)
+            model, tokenizer, _ = load_init(args)
             with scratch_folder("minigpt-eval-") as cache:  # write nothing, not even a cache
                 # with --val-data only that file is read: the training data (the Hub's, by default) is not needed
                 val_blocks = load_validation_blocks(args.data_config(cache_dir=cache), tokenizer,
@@ -149,7 +153,7 @@ def train(args: TrainFlags, device: torch.device, dtype: torch.dtype, precision:
             settings = args.run_config(ranks.world_size, precision, max_steps=args.max_steps)  # (--epochs: None)
             saved = saved_run_settings(resume_from)
             check_same_run(args.out, {k: v for k, v in saved.items() if k in settings}, settings)
-        model, tokenizer = build_model(args, resume_from, device)
+        model, tokenizer, source = build_model(args, resume_from, device)
     model = prepare_for_training(model.to(device).train())
     if ranks.world_size > 1:  # each rank draws its own dropout masks (one seed would repeat rank 0's)
         torch.manual_seed(args.seed + ranks.rank)
@@ -171,7 +175,7 @@ def train(args: TrainFlags, device: torch.device, dtype: torch.dtype, precision:
 
     optimizer = AdamW(param_groups(model, args.weight_decay), lr=args.lr, betas=ADAM_BETAS, eps=ADAM_EPS)
     facts = args.card_facts(model, train_blocks, val_blocks, ranks.world_size, precision, max_steps,
-                            stated_license(args, resume_from))
+                            stated_license(source))
     def schedule(step: int) -> float:
         return linear_schedule(step, max_steps, args.warmup_steps)
 
@@ -230,15 +234,12 @@ def train(args: TrainFlags, device: torch.device, dtype: torch.dtype, precision:
     return 0
 
 
-def stated_license(args: TrainFlags, resume_from: Path | None) -> str | None:
-    """The licence the run's card states: on a resume, the one its card stated; for a model trained
-    from scratch, minigpt's; else the one the --init model's own card states (None where it states
-    none: a fine-tune of gpt2, MIT, is not labelled Apache-2.0)."""
-    if resume_from is not None:
-        return card_license(resume_from / CARD_FILE)
-    if args.init == "scratch":
-        return LICENSE
-    return card_license(resolve_model(args.init)[0] / CARD_FILE)  # (loaded already: nothing is downloaded)
+def stated_license(source: Path | None) -> dict[str, str]:
+    """The licence a run's card states, given the folder its model came from (`build_model`): on a
+    resume, the one the run's card stated; from --init, the one that model's own card states ({}
+    where it states none: a fine-tune of gpt2, MIT, is not labelled Apache-2.0); minigpt's for a
+    model trained from scratch (no folder)."""
+    return {"license": LICENSE} if source is None else card_license(source / CARD_FILE)
 
 
 def lm_loss(model: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:

@@ -17,7 +17,8 @@ FACTS = RunFacts(
     name="eli5", out="checkpoints/eli5", base_model="distilbert/distilgpt2", base_on_hub=True,
     datasets=["rexarski/eli5_category"], evaluated_on=("rexarski/eli5_category", "train"), model="A GPT-2.",
     data=["training: 4 blocks"],
-    hyperparameters=[("learning_rate", "2e-05"), ("seed", 42)], max_steps=8, license="apache-2.0",
+    hyperparameters=[("learning_rate", "2e-05"), ("seed", 42)], max_steps=8, window=1024,
+    license={"license": "apache-2.0"},
 )
 ROWS = [
     {"step": 2, "epoch": 0.25, "loss": 4.0},
@@ -103,7 +104,7 @@ def test_what_the_hub_would_refuse_or_misread_stays_out_of_the_card(tmp_path, mo
 
     def card(*argv: str) -> ModelCard:
         flags = parse_train_flags(["--max-steps", "2", *argv], "train")
-        return ModelCard(render_card(flags.card_facts(model, blocks, blocks, 1, "fp32", 2, "mit"), ROWS[:2], step=3))
+        return ModelCard(render_card(flags.card_facts(model, blocks, blocks, 1, "fp32", 2, {"license": "mit"}), ROWS[:2], step=3))
 
     local = card("--init=~/model", "--data", ".", "--out", str(tmp_path / "my run #1"))
     meta = local.data.to_dict()
@@ -133,7 +134,7 @@ def test_card_facts_state_the_runs_own_numbers():
     # GPT-2's count: token and position embeddings, per block 12 E^2 + 13 E, the final LayerNorm
     assert model.num_parameters() == 300 * 8 + 8 * 8 + (12 * 8 * 8 + 13 * 8) + 2 * 8 == 3352
     flags = parse_train_flags(["--max-steps", "2", "--block-size", "8", "--batch-size", "4", "--grad-accum", "3"], "")
-    facts = flags.card_facts(model, train, val, 2, "fp32", 2, None)
+    facts = flags.card_facts(model, train, val, 2, "fp32", 2, {})
     assert facts.data == [
         "source: eli5.json, format `answers`",
         "training: 12 records, 45 tokens, 5 blocks of 8 tokens",
@@ -149,30 +150,33 @@ def test_card_facts_state_the_runs_own_numbers():
     # the cache entry names the path that built it (its key is the file's bytes): a copy of the file
     # under another name, or a private one, is this run's --data in the card, not the first path
     renamed = parse_train_flags(["--data", "public/eli5.json", "--block-size", "8"], "")
-    assert renamed.card_facts(model, train, val, 1, "fp32", 2, None).data[0] == "source: public/eli5.json, format `answers`"
+    assert renamed.card_facts(model, train, val, 1, "fp32", 2, {}).data[0] == "source: public/eli5.json, format `answers`"
 
 
 def test_export_card_says_transformers_and_how_to_use_the_export():
     """The exported card's usage section named the run's folder and told the reader to export it
     first (to an "exported/" that was not where the card lay): it names the export itself now."""
     text = render_card(FACTS, ROWS, step=8)
-    exported = load(export_card(text, "my export"))
+    exported = load(export_card(text, "my export", 1024))
     assert exported.data.library_name == "transformers"
     before, usage = exported.text.split("## How to use")
     assert before == load(text).text.split("## How to use")[0]
     assert "python sample.py --model 'my export' " in usage and 'pipeline("text-generation", model="my export")' in usage
     assert "after exporting it" not in usage and "exported/" not in usage and FACTS.out not in usage
-    assert load(export_card("# bare\n", "x")).data.library_name == "transformers"
+    assert "max_new_tokens=50)" in usage  # (a small model's example asks for no more than half its window)
+    assert "max_new_tokens=16)" in export_card(text, "x", 32) and "max_new_tokens=16)" in render_card(
+        RunFacts(**{**FACTS.__dict__, "window": 32}), ROWS, step=8)
+    assert load(export_card("# bare\n", "x", 1024)).data.library_name == "transformers"
 
 
 def test_export_card_keeps_a_windows_or_an_empty_metadata_block():
     """A card saved with CRLF line ends, or with an empty metadata block, got a second block put in
     front of it, and the Hub, which reads the first, lost its license and results."""
     text = render_card(FACTS, ROWS, step=8)
-    exported = load(export_card(text.replace("\n", "\r\n"), "out"))
+    exported = load(export_card(text.replace("\n", "\r\n"), "out", 1024))
     assert exported.data.library_name == "transformers" and exported.data.to_dict() == {
         **load(text).data.to_dict(), "library_name": "transformers"}
-    assert export_card("---\n---\n# hi\n", "out") == "---\nlibrary_name: transformers\n---\n# hi\n"
+    assert export_card("---\n---\n# hi\n", "out", 1024) == "---\nlibrary_name: transformers\n---\n# hi\n"
 
 
 @pytest.mark.slow
@@ -209,6 +213,13 @@ def test_a_run_folder_card_matches_its_metrics_and_travels_with_the_export(tmp_p
     assert copy.text.split("## How to use")[0] == card.text.split("## How to use")[0]  # (then the export's usage)
     assert f'model="{tmp_path / "hf"}"' in copy.text and f'model="{tmp_path / "hf"}"' not in card.text
     assert copy.data.to_dict()["model-index"] == meta["model-index"]
+    # from Python, `~` in the folder: the card names the folder transformers can open, not "~/exported"
+    from minigpt.loading import export_to_hf
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    export_to_hf(out, "~/exported")
+    usage = (tmp_path / "home" / "exported" / "README.md").read_text().split("## How to use")[1]
+    assert f'model="{tmp_path / "home" / "exported"}"' in usage and "~" not in usage
 
 
 def test_export_of_a_folder_without_a_card_writes_none(tmp_path, tiny_minigpt_dir):
@@ -264,7 +275,7 @@ def test_the_exported_card_is_the_step_whose_weights_were_read(tmp_path, tiny_hf
     monkeypatch.setattr(minigpt.loading, "load_model", a_save_meanwhile)
     assert call_cli("convert_hf_weights.py", "--to-hf", str(out), "--out", str(tmp_path / "hf")).returncode == 0
     assert current_checkpoint(out).name.endswith("-later")
-    assert (tmp_path / "hf" / "README.md").read_text() == export_card(card, str(tmp_path / "hf"))
+    assert (tmp_path / "hf" / "README.md").read_text() == export_card(card, str(tmp_path / "hf"), 256)
 
 
 def test_a_card_or_a_checkpoint_link_pointing_elsewhere_is_refused(tmp_path, tiny_hf_dir, tiny_minigpt_dir, monkeypatch):
@@ -314,7 +325,7 @@ def test_the_card_states_the_base_models_licence_not_minigpts(tmp_path, tiny_hf_
     from minigpt.card import card_license
     from minigpt.run_folder import current_checkpoint
     from minigpt.train_flags import parse_train_flags
-    from minigpt.training_run import stated_license
+    from minigpt.training_run import build_model, stated_license
 
     monkeypatch.setenv("MINIGPT_CACHE", str(tmp_path / "cache"))
     base = shutil.copytree(tiny_hf_dir, tmp_path / "base")
@@ -325,12 +336,25 @@ def test_the_card_states_the_base_models_licence_not_minigpts(tmp_path, tiny_hf_
     assert ModelCard.load(tmp_path / "run" / "README.md").data.license == "mit"
     (base / "README.md").write_text("---\nlicense: other\n---\n")  # (changed since: the run's card decides)
     resumed = parse_train_flags([*flags, "--max-steps", "1", "--resume"], "")
-    assert stated_license(resumed, current_checkpoint(tmp_path / "run")) == "mit"
-    assert stated_license(parse_train_flags([*flags, "--max-steps", "1"], ""), None) == "other"
+    checkpoint = current_checkpoint(tmp_path / "run")
+    assert build_model(resumed, checkpoint)[2] == checkpoint and stated_license(checkpoint) == {"license": "mit"}
+    assert stated_license(build_model(parse_train_flags([*flags, "--max-steps", "1"], ""), None)[2]) == {
+        "license": "other"}
     scratch = call_cli("train.py", "--preset", "tiny", "--max-steps", "1", "--no-progress", "--out", str(tmp_path / "new"))
     assert scratch.returncode == 0 and ModelCard.load(tmp_path / "new" / "README.md").data.license == "apache-2.0"
-    for text, expected in (("---\r\nlicense: 'bsd-3-clause'\r\n---\r\n", "bsd-3-clause"), ("# no metadata\n", None),
-                           ("---\nlicense: mit; rm -rf\n---\n", None), ("---\ntags: [license: mit]\n---\n", None)):
+    # the metadata read as the Hub reads it (YAML): a licence id, and with "other" its name and link
+    other = {"license": "other", "license_name": "my-licence", "license_link": "LICENSE.md"}
+    for text, expected in (("---\r\nlicense: 'bsd-3-clause'\r\n---\r\n", {"license": "bsd-3-clause"}),
+                           ("\ufeff---\nlicense: mit # the base's\n---\n", {"license": "mit"}),
+                           ("---\nlicense : mit\nlicense: gpl-3.0\n---\n", {"license": "gpl-3.0"}),
+                           ("---\nlicense: other\nlicense_name: my-licence\nlicense_link: LICENSE.md\n---\n", other),
+                           ("# no metadata\n", {}), ("---\nlicense: mit; rm -rf\n---\n", {}),
+                           ("---\nlicense: yes\n---\n", {}), ("---\nlicense: 123\n---\n", {}),
+                           ("---\nlicense: [mit]\n---\n", {}), ("---\nlicense: mit\n  bad: [\n---\n", {})):
         (base / "README.md").write_text(text, newline="")
         assert card_license(base / "README.md") == expected, text
-    assert card_license(tmp_path / "none.md") is None
+    (base / "README.md").write_bytes(b"---\nlicense: \xe9\n---\n")  # (not UTF-8)
+    assert card_license(base / "README.md") == {} and card_license(tmp_path / "none.md") == {}
+    (base / "README.md").write_text("---\nlicense: other\nlicense_name: my-licence\nlicense_link: LICENSE.md\n---\n")
+    assert call_cli("train.py", *flags[:-1], str(tmp_path / "other"), "--max-steps", "1").returncode == 0
+    assert {k: v for k, v in ModelCard.load(tmp_path / "other" / "README.md").data.to_dict().items() if "lic" in k} == other

@@ -100,7 +100,7 @@ def initial_weights() -> dict[str, torch.Tensor]:
 
     args = train.parse_args([*FLAGS, "--dropout", "0"])
     seed_everything(args.seed)
-    model, _ = build_model(args, None)
+    model, _, _ = build_model(args, None)
     return model_state_for_saving(model)
 
 

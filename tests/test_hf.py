@@ -131,7 +131,8 @@ def test_export_round_trip_and_pipeline(tiny_minigpt_dir, tiny_hf_dir, tmp_path)
 def test_an_export_samples_in_transformers_as_sample_py_does(tiny_minigpt_dir, tmp_path):
     """Without a generation_config.json transformers sampled at temperature 0.7 with top-p 1.0, and
     `generate()` was greedy for 20 tokens; a tiny model's pipeline("Hi") asked for 256 new tokens of a
-    64-token window and failed (IndexError). config.json declares the weights' dtype too."""
+    64-token window and failed (IndexError): the length is bounded by the window, prompt included.
+    config.json declares the weights' dtype too."""
     import json
 
     from transformers import AutoModelForCausalLM, GenerationConfig
@@ -143,15 +144,16 @@ def test_an_export_samples_in_transformers_as_sample_py_does(tiny_minigpt_dir, t
     out = export_hf(model, tokenizer, tmp_path / "exported")
     settings = GenerationConfig.from_pretrained(out)
     assert (settings.do_sample, settings.temperature, settings.top_k, settings.top_p) == (True, 1.0, 50, 0.95)
-    assert (settings.max_new_tokens, settings.repetition_penalty, settings.eos_token_id) == (100, 1.0, 50256)
+    assert (settings.max_length, settings.repetition_penalty, settings.eos_token_id) == (256, 1.0, 50256)
     assert json.loads((out / "config.json").read_text())["dtype"] == "float32"
     small = GPT(Config(vocab_size=50257, block_size=16, n_layer=1, n_head=1, n_embd=8))
     out = export_hf(small.to(torch.bfloat16), tokenizer, tmp_path / "small")
-    assert GenerationConfig.from_pretrained(out).max_new_tokens == 15  # (the window less one: no slide)
+    assert GenerationConfig.from_pretrained(out).max_length == 16  # (prompt and new tokens: no slide)
     hf = AutoModelForCausalLM.from_pretrained(out, dtype="auto")
     assert hf.dtype == torch.bfloat16 and json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
     torch.manual_seed(0)
     assert hf.generate(torch.tensor([[15496]])).shape == (1, 16)  # sampled up to the window, no error
+    assert hf.generate(torch.tensor([[15496] * 12])).shape == (1, 16)  # a longer prompt too
 
 
 def test_config_mapping_round_trip():

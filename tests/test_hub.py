@@ -14,6 +14,7 @@ import hashlib
 import itertools
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 from types import SimpleNamespace
@@ -304,6 +305,12 @@ def test_train_names_the_flag_whose_default_model_failed(fake_hub, tmp_path, mon
         assert typed.returncode == 2 and typed.stderr.startswith("error: --init distilbert/distilgpt2: no such local")
         assert typed.stderr.rstrip().endswith("Offline, `python train.py --preset tiny` trains a small model on a "
                                               "bundled sample."), typed.stderr
+    # TrainFlags made in Python know no command line: only the recipe's model is called a default there
+    from minigpt.train_flags import TrainFlags
+    from minigpt.training_run import load_init
+
+    with pytest.raises(MinigptError, match=f"^--init {re.escape(str(tmp_path / 'none'))}: "):
+        load_init(TrainFlags(init=str(tmp_path / "none")))
     assert not (tmp_path / "run").exists()
 
 
@@ -828,12 +835,14 @@ def test_a_hub_models_card_comes_with_it_for_its_licence(fake_hub):
 
     from minigpt.card import card_license
     from minigpt.train_flags import parse_train_flags
-    from minigpt.training_run import stated_license
+    from minigpt.training_run import build_model, stated_license
 
     (fake_hub.repos["org/tiny"] / "README.md").write_text("---\nlicense: mit\n---\n# tiny\n")
     folder, _ = resolve_model("org/tiny")
-    assert card_license(folder / "README.md") == "mit"
-    flags = parse_train_flags(["--init", "org/tiny", "--data", "x.jsonl"], "")
-    assert stated_license(flags, None) == "mit"
+    assert card_license(folder / "README.md") == {"license": "mit"}
+    flags = parse_train_flags(["--init", "org/tiny", "--data", "x.jsonl", "--block-size", "32"], "")
+    asked = len(fake_hub.asked)
+    assert stated_license(build_model(flags, None)[2]) == {"license": "mit"}
+    assert len(fake_hub.asked) == asked + 1  # (the Hub asked once a run: the licence is read from that download)
     fake_hub.answer = made(OfflineModeIsEnabled, "Cannot reach https://huggingface.co: offline mode is enabled")
-    assert stated_license(flags, None) == "mit"
+    assert stated_license(build_model(flags, None)[2]) == {"license": "mit"}

@@ -483,7 +483,7 @@ def test_tokenizer_applies_to_a_new_model_even_with_the_preset(tiny_minigpt_dir)
     from minigpt.train_flags import RECIPE_MODEL
     from minigpt.training_run import build_model
 
-    model, tokenizer = build_model(train.parse_args([*QUICK, "--tokenizer", str(tiny_minigpt_dir)]), None)
+    model, tokenizer, _ = build_model(train.parse_args([*QUICK, "--tokenizer", str(tiny_minigpt_dir)]), None)
     assert tokenizer.vocab_size == model.config.vocab_size == 50257  # GPT-2's, not the preset's 2,048
     assert build_model(train.parse_args(list(QUICK)), None)[1].vocab_size == 2048
     assert train.parse_args(["--init", "scratch"]).tokenizer_source() == RECIPE_MODEL
@@ -847,7 +847,7 @@ def test_dropout_given_with_init_is_the_models_and_keeps_its_weights(tiny_hf_dir
 
     reference, _ = load_model(tiny_hf_dir)
     flags = ["--init", str(tiny_hf_dir), "--data", str(ROOT / "tests" / "data" / "eli5_small.jsonl")]
-    model, _ = build_model(train.parse_args([*flags, "--dropout", "0.25"]), None)
+    model, _, _ = build_model(train.parse_args([*flags, "--dropout", "0.25"]), None)
     assert model.config.dropout == 0.25 != reference.config.dropout
     assert model.config == dataclasses.replace(reference.config, dropout=0.25)
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), reference.state_dict().values()))
