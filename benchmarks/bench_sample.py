@@ -73,6 +73,7 @@ VARIANTS = {  # name: (side, dtype, quantize)
     "ours bf16": ("ours", "bf16", None),
     "ours int8": ("ours", "fp32", "int8"),
 }
+EAGER_VARIANTS = [name for name in VARIANTS if name != HF_COMPILED]  # (peak memory: each variant eager)
 CARD = dict(do_sample=True, top_k=50, top_p=0.95)
 LLAMA_TYPES = {"fp32": "f32", "bf16": "bf16", "int8": "q8_0"}  # ours -> llama.cpp's converter --outtype
 LLAMA_TARGETS = {"fp32": 0.8, "bf16": 0.6, "int8": 0.6}  # issue 13: ours / llama.cpp at batch 1
@@ -238,7 +239,7 @@ def run_ours(model, prompt: list[int], batch: int, tokens: int, greedy: bool = F
 
 def timed_variants(args) -> list[str]:
     """The variants the speed table times: transformers compiled only where ours decode compiled."""
-    return [name for name in VARIANTS if args.compile or name != HF_COMPILED]
+    return list(VARIANTS) if args.compile else EAGER_VARIANTS
 
 
 def timed(name, model, prompt, batch, tokens, compiled=None):
@@ -317,7 +318,7 @@ def throughput(args, hf_dir: Path, mg_dir: Path, prompt: list[int], llama_files:
 def peak_memory(args, hf_dir: Path, mg_dir: Path, batch: int) -> dict:
     """{variant: peak RSS in MB} of a fresh process per variant (load + a short generation)."""
     peaks = {}
-    for name in (n for n in VARIANTS if n != HF_COMPILED):  # (each variant's memory eager)
+    for name in EAGER_VARIANTS:
         r = subprocess.run(
             [sys.executable, __file__, "--worker", name, "--hf-dir", str(hf_dir), "--mg-dir", str(mg_dir),
              "--batch", str(batch), "--tokens", "20", "--threads", str(args.threads)],
@@ -433,8 +434,8 @@ def llama_cpp_files(args, hf_dir: Path, work: Path) -> dict[str, Path]:
         if r.returncode != 0:
             raise MinigptError(f"llama.cpp's converter failed for {outtype}: {_last_line(r)}")
         if not files[precision].is_file() or files[precision].stat().st_size == 0:
-            raise MinigptError(f"llama.cpp's converter wrote no {files[precision].name} (exit code 0): is --llama-convert "
-                               "llama.cpp's convert_hf_to_gguf.py?")
+            raise MinigptError(f"llama.cpp's converter wrote no {files[precision].name} (exit code 0): is "
+                               "--llama-convert llama.cpp's convert_hf_to_gguf.py?")
     print("llama.cpp: a first llama-bench run (2 tokens a file) ...", file=sys.stderr)
     llama_cpp_rates(args, files, 1, tokens=2)  # (a llama-bench that fails says so now, not after minutes of timing)
     return files
@@ -584,9 +585,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, help="ours decode through a compiled "
                    "step a token, as sample.py --compile (compiled before the timed runs, ~10-35 s a variant and "
                    "batch size), and transformers is timed compiled too (a static KV cache and generate()'s own "
-                   "torch.compile of each step), beside its eager row; default: on with --llama-bench, whose llama.cpp runs each token as one compiled "
-                   "graph, off otherwise (--no-compile: eager there too)")
-    p.add_argument("--worker", choices=[n for n in VARIANTS if n != HF_COMPILED], help=argparse.SUPPRESS)
+                   "torch.compile of each step), beside its eager row; default: on with --llama-bench, whose "
+                   "llama.cpp runs each token as one compiled graph, off otherwise (--no-compile: eager there too)")
+    p.add_argument("--worker", choices=EAGER_VARIANTS, help=argparse.SUPPRESS)
     p.add_argument("--hf-dir", help=argparse.SUPPRESS)
     p.add_argument("--mg-dir", help=argparse.SUPPRESS)
     p.add_argument("--batch", type=positive_int, default=1, help=argparse.SUPPRESS)

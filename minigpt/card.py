@@ -150,26 +150,25 @@ def render_card(facts: RunFacts, rows: list[dict[str, Any]], step: int) -> str:
     if measured is not None:
         body += ["", f"Validation loss at step {step:,}: {measured['val_loss']:.4f} "
                  f"(perplexity {perplexity(measured['val_loss']):.4f})."]
-    body += ["", "### Framework versions", "", *(f"- {v}" for v in _versions()), "", *_how_to_use(facts.out, None, facts.window)]
+    body += ["", "### Framework versions", "", *(f"- {v}" for v in _versions()), "", *_how_to_use(facts.out, facts.window, exported=False)]
     return "---\n" + "\n".join(meta) + "\n---\n\n" + "\n".join(body)
 
 
-def _how_to_use(run: str, exported: str | None, window: int) -> list[str]:
-    """The card's last section: sample.py on the folder, and transformers' pipeline on its export
-    (`exported`, the export's own folder; None: a folder to export it to, named in the text), asking
-    for at most half the model's context `window` (transformers fails past the window)."""
-    folder = run if exported is None else exported
+def _how_to_use(folder: str, window: int, exported: bool) -> list[str]:
+    """The card's last section: sample.py on `folder`, and transformers' pipeline on it where it is an
+    `exported` one (else on its export, to a folder the text names), asking for at most half the
+    model's context `window` (transformers fails past the window)."""
     lines = ["## How to use", "", "With minigpt:", "", "```bash",
              f"python sample.py --model {shlex.quote(folder)} \"Why is the sky blue?\"", "```", ""]
-    if exported is None:
-        exported = "exported/"
-        lines.append(f"With transformers, after exporting it (`python convert_hf_weights.py --to-hf {shlex.quote(run)} "
-                     f"--out {exported}`):")
-    else:
+    if exported:
         lines.append("With transformers (its generation_config.json samples as sample.py does):")
+    else:
+        lines.append("With transformers, after exporting it (`python convert_hf_weights.py --to-hf "
+                     f"{shlex.quote(folder)} --out exported/`):")
+    model, new_tokens = json.dumps(folder if exported else "exported/"), min(50, window // 2)
     return lines + ["", "```python", "from transformers import pipeline", "",
-                    f"generator = pipeline(\"text-generation\", model={json.dumps(exported)})",
-                    f'print(generator("Why is the sky blue?", max_new_tokens={min(50, window // 2)})[0]["generated_text"])',
+                    f'generator = pipeline("text-generation", model={model})',
+                    f'print(generator("Why is the sky blue?", max_new_tokens={new_tokens})[0]["generated_text"])',
                     "```", ""]
 
 
@@ -198,7 +197,7 @@ def export_card(text: str, folder: str, window: int) -> str:
     text = text.replace("\r\n", "\n")
     usage = text.find("\n## How to use\n")
     if usage != -1:  # (the section minigpt wrote, and anything after it, which minigpt wrote too)
-        text = text[: usage + 1] + "\n".join(_how_to_use(folder, folder, window))
+        text = text[: usage + 1] + "\n".join(_how_to_use(folder, window, exported=True))
     head = re.match(r"---\n((?:.*?\n)?)---\n", text, re.DOTALL)  # (an empty block too)
     if head is None:  # no metadata block: give it one
         return f"---\nlibrary_name: transformers\n---\n\n{text}"

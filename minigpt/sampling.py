@@ -49,6 +49,8 @@ from .tokenizer import Tokenizer
 if TYPE_CHECKING:  # (a speed module: the plain decoding loop does not load it)
     from .compiled_decoding import CompiledDecoding
 
+TokenIds = list[int] | tuple[int, ...] | torch.Tensor  # a prompt: a list or tuple of ids, or a 1-D tensor
+
 
 # --- the logit filters ------------------------------------------------------------------------
 
@@ -200,7 +202,7 @@ def check_finite(logits: torch.Tensor) -> None:
                            "broken, as a diverged training run leaves them")
 
 
-def token_ids(ids: list[int] | tuple[int, ...] | torch.Tensor, vocab_size: int, name: str = "prompt") -> list[int]:
+def token_ids(ids: TokenIds, vocab_size: int, name: str = "prompt") -> list[int]:
     """`ids` as a list of Python ints, each a token of a `vocab_size`-token vocabulary.
 
     Taken: a list or tuple of ints, or a 1-D integer tensor (a Hugging Face tokenizer's
@@ -260,7 +262,7 @@ Pick = Callable[[torch.Tensor, torch.Tensor, SamplingConfig, "torch.Generator | 
 @torch.inference_mode()
 def generate(
     model: GPT,
-    prompt: list[int] | tuple[int, ...] | torch.Tensor,
+    prompt: TokenIds,
     config: SamplingConfig,
     num_samples: int = 1,
     generator: torch.Generator | None = None,
@@ -405,7 +407,7 @@ def seeded_generator(model: GPT, seed: int | None = None) -> torch.Generator:
 
 def generate_ids(
     model: GPT,
-    prompt: list[int] | tuple[int, ...] | torch.Tensor,
+    prompt: TokenIds,
     config: SamplingConfig,
     num_samples: int = 1,
     generator: torch.Generator | None = None,
