@@ -10,7 +10,10 @@ loss only when the weights the card sits beside were evaluated (an evaluation at
 own step); otherwise they say when the last evaluation was, or that there was none.
 
 `render_card(facts, rows, step)` is a pure function of the run's facts and `metrics.jsonl` rows;
-`export_card(text)` rewrites a card for a transformers export (`library_name: transformers`).
+`export_card(text)` rewrites a card for a transformers export (`library_name: transformers`), and
+`copied_card` for a minigpt copy; `conversion_card` writes one for a folder converted from another
+model's (an HF folder or a Hub id), whose own card is about that model: it states the licence that
+card states, so a fine-tune of the converted folder states it too.
 """
 
 from __future__ import annotations
@@ -189,15 +192,50 @@ def card_license(card: Path) -> dict[str, str]:
     return {"license": licence, **more}
 
 
+def conversion_card(source: str, on_hub: bool, licence: dict[str, str], folder: str, window: int,
+                    exported: bool) -> str:
+    """The card of `folder`, the weights of the model `source` (a Hub id where `on_hub`, else a local
+    folder) unchanged, with a `window`-token context, as a minigpt checkpoint, or as a transformers
+    folder where `exported`: the `licence` the source's card states (`card_license`; {}: none) and
+    how to use the folder. Not `base_model`: the Hub reads it as a fine-tune of, or an adapter to."""
+    meta = [f"{k}: {v if k == 'license' else _yaml(v)}" for k, v in licence.items()]  # (an id: checked)
+    meta += ["tags:", *(f"- {_yaml(t)}" for t in ("minigpt", "gpt2", "text-generation")),
+             f"library_name: {'transformers' if exported else 'minigpt'}", "pipeline_tag: text-generation"]
+    named = f"[{source}](https://huggingface.co/{source})" if on_hub else f"`{source}`"
+    kind = "a transformers GPT-2 folder" if exported else "a minigpt checkpoint"
+    if licence:
+        more = [licence[k] for k in ("license_name", "license_link") if k in licence]
+        terms = f"Its licence is the source's, as its model card states it: {licence['license']}"
+        terms += f" ({', '.join(more)})." if more else "."
+    else:
+        terms = "The source states no licence in a model card: check its terms before you share this model."
+    body = [f"# {Path(folder).name or folder}", "", f"The weights of {named}, unchanged, as {kind}, converted by "
+            "minigpt's `convert_hf_weights.py` (no training): see the source for what the model is, what it "
+            f"was trained on and its limitations. {terms}", ""]
+    return "---\n" + "\n".join(meta) + "\n---\n\n" + "\n".join(body + _how_to_use(folder, window, exported))
+
+
+def copied_card(text: str, folder: str, window: int) -> str:
+    """A minigpt checkpoint's card for a copy of it in `folder` (`convert_hf_weights.py` from one
+    minigpt folder to another): the same text, with the "How to use" section naming the copy."""
+    return _usage_for(text, folder, window, exported=False)
+
+
+def _usage_for(text: str, folder: str, window: int, exported: bool) -> str:
+    """`text` with its lines ending in LF and its "How to use" section for `folder` (see `_how_to_use`)."""
+    text = text.replace("\r\n", "\n")
+    usage = text.find("\n## How to use\n")
+    if usage != -1:  # (the section minigpt wrote, and anything after it, which minigpt wrote too)
+        text = text[: usage + 1] + "\n".join(_how_to_use(folder, window, exported))
+    return text
+
+
 def export_card(text: str, folder: str, window: int) -> str:
     """The card for a transformers export into `folder` of a model with a `window`-token context: the
     same text, with `library_name: transformers` (its lines ending in LF: a card saved with Windows'
     CRLF keeps its metadata block, which the Hub reads) and a "How to use" section for the export
     itself, not the run it came from."""
-    text = text.replace("\r\n", "\n")
-    usage = text.find("\n## How to use\n")
-    if usage != -1:  # (the section minigpt wrote, and anything after it, which minigpt wrote too)
-        text = text[: usage + 1] + "\n".join(_how_to_use(folder, window, exported=True))
+    text = _usage_for(text, folder, window, exported=True)
     head = re.match(r"---\n((?:.*?\n)?)---\n", text, re.DOTALL)  # (an empty block too)
     if head is None:  # no metadata block: give it one
         return f"---\nlibrary_name: transformers\n---\n\n{text}"

@@ -25,6 +25,7 @@ from .config import GPTConfig
 from .errors import MinigptError
 from .files import atomic_folder, folder_destination, read_json, reading_safetensors, save_tensors
 from .model import GPT
+from .run_folder import CARD_FILE
 from .runtime import resolve_device
 from .tokenizer import TOKENIZER_FILE, Tokenizer
 
@@ -298,12 +299,16 @@ def write_checkpoint_files(folder: Path, model: GPT, tokenizer: Tokenizer) -> No
     tokenizer.save(folder / TOKENIZER_FILE)
 
 
-def save_checkpoint_folder(out: str | os.PathLike, model: GPT, tokenizer: Tokenizer, overwrite: bool = False) -> Path:
-    """Create the checkpoint folder `out` atomically (see `files.atomic_folder`); `overwrite=True`
-    replaces a folder that holds anything, whole (nothing else in it survives). A model and
-    tokenizer that `load_checkpoint` would refuse together are refused before anything is written."""
+def save_checkpoint_folder(out: str | os.PathLike, model: GPT, tokenizer: Tokenizer, overwrite: bool = False,
+                           card: str | None = None) -> Path:
+    """Create the checkpoint folder `out` atomically (see `files.atomic_folder`), with the model card
+    `card` as README.md when given; `overwrite=True` replaces a folder that holds anything, whole
+    (nothing else in it survives). A model and tokenizer that `load_checkpoint` would refuse together
+    are refused before anything is written."""
     out = folder_destination(out)
     check_savable(model, tokenizer, out)  # (before atomic_folder makes any folder)
     with atomic_folder(out, overwrite) as tmp:
         write_checkpoint_files(tmp, model, tokenizer)
+        if card is not None:
+            (tmp / CARD_FILE).write_text(card, encoding="utf-8")
     return out

@@ -43,6 +43,7 @@ from .config import GPTConfig
 from .errors import MinigptError, reason
 from .files import atomic_folder, folder_destination, read_json, save_tensors
 from .model import GPT
+from .run_folder import CARD_FILE
 from .runtime import resolve_device
 from .sampling_config import SamplingConfig
 from .tokenizer import Tokenizer
@@ -259,5 +260,5 @@ def export_hf(model: GPT, tokenizer: Tokenizer, out: str | os.PathLike, card: st
         save_tensors(state, tmp / WEIGHTS_FILE, metadata={"format": "pt"})
         tokenizer.to_hf_files(tmp, model.config.block_size)
         if card is not None:
-            (tmp / "README.md").write_text(card, encoding="utf-8")
+            (tmp / CARD_FILE).write_text(card, encoding="utf-8")
     return out

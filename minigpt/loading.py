@@ -21,7 +21,7 @@ from typing import Callable, TypeVar
 
 import torch
 
-from .card import export_card
+from .card import card_license, conversion_card, copied_card, export_card
 from .checkpoint import CONFIG_FILE, WEIGHTS_FILE, is_minigpt_checkpoint, load_checkpoint, save_checkpoint_folder
 from .errors import MinigptError
 from .files import check_source_outside, folder_destination, home_expanded
@@ -196,47 +196,62 @@ def load_tokenizer(source: str | os.PathLike) -> Tokenizer:
 
 
 def convert_to_minigpt(source: str | os.PathLike, out: str | os.PathLike, overwrite: bool = False) -> Path:
-    """Write any model source as a minigpt checkpoint folder at `out` (atomically); `overwrite=True`
-    replaces a folder that holds anything, whole, but never one that is or holds `source` itself, nor
-    the folder of a live training run (`keep_runs_out`: no run starts there meanwhile either)."""
+    """Write any model source as a minigpt checkpoint folder at `out` (atomically), with a model card
+    (`_card_for`); `overwrite=True` replaces a folder that holds anything, whole, but never one that is
+    or holds `source` itself, nor the folder of a live training run (`keep_runs_out`: no run starts
+    there meanwhile either)."""
     check_source_outside(folder_destination(out), source, "the source")
     with keep_runs_out(folder_destination(out)):
-        model, tokenizer = load_model(source)
-        return save_checkpoint_folder(out, model, tokenizer, overwrite)
+        model, tokenizer, card = _read_with_card(source, out, exported=False)
+        return save_checkpoint_folder(out, model, tokenizer, overwrite, card=card)
 
 
 def export_to_hf(source: str | os.PathLike, out: str | os.PathLike, overwrite: bool = False) -> Path:
-    """Write any model source as a transformers `GPT2LMHeadModel` folder at `out` (atomically;
-    `overwrite` as in `convert_to_minigpt`). A minigpt checkpoint's model card (README.md) travels
-    with it, from the step whose weights are read (a training run's checkpoint in force, resolved
-    once: a save meanwhile mixes no steps); an HF folder's card does not (it is another model's)."""
+    """Write any model source as a transformers `GPT2LMHeadModel` folder at `out` (atomically, with a
+    model card: `_card_for`; `overwrite` as in `convert_to_minigpt`)."""
     check_source_outside(folder_destination(out), source, "the source")
     with keep_runs_out(folder_destination(out)):  # (as in `convert_to_minigpt`)
-        folder, kind = resolve_model(source)
-
-        def read(checkpoint: Path) -> tuple[GPT, Tokenizer, str | None]:
-            model, tokenizer = load_model(checkpoint)
-            card = _card_to_export(checkpoint, out, model.config.block_size) if kind == "minigpt" else None
-            return model, tokenizer, card
-
-        model, tokenizer, text = read_whole(folder, kind, read)
-        return export_hf(model, tokenizer, out, text, overwrite=overwrite)
+        model, tokenizer, card = _read_with_card(source, out, exported=True)
+        return export_hf(model, tokenizer, out, card, overwrite=overwrite)
 
 
-def _card_to_export(checkpoint: Path, out: str | os.PathLike, window: int) -> str | None:
-    """A minigpt checkpoint's model card (README.md) as the card of an HF folder at `out` (as given,
-    `~` expanded) of a model with a `window`-token context, or None where it has none."""
-    card = checkpoint / CARD_FILE
+def _read_with_card(source: str | os.PathLike, out: str | os.PathLike, exported: bool) -> tuple[GPT, Tokenizer, str | None]:
+    """The model, tokenizer and model card (`_card_for`) of `source` converted into `out`, read together
+    from one checkpoint (a training run's: the one in force, resolved once; a save meanwhile mixes no
+    steps)."""
+    folder, kind = resolve_model(source)
+
+    def read(checkpoint: Path) -> tuple[GPT, Tokenizer, str | None]:
+        model, tokenizer = load_model(checkpoint)
+        return model, tokenizer, _card_for(source, checkpoint, kind, out, model.config.block_size, exported)
+
+    return read_whole(folder, kind, read)
+
+
+def _card_for(source: str | os.PathLike, checkpoint: Path, kind: str, out: str | os.PathLike, window: int,
+              exported: bool) -> str | None:
+    """The model card of the folder `out` (as given, `~` expanded) converted from `checkpoint` (of
+    `source`, a model with a `window`-token context), a transformers folder where `exported`. A
+    minigpt checkpoint's card (README.md) travels, its usage naming `out` (None where it has none);
+    an HF folder's or a Hub repo's own card is another model's, so `conversion_card` writes one that
+    states the licence it states: a fine-tune of the converted folder states that licence too."""
+    folder = str(home_expanded(out))
+    if kind == "hf":
+        on_hub = is_hub_id(source)
+        name = str(source).strip() if on_hub else str(source)
+        return conversion_card(name, on_hub, card_license(checkpoint / CARD_FILE), folder, window, exported)
+    card, action = checkpoint / CARD_FILE, "export" if exported else "convert"
     if card.is_symlink():  # (a folder from elsewhere: its README.md could name any file)
         raise MinigptError(f"{card}: the model card is a symlink (to {os.readlink(card)}), not a file of the "
-                           "checkpoint's own; copy the card in, or move it away, to export")
+                           f"checkpoint's own; copy the card in, or move it away, to {action}")
     if not card.is_file():
         return None
     try:
-        return export_card(card.read_text(encoding="utf-8"), str(home_expanded(out)), window)
+        text = card.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
         raise MinigptError(f"{card}: the model card is not UTF-8 text ({e.reason} at byte {e.start}); make it "
-                           "UTF-8, or move it away, to export") from None
+                           f"UTF-8, or move it away, to {action}") from None
+    return export_card(text, folder, window) if exported else copied_card(text, folder, window)
 
 
 # A model folder's other files: tokenizer and generation settings as transformers saves them, and the card.

@@ -223,7 +223,11 @@ def test_a_run_folder_card_matches_its_metrics_and_travels_with_the_export(tmp_p
 
 
 def test_export_of_a_folder_without_a_card_writes_none(tmp_path, tiny_minigpt_dir):
-    exported = call_cli("convert_hf_weights.py", "--to-hf", str(tiny_minigpt_dir), "--out", str(tmp_path / "hf"))
+    import shutil
+
+    mine = Path(shutil.copytree(tiny_minigpt_dir, tmp_path / "mine"))
+    (mine / "README.md").unlink()
+    exported = call_cli("convert_hf_weights.py", "--to-hf", str(mine), "--out", str(tmp_path / "hf"))
     assert exported.returncode == 0, exported.stderr
     assert not (tmp_path / "hf" / "README.md").exists()
     assert Path(tmp_path / "hf" / "model.safetensors").is_file()
@@ -237,7 +241,7 @@ def test_only_a_minigpt_checkpoints_card_travels_and_whole(tmp_path, tiny_hf_dir
     hf = Path(shutil.copytree(tiny_hf_dir, tmp_path / "hf-src"))
     (hf / "README.md").write_text("---\nlicense: mit\n---\n# someone else's model\n")
     assert call_cli("convert_hf_weights.py", "--to-hf", str(hf), "--out", str(tmp_path / "a")).returncode == 0
-    assert not (tmp_path / "a" / "README.md").exists()
+    assert "someone else's model" not in (tmp_path / "a" / "README.md").read_text()  # (a conversion card)
     mine = Path(shutil.copytree(tiny_minigpt_dir, tmp_path / "mine"))
     (mine / "README.md").write_bytes(b"# caf\xe9\n")
     result = call_cli("convert_hf_weights.py", "--to-hf", str(mine), "--out", str(tmp_path / "b"))
@@ -358,3 +362,51 @@ def test_the_card_states_the_base_models_licence_not_minigpts(tmp_path, tiny_hf_
     (base / "README.md").write_text("---\nlicense: other\nlicense_name: my-licence\nlicense_link: LICENSE.md\n---\n")
     assert call_cli("train.py", *flags[:-1], str(tmp_path / "other"), "--max-steps", "1").returncode == 0
     assert {k: v for k, v in ModelCard.load(tmp_path / "other" / "README.md").data.to_dict().items() if "lic" in k} == other
+
+
+def test_a_converted_folder_states_the_sources_licence_and_so_does_its_fine_tune(tmp_path, tiny_hf_dir, monkeypatch):
+    """A minigpt folder converted from an HF folder or a Hub repo carried no card, so a fine-tune of it
+    stated no licence (a fine-tune of gpt2, MIT, or of distilgpt2, Apache-2.0, alike). Conversion now
+    writes a card stating the licence the source's card states, and nothing else of that card."""
+    import shutil
+
+    from minigpt.card import card_license, conversion_card
+
+    hf = Path(shutil.copytree(tiny_hf_dir, tmp_path / "hf-src"))
+    (hf / "README.md").write_text("---\nlicense: other\nlicense_name: tiny-terms\nlicense_link: LICENSE.txt\n"
+                                  "base_model: someone/else\n---\n# someone else's model\n")
+    mg = tmp_path / "my model"
+    assert call_cli("convert_hf_weights.py", str(hf), "--out", str(mg)).returncode == 0
+    text = (mg / "README.md").read_text()
+    meta = load(text).data.to_dict()
+    assert card_license(mg / "README.md") == {"license": "other", "license_name": "tiny-terms", "license_link": "LICENSE.txt"}
+    assert meta["library_name"] == "minigpt" and "base_model" not in meta and "someone else's model" not in text
+    assert text.startswith("---\n") and "# my model\n" in text and f"`{hf}`" in text and "other (tiny-terms, LICENSE.txt)." in text
+    assert f"python sample.py --model '{mg}'" in text and "max_new_tokens=50)" in text  # (window 256)
+
+    # its export, and a minigpt copy of it: the same licence; each card's usage names its own folder
+    assert call_cli("convert_hf_weights.py", "--to-hf", str(mg), "--out", str(tmp_path / "hf2")).returncode == 0
+    assert call_cli("convert_hf_weights.py", str(mg), "--out", str(tmp_path / "copy")).returncode == 0
+    exported, copied = (tmp_path / "hf2" / "README.md").read_text(), (tmp_path / "copy" / "README.md").read_text()
+    assert load(exported).data.library_name == "transformers" and f'model="{tmp_path / "hf2"}"' in exported
+    assert load(copied).data.library_name == "minigpt" and f"--model {tmp_path / 'copy'} " in copied
+    assert card_license(tmp_path / "hf2" / "README.md")["license"] == card_license(tmp_path / "copy" / "README.md")["license"] == "other"
+    assert copied.split("## How to use")[0] == text.split("## How to use")[0]  # (the rest travels as written)
+
+    # a fine-tune of the converted folder states the licence
+    monkeypatch.setenv("MINIGPT_CACHE", str(tmp_path / "cache"))
+    run = tmp_path / "run"
+    result = call_cli("train.py", "--init", str(mg), "--data", str(ROOT / "minigpt" / "assets" / "eli5_tiny.jsonl"),
+                      "--block-size", "32", "--batch-size", "4", "--max-steps", "1", "--no-progress", "--out", str(run))
+    assert result.returncode == 0, result.stderr
+    assert card_license(run / "README.md") == {"license": "other", "license_name": "tiny-terms", "license_link": "LICENSE.txt"}
+
+    # a source whose card states none (or that has none): the card says so, and states none itself
+    (hf / "README.md").unlink()
+    assert call_cli("convert_hf_weights.py", str(hf), "--out", str(tmp_path / "bare")).returncode == 0
+    assert card_license(tmp_path / "bare" / "README.md") == {}
+    assert "states no licence" in (tmp_path / "bare" / "README.md").read_text()
+
+    hub = conversion_card("distilbert/distilgpt2", True, {"license": "apache-2.0"}, "ckpt/distil", 1024, exported=False)
+    assert "[distilbert/distilgpt2](https://huggingface.co/distilbert/distilgpt2)" in hub and "# distil\n" in hub
+    assert load(hub).data.to_dict()["license"] == "apache-2.0" and "max_new_tokens=50)" in hub

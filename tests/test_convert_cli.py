@@ -30,7 +30,7 @@ def test_hf_to_minigpt_and_back(tiny_hf_dir, tmp_path):
     out = tmp_path / "mine"
     r = run_cli("convert_hf_weights.py", str(tiny_hf_dir), "--out", str(out))
     assert r.returncode == 0, r.stderr
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "tokenizer.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "model.safetensors", "tokenizer.json"]
     exported = tmp_path / "exported"
     r = run_cli("convert_hf_weights.py", "--to-hf", str(out), "--out", str(exported))
     assert r.returncode == 0, r.stderr

@@ -97,7 +97,7 @@ def test_conv1d_weights_are_transposed(tiny_hf_dir):
 
 def test_minigpt_checkpoint_layout(tiny_minigpt_dir, tiny_hf_dir):
     assert sorted(p.name for p in tiny_minigpt_dir.iterdir()) == [
-        "config.json", "model.safetensors", "tokenizer.json"]
+        "README.md", "config.json", "model.safetensors", "tokenizer.json"]  # (the card: see test_card.py)
     config = json.loads((tiny_minigpt_dir / "config.json").read_text())
     assert config["n_layer"] == 2 and config["n_embd"] == 64 and "model_type" not in config
     assert resolve_model(tiny_minigpt_dir)[1] == "minigpt"
@@ -487,7 +487,7 @@ def test_saving_never_deletes_other_files_unless_told(tiny_minigpt_dir, tmp_path
             save()
         assert [p.name for p in folder.iterdir()] == ["thesis.tex"]
     assert save(overwrite=True) == folder  # said: replaced whole
-    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors", "tokenizer.json"]
+    assert sorted(p.name for p in folder.iterdir()) == ["README.md", "config.json", "model.safetensors", "tokenizer.json"]
     assert save_checkpoint_folder(tmp_path / "empty", model, tokenizer) == tmp_path / "empty"  # new: no need to say
 
     models = tmp_path / "models"
