@@ -828,7 +828,7 @@ def test_a_repos_tokenizer_settings_are_fetched_online_and_not_required_offline(
     assert fake_hub.calls[-1] == ("org/tiny", ["config.json", "model.safetensors", INDEX_FILE, "README.md", "tokenizer.json"])
 
 
-def test_a_hub_models_card_comes_with_it_for_its_licence(fake_hub):
+def test_a_hub_models_card_comes_with_it_for_its_licence(fake_hub, tmp_path):
     """A fine-tune's card states the base model's licence, from the base's own card: fetched with the
     model (a Hub repo's README.md), and read from the cache offline."""
     from huggingface_hub.utils import OfflineModeIsEnabled
@@ -846,3 +846,8 @@ def test_a_hub_models_card_comes_with_it_for_its_licence(fake_hub):
     assert len(fake_hub.asked) == asked + 1  # (the Hub asked once a run: the licence is read from that download)
     fake_hub.answer = made(OfflineModeIsEnabled, "Cannot reach https://huggingface.co: offline mode is enabled")
     assert stated_license(build_model(flags, None)[2]) == {"license": "mit"}
+    # converted first (offline, from the cache), the folder's card states it, and names the repo
+    from minigpt.loading import convert_to_minigpt
+
+    card = convert_to_minigpt("org/tiny", tmp_path / "converted") / "README.md"
+    assert card_license(card) == {"license": "mit"} and "[org/tiny](https://huggingface.co/org/tiny)" in card.read_text()
