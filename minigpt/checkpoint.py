@@ -25,7 +25,7 @@ from .config import GPTConfig
 from .errors import MinigptError
 from .files import atomic_folder, folder_destination, read_json, reading_safetensors, save_tensors
 from .model import GPT
-from .run_folder import CARD_FILE
+from .run_folder import CARD_FILE, check_outside_runs
 from .runtime import resolve_device
 from .tokenizer import TOKENIZER_FILE, Tokenizer
 
@@ -306,6 +306,7 @@ def save_checkpoint_folder(out: str | os.PathLike, model: GPT, tokenizer: Tokeni
     (nothing else in it survives). A model and tokenizer that `load_checkpoint` would refuse together
     are refused before anything is written."""
     out = folder_destination(out)
+    check_outside_runs(out)  # (a folder in a run's folder stops every later --resume of the run)
     check_savable(model, tokenizer, out)  # (before atomic_folder makes any folder)
     with atomic_folder(out, overwrite) as tmp:
         write_checkpoint_files(tmp, model, tokenizer)

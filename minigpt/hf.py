@@ -43,7 +43,7 @@ from .config import GPTConfig
 from .errors import MinigptError, reason
 from .files import atomic_folder, folder_destination, read_json, save_tensors
 from .model import GPT
-from .run_folder import CARD_FILE
+from .run_folder import CARD_FILE, check_outside_runs
 from .runtime import resolve_device
 from .sampling_config import SamplingConfig
 from .tokenizer import Tokenizer
@@ -246,6 +246,7 @@ def export_hf(model: GPT, tokenizer: Tokenizer, out: str | os.PathLike, card: st
     README.md when given), atomically; `overwrite=True` replaces a folder that holds
     anything, whole (as `save_checkpoint_folder`)."""
     out = folder_destination(out)
+    check_outside_runs(out)  # (as `save_checkpoint_folder`)
     check_savable(model, tokenizer, out)  # (before atomic_folder makes any folder)
     state = {
         name: t.t().contiguous() if is_conv1d_weight(name) else t

@@ -165,7 +165,9 @@ _CHOICES: dict[tuple, tuple[str, int]] = {}
 
 
 def available_kernels(precision: str, device: torch.device | str = "cpu") -> list[str]:
-    """Names of the `precision`'s candidate kernels that this torch build offers on `device`."""
+    """Names of the `precision`'s ("fp32", "bf16", "int8") candidate kernels this torch build offers on `device`."""
+    if precision not in LAYOUTS:
+        raise MinigptError(f"precision: unknown {precision!r} (choose from {', '.join(LAYOUTS)})")
     device = torch.device(device)
     return [k for layout in LAYOUTS[precision] if layout.available(device) for k in layout.kernels]
 
@@ -375,7 +377,7 @@ def prepare_for_inference(
     if quantize == "int8":
         if not _has_int8mm(device):
             raise MinigptError(f"--quantize int8: this PyTorch build has no int8 weight-only kernel for "
-                               f"{device.type} (try --device cpu)")
+                               f"{device.type}" + ("" if device.type == "cpu" else " (try --device cpu)"))
         precision = "int8"
     elif device.type != "cpu" or dtype not in (torch.float32, torch.bfloat16):
         if kernel is not None:

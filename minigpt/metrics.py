@@ -53,8 +53,8 @@ def evaluate(
     Each batch's mean is weighted by its number of examples and summed in float64, so the result is
     the mean over every example, however the examples fall into batches and ranks. For blocks of one
     length with every token scored, that is the mean over all scored tokens: the `eval_loss` of
-    transformers' Trainer when the published recipe ran (5.x weights a short last batch as a full
-    one). NaN when there are no examples. The model is left in the mode it came in (a loop of one's
+    transformers' Trainer when the published recipe ran (README, "Checking a model", says how later
+    releases differ). NaN when there are no examples. The model is left in the mode it came in (a loop of one's
     own that evaluates mid-training goes on training with its dropout).
     """
     training = model.training

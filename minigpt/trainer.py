@@ -53,16 +53,14 @@ from .metrics import MetricsLog, StepNumbers, evaluate, perplexity, plot_metrics
 from .optim import AdamW, clip_grad_norm
 from .run_folder import CARD_FILE, METRICS_FILE, PLOT_FILE, check_out_folder, check_same_run
 from .run_folder import read_training_state, write_run_checkpoint, write_training_state
-from .runtime import check_dtype, prepare_cpu_compile, warn_other_cpu_threads
+from .runtime import check_dtype, prepare_cpu_compile, resolve_device, warn_other_cpu_threads
 
 
 def seed_everything(seed: int) -> None:
     """Seed every generator a run draws from, at its start: Python's `random`, NumPy's global
-    generator, and torch's on the CPU and on every CUDA device (initialisation, dropout masks).
-
-    The data split and the batch order draw from generators of their own, made from the same seed
-    (`minigpt.data`), so with one seed the whole run is one deterministic function of its inputs.
-    """
+    generator, and torch's on the CPU and on every CUDA device (initialisation, dropout masks). The
+    data split and the batch order draw from generators of their own, made from the same seed
+    (`minigpt.data`), so with one seed the whole run is one deterministic function of its inputs."""
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)  # CPU and every CUDA device
@@ -108,7 +106,7 @@ class Trainer:
     train_batches, val_batches: iterators with `minigpt.data.BatchIterator`'s contract (val: or None).
     config: how the loop runs. out, save_model: the run folder (a new run's holds no other run or
         files: `fit` refuses it); `save_model(folder)` writes the model's files into a checkpoint folder.
-    device, ranks: where this process computes, and its place in a torchrun job.
+    device, ranks: where this process computes (as `resolve_device` takes it), and its place in a torchrun job.
     run_config: the settings that define the run's mathematics (by flag name); stored in every
         checkpoint, and a resume with different ones is refused.
     card: `card(metrics rows, step) -> text`, the model card saved as README.md in every checkpoint
@@ -134,8 +132,10 @@ class Trainer:
     ) -> None:
         self.model, self.loss_fn, self.optimizer, self.schedule = model, loss_fn, optimizer, schedule
         self.train_batches, self.val_batches = train_batches, val_batches
+        if not os.fspath(out):  # (Path("") is ".": the run would write into the current folder)
+            raise MinigptError("Trainer: out is an empty path")
         self.config, self.out, self.save_model = config, home_expanded(out), save_model
-        self.device, self.ranks, self.run_config, self.card = torch.device(device), ranks, run_config or {}, card
+        self.device, self.ranks, self.run_config, self.card = resolve_device(device), ranks, run_config or {}, card
         self.base_lrs = [g["lr"] for g in optimizer.param_groups]
         self.autocast = torch.autocast(self.device.type, dtype=config.dtype, enabled=config.dtype != torch.float32)
         # fp16 gradients underflow without loss scaling; bf16 has fp32's range and needs none.
@@ -441,9 +441,9 @@ class Trainer:
         self._log({"step": self.step, "epoch": self._epoch(), "val_loss": val_loss, "val_ppl": perplexity(val_loss)})
 
     def _epoch(self) -> float:
-        """Epochs done so far, as a fraction of the epoch's optimizer steps (for the metrics rows)."""
-        it, accum = self.train_batches, self.config.grad_accum  # (an epoch's last step may take fewer micro-batches)
-        return round(it.epoch + math.ceil(it.position / accum) / max(1, math.ceil(len(it) / accum)), 4)
+        """Epochs done so far (for the metrics rows), as transformers' Trainer counts them: the share of
+        the epoch's micro-batches consumed (with grad_accum 2, 5 micro-batches: 0.4, 0.8, 1.0)."""
+        return round(self.train_batches.epoch + self.train_batches.position / max(1, len(self.train_batches)), 4)
 
     def _log(self, row: dict[str, Any]) -> None:
         if self.metrics is not None:

@@ -498,6 +498,15 @@ def test_saving_never_deletes_other_files_unless_told(tiny_minigpt_dir, tmp_path
         with pytest.raises(MinigptError, match=r"is the folder of the source \(.*\) or holds it"):
             convert_to_minigpt(source, out, overwrite=True)
     assert {p.name: p.read_bytes() for p in source.iterdir()} == before
+    # nor into a training run's folder (a folder there stops every later --resume of the run), from
+    # Python as from convert_hf_weights.py
+    run = tmp_path / "run"
+    (run / ".ckpt").mkdir(parents=True)
+    for save, out in ((lambda o: save_checkpoint_folder(o, model, tokenizer), run / "best"),
+                      (lambda o: export_hf(model, tokenizer, o), run / "hf")):
+        with pytest.raises(MinigptError, match=f"^--out {out}: is inside the training run in {run}, "):
+            save(out)
+    assert [p.name for p in run.iterdir()] == [".ckpt"]
 
 
 def test_saving_expands_home_as_loading_does(tiny_minigpt_dir, tmp_path, monkeypatch):

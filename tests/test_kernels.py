@@ -529,6 +529,12 @@ def test_a_forced_kernel_that_cannot_run_says_why(small_model, monkeypatch):
     with pytest.raises(MinigptError, match=re.escape(
             "kernel 'onednn' needs a CPU with native bf16 (AVX-512 BF16 or AMX), which is not here (the bf16 kernels")):
         prepare_for_inference(copy.deepcopy(small_model).to(torch.bfloat16), kernel="onednn")
+    # from Python: an unknown precision was a KeyError; a build without int8mm told a CPU user to try the CPU
+    with pytest.raises(MinigptError, match=re.escape("precision: unknown 'fp64' (choose from fp32, bf16, int8)")):
+        available_kernels("fp64")
+    monkeypatch.setattr("minigpt.inference._has_int8mm", lambda device: False)
+    with pytest.raises(MinigptError, match=r"^--quantize int8: this PyTorch build has no int8 weight-only kernel for cpu$"):
+        prepare_for_inference(copy.deepcopy(small_model), "int8")
 
 
 

@@ -143,7 +143,7 @@ def test_twenty_steps_match_transformers(tmp_path, prepared):
         moved += ((t.double() - before[name]) ** 2).sum().item()
     assert 0 < apart ** 0.5 <= 1e-3 * moved ** 0.5 or apart == 0, (apart ** 0.5, moved ** 0.5)
 
-    # validation loss: the mean over all validation examples (HF's Trainer 5.x weighs a short last batch as a full one)
+    # validation loss: the mean over all validation examples, a short last batch weighted by its examples
     hf.eval()
     with torch.no_grad():
         val_losses = [hf(b, labels=b).loss.item() * len(b) for b in BatchIterator(val, 4, shuffle=False)]
@@ -184,11 +184,12 @@ def test_accumulation_equals_one_big_batch(tmp_path):
     for a, b in zip(big.parameters(), small.parameters()):
         assert (a - b).abs().max().item() < 1e-5  # (Adam turns float rounding into ~1e-6 moves)
     assert [r["epoch"] for r in rows(tmp_path / "b")][:3] == [0.3333, 0.6667, 1.0]  # 3 steps an epoch
-    # 5 micro-batches an epoch (4 + 4 + 4 + 4 + 2 blocks) in 3 steps: the epoch counts steps, not micro-batches
-    # (it said 0.4 and 0.8, where transformers' Trainer says 0.3333 and 0.6667)
+    # 5 micro-batches an epoch (4 + 4 + 4 + 4 + 2 blocks) in 3 steps: the epoch counts micro-batches, as
+    # transformers' Trainer does (`epoch + (step + 1) / steps_in_epoch`, both in micro-batches; measured
+    # with transformers 5.25's Trainer on these batches: 0.4, 0.8, 1.0), not steps (it said 0.3333, 0.6667)
     make_trainer(tmp_path / "c", micro_model(), random_blocks(18, 16, 300, seed=5), batch=4, max_steps=3,
                  grad_accum=2).fit()
-    assert [r["epoch"] for r in rows(tmp_path / "c") if "loss" in r] == [0.3333, 0.6667, 1.0]
+    assert [r["epoch"] for r in rows(tmp_path / "c") if "loss" in r] == [0.4, 0.8, 1.0]
     assert [round(r["loss"], 5) for r in rows(tmp_path / "a")] == [round(r["loss"], 5) for r in rows(tmp_path / "b")]
 
 
@@ -710,6 +711,13 @@ def test_out_folder_rules(tmp_path):
     (run / ".notes.txt.tmp-0123").write_text("not a run's")
     with pytest.raises(MinigptError, match="holds '.notes.txt.tmp-0123', which is not from a minigpt"):
         check_out_folder(run, resume=True)
+
+    # from Python: Trainer(out="") trained into the current folder (Path("") is "."); the device is
+    # taken as load_model takes it ("auto": torch refused it, naming every device type it knows)
+    with pytest.raises(MinigptError, match=r"^Trainer: out is an empty path$"):
+        make_trainer("", micro_model(), random_blocks(8, 16, 300, seed=11), max_steps=1)
+    auto = make_trainer(tmp_path / "auto", micro_model(), random_blocks(8, 16, 300, seed=11), max_steps=1, device="auto")
+    assert auto.device == torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def test_a_failed_save_leaves_the_previous_checkpoint(tmp_path):
