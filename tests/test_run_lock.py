@@ -159,7 +159,7 @@ def test_convert_force_never_replaces_the_folder_of_a_live_run(tmp_path, tiny_hf
                                   "folder; wait for it to end, or choose another --out")
     result = call_cli("convert_hf_weights.py", str(tiny_hf_dir), "--out", str(out), "--force")
     assert result.returncode == 0, result.stderr
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "tokenizer.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "model.safetensors", "tokenizer.json"]
 
 
 def test_a_lock_file_that_is_a_link_is_refused_and_what_it_names_is_kept(tmp_path, tiny_hf_dir):
