@@ -199,9 +199,9 @@ def load(args: argparse.Namespace) -> tuple[GPT, Tokenizer]:
     """The model (in its inference layout) and tokenizer that --model/--device/--dtype/--quantize ask for."""
     from minigpt.loading import load_model
     from minigpt.inference import prepare_for_inference, prepared_stream_dtype
-    from minigpt.runtime import setup_device
+    from minigpt.runtime import CLI_NAMES, setup_device
 
-    device, dtype = setup_device(args.device, args.dtype)
+    device, dtype = setup_device(args.device, args.dtype, CLI_NAMES)
     if args.model is not None:
         model, tokenizer = load_model(args.model, device, dtype)
     elif (DEFAULT_CHECKPOINT / "config.json").is_file():

@@ -338,12 +338,12 @@ def memory_child(spec: str) -> None:
 
     from minigpt.loading import load_model  # noqa: F401
     from minigpt.optim import AdamW, linear_schedule, param_groups  # noqa: F401
-    from minigpt.runtime import setup_device
+    from minigpt.runtime import CLI_NAMES, setup_device
     from minigpt.trainer import Trainer, TrainConfig  # noqa: F401
     from minigpt.training_speed import prepare_for_training  # noqa: F401
 
     side, dtype_name, folder, device_name, batch_size, block_size, vocab_size = spec.split("|")
-    device, dtype = setup_device(device_name, dtype_name)
+    device, dtype = setup_device(device_name, dtype_name, CLI_NAMES)
     shape = (int(batch_size), int(block_size))
     batch = torch.randint(0, int(vocab_size), shape, generator=torch.Generator().manual_seed(0))
     batch = batch.to(device)
@@ -433,11 +433,11 @@ def main(argv=None) -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     import torch
 
-    from minigpt.runtime import DTYPES, resolve_dtype, setup_device
+    from minigpt.runtime import CLI_NAMES, DTYPES, resolve_dtype, setup_device
 
-    device, _ = setup_device(args.device, "fp32")  # as train.py: TF32 matmuls for fp32 on CUDA
+    device, _ = setup_device(args.device, "fp32", CLI_NAMES)  # as train.py: TF32 matmuls for fp32 on CUDA
     for name in args.dtypes or []:
-        resolve_dtype(name, device)  # (fp16 on a CPU, bf16 on a GPU without it: one line, before any timing)
+        resolve_dtype(name, device, "--dtype")  # (fp16 on a CPU, bf16 on a GPU without it: one line, before any timing)
     config = model_config(args)
     if args.block_size > config.block_size:  # as train.py refuses it, before any weights or timing
         raise MinigptError(f"--block-size {args.block_size}: {args.model or 'distilgpt2'} sees at most "

@@ -130,7 +130,7 @@ def main(argv=None) -> None:
 
     p = Parser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cpu", help="cpu, cuda or auto (default: cpu)")
-    device = resolve_device(p.parse_args(argv).device)
+    device = resolve_device(p.parse_args(argv).device, "--device")
     print(hardware_line(describe(device)))
 
 

@@ -215,6 +215,7 @@ def _number(kind: type, test: Callable[[float], bool], what: str) -> Callable[[s
 
 
 positive_int = _number(int, lambda v: v >= 1, "a positive integer")
+block_length = _number(int, lambda v: v >= 2, "an integer >= 2 (a block predicts its tokens after the first)")
 non_negative_int = _number(int, lambda v: v >= 0, "an integer >= 0")
 positive_float = _number(float, lambda v: 0 < v < float("inf"), "a positive number")
 non_negative_float = _number(float, lambda v: 0 <= v < float("inf"), "a number >= 0")

@@ -78,19 +78,19 @@ class DataConfig:
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, kind)):
                 what = "an integer" if kind is Integral else "a number"
-                raise MinigptError(f"--{name.replace('_', '-')}: must be {what}, got {value!r}")
+                raise MinigptError(f"DataConfig: {name} must be {what}, got {value!r}")
             if value is not None:  # (NumPy's numbers as Python's: the cache key is JSON)
                 setattr(self, name, int(value) if kind is Integral else float(value))
         if self.format not in FORMATS:
-            raise MinigptError(f"--format: unknown format {self.format!r} (choose from {', '.join(FORMATS)})")
+            raise MinigptError(f"DataConfig: unknown format {self.format!r} (choose from {', '.join(FORMATS)})")
         if self.block_size < 2:  # (a block predicts its tokens after the first: one token has no target)
-            raise MinigptError(f"--block-size: must be at least 2, got {self.block_size}")
+            raise MinigptError(f"DataConfig: block_size must be at least 2, got {self.block_size}")
         if self.max_records is not None and self.max_records < 1:
-            raise MinigptError(f"--max-records: must be at least 1, got {self.max_records}")
+            raise MinigptError(f"DataConfig: max_records must be at least 1, got {self.max_records}")
         if not 0 <= self.val_fraction < 1:
-            raise MinigptError(f"--val-fraction: must be in [0, 1), got {self.val_fraction}")
+            raise MinigptError(f"DataConfig: val_fraction must be in [0, 1), got {self.val_fraction}")
         if self.seed < 0:
-            raise MinigptError(f"--seed: must be >= 0, got {self.seed}")
+            raise MinigptError(f"DataConfig: seed must be >= 0, got {self.seed}")
 
 
 def default_cache_dir() -> Path:
@@ -357,8 +357,8 @@ class BatchIterator:
         world_size: int = 1,
         drop_last: bool = False,
     ) -> None:
-        batch_size = integer_at_least(batch_size, 1, "--batch-size")  # (ints: its state_dict is JSON)
-        seed = integer_at_least(seed, 0, "--seed")
+        batch_size = integer_at_least(batch_size, 1, "batch_size")  # (ints: its state_dict is JSON)
+        seed = integer_at_least(seed, 0, "seed")
         if not 0 <= rank < world_size:
             raise MinigptError(f"rank {rank} is not in [0, world size {world_size})")
         self.blocks, self.batch_size, self.seed = blocks, batch_size, seed

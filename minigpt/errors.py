@@ -1,7 +1,8 @@
 """The one exception type for mistakes a user can fix.
 
-Library code raises `MinigptError` with a one-line message that names the file, flag or tensor at
-fault. The CLIs catch it, print the message and exit with status 2; anything else is a bug and keeps
+Library code raises `MinigptError` with a one-line message that names the file, argument or tensor
+at fault (an argument as the function spells it, `device='cuda'`, or as a CLI's flag, `--device
+cuda`, where the CLI passes its name: `named`). The CLIs catch it, print the message and exit with status 2; anything else is a bug and keeps
 its traceback.
 """
 
@@ -29,6 +30,12 @@ def alike_on_every_rank() -> Iterator[None]:
     except MinigptError as e:
         e.every_rank = True
         raise
+
+
+def named(what: str, value: object) -> str:
+    """How an error names an argument given `value`: as the CLI spells it where `what` is a flag
+    (`--device cuda`), else as Python does (`device='cuda'`): one function serves both callers."""
+    return f"{what} {value}" if what.startswith("--") else f"{what}={value!r}"
 
 
 def integer_at_least(value: object, least: int, name: str) -> int:

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Callable, Iterator, TypeVar
 
 import torch
 
-from .errors import MinigptError, count
+from .errors import MinigptError, count, named
 
 if TYPE_CHECKING:
     from .model import GPT
@@ -28,10 +28,11 @@ DEVICES = ("auto", "cpu", "cuda", "mps")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def resolve_device(name: str | torch.device | int = "auto") -> torch.device:
+def resolve_device(name: str | torch.device | int = "auto", what: str = "device") -> torch.device:
     """`auto` picks CUDA, then Apple's MPS, then the CPU; an explicit choice must be available. A
     GPU of several is named as torch names it, "cuda:1" (or given as a `torch.device`, or as torch's
-    bare index 1); "cpu:0" and "mps:0", which a tensor's `.device` may read, are the CPU and MPS."""
+    bare index 1); "cpu:0" and "mps:0", which a tensor's `.device` may read, are the CPU and MPS.
+    Errors name the argument `what` (a CLI passes its flag, "--device": see `errors.named`)."""
     name = f"cuda:{name}" if isinstance(name, int) and not isinstance(name, bool) else name
     name = str(name) if isinstance(name, torch.device) else name
     if name == "auto":
@@ -43,14 +44,14 @@ def resolve_device(name: str | torch.device | int = "auto") -> torch.device:
     kind, colon, index = name.partition(":") if isinstance(name, str) else (name, "", "")
     numbered = index.isdecimal() and (kind == "cuda" or index == "0")  # (one CPU, one MPS device: index 0)
     if kind not in DEVICES or kind == "auto" or (colon and not numbered):
-        raise MinigptError(f"--device: unknown device {name!r} (choose from {', '.join(DEVICES)}, or cuda:N)")
+        raise MinigptError(f"{what}: unknown device {name!r} (choose from {', '.join(DEVICES)}, or cuda:N)")
     if kind == "cuda" and not torch.cuda.is_available():
-        raise MinigptError(f"--device {name}: CUDA is not available on this machine (try --device cpu)")
+        raise MinigptError(f"{named(what, name)}: CUDA is not available on this machine (try {named(what, 'cpu')})")
     if kind == "cuda" and colon and int(index) >= torch.cuda.device_count():
-        raise MinigptError(f"--device {name}: this machine has {torch.cuda.device_count()} GPU(s), "
+        raise MinigptError(f"{named(what, name)}: this machine has {torch.cuda.device_count()} GPU(s), "
                            f"numbered from 0 (those CUDA_VISIBLE_DEVICES lets it see)")
     if kind == "mps" and not torch.backends.mps.is_available():
-        raise MinigptError("--device mps: Apple MPS is not available on this machine (try --device cpu)")
+        raise MinigptError(f"{named(what, 'mps')}: Apple MPS is not available on this machine (try {named(what, 'cpu')})")
     return torch.device(name)
 
 
@@ -82,19 +83,20 @@ def dtype_name(dtype: torch.dtype) -> str:
     return next(name for name, d in DTYPES.items() if d == dtype)
 
 
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """`auto` is bf16 on a GPU that supports it, else fp32; fp16 and bf16 are refused where unsupported."""
+def resolve_dtype(name: str, device: torch.device, what: str = "dtype") -> torch.dtype:
+    """`auto` is bf16 on a GPU that supports it, else fp32; fp16 and bf16 are refused where
+    unsupported, in errors naming the argument `what` (as `resolve_device`)."""
     if name == "auto":
         if device.type == "cuda" and torch.cuda.is_bf16_supported():
             return torch.bfloat16
         return torch.float32
     if name not in DTYPES:
-        raise MinigptError(f"--dtype: unknown precision {name!r} (choose from auto, {', '.join(DTYPES)})")
+        raise MinigptError(f"{what}: unknown precision {name!r} (choose from auto, {', '.join(DTYPES)})")
     if name == "fp16" and device.type == "cpu":
-        raise MinigptError("--dtype fp16: half precision is not supported on the CPU (use fp32, or bf16: "
+        raise MinigptError(f"{named(what, 'fp16')}: half precision is not supported on the CPU (use fp32, or bf16: "
                            "bf16 is fast only on CPUs with AVX-512 BF16 or AMX)")
     if name == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise MinigptError("--dtype bf16: this GPU does not support bfloat16 (use fp16 or fp32)")
+        raise MinigptError(f"{named(what, 'bf16')}: this GPU does not support bfloat16 (use fp16 or fp32)")
     return DTYPES[name]
 
 
@@ -283,14 +285,19 @@ def program_runs(program: str) -> bool:
         return False
 
 
-def setup_device(device: str = "auto", dtype: str = "auto") -> tuple[torch.device, torch.dtype]:
-    """Resolve `--device` and `--dtype` together, and enable TF32 matmuls on CUDA (fp32 runs). A
-    numbered GPU ("cuda:1") becomes the current one, where torch puts what a device is not given for
-    (CUDA graphs' memory pools, bf16 support queried)."""
-    dev = resolve_device(device)
+CLI_NAMES = ("--device", "--dtype")  # how the CLIs' errors name a device and a precision (`setup_device`)
+
+
+def setup_device(device: str = "auto", dtype: str = "auto", names: tuple[str, str] = ("device", "dtype"),
+                 ) -> tuple[torch.device, torch.dtype]:
+    """Resolve a device and a precision together (`names`: how errors name them; the CLIs pass
+    their flags, `CLI_NAMES`), and enable TF32 matmuls on CUDA (fp32 runs). A numbered
+    GPU ("cuda:1") becomes the current one, where torch puts what a device is not given for (CUDA
+    graphs' memory pools, bf16 support queried)."""
+    dev = resolve_device(device, names[0])
     if dev.type == "cuda" and dev.index is not None:
         torch.cuda.set_device(dev)
-    dt = resolve_dtype(dtype, dev)
+    dt = resolve_dtype(dtype, dev, names[1])
     if dev.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True

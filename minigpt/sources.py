@@ -285,7 +285,7 @@ def render(src: Source, fmt: str) -> list[str | None]:
     empty (it is skipped: in the recipe it adds no tokens), and in format qa one whose answers are
     all whitespace (no answer to pick). Plain-text documents pass as they are."""
     if fmt not in FORMATS:
-        raise MinigptError(f"--format: unknown format {fmt!r} (choose from {', '.join(FORMATS)})")
+        raise MinigptError(f"format: unknown format {fmt!r} (choose from {', '.join(FORMATS)})")
     if src.plain_text:
         if fmt == "qa":
             raise MinigptError(

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 from .cli import flag, fraction, non_negative_float, non_negative_int, parser_from, positive_float, positive_int
-from .cli import from_flags, path_text, run_flags
+from .cli import block_length, from_flags, path_text, run_flags
 from .cli import seed as seed_in_range
 from .files import check_utf8, home_expanded
 from .formats import FORMATS
@@ -82,7 +82,7 @@ class TrainFlags:
                        group="data", run=True, choices=list(FORMATS))
     max_records: int | None = flag(None, "use only the first N records (default: 5000 from the Hub, all of a local "
                                    "file)", group="data", run=True, **_INT)
-    block_size: int = flag(128, "tokens per training example", group="data", run=True, **_INT)
+    block_size: int = flag(128, "tokens per training example", group="data", run=True, metavar="N", type=block_length)
     batch_size: int = flag(8, "examples per micro-batch per process", group="optimisation", **_INT)
     grad_accum: int = flag(1, "micro-batches per optimizer step", group="optimisation", run=True, **_INT)
     lr: float = flag(2e-5, "peak learning rate", group="optimisation", run=True, type=positive_float, **_X)

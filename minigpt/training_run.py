@@ -32,7 +32,7 @@ from .metrics import evaluate, perplexity
 from .model import GPT
 from .optim import AdamW, linear_schedule, param_groups
 from .run_folder import CARD_FILE, RunLock, check_out_folder, check_same_run, current_checkpoint, saved_run_settings
-from .runtime import check_fits, dtype_name, emulated_bf16_warning, setup_device
+from .runtime import CLI_NAMES, check_fits, dtype_name, emulated_bf16_warning, setup_device
 from .tokenizer import Tokenizer
 from .train_flags import ADAM_BETAS, ADAM_EPS, RECIPE_MODEL, TrainFlags
 from .trainer import Trainer, seed_everything
@@ -93,7 +93,7 @@ def eval_only(args: TrainFlags) -> int:
 
 def _eval_only(args: TrainFlags) -> int:
     with alike_on_every_rank():  # (under torchrun: one line for the job, not one a rank)
-        device, dtype = setup_device(args.device, args.dtype)
+        device, dtype = setup_device(args.device, args.dtype, CLI_NAMES)
     # (evaluation in emulated bf16 is as slow as training: the same one-line warning)
     if (warning := emulated_bf16_warning(device, dtype)) and launched_rank() == 0:
         print(warning, file=sys.stderr, flush=True)
@@ -127,7 +127,7 @@ def run_training(args: TrainFlags) -> int:
     """train.py's run: check --out, lock it, join the process group (under torchrun), then `train`.
     Returns the exit code (0); a user error is a MinigptError, which the CLI prints in one line."""
     with alike_on_every_rank():  # (under torchrun: one line for the job, not one a rank)
-        device, dtype = setup_device(args.device, args.dtype)
+        device, dtype = setup_device(args.device, args.dtype, CLI_NAMES)
         check_out_folder(args.out, args.resume, locked=False)  # refuse a wrong --out before locking (making) it
     precision = dtype_name(dtype)
     # One run per folder: rank 0 holds the lock for the run's life (a second run is refused here) and

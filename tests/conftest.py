@@ -227,4 +227,4 @@ def _cpu_unless_marked_cuda(request, monkeypatch):
 
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     resolve = runtime.resolve_device
-    monkeypatch.setattr(runtime, "resolve_device", lambda name="auto": resolve("cpu" if name == "auto" else name))
+    monkeypatch.setattr(runtime, "resolve_device", lambda name="auto", *what: resolve("cpu" if name == "auto" else name, *what))

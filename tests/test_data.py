@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import call_cli
 from minigpt import data, sources
 from minigpt.data import BatchIterator, DataConfig, TokenBlocks, load_blocks, tiny_preset_path
 from minigpt.errors import MinigptError
@@ -538,23 +539,28 @@ def test_malformed_files(tmp_path, gpt2_tokenizer):
         load(tmp_path, gpt2_tokenizer, source=str(tmp_path / "f.json.gz"))
 
 
-def test_bad_settings_name_their_flag(tmp_path, gpt2_tokenizer):
+def test_bad_settings_name_their_field(tmp_path, gpt2_tokenizer):
+    """From Python, as DataConfig spells them (they named train.py's flags); train.py's own flags refuse
+    each of these values first, naming the flag (argparse)."""
     source = str(DATA / "eli5_small.json")
-    for change, flag in [({"format": "chat"}, "--format"), ({"block_size": 0}, "--block-size"),
-                         ({"max_records": 0}, "--max-records"), ({"val_fraction": 1.0}, "--val-fraction")]:
-        with pytest.raises(MinigptError, match=flag):
+    for change, named in [({"format": "chat"}, "DataConfig: unknown format"), ({"block_size": 0}, "DataConfig: block_size"),
+                          ({"max_records": 0}, "DataConfig: max_records"), ({"val_fraction": 1.0}, "DataConfig: val_fraction")]:
+        with pytest.raises(MinigptError, match=f"^{named}"):
             load(tmp_path, gpt2_tokenizer, source=source, **change)
+    for flag, value in (("--format", "chat"), ("--block-size", "1"), ("--max-records", "0"), ("--val-fraction", "1")):
+        result = call_cli("train.py", "--data", source, flag, value)
+        assert result.returncode == 2 and f"error: argument {flag}: " in result.stderr.splitlines()[-1]
 
 
 def test_a_data_config_of_the_wrong_kind_is_refused_when_made():
     """DataConfig checks its values where it is built, not first in load_blocks; block_size=64.0
     passed those checks and failed in numpy."""
-    for kw, message in ((dict(block_size=64.0), "--block-size: must be an integer, got 64.0"),
-                        (dict(block_size=0), "--block-size: must be at least 2, got 0"),
-                        (dict(block_size=1), "--block-size: must be at least 2, got 1"),  # (no target: loss NaN)
-                        (dict(max_records=True), "--max-records: must be an integer, got True"),
-                        (dict(val_fraction="0.1"), "--val-fraction: must be a number, got '0.1'"),
-                        (dict(format="chat"), "--format: unknown format 'chat'")):
+    for kw, message in ((dict(block_size=64.0), "DataConfig: block_size must be an integer, got 64.0"),
+                        (dict(block_size=0), "DataConfig: block_size must be at least 2, got 0"),
+                        (dict(block_size=1), "DataConfig: block_size must be at least 2, got 1"),  # (no target: NaN)
+                        (dict(max_records=True), "DataConfig: max_records must be an integer, got True"),
+                        (dict(val_fraction="0.1"), "DataConfig: val_fraction must be a number, got '0.1'"),
+                        (dict(format="chat"), "DataConfig: unknown format 'chat'")):
         with pytest.raises(MinigptError, match=f"^{re.escape(message)}"):
             DataConfig(**kw)
     assert DataConfig(block_size=np.int64(16), max_records=None).block_size == 16
@@ -755,7 +761,7 @@ def test_a_format_or_answers_of_the_wrong_kind_are_named(tmp_path):
 
     path = tmp_path / "d.jsonl"
     path.write_text(json.dumps({"title": "Why?", "answers": {"text": ["Because."], "score": [1]}}) + "\n")
-    with pytest.raises(MinigptError, match="--format: unknown format 'Answers'"):
+    with pytest.raises(MinigptError, match="^format: unknown format 'Answers'"):
         sources.render(sources.Source.resolve(str(path), "--data", None), "Answers")
     for bad in ("Hello world", {"text": ["a"]}):
         with pytest.raises(TypeError, match="answers: a list of answer texts"):
@@ -784,8 +790,10 @@ def test_rank_shards_cover_every_block_exactly_once(world_size):
 
 
 def test_iterator_rejects_bad_arguments():
-    with pytest.raises(MinigptError, match="--batch-size"):
+    with pytest.raises(MinigptError, match="^batch_size must be an integer >= 1, got 0$"):  # (its argument's name)
         BatchIterator(numbered_blocks(4), 0)
+    with pytest.raises(MinigptError, match="^seed must be an integer >= 0, got -1$"):
+        BatchIterator(numbered_blocks(4), 2, seed=-1)
     with pytest.raises(MinigptError, match="rank 2"):
         BatchIterator(numbered_blocks(4), 2, rank=2, world_size=2)
 

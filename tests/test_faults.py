@@ -542,8 +542,8 @@ def test_a_model_whose_head_was_untied_is_not_saved_without_it(tiny_minigpt_dir,
     assert torch.equal(load_model(tmp_path / "tied")[0].lm_head.weight, state["lm_head.weight"])
 
 
-@pytest.mark.parametrize("device, needle", [("gpu", "--device: unknown device 'gpu'"),
-                                            ("meta", "--device: unknown device 'meta'")])
+@pytest.mark.parametrize("device, needle", [("gpu", "device: unknown device 'gpu'"),
+                                            ("meta", "device: unknown device 'meta'")])
 def test_a_device_no_model_can_load_onto_is_refused_before_reading(device, needle, tiny_minigpt_dir, tiny_hf_dir,
                                                                    monkeypatch):
     """`device="gpu"` read every weight, then failed in torch ("Expected one of cpu, cuda, ... at

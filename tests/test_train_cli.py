@@ -304,10 +304,12 @@ def test_a_device_is_named_as_torch_names_it(monkeypatch):
     assert runtime.resolve_device(torch.device("cuda", 0)) == torch.device("cuda", 0)
     assert runtime.setup_device("cuda:1", "fp32") == (torch.device("cuda", 1), torch.float32)
     assert current == [torch.device("cuda", 1)]
+    with pytest.raises(MinigptError, match=r"^device='cuda:2': this machine has 2 GPU\(s\), numbered from 0"):
+        runtime.resolve_device("cuda:2")  # (errors name the argument as Python spells it; the CLIs, as their flag)
     with pytest.raises(MinigptError, match=r"^--device cuda:2: this machine has 2 GPU\(s\), numbered from 0"):
-        runtime.resolve_device("cuda:2")
+        runtime.setup_device("cuda:2", "fp32", runtime.CLI_NAMES)
     for bad in ("cuda:x", "cuda:", "cuda:-1", "cpu:1", "mps:1", "auto:1", "gpu", "meta", True):
-        with pytest.raises(MinigptError, match=re.escape(f"--device: unknown device {bad!r} (choose from ")):
+        with pytest.raises(MinigptError, match=re.escape(f"device: unknown device {bad!r} (choose from ")):
             runtime.resolve_device(bad)
     # what torch also names these: a bare index is a GPU's; a CPU tensor's device may read "cpu:0"
     assert runtime.resolve_device(1) == torch.device("cuda", 1)
@@ -765,7 +767,9 @@ def test_an_out_after_an_equals_sign_has_its_tilde_expanded(tmp_path, monkeypatc
     assert f"out: {run}" in result.stdout.splitlines() and not (tmp_path / "~").exists()
     assert json.loads((run / "training_state.json").read_text())["step"] == 2 and load_model(run)[0] is not None
     result = call_cli("train.py", *QUICK, "--max-steps", "1", "--block-size", "1", "--out", str(tmp_path / "one"))
-    assert result.returncode == 2 and result.stderr.splitlines()[-1] == "error: --block-size: must be at least 2, got 1"
+    assert result.returncode == 2 and result.stderr.splitlines()[-1] == (
+        "train.py: error: argument --block-size: '1' is not an integer >= 2 (a block predicts its tokens after the "
+        "first) (see --help)")
 
 
 def test_without_matplotlib_the_missing_curve_is_noted(tmp_path, monkeypatch):
