@@ -39,7 +39,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from minigpt.cli import Parser, positive_int, run  # (after the sys.path set-up above)
+from minigpt.cli import Parser, block_length, positive_int, run  # (after the sys.path set-up above)
 from minigpt.errors import MinigptError
 
 import hardware  # noqa: E402  (benchmarks/hardware.py, beside this file)
@@ -107,7 +107,7 @@ def main(argv=None) -> int:
                         help=f"an eli5_category {'/'.join(JSON_SUFFIXES)} file (default: the shared test split)")
     parser.add_argument("--tokenizer", type=Path, default=SHARED / "gpt2" / "tokenizer.json",
                         help="GPT-2's tokenizer.json, used by both pipelines")
-    parser.add_argument("--block-size", type=positive_int, default=128, help="tokens per block (default 128)")
+    parser.add_argument("--block-size", type=block_length, default=128, help="tokens per block (default 128)")
     parser.add_argument("--rounds", type=positive_int, default=3,
                         help="run the pipelines this many times, the order rotating; report the median (default 3)")
     args = parser.parse_args(argv)

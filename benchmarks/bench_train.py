@@ -59,7 +59,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import hardware  # noqa: E402  (benchmarks/hardware.py, beside this file)
-from minigpt.cli import Parser, non_negative_int, path_text, positive_int, run  # noqa: E402  (after the path set-up above)
+from minigpt.cli import Parser, block_length, non_negative_int, path_text, positive_int, run  # noqa: E402  (after the path set-up above)
 from minigpt.errors import MinigptError  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "data"
@@ -75,7 +75,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dtype", help="comma-separated precisions to time, from fp32,bf16,fp16 (default: "
                    "fp32, plus bf16 where bf16 matmuls are at least a third as fast as fp32)")
     p.add_argument("--batch-size", type=positive_int, default=8)
-    p.add_argument("--block-size", type=positive_int, default=128)
+    p.add_argument("--block-size", type=block_length, default=128)
     p.add_argument("--steps", type=positive_int, help="timed steps per side (default: 10; --quick: 3)")
     p.add_argument("--warmup", type=positive_int, help="untimed steps per side first (default: 2; --quick: 1)")
     p.add_argument("--loss-steps", type=non_negative_int, default=0, help="also train N steps in fp32 and "

@@ -178,7 +178,9 @@ def _how_to_use(folder: str, window: int, exported: bool) -> list[str]:
 def card_license(card: Path) -> dict[str, str]:
     """The licence a model card (a README.md) states in its metadata, as the Hub reads it (YAML):
     {"license": id}, with `license_name` and `license_link` where the id is "other" and names them;
-    {} where there is no card, no metadata, or no licence id (a number, a list, a YAML error)."""
+    {} where there is no card, no metadata, or no licence id (a number, a list, a YAML error). A
+    relative `license_link` (a file of the repo, as the Hub recommends) in a card downloaded from the
+    Hub becomes that file's address there, so that the cards which state the licence link to it."""
     from huggingface_hub.repocard import metadata_load
 
     try:
@@ -189,6 +191,10 @@ def card_license(card: Path) -> dict[str, str]:
     if not isinstance(licence, str) or not re.fullmatch(r"[A-Za-z0-9][\w.+-]*", licence):
         return {}
     more = {k: meta[k] for k in ("license_name", "license_link") if licence == "other" and isinstance(meta.get(k), str)}
+    snapshot = card.parent  # (huggingface_hub's cache: models--{owner}--{name}/snapshots/{commit}/README.md)
+    if "://" not in more.get("license_link", "://") and snapshot.parent.name == "snapshots":
+        repo = snapshot.parent.parent.name.removeprefix("models--").replace("--", "/")  # (no repo id holds "--")
+        more["license_link"] = f"https://huggingface.co/{repo}/blob/{snapshot.name}/{more['license_link'].removeprefix('./')}"
     return {"license": licence, **more}
 
 
@@ -202,16 +208,16 @@ def conversion_card(source: str, on_hub: bool, licence: dict[str, str], folder: 
     meta += ["tags:", *(f"- {_yaml(t)}" for t in ("minigpt", "gpt2", "text-generation")),
              f"library_name: {'transformers' if exported else 'minigpt'}", "pipeline_tag: text-generation"]
     named = f"[{source}](https://huggingface.co/{source})" if on_hub else f"`{source}`"
-    kind = "a transformers GPT-2 folder" if exported else "a minigpt checkpoint"
     if licence:
         more = [licence[k] for k in ("license_name", "license_link") if k in licence]
         terms = f"Its licence is the source's, as its model card states it: {licence['license']}"
         terms += f" ({', '.join(more)})." if more else "."
-    else:
-        terms = "The source states no licence in a model card: check its terms before you share this model."
-    body = [f"# {Path(folder).name or folder}", "", f"The weights of {named}, unchanged, as {kind}, converted by "
-            "minigpt's `convert_hf_weights.py` (no training): see the source for what the model is, what it "
-            f"was trained on and its limitations. {terms}", ""]
+    else:  # (no card, a card without metadata, a licence the Hub would not read either: a list, not UTF-8)
+        terms = ("No licence could be read from the source's model card (it has none, or none in the form the "
+                 "Hub reads): check the source's terms before you share this model.")
+    body = [f"# {Path(folder).name or folder}", "", f"The weights of {named}, unchanged, converted by minigpt's "
+            "`convert_hf_weights.py` (no training): see the source for what the model is, what it was trained "
+            f"on and its limitations. {terms}", ""]
     return "---\n" + "\n".join(meta) + "\n---\n\n" + "\n".join(body + _how_to_use(folder, window, exported))
 
 
@@ -225,8 +231,10 @@ def _usage_for(text: str, folder: str, window: int, exported: bool) -> str:
     """`text` with its lines ending in LF and its "How to use" section for `folder` (see `_how_to_use`)."""
     text = text.replace("\r\n", "\n")
     usage = text.find("\n## How to use\n")
-    if usage != -1:  # (the section minigpt wrote, and anything after it, which minigpt wrote too)
-        text = text[: usage + 1] + "\n".join(_how_to_use(folder, window, exported))
+    if usage != -1:  # (the section minigpt wrote, up to the next one: a user's own sections after it are kept)
+        after = text.find("\n## ", usage + 1)
+        rest = "" if after == -1 else "\n" + text[after + 1:]
+        text = text[: usage + 1] + "\n".join(_how_to_use(folder, window, exported)) + rest
     return text
 
 

@@ -371,7 +371,7 @@ def prepare_for_inference(
         raise MinigptError("this model's LM head is not tied to its token embeddings (wte), as GPT-2's is and a "
                            "prepared model's must be: call model.tie_weights() first")
     if quantize is not None and quantize not in QUANTIZATIONS:
-        raise MinigptError(f"--quantize: unknown scheme {quantize!r} (choose from {QUANTIZATIONS})")
+        raise MinigptError(f"quantize: unknown scheme {quantize!r} (choose from {', '.join(QUANTIZATIONS)})")
     batch_size = integer_at_least(batch_size, 1, "batch_size")
     device, dtype = model_device(model), activation_dtype(model)
     if quantize == "int8":

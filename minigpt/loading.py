@@ -241,7 +241,8 @@ def _card_for(source: str | os.PathLike, checkpoint: Path, kind: str, out: str |
         name = str(source).strip() if on_hub else str(source)
         return conversion_card(name, on_hub, card_license(checkpoint / CARD_FILE), folder, window, exported)
     card, action = checkpoint / CARD_FILE, "export" if exported else "convert"
-    if card.is_symlink():  # (a folder from elsewhere: its README.md could name any file)
+    if card.is_symlink() and not is_hub_id(source):  # (a folder from elsewhere: its README.md could name any
+        # file; in huggingface_hub's cache, a Hub repo's, every file is a link to the cache's blobs)
         raise MinigptError(f"{card}: the model card is a symlink (to {os.readlink(card)}), not a file of the "
                            f"checkpoint's own; copy the card in, or move it away, to {action}")
     if not card.is_file():

@@ -377,6 +377,8 @@ def test_a_converted_folder_states_the_sources_licence_and_so_does_its_fine_tune
                                   "base_model: someone/else\n---\n# someone else's model\n")
     mg = tmp_path / "my model"
     assert call_cli("convert_hf_weights.py", str(hf), "--out", str(mg)).returncode == 0
+    with (mg / "README.md").open("a") as card:  # (a section of the user's own, after minigpt's usage: kept)
+        card.write("\n## Limitations\n\nNot for medical advice.\n")
     text = (mg / "README.md").read_text()
     meta = load(text).data.to_dict()
     assert card_license(mg / "README.md") == {"license": "other", "license_name": "tiny-terms", "license_link": "LICENSE.txt"}
@@ -392,6 +394,8 @@ def test_a_converted_folder_states_the_sources_licence_and_so_does_its_fine_tune
     assert load(copied).data.library_name == "minigpt" and f"--model {tmp_path / 'copy'} " in copied
     assert card_license(tmp_path / "hf2" / "README.md")["license"] == card_license(tmp_path / "copy" / "README.md")["license"] == "other"
     assert copied.split("## How to use")[0] == text.split("## How to use")[0]  # (the rest travels as written)
+    assert exported.endswith("\n## Limitations\n\nNot for medical advice.\n") and copied.endswith("Not for medical advice.\n")
+    assert "minigpt checkpoint" not in exported.split("## How to use")[0]  # (what the folder is: the export's own)
 
     # a fine-tune of the converted folder states the licence
     monkeypatch.setenv("MINIGPT_CACHE", str(tmp_path / "cache"))
@@ -405,7 +409,7 @@ def test_a_converted_folder_states_the_sources_licence_and_so_does_its_fine_tune
     (hf / "README.md").unlink()
     assert call_cli("convert_hf_weights.py", str(hf), "--out", str(tmp_path / "bare")).returncode == 0
     assert card_license(tmp_path / "bare" / "README.md") == {}
-    assert "states no licence" in (tmp_path / "bare" / "README.md").read_text()
+    assert "No licence could be read from the source's model card" in (tmp_path / "bare" / "README.md").read_text()
 
     hub = conversion_card("distilbert/distilgpt2", True, {"license": "apache-2.0"}, "ckpt/distil", 1024, exported=False)
     assert "[distilbert/distilgpt2](https://huggingface.co/distilbert/distilgpt2)" in hub and "# distil\n" in hub

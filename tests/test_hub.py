@@ -65,11 +65,19 @@ class FakeHub:
         names = sorted(f.relative_to(self.repos[repo_id]).as_posix() for f in self.repos[repo_id].rglob("*") if f.is_file())
         return SimpleNamespace(sha=self.COMMIT, siblings=[SimpleNamespace(rfilename=name) for name in names])
 
+    def snapshot(self, repo_id: str) -> Path:
+        """The repo's folder in the cache, laid out as huggingface_hub's: models--{owner}--{name}/snapshots/{commit}."""
+        return self.tmp_path / f"models--{repo_id.replace('/', '--')}" / "snapshots" / self.COMMIT
+
     def hf_hub_download(self, repo_id: str, filename: str, etag_timeout: float) -> str:
         self.fetched.append((repo_id, filename))
-        path = self.tmp_path / repo_id.replace("/", "--") / filename
+        path = self.snapshot(repo_id) / filename  # (as huggingface_hub's cache: a link to the file's blob)
+        blob = self.snapshot(repo_id).parents[1] / "blobs" / hashlib.sha256((self.repos[repo_id] / filename).read_bytes()).hexdigest()
+        blob.parent.mkdir(parents=True, exist_ok=True)
         path.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(self.repos[repo_id] / filename, path)
+        shutil.copy(self.repos[repo_id] / filename, blob)
+        path.unlink(missing_ok=True)
+        path.symlink_to(os.path.relpath(blob, path.parent))
         return str(path)
 
     def __call__(self, repo_id: str, allow_patterns: list[str], local_files_only: bool) -> str:
@@ -77,7 +85,7 @@ class FakeHub:
 
         assert local_files_only, "snapshot_download online: minigpt downloads file by file"
         self.calls.append((repo_id, list(allow_patterns)))
-        folder = self.tmp_path / repo_id.replace("/", "--")
+        folder = self.snapshot(repo_id)
         if not folder.is_dir():
             raise LocalEntryNotFoundError("Cannot find an appropriate cached snapshot folder\nmore lines")
         for f in self.repos.get(repo_id, folder).iterdir():
@@ -196,8 +204,8 @@ def test_an_offline_cache_with_tokenizer_json_alone_loads(fake_hub, tiny_hf_dir)
 
     repo = fake_hub.repos["org/tiny"]
     assert all((repo / name).is_file() for name in VOCAB_MERGES)
-    cached = fake_hub.tmp_path / "org--tiny"
-    cached.mkdir()
+    cached = fake_hub.snapshot("org/tiny")
+    cached.mkdir(parents=True)
     for name in ("config.json", "model.safetensors", "tokenizer.json"):
         shutil.copy(repo / name, cached / name)
     fake_hub.answer = made(OfflineModeIsEnabled, "Cannot reach https://huggingface.co: offline mode is enabled")
@@ -415,7 +423,7 @@ def test_an_answer_naming_no_commit_or_a_file_it_then_lacks_is_one_line(fake_hub
                 for name in ("config.json", "model.safetensors", "tokenizer.json"):
                     fake_hub.hf_hub_download("org/tiny", name, 10)
                 assert same_weights(load_model("org/tiny")[0], load_model(tiny_hf_dir)[0])
-                shutil.rmtree(fake_hub.tmp_path / "org--tiny")
+                shutil.rmtree(fake_hub.snapshot("org/tiny"))
                 fake_hub.fetched.clear()
 
     def gone(repo_id, filename, etag_timeout):
@@ -436,8 +444,8 @@ def test_a_cache_that_a_download_left_part_filled_says_so_offline(fake_hub):
     model.safetensors (or pytorch_model.bin) in this folder", the Hub's state unsaid."""
     from huggingface_hub.utils import OfflineModeIsEnabled
 
-    cached = fake_hub.tmp_path / "org--tiny"
-    cached.mkdir()
+    cached = fake_hub.snapshot("org/tiny")
+    cached.mkdir(parents=True)
     for name in ("config.json", "tokenizer.json"):
         shutil.copy(fake_hub.repos["org/tiny"] / name, cached / name)
     fake_hub.repos = {}  # (the cache alone: files the repo holds are not asked of it)
@@ -822,7 +830,7 @@ def test_a_repos_tokenizer_settings_are_fetched_online_and_not_required_offline(
     (repo / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "GPT2Tokenizer", "add_prefix_space": True}))
     assert load_tokenizer("org/tiny").encode("Hello world") == [18435, 995]  # (without the prefix space: 15496)
     assert load_model("org/tiny")[1].encode("Hello world") == [18435, 995]
-    (fake_hub.tmp_path / "org--tiny" / "tokenizer_config.json").unlink()
+    (fake_hub.snapshot("org/tiny") / "tokenizer_config.json").unlink()
     fake_hub.answer = made(OfflineModeIsEnabled, "Cannot reach https://huggingface.co: offline mode is enabled")
     assert load_model("org/tiny")[1].encode("Hello world") == [15496, 995]
     assert fake_hub.calls[-1] == ("org/tiny", ["config.json", "model.safetensors", INDEX_FILE, "README.md", "tokenizer.json"])
@@ -851,3 +859,20 @@ def test_a_hub_models_card_comes_with_it_for_its_licence(fake_hub, tmp_path):
 
     card = convert_to_minigpt("org/tiny", tmp_path / "converted") / "README.md"
     assert card_license(card) == {"license": "mit"} and "[org/tiny](https://huggingface.co/org/tiny)" in card.read_text()
+
+    # a licence file the card links to, relative (as the Hub recommends), is linked on the Hub; a minigpt
+    # checkpoint on the Hub converts and exports with its card (in the cache its README.md is a link to a
+    # blob, which was refused as a file from elsewhere)
+    from minigpt.loading import export_to_hf
+
+    (fake_hub.repos["org/tiny"] / "README.md").write_text("---\nlicense: other\nlicense_link: LICENSE\n---\n")
+    fake_hub.answer = None
+    shutil.rmtree(fake_hub.snapshot("org/tiny"))
+    link = f"https://huggingface.co/org/tiny/blob/{fake_hub.COMMIT}/LICENSE"
+    card = convert_to_minigpt("org/tiny", tmp_path / "linked") / "README.md"
+    assert card_license(card) == {"license": "other", "license_link": link}
+    fake_hub.repos["org/mg"] = convert_to_minigpt(tmp_path / "linked", tmp_path / "mg-repo")
+    for convert, out in ((convert_to_minigpt, tmp_path / "mg-copy"), (export_to_hf, tmp_path / "mg-hf")):
+        convert("org/mg", out)
+        assert (fake_hub.snapshot("org/mg") / "README.md").is_symlink()
+        assert card_license(out / "README.md") == {"license": "other", "license_link": link}

@@ -532,6 +532,8 @@ def test_a_forced_kernel_that_cannot_run_says_why(small_model, monkeypatch):
     # from Python: an unknown precision was a KeyError; a build without int8mm told a CPU user to try the CPU
     with pytest.raises(MinigptError, match=re.escape("precision: unknown 'fp64' (choose from fp32, bf16, int8)")):
         available_kernels("fp64")
+    with pytest.raises(MinigptError, match=r"^quantize: unknown scheme 'int4' \(choose from int8\)$"):
+        prepare_for_inference(copy.deepcopy(small_model), "int4")
     monkeypatch.setattr("minigpt.inference._has_int8mm", lambda device: False)
     with pytest.raises(MinigptError, match=r"^--quantize int8: this PyTorch build has no int8 weight-only kernel for cpu$"):
         prepare_for_inference(copy.deepcopy(small_model), "int8")

@@ -15,7 +15,7 @@ import pytest
 
 from conftest import ROOT, call_cli, python_path
 from minigpt.errors import MinigptError
-from minigpt.run_folder import LOCK_FILE, RunLock
+from minigpt.run_folder import LOCK_FILE, RunLock, check_outside_runs
 
 # A model small enough that the runs cost little next to starting Python and torch.
 TINY = ("--preset", "tiny", "--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--block-size", "32",
@@ -57,7 +57,14 @@ def test_a_second_lock_is_refused_naming_the_holder(tmp_path):
                                 "folder; wait for it to end, or choose another --out")
     assert not out.exists()  # made by the lock, left empty: removed with it
     with RunLock(out):  # free again
-        pass
+        # a live run's folder before its first save holds no .ckpt/: an export into it was written, and
+        # every later --resume of the run refused it; a .lock the run did not write (pytest's) is no run's
+        with pytest.raises(MinigptError, match=f"^--out {out / 'exp'}: is inside the training run in {out},"):
+            check_outside_runs(out / "exp")
+        (tmp_path / "other").mkdir()
+        (tmp_path / "other" / LOCK_FILE).write_text("")
+        check_outside_runs(tmp_path / "other" / "exp")
+    check_outside_runs(out / "exp")  # (the run ended: its lock file emptied, and this run saved nothing)
 
 
 def test_two_runs_started_at_once_on_one_out(tmp_path):
