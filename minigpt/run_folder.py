@@ -131,10 +131,9 @@ def _unlinked_first_save(out: Path) -> Path | None:
 
 
 def check_outside_runs(out: str | os.PathLike) -> None:
-    """Refuse (one-line MinigptError) an output folder inside the folder of a training run: a run's
-    folder holds only the run's own files, and one more (an export in `run/exp`) makes every later
-    `--resume` of that run refuse it. A run's folder is one with a `.ckpt/` folder in it, or the lock
-    file of a live run (which has none before its first save)."""
+    """Refuse (one-line MinigptError) an output folder inside a training run's: a run's folder holds only
+    the run's files, and one more (an export in `run/exp`) makes its every later `--resume` refuse it. A
+    run's folder holds a `.ckpt/` folder, or the lock file of a live run (none before its first save)."""
     parent = renamed_path(Path(out).absolute()).parent
     for folder in (parent, *parent.parents):
         if (folder / CKPT_DIR).is_dir() or _held_by_a_run(folder / LOCK_FILE):  # (a live run before its first save)
@@ -417,12 +416,11 @@ _HOLDERS = {TRAINING: "another training run", CONVERSION: "a weight conversion"}
 
 
 def _held_by_a_run(lock: Path) -> bool:
-    """Whether `lock` is the lock file of a live training run, as its holder wrote it (`_write_holder`;
-    a run that ended has emptied it). Not any `.lock`: pytest's temporary folders hold one, too."""
-    try:
+    """Whether `lock` is a live training run's lock file, as its holder wrote it (`_write_holder`; a run
+    that ended emptied it). Not any `.lock`: pytest's temporary folders hold one, too."""
+    with contextlib.suppress(OSError):
         return not lock.is_symlink() and lock.read_bytes()[:64].decode("ascii", "replace").split()[1:] == [TRAINING]
-    except OSError:
-        return False
+    return False
 
 
 def _write_holder(fd: int, role: str) -> None:
