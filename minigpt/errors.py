@@ -2,8 +2,8 @@
 
 Library code raises `MinigptError` with a one-line message that names the file, argument or tensor
 at fault (an argument as the function spells it, `device='cuda'`, or as a CLI's flag, `--device
-cuda`, where the CLI passes its name: `named`). The CLIs catch it, print the message and exit with status 2; anything else is a bug and keeps
-its traceback.
+cuda`, where the CLI passes its name: `named`). The CLIs catch it, print the message and exit with
+status 2; anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
