@@ -29,6 +29,7 @@ from typing import Any
 from .metrics import perplexity
 
 LICENSE = "apache-2.0"  # minigpt's licence, and distilgpt2's: a model trained from scratch states it
+TAGS = ("minigpt", "gpt2", "text-generation")  # a card's tags, a run's and a conversion's
 
 
 @dataclass(frozen=True)
@@ -49,7 +50,7 @@ class RunFacts:
     window: int  # the model's context, in tokens: the usage example asks for no more
     license: dict[str, str]  # the base model's (`card_license`), {"license": LICENSE} from scratch; {}: unknown
     language: str = "en"
-    tags: list[str] = field(default_factory=lambda: ["minigpt", "gpt2", "text-generation"])
+    tags: list[str] = field(default_factory=lambda: list(TAGS))
 
 
 def results_table(rows: list[dict[str, Any]]) -> list[tuple[float | None, float, int, float]]:
@@ -73,6 +74,11 @@ def results_table(rows: list[dict[str, Any]]) -> list[tuple[float | None, float,
 def _yaml(value: Any) -> str:
     """A scalar as YAML: JSON's strings and numbers are valid YAML flow scalars."""
     return json.dumps(value)
+
+
+def _licence_lines(licence: dict[str, str]) -> list[str]:
+    """A card's metadata lines for a licence as `card_license` gives it (the id, checked there, as it is)."""
+    return [f"{k}: {v if k == 'license' else _yaml(v)}" for k, v in licence.items()]
 
 
 def _yaml_number(x: float) -> str:
@@ -102,7 +108,7 @@ def render_card(facts: RunFacts, rows: list[dict[str, Any]], step: int) -> str:
     measured = evals[-1] if evals and evals[-1]["step"] == step else None  # the weights' own loss
     finished = step >= facts.max_steps
 
-    meta = [f"{k}: {v if k == 'license' else _yaml(v)}" for k, v in facts.license.items()]  # (an id: checked)
+    meta = _licence_lines(facts.license)
     if facts.base_on_hub:
         meta.append(f"base_model: {_yaml(facts.base_model)}")
     meta += ["datasets:", *(f"- {_yaml(d)}" for d in facts.datasets)]
@@ -204,8 +210,8 @@ def conversion_card(source: str, on_hub: bool, licence: dict[str, str], folder: 
     folder) unchanged, with a `window`-token context, as a minigpt checkpoint, or as a transformers
     folder where `exported`: the `licence` the source's card states (`card_license`; {}: none) and
     how to use the folder. Not `base_model`: the Hub reads it as a fine-tune of, or an adapter to."""
-    meta = [f"{k}: {v if k == 'license' else _yaml(v)}" for k, v in licence.items()]  # (an id: checked)
-    meta += ["tags:", *(f"- {_yaml(t)}" for t in ("minigpt", "gpt2", "text-generation")),
+    meta = _licence_lines(licence)
+    meta += ["tags:", *(f"- {_yaml(t)}" for t in TAGS),
              f"library_name: {'transformers' if exported else 'minigpt'}", "pipeline_tag: text-generation"]
     named = f"[{source}](https://huggingface.co/{source})" if on_hub else f"`{source}`"
     if licence:
