@@ -5,6 +5,7 @@ A module of its own, free of torch, so the CLI can build its flags and answer `-
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from numbers import Integral, Real
 
@@ -55,6 +56,15 @@ class SamplingConfig:
             raise MinigptError(f"top_p must be in (0, 1], got {self.top_p}")
         if not 0 < self.repetition_penalty < float("inf"):
             raise MinigptError(f"repetition_penalty must be a finite number > 0, got {self.repetition_penalty}")
+        if self.is_greedy:  # (transformers' GenerationConfig warns so with do_sample=False; sample.py refuses them)
+            cls = type(self)  # (its attributes hold the fields' defaults)
+            unused = [f"{name}={value!r}" for name, value, keep in (
+                ("temperature", self.temperature, (0, 1)), ("top_k", self.top_k, (0, cls.top_k)),
+                ("top_p", self.top_p, (cls.top_p, 1))) if value not in keep]  # (the defaults, or off)
+            if unused:
+                warnings.warn(f"SamplingConfig: {' and '.join(unused)} {'has' if len(unused) == 1 else 'have'} no "
+                              f"effect with {'greedy=True' if self.greedy else 'temperature=0'}: greedy decoding "
+                              "always takes the most likely token", stacklevel=3)
 
     @property
     def is_greedy(self) -> bool:

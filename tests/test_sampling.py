@@ -217,6 +217,25 @@ def test_sampling_config_names_a_value_of_the_wrong_type():
     assert (config.max_new_tokens, config.top_k, config.temperature) == (3, 2, 1)
 
 
+def test_sampling_config_warns_of_filters_greedy_decoding_ignores():
+    """SamplingConfig(greedy=True, temperature=0.5) decoded greedily without a word, where sample.py
+    refuses the pair (and transformers' GenerationConfig warns of it)."""
+    import warnings
+
+    for kwargs, said in ((dict(greedy=True, temperature=0.5), "temperature=0.5 has no effect with greedy=True"),
+                         (dict(temperature=0, top_k=5, top_p=0.9), "top_k=5 and top_p=0.9 have no effect with temperature=0"),
+                         (dict(greedy=True, top_p=0.5), "top_p=0.5 has no effect with greedy=True")):
+        with pytest.warns(UserWarning, match=f"^SamplingConfig: {said}: greedy decoding always takes the most likely "
+                                             "token$") as caught:
+            SamplingConfig(**kwargs)
+        assert len(caught) == 1 and caught[0].filename == __file__  # (pointing at the caller's line)
+    with warnings.catch_warnings():  # the defaults, filters off, or both greedy settings: nothing to say
+        warnings.simplefilter("error")
+        for kwargs in (dict(greedy=True), dict(temperature=0), dict(greedy=True, temperature=0, top_k=0, top_p=1.0),
+                       dict(greedy=True, temperature=1.0, top_k=50, top_p=0.95), dict(temperature=0.5, top_k=5)):
+            SamplingConfig(**kwargs)
+
+
 def test_text_stream_never_splits_a_character(gpt2_tokenizer):
     text = "naïve café 😀 日本語 ok"
     ids = gpt2_tokenizer.encode(text)
