@@ -404,3 +404,59 @@ def test_a_parameter_given_new_data_is_updated_there_and_a_new_shape_is_refused(
                        r"\[1\], torch.float32 on cpu its moments were made for; make a new optimizer after "
                        r"changing a parameter \(model.to\(...\) after AdamW\(...\)\)"):
         ours.step()
+
+
+def test_lr_zero_is_taken_as_torch_takes_it_and_a_warm_up_state_with_lr_0_loads():
+    """lr 0 is a legal AdamW learning rate (torch.optim.AdamW takes it), and a warm-up's first step has
+    exactly that: a checkpoint saved at step 0 of a warm-up stores lr 0.0. Refusing lr 0 (`> 0` for
+    `>= 0`) made every such checkpoint's --resume fail, and no test noticed."""
+    torch.optim.AdamW(small_model().parameters(), lr=0.0)  # (torch's: accepted)
+    model = small_model()
+    opt = AdamW(param_groups(model, 0.01), lr=0.0)
+    assert [g["lr"] for g in opt.param_groups] == [0.0, 0.0]
+    before = [p.detach().clone() for p in model.parameters()]
+    set_grads(model, 0)
+    opt.step()  # lr 0: nothing moves, as in torch (the decay is lr * weight_decay, 0 too)
+    assert all(torch.equal(a, b.detach()) for a, b in zip(before, model.parameters()))
+    state = opt.state_dict()
+    assert [g["lr"] for g in state["param_groups"]] == [0.0, 0.0]
+    other = AdamW(param_groups(small_model(), 0.01), lr=1e-3)
+    other.load_state_dict(state)
+    assert [g["lr"] for g in other.param_groups] == [0.0, 0.0] and other.step_count == 1
+
+
+def test_zero_grad_without_none_zeroes_the_gradients_as_torch_does():
+    """zero_grad(set_to_none=False) must zero the gradients in place, so that the next backward gives
+    one backward's gradient; a zero_grad that did nothing there let the gradients add up across steps
+    (twice the gradient after two backwards), and no test called it with set_to_none=False."""
+    model, reference = small_model(), small_model()
+    ours, theirs = AdamW(model.parameters(), lr=0.1), torch.optim.AdamW(reference.parameters(), lr=0.1)
+    x = torch.tensor([[1, 2, 3, 4]])
+    for m, opt in ((model, ours), (reference, theirs)):
+        m(x).sum().backward()
+        opt.zero_grad(set_to_none=False)
+        m(x).sum().backward()
+    once = small_model()
+    once(x).sum().backward()
+    for p, q, o in zip(model.parameters(), reference.parameters(), once.parameters()):
+        assert p.grad is not None and torch.equal(p.grad, o.grad) and torch.equal(q.grad, o.grad)
+    ours.zero_grad(set_to_none=False)
+    assert all(p.grad is not None and not p.grad.any() for p in model.parameters())
+
+
+def test_a_frozen_parameter_is_in_no_group_and_gets_no_moments():
+    """param_groups leaves out parameters with requires_grad=False, as HF Trainer's create_optimizer does
+    (`... and p.requires_grad`); without that filter a frozen embedding went into the decayed group, where
+    AdamW allocated two moments for it (twice its memory) and saved them in every checkpoint."""
+    model = small_model()
+    model[0].weight.requires_grad_(False)  # (a frozen embedding, 50 x 16)
+    decay, no_decay = param_groups(model, 0.01)
+    grouped = {id(p) for p in decay["params"] + no_decay["params"]}
+    assert id(model[0].weight) not in grouped
+    assert grouped == {id(p) for p in model.parameters() if p.requires_grad}
+    assert [list(p.shape) for p in decay["params"]] == [[40, 16], [7, 40]]
+    opt = AdamW(param_groups(model, 0.01), lr=0.1)
+    assert sum(m.numel() for ms in opt.exp_avg for m in ms) == sum(p.numel() for p in model.parameters()) - 50 * 16
+    # torch's AdamW on the same groups keeps no state for it either
+    assert all(p is not model[0].weight for g in torch.optim.AdamW(param_groups(model, 0.01)).param_groups
+               for p in g["params"])
