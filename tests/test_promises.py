@@ -27,6 +27,7 @@ from minigpt.data import BatchIterator, TokenBlocks
 from minigpt.errors import MinigptError
 from minigpt.model import GPT
 from minigpt.optim import AdamW, param_groups
+from minigpt.run_folder import check_out_folder
 from minigpt.trainer import Trainer, TrainConfig
 
 
@@ -107,10 +108,36 @@ def test_fp16_steps_with_inf_gradients_are_skipped_and_counted(tmp_path):
 
 
 def test_fp16_skipped_steps_reach_metrics(tmp_path):
+    """... and the gradient norms logged (and clipped) are the true ones, the fp32 run's: without the
+    scaler's unscale_ before the clipping, fp16 rows logged the scaled norm (86702 for 1.32) and clipped
+    the scaled gradients, unnoticed."""
     model = micro_model()
-    make_trainer(tmp_path, model, poisoned_loss(bad_step=3), max_steps=5, dtype=torch.float16).fit()
-    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    make_trainer(tmp_path / "fp16", model, poisoned_loss(bad_step=3), max_steps=5, dtype=torch.float16).fit()
+    rows = [json.loads(line) for line in (tmp_path / "fp16" / "metrics.jsonl").read_text().splitlines()]
     assert [(r["step"], r["skipped_steps"]) for r in rows if "loss" in r] == [(1, 0), (2, 0), (3, 1), (4, 1), (5, 1)]
+    make_trainer(tmp_path / "fp32", micro_model(), poisoned_loss(bad_step=99), max_steps=2).fit()
+    fp32 = [json.loads(line) for line in (tmp_path / "fp32" / "metrics.jsonl").read_text().splitlines()]
+    norms = [r["grad_norm"] for r in rows if "loss" in r]
+    # steps 1 and 2 start from the same weights in both runs (step 3, skipped in fp16, is where they part)
+    assert norms[:2] == pytest.approx([r["grad_norm"] for r in fp32 if "loss" in r], rel=1e-2)
+    assert all(0.1 < n < 10 for n in norms[:2] + norms[3:])  # (of an fp32 norm's size, not the scale's)
+
+
+def test_fp16_skipped_steps_are_kept_over_a_resume(tmp_path):
+    """The count of skipped fp16 steps is saved in the training state and restored by a resume: a
+    resume that restored the step but not the count started the resumed rows at skipped_steps 0 again."""
+    make_trainer(tmp_path, micro_model(), poisoned_loss(bad_step=3), max_steps=4, dtype=torch.float16).fit()
+    folder = check_out_folder(tmp_path, resume=True)
+    assert json.loads((folder / "training_state.json").read_text())["skipped_steps"] == 1
+    model = micro_model()
+    model.load_state_dict(load_file(str(folder / "model.safetensors")), strict=False)
+    resumed = make_trainer(tmp_path, model, poisoned_loss(bad_step=99), max_steps=6, dtype=torch.float16)
+    resumed.resume(folder)
+    assert resumed.step == 4 and resumed.skipped_steps == 1
+    resumed.fit()
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["skipped_steps"]) for r in rows if "loss" in r] == [
+        (1, 0), (2, 0), (3, 1), (4, 1), (5, 1), (6, 1)]
 
 
 @pytest.mark.parametrize("fused", [False, True], ids=["written_out", "fused"])
