@@ -550,6 +550,11 @@ def test_a_resume_with_other_settings_names_them_readably(tmp_path, monkeypatch)
     assert again.returncode == 2 and again.stderr.splitlines() == [
         f"error: --resume: the run in {out} was made without --tokenizer, not with --tokenizer gpt2; "
         "resume with the same settings, or choose another --out"]
+    # a loop setting that changes the numbers too (it was taken silently once its `run=True` was lost)
+    again = call_cli("train.py", *QUICK, "--max-steps", "1", "--out", str(out), "--resume", "--max-grad-norm", "0.25")
+    assert again.returncode == 2 and again.stderr.splitlines() == [
+        f"error: --resume: the run in {out} was made with --max-grad-norm 1.0, not 0.25; "
+        "resume with the same settings, or choose another --out"]
     # settings the data does not decide are compared before any data is read: a --resume without the
     # run's data flags is told so, not sent to the (here unreachable) Hub for the recipe's data
     bare = call_cli("train.py", "--out", str(out), "--resume", "--no-progress")
@@ -570,6 +575,28 @@ def test_a_resume_with_other_settings_names_them_readably(tmp_path, monkeypatch)
     assert other_data.returncode == 2 and len(other_data.stderr.splitlines()) == 1, other_data.stderr
     assert re.match(rf"error: --resume: the run in {re.escape(str(out))} was made (with --data .+|without --data), "
                     r"not (with --data )?eli5_category; ", other_data.stderr), other_data.stderr
+
+
+def test_a_resume_compares_exactly_the_settings_readme_lists():
+    """README's list of the settings a --resume must repeat is the list the code compares (both ways):
+    a flag that lost its `run=True` (--max-grad-norm, --warmup-steps) was taken silently by a resume
+    with another value while README promised a refusal, and no test noticed."""
+    from minigpt.train_flags import TrainFlags
+
+    readme = (ROOT / "README.md").read_text()
+    start = readme.index("`--resume` takes the same settings as the run it continues")
+    promise = " ".join(readme[start:readme.index(". It refuses others", start)].split())
+    must, may = promise.split(": ", 1)[1].split(" (", 1)
+    assert must.startswith("the model's shape and ") and must.endswith(" and the step count"), must
+    listed = set(re.findall(r"`(--[a-z-]+)`", must)) | {"--n-layer", "--n-head", "--n-embd"}
+    compared = TrainFlags().run_config(world_size=1, dtype_name="fp32", max_steps=3)
+    assert "steps (--epochs / --max-steps)" in compared
+    assert {k.split()[0] for k in compared if k.startswith("--")} == listed
+    assert "--batch-size x processes" in compared and "`--batch-size` x processes" in must
+    may_change = set(re.findall(r"`(--[a-z-]+)`", may))
+    assert may_change == {"--device", "--compile", "--log-every", "--eval-every", "--save-every", "--no-progress"}
+    assert not may_change & listed
+    assert {"--max-grad-norm", "--warmup-steps", "--seed", "--lr"} <= listed  # (the ones the code once dropped)
 
 
 def test_a_data_file_edited_since_the_checkpoint_is_refused_on_resume(tmp_path):
