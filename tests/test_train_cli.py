@@ -206,6 +206,26 @@ def test_same_fine_tune_twice_is_bitwise_equal(tmp_path, tiny_hf_dir):
     assert metrics(tmp_path / "c")[0]["loss"] != rows[0]["loss"]
 
 
+def test_the_seed_decides_the_batch_order(tmp_path, tiny_hf_dir):
+    """--seed decides the order the training batches come in (README: "data split and order"): with the
+    same weights (--init), no dropout and no split (--val-data), only the order can tell two seeds apart.
+    A BatchIterator built without seed=args.seed drew every run's order from its default 42, and the
+    test above still passed (its seeds differ in dropout)."""
+    flags = ("--init", str(tiny_hf_dir), "--data", str(ROOT / "tests" / "data" / "eli5_small.jsonl"),
+             "--val-data", str(ROOT / "tests" / "data" / "docs.txt"), "--block-size", "32", "--batch-size", "4",
+             "--max-steps", "1", "--log-every", "1", "--dropout", "0", "--no-progress")
+    runs = {}
+    for seed in ("7", "42"):
+        result = call_cli("train.py", *flags, "--seed", seed, "--out", str(tmp_path / seed))
+        assert result.returncode == 0, result.stderr
+        data_line = next(line for line in result.stdout.splitlines() if line.startswith("data: "))
+        state = json.loads((tmp_path / seed / "training_state.json").read_text())
+        runs[seed] = data_line, state["data"]["seed"], metrics(tmp_path / seed)[0]["loss"]
+    assert runs["7"][0] == runs["42"][0]  # the same blocks, all of --data for training
+    assert (runs["7"][1], runs["42"][1]) == (7, 42)  # the order's seed, saved for the resume
+    assert runs["7"][2] != runs["42"][2]  # the first step's batch, so its loss, is another
+
+
 def test_ctrl_c_saves_a_checkpoint_and_exits_130(tmp_path):
     out = tmp_path / "run"
     proc = start(out, "--max-steps", "100000")
@@ -478,6 +498,36 @@ def test_help_explains_every_flag():
         assert shown in help_text, help_text
 
 
+def test_the_presets_help_states_what_it_sets():
+    """--help's --preset text states the tiny preset's settings; each stated one is the value the preset
+    applies. `epochs=10` in TINY_PRESET while the help said "12 epochs" went unnoticed (a test ran the
+    preset, none read its epoch count)."""
+    import train
+    from minigpt.train_flags import TINY_PRESET, TINY_VOCAB
+
+    result = call_cli("train.py", "--help")
+    assert result.returncode == 0
+    text = " ".join(result.stdout.split())
+    text = text[text.index("--preset {tiny} tiny: "):text.index("keeps its shape and dropout")]
+    patterns = dict(
+        n_layer=r"a (\d+)-layer,", n_embd=r", (\d+)-wide model", init=r"model trained from (scratch) ",
+        block_size=r"\(block (\d+),", batch_size=r" batch (\d+),", lr=r" lr ([\d.e-]+),",
+        warmup_steps=r" (\d+) warm-up steps,", epochs=r" (\d+) epochs,", dropout=r" dropout ([\d.]+),",
+        log_every=r" --log-every (\d+),", save_every=r" --save-every (\d+),", out=r" out ([\w/]+)\)",
+    )
+    stated = {}
+    for name, pattern in patterns.items():
+        found = re.findall(pattern, text)
+        assert len(found) == 1, (name, pattern, text)
+        stated[name] = found[0]
+    assert set(TINY_PRESET) - set(stated) == {"n_head"}  # (the help names no head count)
+    for name, value in stated.items():
+        assert type(TINY_PRESET[name])(value) == TINY_PRESET[name], (name, value, TINY_PRESET[name])
+    assert f"with a {TINY_VOCAB:,}-token vocabulary" in text
+    flags = train.parse_args(["--preset", "tiny"])
+    assert (flags.epochs, flags.warmup_steps, flags.lr, flags.block_size) == (12, 20, 2e-3, 64)
+
+
 def test_tokenizer_applies_to_a_new_model_even_with_the_preset(tiny_minigpt_dir):
     """--tokenizer given is used (the preset's own vocabulary only stands in when it is not), and its
     default is the recipe's for a new model without the preset."""
@@ -735,6 +785,18 @@ def test_the_summary_says_what_a_step_takes_and_warns_of_a_warm_up_longer_than_t
     assert "= 110 examples (the whole training set), 7,040 tokens per step" in result.stdout
     assert ("warning: --warmup-steps 20 is not fewer than the run's 2 steps: the learning rate only rises, to 0.0001 "
             "at the last step, never to --lr 0.002") in result.stderr.splitlines()
+
+
+def test_an_epoch_whose_batches_do_not_divide_by_grad_accum_ends_with_a_shorter_step(tmp_path):
+    """--epochs counts whole passes: 7 batches of the preset's 110 blocks at --grad-accum 3 are 3 steps
+    (3 + 3 + 1 micro-batches), and the run ends at epoch 1.0. Counted with a floor division, an epoch was
+    2 steps and `--epochs 1` stopped at epoch 0.8571, leaving the last batch untrained."""
+    result = call_cli("train.py", *QUICK, "--epochs", "1", "--grad-accum", "3", "--out", str(tmp_path / "out"))
+    assert result.returncode == 0, result.stderr
+    assert "schedule: 3 steps per epoch, 3 steps (1 epoch); lr 0.002" in result.stdout
+    rows = [r for r in metrics(tmp_path / "out") if "loss" in r]
+    assert [(r["step"], r["epoch"]) for r in rows] == [(1, pytest.approx(3 / 7, abs=1e-4)),
+                                                       (2, pytest.approx(6 / 7, abs=1e-4)), (3, 1.0)]
 
 
 def test_weight_decay_and_max_grad_norm_reach_the_optimizer_and_the_clipping(tmp_path, monkeypatch):
