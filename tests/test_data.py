@@ -150,6 +150,23 @@ def test_explicit_validation_source(tmp_path, gpt2_tokenizer):
     assert val.manifest["source"].endswith("docs.txt") and len(val) > 0
 
 
+def test_max_records_cuts_the_training_source_not_an_explicit_validation_source(tmp_path, gpt2_tokenizer):
+    """--max-records limits --data; a --val-data given as well is scored whole (README: "use only the first N
+    records" of the training data). Resolving --val-data with max_records too cut the validation set
+    silently, and its loss was then another set's."""
+    from minigpt.data import load_validation_blocks
+
+    common = dict(source=str(DATA / "eli5_small.json"), val_source=str(DATA / "eli5_small.jsonl"))
+    train, val = load(tmp_path, gpt2_tokenizer, **common)
+    cut_train, cut_val = load(tmp_path, gpt2_tokenizer, **common, max_records=3)
+    assert len(cut_train) < len(train) and cut_train.manifest["records"] == 3
+    assert len(val) == len(cut_val) == 33 and val.manifest["records"] == cut_val.manifest["records"] == 12
+    np.testing.assert_array_equal(cut_val.blocks, val.blocks)
+    alone = load_validation_blocks(DataConfig(**common, block_size=16, max_records=3, cache_dir=str(tmp_path / "c")),
+                                   gpt2_tokenizer, progress=False)
+    np.testing.assert_array_equal(alone.blocks, val.blocks)
+
+
 def test_text_file_paragraphs_and_text_folder_files_are_documents(tmp_path, gpt2_tokenizer):
     text = (DATA / "docs.txt").read_text()  # paragraphs split by blank lines, one of them only spaces
     paragraphs = [text.split("\n\n")[0], text.split("\n\n")[1], *text.split("\n\n\n")[1].split("\n   \n")]
