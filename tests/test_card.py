@@ -42,6 +42,9 @@ def test_results_table_weights_rows_by_the_steps_they_cover():
 
 
 def test_card_of_an_evaluated_checkpoint():
+    """The card of a finished run's last checkpoint (step 8 of 8, evaluated). Its "after step 8 of 8."
+    line went unread: `step > max_steps` for `>=` made every finished run's card say "(the run is not
+    finished)", and no test noticed."""
     card = load(render_card(FACTS, ROWS, step=8))
     meta = card.data.to_dict()
     assert meta["pipeline_tag"] == "text-generation" and meta["license"] == "apache-2.0"
@@ -57,6 +60,7 @@ def test_card_of_an_evaluated_checkpoint():
     lines = card.text.splitlines()
     assert "- Loss: 2.1235" in lines and "- Perplexity: 8.3599" in lines
     assert "Validation loss at step 8: 2.1235 (perplexity 8.3599)." in lines
+    assert "These are its weights after step 8 of 8." in lines and "not finished" not in card.text
     assert f"PyTorch {torch.__version__}" in card.text and "- learning_rate: 2e-05" in card.text
     assert 'pipeline("text-generation"' in card.text and "python sample.py --model checkpoints/eli5" in card.text
 
@@ -74,7 +78,7 @@ def test_a_card_claims_no_loss_it_did_not_measure():
     card = load(render_card(FACTS, ROWS[:4], step=6))
     assert card.data.eval_results in (None, []) and "Loss:" not in card.text
     assert "not evaluated; the last evaluation was at step 3" in card.text
-    assert "(the run is not finished)" in card.text
+    assert "These are its weights after step 6 of 8 (the run is not finished)." in card.text.splitlines()
     # no evaluation at all, and a model trained from scratch: no base model, no results
     scratch = RunFacts(**{**FACTS.__dict__, "base_model": None, "base_on_hub": False})
     card = load(render_card(scratch, ROWS[:1], step=2))
