@@ -99,6 +99,36 @@ def test_atomic_folder_replaces_a_symlink_out_also_one_that_names_nothing(tmp_pa
     assert [p.name for p in (tmp_path / "target").iterdir()] == ["keep.txt"] and not (tmp_path / "nowhere").exists()
 
 
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="names an fd's file through /proc/self/fd")
+def test_atomic_folder_syncs_every_file_and_folder_before_the_rename(tmp_path, monkeypatch):
+    """The promise of atomic_folder's docstring: when the block returns, every file and folder written in
+    it is fsynced, then the folder is renamed into place, then the rename is. Without the fsync of the
+    tree a power loss right after the rename could leave a checkpoint of empty files under the final
+    name; deleting `fsync_tree(tmp)` left every test passing (only the parent's fsync ran)."""
+    events = []
+    fsync, replace, rename = os.fsync, os.replace, os.rename
+
+    def spy_fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        return fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", spy_fsync)
+    monkeypatch.setattr(os, "replace", lambda a, b: events.append(("rename", str(a))) or replace(a, b))
+    monkeypatch.setattr(os, "rename", lambda a, b: events.append(("rename", str(a))) or rename(a, b))
+    for out, overwrite in ((tmp_path / "new", True), (tmp_path / "kept", False)):  # (os.replace; os.rename)
+        events.clear()
+        with atomic_folder(out, overwrite=overwrite) as tmp:
+            (tmp / "model.safetensors").write_bytes(b"weights")
+            (tmp / "sub").mkdir()
+            (tmp / "sub" / "state.json").write_text("{}")
+        renamed = events.index(("rename", str(tmp)))
+        synced = [path for kind, path in events[:renamed] if kind == "fsync"]
+        written = [tmp / "model.safetensors", tmp / "sub" / "state.json", tmp / "sub", tmp]
+        assert sorted(synced) == sorted(os.path.realpath(p) for p in written), events  # (/proc: real paths)
+        assert events[renamed + 1:] == [("fsync", os.path.realpath(tmp_path))]  # then the rename itself
+        assert (out / "sub" / "state.json").read_text() == "{}"
+
+
 def test_atomic_symlink_swaps_the_pointer(tmp_path):
     link = tmp_path / "current"
     atomic_symlink("step-1", link)
