@@ -66,6 +66,26 @@ def test_legacy_pytorch_model_bin(tiny_hf_dir, tmp_path):
         assert (model(IDX)[0] - hf_logits(tiny_hf_dir, IDX)).abs().max() < FP32_TOL
 
 
+def test_a_folder_with_safetensors_and_a_bin_loads_the_safetensors_as_transformers_does(tiny_hf_dir, tmp_path):
+    """An HF folder holding both model.safetensors and a pytorch_model.bin of other weights (an older
+    save left beside a newer one): transformers reads the safetensors, and so does minigpt, whose
+    logits are then transformers'. Preferring the .bin (a pickle, and other weights) went unnoticed:
+    no test folder held both."""
+    import shutil
+
+    from minigpt.hf import hf_weight_files
+
+    folder = tmp_path / "both"
+    shutil.copytree(tiny_hf_dir, folder)
+    torch.save({k: v + 0.05 for k, v in load_file(folder / "model.safetensors").items()}, folder / "pytorch_model.bin")
+    expected = hf_logits(folder, IDX)
+    assert (expected - hf_logits(tiny_hf_dir, IDX)).abs().max() == 0  # (transformers read the safetensors)
+    model, _ = load_model(folder)
+    with torch.no_grad():
+        assert (model(IDX)[0] - expected).abs().max() < FP32_TOL  # (the .bin's: 2.4 apart)
+    assert hf_weight_files(folder) == [folder / "model.safetensors"]
+
+
 def test_gpt2configs_other_names_for_its_fields_are_read(tmp_path):
     """transformers reads hidden_size, max_position_embeddings, num_attention_heads and
     num_hidden_layers as n_embd, n_positions, n_head and n_layer. minigpt read only the latter, and
@@ -154,6 +174,47 @@ def test_an_export_samples_in_transformers_as_sample_py_does(tiny_minigpt_dir, t
     torch.manual_seed(0)
     assert hf.generate(torch.tensor([[15496]])).shape == (1, 16)  # sampled up to the window, no error
     assert hf.generate(torch.tensor([[15496] * 12])).shape == (1, 16)  # a longer prompt too
+
+
+def test_an_exports_eos_and_bos_are_its_tokenizers(tmp_path):
+    """A model with its own small BPE vocabulary (as `train.py --preset tiny` makes) has its EOS at
+    another id than GPT-2's 50256 (here 0); the export's generation_config.json names that id as EOS
+    and BOS, as config.json does. A hard-coded 50256 (outside its 295-token vocabulary) went unnoticed:
+    every export test used GPT-2's vocabulary, where the two agree."""
+    from transformers import GenerationConfig
+
+    from minigpt.model import GPT
+    from minigpt.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.train_bpe(["why is the sky blue? because of rayleigh scattering."] * 20, 300)
+    assert tokenizer.eos_id != 50256
+    model = GPT(GPTConfig(vocab_size=tokenizer.vocab_size, block_size=32, n_layer=1, n_head=2, n_embd=16)).eval()
+    out = export_hf(model, tokenizer, tmp_path / "exported")
+    generation = json.loads((out / "generation_config.json").read_text())
+    config = json.loads((out / "config.json").read_text())
+    assert (generation["eos_token_id"], generation["bos_token_id"]) == (tokenizer.eos_id, tokenizer.eos_id)
+    assert (config["eos_token_id"], config["bos_token_id"]) == (tokenizer.eos_id, tokenizer.eos_id)
+    settings = GenerationConfig.from_pretrained(out)
+    assert (settings.eos_token_id, settings.bos_token_id) == (tokenizer.eos_id, tokenizer.eos_id)
+
+
+def test_an_export_generates_without_a_prompt_from_eos(tiny_minigpt_dir, tmp_path):
+    """sample.py "" starts from <|endoftext|>; so does transformers' generate() with no prompt on an
+    export, whose generation_config.json names <|endoftext|> as BOS: the same greedy tokens. Without
+    that BOS (transformers reads the generation config's, not config.json's) generate() with no
+    prompt failed, and no test noticed."""
+    from transformers import AutoModelForCausalLM
+
+    from minigpt.sampling import SamplingConfig, generate_ids
+
+    model, tokenizer = load_model(tiny_minigpt_dir)
+    out = export_hf(model, tokenizer, tmp_path / "exported")
+    assert json.loads((out / "generation_config.json").read_text()).get("bos_token_id") == tokenizer.eos_id == 50256
+    hf = AutoModelForCausalLM.from_pretrained(out).eval()
+    with torch.no_grad():
+        tokens = hf.generate(do_sample=False, max_new_tokens=6, pad_token_id=tokenizer.eos_id)[0].tolist()
+    greedy = generate_ids(model, [], SamplingConfig(max_new_tokens=6, greedy=True), eos_id=tokenizer.eos_id)[0]
+    assert tokens[0] == tokenizer.eos_id and tokens[1:] == greedy and len(greedy) == 6
 
 
 def test_config_mapping_round_trip():

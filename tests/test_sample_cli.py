@@ -579,3 +579,131 @@ def test_running_out_of_memory_is_one_line(tiny_minigpt_dir, monkeypatch):
     result = call_cli("sample.py", "--model", str(tiny_minigpt_dir), "hi")
     assert result.returncode == 2 and result.stderr.splitlines() == [
         "error: out of memory: what this run reads or makes does not fit in this machine's memory"]
+
+
+# --- sample.py's default model, complete()'s stream and numbers --------------------------------
+
+
+def test_without_a_model_the_checkpoint_train_py_wrote_is_sampled(tiny_minigpt_dir, tmp_path, monkeypatch):
+    """`python train.py` then `python sample.py "Why"`: with no --model the user's fine-tune in
+    checkpoints/eli5 is the model. With that branch gone the Hub's distilgpt2 was sampled instead
+    (offline: an error), and no test noticed: each one without --model ran where no checkpoints/eli5 is."""
+    monkeypatch.chdir(tmp_path)  # (call_cli runs in this process: sample.py's relative checkpoints/eli5 is here)
+    shutil.copytree(tiny_minigpt_dir, tmp_path / "checkpoints" / "eli5")
+    monkeypatch.setattr("minigpt.hub.HubRepo.files", lambda *a, **k: pytest.fail("the Hub was asked for a model"))
+    default = call_cli("sample.py", "--greedy", "--max-new-tokens", "3", "Why")
+    given = call_cli("sample.py", "--model", "checkpoints/eli5", "--greedy", "--max-new-tokens", "3", "Why")
+    assert (default.returncode, given.returncode) == (0, 0), default.stderr + given.stderr
+    assert default.stdout == given.stdout and default.stdout.startswith("Why") and len(default.stdout) > len("Why\n")
+
+
+def eos_first_model(tiny_minigpt_dir):
+    """The tiny model, made to take <|endoftext|> as its greedy token after any prompt: the final
+    LayerNorm outputs EOS's (scaled) embedding, whose logit then beats every other token's."""
+    from minigpt.loading import load_model
+
+    model, tokenizer = load_model(tiny_minigpt_dir)
+    with torch.no_grad():
+        wte = model.transformer.wte.weight
+        wte[tokenizer.eos_id] *= 10
+        model.transformer.ln_f.weight.zero_()
+        model.transformer.ln_f.bias.copy_(wte[tokenizer.eos_id])
+    return model.eval(), tokenizer
+
+
+@pytest.mark.parametrize("num_samples, written", [(1, "Why\n"), (2, "Why\n\nWhy\n")])
+def test_an_answer_that_ends_at_eos_prints_no_eos_text(tiny_minigpt_dir, num_samples, written):
+    """A sample's <|endoftext|> ends it and is not text: an answer that is EOS at once prints the
+    prompt alone. With EOS streamed like any token every such answer ended "<|endoftext|>", unnoticed."""
+    from minigpt.sampling_config import SamplingConfig
+    from minigpt.streaming import complete
+
+    model, tokenizer = eos_first_model(tiny_minigpt_dir)
+    out = io.StringIO()
+    done = complete(model, tokenizer, "Why", SamplingConfig(greedy=True, max_new_tokens=5), num_samples=num_samples,
+                    out=out)
+    assert (done.texts, done.new_tokens, out.getvalue()) == ([""] * num_samples, num_samples, written)
+
+
+def test_each_sample_streams_its_own_characters(monkeypatch, gpt2_tokenizer):
+    """--num-samples 2, each writing " 𝄞 ok" (𝄞 spans several tokens): each sample keeps its own
+    incomplete character until its next token completes it. One TextStream shared by the samples
+    mixed their bytes and garbled every character split across tokens, unnoticed."""
+    from minigpt.sampling_config import SamplingConfig
+    from minigpt.streaming import complete
+
+    ids = gpt2_tokenizer.encode(" 𝄞 ok")
+    assert len(ids) > len(" 𝄞 ok".split()) + 1  # (𝄞 is more than one token, else this tests nothing)
+    monkeypatch.setattr("minigpt.streaming.generate", lambda *a, **k: iter([torch.tensor([t, t]) for t in ids]))
+
+    class Model:  # (only its window is read: the token steps above replace the decoding)
+        config = type("Config", (), {"block_size": 256})()
+
+    out = io.StringIO()
+    done = complete(Model(), gpt2_tokenizer, "Q:", SamplingConfig(), num_samples=2, out=out)
+    assert done.texts == [" 𝄞 ok", " 𝄞 ok"]
+    assert out.getvalue() == "Q: 𝄞 ok\n\nQ: 𝄞 ok\n"
+
+
+def test_a_prompt_warns_from_one_token_past_the_window(tiny_minigpt_dir, gpt2_tokenizer, capsys):
+    """A prompt of exactly the window's 256 tokens is read whole, silently; one of 257 loses its first
+    token, with the warning. The warning from 258 tokens on only (one token dropped in silence) went
+    unnoticed: the test's prompt was 400 tokens."""
+    from minigpt.loading import load_model
+    from minigpt.sampling_config import SamplingConfig
+    from minigpt.streaming import complete
+
+    model, tokenizer = load_model(tiny_minigpt_dir)
+    for n in (256, 257):
+        prompt = "a" + " a" * (n - 1)
+        assert len(gpt2_tokenizer.encode(prompt)) == n
+        done = complete(model, tokenizer, prompt, SamplingConfig(greedy=True, max_new_tokens=1), out=io.StringIO())
+        err = capsys.readouterr().err
+        assert done.prompt_tokens == 256
+        if n == 256:
+            assert err == ""
+        else:
+            assert err == ("warning: the prompt is 257 tokens, longer than the model's 256-token context window; "
+                           "only its last 256 tokens are used\n")
+
+
+@pytest.mark.parametrize("num_samples", [1, 4])
+def test_the_decode_rate_leaves_out_the_prefills_tokens(tiny_minigpt_dir, monkeypatch, num_samples):
+    """A clock that reads 0, 1, 2, ... s: 10 steps, the first (the prefill) done at 1 s and the last at
+    10 s, so 9 decoded tokens a sample in 9 s: exactly `num_samples` tokens/s. Counting each sample's
+    prefill token as decoded (10/9 and 40/9 tokens/s) went unnoticed: --stats was checked for its form."""
+    import itertools
+    import types
+
+    from minigpt.loading import load_model
+    from minigpt.sampling_config import SamplingConfig
+    from minigpt.streaming import complete
+
+    model, tokenizer = load_model(tiny_minigpt_dir)
+    clock = itertools.count()
+    monkeypatch.setattr("minigpt.streaming.time", types.SimpleNamespace(perf_counter=lambda: float(next(clock))))
+    done = complete(model, tokenizer, "Why", SamplingConfig(greedy=True, max_new_tokens=10), num_samples=num_samples,
+                    out=io.StringIO())
+    assert done.new_tokens == 10 * num_samples  # (no sample stopped at EOS)
+    assert (done.time_to_first_token, done.decode_rate) == (1.0, float(num_samples))
+
+
+def test_readmes_sampling_defaults_are_sample_pys(capsys):
+    """README's sample.py option table states each sampling default; they are SamplingConfig's, which
+    are the parser's. `--max-new-tokens` defaulting to 50 while README said 100 went unnoticed."""
+    import dataclasses
+
+    from conftest import ROOT
+    from minigpt.sampling_config import SamplingConfig
+
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    table = readme.split("### Options\n", 1)[1].split("\n\n", 1)[0]
+    stated = dict(re.findall(r"^\| `--([a-z-]+)[^`]*` \| ([^|]*) \|", table, re.MULTILINE))
+    defaults = {f.name: f.default for f in dataclasses.fields(SamplingConfig)}
+    assert set(defaults) == {"max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "greedy"}
+    args = sample.parse_args(["Why"])
+    for name, default in defaults.items():
+        text = stated[name.replace("_", "-")].strip()
+        assert (text == "off") if default is False else (type(default)(text) == default), (name, text, default)
+        assert getattr(args, name) == default, name
+    assert defaults["max_new_tokens"] == 100

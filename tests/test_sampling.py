@@ -37,6 +37,7 @@ from minigpt.sampling import (
     generate,
     generate_ids,
     next_token,
+    penalized_scores,
     top_k_filter,
     top_p_filter,
 )
@@ -90,6 +91,20 @@ def test_top_p_equals_hf(make, p):
         expected = TopPLogitsWarper(top_p=p)(None, logits.clone())
         assert torch.equal(top_p_filter(logits, p), expected)
 
+
+
+def test_a_bf16_models_logits_are_filtered_in_fp32_as_transformers_does():
+    """A bf16 model (`--dtype bf16`, or auto on a GPU) gives bf16 logits; the sampler filters them in
+    fp32, as transformers does: its candidate set is the fp32 top-p of those same logits. Top-p
+    summed in bf16 kept fewer candidates (here 724 against 725 in the first row; 41,842 against
+    41,863 on a real model's logits), and no test noticed: every filter test gave fp32 logits."""
+    config = SamplingConfig(top_k=0, top_p=0.95)
+    logits = torch.randn(4, VOCAB, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    expected = TopPLogitsWarper(top_p=0.95)(None, logits.float())
+    values, ids = candidate_scores(penalized_scores(logits, None, config), config)
+    assert values.isfinite().sum(-1).tolist() == expected.isfinite().sum(-1).tolist()  # (measured: 725, 734, 753, 751)
+    assert (values.isfinite().sum(-1) > 700).all()  # (hundreds of candidates: a bf16 sum loses some)
+    assert ids is None and values.dtype == torch.float32 and torch.equal(values, expected)
 
 @pytest.mark.parametrize("p, n_kept", [(0.75, 3), (0.5, 2), (0.25, 1), (0.2, 1), (0.3, 2)])
 def test_top_p_exact_thresholds(p, n_kept):
@@ -245,6 +260,18 @@ def test_text_stream_never_splits_a_character(gpt2_tokenizer):
     assert all("\ufffd" not in piece for piece in pieces)
     assert "" in pieces  # some token ended mid-character and was held back
 
+
+
+def test_a_stream_cut_inside_a_character_ends_as_decode_ends_it(gpt2_tokenizer):
+    """A sample stopped (--max-new-tokens) after the first tokens of a character split across tokens:
+    the held-back bytes end as U+FFFD, as `tokenizer.decode` of the same ids ends. A flush that
+    returned "" dropped them (the text ended one character short), and no test noticed."""
+    ids = gpt2_tokenizer.encode(" \U0001d11e")[:2]  # (the space and the first bytes of the 4-byte 𝄞)
+    stream = TextStream(gpt2_tokenizer)
+    held = "".join(stream.push(t) for t in ids)
+    tail = stream.flush()
+    assert held + tail == gpt2_tokenizer.decode(ids) == " \ufffd"
+    assert tail == "\ufffd" and stream.flush() == ""  # (flushed once)
 
 # --- the decoding loop -----------------------------------------------------------------------
 
@@ -687,6 +714,21 @@ def test_a_decoding_step_beyond_the_memory_available_is_refused_before_it_runs(t
                         rf"{vocab:,} logits, 1\.1 GB\) does not fit in memory", str(refused.value)), refused.value
     assert len(list(generate(model, [464, 2068], SamplingConfig(max_new_tokens=1), samples // 4,
                              eos_id=tokenizer.eos_id))) == 1  # (a quarter fits)
+
+
+@pytest.mark.parametrize("num_samples, n_prompt, max_new_tokens, dtype", [
+    (3, 5, 7, torch.float32), (2, 200, 100, torch.float32), (4, 1, 9, torch.bfloat16)])
+def test_the_kv_cache_estimate_is_the_bytes_the_cache_allocates(tiny, num_samples, n_prompt, max_new_tokens, dtype):
+    """`decoding_bytes`' KV-cache figure, which decides whether decoding is refused for memory, is the
+    size of the KVCache `generate` allocates: keys and values, every layer, positions up to the
+    window. Counting the keys alone (half) let a cache that did not fit pass the check, unnoticed."""
+    from minigpt.model import KVCache
+    from minigpt.sampling import decoding_bytes
+
+    model, _ = tiny
+    cache = KVCache(model.config, num_samples, min(model.config.block_size, n_prompt + max_new_tokens), dtype=dtype)
+    allocated = sum(t.numel() * t.element_size() for t in cache.k + cache.v)
+    assert decoding_bytes(model, num_samples, n_prompt, max_new_tokens, dtype)[0] == allocated
 
 
 def test_available_memory_is_linuxs_memavailable(tmp_path):

@@ -310,6 +310,24 @@ def test_score_equals_transformers_loss(hf_dir, hf_model, tokenizer, tmp_path):
     assert surprising.startswith(", ".join(f"{json.dumps(row['text'])} ({-math.log2(row['prob']):.1f} bits)" for row in least))
 
 
+def test_a_bf16_models_score_is_the_fp32_loss_of_its_logits(hf_dir, tokenizer):
+    """A bf16 model's --score: its bf16 logits go through the log-softmax in fp32 (as transformers'
+    loss does), so the loss is the fp32 mean of those same logits' negative log-probabilities. A
+    log-softmax in bf16 gave 21.540179 here where 21.541960 is right (10.977679 for 10.974556 on a less
+    peaked model), and no test noticed: every score test read an fp32 model."""
+    model = load_model(hf_dir, "cpu", torch.bfloat16)[0]
+    ids = tokenizer.encode("The sky is blue because the air scatters blue light more than red light")
+    with torch.no_grad():
+        logits = model(torch.tensor([ids]))[0][0, :-1]
+    assert logits.dtype == torch.bfloat16
+    nats = -torch.log_softmax(logits.float(), dim=-1).gather(1, torch.tensor(ids[1:]).unsqueeze(1)).squeeze(1)
+    result = score_ids(model, tokenizer, ids)
+    assert result.loss == pytest.approx(nats.double().mean().item(), rel=1e-6, abs=0)
+    assert result.nats == pytest.approx(nats.tolist(), rel=1e-6, abs=0)
+    probs = torch.softmax(logits.float(), dim=-1).gather(1, torch.tensor(ids[1:]).unsqueeze(1)).squeeze(1)
+    assert [row["prob"] for row in result.rows] == pytest.approx(probs.tolist(), rel=1e-5, abs=1e-9)
+
+
 def test_score_slides_over_texts_longer_than_the_window(hf_dir, hf_model, tokenizer):
     """400 tokens, window 256: windows [0, 256), [128, 384), [256, 400); each token is scored once,
     by the first window that predicts it, so every token after the first window keeps >= 128 tokens
@@ -386,6 +404,20 @@ def test_score_report_columns_and_totals_are_the_scores_numbers(hf_dir, tokenize
     assert totals and int(totals.group(1)) == len(result.rows)
     assert float(totals.group(2)) == pytest.approx(result.loss, rel=1e-5)
     assert float(totals.group(3)) == pytest.approx(math.exp(result.loss), rel=1e-5)
+
+
+def test_each_probability_band_begins_at_its_lower_edge_and_zero_is_red():
+    """The colour bands are green >= 50%, yellow 20-50%, magenta 5-20%, red < 5%: each edge belongs to
+    the band above it, and a probability that underflowed to 0 is red. Comparing with > instead of >=
+    made 0.5 yellow and 0.0 match no band (StopIteration: `--score --show-probs` on a terminal failed
+    on such a text, and so did the coloured legend), and no test noticed."""
+    from minigpt.trace import colour, legend
+
+    expected = [(1.0, "32"), (0.5, "32"), (0.4999, "33"), (0.2, "33"), (0.1999, "35"), (0.05, "35"),
+                (0.0499, "31"), (1e-30, "31"), (0.0, "31")]
+    assert [(p, colour("x", p)) for p, _ in expected] == [(p, f"\x1b[{code}mx\x1b[0m") for p, code in expected]
+    assert ESCAPE.findall(legend(True)) == [("32", "green >= 50%"), ("33", "yellow 20-50%"), ("35", "magenta 5-20%"),
+                                            ("31", "red < 5%")]
 
 
 def test_the_coloured_text_keeps_characters_split_across_tokens(hf_dir, tokenizer):
