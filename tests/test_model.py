@@ -246,3 +246,18 @@ def test_distilgpt2_defaults():
     assert (cfg.vocab_size, cfg.block_size, cfg.n_layer, cfg.n_head, cfg.n_embd) == (50257, 1024, 6, 12, 768)
     assert cfg.dropout == 0.1 and cfg.layer_norm_eps == 1e-5
     assert cfg.num_parameters() == 81_912_576  # distilgpt2's 82 M
+
+
+def test_the_configs_bounds_are_exact():
+    """dropout 1.0 (every activation dropped: training learns nothing) and n_layer 257 are refused;
+    0.999 and 256 are not. The bad configs tried a NaN dropout and 5,000 layers only, so a check
+    `dropout <= 1.0` or one layer past MAX_LAYERS went unnoticed."""
+    from minigpt.errors import MinigptError
+
+    small = dict(vocab_size=10, block_size=4, n_head=1, n_embd=8)
+    assert GPTConfig(**small, n_layer=256).n_layer == 256
+    with pytest.raises(MinigptError, match=r"^config: n_layer=257 is beyond any GPT-2 model \(at most 256\)$"):
+        GPTConfig(**small, n_layer=257)
+    assert GPTConfig(**small, dropout=0.999).dropout == 0.999
+    with pytest.raises(MinigptError, match=r"^config: dropout must be in \[0, 1\), got 1\.0$"):
+        GPTConfig(**small, dropout=1.0)
