@@ -584,6 +584,49 @@ def test_saving_expands_home_as_loading_does(tiny_minigpt_dir, tmp_path, monkeyp
     assert torch.equal(load_model("~/hf")[0].lm_head.weight, model.lm_head.weight)
 
 
+def test_a_model_one_row_short_of_its_tokenizer_is_refused(tmp_path, gpt2_tokenizer):
+    """The vocabulary check is exact: 50,256 rows for GPT-2's 50,257 tokens is refused (EOS, id
+    50256, has no row), 50,257 saves and loads. The test below used 100 rows only, so an
+    off-by-one saved and loaded such a model, which then failed with an IndexError at its first EOS."""
+    from minigpt.checkpoint import save_checkpoint_folder
+    from minigpt.model import GPT
+
+    shape = dict(block_size=16, n_layer=1, n_head=1, n_embd=8)
+    short = GPT(GPTConfig(vocab_size=50256, **shape))
+    with pytest.raises(MinigptError, match=r"short: tokenizer has 50257 tokens but the model only 50256$"):
+        save_checkpoint_folder(tmp_path / "short", short, gpt2_tokenizer)
+    assert not (tmp_path / "short").exists()
+    save_checkpoint_folder(tmp_path / "exact", GPT(GPTConfig(vocab_size=50257, **shape)), gpt2_tokenizer)
+    model, tokenizer = load_model(tmp_path / "exact")
+    assert model.config.vocab_size == tokenizer.vocab_size == 50257
+
+
+def test_an_hf_config_without_its_shape_takes_transformers_defaults():
+    """A config.json that leaves a field out gets GPT2Config's default, gpt2's (12 layers), as in
+    transformers, not GPTConfig's own (distilgpt2's 6): a default of 6 went unnoticed, and a
+    hand-written config.json without n_layer was read as 6 layers, refusing gpt2's 12-layer weights."""
+    from transformers import GPT2Config
+
+    hf, cfg = GPT2Config(), GPTConfig.from_hf({"model_type": "gpt2"})
+    ours = (cfg.vocab_size, cfg.block_size, cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.dropout, cfg.layer_norm_eps)
+    assert ours == (hf.vocab_size, hf.n_positions, hf.n_layer, hf.n_head, hf.n_embd, hf.resid_pdrop,
+                    hf.layer_norm_epsilon) == (50257, 1024, 12, 12, 768, 0.1, 1e-5)
+
+
+def test_a_tensor_under_both_of_its_names_is_refused(tiny_hf_dir, tmp_path):
+    """An HF file holding a tensor under both its names (`wte.weight` and `transformer.wte.weight`)
+    is refused, naming it, whichever copy would win. Without match_names' check it was refused only
+    later, as "in both model.safetensors and model.safetensors"."""
+    state = load_file(tiny_hf_dir / "model.safetensors")
+    state["wte.weight"] = torch.ones_like(state["transformer.wte.weight"])
+    save_file(state, str(tmp_path / "model.safetensors"))
+    for name in ("config.json", "vocab.json", "merges.txt"):
+        (tmp_path / name).write_bytes((tiny_hf_dir / name).read_bytes())
+    with pytest.raises(MinigptError) as error:
+        load_model(tmp_path)
+    assert str(error.value) == f"{tmp_path / 'model.safetensors'}: tensor 'transformer.wte.weight' given twice"
+
+
 def test_a_model_no_loader_could_read_back_is_not_saved(tiny_minigpt_dir, tmp_path, gpt2_tokenizer):
     """Refused before anything is written: a tokenizer with more tokens than the model has rows (the
     load would refuse it), and a model prepared for inference, whose decoding layouts are no GPT's
