@@ -888,6 +888,20 @@ def test_bf16_training_warns_in_one_line_only_where_bf16_is_emulated(monkeypatch
     assert runtime.emulated_bf16_warning(cpu, torch.bfloat16) is None
 
 
+def test_bf16_warning_starts_below_a_third_of_fp32s_speed(monkeypatch):
+    """bf16 is called emulated where its matmuls run at under a third of fp32's speed: 5x slower
+    warns, 0.34 of the speed does not. The test above tried 100x slower and 2.7x faster only, so a
+    bound of 1/30 went unnoticed: a CPU 5-29x slower in bf16 trained emulated without a word."""
+    from minigpt import runtime
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(runtime, "cpu_bf16_speedup", lambda: 0.2)
+    assert runtime.emulated_bf16_warning(cpu, torch.bfloat16).startswith(
+        "warning: --dtype bf16: this CPU has no native bf16 matmul (measured 5x slower than fp32)")
+    monkeypatch.setattr(runtime, "cpu_bf16_speedup", lambda: 0.34)
+    assert runtime.emulated_bf16_warning(cpu, torch.bfloat16) is None
+
+
 def test_bf16_speedup_is_measured_once_per_process_on_one_thread(monkeypatch):
     """On one thread (a kernel on all of them waits for the slowest, and a busy neighbour made
     native bf16 look emulated in ~40% of train.py runs); the process's thread count comes back."""
