@@ -299,6 +299,25 @@ def test_evaluate_leaves_the_mode_as_it_found_it_and_no_examples_is_nan():
     assert math.isnan(perplexity(float("nan"))) and perplexity(1e9) == math.inf and perplexity(0.0) == 1.0
 
 
+def test_evaluate_skips_a_ranks_empty_share_of_a_last_batch():
+    """Under DDP a last batch smaller than the world size leaves some ranks an empty share: rank 3 of 4
+    gets a (0, T) batch of 3 blocks. evaluate skips it (no examples: NaN alone, nothing added to
+    the other ranks' sums); without the skip, the model's loss of an empty batch failed validation
+    with a RuntimeError (a reshape of 0 elements). No test gave evaluate an empty batch."""
+    from minigpt.metrics import evaluate
+
+    model = GPT(GPTConfig(vocab_size=50, block_size=8, n_layer=1, n_head=1, n_embd=8))
+    blocks = TokenBlocks(np.arange(24, dtype=np.uint16).reshape(3, 8) % 50, {})
+    loss_fn = lambda m, b: m(b, targets=b)[1]  # noqa: E731
+    cpu = torch.device("cpu")
+    share = list(BatchIterator(blocks, 4, shuffle=False, rank=3, world_size=4))
+    assert [tuple(b.shape) for b in share] == [(0, 8)]
+    assert math.isnan(evaluate(model, loss_fn, share, cpu))
+    full = next(iter(BatchIterator(blocks, 4, shuffle=False)))
+    alone = evaluate(model, loss_fn, [full], cpu)
+    assert math.isfinite(alone) and evaluate(model, loss_fn, [full, share[0]], cpu) == alone
+
+
 def test_the_trainers_evaluate_leaves_the_mode_as_it_found_it(tmp_path):
     """Trainer.evaluate put a model in eval mode into training mode: generating with it afterwards was
     refused ("generation needs the model in eval mode")."""
