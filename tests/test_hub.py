@@ -876,3 +876,14 @@ def test_a_hub_models_card_comes_with_it_for_its_licence(fake_hub, tmp_path):
         convert("org/mg", out)
         assert (fake_hub.snapshot("org/mg") / "README.md").is_symlink()
         assert card_license(out / "README.md") == {"license": "other", "license_link": link}
+
+
+def test_a_hub_id_with_spaces_around_it_is_named_without_them_in_the_card(fake_hub, tmp_path):
+    """`convert_hf_weights.py " org/tiny "` (an id copied with spaces) downloads org/tiny, and the
+    card names that repo and links its page. The card named the id as typed unnoticed, a link to
+    "https://huggingface.co/ org/tiny ": no test converted an id with spaces."""
+    from minigpt.loading import convert_to_minigpt
+
+    card = (convert_to_minigpt(" org/tiny ", tmp_path / "converted") / "README.md").read_text()
+    assert "The weights of [org/tiny](https://huggingface.co/org/tiny), unchanged" in card
+    assert " org/tiny " not in card and "/ org" not in card
