@@ -584,6 +584,20 @@ def test_saving_expands_home_as_loading_does(tiny_minigpt_dir, tmp_path, monkeyp
     assert torch.equal(load_model("~/hf")[0].lm_head.weight, model.lm_head.weight)
 
 
+def test_weights_loaded_from_an_hf_folder_are_contiguous(tiny_hf_dir, tmp_path):
+    """HF's Conv1D weights are read transposed (a view); the loader makes each one contiguous, so the
+    matmuls of an HF folder take the kernels (and rounding) of the same weights read back from a
+    minigpt checkpoint. Dropping `.contiguous()` went unnoticed: 4 strided weights a block, and the
+    logits of this tiny model happened to be bitwise equal all the same."""
+    from minigpt.loading import convert_to_minigpt
+
+    model, _ = load_model(tiny_hf_dir)
+    assert [name for name, p in model.named_parameters() if not p.is_contiguous()] == []
+    converted, _ = load_model(convert_to_minigpt(tiny_hf_dir, tmp_path / "mine"))
+    with torch.no_grad():
+        assert torch.equal(model(IDX)[0], converted(IDX)[0])
+
+
 def test_a_model_one_row_short_of_its_tokenizer_is_refused(tmp_path, gpt2_tokenizer):
     """The vocabulary check is exact: 50,256 rows for GPT-2's 50,257 tokens is refused (EOS, id
     50256, has no row), 50,257 saves and loads. The test below used 100 rows only, so an
