@@ -310,6 +310,25 @@ def test_auto_picks_cuda_then_mps_then_the_cpu_and_bf16_where_the_gpu_has_it(mon
         assert resolve_dtype("auto", torch.device("cpu")) == resolve_dtype("auto", torch.device("mps")) == torch.float32
 
 
+def test_a_device_this_machine_lacks_is_refused_in_one_line(monkeypatch):
+    """`--device mps` (or cuda) where there is none is one line naming the flag, before anything is
+    loaded. Without the MPS check, resolve_device returned torch.device("mps") on Linux, and the run
+    failed later in torch, with a traceback; no test asked for MPS by name."""
+    from minigpt import runtime
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    with pytest.raises(MinigptError) as err:
+        runtime.setup_device("mps", "fp32", runtime.CLI_NAMES)
+    assert str(err.value) == "--device mps: Apple MPS is not available on this machine (try --device cpu)"
+    with pytest.raises(MinigptError) as err:
+        runtime.resolve_device("mps:0")
+    assert str(err.value) == "device='mps': Apple MPS is not available on this machine (try device='cpu')"
+    with pytest.raises(MinigptError) as err:
+        runtime.setup_device("cuda", "fp32", runtime.CLI_NAMES)
+    assert str(err.value) == "--device cuda: CUDA is not available on this machine (try --device cpu)"
+
+
 def test_a_device_is_named_as_torch_names_it(monkeypatch):
     """`setup_device` takes a torch.device, and "cuda:N" (or torch's bare N) for a GPU of several,
     checked against the GPUs there are (and made the current one); under torchrun a numbered GPU is
