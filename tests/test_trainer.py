@@ -357,6 +357,27 @@ def test_plot_metrics_takes_paths_as_str(tmp_path):
     assert (tmp_path / "loss.png").read_bytes().startswith(b"\x89PNG")
 
 
+def test_the_curve_leaves_out_the_rows_whose_loss_is_null(tmp_path, monkeypatch):
+    """A loss that was not finite is written null (strict JSON); the curve draws the rows that have a
+    number and only those: the train line joins steps 1 and 3 over step 2's null, and a null
+    validation loss draws no validation line (nor its legend entry). Keeping the null rows went
+    unnoticed: matplotlib takes None as a gap, no error, and no test had a null row."""
+    from matplotlib.figure import Figure
+    from minigpt.metrics import plot_metrics
+
+    drawn, save = {}, Figure.savefig
+
+    def savefig(fig, *args, **kwargs):
+        drawn.update({line.get_label(): line.get_xydata().tolist() for line in fig.axes[0].lines})
+        save(fig, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", savefig)
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 2.5}\n{"step": 2, "loss": null}\n'
+                                            '{"step": 3, "loss": 2.0}\n{"step": 3, "val_loss": null, "val_ppl": null}\n')
+    assert plot_metrics(tmp_path / "metrics.jsonl", tmp_path / "loss.png")
+    assert drawn == {"train": [[1.0, 2.5], [3.0, 2.0]]}
+
+
 def test_metrics_rows_and_evaluation_schedule(tmp_path):
     import matplotlib
 
