@@ -652,6 +652,33 @@ def test_a_file_changed_on_the_way_is_refused_and_not_kept(http_hub, tmp_path, t
     assert again.returncode == 0 and again.stdout == expected, again.stderr
 
 
+def test_a_small_files_download_is_checked_by_its_git_blob_id(tmp_path):
+    """The Hub names a small file (config.json, tokenizer_config.json: not in git LFS) by its git blob
+    id, the SHA-1 of "blob <size>\\0" and the bytes, not of the bytes alone: the header left out, every
+    such download was refused as changed on the way and removed, so no Hub model loaded (the fake
+    Hub's ETags are all sha256s, so nothing noticed); the 40-digit branch left out, a small file
+    changed on the way was kept."""
+    from minigpt.hub import _check_download
+
+    data = b'{"n_embd": 768}\n'
+    blob_id = hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+    blobs, snapshot = tmp_path / "repo" / "blobs", tmp_path / "repo" / "snapshots" / ("a" * 40)
+    blobs.mkdir(parents=True)
+    snapshot.mkdir(parents=True)
+    for etag in (blob_id, hashlib.sha1(data).hexdigest()):  # the true blob id, then the bytes' bare SHA-1
+        (blobs / etag).write_bytes(data)
+        (snapshot / "config.json").symlink_to(Path("..", "..", "blobs", etag))
+        if etag == blob_id:
+            _check_download(str(snapshot / "config.json"), "org/x/config.json")
+            assert (snapshot / "config.json").read_bytes() == data  # kept
+            (snapshot / "config.json").unlink()
+            continue
+        with pytest.raises(MinigptError, match=r"^org/x/config\.json: the file downloaded is not the one the Hub "
+                           rf"named \(checksum {etag[:12]}\.\.\.\)"):
+            _check_download(str(snapshot / "config.json"), "org/x/config.json")
+        assert not os.path.lexists(blobs / etag) and not os.path.lexists(snapshot / "config.json")
+
+
 def test_a_download_is_checked_by_the_name_its_snapshot_link_gives(tmp_path):
     """A Xet-stored file's blob (`blobs/<sha256>`) is itself a link into huggingface_hub's shared
     store, named by the Xet hash: following the links to the end compared the file with that name,
