@@ -301,6 +301,29 @@ def test_after_a_sigkill_resume_starts_at_once(tmp_path):
     assert json.loads((out / "training_state.json").read_text())["step"] >= step
 
 
+def test_a_killed_holders_longer_line_is_overwritten_whole(tmp_path):
+    """A holder killed with SIGKILL never empties its lock file. The next holder's line must replace
+    that one whole: written over it without truncating first, "12345678 conversion" under a shorter
+    "<pid> training" left a tail ("training\\nversion"), so a refused run waited ~1 s and named
+    "another process", and the folder was not recognised as a live run's."""
+    import fcntl
+
+    from minigpt.run_folder import _held_by_a_run
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / LOCK_FILE).write_text("123456789012 conversion\n")  # as a killed conversion left it
+    with RunLock(out):
+        assert (out / LOCK_FILE).read_text() == f"{os.getpid()} training\n"
+        assert _held_by_a_run(out / LOCK_FILE)
+        with open(out / LOCK_FILE) as other:
+            with pytest.raises(BlockingIOError):
+                fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(MinigptError, match=rf"^--out {re.escape(str(out))}: another training run \(process "
+                           rf"{os.getpid()}\) is using this folder"):
+            RunLock(out).acquire()
+
+
 def test_the_holder_is_named_from_what_its_lock_file_says(tmp_path):
     """A lock file written before holders said what they do ("PID" alone) still names the process;
     a holder that let go leaves its file empty, so a leftover line never names a later holder."""
