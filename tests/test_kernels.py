@@ -155,6 +155,30 @@ def test_the_measured_choice_is_named_and_cached(small_model, monkeypatch):
     assert kernel_summary(small_model) == ""  # an unprepared model names nothing
 
 
+def test_a_choice_timed_for_one_batch_size_is_not_reused_for_another(small_model, monkeypatch):
+    """The kernels are timed on the rows each decoding step feeds a layer (`batch_size`): with the
+    batch size left out of the cache's key, a model prepared for 8 sequences after one prepared for
+    1 ran the kernels chosen for 1 row, untimed (which kernel is fastest can change with the rows
+    a call computes)."""
+    monkeypatch.setattr(inference, "_CHOICES", {})
+    timed = []
+    real_time_pass = inference._time_pass
+
+    def counting(*args, **kwargs):
+        timed.append(1)
+        return real_time_pass(*args, **kwargs)
+
+    monkeypatch.setattr(inference, "_time_pass", counting)
+    prepare_for_inference(copy.deepcopy(small_model), batch_size=1)
+    assert len(inference._CHOICES) == 5 and timed
+    del timed[:]
+    prepare_for_inference(copy.deepcopy(small_model), batch_size=1)  # the same: all from the cache
+    assert not timed and len(inference._CHOICES) == 5
+    prepare_for_inference(copy.deepcopy(small_model), batch_size=8)
+    assert timed and len(inference._CHOICES) == 10
+    assert sorted(key[3] for key in inference._CHOICES) == [1] * 5 + [8] * 5  # (key[3]: the batch size)
+
+
 def test_timing_the_kernels_leaves_torchs_random_generator_alone(small_model, monkeypatch):
     """The kernel race drew its input from torch's global generator, but only when it ran (not when
     the choice was cached): text sampled after `torch.manual_seed` differed between the first
