@@ -322,6 +322,23 @@ def test_a_card_or_a_checkpoint_link_pointing_elsewhere_is_refused(tmp_path, tin
         assert result.returncode == 2 and result.stderr.splitlines()[-1] == message, (command, result.stderr)
 
 
+def test_a_licence_name_and_link_are_carried_only_with_license_other(tmp_path):
+    """`license_name` and `license_link` name a licence the Hub has no id for, and mean something only
+    with `license: other`. Carried with any id, a base card's stray `license_name: my-terms` under
+    `license: mit` went into every fine-tune's and conversion's metadata, and a conversion's card
+    said "Its licence is the source's, as its model card states it: mit (my-terms, LICENSE)."."""
+    from minigpt.card import card_license, conversion_card
+
+    card = tmp_path / "README.md"
+    card.write_text("---\nlicense: mit\nlicense_name: my-terms\nlicense_link: LICENSE\n---\n# a base\n")
+    assert card_license(card) == {"license": "mit"}
+    text = conversion_card("base", False, card_license(card), "out", 1024, exported=False)
+    assert "Its licence is the source's, as its model card states it: mit." in text
+    assert "license_name" not in text and "license_link" not in text
+    card.write_text("---\nlicense: other\nlicense_name: my-terms\nlicense_link: LICENSE\n---\n# a base\n")
+    assert card_license(card) == {"license": "other", "license_name": "my-terms", "license_link": "LICENSE"}
+
+
 def test_the_card_states_the_base_models_licence_not_minigpts(tmp_path, tiny_hf_dir, monkeypatch):
     """Every card said `license: apache-2.0`, a fine-tune of gpt2 (MIT) too. It states the --init
     model's own card's licence (a resumed run keeps what its card stated), and minigpt's for a model
