@@ -2185,6 +2185,26 @@ BREAKS = (
     Break("eval_only_no_autocast", "--eval-only --dtype bf16 computes the loss in fp32 (evaluate is given no autocast)",
           ((r"loss = evaluate\(model\.to\(device\), lm_loss, batches, device, autocast, ranks\)", r"loss = evaluate(model.to(device), lm_loss, batches, device, None, ranks)"),),
           ("tests/test_eval_only.py::test_eval_only_in_emulated_bf16_warns_as_training_does",)),
+    Break("hub_blob_id_without_header", "a small file's download (config.json, named by its git blob id) is hashed "
+          "without git's \"blob <size>\\0\" header: every one is refused as changed on the way and removed",
+          ((r"digest = hashlib\.sha1\(b\"blob %d\\0\" % link\.stat\(\)\.st_size\)", "digest = hashlib.sha1()"),),
+          ("tests/test_hub.py::test_a_small_files_download_is_checked_by_its_git_blob_id",)),
+    Break("hub_small_files_unchecked", "a small file's download (named by its git blob id, not a sha256) is not "
+          "checked: one changed on the way is kept in the cache",
+          ((r"elif re\.fullmatch\(r\"\[0-9a-f\]\{40\}\", blob\.name\):", "elif False:"),),
+          ("tests/test_hub.py::test_a_small_files_download_is_checked_by_its_git_blob_id",)),
+    Break("lock_holder_line_not_truncated", "a lock holder writes its line over a killed holder's longer one without "
+          "truncating: the tail stays, and a refused run names \"another process\"",
+          ((r"^    os\.ftruncate\(fd, 0\)\n    os\.write", "    os.write"),),
+          ("tests/test_run_lock.py::test_a_killed_holders_longer_line_is_overwritten_whole",)),
+    Break("kernel_choice_key_without_batch_size", "the kernels timed for one batch size are reused, untimed, for "
+          "another (the batch size left out of the choice's cache key)",
+          ((r"ws\[0\]\[0\]\.shape, batch_size, torch\.get_num_threads\(\),", "ws[0][0].shape, torch.get_num_threads(),"),),
+          ("tests/test_kernels.py::test_a_choice_timed_for_one_batch_size_is_not_reused_for_another",)),
+    Break("licence_name_without_other", "a base card's license_name and license_link are carried with any licence id, "
+          "not only with license: other",
+          ((r"if licence == \"other\" and isinstance", "if isinstance"),),
+          ("tests/test_card.py::test_a_licence_name_and_link_are_carried_only_with_license_other",)),
     Break("metrics_rows_keep_non_finite", "a metrics row keeps an inf / NaN in MetricsLog.rows (the card's rows) where the file holds null, as a resumed run reads it",
           ((r"self\.rows\.append\(json\.loads\(line\)\)", r"self.rows.append(row)"),),
           ("tests/test_trainer_syncs.py::test_strict_json_writes_null_for_non_finite_numbers_and_refuses_nested_ones",)),
