@@ -324,6 +324,61 @@ def test_a_killed_holders_longer_line_is_overwritten_whole(tmp_path):
             RunLock(out).acquire()
 
 
+def test_a_lock_file_removed_between_its_open_and_its_lock_is_not_the_one_held(tmp_path, monkeypatch):
+    """A run that gives up removes its lock file before letting go: a run that opened the file just
+    before that, then locked it, holds a lock on a file nobody else can find. Taken as locked, a
+    third run made a new lock file and trained in the same folder; the lock is taken again on the
+    file in place."""
+    from minigpt import run_folder
+
+    out = tmp_path / "run"
+    out.mkdir()
+    real_lock, calls = run_folder._lock_or_refuse, []
+
+    def lock_then_lose_the_file(fd, where):
+        real_lock(fd, where)
+        calls.append(fd)
+        if len(calls) == 1:  # (the giving-up run's removal, right after our lock)
+            (out / LOCK_FILE).unlink()
+
+    monkeypatch.setattr(run_folder, "_lock_or_refuse", lock_then_lose_the_file)
+    with RunLock(out):
+        assert len(calls) == 2  # locked again, on the file now in place
+        monkeypatch.setattr(run_folder, "_lock_or_refuse", real_lock)
+        assert (out / LOCK_FILE).read_text() == f"{os.getpid()} training\n"
+        with pytest.raises(MinigptError, match=r"another training run \(process \d+\) is using this folder"):
+            RunLock(out).acquire()
+
+
+def test_a_conversion_removes_only_its_own_lock_file(tmp_path):
+    """A conversion that made `out`'s lock file removes it when done, but not a lock file that took its
+    place meanwhile (the folder replaced, a run started in it): removed, that run's lock could be
+    made again by a second run, and both trained in one folder."""
+    import fcntl
+
+    from minigpt.run_folder import keep_runs_out
+
+    out = tmp_path / "model"
+    out.mkdir()
+    (out / "config.json").write_text("{}")
+    with keep_runs_out(out):
+        assert (out / LOCK_FILE).read_text() == f"{os.getpid()} conversion\n"
+        (out / LOCK_FILE).unlink()  # the folder replaced, a run's own lock file in it
+        run = open(out / LOCK_FILE, "w")
+        fcntl.flock(run, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        run.write("4242 training\n")
+        run.flush()
+    try:
+        assert (out / LOCK_FILE).read_text() == "4242 training\n"
+        with pytest.raises(MinigptError, match=r"another training run \(process 4242\) is using this folder"):
+            RunLock(out).acquire()
+    finally:
+        run.close()
+    with keep_runs_out(out):
+        pass
+    assert (out / LOCK_FILE).read_text() == ""  # (not made by this conversion: kept, emptied)
+
+
 def test_the_holder_is_named_from_what_its_lock_file_says(tmp_path):
     """A lock file written before holders said what they do ("PID" alone) still names the process;
     a holder that let go leaves its file empty, so a leftover line never names a later holder."""
