@@ -2205,6 +2205,14 @@ BREAKS = (
           "not only with license: other",
           ((r"if licence == \"other\" and isinstance", "if isinstance"),),
           ("tests/test_card.py::test_a_licence_name_and_link_are_carried_only_with_license_other",)),
+    Break("lock_on_a_removed_file_kept", "a run whose lock file was removed between its open and its lock holds a lock "
+          "on a file nobody can find: a second run makes a new one and trains in the same folder",
+          ((r"if os\.fstat\(fd\)\.st_ino == os\.stat\(self\.path\)\.st_ino:", "if True:"),),
+          ("tests/test_run_lock.py::test_a_lock_file_removed_between_its_open_and_its_lock_is_not_the_one_held",)),
+    Break("conversion_removes_a_runs_lock", "a conversion that made the lock file removes whatever lock file is there "
+          "when done, a run's that took its place meanwhile too",
+          ((r"if made and os\.stat\(path\)\.st_ino == os\.fstat\(fd\)\.st_ino:", "if made:"),),
+          ("tests/test_run_lock.py::test_a_conversion_removes_only_its_own_lock_file",)),
     Break("metrics_rows_keep_non_finite", "a metrics row keeps an inf / NaN in MetricsLog.rows (the card's rows) where the file holds null, as a resumed run reads it",
           ((r"self\.rows\.append\(json\.loads\(line\)\)", r"self.rows.append(row)"),),
           ("tests/test_trainer_syncs.py::test_strict_json_writes_null_for_non_finite_numbers_and_refuses_nested_ones",)),
