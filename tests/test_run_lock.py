@@ -379,6 +379,39 @@ def test_a_conversion_removes_only_its_own_lock_file(tmp_path):
     assert (out / LOCK_FILE).read_text() == ""  # (not made by this conversion: kept, emptied)
 
 
+def test_step_folders_without_a_current_link_resume_only_a_lone_complete_one(tmp_path):
+    """Without `.ckpt/current`, only a run killed in its first save (one step folder, complete) is
+    resumed, the link made for it. Two step folders (a link removed by hand) are refused: resumed,
+    the run took whichever the folder listing gave first, maybe the older, and its next save deleted
+    the other. So is one without its training state (a save cut short)."""
+    import warnings
+
+    from minigpt.run_folder import CKPT_DIR, CURRENT, STATE_JSON, check_out_folder
+
+    out = tmp_path / "run"
+    steps = [out / CKPT_DIR / f"step-{n:09d}-{tag}" for n, tag in ((2, "aaaaaaaa"), (4, "bbbbbbbb"))]
+    for step in steps:
+        step.mkdir(parents=True)
+        (step / STATE_JSON).write_text('{"step": %d}\n' % int(step.name[5:14]))
+    refused = (rf"^--out {re.escape(str(out))}: its {re.escape(CKPT_DIR)}/ holds checkpoint folders but no valid "
+               rf"{re.escape(CKPT_DIR)}/{CURRENT} link to one")
+    for resume in (True, False):
+        with pytest.raises(MinigptError, match=refused):
+            check_out_folder(out, resume=resume)
+    assert not os.path.lexists(out / CKPT_DIR / CURRENT)
+    (steps[0] / STATE_JSON).unlink()
+    import shutil
+
+    shutil.rmtree(steps[1])
+    with pytest.raises(MinigptError, match=refused):  # one folder, its training state never written
+        check_out_folder(out, resume=True)
+    (steps[0] / STATE_JSON).write_text('{"step": 2}\n')
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always")
+        assert check_out_folder(out, resume=True) == steps[0]
+    assert os.readlink(out / CKPT_DIR / CURRENT) == steps[0].name
+
+
 def test_the_holder_is_named_from_what_its_lock_file_says(tmp_path):
     """A lock file written before holders said what they do ("PID" alone) still names the process;
     a holder that let go leaves its file empty, so a leftover line never names a later holder."""
