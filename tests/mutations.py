@@ -2213,6 +2213,10 @@ BREAKS = (
           "when done, a run's that took its place meanwhile too",
           ((r"if made and os\.stat\(path\)\.st_ino == os\.fstat\(fd\)\.st_ino:", "if made:"),),
           ("tests/test_run_lock.py::test_a_conversion_removes_only_its_own_lock_file",)),
+    Break("unlinked_step_picked_among_several", "a run folder with two step folders and no .ckpt/current link is "
+          "resumed from whichever the listing gives first (maybe the older), and its next save deletes the other",
+          ((r"return steps\[0\] if len\(steps\) == 1 and", "return steps[0] if len(steps) >= 1 and"),),
+          ("tests/test_run_lock.py::test_step_folders_without_a_current_link_resume_only_a_lone_complete_one",)),
     Break("metrics_rows_keep_non_finite", "a metrics row keeps an inf / NaN in MetricsLog.rows (the card's rows) where the file holds null, as a resumed run reads it",
           ((r"self\.rows\.append\(json\.loads\(line\)\)", r"self.rows.append(row)"),),
           ("tests/test_trainer_syncs.py::test_strict_json_writes_null_for_non_finite_numbers_and_refuses_nested_ones",)),
