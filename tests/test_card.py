@@ -173,6 +173,17 @@ def test_export_card_says_transformers_and_how_to_use_the_export():
     assert load(export_card("# bare\n", "x", 1024)).data.library_name == "transformers"
 
 
+def test_export_card_replaces_the_library_name_not_adds_a_second():
+    """A run's card says `library_name: minigpt`; its export's says `transformers` instead, on the same
+    line. Added after it, the metadata held the key twice: PyYAML (huggingface_hub) quietly takes the
+    last, so nothing noticed here, while a stricter parser (js-yaml's default) refuses the block."""
+    text = render_card(FACTS, ROWS, step=8)
+    meta = text.split("---\n")[1].splitlines()
+    exported = export_card(text, "out", 1024).split("---\n")[1].splitlines()
+    assert [line for line in exported if line.startswith("library_name:")] == ["library_name: transformers"]
+    assert exported == ["library_name: transformers" if line == "library_name: minigpt" else line for line in meta]
+
+
 def test_export_card_keeps_a_windows_or_an_empty_metadata_block():
     """A card saved with CRLF line ends, or with an empty metadata block, got a second block put in
     front of it, and the Hub, which reads the first, lost its license and results."""
