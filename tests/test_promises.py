@@ -113,10 +113,10 @@ def test_fp16_skipped_steps_reach_metrics(tmp_path):
     the scaled gradients, unnoticed."""
     model = micro_model()
     make_trainer(tmp_path / "fp16", model, poisoned_loss(bad_step=3), max_steps=5, dtype=torch.float16).fit()
-    rows = [json.loads(line) for line in (tmp_path / "fp16" / "metrics.jsonl").read_text().splitlines()]
+    rows = metrics_rows(tmp_path / "fp16")
     assert [(r["step"], r["skipped_steps"]) for r in rows if "loss" in r] == [(1, 0), (2, 0), (3, 1), (4, 1), (5, 1)]
     make_trainer(tmp_path / "fp32", micro_model(), poisoned_loss(bad_step=99), max_steps=2).fit()
-    fp32 = [json.loads(line) for line in (tmp_path / "fp32" / "metrics.jsonl").read_text().splitlines()]
+    fp32 = metrics_rows(tmp_path / "fp32")
     norms = [r["grad_norm"] for r in rows if "loss" in r]
     # steps 1 and 2 start from the same weights in both runs (step 3, skipped in fp16, is where they part)
     assert norms[:2] == pytest.approx([r["grad_norm"] for r in fp32 if "loss" in r], rel=1e-2)
@@ -135,7 +135,7 @@ def test_fp16_skipped_steps_are_kept_over_a_resume(tmp_path):
     resumed.resume(folder)
     assert resumed.step == 4 and resumed.skipped_steps == 1
     resumed.fit()
-    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    rows = metrics_rows(tmp_path)
     assert [(r["step"], r["skipped_steps"]) for r in rows if "loss" in r] == [
         (1, 0), (2, 0), (3, 1), (4, 1), (5, 1), (6, 1)]
 
@@ -201,9 +201,13 @@ def torchrun(tmp_path: Path, script: Path, *args: str) -> subprocess.Popen:
     )
 
 
+def metrics_rows(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
 def metrics_steps(out: Path) -> list[int]:
     try:
-        return [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+        return [row["step"] for row in metrics_rows(out)]
     except (OSError, ValueError):
         return []
 

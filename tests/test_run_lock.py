@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -306,8 +309,6 @@ def test_a_killed_holders_longer_line_is_overwritten_whole(tmp_path):
     that one whole: written over it without truncating first, "12345678 conversion" under a shorter
     "<pid> training" left a tail ("training\\nversion"), so a refused run waited ~1 s and named
     "another process", and the folder was not recognised as a live run's."""
-    import fcntl
-
     from minigpt.run_folder import _held_by_a_run
 
     out = tmp_path / "run"
@@ -354,8 +355,6 @@ def test_a_conversion_removes_only_its_own_lock_file(tmp_path):
     """A conversion that made `out`'s lock file removes it when done, but not a lock file that took its
     place meanwhile (the folder replaced, a run started in it): removed, that run's lock could be
     made again by a second run, and both trained in one folder."""
-    import fcntl
-
     from minigpt.run_folder import keep_runs_out
 
     out = tmp_path / "model"
@@ -384,8 +383,6 @@ def test_step_folders_without_a_current_link_resume_only_a_lone_complete_one(tmp
     resumed, the link made for it. Two step folders (a link removed by hand) are refused: resumed,
     the run took whichever the folder listing gave first, maybe the older, and its next save deleted
     the other. So is one without its training state (a save cut short)."""
-    import warnings
-
     from minigpt.run_folder import CKPT_DIR, CURRENT, STATE_JSON, check_out_folder
 
     out = tmp_path / "run"
@@ -400,8 +397,6 @@ def test_step_folders_without_a_current_link_resume_only_a_lone_complete_one(tmp
             check_out_folder(out, resume=resume)
     assert not os.path.lexists(out / CKPT_DIR / CURRENT)
     (steps[0] / STATE_JSON).unlink()
-    import shutil
-
     shutil.rmtree(steps[1])
     with pytest.raises(MinigptError, match=refused):  # one folder, its training state never written
         check_out_folder(out, resume=True)
@@ -415,8 +410,6 @@ def test_step_folders_without_a_current_link_resume_only_a_lone_complete_one(tmp
 def test_the_holder_is_named_from_what_its_lock_file_says(tmp_path):
     """A lock file written before holders said what they do ("PID" alone) still names the process;
     a holder that let go leaves its file empty, so a leftover line never names a later holder."""
-    import fcntl
-
     out = tmp_path / "run"
     with RunLock(out):
         pass
