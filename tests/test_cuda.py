@@ -247,6 +247,7 @@ def test_torchrun_on_a_gpu_trains_over_nccl_as_a_plain_run(tmp_path, monkeypatch
 
     monkeypatch.setenv("MINIGPT_CACHE", str(shared_cache))
     monkeypatch.setenv("NCCL_DEBUG", "VERSION")  # (NCCL prints its version when a group starts)
+    monkeypatch.setenv("TMPDIR", str(tmp_path))  # (where torchrun leaves its torchelastic_* folder)
     plain = call_cli("train.py", *FLAGS, "--device", "cuda", "--dropout", "0", "--out", str(tmp_path / "plain"))
     assert plain.returncode == 0, plain.stderr
     ddp = torchrun(tmp_path / "ddp", "--device", "cuda", "--dropout", "0", nproc=1)

@@ -31,6 +31,9 @@ FLAGS = ("--preset", "tiny", "--no-progress", "--log-every", "1", "--max-steps",
 def environment(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("MINIGPT_CACHE", str(tmp_path_factory.getbasetemp() / "ddp-cache"))
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    # torchrun leaves a torchelastic_* folder in the temporary folder at every run: keep them in pytest's,
+    # which pytest cleans, rather than in /tmp.
+    monkeypatch.setenv("TMPDIR", str(tmp_path_factory.mktemp("torchrun-tmp")))
 
 
 def torchrun(out: Path, *args: str, nproc: int = 2, background: bool = False):

@@ -193,7 +193,7 @@ runpy.run_path(os.path.join(os.environ["MINIGPT_ROOT"], "train.py"), run_name="_
 
 def torchrun(tmp_path: Path, script: Path, *args: str) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": python_path(), "MINIGPT_ROOT": str(ROOT), "OMP_NUM_THREADS": "1",
-           "MINIGPT_CACHE": str(tmp_path / "cache")}
+           "MINIGPT_CACHE": str(tmp_path / "cache"), "TMPDIR": str(tmp_path)}  # torchrun leaves a folder there
     return subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
          *FLAGS, *args],
