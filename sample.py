@@ -94,11 +94,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    "--compile on the CPU it also keeps them (no race against other steps) (default: timed)")
     g.add_argument("--compile", action="store_true",
                    help="decode through one torch.compile graph per token (the prompt runs as usual): "
-                   "it pays on the CPU for --quantize int8 (measured ~1.2-1.45x there; where timing gave "
-                   "some layers int8mm, a step with FBGEMM on every layer is raced too) and for fp32, "
-                   "where inductor's own GEMMs are raced against the chosen kernels and the faster kept "
-                   "(1.36x on an AMD Zen 5, about even on a Zen 4; ~540 MB more peak memory); bf16 about even. "
-                   "Compiling takes ~15 s (int8) to ~45 s (fp32) on 2 CPU cores the first time, and needs a C++ "
+                   "it pays on the CPU for --quantize int8 and fp32, where a step with inductor's own GEMMs "
+                   "(int8: on bf16 activations, as int8mm) is raced against the chosen kernels and the "
+                   "fastest kept (int8 1.35x the kernels' step on an AMD Zen 4, ~260 MB more memory; fp32 "
+                   "1.36x on an AMD Zen 5, about even on a Zen 4, ~540 MB more; where timing gave some int8 "
+                   "layers int8mm, a step with FBGEMM on every layer is raced too); bf16 about even. "
+                   "Compiling takes ~45 s (fp32) to ~70 s (int8) on 2 CPU cores the first time (1-10 s once "
+                   "inductor's disk cache has it), and needs a C++ "
                    "compiler and Python's C headers (python3-dev). On a GPU each token replays as one "
                    "CUDA graph (1.8x decoding without it at batch 1 on an H200); it is raced against "
                    "decoding without it there and the faster is kept")
