@@ -4,17 +4,13 @@ Why: a decoding step of a prepared model runs ~450 small PyTorch ops per token (
 LayerNorms, residual adds, views, the int8 layers' activation digits), and on a CPU each costs more
 than its arithmetic, ~13 us in place against 2-4 us hot, because its code and data come back from
 memory after every layer's weights have streamed through the caches. Compiled, the step is one
-graph: inductor fuses those ops into a few C++ loops around the matmuls. Measured on the 2-core AMD
-EPYC with AVX-512 BF16 (greedy, 100 tokens, one process, interleaved runs, the same tokens as
-eager): int8 142.3 against 118.4 tokens/s and 149.6 against 125.8 in two runs; with FBGEMM on every
-layer 154.2 against 112.0; fp32 and bf16 even. Two more changes each gave ~3-6% (interleaved, the
-same tokens): attention written out instead of SDPA, and on the CPU a C++ wrapper for the graph
-(`cpp_wrapper`); with both int8 decoded at 162.6 against 151.1 (178.4 against 161.4 in a second
-run), and `benchmarks/bench_sample.py --compile` put int8 at 0.72x, 0.60x and 0.68x of llama.cpp's
-Q8_0 in three runs (0.59-0.61x before them, 0.50-0.53x eager). Compiling int8's step took ~15 s
-on 2 Zen 4 cores with an empty inductor cache (fp32's, whose products are raced against inductor's
-GEMMs, ~45 s; benchmarks/HISTORY.md, 2026-12-07); inductor caches it on disk, so later processes
-take 1-6 s.
+graph: inductor fuses those ops into a few C++ loops around the matmuls, called from a C++ wrapper
+(`cpp_wrapper`), attention written out. On the 2-core AMD EPYC with AVX-512 BF16 (greedy, one
+process, interleaved runs, the same tokens as eager) int8 decoded 142.3 against 118.4 tokens/s,
+then 162.6 against 151.1 with the C++ wrapper and the attention against without, fp32 and bf16
+even (benchmarks/HISTORY.md); with the steps it races since (see `CompiledDecoding`), int8 reached
+0.91x of llama.cpp's Q8_0 (0.50-0.53x eager). Compiling takes ~45 s (fp32) to ~70 s (int8) on 2
+Zen 4 cores with an empty inductor cache, 1-10 s once inductor's disk cache has it.
 
 How: `DecodeStep` is the model's forward pass for one token per sequence (`GPT.forward` with
 `T == 1`, calling the same modules), written so that one graph serves every step: the position is
@@ -85,10 +81,8 @@ def compilable(layer: nn.Module, out_features: int) -> nn.Module:
 
 
 def frozen_gemm(layer: nn.Module) -> nn.Module:
-    """`layer` as the step with frozen weights computes it (`GEMM_OPTIONS`, freezing): an fp32 layer
-    as `FrozenGemm`, an int8 one as its `int8mm_twin`. Either way inductor sees a product it can
-    write itself, timing its own C++ GEMM for the shape against ATen's kernel (max-autotune) and
-    packing W for the one it keeps. See `CompiledDecoding` for why and when."""
+    """`layer` as the step with frozen weights (`GEMM_OPTIONS`, freezing) computes it, a product that
+    inductor writes itself: fp32 as `FrozenGemm`, int8 as its `int8mm_twin` (see `CompiledDecoding`)."""
     return int8mm_twin(layer) if _is_int8(layer) else FrozenGemm(layer)
 
 
@@ -122,10 +116,9 @@ def _is_int8(layer: nn.Module) -> bool:
 
 
 def int8mm_twin(layer: nn.Module) -> Int8Linear:
-    """An int8 layer's weights as an `int8mm` layer (`torch._weight_int8pack_mm`, bf16 activations),
-    the form whose product inductor writes itself once the weights are frozen: the same q (quantizing
-    q * s again gives it back, each row's largest |q| being 127), its scales rounded to bf16 (the
-    kernel's; 2e-3 of a scale at most), the same bias. An int8mm layer is its own twin."""
+    """An int8 layer as an `int8mm` layer (bf16 activations), whose product inductor writes itself once
+    the weights are frozen: the same q (quantizing q * s gives it back, each row's largest |q| being
+    127), the scales rounded to bf16 (int8mm's), the same bias. An int8mm layer is its own twin."""
     inner = _unwrapped(layer)
     if inner.kernel == "int8mm":
         return inner
@@ -216,53 +209,38 @@ class CompiledDecoding:
     steps (`chosen` names it); without `warm_up` the kernels' step decodes and the others are never
     compiled; bf16 has only "kernels".
 
-    Why int8 gets the "inductor" step too: inductor's C++ GEMM for bf16 activations and int8
-    weights (max-autotune, weights frozen) streamed distilgpt2's int8 LM head for one row at 27 GB/s
-    against 23 for FBGEMM's op alone (the AMD EPYC Zen 4, 2 threads), the block layers as fast,
-    and its graph has no opaque calls; greedy int8 decoding 249.4 against 184.7 tokens/s (7
-    interleaved rounds, one process, the same tokens), ~260 MB more resident (the int8mm twins of
-    FBGEMM's layers and inductor's packed copy). The price is int8mm's: activations rounded to bf16
-    rather than FBGEMM's 14 bits (logits within 4.4e-3 of the largest on a small model).
+    Why the "inductor" step: inductor's GEMM for one row streamed the 50,257 x 768 head at ~80 GB/s
+    against ~65 for `bmm-rows` in fp32 (Zen 5), the int8 head (bf16 activations) at 27 against 23 for
+    FBGEMM's op (Zen 4), and the graph has no opaque calls: greedy fp32 198.4 against 146.2 tokens/s,
+    int8 249.4 against 184.7 (interleaved runs in one process, the same tokens). int8 pays with
+    int8mm's bf16 activations instead of FBGEMM's 14 bits (logits within 4.4e-3 of the largest, a
+    small model). Compiling takes longer (with autotuning, ~27 s more for fp32, ~55 s for int8, the
+    first time on 2 cores), and the frozen graph holds its own packed copy of the weights beside the
+    model's, which the eager prompt still uses (resident after warm_up: fp32 1,041 MB against 704
+    with "kernels" alone, int8 1,175 against 911).
 
-    On a GPU a token is ~100 small kernel launches, and the host's time to launch them, not the
-    GPU's to run them, is what a token costs (distilgpt2, batch 1, an H200: ~1.4 ms a token through
-    the model's forward, 0.26-0.47 ms as one CUDA graph). Compiling alone did not change that
-    (inductor's step decoded 242-300 tokens/s in fp32 against the eager model's 296-330; bf16
-    201-297 against 258-344). "cudagraphs" records the step once as a CUDA graph and replays it, one
-    launch a token (torch.compile's mode="reduce-overhead"); a graph replays fixed shapes at fixed
-    addresses, so this step reads the whole window's cache, the positions after the new token masked
-    (`DecodeStep`'s `whole_cache`), kept in the same tensors for every run (`new_cache`). There
-    "measure" races it against the model's own forward ("eager", as decoding without compiling runs)
-    and keeps the faster. Measured on two H200s (distilgpt2, torch 2.11): 0.25-0.47 ms a token
-    against 0.76-2.32 for the forward; decoding at batch 1 fp32 1.8x the eager model's (README's "On
-    a GPU" has the figures). The rest of a token is sampling's small ops, which run eager.
-    The prompt runs eagerly on the model's own layers whichever step wins: with "fbgemm", on
-    int8mm's bf16 activations where the steps round them to 14-bit digits, the same int8 weights, so
-    a greedy token can differ from the eager model's only where its two best logits lie within that
-    rounding (3.9e-3 of the largest logit, measured on a small model). The twins stay beside the
-    model's layers, whichever step wins (distilgpt2, int8mm everywhere, resident after warm_up:
-    1,002 MB against 860 with "kernels" alone, torch 2.15).
+    Why race whole steps: timing the products one by one, as `prepare_for_inference` does, rated
+    FBGEMM's and int8mm's int8 kernels about even for distilgpt2's layers on torch 2.15 (Zen 5) and
+    picked int8mm for most, while the step with FBGEMM everywhere decoded 349.0 against 272.6
+    tokens/s: the products timed alone do not see what separates them inside the step. With a
+    twin's step the prompt still runs on the model's own layers, so a greedy token can differ from
+    the eager model's where its two best logits lie within the other activation rounding (3.9e-3 of
+    the largest logit for "fbgemm", a small model); the twins stay beside the model's layers
+    whichever step wins ("fbgemm", int8mm everywhere: 1,002 MB against 860, torch 2.15).
 
-    Why race whole steps: timing the layers' products one by one, as `prepare_for_inference`
-    does, rates FBGEMM's and int8mm's int8 kernels about even for distilgpt2's layers on torch
-    2.15 (Zen 5; 293-310 against 296-319 us for the 6 `attn.c_attn` layers), and picks int8mm for
-    most of them, while the step with FBGEMM everywhere decoded 349.0 against 272.6 tokens/s
-    (greedy, compiled, 7 interleaved rounds in one process; torch 2.13's race chose FBGEMM
-    everywhere, 301.8 against 299.6). The products timed alone do not see what separates the two
-    inside the step. For fp32, measured on the 2-core AMD EPYC Zen 5 (AVX-512 BF16), distilgpt2
-    fp32, greedy, 128 tokens, interleaved runs in one process, the same tokens: 198.4 against 146.2
-    tokens/s (1.36x): its GEMM for one row streamed the 50,257 x 768 head at ~80 GB/s against ~65
-    for `bmm-rows`, and ~25 opaque calls a token are gone. The cost: compiling takes longer (~27 s
-    the first time on 2 cores, ~18 s later, with autotuning), and the frozen graph holds its own
-    packed copy of the weights beside the model's, which the eager prompt still uses, whichever step
-    wins (distilgpt2 fp32, resident: 1,041 MB against 704 with "kernels" alone).
+    On a GPU a token is ~100 small kernel launches, and launching them, not running them, is what a
+    token costs; compiling alone did not change that. "cudagraphs" records the step once as a CUDA
+    graph and replays it, one launch a token (mode="reduce-overhead"); a graph replays fixed shapes
+    at fixed addresses, so this step reads the whole window's cache, the positions after the new
+    token masked (`whole_cache`), in the same tensors for every run (`new_cache`). There "measure"
+    races it against the model's own forward ("eager") and keeps the faster: on two H200s 0.25-0.47
+    ms a token against 0.76-2.32, fp32 at batch 1 1.8x (README's "On a GPU").
 
     One choice per instance, as `prepare_for_inference` makes one per model: the race is run for
     the batch size given to `warm_up`, and its winner decodes every batch size after it (a second
-    `warm_up` races again, and its winner then decodes all). For each batch size decoded at its
-    best, prepare a model and make a `CompiledDecoding` per batch size, as the benchmarks do. The
-    context managers entered around each call (the graph limit; freezing, for the inductor step)
-    cost ~6 us each, against 3-8 ms a token (Zen 5).
+    `warm_up` races again). To decode each batch size at its best, make a `CompiledDecoding` per
+    batch size, of a model prepared for it, as the benchmarks do. The context managers entered
+    around each call (the graph limit; freezing, for the inductor step) cost ~6 us each (Zen 5).
     """
 
     GEMMS = ("measure", "kernels", "inductor", "fbgemm", "cudagraphs")

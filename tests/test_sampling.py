@@ -34,6 +34,7 @@ from minigpt.sampling import (
     apply_temperature,
     candidate_scores,
     candidates,
+    check_finite,
     generate,
     generate_ids,
     next_token,
@@ -487,6 +488,28 @@ def test_logits_that_break_after_the_prompt_are_named_at_that_step(greedy):
     assert len([next(steps) for _ in range(4)]) == 4  # the logits read at positions 2 to 5: finite
     with pytest.raises(MinigptError, match=r"^the model's logits are not finite \(inf or NaN\)"):
         next(steps)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_finite_check_reads_every_logit_and_no_overflowing_sum(dtype):
+    """check_finite reads the logits' sum first (one pass): a sum that is finite says every logit
+    is. A sum that overflows (logits finite but huge) or is NaN is checked entry by entry, so it
+    refuses an inf, a -inf or a NaN anywhere in the batch, and never finite logits."""
+    big = torch.finfo(dtype).max
+    logits = torch.zeros(3, 50257, dtype=dtype)
+    logits[:, :4] = big  # finite: the sum overflows to inf
+    check_finite(logits)
+    check_finite(-logits)
+    for bad in (float("inf"), float("-inf"), float("nan")):
+        for row, col in ((0, 0), (2, 50256)):
+            broken = logits.clone()
+            broken[row, col] = bad
+            with pytest.raises(MinigptError, match=r"^the model's logits are not finite \(inf or NaN\)"):
+                check_finite(broken)
+    both = torch.zeros(1, 8, dtype=dtype)
+    both[0, 1], both[0, 5] = float("inf"), float("-inf")  # (a NaN sum)
+    with pytest.raises(MinigptError, match=r"not finite"):
+        check_finite(both)
 
 
 def test_the_repetition_penalty_counts_prompt_tokens_beyond_the_window():
