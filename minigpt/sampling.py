@@ -201,8 +201,8 @@ def check_finite(logits: torch.Tensor) -> None:
     logit is, and one pass over them costs less than `isfinite`'s four (distilgpt2's 50,257 logits,
     caches flushed: 30-39 against 107-177 us on the AMD EPYC Zen 4; greedy int8 decoding 280.2
     against 273.3 tokens/s, 15 interleaved rounds); only a sum that is not finite (or overflowed)
-    is checked entry by entry."""
-    if not math.isfinite(logits.sum()) and not bool(logits.isfinite().all()):
+    is checked entry by entry (summed in fp32: fp16 logits would overflow fp16's sum)."""
+    if not math.isfinite(logits.sum(dtype=torch.float32)) and not bool(logits.isfinite().all()):
         raise MinigptError("the model's logits are not finite (inf or NaN): its weights are "
                            "broken, as a diverged training run leaves them")
 

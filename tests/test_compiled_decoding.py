@@ -445,6 +445,9 @@ def test_only_fp32_and_int8_on_the_cpu_offer_inductor_gemms():
     (as int8mm, `int8mm_twin`): not bf16's, whose products inductor wrote no faster."""
     bf16 = small_model().to(torch.bfloat16)
     assert list(CompiledDecoding(bf16).steps) == ["kernels"]
+    torch.manual_seed(0)  # int8mm takes input widths in multiples of 16: 40 is not, so no int8mm twins
+    narrow = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=40, block_size=16, vocab_size=100, dropout=0.0)).eval()
+    assert "inductor" not in CompiledDecoding(prepare_for_inference(narrow, "int8")).steps
     with pytest.raises(MinigptError, match=r"gemms='inductor' needs an fp32 or int8 model on the CPU"):
         CompiledDecoding(bf16, gemms="inductor")
     with pytest.raises(MinigptError, match=r"gemms='fbgemm' needs an int8 model on the CPU with int8mm layers"):

@@ -490,7 +490,7 @@ def test_logits_that_break_after_the_prompt_are_named_at_that_step(greedy):
         next(steps)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_the_finite_check_reads_every_logit_and_no_overflowing_sum(dtype):
     """check_finite reads the logits' sum first (one pass): a sum that is finite says every logit
     is. A sum that overflows (logits finite but huge) or is NaN is checked entry by entry, so it
