@@ -122,7 +122,7 @@ def int8mm_twin(layer: nn.Module) -> Int8Linear:
     inner = _unwrapped(layer)
     if inner.kernel == "int8mm":
         return inner
-    q = inner.qweight if inner.qweight is not None else inner.packed.unpack()[0].int_repr()  # (FBGEMM's packed W)
+    q = inner.qweight if isinstance(inner, Int8Linear) else inner.int8_weight()
     return Int8Linear(q.float() * inner.scale.float().unsqueeze(1), inner.bias, kernel="int8mm")
 
 

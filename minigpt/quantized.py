@@ -147,8 +147,12 @@ class FbgemmInt8Linear(nn.Module):
         y = y.mul_(step) if self.bias is None else torch.addcmul(self.bias, y, step)
         return y.to(x.dtype).view(*x.shape[:-1], -1)
 
+    def int8_weight(self) -> torch.Tensor:
+        """W's q (out, in), int8: read back from FBGEMM's packing (`qweight` is kept only with `keep_rows`)."""
+        return self.packed.unpack()[0].int_repr()
+
     def __getstate__(self) -> dict:  # (W as plain int8: FBGEMM's packing is made again on load)
-        return {**state_without(self, "packed", "product", "key"), "q": self.packed.unpack()[0].int_repr()}
+        return {**state_without(self, "packed", "product", "key"), "q": self.int8_weight()}
 
     def __setstate__(self, state: dict) -> None:
         q = state.pop("q")
