@@ -86,8 +86,10 @@ PYCHECK
 # The tests get 2/5 of the time left (~175 s; 74 s measured on an H200), the timings the rest; both
 # are interrupted with SIGINT, so that pytest still prints its summary and gpu_check.py its table.
 limit=$(( (DEADLINE - SECONDS) * 2 / 5 )); [ "$limit" -lt 30 ] && limit=30  # (a slow set-up: still a try)
+# (in one process, without the addopts -n auto of pyproject.toml: -s shows each test's output, the one GPU
+# serves one test at a time, and a Python without pytest-xdist runs them too)
 step "CUDA tests: pytest -m cuda (<= $limit s)"
-in_step timeout -s INT -k 10 "$limit" "$PY" -m pytest -m cuda -q -s -rs --durations=5 -p no:cacheprovider tests/
+in_step timeout -s INT -k 10 "$limit" "$PY" -m pytest -m cuda -o addopts= -q -s -rs --durations=5 -p no:cacheprovider tests/
 tests=$?
 limit=$(( DEADLINE - SECONDS - 10 )); [ "$limit" -lt 60 ] && limit=60
 step "timings: benchmarks/gpu_check.py (<= $limit s)"

@@ -2282,7 +2282,7 @@ def run_tests(copy: Path, nodes: list[str], tmp: Path) -> tuple[list[str], list[
     """Run `nodes` in `copy`; returns (failed node ids, errored node ids, pytest's summary line)."""
     env = {**os.environ, "PYTHONPATH": str(copy), "PYTHONDONTWRITEBYTECODE": "1", "MINIGPT_CACHE": str(tmp / "cache")}
     result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--tb=no", "-rfE",
+        [sys.executable, "-m", "pytest", "-q", "-n", "0", "-p", "no:cacheprovider", "--tb=no", "-rfE",
          "--basetemp", str(tmp / "pytest"), *nodes],
         cwd=copy, env=env, capture_output=True, text=True, timeout=1800,
     )
