@@ -99,8 +99,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    "fastest kept (int8 1.35x the kernels' step on an AMD Zen 4, ~260 MB more memory; fp32 "
                    "1.36x on an AMD Zen 5, about even on a Zen 4, ~540 MB more; where timing gave some int8 "
                    "layers int8mm, a step with FBGEMM on every layer is raced too); bf16 about even. "
-                   "Compiling takes ~45 s (fp32) to ~70 s (int8) on 2 CPU cores the first time (1-10 s once "
-                   "inductor's disk cache has it), and needs a C++ "
+                   "Compiling takes ~45-50 s (fp32) to ~50-70 s (int8) on 2 CPU cores the first time (int8 ~7 s "
+                   "once inductor's disk cache has it; fp32 ~20 s, its step with inductor's GEMMs being one "
+                   "that cache cannot keep), and needs a C++ "
                    "compiler and Python's C headers (python3-dev). On a GPU each token replays as one "
                    "CUDA graph (1.8x decoding without it at batch 1 on an H200); it is raced against "
                    "decoding without it there and the faster is kept")

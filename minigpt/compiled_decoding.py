@@ -9,8 +9,8 @@ graph: inductor fuses those ops into a few C++ loops around the matmuls, called 
 process, interleaved runs, the same tokens as eager) int8 decoded 142.3 against 118.4 tokens/s,
 then 162.6 against 151.1 with the C++ wrapper and the attention against without, fp32 and bf16
 even (benchmarks/HISTORY.md); with the steps it races since (see `CompiledDecoding`), int8 reached
-0.91x of llama.cpp's Q8_0 (0.50-0.53x eager). Compiling takes ~45 s (fp32) to ~70 s (int8) on 2
-Zen 4 cores with an empty inductor cache, 1-10 s once inductor's disk cache has it.
+0.91x of llama.cpp's Q8_0 (0.50-0.53x eager). Compiling takes ~45-50 s (fp32) to ~50-70 s (int8)
+on 2 Zen 4 cores with an empty inductor cache; with it int8 ~7 s, fp32 ~20 s (its inductor step not cached).
 
 How: `DecodeStep` is the model's forward pass for one token per sequence (`GPT.forward` with
 `T == 1`, calling the same modules), written so that one graph serves every step: the position is
