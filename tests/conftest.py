@@ -55,7 +55,8 @@ def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
     Zen 4, an empty inductor cache): while one waits on a single thread (g++ building
     torch.compile's C++, a child process importing torch), the other computes. More than 2 were
     not measured."""
-    return max(1, min(2, len(os.sched_getaffinity(0))))
+    usable = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1)  # (macOS: no affinity)
+    return max(1, min(2, len(usable)))
 
 
 def python_path(first: Path = ROOT) -> str:
