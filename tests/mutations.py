@@ -2281,7 +2281,7 @@ def apply(brk: Break, copy: Path) -> list[str]:
 def run_tests(copy: Path, nodes: list[str], tmp: Path) -> tuple[list[str], list[str], str]:
     """Run `nodes` in `copy`; returns (failed node ids, errored node ids, pytest's summary line)."""
     env = {**os.environ, "PYTHONPATH": str(copy), "PYTHONDONTWRITEBYTECODE": "1", "MINIGPT_CACHE": str(tmp / "cache")}
-    result = subprocess.run(
+    result = subprocess.run(  # (-n 0: one process; starting two test processes for each break's few tests costs more)
         [sys.executable, "-m", "pytest", "-q", "-n", "0", "-p", "no:cacheprovider", "--tb=no", "-rfE",
          "--basetemp", str(tmp / "pytest"), *nodes],
         cwd=copy, env=env, capture_output=True, text=True, timeout=1800,
