@@ -2,7 +2,7 @@
 
 Nothing here knows about GPT-2. A `Trainer` is given
     a model (an nn.Module) and `loss_fn(model, batch) -> mean loss over the batch's examples`,
-    batch iterators with the `minigpt.data.BatchIterator` contract (epoch, position, state_dict),
+    batch iterators (`Batches`, as `minigpt.data.BatchIterator` is),
     an optimizer (`minigpt.optim.AdamW`) and a schedule (step -> learning-rate multiplier),
     a `TrainConfig`, an output folder and `save_model(folder)` that writes the model's files there.
 
@@ -34,13 +34,11 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import random
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator, Protocol
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -54,16 +52,6 @@ from .optim import AdamW, clip_grad_norm
 from .run_folder import CARD_FILE, METRICS_FILE, PLOT_FILE, check_out_folder, check_same_run
 from .run_folder import read_training_state, write_run_checkpoint, write_training_state
 from .runtime import check_dtype, prepare_cpu_compile, resolve_device, warn_other_cpu_threads
-
-
-def seed_everything(seed: int) -> None:
-    """Seed every generator a run draws from, at its start: Python's `random`, NumPy's global
-    generator, and torch's on the CPU and on every CUDA device (initialisation, dropout masks). The
-    data split and the batch order draw from generators of their own, made from the same seed
-    (`minigpt.data`), so with one seed the whole run is one deterministic function of its inputs."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)  # CPU and every CUDA device
 
 
 CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # torch.compile's modes that replay CUDA graphs on a GPU
@@ -98,12 +86,24 @@ class TrainConfig:
 # --- the loop --------------------------------------------------------------------------------------
 
 
+class Batches(Protocol):
+    """What the loop reads of a batch iterator (`minigpt.data.BatchIterator` is one): iterating yields
+    epoch `epoch`'s batches (B, T) from batch `position` on, then moves on; len(): an epoch's batches."""
+
+    epoch: int
+    position: int
+    def __iter__(self) -> Iterator[torch.Tensor]: ...
+    def __len__(self) -> int: ...
+    def state_dict(self) -> dict: ...
+    def load_state_dict(self, state: dict) -> None: ...
+
+
 class Trainer:
     """Runs `config.max_steps` optimizer steps over `train_batches`, evaluating, logging and saving.
 
     model, loss_fn: `loss_fn(model, batch)` is the mean loss over the batch's examples.
     optimizer, schedule: `schedule(step)` multiplies each parameter group's learning rate.
-    train_batches, val_batches: iterators with `minigpt.data.BatchIterator`'s contract (val: or None).
+    train_batches, val_batches: the training and validation batches (`Batches`; val: or None).
     config: how the loop runs. out, save_model: the run folder (a new run's holds no other run or
         files: `fit` refuses it); `save_model(folder)` writes the model's files into a checkpoint folder.
     device, ranks: where this process computes (as `resolve_device` takes it), and its place in a torchrun job.
@@ -120,8 +120,8 @@ class Trainer:
         loss_fn: Callable[[nn.Module, torch.Tensor], torch.Tensor],
         optimizer: AdamW,
         schedule: Callable[[int], float],
-        train_batches,
-        val_batches,
+        train_batches: Batches,
+        val_batches: Batches | None,
         config: TrainConfig,
         out: str | os.PathLike,
         save_model: Callable[[Path], None],

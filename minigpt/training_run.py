@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import importlib.util
 import math
+import random
 import shlex
 import sys
 from pathlib import Path
@@ -35,8 +36,18 @@ from .run_folder import CARD_FILE, RunLock, check_out_folder, check_same_run, cu
 from .runtime import CLI_NAMES, check_fits, dtype_name, emulated_bf16_warning, setup_device
 from .tokenizer import Tokenizer
 from .train_flags import ADAM_BETAS, ADAM_EPS, RECIPE_MODEL, TrainFlags
-from .trainer import Trainer, seed_everything
+from .trainer import Trainer
 from .training_speed import prepare_for_training
+
+
+def seed_everything(seed: int) -> None:
+    """Seed every generator a run draws from, at its start: Python's `random`, NumPy's global
+    generator, and torch's on the CPU and on every CUDA device (initialisation, dropout masks). The
+    data split and the batch order draw from generators of their own, made from the same seed
+    (`minigpt.data`), so with one seed the whole run is one deterministic function of its inputs."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)  # CPU and every CUDA device
 
 
 def build_model(args: TrainFlags, resume_from: Path | None,

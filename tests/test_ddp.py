@@ -98,8 +98,7 @@ def initial_weights() -> dict[str, torch.Tensor]:
     """The weights FLAGS' runs start from: train.py's scratch model, made as train.py makes it."""
     import train
     from minigpt.checkpoint import model_state_for_saving
-    from minigpt.trainer import seed_everything
-    from minigpt.training_run import build_model
+    from minigpt.training_run import build_model, seed_everything
 
     args = train.parse_args([*FLAGS, "--dropout", "0"])
     seed_everything(args.seed)
