@@ -1,7 +1,8 @@
 """Promises README makes about failures that no other test exercised: a non-finite gradient norm
 stops the run, fp16 steps with inf/NaN gradients are skipped and counted, and under torchrun
 Ctrl-C stops every rank after the same step while a failing rank brings the whole job down; the
-prepared GPU check stops in one line where there is no GPU; the llama.cpp comparison is like for like."""
+prepared GPU check stops in one line where there is no GPU, and runs every cell where one is
+faked; the llama.cpp comparison is like for like."""
 
 from __future__ import annotations
 
@@ -889,3 +890,53 @@ def test_the_machine_line_says_when_fp32_ran_as_tf32(monkeypatch):
     finally:
         torch.backends.cuda.matmul.allow_tf32 = before
     assert "matmul peak fp32 1,000.0" in hardware.hardware_line(hardware.describe(torch.device("cpu")))
+
+
+def test_the_gpu_check_runs_every_cell_where_a_gpu_is_faked(tmp_path, monkeypatch, capsys):
+    """gpu_check.py runs only where a GPU is lent, which is seldom: here every cell of it runs on the
+    CPU, torch telling the script that CUDA is there, a tiny model standing in for distilgpt2 and torch.compile
+    for the identity (what compiling does is tested elsewhere), so that a change to what the script
+    calls (bench_train's two sides, CompiledDecoding, generate, prepare_for_inference, the Trainer's
+    fp16 scaler) fails here, not as an error row in a lent machine's minutes."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import bench_train
+    import gpu_check
+    import hardware
+
+    import minigpt.runtime
+    from conftest import save_hf_model
+
+    answers = iter([True])  # (the script's own question; then the truth, which torch's optimizers also ask)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: next(answers, False))
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *args: None)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    monkeypatch.setattr(torch, "compile", lambda model, **options: model)
+    monkeypatch.setattr(minigpt.runtime, "setup_device", lambda device, dtype: (torch.device("cpu"), torch.float32))
+    peaks = {"fp32": 4e11, "bf16": 8e11}
+    monkeypatch.setattr(hardware, "describe", lambda device: {
+        "name": "a faked GPU", **peaks, "fp32_n": 8192, "bf16_n": 8192, "read": 1e12, "fp32_label": "fp32 (TF32)"})
+    monkeypatch.setattr(hardware, "matmul_peak", lambda device, dtype: (peaks["bf16"], 8192))  # (fp16's)
+    # (the prompt's ids and the random batches are GPT-2's: the vocabulary stays whole)
+    tiny = dict(vocab_size=50257, n_positions=64, n_embd=32, n_layer=2, n_head=2)
+    monkeypatch.setattr(bench_train, "model_folder", lambda args, tmp: save_hf_model(tmp / "tiny", **tiny))
+
+    rc = gpu_check.main(["--shapes", "2x16", "--compile-shapes", "2x16", "1x8", "--steps", "2", "--warmup", "1",
+                         "--tokens", "4", "--budget", "600"])
+    out = capsys.readouterr().out
+    rows = [line.split(" | ") for line in out.splitlines() if line.startswith("| ") and not line.startswith("| what")]
+    rows = [[cell.strip(" |") for cell in row] for row in rows if not row[0].startswith("|---")]
+    assert rc == 0, out
+    cells = {tuple(row[:4]) for row in rows}
+    for precision in ("fp32", "bf16"):
+        for batch in (1, 8):
+            for side in ("transformers generate()", "ours", "ours, compiled"):
+                assert ("decode", f"batch {batch}", precision, side) in cells
+    assert ("decode", "batch 8", "int8", "ours") in cells
+    for precision in ("fp32", "bf16", "fp16"):
+        assert {("train", "2x16", precision, side) for side in ("transformers", "ours")} <= cells
+        assert {("train", shape, precision, "ours, compiled (reduce-overhead)") for shape in ("2x16", "1x8")} <= cells
+    assert len(rows) == len(cells) == 4 * 3 + 2 + 6 + 2 * 3
+    for row in rows:  # tokens/s a number, a ratio to transformers where the shape has its row (not 1x8)
+        assert float(row[5].replace(",", "")) > 0, row
+        assert row[6].endswith("x") == (row[1] != "1x8"), row
+    assert "decode batch 1 fp32, ours compiled: decoding compiled" in out
