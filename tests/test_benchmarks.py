@@ -1,0 +1,109 @@
+"""The benchmarks run end to end: README's performance table is made of their output, and they are
+run by hand, on whatever machine a session gets, so a change that breaks one must fail here, not
+minutes into the next measuring. Each runs in this process on a tiny GPT-2 (GPT-2's vocabulary, 32
+wide) with the machine's peaks given instead of timed (`hardware.describe` takes seconds), and its
+table must hold every row, each with a rate or a time. (What the rows are worth is measured by hand:
+benchmarks/HISTORY.md.)"""
+
+from __future__ import annotations
+
+import re
+import shutil
+
+import pytest
+import torch
+
+from conftest import ROOT, gpt2_vocab_files, save_hf_model
+
+PEAKS = {"name": "a test machine", "fp32": 2e11, "fp32_n": 1024, "bf16": 4e11, "bf16_n": 1024, "read": 3e10,
+         "fp32_label": "fp32"}
+
+
+@pytest.fixture(scope="module")
+def tiny_hf(tmp_path_factory):
+    """An HF GPT-2 folder with GPT-2's whole vocabulary (the benchmarks' prompt and text are GPT-2's
+    tokens), a window of 128 positions (sample.py's 100 new tokens after the prompt) and 32 wide."""
+    return save_hf_model(tmp_path_factory.mktemp("bench") / "tiny", vocab_size=50257, n_positions=128, n_embd=32,
+                         n_layer=2, n_head=2)
+
+
+@pytest.fixture
+def benchmarks(monkeypatch):
+    """The benchmarks' folder on the path, and the machine's peaks given, not timed."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import hardware
+
+    monkeypatch.setattr(hardware, "describe", lambda device: dict(PEAKS))
+    monkeypatch.setattr(hardware, "matmul_peak", lambda device, dtype: (PEAKS["bf16" if dtype == torch.bfloat16 else
+                                                                             "fp32"], 1024))
+
+
+def table_rows(text: str, first: str) -> list[list[str]]:
+    """The rows of the Markdown table whose header starts with `first`, as lists of cells."""
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(f"| {first} |"))
+    rows = []
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        rows.append([cell.strip() for cell in line.strip("|").split("|")])
+    return rows
+
+
+def number(cell: str) -> float:
+    return float(re.match(r"[\d,.]+", cell).group().replace(",", ""))
+
+
+def test_bench_sample_times_every_variant_and_the_end_to_end_runs(benchmarks, tiny_hf, capsys):
+    import bench_sample
+
+    bench_sample.main(["--model", str(tiny_hf), "--tokens", "4", "--reps", "1", "--e2e-reps", "1", "--batches", "1",
+                       "2", "--quick"])
+    out = capsys.readouterr().out
+    rows = table_rows(out, "batch")
+    variants = ["transformers fp32", "ours fp32", "ours bf16", "ours int8"]
+    assert [(row[0], row[1]) for row in rows] == [(b, v) for b in ("1", "2") for v in variants]
+    for row in rows:  # tokens/s, the ratio to transformers, time to first token; peak memory at batch 1 (--quick)
+        assert number(row[2]) > 0 and row[3].endswith("x") and row[4].endswith(" ms"), row
+        assert row[5].endswith(" MB") if row[0] == "1" else row[5] == "-", row
+    for batch in (1, 2):
+        for variant in variants[1:]:
+            assert re.search(rf"^- batch {batch}, {variant}: kernels: lm_head \S+, attn\.c_attn ", out, re.MULTILINE)
+    e2e = table_rows(out, "end to end")
+    assert len(e2e) == 3 and "--quantize int8" in e2e[1][0] and "pipeline" in e2e[2][0]
+    for row in e2e:
+        assert row[1].endswith(" s") and number(row[1]) > 0 and 0 <= int(row[2]) <= 100, row
+
+
+def test_bench_train_times_both_sides_in_both_precisions(benchmarks, tiny_hf, capsys):
+    import bench_train
+
+    bench_train.main(["--model", str(tiny_hf), "--steps", "2", "--warmup", "1", "--batch-size", "2", "--block-size",
+                      "16", "--dtype", "fp32,bf16", "--loss-steps", "2"])
+    out = capsys.readouterr().out
+    rows = table_rows(out, "precision")
+    assert [(row[0], row[1]) for row in rows] == [(p, s) for p in ("fp32", "bf16") for s in ("transformers", "ours")]
+    for row in rows:  # step times, tokens/s, ratios, MFU, peak memory (a fresh process each)
+        best, median = (float(t) for t in row[2].split(" / "))
+        assert 0 < best <= median and number(row[3]) > 0 and re.fullmatch(r"[\d.]+x / [\d.]+x", row[4]), row
+        assert row[5].endswith("%") and number(row[6]) > 0, row
+    assert re.search(r"^loss after 2 steps of our loop: fp32 [\d.]+, bf16 [\d.]+ \([\d.]+% apart\)", out, re.MULTILINE)
+
+
+def test_bench_data_compares_both_pipelines_block_for_block(benchmarks, tmp_path, capsys):
+    import bench_data
+
+    from minigpt.tokenizer import Tokenizer
+
+    tokenizer = tmp_path / "tokenizer.json"
+    Tokenizer.from_vocab_merges(*gpt2_vocab_files()).backend.save(str(tokenizer))
+    data = tmp_path / "eli5.json"
+    shutil.copy(ROOT / "tests" / "data" / "eli5_small.json", data)
+    assert bench_data.main(["--data", str(data), "--tokenizer", str(tokenizer), "--block-size", "16",
+                            "--rounds", "1"]) in (0, None)
+    out = capsys.readouterr().out
+    assert re.search(r"^minigpt load_blocks, cold cache +[\d.]+ +[\d,]+ +[\d,]+ +[\d,]+$", out, re.MULTILINE), out
+    assert re.search(r"^recipe: datasets\.map x2, GPT2TokenizerFast +[\d.]+ +[\d,]+ +[\d,]+ +[\d,]+$", out,
+                     re.MULTILINE), out
+    assert "tokens identical: True" in out and "both recipes' blocks identical: True" in out
+    assert re.search(r"^speed-up, cold cache, against the recipe as the guide writes it: [\d.]+x", out, re.MULTILINE)
