@@ -62,13 +62,14 @@ def test_bench_sample_times_every_variant_and_the_end_to_end_runs(benchmarks, ti
     out = capsys.readouterr().out
     rows = table_rows(out, "batch")
     variants = ["transformers fp32", "ours fp32", "ours bf16", "ours int8"]
-    assert [(row[0], row[1]) for row in rows] == [(b, v) for b in ("1", "2") for v in variants]
+    assert [(row[0], row[1]) for row in rows] == [(b, v) for b in ("1", "2") for v in variants], out
     for row in rows:  # tokens/s, the ratio to transformers, time to first token; peak memory at batch 1 (--quick)
         assert number(row[2]) > 0 and row[3].endswith("x") and row[4].endswith(" ms"), row
         assert row[5].endswith(" MB") if row[0] == "1" else row[5] == "-", row
-    for batch in (1, 2):
+    for batch in (1, 2):  # (a layer's kernel may run on fewer threads, "fbgemm on 1 thread", where that won)
         for variant in variants[1:]:
-            assert re.search(rf"^- batch {batch}, {variant}: kernels: lm_head \S+, attn\.c_attn ", out, re.MULTILINE)
+            assert re.search(rf"^- batch {batch}, {variant}: kernels: lm_head [^,]+, attn\.c_attn [^,]+, ", out,
+                             re.MULTILINE), out
     e2e = table_rows(out, "end to end")
     assert len(e2e) == 3 and "--quantize int8" in e2e[1][0] and "pipeline" in e2e[2][0]
     for row in e2e:
