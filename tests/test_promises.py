@@ -894,10 +894,11 @@ def test_the_machine_line_says_when_fp32_ran_as_tf32(monkeypatch):
 
 def test_the_gpu_check_runs_every_cell_where_a_gpu_is_faked(tmp_path, monkeypatch, capsys):
     """gpu_check.py runs only where a GPU is lent, which is seldom: here every cell of it runs on the
-    CPU, torch telling the script that CUDA is there, a tiny model standing in for distilgpt2 and torch.compile
-    for the identity (what compiling does is tested elsewhere), so that a change to what the script
-    calls (bench_train's two sides, CompiledDecoding, generate, prepare_for_inference, the Trainer's
-    fp16 scaler) fails here, not as an error row in a lent machine's minutes."""
+    CPU, torch telling the script that CUDA is there, a tiny model standing in for distilgpt2 and
+    torch.compile for the identity (what compiling does is tested elsewhere), so that a change to
+    what the script calls (bench_train's two sides, CompiledDecoding, generate,
+    prepare_for_inference, the Trainer's fp16 scaler) fails here, not as an error row in a lent
+    machine's minutes."""
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
     import bench_train
     import gpu_check
@@ -923,8 +924,8 @@ def test_the_gpu_check_runs_every_cell_where_a_gpu_is_faked(tmp_path, monkeypatc
     rc = gpu_check.main(["--shapes", "2x16", "--compile-shapes", "2x16", "1x8", "--steps", "2", "--warmup", "1",
                          "--tokens", "4", "--budget", "600"])
     out = capsys.readouterr().out
-    rows = [line.split(" | ") for line in out.splitlines() if line.startswith("| ") and not line.startswith("| what")]
-    rows = [[cell.strip(" |") for cell in row] for row in rows if not row[0].startswith("|---")]
+    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in out.splitlines()
+            if line.startswith("| ") and not line.startswith("| what")]  # (the table's rows, as cells)
     assert rc == 0, out
     cells = {tuple(row[:4]) for row in rows}
     for precision in ("fp32", "bf16"):
