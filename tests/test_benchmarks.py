@@ -8,7 +8,6 @@ benchmarks/HISTORY.md.)"""
 from __future__ import annotations
 
 import re
-import shutil
 
 import pytest
 import torch
@@ -98,10 +97,9 @@ def test_bench_data_compares_both_pipelines_block_for_block(benchmarks, tmp_path
 
     tokenizer = tmp_path / "tokenizer.json"
     Tokenizer.from_vocab_merges(*gpt2_vocab_files()).backend.save(str(tokenizer))
-    data = tmp_path / "eli5.json"
-    shutil.copy(ROOT / "tests" / "data" / "eli5_small.json", data)
+    data = ROOT / "tests" / "data" / "eli5_small.json"  # (both pipelines cache in temporary folders)
     assert bench_data.main(["--data", str(data), "--tokenizer", str(tokenizer), "--block-size", "16",
-                            "--rounds", "1"]) in (0, None)
+                            "--rounds", "1"]) == 0  # (0: the same tokens, blocks within the recipe's drops)
     out = capsys.readouterr().out
     assert re.search(r"^minigpt load_blocks, cold cache +[\d.]+ +[\d,]+ +[\d,]+ +[\d,]+$", out, re.MULTILINE), out
     assert re.search(r"^recipe: datasets\.map x2, GPT2TokenizerFast +[\d.]+ +[\d,]+ +[\d,]+ +[\d,]+$", out,
