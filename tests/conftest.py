@@ -167,6 +167,19 @@ def one_thread(monkeypatch):
     torch.set_num_threads(threads)
 
 
+def table_rows(text: str, first: str) -> list[list[str]]:
+    """The rows of the Markdown table in `text` whose header starts with `first` (a benchmark's
+    report), each as its list of cells."""
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(f"| {first} |"))
+    rows = []
+    for line in lines[start + 2:]:  # (after the header and its |---| line, up to the first other line)
+        if not line.startswith("|"):
+            break
+        rows.append([cell.strip() for cell in line.strip("|").split("|")])
+    return rows
+
+
 def run_cli(script: str, *args: str, timeout: float = 300, **kwargs):
     """Run one of the repo's CLIs in a subprocess; returns the CompletedProcess (text mode)."""
     import subprocess

@@ -12,7 +12,7 @@ import re
 import pytest
 import torch
 
-from conftest import ROOT, gpt2_vocab_files, save_hf_model
+from conftest import ROOT, gpt2_vocab_files, save_hf_model, table_rows
 
 PEAKS = {"name": "a test machine", "fp32": 2e11, "fp32_n": 1024, "bf16": 4e11, "bf16_n": 1024, "read": 3e10,
          "fp32_label": "fp32"}
@@ -35,18 +35,6 @@ def benchmarks(monkeypatch):
     monkeypatch.setattr(hardware, "describe", lambda device: dict(PEAKS))
     monkeypatch.setattr(hardware, "matmul_peak", lambda device, dtype: (PEAKS["bf16" if dtype == torch.bfloat16 else
                                                                              "fp32"], 1024))
-
-
-def table_rows(text: str, first: str) -> list[list[str]]:
-    """The rows of the Markdown table whose header starts with `first`, as lists of cells."""
-    lines = text.splitlines()
-    start = next(i for i, line in enumerate(lines) if line.startswith(f"| {first} |"))
-    rows = []
-    for line in lines[start + 2:]:
-        if not line.startswith("|"):
-            break
-        rows.append([cell.strip() for cell in line.strip("|").split("|")])
-    return rows
 
 
 def number(cell: str) -> float:

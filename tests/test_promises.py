@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file
 
-from conftest import ROOT, call_cli, gpt2_vocab_files, python_path
+from conftest import ROOT, call_cli, gpt2_vocab_files, python_path, save_hf_model, table_rows
 from minigpt.checkpoint import model_state_for_saving
 from minigpt.config import GPTConfig
 from minigpt.data import BatchIterator, TokenBlocks
@@ -905,7 +905,6 @@ def test_the_gpu_check_runs_every_cell_where_a_gpu_is_faked(tmp_path, monkeypatc
     import hardware
 
     import minigpt.runtime
-    from conftest import save_hf_model
 
     answers = iter([True])  # (the script's own question; then the truth, which torch's optimizers also ask)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: next(answers, False))
@@ -924,8 +923,7 @@ def test_the_gpu_check_runs_every_cell_where_a_gpu_is_faked(tmp_path, monkeypatc
     rc = gpu_check.main(["--shapes", "2x16", "--compile-shapes", "2x16", "1x8", "--steps", "2", "--warmup", "1",
                          "--tokens", "4", "--budget", "600"])
     out = capsys.readouterr().out
-    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in out.splitlines()
-            if line.startswith("| ") and not line.startswith("| what")]  # (the table's rows, as cells)
+    rows = table_rows(out, "what")
     assert rc == 0, out
     cells = {tuple(row[:4]) for row in rows}
     for precision in ("fp32", "bf16"):
