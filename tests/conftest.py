@@ -167,6 +167,20 @@ def one_thread(monkeypatch):
     torch.set_num_threads(threads)
 
 
+@pytest.fixture
+def benchmark_scripts(monkeypatch):
+    """benchmarks/ on the path, with this machine's peaks given to them, not timed
+    (`hardware.describe` times matmuls and memory for seconds): for running a benchmark in a test."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import hardware
+
+    peaks = {torch.float32: 2e11, torch.bfloat16: 4e11}
+    monkeypatch.setattr(hardware, "describe", lambda device: {
+        "name": "a test machine", "fp32": peaks[torch.float32], "fp32_n": 1024, "bf16": peaks[torch.bfloat16],
+        "bf16_n": 1024, "read": 3e10, "fp32_label": "fp32"})
+    monkeypatch.setattr(hardware, "matmul_peak", lambda device, dtype: (peaks.get(dtype, peaks[torch.bfloat16]), 1024))
+
+
 def table_rows(text: str, first: str) -> list[list[str]]:
     """The rows of the Markdown table in `text` whose header starts with `first` (a benchmark's
     report), each as its list of cells."""

@@ -1,7 +1,7 @@
 """The benchmarks run end to end: README's performance table is made of their output, and they are
 run by hand, on whatever machine a session gets, so a change that breaks one must fail here, not
-minutes into the next measuring. Each runs in this process on a tiny GPT-2 (GPT-2's vocabulary, 32
-wide) with the machine's peaks given instead of timed (`hardware.describe` takes seconds), and its
+minutes into the next measuring. Each runs in this process on a tiny GPT-2 (conftest's, with GPT-2's
+vocabulary) with the machine's peaks given instead of timed (`benchmark_scripts`), and its
 table must hold every row, each with a rate or a time. (What the rows are worth is measured by hand:
 benchmarks/HISTORY.md.)"""
 
@@ -9,42 +9,17 @@ from __future__ import annotations
 
 import re
 
-import pytest
-import torch
-
-from conftest import ROOT, gpt2_vocab_files, save_hf_model, table_rows
-
-PEAKS = {"name": "a test machine", "fp32": 2e11, "fp32_n": 1024, "bf16": 4e11, "bf16_n": 1024, "read": 3e10,
-         "fp32_label": "fp32"}
-
-
-@pytest.fixture(scope="module")
-def tiny_hf(tmp_path_factory):
-    """An HF GPT-2 folder with GPT-2's whole vocabulary (the benchmarks' prompt and text are GPT-2's
-    tokens), a window of 128 positions (sample.py's 100 new tokens after the prompt) and 32 wide."""
-    return save_hf_model(tmp_path_factory.mktemp("bench") / "tiny", vocab_size=50257, n_positions=128, n_embd=32,
-                         n_layer=2, n_head=2)
-
-
-@pytest.fixture
-def benchmarks(monkeypatch):
-    """The benchmarks' folder on the path, and the machine's peaks given, not timed."""
-    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
-    import hardware
-
-    monkeypatch.setattr(hardware, "describe", lambda device: dict(PEAKS))
-    monkeypatch.setattr(hardware, "matmul_peak", lambda device, dtype: (PEAKS["bf16" if dtype == torch.bfloat16 else
-                                                                             "fp32"], 1024))
+from conftest import ROOT, gpt2_vocab_files, table_rows
 
 
 def number(cell: str) -> float:
     return float(re.match(r"[\d,.]+", cell).group().replace(",", ""))
 
 
-def test_bench_sample_times_every_variant_and_the_end_to_end_runs(benchmarks, tiny_hf, capsys):
+def test_bench_sample_times_every_variant_and_the_end_to_end_runs(benchmark_scripts, tiny_hf_dir, capsys):
     import bench_sample
 
-    bench_sample.main(["--model", str(tiny_hf), "--tokens", "4", "--reps", "1", "--e2e-reps", "1", "--batches", "1",
+    bench_sample.main(["--model", str(tiny_hf_dir), "--tokens", "4", "--reps", "1", "--e2e-reps", "1", "--batches", "1",
                        "2", "--quick"])
     out = capsys.readouterr().out
     rows = table_rows(out, "batch")
@@ -63,10 +38,10 @@ def test_bench_sample_times_every_variant_and_the_end_to_end_runs(benchmarks, ti
         assert row[1].endswith(" s") and number(row[1]) > 0 and 0 <= int(row[2]) <= 100, row
 
 
-def test_bench_train_times_both_sides_in_both_precisions(benchmarks, tiny_hf, capsys):
+def test_bench_train_times_both_sides_in_both_precisions(benchmark_scripts, tiny_hf_dir, capsys):
     import bench_train
 
-    bench_train.main(["--model", str(tiny_hf), "--steps", "2", "--warmup", "1", "--batch-size", "2", "--block-size",
+    bench_train.main(["--model", str(tiny_hf_dir), "--steps", "2", "--warmup", "1", "--batch-size", "2", "--block-size",
                       "16", "--dtype", "fp32,bf16", "--loss-steps", "2"])
     out = capsys.readouterr().out
     rows = table_rows(out, "precision")
@@ -78,7 +53,7 @@ def test_bench_train_times_both_sides_in_both_precisions(benchmarks, tiny_hf, ca
     assert re.search(r"^loss after 2 steps of our loop: fp32 [\d.]+, bf16 [\d.]+ \([\d.]+% apart\)", out, re.MULTILINE)
 
 
-def test_bench_data_compares_both_pipelines_block_for_block(benchmarks, tmp_path, capsys):
+def test_bench_data_compares_both_pipelines_block_for_block(benchmark_scripts, tmp_path, capsys):
     import bench_data
 
     from minigpt.tokenizer import Tokenizer

@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file
 
-from conftest import ROOT, call_cli, gpt2_vocab_files, python_path, save_hf_model, table_rows
+from conftest import ROOT, call_cli, gpt2_vocab_files, python_path, table_rows
 from minigpt.checkpoint import model_state_for_saving
 from minigpt.config import GPTConfig
 from minigpt.data import BatchIterator, TokenBlocks
@@ -892,33 +892,27 @@ def test_the_machine_line_says_when_fp32_ran_as_tf32(monkeypatch):
     assert "matmul peak fp32 1,000.0" in hardware.hardware_line(hardware.describe(torch.device("cpu")))
 
 
-def test_the_gpu_check_runs_every_cell_where_a_gpu_is_faked(tmp_path, monkeypatch, capsys):
+def test_the_gpu_check_runs_every_cell_where_a_gpu_is_faked(benchmark_scripts, tiny_hf_dir, monkeypatch, capsys):
     """gpu_check.py runs only where a GPU is lent, which is seldom: here every cell of it runs on the
     CPU, torch telling the script that CUDA is there, a tiny model standing in for distilgpt2 and
     torch.compile for the identity (what compiling does is tested elsewhere), so that a change to
     what the script calls (bench_train's two sides, CompiledDecoding, generate,
     prepare_for_inference, the Trainer's fp16 scaler) fails here, not as an error row in a lent
     machine's minutes."""
-    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
     import bench_train
     import gpu_check
-    import hardware
 
     import minigpt.runtime
 
-    answers = iter([True])  # (the script's own question; then the truth, which torch's optimizers also ask)
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: next(answers, False))
+    real = torch.cuda.is_available  # (the script is told CUDA is there; torch itself, e.g. its fused AdamW,
+    monkeypatch.setattr(torch.cuda, "is_available",  # which would start CUDA then, is told the truth)
+                        lambda: sys._getframe(1).f_globals.get("__name__") == "gpu_check" or real())
     monkeypatch.setattr(torch.cuda, "synchronize", lambda *args: None)
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
     monkeypatch.setattr(torch, "compile", lambda model, **options: model)
     monkeypatch.setattr(minigpt.runtime, "setup_device", lambda device, dtype: (torch.device("cpu"), torch.float32))
-    peaks = {"fp32": 4e11, "bf16": 8e11}
-    monkeypatch.setattr(hardware, "describe", lambda device: {
-        "name": "a faked GPU", **peaks, "fp32_n": 8192, "bf16_n": 8192, "read": 1e12, "fp32_label": "fp32 (TF32)"})
-    monkeypatch.setattr(hardware, "matmul_peak", lambda device, dtype: (peaks["bf16"], 8192))  # (fp16's)
-    # (the prompt's ids and the random batches are GPT-2's: the vocabulary stays whole)
-    tiny = dict(vocab_size=50257, n_positions=64, n_embd=32, n_layer=2, n_head=2)
-    monkeypatch.setattr(bench_train, "model_folder", lambda args, tmp: save_hf_model(tmp / "tiny", **tiny))
+    # (the prompt's ids and the random batches are GPT-2's: the tiny model has its whole vocabulary)
+    monkeypatch.setattr(bench_train, "model_folder", lambda args, tmp: tiny_hf_dir)
 
     rc = gpu_check.main(["--shapes", "2x16", "--compile-shapes", "2x16", "1x8", "--steps", "2", "--warmup", "1",
                          "--tokens", "4", "--budget", "600"])
