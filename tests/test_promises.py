@@ -915,7 +915,7 @@ def test_the_gpu_check_runs_every_cell_where_a_gpu_is_faked(benchmark_scripts, t
     monkeypatch.setattr(bench_train, "model_folder", lambda args, tmp: tiny_hf_dir)
 
     rc = gpu_check.main(["--shapes", "2x16", "--compile-shapes", "2x16", "1x8", "--steps", "2", "--warmup", "1",
-                         "--tokens", "4", "--budget", "600"])
+                         "--tokens", "16", "--budget", "600"])
     out = capsys.readouterr().out
     rows = table_rows(out, "what")
     assert rc == 0, out
