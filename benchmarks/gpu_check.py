@@ -3,7 +3,8 @@ against transformers + torch.optim.AdamW / transformers' generate(), same weight
 
     decode     batch 1 and 8, 100 new tokens (top-k 50, top-p 0.95), ours (eager, then compiled as
                sample.py --compile) vs generate(), fp32 and bf16: decode tokens/s after the first token,
-               each side after a whole untimed run; ours with int8 weights (--quantize int8) too
+               each side after a whole untimed run (generate(): a whole run less its first token, each
+               the fastest of 3 runs); ours with int8 weights (--quantize int8) too
     training   one optimizer step (bench_train.py's two sides) at the recipe's 8 x 128 and at a
                GPU-sized batch (default 64 x 1024) in fp32 (TF32 matmuls, as train.py), bf16
                autocast and fp16 autocast + GradScaler; median step time over --steps steps after

@@ -28,10 +28,8 @@ def test_every_break_names_tests_that_exist():
         assert brk.tests, brk.name
         for node in brk.tests:
             file, _, test = node.partition("::")
-            name = test.partition("[")[0]
-            assert file.startswith("tests/") and file[len("tests/"):] in sources, (brk.name, node)
-            defined = re.search(rf"^def {re.escape(name)}\(", sources[file[len("tests/"):]], re.MULTILINE) is not None
-            assert defined, (brk.name, node)
+            source = sources.get(file.removeprefix("tests/"), "") if file.startswith("tests/") else ""
+            assert re.search(rf"^def {re.escape(test.partition('[')[0])}\(", source, re.MULTILINE), (brk.name, node)
 
 
 def test_every_break_has_one_row_in_the_table_and_every_row_a_break():
