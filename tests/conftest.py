@@ -168,10 +168,15 @@ def one_thread(monkeypatch):
 
 
 @pytest.fixture
-def benchmark_scripts(monkeypatch):
+def benchmarks_on_path(monkeypatch):
+    """benchmarks/ on the path, for a test that imports a benchmark's functions (`import bench_sample`)."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+
+
+@pytest.fixture
+def benchmark_scripts(monkeypatch, benchmarks_on_path):
     """benchmarks/ on the path, with this machine's peaks given to them, not timed
     (`hardware.describe` times matmuls and memory for seconds): for running a benchmark in a test."""
-    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
     import hardware
 
     peaks = {torch.float32: 2e11, torch.bfloat16: 4e11}

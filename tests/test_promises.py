@@ -467,12 +467,11 @@ def test_the_gpu_check_takes_a_python_path_relative_to_where_it_is_started(tmp_p
     assert "'8by128' is not BATCHxBLOCK" in result.stderr  # (its gpu_check.py answered)
 
 
-def test_the_llama_cpp_table_compares_our_greedy_decoding_round_by_round(monkeypatch):
+def test_the_llama_cpp_table_compares_our_greedy_decoding_round_by_round(monkeypatch, benchmarks_on_path):
     """llama-bench times decoding without sampling, so bench_sample.py's llama.cpp table sets our
     greedy rate against it (the top-k / top-p rate beside it), with each round's ratio and their median."""
     import argparse
 
-    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
     import bench_sample
 
     args = argparse.Namespace(tokens=100, prompt_tokens=10, reps=2, batches=[1], threads=2, llama_tokens=128, compile=False,
@@ -501,10 +500,9 @@ def test_the_llama_cpp_table_compares_our_greedy_decoding_round_by_round(monkeyp
     assert bench_sample.parse_args(["--compile"]).compile is True
 
 
-def test_bench_sample_checks_the_llama_cpp_paths_before_it_starts(tmp_path, monkeypatch, capsys):
+def test_bench_sample_checks_the_llama_cpp_paths_before_it_starts(tmp_path, capsys, benchmarks_on_path):
     """A wrong llama-bench or converter path is a one-line error (exit 2) at once, not a traceback
     after minutes of preparing weights; llama-bench in a tree's build/bin finds the tree's converter."""
-    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
     import bench_sample
 
     tree = tmp_path / "llama.cpp"
@@ -534,12 +532,11 @@ def test_bench_sample_checks_the_llama_cpp_paths_before_it_starts(tmp_path, monk
     assert bench_sample.parse_args(["--llama-bench", str(bench), "--llama-tokens", "64"]).llama_tokens == 64
 
 
-def test_bench_sample_finds_a_failing_converter_or_llama_bench_before_any_timing(tmp_path, monkeypatch):
+def test_bench_sample_finds_a_failing_converter_or_llama_bench_before_any_timing(tmp_path, benchmarks_on_path):
     """A converter that exits 0 without writing a file, or a llama-bench that fails, was found only after
     every timed run (minutes of compiling and decoding); now as soon as the files are made."""
     import argparse
 
-    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
     import bench_sample
 
     hf_dir = tmp_path / "hf"
@@ -564,9 +561,8 @@ def test_bench_sample_finds_a_failing_converter_or_llama_bench_before_any_timing
     assert " -n 2 -p 0 -r 1 " in seen.read_text()
 
 
-def test_the_benchmarks_measure_a_batch_size_or_shape_given_twice_once(monkeypatch):
+def test_the_benchmarks_measure_a_batch_size_or_shape_given_twice_once(benchmarks_on_path):
     """`--batches 1 1` measured batch 1 twice, printed both, and kept the second."""
-    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
     import bench_sample
     import gpu_check
 
@@ -575,7 +571,7 @@ def test_the_benchmarks_measure_a_batch_size_or_shape_given_twice_once(monkeypat
     assert ([str(s) for s in args.shapes], args.dtypes) == (["8x128"], ["bf16", "fp32"])
 
 
-def test_bench_train_draws_token_ids_of_the_models_own_vocabulary(tmp_path, monkeypatch):
+def test_bench_train_draws_token_ids_of_the_models_own_vocabulary(tmp_path, monkeypatch, benchmarks_on_path):
     """Random tokens (the batch in a clone without the shared data folder beside it, and every memory measurement's)
     were drawn below 50,257 whatever the model's vocabulary: an IndexError traceback, or memory n/a."""
     import argparse
@@ -587,7 +583,6 @@ def test_bench_train_draws_token_ids_of_the_models_own_vocabulary(tmp_path, monk
     for name in ("vocab.json", "merges.txt", "tokenizer.json"):
         (folder / name).unlink(missing_ok=True)
     Tokenizer.train_bpe(["a model of few merges"] * 5, 300).save(folder / "tokenizer.json")
-    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
     import bench_train
 
     monkeypatch.setattr(bench_train, "SHARED", tmp_path / "no-shared")  # (a user's clone)
@@ -601,10 +596,9 @@ def test_bench_train_draws_token_ids_of_the_models_own_vocabulary(tmp_path, monk
     assert json.loads(result.stdout.splitlines()[-1])["peak_bytes"] > 0
 
 
-def test_a_failed_tools_message_is_its_error_line_not_the_end_of_a_backtrace(monkeypatch):
+def test_a_failed_tools_message_is_its_error_line_not_the_end_of_a_backtrace(benchmarks_on_path):
     """llama-bench crashing on an assert prints a backtrace after it: the one line shown was
     "360\t../csu/libc-start.c: No such file or directory."."""
-    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
     import bench_sample
 
     crash = ("llama.cpp/src/llama-context.cpp:951: GGML_ASSERT(n_tokens <= n_batch) failed\n"
@@ -615,10 +609,9 @@ def test_a_failed_tools_message_is_its_error_line_not_the_end_of_a_backtrace(mon
     assert bench_sample._last_line(failed("", 3)) == "exit code 3, no message"
 
 
-def test_bench_sample_reads_llama_bench_or_says_what_it_got(tmp_path, monkeypatch):
+def test_bench_sample_reads_llama_bench_or_says_what_it_got(tmp_path, benchmarks_on_path):
     """A binary that is not llama-bench (its output no JSON, or no row of a model) was a JSONDecodeError
     or KeyError traceback; a failure without a message printed "[]"."""
-    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
     import argparse
 
     import bench_sample
@@ -700,7 +693,7 @@ def test_the_benchmarks_say_in_one_line_which_package_to_install(tmp_path, comma
     assert result.stdout == ""  # (no machine line: nothing was timed)
 
 
-def test_bench_sample_runs_end_to_end_on_the_cpu_in_fp32_and_counts_the_new_tokens(tmp_path, monkeypatch):
+def test_bench_sample_runs_end_to_end_on_the_cpu_in_fp32_and_counts_the_new_tokens(tmp_path, monkeypatch, benchmarks_on_path):
     """sample.py's default device and dtype are a GPU in bf16 where there is one, and the card's
     pipeline() a GPU in fp32: both are told the CPU and fp32, where the machine line's figures are,
     and each says how many tokens it made (both stop at <|endoftext|>, with different seeds)."""
@@ -709,7 +702,6 @@ def test_bench_sample_runs_end_to_end_on_the_cpu_in_fp32_and_counts_the_new_toke
     import transformers
     from conftest import TINY_HF, save_hf_model
 
-    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
     import bench_sample
 
     script = tmp_path / "pipeline.py"
@@ -737,10 +729,9 @@ def test_bench_sample_runs_end_to_end_on_the_cpu_in_fp32_and_counts_the_new_toke
     assert "| python sample.py ... | 2.50 s | 57 |" in table and "| model card | 4.00 s | 100, 61 |" in table
 
 
-def test_gpu_check_measures_each_precisions_mfu_against_its_own_peak(monkeypatch):
+def test_gpu_check_measures_each_precisions_mfu_against_its_own_peak(benchmarks_on_path):
     """fp32 runs TF32 matmuls on a GPU and its measured peak is TF32's; every row was divided by the
     bf16 peak. Now each precision by its own, fp16 by bf16's where fp16's was not measured."""
-    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
     import gpu_check
 
     peaks = {"fp32": 400e12, "bf16": 800e12}
@@ -752,11 +743,10 @@ def test_gpu_check_measures_each_precisions_mfu_against_its_own_peak(monkeypatch
     assert gpu_check.mfu(70e12, 1.0, "fp16", {**peaks, "fp16": 700e12}) == pytest.approx(0.1)
 
 
-def test_gpu_check_times_transformers_decode_as_the_fastest_runs_and_refuses_a_negative_rate(monkeypatch):
+def test_gpu_check_times_transformers_decode_as_the_fastest_runs_and_refuses_a_negative_rate(monkeypatch, benchmarks_on_path):
     """transformers' decode rate is a difference of two timings (a whole run less its first token):
     timed once each, noise made it -41.6 tokens/s in CI. Each is now its fastest of 3 runs, and a
     difference that is not positive is an error (a row saying so), never a rate."""
-    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
     import gpu_check
 
     class Generate:  # transformers' generate(): prompt + `max_new_tokens` ids, each run taking its given seconds
@@ -835,7 +825,7 @@ def test_gpu_check_times_transformers_decode_as_the_fastest_runs_and_refuses_a_n
         "missing-eval-data", "decode-beyond-the-window", "e2e-beyond-the-window", "the-models-own-tokenizer",
         "llama-beyond-the-window", "gpu-shape-beyond-the-window",
         "one-token", "gpu-one-token", "gpu-decode-beyond-the-window"])
-def test_the_benchmarks_refuse_bad_input_in_one_line(tmp_path, command, error, monkeypatch):
+def test_the_benchmarks_refuse_bad_input_in_one_line(tmp_path, command, error, monkeypatch, benchmarks_on_path):
     """Exit 2 and a one-line error, before any model is built or anything timed (conftest hides
     any GPU: fp16 meets a CPU; a 64-position config stands for any --model)."""
     from minigpt.tokenizer import Tokenizer
@@ -856,7 +846,6 @@ def test_the_benchmarks_refuse_bad_input_in_one_line(tmp_path, command, error, m
     script, *argv = benchmark_argv(tmp_path, command)
     result = call_cli(f"benchmarks/{script}", *argv)
     assert result.returncode == 2, result.stderr[-2000:]
-    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
     import bench_sample
 
     bpe = len(tokenizers["small-bpe"].encode(bench_sample.PROMPT))
@@ -883,10 +872,9 @@ def test_every_command_states_a_usage_error_in_one_line(command, error):
     assert line.split(": error: ", 1)[1] == f"{error} (see --help)"
 
 
-def test_the_machine_line_names_the_instruction_set_torch_runs_and_any_cap(monkeypatch):
+def test_the_machine_line_names_the_instruction_set_torch_runs_and_any_cap(monkeypatch, benchmarks_on_path):
     """An older CPU emulated on a newer one (torch's and its libraries' instruction sets capped, as
     README's AVX2 runs on the AVX-512 machine) says so in every benchmark's machine line."""
-    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
     import hardware
 
     from minigpt.runtime import ISA_CAPS
@@ -901,10 +889,9 @@ def test_the_machine_line_names_the_instruction_set_torch_runs_and_any_cap(monke
     assert hardware.cpu_kernels() == f"torch kernels {running}, {capped}"
 
 
-def test_the_machine_line_says_when_fp32_ran_as_tf32(monkeypatch):
+def test_the_machine_line_says_when_fp32_ran_as_tf32(monkeypatch, benchmarks_on_path):
     """bench_train and gpu_check time the peak after train.py's TF32 setting, hardware.py alone
     before it: both printed "matmul peak fp32" (a GPU's TF32 peak is several times its fp32's)."""
-    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
     import hardware
 
     monkeypatch.setattr(hardware, "matmul_peak", lambda device, dtype: (1e12, 1024))
